@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# In-place developer build: compiles med3d_ext._C against the torch of $PYTHON (default: python on
+# PATH) into build/dev (incremental, ninja) and copies the module next to the sources, so that
+# `PYTHONPATH=. pytest` works without reinstalling. Extra arguments go to CMake, e.g.
+#   .ci/dev_build.sh -DWITH_CUDA=OFF
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="$(command -v "${PYTHON:-python}")"
+BUILD="${BUILD_DIR:-build/dev}"
+# CMake >= 3.26 is needed; prefer the one pip installs next to the interpreter.
+CMAKE="$(dirname "$PY")/cmake"; [ -x "$CMAKE" ] || CMAKE=cmake
+"$CMAKE" -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
+"$CMAKE" --build "$BUILD"
+cp "$BUILD"/_C*.so "$BUILD"/_build_config.py med3d_ext/

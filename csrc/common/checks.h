@@ -1,0 +1,50 @@
+// Entry checks with messages that name the argument and show what it got.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <sstream>
+#include <string>
+
+namespace med3d_ext {
+
+inline std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  if (!t.defined()) return "an undefined tensor";
+  s << "a tensor of shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device "
+    << t.device();
+  return s.str();
+}
+
+#define M3D_CHECK_ARG(COND, OP, ARG, TENSOR, EXPECTED)                                         \
+  TORCH_CHECK((COND), "med3d_ext.", OP, ": argument '", ARG, "' must be ", EXPECTED, ", got ", \
+              ::med3d_ext::describe(TENSOR))
+
+inline void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim) {
+  M3D_CHECK_ARG(t.defined() && t.dim() == dim, op, arg, t, std::to_string(dim) + "-D");
+}
+
+inline void check_float(const char* op, const char* arg, const at::Tensor& t) {
+  auto st = t.scalar_type();
+  M3D_CHECK_ARG(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+                op, arg, t, "floating point (float32, bfloat16, float16 or float64)");
+}
+
+inline void check_same_device(const char* op, const char* arg, const at::Tensor& t,
+                              const at::Tensor& ref) {
+  M3D_CHECK_ARG(t.device() == ref.device(), op, arg, t,
+                "on the same device as the input (" + ref.device().str() + ")");
+}
+
+// True when a 5-D tensor is laid out channels_last_3d (N, D, H, W, C in memory), in which case
+// per-channel work sees it as a row-major (N*D*H*W, C) matrix.
+inline bool is_channels_last_3d(const at::Tensor& t) {
+  return t.dim() == 5 && t.size(1) > 1 && !t.is_contiguous() &&
+         t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+// 32-bit indexing is safe when every offset an op forms fits in int32.
+inline bool fits_int32(int64_t numel) { return numel < (int64_t(1) << 31) - 1; }
+
+}  // namespace med3d_ext

@@ -1,0 +1,53 @@
+"""``python -m med3d_ext.info``: what is installed, how it was built, and which kernels exist."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def collect() -> dict:
+    import med3d_ext
+    from med3d_ext import _extension
+    from med3d_ext.ops._common import dispatch_keys, op_names
+
+    build = _extension.build_info()
+    return {
+        "med3d_ext": med3d_ext.__version__,
+        "python": sys.version.split()[0],
+        "torch_running": torch.__version__,
+        "torch_built_against": build.get("torch_version"),
+        "extension_loaded": build["loaded"],
+        "extension_error": build.get("error"),
+        "with_cuda": build.get("with_cuda", False),
+        "cuda_version": build.get("cuda_version") or None,
+        "cuda_archs": build.get("cuda_archs") or None,
+        "openmp": build.get("openmp"),
+        "ops": {name: dispatch_keys(name) for name in op_names()},
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+    }
+
+
+def main() -> int:
+    info = collect()
+    print(f"med3d_ext {info['med3d_ext']} (python {info['python']})")
+    print(f"torch running:        {info['torch_running']}")
+    if info["extension_loaded"]:
+        print(f"torch built against:  {info['torch_built_against']}")
+        cuda = f"CUDA {info['cuda_version']}, archs {info['cuda_archs']}" if info["with_cuda"] else "no"
+        print(f"CUDA kernels:         {cuda}")
+        print(f"OpenMP (CPU kernels): {'yes' if info['openmp'] else 'no'}")
+        print("ops (dispatch keys):")
+        for name, keys in info["ops"].items():
+            print(f"  {name:<40} {', '.join(keys)}")
+    else:
+        print(f"compiled extension:   NOT LOADED, using med3d_ext.reference\n  reason: {info['extension_error']}")
+    gpu = info["gpu"] or "none usable"
+    print(f"GPU now:              {gpu}" + (f" (cuDNN {info['cudnn']})" if info["gpu"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,9 @@
+"""Typed wrappers over ``torch.ops.med3d_ext.*`` with fake kernels and autograd registered.
+
+Every function here takes keyword options, routes to the compiled kernel when the extension is
+loaded and to :mod:`med3d_ext.reference` otherwise.
+"""
+
+from .bn_stats import bn_stats
+
+__all__ = ["bn_stats"]

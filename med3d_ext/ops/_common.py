@@ -1,0 +1,52 @@
+"""Plumbing shared by the op wrappers: routing to the compiled op or the reference, and
+registration helpers that are no-ops when the extension is not loaded."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+
+
+def compiled(name: str):
+    """``torch.ops.med3d_ext.<name>`` when the extension is loaded, else ``None``."""
+    if not _extension.available():
+        return None
+    return getattr(torch.ops.med3d_ext, name)
+
+
+def register_fake(name: str):
+    """Decorator: ``torch.library.register_fake`` for a med3d_ext op, skipped without ``_C``."""
+
+    def wrap(fn):
+        if _extension.available():
+            torch.library.register_fake(f"med3d_ext::{name}")(fn)
+        return fn
+
+    return wrap
+
+
+def register_autograd(name: str, backward, setup_context) -> None:
+    if _extension.available():
+        torch.library.register_autograd(f"med3d_ext::{name}", backward, setup_context=setup_context)
+
+
+def op_names() -> list[str]:
+    """Every op of the med3d_ext library registered with the dispatcher."""
+    if not _extension.available():
+        return []
+    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("med3d_ext::"))
+
+
+def dispatch_keys(qualname: str) -> list[str]:
+    """The dispatch keys with a kernel for ``qualname`` (for ``python -m med3d_ext.info``)."""
+    keys = [k for k in ("CPU", "CUDA", "Autograd")
+            if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, k)]
+    try:  # fake (meta) kernels registered from Python live in torch's simple registry
+        from torch._library.simple_registry import singleton
+
+        if singleton.find(qualname).fake_impl.kernel is not None:
+            keys.append("Fake")
+    except Exception:  # private API; absence only affects the info printout
+        pass
+    return keys
