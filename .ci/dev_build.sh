@@ -3,6 +3,8 @@
 # PATH) into build/dev (incremental, ninja) and copies the module next to the sources, so that
 # `PYTHONPATH=. pytest` works without reinstalling. Extra arguments go to CMake, e.g.
 #   .ci/dev_build.sh -DWITH_CUDA=OFF
+# CUDA compile check (torch 2.14.1+cu130 venv, no GPU needed):
+#   PYTHON=/path/to/venv-cu/bin/python BUILD_DIR=build/cuda DEV_BUILD_NO_COPY=1 .ci/dev_build.sh -DWITH_CUDA=ON
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="$(command -v "${PYTHON:-python}")"
@@ -11,4 +13,5 @@ BUILD="${BUILD_DIR:-build/dev}"
 CMAKE="$(dirname "$PY")/cmake"; [ -x "$CMAKE" ] || CMAKE=cmake
 "$CMAKE" -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
 "$CMAKE" --build "$BUILD"
-cp "$BUILD"/_C*.so "$BUILD"/_build_config.py med3d_ext/
+# DEV_BUILD_NO_COPY=1: compile/link check only (e.g. the CUDA build against another torch).
+[ "${DEV_BUILD_NO_COPY:-0}" = 1 ] || cp "$BUILD"/_C*.so "$BUILD"/_build_config.py med3d_ext/

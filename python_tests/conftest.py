@@ -1,0 +1,83 @@
+"""Shared test policy: tolerances per dtype, devices, markers, fresh randomness.
+
+Tolerance policy (house style 8): float outputs are compared with the (rtol, atol) of their
+dtype below; integer and label outputs are compared exactly. For bf16/fp16 kernels the error
+against an fp32 reference must be at most 2x that of plain PyTorch in the same low precision:
+use ``assert_low_precision_close``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+TOL = {
+    torch.float64: (1e-7, 1e-9),
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def tol(dtype: torch.dtype) -> dict:
+    rtol, atol = TOL[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+def assert_close(actual, expected, dtype=None, **kw):
+    dtype = dtype or (expected.dtype if expected.is_floating_point() else None)
+    if dtype is None:  # integers / labels: exact
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, **kw)
+    else:
+        torch.testing.assert_close(actual, expected.to(actual.dtype), **tol(dtype), **kw)
+
+
+def assert_low_precision_close(ours, torch_lowp, reference_fp32, factor: float = 2.0, floor=1e-6):
+    """Max error of ``ours`` vs the fp32 reference is <= factor x that of PyTorch in low precision."""
+    ref = reference_fp32.double()
+    err_ours = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
+    err_torch = (torch_lowp.double() - ref).abs().max().item() if ref.numel() else 0.0
+    assert err_ours <= factor * err_torch + floor, (
+        f"low-precision error {err_ours:.3g} exceeds {factor} x PyTorch's {err_torch:.3g}")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Fresh random inputs on every run, but printed so a failure can be replayed
+    (MED3D_TEST_SEED=<seed> pytest ...)."""
+    seed = int(os.environ.get("MED3D_TEST_SEED", torch.seed() % (2**31)))
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        print(f"\n[seed] MED3D_TEST_SEED={seed}")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+    if rep.when == "call" and rep.failed:
+        for name, value in item.user_properties:
+            if name == "seed":
+                rep.sections.append(("seed", f"replay with MED3D_TEST_SEED={value}"))
+
+
+def needs_extension():
+    from med3d_ext import _extension
+
+    return pytest.mark.skipif(not _extension.available(), reason="compiled extension not loaded")

@@ -1,0 +1,123 @@
+"""bn_stats against torch.var_mean, on every dtype, layout and odd shape; opcheck; compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import med3d_ext as m3d
+from med3d_ext import _extension, reference
+from python_tests.conftest import DEVICES, TOL
+
+requires_ext = pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
+
+SHAPES = [(2, 3, 5, 7, 9), (1, 64, 3, 4, 5), (4, 1, 1, 1, 1), (3, 33, 2, 1, 17), (2, 5, 11)]
+
+
+def _expected(x, unbiased):
+    acc = torch.float64
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x.to(acc), dim=dims, correction=int(unbiased))
+    return mean, var
+
+
+def _check_forward(device, dtype, shape, channels_last, unbiased):
+    x = (torch.randn(shape, device=device) * 3 + 1.5).to(dtype)
+    if channels_last:
+        if len(shape) != 5:
+            pytest.skip("channels_last_3d needs 5-D")
+        x = x.to(memory_format=torch.channels_last_3d)
+    mean, var = m3d.ops.bn_stats(x, unbiased=unbiased)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == acc and var.dtype == acc and mean.shape == (shape[1],)
+    em, ev = _expected(x, unbiased)
+    # inputs are exactly representable in `dtype`; only accumulation error remains
+    rtol, atol = TOL[acc]
+    torch.testing.assert_close(mean.double(), em, rtol=rtol, atol=atol * 10)
+    torch.testing.assert_close(var.double(), ev, rtol=rtol, atol=atol * 10, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_stats_forward(device, dtype, shape, channels_last):
+    _check_forward(device, dtype, shape, channels_last, unbiased=bool(torch.randint(2, ()).item()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_large_offset_is_stable(device):
+    # Welford keeps the variance of data with a large mean; naive sum/sumsq in fp32 would not.
+    x = torch.randn(4, 3, 32, 32, 32, device=device) + 1000.0
+    mean, var = m3d.ops.bn_stats(x)
+    em, ev = _expected(x, False)
+    torch.testing.assert_close(var.double(), ev, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(mean.double(), em, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_non_contiguous(device):
+    x = torch.randn(3, 6, 10, 9, 8, device=device)[:, ::2, 1:, :, ::3]
+    assert not x.is_contiguous()
+    mean, var = m3d.ops.bn_stats(x)
+    em, ev = _expected(x, False)
+    torch.testing.assert_close(mean.double(), em, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), ev, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_empty(device):
+    mean, var = m3d.ops.bn_stats(torch.randn(0, 4, 3, 3, 3, device=device))
+    assert mean.shape == (4,) and torch.isnan(mean).all() and torch.isnan(var).all()
+    mean, var = m3d.ops.bn_stats(torch.randn(2, 0, 3, 3, 3, device=device))
+    assert mean.shape == (0,) and var.shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_deterministic(device):
+    x = torch.randn(8, 16, 16, 16, 16, device=device, dtype=torch.bfloat16)
+    a = m3d.ops.bn_stats(x)
+    b = m3d.ops.bn_stats(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_bad_input(device):
+    with pytest.raises((RuntimeError, ValueError), match="x"):
+        m3d.ops.bn_stats(torch.randn(5, device=device))
+    if _extension.available():
+        with pytest.raises(RuntimeError, match="floating point"):
+            m3d.ops.bn_stats(torch.ones(2, 3, 4, dtype=torch.int64, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_gradients(device):
+    x = torch.randn(2, 3, 3, 4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    for unbiased in (False, True):
+        torch.autograd.gradcheck(lambda t: m3d.ops.bn_stats(t, unbiased=unbiased), (x,))
+    # against reference autograd in fp32, with both outputs used
+    x32 = torch.randn(2, 4, 5, 3, 3, device=device, requires_grad=True)
+    gm, gv = torch.randn(4, device=device), torch.randn(4, device=device)
+    m, v = m3d.ops.bn_stats(x32)
+    (g_ours,) = torch.autograd.grad((m * gm).sum() + (v * gv).sum(), x32)
+    m, v = reference.bn_stats(x32)
+    (g_ref,) = torch.autograd.grad((m * gm).sum() + (v * gv).sum(), x32)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_opcheck(device):
+    x = torch.randn(2, 3, 4, 5, 6, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.med3d_ext.bn_stats.default, (x, False))
+    xc = torch.randn(2, 8, 3, 4, 5, device=device).to(memory_format=torch.channels_last_3d)
+    torch.library.opcheck(torch.ops.med3d_ext.bn_stats.default, (xc, True))
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_compile(device):
+    fn = torch.compile(lambda t: m3d.ops.bn_stats(t), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 5, 6, 7, 3, device=device)
+    for a, b in zip(fn(x), m3d.ops.bn_stats(x)):
+        torch.testing.assert_close(a, b)
