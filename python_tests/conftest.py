@@ -47,6 +47,16 @@ def assert_low_precision_close(ours, torch_lowp, reference_fp32, factor: float =
         f"low-precision error {err_ours:.3g} exceeds {factor} x PyTorch's {err_torch:.3g}")
 
 
+def pytest_sessionstart(session):
+    # CI sets this so that a broken build fails loudly instead of testing the reference fallback.
+    if os.environ.get("MED3D_EXT_REQUIRE_EXTENSION") == "1":
+        from med3d_ext import _extension
+
+        if not _extension.available():
+            pytest.exit(f"MED3D_EXT_REQUIRE_EXTENSION=1 but the extension is not loaded: "
+                        f"{_extension.LOAD_ERROR}", returncode=3)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

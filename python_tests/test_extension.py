@@ -1,0 +1,77 @@
+"""Build plumbing: graceful fallback, torch-mismatch message, and `python -m med3d_ext.info`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from med3d_ext import _extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=full_env, timeout=120)
+
+
+def test_fallback_without_extension_still_computes():
+    code = (
+        "import torch, med3d_ext\n"
+        "from med3d_ext import _extension\n"
+        "assert not _extension.available()\n"
+        "x = torch.randn(2, 3, 4, 5, 6)\n"
+        "m, v = med3d_ext.ops.bn_stats(x)\n"
+        "vr, mr = torch.var_mean(x, dim=[0, 2, 3, 4], correction=0)\n"
+        "torch.testing.assert_close(m, mr); torch.testing.assert_close(v, vr)\n"
+        "from med3d_ext import info; info.main()\n"
+    )
+    r = _run(code, MED3D_EXT_DISABLE_EXTENSION="1")
+    assert r.returncode == 0, r.stderr
+    assert "NOT LOADED" in r.stdout and "MED3D_EXT_DISABLE_EXTENSION" in r.stdout
+
+
+def test_torch_mismatch_is_reported_not_crashed():
+    # Pretend the extension was built against another torch: the import must warn with both
+    # versions and the rebuild command, then fall back instead of loading _C.
+    code = (
+        "import sys, types, warnings\n"
+        "cfg = types.ModuleType('med3d_ext._build_config')\n"
+        "cfg.TORCH_VERSION = '1.0.0+fake'; cfg.WITH_CUDA = False; cfg.CUDA_VERSION = ''; cfg.CUDA_ARCHS = ''\n"
+        "sys.modules['med3d_ext._build_config'] = cfg\n"
+        "warnings.simplefilter('always')\n"
+        "import med3d_ext\n"
+        "from med3d_ext import _extension\n"
+        "assert not _extension.available()\n"
+        "print(med3d_ext.ops.bn_stats(__import__('torch').ones(2, 2, 2))[0].tolist())\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert "built against torch 1.0.0+fake" in r.stderr
+    assert torch.__version__ in r.stderr
+    assert "pip install --no-build-isolation" in r.stderr
+    assert r.stdout.strip() == "[1.0, 1.0]"
+
+
+@pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
+def test_info_lists_ops_with_their_kernels():
+    r = subprocess.run([sys.executable, "-m", "med3d_ext.info"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if "med3d_ext::bn_stats" in l)
+    assert "CPU" in line and "Autograd" in line and "Fake" in line
+    if torch.cuda.is_available() and _extension.build_info().get("with_cuda"):
+        assert "CUDA" in line
+    assert f"torch built against:  {torch.__version__}" in r.stdout
+
+
+@pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
+def test_build_info_matches_running_torch():
+    info = _extension.build_info()
+    assert info["loaded"] and info["torch_version"] == torch.__version__
+    assert isinstance(info["with_cuda"], bool)
