@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -120,21 +121,33 @@ def _read_file(path: Path) -> tuple[dict, str, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower() or "weights_only" in str(e):
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        name = m.group(1) if m else ""
+        if all(part.isidentifier() for part in name.split(".")) and name:
+            maybe = "" if _global_exists(name) else " (or the file is truncated or corrupted)"
             raise MedicalNetWeightsError(
-                f"refusing to load {str(path)!r}: it contains pickled Python objects other than "
+                f"refusing to load {str(path)!r}{maybe}: it contains a pickled {name!r}, not just "
                 "tensors and plain containers (for example a whole nn.Module saved with "
-                "torch.save(model)), and loading it would run arbitrary code. We only read "
-                "files with torch.load(weights_only=True). If you trust the file, convert it "
-                "once: torch.save({'state_dict': torch.load(p, weights_only=False)"
-                ".state_dict()}, new_path).\nDetails: " + str(e).splitlines()[0]) from e
+                "torch.save(model), or training args), and unpickling it could run arbitrary "
+                "code. We only read files with torch.load(weights_only=True). If you trust the "
+                "file, convert it once: obj = torch.load(p, weights_only=False); "
+                "torch.save({'state_dict': obj.state_dict()}, new_p) for a module, or keep only "
+                "obj['state_dict'].") from e
+        # a cut-off legacy file yields half a name ("torch._ut.") or a bare unpickling error
         raise MedicalNetWeightsError(
-            f"could not read {str(path)!r}: truncated or corrupted ({e})") from e
+            f"could not read {str(path)!r}: truncated or corrupted"
+            + (f" (unpickling stopped at {name!r})" if m else f" ({e})")) from e
     except Exception as e:  # zip reader / EOF errors of a cut-off download
         raise MedicalNetWeightsError(
             f"could not read {str(path)!r}: truncated or not a PyTorch weights file "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     return _unwrap(obj, str(path))
+
+
+def _global_exists(name: str) -> bool:
+    # only looks at modules already imported: never imports what a file asks for
+    mod, _, attr = name.rpartition(".")
+    return bool(mod) and hasattr(sys.modules.get(mod), attr)
 
 
 def _unwrap(obj, where: str) -> tuple[dict, str, dict]:
