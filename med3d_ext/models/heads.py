@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .med3d import Med3DNet
-from .resnet import ResNet3d, ResNet3dEncoder, apply_fusion
+from .resnet import ENCODER_ROOTS, ResNet3d, ResNet3dEncoder, apply_fusion
+from .weights import infer_medicalnet_depth, load_medicalnet_weights, unwrap_model
 
 __all__ = [
     "ClassificationHead",
@@ -111,8 +112,6 @@ def build_transfer_model(task: str, depth: int | None, num_classes: int, *,
         return_report: also return the ``LoadReport`` (None without weights).
     Returns: the model, or ``(model, report)``.
     """
-    from .weights import infer_medicalnet_depth, load_medicalnet_weights
-
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if depth is None:
@@ -130,12 +129,10 @@ def build_transfer_model(task: str, depth: int | None, num_classes: int, *,
     return (model, report) if return_report else model
 
 
-_ENCODER_ROOTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
-
-
 def _encoder_modules(model: nn.Module) -> list[nn.Module]:
+    model = unwrap_model(model)
     if isinstance(model, ResNet3dEncoder):
-        return [getattr(model, n) for n in _ENCODER_ROOTS]
+        return [getattr(model, n) for n in ENCODER_ROOTS]
     enc = getattr(model, "encoder", None)
     if isinstance(enc, nn.Module):
         return [enc]

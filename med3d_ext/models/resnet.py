@@ -23,14 +23,13 @@ fused op on the same parameters.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "DEPTHS",
+    "ENCODER_ROOTS",
     "BasicBlock",
     "Bottleneck",
     "DownsampleA",
@@ -54,6 +53,9 @@ DEPTHS: dict[int, tuple[str, tuple[int, int, int, int], str]] = {
     152: ("Bottleneck", (3, 8, 36, 3), "B"),
     200: ("Bottleneck", (3, 24, 36, 3), "B"),
 }
+
+# top-level module names of the encoder (everything else in a model is a head)
+ENCODER_ROOTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
 # (planes, stride, dilation) of layer1..layer4; MedicalNet keeps layer3/4 at 1/8 and dilates.
 _STAGES = ((64, 1, 1), (128, 2, 1), (256, 1, 2), (512, 1, 4))

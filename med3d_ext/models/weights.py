@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .resnet import DEPTHS, ResNet3dEncoder
+from .resnet import DEPTHS, ENCODER_ROOTS, ResNet3dEncoder
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
-    "ENCODER_ROOTS",
     "LoadReport",
     "MedicalNetWeightsError",
     "atomic_save",
@@ -42,12 +41,11 @@ __all__ = [
     "read_state_dict",
     "save_encoder_medicalnet",
     "save_encoder_safetensors",
+    "unwrap_model",
 ]
 
 CHECKPOINT_FORMAT = "med3d_ext"
 CHECKPOINT_VERSION = 1
-# top-level module names of MedicalNet's encoder; everything else is a head
-ENCODER_ROOTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 _BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
 
 
@@ -190,7 +188,8 @@ def read_state_dict(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str, d
         sd, fmt, meta = _read_file(path)
         return _normalise(sd, str(path)), fmt, meta
     if isinstance(path_or_state_dict, nn.Module):
-        return _normalise(path_or_state_dict.state_dict(), "<module>"), "state_dict", {}
+        sd = unwrap_model(path_or_state_dict).state_dict()
+        return _normalise(sd, "<module>"), "state_dict", {}
     if isinstance(path_or_state_dict, Mapping):
         sd, fmt, meta = _unwrap(path_or_state_dict, "<state_dict>")
         return _normalise(sd, "<state_dict>"), fmt, meta
@@ -245,6 +244,18 @@ def infer_medicalnet_depth(path_or_state_dict) -> tuple[int, str]:
 # ----------------------------------------------------------------------------------- loading
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under DataParallel / DistributedDataParallel / torch.compile wrappers, whose
+    state-dict keys carry ``module.`` / ``_orig_mod.`` prefixes."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _target_prefix(model: nn.Module) -> str:
     if isinstance(model, ResNet3dEncoder):
         return ""
@@ -280,6 +291,7 @@ def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
     released files is expected.
     """
     where = str(path) if isinstance(path, (str, os.PathLike)) else "<state_dict>"
+    model = unwrap_model(model)
     src, fmt, _ = read_state_dict(path)
     sp = _encoder_prefix(src, where)
     tp = _target_prefix(model)
@@ -312,7 +324,8 @@ def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
                 and v.shape[0] == want.shape[0] and v.shape[2:] == want.shape[2:]:
             c = want.shape[1]
             v = v.repeat(1, c, 1, 1, 1) / c
-            report.adapted.append(f"{tp}conv1.weight: 1 -> {c} input channels (replicated, x 1/{c})")
+            report.adapted.append(
+                f"{tp}conv1.weight: 1 -> {c} input channels (replicated, x 1/{c})")
         if v.shape != want.shape:
             raise MedicalNetWeightsError(
                 f"{where!r}: shape mismatch for encoder key {k!r}: file has {tuple(v.shape)}, "
@@ -370,6 +383,7 @@ def _atomic_write(path: Path, write) -> Path:
 def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The encoder's tensors under MedicalNet's keys (conv1, bn1, layer1..4), detached, on the
     CPU and contiguous, from a resnet3d, an encoder or a model with an ``encoder``."""
+    model = unwrap_model(model)
     tp = _target_prefix(model)
     return {k[len(tp):]: v.detach().cpu().contiguous()
             for k, v in model.state_dict().items() if _is_encoder_key(k, tp)}

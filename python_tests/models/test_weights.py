@@ -219,9 +219,8 @@ def test_missing_num_batches_tracked_is_tolerated(src10):
     sd = {k: v for k, v in src10.state_dict().items() if "num_batches_tracked" not in k}
     model = resnet3d(10)
     r = load_medicalnet_weights(model, sd)
-    assert_encoder_equal_ignoring = [k for k in r.missing if not k.startswith("conv_seg")]
-    assert assert_encoder_equal_ignoring and all(
-        k.endswith("num_batches_tracked") for k in assert_encoder_equal_ignoring)
+    enc_missing = [k for k in r.missing if not k.startswith("conv_seg")]
+    assert enc_missing and all(k.endswith("num_batches_tracked") for k in enc_missing)
     assert_close(model.conv1.weight, src10.conv1.weight)
 
 
@@ -239,6 +238,17 @@ def test_in_channels_adaptation(src10):
     with pytest.raises(MedicalNetWeightsError, match=r"'conv1.weight'.*\(64, 3, 7, 7, 7\).*"
                                                        r"\(64, 2, 7, 7, 7\).*in_channels"):
         load_medicalnet_weights(resnet3d(10, in_channels=2), model.state_dict())
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compile"])
+def test_wrapped_models(src10, wrap):
+    inner = ClassificationNet(10, 2)
+    model = torch.nn.DataParallel(inner) if wrap == "DataParallel" else torch.compile(inner)
+    assert list(model.state_dict())[0] != "encoder.conv1.weight"  # the wrapper adds a prefix
+    load_medicalnet_weights(model, released_file_dict(src10))
+    assert_encoder_equal(inner, src10)
+    assert list(encoder_state_dict(model)) == released_keys(10)
+    assert infer_medicalnet_depth(model) == (10, "B")
 
 
 def released_file_dict(model):
