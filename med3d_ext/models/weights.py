@@ -267,12 +267,28 @@ def _target_prefix(model: nn.Module) -> str:
                     "(conv1, bn1, layer1..4) nor an `encoder` submodule")
 
 
-def _describe(sd: Mapping, prefix: str, where: str) -> str:
+def _arch(sd: Mapping, prefix: str) -> tuple[int, str] | None:
     try:
-        d, s = _infer(sd, prefix, where)
-        return f"ResNet-{d} with shortcut {s}"
+        return _infer(sd, prefix, "")
     except MedicalNetWeightsError:
-        return "an encoder of unknown depth"
+        return None
+
+
+def _describe(arch: tuple[int, str] | None) -> str:
+    return f"ResNet-{arch[0]} with shortcut {arch[1]}" if arch else "an encoder of unknown depth"
+
+
+def _mismatch_cause(have, want) -> str:
+    """Why the file does not fit: the likely cause, and how to build a matching model."""
+    if have is None or want is None:
+        return "not a MedicalNet ResNet: wrong depth, or a modified network"
+    if have == want:  # keys agree, so the usual causes are ruled out
+        return (f"not the depth or shortcut type (both are {_describe(have)} by their keys): "
+                "a modified network or a corrupted file")
+    fix = f"build the model as resnet3d({have[0]}, shortcut_type={have[1]!r})"
+    if have[0] != want[0]:
+        return f"wrong depth; {fix}"
+    return f"wrong shortcut type; {fix}"
 
 
 def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
@@ -297,10 +313,9 @@ def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
     tp = _target_prefix(model)
     target = model.state_dict()
     report = LoadReport(path=where, source_format=fmt)
-    try:
-        report.depth, report.shortcut_type = _infer(src, sp, where)
-    except MedicalNetWeightsError:
-        pass
+    have, want = _arch(src, sp), _arch(target, tp)
+    if have:
+        report.depth, report.shortcut_type = have
 
     src_enc = {k[len(sp):]: v for k, v in src.items() if _is_encoder_key(k, sp)}
     tgt_enc = {k[len(tp):] for k in target if _is_encoder_key(k, tp)}
@@ -308,31 +323,29 @@ def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
     missing = sorted(k for k in tgt_enc - src_enc.keys() if not k.endswith("num_batches_tracked"))
     extra = sorted(src_enc.keys() - tgt_enc)
     if missing or extra:
-        have, want = _describe(src, sp, where), _describe(target, tp, "<model>")
-        cause = ("wrong depth" if have.split(" ")[0] != want.split(" ")[0]
-                 else "wrong shortcut type" if have != want else "different architecture")
+        parts = [f"{len(ks)} encoder keys {what} (e.g. {', '.join(ks[:3])})"
+                 for ks, what in ((missing, "missing from the file"), (extra, "not in the model"))
+                 if ks]
         raise MedicalNetWeightsError(
-            f"{where!r} holds {have}, but the model is {want} ({cause}): "
-            f"{len(missing)} encoder keys missing from the file (e.g. {missing[:3]}), "
-            f"{len(extra)} unexpected (e.g. {extra[:3]}). Build the model to match, e.g. "
-            "resnet3d(*infer_medicalnet_depth(path)).")
+            f"{where!r} holds {_describe(have)}, but the model is {_describe(want)}: "
+            f"{'; '.join(parts)}. Likely cause: {_mismatch_cause(have, want)} (or use "
+            "infer_medicalnet_depth(path)).")
 
     to_load: dict[str, torch.Tensor] = {}
     for k, v in src_enc.items():
-        want = target[tp + k]
-        if k == "conv1.weight" and v.shape != want.shape and v.dim() == 5 and v.shape[1] == 1 \
-                and v.shape[0] == want.shape[0] and v.shape[2:] == want.shape[2:]:
-            c = want.shape[1]
+        want_t = target[tp + k]
+        if k == "conv1.weight" and v.shape != want_t.shape and v.dim() == 5 and v.shape[1] == 1 \
+                and v.shape[0] == want_t.shape[0] and v.shape[2:] == want_t.shape[2:]:
+            c = want_t.shape[1]
             v = v.repeat(1, c, 1, 1, 1) / c
             report.adapted.append(
                 f"{tp}conv1.weight: 1 -> {c} input channels (replicated, x 1/{c})")
-        if v.shape != want.shape:
+        if v.shape != want_t.shape:
             raise MedicalNetWeightsError(
                 f"{where!r}: shape mismatch for encoder key {k!r}: file has {tuple(v.shape)}, "
-                f"model expects {tuple(want.shape)}. Likely cause: wrong depth or wrong "
-                f"shortcut type (file: {_describe(src, sp, where)}, model: "
-                f"{_describe(target, tp, '<model>')})"
-                + (", or a different in_channels" if k == "conv1.weight" else ""))
+                f"model expects {tuple(want_t.shape)}. The file holds {_describe(have)}, the "
+                f"model is {_describe(want)}. Likely cause: {_mismatch_cause(have, want)}"
+                + ("; or a different in_channels" if k == "conv1.weight" else "") + ".")
         to_load[tp + k] = v
 
     for k, v in src.items():  # heads: same prefix convention only, same shape only

@@ -264,6 +264,7 @@ def test_wrong_depth(tmp_path, src18):
         load_medicalnet_weights(resnet3d(34), p)
     msg = str(e.value)
     assert str(p) in msg and "ResNet-18" in msg and "ResNet-34" in msg and "wrong depth" in msg
+    assert "resnet3d(18, shortcut_type='A')" in msg and "e.g. layer1.2." in msg
     with pytest.raises(MedicalNetWeightsError, match="wrong depth"):
         load_medicalnet_weights(resnet3d(10, shortcut_type="A"), p)
 
@@ -274,6 +275,7 @@ def test_wrong_shortcut(tmp_path, src10):
         load_medicalnet_weights(resnet3d(10, shortcut_type="A"), p)
     msg = str(e.value)
     assert str(p) in msg and "wrong shortcut type" in msg and "downsample" in msg
+    assert "not in the model" in msg and "resnet3d(10, shortcut_type='B')" in msg
     assert "shortcut B" in msg and "shortcut A" in msg
 
 
@@ -285,9 +287,15 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path, src10):
     with pytest.raises(MedicalNetWeightsError) as e:
         load_medicalnet_weights(resnet3d(10), p)
     msg = str(e.value)
-    for part in (str(p), "'layer2.0.bn1.weight'", "(65,)", "(128,)", "wrong depth",
-                 "wrong shortcut type"):
+    for part in (str(p), "'layer2.0.bn1.weight'", "(65,)", "(128,)", "not the depth or shortcut",
+                 "ResNet-10 with shortcut B"):
         assert part in msg
+    # a shape mismatch from a real depth difference names the cause and the fix
+    bottleneck_like = dict(src10.state_dict())
+    bottleneck_like["layer1.0.conv2.weight"] = torch.zeros(64, 64, 1, 1, 1)
+    with pytest.raises(MedicalNetWeightsError, match=r"'layer1.0.conv2.weight'.*\(64, 64, 1, 1, "
+                                                     r"1\).*\(64, 64, 3, 3, 3\)"):
+        load_medicalnet_weights(resnet3d(10), bottleneck_like)
 
 
 def test_missing_file_and_directory(tmp_path):
