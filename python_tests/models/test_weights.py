@@ -404,3 +404,30 @@ def test_cuda_saved_file_loads_on_cpu(tmp_path, src10):
     load_medicalnet_weights(model_cuda, p)
     assert model_cuda.conv1.weight.is_cuda
     assert_close(model_cuda.conv1.weight.cpu(), src10.conv1.weight)
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_inspect_and_convert(tmp_path, src18, capsys):
+    from med3d_ext.models.__main__ import main
+
+    p = released_file(src18, tmp_path / "resnet_18.pth")
+    assert main(["inspect", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "ResNet-18, shortcut A" in out and "medicalnet" in out
+    assert f"{manifest_params(18):,} parameters" in out
+    st = tmp_path / "r18.safetensors"
+    assert main(["convert", str(p), str(st)]) == 0
+    assert infer_medicalnet_depth(st) == (18, "A")
+    back = tmp_path / "back.pth"
+    assert main(["convert", str(st), str(back)]) == 0
+    model = resnet3d(18)
+    load_medicalnet_weights(model, back)
+    assert_encoder_equal(model, src18)
+    assert main(["inspect", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+
+
+def manifest_params(depth):
+    return json.loads((DATA / f"resnet{depth}.json").read_text())["num_params_encoder"]
