@@ -281,3 +281,12 @@ def test_fused_with_real_nn_package_if_present():
     x = torch.randn(1, 1, 11, 9, 10, dtype=torch.float64)
     assert_close(fused(x), plain(x))
     assert isinstance(fused, ResNet3dEncoder)
+
+
+def test_compiles_without_graph_breaks():
+    # fullgraph=True fails on any graph break (e.g. in the type-A shortcut); the eager backend
+    # keeps this a tracing check, fast on CPU
+    net = resnet3d(18).eval()
+    x = torch.randn(1, 1, 9, 10, 11)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    assert_close(compiled(x), net(x))
