@@ -203,6 +203,8 @@ def _mr_case(cv: _Canvas, kind: str, nchan: int):
         x = contrast[np.where(lab > 0, 2 + lab, tissue)]
         x *= np.exp(_smooth(rng, cv.shape, grid=3, amp=0.25))  # bias field
         x = np.hypot(x + rng.normal(0, 0.03, cv.shape), rng.normal(0, 0.03, cv.shape))
+        if kind == "brain":  # BraTS/MSD images are skull-stripped: exact zeros outside
+            x = np.where(tissue == 2, x, 0.0)
         chans.append(x * rng.uniform(100, 3000))  # arbitrary scanner scale
     return np.stack(chans, -1).astype(np.float32), lab
 
