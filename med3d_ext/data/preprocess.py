@@ -4,7 +4,8 @@ Per case (order as in nnU-Net, cropping first because it is cheaper and exactly 
   1. read + reorient to RAS (:func:`io.read_volume`), validate image/label;
   2. crop to the bounding box of non-zero image voxels (union label foreground, so no label is
      ever cut off);
-  3. resample to the dataset's median spacing: trilinear images, nearest labels;
+  3. resample to the dataset's median spacing: trilinear images, nearest labels (centre-
+     aligned "nearest-exact", see :func:`resize`);
   4. intensity: clip to the 0.5-99.5 percentiles, then z-score each volume. MR: percentiles
      per volume. CT: percentiles over the dataset's foreground (label > 0) voxels.
 
@@ -41,16 +42,20 @@ LOCS_PER_CLASS = 2000  # foreground voxel positions kept per class for patch sam
 
 
 def resize(x: torch.Tensor, size, mode: str) -> torch.Tensor:
-    """Resize (N, C, D, H, W) to ``size`` (D, H, W); mode "trilinear" or "nearest".
+    """Resize (N, C, D, H, W) to ``size`` (D, H, W); mode "trilinear", "nearest" or
+    "nearest-exact" (voxel-centre aligned nearest; what labels use).
 
     Uses the package kernel ``med3d_ext.ops.resize`` when this build has it (it is defined to
-    equal F.interpolate(align_corners=False)); older builds fall back to F.interpolate itself,
-    so the results are the same either way.
+    equal F.interpolate(align_corners=False) for "trilinear" and "nearest"); older builds fall
+    back to F.interpolate itself, so the results are the same either way. Labels use
+    "nearest-exact": PyTorch's legacy "nearest" picks floor(i * in/out), which shifts the
+    grid by up to half a voxel against the trilinear image (and against the affine we write),
+    so image and label would no longer line up.
     """
     import med3d_ext.ops as ops
 
     size = tuple(int(s) for s in size)
-    if hasattr(ops, "resize"):
+    if mode != "nearest-exact" and hasattr(ops, "resize"):
         return ops.resize(x, size, mode)
     return F.interpolate(x, size=size, mode=mode,
                          align_corners=False if mode == "trilinear" else None)
@@ -169,7 +174,7 @@ def process_case(case: Case, target_spacing, labels=None, seed: int = 0) -> dict
                       "trilinear")[0].numpy()
         if lab_c is not None:
             lab_c = resize(torch.from_numpy(lab_c.astype(np.float32))[None, None], new_shape,
-                           "nearest")[0, 0].numpy().astype(lab.dtype)
+                           "nearest-exact")[0, 0].numpy().astype(lab.dtype)
     affine = resize_affine(cropped_affine, cshape, new_shape)
     rng = np.random.default_rng([seed, int(hashlib.sha1(case.name.encode()).hexdigest()[:8],
                                              16)])
@@ -518,7 +523,7 @@ def to_source_space(pred, meta: dict, *, fill=0) -> np.ndarray:
 
     if isinstance(pred, torch.Tensor):
         pred = pred.detach().cpu().numpy()
-    pred = np.asarray(pred)
+    pred = np.array(pred)  # a copy: memory-mapped cache arrays are read-only
     is_label = pred.dtype.kind in "iub"
     spatial = pred.shape if is_label else pred.shape[1:]
     if pred.ndim != (3 if is_label else 4) or list(spatial) != list(meta["shape"]):
@@ -529,7 +534,7 @@ def to_source_space(pred, meta: dict, *, fill=0) -> np.ndarray:
     cshape = tuple(b - a for a, b in box)
     t = torch.from_numpy(np.ascontiguousarray(pred))
     if is_label:
-        t = resize(t[None, None].float(), cshape, "nearest")[0, 0].numpy().astype(pred.dtype)
+        t = resize(t[None, None].float(), cshape, "nearest-exact")[0, 0].numpy().astype(pred.dtype)
         full = np.full(meta["ras_shape"], fill, dtype=pred.dtype)
         full[tuple(slice(a, b) for a, b in box)] = t
     else:
