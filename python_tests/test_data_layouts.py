@@ -210,13 +210,6 @@ def test_empty_dataset(tmp_path):
         preprocess(root2, tmp_path / "c2", progress=False, workers=0, skip_bad=True)
 
 
-def test_bad_data_parallel_workers(tmp_path):
-    root = make_msd(tmp_path / "ds", n=3)
-    _corrupt(root, "undeclared")
-    with pytest.raises(DataError, match=r"c1\.nii\.gz: label values"):
-        preprocess(root, tmp_path / "cache", progress=False, workers=2)
-
-
 def test_cli_preprocess_skip_bad(tmp_path, capsys):
     root = make_msd(tmp_path / "ds", n=3)
     _corrupt(root, "nan")

@@ -205,9 +205,20 @@ def test_cache_skip_and_invalidate(tmp_path):
 
 
 def test_parallel_workers_match_serial(tmp_path):
-    root = make_msd(tmp_path / "ds", n=3)
-    a = preprocess(root, tmp_path / "a", progress=False, workers=0)
-    b = preprocess(root, tmp_path / "b", progress=True, workers=2)
+    """Spawned workers give the same cache as in-process, and report bad cases the same."""
+    root = make_msd(tmp_path / "ds", n=4)
+    lab_p = root / "labelsTr" / "c3.nii.gz"
+    lab = nib.load(str(lab_p))
+    bad = np.asarray(lab.dataobj).copy()
+    bad[0, 0, 0] = 9
+    save(lab_p, bad, lab.affine)
+    with pytest.warns(UserWarning, match="c3.nii.gz"):
+        a = preprocess(root, tmp_path / "a", progress=False, workers=0, skip_bad=True)
+    with pytest.warns(UserWarning, match="c3.nii.gz"):
+        b = preprocess(root, tmp_path / "b", progress=True, workers=2, skip_bad=True)
+    assert a.names == b.names == ["c0", "c1", "c2"]
+    assert a.info["problems"] == b.info["problems"]
+    assert "c3.nii.gz: label values [9] not declared" in b.info["problems"][0]
     for i in range(3):
         np.testing.assert_array_equal(a.image(i), b.image(i))
         np.testing.assert_array_equal(a.label(i), b.label(i))
