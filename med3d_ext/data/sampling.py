@@ -59,7 +59,9 @@ class PatchSampler:
             raise ValueError(f"{dataset.name}: empty dataset, nothing to sample")
 
     def sample(self, rng: np.random.Generator, foreground: bool, case: int | None = None):
-        """One patch: (image float32 (C, D, H, W), label (D, H, W), case name)."""
+        """One patch: (image float32 (C, D, H, W), label (D, H, W), case name, start (3,)
+        voxel index of the patch corner in the case's preprocessed grid; may be negative or
+        run past the end, where the patch is padded)."""
         ds = self.ds
         i = int(rng.integers(len(ds))) if case is None else case
         img = ds.image(i)
@@ -77,17 +79,20 @@ class PatchSampler:
             start = [int(rng.integers(0, n - pi + 1)) if n >= pi else -((pi - n) // 2)
                      for n, pi in zip(shape, p)]
         chans = list(range(img.shape[0])) if self.channel is None else [self.channel]
-        fills = [ds.background_value(i, ch) for ch in chans]
-        raw = crop_patch(img[chans] if len(chans) > 1 else img[chans[0]][None], start, p)
+        # img[ch] is a memory-mapped view: only the patch's voxels are read from disk
+        raw = np.stack([crop_patch(img[ch], start, p) for ch in chans])
         x = ds.normalize(raw, i, chans)
         # out-of-volume voxels: the normalised background (what a raw 0 maps to)
-        inside = crop_patch(np.ones(shape, bool), start, p, fill=False)
-        if not inside.all():
-            for r, f in enumerate(fills):
-                x[r][~inside] = f
+        inside = [(np.arange(pi) + si >= 0) & (np.arange(pi) + si < n)
+                  for si, pi, n in zip(start, p, shape)]
+        if not all(m.all() for m in inside):
+            outside = ~(inside[0][:, None, None] & inside[1][None, :, None]
+                        & inside[2][None, None, :])
+            for r, ch in enumerate(chans):
+                x[r][outside] = ds.background_value(i, ch)
         lab = ds.label(i)
         y = crop_patch(lab, start, p) if lab is not None else np.zeros(p, np.uint8)
-        return x, y, ds.names[i]
+        return x, y, ds.names[i], start
 
 
 class MultiDomainSampler(torch.utils.data.IterableDataset):
@@ -160,7 +165,7 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
         dom = rng.choice(len(self.samplers), size=n, p=self.weights)
         imgs, labs, cases = [], [], []
         for k in range(n):
-            x, y, name = self.samplers[dom[k]].sample(rng, self._is_fg(b * n + k))
+            x, y, name, _ = self.samplers[dom[k]].sample(rng, self._is_fg(b * n + k))
             imgs.append(x)
             labs.append(y)
             cases.append(name)
