@@ -72,7 +72,9 @@ class _Canvas:
             q, _ = np.linalg.qr(self.rng.standard_normal((3, 3)))
             d = np.einsum("ij,jxyz->ixyz", q.astype(np.float32), d)
         r = np.sqrt(((d / np.asarray(radii, np.float32)[:, None, None, None]) ** 2).sum(0))
-        return r + _smooth(self.rng, self.shape, amp=deform) < 1.0
+        m = r + _smooth(self.rng, self.shape, amp=deform) < 1.0
+        # a thin organ on a coarse grid can vanish under the deformation: keep the ellipsoid
+        return m if m.any() else r < 1.0
 
     def tube(self, start, end, radius, wiggle=0.15) -> np.ndarray:
         t = np.linspace(0, 1, 24, dtype=np.float32)[:, None]
@@ -119,12 +121,12 @@ def _ct_case(cv: _Canvas, kind: str, lesion=True):
         img[organ] = HU["liver"]
         lab[organ] = 1
     elif kind == "spleen":
-        organ = cv.blob(_j(rng, [0.45, -0.1, 0.1]), _j(rng, [0.2, 0.25, 0.35]), 0.2) & inside
+        organ = cv.blob(_j(rng, [0.4, -0.1, 0.1]), _j(rng, [0.25, 0.3, 0.4]), 0.2) & inside
         img[organ] = HU["spleen"]
         lab[organ] = 1
         lesion = False
     elif kind == "pancreas":
-        organ = cv.blob(_j(rng, [0.05, 0.1, 0]), _j(rng, [0.45, 0.12, 0.15]), 0.15) & inside
+        organ = cv.blob(_j(rng, [0.05, 0.1, 0]), _j(rng, [0.5, 0.2, 0.25]), 0.12) & inside
         img[organ] = HU["pancreas"]
         lab[organ] = 1
     elif kind == "vessel":
@@ -141,7 +143,7 @@ def _ct_case(cv: _Canvas, kind: str, lesion=True):
     elif kind == "kidney":
         organ = np.zeros(cv.shape, bool)
         for side in (-1, 1):
-            organ |= cv.blob(_j(rng, [0.45 * side, -0.35, 0]), _j(rng, [0.15, 0.15, 0.35]),
+            organ |= cv.blob(_j(rng, [0.45 * side, -0.3, 0]), _j(rng, [0.2, 0.2, 0.4]),
                              0.15) & inside
         img[organ] = HU["kidney"]
         lab[organ] = 1
@@ -175,9 +177,10 @@ def _mr_case(cv: _Canvas, kind: str, nchan: int):
             enh = core & ~cv.blob(c, [0.09, 0.09, 0.09], 0.1)
             lab[ed], lab[core], lab[enh] = 1, 2, 3
         else:
-            c = _j(rng, [0.25, 0, -0.1], 0.06)
-            ant = cv.blob(c + [0, 0.18, 0], [0.1, 0.2, 0.1], 0.1) & brain
-            post = cv.blob(c - [0, 0.18, 0], [0.08, 0.2, 0.08], 0.1) & brain & ~ant
+            # MSD hippocampus volumes are crops around the structure: make it large
+            c = _j(rng, [0.0, 0, 0], 0.08)
+            ant = cv.blob(c + [0, 0.25, 0], [0.3, 0.35, 0.3], 0.1) & brain
+            post = cv.blob(c - [0, 0.25, 0], [0.22, 0.35, 0.22], 0.1) & brain & ~ant
             lab[ant], lab[post] = 1, 2
     elif kind == "prostate":
         body = cv.blob([0, 0, 0], _j(rng, [0.95, 0.8, 1.5], 0.03), 0.05, rot=False)
@@ -190,7 +193,7 @@ def _mr_case(cv: _Canvas, kind: str, nchan: int):
         tissue[body] = 2
         heart = cv.blob(_j(rng, [0.1, 0.1, 0]), _j(rng, [0.45, 0.4, 0.45], 0.05), 0.1) & body
         tissue[heart] = 1
-        la = cv.blob(_j(rng, [0.1, -0.15, 0.15], 0.06), _j(rng, [0.18, 0.15, 0.18], 0.03),
+        la = cv.blob(_j(rng, [0.1, -0.15, 0.15], 0.06), _j(rng, [0.28, 0.24, 0.28], 0.03),
                      0.15) & heart
         lab[la] = 1
     else:
