@@ -166,3 +166,33 @@ def test_real_colin_optional(tmp_path):
         x = np.asarray(nib.load(str(c.images[0])).dataobj)
         y = np.asarray(nib.load(str(c.label)).dataobj)
         assert (y == 1).any() and x[y == 1].mean() > x[y == 0].mean()
+
+
+def test_classification_layout(synth_dir, tmp_path):
+    import torch
+
+    from med3d_ext.data import ClassificationSet, DataError
+
+    root = synth_dir / "transfer_cls"
+    ds = load_dataset(root)
+    assert ds.layout == "classification" and ds.modality == "CT" and ds.labels is None
+    assert ds.classes == {0: "no tumour", 1: "tumour"} and len(ds.targets) == len(ds) == 8
+    pre = preprocess(root, tmp_path / "cls", progress=False, workers=0)
+    assert pre.targets == [ds.targets[n] for n in pre.names]
+    cs = ClassificationSet(pre, (16, 16, 8))
+    batch = next(iter(torch.utils.data.DataLoader(cs, batch_size=3)))
+    assert batch["image"].shape == (3, 1, 16, 16, 8) and batch["label"].dtype == torch.int64
+    assert batch["label"].tolist() == pre.targets[:3]
+    # bad csv rows are named
+    bad = tmp_path / "badcls"
+    bad.mkdir()
+    (bad / "labels.csv").write_text("image,label\nimages/x.nii.gz,maybe\n")
+    with pytest.raises(DataError, match=r"labels\.csv: line 2: label 'maybe'"):
+        load_dataset(bad)
+    (bad / "labels.csv").write_text("file,y\n")
+    with pytest.raises(DataError, match="expected columns"):
+        load_dataset(bad)
+    seg = preprocess(synth_dir / "transfer" / "Task11_Kidney", tmp_path / "k", progress=False,
+                     workers=0)
+    with pytest.raises(ValueError, match="not a classification dataset"):
+        ClassificationSet(seg, 8)

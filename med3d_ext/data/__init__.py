@@ -18,14 +18,15 @@ from .io import DataError, Volume, read_volume, save_nifti
 from .layouts import Case, Dataset, detect_layout, load_dataset
 from .preprocess import (PreprocessedDataset, default_cache_dir, preprocess, resize,
                          to_source_space, write_prediction)
-from .sampling import BatchLoader, MultiDomainSampler, PatchSampler, crop_patch, make_loader
+from .sampling import (BatchLoader, ClassificationSet, MultiDomainSampler, PatchSampler,
+                       crop_patch, make_loader)
 
 __all__ = [
     "DataError", "Volume", "read_volume", "save_nifti",
     "Case", "Dataset", "detect_layout", "load_dataset",
     "PreprocessedDataset", "default_cache_dir", "preprocess", "resize", "to_source_space",
     "write_prediction",
-    "BatchLoader", "MultiDomainSampler", "PatchSampler", "crop_patch", "make_loader",
+    "BatchLoader", "ClassificationSet", "MultiDomainSampler", "PatchSampler", "crop_patch", "make_loader",
     "synth", "real", "open_dataset",
 ]
 

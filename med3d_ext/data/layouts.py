@@ -1,4 +1,5 @@
-"""Raw dataset layouts: MSD ``dataset.json``, nnU-Net v2 ``dataset.json``, MedicalNet lists.
+"""Raw dataset layouts: MSD ``dataset.json``, nnU-Net v2 ``dataset.json``, MedicalNet lists,
+and classification folders (``labels.csv`` with ``image,label``).
 
 Every layout is described by one :class:`Dataset`. ``load_dataset(path)`` detects the layout
 of a folder (or takes a MedicalNet ``.txt`` list file directly).
@@ -37,6 +38,8 @@ class Dataset:
     labels:   {value: class name}; None when the layout declares none (MedicalNet lists)
     cases:    list of :class:`Case`
     problems: files named by the layout that do not exist (cases dropped with skip_bad)
+    targets:  classification layout only: {case name: class index}
+    classes:  classification layout only: {class index: class name}
     """
 
     root: Path
@@ -46,6 +49,8 @@ class Dataset:
     labels: dict | None
     cases: list
     problems: list = field(default_factory=list)
+    targets: dict | None = None
+    classes: dict | None = None
 
     @property
     def modality(self) -> str:
@@ -108,6 +113,8 @@ def _check_exists(ds: Dataset, skip_bad: bool) -> Dataset:
                 raise DataError(missing[0], f"file named by the dataset does not exist "
                                             f"(case {c.name})")
             ds.problems.append(msg)
+            if ds.targets is not None:
+                ds.targets.pop(c.name, None)
         else:
             kept.append(c)
     ds.cases = kept
@@ -194,13 +201,50 @@ def _load_medicalnet(list_file: Path, root: Path | None = None) -> Dataset:
     return Dataset(root, root.name, "medicalnet", channels, labels, cases)
 
 
+def _load_classification(root: Path) -> Dataset:
+    """images + labels.csv (``image,label``; label an integer class); an optional
+    classes.json gives {"modality": ..., "classes": {index: name}}."""
+    import csv
+
+    lst = root / "labels.csv"
+    with open(lst, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
+            raise DataError(lst, f"expected columns 'image,label', got {reader.fieldnames}")
+        rows = list(reader)
+    cases, targets = [], {}
+    for n, row in enumerate(rows, 2):
+        try:
+            y = int(row["label"])
+        except (TypeError, ValueError):
+            raise DataError(lst, f"line {n}: label {row['label']!r} is not an integer class") \
+                from None
+        name = _case_name(row["image"])
+        if name in targets:
+            raise DataError(lst, f"line {n}: case {name!r} listed twice")
+        cases.append(Case(name, [_rel(root, row["image"])], None))
+        targets[name] = y
+    side = root / "classes.json"
+    s = _load_json(side) if side.exists() else {}
+    names = s.get("classes", {str(k): str(k) for k in sorted(set(targets.values()))})
+    classes = {int(k): v for k, v in names.items()}
+    bad = sorted(set(targets.values()) - set(classes))
+    if bad:
+        raise DataError(lst, f"labels {bad} not declared in classes.json ({sorted(classes)})")
+    return Dataset(root, root.name, "classification", [s.get("modality", "MR")], None, cases,
+                   targets=targets, classes=classes)
+
+
 def detect_layout(path) -> str:
-    """"msd", "nnunet" or "medicalnet" for a dataset folder (or list file)."""
+    """"msd", "nnunet", "medicalnet" or "classification" (labels.csv) for a dataset folder
+    (or a MedicalNet list file)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".txt":
         return "medicalnet"
     if not path.exists():
         raise DataError(path, "dataset folder does not exist")
+    if (path / "labels.csv").exists() and not (path / "dataset.json").exists():
+        return "classification"
     js = path / "dataset.json"
     if js.exists():
         meta = _load_json(js)
@@ -243,6 +287,8 @@ def load_dataset(path, *, skip_bad: bool = False) -> Dataset:
     if layout == "medicalnet":
         lst = path if path.is_file() else _find_list(path)
         ds = _load_medicalnet(lst)
+    elif layout == "classification":
+        ds = _load_classification(path)
     else:
         meta = _load_json(path / "dataset.json")
         ds = _load_msd(path, meta) if layout == "msd" else _load_nnunet(path, meta)

@@ -325,7 +325,9 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
         "name": ds.name, "root": str(ds.root), "layout": ds.layout, "channels": ds.channels,
         "labels": {str(k): v for k, v in ds.labels.items()} if ds.labels else None,
         "modality": ds.modality, "target_spacing": target, "cases": names,
-        "problems": problems, "ct_clip": norm})
+        "problems": problems, "ct_clip": norm,
+        "targets": [ds.targets[n] for n in names] if ds.targets is not None else None,
+        "classes": {str(k): v for k, v in ds.classes.items()} if ds.classes else None})
     return PreprocessedDataset(out)
 
 
@@ -421,6 +423,7 @@ class PreprocessedDataset:
     image(i):     raw (resampled, cropped) intensities (C, D, H, W), memory-mapped
     label(i):     (D, H, W) uint8/int16, memory-mapped (None if unlabelled)
     meta(i):      metadata dict (affines, crop box, shapes, norm)
+    targets:      classification datasets: class index per case (else None); ``classes``
     load_case(i, channel=None): (normalized image float32 (C|1, D, H, W), label, meta)
     """
 
@@ -437,6 +440,10 @@ class PreprocessedDataset:
         lab = self.info.get("labels")
         self.labels = {int(k): v for k, v in lab.items()} if lab else None
         self.modality = self.info["modality"]
+        # classification datasets: one class index per case, and the class names
+        self.targets = self.info.get("targets")
+        cls = self.info.get("classes")
+        self.classes = {int(k): v for k, v in cls.items()} if cls else None
         self._meta: dict = {}
         self._locs: dict = {}
 

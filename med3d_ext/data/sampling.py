@@ -233,3 +233,32 @@ def make_loader(datasets, patch, batch_size, *, num_workers=0, pin_memory=None, 
     s = MultiDomainSampler(datasets, patch, batch_size, **kw)
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return BatchLoader(s, num_workers=num_workers, pin_memory=pin)
+
+
+class ClassificationSet(torch.utils.data.Dataset):
+    """Whole-volume classification samples from a preprocessed classification dataset
+    (``labels.csv`` layout): each case's normalised volume resized to ``size``.
+
+    Items are dicts: image float32 (1, D, H, W), label int64 scalar, case str; the default
+    DataLoader collate turns them into image (N, 1, D, H, W), label (N,), case list[str].
+    """
+
+    def __init__(self, dataset: PreprocessedDataset, size, *, channel=None, indices=None):
+        if dataset.targets is None:
+            raise ValueError(f"{dataset.name}: not a classification dataset (no labels.csv)")
+        self.ds = dataset
+        self.size = _as_size(size)
+        self.channel = dataset.channel_index(channel)
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        from .preprocess import resize
+
+        i = self.indices[k]
+        x, _, _ = self.ds.load_case(i, channel=self.channel)
+        t = resize(torch.from_numpy(x)[None], self.size, "trilinear")[0]
+        return {"image": t.contiguous(), "label": torch.tensor(self.ds.targets[i]),
+                "case": self.ds.names[i]}

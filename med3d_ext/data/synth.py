@@ -290,7 +290,9 @@ def write_classification(out, n_cases: int, size: int, seed: int) -> Path:
         w = csv.writer(f)
         w.writerow(["image", "label"])
         w.writerows(rows)
-    (root / "classes.json").write_text(json.dumps({"0": "no tumour", "1": "tumour"}))
+    (root / "classes.json").write_text(json.dumps({"modality": "CT",
+                                                   "classes": {"0": "no tumour",
+                                                               "1": "tumour"}}))
     return root
 
 
