@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -258,18 +259,14 @@ def _job(args):
     return case.name, None
 
 
-def median_spacing(ds: Dataset) -> np.ndarray:
-    sp = [read_header(c.images[0])[0] for c in ds.cases]
-    return np.median(np.stack(sp), 0)
-
-
 def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = False,
                target_spacing=None, progress: bool = True, seed: int = 0):
     """Preprocess a raw dataset into a cache folder; reruns only redo changed cases.
 
     data:  dataset folder (MSD / nnU-Net v2 / MedicalNet list) or a :class:`Dataset`
     out:   cache folder (default :func:`default_cache_dir`)
-    workers: processes (default: min(cpu count, 8); 0 = in this process)
+    workers: processes (default: min(cpu count, 8), in-process below 4 cases to do; 0 = in
+             this process)
     skip_bad: drop bad cases with a warning listing them, instead of raising DataError
     target_spacing: mm per axis (default: the dataset's median spacing)
     Returns a :class:`PreprocessedDataset`.
@@ -336,8 +333,8 @@ def _run_jobs(todo, workers, progress, name):
 
     if not todo:
         return []
-    if workers is None:  # spawning costs ~seconds per process: only worth it for many cases
-        workers = min(os.cpu_count() or 1, 8) if len(todo) >= 8 else 0
+    if workers is None:  # a process per core, when there is enough work to share
+        workers = min(os.cpu_count() or 1, 8) if len(todo) >= 4 else 0
     workers = min(workers, len(todo))
     bar = tqdm(total=len(todo), desc=f"preprocess {name}", disable=not progress, unit="case")
     failed = []
@@ -350,8 +347,13 @@ def _run_jobs(todo, workers, progress, name):
     else:
         import multiprocessing as mp
 
-        # spawn, not fork: forking a process that already ran torch's OpenMP pool can hang
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        # fork on Linux, as torch's DataLoader does: it starts fast and, unlike spawn, needs
+        # no `if __name__ == "__main__"` guard in the user's script. It is safe because each
+        # job first sets one intra-op thread, so the child never enters the OpenMP pool it
+        # inherited. Elsewhere (or MED3D_EXT_MP_START=spawn) processes are spawned.
+        method = os.environ.get("MED3D_EXT_MP_START") or (
+            "fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as ex:
             for n, err in ex.map(_job, todo):
                 if err:
                     failed.append((n, err))
