@@ -158,3 +158,34 @@ def test_itk_missing_message(tmp_path, monkeypatch):
     p.write_bytes(b"NRRD0004\n")
     with pytest.raises(DataError, match="needs SimpleITK: pip install SimpleITK"):
         read_volume(p)
+
+
+def test_itk_dicom_series_folder(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    r = rng()
+    arr = r.integers(-1000, 1000, (4, 5, 6)).astype(np.int16)  # (z, y, x)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.5, 0.7, 2.0))
+    img.SetOrigin((1.0, 2.0, 3.0))
+    w = sitk.ImageFileWriter()
+    w.KeepOriginalImageUIDOn()
+    for k in range(arr.shape[0]):
+        sl = img[:, :, k]
+        pos = img.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, val in (("0020|0032", "\\".join(map(str, pos))), ("0020|0013", str(k)),
+                         ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
+                         ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0008|0060", "CT")):
+            sl.SetMetaData(tag, val)
+        w.SetFileName(str(tmp_path / f"s{k}.dcm"))
+        w.Execute(sl)
+    v = read_volume(tmp_path)
+    assert v.data.shape == (1, 6, 5, 4)
+    np.testing.assert_allclose(v.spacing, [0.5, 0.7, 2.0], rtol=1e-5)
+    for idx in ((0, 0, 0), (5, 4, 3), (2, 1, 3)):  # ITK (x, y, z)
+        ras = np.array(img.TransformIndexToPhysicalPoint(idx)) * [-1, -1, 1]
+        vox = np.rint(nib.affines.apply_affine(np.linalg.inv(v.affine), ras)).astype(int)
+        assert v.data[0][tuple(vox)] == arr[idx[2], idx[1], idx[0]]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no DICOM series"):
+        read_volume(empty)

@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cases", type=int, default=6, help="cases per dataset (default 6)")
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     q = sub.add_parser("preprocess", help="preprocess a raw dataset into the cache")
-    q.add_argument("dataset", help="raw dataset folder (MSD, nnU-Net v2 or MedicalNet list)")
+    q.add_argument("dataset", help="raw dataset folder (MSD, nnU-Net v2, MedicalNet list or "
+                                    "labels.csv classification)")
     q.add_argument("--out", default=None, help="cache folder (default: "
                                                "$MED3D_EXT_CACHE or ~/.cache/med3d_ext/...)")
     q.add_argument("--workers", type=int, default=None, help="processes (default: CPUs, max 8;"
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="target spacing in mm (default: the dataset's median)")
     q.add_argument("--skip-bad", action="store_true",
                    help="skip bad cases with a warning list instead of stopping")
+    q.add_argument("--seed", type=int, default=0,
+                   help="seed of the foreground voxel samples kept per case (default 0)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
             ds = load_dataset(args.dataset, skip_bad=args.skip_bad)
             print(ds.summary())
             pre = preprocess(ds, args.out, workers=args.workers, skip_bad=args.skip_bad,
-                             target_spacing=args.spacing, progress=not args.no_progress)
+                             target_spacing=args.spacing, progress=not args.no_progress,
+                             seed=args.seed)
             dt = time.perf_counter() - t0
             print(f"{len(pre)} cases cached in {pre.dir} ({dt:.1f} s); target spacing "
                   f"{pre.info['target_spacing']} mm")

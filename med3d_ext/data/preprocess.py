@@ -246,6 +246,9 @@ def _job(args):
         r = process_case(case, target, labels, seed)
     except DataError as e:
         return case.name, str(e)
+    except Exception as e:  # noqa: BLE001 - one odd file must not stop the whole dataset
+        return case.name, (f"{case.images[0]}: could not be preprocessed "
+                           f"({type(e).__name__}: {e})")
     out = Path(out)
     stem = out / case.name
     _save_npy(Path(f"{stem}.image.npy"), r["image"])
