@@ -241,3 +241,21 @@ def test_process_case_multichannel_nnunet(tmp_path):
     out = process_case(ds.cases[0], (1, 1, 2), ds.labels)
     assert out["image"].shape[0] == 2
     np.testing.assert_allclose(out["image"][1], 3 * out["image"][0], rtol=1e-6)
+
+
+def test_uses_ops_resize_when_present(tmp_path, monkeypatch):
+    """The images go through med3d_ext.ops.resize once the kernel exists; labels stay on the
+    centre-aligned nearest path (which ops.resize's "nearest" would shift)."""
+    import med3d_ext.ops as ops
+
+    calls = []
+
+    def fake_resize(x, size, mode):
+        calls.append(mode)
+        return F.interpolate(x, size=size, mode=mode,
+                             align_corners=False if mode == "trilinear" else None)
+
+    monkeypatch.setattr(ops, "resize", fake_resize, raising=False)
+    root = make_msd(tmp_path / "ds", n=2)
+    preprocess(root, tmp_path / "c", progress=False, workers=0, target_spacing=(0.7, 0.9, 1.3))
+    assert calls and set(calls) == {"trilinear"}
