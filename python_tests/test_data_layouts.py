@@ -223,3 +223,29 @@ def test_cli_preprocess_skip_bad(tmp_path, capsys):
     out = capsys.readouterr()
     assert "2 cases cached" in out.out and "skipped:" in out.err and "c1.nii.gz" in out.err
     shutil.rmtree(tmp_path / "c")
+
+
+def test_medicalnet_pooled_folders_same_names(tmp_path):
+    """MedicalNet lists pool datasets whose files share names: cases stay distinct."""
+    import torch
+
+    r = rng()
+    root = tmp_path / "mn"
+    lines = []
+    for sub in ("dsA", "dsB"):
+        shape = (7, 6, 5)
+        aff = affine((1, 1, 1), "RAS", shape)
+        img, lab = blob_case(shape, r, 2)
+        save(root / sub / "img" / "001.nii.gz", img, aff)
+        save(root / sub / "lab" / "001.nii.gz", lab, aff)
+        lines.append(f"{sub}/img/001.nii.gz {sub}/lab/001.nii.gz")
+    (root / "train.txt").write_text("\n".join(lines))
+    ds = load_dataset(root)
+    assert [c.name for c in ds.cases] == ["dsA_img_001", "dsB_img_001"]
+    threads = torch.get_num_threads()
+    pre = preprocess(ds, tmp_path / "c", progress=False, workers=0)
+    assert torch.get_num_threads() == threads  # in-process work leaves the caller's threads
+    assert len(pre) == 2
+    assert pre.meta(0)["axcodes"] == "RAS"
+    np.testing.assert_allclose(pre.meta(0)["out_spacing"], pre.meta(0)["target_spacing"],
+                               rtol=0.2)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,6 @@ class Volume:
     orig_shape: tuple
     ornt: np.ndarray
     path: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------

@@ -292,4 +292,26 @@ def load_dataset(path, *, skip_bad: bool = False) -> Dataset:
     else:
         meta = _load_json(path / "dataset.json")
         ds = _load_msd(path, meta) if layout == "msd" else _load_nnunet(path, meta)
+    _unique_names(ds)
     return _check_exists(ds, skip_bad)
+
+
+def _unique_names(ds: Dataset) -> None:
+    """Case names key the cache files: make repeated names (e.g. MedicalNet lists pooling
+    folders with the same file names) unique by their path under the root."""
+    from collections import Counter
+
+    count = Counter(c.name for c in ds.cases)
+    for c in ds.cases:
+        if count[c.name] > 1:
+            try:
+                rel = Path(c.images[0]).relative_to(ds.root.resolve())
+            except ValueError:
+                rel = Path(c.images[0])
+            old = c.name
+            c.name = "_".join([*rel.parent.parts, old]).lstrip("/_")
+            if ds.targets is not None and old in ds.targets:
+                raise DataError(ds.root, f"case name {old!r} appears more than once")
+    dup = [n for n, k in Counter(c.name for c in ds.cases).items() if k > 1]
+    if dup:
+        raise DataError(ds.root, f"case names {dup} appear more than once")

@@ -160,6 +160,12 @@ def read_case(case: Case, labels: dict | None = None):
     return img, ldata.astype(dtype)
 
 
+def nib_axcodes(affine):
+    from nibabel.orientations import aff2axcodes
+
+    return aff2axcodes(affine)
+
+
 def process_case(case: Case, target_spacing, labels=None, seed: int = 0) -> dict:
     """Steps 1-3 for one case. Returns arrays and metadata (no normalisation yet)."""
     img, lab = read_case(case, labels)
@@ -201,6 +207,7 @@ def process_case(case: Case, target_spacing, labels=None, seed: int = 0) -> dict
         "orig_affine": img.orig_affine.tolist(),
         "orig_shape": list(img.orig_shape),
         "ornt": img.ornt.tolist(),
+        "axcodes": "".join(nib_axcodes(img.orig_affine)),
         "ras_affine": img.affine.tolist(),
         "ras_shape": list(img.data.shape[1:]),
         "spacing": img.spacing.tolist(),
@@ -208,6 +215,7 @@ def process_case(case: Case, target_spacing, labels=None, seed: int = 0) -> dict
         "target_spacing": list(map(float, target_spacing)),
         "affine": affine.tolist(),
         "shape": list(new_shape),
+        "out_spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
         "channels": int(data.shape[0]),
         "label_values": [int(v) for v in np.unique(lab_c)] if lab_c is not None else [],
     }
@@ -241,7 +249,6 @@ def _write_json(path: Path, obj) -> None:
 def _job(args):
     """Worker: process one case and write its cache files. Returns (name, None | error)."""
     case, target, labels, out, key, seed = args
-    torch.set_num_threads(1)  # one case per process; threads would oversubscribe the cores
     try:
         r = process_case(case, target, labels, seed)
     except DataError as e:
@@ -252,11 +259,12 @@ def _job(args):
     out = Path(out)
     stem = out / case.name
     _save_npy(Path(f"{stem}.image.npy"), r["image"])
-    if r["label"] is not None:
-        _save_npy(Path(f"{stem}.label.npy"), r["label"])
+    for suffix, arr in ((".label.npy", r["label"]), (".fg.npy", r["fg_values"])):
+        if arr is not None:
+            _save_npy(Path(f"{stem}{suffix}"), arr)
+        else:  # a label removed since the last run must not linger
+            Path(f"{stem}{suffix}").unlink(missing_ok=True)
     np.savez(f"{stem}.locs.npz", **r["locs"])
-    if r["fg_values"] is not None:
-        _save_npy(Path(f"{stem}.fg.npy"), r["fg_values"])
     meta = dict(r["meta"], key=key)
     _write_json(Path(f"{stem}.json"), meta)  # written last: its key marks the entry complete
     return case.name, None
@@ -356,13 +364,19 @@ def _run_jobs(todo, workers, progress, name):
         # inherited. Elsewhere (or MED3D_EXT_MP_START=spawn) processes are spawned.
         method = os.environ.get("MED3D_EXT_MP_START") or (
             "fork" if sys.platform.startswith("linux") else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as ex:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
+                                 initializer=_worker_init) as ex:
             for n, err in ex.map(_job, todo):
                 if err:
                     failed.append((n, err))
                 bar.update()
     bar.close()
     return failed
+
+
+def _worker_init():
+    # one case per process; more intra-op threads would oversubscribe the cores
+    torch.set_num_threads(1)
 
 
 def _remove_stale(out: Path, keep: set) -> None:
