@@ -32,8 +32,13 @@ def synth_dir(tmp_path_factory):
 
 
 def test_synth_layout_and_headers(synth_dir):
-    pre = sorted((synth_dir / "pretrain").iterdir())
+    from med3d_ext.data import DataError, find_datasets
+
+    pre = find_datasets(synth_dir / "pretrain")
     assert [p.name for p in pre] == sorted(d[0] for d in DOMAINS)
+    assert find_datasets(pre[0]) == [pre[0]]
+    with pytest.raises(DataError, match="nor a folder of datasets"):
+        find_datasets(synth_dir / "transfer_cls" / "images")
     codes = set()
     for spec in DOMAINS + [TRANSFER]:
         name, channels, labels, spacing, _ = spec

@@ -5,7 +5,8 @@ multi-domain training, synthetic 3DSeg-8 and real packaged volumes.
 Typical use::
 
     from med3d_ext import data
-    pre = [data.preprocess(d) for d in dirs]          # cached; reruns skip unchanged cases
+    dirs = data.find_datasets("synth/pretrain")       # one dataset folder, or a folder of them
+    pre = [data.open_dataset(d) for d in dirs]        # cached; reruns skip unchanged cases
     loader = data.make_loader(pre, patch=48, batch_size=4, seed=0, steps=1000,
                               channels=["FLAIR", None, ...], num_workers=2)
     for batch in loader: ...                          # image, label, dataset_id, case
@@ -15,7 +16,7 @@ CLI: ``python -m med3d_ext.data {synth,real,preprocess} ...``.
 """
 
 from .io import DataError, Volume, read_volume, save_nifti
-from .layouts import Case, Dataset, detect_layout, load_dataset
+from .layouts import Case, Dataset, detect_layout, find_datasets, load_dataset
 from .preprocess import (PreprocessedDataset, default_cache_dir, preprocess, resize,
                          to_source_space, write_prediction)
 from .sampling import (BatchLoader, ClassificationSet, MultiDomainSampler, PatchSampler,
@@ -23,7 +24,7 @@ from .sampling import (BatchLoader, ClassificationSet, MultiDomainSampler, Patch
 
 __all__ = [
     "DataError", "Volume", "read_volume", "save_nifti",
-    "Case", "Dataset", "detect_layout", "load_dataset",
+    "Case", "Dataset", "detect_layout", "find_datasets", "load_dataset",
     "PreprocessedDataset", "default_cache_dir", "preprocess", "resize", "to_source_space",
     "write_prediction",
     "BatchLoader", "ClassificationSet", "MultiDomainSampler", "PatchSampler", "crop_patch", "make_loader",

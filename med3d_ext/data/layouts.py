@@ -315,3 +315,26 @@ def _unique_names(ds: Dataset) -> None:
     dup = [n for n, k in Counter(c.name for c in ds.cases).items() if k > 1]
     if dup:
         raise DataError(ds.root, f"case names {dup} appear more than once")
+
+
+def find_datasets(path) -> list:
+    """``--data`` for pretraining may name one dataset or a folder of them (synth's
+    ``pretrain/``): returns [path] for a dataset, else its dataset subfolders sorted by name
+    (the order that ``dataset_id`` indexes)."""
+    path = Path(path)
+    try:
+        detect_layout(path)
+        return [path]
+    except DataError:
+        pass
+    subs = []
+    for p in sorted(q for q in path.iterdir() if q.is_dir()) if path.is_dir() else []:
+        try:
+            detect_layout(p)
+            subs.append(p)
+        except DataError:
+            continue
+    if not subs:
+        raise DataError(path, "neither a dataset (dataset.json, MedicalNet list or labels.csv)"
+                              " nor a folder of datasets")
+    return subs
