@@ -3,8 +3,8 @@ the inverse mapping that writes predictions back in a case's source space.
 
 Array convention: a :class:`Volume` holds ``data`` as ``(C, I, J, K)`` in *RAS voxel order*
 (the closest canonical orientation, as nibabel's ``as_closest_canonical`` gives it: array
-axes 0, 1, 2 increase towards Right, Anterior, Superior), ``affine`` the 4x4 voxel->world (RAS+ mm) matrix of that
-array, ``spacing`` the voxel size in mm per array axis. Oblique affines keep their rotation:
+axes 0, 1, 2 increase towards Right, Anterior, Superior), ``affine`` the 4x4 voxel->world
+(RAS+ mm) matrix of that array, ``spacing`` the voxel size in mm per array axis. Oblique affines keep their rotation:
 only axis permutations and flips are applied to the voxels, so no interpolation happens here.
 The batch axes (D, H, W) of the training pipeline are these (I, J, K) axes.
 """
