@@ -14,8 +14,9 @@ import sys
 import time
 import traceback
 
-AREAS = ["bn_stats", "conv_bn_relu", "stem", "train_step", "augment", "resample", "loss", "pipeline",
-         "convergence"]
+# cheap areas first: if a time limit kills the run, the slow compile-heavy train_step goes last
+AREAS = ["bn_stats", "conv_bn_relu", "stem", "augment", "resample", "loss", "pipeline", "convergence",
+         "train_step"]
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest")
 
 
@@ -59,6 +60,11 @@ def main(argv=None) -> int:
     env = common.collect_env(device)
     print(common.env_line(env), flush=True)
     areas = args.areas or AREAS
+    run_args = {"areas": areas, "quick": args.quick, "device": device, "with_compile": args.with_compile}
+
+    def save():  # after every case, so a run killed by a time limit keeps what it measured
+        common.write_results(args.out, ctx, env, run_args, time.perf_counter() - t_start)
+    ctx.on_rows = save
     for area in areas:
         t0 = time.perf_counter()
         info: dict = {}
@@ -80,8 +86,8 @@ def main(argv=None) -> int:
                     pass
         info["seconds"] = round(time.perf_counter() - t0, 1)
         ctx.areas[area] = info
+        save()
     total = time.perf_counter() - t_start
-    run_args = {"areas": areas, "quick": args.quick, "device": device, "with_compile": args.with_compile}
     jpath, mpath = common.write_results(args.out, ctx, env, run_args, total)
     data = {"env": env, "areas": ctx.areas, "rows": ctx.rows, "total_s": round(total, 1)}
     print(f"\nwrote {jpath} and {mpath}")

@@ -42,14 +42,17 @@ class Layer:
         self.pad = dil * (k // 2) if pad is None else pad
         self.x_grad, self.pool = x_grad, pool  # the stem: input without grad, max-pool after
         mf = torch.channels_last_3d if ctx.gpu else torch.contiguous_format
-        self.x = torch.randn(batch, cin, *spatial, device=dev).to(memory_format=mf)
+        # inside the network a layer's input is already bf16 (the previous layer's output); the
+        # stem's input is the fp32 image, which autocast casts
+        x_dt = torch.bfloat16 if (ctx.gpu and x_grad) else torch.float32
+        self.x = torch.randn(batch, cin, *spatial, device=dev).to(x_dt).to(memory_format=mf)
         self.w = (torch.randn(cout, cin, k, k, k, device=dev) * (2.0 / (cin * k**3)) ** 0.5).to(memory_format=mf)
         self.bw = torch.rand(cout, device=dev) + 0.5
         self.bb = torch.randn(cout, device=dev) * 0.1
         self.rm = torch.randn(cout, device=dev) * 0.1
         self.rv = torch.rand(cout, device=dev) + 0.5
         with torch.no_grad():
-            y = F.conv3d(self.x[:1], self.w, None, stride, self.pad, dil)
+            y = F.conv3d(self.x[:1].float(), self.w, None, stride, self.pad, dil)
         self.res_shape = (batch,) + tuple(y.shape[1:])
         if pool:
             y = F.max_pool3d(y, 3, 2, 1)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .common import Unavailable, m3d_attr, op_backend
 
 AREA = "train_step"
+GPU_SHAPE = (8, 1, 64, 128, 128)  # perf-baselines.md
 
 
 def base_model(depth):
@@ -85,7 +86,7 @@ class Step:
 
 def run(ctx):
     if ctx.gpu:
-        shape = (8, 1, 64, 128, 128)
+        shape = GPU_SHAPE
         depths = [10, 50]
     else:
         shape = (1, 1, 16, 32, 32)

@@ -373,6 +373,14 @@ class Case:
 
 
 def _free(device: str) -> None:
+    # Each compiled row compiles its own function; dropping dynamo's caches between rows frees
+    # their memory and keeps a shared code object (one wrapper used for many cases) from
+    # hitting the recompile limit, past which dynamo silently runs eager.
+    if "torch._dynamo" in sys.modules:
+        try:
+            torch._dynamo.reset()
+        except Exception:
+            pass
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -397,6 +405,7 @@ class Context:
         self.rows: list[dict] = []
         self.areas: dict[str, dict] = {}
         self._bw = None
+        self.on_rows: Callable | None = None  # e.g. write partial results
 
     def case(self, area: str, name: str, **kw) -> Case:
         return Case(self, area, name, **kw)
@@ -405,6 +414,11 @@ class Context:
         self.rows.extend(rows)
         for r in rows:
             print("  " + format_row_line(r), flush=True)
+        if self.on_rows is not None:
+            try:
+                self.on_rows()
+            except Exception as exc:  # a full disk must not stop the measurements
+                print(f"  (could not write partial results: {exc})", file=sys.stderr)
 
     def record(self, area: str, case: str, impl: str, status: str, reason: str, **kw) -> None:
         """A row that was never timed (e.g. a whole area unavailable)."""
@@ -522,6 +536,8 @@ def headline(rows: list[dict]) -> list[str]:
         if r["baseline"] or r["status"] != OK or not r.get("speedup"):
             continue
         sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
+        for b, t in (r.get("targets") or {}).items():
+            sp += f" [target {t['want']}x vs {b}: {'met' if t['met'] else 'NOT met' if t['met'] is False else 'no baseline'}]"
         out.append(f"{r['area']}/{r['case']} {r['impl']}: {r['median_ms']:.3f} ms; {sp}")
     return out
 
