@@ -108,7 +108,7 @@ def _gpu(ctx, b=8, s=128):
     def ours():
         op = m3d_attr("ops.affine_resample_pair")
         return lambda: op(img, lab, theta, size)
-    case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair"))
+    case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair", ctx.device))
     if ctx.with_compile:
         case.add("torch.compile eager", lambda: (lambda f=torch.compile(eager_pair): f(img, lab, theta, size)),
                  baseline=True)
@@ -142,7 +142,7 @@ def _gpu(ctx, b=8, s=128):
     case.add("eager affine_grid+elastic+grid_sample x2+intensity",
              lambda: (lambda: eager_elastic_intensity(img, lab, theta, size, field, inten(1.0))),
              baseline=True, check=False, note="own conventions, same work; not compared")
-    case.add("med3d_ext affine_resample_pair", ours2, note=op_backend("affine_resample_pair"))
+    case.add("med3d_ext affine_resample_pair", ours2, note=op_backend("affine_resample_pair", ctx.device))
     case.run()
 
 
@@ -163,7 +163,7 @@ def _cpu(ctx):
         op = m3d_attr("ops.affine_resample")
         return lambda: op(img, theta, size, mode="bilinear")
     case.add("eager affine_grid+grid_sample", eager, baseline=True, reference=True)
-    case.add("med3d_ext affine_resample", ours, note=op_backend("affine_resample"))
+    case.add("med3d_ext affine_resample", ours, note=op_backend("affine_resample", ctx.device))
     if not ctx.quick:
         def monai_img():
             tr = optional_import("monai.transforms")

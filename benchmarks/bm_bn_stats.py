@@ -36,7 +36,7 @@ def run(ctx):
             return lambda: op(x)
 
         case.add("eager torch.var_mean", lambda x=x: (lambda: _ref(x)), baseline=True, reference=True)
-        case.add("med3d_ext", ours, note=op_backend("bn_stats"))
+        case.add("med3d_ext", ours, note=op_backend("bn_stats", ctx.device))
         if ctx.with_compile or not ctx.quick:
             case.add("torch.compile var_mean", lambda x=x: _compiled(x), baseline=True)
         case.run()

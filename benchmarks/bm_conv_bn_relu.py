@@ -124,7 +124,7 @@ def run(ctx):
                             rtol=tol[0], atol=tol[1], flops=flops)
             case.add("eager conv3d+batch_norm+relu", lambda t=training: L.make(L.eager, t), baseline=True, reference=True)
             case.add("med3d_ext", lambda t=training: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), t),
-                     note=op_backend("conv_bn_relu3d"))
+                     note=op_backend("conv_bn_relu3d", ctx.device))
             if compile_too:
                 case.add("torch.compile eager", lambda t=training: L.make(torch.compile(L.eager), t), baseline=True)
             case.run()

@@ -70,8 +70,9 @@ def _case(ctx, name, heads, batch, spatial, dtype, monai=True, compile_too=False
     case = ctx.case(AREA, name, params=params, rtol=tol[0], atol=tol[1], bytes_floor=nbytes)
     case.add("eager per-head loop", lambda: _with_grads(lambda: loop_loss(logits, targets), logits),
              baseline=True, reference=True)
-    case.add("med3d_ext validate=False", lambda: _ours(logits, targets, False), note=op_backend("multihead_seg_loss"))
-    case.add("med3d_ext validate=True", lambda: _ours(logits, targets, True), note=op_backend("multihead_seg_loss"))
+    note = op_backend("multihead_seg_loss", ctx.device)
+    case.add("med3d_ext validate=False", lambda: _ours(logits, targets, False), note=note)
+    case.add("med3d_ext validate=True", lambda: _ours(logits, targets, True), note=note)
     if compile_too:
         def compiled():
             f = torch.compile(loop_loss)

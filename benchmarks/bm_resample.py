@@ -62,7 +62,7 @@ def run(ctx):
         fn, where = _find("resize")
         kw = _linear_mode_kw(fn)
         return lambda: fn(x, out, **kw)
-    case.add("med3d_ext resize", ours, note=op_backend("resize"))
+    case.add("med3d_ext resize", ours, note=op_backend("resize", ctx.device))
     if ctx.with_compile:
         case.add("torch.compile F.interpolate", lambda: (lambda f=torch.compile(F.interpolate): f(
             x, size=out, mode="trilinear", align_corners=False)), baseline=True)

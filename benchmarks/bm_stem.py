@@ -67,7 +67,8 @@ def run(ctx):
         case = ctx.case(AREA, name, params=params, rtol=tol[0], atol=tol[1], flops=flops)
         case.add("eager", lambda: L.make(L.eager, True), baseline=True, reference=True)
         case.add("med3d_ext conv_bn_relu3d" + (" + F.max_pool3d" if pool else ""),
-                 lambda: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), True), note=op_backend("conv_bn_relu3d"))
+                 lambda: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), True),
+                 note=op_backend("conv_bn_relu3d", ctx.device))
         if compile_too:
             case.add("torch.compile eager", lambda: L.make(torch.compile(L.eager), True), baseline=True)
         case.run()

@@ -109,7 +109,7 @@ def run(ctx):
             case = ctx.case(AREA, f"resnet{depth} {dname}", params=params, rtol=rtol, atol=rtol)
             case.add("eager", lambda: st.make(copy.deepcopy(model), False), baseline=True, reference=True)
             if amp or not ctx.gpu:
-                fnote = op_backend("conv_bn_relu3d")
+                fnote = op_backend("conv_bn_relu3d", ctx.device)
                 if compile_ok:
                     case.add("torch.compile", lambda: st.make(copy.deepcopy(model), True), baseline=True)
                 else:

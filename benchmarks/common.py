@@ -67,17 +67,18 @@ def m3d_attr(path: str):
     return obj
 
 
-def op_backend(name: str) -> str:
-    """'compiled' when ``torch.ops.med3d_ext.<name>`` exists, else 'reference fallback'.
-
-    The ops route to med3d_ext.reference when the extension is not loaded; a row timing that
-    fallback must say so, or a slow reference would pass for the kernel.
-    """
+def op_backend(name: str, device: str = "cpu") -> str:
+    """What a med3d_ext op row times: 'compiled (CUDA kernel)', 'compiled (CPU kernel)', or
+    'reference fallback' (the ops route to med3d_ext.reference when the extension is not loaded;
+    such a row must say so, or a slow reference would pass for the kernel)."""
     try:
         from med3d_ext import _extension
 
         if _extension.available() and hasattr(torch.ops.med3d_ext, name):
-            return "compiled"
+            key = "CUDA" if device == "cuda" else "CPU"
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"med3d_ext::{name}", key):
+                return f"compiled ({key} kernel)"
+            return f"compiled op without a {key} kernel"
     except Exception:
         pass
     return "reference fallback"
@@ -524,7 +525,8 @@ def markdown(data: dict) -> str:
         st = r["status"] if r["status"] == OK else f"{r['status']}: {r.get('reason', '')}".replace("|", "/")
         if r.get("floor_ms") is not None:
             sp += f" (floor {r['floor_ms']:.3f} ms)"
-        lines.append(f"| {r['area']} | {r['case']} | {r['impl']}{' (baseline)' if r.get('baseline') else ''} | {st} "
+        impl = r["impl"] + (" (baseline)" if r.get("baseline") else "") + (f" [{r['note']}]" if r.get("note") else "")
+        lines.append(f"| {r['area']} | {r['case']} | {impl} | {st} "
                      f"| {ms} | {mem} | {err} | {sp} | {fmt_params(r.get('params') or {})} |")
     return "\n".join(lines) + "\n"
 
@@ -538,7 +540,9 @@ def headline(rows: list[dict]) -> list[str]:
         sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
         for b, t in (r.get("targets") or {}).items():
             sp += f" [target {t['want']}x vs {b}: {'met' if t['met'] else 'NOT met' if t['met'] is False else 'no baseline'}]"
-        out.append(f"{r['area']}/{r['case']} {r['impl']}: {r['median_ms']:.3f} ms; {sp}")
+        note = r.get("note") or ""
+        impl = r["impl"] + (f" [{note}]" if note and not note.startswith("compiled (") else "")
+        out.append(f"{r['area']}/{r['case']} {impl}: {r['median_ms']:.3f} ms; {sp}")
     return out
 
 

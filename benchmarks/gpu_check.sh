@@ -169,7 +169,9 @@ for r in d["rows"]:
         continue
     sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
     mem = f", {r['peak_mem_gib']:.2f} GiB" if r.get("peak_mem_gib") is not None else ""
-    print(f"  {r['area']}/{r['case']} {r['impl']}: {r['median_ms']:.3f} ms{mem}; {sp}")
+    note = r.get("note") or ""
+    note = f" [{note}]" if note and not note.startswith("compiled (") else ""
+    print(f"  {r['area']}/{r['case']} {r['impl']}{note}: {r['median_ms']:.3f} ms{mem}; {sp}")
 for r in d["rows"]:
     if r["status"] in ("FAILED", "error"):
         print(f"  {r['status']}: {r['area']}/{r['case']} {r['impl']}: {str(r.get('reason'))[:150]}")

@@ -89,7 +89,8 @@ def render_run(name: str, data: dict) -> str:
                            for b, v in sp.items() if v is not None)
         if r.get("floor_ms") is not None:
             ratios += f"; floor {r['floor_ms']:.3f} ms"
-        impl = r["impl"] + (f" ({r['note']})" if r.get("note") == "reference fallback" else "")
+        note = r.get("note") or ""
+        impl = r["impl"] + (f" ({note})" if note and not note.startswith("compiled (") else "")
         lines.append(f"| {r['area']} | {r['case']} | {impl} | {r['median_ms']:.3f} | {ratios} | "
                      f"{_params(r.get('params') or {})} |")
     if missing:
