@@ -102,7 +102,7 @@ if [ $BUILD_RC -eq 0 ]; then
     say "tests: pytest python_tests -m cuda -q -x (log: logs/pytest.log)"
     S0=$(now)
     # shellcheck disable=SC2086
-    timeout "$(limit "${TEST_TIMEOUT:-150}")" "$PY" -m pytest python_tests -m cuda -q -x -p no:cacheprovider \
+    timeout "$(limit "${TEST_TIMEOUT:-150}")" "$PY" -m pytest python_tests -m cuda -q --maxfail="${MAXFAIL:-30}" -p no:cacheprovider \
         --junitxml="$LOGS/pytest.xml" ${PYTEST_ARGS:-} > "$LOGS/pytest.log" 2>&1
     TEST_RC=$?
     TEST_S=$(($(now) - S0))
