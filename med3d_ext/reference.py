@@ -74,7 +74,10 @@ def multihead_seg_loss(logits: list[torch.Tensor], targets: list[torch.Tensor],
         p = torch.where(vm, torch.softmax(x, 1), torch.zeros_like(x))
         onehot = torch.nn.functional.one_hot(tc, C).movedim(-1, 1).to(acc) * vm
         dims = list(range(2, x.dim()))
-        inter, psum, tsum = (p * onehot).sum(dims), p.sum(dims), onehot.sum(dims)
+        if dims:
+            inter, psum, tsum = (p * onehot).sum(dims), p.sum(dims), onehot.sum(dims)
+        else:  # (n, C): one voxel per sample (sum over [] would reduce everything)
+            inter, psum, tsum = p * onehot, p, onehot
         dice_terms = 1 - (2 * inter + smooth) / (psum + tsum + smooth)
         dice = dice_terms.mean() if n > 0 else x.new_zeros(())
         losses.append(ce_weight * ce + dice_weight * dice)
