@@ -18,14 +18,14 @@ LOW = [torch.bfloat16, torch.float16]
 
 
 def _rand_heads(device, dtype=torch.float32, heads=None, max_c=14, target_dtype=None,
-                spatial_dims=3, max_n=3, min_n=1):
+                spatial_dims=3, max_n=3, min_n=1, max_sp=11):
     """Random heads of 2..max_c classes, odd spatial sizes, uint8 or int64 targets."""
     heads = heads or int(torch.randint(1, 5, ()).item())
     logits, targets = [], []
     for _ in range(heads):
         n = int(torch.randint(min_n, max_n + 1, ()).item())
         c = int(torch.randint(2, max_c + 1, ()).item())
-        sp = [int(v) for v in torch.randint(1, 12, (spatial_dims,))]
+        sp = [int(v) for v in torch.randint(1, max_sp + 1, (spatial_dims,))]
         x = (torch.randn(n, c, *sp, device=device) * 3).to(dtype)
         td = target_dtype or (torch.uint8 if torch.rand(()) < 0.5 else torch.int64)
         logits.append(x)
@@ -176,7 +176,7 @@ def test_gradients_vs_reference(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_float64(device):
-    logits, targets = _rand_heads(device, torch.float64, heads=3, max_c=4, max_n=2)
+    logits, targets = _rand_heads(device, torch.float64, heads=3, max_c=4, max_n=2, max_sp=3)
     targets[1] = targets[1].long()
     targets[1].view(-1)[0] = -100
     cw = [None, torch.rand(logits[1].shape[1], device=device, dtype=torch.float64) + 0.1, None]
@@ -330,7 +330,7 @@ def test_bad_shapes_and_arguments(device):
 
 
 def _op_args(device, dtype=torch.float32):
-    logits, targets = _rand_heads(device, dtype, heads=3, max_c=5, max_n=2)
+    logits, targets = _rand_heads(device, dtype, heads=3, max_c=5, max_n=2, max_sp=4)
     logits = [x.requires_grad_() for x in logits]
     hw = torch.rand(3, device=device, dtype=dtype if dtype == torch.float64 else torch.float32)
     cw = torch.rand(sum(x.shape[1] for x in logits), device=device)
