@@ -83,8 +83,11 @@ def multihead_seg_loss(
         total, per_head = reference.multihead_seg_loss(
             logits, targets, hw, ce_weight, dice_weight, smooth, ignore_index, per_cw)
     else:
-        total, per_head, bad, _ = op(logits, targets, hw, cw, float(ce_weight),
-                                     float(dice_weight), float(smooth), int(ignore_index))
+        options = (float(ce_weight), float(dice_weight), float(smooth), int(ignore_index))
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            total, per_head, bad = _EagerLoss.apply(len(logits), options, hw, cw, *logits, *targets)
+        else:
+            total, per_head, bad, _ = op(logits, targets, hw, cw, *options)
     if validate:
         if torch.compiler.is_compiling():
             # The check runs inside an opaque op, so a compiled graph keeps it without a break.
@@ -181,7 +184,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*logits, *targets, saved, per_head, head_weights, class_weights)
 
 
-def _backward(ctx, grad_total, grad_per_head, _grad_bad, _grad_saved):
+def _grads(ctx, grad_total, grad_per_head, need_logits: bool, need_hw: bool):
+    """(grads of the logits or None, grad of head_weights or None) from what forward saved."""
     H = ctx.num_heads
     saved = ctx.saved_tensors
     logits, targets = list(saved[:H]), list(saved[H:2 * H])
@@ -191,14 +195,43 @@ def _backward(ctx, grad_total, grad_per_head, _grad_bad, _grad_saved):
     if grad_per_head is None:
         grad_per_head = torch.zeros_like(per_head)
     grad_logits = [None] * H
-    if ctx.needs_input_grad[0]:
+    if need_logits:
         grad_logits = torch.ops.med3d_ext.multihead_seg_loss_backward(
             logits, targets, stats, grad_total, grad_per_head, head_weights, class_weights,
             ctx.ignore_index)
     grad_hw = None
-    if head_weights is not None and ctx.needs_input_grad[2]:
+    if head_weights is not None and need_hw:
         grad_hw = (grad_total * per_head).to(head_weights.dtype)
-    return grad_logits, [None] * H, grad_hw, None, None, None, None, None
+    return grad_logits, grad_hw
+
+
+def _backward(ctx, grad_total, grad_per_head, _grad_bad, _grad_saved):
+    grad_logits, grad_hw = _grads(ctx, grad_total, grad_per_head, ctx.needs_input_grad[0],
+                                  ctx.needs_input_grad[2])
+    return grad_logits, [None] * ctx.num_heads, grad_hw, None, None, None, None, None
 
 
 register_autograd("multihead_seg_loss", _backward, _setup_context)
+
+
+class _EagerLoss(torch.autograd.Function):
+    """The same forward and backward as the registered autograd, for eager mode only: it takes
+    the heads' tensors as flat arguments, which skips the pytree walks that registered autograd
+    does over list inputs on every call (most of the host time of a small loss)."""
+
+    @staticmethod
+    def forward(ctx, num_heads, options, head_weights, class_weights, *tensors):
+        logits, targets = list(tensors[:num_heads]), list(tensors[num_heads:])
+        total, per_head, bad, saved = torch.ops.med3d_ext.multihead_seg_loss(
+            logits, targets, head_weights, class_weights, *options)
+        ctx.num_heads, ctx.ignore_index = num_heads, options[-1]
+        ctx.save_for_backward(*logits, *targets, saved, per_head, head_weights, class_weights)
+        ctx.mark_non_differentiable(bad)
+        return total, per_head, bad
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_per_head, _grad_bad):
+        H = ctx.num_heads
+        need = ctx.needs_input_grad
+        grad_logits, grad_hw = _grads(ctx, grad_total, grad_per_head, any(need[4:4 + H]), need[2])
+        return (None, None, grad_hw, None, *grad_logits, *([None] * H))
