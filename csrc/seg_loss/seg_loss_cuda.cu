@@ -19,6 +19,7 @@ namespace med3d_ext {
 namespace {
 
 constexpr int kThreads = 256, kWarps = kThreads / 32, kFinishThreads = 512;
+constexpr int kPerThread = kSegTile / kThreads;  // voxels per thread in a full tile
 
 struct HeadTable {
   SegHead h[kMaxHeadsCuda];
@@ -55,27 +56,30 @@ __global__ void __launch_bounds__(kThreads)
   const int C = d.C;
   const int64_t S = d.S, local = b - d.tile_begin, s = local / d.tiles_per_sample;
   const int64_t v0 = (local % d.tiles_per_sample) * kSegTile, v1 = min(S, v0 + kSegTile);
-  const scalar_t* x = static_cast<const scalar_t*>(d.logits) + s * C * S;
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(d.logits) + s * C * S;
   acc_t I[K], P[K], T[K], ce = 0, wsum = 0;
 #pragma unroll
   for (int c = 0; c < K; ++c) I[c] = P[c] = T[c] = 0;
   int64_t nbad = 0, bmin = std::numeric_limits<int64_t>::max(), bmax = std::numeric_limits<int64_t>::min();
-  for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
+  // Every logit of the voxel is loaded before its label is looked at, so that in a full tile
+  // (the unrolled branch) the loads of all kPerThread voxels can be in flight at once.
+  auto visit = [&](int64_t v) {
     const int64_t t = load_target(d, s * S + v);
+    acc_t z[K];
+#pragma unroll
+    for (int c = 0; c < K; ++c)
+      if (c < C) z[c] = static_cast<acc_t>(x[c * S + v]);
     const int cls = classify_label(t, C, ignore_index);
     if (cls == -2) {
       ++nbad;
       bmin = min(bmin, t);
       bmax = max(bmax, t);
     }
-    if (cls < 0) continue;
-    acc_t z[K], zt = 0;
+    if (cls < 0) return;
+    acc_t zt = 0;
 #pragma unroll
     for (int c = 0; c < K; ++c)
-      if (c < C) {
-        z[c] = static_cast<acc_t>(x[c * S + v]);
-        if (c == cls) zt = z[c];
-      }
+      if (c == cls) zt = z[c];
     const acc_t lse = softmax_inplace<K>(z, C);
     const acc_t w = cw ? cw[d.cw_offset + cls] : acc_t(1);
     ce += w * (lse - zt);
@@ -89,6 +93,12 @@ __global__ void __launch_bounds__(kThreads)
           T[c] += acc_t(1);
         }
       }
+  };
+  if (v1 - v0 == kSegTile) {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) visit(v0 + k * kThreads + threadIdx.x);
+  } else {
+    for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) visit(v);
   }
   // Block reduction in a fixed order: warp trees, then warps summed in index order.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -232,8 +242,8 @@ __global__ void __launch_bounds__(kThreads)
   const int C = d.C;
   const int64_t S = d.S, local = b - d.tile_begin, s = local / d.tiles_per_sample;
   const int64_t v0 = (local % d.tiles_per_sample) * kSegTile, v1 = min(S, v0 + kSegTile);
-  const scalar_t* x = static_cast<const scalar_t*>(d.logits) + s * C * S;
-  scalar_t* gx = static_cast<scalar_t*>(d.grad) + s * C * S;
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(d.logits) + s * C * S;
+  scalar_t* __restrict__ gx = static_cast<scalar_t*>(d.grad) + s * C * S;
   acc_t a[K], bb[K];
 #pragma unroll
   for (int c = 0; c < K; ++c)
@@ -243,13 +253,13 @@ __global__ void __launch_bounds__(kThreads)
     }
   const acc_t g = grad_total[0] * (hw ? hw[h] : acc_t(1)) + grad_per_head[h];
   const acc_t ce_scale = saved[3 * slots + h];
-  for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
+  auto visit = [&](int64_t v) {
     const int cls = classify_label(load_target(d, s * S + v), C, ignore_index);
     acc_t z[K], out[K];
-    if (cls >= 0) {
 #pragma unroll
-      for (int c = 0; c < K; ++c)
-        if (c < C) z[c] = static_cast<acc_t>(x[c * S + v]);
+    for (int c = 0; c < K; ++c)
+      if (c < C) z[c] = static_cast<acc_t>(x[c * S + v]);
+    if (cls >= 0) {
       softmax_inplace<K>(z, C);
       const acc_t w = cw ? cw[d.cw_offset + cls] : acc_t(1);
       voxel_grad<K>(z, a, bb, C, cls, g, g * ce_scale * w, out);
@@ -260,6 +270,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int c = 0; c < K; ++c)
       if (c < C) gx[c * S + v] = static_cast<scalar_t>(out[c]);
+  };
+  if (v1 - v0 == kSegTile) {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) visit(v0 + k * kThreads + threadIdx.x);
+  } else {
+    for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) visit(v);
   }
 }
 
