@@ -12,6 +12,10 @@ from ._common import compiled, register_autograd, register_fake
 __all__ = ["multihead_seg_loss", "SegLabelError"]
 
 
+# Limits of the CUDA kernel (csrc/seg_loss/seg_loss.h: kMaxHeadsCuda, kMaxClassesCuda).
+_CUDA_MAX_HEADS, _CUDA_MAX_CLASSES = 48, 32
+
+
 class SegLabelError(ValueError):
     """A target holds a label outside [0, C_h) that is not ``ignore_index``."""
 
@@ -55,6 +59,9 @@ def multihead_seg_loss(
         when nothing is ignored or class-weighted. A head with no sample (n_h = 0) contributes
         0; a head with no valid voxel has CE 0. NaN logits give a NaN loss for their head.
         Differentiable with respect to every logits tensor and to ``head_weights``.
+
+    On CUDA the fused kernel takes up to 48 heads of up to 32 classes; beyond that the call
+    runs the PyTorch reference (:func:`med3d_ext.reference.multihead_seg_loss`) instead.
     """
     logits, targets = list(logits), list(targets)
     if not logits:
@@ -76,6 +83,9 @@ def multihead_seg_loss(
                 else torch.as_tensor(w, device=first.device).to(acc).reshape(-1)
                 for x, w in zip(logits, class_weights)])
     op = compiled("multihead_seg_loss")
+    if op is not None and first.is_cuda and (
+            len(logits) > _CUDA_MAX_HEADS or max(x.shape[1] for x in logits) > _CUDA_MAX_CLASSES):
+        op = None  # beyond the CUDA kernel's register budget: the PyTorch reference, same math
     if op is None:
         _check_inputs(logits, targets, hw, cw)
         bad = reference.seg_loss_bad_labels(logits, targets, ignore_index) if validate else None

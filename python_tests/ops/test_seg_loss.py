@@ -135,9 +135,17 @@ def test_cuda_large_tiles():
     got = m3d.ops.multihead_seg_loss(logits, targets)
     exp = reference.multihead_seg_loss(logits, targets)
     torch.testing.assert_close(got[1], exp[1], **_tol32())
+    # beyond the kernel's 32 classes: the op refuses, the wrapper takes the reference path
+    wide = [torch.randn(2, 40, 3, 5, device="cuda", requires_grad=True)]
+    wide_t = [torch.randint(0, 40, (2, 3, 5), device="cuda")]
     with pytest.raises(RuntimeError, match="at most 32 classes"):
-        m3d.ops.multihead_seg_loss([torch.randn(1, 33, 2, device="cuda")],
-                                   [torch.zeros(1, 2, dtype=torch.long, device="cuda")])
+        torch.ops.med3d_ext.multihead_seg_loss(wide, wide_t, None, None, 1.0, 1.0, 1e-5, -100)
+    got = m3d.ops.multihead_seg_loss(wide, wide_t)
+    torch.testing.assert_close(got[1], reference.multihead_seg_loss(wide, wide_t)[1], **_tol32())
+    assert torch.autograd.grad(got[0], wide)[0].shape == wide[0].shape
+    wide_t[0][0, 0, 0] = 40
+    with pytest.raises(SegLabelError, match="head 0"):
+        m3d.ops.multihead_seg_loss(wide, wide_t)
 
 
 def _tol32():
