@@ -70,8 +70,9 @@ def multihead_seg_loss(
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     hw = None
     if head_weights is not None:
-        hw = head_weights if isinstance(head_weights, torch.Tensor) else \
-            torch.as_tensor(head_weights, dtype=acc, device=first.device)
+        # a tensor already on the logits' device avoids a blocking host-to-device copy per call
+        hw = head_weights.to(device=first.device) if isinstance(head_weights, torch.Tensor) \
+            else torch.as_tensor(head_weights, dtype=acc, device=first.device)
     cw = None
     if class_weights is not None:
         if len(class_weights) != len(logits):
@@ -240,6 +241,7 @@ class _EagerLoss(torch.autograd.Function):
         return total, per_head, bad
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_per_head, _grad_bad):
         H = ctx.num_heads
         need = ctx.needs_input_grad

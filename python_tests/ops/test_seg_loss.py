@@ -352,6 +352,11 @@ def test_opcheck(device):
     op = torch.ops.med3d_ext.multihead_seg_loss.default
     torch.library.opcheck(op, (logits, targets, hw, cw, 1.0, 0.5, 1e-5, -100))
     torch.library.opcheck(op, (logits, targets, None, None, 1.0, 1.0, 1e-5, 2))
+    xs = [x.detach() for x in logits]
+    _, ph, _, saved = op(xs, targets, hw, cw, 1.0, 0.5, 1e-5, -100)
+    torch.library.opcheck(torch.ops.med3d_ext.multihead_seg_loss_backward.default,
+                          (xs, targets, saved, torch.ones((), device=device), torch.rand_like(ph),
+                           hw, cw, -100))
 
 
 @requires_ext
