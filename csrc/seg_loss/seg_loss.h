@@ -3,7 +3,9 @@
 //   multihead_seg_loss(logits[], targets[], head_weights?, class_weights?, ce_weight,
 //                      dice_weight, smooth, ignore_index) -> (total, per_head, bad_labels, saved)
 //     logits[h]     (n_h, C_h, *spatial_h) float32/bfloat16/float16/float64, all of one dtype
-//                   and device; C_h >= 2 (at most kMaxClassesCuda on CUDA)
+//                   and device; C_h >= 2. CUDA: at most kMaxHeadsCuda heads of at most
+//                   kMaxClassesCuda classes (the Python wrapper sends larger calls to the
+//                   reference)
 //     targets[h]    (n_h, *spatial_h) uint8 or int64 class indices
 //     head_weights  (H,) floating or None (all 1)
 //     class_weights (sum_h C_h,) floating or None: the per-head CE class weights, concatenated
@@ -32,7 +34,7 @@
 //   b = dice_weight / (n C) * 2 / den,  ce_scale = ce_weight / sum w
 // (q is dDice/dp; the p_c (q_c - p.q) factor is the softmax Jacobian applied to it.)
 //
-// Work is cut into tiles of kTile voxels that never cross a (head, sample) boundary. Each tile
+// Work is cut into tiles of kSegTile voxels that never cross a (head, sample) boundary. Each tile
 // writes 3 C + 2 partial sums; a finishing step sums the tiles of each slot in index order.
 // The cut depends only on the shapes, so results are bitwise reproducible on a device.
 #pragma once
