@@ -19,3 +19,116 @@ def bn_stats(x: torch.Tensor, unbiased: bool = False) -> tuple[torch.Tensor, tor
     dims = [0] + list(range(2, x.dim()))
     var, mean = torch.var_mean(x.to(acc), dim=dims, correction=1 if unbiased else 0)
     return mean, var
+
+
+# --------------------------------------------------------------------------- resample/
+# Semantics of csrc/resample/resample.h. Integer maps go through float64 (exact below 2^53);
+# low-precision images are resampled in float32 and rounded once at the end.
+
+_PADDINGS = ("zeros", "border", "reflection")
+INTENSITY_FIELDS = ("scale", "shift", "gamma", "noise_std", "clip_min", "clip_max")
+
+
+def _resample_acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype in (torch.float64,) or not dtype.is_floating_point else (
+        torch.float32)
+
+
+def affine_resample(image, theta, size, mode="bilinear", padding_mode="zeros",
+                    align_corners=False):
+    """F.grid_sample(image, F.affine_grid(theta, size)) in float32/64, cast back to image's dtype."""
+    import torch.nn.functional as F
+
+    acc = _resample_acc(image.dtype)
+    grid = F.affine_grid(theta.to(acc), list(size), align_corners=align_corners)
+    out = F.grid_sample(image.to(acc), grid, mode=mode, padding_mode=padding_mode,
+                        align_corners=align_corners)
+    return out.to(image.dtype)
+
+
+def elastic_field(elastic, spatial):
+    """The full-resolution displacement (N, D, H, W, 3) of a coarse (N, 3, g, g, g) field."""
+    import torch.nn.functional as F
+
+    full = F.interpolate(elastic, size=list(spatial), mode="trilinear", align_corners=True)
+    return full.permute(0, 2, 3, 4, 1)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """resample.h hash32 on int64 tensors holding uint32 values (products stay below 2^63)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def noise_key(seed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    return hash32(lo ^ hash32(hi ^ hash32(n & _M32)))
+
+
+def noise_normal(key: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Standard normals (float32) for voxel indices ``idx`` under per-sample ``key`` (broadcast)."""
+    ilo, ihi = idx & _M32, (idx >> 32) & _M32
+    a = hash32(key ^ hash32((ilo + hash32(ihi)) & _M32))
+    b = hash32(a ^ 0x68E31DA4)
+    u1 = ((a >> 8) + 1).to(torch.float32) * 2.0**-24
+    u2 = (b >> 8).to(torch.float32) * 2.0**-24
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.2831853071795864 * u2)
+
+
+def intensity_epilogue(v, params, seed):
+    """v (N, C, D, H, W) float32; params (N, 6) float32; seed (N,) int64 or None."""
+    n = v.shape[0]
+    p = [params[:, k].view(n, 1, 1, 1, 1) for k in range(6)]
+    scale, shift, gamma, noise_std, lo, hi = p
+    m = torch.pow(v.abs(), gamma)
+    v = torch.where(gamma != 1.0, torch.where(v < 0, -m, m), v)
+    v = v * scale + shift
+    if bool((params[:, 3] != 0).any()):
+        seed = seed if seed is not None else torch.zeros(n, dtype=torch.int64, device=v.device)
+        key = noise_key(seed, torch.arange(n, device=v.device)).view(n, 1, 1, 1, 1)
+        idx = torch.arange(v[0].numel(), device=v.device).view(1, *v.shape[1:])
+        z = noise_normal(key, idx)
+        v = torch.where(noise_std != 0.0, v + noise_std * z, v)
+    return torch.minimum(torch.maximum(v, lo), hi)
+
+
+def affine_resample_pair(image, label, theta, size, label_size=None, elastic=None,
+                         intensity=None, seed=None, padding_mode="zeros", align_corners=False):
+    """Image trilinear (+ elastic, + intensity epilogue), label nearest, by the same theta.
+
+    label (N, L, D, H, W) any dtype; intensity the packed (N, 6) parameters.
+    """
+    import torch.nn.functional as F
+
+    size = list(size)
+    label_size = list(label_size) if label_size is not None else size[2:]
+    acc = _resample_acc(image.dtype)
+
+    def grid_for(spatial, channels):
+        g = F.affine_grid(theta.to(acc), [size[0], channels, *spatial], align_corners=align_corners)
+        if elastic is not None:
+            g = g + elastic_field(elastic.to(acc), spatial)
+        return g
+
+    out = F.grid_sample(image.to(acc), grid_for(size[2:], size[1]), mode="bilinear",
+                        padding_mode=padding_mode, align_corners=align_corners)
+    if intensity is not None:
+        out = intensity_epilogue(out.float(), intensity.float(), seed)
+    lab = F.grid_sample(label.to(torch.float64), grid_for(label_size, label.shape[1]).double(),
+                        mode="nearest", padding_mode=padding_mode, align_corners=align_corners)
+    return out.to(image.dtype), lab.to(label.dtype)
+
+
+def resize(image, size, mode="trilinear"):
+    """F.interpolate(image, size, mode, align_corners=False for trilinear); any dtype for nearest."""
+    import torch.nn.functional as F
+
+    acc = _resample_acc(image.dtype)
+    kw = {"align_corners": False} if mode == "trilinear" else {}
+    return F.interpolate(image.to(acc), size=list(size), mode=mode, **kw).to(image.dtype)

@@ -5,5 +5,8 @@ loaded and to :mod:`med3d_ext.reference` otherwise.
 """
 
 from .bn_stats import bn_stats
+from .resample import (affine_resample, affine_resample_pair, pack_intensity, resample_to_spacing,
+                       resize)
 
-__all__ = ["bn_stats"]
+__all__ = ["bn_stats", "affine_resample", "affine_resample_pair", "resize", "resample_to_spacing",
+           "pack_intensity"]

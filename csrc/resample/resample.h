@@ -1,0 +1,395 @@
+// Affine resampling, resizing and the augmentation epilogue, shared by CPU and CUDA.
+//
+//   affine_resample(image, theta, size, mode, padding_mode, align_corners) -> out
+//     image  (N, C, ID, IH, IW), any dtype for mode=nearest (values are copied bit for bit),
+//            float32/float64/bfloat16/float16 for mode=bilinear (trilinear)
+//     theta  (N, 3, 4) floating; maps an output voxel's normalised coordinate (x, y, z, 1) to the
+//            normalised input coordinate, exactly as F.affine_grid
+//     size   (N, C, D, H, W) like F.affine_grid's size; out is (N, C, D, H, W), image's dtype
+//     == F.grid_sample(image, F.affine_grid(theta, size, align_corners), mode, padding_mode,
+//                      align_corners), without the grid tensor.
+//
+//   affine_resample_pair(image, label, theta, size, label_size, elastic, intensity, seed,
+//                        padding_mode, align_corners) -> (image_out, label_out)
+//     image      (N, C, ID, IH, IW) floating, sampled trilinearly onto size (N, C, D, H, W)
+//     label      (N, 1, LD, LH, LW) any dtype, sampled nearest onto (N, 1, *label_size)
+//     elastic    (N, 3, ED, EH, EW) or undefined: displacement (x, y, z) in normalised units,
+//                interpolated at output index i of an axis of S voxels at coarse position
+//                i * (E - 1) / (S - 1) (== F.interpolate(..., trilinear, align_corners=True))
+//                and added to the affine-mapped normalised coordinate
+//     intensity  (N, 6) float32 or undefined: scale, shift, gamma, noise_std, clip_min, clip_max
+//     seed       (N,) int64 (noise key) or undefined
+//     The image epilogue is v -> sign(v)|v|^gamma -> v*scale + shift -> + noise_std * z -> clip,
+//     z a standard normal from a counter-based hash of (seed, sample, voxel) (see noise_normal).
+//
+//   resize(image, size, mode) -> out: == F.interpolate(image, size, mode, align_corners=False)
+//     for mode trilinear (floating) and nearest (any dtype).
+//
+// Coordinates are computed in T = float (double for float64 images), as grid_sample does in the
+// grid's dtype. The formulas follow ATen's GridSampler.h (unnormalise, clip, reflect, nearbyint
+// rounding half to even) and UpSample.h, so results agree to float rounding.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "../common/macros.h"
+
+#if defined(__CUDACC__)
+#define M3D_UNROLL _Pragma("unroll")
+#define M3D_RS_INLINE
+#else
+#define M3D_UNROLL
+// The host compiler otherwise keeps these per-voxel helpers out of line (and, in a -fPIC module,
+// calls them through the PLT) inside the innermost loop.
+#define M3D_RS_INLINE __attribute__((always_inline))
+#endif
+
+namespace med3d_ext {
+namespace rs {
+
+enum Padding : int { kZeros = 0, kBorder = 1, kReflection = 2 };
+enum Mode : int { kBilinear = 0, kNearest = 1 };
+constexpr int kIntensityFields = 6;  // scale, shift, gamma, noise_std, clip_min, clip_max
+
+// Overloads that resolve to the same libm / CUDA math function on host and device.
+// On the host, floor and nearbyint are libm calls unless the target has SSE4.1, and they sit in
+// the innermost loop; the branch-light versions below give the same results for every finite
+// value (|x| >= 2^52 / 2^23 is already integral; adding 1.5 * 2^52 or 2^23 rounds half to even
+// in the default rounding mode, exactly like nearbyint).
+#if defined(__CUDA_ARCH__)
+M3D_HOST_DEVICE M3D_RS_INLINE float m_floor(float x) { return floorf(x); }
+M3D_HOST_DEVICE M3D_RS_INLINE double m_floor(double x) { return floor(x); }
+M3D_HOST_DEVICE M3D_RS_INLINE float m_rint(float x) { return nearbyintf(x); }
+M3D_HOST_DEVICE M3D_RS_INLINE double m_rint(double x) { return nearbyint(x); }
+#else
+template <typename T>
+inline M3D_RS_INLINE T m_floor(T x) {
+  if (!(x > T(-4.0e15) && x < T(4.0e15))) return x == x ? floor(x) : x;
+  const T t = static_cast<T>(static_cast<int64_t>(x));
+  return t > x ? t - T(1) : t;
+}
+inline M3D_RS_INLINE float m_rint(float x) {
+  if (!(fabsf(x) < 4194304.0f)) return nearbyintf(x);
+  const float b = 12582912.0f;  // IEEE arithmetic: the compiler may not fold (x + b) - b
+  return (x + b) - b;
+}
+inline M3D_RS_INLINE double m_rint(double x) {
+  if (!(fabs(x) < 2251799813685248.0)) return nearbyint(x);
+  const double b = 6755399441055744.0;
+  return (x + b) - b;
+}
+#endif
+M3D_HOST_DEVICE M3D_RS_INLINE float m_abs(float x) { return fabsf(x); }
+M3D_HOST_DEVICE M3D_RS_INLINE double m_abs(double x) { return fabs(x); }
+M3D_HOST_DEVICE M3D_RS_INLINE float m_fmod(float x, float y) { return fmodf(x, y); }
+M3D_HOST_DEVICE M3D_RS_INLINE double m_fmod(double x, double y) { return fmod(x, y); }
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE T m_min(T a, T b) { return a < b ? a : b; }
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE T m_max(T a, T b) { return a > b ? a : b; }
+
+// ----------------------------------------------------------------- coordinates (GridSampler.h)
+
+// Normalised coordinate of output voxel i of S, as F.affine_grid's base grid (0 when S == 1).
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE T base_coord(int64_t i, int64_t S, bool align) {
+  if (S <= 1) return T(0);
+  if (align) return T(-1) + T(2) * T(i) / T(S - 1);
+  return (T(2) * T(i) + T(1) - T(S)) / T(S);
+}
+
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE T reflect(T in, int64_t twice_low, int64_t twice_high) {
+  if (twice_low == twice_high) return T(0);
+  const T lo = T(twice_low) / 2, span = T(twice_high - twice_low) / 2;
+  in = m_abs(in - lo);
+  const T extra = m_fmod(in, span);
+  const int flips = static_cast<int>(m_floor(in / span));
+  return (flips % 2 == 0) ? extra + lo : span - extra + lo;
+}
+
+// Normalised coordinate -> padded source index along an axis of `size` voxels.
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE T source_index(T c, int64_t size, int pad, bool align) {
+  c = align ? ((c + 1) / 2) * T(size - 1) : ((c + 1) * T(size) - 1) / 2;
+  if (pad == kBorder) {
+    c = m_min(T(size - 1), m_max(c, T(0)));
+  } else if (pad == kReflection) {
+    c = align ? reflect(c, 0, 2 * (size - 1)) : reflect(c, -1, 2 * size - 1);
+    c = m_min(T(size - 1), m_max(c, T(0)));
+  }
+  return c;
+}
+
+// Linear interpolation position along one axis (UpSample.h: guard_index_and_lambda).
+template <typename T>
+struct Lerp {
+  int64_t i0, i1;
+  T l0, l1;
+};
+
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE Lerp<T> make_lerp(T src, int64_t in) {
+  Lerp<T> r;
+  r.i0 = m_min<int64_t>(static_cast<int64_t>(m_floor(src)), in - 1);
+  r.l1 = m_min(m_max(src - T(r.i0), T(0)), T(1));
+  r.l0 = T(1) - r.l1;
+  r.i1 = r.i0 + (r.i0 < in - 1 ? 1 : 0);
+  return r;
+}
+
+// Displacement of the coarse elastic field at output voxel (d, h, w) of (D, H, W), added to g.
+// e points at sample n's (3, ED, EH, EW) block, contiguous.
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE void add_elastic(const T* e, int64_t ED, int64_t EH, int64_t EW, int64_t d,
+                                 int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T& gx,
+                                 T& gy, T& gz) {
+  auto pos = [](int64_t i, int64_t S, int64_t E) {
+    return S > 1 ? T(E - 1) / T(S - 1) * T(i) : T(0);
+  };
+  const Lerp<T> lz = make_lerp(pos(d, D, ED), ED), ly = make_lerp(pos(h, H, EH), EH),
+                lx = make_lerp(pos(w, W, EW), EW);
+  const int64_t S = ED * EH * EW;
+  T out[3];
+  for (int k = 0; k < 3; ++k) {
+    const T* p = e + k * S;
+    auto row = [&](int64_t z, int64_t y) {
+      return lx.l0 * p[(z * EH + y) * EW + lx.i0] + lx.l1 * p[(z * EH + y) * EW + lx.i1];
+    };
+    out[k] = lz.l0 * (ly.l0 * row(lz.i0, ly.i0) + ly.l1 * row(lz.i0, ly.i1)) +
+             lz.l1 * (ly.l0 * row(lz.i1, ly.i0) + ly.l1 * row(lz.i1, ly.i1));
+  }
+  gx += out[0];
+  gy += out[1];
+  gz += out[2];
+}
+
+// ---------------------------------------------------------------------------- sampling
+
+// The 8 trilinear taps of one source point: offsets into a (ID, IH, IW) volume and weights.
+// Taps outside the volume (zeros padding) get weight 0 and offset 0, so the channel loop needs
+// no branch. Corner order and weight products follow grid_sample (tnw, tne, tsw, tse, bnw, ...).
+template <typename T, typename index_t>
+struct Taps {
+  index_t off[8];
+  T w[8];
+};
+
+template <typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T ix, T iy, T iz, int64_t ID, int64_t IH,
+                                                int64_t IW) {
+  const T fx = m_floor(ix), fy = m_floor(iy), fz = m_floor(iz);
+  const int64_t x0 = static_cast<int64_t>(fx), y0 = static_cast<int64_t>(fy),
+                z0 = static_cast<int64_t>(fz);
+  const T ex = fx + 1 - ix, ox = ix - fx;  // weights toward x0 and x0 + 1
+  const T ey = fy + 1 - iy, oy = iy - fy;
+  const T ez = fz + 1 - iz, oz = iz - fz;
+  // Per-axis validity of the two neighbours, then the 8 products; cheaper than 8 full checks.
+  const bool vx[2] = {x0 >= 0 && x0 < IW, x0 + 1 >= 0 && x0 + 1 < IW};
+  const bool vy[2] = {y0 >= 0 && y0 < IH, y0 + 1 >= 0 && y0 + 1 < IH};
+  const bool vz[2] = {z0 >= 0 && z0 < ID, z0 + 1 >= 0 && z0 + 1 < ID};
+  const T wx[2] = {ex, ox}, wy[2] = {ey, oy}, wz[2] = {ez, oz};
+  const int64_t base = (z0 * IH + y0) * IW + x0;
+  const int64_t step[2][2][2] = {{{0, 1}, {IW, IW + 1}}, {{IH * IW, IH * IW + 1},
+                                                        {IH * IW + IW, IH * IW + IW + 1}}};
+  Taps<T, index_t> t;
+  M3D_UNROLL
+  for (int k = 0; k < 8; ++k) {
+    const int dz = k >> 2, dy = (k >> 1) & 1, dx = k & 1;
+    const bool in = vx[dx] && vy[dy] && vz[dz];
+    t.w[k] = in ? (wx[dx] * wy[dy]) * wz[dz] : T(0);
+    t.off[k] = in ? static_cast<index_t>(base + step[dz][dy][dx]) : index_t(0);
+  }
+  return t;
+}
+
+template <typename scalar_t, typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE T apply_taps(const scalar_t* p, const Taps<T, index_t>& t) {
+  T acc = T(0);
+M3D_UNROLL
+  for (int k = 0; k < 8; ++k) acc += static_cast<T>(p[t.off[k]]) * t.w[k];
+  return acc;
+}
+
+// Offset of the nearest source voxel, or -1 outside the volume (zeros padding).
+template <typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE index_t nearest_offset(T ix, T iy, T iz, int64_t ID, int64_t IH, int64_t IW) {
+  const int64_t x = static_cast<int64_t>(m_rint(ix)), y = static_cast<int64_t>(m_rint(iy)),
+                z = static_cast<int64_t>(m_rint(iz));
+  if (x < 0 || x >= IW || y < 0 || y >= IH || z < 0 || z >= ID) return index_t(-1);
+  return static_cast<index_t>((z * IH + y) * IW + x);
+}
+
+// F.interpolate(mode="nearest") source index (UpSample.h nearest_idx, float scale).
+M3D_HOST_DEVICE M3D_RS_INLINE int64_t resize_nearest(int64_t i, int64_t in, int64_t out) {
+  if (in == out) return i;
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  return m_min<int64_t>(static_cast<int64_t>(floorf(static_cast<float>(i) * scale)), in - 1);
+}
+
+// F.interpolate(mode="trilinear", align_corners=False) taps along one axis.
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE Lerp<T> resize_linear(int64_t i, int64_t in, int64_t out) {
+  const T scale = T(in) / T(out);
+  T src = scale * (T(i) + T(0.5)) - T(0.5);
+  src = src < T(0) ? T(0) : src;
+  return make_lerp(src, in);
+}
+
+// ------------------------------------------------------------------- noise and intensity
+
+// 32-bit integer hash (two multiply-xorshift rounds). Both multipliers are below 2^31, so the
+// pure-PyTorch reference can reproduce it in int64 arithmetic without overflow.
+M3D_HOST_DEVICE M3D_RS_INLINE uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x = static_cast<uint32_t>((static_cast<uint64_t>(x) * 0x21f0aaadull) & 0xffffffffull);
+  x ^= x >> 15;
+  x = static_cast<uint32_t>((static_cast<uint64_t>(x) * 0x735a2d97ull) & 0xffffffffull);
+  x ^= x >> 15;
+  return x;
+}
+
+// Per-sample noise key from the 64-bit seed and the sample index.
+M3D_HOST_DEVICE M3D_RS_INLINE uint32_t noise_key(int64_t seed, int64_t n) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const uint32_t lo = static_cast<uint32_t>(s & 0xffffffffull), hi = static_cast<uint32_t>(s >> 32);
+  return hash32(lo ^ hash32(hi ^ hash32(static_cast<uint32_t>(n))));
+}
+
+// A standard normal for voxel `idx` (index within the sample's image, channel included) by
+// Box-Muller over two 24-bit uniforms: u1 in (0, 1], u2 in [0, 1).
+M3D_HOST_DEVICE M3D_RS_INLINE float noise_normal(uint32_t key, int64_t idx) {
+  const uint64_t i = static_cast<uint64_t>(idx);
+  const uint32_t ilo = static_cast<uint32_t>(i & 0xffffffffull), ihi = static_cast<uint32_t>(i >> 32);
+  const uint32_t a = hash32(key ^ hash32(ilo + hash32(ihi)));
+  const uint32_t b = hash32(a ^ 0x68e31da4u);
+  const float u1 = static_cast<float>((a >> 8) + 1u) * 5.9604644775390625e-08f;  // 2^-24
+  const float u2 = static_cast<float>(b >> 8) * 5.9604644775390625e-08f;
+  return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853071795864f * u2);
+}
+
+// The intensity epilogue for one value; p = the sample's kIntensityFields parameters.
+M3D_HOST_DEVICE M3D_RS_INLINE float intensity(float v, const float* p, uint32_t key, int64_t idx) {
+  const float gamma = p[2];
+  if (gamma != 1.0f) {
+    const float m = powf(fabsf(v), gamma);
+    v = v < 0.0f ? -m : m;
+  }
+  v = v * p[0] + p[1];
+  if (p[3] != 0.0f) v += p[3] * noise_normal(key, idx);
+  return fminf(fmaxf(v, p[4]), p[5]);
+}
+
+// ------------------------------------------------------------------------- per voxel
+
+// Everything one launch needs, as raw pointers (contiguous tensors). The "image" is sampled
+// trilinearly with the intensity epilogue; the "label" nearest, copied as raw bits (label_t is
+// an unsigned integer of the element's size). Either may be absent (nullptr). One of the two
+// single-tensor ops is this with the other part absent.
+template <typename scalar_t, typename label_t, typename T>
+struct PairArgs {
+  using scalar_type = scalar_t;
+  using label_type = label_t;
+  using coord_type = T;
+  const scalar_t* image = nullptr;
+  scalar_t* image_out = nullptr;
+  int64_t C = 0, D = 0, H = 0, W = 0, ID = 0, IH = 0, IW = 0;        // image grids
+  const label_t* label = nullptr;
+  label_t* label_out = nullptr;
+  int64_t LC = 0, LD = 0, LH = 0, LW = 0, LID = 0, LIH = 0, LIW = 0;  // label grids
+  bool fused = false;  // same output grid and input size: the label reuses the image's point
+  const T* theta = nullptr;    // (N, 12)
+  const T* elastic = nullptr;  // (N, 3, ED, EH, EW)
+  int64_t ED = 0, EH = 0, EW = 0;
+  const float* intensity = nullptr;  // (N, kIntensityFields)
+  const int64_t* seed = nullptr;     // (N,)
+  int pad = kZeros;
+  bool align = false;
+};
+
+// Normalised sampling point of output voxel (d, h, w) of the (D, H, W) grid of sample n.
+template <typename scalar_t, typename label_t, typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE void sample_point(const PairArgs<scalar_t, label_t, T>& a, int64_t n, int64_t d,
+                                  int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T bx,
+                                  T by, T bz, T& gx, T& gy, T& gz) {
+  const T* t = a.theta + n * 12;
+  gx = t[0] * bx + t[1] * by + t[2] * bz + t[3];
+  gy = t[4] * bx + t[5] * by + t[6] * bz + t[7];
+  gz = t[8] * bx + t[9] * by + t[10] * bz + t[11];
+  if (a.elastic != nullptr)
+    add_elastic(a.elastic + n * 3 * a.ED * a.EH * a.EW, a.ED, a.EH, a.EW, d, h, w, D, H, W, gx,
+                gy, gz);
+}
+
+// Nearest copy of every label channel at source point (ix, iy, iz); o = spatial output offset.
+template <typename scalar_t, typename label_t, typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE void label_at(const PairArgs<scalar_t, label_t, T>& a, int64_t n, index_t o,
+                              T ix, T iy, T iz) {
+  const index_t in_cs = static_cast<index_t>(a.LID * a.LIH * a.LIW);
+  const index_t out_cs = static_cast<index_t>(a.LD * a.LH * a.LW);
+  const label_t* in = a.label + n * a.LC * in_cs;
+  label_t* out = a.label_out + n * a.LC * out_cs;
+  const index_t src = nearest_offset<T, index_t>(ix, iy, iz, a.LID, a.LIH, a.LIW);
+  for (int64_t c = 0; c < a.LC; ++c)
+    out[c * out_cs + o] = src < 0 ? label_t(0) : in[c * in_cs + src];
+}
+
+// One image output voxel (all channels, epilogue) and, when fused, its label voxel.
+template <typename scalar_t, typename label_t, typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE void image_voxel(const PairArgs<scalar_t, label_t, T>& a, int64_t n, int64_t d,
+                                 int64_t h, int64_t w, T bx, T by, T bz) {
+  T gx, gy, gz;
+  sample_point(a, n, d, h, w, a.D, a.H, a.W, bx, by, bz, gx, gy, gz);
+  const T ix = source_index(gx, a.IW, a.pad, a.align), iy = source_index(gy, a.IH, a.pad, a.align),
+          iz = source_index(gz, a.ID, a.pad, a.align);
+  const index_t o = static_cast<index_t>((d * a.H + h) * a.W + w);
+  const index_t in_cs = static_cast<index_t>(a.ID * a.IH * a.IW);
+  const index_t out_cs = static_cast<index_t>(a.D * a.H * a.W);
+  const scalar_t* in = a.image + n * a.C * in_cs;
+  scalar_t* out = a.image_out + n * a.C * out_cs;
+  const Taps<T, index_t> taps = trilinear_taps<T, index_t>(ix, iy, iz, a.ID, a.IH, a.IW);
+  if (a.intensity != nullptr) {
+    const float* p = a.intensity + n * kIntensityFields;
+    const uint32_t key = noise_key(a.seed != nullptr ? a.seed[n] : 0, n);
+    for (int64_t c = 0; c < a.C; ++c) {
+      const float v = static_cast<float>(apply_taps(in + c * in_cs, taps));
+      out[c * out_cs + o] = static_cast<scalar_t>(intensity(v, p, key, c * out_cs + o));
+    }
+  } else {
+    for (int64_t c = 0; c < a.C; ++c)
+      out[c * out_cs + o] = static_cast<scalar_t>(apply_taps(in + c * in_cs, taps));
+  }
+  if (a.fused && a.label != nullptr) label_at<scalar_t, label_t, T, index_t>(a, n, o, ix, iy, iz);
+}
+
+// One label output voxel on the label's own grid.
+template <typename scalar_t, typename label_t, typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE void label_voxel(const PairArgs<scalar_t, label_t, T>& a, int64_t n, int64_t d,
+                                 int64_t h, int64_t w, T bx, T by, T bz) {
+  T gx, gy, gz;
+  sample_point(a, n, d, h, w, a.LD, a.LH, a.LW, bx, by, bz, gx, gy, gz);
+  const T ix = source_index(gx, a.LIW, a.pad, a.align),
+          iy = source_index(gy, a.LIH, a.pad, a.align),
+          iz = source_index(gz, a.LID, a.pad, a.align);
+  label_at<scalar_t, label_t, T, index_t>(a, n, static_cast<index_t>((d * a.LH + h) * a.LW + w),
+                                          ix, iy, iz);
+}
+
+// ------------------------------------------------------------------------- entry points
+
+at::Tensor affine_resample_cpu(const at::Tensor& image, const at::Tensor& theta,
+                               at::IntArrayRef size, int64_t mode, int64_t padding_mode,
+                               bool align_corners);
+std::tuple<at::Tensor, at::Tensor> affine_resample_pair_cpu(
+    const at::Tensor& image, const at::Tensor& label, const at::Tensor& theta,
+    at::IntArrayRef size, at::IntArrayRef label_size, const std::optional<at::Tensor>& elastic,
+    const std::optional<at::Tensor>& intensity, const std::optional<at::Tensor>& seed,
+    int64_t padding_mode, bool align_corners);
+at::Tensor resize_cpu(const at::Tensor& image, at::IntArrayRef size, int64_t mode);
+
+}  // namespace rs
+}  // namespace med3d_ext
