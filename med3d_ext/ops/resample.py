@@ -299,7 +299,7 @@ def _resize_fake(image, size, mode=0):
 
 def _resize_setup(ctx, inputs, output):
     image, size, mode = inputs
-    ctx.mode, ctx.in_size, ctx.size = mode, list(image.shape), list(size)
+    ctx.mode, ctx.in_size, ctx.size = mode, [int(s) for s in image.shape], [int(s) for s in size]
     ctx.dtype = image.dtype
 
 
