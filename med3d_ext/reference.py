@@ -98,17 +98,67 @@ def intensity_epilogue(v, params, seed):
     return torch.minimum(torch.maximum(v, lo), hi)
 
 
-def affine_resample_pair(image, label, theta, size, label_size=None, elastic=None,
-                         intensity=None, seed=None, padding_mode="zeros", align_corners=False):
+def pack_intensity(intensity, n: int, device):
+    """The intensity dict as the op's (N, 6) float32 parameters and (N,) int64 seeds (or None).
+
+    Keys (each a scalar or an (N,) tensor; all optional): ``scale`` (1), ``shift`` (0),
+    ``gamma`` (1), ``noise_std`` (0), ``clip`` = (min, max) or an (N, 2) tensor (no clip),
+    ``seed`` (0). Unknown keys are an error.
+    """
+    import math
+
+    known = {"scale", "shift", "gamma", "noise_std", "clip", "seed"}
+    bad = set(intensity) - known
+    if bad:
+        raise ValueError(f"med3d_ext: argument 'intensity' has unknown keys {sorted(bad)}; "
+                         f"known keys are {sorted(known)}")
+
+    def col(key, value):
+        v = torch.as_tensor(value, dtype=torch.float32, device=device)
+        v = v.expand(n) if v.dim() == 0 else v
+        if tuple(v.shape) != (n,):
+            raise ValueError(f"med3d_ext: intensity['{key}'] must be a scalar or ({n},), got "
+                             f"shape {tuple(v.shape)}")
+        return v
+
+    clip = intensity.get("clip")
+    if clip is None:
+        lo, hi = col("clip", -math.inf), col("clip", math.inf)
+    elif isinstance(clip, torch.Tensor) and clip.dim() == 2:
+        if tuple(clip.shape) != (n, 2):
+            raise ValueError(f"med3d_ext: intensity['clip'] must be (min, max) or ({n}, 2), got "
+                             f"shape {tuple(clip.shape)}")
+        lo, hi = col("clip", clip[:, 0]), col("clip", clip[:, 1])
+    else:
+        lo, hi = (col("clip", c) for c in clip)
+    params = torch.stack([col("scale", intensity.get("scale", 1.0)),
+                          col("shift", intensity.get("shift", 0.0)),
+                          col("gamma", intensity.get("gamma", 1.0)),
+                          col("noise_std", intensity.get("noise_std", 0.0)), lo, hi], dim=1)
+    seed = intensity.get("seed")
+    if seed is not None:
+        seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
+        seed = seed.expand(n).contiguous() if seed.dim() == 0 else seed.contiguous()
+        if tuple(seed.shape) != (n,):
+            raise ValueError(f"med3d_ext: intensity['seed'] must be a scalar or ({n},), got "
+                             f"shape {tuple(seed.shape)}")
+    return params.contiguous(), seed
+
+
+def affine_resample_pair(image, label, theta, size, label_size=None, *, elastic=None,
+                         intensity=None, padding_mode="zeros", align_corners=False):
     """Image trilinear (+ elastic, + intensity epilogue), label nearest, by the same theta.
 
-    label (N, L, D, H, W) any dtype; intensity the packed (N, 6) parameters.
+    Same arguments as ``med3d_ext.ops.affine_resample_pair``: label (N, D, H, W) or
+    (N, 1, D, H, W) any dtype (returned with its rank); intensity a dict (see pack_intensity).
+    The elastic field is built at full resolution here (F.interpolate) and added to the grid.
     """
     import torch.nn.functional as F
 
     size = list(size)
     label_size = list(label_size) if label_size is not None else size[2:]
     acc = _resample_acc(image.dtype)
+    lab5 = label if label.dim() == 5 else label.unsqueeze(1)
 
     def grid_for(spatial, channels):
         g = F.affine_grid(theta.to(acc), [size[0], channels, *spatial], align_corners=align_corners)
@@ -119,10 +169,12 @@ def affine_resample_pair(image, label, theta, size, label_size=None, elastic=Non
     out = F.grid_sample(image.to(acc), grid_for(size[2:], size[1]), mode="bilinear",
                         padding_mode=padding_mode, align_corners=align_corners)
     if intensity is not None:
-        out = intensity_epilogue(out.float(), intensity.float(), seed)
-    lab = F.grid_sample(label.to(torch.float64), grid_for(label_size, label.shape[1]).double(),
+        params, seed = pack_intensity(intensity, image.shape[0], image.device)
+        out = intensity_epilogue(out.float(), params, seed)
+    lab = F.grid_sample(lab5.to(torch.float64), grid_for(label_size, lab5.shape[1]).double(),
                         mode="nearest", padding_mode=padding_mode, align_corners=align_corners)
-    return out.to(image.dtype), lab.to(label.dtype)
+    lab = lab.to(label.dtype)
+    return out.to(image.dtype), (lab if label.dim() == 5 else lab.squeeze(1))
 
 
 def resize(image, size, mode="trilinear"):

@@ -148,49 +148,7 @@ register_autograd("affine_resample", _affine_backward, _affine_setup)
 # ------------------------------------------------------------------------ affine_resample_pair
 
 
-def pack_intensity(intensity: Mapping, n: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The intensity dict as the op's (N, 6) float32 parameters and (N,) int64 seeds.
-
-    Keys (each a scalar or an (N,) tensor; all optional): ``scale`` (1), ``shift`` (0),
-    ``gamma`` (1), ``noise_std`` (0), ``clip`` = (min, max) or an (N, 2) tensor (no clip),
-    ``seed`` (0). Unknown keys are an error.
-    """
-    known = {"scale", "shift", "gamma", "noise_std", "clip", "seed"}
-    bad = set(intensity) - known
-    if bad:
-        raise ValueError(f"med3d_ext: argument 'intensity' has unknown keys {sorted(bad)}; "
-                         f"known keys are {sorted(known)}")
-
-    def col(key, default):
-        v = intensity.get(key, default)
-        v = torch.as_tensor(v, dtype=torch.float32, device=device)
-        if v.dim() == 0:
-            v = v.expand(n)
-        if tuple(v.shape) != (n,):
-            raise ValueError(f"med3d_ext: intensity['{key}'] must be a scalar or ({n},), got "
-                             f"shape {tuple(v.shape)}")
-        return v
-
-    clip = intensity.get("clip")
-    if clip is None:
-        lo, hi = col("_", -math.inf), col("_", math.inf)
-    elif isinstance(clip, torch.Tensor) and clip.dim() == 2:
-        if tuple(clip.shape) != (n, 2):
-            raise ValueError(f"med3d_ext: intensity['clip'] must be (min, max) or ({n}, 2), got "
-                             f"shape {tuple(clip.shape)}")
-        lo, hi = clip[:, 0].float().to(device), clip[:, 1].float().to(device)
-    else:
-        lo, hi = (torch.as_tensor(c, dtype=torch.float32, device=device).expand(n) for c in clip)
-    params = torch.stack([col("scale", 1.0), col("shift", 0.0), col("gamma", 1.0),
-                          col("noise_std", 0.0), lo, hi], dim=1).contiguous()
-    seed = intensity.get("seed")
-    if seed is not None:
-        seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
-        seed = seed.expand(n).contiguous() if seed.dim() == 0 else seed
-        if tuple(seed.shape) != (n,):
-            raise ValueError(f"med3d_ext: intensity['seed'] must be a scalar or ({n},), got "
-                             f"shape {tuple(seed.shape)}")
-    return params, seed
+pack_intensity = reference.pack_intensity
 
 
 def affine_resample_pair(image: torch.Tensor, label: torch.Tensor, theta: torch.Tensor, size,
@@ -247,17 +205,18 @@ def affine_resample_pair(image: torch.Tensor, label: torch.Tensor, theta: torch.
         if elastic.shape[:2] != (n, 3) or min(elastic.shape[2:]) < 1:
             raise ValueError(f"med3d_ext: argument 'elastic' must be (N, 3, gd, gh, gw) with "
                              f"N = {n}, got shape {tuple(elastic.shape)}")
+    op = compiled("affine_resample_pair")
+    if op is None:
+        return reference.affine_resample_pair(image, label, theta, size, label_size,
+                                              elastic=elastic, intensity=intensity,
+                                              padding_mode=padding_mode,
+                                              align_corners=align_corners)
     params = seed = None
     if intensity is not None:
         params, seed = pack_intensity(intensity, n, image.device)
     lab5 = label if label.dim() == 5 else label.unsqueeze(1)
-    op = compiled("affine_resample_pair")
-    if op is None:
-        img, lab = reference.affine_resample_pair(image, lab5, theta, size, label_size, elastic,
-                                                  params, seed, padding_mode, align_corners)
-    else:
-        img, lab = op(image, lab5, theta, size, label_size, elastic, params, seed, p,
-                      bool(align_corners))
+    img, lab = op(image, lab5, theta, size, label_size, elastic, params, seed, p,
+                  bool(align_corners))
     return img, (lab if label.dim() == 5 else lab.squeeze(1))
 
 
