@@ -41,8 +41,11 @@
 #if defined(__CUDACC__)
 #define M3D_UNROLL _Pragma("unroll")
 #define M3D_RS_INLINE
+#elif defined(__clang__)
+#define M3D_UNROLL _Pragma("unroll")
+#define M3D_RS_INLINE __attribute__((always_inline))
 #else
-#define M3D_UNROLL
+#define M3D_UNROLL _Pragma("GCC unroll 8")
 // The host compiler otherwise keeps these per-voxel helpers out of line (and, in a -fPIC module,
 // calls them through the PLT) inside the innermost loop.
 #define M3D_RS_INLINE __attribute__((always_inline))
@@ -91,6 +94,17 @@ template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE T m_min(T a, T b) { return a < b ? a : b; }
 template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE T m_max(T a, T b) { return a > b ? a : b; }
+
+// floor(x) as an integer for |x| well inside the int64 range (callers clamp first).
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE int64_t floor_small(T x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<int64_t>(m_floor(x));
+#else
+  const int64_t i = static_cast<int64_t>(x);  // truncation; one less for negative fractions
+  return i - static_cast<int64_t>(static_cast<T>(i) > x);
+#endif
+}
 
 // ----------------------------------------------------------------- coordinates (GridSampler.h)
 
@@ -142,27 +156,36 @@ M3D_HOST_DEVICE M3D_RS_INLINE Lerp<T> make_lerp(T src, int64_t in) {
   return r;
 }
 
+// Coarse elastic position of output index i of S along an axis of E control points
+// (F.interpolate(..., align_corners=True)).
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE Lerp<T> elastic_lerp(int64_t i, int64_t S, int64_t E) {
+  return make_lerp(S > 1 ? T(E - 1) / T(S - 1) * T(i) : T(0), E);
+}
+
+// One displacement component interpolated along z and y at coarse column x; p points at the
+// component's (ED, EH, EW) block. The x interpolation comes last, so a CPU row can tabulate
+// this per column and stay bit-identical to add_elastic.
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE T elastic_zy(const T* p, const Lerp<T>& lz, const Lerp<T>& ly,
+                                           int64_t EH, int64_t EW, int64_t x) {
+  return lz.l0 * (ly.l0 * p[(lz.i0 * EH + ly.i0) * EW + x] + ly.l1 * p[(lz.i0 * EH + ly.i1) * EW + x]) +
+         lz.l1 * (ly.l0 * p[(lz.i1 * EH + ly.i0) * EW + x] + ly.l1 * p[(lz.i1 * EH + ly.i1) * EW + x]);
+}
+
 // Displacement of the coarse elastic field at output voxel (d, h, w) of (D, H, W), added to g.
 // e points at sample n's (3, ED, EH, EW) block, contiguous.
 template <typename T>
-M3D_HOST_DEVICE M3D_RS_INLINE void add_elastic(const T* e, int64_t ED, int64_t EH, int64_t EW, int64_t d,
-                                 int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T& gx,
-                                 T& gy, T& gz) {
-  auto pos = [](int64_t i, int64_t S, int64_t E) {
-    return S > 1 ? T(E - 1) / T(S - 1) * T(i) : T(0);
-  };
-  const Lerp<T> lz = make_lerp(pos(d, D, ED), ED), ly = make_lerp(pos(h, H, EH), EH),
-                lx = make_lerp(pos(w, W, EW), EW);
+M3D_HOST_DEVICE M3D_RS_INLINE void add_elastic(const T* e, int64_t ED, int64_t EH, int64_t EW,
+                                               int64_t d, int64_t h, int64_t w, int64_t D,
+                                               int64_t H, int64_t W, T& gx, T& gy, T& gz) {
+  const Lerp<T> lz = elastic_lerp<T>(d, D, ED), ly = elastic_lerp<T>(h, H, EH),
+                lx = elastic_lerp<T>(w, W, EW);
   const int64_t S = ED * EH * EW;
   T out[3];
-  for (int k = 0; k < 3; ++k) {
-    const T* p = e + k * S;
-    auto row = [&](int64_t z, int64_t y) {
-      return lx.l0 * p[(z * EH + y) * EW + lx.i0] + lx.l1 * p[(z * EH + y) * EW + lx.i1];
-    };
-    out[k] = lz.l0 * (ly.l0 * row(lz.i0, ly.i0) + ly.l1 * row(lz.i0, ly.i1)) +
-             lz.l1 * (ly.l0 * row(lz.i1, ly.i0) + ly.l1 * row(lz.i1, ly.i1));
-  }
+  for (int k = 0; k < 3; ++k)
+    out[k] = lx.l0 * elastic_zy(e + k * S, lz, ly, EH, EW, lx.i0) +
+             lx.l1 * elastic_zy(e + k * S, lz, ly, EH, EW, lx.i1);
   gx += out[0];
   gy += out[1];
   gz += out[2];
@@ -182,37 +205,50 @@ struct Taps {
 template <typename T, typename index_t>
 M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T ix, T iy, T iz, int64_t ID, int64_t IH,
                                                 int64_t IW) {
-  const T fx = m_floor(ix), fy = m_floor(iy), fz = m_floor(iz);
-  const int64_t x0 = static_cast<int64_t>(fx), y0 = static_cast<int64_t>(fy),
-                z0 = static_cast<int64_t>(fz);
+  // Taps more than one voxel outside the volume are all invalid, so clamping the point to
+  // [-2, size + 1] changes nothing and keeps the integer conversion small and branch-free.
+  ix = m_min(m_max(ix, T(-2)), T(IW + 1));
+  iy = m_min(m_max(iy, T(-2)), T(IH + 1));
+  iz = m_min(m_max(iz, T(-2)), T(ID + 1));
+  const int64_t x0 = floor_small(ix), y0 = floor_small(iy), z0 = floor_small(iz);
+  const T fx = static_cast<T>(x0), fy = static_cast<T>(y0), fz = static_cast<T>(z0);
   const T ex = fx + 1 - ix, ox = ix - fx;  // weights toward x0 and x0 + 1
   const T ey = fy + 1 - iy, oy = iy - fy;
   const T ez = fz + 1 - iz, oz = iz - fz;
-  // Per-axis validity of the two neighbours, then the 8 products; cheaper than 8 full checks.
-  const bool vx[2] = {x0 >= 0 && x0 < IW, x0 + 1 >= 0 && x0 + 1 < IW};
-  const bool vy[2] = {y0 >= 0 && y0 < IH, y0 + 1 >= 0 && y0 + 1 < IH};
-  const bool vz[2] = {z0 >= 0 && z0 < ID, z0 + 1 >= 0 && z0 + 1 < ID};
-  const T wx[2] = {ex, ox}, wy[2] = {ey, oy}, wz[2] = {ez, oz};
-  const int64_t base = (z0 * IH + y0) * IW + x0;
-  const int64_t step[2][2][2] = {{{0, 1}, {IW, IW + 1}}, {{IH * IW, IH * IW + 1},
-                                                        {IH * IW + IW, IH * IW + IW + 1}}};
+  // An invalid neighbour gets weight 0 and a clamped (valid, unused) index, so every tap is a
+  // plain load: zeros padding without per-tap branches.
+  auto axis = [](int64_t i0, T e, T o, int64_t n, int64_t* idx, T* w) {
+    const bool v0 = i0 >= 0 && i0 < n, v1 = i0 + 1 >= 0 && i0 + 1 < n;
+    w[0] = v0 ? e : T(0);
+    w[1] = v1 ? o : T(0);
+    idx[0] = m_min(m_max(i0, int64_t(0)), n - 1);
+    idx[1] = m_min(m_max(i0 + 1, int64_t(0)), n - 1);
+  };
+  int64_t xi[2], yi[2], zi[2];
+  T wx[2], wy[2], wz[2];
+  axis(x0, ex, ox, IW, xi, wx);
+  axis(y0, ey, oy, IH, yi, wy);
+  axis(z0, ez, oz, ID, zi, wz);
+  const index_t zo[2] = {static_cast<index_t>(zi[0] * IH * IW), static_cast<index_t>(zi[1] * IH * IW)};
+  const index_t yo[2] = {static_cast<index_t>(yi[0] * IW), static_cast<index_t>(yi[1] * IW)};
   Taps<T, index_t> t;
   M3D_UNROLL
   for (int k = 0; k < 8; ++k) {
     const int dz = k >> 2, dy = (k >> 1) & 1, dx = k & 1;
-    const bool in = vx[dx] && vy[dy] && vz[dz];
-    t.w[k] = in ? (wx[dx] * wy[dy]) * wz[dz] : T(0);
-    t.off[k] = in ? static_cast<index_t>(base + step[dz][dy][dx]) : index_t(0);
+    t.w[k] = (wx[dx] * wy[dy]) * wz[dz];
+    t.off[k] = zo[dz] + yo[dy] + static_cast<index_t>(xi[dx]);
   }
   return t;
 }
 
+// Pairwise sum: grid_sample adds the 8 products in sequence; a tree of depth 3 gives the same
+// value to rounding and removes a 7-add dependency chain from every voxel.
 template <typename scalar_t, typename T, typename index_t>
 M3D_HOST_DEVICE M3D_RS_INLINE T apply_taps(const scalar_t* p, const Taps<T, index_t>& t) {
-  T acc = T(0);
-M3D_UNROLL
-  for (int k = 0; k < 8; ++k) acc += static_cast<T>(p[t.off[k]]) * t.w[k];
-  return acc;
+  T v[8];
+  M3D_UNROLL
+  for (int k = 0; k < 8; ++k) v[k] = static_cast<T>(p[t.off[k]]) * t.w[k];
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
 // Offset of the nearest source voxel, or -1 outside the volume (zeros padding).
@@ -317,9 +353,10 @@ M3D_HOST_DEVICE M3D_RS_INLINE void sample_point(const PairArgs<scalar_t, label_t
                                   int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T bx,
                                   T by, T bz, T& gx, T& gy, T& gz) {
   const T* t = a.theta + n * 12;
-  gx = t[0] * bx + t[1] * by + t[2] * bz + t[3];
-  gy = t[4] * bx + t[5] * by + t[6] * bz + t[7];
-  gz = t[8] * bx + t[9] * by + t[10] * bz + t[11];
+  // x term last: a CPU row hoists the rest (see resample_cpu.cpp) with the same rounding.
+  gx = t[0] * bx + ((t[1] * by + t[2] * bz) + t[3]);
+  gy = t[4] * bx + ((t[5] * by + t[6] * bz) + t[7]);
+  gz = t[8] * bx + ((t[9] * by + t[10] * bz) + t[11]);
   if (a.elastic != nullptr)
     add_elastic(a.elastic + n * 3 * a.ED * a.EH * a.EW, a.ED, a.EH, a.EW, d, h, w, D, H, W, gx,
                 gy, gz);
@@ -338,21 +375,21 @@ M3D_HOST_DEVICE M3D_RS_INLINE void label_at(const PairArgs<scalar_t, label_t, T>
     out[c * out_cs + o] = src < 0 ? label_t(0) : in[c * in_cs + src];
 }
 
-// One image output voxel (all channels, epilogue) and, when fused, its label voxel.
+// One image output voxel (all channels, epilogue) at normalised point g and, when fused, its
+// label voxel; o = spatial output offset. pad / align / has_intensity / fused are passed
+// explicitly so that a caller with compile-time values gets a branch-free inlined body.
 template <typename scalar_t, typename label_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE void image_voxel(const PairArgs<scalar_t, label_t, T>& a, int64_t n, int64_t d,
-                                 int64_t h, int64_t w, T bx, T by, T bz) {
-  T gx, gy, gz;
-  sample_point(a, n, d, h, w, a.D, a.H, a.W, bx, by, bz, gx, gy, gz);
-  const T ix = source_index(gx, a.IW, a.pad, a.align), iy = source_index(gy, a.IH, a.pad, a.align),
-          iz = source_index(gz, a.ID, a.pad, a.align);
-  const index_t o = static_cast<index_t>((d * a.H + h) * a.W + w);
+M3D_HOST_DEVICE M3D_RS_INLINE void image_at(const PairArgs<scalar_t, label_t, T>& a, int64_t n,
+                                            index_t o, T gx, T gy, T gz, int pad, bool align,
+                                            bool has_intensity, bool fused) {
+  const T ix = source_index(gx, a.IW, pad, align), iy = source_index(gy, a.IH, pad, align),
+          iz = source_index(gz, a.ID, pad, align);
   const index_t in_cs = static_cast<index_t>(a.ID * a.IH * a.IW);
   const index_t out_cs = static_cast<index_t>(a.D * a.H * a.W);
   const scalar_t* in = a.image + n * a.C * in_cs;
   scalar_t* out = a.image_out + n * a.C * out_cs;
   const Taps<T, index_t> taps = trilinear_taps<T, index_t>(ix, iy, iz, a.ID, a.IH, a.IW);
-  if (a.intensity != nullptr) {
+  if (has_intensity) {
     const float* p = a.intensity + n * kIntensityFields;
     const uint32_t key = noise_key(a.seed != nullptr ? a.seed[n] : 0, n);
     for (int64_t c = 0; c < a.C; ++c) {
@@ -363,7 +400,18 @@ M3D_HOST_DEVICE M3D_RS_INLINE void image_voxel(const PairArgs<scalar_t, label_t,
     for (int64_t c = 0; c < a.C; ++c)
       out[c * out_cs + o] = static_cast<scalar_t>(apply_taps(in + c * in_cs, taps));
   }
-  if (a.fused && a.label != nullptr) label_at<scalar_t, label_t, T, index_t>(a, n, o, ix, iy, iz);
+  if (fused) label_at<scalar_t, label_t, T, index_t>(a, n, o, ix, iy, iz);
+}
+
+template <typename scalar_t, typename label_t, typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE void image_voxel(const PairArgs<scalar_t, label_t, T>& a,
+                                               int64_t n, int64_t d, int64_t h, int64_t w, T bx,
+                                               T by, T bz) {
+  T gx, gy, gz;
+  sample_point(a, n, d, h, w, a.D, a.H, a.W, bx, by, bz, gx, gy, gz);
+  image_at<scalar_t, label_t, T, index_t>(a, n, static_cast<index_t>((d * a.H + h) * a.W + w),
+                                          gx, gy, gz, a.pad, a.align, a.intensity != nullptr,
+                                          a.fused && a.label != nullptr);
 }
 
 // One label output voxel on the label's own grid.
