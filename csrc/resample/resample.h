@@ -203,40 +203,44 @@ struct Taps {
 };
 
 template <typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T ix, T iy, T iz, int64_t ID, int64_t IH,
-                                                int64_t IW) {
+M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T ix, T iy, T iz, int64_t ID,
+                                                              int64_t IH, int64_t IW) {
   // Taps more than one voxel outside the volume are all invalid, so clamping the point to
-  // [-2, size + 1] changes nothing and keeps the integer conversion small and branch-free.
+  // [-2, size + 1] changes nothing and keeps the integer math small (index_t: 32-bit on the GPU
+  // whenever a sample fits) and branch-free.
   ix = m_min(m_max(ix, T(-2)), T(IW + 1));
   iy = m_min(m_max(iy, T(-2)), T(IH + 1));
   iz = m_min(m_max(iz, T(-2)), T(ID + 1));
-  const int64_t x0 = floor_small(ix), y0 = floor_small(iy), z0 = floor_small(iz);
+  const index_t x0 = static_cast<index_t>(floor_small(ix)),
+                y0 = static_cast<index_t>(floor_small(iy)),
+                z0 = static_cast<index_t>(floor_small(iz));
   const T fx = static_cast<T>(x0), fy = static_cast<T>(y0), fz = static_cast<T>(z0);
   const T ex = fx + 1 - ix, ox = ix - fx;  // weights toward x0 and x0 + 1
   const T ey = fy + 1 - iy, oy = iy - fy;
   const T ez = fz + 1 - iz, oz = iz - fz;
   // An invalid neighbour gets weight 0 and a clamped (valid, unused) index, so every tap is a
   // plain load: zeros padding without per-tap branches.
-  auto axis = [](int64_t i0, T e, T o, int64_t n, int64_t* idx, T* w) {
+  auto axis = [](index_t i0, T e, T o, index_t n, index_t* idx, T* w) {
     const bool v0 = i0 >= 0 && i0 < n, v1 = i0 + 1 >= 0 && i0 + 1 < n;
     w[0] = v0 ? e : T(0);
     w[1] = v1 ? o : T(0);
-    idx[0] = m_min(m_max(i0, int64_t(0)), n - 1);
-    idx[1] = m_min(m_max(i0 + 1, int64_t(0)), n - 1);
+    idx[0] = m_min(m_max(i0, index_t(0)), n - 1);
+    idx[1] = m_min(m_max(i0 + 1, index_t(0)), n - 1);
   };
-  int64_t xi[2], yi[2], zi[2];
+  const index_t W = static_cast<index_t>(IW), H = static_cast<index_t>(IH);
+  index_t xi[2], yi[2], zi[2];
   T wx[2], wy[2], wz[2];
-  axis(x0, ex, ox, IW, xi, wx);
-  axis(y0, ey, oy, IH, yi, wy);
-  axis(z0, ez, oz, ID, zi, wz);
-  const index_t zo[2] = {static_cast<index_t>(zi[0] * IH * IW), static_cast<index_t>(zi[1] * IH * IW)};
-  const index_t yo[2] = {static_cast<index_t>(yi[0] * IW), static_cast<index_t>(yi[1] * IW)};
+  axis(x0, ex, ox, W, xi, wx);
+  axis(y0, ey, oy, H, yi, wy);
+  axis(z0, ez, oz, static_cast<index_t>(ID), zi, wz);
+  const index_t zo[2] = {zi[0] * H * W, zi[1] * H * W};
+  const index_t yo[2] = {yi[0] * W, yi[1] * W};
   Taps<T, index_t> t;
   M3D_UNROLL
   for (int k = 0; k < 8; ++k) {
     const int dz = k >> 2, dy = (k >> 1) & 1, dx = k & 1;
     t.w[k] = (wx[dx] * wy[dy]) * wz[dz];
-    t.off[k] = zo[dz] + yo[dy] + static_cast<index_t>(xi[dx]);
+    t.off[k] = zo[dz] + yo[dy] + xi[dx];
   }
   return t;
 }
@@ -253,11 +257,18 @@ M3D_HOST_DEVICE M3D_RS_INLINE T apply_taps(const scalar_t* p, const Taps<T, inde
 
 // Offset of the nearest source voxel, or -1 outside the volume (zeros padding).
 template <typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE index_t nearest_offset(T ix, T iy, T iz, int64_t ID, int64_t IH, int64_t IW) {
-  const int64_t x = static_cast<int64_t>(m_rint(ix)), y = static_cast<int64_t>(m_rint(iy)),
-                z = static_cast<int64_t>(m_rint(iz));
-  if (x < 0 || x >= IW || y < 0 || y >= IH || z < 0 || z >= ID) return index_t(-1);
-  return static_cast<index_t>((z * IH + y) * IW + x);
+M3D_HOST_DEVICE M3D_RS_INLINE index_t nearest_offset(T ix, T iy, T iz, int64_t ID, int64_t IH,
+                                                    int64_t IW) {
+  // Clamping to [-2, size + 1] keeps the conversion defined and changes no in/out decision.
+  ix = m_min(m_max(ix, T(-2)), T(IW + 1));
+  iy = m_min(m_max(iy, T(-2)), T(IH + 1));
+  iz = m_min(m_max(iz, T(-2)), T(ID + 1));
+  const index_t x = static_cast<index_t>(m_rint(ix)), y = static_cast<index_t>(m_rint(iy)),
+                z = static_cast<index_t>(m_rint(iz));
+  const index_t W = static_cast<index_t>(IW), H = static_cast<index_t>(IH);
+  if (x < 0 || x >= W || y < 0 || y >= H || z < 0 || z >= static_cast<index_t>(ID))
+    return index_t(-1);
+  return (z * H + y) * W + x;
 }
 
 // F.interpolate(mode="nearest") source index (UpSample.h nearest_idx, float scale).

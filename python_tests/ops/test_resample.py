@@ -380,3 +380,30 @@ def test_resample_to_spacing(device):
     assert out.shape == (2, 1, 4, 16, 8) and out.dtype == torch.uint8
     with pytest.raises(ValueError, match="'new_spacing'"):
         m3d.ops.resample_to_spacing(x, (1, 1, 1), (1, 0, 1))
+
+
+def test_reference_fallback_matches_kernels(monkeypatch):
+    """Without the extension the wrappers route to med3d_ext.reference with the same contract."""
+    import med3d_ext.ops.resample as rs
+
+    n = 2
+    x = torch.randn(n, 2, 6, 7, 8)
+    lab = torch.randint(0, 4, (n, 6, 7, 8), dtype=torch.uint8)
+    theta = random_theta(n)
+    inten = _intensity(n, "cpu")
+    elastic = torch.randn(n, 3, 3, 3, 3) * 0.05
+    calls = lambda: (  # noqa: E731
+        rs.affine_resample(x, theta, (n, 2, 5, 5, 5), padding_mode="reflection"),
+        rs.affine_resample(lab.unsqueeze(1), theta, (n, 1, 5, 5, 5), mode="nearest"),
+        *rs.affine_resample_pair(x, lab, theta, (n, 2, 5, 6, 7), (3, 3, 3), elastic=elastic,
+                                 intensity=inten),
+        rs.resize(x, (9, 4, 5)))
+    ours = calls()
+    monkeypatch.setattr(rs, "compiled", lambda name: None)
+    ref = calls()
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        else:
+            assert_nearest_close(a, b)
