@@ -218,8 +218,22 @@ M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T ix, T iy, T iz, 
   const T ex = fx + 1 - ix, ox = ix - fx;  // weights toward x0 and x0 + 1
   const T ey = fy + 1 - iy, oy = iy - fy;
   const T ez = fz + 1 - iz, oz = iz - fz;
-  // An invalid neighbour gets weight 0 and a clamped (valid, unused) index, so every tap is a
-  // plain load: zeros padding without per-tap branches.
+  const index_t W = static_cast<index_t>(IW), H = static_cast<index_t>(IH);
+  Taps<T, index_t> t;
+  if (x0 >= 0 && x0 < W - 1 && y0 >= 0 && y0 < H - 1 && z0 >= 0 && z0 < static_cast<index_t>(ID) - 1) {
+    // Interior (the common case): the 8 taps are fixed offsets from one base.
+    const index_t base = (z0 * H + y0) * W + x0, HW = H * W;
+    const index_t step[8] = {0, 1, W, W + 1, HW, HW + 1, HW + W, HW + W + 1};
+    const T wx[2] = {ex, ox}, wy[2] = {ey, oy}, wz[2] = {ez, oz};
+    M3D_UNROLL
+    for (int k = 0; k < 8; ++k) {
+      t.w[k] = (wx[k & 1] * wy[(k >> 1) & 1]) * wz[k >> 2];
+      t.off[k] = base + step[k];
+    }
+    return t;
+  }
+  // Elsewhere an invalid neighbour gets weight 0 and a clamped (valid, unused) index, so every
+  // tap is still a plain load.
   auto axis = [](index_t i0, T e, T o, index_t n, index_t* idx, T* w) {
     const bool v0 = i0 >= 0 && i0 < n, v1 = i0 + 1 >= 0 && i0 + 1 < n;
     w[0] = v0 ? e : T(0);
@@ -227,7 +241,6 @@ M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T ix, T iy, T iz, 
     idx[0] = m_min(m_max(i0, index_t(0)), n - 1);
     idx[1] = m_min(m_max(i0 + 1, index_t(0)), n - 1);
   };
-  const index_t W = static_cast<index_t>(IW), H = static_cast<index_t>(IH);
   index_t xi[2], yi[2], zi[2];
   T wx[2], wy[2], wz[2];
   axis(x0, ex, ox, W, xi, wx);
@@ -235,7 +248,6 @@ M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T ix, T iy, T iz, 
   axis(z0, ez, oz, static_cast<index_t>(ID), zi, wz);
   const index_t zo[2] = {zi[0] * H * W, zi[1] * H * W};
   const index_t yo[2] = {yi[0] * W, yi[1] * W};
-  Taps<T, index_t> t;
   M3D_UNROLL
   for (int k = 0; k < 8; ++k) {
     const int dz = k >> 2, dy = (k >> 1) & 1, dx = k & 1;
