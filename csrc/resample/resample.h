@@ -25,6 +25,10 @@
 //   resize(image, size, mode) -> out: == F.interpolate(image, size, mode, align_corners=False)
 //     for mode trilinear (floating) and nearest (any dtype).
 //
+// Files: this header (coordinates, taps, resize indices), intensity.h (noise hash and epilogue),
+// resample_voxel.h (one output voxel of the pair kernel), resample_args.h (host checks and type
+// dispatch), resample_cpu.cpp / resample_cuda.cu (loops and launches).
+//
 // Coordinates are computed in T = float (double for float64 images), as grid_sample does in the
 // grid's dtype. The formulas follow ATen's GridSampler.h (unnormalise, clip, reflect, nearbyint
 // rounding half to even) and UpSample.h, so results agree to float rounding.
@@ -297,157 +301,6 @@ M3D_HOST_DEVICE M3D_RS_INLINE Lerp<T> resize_linear(int64_t i, int64_t in, int64
   T src = scale * (T(i) + T(0.5)) - T(0.5);
   src = src < T(0) ? T(0) : src;
   return make_lerp(src, in);
-}
-
-// ------------------------------------------------------------------- noise and intensity
-
-// 32-bit integer hash (two multiply-xorshift rounds). Both multipliers are below 2^31, so the
-// pure-PyTorch reference can reproduce it in int64 arithmetic without overflow.
-M3D_HOST_DEVICE M3D_RS_INLINE uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x = static_cast<uint32_t>((static_cast<uint64_t>(x) * 0x21f0aaadull) & 0xffffffffull);
-  x ^= x >> 15;
-  x = static_cast<uint32_t>((static_cast<uint64_t>(x) * 0x735a2d97ull) & 0xffffffffull);
-  x ^= x >> 15;
-  return x;
-}
-
-// Per-sample noise key from the 64-bit seed and the sample index.
-M3D_HOST_DEVICE M3D_RS_INLINE uint32_t noise_key(int64_t seed, int64_t n) {
-  const uint64_t s = static_cast<uint64_t>(seed);
-  const uint32_t lo = static_cast<uint32_t>(s & 0xffffffffull), hi = static_cast<uint32_t>(s >> 32);
-  return hash32(lo ^ hash32(hi ^ hash32(static_cast<uint32_t>(n))));
-}
-
-// A standard normal for voxel `idx` (index within the sample's image, channel included) by
-// Box-Muller over two 24-bit uniforms: u1 in (0, 1], u2 in [0, 1).
-M3D_HOST_DEVICE M3D_RS_INLINE float noise_normal(uint32_t key, int64_t idx) {
-  const uint64_t i = static_cast<uint64_t>(idx);
-  const uint32_t ilo = static_cast<uint32_t>(i & 0xffffffffull), ihi = static_cast<uint32_t>(i >> 32);
-  const uint32_t a = hash32(key ^ hash32(ilo + hash32(ihi)));
-  const uint32_t b = hash32(a ^ 0x68e31da4u);
-  const float u1 = static_cast<float>((a >> 8) + 1u) * 5.9604644775390625e-08f;  // 2^-24
-  const float u2 = static_cast<float>(b >> 8) * 5.9604644775390625e-08f;
-  return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853071795864f * u2);
-}
-
-// The intensity epilogue for one value; p = the sample's kIntensityFields parameters.
-M3D_HOST_DEVICE M3D_RS_INLINE float intensity(float v, const float* p, uint32_t key, int64_t idx) {
-  const float gamma = p[2];
-  if (gamma != 1.0f) {
-    const float m = powf(fabsf(v), gamma);
-    v = v < 0.0f ? -m : m;
-  }
-  v = v * p[0] + p[1];
-  if (p[3] != 0.0f) v += p[3] * noise_normal(key, idx);
-  return fminf(fmaxf(v, p[4]), p[5]);
-}
-
-// ------------------------------------------------------------------------- per voxel
-
-// Everything one launch needs, as raw pointers (contiguous tensors). The "image" is sampled
-// trilinearly with the intensity epilogue; the "label" nearest, copied as raw bits (label_t is
-// an unsigned integer of the element's size). Either may be absent (nullptr). One of the two
-// single-tensor ops is this with the other part absent.
-template <typename scalar_t, typename label_t, typename T>
-struct PairArgs {
-  using scalar_type = scalar_t;
-  using label_type = label_t;
-  using coord_type = T;
-  const scalar_t* image = nullptr;
-  scalar_t* image_out = nullptr;
-  int64_t C = 0, D = 0, H = 0, W = 0, ID = 0, IH = 0, IW = 0;        // image grids
-  const label_t* label = nullptr;
-  label_t* label_out = nullptr;
-  int64_t LC = 0, LD = 0, LH = 0, LW = 0, LID = 0, LIH = 0, LIW = 0;  // label grids
-  bool fused = false;  // same output grid and input size: the label reuses the image's point
-  const T* theta = nullptr;    // (N, 12)
-  const T* elastic = nullptr;  // (N, 3, ED, EH, EW)
-  int64_t ED = 0, EH = 0, EW = 0;
-  const float* intensity = nullptr;  // (N, kIntensityFields)
-  const int64_t* seed = nullptr;     // (N,)
-  int pad = kZeros;
-  bool align = false;
-};
-
-// Normalised sampling point of output voxel (d, h, w) of the (D, H, W) grid of sample n.
-template <typename scalar_t, typename label_t, typename T>
-M3D_HOST_DEVICE M3D_RS_INLINE void sample_point(const PairArgs<scalar_t, label_t, T>& a, int64_t n, int64_t d,
-                                  int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T bx,
-                                  T by, T bz, T& gx, T& gy, T& gz) {
-  const T* t = a.theta + n * 12;
-  // x term last: a CPU row hoists the rest (see resample_cpu.cpp) with the same rounding.
-  gx = t[0] * bx + ((t[1] * by + t[2] * bz) + t[3]);
-  gy = t[4] * bx + ((t[5] * by + t[6] * bz) + t[7]);
-  gz = t[8] * bx + ((t[9] * by + t[10] * bz) + t[11]);
-  if (a.elastic != nullptr)
-    add_elastic(a.elastic + n * 3 * a.ED * a.EH * a.EW, a.ED, a.EH, a.EW, d, h, w, D, H, W, gx,
-                gy, gz);
-}
-
-// Nearest copy of every label channel at source point (ix, iy, iz); o = spatial output offset.
-template <typename scalar_t, typename label_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE void label_at(const PairArgs<scalar_t, label_t, T>& a, int64_t n, index_t o,
-                              T ix, T iy, T iz) {
-  const index_t in_cs = static_cast<index_t>(a.LID * a.LIH * a.LIW);
-  const index_t out_cs = static_cast<index_t>(a.LD * a.LH * a.LW);
-  const label_t* in = a.label + n * a.LC * in_cs;
-  label_t* out = a.label_out + n * a.LC * out_cs;
-  const index_t src = nearest_offset<T, index_t>(ix, iy, iz, a.LID, a.LIH, a.LIW);
-  for (int64_t c = 0; c < a.LC; ++c)
-    out[c * out_cs + o] = src < 0 ? label_t(0) : in[c * in_cs + src];
-}
-
-// One image output voxel (all channels, epilogue) at normalised point g and, when fused, its
-// label voxel; o = spatial output offset. pad / align / has_intensity / fused are passed
-// explicitly so that a caller with compile-time values gets a branch-free inlined body.
-template <typename scalar_t, typename label_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE void image_at(const PairArgs<scalar_t, label_t, T>& a, int64_t n,
-                                            index_t o, T gx, T gy, T gz, int pad, bool align,
-                                            bool has_intensity, bool fused) {
-  const T ix = source_index(gx, a.IW, pad, align), iy = source_index(gy, a.IH, pad, align),
-          iz = source_index(gz, a.ID, pad, align);
-  const index_t in_cs = static_cast<index_t>(a.ID * a.IH * a.IW);
-  const index_t out_cs = static_cast<index_t>(a.D * a.H * a.W);
-  const scalar_t* in = a.image + n * a.C * in_cs;
-  scalar_t* out = a.image_out + n * a.C * out_cs;
-  const Taps<T, index_t> taps = trilinear_taps<T, index_t>(ix, iy, iz, a.ID, a.IH, a.IW);
-  if (has_intensity) {
-    const float* p = a.intensity + n * kIntensityFields;
-    const uint32_t key = noise_key(a.seed != nullptr ? a.seed[n] : 0, n);
-    for (int64_t c = 0; c < a.C; ++c) {
-      const float v = static_cast<float>(apply_taps(in + c * in_cs, taps));
-      out[c * out_cs + o] = static_cast<scalar_t>(intensity(v, p, key, c * out_cs + o));
-    }
-  } else {
-    for (int64_t c = 0; c < a.C; ++c)
-      out[c * out_cs + o] = static_cast<scalar_t>(apply_taps(in + c * in_cs, taps));
-  }
-  if (fused) label_at<scalar_t, label_t, T, index_t>(a, n, o, ix, iy, iz);
-}
-
-template <typename scalar_t, typename label_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE void image_voxel(const PairArgs<scalar_t, label_t, T>& a,
-                                               int64_t n, int64_t d, int64_t h, int64_t w, T bx,
-                                               T by, T bz) {
-  T gx, gy, gz;
-  sample_point(a, n, d, h, w, a.D, a.H, a.W, bx, by, bz, gx, gy, gz);
-  image_at<scalar_t, label_t, T, index_t>(a, n, static_cast<index_t>((d * a.H + h) * a.W + w),
-                                          gx, gy, gz, a.pad, a.align, a.intensity != nullptr,
-                                          a.fused && a.label != nullptr);
-}
-
-// One label output voxel on the label's own grid.
-template <typename scalar_t, typename label_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE void label_voxel(const PairArgs<scalar_t, label_t, T>& a, int64_t n, int64_t d,
-                                 int64_t h, int64_t w, T bx, T by, T bz) {
-  T gx, gy, gz;
-  sample_point(a, n, d, h, w, a.LD, a.LH, a.LW, bx, by, bz, gx, gy, gz);
-  const T ix = source_index(gx, a.LIW, a.pad, a.align),
-          iy = source_index(gy, a.LIH, a.pad, a.align),
-          iz = source_index(gz, a.LID, a.pad, a.align);
-  label_at<scalar_t, label_t, T, index_t>(a, n, static_cast<index_t>((d * a.LH + h) * a.LW + w),
-                                          ix, iy, iz);
 }
 
 // ------------------------------------------------------------------------- entry points

@@ -10,6 +10,7 @@
 
 #include "../common/checks.h"
 #include "resample.h"
+#include "resample_voxel.h"
 
 namespace med3d_ext {
 namespace rs {
