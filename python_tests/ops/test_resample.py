@@ -283,6 +283,29 @@ def test_pair_without_extras_equals_two_grid_samples(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_pair_dtypes_non_contiguous_and_empty(device, dtype):
+    n = 2
+    x = torch.randn(n, 4, 9, 8, 12, device=device)[:, 1::2, :, :, ::2]
+    lab = torch.randint(0, 9, (n, 12, 9, 8), device=device, dtype=torch.int32).permute(0, 2, 3, 1)
+    assert not x.is_contiguous() and not lab.is_contiguous()
+    theta = random_theta(n, device)
+    inten = _intensity(n, device, noise=False)
+    img, out_lab = m3d.ops.affine_resample_pair(x.to(dtype), lab, theta, (n, 2, 5, 7, 6),
+                                                (3, 4, 3), intensity=inten)
+    assert img.dtype == dtype and out_lab.dtype == torch.int32
+    ref32, ref_lab = reference.affine_resample_pair(x.to(dtype).float(), lab, theta,
+                                                    (n, 2, 5, 7, 6), (3, 4, 3), intensity=inten)
+    torch.testing.assert_close(img.float(), ref32, rtol=2e-2, atol=2e-2)
+    assert_nearest_close(out_lab, ref_lab)
+    e_img, e_lab = m3d.ops.affine_resample_pair(
+        torch.randn(0, 1, 4, 4, 4, device=device, dtype=dtype),
+        torch.zeros(0, 4, 4, 4, device=device, dtype=torch.uint8),
+        torch.zeros(0, 3, 4, device=device), (0, 1, 3, 3, 3), (2, 2, 2))
+    assert e_img.shape == (0, 1, 3, 3, 3) and e_lab.shape == (0, 2, 2, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_elastic_equals_affine(device):
     n = 2
     x = torch.randn(n, 3, 7, 8, 9, device=device)
