@@ -11,7 +11,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 "$PY" -m pytest -q -x -m cuda -p no:cacheprovider python_tests/ops/test_resample.py \
   python_tests/transforms 2>&1 | tail -30 | tee "$OUT/pytest_cuda.txt"
 echo "tests: $(( $(date +%s) - t0 )) s"
-"$PY" benchmarks/gpu_resample_timing.py 2>&1 | tail -12
+PYTHONPATH=. "$PY" benchmarks/gpu_resample_timing.py 2>&1 | tail -12
 echo "bench: $(( $(date +%s) - t0 )) s"
 if [ "${SANITIZE:-1}" = 1 ]; then
   compute-sanitizer --tool memcheck --print-limit 5 "$PY" -m pytest -q -x -m cuda \
