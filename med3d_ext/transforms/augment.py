@@ -48,7 +48,8 @@ class RandomAugment3D:
     a rotation is a rigid rotation in voxel space and an output smaller than the input is a crop
     at the input's resolution):
         rotate: max absolute angle in radians per axis (x, y, z), uniform in [-a, a].
-        scale: zoom range (low, high) (> 1 zooms in); ``isotropic=False`` draws one per axis.
+        scale: zoom range (low, high) (> 1 zooms in), or one range per axis ((lo, hi) x 3 for
+            x, y, z); ``isotropic=False`` (implied by per-axis ranges) draws one per axis.
         translate: max shift per axis as a fraction of the input half-extent (normalised units).
         flip: probability of a flip per axis (x, y, z).
         p_affine: probability that a sample gets rotation/scale/translation at all.
@@ -75,8 +76,11 @@ class RandomAugment3D:
                  brightness=(0.0, 0.0), p_brightness=1.0, noise=(0.0, 0.0), p_noise=1.0,
                  clip=None, padding_mode="zeros", align_corners=False, seed=0):
         self.rotate = _triple("rotate", rotate)
-        self.scale = _range("scale", scale, lo_bound=1e-6)
-        self.isotropic = bool(isotropic)
+        per_axis = (isinstance(scale, Sequence) and len(scale) == 3
+                    and all(isinstance(r, Sequence) for r in scale))
+        self.scale = tuple(_range("scale", r, lo_bound=1e-6)
+                           for r in (scale if per_axis else (scale,) * 3))
+        self.isotropic = bool(isotropic) and not per_axis
         self.translate = _triple("translate", translate)
         self.flip = tuple(_prob("flip", p) for p in _triple("flip", flip))
         self.p_affine = _prob("p_affine", p_affine)
@@ -136,7 +140,9 @@ class RandomAugment3D:
         u = lambda shape, lo=0.0, hi=1.0: self._uniform(g, shape, lo, hi, device)  # noqa: E731
         apply = (u((n,)) < self.p_affine).float()
         ang = (u((n, 3), -1.0, 1.0) * torch.tensor(self.rotate, device=device)) * apply[:, None]
-        zoom = u((n, 3), *self.scale)
+        lo = torch.tensor([r[0] for r in self.scale], device=device)
+        hi = torch.tensor([r[1] for r in self.scale], device=device)
+        zoom = lo + u((n, 3)) * (hi - lo)
         if self.isotropic:
             zoom = zoom[:, :1].expand(n, 3)
         zoom = torch.where(apply[:, None] > 0, zoom, torch.ones_like(zoom))

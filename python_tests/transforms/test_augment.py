@@ -98,3 +98,10 @@ def test_bad_arguments():
         RandomAugment3D(flip=1.5)
     with pytest.raises(ValueError, match="'size'"):
         RandomAugment3D()(torch.randn(1, 1, 4, 4, 4), None, (4, 4))
+
+
+def test_per_axis_scale_ranges():
+    aug = RandomAugment3D(scale=((1.0, 1.0), (2.0, 2.0), (0.5, 0.5)), seed=0)
+    theta = aug.sample(4, (8, 8, 8), (8, 8, 8), "cpu")["theta"]
+    expected = torch.diag(torch.tensor([1.0, 0.5, 2.0])).expand(4, 3, 3)
+    torch.testing.assert_close(theta[:, :, :3], expected)
