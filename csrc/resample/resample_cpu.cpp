@@ -39,6 +39,9 @@ void image_rows(const PairArgs<scalar_t, label_t, T>& a, int64_t N) {
   for (int64_t w = 0; w < (elastic ? a.W : 0); ++w) ex[w] = elastic_lerp<T>(w, a.W, a.EW);
   const int64_t ES = a.ED * a.EH * a.EW;
   at::parallel_for(0, N * a.D * a.H, row_grain(a.W), [&](int64_t r0, int64_t r1) {
+    // A private copy: no output store (label stores are char-typed and alias anything) can
+    // touch it, so its sizes and pointers stay in registers across the voxel loop.
+    const PairArgs<scalar_t, label_t, T> la = a;
     std::vector<T> col(elastic ? 3 * a.EW : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = r % a.H, d = (r / a.H) % a.D, n = r / (a.H * a.D);
@@ -64,7 +67,7 @@ void image_rows(const PairArgs<scalar_t, label_t, T>& a, int64_t N) {
           gy += lx.l0 * c[a.EW + lx.i0] + lx.l1 * c[a.EW + lx.i1];
           gz += lx.l0 * c[2 * a.EW + lx.i0] + lx.l1 * c[2 * a.EW + lx.i1];
         }
-        image_at<scalar_t, label_t, T, index_t>(a, n, o0 + static_cast<index_t>(w), gx, gy, gz,
+        image_at<scalar_t, label_t, T, index_t>(la, n, o0 + static_cast<index_t>(w), gx, gy, gz,
                                                 kPad, a.align, inten, fused);
       }
     }
