@@ -112,12 +112,18 @@ M3D_HOST_DEVICE M3D_RS_INLINE int64_t floor_small(T x) {
 
 // ----------------------------------------------------------------- coordinates (GridSampler.h)
 
-// Normalised coordinate of output voxel i of S, as F.affine_grid's base grid (0 when S == 1).
+// Normalised coordinate of output voxel i of S, computed like F.affine_grid's base grid:
+// at::linspace(-1, 1, S) (from both ends, meeting halfway), then * (S - 1) / S unless
+// align_corners; 0 when S == 1. Following the same steps matters at rounding ties of nearest
+// sampling (e.g. a 4x smaller label grid puts every sample exactly halfway between voxels);
+// ATen's vectorised linspace still differs in the last bit for some i, so ties can differ.
 template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE T base_coord(int64_t i, int64_t S, bool align) {
   if (S <= 1) return T(0);
-  if (align) return T(-1) + T(2) * T(i) / T(S - 1);
-  return (T(2) * T(i) + T(1) - T(S)) / T(S);
+  const T step = T(2) / T(S - 1);
+  T v = i < S / 2 ? T(-1) + step * T(i) : T(1) - step * T(S - i - 1);
+  if (!align) v = (v * T(S - 1)) / T(S);
+  return v;
 }
 
 template <typename T>
