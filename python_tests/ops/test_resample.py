@@ -431,3 +431,20 @@ def test_reference_fallback_matches_kernels(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         else:
             assert_nearest_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_label_on_quarter_grid_picks_a_tie_neighbour(device):
+    """Identity theta, label grid 4x smaller: every sample is exactly halfway between source
+    voxels 4i+1 and 4i+2 (align_corners=False), and must pick one of them."""
+    s = 24
+    ramp = torch.arange(s, device=device)
+    lab = (ramp.view(s, 1, 1) * 10000 + ramp.view(1, s, 1) * 100 + ramp.view(1, 1, s))[None]
+    x = torch.randn(1, 1, s, s, s, device=device)
+    theta = torch.eye(3, 4, device=device)[None]
+    _, out = m3d.ops.affine_resample_pair(x, lab, theta, (1, 1, s, s, s), (s // 4,) * 3)
+    q = s // 4
+    for axis, mult in enumerate((10000, 100, 1)):
+        coord = (out[0] // mult) % 100
+        idx = torch.arange(q, device=device).view([q if k == axis else 1 for k in range(3)])
+        assert ((coord == 4 * idx + 1) | (coord == 4 * idx + 2)).all()
