@@ -5,5 +5,6 @@ loaded and to :mod:`med3d_ext.reference` otherwise.
 """
 
 from .bn_stats import bn_stats
+from .conv_bn_relu import conv_bias_relu3d, conv_bn_relu3d
 
-__all__ = ["bn_stats"]
+__all__ = ["bn_stats", "conv_bn_relu3d", "conv_bias_relu3d"]
