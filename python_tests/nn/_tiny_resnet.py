@@ -82,10 +82,11 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, width * 4, layers[2], shortcut_type, dilation=2)
         self.layer4 = self._make_layer(block, width * 8, layers[3], shortcut_type, dilation=4)
         c = width * 8 * block.expansion
+        s = max(8, width // 2)  # MedicalNet: 32 for width 64
         self.conv_seg = nn.Sequential(
-            nn.ConvTranspose3d(c, 8, 2, stride=2), nn.BatchNorm3d(8), nn.ReLU(inplace=True),
-            nn.Conv3d(8, 8, 3, padding=1, bias=False), nn.BatchNorm3d(8), nn.ReLU(inplace=True),
-            nn.Conv3d(8, num_seg_classes, 1, bias=False))
+            nn.ConvTranspose3d(c, s, 2, stride=2), nn.BatchNorm3d(s), nn.ReLU(inplace=True),
+            nn.Conv3d(s, s, 3, padding=1, bias=False), nn.BatchNorm3d(s), nn.ReLU(inplace=True),
+            nn.Conv3d(s, num_seg_classes, 1, bias=False))
         for m in self.modules():
             if isinstance(m, nn.BatchNorm3d):  # non-trivial affine parameters
                 nn.init.uniform_(m.weight, 0.5, 1.5)
@@ -115,5 +116,5 @@ class ResNet(nn.Module):
 
 def resnet(depth, shortcut_type="B", width=8, **kw):
     spec = {10: (BasicBlock, [1, 1, 1, 1]), 18: (BasicBlock, [2, 2, 2, 2]),
-            26: (Bottleneck, [1, 1, 1, 1])}[depth]
+            26: (Bottleneck, [1, 1, 1, 1]), 50: (Bottleneck, [3, 4, 6, 3])}[depth]
     return ResNet(spec[0], spec[1], shortcut_type, width=width, **kw)
