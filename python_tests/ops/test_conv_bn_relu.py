@@ -259,13 +259,17 @@ def test_compile_parity(device):
         out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, residual=r, **kw)
         return out.square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (step, compiled):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bw, bb, r)]
-        rm_i, rv_i = rm.clone(), rv.clone()
-        loss = fn(leaves[0], leaves[1], leaves[2], leaves[3], rm_i, rv_i, leaves[4])
-        loss.backward()
-        results.append([loss] + [t.grad for t in leaves] + [rm_i, rv_i])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # dynamic=True: real pipelines change the batch and patch shape between steps
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n, sp in ((2, (5, 6, 7)), (3, (7, 4, 9))):
+        xi = torch.randn(n, 3, *sp, device=device).to(memory_format=torch.channels_last_3d)
+        ri = torch.randn(n, 8, *sp, device=device)
+        results = []
+        for fn in (step, compiled):
+            leaves = [t.detach().clone().requires_grad_() for t in (xi, w, bw, bb, ri)]
+            rm_i, rv_i = rm.clone(), rv.clone()
+            loss = fn(leaves[0], leaves[1], leaves[2], leaves[3], rm_i, rv_i, leaves[4])
+            loss.backward()
+            results.append([loss] + [t.grad for t in leaves] + [rm_i, rv_i])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
