@@ -46,6 +46,46 @@ def _autocast(x, weight, residual, bias_like):
     return x, weight, residual, bias_like
 
 
+# The MedicalNet stem (Cin = 1, 7^3 kernel, stride 2) falls to a slow generic cuDNN kernel. A
+# stride-2 convolution equals a stride-1 convolution of the 2x2x2 space-to-depth rearrangement
+# of its (padded) input: input voxel 2j + p of each axis becomes channel phase p at position j,
+# and kernel tap k = 2q + p becomes tap q of phase p (taps past the kernel are zero). With
+# Cin <= 4 that is a Cin*8-channel, ceil(k/2)^3 convolution that cuDNN runs on tensor cores,
+# forward and weight gradient alike (autograd maps the gradients back through the
+# rearrangements). Set to False to send such convolutions to ATen unchanged.
+STEM_SPACE_TO_DEPTH = True
+
+
+def _stem_eligible(x, weight, stride, padding, dilation) -> bool:
+    return (STEM_SPACE_TO_DEPTH and x.dim() == 5 and weight.dim() == 5
+            and x.shape[1] == weight.shape[1] and weight.shape[1] <= 4
+            and stride == [2, 2, 2] and dilation == [1, 1, 1]
+            and all(k >= 3 for k in weight.shape[2:])
+            and all(x.shape[2 + i] + 2 * padding[i] >= weight.shape[2 + i] for i in range(3)))
+
+
+def _space_to_depth_conv(x, weight, padding):
+    """(x, weight, stride 2, padding) -> (x', weight') for a stride-1, padding-0 convolution with
+    the same output; x' and weight' are channels_last_3d."""
+    n, cin = x.shape[:2]
+    cout = weight.shape[0]
+    ks = list(weight.shape[2:])
+    kq = [(k + 1) // 2 for k in ks]
+    pads = []
+    for i in (2, 1, 0):  # F.pad order: last dim first
+        out = (x.shape[2 + i] + 2 * padding[i] - ks[i]) // 2 + 1
+        pads += [padding[i], 2 * (out + kq[i] - 1) - x.shape[2 + i] - padding[i]]
+    xp = torch.nn.functional.pad(x, pads)
+    d, h, w = (s // 2 for s in xp.shape[2:])
+    xs = xp.reshape(n, cin, d, 2, h, 2, w, 2).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    xs = xs.reshape(n, d, h, w, cin * 8).permute(0, 4, 1, 2, 3)
+    wp = torch.nn.functional.pad(weight, [0, 2 * kq[2] - ks[2], 0, 2 * kq[1] - ks[1],
+                                          0, 2 * kq[0] - ks[0]])
+    ws = wp.reshape(cout, cin, kq[0], 2, kq[1], 2, kq[2], 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    ws = ws.reshape(cout, cin * 8, *kq).contiguous(memory_format=torch.channels_last_3d)
+    return xs, ws
+
+
 def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
                    bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                    running_var: Optional[torch.Tensor], *, stride: IntOr3 = 1,
@@ -96,6 +136,9 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
         bn_weight = torch.ones(cout, dtype=pdt, device=x.device)
     if bn_bias is None:
         bn_bias = torch.zeros(cout, dtype=pdt, device=x.device)
+    if _stem_eligible(x, weight, stride, padding, dilation):
+        x, weight = _space_to_depth_conv(x, weight, padding)
+        stride, padding = [1, 1, 1], [0, 0, 0]
     out, _y, mean, _invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                      residual, stride, padding, dilation, training, eps, relu)
     if training and running_mean is not None:
@@ -121,6 +164,9 @@ def conv_bias_relu3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             bias = bias.to(x.dtype)
         return reference.conv_bias_relu3d(x, weight, bias, stride=stride, padding=padding,
                                           dilation=dilation, residual=residual, relu=relu)
+    if _stem_eligible(x, weight, stride, padding, dilation):
+        x, weight = _space_to_depth_conv(x, weight, padding)
+        stride, padding = [1, 1, 1], [0, 0, 0]
     return op(x, weight, bias, residual, stride, padding, dilation, relu)
 
 

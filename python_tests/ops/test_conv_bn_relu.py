@@ -273,3 +273,29 @@ def test_compile_parity(device):
             results.append([loss] + [t.grad for t in leaves] + [rm_i, rv_i])
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cin,k,padding,sp", [(1, 7, 3, (9, 12, 11)), (3, 3, 1, (6, 7, 8)),
+                                              (2, (5, 3, 4), (2, 1, 0), (8, 5, 9)),
+                                              (4, 7, 0, (7, 8, 7))])
+def test_stem_space_to_depth(device, cin, k, padding, sp, monkeypatch):
+    # Cin <= 4, stride 2 convolutions run as a stride-1 conv of the space-to-depth input;
+    # forward, every gradient and the running stats must equal the reference's
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    cfg = (cin, 6, k, 2, padding, 1, sp)
+    x, w, *_ = _inputs(device, torch.float32, cfg)
+    assert mod._stem_eligible(x, w, [2] * 3, mod._triple(padding, "padding"), [1] * 3)
+    for training in (True, False):
+        _check_against_reference(device, cfg, training, True, True, False)
+    monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", False)
+    _check_against_reference(device, cfg, True, False, True, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stem_fold_path(device):
+    x, w, _, bb, _, _, _, kw = _inputs(device, torch.float32, (1, 8, 7, 2, 3, 1, (9, 10, 11)))
+    out = m3d.ops.conv_bias_relu3d(x, w, bb, **kw)
+    ref = reference.conv_bias_relu3d(x, w, bb, **kw)
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
