@@ -82,12 +82,23 @@ def bench_layer(n, cin, cout, k, stride, sp, residual, dtype=torch.bfloat16):
     out_sp = [(s + 2 * pad - k) // stride + 1 for s in sp]
     r = torch.randn(n, cout, *out_sp, device="cuda", dtype=dtype)
     r = r.to(memory_format=torch.channels_last_3d) if residual else None
+    from med3d_ext.ops import conv_bn_relu as mod
+
     res = {}
-    for name, fn in (("eager", reference.conv_bn_relu3d), ("fused", m3d.ops.conv_bn_relu3d)):
+    cases = [("eager", reference.conv_bn_relu3d, False), ("fused", m3d.ops.conv_bn_relu3d, True)]
+    if cin <= 4 and stride == 2:  # the stem, with and without the space-to-depth rewrite
+        cases.append(("fused_no_s2d", m3d.ops.conv_bn_relu3d, False))
+    for name, fn, s2d in cases:
+        mod.STEM_SPACE_TO_DEPTH = s2d
+
         def run():
             out = fn(x, w, bw, bb, rm, rv, stride=stride, padding=pad, residual=r)
             out.backward(torch.ones_like(out))
         res[name] = _time(run)
+        with torch.no_grad():
+            res[name + "_fwd"] = _time(
+                lambda: fn(x, w, bw, bb, rm, rv, stride=stride, padding=pad, residual=r))
+    mod.STEM_SPACE_TO_DEPTH = True
     return res
 
 

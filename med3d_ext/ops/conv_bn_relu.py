@@ -142,10 +142,12 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
     out, _y, mean, _invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                      residual, stride, padding, dilation, training, eps, relu)
     if training and running_mean is not None:
+        # (1 - momentum) * running + momentum * batch, as F.batch_norm; one foreach launch each
+        bufs = [running_mean] + ([running_var] if running_var is not None else [])
+        new = [mean.to(running_mean.dtype)] + ([var.to(running_var.dtype)] if bufs[1:] else [])
         with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            if running_var is not None:
-                running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+            torch._foreach_mul_(bufs, 1 - momentum)
+            torch._foreach_add_(bufs, new, alpha=momentum)
     return out
 
 
