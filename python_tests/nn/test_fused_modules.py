@@ -23,11 +23,18 @@ def _close(a, b, what, rtol=1e-4, atol=1e-4):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def _close_grad(a, b, what, rel=1e-3):
-    # relative L2 error: a ReLU mask flip at a value within round-off of 0 (both computations are
-    # valid) moves single gradient elements; whole-tensor agreement is what must hold
-    err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
-    assert err <= rel, f"{what}: relative L2 error {err:.3g} > {rel}"
+def _close_grads(model_a, model_b, what, rel=1e-3):
+    """L2 agreement of every parameter gradient. Elementwise checks are too strict here: a ReLU
+    mask flip at a value within round-off of 0 (both computations valid) moves single elements.
+    The floor is relative to the model's largest gradient, because some gradients are sums that
+    cancel to ~0 (e.g. a conv bias followed by a training-mode BatchNorm)."""
+    pairs = [(n, p.grad.double(), q.grad.double())
+             for (n, p), (_, q) in zip(model_a.named_parameters(), model_b.named_parameters())]
+    scale = max(b.abs().max().item() for _, _, b in pairs)
+    for name, a, b in pairs:
+        err = (a - b).norm().item()
+        bound = rel * b.norm().item() + 1e-4 * scale * a.numel() ** 0.5
+        assert err <= bound, f"{what} grad {name}: L2 error {err:.3g} > {bound:.3g}"
 
 
 def _train_step(model, x):
@@ -79,8 +86,7 @@ def _compare_models(device, depth, shortcut, train, cl=False, steps=2):
         plain.zero_grad(), fused.zero_grad()
         out_p, out_f = _train_step(plain, x), _train_step(fused, x)
         _close(out_f, out_p, f"output step {step}", 1e-3, 1e-3)
-        for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
-            _close_grad(q.grad, p.grad, f"grad {name}")
+        _close_grads(fused, plain, f"step {step}")
     for (name, a), (_, b) in zip(plain.state_dict().items(), fused.state_dict().items()):
         _close(b.float(), a.float(), f"state {name}", 1e-3, 1e-3)
 
@@ -139,8 +145,7 @@ def test_fused_resnet_compiles(device):
     x = torch.randn(2, 1, 16, 16, 16, device=device)
     out_c, out_e = _train_step(compiled, x), _train_step(ref_model, x)
     _close(out_c, out_e, "compiled output")
-    for (name, p), (_, q) in zip(ref_model.named_parameters(), model.named_parameters()):
-        _close_grad(q.grad, p.grad, f"compiled grad {name}")
+    _close_grads(model, ref_model, "compiled")
     assert torch.equal(model.bn1.num_batches_tracked, ref_model.bn1.num_batches_tracked)
 
 
