@@ -115,7 +115,7 @@ ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weig
                                      const c10::optional<at::Tensor>& residual,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation, bool training, double eps,
-                                     bool relu, ApplyFn apply) {
+                                     bool relu, ApplyFn apply, StatsFn stats) {
   const char* op = "conv_bn_relu3d";
   ConvArgs conv{stride, padding, dilation};
   const auto fmt = check_conv_bn_relu_args(op, x, weight, residual, conv);
@@ -130,7 +130,15 @@ ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weig
   if (running_var.has_value()) check_channel_param(op, "running_var", *running_var, x, C);
 
   at::Tensor y = conv3d_aten(x, weight, conv, fmt);
-  auto [mean, invstd, var] = bn_forward_stats(y, running_mean, running_var, training, eps);
+  at::Tensor mean, invstd, var;
+  if (training && stats && y.numel() > 0) {
+    const int64_t n = y.numel() / C;
+    TORCH_CHECK(n > 1, "Expected more than 1 value per channel when training, got input size ",
+                y.sizes());
+    std::tie(mean, invstd, var) = stats(y, eps);
+  } else {
+    std::tie(mean, invstd, var) = bn_forward_stats(y, running_mean, running_var, training, eps);
+  }
   at::Tensor out = at::empty_like(y, y.options(), fmt);
   at::Tensor r;
   if (residual.has_value()) r = residual->to(y.scalar_type()).contiguous(fmt);

@@ -114,6 +114,11 @@ using ApplyFn = void (*)(const at::Tensor& y, const at::Tensor& mean, const at::
                          const at::Tensor& w, const at::Tensor& b, const at::Tensor* r, bool relu,
                          at::Tensor& out);
 
+// Optional per-device training statistics of y: (mean, invstd, unbiased var); y has more
+// than one value per channel. Null: bn_stats + ATen.
+using StatsFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor& y,
+                                                                   double eps);
+
 ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weight,
                                      const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                      const c10::optional<at::Tensor>& running_mean,
@@ -121,7 +126,7 @@ ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weig
                                      const c10::optional<at::Tensor>& residual,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation, bool training, double eps,
-                                     bool relu, ApplyFn apply);
+                                     bool relu, ApplyFn apply, StatsFn stats = nullptr);
 at::Tensor conv_bias_relu3d_generic(const at::Tensor& x, const at::Tensor& weight,
                                     const c10::optional<at::Tensor>& bias,
                                     const c10::optional<at::Tensor>& residual,

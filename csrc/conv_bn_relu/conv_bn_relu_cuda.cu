@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "conv_bn_relu_kernels.cuh"
 
@@ -91,19 +93,20 @@ void bn_act_forward_cuda(const at::Tensor& y, const at::Tensor& mean, const at::
   });
 }
 
-template <typename scalar_t, typename acc_t, int V, bool kRelu, bool kRes>
-int64_t launch_reduce(const Geometry& g, const scalar_t* dp, const scalar_t* yp,
-                      const scalar_t* rp, scalar_t* grp, const ParamPtrs<acc_t>& pp,
+// Per-channel pair of sums of Acc over the whole tensor, as (splits, C, 2) partials (merged in
+// order by a finishing kernel); returns splits.
+template <typename acc_t, int V, class Acc>
+int64_t launch_reduce(const Geometry& g, const Acc& acc, const ParamPtrs<acc_t>& pp,
                       at::Tensor& partial, cudaStream_t stream) {
   const int64_t blocks_wanted = 8 * int64_t(sm_count());
   int64_t splits;
   if (!g.cl) {
-    TORCH_CHECK(g.C <= 65535, "med3d_ext.bn_relu_backward: more than 65535 channels (", g.C, ")");
+    TORCH_CHECK(g.C <= 65535, "med3d_ext.conv_bn_relu3d: more than 65535 channels (", g.C, ")");
     splits = std::max<int64_t>(1, std::min(ceil_div(blocks_wanted, g.C), ceil_div(g.M / V, 1024)));
     splits = std::min<int64_t>(splits, 65535);
     partial = at::empty({splits * g.C * 2}, partial.options());
-    reduce_nchw<scalar_t, acc_t, V, kRelu, kRes><<<dim3(splits, g.C), 256, 0, stream>>>(
-        dp, yp, rp, grp, pp, g.N, g.C, g.S, partial.data_ptr<acc_t>());
+    reduce_nchw<acc_t, V><<<dim3(splits, g.C), 256, 0, stream>>>(acc, pp, g.N, g.C, g.S,
+                                                                  partial.data_ptr<acc_t>());
   } else {
     const dim3 block = nhwc_block(g.C / V);
     const int64_t gx = ceil_div(g.C / V, block.x);
@@ -111,8 +114,8 @@ int64_t launch_reduce(const Geometry& g, const scalar_t* dp, const scalar_t* yp,
         {ceil_div(g.M, block.y), std::max<int64_t>(1, ceil_div(blocks_wanted, gx)), 65535});
     partial = at::empty({splits * g.C * 2}, partial.options());
     const size_t smem = size_t(block.x) * block.y * V * 2 * sizeof(acc_t);
-    reduce_nhwc<scalar_t, acc_t, V, kRelu, kRes><<<dim3(gx, splits), block, smem, stream>>>(
-        dp, yp, rp, grp, pp, g.M, g.C, partial.data_ptr<acc_t>());
+    reduce_nhwc<acc_t, V><<<dim3(gx, splits), block, smem, stream>>>(acc, pp, g.M, g.C,
+                                                                      partial.data_ptr<acc_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return splits;
@@ -150,8 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda
       M3D_BOOL_SWITCH(rp != nullptr, kRes, [&] {
         auto run = [&](auto vtag) {
           constexpr int V = decltype(vtag)::value;
-          const int64_t splits = launch_reduce<scalar_t, acc_t, V, kRelu, kRes>(
-              g, dp, yp, rp, grp, pp, partial, stream);
+          const BackwardAcc<scalar_t, acc_t, kRelu, kRes> acc{dp, yp, rp, grp};
+          const int64_t splits = launch_reduce<acc_t, V>(g, acc, pp, partial, stream);
           reduce_finish<acc_t><<<ceil_div(g.C, 128), 128, 0, stream>>>(
               partial.const_data_ptr<acc_t>(), splits, g.C, acc_t(g.M), training, pp,
               grad_w.data_ptr<acc_t>(), grad_b.data_ptr<acc_t>(), coef.data_ptr<acc_t>());
@@ -168,6 +171,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda
   return {grad_y, grad_w, grad_b, grad_r};
 }
 
+// Training statistics in one pass over y: shifted sums (the shift K_c = y[0, c, 0, 0, 0] keeps
+// the variance exact when |mean| >> std), then one finishing launch that writes mean, invstd
+// and the unbiased variance. MED3D_EXT_GENERIC_STATS=1 switches to bn_stats + ATen instead.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats_cuda(const at::Tensor& y,
+                                                                     double eps) {
+  const Geometry g = geometry(y);
+  auto opts = y.options().dtype(acc_dtype(y));
+  auto shift = y.select(0, 0).select(1, 0).select(1, 0).select(1, 0).to(opts).contiguous();
+  auto mean = at::empty({g.C}, opts), invstd = at::empty({g.C}, opts), var = at::empty({g.C}, opts);
+  at::Tensor partial = at::empty({0}, opts);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_fwd_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ParamPtrs<acc_t> pp{shift.const_data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr};
+    const StatsAcc<scalar_t, acc_t> acc{y.const_data_ptr<scalar_t>()};
+    const int64_t splits =
+        can_vectorise<scalar_t>(g, {acc.y})
+            ? launch_reduce<acc_t, vec_width<scalar_t>()>(g, acc, pp, partial, stream)
+            : launch_reduce<acc_t, 1>(g, acc, pp, partial, stream);
+    stats_finish<acc_t><<<ceil_div(g.C, 128), 128, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), splits, g.C, acc_t(g.M), shift.const_data_ptr<acc_t>(),
+        eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, invstd, var};
+}
+
+bool generic_stats() {
+  const char* v = std::getenv("MED3D_EXT_GENERIC_STATS");
+  return v && *v && std::string(v) != "0";
+}
+
 ConvBnReluOut conv_bn_relu3d_cuda(const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                   const c10::optional<at::Tensor>& running_mean,
@@ -178,7 +213,8 @@ ConvBnReluOut conv_bn_relu3d_cuda(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
   return conv_bn_relu3d_generic(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                                 stride, padding, dilation, training, eps, relu,
-                                &bn_act_forward_cuda);
+                                &bn_act_forward_cuda,
+                                generic_stats() ? nullptr : &bn_forward_stats_cuda);
 }
 
 at::Tensor conv_bias_relu3d_cuda(const at::Tensor& x, const at::Tensor& weight,

@@ -36,13 +36,13 @@ struct ChanParams {
 
 template <typename acc_t>
 struct ParamPtrs {
-  const acc_t *mean, *invstd, *w, *b;
+  const acc_t *mean, *invstd, *w, *b;  // the statistics pass sets only mean (its shift)
   const acc_t* coef;  // (C, 3): A, k1, Bp; null in the forward and reduce passes
   __device__ __forceinline__ ChanParams<acc_t> get(int64_t c) const {
     ChanParams<acc_t> p;
     p.m = mean[c];
-    p.sc = w[c] * invstd[c];
-    p.b = b[c];
+    p.sc = (w && invstd) ? w[c] * invstd[c] : acc_t(0);
+    p.b = b ? b[c] : acc_t(0);
     if (coef) {
       p.A = coef[3 * c];
       p.k1 = coef[3 * c + 1];
@@ -161,10 +161,37 @@ __device__ __forceinline__ void reduce_vec(const scalar_t* dout, const scalar_t*
   if constexpr (kRes) store<V>(gr + i, gv);
 }
 
+// Accumulators of the reduction kernels: add the two per-channel sums of V elements at i.
+template <typename scalar_t, typename acc_t, bool kRelu, bool kRes>
+struct BackwardAcc {  // sum g, sum g * (y - mean); writes grad_residual when kRes
+  const scalar_t *dout, *y, *r;
+  scalar_t* gr;
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p, acc_t* s0,
+                                             acc_t* s1) const {
+    reduce_vec<scalar_t, acc_t, V, PS, kRelu, kRes>(dout, y, r, gr, i, p, s0, s1);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct StatsAcc {  // sum (y - K), sum (y - K)^2 with a per-channel shift K (ChanParams::m)
+  const scalar_t* y;
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p, acc_t* s0,
+                                             acc_t* s1) const {
+    const auto yv = load<V>(y + i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const acc_t d = static_cast<acc_t>(yv.v[j]) - p[j * PS].m;
+      s0[j * PS] += d;
+      s1[j * PS] += d * d;
+    }
+  }
+};
+
 // grid = (splits, C); partial is (splits, C, 2).
-template <typename scalar_t, typename acc_t, int V, bool kRelu, bool kRes>
-__global__ void reduce_nchw(const scalar_t* dout, const scalar_t* y, const scalar_t* r,
-                            scalar_t* gr, ParamPtrs<acc_t> pp, int64_t N, int64_t C, int64_t S,
+template <typename acc_t, int V, class Acc>
+__global__ void reduce_nchw(Acc acc, ParamPtrs<acc_t> pp, int64_t N, int64_t C, int64_t S,
                             acc_t* partial) {
   __shared__ acc_t shared[2][32];
   const int64_t c = blockIdx.y, sv = S / V, total = N * sv;
@@ -174,7 +201,7 @@ __global__ void reduce_nchw(const scalar_t* dout, const scalar_t* y, const scala
   acc_t s0 = 0, s1 = 0;
   for (int64_t v = lo + threadIdx.x; v < hi; v += blockDim.x) {
     const int64_t n = v / sv, i = (n * C + c) * S + (v - n * sv) * V;
-    reduce_vec<scalar_t, acc_t, V, 0, kRelu, kRes>(dout, y, r, gr, i, &p, &s0, &s1);
+    acc.template operator()<V, 0>(i, &p, &s0, &s1);
   }
   for (int d = 16; d > 0; d >>= 1) {
     s0 += __shfl_down_sync(0xffffffffu, s0, d);
@@ -199,10 +226,8 @@ __global__ void reduce_nchw(const scalar_t* dout, const scalar_t* y, const scala
 
 // block = (TX channel vectors, TY rows), grid = (ceil(C / V / TX), splits); dynamic shared
 // memory holds TX * TY * V * 2 accumulators.
-template <typename scalar_t, typename acc_t, int V, bool kRelu, bool kRes>
-__global__ void reduce_nhwc(const scalar_t* dout, const scalar_t* y, const scalar_t* r,
-                            scalar_t* gr, ParamPtrs<acc_t> pp, int64_t M, int64_t C,
-                            acc_t* partial) {
+template <typename acc_t, int V, class Acc>
+__global__ void reduce_nhwc(Acc acc, ParamPtrs<acc_t> pp, int64_t M, int64_t C, acc_t* partial) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t cv = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -217,8 +242,7 @@ __global__ void reduce_nhwc(const scalar_t* dout, const scalar_t* y, const scala
   if (valid)
     for (int64_t row = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; row < M;
          row += int64_t(gridDim.y) * blockDim.y)
-      reduce_vec<scalar_t, acc_t, V, 1, kRelu, kRes>(dout, y, r, gr, row * C + cv * V, p, s0,
-                                                        s1);
+      acc.template operator()<V, 1>(row * C + cv * V, p, s0, s1);
   acc_t* mine = sm + (threadIdx.y * blockDim.x + threadIdx.x) * 2 * V;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
@@ -262,6 +286,27 @@ __global__ void reduce_finish(const acc_t* partial, int64_t splits, int64_t C, a
   coef[3 * c] = q.A;
   coef[3 * c + 1] = q.k1;
   coef[3 * c + 2] = q.Bp;
+}
+
+// Forward statistics from the shifted sums: mean, invstd = 1 / sqrt(var + eps) and the
+// unbiased variance (for the running-stat update).
+template <typename acc_t>
+__global__ void stats_finish(const acc_t* partial, int64_t splits, int64_t C, acc_t n,
+                             const acc_t* shift, double eps, acc_t* mean, acc_t* invstd,
+                             acc_t* var_unbiased) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  acc_t s0 = 0, s1 = 0;
+  for (int64_t k = 0; k < splits; ++k) {
+    s0 += partial[(k * C + c) * 2];
+    s1 += partial[(k * C + c) * 2 + 1];
+  }
+  const acc_t d = s0 / n;
+  acc_t var = s1 / n - d * d;
+  var = var > acc_t(0) ? var : acc_t(0);
+  mean[c] = shift[c] + d;
+  invstd[c] = acc_t(1) / sqrt(var + static_cast<acc_t>(eps));
+  var_unbiased[c] = var * n / (n - acc_t(1));
 }
 
 }  // namespace cbr
