@@ -299,3 +299,25 @@ def test_stem_fold_path(device):
     out = m3d.ops.conv_bias_relu3d(x, w, bb, **kw)
     ref = reference.conv_bias_relu3d(x, w, bb, **kw)
     torch.testing.assert_close(out, ref, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+@pytest.mark.parametrize("generic_stats", [False, True])
+def test_statistics_with_large_mean(device, cl, generic_stats, monkeypatch):
+    # conv output with |mean| / std ~ 1000: a naive one-pass sum / sum-of-squares in fp32 gets
+    # the variance ~20% wrong; the shifted (CUDA) and Welford (CPU) statistics must not.
+    # MED3D_EXT_GENERIC_STATS=1 selects bn_stats on CUDA too.
+    monkeypatch.setenv("MED3D_EXT_GENERIC_STATS", "1" if generic_stats else "0")
+    x = 10 + 0.1 * torch.randn(2, 4, 6, 7, 9, device=device)
+    w = torch.rand(16, 4, 3, 3, 3, device=device) / 54 + 1 / 216
+    if cl:
+        x, w = (t.to(memory_format=torch.channels_last_3d) for t in (x, w))
+    bw, bb = torch.rand(16, device=device) + 0.5, torch.randn(16, device=device)
+    rm, rv = torch.zeros(16, device=device), torch.ones(16, device=device)
+    rm64, rv64 = rm.double(), rv.double()
+    out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv)
+    ref = reference.conv_bn_relu3d(x.double(), w.double(), bw.double(), bb.double(), rm64, rv64)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(rv.double(), rv64, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(rm.double(), rm64, rtol=1e-5, atol=1e-6)
