@@ -228,7 +228,7 @@ __global__ void reduce_nchw(Acc acc, ParamPtrs<acc_t> pp, int64_t N, int64_t C, 
 // memory holds TX * TY * V * 2 accumulators.
 template <typename acc_t, int V, class Acc>
 __global__ void reduce_nhwc(Acc acc, ParamPtrs<acc_t> pp, int64_t M, int64_t C, acc_t* partial) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t cv = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   const bool valid = cv * V < C;
@@ -249,21 +249,23 @@ __global__ void reduce_nhwc(Acc acc, ParamPtrs<acc_t> pp, int64_t M, int64_t C, 
     mine[j] = s0[j];
     mine[V + j] = s1[j];
   }
-  __syncthreads();
-  if (threadIdx.y != 0 || !valid) return;
-  for (int k = 1; k < int(blockDim.y); ++k) {
-    const acc_t* other = sm + (k * blockDim.x + threadIdx.x) * 2 * V;
+  // Tree over the block's rows (fixed order, log2(blockDim.y) steps; any blockDim.y).
+  int span = 1;
+  while (span < int(blockDim.y)) span <<= 1;
+  for (int stride = span >> 1; stride > 0; stride >>= 1) {
+    __syncthreads();
+    if (int(threadIdx.y) < stride && threadIdx.y + stride < blockDim.y) {
+      const acc_t* other = mine + stride * blockDim.x * 2 * V;
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      s0[j] += other[j];
-      s1[j] += other[V + j];
+      for (int j = 0; j < 2 * V; ++j) mine[j] += other[j];
     }
   }
+  if (threadIdx.y != 0 || !valid) return;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     const int64_t c = cv * V + j;
-    partial[(blockIdx.y * C + c) * 2] = s0[j];
-    partial[(blockIdx.y * C + c) * 2 + 1] = s1[j];
+    partial[(blockIdx.y * C + c) * 2] = mine[j];
+    partial[(blockIdx.y * C + c) * 2 + 1] = mine[V + j];
   }
 }
 
