@@ -135,8 +135,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda
   auto w = acc_param(bn_weight, y), b = acc_param(bn_bias, y);
   at::Tensor grad_y = at::empty_like(y, y.options(), fmt);
   at::Tensor grad_r = r.defined() ? at::empty_like(y, y.options(), fmt) : at::empty({0}, y.options());
-  auto grad_w = at::zeros({g.C}, mean.options()), grad_b = at::zeros({g.C}, mean.options());
-  if (y.numel() == 0) return {grad_y, grad_w, grad_b, grad_r};
+  if (y.numel() == 0) {
+    auto z = at::zeros({g.C}, mean.options());
+    return {grad_y, z, z.clone(), grad_r};
+  }
+  // fully written by reduce_finish
+  auto grad_w = at::empty({g.C}, mean.options()), grad_b = at::empty({g.C}, mean.options());
   auto coef = at::empty({g.C * 3}, mean.options());
   at::Tensor partial = at::empty({0}, mean.options());
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -197,6 +197,11 @@ def test_empty_batch_eval(device):
     out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, training=False, **kw)
     ref = reference.conv_bn_relu3d(x, w, bw, bb, rm, rv, training=False, **kw)
     assert out.shape == ref.shape == (0, 8, 5, 6, 7)
+    leaves = [t.requires_grad_() for t in (x, w, bw, bb)]
+    out = m3d.ops.conv_bn_relu3d(*leaves, rm, rv, training=False, **kw)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    for g, t in zip(grads, leaves):
+        assert g.shape == t.shape and not g.abs().sum()
 
 
 @requires_ext
