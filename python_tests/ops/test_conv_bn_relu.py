@@ -323,6 +323,7 @@ def test_statistics_with_large_mean(device, cl, generic_stats, monkeypatch):
     rm64, rv64 = rm.double(), rv.double()
     out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv)
     ref = reference.conv_bn_relu3d(x.double(), w.double(), bw.double(), bb.double(), rm64, rv64)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(rv.double(), rv64, rtol=1e-3, atol=1e-6)
+    # the fp32 convolution alone perturbs y by ~1e-3 std here; a lost variance is off by ~10%
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(rv.double(), rv64, rtol=1e-2, atol=1e-6)
     torch.testing.assert_close(rm.double(), rm64, rtol=1e-5, atol=1e-6)
