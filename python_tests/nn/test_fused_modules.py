@@ -163,3 +163,20 @@ def test_autocast_fused_resnet(device):
     err_f = (out_f.float() - ref).norm() / ref.norm()
     err_p = (out_p.float() - ref).norm() / ref.norm()
     assert err_f <= 2 * err_p + 1e-2, (err_f, err_p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fold_conv_bn_relu_module(device):
+    m = ConvBNReLU3d(1, 6, 7, stride=2, padding=3).to(device)  # a stem: space-to-depth path
+    with torch.no_grad():
+        nn.init.uniform_(m.bn.weight, 0.5, 1.5)
+        m(torch.randn(2, 1, 9, 10, 11, device=device))  # running stats
+    m.eval()
+    x = torch.randn(1, 1, 9, 10, 11, device=device)
+    r = torch.randn(1, 6, 5, 5, 6, device=device)
+    with torch.no_grad():
+        ref = m(x, r)
+        folded = fold_bn(copy.deepcopy(m))
+        _close(folded(x, r), ref, "folded ConvBNReLU3d")
+    assert isinstance(folded.bn, nn.Identity) and folded.conv.bias is not None
+    assert set(folded.state_dict()) == {"conv.weight", "conv.bias"}
