@@ -86,6 +86,21 @@ def _space_to_depth_conv(x, weight, padding):
     return xs, ws
 
 
+def _check_batch_size(x, weight, stride, padding, dilation):
+    """F.batch_norm's error (a ValueError) for one value per channel in training; shapes that
+    are invalid for the convolution are left to the op's own, more specific check."""
+    shape = [x.shape[0], weight.shape[0]]
+    for i in range(3):
+        span = dilation[i] * (weight.shape[2 + i] - 1) + 1
+        shape.append((x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
+    n = shape[0]
+    for s in shape[2:]:
+        n *= s
+    if all(s > 0 for s in shape[2:]) and n == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size(shape)}")
+
+
 def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
                    bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                    running_var: Optional[torch.Tensor], *, stride: IntOr3 = 1,
@@ -136,6 +151,8 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
         bn_weight = torch.ones(cout, dtype=pdt, device=x.device)
     if bn_bias is None:
         bn_bias = torch.zeros(cout, dtype=pdt, device=x.device)
+    if training and x.dim() == 5 and weight.dim() == 5:
+        _check_batch_size(x, weight, stride, padding, dilation)
     if _stem_eligible(x, weight, stride, padding, dilation):
         x, weight = _space_to_depth_conv(x, weight, padding)
         stride, padding = [1, 1, 1], [0, 0, 0]

@@ -223,7 +223,7 @@ def test_bad_input(device):
         f(x, w, bw, bb, rm, rv, residual=r[:, :4], **kw)
     with pytest.raises(RuntimeError, match=r"'x' is too small"):
         f(x[:, :, :1, :1, :1], w, bw, bb, rm, rv, stride=1, padding=0)
-    with pytest.raises(RuntimeError, match="Expected more than 1 value per channel when training"):
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         f(x[:1, :, :3, :3, :3], w, bw, bb, rm, rv, stride=1, padding=0)
     with pytest.raises(RuntimeError, match="floating point"):
         f(x.long(), w.long(), bw, bb, rm, rv, **kw)
