@@ -25,9 +25,37 @@ struct Geometry {
 };
 
 Geometry geometry(const at::Tensor& y) {
+  // The kernels index every tensor as a dense (N*C, S) or (M, C) matrix in y's memory order.
+  TORCH_CHECK(y.is_contiguous() || is_channels_last_3d(y),
+              "med3d_ext.conv_bn_relu3d (CUDA): internal error: y must be contiguous or "
+              "channels_last_3d, got strides ", y.strides());
   const int64_t N = y.size(0), C = y.size(1);
   const int64_t S = (N * C != 0) ? y.numel() / (N * C) : 0;
   return {is_channels_last_3d(y), N, C, S, N * S};
+}
+
+// True when t is dense with y's memory order: the kernels read/write it with y's flat index
+// (strides of size-1 dimensions do not matter).
+bool same_dense_layout(const at::Tensor& t, const at::Tensor& y) {
+  if (t.sizes() != y.sizes()) return false;
+  if (t.numel() == 0) return true;  // nothing is read or written
+  if (!t.is_non_overlapping_and_dense()) return false;
+  for (int64_t d = 0; d < y.dim(); ++d)
+    if (y.size(d) != 1 && t.stride(d) != y.stride(d)) return false;
+  return true;
+}
+
+// t (y's shape) in y's dtype and exact memory layout: a no-op when it already is, else a copy.
+// Every element-wise kernel here indexes all its tensors with one flat index, so a residual,
+// grad_out or output in any other layout (a different memory format, a strided view, ...)
+// would be read or written at the wrong elements.
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& y) {
+  at::Tensor u = t.scalar_type() == y.scalar_type() ? t : t.to(y.scalar_type());
+  if (same_dense_layout(u, y)) return u;
+  u = u.contiguous(layout_of(y));
+  TORCH_CHECK(same_dense_layout(u, y), "med3d_ext.conv_bn_relu3d (CUDA): internal error: "
+              "cannot bring a tensor of strides ", t.strides(), " to y's layout ", y.strides());
+  return u;
 }
 
 // 128-bit vectors for fp32/fp16/bf16 (float64 is a test dtype and stays scalar).
@@ -71,9 +99,16 @@ void launch_elementwise(const Geometry& g, const Op& op, const ParamPtrs<acc_t>&
 }
 
 void bn_act_forward_cuda(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
-                         const at::Tensor& w, const at::Tensor& b, const at::Tensor* r, bool relu,
-                         at::Tensor& out) {
+                         const at::Tensor& w, const at::Tensor& b, const at::Tensor* r_in,
+                         bool relu, at::Tensor& out_in) {
   const Geometry g = geometry(y);
+  // The residual and the output must share y's layout (the caller makes them so; this keeps
+  // the kernel correct whatever it is handed).
+  at::Tensor r_local;
+  if (r_in) r_local = in_layout_of(*r_in, y);
+  const at::Tensor* r = r_in ? &r_local : nullptr;
+  const bool out_ok = out_in.scalar_type() == y.scalar_type() && same_dense_layout(out_in, y);
+  at::Tensor out = out_ok ? out_in : at::empty_like(y, y.options(), layout_of(y));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -91,6 +126,7 @@ void bn_act_forward_cuda(const at::Tensor& y, const at::Tensor& mean, const at::
       });
     });
   });
+  if (!out_ok) out_in.copy_(out);
 }
 
 // Per-channel pair of sums of Acc over the whole tensor, as (splits, C, 2) partials (merged in
@@ -126,11 +162,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda
     const at::Tensor& invstd_in, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const c10::optional<at::Tensor>& residual, bool training, bool relu) {
   const c10::cuda::CUDAGuard guard(y_in.device());
-  auto [grad_out, r] =
+  auto [grad_out_p, r_p] =
       prepare_bn_relu_backward(grad_out_in, y_in, mean_in, invstd_in, bn_weight, bn_bias, residual);
   const at::Tensor y = y_in.contiguous(layout_of(y_in));
   const Geometry g = geometry(y);
   const auto fmt = layout_of(y);
+  // grad_out and the residual in y's exact layout (prepare_bn_relu_backward already brings
+  // them there; checked again because the kernels index all of them with y's flat index).
+  const at::Tensor grad_out = in_layout_of(grad_out_p, y);
+  const at::Tensor r = r_p.defined() ? in_layout_of(r_p, y) : r_p;
   auto mean = acc_param(mean_in, y), invstd = acc_param(invstd_in, y);
   auto w = acc_param(bn_weight, y), b = acc_param(bn_bias, y);
   at::Tensor grad_y = at::empty_like(y, y.options(), fmt);

@@ -327,3 +327,81 @@ def test_statistics_with_large_mean(device, cl, generic_stats, monkeypatch):
     torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(rv.double(), rv64, rtol=1e-2, atol=1e-6)
     torch.testing.assert_close(rm.double(), rm64, rtol=1e-5, atol=1e-6)
+
+
+
+def _relayout(t, kind):
+    """t's values (differentiably) in another memory layout: contiguous, channels_last_3d, a
+    non-contiguous strided view, or a dense view whose data pointer is not 16-byte aligned."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if kind == "strided":
+        return torch.cat([t, torch.zeros_like(t)], dim=-1)[..., : t.shape[-1]]
+    if kind == "offset":
+        flat = torch.cat([t.new_zeros(1), t.contiguous().reshape(-1)])
+        return flat[1:].view(t.shape)
+    raise ValueError(kind)
+
+
+def _run_layouts(fn, x, w, bw, bb, rm, rv, r, kw, training, r_kind, go):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, bw, bb, r)]
+    rm, rv = rm.clone(), rv.clone()
+    res = _relayout(leaves[4], r_kind)
+    out = fn(*leaves[:4], rm, rv, training=training, residual=res, relu=True, **kw)
+    return out, torch.autograd.grad(out, leaves, go), rm, rv
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_cl", [False, True], ids=["x_ncdhw", "x_cl3d"])
+@pytest.mark.parametrize("r_kind", ["contiguous", "channels_last", "strided", "offset"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_residual_and_grad_out_layouts(device, x_cl, r_kind, training):
+    # The residual (and grad_out) need not share the output's memory format, be contiguous or
+    # be 16-byte aligned: the CUDA kernels index them with the output's flat index and use
+    # 128-bit loads when they can, so each case must land on y's layout (or the scalar path).
+    cfg = (8, 16, 3, 1, 1, 1, (4, 6, 8))  # Cout and W multiples of every vector width
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, cfg, residual=True, cl=x_cl)
+    if r_kind == "offset":
+        assert _relayout(r, r_kind).data_ptr() % 16 != 0
+    if r_kind == "strided":
+        assert not _relayout(r, r_kind).is_contiguous()
+    go = _relayout(torch.randn(r.shape, device=device), "contiguous" if x_cl else "channels_last")
+    out, grads, rm1, rv1 = _run_layouts(m3d.ops.conv_bn_relu3d, x, w, bw, bb, rm, rv, r, kw,
+                                        training, r_kind, go)
+    ref, rgrads, rm2, rv2 = _run_layouts(reference.conv_bn_relu3d, x, w, bw, bb, rm, rv, r, kw,
+                                         training, "contiguous", go)
+    t = tol(torch.float32)
+    torch.testing.assert_close(out, ref, **t)
+    for name, a, b in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], grads, rgrads):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=t["rtol"] * 10, atol=t["atol"] * 10 * scale,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+    torch.testing.assert_close(rm1, rm2, **t)
+    torch.testing.assert_close(rv1, rv2, **t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("r_kind", ["contiguous", "channels_last", "offset"])
+def test_autocast_residual_other_dtype_and_layout(device, r_kind):
+    # under autocast an fp32 residual is cast to bf16 by the wrapper; x channels_last_3d, the
+    # residual in another layout / misaligned: as accurate as the reference under autocast
+    cfg = (16, 64, 3, 1, 1, 1, (4, 6, 8))
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, cfg, residual=True, cl=True)
+    go = torch.randn(r.shape, device=device).to(memory_format=torch.channels_last_3d)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out, grads, *_ = _run_layouts(m3d.ops.conv_bn_relu3d, x, w, bw, bb, rm, rv, r, kw, True,
+                                      r_kind, go.bfloat16())
+        low, lgrads, *_ = _run_layouts(reference.conv_bn_relu3d, x, w, bw, bb, rm, rv, r, kw,
+                                       True, r_kind, go.bfloat16())
+    ref, rgrads, *_ = _run_layouts(reference.conv_bn_relu3d, x, w, bw, bb, rm, rv, r, kw, True,
+                                   "contiguous", go)
+    assert out.dtype == torch.bfloat16
+    assert_low_precision_close(out.float(), low.float(), ref, factor=2.0, floor=1e-2)
+    for name, a, b, c in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], grads, lgrads,
+                             rgrads):
+        c = c.double()
+        err_ours = (a.double() - c).norm() / c.norm()
+        err_torch = (b.double() - c).norm() / c.norm()
+        assert err_ours <= 2 * err_torch + 1e-2, f"grad {name}: {err_ours:.3g} vs {err_torch:.3g}"
