@@ -22,6 +22,15 @@ TOL = {
 
 HAS_CUDA = torch.cuda.is_available()
 
+if HAS_CUDA:
+    # Tests compare float32 results with float32 tolerances: TF32 convolutions/matmuls (cuDNN's
+    # default) would differ by ~1e-3 between two algorithms, and nondeterministic cuDNN weight
+    # gradients would fail gradcheck's reentrancy check. Both are speed settings, not semantics.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 

@@ -4,22 +4,29 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include <sstream>
 #include <string>
 
 namespace med3d_ext {
 
+// Messages are built by string concatenation, not std::ostream: on one GPU build machine
+// (torch 2.11, its own g++) formatting through ostream inside this module segfaulted
+// (benchmarks/results/2026-11-26_h200/cuda_tests.md), so error paths stay iostream-free and
+// hand TORCH_CHECK a single ready-made string.
 inline std::string describe(const at::Tensor& t) {
-  std::ostringstream s;
   if (!t.defined()) return "an undefined tensor";
-  s << "a tensor of shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device "
-    << t.device();
-  return s.str();
+  std::string shape = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (i) shape += ", ";
+    shape += std::to_string(t.size(i));
+  }
+  shape += "]";
+  return "a tensor of shape " + shape + ", dtype " + std::string(c10::toString(t.scalar_type())) +
+         ", device " + t.device().str();
 }
 
-#define M3D_CHECK_ARG(COND, OP, ARG, TENSOR, EXPECTED)                                         \
-  TORCH_CHECK((COND), "med3d_ext.", OP, ": argument '", ARG, "' must be ", EXPECTED, ", got ", \
-              ::med3d_ext::describe(TENSOR))
+#define M3D_CHECK_ARG(COND, OP, ARG, TENSOR, EXPECTED)                                           \
+  TORCH_CHECK((COND), std::string("med3d_ext.") + (OP) + ": argument '" + (ARG) + "' must be " + \
+                          std::string(EXPECTED) + ", got " + ::med3d_ext::describe(TENSOR))
 
 inline void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim) {
   M3D_CHECK_ARG(t.defined() && t.dim() == dim, op, arg, t, std::to_string(dim) + "-D");

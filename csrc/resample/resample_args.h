@@ -15,10 +15,11 @@
 namespace med3d_ext {
 namespace rs {
 
+// iostream-free on purpose (see common/checks.h)
 inline std::string list_str(at::IntArrayRef v) {
-  std::ostringstream s;
-  s << v;
-  return s.str();
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
 }
 
 inline void check_size(const char* op, const char* arg, at::IntArrayRef size, size_t rank) {
