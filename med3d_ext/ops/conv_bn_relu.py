@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
+from .stem import stem_rewrite
 from ._common import compiled, register_autograd, register_fake
 
 __all__ = ["conv_bn_relu3d", "conv_bias_relu3d"]
@@ -66,24 +67,8 @@ def _stem_eligible(x, weight, stride, padding, dilation) -> bool:
 
 def _space_to_depth_conv(x, weight, padding):
     """(x, weight, stride 2, padding) -> (x', weight') for a stride-1, padding-0 convolution with
-    the same output; x' and weight' are channels_last_3d."""
-    n, cin = x.shape[:2]
-    cout = weight.shape[0]
-    ks = list(weight.shape[2:])
-    kq = [(k + 1) // 2 for k in ks]
-    pads = []
-    for i in (2, 1, 0):  # F.pad order: last dim first
-        out = (x.shape[2 + i] + 2 * padding[i] - ks[i]) // 2 + 1
-        pads += [padding[i], 2 * (out + kq[i] - 1) - x.shape[2 + i] - padding[i]]
-    xp = torch.nn.functional.pad(x, pads)
-    d, h, w = (s // 2 for s in xp.shape[2:])
-    xs = xp.reshape(n, cin, d, 2, h, 2, w, 2).permute(0, 2, 4, 6, 1, 3, 5, 7)
-    xs = xs.reshape(n, d, h, w, cin * 8).permute(0, 4, 1, 2, 3)
-    wp = torch.nn.functional.pad(weight, [0, 2 * kq[2] - ks[2], 0, 2 * kq[1] - ks[1],
-                                          0, 2 * kq[0] - ks[0]])
-    ws = wp.reshape(cout, cin, kq[0], 2, kq[1], 2, kq[2], 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    ws = ws.reshape(cout, cin * 8, *kq).contiguous(memory_format=torch.channels_last_3d)
-    return xs, ws
+    the same output; x' and weight' are channels_last_3d (see med3d_ext/ops/stem.py)."""
+    return stem_rewrite(x, weight, padding, channels_last=True)
 
 
 def _check_batch_size(x, weight, stride, padding, dilation):

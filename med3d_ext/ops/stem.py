@@ -35,11 +35,13 @@ def _triple(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
 
 
-def stem_rewrite(x: torch.Tensor, weight: torch.Tensor, padding=3):
+def stem_rewrite(x: torch.Tensor, weight: torch.Tensor, padding=3, channels_last=None):
     """Return ``(x2, w2)`` with ``conv3d(x2, w2) == conv3d(x, weight, stride=2, padding=padding)``.
 
     x (N, Cin, D, H, W) -> x2 (N, 8*Cin, Do+q_d-1, ...); weight (Cout, Cin, kd, kh, kw) ->
-    w2 (Cout, 8*Cin, ceil(kd/2), ceil(kh/2), ceil(kw/2)); stride 1, no padding.
+    w2 (Cout, 8*Cin, ceil(kd/2), ceil(kh/2), ceil(kw/2)); stride 1, no padding. Both come out
+    channels_last_3d when ``channels_last`` is True (cuDNN's tensor-core layout), contiguous when
+    False, and in x's layout when None.
     """
     n, cin = x.shape[:2]
     ks = weight.shape[2:]
@@ -51,18 +53,20 @@ def stem_rewrite(x: torch.Tensor, weight: torch.Tensor, padding=3):
     # F.pad takes (W_left, W_right, H_left, H_right, D_left, D_right); negative crops.
     xp = F.pad(x, (pads[2], right[2], pads[1], right[1], pads[0], right[0]))
     L = [(o + qq - 1) for o, qq in zip(out, q)]
-    # (N, C, L_d, 2, L_h, 2, L_w, 2) -> (N, C, 2, 2, 2, L_d, L_h, L_w): channel index c*8 + phase
-    x2 = xp.reshape(n, cin, L[0], 2, L[1], 2, L[2], 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    x2 = x2.reshape(n, cin * 8, L[0], L[1], L[2])
-    # Keep the caller's layout: channels_last_3d in (true of any Cin=1 tensor) -> out.
-    layout = (torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d)
-              else torch.contiguous_format)
-    x2 = x2.contiguous(memory_format=layout)
+    if channels_last is None:  # x's layout (any Cin=1 tensor counts as channels_last_3d)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last_3d)
+    # (N, C, L_d, 2, L_h, 2, L_w, 2): channel index c*8 + phase, one copy into either layout
+    x2 = xp.reshape(n, cin, L[0], 2, L[1], 2, L[2], 2)
+    if channels_last:
+        x2 = x2.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(n, L[0], L[1], L[2], cin * 8)
+        x2 = x2.permute(0, 4, 1, 2, 3)
+    else:
+        x2 = x2.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(n, cin * 8, L[0], L[1], L[2])
     cout = weight.shape[0]
     wp = F.pad(weight, (0, 2 * q[2] - ks[2], 0, 2 * q[1] - ks[1], 0, 2 * q[0] - ks[0]))
     w2 = wp.reshape(cout, cin, q[0], 2, q[1], 2, q[2], 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
     w2 = w2.reshape(cout, cin * 8, q[0], q[1], q[2])
-    if weight.is_contiguous(memory_format=torch.channels_last_3d):
+    if channels_last:
         w2 = w2.contiguous(memory_format=torch.channels_last_3d)
     return x2, w2
 
