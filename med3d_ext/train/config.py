@@ -30,6 +30,10 @@ class Option:
     help: str
     commands: tuple = ("pretrain", "transfer", "evaluate")
     flag: bool = True  # also a command-line option (--key-name)
+    by_command: tuple = ()  # ((command, default), ...) where a command's default differs
+
+    def default_for(self, command: str):
+        return dict(self.by_command).get(command, self.default)
 
 
 _T = ("pretrain", "transfer")
@@ -69,7 +73,8 @@ OPTIONS: dict[str, Option] = {
     "batch_size": Option(4, "int", "samples per step (per process under torchrun)", _T),
     "patch": Option(48, "patch", "training patch: N or [D, H, W] (multiples of 8)", _ALL),
     "optimizer": Option("sgd", "str", "sgd (MedicalNet) | adamw", _T),
-    "lr": Option(1e-2, "float", "learning rate (transfer: of the encoder; MedicalNet 1e-3)", _T),
+    "lr": Option(1e-2, "float", "learning rate (transfer: of the encoder, default 1e-3 as "
+                 "MedicalNet)", _T, by_command=(("transfer", 1e-3),)),
     "head_lr": Option(1e-1, "float", "transfer: learning rate of the new head (MedicalNet "
                       "1e-1); from scratch every parameter uses it", ("transfer",)),
     "momentum": Option(0.9, "float", "SGD momentum", _T),
@@ -114,7 +119,7 @@ def keys_for(command: str) -> list[str]:
 
 
 def defaults(command: str) -> dict:
-    return {k: OPTIONS[k].default for k in keys_for(command)}
+    return {k: OPTIONS[k].default_for(command) for k in keys_for(command)}
 
 
 def _bool(key, v):
@@ -192,7 +197,8 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         if not o.flag:
             continue
         name = "--" + key.replace("_", "-")
-        h = f"{o.help} (default: {o.default if o.default is not None else 'auto/none'})"
+        d = o.default_for(command)
+        h = f"{o.help} (default: {d if d is not None else 'auto/none'})"
         if o.kind in ("bool", "auto_bool"):
             parser.add_argument(name, dest=key, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=h)

@@ -338,7 +338,7 @@ def load_cls_volume(path, patch, channel=None) -> torch.Tensor:
     lo, hi = np.percentile(x, [0.5, 99.5])
     x = np.clip(x, lo, hi)
     x = (x - x.mean()) / max(float(x.std()), 1e-6)
-    t = torch.from_numpy(x)[None, None]
+    t = torch.from_numpy(x.astype(np.float32))[None, None]
     return F.interpolate(t, size=tuple(patch), mode="trilinear", align_corners=False)[0]
 
 
