@@ -178,7 +178,7 @@ def run_evaluate(cfg: dict, log=print, explicit=()) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if not argv:
         from .demo import run_demo
 
