@@ -119,6 +119,12 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         cfg["out"] = str(run)
         if ctx.is_main:
             C.save_config(cfg, run / "config.yaml")
+        if ctx.enabled and not (command == "transfer" and cfg["task"] == "cls"):
+            from .tasks import open_preprocessed
+
+            if ctx.is_main:  # one process fills the preprocessing cache, the others reuse it
+                for d in dirs:
+                    open_preprocessed(d, cfg)
         barrier(ctx)
         _seed_everything(cfg["seed"])  # same on every rank: identical initial weights
         if command == "pretrain":

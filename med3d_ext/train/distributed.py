@@ -66,6 +66,9 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext, *, sync_bn: bool = False,
     if not ctx.enabled:
         return model
     if sync_bn:
+        if ctx.device.type != "cuda":
+            raise RuntimeError("--sync-bn: SyncBatchNorm runs on CUDA devices only (this run "
+                               f"is on {ctx.device}); drop --sync-bn for gloo/CPU runs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
