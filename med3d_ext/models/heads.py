@@ -1,0 +1,205 @@
+"""Transfer models and fine-tuning helpers.
+
+- Segmentation transfer is MedicalNet's own network, ``resnet3d(depth, num_classes)``: the
+  encoder loads from a pretrained file and ``conv_seg`` starts fresh.
+- Classification transfer is ``ClassificationNet``: the encoder, global average pooling,
+  dropout and a linear layer.
+- ``freeze_encoder`` / ``unfreeze_encoder`` and ``param_groups`` (separate encoder and head
+  learning rates; MedicalNet fine-tunes with 1e-3 for the encoder and 100x for the new head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .med3d import Med3DNet
+from .resnet import ENCODER_ROOTS, ResNet3d, ResNet3dEncoder, apply_fusion
+from .weights import infer_medicalnet_depth, load_medicalnet_weights, unwrap_model
+
+__all__ = [
+    "ClassificationHead",
+    "ClassificationNet",
+    "build_model",
+    "build_transfer_model",
+    "encoder_parameters",
+    "freeze_encoder",
+    "head_parameters",
+    "param_groups",
+    "unfreeze_encoder",
+]
+
+TASKS = ("segmentation", "classification")
+
+
+class ClassificationHead(nn.Module):
+    """(N, C, d, h, w) -> global average pool -> dropout -> linear -> (N, num_classes)."""
+
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.5):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))
+
+
+class ClassificationNet(nn.Module):
+    """MedicalNet encoder + ``ClassificationHead``. Keys: ``encoder.*`` (MedicalNet's encoder
+    keys) and ``head.fc.*``. forward(x: (N, in_channels, D, H, W)) -> logits (N, num_classes)."""
+
+    def __init__(self, depth: int, num_classes: int, shortcut_type: str | None = None,
+                 in_channels: int = 1, dropout: float = 0.5, fused: bool = False):
+        super().__init__()
+        self.encoder = ResNet3dEncoder(depth, shortcut_type, in_channels)
+        self.head = ClassificationHead(self.encoder.out_channels, num_classes, dropout)
+        self.num_classes = num_classes
+        if fused:
+            apply_fusion(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    @property
+    def arch(self) -> dict:
+        return {"task": "classification", "depth": self.encoder.depth,
+                "shortcut_type": self.encoder.shortcut_type,
+                "in_channels": self.encoder.in_channels, "num_classes": self.num_classes,
+                "dropout": self.head.dropout.p}
+
+
+def build_model(arch: Mapping, fused: bool = False) -> nn.Module:
+    """Rebuild a model from its ``arch`` dict (every model here has an ``arch`` property; our
+    checkpoints store it)."""
+    task = arch.get("task")
+    common = {"shortcut_type": arch.get("shortcut_type"), "in_channels": arch.get("in_channels", 1)}
+    if task == "pretrain":
+        return Med3DNet(arch["depth"], dict(arch["heads"]), fused=fused, **common)
+    if task == "classification":
+        return ClassificationNet(arch["depth"], arch["num_classes"],
+                                 dropout=arch.get("dropout", 0.5), fused=fused, **common)
+    if task == "segmentation":
+        model = ResNet3d(arch["depth"], arch.get("num_classes", 2), **common)
+    elif task == "encoder":
+        model = ResNet3dEncoder(arch["depth"], **common)
+    else:
+        raise ValueError(f"arch['task'] must be one of pretrain, segmentation, classification, "
+                         f"encoder; got {task!r}")
+    return apply_fusion(model) if fused else model
+
+
+def build_transfer_model(task: str, depth: int | None, num_classes: int, *,
+                         weights=None, shortcut_type: str | None = None, in_channels: int = 1,
+                         dropout: float = 0.5, fused: bool = False, return_report: bool = False):
+    """A transfer model, optionally initialised from pretrained encoder weights.
+
+    Args:
+        task: "segmentation" (``resnet3d`` with a fresh ``conv_seg`` of ``num_classes``) or
+            "classification" (``ClassificationNet``).
+        depth: ResNet depth; None reads depth and shortcut type from ``weights``.
+        weights: a MedicalNet ``.pth``, our checkpoint or ``.safetensors`` (see
+            ``load_medicalnet_weights``), or None for random initialisation.
+        return_report: also return the ``LoadReport`` (None without weights).
+    Returns: the model, or ``(model, report)``.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if depth is None:
+        if weights is None:
+            raise ValueError("depth=None needs weights to read the depth from")
+        depth, inferred = infer_medicalnet_depth(weights)
+        shortcut_type = shortcut_type or inferred
+    if task == "segmentation":
+        model = ResNet3d(depth, num_classes, shortcut_type, in_channels)
+    else:
+        model = ClassificationNet(depth, num_classes, shortcut_type, in_channels, dropout)
+    report = load_medicalnet_weights(model, weights) if weights is not None else None
+    if fused:  # after loading: fusion keeps the modules, so either order works
+        model = apply_fusion(model)
+    return (model, report) if return_report else model
+
+
+def _encoder_modules(model: nn.Module) -> list[nn.Module]:
+    model = unwrap_model(model)
+    if isinstance(model, ResNet3dEncoder):
+        return [getattr(model, n) for n in ENCODER_ROOTS]
+    enc = getattr(model, "encoder", None)
+    if isinstance(enc, nn.Module):
+        return [enc]
+    raise TypeError(f"{type(model).__name__} has no MedicalNet encoder (neither a resnet3d nor "
+                    "a module with an `encoder`)")
+
+
+def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The encoder's parameters (conv1, bn1, layer1..4), in module order."""
+    return [p for m in _encoder_modules(model) for p in m.parameters()]
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``model`` that is not the encoder's (conv_seg, heads, head)."""
+    enc = {id(p) for p in encoder_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in enc]
+
+
+def _keep_eval(module: nn.Module, args):  # forward pre-hook: frozen BN keeps its statistics
+    module.training = False
+
+
+def freeze_encoder(model: nn.Module, bn_eval: bool = True) -> nn.Module:
+    """Stop training the encoder: ``requires_grad=False`` on its parameters, and with
+    ``bn_eval`` its BatchNorm layers stay in eval mode (running statistics neither used from
+    the batch nor updated) even after ``model.train()``. Returns ``model``."""
+    for p in encoder_parameters(model):
+        p.requires_grad_(False)
+    if bn_eval:
+        for m in _encoder_modules(model):
+            for bn in m.modules():
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm) \
+                        and not hasattr(bn, "_m3d_freeze_hook"):
+                    bn.eval()
+                    bn._m3d_freeze_hook = bn.register_forward_pre_hook(_keep_eval)
+    return model
+
+
+def unfreeze_encoder(model: nn.Module) -> nn.Module:
+    """Undo ``freeze_encoder``: parameters trainable, BatchNorm following ``model.training``."""
+    for p in encoder_parameters(model):
+        p.requires_grad_(True)
+    for m in _encoder_modules(model):
+        for bn in m.modules():
+            hook = bn.__dict__.pop("_m3d_freeze_hook", None)
+            if hook is not None:
+                hook.remove()
+                bn.train(model.training)
+    return model
+
+
+def param_groups(model: nn.Module, lr: float = 1e-3, head_lr: float | None = None,
+                 head_lr_mult: float = 100.0, weight_decay: float | None = None) -> list[dict]:
+    """Optimizer parameter groups ``[{"name": "encoder", ...}, {"name": "head", ...}]``.
+
+    The encoder gets ``lr``, the head ``head_lr`` (default ``lr * head_lr_mult``; MedicalNet:
+    1e-3 and 100x). Frozen parameters (``requires_grad=False``) and empty groups are left out.
+    Pass the result to any ``torch.optim`` optimizer.
+    """
+    head_lr = lr * head_lr_mult if head_lr is None else head_lr
+    groups = []
+    for name, params, group_lr in (("encoder", encoder_parameters(model), lr),
+                                   ("head", head_parameters(model), head_lr)):
+        params = [p for p in params if p.requires_grad]
+        if params:
+            g = {"name": name, "params": params, "lr": group_lr}
+            if weight_decay is not None:
+                g["weight_decay"] = weight_decay
+            groups.append(g)
+    return groups

@@ -1,0 +1,115 @@
+"""Med3D's multi-head network: one shared encoder, one segmentation head per dataset.
+
+This is the paper's 3DSeg-8 co-training model. A batch mixes samples of several datasets
+(``dataset_id`` per sample); the encoder runs once on the whole batch and each sample's
+features go to its dataset's head. Only the encoder is transferred afterwards, so
+``Med3DNet.encoder`` has exactly MedicalNet's encoder keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .resnet import MedicalNetSegHead, ResNet3dEncoder, apply_fusion
+
+__all__ = ["HeadOutput", "Med3DNet"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class HeadOutput(NamedTuple):
+    """One head's share of a batch: ``logits`` (len(index), C_head, d, h, w) for the samples
+    ``index`` (LongTensor into the batch, ascending) of dataset ``head``."""
+
+    head: int
+    index: torch.Tensor
+    logits: torch.Tensor
+
+
+class Med3DNet(nn.Module):
+    """Shared MedicalNet encoder + one MedicalNet segmentation head per dataset.
+
+    Args:
+        depth: ResNet depth (10, 18, 34, 50, 101, 152, 200).
+        heads: ordered ``{dataset name: number of classes}``; dataset id ``i`` is the i-th entry.
+            Names are module names: letters, digits, ``_`` and ``-``.
+        fused: use the fused conv+BN+ReLU forward (``med3d_ext.nn``).
+        shortcut_type, in_channels: as ``resnet3d``.
+
+    State dict: ``encoder.*`` (MedicalNet's encoder keys under ``encoder.``) and
+    ``heads.<name>.{0..6}.*`` (MedicalNet's ``conv_seg`` layout per head).
+    """
+
+    def __init__(self, depth: int, heads: Mapping[str, int], fused: bool = False,
+                 shortcut_type: str | None = None, in_channels: int = 1):
+        super().__init__()
+        if not isinstance(heads, Mapping) or not heads:
+            raise ValueError(f"heads must be a non-empty dict {{name: num_classes}}, got {heads!r}")
+        for name, n in heads.items():
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ValueError(f"head name {name!r} must match [A-Za-z0-9_-]+")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"head {name!r}: number of classes must be a positive int, "
+                                 f"got {n!r}")
+        self.encoder = ResNet3dEncoder(depth, shortcut_type, in_channels)
+        self.heads = nn.ModuleDict(
+            {name: MedicalNetSegHead(self.encoder.out_channels, n) for name, n in heads.items()})
+        self.head_names: list[str] = list(heads)
+        self.head_classes: list[int] = [heads[n] for n in self.head_names]
+        if fused:
+            apply_fusion(self)
+
+    @property
+    def arch(self) -> dict:
+        return {"task": "pretrain", "depth": self.encoder.depth,
+                "shortcut_type": self.encoder.shortcut_type,
+                "in_channels": self.encoder.in_channels,
+                "heads": dict(zip(self.head_names, self.head_classes))}
+
+    def _dataset_ids(self, dataset_id, n: int) -> torch.Tensor:
+        if isinstance(dataset_id, int) and not isinstance(dataset_id, bool):
+            dataset_id = torch.full((n,), dataset_id, dtype=torch.long)
+        elif isinstance(dataset_id, Sequence) and not isinstance(dataset_id, str):
+            dataset_id = torch.as_tensor(list(dataset_id), dtype=torch.long)
+        if not isinstance(dataset_id, torch.Tensor) or dataset_id.dtype.is_floating_point \
+                or dataset_id.dtype == torch.bool or dataset_id.shape != (n,):
+            got = (f"{dataset_id.dtype} tensor of shape {tuple(dataset_id.shape)}"
+                   if isinstance(dataset_id, torch.Tensor) else repr(dataset_id))
+            raise ValueError(f"dataset_id must be an int or an integer tensor of shape ({n},), "
+                             f"got {got}")
+        # one host sync for the whole routing (not one per head)
+        ids = dataset_id.detach().to("cpu", torch.long)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= len(self.head_names)):
+            bad = ids[(ids < 0) | (ids >= len(self.head_names))][0].item()
+            raise ValueError(f"dataset_id {bad} out of range: this Med3DNet has "
+                             f"{len(self.head_names)} heads {self.head_names}")
+        return ids
+
+    def forward(self, image: torch.Tensor, dataset_id) -> list[HeadOutput]:
+        """image (N, in_channels, D, H, W); dataset_id int64 (N,) (or an int for the whole
+        batch) -> ``[HeadOutput(head, index, logits)]`` in head order, heads without a sample
+        left out. The encoder runs once on the whole batch."""
+        ids = self._dataset_ids(dataset_id, image.shape[0])
+        feats = self.encoder(image)
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids, minlength=len(self.head_names)).tolist()
+        order_dev = order.to(image.device)
+        out, start = [], 0
+        for h, c in enumerate(counts):
+            if c == 0:
+                continue
+            index = order_dev[start:start + c]
+            start += c
+            head = self.heads[self.head_names[h]]
+            out.append(HeadOutput(h, index, head(feats.index_select(0, index))))
+        return out
+
+    def forward_head(self, image: torch.Tensor, head: int | str) -> torch.Tensor:
+        """All of ``image`` through one head (inference on a single dataset)."""
+        name = head if isinstance(head, str) else self.head_names[head]
+        return self.heads[name](self.encoder(image))

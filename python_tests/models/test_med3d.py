@@ -1,0 +1,155 @@
+"""Med3DNet: routing equals running each head separately; keys; dataset_id handling."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from med3d_ext.models import (
+    HeadOutput,
+    Med3DNet,
+    build_model,
+    load_medicalnet_weights,
+    resnet3d,
+    save_encoder_medicalnet,
+)
+from python_tests.conftest import assert_close
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+HEADS = {"liver": 3, "heart": 2, "brats-t1": 4}
+
+
+def released_keys(depth):
+    ref = json.loads((DATA / f"resnet{depth}.json").read_text())
+    return [e["key"] for e in ref["state_dict"] if e["in_released_file"]]
+
+
+def test_keys_are_medicalnet_encoder_plus_conv_seg_heads():
+    with torch.device("meta"):
+        med = Med3DNet(18, HEADS)
+        seg = {n: resnet3d(18, num_seg_classes=c) for n, c in HEADS.items()}
+    assert list(med.encoder.state_dict()) == released_keys(18)
+    sd = med.state_dict()
+    enc = [k for k in sd if k.startswith("encoder.")]
+    assert enc == ["encoder." + k for k in released_keys(18)]
+    for name, net in seg.items():
+        want = {k.replace("conv_seg.", f"heads.{name}.", 1): tuple(v.shape)
+                for k, v in net.state_dict().items() if k.startswith("conv_seg.")}
+        got = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(f"heads.{name}.")}
+        assert got == want
+    assert len(sd) == len(enc) + sum(14 for _ in HEADS)
+    assert med.head_names == list(HEADS) and med.head_classes == list(HEADS.values())
+
+
+def _run_separately(model, x, ids):
+    """Encoder once on the whole batch, then each head on its own samples, by hand."""
+    feats = model.encoder(x)
+    out = []
+    for h, name in enumerate(model.head_names):
+        idx = torch.nonzero(ids == h).flatten()
+        if idx.numel():
+            out.append((h, idx, model.heads[name](feats[idx])))
+    return out
+
+
+def _compare(got, want):
+    assert [o.head for o in got] == [w[0] for w in want]
+    for o, (h, idx, logits) in zip(got, want):
+        assert isinstance(o, HeadOutput)
+        assert o.index.dtype == torch.long
+        assert_close(o.index, idx)
+        assert_close(o.logits, logits)
+
+
+def test_routing_eval_equals_each_head_alone():
+    med = Med3DNet(10, HEADS).double().eval()
+    for m in med.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(5, 1, 9, 10, 11, dtype=torch.float64)
+    ids = torch.tensor([2, 0, 2, 2, 0])  # head 1 has no sample: left out
+    got = med(x, ids)
+    assert [o.head for o in got] == [0, 2]
+    # in eval mode each sample is independent: running the encoder per head is the same
+    want = []
+    for h in (0, 2):
+        idx = torch.nonzero(ids == h).flatten()
+        want.append((h, idx, med.heads[med.head_names[h]](med.encoder(x[idx]))))
+    _compare(got, want)
+    assert got[1].logits.shape == (3, 4, 4, 4, 4)
+
+
+def test_routing_train_mode_outputs_grads_and_bn_stats():
+    med = Med3DNet(10, HEADS)
+    ref = copy.deepcopy(med)
+    x = torch.randn(6, 1, 9, 10, 11)
+    ids = torch.tensor([1, 0, 1, 2, 0, 2])
+    got = med(x, ids)
+    want = _run_separately(ref, x, ids)
+    _compare(got, want)
+    sum(o.logits.square().mean() for o in got).backward()
+    sum(w[2].square().mean() for w in want).backward()
+    for (k, p), (_, q) in zip(med.named_parameters(), ref.named_parameters()):
+        assert_close(p.grad, q.grad, msg=k)
+    for (k, b), (_, c) in zip(med.named_buffers(), ref.named_buffers()):
+        assert_close(b, c, msg=k)
+
+
+def test_encoder_runs_once():
+    med = Med3DNet(10, HEADS).eval()
+    calls = []
+    med.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    med(torch.randn(4, 1, 8, 8, 8), torch.tensor([0, 1, 2, 0]))
+    assert calls == [4]
+
+
+def test_dataset_id_forms_and_errors():
+    med = Med3DNet(10, HEADS).eval()
+    x = torch.randn(3, 1, 8, 9, 7)
+    whole = med(x, 1)
+    assert [o.head for o in whole] == [1] and whole[0].index.tolist() == [0, 1, 2]
+    assert_close(whole[0].logits, med.forward_head(x, "heart"))
+    assert_close(whole[0].logits, med.forward_head(x, 1))
+    from_list = med(x, [2, 2, 0])
+    from_int32 = med(x, torch.tensor([2, 2, 0], dtype=torch.int32))
+    for a, b in zip(from_list, from_int32):
+        assert a.head == b.head and torch.equal(a.index, b.index)
+        assert_close(a.logits, b.logits)
+    with pytest.raises(ValueError, match=r"dataset_id 3 out of range.*3 heads"):
+        med(x, torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match=r"dataset_id -1 out of range"):
+        med(x, -1)
+    with pytest.raises(ValueError, match=r"shape \(3,\).*shape \(2,\)"):
+        med(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="torch.float32"):
+        med(x, torch.zeros(3))
+    assert med(x[:0], torch.zeros(0, dtype=torch.long)) == []
+
+
+def test_bad_heads():
+    with pytest.raises(ValueError, match="non-empty dict"):
+        Med3DNet(10, {})
+    with pytest.raises(ValueError, match=r"'a\.b'"):
+        Med3DNet(10, {"a.b": 2})
+    with pytest.raises(ValueError, match="positive int"):
+        Med3DNet(10, {"a": 0})
+
+
+def test_encoder_export_and_rebuild(tmp_path):
+    med = Med3DNet(10, HEADS)
+    p = save_encoder_medicalnet(med, tmp_path / "enc.pth")
+    seg = resnet3d(10, num_seg_classes=5)
+    report = load_medicalnet_weights(seg, p)
+    assert report.loaded == sorted(released_keys(10))
+    for k, v in med.encoder.state_dict().items():
+        assert_close(seg.state_dict()[k], v)
+    # arch rebuilds the same structure; the encoder alone round-trips through load_state_dict
+    again = build_model(med.arch)
+    assert list(again.state_dict()) == list(med.state_dict())
+    again.encoder.load_state_dict(med.encoder.state_dict())
+    assert med.arch["heads"] == HEADS and med.arch["task"] == "pretrain"

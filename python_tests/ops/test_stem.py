@@ -1,0 +1,52 @@
+"""The stem rewrite (stride-2 conv as a stride-1 conv on space-to-depth input) is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from med3d_ext.ops.stem import is_stem_like, stem_conv3d
+from python_tests.conftest import DEVICES, assert_low_precision_close
+
+
+def _check_exact(device, shape, k, cout, channels_last):
+    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(cout, shape[1], k, k, k, dtype=torch.float64, device=device, requires_grad=True)
+    xin = x.to(memory_format=torch.channels_last_3d) if channels_last else x
+    ours = stem_conv3d(xin, w, padding=k // 2)
+    ref = F.conv3d(x, w, stride=2, padding=k // 2)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ours, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 1, 19, 24, 17), (1, 1, 7, 7, 7), (2, 3, 9, 10, 11), (1, 4, 8, 8, 8)])
+@pytest.mark.parametrize("k", [7, 3, 4])
+def test_stem_rewrite_is_exact(device, shape, k):
+    _check_exact(device, shape, k, cout=int(torch.randint(1, 9, ()).item()),
+                 channels_last=bool(torch.randint(2, ()).item()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stem_low_precision(device):
+    dtype = torch.bfloat16
+    x = torch.randn(2, 1, 16, 18, 20, device=device)
+    w = torch.randn(8, 1, 7, 7, 7, device=device) * 0.05
+    ref = F.conv3d(x, w, stride=2, padding=3)
+    ours = stem_conv3d(x.to(dtype), w.to(dtype))
+    plain = F.conv3d(x.to(dtype), w.to(dtype), stride=2, padding=3)
+    assert_low_precision_close(ours, plain, ref, factor=2.0, floor=1e-2)
+
+
+def test_stem_like_and_errors():
+    w = torch.empty(64, 1, 7, 7, 7)
+    assert is_stem_like(w, 2, 3, 1) and not is_stem_like(w, 1, 3, 1)
+    assert not is_stem_like(torch.empty(64, 64, 3, 3, 3), 2, 1, 1)
+    with pytest.raises(ValueError, match="channels"):
+        stem_conv3d(torch.randn(1, 2, 8, 8, 8), w)
+    with pytest.raises(ValueError, match="5-D"):
+        stem_conv3d(torch.randn(8, 8, 8), w)
