@@ -8,6 +8,7 @@ sampler); models from ``med3d_ext.models``; the loss and augmentation through
 from __future__ import annotations
 
 import csv
+import os
 import re
 import zlib
 from pathlib import Path
@@ -67,7 +68,9 @@ def open_preprocessed(path, cfg):
     if cfg.get("cache"):
         key = zlib.crc32(str(Path(path).resolve()).encode()) & 0xFFFFFFFF
         cache = Path(cfg["cache"]) / f"{Path(path).name}-{key:08x}"
-    return data.open_dataset(path, cache=cache, workers=0, progress=False)
+    # a process pool pays off only with spare cores (and this may run under torchrun)
+    workers = 0 if (os.cpu_count() or 1) <= 2 else None
+    return data.open_dataset(path, cache=cache, workers=workers, progress=False)
 
 
 def split_cases(names, val_fraction: float) -> tuple[list[str], list[str]]:
@@ -194,8 +197,7 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
     loader = data.make_loader(
         [subset(p, split[head_name(p.name)]["train"]) for p in pres], patch, cfg["batch_size"],
         num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank, steps=total,
-        fg_fraction=cfg["fg_fraction"], channels=[cfg.get("channel")] * len(pres),
-        label_dtype=torch.int64)
+        fg_fraction=cfg["fg_fraction"], channels=[cfg.get("channel")] * len(pres))
     loss_fn = seg_loss_fn()
     names = list(heads)
 
@@ -274,7 +276,7 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     loader = data.make_loader([subset(pre, tr)], patch, cfg["batch_size"],
                               num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank,
                               steps=total, fg_fraction=cfg["fg_fraction"],
-                              channels=[cfg.get("channel")], label_dtype=torch.int64)
+                              channels=[cfg.get("channel")])
     loss_fn = seg_loss_fn()
 
     def step_fn(net, inp):
