@@ -87,6 +87,10 @@ OPTIONS: dict[str, Option] = {
     "target_dice": Option(0.5, "float", "record the first step whose validation Dice reaches "
                           "this", _T),
     "augment": Option(True, "bool", "random affine/intensity augmentation", _T),
+    "label_grid": Option("logits", "str", "where the loss is computed: logits (labels sampled "
+                         "nearest onto the 1/4 logit grid, MedicalNet) | patch (logits "
+                         "upsampled trilinearly to the patch, as in evaluation; better for "
+                         "small structures, slower)", _T),
     # -- performance
     "device": Option("auto", "str", "auto | cpu | cuda | cuda:N", _ALL),
     "amp": Option("auto", "str", "autocast: auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off",

@@ -107,8 +107,24 @@ def _to_dev(x, dev):
     return x.to(dev, non_blocking=True)
 
 
+def _label_size(cfg, patch):
+    grid = cfg.get("label_grid", "logits")
+    if grid not in ("logits", "patch"):
+        raise ConfigError(f"label_grid: expected logits or patch, got {grid!r}")
+    return tuple(patch) if grid == "patch" else tuple(p // 4 for p in patch)
+
+
+def _fit(logits, label):
+    """Logits on the label's grid: trilinear upsampling when the loss is computed at patch
+    resolution (label_grid=patch); unchanged on the logit grid."""
+    if tuple(logits.shape[2:]) == tuple(label.shape[1:]):
+        return logits
+    return F.interpolate(logits, size=tuple(label.shape[1:]), mode="trilinear",
+                         align_corners=False)
+
+
 def _prep_seg(cfg, patch, aug, channels_last):
-    lsize = tuple(p // 4 for p in patch)
+    lsize = _label_size(cfg, patch)
 
     def prepare(batch, dev):
         image = _to_dev(batch["image"], dev).float()
@@ -203,8 +219,8 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
 
     def step_fn(net, inp):
         outs = net(inp["image"], inp["dataset_id"])
-        logits = [o.logits for o in outs]
         targets = [inp["label"].index_select(0, o.index) for o in outs]
+        logits = [_fit(o.logits, t) for o, t in zip(outs, targets)]
         loss, per = loss_fn(logits, targets)
         info = {f"loss/{names[o.head]}": per[j] for j, o in enumerate(outs)}
 
@@ -280,7 +296,7 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     loss_fn = seg_loss_fn()
 
     def step_fn(net, inp):
-        logits = net(inp["image"])
+        logits = _fit(net(inp["image"]), inp["label"])
         loss, per = loss_fn([logits], [inp["label"]])
 
         def dice_fn():
