@@ -10,4 +10,11 @@
 TORCH_LIBRARY(med3d_ext, m) {
   // --- conv_bn_relu/ ---
   m.def("bn_stats(Tensor x, bool unbiased=False) -> (Tensor mean, Tensor var)");
+  // --- seg_loss/ ---
+  m.def("multihead_seg_loss(Tensor[] logits, Tensor[] targets, Tensor? head_weights, "
+        "Tensor? class_weights, float ce_weight, float dice_weight, float smooth, "
+        "int ignore_index) -> (Tensor total, Tensor per_head, Tensor bad_labels, Tensor saved)");
+  m.def("multihead_seg_loss_backward(Tensor[] logits, Tensor[] targets, Tensor saved, "
+        "Tensor grad_total, Tensor grad_per_head, Tensor? head_weights, Tensor? class_weights, "
+        "int ignore_index) -> Tensor[]");
 }

@@ -5,5 +5,6 @@ loaded and to :mod:`med3d_ext.reference` otherwise.
 """
 
 from .bn_stats import bn_stats
+from .seg_loss import SegLabelError, multihead_seg_loss
 
-__all__ = ["bn_stats"]
+__all__ = ["bn_stats", "multihead_seg_loss", "SegLabelError"]

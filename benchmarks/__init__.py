@@ -1,0 +1,1 @@
+"""med3d_ext benchmark suite: ``python -m benchmarks --help``."""

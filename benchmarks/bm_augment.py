@@ -1,0 +1,176 @@
+"""augment: batched affine augmentation, image trilinear + label nearest in one pass.
+
+GPU, 8 x 1 x 128^3 fp32 image + uint8 label, one theta per sample:
+  med3d_ext ``affine_resample_pair`` vs eager ``affine_grid`` + ``grid_sample`` x 2 (the label as
+  float, cast back) vs torch.compile of that (--with-compile) vs MONAI ``RandAffine(device=cuda)``
+  per sample vs TorchIO ``RandomAffine`` per sample (CPU), when installed. Then the same with an
+  elastic displacement field and intensity augmentation on, checked against
+  ``med3d_ext.reference.affine_resample_pair``.
+CPU, 1 x 1 x 128^3 fp32: ``affine_resample`` vs ``affine_grid`` + ``grid_sample``; target >= 3x.
+Peer libraries draw their own random transforms: timed, not compared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import m3d_attr, op_backend, optional_import
+
+AREA = "augment"
+
+
+def random_theta(b, device, seed=0):
+    """Near-identity affines: rotation up to ~0.3 rad per axis, scale 0.9-1.1, small shift."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.rand(b, 3, generator=g) - 0.5) * 0.6
+    th = torch.zeros(b, 3, 4)
+    for i in range(b):
+        cx, cy, cz = torch.cos(a[i]).tolist()
+        sx, sy, sz = torch.sin(a[i]).tolist()
+        rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+        th[i, :, :3] = rz @ ry @ rx * (0.9 + 0.2 * torch.rand(1, generator=g))
+    th[:, :, 3] = (torch.rand(b, 3, generator=g) - 0.5) * 0.1
+    return th.to(device)
+
+
+def eager_pair(img, lab, theta, size):
+    grid = F.affine_grid(theta, size, align_corners=False)
+    a = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    b = F.grid_sample(lab.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return a, b.to(lab.dtype)
+
+
+def eager_elastic_intensity(img, lab, theta, size, field, inten):
+    """The hand-written eager chain a user would write; same work, own conventions (not checked)."""
+    grid = F.affine_grid(theta, size, align_corners=False)
+    disp = F.interpolate(field, size=size[2:], mode="trilinear", align_corners=True)
+    grid = grid + disp.permute(0, 2, 3, 4, 1)
+    a = F.grid_sample(img, grid, mode="bilinear", align_corners=False)
+    b = F.grid_sample(lab.float(), grid, mode="nearest", align_corners=False).to(lab.dtype)
+    v = (-1,) + (1,) * (a.dim() - 1)
+    a = a * inten["scale"].view(v) + inten["shift"].view(v)
+    a = a.sign() * a.abs().pow(inten["gamma"].view(v))
+    a = a + torch.randn_like(a) * inten["noise_std"].view(v)
+    return a, b
+
+
+def _monai(img, lab):
+    tr = optional_import("monai.transforms")
+    dev = img.device
+    ri = tr.RandAffine(prob=1.0, rotate_range=(0.3,) * 3, scale_range=(0.1,) * 3, mode="bilinear",
+                       padding_mode="zeros", device=dev)
+    rl = tr.RandAffine(prob=1.0, rotate_range=(0.3,) * 3, scale_range=(0.1,) * 3, mode="nearest",
+                       padding_mode="zeros", device=dev)
+
+    def f():
+        for i in range(img.shape[0]):
+            ri.set_random_state(i)
+            rl.set_random_state(i)
+            ri(img[i])
+            rl(lab[i])
+    return f
+
+
+def _torchio(img, lab):
+    tio = optional_import("torchio")
+    ci, cl = img.cpu(), lab.cpu()
+    t = tio.RandomAffine(scales=0.1, degrees=17)
+
+    def f():
+        for i in range(ci.shape[0]):
+            t(tio.Subject(image=tio.ScalarImage(tensor=ci[i]), label=tio.LabelMap(tensor=cl[i])))
+    return f
+
+
+def run(ctx):
+    if ctx.gpu:
+        _gpu(ctx)
+    else:
+        _cpu(ctx)
+
+
+def _gpu(ctx, b=8, s=128):
+    size = (b, 1, s, s, s)
+    dev = ctx.device
+    img = torch.randn(size, device=dev)
+    lab = torch.randint(0, 8, size, device=dev, dtype=torch.uint8)
+    theta = random_theta(b, dev)
+    params = {"image": list(size), "image_dtype": "float32", "label": list(size), "label_dtype": "uint8",
+              "align_corners": False, "padding_mode": "zeros"}
+    nbytes = img.numel() * (4 + 4 + 1 + 1)  # read + write image (fp32) and label (uint8)
+    case = ctx.case(AREA, f"affine pair {b}x{s}^3", params=params, rtol=1e-4, atol=1e-3, bytes_floor=nbytes)
+    case.add("eager affine_grid+grid_sample x2", lambda: (lambda: eager_pair(img, lab, theta, size)),
+             baseline=True, reference=True)
+
+    def ours():
+        op = m3d_attr("ops.affine_resample_pair")
+        return lambda: op(img, lab, theta, size)
+    case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair", ctx.device))
+    if ctx.with_compile:
+        case.add("torch.compile eager", lambda: (lambda f=torch.compile(eager_pair): f(img, lab, theta, size)),
+                 baseline=True)
+    case.add("MONAI RandAffine per sample", lambda: _monai(img, lab), baseline=True, check=False)
+    case.add("TorchIO RandomAffine per sample (CPU)", lambda: _torchio(img, lab), baseline=True, check=False,
+             repeats=3, warmup=1)
+    case.run()
+
+    # elastic + intensity on: checked against med3d_ext.reference (noise off for the check)
+    g = 8
+    field = (torch.rand(b, 3, g, g, g, generator=torch.Generator().manual_seed(2)) - 0.5).mul_(0.04).to(dev)
+
+    def inten(noise):
+        t = lambda lo, hi, seed: (lo + (hi - lo) * torch.rand(b, generator=torch.Generator().manual_seed(seed))).to(dev)
+        return {"scale": t(0.9, 1.1, 3), "shift": t(-0.1, 0.1, 4), "gamma": t(0.8, 1.2, 5),
+                "noise_std": t(0.0, 0.05, 6) * noise, "seed": torch.arange(b, device=dev, dtype=torch.int64)}
+    params2 = {**params, "elastic": [b, 3, g, g, g], "intensity": "scale, shift, gamma, noise_std, seed"}
+    case = ctx.case(AREA, f"affine+elastic+intensity pair {b}x{s}^3", params=params2, rtol=1e-3, atol=1e-3,
+                    bytes_floor=nbytes)
+
+    def ref():
+        f = m3d_attr("reference.affine_resample_pair")
+        return (lambda: f(img, lab, theta, size, elastic=field, intensity=inten(1.0)),
+                lambda: f(img, lab, theta, size, elastic=field, intensity=inten(0.0)))
+
+    def ours2():
+        op = m3d_attr("ops.affine_resample_pair")
+        return (lambda: op(img, lab, theta, size, elastic=field, intensity=inten(1.0)),
+                lambda: op(img, lab, theta, size, elastic=field, intensity=inten(0.0)))
+    case.add("med3d_ext.reference", ref, baseline=True, reference=True)
+    case.add("eager affine_grid+elastic+grid_sample x2+intensity",
+             lambda: (lambda: eager_elastic_intensity(img, lab, theta, size, field, inten(1.0))),
+             baseline=True, check=False, note="own conventions, same work; not compared")
+    case.add("med3d_ext affine_resample_pair", ours2, note=op_backend("affine_resample_pair", ctx.device))
+    case.run()
+
+
+def _cpu(ctx):
+    s = 128
+    size = (1, 1, s, s, s)
+    img = torch.randn(size)
+    theta = random_theta(1, "cpu")
+    params = {"image": list(size), "dtype": "float32", "mode": "trilinear", "threads": torch.get_num_threads()}
+    case = ctx.case(AREA, f"affine image 1x{s}^3 (CPU)", params=params, rtol=1e-4, atol=1e-3,
+                    targets={"eager affine_grid+grid_sample": 3.0})
+
+    def eager():
+        return lambda: F.grid_sample(img, F.affine_grid(theta, size, align_corners=False), mode="bilinear",
+                                     align_corners=False)
+
+    def ours():
+        op = m3d_attr("ops.affine_resample")
+        return lambda: op(img, theta, size, mode="bilinear")
+    case.add("eager affine_grid+grid_sample", eager, baseline=True, reference=True)
+    case.add("med3d_ext affine_resample", ours, note=op_backend("affine_resample", ctx.device))
+    if not ctx.quick:
+        def monai_img():
+            tr = optional_import("monai.transforms")
+            r = tr.RandAffine(prob=1.0, rotate_range=(0.3,) * 3, scale_range=(0.1,) * 3, mode="bilinear")
+            return lambda: r(img[0])
+        case.add("MONAI RandAffine", monai_img, baseline=True, check=False)
+        case.add("TorchIO RandomAffine", lambda: _torchio(img, torch.zeros_like(img, dtype=torch.uint8)),
+                 baseline=True, check=False)
+    case.run()
+

@@ -1,0 +1,75 @@
+"""stem: MedicalNet's conv1 (Cin=1 -> 64, 7^3, stride 2, padding 3), as in the model: forward
+plus the weight (and BN affine) gradients; the network input has no grad.
+
+Cases: the conv alone (eager bf16 channels_last_3d vs fp32: the reference anchors of
+perf-baselines.md), conv+BN+ReLU, and conv+BN+ReLU+max-pool (3, stride 2, padding 1), each
+med3d_ext ``conv_bn_relu3d`` (+ ``F.max_pool3d``) vs eager and, outside --quick, torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .bm_conv_bn_relu import Layer
+from .common import m3d_attr, op_backend
+
+AREA = "stem"
+
+
+def _conv_alone(x, w, gy, dtype, cl):
+    """fwd + weight grad of the conv alone, in ``dtype`` (no autocast: the anchor numbers)."""
+    mf = torch.channels_last_3d if cl else torch.contiguous_format
+    xi, g = x.to(dtype).to(memory_format=mf), gy.to(dtype).to(memory_format=mf)
+    wi = w.to(dtype).requires_grad_(True)
+
+    def step():
+        y = F.conv3d(xi, wi, None, 2, 3)
+        (gw,) = torch.autograd.grad(y, [wi], g)
+        return y, gw
+    return step
+
+
+def run(ctx):
+    if ctx.gpu:
+        batch, spatial = 8, (64, 128, 128)
+    else:
+        batch, spatial = 1, ((16, 32, 32) if ctx.quick else (32, 64, 64))
+    compile_too = ctx.with_compile or not ctx.quick
+    tol = (3e-2, 1e-2) if ctx.gpu else (1e-3, 1e-4)
+    base = {"x": [batch, 1, *spatial], "weight": [64, 1, 7, 7, 7], "stride": 2, "padding": 3,
+            "mode": "fwd + weight grad (input without grad)"}
+    out_vox = batch * 64 * (spatial[0] // 2) * (spatial[1] // 2) * (spatial[2] // 2)
+    flops = 2 * out_vox * 343 * 2  # forward + weight gradient
+
+    # 1. the conv alone: eager anchors (fp32 is the reference; bf16 is checked against it)
+    x = torch.randn(batch, 1, *spatial, device=ctx.device)
+    w = torch.randn(64, 1, 7, 7, 7, device=ctx.device) * (2 / 343) ** 0.5
+    gy = torch.randn(batch, 64, *(s // 2 for s in spatial), device=ctx.device)
+    case = ctx.case(AREA, "conv alone", params={**base, "dtypes": "fp32 NCDHW / bf16 channels_last_3d"},
+                    rtol=3e-2, atol=1e-2, flops=flops)
+    case.add("eager conv3d fp32", lambda: _conv_alone(x, w, gy, torch.float32, False), baseline=True, reference=True)
+    if ctx.gpu:
+        case.add("eager conv3d bf16 CL", lambda: _conv_alone(x, w, gy, torch.bfloat16, True), baseline=True)
+    case.run()
+    del x, w, gy
+
+    # 2./3. conv+BN+ReLU (+ max-pool), bf16 autocast channels_last_3d on a GPU as in the model
+    for pool in (False, True):
+        try:
+            L = Layer(ctx, 1, 64, 7, 2, 1, spatial, False, batch, pad=3, x_grad=False, pool=pool)
+        except torch.OutOfMemoryError:
+            ctx.record(AREA, "stem", "-", "unavailable", "out of memory allocating the inputs")
+            continue
+        name = "conv+BN+ReLU" + ("+maxpool" if pool else "")
+        params = {**base, "dtype": "bf16 autocast" if ctx.gpu else "fp32",
+                  "layout": "channels_last_3d" if ctx.gpu else "contiguous", "out": list(L.out_shape)}
+        case = ctx.case(AREA, name, params=params, rtol=tol[0], atol=tol[1], flops=flops)
+        case.add("eager", lambda: L.make(L.eager, True), baseline=True, reference=True)
+        case.add("med3d_ext conv_bn_relu3d" + (" + F.max_pool3d" if pool else ""),
+                 lambda: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), True),
+                 note=op_backend("conv_bn_relu3d", ctx.device))
+        if compile_too:
+            case.add("torch.compile eager", lambda: L.make(torch.compile(L.eager), True), baseline=True)
+        case.run()
+        del L

@@ -1,0 +1,129 @@
+"""train_step: whole ResNet-10 / ResNet-50 SGD steps, as in perf-baselines.md.
+
+GPU: batch 8 x 1 x 64 x 128 x 128, bf16 autocast, channels_last_3d, SGD with momentum,
+cross-entropy on the 1/4-size logits. Four versions per depth: plain eager, plain
+torch.compile (of forward + backward, the optimiser step stays eager), med3d_ext fused
+(``med3d_ext.nn.fuse_modules``) and fused + compile; plus ResNet-50 in fp32 eager. Time and
+peak memory per version. The plain model is ``med3d_ext.models.resnet3d(depth)`` when present,
+else the MedicalNet-shaped copy in :mod:`benchmarks.medicalnet`.
+
+--quick compiles ResNet-10 only (ResNet-50's compile takes minutes); --with-compile adds it.
+Correctness: every version starts from the same weights and input; its first step's loss and
+stem weight gradient must match the eager step's (loose: bf16 through 10-50 layers).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from .common import Unavailable, m3d_attr, op_backend
+
+AREA = "train_step"
+GPU_SHAPE = (8, 1, 64, 128, 128)  # perf-baselines.md
+
+
+def base_model(depth):
+    """(model on CPU, where it came from)."""
+    torch.manual_seed(0)
+    try:
+        return m3d_attr("models.resnet3d")(depth), "med3d_ext.models.resnet3d"
+    except Unavailable as exc:
+        from .medicalnet import ResNet3d
+
+        torch.manual_seed(0)
+        return ResNet3d(depth), f"benchmarks.medicalnet.ResNet3d ({exc})"
+
+
+def fused_copy(model, source):
+    fuse = m3d_attr("nn.fuse_modules")
+    m = copy.deepcopy(model)
+    try:
+        out = fuse(m)
+    except Exception as exc:
+        if source.startswith("benchmarks."):  # our stand-in model may not be fusable
+            raise Unavailable(f"fuse_modules on the stand-in model failed: {type(exc).__name__}: {exc}") from None
+        raise
+    return out if out is not None else m
+
+
+class Step:
+    def __init__(self, ctx, shape, amp, cl):
+        self.ctx, self.amp = ctx, amp
+        self.mf = torch.channels_last_3d if cl else torch.contiguous_format
+        dev = ctx.device
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(shape, generator=g).to(dev).to(memory_format=self.mf)
+        self.y = torch.randint(0, 2, (shape[0],) + tuple(s // 4 for s in shape[2:]), generator=g).to(dev)
+
+    def make(self, model, compiled):
+        dev = self.ctx.device
+        m = model.to(dev).to(memory_format=self.mf).train()
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+        x, y = self.x, self.y
+
+        def fwd_bwd():
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.amp):
+                loss = F.cross_entropy(m(x).float(), y)
+            loss.backward()
+            return loss.detach()
+
+        f = torch.compile(fwd_bwd) if compiled else fwd_bwd
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            f()
+            opt.step()
+
+        def check():  # one fwd+bwd without the optimiser step: loss and stem weight grad
+            opt.zero_grad(set_to_none=True)
+            loss = f()
+            return loss.float(), m.conv1.weight.grad.float().clone()
+        return step, check
+
+
+def run(ctx):
+    if ctx.gpu:
+        shape = GPU_SHAPE
+        depths = [10, 50]
+    else:
+        shape = (1, 1, 16, 32, 32)
+        depths = [10] if ctx.quick else [10, 50]
+    can, why = ctx.can_compile()
+    for depth in depths:
+        model, source = base_model(depth)
+        # compile on the CPU needs a C++ toolchain and minutes: only when asked
+        compile_ok = can and (ctx.with_compile or (ctx.gpu and (depth == 10 or not ctx.quick)))
+        no_compile = why or ("left out: ResNet-50 compile needs --with-compile or no --quick" if ctx.gpu
+                             else "left out on the CPU unless --with-compile")
+        variants = [(True, ctx.gpu, "bf16 autocast" if ctx.gpu else "fp32")]
+        if ctx.gpu and depth == 50:
+            variants.append((False, False, "fp32"))
+        for amp, cl, dname in variants:
+            st = Step(ctx, shape, amp, cl)
+            params = {"model": f"resnet{depth}", "model_source": source, "x": list(shape), "dtype": dname,
+                      "layout": "channels_last_3d" if cl else "contiguous", "optimizer": "SGD momentum 0.9"}
+            rtol = 0.1 if amp else 1e-2
+            case = ctx.case(AREA, f"resnet{depth} {dname}", params=params, rtol=rtol, atol=rtol)
+            case.add("eager", lambda: st.make(copy.deepcopy(model), False), baseline=True, reference=True)
+            if amp or not ctx.gpu:
+                fnote = op_backend("conv_bn_relu3d", ctx.device)
+                if compile_ok:
+                    case.add("torch.compile", lambda: st.make(copy.deepcopy(model), True), baseline=True)
+                else:
+                    ctx_note = no_compile
+                    case.add("torch.compile", lambda n=ctx_note: _skip(n), baseline=True)
+                case.add("med3d_ext fused", lambda: st.make(fused_copy(model, source), False), note=fnote)
+                if compile_ok:
+                    case.add("med3d_ext fused + compile", lambda: st.make(fused_copy(model, source), True), note=fnote)
+                else:
+                    case.add("med3d_ext fused + compile", lambda n=no_compile: _skip(n), note=fnote)
+            case.run()
+            del st
+        del model
+
+
+def _skip(reason):
+    raise Unavailable(reason)

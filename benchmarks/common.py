@@ -1,0 +1,569 @@
+"""Shared machinery of ``python -m benchmarks``: cases, timing, correctness checks, results.
+
+An area module (``bm_<area>.py``) defines ``run(ctx)``; it builds :class:`Case` objects, adds one
+implementation per row (the med3d_ext op, the eager reference, ``torch.compile``, MONAI, ...)
+and calls ``case.run()``. For every case the runner:
+
+1. builds each implementation lazily (``make()``), so an op missing from this build, a missing
+   optional package or an out-of-memory becomes an ``unavailable: <reason>`` row, never a crash;
+2. checks each implementation's output against the case's reference implementation *before*
+   timing it; a wrong result is recorded as ``FAILED`` with its error and is not timed;
+3. times with warm-up, then the median of repeats (CUDA events on a GPU,
+   ``time.perf_counter`` + synchronize on the CPU), records peak memory on a GPU;
+4. stores the speed-up of every non-baseline row against every baseline of the same case
+   (``speedup[baseline] = baseline_ms / ms``), all measured in the same process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+OK, FAILED, UNAVAILABLE, ERROR = "ok", "FAILED", "unavailable", "error"
+
+
+class Unavailable(Exception):
+    """Raised by a ``make()`` when an implementation cannot run here (missing op or package)."""
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+def m3d_attr(path: str):
+    """``m3d_attr("ops.conv_bn_relu3d")`` -> the object, or raise :class:`Unavailable`.
+
+    Any import error of med3d_ext or of a subpackage, and any missing attribute, is turned
+    into a reason string so the row reads e.g. ``unavailable: med3d_ext.ops has no
+    conv_bn_relu3d``.
+    """
+    import importlib
+
+    try:
+        obj = importlib.import_module("med3d_ext")
+    except Exception as exc:  # a broken install must not stop the suite
+        raise Unavailable(f"import med3d_ext failed: {exc!r}") from None
+    done = "med3d_ext"
+    for part in path.split("."):
+        try:
+            nxt = getattr(obj, part)
+        except ImportError as exc:
+            raise Unavailable(f"{done}.{part} failed to import: {exc}") from None
+        except AttributeError:
+            raise Unavailable(f"{done} has no {part}") from None
+        obj, done = nxt, f"{done}.{part}"
+    return obj
+
+
+def op_backend(name: str, device: str = "cpu") -> str:
+    """What a med3d_ext op row times: 'compiled (CUDA kernel)', 'compiled (CPU kernel)', or
+    'reference fallback' (the ops route to med3d_ext.reference when the extension is not loaded;
+    such a row must say so, or a slow reference would pass for the kernel)."""
+    try:
+        from med3d_ext import _extension
+
+        if _extension.available() and hasattr(torch.ops.med3d_ext, name):
+            key = "CUDA" if device == "cuda" else "CPU"
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"med3d_ext::{name}", key):
+                return f"compiled ({key} kernel)"
+            return f"compiled op without a {key} kernel"
+    except Exception:
+        pass
+    return "reference fallback"
+
+
+def optional_import(name: str):
+    """Import an optional peer library (MONAI, TorchIO) or raise :class:`Unavailable`."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        raise Unavailable(f"{name} not installed ({type(exc).__name__})") from None
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def collect_env(device: str) -> dict:
+    env: dict[str, Any] = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host": platform.node(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
+                   capability=f"{p.major}.{p.minor}")
+        if shutil.which("nvidia-smi"):
+            env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    else:
+        env["cpu"] = platform.processor() or _cpu_model()
+    try:
+        from med3d_ext import info as m3d_info
+
+        env["med3d_ext"] = m3d_info.collect()
+    except Exception as exc:
+        env["med3d_ext"] = {"error": repr(exc)}
+    for mod in ("monai", "torchio", "numpy", "triton"):
+        try:
+            env[mod] = getattr(__import__(mod), "__version__", "yes")
+        except Exception:
+            env[mod] = None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["git_commit"] = _run(["git", "-C", root, "rev-parse", "--short", "HEAD"])
+    return env
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable, device: str, warmup: int, repeats: int, budget_s: float | None = None,
+            soft_s: float = 0.2) -> list[float]:
+    """Per-call times in ms after ``warmup`` calls. ``budget_s`` caps the repeats for slow
+    functions (at least 3 are taken) so a slow baseline cannot eat the quick suite's time; fast
+    functions get up to 5x ``repeats`` while under ``soft_s`` seconds, which steadies their
+    median on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    for i in range(5 * repeats):
+        if i >= repeats and time.perf_counter() - start > soft_s:
+            break
+        if device == "cuda":
+            a = torch.cuda.Event(enable_timing=True)
+            b = torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def _flatten(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flatten(o)]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _flatten(out[k])]
+    return []
+
+
+def compare(actual, expected, rtol: float, atol: float, label_mismatch: float = 1e-3) -> tuple[bool, float, str]:
+    """Scale-aware comparison of (nested) outputs: float tensors pass when
+    ``max|a - e| <= atol + rtol * max|e|`` (a gradient summed over 10^6 voxels has a large
+    scale; this keeps one tolerance meaningful); integer tensors (labels) pass when at most a
+    ``label_mismatch`` fraction differs (nearest sampling may break exact .5 ties differently).
+    Returns (ok, max abs error, message)."""
+    a_list, e_list = _flatten(actual), _flatten(expected)
+    if len(a_list) != len(e_list):
+        return False, float("nan"), f"{len(a_list)} outputs, reference has {len(e_list)}"
+    worst, ok, msgs = 0.0, True, []
+    for i, (a, e) in enumerate(zip(a_list, e_list)):
+        if a.shape != e.shape:
+            if a.numel() != e.numel():
+                return False, float("nan"), f"output {i}: shape {tuple(a.shape)} vs reference {tuple(e.shape)}"
+            a = a.reshape(e.shape)
+        if a.numel() == 0:
+            continue
+        a, e = a.detach(), e.detach()
+        if not e.is_floating_point():
+            frac = (a.to(e.device) != e).float().mean().item()
+            err = (a.to(e.device).long() - e.long()).abs().max().item()
+            worst = max(worst, float(err))
+            if frac > label_mismatch:
+                ok = False
+                msgs.append(f"output {i}: {frac:.2%} labels differ")
+            continue
+        a64, e64 = a.double().to(e.device), e.double()
+        err = (a64 - e64).abs().max().item()
+        scale = e64.abs().max().item()
+        worst = max(worst, err)
+        if not math.isfinite(err) or err > atol + rtol * scale:
+            ok = False
+            msgs.append(f"output {i}: max abs err {err:.3g} > {atol:g} + {rtol:g} * {scale:.3g}")
+    return ok, worst, "; ".join(msgs)
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Impl:
+    name: str
+    make: Callable  # () -> fn | (fn, check_fn); may raise Unavailable
+    baseline: bool = False
+    reference: bool = False  # the output every other impl is checked against
+    check: bool = True  # False: a different algorithm (e.g. MONAI's random transform), not comparable
+    note: str = ""
+    warmup: int | None = None
+    repeats: int | None = None
+
+
+@dataclass
+class Case:
+    """One benchmark case: a fixed workload, several implementations, one row each."""
+
+    ctx: "Context"
+    area: str
+    name: str
+    params: dict = field(default_factory=dict)  # shapes, dtypes, layout: reported per row
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    bytes_floor: float | None = None  # minimum bytes moved: gives a physical floor in ms
+    flops: float | None = None
+    targets: dict = field(default_factory=dict)  # {"eager": 3.0}: speed-up wanted vs that baseline
+    impls: list = field(default_factory=list)
+
+    def add(self, name: str, make: Callable, **kw) -> "Case":
+        self.impls.append(Impl(name, make, **kw))
+        return self
+
+    def _row(self, impl: Impl, **kw) -> dict:
+        row = {"area": self.area, "case": self.name, "impl": impl.name, "baseline": impl.baseline,
+               "reference": impl.reference, "params": self.params, "status": OK}
+        if impl.note:
+            row["note"] = impl.note
+        row.update(kw)
+        return row
+
+    def run(self) -> list[dict]:
+        ctx = self.ctx
+        rows: list[dict] = []
+        ref_out = None
+        ordered = sorted(self.impls, key=lambda i: not i.reference)  # reference first
+        for impl in ordered:
+            row = self._one(impl, ref_out)
+            if impl.reference:
+                ref_out = row.pop("_out", None)
+                if row["status"] != OK:
+                    ref_out = None
+            row.pop("_out", None)
+            rows.append(row)
+            _free(ctx.device)
+        self._ratios(rows)
+        ctx.add_rows(rows)
+        return rows
+
+    def _one(self, impl: Impl, ref_out) -> dict:
+        ctx = self.ctx
+        t0 = time.perf_counter()
+        fn = None
+        try:
+            if ctx.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            made = impl.make()
+            fn, check_fn = made if isinstance(made, tuple) else (made, made)
+            out = None
+            if impl.check and (impl.reference or ref_out is not None):
+                out = check_fn()
+                sync(ctx.device)
+            row = self._row(impl)
+            if out is not None and not impl.reference:
+                good, err, msg = compare(out, ref_out, self.rtol, self.atol)
+                row["max_abs_err"] = err
+                if not good:
+                    row.update(status=FAILED, reason=f"wrong result vs reference: {msg}")
+                    return row
+            elif not impl.check:
+                row["check"] = "not comparable (different algorithm), not checked"
+            elif ref_out is None and not impl.reference:
+                row["check"] = "no reference output this run, not checked"
+            first_s = time.perf_counter() - t0
+            times = time_fn(fn, ctx.device, impl.warmup if impl.warmup is not None else ctx.warmup,
+                            impl.repeats if impl.repeats is not None else ctx.repeats, ctx.budget_s)
+            ms = median(times)
+            row.update(median_ms=ms, min_ms=min(times), repeats=len(times), setup_s=round(first_s, 2))
+            if ctx.device == "cuda":
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if self.bytes_floor:
+                row["gbps"] = self.bytes_floor / (ms * 1e-3) / 1e9
+                try:  # the floor is extra information: never lose a timed row over it
+                    bw = ctx.copy_bandwidth()
+                except Exception:
+                    bw = None
+                if bw:
+                    row["floor_ms"] = self.bytes_floor / bw * 1e3
+            if self.flops:
+                row["tflops"] = self.flops / (ms * 1e-3) / 1e12
+            if impl.reference:
+                row["_out"] = out
+            return row
+        except Unavailable as exc:
+            return self._row(impl, status=UNAVAILABLE, reason=str(exc))
+        except torch.OutOfMemoryError as exc:
+            return self._row(impl, status=UNAVAILABLE, reason=f"out of memory: {str(exc).splitlines()[0][:200]}")
+        except Exception as exc:  # one broken implementation must not stop the case
+            tb = traceback.format_exc(limit=-3)
+            if ctx.verbose:
+                print(tb, file=sys.stderr)
+            return self._row(impl, status=ERROR, reason=f"{type(exc).__name__}: {str(exc)[:300]}", traceback=tb[-2000:])
+        finally:
+            del fn
+
+    def _ratios(self, rows: list[dict]) -> None:
+        base = {r["impl"]: r["median_ms"] for r in rows if r["baseline"] and r["status"] == OK}
+        for r in rows:
+            if r["status"] != OK or r["baseline"]:
+                continue
+            r["speedup"] = {b: ms / r["median_ms"] for b, ms in base.items()}
+            if self.targets:
+                r["targets"] = {b: {"want": want, "met": (r["speedup"].get(b, 0) >= want) if b in base else None}
+                                for b, want in self.targets.items()}
+
+
+def _free(device: str) -> None:
+    # Each compiled row compiles its own function; dropping dynamo's caches between rows frees
+    # their memory and keeps a shared code object (one wrapper used for many cases) from
+    # hitting the recompile limit, past which dynamo silently runs eager.
+    if "torch._dynamo" in sys.modules:
+        try:
+            torch._dynamo.reset()
+        except Exception:
+            pass
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- context
+
+
+class Context:
+    """Run-wide settings and the collected rows."""
+
+    def __init__(self, device: str, quick: bool, with_compile: bool, verbose: bool = False):
+        self.device = device
+        self.quick = quick
+        self.with_compile = with_compile
+        self.verbose = verbose
+        self.gpu = device == "cuda"
+        # quick: few repeats; the GPU medians are still stable at 10
+        self.warmup = 3 if (quick or not self.gpu) else 5
+        self.repeats = (10 if self.gpu else 3) if quick else (30 if self.gpu else 7)
+        self.budget_s = 3.0 if quick else 20.0
+        self.rows: list[dict] = []
+        self.areas: dict[str, dict] = {}
+        self._bw = None
+        self.on_rows: Callable | None = None  # e.g. write partial results
+
+    def case(self, area: str, name: str, **kw) -> Case:
+        return Case(self, area, name, **kw)
+
+    def add_rows(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+        for r in rows:
+            print("  " + format_row_line(r), flush=True)
+        if self.on_rows is not None:
+            try:
+                self.on_rows()
+            except Exception as exc:  # a full disk must not stop the measurements
+                print(f"  (could not write partial results: {exc})", file=sys.stderr)
+
+    def record(self, area: str, case: str, impl: str, status: str, reason: str, **kw) -> None:
+        """A row that was never timed (e.g. a whole area unavailable)."""
+        self.add_rows([{"area": area, "case": case, "impl": impl, "baseline": False, "reference": False,
+                        "params": kw.pop("params", {}), "status": status, "reason": reason, **kw}])
+
+    def copy_bandwidth(self) -> float | None:
+        """Device-to-device copy rate in bytes/s (read + write), measured once per run: the
+        physical floor of a memory-bound op is its bytes over this."""
+        if not self.gpu:
+            return None
+        if self._bw is None:
+            n = (256 if self.quick else 1024) << 20
+            a = torch.empty(n // 4, dtype=torch.float32, device="cuda").normal_()
+            b = torch.empty_like(a)
+            ms = median(time_fn(lambda: b.copy_(a), "cuda", 3, 10))
+            self._bw = 2 * n / (ms * 1e-3)
+            del a, b
+            torch.cuda.empty_cache()
+        return self._bw
+
+    def can_compile(self) -> tuple[bool, str]:
+        try:
+            import torch._dynamo  # noqa: F401
+        except Exception as exc:
+            return False, f"torch.compile unavailable: {exc}"
+        if sys.version_info >= (3, 14) and tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9):
+            return False, "torch.compile unsupported on this Python"
+        return True, ""
+
+
+def format_row_line(r: dict) -> str:
+    head = f"[{r['area']}] {r['case']} :: {r['impl']}"
+    if r["status"] != OK:
+        return f"{head}: {r['status']}: {r.get('reason', '')}"
+    s = f"{head}: {r['median_ms']:.3f} ms"
+    if "peak_mem_gib" in r:
+        s += f", {r['peak_mem_gib']:.2f} GiB"
+    if r.get("speedup"):
+        s += ", " + ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
+    return s
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    if isinstance(x, torch.dtype):
+        return str(x).replace("torch.", "")
+    return str(x)
+
+
+def write_results(out_dir: str, ctx: Context, env: dict, args: dict, total_s: float) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    data = {"schema": 1, "env": env, "args": args, "total_s": round(total_s, 1), "areas": ctx.areas,
+            "rows": ctx.rows}
+    jpath = os.path.join(out_dir, "results.json")
+    with open(jpath, "w") as f:
+        json.dump(_jsonable(data), f, indent=1)
+    mpath = os.path.join(out_dir, "results.md")
+    with open(mpath, "w") as f:
+        f.write(markdown(data))
+    return jpath, mpath
+
+
+def fmt_params(p: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in p.items())
+
+
+def env_line(env: dict) -> str:
+    dev = env.get("gpu") or env.get("cpu") or env.get("device")
+    parts = [f"device: {dev}", f"torch {env.get('torch')}"]
+    if env.get("cuda"):
+        parts.append(f"CUDA {env['cuda']}")
+    if env.get("cudnn"):
+        parts.append(f"cuDNN {env['cudnn']}")
+    if env.get("driver"):
+        parts.append(f"driver {env['driver']}")
+    m = env.get("med3d_ext") or {}
+    parts.append(f"med3d_ext {m.get('med3d_ext', '?')} (extension {'loaded' if m.get('extension_loaded') else 'NOT loaded'})")
+    parts.append(f"python {env.get('python')}, {env.get('date_utc')}")
+    return "; ".join(parts)
+
+
+def markdown(data: dict) -> str:
+    lines = ["# med3d_ext benchmarks", "", env_line(data["env"]), "",
+             f"args: `{data['args']}`; total {data['total_s']} s", "",
+             "| area | case | impl | status | median ms | peak GiB | max abs err | speed-up | params |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        ms = f"{r['median_ms']:.3f}" if r.get("median_ms") is not None else ""
+        mem = f"{r['peak_mem_gib']:.2f}" if r.get("peak_mem_gib") is not None else ""
+        err = f"{r['max_abs_err']:.2g}" if r.get("max_abs_err") is not None else ""
+        sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in (r.get("speedup") or {}).items() if v is not None)
+        st = r["status"] if r["status"] == OK else f"{r['status']}: {r.get('reason', '')}".replace("|", "/")
+        if r.get("floor_ms") is not None:
+            sp += f" (floor {r['floor_ms']:.3f} ms)"
+        impl = r["impl"] + (" (baseline)" if r.get("baseline") else "") + (f" [{r['note']}]" if r.get("note") else "")
+        lines.append(f"| {r['area']} | {r['case']} | {impl} | {st} "
+                     f"| {ms} | {mem} | {err} | {sp} | {fmt_params(r.get('params') or {})} |")
+    return "\n".join(lines) + "\n"
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """One line per (case, med3d_ext row): the speed-ups; used by the summary and gpu_check."""
+    out = []
+    for r in rows:
+        if r["baseline"] or r["status"] != OK or not r.get("speedup"):
+            continue
+        sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
+        for b, t in (r.get("targets") or {}).items():
+            sp += f" [target {t['want']}x vs {b}: {'met' if t['met'] else 'NOT met' if t['met'] is False else 'no baseline'}]"
+        note = r.get("note") or ""
+        impl = r["impl"] + (f" [{note}]" if note and not note.startswith("compiled (") else "")
+        out.append(f"{r['area']}/{r['case']} {impl}: {r['median_ms']:.3f} ms; {sp}")
+    return out
+
+
+def summary_table(data: dict) -> str:
+    rows = data["rows"]
+    counts: dict[str, dict[str, int]] = {}
+    for r in rows:
+        c = counts.setdefault(r["area"], {})
+        c[r["status"]] = c.get(r["status"], 0) + 1
+    lines = ["", "==== benchmark summary ====", env_line(data["env"]),
+             f"{'area':<14} {'s':>6}  {'ok':>3} {'FAILED':>6} {'unavail':>7} {'error':>5}"]
+    for area, info in data["areas"].items():
+        c = counts.get(area, {})
+        lines.append(f"{area:<14} {info.get('seconds', 0):>6.1f}  {c.get(OK, 0):>3} {c.get(FAILED, 0):>6} "
+                     f"{c.get(UNAVAILABLE, 0):>7} {c.get(ERROR, 0):>5}" + (f"  area error: {info['error']}" if info.get("error") else ""))
+    hl = headline(rows)
+    if hl:
+        lines.append("speed-ups (median, same run):")
+        lines += ["  " + h for h in hl]
+    bad = [r for r in rows if r["status"] in (FAILED, ERROR)]
+    for r in bad:
+        lines.append(f"  {r['status']}: {r['area']}/{r['case']} {r['impl']}: {r.get('reason', '')[:160]}")
+    lines.append(f"total {data['total_s']} s")
+    return "\n".join(lines)

@@ -1,0 +1,340 @@
+"""Raw dataset layouts: MSD ``dataset.json``, nnU-Net v2 ``dataset.json``, MedicalNet lists,
+and classification folders (``labels.csv`` with ``image,label``).
+
+Every layout is described by one :class:`Dataset`. ``load_dataset(path)`` detects the layout
+of a folder (or takes a MedicalNet ``.txt`` list file directly).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import DataError
+
+CT_NAMES = {"ct", "cta", "ct_arterial", "ct_venous", "pet/ct"}
+
+
+@dataclass
+class Case:
+    """One training case. ``images`` has one path per channel file (nnU-Net: one per
+    ``_XXXX``), or one 4-D/3-D file (MSD). ``label`` may be None (unlabelled)."""
+
+    name: str
+    images: list
+    label: Path | None = None
+
+
+@dataclass
+class Dataset:
+    """A raw dataset, whatever its layout.
+
+    root:     the dataset folder
+    name:     dataset name (dataset.json "name" or the folder name)
+    layout:   "msd", "nnunet" or "medicalnet"
+    channels: channel (sequence) names in file order, e.g. ["FLAIR", "T1w", "t1gd", "T2w"]
+    labels:   {value: class name}; None when the layout declares none (MedicalNet lists)
+    cases:    list of :class:`Case`
+    problems: files named by the layout that do not exist (cases dropped with skip_bad)
+    targets:  classification layout only: {case name: class index}
+    classes:  classification layout only: {class index: class name}
+    """
+
+    root: Path
+    name: str
+    layout: str
+    channels: list
+    labels: dict | None
+    cases: list
+    problems: list = field(default_factory=list)
+    targets: dict | None = None
+    classes: dict | None = None
+
+    @property
+    def modality(self) -> str:
+        """"CT" when any channel is CT (CT normalisation applies), else "MR" (per-volume)."""
+        return "CT" if any(c.strip().lower() in CT_NAMES for c in self.channels) else "MR"
+
+    @property
+    def is_ct(self) -> bool:
+        return self.modality == "CT"
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.labels is None else max(self.labels) + 1
+
+    @property
+    def class_names(self) -> list | None:
+        if self.labels is None:
+            return None
+        return [self.labels.get(i, f"class{i}") for i in range(self.num_classes)]
+
+    def channel_index(self, channel) -> int:
+        """Index of a channel given by name (case-insensitive) or index; None -> 0."""
+        if channel is None:
+            return 0
+        if isinstance(channel, int) or (isinstance(channel, str) and channel.isdigit()):
+            i = int(channel)
+            if not 0 <= i < len(self.channels):
+                raise ValueError(f"{self.name}: channel {i} out of range; channels are "
+                                 f"{self.channels}")
+            return i
+        low = [c.lower() for c in self.channels]
+        if channel.lower() not in low:
+            raise ValueError(f"{self.name}: no channel named {channel!r}; channels are "
+                             f"{self.channels}")
+        return low.index(channel.lower())
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def summary(self) -> str:
+        cls = "undeclared" if self.labels is None else f"{self.num_classes} {self.class_names}"
+        return (f"{self.name} [{self.layout}] {len(self.cases)} cases, {self.modality}, "
+                f"channels {self.channels}, classes {cls}")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON ({e})") from None
+
+
+def _check_exists(ds: Dataset, skip_bad: bool) -> Dataset:
+    kept = []
+    for c in ds.cases:
+        missing = [p for p in [*c.images, c.label] if p is not None and not Path(p).exists()]
+        if missing:
+            msg = f"{missing[0]}: file named by the dataset does not exist (case {c.name})"
+            if not skip_bad:
+                raise DataError(missing[0], f"file named by the dataset does not exist "
+                                            f"(case {c.name})")
+            ds.problems.append(msg)
+            if ds.targets is not None:
+                ds.targets.pop(c.name, None)
+        else:
+            kept.append(c)
+    ds.cases = kept
+    if not kept:
+        raise DataError(ds.root, "empty dataset: no usable cases" +
+                        (f" ({len(ds.problems)} skipped as bad)" if ds.problems else ""))
+    return ds
+
+
+def _rel(root: Path, p: str) -> Path:
+    return (root / p).resolve() if not Path(p).is_absolute() else Path(p)
+
+
+def _case_name(path: str, ending: str | None = None) -> str:
+    name = Path(path).name
+    for e in ([ending] if ending else []) + [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"]:
+        if e and name.endswith(e):
+            return name[: -len(e)]
+    return name
+
+
+def _load_msd(root: Path, meta: dict) -> Dataset:
+    mod = meta.get("modality", {"0": "unknown"})
+    channels = [mod[k] for k in sorted(mod, key=int)]
+    labels = {int(k): v for k, v in meta.get("labels", {}).items()} or None
+    cases = []
+    for entry in meta.get("training", []):
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if "image" not in entry:
+            raise DataError(root / "dataset.json", f"training entry without 'image': {entry}")
+        lab = entry.get("label")
+        cases.append(Case(_case_name(entry["image"]), [_rel(root, entry["image"])],
+                          _rel(root, lab) if lab else None))
+    return Dataset(root, meta.get("name", root.name), "msd", channels, labels, cases)
+
+
+def _load_nnunet(root: Path, meta: dict) -> Dataset:
+    chan = meta["channel_names"]
+    channels = [chan[k] for k in sorted(chan, key=int)]
+    labels = {}
+    for name, v in meta.get("labels", {}).items():
+        if not isinstance(v, int):  # region-based training: tuples of labels
+            raise DataError(root / "dataset.json", f"label {name!r} is a region {v}; only "
+                                                   "integer labels are supported")
+        labels[v] = name
+    ending = meta.get("file_ending", ".nii.gz")
+    img_dir, lab_dir = root / "imagesTr", root / "labelsTr"
+    if not img_dir.is_dir():
+        raise DataError(img_dir, "nnU-Net dataset has no imagesTr folder")
+    pat = re.compile(r"^(.*)_(\d{4})" + re.escape(ending) + "$")
+    found: dict = {}
+    for p in sorted(img_dir.iterdir()):
+        m = pat.match(p.name)
+        if m:
+            found.setdefault(m.group(1), {})[int(m.group(2))] = p
+    cases = []
+    for name in sorted(found):
+        files = found[name]
+        imgs = [files.get(i, img_dir / f"{name}_{i:04d}{ending}") for i in range(len(channels))]
+        lab = lab_dir / f"{name}{ending}"
+        cases.append(Case(name, imgs, lab))
+    return Dataset(root, meta.get("name", root.name), "nnunet", channels, labels or None, cases)
+
+
+def _load_medicalnet(list_file: Path, root: Path | None = None) -> Dataset:
+    root = root or list_file.parent
+    cases = []
+    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or line.lstrip().startswith("#"):
+            continue
+        if len(parts) not in (1, 2):
+            raise DataError(list_file, f"line {n}: expected 'image label', got {line!r}")
+        cases.append(Case(_case_name(parts[0]), [_rel(root, parts[0])],
+                          _rel(root, parts[1]) if len(parts) == 2 else None))
+    # a sidecar labels.json {"0": "background", ...} may declare classes and modality
+    side = root / "labels.json"
+    labels, channels = None, ["MR"]
+    if side.exists():
+        s = _load_json(side)
+        labels = {int(k): v for k, v in s.get("labels", s).items() if str(k).isdigit()} or None
+        channels = [s.get("modality", "MR")]
+    return Dataset(root, root.name, "medicalnet", channels, labels, cases)
+
+
+def _load_classification(root: Path) -> Dataset:
+    """images + labels.csv (``image,label``; label an integer class); an optional
+    classes.json gives {"modality": ..., "classes": {index: name}}."""
+    import csv
+
+    lst = root / "labels.csv"
+    with open(lst, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
+            raise DataError(lst, f"expected columns 'image,label', got {reader.fieldnames}")
+        rows = list(reader)
+    cases, targets = [], {}
+    for n, row in enumerate(rows, 2):
+        try:
+            y = int(row["label"])
+        except (TypeError, ValueError):
+            raise DataError(lst, f"line {n}: label {row['label']!r} is not an integer class") \
+                from None
+        name = _case_name(row["image"])
+        if name in targets:
+            raise DataError(lst, f"line {n}: case {name!r} listed twice")
+        cases.append(Case(name, [_rel(root, row["image"])], None))
+        targets[name] = y
+    side = root / "classes.json"
+    s = _load_json(side) if side.exists() else {}
+    names = s.get("classes", {str(k): str(k) for k in sorted(set(targets.values()))})
+    classes = {int(k): v for k, v in names.items()}
+    bad = sorted(set(targets.values()) - set(classes))
+    if bad:
+        raise DataError(lst, f"labels {bad} not declared in classes.json ({sorted(classes)})")
+    return Dataset(root, root.name, "classification", [s.get("modality", "MR")], None, cases,
+                   targets=targets, classes=classes)
+
+
+def detect_layout(path) -> str:
+    """"msd", "nnunet", "medicalnet" or "classification" (labels.csv) for a dataset folder
+    (or a MedicalNet list file)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".txt":
+        return "medicalnet"
+    if not path.exists():
+        raise DataError(path, "dataset folder does not exist")
+    if (path / "labels.csv").exists() and not (path / "dataset.json").exists():
+        return "classification"
+    js = path / "dataset.json"
+    if js.exists():
+        meta = _load_json(js)
+        if "channel_names" in meta:
+            return "nnunet"
+        if "modality" in meta or "training" in meta:
+            return "msd"
+        raise DataError(js, "dataset.json is neither MSD (modality/training) nor nnU-Net v2 "
+                            "(channel_names/file_ending)")
+    if _find_list(path) is not None:
+        return "medicalnet"
+    raise DataError(path, "no dataset.json (MSD / nnU-Net v2) and no MedicalNet list file "
+                          "(*.txt with 'image label' lines) found")
+
+
+def _find_list(root: Path) -> Path | None:
+    for name in ("train.txt", "train_list.txt", "list.txt"):
+        if (root / name).exists():
+            return root / name
+    txts = sorted(root.glob("*.txt"))
+    for t in txts:
+        first = next((ln for ln in t.read_text(errors="replace").splitlines() if ln.strip()), "")
+        if first.split() and _is_image_name(first.split()[0]):
+            return t
+    return None
+
+
+def _is_image_name(s: str) -> bool:
+    return s.lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd"))
+
+
+def load_dataset(path, *, skip_bad: bool = False) -> Dataset:
+    """Open a raw dataset folder (MSD or nnU-Net v2 ``dataset.json``, or a MedicalNet list).
+
+    Missing files raise :class:`DataError` naming the file; with ``skip_bad`` their cases are
+    dropped and listed in ``Dataset.problems``. An empty dataset always raises.
+    """
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "medicalnet":
+        lst = path if path.is_file() else _find_list(path)
+        ds = _load_medicalnet(lst)
+    elif layout == "classification":
+        ds = _load_classification(path)
+    else:
+        meta = _load_json(path / "dataset.json")
+        ds = _load_msd(path, meta) if layout == "msd" else _load_nnunet(path, meta)
+    _unique_names(ds)
+    return _check_exists(ds, skip_bad)
+
+
+def _unique_names(ds: Dataset) -> None:
+    """Case names key the cache files: make repeated names (e.g. MedicalNet lists pooling
+    folders with the same file names) unique by their path under the root."""
+    from collections import Counter
+
+    count = Counter(c.name for c in ds.cases)
+    for c in ds.cases:
+        if count[c.name] > 1:
+            try:
+                rel = Path(c.images[0]).relative_to(ds.root.resolve())
+            except ValueError:
+                rel = Path(c.images[0])
+            old = c.name
+            c.name = "_".join([*rel.parent.parts, old]).lstrip("/_")
+            if ds.targets is not None and old in ds.targets:
+                raise DataError(ds.root, f"case name {old!r} appears more than once")
+    dup = [n for n, k in Counter(c.name for c in ds.cases).items() if k > 1]
+    if dup:
+        raise DataError(ds.root, f"case names {dup} appear more than once")
+
+
+def find_datasets(path) -> list:
+    """``--data`` for pretraining may name one dataset or a folder of them (synth's
+    ``pretrain/``): returns [path] for a dataset, else its dataset subfolders sorted by name
+    (the order that ``dataset_id`` indexes)."""
+    path = Path(path)
+    try:
+        detect_layout(path)
+        return [path]
+    except DataError:
+        pass
+    subs = []
+    for p in sorted(q for q in path.iterdir() if q.is_dir()) if path.is_dir() else []:
+        try:
+            detect_layout(p)
+            subs.append(p)
+        except DataError:
+            continue
+    if not subs:
+        raise DataError(path, "neither a dataset (dataset.json, MedicalNet list or labels.csv)"
+                              " nor a folder of datasets")
+    return subs

@@ -1,0 +1,582 @@
+"""The paper's preprocessing recipe, cached as memory-mappable ``.npy`` plus JSON metadata.
+
+Per case (order as in nnU-Net, cropping first because it is cheaper and exactly invertible):
+  1. read + reorient to RAS (:func:`io.read_volume`), validate image/label;
+  2. crop to the bounding box of non-zero image voxels (union label foreground, so no label is
+     ever cut off);
+  3. resample to the dataset's median spacing: trilinear images, nearest labels (centre-
+     aligned "nearest-exact", see :func:`resize`);
+  4. intensity: clip to the 0.5-99.5 percentiles, then z-score each volume. MR: percentiles
+     per volume. CT: percentiles over the dataset's foreground (label > 0) voxels.
+
+The cache keeps the *resampled raw intensities* and records the per-channel normalisation
+(lo, hi, mean, std) in the case's metadata; :meth:`PreprocessedDataset.normalize` applies it
+to whole volumes or patches. So adding a CT case, which moves the dataset's percentiles,
+only updates a few numbers instead of rewriting every volume.
+
+Cache layout (CACHE_DIR): ``cache.json`` (dataset description, case order) and per case
+``<case>.image.npy`` (C, D, H, W) float32, ``<case>.label.npy`` (D, H, W) uint8/int16,
+``<case>.locs.npz`` (foreground voxel samples per class), ``<case>.json`` (metadata, key).
+A case's key hashes its source files' paths, sizes and mtimes plus the recipe settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .io import DataError, read_header, read_volume
+from .layouts import Case, Dataset, load_dataset
+
+RECIPE_VERSION = 1
+FG_SAMPLES = 10000  # foreground intensities kept per CT case for the dataset percentiles
+LOCS_PER_CLASS = 2000  # foreground voxel positions kept per class for patch sampling
+
+
+def resize(x: torch.Tensor, size, mode: str) -> torch.Tensor:
+    """Resize (N, C, D, H, W) to ``size`` (D, H, W); mode "trilinear", "nearest" or
+    "nearest-exact" (voxel-centre aligned nearest; what labels use).
+
+    Uses the package kernel ``med3d_ext.ops.resize`` when this build has it (it is defined to
+    equal F.interpolate(align_corners=False) for "trilinear" and "nearest"); older builds fall
+    back to F.interpolate itself, so the results are the same either way. Labels use
+    "nearest-exact": PyTorch's legacy "nearest" picks floor(i * in/out), which shifts the
+    grid by up to half a voxel against the trilinear image (and against the affine we write),
+    so image and label would no longer line up.
+    """
+    import med3d_ext.ops as ops
+
+    size = tuple(int(s) for s in size)
+    if mode != "nearest-exact" and hasattr(ops, "resize"):
+        return ops.resize(x, size, mode)
+    return F.interpolate(x, size=size, mode=mode,
+                         align_corners=False if mode == "trilinear" else None)
+
+
+def resize_affine(affine: np.ndarray, old_shape, new_shape) -> np.ndarray:
+    """Affine of an array resized with align_corners=False: new voxel i sits at old index
+    (i + 0.5) * old/new - 0.5."""
+    s = np.asarray(old_shape, float) / np.asarray(new_shape, float)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(s)
+    m[:3, 3] = (s - 1) / 2
+    return affine @ m
+
+
+def crop_affine(affine: np.ndarray, start) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, 3] = start
+    return affine @ m
+
+
+def target_shape(shape, spacing, target_spacing) -> tuple:
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
+
+
+def nonzero_bbox(image: np.ndarray, label: np.ndarray | None = None) -> list:
+    """[[start, stop) x 3] of voxels non-zero in any channel or in the label; the whole volume
+    when everything is zero."""
+    mask = np.any(image != 0, axis=0)
+    if label is not None:
+        mask |= label != 0
+    if not mask.any():
+        return [[0, int(n)] for n in mask.shape]
+    box = []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.nonzero(mask.any(axis=other))[0]
+        box.append([int(idx[0]), int(idx[-1]) + 1])
+    return box
+
+
+def file_key(paths, settings: dict) -> str:
+    h = hashlib.sha1()
+    for p in paths:
+        p = Path(p)
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _affines_match(a: np.ndarray, b: np.ndarray, spacing) -> bool:
+    # header floats are stored in float32: allow that precision plus 1% of a voxel
+    tol = 1e-2 * float(np.min(spacing)) + 1e-4
+    return bool(np.abs(a[:3, :3] - b[:3, :3]).max() <= 1e-3 and
+                np.abs(a[:3, 3] - b[:3, 3]).max() <= tol)
+
+
+def read_case(case: Case, labels: dict | None = None):
+    """Read and validate one case: (image Volume (C, I, J, K) float32, label (I, J, K) or None).
+
+    Raises DataError naming the file for: unreadable/corrupt files, NaN/Inf voxels, channel
+    files that disagree, image/label shape or affine mismatch, undeclared label values."""
+    vols = [read_volume(p) for p in case.images]
+    img = vols[0]
+    for v in vols[1:]:
+        if v.orig_shape != img.orig_shape or not _affines_match(v.orig_affine, img.orig_affine,
+                                                               img.spacing):
+            raise DataError(v.path, f"channel file does not match {img.path} in shape/affine "
+                                    f"({v.orig_shape} vs {img.orig_shape})")
+    if len(vols) > 1:
+        img.data = np.concatenate([v.data for v in vols], 0)
+    img.data = img.data.astype(np.float32, copy=False)
+    if case.label is None:
+        return img, None
+    lab = read_volume(case.label)
+    if lab.orig_shape != img.orig_shape:
+        raise DataError(case.label, f"label shape {lab.orig_shape} differs from image shape "
+                                    f"{img.orig_shape} ({img.path})")
+    if not _affines_match(lab.orig_affine, img.orig_affine, img.spacing):
+        d = np.abs(lab.orig_affine - img.orig_affine).max()
+        raise DataError(case.label, f"label affine differs from the image's ({img.path}) by "
+                                    f"up to {d:.4g}")
+    if lab.data.shape[0] != 1:
+        raise DataError(case.label, f"label has {lab.data.shape[0]} channels, expected 1")
+    ldata = lab.data[0]
+    if ldata.dtype.kind == "f":
+        r = np.rint(ldata)
+        if not np.array_equal(r, ldata):
+            raise DataError(case.label, "label has non-integer values")
+        ldata = r
+    values = np.unique(ldata).astype(np.int64)
+    if values.min() < 0:
+        raise DataError(case.label, f"negative label values {values[values < 0].tolist()}")
+    if labels is not None:
+        bad = sorted(set(values.tolist()) - set(labels))
+        if bad:
+            raise DataError(case.label, f"label values {bad} not declared in dataset.json "
+                                        f"(declared: {sorted(labels)})")
+    dtype = np.uint8 if values.max() < 256 else np.int16
+    return img, ldata.astype(dtype)
+
+
+def nib_axcodes(affine):
+    from nibabel.orientations import aff2axcodes
+
+    return aff2axcodes(affine)
+
+
+def process_case(case: Case, target_spacing, labels=None, seed: int = 0) -> dict:
+    """Steps 1-3 for one case. Returns arrays and metadata (no normalisation yet)."""
+    img, lab = read_case(case, labels)
+    box = nonzero_bbox(img.data, lab)
+    sl = tuple(slice(a, b) for a, b in box)
+    data = img.data[(slice(None),) + sl]
+    lab_c = lab[sl] if lab is not None else None
+    cshape = data.shape[1:]
+    cropped_affine = crop_affine(img.affine, [a for a, _ in box])
+    new_shape = target_shape(cshape, img.spacing, target_spacing)
+    if new_shape != tuple(cshape):
+        data = resize(torch.from_numpy(np.ascontiguousarray(data))[None], new_shape,
+                      "trilinear")[0].numpy()
+        if lab_c is not None:
+            lab_c = resize(torch.from_numpy(lab_c.astype(np.float32))[None, None], new_shape,
+                           "nearest-exact")[0, 0].numpy().astype(lab.dtype)
+    affine = resize_affine(cropped_affine, cshape, new_shape)
+    rng = np.random.default_rng([seed, int(hashlib.sha1(case.name.encode()).hexdigest()[:8],
+                                             16)])
+    fg_vals, locs = None, {}
+    if lab_c is not None:
+        for c in np.unique(lab_c):
+            if c == 0:
+                continue
+            idx = np.argwhere(lab_c == c).astype(np.int32)
+            if len(idx) > LOCS_PER_CLASS:
+                idx = idx[np.sort(rng.choice(len(idx), LOCS_PER_CLASS, replace=False))]
+            locs[f"c{int(c)}"] = idx
+        fg = lab_c > 0
+        if fg.any():
+            vals = data[:, fg]
+            if vals.shape[1] > FG_SAMPLES:
+                vals = vals[:, rng.choice(vals.shape[1], FG_SAMPLES, replace=False)]
+            fg_vals = vals.astype(np.float32)
+    meta = {
+        "case": case.name,
+        "images": [str(p) for p in case.images],
+        "label": str(case.label) if case.label is not None else None,
+        "orig_affine": img.orig_affine.tolist(),
+        "orig_shape": list(img.orig_shape),
+        "ornt": img.ornt.tolist(),
+        "axcodes": "".join(nib_axcodes(img.orig_affine)),
+        "ras_affine": img.affine.tolist(),
+        "ras_shape": list(img.data.shape[1:]),
+        "spacing": img.spacing.tolist(),
+        "crop_box": box,
+        "target_spacing": list(map(float, target_spacing)),
+        "affine": affine.tolist(),
+        "shape": list(new_shape),
+        "out_spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
+        "channels": int(data.shape[0]),
+        "label_values": [int(v) for v in np.unique(lab_c)] if lab_c is not None else [],
+    }
+    return {"image": np.ascontiguousarray(data, dtype=np.float32), "label": lab_c,
+            "meta": meta, "fg_values": fg_vals, "locs": locs}
+
+
+# --------------------------------------------------------------------------------------------
+# cache
+
+
+def default_cache_dir(dataset_root) -> Path:
+    """$MED3D_EXT_CACHE/<name>-<hash of the absolute path>, default ~/.cache/med3d_ext."""
+    root = Path(dataset_root).resolve()
+    base = Path(os.environ.get("MED3D_EXT_CACHE", Path.home() / ".cache" / "med3d_ext"))
+    return base / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _job(args):
+    """Worker: process one case and write its cache files. Returns (name, None | error)."""
+    case, target, labels, out, key, seed = args
+    try:
+        r = process_case(case, target, labels, seed)
+    except DataError as e:
+        return case.name, str(e)
+    except Exception as e:  # noqa: BLE001 - one odd file must not stop the whole dataset
+        return case.name, (f"{case.images[0]}: could not be preprocessed "
+                           f"({type(e).__name__}: {e})")
+    out = Path(out)
+    stem = out / case.name
+    _save_npy(Path(f"{stem}.image.npy"), r["image"])
+    for suffix, arr in ((".label.npy", r["label"]), (".fg.npy", r["fg_values"])):
+        if arr is not None:
+            _save_npy(Path(f"{stem}{suffix}"), arr)
+        else:  # a label removed since the last run must not linger
+            Path(f"{stem}{suffix}").unlink(missing_ok=True)
+    np.savez(f"{stem}.locs.npz", **r["locs"])
+    meta = dict(r["meta"], key=key)
+    _write_json(Path(f"{stem}.json"), meta)  # written last: its key marks the entry complete
+    return case.name, None
+
+
+def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = False,
+               target_spacing=None, progress: bool = True, seed: int = 0):
+    """Preprocess a raw dataset into a cache folder; reruns only redo changed cases.
+
+    data:  dataset folder (MSD / nnU-Net v2 / MedicalNet list) or a :class:`Dataset`
+    out:   cache folder (default :func:`default_cache_dir`)
+    workers: processes (default: min(cpu count, 8), in-process below 4 cases to do; 0 = in
+             this process)
+    skip_bad: drop bad cases with a warning listing them, instead of raising DataError
+    target_spacing: mm per axis (default: the dataset's median spacing)
+    Returns a :class:`PreprocessedDataset`.
+    """
+    ds = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
+    out = Path(out) if out is not None else default_cache_dir(ds.root)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = list(ds.problems)
+    good = []
+    spacings = []
+    for c in ds.cases:  # headers only: cheap, and catches unreadable files early
+        try:
+            spacings.append(read_header(c.images[0])[0])
+            good.append(c)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            problems.append(str(e))
+    if not good:
+        raise DataError(ds.root, "empty dataset: no usable cases")
+    if target_spacing is None:
+        target_spacing = np.median(np.stack(spacings), 0)
+    target = [round(float(t), 4) for t in np.broadcast_to(np.asarray(target_spacing), 3)]
+    settings = {"recipe": RECIPE_VERSION, "target_spacing": target, "seed": seed,
+                "labels": sorted(ds.labels) if ds.labels else None}
+    todo, keys = [], {}
+    for c in good:
+        files = [*c.images] + ([c.label] if c.label is not None else [])
+        keys[c.name] = key = file_key(files, settings)
+        mp = out / f"{c.name}.json"
+        if mp.exists():
+            try:
+                if json.loads(mp.read_text()).get("key") == key:
+                    continue
+            except json.JSONDecodeError:
+                pass
+        todo.append((c, target, ds.labels, str(out), key, seed))
+    failed = _run_jobs(todo, workers, progress, ds.name)
+    for name, err in failed:
+        if not skip_bad:
+            raise DataError(err.split(": ", 1)[0], err.split(": ", 1)[-1])
+        problems.append(err)
+    bad_names = {n for n, _ in failed}
+    names = [c.name for c in good if c.name not in bad_names]
+    if not names:
+        raise DataError(ds.root, "empty dataset: every case is bad:\n  " + "\n  ".join(problems))
+    if problems:
+        warnings.warn(f"{ds.name}: skipped {len(problems)} bad case(s):\n  " +
+                      "\n  ".join(problems), stacklevel=2)
+    _remove_stale(out, set(names))
+    norm = _finalize_norm(out, names, ds)
+    _write_json(out / "cache.json", {
+        "name": ds.name, "root": str(ds.root), "layout": ds.layout, "channels": ds.channels,
+        "labels": {str(k): v for k, v in ds.labels.items()} if ds.labels else None,
+        "modality": ds.modality, "target_spacing": target, "cases": names,
+        "problems": problems, "ct_clip": norm,
+        "targets": [ds.targets[n] for n in names] if ds.targets is not None else None,
+        "classes": {str(k): v for k, v in ds.classes.items()} if ds.classes else None})
+    return PreprocessedDataset(out)
+
+
+def _run_jobs(todo, workers, progress, name):
+    from tqdm.auto import tqdm
+
+    if not todo:
+        return []
+    if workers is None:  # a process per core, when there is enough work to share
+        workers = min(os.cpu_count() or 1, 8) if len(todo) >= 4 else 0
+    workers = min(workers, len(todo))
+    bar = tqdm(total=len(todo), desc=f"preprocess {name}", disable=not progress, unit="case")
+    failed = []
+    if workers <= 1:
+        for t in todo:
+            n, err = _job(t)
+            if err:
+                failed.append((n, err))
+            bar.update()
+    else:
+        import multiprocessing as mp
+
+        # fork on Linux, as torch's DataLoader does: it starts fast and, unlike spawn, needs
+        # no `if __name__ == "__main__"` guard in the user's script. It is safe because each
+        # job first sets one intra-op thread, so the child never enters the OpenMP pool it
+        # inherited. Elsewhere (or MED3D_EXT_MP_START=spawn) processes are spawned.
+        method = os.environ.get("MED3D_EXT_MP_START") or (
+            "fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
+                                 initializer=_worker_init) as ex:
+            for n, err in ex.map(_job, todo):
+                if err:
+                    failed.append((n, err))
+                bar.update()
+    bar.close()
+    return failed
+
+
+def _worker_init():
+    # one case per process; more intra-op threads would oversubscribe the cores
+    torch.set_num_threads(1)
+
+
+def _remove_stale(out: Path, keep: set) -> None:
+    for p in out.glob("*.json"):
+        if p.name != "cache.json" and p.name[:-5] not in keep:
+            stem = p.name[:-5]
+            for suffix in (".json", ".image.npy", ".label.npy", ".locs.npz", ".fg.npy"):
+                (out / f"{stem}{suffix}").unlink(missing_ok=True)
+
+
+def _clipped_stats(x: np.ndarray, lo: float, hi: float):
+    c = np.clip(x, lo, hi, dtype=np.float64) if x.size else np.zeros(1)
+    return float(c.mean()), float(max(c.std(), 1e-8))
+
+
+def _finalize_norm(out: Path, names: list, ds: Dataset):
+    """Step 4: fill each case's ``norm`` (per channel lo, hi, mean, std); rewrite a case's
+    metadata only when its numbers change."""
+    ct_chan = [c.strip().lower() in {"ct", "cta", "ct_arterial", "ct_venous"}
+               for c in ds.channels]
+    ct_clip = None
+    if any(ct_chan):
+        samples = [np.load(out / f"{n}.fg.npy") for n in names if (out / f"{n}.fg.npy").exists()]
+        if samples:
+            allv = np.concatenate(samples, 1)
+            ct_clip = [[float(np.percentile(v, 0.5)), float(np.percentile(v, 99.5))]
+                       for v in allv]
+    for n in names:
+        mp = out / f"{n}.json"
+        meta = json.loads(mp.read_text())
+        img = np.load(out / f"{n}.image.npy", mmap_mode="r")
+        old = meta.get("norm")
+        norm = []
+        for ch in range(img.shape[0]):
+            if ct_clip is not None and ch < len(ct_chan) and ct_chan[ch]:
+                lo, hi = ct_clip[ch]
+                if old and len(old) > ch and [old[ch]["lo"], old[ch]["hi"]] == [lo, hi]:
+                    norm.append(old[ch])
+                    continue
+            elif old and len(old) > ch and old[ch].get("per_volume"):
+                norm.append(old[ch])  # MR numbers depend only on this case: still valid
+                continue
+            x = np.asarray(img[ch])
+            if ct_clip is None or not (ch < len(ct_chan) and ct_chan[ch]):
+                lo, hi = (float(v) for v in np.percentile(x, [0.5, 99.5])) if x.size else (0, 1)
+            mean, std = _clipped_stats(x, lo, hi)
+            norm.append({"lo": lo, "hi": hi, "mean": mean, "std": std,
+                         "per_volume": not (ct_clip is not None and ch < len(ct_chan)
+                                            and ct_chan[ch])})
+        if norm != old:
+            meta["norm"] = norm
+            _write_json(mp, meta)
+    return ct_clip
+
+
+class PreprocessedDataset:
+    """A preprocessed dataset in a cache folder (see :func:`preprocess`). Arrays open
+    memory-mapped; nothing is loaded until asked for.
+
+    names:        case names, in dataset order
+    labels:       {value: class name} or None; ``num_classes``
+    channels:     channel names; ``channel_index(name_or_index)``
+    image(i):     raw (resampled, cropped) intensities (C, D, H, W), memory-mapped
+    label(i):     (D, H, W) uint8/int16, memory-mapped (None if unlabelled)
+    meta(i):      metadata dict (affines, crop box, shapes, norm)
+    targets:      classification datasets: class index per case (else None); ``classes``
+    load_case(i, channel=None): (normalized image float32 (C|1, D, H, W), label, meta)
+    """
+
+    def __init__(self, cache_dir):
+        self.dir = Path(cache_dir)
+        info = self.dir / "cache.json"
+        if not info.exists():
+            raise DataError(self.dir, "not a preprocessed cache (no cache.json); run "
+                                      "python -m med3d_ext.data preprocess DATASET --out DIR")
+        self.info = json.loads(info.read_text())
+        self.names = list(self.info["cases"])
+        self.name = self.info["name"]
+        self.channels = self.info["channels"]
+        lab = self.info.get("labels")
+        self.labels = {int(k): v for k, v in lab.items()} if lab else None
+        self.modality = self.info["modality"]
+        # classification datasets: one class index per case, and the class names
+        self.targets = self.info.get("targets")
+        cls = self.info.get("classes")
+        self.classes = {int(k): v for k, v in cls.items()} if cls else None
+        self._meta: dict = {}
+        self._locs: dict = {}
+
+    def __len__(self):
+        return len(self.names)
+
+    @property
+    def num_classes(self) -> int:
+        if self.labels is not None:
+            return max(self.labels) + 1
+        return max((max(self.meta(i)["label_values"] or [0]) for i in range(len(self))),
+                   default=0) + 1
+
+    def channel_index(self, channel) -> int:
+        if channel is None:
+            return 0
+        if isinstance(channel, int) or str(channel).isdigit():
+            i = int(channel)
+            if 0 <= i < len(self.channels):
+                return i
+        else:
+            low = [c.lower() for c in self.channels]
+            if channel.lower() in low:
+                return low.index(channel.lower())
+        raise ValueError(f"{self.name}: no channel {channel!r}; channels are {self.channels}")
+
+    def meta(self, i: int) -> dict:
+        if i not in self._meta:
+            self._meta[i] = json.loads((self.dir / f"{self.names[i]}.json").read_text())
+        return self._meta[i]
+
+    def image(self, i: int) -> np.ndarray:
+        return np.load(self.dir / f"{self.names[i]}.image.npy", mmap_mode="r")
+
+    def label(self, i: int):
+        p = self.dir / f"{self.names[i]}.label.npy"
+        return np.load(p, mmap_mode="r") if p.exists() else None
+
+    def locations(self, i: int) -> dict:
+        """{class value: (K, 3) int32 foreground voxel positions}."""
+        if i not in self._locs:
+            with np.load(self.dir / f"{self.names[i]}.locs.npz") as z:
+                self._locs[i] = {int(k[1:]): z[k] for k in z.files}
+        return self._locs[i]
+
+    def normalize(self, x: np.ndarray, i: int, channels=None) -> np.ndarray:
+        """Clip + z-score raw intensities ``x`` (C, ...) of case i; ``channels`` are the
+        channel indices the rows of x come from (default all)."""
+        norm = self.meta(i)["norm"]
+        channels = range(len(x)) if channels is None else channels
+        out = np.empty(x.shape, np.float32)
+        for r, ch in enumerate(channels):
+            n = norm[ch]
+            out[r] = (np.clip(x[r], n["lo"], n["hi"]) - n["mean"]) / n["std"]
+        return out
+
+    def background_value(self, i: int, ch: int) -> float:
+        """Normalized value of a raw 0 voxel: what padding outside the volume means."""
+        n = self.meta(i)["norm"][ch]
+        return float((np.clip(0.0, n["lo"], n["hi"]) - n["mean"]) / n["std"])
+
+    def load_case(self, i: int, channel=None):
+        img = self.image(i)
+        chans = list(range(img.shape[0])) if channel is None else [self.channel_index(channel)]
+        x = self.normalize(np.asarray(img[chans]), i, chans)
+        lab = self.label(i)
+        return x, (np.asarray(lab) if lab is not None else None), self.meta(i)
+
+
+# --------------------------------------------------------------------------------------------
+# inverse: preprocessed grid -> source file space
+
+
+def to_source_space(pred, meta: dict, *, fill=0) -> np.ndarray:
+    """Map an array on a case's preprocessed grid back onto its source file's voxel grid.
+
+    pred: (D, H, W) integer labels (resampled nearest) or (C, D, H, W) float maps (trilinear),
+          numpy or torch, on the grid of ``meta["shape"]``.
+    Undoes the resampling, the crop (voxels outside the crop box get ``fill``) and the RAS
+    reorientation. Returns (I, J, K) or (I, J, K, C) in the stored file's axis order, to be
+    written with ``meta["orig_affine"]`` (see :func:`write_prediction`).
+    """
+    from .io import ras_to_source
+
+    if isinstance(pred, torch.Tensor):
+        pred = pred.detach().cpu().numpy()
+    pred = np.array(pred)  # a copy: memory-mapped cache arrays are read-only
+    is_label = pred.dtype.kind in "iub"
+    spatial = pred.shape if is_label else pred.shape[1:]
+    if pred.ndim != (3 if is_label else 4) or list(spatial) != list(meta["shape"]):
+        raise ValueError(f"prediction for case {meta['case']!r} has shape {pred.shape}; "
+                         f"expected (D, H, W) integer labels or (C, D, H, W) floats with "
+                         f"(D, H, W) = {tuple(meta['shape'])}")
+    box = meta["crop_box"]
+    cshape = tuple(b - a for a, b in box)
+    t = torch.from_numpy(np.ascontiguousarray(pred))
+    if is_label:
+        t = resize(t[None, None].float(), cshape, "nearest-exact")[0, 0].numpy().astype(pred.dtype)
+        full = np.full(meta["ras_shape"], fill, dtype=pred.dtype)
+        full[tuple(slice(a, b) for a, b in box)] = t
+    else:
+        t = resize(t[None].float(), cshape, "trilinear")[0].numpy()
+        full = np.full([t.shape[0], *meta["ras_shape"]], fill, dtype=np.float32)
+        full[(slice(None),) + tuple(slice(a, b) for a, b in box)] = t
+    return ras_to_source(full, np.asarray(meta["ornt"]))
+
+
+def write_prediction(pred, meta: dict, path, *, fill=0):
+    """Write a preprocessed-grid prediction as NIfTI in the case's original space (shape,
+    orientation and affine of the source image). Returns the path."""
+    from .io import save_nifti
+
+    arr = to_source_space(pred, meta, fill=fill)
+    if arr.dtype.kind in "iub":
+        arr = arr.astype(np.uint8 if arr.max(initial=0) < 256 and arr.min(initial=0) >= 0
+                         else np.int16)
+    return save_nifti(arr, np.asarray(meta["orig_affine"]), path)

@@ -1,0 +1,264 @@
+"""Patch sampling from preprocessed datasets, single- or multi-domain, exactly resumable.
+
+Randomness is counter-based: batch ``b`` is drawn from ``np.random.default_rng([seed, b])``,
+so a batch depends only on (seed, b). That makes the sampler deterministic, independent of
+how many DataLoader workers split the batches, and resumable from a single integer.
+
+Foreground oversampling (nnU-Net style): of all samples drawn, exactly ``fg_fraction`` (by
+default one third) are centred on a random foreground voxel, chosen by a running count rather
+than a coin flip so that small batches keep the ratio too. A foreground patch first picks a
+class present in the case uniformly, then a voxel of that class, so small structures
+(tumours) are seen as often as large ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .preprocess import PreprocessedDataset
+
+
+def _as_size(patch) -> tuple:
+    p = (patch,) * 3 if isinstance(patch, int) else tuple(int(v) for v in patch)
+    if len(p) != 3 or min(p) < 1:
+        raise ValueError(f"patch must be an int or 3 positive ints, got {patch!r}")
+    return p
+
+
+def crop_patch(arr: np.ndarray, start, size, fill=0) -> np.ndarray:
+    """arr[..., s0:s0+size0, ...] over the last three axes, where the window may stick out of
+    the array (or the array be smaller than the window): outside voxels get ``fill``."""
+    lead = arr.shape[:-3]
+    out = np.full(lead + tuple(size), fill, dtype=arr.dtype)
+    src, dst = [], []
+    for s, n, dim in zip(start, size, arr.shape[-3:]):
+        a, b = max(s, 0), min(s + n, dim)
+        if b <= a:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    out[(Ellipsis, *dst)] = arr[(Ellipsis, *src)]
+    return out
+
+
+class PatchSampler:
+    """Random fixed-size patches from one :class:`PreprocessedDataset`.
+
+    channel: channel (sequence) name or index used as the single input channel; None = all
+             channels (image patches are then (C, D, H, W))
+    """
+
+    def __init__(self, dataset: PreprocessedDataset, patch, *, channel=None):
+        self.ds = dataset
+        self.patch = _as_size(patch)
+        self.channel = None if channel is None else dataset.channel_index(channel)
+        if len(dataset) == 0:
+            raise ValueError(f"{dataset.name}: empty dataset, nothing to sample")
+
+    def sample(self, rng: np.random.Generator, foreground: bool, case: int | None = None):
+        """One patch: (image float32 (C, D, H, W), label (D, H, W), case name, start (3,)
+        voxel index of the patch corner in the case's preprocessed grid; may be negative or
+        run past the end, where the patch is padded)."""
+        ds = self.ds
+        i = int(rng.integers(len(ds))) if case is None else case
+        img = ds.image(i)
+        shape = img.shape[1:]
+        p = self.patch
+        locs = ds.locations(i) if foreground else {}
+        if locs:
+            cls = sorted(locs)[int(rng.integers(len(locs)))]
+            c = locs[cls][int(rng.integers(len(locs[cls])))]
+            # centre on the voxel, with a little jitter so it is not always the exact centre
+            start = [int(ci) - pi // 2 + int(rng.integers(-(pi // 4), pi // 4 + 1))
+                     for ci, pi in zip(c, p)]
+        else:
+            # anywhere fully inside when it fits; centred with padding when it does not
+            start = [int(rng.integers(0, n - pi + 1)) if n >= pi else -((pi - n) // 2)
+                     for n, pi in zip(shape, p)]
+        chans = list(range(img.shape[0])) if self.channel is None else [self.channel]
+        # img[ch] is a memory-mapped view: only the patch's voxels are read from disk
+        raw = np.stack([crop_patch(img[ch], start, p) for ch in chans])
+        x = ds.normalize(raw, i, chans)
+        # out-of-volume voxels: the normalised background (what a raw 0 maps to)
+        inside = [(np.arange(pi) + si >= 0) & (np.arange(pi) + si < n)
+                  for si, pi, n in zip(start, p, shape)]
+        if not all(m.all() for m in inside):
+            outside = ~(inside[0][:, None, None] & inside[1][None, :, None]
+                        & inside[2][None, None, :])
+            for r, ch in enumerate(chans):
+                x[r][outside] = ds.background_value(i, ch)
+        lab = ds.label(i)
+        y = crop_patch(lab, start, p) if lab is not None else np.zeros(p, np.uint8)
+        return x, y, ds.names[i], start
+
+
+class MultiDomainSampler(torch.utils.data.IterableDataset):
+    """Batches that mix several preprocessed datasets (Med3D co-training).
+
+    datasets:    list of PreprocessedDataset; ``dataset_id`` indexes this list
+    patch:       int or (D, H, W)
+    batch_size:  samples per batch
+    weights:     probability of each dataset per sample (default: equal), normalised
+    fg_fraction: share of samples centred on foreground (default 1/3)
+    channels:    per dataset, the channel name/index to use (None -> channel 0); pretraining
+                 domains are single-channel
+    steps:       batches per pass (None = endless)
+    seed:        everything random derives from (seed, batch index)
+
+    Yields dicts: image float32 (N, 1, D, H, W), label uint8 (N, D, H, W) (int64 with
+    ``label_dtype=torch.int64``), dataset_id int64 (N,), case list[str]. Use it with
+    ``torch.utils.data.DataLoader(sampler, batch_size=None, num_workers=k, pin_memory=True)``
+    or :func:`make_loader`, which also tracks the position for ``state_dict``.
+    """
+
+    def __init__(self, datasets, patch, batch_size: int, *, weights=None,
+                 fg_fraction: float = 1 / 3, channels=None, steps: int | None = None,
+                 seed: int = 0, label_dtype=torch.uint8):
+        if isinstance(datasets, PreprocessedDataset):
+            datasets = [datasets]
+        if not datasets:
+            raise ValueError("MultiDomainSampler needs at least one dataset")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= fg_fraction <= 1.0:
+            raise ValueError(f"fg_fraction must be in [0, 1], got {fg_fraction}")
+        channels = list(channels) if channels is not None else [None] * len(datasets)
+        if len(channels) != len(datasets):
+            raise ValueError(f"channels has {len(channels)} entries for {len(datasets)} "
+                             "datasets")
+        self.samplers = [PatchSampler(d, patch, channel=c if c is not None else 0)
+                         for d, c in zip(datasets, channels)]
+        w = np.ones(len(datasets)) if weights is None else np.asarray(weights, float)
+        if w.shape != (len(datasets),) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be {len(datasets)} non-negative numbers with a "
+                             f"positive sum, got {weights!r}")
+        self.weights = w / w.sum()
+        self.patch = _as_size(patch)
+        self.batch_size = batch_size
+        self.fg_fraction = fg_fraction
+        self.steps = steps
+        self.seed = int(seed)
+        self.label_dtype = label_dtype
+        self.position = 0  # index of the next batch
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.position = int(state["position"])
+
+    # -- drawing ----------------------------------------------------------------------------
+    def _is_fg(self, g: int) -> bool:
+        # sample g is foreground iff the running count floor((g+1)f) steps up at g
+        f = self.fg_fraction
+        return math.floor((g + 1) * f + 1e-9) > math.floor(g * f + 1e-9)
+
+    def batch(self, b: int) -> dict:
+        """Batch number ``b`` (a pure function of seed and b)."""
+        rng = np.random.default_rng([self.seed, b])
+        n = self.batch_size
+        dom = rng.choice(len(self.samplers), size=n, p=self.weights)
+        imgs, labs, cases = [], [], []
+        for k in range(n):
+            x, y, name, _ = self.samplers[dom[k]].sample(rng, self._is_fg(b * n + k))
+            imgs.append(x)
+            labs.append(y)
+            cases.append(name)
+        return {"image": torch.from_numpy(np.stack(imgs)),
+                "label": torch.from_numpy(np.stack(labs).astype(np.int64)).to(self.label_dtype),
+                "dataset_id": torch.from_numpy(dom.astype(np.int64)),
+                "case": cases}
+
+    def __len__(self):
+        if self.steps is None:
+            raise TypeError("endless sampler (steps=None) has no length")
+        return max(self.steps - self.position, 0)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        b = self.position + wid
+        while self.steps is None or b < self.steps:
+            batch = self.batch(b)
+            b += nw
+            if info is None:
+                self.position = b  # in-process iteration tracks its own position
+            yield batch
+
+
+class BatchLoader:
+    """A DataLoader over a :class:`MultiDomainSampler` that knows how many batches the
+    consumer has taken, so ``state_dict()`` resumes exactly after the last batch returned
+    (workers prefetch ahead; their copies' positions are not used)."""
+
+    def __init__(self, sampler: MultiDomainSampler, *, num_workers: int = 0,
+                 pin_memory: bool = False, prefetch_factor: int | None = None):
+        self.sampler = sampler
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        kw = {}
+        if self.num_workers > 0:
+            kw["persistent_workers"] = False
+            if self.prefetch_factor is not None:
+                kw["prefetch_factor"] = self.prefetch_factor
+        dl = torch.utils.data.DataLoader(self.sampler, batch_size=None,
+                                         num_workers=self.num_workers,
+                                         pin_memory=self.pin_memory, **kw)
+        start = self.sampler.position
+        for k, batch in enumerate(dl):
+            # DataLoader returns worker outputs round-robin, i.e. in batch order
+            self.sampler.position = start + k + 1
+            yield batch
+
+
+def make_loader(datasets, patch, batch_size, *, num_workers=0, pin_memory=None, **kw):
+    """MultiDomainSampler + BatchLoader in one call; pin_memory defaults to CUDA present."""
+    s = MultiDomainSampler(datasets, patch, batch_size, **kw)
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return BatchLoader(s, num_workers=num_workers, pin_memory=pin)
+
+
+class ClassificationSet(torch.utils.data.Dataset):
+    """Whole-volume classification samples from a preprocessed classification dataset
+    (``labels.csv`` layout): each case's normalised volume resized to ``size``.
+
+    Items are dicts: image float32 (1, D, H, W), label int64 scalar, case str; the default
+    DataLoader collate turns them into image (N, 1, D, H, W), label (N,), case list[str].
+    """
+
+    def __init__(self, dataset: PreprocessedDataset, size, *, channel=None, indices=None):
+        if dataset.targets is None:
+            raise ValueError(f"{dataset.name}: not a classification dataset (no labels.csv)")
+        self.ds = dataset
+        self.size = _as_size(size)
+        self.channel = dataset.channel_index(channel)
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        from .preprocess import resize
+
+        i = self.indices[k]
+        x, _, _ = self.ds.load_case(i, channel=self.channel)
+        t = resize(torch.from_numpy(x)[None], self.size, "trilinear")[0]
+        return {"image": t.contiguous(), "label": torch.tensor(self.ds.targets[i]),
+                "case": self.ds.names[i]}

@@ -1,0 +1,249 @@
+"""``multihead_seg_loss``: CE + soft Dice for every decoder head in one pass (csrc/seg_loss/)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import reference
+from ._common import compiled, register_autograd, register_fake
+
+__all__ = ["multihead_seg_loss", "SegLabelError"]
+
+
+# Limits of the CUDA kernel (csrc/seg_loss/seg_loss.h: kMaxHeadsCuda, kMaxClassesCuda).
+_CUDA_MAX_HEADS, _CUDA_MAX_CLASSES = 48, 32
+
+
+class SegLabelError(ValueError):
+    """A target holds a label outside [0, C_h) that is not ``ignore_index``."""
+
+
+def multihead_seg_loss(
+    logits: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    *,
+    head_weights=None,
+    ce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    smooth: float = 1e-5,
+    ignore_index: int = -100,
+    class_weights=None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy + soft Dice loss of several segmentation heads, all heads in one kernel.
+
+    Args:
+        logits: one tensor per head, (n_h, C_h, *spatial_h), C_h >= 2; all float32, bfloat16,
+            float16 or float64 (one dtype for all heads) on one device. Any strides.
+        targets: one tensor per head, (n_h, *spatial_h), uint8 or int64 class indices.
+        head_weights: one weight per head (1-D tensor or sequence); default all 1.
+        ce_weight, dice_weight: weights of the two terms inside each head's loss.
+        smooth: added to the numerator and denominator of every Dice ratio.
+        ignore_index: voxels with this label count in neither term.
+        class_weights: ``None`` or a list with, per head, ``None`` or a (C_h,) tensor of CE class
+            weights (the CE is then the weighted mean, as ``F.cross_entropy(weight=...)``).
+            They get no gradient.
+        validate: check for labels outside [0, C_h) (other than ``ignore_index``) and raise
+            :class:`SegLabelError` naming the head, the value and C_h. Costs one host sync.
+            Bad voxels are ignored by the kernel either way, so ``validate=False`` never reads
+            out of bounds.
+
+    Returns:
+        ``(total, per_head)``: ``sum_h head_weights[h] * per_head[h]`` (a scalar) and the (H,)
+        unweighted per-head losses, float32 (float64 for float64 logits). Per head:
+        ``ce_weight * CE + dice_weight * mean_{s,c} (1 - (2 I + smooth) / (P + T + smooth))``
+        over valid voxels; this is MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True,
+        smooth_nr=smooth, smooth_dr=smooth, lambda_ce=ce_weight, lambda_dice=dice_weight)``
+        when nothing is ignored or class-weighted. A head with no sample (n_h = 0) contributes
+        0; a head with no valid voxel has CE 0. NaN logits give a NaN loss for their head.
+        Differentiable with respect to every logits tensor and to ``head_weights``.
+
+    On CUDA the fused kernel takes up to 48 heads of up to 32 classes; beyond that the call
+    runs the PyTorch reference (:func:`med3d_ext.reference.multihead_seg_loss`) instead.
+    """
+    logits, targets = list(logits), list(targets)
+    if not logits:
+        raise ValueError("med3d_ext.multihead_seg_loss: no heads (logits is an empty list)")
+    first = logits[0]
+    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+    hw = None
+    if head_weights is not None:
+        # a tensor already on the logits' device avoids a blocking host-to-device copy per call
+        hw = head_weights.to(device=first.device) if isinstance(head_weights, torch.Tensor) \
+            else torch.as_tensor(head_weights, dtype=acc, device=first.device)
+    cw = None
+    if class_weights is not None:
+        if len(class_weights) != len(logits):
+            raise ValueError(f"med3d_ext.multihead_seg_loss: class_weights has {len(class_weights)}"
+                             f" entries for {len(logits)} heads")
+        if any(w is not None for w in class_weights):
+            cw = torch.cat([
+                torch.ones(x.shape[1], dtype=acc, device=first.device) if w is None
+                else torch.as_tensor(w, device=first.device).to(acc).reshape(-1)
+                for x, w in zip(logits, class_weights)])
+    op = compiled("multihead_seg_loss")
+    if op is not None and first.is_cuda and (
+            len(logits) > _CUDA_MAX_HEADS or max(x.shape[1] for x in logits) > _CUDA_MAX_CLASSES):
+        op = None  # beyond the CUDA kernel's register budget: the PyTorch reference, same math
+    if op is None:
+        _check_inputs(logits, targets, hw, cw)
+        bad = reference.seg_loss_bad_labels(logits, targets, ignore_index) if validate else None
+        per_cw = None if cw is None else list(cw.split([x.shape[1] for x in logits]))
+        total, per_head = reference.multihead_seg_loss(
+            logits, targets, hw, ce_weight, dice_weight, smooth, ignore_index, per_cw)
+    else:
+        options = (float(ce_weight), float(dice_weight), float(smooth), int(ignore_index))
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            total, per_head, bad = _EagerLoss.apply(len(logits), options, hw, cw, *logits, *targets)
+        else:
+            total, per_head, bad, _ = op(logits, targets, hw, cw, *options)
+    if validate:
+        if torch.compiler.is_compiling():
+            # The check runs inside an opaque op, so a compiled graph keeps it without a break.
+            total = _check_labels(total, bad, [int(x.shape[1]) for x in logits])
+        else:
+            _raise_bad_labels(bad, [int(x.shape[1]) for x in logits])
+    return total, per_head
+
+
+def _raise_bad_labels(bad: torch.Tensor, classes: list[int]) -> None:
+    rows = bad.tolist()  # the one host sync
+    msgs = [f"head {h}: {cnt} voxel(s) with labels in [{lo}, {hi}] outside [0, {classes[h]}) "
+            f"(C_h = {classes[h]}; e.g. label {lo})"
+            for h, (cnt, lo, hi) in enumerate(rows) if cnt > 0]
+    if msgs:
+        raise SegLabelError("med3d_ext.multihead_seg_loss: bad target labels (not ignore_index): "
+                            + "; ".join(msgs))
+
+
+@torch.library.custom_op("med3d_ext::seg_loss_check_labels", mutates_args=())
+def _check_labels(total: torch.Tensor, bad: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """Returns ``total`` unchanged after raising on bad labels (used under torch.compile)."""
+    _raise_bad_labels(bad, classes)
+    return total.clone()
+
+
+@_check_labels.register_fake
+def _check_labels_fake(total, bad, classes):
+    return torch.empty_like(total)
+
+
+_check_labels.register_autograd(
+    lambda ctx, grad: (grad, None, None), setup_context=lambda ctx, inputs, output: None)
+
+
+def _check_inputs(logits, targets, head_weights, class_weights) -> None:
+    """The C++ entry checks, for the fake kernel and the reference fallback."""
+    name = "med3d_ext.multihead_seg_loss"
+    torch._check(len(logits) > 0, lambda: f"{name}: no heads (argument 'logits' is an empty list)")
+    torch._check(len(logits) == len(targets), lambda: (
+        f"{name}: got {len(logits)} logits tensors but {len(targets)} targets tensors"))
+    first = logits[0]
+    for h, (x, t) in enumerate(zip(logits, targets)):
+        torch._check(x.dim() >= 2 and x.is_floating_point(), lambda: (
+            f"{name}: argument 'logits[{h}]' must be floating (n, C, *spatial), got shape "
+            f"{tuple(x.shape)}, dtype {x.dtype}"))
+        torch._check(x.dtype == first.dtype and x.device == first.device, lambda: (
+            f"{name}: argument 'logits[{h}]' must have the dtype and device of logits[0] "
+            f"({first.dtype}, {first.device}), got {x.dtype}, {x.device}"))
+        torch._check(x.shape[1] >= 2, lambda: (
+            f"{name}: argument 'logits[{h}]' must be of at least 2 classes, got shape "
+            f"{tuple(x.shape)}"))
+        torch._check(t.dtype in (torch.uint8, torch.int64) and t.device == first.device,
+                     lambda: f"{name}: argument 'targets[{h}]' must be uint8 or int64 class "
+                             f"indices on {first.device}, got {t.dtype} on {t.device}")
+        expect = (x.shape[0],) + tuple(x.shape[2:])
+        torch._check(tuple(t.shape) == expect, lambda: (
+            f"{name}: head {h}: targets shape {tuple(t.shape)} does not match logits shape "
+            f"{tuple(x.shape)} (expected targets {expect})"))
+    if head_weights is not None:
+        torch._check(head_weights.dim() == 1 and head_weights.shape[0] == len(logits), lambda: (
+            f"{name}: argument 'head_weights' must be 1-D with one weight per head "
+            f"({len(logits)}), got shape {tuple(head_weights.shape)}"))
+    if class_weights is not None:
+        total = sum(x.shape[1] for x in logits)
+        torch._check(class_weights.dim() == 1 and class_weights.shape[0] == total, lambda: (
+            f"{name}: argument 'class_weights' must hold {total} values, got shape "
+            f"{tuple(class_weights.shape)}"))
+
+
+@register_fake("multihead_seg_loss")
+def _fake(logits, targets, head_weights, class_weights, ce_weight, dice_weight, smooth,
+          ignore_index):
+    _check_inputs(logits, targets, head_weights, class_weights)
+    first = logits[0]
+    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+    H = len(logits)
+    slots = sum(x.shape[0] * x.shape[1] for x in logits)
+    return (first.new_empty((), dtype=acc), first.new_empty((H,), dtype=acc),
+            first.new_empty((H, 3), dtype=torch.int64), first.new_empty((3 * slots + H,), dtype=acc))
+
+
+@register_fake("multihead_seg_loss_backward")
+def _fake_backward(logits, targets, saved, grad_total, grad_per_head, head_weights,
+                   class_weights, ignore_index):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in logits]
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, head_weights, class_weights, _, _, _, ignore_index = inputs
+    _, per_head, _, saved = output
+    ctx.num_heads = len(logits)
+    ctx.ignore_index = ignore_index
+    ctx.save_for_backward(*logits, *targets, saved, per_head, head_weights, class_weights)
+
+
+def _grads(ctx, grad_total, grad_per_head, need_logits: bool, need_hw: bool):
+    """(grads of the logits or None, grad of head_weights or None) from what forward saved."""
+    H = ctx.num_heads
+    saved = ctx.saved_tensors
+    logits, targets = list(saved[:H]), list(saved[H:2 * H])
+    stats, per_head, head_weights, class_weights = saved[2 * H:]
+    if grad_total is None:
+        grad_total = torch.zeros((), dtype=per_head.dtype, device=per_head.device)
+    if grad_per_head is None:
+        grad_per_head = torch.zeros_like(per_head)
+    grad_logits = [None] * H
+    if need_logits:
+        grad_logits = torch.ops.med3d_ext.multihead_seg_loss_backward(
+            logits, targets, stats, grad_total, grad_per_head, head_weights, class_weights,
+            ctx.ignore_index)
+    grad_hw = None
+    if head_weights is not None and need_hw:
+        grad_hw = (grad_total * per_head).to(head_weights.dtype)
+    return grad_logits, grad_hw
+
+
+def _backward(ctx, grad_total, grad_per_head, _grad_bad, _grad_saved):
+    grad_logits, grad_hw = _grads(ctx, grad_total, grad_per_head, ctx.needs_input_grad[0],
+                                  ctx.needs_input_grad[2])
+    return grad_logits, [None] * ctx.num_heads, grad_hw, None, None, None, None, None
+
+
+register_autograd("multihead_seg_loss", _backward, _setup_context)
+
+
+class _EagerLoss(torch.autograd.Function):
+    """The same forward and backward as the registered autograd, for eager mode only: it takes
+    the heads' tensors as flat arguments, which skips the pytree walks that registered autograd
+    does over list inputs on every call (most of the host time of a small loss)."""
+
+    @staticmethod
+    def forward(ctx, num_heads, options, head_weights, class_weights, *tensors):
+        logits, targets = list(tensors[:num_heads]), list(tensors[num_heads:])
+        total, per_head, bad, saved = torch.ops.med3d_ext.multihead_seg_loss(
+            logits, targets, head_weights, class_weights, *options)
+        ctx.num_heads, ctx.ignore_index = num_heads, options[-1]
+        ctx.save_for_backward(*logits, *targets, saved, per_head, head_weights, class_weights)
+        ctx.mark_non_differentiable(bad)
+        return total, per_head, bad
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, grad_per_head, _grad_bad):
+        H = ctx.num_heads
+        need = ctx.needs_input_grad
+        grad_logits, grad_hw = _grads(ctx, grad_total, grad_per_head, any(need[4:4 + H]), need[2])
+        return (None, None, grad_hw, None, *grad_logits, *([None] * H))

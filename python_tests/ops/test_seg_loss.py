@@ -1,0 +1,404 @@
+"""multihead_seg_loss against MONAI DiceCELoss and med3d_ext.reference, on both devices:
+every dtype, odd shapes, ignore_index, class weights, gradients, gradcheck, determinism, bad
+input, empty heads, non-contiguous logits, opcheck and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import med3d_ext as m3d
+from med3d_ext import _extension, reference
+from med3d_ext.ops import SegLabelError
+from python_tests.conftest import DEVICES, TOL, assert_low_precision_close
+
+requires_ext = pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _rand_heads(device, dtype=torch.float32, heads=None, max_c=14, target_dtype=None,
+                spatial_dims=3, max_n=3, min_n=1, max_sp=11):
+    """Random heads of 2..max_c classes, odd spatial sizes, uint8 or int64 targets."""
+    heads = heads or int(torch.randint(1, 5, ()).item())
+    logits, targets = [], []
+    for _ in range(heads):
+        n = int(torch.randint(min_n, max_n + 1, ()).item())
+        c = int(torch.randint(2, max_c + 1, ()).item())
+        sp = [int(v) for v in torch.randint(1, max_sp + 1, (spatial_dims,))]
+        x = (torch.randn(n, c, *sp, device=device) * 3).to(dtype)
+        td = target_dtype or (torch.uint8 if torch.rand(()) < 0.5 else torch.int64)
+        logits.append(x)
+        targets.append(torch.randint(0, c, (n, *sp), device=device).to(td))
+    return logits, targets
+
+
+def _plain_lowp(x, t, smooth):
+    """DiceCELoss math in plain PyTorch in x's own low precision (the error yardstick)."""
+    ce = F.cross_entropy(x, t.long())
+    p = torch.softmax(x, 1)
+    oh = F.one_hot(t.long(), x.shape[1]).movedim(-1, 1).to(x.dtype)
+    dims = list(range(2, x.dim()))
+    inter, ps, ts = (p * oh).sum(dims), p.sum(dims), oh.sum(dims)
+    return ce + (1 - (2 * inter + smooth) / (ps + ts + smooth)).mean()
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_matches_monai(device, dtype):
+    monai_losses = pytest.importorskip("monai.losses")
+    logits, targets = _rand_heads(device, dtype)
+    ce_w, dice_w, smooth = float(torch.rand(()) * 2), float(torch.rand(()) * 2), 1e-5
+    hw = torch.rand(len(logits)).tolist()
+    total, per_head = m3d.ops.multihead_seg_loss(logits, targets, head_weights=hw,
+                                                  ce_weight=ce_w, dice_weight=dice_w, smooth=smooth)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert total.dtype == acc and per_head.dtype == acc and per_head.shape == (len(logits),)
+    loss_fn = monai_losses.DiceCELoss(softmax=True, to_onehot_y=True, smooth_nr=smooth,
+                                      smooth_dr=smooth, lambda_ce=ce_w, lambda_dice=dice_w)
+    expect = torch.stack([loss_fn(x.double(), t.long().unsqueeze(1))
+                          for x, t in zip(logits, targets)])
+    rtol, atol = TOL[acc]
+    # the inputs are exactly the low-precision values, so only fp32 accumulation error remains
+    torch.testing.assert_close(per_head.double(), expect, rtol=rtol, atol=atol * 10)
+    torch.testing.assert_close(total.double(), (torch.tensor(hw, dtype=torch.float64,
+                                                             device=device) * expect).sum(),
+                               rtol=rtol, atol=atol * 10)
+    if dtype in LOW:  # house policy: error <= 2x plain PyTorch's in the same precision
+        _, unit = m3d.ops.multihead_seg_loss(logits, targets, smooth=smooth)
+        lowp = torch.stack([_plain_lowp(x, t, smooth) for x, t in zip(logits, targets)])
+        unit_loss = monai_losses.DiceCELoss(softmax=True, to_onehot_y=True, smooth_nr=smooth,
+                                            smooth_dr=smooth)
+        ref = torch.stack([unit_loss(x.float(), t.long().unsqueeze(1))
+                           for x, t in zip(logits, targets)])
+        assert_low_precision_close(unit, lowp, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_ignore_index_and_class_weights(device, dtype):
+    logits, targets = _rand_heads(device, dtype, target_dtype=torch.int64)
+    ignore = 255 if torch.rand(()) < 0.5 else -100
+    for t in targets:
+        t[torch.rand(t.shape, device=device) < 0.3] = ignore
+    if ignore == 255:  # uint8 targets carry 255 too
+        targets[0] = targets[0].to(torch.uint8)
+    cw = [torch.rand(x.shape[1], device=device) + 0.1 if h % 2 == 0 else None
+          for h, x in enumerate(logits)]
+    kw = dict(ce_weight=0.7, dice_weight=1.3, smooth=1e-3, ignore_index=ignore)
+    total, per_head = m3d.ops.multihead_seg_loss(logits, targets, class_weights=cw, **kw)
+    et, ep = reference.multihead_seg_loss(logits, targets, None, class_weights=cw, **kw)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rtol, atol = TOL[acc]
+    torch.testing.assert_close(per_head, ep, rtol=rtol, atol=atol * 10)
+    torch.testing.assert_close(total, et, rtol=rtol, atol=atol * 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_weights_match_cross_entropy(device):
+    # CE-only loss with class weights is exactly F.cross_entropy(weight=..., ignore_index=...)
+    x = torch.randn(2, 4, 5, 3, 7, device=device)
+    t = torch.randint(0, 4, (2, 5, 3, 7), device=device)
+    t[0, 0] = -100
+    w = torch.rand(4, device=device) + 0.2
+    _, ph = m3d.ops.multihead_seg_loss([x], [t], class_weights=[w], dice_weight=0.0)
+    torch.testing.assert_close(ph[0], F.cross_entropy(x, t, weight=w), **_tol32())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_spatial_ranks(device):
+    # (n, C) with no spatial dim, 1-D and 2-D spatial: the op is rank-agnostic
+    for dims in (0, 1, 2):
+        logits, targets = _rand_heads(device, spatial_dims=dims, heads=2, max_c=5)
+        got = m3d.ops.multihead_seg_loss(logits, targets)
+        exp = reference.multihead_seg_loss(logits, targets)
+        torch.testing.assert_close(got[1], exp[1], **_tol32())
+
+
+def test_many_classes_and_large_tiles():
+    # several tiles per sample (> 2048 voxels) and a wide head
+    logits = [torch.randn(2, 20, 13, 17, 11), torch.randn(1, 3, 50, 40, 3)]
+    targets = [torch.randint(0, 20, (2, 13, 17, 11)), torch.randint(0, 3, (1, 50, 40, 3))]
+    got = m3d.ops.multihead_seg_loss(logits, targets)
+    exp = reference.multihead_seg_loss(logits, targets)
+    torch.testing.assert_close(got[1], exp[1], **_tol32())
+
+
+@pytest.mark.cuda
+def test_cuda_large_tiles():
+    logits = [torch.randn(2, 31, 13, 17, 11, device="cuda"), torch.randn(1, 3, 50, 40, 3, device="cuda")]
+    targets = [torch.randint(0, 31, (2, 13, 17, 11), device="cuda"),
+               torch.randint(0, 3, (1, 50, 40, 3), device="cuda")]
+    got = m3d.ops.multihead_seg_loss(logits, targets)
+    exp = reference.multihead_seg_loss(logits, targets)
+    torch.testing.assert_close(got[1], exp[1], **_tol32())
+    # beyond the kernel's 32 classes: the op refuses, the wrapper takes the reference path
+    wide = [torch.randn(2, 40, 3, 5, device="cuda", requires_grad=True)]
+    wide_t = [torch.randint(0, 40, (2, 3, 5), device="cuda")]
+    with pytest.raises(RuntimeError, match="at most 32 classes"):
+        torch.ops.med3d_ext.multihead_seg_loss(wide, wide_t, None, None, 1.0, 1.0, 1e-5, -100)
+    got = m3d.ops.multihead_seg_loss(wide, wide_t)
+    torch.testing.assert_close(got[1], reference.multihead_seg_loss(wide, wide_t)[1], **_tol32())
+    assert torch.autograd.grad(got[0], wide)[0].shape == wide[0].shape
+    wide_t[0][0, 0, 0] = 40
+    with pytest.raises(SegLabelError, match="head 0"):
+        m3d.ops.multihead_seg_loss(wide, wide_t)
+
+
+def _tol32():
+    rtol, atol = TOL[torch.float32]
+    return {"rtol": rtol, "atol": atol * 10}
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gradients_vs_reference(device, dtype):
+    logits, targets = _rand_heads(device, dtype, max_c=9)
+    targets[0] = targets[0].long()
+    targets[0][..., :1] = 7 if logits[0].shape[1] <= 7 else -100  # bad / ignored voxels
+    logits = [x.requires_grad_() for x in logits]
+    H = len(logits)
+    hw = (torch.rand(H, device=device) + 0.5).requires_grad_()
+    cw = [torch.rand(x.shape[1], device=device) + 0.1 for x in logits]
+    g_tot, g_ph = torch.randn((), device=device), torch.randn(H, device=device)
+    kw = dict(ce_weight=0.8, dice_weight=1.2, ignore_index=-100, class_weights=cw)
+    total, ph = m3d.ops.multihead_seg_loss(logits, targets, head_weights=hw, validate=False, **kw)
+    ours = torch.autograd.grad(total * g_tot + (ph * g_ph).sum(), logits + [hw])
+    ref_logits = [x.detach().float().requires_grad_() for x in logits]
+    et, ep = reference.multihead_seg_loss(ref_logits, targets, hw, **kw)
+    refs = torch.autograd.grad(et * g_tot + (ep * g_ph).sum(), ref_logits + [hw])
+    for h, (a, b) in enumerate(zip(ours, refs)):
+        assert a.shape == b.shape and a.dtype == (dtype if h < H else torch.float32)
+        if a.dtype in LOW:
+            # the kernel computes in fp32 and rounds once: at most one low-precision ulp off
+            torch.testing.assert_close(a.float(), b, rtol=TOL[dtype][0], atol=1e-4)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    logits, targets = _rand_heads(device, torch.float64, heads=3, max_c=4, max_n=2, max_sp=3)
+    targets[1] = targets[1].long()
+    targets[1].view(-1)[0] = -100
+    cw = [None, torch.rand(logits[1].shape[1], device=device, dtype=torch.float64) + 0.1, None]
+    hw = torch.rand(3, device=device, dtype=torch.float64, requires_grad=True)
+    xs = [x.requires_grad_() for x in logits]
+
+    def fn(a, b, c, w):
+        total, ph = m3d.ops.multihead_seg_loss([a, b, c], targets, head_weights=w,
+                                               class_weights=cw, smooth=1e-2)
+        return total, ph
+
+    assert torch.autograd.gradcheck(fn, (*xs, hw))
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    logits, targets = _rand_heads(device, torch.bfloat16, heads=4, max_c=6)
+    logits = [torch.randn(x.shape[0], x.shape[1], 20, 21, 22, device=device).to(torch.bfloat16)
+              for x in logits]
+    targets = [torch.randint(0, x.shape[1], (x.shape[0], 20, 21, 22), device=device) for x in logits]
+    runs = []
+    for _ in range(2):
+        xs = [x.clone().requires_grad_() for x in logits]
+        total, ph = m3d.ops.multihead_seg_loss(xs, targets)
+        grads = torch.autograd.grad(total, xs)
+        runs.append((total, ph, grads))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_logits(device):
+    base = torch.randn(3, 10, 9, 8, 7, device=device)
+    x0 = base[:, ::2, 1:, :, ::2]  # strided view
+    x1 = torch.randn(2, 4, 5, 6, 7, device=device).to(memory_format=torch.channels_last_3d)
+    t0 = torch.randint(0, 5, (3, 8, 8, 4), device=device)
+    t1 = torch.randint(0, 4, (2, 5, 6, 7), device=device).to(torch.uint8)[..., :]
+    assert not x0.is_contiguous() and not x1.is_contiguous()
+    xs = [x0.detach().requires_grad_(), x1.detach().requires_grad_()]
+    total, ph = m3d.ops.multihead_seg_loss(xs, [t0, t1])
+    et, ep = reference.multihead_seg_loss([x0, x1], [t0, t1])
+    torch.testing.assert_close(ph, ep, **_tol32())
+    g = torch.autograd.grad(total, xs)
+    rx = [x.detach().contiguous().requires_grad_() for x in xs]
+    rg = torch.autograd.grad(reference.multihead_seg_loss(rx, [t0, t1])[0], rx)
+    for a, b in zip(g, rg):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_heads(device):
+    # A head with no sample (n_h = 0) contributes 0 and gets an empty gradient; a head of
+    # empty volumes (no voxel) also contributes 0: CE over no voxel is 0, every Dice term is 0.
+    x_full = torch.randn(2, 3, 4, 5, 6, device=device, requires_grad=True)
+    t_full = torch.randint(0, 3, (2, 4, 5, 6), device=device)
+    x_none = torch.randn(0, 5, 4, 5, 6, device=device, requires_grad=True)
+    t_none = torch.zeros(0, 4, 5, 6, dtype=torch.uint8, device=device)
+    x_void = torch.randn(2, 3, 0, 5, 6, device=device, requires_grad=True)
+    t_void = torch.zeros(2, 0, 5, 6, dtype=torch.int64, device=device)
+    total, ph = m3d.ops.multihead_seg_loss([x_none, x_full, x_void], [t_none, t_full, t_void])
+    assert ph[0].item() == 0.0 and ph[2].item() == 0.0
+    _, ep = reference.multihead_seg_loss([x_full], [t_full])
+    torch.testing.assert_close(ph[1], ep[0], **_tol32())
+    torch.testing.assert_close(total, ep[0], **_tol32())
+    g = torch.autograd.grad(total, [x_none, x_full, x_void])
+    assert g[0].shape == x_none.shape and g[2].shape == x_void.shape
+    # all heads empty: a zero loss, not an error
+    total, ph = m3d.ops.multihead_seg_loss([x_none], [t_none])
+    assert total.item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_voxels_ignored(device):
+    x = torch.randn(2, 3, 4, 4, 4, device=device, requires_grad=True)
+    t = torch.full((2, 4, 4, 4), 255, dtype=torch.uint8, device=device)
+    total, ph = m3d.ops.multihead_seg_loss([x], [t], ignore_index=255)
+    assert total.item() == 0.0  # CE over nothing is 0; every Dice term is 1 - s/s = 0
+    (g,) = torch.autograd.grad(total, [x])
+    assert torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_logits_flag_their_head(device):
+    logits, targets = _rand_heads(device, heads=3, max_c=4)
+    logits[1].view(-1)[0] = float("nan")
+    total, ph = m3d.ops.multihead_seg_loss(logits, targets)
+    assert torch.isnan(total)
+    assert torch.isnan(ph).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_keeps_fp32(device):
+    logits, targets = _rand_heads(device, heads=2, max_c=4)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        total, ph = m3d.ops.multihead_seg_loss(logits, targets)
+    assert total.dtype == torch.float32 and ph.dtype == torch.float32
+    torch.testing.assert_close(ph, reference.multihead_seg_loss(logits, targets)[1], **_tol32())
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_labels_raise_and_are_ignored(device):
+    logits, targets = _rand_heads(device, heads=3, max_c=6, target_dtype=torch.int64)
+    C1 = logits[1].shape[1]
+    targets[1].view(-1)[3] = C1 + 4
+    targets[1].view(-1)[-1] = -7
+    with pytest.raises(SegLabelError, match=rf"head 1: 2 voxel\(s\) with labels in \[-7, {C1 + 4}\]"
+                                            rf".*C_h = {C1}"):
+        m3d.ops.multihead_seg_loss(logits, targets)
+    # validate=False: no error, and the bad voxels count as ignored
+    total, ph = m3d.ops.multihead_seg_loss(logits, targets, validate=False)
+    fixed = [t.clone() for t in targets]
+    fixed[1][(fixed[1] < 0) | (fixed[1] >= C1)] = -100
+    et, ep = reference.multihead_seg_loss(logits, fixed)
+    torch.testing.assert_close(ph, ep, **_tol32())
+    # uint8 labels too
+    t8 = torch.full((1, 3, 3, 3), 9, dtype=torch.uint8, device=device)
+    with pytest.raises(SegLabelError, match=r"head 0: 27 voxel\(s\).*\[9, 9\].*C_h = 3"):
+        m3d.ops.multihead_seg_loss([torch.randn(1, 3, 3, 3, 3, device=device)], [t8])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_shapes_and_arguments(device):
+    x = torch.randn(2, 3, 4, 5, 6, device=device)
+    t = torch.randint(0, 3, (2, 4, 5, 6), device=device)
+    err = (RuntimeError, ValueError)
+    with pytest.raises(err, match="no heads"):
+        m3d.ops.multihead_seg_loss([], [])
+    with pytest.raises(err, match=r"head 1: targets shape \[?\(?2, 4, 5, 7"):
+        m3d.ops.multihead_seg_loss([x, x], [t, t[..., :1].expand(2, 4, 5, 7)])
+    with pytest.raises(err, match="targets"):
+        m3d.ops.multihead_seg_loss([x], [t, t])
+    with pytest.raises(err, match=r"logits\[1\]"):
+        m3d.ops.multihead_seg_loss([x, x.double()], [t, t])
+    with pytest.raises(err, match=r"targets\[0\]"):
+        m3d.ops.multihead_seg_loss([x], [t.float()])
+    with pytest.raises(err, match="at least 2 classes"):
+        m3d.ops.multihead_seg_loss([x[:, :1]], [t])
+    with pytest.raises(err, match="head_weights"):
+        m3d.ops.multihead_seg_loss([x], [t], head_weights=[1.0, 2.0])
+    with pytest.raises(err, match="class_weights"):
+        m3d.ops.multihead_seg_loss([x], [t], class_weights=[torch.ones(4, device=device)])
+
+
+# ---------------------------------------------------------------------------- compile
+
+
+def _op_args(device, dtype=torch.float32):
+    logits, targets = _rand_heads(device, dtype, heads=3, max_c=5, max_n=2, max_sp=4)
+    logits = [x.requires_grad_() for x in logits]
+    hw = torch.rand(3, device=device, dtype=dtype if dtype == torch.float64 else torch.float32)
+    cw = torch.rand(sum(x.shape[1] for x in logits), device=device)
+    return logits, targets, hw, cw
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    logits, targets, hw, cw = _op_args(device)
+    op = torch.ops.med3d_ext.multihead_seg_loss.default
+    torch.library.opcheck(op, (logits, targets, hw, cw, 1.0, 0.5, 1e-5, -100))
+    torch.library.opcheck(op, (logits, targets, None, None, 1.0, 1.0, 1e-5, 2))
+    xs = [x.detach() for x in logits]
+    _, ph, _, saved = op(xs, targets, hw, cw, 1.0, 0.5, 1e-5, -100)
+    torch.library.opcheck(torch.ops.med3d_ext.multihead_seg_loss_backward.default,
+                          (xs, targets, saved, torch.ones((), device=device), torch.rand_like(ph),
+                           hw, cw, -100))
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_registered_autograd_matches_eager(device):
+    # the wrapper's eager autograd.Function and the op's registered autograd agree bitwise
+    logits, targets, hw, cw = _op_args(device)
+    hw.requires_grad_()
+    g = torch.randn(len(logits), device=device)
+    total, ph, _, _ = torch.ops.med3d_ext.multihead_seg_loss(logits, targets, hw, cw, 0.5, 2.0,
+                                                             1e-4, -100)
+    a = torch.autograd.grad(total + (ph * g).sum(), logits + [hw])
+    total, ph = m3d.ops.multihead_seg_loss(
+        logits, targets, head_weights=hw, class_weights=list(cw.split([x.shape[1] for x in logits])),
+        ce_weight=0.5, dice_weight=2.0, smooth=1e-4)
+    b = torch.autograd.grad(total + (ph * g).sum(), logits + [hw])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    logits, targets, hw, _ = _op_args(device)
+
+    def fn(xs, ts, w, validate):
+        total, ph = m3d.ops.multihead_seg_loss(xs, ts, head_weights=w, validate=validate)
+        return total * 2, ph
+
+    for validate in (False, True):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        got = compiled(logits, targets, hw, validate)
+        exp = fn(logits, targets, hw, validate)
+        for a, b in zip(got, exp):
+            torch.testing.assert_close(a, b)
+        g1 = torch.autograd.grad(got[0], logits)
+        g2 = torch.autograd.grad(exp[0], logits)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b)
+    # the label check survives compilation
+    bad = [t.clone() for t in targets]
+    bad[2].view(-1)[0] = 99
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with pytest.raises(SegLabelError, match="head 2"):
+        compiled(logits, bad, hw, True)

@@ -1,0 +1,193 @@
+"""med3d_ext.data.sampling: patches, padding, foreground ratio, domain mixing, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+nib = pytest.importorskip("nibabel")
+
+from med3d_ext.data import (BatchLoader, MultiDomainSampler, PatchSampler,  # noqa: E402
+                            crop_patch, make_loader, preprocess)
+from python_tests._datahelp import affine, make_msd, rng, save  # noqa: E402
+
+
+def _crop_ref(arr, start, size, fill=0):
+    """Reference: pad generously with numpy, then slice."""
+    pad = max(size) + max(abs(s) for s in start) + 1
+    big = np.pad(arr, [(0, 0)] * (arr.ndim - 3) + [(pad, pad)] * 3, constant_values=fill)
+    sl = tuple(slice(s + pad, s + pad + n) for s, n in zip(start, size))
+    return big[(Ellipsis, *sl)]
+
+
+def test_crop_patch_against_pad_reference():
+    r = rng()
+    for _ in range(30):
+        shape = tuple(int(v) for v in r.integers(1, 9, 3))
+        arr = r.normal(size=(2, *shape)).astype(np.float32)
+        size = tuple(int(v) for v in r.integers(1, 12, 3))
+        start = tuple(int(v) for v in r.integers(-12, 12, 3))
+        np.testing.assert_array_equal(crop_patch(arr, start, size, fill=-3.0),
+                                      _crop_ref(arr, start, size, fill=-3.0))
+    # non-contiguous input
+    arr = r.normal(size=(9, 8, 7))[::2, :, ::-1]
+    np.testing.assert_array_equal(crop_patch(arr, (-1, 2, 3), (4, 4, 4)),
+                                  _crop_ref(arr, (-1, 2, 3), (4, 4, 4)))
+
+
+def _tiny_fg_dataset(root, n=3, shape=(24, 20, 16)):
+    """Cases with a single small foreground cube, so random patches rarely hit it."""
+    r = rng()
+    training = []
+    for i in range(n):
+        aff = affine((1, 1, 1), "RAS", shape)
+        img = r.normal(100, 5, shape).astype(np.float32)
+        lab = np.zeros(shape, np.uint8)
+        c = [int(r.integers(2, s - 4)) for s in shape]
+        lab[c[0]:c[0] + 2, c[1]:c[1] + 2, c[2]:c[2] + 2] = 1
+        save(root / "imagesTr" / f"t{i}.nii.gz", img, aff)
+        save(root / "labelsTr" / f"t{i}.nii.gz", lab, aff)
+        training.append({"image": f"./imagesTr/t{i}.nii.gz", "label": f"./labelsTr/t{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({
+        "name": root.name, "modality": {"0": "MRI"}, "labels": {"0": "bg", "1": "fg"},
+        "training": training}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sampling")
+    dss = [_tiny_fg_dataset(base / "A"),
+           make_msd(base / "B", n=2, shape=(10, 9, 8)),
+           make_msd(base / "C", n=2, shape=(14, 12, 6), codes="LPS", modality="CT")]
+    return [preprocess(d, base / f"cache_{d.name}", progress=False, workers=0) for d in dss]
+
+
+def test_patch_content_and_padding(three):
+    ds = three[1]  # volumes (about 10x9x8 after cropping) smaller than the patch
+    s = PatchSampler(ds, (12, 16, 9))
+    r = rng()
+    for _ in range(6):
+        x, y, case, start = s.sample(r, foreground=bool(r.integers(2)))
+        i = ds.names.index(case)
+        full, lab, _ = ds.load_case(i)
+        assert x.shape == (1, 12, 16, 9) and x.dtype == np.float32 and y.shape == (12, 16, 9)
+        bg = ds.background_value(i, 0)
+        np.testing.assert_allclose(x, _crop_ref(full, start, (12, 16, 9), fill=bg), rtol=1e-6,
+                                   atol=1e-6)
+        np.testing.assert_array_equal(y, _crop_ref(lab, start, (12, 16, 9)))
+
+
+def test_foreground_ratio(three):
+    ds = three[0]
+    p = 8
+
+    def frac_hit(fg_fraction, n=60):
+        s = MultiDomainSampler([ds], p, 3, fg_fraction=fg_fraction, seed=int(rng().integers(1e6)))
+        hits = [bool((lab > 0).any()) for b in range(n // 3) for lab in s.batch(b)["label"]]
+        return np.mean(hits), s
+
+    hit, s = frac_hit(1 / 3)
+    # exactly one third of the samples are foreground-centred (running count, not coin flips)
+    assert sum(s._is_fg(g) for g in range(300)) == 100
+    assert sum(s._is_fg(g) for g in range(7)) == 2
+    # every foreground-centred patch contains foreground
+    assert hit >= 1 / 3
+    hit0, _ = frac_hit(0.0)
+    hit1, _ = frac_hit(1.0)
+    assert hit1 == 1.0
+    assert hit0 < hit  # a tiny cube: random patches mostly miss it
+
+
+def test_domain_mixing_and_batch_format(three):
+    s = MultiDomainSampler(three, (8, 8, 4), 6, seed=int(rng().integers(1e6)))
+    ids, n = [], 0
+    for b in range(40):
+        batch = s.batch(b)
+        assert batch["image"].shape == (6, 1, 8, 8, 4) and batch["image"].dtype == torch.float32
+        assert batch["label"].shape == (6, 8, 8, 4) and batch["label"].dtype == torch.uint8
+        assert batch["dataset_id"].dtype == torch.int64 and len(batch["case"]) == 6
+        for d, case in zip(batch["dataset_id"].tolist(), batch["case"]):
+            assert case in three[d].names  # the id names the dataset the patch came from
+        ids += batch["dataset_id"].tolist()
+        n += 6
+    counts = np.bincount(ids, minlength=3) / n
+    assert np.all(np.abs(counts - 1 / 3) < 0.1), counts  # 240 draws: 4.8 sigma margin
+    s2 = MultiDomainSampler(three, 8, 4, weights=[1, 0, 3], seed=1,
+                            label_dtype=torch.int64)
+    ids = torch.cat([s2.batch(b)["dataset_id"] for b in range(50)]).numpy()
+    assert (ids != 1).all()
+    assert 0.6 < (ids == 2).mean() < 0.9
+    assert s2.batch(0)["label"].dtype == torch.int64
+    with pytest.raises(ValueError, match="weights"):
+        MultiDomainSampler(three, 8, 4, weights=[1, 1])
+    with pytest.raises(ValueError, match="channels"):
+        MultiDomainSampler(three, 8, 4, channels=["a"])
+    with pytest.raises(ValueError, match="patch"):
+        MultiDomainSampler(three, (8, 8), 4)
+
+
+def test_determinism_and_resume(three):
+    seed = int(rng().integers(1e6))
+    a = MultiDomainSampler(three, 8, 2, seed=seed, steps=7)
+    ref = list(a)
+    assert a.state_dict() == {"seed": seed, "position": 7}
+    again = list(MultiDomainSampler(three, 8, 2, seed=seed, steps=7))
+    other = list(MultiDomainSampler(three, 8, 2, seed=seed + 1, steps=7))
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(ref, again))
+    assert not all(torch.equal(x["image"], y["image"]) for x, y in zip(ref, other))
+    # in-process: stop after 3 batches, save, restore into a fresh sampler
+    b = MultiDomainSampler(three, 8, 2, seed=seed, steps=7)
+    it = iter(b)
+    first = [next(it) for _ in range(3)]
+    state = b.state_dict()
+    assert state["position"] == 3
+    c = MultiDomainSampler(three, 8, 2, seed=0, steps=7)
+    c.load_state_dict(state)
+    got = first + list(c)
+    assert len(got) == 7
+    for x, y in zip(got, ref):
+        assert torch.equal(x["image"], y["image"]) and x["case"] == y["case"]
+        assert torch.equal(x["label"], y["label"])
+
+
+def test_dataloader_workers_resume(three):
+    seed = int(rng().integers(1e6))
+    ref = list(MultiDomainSampler(three, 8, 2, seed=seed, steps=9))
+    loader = make_loader(three, 8, 2, seed=seed, steps=9, num_workers=2, pin_memory=False)
+    it = iter(loader)
+    first = [next(it) for _ in range(4)]
+    state = loader.state_dict()
+    del it
+    assert state["position"] == 4
+    resumed = BatchLoader(MultiDomainSampler(three, 8, 2, seed=0, steps=9), num_workers=2)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    got = first + rest
+    assert len(got) == 9 and len(resumed) == 0
+    for x, y in zip(got, ref):
+        assert torch.equal(x["image"], y["image"]) and x["case"] == y["case"]
+
+
+def test_named_channel(tmp_path):
+    r = rng()
+    shape = (10, 9, 8)
+    aff = affine((1, 1, 1), "RAS", shape)
+    img = r.normal(100, 10, shape).astype(np.float32)
+    lab = (img > 100).astype(np.uint8)
+    root = tmp_path / "ms"
+    save(root / "imagesTr" / "m.nii.gz", np.stack([img, -img + 500], -1), aff)
+    save(root / "labelsTr" / "m.nii.gz", lab, aff)
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "FLAIR", "1": "T2w"}, "labels": {"0": "bg", "1": "x"},
+        "training": [{"image": "./imagesTr/m.nii.gz", "label": "./labelsTr/m.nii.gz"}]}))
+    pre = preprocess(root, tmp_path / "c", progress=False, workers=0)
+    s = MultiDomainSampler([pre], shape, 1, channels=["T2w"], fg_fraction=0.0)
+    x = s.batch(0)["image"][0].numpy()
+    full, _, _ = pre.load_case(0, channel="T2w")
+    np.testing.assert_allclose(x, full, rtol=1e-6)
+    flair, _, _ = pre.load_case(0, channel="FLAIR")
+    assert np.corrcoef(x.ravel(), flair.ravel())[0, 1] < -0.99  # really the other sequence
