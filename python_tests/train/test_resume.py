@@ -121,3 +121,20 @@ def test_resume_refuses_other_architecture(tmp_path):
     run_training(cfg, mk({"task": "toy", "depth": 10}), tmp_path)
     with pytest.raises(TrainingError, match="differs"):
         run_training(cfg, mk({"task": "toy", "depth": 18}), tmp_path, resume_from=tmp_path)
+
+
+def test_out_of_memory_suggests_smaller_patch_or_batch(tmp_path):
+    model = torch.nn.Linear(3, 1)
+
+    def step_fn(net, inp):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    cfg = C.resolve("pretrain", {"epochs": 1, "steps": 2, "progress": False, "patch": [64, 64, 32],
+                                 "batch_size": 8})
+    job = Job("pretrain", model, {"task": "toy"}, _Loader(2), lambda b, d: b, step_fn,
+              lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 8, 3)
+    with pytest.raises(TrainingError) as e:
+        run_training(cfg, job, tmp_path)
+    msg = str(e.value)
+    assert "out of GPU memory" in msg and "[64, 64, 32]" in msg and "batch size 8" in msg
+    assert "[32, 32, 16]" in msg  # a concrete smaller patch to try
