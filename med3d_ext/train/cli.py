@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     d.add_argument("--quick", action="store_true", help="reduced sizes (tests)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -198,7 +199,8 @@ def main(argv=None) -> int:
     if ns.command == "demo":
         from .demo import run_demo
 
-        run_demo(out=ns.out, device=ns.device, quick=ns.quick, seed=ns.seed)
+        run_demo(out=ns.out, device=ns.device, quick=ns.quick, seed=ns.seed,
+                 progress=not ns.no_progress)
         return 0
     errors = _known_errors()
     try:

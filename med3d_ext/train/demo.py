@@ -49,7 +49,7 @@ def demo_data(cases: int, size: int, seed: int, log=print) -> dict:
 
 
 def run_demo(out=None, device: str = "auto", quick: bool = False, seed: int = 0,
-             log=print) -> dict:
+             log=print, progress: bool = True) -> dict:
     from . import config as C
     from .cli import run_evaluate, run_pretrain, run_transfer
     from .distributed import resolve_device
@@ -65,7 +65,7 @@ def run_demo(out=None, device: str = "auto", quick: bool = False, seed: int = 0,
     # AdamW and the loss on the patch grid: in a budget of a few hundred steps, MedicalNet's
     # SGD recipe (lr 1e-3 / 1e-1) and the 1/4-grid loss still predict background everywhere
     common = {"device": str(dev), "seed": seed, "batch_size": sz["batch"],
-              "patch": sz["patch"], "progress": not quick, "val_cases": 2,
+              "patch": sz["patch"], "progress": progress and not quick, "val_cases": 2,
               "cache": str(d["root"] / "cache"), "optimizer": "adamw", "weight_decay": 1e-4,
               "label_grid": "patch", "num_workers": sz["workers"]}
     log(f"[1/3] pretraining ResNet-10 on {len(list(d['pretrain'].iterdir()))} domains")
