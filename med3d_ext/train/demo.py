@@ -35,14 +35,16 @@ def demo_sizes(gpu: bool, quick: bool) -> dict:
 
 def demo_data(cases: int, size: int, seed: int, log=print) -> dict:
     """Synthetic 3DSeg-8, generated once per (cases, size, seed) and reused."""
-    from med3d_ext import data
+    # the function, not the package attribute: importing the submodule med3d_ext.data.synth
+    # replaces the package's `synth` function with the module
+    from med3d_ext.data.synth import synth
 
     base = Path(os.environ.get("MED3D_EXT_CACHE", Path.home() / ".cache" / "med3d_ext"))
     root = base / "demo" / f"synth-c{cases}-s{size}-seed{seed}"
     done = root / ".complete"
     if not done.exists():
         log(f"generating synthetic 3DSeg-8 in {root} ...")
-        data.synth(root, cases=cases, size=size, seed=seed)
+        synth(root, cases=cases, size=size, seed=seed)
         done.write_text("ok\n")
     return {"pretrain": root / "pretrain", "transfer": next(
         p for p in sorted((root / "transfer").iterdir()) if p.is_dir()), "root": root}

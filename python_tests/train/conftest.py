@@ -14,9 +14,11 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """Synthetic 3DSeg-8 at 16 voxels, 2 cases per pretraining dataset, with its own cache."""
-    data = pytest.importorskip("med3d_ext.data")
+    pytest.importorskip("med3d_ext.data")
+    from med3d_ext.data.synth import synth
+
     root = tmp_path_factory.mktemp("synth")
-    dirs = data.synth(root, cases=2, size=16, seed=0)
+    dirs = synth(root, cases=2, size=16, seed=0)
     return {"root": root, "pretrain": root / "pretrain", "transfer": Path(dirs["transfer"]),
             "cls": Path(dirs["transfer_cls"]), "cache": root / "cache"}
 
