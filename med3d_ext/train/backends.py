@@ -41,10 +41,18 @@ def plain_multihead_seg_loss(logits, targets, *, head_weights=None, smooth=1e-5,
     return (w * per).sum(), per.detach()
 
 
-def seg_loss_fn():
-    """``med3d_ext.ops.multihead_seg_loss`` when available, else the plain version."""
+def seg_loss_fn(use_ops: bool = True):
+    """``med3d_ext.ops.multihead_seg_loss`` (one fused kernel for all heads) when ``use_ops``
+    and available; else the package's pure-PyTorch reference, else the plain version here."""
+    if use_ops:
+        try:
+            from med3d_ext.ops import multihead_seg_loss
+
+            return multihead_seg_loss
+        except ImportError:
+            pass
     try:
-        from med3d_ext.ops import multihead_seg_loss
+        from med3d_ext.reference import multihead_seg_loss
 
         return multihead_seg_loss
     except ImportError:
@@ -78,15 +86,16 @@ def random_theta(n: int, *, rotate_deg=15.0, scale=(0.85, 1.15), flip=True,
 
 
 def downsample_labels(label: torch.Tensor, size) -> torch.Tensor:
-    """(N, D, H, W) integer labels -> (N, *size) by nearest sampling at voxel centres (what
-    ``affine_resample_pair`` with an identity theta does for the logit grid)."""
-    if tuple(label.shape[1:]) == tuple(size):
+    """(N, D, H, W) integer labels -> (N, *size) int64 by nearest sampling: with integer
+    factors f the voxel at f*i + f//2 (the centre of low-res voxel i sits exactly between two
+    voxels for even f, where a sampling grid would round either way by float noise)."""
+    size = tuple(int(s) for s in size)
+    if tuple(label.shape[1:]) == size:
         return label.long()
-    n = label.shape[0]
-    theta = torch.eye(3, 4, device=label.device).expand(n, 3, 4)
-    grid = F.affine_grid(theta, (n, 1, *size), align_corners=False)
-    out = F.grid_sample(label[:, None].float(), grid, mode="nearest", align_corners=False)
-    return out[:, 0].round().long()
+    if all(n % s == 0 for n, s in zip(label.shape[1:], size)):
+        f = [n // s for n, s in zip(label.shape[1:], size)]
+        return label[:, f[0] // 2::f[0], f[1] // 2::f[1], f[2] // 2::f[2]].long()
+    return F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
 class PlainAugment3D:
@@ -118,17 +127,20 @@ class PlainAugment3D:
         return img, lab[:, 0].round().long()
 
 
-def augmenter(enabled: bool = True):
-    """``med3d_ext.transforms.RandomAugment3D()`` when available, else :class:`PlainAugment3D`;
-    None when augmentation is off."""
+def augmenter(enabled: bool = True, use_ops: bool = True):
+    """``med3d_ext.transforms.RandomAugment3D()`` (batched, on the batch's device, built on the
+    resample ops) when ``use_ops`` and available, else :class:`PlainAugment3D`; None when
+    augmentation is off."""
     if not enabled:
         return None
-    try:
-        from med3d_ext.transforms import RandomAugment3D
+    if use_ops:
+        try:
+            from med3d_ext.transforms import RandomAugment3D
 
-        return RandomAugment3D()
-    except ImportError:
-        return PlainAugment3D()
+            return RandomAugment3D()
+        except ImportError:
+            pass
+    return PlainAugment3D()
 
 
 def fusion_available() -> bool:

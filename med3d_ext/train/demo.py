@@ -29,8 +29,9 @@ def demo_sizes(gpu: bool, quick: bool) -> dict:
     if gpu:
         return dict(cases=8, size=96, patch=[64, 64, 32], batch=8, pre_epochs=20,
                     pre_steps=100, tr_epochs=20, tr_steps=25, target=0.5, workers=6)
-    return dict(cases=4, size=48, patch=[32, 32, 16], batch=4, pre_epochs=6, pre_steps=40,
-                tr_epochs=10, tr_steps=10, target=0.2, workers=0)
+    return dict(cases=4, size=int(os.environ.get("M3D_DEMO_SIZE", 64)), patch=[32, 32, 16],
+                batch=4, pre_epochs=6, pre_steps=40, tr_epochs=10, tr_steps=10, target=0.2,
+                workers=0)
 
 
 def demo_data(cases: int, size: int, seed: int, log=print) -> dict:
@@ -77,7 +78,7 @@ def run_demo(out=None, device: str = "auto", quick: bool = False, seed: int = 0,
     rows = []
     for k, (name, extra) in enumerate((
             ("pretrained (Med3D)", {"pretrained": str(run / "pretrain" / "last.pt"),
-                                    "lr": 3e-4, "head_lr": 1e-3}),
+                                    "lr": 1e-3, "head_lr": 1e-3}),
             ("from scratch", {"from_scratch": True, "depth": 10, "head_lr": 1e-3}))):
         log(f"[{2 + k}/3] transfer to {d['transfer'].name}: {name}")
         folder = "transfer-pretrained" if k == 0 else "transfer-scratch"

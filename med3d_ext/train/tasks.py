@@ -103,6 +103,13 @@ def check_classes(dataset: str, data_classes: int, head_classes: int, head: str)
             "class count comes from the dataset's dataset.json labels)")
 
 
+def _use_ops(cfg) -> bool:
+    """--no-fused means plain PyTorch everywhere; otherwise the loss and augmentation use the
+    package's ops (compiled kernels when built) while the model's fused path is switched on
+    by default only on GPU (cli._setup)."""
+    return cfg.get("fused") is not False
+
+
 def _to_dev(x, dev):
     return x.to(dev, non_blocking=True)
 
@@ -214,7 +221,7 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
         [subset(p, split[head_name(p.name)]["train"]) for p in pres], patch, cfg["batch_size"],
         num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank, steps=total,
         fg_fraction=cfg["fg_fraction"], channels=[cfg.get("channel")] * len(pres))
-    loss_fn = seg_loss_fn()
+    loss_fn = seg_loss_fn(_use_ops(cfg))
     names = list(heads)
 
     def step_fn(net, inp):
@@ -238,7 +245,7 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
         return _validate_seg(m, sets, cfg, lambda k: (lambda x: m.forward_head(x, set_heads[k])))
 
     return Job("pretrain", model, model.arch, loader, _prep_seg(cfg, patch, augmenter(
-        cfg["augment"]), channels_last), step_fn, validate,
+        cfg["augment"], _use_ops(cfg)), channels_last), step_fn, validate,
         _groups(model, cfg["lr"], cfg["lr"]), cfg["batch_size"], int(np.prod(patch)),
         find_unused=True, extra={"split": split, "datasets": [str(d) for d in dirs]})
 
@@ -293,7 +300,7 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
                               num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank,
                               steps=total, fg_fraction=cfg["fg_fraction"],
                               channels=[cfg.get("channel")])
-    loss_fn = seg_loss_fn()
+    loss_fn = seg_loss_fn(_use_ops(cfg))
 
     def step_fn(net, inp):
         logits = _fit(net(inp["image"]), inp["label"])
@@ -309,9 +316,10 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
         return _validate_seg(m, sets, cfg, lambda k: m)
 
     enc_lr, head_lr = _lrs(cfg)
-    return Job("seg", model, model.arch, loader, _prep_seg(cfg, patch, augmenter(
-        cfg["augment"]), channels_last), step_fn, validate, _groups(model, enc_lr, head_lr),
-        cfg["batch_size"], int(np.prod(patch)), freeze_epochs=cfg["freeze_epochs"],
+    aug = augmenter(cfg["augment"], _use_ops(cfg))
+    return Job("seg", model, model.arch, loader, _prep_seg(cfg, patch, aug, channels_last),
+        step_fn, validate, _groups(model, enc_lr, head_lr), cfg["batch_size"],
+        int(np.prod(patch)), freeze_epochs=cfg["freeze_epochs"],
         extra={"split": {name: {"train": tr, "val": va}}, "datasets": [str(data_dir)]})
 
 
