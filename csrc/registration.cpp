@@ -17,4 +17,12 @@ TORCH_LIBRARY(med3d_ext, m) {
   m.def("multihead_seg_loss_backward(Tensor[] logits, Tensor[] targets, Tensor saved, "
         "Tensor grad_total, Tensor grad_per_head, Tensor? head_weights, Tensor? class_weights, "
         "int ignore_index) -> Tensor[]");
+  // --- resample/ --- (mode: 0 bilinear/trilinear, 1 nearest; padding_mode: 0 zeros, 1 border,
+  // 2 reflection; intensity (N, 6) = scale, shift, gamma, noise_std, clip_min, clip_max)
+  m.def("affine_resample(Tensor image, Tensor theta, int[] size, int mode=0, "
+        "int padding_mode=0, bool align_corners=False) -> Tensor");
+  m.def("affine_resample_pair(Tensor image, Tensor label, Tensor theta, int[] size, "
+        "int[] label_size, Tensor? elastic=None, Tensor? intensity=None, Tensor? seed=None, "
+        "int padding_mode=0, bool align_corners=False) -> (Tensor image_out, Tensor label_out)");
+  m.def("resize(Tensor image, int[] size, int mode=0) -> Tensor");
 }

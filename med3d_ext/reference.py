@@ -85,3 +85,166 @@ def multihead_seg_loss(logits: list[torch.Tensor], targets: list[torch.Tensor],
     hw = torch.ones_like(per_head) if head_weights is None else \
         torch.as_tensor(head_weights, device=per_head.device).to(acc)
     return (hw * per_head).sum(), per_head
+# --------------------------------------------------------------------------- resample/
+# Semantics of csrc/resample/resample.h. Integer maps go through float64 (exact below 2^53);
+# low-precision images are resampled in float32 and rounded once at the end.
+
+_PADDINGS = ("zeros", "border", "reflection")
+INTENSITY_FIELDS = ("scale", "shift", "gamma", "noise_std", "clip_min", "clip_max")
+
+
+def _resample_acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype in (torch.float64,) or not dtype.is_floating_point else (
+        torch.float32)
+
+
+def affine_resample(image, theta, size, mode="bilinear", padding_mode="zeros",
+                    align_corners=False):
+    """F.grid_sample(image, F.affine_grid(theta, size)) in float32/64, cast back to image's dtype."""
+    import torch.nn.functional as F
+
+    acc = _resample_acc(image.dtype)
+    grid = F.affine_grid(theta.to(acc), list(size), align_corners=align_corners)
+    out = F.grid_sample(image.to(acc), grid, mode=mode, padding_mode=padding_mode,
+                        align_corners=align_corners)
+    return out.to(image.dtype)
+
+
+def elastic_field(elastic, spatial):
+    """The full-resolution displacement (N, D, H, W, 3) of a coarse (N, 3, g, g, g) field."""
+    import torch.nn.functional as F
+
+    full = F.interpolate(elastic, size=list(spatial), mode="trilinear", align_corners=True)
+    return full.permute(0, 2, 3, 4, 1)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """resample.h hash32 on int64 tensors holding uint32 values (products stay below 2^63)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def noise_key(seed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    return hash32(lo ^ hash32(hi ^ hash32(n & _M32)))
+
+
+def noise_normal(key: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Standard normals (float32) for voxel indices ``idx`` under per-sample ``key`` (broadcast)."""
+    ilo, ihi = idx & _M32, (idx >> 32) & _M32
+    a = hash32(key ^ hash32((ilo + hash32(ihi)) & _M32))
+    b = hash32(a ^ 0x68E31DA4)
+    u1 = ((a >> 8) + 1).to(torch.float32) * 2.0**-24
+    u2 = (b >> 8).to(torch.float32) * 2.0**-24
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.2831853071795864 * u2)
+
+
+def intensity_epilogue(v, params, seed):
+    """v (N, C, D, H, W) float32; params (N, 6) float32; seed (N,) int64 or None."""
+    n = v.shape[0]
+    p = [params[:, k].view(n, 1, 1, 1, 1) for k in range(6)]
+    scale, shift, gamma, noise_std, lo, hi = p
+    m = torch.pow(v.abs(), gamma)
+    v = torch.where(gamma != 1.0, torch.where(v < 0, -m, m), v)
+    v = v * scale + shift
+    if bool((params[:, 3] != 0).any()):
+        seed = seed if seed is not None else torch.zeros(n, dtype=torch.int64, device=v.device)
+        key = noise_key(seed, torch.arange(n, device=v.device)).view(n, 1, 1, 1, 1)
+        idx = torch.arange(v[0].numel(), device=v.device).view(1, *v.shape[1:])
+        z = noise_normal(key, idx)
+        v = torch.where(noise_std != 0.0, v + noise_std * z, v)
+    return torch.minimum(torch.maximum(v, lo), hi)
+
+
+def pack_intensity(intensity, n: int, device):
+    """The intensity dict as the op's (N, 6) float32 parameters and (N,) int64 seeds (or None).
+
+    Keys (each a scalar or an (N,) tensor; all optional): ``scale`` (1), ``shift`` (0),
+    ``gamma`` (1), ``noise_std`` (0), ``clip`` = (min, max) or an (N, 2) tensor (no clip),
+    ``seed`` (0). Unknown keys are an error.
+    """
+    import math
+
+    known = {"scale", "shift", "gamma", "noise_std", "clip", "seed"}
+    bad = set(intensity) - known
+    if bad:
+        raise ValueError(f"med3d_ext: argument 'intensity' has unknown keys {sorted(bad)}; "
+                         f"known keys are {sorted(known)}")
+
+    def col(key, value):
+        v = torch.as_tensor(value, dtype=torch.float32, device=device)
+        v = v.expand(n) if v.dim() == 0 else v
+        if tuple(v.shape) != (n,):
+            raise ValueError(f"med3d_ext: intensity['{key}'] must be a scalar or ({n},), got "
+                             f"shape {tuple(v.shape)}")
+        return v
+
+    clip = intensity.get("clip")
+    if clip is None:
+        lo, hi = col("clip", -math.inf), col("clip", math.inf)
+    elif isinstance(clip, torch.Tensor) and clip.dim() == 2:
+        if tuple(clip.shape) != (n, 2):
+            raise ValueError(f"med3d_ext: intensity['clip'] must be (min, max) or ({n}, 2), got "
+                             f"shape {tuple(clip.shape)}")
+        lo, hi = col("clip", clip[:, 0]), col("clip", clip[:, 1])
+    else:
+        lo, hi = (col("clip", c) for c in clip)
+    params = torch.stack([col("scale", intensity.get("scale", 1.0)),
+                          col("shift", intensity.get("shift", 0.0)),
+                          col("gamma", intensity.get("gamma", 1.0)),
+                          col("noise_std", intensity.get("noise_std", 0.0)), lo, hi], dim=1)
+    seed = intensity.get("seed")
+    if seed is not None:
+        seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
+        seed = seed.expand(n).contiguous() if seed.dim() == 0 else seed.contiguous()
+        if tuple(seed.shape) != (n,):
+            raise ValueError(f"med3d_ext: intensity['seed'] must be a scalar or ({n},), got "
+                             f"shape {tuple(seed.shape)}")
+    return params.contiguous(), seed
+
+
+def affine_resample_pair(image, label, theta, size, label_size=None, *, elastic=None,
+                         intensity=None, padding_mode="zeros", align_corners=False):
+    """Image trilinear (+ elastic, + intensity epilogue), label nearest, by the same theta.
+
+    Same arguments as ``med3d_ext.ops.affine_resample_pair``: label (N, D, H, W) or
+    (N, 1, D, H, W) any dtype (returned with its rank); intensity a dict (see pack_intensity).
+    The elastic field is built at full resolution here (F.interpolate) and added to the grid.
+    """
+    import torch.nn.functional as F
+
+    size = list(size)
+    label_size = list(label_size) if label_size is not None else size[2:]
+    acc = _resample_acc(image.dtype)
+    lab5 = label if label.dim() == 5 else label.unsqueeze(1)
+
+    def grid_for(spatial, channels):
+        g = F.affine_grid(theta.to(acc), [size[0], channels, *spatial], align_corners=align_corners)
+        if elastic is not None:
+            g = g + elastic_field(elastic.to(acc), spatial)
+        return g
+
+    out = F.grid_sample(image.to(acc), grid_for(size[2:], size[1]), mode="bilinear",
+                        padding_mode=padding_mode, align_corners=align_corners)
+    if intensity is not None:
+        params, seed = pack_intensity(intensity, image.shape[0], image.device)
+        out = intensity_epilogue(out.float(), params, seed)
+    lab = F.grid_sample(lab5.to(torch.float64), grid_for(label_size, lab5.shape[1]).double(),
+                        mode="nearest", padding_mode=padding_mode, align_corners=align_corners)
+    lab = lab.to(label.dtype)
+    return out.to(image.dtype), (lab if label.dim() == 5 else lab.squeeze(1))
+
+
+def resize(image, size, mode="trilinear"):
+    """F.interpolate(image, size, mode, align_corners=False for trilinear); any dtype for nearest."""
+    import torch.nn.functional as F
+
+    acc = _resample_acc(image.dtype)
+    kw = {"align_corners": False} if mode == "trilinear" else {}
+    return F.interpolate(image.to(acc), size=list(size), mode=mode, **kw).to(image.dtype)

@@ -5,6 +5,9 @@ loaded and to :mod:`med3d_ext.reference` otherwise.
 """
 
 from .bn_stats import bn_stats
+from .resample import (affine_resample, affine_resample_pair, pack_intensity, resample_to_spacing,
+                       resize)
 from .seg_loss import SegLabelError, multihead_seg_loss
 
-__all__ = ["bn_stats", "multihead_seg_loss", "SegLabelError"]
+__all__ = ["bn_stats", "multihead_seg_loss", "SegLabelError", "affine_resample",
+           "affine_resample_pair", "resize", "resample_to_spacing", "pack_intensity"]

@@ -1,0 +1,5 @@
+"""Batched GPU/CPU augmentation built on the fused resample ops."""
+
+from .augment import RandomAugment3D
+
+__all__ = ["RandomAugment3D"]

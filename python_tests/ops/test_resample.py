@@ -1,0 +1,450 @@
+"""affine_resample / affine_resample_pair / resize against F.affine_grid + F.grid_sample and
+F.interpolate; elastic and intensity against med3d_ext.reference; gradients, opcheck, compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import med3d_ext as m3d
+from med3d_ext import _extension, reference
+from python_tests.conftest import DEVICES, assert_close, assert_low_precision_close
+
+requires_ext = pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
+PADDINGS = ["zeros", "border", "reflection"]
+
+
+def random_theta(n, device="cpu", dtype=torch.float32, strength=1.0):
+    """Rotations, anisotropic scales (some negative: flips), shears and translations."""
+    mats = []
+    for _ in range(n):
+        a = torch.randn(3, 3, dtype=torch.float64) * strength
+        q, _ = torch.linalg.qr(a)  # random rotation or reflection
+        s = torch.diag((torch.rand(3, dtype=torch.float64) * 0.8 + 0.7)
+                       * torch.where(torch.rand(3) < 0.2, -1.0, 1.0).double())
+        shear = torch.eye(3, dtype=torch.float64) + 0.2 * strength * torch.randn(3, 3).double().triu(1)
+        t = (torch.rand(3, 1, dtype=torch.float64) - 0.5) * 0.6
+        mats.append(torch.cat([q @ s @ shear, t], dim=1))
+    return torch.stack(mats).to(device=device, dtype=dtype)
+
+
+def grid_sample_ref(image, theta, size, mode, padding_mode, align_corners):
+    grid = F.affine_grid(theta, list(size), align_corners=align_corners)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode,
+                         align_corners=align_corners)
+
+
+def assert_nearest_close(ours, ref):
+    """Nearest outputs agree except at rounding ties (<= 0.1% of voxels)."""
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    bad = (ours != ref).sum().item()
+    assert bad <= max(1, math.ceil(1e-3 * ref.numel())), f"{bad} of {ref.numel()} voxels differ"
+
+
+# ------------------------------------------------------------------------------ affine_resample
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_affine_matches_grid_sample(device, mode, padding_mode, align_corners):
+    n, c = 3, 2
+    x = torch.randn(n, c, 7, 10, 9, device=device)
+    theta = random_theta(n, device)
+    size = (n, c, 6, 11, 5)
+    out = m3d.ops.affine_resample(x, theta, size, mode=mode, padding_mode=padding_mode,
+                                  align_corners=align_corners)
+    ref = grid_sample_ref(x, theta, size, mode, padding_mode, align_corners)
+    if mode == "bilinear":
+        assert_close(out, ref)
+    else:
+        assert_nearest_close(out, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int64])
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+def test_affine_integer_labels_nearest(device, dtype, padding_mode):
+    n = 2
+    hi = {torch.uint8: 255, torch.int16: 30000, torch.int64: 2**40}[dtype]
+    lab = torch.randint(0, hi, (n, 1, 9, 8, 7), device=device, dtype=dtype)
+    if dtype == torch.int64:
+        lab += 2**41  # beyond float32's 24-bit mantissa: proves there is no float round trip
+    theta = random_theta(n, device)
+    out = m3d.ops.affine_resample(lab, theta, (n, 1, 10, 5, 9), mode="nearest",
+                                  padding_mode=padding_mode)
+    assert out.dtype == dtype
+    ref = reference.affine_resample(lab, theta, (n, 1, 10, 5, 9), "nearest", padding_mode)
+    assert_nearest_close(out, ref)
+    if padding_mode == "zeros":
+        assert set(out.unique().tolist()) <= set(lab.unique().tolist()) | {0}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_affine_low_precision(device, dtype):
+    x = torch.randn(2, 3, 8, 9, 10, device=device)
+    theta = random_theta(2, device)
+    size = (2, 3, 9, 7, 8)
+    ours = m3d.ops.affine_resample(x.to(dtype), theta, size)
+    assert ours.dtype == dtype
+    ref32 = grid_sample_ref(x.to(dtype).float(), theta, size, "bilinear", "zeros", False)
+    lowp = grid_sample_ref(x.to(dtype), theta.to(dtype), size, "bilinear", "zeros", False)
+    assert_low_precision_close(ours, lowp, ref32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_affine_non_contiguous_and_empty(device):
+    x = torch.randn(3, 4, 10, 12, 14, device=device)[:, ::2, 1:, ::2, 3:]
+    theta = random_theta(3, device).transpose(1, 2).contiguous().transpose(1, 2)
+    size = (3, 2, 5, 6, 7)
+    assert_close(m3d.ops.affine_resample(x, theta, size),
+                 grid_sample_ref(x, theta, size, "bilinear", "zeros", False))
+    x_cl = torch.randn(2, 3, 5, 6, 7, device=device).to(memory_format=torch.channels_last_3d)
+    th = random_theta(2, device)
+    assert_close(m3d.ops.affine_resample(x_cl, th, (2, 3, 4, 4, 4)),
+                 grid_sample_ref(x_cl, th, (2, 3, 4, 4, 4), "bilinear", "zeros", False))
+    for size in [(2, 3, 0, 4, 4), (2, 0, 3, 3, 3)]:
+        xx = torch.randn(2, size[1], 4, 4, 4, device=device)
+        assert m3d.ops.affine_resample(xx, th, size).shape == size
+    empty = m3d.ops.affine_resample(torch.randn(0, 1, 4, 4, 4, device=device),
+                                    torch.randn(0, 3, 4, device=device), (0, 1, 3, 3, 3))
+    assert empty.shape == (0, 1, 3, 3, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_affine_gradient_matches_reference(device, mode):
+    x = torch.randn(2, 2, 6, 7, 5, device=device, requires_grad=True)
+    theta = random_theta(2, device)
+    size = (2, 2, 5, 6, 4)
+    g = torch.randn(size, device=device)
+    (gx,) = torch.autograd.grad((m3d.ops.affine_resample(x, theta, size, mode=mode,
+                                                         padding_mode="border") * g).sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    (gr,) = torch.autograd.grad((grid_sample_ref(x2, theta, size, mode, "border", False)
+                                 * g).sum(), x2)
+    assert_close(gx, gr)
+
+
+def test_affine_gradcheck_float64():
+    x = torch.randn(2, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    theta = random_theta(2, dtype=torch.float64)
+    for pad in PADDINGS:
+        assert torch.autograd.gradcheck(
+            lambda t: m3d.ops.affine_resample(t, theta, (2, 2, 3, 3, 4), padding_mode=pad), (x,))
+
+
+@requires_ext
+def test_affine_theta_gradient_is_refused():
+    x = torch.randn(1, 1, 4, 4, 4)
+    theta = random_theta(1).requires_grad_()
+    with pytest.raises(NotImplementedError, match="theta"):
+        m3d.ops.affine_resample(x, theta, (1, 1, 3, 3, 3)).sum().backward()
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(2, 3, 5, 6, 4, device=device, requires_grad=True)
+    theta = random_theta(2, device)
+    lab = torch.randint(0, 4, (2, 1, 5, 6, 4), device=device, dtype=torch.uint8)
+    ops = torch.ops.med3d_ext
+    torch.library.opcheck(ops.affine_resample, (x, theta, [2, 3, 4, 5, 6], 0, 1, False))
+    torch.library.opcheck(ops.affine_resample, (lab, theta, [2, 1, 4, 5, 6], 1, 0, True))
+    params, seed = m3d.ops.pack_intensity({"noise_std": 0.1, "seed": 3}, 2, device)
+    torch.library.opcheck(ops.affine_resample_pair,
+                          (x.detach(), lab, theta, [2, 3, 4, 5, 6], [2, 3, 2],
+                           torch.randn(2, 3, 3, 3, 3, device=device) * 0.05, params, seed, 0,
+                           False))
+    torch.library.opcheck(ops.resize, (x, [7, 3, 5], 0))
+    torch.library.opcheck(ops.resize, (lab, [7, 3, 5], 1))
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_parity(device):
+    x = torch.randn(2, 1, 6, 5, 7, device=device)
+    lab = torch.randint(0, 3, (2, 6, 5, 7), device=device)
+    theta = random_theta(2, device)
+
+    def f(x, lab, theta):
+        a = m3d.ops.affine_resample(x, theta, (2, 1, 4, 5, 6), padding_mode="reflection")
+        b, c = m3d.ops.affine_resample_pair(x, lab, theta, (2, 1, 4, 5, 6), (2, 3, 3),
+                                            intensity={"noise_std": 0.1, "seed": 3})
+        return a, b, c, m3d.ops.resize(x, (3, 8, 4))
+
+    eager = f(x, lab, theta)
+    compiled = torch.compile(f, fullgraph=True)(x, lab, theta)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors_name_the_argument(device):
+    x = torch.randn(2, 1, 4, 4, 4, device=device)
+    theta = random_theta(2, device)
+    with pytest.raises(ValueError, match="'theta'"):
+        m3d.ops.affine_resample(x, theta[:, :2], (2, 1, 3, 3, 3))
+    with pytest.raises(ValueError, match="'theta'"):
+        m3d.ops.affine_resample(x, theta[:1], (2, 1, 3, 3, 3))
+    with pytest.raises(ValueError, match="'size'"):
+        m3d.ops.affine_resample(x, theta, (2, 1, 3, 3))
+    with pytest.raises(ValueError, match="'size'"):
+        m3d.ops.affine_resample(x, theta, (2, 5, 3, 3, 3))
+    with pytest.raises(TypeError, match="'image'"):
+        m3d.ops.affine_resample(x.to(torch.uint8), theta, (2, 1, 3, 3, 3))
+    with pytest.raises(TypeError, match="'theta'"):
+        m3d.ops.affine_resample(x, theta.long(), (2, 1, 3, 3, 3))
+    with pytest.raises(ValueError, match="'padding_mode'"):
+        m3d.ops.affine_resample(x, theta, (2, 1, 3, 3, 3), padding_mode="wrap")
+    with pytest.raises(ValueError, match="'label'"):
+        m3d.ops.affine_resample_pair(x, torch.zeros(2, 2, 4, 4, 4, device=device), theta,
+                                     (2, 1, 3, 3, 3))
+    with pytest.raises(ValueError, match="'elastic'"):
+        m3d.ops.affine_resample_pair(x, torch.zeros(2, 4, 4, 4, device=device), theta,
+                                     (2, 1, 3, 3, 3), elastic=torch.zeros(2, 2, 3, 3, 3,
+                                                                          device=device))
+    with pytest.raises(ValueError, match="intensity"):
+        m3d.ops.affine_resample_pair(x, torch.zeros(2, 4, 4, 4, device=device), theta,
+                                     (2, 1, 3, 3, 3), intensity={"contrast": 1.0})
+    with pytest.raises(TypeError, match="'image'"):
+        m3d.ops.resize(x.to(torch.int16), (3, 3, 3))
+    other = "cpu" if device != "cpu" else ("meta")
+    with pytest.raises(ValueError, match="'theta'"):
+        m3d.ops.affine_resample(x, theta.to(other), (2, 1, 3, 3, 3))
+
+
+@requires_ext
+def test_compiled_op_checks_name_the_argument():
+    x = torch.randn(2, 1, 4, 4, 4)
+    ops = torch.ops.med3d_ext
+    with pytest.raises(RuntimeError, match="'theta'"):
+        ops.affine_resample(x, torch.randn(2, 3, 3), [2, 1, 3, 3, 3], 0, 0, False)
+    with pytest.raises(RuntimeError, match="'size'"):
+        ops.affine_resample(x, random_theta(2), [2, 1, 3, 3], 0, 0, False)
+    with pytest.raises(RuntimeError, match="'image'"):
+        ops.affine_resample(x.int(), random_theta(2), [2, 1, 3, 3, 3], 0, 0, False)
+    with pytest.raises(RuntimeError, match="'intensity'"):
+        ops.affine_resample_pair(x, x.byte(), random_theta(2), [2, 1, 3, 3, 3], [3, 3, 3], None,
+                                 torch.ones(2, 5), None, 0, False)
+
+
+# ------------------------------------------------------------------------- affine_resample_pair
+
+
+def _intensity(n, device, noise=True):
+    return {"scale": torch.rand(n, device=device) + 0.5,
+            "shift": torch.randn(n, device=device) * 0.2,
+            "gamma": torch.where(torch.rand(n, device=device) < 0.5, 1.0,
+                                 torch.rand(n, device=device) + 0.5),
+            "noise_std": (torch.rand(n, device=device) * 0.2) if noise else 0.0,
+            "clip": (-1.5, 2.0),
+            "seed": torch.randint(-2**62, 2**62, (n,), device=device)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("label_size", [None, (3, 2, 4)])
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+def test_pair_matches_reference(device, label_size, padding_mode):
+    n = 3
+    x = torch.randn(n, 2, 9, 8, 11, device=device)
+    lab = torch.randint(0, 7, (n, 9, 8, 11), device=device, dtype=torch.uint8)
+    theta = random_theta(n, device, strength=0.5)
+    elastic = torch.randn(n, 3, 4, 3, 5, device=device) * 0.1
+    inten = _intensity(n, device)
+    size = (n, 2, 7, 10, 9)
+    img, out_lab = m3d.ops.affine_resample_pair(x, lab, theta, size, label_size, elastic=elastic,
+                                                intensity=inten, padding_mode=padding_mode)
+    ref_img, ref_lab = reference.affine_resample_pair(x, lab, theta, size, label_size,
+                                                      elastic=elastic, intensity=inten,
+                                                      padding_mode=padding_mode)
+    assert out_lab.shape == (n, *(label_size or size[2:])) and out_lab.dtype == torch.uint8
+    torch.testing.assert_close(img, ref_img, rtol=1e-4, atol=1e-4)
+    assert_nearest_close(out_lab, ref_lab)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pair_without_extras_equals_two_grid_samples(device):
+    n = 2
+    x = torch.randn(n, 1, 10, 9, 8, device=device)
+    lab = torch.randint(0, 5, (n, 1, 10, 9, 8), device=device, dtype=torch.int64)
+    theta = random_theta(n, device)
+    img, out_lab = m3d.ops.affine_resample_pair(x, lab, theta, (n, 1, 8, 8, 8), (4, 4, 4),
+                                                align_corners=True)
+    assert out_lab.shape == (n, 1, 4, 4, 4) and out_lab.dtype == torch.int64
+    assert_close(img, grid_sample_ref(x, theta, (n, 1, 8, 8, 8), "bilinear", "zeros", True))
+    ref = grid_sample_ref(lab.double(), theta.double(), (n, 1, 4, 4, 4), "nearest", "zeros", True)
+    assert_nearest_close(out_lab, ref.long())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_pair_dtypes_non_contiguous_and_empty(device, dtype):
+    n = 2
+    x = torch.randn(n, 4, 9, 8, 12, device=device)[:, 1::2, :, :, ::2]
+    lab = torch.randint(0, 9, (n, 12, 9, 8), device=device, dtype=torch.int32).permute(0, 2, 3, 1)
+    assert not x.is_contiguous() and not lab.is_contiguous()
+    theta = random_theta(n, device)
+    inten = _intensity(n, device, noise=False)
+    img, out_lab = m3d.ops.affine_resample_pair(x.to(dtype), lab, theta, (n, 2, 5, 7, 6),
+                                                (3, 4, 3), intensity=inten)
+    assert img.dtype == dtype and out_lab.dtype == torch.int32
+    ref32, ref_lab = reference.affine_resample_pair(x.to(dtype).float(), lab, theta,
+                                                    (n, 2, 5, 7, 6), (3, 4, 3), intensity=inten)
+    torch.testing.assert_close(img.float(), ref32, rtol=2e-2, atol=2e-2)
+    assert_nearest_close(out_lab, ref_lab)
+    e_img, e_lab = m3d.ops.affine_resample_pair(
+        torch.randn(0, 1, 4, 4, 4, device=device, dtype=dtype),
+        torch.zeros(0, 4, 4, 4, device=device, dtype=torch.uint8),
+        torch.zeros(0, 3, 4, device=device), (0, 1, 3, 3, 3), (2, 2, 2))
+    assert e_img.shape == (0, 1, 3, 3, 3) and e_lab.shape == (0, 2, 2, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_elastic_equals_affine(device):
+    n = 2
+    x = torch.randn(n, 3, 7, 8, 9, device=device)
+    lab = torch.randint(0, 4, (n, 7, 8, 9), device=device, dtype=torch.int16)
+    theta = random_theta(n, device)
+    a = m3d.ops.affine_resample_pair(x, lab, theta, (n, 3, 6, 6, 6),
+                                     elastic=torch.zeros(n, 3, 5, 5, 5, device=device))
+    b = m3d.ops.affine_resample_pair(x, lab, theta, (n, 3, 6, 6, 6))
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_is_seeded_and_standard_normal(device):
+    n = 2
+    x = torch.zeros(n, 2, 16, 16, 16, device=device)
+    lab = torch.zeros(n, 16, 16, 16, device=device, dtype=torch.uint8)
+    theta = torch.eye(3, 4, device=device).expand(n, 3, 4)
+    seed = torch.randint(0, 2**62, (n,), device=device)
+    run = lambda s: m3d.ops.affine_resample_pair(  # noqa: E731
+        x, lab, theta, x.shape, intensity={"noise_std": 1.0, "seed": s})[0]
+    a, b = run(seed), run(seed)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, run(seed + 1))
+    assert not torch.equal(a[0], a[1])  # samples differ even under one seed
+    assert abs(a.mean().item()) < 0.03 and abs(a.std().item() - 1.0) < 0.03
+    # the same numbers as the pure-PyTorch hash
+    key = reference.noise_key(seed.cpu(), torch.arange(n)).view(n, 1, 1, 1, 1)
+    z = reference.noise_normal(key, torch.arange(a[0].numel()).view(1, *a.shape[1:]))
+    torch.testing.assert_close(a.cpu(), z, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_noise_cpu_equals_cuda():
+    n = 2
+    x = torch.randn(n, 1, 9, 10, 11)
+    lab = torch.randint(0, 3, (n, 9, 10, 11), dtype=torch.uint8)
+    theta = random_theta(n)
+    inten = _intensity(n, "cpu")
+    cpu = m3d.ops.affine_resample_pair(x, lab, theta, x.shape, intensity=inten)
+    gpu = m3d.ops.affine_resample_pair(
+        x.cuda(), lab.cuda(), theta.cuda(), x.shape,
+        intensity={k: (v.cuda() if torch.is_tensor(v) else v) for k, v in inten.items()})
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-4, atol=1e-4)
+    assert_nearest_close(gpu[1].cpu(), cpu[1])
+
+
+# ------------------------------------------------------------------------------------ resize
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["trilinear", "nearest"])
+@pytest.mark.parametrize("size", [(11, 4, 6), (3, 17, 9), (7, 9, 5)])
+def test_resize_matches_interpolate(device, mode, size):
+    x = torch.randn(2, 3, 7, 9, 5, device=device)
+    kw = {"align_corners": False} if mode == "trilinear" else {}
+    assert_close(m3d.ops.resize(x, size, mode), F.interpolate(x, size=size, mode=mode, **kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_resize_integer_nearest_keeps_dtype(device, dtype):
+    lab = torch.randint(0, 200, (1, 1, 6, 7, 9), device=device, dtype=dtype)
+    out = m3d.ops.resize(lab, (13, 3, 10), "nearest")
+    assert out.dtype == dtype
+    ref = F.interpolate(lab.double(), size=(13, 3, 10), mode="nearest").to(dtype)
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resize_gradient_and_low_precision(device):
+    x = torch.randn(2, 2, 5, 6, 7, device=device, requires_grad=True)
+    g = torch.randn(2, 2, 9, 4, 8, device=device)
+    (ga,) = torch.autograd.grad((m3d.ops.resize(x, (9, 4, 8)) * g).sum(), x)
+    (gb,) = torch.autograd.grad((F.interpolate(x, size=(9, 4, 8), mode="trilinear") * g).sum(), x)
+    assert_close(ga, gb)
+    xb = x.detach().bfloat16()
+    assert_low_precision_close(m3d.ops.resize(xb, (9, 4, 8)),
+                               F.interpolate(xb, size=(9, 4, 8), mode="trilinear"),
+                               F.interpolate(xb.float(), size=(9, 4, 8), mode="trilinear"))
+
+
+def test_resize_gradcheck_float64():
+    x = torch.randn(1, 2, 3, 4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: m3d.ops.resize(t, (4, 3, 5)), (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resample_to_spacing(device):
+    x = torch.randn(1, 20, 31, 17, device=device)
+    out = m3d.ops.resample_to_spacing(x, (2.0, 1.0, 1.5), (1.5, 1.5, 1.5))
+    assert out.shape == (1, 27, 21, 17)
+    assert_close(out, F.interpolate(x[None], size=(27, 21, 17), mode="trilinear")[0])
+    lab = torch.randint(0, 3, (2, 1, 8, 8, 8), device=device, dtype=torch.uint8)
+    out = m3d.ops.resample_to_spacing(lab, (1, 1, 1), (2, 0.5, 1), mode="nearest")
+    assert out.shape == (2, 1, 4, 16, 8) and out.dtype == torch.uint8
+    with pytest.raises(ValueError, match="'new_spacing'"):
+        m3d.ops.resample_to_spacing(x, (1, 1, 1), (1, 0, 1))
+
+
+def test_reference_fallback_matches_kernels(monkeypatch):
+    """Without the extension the wrappers route to med3d_ext.reference with the same contract."""
+    import med3d_ext.ops.resample as rs
+
+    n = 2
+    x = torch.randn(n, 2, 6, 7, 8)
+    lab = torch.randint(0, 4, (n, 6, 7, 8), dtype=torch.uint8)
+    theta = random_theta(n)
+    inten = _intensity(n, "cpu")
+    elastic = torch.randn(n, 3, 3, 3, 3) * 0.05
+    calls = lambda: (  # noqa: E731
+        rs.affine_resample(x, theta, (n, 2, 5, 5, 5), padding_mode="reflection"),
+        rs.affine_resample(lab.unsqueeze(1), theta, (n, 1, 5, 5, 5), mode="nearest"),
+        *rs.affine_resample_pair(x, lab, theta, (n, 2, 5, 6, 7), (3, 3, 3), elastic=elastic,
+                                 intensity=inten),
+        rs.resize(x, (9, 4, 5)))
+    ours = calls()
+    monkeypatch.setattr(rs, "compiled", lambda name: None)
+    ref = calls()
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        else:
+            assert_nearest_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_label_on_quarter_grid_picks_a_tie_neighbour(device):
+    """Identity theta, label grid 4x smaller: every sample is exactly halfway between source
+    voxels 4i+1 and 4i+2 (align_corners=False), and must pick one of them."""
+    s = 24
+    ramp = torch.arange(s, device=device)
+    lab = (ramp.view(s, 1, 1) * 10000 + ramp.view(1, s, 1) * 100 + ramp.view(1, 1, s))[None]
+    x = torch.randn(1, 1, s, s, s, device=device)
+    theta = torch.eye(3, 4, device=device)[None]
+    _, out = m3d.ops.affine_resample_pair(x, lab, theta, (1, 1, s, s, s), (s // 4,) * 3)
+    q = s // 4
+    for axis, mult in enumerate((10000, 100, 1)):
+        coord = (out[0] // mult) % 100
+        idx = torch.arange(q, device=device).view([q if k == axis else 1 for k in range(3)])
+        assert ((coord == 4 * idx + 1) | (coord == 4 * idx + 2)).all()
