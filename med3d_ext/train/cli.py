@@ -1,0 +1,239 @@
+"""``python -m med3d_ext.train {pretrain,transfer,evaluate,demo}`` (no arguments: the demo).
+
+Plain functions: :func:`run_pretrain`, :func:`run_transfer` and :func:`run_evaluate` take a
+resolved configuration dict (``config.resolve``) and return a summary dict; :func:`main` is
+the argument parsing around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import config as C
+
+__all__ = ["build_parser", "main", "run_pretrain", "run_transfer", "run_evaluate",
+           "train_command", "resolve_args"]
+
+_DESC = {
+    "pretrain": "Med3D co-training: one encoder, one head per --data dataset",
+    "transfer": "fine-tune a pretrained encoder (ours or MedicalNet's) on a seg or cls task",
+    "evaluate": "sliding-window inference of a run: Dice, HD95, NIfTI predictions",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m med3d_ext.train",
+        description="Med3D pretraining, transfer and evaluation. Without arguments: the "
+                    "embedded demo (Med3D in miniature).")
+    sub = p.add_subparsers(dest="command")
+    for cmd in ("pretrain", "transfer", "evaluate"):
+        sp = sub.add_parser(cmd, help=_DESC[cmd], description=_DESC[cmd])
+        C.add_options(sp, cmd)
+    d = sub.add_parser("demo", help="Med3D in miniature (the default without arguments)")
+    d.add_argument("--out", default=None, help="run folder (default runs/demo-<time>)")
+    d.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    d.add_argument("--quick", action="store_true", help="reduced sizes (tests)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
+    """Namespace of one command -> resolved configuration (a resumed run starts from its
+    saved config.yaml, then applies what was given now)."""
+    cmd = ns.command
+    cli = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "overrides")}
+    explicit = set() if explicit is None else explicit
+    cfg = C.resolve(cmd, cli, ns.config, ns.overrides, explicit=explicit)
+    if cmd != "evaluate" and cfg.get("resume"):
+        run = Path(cfg["resume"])
+        run = run.parent if run.is_file() else run
+        saved = run / "config.yaml"
+        if not saved.is_file():
+            raise C.ConfigError(f"--resume {str(run)!r}: no config.yaml there (not a run "
+                                "folder)")
+        base = {k: v for k, v in C.load_config(saved).items() if k in C.keys_for(cmd)}
+        cfg = C.resolve(cmd, cli, ns.config, ns.overrides, base=base, explicit=explicit)
+        cfg["out"] = str(run)
+        cfg["resume"] = str(run)
+    return cfg
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _setup(cfg, command):
+    from .backends import fusion_available
+    from .distributed import init_distributed
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    ctx = init_distributed(cfg["device"])
+    fused = cfg.get("fused")
+    if fused is None:
+        fused = ctx.device.type == "cuda" and fusion_available()
+    elif fused and not fusion_available():
+        raise C.ConfigError("--fused: the fused ops are not available in this build (compiled "
+                            "extension or med3d_ext.nn missing); use --no-fused")
+    cl = cfg.get("channels_last")
+    if cl is None:
+        cl = ctx.device.type == "cuda"
+    return ctx, bool(fused), bool(cl)
+
+
+def _run_dir(cfg, command, ctx) -> Path:
+    from .distributed import broadcast_object
+
+    out = cfg.get("out") or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(broadcast_object(str(out), ctx))
+    if ctx.is_main:
+        if not cfg.get("resume") and (out / "last.pt").exists():
+            raise C.ConfigError(f"run folder {str(out)!r} already holds a checkpoint; resume it "
+                                f"with --resume {out} or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train_command(command: str, cfg: dict, log=print) -> dict:
+    """Run ``pretrain`` or ``transfer`` with a resolved configuration; returns the summary."""
+    from .distributed import barrier, cleanup
+    from .loops import run_training
+    from .tasks import pretrain_job, resolve_data_dirs, transfer_cls_job, transfer_seg_job
+
+    cfg = dict(cfg)
+    ctx, fused, channels_last = _setup(cfg, command)
+    try:
+        dirs = resolve_data_dirs(cfg.get("data"), command)
+        run = _run_dir(cfg, command, ctx)
+        cfg["out"] = str(run)
+        if ctx.is_main:
+            C.save_config(cfg, run / "config.yaml")
+        if ctx.enabled and not (command == "transfer" and cfg["task"] == "cls"):
+            from .tasks import open_preprocessed
+
+            if ctx.is_main:  # one process fills the preprocessing cache, the others reuse it
+                for d in dirs:
+                    open_preprocessed(d, cfg)
+        barrier(ctx)
+        _seed_everything(cfg["seed"])  # same on every rank: identical initial weights
+        if command == "pretrain":
+            cfg["depth"] = cfg.get("depth") or 10
+            job = pretrain_job(cfg, dirs, ctx.device, ctx.rank, fused, channels_last)
+        elif cfg["task"] == "seg":
+            job = transfer_seg_job(cfg, dirs[0], ctx.device, ctx.rank, fused, channels_last)
+        elif cfg["task"] == "cls":
+            job = transfer_cls_job(cfg, dirs[0], ctx.device, ctx.rank, fused, channels_last)
+        else:
+            raise C.ConfigError(f"task: expected seg or cls, got {cfg['task']!r}")
+        if ctx.is_main:
+            log(f"{command}: {job.arch} on {ctx.device} (world size {ctx.world_size}, "
+                f"fused={fused}, amp={cfg['amp']}); run folder {run}")
+        summary = run_training(cfg, job, run, ctx, resume_from=cfg.get("resume"))
+        if ctx.is_main:
+            if command == "pretrain" and cfg.get("export", True):
+                from med3d_ext.models import save_encoder_medicalnet, save_encoder_safetensors
+
+                summary["encoder_medicalnet"] = str(save_encoder_medicalnet(
+                    job.model, run / "encoder_medicalnet.pth"))
+                summary["encoder_safetensors"] = str(save_encoder_safetensors(
+                    job.model, run / "encoder.safetensors"))
+            summary["run"] = str(run)
+            (run / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            log(f"done: best validation score {summary['best_score']:.4f} at step "
+                f"{summary['best_step']}; run folder {run}")
+        barrier(ctx)
+        return summary
+    finally:
+        cleanup(ctx)
+
+
+def run_pretrain(cfg: dict, log=print) -> dict:
+    return train_command("pretrain", cfg, log)
+
+
+def run_transfer(cfg: dict, log=print) -> dict:
+    return train_command("transfer", cfg, log)
+
+
+def run_evaluate(cfg: dict, log=print, explicit=()) -> dict:
+    from .distributed import resolve_device
+    from .evaluate import evaluate
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    dev = resolve_device(cfg["device"])
+    fused = cfg.get("fused")
+    if fused is None:
+        from .backends import fusion_available
+
+        fused = dev.type == "cuda" and fusion_available()
+    if not cfg.get("out"):
+        cfg = dict(cfg, out=f"predictions/{Path(str(cfg.get('run') or 'run')).name}")
+    return evaluate(cfg, dev, fused=fused, log=log, explicit=explicit)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if not argv:
+        from .demo import run_demo
+
+        run_demo()
+        return 0
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    if ns.command == "demo":
+        from .demo import run_demo
+
+        run_demo(out=ns.out, device=ns.device, quick=ns.quick, seed=ns.seed,
+                 progress=not ns.no_progress)
+        return 0
+    errors = _known_errors()
+    try:
+        explicit: set = set()
+        cfg = resolve_args(ns, explicit)
+        if ns.command == "evaluate":
+            run_evaluate(cfg, explicit=explicit)
+        else:
+            train_command(ns.command, cfg)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _known_errors() -> tuple:
+    from .checkpoint import CheckpointError
+    from .loops import TrainingError
+
+    errs = [CheckpointError, TrainingError, FileNotFoundError]
+    try:
+        from med3d_ext.models import MedicalNetWeightsError
+
+        errs.append(MedicalNetWeightsError)
+    except ImportError:
+        pass
+    try:
+        from med3d_ext.data import DataError
+
+        errs.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errs)

@@ -1,0 +1,289 @@
+"""Configuration of the training CLI: one schema, four sources, one resolved dict.
+
+Every key has a default, a type and a help line; the same schema builds the ``--help`` of each
+command, checks YAML files and ``--set key=value`` overrides, and is what ``config.yaml`` in
+the run folder holds. Precedence, lowest first: schema defaults, ``--config FILE.yaml``,
+explicit command-line options, ``--set`` (applied last, so a script can override anything).
+An unknown key anywhere is an error that names the closest valid keys (difflib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "Option", "OPTIONS", "keys_for", "defaults", "add_options",
+           "resolve", "save_config", "load_config", "patch_size"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key and what was given."""
+
+
+@dataclass(frozen=True)
+class Option:
+    default: Any
+    kind: str  # int, float, str, bool, list, patch, auto_bool (None = auto)
+    help: str
+    commands: tuple = ("pretrain", "transfer", "evaluate")
+    flag: bool = True  # also a command-line option (--key-name)
+    by_command: tuple = ()  # ((command, default), ...) where a command's default differs
+
+    def default_for(self, command: str):
+        return dict(self.by_command).get(command, self.default)
+
+
+_T = ("pretrain", "transfer")
+_ALL = ("pretrain", "transfer", "evaluate")
+
+OPTIONS: dict[str, Option] = {
+    # -- where / what
+    "data": Option(None, "list", "raw dataset folder(s) (MSD / nnU-Net layout; transfer cls: a "
+                   "folder with labels.csv)", _ALL),
+    "out": Option(None, "str", "run folder (evaluate: prediction folder); default "
+                  "runs/<command>-<time>", _ALL),
+    "cache": Option(None, "str", "preprocessing cache root (default: med3d_ext.data's)", _ALL),
+    "resume": Option(None, "str", "run folder (or checkpoint) to resume", _T),
+    "pretrained": Option(None, "str", "our checkpoint, a MedicalNet .pth or .safetensors",
+                         ("transfer",)),
+    "task": Option("seg", "str", "transfer task: seg | cls", ("transfer",)),
+    "from_scratch": Option(False, "bool", "ignore --pretrained: random encoder (baseline)",
+                           ("transfer",)),
+    "run": Option(None, "str", "run folder to evaluate", ("evaluate",)),
+    "checkpoint": Option("best", "str", "which checkpoint of the run: best | last | a path",
+                         ("evaluate",)),
+    "split": Option("all", "str", "cases to evaluate: all | val | train (the run's split)",
+                    ("evaluate",)),
+    "head": Option(None, "str", "pretrain runs: head to evaluate with (default: the head "
+                   "named like the dataset)", ("evaluate",)),
+    # -- model
+    "depth": Option(None, "int", "ResNet depth (default: pretrain 10; transfer: read from "
+                    "--pretrained, else 10)", _T),
+    "shortcut_type": Option(None, "str", "A | B (default: MedicalNet's for the depth)", _T),
+    "channel": Option(None, "str", "input channel (sequence) of multi-channel datasets "
+                      "(default: the first)", _ALL),
+    "dropout": Option(0.5, "float", "classification head dropout", ("transfer",)),
+    # -- optimisation
+    "seed": Option(0, "int", "random seed (model init, sampling, augmentation)", _ALL),
+    "epochs": Option(10, "int", "epochs (validation + checkpoint after each)", _T),
+    "steps": Option(50, "int", "optimizer steps per epoch", _T),
+    "batch_size": Option(4, "int", "samples per step (per process under torchrun)", _T),
+    "patch": Option(48, "patch", "training patch: N or [D, H, W] (multiples of 8)", _ALL),
+    "optimizer": Option("sgd", "str", "sgd (MedicalNet) | adamw", _T),
+    "lr": Option(1e-2, "float", "learning rate (transfer: of the encoder, default 1e-3 as "
+                 "MedicalNet)", _T, by_command=(("transfer", 1e-3),)),
+    "head_lr": Option(1e-1, "float", "transfer: learning rate of the new head (MedicalNet "
+                      "1e-1); from scratch every parameter uses it", ("transfer",)),
+    "momentum": Option(0.9, "float", "SGD momentum", _T),
+    "weight_decay": Option(1e-3, "float", "weight decay", _T),
+    "schedule": Option("poly", "str", "lr schedule per step: poly | cosine | constant", _T),
+    "freeze_epochs": Option(0, "int", "transfer: epochs with the encoder frozen", ("transfer",)),
+    "grad_clip": Option(12.0, "float", "max gradient norm (0 = off)", _T),
+    "fg_fraction": Option(1 / 3, "float", "share of patches centred on foreground", _T),
+    "val_fraction": Option(0.2, "float", "share of cases held out for validation", _ALL),
+    "target_dice": Option(0.5, "float", "record the first step whose validation Dice reaches "
+                          "this", _T),
+    "augment": Option(True, "bool", "random affine/intensity augmentation", _T),
+    "label_grid": Option("logits", "str", "where the loss is computed: logits (labels sampled "
+                         "nearest onto the 1/4 logit grid, MedicalNet) | patch (logits "
+                         "upsampled trilinearly to the patch, as in evaluation; better for "
+                         "small structures, slower)", _T),
+    # -- performance
+    "device": Option("auto", "str", "auto | cpu | cuda | cuda:N", _ALL),
+    "amp": Option("auto", "str", "autocast: auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off",
+                  _ALL),
+    "channels_last": Option(None, "auto_bool", "channels_last_3d memory format (default: on "
+                            "GPU)", _ALL),
+    "fused": Option(None, "auto_bool", "fused C++/CUDA ops (default: on when the extension "
+                    "and med3d_ext.nn are available); --no-fused = plain PyTorch", _ALL),
+    "compile": Option(False, "bool", "torch.compile the model", _ALL),
+    "num_workers": Option(0, "int", "DataLoader worker processes", _T),
+    "threads": Option(0, "int", "torch CPU threads (0 = torch's default)", _ALL),
+    "sync_bn": Option(False, "bool", "SyncBatchNorm under torchrun", _T),
+    # -- evaluation
+    "overlap": Option(0.5, "float", "sliding-window overlap (0..1)", _ALL),
+    "sw_batch_size": Option(2, "int", "windows per forward in sliding-window inference", _ALL),
+    "val_cases": Option(0, "int", "max validation cases per dataset (0 = all held out)", _T),
+    # -- logging / checkpoints
+    "log_every": Option(10, "int", "steps between metrics.jsonl lines", _T),
+    "ckpt_every": Option(0, "int", "steps between extra last.pt saves (0 = each epoch)", _T),
+    "export": Option(True, "bool", "pretrain: export the encoder (MedicalNet .pth and "
+                     ".safetensors) at the end", ("pretrain",)),
+    "progress": Option(True, "bool", "tqdm progress bar", _ALL),
+    "step_sleep": Option(0.0, "float", "seconds to sleep after each step (tests of "
+                         "interruption)", _T),
+}
+
+
+def keys_for(command: str) -> list[str]:
+    return [k for k, o in OPTIONS.items() if command in o.commands]
+
+
+def defaults(command: str) -> dict:
+    return {k: OPTIONS[k].default_for(command) for k in keys_for(command)}
+
+
+def _bool(key, v):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(v, str) and v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: expected true/false, got {v!r}")
+
+
+def coerce(key: str, value):
+    """Bring ``value`` (from YAML, --set or argparse) to the type of option ``key``."""
+    kind = OPTIONS[key].kind
+    if value is None:
+        return None
+    try:
+        if kind == "auto_bool":
+            return None if str(value).lower() in ("auto", "none") else _bool(key, value)
+        if kind == "bool":
+            return _bool(key, value)
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "str":
+            return str(value)
+        if kind == "list":
+            if isinstance(value, (str, Path)):
+                return [str(value)]
+            return [str(v) for v in value]
+        if kind == "patch":
+            if isinstance(value, (list, tuple)) and len(value) == 1:
+                value = value[0]
+            p = [int(value)] * 3 if isinstance(value, (int, str)) and not \
+                isinstance(value, bool) and "," not in str(value) else \
+                [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
+            if len(p) != 3 or min(p) < 8 or any(v % 8 for v in p):
+                raise ValueError
+            return p
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        pass
+    want = {"patch": "an int or 3 ints, multiples of 8 (>= 8)", "list": "a path or a list"}
+    raise ConfigError(f"{key}: expected {want.get(kind, kind)}, got {value!r}")
+
+
+def _unknown(key: str, command: str, where: str) -> ConfigError:
+    valid = keys_for(command)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown configuration key {key!r} ({where}) for `{command}`{hint} "
+                       f"Valid keys: {', '.join(sorted(valid))}")
+
+
+def patch_size(p) -> tuple[int, int, int]:
+    return tuple(coerce("patch", p))
+
+
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """--key-name for every option of ``command`` (defaults suppressed: resolve() knows them)
+    plus --config FILE.yaml and --set key=value."""
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="YAML file of key: value (same keys as the options)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        dest="overrides", help="override any key (repeatable; applied last)")
+    for key in keys_for(command):
+        o = OPTIONS[key]
+        if not o.flag:
+            continue
+        name = "--" + key.replace("_", "-")
+        d = o.default_for(command)
+        h = f"{o.help} (default: {d if d is not None else 'auto/none'})"
+        if o.kind in ("bool", "auto_bool"):
+            parser.add_argument(name, dest=key, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=h)
+        elif o.kind in ("list", "patch"):
+            parser.add_argument(name, dest=key, nargs="+", default=argparse.SUPPRESS, help=h)
+        else:
+            parser.add_argument(name, dest=key, default=argparse.SUPPRESS, help=h)
+
+
+def _read_yaml(path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file {str(p)!r}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {str(p)!r}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {str(p)!r}: expected a mapping of key: value, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def resolve(command: str, cli: dict | None = None, config_file=None, overrides=(),
+            base: dict | None = None, explicit: set | None = None) -> dict:
+    """The resolved configuration of ``command``.
+
+    cli: explicit command-line values {key: value}; config_file: YAML path; overrides:
+    ["key=value", ...]; base: a starting dict instead of the schema defaults (e.g. the saved
+    config of a resumed run); explicit: a set that receives the keys given by the user (file,
+    command line, --set). Raises ConfigError on unknown keys or bad values.
+    """
+    valid = set(keys_for(command))
+    cfg = defaults(command)
+    layers = []
+    if base:
+        layers.append(("saved config", base))
+    if config_file:
+        layers.append((f"--config {config_file}", _read_yaml(config_file)))
+    if cli:
+        layers.append(("command line", cli))
+    if overrides:
+        layers.append(("--set", dict(_parse_set(s) for s in overrides)))
+    for where, layer in layers:
+        for key, value in layer.items():
+            key = str(key).replace("-", "_")
+            if key not in valid:
+                raise _unknown(key, command, where)
+            cfg[key] = coerce(key, value)
+            if explicit is not None and where != "saved config":
+                explicit.add(key)
+    return cfg
+
+
+def save_config(cfg: dict, path) -> Path:
+    """Write ``cfg`` as YAML (atomically)."""
+    import os
+
+    import yaml
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(dict(cfg), sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def load_config(path) -> dict:
+    return _read_yaml(path)

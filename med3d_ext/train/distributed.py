@@ -1,0 +1,101 @@
+"""torchrun / DDP helpers: NCCL on GPU, gloo on CPU; rank 0 writes logs and checkpoints.
+
+Launched by torchrun, the environment holds RANK, WORLD_SIZE and LOCAL_RANK; without them
+everything here degrades to a single process (rank 0 of 1) and no process group is created.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "init_distributed", "wrap_ddp", "all_reduce_mean", "barrier",
+           "cleanup", "broadcast_object"]
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec in (None, "auto"):
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {spec}: CUDA is not available on this machine "
+                               "(use --device cpu)")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def init_distributed(device_spec: str = "auto") -> DistContext:
+    """Join the torchrun process group when launched by torchrun; else a 1-process context."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return DistContext(rank, world, local, device)
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext, *, sync_bn: bool = False,
+             find_unused: bool = False) -> torch.nn.Module:
+    """DDP-wrap for torchrun (SyncBatchNorm first when asked); unchanged in one process.
+    find_unused: Med3D's heads get no gradient when their dataset is absent from a batch."""
+    if not ctx.enabled:
+        return model
+    if sync_bn:
+        if ctx.device.type != "cuda":
+            raise RuntimeError("--sync-bn: SyncBatchNorm runs on CUDA devices only (this run "
+                               f"is on {ctx.device}); drop --sync-bn for gloo/CPU runs")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                     find_unused_parameters=find_unused)
+
+
+def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if not ctx.enabled:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / ctx.world_size
+
+
+def broadcast_object(obj, ctx: DistContext):
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def cleanup(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()

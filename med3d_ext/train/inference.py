@@ -1,0 +1,110 @@
+"""Sliding-window inference over whole volumes with Gaussian-weighted overlap.
+
+Each window's logits (which MedicalNet-style networks produce at 1/4 of the window size) are
+upsampled trilinearly to the window size, turned into probabilities with softmax, weighted by
+a Gaussian importance map (centre voxels are predicted with more context than border ones)
+and accumulated; the sum is divided by the accumulated weights. Window placement follows the
+usual scheme (MONAI's ``dense_patch_slices``): a stride of ``int(window * (1 - overlap))``
+and a last window flush with the volume's end, so every voxel is covered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gaussian_weight_map", "window_starts", "sliding_window_probs",
+           "sliding_window_predict"]
+
+
+def gaussian_weight_map(size, sigma_scale: float = 0.125, device=None,
+                        dtype=torch.float32) -> torch.Tensor:
+    """(D, H, W) separable Gaussian, sigma = sigma_scale * size per axis, centred on the
+    window, maximum 1; no zeros (the smallest value floors it) so that a voxel covered only by
+    window borders still gets a prediction."""
+    axes = []
+    for s in size:
+        x = torch.arange(s, device=device, dtype=torch.float64) - (s - 1) / 2
+        sigma = max(sigma_scale * s, 1e-6)
+        axes.append(torch.exp(-0.5 * (x / sigma) ** 2))
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    w = w / w.max()
+    pos = w[w > 0]
+    w = torch.clamp(w, min=float(pos.min()) if pos.numel() else 1.0)
+    return w.to(dtype)
+
+
+def window_starts(n: int, w: int, overlap: float) -> list[int]:
+    """Start indices of windows of size ``w`` covering ``n`` voxels (n >= w)."""
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if n <= w:
+        return [0]
+    step = max(int(w * (1 - overlap)), 1)
+    num = math.ceil((n - w) / step) + 1
+    out = []
+    for i in range(num):
+        s = min(i * step, n - w)
+        if not out or s != out[-1]:
+            out.append(s)
+    return out
+
+
+@torch.no_grad()
+def sliding_window_probs(volume: torch.Tensor, predictor: Callable[[torch.Tensor], torch.Tensor],
+                         window, *, overlap: float = 0.5, sw_batch_size: int = 2,
+                         weight_map: torch.Tensor | None = None, pad_value: float = 0.0,
+                         upsample: bool = True, softmax: bool = True) -> torch.Tensor:
+    """Class probabilities for a whole volume.
+
+    volume: (N, C, D, H, W) on the model's device; smaller than ``window`` along an axis ->
+        padded symmetrically with ``pad_value`` (and cropped back).
+    predictor: (B, C, wd, wh, ww) -> logits (B, K, d, h, w); (d, h, w) is upsampled
+        trilinearly to the window when it differs (``upsample``).
+    window: (wd, wh, ww). weight_map: (wd, wh, ww), default ``gaussian_weight_map``.
+    Returns (N, K, D, H, W) float32 probabilities (softmax) or averaged logits.
+    """
+    if volume.dim() != 5:
+        raise ValueError(f"volume must be (N, C, D, H, W), got shape {tuple(volume.shape)}")
+    window = tuple(int(w) for w in window)
+    n = volume.shape[0]
+    spatial = volume.shape[2:]
+    pads = []
+    for s, w in zip(reversed(spatial), reversed(window)):
+        extra = max(w - s, 0)
+        pads += [extra // 2, extra - extra // 2]
+    x = F.pad(volume, pads, value=pad_value) if any(pads) else volume
+    full = x.shape[2:]
+    if weight_map is None:
+        weight_map = gaussian_weight_map(window, device=x.device)
+    weight_map = weight_map.to(x.device, torch.float32)
+    starts = [window_starts(s, w, overlap) for s, w in zip(full, window)]
+    corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    out = None
+    norm = torch.zeros((1, 1, *full), device=x.device, dtype=torch.float32)
+    for i in range(0, len(corners), sw_batch_size):
+        chunk = corners[i:i + sw_batch_size]
+        sl = [(slice(None), slice(None), slice(a, a + window[0]), slice(b, b + window[1]),
+               slice(c, c + window[2])) for a, b, c in chunk]
+        patches = torch.cat([x[s] for s in sl], 0)
+        logits = predictor(patches).float()
+        if upsample and tuple(logits.shape[2:]) != window:
+            logits = F.interpolate(logits, size=window, mode="trilinear", align_corners=False)
+        probs = torch.softmax(logits, 1) if softmax else logits
+        if out is None:
+            out = torch.zeros((n, probs.shape[1], *full), device=x.device, dtype=torch.float32)
+        for j, s in enumerate(sl):
+            out[s] += probs[j * n:(j + 1) * n] * weight_map
+            norm[s] += weight_map
+    out = out / norm
+    # F.pad order is (W_lo, W_hi, H_lo, H_hi, D_lo, D_hi)
+    crop = tuple(slice(p0, p0 + s) for p0, s in zip((pads[4], pads[2], pads[0]), spatial))
+    return out[(slice(None), slice(None), *crop)]
+
+
+def sliding_window_predict(volume, predictor, window, **kw) -> torch.Tensor:
+    """Label map (N, D, H, W) int64: argmax of :func:`sliding_window_probs`."""
+    return sliding_window_probs(volume, predictor, window, **kw).argmax(1)

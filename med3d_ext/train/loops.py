@@ -1,0 +1,263 @@
+"""The training engine shared by ``pretrain`` and ``transfer``.
+
+A :class:`Job` says what to train (model, batches, forward + loss, validation, parameter
+groups); :func:`run_training` does everything else the same way for every job: optimizer and
+schedule, autocast / grad scaler, DDP, freezing, NaN/Inf stop, logging, atomic checkpoints and
+exact resume.
+
+Exact resume: the checkpoint holds model, optimizer, scheduler, grad scaler, every RNG state,
+step/epoch and the batch loader's position. Batches are counter-based (batch b depends only on
+the seed and b), augmentation draws from torch's global RNG (restored), and everything that
+would otherwise consume that RNG out of order (creating DataLoader iterators) runs under
+``torch.random.fork_rng``. So a resumed CPU run with num_workers=0 and a fixed thread count
+ends with bitwise the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .distributed import DistContext, all_reduce_mean, barrier, wrap_ddp
+from .runlog import RunLogger, truncate_metrics
+
+__all__ = ["TrainingError", "Job", "run_training", "autocast_dtype", "build_optimizer",
+           "build_scheduler"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, out of memory, bad resume); the message says
+    why and what to do."""
+
+
+@dataclass
+class Job:
+    kind: str                       # "pretrain" | "seg" | "cls"
+    model: torch.nn.Module          # on the device
+    arch: dict                      # rebuilds the model (stored in checkpoints)
+    loader: object                  # iterable of batch dicts with state_dict/load_state_dict
+    prepare: Callable               # (batch, device) -> inputs for step_fn (augmentation here)
+    step_fn: Callable               # (model, inputs) -> (loss, {name: float-able}, dice_fn|None)
+    validate: Callable              # (raw model) -> {"score": float, ...}
+    groups: list                    # [(name, [params], lr)]
+    samples_per_step: int
+    voxels_per_sample: int
+    freeze_epochs: int = 0
+    find_unused: bool = False
+    extra: dict = field(default_factory=dict)  # saved in every checkpoint (split, classes)
+
+
+def autocast_dtype(amp: str, device: torch.device):
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None, "none": None}[amp]
+
+
+def build_optimizer(groups, cfg) -> torch.optim.Optimizer:
+    pg = [{"params": p, "lr": lr, "name": n, "initial_lr": lr} for n, p, lr in groups if p]
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(pg, lr=pg[0]["lr"], momentum=cfg["momentum"],
+                               weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(pg, lr=pg[0]["lr"], weight_decay=cfg["weight_decay"])
+    raise TrainingError(f"optimizer: expected sgd or adamw, got {cfg['optimizer']!r}")
+
+
+def build_scheduler(opt, cfg, total: int):
+    kind = cfg["schedule"]
+    if kind == "poly":
+        f = lambda s: max(1.0 - s / max(total, 1), 0.0) ** 0.9  # noqa: E731
+    elif kind == "cosine":
+        f = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(total, 1), 1.0)))  # noqa: E731
+    elif kind == "constant":
+        f = lambda s: 1.0  # noqa: E731
+    else:
+        raise TrainingError(f"schedule: expected poly, cosine or constant, got {kind!r}")
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def _set_frozen(model, frozen: bool) -> None:
+    from med3d_ext.models import freeze_encoder, unfreeze_encoder
+
+    (freeze_encoder if frozen else unfreeze_encoder)(model)
+
+
+def _oom_message(cfg, where: str) -> str:
+    p = cfg.get("patch")
+    return (f"out of GPU memory during {where} (patch {p}, batch size {cfg.get('batch_size')}). "
+            f"Use a smaller --patch (e.g. {[max(8, (v // 2) // 8 * 8) for v in p]}) or "
+            f"--batch-size, --amp bf16, or --sw-batch-size 1 for evaluation.")
+
+
+def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
+                 resume_from=None) -> dict:
+    """Train ``job`` for cfg["epochs"] x cfg["steps"] steps. Returns a summary dict
+    (best score/step, first step reaching cfg["target_dice"], wall time, checkpoint paths)."""
+    from tqdm.auto import tqdm
+
+    ctx = ctx or DistContext(device=next(job.model.parameters()).device)
+    run_dir = Path(run_dir)
+    dev = ctx.device
+    model = job.model
+    steps_per_epoch, epochs = int(cfg["steps"]), int(cfg["epochs"])
+    total = steps_per_epoch * epochs
+    opt = build_optimizer(job.groups, cfg)
+    sched = build_scheduler(opt, cfg, total)
+    amp = autocast_dtype(cfg["amp"], dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+    logger = RunLogger(run_dir, enabled=ctx.is_main)
+    start, best, target_step = 0, {"score": -math.inf, "step": -1}, None
+    frozen = False
+
+    if resume_from is not None:
+        path = find_checkpoint(resume_from, "last")
+        ck = load_checkpoint(path)
+        if ck["arch"] != job.arch:
+            raise TrainingError(f"--resume {str(path)!r}: the checkpoint's model {ck['arch']} "
+                                f"differs from the one this configuration builds {job.arch}")
+        if ck["epoch"] < job.freeze_epochs:
+            _set_frozen(model, True)
+            frozen = True
+        model.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"])
+        job.loader.load_state_dict(ck["sampler"])
+        start = int(ck["step"])
+        best = dict(ck.get("best") or best)
+        target_step = ck.get("target_step")
+        if ctx.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", start)
+
+    net = wrap_ddp(model, ctx, sync_bn=cfg.get("sync_bn", False),
+                   find_unused=job.find_unused or job.freeze_epochs > 0)
+    if cfg.get("compile"):
+        net = torch.compile(net)
+
+    def save(name: str, step: int) -> Path:
+        return save_checkpoint(
+            run_dir / f"{name}.pt", arch=job.arch, model=model, optimizer=opt, scheduler=sched,
+            scaler=scaler, step=step, epoch=step // max(steps_per_epoch, 1), config=cfg,
+            extra={"sampler": job.loader.state_dict(), "best": dict(best),
+                   "target_step": target_step, **job.extra})
+
+    it = iter(job.loader)
+
+    def next_batch():
+        # creating the DataLoader iterator draws from torch's global RNG: keep it out of the
+        # augmentation stream so that resuming mid-run replays the same random numbers
+        with torch.random.fork_rng(devices=[]):
+            return next(it)
+
+    bar = tqdm(total=total, initial=start, disable=not (ctx.is_main and cfg.get("progress")),
+               desc=job.kind, dynamic_ncols=True, leave=False)
+    win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
+    t_run = time.perf_counter()
+    model.train()
+    step = start
+    try:
+        while step < total:
+            epoch = step // steps_per_epoch
+            want_frozen = epoch < job.freeze_epochs
+            if want_frozen != frozen:
+                _set_frozen(model, want_frozen)
+                frozen = want_frozen
+            t0 = time.perf_counter()
+            try:
+                batch = next_batch()
+            except StopIteration:
+                raise TrainingError("the batch loader ran out before the last step") from None
+            t1 = time.perf_counter()
+            try:
+                inputs = job.prepare(batch, dev)
+                with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, info, dice_fn = job.step_fn(net, inputs)
+                lval = all_reduce_mean(loss.detach().float(), ctx)
+                if not torch.isfinite(lval):
+                    raise TrainingError(
+                        f"non-finite loss ({lval.item()}) at step {step} (epoch {epoch}); "
+                        f"stopped without saving. The last good checkpoint is "
+                        f"{run_dir / 'last.pt'} (resume with --resume {run_dir}). Try a lower "
+                        f"--lr (now {cfg['lr']}), --grad-clip, or --amp off.")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.get("grad_clip", 0) > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+            except torch.OutOfMemoryError as e:
+                raise TrainingError(_oom_message(cfg, "training")) from e
+            step += 1
+            if cfg.get("step_sleep"):
+                time.sleep(cfg["step_sleep"])
+            t2 = time.perf_counter()
+            win["n"] += 1
+            win["loss"] += lval.item()
+            win["wait"] += t1 - t0
+            win["time"] += t2 - t0
+            for k, v in info.items():
+                win["heads"].setdefault(k, []).append(float(v))
+            log_now = step % max(cfg["log_every"], 1) == 0 or step == total \
+                or step % steps_per_epoch == 0
+            if log_now and win["n"]:
+                sps = win["n"] * job.samples_per_step * ctx.world_size / max(win["time"], 1e-9)
+                rec = {"kind": "train", "step": step, "epoch": epoch,
+                       "loss": win["loss"] / win["n"], "lr": opt.param_groups[-1]["lr"],
+                       "samples_s": sps, "voxels_s": sps * job.voxels_per_sample,
+                       "data_wait": win["wait"] / max(win["time"], 1e-9)}
+                for k, v in win["heads"].items():
+                    rec[k] = sum(v) / len(v)
+                if dice_fn is not None:
+                    rec.update(dice_fn())
+                logger.log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}",
+                                dice=f"{rec.get('dice', float('nan')):.3f}",
+                                sps=f"{sps:.1f}", vox_s=f"{rec['voxels_s']:.2g}",
+                                wait=f"{rec['data_wait']:.0%}")
+                win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
+            bar.update(1)
+            end_of_epoch = step % steps_per_epoch == 0
+            if end_of_epoch:
+                if ctx.is_main:
+                    model.eval()
+                    try:
+                        with torch.autocast(dev.type, dtype=amp or torch.float32,
+                                            enabled=amp is not None):
+                            val = job.validate(model)
+                    except torch.OutOfMemoryError as e:
+                        raise TrainingError(_oom_message(cfg, "validation")) from e
+                    model.train()
+                    if frozen:  # model.train() must not wake frozen BatchNorm
+                        _set_frozen(model, True)
+                    score = float(val.get("score", float("nan")))
+                    if target_step is None and score >= cfg.get("target_dice", math.inf):
+                        target_step = step
+                    improved = score > best["score"]
+                    if improved:
+                        best = {"score": score, "step": step}
+                    logger.log({"kind": "val", "step": step, "epoch": epoch + 1, **val,
+                                "target_step": target_step})
+                    save("last", step)
+                    if improved:
+                        save("best", step)
+                    logger.curves()
+                barrier(ctx)
+            elif cfg.get("ckpt_every") and step % cfg["ckpt_every"] == 0 and ctx.is_main:
+                save("last", step)
+    finally:
+        bar.close()
+        logger.close()
+    return {"best_score": best["score"], "best_step": best["step"], "target_step": target_step,
+            "steps": total, "time_s": time.perf_counter() - t_run,
+            "last": str(run_dir / "last.pt"), "best": str(run_dir / "best.pt")}
+

@@ -1,0 +1,103 @@
+"""Run-folder logging: metrics.jsonl (always), TensorBoard events (when tensorboard is
+installed), PNG curves (when matplotlib is installed). Only rank 0 logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+__all__ = ["RunLogger", "read_metrics", "truncate_metrics", "plot_curves"]
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else str(v)
+    return v
+
+
+def read_metrics(path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill: ignore it
+            pass
+    return out
+
+
+def truncate_metrics(path, step: int) -> None:
+    """Keep only records up to ``step`` (a resumed run re-logs what came after its
+    checkpoint)."""
+    p = Path(path)
+    rows = [r for r in read_metrics(p) if int(r.get("step", 0)) <= step]
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, p)
+
+
+class RunLogger:
+    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True):
+        self.dir = Path(run_dir)
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tb"))
+            except Exception:  # noqa: BLE001 - tensorboard missing or broken: jsonl only
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {k: _clean(v) for k, v in record.items()}
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            step = int(record.get("step", 0))
+            kind = record.get("kind", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def curves(self) -> None:
+        if self.enabled:
+            plot_curves(self.dir / "metrics.jsonl", self.dir / "curves.png")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_curves(metrics_path, out_png) -> Path | None:
+    """Training loss and validation Dice against step; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(metrics_path)
+    tr = [r for r in rows if r.get("kind") == "train" and r.get("loss") is not None]
+    va = [r for r in rows if r.get("kind") == "val" and r.get("score") is not None]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr])
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("training loss")
+    ax[1].plot([r["step"] for r in va], [r["score"] for r in va], marker="o")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("validation score")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png

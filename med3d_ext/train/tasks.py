@@ -1,0 +1,462 @@
+"""Jobs for the training engine: Med3D pretraining, segmentation and classification transfer.
+
+Data come from ``med3d_ext.data`` (preprocessing cache, counter-based multi-domain patch
+sampler); models from ``med3d_ext.models``; the loss and augmentation through
+``backends`` (the fused ops / GPU transforms when available).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backends import augmenter, downsample_labels, seg_loss_fn
+from .config import ConfigError
+from .inference import sliding_window_probs
+from .loops import Job, TrainingError
+from .metrics import batch_dice, dice_per_class, nanmean
+
+__all__ = ["DataFolderError", "resolve_data_dirs", "open_preprocessed", "split_cases",
+           "subset", "head_name", "pretrain_job", "transfer_seg_job", "transfer_cls_job",
+           "read_cls_csv", "load_cls_volume", "check_classes"]
+
+
+class DataFolderError(FileNotFoundError):
+    """A --data folder that does not exist or holds no dataset."""
+
+
+def _is_dataset(p: Path) -> bool:
+    return (p / "dataset.json").is_file() or (p / "labels.csv").is_file() or \
+        any(p.glob("*.txt")) and (p / "imagesTr").is_dir()
+
+
+def resolve_data_dirs(paths, command: str) -> list[Path]:
+    """Check every --data folder exists; a folder of dataset folders (e.g. synth's
+    ``DIR/pretrain``) expands to its datasets."""
+    if not paths:
+        hint = ("python -m med3d_ext.data synth --out DIR, then --data DIR/pretrain"
+                if command == "pretrain" else "--data DIR")
+        raise DataFolderError(f"{command} needs --data (e.g. {hint})")
+    out = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise DataFolderError(f"--data {str(p)!r}: no such folder (create data with "
+                                  f"python -m med3d_ext.data synth --out DIR)")
+        if _is_dataset(p):
+            out.append(p)
+            continue
+        subs = sorted(q for q in p.iterdir() if q.is_dir() and _is_dataset(q))
+        if not subs:
+            raise DataFolderError(f"--data {str(p)!r} holds no dataset (no dataset.json, "
+                                  "labels.csv, or dataset sub-folders)")
+        out.extend(subs)
+    return out
+
+
+def open_preprocessed(path, cfg):
+    """The preprocessed (cached) dataset for a raw folder."""
+    from med3d_ext import data
+
+    cache = None
+    if cfg.get("cache"):
+        key = zlib.crc32(str(Path(path).resolve()).encode()) & 0xFFFFFFFF
+        cache = Path(cfg["cache"]) / f"{Path(path).name}-{key:08x}"
+    # a process pool pays off only with spare cores (and this may run under torchrun)
+    workers = 0 if (os.cpu_count() or 1) <= 2 else None
+    return data.open_dataset(path, cache=cache, workers=workers, progress=False)
+
+
+def split_cases(names, val_fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split by hashed case names (independent of the seed, so that
+    every run on a dataset holds out the same cases)."""
+    names = list(names)
+    n = len(names)
+    n_val = 0 if n < 2 or val_fraction <= 0 else min(max(round(n * val_fraction), 1), n - 1)
+    order = sorted(names, key=lambda s: (zlib.crc32(s.encode()), s))
+    val = set(order[:n_val])
+    return [s for s in names if s not in val], [s for s in names if s in val]
+
+
+def subset(pre, names):
+    """A view of a PreprocessedDataset restricted to ``names`` (same cache folder)."""
+    view = type(pre)(pre.dir)
+    view.names = [n for n in view.names if n in set(names)]
+    return view
+
+
+def head_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", str(name)) or "dataset"
+
+
+def check_classes(dataset: str, data_classes: int, head_classes: int, head: str) -> None:
+    if data_classes > head_classes:
+        raise ConfigError(
+            f"dataset {dataset!r} has {data_classes} classes (labels 0..{data_classes - 1}) but "
+            f"head {head!r} predicts {head_classes}; train a model with a matching head (the "
+            "class count comes from the dataset's dataset.json labels)")
+
+
+def _use_ops(cfg) -> bool:
+    """--no-fused means plain PyTorch everywhere; otherwise the loss and augmentation use the
+    package's ops (compiled kernels when built) while the model's fused path is switched on
+    by default only on GPU (cli._setup)."""
+    return cfg.get("fused") is not False
+
+
+def _to_dev(x, dev):
+    return x.to(dev, non_blocking=True)
+
+
+def _label_size(cfg, patch):
+    grid = cfg.get("label_grid", "logits")
+    if grid not in ("logits", "patch"):
+        raise ConfigError(f"label_grid: expected logits or patch, got {grid!r}")
+    return tuple(patch) if grid == "patch" else tuple(p // 4 for p in patch)
+
+
+def _fit(logits, label):
+    """Logits on the label's grid: trilinear upsampling when the loss is computed at patch
+    resolution (label_grid=patch); unchanged on the logit grid."""
+    if tuple(logits.shape[2:]) == tuple(label.shape[1:]):
+        return logits
+    return F.interpolate(logits, size=tuple(label.shape[1:]), mode="trilinear",
+                         align_corners=False)
+
+
+def _prep_seg(cfg, patch, aug, channels_last):
+    lsize = _label_size(cfg, patch)
+
+    def prepare(batch, dev):
+        image = _to_dev(batch["image"], dev).float()
+        label = _to_dev(batch["label"], dev)
+        if aug is not None:
+            image, label = aug(image, label, patch, label_size=lsize)
+        else:
+            label = downsample_labels(label, lsize)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        return {"image": image, "label": label.long(),
+                "dataset_id": _to_dev(batch["dataset_id"], dev)}
+    return prepare
+
+
+def _validate_seg(model, sets, cfg, predictor_for):
+    """Mean foreground Dice of sliding-window predictions on held-out cases, per dataset."""
+    dev = next(model.parameters()).device
+    out, scores = {}, []
+    with torch.no_grad():
+        for k, (name, pre) in enumerate(sets):
+            vals = []
+            ch = pre.channel_index(cfg.get("channel"))
+            for i in range(len(pre)):
+                x, lab, _ = pre.load_case(i, ch)
+                probs = sliding_window_probs(
+                    torch.from_numpy(x)[None].to(dev), predictor_for(k), cfg["patch"],
+                    overlap=cfg["overlap"], sw_batch_size=cfg["sw_batch_size"],
+                    pad_value=pre.background_value(i, ch))
+                pred = probs.argmax(1)[0].cpu()
+                vals.append(nanmean(dice_per_class(pred, torch.from_numpy(lab.astype(np.int64)),
+                                                   pre.num_classes)))
+            d = nanmean(vals)
+            out[f"val_dice/{name}"] = d
+            scores.append(d)
+    out["score"] = out["dice"] = nanmean(scores)
+    return out
+
+
+def _groups(model, enc_lr, head_lr):
+    from med3d_ext.models import encoder_parameters, head_parameters
+
+    return [("encoder", encoder_parameters(model), enc_lr),
+            ("head", head_parameters(model), head_lr)]
+
+
+def _finish_model(model, cfg, dev, channels_last):
+    model = model.to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def _val_sets(pres, names_val, cfg):
+    sets = []
+    for pre, val in zip(pres, names_val):
+        if not val:
+            continue
+        if cfg.get("val_cases"):
+            val = val[:cfg["val_cases"]]
+        sets.append((head_name(pre.name), subset(pre, val)))
+    return sets
+
+
+# -------------------------------------------------------------------------------- pretrain
+
+
+def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) -> Job:
+    from med3d_ext import data
+    from med3d_ext.models import Med3DNet
+
+    pres = [open_preprocessed(d, cfg) for d in dirs]
+    heads, split = {}, {}
+    for pre in pres:
+        name = head_name(pre.name)
+        if name in heads:
+            raise ConfigError(f"two --data datasets are both named {pre.name!r}; heads need "
+                              "distinct dataset names")
+        heads[name] = int(pre.num_classes)
+        tr, va = split_cases(pre.names, cfg["val_fraction"])
+        split[name] = {"train": tr, "val": va}
+    patch = tuple(cfg["patch"])
+    model = Med3DNet(cfg["depth"] or 10, heads, fused=fused, shortcut_type=cfg["shortcut_type"])
+    model = _finish_model(model, cfg, dev, channels_last)
+    total = cfg["epochs"] * cfg["steps"]
+    loader = data.make_loader(
+        [subset(p, split[head_name(p.name)]["train"]) for p in pres], patch, cfg["batch_size"],
+        num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank, steps=total,
+        fg_fraction=cfg["fg_fraction"], channels=[cfg.get("channel")] * len(pres))
+    loss_fn = seg_loss_fn(_use_ops(cfg))
+    names = list(heads)
+
+    def step_fn(net, inp):
+        outs = net(inp["image"], inp["dataset_id"])
+        targets = [inp["label"].index_select(0, o.index) for o in outs]
+        logits = [_fit(o.logits, t) for o, t in zip(outs, targets)]
+        loss, per = loss_fn(logits, targets)
+        info = {f"loss/{names[o.head]}": per[j] for j, o in enumerate(outs)}
+
+        def dice_fn():
+            d = {f"dice/{names[o.head]}": batch_dice(lg.detach(), tg)
+                 for o, lg, tg in zip(outs, logits, targets)}
+            d["dice"] = nanmean(d.values())
+            return d
+        return loss, info, dice_fn
+
+    sets = _val_sets(pres, [split[head_name(p.name)]["val"] for p in pres], cfg)
+    set_heads = [s[0] for s in sets]
+
+    def validate(m):
+        return _validate_seg(m, sets, cfg, lambda k: (lambda x: m.forward_head(x, set_heads[k])))
+
+    return Job("pretrain", model, model.arch, loader, _prep_seg(cfg, patch, augmenter(
+        cfg["augment"], _use_ops(cfg)), channels_last), step_fn, validate,
+        _groups(model, cfg["lr"], cfg["lr"]), cfg["batch_size"], int(np.prod(patch)),
+        find_unused=True, extra={"split": split, "datasets": [str(d) for d in dirs]})
+
+
+# -------------------------------------------------------------------------------- transfer
+
+
+def _pretrained_depth(cfg):
+    """(depth, shortcut) for a transfer model: from the pretrained file (checked against an
+    explicit --depth), else --depth or 10."""
+    path = cfg.get("pretrained")
+    if path:
+        from med3d_ext.models import infer_medicalnet_depth
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--pretrained {path!r}: no such file")
+        depth, shortcut = infer_medicalnet_depth(path)
+        if cfg.get("depth") and int(cfg["depth"]) != depth:
+            raise ConfigError(f"--pretrained {path!r} holds a ResNet-{depth} encoder (shortcut "
+                              f"{shortcut}) but --depth {cfg['depth']} was asked; drop --depth "
+                              f"(transfer reads it from the file) or pick a ResNet-"
+                              f"{cfg['depth']} file")
+        return depth, cfg.get("shortcut_type") or shortcut
+    if not cfg.get("from_scratch"):
+        raise ConfigError("transfer needs --pretrained PATH (our checkpoint, a MedicalNet .pth "
+                          "or .safetensors) or --from-scratch")
+    return int(cfg.get("depth") or 10), cfg.get("shortcut_type")
+
+
+def _lrs(cfg):
+    scratch = cfg.get("from_scratch") or not cfg.get("pretrained")
+    # from scratch the encoder is as new as the head: one learning rate for both
+    return (cfg["head_lr"] if scratch else cfg["lr"]), cfg["head_lr"]
+
+
+def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: bool) -> Job:
+    from med3d_ext import data
+    from med3d_ext.models import build_transfer_model
+
+    depth, shortcut = _pretrained_depth(cfg)
+    pre = open_preprocessed(data_dir, cfg)
+    name = head_name(pre.name)
+    n_cls = int(pre.num_classes)
+    tr, va = split_cases(pre.names, cfg["val_fraction"])
+    weights = None if cfg.get("from_scratch") else cfg.get("pretrained")
+    model = build_transfer_model("segmentation", depth, n_cls, weights=weights,
+                                 shortcut_type=shortcut, fused=fused)
+    model = _finish_model(model, cfg, dev, channels_last)
+    patch = tuple(cfg["patch"])
+    total = cfg["epochs"] * cfg["steps"]
+    loader = data.make_loader([subset(pre, tr)], patch, cfg["batch_size"],
+                              num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank,
+                              steps=total, fg_fraction=cfg["fg_fraction"],
+                              channels=[cfg.get("channel")])
+    loss_fn = seg_loss_fn(_use_ops(cfg))
+
+    def step_fn(net, inp):
+        logits = _fit(net(inp["image"]), inp["label"])
+        loss, per = loss_fn([logits], [inp["label"]])
+
+        def dice_fn():
+            return {"dice": batch_dice(logits.detach(), inp["label"])}
+        return loss, {}, dice_fn
+
+    sets = _val_sets([pre], [va], cfg)
+
+    def validate(m):
+        return _validate_seg(m, sets, cfg, lambda k: m)
+
+    enc_lr, head_lr = _lrs(cfg)
+    aug = augmenter(cfg["augment"], _use_ops(cfg))
+    return Job("seg", model, model.arch, loader, _prep_seg(cfg, patch, aug, channels_last),
+        step_fn, validate, _groups(model, enc_lr, head_lr), cfg["batch_size"],
+        int(np.prod(patch)), freeze_epochs=cfg["freeze_epochs"],
+        extra={"split": {name: {"train": tr, "val": va}}, "datasets": [str(data_dir)]})
+
+
+# ---------------------------------------------------------------------------- classification
+
+
+def read_cls_csv(folder) -> tuple[list[Path], list[str]]:
+    """``labels.csv`` (columns image,label; image paths relative to the folder)."""
+    folder = Path(folder)
+    p = folder / "labels.csv" if folder.is_dir() else folder
+    if not p.is_file():
+        raise DataFolderError(f"--data {str(folder)!r}: classification needs a labels.csv with "
+                              "columns image,label")
+    with open(p, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "image" not in rows[0] or "label" not in rows[0]:
+        raise DataFolderError(f"{str(p)!r}: expected a header line 'image,label' and rows")
+    paths = [(p.parent / r["image"]) for r in rows]
+    missing = [str(x) for x in paths if not x.exists()]
+    if missing:
+        raise DataFolderError(f"{str(p)!r}: {len(missing)} image(s) do not exist, e.g. "
+                              f"{missing[:3]}")
+    return paths, [str(r["label"]).strip() for r in rows]
+
+
+def class_list(labels) -> list[str]:
+    u = sorted(set(labels))
+    try:
+        return sorted(u, key=float)
+    except ValueError:
+        return u
+
+
+def load_cls_volume(path, patch, channel=None) -> torch.Tensor:
+    """One image for classification: RAS, one channel, clipped to its 0.5-99.5 percentiles,
+    z-scored, resized (trilinear) to the patch: (1, D, H, W) float32."""
+    from med3d_ext.data import read_volume
+
+    v = read_volume(path, dtype=np.float32)
+    c = 0 if channel is None else int(channel)
+    x = v.data[c].astype(np.float32)
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    x = np.clip(x, lo, hi)
+    x = (x - x.mean()) / max(float(x.std()), 1e-6)
+    t = torch.from_numpy(x.astype(np.float32))[None, None]
+    return F.interpolate(t, size=tuple(patch), mode="trilinear", align_corners=False)[0]
+
+
+class ClsLoader:
+    """Counter-based classification batches (batch b depends only on seed and b): random
+    cases with random axis flips."""
+
+    def __init__(self, images, labels, batch_size, seed, steps):
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed, self.steps = batch_size, int(seed), steps
+        self.position = 0
+
+    def state_dict(self):
+        return {"seed": self.seed, "position": self.position}
+
+    def load_state_dict(self, s):
+        self.seed, self.position = int(s["seed"]), int(s["position"])
+
+    def batch(self, b):
+        rng = np.random.default_rng([self.seed, b])
+        idx = rng.integers(len(self.images), size=self.batch_size)
+        flips = rng.random((self.batch_size, 3)) < 0.5
+        imgs = []
+        for i, f in zip(idx, flips):
+            x = self.images[int(i)]
+            dims = [d + 1 for d in range(3) if f[d]]
+            imgs.append(x.flip(dims) if dims else x)
+        return {"image": torch.stack(imgs), "label": self.labels[torch.from_numpy(idx)],
+                "dataset_id": torch.zeros(self.batch_size, dtype=torch.int64),
+                "case": [str(int(i)) for i in idx]}
+
+    def __iter__(self):
+        while self.position < self.steps:
+            b = self.batch(self.position)
+            self.position += 1
+            yield b
+
+
+def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: bool) -> Job:
+    from med3d_ext.models import build_transfer_model
+
+    depth, shortcut = _pretrained_depth(cfg)
+    paths, labels = read_cls_csv(data_dir)
+    classes = class_list(labels)
+    if len(classes) < 2:
+        raise DataFolderError(f"{data_dir}: labels.csv has a single class {classes}; "
+                              "classification needs at least two")
+    y = torch.tensor([classes.index(v) for v in labels], dtype=torch.int64)
+    names = [p.name for p in paths]
+    tr, va = split_cases(names, cfg["val_fraction"])
+    patch = tuple(cfg["patch"])
+    imgs = {n: load_cls_volume(p, patch, cfg.get("channel")) for n, p in zip(names, paths)}
+    ti = [names.index(n) for n in tr]
+    vi = [names.index(n) for n in va]
+    weights = None if cfg.get("from_scratch") else cfg.get("pretrained")
+    model = build_transfer_model("classification", depth, len(classes), weights=weights,
+                                 shortcut_type=shortcut, dropout=cfg["dropout"], fused=fused)
+    model = _finish_model(model, cfg, dev, channels_last)
+    loader = ClsLoader([imgs[names[i]] for i in ti], y[ti], cfg["batch_size"],
+                       cfg["seed"] * 1000003 + rank, cfg["epochs"] * cfg["steps"])
+
+    def prepare(batch, d):
+        image = _to_dev(batch["image"], d)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        return {"image": image, "label": _to_dev(batch["label"], d)}
+
+    def step_fn(net, inp):
+        logits = net(inp["image"]).float()
+        loss = F.cross_entropy(logits, inp["label"])
+
+        def acc():
+            return {"acc": float((logits.argmax(1) == inp["label"]).float().mean())}
+        return loss, {}, acc
+
+    val_x = torch.stack([imgs[names[i]] for i in vi]) if vi else None
+    val_y = y[vi]
+
+    def validate(m):
+        if val_x is None:
+            return {"score": float("nan")}
+        with torch.no_grad():
+            pred = torch.cat([m(val_x[i:i + cfg["sw_batch_size"]].to(dev)).argmax(1).cpu()
+                              for i in range(0, len(val_x), cfg["sw_batch_size"])])
+        acc = float((pred == val_y).float().mean())
+        return {"score": acc, "acc": acc}
+
+    enc_lr, head_lr = _lrs(cfg)
+    if cfg["freeze_epochs"] < 0:
+        raise TrainingError("freeze_epochs must be >= 0")
+    return Job("cls", model, model.arch, loader, prepare, step_fn, validate,
+               _groups(model, enc_lr, head_lr), cfg["batch_size"], int(np.prod(patch)),
+               freeze_epochs=cfg["freeze_epochs"],
+               extra={"classes": classes, "split": {"cls": {"train": tr, "val": va}},
+                      "datasets": [str(data_dir)]})

@@ -1,0 +1,65 @@
+"""The plain-PyTorch pieces the CLI falls back to (--no-fused): loss against MONAI, label
+downsampling and the affine augmentation against independent expectations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from med3d_ext.train import backends as B
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 4, 8, 3, 9)])
+def test_plain_loss_against_monai(shape):
+    losses = pytest.importorskip("monai.losses")
+    heads = [torch.randn(shape), torch.randn(shape[0] + 1, 2, *shape[2:])]
+    targets = [torch.randint(0, h.shape[1], (h.shape[0], *h.shape[2:])) for h in heads]
+    total, per = B.plain_multihead_seg_loss(heads, targets, head_weights=[0.5, 2.0])
+    ref = losses.DiceCELoss(softmax=True, to_onehot_y=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    want = torch.stack([ref(h, t[:, None]) for h, t in zip(heads, targets)])
+    torch.testing.assert_close(per, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, 0.5 * want[0] + 2.0 * want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_no_fused_selects_plain_pytorch():
+    from med3d_ext import reference
+
+    fn = B.seg_loss_fn(use_ops=False)
+    assert fn in (getattr(reference, "multihead_seg_loss", None), B.plain_multihead_seg_loss)
+    assert isinstance(B.augmenter(True, use_ops=False), B.PlainAugment3D)
+    assert B.augmenter(False) is None
+
+
+def test_downsample_labels_samples_voxel_centres():
+    lab = torch.randint(0, 5, (2, 16, 12, 8), dtype=torch.uint8)
+    out = B.downsample_labels(lab, (4, 3, 2))
+    # the centre of low-res voxel i sits at high-res coordinate 4i + 1.5: nearest -> 4i + 2
+    assert out.dtype == torch.int64
+    assert torch.equal(out, lab[:, 2::4, 2::4, 2::4].long())
+    assert torch.equal(B.downsample_labels(lab, (16, 12, 8)), lab.long())
+
+
+def test_plain_augment_identity_and_label_values():
+    img = torch.randn(3, 1, 8, 12, 10)
+    lab = torch.randint(0, 3, (3, 8, 12, 10))
+    aug = B.PlainAugment3D(p=0.0)  # no spatial change; intensity changes only
+    torch.manual_seed(0)
+    out, out_lab = aug(img, lab, (8, 12, 10))
+    assert torch.equal(out_lab, lab)
+    # intensity: per-sample affine map plus small noise -> strongly correlated with the input
+    for n in range(3):
+        c = torch.corrcoef(torch.stack([out[n].flatten(), img[n].flatten()]))[0, 1]
+        assert c > 0.9
+    aug = B.PlainAugment3D(p=1.0)
+    out, out_lab = aug(img, lab, (8, 12, 10), label_size=(2, 3, 2))
+    assert out.shape == (3, 1, 8, 12, 10) and out_lab.shape == (3, 2, 3, 2)
+    assert set(out_lab.unique().tolist()) <= {0, 1, 2}  # nearest: no new label values
+
+
+def test_random_theta_is_rotation_scale_flip():
+    th = B.random_theta(5, rotate_deg=20, scale=(0.9, 1.1))
+    a = th[:, :, :3]
+    s = torch.linalg.svdvals(a)  # rotation x isotropic scale x flips: equal singular values
+    torch.testing.assert_close(s.max(1).values, s.min(1).values, rtol=1e-5, atol=1e-6)
+    assert ((s[:, 0] >= 0.9 - 1e-6) & (s[:, 0] <= 1.1 + 1e-6)).all()
+    assert torch.equal(th[:, :, 3], torch.zeros(5, 3))

@@ -1,0 +1,98 @@
+"""Configuration: defaults, --help, YAML, --set, precedence, errors with close matches."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from med3d_ext.train import config as C
+from med3d_ext.train.cli import build_parser, main, resolve_args
+
+from .conftest import cli, cli_env
+
+COMMANDS = ("pretrain", "transfer", "evaluate")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_has_default_and_help(command, capsys):
+    cfg = C.defaults(command)
+    assert set(cfg) == set(C.keys_for(command))
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    for key in C.keys_for(command):
+        assert "--" + key.replace("_", "-") in text, key
+    for common in ("--out", "--config", "--set", "--seed", "--device", "--patch"):
+        assert common in text
+    if command != "evaluate":
+        for k in ("--epochs", "--steps", "--batch-size", "--depth", "--lr"):
+            assert k in text
+
+
+def test_precedence_defaults_yaml_cli_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"epochs": 3, "lr": 0.5, "batch_size": 7, "patch": [16, 24, 32]}))
+    ns = build_parser().parse_args(["pretrain", "--config", str(f), "--lr", "0.25",
+                                    "--set", "batch_size=5", "--set", "seed=9"])
+    explicit = set()
+    cfg = resolve_args(ns, explicit)
+    assert cfg["epochs"] == 3            # YAML over default
+    assert cfg["lr"] == 0.25             # command line over YAML
+    assert cfg["batch_size"] == 5        # --set over YAML
+    assert cfg["seed"] == 9
+    assert cfg["patch"] == [16, 24, 32]
+    assert cfg["steps"] == C.OPTIONS["steps"].default
+    assert {"epochs", "lr", "batch_size", "seed", "patch"} <= explicit
+    assert "steps" not in explicit
+
+
+def test_command_specific_defaults():
+    assert C.defaults("transfer")["lr"] == 1e-3  # MedicalNet's encoder learning rate
+    assert C.defaults("transfer")["head_lr"] == 1e-1
+    assert C.defaults("pretrain")["lr"] != C.defaults("transfer")["lr"]
+
+
+@pytest.mark.parametrize("bad,close", [("batchsize", "batch_size"), ("epoch", "epochs"),
+                                       ("learning_rate", None), ("pach", "patch")])
+def test_unknown_key_names_closest(bad, close):
+    with pytest.raises(C.ConfigError) as e:
+        C.resolve("pretrain", overrides=[f"{bad}=1"])
+    msg = str(e.value)
+    assert repr(bad) in msg
+    if close:
+        assert f"did you mean {close}" in msg or close in msg.split("did you mean")[1]
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("stepz: 3\n")
+    with pytest.raises(C.ConfigError, match="steps"):
+        C.resolve("transfer", config_file=f)
+
+
+@pytest.mark.parametrize("key,value", [("epochs", "many"), ("patch", "12"), ("patch", "[8, 8]"),
+                                       ("augment", "maybe"), ("lr", "true")])
+def test_bad_values(key, value):
+    with pytest.raises(C.ConfigError, match=key):
+        C.resolve("pretrain", overrides=[f"{key}={value}"])
+
+
+def test_key_of_other_command_rejected():
+    with pytest.raises(C.ConfigError, match="pretrained"):
+        C.resolve("pretrain", overrides=["pretrained=x.pth"])
+
+
+def test_cli_config_error_exit_code(tmp_path):
+    r = subprocess.run(cli("pretrain", "--set", "bach_size=2", "--data", tmp_path),
+                       capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 2
+    assert "batch_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = C.resolve("transfer", overrides=["patch=[16,16,8]", "task=cls", "fused=false"])
+    C.save_config(cfg, tmp_path / "config.yaml")
+    back = C.resolve("transfer", base=C.load_config(tmp_path / "config.yaml"))
+    assert back == cfg

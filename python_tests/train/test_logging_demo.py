@@ -1,0 +1,60 @@
+"""Run-folder logging (optional TensorBoard / matplotlib) and the embedded demo (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from med3d_ext.train.runlog import RunLogger, plot_curves, read_metrics, truncate_metrics
+
+
+def test_metrics_jsonl_roundtrip_and_truncate(tmp_path):
+    log = RunLogger(tmp_path, tensorboard=False)
+    for s in range(1, 6):
+        log.log({"kind": "train", "step": s, "loss": 1.0 / s, "dice": float("nan")})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # a line torn by a kill
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[0]["dice"] is None
+    truncate_metrics(tmp_path / "metrics.jsonl", 3)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    log = RunLogger(tmp_path)
+    log.log({"kind": "train", "step": 1, "loss": 0.5})
+    log.close()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_png_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = RunLogger(tmp_path, tensorboard=False)
+    log.log({"kind": "train", "step": 1, "loss": 0.5})
+    log.log({"kind": "val", "step": 1, "score": 0.2})
+    assert plot_curves(tmp_path / "metrics.jsonl", tmp_path / "c.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_default_demo_quick(tmp_path, monkeypatch, capsys):
+    """The embedded demo end to end, at reduced size (python -m med3d_ext.train demo --quick)."""
+    pytest.importorskip("med3d_ext.models")
+    pytest.importorskip("med3d_ext.data")
+    from med3d_ext.train.cli import main
+
+    monkeypatch.setenv("MED3D_EXT_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--quick", "--device", "cpu", "--out", tmp_path / "demo"]) == 0
+    text = capsys.readouterr().out
+    assert "| pretrained (Med3D) |" in text and "| from scratch |" in text
+    assert f"run folder: {(tmp_path / 'demo').resolve()}" in text
+    res = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["pretrained (Med3D)", "from scratch"]
+    for r in res["rows"]:
+        assert r["steps"] > 0 and r["time_s"] > 0
+    for sub in ("pretrain", "transfer-pretrained", "transfer-scratch"):
+        assert (tmp_path / "demo" / sub / "best.pt").is_file()
+    preds = list((tmp_path / "demo" / "predictions-pretrained").glob("*.nii.gz"))
+    assert preds

@@ -1,0 +1,140 @@
+"""Never lose work: exact resume after a real kill, NaN stop keeping the last good checkpoint."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from med3d_ext.train import config as C
+from med3d_ext.train.loops import Job, TrainingError, run_training
+from med3d_ext.train.runlog import read_metrics
+
+from .conftest import cli, cli_env, tiny_args
+
+pytest.importorskip("med3d_ext.models")
+pytest.importorskip("med3d_ext.data")
+
+
+def _step_of(path):
+    try:
+        return torch.load(path, weights_only=True)["step"]
+    except Exception:  # noqa: BLE001 - not there yet
+        return -1
+
+
+def test_resume_after_kill_is_bitwise_identical(tiny_data, tmp_path):
+    args = ["--epochs", 2, "--steps", 6, "--ckpt-every", 2, "--num-workers", 0,
+            "--cache", tiny_data["cache"], "--no-export"]
+    full = tmp_path / "full"
+    r = subprocess.run(cli("pretrain", *tiny_args(tiny_data["pretrain"], full, *args)),
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    cut = tmp_path / "cut"
+    p = subprocess.Popen(cli("pretrain", *tiny_args(tiny_data["pretrain"], cut, *args,
+                                                    "--step-sleep", 0.4)),
+                         env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None:
+            if _step_of(cut / "last.pt") >= 4:
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, "the run ended before it could be interrupted"
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    stopped = _step_of(cut / "last.pt")
+    assert 4 <= stopped < 12
+    r = subprocess.run(cli("pretrain", "--resume", cut, "--step-sleep", 0, "--no-progress"),
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), f"{k} differs after resume"
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+    assert a["sampler"] == b["sampler"]
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    # the log of the resumed run has every step once, with the same losses
+    la = [(r["step"], r["loss"]) for r in read_metrics(full / "metrics.jsonl")
+          if r["kind"] == "train"]
+    lb = [(r["step"], r["loss"]) for r in read_metrics(cut / "metrics.jsonl")
+          if r["kind"] == "train"]
+    assert la == lb
+
+
+class _Loader:
+    def __init__(self, n):
+        self.n, self.position = n, 0
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, s):
+        self.position = s["position"]
+
+    def __iter__(self):
+        while self.position < self.n:
+            self.position += 1
+            yield {"x": torch.randn(4, 3)}
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    calls = {"n": 0}
+
+    def step_fn(net, inp):
+        calls["n"] += 1
+        loss = net(inp["x"]).pow(2).mean()
+        if calls["n"] == 5:  # epoch 2, second step
+            loss = loss * float("nan")
+        return loss, {}, None
+
+    cfg = C.resolve("pretrain", {"epochs": 3, "steps": 3, "progress": False, "log_every": 1})
+    job = Job("pretrain", model, {"task": "toy"}, _Loader(9), lambda b, d: b, step_fn,
+              lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 4, 3)
+    with pytest.raises(TrainingError) as e:
+        run_training(cfg, job, tmp_path)
+    msg = str(e.value)
+    assert "non-finite loss" in msg and "step 4" in msg and "last.pt" in msg
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["step"] == 3  # the end of the first epoch: the last good state
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def test_resume_refuses_other_architecture(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    cfg = C.resolve("pretrain", {"epochs": 1, "steps": 2, "progress": False})
+    mk = lambda arch: Job("pretrain", model, arch, _Loader(2), lambda b, d: b,  # noqa: E731
+                          lambda n, i: (n(i["x"]).mean(), {}, None), lambda m: {"score": 0.0},
+                          [("all", list(model.parameters()), 0.1)], 4, 3)
+    run_training(cfg, mk({"task": "toy", "depth": 10}), tmp_path)
+    with pytest.raises(TrainingError, match="differs"):
+        run_training(cfg, mk({"task": "toy", "depth": 18}), tmp_path, resume_from=tmp_path)
+
+
+def test_out_of_memory_suggests_smaller_patch_or_batch(tmp_path):
+    model = torch.nn.Linear(3, 1)
+
+    def step_fn(net, inp):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    cfg = C.resolve("pretrain", {"epochs": 1, "steps": 2, "progress": False, "patch": [64, 64, 32],
+                                 "batch_size": 8})
+    job = Job("pretrain", model, {"task": "toy"}, _Loader(2), lambda b, d: b, step_fn,
+              lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 8, 3)
+    with pytest.raises(TrainingError) as e:
+        run_training(cfg, job, tmp_path)
+    msg = str(e.value)
+    assert "out of GPU memory" in msg and "[64, 64, 32]" in msg and "batch size 8" in msg
+    assert "[32, 32, 16]" in msg  # a concrete smaller patch to try
