@@ -190,3 +190,32 @@ def test_publish_renders_ratios_and_replaces_only_the_block(tmp_path):
     assert text.startswith("intro\n") and text.endswith(f"{publish.END}\noutro\n")
     readme.write_text("no markers\n")
     assert publish.main(["--write", "--results", str(tmp_path / "results"), "--readme", str(readme)]) == 1
+
+
+def test_convergence_area_rows_from_the_study(tmp_path, monkeypatch):
+    # the study itself trains for minutes (benchmarks/results holds a real run); here its
+    # summary is a synthetic one and the area must turn it into one checked row per arm
+    S, P = convergence_study.SCRATCH, convergence_study.OURS
+    steps = [4, 8, 12]
+    seen = {}
+
+    def fake_study(out, *, seeds, device, quick, log, **kw):
+        seen.update(seeds=seeds, device=device, quick=quick)
+        s = convergence_study.summarize({S: {k: _curve(steps, [0.1, 0.2, 0.3]) for k in seeds},
+                                         P: {k: _curve(steps, [0.3, 0.4, 0.4]) for k in seeds}})
+        for a in s["arms"].values():
+            a["ms_per_step"] = 12.5
+        s.update(transfer_task="Task11_Kidney", sizes={"patch": [16, 16, 8], "batch": 2, "every": 4, "evals": 3},
+                 pretrain={"steps": 12})
+        return s
+
+    monkeypatch.setattr(convergence_study, "run_study", fake_study)
+    data = _run(tmp_path, "convergence")
+    assert seen == {"seeds": (0, 1), "device": "cpu", "quick": True}
+    rows = {r["impl"]: r for r in _rows(data, "convergence")}
+    assert set(rows) == {S, P} and rows[S]["baseline"] and not rows[P]["baseline"]
+    assert rows[P]["steps_to_target"] == 4 and rows[S]["steps_to_target"] == 12
+    assert rows[P]["convergence_speedup"] == pytest.approx(3.0)
+    assert rows[P]["final_dice"] == pytest.approx(0.4) and rows[P]["dice_gain"] == pytest.approx(0.1)
+    assert rows[P]["params"]["target_dice"] == pytest.approx(0.3)
+    assert "convergence" in (tmp_path / "results.md").read_text()
