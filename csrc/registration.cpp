@@ -25,4 +25,16 @@ TORCH_LIBRARY(med3d_ext, m) {
         "int[] label_size, Tensor? elastic=None, Tensor? intensity=None, Tensor? seed=None, "
         "int padding_mode=0, bool align_corners=False) -> (Tensor image_out, Tensor label_out)");
   m.def("resize(Tensor image, int[] size, int mode=0) -> Tensor");
+  m.def(
+      "conv_bn_relu3d(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, Tensor? residual, int[3] stride, "
+      "int[3] padding, int[3] dilation, bool training, float eps, bool relu) "
+      "-> (Tensor out, Tensor y, Tensor mean, Tensor invstd, Tensor var)");
+  m.def(
+      "bn_relu_backward(Tensor grad_out, Tensor y, Tensor mean, Tensor invstd, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor? residual, bool training, bool relu) "
+      "-> (Tensor grad_y, Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_residual)");
+  m.def(
+      "conv_bias_relu3d(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[3] stride, "
+      "int[3] padding, int[3] dilation, bool relu) -> Tensor");
 }

@@ -248,3 +248,28 @@ def resize(image, size, mode="trilinear"):
     acc = _resample_acc(image.dtype)
     kw = {"align_corners": False} if mode == "trilinear" else {}
     return F.interpolate(image.to(acc), size=list(size), mode=mode, **kw).to(image.dtype)
+def conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
+                   padding=0, dilation=1, training=True, momentum=0.1, eps=1e-5, residual=None,
+                   relu=True):
+    """relu(batch_norm(conv3d(x, weight, None, stride, padding, dilation)) [+ residual]).
+
+    Updates running_mean / running_var in place when training, as F.batch_norm does."""
+    import torch.nn.functional as F
+
+    y = F.conv3d(x, weight, None, stride, padding, dilation)
+    out = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    if residual is not None:
+        out = out + residual
+    return F.relu(out) if relu else out
+
+
+def conv_bias_relu3d(x, weight, bias, *, stride=1, padding=0, dilation=1, residual=None,
+                     relu=True):
+    """relu(conv3d(x, weight, bias, stride, padding, dilation) [+ residual]): the epilogue of a
+    convolution with BatchNorm folded into its weight and bias."""
+    import torch.nn.functional as F
+
+    out = F.conv3d(x, weight, bias, stride, padding, dilation)
+    if residual is not None:
+        out = out + residual
+    return F.relu(out) if relu else out

@@ -127,17 +127,21 @@ class PlainAugment3D:
         return img, lab[:, 0].round().long()
 
 
-def augmenter(enabled: bool = True, use_ops: bool = True):
-    """``med3d_ext.transforms.RandomAugment3D()`` (batched, on the batch's device, built on the
-    resample ops) when ``use_ops`` and available, else :class:`PlainAugment3D`; None when
-    augmentation is off."""
+def augmenter(enabled: bool = True, use_ops: bool = True, seed: int = 0):
+    """``med3d_ext.transforms.RandomAugment3D`` (batched, on the batch's device, one
+    ``affine_resample_pair`` launch; its own generator, checkpointed through ``state_dict``)
+    when ``use_ops`` and available, else :class:`PlainAugment3D` (torch's global RNG); None
+    when augmentation is off. Both draw the same kinds of transforms: rotation up to 15
+    degrees, zoom 0.85-1.15 and flips (80% of samples), contrast, brightness and noise."""
     if not enabled:
         return None
     if use_ops:
         try:
             from med3d_ext.transforms import RandomAugment3D
 
-            return RandomAugment3D()
+            return RandomAugment3D(rotate=math.radians(15), scale=(0.85, 1.15), flip=0.5,
+                                   p_affine=0.8, contrast=(0.9, 1.1), brightness=(-0.1, 0.1),
+                                   noise=(0.0, 0.05), seed=seed)
         except ImportError:
             pass
     return PlainAugment3D()

@@ -50,6 +50,7 @@ class Job:
     voxels_per_sample: int
     freeze_epochs: int = 0
     find_unused: bool = False
+    augment: object = None          # an augmenter with its own RNG (state_dict) or None
     extra: dict = field(default_factory=dict)  # saved in every checkpoint (split, classes)
 
 
@@ -131,6 +132,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"])
         job.loader.load_state_dict(ck["sampler"])
+        if ck.get("augment") is not None and hasattr(job.augment, "load_state_dict"):
+            job.augment.load_state_dict(ck["augment"])
         start = int(ck["step"])
         best = dict(ck.get("best") or best)
         target_step = ck.get("target_step")
@@ -147,6 +150,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             run_dir / f"{name}.pt", arch=job.arch, model=model, optimizer=opt, scheduler=sched,
             scaler=scaler, step=step, epoch=step // max(steps_per_epoch, 1), config=cfg,
             extra={"sampler": job.loader.state_dict(), "best": dict(best),
+                   "augment": (job.augment.state_dict()
+                               if hasattr(job.augment, "state_dict") else None),
                    "target_step": target_step, **job.extra})
 
     it = iter(job.loader)

@@ -42,14 +42,12 @@ def batch_dice(logits: torch.Tensor, target: torch.Tensor) -> float:
     """Mean foreground Dice of argmax(logits) (N, C, ...) against target (N, ...), over the
     classes present in prediction or target: a cheap training-time signal."""
     pred = logits.argmax(1)
-    num = den = 0.0
     vals = []
     for c in range(1, logits.shape[1]):
         p, t = pred == c, target == c
         den = float(p.sum() + t.sum())
         if den > 0:
-            num = float((p & t).sum())
-            vals.append(2 * num / den)
+            vals.append(2 * float((p & t).sum()) / den)
     return sum(vals) / len(vals) if vals else float("nan")
 
 

@@ -244,10 +244,11 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
     def validate(m):
         return _validate_seg(m, sets, cfg, lambda k: (lambda x: m.forward_head(x, set_heads[k])))
 
-    return Job("pretrain", model, model.arch, loader, _prep_seg(cfg, patch, augmenter(
-        cfg["augment"], _use_ops(cfg)), channels_last), step_fn, validate,
-        _groups(model, cfg["lr"], cfg["lr"]), cfg["batch_size"], int(np.prod(patch)),
-        find_unused=True, extra={"split": split, "datasets": [str(d) for d in dirs]})
+    aug = augmenter(cfg["augment"], _use_ops(cfg), cfg["seed"] * 1000003 + rank)
+    return Job("pretrain", model, model.arch, loader, _prep_seg(cfg, patch, aug, channels_last),
+               step_fn, validate, _groups(model, cfg["lr"], cfg["lr"]), cfg["batch_size"],
+               int(np.prod(patch)), find_unused=True, augment=aug,
+               extra={"split": split, "datasets": [str(d) for d in dirs]})
 
 
 # -------------------------------------------------------------------------------- transfer
@@ -316,10 +317,10 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
         return _validate_seg(m, sets, cfg, lambda k: m)
 
     enc_lr, head_lr = _lrs(cfg)
-    aug = augmenter(cfg["augment"], _use_ops(cfg))
+    aug = augmenter(cfg["augment"], _use_ops(cfg), cfg["seed"] * 1000003 + rank)
     return Job("seg", model, model.arch, loader, _prep_seg(cfg, patch, aug, channels_last),
         step_fn, validate, _groups(model, enc_lr, head_lr), cfg["batch_size"],
-        int(np.prod(patch)), freeze_epochs=cfg["freeze_epochs"],
+        int(np.prod(patch)), freeze_epochs=cfg["freeze_epochs"], augment=aug,
         extra={"split": {name: {"train": tr, "val": va}}, "datasets": [str(data_dir)]})
 
 

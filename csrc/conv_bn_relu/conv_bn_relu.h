@@ -1,0 +1,155 @@
+// Fused conv3d + BatchNorm + ReLU (+ residual), forward and backward, CPU and CUDA.
+//
+// The convolutions stay on ATen (cuDNN / oneDNN). Around them:
+//   forward   y = conv3d(x, weight)                                    (ATen)
+//             mean, invstd, var_unbiased  = batch statistics of y        (bn_stats, one pass)
+//             out = act((y - mean) * weight_c * invstd + bias_c [+ residual])   (one pass)
+//   backward  g = grad_out * [z > 0]   (mask recomputed from y, never stored)
+//             sum_g, sum_gyc = per-channel sums of g and g * (y - mean)    (one reduction pass)
+//             grad_y = A (g - k1) - Bp (y - mean)                          (one apply pass)
+//             grad_x, grad_weight = convolution_backward(grad_y, ...)      (ATen, Python side)
+// Only y, mean and invstd are saved for backward (memory-saving: no normalised or ReLU output
+// is kept).
+//
+// Ops (schemas in csrc/registration.cpp):
+//   conv_bn_relu3d(x (N,Cin,D,H,W), weight (Cout,Cin,kD,kH,kW), bn_weight (Cout), bn_bias (Cout),
+//                  running_mean? (Cout), running_var? (Cout), residual? (N,Cout,D',H',W'),
+//                  stride[3], padding[3], dilation[3], training, eps, relu)
+//       -> out (N,Cout,D',H',W') in x's dtype, y (same shape: the conv output, for backward),
+//          mean (Cout), invstd (Cout), var (Cout; the unbiased batch variance when training,
+//          for the running-stat update, else a copy of running_var). Statistics are fp32
+//          (fp64 for fp64 input).
+//   bn_relu_backward(grad_out, y, mean, invstd, bn_weight, bn_bias, residual?, training, relu)
+//       -> grad_y (like y), grad_bn_weight (Cout), grad_bn_bias (Cout),
+//          grad_residual (like y; an empty (0,) tensor when residual is None)
+//   conv_bias_relu3d(x, weight, bias?, residual?, stride, padding, dilation, relu) -> out
+//       inference epilogue for BN folded into the conv: act(conv3d(x, w) + bias [+ residual]).
+//
+// Layout: out, y and grad_y are channels_last_3d when x or weight is (as cuDNN chooses),
+// otherwise contiguous; residual and grad_out are brought to that layout.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/macros.h"
+
+namespace med3d_ext {
+
+// ---- per-element math, shared by the CPU and CUDA kernels ---------------------------------
+
+// Normalised, shifted, optionally residual-added pre-activation. Subtracting the mean first
+// (rather than folding it into a shift) keeps precision when |mean| >> std.
+template <typename acc_t>
+M3D_HOST_DEVICE acc_t bn_pre_act(acc_t y, acc_t mean, acc_t scale, acc_t bias, acc_t r) {
+  return (y - mean) * scale + bias + r;
+}
+
+template <bool kRelu, typename acc_t>
+M3D_HOST_DEVICE acc_t bn_act(acc_t z) {
+  if constexpr (kRelu) return z > acc_t(0) ? z : acc_t(0);
+  return z;
+}
+
+// grad_out masked by the ReLU recomputed from the pre-activation (z > 0, as threshold_backward).
+template <bool kRelu, typename acc_t>
+M3D_HOST_DEVICE acc_t bn_masked_grad(acc_t grad_out, acc_t z) {
+  if constexpr (kRelu) return z > acc_t(0) ? grad_out : acc_t(0);
+  return grad_out;
+}
+
+// Backward apply: grad_y = A * (g - k1) - Bp * (y - mean), where in training
+//   A = w * invstd, k1 = sum_g / n, Bp = A * invstd * sum_gyc * invstd / n
+// and in eval k1 = Bp = 0.
+template <typename acc_t>
+M3D_HOST_DEVICE acc_t bn_grad_input(acc_t g, acc_t y, acc_t mean, acc_t A, acc_t k1, acc_t Bp) {
+  return A * (g - k1) - Bp * (y - mean);
+}
+
+// Per-channel backward coefficients from the reduced sums.
+template <typename acc_t>
+struct BnBwdCoef {
+  acc_t A, k1, Bp;
+};
+
+template <typename acc_t>
+M3D_HOST_DEVICE BnBwdCoef<acc_t> bn_bwd_coef(acc_t w, acc_t invstd, acc_t sum_g, acc_t sum_gyc,
+                                             acc_t n, bool training) {
+  const acc_t A = w * invstd;
+  if (!training) return {A, acc_t(0), acc_t(0)};
+  return {A, sum_g / n, A * invstd * invstd * sum_gyc / n};
+}
+
+// ---- entry points --------------------------------------------------------------------------
+
+struct ConvArgs {
+  at::IntArrayRef stride, padding, dilation;
+};
+
+// Checks shared by both devices; returns the output memory format.
+at::MemoryFormat check_conv_bn_relu_args(const char* op, const at::Tensor& x,
+                                         const at::Tensor& weight,
+                                         const c10::optional<at::Tensor>& residual,
+                                         const ConvArgs& conv);
+
+// y = conv3d(x, weight) through ATen, in `fmt`.
+at::Tensor conv3d_aten(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& conv,
+                       at::MemoryFormat fmt);
+
+// Statistics for the forward pass: (mean, invstd, var) as described above.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats(
+    const at::Tensor& y, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double eps);
+
+at::Tensor acc_param(const at::Tensor& p, const at::Tensor& like_y);
+at::ScalarType acc_dtype(const at::Tensor& y);
+
+using ConvBnReluOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// The per-device epilogue: out = act((y - mean) * w * invstd + b [+ *r]); y, r, out share a
+// layout (contiguous or channels_last_3d); per-channel tensors are contiguous, acc dtype.
+using ApplyFn = void (*)(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                         const at::Tensor& w, const at::Tensor& b, const at::Tensor* r, bool relu,
+                         at::Tensor& out);
+
+// Optional per-device training statistics of y: (mean, invstd, unbiased var); y has more
+// than one value per channel. Null: bn_stats + ATen.
+using StatsFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor& y,
+                                                                   double eps);
+
+ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                     const c10::optional<at::Tensor>& running_mean,
+                                     const c10::optional<at::Tensor>& running_var,
+                                     const c10::optional<at::Tensor>& residual,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, bool training, double eps,
+                                     bool relu, ApplyFn apply, StatsFn stats = nullptr);
+at::Tensor conv_bias_relu3d_generic(const at::Tensor& x, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& residual,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, bool relu, ApplyFn apply);
+
+// Checks and layout shared by both devices' bn_relu_backward; returns the inputs brought to
+// y's layout and dtype: (grad_out, residual-or-undefined).
+std::tuple<at::Tensor, at::Tensor> prepare_bn_relu_backward(
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const c10::optional<at::Tensor>& residual);
+inline at::MemoryFormat layout_of(const at::Tensor& y) {
+  return is_channels_last_3d(y) ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
+}
+
+// Device kernels: out = act((y - mean) * w * invstd + b [+ r]).
+void bn_act_forward_cpu(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                        const at::Tensor& w, const at::Tensor& b, const at::Tensor* r, bool relu,
+                        at::Tensor& out);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const c10::optional<at::Tensor>& residual, bool training, bool relu);
+
+}  // namespace med3d_ext

@@ -1,0 +1,196 @@
+// CPU kernels for the BatchNorm + ReLU (+ residual) epilogue and its backward (see
+// conv_bn_relu.h). The per-element math is the shared M3D_HOST_DEVICE code of the header.
+//
+// Both layouts are walked with one driver: contiguous tensors as (N*C planes, S), channels_last_3d
+// as (N*S rows, C). Reductions are cut into units that depend only on the shape (planes, or fixed
+// blocks of rows), reduced independently in parallel and merged in index order, so the results do
+// not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "conv_bn_relu.h"
+
+namespace med3d_ext {
+namespace {
+
+constexpr int64_t kGrain = 32768;  // elements per parallel task
+constexpr int64_t kChunk = 4096;   // inner summation chunk (limits fp32 round-off growth)
+
+struct Geometry {
+  bool cl;
+  int64_t N, C, S;
+};
+
+Geometry geometry(const at::Tensor& y) {
+  const int64_t N = y.size(0), C = y.size(1);
+  return {is_channels_last_3d(y), N, C, (N * C != 0) ? y.numel() / (N * C) : 0};
+}
+
+// Calls f(i, c) for every element index i (in memory order) and its channel c.
+template <typename F>
+void for_each_elem(const Geometry& g, const F& f) {
+  if (!g.cl) {
+    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kGrain / std::max<int64_t>(g.S, 1)),
+                     [&](int64_t p0, int64_t p1) {
+                       for (int64_t p = p0; p < p1; ++p) {
+                         const int64_t c = p % g.C, base = p * g.S;
+                         for (int64_t s = 0; s < g.S; ++s) f(base + s, c);
+                       }
+                     });
+  } else {
+    at::parallel_for(0, g.N * g.S, std::max<int64_t>(1, kGrain / g.C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < g.C; ++c) f(r * g.C + c, c);
+    });
+  }
+}
+
+// Per-channel sums of the two values f(i, c) returns, deterministic for any thread count.
+template <typename acc_t, typename F>
+void channel_sums(const Geometry& g, const F& f, std::vector<acc_t>& s0, std::vector<acc_t>& s1) {
+  const int64_t C = g.C;
+  s0.assign(C, acc_t(0));
+  s1.assign(C, acc_t(0));
+  if (!g.cl) {  // unit = one (n, c) plane
+    std::vector<acc_t> part(g.N * C * 2);
+    at::parallel_for(0, g.N * C, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % C, base = p * g.S;
+        acc_t a0 = 0, a1 = 0;
+        for (int64_t k = 0; k < g.S; k += kChunk) {
+          acc_t b0 = 0, b1 = 0;
+          for (int64_t s = k, e = std::min(g.S, k + kChunk); s < e; ++s) {
+            auto v = f(base + s, c);
+            b0 += v.first;
+            b1 += v.second;
+          }
+          a0 += b0;
+          a1 += b1;
+        }
+        part[2 * p] = a0;
+        part[2 * p + 1] = a1;
+      }
+    });
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        s0[c] += part[2 * (n * C + c)];
+        s1[c] += part[2 * (n * C + c) + 1];
+      }
+  } else {  // unit = a fixed block of rows
+    const int64_t M = g.N * g.S, rows = std::max<int64_t>(1, kChunk / C);
+    const int64_t blocks = (M + rows - 1) / rows;
+    std::vector<acc_t> part(blocks * C * 2, acc_t(0));
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        acc_t* p = part.data() + b * C * 2;
+        for (int64_t r = b * rows, e = std::min(M, r + rows); r < e; ++r)
+          for (int64_t c = 0; c < C; ++c) {
+            auto v = f(r * C + c, c);
+            p[c] += v.first;
+            p[C + c] += v.second;
+          }
+      }
+    });
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t c = 0; c < C; ++c) {
+        s0[c] += part[b * C * 2 + c];
+        s1[c] += part[b * C * 2 + C + c];
+      }
+  }
+}
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return t.const_data_ptr<T>();
+}
+
+}  // namespace
+
+void bn_act_forward_cpu(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                        const at::Tensor& w, const at::Tensor& b, const at::Tensor* r, bool relu,
+                        at::Tensor& out) {
+  const Geometry g = geometry(y);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> scale(g.C);
+    const acc_t *m = cptr<acc_t>(mean), *is = cptr<acc_t>(invstd), *wp = cptr<acc_t>(w),
+                *bp = cptr<acc_t>(b);
+    for (int64_t c = 0; c < g.C; ++c) scale[c] = wp[c] * is[c];
+    const scalar_t* yp = cptr<scalar_t>(y);
+    const scalar_t* rp = r ? cptr<scalar_t>(*r) : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    M3D_BOOL_SWITCH(relu, kRelu, [&] {
+      for_each_elem(g, [&](int64_t i, int64_t c) {
+        const acc_t res = rp ? static_cast<acc_t>(rp[i]) : acc_t(0);
+        const acc_t z = bn_pre_act<acc_t>(static_cast<acc_t>(yp[i]), m[c], scale[c], bp[c], res);
+        op[i] = static_cast<scalar_t>(bn_act<kRelu>(z));
+      });
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& y_in, const at::Tensor& mean_in,
+    const at::Tensor& invstd_in, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const c10::optional<at::Tensor>& residual, bool training, bool relu) {
+  auto [grad_out, r] =
+      prepare_bn_relu_backward(grad_out_in, y_in, mean_in, invstd_in, bn_weight, bn_bias, residual);
+  const at::Tensor y = y_in.contiguous(layout_of(y_in));
+  const Geometry g = geometry(y);
+  const auto fmt = layout_of(y);
+  auto mean = acc_param(mean_in, y), invstd = acc_param(invstd_in, y);
+  auto w = acc_param(bn_weight, y), b = acc_param(bn_bias, y);
+  at::Tensor grad_y = at::empty_like(y, y.options(), fmt);
+  at::Tensor grad_r = r.defined() ? at::empty_like(y, y.options(), fmt) : at::empty({0}, y.options());
+  auto grad_w = at::zeros({g.C}, mean.options()), grad_b = at::zeros({g.C}, mean.options());
+  if (y.numel() == 0) return {grad_y, grad_w, grad_b, grad_r};
+  const double n = double(y.numel() / g.C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_relu_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t *m = cptr<acc_t>(mean), *is = cptr<acc_t>(invstd), *wp = cptr<acc_t>(w),
+                *bp = cptr<acc_t>(b);
+    std::vector<acc_t> scale(g.C);
+    for (int64_t c = 0; c < g.C; ++c) scale[c] = wp[c] * is[c];
+    const scalar_t *yp = cptr<scalar_t>(y), *dp = cptr<scalar_t>(grad_out);
+    const scalar_t* rp = r.defined() ? cptr<scalar_t>(r) : nullptr;
+    scalar_t* grp = r.defined() ? grad_r.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gyp = grad_y.data_ptr<scalar_t>();
+    M3D_BOOL_SWITCH(relu, kRelu, [&] {
+      // g = grad_out masked by the recomputed ReLU; with a residual it is also grad_residual.
+      auto masked = [&](int64_t i, int64_t c) {
+        const acc_t res = rp ? static_cast<acc_t>(rp[i]) : acc_t(0);
+        const acc_t z = bn_pre_act<acc_t>(static_cast<acc_t>(yp[i]), m[c], scale[c], bp[c], res);
+        return bn_masked_grad<kRelu>(static_cast<acc_t>(dp[i]), z);
+      };
+      std::vector<acc_t> sum_g, sum_gyc;
+      channel_sums<acc_t>(g, [&](int64_t i, int64_t c) {
+        acc_t gv = masked(i, c);
+        if (grp) {
+          grp[i] = static_cast<scalar_t>(gv);
+          gv = static_cast<acc_t>(grp[i]);  // the apply pass reads the rounded value back
+        }
+        return std::pair<acc_t, acc_t>(gv, gv * (static_cast<acc_t>(yp[i]) - m[c]));
+      }, sum_g, sum_gyc);
+      std::vector<BnBwdCoef<acc_t>> coef(g.C);
+      auto* gw = grad_w.data_ptr<acc_t>();
+      auto* gb = grad_b.data_ptr<acc_t>();
+      for (int64_t c = 0; c < g.C; ++c) {
+        coef[c] = bn_bwd_coef<acc_t>(wp[c], is[c], sum_g[c], sum_gyc[c], acc_t(n), training);
+        gw[c] = sum_gyc[c] * is[c];
+        gb[c] = sum_g[c];
+      }
+      for_each_elem(g, [&](int64_t i, int64_t c) {
+        const acc_t gv = grp ? static_cast<acc_t>(grp[i]) : masked(i, c);
+        gyp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(gv, static_cast<acc_t>(yp[i]), m[c],
+                                                            coef[c].A, coef[c].k1, coef[c].Bp));
+      });
+    });
+  });
+  return {grad_y, grad_w, grad_b, grad_r};
+}
+
+}  // namespace med3d_ext

@@ -1,0 +1,241 @@
+// CUDA entry points of conv_bn_relu3d / bn_relu_backward / conv_bias_relu3d (see
+// conv_bn_relu.h). The convolutions are ATen's (cuDNN); this file launches the epilogue kernels
+// of conv_bn_relu_kernels.cuh around them: one pass for the forward epilogue, and for the
+// backward one reduction pass, a tiny per-channel finishing launch and one apply pass.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "conv_bn_relu_kernels.cuh"
+
+namespace med3d_ext {
+namespace {
+
+using namespace cbr;
+
+struct Geometry {
+  bool cl;
+  int64_t N, C, S, M;  // M = N * S rows (channels_last_3d view)
+};
+
+Geometry geometry(const at::Tensor& y) {
+  const int64_t N = y.size(0), C = y.size(1);
+  const int64_t S = (N * C != 0) ? y.numel() / (N * C) : 0;
+  return {is_channels_last_3d(y), N, C, S, N * S};
+}
+
+// 128-bit vectors for fp32/fp16/bf16 (float64 is a test dtype and stays scalar).
+template <typename scalar_t>
+constexpr int vec_width() {
+  return sizeof(scalar_t) >= 8 ? 1 : 16 / int(sizeof(scalar_t));
+}
+
+template <typename scalar_t>
+bool can_vectorise(const Geometry& g, std::initializer_list<const void*> ptrs) {
+  constexpr int V = vec_width<scalar_t>();
+  if ((g.cl ? g.C : g.S) % V != 0) return false;
+  for (const void* p : ptrs)
+    if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// The 2-D block of the channels_last kernels: x threads over channel vectors, y over rows.
+dim3 nhwc_block(int64_t cv) {
+  const int tx = int(std::min<int64_t>(std::max<int64_t>(cv, 1), 32));
+  return dim3(tx, std::max(1, 256 / tx));
+}
+
+template <typename acc_t, int V, class Op>
+void launch_elementwise(const Geometry& g, const Op& op, const ParamPtrs<acc_t>& pp,
+                        cudaStream_t stream) {
+  const int64_t blocks_wanted = 16 * int64_t(sm_count());
+  if (!g.cl) {
+    const int64_t planes = g.N * g.C, sv = g.S / V, threads = 256;
+    const int64_t gy = std::min<int64_t>(planes, 65535);
+    const int64_t gx = std::min(ceil_div(sv, threads), std::max<int64_t>(1, ceil_div(blocks_wanted, gy)));
+    elementwise_nchw<acc_t, V><<<dim3(gx, gy), threads, 0, stream>>>(op, pp, g.C, g.S, planes);
+  } else {
+    const dim3 block = nhwc_block(g.C / V);
+    const int64_t gx = ceil_div(g.C / V, block.x);
+    const int64_t gy = std::min<int64_t>(
+        {ceil_div(g.M, block.y), std::max<int64_t>(1, ceil_div(blocks_wanted, gx)), 65535});
+    elementwise_nhwc<acc_t, V><<<dim3(gx, gy), block, 0, stream>>>(op, pp, g.M, g.C);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void bn_act_forward_cuda(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                         const at::Tensor& w, const at::Tensor& b, const at::Tensor* r, bool relu,
+                         at::Tensor& out) {
+  const Geometry g = geometry(y);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ParamPtrs<acc_t> pp{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                              w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), nullptr};
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r ? r->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const bool vec = can_vectorise<scalar_t>(g, {yp, rp, op});
+    M3D_BOOL_SWITCH(relu, kRelu, [&] {
+      M3D_BOOL_SWITCH(rp != nullptr, kRes, [&] {
+        const ForwardOp<scalar_t, acc_t, kRelu, kRes> f{yp, rp, op};
+        if (vec) launch_elementwise<acc_t, vec_width<scalar_t>()>(g, f, pp, stream);
+        else launch_elementwise<acc_t, 1>(g, f, pp, stream);
+      });
+    });
+  });
+}
+
+// Per-channel pair of sums of Acc over the whole tensor, as (splits, C, 2) partials (merged in
+// order by a finishing kernel); returns splits.
+template <typename acc_t, int V, class Acc>
+int64_t launch_reduce(const Geometry& g, const Acc& acc, const ParamPtrs<acc_t>& pp,
+                      at::Tensor& partial, cudaStream_t stream) {
+  const int64_t blocks_wanted = 8 * int64_t(sm_count());
+  int64_t splits;
+  if (!g.cl) {
+    TORCH_CHECK(g.C <= 65535, "med3d_ext.conv_bn_relu3d: more than 65535 channels (", g.C, ")");
+    splits = std::max<int64_t>(1, std::min(ceil_div(blocks_wanted, g.C), ceil_div(g.M / V, 1024)));
+    splits = std::min<int64_t>(splits, 65535);
+    partial = at::empty({splits * g.C * 2}, partial.options());
+    reduce_nchw<acc_t, V><<<dim3(splits, g.C), 256, 0, stream>>>(acc, pp, g.N, g.C, g.S,
+                                                                  partial.data_ptr<acc_t>());
+  } else {
+    const dim3 block = nhwc_block(g.C / V);
+    const int64_t gx = ceil_div(g.C / V, block.x);
+    splits = std::min<int64_t>(
+        {ceil_div(g.M, block.y), std::max<int64_t>(1, ceil_div(blocks_wanted, gx)), 65535});
+    partial = at::empty({splits * g.C * 2}, partial.options());
+    const size_t smem = size_t(block.x) * block.y * V * 2 * sizeof(acc_t);
+    reduce_nhwc<acc_t, V><<<dim3(gx, splits), block, smem, stream>>>(acc, pp, g.M, g.C,
+                                                                      partial.data_ptr<acc_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return splits;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& y_in, const at::Tensor& mean_in,
+    const at::Tensor& invstd_in, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const c10::optional<at::Tensor>& residual, bool training, bool relu) {
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  auto [grad_out, r] =
+      prepare_bn_relu_backward(grad_out_in, y_in, mean_in, invstd_in, bn_weight, bn_bias, residual);
+  const at::Tensor y = y_in.contiguous(layout_of(y_in));
+  const Geometry g = geometry(y);
+  const auto fmt = layout_of(y);
+  auto mean = acc_param(mean_in, y), invstd = acc_param(invstd_in, y);
+  auto w = acc_param(bn_weight, y), b = acc_param(bn_bias, y);
+  at::Tensor grad_y = at::empty_like(y, y.options(), fmt);
+  at::Tensor grad_r = r.defined() ? at::empty_like(y, y.options(), fmt) : at::empty({0}, y.options());
+  if (y.numel() == 0) {
+    auto z = at::zeros({g.C}, mean.options());
+    return {grad_y, z, z.clone(), grad_r};
+  }
+  // fully written by reduce_finish
+  auto grad_w = at::empty({g.C}, mean.options()), grad_b = at::empty({g.C}, mean.options());
+  auto coef = at::empty({g.C * 3}, mean.options());
+  at::Tensor partial = at::empty({0}, mean.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_relu_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ParamPtrs<acc_t> pp{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                        w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), nullptr};
+    const scalar_t *dp = grad_out.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* grp = r.defined() ? grad_r.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gyp = grad_y.data_ptr<scalar_t>();
+    const bool vec = can_vectorise<scalar_t>(g, {dp, yp, rp, grp, gyp});
+    M3D_BOOL_SWITCH(relu, kRelu, [&] {
+      M3D_BOOL_SWITCH(rp != nullptr, kRes, [&] {
+        auto run = [&](auto vtag) {
+          constexpr int V = decltype(vtag)::value;
+          const BackwardAcc<scalar_t, acc_t, kRelu, kRes> acc{dp, yp, rp, grp};
+          const int64_t splits = launch_reduce<acc_t, V>(g, acc, pp, partial, stream);
+          reduce_finish<acc_t><<<ceil_div(g.C, 128), 128, 0, stream>>>(
+              partial.const_data_ptr<acc_t>(), splits, g.C, acc_t(g.M), training, pp,
+              grad_w.data_ptr<acc_t>(), grad_b.data_ptr<acc_t>(), coef.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          pp.coef = coef.const_data_ptr<acc_t>();
+          const BackwardApplyOp<scalar_t, acc_t, kRelu, kRes> f{dp, yp, grp, gyp};
+          launch_elementwise<acc_t, V>(g, f, pp, stream);
+        };
+        if (vec) run(std::integral_constant<int, vec_width<scalar_t>()>{});
+        else run(std::integral_constant<int, 1>{});
+      });
+    });
+  });
+  return {grad_y, grad_w, grad_b, grad_r};
+}
+
+// Training statistics in one pass over y: shifted sums (the shift K_c = y[0, c, 0, 0, 0] keeps
+// the variance exact when |mean| >> std), then one finishing launch that writes mean, invstd
+// and the unbiased variance. MED3D_EXT_GENERIC_STATS=1 switches to bn_stats + ATen instead.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats_cuda(const at::Tensor& y,
+                                                                     double eps) {
+  const Geometry g = geometry(y);
+  auto opts = y.options().dtype(acc_dtype(y));
+  auto shift = y.select(0, 0).select(1, 0).select(1, 0).select(1, 0).to(opts).contiguous();
+  auto mean = at::empty({g.C}, opts), invstd = at::empty({g.C}, opts), var = at::empty({g.C}, opts);
+  at::Tensor partial = at::empty({0}, opts);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_fwd_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ParamPtrs<acc_t> pp{shift.const_data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr};
+    const StatsAcc<scalar_t, acc_t> acc{y.const_data_ptr<scalar_t>()};
+    const int64_t splits =
+        can_vectorise<scalar_t>(g, {acc.y})
+            ? launch_reduce<acc_t, vec_width<scalar_t>()>(g, acc, pp, partial, stream)
+            : launch_reduce<acc_t, 1>(g, acc, pp, partial, stream);
+    stats_finish<acc_t><<<ceil_div(g.C, 128), 128, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), splits, g.C, acc_t(g.M), shift.const_data_ptr<acc_t>(),
+        eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, invstd, var};
+}
+
+bool generic_stats() {
+  const char* v = std::getenv("MED3D_EXT_GENERIC_STATS");
+  return v && *v && std::string(v) != "0";
+}
+
+ConvBnReluOut conv_bn_relu3d_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                  const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                  const c10::optional<at::Tensor>& running_mean,
+                                  const c10::optional<at::Tensor>& running_var,
+                                  const c10::optional<at::Tensor>& residual,
+                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, bool training, double eps, bool relu) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return conv_bn_relu3d_generic(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                                stride, padding, dilation, training, eps, relu,
+                                &bn_act_forward_cuda,
+                                generic_stats() ? nullptr : &bn_forward_stats_cuda);
+}
+
+at::Tensor conv_bias_relu3d_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias,
+                                 const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return conv_bias_relu3d_generic(x, weight, bias, residual, stride, padding, dilation, relu,
+                                  &bn_act_forward_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(med3d_ext, CUDA, m) {
+  m.impl("conv_bn_relu3d", &conv_bn_relu3d_cuda);
+  m.impl("bn_relu_backward", &bn_relu_backward_cuda);
+  m.impl("conv_bias_relu3d", &conv_bias_relu3d_cuda);
+}
+
+}  // namespace med3d_ext

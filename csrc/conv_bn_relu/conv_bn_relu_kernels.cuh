@@ -1,0 +1,315 @@
+// CUDA kernels of the conv_bn_relu3d epilogue and its backward (see conv_bn_relu.h for the math).
+//
+// Layouts: contiguous tensors are (N*C planes, S) and are walked plane by plane with the
+// plane's channel parameters in registers; channels_last_3d tensors are (M rows, C) and are
+// walked by a 2-D block whose x threads own fixed channel vectors (their parameters loaded once
+// per thread) and whose y threads stride over rows. Loads and stores are 128-bit vectors of
+// V = 16 / sizeof(scalar_t) elements whenever the pointers are 16-byte aligned and the
+// contiguous extent (S or C) is a multiple of V; otherwise V = 1.
+#pragma once
+
+#include "conv_bn_relu.h"
+#include "../common/cuda_utils.cuh"
+
+namespace med3d_ext {
+namespace cbr {
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+template <int V, typename T>
+__device__ __forceinline__ void store(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+// Per-channel parameters of every pass. Forward uses m, sc, b; backward adds A, k1, Bp.
+template <typename acc_t>
+struct ChanParams {
+  acc_t m, sc, b, A, k1, Bp;
+};
+
+template <typename acc_t>
+struct ParamPtrs {
+  const acc_t *mean, *invstd, *w, *b;  // the statistics pass sets only mean (its shift)
+  const acc_t* coef;  // (C, 3): A, k1, Bp; null in the forward and reduce passes
+  __device__ __forceinline__ ChanParams<acc_t> get(int64_t c) const {
+    ChanParams<acc_t> p;
+    p.m = mean[c];
+    p.sc = (w && invstd) ? w[c] * invstd[c] : acc_t(0);
+    p.b = b ? b[c] : acc_t(0);
+    if (coef) {
+      p.A = coef[3 * c];
+      p.k1 = coef[3 * c + 1];
+      p.Bp = coef[3 * c + 2];
+    } else {
+      p.A = p.k1 = p.Bp = acc_t(0);
+    }
+    return p;
+  }
+};
+
+// out = act(bn(y) [+ r])
+template <typename scalar_t, typename acc_t, bool kRelu, bool kRes>
+struct ForwardOp {
+  const scalar_t* y;
+  const scalar_t* r;
+  scalar_t* out;
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p) const {
+    const auto yv = load<V>(y + i);
+    Vec<scalar_t, V> rv, ov;
+    if constexpr (kRes) rv = load<V>(r + i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const auto& q = p[j * PS];
+      const acc_t res = kRes ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
+      ov.v[j] = static_cast<scalar_t>(
+          bn_act<kRelu>(bn_pre_act<acc_t>(static_cast<acc_t>(yv.v[j]), q.m, q.sc, q.b, res)));
+    }
+    store<V>(out + i, ov);
+  }
+};
+
+// grad_y = A (g - k1) - Bp (y - mean), g read back from grad_residual (kRes) or recomputed.
+template <typename scalar_t, typename acc_t, bool kRelu, bool kRes>
+struct BackwardApplyOp {
+  const scalar_t* dout;
+  const scalar_t* y;
+  const scalar_t* gr;
+  scalar_t* gy;
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p) const {
+    const auto yv = load<V>(y + i);
+    Vec<scalar_t, V> dv, ov;
+    dv = load<V>((kRes ? gr : dout) + i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const auto& q = p[j * PS];
+      const acc_t yy = static_cast<acc_t>(yv.v[j]);
+      acc_t g = static_cast<acc_t>(dv.v[j]);
+      if constexpr (!kRes) g = bn_masked_grad<kRelu>(g, bn_pre_act<acc_t>(yy, q.m, q.sc, q.b, acc_t(0)));
+      ov.v[j] = static_cast<scalar_t>(bn_grad_input<acc_t>(g, yy, q.m, q.A, q.k1, q.Bp));
+    }
+    store<V>(gy + i, ov);
+  }
+};
+
+// ---- elementwise drivers -------------------------------------------------------------------
+
+template <typename acc_t, int V, class Op>
+__global__ void elementwise_nchw(Op op, ParamPtrs<acc_t> pp, int64_t C, int64_t S,
+                                 int64_t planes) {
+  const int64_t sv = S / V;
+  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const ChanParams<acc_t> p = pp.get(plane % C);
+    const int64_t base = plane * S;
+    for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < sv;
+         v += int64_t(gridDim.x) * blockDim.x)
+      op.template operator()<V, 0>(base + v * V, &p);
+  }
+}
+
+template <typename acc_t, int V, class Op>
+__global__ void elementwise_nhwc(Op op, ParamPtrs<acc_t> pp, int64_t M, int64_t C) {
+  const int64_t cv = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (cv * V >= C) return;
+  ChanParams<acc_t> p[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) p[j] = pp.get(cv * V + j);
+  for (int64_t r = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; r < M;
+       r += int64_t(gridDim.y) * blockDim.y)
+    op.template operator()<V, 1>(r * C + cv * V, p);
+}
+
+// ---- backward reduction: per-channel sum of g and g * (y - mean) ------------------------------
+
+// One masked-gradient value, optionally stored as grad_residual (rounded value read back, so
+// the sums match what the apply pass will read).
+template <typename scalar_t, typename acc_t, bool kRelu, bool kRes>
+__device__ __forceinline__ void reduce_one(scalar_t d, scalar_t yv, scalar_t rv, scalar_t* gr,
+                                           const ChanParams<acc_t>& q, acc_t& s0, acc_t& s1) {
+  const acc_t yy = static_cast<acc_t>(yv);
+  const acc_t res = kRes ? static_cast<acc_t>(rv) : acc_t(0);
+  acc_t g = bn_masked_grad<kRelu>(static_cast<acc_t>(d), bn_pre_act<acc_t>(yy, q.m, q.sc, q.b, res));
+  if constexpr (kRes) {
+    const scalar_t gs = static_cast<scalar_t>(g);
+    *gr = gs;
+    g = static_cast<acc_t>(gs);
+  }
+  s0 += g;
+  s1 += g * (yy - q.m);
+}
+
+// PS = 0: one channel for the whole vector (contiguous layout); PS = 1: V channels.
+template <typename scalar_t, typename acc_t, int V, int PS, bool kRelu, bool kRes>
+__device__ __forceinline__ void reduce_vec(const scalar_t* dout, const scalar_t* y,
+                                           const scalar_t* r, scalar_t* gr, int64_t i,
+                                           const ChanParams<acc_t>* p, acc_t* s0, acc_t* s1) {
+  const auto dv = load<V>(dout + i), yv = load<V>(y + i);
+  Vec<scalar_t, V> rv, gv;
+  if constexpr (kRes) rv = load<V>(r + i);
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    reduce_one<scalar_t, acc_t, kRelu, kRes>(dv.v[j], yv.v[j], kRes ? rv.v[j] : scalar_t(0),
+                                             &gv.v[j], p[j * PS], s0[j * PS], s1[j * PS]);
+  if constexpr (kRes) store<V>(gr + i, gv);
+}
+
+// Accumulators of the reduction kernels: add the two per-channel sums of V elements at i.
+template <typename scalar_t, typename acc_t, bool kRelu, bool kRes>
+struct BackwardAcc {  // sum g, sum g * (y - mean); writes grad_residual when kRes
+  const scalar_t *dout, *y, *r;
+  scalar_t* gr;
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p, acc_t* s0,
+                                             acc_t* s1) const {
+    reduce_vec<scalar_t, acc_t, V, PS, kRelu, kRes>(dout, y, r, gr, i, p, s0, s1);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct StatsAcc {  // sum (y - K), sum (y - K)^2 with a per-channel shift K (ChanParams::m)
+  const scalar_t* y;
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p, acc_t* s0,
+                                             acc_t* s1) const {
+    const auto yv = load<V>(y + i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const acc_t d = static_cast<acc_t>(yv.v[j]) - p[j * PS].m;
+      s0[j * PS] += d;
+      s1[j * PS] += d * d;
+    }
+  }
+};
+
+// grid = (splits, C); partial is (splits, C, 2).
+template <typename acc_t, int V, class Acc>
+__global__ void reduce_nchw(Acc acc, ParamPtrs<acc_t> pp, int64_t N, int64_t C, int64_t S,
+                            acc_t* partial) {
+  __shared__ acc_t shared[2][32];
+  const int64_t c = blockIdx.y, sv = S / V, total = N * sv;
+  const int64_t per = (total + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = blockIdx.x * per, hi = min(total, lo + per);
+  const ChanParams<acc_t> p = pp.get(c);
+  acc_t s0 = 0, s1 = 0;
+  for (int64_t v = lo + threadIdx.x; v < hi; v += blockDim.x) {
+    const int64_t n = v / sv, i = (n * C + c) * S + (v - n * sv) * V;
+    acc.template operator()<V, 0>(i, &p, &s0, &s1);
+  }
+  for (int d = 16; d > 0; d >>= 1) {
+    s0 += __shfl_down_sync(0xffffffffu, s0, d);
+    s1 += __shfl_down_sync(0xffffffffu, s1, d);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  if (lane == 0) {
+    shared[0][warp] = s0;
+    shared[1][warp] = s1;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    acc_t t0 = 0, t1 = 0;
+    for (int k = 0; k < warps; ++k) {
+      t0 += shared[0][k];
+      t1 += shared[1][k];
+    }
+    partial[(blockIdx.x * C + c) * 2] = t0;
+    partial[(blockIdx.x * C + c) * 2 + 1] = t1;
+  }
+}
+
+// block = (TX channel vectors, TY rows), grid = (ceil(C / V / TX), splits); dynamic shared
+// memory holds TX * TY * V * 2 accumulators.
+template <typename acc_t, int V, class Acc>
+__global__ void reduce_nhwc(Acc acc, ParamPtrs<acc_t> pp, int64_t M, int64_t C, acc_t* partial) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t cv = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const bool valid = cv * V < C;
+  acc_t s0[V], s1[V];
+  ChanParams<acc_t> p[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    s0[j] = s1[j] = acc_t(0);
+    if (valid) p[j] = pp.get(cv * V + j);
+  }
+  if (valid)
+    for (int64_t row = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; row < M;
+         row += int64_t(gridDim.y) * blockDim.y)
+      acc.template operator()<V, 1>(row * C + cv * V, p, s0, s1);
+  acc_t* mine = sm + (threadIdx.y * blockDim.x + threadIdx.x) * 2 * V;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    mine[j] = s0[j];
+    mine[V + j] = s1[j];
+  }
+  // Tree over the block's rows (fixed order, log2(blockDim.y) steps; any blockDim.y).
+  int span = 1;
+  while (span < int(blockDim.y)) span <<= 1;
+  for (int stride = span >> 1; stride > 0; stride >>= 1) {
+    __syncthreads();
+    if (int(threadIdx.y) < stride && threadIdx.y + stride < blockDim.y) {
+      const acc_t* other = mine + stride * blockDim.x * 2 * V;
+#pragma unroll
+      for (int j = 0; j < 2 * V; ++j) mine[j] += other[j];
+    }
+  }
+  if (threadIdx.y != 0 || !valid) return;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int64_t c = cv * V + j;
+    partial[(blockIdx.y * C + c) * 2] = mine[j];
+    partial[(blockIdx.y * C + c) * 2 + 1] = mine[V + j];
+  }
+}
+
+// Merge the splits in order; write grad_bn_weight, grad_bn_bias and the apply coefficients.
+template <typename acc_t>
+__global__ void reduce_finish(const acc_t* partial, int64_t splits, int64_t C, acc_t n,
+                              bool training, ParamPtrs<acc_t> pp, acc_t* grad_w, acc_t* grad_b,
+                              acc_t* coef) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  acc_t s0 = 0, s1 = 0;
+  for (int64_t k = 0; k < splits; ++k) {
+    s0 += partial[(k * C + c) * 2];
+    s1 += partial[(k * C + c) * 2 + 1];
+  }
+  const acc_t invstd = pp.invstd[c];
+  const auto q = bn_bwd_coef<acc_t>(pp.w[c], invstd, s0, s1, n, training);
+  grad_w[c] = s1 * invstd;
+  grad_b[c] = s0;
+  coef[3 * c] = q.A;
+  coef[3 * c + 1] = q.k1;
+  coef[3 * c + 2] = q.Bp;
+}
+
+// Forward statistics from the shifted sums: mean, invstd = 1 / sqrt(var + eps) and the
+// unbiased variance (for the running-stat update).
+template <typename acc_t>
+__global__ void stats_finish(const acc_t* partial, int64_t splits, int64_t C, acc_t n,
+                             const acc_t* shift, double eps, acc_t* mean, acc_t* invstd,
+                             acc_t* var_unbiased) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  acc_t s0 = 0, s1 = 0;
+  for (int64_t k = 0; k < splits; ++k) {
+    s0 += partial[(k * C + c) * 2];
+    s1 += partial[(k * C + c) * 2 + 1];
+  }
+  const acc_t d = s0 / n;
+  acc_t var = s1 / n - d * d;
+  var = var > acc_t(0) ? var : acc_t(0);
+  mean[c] = shift[c] + d;
+  invstd[c] = acc_t(1) / sqrt(var + static_cast<acc_t>(eps));
+  var_unbiased[c] = var * n / (n - acc_t(1));
+}
+
+}  // namespace cbr
+}  // namespace med3d_ext

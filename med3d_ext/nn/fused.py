@@ -1,0 +1,244 @@
+"""Fused Conv3d + BatchNorm3d + ReLU modules, and in-place fusion of MedicalNet-style ResNets.
+
+Fusion never renames anything: a fused block keeps its ``Conv3d`` and ``BatchNorm3d`` children
+and calls :func:`med3d_ext.ops.conv_bn_relu3d` on their parameters and buffers, so fused and
+plain models have the same ``state_dict`` and the same training semantics (running statistics,
+``num_batches_tracked``, ``momentum=None``). Switching is done by giving the module a fused
+subclass of its own class (created on the fly), which :func:`unfuse_modules` reverts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.conv_bn_relu import conv_bias_relu3d, conv_bn_relu3d
+
+__all__ = ["ConvBNReLU3d", "conv_bn_act", "fuse_modules", "unfuse_modules", "fold_bn"]
+
+
+def _fusible_conv(conv) -> bool:
+    return (isinstance(conv, nn.Conv3d) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def _fusible(conv, bn) -> bool:
+    """A bias-free Conv3d followed by a BatchNorm3d, or (after fold_bn) by an Identity."""
+    if not _fusible_conv(conv):
+        return False
+    if isinstance(bn, nn.BatchNorm3d):
+        return conv.bias is None
+    return isinstance(bn, nn.Identity)
+
+
+def _bn_args(bn: nn.BatchNorm3d):
+    """BatchNorm's own bookkeeping (torch.nn.modules.batchnorm._BatchNorm.forward): returns
+    (running_mean, running_var, use_batch_stats, momentum factor)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return (bn.running_mean if keep else None, bn.running_var if keep else None, use_batch,
+            factor)
+
+
+def conv_bn_act(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
+                residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+    """``relu(bn(conv(x)) [+ residual])`` on the modules' own parameters, fused when possible
+    (Conv3d without bias, groups 1, zero padding, followed by BatchNorm3d or, once folded, by
+    Identity); otherwise the plain modules run."""
+    if _fusible(conv, bn):
+        if isinstance(bn, nn.Identity):
+            return conv_bias_relu3d(x, conv.weight, conv.bias, stride=conv.stride,
+                                    padding=conv.padding, dilation=conv.dilation,
+                                    residual=residual, relu=relu)
+        rm, rv, use_batch, factor = _bn_args(bn)
+        return conv_bn_relu3d(x, conv.weight, bn.weight, bn.bias, rm, rv, stride=conv.stride,
+                              padding=conv.padding, dilation=conv.dilation, training=use_batch,
+                              momentum=factor, eps=bn.eps, residual=residual, relu=relu)
+    out = bn(conv(x))
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
+
+
+class ConvBNReLU3d(nn.Module):
+    """Conv3d(bias=False) + BatchNorm3d + optional ReLU, fused; ``forward(x, residual=None)``
+    adds ``residual`` before the ReLU. State dict keys: ``conv.weight``, ``bn.*`` exactly as
+    ``nn.Conv3d`` / ``nn.BatchNorm3d`` children named ``conv`` and ``bn``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, relu: bool = True, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                              bias=False, **kw)
+        self.bn = nn.BatchNorm3d(out_channels, eps, momentum, affine, track_running_stats, **kw)
+        self.relu = relu
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv3d, bn: nn.BatchNorm3d, relu: bool = True):
+        """Wrap existing modules (shared, not copied)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.conv, m.bn, m.relu = conv, bn, relu
+        return m
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return conv_bn_act(self.conv, self.bn, x, residual, self.relu)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+# --------------------------------------------------------------------------- fused forwards
+
+
+def _block_forward(self, x):
+    """MedicalNet BasicBlock / Bottleneck: conv-bn-relu (x2 or x3), residual before the last
+    ReLU; ``downsample`` is None, a callable (type A) or Sequential(Conv3d, BN) (type B, itself
+    fused as a Sequential)."""
+    residual = x if self.downsample is None else self.downsample(x)
+    out = conv_bn_act(self.conv1, self.bn1, x)
+    if hasattr(self, "conv3"):
+        out = conv_bn_act(self.conv2, self.bn2, out)
+        return conv_bn_act(self.conv3, self.bn3, out, residual)
+    return conv_bn_act(self.conv2, self.bn2, out, residual)
+
+
+def _sequential_forward(self, x):
+    mods = list(self)
+    i = 0
+    while i < len(mods):
+        if i + 1 < len(mods) and _fusible(mods[i], mods[i + 1]):
+            relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
+            x = conv_bn_act(mods[i], mods[i + 1], x, relu=relu)
+            i += 3 if relu else 2
+        else:
+            x = mods[i](x)
+            i += 1
+    return x
+
+
+def _stem_conv_forward(self, x):
+    # conv1 computes relu(bn1(conv1(x))); the model then calls bn1 (a pass-through while fused)
+    # and relu (idempotent on a non-negative input).
+    return conv_bn_act(self, self._m3d_bn, x, relu=True)
+
+
+def _passthrough_forward(self, x):
+    return x
+
+
+_CLASS_CACHE: dict = {}
+
+
+def _swap(module: nn.Module, forward, tag: str) -> None:
+    cls = type(module)
+    if getattr(cls, "_m3d_fused", None):
+        return
+    key = (cls, tag)
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(f"Fused{cls.__name__}", (cls,),
+                                 {"forward": forward, "_m3d_fused": tag,
+                                  "__module__": cls.__module__})
+    module.__class__ = _CLASS_CACHE[key]
+
+
+def _is_block(m: nn.Module) -> bool:
+    name = type(m).__name__
+    has_pairs = all(hasattr(m, a) for a in ("conv1", "bn1", "conv2", "bn2", "downsample"))
+    if not has_pairs:
+        return False
+    pairs = [("conv1", "bn1"), ("conv2", "bn2")] + ([("conv3", "bn3")] if hasattr(m, "conv3") else [])
+    return name in ("BasicBlock", "Bottleneck") or all(
+        _fusible(getattr(m, c), getattr(m, b)) for c, b in pairs)
+
+
+def _is_stem(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("conv1", "bn1", "maxpool", "layer1")) and not _is_block(m)
+
+
+def fuse_modules(model: nn.Module) -> nn.Module:
+    """Switch a MedicalNet-style ResNet (or any model using the same patterns) to the fused
+    forward path, in place; returns ``model``.
+
+    Patterns: blocks (``BasicBlock`` / ``Bottleneck``, or modules with conv1/bn1/conv2/bn2
+    [/conv3/bn3] and ``downsample``); the stem (a module with conv1, bn1, maxpool and layer1,
+    whose forward runs conv1 -> bn1 -> relu); ``nn.Sequential`` runs of Conv3d -> BatchNorm3d
+    [-> ReLU] (type-B shortcuts, the segmentation head). Module names, parameters and the
+    state dict are unchanged; outputs and gradients equal the plain model's within tolerance.
+    """
+    for m in list(model.modules()):
+        if _is_block(m):
+            _swap(m, _block_forward, "block")
+        elif isinstance(m, nn.Sequential) and any(
+                _fusible(a, b) for a, b in zip(list(m)[:-1], list(m)[1:])):
+            _swap(m, _sequential_forward, "sequential")
+        if _is_stem(m) and _fusible(m.conv1, m.bn1):
+            object.__setattr__(m.conv1, "_m3d_bn", m.bn1)
+            _swap(m.conv1, _stem_conv_forward, "stem_conv")
+            if isinstance(m.bn1, nn.BatchNorm3d):
+                _swap(m.bn1, _passthrough_forward, "stem_bn")
+    return model
+
+
+def unfuse_modules(model: nn.Module) -> nn.Module:
+    """Undo :func:`fuse_modules` in place (plain PyTorch forward again); returns ``model``."""
+    for m in model.modules():
+        if getattr(type(m), "_m3d_fused", None):
+            m.__class__ = type(m).__mro__[1]
+        m.__dict__.pop("_m3d_bn", None)
+    return model
+
+
+@torch.no_grad()
+def _fold_pair(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> None:
+    w = conv.weight
+    scale = (bn.running_var.double() + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    if conv.bias is not None:
+        shift = shift + conv.bias.double() * scale
+    conv.weight.copy_((w.double() * scale.view(-1, 1, 1, 1, 1)).to(w.dtype))
+    conv.bias = nn.Parameter(shift.to(w.dtype))
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """Prepare a model for inference, in place: every fusible Conv3d + BatchNorm3d pair (blocks,
+    stem, Sequential runs, ConvBNReLU3d) gets the BatchNorm folded into the conv's weight and a
+    new conv bias, the BatchNorm3d is replaced by ``nn.Identity``, and the forward path becomes
+    conv + fused bias/residual/ReLU epilogue (:func:`med3d_ext.ops.conv_bias_relu3d`).
+
+    The model is put in eval mode. The state dict changes (``*.bias`` added to folded convs,
+    ``bn*`` keys removed), so save the unfolded model, not this one. A folded model also
+    computes correctly with :func:`unfuse_modules` applied (conv with bias, Identity, ReLU).
+    """
+    model.eval()
+    unfuse_modules(model)
+    for parent in list(model.modules()):
+        pairs = []
+        if isinstance(parent, ConvBNReLU3d):
+            pairs.append(("conv", "bn"))
+        if _is_block(parent) or _is_stem(parent):
+            pairs += [(f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(parent, f"conv{i}")
+                      and hasattr(parent, f"bn{i}")]
+        if isinstance(parent, nn.Sequential):
+            names = [n for n, _ in parent.named_children()]
+            pairs += list(zip(names[:-1], names[1:]))
+        for c, b in pairs:
+            conv, bn = getattr(parent, c), getattr(parent, b)
+            if (_fusible_conv(conv) and isinstance(bn, nn.BatchNorm3d) and bn.track_running_stats
+                    and bn.running_mean is not None):
+                _fold_pair(conv, bn)
+                setattr(parent, b, nn.Identity())
+    return fuse_modules(model)

@@ -1,0 +1,306 @@
+"""``conv_bn_relu3d``: fused conv3d + BatchNorm + ReLU (+ residual), and its inference twin
+``conv_bias_relu3d`` (csrc/conv_bn_relu/conv_bn_relu.h).
+
+The convolution runs on ATen (cuDNN on CUDA); the statistics, the normalise + residual + ReLU
+epilogue and the BatchNorm/ReLU backward are our kernels, one pass each. Backward saves only the
+conv input, the conv output ``y`` and the per-channel mean/invstd: the normalised activation and
+the ReLU mask are recomputed from ``y`` (the memory-saving mode; it is the only mode).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .. import reference
+from ._common import compiled, register_autograd, register_fake
+
+__all__ = ["conv_bn_relu3d", "conv_bias_relu3d"]
+
+IntOr3 = Union[int, Sequence[int]]
+
+
+def _triple(v: IntOr3, name: str) -> list[int]:
+    if isinstance(v, int):
+        return [v, v, v]
+    v = [int(a) for a in v]
+    if len(v) == 1:
+        return v * 3
+    if len(v) != 3:
+        raise ValueError(f"conv_bn_relu3d: {name} must be an int or 3 ints, got {v}")
+    return v
+
+
+def _autocast(x, weight, residual, bias_like):
+    """Cast like conv3d under autocast: x, weight (and the residual) to the autocast dtype;
+    BatchNorm parameters / the folded bias stay fp32."""
+    dev = x.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return x, weight, residual, bias_like
+    dt = torch.get_autocast_dtype(dev)
+    x, weight = x.to(dt), weight.to(dt)
+    if residual is not None:
+        residual = residual.to(dt)
+    bias_like = [b.float() if b is not None and b.dtype != torch.float64 else b for b in bias_like]
+    return x, weight, residual, bias_like
+
+
+# The MedicalNet stem (Cin = 1, 7^3 kernel, stride 2) falls to a slow generic cuDNN kernel. A
+# stride-2 convolution equals a stride-1 convolution of the 2x2x2 space-to-depth rearrangement
+# of its (padded) input: input voxel 2j + p of each axis becomes channel phase p at position j,
+# and kernel tap k = 2q + p becomes tap q of phase p (taps past the kernel are zero). With
+# Cin <= 4 that is a Cin*8-channel, ceil(k/2)^3 convolution that cuDNN runs on tensor cores,
+# forward and weight gradient alike (autograd maps the gradients back through the
+# rearrangements). Set to False to send such convolutions to ATen unchanged.
+STEM_SPACE_TO_DEPTH = True
+
+
+def _stem_eligible(x, weight, stride, padding, dilation) -> bool:
+    return (STEM_SPACE_TO_DEPTH and x.dim() == 5 and weight.dim() == 5
+            and x.shape[1] == weight.shape[1] and weight.shape[1] <= 4
+            and stride == [2, 2, 2] and dilation == [1, 1, 1]
+            and all(k >= 3 for k in weight.shape[2:])
+            and all(x.shape[2 + i] + 2 * padding[i] >= weight.shape[2 + i] for i in range(3)))
+
+
+def _space_to_depth_conv(x, weight, padding):
+    """(x, weight, stride 2, padding) -> (x', weight') for a stride-1, padding-0 convolution with
+    the same output; x' and weight' are channels_last_3d."""
+    n, cin = x.shape[:2]
+    cout = weight.shape[0]
+    ks = list(weight.shape[2:])
+    kq = [(k + 1) // 2 for k in ks]
+    pads = []
+    for i in (2, 1, 0):  # F.pad order: last dim first
+        out = (x.shape[2 + i] + 2 * padding[i] - ks[i]) // 2 + 1
+        pads += [padding[i], 2 * (out + kq[i] - 1) - x.shape[2 + i] - padding[i]]
+    xp = torch.nn.functional.pad(x, pads)
+    d, h, w = (s // 2 for s in xp.shape[2:])
+    xs = xp.reshape(n, cin, d, 2, h, 2, w, 2).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    xs = xs.reshape(n, d, h, w, cin * 8).permute(0, 4, 1, 2, 3)
+    wp = torch.nn.functional.pad(weight, [0, 2 * kq[2] - ks[2], 0, 2 * kq[1] - ks[1],
+                                          0, 2 * kq[0] - ks[0]])
+    ws = wp.reshape(cout, cin, kq[0], 2, kq[1], 2, kq[2], 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    ws = ws.reshape(cout, cin * 8, *kq).contiguous(memory_format=torch.channels_last_3d)
+    return xs, ws
+
+
+def _check_batch_size(x, weight, stride, padding, dilation):
+    """F.batch_norm's error (a ValueError) for one value per channel in training; shapes that
+    are invalid for the convolution are left to the op's own, more specific check."""
+    shape = [x.shape[0], weight.shape[0]]
+    for i in range(3):
+        span = dilation[i] * (weight.shape[2 + i] - 1) + 1
+        shape.append((x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
+    n = shape[0]
+    for s in shape[2:]:
+        n *= s
+    if all(s > 0 for s in shape[2:]) and n == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size(shape)}")
+
+
+def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
+                   bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                   running_var: Optional[torch.Tensor], *, stride: IntOr3 = 1,
+                   padding: IntOr3 = 0, dilation: IntOr3 = 1, training: bool = True,
+                   momentum: float = 0.1, eps: float = 1e-5,
+                   residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+    """``relu(batch_norm(conv3d(x, weight, None, stride, padding, dilation)) [+ residual])``.
+
+    Args:
+        x: (N, Cin, D, H, W) float32/bfloat16/float16/float64, contiguous or channels_last_3d.
+        weight: (Cout, Cin, kD, kH, kW), x's dtype (groups = 1, no conv bias).
+        bn_weight, bn_bias: (Cout,) BatchNorm affine parameters, or None (1 and 0).
+        running_mean, running_var: (Cout,) buffers. When ``training`` they are updated in place
+            exactly as ``F.batch_norm`` does (the variance with the unbiased batch variance);
+            may be None when training. Required in eval mode, where they normalise.
+        stride, padding, dilation: int or 3 ints.
+        training: batch statistics (True) or running statistics (False).
+        momentum: running-stat update factor (for BatchNorm's cumulative average,
+            ``momentum=None``, pass ``1 / num_batches_tracked`` as the module does).
+        residual: optional (N, Cout, D', H', W') added after BatchNorm, before the ReLU.
+        relu: apply the ReLU.
+
+    Returns:
+        (N, Cout, D', H', W') in the conv dtype; channels_last_3d when x or weight is.
+        Differentiable with respect to x, weight, bn_weight, bn_bias and residual.
+        Under autocast, x, weight and residual are cast as conv3d would be; BatchNorm math is
+        fp32 whatever the dtype.
+    """
+    if momentum is None:
+        raise ValueError("conv_bn_relu3d: momentum=None (cumulative average) is handled by "
+                         "ConvBNReLU3d / the fused modules; pass 1/num_batches_tracked instead")
+    stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
+                                 _triple(dilation, "dilation"))
+    x, weight, residual, (bn_weight, bn_bias) = _autocast(x, weight, residual,
+                                                          [bn_weight, bn_bias])
+    op = compiled("conv_bn_relu3d")
+    if op is None:
+        return reference.conv_bn_relu3d(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+            padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
+            residual=residual, relu=relu)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("conv_bn_relu3d: running_mean and running_var are required when "
+                         "training=False")
+    cout = weight.shape[0] if weight.dim() == 5 else 0
+    pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if bn_weight is None:
+        bn_weight = torch.ones(cout, dtype=pdt, device=x.device)
+    if bn_bias is None:
+        bn_bias = torch.zeros(cout, dtype=pdt, device=x.device)
+    if training and x.dim() == 5 and weight.dim() == 5:
+        _check_batch_size(x, weight, stride, padding, dilation)
+    if _stem_eligible(x, weight, stride, padding, dilation):
+        x, weight = _space_to_depth_conv(x, weight, padding)
+        stride, padding = [1, 1, 1], [0, 0, 0]
+    out, _y, mean, _invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                     residual, stride, padding, dilation, training, eps, relu)
+    if training and running_mean is not None:
+        # (1 - momentum) * running + momentum * batch, as F.batch_norm; one foreach launch each
+        bufs = [running_mean] + ([running_var] if running_var is not None else [])
+        new = [mean.to(running_mean.dtype)] + ([var.to(running_var.dtype)] if bufs[1:] else [])
+        with torch.no_grad():
+            torch._foreach_mul_(bufs, 1 - momentum)
+            torch._foreach_add_(bufs, new, alpha=momentum)
+    return out
+
+
+def conv_bias_relu3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
+                     stride: IntOr3 = 1, padding: IntOr3 = 0, dilation: IntOr3 = 1,
+                     residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+    """``relu(conv3d(x, weight, bias, stride, padding, dilation) [+ residual])``: the epilogue of
+    a convolution with BatchNorm folded in (``med3d_ext.nn.fold_bn``). Shapes as in
+    :func:`conv_bn_relu3d`; ``bias`` (Cout,) or None, kept fp32 under autocast. Differentiable."""
+    stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
+                                 _triple(dilation, "dilation"))
+    x, weight, residual, (bias,) = _autocast(x, weight, residual, [bias])
+    op = compiled("conv_bias_relu3d")
+    if op is None:
+        if bias is not None:
+            bias = bias.to(x.dtype)
+        return reference.conv_bias_relu3d(x, weight, bias, stride=stride, padding=padding,
+                                          dilation=dilation, residual=residual, relu=relu)
+    if _stem_eligible(x, weight, stride, padding, dilation):
+        x, weight = _space_to_depth_conv(x, weight, padding)
+        stride, padding = [1, 1, 1], [0, 0, 0]
+    return op(x, weight, bias, residual, stride, padding, dilation, relu)
+
+
+# --------------------------------------------------------------------------- fake kernels
+
+
+def _is_cl(t: torch.Tensor) -> bool:
+    return (t.dim() == 5 and t.shape[1] > 1 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def _out_shape(x, weight, stride, padding, dilation):
+    torch._check(x.dim() == 5, lambda: f"conv_bn_relu3d: x must be 5-D, got {tuple(x.shape)}")
+    torch._check(weight.dim() == 5, lambda: "conv_bn_relu3d: weight must be 5-D")
+    shape = [x.shape[0], weight.shape[0]]
+    for i in range(3):
+        span = dilation[i] * (weight.shape[2 + i] - 1) + 1
+        shape.append((x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
+    return shape
+
+
+def _empty(shape, like, cl):
+    fmt = torch.channels_last_3d if cl else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def _acc(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@register_fake("conv_bn_relu3d")
+def _conv_bn_relu3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                         stride, padding, dilation, training, eps, relu):
+    out = _empty(_out_shape(x, weight, stride, padding, dilation), x, _is_cl(x) or _is_cl(weight))
+    c = weight.shape[0]
+    stats = [x.new_empty((c,), dtype=_acc(x)) for _ in range(3)]
+    return (out, torch.empty_like(out), *stats)
+
+
+@register_fake("bn_relu_backward")
+def _bn_relu_backward_fake(grad_out, y, mean, invstd, bn_weight, bn_bias, residual, training,
+                           relu):
+    cl = _is_cl(y)
+    c = y.shape[1]
+    grad_r = _empty(y.shape, y, cl) if residual is not None else y.new_empty((0,))
+    return (_empty(y.shape, y, cl), y.new_empty((c,), dtype=_acc(y)),
+            y.new_empty((c,), dtype=_acc(y)), grad_r)
+
+
+@register_fake("conv_bias_relu3d")
+def _conv_bias_relu3d_fake(x, weight, bias, residual, stride, padding, dilation, relu):
+    return _empty(_out_shape(x, weight, stride, padding, dilation), x, _is_cl(x) or _is_cl(weight))
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _conv_grads(ctx, grad_y, x, weight, need_x, need_w):
+    if not (need_x or need_w):
+        return None, None
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad_y, x, weight, None, ctx.stride, ctx.padding, ctx.dilation, False, [0, 0, 0], 1,
+        [need_x, need_w, False])
+    return gx, gw
+
+
+def _cbr_setup(ctx, inputs, output):
+    (x, weight, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, dilation, training, _eps,
+     relu) = inputs
+    _out, y, mean, invstd, _var = output
+    ctx.stride, ctx.padding, ctx.dilation = stride, padding, dilation
+    ctx.training, ctx.relu = training, relu
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, weight, y, mean, invstd, bn_weight, bn_bias,
+                          residual if residual is not None else None)
+
+
+def _cbr_backward(ctx, grad_out, _g_y, _g_mean, _g_invstd, _g_var):
+    x, weight, y, mean, invstd, bn_weight, bn_bias, residual = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if grad_out is None:
+        return (None,) * 13
+    grad_y, gbw, gbb, gr = torch.ops.med3d_ext.bn_relu_backward(
+        grad_out, y, mean, invstd, bn_weight, bn_bias, residual, ctx.training, ctx.relu)
+    gx, gw = _conv_grads(ctx, grad_y, x, weight, needs[0], needs[1])
+    return (gx, gw, gbw.to(bn_weight.dtype) if needs[2] else None,
+            gbb.to(bn_bias.dtype) if needs[3] else None, None, None,
+            gr.to(residual.dtype) if ctx.has_residual and needs[6] else None,
+            None, None, None, None, None, None)
+
+
+register_autograd("conv_bn_relu3d", _cbr_backward, _cbr_setup)
+
+
+def _cb_setup(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, dilation, relu = inputs
+    ctx.stride, ctx.padding, ctx.dilation, ctx.relu = stride, padding, dilation, relu
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(x, weight, output if relu else None)
+
+
+def _cb_backward(ctx, grad_out):
+    x, weight, out = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    g = grad_out.to(out.dtype if out is not None else x.dtype)
+    if ctx.relu:
+        g = torch.where(out > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    gx, gw = _conv_grads(ctx, g, x, weight, needs[0], needs[1])
+    gb = None
+    if ctx.has_bias and needs[2]:
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        gb = g.sum((0, 2, 3, 4), dtype=acc).to(ctx.bias_dtype)
+    gr = g if ctx.has_residual and needs[3] else None
+    return gx, gw, gb, gr, None, None, None, None
+
+
+register_autograd("conv_bias_relu3d", _cb_backward, _cb_setup)

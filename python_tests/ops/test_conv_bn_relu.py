@@ -1,0 +1,329 @@
+"""conv_bn_relu3d / conv_bias_relu3d against med3d_ext.reference (conv3d + batch_norm + relu):
+forward, gradients, running stats, gradcheck, opcheck, compile, layouts, odd shapes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import med3d_ext as m3d
+from med3d_ext import _extension, reference
+from python_tests.conftest import DEVICES, assert_low_precision_close, tol
+
+requires_ext = pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
+
+# (Cin, Cout, k, stride, padding, dilation, spatial)
+CONFIGS = [
+    (3, 8, 3, 1, 1, 1, (5, 6, 7)),
+    (4, 6, 3, 2, 1, 1, (7, 9, 5)),
+    (2, 16, 3, 1, 2, 2, (6, 5, 7)),
+    (1, 8, 7, 2, 3, 1, (9, 11, 10)),        # stem-like
+    (8, 4, 1, 2, 0, 1, (5, 7, 3)),          # type-B shortcut
+    (5, 3, (3, 1, 2), (1, 2, 1), (1, 0, 1), (2, 1, 1), (7, 6, 5)),
+]
+
+
+def _inputs(device, dtype, cfg, n=2, residual=False, cl=False):
+    cin, cout, k, stride, padding, dilation, sp = cfg
+    ks = (k,) * 3 if isinstance(k, int) else k
+    x = torch.randn(n, cin, *sp, device=device, dtype=dtype)
+    w = torch.randn(cout, cin, *ks, device=device, dtype=dtype) / (cin * ks[0] * ks[1] * ks[2]) ** 0.5
+    if cl:
+        x = x.to(memory_format=torch.channels_last_3d)
+        w = w.to(memory_format=torch.channels_last_3d)
+    bw = torch.rand(cout, device=device, dtype=dtype) + 0.5
+    bb = torch.randn(cout, device=device, dtype=dtype)
+    rm = torch.randn(cout, device=device, dtype=dtype) * 0.1
+    rv = torch.rand(cout, device=device, dtype=dtype) + 0.5
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    r = None
+    if residual:
+        shape = torch.nn.functional.conv3d(x[:1, :, :, :, :], w, None, **kw).shape
+        r = torch.randn(n, *shape[1:], device=device, dtype=dtype)
+    return x, w, bw, bb, rm, rv, r, kw
+
+
+def _run(fn, x, w, bw, bb, rm, rv, r, kw, training, relu, grad_out=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, bw, bb)]
+    rr = r.detach().clone().requires_grad_() if r is not None else None
+    rm, rv = rm.clone(), rv.clone()
+    out = fn(*leaves, rm, rv, training=training, residual=rr, relu=relu, **kw)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves + ([rr] if rr is not None else []), grad_out)
+    return out, grads, rm, rv, grad_out
+
+
+def _check_against_reference(device, cfg, training, residual, relu, cl, n=2,
+                             dtype=torch.float32):
+    args = _inputs(device, dtype, cfg, n=n, residual=residual, cl=cl)
+    out, grads, rm, rv, go = _run(m3d.ops.conv_bn_relu3d, *args, training, relu)
+    ref, rgrads, rrm, rrv, _ = _run(reference.conv_bn_relu3d, *args, training, relu, go)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if cl and args[0].shape[1] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    t = tol(dtype)
+    torch.testing.assert_close(out, ref, **t)
+    for name, a, b in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], grads, rgrads):
+        # gradients sum over many voxels: scale atol by the reference's magnitude
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=t["rtol"] * 10, atol=t["atol"] * 10 * scale,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+    torch.testing.assert_close(rm, rrm, **t)
+    torch.testing.assert_close(rv, rrv, **t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"k{c[2]}s{c[3]}p{c[4]}d{c[5]}")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+def test_matches_reference(device, cfg, training, cl):
+    # residual and relu drawn at random: every combination is covered over runs and in the
+    # dedicated test below, while keeping this grid small
+    residual, relu = bool(torch.randint(2, ()).item()), bool(torch.randint(2, ()).item())
+    _check_against_reference(device, cfg, training, residual, relu, cl)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+def test_residual_relu_combinations(device, residual, relu, cl):
+    _check_against_reference(device, CONFIGS[0], True, residual, relu, cl)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_size_one_and_float64(device):
+    _check_against_reference(device, CONFIGS[1], True, True, True, False, n=1)
+    _check_against_reference(device, CONFIGS[2], True, True, True, True, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_wide_channels_vector_paths(device):
+    # channel counts that are and are not multiples of the 128-bit vector width
+    for cout in (64, 12, 33):
+        cfg = (16, cout, 3, 1, 1, 1, (4, 6, 8))
+        _check_against_reference(device, cfg, True, True, True, True)
+        _check_against_reference(device, cfg, True, True, True, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[0], residual=True)
+    xs = torch.randn(2, 3, 10, 6, 14, device=device)[:, :, ::2, :, ::2]
+    rs = torch.randn(2, 8, 5, 6, 7 * 2, device=device)[..., ::2]
+    assert not xs.is_contiguous() and not rs.is_contiguous()
+    out, g, *_ = _run(m3d.ops.conv_bn_relu3d, xs, w, bw, bb, rm, rv, rs, kw, True, True)
+    ref, rg, *_ = _run(reference.conv_bn_relu3d, xs, w, bw, bb, rm, rv, rs, kw, True, True)
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, 0.5])
+def test_running_stats_after_steps(device, momentum):
+    x, w, bw, bb, rm, rv, _, kw = _inputs(device, torch.float32, CONFIGS[1])
+    rm2, rv2 = rm.clone(), rv.clone()
+    for _ in range(4):
+        xi = torch.randn_like(x) * 2 + 1
+        m3d.ops.conv_bn_relu3d(xi, w, bw, bb, rm, rv, momentum=momentum, **kw)
+        reference.conv_bn_relu3d(xi, w, bw, bb, rm2, rv2, momentum=momentum, **kw)
+    torch.testing.assert_close(rm, rm2, **tol(torch.float32))
+    torch.testing.assert_close(rv, rv2, **tol(torch.float32))
+    # eval mode leaves them alone
+    before = rm.clone()
+    m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, training=False, **kw)
+    assert torch.equal(rm, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+def test_autocast_low_precision(device, dtype, cl):
+    args = list(_inputs(device, torch.float32, (8, 16, 3, 1, 1, 1, (6, 5, 8)), residual=True,
+                        cl=cl))
+    args[6] = args[6].to(dtype)  # in a network the residual is the previous block's output
+    with torch.autocast(device, dtype=dtype):
+        out, grads, _, _, go = _run(m3d.ops.conv_bn_relu3d, *args, True, True)
+        low, lgrads, *_ = _run(reference.conv_bn_relu3d, *args, True, True, go)
+    assert out.dtype == dtype
+    ref, rgrads, *_ = _run(reference.conv_bn_relu3d, *args, True, True, go.float())
+    assert_low_precision_close(out.float(), low.float(), ref, factor=2.0, floor=1e-2)
+    # Gradients: a ReLU mask flip near z = 0 (the rounding of y decides it) moves single
+    # elements by |grad_out| in both low-precision paths, so compare relative L2 errors.
+    for name, a, b, c in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], grads, lgrads,
+                             rgrads):
+        c = c.double()
+        err_ours = (a.double() - c).norm() / c.norm()
+        err_torch = (b.double() - c).norm() / c.norm()
+        assert err_ours <= 2 * err_torch + 1e-2, f"grad {name}: {err_ours:.3g} vs {err_torch:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck(device, training):
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float64, (2, 3, 3, 2, 1, 1, (4, 3, 5)),
+                                          residual=True)
+    leaves = [t.requires_grad_() for t in (x, w, bw, bb, r)]
+
+    def f(x, w, bw, bb, r):
+        return m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm.clone(), rv.clone(), training=training,
+                                      residual=r, **kw)
+
+    torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_bias_relu3d(device):
+    x, w, _, bb, _, _, r, kw = _inputs(device, torch.float32, CONFIGS[2], residual=True)
+    for relu, res in ((True, r), (False, None), (True, None)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bb)]
+        rr = res.clone().requires_grad_() if res is not None else None
+        out = m3d.ops.conv_bias_relu3d(*leaves, residual=rr, relu=relu, **kw)
+        ref_leaves = [t.detach().clone().requires_grad_() for t in (x, w, bb)]
+        rr2 = res.clone().requires_grad_() if res is not None else None
+        ref = reference.conv_bias_relu3d(*ref_leaves, residual=rr2, relu=relu, **kw)
+        torch.testing.assert_close(out, ref, **tol(torch.float32))
+        go = torch.randn_like(ref)
+        extra = [rr] if rr is not None else []
+        g = torch.autograd.grad(out, leaves + extra, go)
+        rg = torch.autograd.grad(ref, ref_leaves + ([rr2] if rr2 is not None else []), go)
+        for a, b in zip(g, rg):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_eval(device):
+    x, w, bw, bb, rm, rv, _, kw = _inputs(device, torch.float32, CONFIGS[0], n=0)
+    out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, training=False, **kw)
+    ref = reference.conv_bn_relu3d(x, w, bw, bb, rm, rv, training=False, **kw)
+    assert out.shape == ref.shape == (0, 8, 5, 6, 7)
+    leaves = [t.requires_grad_() for t in (x, w, bw, bb)]
+    out = m3d.ops.conv_bn_relu3d(*leaves, rm, rv, training=False, **kw)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    for g, t in zip(grads, leaves):
+        assert g.shape == t.shape and not g.abs().sum()
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(device):
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[0], residual=True)
+    f = m3d.ops.conv_bn_relu3d
+    with pytest.raises(RuntimeError, match=r"'x' must be 5-D.*\[2, 3, 5, 6\]"):
+        f(x[..., 0], w, bw, bb, rm, rv, **kw)
+    with pytest.raises(RuntimeError, match=r"'weight'.*Cin = x.size\(1\) = 3"):
+        f(x, w[:, :2], bw, bb, rm, rv, **kw)
+    with pytest.raises(RuntimeError, match=r"'weight' must be of the same dtype"):
+        f(x, w.double(), bw, bb, rm, rv, **kw)
+    with pytest.raises(RuntimeError, match=r"'bn_weight' must be 1-D of size Cout = 8"):
+        f(x, w, bw[:5], bb, rm, rv, **kw)
+    with pytest.raises(RuntimeError, match=r"'running_var'.*Cout = 8"):
+        f(x, w, bw, bb, rm, rv[:3], **kw)
+    with pytest.raises(RuntimeError, match=r"'residual' must be of the output's shape"):
+        f(x, w, bw, bb, rm, rv, residual=r[:, :4], **kw)
+    with pytest.raises(RuntimeError, match=r"'x' is too small"):
+        f(x[:, :, :1, :1, :1], w, bw, bb, rm, rv, stride=1, padding=0)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        f(x[:1, :, :3, :3, :3], w, bw, bb, rm, rv, stride=1, padding=0)
+    with pytest.raises(RuntimeError, match="floating point"):
+        f(x.long(), w.long(), bw, bb, rm, rv, **kw)
+    with pytest.raises(ValueError, match="running_mean and running_var are required"):
+        f(x, w, bw, bb, None, None, training=False, **kw)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match=r"'weight' must be on the same device"):
+            f(x, w.cpu(), bw, bb, rm, rv, **kw)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for cl, residual, training in ((False, True, True), (True, False, False), (True, True, True)):
+        x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[1],
+                                              residual=residual, cl=cl)
+        for t in (x, w, bw, bb) + ((r,) if r is not None else ()):
+            t.requires_grad_()
+        args = (x, w, bw, bb, rm, rv, r, [2, 2, 2], [1, 1, 1], [1, 1, 1], training, 1e-5, True)
+        torch.library.opcheck(torch.ops.med3d_ext.conv_bn_relu3d.default, args)
+        y = torch.randn(2, 6, 4, 5, 3, device=device)
+        if cl:
+            y = y.to(memory_format=torch.channels_last_3d)
+        c = torch.rand(6, device=device)
+        torch.library.opcheck(torch.ops.med3d_ext.bn_relu_backward.default,
+                              (torch.randn_like(y), y, c, c + 1, c, c,
+                               torch.randn_like(y) if residual else None, training, True))
+        torch.library.opcheck(torch.ops.med3d_ext.conv_bias_relu3d.default,
+                              (x, w, bb, r, [2, 2, 2], [1, 1, 1], [1, 1, 1], True))
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_parity(device):
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[0], residual=True)
+
+    def step(x, w, bw, bb, rm, rv, r):
+        out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, residual=r, **kw)
+        return out.square().sum()
+
+    # dynamic=True: real pipelines change the batch and patch shape between steps
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n, sp in ((2, (5, 6, 7)), (3, (7, 4, 9))):
+        xi = torch.randn(n, 3, *sp, device=device).to(memory_format=torch.channels_last_3d)
+        ri = torch.randn(n, 8, *sp, device=device)
+        results = []
+        for fn in (step, compiled):
+            leaves = [t.detach().clone().requires_grad_() for t in (xi, w, bw, bb, ri)]
+            rm_i, rv_i = rm.clone(), rv.clone()
+            loss = fn(leaves[0], leaves[1], leaves[2], leaves[3], rm_i, rv_i, leaves[4])
+            loss.backward()
+            results.append([loss] + [t.grad for t in leaves] + [rm_i, rv_i])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cin,k,padding,sp", [(1, 7, 3, (9, 12, 11)), (3, 3, 1, (6, 7, 8)),
+                                              (2, (5, 3, 4), (2, 1, 0), (8, 5, 9)),
+                                              (4, 7, 0, (7, 8, 7))])
+def test_stem_space_to_depth(device, cin, k, padding, sp, monkeypatch):
+    # Cin <= 4, stride 2 convolutions run as a stride-1 conv of the space-to-depth input;
+    # forward, every gradient and the running stats must equal the reference's
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    cfg = (cin, 6, k, 2, padding, 1, sp)
+    x, w, *_ = _inputs(device, torch.float32, cfg)
+    assert mod._stem_eligible(x, w, [2] * 3, mod._triple(padding, "padding"), [1] * 3)
+    for training in (True, False):
+        _check_against_reference(device, cfg, training, True, True, False)
+    monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", False)
+    _check_against_reference(device, cfg, True, False, True, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stem_fold_path(device):
+    x, w, _, bb, _, _, _, kw = _inputs(device, torch.float32, (1, 8, 7, 2, 3, 1, (9, 10, 11)))
+    out = m3d.ops.conv_bias_relu3d(x, w, bb, **kw)
+    ref = reference.conv_bias_relu3d(x, w, bb, **kw)
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+@pytest.mark.parametrize("generic_stats", [False, True])
+def test_statistics_with_large_mean(device, cl, generic_stats, monkeypatch):
+    # conv output with |mean| / std ~ 1000: a naive one-pass sum / sum-of-squares in fp32 gets
+    # the variance ~20% wrong; the shifted (CUDA) and Welford (CPU) statistics must not.
+    # MED3D_EXT_GENERIC_STATS=1 selects bn_stats on CUDA too.
+    monkeypatch.setenv("MED3D_EXT_GENERIC_STATS", "1" if generic_stats else "0")
+    x = 10 + 0.1 * torch.randn(2, 4, 6, 7, 9, device=device)
+    w = torch.rand(16, 4, 3, 3, 3, device=device) / 54 + 1 / 216
+    if cl:
+        x, w = (t.to(memory_format=torch.channels_last_3d) for t in (x, w))
+    bw, bb = torch.rand(16, device=device) + 0.5, torch.randn(16, device=device)
+    rm, rv = torch.zeros(16, device=device), torch.ones(16, device=device)
+    rm64, rv64 = rm.double(), rv.double()
+    out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv)
+    ref = reference.conv_bn_relu3d(x.double(), w.double(), bw.double(), bb.double(), rm64, rv64)
+    # the fp32 convolution alone perturbs y by ~1e-3 std here; a lost variance is off by ~10%
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(rv.double(), rv64, rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(rm.double(), rm64, rtol=1e-5, atol=1e-6)
