@@ -139,11 +139,13 @@ def _val_curve(run_dir) -> dict:
 
 
 def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=None,
-              runs=None, threads=None, log=print) -> dict:
+              runs=None, threads=None, head_lr=1e-3, log=print) -> dict:
     """The whole study; returns the summary dict (also written as JSON + markdown + PNG).
 
     threads: torch CPU threads; default 1 on the CPU: on a machine shared with other jobs,
     OpenMP's spinning barriers make 2 threads 5-10x slower per step than 1.
+    head_lr: learning rate of the new head in the pretrained arms (their encoder: 1e-3; from
+    scratch every parameter uses 1e-3).
     """
     from med3d_ext.train import config as C
     from med3d_ext.train.cli import run_pretrain, run_transfer
@@ -188,9 +190,9 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
         log(f"  pretraining: {pre['time_s']:.0f} s, validation Dice {pre['best_score']:.3f}")
         arms = [(SCRATCH, {"from_scratch": True, "depth": 10, "head_lr": 1e-3})]
         arms.append((OURS, {"pretrained": str(runs / "pretrain" / "last.pt"), "lr": 1e-3,
-                            "head_lr": 1e-3}))
+                            "head_lr": head_lr}))
         if medicalnet is not None:
-            arms.append((MEDICALNET, {"pretrained": str(medicalnet), "lr": 1e-3, "head_lr": 1e-3}))
+            arms.append((MEDICALNET, {"pretrained": str(medicalnet), "lr": 1e-3, "head_lr": head_lr}))
         curves: dict = {a: {} for a, _ in arms}
         times: dict = {a: [] for a, _ in arms}
         for seed in seeds:
@@ -212,6 +214,7 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
             summary["arms"][arm]["ms_per_step"] = 1e3 * _mean(ts) / steps  # includes validation
         summary.update(
             sizes=sz, device=str(dev), seeds=list(seeds), pretrain_shared=True, threads=threads,
+            lrs={"scratch": 1e-3, "pretrained_encoder": 1e-3, "pretrained_head": head_lr},
             pretrain={"steps": sz["pre_epochs"] * sz["pre_steps"], "time_s": pre["time_s"],
                       "val_dice": pre["best_score"], "seed": seeds[0]},
             medicalnet=str(medicalnet) if medicalnet else None, data_s=t_data,
@@ -280,7 +283,8 @@ def reading(s: dict) -> str:
 def markdown(s: dict) -> str:
     sz = s["sizes"]
     lines = [f"# Convergence study: transfer vs from scratch ({s['transfer_task']})", "",
-             f"device {s['device']} ({s.get('threads') or 'default'} torch threads); seeds {s['seeds']}; ResNet-10, patch {sz['patch']}, batch "
+             f"device {s['device']} ({s.get('threads') or 'default'} torch threads); seeds "
+             f"{s['seeds']}; ResNet-10, patch {sz['patch']}, batch "
              f"{sz['batch']}; pretraining {s['pretrain']['steps']} steps on 8 synthetic domains "
              f"(shared by all seeds, {s['pretrain']['time_s']:.0f} s); transfer "
              f"{sz['every'] * sz['evals']} steps per arm, validation every {sz['every']} steps; "
@@ -297,6 +301,8 @@ def markdown(s: dict) -> str:
             f"{a['steps_to_target'] if a['steps_to_target'] is not None else 'not reached'} | {per} | "
             f"{_f(a['speedup_vs_scratch'], '.1f') + 'x' if a['speedup_vs_scratch'] else '—'} | "
             f"{a['dice_gain_vs_scratch']:+.3f} | {_f(a.get('time_s_mean'), '.0f')} |")
+    if s.get("lrs"):
+        lines += ["", f"Learning rates (AdamW, poly): {s['lrs']}."]
     lines += ["", "Final Dice per seed: " + "; ".join(
         f"{arm}: " + ", ".join(f"seed {k} {_f(v)}" for k, v in zip(a["seeds"], a["final"]))
         for arm, a in s["arms"].items()) + "."]
@@ -409,6 +415,9 @@ def main(argv=None) -> int:
                    help="MedicalNet-layout ResNet weights (.pth/.safetensors): a third arm")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 on the CPU, torch's default on a GPU)")
+    p.add_argument("--head-lr", type=float, default=1e-3,
+                   help="learning rate of the new head in the pretrained arms (default 1e-3, "
+                        "the encoder's and the from-scratch arm's)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the markdown (and the PNG, with matplotlib) next to an "
                         "existing convergence.json; trains nothing")
@@ -428,7 +437,7 @@ def main(argv=None) -> int:
                                 f"{time.strftime('%Y-%m-%d')}_{dev}-convergence")
     try:
         s = run_study(out, seeds=a.seeds, device=dev, quick=a.quick, medicalnet=a.medicalnet,
-                      runs=a.runs, threads=a.threads)
+                      runs=a.runs, threads=a.threads, head_lr=a.head_lr)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
