@@ -1,7 +1,8 @@
 """convergence: transfer vs from-scratch convergence study (paper: 2-10x faster).
 
-The study itself lives in ``benchmarks/convergence_study.py`` (added later) and must define
-``run(ctx)``; until it exists this area records 'unavailable'.
+The study itself lives in ``benchmarks/convergence_study.py`` (also a CLI:
+``python -m benchmarks.convergence_study``) and defines ``run(ctx)``; without that file this
+area records 'unavailable'.
 """
 
 from __future__ import annotations

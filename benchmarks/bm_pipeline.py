@@ -1,22 +1,214 @@
-"""pipeline: loader + augmentation throughput (volumes/s).
+"""pipeline: loader + augmentation throughput, and the data-wait share of a training step.
 
-Placeholder until ``med3d_ext.data`` and ``med3d_ext.transforms`` land: it records why the area
-cannot run. It times nothing yet.
+Data: a small synthetic 3DSeg-8 domain (``med3d_ext.data.synth``, generated into a temporary
+folder and preprocessed there), sampled by ``med3d_ext.data.make_loader`` /
+``MultiDomainSampler``. Two ways to get an augmented batch of N patches onto the device:
+
+* baseline: DataLoader workers augment each sample on the CPU with the plain PyTorch path
+  (``F.affine_grid`` + ``F.grid_sample``, ``med3d_ext.train.backends.PlainAugment3D``), the
+  collated batch is copied to the device;
+* ours: the loader only crops; the batch is copied to the device and augmented there in one
+  batched ``med3d_ext.transforms.RandomAugment3D`` call (the fused resample op).
+
+Case 1 times one batch (median per batch, volumes/s in the row), with the loader in W worker
+processes and in-process. Case 2 runs a ResNet-10 segmentation training step (fwd + bwd +
+AdamW) fed by each pipeline and records the data-wait fraction: time blocked on the next batch
+(loader + host-to-device copy) over the whole step time. The two pipelines draw different
+random transforms, so their outputs are not compared (the resample op itself is checked
+against the reference in the ``augment`` area); the rows check the batch shapes instead.
 """
 
 from __future__ import annotations
 
-from .common import UNAVAILABLE, Unavailable, m3d_attr
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .common import OK, UNAVAILABLE, Unavailable, m3d_attr, median, op_backend, sync
 
 AREA = "pipeline"
 
 
-def run(ctx):
-    missing = []
-    for sub in ("data", "transforms"):
+def sizes(ctx) -> dict:
+    if ctx.gpu and not ctx.quick:
+        return dict(cases=2, size=96, patch=[64, 64, 32], batch=8, workers=min(8, os.cpu_count() or 1),
+                    steps=20)
+    if ctx.gpu:
+        return dict(cases=2, size=64, patch=[64, 64, 32], batch=8, workers=min(8, os.cpu_count() or 1),
+                    steps=10)
+    if ctx.quick:  # a smoke test: tiny patches, worker start-up dominates
+        return dict(cases=1, size=24, patch=[16, 16, 8], batch=2, workers=2, steps=2)
+    return dict(cases=2, size=48, patch=[48, 48, 24], batch=4, workers=2, steps=8)
+
+
+class PerSampleAugmented(torch.utils.data.IterableDataset):
+    """One augmented sample at a time from a batch-size-1 MultiDomainSampler; the DataLoader
+    collates. Each worker strides the sampler's batches (MultiDomainSampler does that)."""
+
+    def __init__(self, sampler, patch):
+        from med3d_ext.train.backends import PlainAugment3D
+
+        self.sampler, self.patch, self.aug = sampler, tuple(patch), PlainAugment3D()
+
+    def __iter__(self):
+        for b in self.sampler:
+            img, lab = self.aug(b["image"].float(), b["label"].long(), self.patch)
+            yield {"image": img[0], "label": lab[0].to(torch.uint8)}
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def _dataset(tmp, sz):
+    from med3d_ext.data import open_dataset
+    from med3d_ext.data.synth import TRANSFER, write_msd
+
+    raw = write_msd(os.path.join(tmp, "raw"), TRANSFER, sz["cases"], sz["size"], seed=0)
+    return open_dataset(raw, cache=os.path.join(tmp, "cache"), workers=0, progress=False)
+
+
+def _pipelines(pre, sz, device, workers):
+    """name -> (make() -> iterator of augmented device batches, baseline?)."""
+    from med3d_ext.data import MultiDomainSampler, make_loader
+
+    patch, n = sz["patch"], sz["batch"]
+    pin = device == "cuda"
+
+    def cpu_workers():
+        ds = PerSampleAugmented(MultiDomainSampler([pre], patch, 1, seed=1, steps=None), patch)
+        dl = torch.utils.data.DataLoader(ds, batch_size=n, num_workers=workers, pin_memory=pin,
+                                         persistent_workers=workers > 0)
+        for b in _endless(dl):
+            yield b["image"].to(device, non_blocking=pin), b["label"].to(device, non_blocking=pin), 0.0
+
+    def batched(w):
+        def gen():
+            aug = m3d_attr("transforms.RandomAugment3D")(
+                rotate=0.26, scale=(0.85, 1.15), flip=0.5, contrast=(0.9, 1.1),
+                brightness=(-0.1, 0.1), noise=(0.0, 0.05), seed=1)
+            loader = make_loader([pre], patch, n, num_workers=w, pin_memory=pin, seed=1, steps=None)
+            for b in _endless(loader):
+                img = b["image"].to(device, non_blocking=pin)
+                lab = b["label"].to(device, non_blocking=pin)
+                t = time.perf_counter()
+                img, lab = aug(img, lab, patch)
+                yield img, lab, t  # t: when the device work started (the wait ends there)
+        return gen
+
+    out = {f"CPU per-sample affine_grid/grid_sample, {workers} workers": (cpu_workers, True)}
+    out[f"RandomAugment3D batched on {device}, loader {workers} workers"] = (batched(workers), False)
+    out[f"RandomAugment3D batched on {device}, in-process loader"] = (batched(0), False)
+    return out
+
+
+def _check_batch(img, lab, sz):
+    want = (sz["batch"], 1, *sz["patch"])
+    if tuple(img.shape) != want or tuple(lab.shape) != (want[0], *want[2:]):
+        raise AssertionError(f"batch shapes image {tuple(img.shape)} label {tuple(lab.shape)}, want {want}")
+    if not torch.isfinite(img).all():
+        raise AssertionError("non-finite augmented image")
+
+
+def _throughput(ctx, pre, sz, pipes):
+    params = {"patch": sz["patch"], "batch": sz["batch"], "workers": sz["workers"],
+              "volume": f"synthetic CT, {sz['size']} px in-plane", "device": ctx.device,
+              "main_threads": torch.get_num_threads()}
+    case = ctx.case(AREA, "augmented batch on device", params=params)
+    for name, (make, base) in pipes.items():
+        def mk(make=make):
+            it = make()
+            img, lab, _ = next(it)  # starts the workers (not timed beyond warm-up)
+            _check_batch(img, lab, sz)
+
+            def fn():
+                a, b, _ = next(it)
+                sync(ctx.device)
+                return a, b
+            return fn
+        note = "" if base else op_backend("affine_resample_pair", ctx.device)
+        case.add(name, mk, baseline=base, check=False, note=note)
+    rows = case.run()
+    for r in rows:
+        if r["status"] == OK:
+            r["volumes_s"] = sz["batch"] / (r["median_ms"] * 1e-3)
+            r["check"] = "different random transforms: shapes and finiteness checked, values not compared"
+
+
+def _train_rows(ctx, pre, sz, pipes):
+    """A ResNet-10 step fed by each pipeline: median step time and data-wait fraction."""
+    try:
+        build = m3d_attr("models.build_transfer_model")
+    except Unavailable as exc:
+        ctx.record(AREA, "ResNet-10 step data wait", "-", UNAVAILABLE, str(exc))
+        return
+    params = {"patch": sz["patch"], "batch": sz["batch"], "workers": sz["workers"],
+              "steps": sz["steps"], "model": "ResNet-10 seg, AdamW", "device": ctx.device,
+              "main_threads": torch.get_num_threads()}
+    rows = []
+    for name, (make, base) in pipes.items():
+        row = {"area": AREA, "case": "ResNet-10 step data wait", "impl": name, "baseline": base,
+               "reference": False, "params": params, "status": OK}
         try:
-            m3d_attr(sub)
+            torch.manual_seed(0)
+            model = build("segmentation", 10, int(pre.num_classes)).to(ctx.device).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            it = make()
+            steps, waits = [], []
+            warm = 1 if ctx.quick else 2  # warm-up steps (worker start, allocator)
+            for k in range(warm + sz["steps"]):
+                t0 = time.perf_counter()
+                img, lab, t_dev = next(it)
+                sync(ctx.device)
+                # the device augmentation is compute of the step, not waiting for data
+                t1 = t_dev if t_dev else time.perf_counter()
+                logits = model(img)
+                lab_s = F.interpolate(lab[:, None].float(), size=logits.shape[2:], mode="nearest")
+                loss = F.cross_entropy(logits, lab_s[:, 0].long())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sync(ctx.device)
+                if k >= warm:
+                    steps.append(time.perf_counter() - t0)
+                    waits.append(t1 - t0)
+            del it
+            row.update(median_ms=median(steps) * 1e3, min_ms=min(steps) * 1e3, repeats=len(steps),
+                       data_wait=sum(waits) / sum(steps), wait_ms=median(waits) * 1e3,
+                       check="loss finite" if torch.isfinite(loss).item() else "NON-FINITE loss")
         except Unavailable as exc:
-            missing.append(str(exc))
-    reason = "; ".join(missing) if missing else "loader throughput benchmark not written yet (placeholder)"
-    ctx.record(AREA, "loader + augmentation", "med3d_ext", UNAVAILABLE, reason)
+            row.update(status=UNAVAILABLE, reason=str(exc))
+        except torch.OutOfMemoryError as exc:
+            row.update(status=UNAVAILABLE, reason=f"out of memory: {str(exc).splitlines()[0][:200]}")
+        except Exception as exc:  # one broken pipeline must not stop the others
+            row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+        rows.append(row)
+    ctx.add_rows(rows)
+
+
+def run(ctx):
+    try:
+        m3d_attr("data.make_loader")
+        m3d_attr("transforms")
+        m3d_attr("train")
+    except Unavailable as exc:
+        ctx.record(AREA, "loader + augmentation", "med3d_ext", UNAVAILABLE, str(exc))
+        return
+    sz = sizes(ctx)
+    threads = torch.get_num_threads()
+    if not ctx.gpu:
+        # the workers need cores too; an oversubscribed OpenMP pool spins (5-10x slower steps)
+        sz["threads"] = max(1, len(os.sched_getaffinity(0)) - sz["workers"])
+        torch.set_num_threads(sz["threads"])
+    try:
+        with tempfile.TemporaryDirectory(prefix="m3d-pipeline-") as tmp:
+            pre = _dataset(tmp, sz)
+            pipes = _pipelines(pre, sz, ctx.device, sz["workers"])
+            _throughput(ctx, pre, sz, pipes)
+            _train_rows(ctx, pre, sz, pipes)
+    finally:
+        torch.set_num_threads(threads)

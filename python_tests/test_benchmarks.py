@@ -10,7 +10,7 @@ import torch
 
 import med3d_ext as m3d
 from benchmarks import __main__ as bench_main
-from benchmarks import bm_pipeline, common, publish
+from benchmarks import bm_pipeline, common, convergence_study, publish
 
 
 def _run(tmp_path, *argv):
@@ -53,14 +53,23 @@ def test_quick_cpu_areas_write_rows_with_env(tmp_path):
 
 def test_missing_op_is_unavailable_not_a_crash(tmp_path, monkeypatch):
     monkeypatch.delattr(m3d.ops, "bn_stats")
+    real_attr = bm_pipeline.m3d_attr
+
+    def no_transforms(path):
+        if path.startswith("transforms"):
+            raise common.Unavailable("med3d_ext has no transforms")
+        return real_attr(path)
+
+    monkeypatch.setattr(bm_pipeline, "m3d_attr", no_transforms)
     data = _run(tmp_path, "bn_stats", "pipeline")
     (ours,) = _rows(data, "bn_stats", "med3d_ext")
     assert ours["status"] == "unavailable"
     assert ours["reason"] == "med3d_ext.ops has no bn_stats"
     assert "median_ms" not in ours
-    # the reference row was still timed, and the placeholder area says why it did not run
+    # the reference row was still timed, and an area missing a subpackage says why it did not run
     assert _rows(data, "bn_stats", "eager torch.var_mean")[0]["status"] == "ok"
-    assert _rows(data, "pipeline")[0]["status"] == "unavailable"
+    (pipe,) = _rows(data, "pipeline")
+    assert pipe["status"] == "unavailable" and "transforms" in pipe["reason"]
 
 
 def test_wrong_kernel_is_failed_and_not_timed(tmp_path, monkeypatch):
@@ -82,11 +91,68 @@ def test_broken_area_does_not_stop_the_suite(tmp_path, monkeypatch):
     def boom(ctx):
         raise RuntimeError("area exploded")
 
+    def stand_in(ctx):  # the real study trains networks for a minute
+        ctx.record("convergence", "transfer vs scratch", "-", common.UNAVAILABLE, "stand-in")
+
     monkeypatch.setattr(bm_pipeline, "run", boom)
+    monkeypatch.setattr(convergence_study, "run", stand_in)
     data = _run(tmp_path, "pipeline", "convergence")
     assert "area exploded" in data["areas"]["pipeline"]["error"]
     assert _rows(data, "pipeline")[0]["status"] == "error"
-    assert _rows(data, "convergence")[0]["status"] == "unavailable"
+    assert _rows(data, "convergence")[0]["reason"] == "stand-in"
+
+
+def test_pipeline_area_quick_cpu(tmp_path):
+    data = _run(tmp_path, "pipeline")
+    rows = _rows(data, "pipeline")
+    assert not data["areas"]["pipeline"].get("error"), data["areas"]["pipeline"]
+    thr = [r for r in rows if r["case"] == "augmented batch on device"]
+    wait = [r for r in rows if r["case"] == "ResNet-10 step data wait"]
+    assert len(thr) == 3 and len(wait) == 3
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["params"]["patch"]
+    base = [r for r in thr if r["baseline"]]
+    assert len(base) == 1 and "grid_sample" in base[0]["impl"]
+    for r in thr:
+        assert r["volumes_s"] == pytest.approx(r["params"]["batch"] / (r["median_ms"] * 1e-3))
+        if not r["baseline"]:
+            assert set(r["speedup"]) == {base[0]["impl"]}
+    for r in wait:
+        assert 0.0 <= r["data_wait"] < 1.0 and r["check"] == "loss finite"
+
+
+def _curve(steps, dice):
+    return {"steps": list(steps), "dice": list(dice)}
+
+
+def test_convergence_summary_steps_to_target():
+    st = convergence_study.steps_to_target
+    assert st([10, 20, 30], [0.1, float("nan"), 0.5], 0.4) == 30
+    assert st([10, 20, 30], [0.1, 0.45, 0.3], 0.4) == 20  # the first crossing, not the last
+    assert st([10, 20], [0.1, 0.2], 0.4) is None
+    steps = [10, 20, 30, 40, 50]
+    S, P = convergence_study.SCRATCH, convergence_study.OURS
+    curves = {S: {0: _curve(steps, [0.0, 0.1, 0.2, 0.3, 0.4]), 1: _curve(steps, [0.0, 0.1, 0.2, 0.4, 0.6])},
+              P: {0: _curve(steps, [0.2, 0.45, 0.5, 0.6, 0.6]), 1: _curve(steps, [0.1, 0.3, 0.4, 0.6, 0.7])}}
+    s = convergence_study.summarize(curves)
+    assert s["target"] == pytest.approx(0.5)  # mean final Dice from scratch
+    sc, pre = s["arms"][S], s["arms"][P]
+    assert sc["mean"] == pytest.approx([0.0, 0.1, 0.2, 0.35, 0.5])
+    assert pre["max"] == pytest.approx([0.2, 0.45, 0.5, 0.6, 0.7])
+    assert sc["steps_to_target"] == 50 and pre["steps_to_target"] == 40  # mean 0.45, then 0.6
+    assert pre["speedup_vs_scratch"] == pytest.approx(50 / 40)
+    # per seed: against that seed's own from-scratch final Dice (0.4 and 0.6)
+    assert pre["steps_to_target_per_seed"] == {"0": 20, "1": 40}
+    assert pre["final_mean"] == pytest.approx(0.65) and pre["dice_gain_vs_scratch"] == pytest.approx(0.15)
+    assert pre["final_std"] == pytest.approx(0.0707107, rel=1e-5)
+    # an arm that never gets there has no speed-up; mismatched validation steps are an error
+    slow = {S: curves[S], P: {0: _curve(steps, [0.0] * 5)}}
+    assert convergence_study.summarize(slow)["arms"][P]["speedup_vs_scratch"] is None
+    with pytest.raises(ValueError, match="other steps"):
+        convergence_study.summarize({S: {0: _curve(steps, [0.1] * 5), 1: _curve([1, 2, 3, 4, 5], [0.1] * 5)}})
+    with pytest.raises(ValueError, match="from scratch"):
+        convergence_study.summarize({P: curves[P]})
 
 
 def test_unknown_area_names_the_closest(capsys):
@@ -124,3 +190,32 @@ def test_publish_renders_ratios_and_replaces_only_the_block(tmp_path):
     assert text.startswith("intro\n") and text.endswith(f"{publish.END}\noutro\n")
     readme.write_text("no markers\n")
     assert publish.main(["--write", "--results", str(tmp_path / "results"), "--readme", str(readme)]) == 1
+
+
+def test_convergence_area_rows_from_the_study(tmp_path, monkeypatch):
+    # the study itself trains for minutes (benchmarks/results holds a real run); here its
+    # summary is a synthetic one and the area must turn it into one checked row per arm
+    S, P = convergence_study.SCRATCH, convergence_study.OURS
+    steps = [4, 8, 12]
+    seen = {}
+
+    def fake_study(out, *, seeds, device, quick, log, **kw):
+        seen.update(seeds=seeds, device=device, quick=quick)
+        s = convergence_study.summarize({S: {k: _curve(steps, [0.1, 0.2, 0.3]) for k in seeds},
+                                         P: {k: _curve(steps, [0.3, 0.4, 0.4]) for k in seeds}})
+        for a in s["arms"].values():
+            a["ms_per_step"] = 12.5
+        s.update(transfer_task="Task11_Kidney", sizes={"patch": [16, 16, 8], "batch": 2, "every": 4, "evals": 3},
+                 pretrain={"steps": 12})
+        return s
+
+    monkeypatch.setattr(convergence_study, "run_study", fake_study)
+    data = _run(tmp_path, "convergence")
+    assert seen == {"seeds": (0, 1), "device": "cpu", "quick": True}
+    rows = {r["impl"]: r for r in _rows(data, "convergence")}
+    assert set(rows) == {S, P} and rows[S]["baseline"] and not rows[P]["baseline"]
+    assert rows[P]["steps_to_target"] == 4 and rows[S]["steps_to_target"] == 12
+    assert rows[P]["convergence_speedup"] == pytest.approx(3.0)
+    assert rows[P]["final_dice"] == pytest.approx(0.4) and rows[P]["dice_gain"] == pytest.approx(0.1)
+    assert rows[P]["params"]["target_dice"] == pytest.approx(0.3)
+    assert "convergence" in (tmp_path / "results.md").read_text()
