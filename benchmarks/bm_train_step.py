@@ -4,8 +4,7 @@ GPU: batch 8 x 1 x 64 x 128 x 128, bf16 autocast, channels_last_3d, SGD with mom
 cross-entropy on the 1/4-size logits. Four versions per depth: plain eager, plain
 torch.compile (of forward + backward, the optimiser step stays eager), med3d_ext fused
 (``med3d_ext.nn.fuse_modules``) and fused + compile; plus ResNet-50 in fp32 eager. Time and
-peak memory per version. The plain model is ``med3d_ext.models.resnet3d(depth)`` when present,
-else the MedicalNet-shaped copy in :mod:`benchmarks.medicalnet`.
+peak memory per version. The plain model is ``med3d_ext.models.resnet3d(depth)``.
 
 --quick compiles ResNet-10 only (ResNet-50's compile takes minutes); --with-compile adds it.
 Correctness: every version starts from the same weights and input; its first step's loss and
@@ -28,24 +27,13 @@ GPU_SHAPE = (8, 1, 64, 128, 128)  # perf-baselines.md
 def base_model(depth):
     """(model on CPU, where it came from)."""
     torch.manual_seed(0)
-    try:
-        return m3d_attr("models.resnet3d")(depth), "med3d_ext.models.resnet3d"
-    except Unavailable as exc:
-        from .medicalnet import ResNet3d
-
-        torch.manual_seed(0)
-        return ResNet3d(depth), f"benchmarks.medicalnet.ResNet3d ({exc})"
+    return m3d_attr("models.resnet3d")(depth), "med3d_ext.models.resnet3d"
 
 
 def fused_copy(model, source):
     fuse = m3d_attr("nn.fuse_modules")
     m = copy.deepcopy(model)
-    try:
-        out = fuse(m)
-    except Exception as exc:
-        if source.startswith("benchmarks."):  # our stand-in model may not be fusable
-            raise Unavailable(f"fuse_modules on the stand-in model failed: {type(exc).__name__}: {exc}") from None
-        raise
+    out = fuse(m)
     return out if out is not None else m
 
 
