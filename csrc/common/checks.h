@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <type_traits>
+#include <vector>
 
 namespace med3d_ext {
 
@@ -23,6 +25,31 @@ inline std::string describe(const at::Tensor& t) {
   return "a tensor of shape " + shape + ", dtype " + std::string(c10::toString(t.scalar_type())) +
          ", device " + t.device().str();
 }
+
+// msg(a, b, ...): concatenation of strings, numbers, sizes, dtypes and devices, without iostreams.
+inline std::string msg_piece(const std::string& s) { return s; }
+inline std::string msg_piece(const char* s) { return s; }
+inline std::string msg_piece(char c) { return std::string(1, c); }
+inline std::string msg_piece(bool b) { return b ? "true" : "false"; }
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline std::string msg_piece(T v) { return std::to_string(v); }
+inline std::string msg_piece(at::IntArrayRef v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+inline std::string msg_piece(const std::vector<int64_t>& v) { return msg_piece(at::IntArrayRef(v)); }
+inline std::string msg_piece(c10::ScalarType t) { return c10::toString(t); }
+inline std::string msg_piece(const c10::Device& d) { return d.str(); }
+template <typename... Args>
+inline std::string msg(const Args&... args) {
+  std::string out;
+  ((out += msg_piece(args)), ...);
+  return out;
+}
+
+// TORCH_CHECK with an iostream-free message (see above).
+#define M3D_CHECK(COND, ...) TORCH_CHECK((COND), ::med3d_ext::msg(__VA_ARGS__))
 
 #define M3D_CHECK_ARG(COND, OP, ARG, TENSOR, EXPECTED)                                           \
   TORCH_CHECK((COND), std::string("med3d_ext.") + (OP) + ": argument '" + (ARG) + "' must be " + \

@@ -31,16 +31,16 @@ at::Tensor acc_param(const at::Tensor& p, const at::Tensor& like_y) {
 std::vector<int64_t> conv3d_out_sizes(const char* op, const at::Tensor& x, const at::Tensor& w,
                                       const ConvArgs& conv) {
   for (auto* a : {&conv.stride, &conv.padding, &conv.dilation})
-    TORCH_CHECK(a->size() == 3, "med3d_ext.", op, ": stride, padding and dilation need 3 values");
+    M3D_CHECK(a->size() == 3, "med3d_ext.", op, ": stride, padding and dilation need 3 values");
   std::vector<int64_t> out{x.size(0), w.size(0)};
   for (int i = 0; i < 3; ++i) {
     const int64_t s = conv.stride[i], p = conv.padding[i], d = conv.dilation[i];
-    TORCH_CHECK(s > 0 && d > 0 && p >= 0, "med3d_ext.", op,
+    M3D_CHECK(s > 0 && d > 0 && p >= 0, "med3d_ext.", op,
                 ": stride and dilation must be positive and padding non-negative, got stride=",
                 sizes_str(conv.stride), " padding=", sizes_str(conv.padding),
                 " dilation=", sizes_str(conv.dilation));
     const int64_t span = d * (w.size(2 + i) - 1) + 1, padded = x.size(2 + i) + 2 * p;
-    TORCH_CHECK(padded >= span, "med3d_ext.", op, ": argument 'x' is too small: spatial size ",
+    M3D_CHECK(padded >= span, "med3d_ext.", op, ": argument 'x' is too small: spatial size ",
                 sizes_str(x.sizes().slice(2)), " padded by ", sizes_str(conv.padding),
                 " is smaller than the dilated kernel ", sizes_str(w.sizes().slice(2)),
                 " (dilation ", sizes_str(conv.dilation), ")");
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats(
     return {mean, (var + eps).rsqrt(), var};
   }
   const int64_t C = y.size(1), n = C ? y.numel() / C : 0;
-  TORCH_CHECK(n > 1, "Expected more than 1 value per channel when training, got input size ",
+  M3D_CHECK(n > 1, "Expected more than 1 value per channel when training, got input size ",
               y.sizes());
   static auto stats = c10::Dispatcher::singleton()
                           .findSchemaOrThrow("med3d_ext::bn_stats", "")
@@ -123,7 +123,7 @@ ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weig
   check_channel_param(op, "bn_weight", bn_weight, x, C);
   check_channel_param(op, "bn_bias", bn_bias, x, C);
   if (!training) {
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value(), "med3d_ext.", op,
+    M3D_CHECK(running_mean.has_value() && running_var.has_value(), "med3d_ext.", op,
                 ": running_mean and running_var are required when training=False");
   }
   if (running_mean.has_value()) check_channel_param(op, "running_mean", *running_mean, x, C);
@@ -133,7 +133,7 @@ ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weig
   at::Tensor mean, invstd, var;
   if (training && stats && y.numel() > 0) {
     const int64_t n = y.numel() / C;
-    TORCH_CHECK(n > 1, "Expected more than 1 value per channel when training, got input size ",
+    M3D_CHECK(n > 1, "Expected more than 1 value per channel when training, got input size ",
                 y.sizes());
     std::tie(mean, invstd, var) = stats(y, eps);
   } else {

@@ -26,7 +26,7 @@ struct Geometry {
 
 Geometry geometry(const at::Tensor& y) {
   // The kernels index every tensor as a dense (N*C, S) or (M, C) matrix in y's memory order.
-  TORCH_CHECK(y.is_contiguous() || is_channels_last_3d(y),
+  M3D_CHECK(y.is_contiguous() || is_channels_last_3d(y),
               "med3d_ext.conv_bn_relu3d (CUDA): internal error: y must be contiguous or "
               "channels_last_3d, got strides ", y.strides());
   const int64_t N = y.size(0), C = y.size(1);
@@ -53,7 +53,7 @@ at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& y) {
   at::Tensor u = t.scalar_type() == y.scalar_type() ? t : t.to(y.scalar_type());
   if (same_dense_layout(u, y)) return u;
   u = u.contiguous(layout_of(y));
-  TORCH_CHECK(same_dense_layout(u, y), "med3d_ext.conv_bn_relu3d (CUDA): internal error: "
+  M3D_CHECK(same_dense_layout(u, y), "med3d_ext.conv_bn_relu3d (CUDA): internal error: "
               "cannot bring a tensor of strides ", t.strides(), " to y's layout ", y.strides());
   return u;
 }
@@ -137,7 +137,7 @@ int64_t launch_reduce(const Geometry& g, const Acc& acc, const ParamPtrs<acc_t>&
   const int64_t blocks_wanted = 8 * int64_t(sm_count());
   int64_t splits;
   if (!g.cl) {
-    TORCH_CHECK(g.C <= 65535, "med3d_ext.conv_bn_relu3d: more than 65535 channels (", g.C, ")");
+    M3D_CHECK(g.C <= 65535, "med3d_ext.conv_bn_relu3d: more than 65535 channels (", g.C, ")");
     splits = std::max<int64_t>(1, std::min(ceil_div(blocks_wanted, g.C), ceil_div(g.M / V, 1024)));
     splits = std::min<int64_t>(splits, 65535);
     partial = at::empty({splits * g.C * 2}, partial.options());

@@ -25,14 +25,14 @@ inline std::string list_str(at::IntArrayRef v) {
 inline void check_size(const char* op, const char* arg, at::IntArrayRef size, size_t rank) {
   bool ok = size.size() == rank;
   for (auto v : size) ok = ok && v >= 0;
-  TORCH_CHECK(ok, "med3d_ext.", op, ": argument '", arg, "' must be ", rank,
+  M3D_CHECK(ok, "med3d_ext.", op, ": argument '", arg, "' must be ", rank,
               " non-negative ints, got ", list_str(size));
 }
 
 inline void check_modes(const char* op, int64_t mode, int64_t pad) {
-  TORCH_CHECK(mode == kBilinear || mode == kNearest, "med3d_ext.", op,
+  M3D_CHECK(mode == kBilinear || mode == kNearest, "med3d_ext.", op,
               ": argument 'mode' must be 0 (bilinear) or 1 (nearest), got ", mode);
-  TORCH_CHECK(pad == kZeros || pad == kBorder || pad == kReflection, "med3d_ext.", op,
+  M3D_CHECK(pad == kZeros || pad == kBorder || pad == kReflection, "med3d_ext.", op,
               ": argument 'padding_mode' must be 0 (zeros), 1 (border) or 2 (reflection), got ",
               pad);
 }
@@ -122,7 +122,7 @@ void dispatch_pair(const Prepared& p, int64_t pad, bool align, Fn&& fn) {
       case 2: go(uint16_t{}); break;
       case 4: go(uint32_t{}); break;
       case 8: go(uint64_t{}); break;
-      default: TORCH_CHECK(false, "med3d_ext: unsupported label element size ",
+      default: M3D_CHECK(false, "med3d_ext: unsupported label element size ",
                            p.label.element_size());
     }
   };

@@ -203,7 +203,7 @@ at::Tensor resize_cpu(const at::Tensor& image, at::IntArrayRef size, int64_t mod
       case 2: resize_nearest_cpu<uint16_t>(in, out); break;
       case 4: resize_nearest_cpu<uint32_t>(in, out); break;
       case 8: resize_nearest_cpu<uint64_t>(in, out); break;
-      default: TORCH_CHECK(false, "med3d_ext.resize: unsupported element size ", in.element_size());
+      default: M3D_CHECK(false, "med3d_ext.resize: unsupported element size ", in.element_size());
     }
   }
   return out;

@@ -56,7 +56,7 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     const int64_t label_blocks = label ? ceil_div(a.LD * a.LH * a.LW, kThreads) : 0;
     const int64_t blocks = image_blocks + label_blocks;
     if (blocks == 0) return;
-    TORCH_CHECK(blocks < (int64_t(1) << 31), "med3d_ext.affine_resample: output grid too large");
+    M3D_CHECK(blocks < (int64_t(1) << 31), "med3d_ext.affine_resample: output grid too large");
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min(N, kMaxGridY)));
     pair_kernel<typename A::scalar_type, typename A::label_type, typename A::coord_type, index_t>
         <<<grid, kThreads, 0, stream>>>(a, N, image_blocks);
@@ -164,7 +164,7 @@ at::Tensor resize_cuda(const at::Tensor& image, at::IntArrayRef size, int64_t mo
     case 2: nearest(uint16_t{}); break;
     case 4: nearest(uint32_t{}); break;
     case 8: nearest(uint64_t{}); break;
-    default: TORCH_CHECK(false, "med3d_ext.resize: unsupported element size ", in.element_size());
+    default: M3D_CHECK(false, "med3d_ext.resize: unsupported element size ", in.element_size());
   }
   return out;
 }

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "seg_loss.h"
+#include "../common/checks.h"
 
 namespace med3d_ext {
 namespace {
@@ -151,10 +152,10 @@ std::vector<at::Tensor> multihead_seg_loss_backward_cpu(
   SegPlan plan = make_seg_plan("multihead_seg_loss_backward", logits, targets, head_weights,
                                class_weights);
   const int64_t H = static_cast<int64_t>(plan.heads.size());
-  TORCH_CHECK(saved.dim() == 1 && saved.numel() == 3 * plan.slots + H,
+  M3D_CHECK(saved.dim() == 1 && saved.numel() == 3 * plan.slots + H,
               "med3d_ext.multihead_seg_loss_backward: argument 'saved' must have ",
               3 * plan.slots + H, " values for these heads, got shape ", saved.sizes());
-  TORCH_CHECK(grad_total.numel() == 1 && grad_per_head.numel() == H,
+  M3D_CHECK(grad_total.numel() == 1 && grad_per_head.numel() == H,
               "med3d_ext.multihead_seg_loss_backward: grad_total must be a scalar and "
               "grad_per_head have ", H, " values, got shapes ", grad_total.sizes(), " and ",
               grad_per_head.sizes());

@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "seg_loss.h"
+#include "../common/checks.h"
 #include "../common/cuda_utils.cuh"
 
 namespace med3d_ext {
@@ -289,11 +290,11 @@ __global__ void __launch_bounds__(kThreads)
   }()
 
 HeadTable make_table(const char* op, const SegPlan& plan) {
-  TORCH_CHECK(plan.heads.size() <= size_t(kMaxHeadsCuda), "med3d_ext.", op, ": the CUDA kernel takes "
+  M3D_CHECK(plan.heads.size() <= size_t(kMaxHeadsCuda), "med3d_ext.", op, ": the CUDA kernel takes "
               "at most ", kMaxHeadsCuda, " heads per call, got ", plan.heads.size());
-  TORCH_CHECK(plan.max_c <= kMaxClassesCuda, "med3d_ext.", op, ": the CUDA kernel takes at most ",
+  M3D_CHECK(plan.max_c <= kMaxClassesCuda, "med3d_ext.", op, ": the CUDA kernel takes at most ",
               kMaxClassesCuda, " classes per head, got a head with ", plan.max_c);
-  TORCH_CHECK(plan.tiles < std::numeric_limits<int32_t>::max(), "med3d_ext.", op, ": too many voxels");
+  M3D_CHECK(plan.tiles < std::numeric_limits<int32_t>::max(), "med3d_ext.", op, ": too many voxels");
   HeadTable tab{};
   for (size_t h = 0; h < plan.heads.size(); ++h) tab.h[h] = plan.heads[h];
   tab.num = static_cast<int>(plan.heads.size());
@@ -309,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multihead_seg_loss_cu
     at::TensorList logits, at::TensorList targets, const c10::optional<at::Tensor>& head_weights,
     const c10::optional<at::Tensor>& class_weights, double ce_weight, double dice_weight,
     double smooth, int64_t ignore_index) {
-  TORCH_CHECK(!logits.empty(), "med3d_ext.multihead_seg_loss: no heads (argument 'logits' is an empty list)");
+  M3D_CHECK(!logits.empty(), "med3d_ext.multihead_seg_loss: no heads (argument 'logits' is an empty list)");
   const c10::cuda::CUDAGuard guard(logits[0].device());
   SegPlan plan = make_seg_plan("multihead_seg_loss", logits, targets, head_weights, class_weights);
   const HeadTable tab = make_table("multihead_seg_loss", plan);
@@ -343,15 +344,15 @@ std::vector<at::Tensor> multihead_seg_loss_backward_cuda(
     const at::Tensor& grad_total, const at::Tensor& grad_per_head,
     const c10::optional<at::Tensor>& head_weights, const c10::optional<at::Tensor>& class_weights,
     int64_t ignore_index) {
-  TORCH_CHECK(!logits.empty(), "med3d_ext.multihead_seg_loss_backward: no heads");
+  M3D_CHECK(!logits.empty(), "med3d_ext.multihead_seg_loss_backward: no heads");
   const c10::cuda::CUDAGuard guard(logits[0].device());
   SegPlan plan = make_seg_plan("multihead_seg_loss_backward", logits, targets, head_weights,
                                class_weights);
   const int64_t H = static_cast<int64_t>(plan.heads.size());
-  TORCH_CHECK(saved.dim() == 1 && saved.numel() == 3 * plan.slots + H,
+  M3D_CHECK(saved.dim() == 1 && saved.numel() == 3 * plan.slots + H,
               "med3d_ext.multihead_seg_loss_backward: argument 'saved' must have ",
               3 * plan.slots + H, " values for these heads, got shape ", saved.sizes());
-  TORCH_CHECK(grad_total.numel() == 1 && grad_per_head.numel() == H,
+  M3D_CHECK(grad_total.numel() == 1 && grad_per_head.numel() == H,
               "med3d_ext.multihead_seg_loss_backward: grad_total must be a scalar and "
               "grad_per_head have ", H, " values, got shapes ", grad_total.sizes(), " and ",
               grad_per_head.sizes());

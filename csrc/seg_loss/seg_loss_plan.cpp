@@ -1,5 +1,4 @@
 // Argument checks and work layout for multihead_seg_loss, shared by the CPU and CUDA entries.
-#include <sstream>
 
 #include "seg_loss.h"
 #include "../common/checks.h"
@@ -16,8 +15,8 @@ std::string head_arg(const char* name, size_t h) {
 SegPlan make_seg_plan(const char* op, at::TensorList logits, at::TensorList targets,
                       const c10::optional<at::Tensor>& head_weights,
                       const c10::optional<at::Tensor>& class_weights) {
-  TORCH_CHECK(!logits.empty(), "med3d_ext.", op, ": no heads (argument 'logits' is an empty list)");
-  TORCH_CHECK(logits.size() == targets.size(), "med3d_ext.", op, ": got ", logits.size(),
+  M3D_CHECK(!logits.empty(), "med3d_ext.", op, ": no heads (argument 'logits' is an empty list)");
+  M3D_CHECK(logits.size() == targets.size(), "med3d_ext.", op, ": got ", logits.size(),
               " logits tensors but ", targets.size(), " targets tensors; need one per head");
   SegPlan plan;
   const at::Tensor& first = logits[0];
@@ -40,7 +39,7 @@ SegPlan make_seg_plan(const char* op, at::TensorList logits, at::TensorList targ
     check_same_device(op, ta.c_str(), t, first);
     std::vector<int64_t> expect{x.size(0)};
     for (int64_t d = 2; d < x.dim(); ++d) expect.push_back(x.size(d));
-    TORCH_CHECK(t.sizes().vec() == expect, "med3d_ext.", op, ": head ", h, ": targets shape ",
+    M3D_CHECK(t.sizes().vec() == expect, "med3d_ext.", op, ": head ", h, ": targets shape ",
                 t.sizes(), " does not match logits shape ", x.sizes(), " (expected targets ",
                 at::IntArrayRef(expect), ")");
     total_classes += x.size(1);
