@@ -157,6 +157,12 @@ SegPlan make_seg_plan(const char* op, at::TensorList logits, at::TensorList targ
                       const c10::optional<at::Tensor>& head_weights,
                       const c10::optional<at::Tensor>& class_weights);
 
+// Checks the backward's saved statistics and incoming gradients against the plan, allocates
+// one gradient per head and points the plan's head table at them (shared by CPU and CUDA).
+std::vector<at::Tensor> seg_loss_backward_outputs(SegPlan& plan, const at::Tensor& saved,
+                                                  const at::Tensor& grad_total,
+                                                  const at::Tensor& grad_per_head);
+
 // Empty outputs of the forward op, sized from the plan.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seg_loss_outputs(const SegPlan& plan,
                                                                            at::Device device);

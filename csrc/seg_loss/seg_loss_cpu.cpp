@@ -151,19 +151,8 @@ std::vector<at::Tensor> multihead_seg_loss_backward_cpu(
     int64_t ignore_index) {
   SegPlan plan = make_seg_plan("multihead_seg_loss_backward", logits, targets, head_weights,
                                class_weights);
+  std::vector<at::Tensor> grads = seg_loss_backward_outputs(plan, saved, grad_total, grad_per_head);
   const int64_t H = static_cast<int64_t>(plan.heads.size());
-  M3D_CHECK(saved.dim() == 1 && saved.numel() == 3 * plan.slots + H,
-              "med3d_ext.multihead_seg_loss_backward: argument 'saved' must have ",
-              3 * plan.slots + H, " values for these heads, got shape ", saved.sizes());
-  M3D_CHECK(grad_total.numel() == 1 && grad_per_head.numel() == H,
-              "med3d_ext.multihead_seg_loss_backward: grad_total must be a scalar and "
-              "grad_per_head have ", H, " values, got shapes ", grad_total.sizes(), " and ",
-              grad_per_head.sizes());
-  std::vector<at::Tensor> grads;
-  for (size_t h = 0; h < plan.heads.size(); ++h) {
-    grads.push_back(at::empty_like(plan.logits[h]));
-    plan.heads[h].grad = grads.back().data_ptr();
-  }
   const at::Tensor st = saved.to(plan.acc).contiguous();
   const at::Tensor gt = grad_total.to(at::kDouble).reshape({}), gp = grad_per_head.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.logits[0].scalar_type(),

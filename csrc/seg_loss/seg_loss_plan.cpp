@@ -99,4 +99,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seg_loss_outputs(cons
           at::empty({3 * plan.slots + H}, f)};
 }
 
+
+std::vector<at::Tensor> seg_loss_backward_outputs(SegPlan& plan, const at::Tensor& saved,
+                                                  const at::Tensor& grad_total,
+                                                  const at::Tensor& grad_per_head) {
+  const int64_t H = static_cast<int64_t>(plan.heads.size());
+  M3D_CHECK(saved.dim() == 1 && saved.numel() == 3 * plan.slots + H,
+              "med3d_ext.multihead_seg_loss_backward: argument 'saved' must have ",
+              3 * plan.slots + H, " values for these heads, got shape ", saved.sizes());
+  M3D_CHECK(grad_total.numel() == 1 && grad_per_head.numel() == H,
+              "med3d_ext.multihead_seg_loss_backward: grad_total must be a scalar and "
+              "grad_per_head have ", H, " values, got shapes ", grad_total.sizes(), " and ",
+              grad_per_head.sizes());
+  std::vector<at::Tensor> grads;
+  for (size_t h = 0; h < plan.heads.size(); ++h) {
+    grads.push_back(at::empty_like(plan.logits[h]));
+    plan.heads[h].grad = grads.back().data_ptr();
+  }
+  return grads;
+}
+
 }  // namespace med3d_ext
