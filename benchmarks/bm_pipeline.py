@@ -1,6 +1,6 @@
 """pipeline: loader + augmentation throughput, and the data-wait share of a training step.
 
-Data: a small synthetic 3DSeg-8 domain (``med3d_ext.data.synth``, generated into a temporary
+Data: a small synthetic 3DSeg-8 domain (``med3d_ext.data.synthetic``, generated into a temporary
 folder and preprocessed there), sampled by ``med3d_ext.data.make_loader`` /
 ``MultiDomainSampler``. Two ways to get an augmented batch of N patches onto the device:
 
@@ -66,7 +66,7 @@ def _endless(loader):
 
 def _dataset(tmp, sz):
     from med3d_ext.data import open_dataset
-    from med3d_ext.data.synth import TRANSFER, write_msd
+    from med3d_ext.data.synthetic import TRANSFER, write_msd
 
     raw = write_msd(os.path.join(tmp, "raw"), TRANSFER, sz["cases"], sz["size"], seed=0)
     return open_dataset(raw, cache=os.path.join(tmp, "cache"), workers=0, progress=False)

@@ -3,7 +3,7 @@
 ``python -m benchmarks.convergence_study [--quick] [--seeds 0 1 2] [--device cpu|cuda]
 [--out DIR] [--medicalnet PATH] [--runs DIR]``
 
-1. generate (once, cached) the synthetic 3DSeg-8 of ``med3d_ext.data.synth``;
+1. generate (once, cached) the synthetic 3DSeg-8 of ``med3d_ext.data.synthetic``;
 2. pretrain one ResNet-10 on the eight domains (one head each), **shared by all seeds**
    (the pretraining seed is the first of ``--seeds``);
 3. for every seed, transfer to the held-out task (synthetic CT kidney + tumour) with the

@@ -1,4 +1,4 @@
-"""med3d_ext.data.synth / real: determinism, header sanity, label sanity, CLI."""
+"""med3d_ext.data.synthetic / real: determinism, header sanity, label sanity, CLI."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ nib = pytest.importorskip("nibabel")
 
 from med3d_ext.data import load_dataset, preprocess  # noqa: E402
 from med3d_ext.data.__main__ import main  # noqa: E402
-from med3d_ext.data.synth import DOMAINS, TRANSFER  # noqa: E402
+from med3d_ext.data.synthetic import DOMAINS, TRANSFER  # noqa: E402
 
 
 def _digest(root: Path) -> dict:
@@ -122,15 +122,30 @@ def test_synth_preprocesses_and_samples(synth_dir, tmp_path):
 
 
 def test_synth_bad_args(tmp_path):
-    from med3d_ext.data.synth import synth
+    from med3d_ext.data.synthetic import synth
 
     with pytest.raises(ValueError, match="cases >= 1"):
         synth(tmp_path, cases=0)
 
 
+def test_package_functions_not_shadowed_by_submodules():
+    # importing every submodule must leave med3d_ext.data.synth / .real the documented
+    # functions (a submodule of the same name would replace them on import)
+    import importlib
+    import inspect
+
+    import med3d_ext.data as data
+
+    for mod in ("io", "layouts", "preprocess", "sampling", "synthetic", "real_volumes"):
+        importlib.import_module(f"med3d_ext.data.{mod}")
+    assert inspect.isfunction(data.synth) and inspect.isfunction(data.real)
+    with pytest.raises(ValueError, match="cases >= 1"):
+        data.synth("unused-out-dir", cases=0)
+
+
 def test_real_mni(tmp_path):
     pytest.importorskip("nilearn")
-    from med3d_ext.data.real import build_mni_tissue
+    from med3d_ext.data.real_volumes import build_mni_tissue
 
     root = build_mni_tissue(tmp_path, cases=2, crop=(24, 28, 24), spacing=(4, 4, 4))
     ds = load_dataset(root)
@@ -151,7 +166,7 @@ def test_real_mni(tmp_path):
 def test_real_colin_optional(tmp_path):
     """Colin27 is built only when the mricron templates exist: use a fake templates folder
     (a sphere 'brain' in a bigger 'head', stored LAS) and an empty one."""
-    from med3d_ext.data.real import build_colin_brain
+    from med3d_ext.data.real_volumes import build_colin_brain
 
     assert build_colin_brain(tmp_path / "o", templates=tmp_path / "none") is None
     tpl = tmp_path / "tpl"

@@ -33,15 +33,15 @@ __all__ = [
 
 
 def synth(out, **kw):
-    """Synthetic 3DSeg-8 (see :func:`med3d_ext.data.synth.synth`)."""
-    from .synth import synth as _synth
+    """Synthetic 3DSeg-8 (see :func:`med3d_ext.data.synthetic.synth`)."""
+    from .synthetic import synth as _synth
 
     return _synth(out, **kw)
 
 
 def real(out, **kw):
-    """Real packaged volumes (see :func:`med3d_ext.data.real.real`)."""
-    from .real import real as _real
+    """Real packaged volumes (see :func:`med3d_ext.data.real_volumes.real`)."""
+    from .real_volumes import real as _real
 
     return _real(out, **kw)
 

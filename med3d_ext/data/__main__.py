@@ -47,13 +47,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         if args.cmd == "synth":
-            from .synth import synth
+            from .synthetic import synth
 
             r = synth(args.out, cases=args.cases, size=args.size, seed=args.seed)
             print(f"wrote {len(r['pretrain'])} pretraining datasets, {r['transfer']} and "
                   f"{r['transfer_cls']} in {time.perf_counter() - t0:.1f} s")
         elif args.cmd == "real":
-            from .real import real
+            from .real_volumes import real
 
             for d in real(args.out, cases=args.cases, seed=args.seed):
                 print(f"wrote {d}")

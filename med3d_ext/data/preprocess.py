@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -234,16 +235,28 @@ def default_cache_dir(dataset_root) -> Path:
     return base / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
 
 
+def _tmp_name(path: Path, suffix: str = "") -> Path:
+    # unique per process and thread: two processes filling one cache (DDP ranks, parallel runs
+    # on a shared disk) must never write into each other's partial file before the rename
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp{suffix}")
+
+
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    tmp = _tmp_name(path, ".npy")  # np.save appends .npy unless the name already ends in it
+    try:
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _job(args):

@@ -191,6 +191,9 @@ def main(argv=None) -> int:
 
         run_demo()
         return 0
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        # options without a command (`--out DIR`, `--device cuda`) configure the default demo
+        argv = ["demo"] + argv
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:

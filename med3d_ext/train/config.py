@@ -202,7 +202,9 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             continue
         name = "--" + key.replace("_", "-")
         d = o.default_for(command)
-        h = f"{o.help} (default: {d if d is not None else 'auto/none'})"
+        # options whose help already explains their default say it once
+        h = o.help if "default:" in o.help else \
+            f"{o.help} (default: {d if d is not None else 'none'})"
         if o.kind in ("bool", "auto_bool"):
             parser.add_argument(name, dest=key, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=h)

@@ -37,9 +37,7 @@ def demo_sizes(gpu: bool, quick: bool) -> dict:
 
 def demo_data(cases: int, size: int, seed: int, log=print) -> dict:
     """Synthetic 3DSeg-8, generated once per (cases, size, seed) and reused."""
-    # the function, not the package attribute: importing the submodule med3d_ext.data.synth
-    # replaces the package's `synth` function with the module
-    from med3d_ext.data.synth import synth
+    from med3d_ext.data import synth
 
     base = Path(os.environ.get("MED3D_EXT_CACHE", Path.home() / ".cache" / "med3d_ext"))
     root = base / "demo" / f"synth-c{cases}-s{size}-seed{seed}"

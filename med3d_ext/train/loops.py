@@ -210,8 +210,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             win["loss"] += lval.item()
             win["wait"] += t1 - t0
             win["time"] += t2 - t0
-            for k, v in info.items():
-                win["heads"].setdefault(k, []).append(float(v))
+            for k, v in info.items():  # tensors: converted at log time (no per-step sync)
+                win["heads"].setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
             log_now = step % max(cfg["log_every"], 1) == 0 or step == total \
                 or step % steps_per_epoch == 0
             if log_now and win["n"]:
@@ -221,7 +221,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                        "samples_s": sps, "voxels_s": sps * job.voxels_per_sample,
                        "data_wait": win["wait"] / max(win["time"], 1e-9)}
                 for k, v in win["heads"].items():
-                    rec[k] = sum(v) / len(v)
+                    rec[k] = float(sum(v)) / len(v)
                 if dice_fn is not None:
                     rec.update(dice_fn())
                 logger.log(rec)

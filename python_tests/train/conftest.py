@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def tiny_data(tmp_path_factory):
     """Synthetic 3DSeg-8 at 16 voxels, 2 cases per pretraining dataset, with its own cache."""
     pytest.importorskip("med3d_ext.data")
-    from med3d_ext.data.synth import synth
+    from med3d_ext.data.synthetic import synth
 
     root = tmp_path_factory.mktemp("synth")
     dirs = synth(root, cases=2, size=16, seed=0)

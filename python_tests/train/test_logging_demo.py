@@ -58,3 +58,21 @@ def test_default_demo_quick(tmp_path, monkeypatch, capsys):
         assert (tmp_path / "demo" / sub / "best.pt").is_file()
     preds = list((tmp_path / "demo" / "predictions-pretrained").glob("*.nii.gz"))
     assert preds
+
+
+def test_options_without_command_configure_the_demo(monkeypatch, tmp_path):
+    """`python -m med3d_ext.train --out DIR --device cpu` runs the default demo with those
+    options (the demo is what no command means); --help still prints the help."""
+    import med3d_ext.train.demo as demo
+    from med3d_ext.train.cli import main
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))
+    assert main(["--out", tmp_path / "d", "--device", "cpu"]) == 0
+    assert seen["out"] == str(tmp_path / "d") and seen["device"] == "cpu"
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:  # an unknown option is still an error, not the demo
+        main(["--no-such-option"])
+    assert e.value.code == 2

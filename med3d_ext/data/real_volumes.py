@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .io import read_volume, save_nifti
 from .preprocess import resize_affine
-from .synth import _smooth
+from .synthetic import _smooth
 
 MRICRON_DIR = Path("/usr/share/mricron/templates")
 
