@@ -16,10 +16,13 @@ be at most 2x the plain eager step's own error. A direct comparison with the eag
 meaningless here: in bf16 through 10-50 layers both are far from the exact result, each in its
 own way (the stem gradient of a bf16 step is off by tens of percent).
 
-The floors: in fp32 a ReLU or max-pool decision at a value within round-off of zero, taken
-the other way by one implementation, moves every gradient of the network by up to ~1% of its
-scale (seen on the CPU at these shapes for about one seed in three, for eager and fused alike);
-the loss, a forward quantity, has no such jumps and gets a tight floor.
+The floors (FLOORS, relative to the high-precision value's scale) matter in fp32 only, where
+the eager error is tiny: a ReLU decided the other way at a value within round-off of zero, by
+one implementation and not the other, moves every gradient upstream of it by up to ~2% of its
+scale (seen on the CPU at these shapes for about one model/input seed in three, for eager and
+fused alike; both are exact to 1e-13 in float64). The loss, a forward quantity, has no such
+jumps and gets a tight floor; a wrong kernel moves it far more (python_tests/test_benchmarks.py
+perturbs one layer's weights by 1% and the check fails).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ GPU_SHAPE = (8, 1, 64, 128, 128)  # perf-baselines.md
 # batch 2, so that layer4's BatchNorm normalises 64 (--quick) or 216 values per channel
 CPU_SHAPES = {True: (2, 1, 16, 32, 32), False: (2, 1, 24, 48, 48)}
 # error-ratio floors (rtol of the loss, rtol of the stem weight gradient), see the docstring
-FLOORS = {"bf16": (1e-2, 1e-2), "fp32": (1e-5, 2e-2)}
+FLOORS = {"bf16": (1e-2, 1e-2), "fp32": (1e-5, 3e-2)}
 
 
 def base_model(depth):

@@ -297,16 +297,18 @@ def compare_ratio(actual, precise, ref_errors: list[float], ratio: float, rtol, 
     ``err_i <= ratio * ref_errors[i] + atol_i + rtol_i * max|precise_i|``, with ``err_i`` the
     max abs error of ``actual`` against ``precise`` and ``ref_errors`` that of the reference
     implementation (:func:`output_errors`). ``rtol`` / ``atol``: one float, or one per output.
-    Returns (ok, max abs error, largest err_i / ref_errors[i], message)."""
+    Returns (ok, max abs error, largest err_i / ref_errors[i], message); that ratio may exceed
+    ``ratio`` on a passing row when the floor admits it (e.g. a loss both compute to 1e-8)."""
     pairs, msg = _pairs(actual, precise)
     if msg:
         return False, float("nan"), float("nan"), msg
     if len(pairs) != len(ref_errors):
         return False, float("nan"), float("nan"), f"{len(pairs)} outputs, the reference checked {len(ref_errors)}"
-    rtols = _per_output(rtol, len(pairs), "rtol")
-    atols = _per_output(atol, len(pairs), "atol")
+    n = len(_flatten(precise))  # per-output floors are indexed like the outputs, empty ones too
+    rtols, atols = _per_output(rtol, n, "rtol"), _per_output(atol, n, "atol")
     worst, worst_ratio, ok, msgs = 0.0, 0.0, True, []
-    for (i, a, e), ref_err, rt, at in zip(pairs, ref_errors, rtols, atols):
+    for (i, a, e), ref_err in zip(pairs, ref_errors):
+        rt, at = rtols[i], atols[i]
         err, scale = _err_scale(a, e)
         worst = max(worst, err)
         worst_ratio = max(worst_ratio, err / ref_err if ref_err > 0 else (0.0 if err == 0 else math.inf))

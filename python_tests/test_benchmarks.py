@@ -197,6 +197,22 @@ def test_error_ratio_rule():
         common.output_errors([torch.ones(2, dtype=torch.long)], [torch.ones(2, dtype=torch.long)])
 
 
+def test_high_precision_context():
+    with common.high_precision("cpu") as dt:
+        assert dt == torch.float64
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:  # the flags exist without a GPU: the GPU branch is checkable here
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with pytest.raises(RuntimeError, match="inside"):
+            with common.high_precision("cuda") as dt:
+                assert dt == torch.float32
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+                raise RuntimeError("inside")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 def _ratio_case(ctx, precise):
     """reference: error 1e-3 of the exact x; a row 1.5x as far (passes), one 3x (FAILS)."""
     x = torch.linspace(-1, 1, 64, dtype=torch.float64)
