@@ -5,16 +5,25 @@ volume to 16 x 32 x 32; layer2 halves it; layer3/4 are dilated, stride 1). On a 
 run under bf16 autocast in channels_last_3d, as in the training step; on the CPU in fp32.
 Training = forward + backward (grads of input, conv weight and BN affine); inference = eval-mode
 forward under no_grad.
+
+Checks use the error-ratio rule (common.py): against the eager layer computed in high precision
+(float64 on the CPU, fp32 without TF32 on a GPU), each implementation's error must be at most 2x
+that of the eager layer in the same precision (bf16 autocast on a GPU: a gradient summed over
+10^6 bf16 products is off by percents in eager PyTorch too), plus the floor in FLOORS.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-from .common import m3d_attr, op_backend
+from .common import high_precision, m3d_attr, op_backend
 
 AREA = "conv_bn_relu"
+# error-ratio floors (rtol, atol) by device; on the CPU the direct tolerance of fp32 before
+FLOORS = {"cuda": (1e-2, 1e-3), "cpu": (1e-3, 1e-4)}
 
 # name, cin, cout, kernel, stride, dilation, spatial (at batch 8 x 64 x 128 x 128), residual
 GPU_LAYERS = [
@@ -62,8 +71,8 @@ class Layer:
         self.gy = torch.randn(out_shape, device=dev).to(dt).to(memory_format=mf)
         self.out_shape = out_shape
 
-    def leaves(self):
-        return [t.detach().clone().requires_grad_(i > 0 or self.x_grad)
+    def leaves(self, dtype=None):
+        return [t.detach().to(dtype or t.dtype, copy=True).requires_grad_(i > 0 or self.x_grad)
                 for i, t in enumerate((self.x, self.w, self.bw, self.bb))]
 
     def autocast(self):
@@ -84,22 +93,30 @@ class Layer:
             return F.max_pool3d(y, 3, 2, 1) if self.pool else y
         return f
 
-    def make(self, fwd, training):
-        """fwd(x, w, bw, bb, rm, rv, training) -> (timed fn, check fn)."""
-        leaves = self.leaves()
+    def make(self, fwd, training, dtype=None):
+        """fwd(x, w, bw, bb, rm, rv, training) -> (timed fn, check fn). ``dtype``: inputs in
+        that dtype and no autocast (the high-precision reference)."""
+        leaves = self.leaves(dtype)
         wrt = [t for t in leaves if t.requires_grad]
-        rm, rv = self.rm.clone(), self.rv.clone()
+        rm, rv = (t.to(dtype or t.dtype, copy=True) for t in (self.rm, self.rv))
+        gy = self.gy if dtype is None else self.gy.to(dtype)
+        amp = self.autocast if dtype is None else contextlib.nullcontext
         if training:
             def step():
-                with self.autocast():
+                with amp():
                     y = fwd(*leaves, rm, rv, True)
-                return (y, *torch.autograd.grad(y, wrt, self.gy))
+                return (y, *torch.autograd.grad(y, wrt, gy))
             return step, step
 
         def infer():
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), amp():
                 return fwd(*[t.detach() for t in leaves], rm, rv, False)
         return infer, infer
+
+    def precise(self, training):
+        """The eager layer's check outputs in high precision, from the same inputs."""
+        with high_precision(self.ctx.device) as dt:
+            return self.make(self.eager, training, dt)[1]()
 
 
 def run(ctx):
@@ -118,10 +135,10 @@ def run(ctx):
                       "dtype": "bf16 autocast" if ctx.gpu else "fp32",
                       "layout": "channels_last_3d" if ctx.gpu else "contiguous",
                       "mode": "train fwd+bwd" if training else "inference"}
-            tol = (3e-2, 1e-2) if ctx.gpu else (1e-3, 1e-4)
+            rtol, atol = FLOORS[ctx.device]
             flops = 2 * batch * cout * cin * k**3 * int(torch.tensor(L.out_shape[2:]).prod()) * (3 if training else 1)
             case = ctx.case(AREA, f"{name} {'train' if training else 'infer'}", params=params,
-                            rtol=tol[0], atol=tol[1], flops=flops)
+                            rtol=rtol, atol=atol, flops=flops, precise=lambda t=training: L.precise(t))
             case.add("eager conv3d+batch_norm+relu", lambda t=training: L.make(L.eager, t), baseline=True, reference=True)
             case.add("med3d_ext", lambda t=training: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), t),
                      note=op_backend("conv_bn_relu3d", ctx.device))

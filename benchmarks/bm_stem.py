@@ -3,7 +3,9 @@ plus the weight (and BN affine) gradients; the network input has no grad.
 
 Cases: the conv alone (eager bf16 channels_last_3d vs fp32: the reference anchors of
 perf-baselines.md), conv+BN+ReLU, and conv+BN+ReLU+max-pool (3, stride 2, padding 1), each
-med3d_ext ``conv_bn_relu3d`` (+ ``F.max_pool3d``) vs eager and, outside --quick, torch.compile.
+med3d_ext ``conv_bn_relu3d`` (+ ``F.max_pool3d``) vs eager and, outside --quick, torch.compile,
+checked with the error-ratio rule against the eager stem in high precision (as in conv_bn_relu;
+the conv alone compares bf16 with fp32, different precisions, directly).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bm_conv_bn_relu import Layer
+from .bm_conv_bn_relu import FLOORS, Layer
 from .common import m3d_attr, op_backend
 
 AREA = "stem"
@@ -36,7 +38,6 @@ def run(ctx):
     else:
         batch, spatial = 1, ((16, 32, 32) if ctx.quick else (32, 64, 64))
     compile_too = ctx.with_compile or not ctx.quick
-    tol = (3e-2, 1e-2) if ctx.gpu else (1e-3, 1e-4)
     base = {"x": [batch, 1, *spatial], "weight": [64, 1, 7, 7, 7], "stride": 2, "padding": 3,
             "mode": "fwd + weight grad (input without grad)"}
     out_vox = batch * 64 * (spatial[0] // 2) * (spatial[1] // 2) * (spatial[2] // 2)
@@ -64,7 +65,9 @@ def run(ctx):
         name = "conv+BN+ReLU" + ("+maxpool" if pool else "")
         params = {**base, "dtype": "bf16 autocast" if ctx.gpu else "fp32",
                   "layout": "channels_last_3d" if ctx.gpu else "contiguous", "out": list(L.out_shape)}
-        case = ctx.case(AREA, name, params=params, rtol=tol[0], atol=tol[1], flops=flops)
+        # error-ratio check against the eager stem in high precision, as in conv_bn_relu
+        case = ctx.case(AREA, name, params=params, rtol=FLOORS[ctx.device][0], atol=FLOORS[ctx.device][1],
+                        flops=flops, precise=lambda: L.precise(True))
         case.add("eager", lambda: L.make(L.eager, True), baseline=True, reference=True)
         case.add("med3d_ext conv_bn_relu3d" + (" + F.max_pool3d" if pool else ""),
                  lambda: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), True),

@@ -1,5 +1,6 @@
 """The benchmark suite itself: CPU quick runs of cheap areas, missing ops, wrong kernels, broken
-areas, the comparison rule, and the README publisher."""
+areas, the comparison rules (direct, and error ratio vs a high-precision reference), and the
+README publisher."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 import med3d_ext as m3d
 from benchmarks import __main__ as bench_main
-from benchmarks import bm_pipeline, common, convergence_study, publish
+from benchmarks import bm_pipeline, bm_train_step, common, convergence_study, publish
 
 
 def _run(tmp_path, *argv):
@@ -174,6 +175,119 @@ def test_compare_rule():
     assert not common.compare((lab + 1) % 5, lab, 0, 0)[0]
     assert not common.compare(torch.zeros(3, 4), torch.zeros(4, 4), 0, 0)[0]
     assert common.compare(torch.zeros(1, 64), torch.zeros(64), 0, 0)[0]  # same values, squeezed shape
+
+
+def test_error_ratio_rule():
+    exact = [torch.tensor(2.0), torch.randn(50) * 3]
+    ref_err = [1e-3, 1e-2]  # the reference implementation's own errors
+    near = [exact[0] + 1.5e-3, exact[1] + 1.5e-2]  # 1.5x the reference's error: passes
+    ok, err, ratio, _ = common.compare_ratio(near, exact, ref_err, 2.0, 0.0, 0.0)
+    assert ok and err == pytest.approx(1.5e-2, rel=1e-3) and ratio == pytest.approx(1.5, rel=1e-3)
+    far = [exact[0] + 1.5e-3, exact[1] + 3e-2]  # 3x on the second output: fails, and says which
+    ok, _, ratio, msg = common.compare_ratio(far, exact, ref_err, 2.0, 0.0, 0.0)
+    assert not ok and msg.startswith("output 1:") and ratio == pytest.approx(3.0, rel=1e-3)
+    # the floor is per output: atol + rtol * max|precise|
+    assert common.compare_ratio(far, exact, ref_err, 2.0, [0.0, 0.02 / exact[1].abs().max().item()], 0.0)[0]
+    assert not common.compare_ratio(far, exact, ref_err, 2.0, [0.5, 0.0], 0.0)[0]
+    assert common.compare_ratio(far, exact, ref_err, 2.0, 0.0, 0.011)[0]
+    assert not common.compare_ratio([exact[0] + float("nan"), exact[1]], exact, ref_err, 2.0, 1.0, 1.0)[0]
+    assert not common.compare_ratio(exact[:1], exact, ref_err, 2.0, 0.0, 0.0)[0]  # an output missing
+    assert common.output_errors(near, exact) == pytest.approx([1.5e-3, 1.5e-2], rel=1e-3)
+    with pytest.raises(ValueError, match="float outputs"):
+        common.output_errors([torch.ones(2, dtype=torch.long)], [torch.ones(2, dtype=torch.long)])
+
+
+def test_high_precision_context():
+    with common.high_precision("cpu") as dt:
+        assert dt == torch.float64
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:  # the flags exist without a GPU: the GPU branch is checkable here
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with pytest.raises(RuntimeError, match="inside"):
+            with common.high_precision("cuda") as dt:
+                assert dt == torch.float32
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+                raise RuntimeError("inside")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def _ratio_case(ctx, precise):
+    """reference: error 1e-3 of the exact x; a row 1.5x as far (passes), one 3x (FAILS)."""
+    x = torch.linspace(-1, 1, 64, dtype=torch.float64)
+    case = ctx.case("unit", "ratio", rtol=0.0, atol=1e-6, precise=precise or (lambda: x.clone()))
+    case.add("eager", lambda: lambda: x.float() + 1e-3, baseline=True, reference=True)
+    case.add("close", lambda: lambda: x.float() - 1.5e-3)
+    case.add("far", lambda: lambda: x.float() + 3e-3)
+    return {r["impl"]: r for r in case.run()}
+
+
+def test_error_ratio_case_rows():
+    ctx = common.Context("cpu", quick=True, with_compile=False)
+    ctx.warmup, ctx.repeats = 0, 1
+    rows = _ratio_case(ctx, None)
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["max_abs_err"] == pytest.approx(1e-3, rel=1e-3)
+    assert "yardstick" in rows["eager"]["check"]
+    assert rows["close"]["status"] == "ok" and rows["close"]["err_ratio"] == pytest.approx(1.5, rel=1e-3)
+    assert set(rows["close"]["speedup"]) == {"eager"}
+    far = rows["far"]
+    assert far["status"] == "FAILED" and "high-precision reference" in far["reason"]
+    assert "median_ms" not in far and far["err_ratio"] == pytest.approx(3.0, rel=1e-3)
+    assert "(1.5x ref)" in common.markdown({"env": {}, "args": {}, "total_s": 0, "rows": list(rows.values())})
+
+    def broken():
+        raise RuntimeError("no float64 here")
+
+    rows = _ratio_case(ctx, broken)  # timed, and plainly marked as not checked
+    for r in rows.values():
+        assert r["status"] == "ok" and "no float64 here" in r["check"] and "not checked" in r["check"]
+
+
+@pytest.fixture
+def one_thread():
+    # the CPU train_step's ops hold a few thousand values each: a second OpenMP thread gains
+    # nothing, and on a shared 2-core machine its barriers make them many times slower (no
+    # time is asserted here)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train_step_rows(monkeypatch, perturb=None):
+    """The CPU quick train_step area (ResNet-10 fp32), one timed repeat per row."""
+    if perturb is not None:
+        real = bm_train_step.fused_copy
+
+        def perturbed(model, source):
+            m = real(model, source)
+            perturb(m)
+            return m
+        monkeypatch.setattr(bm_train_step, "fused_copy", perturbed)
+    ctx = common.Context("cpu", quick=True, with_compile=False)
+    ctx.warmup, ctx.repeats, ctx.budget_s = 0, 1, 0.0
+    bm_train_step.run(ctx)
+    return {r["impl"]: r for r in ctx.rows}
+
+
+def test_train_step_check_passes_fused_and_fails_a_perturbed_model(monkeypatch, one_thread):
+    rows = _train_step_rows(monkeypatch)
+    eager, fused = rows["eager"], rows["med3d_ext fused"]
+    assert eager["params"]["x"] == list(bm_train_step.CPU_SHAPES[True]) and eager["params"]["dtype"] == "fp32"
+    # the high-precision reference is the same model on the same input: fp32 eager is close to it
+    assert eager["status"] == "ok" and 0 < eager["max_abs_err"] < 1e-4
+    assert fused["status"] == "ok" and fused["max_abs_err"] < 1e-3 and fused["median_ms"] > 0, fused
+    assert fused["note"] == common.op_backend("conv_bn_relu3d", "cpu")
+
+    def nudge(model):  # a kernel that is slightly wrong: one layer's weights off by 1% noise
+        w = model.layer3[0].conv2.weight
+        with torch.no_grad():
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.01 * w.std())
+
+    bad = _train_step_rows(monkeypatch, nudge)["med3d_ext fused"]
+    assert bad["status"] == "FAILED" and "median_ms" not in bad, bad
+    assert "output 0" in bad["reason"]  # the loss, whose floor is tight, catches it
 
 
 def test_publish_renders_ratios_and_replaces_only_the_block(tmp_path):

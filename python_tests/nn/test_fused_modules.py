@@ -1,5 +1,7 @@
-"""ConvBNReLU3d, fuse_modules / unfuse_modules / fold_bn on a MedicalNet-structured ResNet:
-fused == plain (outputs, gradients, running stats) in train and eval, same state dict."""
+"""ConvBNReLU3d, fuse_modules / unfuse_modules / fold_bn on MedicalNet's ResNets
+(med3d_ext.models): fused == plain (outputs, gradients, running stats) in train and eval, same
+state dict. The models are full width (64 stem channels; models has no width option), so the
+inputs are small: 2 x 1 x 16^3 still gives layer4's BatchNorm 16 values per channel."""
 
 from __future__ import annotations
 
@@ -12,10 +14,33 @@ from torch import nn
 import med3d_ext as m3d
 from med3d_ext import _extension
 from med3d_ext.nn import ConvBNReLU3d, fold_bn, fuse_modules, unfuse_modules
+from med3d_ext.models import resnet3d
 from python_tests.conftest import DEVICES
-from python_tests.nn._tiny_resnet import resnet
 
 requires_ext = pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    # The models are full width on tiny volumes: a few thousand values per op, which a second
+    # OpenMP thread does not speed up, and on a shared 2-core machine the threads' barriers
+    # make every op ~20x slower. The ops' multi-threaded paths are tested in python_tests/ops.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def resnet(depth, shortcut):
+    """med3d_ext.models.resnet3d with non-trivial BatchNorm affine parameters (MedicalNet's
+    init makes them the identity, which would hide a swapped or dropped scale and shift)."""
+    model = resnet3d(depth, shortcut_type=shortcut)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                nn.init.uniform_(m.weight, 0.5, 1.5)
+                nn.init.normal_(m.bias, 0, 0.2)
+    return model
 
 
 def _close(a, b, what, rtol=1e-4, atol=1e-4):
@@ -69,31 +94,76 @@ def test_conv_bn_relu_module_matches_plain(device, momentum):
     _close(m(x), plain(x), "eval")
 
 
-def _compare_models(device, depth, shortcut, train, cl=False, steps=2):
+def _match_reference(res, what):
+    """``res``: {"plain", "fused", "plain64", "fused64"} -> {key: tensor} (keys "output",
+    "grad <param>" or state names) after the same computation.
+
+    - float64: the fused model computes the plain model's function, to round-off (1e-9);
+    - float32: against the float64 plain model, the fused model's error is at most 2x the
+      float32 plain model's own error, plus a floor. Forward values (outputs, running
+      statistics) are continuous in the inputs and get the floor a direct float32 comparison
+      used (``_close``'s 1e-3, by max abs error). Gradients (L2 error, see ``_close_grads``)
+      are not continuous: a ReLU decided the other way at a value within round-off of zero,
+      in plain or in fused, moves every gradient upstream of it by up to ~2% (seen in about
+      one seed in four for full-width ResNet-18s at this size, on either side), so their floor
+      is 5% and their exactness is the float64 check's job. (A direct float32 comparison of
+      fused with plain fails such honest models, and ResNet-50's stem gradient here is off
+      by ~4% in float32 even without a flip: BatchNorm over 16 values per channel.)"""
+    ref = res["plain64"]
+    grad_scale = max((t.abs().max().item() for k, t in ref.items() if k.startswith("grad ")), default=0.0)
+    for key, r in ref.items():
+        if not r.is_floating_point():  # num_batches_tracked
+            for name in ("plain", "fused", "fused64"):
+                assert torch.equal(res[name][key].cpu(), r.cpu()), f"{what} {key}: {name}"
+            continue
+        r = r.double()
+        if key.startswith("grad "):
+            def err(name):
+                return (res[name][key].double() - r).norm().item()
+            floor32 = 5e-2 * r.norm().item() + 1e-4 * grad_scale * r.numel() ** 0.5
+            floor64 = 1e-9 * r.norm().item() + 1e-12 * grad_scale * r.numel() ** 0.5
+        else:
+            def err(name):
+                return (res[name][key].double() - r).abs().max().item()
+            floor32 = 1e-3 * max(1.0, r.abs().max().item())
+            floor64 = 1e-9 * max(1.0, r.abs().max().item())
+        assert err("fused64") <= floor64, f"{what} {key}: float64 fused vs plain {err('fused64'):.3g} > {floor64:.3g}"
+        e_f, e_p = err("fused"), err("plain")
+        assert e_f <= 2 * e_p + floor32, (f"{what} {key}: float32 fused error {e_f:.3g} > 2 x plain's "
+                                          f"{e_p:.3g} + {floor32:.3g}")
+
+
+def _compare_models(device, depth, shortcut, train, cl=False, steps=None):
+    # train: a second step checks that the running statistics keep agreeing (on the smaller
+    # models; ResNet-50 is the slowest); in eval mode it would repeat the first on another input
+    steps = steps or (2 if train and depth < 50 else 1)
     torch.manual_seed(torch.randint(2**31, ()).item())
     plain = resnet(depth, shortcut).to(device)
     fused = fuse_modules(copy.deepcopy(plain))
-    if cl:
-        plain = plain.to(memory_format=torch.channels_last_3d)
-        fused = fused.to(memory_format=torch.channels_last_3d)
     assert list(fused.state_dict()) == list(plain.state_dict())
     assert [n for n, _ in fused.named_modules()] == [n for n, _ in plain.named_modules()]
-    plain.train(train), fused.train(train)
+    models = {"plain": plain, "fused": fused, "plain64": copy.deepcopy(plain).double(),
+              "fused64": copy.deepcopy(fused).double()}
+    mf = torch.channels_last_3d if cl else torch.contiguous_format
+    for m in models.values():
+        m.to(memory_format=mf).train(train)
     for step in range(steps):
-        x = torch.randn(2, 1, 16, 16, 16, device=device)
-        if cl:
-            x = x.to(memory_format=torch.channels_last_3d)
-        plain.zero_grad(), fused.zero_grad()
-        out_p, out_f = _train_step(plain, x), _train_step(fused, x)
-        _close(out_f, out_p, f"output step {step}", 1e-3, 1e-3)
-        _close_grads(fused, plain, f"step {step}")
-    for (name, a), (_, b) in zip(plain.state_dict().items(), fused.state_dict().items()):
-        _close(b.float(), a.float(), f"state {name}", 1e-3, 1e-3)
+        x = torch.randn(2, 1, 16, 16, 16, device=device).to(memory_format=mf)
+        res = {}
+        for name, m in models.items():
+            m.zero_grad()
+            out = _train_step(m, x.double() if name.endswith("64") else x)
+            res[name] = {"output": out.detach(), **{f"grad {n}": p.grad for n, p in m.named_parameters()}}
+        _match_reference(res, f"step {step}")
+    _match_reference({name: m.state_dict() for name, m in models.items()}, "state")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("depth,shortcut", [(10, "A"), (10, "B"), (18, "A"), (26, "B")])
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("depth,shortcut,train", [
+    (10, "A", True), (10, "A", False), (10, "B", True), (10, "B", False), (18, "A", True),
+    (18, "A", False),
+    (50, "B", True), (50, "B", False),  # Bottleneck blocks
+])
 def test_fused_resnet_matches_plain(device, depth, shortcut, train):
     _compare_models(device, depth, shortcut, train)
 
@@ -117,7 +187,7 @@ def test_fuse_swaps_forward_only_and_unfuse_restores():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("depth,shortcut", [(10, "B"), (26, "A")])
+@pytest.mark.parametrize("depth,shortcut", [(10, "B"), (50, "A")])
 def test_fold_bn_matches_plain_eval(device, depth, shortcut):
     plain = resnet(depth, shortcut).to(device)
     with torch.no_grad():  # populate running stats
