@@ -10,7 +10,7 @@
 TORCH_LIBRARY(med3d_ext, m) {
   // --- conv_bn_relu/ ---
   m.def("bn_stats(Tensor x, bool unbiased=False) -> (Tensor mean, Tensor var)");
-  // --- seg_loss/ ---
+  // --- seg_loss/ --- (autograd registered in C++, seg_loss/seg_loss_autograd.cpp: host speed)
   m.def("multihead_seg_loss(Tensor[] logits, Tensor[] targets, Tensor? head_weights, "
         "Tensor? class_weights, float ce_weight, float dice_weight, float smooth, "
         "int ignore_index) -> (Tensor total, Tensor per_head, Tensor bad_labels, Tensor saved)");
