@@ -336,6 +336,39 @@ def test_bad_shapes_and_arguments(device):
         m3d.ops.multihead_seg_loss([x], [t], class_weights=[torch.ones(4, device=device)])
 
 
+@requires_ext
+@pytest.mark.cuda
+def test_cuda_work_per_call():
+    # What the GPU runs for forward + backward of the 8-head case: the two forward kernels and
+    # the one backward kernel, no fill, cast or copy; validate=True adds one device-to-host copy.
+    from torch.profiler import ProfilerActivity, profile
+
+    heads = [2, 3, 2, 4, 2, 3, 2, 5]
+    xs = [torch.randn(1, k, 8, 16, 16, device="cuda", requires_grad=True) for k in heads]
+    ts = [torch.randint(0, k, (1, 8, 16, 16), device="cuda") for k in heads]
+    seed = torch.ones((), device="cuda")
+
+    def gpu_work(validate):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            total, _ = m3d.ops.multihead_seg_loss(xs, ts, validate=validate)
+            torch.autograd.grad(total, xs, grad_outputs=seed)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    gpu_work(False)
+    work = gpu_work(False)
+    if not work:
+        pytest.skip("the profiler records no CUDA activity here (no CUPTI)")
+    assert len(work) == 3, work
+    assert sum("partial_kernel" in n for n in work) == 1, work
+    assert sum("finish_kernel" in n for n in work) == 1, work
+    assert sum("backward_kernel" in n for n in work) == 1, work
+    extra = Counter(gpu_work(True)) - Counter(work)
+    assert sum(extra.values()) <= 1 and all("Memcpy" in n for n in extra), extra
+
+
 # ---------------------------------------------------------------------------- compile
 
 
@@ -378,6 +411,12 @@ def test_op_autograd_matches_reference(device):
     b = torch.autograd.grad(et + (ep * g).sum(), rx + [hw])
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    # head_weights alone: d total / d hw = per_head, without running the logits' backward
+    xs = [x.detach() for x in logits]
+    total, ph, _, _ = torch.ops.med3d_ext.multihead_seg_loss(xs, targets, hw, cw, 0.5, 2.0, 1e-4,
+                                                             -100)
+    (g_hw,) = torch.autograd.grad(total * 3, [hw])
+    torch.testing.assert_close(g_hw, 3 * ph.detach())
 
 
 @pytest.mark.parametrize("device", DEVICES)
