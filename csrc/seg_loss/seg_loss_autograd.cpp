@@ -105,6 +105,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multihead_seg_loss_au
     at::TensorList logits, at::TensorList targets, const c10::optional<at::Tensor>& head_weights,
     const c10::optional<at::Tensor>& class_weights, double ce_weight, double dice_weight,
     double smooth, int64_t ignore_index) {
+  // Evaluation / no_grad calls skip the node machinery altogether (it is most of the host time).
+  bool needs_grad = false;
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor& x : logits) needs_grad = needs_grad || x.requires_grad();
+    needs_grad = needs_grad || (head_weights.has_value() && head_weights->requires_grad());
+  }
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return forward_op().call(logits, targets, head_weights, class_weights, ce_weight,
+                             dice_weight, smooth, ignore_index);
+  }
   variable_list out = SegLossFunction::apply(logits, targets, head_weights, class_weights,
                                              ce_weight, dice_weight, smooth, ignore_index);
   return {out[0], out[1], out[2], out[3]};
