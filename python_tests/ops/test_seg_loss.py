@@ -437,6 +437,22 @@ def test_unused_outputs_and_expanded_grads(device):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_and_grad_paths_agree(device):
+    # calls that need no gradient skip the autograd node; the values are the same bits
+    logits, targets = _rand_heads(device, heads=3, max_c=5)
+    hw = torch.rand(3, device=device) + 0.5
+    plain = m3d.ops.multihead_seg_loss(logits, targets, head_weights=hw)
+    with torch.no_grad():
+        xs = [x.detach().requires_grad_() for x in logits]
+        nograd = m3d.ops.multihead_seg_loss(xs, targets, head_weights=hw)
+    graded = m3d.ops.multihead_seg_loss(xs, targets, head_weights=hw)
+    assert not any(t.requires_grad for t in plain + nograd)
+    assert all(t.requires_grad for t in graded)
+    for a, b, c in zip(plain, nograd, graded):
+        assert torch.equal(a, b) and torch.equal(a, c.detach())
+
+
 @requires_ext
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_op_optional_grads(device):
