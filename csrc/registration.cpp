@@ -10,12 +10,12 @@
 TORCH_LIBRARY(med3d_ext, m) {
   // --- conv_bn_relu/ ---
   m.def("bn_stats(Tensor x, bool unbiased=False) -> (Tensor mean, Tensor var)");
-  // --- seg_loss/ ---
+  // --- seg_loss/ --- (autograd registered in C++, seg_loss/seg_loss_autograd.cpp: host speed)
   m.def("multihead_seg_loss(Tensor[] logits, Tensor[] targets, Tensor? head_weights, "
         "Tensor? class_weights, float ce_weight, float dice_weight, float smooth, "
         "int ignore_index) -> (Tensor total, Tensor per_head, Tensor bad_labels, Tensor saved)");
   m.def("multihead_seg_loss_backward(Tensor[] logits, Tensor[] targets, Tensor saved, "
-        "Tensor grad_total, Tensor grad_per_head, Tensor? head_weights, Tensor? class_weights, "
+        "Tensor? grad_total, Tensor? grad_per_head, Tensor? head_weights, Tensor? class_weights, "
         "int ignore_index) -> Tensor[]");
   // --- resample/ --- (mode: 0 bilinear/trilinear, 1 nearest; padding_mode: 0 zeros, 1 border,
   // 2 reflection; intensity (N, 6) = scale, shift, gamma, noise_std, clip_min, clip_max)

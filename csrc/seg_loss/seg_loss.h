@@ -17,9 +17,15 @@
 //                   a[slots], b[slots], the Dice terms[slots]; then per head ce_scale[H]
 //   Outputs are float32 (float64 for float64 logits).
 //
-//   multihead_seg_loss_backward(logits[], targets[], saved, grad_total, grad_per_head,
+//   multihead_seg_loss_backward(logits[], targets[], saved, grad_total?, grad_per_head?,
 //                               head_weights?, class_weights?, ignore_index) -> grads[]
+//     grad_total    () or None (zero); grad_per_head (H,) any stride (autograd hands in
+//                   expanded ones) or None (zero): unused outputs cost no zero-filled tensor
 //     grads[h] like logits[h] (contiguous)
+//
+// Autograd is registered in C++ (seg_loss_autograd.cpp), not from Python: a Python
+// autograd.Function plus the Python-side registered autograd cost several times the launch
+// floor in host time per call, and this op exists to be launch-bound.
 //
 // Semantics, per head, over valid voxels (target != ignore_index and in [0, C)):
 //   CE   = sum_v w[t_v] * (lse_v - z_{t_v}) / sum_v w[t_v]    (0 when no voxel is valid)
@@ -142,6 +148,8 @@ M3D_HOST_DEVICE void voxel_grad(const acc_t* p, const acc_t* a, const acc_t* b, 
 
 // ---- host-side plumbing shared by both devices ---------------------------------------------
 
+// Everything per call is planned on the host from shapes and pointers; the only tensors made
+// are copies of non-contiguous inputs (and dtype conversions of the optional weights).
 struct SegPlan {
   std::vector<SegHead> heads;
   std::vector<at::Tensor> logits, targets;  // contiguous versions kept alive
@@ -149,6 +157,13 @@ struct SegPlan {
   at::ScalarType acc;                       // kFloat or kDouble
   int64_t tiles = 0, slots = 0, parts = 0;
   int max_c = 0;
+};
+
+// The backward's incoming gradients, in the accumulation dtype (converted only when they are
+// not): either may be undefined (zero). grad_per_head is read as per_head[h * ph_stride].
+struct SegGrads {
+  at::Tensor total, per_head;
+  int64_t ph_stride = 0;
 };
 
 // Checks every argument (errors name the head, the argument and what was given) and lays out
@@ -160,8 +175,12 @@ SegPlan make_seg_plan(const char* op, at::TensorList logits, at::TensorList targ
 // Checks the backward's saved statistics and incoming gradients against the plan, allocates
 // one gradient per head and points the plan's head table at them (shared by CPU and CUDA).
 std::vector<at::Tensor> seg_loss_backward_outputs(SegPlan& plan, const at::Tensor& saved,
-                                                  const at::Tensor& grad_total,
-                                                  const at::Tensor& grad_per_head);
+                                                  const c10::optional<at::Tensor>& grad_total,
+                                                  const c10::optional<at::Tensor>& grad_per_head,
+                                                  SegGrads* grads_in);
+
+// `t` in dtype `st` and contiguous; returns `t` itself (no dispatched op) when it already is.
+at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType st);
 
 // Empty outputs of the forward op, sized from the plan.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seg_loss_outputs(const SegPlan& plan,

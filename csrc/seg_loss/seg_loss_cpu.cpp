@@ -113,7 +113,7 @@ void finish(const SegPlan& plan, const std::vector<double>& part, const std::vec
     ph[h] = acc_t(loss);
     sum += (hw ? double(hw[h]) : 1.0) * loss;
   }
-  total.fill_(sum);
+  *total.data_ptr<acc_t>() = acc_t(sum);  // a store, not a dispatched fill_
 }
 
 }  // namespace
@@ -146,24 +146,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multihead_seg_loss_cp
 
 std::vector<at::Tensor> multihead_seg_loss_backward_cpu(
     at::TensorList logits, at::TensorList targets, const at::Tensor& saved,
-    const at::Tensor& grad_total, const at::Tensor& grad_per_head,
+    const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_per_head,
     const c10::optional<at::Tensor>& head_weights, const c10::optional<at::Tensor>& class_weights,
     int64_t ignore_index) {
   SegPlan plan = make_seg_plan("multihead_seg_loss_backward", logits, targets, head_weights,
                                class_weights);
-  std::vector<at::Tensor> grads = seg_loss_backward_outputs(plan, saved, grad_total, grad_per_head);
+  SegGrads gin;
+  std::vector<at::Tensor> grads =
+      seg_loss_backward_outputs(plan, saved, grad_total, grad_per_head, &gin);
   const int64_t H = static_cast<int64_t>(plan.heads.size());
-  const at::Tensor st = saved.to(plan.acc).contiguous();
-  const at::Tensor gt = grad_total.to(at::kDouble).reshape({}), gp = grad_per_head.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.logits[0].scalar_type(),
                                   "multihead_seg_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* cw = plan.class_weights.defined() ? plan.class_weights.const_data_ptr<acc_t>() : nullptr;
     const acc_t* hw = plan.head_weights.defined() ? plan.head_weights.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* sp = st.const_data_ptr<acc_t>();
+    const acc_t* sp = saved.const_data_ptr<acc_t>();
+    const acc_t gt = gin.total.defined() ? *gin.total.const_data_ptr<acc_t>() : acc_t(0);
+    const acc_t* gp = gin.per_head.defined() ? gin.per_head.const_data_ptr<acc_t>() : nullptr;
     std::vector<acc_t> g(H);
     for (int64_t h = 0; h < H; ++h)
-      g[h] = acc_t(gt.item<double>() * (hw ? double(hw[h]) : 1.0) + gp.const_data_ptr<double>()[h]);
+      g[h] = gt * (hw ? hw[h] : acc_t(1)) + (gp ? gp[h * gin.ph_stride] : acc_t(0));
     at::parallel_for(0, plan.tiles, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> z(plan.max_c), out(plan.max_c);
       for (int64_t b = b0; b < b1; ++b) {

@@ -235,7 +235,8 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(const __grid_constant__ HeadTable tab, const at::opmath_type<scalar_t>* saved,
                     int64_t slots, const at::opmath_type<scalar_t>* cw,
                     const at::opmath_type<scalar_t>* hw, const at::opmath_type<scalar_t>* grad_total,
-                    const at::opmath_type<scalar_t>* grad_per_head, int64_t ignore_index) {
+                    const at::opmath_type<scalar_t>* grad_per_head, int64_t ph_stride,
+                    int64_t ignore_index) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t b = blockIdx.x;
   const int h = head_of_tile(tab, b);
@@ -252,7 +253,9 @@ __global__ void __launch_bounds__(kThreads)
       a[c] = saved[d.slot_begin + s * C + c];
       bb[c] = saved[slots + d.slot_begin + s * C + c];
     }
-  const acc_t g = grad_total[0] * (hw ? hw[h] : acc_t(1)) + grad_per_head[h];
+  // Unused outputs arrive as null gradients (zero), not as zero-filled tensors.
+  const acc_t g = (grad_total ? grad_total[0] * (hw ? hw[h] : acc_t(1)) : acc_t(0)) +
+                  (grad_per_head ? grad_per_head[h * ph_stride] : acc_t(0));
   const acc_t ce_scale = saved[3 * slots + h];
   auto visit = [&](int64_t v) {
     const int cls = classify_label(load_target(d, s * S + v), C, ignore_index);
@@ -315,22 +318,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multihead_seg_loss_cu
   SegPlan plan = make_seg_plan("multihead_seg_loss", logits, targets, head_weights, class_weights);
   const HeadTable tab = make_table("multihead_seg_loss", plan);
   auto [total, per_head, bad_labels, saved] = seg_loss_outputs(plan, logits[0].device());
-  auto part = at::empty({plan.parts}, saved.options());
-  auto bad = at::empty({3 * plan.tiles}, bad_labels.options());
+  // One scratch allocation for the tile partials (acc_t) and the tiles' bad-label summaries
+  // (int64, 8-byte aligned after them).
+  const int64_t acc_bytes = plan.acc == at::kDouble ? 8 : 4;
+  const int64_t bad_off = (plan.parts * acc_bytes + 7) / 8 * 8;
+  auto work = at::empty({bad_off + 3 * plan.tiles * 8}, saved.options().dtype(at::kByte));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.logits[0].scalar_type(),
                                   "multihead_seg_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    acc_t* part = reinterpret_cast<acc_t*>(work.data_ptr<uint8_t>());
+    int64_t* bad = reinterpret_cast<int64_t*>(work.data_ptr<uint8_t>() + bad_off);
     if (plan.tiles > 0) {
       M3D_SEG_K_SWITCH(plan.max_c, K, [&] {
         partial_kernel<scalar_t, K><<<plan.tiles, kThreads, 0, stream>>>(
-            tab, opt_ptr<acc_t>(plan.class_weights), ignore_index, part.data_ptr<acc_t>(),
-            bad.data_ptr<int64_t>());
+            tab, opt_ptr<acc_t>(plan.class_weights), ignore_index, part, bad);
       });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     finish_kernel<acc_t><<<1, kFinishThreads, 0, stream>>>(
-        tab, part.const_data_ptr<acc_t>(), bad.const_data_ptr<int64_t>(),
+        tab, part, bad,
         opt_ptr<acc_t>(plan.head_weights), ce_weight, dice_weight, smooth, plan.slots,
         total.data_ptr<acc_t>(), per_head.data_ptr<acc_t>(), bad_labels.data_ptr<int64_t>(),
         saved.data_ptr<acc_t>());
@@ -341,28 +348,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multihead_seg_loss_cu
 
 std::vector<at::Tensor> multihead_seg_loss_backward_cuda(
     at::TensorList logits, at::TensorList targets, const at::Tensor& saved,
-    const at::Tensor& grad_total, const at::Tensor& grad_per_head,
+    const c10::optional<at::Tensor>& grad_total, const c10::optional<at::Tensor>& grad_per_head,
     const c10::optional<at::Tensor>& head_weights, const c10::optional<at::Tensor>& class_weights,
     int64_t ignore_index) {
   M3D_CHECK(!logits.empty(), "med3d_ext.multihead_seg_loss_backward: no heads");
   const c10::cuda::CUDAGuard guard(logits[0].device());
   SegPlan plan = make_seg_plan("multihead_seg_loss_backward", logits, targets, head_weights,
                                class_weights);
-  std::vector<at::Tensor> grads = seg_loss_backward_outputs(plan, saved, grad_total, grad_per_head);
-  const int64_t H = static_cast<int64_t>(plan.heads.size());
+  SegGrads gin;
+  std::vector<at::Tensor> grads =
+      seg_loss_backward_outputs(plan, saved, grad_total, grad_per_head, &gin);
   if (plan.tiles == 0) return grads;
   const HeadTable tab = make_table("multihead_seg_loss_backward", plan);
-  const at::Tensor st = saved.to(plan.acc).contiguous();
-  const at::Tensor gt = grad_total.to(plan.acc).contiguous(), gp = grad_per_head.to(plan.acc).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.logits[0].scalar_type(),
                                   "multihead_seg_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     M3D_SEG_K_SWITCH(plan.max_c, K, [&] {
       backward_kernel<scalar_t, K><<<plan.tiles, kThreads, 0, stream>>>(
-          tab, st.const_data_ptr<acc_t>(), plan.slots, opt_ptr<acc_t>(plan.class_weights),
-          opt_ptr<acc_t>(plan.head_weights), gt.const_data_ptr<acc_t>(),
-          gp.const_data_ptr<acc_t>(), ignore_index);
+          tab, saved.const_data_ptr<acc_t>(), plan.slots, opt_ptr<acc_t>(plan.class_weights),
+          opt_ptr<acc_t>(plan.head_weights), opt_ptr<acc_t>(gin.total),
+          opt_ptr<acc_t>(gin.per_head), gin.ph_stride, ignore_index);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -7,13 +7,17 @@ from collections.abc import Sequence
 import torch
 
 from .. import reference
-from ._common import compiled, register_autograd, register_fake
+from ._common import compiled, register_fake
 
 __all__ = ["multihead_seg_loss", "SegLabelError"]
 
 
 # Limits of the CUDA kernel (csrc/seg_loss/seg_loss.h: kMaxHeadsCuda, kMaxClassesCuda).
 _CUDA_MAX_HEADS, _CUDA_MAX_CLASSES = 48, 32
+
+# The op, looked up once. Its autograd is registered in C++ (csrc/seg_loss/seg_loss_autograd.cpp),
+# not from Python: for this launch-bound op the Python route was most of a call's host time.
+_OP = None if compiled("multihead_seg_loss") is None else torch.ops.med3d_ext.multihead_seg_loss.default
 
 
 class SegLabelError(ValueError):
@@ -63,16 +67,25 @@ def multihead_seg_loss(
     On CUDA the fused kernel takes up to 48 heads of up to 32 classes; beyond that the call
     runs the PyTorch reference (:func:`med3d_ext.reference.multihead_seg_loss`) instead.
     """
-    logits, targets = list(logits), list(targets)
+    # Eager calls of a small loss are host-bound, so this path does only what it must: no
+    # tensor op unless head_weights / class_weights need converting, and the op itself (its
+    # autograd is C++, csrc/seg_loss/seg_loss_autograd.cpp).
+    if not isinstance(logits, list):
+        logits = list(logits)
+    if not isinstance(targets, list):
+        targets = list(targets)
     if not logits:
         raise ValueError("med3d_ext.multihead_seg_loss: no heads (logits is an empty list)")
     first = logits[0]
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     hw = None
     if head_weights is not None:
-        # a tensor already on the logits' device avoids a blocking host-to-device copy per call
-        hw = head_weights.to(device=first.device) if isinstance(head_weights, torch.Tensor) \
-            else torch.as_tensor(head_weights, dtype=acc, device=first.device)
+        if isinstance(head_weights, torch.Tensor):
+            # a tensor already on the logits' device avoids a blocking host-to-device copy
+            hw = head_weights if head_weights.device == first.device \
+                else head_weights.to(device=first.device)
+        else:
+            hw = torch.as_tensor(head_weights, dtype=acc, device=first.device)
     cw = None
     if class_weights is not None:
         if len(class_weights) != len(logits):
@@ -83,7 +96,7 @@ def multihead_seg_loss(
                 torch.ones(x.shape[1], dtype=acc, device=first.device) if w is None
                 else torch.as_tensor(w, device=first.device).to(acc).reshape(-1)
                 for x, w in zip(logits, class_weights)])
-    op = compiled("multihead_seg_loss")
+    op = _OP
     if op is not None and first.is_cuda and (
             len(logits) > _CUDA_MAX_HEADS or max(x.shape[1] for x in logits) > _CUDA_MAX_CLASSES):
         op = None  # beyond the CUDA kernel's register budget: the PyTorch reference, same math
@@ -94,28 +107,29 @@ def multihead_seg_loss(
         total, per_head = reference.multihead_seg_loss(
             logits, targets, hw, ce_weight, dice_weight, smooth, ignore_index, per_cw)
     else:
-        options = (float(ce_weight), float(dice_weight), float(smooth), int(ignore_index))
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            total, per_head, bad = _EagerLoss.apply(len(logits), options, hw, cw, *logits, *targets)
-        else:
-            total, per_head, bad, _ = op(logits, targets, hw, cw, *options)
+        total, per_head, bad, _ = op(logits, targets, hw, cw, float(ce_weight),
+                                     float(dice_weight), float(smooth), int(ignore_index))
     if validate:
         if torch.compiler.is_compiling():
             # The check runs inside an opaque op, so a compiled graph keeps it without a break.
             total = _check_labels(total, bad, [int(x.shape[1]) for x in logits])
         else:
-            _raise_bad_labels(bad, [int(x.shape[1]) for x in logits])
+            _raise_bad_labels(bad, logits)
     return total, per_head
 
 
-def _raise_bad_labels(bad: torch.Tensor, classes: list[int]) -> None:
+def _raise_bad_labels(bad: torch.Tensor, classes) -> None:
+    """Raises :class:`SegLabelError` for the heads whose row of ``bad`` counts bad labels;
+    ``classes``: the heads' class counts, or their logits (read only on error)."""
     rows = bad.tolist()  # the one host sync
+    if not any(cnt > 0 for cnt, _, _ in rows):
+        return
+    classes = [c if isinstance(c, int) else int(c.shape[1]) for c in classes]
     msgs = [f"head {h}: {cnt} voxel(s) with labels in [{lo}, {hi}] outside [0, {classes[h]}) "
             f"(C_h = {classes[h]}; e.g. label {lo})"
             for h, (cnt, lo, hi) in enumerate(rows) if cnt > 0]
-    if msgs:
-        raise SegLabelError("med3d_ext.multihead_seg_loss: bad target labels (not ignore_index): "
-                            + "; ".join(msgs))
+    raise SegLabelError("med3d_ext.multihead_seg_loss: bad target labels (not ignore_index): "
+                        + "; ".join(msgs))
 
 
 @torch.library.custom_op("med3d_ext::seg_loss_check_labels", mutates_args=())
@@ -186,64 +200,3 @@ def _fake_backward(logits, targets, saved, grad_total, grad_per_head, head_weigh
                    class_weights, ignore_index):
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in logits]
 
-
-def _setup_context(ctx, inputs, output):
-    logits, targets, head_weights, class_weights, _, _, _, ignore_index = inputs
-    _, per_head, _, saved = output
-    ctx.num_heads = len(logits)
-    ctx.ignore_index = ignore_index
-    ctx.save_for_backward(*logits, *targets, saved, per_head, head_weights, class_weights)
-
-
-def _grads(ctx, grad_total, grad_per_head, need_logits: bool, need_hw: bool):
-    """(grads of the logits or None, grad of head_weights or None) from what forward saved."""
-    H = ctx.num_heads
-    saved = ctx.saved_tensors
-    logits, targets = list(saved[:H]), list(saved[H:2 * H])
-    stats, per_head, head_weights, class_weights = saved[2 * H:]
-    if grad_total is None:
-        grad_total = torch.zeros((), dtype=per_head.dtype, device=per_head.device)
-    if grad_per_head is None:
-        grad_per_head = torch.zeros_like(per_head)
-    grad_logits = [None] * H
-    if need_logits:
-        grad_logits = torch.ops.med3d_ext.multihead_seg_loss_backward(
-            logits, targets, stats, grad_total, grad_per_head, head_weights, class_weights,
-            ctx.ignore_index)
-    grad_hw = None
-    if head_weights is not None and need_hw:
-        grad_hw = (grad_total * per_head).to(head_weights.dtype)
-    return grad_logits, grad_hw
-
-
-def _backward(ctx, grad_total, grad_per_head, _grad_bad, _grad_saved):
-    grad_logits, grad_hw = _grads(ctx, grad_total, grad_per_head, ctx.needs_input_grad[0],
-                                  ctx.needs_input_grad[2])
-    return grad_logits, [None] * ctx.num_heads, grad_hw, None, None, None, None, None
-
-
-register_autograd("multihead_seg_loss", _backward, _setup_context)
-
-
-class _EagerLoss(torch.autograd.Function):
-    """The same forward and backward as the registered autograd, for eager mode only: it takes
-    the heads' tensors as flat arguments, which skips the pytree walks that registered autograd
-    does over list inputs on every call (most of the host time of a small loss)."""
-
-    @staticmethod
-    def forward(ctx, num_heads, options, head_weights, class_weights, *tensors):
-        logits, targets = list(tensors[:num_heads]), list(tensors[num_heads:])
-        total, per_head, bad, saved = torch.ops.med3d_ext.multihead_seg_loss(
-            logits, targets, head_weights, class_weights, *options)
-        ctx.num_heads, ctx.ignore_index = num_heads, options[-1]
-        ctx.save_for_backward(*logits, *targets, saved, per_head, head_weights, class_weights)
-        ctx.mark_non_differentiable(bad)
-        return total, per_head, bad
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total, grad_per_head, _grad_bad):
-        H = ctx.num_heads
-        need = ctx.needs_input_grad
-        grad_logits, grad_hw = _grads(ctx, grad_total, grad_per_head, any(need[4:4 + H]), need[2])
-        return (None, None, grad_hw, None, *grad_logits, *([None] * H))
