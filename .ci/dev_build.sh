@@ -14,4 +14,10 @@ CMAKE="$(dirname "$PY")/cmake"; [ -x "$CMAKE" ] || CMAKE=cmake
 "$CMAKE" -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
 "$CMAKE" --build "$BUILD"
 # DEV_BUILD_NO_COPY=1: compile/link check only (e.g. the CUDA build against another torch).
-[ "${DEV_BUILD_NO_COPY:-0}" = 1 ] || cp "$BUILD"/_C*.so "$BUILD"/_build_config.py med3d_ext/
+# copy then rename: a process that has the old .so mapped keeps a valid file (cp in place
+# would rewrite the pages under it and crash it)
+if [ "${DEV_BUILD_NO_COPY:-0}" != 1 ]; then
+  for f in "$BUILD"/_C*.so "$BUILD"/_build_config.py; do
+    cp "$f" "med3d_ext/.$(basename "$f").new" && mv -f "med3d_ext/.$(basename "$f").new" "med3d_ext/$(basename "$f")"
+  done
+fi
