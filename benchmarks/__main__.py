@@ -32,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--with-compile", action="store_true",
                    help="add the torch.compile baselines that --quick leaves out (ResNet-50 step, augmentation)")
     p.add_argument("--verbose", "-v", action="store_true", help="print tracebacks of failing rows")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each timed row (torch.profiler): its kernels on a GPU, its "
+                        "ATen ops on the CPU, per call, in results.json/md")
     a = p.parse_args(argv)
     bad = [x for x in a.areas if x not in AREAS]
     if bad:
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
         return 2
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
-    ctx = common.Context(device, args.quick, args.with_compile, args.verbose)
+    ctx = common.Context(device, args.quick, args.with_compile, args.verbose, args.profile)
     t_start = time.perf_counter()
     env = common.collect_env(device)
     print(common.env_line(env), flush=True)

@@ -320,6 +320,43 @@ def compare_ratio(actual, precise, ref_errors: list[float], ratio: float, rtol, 
     return ok, worst, worst_ratio, "; ".join(msgs)
 
 
+def profile_kernels(fn: Callable, device: str, calls: int = 3, top: int = 10) -> dict:
+    """What one call of ``fn`` runs, from torch.profiler over ``calls`` calls (already warm):
+    on a GPU every CUDA kernel, memset and copy (``launches`` per call and the ``top`` by GPU
+    time); on the CPU the ATen ops by self CPU time. Per-call numbers are totals / ``calls``.
+    This is where a slow row's time goes (e.g. an extra layout copy or a slow reduction)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    rows = []
+    launches = 0
+    for e in prof.key_averages():
+        if gpu:
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:  # older torch
+                us = getattr(e, "self_cuda_time_total", 0)
+            if not us or getattr(e, "device_type", None) is None or "CUDA" not in str(e.device_type):
+                continue
+            launches += e.count
+        else:
+            us = e.self_cpu_time_total
+            if not e.key.startswith(("aten::", "med3d_ext::")) or not us:
+                continue
+        rows.append({"name": e.key[:120], "calls": e.count / calls, "us": us / calls})
+    rows.sort(key=lambda r: -r["us"])
+    total = sum(r["us"] for r in rows)
+    out = {"per_call_us": total, "top": rows[:top], "source": "CUDA kernels" if gpu else "ATen and med3d_ext ops (self CPU)"}
+    if gpu:
+        out["launches"] = launches / calls
+    return out
+
+
 @contextmanager
 def high_precision(device: str):
     """Context for computing a case's ``precise`` outputs; yields the dtype to compute in:
@@ -476,6 +513,11 @@ class Case:
                     row["floor_ms"] = self.bytes_floor / bw * 1e3
             if self.flops:
                 row["tflops"] = self.flops / (ms * 1e-3) / 1e12
+            if ctx.profile:
+                try:  # like the floor: extra information, never the reason a row is lost
+                    row["kernels"] = profile_kernels(fn, ctx.device)
+                except Exception as exc:
+                    row["kernels"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             if impl.reference:
                 row["_out"] = out
             return row
@@ -537,8 +579,10 @@ def _free(device: str) -> None:
 class Context:
     """Run-wide settings and the collected rows."""
 
-    def __init__(self, device: str, quick: bool, with_compile: bool, verbose: bool = False):
+    def __init__(self, device: str, quick: bool, with_compile: bool, verbose: bool = False,
+                 profile: bool = False):
         self.device = device
+        self.profile = profile  # per timed row: the kernels (GPU) or ATen ops (CPU) of one call
         self.quick = quick
         self.with_compile = with_compile
         self.verbose = verbose
@@ -674,6 +718,20 @@ def markdown(data: dict) -> str:
         impl = r["impl"] + (" (baseline)" if r.get("baseline") else "") + (f" [{r['note']}]" if r.get("note") else "")
         lines.append(f"| {r['area']} | {r['case']} | {impl} | {st} "
                      f"| {ms} | {mem} | {err} | {sp} | {fmt_params(r.get('params') or {})} |")
+    prof = [r for r in data["rows"] if r.get("kernels")]
+    if prof:
+        lines += ["", "## Where the time goes (`--profile`: per call, torch.profiler)", ""]
+        for r in prof:
+            k = r["kernels"]
+            head = f"**{r['area']} / {r['case']} / {r['impl']}**"
+            if "error" in k:
+                lines += [f"{head}: profile failed: {k['error']}", ""]
+                continue
+            n = f", {k['launches']:.0f} launches" if k.get("launches") is not None else ""
+            lines += [f"{head}: {k['per_call_us']:.0f} us of {k['source']}{n}", "",
+                      "| us | calls | name |", "|---|---|---|"]
+            lines += [f"| {t['us']:.1f} | {t['calls']:.3g} | `{t['name'][:90]}` |" for t in k["top"]]
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,8 @@
 #  2. runs the CUDA tests: pytest python_tests -m cuda -q -x (tests needing a missing package skip);
 #  3. with COMPUTE_SANITIZER=1, compute-sanitizer memcheck over $SANITIZER_TESTS (default
 #     python_tests/ops) -m cuda;
-#  4. runs `python -m benchmarks --quick --device cuda --out $OUT/bench [AREA ...]`;
+#  4. runs `python -m benchmarks --quick --profile --device cuda --out $OUT/bench [AREA ...]`
+#     (--profile: each row's CUDA kernels per call, in results.md; BENCH_PROFILE=0 drops it);
 #  5. packs logs and results into $OUT/gpu_check.tar.gz, writes $OUT/summary.md;
 #  6. prints a short summary table LAST.
 # No stage stops the script; it exits non-zero when the build or the tests failed. The stage
@@ -140,10 +141,12 @@ if [ "${COMPUTE_SANITIZER:-0}" = 1 ] && [ $BUILD_RC -eq 0 ]; then
 fi
 
 # ---------------------------------------------------------------- 4. benchmarks
-say "benchmarks: python -m benchmarks --quick --device ${BENCH_DEVICE:-cuda} ${BENCH_ARGS:-} $* (log: logs/bench.log)"
+PROFILE_ARG=""
+[ "${BENCH_PROFILE:-1}" = 1 ] && PROFILE_ARG="--profile"
+say "benchmarks: python -m benchmarks --quick $PROFILE_ARG --device ${BENCH_DEVICE:-cuda} ${BENCH_ARGS:-} $* (log: logs/bench.log)"
 Q0=$(now)
 # shellcheck disable=SC2086
-timeout "$(limit "${BENCH_TIMEOUT:-270}")" "$PY" -m benchmarks --quick --device "${BENCH_DEVICE:-cuda}" --out "$OUT/bench" \
+timeout "$(limit "${BENCH_TIMEOUT:-270}")" "$PY" -m benchmarks --quick $PROFILE_ARG --device "${BENCH_DEVICE:-cuda}" --out "$OUT/bench" \
     ${BENCH_ARGS:-} "$@" > "$LOGS/bench.log" 2>&1
 BENCH_RC=$?
 BENCH_S=$(($(now) - Q0))

@@ -333,3 +333,34 @@ def test_convergence_area_rows_from_the_study(tmp_path, monkeypatch):
     assert rows[P]["final_dice"] == pytest.approx(0.4) and rows[P]["dice_gain"] == pytest.approx(0.1)
     assert rows[P]["params"]["target_dice"] == pytest.approx(0.3)
     assert "convergence" in (tmp_path / "results.md").read_text()
+
+
+def test_profile_lists_each_rows_ops(tmp_path):
+    """--profile: every timed row carries what one call ran (here the CPU ops): the fused loss
+    is our op plus allocations, the eager loop is many ATen ops; the markdown shows both."""
+    data = _run(tmp_path, "loss", "--profile")
+    rows = [r for r in _rows(data, "loss") if r["status"] == "ok"]
+    assert rows and all("kernels" in r for r in rows)
+    eager = next(r for r in rows if r["impl"] == "eager per-head loop")["kernels"]
+    assert "error" not in eager and eager["per_call_us"] > 0
+    names = {t["name"] for t in eager["top"]}
+    assert any(n.startswith("aten::") for n in names)
+    if m3d.ops.multihead_seg_loss is not None and m3d._extension.available():
+        ours = next(r for r in rows if r["impl"] == "med3d_ext validate=False")["kernels"]
+        assert any(t["name"].startswith("med3d_ext::multihead_seg_loss") for t in ours["top"])
+        assert sum(t["calls"] for t in ours["top"]) < sum(t["calls"] for t in eager["top"])
+    md = (tmp_path / "results.md").read_text()
+    assert "## Where the time goes" in md and "eager per-head loop" in md.split("## Where")[1]
+
+
+def test_profile_kernels_counts_calls():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return torch.ones(3) + torch.ones(3)
+
+    k = common.profile_kernels(fn, "cpu", calls=4)
+    assert len(calls) == 4
+    add = next(t for t in k["top"] if t["name"] == "aten::add")
+    assert add["calls"] == 1  # per call, not per profile
