@@ -39,18 +39,16 @@ SCRATCH, OURS, MEDICALNET = "from scratch", "Med3D (synthetic 3DSeg-8)", "Medica
 
 
 def study_sizes(gpu: bool, quick: bool) -> dict:
-    """Budgets. Transfer: ``evals`` validations, ``every`` steps apart (the Dice curve's
-    resolution); the volumes are anisotropic, so patches are thin in the last axis."""
-    if quick:  # tests and the quick benchmark suite
-        return dict(cases=2, size=24, patch=[16, 16, 8], batch=2, pre_epochs=1, pre_steps=12,
-                    every=4, evals=3, val_fraction=0.25)
-    if gpu:
-        return dict(cases=8, size=96, patch=[64, 64, 32], batch=8, pre_epochs=10,
-                    pre_steps=100, every=25, evals=16, val_fraction=0.25)
-    # CPU: the whole study (pretraining + 3 seeds x 2 arms) in ~15 min on 2 busy cores
-    # (one torch thread: ~0.3-0.5 s per step at batch 4)
-    return dict(cases=3, size=48, patch=[32, 32, 16], batch=4, pre_epochs=1, pre_steps=500,
-                every=20, evals=9, val_fraction=0.34)
+    """The demo's budgets (``med3d_ext.train.demo.demo_sizes``): transfer validates ``evals``
+    times, ``every`` steps apart (the Dice curve's resolution). Quick mode keeps its own tiny
+    sizes with a few more validations, so the smoke test still draws a curve."""
+    from med3d_ext.train.demo import demo_sizes
+
+    d = demo_sizes(gpu, quick)
+    sz = dict(d, every=d["tr_steps"], evals=d["tr_epochs"], val_fraction=0.25)
+    if quick:
+        sz.update(pre_epochs=1, pre_steps=12, every=4, evals=3)
+    return sz
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -142,14 +140,14 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
               runs=None, threads=None, head_lr=1e-3, log=print) -> dict:
     """The whole study; returns the summary dict (also written as JSON + markdown + PNG).
 
-    threads: torch CPU threads; default 1 on the CPU: on a machine shared with other jobs,
-    OpenMP's spinning barriers make 2 threads 5-10x slower per step than 1.
+    threads: torch CPU threads; default torch's own (all cores). On a machine shared with
+    other jobs pass 1: OpenMP's spinning barriers make 2 threads 5-100x slower than 1 there.
     head_lr: learning rate of the new head in the pretrained arms (their encoder: 1e-3; from
     scratch every parameter uses 1e-3).
     """
     from med3d_ext.train import config as C
     from med3d_ext.train.cli import run_pretrain, run_transfer
-    from med3d_ext.train.demo import demo_data
+    from med3d_ext.train.demo import demo_data, demo_recipe
     from med3d_ext.train.distributed import resolve_device
 
     if not seeds:
@@ -160,7 +158,7 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
     dev = resolve_device(device)
     sz = study_sizes(dev.type == "cuda", quick)
     if threads is None:
-        threads = 1 if dev.type == "cpu" else 0
+        threads = 0  # torch's default (all cores); pass 1 on a machine shared with other jobs
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = None
@@ -172,15 +170,9 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
         t0 = time.perf_counter()
         d = demo_data(sz["cases"], sz["size"], 0, log)
         t_data = time.perf_counter() - t0
-        # the demo's recipe: AdamW and the loss on the patch grid (in a few hundred steps
-        # MedicalNet's SGD recipe still predicts background everywhere)
-        common = {"device": str(dev), "batch_size": sz["batch"], "patch": sz["patch"],
-                  "progress": False, "cache": str(d["root"] / "cache"), "optimizer": "adamw",
-                  "weight_decay": 1e-4, "label_grid": "patch", "num_workers": 0,
-                  # half the patches on foreground: in ~100 steps the default third often
-                  # collapses to all-background (Dice 0) in both arms
-                  "fg_fraction": 0.5,
-                  "log_every": sz["every"], "overlap": 0.25, "threads": threads}
+        # the demo's recipe (AdamW, loss on the patch grid, ...), validation every `every` steps
+        common = dict(demo_recipe(dev, sz, d["root"] / "cache"), progress=False,
+                      log_every=sz["every"], threads=threads)
         log(f"pretraining ResNet-10 on the 8 synthetic domains ({sz['pre_epochs'] * sz['pre_steps']} "
             f"steps, seed {seeds[0]}, shared by all seeds)")
         pre = run_pretrain(C.resolve("pretrain", dict(
@@ -414,7 +406,7 @@ def main(argv=None) -> int:
     p.add_argument("--medicalnet", default=None, metavar="PATH",
                    help="MedicalNet-layout ResNet weights (.pth/.safetensors): a third arm")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 on the CPU, torch's default on a GPU)")
+                   help="torch CPU threads (default: torch's; use 1 on a CPU shared with other jobs)")
     p.add_argument("--head-lr", type=float, default=1e-3,
                    help="learning rate of the new head in the pretrained arms (default 1e-3, "
                         "the encoder's and the from-scratch arm's)")
