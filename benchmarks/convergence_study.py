@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from med3d_ext.train.demo import steps_to_target, val_curve  # noqa: E402  (shared with the demo)
+
 SCRATCH, OURS, MEDICALNET = "from scratch", "Med3D (synthetic 3DSeg-8)", "MedicalNet weights"
 
 
@@ -52,14 +54,6 @@ def study_sizes(gpu: bool, quick: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- analysis
-
-
-def steps_to_target(steps, values, target):
-    """First step whose value reaches ``target`` (None if it never does). NaN never counts."""
-    for s, v in zip(steps, values):
-        if v is not None and not (isinstance(v, float) and math.isnan(v)) and v >= target:
-            return s
-    return None
 
 
 def _mean(xs):
@@ -127,15 +121,6 @@ def _quiet(*a, **k):
     pass
 
 
-def _val_curve(run_dir) -> dict:
-    from med3d_ext.train.runlog import read_metrics
-
-    va = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get("kind") == "val"]
-    score = [r.get("score") for r in va]
-    return {"steps": [int(r["step"]) for r in va],
-            "dice": [float("nan") if v is None else float(v) for v in score]}
-
-
 def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=None,
               runs=None, threads=None, head_lr=1e-3, log=print) -> dict:
     """The whole study; returns the summary dict (also written as JSON + markdown + PNG).
@@ -194,7 +179,7 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
                     common, seed=seed, data=[str(d["transfer"])], out=str(folder), task="seg",
                     epochs=sz["evals"], steps=sz["every"], val_fraction=sz["val_fraction"],
                     target_dice=2.0, **extra)), log=_quiet)
-                curves[arm][seed] = _val_curve(folder)
+                curves[arm][seed] = val_curve(folder)
                 times[arm].append(tr["time_s"])
                 log(f"  seed {seed} {arm}: Dice " + " ".join(f"{v:.3f}" for v in curves[arm][seed]["dice"])
                     + f" ({tr['time_s']:.0f} s)")

@@ -54,6 +54,11 @@ def test_default_demo_quick(tmp_path, monkeypatch, capsys):
     assert [r["method"] for r in res["rows"]] == ["pretrained (Med3D)", "from scratch"]
     for r in res["rows"]:
         assert r["steps"] > 0 and r["time_s"] > 0
+        # the curve the steps-to-target columns are read from: one validation per epoch
+        assert r["val_curve"]["steps"] == [4, 8, 12] and len(r["val_curve"]["dice"]) == 3
+    scratch_final = res["rows"][1]["val_curve"]["dice"][-1]
+    assert res["rows"][1]["steps_to_scratch_final"] is not None  # the baseline reaches itself
+    assert f"steps to scratch's final val Dice ({scratch_final:.3f})" in text
     for sub in ("pretrain", "transfer-pretrained", "transfer-scratch"):
         assert (tmp_path / "demo" / sub / "best.pt").is_file()
     preds = list((tmp_path / "demo" / "predictions-pretrained").glob("*.nii.gz"))
