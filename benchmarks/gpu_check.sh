@@ -80,6 +80,14 @@ if [ $BUILD_RC -eq 0 ]; then
         cp -f "$SITE_PKG"/_C*.so "$SITE_PKG"/_build_config.py "$REPO/med3d_ext/" 2>>"$LOGS/build.log"
     fi
     "$PY" -m med3d_ext.info > "$LOGS/info.txt" 2>&1
+    # which libstdc++ the process really maps next to our .so, and the compiler that built it:
+    # a C++ runtime older than the build's headers crashed iostream code in our .so before
+    {
+        echo "---- C++ runtime in a process that imported med3d_ext ----"
+        "$PY" -c 'import med3d_ext._extension as e, re; e.available(); print("\n".join(sorted({l.split()[-1] for l in open("/proc/self/maps") if re.search(r"libstdc\+\+|libgcc_s|_C\.cpython", l)})))' 2>&1
+        (c++ --version || g++ --version) 2>&1 | head -1
+        strings -a "$REPO"/med3d_ext/_C*.so 2>/dev/null | grep -m3 "GCC: ("
+    } >> "$LOGS/info.txt" 2>&1
     cat "$LOGS/info.txt"
     EXT="$("$PY" -c 'from med3d_ext import _extension as e; b = e.build_info(); print("loaded, CUDA %s, archs %s" % (b.get("cuda_version"), b.get("cuda_archs")) if e.available() else "NOT loaded: %s" % e.LOAD_ERROR)' 2>&1 | tail -1)"
 else
