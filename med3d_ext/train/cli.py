@@ -224,9 +224,10 @@ def main(argv=None) -> int:
 
 def _known_errors() -> tuple:
     from .checkpoint import CheckpointError
+    from .distributed import DeviceError
     from .loops import TrainingError
 
-    errs = [CheckpointError, TrainingError, FileNotFoundError]
+    errs = [CheckpointError, TrainingError, FileNotFoundError, DeviceError]
     try:
         from med3d_ext.models import MedicalNetWeightsError
 

@@ -118,12 +118,49 @@ OPTIONS: dict[str, Option] = {
 }
 
 
+# Allowed values, checked wherever a value comes from (defaults, YAML, command line, --set,
+# a resumed run's saved config): (predicate, what the message says is expected).
+_DEPTHS = (10, 18, 34, 50, 101, 152, 200)
+VALID: dict[str, tuple] = {
+    "task": (lambda v: v in ("seg", "cls"), "seg | cls"),
+    "checkpoint": (lambda v: bool(v), "best | last | a path"),
+    "split": (lambda v: v in ("all", "val", "train"), "all | val | train"),
+    "depth": (lambda v: v in _DEPTHS, "one of " + ", ".join(map(str, _DEPTHS))),
+    "shortcut_type": (lambda v: v in ("A", "B"), "A | B"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "optimizer": (lambda v: v in ("sgd", "adamw"), "sgd | adamw"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "head_lr": (lambda v: v > 0, "> 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "schedule": (lambda v: v in ("poly", "cosine", "constant"), "poly | cosine | constant"),
+    "freeze_epochs": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "fg_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "val_fraction": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "label_grid": (lambda v: v in ("logits", "patch"), "logits | patch"),
+    "amp": (lambda v: v in ("auto", "bf16", "fp16", "off"), "auto | bf16 | fp16 | off"),
+    "num_workers": (lambda v: v >= 0, ">= 0"),
+    "threads": (lambda v: v >= 0, ">= 0 (0 = torch's default)"),
+    "overlap": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "sw_batch_size": (lambda v: v >= 1, ">= 1"),
+    "val_cases": (lambda v: v >= 0, ">= 0 (0 = all)"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
+    "ckpt_every": (lambda v: v >= 0, ">= 0 (0 = each epoch)"),
+    "step_sleep": (lambda v: v >= 0, ">= 0"),
+}
+
+
 def keys_for(command: str) -> list[str]:
     return [k for k, o in OPTIONS.items() if command in o.commands]
 
 
 def defaults(command: str) -> dict:
-    return {k: OPTIONS[k].default_for(command) for k in keys_for(command)}
+    # through coerce, so a default has the same type as the value a user would give
+    return {k: coerce(k, OPTIONS[k].default_for(command)) for k in keys_for(command)}
 
 
 def _bool(key, v):
@@ -138,6 +175,15 @@ def _bool(key, v):
 
 def coerce(key: str, value):
     """Bring ``value`` (from YAML, --set or argparse) to the type of option ``key``."""
+    value = _coerce_kind(key, value)
+    if value is not None and key in VALID:
+        ok, want = VALID[key]
+        if not ok(value):
+            raise ConfigError(f"{key}: expected {want}, got {value!r}")
+    return value
+
+
+def _coerce_kind(key: str, value):
     kind = OPTIONS[key].kind
     if value is None:
         return None

@@ -32,14 +32,26 @@ class DistContext:
         return self.rank == 0
 
 
+class DeviceError(RuntimeError):
+    """--device names a device this machine does not have (the message says what to use)."""
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec in (None, "auto"):
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {spec!r}: not a device (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {spec!r}: only cpu and cuda are supported")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {spec}: CUDA is not available on this machine "
-                               "(use --device cpu)")
+            raise DeviceError(f"--device {spec}: CUDA is not available on this machine "
+                              "(use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {spec}: this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     return dev

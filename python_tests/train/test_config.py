@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import torch
 import yaml
 
 from med3d_ext.train import config as C
@@ -77,6 +78,40 @@ def test_unknown_key_in_yaml(tmp_path):
 def test_bad_values(key, value):
     with pytest.raises(C.ConfigError, match=key):
         C.resolve("pretrain", overrides=[f"{key}={value}"])
+
+
+@pytest.mark.parametrize("key,value,want", [
+    ("batch_size", "0", ">= 1"), ("batch_size", "-1", ">= 1"), ("depth", "11", "one of 10, 18"),
+    ("optimizer", "adam", "sgd | adamw"), ("overlap", "1.0", "in [0, 1)"),
+    ("val_fraction", "1", "[0, 1)"), ("lr", "0", "> 0"), ("fg_fraction", "1.5", "[0, 1]"),
+    ("amp", "fp8", "bf16"), ("label_grid", "voxel", "logits | patch"), ("steps", "0", ">= 1")])
+def test_out_of_range_values_name_key_value_and_range(key, value, want):
+    with pytest.raises(C.ConfigError) as e:
+        C.resolve("pretrain", overrides=[f"{key}={value}"])
+    msg = str(e.value)
+    assert msg.startswith(f"{key}:") and want in msg and value in msg
+
+
+def test_defaults_have_the_types_of_given_values():
+    # the default patch is an int in the schema; resolved it is [D, H, W] like a given one
+    # (an int default once crashed `pretrain --data DIR` without --patch)
+    for command in ("pretrain", "transfer", "evaluate"):
+        cfg = C.resolve(command)
+        assert cfg["patch"] == [48, 48, 48]
+        assert C.resolve(command, overrides=["patch=48"])["patch"] == cfg["patch"]
+
+
+def test_device_errors_are_clean(tmp_path):
+    from med3d_ext.train.distributed import DeviceError, resolve_device
+
+    with pytest.raises(DeviceError, match="'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda")
+    r = subprocess.run(cli("pretrain", "--device", "nonsense", "--data", tmp_path),
+                       capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "--device" in r.stderr
 
 
 def test_key_of_other_command_rejected():
