@@ -126,6 +126,12 @@ def test_synth_bad_args(tmp_path):
 
     with pytest.raises(ValueError, match="cases >= 1"):
         synth(tmp_path, cases=0)
+    with pytest.raises(ValueError, match="size <= 512, got cases=1, size=100000"):
+        synth(tmp_path, cases=1, size=100000)
+    from med3d_ext.data.__main__ import main
+
+    assert main(["synth", "--out", str(tmp_path / "x"), "--size", "5"]) == 2  # message, no trace
+    assert not (tmp_path / "x").exists()
 
 
 def test_package_functions_not_shadowed_by_submodules():

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                   f"{pre.info['target_spacing']} mm")
             for msg in pre.info.get("problems", []):
                 print(f"skipped: {msg}", file=sys.stderr)
-    except (DataError, ImportError, FileNotFoundError) as e:
+    except (DataError, ImportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

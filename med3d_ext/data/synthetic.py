@@ -45,6 +45,8 @@ DOMAINS = [
 TRANSFER = ("Task11_Kidney", ["CT"], {0: "background", 1: "kidney", 2: "tumour"},
             (0.8, 0.8, 3.0), "kidney")
 
+MAX_SIZE = 512  # in-plane voxels per side
+
 ORIENTATIONS = ["RAS", "LAS", "LPS", "RPI", "PIR", "oblique"]
 
 # CT Hounsfield units of the synthetic tissues (roughly contrast-enhanced portal phase)
@@ -304,9 +306,11 @@ def synth(out, *, cases: int = 4, size: int = 48, seed: int = 0, transfer_cases=
     follows from the spacing); transfer gets 2x cases, classification 4x (at least 8).
     Returns {"pretrain": [dataset dirs], "transfer": dir, "transfer_cls": dir}.
     """
-    if cases < 1 or size < 8:
-        raise ValueError(f"synth needs cases >= 1 and size >= 8, got cases={cases}, "
-                         f"size={size}")
+    if cases < 1 or not 8 <= size <= MAX_SIZE:
+        # the upper bound keeps a typo from asking for petabytes: the generator holds a few
+        # float32 copies of each volume (512^2 x ~140 slices is ~150 MB each)
+        raise ValueError(f"synth needs cases >= 1 and 8 <= size <= {MAX_SIZE}, got "
+                         f"cases={cases}, size={size}")
     out = Path(out)
     pre = [write_msd(out / "pretrain", spec, cases, size, seed) for spec in DOMAINS]
     tr = write_msd(out / "transfer", TRANSFER, transfer_cases or 2 * cases, size, seed)
