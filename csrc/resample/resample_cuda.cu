@@ -1,10 +1,10 @@
 // CUDA kernels for affine_resample, affine_resample_pair and resize (see resample.h).
 //
-// One thread per output voxel, all channels in the thread: the sampling point is computed once
-// from the matrix (no grid tensor), and each output element is written exactly once. The image
-// and the label of a pair share one launch: grid.y is the sample, blocks [0, image_blocks) of
-// grid.x cover the image grid (and the label too when both grids coincide), the remaining blocks
-// the label's own grid.
+// One thread per kVec consecutive output voxels of a row, all channels in the thread: the sampling
+// points are computed once from the matrix (no grid tensor), their taps are reused by every
+// channel and by the fused label, and each output element is written exactly once. The image and
+// the label of a pair share one launch: items [0, image_items) cover the image grid (and the
+// label too when both grids coincide), the rest the label's own grid.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -18,30 +18,140 @@ namespace rs {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxGridY = 65535;
+// Consecutive output voxels along W per thread: the row's affine terms, the per-item index
+// decoding and the theta loads are shared by kVec voxels, and aligned rows are stored as one
+// vector per channel (float4 for fp32, 4 bytes for a uint8 label).
+constexpr int kVec = 4;
 
-template <typename scalar_t, typename label_t, typename T, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-pair_kernel(const PairArgs<scalar_t, label_t, T> a, int64_t N, int64_t image_blocks) {
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
-    if (int64_t(blockIdx.x) < image_blocks) {
-      const index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x;
-      if (i >= static_cast<index_t>(a.D * a.H * a.W)) continue;
-      const index_t w = i % static_cast<index_t>(a.W), r = i / static_cast<index_t>(a.W);
-      const index_t h = r % static_cast<index_t>(a.H), d = r / static_cast<index_t>(a.H);
-      image_voxel<scalar_t, label_t, T, index_t>(a, n, d, h, w, base_coord<T>(w, a.W, a.align),
-                                                 base_coord<T>(h, a.H, a.align),
-                                                 base_coord<T>(d, a.D, a.align));
-    } else {
-      const index_t i = static_cast<index_t>(blockIdx.x - image_blocks) * kThreads + threadIdx.x;
-      if (i >= static_cast<index_t>(a.LD * a.LH * a.LW)) continue;
-      const index_t w = i % static_cast<index_t>(a.LW), r = i / static_cast<index_t>(a.LW);
-      const index_t h = r % static_cast<index_t>(a.LH), d = r / static_cast<index_t>(a.LH);
-      label_voxel<scalar_t, label_t, T, index_t>(a, n, d, h, w, base_coord<T>(w, a.LW, a.align),
-                                                 base_coord<T>(h, a.LH, a.align),
-                                                 base_coord<T>(d, a.LD, a.align));
+// kVec elements stored with one instruction where the address is aligned to the whole pack.
+template <typename E>
+struct alignas(sizeof(E) * kVec) Pack {
+  E v[kVec];
+};
+
+template <typename E>
+__device__ __forceinline__ void store_run(E* dst, const E (&v)[kVec], int nv, bool aligned) {
+  if (aligned && nv == kVec) {
+    Pack<E> p;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) p.v[k] = v[k];
+    *reinterpret_cast<Pack<E>*>(dst) = p;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+      if (k < nv) dst[k] = v[k];
+  }
+}
+
+// One work item: up to kVec consecutive voxels (w0 ...) of output row (n, d, h) of the image grid
+// (kImage: all image channels, then the fused label from the same points) or of the label's own
+// grid. item_t is uint32_t whenever the item count fits (32-bit division is several times cheaper
+// than 64-bit on the GPU), int64_t otherwise.
+template <bool kImage, typename scalar_t, typename label_t, typename T, typename index_t,
+          typename item_t>
+__device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
+                                          bool aligned) {
+  const item_t D = kImage ? a.D : a.LD, H = kImage ? a.H : a.LH, W = kImage ? a.W : a.LW;
+  const item_t WQ = (W + kVec - 1) / kVec;
+  const item_t q = i % WQ, r = i / WQ;
+  const item_t h = r % H, r2 = r / H;
+  const item_t d = r2 % D, n = r2 / D;
+  const int64_t w0 = int64_t(q) * kVec;
+  const int nv = static_cast<int>(m_min<int64_t>(kVec, int64_t(W) - w0));
+  const Grid<index_t> g = kImage ? make_grid<index_t>(a.ID, a.IH, a.IW)
+                                 : make_grid<index_t>(a.LID, a.LIH, a.LIW);
+  const index_t out_cs = static_cast<index_t>(int64_t(D) * H * W);
+  const index_t in_cs = static_cast<index_t>(g.HW) * g.D;
+  const index_t o0 = static_cast<index_t>((int64_t(d) * H + h) * W + w0);
+
+  const T* t = a.theta + int64_t(n) * 12;
+  T row[3];
+  row_terms(t, base_coord<T>(h, H, a.align), base_coord<T>(d, D, a.align), row);
+  T cx[kVec], cy[kVec], cz[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const int64_t w = m_min<int64_t>(w0 + k, int64_t(W) - 1);  // tail lanes repeat the last voxel
+    const T bx = base_coord<T>(w, W, a.align);
+    T gx = t[0] * bx + row[0], gy = t[4] * bx + row[1], gz = t[8] * bx + row[2];
+    if (a.elastic != nullptr)
+      add_elastic(a.elastic + int64_t(n) * 3 * a.ED * a.EH * a.EW, a.ED, a.EH, a.EW, d, h, w,
+                  D, H, W, gx, gy, gz);
+    cx[k] = source_index(gx, g.W, a.pad, a.align);
+    cy[k] = source_index(gy, g.H, a.pad, a.align);
+    cz[k] = source_index(gz, g.D, a.pad, a.align);
+  }
+  if constexpr (kImage) {
+    // Voxel by voxel, so that only one voxel's taps are live (registers bound the occupancy of
+    // this gather-bound kernel): each voxel's taps serve all its channels. One channel (the
+    // usual case) collects the run in registers and stores it as one pack.
+    const float* p = a.intensity != nullptr ? a.intensity + int64_t(n) * kIntensityFields : nullptr;
+    const uint32_t key = p != nullptr ? noise_key(a.seed != nullptr ? a.seed[n] : 0, n) : 0;
+    const scalar_t* in = a.image + int64_t(n) * a.C * in_cs;
+    scalar_t* out = a.image_out + int64_t(n) * a.C * out_cs + o0;
+    scalar_t pack[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const Taps<T, index_t> tp = trilinear_taps<T, index_t>(cx[k], cy[k], cz[k], g);
+      for (int64_t c = 0; c < a.C; ++c) {
+        const scalar_t v = epilogue<scalar_t, T>(sample_taps(in + c * in_cs, tp), p, key,
+                                                 c * out_cs + o0 + k);
+        if (a.C == 1) pack[k] = v;
+        else if (k < nv) out[c * out_cs + k] = v;
+      }
+    }
+    if (a.C == 1) store_run(out, pack, nv, aligned);
+  }
+  if (!kImage || (a.fused && a.label != nullptr)) {
+    index_t src[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) src[k] = nearest_offset<T, index_t>(cx[k], cy[k], cz[k], g);
+    const label_t* in = a.label + int64_t(n) * a.LC * in_cs;
+    label_t* out = a.label_out + int64_t(n) * a.LC * out_cs + o0;
+    for (int64_t c = 0; c < a.LC; ++c) {
+      label_t v[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[k] = src[k] < 0 ? label_t(0) : in[c * in_cs + src[k]];
+      store_run(out + c * out_cs, v, nv, aligned);
     }
   }
+}
+
+// Items [0, image_items) cover the image grid (and the fused label), the rest the label's own
+// grid; a grid-stride loop, so any item count fits the launch.
+template <typename scalar_t, typename label_t, typename T, typename index_t, typename item_t>
+__device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>& a,
+                                           item_t image_items, item_t total, bool image_aligned,
+                                           bool label_aligned) {
+  const item_t stride = item_t(gridDim.x) * kThreads;
+  for (item_t i = item_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
+    if (i < image_items) {
+      if constexpr (!std::is_integral_v<scalar_t>)
+        pair_item<true, scalar_t, label_t, T, index_t>(a, i, image_aligned);
+    } else {
+      pair_item<false, scalar_t, label_t, T, index_t>(a, i - image_items, label_aligned);
+    }
+  }
+}
+
+// At least 4 resident blocks (<= 64 registers): the kernel is bound by the latency of its
+// gathers, so occupancy matters more than keeping the rare paths (reflection, elastic) spill-free.
+template <typename scalar_t, typename label_t, typename T, typename index_t>
+__global__ void __launch_bounds__(kThreads, 4)
+pair_kernel(const PairArgs<scalar_t, label_t, T> a, int64_t image_items, int64_t total,
+            bool image_aligned, bool label_aligned) {
+  if (total <= int64_t(UINT32_MAX) - int64_t(kThreads) * gridDim.x)
+    pair_items<scalar_t, label_t, T, index_t, uint32_t>(
+        a, static_cast<uint32_t>(image_items), static_cast<uint32_t>(total), image_aligned,
+        label_aligned);
+  else
+    pair_items<scalar_t, label_t, T, index_t, int64_t>(a, image_items, total, image_aligned,
+                                                        label_aligned);
+}
+
+// Whole packs of kVec voxels are aligned when rows are a multiple of kVec long and the tensor
+// starts on a pack boundary (every row, channel and sample offset is then a multiple of kVec).
+inline bool packs_aligned(const void* p, int64_t W, int64_t elem) {
+  return W % kVec == 0 && reinterpret_cast<uintptr_t>(p) % (elem * kVec) == 0;
 }
 
 void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
@@ -52,14 +162,22 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     using index_t = decltype(index_tag);
     const bool image = a.image != nullptr && a.C > 0;
     const bool label = a.label != nullptr && a.LC > 0 && !(a.fused && image);
-    const int64_t image_blocks = image ? ceil_div(a.D * a.H * a.W, kThreads) : 0;
-    const int64_t label_blocks = label ? ceil_div(a.LD * a.LH * a.LW, kThreads) : 0;
-    const int64_t blocks = image_blocks + label_blocks;
-    if (blocks == 0) return;
-    M3D_CHECK(blocks < (int64_t(1) << 31), "med3d_ext.affine_resample: output grid too large");
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min(N, kMaxGridY)));
+    const int64_t axes[6] = {a.ID, a.IH, a.IW, a.LID, a.LIH, a.LIW};
+    for (int64_t s : axes)
+      M3D_CHECK(s < (int64_t(1) << 30), "med3d_ext.affine_resample: input spatial sizes must be "
+                "< 2^30 per axis, got ", s);
+    const int64_t image_items = image ? N * a.D * a.H * ceil_div(a.W, kVec) : 0;
+    const int64_t label_items = label ? N * a.LD * a.LH * ceil_div(a.LW, kVec) : 0;
+    const int64_t total = image_items + label_items;
+    if (total == 0) return;
+    const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), int64_t(sm_count()) * 64);
+    const bool image_aligned = image && packs_aligned(a.image_out, a.W, sizeof(*a.image_out));
+    const int64_t label_out_w = a.fused && image ? a.W : a.LW;
+    const bool label_aligned =
+        a.label != nullptr && packs_aligned(a.label_out, label_out_w, sizeof(*a.label_out));
     pair_kernel<typename A::scalar_type, typename A::label_type, typename A::coord_type, index_t>
-        <<<grid, kThreads, 0, stream>>>(a, N, image_blocks);
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, image_items, total,
+                                                                  image_aligned, label_aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
