@@ -50,7 +50,7 @@ __device__ __forceinline__ void store_run(E* dst, const E (&v)[kVec], int nv, bo
 template <bool kImage, typename scalar_t, typename label_t, typename T, typename index_t,
           typename item_t>
 __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
-                                          bool aligned) {
+                                          bool image_aligned, bool label_aligned) {
   const item_t D = kImage ? a.D : a.LD, H = kImage ? a.H : a.LH, W = kImage ? a.W : a.LW;
   const item_t WQ = (W + kVec - 1) / kVec;
   const item_t q = i % WQ, r = i / WQ;
@@ -99,7 +99,7 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
         else if (k < nv) out[c * out_cs + k] = v;
       }
     }
-    if (a.C == 1) store_run(out, pack, nv, aligned);
+    if (a.C == 1) store_run(out, pack, nv, image_aligned);
   }
   if (!kImage || (a.fused && a.label != nullptr)) {
     index_t src[kVec];
@@ -111,7 +111,7 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
       label_t v[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) v[k] = src[k] < 0 ? label_t(0) : in[c * in_cs + src[k]];
-      store_run(out + c * out_cs, v, nv, aligned);
+      store_run(out + c * out_cs, v, nv, label_aligned);
     }
   }
 }
@@ -126,9 +126,9 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
   for (item_t i = item_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
     if (i < image_items) {
       if constexpr (!std::is_integral_v<scalar_t>)
-        pair_item<true, scalar_t, label_t, T, index_t>(a, i, image_aligned);
+        pair_item<true, scalar_t, label_t, T, index_t>(a, i, image_aligned, label_aligned);
     } else {
-      pair_item<false, scalar_t, label_t, T, index_t>(a, i - image_items, label_aligned);
+      pair_item<false, scalar_t, label_t, T, index_t>(a, i - image_items, false, label_aligned);
     }
   }
 }
