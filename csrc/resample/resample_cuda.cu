@@ -43,6 +43,42 @@ __device__ __forceinline__ void store_run(E* dst, const E (&v)[kVec], int nv, bo
   }
 }
 
+// The rare paths (elastic field, reflection padding, intensity epilogue) are out-of-line calls:
+// inlined, their register needs would set the register budget, and the spills, of the whole
+// kernel, the plain affine path included. Values are returned, not written through references,
+// so the call does not force the caller's coordinates into local memory.
+template <typename T>
+struct Vec3 {
+  T x, y, z;
+};
+
+template <typename T>
+__device__ __noinline__ Vec3<T> elastic_call(const T* e, int64_t ED, int64_t EH, int64_t EW,
+                                             int64_t d, int64_t h, int64_t w, int64_t D,
+                                             int64_t H, int64_t W, Vec3<T> g) {
+  add_elastic(e, ED, EH, EW, d, h, w, D, H, W, g.x, g.y, g.z);
+  return g;
+}
+
+template <typename T>
+__device__ __noinline__ T reflect_call(T c, int64_t size, bool align) {
+  return source_index(c, size, kReflection, align);
+}
+
+template <typename T>
+__device__ __forceinline__ T padded_index(T c, int64_t size, int pad, bool align) {
+  return pad == kReflection ? reflect_call(c, size, align) : source_index(c, size, pad, align);
+}
+
+__device__ __noinline__ float intensity_call(float v, const float* p, uint32_t key, int64_t idx) {
+  return intensity(v, p, key, idx);
+}
+
+template <typename scalar_t, typename T>
+__device__ __forceinline__ scalar_t epilogue_call(T v, const float* p, uint32_t key, int64_t idx) {
+  return static_cast<scalar_t>(p == nullptr ? v : intensity_call(static_cast<float>(v), p, key, idx));
+}
+
 // One work item: up to kVec consecutive voxels (w0 ...) of output row (n, d, h) of the image grid
 // (kImage: all image channels, then the fused label from the same points) or of the label's own
 // grid. item_t is uint32_t whenever the item count fits (32-bit division is several times cheaper
@@ -67,53 +103,50 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
   const T* t = a.theta + int64_t(n) * 12;
   T row[3];
   row_terms(t, base_coord<T>(h, H, a.align), base_coord<T>(d, D, a.align), row);
-  T cx[kVec], cy[kVec], cz[kVec];
+  const bool label = !kImage || (a.fused && a.label != nullptr);
+  const float* p = a.intensity != nullptr ? a.intensity + int64_t(n) * kIntensityFields : nullptr;
+  const uint32_t key = kImage && p != nullptr ? noise_key(a.seed != nullptr ? a.seed[n] : 0, n) : 0;
+  const scalar_t* img_in = kImage ? a.image + int64_t(n) * a.C * in_cs : nullptr;
+  scalar_t* img_out = kImage ? a.image_out + int64_t(n) * a.C * out_cs + o0 : nullptr;
+  const label_t* lab_in = label ? a.label + int64_t(n) * a.LC * in_cs : nullptr;
+  label_t* lab_out = label ? a.label_out + int64_t(n) * a.LC * out_cs + o0 : nullptr;
+  // Voxel by voxel, so that only one voxel's point and taps are live (registers bound the
+  // occupancy of this gather-bound kernel); its taps serve all its image channels and its point
+  // the fused label. A single channel (the usual case) collects the run in registers and stores
+  // it as one pack.
+  scalar_t img_pack[kVec];
+  label_t lab_pack[kVec];
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
     const int64_t w = m_min<int64_t>(w0 + k, int64_t(W) - 1);  // tail lanes repeat the last voxel
     const T bx = base_coord<T>(w, W, a.align);
-    T gx = t[0] * bx + row[0], gy = t[4] * bx + row[1], gz = t[8] * bx + row[2];
+    Vec3<T> pt{t[0] * bx + row[0], t[4] * bx + row[1], t[8] * bx + row[2]};
     if (a.elastic != nullptr)
-      add_elastic(a.elastic + int64_t(n) * 3 * a.ED * a.EH * a.EW, a.ED, a.EH, a.EW, d, h, w,
-                  D, H, W, gx, gy, gz);
-    cx[k] = source_index(gx, g.W, a.pad, a.align);
-    cy[k] = source_index(gy, g.H, a.pad, a.align);
-    cz[k] = source_index(gz, g.D, a.pad, a.align);
-  }
-  if constexpr (kImage) {
-    // Voxel by voxel, so that only one voxel's taps are live (registers bound the occupancy of
-    // this gather-bound kernel): each voxel's taps serve all its channels. One channel (the
-    // usual case) collects the run in registers and stores it as one pack.
-    const float* p = a.intensity != nullptr ? a.intensity + int64_t(n) * kIntensityFields : nullptr;
-    const uint32_t key = p != nullptr ? noise_key(a.seed != nullptr ? a.seed[n] : 0, n) : 0;
-    const scalar_t* in = a.image + int64_t(n) * a.C * in_cs;
-    scalar_t* out = a.image_out + int64_t(n) * a.C * out_cs + o0;
-    scalar_t pack[kVec];
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const Taps<T, index_t> tp = trilinear_taps<T, index_t>(cx[k], cy[k], cz[k], g);
+      pt = elastic_call(a.elastic + int64_t(n) * 3 * a.ED * a.EH * a.EW, a.ED, a.EH, a.EW,
+                        int64_t(d), int64_t(h), w, int64_t(D), int64_t(H), int64_t(W), pt);
+    const T cx = padded_index(pt.x, g.W, a.pad, a.align),
+            cy = padded_index(pt.y, g.H, a.pad, a.align),
+            cz = padded_index(pt.z, g.D, a.pad, a.align);
+    if constexpr (kImage) {
+      const Taps<T, index_t> tp = trilinear_taps<T, index_t>(cx, cy, cz, g);
       for (int64_t c = 0; c < a.C; ++c) {
-        const scalar_t v = epilogue<scalar_t, T>(sample_taps(in + c * in_cs, tp), p, key,
-                                                 c * out_cs + o0 + k);
-        if (a.C == 1) pack[k] = v;
-        else if (k < nv) out[c * out_cs + k] = v;
+        const scalar_t v = epilogue_call<scalar_t, T>(sample_taps(img_in + c * in_cs, tp), p,
+                                                      key, c * out_cs + o0 + k);
+        if (a.C == 1) img_pack[k] = v;
+        else if (k < nv) img_out[c * out_cs + k] = v;
       }
     }
-    if (a.C == 1) store_run(out, pack, nv, image_aligned);
-  }
-  if (!kImage || (a.fused && a.label != nullptr)) {
-    index_t src[kVec];
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) src[k] = nearest_offset<T, index_t>(cx[k], cy[k], cz[k], g);
-    const label_t* in = a.label + int64_t(n) * a.LC * in_cs;
-    label_t* out = a.label_out + int64_t(n) * a.LC * out_cs + o0;
-    for (int64_t c = 0; c < a.LC; ++c) {
-      label_t v[kVec];
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) v[k] = src[k] < 0 ? label_t(0) : in[c * in_cs + src[k]];
-      store_run(out + c * out_cs, v, nv, label_aligned);
+    if (label) {
+      const index_t src = nearest_offset<T, index_t>(cx, cy, cz, g);
+      for (int64_t c = 0; c < a.LC; ++c) {
+        const label_t v = src < 0 ? label_t(0) : lab_in[c * in_cs + src];
+        if (a.LC == 1) lab_pack[k] = v;
+        else if (k < nv) lab_out[c * out_cs + k] = v;
+      }
     }
   }
+  if (kImage && a.C == 1) store_run(img_out, img_pack, nv, image_aligned);
+  if (label && a.LC == 1) store_run(lab_out, lab_pack, nv, label_aligned);
 }
 
 // Items [0, image_items) cover the image grid (and the fused label), the rest the label's own
@@ -133,10 +166,12 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
   }
 }
 
-// At least 4 resident blocks (<= 64 registers): the kernel is bound by the latency of its
-// gathers, so occupancy matters more than keeping the rare paths (reflection, elastic) spill-free.
+// At least 2 resident blocks (<= 128 registers). A 64-register budget (4 blocks) made ptxas
+// spill inside the plain affine path (sm_90, nvcc 13.0: ~460 bytes for fp32 + uint8); the
+// latency of the gathers is instead covered by the kVec independent voxels of each thread.
+// To be tuned on the GPU (ncu: achieved occupancy vs. stall on L1TEX).
 template <typename scalar_t, typename label_t, typename T, typename index_t>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, 2)
 pair_kernel(const PairArgs<scalar_t, label_t, T> a, int64_t image_items, int64_t total,
             bool image_aligned, bool label_aligned) {
   if (total <= int64_t(UINT32_MAX) - int64_t(kThreads) * gridDim.x)
