@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <vector>
 
 #include "resample.h"
@@ -178,13 +179,14 @@ void rows(const PairArgs<scalar_t, label_t, T>& a, int64_t N) {
   for (int64_t w = 0; w < (elastic ? W : 0); ++w) ex[w] = elastic_lerp<T>(w, W, a.EW);
   const int64_t ES = a.ED * a.EH * a.EW;
   const SourceFn<T, index_t> src = pick_source<T, index_t>(a.pad, a.align);
-  at::parallel_for(0, N * D * H, row_grain(W), [&](int64_t r0, int64_t r1) {
+  auto work = [&](auto&& next_chunk) {
     Block<T, index_t> b;
     std::vector<T> col(elastic ? 3 * a.EW : 0);
     RowMap<T> m;
     m.bx = bx.data();
     if (elastic) m.col = col.data(), m.ex = ex.data(), m.EW = a.EW;
-    for (int64_t r = r0; r < r1; ++r) {
+    int64_t r0 = 0, r1 = 0;
+    while (next_chunk(r0, r1)) for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = r % H, d = (r / H) % D, n = r / (H * D);
       const T* t = a.theta + n * 12;
       m.tx[0] = t[0], m.tx[1] = t[4], m.tx[2] = t[8];
@@ -214,6 +216,26 @@ void rows(const PairArgs<scalar_t, label_t, T>& a, int64_t N) {
         }
       }
     }
+  };
+  // Chunks of rows are handed out from a shared counter, not split evenly up front: on a busy
+  // machine (DataLoader workers, other jobs) a descheduled thread then costs its current chunk
+  // only, instead of the whole call waiting for its fixed share.
+  const int64_t rows = N * D * H, grain = row_grain(W);
+  if (rows <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    work([&, done = false](int64_t& r0, int64_t& r1) mutable {
+      if (done) return false;
+      done = true, r0 = 0, r1 = rows;
+      return true;
+    });
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    work([&](int64_t& r0, int64_t& r1) {
+      r0 = next.fetch_add(grain, std::memory_order_relaxed);
+      r1 = std::min(r0 + grain, rows);
+      return r0 < rows;
+    });
   });
 }
 
