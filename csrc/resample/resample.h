@@ -63,31 +63,17 @@ enum Mode : int { kBilinear = 0, kNearest = 1 };
 constexpr int kIntensityFields = 6;  // scale, shift, gamma, noise_std, clip_min, clip_max
 
 // Overloads that resolve to the same libm / CUDA math function on host and device.
-// On the host, floor and nearbyint are libm calls unless the target has SSE4.1, and they sit in
-// the innermost loop; the branch-light versions below give the same results for every finite
-// value (|x| >= 2^52 / 2^23 is already integral; adding 1.5 * 2^52 or 2^23 rounds half to even
-// in the default rounding mode, exactly like nearbyint).
+// On the host, floor is a libm call unless the target has SSE4.1; the branch-light version below
+// gives the same result for every finite value.
 #if defined(__CUDA_ARCH__)
 M3D_HOST_DEVICE M3D_RS_INLINE float m_floor(float x) { return floorf(x); }
 M3D_HOST_DEVICE M3D_RS_INLINE double m_floor(double x) { return floor(x); }
-M3D_HOST_DEVICE M3D_RS_INLINE float m_rint(float x) { return nearbyintf(x); }
-M3D_HOST_DEVICE M3D_RS_INLINE double m_rint(double x) { return nearbyint(x); }
 #else
 template <typename T>
 inline M3D_RS_INLINE T m_floor(T x) {
   if (!(x > T(-4.0e15) && x < T(4.0e15))) return x == x ? floor(x) : x;
   const T t = static_cast<T>(static_cast<int64_t>(x));
   return t > x ? t - T(1) : t;
-}
-inline M3D_RS_INLINE float m_rint(float x) {
-  if (!(fabsf(x) < 4194304.0f)) return nearbyintf(x);
-  const float b = 12582912.0f;  // IEEE arithmetic: the compiler may not fold (x + b) - b
-  return (x + b) - b;
-}
-inline M3D_RS_INLINE double m_rint(double x) {
-  if (!(fabs(x) < 2251799813685248.0)) return nearbyint(x);
-  const double b = 6755399441055744.0;
-  return (x + b) - b;
 }
 #endif
 M3D_HOST_DEVICE M3D_RS_INLINE float m_abs(float x) { return fabsf(x); }
@@ -98,17 +84,6 @@ template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE T m_min(T a, T b) { return a < b ? a : b; }
 template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE T m_max(T a, T b) { return a > b ? a : b; }
-
-// floor(x) as an integer for |x| well inside the int64 range (callers clamp first).
-template <typename T>
-M3D_HOST_DEVICE M3D_RS_INLINE int64_t floor_small(T x) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<int64_t>(m_floor(x));
-#else
-  const int64_t i = static_cast<int64_t>(x);  // truncation; one less for negative fractions
-  return i - static_cast<int64_t>(static_cast<T>(i) > x);
-#endif
-}
 
 // ----------------------------------------------------------------- coordinates (GridSampler.h)
 
@@ -202,95 +177,70 @@ M3D_HOST_DEVICE M3D_RS_INLINE void add_elastic(const T* e, int64_t ED, int64_t E
 }
 
 // ---------------------------------------------------------------------------- sampling
+//
+// Per axis, a padded source index c becomes two taps (i0 = floor(c), i1 = i0 + 1) with weights
+// toward each (grid_sample's ix_tse - ix and ix - ix_tnw). Everything is branch-free so that the
+// CPU can evaluate a block of voxels as one vectorised loop and a GPU thread has no divergence:
+// an out-of-range tap gets weight 0 and a clamped (valid, unused) index, so every tap is a plain
+// load. Clamping c to [-2, n + 1] first changes no in/out decision and keeps the integer math in
+// 32 bits (callers guarantee n < 2^30).
 
-// The 8 trilinear taps of one source point: offsets into a (ID, IH, IW) volume and weights.
-// Taps outside the volume (zeros padding) get weight 0 and offset 0, so the channel loop needs
-// no branch. Corner order and weight products follow grid_sample (tnw, tne, tsw, tse, bnw, ...).
-template <typename T, typename index_t>
-struct Taps {
-  index_t off[8];
-  T w[8];
+// floor(c) as int32 for c in [-2, n + 1] (truncation, one less for negative fractions).
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE int32_t floor_i32(T c) {
+  const int32_t t = static_cast<int32_t>(c);
+  return t - static_cast<int32_t>(static_cast<T>(t) > c);
+}
+
+template <typename T>
+struct AxisTap {
+  int32_t i0, i1;  // clamped into [0, n)
+  T w0, w1;        // 0 for a tap outside [0, n)
 };
 
-template <typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T ix, T iy, T iz, int64_t ID,
-                                                              int64_t IH, int64_t IW) {
-  // Taps more than one voxel outside the volume are all invalid, so clamping the point to
-  // [-2, size + 1] changes nothing and keeps the integer math small (index_t: 32-bit on the GPU
-  // whenever a sample fits) and branch-free.
-  ix = m_min(m_max(ix, T(-2)), T(IW + 1));
-  iy = m_min(m_max(iy, T(-2)), T(IH + 1));
-  iz = m_min(m_max(iz, T(-2)), T(ID + 1));
-  const index_t x0 = static_cast<index_t>(floor_small(ix)),
-                y0 = static_cast<index_t>(floor_small(iy)),
-                z0 = static_cast<index_t>(floor_small(iz));
-  const T fx = static_cast<T>(x0), fy = static_cast<T>(y0), fz = static_cast<T>(z0);
-  const T ex = fx + 1 - ix, ox = ix - fx;  // weights toward x0 and x0 + 1
-  const T ey = fy + 1 - iy, oy = iy - fy;
-  const T ez = fz + 1 - iz, oz = iz - fz;
-  const index_t W = static_cast<index_t>(IW), H = static_cast<index_t>(IH);
-  Taps<T, index_t> t;
-  if (x0 >= 0 && x0 < W - 1 && y0 >= 0 && y0 < H - 1 && z0 >= 0 && z0 < static_cast<index_t>(ID) - 1) {
-    // Interior (the common case): the 8 taps are fixed offsets from one base.
-    const index_t base = (z0 * H + y0) * W + x0, HW = H * W;
-    const index_t step[8] = {0, 1, W, W + 1, HW, HW + 1, HW + W, HW + W + 1};
-    const T wx[2] = {ex, ox}, wy[2] = {ey, oy}, wz[2] = {ez, oz};
-    M3D_UNROLL
-    for (int k = 0; k < 8; ++k) {
-      t.w[k] = (wx[k & 1] * wy[(k >> 1) & 1]) * wz[k >> 2];
-      t.off[k] = base + step[k];
-    }
-    return t;
-  }
-  // Elsewhere an invalid neighbour gets weight 0 and a clamped (valid, unused) index, so every
-  // tap is still a plain load.
-  auto axis = [](index_t i0, T e, T o, index_t n, index_t* idx, T* w) {
-    const bool v0 = i0 >= 0 && i0 < n, v1 = i0 + 1 >= 0 && i0 + 1 < n;
-    w[0] = v0 ? e : T(0);
-    w[1] = v1 ? o : T(0);
-    idx[0] = m_min(m_max(i0, index_t(0)), n - 1);
-    idx[1] = m_min(m_max(i0 + 1, index_t(0)), n - 1);
-  };
-  index_t xi[2], yi[2], zi[2];
-  T wx[2], wy[2], wz[2];
-  axis(x0, ex, ox, W, xi, wx);
-  axis(y0, ey, oy, H, yi, wy);
-  axis(z0, ez, oz, static_cast<index_t>(ID), zi, wz);
-  const index_t zo[2] = {zi[0] * H * W, zi[1] * H * W};
-  const index_t yo[2] = {yi[0] * W, yi[1] * W};
-  M3D_UNROLL
-  for (int k = 0; k < 8; ++k) {
-    const int dz = k >> 2, dy = (k >> 1) & 1, dx = k & 1;
-    t.w[k] = (wx[dx] * wy[dy]) * wz[dz];
-    t.off[k] = zo[dz] + yo[dy] + xi[dx];
-  }
-  return t;
+// (Validity as unsigned compares and 0/1 factors: plain selects and && make the host compiler
+// emit branches, which stops it from vectorising the loop over a block of voxels.)
+M3D_HOST_DEVICE M3D_RS_INLINE bool in_range(int32_t i, int32_t n) {
+  return static_cast<uint32_t>(i) < static_cast<uint32_t>(n);
 }
 
-// Pairwise sum: grid_sample adds the 8 products in sequence; a tree of depth 3 gives the same
-// value to rounding and removes a 7-add dependency chain from every voxel.
-template <typename scalar_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE T apply_taps(const scalar_t* p, const Taps<T, index_t>& t) {
-  T v[8];
-  M3D_UNROLL
-  for (int k = 0; k < 8; ++k) v[k] = static_cast<T>(p[t.off[k]]) * t.w[k];
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE AxisTap<T> axis_tap(T c, int32_t n) {
+  c = m_min(m_max(c, T(-2)), T(n + 1));
+  const int32_t f = floor_i32(c);
+  const T ff = static_cast<T>(f);
+  AxisTap<T> r;
+  r.w0 = ((ff + T(1)) - c) * static_cast<T>(static_cast<int32_t>(in_range(f, n)));
+  r.w1 = (c - ff) * static_cast<T>(static_cast<int32_t>(in_range(f + 1, n)));
+  r.i0 = m_min(m_max(f, 0), n - 1);
+  r.i1 = m_min(m_max(f + 1, 0), n - 1);
+  return r;
+}
+
+// Nearest source index (round half to even, like grid_sample's nearbyint), or -1 outside [0, n).
+// c - floor(c) is exact for c in [-2, n + 1] (Sterbenz), so the tie test is exact too.
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE int32_t axis_nearest(T c, int32_t n) {
+  c = m_min(m_max(c, T(-2)), T(n + 1));
+  int32_t f = floor_i32(c);
+  const T r = c - static_cast<T>(f);
+  f += static_cast<int32_t>(r > T(0.5)) | (static_cast<int32_t>(r == T(0.5)) & f);
+  return f | (static_cast<int32_t>(in_range(f, n)) - 1);  // -1 when outside
+}
+
+// The 8 trilinear weights in grid_sample's corner order (k = 4 dz + 2 dy + dx) and products
+// ((wx * wy) * wz).
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE T tap_weight(const AxisTap<T>& x, const AxisTap<T>& y,
+                                           const AxisTap<T>& z, int k) {
+  return ((k & 1 ? x.w1 : x.w0) * ((k >> 1) & 1 ? y.w1 : y.w0)) * (k >> 2 ? z.w1 : z.w0);
+}
+
+// Sum of the 8 weighted taps: grid_sample adds them in sequence; a tree of depth 3 gives the
+// same value to rounding and removes a 7-add dependency chain from every voxel.
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE T sum8(const T* v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
-
-// Offset of the nearest source voxel, or -1 outside the volume (zeros padding).
-template <typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE index_t nearest_offset(T ix, T iy, T iz, int64_t ID, int64_t IH,
-                                                    int64_t IW) {
-  // Clamping to [-2, size + 1] keeps the conversion defined and changes no in/out decision.
-  ix = m_min(m_max(ix, T(-2)), T(IW + 1));
-  iy = m_min(m_max(iy, T(-2)), T(IH + 1));
-  iz = m_min(m_max(iz, T(-2)), T(ID + 1));
-  const index_t x = static_cast<index_t>(m_rint(ix)), y = static_cast<index_t>(m_rint(iy)),
-                z = static_cast<index_t>(m_rint(iz));
-  const index_t W = static_cast<index_t>(IW), H = static_cast<index_t>(IH);
-  if (x < 0 || x >= W || y < 0 || y >= H || z < 0 || z >= static_cast<index_t>(ID))
-    return index_t(-1);
-  return (z * H + y) * W + x;
 }
 
 // F.interpolate(mode="nearest") source index (UpSample.h nearest_idx, float scale).

@@ -1,10 +1,11 @@
-// CUDA kernels for affine_resample, affine_resample_pair and resize (see resample.h).
+// CUDA kernels for affine_resample and affine_resample_pair (see resample.h; resize:
+// resize_cuda.cu).
 //
-// One thread per output voxel, all channels in the thread: the sampling point is computed once
-// from the matrix (no grid tensor), and each output element is written exactly once. The image
-// and the label of a pair share one launch: grid.y is the sample, blocks [0, image_blocks) of
-// grid.x cover the image grid (and the label too when both grids coincide), the remaining blocks
-// the label's own grid.
+// One thread per kVec consecutive output voxels of a row, all channels in the thread: the sampling
+// points are computed once from the matrix (no grid tensor), their taps are reused by every
+// channel and by the fused label, and each output element is written exactly once. The image and
+// the label of a pair share one launch: items [0, image_items) cover the image grid (and the
+// label too when both grids coincide), the rest the label's own grid.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -18,30 +19,175 @@ namespace rs {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxGridY = 65535;
+// Consecutive output voxels along W per thread: the row's affine terms, the per-item index
+// decoding and the theta loads are shared by kVec voxels, and aligned rows are stored as one
+// vector per channel (float4 for fp32, 4 bytes for a uint8 label).
+constexpr int kVec = 4;
 
-template <typename scalar_t, typename label_t, typename T, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-pair_kernel(const PairArgs<scalar_t, label_t, T> a, int64_t N, int64_t image_blocks) {
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
-    if (int64_t(blockIdx.x) < image_blocks) {
-      const index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x;
-      if (i >= static_cast<index_t>(a.D * a.H * a.W)) continue;
-      const index_t w = i % static_cast<index_t>(a.W), r = i / static_cast<index_t>(a.W);
-      const index_t h = r % static_cast<index_t>(a.H), d = r / static_cast<index_t>(a.H);
-      image_voxel<scalar_t, label_t, T, index_t>(a, n, d, h, w, base_coord<T>(w, a.W, a.align),
-                                                 base_coord<T>(h, a.H, a.align),
-                                                 base_coord<T>(d, a.D, a.align));
-    } else {
-      const index_t i = static_cast<index_t>(blockIdx.x - image_blocks) * kThreads + threadIdx.x;
-      if (i >= static_cast<index_t>(a.LD * a.LH * a.LW)) continue;
-      const index_t w = i % static_cast<index_t>(a.LW), r = i / static_cast<index_t>(a.LW);
-      const index_t h = r % static_cast<index_t>(a.LH), d = r / static_cast<index_t>(a.LH);
-      label_voxel<scalar_t, label_t, T, index_t>(a, n, d, h, w, base_coord<T>(w, a.LW, a.align),
-                                                 base_coord<T>(h, a.LH, a.align),
-                                                 base_coord<T>(d, a.LD, a.align));
+// kVec elements stored with one instruction where the address is aligned to the whole pack.
+template <typename E>
+struct alignas(sizeof(E) * kVec) Pack {
+  E v[kVec];
+};
+
+template <typename E>
+__device__ __forceinline__ void store_run(E* dst, const E (&v)[kVec], int nv, bool aligned) {
+  if (aligned && nv == kVec) {
+    Pack<E> p;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) p.v[k] = v[k];
+    *reinterpret_cast<Pack<E>*>(dst) = p;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+      if (k < nv) dst[k] = v[k];
+  }
+}
+
+// The rare paths (elastic field, reflection padding, intensity epilogue) are out-of-line calls:
+// inlined, their register needs would set the register budget, and the spills, of the whole
+// kernel, the plain affine path included. Values are returned, not written through references,
+// so the call does not force the caller's coordinates into local memory.
+template <typename T>
+struct Vec3 {
+  T x, y, z;
+};
+
+template <typename T>
+__device__ __noinline__ Vec3<T> elastic_call(const T* e, int64_t ED, int64_t EH, int64_t EW,
+                                             int64_t d, int64_t h, int64_t w, int64_t D,
+                                             int64_t H, int64_t W, Vec3<T> g) {
+  add_elastic(e, ED, EH, EW, d, h, w, D, H, W, g.x, g.y, g.z);
+  return g;
+}
+
+template <typename T>
+__device__ __noinline__ T reflect_call(T c, int64_t size, bool align) {
+  return source_index(c, size, kReflection, align);
+}
+
+template <typename T>
+__device__ __forceinline__ T padded_index(T c, int64_t size, int pad, bool align) {
+  return pad == kReflection ? reflect_call(c, size, align) : source_index(c, size, pad, align);
+}
+
+__device__ __noinline__ float intensity_call(float v, const float* p, uint32_t key, int64_t idx) {
+  return intensity(v, p, key, idx);
+}
+
+template <typename scalar_t, typename T>
+__device__ __forceinline__ scalar_t epilogue_call(T v, const float* p, uint32_t key, int64_t idx) {
+  return static_cast<scalar_t>(p == nullptr ? v : intensity_call(static_cast<float>(v), p, key, idx));
+}
+
+// One work item: up to kVec consecutive voxels (w0 ...) of output row (n, d, h) of the image grid
+// (kImage: all image channels, then the fused label from the same points) or of the label's own
+// grid. item_t is uint32_t whenever the item count fits (32-bit division is several times cheaper
+// than 64-bit on the GPU), int64_t otherwise.
+template <bool kImage, typename scalar_t, typename label_t, typename T, typename index_t,
+          typename item_t>
+__device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
+                                          bool image_aligned, bool label_aligned) {
+  const item_t D = kImage ? a.D : a.LD, H = kImage ? a.H : a.LH, W = kImage ? a.W : a.LW;
+  const item_t WQ = (W + kVec - 1) / kVec;
+  const item_t q = i % WQ, r = i / WQ;
+  const item_t h = r % H, r2 = r / H;
+  const item_t d = r2 % D, n = r2 / D;
+  const int64_t w0 = int64_t(q) * kVec;
+  const int nv = static_cast<int>(m_min<int64_t>(kVec, int64_t(W) - w0));
+  const Grid<index_t> g = kImage ? make_grid<index_t>(a.ID, a.IH, a.IW)
+                                 : make_grid<index_t>(a.LID, a.LIH, a.LIW);
+  const index_t out_cs = static_cast<index_t>(int64_t(D) * H * W);
+  const index_t in_cs = static_cast<index_t>(g.HW) * g.D;
+  const index_t o0 = static_cast<index_t>((int64_t(d) * H + h) * W + w0);
+
+  const T* t = a.theta + int64_t(n) * 12;
+  T row[3];
+  row_terms(t, base_coord<T>(h, H, a.align), base_coord<T>(d, D, a.align), row);
+  const bool label = !kImage || (a.fused && a.label != nullptr);
+  const float* p = a.intensity != nullptr ? a.intensity + int64_t(n) * kIntensityFields : nullptr;
+  const uint32_t key = kImage && p != nullptr ? noise_key(a.seed != nullptr ? a.seed[n] : 0, n) : 0;
+  const scalar_t* img_in = kImage ? a.image + int64_t(n) * a.C * in_cs : nullptr;
+  scalar_t* img_out = kImage ? a.image_out + int64_t(n) * a.C * out_cs + o0 : nullptr;
+  const label_t* lab_in = label ? a.label + int64_t(n) * a.LC * in_cs : nullptr;
+  label_t* lab_out = label ? a.label_out + int64_t(n) * a.LC * out_cs + o0 : nullptr;
+  // Voxel by voxel, so that only one voxel's point and taps are live (registers bound the
+  // occupancy of this gather-bound kernel); its taps serve all its image channels and its point
+  // the fused label. A single channel (the usual case) collects the run in registers and stores
+  // it as one pack.
+  scalar_t img_pack[kVec];
+  label_t lab_pack[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const int64_t w = m_min<int64_t>(w0 + k, int64_t(W) - 1);  // tail lanes repeat the last voxel
+    const T bx = base_coord<T>(w, W, a.align);
+    Vec3<T> pt{t[0] * bx + row[0], t[4] * bx + row[1], t[8] * bx + row[2]};
+    if (a.elastic != nullptr)
+      pt = elastic_call(a.elastic + int64_t(n) * 3 * a.ED * a.EH * a.EW, a.ED, a.EH, a.EW,
+                        int64_t(d), int64_t(h), w, int64_t(D), int64_t(H), int64_t(W), pt);
+    const T cx = padded_index(pt.x, g.W, a.pad, a.align),
+            cy = padded_index(pt.y, g.H, a.pad, a.align),
+            cz = padded_index(pt.z, g.D, a.pad, a.align);
+    if constexpr (kImage) {
+      const Taps<T, index_t> tp = trilinear_taps<T, index_t>(cx, cy, cz, g);
+      for (int64_t c = 0; c < a.C; ++c) {
+        const scalar_t v = epilogue_call<scalar_t, T>(sample_taps(img_in + c * in_cs, tp), p,
+                                                      key, c * out_cs + o0 + k);
+        if (a.C == 1) img_pack[k] = v;
+        else if (k < nv) img_out[c * out_cs + k] = v;
+      }
+    }
+    if (label) {
+      const index_t src = nearest_offset<T, index_t>(cx, cy, cz, g);
+      for (int64_t c = 0; c < a.LC; ++c) {
+        const label_t v = src < 0 ? label_t(0) : lab_in[c * in_cs + src];
+        if (a.LC == 1) lab_pack[k] = v;
+        else if (k < nv) lab_out[c * out_cs + k] = v;
+      }
     }
   }
+  if (kImage && a.C == 1) store_run(img_out, img_pack, nv, image_aligned);
+  if (label && a.LC == 1) store_run(lab_out, lab_pack, nv, label_aligned);
+}
+
+// Items [0, image_items) cover the image grid (and the fused label), the rest the label's own
+// grid; a grid-stride loop, so any item count fits the launch.
+template <typename scalar_t, typename label_t, typename T, typename index_t, typename item_t>
+__device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>& a,
+                                           item_t image_items, item_t total, bool image_aligned,
+                                           bool label_aligned) {
+  const item_t stride = item_t(gridDim.x) * kThreads;
+  for (item_t i = item_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
+    if (i < image_items) {
+      if constexpr (!std::is_integral_v<scalar_t>)
+        pair_item<true, scalar_t, label_t, T, index_t>(a, i, image_aligned, label_aligned);
+    } else {
+      pair_item<false, scalar_t, label_t, T, index_t>(a, i - image_items, false, label_aligned);
+    }
+  }
+}
+
+// At least 2 resident blocks (<= 128 registers). A 64-register budget (4 blocks) made ptxas
+// spill inside the plain affine path (sm_90, nvcc 13.0: ~460 bytes for fp32 + uint8); the
+// latency of the gathers is instead covered by the kVec independent voxels of each thread.
+// To be tuned on the GPU (ncu: achieved occupancy vs. stall on L1TEX).
+template <typename scalar_t, typename label_t, typename T, typename index_t>
+__global__ void __launch_bounds__(kThreads, 2)
+pair_kernel(const PairArgs<scalar_t, label_t, T> a, int64_t image_items, int64_t total,
+            bool image_aligned, bool label_aligned) {
+  if (total <= int64_t(UINT32_MAX) - int64_t(kThreads) * gridDim.x)
+    pair_items<scalar_t, label_t, T, index_t, uint32_t>(
+        a, static_cast<uint32_t>(image_items), static_cast<uint32_t>(total), image_aligned,
+        label_aligned);
+  else
+    pair_items<scalar_t, label_t, T, index_t, int64_t>(a, image_items, total, image_aligned,
+                                                        label_aligned);
+}
+
+// Whole packs of kVec voxels are aligned when rows are a multiple of kVec long and the tensor
+// starts on a pack boundary (every row, channel and sample offset is then a multiple of kVec).
+inline bool packs_aligned(const void* p, int64_t W, int64_t elem) {
+  return W % kVec == 0 && reinterpret_cast<uintptr_t>(p) % (elem * kVec) == 0;
 }
 
 void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
@@ -52,57 +198,23 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     using index_t = decltype(index_tag);
     const bool image = a.image != nullptr && a.C > 0;
     const bool label = a.label != nullptr && a.LC > 0 && !(a.fused && image);
-    const int64_t image_blocks = image ? ceil_div(a.D * a.H * a.W, kThreads) : 0;
-    const int64_t label_blocks = label ? ceil_div(a.LD * a.LH * a.LW, kThreads) : 0;
-    const int64_t blocks = image_blocks + label_blocks;
-    if (blocks == 0) return;
-    M3D_CHECK(blocks < (int64_t(1) << 31), "med3d_ext.affine_resample: output grid too large");
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min(N, kMaxGridY)));
+    const int64_t axes[6] = {a.ID, a.IH, a.IW, a.LID, a.LIH, a.LIW};
+    for (int64_t s : axes)
+      M3D_CHECK(s < (int64_t(1) << 30), "med3d_ext.affine_resample: input spatial sizes must be "
+                "< 2^30 per axis, got ", s);
+    const int64_t image_items = image ? N * a.D * a.H * ceil_div(a.W, kVec) : 0;
+    const int64_t label_items = label ? N * a.LD * a.LH * ceil_div(a.LW, kVec) : 0;
+    const int64_t total = image_items + label_items;
+    if (total == 0) return;
+    const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), int64_t(sm_count()) * 64);
+    const bool image_aligned = image && packs_aligned(a.image_out, a.W, sizeof(*a.image_out));
+    const int64_t label_out_w = a.fused && image ? a.W : a.LW;
+    const bool label_aligned =
+        a.label != nullptr && packs_aligned(a.label_out, label_out_w, sizeof(*a.label_out));
     pair_kernel<typename A::scalar_type, typename A::label_type, typename A::coord_type, index_t>
-        <<<grid, kThreads, 0, stream>>>(a, N, image_blocks);
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, image_items, total,
+                                                                  image_aligned, label_aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-// ------------------------------------------------------------------------------------ resize
-
-template <typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-resize_linear_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, index_t total,
-                     index_t ID, index_t IH, index_t IW, index_t D, index_t H, index_t W) {
-  using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= total) return;
-  const index_t w = i % W, h = (i / W) % H, d = (i / (W * H)) % D, nc = i / (W * H * D);
-  const Lerp<T> z = resize_linear<T>(d, ID, D), y = resize_linear<T>(h, IH, H),
-                x = resize_linear<T>(w, IW, W);
-  const scalar_t* p = in + nc * ID * IH * IW;
-  auto lerp_x = [&](index_t zz, index_t yy) {
-    const scalar_t* q = p + (zz * IH + yy) * IW;
-    return x.l0 * static_cast<T>(q[x.i0]) + x.l1 * static_cast<T>(q[x.i1]);
-  };
-  out[i] = static_cast<scalar_t>(z.l0 * (y.l0 * lerp_x(z.i0, y.i0) + y.l1 * lerp_x(z.i0, y.i1)) +
-                                 z.l1 * (y.l0 * lerp_x(z.i1, y.i0) + y.l1 * lerp_x(z.i1, y.i1)));
-}
-
-template <typename bits_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-resize_nearest_kernel(const bits_t* __restrict__ in, bits_t* __restrict__ out, index_t total,
-                      index_t ID, index_t IH, index_t IW, index_t D, index_t H, index_t W) {
-  const index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= total) return;
-  const index_t w = i % W, h = (i / W) % H, d = (i / (W * H)) % D, nc = i / (W * H * D);
-  const index_t src = ((nc * ID + static_cast<index_t>(resize_nearest(d, ID, D))) * IH +
-                       static_cast<index_t>(resize_nearest(h, IH, H))) * IW +
-                      static_cast<index_t>(resize_nearest(w, IW, W));
-  out[i] = in[src];
-}
-
-template <typename F>
-void launch_resize(const at::Tensor& in, at::Tensor& out, F&& kernel) {
-  const int64_t total = out.numel();
-  M3D_INDEX_SWITCH(fits_int32(std::max(total, in.numel())), index_t, [&] {
-    kernel(index_t{}, static_cast<index_t>(total), ceil_div(total, kThreads));
   });
 }
 
@@ -129,50 +241,9 @@ std::tuple<at::Tensor, at::Tensor> affine_resample_pair_cuda(
   return {p.image_out, p.label_out};
 }
 
-at::Tensor resize_cuda(const at::Tensor& image, at::IntArrayRef size, int64_t mode) {
-  const c10::cuda::CUDAGuard guard(image.device());
-  at::Tensor out = prepare_resize(image, size, mode);
-  if (out.numel() == 0) return out;
-  at::Tensor in = image.contiguous();
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t ID = in.size(2), IH = in.size(3), IW = in.size(4);
-  const int64_t D = out.size(2), H = out.size(3), W = out.size(4);
-  if (mode == kBilinear) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "resize_cuda", [&] {
-      launch_resize(in, out, [&](auto tag, auto total, int64_t blocks) {
-        using index_t = decltype(tag);
-        resize_linear_kernel<scalar_t, index_t><<<blocks, kThreads, 0, stream>>>(
-            in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), total, ID, IH, IW,
-            D, H, W);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-    return out;
-  }
-  auto nearest = [&](auto bits_tag) {
-    using bits_t = decltype(bits_tag);
-    launch_resize(in, out, [&](auto tag, auto total, int64_t blocks) {
-      using index_t = decltype(tag);
-      resize_nearest_kernel<bits_t, index_t><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const bits_t*>(in.const_data_ptr()),
-          static_cast<bits_t*>(out.mutable_data_ptr()), total, ID, IH, IW, D, H, W);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  };
-  switch (in.element_size()) {
-    case 1: nearest(uint8_t{}); break;
-    case 2: nearest(uint16_t{}); break;
-    case 4: nearest(uint32_t{}); break;
-    case 8: nearest(uint64_t{}); break;
-    default: M3D_CHECK(false, "med3d_ext.resize: unsupported element size ", in.element_size());
-  }
-  return out;
-}
-
 TORCH_LIBRARY_IMPL(med3d_ext, CUDA, m) {
   m.impl("affine_resample", &affine_resample_cuda);
   m.impl("affine_resample_pair", &affine_resample_pair_cuda);
-  m.impl("resize", &resize_cuda);
 }
 
 }  // namespace rs

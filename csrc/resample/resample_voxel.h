@@ -35,84 +35,78 @@ struct PairArgs {
   bool align = false;
 };
 
-// Normalised sampling point of output voxel (d, h, w) of the (D, H, W) grid of sample n.
-template <typename scalar_t, typename label_t, typename T>
-M3D_HOST_DEVICE M3D_RS_INLINE void sample_point(const PairArgs<scalar_t, label_t, T>& a, int64_t n, int64_t d,
-                                  int64_t h, int64_t w, int64_t D, int64_t H, int64_t W, T bx,
-                                  T by, T bz, T& gx, T& gy, T& gz) {
-  const T* t = a.theta + n * 12;
-  // x term last: a CPU row hoists the rest (see resample_cpu.cpp) with the same rounding.
-  gx = t[0] * bx + ((t[1] * by + t[2] * bz) + t[3]);
-  gy = t[4] * bx + ((t[5] * by + t[6] * bz) + t[7]);
-  gz = t[8] * bx + ((t[9] * by + t[10] * bz) + t[11]);
-  if (a.elastic != nullptr)
-    add_elastic(a.elastic + n * 3 * a.ED * a.EH * a.EW, a.ED, a.EH, a.EW, d, h, w, D, H, W, gx,
-                gy, gz);
+// Row part of the affine map: the y, z and constant terms of output row (d, h) of sample n,
+// given the row's base coordinates; a voxel then adds only its x term (theta_x * bx[w]).
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE void row_terms(const T* t, T by, T bz, T r[3]) {
+  r[0] = (t[1] * by + t[2] * bz) + t[3];
+  r[1] = (t[5] * by + t[6] * bz) + t[7];
+  r[2] = (t[9] * by + t[10] * bz) + t[11];
 }
 
-// Nearest copy of every label channel at source point (ix, iy, iz); o = spatial output offset.
-template <typename scalar_t, typename label_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE void label_at(const PairArgs<scalar_t, label_t, T>& a, int64_t n, index_t o,
-                              T ix, T iy, T iz) {
-  const index_t in_cs = static_cast<index_t>(a.LID * a.LIH * a.LIW);
-  const index_t out_cs = static_cast<index_t>(a.LD * a.LH * a.LW);
-  const label_t* in = a.label + n * a.LC * in_cs;
-  label_t* out = a.label_out + n * a.LC * out_cs;
-  const index_t src = nearest_offset<T, index_t>(ix, iy, iz, a.LID, a.LIH, a.LIW);
-  for (int64_t c = 0; c < a.LC; ++c)
-    out[c * out_cs + o] = src < 0 ? label_t(0) : in[c * in_cs + src];
+// Sizes of one input grid as the per-voxel helpers need them (all < 2^30: see check_axes).
+template <typename index_t>
+struct Grid {
+  int32_t D, H, W;
+  index_t HW;
+};
+
+template <typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE Grid<index_t> make_grid(int64_t D, int64_t H, int64_t W) {
+  return {static_cast<int32_t>(D), static_cast<int32_t>(H), static_cast<int32_t>(W),
+          static_cast<index_t>(H * W)};
 }
 
-// One image output voxel (all channels, epilogue) at normalised point g and, when fused, its
-// label voxel; o = spatial output offset. pad / align / has_intensity / fused are passed
-// explicitly so that a caller with compile-time values gets a branch-free inlined body.
-template <typename scalar_t, typename label_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE void image_at(const PairArgs<scalar_t, label_t, T>& a, int64_t n,
-                                            index_t o, T gx, T gy, T gz, int pad, bool align,
-                                            bool has_intensity, bool fused) {
-  const T ix = source_index(gx, a.IW, pad, align), iy = source_index(gy, a.IH, pad, align),
-          iz = source_index(gz, a.ID, pad, align);
-  const index_t in_cs = static_cast<index_t>(a.ID * a.IH * a.IW);
-  const index_t out_cs = static_cast<index_t>(a.D * a.H * a.W);
-  const scalar_t* in = a.image + n * a.C * in_cs;
-  scalar_t* out = a.image_out + n * a.C * out_cs;
-  const Taps<T, index_t> taps = trilinear_taps<T, index_t>(ix, iy, iz, a.ID, a.IH, a.IW);
-  if (has_intensity) {
-    const float* p = a.intensity + n * kIntensityFields;
-    const uint32_t key = noise_key(a.seed != nullptr ? a.seed[n] : 0, n);
-    for (int64_t c = 0; c < a.C; ++c) {
-      const float v = static_cast<float>(apply_taps(in + c * in_cs, taps));
-      out[c * out_cs + o] = static_cast<scalar_t>(intensity(v, p, key, c * out_cs + o));
-    }
-  } else {
-    for (int64_t c = 0; c < a.C; ++c)
-      out[c * out_cs + o] = static_cast<scalar_t>(apply_taps(in + c * in_cs, taps));
-  }
-  if (fused) label_at<scalar_t, label_t, T, index_t>(a, n, o, ix, iy, iz);
+// The 8 trilinear taps of one source point: zy[2 dz + dy] (plane + row offset), x[dx], and the
+// weights w[4 dz + 2 dy + dx]; tap k reads offset zy[k >> 1] + x[k & 1].
+template <typename T, typename index_t>
+struct Taps {
+  index_t zy[4], x[2];
+  T w[8];
+};
+
+// cx, cy, cz: padded source indices (source_index) in grid g.
+template <typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T cx, T cy, T cz,
+                                                              const Grid<index_t>& g) {
+  const AxisTap<T> x = axis_tap(cx, g.W), y = axis_tap(cy, g.H), z = axis_tap(cz, g.D);
+  const index_t W = static_cast<index_t>(g.W);
+  const index_t z0 = static_cast<index_t>(z.i0) * g.HW, z1 = static_cast<index_t>(z.i1) * g.HW;
+  const index_t y0 = static_cast<index_t>(y.i0) * W, y1 = static_cast<index_t>(y.i1) * W;
+  Taps<T, index_t> t;
+  t.zy[0] = z0 + y0;
+  t.zy[1] = z0 + y1;
+  t.zy[2] = z1 + y0;
+  t.zy[3] = z1 + y1;
+  t.x[0] = static_cast<index_t>(x.i0);
+  t.x[1] = static_cast<index_t>(x.i1);
+  M3D_UNROLL
+  for (int k = 0; k < 8; ++k) t.w[k] = tap_weight(x, y, z, k);
+  return t;
 }
 
-template <typename scalar_t, typename label_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE void image_voxel(const PairArgs<scalar_t, label_t, T>& a,
-                                               int64_t n, int64_t d, int64_t h, int64_t w, T bx,
-                                               T by, T bz) {
-  T gx, gy, gz;
-  sample_point(a, n, d, h, w, a.D, a.H, a.W, bx, by, bz, gx, gy, gz);
-  image_at<scalar_t, label_t, T, index_t>(a, n, static_cast<index_t>((d * a.H + h) * a.W + w),
-                                          gx, gy, gz, a.pad, a.align, a.intensity != nullptr,
-                                          a.fused && a.label != nullptr);
+// Trilinear value of one channel (p: its (D, H, W) block) at taps t.
+template <typename scalar_t, typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE T sample_taps(const scalar_t* p, const Taps<T, index_t>& t) {
+  T v[8];
+  M3D_UNROLL
+  for (int k = 0; k < 8; ++k) v[k] = static_cast<T>(p[t.zy[k >> 1] + t.x[k & 1]]) * t.w[k];
+  return sum8(v);
 }
 
-// One label output voxel on the label's own grid.
-template <typename scalar_t, typename label_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE void label_voxel(const PairArgs<scalar_t, label_t, T>& a, int64_t n, int64_t d,
-                                 int64_t h, int64_t w, T bx, T by, T bz) {
-  T gx, gy, gz;
-  sample_point(a, n, d, h, w, a.LD, a.LH, a.LW, bx, by, bz, gx, gy, gz);
-  const T ix = source_index(gx, a.LIW, a.pad, a.align),
-          iy = source_index(gy, a.LIH, a.pad, a.align),
-          iz = source_index(gz, a.LID, a.pad, a.align);
-  label_at<scalar_t, label_t, T, index_t>(a, n, static_cast<index_t>((d * a.LH + h) * a.LW + w),
-                                          ix, iy, iz);
+// Offset of the nearest source voxel in grid g, or -1 outside it (zeros padding: label 0).
+template <typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE index_t nearest_offset(T cx, T cy, T cz, const Grid<index_t>& g) {
+  const int32_t x = axis_nearest(cx, g.W), y = axis_nearest(cy, g.H), z = axis_nearest(cz, g.D);
+  const index_t o = static_cast<index_t>(z) * g.HW + static_cast<index_t>(y) * g.W + x;
+  return o | -static_cast<index_t>((x | y | z) < 0);  // -1 outside
+}
+
+// The image value written for channel c at spatial output offset o: the intensity epilogue
+// (p: the sample's parameters, key: its noise key) or a plain cast.
+template <typename scalar_t, typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE scalar_t epilogue(T v, const float* p, uint32_t key, int64_t idx) {
+  return static_cast<scalar_t>(p == nullptr ? v : intensity(static_cast<float>(v), p, key, idx));
 }
 
 }  // namespace rs

@@ -448,3 +448,131 @@ def test_label_on_quarter_grid_picks_a_tie_neighbour(device):
         coord = (out[0] // mult) % 100
         idx = torch.arange(q, device=device).view([q if k == axis else 1 for k in range(3)])
         assert ((coord == 4 * idx + 1) | (coord == 4 * idx + 2)).all()
+
+
+# ------------------------------------------------------- block / row boundaries of the kernels
+# The CPU kernel works on blocks of 64 voxels of a row and the CUDA kernel on runs of 4; taps
+# outside the volume get weight 0 without per-voxel branches. These cases put row ends, block
+# ends, volume edges and exactly-integral coordinates where those mechanisms meet.
+
+
+def assert_close_long_rows(out, ref, extent):
+    """Along rows of `extent` voxels a source coordinate reaches ~extent, so its float32 rounding
+    (ours vs affine_grid's matmul: ~extent * 1e-7) times the image's slope (randn: up to ~4)."""
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=max(1e-4, 1e-6 * extent))
+
+
+def near_tie(theta, size, in_size, align_corners, eps=1e-3):
+    """Voxels whose reference source coordinate is within eps of a rounding tie on some axis."""
+    grid = F.affine_grid(theta.double().cpu(), list(size), align_corners=align_corners)
+    n_in = torch.tensor(in_size[::-1], dtype=torch.float64)  # grid order: x, y, z
+    c = ((grid + 1) / 2) * (n_in - 1) if align_corners else ((grid + 1) * n_in - 1) / 2
+    return ((c - c.floor() - 0.5).abs() < eps).any(-1)
+
+
+def _affine(a, t=(0.0, 0.0, 0.0), device="cpu"):
+    th = torch.zeros(1, 3, 4, dtype=torch.float64)
+    th[0, :, :3] = torch.as_tensor(a, dtype=torch.float64)
+    th[0, :, 3] = torch.as_tensor(t, dtype=torch.float64)
+    return th.float().to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+def test_identity_and_flips_are_exact(device, padding_mode):
+    """align_corners=True puts every sample on a voxel up to coordinate rounding (the last one
+    included, whose upper neighbour is outside with weight 0): identity and flips reproduce the
+    input, labels exactly."""
+    x = torch.randn(1, 2, 5, 7, 67, device=device)  # W: one full block of 64 + a tail of 3
+    lab = torch.randint(0, 9, (1, 5, 7, 67), device=device, dtype=torch.uint8)
+    for diag, dims in [((1, 1, 1), []), ((-1, 1, 1), [4]), ((1, -1, -1), [2, 3])]:
+        th = _affine(torch.diag(torch.tensor(diag, dtype=torch.float64)), device=device)
+        out = m3d.ops.affine_resample(x, th, x.shape, padding_mode=padding_mode,
+                                      align_corners=True)
+        assert_close(out, grid_sample_ref(x, th, x.shape, "bilinear", padding_mode, True))
+        torch.testing.assert_close(out, x.flip(dims), rtol=0, atol=1e-4)
+        img, olab = m3d.ops.affine_resample_pair(x, lab, th, x.shape, padding_mode=padding_mode,
+                                                 align_corners=True)
+        torch.testing.assert_close(img, out, rtol=0, atol=0)
+        assert torch.equal(olab, lab.flip([d - 1 for d in dims]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_rows_partly_inside(device, padding_mode, align_corners):
+    """Shifts by whole and half voxels and zoom-outs: rows leave the volume at both ends, at
+    exactly integral coordinates (a tap exactly on the edge) and in between; W = 131 spans two
+    full CPU blocks and a tail, and is not a multiple of the CUDA run length."""
+    n, c = 1, 3
+    x = torch.randn(n, c, 6, 5, 131, device=device)
+    cases = [(torch.eye(3), (2 * 7 / 131, 0.0, 0.0)),        # 7 voxels along x (align=False)
+             (torch.eye(3), (-2 * 9 / 131, 2 / 5, 0.0)),      # whole voxels (align=False)
+             (torch.eye(3) * 1.7, (0.1, 0.0, -0.2)),          # zoom out: both ends outside
+             (torch.diag(torch.tensor([-1.3, 1.0, 0.8])), (0.05, 0.0, 0.0))]
+    for a, t in cases:
+        th = _affine(a, t, device)
+        size = (n, c, 6, 5, 131)
+        out = m3d.ops.affine_resample(x, th, size, padding_mode=padding_mode,
+                                      align_corners=align_corners)
+        assert_close_long_rows(out, grid_sample_ref(x, th, size, "bilinear", padding_mode,
+                                                    align_corners), 131)
+        lab = torch.randint(0, 200, (n, 1, 6, 5, 131), device=device, dtype=torch.uint8)
+        near = m3d.ops.affine_resample(lab, th, size[:1] + (1,) + size[2:], mode="nearest",
+                                       padding_mode=padding_mode, align_corners=align_corners)
+        ref = grid_sample_ref(lab.float(), th, size[:1] + (1,) + size[2:], "nearest",
+                              padding_mode, align_corners).to(torch.uint8)
+        keep = ~near_tie(th, size, x.shape[2:], align_corners).to(device)[:, None]
+        assert keep.float().mean() > 0.5
+        assert torch.equal(near[keep], ref[keep])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pair_channels_share_taps(device):
+    """Several image channels and a fused label from the same points, rows longer than a block,
+    against two independent grid_sample calls; a 2-byte and an 8-byte label too."""
+    n, c = 2, 3
+    x = torch.randn(n, c, 9, 11, 70, device=device)
+    theta = random_theta(n, device, strength=0.3)
+    size = (n, c, 8, 10, 73)
+    ref_img = grid_sample_ref(x, theta, size, "bilinear", "zeros", False)
+    for dtype in (torch.uint8, torch.int16, torch.int64):
+        lab = torch.randint(0, 100, (n, 9, 11, 70), device=device, dtype=dtype)
+        img, out_lab = m3d.ops.affine_resample_pair(x, lab, theta, size, size[2:])
+        assert_close_long_rows(img, ref_img, 73)
+        ref = grid_sample_ref(lab[:, None].double(), theta.double(), (n, 1) + size[2:], "nearest",
+                              "zeros", False)[:, 0]
+        assert_nearest_close(out_lab, ref.to(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_rows_and_many_rows(device):
+    """A 1 x 1 x 40 x 40 x 300 volume: rows of several CPU blocks, many rows per thread chunk."""
+    x = torch.randn(1, 1, 40, 40, 300, device=device)
+    theta = random_theta(1, device, strength=0.4)
+    size = (1, 1, 37, 41, 299)
+    for mode in ("bilinear", "nearest"):
+        out = m3d.ops.affine_resample(x, theta, size, mode=mode)
+        ref = grid_sample_ref(x, theta, size, mode, "zeros", False)
+        if mode == "bilinear":
+            assert_close_long_rows(out, ref, 300)
+        else:
+            assert_nearest_close(out, ref)
+
+
+@pytest.mark.cuda
+def test_cuda_equals_cpu_on_row_boundaries():
+    """The CPU block kernel and the CUDA run kernel share the per-voxel math: same values to
+    float rounding, the same labels except at rounding ties; unaligned and aligned rows."""
+    n = 2
+    for w in (64, 67):
+        x = torch.randn(n, 2, 10, 9, w)
+        lab = torch.randint(0, 50, (n, 10, 9, w), dtype=torch.uint8)
+        theta = random_theta(n, strength=0.5)
+        size = (n, 2, 11, 8, w)
+        for label_size in (None, (5, 4, 16)):
+            cpu = m3d.ops.affine_resample_pair(x, lab, theta, size, label_size)
+            gpu = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(), size,
+                                               label_size)
+            assert_close_long_rows(gpu[0].cpu(), cpu[0], w)  # FMA contraction on the GPU
+            assert_nearest_close(gpu[1].cpu(), cpu[1])
