@@ -12,6 +12,8 @@
 #     python_tests/ops) -m cuda;
 #  4. runs `python -m benchmarks --quick --profile --device cuda --out $OUT/bench [AREA ...]`
 #     (--profile: each row's CUDA kernels per call, in results.md; BENCH_PROFILE=0 drops it);
+#  4b. with THROUGHPUT=1 (default), `python -m benchmarks.train_throughput --device cuda`: the
+#     CLI's pretraining, fused vs --no-fused, at the perf-baselines shape (only if time is left);
 #  5. packs logs and results into $OUT/gpu_check.tar.gz, writes $OUT/summary.md;
 #  6. prints a short summary table LAST.
 # No stage stops the script; it exits non-zero when the build or the tests failed. The stage
@@ -164,6 +166,26 @@ case $BENCH_RC in
     *) BENCH_STATUS="rc $BENCH_RC"; tail -20 "$LOGS/bench.log" ;;
 esac
 
+# ---------------------------------------------------------------- 4b. CLI pretraining throughput
+TP_STATUS="skipped (THROUGHPUT=0)"
+if [ "${THROUGHPUT:-1}" = 1 ] && [ $BUILD_RC -eq 0 ]; then
+    TP_LIMIT="$(limit "${THROUGHPUT_TIMEOUT:-150}")"
+    if [ "$TP_LIMIT" -ge 60 ]; then
+        say "throughput: python -m benchmarks.train_throughput --device ${BENCH_DEVICE:-cuda} (log: logs/throughput.log)"
+        timeout "$TP_LIMIT" "$PY" -m benchmarks.train_throughput --device "${BENCH_DEVICE:-cuda}" \
+            --out "$OUT/bench/throughput" > "$LOGS/throughput.log" 2>&1
+        TP_RC=$?
+        case $TP_RC in
+            0) TP_STATUS="ok: $(grep -m1 'fused / plain' "$OUT/bench/throughput/throughput.md")" ;;
+            124) TP_STATUS="timeout" ;;
+            *) TP_STATUS="rc $TP_RC (see logs/throughput.log)" ;;
+        esac
+    else
+        TP_STATUS="skipped (only ${TP_LIMIT}s of the budget left)"
+    fi
+    say "throughput: $TP_STATUS"
+fi
+
 # ---------------------------------------------------------------- 5./6. summary, archive
 BENCH_TABLE="$("$PY" - "$OUT/bench/results.json" <<'EOF' 2>&1
 import json, sys
@@ -202,6 +224,7 @@ GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head
     echo "| CUDA tests | $TEST_STATUS; $TEST_COUNTS | ${TEST_S}s |"
     echo "| sanitizer | $SAN_STATUS | |"
     echo "| benchmarks | $BENCH_STATUS | ${BENCH_S}s |"
+    echo "| CLI throughput | $TP_STATUS | |"
     echo
     echo '```'
     echo "$BENCH_TABLE"
@@ -214,6 +237,7 @@ echo "build       $BUILD_STATUS (${BUILD_S}s); extension $EXT"
 echo "tests       $TEST_STATUS (${TEST_S}s): $TEST_COUNTS"
 echo "sanitizer   $SAN_STATUS"
 echo "benchmarks  $BENCH_STATUS (${BENCH_S}s)"
+echo "throughput  $TP_STATUS"
 echo "$BENCH_TABLE"
 FAIL=0
 [ $BUILD_RC -ne 0 ] && FAIL=1

@@ -364,3 +364,36 @@ def test_profile_kernels_counts_calls():
     assert len(calls) == 4
     add = next(t for t in k["top"] if t["name"] == "aten::add")
     assert add["calls"] == 1  # per call, not per profile
+
+
+def test_summarize_windows_skips_the_first():
+    from benchmarks.train_throughput import summarize_windows
+
+    rows = [{"step": 2, "samples_s": 1.0, "voxels_s": 10.0, "data_wait": 0.5},
+            {"step": 4, "samples_s": 4.0, "voxels_s": 40.0, "data_wait": 0.1},
+            {"step": 6, "samples_s": 6.0, "voxels_s": 60.0, "data_wait": 0.3}]
+    s = summarize_windows(rows)
+    assert s["samples_s"] == 5.0 and s["voxels_s"] == 50.0 and s["windows"] == 2
+    assert abs(s["data_wait"] - 0.2) < 1e-12 and s["steps"] == 6
+    assert summarize_windows(rows[:1])["samples_s"] == 1.0
+    with pytest.raises(ValueError, match="no training windows"):
+        summarize_windows([])
+
+
+@pytest.mark.slow
+def test_train_throughput_quick_cpu(tmp_path, monkeypatch):
+    """The CLI-path throughput study end to end on tiny CPU sizes: both arms run the real
+    pretraining and report the loop's own numbers."""
+    from benchmarks import train_throughput
+
+    monkeypatch.setenv("MED3D_EXT_CACHE", str(tmp_path / "cache"))
+    assert train_throughput.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "t")]) == 0
+    r = json.loads((tmp_path / "t" / "throughput.json").read_text())
+    assert set(r["arms"]) == {n for n, _ in train_throughput.ARMS}
+    for a in r["arms"].values():
+        assert a["samples_s"] > 0 and a["voxels_s"] == pytest.approx(a["samples_s"] * 16 * 16 * 8)
+        assert 0 <= a["data_wait"] < 1 and a["steps"] == 6
+    assert r["fused_vs_plain"] > 0
+    assert "| med3d_ext fused |" in (tmp_path / "t" / "throughput.md").read_text()
+    with pytest.raises(SystemExit):
+        train_throughput.main(["--steps", "1"])
