@@ -235,6 +235,11 @@ def reading(s: dict) -> str:
     else:
         conv = (f"the pretrained encoder did not reach the from-scratch final Dice "
                 f"({s['target']:.3f}) on its mean curve within the budget")
+    # the whole curve, not only the end: mean Dice of each arm at half the budget
+    steps = sc["steps"]
+    mid = len(steps) // 2 - 1 if len(steps) >= 2 else 0
+    halfway = (f"; at step {steps[mid]} (half the budget) the mean validation Dice is "
+               f"{_f(ours['mean'][mid])} pretrained against {_f(sc['mean'][mid])} from scratch")
     if abs(gain) <= spread:
         acc = (f"the final Dice difference ({gain:+.3f}) is within the seed spread "
                f"(std up to {spread:.3f}, {n} seeds), so it does not show an accuracy gain")
@@ -251,7 +256,7 @@ def reading(s: dict) -> str:
     coll_txt = (" " + "; ".join(coll) + ", so the means mix collapsed and working runs and the "
                 "per-seed curves in convergence.json say more than the means.") if coll else ""
     return (f"On {s['device']} with {s['pretrain']['steps']} pretraining steps and "
-            f"{sc['steps'][-1]} transfer steps per arm, {conv}; {acc}.{coll_txt} The paper "
+            f"{sc['steps'][-1]} transfer steps per arm, {conv}{halfway}; {acc}.{coll_txt} The paper "
             f"reports 2-10x faster convergence and +3-20% accuracy after pretraining on real "
             f"3DSeg-8 for far longer; this is a miniature on synthetic data with a tiny budget "
             f"and few validation cases, so it tests the mechanism, not the paper's magnitudes.")
