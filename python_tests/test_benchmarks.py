@@ -397,3 +397,30 @@ def test_train_throughput_quick_cpu(tmp_path, monkeypatch):
     assert "| med3d_ext fused |" in (tmp_path / "t" / "throughput.md").read_text()
     with pytest.raises(SystemExit):
         train_throughput.main(["--steps", "1"])
+
+
+def test_reading_names_every_extra_arm():
+    S, P, R = convergence_study.SCRATCH, convergence_study.OURS, convergence_study.WITH_REAL
+    steps = [4, 8, 12, 16]
+    s = convergence_study.summarize({S: {0: _curve(steps, [0.1, 0.1, 0.2, 0.3])},
+                                     P: {0: _curve(steps, [0.2, 0.3, 0.3, 0.3])},
+                                     R: {0: _curve(steps, [0.0, 0.1, 0.1, 0.2])}})
+    s.update(device="cpu", seeds=[0], sizes={"every": 4}, pretrain={"steps": 12})
+    text = convergence_study.reading(s)
+    assert "at step 8 (half the budget) the mean validation Dice is 0.300 pretrained against 0.100" in text
+    assert f"'{R}' arm: final Dice 0.200" in text and "-0.100 vs scratch" in text
+    assert "target not reached" in text
+
+
+@pytest.mark.slow
+def test_study_with_real_volumes_quick(tmp_path, monkeypatch):
+    """--with-real adds an arm pretrained on the synthetic domains + nilearn's MNI152 task."""
+    pytest.importorskip("nilearn")
+    monkeypatch.setenv("MED3D_EXT_CACHE", str(tmp_path / "cache"))
+    s = convergence_study.run_study(tmp_path / "out", seeds=(0,), device="cpu", quick=True,
+                                    with_real=True, log=lambda *a: None)
+    assert set(s["arms"]) == {convergence_study.SCRATCH, convergence_study.OURS,
+                              convergence_study.WITH_REAL}
+    assert s["pretrain_real"]["steps"] == s["pretrain"]["steps"]
+    assert len(s["arms"][convergence_study.WITH_REAL]["steps"]) == 3
+    assert convergence_study.WITH_REAL in (tmp_path / "out" / "convergence.md").read_text()
