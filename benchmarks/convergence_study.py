@@ -461,7 +461,7 @@ def main(argv=None) -> int:
     try:
         s = run_study(out, seeds=a.seeds, device=dev, quick=a.quick, medicalnet=a.medicalnet,
                       runs=a.runs, threads=a.threads, head_lr=a.head_lr, with_real=a.with_real)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:  # e.g. --with-real without nilearn
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("\n" + reading(s))
