@@ -95,7 +95,15 @@ class Layer:
 
     def make(self, fwd, training, dtype=None):
         """fwd(x, w, bw, bb, rm, rv, training) -> (timed fn, check fn). ``dtype``: inputs in
-        that dtype and no autocast (the high-precision reference)."""
+        that dtype and no autocast (the high-precision reference).
+
+        On the CPU the check runs the same implementation in float64: in fp32 two correct
+        implementations that sum in another order can decide a ReLU of a value within round-off
+        of zero differently, which moves a gradient by a whole term (seen as a random FAILED
+        row); in float64 that does not happen and the check still catches any wrong math."""
+        if dtype is None and not self.ctx.gpu:
+            timed = self.make(fwd, training, torch.float32)[0]
+            return timed, self.make(fwd, training, torch.float64)[1]
         leaves = self.leaves(dtype)
         wrt = [t for t in leaves if t.requires_grad]
         rm, rv = (t.to(dtype or t.dtype, copy=True) for t in (self.rm, self.rv))

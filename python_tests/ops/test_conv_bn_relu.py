@@ -294,7 +294,11 @@ def test_stem_space_to_depth(device, cin, k, padding, sp, monkeypatch):
 
     cfg = (cin, 6, k, 2, padding, 1, sp)
     x, w, *_ = _inputs(device, torch.float32, cfg)
-    assert mod._stem_eligible(x, w, [2] * 3, mod._triple(padding, "padding"), [1] * 3)
+    pad = mod._triple(padding, "padding")
+    # default "auto": the rewrite on CUDA only (slower than oneDNN's direct conv on the CPU)
+    assert mod._stem_eligible(x, w, [2] * 3, pad, [1] * 3) == (device == "cuda")
+    monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", True)  # its math is tested on every device
+    assert mod._stem_eligible(x, w, [2] * 3, pad, [1] * 3)
     for training in (True, False):
         _check_against_reference(device, cfg, training, True, True, False)
     monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", False)
