@@ -137,7 +137,7 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
     """
     from med3d_ext.train import config as C
     from med3d_ext.train.cli import run_pretrain, run_transfer
-    from med3d_ext.train.demo import demo_data, demo_recipe
+    from med3d_ext.train.demo import build_once, demo_data, demo_recipe
     from med3d_ext.train.distributed import resolve_device
 
     if not seeds:
@@ -177,10 +177,9 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
         if with_real:
             from med3d_ext.data import real as build_real
 
-            real_root = d["root"].parent / f"real-c{max(2, sz['cases'])}"
-            if not (real_root / ".complete").exists():  # cached like the synthetic data
-                build_real(real_root, cases=max(2, sz["cases"]), seed=0)
-                (real_root / ".complete").write_text("ok\n")
+            n_real = max(2, sz["cases"])
+            real_root = build_once(d["root"].parent / f"real-c{n_real}",  # cached like synth
+                                   lambda r: build_real(r, cases=n_real, seed=0))
             real_dirs = sorted(p for p in real_root.iterdir() if p.is_dir())
             log(f"pretraining ResNet-10 on the 8 synthetic domains + {len(real_dirs)} real "
                 f"dataset(s) ({', '.join(p.name for p in real_dirs)}), same budget")

@@ -58,7 +58,7 @@ def summarize_windows(rows: list[dict]) -> dict:
 def run(device="auto", quick=False, steps=None, out=None, log=print) -> dict:
     from med3d_ext.train import config as C
     from med3d_ext.train.cli import run_pretrain
-    from med3d_ext.train.demo import demo_data
+    from med3d_ext.train.demo import demo_data, demo_recipe
     from med3d_ext.train.distributed import resolve_device
 
     dev = resolve_device(device)
@@ -68,13 +68,11 @@ def run(device="auto", quick=False, steps=None, out=None, log=print) -> dict:
     result = {"device": str(dev), "sizes": sz, "arms": {}}
     with tempfile.TemporaryDirectory(prefix="m3d-throughput-") as tmp:
         for name, fused in ARMS:
-            cfg = C.resolve("pretrain", {
-                "data": [str(d["pretrain"])], "out": str(Path(tmp) / name.split()[0]),
-                "cache": str(d["root"] / "cache"), "device": str(dev), "seed": 0, "depth": 10,
-                "epochs": 1, "steps": sz["steps"], "batch_size": sz["batch"],
-                "patch": sz["patch"], "num_workers": sz["workers"], "fused": fused,
-                "log_every": max(1, sz["steps"] // 4), "val_cases": 1, "export": False,
-                "progress": False, "label_grid": "patch", "optimizer": "adamw", "lr": 1e-3})
+            cfg = C.resolve("pretrain", dict(
+                demo_recipe(dev, sz, d["root"] / "cache"),  # the demo's training options
+                data=[str(d["pretrain"])], out=str(Path(tmp) / name.split()[0]), seed=0,
+                depth=10, epochs=1, steps=sz["steps"], fused=fused, lr=1e-3,
+                log_every=max(1, sz["steps"] // 4), val_cases=1, export=False, progress=False))
             t0 = time.perf_counter()
             res = run_pretrain(cfg, log=lambda *a: None)
             arm = summarize_windows(_windows(cfg["out"]))

@@ -53,17 +53,27 @@ def demo_recipe(device, sizes: dict, cache) -> dict:
             "overlap": 0.25, "sw_batch_size": 4}
 
 
+def build_once(root: Path, build) -> Path:
+    """Call ``build(root)`` unless an earlier call finished (``root/.complete``); a build
+    interrupted half-way is redone."""
+    done = root / ".complete"
+    if not done.exists():
+        build(root)
+        done.write_text("ok\n")
+    return root
+
+
 def demo_data(cases: int, size: int, seed: int, log=print) -> dict:
     """Synthetic 3DSeg-8, generated once per (cases, size, seed) and reused."""
     from med3d_ext.data import synth
 
     base = Path(os.environ.get("MED3D_EXT_CACHE", Path.home() / ".cache" / "med3d_ext"))
     root = base / "demo" / f"synth-c{cases}-s{size}-seed{seed}"
-    done = root / ".complete"
-    if not done.exists():
-        log(f"generating synthetic 3DSeg-8 in {root} ...")
-        synth(root, cases=cases, size=size, seed=seed)
-        done.write_text("ok\n")
+
+    def build(r):
+        log(f"generating synthetic 3DSeg-8 in {r} ...")
+        synth(r, cases=cases, size=size, seed=seed)
+    build_once(root, build)
     return {"pretrain": root / "pretrain", "transfer": next(
         p for p in sorted((root / "transfer").iterdir()) if p.is_dir()), "root": root}
 

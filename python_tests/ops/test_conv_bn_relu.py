@@ -75,15 +75,34 @@ def _check_against_reference(device, cfg, training, residual, relu, cl, n=2,
     assert out.shape == ref.shape and out.dtype == ref.dtype
     if cl and args[0].shape[1] > 1:
         assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    _assert_matches(out, grads, rm, rv, ref, rgrads, rrm, rrv, dtype)
+
+
+GRAD_NAMES = ["x", "weight", "bn_weight", "bn_bias", "residual"]
+
+
+def _assert_matches(out, grads, rm, rv, ref, rgrads, rrm, rrv, dtype=torch.float32):
+    """Output and running statistics within the dtype's tolerance; gradients, which sum over
+    many voxels, within 10x of it with atol scaled by the reference's magnitude."""
     t = tol(dtype)
     torch.testing.assert_close(out, ref, **t)
-    for name, a, b in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], grads, rgrads):
-        # gradients sum over many voxels: scale atol by the reference's magnitude
+    for name, a, b in zip(GRAD_NAMES, grads, rgrads):
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a, b, rtol=t["rtol"] * 10, atol=t["atol"] * 10 * scale,
                                    msg=lambda m, name=name: f"grad {name}: {m}")
     torch.testing.assert_close(rm, rrm, **t)
     torch.testing.assert_close(rv, rrv, **t)
+
+
+def _assert_low_precision_grads(grads, lgrads, rgrads):
+    """Relative L2 error of each gradient against the fp32 reference: ours at most 2x PyTorch's
+    own low-precision error (the tolerance policy) plus a floor. Use a flip-free grad_out
+    (_flip_free_grad_out)."""
+    for name, a, b, c in zip(GRAD_NAMES, grads, lgrads, rgrads):
+        c = c.double()
+        err_ours = (a.double() - c).norm() / c.norm()
+        err_torch = (b.double() - c).norm() / c.norm()
+        assert err_ours <= 2 * err_torch + 1e-2, f"grad {name}: {err_ours:.3g} vs {err_torch:.3g}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -162,14 +181,7 @@ def test_autocast_low_precision(device, dtype, cl):
     assert out.dtype == dtype
     ref, rgrads, *_ = _run(reference.conv_bn_relu3d, *args, True, True, go.float())
     assert_low_precision_close(out.float(), low.float(), ref, factor=2.0, floor=1e-2)
-    # Gradients: relative L2 errors against the fp32 reference, ours at most 2x PyTorch's own
-    # low-precision error (the tolerance policy) plus a floor.
-    for name, a, b, c in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], grads, lgrads,
-                             rgrads):
-        c = c.double()
-        err_ours = (a.double() - c).norm() / c.norm()
-        err_torch = (b.double() - c).norm() / c.norm()
-        assert err_ours <= 2 * err_torch + 1e-2, f"grad {name}: {err_ours:.3g} vs {err_torch:.3g}"
+    _assert_low_precision_grads(grads, lgrads, rgrads)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -390,14 +402,7 @@ def test_residual_and_grad_out_layouts(device, x_cl, r_kind, training):
                                         training, r_kind, go)
     ref, rgrads, rm2, rv2 = _run_layouts(reference.conv_bn_relu3d, x, w, bw, bb, rm, rv, r, kw,
                                          training, "contiguous", go)
-    t = tol(torch.float32)
-    torch.testing.assert_close(out, ref, **t)
-    for name, a, b in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], grads, rgrads):
-        scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a, b, rtol=t["rtol"] * 10, atol=t["atol"] * 10 * scale,
-                                   msg=lambda m, name=name: f"grad {name}: {m}")
-    torch.testing.assert_close(rm1, rm2, **t)
-    torch.testing.assert_close(rv1, rv2, **t)
+    _assert_matches(out, grads, rm1, rv1, ref, rgrads, rm2, rv2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -418,10 +423,4 @@ def test_autocast_residual_other_dtype_and_layout(device, r_kind):
                                    "contiguous", go)
     assert out.dtype == torch.bfloat16
     assert_low_precision_close(out.float(), low.float(), ref, factor=2.0, floor=1e-2)
-    for name, a, b, c in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], grads, lgrads,
-                             rgrads):
-        c = c.double()
-        err_ours = (a.double() - c).norm() / c.norm()
-        err_torch = (b.double() - c).norm() / c.norm()
-        # the policy's 2x: grad_out is flip-free (see _flip_free_grad_out)
-        assert err_ours <= 2 * err_torch + 1e-2, f"grad {name}: {err_ours:.3g} vs {err_torch:.3g}"
+    _assert_low_precision_grads(grads, lgrads, rgrads)
