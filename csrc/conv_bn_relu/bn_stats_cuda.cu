@@ -1,7 +1,7 @@
 // CUDA kernels for bn_stats (see bn_stats.h).
 //
-// Two launches: a partial pass writes one Welford state per (split, channel) and a finishing
-// pass merges the splits of each channel in index order. The launch shape depends only on the
+// Two launches: a partial pass writes one Welford state per (channel, split) and a finishing
+// pass merges each channel's splits, a warp per channel, in a fixed order. The launch shape depends only on the
 // tensor shape and the GPU's SM count, so results are reproducible run to run.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,7 +22,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void partial_nchw(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t S,
                              WelfordState<acc_t>* __restrict__ partial) {
   __shared__ WelfordState<acc_t> shared[kThreads / 32];
-  const int64_t c = blockIdx.y, splits = gridDim.x, M = N * S;
+  const int64_t c = blockIdx.y, splits = gridDim.x, M = N * S;  // partial is (C, splits)
   const int64_t per = (M + splits - 1) / splits;
   const int64_t lo = blockIdx.x * per, hi = min(M, lo + per);
   auto s = welford_empty<acc_t>();
@@ -34,7 +34,7 @@ __global__ void partial_nchw(const scalar_t* __restrict__ x, int64_t N, int64_t 
     i += s1 - s0;
   }
   s = block_welford(s, shared);
-  if (threadIdx.x == 0) partial[blockIdx.x * C + c] = s;
+  if (threadIdx.x == 0) partial[c * splits + blockIdx.x] = s;
 }
 
 // Row-major (M, C) (channels_last_3d). block = (32 channels, 8 rows); grid = (C / 32, splits).
@@ -46,24 +46,39 @@ __global__ void partial_nhwc(const scalar_t* __restrict__ x, int64_t M, int64_t 
   const int64_t c = blockIdx.x * 32 + threadIdx.x;
   const int64_t stride = int64_t(blockDim.y) * gridDim.y;
   auto s = welford_empty<acc_t>();
-  if (c < C)
-    for (int64_t r = blockIdx.y * blockDim.y + threadIdx.y; r < M; r += stride)
-      welford_add(s, static_cast<acc_t>(x[r * C + c]));
+  if (c < C) {
+    // Four independent rows per step: the loads are issued before the (dependent) Welford
+    // updates, so each thread keeps several loads in flight (one 2-4 byte load at a time
+    // left the memory system mostly idle).
+    int64_t r = blockIdx.y * blockDim.y + threadIdx.y;
+    for (; r + 3 * stride < M; r += 4 * stride) {
+      acc_t v[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = static_cast<acc_t>(x[(r + k * stride) * C + c]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) welford_add(s, v[k]);
+    }
+    for (; r < M; r += stride) welford_add(s, static_cast<acc_t>(x[r * C + c]));
+  }
   shared[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && c < C) {
     for (int k = 1; k < 8; ++k) s = welford_merge(s, shared[k][threadIdx.x]);
-    partial[blockIdx.y * C + c] = s;
+    partial[c * gridDim.y + blockIdx.y] = s;
   }
 }
 
+// A warp per channel (block = 8 warps): lane l merges splits l, l + 32, ... in order, then a
+// fixed shuffle tree; the order depends only on `splits`, so results are reproducible.
 template <typename acc_t>
 __global__ void finish(const WelfordState<acc_t>* __restrict__ partial, int64_t splits, int64_t C,
                        bool unbiased, acc_t* __restrict__ mean, acc_t* __restrict__ var) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (c >= C) return;
+  const int64_t c = int64_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (c >= C) return;  // warp-uniform
   auto s = welford_empty<acc_t>();
-  for (int64_t k = 0; k < splits; ++k) s = welford_merge(s, partial[k * C + c]);
+  for (int64_t k = threadIdx.x & 31; k < splits; k += 32) s = welford_merge(s, partial[c * splits + k]);
+  for (int d = 16; d > 0; d >>= 1) s = welford_merge(s, warp_shfl_down(s, d));
+  if ((threadIdx.x & 31) != 0) return;
   mean[c] = s.mean;
   var[c] = welford_variance(s, unbiased);
 }
@@ -109,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x_in, bool un
           reinterpret_cast<WelfordState<acc_t>*>(partial.data_ptr<acc_t>()));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finish<acc_t><<<ceil_div(C, 128), 128, 0, stream>>>(
+    finish<acc_t><<<ceil_div(C, 8), 256, 0, stream>>>(
         reinterpret_cast<const WelfordState<acc_t>*>(partial.const_data_ptr<acc_t>()), splits, C,
         unbiased, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -129,8 +129,8 @@ void bn_act_forward_cuda(const at::Tensor& y, const at::Tensor& mean, const at::
   if (!out_ok) out_in.copy_(out);
 }
 
-// Per-channel pair of sums of Acc over the whole tensor, as (splits, C, 2) partials (merged in
-// order by a finishing kernel); returns splits.
+// Per-channel pair of sums of Acc over the whole tensor, as (C, splits, 2) partials (merged in
+// a fixed order by a finishing kernel); returns splits.
 template <typename acc_t, int V, class Acc>
 int64_t launch_reduce(const Geometry& g, const Acc& acc, const ParamPtrs<acc_t>& pp,
                       at::Tensor& partial, cudaStream_t stream) {
@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda
           constexpr int V = decltype(vtag)::value;
           const BackwardAcc<scalar_t, acc_t, kRelu, kRes> acc{dp, yp, rp, grp};
           const int64_t splits = launch_reduce<acc_t, V>(g, acc, pp, partial, stream);
-          reduce_finish<acc_t><<<ceil_div(g.C, 128), 128, 0, stream>>>(
+          reduce_finish<acc_t><<<finish_blocks(g.C), kFinishWarps * 32, 0, stream>>>(
               partial.const_data_ptr<acc_t>(), splits, g.C, acc_t(g.M), training, pp,
               grad_w.data_ptr<acc_t>(), grad_b.data_ptr<acc_t>(), coef.data_ptr<acc_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -234,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats_cuda(const at::T
         can_vectorise<scalar_t>(g, {acc.y})
             ? launch_reduce<acc_t, vec_width<scalar_t>()>(g, acc, pp, partial, stream)
             : launch_reduce<acc_t, 1>(g, acc, pp, partial, stream);
-    stats_finish<acc_t><<<ceil_div(g.C, 128), 128, 0, stream>>>(
+    stats_finish<acc_t><<<finish_blocks(g.C), kFinishWarps * 32, 0, stream>>>(
         partial.const_data_ptr<acc_t>(), splits, g.C, acc_t(g.M), shift.const_data_ptr<acc_t>(),
         eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), var.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -189,7 +189,13 @@ struct StatsAcc {  // sum (y - K), sum (y - K)^2 with a per-channel shift K (Cha
   }
 };
 
-// grid = (splits, C); partial is (splits, C, 2).
+// The reduction kernels write per-(channel, split) pairs of sums; the finishing kernels read
+// them a warp per channel, so a channel's splits are adjacent: partial is (C, splits, 2).
+__host__ __device__ __forceinline__ int64_t partial_index(int64_t c, int64_t split, int64_t splits) {
+  return (c * splits + split) * 2;
+}
+
+// grid = (splits, C); partial is (C, splits, 2).
 template <typename acc_t, int V, class Acc>
 __global__ void reduce_nchw(Acc acc, ParamPtrs<acc_t> pp, int64_t N, int64_t C, int64_t S,
                             acc_t* partial) {
@@ -219,13 +225,14 @@ __global__ void reduce_nchw(Acc acc, ParamPtrs<acc_t> pp, int64_t N, int64_t C, 
       t0 += shared[0][k];
       t1 += shared[1][k];
     }
-    partial[(blockIdx.x * C + c) * 2] = t0;
-    partial[(blockIdx.x * C + c) * 2 + 1] = t1;
+    acc_t* out = partial + partial_index(c, blockIdx.x, gridDim.x);
+    out[0] = t0;
+    out[1] = t1;
   }
 }
 
 // block = (TX channel vectors, TY rows), grid = (ceil(C / V / TX), splits); dynamic shared
-// memory holds TX * TY * V * 2 accumulators.
+// memory holds TX * TY * V * 2 accumulators; partial is (C, splits, 2).
 template <typename acc_t, int V, class Acc>
 __global__ void reduce_nhwc(Acc acc, ParamPtrs<acc_t> pp, int64_t M, int64_t C, acc_t* partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -263,24 +270,52 @@ __global__ void reduce_nhwc(Acc acc, ParamPtrs<acc_t> pp, int64_t M, int64_t C, 
   if (threadIdx.y != 0 || !valid) return;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    const int64_t c = cv * V + j;
-    partial[(blockIdx.y * C + c) * 2] = mine[j];
-    partial[(blockIdx.y * C + c) * 2 + 1] = mine[V + j];
+    acc_t* out = partial + partial_index(cv * V + j, blockIdx.y, gridDim.y);
+    out[0] = mine[j];
+    out[1] = mine[V + j];
   }
 }
 
-// Merge the splits in order; write grad_bn_weight, grad_bn_bias and the apply coefficients.
+// Sums of channel c's (splits) partial pairs, by one warp: lane l adds splits l, l + 32, ... in
+// order, then a fixed shuffle tree. The order depends only on `splits` (a function of the shape
+// and the SM count), so results are bitwise reproducible; and the dependent chain is splits / 32
+// loads long, not splits (~8 blocks per SM, i.e. ~1000 on an H100/H200: one thread per channel
+// spent tens of microseconds here, per BatchNorm layer and pass). Every lane gets the sums.
+template <typename acc_t>
+__device__ __forceinline__ void warp_sum_splits(const acc_t* __restrict__ partial, int64_t c,
+                                                int64_t splits, acc_t& s0, acc_t& s1) {
+  const acc_t* p = partial + partial_index(c, 0, splits);
+  s0 = acc_t(0);
+  s1 = acc_t(0);
+  for (int64_t k = threadIdx.x & 31; k < splits; k += 32) {
+    s0 += p[2 * k];
+    s1 += p[2 * k + 1];
+  }
+  for (int d = 16; d > 0; d >>= 1) {
+    s0 += __shfl_xor_sync(0xffffffffu, s0, d);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, d);
+  }
+}
+
+// The finishing kernels run a warp per channel: block = kFinishWarps * 32 threads.
+constexpr int kFinishWarps = 8;
+inline int64_t finish_blocks(int64_t C) { return (C + kFinishWarps - 1) / kFinishWarps; }
+
+// Channel of this warp in a finishing kernel (warp-uniform, so a whole warp returns together).
+__device__ __forceinline__ int64_t finish_channel() {
+  return int64_t(blockIdx.x) * kFinishWarps + (threadIdx.x >> 5);
+}
+
+// Merge the splits; write grad_bn_weight, grad_bn_bias and the apply coefficients.
 template <typename acc_t>
 __global__ void reduce_finish(const acc_t* partial, int64_t splits, int64_t C, acc_t n,
                               bool training, ParamPtrs<acc_t> pp, acc_t* grad_w, acc_t* grad_b,
                               acc_t* coef) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t c = finish_channel();
   if (c >= C) return;
-  acc_t s0 = 0, s1 = 0;
-  for (int64_t k = 0; k < splits; ++k) {
-    s0 += partial[(k * C + c) * 2];
-    s1 += partial[(k * C + c) * 2 + 1];
-  }
+  acc_t s0, s1;
+  warp_sum_splits(partial, c, splits, s0, s1);
+  if ((threadIdx.x & 31) != 0) return;
   const acc_t invstd = pp.invstd[c];
   const auto q = bn_bwd_coef<acc_t>(pp.w[c], invstd, s0, s1, n, training);
   grad_w[c] = s1 * invstd;
@@ -296,13 +331,11 @@ template <typename acc_t>
 __global__ void stats_finish(const acc_t* partial, int64_t splits, int64_t C, acc_t n,
                              const acc_t* shift, double eps, acc_t* mean, acc_t* invstd,
                              acc_t* var_unbiased) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t c = finish_channel();
   if (c >= C) return;
-  acc_t s0 = 0, s1 = 0;
-  for (int64_t k = 0; k < splits; ++k) {
-    s0 += partial[(k * C + c) * 2];
-    s1 += partial[(k * C + c) * 2 + 1];
-  }
+  acc_t s0, s1;
+  warp_sum_splits(partial, c, splits, s0, s1);
+  if ((threadIdx.x & 31) != 0) return;
   const acc_t d = s0 / n;
   acc_t var = s1 / n - d * d;
   var = var > acc_t(0) ? var : acc_t(0);
