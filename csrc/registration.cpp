@@ -1,6 +1,7 @@
 // Every med3d_ext op schema, declared once. Implementations register per dispatch key next to
 // their kernels (TORCH_LIBRARY_IMPL(med3d_ext, CPU|CUDA, m) in each op family's folder); fake
-// (meta) kernels and autograd are registered from Python, in med3d_ext/ops/.
+// (meta) kernels are registered from Python, in med3d_ext/ops/, and so is autograd, except where
+// host time matters: conv_bn_relu/conv_bn_relu_autograd.cpp and seg_loss/seg_loss_autograd.cpp.
 //
 // Schemas are functional: no op mutates its inputs, so torch.library.register_autograd and
 // torch.compile apply. Where a buffer must be updated (BatchNorm running stats), the Python

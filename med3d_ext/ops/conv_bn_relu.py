@@ -15,7 +15,7 @@ import torch
 
 from .. import reference
 from .stem import stem_rewrite
-from ._common import compiled, register_autograd, register_fake
+from ._common import compiled, register_fake
 
 __all__ = ["conv_bn_relu3d", "conv_bias_relu3d"]
 
@@ -229,66 +229,5 @@ def _conv_bias_relu3d_fake(x, weight, bias, residual, stride, padding, dilation,
 
 
 # --------------------------------------------------------------------------- autograd
-
-
-def _conv_grads(ctx, grad_y, x, weight, need_x, need_w):
-    if not (need_x or need_w):
-        return None, None
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad_y, x, weight, None, ctx.stride, ctx.padding, ctx.dilation, False, [0, 0, 0], 1,
-        [need_x, need_w, False])
-    return gx, gw
-
-
-def _cbr_setup(ctx, inputs, output):
-    (x, weight, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, dilation, training, _eps,
-     relu) = inputs
-    _out, y, mean, invstd, _var = output
-    ctx.stride, ctx.padding, ctx.dilation = stride, padding, dilation
-    ctx.training, ctx.relu = training, relu
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, weight, y, mean, invstd, bn_weight, bn_bias,
-                          residual if residual is not None else None)
-
-
-def _cbr_backward(ctx, grad_out, _g_y, _g_mean, _g_invstd, _g_var):
-    x, weight, y, mean, invstd, bn_weight, bn_bias, residual = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    if grad_out is None:
-        return (None,) * 13
-    grad_y, gbw, gbb, gr = torch.ops.med3d_ext.bn_relu_backward(
-        grad_out, y, mean, invstd, bn_weight, bn_bias, residual, ctx.training, ctx.relu)
-    gx, gw = _conv_grads(ctx, grad_y, x, weight, needs[0], needs[1])
-    return (gx, gw, gbw.to(bn_weight.dtype) if needs[2] else None,
-            gbb.to(bn_bias.dtype) if needs[3] else None, None, None,
-            gr.to(residual.dtype) if ctx.has_residual and needs[6] else None,
-            None, None, None, None, None, None)
-
-
-register_autograd("conv_bn_relu3d", _cbr_backward, _cbr_setup)
-
-
-def _cb_setup(ctx, inputs, output):
-    x, weight, bias, residual, stride, padding, dilation, relu = inputs
-    ctx.stride, ctx.padding, ctx.dilation, ctx.relu = stride, padding, dilation, relu
-    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.save_for_backward(x, weight, output if relu else None)
-
-
-def _cb_backward(ctx, grad_out):
-    x, weight, out = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    g = grad_out.to(out.dtype if out is not None else x.dtype)
-    if ctx.relu:
-        g = torch.where(out > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
-    gx, gw = _conv_grads(ctx, g, x, weight, needs[0], needs[1])
-    gb = None
-    if ctx.has_bias and needs[2]:
-        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-        gb = g.sum((0, 2, 3, 4), dtype=acc).to(ctx.bias_dtype)
-    gr = g if ctx.has_residual and needs[3] else None
-    return gx, gw, gb, gr, None, None, None, None
-
-
-register_autograd("conv_bias_relu3d", _cb_backward, _cb_setup)
+# Registered in C++ for both ops (csrc/conv_bn_relu/conv_bn_relu_autograd.cpp): host time per
+# layer matters at ResNet-50's ~50 fused layers per step.

@@ -217,6 +217,46 @@ def test_conv_bias_relu3d(device):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, b.abs().max().item()))
 
 
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_autograd_edges_with_absent_optionals(device):
+    # Autograd is C++ (conv_bn_relu_autograd.cpp): an absent optional tensor has no autograd
+    # edge, so the residual's gradient slot moves with running_mean / running_var / bias. Check
+    # each combination, and leaves that do not require grad, against reference autograd.
+    x, w, bw, bb, _, _, r, kw = _inputs(device, torch.float32, CONFIGS[1], residual=True)
+    for which in ((0, 1, 2, 3, 4), (4,), (0, 4), (2, 3)):
+        leaves = [t.detach().clone().requires_grad_(i in which)
+                  for i, t in enumerate((x, w, bw, bb, r))]
+        rleaves = [t.detach().clone().requires_grad_(i in which)
+                   for i, t in enumerate((x, w, bw, bb, r))]
+        out = m3d.ops.conv_bn_relu3d(*leaves[:4], None, None, residual=leaves[4], **kw)
+        ref = reference.conv_bn_relu3d(*rleaves[:4], None, None, residual=rleaves[4], **kw)
+        go = torch.randn_like(ref)
+        got = torch.autograd.grad(out, [leaves[i] for i in which], go)
+        want = torch.autograd.grad(ref, [rleaves[i] for i in which], go)
+        for i, a, b in zip(which, got, want):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, b.abs().max().item()),
+                                       msg=lambda m, i=i: f"{GRAD_NAMES[i]}: {m}")
+    # conv_bias_relu3d without a bias: the residual takes the bias's edge
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, r)]
+    out = m3d.ops.conv_bias_relu3d(leaves[0], leaves[1], None, residual=leaves[2], **kw)
+    rleaves = [t.detach().clone().requires_grad_() for t in (x, w, r)]
+    ref = reference.conv_bias_relu3d(rleaves[0], rleaves[1], None, residual=rleaves[2], **kw)
+    go = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, leaves, go), torch.autograd.grad(ref, rleaves, go)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, b.abs().max().item()))
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_refused(device):
+    x, w, bw, bb, rm, rv, _, kw = _inputs(device, torch.float32, CONFIGS[0])
+    x.requires_grad_()
+    out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, **kw)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch_eval(device):
     x, w, bw, bb, rm, rv, _, kw = _inputs(device, torch.float32, CONFIGS[0], n=0)
