@@ -35,6 +35,18 @@ TORCH_LIBRARY(med3d_ext, m) {
       "bn_relu_backward(Tensor grad_out, Tensor y, Tensor mean, Tensor invstd, Tensor bn_weight, "
       "Tensor bn_bias, Tensor? residual, bool training, bool relu) "
       "-> (Tensor grad_y, Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_residual)");
+  // the stem: maxpool3d(relu(batch_norm(conv3d(x)))) with a uint8 argmax (bn_relu_pool.h)
+  m.def(
+      "conv_bn_relu_maxpool3d(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, int[3] stride, int[3] padding, "
+      "int[3] dilation, bool training, float eps, int[3] pool_kernel, int[3] pool_stride, "
+      "int[3] pool_padding) "
+      "-> (Tensor out, Tensor y, Tensor mean, Tensor invstd, Tensor var, Tensor argmax)");
+  m.def(
+      "bn_relu_maxpool_backward(Tensor grad_out, Tensor y, Tensor argmax, Tensor mean, "
+      "Tensor invstd, Tensor bn_weight, Tensor bn_bias, bool training, int[3] pool_kernel, "
+      "int[3] pool_stride, int[3] pool_padding) "
+      "-> (Tensor grad_y, Tensor grad_bn_weight, Tensor grad_bn_bias)");
   m.def(
       "conv_bias_relu3d(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[3] stride, "
       "int[3] padding, int[3] dilation, bool relu) -> Tensor");

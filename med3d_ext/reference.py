@@ -273,3 +273,16 @@ def conv_bias_relu3d(x, weight, bias, *, stride=1, padding=0, dilation=1, residu
     if residual is not None:
         out = out + residual
     return F.relu(out) if relu else out
+
+
+def conv_bn_relu_maxpool3d(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
+                           stride=1, padding=0, dilation=1, training=True, momentum=0.1,
+                           eps=1e-5, pool_kernel=3, pool_stride=2, pool_padding=1):
+    """max_pool3d(relu(batch_norm(conv3d(x, weight))), pool_kernel, pool_stride, pool_padding):
+    MedicalNet's stem (conv1, bn1, relu, maxpool)."""
+    import torch.nn.functional as F
+
+    out = conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                         stride=stride, padding=padding, dilation=dilation, training=training,
+                         momentum=momentum, eps=eps)
+    return F.max_pool3d(out, pool_kernel, pool_stride, pool_padding)

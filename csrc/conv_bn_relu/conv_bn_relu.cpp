@@ -108,15 +108,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats(
   return {mean, invstd, var * (double(n) / double(n - 1))};
 }
 
-ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weight,
-                                     const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-                                     const c10::optional<at::Tensor>& running_mean,
-                                     const c10::optional<at::Tensor>& running_var,
-                                     const c10::optional<at::Tensor>& residual,
-                                     at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation, bool training, double eps,
-                                     bool relu, ApplyFn apply, StatsFn stats) {
-  const char* op = "conv_bn_relu3d";
+ConvStats conv_bn_stats_generic(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var,
+                                const c10::optional<at::Tensor>& residual,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, bool training, double eps,
+                                StatsFn stats) {
   ConvArgs conv{stride, padding, dilation};
   const auto fmt = check_conv_bn_relu_args(op, x, weight, residual, conv);
   const int64_t C = weight.size(0);
@@ -129,16 +128,33 @@ ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weig
   if (running_mean.has_value()) check_channel_param(op, "running_mean", *running_mean, x, C);
   if (running_var.has_value()) check_channel_param(op, "running_var", *running_var, x, C);
 
-  at::Tensor y = conv3d_aten(x, weight, conv, fmt);
-  at::Tensor mean, invstd, var;
-  if (training && stats && y.numel() > 0) {
-    const int64_t n = y.numel() / C;
+  ConvStats r;
+  r.fmt = fmt;
+  r.y = conv3d_aten(x, weight, conv, fmt);
+  if (training && stats && r.y.numel() > 0) {
+    const int64_t n = r.y.numel() / C;
     M3D_CHECK(n > 1, "Expected more than 1 value per channel when training, got input size ",
-                y.sizes());
-    std::tie(mean, invstd, var) = stats(y, eps);
+                r.y.sizes());
+    std::tie(r.mean, r.invstd, r.var) = stats(r.y, eps);
   } else {
-    std::tie(mean, invstd, var) = bn_forward_stats(y, running_mean, running_var, training, eps);
+    std::tie(r.mean, r.invstd, r.var) =
+        bn_forward_stats(r.y, running_mean, running_var, training, eps);
   }
+  return r;
+}
+
+ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                     const c10::optional<at::Tensor>& running_mean,
+                                     const c10::optional<at::Tensor>& running_var,
+                                     const c10::optional<at::Tensor>& residual,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, bool training, double eps,
+                                     bool relu, ApplyFn apply, StatsFn stats) {
+  auto [fmt, y, mean, invstd, var] =
+      conv_bn_stats_generic("conv_bn_relu3d", x, weight, bn_weight, bn_bias, running_mean,
+                            running_var, residual, stride, padding, dilation, training, eps,
+                            stats);
   at::Tensor out = at::empty_like(y, y.options(), fmt);
   at::Tensor r;
   if (residual.has_value()) r = residual->to(y.scalar_type()).contiguous(fmt);

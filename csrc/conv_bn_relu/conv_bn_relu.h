@@ -89,6 +89,10 @@ struct ConvArgs {
   at::IntArrayRef stride, padding, dilation;
 };
 
+// A per-channel argument: on x's device, 1-D of size C, floating point (names it otherwise).
+void check_channel_param(const char* op, const char* arg, const at::Tensor& p,
+                         const at::Tensor& x, int64_t C);
+
 // Checks shared by both devices; returns the output memory format.
 at::MemoryFormat check_conv_bn_relu_args(const char* op, const at::Tensor& x,
                                          const at::Tensor& weight,
@@ -118,6 +122,21 @@ using ApplyFn = void (*)(const at::Tensor& y, const at::Tensor& mean, const at::
 // than one value per channel. Null: bn_stats + ATen.
 using StatsFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor& y,
                                                                    double eps);
+
+// The convolution and its BatchNorm statistics, with every argument check of conv_bn_relu3d:
+// shared by conv_bn_relu3d and the stem's conv_bn_relu_maxpool3d (bn_relu_pool.h).
+struct ConvStats {
+  at::MemoryFormat fmt;  // of y and of every output
+  at::Tensor y, mean, invstd, var;
+};
+ConvStats conv_bn_stats_generic(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var,
+                                const c10::optional<at::Tensor>& residual,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, bool training, double eps,
+                                StatsFn stats);
 
 ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weight,
                                      const at::Tensor& bn_weight, const at::Tensor& bn_bias,

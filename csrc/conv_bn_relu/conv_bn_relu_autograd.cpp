@@ -1,4 +1,4 @@
-// Autograd of conv_bn_relu3d and conv_bias_relu3d, registered in C++ for both devices (see
+// Autograd of conv_bn_relu3d, conv_bias_relu3d and conv_bn_relu_maxpool3d, registered in C++ for both devices (see
 // conv_bn_relu.h for the math).
 //
 // Why C++ and not torch.library.register_autograd from Python: a fused ResNet calls these ops
@@ -36,6 +36,15 @@ using CbSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::option
                          const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
                          at::IntArrayRef, bool);
 
+using PoolSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, at::IntArrayRef,
+    at::IntArrayRef, at::IntArrayRef, bool, double, at::IntArrayRef, at::IntArrayRef,
+    at::IntArrayRef);
+using PoolBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, bool, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef);
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -50,6 +59,15 @@ const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
 }
 const c10::TypedOperatorHandle<CbSig>& cb_op() {
   static const auto op = find_op<CbSig>("med3d_ext::conv_bias_relu3d");
+  return op;
+}
+
+const c10::TypedOperatorHandle<PoolSig>& pool_op() {
+  static const auto op = find_op<PoolSig>("med3d_ext::conv_bn_relu_maxpool3d");
+  return op;
+}
+const c10::TypedOperatorHandle<PoolBwdSig>& pool_bwd_op() {
+  static const auto op = find_op<PoolBwdSig>("med3d_ext::bn_relu_maxpool_backward");
   return op;
 }
 
@@ -225,11 +243,91 @@ at::Tensor conv_bias_relu3d_autograd(const at::Tensor& x, const at::Tensor& weig
                                      relu)[0];
 }
 
+// ---- conv_bn_relu_maxpool3d (the stem) -------------------------------------------------------
+
+using PoolOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+class ConvBnReluPoolFunction : public torch::autograd::Function<ConvBnReluPoolFunction> {
+ public:
+  // Arguments (14): x, weight, bn_weight, bn_bias, running_mean?, running_var?, stride, padding,
+  // dilation, training, eps, pool_kernel, pool_stride, pool_padding.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                               const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool training, double eps,
+                               at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
+                               at::IntArrayRef pool_padding) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, y, mean, invstd, var, argmax] =
+        pool_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                       dilation, training, eps, pool_kernel, pool_stride, pool_padding);
+    ctx->save_for_backward({x, weight, y, argmax, mean, invstd, bn_weight, bn_bias});
+    ctx->saved_data["stride"] = vec(stride);
+    ctx->saved_data["padding"] = vec(padding);
+    ctx->saved_data["dilation"] = vec(dilation);
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["pool_kernel"] = vec(pool_kernel);
+    ctx->saved_data["pool_stride"] = vec(pool_stride);
+    ctx->saved_data["pool_padding"] = vec(pool_padding);
+    ctx->mark_non_differentiable({y, mean, invstd, var, argmax});
+    ctx->set_materialize_grads(false);
+    return {out, y, mean, invstd, var, argmax};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(14);
+    const at::Tensor& grad_out = grad_outputs[0];
+    if (!grad_out.defined()) return grads;
+    TORCH_CHECK(!at::GradMode::is_enabled(), "med3d_ext.conv_bn_relu_maxpool3d: double backward "
+                "(create_graph=True) is not supported; use the unfused model (fused=False)");
+    const variable_list sv = ctx->get_saved_variables();
+    const at::Tensor &x = sv[0], &weight = sv[1], &bn_weight = sv[6], &bn_bias = sv[7];
+    at::Tensor grad_y, gbw, gbb;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(grad_y, gbw, gbb) = pool_bwd_op().call(
+          grad_out, sv[2], sv[3], sv[4], sv[5], bn_weight, bn_bias,
+          ctx->saved_data["training"].toBool(), ctx->saved_data["pool_kernel"].toIntVector(),
+          ctx->saved_data["pool_stride"].toIntVector(),
+          ctx->saved_data["pool_padding"].toIntVector());
+    }
+    std::tie(grads[0], grads[1]) =
+        conv_grads(ctx, grad_y, x, weight, ctx->needs_input_grad(0), ctx->needs_input_grad(1));
+    if (ctx->needs_input_grad(2)) grads[2] = gbw.to(bn_weight.scalar_type());
+    if (ctx->needs_input_grad(3)) grads[3] = gbb.to(bn_bias.scalar_type());
+    return grads;
+  }
+};
+
+PoolOut conv_bn_relu_maxpool3d_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                        const c10::optional<at::Tensor>& running_mean,
+                                        const c10::optional<at::Tensor>& running_var,
+                                        at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, bool training, double eps,
+                                        at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
+                                        at::IntArrayRef pool_padding) {
+  if (!wants_grad({&x, &weight, &bn_weight, &bn_bias})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return pool_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                          padding, dilation, training, eps, pool_kernel, pool_stride,
+                          pool_padding);
+  }
+  variable_list o = ConvBnReluPoolFunction::apply(x, weight, bn_weight, bn_bias, running_mean,
+                                                  running_var, stride, padding, dilation,
+                                                  training, eps, pool_kernel, pool_stride,
+                                                  pool_padding);
+  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(med3d_ext, Autograd, m) {
   m.impl("conv_bn_relu3d", &conv_bn_relu3d_autograd);
   m.impl("conv_bias_relu3d", &conv_bias_relu3d_autograd);
+  m.impl("conv_bn_relu_maxpool3d", &conv_bn_relu_maxpool3d_autograd);
 }
 
 }  // namespace med3d_ext

@@ -1,5 +1,6 @@
-"""``conv_bn_relu3d``: fused conv3d + BatchNorm + ReLU (+ residual), and its inference twin
-``conv_bias_relu3d`` (csrc/conv_bn_relu/conv_bn_relu.h).
+"""``conv_bn_relu3d``: fused conv3d + BatchNorm + ReLU (+ residual), its inference twin
+``conv_bias_relu3d`` (csrc/conv_bn_relu/conv_bn_relu.h), and the stem's
+``conv_bn_relu_maxpool3d`` with the max-pool fused too (csrc/conv_bn_relu/bn_relu_pool.h).
 
 The convolution runs on ATen (cuDNN on CUDA); the statistics, the normalise + residual + ReLU
 epilogue and the BatchNorm/ReLU backward are our kernels, one pass each. Backward saves only the
@@ -17,7 +18,7 @@ from .. import reference
 from .stem import stem_rewrite
 from ._common import compiled, register_fake
 
-__all__ = ["conv_bn_relu3d", "conv_bias_relu3d"]
+__all__ = ["conv_bn_relu3d", "conv_bias_relu3d", "conv_bn_relu_maxpool3d"]
 
 IntOr3 = Union[int, Sequence[int]]
 
@@ -147,13 +148,70 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
     out, _y, mean, _invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                      residual, stride, padding, dilation, training, eps, relu)
     if training and running_mean is not None:
-        # (1 - momentum) * running + momentum * batch, as F.batch_norm; one foreach launch each
-        bufs = [running_mean] + ([running_var] if running_var is not None else [])
-        new = [mean.to(running_mean.dtype)] + ([var.to(running_var.dtype)] if bufs[1:] else [])
-        # no torch.no_grad() needed (it costs ~7 us of host time per layer): the buffers and
-        # the statistics (non-differentiable outputs) never require grad
-        torch._foreach_mul_(bufs, 1 - momentum)
-        torch._foreach_add_(bufs, new, alpha=momentum)
+        _update_running_stats(running_mean, running_var, mean, var, momentum)
+    return out
+
+
+def _update_running_stats(running_mean, running_var, mean, var, momentum):
+    """(1 - momentum) * running + momentum * batch, as F.batch_norm; one foreach launch each.
+    No torch.no_grad() needed (it costs ~7 us of host time per layer): the buffers and the
+    statistics (non-differentiable outputs) never require grad."""
+    bufs = [running_mean] + ([running_var] if running_var is not None else [])
+    new = [mean.to(running_mean.dtype)] + ([var.to(running_var.dtype)] if bufs[1:] else [])
+    torch._foreach_mul_(bufs, 1 - momentum)
+    torch._foreach_add_(bufs, new, alpha=momentum)
+
+
+def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
+                           bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                           running_mean: Optional[torch.Tensor],
+                           running_var: Optional[torch.Tensor], *, stride: IntOr3 = 1,
+                           padding: IntOr3 = 0, dilation: IntOr3 = 1, training: bool = True,
+                           momentum: float = 0.1, eps: float = 1e-5, pool_kernel: IntOr3 = 3,
+                           pool_stride: IntOr3 = 2, pool_padding: IntOr3 = 1) -> torch.Tensor:
+    """``max_pool3d(relu(batch_norm(conv3d(x, weight))), pool_kernel, pool_stride,
+    pool_padding)``: MedicalNet's stem (conv1, bn1, relu, maxpool) in one op.
+
+    Arguments as :func:`conv_bn_relu3d` (no residual; the ReLU is always on), plus the max-pool's
+    kernel, stride and padding (dilation 1, floor mode, windows of at most 255 voxels). The
+    normalised full-resolution activation is never written: the pool reads the conv output, and
+    the backward gathers each voxel's gradient from the windows whose maximum it was (a uint8
+    argmax per pooled voxel). Returns the pooled (N, Cout, D'', H'', W''), channels_last_3d when
+    x or weight is; differentiable with respect to x, weight, bn_weight and bn_bias.
+    """
+    if momentum is None:
+        raise ValueError("conv_bn_relu_maxpool3d: momentum=None (cumulative average) is handled "
+                         "by the fused modules; pass 1/num_batches_tracked instead")
+    stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
+                                 _triple(dilation, "dilation"))
+    pk, ps, pp = (_triple(pool_kernel, "pool_kernel"), _triple(pool_stride, "pool_stride"),
+                  _triple(pool_padding, "pool_padding"))
+    x, weight, _, (bn_weight, bn_bias) = _autocast(x, weight, None, [bn_weight, bn_bias])
+    op = compiled("conv_bn_relu_maxpool3d")
+    if op is None:
+        return reference.conv_bn_relu_maxpool3d(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+            padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
+            pool_kernel=pk, pool_stride=ps, pool_padding=pp)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("conv_bn_relu_maxpool3d: running_mean and running_var are required when "
+                         "training=False")
+    cout = weight.shape[0] if weight.dim() == 5 else 0
+    pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if bn_weight is None:
+        bn_weight = torch.ones(cout, dtype=pdt, device=x.device)
+    if bn_bias is None:
+        bn_bias = torch.zeros(cout, dtype=pdt, device=x.device)
+    if training and x.dim() == 5 and weight.dim() == 5 and x.shape[0] == 1:
+        _check_batch_size(x, weight, stride, padding, dilation)
+    if _stem_eligible(x, weight, stride, padding, dilation):
+        x, weight = _space_to_depth_conv(x, weight, padding)
+        stride, padding = [1, 1, 1], [0, 0, 0]
+    out, _y, mean, _invstd, var, _arg = op(x, weight, bn_weight, bn_bias, running_mean,
+                                           running_var, stride, padding, dilation, training,
+                                           eps, pk, ps, pp)
+    if training and running_mean is not None:
+        _update_running_stats(running_mean, running_var, mean, var, momentum)
     return out
 
 
@@ -229,6 +287,33 @@ def _conv_bias_relu3d_fake(x, weight, bias, residual, stride, padding, dilation,
     return _empty(_out_shape(x, weight, stride, padding, dilation), x, _is_cl(x) or _is_cl(weight))
 
 
+def _pool_shape(y_shape, pk, ps, pp):
+    return list(y_shape[:2]) + [(y_shape[2 + i] + 2 * pp[i] - pk[i]) // ps[i] + 1 for i in range(3)]
+
+
+@register_fake("conv_bn_relu_maxpool3d")
+def _conv_bn_relu_maxpool3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                                 padding, dilation, training, eps, pool_kernel, pool_stride,
+                                 pool_padding):
+    cl = _is_cl(x) or _is_cl(weight)
+    y = _empty(_out_shape(x, weight, stride, padding, dilation), x, cl)
+    shape = _pool_shape(y.shape, pool_kernel, pool_stride, pool_padding)
+    out = _empty(shape, x, cl)
+    arg = torch.empty(shape, dtype=torch.uint8, device=x.device,
+                      memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+    c = weight.shape[0]
+    stats = [x.new_empty((c,), dtype=_acc(x)) for _ in range(3)]
+    return (out, y, *stats, arg)
+
+
+@register_fake("bn_relu_maxpool_backward")
+def _bn_relu_maxpool_backward_fake(grad_out, y, argmax, mean, invstd, bn_weight, bn_bias,
+                                   training, pool_kernel, pool_stride, pool_padding):
+    c = y.shape[1]
+    return (_empty(y.shape, y, _is_cl(y)), y.new_empty((c,), dtype=_acc(y)),
+            y.new_empty((c,), dtype=_acc(y)))
+
+
 # --------------------------------------------------------------------------- autograd
-# Registered in C++ for both ops (csrc/conv_bn_relu/conv_bn_relu_autograd.cpp): host time per
+# Registered in C++ for the three ops (csrc/conv_bn_relu/conv_bn_relu_autograd.cpp): host time per
 # layer matters at ResNet-50's ~50 fused layers per step.

@@ -1,0 +1,148 @@
+// The ResNet stem's epilogue fused with its max-pool: maxpool3d(relu(batch_norm(y))), CPU and
+// CUDA, forward and backward (ops conv_bn_relu_maxpool3d / bn_relu_maxpool_backward, schemas
+// in csrc/registration.cpp).
+//
+// Why: the stem's conv output is the largest activation of the network (8 x 64 x 32 x 64 x 64
+// at the perf-baselines shape: 268 MB in bf16). Unfused, the normalised + ReLU output is written
+// (268 MB), read by the pool, which writes int64 indices (134 MB), and both are kept for
+// backward; the pool backward then writes a full-size, mostly-zero gradient. Fused:
+//   forward   out[o] = relu(max_{p in window(o)} z(p)),  z(p) = (y(p) - mean) * w * invstd + b
+//             argmax[o] = the window offset (uint8) of that max; nothing else is written
+//   backward  g(p) = [z(p) > 0] * sum of grad_out[o] over the windows o whose argmax is p
+//             (gathered on the fly, never stored), then the usual BatchNorm backward (one
+//             reduction pass and one apply pass, conv_bn_relu.h) with that g.
+// max(relu(z)) = relu(max(z)) because ReLU is monotonic; ties and NaN follow max_pool3d (the
+// first maximum in window order wins, a NaN wins). In low precision the max is taken on the
+// fp32 pre-activation, before rounding, so bf16 ties that max_pool3d would break by position
+// go to the larger true value (an equally valid subgradient).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "conv_bn_relu.h"
+
+namespace med3d_ext {
+
+// Pool geometry: input (y) spatial D, H, W; output OD, OH, OW; per-axis kernel, stride, padding
+// (dilation 1, floor mode). Strides are element strides of y / out along d, h, w; a (n, c)
+// base pointer is passed separately, so the same code serves contiguous and channels_last_3d.
+struct PoolGeom {
+  int64_t D, H, W, OD, OH, OW;
+  int k[3], s[3], p[3];
+  int64_t ys[3], os[3];
+};
+
+// Kernels up to 6^3 = 216 window offsets fit a uint8 argmax.
+constexpr int kMaxPoolWindow = 255;
+
+// The per-window math, for V adjacent channels at once (channel stride cs between them): the
+// CPU calls it with V = 1, the CUDA kernels with a vector of channels of a channels_last_3d row.
+
+// Max of z over the window of output (od, oh, ow) and its window offset, for each of the V
+// channels; y points at (n, first channel). mean/scale/bias: the V channels' parameters.
+template <int V, typename scalar_t, typename acc_t>
+M3D_HOST_DEVICE void pool_window_max(const scalar_t* y, int64_t cs, const PoolGeom& g, int64_t od,
+                                     int64_t oh, int64_t ow, const acc_t* mean,
+                                     const acc_t* scale, const acc_t* bias, acc_t* best,
+                                     uint8_t* arg) {
+  const int64_t d0 = od * g.s[0] - g.p[0], h0 = oh * g.s[1] - g.p[1], w0 = ow * g.s[2] - g.p[2];
+  bool first = true;
+  for (int kd = 0; kd < g.k[0]; ++kd) {
+    const int64_t d = d0 + kd;
+    if (d < 0 || d >= g.D) continue;
+    for (int kh = 0; kh < g.k[1]; ++kh) {
+      const int64_t h = h0 + kh;
+      if (h < 0 || h >= g.H) continue;
+      for (int kw = 0; kw < g.k[2]; ++kw) {
+        const int64_t w = w0 + kw;
+        if (w < 0 || w >= g.W) continue;
+        const scalar_t* yp = y + d * g.ys[0] + h * g.ys[1] + w * g.ys[2];
+        const int k = (kd * g.k[1] + kh) * g.k[2] + kw;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const acc_t z = bn_pre_act<acc_t>(static_cast<acc_t>(yp[j * cs]), mean[j], scale[j],
+                                            bias[j], acc_t(0));
+          // max_pool3d's rule: the first in-window position starts it; a larger value or a
+          // NaN replaces it (z != z is the NaN test, valid on host and device).
+          if (first || z > best[j] || z != z) {
+            best[j] = z;
+            arg[j] = static_cast<uint8_t>(k);
+          }
+        }
+        first = false;
+      }
+    }
+  }
+}
+
+// Per channel, the sum of grad_out over the windows whose argmax is input position (d, h, w);
+// gout and arg point at (n, first channel) of the pooled tensors. The windows containing d are
+// od in [ceil((d + p - k + 1) / s), floor((d + p) / s)] within [0, OD), and so on per axis.
+template <int V, typename scalar_t, typename acc_t>
+M3D_HOST_DEVICE void pool_grad_at(const scalar_t* gout, const uint8_t* arg, int64_t cs,
+                                  const PoolGeom& g, int64_t d, int64_t h, int64_t w, acc_t* sum) {
+  const int64_t pos[3] = {d, h, w}, size[3] = {g.OD, g.OH, g.OW};
+  int64_t lo[3], hi[3];
+  for (int a = 0; a < 3; ++a) {
+    const int64_t top = pos[a] + g.p[a], low = top - (g.k[a] - 1);
+    lo[a] = low <= 0 ? 0 : (low + g.s[a] - 1) / g.s[a];
+    hi[a] = top / g.s[a] < size[a] - 1 ? top / g.s[a] : size[a] - 1;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) sum[j] = acc_t(0);
+  for (int64_t od = lo[0]; od <= hi[0]; ++od)
+    for (int64_t oh = lo[1]; oh <= hi[1]; ++oh)
+      for (int64_t ow = lo[2]; ow <= hi[2]; ++ow) {
+        const int k = int(((d - (od * g.s[0] - g.p[0])) * g.k[1] + (h - (oh * g.s[1] - g.p[1]))) *
+                              g.k[2] + (w - (ow * g.s[2] - g.p[2])));
+        const int64_t o = od * g.os[0] + oh * g.os[1] + ow * g.os[2];
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (arg[o + j * cs] == k) sum[j] += static_cast<acc_t>(gout[o + j * cs]);
+      }
+}
+
+// Geometry of the pool from y (the conv output) and the pooled tensor's sizes/strides.
+PoolGeom make_pool_geom(const at::Tensor& y, at::IntArrayRef out_spatial,
+                        at::IntArrayRef out_strides, at::IntArrayRef kernel,
+                        at::IntArrayRef stride, at::IntArrayRef padding);
+
+// Pooled output sizes (N, C, OD, OH, OW) with argument checks.
+std::vector<int64_t> pool_out_sizes(const char* op, const at::Tensor& y, at::IntArrayRef kernel,
+                                    at::IntArrayRef stride, at::IntArrayRef padding);
+
+// Per-device kernels. Forward: out (pooled, y's layout) and argmax (uint8, same layout).
+// Backward: (grad_y, grad_bn_weight, grad_bn_bias); per-channel tensors in the acc dtype.
+using PoolApplyFn = void (*)(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                             const at::Tensor& w, const at::Tensor& b, const PoolGeom& g,
+                             at::Tensor& out, at::Tensor& argmax);
+void bn_relu_pool_forward_cpu(const at::Tensor& y, const at::Tensor& mean,
+                              const at::Tensor& invstd, const at::Tensor& w, const at::Tensor& b,
+                              const PoolGeom& g, at::Tensor& out, at::Tensor& argmax);
+
+using PoolBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& argmax,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& w, const at::Tensor& b,
+    const PoolGeom& g, bool training);
+
+// Device-independent op bodies (checks, conv, statistics, layouts), parameterised by the kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_relu_maxpool3d_generic(const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                               const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool training, double eps,
+                               at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
+                               at::IntArrayRef pool_padding, PoolApplyFn apply, StatsFn stats);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_backward_generic(
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& argmax,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, bool training, at::IntArrayRef pool_kernel,
+    at::IntArrayRef pool_stride, at::IntArrayRef pool_padding, PoolBackwardFn backward);
+
+}  // namespace med3d_ext
