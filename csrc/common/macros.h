@@ -11,6 +11,14 @@
 #define M3D_HOST_DEVICE inline
 #endif
 
+// Unroll a short bounded loop: on the GPU and with clang the plain pragma; GCC has its own
+// spelling (and warns on the other).
+#if defined(__CUDACC__) || defined(__clang__)
+#define M3D_UNROLL _Pragma("unroll")
+#else
+#define M3D_UNROLL _Pragma("GCC unroll 8")
+#endif
+
 // Turn a runtime bool into a constexpr template parameter (flash-attention's BOOL_SWITCH idea):
 //   M3D_BOOL_SWITCH(has_residual, kResidual, [&] { launch<kResidual>(...); });
 #define M3D_BOOL_SWITCH(COND, CONST_NAME, ...)      \

@@ -50,6 +50,12 @@ M3D_HOST_DEVICE void pool_window_max(const scalar_t* y, int64_t cs, const PoolGe
                                      const acc_t* scale, const acc_t* bias, acc_t* best,
                                      uint8_t* arg) {
   const int64_t d0 = od * g.s[0] - g.p[0], h0 = oh * g.s[1] - g.p[1], w0 = ow * g.s[2] - g.p[2];
+  // (the first in-bounds position always sets them; initialised for the compiler's sake)
+  M3D_UNROLL
+  for (int j = 0; j < V; ++j) {
+    best[j] = acc_t(0);
+    arg[j] = 0;
+  }
   bool first = true;
   for (int kd = 0; kd < g.k[0]; ++kd) {
     const int64_t d = d0 + kd;
@@ -62,7 +68,7 @@ M3D_HOST_DEVICE void pool_window_max(const scalar_t* y, int64_t cs, const PoolGe
         if (w < 0 || w >= g.W) continue;
         const scalar_t* yp = y + d * g.ys[0] + h * g.ys[1] + w * g.ys[2];
         const int k = (kd * g.k[1] + kh) * g.k[2] + kw;
-#pragma unroll
+M3D_UNROLL
         for (int j = 0; j < V; ++j) {
           const acc_t z = bn_pre_act<acc_t>(static_cast<acc_t>(yp[j * cs]), mean[j], scale[j],
                                             bias[j], acc_t(0));
@@ -92,7 +98,7 @@ M3D_HOST_DEVICE void pool_grad_at(const scalar_t* gout, const uint8_t* arg, int6
     lo[a] = low <= 0 ? 0 : (low + g.s[a] - 1) / g.s[a];
     hi[a] = top / g.s[a] < size[a] - 1 ? top / g.s[a] : size[a] - 1;
   }
-#pragma unroll
+M3D_UNROLL
   for (int j = 0; j < V; ++j) sum[j] = acc_t(0);
   for (int64_t od = lo[0]; od <= hi[0]; ++od)
     for (int64_t oh = lo[1]; oh <= hi[1]; ++oh)
@@ -100,7 +106,7 @@ M3D_HOST_DEVICE void pool_grad_at(const scalar_t* gout, const uint8_t* arg, int6
         const int k = int(((d - (od * g.s[0] - g.p[0])) * g.k[1] + (h - (oh * g.s[1] - g.p[1]))) *
                               g.k[2] + (w - (ow * g.s[2] - g.p[2])));
         const int64_t o = od * g.os[0] + oh * g.os[1] + ow * g.os[2];
-#pragma unroll
+M3D_UNROLL
         for (int j = 0; j < V; ++j)
           if (arg[o + j * cs] == k) sum[j] += static_cast<acc_t>(gout[o + j * cs]);
       }

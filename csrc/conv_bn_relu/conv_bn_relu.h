@@ -48,16 +48,19 @@ M3D_HOST_DEVICE acc_t bn_pre_act(acc_t y, acc_t mean, acc_t scale, acc_t bias, a
   return (y - mean) * scale + bias + r;
 }
 
+// ReLU as torch.relu: a NaN stays NaN (written "z <= 0 ? 0 : z", not "z > 0 ? z : 0", which
+// would turn a diverging layer's NaN into a silent 0).
 template <bool kRelu, typename acc_t>
 M3D_HOST_DEVICE acc_t bn_act(acc_t z) {
-  if constexpr (kRelu) return z > acc_t(0) ? z : acc_t(0);
+  if constexpr (kRelu) return z <= acc_t(0) ? acc_t(0) : z;
   return z;
 }
 
-// grad_out masked by the ReLU recomputed from the pre-activation (z > 0, as threshold_backward).
+// grad_out masked by the ReLU recomputed from the pre-activation, as threshold_backward: zero
+// where z <= 0, passed through elsewhere (NaN included).
 template <bool kRelu, typename acc_t>
 M3D_HOST_DEVICE acc_t bn_masked_grad(acc_t grad_out, acc_t z) {
-  if constexpr (kRelu) return z > acc_t(0) ? grad_out : acc_t(0);
+  if constexpr (kRelu) return z <= acc_t(0) ? acc_t(0) : grad_out;
   return grad_out;
 }
 
@@ -66,7 +69,10 @@ M3D_HOST_DEVICE acc_t bn_masked_grad(acc_t grad_out, acc_t z) {
 // and in eval k1 = Bp = 0.
 template <typename acc_t>
 M3D_HOST_DEVICE acc_t bn_grad_input(acc_t g, acc_t y, acc_t mean, acc_t A, acc_t k1, acc_t Bp) {
-  return A * (g - k1) - Bp * (y - mean);
+  // Bp = 0 (eval mode): no y term at all, so a NaN in y does not leak into a finite gradient
+  // (0 * NaN is NaN), as in PyTorch's eval-mode BatchNorm backward.
+  const acc_t lin = A * (g - k1);
+  return Bp == acc_t(0) ? lin : lin - Bp * (y - mean);
 }
 
 // Per-channel backward coefficients from the reduced sums.

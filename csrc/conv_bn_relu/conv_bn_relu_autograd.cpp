@@ -197,7 +197,7 @@ class ConvBiasReluFunction : public torch::autograd::Function<ConvBiasReluFuncti
                                at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
     at::AutoDispatchBelowADInplaceOrView below;
     at::Tensor out = cb_op().call(x, weight, bias, residual, stride, padding, dilation, relu);
-    // The ReLU mask is read back from the output (out > 0), so no extra tensor is kept.
+    // The ReLU mask is read back from the output (out <= 0), so no extra tensor is kept.
     ctx->save_for_backward({x, weight, relu ? out : at::Tensor(),
                             bias.has_value() ? *bias : at::Tensor()});
     ctx->saved_data["stride"] = vec(stride);
@@ -216,7 +216,8 @@ class ConvBiasReluFunction : public torch::autograd::Function<ConvBiasReluFuncti
     const variable_list sv = ctx->get_saved_variables();
     const at::Tensor &x = sv[0], &weight = sv[1], &out = sv[2], &bias = sv[3];
     at::Tensor g = grad_outputs[0].to(x.scalar_type());
-    if (out.defined()) g = at::where(out > 0, g, at::zeros({}, g.options()));
+    // threshold_backward's rule: zero where out <= 0 (a NaN output passes its gradient)
+    if (out.defined()) g = at::where(out <= 0, at::zeros({}, g.options()), g);
     std::tie(grads[0], grads[1]) =
         conv_grads(ctx, g, x, weight, ctx->needs_input_grad(0), ctx->needs_input_grad(1));
     const int64_t be = ctx->saved_data["bias_edge"].toInt();

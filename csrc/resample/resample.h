@@ -43,13 +43,8 @@
 #include "../common/macros.h"
 
 #if defined(__CUDACC__)
-#define M3D_UNROLL _Pragma("unroll")
 #define M3D_RS_INLINE
-#elif defined(__clang__)
-#define M3D_UNROLL _Pragma("unroll")
-#define M3D_RS_INLINE __attribute__((always_inline))
 #else
-#define M3D_UNROLL _Pragma("GCC unroll 8")
 // The host compiler otherwise keeps these per-voxel helpers out of line (and, in a -fPIC module,
 // calls them through the PLT) inside the innermost loop.
 #define M3D_RS_INLINE __attribute__((always_inline))

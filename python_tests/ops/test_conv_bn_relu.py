@@ -249,6 +249,29 @@ def test_autograd_edges_with_absent_optionals(device):
 
 @requires_ext
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_propagates_like_relu(device, training):
+    # torch.relu keeps NaN: a diverging layer must show NaN, not a silent 0 (nor a zero grad)
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[0], residual=True)
+    x[0, 1, 2, 3, 4] = float("nan")
+    for fn in (m3d.ops.conv_bn_relu3d, reference.conv_bn_relu3d):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+        out = fn(*leaves, bw, bb, rm.clone(), rv.clone(), training=training, residual=r, **kw)
+        gx, gw = torch.autograd.grad(out.nansum(), leaves)
+        if fn is m3d.ops.conv_bn_relu3d:
+            got = (out.isnan(), gx.isnan(), gw.isnan())
+        else:
+            assert out.isnan().any()
+            for a, b in zip(got, (out.isnan(), gx.isnan(), gw.isnan())):
+                assert torch.equal(a, b)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+    out = m3d.ops.conv_bias_relu3d(*leaves, bb, **kw)
+    ref = reference.conv_bias_relu3d(x, w, bb, **kw)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
 def test_double_backward_refused(device):
     x, w, bw, bb, rm, rv, _, kw = _inputs(device, torch.float32, CONFIGS[0])
     x.requires_grad_()

@@ -1,0 +1,259 @@
+// CUDA kernels of conv_bn_relu_maxpool3d / bn_relu_maxpool_backward (see bn_relu_pool.h).
+//
+// The window math is bn_relu_pool.h's (shared with the CPU); the drivers are conv_bn_relu's
+// element-wise and per-channel reduction kernels (conv_bn_relu_kernels.cuh), fed with functors
+// that decode a flat index into (n, c, d, h, w):
+//   forward   one pass over the pooled output: window max of z, out = relu(max), uint8 argmax;
+//   backward  one reduction pass over y (g gathered from the windows, sums of g and
+//             g * (y - mean)), a per-channel finishing launch, one apply pass (g gathered again).
+// In channels_last_3d (the GPU fast path) a thread handles V = 16 bytes of adjacent channels of
+// one spatial position, so the index decode (32-bit divisions when the tensors allow) and the
+// window bounds are computed once per V channels; contiguous tensors take V = 1.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "bn_relu_pool.h"
+#include "conv_bn_relu_launch.cuh"
+
+namespace med3d_ext {
+namespace {
+
+using namespace cbr;
+
+// Flat index -> coordinates of a dense 5-D tensor in either layout (sizes N?, C, A, B, E).
+template <typename index_t>
+struct Decoder {
+  index_t C, A, B, E;  // channels and the three spatial sizes
+  bool cl;
+  __device__ __forceinline__ void operator()(int64_t flat, index_t& n, index_t& c, index_t& a,
+                                             index_t& b, index_t& e) const {
+    index_t i = static_cast<index_t>(flat), t;
+    if (cl) {
+      c = i % C;
+      t = i / C;
+      e = t % E;
+      t /= E;
+      b = t % B;
+      t /= B;
+      a = t % A;
+      n = t / A;
+    } else {
+      e = i % E;
+      t = i / E;
+      b = t % B;
+      t /= B;
+      a = t % A;
+      t /= A;
+      c = t % C;
+      n = t / C;
+    }
+  }
+};
+
+template <int V, typename acc_t>
+__device__ __forceinline__ void channel_params(const ChanParams<acc_t>* p, int ps, acc_t* m,
+                                               acc_t* sc, acc_t* b) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    m[j] = p[j * ps].m;
+    sc[j] = p[j * ps].sc;
+    b[j] = p[j * ps].b;
+  }
+}
+
+// Forward over the pooled output: flat index i of out (and argmax, same layout).
+template <typename scalar_t, typename acc_t, typename index_t>
+struct PoolForwardOp {
+  const scalar_t* y;
+  scalar_t* out;
+  uint8_t* arg;
+  PoolGeom g;
+  Decoder<index_t> dec;  // over out's sizes
+  int64_t ysn, ysc;      // y's batch and channel strides
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p) const {
+    index_t n, c, od, oh, ow;
+    dec(i, n, c, od, oh, ow);
+    acc_t m[V], sc[V], b[V], best[V];
+    uint8_t a[V];
+    channel_params<V>(p, PS, m, sc, b);
+    pool_window_max<V, scalar_t, acc_t>(y + n * ysn + c * ysc, ysc, g, od, oh, ow, m, sc, b, best,
+                                        a);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {  // V > 1 only in channels_last_3d, where channels are adjacent
+      out[i + j] = static_cast<scalar_t>(bn_act<true>(best[j]));
+      arg[i + j] = a[j];
+    }
+  }
+};
+
+// Backward: the masked gradient of V channels at flat index i of y, gathered from the windows.
+template <typename scalar_t, typename acc_t, typename index_t>
+struct PoolGrad {
+  const scalar_t* y;
+  const scalar_t* gout;
+  const uint8_t* arg;
+  PoolGeom g;
+  Decoder<index_t> dec;  // over y's sizes
+  int64_t osn, osc;      // the pooled tensors' batch and channel strides
+  template <int V, int PS>
+  __device__ __forceinline__ void at(int64_t i, const ChanParams<acc_t>* p, acc_t* yv,
+                                     acc_t* gv) const {
+    index_t n, c, d, h, w;
+    dec(i, n, c, d, h, w);
+    const int64_t o = n * osn + c * osc;
+    pool_grad_at<V, scalar_t, acc_t>(gout + o, arg + o, osc, g, d, h, w, gv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const auto& q = p[j * PS];
+      yv[j] = static_cast<acc_t>(y[i + j]);
+      gv[j] = bn_masked_grad<true>(gv[j], bn_pre_act<acc_t>(yv[j], q.m, q.sc, q.b, acc_t(0)));
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename index_t>
+struct PoolBackwardAcc {  // sum g, sum g * (y - mean)
+  PoolGrad<scalar_t, acc_t, index_t> pg;
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p, acc_t* s0,
+                                             acc_t* s1) const {
+    acc_t yv[V], gv[V];
+    pg.template at<V, PS>(i, p, yv, gv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      s0[j * PS] += gv[j];
+      s1[j * PS] += gv[j] * (yv[j] - p[j * PS].m);
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename index_t>
+struct PoolBackwardApplyOp {  // grad_y = A (g - k1) - Bp (y - mean)
+  PoolGrad<scalar_t, acc_t, index_t> pg;
+  scalar_t* gy;
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p) const {
+    acc_t yv[V], gv[V];
+    pg.template at<V, PS>(i, p, yv, gv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const auto& q = p[j * PS];
+      gy[i + j] = static_cast<scalar_t>(bn_grad_input<acc_t>(gv[j], yv[j], q.m, q.A, q.k1, q.Bp));
+    }
+  }
+};
+
+template <typename index_t>
+Decoder<index_t> decoder(const at::Tensor& t) {
+  return {index_t(t.size(1)), index_t(t.size(2)), index_t(t.size(3)), index_t(t.size(4)),
+          is_channels_last_3d(t)};
+}
+
+// V = 16 bytes of channels in channels_last_3d when C and the pointers allow, else 1; then the
+// index type: 32-bit when every flat index fits.
+template <typename scalar_t, typename F>
+void dispatch_shape(const Geometry& g, int64_t numel, std::initializer_list<const void*> ptrs,
+                    const F& f) {
+  const bool vec = g.cl && can_vectorise<scalar_t>(g, ptrs);
+  M3D_INDEX_SWITCH(fits_int32(numel), index_t, [&] {
+    if (vec) f(std::integral_constant<int, vec_width<scalar_t>()>{}, index_t(0));
+    else f(std::integral_constant<int, 1>{}, index_t(0));
+  });
+}
+
+void bn_relu_pool_forward_cuda(const at::Tensor& y, const at::Tensor& mean,
+                               const at::Tensor& invstd, const at::Tensor& w, const at::Tensor& b,
+                               const PoolGeom& g, at::Tensor& out, at::Tensor& argmax) {
+  const Geometry go = geometry(out);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_pool_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ParamPtrs<acc_t> pp{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                              w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), nullptr};
+    dispatch_shape<scalar_t>(go, y.numel(), {y.const_data_ptr(), out.const_data_ptr()},
+                             [&](auto vtag, auto itag) {
+      constexpr int V = decltype(vtag)::value;
+      using index_t = decltype(itag);
+      const PoolForwardOp<scalar_t, acc_t, index_t> f{
+          y.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(), g,
+          decoder<index_t>(out), y.stride(0), y.stride(1)};
+      launch_elementwise<acc_t, V>(go, f, pp, stream);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& argmax,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& w, const at::Tensor& b,
+    const PoolGeom& g, bool training) {
+  const Geometry gy = geometry(y);
+  at::Tensor grad_y = at::empty_like(y, y.options(), layout_of(y));
+  // fully written by reduce_finish
+  auto grad_w = at::empty({gy.C}, mean.options()), grad_b = at::empty({gy.C}, mean.options());
+  auto coef = at::empty({gy.C * 3}, mean.options());
+  at::Tensor partial = at::empty({0}, mean.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_pool_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ParamPtrs<acc_t> pp{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                        w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), nullptr};
+    dispatch_shape<scalar_t>(gy, y.numel(), {y.const_data_ptr(), grad_y.const_data_ptr()},
+                             [&](auto vtag, auto itag) {
+      constexpr int V = decltype(vtag)::value;
+      using index_t = decltype(itag);
+      const PoolGrad<scalar_t, acc_t, index_t> pg{
+          y.const_data_ptr<scalar_t>(), grad_out.const_data_ptr<scalar_t>(),
+          argmax.const_data_ptr<uint8_t>(), g, decoder<index_t>(y), grad_out.stride(0),
+          grad_out.stride(1)};
+      const int64_t splits = launch_reduce<acc_t, V>(
+          gy, PoolBackwardAcc<scalar_t, acc_t, index_t>{pg}, pp, partial, stream);
+      reduce_finish<acc_t><<<finish_blocks(gy.C), kFinishWarps * 32, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), splits, gy.C, acc_t(gy.M), training, pp,
+          grad_w.data_ptr<acc_t>(), grad_b.data_ptr<acc_t>(), coef.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      pp.coef = coef.const_data_ptr<acc_t>();
+      launch_elementwise<acc_t, V>(
+          gy, PoolBackwardApplyOp<scalar_t, acc_t, index_t>{pg, grad_y.data_ptr<scalar_t>()}, pp,
+          stream);
+    });
+  });
+  return {grad_y, grad_w, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_relu_maxpool3d_cuda(const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                            const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, bool training,
+                            double eps, at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
+                            at::IntArrayRef pool_padding) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return conv_bn_relu_maxpool3d_generic(
+      x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+      training, eps, pool_kernel, pool_stride, pool_padding, &bn_relu_pool_forward_cuda,
+      generic_stats() ? nullptr : &bn_forward_stats_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& argmax,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, bool training, at::IntArrayRef pool_kernel,
+    at::IntArrayRef pool_stride, at::IntArrayRef pool_padding) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  return bn_relu_maxpool_backward_generic(grad_out, y, argmax, mean, invstd, bn_weight, bn_bias,
+                                          training, pool_kernel, pool_stride, pool_padding,
+                                          &bn_relu_pool_backward_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(med3d_ext, CUDA, m) {
+  m.impl("conv_bn_relu_maxpool3d", &conv_bn_relu_maxpool3d_cuda);
+  m.impl("bn_relu_maxpool_backward", &bn_relu_maxpool_backward_cuda);
+}
+
+}  // namespace med3d_ext

@@ -1,0 +1,106 @@
+// Host-side launch helpers of the conv_bn_relu CUDA kernels (conv_bn_relu_kernels.cuh), shared
+// by conv_bn_relu_cuda.cu and bn_relu_pool_cuda.cu: the layout view of a tensor, the vector
+// width, and the launch shapes of the element-wise and per-channel reduction drivers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+
+#include "conv_bn_relu_kernels.cuh"
+
+namespace med3d_ext {
+
+// CUDA training statistics of y (mean, invstd, unbiased var) in one pass (conv_bn_relu_cuda.cu),
+// and whether MED3D_EXT_GENERIC_STATS=1 asks for bn_stats + ATen instead.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats_cuda(const at::Tensor& y,
+                                                                     double eps);
+bool generic_stats();
+
+namespace cbr {
+
+struct Geometry {
+  bool cl;
+  int64_t N, C, S, M;  // M = N * S rows (channels_last_3d view)
+};
+
+inline Geometry geometry(const at::Tensor& y) {
+  // The kernels index every tensor as a dense (N*C, S) or (M, C) matrix in y's memory order.
+  M3D_CHECK(y.is_contiguous() || is_channels_last_3d(y),
+              "med3d_ext.conv_bn_relu3d (CUDA): internal error: y must be contiguous or "
+              "channels_last_3d, got strides ", y.strides());
+  const int64_t N = y.size(0), C = y.size(1);
+  const int64_t S = (N * C != 0) ? y.numel() / (N * C) : 0;
+  return {is_channels_last_3d(y), N, C, S, N * S};
+}
+
+// 128-bit vectors for fp32/fp16/bf16 (float64 is a test dtype and stays scalar).
+template <typename scalar_t>
+constexpr int vec_width() {
+  return sizeof(scalar_t) >= 8 ? 1 : 16 / int(sizeof(scalar_t));
+}
+
+template <typename scalar_t>
+inline bool can_vectorise(const Geometry& g, std::initializer_list<const void*> ptrs) {
+  constexpr int V = vec_width<scalar_t>();
+  if ((g.cl ? g.C : g.S) % V != 0) return false;
+  for (const void* p : ptrs)
+    if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// The 2-D block of the channels_last kernels: x threads over channel vectors, y over rows.
+inline dim3 nhwc_block(int64_t cv) {
+  const int tx = int(std::min<int64_t>(std::max<int64_t>(cv, 1), 32));
+  return dim3(tx, std::max(1, 256 / tx));
+}
+
+template <typename acc_t, int V, class Op>
+void launch_elementwise(const Geometry& g, const Op& op, const ParamPtrs<acc_t>& pp,
+                        cudaStream_t stream) {
+  const int64_t blocks_wanted = 16 * int64_t(sm_count());
+  if (!g.cl) {
+    const int64_t planes = g.N * g.C, sv = g.S / V, threads = 256;
+    const int64_t gy = std::min<int64_t>(planes, 65535);
+    const int64_t gx = std::min(ceil_div(sv, threads), std::max<int64_t>(1, ceil_div(blocks_wanted, gy)));
+    elementwise_nchw<acc_t, V><<<dim3(gx, gy), threads, 0, stream>>>(op, pp, g.C, g.S, planes);
+  } else {
+    const dim3 block = nhwc_block(g.C / V);
+    const int64_t gx = ceil_div(g.C / V, block.x);
+    const int64_t gy = std::min<int64_t>(
+        {ceil_div(g.M, block.y), std::max<int64_t>(1, ceil_div(blocks_wanted, gx)), 65535});
+    elementwise_nhwc<acc_t, V><<<dim3(gx, gy), block, 0, stream>>>(op, pp, g.M, g.C);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Per-channel pair of sums of Acc over the whole tensor, as (C, splits, 2) partials (merged in
+// a fixed order by a finishing kernel); returns splits.
+template <typename acc_t, int V, class Acc>
+int64_t launch_reduce(const Geometry& g, const Acc& acc, const ParamPtrs<acc_t>& pp,
+                      at::Tensor& partial, cudaStream_t stream) {
+  const int64_t blocks_wanted = 8 * int64_t(sm_count());
+  int64_t splits;
+  if (!g.cl) {
+    M3D_CHECK(g.C <= 65535, "med3d_ext.conv_bn_relu3d: more than 65535 channels (", g.C, ")");
+    splits = std::max<int64_t>(1, std::min(ceil_div(blocks_wanted, g.C), ceil_div(g.M / V, 1024)));
+    splits = std::min<int64_t>(splits, 65535);
+    partial = at::empty({splits * g.C * 2}, partial.options());
+    reduce_nchw<acc_t, V><<<dim3(splits, g.C), 256, 0, stream>>>(acc, pp, g.N, g.C, g.S,
+                                                                  partial.data_ptr<acc_t>());
+  } else {
+    const dim3 block = nhwc_block(g.C / V);
+    const int64_t gx = ceil_div(g.C / V, block.x);
+    splits = std::min<int64_t>(
+        {ceil_div(g.M, block.y), std::max<int64_t>(1, ceil_div(blocks_wanted, gx)), 65535});
+    partial = at::empty({splits * g.C * 2}, partial.options());
+    const size_t smem = size_t(block.x) * block.y * V * 2 * sizeof(acc_t);
+    reduce_nhwc<acc_t, V><<<dim3(gx, splits), block, smem, stream>>>(acc, pp, g.M, g.C,
+                                                                      partial.data_ptr<acc_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return splits;
+}
+
+}  // namespace cbr
+}  // namespace med3d_ext

@@ -1,0 +1,234 @@
+"""conv_bn_relu_maxpool3d (the stem: conv3d + BatchNorm + ReLU + max-pool in one op) against
+med3d_ext.reference (F.conv3d, F.batch_norm, F.relu, F.max_pool3d): forward, every gradient,
+running stats, layouts, odd sizes, pool geometries, ties and NaN, low precision, gradcheck,
+opcheck, compile, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import med3d_ext as m3d
+from med3d_ext import _extension, reference
+from python_tests.conftest import DEVICES, assert_low_precision_close, tol
+from python_tests.ops.test_conv_bn_relu import _assert_low_precision_grads
+
+requires_ext = pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
+
+# (Cin, Cout, k, stride, padding, spatial, pool kernel, pool stride, pool padding)
+CONFIGS = [
+    (1, 6, 7, 2, 3, (9, 12, 11), 3, 2, 1),               # MedicalNet's stem, odd sizes
+    (3, 5, 3, 1, 1, (6, 7, 5), 3, 2, 1),
+    (2, 4, 3, 1, 1, (7, 6, 8), 2, 2, 0),
+    (1, 8, 3, 2, 1, (10, 9, 12), 3, 1, 1),               # overlapping stride-1 windows
+    (2, 3, 3, 1, 1, (8, 5, 7), (3, 1, 2), (2, 1, 2), (1, 0, 1)),  # anisotropic pool
+]
+NAMES = ["x", "weight", "bn_weight", "bn_bias"]
+
+
+def _inputs(device, dtype, cfg, n=2, cl=False):
+    cin, cout, k, s, p, sp, *_ = cfg
+    x = torch.randn(n, cin, *sp, device=device, dtype=dtype)
+    w = torch.randn(cout, cin, k, k, k, device=device, dtype=dtype) / (cin * k**3) ** 0.5
+    if cl:
+        x = x.to(memory_format=torch.channels_last_3d)
+        w = w.to(memory_format=torch.channels_last_3d)
+    bw = torch.rand(cout, device=device, dtype=dtype) + 0.5
+    bb = torch.randn(cout, device=device, dtype=dtype)
+    rm = torch.randn(cout, device=device, dtype=dtype) * 0.1
+    rv = torch.rand(cout, device=device, dtype=dtype) + 0.5
+    return x, w, bw, bb, rm, rv
+
+
+def _kw(cfg):
+    return dict(stride=cfg[3], padding=cfg[4], pool_kernel=cfg[6], pool_stride=cfg[7],
+                pool_padding=cfg[8])
+
+
+def _run(fn, x, w, bw, bb, rm, rv, kw, training, grad_out=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, bw, bb)]
+    rm, rv = rm.clone(), rv.clone()
+    out = fn(*leaves, rm, rv, training=training, **kw)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    return out, torch.autograd.grad(out, leaves, grad_out), rm, rv, grad_out
+
+
+def _check(device, cfg, training, cl, dtype=torch.float32, n=2):
+    args = _inputs(device, dtype, cfg, n=n, cl=cl)
+    kw = _kw(cfg)
+    out, grads, rm, rv, go = _run(m3d.ops.conv_bn_relu_maxpool3d, *args, kw, training)
+    ref, rgrads, rrm, rrv, _ = _run(reference.conv_bn_relu_maxpool3d, *args, kw, training, go)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if cl and cfg[0] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    t = tol(dtype)
+    torch.testing.assert_close(out, ref, **t)
+    for name, a, b in zip(NAMES, grads, rgrads):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=t["rtol"] * 10, atol=t["atol"] * 10 * scale,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+    torch.testing.assert_close(rm, rrm, **t)
+    torch.testing.assert_close(rv, rrv, **t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[f"cfg{i}" for i in range(len(CONFIGS))])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+def test_matches_reference(device, cfg, training, cl):
+    _check(device, cfg, training, cl)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_batch_one_and_wide_channels(device):
+    _check(device, CONFIGS[1], True, True, dtype=torch.float64, n=1)
+    # 64 and 33 channels: the CUDA channels_last path with and without 16-byte channel vectors
+    for cout in (64, 33):
+        _check(device, (4, cout, 3, 2, 1, (8, 10, 9), 3, 2, 1), True, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck(device, training):
+    x, w, bw, bb, rm, rv = _inputs(device, torch.float64, (2, 3, 3, 1, 1, (5, 4, 6), 3, 2, 1))
+    kw = dict(padding=1, pool_kernel=3, pool_stride=2, pool_padding=1)
+
+    def f(x, w, bw, bb):
+        return m3d.ops.conv_bn_relu_maxpool3d(x, w, bw, bb, rm.clone(), rv.clone(),
+                                              training=training, **kw)
+
+    torch.autograd.gradcheck(f, [t.requires_grad_() for t in (x, w, bw, bb)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_take_the_first_window_position(device):
+    # A constant input and an all-ones kernel without padding give a constant conv output:
+    # every window is a tie of equal maxima, which max_pool3d gives to its first position.
+    x = torch.ones(2, 1, 7, 6, 9, device=device, dtype=torch.float64)
+    w = torch.ones(3, 1, 2, 2, 2, device=device, dtype=torch.float64)
+    bw = torch.tensor([1.0, 2.0, 0.5], device=device, dtype=torch.float64)
+    bb = torch.tensor([0.5, 1.0, 2.0], device=device, dtype=torch.float64)
+    rm, rv = torch.zeros(3, device=device, dtype=torch.float64), torch.ones(3, device=device, dtype=torch.float64)
+    kw = dict(pool_kernel=3, pool_stride=2, pool_padding=1)
+    for training in (True, False):
+        ref, rgrads, _, _, go = _run(reference.conv_bn_relu_maxpool3d, x, w, bw, bb, rm, rv, kw,
+                                     training)
+        out, grads, *_ = _run(m3d.ops.conv_bn_relu_maxpool3d, x, w, bw, bb, rm, rv, kw, training,
+                              go)
+        torch.testing.assert_close(out, ref)
+        for a, b in zip(grads, rgrads):
+            torch.testing.assert_close(a, b)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates(device):
+    x, w, bw, bb, rm, rv = _inputs(device, torch.float32, CONFIGS[1])
+    x[0, 0, 2, 3, 1] = float("nan")
+    out = m3d.ops.conv_bn_relu_maxpool3d(x, w, bw, bb, rm, rv, training=False, padding=1)
+    ref = reference.conv_bn_relu_maxpool3d(x, w, bw, bb, rm, rv, training=False, padding=1)
+    assert out.isnan().any()
+    assert torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+def test_autocast_low_precision(device, cl):
+    dtype = torch.bfloat16
+    cfg = (1, 16, 7, 2, 3, (12, 14, 13), 3, 2, 1)
+    args = _inputs(device, torch.float32, cfg, cl=cl)
+    kw = _kw(cfg)
+    with torch.no_grad():
+        ref = reference.conv_bn_relu_maxpool3d(*(t.clone() for t in args), **kw)
+    go = torch.randn_like(ref)
+    with torch.autocast(device, dtype=dtype):
+        out, grads, *_ = _run(m3d.ops.conv_bn_relu_maxpool3d, *args, kw, True, go.to(dtype))
+        low, lgrads, *_ = _run(reference.conv_bn_relu_maxpool3d, *args, kw, True, go.to(dtype))
+    assert out.dtype == dtype
+    ref, rgrads, *_ = _run(reference.conv_bn_relu_maxpool3d, *args, kw, True, go)
+    assert_low_precision_close(out.float(), low.float(), ref, factor=2.0, floor=1e-2)
+    _assert_low_precision_grads(grads, lgrads, rgrads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_eval(device):
+    x, w, bw, bb, rm, rv = _inputs(device, torch.float32, CONFIGS[0], n=0)
+    kw = _kw(CONFIGS[0])
+    out = m3d.ops.conv_bn_relu_maxpool3d(x, w, bw, bb, rm, rv, training=False, **kw)
+    ref = reference.conv_bn_relu_maxpool3d(x, w, bw, bb, rm, rv, training=False, **kw)
+    assert out.shape == ref.shape and out.shape[0] == 0
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(device):
+    x, w, bw, bb, rm, rv = _inputs(device, torch.float32, CONFIGS[1])
+    f = m3d.ops.conv_bn_relu_maxpool3d
+    with pytest.raises(RuntimeError, match=r"at most 255 voxels.*\[7, 7, 7\]"):
+        f(x, w, bw, bb, rm, rv, padding=1, pool_kernel=7, pool_padding=3)
+    with pytest.raises(RuntimeError, match=r"at most half the kernel"):
+        f(x, w, bw, bb, rm, rv, padding=1, pool_kernel=3, pool_padding=2)
+    with pytest.raises(RuntimeError, match=r"too small for the pool kernel"):
+        f(x[:, :, :2, :2, :2], w, bw, bb, rm, rv, padding=1, pool_kernel=5, pool_padding=0)
+    with pytest.raises(RuntimeError, match=r"'weight'.*Cin = x.size\(1\) = 3"):
+        f(x, w[:, :2], bw, bb, rm, rv, padding=1)
+    with pytest.raises(RuntimeError, match=r"'bn_bias' must be 1-D of size Cout = 5"):
+        f(x, w, bw, bb[:2], rm, rv, padding=1)
+    with pytest.raises(ValueError, match="running_mean and running_var are required"):
+        f(x, w, bw, bb, None, None, training=False, padding=1)
+    y = torch.randn(2, 5, 6, 7, 5, device=device)
+    c = torch.rand(5, device=device) + 0.5
+    g = torch.randn(2, 5, 3, 4, 3, device=device)
+    arg = torch.zeros(2, 5, 3, 4, 3, dtype=torch.uint8, device=device)
+    bwd = torch.ops.med3d_ext.bn_relu_maxpool_backward
+    with pytest.raises(RuntimeError, match=r"'grad_out' must be of the pooled shape \[2, 5, 3, 4, 3\]"):
+        bwd(g[:, :, :2], y, arg, c, c, c, c, True, [3, 3, 3], [2, 2, 2], [1, 1, 1])
+    with pytest.raises(RuntimeError, match=r"'argmax' must be uint8"):
+        bwd(g, y, arg.long(), c, c, c, c, True, [3, 3, 3], [2, 2, 2], [1, 1, 1])
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for cl, training in ((False, True), (True, False), (True, True)):
+        x, w, bw, bb, rm, rv = _inputs(device, torch.float32, CONFIGS[1], cl=cl)
+        for t in (x, w, bw, bb):
+            t.requires_grad_()
+        torch.library.opcheck(torch.ops.med3d_ext.conv_bn_relu_maxpool3d.default,
+                              (x, w, bw, bb, rm, rv, [1, 1, 1], [1, 1, 1], [1, 1, 1], training,
+                               1e-5, [3, 3, 3], [2, 2, 2], [1, 1, 1]))
+        y = torch.randn(2, 5, 6, 7, 5, device=device)
+        if cl:
+            y = y.to(memory_format=torch.channels_last_3d)
+        c = torch.rand(5, device=device) + 0.5
+        pk, ps, pp = [3, 3, 3], [2, 2, 2], [1, 1, 1]
+        _, arg = torch.nn.functional.max_pool3d(y, 3, 2, 1, return_indices=True)
+        arg = torch.randint(0, 27, arg.shape, device=device, dtype=torch.uint8)
+        torch.library.opcheck(torch.ops.med3d_ext.bn_relu_maxpool_backward.default,
+                              (torch.randn(2, 5, 3, 4, 3, device=device), y, arg, c, c, c, c,
+                               training, pk, ps, pp))
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_parity(device):
+    x, w, bw, bb, rm, rv = _inputs(device, torch.float32, CONFIGS[0])
+
+    def step(x, w, bw, bb, rm, rv):
+        out = m3d.ops.conv_bn_relu_maxpool3d(x, w, bw, bb, rm, rv, stride=2, padding=3)
+        return out.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n, sp in ((2, (9, 12, 11)), (3, (11, 8, 10))):
+        xi = torch.randn(n, 1, *sp, device=device)
+        results = []
+        for fn in (step, compiled):
+            leaves = [t.detach().clone().requires_grad_() for t in (xi, w, bw, bb)]
+            rm_i, rv_i = rm.clone(), rv.clone()
+            loss = fn(*leaves, rm_i, rv_i)
+            loss.backward()
+            results.append([loss] + [t.grad for t in leaves] + [rm_i, rv_i])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
