@@ -133,6 +133,24 @@ def test_nan_propagates(device):
     torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), **tol(torch.float32))
 
 
+def _flip_free_grad_out(args, kw, tau=0.1):
+    """A random pooled grad_out that is 0 wherever a low-precision path could route it
+    differently from the fp32 reference: windows whose two largest fp32 pre-activations are
+    within ``tau`` (the argmax may flip after rounding) or whose maximum is within ``tau`` of 0
+    (the ReLU may flip). A flip moves a whole voxel's gradient, so comparing such voxels would
+    measure tie-breaking, not accuracy; every other window still tests the backward."""
+    x, w, bw, bb, rm, rv = args
+    with torch.no_grad():
+        z = reference.conv_bn_relu3d(x.float(), w.float(), bw, bb, rm.clone(), rv.clone(),
+                                     stride=kw["stride"], padding=kw["padding"], relu=False)
+        k, s, p = kw["pool_kernel"], kw["pool_stride"], kw["pool_padding"]
+        zp = torch.nn.functional.pad(z, [p] * 6, value=float("-inf"))
+        win = zp.unfold(2, k, s).unfold(3, k, s).unfold(4, k, s).flatten(-3)
+        top2 = win.topk(2, dim=-1).values
+        safe = ((top2[..., 0] - top2[..., 1]) > tau) & (top2[..., 0].abs() > tau)
+    return torch.randn(safe.shape, device=x.device) * safe
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
 def test_autocast_low_precision(device, cl):
@@ -140,9 +158,7 @@ def test_autocast_low_precision(device, cl):
     cfg = (1, 16, 7, 2, 3, (12, 14, 13), 3, 2, 1)
     args = _inputs(device, torch.float32, cfg, cl=cl)
     kw = _kw(cfg)
-    with torch.no_grad():
-        ref = reference.conv_bn_relu_maxpool3d(*(t.clone() for t in args), **kw)
-    go = torch.randn_like(ref)
+    go = _flip_free_grad_out(args, kw)
     with torch.autocast(device, dtype=dtype):
         out, grads, *_ = _run(m3d.ops.conv_bn_relu_maxpool3d, *args, kw, True, go.to(dtype))
         low, lgrads, *_ = _run(reference.conv_bn_relu_maxpool3d, *args, kw, True, go.to(dtype))
