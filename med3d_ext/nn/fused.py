@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.conv_bn_relu import conv_bias_relu3d, conv_bn_relu3d
+from ..ops.conv_bn_relu import conv_bias_relu3d, conv_bn_relu3d, conv_bn_relu_maxpool3d
 
 __all__ = ["ConvBNReLU3d", "conv_bn_act", "fuse_modules", "unfuse_modules", "fold_bn"]
 
@@ -132,6 +132,35 @@ def _stem_conv_forward(self, x):
     return conv_bn_act(self, self._m3d_bn, x, relu=True)
 
 
+def _fusible_pool(pool) -> bool:
+    """A max-pool conv_bn_relu_maxpool3d can absorb: MaxPool3d, dilation 1, floor mode, no
+    indices, padding at most half the kernel, a window of at most 255 voxels."""
+    if type(pool) is not nn.MaxPool3d or pool.ceil_mode or pool.return_indices:
+        return False
+    k, s, p, d = (_triple(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size,
+                                        pool.padding, pool.dilation))
+    return d == (1, 1, 1) and all(2 * pi <= ki for pi, ki in zip(p, k)) and k[0] * k[1] * k[2] <= 255
+
+
+def _triple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+def _stem_pool_forward(self, x):
+    # conv1 computes maxpool(relu(bn1(conv1(x)))) in one op; the model then calls bn1 and the
+    # max-pool (pass-throughs while fused) and relu (idempotent on a non-negative input).
+    bn, pool = self._m3d_bn, self._m3d_pool
+    if not _fusible(self, bn) or isinstance(bn, nn.Identity):
+        return nn.MaxPool3d.forward(pool, conv_bn_act(self, bn, x, relu=True))
+    rm, rv, use_batch, factor = _bn_args(bn)
+    return conv_bn_relu_maxpool3d(x, self.weight, bn.weight, bn.bias, rm, rv, stride=self.stride,
+                                  padding=self.padding, dilation=self.dilation,
+                                  training=use_batch, momentum=factor, eps=bn.eps,
+                                  pool_kernel=pool.kernel_size,
+                                  pool_stride=pool.stride or pool.kernel_size,
+                                  pool_padding=pool.padding)
+
+
 def _passthrough_forward(self, x):
     return x
 
@@ -183,7 +212,13 @@ def fuse_modules(model: nn.Module) -> nn.Module:
             _swap(m, _sequential_forward, "sequential")
         if _is_stem(m) and _fusible(m.conv1, m.bn1):
             object.__setattr__(m.conv1, "_m3d_bn", m.bn1)
-            _swap(m.conv1, _stem_conv_forward, "stem_conv")
+            if isinstance(m.bn1, nn.BatchNorm3d) and _fusible_pool(m.maxpool):
+                # the stem's max-pool joins the op: its full-resolution input is never written
+                object.__setattr__(m.conv1, "_m3d_pool", m.maxpool)
+                _swap(m.conv1, _stem_pool_forward, "stem_conv_pool")
+                _swap(m.maxpool, _passthrough_forward, "stem_pool")
+            else:
+                _swap(m.conv1, _stem_conv_forward, "stem_conv")
             if isinstance(m.bn1, nn.BatchNorm3d):
                 _swap(m.bn1, _passthrough_forward, "stem_bn")
     return model
@@ -195,6 +230,7 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
         if getattr(type(m), "_m3d_fused", None):
             m.__class__ = type(m).__mro__[1]
         m.__dict__.pop("_m3d_bn", None)
+        m.__dict__.pop("_m3d_pool", None)
     return model
 
 

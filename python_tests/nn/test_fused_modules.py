@@ -179,11 +179,27 @@ def test_fuse_swaps_forward_only_and_unfuse_restores():
     fuse_modules(model)
     fuse_modules(model)  # idempotent
     fused_names = {n for n, m in model.named_modules() if getattr(type(m), "_m3d_fused", None)}
-    assert {"layer1.0", "layer4.0", "layer2.0.downsample", "conv_seg", "conv1", "bn1"} <= fused_names
+    assert {"layer1.0", "layer4.0", "layer2.0.downsample", "conv_seg", "conv1", "bn1",
+            "maxpool"} <= fused_names
+    # the stem runs conv1 + bn1 + relu + maxpool as one op (conv_bn_relu_maxpool3d)
+    assert type(model.conv1)._m3d_fused == "stem_conv_pool"
     assert isinstance(model.layer1[0], classes["layer1.0"])  # still a BasicBlock
     unfuse_modules(model)
     assert {n: type(m) for n, m in model.named_modules()} == classes
-    assert "_m3d_bn" not in model.conv1.__dict__
+    assert "_m3d_bn" not in model.conv1.__dict__ and "_m3d_pool" not in model.conv1.__dict__
+
+
+def test_stem_pool_fusion_only_for_absorbable_pools():
+    # a max-pool the op cannot take (ceil mode, a window over 255 voxels) stays a module of
+    # its own after the fused conv + BN + ReLU, and the model still computes the same function
+    for pool in (torch.nn.MaxPool3d(3, 2, 1, ceil_mode=True), torch.nn.MaxPool3d(7, 2, 3)):
+        plain = resnet(10, "B").eval()
+        plain.maxpool = pool
+        fused = fuse_modules(copy.deepcopy(plain))
+        assert type(fused.conv1)._m3d_fused == "stem_conv"
+        assert not getattr(type(fused.maxpool), "_m3d_fused", None)
+        x = torch.randn(1, 1, 16, 16, 16)
+        _close(fused(x), plain(x), "unabsorbed pool", 1e-3, 1e-3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
