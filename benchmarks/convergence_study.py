@@ -383,11 +383,12 @@ def write_outputs(out, s: dict, log=print, stem="convergence") -> None:
 def run(ctx) -> None:
     """The ``convergence`` area: quick = 2 seeds at the quick sizes (about a minute on 2 CPU
     cores); otherwise 3 seeds at the device's sizes. One row per arm."""
-    from .common import OK, UNAVAILABLE, m3d_attr, Unavailable
+    from .common import OK, UNAVAILABLE, Unavailable, m3d_attr, optional_import
 
     try:
         m3d_attr("train")
         m3d_attr("models")
+        optional_import("nibabel")  # the synthetic 3DSeg-8 is written as NIfTI
     except Unavailable as exc:
         ctx.record("convergence", "transfer vs scratch", "med3d_ext.train", UNAVAILABLE, str(exc))
         return
