@@ -214,6 +214,7 @@ else
     fi
     say "tests: pytest python_tests -m cuda ${XDIST_ARGS[*]:-} (log: logs/pytest.log)"
     S0=$(now)
+    rm -f "$LOGS/pytest.xml"  # counts must not come from an earlier run's report
     # shellcheck disable=SC2086
     timeout -k 10 "$TLIM" "$PY" -m pytest python_tests -m cuda -v -rfE --tb=short --maxfail="${MAXFAIL:-30}" \
         -p no:cacheprovider --junitxml="$LOGS/pytest.xml" ${XDIST_ARGS[@]+"${XDIST_ARGS[@]}"} \
