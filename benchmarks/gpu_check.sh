@@ -48,6 +48,9 @@ T0=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET:-540}"
 GIT_COMMIT="${GIT_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)}"
 export GIT_COMMIT  # benchmarks/common.py records it when git cannot tell
+# the synthetic 3DSeg-8 of the throughput and convergence stages: generated once, outside $OUT
+# (whose files are all sent back)
+export MED3D_EXT_CACHE="${MED3D_EXT_CACHE:-${TMPDIR:-/tmp}/med3d_ext_cache}"
 # every benchmark stage appends to one results.json: a file left by an earlier run must not mix in
 [ -f "$BENCH/results.json" ] && mv -f "$BENCH/results.json" "$BENCH/results.json.prev"
 rm -rf "$OUT/bench_profile"
