@@ -7,8 +7,8 @@
 # seconds, default 540) so that a run cut short still leaves the measurements that matter most.
 # $OUT/summary.md is rewritten after EVERY stage, and the benchmarks write their results after
 # every case, so whatever ran before a kill is on disk:
-#  0. env:      $OUT/logs/env.txt; installs any *.whl in $WHEELS (default: shared/wheels when
-#               present; there is no network there: bring nibabel/MONAI wheels along);
+#  0. env:      $OUT/logs/env.txt; installs any *.whl in $WHEELS (default: shared/wheels, else
+#               .whl/, when present; there is no network there: bring nibabel/MONAI wheels along);
 #  1. build:    builds and installs med3d_ext with CUDA for sm_90 (logs/build.log), makes the
 #               repository's own med3d_ext/ load that build (tests and benchmarks import from the
 #               repo root, which would otherwise shadow the installed package);
@@ -144,6 +144,7 @@ say "$(grep -m1 '^torch' "$LOGS/env.txt")"
 
 WHEELS="${WHEELS:-}"
 [ -z "$WHEELS" ] && [ -d "$REPO/shared/wheels" ] && WHEELS="$REPO/shared/wheels"
+[ -z "$WHEELS" ] && [ -d "$REPO/.whl" ] && WHEELS="$REPO/.whl"
 if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
     NWHL=$(find "$WHEELS" -maxdepth 1 -name '*.whl' | wc -l)
     # resolve dependencies among the carried wheels; fall back to --no-deps if one is missing
