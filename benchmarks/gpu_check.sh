@@ -94,6 +94,10 @@ if d is not None:
         wait = f", data wait {100 * r['data_wait']:.0f}%" if r.get("data_wait") is not None else ""
         print(f"  {r['area']}/{r['case']} {r['impl']}{note}: {r['median_ms']:.3f} ms{mem}; {sp}{wait}")
     for r in d["rows"]:
+        if r.get("final_dice") is not None:  # the convergence area: one row per arm
+            print(f"  {r['area']}/{r['impl']}: final Dice {r['final_dice']:.3f} +- {r.get('final_dice_std') or 0:.3f}, "
+                  f"target reached at step {r.get('steps_to_target')}")
+    for r in d["rows"]:
         if r["status"] in ("FAILED", "error"):
             print(f"  {r['status']}: {r['area']}/{r['case']} {r['impl']}: {str(r.get('reason'))[:150]}")
 if os.path.isfile(sys.argv[2]):
