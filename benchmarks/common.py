@@ -703,12 +703,19 @@ def write_results(out_dir: str, ctx: Context, env: dict, args: dict, total_s: fl
     data = {"schema": 1, "env": env, "args": args, "total_s": round(total_s, 1), "areas": ctx.areas,
             "rows": ctx.rows}
     jpath = os.path.join(out_dir, "results.json")
-    with open(jpath, "w") as f:
-        json.dump(_jsonable(data), f, indent=1)
     mpath = os.path.join(out_dir, "results.md")
-    with open(mpath, "w") as f:
-        f.write(markdown(data))
+    # written after every case: a run killed by a time limit half-way through a write must
+    # leave the previous complete file (which --append and the GPU summary read), not half of one
+    _write_atomic(jpath, json.dumps(_jsonable(data), indent=1))
+    _write_atomic(mpath, markdown(data))
     return jpath, mpath
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def load_prior(out_dir: str, device: str, quick: bool, areas: list[str]) -> dict | None:
