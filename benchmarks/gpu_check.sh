@@ -31,8 +31,10 @@
 # skipped. No stage stops the script; it exits non-zero when the build or the tests failed.
 # Knobs: PYTHON, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT,
 # TARGETS_TIMEOUT, PROFILE_TIMEOUT, KERNELS_TIMEOUT, PIPELINE_TIMEOUT, THROUGHPUT_TIMEOUT,
-# CONVERGENCE_TIMEOUT, WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for every
-# benchmark call, e.g. --with-compile), PYTEST_ARGS, MAXFAIL, XDIST (workers, default 4),
+# CONVERGENCE_TIMEOUT, WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
+# timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
+# takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
+# too), PYTEST_ARGS, MAXFAIL, XDIST (workers, default 4),
 # GIT_COMMIT (recorded; the copied tree on the GPU machine has no .git).
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -297,7 +299,7 @@ else
 fi
 if [ "${BENCH_PROFILE:-1}" = 1 ]; then
     # shellcheck disable=SC2086
-    bench profile "${PROFILE_TIMEOUT:-90}" 30 --out "$OUT/bench_profile" --profile-only ${BENCH_ARGS:-} $PROFILE_AREAS
+    bench profile "${PROFILE_TIMEOUT:-90}" 30 --out "$OUT/bench_profile" --profile-only ${PROFILE_ARGS:-} $PROFILE_AREAS
 else
     status profile "skipped (BENCH_PROFILE=0)"
 fi
