@@ -154,7 +154,15 @@ def test_study_medicalnet_arm_loads_the_users_weights(tmp_path, monkeypatch):
     for r in loaded:
         assert r.source_format == "medicalnet" and r.depth == 10
         assert len(r.loaded) == len(sd) and not [k for k in r.missing if not k.startswith("conv_seg")]
-    assert M in (tmp_path / "out" / "convergence.md").read_text()
+    assert s["medicalnet_arch"]["depth"] == 10 and s["medicalnet_arch"]["shortcut"] in ("A", "B")
+    assert "(ResNet-10, shortcut" in (tmp_path / "out" / "convergence.md").read_text()
+    # a file that is no MedicalNet ResNet fails before any training
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": {"module.fc.weight": torch.zeros(2, 2)}}, bad)
+    with pytest.raises(ValueError):
+        convergence_study.run_study(tmp_path / "o3", seeds=(0,), device="cpu", quick=True, medicalnet=bad,
+                                    log=lambda *a: None)
+    assert not (tmp_path / "o3").exists()
     # the CLI checks the path before training anything
     assert convergence_study.main(["--quick", "--medicalnet", str(tmp_path / "nope.pth"),
                                    "--out", str(tmp_path / "o2")]) == 2
