@@ -26,7 +26,8 @@
 #               the CLI's pretraining fused vs --no-fused, into $OUT/bench/throughput;
 #  9. convergence: the convergence area (quick study), appended to $OUT/bench;
 #  then packs logs and results into $OUT/gpu_check.tar.gz and prints the summary LAST.
-# Stages 7-9 need nibabel (the synthetic volumes are NIfTI) and are skipped without it.
+# Stages 7-9 need nibabel, pyyaml and tqdm (the package's dependencies, which the --no-deps
+# install does not bring) and are skipped without them.
 # With AREA arguments, stage 4 runs exactly those areas (5 profiles them) and 6, 7 and 9 are
 # skipped. No stage stops the script; it exits non-zero when the build or the tests failed.
 # Knobs: PYTHON, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT,
@@ -163,8 +164,10 @@ if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
 else
     status wheels "none"
 fi
-HAVE_NIB=0
-"$PY" -c "import nibabel" >/dev/null 2>&1 && HAVE_NIB=1
+# the data stages (pipeline, throughput, convergence) write NIfTI volumes (nibabel) and train
+# through med3d_ext.train (pyyaml, tqdm): the package's own dependencies, which
+# `pip install --no-deps` does not bring
+DATA_MISSING="$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("nibabel", "yaml", "tqdm") if u.find_spec(m) is None))' 2>&1)"
 
 # ---------------------------------------------------------------- 1. build + install
 say "build: pip install with CUDA (log: logs/build.log)"
@@ -226,8 +229,10 @@ else
     S0=$(now)
     rm -f "$LOGS/pytest.xml"  # counts must not come from an earlier run's report
     # shellcheck disable=SC2086
+    # --continue-on-collection-errors: a test module importing a package missing there (e.g.
+    # pyyaml) must not stop every CUDA test from running
     timeout -k 10 "$TLIM" "$PY" -m pytest python_tests -m cuda -v -rfE --tb=short --maxfail="${MAXFAIL:-30}" \
-        -p no:cacheprovider --junitxml="$LOGS/pytest.xml" ${XDIST_ARGS[@]+"${XDIST_ARGS[@]}"} \
+        --continue-on-collection-errors -p no:cacheprovider --junitxml="$LOGS/pytest.xml" ${XDIST_ARGS[@]+"${XDIST_ARGS[@]}"} \
         ${PYTEST_ARGS:-} > "$LOGS/pytest.log" 2>&1
     TEST_RC=$?
     COUNTS="$(junit_counts "$LOGS/pytest.xml" "$LOGS/pytest.log")"
@@ -288,7 +293,7 @@ bench() {
     esac
     status "$stage" "$st" "$(($(now) - s0))s"
 }
-NO_NIB="skipped (nibabel not installed: carry its wheel in WHEELS)"
+NO_NIB="skipped (not installed: ${DATA_MISSING}; carry the wheels in WHEELS)"
 # shellcheck disable=SC2086  # BENCH_ARGS and the area lists are word lists
 if [ $# -gt 0 ]; then
     bench targets "${TARGETS_TIMEOUT:-240}" 30 --out "$BENCH" --append ${BENCH_ARGS:-} "$@"
@@ -308,7 +313,7 @@ if [ $# -gt 0 ]; then
 else
     # shellcheck disable=SC2086
     bench kernels "${KERNELS_TIMEOUT:-90}" 20 --out "$BENCH" --append ${BENCH_ARGS:-} bn_stats conv_bn_relu resample
-    if [ $HAVE_NIB = 1 ]; then
+    if [ -z "$DATA_MISSING" ]; then
         # shellcheck disable=SC2086
         bench pipeline "${PIPELINE_TIMEOUT:-90}" 30 --out "$BENCH" --append ${BENCH_ARGS:-} pipeline
     else
@@ -318,7 +323,7 @@ fi
 
 if [ "${THROUGHPUT:-1}" != 1 ]; then
     status throughput "skipped (THROUGHPUT=0)"
-elif [ $HAVE_NIB = 0 ]; then
+elif [ -n "$DATA_MISSING" ]; then
     status throughput "$NO_NIB"
 elif ! TPLIM=$(stage_limit "${THROUGHPUT_TIMEOUT:-150}" 60); then
     status throughput "skipped (budget: $(left)s left)"
@@ -337,7 +342,7 @@ else
 fi
 
 if [ $# -eq 0 ]; then
-    if [ $HAVE_NIB = 1 ]; then
+    if [ -z "$DATA_MISSING" ]; then
         # shellcheck disable=SC2086
         bench convergence "${CONVERGENCE_TIMEOUT:-120}" 40 --out "$BENCH" --append ${BENCH_ARGS:-} convergence
     else
