@@ -1,7 +1,8 @@
-"""``python -m benchmarks [AREA ...] [--quick] [--device cpu|cuda] [--out DIR] [--with-compile]``
+"""``python -m benchmarks [AREA ...] [--quick] [--device cpu|cuda] [--out DIR] [--with-compile]
+[--profile | --profile-only] [--append]``
 
-Runs the benchmark areas (all by default), writes ``results.json`` and ``results.md`` to
-``--out`` and prints a summary table last. Every area and every case is isolated: a missing
+Runs the benchmark areas (all by default, in the order given), writes ``results.json`` and
+``results.md`` to ``--out`` and prints a summary table last. Every area and every case is isolated: a missing
 op, a missing peer library, an out-of-memory or a crash becomes a row, never the end of the run.
 """
 
@@ -14,9 +15,11 @@ import sys
 import time
 import traceback
 
-# cheap areas first: if a time limit kills the run, the slow compile-heavy train_step goes last
-AREAS = ["bn_stats", "conv_bn_relu", "stem", "augment", "resample", "loss", "pipeline", "convergence",
-         "train_step"]
+# the issue's target rows first (training steps, stem, augmentation pair, loss), then the other
+# kernels, then the data-bound areas: results are written after every case, so a run cut short by
+# a time limit keeps the measurements that matter most (gpu_check.sh runs them in the same order)
+AREAS = ["train_step", "stem", "augment", "loss", "bn_stats", "conv_bn_relu", "resample", "pipeline",
+         "convergence"]
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest")
 
 
@@ -35,7 +38,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also profile each timed row (torch.profiler): its kernels on a GPU, its "
                         "ATen ops on the CPU, per call, in results.json/md")
+    p.add_argument("--profile-only", action="store_true",
+                   help="only profile each row (warm-up, then torch.profiler), no check and no timing; "
+                        "compiled rows only with --with-compile (gpu_check.sh runs it after the timed run)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of other areas already in --out/results.json (one results file "
+                        "from several runs, e.g. gpu_check.sh's stages); rows of the areas run now are replaced")
     a = p.parse_args(argv)
+    if a.profile and a.profile_only:
+        p.error("--profile and --profile-only: pick one")
+    if a.append and a.profile_only:
+        p.error("--append and --profile-only: a profile goes to its own --out")
     bad = [x for x in a.areas if x not in AREAS]
     if bad:
         import difflib
@@ -58,15 +71,28 @@ def main(argv=None) -> int:
         return 2
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
-    ctx = common.Context(device, args.quick, args.with_compile, args.verbose, args.profile)
+    ctx = common.Context(device, args.quick, args.with_compile, args.verbose, args.profile, args.profile_only)
     t_start = time.perf_counter()
     env = common.collect_env(device)
     print(common.env_line(env), flush=True)
     areas = args.areas or AREAS
     run_args = {"areas": areas, "quick": args.quick, "device": device, "with_compile": args.with_compile}
+    if args.profile_only:
+        run_args["profile_only"] = True
+    prior_s = 0.0
+    if args.append:
+        try:
+            prior = common.load_prior(args.out, device, args.quick, areas)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        if prior is not None:
+            ctx.rows, ctx.areas = prior["rows"], prior["areas"]
+            run_args["areas"] = [a for a in prior["args"]["areas"] if a not in areas] + list(areas)
+            prior_s = float(prior.get("total_s") or 0.0)
 
     def save():  # after every case, so a run killed by a time limit keeps what it measured
-        common.write_results(args.out, ctx, env, run_args, time.perf_counter() - t_start)
+        common.write_results(args.out, ctx, env, run_args, prior_s + time.perf_counter() - t_start)
     ctx.on_rows = save
     for area in areas:
         t0 = time.perf_counter()
@@ -90,7 +116,7 @@ def main(argv=None) -> int:
         info["seconds"] = round(time.perf_counter() - t0, 1)
         ctx.areas[area] = info
         save()
-    total = time.perf_counter() - t_start
+    total = prior_s + time.perf_counter() - t_start
     jpath, mpath = common.write_results(args.out, ctx, env, run_args, total)
     data = {"env": env, "areas": ctx.areas, "rows": ctx.rows, "total_s": round(total, 1)}
     print(f"\nwrote {jpath} and {mpath}")

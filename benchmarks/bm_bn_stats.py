@@ -7,6 +7,8 @@ import torch
 from .common import m3d_attr, op_backend
 
 AREA = "bn_stats"
+# (shape, dtype, channels_last_3d): a layer1 activation in bf16 CL, a layer3 one in fp32
+GPU_CASES = [((8, 64, 32, 64, 64), torch.bfloat16, True), ((8, 256, 16, 32, 32), torch.float32, False)]
 
 
 def _ref(x):
@@ -17,7 +19,7 @@ def _ref(x):
 def run(ctx):
     dev = ctx.device
     if ctx.gpu:
-        cases = [((8, 64, 32, 64, 64), torch.bfloat16, True), ((8, 256, 16, 32, 32), torch.float32, False)]
+        cases = GPU_CASES
     elif ctx.quick:
         cases = [((2, 16, 16, 16, 16), torch.float32, False)]
     else:

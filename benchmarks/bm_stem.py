@@ -17,6 +17,7 @@ from .bm_conv_bn_relu import FLOORS, Layer
 from .common import m3d_attr, op_backend
 
 AREA = "stem"
+GPU_INPUT = (8, (64, 128, 128))  # batch, spatial: perf-baselines.md's training input
 
 
 def _conv_alone(x, w, gy, dtype, cl):
@@ -34,7 +35,7 @@ def _conv_alone(x, w, gy, dtype, cl):
 
 def run(ctx):
     if ctx.gpu:
-        batch, spatial = 8, (64, 128, 128)
+        batch, spatial = GPU_INPUT
     else:
         batch, spatial = 1, ((16, 32, 32) if ctx.quick else (32, 64, 64))
     compile_too = ctx.with_compile or not ctx.quick

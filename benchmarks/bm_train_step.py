@@ -36,6 +36,7 @@ from .common import Unavailable, high_precision, m3d_attr, op_backend
 
 AREA = "train_step"
 GPU_SHAPE = (8, 1, 64, 128, 128)  # perf-baselines.md
+GPU_DEPTHS = (10, 50)
 # batch 2, so that layer4's BatchNorm normalises 64 (--quick) or 216 values per channel
 CPU_SHAPES = {True: (2, 1, 16, 32, 32), False: (2, 1, 24, 48, 48)}
 # error-ratio floors (rtol of the loss, rtol of the stem weight gradient), see the docstring
@@ -101,7 +102,7 @@ class Step:
 def run(ctx):
     if ctx.gpu:
         shape = GPU_SHAPE
-        depths = [10, 50]
+        depths = list(GPU_DEPTHS)
     else:
         shape = CPU_SHAPES[ctx.quick]
         depths = [10] if ctx.quick else [10, 50]

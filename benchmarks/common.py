@@ -29,14 +29,10 @@ and calls ``case.run()``. For every case the runner:
 
 from __future__ import annotations
 
-import datetime
 import gc
 import json
 import math
 import os
-import platform
-import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -46,7 +42,11 @@ from typing import Any, Callable
 
 import torch
 
+from .environment import collect_env  # noqa: F401  (re-exported: the runner and the studies use it from here)
+
 OK, FAILED, UNAVAILABLE, ERROR = "ok", "FAILED", "unavailable", "error"
+# --profile-only rows: what one call runs (torch.profiler), deliberately not timed
+PROFILED = "profiled"
 
 
 class Unavailable(Exception):
@@ -108,64 +108,6 @@ def optional_import(name: str):
         raise Unavailable(f"{name} not installed ({type(exc).__name__})") from None
 
 
-# ----------------------------------------------------------------------------- environment
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def collect_env(device: str) -> dict:
-    env: dict[str, Any] = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "host": platform.node(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "device": device,
-        "threads": torch.get_num_threads(),
-    }
-    if device == "cuda" and torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
-                   capability=f"{p.major}.{p.minor}")
-        if shutil.which("nvidia-smi"):
-            env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    else:
-        env["cpu"] = platform.processor() or _cpu_model()
-    try:
-        from med3d_ext import info as m3d_info
-
-        env["med3d_ext"] = m3d_info.collect()
-    except Exception as exc:
-        env["med3d_ext"] = {"error": repr(exc)}
-    for mod in ("monai", "torchio", "numpy", "triton"):
-        try:
-            env[mod] = getattr(__import__(mod), "__version__", "yes")
-        except Exception:
-            env[mod] = None
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["git_commit"] = _run(["git", "-C", root, "rev-parse", "--short", "HEAD"])
-    return env
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 # ----------------------------------------------------------------------------- timing
 
 
@@ -175,14 +117,17 @@ def sync(device: str) -> None:
 
 
 def time_fn(fn: Callable, device: str, warmup: int, repeats: int, budget_s: float | None = None,
-            soft_s: float = 0.2) -> list[float]:
+            soft_s: float = 0.2, after_warmup: Callable | None = None) -> list[float]:
     """Per-call times in ms after ``warmup`` calls. ``budget_s`` caps the repeats for slow
     functions (at least 3 are taken) so a slow baseline cannot eat the quick suite's time; fast
     functions get up to 5x ``repeats`` while under ``soft_s`` seconds, which steadies their
-    median on a shared machine."""
+    median on a shared machine. ``after_warmup()`` runs once the warm-up has finished (e.g. to
+    reset the peak-memory counter, so cuDNN autotuning and compilation do not count)."""
     for _ in range(warmup):
         fn()
     sync(device)
+    if after_warmup is not None:
+        after_warmup()
     times: list[float] = []
     start = time.perf_counter()
     for i in range(5 * repeats):
@@ -424,7 +369,7 @@ class Case:
         ctx = self.ctx
         rows: list[dict] = []
         ref = _Ref()
-        if self.precise is not None:
+        if self.precise is not None and not ctx.profile_only:
             ref.precise, ref.missing = self._precise()
         ordered = sorted(self.impls, key=lambda i: not i.reference)  # reference first
         for impl in ordered:
@@ -487,21 +432,42 @@ class Case:
         try:
             if ctx.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            if ctx.profile_only and "compile" in impl.name and not ctx.with_compile:
+                raise Unavailable("left out of --profile-only unless --with-compile (compiling is slow)")
             made = impl.make()
             fn, check_fn = made if isinstance(made, tuple) else (made, made)
             out = None
-            if impl.check and ref.can_check(impl, self.precise is not None):
+            if not ctx.profile_only and impl.check and ref.can_check(impl, self.precise is not None):
                 out = check_fn()
                 sync(ctx.device)
             row = self._row(impl)
-            if not self._check(impl, ref, out, row):
+            if ctx.profile_only:
+                row["check"] = "profile only: not checked (the timed run checks)"
+            elif not self._check(impl, ref, out, row):
                 return row
+            if impl.reference:
+                row["_out"] = out  # what the other rows are checked against
+            # every row then holds one set of outputs during its timing (the reference row its
+            # own, the others the reference's): an extra set would bias their peak memory
+            out = None
             first_s = time.perf_counter() - t0
-            times = time_fn(fn, ctx.device, impl.warmup if impl.warmup is not None else ctx.warmup,
-                            impl.repeats if impl.repeats is not None else ctx.repeats, ctx.budget_s)
+            warmup = impl.warmup if impl.warmup is not None else ctx.warmup
+            if ctx.profile_only:  # only what one call runs: no timing (a separate, later stage)
+                for _ in range(max(1, warmup)):
+                    fn()
+                k = profile_kernels(fn, ctx.device)
+                n = f", {k['launches']:.0f} launches" if k.get("launches") is not None else ""
+                row.update(status=PROFILED, kernels=k, setup_s=round(first_s, 2),
+                           reason=f"{k['per_call_us']:.0f} us of {k['source']} per call{n} (not timed)")
+                return row
+            reset = torch.cuda.reset_peak_memory_stats if ctx.device == "cuda" else None
+            times = time_fn(fn, ctx.device, warmup, impl.repeats if impl.repeats is not None else ctx.repeats,
+                            ctx.budget_s, after_warmup=reset)
             ms = median(times)
             row.update(median_ms=ms, min_ms=min(times), repeats=len(times), setup_s=round(first_s, 2))
             if ctx.device == "cuda":
+                # peak over the timed calls (steady state: inputs, weights, optimizer state,
+                # activations), not the warm-up's cuDNN autotuning or compilation
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if self.bytes_floor:
                 row["gbps"] = self.bytes_floor / (ms * 1e-3) / 1e9
@@ -518,8 +484,6 @@ class Case:
                     row["kernels"] = profile_kernels(fn, ctx.device)
                 except Exception as exc:
                     row["kernels"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            if impl.reference:
-                row["_out"] = out
             return row
         except Unavailable as exc:
             return self._row(impl, status=UNAVAILABLE, reason=str(exc))
@@ -580,9 +544,12 @@ class Context:
     """Run-wide settings and the collected rows."""
 
     def __init__(self, device: str, quick: bool, with_compile: bool, verbose: bool = False,
-                 profile: bool = False):
+                 profile: bool = False, profile_only: bool = False):
         self.device = device
         self.profile = profile  # per timed row: the kernels (GPU) or ATen ops (CPU) of one call
+        # rows are profiled (warm-up, then one profile) and neither checked nor timed: a cheap
+        # separate stage after the timed run (gpu_check.sh), whose crash cannot cost timings
+        self.profile_only = profile_only
         self.quick = quick
         self.with_compile = with_compile
         self.verbose = verbose
@@ -648,6 +615,8 @@ def format_row_line(r: dict) -> str:
         s += f", {r['peak_mem_gib']:.2f} GiB"
     if r.get("speedup"):
         s += ", " + ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
+    if r.get("data_wait") is not None:
+        s += f", data wait {100 * r['data_wait']:.1f}%"
     return s
 
 
@@ -673,12 +642,44 @@ def write_results(out_dir: str, ctx: Context, env: dict, args: dict, total_s: fl
     data = {"schema": 1, "env": env, "args": args, "total_s": round(total_s, 1), "areas": ctx.areas,
             "rows": ctx.rows}
     jpath = os.path.join(out_dir, "results.json")
-    with open(jpath, "w") as f:
-        json.dump(_jsonable(data), f, indent=1)
     mpath = os.path.join(out_dir, "results.md")
-    with open(mpath, "w") as f:
-        f.write(markdown(data))
+    # written after every case: a run killed by a time limit half-way through a write must
+    # leave the previous complete file (which --append and the GPU summary read), not half of one
+    _write_atomic(jpath, json.dumps(_jsonable(data), indent=1))
+    _write_atomic(mpath, markdown(data))
     return jpath, mpath
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_prior(out_dir: str, device: str, quick: bool, areas: list[str]) -> dict | None:
+    """``--append``: the results already in ``out_dir/results.json`` without the rows and area
+    entries of ``areas`` (they are about to be measured again), or None when there are none.
+    Raises ValueError when they were measured under other conditions (device, --quick,
+    --profile-only): one results file holds one kind of run."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        args, rows = data["args"], data["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--append: cannot read {path}: {exc}") from None
+    if args.get("device") != device or bool(args.get("quick")) != bool(quick):
+        raise ValueError(f"--append: {path} holds a run with device={args.get('device')} quick="
+                         f"{args.get('quick')}, this one is device={device} quick={quick}; use another --out")
+    if args.get("profile_only"):
+        raise ValueError(f"--append: {path} holds a --profile-only run; use another --out")
+    keep = set(areas)
+    return {"args": args, "total_s": data.get("total_s"),
+            "rows": [r for r in rows if r.get("area") not in keep],
+            "areas": {a: v for a, v in (data.get("areas") or {}).items() if a not in keep}}
 
 
 def fmt_params(p: dict) -> str:
@@ -715,6 +716,8 @@ def markdown(data: dict) -> str:
         st = r["status"] if r["status"] == OK else f"{r['status']}: {r.get('reason', '')}".replace("|", "/")
         if r.get("floor_ms") is not None:
             sp += f" (floor {r['floor_ms']:.3f} ms)"
+        if r.get("data_wait") is not None:
+            sp += f" (data wait {100 * r['data_wait']:.1f}% of the step)"
         impl = r["impl"] + (" (baseline)" if r.get("baseline") else "") + (f" [{r['note']}]" if r.get("note") else "")
         lines.append(f"| {r['area']} | {r['case']} | {impl} | {st} "
                      f"| {ms} | {mem} | {err} | {sp} | {fmt_params(r.get('params') or {})} |")
@@ -761,7 +764,9 @@ def summary_table(data: dict) -> str:
     for area, info in data["areas"].items():
         c = counts.get(area, {})
         lines.append(f"{area:<14} {info.get('seconds', 0):>6.1f}  {c.get(OK, 0):>3} {c.get(FAILED, 0):>6} "
-                     f"{c.get(UNAVAILABLE, 0):>7} {c.get(ERROR, 0):>5}" + (f"  area error: {info['error']}" if info.get("error") else ""))
+                     f"{c.get(UNAVAILABLE, 0):>7} {c.get(ERROR, 0):>5}"
+                     + (f"  profiled {c[PROFILED]}" if c.get(PROFILED) else "")
+                     + (f"  area error: {info['error']}" if info.get("error") else ""))
     hl = headline(rows)
     if hl:
         lines.append("speed-ups (median, same run):")

@@ -142,8 +142,15 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
 
     if not seeds:
         raise ValueError("--seeds: need at least one seed")
-    if medicalnet is not None and not Path(medicalnet).is_file():
-        raise FileNotFoundError(f"--medicalnet {str(medicalnet)!r}: no such file")
+    mn_arch = None
+    if medicalnet is not None:
+        if not Path(medicalnet).is_file():
+            raise FileNotFoundError(f"--medicalnet {str(medicalnet)!r}: no such file")
+        from med3d_ext.models import infer_medicalnet_depth
+
+        # read before any training: a file that is no MedicalNet ResNet fails here, not after
+        # the pretraining (the transfer reads its depth from the file)
+        mn_arch = infer_medicalnet_depth(medicalnet)
     t_all = time.perf_counter()
     dev = resolve_device(device)
     sz = study_sizes(dev.type == "cuda", quick)
@@ -193,6 +200,9 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
             arms.append((WITH_REAL, {"pretrained": str(runs / "pretrain-real" / "last.pt"),
                                      "lr": 1e-3, "head_lr": head_lr}))
         if medicalnet is not None:
+            if mn_arch[0] != 10:
+                log(f"  note: {medicalnet} holds a ResNet-{mn_arch[0]}; the other arms train a "
+                    "ResNet-10 (same steps and data, not the same network)")
             arms.append((MEDICALNET, {"pretrained": str(medicalnet), "lr": 1e-3, "head_lr": head_lr}))
         curves: dict = {a: {} for a, _ in arms}
         times: dict = {a: [] for a, _ in arms}
@@ -218,7 +228,9 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
             lrs={"scratch": 1e-3, "pretrained_encoder": 1e-3, "pretrained_head": head_lr},
             pretrain={"steps": sz["pre_epochs"] * sz["pre_steps"], "time_s": pre["time_s"],
                       "val_dice": pre["best_score"], "seed": seeds[0]},
-            medicalnet=str(medicalnet) if medicalnet else None, data_s=t_data,
+            medicalnet=str(medicalnet) if medicalnet else None,
+            medicalnet_arch=None if mn_arch is None else {"depth": mn_arch[0], "shortcut": mn_arch[1]},
+            data_s=t_data,
             pretrain_real=None if pre_real is None else {
                 "steps": sz["pre_epochs"] * sz["pre_steps"], "time_s": pre_real["time_s"],
                 "val_dice": pre_real["best_score"]},
@@ -322,6 +334,10 @@ def markdown(s: dict) -> str:
             f"{a['dice_gain_vs_scratch']:+.3f} | {_f(a.get('time_s_mean'), '.0f')} |")
     if s.get("lrs"):
         lines += ["", f"Learning rates (AdamW, poly): {s['lrs']}."]
+    if s.get("medicalnet"):
+        arch = s.get("medicalnet_arch") or {}
+        lines += ["", f"'{MEDICALNET}': {s['medicalnet']} (ResNet-{arch.get('depth', '?')}, shortcut "
+                  f"{arch.get('shortcut', '?')}; the other arms train a ResNet-10)."]
     lines += ["", "Final Dice per seed: " + "; ".join(
         f"{arm}: " + ", ".join(f"seed {k} {_f(v)}" for k, v in zip(a["seeds"], a["final"]))
         for arm, a in s["arms"].items()) + "."]
@@ -383,11 +399,12 @@ def write_outputs(out, s: dict, log=print, stem="convergence") -> None:
 def run(ctx) -> None:
     """The ``convergence`` area: quick = 2 seeds at the quick sizes (about a minute on 2 CPU
     cores); otherwise 3 seeds at the device's sizes. One row per arm."""
-    from .common import OK, UNAVAILABLE, m3d_attr, Unavailable
+    from .common import OK, UNAVAILABLE, Unavailable, m3d_attr, optional_import
 
     try:
         m3d_attr("train")
         m3d_attr("models")
+        optional_import("nibabel")  # the synthetic 3DSeg-8 is written as NIfTI
     except Unavailable as exc:
         ctx.record("convergence", "transfer vs scratch", "med3d_ext.train", UNAVAILABLE, str(exc))
         return

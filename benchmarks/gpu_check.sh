@@ -3,46 +3,146 @@
 #
 #   OUT=/some/dir benchmarks/gpu_check.sh [AREA ...]
 #
-#  0. installs any *.whl in $WHEELS (default: shared/wheels when present; no network there);
-#  1. builds and installs med3d_ext with CUDA for sm_90 (log in $OUT/logs/build.log), makes the
-#     repository's own med3d_ext/ load that build (tests and benchmarks import from the repo
-#     root, which would otherwise shadow the installed package), prints `python -m med3d_ext.info`;
-#  2. runs the CUDA tests: pytest python_tests -m cuda -q -x (tests needing a missing package skip);
-#  3. with COMPUTE_SANITIZER=1, compute-sanitizer memcheck over $SANITIZER_TESTS (default
-#     python_tests/ops) -m cuda;
-#  4. runs `python -m benchmarks --quick --profile --device cuda --out $OUT/bench [AREA ...]`
-#     (--profile: each row's CUDA kernels per call, in results.md; BENCH_PROFILE=0 drops it);
-#  4b. with THROUGHPUT=1 (default), `python -m benchmarks.train_throughput --device cuda`: the
-#     CLI's pretraining, fused vs --no-fused, at the perf-baselines shape (only if time is left);
-#  5. packs logs and results into $OUT/gpu_check.tar.gz, writes $OUT/summary.md;
-#  6. prints a short summary table LAST.
-# No stage stops the script; it exits non-zero when the build or the tests failed. The stage
-# time limits share one budget, GPU_CHECK_BUDGET seconds (default 540), so the whole call ends
-# in time. Knobs: PYTHON, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT, BENCH_TIMEOUT, WHEELS,
-# BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the benchmarks, e.g. --with-compile), PYTEST_ARGS.
+# Stages, most important first, each under its share of one time budget (GPU_CHECK_BUDGET
+# seconds, default 540) so that a run cut short still leaves the measurements that matter most.
+# $OUT/summary.md is rewritten after EVERY stage, and the benchmarks write their results after
+# every case, so whatever ran before a kill is on disk:
+#  0. env:      $OUT/logs/env.txt; installs any *.whl in $WHEELS (default: shared/wheels, else
+#               .whl/, when present; there is no network there: bring nibabel/MONAI wheels along);
+#  1. build:    builds and installs med3d_ext with CUDA for sm_90 (logs/build.log), makes the
+#               repository's own med3d_ext/ load that build (tests and benchmarks import from the
+#               repo root, which would otherwise shadow the installed package);
+#  2. tests:    pytest python_tests -m cuda -v (under pytest-xdist when installed: a crashing
+#               test fails alone instead of ending the run; XDIST=0 turns it off);
+#  3. sanitizer (opt-in, COMPUTE_SANITIZER=1): compute-sanitizer memcheck over $SANITIZER_TESTS;
+#  4. targets:  python -m benchmarks --quick --device cuda train_step stem augment loss (the
+#               issue's target rows: ResNet-50/10 steps, the stem, the augmentation pair, the
+#               8-head loss) into $OUT/bench;
+#  5. profile:  the same areas with --profile-only (each row's CUDA kernels per call, not timed)
+#               into $OUT/bench_profile (BENCH_PROFILE=0 drops it);
+#  6. kernels:  bn_stats conv_bn_relu resample, appended to $OUT/bench;
+#  7. pipeline: the pipeline area (loader + augmentation, data-wait share), appended;
+#  8. throughput (THROUGHPUT=1, default): python -m benchmarks.train_throughput --device cuda,
+#               the CLI's pretraining fused vs --no-fused, into $OUT/bench/throughput;
+#  9. convergence: the convergence area (quick study), appended to $OUT/bench;
+#  then packs logs and results into $OUT/gpu_check.tar.gz and prints the summary LAST.
+# Stages 7-9 need nibabel, pyyaml and tqdm (the package's dependencies, which the --no-deps
+# install does not bring) and are skipped without them.
+# With AREA arguments, stage 4 runs exactly those areas (5 profiles them) and 6, 7 and 9 are
+# skipped. No stage stops the script; it exits non-zero when the build or the tests failed.
+# Knobs: PYTHON, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT,
+# TARGETS_TIMEOUT, PROFILE_TIMEOUT, KERNELS_TIMEOUT, PIPELINE_TIMEOUT, THROUGHPUT_TIMEOUT,
+# CONVERGENCE_TIMEOUT, WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
+# timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
+# takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
+# too), PYTEST_ARGS, MAXFAIL, XDIST (workers, default 4),
+# GIT_COMMIT (recorded; the copied tree on the GPU machine has no .git).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
 OUT="${OUT:-$REPO/benchmarks/results/latest}"
-mkdir -p "$OUT/logs" "$OUT/bench"
+mkdir -p "$OUT/logs" "$OUT/bench" || exit 2
 OUT="$(cd "$OUT" && pwd)"
 LOGS="$OUT/logs"
+BENCH="$OUT/bench"
+DEV="${BENCH_DEVICE:-cuda}"
 T0=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET:-540}"
+GIT_COMMIT="${GIT_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)}"
+export GIT_COMMIT  # benchmarks/common.py records it when git cannot tell
+# the synthetic 3DSeg-8 of the throughput and convergence stages: generated once, outside $OUT
+# (whose files are all sent back)
+export MED3D_EXT_CACHE="${MED3D_EXT_CACHE:-${TMPDIR:-/tmp}/med3d_ext_cache}"
+# every benchmark stage appends to one results.json: a file left by an earlier run must not mix in
+[ -f "$BENCH/results.json" ] && mv -f "$BENCH/results.json" "$BENCH/results.json.prev"
+rm -rf "$OUT/bench_profile"
 
 now() { date +%s; }
-# limit DEFAULT: the stage's time limit, at most what is left of the budget minus 20 s for packing
-limit() {
-    local left=$((BUDGET - ($(now) - T0) - 20))
-    [ "$left" -lt 10 ] && left=10
-    [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
-}
 say() { echo "[gpu_check $(($(now) - T0))s] $*"; }
+# seconds of the budget left, minus 15 s kept for the summary and the archive
+left() { echo $((BUDGET - ($(now) - T0) - 15)); }
+# stage_limit WANT MIN: prints min(WANT, what is left); fails when less than MIN is left
+stage_limit() {
+    local l
+    l=$(left)
+    [ "$l" -lt "$2" ] && return 1
+    if [ "$1" -lt "$l" ]; then echo "$1"; else echo "$l"; fi
+}
+
+STAGES=(wheels build tests sanitizer targets profile kernels pipeline throughput convergence)
+declare -A ST_STATUS ST_TIME
+for s in "${STAGES[@]}"; do ST_STATUS[$s]="not reached"; ST_TIME[$s]=""; done
+GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+
+bench_table() {  # the benchmark rows as short lines: counts, speed-ups, failures, profiles
+    "$PY" - "$BENCH/results.json" "$OUT/bench_profile/results.json" <<'EOF' 2>&1
+import json, os, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as exc:
+    print(f"no benchmark results yet ({type(exc).__name__})"); d = None
+if d is not None:
+    n = {}
+    for r in d["rows"]:
+        n[r["status"]] = n.get(r["status"], 0) + 1
+    print("rows: " + ", ".join(f"{k} {v}" for k, v in sorted(n.items())) + f" (areas: {', '.join(d['areas'])})")
+    for r in d["rows"]:
+        if r.get("baseline") or r["status"] != "ok" or not r.get("speedup") or r.get("median_ms") is None:
+            continue
+        sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
+        mem = f", {r['peak_mem_gib']:.2f} GiB" if r.get("peak_mem_gib") is not None else ""
+        note = r.get("note") or ""
+        note = f" [{note}]" if note and not note.startswith("compiled (") else ""
+        wait = f", data wait {100 * r['data_wait']:.0f}%" if r.get("data_wait") is not None else ""
+        print(f"  {r['area']}/{r['case']} {r['impl']}{note}: {r['median_ms']:.3f} ms{mem}; {sp}{wait}")
+    for r in d["rows"]:
+        if r.get("final_dice") is not None:  # the convergence area: one row per arm
+            print(f"  {r['area']}/{r['impl']}: final Dice {r['final_dice']:.3f} +- {r.get('final_dice_std') or 0:.3f}, "
+                  f"target reached at step {r.get('steps_to_target')}")
+    for r in d["rows"]:
+        if r["status"] in ("FAILED", "error"):
+            print(f"  {r['status']}: {r['area']}/{r['case']} {r['impl']}: {str(r.get('reason'))[:150]}")
+if os.path.isfile(sys.argv[2]):
+    try:
+        p = json.load(open(sys.argv[2]))
+    except Exception as exc:
+        p = {"rows": []}; print(f"profile unreadable ({type(exc).__name__})")
+    for r in p["rows"]:
+        k = r.get("kernels") or {}
+        if "per_call_us" in k:
+            top = k["top"][0] if k.get("top") else {"name": "-", "us": 0}
+            n = "" if k.get("launches") is None else f"{k['launches']:.0f} launches, "
+            print(f"  profile {r['area']}/{r['case']} {r['impl']}: {k['per_call_us']:.0f} us, "
+                  f"{n}top {top['us']:.0f} us {top['name'][:60]}")
+EOF
+}
+
+write_summary() {  # after every stage: a run killed later still has this
+    {
+        echo "# gpu_check summary"
+        echo
+        echo "$GPU_NAME; $(grep -m1 '^torch' "$LOGS/env.txt" 2>/dev/null); git ${GIT_COMMIT:-?}; $(($(now) - T0))s so far of ${BUDGET}s"
+        echo
+        echo "| stage | status | time |"
+        echo "|---|---|---|"
+        for s in "${STAGES[@]}"; do echo "| $s | ${ST_STATUS[$s]} | ${ST_TIME[$s]} |"; done
+        echo
+        echo '```'
+        bench_table
+        echo '```'
+    } > "$OUT/summary.md.tmp" && mv -f "$OUT/summary.md.tmp" "$OUT/summary.md"
+}
+status() {  # status STAGE TEXT [TIME]
+    ST_STATUS[$1]="$2"
+    ST_TIME[$1]="${3:-}"
+    say "$1: $2${3:+ ($3)}"
+    write_summary
+}
 
 # ---------------------------------------------------------------- 0. environment, wheels
 {
-    echo "date: $(date -u +%FT%TZ)"; echo "repo: $REPO"; echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"
+    echo "date: $(date -u +%FT%TZ)"; echo "repo: $REPO"; echo "git: ${GIT_COMMIT:-?}"
     nvidia-smi -L 2>&1; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
     "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
     command -v nvcc >/dev/null && nvcc --version | tail -2
@@ -51,29 +151,34 @@ say "$(grep -m1 '^torch' "$LOGS/env.txt")"
 
 WHEELS="${WHEELS:-}"
 [ -z "$WHEELS" ] && [ -d "$REPO/shared/wheels" ] && WHEELS="$REPO/shared/wheels"
-WHEEL_STATUS="none"
-if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+[ -z "$WHEELS" ] && [ -d "$REPO/.whl" ] && WHEELS="$REPO/.whl"
+if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+    NWHL=$(find "$WHEELS" -maxdepth 1 -name '*.whl' | wc -l)
     # resolve dependencies among the carried wheels; fall back to --no-deps if one is missing
     if "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl > "$LOGS/wheels.log" 2>&1 ||
        "$PY" -m pip install --no-index --no-deps "$WHEELS"/*.whl >> "$LOGS/wheels.log" 2>&1; then
-        WHEEL_STATUS="ok ($(ls "$WHEELS"/*.whl | wc -l) wheels)"
+        status wheels "ok ($NWHL wheels)"
     else
-        WHEEL_STATUS="FAILED (see logs/wheels.log)"
+        status wheels "FAILED (see logs/wheels.log)"
     fi
-    say "wheels: $WHEEL_STATUS"
+else
+    status wheels "none"
 fi
+# the data stages (pipeline, throughput, convergence) write NIfTI volumes (nibabel) and train
+# through med3d_ext.train (pyyaml, tqdm): the package's own dependencies, which
+# `pip install --no-deps` does not bring
+DATA_MISSING="$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("nibabel", "yaml", "tqdm") if u.find_spec(m) is None))' 2>&1)"
 
 # ---------------------------------------------------------------- 1. build + install
 say "build: pip install with CUDA (log: logs/build.log)"
 B0=$(now)
+BLIM=$(stage_limit "${BUILD_TIMEOUT:-330}" 30) || BLIM=30
 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" \
-    timeout "$(limit "${BUILD_TIMEOUT:-330}")" "$PY" -m pip install --no-build-isolation --no-deps --no-index . \
+    timeout -k 10 "$BLIM" "$PY" -m pip install --no-build-isolation --no-deps --no-index . \
     -Ccmake.define.WITH_CUDA=ON > "$LOGS/build.log" 2>&1
 BUILD_RC=$?
-BUILD_S=$(($(now) - B0))
 EXT="not loaded"
 if [ $BUILD_RC -eq 0 ]; then
-    BUILD_STATUS="ok"
     # The installed package lives in site-packages; tests and benchmarks run from the repo root,
     # where the source folder med3d_ext/ comes first on sys.path. Put the built module next to
     # the sources (what .ci/dev_build.sh does), so both import the same, installed build.
@@ -92,154 +197,169 @@ if [ $BUILD_RC -eq 0 ]; then
     } >> "$LOGS/info.txt" 2>&1
     cat "$LOGS/info.txt"
     EXT="$("$PY" -c 'from med3d_ext import _extension as e; b = e.build_info(); print("loaded, CUDA %s, archs %s" % (b.get("cuda_version"), b.get("cuda_archs")) if e.available() else "NOT loaded: %s" % e.LOAD_ERROR)' 2>&1 | tail -1)"
+    status build "ok; extension $EXT" "$(($(now) - B0))s"
 else
-    BUILD_STATUS="FAILED (rc $BUILD_RC$([ $BUILD_RC -eq 124 ] && echo ', timeout'))"
     echo "---- tail of logs/build.log ----"; tail -40 "$LOGS/build.log"
+    status build "FAILED (rc $BUILD_RC$( [ $BUILD_RC -eq 124 ] && echo ', timeout')); benchmarks time the reference fallback" "$(($(now) - B0))s"
 fi
-say "build: $BUILD_STATUS in ${BUILD_S}s; extension $EXT"
 
 # ---------------------------------------------------------------- 2. CUDA tests
-junit_counts() {  # file -> "passed P failed F errors E skipped S"
-    "$PY" - "$1" <<'EOF' 2>/dev/null || echo "no junit report"
+junit_counts() {  # junit file, log file -> "passed P failed F errors E skipped S"
+    "$PY" - "$1" <<'EOF' 2>/dev/null && return
 import sys, xml.etree.ElementTree as ET
 r = ET.parse(sys.argv[1]).getroot()
 s = r if r.tag == "testsuite" else r.find("testsuite")
 t, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
 print(f"passed {t - f - e - k} failed {f} errors {e} skipped {k}")
 EOF
+    # no junit report (killed or crashed): count the per-test result words of pytest -v
+    echo "no junit report; from the log: passed $(grep -cE ' PASSED( |$)' "$2") failed $(grep -cE ' FAILED( |$)' "$2") errors $(grep -cE ' ERROR( |$)' "$2") skipped $(grep -cE ' SKIPPED( |$)' "$2")"
 }
-TEST_STATUS="not run (build failed)"; TEST_COUNTS=""; TEST_S=0
-if [ $BUILD_RC -eq 0 ]; then
-    say "tests: pytest python_tests -m cuda -q -x (log: logs/pytest.log)"
+TEST_OK=0
+if [ $BUILD_RC -ne 0 ]; then
+    status tests "not run (build failed)"
+elif ! TLIM=$(stage_limit "${TEST_TIMEOUT:-150}" 30); then
+    status tests "skipped (budget: $(left)s left)"
+else
+    XDIST_ARGS=()
+    if [ "${XDIST:-4}" != 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
+        XDIST_ARGS=(-n "${XDIST:-4}")
+    fi
+    say "tests: pytest python_tests -m cuda ${XDIST_ARGS[*]:-} (log: logs/pytest.log)"
     S0=$(now)
+    rm -f "$LOGS/pytest.xml"  # counts must not come from an earlier run's report
     # shellcheck disable=SC2086
-    timeout "$(limit "${TEST_TIMEOUT:-150}")" "$PY" -m pytest python_tests -m cuda -q --maxfail="${MAXFAIL:-30}" -p no:cacheprovider \
-        --junitxml="$LOGS/pytest.xml" ${PYTEST_ARGS:-} > "$LOGS/pytest.log" 2>&1
+    # --continue-on-collection-errors: a test module importing a package missing there (e.g.
+    # pyyaml) must not stop every CUDA test from running
+    timeout -k 10 "$TLIM" "$PY" -m pytest python_tests -m cuda -v -rfE --tb=short --maxfail="${MAXFAIL:-30}" \
+        --continue-on-collection-errors -p no:cacheprovider --junitxml="$LOGS/pytest.xml" ${XDIST_ARGS[@]+"${XDIST_ARGS[@]}"} \
+        ${PYTEST_ARGS:-} > "$LOGS/pytest.log" 2>&1
     TEST_RC=$?
-    TEST_S=$(($(now) - S0))
-    TEST_COUNTS="$(junit_counts "$LOGS/pytest.xml")"
+    COUNTS="$(junit_counts "$LOGS/pytest.xml" "$LOGS/pytest.log")"
     case $TEST_RC in
-        0) TEST_STATUS="ok" ;;
-        5) TEST_STATUS="ok (no cuda tests collected)" ;;
-        124) TEST_STATUS="FAILED (timeout)" ;;
-        *) TEST_STATUS="FAILED (rc $TEST_RC)" ;;
+        0) ST="ok"; TEST_OK=1 ;;
+        5) ST="ok (no cuda tests collected)"; TEST_OK=1 ;;
+        124|137) ST="FAILED (timeout after ${TLIM}s)" ;;
+        1) ST="FAILED" ;;
+        *) # a signal (e.g. 139 = SIGSEGV) ends pytest itself: name the test that was running
+           LAST="$(grep -oE '^python_tests/[^ ]+::[^ ]+' "$LOGS/pytest.log" | tail -1)"
+           ST="CRASHED (rc $TEST_RC) in ${LAST:-?}" ;;
     esac
-    [ $TEST_RC -ne 0 ] && [ $TEST_RC -ne 5 ] && { echo "---- tail of logs/pytest.log ----"; tail -30 "$LOGS/pytest.log"; }
-    say "tests: $TEST_STATUS in ${TEST_S}s: $TEST_COUNTS"
+    [ $TEST_OK -eq 0 ] && { echo "---- tail of logs/pytest.log ----"; tail -30 "$LOGS/pytest.log"; }
+    status tests "$ST; $COUNTS" "$(($(now) - S0))s"
 fi
 
 # ---------------------------------------------------------------- 3. compute-sanitizer (opt-in)
-SAN_STATUS="skipped (COMPUTE_SANITIZER=1 to run)"
-if [ "${COMPUTE_SANITIZER:-0}" = 1 ] && [ $BUILD_RC -eq 0 ]; then
-    if command -v compute-sanitizer >/dev/null; then
-        say "compute-sanitizer memcheck on ${SANITIZER_TESTS:-python_tests/ops}"
+if [ "${COMPUTE_SANITIZER:-0}" != 1 ]; then
+    status sanitizer "skipped (COMPUTE_SANITIZER=1 to run)"
+elif [ $BUILD_RC -ne 0 ]; then
+    status sanitizer "not run (build failed)"
+elif ! command -v compute-sanitizer >/dev/null; then
+    status sanitizer "compute-sanitizer not found"
+elif ! SLIM=$(stage_limit "${SANITIZER_TIMEOUT:-120}" 30); then
+    status sanitizer "skipped (budget: $(left)s left)"
+else
+    say "sanitizer: compute-sanitizer memcheck on ${SANITIZER_TESTS:-python_tests/ops}"
+    S0=$(now)
+    # shellcheck disable=SC2086
+    timeout -k 10 "$SLIM" compute-sanitizer --tool memcheck --error-exitcode 99 \
+        "$PY" -m pytest ${SANITIZER_TESTS:-python_tests/ops} -m cuda -q -x -p no:cacheprovider \
+        -k "${SANITIZER_K:-not compile and not opcheck}" > "$LOGS/sanitizer.log" 2>&1
+    SAN_RC=$?
+    case $SAN_RC in
+        0) ST="ok ($(grep -m1 'ERROR SUMMARY' "$LOGS/sanitizer.log" || echo 'no errors'))" ;;
+        99) ST="FAILED: $(grep -m1 'ERROR SUMMARY' "$LOGS/sanitizer.log")" ;;
+        124|137) ST="timeout (partial log)" ;;
+        *) ST="rc $SAN_RC (see logs/sanitizer.log)" ;;
+    esac
+    status sanitizer "$ST" "$(($(now) - S0))s"
+fi
+
+# ---------------------------------------------------------------- 4.-9. benchmarks
+# bench STAGE WANT MIN ARGS...: one `python -m benchmarks --quick --device $DEV ARGS...` under
+# min(WANT, budget left) seconds; skipped when less than MIN seconds are left
+bench() {
+    local stage=$1 want=$2 min=$3 lim s0 rc st
+    shift 3
+    if ! lim=$(stage_limit "$want" "$min"); then status "$stage" "skipped (budget: $(left)s left)"; return; fi
+    say "$stage: python -m benchmarks --quick --device $DEV $* (log: logs/$stage.log)"
+    s0=$(now)
+    timeout -k 10 "$lim" "$PY" -m benchmarks --quick --device "$DEV" "$@" > "$LOGS/$stage.log" 2>&1
+    rc=$?
+    case $rc in
+        0) st="ok" ;;
+        124|137) st="timeout after ${lim}s (results up to the last finished case kept)" ;;
+        *) st="rc $rc (see logs/$stage.log)"; tail -15 "$LOGS/$stage.log" ;;
+    esac
+    status "$stage" "$st" "$(($(now) - s0))s"
+}
+NO_NIB="skipped (not installed: ${DATA_MISSING}; carry the wheels in WHEELS)"
+# shellcheck disable=SC2086  # BENCH_ARGS and the area lists are word lists
+if [ $# -gt 0 ]; then
+    bench targets "${TARGETS_TIMEOUT:-240}" 30 --out "$BENCH" --append ${BENCH_ARGS:-} "$@"
+    PROFILE_AREAS="$*"
+else
+    bench targets "${TARGETS_TIMEOUT:-200}" 30 --out "$BENCH" --append ${BENCH_ARGS:-} train_step stem augment loss
+    PROFILE_AREAS="train_step stem augment loss"
+fi
+if [ "${BENCH_PROFILE:-1}" = 1 ]; then
+    # shellcheck disable=SC2086
+    bench profile "${PROFILE_TIMEOUT:-90}" 30 --out "$OUT/bench_profile" --profile-only ${PROFILE_ARGS:-} $PROFILE_AREAS
+else
+    status profile "skipped (BENCH_PROFILE=0)"
+fi
+if [ $# -gt 0 ]; then
+    for s in kernels pipeline convergence; do status "$s" "skipped (areas given: $*)"; done
+else
+    # shellcheck disable=SC2086
+    bench kernels "${KERNELS_TIMEOUT:-90}" 20 --out "$BENCH" --append ${BENCH_ARGS:-} bn_stats conv_bn_relu resample
+    if [ -z "$DATA_MISSING" ]; then
         # shellcheck disable=SC2086
-        timeout "$(limit "${SANITIZER_TIMEOUT:-120}")" compute-sanitizer --tool memcheck --error-exitcode 99 \
-            "$PY" -m pytest ${SANITIZER_TESTS:-python_tests/ops} -m cuda -q -x -p no:cacheprovider \
-            -k "${SANITIZER_K:-not compile and not opcheck}" > "$LOGS/sanitizer.log" 2>&1
-        SAN_RC=$?
-        case $SAN_RC in
-            0) SAN_STATUS="ok ($(grep -m1 'ERROR SUMMARY' "$LOGS/sanitizer.log" || echo 'no errors'))" ;;
-            99) SAN_STATUS="FAILED: $(grep -m1 'ERROR SUMMARY' "$LOGS/sanitizer.log")" ;;
-            124) SAN_STATUS="timeout (partial log)" ;;
-            *) SAN_STATUS="rc $SAN_RC (see logs/sanitizer.log)" ;;
-        esac
+        bench pipeline "${PIPELINE_TIMEOUT:-90}" 30 --out "$BENCH" --append ${BENCH_ARGS:-} pipeline
     else
-        SAN_STATUS="compute-sanitizer not found"
+        status pipeline "$NO_NIB"
     fi
-    say "sanitizer: $SAN_STATUS"
 fi
 
-# ---------------------------------------------------------------- 4. benchmarks
-PROFILE_ARG=""
-[ "${BENCH_PROFILE:-1}" = 1 ] && PROFILE_ARG="--profile"
-say "benchmarks: python -m benchmarks --quick $PROFILE_ARG --device ${BENCH_DEVICE:-cuda} ${BENCH_ARGS:-} $* (log: logs/bench.log)"
-Q0=$(now)
-# shellcheck disable=SC2086
-timeout "$(limit "${BENCH_TIMEOUT:-270}")" "$PY" -m benchmarks --quick $PROFILE_ARG --device "${BENCH_DEVICE:-cuda}" --out "$OUT/bench" \
-    ${BENCH_ARGS:-} "$@" > "$LOGS/bench.log" 2>&1
-BENCH_RC=$?
-BENCH_S=$(($(now) - Q0))
-case $BENCH_RC in
-    0) BENCH_STATUS="ok" ;;
-    124) BENCH_STATUS="timeout (partial results kept)" ;;
-    *) BENCH_STATUS="rc $BENCH_RC"; tail -20 "$LOGS/bench.log" ;;
-esac
-
-# ---------------------------------------------------------------- 4b. CLI pretraining throughput
-TP_STATUS="skipped (THROUGHPUT=0)"
-if [ "${THROUGHPUT:-1}" = 1 ] && [ $BUILD_RC -eq 0 ]; then
-    TP_LIMIT="$(limit "${THROUGHPUT_TIMEOUT:-150}")"
-    if [ "$TP_LIMIT" -ge 60 ]; then
-        say "throughput: python -m benchmarks.train_throughput --device ${BENCH_DEVICE:-cuda} (log: logs/throughput.log)"
-        timeout "$TP_LIMIT" "$PY" -m benchmarks.train_throughput --device "${BENCH_DEVICE:-cuda}" \
-            --out "$OUT/bench/throughput" > "$LOGS/throughput.log" 2>&1
-        TP_RC=$?
-        case $TP_RC in
-            0) TP_STATUS="ok: $(grep -m1 'fused / plain' "$OUT/bench/throughput/throughput.md")" ;;
-            124) TP_STATUS="timeout" ;;
-            *) TP_STATUS="rc $TP_RC (see logs/throughput.log)" ;;
-        esac
-    else
-        TP_STATUS="skipped (only ${TP_LIMIT}s of the budget left)"
-    fi
-    say "throughput: $TP_STATUS"
+if [ "${THROUGHPUT:-1}" != 1 ]; then
+    status throughput "skipped (THROUGHPUT=0)"
+elif [ -n "$DATA_MISSING" ]; then
+    status throughput "$NO_NIB"
+elif ! TPLIM=$(stage_limit "${THROUGHPUT_TIMEOUT:-150}" 60); then
+    status throughput "skipped (budget: $(left)s left)"
+else
+    say "throughput: python -m benchmarks.train_throughput --device $DEV (log: logs/throughput.log)"
+    S0=$(now)
+    timeout -k 10 "$TPLIM" "$PY" -m benchmarks.train_throughput --device "$DEV" \
+        --out "$BENCH/throughput" > "$LOGS/throughput.log" 2>&1
+    TP_RC=$?
+    case $TP_RC in
+        0) ST="ok: $(grep -m1 'fused / plain' "$BENCH/throughput/throughput.md")" ;;
+        124|137) ST="timeout after ${TPLIM}s" ;;
+        *) ST="rc $TP_RC (see logs/throughput.log)"; tail -15 "$LOGS/throughput.log" ;;
+    esac
+    status throughput "$ST" "$(($(now) - S0))s"
 fi
 
-# ---------------------------------------------------------------- 5./6. summary, archive
-BENCH_TABLE="$("$PY" - "$OUT/bench/results.json" <<'EOF' 2>&1
-import json, sys
-try:
-    d = json.load(open(sys.argv[1]))
-except Exception as exc:
-    print(f"no benchmark results ({exc})"); sys.exit()
-n = {}
-for r in d["rows"]:
-    n[r["status"]] = n.get(r["status"], 0) + 1
-print("rows: " + ", ".join(f"{k} {v}" for k, v in sorted(n.items())))
-for r in d["rows"]:
-    if r.get("baseline") or r["status"] != "ok" or not r.get("speedup"):
-        continue
-    sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
-    mem = f", {r['peak_mem_gib']:.2f} GiB" if r.get("peak_mem_gib") is not None else ""
-    note = r.get("note") or ""
-    note = f" [{note}]" if note and not note.startswith("compiled (") else ""
-    print(f"  {r['area']}/{r['case']} {r['impl']}{note}: {r['median_ms']:.3f} ms{mem}; {sp}")
-for r in d["rows"]:
-    if r["status"] in ("FAILED", "error"):
-        print(f"  {r['status']}: {r['area']}/{r['case']} {r['impl']}: {str(r.get('reason'))[:150]}")
-EOF
-)"
-TOTAL_S=$(($(now) - T0))
-GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
-{
-    echo "# gpu_check summary"
-    echo
-    echo "$GPU_NAME; $(grep -m1 '^torch' "$LOGS/env.txt"); git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); total ${TOTAL_S}s"
-    echo
-    echo "| stage | status | time |"
-    echo "|---|---|---|"
-    echo "| wheels | $WHEEL_STATUS | |"
-    echo "| build | $BUILD_STATUS; extension $EXT | ${BUILD_S}s |"
-    echo "| CUDA tests | $TEST_STATUS; $TEST_COUNTS | ${TEST_S}s |"
-    echo "| sanitizer | $SAN_STATUS | |"
-    echo "| benchmarks | $BENCH_STATUS | ${BENCH_S}s |"
-    echo "| CLI throughput | $TP_STATUS | |"
-    echo
-    echo '```'
-    echo "$BENCH_TABLE"
-    echo '```'
-} > "$OUT/summary.md"
-tar czf "$OUT/gpu_check.tar.gz" -C "$OUT" logs bench summary.md 2>/dev/null
+if [ $# -eq 0 ]; then
+    if [ -z "$DATA_MISSING" ]; then
+        # shellcheck disable=SC2086
+        bench convergence "${CONVERGENCE_TIMEOUT:-120}" 40 --out "$BENCH" --append ${BENCH_ARGS:-} convergence
+    else
+        status convergence "$NO_NIB"
+    fi
+fi
+
+# ---------------------------------------------------------------- summary, archive
+write_summary
+PACK=(logs bench summary.md)
+[ -d "$OUT/bench_profile" ] && PACK+=(bench_profile)
+tar czf "$OUT/gpu_check.tar.gz" -C "$OUT" "${PACK[@]}" 2>/dev/null
 echo
-echo "==== gpu_check: $GPU_NAME, ${TOTAL_S}s; archive $OUT/gpu_check.tar.gz ===="
-echo "build       $BUILD_STATUS (${BUILD_S}s); extension $EXT"
-echo "tests       $TEST_STATUS (${TEST_S}s): $TEST_COUNTS"
-echo "sanitizer   $SAN_STATUS"
-echo "benchmarks  $BENCH_STATUS (${BENCH_S}s)"
-echo "throughput  $TP_STATUS"
-echo "$BENCH_TABLE"
+echo "==== gpu_check: $GPU_NAME, $(($(now) - T0))s; archive $OUT/gpu_check.tar.gz ===="
+for s in "${STAGES[@]}"; do printf '%-12s %s %s\n' "$s" "${ST_STATUS[$s]}" "${ST_TIME[$s]}"; done
+bench_table
 FAIL=0
 [ $BUILD_RC -ne 0 ] && FAIL=1
-case "$TEST_STATUS" in ok*) ;; *) FAIL=1 ;; esac
+[ $TEST_OK -eq 1 ] || FAIL=1
 exit $FAIL

@@ -77,8 +77,8 @@ def render_run(name: str, data: dict) -> str:
              "|---|---|---|---|---|---|"]
     missing = []
     for r in rows:
-        if r.get("baseline") or r.get("impl") == "-":
-            continue
+        if r.get("baseline") or r.get("impl") == "-" or r.get("status") == "profiled":
+            continue  # profiled rows (--profile-only) are not measurements
         if r.get("status") != "ok":
             missing.append(f"{r['area']}/{r['case']} {r['impl']}: {r.get('status')}")
             continue

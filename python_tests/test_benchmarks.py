@@ -376,6 +376,10 @@ def test_summarize_windows_skips_the_first():
     assert s["samples_s"] == 5.0 and s["voxels_s"] == 50.0 and s["windows"] == 2
     assert abs(s["data_wait"] - 0.2) < 1e-12 and s["steps"] == 6
     assert summarize_windows(rows[:1])["samples_s"] == 1.0
+    # 3 prefetched batches: the window of steps 3-4 still started inside them
+    s = summarize_windows(rows, prefetched=3)
+    assert s["samples_s"] == 6.0 and s["windows"] == 1
+    assert summarize_windows(rows, prefetched=100)["windows"] == 2  # none left: all after the first
     with pytest.raises(ValueError, match="no training windows"):
         summarize_windows([])
 

@@ -1,0 +1,50 @@
+"""benchmarks/gpu_check.sh, the one script a (rare, short) GPU session runs, end to end on the
+CPU: a bug in it would waste the whole session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import common
+
+
+def test_gpu_check_script_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh end to end on the CPU (BENCH_DEVICE=cpu) with a stand-in python
+    whose `pip install` does nothing and whose pytest runs one small CUDA-marked test: the stages
+    run in order, the summary and one results file are written, the exit code is 0."""
+    repo = Path(__file__).resolve().parents[1]
+    tests = tmp_path / "cuda_tests"
+    tests.mkdir()
+    (tests / "test_one.py").write_text("import pytest\n\n@pytest.mark.cuda\ndef test_one():\n    assert 1\n")
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "${{1:-}}" = -m ] && [ "${{2:-}}" = pip ]; then exit 0; fi
+if [ "${{1:-}}" = -m ] && [ "${{2:-}}" = pytest ]; then
+  shift 2; a=(); for x in "$@"; do [ "$x" = python_tests ] && x={tests}; a+=("$x"); done
+  exec {sys.executable} -m pytest "${{a[@]}}"
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(fake), BENCH_DEVICE="cpu", THROUGHPUT="0",
+               GIT_COMMIT="abc1234", OMP_NUM_THREADS="1")
+    p = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "bn_stats"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    for stage, status in [("build", "ok"), ("tests", "ok; passed 1 failed 0"), ("targets", "ok"), ("profile", "ok"),
+                          ("kernels", "skipped (areas given"), ("throughput", "skipped (THROUGHPUT=0)")]:
+        assert f"| {stage} | {status}" in summary, (stage, summary)
+    data = json.loads((out / "bench" / "results.json").read_text())
+    assert data["env"]["git_commit"] and {r["area"] for r in data["rows"]} == {"bn_stats"}
+    prof = json.loads((out / "bench_profile" / "results.json").read_text())
+    assert prof["rows"] and all(r["status"] == common.PROFILED for r in prof["rows"])
+    tail = p.stdout.strip().splitlines()
+    assert any(line.startswith("  bn_stats/") and "x vs eager torch.var_mean" in line for line in tail[-6:])
+    assert any(line.startswith("  profile bn_stats/") for line in tail[-4:])
+    assert (out / "gpu_check.tar.gz").stat().st_size > 0
