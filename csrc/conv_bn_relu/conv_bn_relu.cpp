@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <string>
 
 #include "conv_bn_relu.h"
@@ -68,7 +69,10 @@ at::MemoryFormat check_conv_bn_relu_args(const char* op, const at::Tensor& x,
     check_same_device(op, "residual", r, x);
     M3D_CHECK_ARG(r.sizes() == at::IntArrayRef(out_sizes), op, "residual", r,
                   "of the output's shape " + sizes_str(out_sizes));
-    check_float(op, "residual", r);
+    // x's dtype: the reference would promote (e.g. a float64 residual gives a float64 output),
+    // a silent cast would not; under autocast the Python wrapper casts the residual first.
+    M3D_CHECK_ARG(r.scalar_type() == x.scalar_type(), op, "residual", r,
+                  std::string("of the same dtype as x (") + c10::toString(x.scalar_type()) + ")");
   }
   return (is_channels_last_3d(x) || is_channels_last_3d(weight)) ? at::MemoryFormat::ChannelsLast3d
                                                                  : at::MemoryFormat::Contiguous;
@@ -98,6 +102,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats(
     return {mean, (var + eps).rsqrt(), var};
   }
   const int64_t C = y.size(1), n = C ? y.numel() / C : 0;
+  if (n == 0) {
+    // An empty batch: F.batch_norm returns an empty output and leaves the running statistics
+    // alone; the statistics of nothing are NaN (as bn_stats') and the wrapper skips the update.
+    auto nan = at::full({C}, std::numeric_limits<double>::quiet_NaN(),
+                        y.options().dtype(acc_dtype(y)));
+    return {nan, nan.clone(), nan.clone()};
+  }
   M3D_CHECK(n > 1, "Expected more than 1 value per channel when training, got input size ",
               y.sizes());
   static auto stats = c10::Dispatcher::singleton()

@@ -77,6 +77,8 @@ def _space_to_depth_conv(x, weight, padding):
 def _check_batch_size(x, weight, stride, padding, dilation):
     """F.batch_norm's error (a ValueError) for one value per channel in training; shapes that
     are invalid for the convolution are left to the op's own, more specific check."""
+    if min(stride) <= 0 or min(dilation) <= 0:
+        return  # the op's argument check names them
     shape = [x.shape[0], weight.shape[0]]
     for i in range(3):
         span = dilation[i] * (weight.shape[2 + i] - 1) + 1
@@ -146,8 +148,9 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
         stride, padding = [1, 1, 1], [0, 0, 0]
     out, _y, mean, _invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                      residual, stride, padding, dilation, training, eps, relu)
-    if training and running_mean is not None:
-        # (1 - momentum) * running + momentum * batch, as F.batch_norm; one foreach launch each
+    if training and running_mean is not None and out.numel() > 0:
+        # (1 - momentum) * running + momentum * batch, as F.batch_norm; one foreach launch each.
+        # An empty batch leaves them alone, as F.batch_norm does (its statistics are NaN).
         bufs = [running_mean] + ([running_var] if running_var is not None else [])
         new = [mean.to(running_mean.dtype)] + ([var.to(running_var.dtype)] if bufs[1:] else [])
         with torch.no_grad():
@@ -188,6 +191,8 @@ def _is_cl(t: torch.Tensor) -> bool:
 def _out_shape(x, weight, stride, padding, dilation):
     torch._check(x.dim() == 5, lambda: f"conv_bn_relu3d: x must be 5-D, got {tuple(x.shape)}")
     torch._check(weight.dim() == 5, lambda: "conv_bn_relu3d: weight must be 5-D")
+    if min(stride) <= 0 or min(dilation) <= 0:
+        return  # the op's argument check names them
     shape = [x.shape[0], weight.shape[0]]
     for i in range(3):
         span = dilation[i] * (weight.shape[2 + i] - 1) + 1

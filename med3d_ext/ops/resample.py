@@ -184,7 +184,7 @@ def affine_resample_pair(image: torch.Tensor, label: torch.Tensor, theta: torch.
 
     Returns:
         ``(image_out (N, C, D, H, W), label_out)`` with label_out of label's rank and dtype on
-        ``label_size``. Not differentiable (an augmentation step).
+        ``label_size``. Not differentiable (an augmentation step): a backward through it raises.
     """
     p = _choice("padding_mode", padding_mode, _PADDINGS)
     _check_image(image, True, "affine_resample_pair")
@@ -225,6 +225,21 @@ def _pair_fake(image, label, theta, size, label_size, elastic=None, intensity=No
                padding_mode=0, align_corners=False):
     return (image.new_empty(list(size)),
             label.new_empty([label.shape[0], label.shape[1], *label_size]))
+
+
+def _pair_setup(ctx, inputs, output):
+    pass
+
+
+def _pair_backward(ctx, grad_image, grad_label):
+    # Without this, autograd's fallback would hand back no gradient with only a warning: a
+    # network fed an image that requires grad would silently stop training it.
+    raise NotImplementedError(
+        "med3d_ext.affine_resample_pair is not differentiable (an augmentation step); detach "
+        "its inputs, or use affine_resample for a gradient with respect to the image")
+
+
+register_autograd("affine_resample_pair", _pair_backward, _pair_setup)
 
 
 # ------------------------------------------------------------------------------------ resize
