@@ -608,3 +608,20 @@ def test_conv_bias_relu3d_autocast(device):
     assert out.dtype == torch.bfloat16
     assert_low_precision_close(out.float(), low.float(), ref, factor=2.0, floor=1e-2)
     _assert_low_precision_grads(g, lg, rg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pure_low_precision_without_autocast(device, dtype):
+    # a model converted with .to(dtype): every argument and the running buffers in dtype; the
+    # output and the updated buffers as accurate as PyTorch's own in dtype (tolerance policy)
+    args = _inputs(device, torch.float32, (8, 16, 3, 1, 1, 1, (6, 5, 8)), residual=True)
+    go = _flip_free_grad_out(*args)
+    low_args = [a.to(dtype) if torch.is_tensor(a) else a for a in args]
+    out, grads, rm, rv, _ = _run(m3d.ops.conv_bn_relu3d, *low_args, True, True, go.to(dtype))
+    low, lgrads, lrm, lrv, _ = _run(reference.conv_bn_relu3d, *low_args, True, True, go.to(dtype))
+    ref, rgrads, rrm, rrv, _ = _run(reference.conv_bn_relu3d, *args, True, True, go)
+    assert out.dtype == rm.dtype == rv.dtype == dtype
+    for ours, plain, exact in ((out, low, ref), (rm, lrm, rrm), (rv, lrv, rrv)):
+        assert_low_precision_close(ours.float(), plain.float(), exact, factor=2.0, floor=1e-2)
+    _assert_low_precision_grads(grads, lgrads, rgrads)
