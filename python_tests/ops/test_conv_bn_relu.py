@@ -463,9 +463,14 @@ def test_every_argument_non_contiguous(device, training):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
-def test_empty_batch_training(device, cl):
+@pytest.mark.parametrize("s2d", [False, True], ids=["direct", "space_to_depth"])
+def test_empty_batch_training(device, cl, s2d, monkeypatch):
     # F.batch_norm on an empty batch: an empty output, running statistics untouched, zero
-    # parameter gradients (it raises only for exactly one value per channel)
+    # parameter gradients (it raises only for exactly one value per channel); CONFIGS[1] is
+    # stride 2 with Cin 4, so the stem rewrite may take it
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", s2d)
     x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[1], n=0, residual=True,
                                           cl=cl)
     out, grads, rm1, rv1, go = _run(m3d.ops.conv_bn_relu3d, x, w, bw, bb, rm, rv, r, kw, True,
