@@ -191,8 +191,9 @@ def _is_cl(t: torch.Tensor) -> bool:
 def _out_shape(x, weight, stride, padding, dilation):
     torch._check(x.dim() == 5, lambda: f"conv_bn_relu3d: x must be 5-D, got {tuple(x.shape)}")
     torch._check(weight.dim() == 5, lambda: "conv_bn_relu3d: weight must be 5-D")
-    if min(stride) <= 0 or min(dilation) <= 0:
-        return  # the op's argument check names them
+    torch._check(min(stride) > 0 and min(dilation) > 0 and min(padding) >= 0, lambda: (
+        "conv_bn_relu3d: stride and dilation must be positive and padding non-negative, got "
+        f"stride={list(stride)} padding={list(padding)} dilation={list(dilation)}"))
     shape = [x.shape[0], weight.shape[0]]
     for i in range(3):
         span = dilation[i] * (weight.shape[2 + i] - 1) + 1

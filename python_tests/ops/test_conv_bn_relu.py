@@ -591,6 +591,11 @@ def test_conv_bias_relu3d_compile_parity(device):
         results.append([loss] + [t.grad for t in leaves])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the fake kernel checks the convolution arguments too (it used to divide by zero)
+    bad = torch.compile(lambda x, w: m3d.ops.conv_bias_relu3d(x, w, None, stride=(1, 0, 1)),
+                        fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="stride and dilation must be positive"):
+        bad(x, w)
 
 
 @pytest.mark.parametrize("device", DEVICES)
