@@ -69,10 +69,7 @@ at::MemoryFormat check_conv_bn_relu_args(const char* op, const at::Tensor& x,
     check_same_device(op, "residual", r, x);
     M3D_CHECK_ARG(r.sizes() == at::IntArrayRef(out_sizes), op, "residual", r,
                   "of the output's shape " + sizes_str(out_sizes));
-    // x's dtype: the reference would promote (e.g. a float64 residual gives a float64 output),
-    // a silent cast would not; under autocast the Python wrapper casts the residual first.
-    M3D_CHECK_ARG(r.scalar_type() == x.scalar_type(), op, "residual", r,
-                  std::string("of the same dtype as x (") + c10::toString(x.scalar_type()) + ")");
+    check_float(op, "residual", r);
   }
   return (is_channels_last_3d(x) || is_channels_last_3d(weight)) ? at::MemoryFormat::ChannelsLast3d
                                                                  : at::MemoryFormat::Contiguous;

@@ -110,7 +110,9 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
         training: batch statistics (True) or running statistics (False).
         momentum: running-stat update factor (for BatchNorm's cumulative average,
             ``momentum=None``, pass ``1 / num_batches_tracked`` as the module does).
-        residual: optional (N, Cout, D', H', W') added after BatchNorm, before the ReLU.
+        residual: optional (N, Cout, D', H', W') added after BatchNorm, before the ReLU; any
+            floating dtype, cast to the output's (x's) dtype, so unlike ``out + residual`` a
+            residual of a wider dtype does not promote the output.
         relu: apply the ReLU.
 
     Returns:

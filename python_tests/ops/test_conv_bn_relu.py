@@ -505,11 +505,8 @@ def test_bad_input_every_argument(device):
     f = m3d.ops.conv_bn_relu3d
     with pytest.raises(RuntimeError, match=r"'weight' must be 5-D.*\[8, 3, 3, 3\]"):
         f(x, w[..., 0], bw, bb, rm, rv, **kw)
-    with pytest.raises(RuntimeError, match=r"'residual' must be of the same dtype as x \(Float\)"
-                                           r".*Double"):
-        f(x, w, bw, bb, rm, rv, residual=r.double(), **kw)
-    with pytest.raises(RuntimeError, match=r"'residual' must be of the same dtype.*BFloat16"):
-        m3d.ops.conv_bias_relu3d(x, w, bb, residual=r.bfloat16(), **kw)
+    with pytest.raises(RuntimeError, match=r"'residual' must be floating point.*Long"):
+        f(x, w, bw, bb, rm, rv, residual=r.long(), **kw)
     with pytest.raises(RuntimeError, match=r"'bn_bias' must be 1-D of size Cout = 8.*\[9\]"):
         f(x, w, bw, torch.zeros(9, device=device), rm, rv, **kw)
     with pytest.raises(RuntimeError, match=r"'bn_weight' must be floating point.*Long"):
@@ -532,6 +529,27 @@ def test_bad_input_every_argument(device):
             args[i] = args[i].cpu()
             with pytest.raises(RuntimeError, match=rf"'{name}' must be on the same device"):
                 f(*args[:6], residual=args[6], **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_of_another_dtype_is_cast_to_the_output_dtype(device):
+    # documented contract: the residual is added in x's dtype (no promotion, unlike the
+    # reference's out + residual); its gradient comes back in its own dtype
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[0], residual=True)
+    for rd in (torch.float64, torch.bfloat16):
+        rr = r.to(rd).requires_grad_()
+        out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm.clone(), rv.clone(), residual=rr, **kw)
+        ref = reference.conv_bn_relu3d(x, w, bw, bb, rm.clone(), rv.clone(),
+                                       residual=rr.detach().float(), **kw)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, **tol(torch.float32))
+        (g,) = torch.autograd.grad(out.sum(), rr)
+        assert g.dtype == rd
+        torch.testing.assert_close(g.float(), (ref > 0).float())
+        out = m3d.ops.conv_bias_relu3d(x, w, bb, residual=rr.detach(), **kw)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, reference.conv_bias_relu3d(
+            x, w, bb, residual=rr.detach().float(), **kw), **tol(torch.float32))
 
 
 @pytest.mark.parametrize("device", DEVICES)
