@@ -280,3 +280,28 @@ def test_resample_to_spacing_batched_equals_per_sample(device):
         assert_close(batched[i], m3d.ops.resample_to_spacing(x[i], sp, nsp))
     size = [max(1, math.floor(s * a / b + 0.5)) for s, a, b in zip(x.shape[2:], sp, nsp)]
     assert_close(batched, F.interpolate(x, size=size, mode="trilinear"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_labels_of_any_dtype_and_theta_of_another_dtype(device):
+    # "any dtype" labels (bool, negative int8, float32 and bfloat16 values) are copied bit for
+    # bit by nearest; a float64 / float16 theta with a float32 image is accepted (coordinates
+    # in float32) and equals grid_sample with that theta in float32
+    n = 2
+    x = torch.randn(n, 1, 7, 8, 9, device=device)
+    theta = random_theta(n, device, strength=0.5)
+    labels = [torch.rand(n, 7, 8, 9, device=device) > 0.5,
+              torch.randint(-100, 100, (n, 7, 8, 9), device=device, dtype=torch.int8),
+              torch.randn(n, 7, 8, 9, device=device),
+              torch.randn(n, 7, 8, 9, device=device).bfloat16()]
+    for lab in labels:
+        out = m3d.ops.affine_resample_pair(x, lab, theta, (n, 1, 5, 6, 7), (3, 3, 4))[1]
+        ref = reference.affine_resample_pair(x, lab, theta, (n, 1, 5, 6, 7), (3, 3, 4))[1]
+        assert out.dtype == lab.dtype
+        assert_nearest_close(out, ref)
+        single = m3d.ops.affine_resample(lab[:, None], theta, (n, 1, 5, 6, 7), mode="nearest")
+        assert_nearest_close(single, reference.affine_resample(lab[:, None], theta,
+                                                               (n, 1, 5, 6, 7), "nearest"))
+    for th in (theta.double(), theta.half()):
+        assert_close(m3d.ops.affine_resample(x, th, (n, 1, 5, 6, 7)),
+                     grid_sample_ref(x, th.float(), (n, 1, 5, 6, 7), "bilinear", "zeros", False))
