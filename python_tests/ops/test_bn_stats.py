@@ -138,3 +138,20 @@ def test_bn_stats_two_d_and_transposed_with_gradients(device):
         (ga,) = torch.autograd.grad((a[0] * g[0]).sum() + (a[1] * g[1]).sum(), xa)
         (gb,) = torch.autograd.grad((b[0] * g[0]).sum() + (b[1] * g[1]).sum(), xb)
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_gradient_of_empty_and_single_value(device):
+    # an empty batch, and one value per channel with unbiased=True (variance NaN): the backward
+    # used to divide by zero in Python; now it matches torch.var_mean's (empty, or NaN)
+    for shape, unbiased in (((0, 3, 4), False), ((0, 3, 4), True), ((1, 3), True),
+                            ((1, 2, 1, 1, 1), True)):
+        xa = torch.randn(shape, device=device, requires_grad=True)
+        xb = xa.detach().clone().requires_grad_()
+        ma, va = m3d.ops.bn_stats(xa, unbiased=unbiased)
+        mb, vb = reference.bn_stats(xb, unbiased)
+        torch.testing.assert_close(va, vb, equal_nan=True)
+        (ga,) = torch.autograd.grad(ma.sum() + va.sum(), xa)
+        (gb,) = torch.autograd.grad(mb.sum() + vb.sum(), xb)
+        assert ga.shape == xa.shape
+        torch.testing.assert_close(ga, gb, equal_nan=True)
