@@ -130,6 +130,9 @@ def _affine_backward(ctx, grad):
             "detach theta, or use reference.affine_resample for a differentiable matrix")
     if not ctx.needs_input_grad[0]:
         return (None,) * 6
+    if grad.numel() == 0 or image.numel() == 0:
+        # nothing sampled (the forward allows empty sizes; F.affine_grid refuses them)
+        return torch.zeros_like(image), None, None, None, None, None
     import torch.nn.functional as F
 
     # The image gradient is the adjoint of the sampling: ATen's grid_sampler_3d_backward on the
@@ -282,6 +285,8 @@ def _resize_backward(ctx, grad):
         return None, None, None
     if ctx.mode != 0:
         raise NotImplementedError("med3d_ext.resize: no gradient for mode='nearest'")
+    if grad.numel() == 0:  # an empty output (upsample's backward refuses a 0 size)
+        return grad.new_zeros(ctx.in_size, dtype=ctx.dtype), None, None
     acc = torch.float64 if ctx.dtype == torch.float64 else torch.float32
     gi = torch.ops.aten.upsample_trilinear3d_backward(grad.to(acc), ctx.size, ctx.in_size, False)
     return gi.to(ctx.dtype), None, None

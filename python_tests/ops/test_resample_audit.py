@@ -305,3 +305,28 @@ def test_labels_of_any_dtype_and_theta_of_another_dtype(device):
     for th in (theta.double(), theta.half()):
         assert_close(m3d.ops.affine_resample(x, th, (n, 1, 5, 6, 7)),
                      grid_sample_ref(x, th.float(), (n, 1, 5, 6, 7), "bilinear", "zeros", False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_of_empty_outputs(device):
+    # the forward allows empty batches, channels and output sizes; so must the backward (it
+    # used to fail in F.affine_grid / upsample's backward): zero gradients of the input's shape
+    theta = random_theta(2, device)
+    cases = [(torch.randn(0, 2, 4, 4, 4, device=device), theta[:0], (0, 2, 3, 3, 3)),
+             (torch.randn(2, 0, 4, 4, 4, device=device), theta, (2, 0, 3, 3, 3)),
+             (torch.randn(2, 2, 4, 4, 4, device=device), theta, (2, 2, 0, 3, 3))]
+    for x, th, size in cases:
+        for mode in ("bilinear", "nearest"):
+            xg = x.clone().requires_grad_()
+            out = m3d.ops.affine_resample(xg, th, size, mode=mode)
+            assert out.shape == size
+            (g,) = torch.autograd.grad(out.sum(), xg)
+            assert g.shape == x.shape and not g.abs().sum()
+    for x, size in ((torch.randn(0, 2, 4, 4, 4, device=device), (3, 5, 2)),
+                    (torch.randn(2, 0, 4, 4, 4, device=device), (3, 5, 2)),
+                    (torch.randn(2, 2, 4, 4, 4, device=device), (0, 5, 2))):
+        xg = x.clone().requires_grad_()
+        out = m3d.ops.resize(xg, size)
+        assert out.shape == x.shape[:2] + size
+        (g,) = torch.autograd.grad(out.sum(), xg)
+        assert g.shape == x.shape and not g.abs().sum()
