@@ -186,14 +186,15 @@ def test_autocast_low_precision(device, dtype, cl):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck(device, training):
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+def test_gradcheck(device, training, relu):
     x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float64, (2, 3, 3, 2, 1, 1, (4, 3, 5)),
                                           residual=True)
     leaves = [t.requires_grad_() for t in (x, w, bw, bb, r)]
 
     def f(x, w, bw, bb, r):
         return m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm.clone(), rv.clone(), training=training,
-                                      residual=r, **kw)
+                                      residual=r, relu=relu, **kw)
 
     torch.autograd.gradcheck(f, leaves)
 
