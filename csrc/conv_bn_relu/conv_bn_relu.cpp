@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <string>
 
 #include "conv_bn_relu.h"
@@ -98,6 +99,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats(
     return {mean, (var + eps).rsqrt(), var};
   }
   const int64_t C = y.size(1), n = C ? y.numel() / C : 0;
+  if (n == 0) {
+    // An empty batch: F.batch_norm returns an empty output and leaves the running statistics
+    // alone; the statistics of nothing are NaN (as bn_stats') and the wrapper skips the update.
+    auto nan = at::full({C}, std::numeric_limits<double>::quiet_NaN(),
+                        y.options().dtype(acc_dtype(y)));
+    return {nan, nan.clone(), nan.clone()};
+  }
   M3D_CHECK(n > 1, "Expected more than 1 value per channel when training, got input size ",
               y.sizes());
   static auto stats = c10::Dispatcher::singleton()

@@ -55,7 +55,10 @@ def _backward(ctx, grad_mean, grad_var):
         grad = grad + grad_mean.view(shape) / n
     if grad_var is not None:
         denom = n - 1 if ctx.unbiased else n
-        grad = grad + grad_var.view(shape) * (2.0 / denom) * (x.to(acc) - mean.view(shape))
+        # denom <= 0 (an empty input, or one value with unbiased=True): the variance is NaN and
+        # so is its gradient, as torch.var's (an empty x gets an empty gradient either way)
+        scale = 2.0 / denom if denom > 0 else float("nan")
+        grad = grad + grad_var.view(shape) * scale * (x.to(acc) - mean.view(shape))
     return grad.expand(x.shape).to(x.dtype), None
 
 

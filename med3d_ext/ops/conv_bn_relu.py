@@ -78,6 +78,8 @@ def _space_to_depth_conv(x, weight, padding):
 def _check_batch_size(x, weight, stride, padding, dilation):
     """F.batch_norm's error (a ValueError) for one value per channel in training; shapes that
     are invalid for the convolution are left to the op's own, more specific check."""
+    if min(stride) <= 0 or min(dilation) <= 0:
+        return  # the op's argument check names them
     shape = [x.shape[0], weight.shape[0]]
     for i in range(3):
         span = dilation[i] * (weight.shape[2 + i] - 1) + 1
@@ -109,7 +111,9 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
         training: batch statistics (True) or running statistics (False).
         momentum: running-stat update factor (for BatchNorm's cumulative average,
             ``momentum=None``, pass ``1 / num_batches_tracked`` as the module does).
-        residual: optional (N, Cout, D', H', W') added after BatchNorm, before the ReLU.
+        residual: optional (N, Cout, D', H', W') added after BatchNorm, before the ReLU; any
+            floating dtype, cast to the output's (x's) dtype, so unlike ``out + residual`` a
+            residual of a wider dtype does not promote the output.
         relu: apply the ReLU.
 
     Returns:
@@ -147,7 +151,7 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
         stride, padding = [1, 1, 1], [0, 0, 0]
     out, _y, mean, _invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                      residual, stride, padding, dilation, training, eps, relu)
-    if training and running_mean is not None:
+    if training and running_mean is not None and out.numel() > 0:
         _update_running_stats(running_mean, running_var, mean, var, momentum)
     return out
 
@@ -155,7 +159,8 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
 def _update_running_stats(running_mean, running_var, mean, var, momentum):
     """(1 - momentum) * running + momentum * batch, as F.batch_norm; one foreach launch each.
     No torch.no_grad() needed (it costs ~7 us of host time per layer): the buffers and the
-    statistics (non-differentiable outputs) never require grad."""
+    statistics (non-differentiable outputs) never require grad. Callers skip it for an empty
+    batch, which leaves them alone as F.batch_norm does (its statistics are NaN)."""
     bufs = [running_mean] + ([running_var] if running_var is not None else [])
     new = [mean.to(running_mean.dtype)] + ([var.to(running_var.dtype)] if bufs[1:] else [])
     torch._foreach_mul_(bufs, 1 - momentum)
@@ -210,7 +215,7 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
     out, _y, mean, _invstd, var, _arg = op(x, weight, bn_weight, bn_bias, running_mean,
                                            running_var, stride, padding, dilation, training,
                                            eps, pk, ps, pp)
-    if training and running_mean is not None:
+    if training and running_mean is not None and out.numel() > 0:
         _update_running_stats(running_mean, running_var, mean, var, momentum)
     return out
 
@@ -247,6 +252,9 @@ def _is_cl(t: torch.Tensor) -> bool:
 def _out_shape(x, weight, stride, padding, dilation):
     torch._check(x.dim() == 5, lambda: f"conv_bn_relu3d: x must be 5-D, got {tuple(x.shape)}")
     torch._check(weight.dim() == 5, lambda: "conv_bn_relu3d: weight must be 5-D")
+    torch._check(min(stride) > 0 and min(dilation) > 0 and min(padding) >= 0, lambda: (
+        "conv_bn_relu3d: stride and dilation must be positive and padding non-negative, got "
+        f"stride={list(stride)} padding={list(padding)} dilation={list(dilation)}"))
     shape = [x.shape[0], weight.shape[0]]
     for i in range(3):
         span = dilation[i] * (weight.shape[2 + i] - 1) + 1

@@ -130,6 +130,9 @@ def _affine_backward(ctx, grad):
             "detach theta, or use reference.affine_resample for a differentiable matrix")
     if not ctx.needs_input_grad[0]:
         return (None,) * 6
+    if grad.numel() == 0 or image.numel() == 0:
+        # nothing sampled (the forward allows empty sizes; F.affine_grid refuses them)
+        return torch.zeros_like(image), None, None, None, None, None
     import torch.nn.functional as F
 
     # The image gradient is the adjoint of the sampling: ATen's grid_sampler_3d_backward on the
@@ -184,7 +187,7 @@ def affine_resample_pair(image: torch.Tensor, label: torch.Tensor, theta: torch.
 
     Returns:
         ``(image_out (N, C, D, H, W), label_out)`` with label_out of label's rank and dtype on
-        ``label_size``. Not differentiable (an augmentation step).
+        ``label_size``. Not differentiable (an augmentation step): a backward through it raises.
     """
     p = _choice("padding_mode", padding_mode, _PADDINGS)
     _check_image(image, True, "affine_resample_pair")
@@ -227,6 +230,21 @@ def _pair_fake(image, label, theta, size, label_size, elastic=None, intensity=No
             label.new_empty([label.shape[0], label.shape[1], *label_size]))
 
 
+def _pair_setup(ctx, inputs, output):
+    pass
+
+
+def _pair_backward(ctx, grad_image, grad_label):
+    # Without this, autograd's fallback would hand back no gradient with only a warning: a
+    # network fed an image that requires grad would silently stop training it.
+    raise NotImplementedError(
+        "med3d_ext.affine_resample_pair is not differentiable (an augmentation step); detach "
+        "its inputs, or use affine_resample for a gradient with respect to the image")
+
+
+register_autograd("affine_resample_pair", _pair_backward, _pair_setup)
+
+
 # ------------------------------------------------------------------------------------ resize
 
 
@@ -267,6 +285,8 @@ def _resize_backward(ctx, grad):
         return None, None, None
     if ctx.mode != 0:
         raise NotImplementedError("med3d_ext.resize: no gradient for mode='nearest'")
+    if grad.numel() == 0:  # an empty output (upsample's backward refuses a 0 size)
+        return grad.new_zeros(ctx.in_size, dtype=ctx.dtype), None, None
     acc = torch.float64 if ctx.dtype == torch.float64 else torch.float32
     gi = torch.ops.aten.upsample_trilinear3d_backward(grad.to(acc), ctx.size, ctx.in_size, False)
     return gi.to(ctx.dtype), None, None

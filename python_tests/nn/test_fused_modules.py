@@ -266,3 +266,27 @@ def test_fold_conv_bn_relu_module(device):
         _close(folded(x, r), ref, "folded ConvBNReLU3d")
     assert isinstance(folded.bn, nn.Identity) and folded.conv.bias is not None
     assert set(folded.state_dict()) == {"conv.weight", "conv.bias"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("affine,track", [(False, True), (True, False), (False, False)])
+def test_conv_bn_relu_module_options(device, affine, track):
+    # BatchNorm3d's options: no affine parameters (None to the op), no running statistics
+    # (batch statistics in eval mode too); train and eval steps, an empty batch included
+    m = ConvBNReLU3d(2, 5, 3, padding=1, affine=affine, track_running_stats=track).to(device)
+    plain = nn.Sequential(copy.deepcopy(m.conv), copy.deepcopy(m.bn), nn.ReLU())
+    assert set(m.state_dict()) == {"conv." + k for k in plain[0].state_dict()} | {
+        "bn." + k for k in plain[1].state_dict()}
+    for train, n in ((True, 2), (True, 0), (False, 2)):
+        m.train(train), plain.train(train)
+        x = torch.randn(n, 2, 5, 4, 6, device=device)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, ref = m(xa), plain(xb)
+        _close(out, ref, f"train={train} n={n}")
+        go = torch.randn_like(ref)
+        (ga,) = torch.autograd.grad(out, xa, go)
+        (gb,) = torch.autograd.grad(ref, xb, go)
+        _close(ga, gb, f"grad x, train={train} n={n}")
+        for (k, a), (_, b) in zip(m.state_dict().items(), plain[:2].state_dict().items()):
+            assert a.shape == b.shape
+            _close(a.double(), b.double(), k)

@@ -121,3 +121,37 @@ def test_bn_stats_compile(device):
     x = torch.randn(2, 5, 6, 7, 3, device=device)
     for a, b in zip(fn(x), m3d.ops.bn_stats(x)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_two_d_and_transposed_with_gradients(device):
+    # (N, C) input (BatchNorm1d's shape) and a transposed view; values and gradients against
+    # the reference on a contiguous copy
+    for x in (torch.randn(7, 3, device=device), torch.randn(5, 4, 3, 6, device=device).transpose(0, 1),
+              torch.randn(3, 6, 4, 5, 2, device=device).permute(0, 1, 4, 2, 3)):
+        xa = x.detach().requires_grad_()
+        xb = x.detach().contiguous().requires_grad_()
+        a, b = m3d.ops.bn_stats(xa, unbiased=True), reference.bn_stats(xb, True)
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        g = torch.randn(2, x.shape[1], device=device)
+        (ga,) = torch.autograd.grad((a[0] * g[0]).sum() + (a[1] * g[1]).sum(), xa)
+        (gb,) = torch.autograd.grad((b[0] * g[0]).sum() + (b[1] * g[1]).sum(), xb)
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_gradient_of_empty_and_single_value(device):
+    # an empty batch, and one value per channel with unbiased=True (variance NaN): the backward
+    # used to divide by zero in Python; now it matches torch.var_mean's (empty, or NaN)
+    for shape, unbiased in (((0, 3, 4), False), ((0, 3, 4), True), ((1, 3), True),
+                            ((1, 2, 1, 1, 1), True)):
+        xa = torch.randn(shape, device=device, requires_grad=True)
+        xb = xa.detach().clone().requires_grad_()
+        ma, va = m3d.ops.bn_stats(xa, unbiased=unbiased)
+        mb, vb = reference.bn_stats(xb, unbiased)
+        torch.testing.assert_close(va, vb, equal_nan=True)
+        (ga,) = torch.autograd.grad(ma.sum() + va.sum(), xa)
+        (gb,) = torch.autograd.grad(mb.sum() + vb.sum(), xb)
+        assert ga.shape == xa.shape
+        torch.testing.assert_close(ga, gb, equal_nan=True)

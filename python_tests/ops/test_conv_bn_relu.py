@@ -186,14 +186,15 @@ def test_autocast_low_precision(device, dtype, cl):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck(device, training):
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+def test_gradcheck(device, training, relu):
     x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float64, (2, 3, 3, 2, 1, 1, (4, 3, 5)),
                                           residual=True)
     leaves = [t.requires_grad_() for t in (x, w, bw, bb, r)]
 
     def f(x, w, bw, bb, r):
         return m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm.clone(), rv.clone(), training=training,
-                                      residual=r, **kw)
+                                      residual=r, relu=relu, **kw)
 
     torch.autograd.gradcheck(f, leaves)
 
@@ -486,4 +487,233 @@ def test_autocast_residual_other_dtype_and_layout(device, r_kind):
                                    "contiguous", go)
     assert out.dtype == torch.bfloat16
     assert_low_precision_close(out.float(), low.float(), ref, factor=2.0, floor=1e-2)
+    _assert_low_precision_grads(grads, lgrads, rgrads)
+
+
+# ------------------------------------------------------------- audit: every argument, edge cases
+
+
+def _strided(t):
+    """t's values as a non-contiguous view (every other element of a twice-as-long last axis)."""
+    base = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    base[..., ::2] = t
+    v = base[..., ::2]
+    assert not v.is_contiguous() or v.numel() <= 1
+    return v
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_argument_non_contiguous(device, training):
+    # x and residual strided, weight transposed, BatchNorm parameters and running statistics
+    # strided views: values, every gradient and the in-place running-stat update (through the
+    # views) equal the reference's
+    cfg = (3, 8, 3, 2, 1, 1, (7, 5, 9))
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, cfg, residual=True)
+    go, results = None, []
+    for fn in (m3d.ops.conv_bn_relu3d, reference.conv_bn_relu3d):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bw, bb, r)]
+        wt = leaves[1].transpose(0, 1).contiguous().transpose(0, 1)
+        args = [_strided(leaves[0]), wt, _strided(leaves[2]), _strided(leaves[3])]
+        assert not any(a.is_contiguous() for a in args)
+        views = [_strided(rm), _strided(rv)]
+        out = fn(*args, *views, training=training, residual=_strided(leaves[4]), **kw)
+        go = torch.randn_like(out) if go is None else go
+        results.append((out, torch.autograd.grad(out, leaves, go), *views))
+    (out, grads, rm1, rv1), (ref, rgrads, rm2, rv2) = results
+    _assert_matches(out, grads, rm1, rv1, ref, rgrads, rm2, rv2)
+    assert torch.equal(rm1, rm) != training  # updated in training only
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+@pytest.mark.parametrize("s2d", [False, True], ids=["direct", "space_to_depth"])
+def test_empty_batch_training(device, cl, s2d, monkeypatch):
+    # F.batch_norm on an empty batch: an empty output, running statistics untouched, zero
+    # parameter gradients (it raises only for exactly one value per channel); CONFIGS[1] is
+    # stride 2 with Cin 4, so the stem rewrite may take it
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", s2d)
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[1], n=0, residual=True,
+                                          cl=cl)
+    out, grads, rm1, rv1, go = _run(m3d.ops.conv_bn_relu3d, x, w, bw, bb, rm, rv, r, kw, True,
+                                    True)
+    ref, rgrads, rm2, rv2, _ = _run(reference.conv_bn_relu3d, x, w, bw, bb, rm, rv, r, kw, True,
+                                    True, go)
+    assert out.shape == ref.shape and out.shape[0] == 0
+    assert torch.equal(rm1, rm) and torch.equal(rv1, rv)
+    assert torch.equal(rm2, rm) and torch.equal(rv2, rv)
+    for g, t in zip(grads, (x, w, bw, bb, r)):
+        assert g.shape == t.shape and not g.abs().sum()
+    out = m3d.ops.conv_bias_relu3d(x, w, bb, residual=r, **kw)
+    assert out.shape == ref.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_repeated_calls_are_bitwise_equal(device, training):
+    cfg = (8, 16, 3, 1, 1, 1, (5, 7, 9))
+    args = _inputs(device, torch.float32, cfg, residual=True, cl=bool(torch.randint(2, ()).item()))
+    go = torch.randn(2, 16, 5, 7, 9, device=device)
+    a = _run(m3d.ops.conv_bn_relu3d, *args, training, True, go)
+    b = _run(m3d.ops.conv_bn_relu3d, *args, training, True, go)
+    for p, q in zip([a[0], *a[1], a[2], a[3]], [b[0], *b[1], b[2], b[3]]):
+        assert torch.equal(p, q)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_every_argument(device):
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[0], residual=True)
+    f = m3d.ops.conv_bn_relu3d
+    with pytest.raises(RuntimeError, match=r"'weight' must be 5-D.*\[8, 3, 3, 3\]"):
+        f(x, w[..., 0], bw, bb, rm, rv, **kw)
+    with pytest.raises(RuntimeError, match=r"'residual' must be floating point.*Long"):
+        f(x, w, bw, bb, rm, rv, residual=r.long(), **kw)
+    with pytest.raises(RuntimeError, match=r"'bn_bias' must be 1-D of size Cout = 8.*\[9\]"):
+        f(x, w, bw, torch.zeros(9, device=device), rm, rv, **kw)
+    with pytest.raises(RuntimeError, match=r"'bn_weight' must be floating point.*Long"):
+        f(x, w, bw.long(), bb, rm, rv, **kw)
+    with pytest.raises(RuntimeError, match=r"'running_mean'.*Cout = 8.*\[2, 4\]"):
+        f(x, w, bw, bb, rm.view(2, 4), rv, **kw)
+    with pytest.raises(RuntimeError, match=r"'bias' must be 1-D of size Cout = 8"):
+        m3d.ops.conv_bias_relu3d(x, w, bb[:7], **kw)
+    for bad in (dict(stride=0), dict(dilation=(1, 0, 1)), dict(padding=-1)):
+        with pytest.raises(RuntimeError, match=r"stride and dilation must be positive and "
+                                               r"padding non-negative"):
+            f(x, w, bw, bb, rm, rv, **{**kw, **bad})
+    with pytest.raises(ValueError, match=r"stride must be an int or 3 ints, got \[1, 2\]"):
+        f(x, w, bw, bb, rm, rv, stride=(1, 2))
+    with pytest.raises(RuntimeError, match=r"'x' is too small.*\[2, 2, 2\].*\[3, 3, 3\]"):
+        m3d.ops.conv_bias_relu3d(x[:, :, :2, :2, :2], w, bb)
+    if device == "cuda":
+        for name, i in (("bn_weight", 2), ("bn_bias", 3), ("running_mean", 4), ("residual", 6)):
+            args = [x, w, bw, bb, rm, rv, r]
+            args[i] = args[i].cpu()
+            with pytest.raises(RuntimeError, match=rf"'{name}' must be on the same device"):
+                f(*args[:6], residual=args[6], **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_of_another_dtype_is_cast_to_the_output_dtype(device):
+    # documented contract: the residual is added in x's dtype (no promotion, unlike the
+    # reference's out + residual); its gradient comes back in its own dtype
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[0], residual=True)
+    for rd in (torch.float64, torch.bfloat16):
+        rr = r.to(rd).requires_grad_()
+        out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm.clone(), rv.clone(), residual=rr, **kw)
+        ref = reference.conv_bn_relu3d(x, w, bw, bb, rm.clone(), rv.clone(),
+                                       residual=rr.detach().float(), **kw)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, **tol(torch.float32))
+        (g,) = torch.autograd.grad(out.sum(), rr)
+        assert g.dtype == rd
+        torch.testing.assert_close(g.float(), (ref > 0).float())
+        out = m3d.ops.conv_bias_relu3d(x, w, bb, residual=rr.detach(), **kw)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, reference.conv_bias_relu3d(
+            x, w, bb, residual=rr.detach().float(), **kw), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_bias_relu3d_gradcheck(device):
+    x, w, _, bb, _, _, r, kw = _inputs(device, torch.float64, (2, 3, 3, 2, 1, 1, (4, 3, 5)),
+                                       residual=True)
+    leaves = [t.requires_grad_() for t in (x, w, bb, r)]
+    for relu in (True, False):
+        torch.autograd.gradcheck(
+            lambda x, w, b, r: m3d.ops.conv_bias_relu3d(x, w, b, residual=r, relu=relu, **kw),
+            leaves)
+    torch.autograd.gradcheck(lambda x, w: m3d.ops.conv_bias_relu3d(x, w, None, **kw), leaves[:2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+def test_conv_bias_relu3d_layouts_and_strides(device, cl):
+    # channels_last_3d or sliced x, transposed weight, strided bias and residual; with and
+    # without a bias; values and gradients against the reference
+    cfg = CONFIGS[5]
+    x, w, _, bb, _, _, r, kw = _inputs(device, torch.float32, cfg, residual=True, cl=cl)
+    variants = [(x, w, bb, r),
+                (torch.cat([x, x], dim=-1)[..., ::2], w.transpose(0, 1).contiguous()
+                 .transpose(0, 1), _strided(bb), _strided(r)),
+                (x, w, None, None)]
+    for args in variants:
+        res = []
+        for fn in (m3d.ops.conv_bias_relu3d, reference.conv_bias_relu3d):
+            leaves = [t.detach().clone().requires_grad_() for t in args if t is not None]
+            b = leaves[2] if args[2] is not None else None
+            rr = leaves[3] if args[3] is not None else None
+            out = fn(leaves[0], leaves[1], b, residual=rr, **kw)
+            go = res[0][2] if res else torch.randn_like(out)
+            res.append((out, torch.autograd.grad(out, leaves, go), go))
+        (out, g, _), (ref, rg, _) = res
+        torch.testing.assert_close(out, ref, **tol(torch.float32))
+        if cl and args[0] is x:
+            assert out.is_contiguous(memory_format=torch.channels_last_3d)
+        for a, b in zip(g, rg):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, b.abs().max().item()))
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_bias_relu3d_compile_parity(device):
+    x, w, _, bb, _, _, r, kw = _inputs(device, torch.float32, CONFIGS[1], residual=True)
+
+    def step(x, w, b, r):
+        return m3d.ops.conv_bias_relu3d(x, w, b, residual=r, **kw).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bb, r)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the fake kernel checks the convolution arguments too (it used to divide by zero)
+    bad = torch.compile(lambda x, w: m3d.ops.conv_bias_relu3d(x, w, None, stride=(1, 0, 1)),
+                        fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="stride and dilation must be positive"):
+        bad(x, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_bias_relu3d_autocast(device):
+    # bf16 under autocast, the folded bias kept fp32: as accurate as the reference under autocast
+    x, w, _, bb, _, _, r, kw = _inputs(device, torch.float32, (8, 16, 3, 1, 1, 1, (6, 5, 8)),
+                                       residual=True)
+    with torch.no_grad():
+        z = reference.conv_bias_relu3d(x, w, bb, residual=r, relu=False, **kw)
+    go = torch.randn_like(z) * (z.abs() > 0.1)  # flip-free (see _flip_free_grad_out)
+    res = []
+    for fn, dt in ((m3d.ops.conv_bias_relu3d, torch.bfloat16),
+                   (reference.conv_bias_relu3d, torch.bfloat16),
+                   (reference.conv_bias_relu3d, None)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bb, r)]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dt is not None):
+            out = fn(*leaves[:3], residual=leaves[3].to(dt or torch.float32), **kw)
+        res.append((out, torch.autograd.grad(out, leaves, go.to(out.dtype))))
+    (out, g), (low, lg), (ref, rg) = res
+    assert out.dtype == torch.bfloat16
+    assert_low_precision_close(out.float(), low.float(), ref, factor=2.0, floor=1e-2)
+    _assert_low_precision_grads(g, lg, rg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pure_low_precision_without_autocast(device, dtype):
+    # a model converted with .to(dtype): every argument and the running buffers in dtype; the
+    # output and the updated buffers as accurate as PyTorch's own in dtype (tolerance policy)
+    args = _inputs(device, torch.float32, (8, 16, 3, 1, 1, 1, (6, 5, 8)), residual=True)
+    go = _flip_free_grad_out(*args)
+    low_args = [a.to(dtype) if torch.is_tensor(a) else a for a in args]
+    out, grads, rm, rv, _ = _run(m3d.ops.conv_bn_relu3d, *low_args, True, True, go.to(dtype))
+    low, lgrads, lrm, lrv, _ = _run(reference.conv_bn_relu3d, *low_args, True, True, go.to(dtype))
+    ref, rgrads, rrm, rrv, _ = _run(reference.conv_bn_relu3d, *args, True, True, go)
+    assert out.dtype == rm.dtype == rv.dtype == dtype
+    for ours, plain, exact in ((out, low, ref), (rm, lrm, rrm), (rv, lrv, rrv)):
+        assert_low_precision_close(ours.float(), plain.float(), exact, factor=2.0, floor=1e-2)
     _assert_low_precision_grads(grads, lgrads, rgrads)

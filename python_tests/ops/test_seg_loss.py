@@ -549,3 +549,128 @@ def test_compile_fullgraph(device):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     with pytest.raises(SegLabelError, match="head 2"):
         compiled(logits, bad, hw, True)
+
+
+# ---------------------------------------------------------------------------- audit
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_targets_and_weights(device):
+    # transposed int64 targets, strided uint8 targets, stride-0 (expanded) targets and logits,
+    # strided head and class weights: values and gradients equal the reference on copies
+    x0 = torch.randn(2, 4, 5, 6, 7, device=device)
+    x1 = torch.randn(1, 3, 4, 5, 6, device=device).expand(3, 3, 4, 5, 6)
+    x2 = torch.randn(2, 5, 3, 4, 5, device=device)
+    t0 = torch.randint(0, 4, (2, 7, 6, 5), device=device).transpose(1, 3)
+    t1 = torch.randint(0, 3, (1, 4, 5, 6), device=device).expand(3, 4, 5, 6)
+    t2 = torch.randint(0, 5, (2, 3, 4, 10), device=device, dtype=torch.uint8)[..., ::2]
+    hw = (torch.rand(6, device=device) + 0.5)[::2]
+    cw_base = torch.rand(10, device=device) + 0.1
+    cw = [cw_base[::2][:4], None, cw_base[1::2]]
+    targets = [t0, t1, t2]
+    assert not any(t.is_contiguous() for t in targets + [x1, hw, cw[0], cw[2]])
+    xs = [x.detach().requires_grad_() for x in (x0, x1, x2)]
+    total, ph = m3d.ops.multihead_seg_loss(xs, targets, head_weights=hw, class_weights=cw)
+    rx = [x.detach().contiguous().requires_grad_() for x in (x0, x1, x2)]
+    et, ep = reference.multihead_seg_loss(rx, [t.contiguous() for t in targets],
+                                          hw.contiguous(), class_weights=[
+                                              None if w is None else w.contiguous() for w in cw])
+    torch.testing.assert_close(ph, ep, **_tol32())
+    torch.testing.assert_close(total, et, **_tol32())
+    g = torch.autograd.grad(total, xs)
+    rg = torch.autograd.grad(et, rx)
+    for a, b in zip(g, rg):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ignore_index_can_be_a_class(device):
+    # ignore_index = 0 (background) is a valid label value that counts in neither term
+    logits, targets = _rand_heads(device, heads=2, max_c=5)
+    for ignore in (0, 1):
+        total, ph = m3d.ops.multihead_seg_loss(logits, targets, ignore_index=ignore)
+        et, ep = reference.multihead_seg_loss(logits, targets, ignore_index=ignore)
+        torch.testing.assert_close(ph, ep, **_tol32())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_non_finite_logits_flag_their_head(device, dtype):
+    # NaN in one head and +inf in another: those heads (only) are NaN, as in the reference
+    logits, targets = _rand_heads(device, dtype, heads=4, max_c=4)
+    logits[2].view(-1)[-1] = float("nan")
+    logits[0].view(-1)[0] = float("inf")
+    _, ph = m3d.ops.multihead_seg_loss(logits, targets)
+    _, ep = reference.multihead_seg_loss([x.float() for x in logits], targets)
+    assert torch.isnan(ph).tolist() == torch.isnan(ep).tolist() == [True, False, True, False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_labels_in_several_heads_and_at_the_boundary(device):
+    x = [torch.randn(2, 3, 4, 5, 6, device=device), torch.randn(1, 5, 3, 3, 3, device=device),
+         torch.randn(1, 2, 3, 3, 3, device=device)]
+    t = [torch.randint(0, 3, (2, 4, 5, 6), device=device),
+         torch.randint(0, 5, (1, 3, 3, 3), device=device, dtype=torch.uint8),
+         torch.randint(0, 2, (1, 3, 3, 3), device=device)]
+    t[0].view(-1)[7] = 3      # == C_h: out of range
+    t[2].view(-1)[0] = -1     # < 0 and not ignore_index
+    t[2].view(-1)[1] = -100   # ignore_index: fine
+    with pytest.raises(SegLabelError) as info:
+        m3d.ops.multihead_seg_loss(x, t)
+    msg = str(info.value)
+    assert "head 0: 1 voxel(s) with labels in [3, 3]" in msg and "C_h = 3" in msg
+    assert "head 2: 1 voxel(s) with labels in [-1, -1]" in msg and "C_h = 2" in msg
+    assert "head 1" not in msg
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dtype_and_rank_errors_name_the_argument(device):
+    x = torch.randn(2, 3, 4, 5, 6, device=device)
+    t = torch.randint(0, 3, (2, 4, 5, 6), device=device)
+    err = (RuntimeError, ValueError)
+    f = m3d.ops.multihead_seg_loss
+    for dt, name in ((torch.int16, "Short"), (torch.int32, "Int")):  # uint8 or int64 only
+        with pytest.raises(err, match=rf"'targets\[1\]' must be uint8 or int64.*{name}"):
+            f([x, x], [t, t.to(dt)])
+    with pytest.raises(err, match=r"'logits\[0\]'.*Long"):
+        f([x.long()], [t])
+    with pytest.raises(err, match=r"'logits\[0\]'.*\[4\]"):
+        f([torch.randn(4, device=device)], [torch.zeros(4, dtype=torch.long, device=device)])
+    with pytest.raises(err, match=r"'head_weights'.*\[2, 1\]"):
+        f([x, x], [t, t], head_weights=torch.ones(2, 1, device=device))
+    with pytest.raises(err, match=r"'head_weights'.*Long"):
+        f([x, x], [t, t], head_weights=torch.ones(2, dtype=torch.long, device=device))
+    with pytest.raises(err, match=r"'class_weights'.*\[2\]"):
+        f([x], [t], class_weights=[torch.ones(2, device=device)])
+    with pytest.raises(err, match=r"head 0: targets shape.*2, 4, 5\W.*logits shape.*2, 3, 4, 5, 6"):
+        f([x], [t[..., 0]])
+
+
+@pytest.mark.cuda
+def test_cuda_device_mix_names_the_argument():
+    x = torch.randn(2, 3, 4, 5, 6, device="cuda")
+    t = torch.randint(0, 3, (2, 4, 5, 6), device="cuda")
+    with pytest.raises((RuntimeError, ValueError), match=r"'targets\[1\]'.*cpu"):
+        m3d.ops.multihead_seg_loss([x, x], [t, t.cpu()])
+    with pytest.raises((RuntimeError, ValueError), match=r"'logits\[1\]'"):
+        m3d.ops.multihead_seg_loss([x, x.cpu()], [t, t])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_sums_beyond_fp16_range(device):
+    # one sample of 68880 voxels, nearly all class 0 with probability ~1: the Dice sums P, T and
+    # I of class 0 exceed fp16's 65504, so fp16 accumulation would overflow to inf
+    x = torch.randn(1, 2, 40, 42, 41, device=device)
+    x[:, 0] += 6.0
+    t = (torch.rand(1, 40, 42, 41, device=device) < 0.02).to(torch.uint8)
+    xh = x.half().requires_grad_()
+    total, ph = m3d.ops.multihead_seg_loss([xh], [t])
+    rx = xh.detach().float().requires_grad_()
+    et, ep = reference.multihead_seg_loss([rx], [t])
+    assert torch.isfinite(total)
+    torch.testing.assert_close(ph, ep, **_tol32())
+    (g,) = torch.autograd.grad(total, [xh])
+    (rg,) = torch.autograd.grad(et, [rx])
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g.float(), rg, rtol=TOL[torch.float16][0], atol=1e-6)

@@ -50,3 +50,23 @@ def test_stem_like_and_errors():
         stem_conv3d(torch.randn(1, 2, 8, 8, 8), w)
     with pytest.raises(ValueError, match="5-D"):
         stem_conv3d(torch.randn(8, 8, 8), w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stem_non_contiguous_bias_and_empty(device):
+    # sliced x, transposed weight, a bias, and an empty batch: still the direct convolution
+    x = torch.randn(2, 2, 19, 16, 22, dtype=torch.float64, device=device)[:, :, :, ::2, 1::2]
+    w = torch.randn(2, 5, 7, 7, 7, dtype=torch.float64, device=device).transpose(0, 1)
+    b = torch.randn(5, dtype=torch.float64, device=device)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    ours = stem_conv3d(*leaves)
+    ref = F.conv3d(x, w, b, stride=2, padding=3)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    refs = [t.detach().requires_grad_() for t in (x, w, b)]
+    expect = torch.autograd.grad(F.conv3d(*refs, stride=2, padding=3), refs, g)
+    for a, e in zip(torch.autograd.grad(ours, leaves, g), expect):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    empty = stem_conv3d(x[:0], w, b)
+    assert empty.shape == (0,) + ref.shape[1:]

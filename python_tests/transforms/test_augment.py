@@ -105,3 +105,99 @@ def test_per_axis_scale_ranges():
     theta = aug.sample(4, (8, 8, 8), (8, 8, 8), "cpu")["theta"]
     expected = torch.diag(torch.tensor([1.0, 0.5, 2.0])).expand(4, 3, 3)
     torch.testing.assert_close(theta[:, :, :3], expected)
+
+
+# ------------------------------------------------------------------------------------ audit
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_probabilities_are_identity(device):
+    # every transform configured, every probability 0: the batch comes back unchanged
+    image, label = _batch(device)
+    off = {k: v for k, v in FULL.items() if k != "clip"}
+    off.update(p_affine=0.0, p_elastic=0.0, p_gamma=0.0, p_contrast=0.0, p_brightness=0.0,
+               p_noise=0.0, flip=0.0)
+    out, lab = RandomAugment3D(seed=int(torch.randint(0, 2**31, ()).item()), **off)(
+        image, label, image.shape[2:])
+    torch.testing.assert_close(out, image, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lab, label)
+
+
+def test_probabilities_are_honoured():
+    n = 400
+    aug = RandomAugment3D(rotate=0.5, p_affine=0.5, elastic=0.1, p_elastic=0.25, gamma=(0.5, 2.0),
+                          p_gamma=0.75, noise=(0.1, 0.2), p_noise=0.5, flip=(0.5, 0.0, 1.0),
+                          seed=int(torch.randint(0, 2**31, ()).item()))
+    p = aug.sample(n, (8, 8, 8), (8, 8, 8), "cpu")
+    lin = p["theta"][:, :, :3]
+    flipped = torch.diagonal(lin, dim1=1, dim2=2) < 0
+    rotated = ~torch.isclose(lin.abs(), torch.eye(3).expand(n, 3, 3), atol=1e-6).all(-1).all(-1)
+    elastic_on = p["elastic"].flatten(1).abs().amax(1) > 0
+    checks = [(rotated.float().mean(), 0.5), (elastic_on.float().mean(), 0.25),
+              ((p["intensity"]["gamma"] != 1).float().mean(), 0.75),
+              ((p["intensity"]["noise_std"] > 0).float().mean(), 0.5),
+              (flipped[:, 1].float().mean(), 0.0)]
+    for frac, expected in checks:  # binomial(400, p): 4 sigma is at most 0.1
+        assert abs(frac.item() - expected) <= 0.1, (frac, expected)
+    assert flipped[~rotated][:, 2].all()  # z flip with probability 1 (no rotation to blur it)
+    g, s = p["intensity"]["gamma"], p["intensity"]["noise_std"]
+    assert ((g >= 0.5 - 1e-6) & (g <= 2.0 + 1e-6)).all() and ((s == 0) | (s >= 0.1)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,label_dtype", [(torch.float16, torch.int16),
+                                               (torch.bfloat16, torch.int64),
+                                               (torch.float32, torch.uint8)])
+def test_dtypes_and_non_contiguous_against_reference(device, dtype, label_dtype):
+    n = 2
+    image = torch.randn(n, 2, 12, 9, 10, device=device).to(dtype)[:, :, ::2]
+    label = torch.randint(0, 6, (n, 9, 10, 6), device=device).to(label_dtype).permute(0, 3, 1, 2)
+    assert not image.is_contiguous() and not label.is_contiguous()
+    seed = int(torch.randint(0, 2**31, ()).item())
+    out, lab = RandomAugment3D(seed=seed, **FULL)(image, label, (5, 7, 6), (3, 3, 3))
+    assert out.dtype == dtype and lab.dtype == label_dtype
+    params = RandomAugment3D(seed=seed, **FULL).sample(n, image.shape[2:], (5, 7, 6), device)
+    ref_img, ref_lab = reference.affine_resample_pair(
+        image.float(), label, params["theta"], (n, 2, 5, 7, 6), (3, 3, 3),
+        elastic=params["elastic"], intensity=params["intensity"])
+    torch.testing.assert_close(out.float(), ref_img, rtol=2e-2, atol=2e-2)
+    assert (lab != ref_lab).float().mean().item() <= 1e-3 + 1.0 / lab.numel()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_label_and_empty_batch(device):
+    image, label = _batch(device)
+    seed = int(torch.randint(0, 2**31, ()).item())
+    out, none = RandomAugment3D(seed=seed, **FULL)(image, None, (7, 8, 9))
+    with_label, _ = RandomAugment3D(seed=seed, **FULL)(image, label, (7, 8, 9))
+    assert none is None
+    torch.testing.assert_close(out, with_label, rtol=0, atol=0)
+    out, lab = RandomAugment3D(seed=seed, **FULL)(image[:0], label[:0], (7, 8, 9), (2, 2, 2))
+    assert out.shape == (0, 1, 7, 8, 9) and lab.shape == (0, 2, 2, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reseed_restarts_the_stream(device):
+    image, label = _batch(device)
+    aug = RandomAugment3D(seed=5, **FULL)
+    first = aug(image, label, (7, 8, 9))
+    aug(image, label, (7, 8, 9))
+    aug.reseed(5)
+    again = aug(image, label, (7, 8, 9))
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    aug.reseed(6)
+    assert not torch.equal(aug(image, label, (7, 8, 9))[0], first[0])
+
+
+def test_more_bad_arguments():
+    bad = [dict(gamma=(0.0, 1.0)), dict(noise=(-0.1, 0.1)), dict(elastic=-1.0),
+           dict(elastic_grid=1), dict(p_noise=1.5), dict(rotate=(0.1, 0.2)),
+           dict(contrast=(1.2, 0.9)), dict(clip=(1.0, -1.0))]
+    names = ["'gamma'", "'noise'", "'elastic'", "'elastic_grid'", "'p_noise'", "'rotate'",
+             "'contrast'", "'clip'"]
+    for kw, name in zip(bad, names):
+        with pytest.raises(ValueError, match=name):
+            RandomAugment3D(**kw)
+    with pytest.raises(ValueError, match="'image'"):
+        RandomAugment3D()(torch.randn(1, 4, 4, 4), None, (4, 4, 4))
