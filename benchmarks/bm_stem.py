@@ -3,7 +3,8 @@ plus the weight (and BN affine) gradients; the network input has no grad.
 
 Cases: the conv alone (eager bf16 channels_last_3d vs fp32: the reference anchors of
 perf-baselines.md), conv+BN+ReLU, and conv+BN+ReLU+max-pool (3, stride 2, padding 1), each
-med3d_ext ``conv_bn_relu3d`` (+ ``F.max_pool3d``) vs eager and, outside --quick, torch.compile,
+med3d_ext ``conv_bn_relu3d`` (+ ``F.max_pool3d``; and the all-in-one ``conv_bn_relu_maxpool3d``)
+vs eager and, outside --quick, torch.compile,
 checked with the error-ratio rule against the eager stem in high precision (as in conv_bn_relu;
 the conv alone compares bf16 with fp32, different precisions, directly).
 """
@@ -73,7 +74,19 @@ def run(ctx):
         case.add("med3d_ext conv_bn_relu3d" + (" + F.max_pool3d" if pool else ""),
                  lambda: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), True),
                  note=op_backend("conv_bn_relu3d", ctx.device))
+        if pool:  # the max-pool fused too: the full-resolution activation is never written
+            case.add("med3d_ext conv_bn_relu_maxpool3d", lambda: L.make(_fused_pool(), True),
+                     note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
         if compile_too:
             case.add("torch.compile eager", lambda: L.make(torch.compile(L.eager), True), baseline=True)
         case.run()
         del L
+
+
+def _fused_pool():
+    op = m3d_attr("ops.conv_bn_relu_maxpool3d")
+
+    def f(x, w, bw, bb, rm, rv, training):
+        return op(x, w, bw, bb, rm, rv, stride=2, padding=3, training=training, momentum=0.1,
+                  eps=1e-5, pool_kernel=3, pool_stride=2, pool_padding=1)
+    return f

@@ -175,6 +175,15 @@ def test_empty_batch_eval(device):
     out = m3d.ops.conv_bn_relu_maxpool3d(x, w, bw, bb, rm, rv, training=False, **kw)
     ref = reference.conv_bn_relu_maxpool3d(x, w, bw, bb, rm, rv, training=False, **kw)
     assert out.shape == ref.shape and out.shape[0] == 0
+    # training on an empty batch: an empty output, running stats untouched (F.batch_norm),
+    # zero gradients
+    rm0, rv0 = rm.clone(), rv.clone()
+    leaves = [t.clone().requires_grad_() for t in (x, w, bw, bb)]
+    out = m3d.ops.conv_bn_relu_maxpool3d(*leaves, rm, rv, training=True, **kw)
+    assert out.shape == ref.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    for g, t in zip(torch.autograd.grad(out.sum(), leaves, allow_unused=True), leaves):
+        assert g is None or (g.shape == t.shape and not g.abs().sum())
 
 
 @requires_ext
