@@ -299,7 +299,27 @@ def profile_kernels(fn: Callable, device: str, calls: int = 3, top: int = 10) ->
     out = {"per_call_us": total, "top": rows[:top], "source": "CUDA kernels" if gpu else "ATen and med3d_ext ops (self CPU)"}
     if gpu:
         out["launches"] = launches / calls
+        # Host time, outside the profiler (it inflates CPU time): how long the host takes to
+        # issue one call without waiting for the GPU, against the call's wall time. host ~ wall
+        # with GPU time well below it means a host-bound call (Python / dispatch overhead);
+        # a call that syncs (or fills the launch queue) also shows host ~ wall.
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        issued = time.perf_counter() - t0
+        sync(device)
+        out["host_us"] = issued / calls * 1e6
+        out["wall_us"] = (time.perf_counter() - t0) / calls * 1e6
     return out
+
+
+def _profile_head(k: dict) -> str:
+    """'N us of <source>[, L launches][, host H us of W us wall]' for a profile_kernels result."""
+    n = f", {k['launches']:.0f} launches" if k.get("launches") is not None else ""
+    h = (f", host {k['host_us']:.0f} us of {k['wall_us']:.0f} us wall"
+         if k.get("host_us") is not None else "")
+    return f"{k['per_call_us']:.0f} us of {k['source']}{n}{h}"
 
 
 @contextmanager
@@ -456,9 +476,8 @@ class Case:
                 for _ in range(max(1, warmup)):
                     fn()
                 k = profile_kernels(fn, ctx.device)
-                n = f", {k['launches']:.0f} launches" if k.get("launches") is not None else ""
                 row.update(status=PROFILED, kernels=k, setup_s=round(first_s, 2),
-                           reason=f"{k['per_call_us']:.0f} us of {k['source']} per call{n} (not timed)")
+                           reason=f"{_profile_head(k)} per call (not timed)")
                 return row
             reset = torch.cuda.reset_peak_memory_stats if ctx.device == "cuda" else None
             times = time_fn(fn, ctx.device, warmup, impl.repeats if impl.repeats is not None else ctx.repeats,
@@ -730,8 +749,7 @@ def markdown(data: dict) -> str:
             if "error" in k:
                 lines += [f"{head}: profile failed: {k['error']}", ""]
                 continue
-            n = f", {k['launches']:.0f} launches" if k.get("launches") is not None else ""
-            lines += [f"{head}: {k['per_call_us']:.0f} us of {k['source']}{n}", "",
+            lines += [f"{head}: {_profile_head(k)}", "",
                       "| us | calls | name |", "|---|---|---|"]
             lines += [f"| {t['us']:.1f} | {t['calls']:.3g} | `{t['name'][:90]}` |" for t in k["top"]]
             lines.append("")

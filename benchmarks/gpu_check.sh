@@ -113,8 +113,9 @@ if os.path.isfile(sys.argv[2]):
         if "per_call_us" in k:
             top = k["top"][0] if k.get("top") else {"name": "-", "us": 0}
             n = "" if k.get("launches") is None else f"{k['launches']:.0f} launches, "
+            h = "" if k.get("host_us") is None else f"host {k['host_us']:.0f}/{k['wall_us']:.0f} us wall, "
             print(f"  profile {r['area']}/{r['case']} {r['impl']}: {k['per_call_us']:.0f} us, "
-                  f"{n}top {top['us']:.0f} us {top['name'][:60]}")
+                  f"{n}{h}top {top['us']:.0f} us {top['name'][:60]}")
 EOF
 }
 
