@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -106,6 +107,19 @@ def _run_dir(cfg, command, ctx) -> Path:
     return out
 
 
+def _absolute_paths(cfg: dict) -> dict:
+    """Input paths made absolute, so that the saved config.yaml (what --resume reads) and the
+    checkpoint's config work from any working directory (a resumed cluster job rarely starts
+    where the first one did)."""
+    cfg = dict(cfg)
+    if cfg.get("data"):
+        cfg["data"] = [os.path.abspath(d) for d in cfg["data"]]
+    for key in ("pretrained", "cache"):
+        if cfg.get(key):
+            cfg[key] = os.path.abspath(cfg[key])
+    return cfg
+
+
 def train_command(command: str, cfg: dict, log=print) -> dict:
     """Run ``pretrain`` or ``transfer`` with a resolved configuration; returns the summary."""
     from .distributed import barrier, cleanup
@@ -116,6 +130,7 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
     ctx, fused, channels_last = _setup(cfg, command)
     try:
         dirs = resolve_data_dirs(cfg.get("data"), command)
+        cfg = _absolute_paths(cfg)
         run = _run_dir(cfg, command, ctx)
         cfg["out"] = str(run)
         if ctx.is_main:

@@ -58,7 +58,7 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
     data_dir = Path(cfg["data"][0])
-    if not data_dir.is_dir():
+    if not (data_dir.is_dir() or data_dir.is_file() and data_dir.suffix == ".txt"):
         from .tasks import DataFolderError
 
         raise DataFolderError(f"--data {str(data_dir)!r}: no such folder")
@@ -82,7 +82,7 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
 def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
     import nibabel as nib
 
-    from .tasks import check_classes, head_name, open_preprocessed
+    from .tasks import check_classes, head_name, input_channel, open_preprocessed
 
     pre = open_preprocessed(data_dir, cfg)
     arch = ckpt["arch"]
@@ -98,7 +98,7 @@ def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
         head, n_cls, predictor = "conv_seg", arch["num_classes"], model
     check_classes(pre.name, int(pre.num_classes), int(n_cls), head)
     names = _split_filter(pre.names, ckpt, cfg["split"], name)
-    ch = pre.channel_index(cfg.get("channel"))
+    ch = input_channel(pre, cfg.get("channel"), lenient=arch["task"] == "pretrain")
     rows = []
     for i, case in enumerate(pre.names):
         if case not in names:

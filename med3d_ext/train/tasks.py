@@ -25,7 +25,7 @@ from .metrics import batch_dice, dice_per_class, nanmean
 
 __all__ = ["DataFolderError", "resolve_data_dirs", "open_preprocessed", "split_cases",
            "subset", "head_name", "pretrain_job", "transfer_seg_job", "transfer_cls_job",
-           "read_cls_csv", "load_cls_volume", "check_classes"]
+           "read_cls_csv", "load_cls_volume", "check_classes", "input_channel"]
 
 
 class DataFolderError(FileNotFoundError):
@@ -33,8 +33,14 @@ class DataFolderError(FileNotFoundError):
 
 
 def _is_dataset(p: Path) -> bool:
-    return (p / "dataset.json").is_file() or (p / "labels.csv").is_file() or \
-        any(p.glob("*.txt")) and (p / "imagesTr").is_dir()
+    if (p / "dataset.json").is_file() or (p / "labels.csv").is_file():
+        return True  # a broken dataset.json is reported when it is read, not skipped here
+    from med3d_ext.data import DataError, detect_layout
+
+    try:  # MedicalNet lists (train.txt of 'image label' lines), with or without imagesTr
+        return detect_layout(p) == "medicalnet"
+    except DataError:
+        return False
 
 
 def resolve_data_dirs(paths, command: str) -> list[Path]:
@@ -46,6 +52,9 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
         raise DataFolderError(f"{command} needs --data (e.g. {hint})")
     out = []
     for p in map(Path, paths):
+        if p.is_file() and p.suffix == ".txt":  # a MedicalNet list file names its dataset
+            out.append(p)
+            continue
         if not p.is_dir():
             raise DataFolderError(f"--data {str(p)!r}: no such folder (create data with "
                                   f"python -m med3d_ext.data synth --out DIR)")
@@ -55,7 +64,8 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
         subs = sorted(q for q in p.iterdir() if q.is_dir() and _is_dataset(q))
         if not subs:
             raise DataFolderError(f"--data {str(p)!r} holds no dataset (no dataset.json, "
-                                  "labels.csv, or dataset sub-folders)")
+                                  "labels.csv, MedicalNet list (train.txt) or dataset "
+                                  "sub-folders)")
         out.extend(subs)
     return out
 
@@ -101,6 +111,18 @@ def check_classes(dataset: str, data_classes: int, head_classes: int, head: str)
             f"dataset {dataset!r} has {data_classes} classes (labels 0..{data_classes - 1}) but "
             f"head {head!r} predicts {head_classes}; train a model with a matching head (the "
             "class count comes from the dataset's dataset.json labels)")
+
+
+def input_channel(pre, channel, lenient: bool = False) -> int:
+    """Index of --channel in a dataset. ``lenient`` (pretraining, whose domains are mostly
+    single-channel): a single-channel dataset uses its only channel whatever --channel says;
+    multi-channel datasets must have it."""
+    try:
+        return pre.channel_index(channel)
+    except ValueError as e:
+        if lenient and len(pre.channels) == 1:
+            return 0
+        raise ConfigError(f"--channel {channel!r}: {e}") from None
 
 
 def _use_ops(cfg) -> bool:
@@ -154,7 +176,7 @@ def _validate_seg(model, sets, cfg, predictor_for):
     with torch.no_grad():
         for k, (name, pre) in enumerate(sets):
             vals = []
-            ch = pre.channel_index(cfg.get("channel"))
+            ch = input_channel(pre, cfg.get("channel"), lenient=True)  # loader checked it
             for i in range(len(pre)):
                 x, lab, _ = pre.load_case(i, ch)
                 probs = sliding_window_probs(
@@ -220,7 +242,8 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
     loader = data.make_loader(
         [subset(p, split[head_name(p.name)]["train"]) for p in pres], patch, cfg["batch_size"],
         num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank, steps=total,
-        fg_fraction=cfg["fg_fraction"], channels=[cfg.get("channel")] * len(pres))
+        fg_fraction=cfg["fg_fraction"],
+        channels=[input_channel(p, cfg.get("channel"), lenient=True) for p in pres])
     loss_fn = seg_loss_fn(_use_ops(cfg))
     names = list(heads)
 
@@ -300,7 +323,7 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     loader = data.make_loader([subset(pre, tr)], patch, cfg["batch_size"],
                               num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank,
                               steps=total, fg_fraction=cfg["fg_fraction"],
-                              channels=[cfg.get("channel")])
+                              channels=[input_channel(pre, cfg.get("channel"))])
     loss_fn = seg_loss_fn(_use_ops(cfg))
 
     def step_fn(net, inp):
@@ -360,7 +383,12 @@ def load_cls_volume(path, patch, channel=None) -> torch.Tensor:
     from med3d_ext.data import read_volume
 
     v = read_volume(path, dtype=np.float32)
+    if channel is not None and not str(channel).isdigit():
+        raise ConfigError(f"--channel {channel!r}: classification images have no channel "
+                          "names; give a channel index")
     c = 0 if channel is None else int(channel)
+    if c >= v.data.shape[0]:
+        raise ConfigError(f"--channel {c}: {str(path)!r} has {v.data.shape[0]} channel(s)")
     x = v.data[c].astype(np.float32)
     lo, hi = np.percentile(x, [0.5, 99.5])
     x = np.clip(x, lo, hi)
