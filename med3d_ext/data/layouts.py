@@ -207,7 +207,7 @@ def _load_classification(root: Path) -> Dataset:
     import csv
 
     lst = root / "labels.csv"
-    with open(lst, newline="") as f:
+    with open(lst, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
             raise DataError(lst, f"expected columns 'image,label', got {reader.fieldnames}")

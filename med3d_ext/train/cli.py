@@ -62,7 +62,17 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
         if not saved.is_file():
             raise C.ConfigError(f"--resume {str(run)!r}: no config.yaml there (not a run "
                                 "folder)")
-        base = {k: v for k, v in C.load_config(saved).items() if k in C.keys_for(cmd)}
+        if not any((run / f).is_file() for f in ("last.pt", "best.pt")):
+            raise C.ConfigError(f"--resume {str(run)!r}: the run stopped before its first "
+                                f"checkpoint; start it again with --out {run} (no --resume)")
+        saved_cfg = C.load_config(saved)
+        # a transfer run's config has "task"; a pretraining run's has not
+        other = {"pretrain": "task" in saved_cfg, "transfer": "task" not in saved_cfg}[cmd]
+        if other:
+            kind = "transfer" if cmd == "pretrain" else "pretrain"
+            raise C.ConfigError(f"--resume {str(run)!r} is a {kind} run; resume it with "
+                                f"`python -m med3d_ext.train {kind} --resume {run}`")
+        base = {k: v for k, v in saved_cfg.items() if k in C.keys_for(cmd)}
         cfg = C.resolve(cmd, cli, ns.config, ns.overrides, base=base, explicit=explicit)
         cfg["out"] = str(run)
         cfg["resume"] = str(run)
@@ -100,6 +110,8 @@ def _run_dir(cfg, command, ctx) -> Path:
     out = cfg.get("out") or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(broadcast_object(str(out), ctx))
     if ctx.is_main:
+        if out.exists() and not out.is_dir():
+            raise C.ConfigError(f"--out {str(out)!r} is a file; a run folder is needed")
         if not cfg.get("resume") and (out / "last.pt").exists():
             raise C.ConfigError(f"run folder {str(out)!r} already holds a checkpoint; resume it "
                                 f"with --resume {out} or choose another --out")
@@ -133,8 +145,6 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         cfg = _absolute_paths(cfg)
         run = _run_dir(cfg, command, ctx)
         cfg["out"] = str(run)
-        if ctx.is_main:
-            C.save_config(cfg, run / "config.yaml")
         if ctx.enabled and not (command == "transfer" and cfg["task"] == "cls"):
             from .tasks import open_preprocessed
 
@@ -155,7 +165,11 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         if ctx.is_main:
             log(f"{command}: {job.arch} on {ctx.device} (world size {ctx.world_size}, "
                 f"fused={fused}, amp={cfg['amp']}); run folder {run}")
-        summary = run_training(cfg, job, run, ctx, resume_from=cfg.get("resume"))
+        # config.yaml is written once the data, model and any resumed checkpoint are accepted:
+        # a refused --resume (other model, bad option) must not replace the run's config
+        save = (lambda: C.save_config(cfg, run / "config.yaml")) if ctx.is_main else None
+        summary = run_training(cfg, job, run, ctx, resume_from=cfg.get("resume"),
+                               on_start=save)
         if ctx.is_main:
             if command == "pretrain" and cfg.get("export", True):
                 from med3d_ext.models import save_encoder_medicalnet, save_encoder_safetensors

@@ -69,6 +69,8 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
         if key not in explicit and run_cfg.get(key) is not None:
             cfg[key] = run_cfg[key]
     out = Path(cfg["out"])
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; predictions need a folder")
     out.mkdir(parents=True, exist_ok=True)
     model = _load_model(ckpt, dev, fused)
     window = tuple(cfg["patch"])
@@ -158,20 +160,21 @@ def _to_source(probs: torch.Tensor, meta) -> np.ndarray:
 
 
 def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
-    from .tasks import load_cls_volume, read_cls_csv
+    from .tasks import cls_case_names, load_cls_volume, read_cls_csv
 
     paths, labels = read_cls_csv(data_dir)
     classes = list(ckpt.get("classes") or [])
-    names = _split_filter([p.name for p in paths], ckpt, cfg["split"], "cls")
+    cases = cls_case_names(data_dir, paths)
+    names = _split_filter(cases, ckpt, cfg["split"], "cls")
     rows = []
     with torch.no_grad():
-        for p, lab in zip(paths, labels):
-            if p.name not in names:
+        for p, case, lab in zip(paths, cases, labels):
+            if case not in names:
                 continue
             x = load_cls_volume(p, window, cfg.get("channel"))[None].to(dev)
             prob = torch.softmax(model(x).float(), 1)[0].cpu()
             k = int(prob.argmax())
-            rows.append({"case": p.name, "label": lab,
+            rows.append({"case": case, "label": lab,
                          "prediction": classes[k] if k < len(classes) else str(k),
                          "probability": float(prob[k])})
     acc = nanmean(float(r["label"] == r["prediction"]) for r in rows)

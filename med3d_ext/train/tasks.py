@@ -25,7 +25,7 @@ from .metrics import batch_dice, dice_per_class, nanmean
 
 __all__ = ["DataFolderError", "resolve_data_dirs", "open_preprocessed", "split_cases",
            "subset", "head_name", "pretrain_job", "transfer_seg_job", "transfer_cls_job",
-           "read_cls_csv", "load_cls_volume", "check_classes", "input_channel"]
+           "read_cls_csv", "cls_case_names", "load_cls_volume", "check_classes", "input_channel"]
 
 
 class DataFolderError(FileNotFoundError):
@@ -111,6 +111,21 @@ def check_classes(dataset: str, data_classes: int, head_classes: int, head: str)
             f"dataset {dataset!r} has {data_classes} classes (labels 0..{data_classes - 1}) but "
             f"head {head!r} predicts {head_classes}; train a model with a matching head (the "
             "class count comes from the dataset's dataset.json labels)")
+
+
+def seg_classes(pre, data_dir) -> int:
+    """Class count of a segmentation dataset; a folder without segmentation labels (a
+    classification folder, or labels that are all background) is an error, not a crash."""
+    if pre.targets is not None:
+        raise DataFolderError(f"--data {str(data_dir)!r} is a classification folder "
+                              "(labels.csv); use `transfer --task cls`, or give a segmentation "
+                              "dataset (dataset.json with labels)")
+    n = int(pre.num_classes)
+    if n < 2:
+        raise DataFolderError(f"--data {str(data_dir)!r}: dataset {pre.name!r} has no "
+                              "foreground label (only 0 declared or found); segmentation needs "
+                              "at least one class besides background")
+    return n
 
 
 def input_channel(pre, channel, lenient: bool = False) -> int:
@@ -227,12 +242,12 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
 
     pres = [open_preprocessed(d, cfg) for d in dirs]
     heads, split = {}, {}
-    for pre in pres:
+    for pre, d in zip(pres, dirs):
         name = head_name(pre.name)
         if name in heads:
             raise ConfigError(f"two --data datasets are both named {pre.name!r}; heads need "
                               "distinct dataset names")
-        heads[name] = int(pre.num_classes)
+        heads[name] = seg_classes(pre, d)
         tr, va = split_cases(pre.names, cfg["val_fraction"])
         split[name] = {"train": tr, "val": va}
     patch = tuple(cfg["patch"])
@@ -312,7 +327,7 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     depth, shortcut = _pretrained_depth(cfg)
     pre = open_preprocessed(data_dir, cfg)
     name = head_name(pre.name)
-    n_cls = int(pre.num_classes)
+    n_cls = seg_classes(pre, data_dir)
     tr, va = split_cases(pre.names, cfg["val_fraction"])
     weights = None if cfg.get("from_scratch") else cfg.get("pretrained")
     model = build_transfer_model("segmentation", depth, n_cls, weights=weights,
@@ -351,22 +366,56 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
 
 
 def read_cls_csv(folder) -> tuple[list[Path], list[str]]:
-    """``labels.csv`` (columns image,label; image paths relative to the folder)."""
+    """``labels.csv`` (columns image,label; image paths relative to the folder; labels integer
+    classes). Returns the image paths and the labels as canonical integer strings."""
     folder = Path(folder)
     p = folder / "labels.csv" if folder.is_dir() else folder
     if not p.is_file():
         raise DataFolderError(f"--data {str(folder)!r}: classification needs a labels.csv with "
                               "columns image,label")
-    with open(p, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "image" not in rows[0] or "label" not in rows[0]:
-        raise DataFolderError(f"{str(p)!r}: expected a header line 'image,label' and rows")
-    paths = [(p.parent / r["image"]) for r in rows]
+    with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+        reader = csv.DictReader(f, skipinitialspace=True)
+        cols = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = cols
+        rows = list(reader)
+    if not {"image", "label"} <= set(cols) or not rows:
+        raise DataFolderError(f"{str(p)!r}: expected a header line 'image,label' and rows, got "
+                              f"columns {cols} and {len(rows)} row(s)")
+    paths, labels, seen = [], [], {}
+    for n, r in enumerate(rows, 2):  # line numbers as an editor shows them (header = 1)
+        image, label = (r.get("image") or "").strip(), (r.get("label") or "").strip()
+        if not image:
+            raise DataFolderError(f"{str(p)!r} line {n}: empty image path")
+        try:
+            label = str(int(label))
+        except ValueError:
+            raise DataFolderError(f"{str(p)!r} line {n}: label {label!r} of {image!r} is not an "
+                                  "integer class") from None
+        if image in seen:
+            raise DataFolderError(f"{str(p)!r} line {n}: image {image!r} already listed on "
+                                  f"line {seen[image]}")
+        seen[image] = n
+        paths.append(p.parent / image)
+        labels.append(label)
     missing = [str(x) for x in paths if not x.exists()]
     if missing:
         raise DataFolderError(f"{str(p)!r}: {len(missing)} image(s) do not exist, e.g. "
                               f"{missing[:3]}")
-    return paths, [str(r["label"]).strip() for r in rows]
+    return paths, labels
+
+
+def cls_case_names(folder, paths) -> list[str]:
+    """Case names of classification images: their paths relative to the labels.csv folder
+    (base names collide in per-class folders such as benign/001.nii.gz, malignant/001.nii.gz)."""
+    folder = Path(folder)
+    root = folder if folder.is_dir() else folder.parent
+    out = []
+    for p in paths:
+        try:
+            out.append(Path(p).relative_to(root).as_posix())
+        except ValueError:  # an absolute path in labels.csv
+            out.append(str(p))
+    return out
 
 
 def class_list(labels) -> list[str]:
@@ -442,7 +491,7 @@ def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
         raise DataFolderError(f"{data_dir}: labels.csv has a single class {classes}; "
                               "classification needs at least two")
     y = torch.tensor([classes.index(v) for v in labels], dtype=torch.int64)
-    names = [p.name for p in paths]
+    names = cls_case_names(data_dir, paths)
     tr, va = split_cases(names, cfg["val_fraction"])
     patch = tuple(cfg["patch"])
     imgs = {n: load_cls_volume(p, patch, cfg.get("channel")) for n, p in zip(names, paths)}
