@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,9 +64,11 @@ def main(argv=None) -> int:
 
             ds = load_dataset(args.dataset, skip_bad=args.skip_bad)
             print(ds.summary())
-            pre = preprocess(ds, args.out, workers=args.workers, skip_bad=args.skip_bad,
-                             target_spacing=args.spacing, progress=not args.no_progress,
-                             seed=args.seed)
+            with warnings.catch_warnings():  # the skipped cases are listed once, below
+                warnings.filterwarnings("ignore", message=r".*skipped \d+ bad case")
+                pre = preprocess(ds, args.out, workers=args.workers, skip_bad=args.skip_bad,
+                                 target_spacing=args.spacing, progress=not args.no_progress,
+                                 seed=args.seed)
             dt = time.perf_counter() - t0
             print(f"{len(pre)} cases cached in {pre.dir} ({dt:.1f} s); target spacing "
                   f"{pre.info['target_spacing']} mm")

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -236,12 +237,15 @@ def main(argv=None) -> int:
         return 0
     errors = _known_errors()
     try:
-        explicit: set = set()
-        cfg = resolve_args(ns, explicit)
-        if ns.command == "evaluate":
-            run_evaluate(cfg, explicit=explicit)
-        else:
-            train_command(ns.command, cfg)
+        with warnings.catch_warnings():
+            # a user reads "warning: <what>" (e.g. the --skip-bad list), not a source line
+            warnings.showwarning = _show_warning
+            explicit: set = set()
+            cfg = resolve_args(ns, explicit)
+            if ns.command == "evaluate":
+                run_evaluate(cfg, explicit=explicit)
+            else:
+                train_command(ns.command, cfg)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -249,6 +253,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr)
 
 
 def _known_errors() -> tuple:

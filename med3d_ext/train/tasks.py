@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import warnings
 import zlib
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def open_preprocessed(path, cfg):
         cache = Path(cfg["cache"]) / f"{Path(path).name}-{key:08x}"
     # a process pool pays off only with spare cores (and this may run under torchrun)
     workers = 0 if (os.cpu_count() or 1) <= 2 else None
-    return data.open_dataset(path, cache=cache, workers=workers, progress=False)
+    return data.open_dataset(path, cache=cache, workers=workers, progress=False,
+                             skip_bad=bool(cfg.get("skip_bad")))
 
 
 def split_cases(names, val_fraction: float) -> tuple[list[str], list[str]]:
@@ -299,6 +301,11 @@ def _pretrained_depth(cfg):
     if path:
         from med3d_ext.models import infer_medicalnet_depth
 
+        if Path(path).is_dir():
+            have = [f.name for f in sorted(Path(path).iterdir()) if f.suffix in
+                    (".pt", ".pth", ".safetensors")]
+            raise ConfigError(f"--pretrained {path!r} is a folder; name a weights file in it"
+                              + (f" (it holds {', '.join(have)})" if have else ""))
         if not Path(path).is_file():
             raise FileNotFoundError(f"--pretrained {path!r}: no such file")
         depth, shortcut = infer_medicalnet_depth(path)
@@ -482,19 +489,34 @@ class ClsLoader:
 
 
 def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: bool) -> Job:
+    from med3d_ext.data import DataError
     from med3d_ext.models import build_transfer_model
 
     depth, shortcut = _pretrained_depth(cfg)
     paths, labels = read_cls_csv(data_dir)
+    names = cls_case_names(data_dir, paths)
+    patch = tuple(cfg["patch"])
+    imgs, bad = {}, []
+    for n, p in zip(names, paths):
+        try:
+            imgs[n] = load_cls_volume(p, patch, cfg.get("channel"))
+        except DataError as e:  # unreadable, NaN/Inf, ...: stop, or drop with --skip-bad
+            if not cfg.get("skip_bad"):
+                raise
+            bad.append(str(e))
+    if bad:
+        warnings.warn(f"{data_dir}: skipped {len(bad)} bad image(s):\n  " + "\n  ".join(bad),
+                      stacklevel=2)
+        keep = [i for i, n in enumerate(names) if n in imgs]
+        paths, labels, names = ([v[i] for i in keep] for v in (paths, labels, names))
+        if not names:
+            raise DataFolderError(f"{data_dir}: every image is bad")
     classes = class_list(labels)
     if len(classes) < 2:
         raise DataFolderError(f"{data_dir}: labels.csv has a single class {classes}; "
                               "classification needs at least two")
     y = torch.tensor([classes.index(v) for v in labels], dtype=torch.int64)
-    names = cls_case_names(data_dir, paths)
     tr, va = split_cases(names, cfg["val_fraction"])
-    patch = tuple(cfg["patch"])
-    imgs = {n: load_cls_volume(p, patch, cfg.get("channel")) for n, p in zip(names, paths)}
     ti = [names.index(n) for n in tr]
     vi = [names.index(n) for n in va]
     weights = None if cfg.get("from_scratch") else cfg.get("pretrained")

@@ -56,7 +56,8 @@ def test_command_specific_defaults():
 
 
 @pytest.mark.parametrize("bad,close", [("batchsize", "batch_size"), ("epoch", "epochs"),
-                                       ("learning_rate", None), ("pach", "patch")])
+                                       ("learning_rate", "lr"), ("pach", "patch"),
+                                       ("n_epochs", "epochs"), ("model_depth", "depth")])
 def test_unknown_key_names_closest(bad, close):
     with pytest.raises(C.ConfigError) as e:
         C.resolve("pretrain", overrides=[f"{bad}=1"])
