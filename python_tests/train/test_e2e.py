@@ -204,3 +204,169 @@ def test_fused_and_plain_runs_agree(tiny_data, tmp_path):
     # same initial weights and batches: the first steps agree closely (later ones drift apart
     # the way any two float orderings do under SGD at lr 0.1)
     np.testing.assert_allclose(losses["--fused"][:2], losses["--no-fused"][:2], rtol=1e-4)
+
+
+# ------------------------------------------------------------------ user-level regressions
+
+
+def _copy_msd_as_medicalnet(src, root):
+    """The MSD task ``src`` rewritten as a MedicalNet list folder (train.txt, no imagesTr)."""
+    import shutil
+
+    lines = []
+    for img in sorted((src / "imagesTr").glob("*.nii.gz")):
+        for sub, f in (("images", img), ("label", src / "labelsTr" / img.name)):
+            (root / "Kidney" / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / "Kidney" / sub / img.name)
+        lines.append(f"Kidney/images/{img.name} Kidney/label/{img.name}")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_medicalnet_list_folder_as_data(tiny_data, tmp_path):
+    """--data on a MedicalNet list folder (or its train.txt) trains and evaluates; the
+    training CLI once took such a folder for a folder of datasets and found none."""
+    from med3d_ext.train.tasks import resolve_data_dirs
+
+    root = _copy_msd_as_medicalnet(tiny_data["transfer"], tmp_path / "mn")
+    assert resolve_data_dirs([root], "transfer") == [root]
+    assert resolve_data_dirs([root / "train.txt"], "transfer") == [root / "train.txt"]
+    assert resolve_data_dirs([tmp_path], "pretrain") == [root]  # a folder of datasets
+    run = tmp_path / "run"
+    assert main(["transfer", *tiny_args(root / "train.txt", run, "--from-scratch", "--cache",
+                                        tmp_path / "c", "--epochs", 1)]) == 0
+    pred = tmp_path / "pred"
+    assert main(["evaluate", "--run", run, "--data", root, "--out", pred, "--device", "cpu",
+                 "--cache", tmp_path / "c"]) == 0
+    assert len(list(pred.glob("*.nii.gz"))) == len(list((root / "Kidney/images").iterdir()))
+
+
+def test_resume_from_another_directory_and_refused_resume_keeps_config(tiny_data, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Relative --data/--pretrained are saved absolute (a resumed job may start elsewhere); a
+    refused --resume leaves config.yaml as it was."""
+    import shutil
+
+    from med3d_ext.train.config import load_config
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_data["transfer"], work / "kidney")
+    _medicalnet_file(work / "resnet_10.pth")
+    monkeypatch.chdir(work)
+    assert main(["transfer", *tiny_args("kidney", "run", "--pretrained", "resnet_10.pth",
+                                        "--epochs", 1, "--cache", tmp_path / "c")]) == 0
+    saved = load_config(work / "run" / "config.yaml")
+    assert saved["data"] == [str(work / "kidney")]
+    assert saved["pretrained"] == str(work / "resnet_10.pth")
+    before = (work / "run" / "config.yaml").read_text()
+    # refused: another architecture, the other command
+    assert main(["transfer", "--resume", "run", "--depth", 18, "--no-progress"]) != 0
+    assert main(["pretrain", "--resume", "run", "--no-progress"]) == 2
+    assert "is a transfer run" in capsys.readouterr().err
+    assert (work / "run" / "config.yaml").read_text() == before
+    monkeypatch.chdir(tmp_path)
+    assert main(["transfer", "--resume", work / "run", "--epochs", 2, "--no-progress"]) == 0
+    assert torch.load(work / "run" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_user_errors_are_one_clean_line(tiny_data, tmp_path, capsys):
+    """Each mistake: exit code != 0, one 'error:' line naming the argument and the value."""
+    tr = tiny_data["transfer"]
+    brain = tiny_data["pretrain"] / "Task01_BrainTumour"
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "garbage.pth").write_bytes(b"not a torch file at all")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("data: [x]\ntask: seg\n")
+    cases = [
+        (["transfer", *tiny_args(brain, tmp_path / "r1", "--from-scratch", "--channel",
+                                 "FLAIRX")], ["--channel 'FLAIRX'", "FLAIR", "T2w"]),
+        (["transfer", *tiny_args(tr, tmp_path / "afile", "--from-scratch")],
+         ["--out", "afile", "is a file"]),
+        (["transfer", *tiny_args(tiny_data["cls"], tmp_path / "r2", "--from-scratch")],
+         ["classification folder", "--task cls"]),
+        (["transfer", *tiny_args(tr, tmp_path / "r3", "--pretrained", tmp_path / "half")],
+         ["--pretrained", "is a folder"]),
+        (["transfer", *tiny_args(tr, tmp_path / "r4", "--pretrained",
+                                 tmp_path / "garbage.pth")], ["garbage.pth", "not a PyTorch"]),
+        (["transfer", "--resume", tmp_path / "half"], ["before its first checkpoint"]),
+        (["transfer", "--resume", tmp_path / "r5"], ["not a run folder"]),
+        (["evaluate", "--run", tmp_path / "half", "--data", tr, "--out", tmp_path / "p"],
+         ["holds no checkpoint"]),
+    ]
+    for argv, want in cases:
+        assert main(argv) != 0, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, (argv, err)
+        for w in want:
+            assert w in err, (argv, err)
+
+
+def test_labels_csv_checked_and_per_class_folders(tiny_data, tmp_path, capsys):
+    """labels.csv: non-integer / blank labels and repeated images are errors naming the line;
+    a spreadsheet's BOM and spaced header are fine; images in per-class folders that share a
+    base name stay distinct cases (they once overwrote each other's image)."""
+    import shutil
+
+    from med3d_ext.train.tasks import cls_case_names, read_cls_csv
+
+    root = tmp_path / "cls"
+    shutil.copytree(tiny_data["cls"], root)
+    rows = (root / "labels.csv").read_text().splitlines()[1:]
+    for bad, want in [("1.5", "line 3: label '1.5'"), ("", "line 3: label ''"),
+                      ("yes", "not an integer")]:
+        body = [rows[0], rows[1].rsplit(",", 1)[0] + "," + bad, *rows[2:]]
+        (root / "labels.csv").write_text("\n".join(["image,label", *body]) + "\n")
+        with pytest.raises(FileNotFoundError, match=want.replace("(", r"\(")):
+            read_cls_csv(root)
+    (root / "labels.csv").write_text("\n".join(["image,label", rows[0], *rows]) + "\n")
+    with pytest.raises(FileNotFoundError, match="already listed on line 2"):
+        read_cls_csv(root)
+    imgs = sorted((root / "images").glob("*.nii.gz"))
+    for k, cls in enumerate(("neg", "pos")):
+        (root / cls).mkdir()
+        shutil.copy(imgs[k], root / cls / "001.nii.gz")
+    (root / "labels.csv").write_text("\ufeffimage, label\nneg/001.nii.gz, 0\npos/001.nii.gz,1\n"
+                                     + "\n".join(rows) + "\n", encoding="utf-8")
+    paths, labels = read_cls_csv(root)
+    assert labels[:2] == ["0", "1"]
+    names = cls_case_names(root, paths)
+    assert names[:2] == ["neg/001.nii.gz", "pos/001.nii.gz"] and len(set(names)) == len(names)
+    # a corrupt image: an error naming it, or skipped with a warning under --skip-bad
+    imgs[2].write_bytes(imgs[2].read_bytes()[:200])
+    args = ["transfer", "--task", "cls", *tiny_args(root, tmp_path / "r", "--from-scratch",
+                                                     "--epochs", 1)]
+    assert main(args) == 1 and imgs[2].name in capsys.readouterr().err
+    assert main([*args, "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "skipped 1 bad image" in err and imgs[2].name in err
+    ck = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    split = ck["split"]["cls"]
+    assert "neg/001.nii.gz" in split["train"] + split["val"]
+    assert not any(imgs[2].name in n for n in split["train"] + split["val"])
+
+
+def test_skip_bad_in_training(tiny_data, tmp_path, capsys):
+    """A NaN case stops a run with an error naming the file; --skip-bad trains on the rest
+    and prints the warning list."""
+    import shutil
+
+    import nibabel as nib
+
+    root = tmp_path / "kid"
+    shutil.copytree(tiny_data["transfer"], root)
+    bad = sorted((root / "imagesTr").glob("*.nii.gz"))[0]
+    img = nib.load(str(bad))
+    x = np.asarray(img.dataobj).astype(np.float32)
+    x[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(x, img.affine), str(bad))
+    args = ["transfer", *tiny_args(root, tmp_path / "r", "--from-scratch", "--epochs", 1,
+                                   "--cache", tmp_path / "c")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and bad.name in err and "NaN" in err
+    assert main([*args, "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "skipped 1 bad case" in err and bad.name in err
+    split = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["split"]
+    (cases,) = split.values()
+    assert bad.name.split(".")[0] not in cases["train"] + cases["val"]
