@@ -30,9 +30,16 @@ def pre_run(tiny_data, tmp_path_factory):
 def test_pretrain_outputs(pre_run, tiny_data):
     from med3d_ext.train.config import load_config, resolve
 
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
     for f in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "summary.json",
               "encoder_medicalnet.pth", "encoder.safetensors"):
         assert (pre_run / f).is_file(), f
+    for f in ("last.pt", "encoder_medicalnet.pth", "encoder.safetensors"):
+        # readable as any file the user writes (safetensors alone once made them 0600)
+        assert (pre_run / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
     ck = torch.load(pre_run / "last.pt", weights_only=True)
     assert ck["format"] == "med3d_ext" and ck["arch"]["task"] == "pretrain"
     assert len(ck["arch"]["heads"]) == 8 and ck["step"] == 4 and ck["epoch"] == 2
