@@ -166,6 +166,8 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         if ctx.is_main:
             log(f"{command}: {job.arch} on {ctx.device} (world size {ctx.world_size}, "
                 f"fused={fused}, amp={cfg['amp']}); run folder {run}")
+            if job.extra.get("pretrained_load"):  # what the weights file filled, and what not
+                log(job.extra["pretrained_load"])
         # config.yaml is written once the data, model and any resumed checkpoint are accepted:
         # a refused --resume (other model, bad option) must not replace the run's config
         save = (lambda: C.save_config(cfg, run / "config.yaml")) if ctx.is_main else None

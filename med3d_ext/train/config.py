@@ -100,8 +100,9 @@ OPTIONS: dict[str, Option] = {
                   _ALL),
     "channels_last": Option(None, "auto_bool", "channels_last_3d memory format (default: on "
                             "GPU)", _ALL),
-    "fused": Option(None, "auto_bool", "fused C++/CUDA ops (default: on when the extension "
-                    "and med3d_ext.nn are available); --no-fused = plain PyTorch", _ALL),
+    "fused": Option(None, "auto_bool", "fused C++/CUDA model ops (default: on a GPU when the "
+                    "extension and med3d_ext.nn are available; the loss and augmentation ops "
+                    "are used on the CPU too); --no-fused = plain PyTorch everywhere", _ALL),
     "compile": Option(False, "bool", "torch.compile the model", _ALL),
     "num_workers": Option(0, "int", "DataLoader worker processes", _T),
     "threads": Option(0, "int", "torch CPU threads (0 = torch's default)", _ALL),

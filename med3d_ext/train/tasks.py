@@ -81,7 +81,9 @@ def open_preprocessed(path, cfg):
         cache = Path(cfg["cache"]) / f"{Path(path).name}-{key:08x}"
     # a process pool pays off only with spare cores (and this may run under torchrun)
     workers = 0 if (os.cpu_count() or 1) <= 2 else None
-    return data.open_dataset(path, cache=cache, workers=workers, progress=False,
+    # the first run on a big dataset preprocesses for minutes: show it (rank 0 only)
+    progress = bool(cfg.get("progress", True)) and os.environ.get("RANK", "0") == "0"
+    return data.open_dataset(path, cache=cache, workers=workers, progress=progress,
                              skip_bad=bool(cfg.get("skip_bad")))
 
 
@@ -337,8 +339,9 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     n_cls = seg_classes(pre, data_dir)
     tr, va = split_cases(pre.names, cfg["val_fraction"])
     weights = None if cfg.get("from_scratch") else cfg.get("pretrained")
-    model = build_transfer_model("segmentation", depth, n_cls, weights=weights,
-                                 shortcut_type=shortcut, fused=fused)
+    model, report = build_transfer_model("segmentation", depth, n_cls, weights=weights,
+                                         shortcut_type=shortcut, fused=fused,
+                                         return_report=True)
     model = _finish_model(model, cfg, dev, channels_last)
     patch = tuple(cfg["patch"])
     total = cfg["epochs"] * cfg["steps"]
@@ -366,7 +369,8 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     return Job("seg", model, model.arch, loader, _prep_seg(cfg, patch, aug, channels_last),
         step_fn, validate, _groups(model, enc_lr, head_lr), cfg["batch_size"],
         int(np.prod(patch)), freeze_epochs=cfg["freeze_epochs"], augment=aug,
-        extra={"split": {name: {"train": tr, "val": va}}, "datasets": [str(data_dir)]})
+        extra={"split": {name: {"train": tr, "val": va}}, "datasets": [str(data_dir)],
+               "pretrained_load": str(report) if report else None})
 
 
 # ---------------------------------------------------------------------------- classification
@@ -520,8 +524,10 @@ def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     ti = [names.index(n) for n in tr]
     vi = [names.index(n) for n in va]
     weights = None if cfg.get("from_scratch") else cfg.get("pretrained")
-    model = build_transfer_model("classification", depth, len(classes), weights=weights,
-                                 shortcut_type=shortcut, dropout=cfg["dropout"], fused=fused)
+    model, report = build_transfer_model("classification", depth, len(classes),
+                                         weights=weights, shortcut_type=shortcut,
+                                         dropout=cfg["dropout"], fused=fused,
+                                         return_report=True)
     model = _finish_model(model, cfg, dev, channels_last)
     loader = ClsLoader([imgs[names[i]] for i in ti], y[ti], cfg["batch_size"],
                        cfg["seed"] * 1000003 + rank, cfg["epochs"] * cfg["steps"])
@@ -559,4 +565,5 @@ def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
                _groups(model, enc_lr, head_lr), cfg["batch_size"], int(np.prod(patch)),
                freeze_epochs=cfg["freeze_epochs"],
                extra={"classes": classes, "split": {"cls": {"train": tr, "val": va}},
-                      "datasets": [str(data_dir)]})
+                      "datasets": [str(data_dir)],
+                      "pretrained_load": str(report) if report else None})

@@ -124,7 +124,7 @@ def _medicalnet_file(path, depth=10):
     return {k[len("module."):]: v for k, v in sd.items()}
 
 
-def test_transfer_from_medicalnet_layout_file(tiny_data, tmp_path):
+def test_transfer_from_medicalnet_layout_file(tiny_data, tmp_path, capsys):
     enc = _medicalnet_file(tmp_path / "resnet_10.pth")
     run = tmp_path / "mn"
     # the encoder stays frozen for the whole run, so it must end as the file's weights
@@ -132,6 +132,8 @@ def test_transfer_from_medicalnet_layout_file(tiny_data, tmp_path):
                                       "--pretrained", tmp_path / "resnet_10.pth",
                                       "--freeze-epochs", 2)])
     assert rc == 0
+    # the user sees what the file filled (MedicalNet's module. prefix understood)
+    assert f"Loaded {len(enc)} tensors from" in capsys.readouterr().out
     ck = torch.load(run / "last.pt", weights_only=True)
     sd = ck["state_dict"]
     for k, v in enc.items():
