@@ -218,30 +218,26 @@ def run_evaluate(cfg: dict, log=print, explicit=()) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if not argv:
-        from .demo import run_demo
-
-        run_demo()
-        return 0
-    if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         # options without a command (`--out DIR`, `--device cuda`) configure the default demo
         argv = ["demo"] + argv
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    if ns.command is None:
+    ns = parser.parse_args(argv) if argv else None
+    if ns is not None and ns.command is None:
         parser.print_help()
         return 2
-    if ns.command == "demo":
-        from .demo import run_demo
-
-        run_demo(out=ns.out, device=ns.device, quick=ns.quick, seed=ns.seed,
-                 progress=not ns.no_progress)
-        return 0
     errors = _known_errors()
     try:
         with warnings.catch_warnings():
             # a user reads "warning: <what>" (e.g. the --skip-bad list), not a source line
             warnings.showwarning = _show_warning
+            if ns is None or ns.command == "demo":  # no arguments: the demo
+                from .demo import run_demo
+
+                kw = {} if ns is None else dict(out=ns.out, device=ns.device, quick=ns.quick,
+                                                seed=ns.seed, progress=not ns.no_progress)
+                run_demo(**kw)
+                return 0
             explicit: set = set()
             cfg = resolve_args(ns, explicit)
             if ns.command == "evaluate":
