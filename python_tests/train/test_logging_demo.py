@@ -91,7 +91,7 @@ def test_demo_user_errors_are_clean(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     (tmp_path / "old" / "pretrain").mkdir(parents=True)
     (tmp_path / "old" / "pretrain" / "last.pt").write_bytes(b"")
-    for argv, rc, want in [(["--device", "tpu", "--quick"], 1, "--device tpu"),
+    for argv, rc, want in [(["--device", "tpu", "--quick"], 1, "--device 'tpu'"),
                            (["--out", tmp_path / "afile", "--device", "cpu"], 2, "is a file"),
                            (["demo", "--out", tmp_path / "old", "--device", "cpu"], 2,
                             "already holds a demo run")]:
