@@ -57,11 +57,9 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
         raise ConfigError("evaluate needs --run RUN (a run folder or checkpoint)")
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
-    data_dir = Path(cfg["data"][0])
-    if not (data_dir.is_dir() or data_dir.is_file() and data_dir.suffix == ".txt"):
-        from .tasks import DataFolderError
+    from .tasks import resolve_data_dirs
 
-        raise DataFolderError(f"--data {str(data_dir)!r}: no such folder")
+    data_dir = resolve_data_dirs(cfg["data"], "evaluate")[0]
     ckpt = load_checkpoint(find_checkpoint(cfg["run"], cfg["checkpoint"]))
     run_cfg = ckpt.get("config") or {}
     cfg = dict(cfg)

@@ -68,6 +68,10 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
                                   "labels.csv, MedicalNet list (train.txt) or dataset "
                                   "sub-folders)")
         out.extend(subs)
+    if command != "pretrain" and len(out) != 1:
+        # transfer/evaluate work on one dataset: never pick the first of several silently
+        raise ConfigError(f"{command} takes one dataset, but --data {' '.join(map(str, paths))} "
+                          f"holds {len(out)}: {', '.join(q.name for q in out)}; name one")
     return out
 
 

@@ -301,6 +301,9 @@ def test_user_errors_are_one_clean_line(tiny_data, tmp_path, capsys):
         (["transfer", "--resume", tmp_path / "r5"], ["not a run folder"]),
         (["evaluate", "--run", tmp_path / "half", "--data", tr, "--out", tmp_path / "p"],
          ["holds no checkpoint"]),
+        # a folder of datasets: transfer once trained on the first of them, silently
+        (["transfer", *tiny_args(tiny_data["pretrain"], tmp_path / "r6", "--from-scratch")],
+         ["takes one dataset", "holds 8", "Task01_BrainTumour"]),
     ]
     for argv, want in cases:
         assert main(argv) != 0, argv
