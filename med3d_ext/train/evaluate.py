@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,8 @@ def _to_source(probs: torch.Tensor, meta) -> np.ndarray:
 
 
 def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
+    from med3d_ext.data import DataError
+
     from .tasks import cls_case_names, load_cls_volume, read_cls_csv
 
     paths, labels = read_cls_csv(data_dir)
@@ -169,7 +172,13 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
         for p, case, lab in zip(paths, cases, labels):
             if case not in names:
                 continue
-            x = load_cls_volume(p, window, cfg.get("channel"))[None].to(dev)
+            try:
+                x = load_cls_volume(p, window, cfg.get("channel"))[None].to(dev)
+            except DataError as e:
+                if not cfg.get("skip_bad"):
+                    raise
+                warnings.warn(f"skipped bad image: {e}", stacklevel=2)
+                continue
             prob = torch.softmax(model(x).float(), 1)[0].cpu()
             k = int(prob.argmax())
             rows.append({"case": case, "label": lab,

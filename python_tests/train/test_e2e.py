@@ -355,6 +355,10 @@ def test_labels_csv_checked_and_per_class_folders(tiny_data, tmp_path, capsys):
     split = ck["split"]["cls"]
     assert "neg/001.nii.gz" in split["train"] + split["val"]
     assert not any(imgs[2].name in n for n in split["train"] + split["val"])
+    assert main(["evaluate", "--run", tmp_path / "r", "--data", root, "--out", tmp_path / "p",
+                 "--device", "cpu", "--skip-bad"]) == 0
+    pred = (tmp_path / "p" / "predictions.csv").read_text()
+    assert "neg/001.nii.gz" in pred and "pos/001.nii.gz" in pred and imgs[2].name not in pred
 
 
 def test_skip_bad_in_training(tiny_data, tmp_path, capsys):
