@@ -134,6 +134,23 @@ def test_synth_bad_args(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_data_cli_user_errors(synth_dir, tmp_path, capsys):
+    """--out a file, real --cases 0, a dataset.json given for its folder: one error line each
+    (they were tracebacks or 'no dataset.json found' for a dataset.json)."""
+    from med3d_ext.data.__main__ import main
+
+    (tmp_path / "afile").write_text("")
+    js = next((synth_dir / "pretrain").iterdir()) / "dataset.json"
+    for argv, want in [(["synth", "--out", tmp_path / "afile"], "is a file"),
+                       (["real", "--out", tmp_path / "afile"], "is a file"),
+                       (["real", "--out", tmp_path / "r", "--cases", "0"], "cases >= 1"),
+                       (["preprocess", js, "--out", tmp_path / "c"], "name the dataset folder")]:
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and want in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_package_functions_not_shadowed_by_submodules():
     # importing every submodule must leave med3d_ext.data.synth / .real the documented
     # functions (a submodule of the same name would replace them on import)

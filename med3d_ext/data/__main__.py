@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -46,6 +47,10 @@ def main(argv=None) -> int:
     from .io import DataError
 
     t0 = time.perf_counter()
+    out = getattr(args, "out", None)
+    if args.cmd in ("synth", "real") and out and os.path.exists(out) and not os.path.isdir(out):
+        print(f"error: --out {out!r} is a file; {args.cmd} writes a folder", file=sys.stderr)
+        return 2
     try:
         if args.cmd == "synth":
             from .synthetic import synth

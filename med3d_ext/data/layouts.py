@@ -243,6 +243,9 @@ def detect_layout(path) -> str:
         return "medicalnet"
     if not path.exists():
         raise DataError(path, "dataset folder does not exist")
+    if not path.is_dir():
+        raise DataError(path, "is a file; name the dataset folder (the one holding "
+                              "dataset.json, labels.csv or a MedicalNet train.txt)")
     if (path / "labels.csv").exists() and not (path / "dataset.json").exists():
         return "classification"
     js = path / "dataset.json"

@@ -56,6 +56,9 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
         if p.is_file() and p.suffix == ".txt":  # a MedicalNet list file names its dataset
             out.append(p)
             continue
+        if p.is_file():
+            raise DataFolderError(f"--data {str(p)!r} is a file; name the dataset folder (the "
+                                  "one holding dataset.json, labels.csv or train.txt)")
         if not p.is_dir():
             raise DataFolderError(f"--data {str(p)!r}: no such folder (create data with "
                                   f"python -m med3d_ext.data synth --out DIR)")
