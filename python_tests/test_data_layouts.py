@@ -87,6 +87,28 @@ def test_nnunet_layout(tmp_path):
         load_dataset(root)
 
 
+@pytest.mark.parametrize("field,value,want", [
+    ("labels", {"background": 0, "spleen": 1}, r"'labels' key 'background' is not an integer"),
+    ("labels", ["background", "spleen"], r"'labels' must be a mapping.*got list"),
+    ("modality", {"a": "CT"}, r"'modality' key 'a' is not an integer"),
+    ("training", "imagesTr", r"'training' must be a list"),
+    ("channel_names", {"0": "CT"}, r"labels: '0': 'c0' maps a value to a name \(MSD style\)"),
+])
+def test_malformed_dataset_json(tmp_path, field, value, want):
+    """Hand-written dataset.json mistakes (nnU-Net label direction in an MSD file and back, a
+    list for a mapping, a string for the training list) name dataset.json and the field; they
+    were ValueError/AttributeError tracebacks or 'file i does not exist'."""
+    root = make_msd(tmp_path / "ds", n=1)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta[field] = value
+    if field == "channel_names":  # an nnU-Net v2 file written with MSD's labels
+        meta["file_ending"] = ".nii.gz"
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=want) as e:
+        load_dataset(root)
+    assert "dataset.json" in str(e.value)
+
+
 def test_medicalnet_list(tmp_path):
     r = rng()
     root = tmp_path / "mn"

@@ -136,12 +136,33 @@ def _case_name(path: str, ending: str | None = None) -> str:
     return name
 
 
+def _int_keyed(js: Path, what: str, d) -> dict:
+    """An {"0": name, ...} mapping with integer keys, or a DataError saying what is wrong."""
+    example = '{"0": "background", "1": ...}' if what == "labels" else '{"0": "CT", ...}'
+    if not isinstance(d, dict):
+        raise DataError(js, f"'{what}' must be a mapping like {example}, got "
+                            f"{type(d).__name__} {d!r}"[:300])
+    try:
+        return {int(k): v for k, v in d.items()}
+    except (TypeError, ValueError):
+        bad = next(k for k in d if not str(k).strip().lstrip("-").isdigit())
+        hint = (" (nnU-Net v2 files, which map label names to values, also have "
+                "'channel_names' and 'file_ending')") if what == "labels" else ""
+        raise DataError(js, f"'{what}' key {bad!r} is not an integer; expected {example}"
+                            + hint) from None
+
+
 def _load_msd(root: Path, meta: dict) -> Dataset:
-    mod = meta.get("modality", {"0": "unknown"})
-    channels = [mod[k] for k in sorted(mod, key=int)]
-    labels = {int(k): v for k, v in meta.get("labels", {}).items()} or None
+    js = root / "dataset.json"
+    mod = _int_keyed(js, "modality", meta.get("modality", {"0": "unknown"}))
+    channels = [mod[k] for k in sorted(mod)]
+    labels = _int_keyed(js, "labels", meta.get("labels", {})) or None
+    training = meta.get("training", [])
+    if not isinstance(training, list):
+        raise DataError(js, f"'training' must be a list of {{\"image\": ..., \"label\": ...}} "
+                            f"entries, got {type(training).__name__}")
     cases = []
-    for entry in meta.get("training", []):
+    for entry in training:
         if isinstance(entry, str):
             entry = {"image": entry}
         if "image" not in entry:
@@ -153,10 +174,18 @@ def _load_msd(root: Path, meta: dict) -> Dataset:
 
 
 def _load_nnunet(root: Path, meta: dict) -> Dataset:
-    chan = meta["channel_names"]
-    channels = [chan[k] for k in sorted(chan, key=int)]
+    js = root / "dataset.json"
+    chan = _int_keyed(js, "channel_names", meta["channel_names"])
+    channels = [chan[k] for k in sorted(chan)]
     labels = {}
-    for name, v in meta.get("labels", {}).items():
+    lab = meta.get("labels", {})
+    if not isinstance(lab, dict):
+        raise DataError(js, f"'labels' must be a mapping like {{\"background\": 0}}, got "
+                            f"{type(lab).__name__}")
+    for name, v in lab.items():
+        if isinstance(v, str) and str(name).isdigit():  # MSD's value -> name direction
+            raise DataError(js, f"labels: {name!r}: {v!r} maps a value to a name (MSD style); "
+                                "nnU-Net v2 maps names to values: {\"background\": 0, ...}")
         if not isinstance(v, int):  # region-based training: tuples of labels
             raise DataError(root / "dataset.json", f"label {name!r} is a region {v}; only "
                                                    "integer labels are supported")

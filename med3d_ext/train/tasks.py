@@ -131,6 +131,11 @@ def seg_classes(pre, data_dir) -> int:
         raise DataFolderError(f"--data {str(data_dir)!r} is a classification folder "
                               "(labels.csv); use `transfer --task cls`, or give a segmentation "
                               "dataset (dataset.json with labels)")
+    unlabelled = [c for c in pre.names if not (pre.dir / f"{c}.label.npy").exists()]
+    if unlabelled:
+        raise DataFolderError(f"--data {str(data_dir)!r}: {len(unlabelled)} case(s) have no "
+                              f"label file, e.g. {unlabelled[:3]}; training needs a label for "
+                              "every case (evaluate predicts unlabelled cases)")
     n = int(pre.num_classes)
     if n < 2:
         raise DataFolderError(f"--data {str(data_dir)!r}: dataset {pre.name!r} has no "

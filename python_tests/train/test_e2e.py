@@ -285,6 +285,14 @@ def test_user_errors_are_one_clean_line(tiny_data, tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     (tmp_path / "garbage.pth").write_bytes(b"not a torch file at all")
     (tmp_path / "half").mkdir()
+    import json
+    import shutil
+
+    unlab = tmp_path / "unlabelled"  # test images only: evaluate them, never train on them
+    shutil.copytree(tr, unlab)
+    meta = json.loads((unlab / "dataset.json").read_text())
+    meta["training"] = [{"image": e["image"]} for e in meta["training"]]
+    (unlab / "dataset.json").write_text(json.dumps(meta))
     (tmp_path / "half" / "config.yaml").write_text("data: [x]\ntask: seg\n")
     cases = [
         (["transfer", *tiny_args(brain, tmp_path / "r1", "--from-scratch", "--channel",
@@ -301,6 +309,8 @@ def test_user_errors_are_one_clean_line(tiny_data, tmp_path, capsys):
         (["transfer", "--resume", tmp_path / "r5"], ["not a run folder"]),
         (["evaluate", "--run", tmp_path / "half", "--data", tr, "--out", tmp_path / "p"],
          ["holds no checkpoint"]),
+        (["transfer", *tiny_args(unlab, tmp_path / "r7", "--from-scratch", "--cache",
+                                 tmp_path / "c")], ["have no label file"]),
         # a folder of datasets: transfer once trained on the first of them, silently
         (["transfer", *tiny_args(tiny_data["pretrain"], tmp_path / "r6", "--from-scratch")],
          ["takes one dataset", "holds 8", "Task01_BrainTumour"]),
