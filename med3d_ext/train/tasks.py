@@ -78,6 +78,18 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
     return out
 
 
+def _cache_of(folder: Path, path) -> bool:
+    """Is ``folder`` itself the preprocessing cache of the raw dataset at ``path``?"""
+    import json
+
+    try:
+        root = json.loads((folder / "cache.json").read_text())["root"]
+    except (OSError, ValueError, KeyError):
+        return False
+    p = Path(path).resolve()
+    return Path(root).resolve() == (p if p.is_dir() else p.parent)
+
+
 def open_preprocessed(path, cfg):
     """The preprocessed (cached) dataset for a raw folder."""
     from med3d_ext import data
@@ -86,6 +98,8 @@ def open_preprocessed(path, cfg):
     if cfg.get("cache"):
         key = zlib.crc32(str(Path(path).resolve()).encode()) & 0xFFFFFFFF
         cache = Path(cfg["cache"]) / f"{Path(path).name}-{key:08x}"
+        if _cache_of(Path(cfg["cache"]), path):  # `data preprocess DIR --out CACHE` made it
+            cache = Path(cfg["cache"])
     # a process pool pays off only with spare cores (and this may run under torchrun)
     workers = 0 if (os.cpu_count() or 1) <= 2 else None
     # the first run on a big dataset preprocesses for minutes: show it (rank 0 only)

@@ -241,6 +241,12 @@ def test_medicalnet_list_folder_as_data(tiny_data, tmp_path):
     assert resolve_data_dirs([root], "transfer") == [root]
     assert resolve_data_dirs([root / "train.txt"], "transfer") == [root / "train.txt"]
     assert resolve_data_dirs([tmp_path], "pretrain") == [root]  # a folder of datasets
+    # README: `python -m med3d_ext.data preprocess DIR --out CACHE`; training with --cache
+    # CACHE then reuses that cache (it once preprocessed again into CACHE/<name>-<hash>/)
+    from med3d_ext.data.__main__ import main as data_main
+
+    assert data_main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--workers", "0",
+                      "--no-progress"]) == 0
     run = tmp_path / "run"
     assert main(["transfer", *tiny_args(root / "train.txt", run, "--from-scratch", "--cache",
                                         tmp_path / "c", "--epochs", 1)]) == 0
@@ -248,6 +254,7 @@ def test_medicalnet_list_folder_as_data(tiny_data, tmp_path):
     assert main(["evaluate", "--run", run, "--data", root, "--out", pred, "--device", "cpu",
                  "--cache", tmp_path / "c"]) == 0
     assert len(list(pred.glob("*.nii.gz"))) == len(list((root / "Kidney/images").iterdir()))
+    assert not [d for d in (tmp_path / "c").iterdir() if d.is_dir()]
 
 
 def test_resume_from_another_directory_and_refused_resume_keeps_config(tiny_data, tmp_path,
