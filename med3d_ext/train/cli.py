@@ -182,9 +182,17 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                 summary["encoder_safetensors"] = str(save_encoder_safetensors(
                     job.model, run / "encoder.safetensors"))
             summary["run"] = str(run)
-            (run / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-            log(f"done: best validation score {summary['best_score']:.4f} at step "
-                f"{summary['best_step']}; run folder {run}")
+            validated = summary["best_step"] >= 0
+            # no validation cases (--val-fraction 0, a one-case dataset): no best.pt, and no
+            # -Infinity in summary.json (not JSON for most parsers)
+            on_disk = summary if validated else dict(summary, best_score=None, best=None)
+            (run / "summary.json").write_text(json.dumps(on_disk, indent=1, default=str))
+            if validated:
+                log(f"done: best validation score {summary['best_score']:.4f} at step "
+                    f"{summary['best_step']}; run folder {run}")
+            else:
+                log(f"done: no validation cases (--val-fraction {cfg.get('val_fraction')}), so "
+                    f"no best.pt; the final weights are {run / 'last.pt'}")
         barrier(ctx)
         return summary
     finally:

@@ -403,3 +403,21 @@ def test_skip_bad_in_training(tiny_data, tmp_path, capsys):
     split = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["split"]
     (cases,) = split.values()
     assert bad.name.split(".")[0] not in cases["train"] + cases["val"]
+
+
+def test_run_without_validation(tiny_data, tmp_path, capsys):
+    """--val-fraction 0: no best.pt, summary.json stays strict JSON (it held -Infinity), the
+    message says where the weights are, and evaluate uses last.pt."""
+    run = tmp_path / "nv"
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], run, "--from-scratch",
+                                        "--epochs", 1, "--val-fraction", 0, "--cache",
+                                        tiny_data["cache"])]) == 0
+    assert "no validation cases" in capsys.readouterr().out
+    assert not (run / "best.pt").exists() and (run / "last.pt").is_file()
+
+    def strict(c):
+        raise ValueError(f"non-JSON constant {c}")
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=strict)
+    assert summary["best_score"] is None and summary["best_step"] == -1
+    assert main(["evaluate", "--run", run, "--data", tiny_data["transfer"], "--out",
+                 tmp_path / "p", "--device", "cpu", "--cache", tiny_data["cache"]]) == 0
