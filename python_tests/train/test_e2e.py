@@ -257,6 +257,46 @@ def test_medicalnet_list_folder_as_data(tiny_data, tmp_path):
     assert not [d for d in (tmp_path / "c").iterdir() if d.is_dir()]
 
 
+def _copy_msd_as_nnunet(src, root):
+    """The MSD task ``src`` rewritten in nnU-Net v2's layout (_0000 channel files)."""
+    import shutil
+
+    meta = json.loads((src / "dataset.json").read_text())
+    for img in sorted((src / "imagesTr").glob("*.nii.gz")):
+        case = img.name[:-len(".nii.gz")]
+        for sub, f, name in (("imagesTr", img, f"{case}_0000.nii.gz"),
+                             ("labelsTr", src / "labelsTr" / img.name, img.name)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / sub / name)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": meta["modality"]["0"]}, "file_ending": ".nii.gz",
+        "labels": {v: int(k) for k, v in meta["labels"].items()},
+        "numTraining": len(meta["training"])}))
+    return root
+
+
+def test_layouts_through_the_cli(tiny_data, tmp_path):
+    """pretrain on a folder holding an nnU-Net v2 and a MedicalNet-list dataset, then evaluate
+    one of its heads on the nnU-Net dataset: predictions in each case's source space."""
+    import nibabel as nib
+
+    raw = tmp_path / "raw"
+    nn = _copy_msd_as_nnunet(tiny_data["transfer"], raw / "Dataset011_Kidney")
+    _copy_msd_as_medicalnet(tiny_data["pretrain"] / "Task09_Spleen", raw / "spleen_mn")
+    run = tmp_path / "pre"
+    assert main(["pretrain", *tiny_args(raw, run, "--epochs", 1, "--cache", tmp_path / "c",
+                                        "--no-export")]) == 0
+    heads = torch.load(run / "last.pt", weights_only=True)["arch"]["heads"]
+    assert heads == {"Dataset011_Kidney": 3, "spleen_mn": 2}
+    pred = tmp_path / "pred"
+    assert main(["evaluate", "--run", run, "--data", nn, "--out", pred, "--device", "cpu",
+                 "--cache", tmp_path / "c"]) == 0
+    for src in sorted((nn / "imagesTr").iterdir()):
+        img = nib.load(str(src))
+        out = nib.load(str(pred / src.name.replace("_0000", "")))
+        assert out.shape == img.shape and np.allclose(out.affine, img.affine, atol=1e-5)
+
+
 def test_resume_from_another_directory_and_refused_resume_keeps_config(tiny_data, tmp_path,
                                                                       monkeypatch, capsys):
     """Relative --data/--pretrained are saved absolute (a resumed job may start elsewhere); a
