@@ -165,6 +165,10 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
 
     paths, labels = read_cls_csv(data_dir)
     classes = list(ckpt.get("classes") or [])
+    unknown = sorted(set(labels) - set(classes), key=int)
+    if classes and unknown:  # the classification analogue of check_classes
+        raise ConfigError(f"{str(data_dir)!r}: labels.csv has classes {unknown} that the run's "
+                          f"head does not predict (it was trained on {classes})")
     cases = cls_case_names(data_dir, paths)
     names = _split_filter(cases, ckpt, cfg["split"], "cls")
     rows = []

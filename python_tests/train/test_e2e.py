@@ -416,6 +416,11 @@ def test_labels_csv_checked_and_per_class_folders(tiny_data, tmp_path, capsys):
                  "--device", "cpu", "--skip-bad"]) == 0
     pred = (tmp_path / "p" / "predictions.csv").read_text()
     assert "neg/001.nii.gz" in pred and "pos/001.nii.gz" in pred and imgs[2].name not in pred
+    # a class the run's head does not predict: an error, not a silently wrong accuracy
+    (root / "labels.csv").write_text("image,label\nneg/001.nii.gz,0\npos/001.nii.gz,7\n")
+    assert main(["evaluate", "--run", tmp_path / "r", "--data", root, "--out", tmp_path / "p",
+                 "--device", "cpu"]) == 2
+    assert "['7']" in capsys.readouterr().err
 
 
 def test_skip_bad_in_training(tiny_data, tmp_path, capsys):
