@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,26 @@ def test_nnunet_layout(tmp_path):
     (root / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="region"):
         load_dataset(root)
+
+
+def test_case_paths_absolute_for_relative_roots(tmp_path, monkeypatch):
+    """A dataset opened by a relative path records absolute file paths in its cases (and so in
+    the cache's metadata, where evaluate reads the labels from any working directory); the
+    nnU-Net layout once kept them relative to the cwd of the first preprocessing."""
+    root = make_msd(tmp_path / "msd", n=1)
+    nn = tmp_path / "Dataset002_Y"
+    for sub, f in (("imagesTr", "c0_0000.nii.gz"), ("labelsTr", "c0.nii.gz")):
+        (nn / sub).mkdir(parents=True)
+        shutil.copy(root / sub / "c0.nii.gz", nn / sub / f)
+    (nn / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "c1": 1, "c2": 2},
+        "numTraining": 1, "file_ending": ".nii.gz"}))
+    monkeypatch.chdir(tmp_path)
+    for name in ("msd", "Dataset002_Y"):
+        (case,) = load_dataset(name).cases
+        assert all(Path(p).is_absolute() for p in [*case.images, case.label]), case
+        pre = preprocess(name, tmp_path / f"c_{name}", progress=False, workers=0)
+        assert Path(pre.meta(0)["label"]).is_absolute()
 
 
 @pytest.mark.parametrize("field,value,want", [

@@ -191,7 +191,9 @@ def _load_nnunet(root: Path, meta: dict) -> Dataset:
                                                    "integer labels are supported")
         labels[v] = name
     ending = meta.get("file_ending", ".nii.gz")
-    img_dir, lab_dir = root / "imagesTr", root / "labelsTr"
+    # absolute, as _rel makes them for the other layouts: the cache records these paths, and
+    # evaluate reads the labels from any working directory
+    img_dir, lab_dir = root.resolve() / "imagesTr", root.resolve() / "labelsTr"
     if not img_dir.is_dir():
         raise DataError(img_dir, "nnU-Net dataset has no imagesTr folder")
     pat = re.compile(r"^(.*)_(\d{4})" + re.escape(ending) + "$")
