@@ -170,6 +170,19 @@ def input_channel(pre, channel, lenient: bool = False) -> int:
         raise ConfigError(f"--channel {channel!r}: {e}") from None
 
 
+def _check_patch(pres, patch) -> None:
+    """Warn when the patch dwarfs every case: such patches are mostly padding, and a mistyped
+    --patch 512 costs tens of GB (on a CPU the kernel kills the process, with no message)."""
+    biggest = [max(int(pre.meta(i)["shape"][a]) for pre in pres for i in range(len(pre)))
+               for a in range(3)]
+    if np.prod(patch) > 8 * np.prod(biggest):
+        fit = [max(8, -(-b // 8) * 8) for b in biggest]
+        warnings.warn(f"--patch {list(patch)} is over 8x the volume of the largest "
+                      f"preprocessed case {biggest}; patches are mostly padding and use much "
+                      f"more memory. --patch {' '.join(map(str, fit))} covers every case",
+                      stacklevel=2)
+
+
 def _use_ops(cfg) -> bool:
     """--no-fused means plain PyTorch everywhere; otherwise the loss and augmentation use the
     package's ops (compiled kernels when built) while the model's fused path is switched on
@@ -281,6 +294,7 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
         tr, va = split_cases(pre.names, cfg["val_fraction"])
         split[name] = {"train": tr, "val": va}
     patch = tuple(cfg["patch"])
+    _check_patch(pres, patch)
     model = Med3DNet(cfg["depth"] or 10, heads, fused=fused, shortcut_type=cfg["shortcut_type"])
     model = _finish_model(model, cfg, dev, channels_last)
     total = cfg["epochs"] * cfg["steps"]
@@ -370,6 +384,7 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
                                          return_report=True)
     model = _finish_model(model, cfg, dev, channels_last)
     patch = tuple(cfg["patch"])
+    _check_patch([pre], patch)
     total = cfg["epochs"] * cfg["steps"]
     loader = data.make_loader([subset(pre, tr)], patch, cfg["batch_size"],
                               num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank,

@@ -466,3 +466,19 @@ def test_run_without_validation(tiny_data, tmp_path, capsys):
     assert summary["best_score"] is None and summary["best_step"] == -1
     assert main(["evaluate", "--run", run, "--data", tiny_data["transfer"], "--out",
                  tmp_path / "p", "--device", "cpu", "--cache", tiny_data["cache"]]) == 0
+
+
+def test_patch_far_larger_than_every_case_warns(tiny_data, tmp_path):
+    """A mistyped --patch (512 for 48) costs tens of GB of padding; on a CPU the kernel then
+    kills the run without a message. The run warns first, with a patch that fits."""
+    import warnings
+
+    from med3d_ext.train.tasks import _check_patch, open_preprocessed
+
+    pre = open_preprocessed(tiny_data["transfer"], {"cache": str(tmp_path / "c"),
+                                                     "progress": False})
+    with pytest.warns(UserWarning, match=r"--patch \[256, 256, 256\] is over 8x.*covers every"):
+        _check_patch([pre], (256, 256, 256))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_patch([pre], (16, 16, 16))
