@@ -83,6 +83,8 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
 def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
     import nibabel as nib
 
+    from med3d_ext.data import save_nifti
+
     from .tasks import check_classes, head_name, input_channel, open_preprocessed
 
     pre = open_preprocessed(data_dir, cfg)
@@ -119,11 +121,7 @@ def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
                                 "forward); use --sw-batch-size 1 or a smaller --patch") from e
         pred = _to_source(probs[0].cpu(), meta)
         affine = np.asarray(meta["orig_affine"], np.float64)
-        img = nib.Nifti1Image(pred, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        path = out / f"{case}.nii.gz"
-        nib.save(img, str(path))
+        path = save_nifti(pred, affine, out / f"{case}.nii.gz")  # atomic, qform = sform
         row = {"case": case, "prediction": str(path)}
         if meta.get("label"):
             gt = np.asarray(nib.load(meta["label"]).dataobj).astype(np.int64)

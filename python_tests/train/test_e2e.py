@@ -101,6 +101,8 @@ def test_transfer_seg_and_evaluate(pre_run, tiny_data, tmp_path):
         # the case's original space: shape, affine (orientation) of the source image
         assert pred.shape == img.shape[:3]
         np.testing.assert_allclose(pred_img.affine, img.affine, atol=1e-5)
+        assert pred_img.header.get_xyzt_units()[0] == "mm"  # viewers read the spacing in mm
+        assert int(pred_img.header["sform_code"]) == int(pred_img.header["qform_code"]) == 1
         for c in (1, 2):  # Dice recomputed independently from the written files
             p, t = pred == c, lab == c
             den = p.sum() + t.sum()
