@@ -235,6 +235,20 @@ def test_classification_layout(synth_dir, tmp_path):
     (bad / "labels.csv").write_text("file,y\n")
     with pytest.raises(DataError, match="expected columns"):
         load_dataset(bad)
+    # per-class folders whose files share base names stay distinct cases (were refused)
+    import shutil
+
+    imgs = sorted((root / "images").glob("*.nii.gz"))
+    for k, cls in enumerate(("neg", "pos")):
+        (bad / cls).mkdir()
+        shutil.copy(imgs[k], bad / cls / "001.nii.gz")
+    (bad / "labels.csv").write_text("image,label\nneg/001.nii.gz,0\n./pos/001.nii.gz,1\n")
+    ds2 = load_dataset(bad)
+    assert [c.name for c in ds2.cases] == ["neg_001", "pos_001"]
+    assert ds2.targets == {"neg_001": 0, "pos_001": 1}
+    (bad / "labels.csv").write_text("image,label\nneg/001.nii.gz,0\nneg/001.nii.gz,1\n")
+    with pytest.raises(DataError, match="line 3: case 'neg_001' listed twice"):
+        load_dataset(bad)
     seg = preprocess(synth_dir / "transfer" / "Task11_Kidney", tmp_path / "k", progress=False,
                      workers=0)
     with pytest.raises(ValueError, match="not a classification dataset"):

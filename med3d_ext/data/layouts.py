@@ -243,6 +243,11 @@ def _load_classification(root: Path) -> Dataset:
         if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
             raise DataError(lst, f"expected columns 'image,label', got {reader.fieldnames}")
         rows = list(reader)
+    from collections import Counter
+
+    # per-class folders (benign/001.nii.gz, malignant/001.nii.gz) share base names: such
+    # cases are named by their path under the root instead
+    base = Counter(_case_name(r["image"] or "") for r in rows)
     cases, targets = [], {}
     for n, row in enumerate(rows, 2):
         try:
@@ -251,6 +256,8 @@ def _load_classification(root: Path) -> Dataset:
             raise DataError(lst, f"line {n}: label {row['label']!r} is not an integer class") \
                 from None
         name = _case_name(row["image"])
+        if base[name] > 1:
+            name = _case_name(Path(row["image"]).as_posix().lstrip("./").replace("/", "_"))
         if name in targets:
             raise DataError(lst, f"line {n}: case {name!r} listed twice")
         cases.append(Case(name, [_rel(root, row["image"])], None))
