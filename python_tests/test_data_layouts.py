@@ -69,6 +69,8 @@ def test_nnunet_layout(tmp_path):
                                                             "tumour": 2},
         "numTraining": 2, "file_ending": ".nii.gz"}))
     assert detect_layout(root) == "nnunet"
+    # macOS AppleDouble files (as in the MSD tarballs) are not cases
+    (root / "imagesTr" / "._a_0000.nii.gz").write_bytes(b"\x00\x05\x16\x07")
     ds = load_dataset(root)
     assert ds.layout == "nnunet" and [c.name for c in ds.cases] == names
     assert ds.channels == ["CT", "PET"] and ds.is_ct

@@ -200,7 +200,7 @@ def _load_nnunet(root: Path, meta: dict) -> Dataset:
     found: dict = {}
     for p in sorted(img_dir.iterdir()):
         m = pat.match(p.name)
-        if m:
+        if m and not p.name.startswith("."):  # macOS "._x_0000.nii.gz" resource forks
             found.setdefault(m.group(1), {})[int(m.group(2))] = p
     cases = []
     for name in sorted(found):
