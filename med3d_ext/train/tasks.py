@@ -338,8 +338,25 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
 
 def _pretrained_depth(cfg):
     """(depth, shortcut) for a transfer model: from the pretrained file (checked against an
-    explicit --depth), else --depth or 10."""
+    explicit --depth), else --depth or 10. Recorded in ``cfg`` (so in config.yaml): a resumed
+    run takes its weights from last.pt and no longer needs the pretrained file."""
+    depth, shortcut = _pretrained_arch(cfg)
+    cfg["depth"] = depth
+    if shortcut is not None:
+        cfg["shortcut_type"] = shortcut
+    return depth, shortcut
+
+
+def _transfer_weights(cfg):
+    """The file to initialise the encoder from: none from scratch, nor when resuming (the
+    checkpoint overwrites every weight)."""
+    return None if cfg.get("from_scratch") or cfg.get("resume") else cfg.get("pretrained")
+
+
+def _pretrained_arch(cfg):
     path = cfg.get("pretrained")
+    if path and cfg.get("resume") and cfg.get("depth") and not Path(path).exists():
+        return int(cfg["depth"]), cfg.get("shortcut_type")
     if path:
         from med3d_ext.models import infer_medicalnet_depth
 
@@ -378,7 +395,7 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     name = head_name(pre.name)
     n_cls = seg_classes(pre, data_dir)
     tr, va = split_cases(pre.names, cfg["val_fraction"])
-    weights = None if cfg.get("from_scratch") else cfg.get("pretrained")
+    weights = _transfer_weights(cfg)
     model, report = build_transfer_model("segmentation", depth, n_cls, weights=weights,
                                          shortcut_type=shortcut, fused=fused,
                                          return_report=True)
@@ -564,7 +581,7 @@ def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     tr, va = split_cases(names, cfg["val_fraction"])
     ti = [names.index(n) for n in tr]
     vi = [names.index(n) for n in va]
-    weights = None if cfg.get("from_scratch") else cfg.get("pretrained")
+    weights = _transfer_weights(cfg)
     model, report = build_transfer_model("classification", depth, len(classes),
                                          weights=weights, shortcut_type=shortcut,
                                          dropout=cfg["dropout"], fused=fused,

@@ -322,6 +322,9 @@ def test_resume_from_another_directory_and_refused_resume_keeps_config(tiny_data
     assert main(["pretrain", "--resume", "run", "--no-progress"]) == 2
     assert "is a transfer run" in capsys.readouterr().err
     assert (work / "run" / "config.yaml").read_text() == before
+    # the resumed run takes its weights from last.pt: the pretrained file may be gone
+    assert saved["depth"] == 10 and saved["shortcut_type"] == "B"
+    (work / "resnet_10.pth").unlink()
     monkeypatch.chdir(tmp_path)
     assert main(["transfer", "--resume", work / "run", "--epochs", 2, "--no-progress"]) == 0
     assert torch.load(work / "run" / "last.pt", weights_only=True)["step"] == 4
