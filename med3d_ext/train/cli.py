@@ -73,6 +73,9 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
             kind = "transfer" if cmd == "pretrain" else "pretrain"
             raise C.ConfigError(f"--resume {str(run)!r} is a {kind} run; resume it with "
                                 f"`python -m med3d_ext.train {kind} --resume {run}`")
+        if cli.get("out") and Path(cli["out"]).resolve() != run.resolve():
+            raise C.ConfigError(f"--resume continues {str(run)!r} in that folder; drop --out "
+                                f"{cli['out']} (to branch off, copy the run folder first)")
         base = {k: v for k, v in saved_cfg.items() if k in C.keys_for(cmd)}
         cfg = C.resolve(cmd, cli, ns.config, ns.overrides, base=base, explicit=explicit)
         cfg["out"] = str(run)

@@ -346,6 +346,10 @@ def test_user_errors_are_one_clean_line(tiny_data, tmp_path, capsys):
     meta["training"] = [{"image": e["image"]} for e in meta["training"]]
     (unlab / "dataset.json").write_text(json.dumps(meta))
     (tmp_path / "half" / "config.yaml").write_text("data: [x]\ntask: seg\n")
+    pre_like = tmp_path / "pre_like"  # a run folder as far as resume's checks go
+    pre_like.mkdir()
+    (pre_like / "config.yaml").write_text("data: [x]\n")
+    (pre_like / "last.pt").write_bytes(b"")
     cases = [
         (["transfer", *tiny_args(brain, tmp_path / "r1", "--from-scratch", "--channel",
                                  "FLAIRX")], ["--channel 'FLAIRX'", "FLAIR", "T2w"]),
@@ -359,6 +363,8 @@ def test_user_errors_are_one_clean_line(tiny_data, tmp_path, capsys):
                                  tmp_path / "garbage.pth")], ["garbage.pth", "not a PyTorch"]),
         (["transfer", "--resume", tmp_path / "half"], ["before its first checkpoint"]),
         (["transfer", "--resume", tmp_path / "r5"], ["not a run folder"]),
+        (["pretrain", "--resume", pre_like, "--out", tmp_path / "elsewhere"],
+         ["drop --out", "elsewhere"]),
         (["evaluate", "--run", tmp_path / "half", "--data", tr, "--out", tmp_path / "p"],
          ["holds no checkpoint"]),
         (["transfer", *tiny_args(unlab, tmp_path / "r7", "--from-scratch", "--cache",
