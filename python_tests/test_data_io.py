@@ -160,7 +160,19 @@ def test_itk_missing_message(tmp_path, monkeypatch):
         read_volume(p)
 
 
-def test_itk_dicom_series_folder(tmp_path):
+@pytest.fixture
+def keep_locale():
+    """SimpleITK's GDCM writer switches the process locale to "C" (ASCII file encoding) and
+    leaves it so: later tests in the same process then failed to read UTF-8 files (inductor's
+    templates in test_weights' torch.compile test). Restore it."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
+
+def test_itk_dicom_series_folder(tmp_path, keep_locale):
     sitk = pytest.importorskip("SimpleITK")
     r = rng()
     arr = r.integers(-1000, 1000, (4, 5, 6)).astype(np.int16)  # (z, y, x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,6 +69,8 @@ def test_nnunet_layout(tmp_path):
                                                             "tumour": 2},
         "numTraining": 2, "file_ending": ".nii.gz"}))
     assert detect_layout(root) == "nnunet"
+    # macOS AppleDouble files (as in the MSD tarballs) are not cases
+    (root / "imagesTr" / "._a_0000.nii.gz").write_bytes(b"\x00\x05\x16\x07")
     ds = load_dataset(root)
     assert ds.layout == "nnunet" and [c.name for c in ds.cases] == names
     assert ds.channels == ["CT", "PET"] and ds.is_ct
@@ -85,6 +88,48 @@ def test_nnunet_layout(tmp_path):
     (root / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="region"):
         load_dataset(root)
+
+
+def test_case_paths_absolute_for_relative_roots(tmp_path, monkeypatch):
+    """A dataset opened by a relative path records absolute file paths in its cases (and so in
+    the cache's metadata, where evaluate reads the labels from any working directory); the
+    nnU-Net layout once kept them relative to the cwd of the first preprocessing."""
+    root = make_msd(tmp_path / "msd", n=1)
+    nn = tmp_path / "Dataset002_Y"
+    for sub, f in (("imagesTr", "c0_0000.nii.gz"), ("labelsTr", "c0.nii.gz")):
+        (nn / sub).mkdir(parents=True)
+        shutil.copy(root / sub / "c0.nii.gz", nn / sub / f)
+    (nn / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "c1": 1, "c2": 2},
+        "numTraining": 1, "file_ending": ".nii.gz"}))
+    monkeypatch.chdir(tmp_path)
+    for name in ("msd", "Dataset002_Y"):
+        (case,) = load_dataset(name).cases
+        assert all(Path(p).is_absolute() for p in [*case.images, case.label]), case
+        pre = preprocess(name, tmp_path / f"c_{name}", progress=False, workers=0)
+        assert Path(pre.meta(0)["label"]).is_absolute()
+
+
+@pytest.mark.parametrize("field,value,want", [
+    ("labels", {"background": 0, "spleen": 1}, r"'labels' key 'background' is not an integer"),
+    ("labels", ["background", "spleen"], r"'labels' must be a mapping.*got list"),
+    ("modality", {"a": "CT"}, r"'modality' key 'a' is not an integer"),
+    ("training", "imagesTr", r"'training' must be a list"),
+    ("channel_names", {"0": "CT"}, r"labels: '0': 'c0' maps a value to a name \(MSD style\)"),
+])
+def test_malformed_dataset_json(tmp_path, field, value, want):
+    """Hand-written dataset.json mistakes (nnU-Net label direction in an MSD file and back, a
+    list for a mapping, a string for the training list) name dataset.json and the field; they
+    were ValueError/AttributeError tracebacks or 'file i does not exist'."""
+    root = make_msd(tmp_path / "ds", n=1)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta[field] = value
+    if field == "channel_names":  # an nnU-Net v2 file written with MSD's labels
+        meta["file_ending"] = ".nii.gz"
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=want) as e:
+        load_dataset(root)
+    assert "dataset.json" in str(e.value)
 
 
 def test_medicalnet_list(tmp_path):
@@ -216,12 +261,19 @@ def test_cli_preprocess_skip_bad(tmp_path, capsys):
     assert main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "c1.nii.gz" in err and "NaN/Inf" in err
-    with pytest.warns(UserWarning):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         rc = main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--no-progress",
                    "--skip-bad", "--workers", "0"])
     assert rc == 0
     out = capsys.readouterr()
     assert "2 cases cached" in out.out and "skipped:" in out.err and "c1.nii.gz" in out.err
+    # the list is printed once: the CLI does not also show preprocess()'s warning of it
+    # (shown by Python with a source line, it repeated every skipped case)
+    assert not [w for w in caught if "bad case" in str(w.message)]
+    assert out.err.count("c1.nii.gz") == 1
     shutil.rmtree(tmp_path / "c")
 
 

@@ -134,6 +134,23 @@ def test_synth_bad_args(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_data_cli_user_errors(synth_dir, tmp_path, capsys):
+    """--out a file, real --cases 0, a dataset.json given for its folder: one error line each
+    (they were tracebacks or 'no dataset.json found' for a dataset.json)."""
+    from med3d_ext.data.__main__ import main
+
+    (tmp_path / "afile").write_text("")
+    js = next((synth_dir / "pretrain").iterdir()) / "dataset.json"
+    for argv, want in [(["synth", "--out", tmp_path / "afile"], "is a file"),
+                       (["real", "--out", tmp_path / "afile"], "is a file"),
+                       (["real", "--out", tmp_path / "r", "--cases", "0"], "cases >= 1"),
+                       (["preprocess", js, "--out", tmp_path / "c"], "name the dataset folder")]:
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and want in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_package_functions_not_shadowed_by_submodules():
     # importing every submodule must leave med3d_ext.data.synth / .real the documented
     # functions (a submodule of the same name would replace them on import)
@@ -217,6 +234,20 @@ def test_classification_layout(synth_dir, tmp_path):
         load_dataset(bad)
     (bad / "labels.csv").write_text("file,y\n")
     with pytest.raises(DataError, match="expected columns"):
+        load_dataset(bad)
+    # per-class folders whose files share base names stay distinct cases (were refused)
+    import shutil
+
+    imgs = sorted((root / "images").glob("*.nii.gz"))
+    for k, cls in enumerate(("neg", "pos")):
+        (bad / cls).mkdir()
+        shutil.copy(imgs[k], bad / cls / "001.nii.gz")
+    (bad / "labels.csv").write_text("image,label\nneg/001.nii.gz,0\n./pos/001.nii.gz,1\n")
+    ds2 = load_dataset(bad)
+    assert [c.name for c in ds2.cases] == ["neg_001", "pos_001"]
+    assert ds2.targets == {"neg_001": 0, "pos_001": 1}
+    (bad / "labels.csv").write_text("image,label\nneg/001.nii.gz,0\nneg/001.nii.gz,1\n")
+    with pytest.raises(DataError, match="line 3: case 'neg_001' listed twice"):
         load_dataset(bad)
     seg = preprocess(synth_dir / "transfer" / "Task11_Kidney", tmp_path / "k", progress=False,
                      workers=0)

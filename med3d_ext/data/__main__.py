@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import warnings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +47,10 @@ def main(argv=None) -> int:
     from .io import DataError
 
     t0 = time.perf_counter()
+    out = getattr(args, "out", None)
+    if args.cmd in ("synth", "real") and out and os.path.exists(out) and not os.path.isdir(out):
+        print(f"error: --out {out!r} is a file; {args.cmd} writes a folder", file=sys.stderr)
+        return 2
     try:
         if args.cmd == "synth":
             from .synthetic import synth
@@ -63,9 +69,11 @@ def main(argv=None) -> int:
 
             ds = load_dataset(args.dataset, skip_bad=args.skip_bad)
             print(ds.summary())
-            pre = preprocess(ds, args.out, workers=args.workers, skip_bad=args.skip_bad,
-                             target_spacing=args.spacing, progress=not args.no_progress,
-                             seed=args.seed)
+            with warnings.catch_warnings():  # the skipped cases are listed once, below
+                warnings.filterwarnings("ignore", message=r".*skipped \d+ bad case")
+                pre = preprocess(ds, args.out, workers=args.workers, skip_bad=args.skip_bad,
+                                 target_spacing=args.spacing, progress=not args.no_progress,
+                                 seed=args.seed)
             dt = time.perf_counter() - t0
             print(f"{len(pre)} cases cached in {pre.dir} ({dt:.1f} s); target spacing "
                   f"{pre.info['target_spacing']} mm")

@@ -229,6 +229,7 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path, *, dtype=None) -> Pa
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")  # affines are in mm; viewers otherwise say "unknown"
     tmp = path.with_name(path.name + ".tmp" + "".join(path.suffixes[-2:]))
     nib.save(img, str(tmp))
     os.replace(tmp, path)

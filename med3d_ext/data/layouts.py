@@ -136,12 +136,33 @@ def _case_name(path: str, ending: str | None = None) -> str:
     return name
 
 
+def _int_keyed(js: Path, what: str, d) -> dict:
+    """An {"0": name, ...} mapping with integer keys, or a DataError saying what is wrong."""
+    example = '{"0": "background", "1": ...}' if what == "labels" else '{"0": "CT", ...}'
+    if not isinstance(d, dict):
+        raise DataError(js, f"'{what}' must be a mapping like {example}, got "
+                            f"{type(d).__name__} {d!r}"[:300])
+    try:
+        return {int(k): v for k, v in d.items()}
+    except (TypeError, ValueError):
+        bad = next(k for k in d if not str(k).strip().lstrip("-").isdigit())
+        hint = (" (nnU-Net v2 files, which map label names to values, also have "
+                "'channel_names' and 'file_ending')") if what == "labels" else ""
+        raise DataError(js, f"'{what}' key {bad!r} is not an integer; expected {example}"
+                            + hint) from None
+
+
 def _load_msd(root: Path, meta: dict) -> Dataset:
-    mod = meta.get("modality", {"0": "unknown"})
-    channels = [mod[k] for k in sorted(mod, key=int)]
-    labels = {int(k): v for k, v in meta.get("labels", {}).items()} or None
+    js = root / "dataset.json"
+    mod = _int_keyed(js, "modality", meta.get("modality", {"0": "unknown"}))
+    channels = [mod[k] for k in sorted(mod)]
+    labels = _int_keyed(js, "labels", meta.get("labels", {})) or None
+    training = meta.get("training", [])
+    if not isinstance(training, list):
+        raise DataError(js, f"'training' must be a list of {{\"image\": ..., \"label\": ...}} "
+                            f"entries, got {type(training).__name__}")
     cases = []
-    for entry in meta.get("training", []):
+    for entry in training:
         if isinstance(entry, str):
             entry = {"image": entry}
         if "image" not in entry:
@@ -153,23 +174,33 @@ def _load_msd(root: Path, meta: dict) -> Dataset:
 
 
 def _load_nnunet(root: Path, meta: dict) -> Dataset:
-    chan = meta["channel_names"]
-    channels = [chan[k] for k in sorted(chan, key=int)]
+    js = root / "dataset.json"
+    chan = _int_keyed(js, "channel_names", meta["channel_names"])
+    channels = [chan[k] for k in sorted(chan)]
     labels = {}
-    for name, v in meta.get("labels", {}).items():
+    lab = meta.get("labels", {})
+    if not isinstance(lab, dict):
+        raise DataError(js, f"'labels' must be a mapping like {{\"background\": 0}}, got "
+                            f"{type(lab).__name__}")
+    for name, v in lab.items():
+        if isinstance(v, str) and str(name).isdigit():  # MSD's value -> name direction
+            raise DataError(js, f"labels: {name!r}: {v!r} maps a value to a name (MSD style); "
+                                "nnU-Net v2 maps names to values: {\"background\": 0, ...}")
         if not isinstance(v, int):  # region-based training: tuples of labels
             raise DataError(root / "dataset.json", f"label {name!r} is a region {v}; only "
                                                    "integer labels are supported")
         labels[v] = name
     ending = meta.get("file_ending", ".nii.gz")
-    img_dir, lab_dir = root / "imagesTr", root / "labelsTr"
+    # absolute, as _rel makes them for the other layouts: the cache records these paths, and
+    # evaluate reads the labels from any working directory
+    img_dir, lab_dir = root.resolve() / "imagesTr", root.resolve() / "labelsTr"
     if not img_dir.is_dir():
         raise DataError(img_dir, "nnU-Net dataset has no imagesTr folder")
     pat = re.compile(r"^(.*)_(\d{4})" + re.escape(ending) + "$")
     found: dict = {}
     for p in sorted(img_dir.iterdir()):
         m = pat.match(p.name)
-        if m:
+        if m and not p.name.startswith("."):  # macOS "._x_0000.nii.gz" resource forks
             found.setdefault(m.group(1), {})[int(m.group(2))] = p
     cases = []
     for name in sorted(found):
@@ -207,11 +238,16 @@ def _load_classification(root: Path) -> Dataset:
     import csv
 
     lst = root / "labels.csv"
-    with open(lst, newline="") as f:
+    with open(lst, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
             raise DataError(lst, f"expected columns 'image,label', got {reader.fieldnames}")
         rows = list(reader)
+    from collections import Counter
+
+    # per-class folders (benign/001.nii.gz, malignant/001.nii.gz) share base names: such
+    # cases are named by their path under the root instead
+    base = Counter(_case_name(r["image"] or "") for r in rows)
     cases, targets = [], {}
     for n, row in enumerate(rows, 2):
         try:
@@ -220,6 +256,8 @@ def _load_classification(root: Path) -> Dataset:
             raise DataError(lst, f"line {n}: label {row['label']!r} is not an integer class") \
                 from None
         name = _case_name(row["image"])
+        if base[name] > 1:
+            name = _case_name(Path(row["image"]).as_posix().lstrip("./").replace("/", "_"))
         if name in targets:
             raise DataError(lst, f"line {n}: case {name!r} listed twice")
         cases.append(Case(name, [_rel(root, row["image"])], None))
@@ -243,6 +281,9 @@ def detect_layout(path) -> str:
         return "medicalnet"
     if not path.exists():
         raise DataError(path, "dataset folder does not exist")
+    if not path.is_dir():
+        raise DataError(path, "is a file; name the dataset folder (the one holding "
+                              "dataset.json, labels.csv or a MedicalNet train.txt)")
     if (path / "labels.csv").exists() and not (path / "dataset.json").exists():
         return "classification"
     js = path / "dataset.json"

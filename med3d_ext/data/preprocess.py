@@ -343,7 +343,8 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     _remove_stale(out, set(names))
     norm = _finalize_norm(out, names, ds)
     _write_json(out / "cache.json", {
-        "name": ds.name, "root": str(ds.root), "layout": ds.layout, "channels": ds.channels,
+        "name": ds.name, "root": str(Path(ds.root).resolve()), "layout": ds.layout,
+        "channels": ds.channels,
         "labels": {str(k): v for k, v in ds.labels.items()} if ds.labels else None,
         "modality": ds.modality, "target_spacing": target, "cases": names,
         "problems": problems, "ct_clip": norm,

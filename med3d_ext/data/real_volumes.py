@@ -146,6 +146,8 @@ def build_colin_brain(out, *, cases: int = 4, crop=(72, 88, 72), spacing=(2.0, 2
 
 def real(out, *, cases: int = 6, seed: int = 0, templates=MRICRON_DIR) -> list:
     """Build every real dataset whose source is installed; returns their folders."""
+    if int(cases) < 1:
+        raise ValueError(f"real needs cases >= 1, got cases={cases}")
     built = [build_mni_tissue(out, cases=cases, seed=seed)]
     colin = build_colin_brain(out, cases=cases, seed=seed, templates=templates)
     if colin is not None:

@@ -131,10 +131,13 @@ def _read_file(path: Path) -> tuple[dict, str, dict]:
                 "file, convert it once: obj = torch.load(p, weights_only=False); "
                 "torch.save({'state_dict': obj.state_dict()}, new_p) for a module, or keep only "
                 "obj['state_dict'].") from e
-        # a cut-off legacy file yields half a name ("torch._ut.") or a bare unpickling error
+        # a cut-off legacy file yields half a name ("torch._ut.") or a bare unpickling error;
+        # torch's message is a paragraph: keep the one line that says what went wrong
+        why = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        why = why.group(1) if why else (str(e).strip().splitlines() or [""])[0]
         raise MedicalNetWeightsError(
-            f"could not read {str(path)!r}: truncated or corrupted"
-            + (f" (unpickling stopped at {name!r})" if m else f" ({e})")) from e
+            f"could not read {str(path)!r}: truncated, corrupted or not a PyTorch weights file"
+            + (f" (unpickling stopped at {name!r})" if m else f" ({why})")) from e
     except Exception as e:  # zip reader / EOF errors of a cut-off download
         raise MedicalNetWeightsError(
             f"could not read {str(path)!r}: truncated or not a PyTorch weights file "
@@ -383,6 +386,11 @@ def _atomic_write(path: Path, write) -> Path:
     tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
     try:
         write(tmp)
+        # some writers (safetensors) create 0600 files: give the result the permissions a
+        # plain open() would (0666 minus the umask), so colleagues can read exported weights
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

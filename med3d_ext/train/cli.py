@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,20 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
         if not saved.is_file():
             raise C.ConfigError(f"--resume {str(run)!r}: no config.yaml there (not a run "
                                 "folder)")
-        base = {k: v for k, v in C.load_config(saved).items() if k in C.keys_for(cmd)}
+        if not any((run / f).is_file() for f in ("last.pt", "best.pt")):
+            raise C.ConfigError(f"--resume {str(run)!r}: the run stopped before its first "
+                                f"checkpoint; start it again with --out {run} (no --resume)")
+        saved_cfg = C.load_config(saved)
+        # a transfer run's config has "task"; a pretraining run's has not
+        other = {"pretrain": "task" in saved_cfg, "transfer": "task" not in saved_cfg}[cmd]
+        if other:
+            kind = "transfer" if cmd == "pretrain" else "pretrain"
+            raise C.ConfigError(f"--resume {str(run)!r} is a {kind} run; resume it with "
+                                f"`python -m med3d_ext.train {kind} --resume {run}`")
+        if cli.get("out") and Path(cli["out"]).resolve() != run.resolve():
+            raise C.ConfigError(f"--resume continues {str(run)!r} in that folder; drop --out "
+                                f"{cli['out']} (to branch off, copy the run folder first)")
+        base = {k: v for k, v in saved_cfg.items() if k in C.keys_for(cmd)}
         cfg = C.resolve(cmd, cli, ns.config, ns.overrides, base=base, explicit=explicit)
         cfg["out"] = str(run)
         cfg["resume"] = str(run)
@@ -99,11 +114,26 @@ def _run_dir(cfg, command, ctx) -> Path:
     out = cfg.get("out") or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(broadcast_object(str(out), ctx))
     if ctx.is_main:
+        if out.exists() and not out.is_dir():
+            raise C.ConfigError(f"--out {str(out)!r} is a file; a run folder is needed")
         if not cfg.get("resume") and (out / "last.pt").exists():
             raise C.ConfigError(f"run folder {str(out)!r} already holds a checkpoint; resume it "
                                 f"with --resume {out} or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _absolute_paths(cfg: dict) -> dict:
+    """Input paths made absolute, so that the saved config.yaml (what --resume reads) and the
+    checkpoint's config work from any working directory (a resumed cluster job rarely starts
+    where the first one did)."""
+    cfg = dict(cfg)
+    if cfg.get("data"):
+        cfg["data"] = [os.path.abspath(d) for d in cfg["data"]]
+    for key in ("pretrained", "cache"):
+        if cfg.get(key):
+            cfg[key] = os.path.abspath(cfg[key])
+    return cfg
 
 
 def train_command(command: str, cfg: dict, log=print) -> dict:
@@ -116,10 +146,9 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
     ctx, fused, channels_last = _setup(cfg, command)
     try:
         dirs = resolve_data_dirs(cfg.get("data"), command)
+        cfg = _absolute_paths(cfg)
         run = _run_dir(cfg, command, ctx)
         cfg["out"] = str(run)
-        if ctx.is_main:
-            C.save_config(cfg, run / "config.yaml")
         if ctx.enabled and not (command == "transfer" and cfg["task"] == "cls"):
             from .tasks import open_preprocessed
 
@@ -140,7 +169,13 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         if ctx.is_main:
             log(f"{command}: {job.arch} on {ctx.device} (world size {ctx.world_size}, "
                 f"fused={fused}, amp={cfg['amp']}); run folder {run}")
-        summary = run_training(cfg, job, run, ctx, resume_from=cfg.get("resume"))
+            if job.extra.get("pretrained_load"):  # what the weights file filled, and what not
+                log(job.extra["pretrained_load"])
+        # config.yaml is written once the data, model and any resumed checkpoint are accepted:
+        # a refused --resume (other model, bad option) must not replace the run's config
+        save = (lambda: C.save_config(cfg, run / "config.yaml")) if ctx.is_main else None
+        summary = run_training(cfg, job, run, ctx, resume_from=cfg.get("resume"),
+                               on_start=save)
         if ctx.is_main:
             if command == "pretrain" and cfg.get("export", True):
                 from med3d_ext.models import save_encoder_medicalnet, save_encoder_safetensors
@@ -150,9 +185,17 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                 summary["encoder_safetensors"] = str(save_encoder_safetensors(
                     job.model, run / "encoder.safetensors"))
             summary["run"] = str(run)
-            (run / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-            log(f"done: best validation score {summary['best_score']:.4f} at step "
-                f"{summary['best_step']}; run folder {run}")
+            validated = summary["best_step"] >= 0
+            # no validation cases (--val-fraction 0, a one-case dataset): no best.pt, and no
+            # -Infinity in summary.json (not JSON for most parsers)
+            on_disk = summary if validated else dict(summary, best_score=None, best=None)
+            (run / "summary.json").write_text(json.dumps(on_disk, indent=1, default=str))
+            if validated:
+                log(f"done: best validation score {summary['best_score']:.4f} at step "
+                    f"{summary['best_step']}; run folder {run}")
+            else:
+                log(f"done: no validation cases (--val-fraction {cfg.get('val_fraction')}), so "
+                    f"no best.pt; the final weights are {run / 'last.pt'}")
         barrier(ctx)
         return summary
     finally:
@@ -186,33 +229,32 @@ def run_evaluate(cfg: dict, log=print, explicit=()) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if not argv:
-        from .demo import run_demo
-
-        run_demo()
-        return 0
-    if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         # options without a command (`--out DIR`, `--device cuda`) configure the default demo
         argv = ["demo"] + argv
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    if ns.command is None:
+    ns = parser.parse_args(argv) if argv else None
+    if ns is not None and ns.command is None:
         parser.print_help()
         return 2
-    if ns.command == "demo":
-        from .demo import run_demo
-
-        run_demo(out=ns.out, device=ns.device, quick=ns.quick, seed=ns.seed,
-                 progress=not ns.no_progress)
-        return 0
     errors = _known_errors()
     try:
-        explicit: set = set()
-        cfg = resolve_args(ns, explicit)
-        if ns.command == "evaluate":
-            run_evaluate(cfg, explicit=explicit)
-        else:
-            train_command(ns.command, cfg)
+        with warnings.catch_warnings():
+            # a user reads "warning: <what>" (e.g. the --skip-bad list), not a source line
+            warnings.showwarning = _show_warning
+            if ns is None or ns.command == "demo":  # no arguments: the demo
+                from .demo import run_demo
+
+                kw = {} if ns is None else dict(out=ns.out, device=ns.device, quick=ns.quick,
+                                                seed=ns.seed, progress=not ns.no_progress)
+                run_demo(**kw)
+                return 0
+            explicit: set = set()
+            cfg = resolve_args(ns, explicit)
+            if ns.command == "evaluate":
+                run_evaluate(cfg, explicit=explicit)
+            else:
+                train_command(ns.command, cfg)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -220,6 +262,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr)
 
 
 def _known_errors() -> tuple:

@@ -52,6 +52,9 @@ OPTIONS: dict[str, Option] = {
     "task": Option("seg", "str", "transfer task: seg | cls", ("transfer",)),
     "from_scratch": Option(False, "bool", "ignore --pretrained: random encoder (baseline)",
                            ("transfer",)),
+    "skip_bad": Option(False, "bool", "drop bad cases (unreadable or NaN images, image/label "
+                       "mismatch, undeclared labels, missing files) with a warning list "
+                       "instead of stopping", _ALL),
     "run": Option(None, "str", "run folder to evaluate", ("evaluate",)),
     "checkpoint": Option("best", "str", "which checkpoint of the run: best | last | a path",
                          ("evaluate",)),
@@ -97,8 +100,9 @@ OPTIONS: dict[str, Option] = {
                   _ALL),
     "channels_last": Option(None, "auto_bool", "channels_last_3d memory format (default: on "
                             "GPU)", _ALL),
-    "fused": Option(None, "auto_bool", "fused C++/CUDA ops (default: on when the extension "
-                    "and med3d_ext.nn are available); --no-fused = plain PyTorch", _ALL),
+    "fused": Option(None, "auto_bool", "fused C++/CUDA model ops (default: on a GPU when the "
+                    "extension and med3d_ext.nn are available; the loss and augmentation ops "
+                    "are used on the CPU too); --no-fused = plain PyTorch everywhere", _ALL),
     "compile": Option(False, "bool", "torch.compile the model", _ALL),
     "num_workers": Option(0, "int", "DataLoader worker processes", _T),
     "threads": Option(0, "int", "torch CPU threads (0 = torch's default)", _ALL),
@@ -223,12 +227,36 @@ def _coerce_kind(key: str, value):
     raise ConfigError(f"{key}: expected {want.get(kind, kind)}, got {value!r}")
 
 
+# Names that MedicalNet's train.py / setting.py, MONAI and nnU-Net users type for our keys:
+# used only to suggest the right key, never accepted silently.
+ALIASES = {
+    "learning_rate": "lr", "base_lr": "lr", "n_epochs": "epochs", "num_epochs": "epochs",
+    "max_epochs": "epochs", "model_depth": "depth", "resnet_shortcut": "shortcut_type",
+    "pretrain_path": "pretrained", "pretrained_path": "pretrained", "manual_seed": "seed",
+    "gpu_id": "device", "gpu": "device", "input_d": "patch", "patch_size": "patch",
+    "roi_size": "patch", "spatial_size": "patch", "data_root": "data", "data_dir": "data",
+    "img_list": "data", "save_folder": "out", "output_dir": "out", "save_intervals": "ckpt_every",
+    "workers": "num_workers", "batchsize": "batch_size", "iterations": "steps",
+    "num_iterations": "steps", "sw_overlap": "overlap", "lr_head": "head_lr",
+    "new_layer_lr": "head_lr", "frozen_epochs": "freeze_epochs", "no_cuda": "device",
+}
+
+
 def _unknown(key: str, command: str, where: str) -> ConfigError:
     valid = keys_for(command)
+    if key in OPTIONS:
+        return ConfigError(f"configuration key {key!r} ({where}) is an option of "
+                           f"{' and '.join(f'`{c}`' for c in OPTIONS[key].commands)}, not of "
+                           f"`{command}`")
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown configuration key {key!r} ({where}) for `{command}`{hint} "
-                       f"Valid keys: {', '.join(sorted(valid))}")
+    low = key.lower()
+    alias = [ALIASES[a] for a in difflib.get_close_matches(low, list(ALIASES), n=3, cutoff=0.8)]
+    close = list(dict.fromkeys([a for a in alias if a in valid] + close))[:3]
+    if close:
+        return ConfigError(f"unknown configuration key {key!r} ({where}) for `{command}`; did "
+                           f"you mean {', '.join(close)}? (`--help` lists every key)")
+    return ConfigError(f"unknown configuration key {key!r} ({where}) for `{command}`. Valid "
+                       f"keys: {', '.join(sorted(valid))}")
 
 
 def patch_size(p) -> tuple[int, int, int]:

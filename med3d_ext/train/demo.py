@@ -107,6 +107,11 @@ def run_demo(out=None, device: str = "auto", quick: bool = False, seed: int = 0,
     dev = resolve_device(device)
     sz = demo_sizes(dev.type == "cuda", quick)
     run = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run.exists() and not run.is_dir():
+        raise C.ConfigError(f"--out {str(run)!r} is a file; the demo needs a folder")
+    if any((run / sub / "last.pt").exists() for sub in ("pretrain", "transfer-pretrained",
+                                                        "transfer-scratch")):
+        raise C.ConfigError(f"--out {str(run)!r} already holds a demo run; choose another --out")
     run.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     d = demo_data(sz["cases"], sz["size"], seed, log)

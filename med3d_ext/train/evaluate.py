@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +58,9 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
         raise ConfigError("evaluate needs --run RUN (a run folder or checkpoint)")
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
-    data_dir = Path(cfg["data"][0])
-    if not data_dir.is_dir():
-        from .tasks import DataFolderError
+    from .tasks import resolve_data_dirs
 
-        raise DataFolderError(f"--data {str(data_dir)!r}: no such folder")
+    data_dir = resolve_data_dirs(cfg["data"], "evaluate")[0]
     ckpt = load_checkpoint(find_checkpoint(cfg["run"], cfg["checkpoint"]))
     run_cfg = ckpt.get("config") or {}
     cfg = dict(cfg)
@@ -69,6 +68,8 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
         if key not in explicit and run_cfg.get(key) is not None:
             cfg[key] = run_cfg[key]
     out = Path(cfg["out"])
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; predictions need a folder")
     out.mkdir(parents=True, exist_ok=True)
     model = _load_model(ckpt, dev, fused)
     window = tuple(cfg["patch"])
@@ -82,7 +83,9 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
 def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
     import nibabel as nib
 
-    from .tasks import check_classes, head_name, open_preprocessed
+    from med3d_ext.data import save_nifti
+
+    from .tasks import check_classes, head_name, input_channel, open_preprocessed
 
     pre = open_preprocessed(data_dir, cfg)
     arch = ckpt["arch"]
@@ -98,7 +101,7 @@ def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
         head, n_cls, predictor = "conv_seg", arch["num_classes"], model
     check_classes(pre.name, int(pre.num_classes), int(n_cls), head)
     names = _split_filter(pre.names, ckpt, cfg["split"], name)
-    ch = pre.channel_index(cfg.get("channel"))
+    ch = input_channel(pre, cfg.get("channel"), lenient=arch["task"] == "pretrain")
     rows = []
     for i, case in enumerate(pre.names):
         if case not in names:
@@ -118,11 +121,7 @@ def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
                                 "forward); use --sw-batch-size 1 or a smaller --patch") from e
         pred = _to_source(probs[0].cpu(), meta)
         affine = np.asarray(meta["orig_affine"], np.float64)
-        img = nib.Nifti1Image(pred, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        path = out / f"{case}.nii.gz"
-        nib.save(img, str(path))
+        path = save_nifti(pred, affine, out / f"{case}.nii.gz")  # atomic, qform = sform
         row = {"case": case, "prediction": str(path)}
         if meta.get("label"):
             gt = np.asarray(nib.load(meta["label"]).dataobj).astype(np.int64)
@@ -158,20 +157,33 @@ def _to_source(probs: torch.Tensor, meta) -> np.ndarray:
 
 
 def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
-    from .tasks import load_cls_volume, read_cls_csv
+    from med3d_ext.data import DataError
+
+    from .tasks import cls_case_names, load_cls_volume, read_cls_csv
 
     paths, labels = read_cls_csv(data_dir)
     classes = list(ckpt.get("classes") or [])
-    names = _split_filter([p.name for p in paths], ckpt, cfg["split"], "cls")
+    unknown = sorted(set(labels) - set(classes), key=int)
+    if classes and unknown:  # the classification analogue of check_classes
+        raise ConfigError(f"{str(data_dir)!r}: labels.csv has classes {unknown} that the run's "
+                          f"head does not predict (it was trained on {classes})")
+    cases = cls_case_names(data_dir, paths)
+    names = _split_filter(cases, ckpt, cfg["split"], "cls")
     rows = []
     with torch.no_grad():
-        for p, lab in zip(paths, labels):
-            if p.name not in names:
+        for p, case, lab in zip(paths, cases, labels):
+            if case not in names:
                 continue
-            x = load_cls_volume(p, window, cfg.get("channel"))[None].to(dev)
+            try:
+                x = load_cls_volume(p, window, cfg.get("channel"))[None].to(dev)
+            except DataError as e:
+                if not cfg.get("skip_bad"):
+                    raise
+                warnings.warn(f"skipped bad image: {e}", stacklevel=2)
+                continue
             prob = torch.softmax(model(x).float(), 1)[0].cpu()
             k = int(prob.argmax())
-            rows.append({"case": p.name, "label": lab,
+            rows.append({"case": case, "label": lab,
                          "prediction": classes[k] if k < len(classes) else str(k),
                          "probability": float(prob[k])})
     acc = nanmean(float(r["label"] == r["prediction"]) for r in rows)

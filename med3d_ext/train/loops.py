@@ -97,9 +97,12 @@ def _oom_message(cfg, where: str) -> str:
 
 
 def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
-                 resume_from=None) -> dict:
+                 resume_from=None, on_start=None) -> dict:
     """Train ``job`` for cfg["epochs"] x cfg["steps"] steps. Returns a summary dict
-    (best score/step, first step reaching cfg["target_dice"], wall time, checkpoint paths)."""
+    (best score/step, first step reaching cfg["target_dice"], wall time, checkpoint paths).
+    ``on_start()`` runs once the run is known to go ahead (a resumed checkpoint accepted),
+    before the first step: the CLI writes config.yaml there, so a refused resume leaves the
+    run's saved configuration as it was."""
     from tqdm.auto import tqdm
 
     ctx = ctx or DistContext(device=next(job.model.parameters()).device)
@@ -144,6 +147,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                    find_unused=job.find_unused or job.freeze_epochs > 0)
     if cfg.get("compile"):
         net = torch.compile(net)
+    if on_start is not None:
+        on_start()
 
     def save(name: str, step: int) -> Path:
         return save_checkpoint(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import warnings
 import zlib
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .metrics import batch_dice, dice_per_class, nanmean
 
 __all__ = ["DataFolderError", "resolve_data_dirs", "open_preprocessed", "split_cases",
            "subset", "head_name", "pretrain_job", "transfer_seg_job", "transfer_cls_job",
-           "read_cls_csv", "load_cls_volume", "check_classes"]
+           "read_cls_csv", "cls_case_names", "load_cls_volume", "check_classes", "input_channel"]
 
 
 class DataFolderError(FileNotFoundError):
@@ -33,8 +34,14 @@ class DataFolderError(FileNotFoundError):
 
 
 def _is_dataset(p: Path) -> bool:
-    return (p / "dataset.json").is_file() or (p / "labels.csv").is_file() or \
-        any(p.glob("*.txt")) and (p / "imagesTr").is_dir()
+    if (p / "dataset.json").is_file() or (p / "labels.csv").is_file():
+        return True  # a broken dataset.json is reported when it is read, not skipped here
+    from med3d_ext.data import DataError, detect_layout
+
+    try:  # MedicalNet lists (train.txt of 'image label' lines), with or without imagesTr
+        return detect_layout(p) == "medicalnet"
+    except DataError:
+        return False
 
 
 def resolve_data_dirs(paths, command: str) -> list[Path]:
@@ -46,6 +53,12 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
         raise DataFolderError(f"{command} needs --data (e.g. {hint})")
     out = []
     for p in map(Path, paths):
+        if p.is_file() and p.suffix == ".txt":  # a MedicalNet list file names its dataset
+            out.append(p)
+            continue
+        if p.is_file():
+            raise DataFolderError(f"--data {str(p)!r} is a file; name the dataset folder (the "
+                                  "one holding dataset.json, labels.csv or train.txt)")
         if not p.is_dir():
             raise DataFolderError(f"--data {str(p)!r}: no such folder (create data with "
                                   f"python -m med3d_ext.data synth --out DIR)")
@@ -55,9 +68,26 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
         subs = sorted(q for q in p.iterdir() if q.is_dir() and _is_dataset(q))
         if not subs:
             raise DataFolderError(f"--data {str(p)!r} holds no dataset (no dataset.json, "
-                                  "labels.csv, or dataset sub-folders)")
+                                  "labels.csv, MedicalNet list (train.txt) or dataset "
+                                  "sub-folders)")
         out.extend(subs)
+    if command != "pretrain" and len(out) != 1:
+        # transfer/evaluate work on one dataset: never pick the first of several silently
+        raise ConfigError(f"{command} takes one dataset, but --data {' '.join(map(str, paths))} "
+                          f"holds {len(out)}: {', '.join(q.name for q in out)}; name one")
     return out
+
+
+def _cache_of(folder: Path, path) -> bool:
+    """Is ``folder`` itself the preprocessing cache of the raw dataset at ``path``?"""
+    import json
+
+    try:
+        root = json.loads((folder / "cache.json").read_text())["root"]
+    except (OSError, ValueError, KeyError):
+        return False
+    p = Path(path).resolve()
+    return Path(root).resolve() == (p if p.is_dir() else p.parent)
 
 
 def open_preprocessed(path, cfg):
@@ -68,9 +98,14 @@ def open_preprocessed(path, cfg):
     if cfg.get("cache"):
         key = zlib.crc32(str(Path(path).resolve()).encode()) & 0xFFFFFFFF
         cache = Path(cfg["cache"]) / f"{Path(path).name}-{key:08x}"
+        if _cache_of(Path(cfg["cache"]), path):  # `data preprocess DIR --out CACHE` made it
+            cache = Path(cfg["cache"])
     # a process pool pays off only with spare cores (and this may run under torchrun)
     workers = 0 if (os.cpu_count() or 1) <= 2 else None
-    return data.open_dataset(path, cache=cache, workers=workers, progress=False)
+    # the first run on a big dataset preprocesses for minutes: show it (rank 0 only)
+    progress = bool(cfg.get("progress", True)) and os.environ.get("RANK", "0") == "0"
+    return data.open_dataset(path, cache=cache, workers=workers, progress=progress,
+                             skip_bad=bool(cfg.get("skip_bad")))
 
 
 def split_cases(names, val_fraction: float) -> tuple[list[str], list[str]]:
@@ -101,6 +136,51 @@ def check_classes(dataset: str, data_classes: int, head_classes: int, head: str)
             f"dataset {dataset!r} has {data_classes} classes (labels 0..{data_classes - 1}) but "
             f"head {head!r} predicts {head_classes}; train a model with a matching head (the "
             "class count comes from the dataset's dataset.json labels)")
+
+
+def seg_classes(pre, data_dir) -> int:
+    """Class count of a segmentation dataset; a folder without segmentation labels (a
+    classification folder, or labels that are all background) is an error, not a crash."""
+    if pre.targets is not None:
+        raise DataFolderError(f"--data {str(data_dir)!r} is a classification folder "
+                              "(labels.csv); use `transfer --task cls`, or give a segmentation "
+                              "dataset (dataset.json with labels)")
+    unlabelled = [c for c in pre.names if not (pre.dir / f"{c}.label.npy").exists()]
+    if unlabelled:
+        raise DataFolderError(f"--data {str(data_dir)!r}: {len(unlabelled)} case(s) have no "
+                              f"label file, e.g. {unlabelled[:3]}; training needs a label for "
+                              "every case (evaluate predicts unlabelled cases)")
+    n = int(pre.num_classes)
+    if n < 2:
+        raise DataFolderError(f"--data {str(data_dir)!r}: dataset {pre.name!r} has no "
+                              "foreground label (only 0 declared or found); segmentation needs "
+                              "at least one class besides background")
+    return n
+
+
+def input_channel(pre, channel, lenient: bool = False) -> int:
+    """Index of --channel in a dataset. ``lenient`` (pretraining, whose domains are mostly
+    single-channel): a single-channel dataset uses its only channel whatever --channel says;
+    multi-channel datasets must have it."""
+    try:
+        return pre.channel_index(channel)
+    except ValueError as e:
+        if lenient and len(pre.channels) == 1:
+            return 0
+        raise ConfigError(f"--channel {channel!r}: {e}") from None
+
+
+def _check_patch(pres, patch) -> None:
+    """Warn when the patch dwarfs every case: such patches are mostly padding, and a mistyped
+    --patch 512 costs tens of GB (on a CPU the kernel kills the process, with no message)."""
+    biggest = [max(int(pre.meta(i)["shape"][a]) for pre in pres for i in range(len(pre)))
+               for a in range(3)]
+    if np.prod(patch) > 8 * np.prod(biggest):
+        fit = [max(8, -(-b // 8) * 8) for b in biggest]
+        warnings.warn(f"--patch {list(patch)} is over 8x the volume of the largest "
+                      f"preprocessed case {biggest}; patches are mostly padding and use much "
+                      f"more memory. --patch {' '.join(map(str, fit))} covers every case",
+                      stacklevel=2)
 
 
 def _use_ops(cfg) -> bool:
@@ -154,7 +234,7 @@ def _validate_seg(model, sets, cfg, predictor_for):
     with torch.no_grad():
         for k, (name, pre) in enumerate(sets):
             vals = []
-            ch = pre.channel_index(cfg.get("channel"))
+            ch = input_channel(pre, cfg.get("channel"), lenient=True)  # loader checked it
             for i in range(len(pre)):
                 x, lab, _ = pre.load_case(i, ch)
                 probs = sliding_window_probs(
@@ -205,22 +285,24 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
 
     pres = [open_preprocessed(d, cfg) for d in dirs]
     heads, split = {}, {}
-    for pre in pres:
+    for pre, d in zip(pres, dirs):
         name = head_name(pre.name)
         if name in heads:
             raise ConfigError(f"two --data datasets are both named {pre.name!r}; heads need "
                               "distinct dataset names")
-        heads[name] = int(pre.num_classes)
+        heads[name] = seg_classes(pre, d)
         tr, va = split_cases(pre.names, cfg["val_fraction"])
         split[name] = {"train": tr, "val": va}
     patch = tuple(cfg["patch"])
+    _check_patch(pres, patch)
     model = Med3DNet(cfg["depth"] or 10, heads, fused=fused, shortcut_type=cfg["shortcut_type"])
     model = _finish_model(model, cfg, dev, channels_last)
     total = cfg["epochs"] * cfg["steps"]
     loader = data.make_loader(
         [subset(p, split[head_name(p.name)]["train"]) for p in pres], patch, cfg["batch_size"],
         num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank, steps=total,
-        fg_fraction=cfg["fg_fraction"], channels=[cfg.get("channel")] * len(pres))
+        fg_fraction=cfg["fg_fraction"],
+        channels=[input_channel(p, cfg.get("channel"), lenient=True) for p in pres])
     loss_fn = seg_loss_fn(_use_ops(cfg))
     names = list(heads)
 
@@ -256,11 +338,33 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
 
 def _pretrained_depth(cfg):
     """(depth, shortcut) for a transfer model: from the pretrained file (checked against an
-    explicit --depth), else --depth or 10."""
+    explicit --depth), else --depth or 10. Recorded in ``cfg`` (so in config.yaml): a resumed
+    run takes its weights from last.pt and no longer needs the pretrained file."""
+    depth, shortcut = _pretrained_arch(cfg)
+    cfg["depth"] = depth
+    if shortcut is not None:
+        cfg["shortcut_type"] = shortcut
+    return depth, shortcut
+
+
+def _transfer_weights(cfg):
+    """The file to initialise the encoder from: none from scratch, nor when resuming (the
+    checkpoint overwrites every weight)."""
+    return None if cfg.get("from_scratch") or cfg.get("resume") else cfg.get("pretrained")
+
+
+def _pretrained_arch(cfg):
     path = cfg.get("pretrained")
+    if path and cfg.get("resume") and cfg.get("depth") and not Path(path).exists():
+        return int(cfg["depth"]), cfg.get("shortcut_type")
     if path:
         from med3d_ext.models import infer_medicalnet_depth
 
+        if Path(path).is_dir():
+            have = [f.name for f in sorted(Path(path).iterdir()) if f.suffix in
+                    (".pt", ".pth", ".safetensors")]
+            raise ConfigError(f"--pretrained {path!r} is a folder; name a weights file in it"
+                              + (f" (it holds {', '.join(have)})" if have else ""))
         if not Path(path).is_file():
             raise FileNotFoundError(f"--pretrained {path!r}: no such file")
         depth, shortcut = infer_medicalnet_depth(path)
@@ -289,18 +393,20 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     depth, shortcut = _pretrained_depth(cfg)
     pre = open_preprocessed(data_dir, cfg)
     name = head_name(pre.name)
-    n_cls = int(pre.num_classes)
+    n_cls = seg_classes(pre, data_dir)
     tr, va = split_cases(pre.names, cfg["val_fraction"])
-    weights = None if cfg.get("from_scratch") else cfg.get("pretrained")
-    model = build_transfer_model("segmentation", depth, n_cls, weights=weights,
-                                 shortcut_type=shortcut, fused=fused)
+    weights = _transfer_weights(cfg)
+    model, report = build_transfer_model("segmentation", depth, n_cls, weights=weights,
+                                         shortcut_type=shortcut, fused=fused,
+                                         return_report=True)
     model = _finish_model(model, cfg, dev, channels_last)
     patch = tuple(cfg["patch"])
+    _check_patch([pre], patch)
     total = cfg["epochs"] * cfg["steps"]
     loader = data.make_loader([subset(pre, tr)], patch, cfg["batch_size"],
                               num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank,
                               steps=total, fg_fraction=cfg["fg_fraction"],
-                              channels=[cfg.get("channel")])
+                              channels=[input_channel(pre, cfg.get("channel"))])
     loss_fn = seg_loss_fn(_use_ops(cfg))
 
     def step_fn(net, inp):
@@ -321,29 +427,64 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     return Job("seg", model, model.arch, loader, _prep_seg(cfg, patch, aug, channels_last),
         step_fn, validate, _groups(model, enc_lr, head_lr), cfg["batch_size"],
         int(np.prod(patch)), freeze_epochs=cfg["freeze_epochs"], augment=aug,
-        extra={"split": {name: {"train": tr, "val": va}}, "datasets": [str(data_dir)]})
+        extra={"split": {name: {"train": tr, "val": va}}, "datasets": [str(data_dir)],
+               "pretrained_load": str(report) if report else None})
 
 
 # ---------------------------------------------------------------------------- classification
 
 
 def read_cls_csv(folder) -> tuple[list[Path], list[str]]:
-    """``labels.csv`` (columns image,label; image paths relative to the folder)."""
+    """``labels.csv`` (columns image,label; image paths relative to the folder; labels integer
+    classes). Returns the image paths and the labels as canonical integer strings."""
     folder = Path(folder)
     p = folder / "labels.csv" if folder.is_dir() else folder
     if not p.is_file():
         raise DataFolderError(f"--data {str(folder)!r}: classification needs a labels.csv with "
                               "columns image,label")
-    with open(p, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "image" not in rows[0] or "label" not in rows[0]:
-        raise DataFolderError(f"{str(p)!r}: expected a header line 'image,label' and rows")
-    paths = [(p.parent / r["image"]) for r in rows]
+    with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+        reader = csv.DictReader(f, skipinitialspace=True)
+        cols = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = cols
+        rows = list(reader)
+    if not {"image", "label"} <= set(cols) or not rows:
+        raise DataFolderError(f"{str(p)!r}: expected a header line 'image,label' and rows, got "
+                              f"columns {cols} and {len(rows)} row(s)")
+    paths, labels, seen = [], [], {}
+    for n, r in enumerate(rows, 2):  # line numbers as an editor shows them (header = 1)
+        image, label = (r.get("image") or "").strip(), (r.get("label") or "").strip()
+        if not image:
+            raise DataFolderError(f"{str(p)!r} line {n}: empty image path")
+        try:
+            label = str(int(label))
+        except ValueError:
+            raise DataFolderError(f"{str(p)!r} line {n}: label {label!r} of {image!r} is not an "
+                                  "integer class") from None
+        if image in seen:
+            raise DataFolderError(f"{str(p)!r} line {n}: image {image!r} already listed on "
+                                  f"line {seen[image]}")
+        seen[image] = n
+        paths.append(p.parent / image)
+        labels.append(label)
     missing = [str(x) for x in paths if not x.exists()]
     if missing:
         raise DataFolderError(f"{str(p)!r}: {len(missing)} image(s) do not exist, e.g. "
                               f"{missing[:3]}")
-    return paths, [str(r["label"]).strip() for r in rows]
+    return paths, labels
+
+
+def cls_case_names(folder, paths) -> list[str]:
+    """Case names of classification images: their paths relative to the labels.csv folder
+    (base names collide in per-class folders such as benign/001.nii.gz, malignant/001.nii.gz)."""
+    folder = Path(folder)
+    root = folder if folder.is_dir() else folder.parent
+    out = []
+    for p in paths:
+        try:
+            out.append(Path(p).relative_to(root).as_posix())
+        except ValueError:  # an absolute path in labels.csv
+            out.append(str(p))
+    return out
 
 
 def class_list(labels) -> list[str]:
@@ -360,7 +501,12 @@ def load_cls_volume(path, patch, channel=None) -> torch.Tensor:
     from med3d_ext.data import read_volume
 
     v = read_volume(path, dtype=np.float32)
+    if channel is not None and not str(channel).isdigit():
+        raise ConfigError(f"--channel {channel!r}: classification images have no channel "
+                          "names; give a channel index")
     c = 0 if channel is None else int(channel)
+    if c >= v.data.shape[0]:
+        raise ConfigError(f"--channel {c}: {str(path)!r} has {v.data.shape[0]} channel(s)")
     x = v.data[c].astype(np.float32)
     lo, hi = np.percentile(x, [0.5, 99.5])
     x = np.clip(x, lo, hi)
@@ -405,24 +551,41 @@ class ClsLoader:
 
 
 def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: bool) -> Job:
+    from med3d_ext.data import DataError
     from med3d_ext.models import build_transfer_model
 
     depth, shortcut = _pretrained_depth(cfg)
     paths, labels = read_cls_csv(data_dir)
+    names = cls_case_names(data_dir, paths)
+    patch = tuple(cfg["patch"])
+    imgs, bad = {}, []
+    for n, p in zip(names, paths):
+        try:
+            imgs[n] = load_cls_volume(p, patch, cfg.get("channel"))
+        except DataError as e:  # unreadable, NaN/Inf, ...: stop, or drop with --skip-bad
+            if not cfg.get("skip_bad"):
+                raise
+            bad.append(str(e))
+    if bad:
+        warnings.warn(f"{data_dir}: skipped {len(bad)} bad image(s):\n  " + "\n  ".join(bad),
+                      stacklevel=2)
+        keep = [i for i, n in enumerate(names) if n in imgs]
+        paths, labels, names = ([v[i] for i in keep] for v in (paths, labels, names))
+        if not names:
+            raise DataFolderError(f"{data_dir}: every image is bad")
     classes = class_list(labels)
     if len(classes) < 2:
         raise DataFolderError(f"{data_dir}: labels.csv has a single class {classes}; "
                               "classification needs at least two")
     y = torch.tensor([classes.index(v) for v in labels], dtype=torch.int64)
-    names = [p.name for p in paths]
     tr, va = split_cases(names, cfg["val_fraction"])
-    patch = tuple(cfg["patch"])
-    imgs = {n: load_cls_volume(p, patch, cfg.get("channel")) for n, p in zip(names, paths)}
     ti = [names.index(n) for n in tr]
     vi = [names.index(n) for n in va]
-    weights = None if cfg.get("from_scratch") else cfg.get("pretrained")
-    model = build_transfer_model("classification", depth, len(classes), weights=weights,
-                                 shortcut_type=shortcut, dropout=cfg["dropout"], fused=fused)
+    weights = _transfer_weights(cfg)
+    model, report = build_transfer_model("classification", depth, len(classes),
+                                         weights=weights, shortcut_type=shortcut,
+                                         dropout=cfg["dropout"], fused=fused,
+                                         return_report=True)
     model = _finish_model(model, cfg, dev, channels_last)
     loader = ClsLoader([imgs[names[i]] for i in ti], y[ti], cfg["batch_size"],
                        cfg["seed"] * 1000003 + rank, cfg["epochs"] * cfg["steps"])
@@ -460,4 +623,5 @@ def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
                _groups(model, enc_lr, head_lr), cfg["batch_size"], int(np.prod(patch)),
                freeze_epochs=cfg["freeze_epochs"],
                extra={"classes": classes, "split": {"cls": {"train": tr, "val": va}},
-                      "datasets": [str(data_dir)]})
+                      "datasets": [str(data_dir)],
+                      "pretrained_load": str(report) if report else None})

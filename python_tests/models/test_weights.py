@@ -332,6 +332,15 @@ def test_truncated_file(tmp_path, full_files, kind, frac):
     with pytest.raises(MedicalNetWeightsError, match=r"truncated|corrupted") as e:
         load_medicalnet_weights(resnet3d(10), p)
     assert str(p) in str(e.value)
+    assert "\n" not in str(e.value)  # one line for the CLI, not torch's paragraph
+
+
+def test_not_a_weights_file_is_one_line(tmp_path):
+    p = tmp_path / "notes.pth"
+    p.write_bytes(b"not a torch file at all, just some bytes")
+    with pytest.raises(MedicalNetWeightsError, match="notes.pth.*not a PyTorch weights file") as e:
+        load_medicalnet_weights(resnet3d(10), p)
+    assert "\n" not in str(e.value)
 
 
 def test_pickled_code_is_refused(tmp_path, src10):

@@ -56,7 +56,8 @@ def test_command_specific_defaults():
 
 
 @pytest.mark.parametrize("bad,close", [("batchsize", "batch_size"), ("epoch", "epochs"),
-                                       ("learning_rate", None), ("pach", "patch")])
+                                       ("learning_rate", "lr"), ("pach", "patch"),
+                                       ("n_epochs", "epochs"), ("model_depth", "depth")])
 def test_unknown_key_names_closest(bad, close):
     with pytest.raises(C.ConfigError) as e:
         C.resolve("pretrain", overrides=[f"{bad}=1"])
@@ -115,8 +116,11 @@ def test_device_errors_are_clean(tmp_path):
 
 
 def test_key_of_other_command_rejected():
-    with pytest.raises(C.ConfigError, match="pretrained"):
+    # the message says which command the key belongs to
+    with pytest.raises(C.ConfigError, match="'pretrained'.*`transfer`, not of `pretrain`"):
         C.resolve("pretrain", overrides=["pretrained=x.pth"])
+    with pytest.raises(C.ConfigError, match="'epochs'.*not of `evaluate`"):
+        C.resolve("evaluate", overrides=["epochs=3"])
 
 
 def test_cli_config_error_exit_code(tmp_path):

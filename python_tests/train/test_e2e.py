@@ -30,9 +30,16 @@ def pre_run(tiny_data, tmp_path_factory):
 def test_pretrain_outputs(pre_run, tiny_data):
     from med3d_ext.train.config import load_config, resolve
 
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
     for f in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "summary.json",
               "encoder_medicalnet.pth", "encoder.safetensors"):
         assert (pre_run / f).is_file(), f
+    for f in ("last.pt", "encoder_medicalnet.pth", "encoder.safetensors"):
+        # readable as any file the user writes (safetensors alone once made them 0600)
+        assert (pre_run / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
     ck = torch.load(pre_run / "last.pt", weights_only=True)
     assert ck["format"] == "med3d_ext" and ck["arch"]["task"] == "pretrain"
     assert len(ck["arch"]["heads"]) == 8 and ck["step"] == 4 and ck["epoch"] == 2
@@ -94,6 +101,8 @@ def test_transfer_seg_and_evaluate(pre_run, tiny_data, tmp_path):
         # the case's original space: shape, affine (orientation) of the source image
         assert pred.shape == img.shape[:3]
         np.testing.assert_allclose(pred_img.affine, img.affine, atol=1e-5)
+        assert pred_img.header.get_xyzt_units()[0] == "mm"  # viewers read the spacing in mm
+        assert int(pred_img.header["sform_code"]) == int(pred_img.header["qform_code"]) == 1
         for c in (1, 2):  # Dice recomputed independently from the written files
             p, t = pred == c, lab == c
             den = p.sum() + t.sum()
@@ -117,7 +126,7 @@ def _medicalnet_file(path, depth=10):
     return {k[len("module."):]: v for k, v in sd.items()}
 
 
-def test_transfer_from_medicalnet_layout_file(tiny_data, tmp_path):
+def test_transfer_from_medicalnet_layout_file(tiny_data, tmp_path, capsys):
     enc = _medicalnet_file(tmp_path / "resnet_10.pth")
     run = tmp_path / "mn"
     # the encoder stays frozen for the whole run, so it must end as the file's weights
@@ -125,6 +134,8 @@ def test_transfer_from_medicalnet_layout_file(tiny_data, tmp_path):
                                       "--pretrained", tmp_path / "resnet_10.pth",
                                       "--freeze-epochs", 2)])
     assert rc == 0
+    # the user sees what the file filled (MedicalNet's module. prefix understood)
+    assert f"Loaded {len(enc)} tensors from" in capsys.readouterr().out
     ck = torch.load(run / "last.pt", weights_only=True)
     sd = ck["state_dict"]
     for k, v in enc.items():
@@ -204,3 +215,281 @@ def test_fused_and_plain_runs_agree(tiny_data, tmp_path):
     # same initial weights and batches: the first steps agree closely (later ones drift apart
     # the way any two float orderings do under SGD at lr 0.1)
     np.testing.assert_allclose(losses["--fused"][:2], losses["--no-fused"][:2], rtol=1e-4)
+
+
+# ------------------------------------------------------------------ user-level regressions
+
+
+def _copy_msd_as_medicalnet(src, root):
+    """The MSD task ``src`` rewritten as a MedicalNet list folder (train.txt, no imagesTr)."""
+    import shutil
+
+    lines = []
+    for img in sorted((src / "imagesTr").glob("*.nii.gz")):
+        for sub, f in (("images", img), ("label", src / "labelsTr" / img.name)):
+            (root / "Kidney" / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / "Kidney" / sub / img.name)
+        lines.append(f"Kidney/images/{img.name} Kidney/label/{img.name}")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_medicalnet_list_folder_as_data(tiny_data, tmp_path):
+    """--data on a MedicalNet list folder (or its train.txt) trains and evaluates; the
+    training CLI once took such a folder for a folder of datasets and found none."""
+    from med3d_ext.train.tasks import resolve_data_dirs
+
+    root = _copy_msd_as_medicalnet(tiny_data["transfer"], tmp_path / "mn")
+    assert resolve_data_dirs([root], "transfer") == [root]
+    assert resolve_data_dirs([root / "train.txt"], "transfer") == [root / "train.txt"]
+    assert resolve_data_dirs([tmp_path], "pretrain") == [root]  # a folder of datasets
+    # README: `python -m med3d_ext.data preprocess DIR --out CACHE`; training with --cache
+    # CACHE then reuses that cache (it once preprocessed again into CACHE/<name>-<hash>/)
+    from med3d_ext.data.__main__ import main as data_main
+
+    assert data_main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--workers", "0",
+                      "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert main(["transfer", *tiny_args(root / "train.txt", run, "--from-scratch", "--cache",
+                                        tmp_path / "c", "--epochs", 1)]) == 0
+    pred = tmp_path / "pred"
+    assert main(["evaluate", "--run", run, "--data", root, "--out", pred, "--device", "cpu",
+                 "--cache", tmp_path / "c"]) == 0
+    assert len(list(pred.glob("*.nii.gz"))) == len(list((root / "Kidney/images").iterdir()))
+    assert not [d for d in (tmp_path / "c").iterdir() if d.is_dir()]
+
+
+def _copy_msd_as_nnunet(src, root):
+    """The MSD task ``src`` rewritten in nnU-Net v2's layout (_0000 channel files)."""
+    import shutil
+
+    meta = json.loads((src / "dataset.json").read_text())
+    for img in sorted((src / "imagesTr").glob("*.nii.gz")):
+        case = img.name[:-len(".nii.gz")]
+        for sub, f, name in (("imagesTr", img, f"{case}_0000.nii.gz"),
+                             ("labelsTr", src / "labelsTr" / img.name, img.name)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / sub / name)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": meta["modality"]["0"]}, "file_ending": ".nii.gz",
+        "labels": {v: int(k) for k, v in meta["labels"].items()},
+        "numTraining": len(meta["training"])}))
+    return root
+
+
+def test_layouts_through_the_cli(tiny_data, tmp_path):
+    """pretrain on a folder holding an nnU-Net v2 and a MedicalNet-list dataset, then evaluate
+    one of its heads on the nnU-Net dataset: predictions in each case's source space."""
+    import nibabel as nib
+
+    raw = tmp_path / "raw"
+    nn = _copy_msd_as_nnunet(tiny_data["transfer"], raw / "Dataset011_Kidney")
+    _copy_msd_as_medicalnet(tiny_data["pretrain"] / "Task09_Spleen", raw / "spleen_mn")
+    run = tmp_path / "pre"
+    assert main(["pretrain", *tiny_args(raw, run, "--epochs", 1, "--cache", tmp_path / "c",
+                                        "--no-export")]) == 0
+    heads = torch.load(run / "last.pt", weights_only=True)["arch"]["heads"]
+    assert heads == {"Dataset011_Kidney": 3, "spleen_mn": 2}
+    pred = tmp_path / "pred"
+    assert main(["evaluate", "--run", run, "--data", nn, "--out", pred, "--device", "cpu",
+                 "--cache", tmp_path / "c"]) == 0
+    for src in sorted((nn / "imagesTr").iterdir()):
+        img = nib.load(str(src))
+        out = nib.load(str(pred / src.name.replace("_0000", "")))
+        assert out.shape == img.shape and np.allclose(out.affine, img.affine, atol=1e-5)
+
+
+def test_resume_from_another_directory_and_refused_resume_keeps_config(tiny_data, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Relative --data/--pretrained are saved absolute (a resumed job may start elsewhere); a
+    refused --resume leaves config.yaml as it was."""
+    import shutil
+
+    from med3d_ext.train.config import load_config
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_data["transfer"], work / "kidney")
+    _medicalnet_file(work / "resnet_10.pth")
+    monkeypatch.chdir(work)
+    assert main(["transfer", *tiny_args("kidney", "run", "--pretrained", "resnet_10.pth",
+                                        "--epochs", 1, "--cache", tmp_path / "c")]) == 0
+    saved = load_config(work / "run" / "config.yaml")
+    assert saved["data"] == [str(work / "kidney")]
+    assert saved["pretrained"] == str(work / "resnet_10.pth")
+    before = (work / "run" / "config.yaml").read_text()
+    # refused: another architecture, the other command
+    assert main(["transfer", "--resume", "run", "--depth", 18, "--no-progress"]) != 0
+    assert main(["pretrain", "--resume", "run", "--no-progress"]) == 2
+    assert "is a transfer run" in capsys.readouterr().err
+    assert (work / "run" / "config.yaml").read_text() == before
+    # the resumed run takes its weights from last.pt: the pretrained file may be gone
+    assert saved["depth"] == 10 and saved["shortcut_type"] == "B"
+    (work / "resnet_10.pth").unlink()
+    monkeypatch.chdir(tmp_path)
+    assert main(["transfer", "--resume", work / "run", "--epochs", 2, "--no-progress"]) == 0
+    assert torch.load(work / "run" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_user_errors_are_one_clean_line(tiny_data, tmp_path, capsys):
+    """Each mistake: exit code != 0, one 'error:' line naming the argument and the value."""
+    tr = tiny_data["transfer"]
+    brain = tiny_data["pretrain"] / "Task01_BrainTumour"
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "garbage.pth").write_bytes(b"not a torch file at all")
+    (tmp_path / "half").mkdir()
+    import json
+    import shutil
+
+    unlab = tmp_path / "unlabelled"  # test images only: evaluate them, never train on them
+    shutil.copytree(tr, unlab)
+    meta = json.loads((unlab / "dataset.json").read_text())
+    meta["training"] = [{"image": e["image"]} for e in meta["training"]]
+    (unlab / "dataset.json").write_text(json.dumps(meta))
+    (tmp_path / "half" / "config.yaml").write_text("data: [x]\ntask: seg\n")
+    pre_like = tmp_path / "pre_like"  # a run folder as far as resume's checks go
+    pre_like.mkdir()
+    (pre_like / "config.yaml").write_text("data: [x]\n")
+    (pre_like / "last.pt").write_bytes(b"")
+    cases = [
+        (["transfer", *tiny_args(brain, tmp_path / "r1", "--from-scratch", "--channel",
+                                 "FLAIRX")], ["--channel 'FLAIRX'", "FLAIR", "T2w"]),
+        (["transfer", *tiny_args(tr, tmp_path / "afile", "--from-scratch")],
+         ["--out", "afile", "is a file"]),
+        (["transfer", *tiny_args(tiny_data["cls"], tmp_path / "r2", "--from-scratch")],
+         ["classification folder", "--task cls"]),
+        (["transfer", *tiny_args(tr, tmp_path / "r3", "--pretrained", tmp_path / "half")],
+         ["--pretrained", "is a folder"]),
+        (["transfer", *tiny_args(tr, tmp_path / "r4", "--pretrained",
+                                 tmp_path / "garbage.pth")], ["garbage.pth", "not a PyTorch"]),
+        (["transfer", "--resume", tmp_path / "half"], ["before its first checkpoint"]),
+        (["transfer", "--resume", tmp_path / "r5"], ["not a run folder"]),
+        (["pretrain", "--resume", pre_like, "--out", tmp_path / "elsewhere"],
+         ["drop --out", "elsewhere"]),
+        (["evaluate", "--run", tmp_path / "half", "--data", tr, "--out", tmp_path / "p"],
+         ["holds no checkpoint"]),
+        (["transfer", *tiny_args(unlab, tmp_path / "r7", "--from-scratch", "--cache",
+                                 tmp_path / "c")], ["have no label file"]),
+        # a folder of datasets: transfer once trained on the first of them, silently
+        (["transfer", *tiny_args(tiny_data["pretrain"], tmp_path / "r6", "--from-scratch")],
+         ["takes one dataset", "holds 8", "Task01_BrainTumour"]),
+    ]
+    for argv, want in cases:
+        assert main(argv) != 0, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, (argv, err)
+        for w in want:
+            assert w in err, (argv, err)
+
+
+def test_labels_csv_checked_and_per_class_folders(tiny_data, tmp_path, capsys):
+    """labels.csv: non-integer / blank labels and repeated images are errors naming the line;
+    a spreadsheet's BOM and spaced header are fine; images in per-class folders that share a
+    base name stay distinct cases (they once overwrote each other's image)."""
+    import shutil
+
+    from med3d_ext.train.tasks import cls_case_names, read_cls_csv
+
+    root = tmp_path / "cls"
+    shutil.copytree(tiny_data["cls"], root)
+    rows = (root / "labels.csv").read_text().splitlines()[1:]
+    for bad, want in [("1.5", "line 3: label '1.5'"), ("", "line 3: label ''"),
+                      ("yes", "not an integer")]:
+        body = [rows[0], rows[1].rsplit(",", 1)[0] + "," + bad, *rows[2:]]
+        (root / "labels.csv").write_text("\n".join(["image,label", *body]) + "\n")
+        with pytest.raises(FileNotFoundError, match=want.replace("(", r"\(")):
+            read_cls_csv(root)
+    (root / "labels.csv").write_text("\n".join(["image,label", rows[0], *rows]) + "\n")
+    with pytest.raises(FileNotFoundError, match="already listed on line 2"):
+        read_cls_csv(root)
+    imgs = sorted((root / "images").glob("*.nii.gz"))
+    for k, cls in enumerate(("neg", "pos")):
+        (root / cls).mkdir()
+        shutil.copy(imgs[k], root / cls / "001.nii.gz")
+    (root / "labels.csv").write_text("\ufeffimage, label\nneg/001.nii.gz, 0\npos/001.nii.gz,1\n"
+                                     + "\n".join(rows) + "\n", encoding="utf-8")
+    paths, labels = read_cls_csv(root)
+    assert labels[:2] == ["0", "1"]
+    names = cls_case_names(root, paths)
+    assert names[:2] == ["neg/001.nii.gz", "pos/001.nii.gz"] and len(set(names)) == len(names)
+    # a corrupt image: an error naming it, or skipped with a warning under --skip-bad
+    imgs[2].write_bytes(imgs[2].read_bytes()[:200])
+    args = ["transfer", "--task", "cls", *tiny_args(root, tmp_path / "r", "--from-scratch",
+                                                     "--epochs", 1)]
+    assert main(args) == 1 and imgs[2].name in capsys.readouterr().err
+    assert main([*args, "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "skipped 1 bad image" in err and imgs[2].name in err
+    ck = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    split = ck["split"]["cls"]
+    assert "neg/001.nii.gz" in split["train"] + split["val"]
+    assert not any(imgs[2].name in n for n in split["train"] + split["val"])
+    assert main(["evaluate", "--run", tmp_path / "r", "--data", root, "--out", tmp_path / "p",
+                 "--device", "cpu", "--skip-bad"]) == 0
+    pred = (tmp_path / "p" / "predictions.csv").read_text()
+    assert "neg/001.nii.gz" in pred and "pos/001.nii.gz" in pred and imgs[2].name not in pred
+    # a class the run's head does not predict: an error, not a silently wrong accuracy
+    (root / "labels.csv").write_text("image,label\nneg/001.nii.gz,0\npos/001.nii.gz,7\n")
+    assert main(["evaluate", "--run", tmp_path / "r", "--data", root, "--out", tmp_path / "p",
+                 "--device", "cpu"]) == 2
+    assert "['7']" in capsys.readouterr().err
+
+
+def test_skip_bad_in_training(tiny_data, tmp_path, capsys):
+    """A NaN case stops a run with an error naming the file; --skip-bad trains on the rest
+    and prints the warning list."""
+    import shutil
+
+    import nibabel as nib
+
+    root = tmp_path / "kid"
+    shutil.copytree(tiny_data["transfer"], root)
+    bad = sorted((root / "imagesTr").glob("*.nii.gz"))[0]
+    img = nib.load(str(bad))
+    x = np.asarray(img.dataobj).astype(np.float32)
+    x[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(x, img.affine), str(bad))
+    args = ["transfer", *tiny_args(root, tmp_path / "r", "--from-scratch", "--epochs", 1,
+                                   "--cache", tmp_path / "c")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and bad.name in err and "NaN" in err
+    assert main([*args, "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "skipped 1 bad case" in err and bad.name in err
+    split = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["split"]
+    (cases,) = split.values()
+    assert bad.name.split(".")[0] not in cases["train"] + cases["val"]
+
+
+def test_run_without_validation(tiny_data, tmp_path, capsys):
+    """--val-fraction 0: no best.pt, summary.json stays strict JSON (it held -Infinity), the
+    message says where the weights are, and evaluate uses last.pt."""
+    run = tmp_path / "nv"
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], run, "--from-scratch",
+                                        "--epochs", 1, "--val-fraction", 0, "--cache",
+                                        tiny_data["cache"])]) == 0
+    assert "no validation cases" in capsys.readouterr().out
+    assert not (run / "best.pt").exists() and (run / "last.pt").is_file()
+
+    def strict(c):
+        raise ValueError(f"non-JSON constant {c}")
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=strict)
+    assert summary["best_score"] is None and summary["best_step"] == -1
+    assert main(["evaluate", "--run", run, "--data", tiny_data["transfer"], "--out",
+                 tmp_path / "p", "--device", "cpu", "--cache", tiny_data["cache"]]) == 0
+
+
+def test_patch_far_larger_than_every_case_warns(tiny_data, tmp_path):
+    """A mistyped --patch (512 for 48) costs tens of GB of padding; on a CPU the kernel then
+    kills the run without a message. The run warns first, with a patch that fits."""
+    import warnings
+
+    from med3d_ext.train.tasks import _check_patch, open_preprocessed
+
+    pre = open_preprocessed(tiny_data["transfer"], {"cache": str(tmp_path / "c"),
+                                                     "progress": False})
+    with pytest.warns(UserWarning, match=r"--patch \[256, 256, 256\] is over 8x.*covers every"):
+        _check_patch([pre], (256, 256, 256))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_patch([pre], (16, 16, 16))

@@ -81,3 +81,20 @@ def test_options_without_command_configure_the_demo(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as e:  # an unknown option is still an error, not the demo
         main(["--no-such-option"])
     assert e.value.code == 2
+
+
+def test_demo_user_errors_are_clean(tmp_path, capsys):
+    """The demo's mistakes (bad --device, --out a file or a finished demo) are one error line,
+    not a traceback: the demo once ran outside the CLI's error handling."""
+    from med3d_ext.train.cli import main
+
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "old" / "pretrain").mkdir(parents=True)
+    (tmp_path / "old" / "pretrain" / "last.pt").write_bytes(b"")
+    for argv, rc, want in [(["--device", "tpu", "--quick"], 1, "--device 'tpu'"),
+                           (["--out", tmp_path / "afile", "--device", "cpu"], 2, "is a file"),
+                           (["demo", "--out", tmp_path / "old", "--device", "cpu"], 2,
+                            "already holds a demo run")]:
+        assert main(argv) == rc, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and want in err and len(err.splitlines()) == 1, err
