@@ -109,17 +109,20 @@ def _setup(cfg, command):
 
 
 def _run_dir(cfg, command, ctx) -> Path:
-    from .distributed import broadcast_object
+    from .distributed import broadcast_object, run_on_main
 
     out = cfg.get("out") or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(broadcast_object(str(out), ctx))
-    if ctx.is_main:
+
+    def check_and_make():  # rank 0; a refusal reaches every rank (no rank left at a barrier)
         if out.exists() and not out.is_dir():
             raise C.ConfigError(f"--out {str(out)!r} is a file; a run folder is needed")
         if not cfg.get("resume") and (out / "last.pt").exists():
             raise C.ConfigError(f"run folder {str(out)!r} already holds a checkpoint; resume it "
                                 f"with --resume {out} or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
+
+    run_on_main(check_and_make, ctx)
     return out
 
 
@@ -138,7 +141,7 @@ def _absolute_paths(cfg: dict) -> dict:
 
 def train_command(command: str, cfg: dict, log=print) -> dict:
     """Run ``pretrain`` or ``transfer`` with a resolved configuration; returns the summary."""
-    from .distributed import barrier, cleanup
+    from .distributed import barrier, cleanup, run_on_main
     from .loops import run_training
     from .tasks import pretrain_job, resolve_data_dirs, transfer_cls_job, transfer_seg_job
 
@@ -152,9 +155,13 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         if ctx.enabled and not (command == "transfer" and cfg["task"] == "cls"):
             from .tasks import open_preprocessed
 
-            if ctx.is_main:  # one process fills the preprocessing cache, the others reuse it
+            # one process fills the preprocessing cache, the others reuse it (bad data met
+            # there stops every rank, not rank 0 alone)
+            def fill_caches():
                 for d in dirs:
                     open_preprocessed(d, cfg)
+
+            run_on_main(fill_caches, ctx)
         barrier(ctx)
         _seed_everything(cfg["seed"])  # same on every rank: identical initial weights
         if command == "pretrain":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "wrap_ddp", "all_reduce_mean", "barrier",
+__all__ = ["DistContext", "init_distributed", "wrap_ddp", "all_reduce_mean", "barrier", "run_on_main",
            "cleanup", "broadcast_object"]
 
 
@@ -101,6 +101,35 @@ def broadcast_object(obj, ctx: DistContext):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def run_on_main(fn, ctx: DistContext):
+    """``fn()`` on rank 0 only; every rank returns its result, or raises its error. Without this
+    a failure on rank 0 alone (a refused --out, bad data met while filling the cache) leaves the
+    other ranks waiting forever at the next collective. Other ranks re-raise the same exception
+    class with the same message when it can be rebuilt from the message, else RuntimeError."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - every failure must reach every rank
+            error = exc
+    if not ctx.enabled:
+        if error is not None:
+            raise error
+        return result
+    sent = broadcast_object((result, None if error is None else (type(error), str(error))), ctx)
+    if error is not None:
+        raise error
+    result, failed = sent
+    if failed is not None:
+        cls, message = failed
+        try:
+            rebuilt = cls(message)
+        except Exception:  # noqa: BLE001 - a constructor that takes other arguments
+            rebuilt = RuntimeError(message)
+        raise rebuilt
+    return result
 
 
 def barrier(ctx: DistContext) -> None:

@@ -32,3 +32,33 @@ def test_two_process_gloo_pretrain(tiny_data, tmp_path):
     # throughput counts both processes' samples
     assert all(x["samples_s"] > 0 for x in rows if x["kind"] == "train")
     assert not list(out.glob(".*.tmp"))
+
+
+def test_refusal_on_rank_0_stops_every_rank_without_torchrun(tiny_data, tmp_path):
+    # Launched as srun/mpirun would (env:// variables, no torchrun agent to kill the others):
+    # --out already holds a checkpoint, which rank 0 checks. Every rank must stop with that
+    # error; rank 1 used to wait at the next barrier until the process-group timeout.
+    import socket
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    torch.save({"step": 1}, out / "last.pt")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(cli_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                   RANK=str(rank), LOCAL_RANK=str(rank))
+        cmd = [sys.executable, "-m", "med3d_ext.train", "pretrain",
+               *map(str, tiny_args(tiny_data["pretrain"], out, "--cache", tiny_data["cache"]))]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, text) in enumerate(zip(procs, outputs)):
+        assert p.returncode != 0, f"rank {rank}: {text[-2000:]}"
+        assert "already holds a checkpoint" in text, f"rank {rank}: {text[-2000:]}"
