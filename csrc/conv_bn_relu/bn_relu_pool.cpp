@@ -27,7 +27,10 @@ std::vector<int64_t> pool_out_sizes(const char* op, const at::Tensor& y, at::Int
               " and pool_padding ", padding, " must be positive, positive, and at most half "
               "the kernel (as max_pool3d requires)");
     window *= kernel[a];
-    const int64_t o = (y.size(2 + a) + 2 * padding[a] - kernel[a]) / stride[a] + 1;
+    // Floor division, as max_pool3d: a window wider than the padded input (span < 0) leaves
+    // no output (C++ '/' truncates toward zero, which would give one output there).
+    const int64_t span = y.size(2 + a) + 2 * padding[a] - kernel[a];
+    const int64_t o = span < 0 ? 0 : span / stride[a] + 1;
     M3D_CHECK(o > 0, "med3d_ext.", op, ": the conv output ", y.sizes(),
               " is too small for the pool kernel ", kernel, " with padding ", padding);
     out.push_back(o);

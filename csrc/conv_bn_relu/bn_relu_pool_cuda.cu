@@ -173,7 +173,9 @@ void bn_relu_pool_forward_cuda(const at::Tensor& y, const at::Tensor& mean,
     using acc_t = at::opmath_type<scalar_t>;
     const ParamPtrs<acc_t> pp{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                               w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), nullptr};
-    dispatch_shape<scalar_t>(go, y.numel(), {y.const_data_ptr(), out.const_data_ptr()},
+    // The decoded flat index is out's, which can exceed y's (kernel 2, padding 1, stride 1).
+    dispatch_shape<scalar_t>(go, std::max(y.numel(), out.numel()),
+                             {y.const_data_ptr(), out.const_data_ptr()},
                              [&](auto vtag, auto itag) {
       constexpr int V = decltype(vtag)::value;
       using index_t = decltype(itag);

@@ -16,25 +16,29 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// (N, C, S) contiguous. grid = (splits, C); block b of channel c walks its share of the N*S
-// values, sample by sample so the inner loop is a contiguous, coalesced run over S.
+// (N, C, S) contiguous. grid = (splits, min(C, 65535)); block b of channel c walks its share of
+// the N*S values, sample by sample so the inner loop is a contiguous, coalesced run over S.
+// Blocks loop over channels because gridDim.y is at most 65535 (e.g. a (N, 100000) input).
 template <typename scalar_t, typename acc_t>
 __global__ void partial_nchw(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t S,
                              WelfordState<acc_t>* __restrict__ partial) {
   __shared__ WelfordState<acc_t> shared[kThreads / 32];
-  const int64_t c = blockIdx.y, splits = gridDim.x, M = N * S;  // partial is (C, splits)
+  const int64_t splits = gridDim.x, M = N * S;  // partial is (C, splits)
   const int64_t per = (M + splits - 1) / splits;
   const int64_t lo = blockIdx.x * per, hi = min(M, lo + per);
-  auto s = welford_empty<acc_t>();
-  for (int64_t i = lo; i < hi;) {
-    const int64_t n = i / S, s0 = i - n * S, s1 = min(S, s0 + (hi - i));
-    const scalar_t* base = x + (n * C + c) * S;
-    for (int64_t k = s0 + threadIdx.x; k < s1; k += blockDim.x)
-      welford_add(s, static_cast<acc_t>(base[k]));
-    i += s1 - s0;
+  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {  // block-uniform
+    auto s = welford_empty<acc_t>();
+    for (int64_t i = lo; i < hi;) {
+      const int64_t n = i / S, s0 = i - n * S, s1 = min(S, s0 + (hi - i));
+      const scalar_t* base = x + (n * C + c) * S;
+      for (int64_t k = s0 + threadIdx.x; k < s1; k += blockDim.x)
+        welford_add(s, static_cast<acc_t>(base[k]));
+      i += s1 - s0;
+    }
+    s = block_welford(s, shared);
+    if (threadIdx.x == 0) partial[c * splits + blockIdx.x] = s;
+    __syncthreads();  // warp 0 has read `shared` before the next channel overwrites it
   }
-  s = block_welford(s, shared);
-  if (threadIdx.x == 0) partial[c * splits + blockIdx.x] = s;
 }
 
 // Row-major (M, C) (channels_last_3d). block = (32 channels, 8 rows); grid = (C / 32, splits).
@@ -119,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x_in, bool un
     } else {
       splits = std::max<int64_t>(1, std::min(ceil_div(target_blocks, C), ceil_div(M, 4096)));
       partial = at::empty({splits * C * 3}, opts);
-      partial_nchw<scalar_t, acc_t><<<dim3(splits, C), kThreads, 0, stream>>>(
+      const dim3 grid(splits, std::min<int64_t>(C, 65535));
+      partial_nchw<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), N, C, S,
           reinterpret_cast<WelfordState<acc_t>*>(partial.data_ptr<acc_t>()));
     }

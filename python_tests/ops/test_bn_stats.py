@@ -74,6 +74,18 @@ def test_bn_stats_empty(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_more_channels_than_a_grid_dimension(device):
+    # C > 65535 in the (N, C, S) layout: the CUDA partial kernel's grid cannot give each channel
+    # its own gridDim.y row, so blocks loop over channels
+    for shape in ((3, 70001), (2, 66000, 3)):
+        x = torch.randn(shape, device=device) * 2 + 0.5
+        mean, var = m3d.ops.bn_stats(x, unbiased=True)
+        em, ev = _expected(x, True)
+        torch.testing.assert_close(mean.double(), em, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(var.double(), ev, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bn_stats_deterministic(device):
     x = torch.randn(8, 16, 16, 16, 16, device=device, dtype=torch.bfloat16)
     a = m3d.ops.bn_stats(x)

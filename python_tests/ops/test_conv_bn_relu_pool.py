@@ -22,6 +22,7 @@ CONFIGS = [
     (2, 4, 3, 1, 1, (7, 6, 8), 2, 2, 0),
     (1, 8, 3, 2, 1, (10, 9, 12), 3, 1, 1),               # overlapping stride-1 windows
     (2, 3, 3, 1, 1, (8, 5, 7), (3, 1, 2), (2, 1, 2), (1, 0, 1)),  # anisotropic pool
+    (2, 4, 3, 1, 1, (5, 6, 4), 2, 1, 1),                 # pooled output larger than y
 ]
 NAMES = ["x", "weight", "bn_weight", "bn_bias"]
 
@@ -197,6 +198,10 @@ def test_bad_input(device):
         f(x, w, bw, bb, rm, rv, padding=1, pool_kernel=3, pool_padding=2)
     with pytest.raises(RuntimeError, match=r"too small for the pool kernel"):
         f(x[:, :, :2, :2, :2], w, bw, bb, rm, rv, padding=1, pool_kernel=5, pool_padding=0)
+    # floor division as max_pool3d ((2 - 3) // 2 + 1 = 0 outputs; truncation used to give 1)
+    with pytest.raises(RuntimeError, match=r"too small for the pool kernel"):
+        f(x[:, :, :2, :2, :2], w, bw, bb, rm, rv, padding=1, pool_kernel=3, pool_stride=2,
+          pool_padding=0)
     with pytest.raises(RuntimeError, match=r"'weight'.*Cin = x.size\(1\) = 3"):
         f(x, w[:, :2], bw, bb, rm, rv, padding=1)
     with pytest.raises(RuntimeError, match=r"'bn_bias' must be 1-D of size Cout = 5"):
@@ -212,6 +217,8 @@ def test_bad_input(device):
         bwd(g[:, :, :2], y, arg, c, c, c, c, True, [3, 3, 3], [2, 2, 2], [1, 1, 1])
     with pytest.raises(RuntimeError, match=r"'argmax' must be uint8"):
         bwd(g, y, arg.long(), c, c, c, c, True, [3, 3, 3], [2, 2, 2], [1, 1, 1])
+    with pytest.raises(RuntimeError, match=r"too small for the pool kernel"):
+        bwd(g, y[:, :, :2], arg, c, c, c, c, True, [3, 3, 3], [2, 2, 2], [0, 0, 0])
 
 
 @requires_ext
