@@ -92,6 +92,28 @@ def _check_batch_size(x, weight, stride, padding, dilation):
                          f"{torch.Size(shape)}")
 
 
+def _prepare_bn_call(name, x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                     padding, dilation, training):
+    """What the BatchNorm ops' wrappers do before calling the compiled op: the eval-mode
+    running-stats check, default affine parameters, F.batch_norm's one-value error, and the
+    stem's space-to-depth rewrite. Returns (x, weight, bn_weight, bn_bias, stride, padding)."""
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError(f"{name}: running_mean and running_var are required when "
+                         "training=False")
+    cout = weight.shape[0] if weight.dim() == 5 else 0
+    pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if bn_weight is None:
+        bn_weight = torch.ones(cout, dtype=pdt, device=x.device)
+    if bn_bias is None:
+        bn_bias = torch.zeros(cout, dtype=pdt, device=x.device)
+    if training and x.dim() == 5 and weight.dim() == 5 and x.shape[0] == 1:  # N > 1: never 1 value
+        _check_batch_size(x, weight, stride, padding, dilation)
+    if _stem_eligible(x, weight, stride, padding, dilation):
+        x, weight = _space_to_depth_conv(x, weight, padding)
+        stride, padding = [1, 1, 1], [0, 0, 0]
+    return x, weight, bn_weight, bn_bias, stride, padding
+
+
 def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
                    bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                    running_var: Optional[torch.Tensor], *, stride: IntOr3 = 1,
@@ -135,20 +157,9 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
             residual=residual, relu=relu)
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError("conv_bn_relu3d: running_mean and running_var are required when "
-                         "training=False")
-    cout = weight.shape[0] if weight.dim() == 5 else 0
-    pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if bn_weight is None:
-        bn_weight = torch.ones(cout, dtype=pdt, device=x.device)
-    if bn_bias is None:
-        bn_bias = torch.zeros(cout, dtype=pdt, device=x.device)
-    if training and x.dim() == 5 and weight.dim() == 5 and x.shape[0] == 1:  # N > 1: never 1 value
-        _check_batch_size(x, weight, stride, padding, dilation)
-    if _stem_eligible(x, weight, stride, padding, dilation):
-        x, weight = _space_to_depth_conv(x, weight, padding)
-        stride, padding = [1, 1, 1], [0, 0, 0]
+    x, weight, bn_weight, bn_bias, stride, padding = _prepare_bn_call(
+        "conv_bn_relu3d", x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+        padding, dilation, training)
     out, _y, mean, _invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                      residual, stride, padding, dilation, training, eps, relu)
     if training and running_mean is not None and out.numel() > 0:
@@ -198,20 +209,9 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
             pool_kernel=pk, pool_stride=ps, pool_padding=pp)
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError("conv_bn_relu_maxpool3d: running_mean and running_var are required when "
-                         "training=False")
-    cout = weight.shape[0] if weight.dim() == 5 else 0
-    pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if bn_weight is None:
-        bn_weight = torch.ones(cout, dtype=pdt, device=x.device)
-    if bn_bias is None:
-        bn_bias = torch.zeros(cout, dtype=pdt, device=x.device)
-    if training and x.dim() == 5 and weight.dim() == 5 and x.shape[0] == 1:
-        _check_batch_size(x, weight, stride, padding, dilation)
-    if _stem_eligible(x, weight, stride, padding, dilation):
-        x, weight = _space_to_depth_conv(x, weight, padding)
-        stride, padding = [1, 1, 1], [0, 0, 0]
+    x, weight, bn_weight, bn_bias, stride, padding = _prepare_bn_call(
+        "conv_bn_relu_maxpool3d", x, weight, bn_weight, bn_bias, running_mean, running_var,
+        stride, padding, dilation, training)
     out, _y, mean, _invstd, var, _arg = op(x, weight, bn_weight, bn_bias, running_mean,
                                            running_var, stride, padding, dilation, training,
                                            eps, pk, ps, pp)
