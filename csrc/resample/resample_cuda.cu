@@ -175,7 +175,10 @@ template <typename scalar_t, typename label_t, typename T, typename index_t>
 __global__ void __launch_bounds__(kThreads, 2)
 pair_kernel(const PairArgs<scalar_t, label_t, T> a, int64_t image_items, int64_t total,
             bool image_aligned, bool label_aligned) {
-  if (total <= int64_t(UINT32_MAX) - int64_t(kThreads) * gridDim.x)
+  // 32-bit decoding also needs the row lengths in 32 bits: a row of >= 2^32 voxels is only
+  // ~2^30 items (kVec voxels each), and item_t(W) (and W + kVec - 1) would wrap.
+  if (total <= int64_t(UINT32_MAX) - int64_t(kThreads) * gridDim.x &&
+      a.W <= int64_t(UINT32_MAX) - kVec && a.LW <= int64_t(UINT32_MAX) - kVec)
     pair_items<scalar_t, label_t, T, index_t, uint32_t>(
         a, static_cast<uint32_t>(image_items), static_cast<uint32_t>(total), image_aligned,
         label_aligned);
