@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -275,6 +276,17 @@ def test_cli_preprocess_skip_bad(tmp_path, capsys):
     assert not [w for w in caught if "bad case" in str(w.message)]
     assert out.err.count("c1.nii.gz") == 1
     shutil.rmtree(tmp_path / "c")
+    # the call's throughput (cases per second) into a fresh cache; a rerun reuses every case
+    args = ["preprocess", str(root), "--out", str(tmp_path / "fresh"), "--no-progress",
+            "--skip-bad", "--workers", "0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+        first = capsys.readouterr().out
+        assert main(args) == 0
+        second = capsys.readouterr().out
+    assert re.search(r"preprocessed 2 case\(s\) in [\d.]+ s: [\d.]+ cases/s", first), first
+    assert "all 2 case(s) reused from the cache" in second, second
 
 
 def test_medicalnet_pooled_folders_same_names(tmp_path):

@@ -77,6 +77,14 @@ def main(argv=None) -> int:
             dt = time.perf_counter() - t0
             print(f"{len(pre)} cases cached in {pre.dir} ({dt:.1f} s); target spacing "
                   f"{pre.info['target_spacing']} mm")
+            st = pre.stats
+            if st["processed"]:
+                print(f"preprocessed {st['processed']} case(s) in {st['seconds']:.1f} s: "
+                      f"{st['processed'] / max(st['seconds'], 1e-9):.2f} cases/s "
+                      f"({args.workers or 'default'} workers)"
+                      + (f"; {st['reused']} reused from the cache" if st["reused"] else ""))
+            elif st["reused"]:
+                print(f"all {st['reused']} case(s) reused from the cache (unchanged sources)")
             for msg in pre.info.get("problems", []):
                 print(f"skipped: {msg}", file=sys.stderr)
     except (DataError, ImportError, FileNotFoundError, ValueError) as e:
