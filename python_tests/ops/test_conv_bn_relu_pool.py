@@ -169,6 +169,25 @@ def test_autocast_low_precision(device, cl):
     _assert_low_precision_grads(grads, lgrads, rgrads)
 
 
+@pytest.mark.cuda
+def test_stem_at_scale_bf16():
+    # MedicalNet's stem at a quarter of the benchmark's input (2 x 1 x 32 x 64 x 64, bf16
+    # autocast, the space-to-depth rewrite, a channels_last_3d conv output): the CUDA kernels'
+    # 16-byte channel vectors and thousands of reduction splits, which small shapes never reach
+    device = "cuda"
+    cfg = (1, 64, 7, 2, 3, (32, 64, 64), 3, 2, 1)
+    args = _inputs(device, torch.float32, cfg)
+    kw = _kw(cfg)
+    go = _flip_free_grad_out(args, kw)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out, grads, *_ = _run(m3d.ops.conv_bn_relu_maxpool3d, *args, kw, True, go.bfloat16())
+        low, lgrads, *_ = _run(reference.conv_bn_relu_maxpool3d, *args, kw, True, go.bfloat16())
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    ref, rgrads, *_ = _run(reference.conv_bn_relu_maxpool3d, *args, kw, True, go)
+    assert_low_precision_close(out.float(), low.float(), ref, factor=2.0, floor=1e-2)
+    _assert_low_precision_grads(grads, lgrads, rgrads)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch_eval(device):
     x, w, bw, bb, rm, rv = _inputs(device, torch.float32, CONFIGS[0], n=0)
