@@ -268,6 +268,24 @@ def test_pair_matches_reference(device, label_size, padding_mode):
     assert_nearest_close(out_lab, ref_lab)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("width", [128, 111], ids=["packed", "partial-runs"])
+def test_pair_at_benchmark_scale(width):
+    # Near the benchmark's 8 x 128^3 pair: one image channel and a same-grid uint8 label, so
+    # the CUDA kernel takes its fused-label path with packed 4-voxel stores (W % 4 == 0) or its
+    # plain stores with a partial last run (odd W) over millions of work items.
+    device = "cuda"
+    n, size = 4, (4, 1, 96, 112, width)
+    x = torch.randn(n, 1, 100, 120, width, device=device)
+    lab = torch.randint(0, 8, (n, 1, 100, 120, width), device=device, dtype=torch.uint8)
+    theta = random_theta(n, device)
+    img, out_lab = m3d.ops.affine_resample_pair(x, lab, theta, size)
+    assert_close(img, grid_sample_ref(x, theta, size, "bilinear", "zeros", False))
+    assert out_lab.shape == size and out_lab.dtype == torch.uint8
+    ref = grid_sample_ref(lab.double(), theta.double(), size, "nearest", "zeros", False)
+    assert_nearest_close(out_lab, ref.to(torch.uint8))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_pair_without_extras_equals_two_grid_samples(device):
     n = 2
