@@ -33,7 +33,12 @@ def _load_model(ckpt, dev, fused):
 
     model = build_model(ckpt["arch"], fused=fused)
     model.load_state_dict(ckpt["state_dict"])
-    return model.to(dev).eval()
+    model = model.to(dev).eval()
+    if fused:  # inference only: BatchNorm folded into the convs, one conv + bias/ReLU epilogue
+        from med3d_ext.nn import fold_bn  # a layer (nothing here saves this model's state)
+
+        fold_bn(model)
+    return model
 
 
 def _split_filter(names, ckpt, split: str, key: str | None):

@@ -110,6 +110,15 @@ def test_transfer_seg_and_evaluate(pre_run, tiny_data, tmp_path):
             assert (r[f"dice_{c}"] is None) if want is None else \
                 r[f"dice_{c}"] == pytest.approx(want)
     assert "hd95" in summary and (pred_dir / "metrics.csv").is_file()
+    # --fused evaluates with BatchNorm folded into the convs (med3d_ext.nn.fold_bn): the same
+    # predictions up to round-off
+    fused_dir = tmp_path / "pred_fused"
+    assert main(["evaluate", "--run", run, "--data", tiny_data["transfer"], "--out", fused_dir,
+                 "--device", "cpu", "--cache", tiny_data["cache"], "--fused"]) == 0
+    for r in summary["cases"]:
+        a = np.asarray(nib.load(str(pred_dir / f"{r['case']}.nii.gz")).dataobj)
+        b = np.asarray(nib.load(str(fused_dir / f"{r['case']}.nii.gz")).dataobj)
+        assert (a != b).mean() <= 1e-3, r["case"]
 
 
 def _medicalnet_file(path, depth=10):
