@@ -8,7 +8,8 @@
 # $OUT/summary.md is rewritten after EVERY stage, and the benchmarks write their results after
 # every case, so whatever ran before a kill is on disk:
 #  0. env:      $OUT/logs/env.txt; installs any *.whl in $WHEELS (default: shared/wheels, else
-#               .whl/, when present; there is no network there: bring nibabel/MONAI wheels along);
+#               .whl/, when present; there is no network there: bring nibabel/MONAI wheels along,
+#               benchmarks/gpu_wheels.sh fetches them);
 #  1. build:    builds and installs med3d_ext with CUDA for sm_90 (logs/build.log), makes the
 #               repository's own med3d_ext/ load that build (tests and benchmarks import from the
 #               repo root, which would otherwise shadow the installed package);
