@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.conv_bn_relu import conv_bias_relu3d, conv_bn_relu3d, conv_bn_relu_maxpool3d
+from ..ops.conv_bn_relu import _triple, conv_bias_relu3d, conv_bn_relu3d, conv_bn_relu_maxpool3d
 
 __all__ = ["ConvBNReLU3d", "conv_bn_act", "fuse_modules", "unfuse_modules", "fold_bn"]
 
@@ -137,21 +137,16 @@ def _fusible_pool(pool) -> bool:
     indices, padding at most half the kernel, a window of at most 255 voxels."""
     if type(pool) is not nn.MaxPool3d or pool.ceil_mode or pool.return_indices:
         return False
-    k, s, p, d = (_triple(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size,
-                                        pool.padding, pool.dilation))
-    return d == (1, 1, 1) and all(2 * pi <= ki for pi, ki in zip(p, k)) and k[0] * k[1] * k[2] <= 255
-
-
-def _triple(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+    k, p, d = (_triple(v, name) for v, name in ((pool.kernel_size, "kernel_size"),
+                                                 (pool.padding, "padding"),
+                                                 (pool.dilation, "dilation")))
+    return d == [1, 1, 1] and all(2 * pi <= ki for pi, ki in zip(p, k)) and k[0] * k[1] * k[2] <= 255
 
 
 def _stem_pool_forward(self, x):
     # conv1 computes maxpool(relu(bn1(conv1(x)))) in one op; the model then calls bn1 and the
     # max-pool (pass-throughs while fused) and relu (idempotent on a non-negative input).
-    bn, pool = self._m3d_bn, self._m3d_pool
-    if not _fusible(self, bn) or isinstance(bn, nn.Identity):
-        return nn.MaxPool3d.forward(pool, conv_bn_act(self, bn, x, relu=True))
+    bn, pool = self._m3d_bn, self._m3d_pool  # fuse_modules checked both (BatchNorm3d, _fusible_pool)
     rm, rv, use_batch, factor = _bn_args(bn)
     return conv_bn_relu_maxpool3d(x, self.weight, bn.weight, bn.bias, rm, rv, stride=self.stride,
                                   padding=self.padding, dilation=self.dilation,

@@ -11,7 +11,7 @@ import torch
 import med3d_ext as m3d
 from med3d_ext import _extension, reference
 from python_tests.conftest import DEVICES, assert_low_precision_close, tol
-from python_tests.ops.test_conv_bn_relu import _assert_low_precision_grads
+from python_tests.ops.test_conv_bn_relu import _assert_low_precision_grads, _assert_matches
 
 requires_ext = pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
 
@@ -24,7 +24,6 @@ CONFIGS = [
     (2, 3, 3, 1, 1, (8, 5, 7), (3, 1, 2), (2, 1, 2), (1, 0, 1)),  # anisotropic pool
     (2, 4, 3, 1, 1, (5, 6, 4), 2, 1, 1),                 # pooled output larger than y
 ]
-NAMES = ["x", "weight", "bn_weight", "bn_bias"]
 
 
 def _inputs(device, dtype, cfg, n=2, cl=False):
@@ -63,14 +62,7 @@ def _check(device, cfg, training, cl, dtype=torch.float32, n=2):
     assert out.shape == ref.shape and out.dtype == ref.dtype
     if cl and cfg[0] > 1:
         assert out.is_contiguous(memory_format=torch.channels_last_3d)
-    t = tol(dtype)
-    torch.testing.assert_close(out, ref, **t)
-    for name, a, b in zip(NAMES, grads, rgrads):
-        scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a, b, rtol=t["rtol"] * 10, atol=t["atol"] * 10 * scale,
-                                   msg=lambda m, name=name: f"grad {name}: {m}")
-    torch.testing.assert_close(rm, rrm, **t)
-    torch.testing.assert_close(rv, rrv, **t)
+    _assert_matches(out, grads, rm, rv, ref, rgrads, rrm, rrv, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
