@@ -132,6 +132,14 @@ def _stem_conv_forward(self, x):
     return conv_bn_act(self, self._m3d_bn, x, relu=True)
 
 
+# Let fuse_modules run the stem's max-pool inside conv_bn_relu_maxpool3d. Off by default: on an
+# H200 (torch 2.11, bf16 channels_last_3d, 8 x 1 x 64 x 128 x 128, benchmarks/results/
+# 2026-11-26_h200-s3) the fused stem took 4.31 ms against 3.14 ms for conv_bn_relu3d +
+# F.max_pool3d (its backward's gather-reduction alone took 1.28 ms), while saving 0.17 GiB of
+# peak memory. Set True to trade that time for the memory.
+FUSE_STEM_POOL = False
+
+
 def _fusible_pool(pool) -> bool:
     """A max-pool conv_bn_relu_maxpool3d can absorb: MaxPool3d, dilation 1, floor mode, no
     indices, padding at most half the kernel, a window of at most 255 voxels."""
@@ -207,7 +215,7 @@ def fuse_modules(model: nn.Module) -> nn.Module:
             _swap(m, _sequential_forward, "sequential")
         if _is_stem(m) and _fusible(m.conv1, m.bn1):
             object.__setattr__(m.conv1, "_m3d_bn", m.bn1)
-            if isinstance(m.bn1, nn.BatchNorm3d) and _fusible_pool(m.maxpool):
+            if FUSE_STEM_POOL and isinstance(m.bn1, nn.BatchNorm3d) and _fusible_pool(m.maxpool):
                 # the stem's max-pool joins the op: its full-resolution input is never written
                 object.__setattr__(m.conv1, "_m3d_pool", m.maxpool)
                 _swap(m.conv1, _stem_pool_forward, "stem_conv_pool")

@@ -98,7 +98,8 @@ def multihead_seg_loss(
                 for x, w in zip(logits, class_weights)])
     op = _OP
     if op is not None and first.is_cuda and (
-            len(logits) > _CUDA_MAX_HEADS or max(x.shape[1] for x in logits) > _CUDA_MAX_CLASSES):
+            len(logits) > _CUDA_MAX_HEADS
+            or max(x.shape[1] if x.dim() > 1 else 0 for x in logits) > _CUDA_MAX_CLASSES):
         op = None  # beyond the CUDA kernel's register budget: the PyTorch reference, same math
     if op is None:
         _check_inputs(logits, targets, hw, cw)

@@ -173,7 +173,10 @@ def test_fused_resnet_channels_last(device):
     _compare_models(device, 18, "A", True, cl=True, steps=1)
 
 
-def test_fuse_swaps_forward_only_and_unfuse_restores():
+def test_fuse_swaps_forward_only_and_unfuse_restores(monkeypatch):
+    from med3d_ext.nn import fused as fused_mod
+
+    monkeypatch.setattr(fused_mod, "FUSE_STEM_POOL", True)  # off by default (slower on an H200)
     model = resnet(10, "B")
     classes = {n: type(m) for n, m in model.named_modules()}
     fuse_modules(model)
@@ -189,7 +192,25 @@ def test_fuse_swaps_forward_only_and_unfuse_restores():
     assert "_m3d_bn" not in model.conv1.__dict__ and "_m3d_pool" not in model.conv1.__dict__
 
 
-def test_stem_pool_fusion_only_for_absorbable_pools():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_stem_pool_resnet_matches_plain(device, monkeypatch):
+    # the opt-in stem max-pool fusion (FUSE_STEM_POOL) through a whole model, train mode
+    from med3d_ext.nn import fused as fused_mod
+
+    monkeypatch.setattr(fused_mod, "FUSE_STEM_POOL", True)
+    _compare_models(device, 10, "B", True)
+
+
+def test_stem_pool_fusion_off_by_default():
+    model = fuse_modules(resnet(10, "B"))
+    assert type(model.conv1)._m3d_fused == "stem_conv"
+    assert not getattr(type(model.maxpool), "_m3d_fused", None)
+
+
+def test_stem_pool_fusion_only_for_absorbable_pools(monkeypatch):
+    from med3d_ext.nn import fused as fused_mod
+
+    monkeypatch.setattr(fused_mod, "FUSE_STEM_POOL", True)
     # a max-pool the op cannot take (ceil mode, a window over 255 voxels) stays a module of
     # its own after the fused conv + BN + ReLU, and the model still computes the same function
     for pool in (torch.nn.MaxPool3d(3, 2, 1, ceil_mode=True), torch.nn.MaxPool3d(7, 2, 3)):

@@ -538,7 +538,11 @@ def test_every_argument_non_contiguous(device, training):
         wt = leaves[1].transpose(0, 1).contiguous().transpose(0, 1)
         args = [_strided(leaves[0]), wt, _strided(leaves[2]), _strided(leaves[3])]
         assert not any(a.is_contiguous() for a in args)
-        views = [_strided(rm), _strided(rv)]
+        # The reference updates contiguous copies: F.batch_norm on CUDA updates strided running
+        # statistics wrongly (measured on an H200, torch 2.11: off by 0.016 / 0.1 from
+        # (1 - m) * running + m * batch, where ours is within 1e-5; diag in the 2026-11-26 run)
+        views = ([_strided(rm), _strided(rv)] if fn is m3d.ops.conv_bn_relu3d
+                 else [rm.clone(), rv.clone()])
         out = fn(*args, *views, training=training, residual=_strided(leaves[4]), **kw)
         go = torch.randn_like(out) if go is None else go
         results.append((out, torch.autograd.grad(out, leaves, go), *views))

@@ -280,7 +280,11 @@ def test_pair_at_benchmark_scale(width):
     lab = torch.randint(0, 8, (n, 1, 100, 120, width), device=device, dtype=torch.uint8)
     theta = random_theta(n, device)
     img, out_lab = m3d.ops.affine_resample_pair(x, lab, theta, size)
-    assert_close(img, grid_sample_ref(x, theta, size, "bilinear", "zeros", False))
+    # at this size a coordinate's fp32 rounding moves values by ~1e-4, in grid_sample too:
+    # against float64, our error must stay within 2x fp32 grid_sample's (plus a floor)
+    ref64 = grid_sample_ref(x.double(), theta.double(), size, "bilinear", "zeros", False)
+    eager32 = grid_sample_ref(x, theta, size, "bilinear", "zeros", False)
+    assert_low_precision_close(img, eager32, ref64, factor=2.0, floor=1e-5)
     assert out_lab.shape == size and out_lab.dtype == torch.uint8
     ref = grid_sample_ref(lab.double(), theta.double(), size, "nearest", "zeros", False)
     assert_nearest_close(out_lab, ref.to(torch.uint8))
