@@ -21,14 +21,16 @@ AREA = "stem"
 GPU_INPUT = (8, (64, 128, 128))  # batch, spatial: perf-baselines.md's training input
 
 
-def _conv_alone(x, w, gy, dtype, cl):
-    """fwd + weight grad of the conv alone, in ``dtype`` (no autocast: the anchor numbers)."""
+def _conv_alone(x, w, gy, dtype, cl, conv=None):
+    """fwd + weight grad of the conv alone, in ``dtype`` (no autocast: the anchor numbers);
+    ``conv(x, w)``: the stride-2, padding-3 convolution (default ``F.conv3d``)."""
     mf = torch.channels_last_3d if cl else torch.contiguous_format
     xi, g = x.to(dtype).to(memory_format=mf), gy.to(dtype).to(memory_format=mf)
     wi = w.to(dtype).requires_grad_(True)
+    conv = conv or (lambda a, b: F.conv3d(a, b, None, 2, 3))
 
     def step():
-        y = F.conv3d(xi, wi, None, 2, 3)
+        y = conv(xi, wi)
         (gw,) = torch.autograd.grad(y, [wi], g)
         return y, gw
     return step
@@ -54,6 +56,13 @@ def run(ctx):
     case.add("eager conv3d fp32", lambda: _conv_alone(x, w, gy, torch.float32, False), baseline=True, reference=True)
     if ctx.gpu:
         case.add("eager conv3d bf16 CL", lambda: _conv_alone(x, w, gy, torch.bfloat16, True), baseline=True)
+    # the fused ops' stem rewrite, both forms (ops/stem.py): which one the fused path should use
+    # (conv_bn_relu.STEM_FOLD_W) is decided by these two rows
+    dt = torch.bfloat16 if ctx.gpu else torch.float32
+    for fold in (False, True):
+        case.add(f"med3d_ext stem_conv3d {'bf16 CL' if ctx.gpu else 'fp32'} (space-to-depth"
+                 + (", W taps folded)" if fold else ")"),
+                 lambda fold=fold: _conv_alone(x, w, gy, dt, ctx.gpu, _stem_conv(fold)))
     case.run()
     del x, w, gy
 
@@ -74,6 +83,10 @@ def run(ctx):
         case.add("med3d_ext conv_bn_relu3d" + (" + F.max_pool3d" if pool else ""),
                  lambda: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), True),
                  note=op_backend("conv_bn_relu3d", ctx.device))
+        if not pool and ctx.gpu:  # the same op with the W-folded stem rewrite (STEM_FOLD_W)
+            case.add("med3d_ext conv_bn_relu3d, W-folded stem",
+                     lambda: L.make(_with_fold(m3d_attr("ops.conv_bn_relu3d")), True),
+                     note=op_backend("conv_bn_relu3d", ctx.device))
         if pool:  # the max-pool fused too: the full-resolution activation is never written
             case.add("med3d_ext conv_bn_relu_maxpool3d", lambda: L.make(_fused_pool(), True),
                      note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
@@ -89,4 +102,24 @@ def _fused_pool():
     def f(x, w, bw, bb, rm, rv, training):
         return op(x, w, bw, bb, rm, rv, stride=2, padding=3, training=training, momentum=0.1,
                   eps=1e-5, pool_kernel=3, pool_stride=2, pool_padding=1)
+    return f
+
+
+def _stem_conv(fold):
+    stem_conv = m3d_attr("ops.stem.stem_conv3d")
+    return lambda a, b: stem_conv(a, b, padding=3, fold_w=fold)
+
+
+def _with_fold(op):
+    """``op`` called with conv_bn_relu.STEM_FOLD_W on (restored after each call)."""
+    import importlib
+
+    mod = importlib.import_module("med3d_ext.ops.conv_bn_relu")
+
+    def f(*args, **kwargs):
+        old, mod.STEM_FOLD_W = mod.STEM_FOLD_W, True
+        try:
+            return op(*args, **kwargs)
+        finally:
+            mod.STEM_FOLD_W = old
     return f

@@ -4,7 +4,8 @@ GPU: batch 8 x 1 x 64 x 128 x 128, bf16 autocast, channels_last_3d, SGD with mom
 cross-entropy on the 1/4-size logits. Four versions per depth: plain eager, plain
 torch.compile (of forward + backward, the optimiser step stays eager), med3d_ext fused
 (``med3d_ext.nn.fuse_modules``) and fused + compile; plus ResNet-50 in fp32 eager. Time and
-peak memory per version. The plain model is ``med3d_ext.models.resnet3d(depth)``.
+peak memory per version. On a GPU also eager and fused with forward + backward captured as one
+CUDA graph (no host work per op), which shows how much of a step is the host's. The plain model is ``med3d_ext.models.resnet3d(depth)``.
 
 CPU: fp32, batch 2 x 1 x 24 x 48 x 48; --quick: ResNet-10 only, at 2 x 1 x 16 x 32 x 32.
 
@@ -65,7 +66,7 @@ class Step:
         self.x = torch.randn(shape, generator=g).to(dev).to(memory_format=self.mf)
         self.y = torch.randint(0, 2, (shape[0],) + tuple(s // 4 for s in shape[2:]), generator=g).to(dev)
 
-    def make(self, model, compiled):
+    def make(self, model, compiled, graphed=False):
         dev = self.ctx.device
         m = model.to(dev).to(memory_format=self.mf).train()
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
@@ -78,6 +79,8 @@ class Step:
             return loss.detach()
 
         f = torch.compile(fwd_bwd) if compiled else fwd_bwd
+        if graphed:
+            return _graphed(m, opt, f)
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -134,6 +137,11 @@ def run(ctx):
                     ctx_note = no_compile
                     case.add("torch.compile", lambda n=ctx_note: _skip(n), baseline=True)
                 case.add("med3d_ext fused", lambda: st.make(fused_copy(model, source), False), note=fnote)
+                if ctx.gpu:  # the host's share: both models with forward + backward as one graph
+                    case.add("eager + CUDA graph", lambda: st.make(copy.deepcopy(model), False, True),
+                             baseline=True)
+                    case.add("med3d_ext fused + CUDA graph",
+                             lambda: st.make(fused_copy(model, source), False, True), note=fnote)
                 if compile_ok:
                     case.add("med3d_ext fused + compile", lambda: st.make(fused_copy(model, source), True), note=fnote)
                 else:
@@ -145,3 +153,32 @@ def run(ctx):
 
 def _skip(reason):
     raise Unavailable(reason)
+
+
+def _graphed(m, opt, fwd_bwd):
+    """(step, check) with forward + backward replayed from one captured CUDA graph and the
+    optimiser step eager: what the step costs the GPU once the host's per-op work (Python,
+    dispatch, ~900 launches for ResNet-50) is gone. PyTorch's whole-network capture recipe:
+    warm-up on a side stream (cuDNN autotuning, the momentum buffers, lazy init), then capture
+    with the gradients unset, so the graph writes them into its own static tensors, which each
+    replay overwrites (so no zero_grad between replays)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            fwd_bwd()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = fwd_bwd()
+
+    def step():
+        graph.replay()
+        opt.step()
+
+    def check():  # the graph's first replay: the same weights as every other version's check
+        graph.replay()
+        return loss.float(), m.conv1.weight.grad.float().clone()
+    return step, check

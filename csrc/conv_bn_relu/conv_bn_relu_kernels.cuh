@@ -8,6 +8,8 @@
 // contiguous extent (S or C) is a multiple of V; otherwise V = 1.
 #pragma once
 
+#include <type_traits>
+
 #include "conv_bn_relu.h"
 #include "../common/cuda_utils.cuh"
 
@@ -27,6 +29,18 @@ template <int V, typename T>
 __device__ __forceinline__ void store(T* p, const Vec<T, V>& v) {
   *reinterpret_cast<Vec<T, V>*>(p) = v;
 }
+
+// Rows whose loads a channels_last thread keeps in flight at once (see BackwardAcc).
+constexpr int kRowsInFlight = 4;
+
+// Ops and accumulators that split their work into fetch<V>(i) -> Frag (the loads) and a second
+// step on the Frag declare `static constexpr bool kFetch = true`; the channels_last drivers then
+// issue kRowsInFlight rows' loads before using any. Others (the max-pool's gathers, whose loads
+// depend on an argmax they read first) run a row at a time.
+template <class T, class = void>
+struct Fetches : std::false_type {};
+template <class T>
+struct Fetches<T, std::void_t<decltype(T::kFetch)>> : std::bool_constant<T::kFetch> {};
 
 // Per-channel parameters of every pass. Forward uses m, sc, b; backward adds A, k1, Bp.
 template <typename acc_t>
@@ -60,19 +74,34 @@ struct ForwardOp {
   const scalar_t* y;
   const scalar_t* r;
   scalar_t* out;
+  static constexpr bool kFetch = true;
+  template <int V>
+  struct Frag {
+    Vec<scalar_t, V> y, r;
+  };
+  template <int V>
+  __device__ __forceinline__ Frag<V> fetch(int64_t i) const {
+    Frag<V> f;
+    f.y = load<V>(y + i);
+    if constexpr (kRes) f.r = load<V>(r + i);
+    return f;
+  }
   template <int V, int PS>
-  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p) const {
-    const auto yv = load<V>(y + i);
-    Vec<scalar_t, V> rv, ov;
-    if constexpr (kRes) rv = load<V>(r + i);
+  __device__ __forceinline__ void apply(int64_t i, const Frag<V>& f,
+                                        const ChanParams<acc_t>* p) const {
+    Vec<scalar_t, V> ov;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const auto& q = p[j * PS];
-      const acc_t res = kRes ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
+      const acc_t res = kRes ? static_cast<acc_t>(f.r.v[j]) : acc_t(0);
       ov.v[j] = static_cast<scalar_t>(
-          bn_act<kRelu>(bn_pre_act<acc_t>(static_cast<acc_t>(yv.v[j]), q.m, q.sc, q.b, res)));
+          bn_act<kRelu>(bn_pre_act<acc_t>(static_cast<acc_t>(f.y.v[j]), q.m, q.sc, q.b, res)));
     }
     store<V>(out + i, ov);
+  }
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p) const {
+    apply<V, PS>(i, fetch<V>(i), p);
   }
 };
 
@@ -83,20 +112,35 @@ struct BackwardApplyOp {
   const scalar_t* y;
   const scalar_t* gr;
   scalar_t* gy;
+  static constexpr bool kFetch = true;
+  template <int V>
+  struct Frag {
+    Vec<scalar_t, V> y, d;
+  };
+  template <int V>
+  __device__ __forceinline__ Frag<V> fetch(int64_t i) const {
+    Frag<V> f;
+    f.y = load<V>(y + i);
+    f.d = load<V>((kRes ? gr : dout) + i);
+    return f;
+  }
   template <int V, int PS>
-  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p) const {
-    const auto yv = load<V>(y + i);
-    Vec<scalar_t, V> dv, ov;
-    dv = load<V>((kRes ? gr : dout) + i);
+  __device__ __forceinline__ void apply(int64_t i, const Frag<V>& f,
+                                        const ChanParams<acc_t>* p) const {
+    Vec<scalar_t, V> ov;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const auto& q = p[j * PS];
-      const acc_t yy = static_cast<acc_t>(yv.v[j]);
-      acc_t g = static_cast<acc_t>(dv.v[j]);
+      const acc_t yy = static_cast<acc_t>(f.y.v[j]);
+      acc_t g = static_cast<acc_t>(f.d.v[j]);
       if constexpr (!kRes) g = bn_masked_grad<kRelu>(g, bn_pre_act<acc_t>(yy, q.m, q.sc, q.b, acc_t(0)));
       ov.v[j] = static_cast<scalar_t>(bn_grad_input<acc_t>(g, yy, q.m, q.A, q.k1, q.Bp));
     }
     store<V>(gy + i, ov);
+  }
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p) const {
+    apply<V, PS>(i, fetch<V>(i), p);
   }
 };
 
@@ -122,9 +166,17 @@ __global__ void elementwise_nhwc(Op op, ParamPtrs<acc_t> pp, int64_t M, int64_t 
   ChanParams<acc_t> p[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) p[j] = pp.get(cv * V + j);
-  for (int64_t r = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; r < M;
-       r += int64_t(gridDim.y) * blockDim.y)
-    op.template operator()<V, 1>(r * C + cv * V, p);
+  const int64_t stride = int64_t(gridDim.y) * blockDim.y, col = cv * V;
+  int64_t r = blockIdx.y * int64_t(blockDim.y) + threadIdx.y;
+  if constexpr (Fetches<Op>::value)  // kRowsInFlight rows' loads issued before any is used
+    for (; r + (kRowsInFlight - 1) * stride < M; r += kRowsInFlight * stride) {
+      typename Op::template Frag<V> f[kRowsInFlight];
+#pragma unroll
+      for (int k = 0; k < kRowsInFlight; ++k) f[k] = op.template fetch<V>((r + k * stride) * C + col);
+#pragma unroll
+      for (int k = 0; k < kRowsInFlight; ++k) op.template apply<V, 1>((r + k * stride) * C + col, f[k], p);
+    }
+  for (; r < M; r += stride) op.template operator()<V, 1>(r * C + col, p);
 }
 
 // ---- backward reduction: per-channel sum of g and g * (y - mean) ------------------------------
@@ -146,46 +198,72 @@ __device__ __forceinline__ void reduce_one(scalar_t d, scalar_t yv, scalar_t rv,
   s1 += g * (yy - q.m);
 }
 
-// PS = 0: one channel for the whole vector (contiguous layout); PS = 1: V channels.
-template <typename scalar_t, typename acc_t, int V, int PS, bool kRelu, bool kRes>
-__device__ __forceinline__ void reduce_vec(const scalar_t* dout, const scalar_t* y,
-                                           const scalar_t* r, scalar_t* gr, int64_t i,
-                                           const ChanParams<acc_t>* p, acc_t* s0, acc_t* s1) {
-  const auto dv = load<V>(dout + i), yv = load<V>(y + i);
-  Vec<scalar_t, V> rv, gv;
-  if constexpr (kRes) rv = load<V>(r + i);
-#pragma unroll
-  for (int j = 0; j < V; ++j)
-    reduce_one<scalar_t, acc_t, kRelu, kRes>(dv.v[j], yv.v[j], kRes ? rv.v[j] : scalar_t(0),
-                                             &gv.v[j], p[j * PS], s0[j * PS], s1[j * PS]);
-  if constexpr (kRes) store<V>(gr + i, gv);
-}
-
-// Accumulators of the reduction kernels: add the two per-channel sums of V elements at i.
+// Accumulators of the reduction kernels: add the two per-channel sums of V elements at i
+// (PS = 0: one channel for the whole vector, the contiguous layout; PS = 1: V channels). Each
+// splits its work in two so that reduce_nhwc can keep several rows' loads in flight: fetch<V>(i)
+// issues the loads into a Frag, consume<V, PS>(i, frag, ...) does the math (and any store). A
+// reduction pass is memory-bound, and one 16-byte load in flight per thread at a time left the
+// memory system mostly idle (H200 profile: 35 us per statistics pass, ~5x the bytes' time).
 template <typename scalar_t, typename acc_t, bool kRelu, bool kRes>
 struct BackwardAcc {  // sum g, sum g * (y - mean); writes grad_residual when kRes
   const scalar_t *dout, *y, *r;
   scalar_t* gr;
+  static constexpr bool kFetch = true;
+  template <int V>
+  struct Frag {
+    Vec<scalar_t, V> d, y, r;
+  };
+  template <int V>
+  __device__ __forceinline__ Frag<V> fetch(int64_t i) const {
+    Frag<V> f;
+    f.d = load<V>(dout + i);
+    f.y = load<V>(y + i);
+    if constexpr (kRes) f.r = load<V>(r + i);
+    return f;
+  }
+  template <int V, int PS>
+  __device__ __forceinline__ void consume(int64_t i, const Frag<V>& f, const ChanParams<acc_t>* p,
+                                          acc_t* s0, acc_t* s1) const {
+    Vec<scalar_t, V> gv;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      reduce_one<scalar_t, acc_t, kRelu, kRes>(f.d.v[j], f.y.v[j], kRes ? f.r.v[j] : scalar_t(0),
+                                               &gv.v[j], p[j * PS], s0[j * PS], s1[j * PS]);
+    if constexpr (kRes) store<V>(gr + i, gv);
+  }
   template <int V, int PS>
   __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p, acc_t* s0,
                                              acc_t* s1) const {
-    reduce_vec<scalar_t, acc_t, V, PS, kRelu, kRes>(dout, y, r, gr, i, p, s0, s1);
+    consume<V, PS>(i, fetch<V>(i), p, s0, s1);
   }
 };
 
 template <typename scalar_t, typename acc_t>
 struct StatsAcc {  // sum (y - K), sum (y - K)^2 with a per-channel shift K (ChanParams::m)
   const scalar_t* y;
+  static constexpr bool kFetch = true;
+  template <int V>
+  struct Frag {
+    Vec<scalar_t, V> y;
+  };
+  template <int V>
+  __device__ __forceinline__ Frag<V> fetch(int64_t i) const {
+    return Frag<V>{load<V>(y + i)};
+  }
   template <int V, int PS>
-  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p, acc_t* s0,
-                                             acc_t* s1) const {
-    const auto yv = load<V>(y + i);
+  __device__ __forceinline__ void consume(int64_t, const Frag<V>& f, const ChanParams<acc_t>* p,
+                                          acc_t* s0, acc_t* s1) const {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const acc_t d = static_cast<acc_t>(yv.v[j]) - p[j * PS].m;
+      const acc_t d = static_cast<acc_t>(f.y.v[j]) - p[j * PS].m;
       s0[j * PS] += d;
       s1[j * PS] += d * d;
     }
+  }
+  template <int V, int PS>
+  __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p, acc_t* s0,
+                                             acc_t* s1) const {
+    consume<V, PS>(i, fetch<V>(i), p, s0, s1);
   }
 };
 
@@ -246,10 +324,20 @@ __global__ void reduce_nhwc(Acc acc, ParamPtrs<acc_t> pp, int64_t M, int64_t C, 
     s0[j] = s1[j] = acc_t(0);
     if (valid) p[j] = pp.get(cv * V + j);
   }
-  if (valid)
-    for (int64_t row = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; row < M;
-         row += int64_t(gridDim.y) * blockDim.y)
-      acc.template operator()<V, 1>(row * C + cv * V, p, s0, s1);
+  if (valid) {
+    const int64_t stride = int64_t(gridDim.y) * blockDim.y, col = cv * V;
+    int64_t row = blockIdx.y * int64_t(blockDim.y) + threadIdx.y;
+    if constexpr (Fetches<Acc>::value)  // kRowsInFlight rows' loads issued before any is used
+    for (; row + (kRowsInFlight - 1) * stride < M; row += kRowsInFlight * stride) {
+      typename Acc::template Frag<V> f[kRowsInFlight];
+#pragma unroll
+      for (int k = 0; k < kRowsInFlight; ++k) f[k] = acc.template fetch<V>((row + k * stride) * C + col);
+#pragma unroll
+      for (int k = 0; k < kRowsInFlight; ++k)
+        acc.template consume<V, 1>((row + k * stride) * C + col, f[k], p, s0, s1);
+    }
+    for (; row < M; row += stride) acc.template operator()<V, 1>(row * C + col, p, s0, s1);
+  }
   acc_t* mine = sm + (threadIdx.y * blockDim.x + threadIdx.x) * 2 * V;
 #pragma unroll
   for (int j = 0; j < V; ++j) {

@@ -55,6 +55,20 @@ inline dim3 nhwc_block(int64_t cv) {
   return dim3(tx, std::max(1, 256 / tx));
 }
 
+// Blocks along the rows of a channels_last pass whose threads keep kRowsInFlight rows' loads in
+// flight (Fetches): fewer, longer row splits than one row at a time wants. Each thread takes
+// >= 16 rows where the tensor is big enough, so its per-channel parameters (loaded once per
+// thread) and, in a reduction, the block's tree and partials stay small next to the loads; but
+// at least one block per SM while every thread still gets >= kRowsInFlight rows. At most 4
+// blocks of 256 threads per SM: 4 rows x 16 bytes in flight per thread is enough there.
+inline int64_t fetching_row_splits(int64_t M, const dim3& block, int64_t gx) {
+  const int64_t by_work = ceil_div(M, int64_t(block.y) * 4 * kRowsInFlight);
+  const int64_t fill = std::min(ceil_div(int64_t(sm_count()), gx),
+                                ceil_div(M, int64_t(block.y) * kRowsInFlight));
+  const int64_t most = ceil_div(4 * int64_t(sm_count()), gx);
+  return std::max<int64_t>(1, std::min<int64_t>({std::max(by_work, fill), most, 65535}));
+}
+
 template <typename acc_t, int V, class Op>
 void launch_elementwise(const Geometry& g, const Op& op, const ParamPtrs<acc_t>& pp,
                         cudaStream_t stream) {
@@ -67,8 +81,10 @@ void launch_elementwise(const Geometry& g, const Op& op, const ParamPtrs<acc_t>&
   } else {
     const dim3 block = nhwc_block(g.C / V);
     const int64_t gx = ceil_div(g.C / V, block.x);
-    const int64_t gy = std::min<int64_t>(
-        {ceil_div(g.M, block.y), std::max<int64_t>(1, ceil_div(blocks_wanted, gx)), 65535});
+    const int64_t gy = Fetches<Op>::value
+                           ? fetching_row_splits(g.M, block, gx)
+                           : std::min<int64_t>({ceil_div(g.M, block.y),
+                                                std::max<int64_t>(1, ceil_div(blocks_wanted, gx)), 65535});
     elementwise_nhwc<acc_t, V><<<dim3(gx, gy), block, 0, stream>>>(op, pp, g.M, g.C);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -91,8 +107,10 @@ int64_t launch_reduce(const Geometry& g, const Acc& acc, const ParamPtrs<acc_t>&
   } else {
     const dim3 block = nhwc_block(g.C / V);
     const int64_t gx = ceil_div(g.C / V, block.x);
-    splits = std::min<int64_t>(
-        {ceil_div(g.M, block.y), std::max<int64_t>(1, ceil_div(blocks_wanted, gx)), 65535});
+    splits = Fetches<Acc>::value
+                 ? fetching_row_splits(g.M, block, gx)
+                 : std::min<int64_t>({ceil_div(g.M, block.y),
+                                      std::max<int64_t>(1, ceil_div(blocks_wanted, gx)), 65535});
     partial = at::empty({splits * g.C * 2}, partial.options());
     const size_t smem = size_t(block.x) * block.y * V * 2 * sizeof(acc_t);
     reduce_nhwc<acc_t, V><<<dim3(gx, splits), block, smem, stream>>>(acc, pp, g.M, g.C,

@@ -58,6 +58,10 @@ def _autocast(x, weight, residual, bias_like):
 # than oneDNN's direct stem convolution (2-core CPU, 1x1x16x32x32, fwd + weight grad); True:
 # every device; False: never (such convolutions go to ATen unchanged).
 STEM_SPACE_TO_DEPTH = "auto"
+# With the rewrite on, also fold the W taps into channels (stem.stem_rewrite's fold_w): 32*Cin
+# input channels instead of 8*Cin, for a better cuDNN kernel than the 1.3 ms one the 8-channel
+# form got on an H200. Off until the stem benchmark (both variants, one run) shows it pays.
+STEM_FOLD_W = False
 
 
 def _stem_eligible(x, weight, stride, padding, dilation) -> bool:
@@ -72,7 +76,7 @@ def _stem_eligible(x, weight, stride, padding, dilation) -> bool:
 def _space_to_depth_conv(x, weight, padding):
     """(x, weight, stride 2, padding) -> (x', weight') for a stride-1, padding-0 convolution with
     the same output; x' and weight' are channels_last_3d (see med3d_ext/ops/stem.py)."""
-    return stem_rewrite(x, weight, padding, channels_last=True)
+    return stem_rewrite(x, weight, padding, channels_last=True, fold_w=STEM_FOLD_W)
 
 
 def _check_batch_size(x, weight, stride, padding, dilation):

@@ -35,13 +35,20 @@ def _triple(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
 
 
-def stem_rewrite(x: torch.Tensor, weight: torch.Tensor, padding=3, channels_last=None):
+def stem_rewrite(x: torch.Tensor, weight: torch.Tensor, padding=3, channels_last=None,
+                 fold_w: bool = False):
     """Return ``(x2, w2)`` with ``conv3d(x2, w2) == conv3d(x, weight, stride=2, padding=padding)``.
 
     x (N, Cin, D, H, W) -> x2 (N, 8*Cin, Do+q_d-1, ...); weight (Cout, Cin, kd, kh, kw) ->
     w2 (Cout, 8*Cin, ceil(kd/2), ceil(kh/2), ceil(kw/2)); stride 1, no padding. Both come out
     channels_last_3d when ``channels_last`` is True (cuDNN's tensor-core layout), contiguous when
     False, and in x's layout when None.
+
+    ``fold_w``: also move the q_w taps along W into channels (an im2col along one dimension):
+    x2 (N, 8*Cin*q_w, Do+q_d-1, Ho+q_h-1, Wo), w2 (Cout, 8*Cin*q_w, q_d, q_h, 1). The input
+    grows q_w-fold (4x for the 7^3 stem) but every tap then reads 32*Cin channels, not 8*Cin:
+    16-byte (bf16) rows of 8 channels are the smallest a tensor-core kernel takes, and cuDNN's
+    best kernel for them measured 1.3 ms for the ResNet stem on an H200 (see fused.py).
     """
     n, cin = x.shape[:2]
     ks = weight.shape[2:]
@@ -66,17 +73,37 @@ def stem_rewrite(x: torch.Tensor, weight: torch.Tensor, padding=3, channels_last
     wp = F.pad(weight, (0, 2 * q[2] - ks[2], 0, 2 * q[1] - ks[1], 0, 2 * q[0] - ks[0]))
     w2 = wp.reshape(cout, cin, q[0], 2, q[1], 2, q[2], 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
     w2 = w2.reshape(cout, cin * 8, q[0], q[1], q[2])
+    if fold_w:
+        x2, w2 = _fold_w_taps(x2, w2, q[2], out[2], channels_last)
     if channels_last:
         w2 = w2.contiguous(memory_format=torch.channels_last_3d)
     return x2, w2
 
 
-def stem_conv3d(x: torch.Tensor, weight: torch.Tensor, bias=None, *, padding=3) -> torch.Tensor:
+def _fold_w_taps(x2, w2, taps, out_w, channels_last):
+    """conv3d(x2, w2) == conv3d(x3, w3) with the ``taps`` W taps as channels c * taps + j:
+    x3[:, c * taps + j, :, :, a] = x2[:, c, :, :, a + j], w3[:, c * taps + j, :, :, 0] =
+    w2[:, c, :, :, j]."""
+    n, c2, l0, l1 = x2.shape[:4]
+    win = x2.unfold(4, taps, 1)  # (n, c2, l0, l1, out_w, taps), a view
+    if channels_last:
+        x3 = win.permute(0, 2, 3, 4, 1, 5).reshape(n, l0, l1, out_w, c2 * taps)
+        x3 = x3.permute(0, 4, 1, 2, 3)
+    else:
+        x3 = win.permute(0, 1, 5, 2, 3, 4).reshape(n, c2 * taps, l0, l1, out_w)
+    cout, _, q0, q1, _ = w2.shape
+    w3 = w2.permute(0, 1, 4, 2, 3).reshape(cout, c2 * taps, q0, q1).unsqueeze(-1)
+    return x3, w3
+
+
+def stem_conv3d(x: torch.Tensor, weight: torch.Tensor, bias=None, *, padding=3,
+                fold_w: bool = False) -> torch.Tensor:
     """``F.conv3d(x, weight, bias, stride=2, padding=padding)`` through the stride-1 rewrite.
 
     Args:
         x: (N, Cin, D, H, W), any float dtype, contiguous or channels_last_3d.
         weight: (Cout, Cin, kd, kh, kw), odd or even kernel sizes.
+        fold_w: the variant with the W taps folded into channels (see :func:`stem_rewrite`).
     Returns:
         (N, Cout, Do, Ho, Wo), the same values as the direct convolution up to summation order.
     """
@@ -86,5 +113,5 @@ def stem_conv3d(x: torch.Tensor, weight: torch.Tensor, bias=None, *, padding=3) 
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"stem_conv3d: x has {x.shape[1]} channels but weight expects "
                          f"{weight.shape[1]} (weight {tuple(weight.shape)})")
-    x2, w2 = stem_rewrite(x, weight, padding)
+    x2, w2 = stem_rewrite(x, weight, padding, fold_w=fold_w)
     return F.conv3d(x2, w2, bias)

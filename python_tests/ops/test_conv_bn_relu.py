@@ -396,7 +396,8 @@ def test_compile_parity(device):
 @pytest.mark.parametrize("cin,k,padding,sp", [(1, 7, 3, (9, 12, 11)), (3, 3, 1, (6, 7, 8)),
                                               (2, (5, 3, 4), (2, 1, 0), (8, 5, 9)),
                                               (4, 7, 0, (7, 8, 7))])
-def test_stem_space_to_depth(device, cin, k, padding, sp, monkeypatch):
+@pytest.mark.parametrize("fold_w", [False, True], ids=["s2d", "s2d_fold_w"])
+def test_stem_space_to_depth(device, cin, k, padding, sp, fold_w, monkeypatch):
     # Cin <= 4, stride 2 convolutions run as a stride-1 conv of the space-to-depth input;
     # forward, every gradient and the running stats must equal the reference's
     from med3d_ext.ops import conv_bn_relu as mod
@@ -407,6 +408,7 @@ def test_stem_space_to_depth(device, cin, k, padding, sp, monkeypatch):
     # default "auto": the rewrite on CUDA only (slower than oneDNN's direct conv on the CPU)
     assert mod._stem_eligible(x, w, [2] * 3, pad, [1] * 3) == (device == "cuda")
     monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", True)  # its math is tested on every device
+    monkeypatch.setattr(mod, "STEM_FOLD_W", fold_w)
     assert mod._stem_eligible(x, w, [2] * 3, pad, [1] * 3)
     for training in (True, False):
         _check_against_reference(device, cfg, training, True, True, False)

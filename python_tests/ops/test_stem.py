@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from med3d_ext.ops.stem import is_stem_like, stem_conv3d
+from med3d_ext.ops.stem import is_stem_like, stem_conv3d, stem_rewrite
 from python_tests.conftest import DEVICES, assert_low_precision_close
 
 
-def _check_exact(device, shape, k, cout, channels_last):
+def _check_exact(device, shape, k, cout, channels_last, fold_w=False):
     x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(cout, shape[1], k, k, k, dtype=torch.float64, device=device, requires_grad=True)
     xin = x.to(memory_format=torch.channels_last_3d) if channels_last else x
-    ours = stem_conv3d(xin, w, padding=k // 2)
+    ours = stem_conv3d(xin, w, padding=k // 2, fold_w=fold_w)
     ref = F.conv3d(x, w, stride=2, padding=k // 2)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
@@ -26,9 +26,25 @@ def _check_exact(device, shape, k, cout, channels_last):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(2, 1, 19, 24, 17), (1, 1, 7, 7, 7), (2, 3, 9, 10, 11), (1, 4, 8, 8, 8)])
 @pytest.mark.parametrize("k", [7, 3, 4])
-def test_stem_rewrite_is_exact(device, shape, k):
+@pytest.mark.parametrize("fold_w", [False, True], ids=["s2d", "s2d_fold_w"])
+def test_stem_rewrite_is_exact(device, shape, k, fold_w):
     _check_exact(device, shape, k, cout=int(torch.randint(1, 9, ()).item()),
-                 channels_last=bool(torch.randint(2, ()).item()))
+                 channels_last=bool(torch.randint(2, ()).item()), fold_w=fold_w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "cl3d"])
+def test_stem_fold_w_shapes(device, channels_last):
+    # the folded form is a (q_d, q_h, 1) convolution over 8 * Cin * q_w channels, in the layout
+    # asked for, and equals the direct convolution on an anisotropic kernel with padding 0
+    x = torch.randn(2, 2, 11, 9, 13, dtype=torch.float64, device=device)
+    w = torch.randn(3, 2, 5, 3, 7, dtype=torch.float64, device=device)
+    x2, w2 = stem_rewrite(x, w, padding=(2, 0, 1), channels_last=channels_last, fold_w=True)
+    assert w2.shape == (3, 2 * 8 * 4, 3, 2, 1)
+    assert x2.shape[1] == 64 and x2.is_contiguous(
+        memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(F.conv3d(x2, w2), F.conv3d(x, w, stride=2, padding=(2, 0, 1)),
+                               rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -37,7 +53,7 @@ def test_stem_low_precision(device):
     x = torch.randn(2, 1, 16, 18, 20, device=device)
     w = torch.randn(8, 1, 7, 7, 7, device=device) * 0.05
     ref = F.conv3d(x, w, stride=2, padding=3)
-    ours = stem_conv3d(x.to(dtype), w.to(dtype))
+    ours = stem_conv3d(x.to(dtype), w.to(dtype), fold_w=bool(torch.randint(2, ()).item()))
     plain = F.conv3d(x.to(dtype), w.to(dtype), stride=2, padding=3)
     assert_low_precision_close(ours, plain, ref, factor=2.0, floor=1e-2)
 
