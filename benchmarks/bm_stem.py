@@ -85,7 +85,7 @@ def run(ctx):
                  note=op_backend("conv_bn_relu3d", ctx.device))
         if not pool and ctx.gpu:  # the same op with the W-folded stem rewrite (STEM_FOLD_W)
             case.add("med3d_ext conv_bn_relu3d, W-folded stem",
-                     lambda: L.make(_with_fold(m3d_attr("ops.conv_bn_relu3d")), True),
+                     lambda: L.make(L.fused(_with_fold(m3d_attr("ops.conv_bn_relu3d"))), True),
                      note=op_backend("conv_bn_relu3d", ctx.device))
         if pool:  # the max-pool fused too: the full-resolution activation is never written
             case.add("med3d_ext conv_bn_relu_maxpool3d", lambda: L.make(_fused_pool(), True),

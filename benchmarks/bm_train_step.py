@@ -80,6 +80,8 @@ class Step:
 
         f = torch.compile(fwd_bwd) if compiled else fwd_bwd
         if graphed:
+            if dev != "cuda":
+                raise Unavailable("CUDA graphs need a CUDA device")
             return _graphed(m, opt, f)
 
         def step():

@@ -19,21 +19,23 @@
 #  4. targets:  python -m benchmarks --quick --device cuda train_step stem augment loss (the
 #               issue's target rows: ResNet-50/10 steps, the stem, the augmentation pair, the
 #               8-head loss) into $OUT/bench;
-#  5. profile:  the same areas with --profile-only (each row's CUDA kernels per call, not timed)
-#               into $OUT/bench_profile (BENCH_PROFILE=0 drops it);
-#  6. kernels:  bn_stats conv_bn_relu resample, appended to $OUT/bench;
-#  7. pipeline: the pipeline area (loader + augmentation, data-wait share), appended;
-#  8. throughput (THROUGHPUT=1, default): python -m benchmarks.train_throughput --device cuda,
+#  then, in this order (ORDER="..." changes it; stages not named are skipped):
+#     throughput (THROUGHPUT=1, default): python -m benchmarks.train_throughput --device cuda,
 #               the CLI's pretraining fused vs --no-fused, into $OUT/bench/throughput;
-#  9. convergence: the convergence area (quick study), appended to $OUT/bench;
+#     convergence: the convergence area (quick study), appended to $OUT/bench;
+#     pipeline: the pipeline area (loader + augmentation, data-wait share), appended;
+#     profile:  the target areas with --profile-only (each row's CUDA kernels per call, not
+#               timed) into $OUT/bench_profile (BENCH_PROFILE=0 drops it);
+#     kernels:  bn_stats conv_bn_relu resample, appended to $OUT/bench;
 #  then packs logs and results into $OUT/gpu_check.tar.gz and prints the summary LAST.
-# Stages 7-9 need nibabel, pyyaml and tqdm (the package's dependencies, which the --no-deps
-# install does not bring) and are skipped without them.
-# With AREA arguments, stage 4 runs exactly those areas (5 profiles them) and 6, 7 and 9 are
-# skipped. No stage stops the script; it exits non-zero when the build or the tests failed.
+# throughput, convergence and pipeline need nibabel, pyyaml and tqdm (the package's
+# dependencies, which the --no-deps install does not bring) and are skipped without them.
+# With AREA arguments, stage 4 runs exactly those areas (profile profiles them) and kernels,
+# pipeline and convergence are skipped. No stage stops the script; it exits non-zero when the
+# build or the tests failed.
 # Knobs: PYTHON, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT,
 # TARGETS_TIMEOUT, PROFILE_TIMEOUT, KERNELS_TIMEOUT, PIPELINE_TIMEOUT, THROUGHPUT_TIMEOUT,
-# CONVERGENCE_TIMEOUT, WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
+# CONVERGENCE_TIMEOUT, ORDER, WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
 # timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
 # takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
 # too), PYTEST_ARGS, MAXFAIL, XDIST (workers, default 4),
@@ -71,7 +73,7 @@ stage_limit() {
     if [ "$1" -lt "$l" ]; then echo "$1"; else echo "$l"; fi
 }
 
-STAGES=(wheels build tests sanitizer targets profile kernels pipeline throughput convergence)
+STAGES=(wheels build tests sanitizer targets throughput convergence pipeline profile kernels)
 declare -A ST_STATUS ST_TIME
 for s in "${STAGES[@]}"; do ST_STATUS[$s]="not reached"; ST_TIME[$s]=""; done
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
@@ -304,53 +306,73 @@ else
     bench targets "${TARGETS_TIMEOUT:-200}" 30 --out "$BENCH" --append ${BENCH_ARGS:-} train_step stem augment loss
     PROFILE_AREAS="train_step stem augment loss"
 fi
-if [ "${BENCH_PROFILE:-1}" = 1 ]; then
-    # shellcheck disable=SC2086
-    bench profile "${PROFILE_TIMEOUT:-90}" 30 --out "$OUT/bench_profile" --profile-only ${PROFILE_ARGS:-} $PROFILE_AREAS
-else
-    status profile "skipped (BENCH_PROFILE=0)"
-fi
-if [ $# -gt 0 ]; then
-    for s in kernels pipeline convergence; do status "$s" "skipped (areas given: $*)"; done
-else
+stage_profile() {
+    if [ "${BENCH_PROFILE:-1}" = 1 ]; then
+        # shellcheck disable=SC2086
+        bench profile "${PROFILE_TIMEOUT:-90}" 30 --out "$OUT/bench_profile" --profile-only ${PROFILE_ARGS:-} $PROFILE_AREAS
+    else
+        status profile "skipped (BENCH_PROFILE=0)"
+    fi
+}
+stage_kernels() {
+    if [ $NAREAS -gt 0 ]; then status kernels "skipped (areas given)"; return; fi
     # shellcheck disable=SC2086
     bench kernels "${KERNELS_TIMEOUT:-90}" 20 --out "$BENCH" --append ${BENCH_ARGS:-} bn_stats conv_bn_relu resample
+}
+stage_pipeline() {
+    if [ $NAREAS -gt 0 ]; then status pipeline "skipped (areas given)"; return; fi
     if [ -z "$DATA_MISSING" ]; then
         # shellcheck disable=SC2086
         bench pipeline "${PIPELINE_TIMEOUT:-90}" 30 --out "$BENCH" --append ${BENCH_ARGS:-} pipeline
     else
         status pipeline "$NO_NIB"
     fi
-fi
-
-if [ "${THROUGHPUT:-1}" != 1 ]; then
-    status throughput "skipped (THROUGHPUT=0)"
-elif [ -n "$DATA_MISSING" ]; then
-    status throughput "$NO_NIB"
-elif ! TPLIM=$(stage_limit "${THROUGHPUT_TIMEOUT:-150}" 60); then
-    status throughput "skipped (budget: $(left)s left)"
-else
-    say "throughput: python -m benchmarks.train_throughput --device $DEV (log: logs/throughput.log)"
-    S0=$(now)
-    timeout -k 10 "$TPLIM" "$PY" -m benchmarks.train_throughput --device "$DEV" \
-        --out "$BENCH/throughput" > "$LOGS/throughput.log" 2>&1
-    TP_RC=$?
-    case $TP_RC in
-        0) ST="ok: $(grep -m1 'fused / plain' "$BENCH/throughput/throughput.md")" ;;
-        124|137) ST="timeout after ${TPLIM}s" ;;
-        *) ST="rc $TP_RC (see logs/throughput.log)"; tail -15 "$LOGS/throughput.log" ;;
-    esac
-    status throughput "$ST" "$(($(now) - S0))s"
-fi
-
-if [ $# -eq 0 ]; then
+}
+stage_throughput() {
+    if [ "${THROUGHPUT:-1}" != 1 ]; then
+        status throughput "skipped (THROUGHPUT=0)"
+    elif [ -n "$DATA_MISSING" ]; then
+        status throughput "$NO_NIB"
+    elif ! TPLIM=$(stage_limit "${THROUGHPUT_TIMEOUT:-150}" 60); then
+        status throughput "skipped (budget: $(left)s left)"
+    else
+        say "throughput: python -m benchmarks.train_throughput --device $DEV (log: logs/throughput.log)"
+        local s0 rc st
+        s0=$(now)
+        timeout -k 10 "$TPLIM" "$PY" -m benchmarks.train_throughput --device "$DEV" \
+            --out "$BENCH/throughput" > "$LOGS/throughput.log" 2>&1
+        rc=$?
+        case $rc in
+            0) st="ok: $(grep -m1 'fused / plain' "$BENCH/throughput/throughput.md")" ;;
+            124|137) st="timeout after ${TPLIM}s" ;;
+            *) st="rc $rc (see logs/throughput.log)"; tail -15 "$LOGS/throughput.log" ;;
+        esac
+        status throughput "$st" "$(($(now) - s0))s"
+    fi
+}
+stage_convergence() {
+    if [ $NAREAS -gt 0 ]; then status convergence "skipped (areas given)"; return; fi
     if [ -z "$DATA_MISSING" ]; then
         # shellcheck disable=SC2086
         bench convergence "${CONVERGENCE_TIMEOUT:-120}" 40 --out "$BENCH" --append ${BENCH_ARGS:-} convergence
     else
         status convergence "$NO_NIB"
     fi
-fi
+}
+# After the targets, the measurements that issues still wait for (the CLI's throughput, the GPU
+# convergence study, the data wait), then the diagnostics (profile, single kernels).
+# ORDER overrides it (any of: throughput convergence pipeline profile kernels).
+NAREAS=$#
+RUN_ORDER="${ORDER-throughput convergence pipeline profile kernels}"
+for s in $RUN_ORDER; do
+    case $s in
+        throughput|convergence|pipeline|profile|kernels) "stage_$s" ;;
+        *) say "ORDER: unknown stage '$s' (ignored)" ;;
+    esac
+done
+for s in throughput convergence pipeline profile kernels; do
+    case " $RUN_ORDER " in *" $s "*) ;; *) status "$s" "skipped (not in ORDER)" ;; esac
+done
 
 # ---------------------------------------------------------------- summary, archive
 write_summary
