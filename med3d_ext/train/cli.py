@@ -27,7 +27,9 @@ __all__ = ["build_parser", "main", "run_pretrain", "run_transfer", "run_evaluate
 _DESC = {
     "pretrain": "Med3D co-training: one encoder, one head per --data dataset",
     "transfer": "fine-tune a pretrained encoder (ours or MedicalNet's) on a seg or cls task",
-    "evaluate": "sliding-window inference of a run: Dice, HD95, NIfTI predictions",
+    "evaluate": "sliding-window inference of a run: NIfTI predictions in each case's source "
+                "space, Dice and HD95 where labelled (--split test: the dataset's unlabelled "
+                "test images, imagesTs/)",
 }
 
 

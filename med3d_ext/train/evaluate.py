@@ -188,8 +188,11 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     names = _split_filter(pre.names, ckpt, split, name)
     ch = input_channel(pre, cfg.get("channel"), lenient=arch["task"] == "pretrain")
     if split == "test":
+        clip = "per volume" if rec["ct_clip"] is None else ", ".join(
+            "per volume" if c is None else f"[{c[0]:.1f}, {c[1]:.1f}]" for c in rec["ct_clip"])
         log(f"{len(names)} test image(s) of {str(data_dir)!r}, preprocessed with the run's "
-            f"training recipe (spacing {rec['target_spacing']} mm, CT clip {rec['ct_clip']})")
+            f"training recipe (spacing {[round(v, 3) for v in rec['target_spacing']]} mm, "
+            f"CT clip {clip})")
     rows = []
     for i, case in enumerate(pre.names):
         if case not in names:

@@ -235,6 +235,33 @@ def test_nnunet_imagesTs(toy, tmp_path):
         assert p.shape == src.shape and np.allclose(p.affine, src.affine, atol=1e-5)
 
 
+def test_pretrain_run_test_split_and_changed_data_warning(toy, tmp_path, capsys):
+    """A pretraining run takes the recipe of the head it evaluates with; evaluating labelled
+    cases whose cache statistics differ from the run's training ones says so."""
+    run = tmp_path / "pre"
+    assert main(["pretrain", *tiny_args(toy["root"], run, "--epochs", 1, "--steps", 1,
+                                        "--cache", toy["cache"], "--no-export")]) == 0
+    ck = torch.load(run / "last.pt", weights_only=True)
+    assert list(ck["preprocessing"]) == list(ck["arch"]["heads"]) == ["Task20_Toy"]
+    pred = tmp_path / "pred"
+    capsys.readouterr()
+    assert main(["evaluate", "--run", run, "--data", toy["root"], "--out", pred, "--split",
+                 "test", "--device", "cpu", "--cache", toy["cache"]]) == 0
+    assert sorted(p.name for p in pred.glob("*.nii.gz")) == \
+        [f"{n}.nii.gz" for n in toy["tests"]]
+    assert "CT clip [" in capsys.readouterr().out
+    # the same dataset less two cases: other CT percentiles than the run was trained with
+    fewer = tmp_path / "Task20_Toy"
+    shutil.copytree(toy["root"], fewer)
+    meta = json.loads((fewer / "dataset.json").read_text())
+    meta["training"] = meta["training"][:3]
+    (fewer / "dataset.json").write_text(json.dumps(meta))
+    assert main(["evaluate", "--run", toy["run"], "--data", fewer, "--out", tmp_path / "p2",
+                 "--device", "cpu", "--cache", tmp_path / "c"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "preprocessed with its own statistics" in err
+
+
 def test_metrics_jsonl_epoch_numbering(toy):
     """Train and val rows number epochs the same way: 1-based, the epoch the row belongs to
     (2 epochs x 2 steps, a train row per step, a val row per epoch)."""
@@ -267,3 +294,27 @@ def test_resume_renumbers_rows_of_an_older_run(tmp_path):
     got = [(r["kind"], r["step"], r["epoch"]) for r in read_metrics(p)]
     assert got == [("train", 1, 1), ("train", 3, 1), ("val", 3, 1), ("train", 5, 2),
                    ("train", 6, 2), ("val", 6, 2)]
+
+
+def test_convergence_table_has_the_epoch_of_each_validation():
+    """benchmarks.convergence_study reads the validation curve (steps and, now, epochs) from
+    metrics.jsonl; its table gains an epoch column, and curves without epochs (results
+    recorded before) render as before."""
+    import copy
+    from pathlib import Path
+
+    from benchmarks import convergence_study as cs
+
+    res = Path(__file__).resolve().parents[2] / "benchmarks/results/2026-11-26_cpu-convergence"
+    if not (res / "convergence.json").is_file():
+        pytest.skip("no recorded convergence study")
+    s = json.loads((res / "convergence.json").read_text())
+    assert cs.markdown(copy.deepcopy(s)).strip() == (res / "convergence.md").read_text().strip()
+    steps = next(iter(s["arms"].values()))["steps"]
+    for a in s["arms"].values():
+        a["epochs"] = list(range(1, len(steps) + 1))
+    lines = [ln for ln in cs.markdown(s).splitlines() if ln.startswith("| step |")]
+    assert lines and lines[0].startswith("| step | epoch |")
+    assert f"| {steps[1]} | 2 |" in cs.markdown(s)
+    curve = {"steps": [4, 8], "epochs": [1, 2], "dice": [0.1, 0.2]}
+    assert cs.summarize({cs.SCRATCH: {0: curve}})["arms"][cs.SCRATCH]["epochs"] == [1, 2]
