@@ -99,7 +99,9 @@ def summarize(curves: dict) -> dict:
         per_seed = {str(s): steps_to_target(steps, by_seed[s]["dice"], scratch_final.get(s, target))
                     for s in seeds}
         out["arms"][arm] = {
-            "seeds": seeds, "steps": steps, "mean": mean,
+            # epochs: metrics.jsonl's 1-based number of the epoch each validation closed
+            "seeds": seeds, "steps": steps, "epochs": by_seed[seeds[0]].get("epochs"),
+            "mean": mean,
             "min": [min(c) for c in cols], "max": [max(c) for c in cols],
             "final_mean": _mean(finals), "final_std": _std(finals),
             "final_min": min(finals), "final_max": max(finals), "final": finals,
@@ -341,11 +343,14 @@ def markdown(s: dict) -> str:
     lines += ["", "Final Dice per seed: " + "; ".join(
         f"{arm}: " + ", ".join(f"seed {k} {_f(v)}" for k, v in zip(a["seeds"], a["final"]))
         for arm, a in s["arms"].items()) + "."]
-    lines += ["", "Mean validation Dice against step (min–max over seeds):", "",
-              "| step | " + " | ".join(s["arms"]) + " |", "|---" * (len(s["arms"]) + 1) + "|"]
     first = next(iter(s["arms"].values()))
+    epochs = first.get("epochs")  # None for curves read before metrics.jsonl had them
+    ep = epochs is not None and len(epochs) == len(first["steps"])
+    lines += ["", "Mean validation Dice against step (min–max over seeds):", "",
+              "| step | " + ("epoch | " if ep else "") + " | ".join(s["arms"]) + " |",
+              "|---" * (len(s["arms"]) + 1 + ep) + "|"]
     for i, st in enumerate(first["steps"]):
-        lines.append(f"| {st} | " + " | ".join(
+        lines.append(f"| {st} | " + (f"{epochs[i]} | " if ep else "") + " | ".join(
             f"{_f(a['mean'][i])} ({_f(a['min'][i])}–{_f(a['max'][i])})" for a in s["arms"].values()) + " |")
     lines += ["", "## Reading", "", reading(s), ""]
     if s.get("plot_note"):

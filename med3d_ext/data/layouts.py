@@ -2,7 +2,9 @@
 and classification folders (``labels.csv`` with ``image,label``).
 
 Every layout is described by one :class:`Dataset`. ``load_dataset(path)`` detects the layout
-of a folder (or takes a MedicalNet ``.txt`` list file directly).
+of a folder (or takes a MedicalNet ``.txt`` list file directly); ``load_dataset(path,
+split="test")`` gives the held-out test images instead (MSD ``test`` list or ``imagesTs/``,
+nnU-Net v2 ``imagesTs/``, a MedicalNet ``test.txt``), usually unlabelled.
 """
 
 from __future__ import annotations
@@ -173,7 +175,59 @@ def _load_msd(root: Path, meta: dict) -> Dataset:
     return Dataset(root, meta.get("name", root.name), "msd", channels, labels, cases)
 
 
-def _load_nnunet(root: Path, meta: dict) -> Dataset:
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def _test_label(root: Path, name: str, ending: str) -> Path | None:
+    """A test case's reference label, when the dataset ships one (``labelsTs/<case><ending>``,
+    as some nnU-Net / MSD-style folders do); None for the usual unlabelled test image."""
+    p = root.resolve() / "labelsTs" / f"{name}{ending}"
+    return p if p.is_file() else None
+
+
+def _image_files(folder: Path) -> list:
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
+            and p.name.lower().endswith(IMAGE_ENDINGS)]  # "._x" macOS forks, README files
+
+
+def _load_msd_test(root: Path, meta: dict) -> Dataset:
+    """MSD test images: dataset.json's ``test`` list (paths, or {"image": ...} entries) when it
+    names any, else every image in ``imagesTs/``."""
+    ds = _load_msd(root, dict(meta, training=[]))
+    js = root / "dataset.json"
+    test = meta.get("test") or []
+    if not isinstance(test, list):
+        raise DataError(js, f"'test' must be a list of image paths, got {type(test).__name__}")
+    cases = []
+    if test:
+        for entry in test:
+            if isinstance(entry, dict):
+                if "image" not in entry:
+                    raise DataError(js, f"test entry without 'image': {entry}")
+                img, lab = entry["image"], entry.get("label")
+            else:
+                img, lab = str(entry), None
+            name = _case_name(img)
+            label = _rel(root, lab) if lab else _test_label(root, name, ".nii.gz")
+            cases.append(Case(name, [_rel(root, img)], label))
+    else:
+        folder = root / "imagesTs"
+        files = _image_files(folder)
+        if not files:
+            where = (f"{folder} holds no images ({', '.join(IMAGE_ENDINGS)})" if folder.is_dir()
+                     else f"there is no {folder} folder")
+            raise DataError(js, f"no test images: its 'test' list is empty or missing and {where}")
+        for f in files:
+            name = _case_name(f.name)
+            ending = f.name[len(name):]
+            cases.append(Case(name, [f.resolve()], _test_label(root, name, ending)))
+    ds.cases = cases
+    return ds
+
+
+def _load_nnunet(root: Path, meta: dict, split: str = "train") -> Dataset:
     js = root / "dataset.json"
     chan = _int_keyed(js, "channel_names", meta["channel_names"])
     channels = [chan[k] for k in sorted(chan)]
@@ -193,20 +247,26 @@ def _load_nnunet(root: Path, meta: dict) -> Dataset:
     ending = meta.get("file_ending", ".nii.gz")
     # absolute, as _rel makes them for the other layouts: the cache records these paths, and
     # evaluate reads the labels from any working directory
-    img_dir, lab_dir = root.resolve() / "imagesTr", root.resolve() / "labelsTr"
+    sub = "Ts" if split == "test" else "Tr"
+    img_dir, lab_dir = root.resolve() / f"images{sub}", root.resolve() / f"labels{sub}"
     if not img_dir.is_dir():
-        raise DataError(img_dir, "nnU-Net dataset has no imagesTr folder")
+        raise DataError(img_dir, f"nnU-Net dataset has no images{sub} folder"
+                                 + (" (no test images)" if split == "test" else ""))
     pat = re.compile(r"^(.*)_(\d{4})" + re.escape(ending) + "$")
     found: dict = {}
     for p in sorted(img_dir.iterdir()):
         m = pat.match(p.name)
         if m and not p.name.startswith("."):  # macOS "._x_0000.nii.gz" resource forks
             found.setdefault(m.group(1), {})[int(m.group(2))] = p
+    if not found and split == "test":
+        raise DataError(img_dir, f"holds no test images (<case>_0000{ending} files)")
     cases = []
     for name in sorted(found):
         files = found[name]
         imgs = [files.get(i, img_dir / f"{name}_{i:04d}{ending}") for i in range(len(channels))]
         lab = lab_dir / f"{name}{ending}"
+        if split == "test" and not lab.is_file():
+            lab = None  # test images are usually unlabelled; labelsTs/ is optional
         cases.append(Case(name, imgs, lab))
     return Dataset(root, meta.get("name", root.name), "nnunet", channels, labels or None, cases)
 
@@ -317,22 +377,43 @@ def _is_image_name(s: str) -> bool:
     return s.lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd"))
 
 
-def load_dataset(path, *, skip_bad: bool = False) -> Dataset:
+def load_dataset(path, *, skip_bad: bool = False, split: str = "train") -> Dataset:
     """Open a raw dataset folder (MSD or nnU-Net v2 ``dataset.json``, or a MedicalNet list).
+
+    split: "train" (the labelled training cases: MSD ``training``, ``imagesTr/``, the
+    MedicalNet list) or "test" (the test images: MSD ``test`` list, else ``imagesTs/``; nnU-Net
+    ``imagesTs/``; MedicalNet ``test.txt`` beside the list). Test cases take a label from
+    ``labelsTs/`` when one exists, else have none. Channels, labels and name are the
+    dataset's either way.
 
     Missing files raise :class:`DataError` naming the file; with ``skip_bad`` their cases are
     dropped and listed in ``Dataset.problems``. An empty dataset always raises.
     """
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     path = Path(path)
     layout = detect_layout(path)
+    if split == "test" and layout == "classification":
+        raise DataError(path, "a classification folder (labels.csv) has no test split; list "
+                              "the images to predict in a labels.csv of their own")
     if layout == "medicalnet":
         lst = path if path.is_file() else _find_list(path)
-        ds = _load_medicalnet(lst)
+        if split == "test":
+            root = lst.parent
+            if not (root / "test.txt").is_file():
+                raise DataError(root, "no test images: a MedicalNet list folder keeps them in "
+                                      "test.txt (one image path per line)")
+            ds = _load_medicalnet(root / "test.txt", root)
+        else:
+            ds = _load_medicalnet(lst)
     elif layout == "classification":
         ds = _load_classification(path)
     else:
         meta = _load_json(path / "dataset.json")
-        ds = _load_msd(path, meta) if layout == "msd" else _load_nnunet(path, meta)
+        if layout == "msd":
+            ds = _load_msd_test(path, meta) if split == "test" else _load_msd(path, meta)
+        else:
+            ds = _load_nnunet(path, meta, split)
     _unique_names(ds)
     return _check_exists(ds, skip_bad)
 

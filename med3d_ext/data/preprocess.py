@@ -285,7 +285,8 @@ def _job(args):
 
 
 def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = False,
-               target_spacing=None, progress: bool = True, seed: int = 0):
+               target_spacing=None, progress: bool = True, seed: int = 0,
+               ct_clip="dataset"):
     """Preprocess a raw dataset into a cache folder; reruns only redo changed cases.
 
     data:  dataset folder (MSD / nnU-Net v2 / MedicalNet list) or a :class:`Dataset`
@@ -294,6 +295,12 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
              this process)
     skip_bad: drop bad cases with a warning listing them, instead of raising DataError
     target_spacing: mm per axis (default: the dataset's median spacing)
+    ct_clip: "dataset" (default): CT channels are clipped to the 0.5-99.5 percentiles of this
+             dataset's labelled foreground; or the clip range to use instead, one [lo, hi] (or
+             None) per channel, e.g. a training set's ``info["ct_clip"]`` when preprocessing
+             its unlabelled test images; None: per-volume percentiles, as a training set
+             without foreground had. Each volume is then z-scored with its own clipped mean
+             and std, as in training.
     Returns a :class:`PreprocessedDataset`.
     """
     ds = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
@@ -344,13 +351,14 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
         warnings.warn(f"{ds.name}: skipped {len(problems)} bad case(s):\n  " +
                       "\n  ".join(problems), stacklevel=2)
     _remove_stale(out, set(names))
-    norm = _finalize_norm(out, names, ds)
+    norm = _finalize_norm(out, names, ds, ct_clip)
     _write_json(out / "cache.json", {
         "name": ds.name, "root": str(Path(ds.root).resolve()), "layout": ds.layout,
         "channels": ds.channels,
         "labels": {str(k): v for k, v in ds.labels.items()} if ds.labels else None,
         "modality": ds.modality, "target_spacing": target, "cases": names,
         "problems": problems, "ct_clip": norm,
+        "ct_clip_from": "dataset" if isinstance(ct_clip, str) else "given",
         "targets": [ds.targets[n] for n in names] if ds.targets is not None else None,
         "classes": {str(k): v for k, v in ds.classes.items()} if ds.classes else None})
     pre = PreprocessedDataset(out)
@@ -414,18 +422,32 @@ def _clipped_stats(x: np.ndarray, lo: float, hi: float):
     return float(c.mean()), float(max(c.std(), 1e-8))
 
 
-def _finalize_norm(out: Path, names: list, ds: Dataset):
+def _finalize_norm(out: Path, names: list, ds: Dataset, given="dataset"):
     """Step 4: fill each case's ``norm`` (per channel lo, hi, mean, std); rewrite a case's
-    metadata only when its numbers change."""
+    metadata only when its numbers change. ``given``: see ``preprocess(ct_clip=...)``."""
     ct_chan = [c.strip().lower() in {"ct", "cta", "ct_arterial", "ct_venous"}
                for c in ds.channels]
     ct_clip = None
-    if any(ct_chan):
+    if not isinstance(given, str):
+        if given is not None:
+            given = [None if c is None else [float(c[0]), float(c[1])] for c in given]
+            if len(given) != len(ds.channels):
+                raise ValueError(f"ct_clip: one [lo, hi] per channel of {ds.name} "
+                                 f"{ds.channels} expected, got {given}")
+        ct_clip = given
+    elif any(ct_chan):
         samples = [np.load(out / f"{n}.fg.npy") for n in names if (out / f"{n}.fg.npy").exists()]
         if samples:
             allv = np.concatenate(samples, 1)
             ct_clip = [[float(np.percentile(v, 0.5)), float(np.percentile(v, 99.5))]
                        for v in allv]
+
+    def fixed_clip(ch):
+        """[lo, hi] shared by the dataset for CT channel ch, or None (per-volume)."""
+        if ct_clip is None or ch >= len(ct_chan) or not ct_chan[ch] or ch >= len(ct_clip):
+            return None
+        return ct_clip[ch]
+
     for n in names:
         mp = out / f"{n}.json"
         meta = json.loads(mp.read_text())
@@ -433,21 +455,22 @@ def _finalize_norm(out: Path, names: list, ds: Dataset):
         old = meta.get("norm")
         norm = []
         for ch in range(img.shape[0]):
-            if ct_clip is not None and ch < len(ct_chan) and ct_chan[ch]:
-                lo, hi = ct_clip[ch]
-                if old and len(old) > ch and [old[ch]["lo"], old[ch]["hi"]] == [lo, hi]:
+            fixed = fixed_clip(ch)
+            if fixed is not None:
+                lo, hi = fixed
+                if old and len(old) > ch and not old[ch].get("per_volume") and \
+                        [old[ch]["lo"], old[ch]["hi"]] == [lo, hi]:
                     norm.append(old[ch])
                     continue
             elif old and len(old) > ch and old[ch].get("per_volume"):
                 norm.append(old[ch])  # MR numbers depend only on this case: still valid
                 continue
             x = np.asarray(img[ch])
-            if ct_clip is None or not (ch < len(ct_chan) and ct_chan[ch]):
+            if fixed is None:
                 lo, hi = (float(v) for v in np.percentile(x, [0.5, 99.5])) if x.size else (0, 1)
             mean, std = _clipped_stats(x, lo, hi)
             norm.append({"lo": lo, "hi": hi, "mean": mean, "std": std,
-                         "per_volume": not (ct_clip is not None and ch < len(ct_chan)
-                                            and ct_chan[ch])})
+                         "per_volume": fixed is None})
         if norm != old:
             meta["norm"] = norm
             _write_json(mp, meta)
@@ -464,6 +487,7 @@ class PreprocessedDataset:
     image(i):     raw (resampled, cropped) intensities (C, D, H, W), memory-mapped
     label(i):     (D, H, W) uint8/int16, memory-mapped (None if unlabelled)
     meta(i):      metadata dict (affines, crop box, shapes, norm)
+    recipe():     target spacing and CT clip range, to preprocess new images the same way
     targets:      classification datasets: class index per case (else None); ``classes``
     load_case(i, channel=None): (normalized image float32 (C|1, D, H, W), label, meta)
     """
@@ -497,6 +521,20 @@ class PreprocessedDataset:
             return max(self.labels) + 1
         return max((max(self.meta(i)["label_values"] or [0]) for i in range(len(self))),
                    default=0) + 1
+
+    def recipe(self) -> dict:
+        """What it takes to preprocess new images (e.g. the dataset's unlabelled test images)
+        exactly as this dataset's cases were: JSON-able, stored in training checkpoints.
+        Replay it with ``preprocess(ds, target_spacing=r["target_spacing"],
+        ct_clip=r["ct_clip"])``."""
+        return {"dataset": self.name, "modality": self.modality,
+                "channels": list(self.channels), "recipe": RECIPE_VERSION,
+                "target_spacing": [float(v) for v in self.info["target_spacing"]],
+                "ct_clip": self.info.get("ct_clip"),
+                "intensity": "CT channels: clip to ct_clip (the dataset's labelled-foreground "
+                             "0.5-99.5 percentiles); other channels: clip to the volume's own "
+                             "0.5-99.5 percentiles; then z-score each volume with its own "
+                             "clipped mean and std"}
 
     def channel_index(self, channel) -> int:
         if channel is None:

@@ -27,7 +27,9 @@ __all__ = ["build_parser", "main", "run_pretrain", "run_transfer", "run_evaluate
 _DESC = {
     "pretrain": "Med3D co-training: one encoder, one head per --data dataset",
     "transfer": "fine-tune a pretrained encoder (ours or MedicalNet's) on a seg or cls task",
-    "evaluate": "sliding-window inference of a run: Dice, HD95, NIfTI predictions",
+    "evaluate": "sliding-window inference of a run: NIfTI predictions in each case's source "
+                "space, Dice and HD95 where labelled (--split test: the dataset's unlabelled "
+                "test images, imagesTs/)",
 }
 
 
@@ -180,7 +182,14 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                 log(job.extra["pretrained_load"])
         # config.yaml is written once the data, model and any resumed checkpoint are accepted:
         # a refused --resume (other model, bad option) must not replace the run's config
-        save = (lambda: C.save_config(cfg, run / "config.yaml")) if ctx.is_main else None
+        def save():
+            C.save_config(cfg, run / "config.yaml")
+            if job.extra.get("preprocessing"):  # also in every checkpoint; this copy is to read
+                from .checkpoint import atomic_write
+
+                text = json.dumps(job.extra["preprocessing"], indent=1)
+                atomic_write(run / "preprocessing.json", lambda t: Path(t).write_text(text))
+        save = save if ctx.is_main else None
         summary = run_training(cfg, job, run, ctx, resume_from=cfg.get("resume"),
                                on_start=save)
         if ctx.is_main:

@@ -58,8 +58,10 @@ OPTIONS: dict[str, Option] = {
     "run": Option(None, "str", "run folder to evaluate", ("evaluate",)),
     "checkpoint": Option("best", "str", "which checkpoint of the run: best | last | a path",
                          ("evaluate",)),
-    "split": Option("all", "str", "cases to evaluate: all | val | train (the run's split)",
-                    ("evaluate",)),
+    "split": Option("all", "str", "cases to evaluate: all | val | train (the run's split of "
+                    "the labelled cases) | test (the dataset's test images: imagesTs/ or "
+                    "dataset.json's test list, usually unlabelled; preprocessed with the run's "
+                    "training spacing and CT clip range)", ("evaluate",)),
     "head": Option(None, "str", "pretrain runs: head to evaluate with (default: the head "
                    "named like the dataset)", ("evaluate",)),
     # -- model
@@ -128,7 +130,7 @@ _DEPTHS = (10, 18, 34, 50, 101, 152, 200)
 VALID: dict[str, tuple] = {
     "task": (lambda v: v in ("seg", "cls"), "seg | cls"),
     "checkpoint": (lambda v: bool(v), "best | last | a path"),
-    "split": (lambda v: v in ("all", "val", "train"), "all | val | train"),
+    "split": (lambda v: v in ("all", "val", "train", "test"), "all | val | train | test"),
     "depth": (lambda v: v in _DEPTHS, "one of " + ", ".join(map(str, _DEPTHS))),
     "shortcut_type": (lambda v: v in ("A", "B"), "A | B"),
     "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),

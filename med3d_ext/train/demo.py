@@ -79,13 +79,14 @@ def demo_data(cases: int, size: int, seed: int, log=print) -> dict:
 
 
 def val_curve(run_dir) -> dict:
-    """A run's validation curve from its metrics.jsonl: ``{"steps": [...], "dice": [...]}``
-    (NaN where a validation had no score)."""
+    """A run's validation curve from its metrics.jsonl: ``{"steps": [...], "epochs": [...],
+    "dice": [...]}`` (epochs 1-based, as the rows count them; NaN where a validation had no
+    score)."""
     from .runlog import read_metrics
 
     va = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get("kind") == "val"]
     score = [r.get("score") for r in va]
-    return {"steps": [int(r["step"]) for r in va],
+    return {"steps": [int(r["step"]) for r in va], "epochs": [r.get("epoch") for r in va],
             "dice": [float("nan") if v is None else float(v) for v in score]}
 
 

@@ -5,6 +5,10 @@ weighted sliding windows (logits upsampled trilinearly to the window before soft
 probabilities mapped back to the source file's grid (undoing resampling, crop and RAS
 reorientation) and arg-maxed there; the prediction is written as ``<case>.nii.gz`` with the
 source image's affine, and compared with the source label: Dice per class and HD95 in mm.
+Cases without a label (``--split test``: the dataset's ``imagesTs/``; unlabelled training
+entries) are predicted, and their metrics are skipped and marked so (``"labelled": false``).
+Test images are preprocessed with the run's recorded training recipe (target spacing, CT clip
+range; see ``PreprocessedDataset.recipe``), never with statistics of the test images.
 Classification runs write ``predictions.csv`` and report accuracy.
 """
 
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import find_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from .config import ConfigError
 from .inference import sliding_window_probs
 from .loops import autocast_dtype
@@ -42,10 +46,10 @@ def _load_model(ckpt, dev, fused):
 
 
 def _split_filter(names, ckpt, split: str, key: str | None):
-    if split == "all":
+    if split in ("all", "test"):  # test: every case of the test folder
         return list(names)
     if split not in ("train", "val"):
-        raise ConfigError(f"split: expected all, train or val, got {split!r}")
+        raise ConfigError(f"split: expected all, train, val or test, got {split!r}")
     sp = ckpt.get("split") or {}
     if key not in sp:
         raise ConfigError(f"--split {split}: the run holds no split for dataset {key!r} "
@@ -66,7 +70,8 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     from .tasks import resolve_data_dirs
 
     data_dir = resolve_data_dirs(cfg["data"], "evaluate")[0]
-    ckpt = load_checkpoint(find_checkpoint(cfg["run"], cfg["checkpoint"]))
+    ckpt_path = find_checkpoint(cfg["run"], cfg["checkpoint"])
+    ckpt = load_checkpoint(ckpt_path)
     run_cfg = ckpt.get("config") or {}
     cfg = dict(cfg)
     for key in ("patch", "channel", "cache"):
@@ -81,19 +86,90 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     amp = autocast_dtype(cfg["amp"], dev)
     ctx = (lambda: torch.autocast(dev.type, dtype=amp)) if amp else torch.no_grad
     if ckpt["arch"]["task"] == "classification":
+        if cfg["split"] == "test":
+            raise ConfigError("--split test predicts a segmentation dataset's test images "
+                              "(imagesTs/); a classification run reads the images to predict "
+                              "from a labels.csv (--split all)")
         return _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log)
-    return _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log)
+    return _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, log)
 
 
-def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
+def training_recipe(ckpt: dict, ckpt_path, head: str | None) -> tuple[dict, str]:
+    """The preprocessing recipe (target spacing, CT clip range) of the data that ``head`` of
+    the checkpoint was trained on, and where it was read: the checkpoint's ``preprocessing``
+    record (runs of this version), else ``preprocessing.json`` beside the checkpoint."""
+    ckpt_path = Path(ckpt_path)
+    recs, src = ckpt.get("preprocessing"), f"checkpoint {str(ckpt_path)!r}"
+    side = ckpt_path.parent / "preprocessing.json"
+    if not recs and side.is_file():
+        src = str(side)
+        try:
+            recs = json.loads(side.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{src}: not valid JSON ({e})") from None
+    if not recs:
+        raise CheckpointError(
+            f"{src} records no training preprocessing (a run from before med3d_ext saved it) "
+            f"and {str(side)!r} does not exist; --split test needs the training data's "
+            "target spacing and CT clip range. Retrain the run, or write that file as "
+            '{"<dataset>": {"channels": [...], "target_spacing": [x, y, z], "ct_clip": '
+            '[[lo, hi], ...] or null}} with the values of the training cache\'s cache.json')
+    if head in recs:
+        rec = recs[head]
+    elif len(recs) == 1:  # a transfer run: one dataset, whatever the test folder is called
+        rec = next(iter(recs.values()))
+    else:
+        raise ConfigError(f"{src} records the preprocessing of {sorted(recs)}, not of head "
+                          f"{head!r}; pick the head with --head")
+    missing = [k for k in ("channels", "target_spacing", "ct_clip") if k not in rec]
+    if missing:
+        raise CheckpointError(f"{src}: the preprocessing record of {head!r} lacks {missing}")
+    return rec, src
+
+
+def _check_recipe(pre, rec, src, data_dir, split):
+    """Test images must have the training data's channels. Labelled splits keep their own
+    cache's statistics (as validation during training did): warn when those differ from the
+    run's (another dataset, or one changed since training)."""
+    have = [str(c).lower() for c in pre.channels]
+    if split == "test" and have != [str(c).lower() for c in rec["channels"]]:
+        raise ConfigError(f"--data {str(data_dir)!r} has channels {pre.channels}, but the run "
+                          f"was trained on {rec['channels']} ({src})")
+    if split == "test":
+        return
+    mine = pre.recipe()
+    same_sp = np.allclose(mine["target_spacing"], rec["target_spacing"], rtol=1e-3)
+    same_clip = (mine["ct_clip"] is None) == (rec["ct_clip"] is None) and (
+        mine["ct_clip"] is None or np.allclose(
+            [c or [0, 0] for c in mine["ct_clip"]], [c or [0, 0] for c in rec["ct_clip"]]))
+    if not (same_sp and same_clip):
+        warnings.warn(f"--data {str(data_dir)!r} is preprocessed with its own statistics "
+                      f"(spacing {mine['target_spacing']} mm, CT clip {mine['ct_clip']}), not "
+                      f"the run's training ones ({rec['target_spacing']} mm, CT clip "
+                      f"{rec['ct_clip']}); --split test uses the training ones", stacklevel=3)
+
+
+def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, log):
     import nibabel as nib
 
     from med3d_ext.data import save_nifti
 
     from .tasks import check_classes, head_name, input_channel, open_preprocessed
 
-    pre = open_preprocessed(data_dir, cfg)
     arch = ckpt["arch"]
+    split = cfg["split"]
+    rec = src = None
+    if split == "test":
+        from med3d_ext.data import load_dataset
+
+        # the dataset's name picks the head of a pretraining run, as for labelled splits
+        ds_name = load_dataset(data_dir, split="test").name if arch["task"] == "pretrain" \
+            else None
+        want = (cfg.get("head") or head_name(ds_name)) if ds_name is not None else None
+        rec, src = training_recipe(ckpt, ckpt_path, want)
+        pre = open_preprocessed(data_dir, cfg, split="test", recipe=rec)
+    else:
+        pre = open_preprocessed(data_dir, cfg)
     name = head_name(pre.name)
     if arch["task"] == "pretrain":
         head = cfg.get("head") or name
@@ -105,8 +181,18 @@ def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
     else:
         head, n_cls, predictor = "conv_seg", arch["num_classes"], model
     check_classes(pre.name, int(pre.num_classes), int(n_cls), head)
-    names = _split_filter(pre.names, ckpt, cfg["split"], name)
+    if rec is None and ckpt.get("preprocessing"):
+        rec, src = training_recipe(ckpt, ckpt_path, head if arch["task"] == "pretrain" else None)
+    if rec is not None:
+        _check_recipe(pre, rec, src, data_dir, split)
+    names = _split_filter(pre.names, ckpt, split, name)
     ch = input_channel(pre, cfg.get("channel"), lenient=arch["task"] == "pretrain")
+    if split == "test":
+        clip = "per volume" if rec["ct_clip"] is None else ", ".join(
+            "per volume" if c is None else f"[{c[0]:.1f}, {c[1]:.1f}]" for c in rec["ct_clip"])
+        log(f"{len(names)} test image(s) of {str(data_dir)!r}, preprocessed with the run's "
+            f"training recipe (spacing {[round(v, 3) for v in rec['target_spacing']]} mm, "
+            f"CT clip {clip})")
     rows = []
     for i, case in enumerate(pre.names):
         if case not in names:
@@ -127,7 +213,7 @@ def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
         pred = _to_source(probs[0].cpu(), meta)
         affine = np.asarray(meta["orig_affine"], np.float64)
         path = save_nifti(pred, affine, out / f"{case}.nii.gz")  # atomic, qform = sform
-        row = {"case": case, "prediction": str(path)}
+        row = {"case": case, "prediction": str(path), "labelled": bool(meta.get("label"))}
         if meta.get("label"):
             gt = np.asarray(nib.load(meta["label"]).dataobj).astype(np.int64)
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
@@ -138,10 +224,22 @@ def _evaluate_seg(cfg, ckpt, model, data_dir, out, dev, window, ctx, log):
             row["dice"] = nanmean(dice)
             row["hd95"] = nanmean(row[f"hd95_{c}"] for c in range(1, n_cls))
         rows.append(row)
-        log(f"  {case}: Dice {row.get('dice', float('nan')):.3f}  "
-            f"HD95 {row.get('hd95', float('nan')):.2f} mm")
-    summary = {"run": str(cfg["run"]), "data": str(data_dir), "head": head,
-               "num_classes": int(n_cls), "cases": rows}
+        if row["labelled"]:
+            log(f"  {case}: Dice {row.get('dice', float('nan')):.3f}  "
+                f"HD95 {row.get('hd95', float('nan')):.2f} mm")
+        else:
+            log(f"  {case}: no label, prediction only ({path.name})")
+    if not rows:
+        raise ConfigError(f"--split {split}: no case of {str(data_dir)!r} to evaluate")
+    n_lab = sum(r["labelled"] for r in rows)
+    summary = {"run": str(cfg["run"]), "data": str(data_dir), "split": split, "head": head,
+               "num_classes": int(n_cls), "labelled_cases": n_lab,
+               "unlabelled_cases": len(rows) - n_lab,
+               # means over the labelled cases only; none labelled -> null
+               "metrics_over": "labelled cases" if n_lab else "none (no case has a label)",
+               "cases": rows}
+    if split == "test":  # what the test images were preprocessed with
+        summary["preprocessing"] = dict(rec, source=src)
     for c in range(1, n_cls):
         summary[f"dice_{c}"] = nanmean(r.get(f"dice_{c}") for r in rows)
         summary[f"hd95_{c}"] = nanmean(r.get(f"hd95_{c}") for r in rows)
@@ -207,13 +305,24 @@ def _fmt(v, spec):
 
 
 def format_table(summary) -> str:
+    """One line per case and a mean line; an unlabelled case shows "no label" instead of
+    metrics, and the mean line says how many labelled cases it averages."""
     n = summary["num_classes"]
     head = ["case"] + [f"Dice {c}" for c in range(1, n)] + [f"HD95 {c} (mm)" for c in range(1, n)]
     lines = [" | ".join(head)]
-    for r in summary["cases"] + [dict(summary, case="mean")]:
-        cells = [str(r["case"])] + [_fmt(r.get(f"dice_{c}"), ".3f") for c in range(1, n)] + \
-            [_fmt(r.get(f"hd95_{c}"), ".2f") for c in range(1, n)]
+    cases = summary["cases"]
+    n_lab = summary.get("labelled_cases", len(cases))
+    for r in cases + [dict(summary, case=f"mean ({n_lab} labelled)"
+                           if n_lab != len(cases) else "mean", labelled=n_lab > 0)]:
+        if not r.get("labelled", True):
+            cells = [str(r["case"])] + ["no label"] * (2 * (n - 1))
+        else:
+            cells = [str(r["case"])] + [_fmt(r.get(f"dice_{c}"), ".3f") for c in range(1, n)] \
+                + [_fmt(r.get(f"hd95_{c}"), ".2f") for c in range(1, n)]
         lines.append(" | ".join(cells))
+    if n_lab < len(cases):
+        lines.append(f"{len(cases) - n_lab} of {len(cases)} case(s) have no label: predicted "
+                     "only, Dice and HD95 skipped")
     return "\n".join(lines)
 
 

@@ -141,7 +141,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         best = dict(ck.get("best") or best)
         target_step = ck.get("target_step")
         if ctx.is_main:
-            truncate_metrics(run_dir / "metrics.jsonl", start)
+            truncate_metrics(run_dir / "metrics.jsonl", start, steps_per_epoch)
 
     net = wrap_ddp(model, ctx, sync_bn=cfg.get("sync_bn", False),
                    find_unused=job.find_unused or job.freeze_epochs > 0)
@@ -193,7 +193,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                 lval = all_reduce_mean(loss.detach().float(), ctx)
                 if not torch.isfinite(lval):
                     raise TrainingError(
-                        f"non-finite loss ({lval.item()}) at step {step} (epoch {epoch}); "
+                        f"non-finite loss ({lval.item()}) at step {step + 1} (epoch "
+                        f"{epoch + 1} of {epochs}); "
                         f"stopped without saving. The last good checkpoint is "
                         f"{run_dir / 'last.pt'} (resume with --resume {run_dir}). Try a lower "
                         f"--lr (now {cfg['lr']}), --grad-clip, or --amp off.")
@@ -221,7 +222,9 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                 or step % steps_per_epoch == 0
             if log_now and win["n"]:
                 sps = win["n"] * job.samples_per_step * ctx.world_size / max(win["time"], 1e-9)
-                rec = {"kind": "train", "step": step, "epoch": epoch,
+                # metrics.jsonl: "step" counts optimizer steps done, "epoch" is the 1-based
+                # number of the epoch the row belongs to, for train and val rows alike
+                rec = {"kind": "train", "step": step, "epoch": epoch + 1,
                        "loss": win["loss"] / win["n"], "lr": opt.param_groups[-1]["lr"],
                        "samples_s": sps, "voxels_s": sps * job.voxels_per_sample,
                        "data_wait": win["wait"] / max(win["time"], 1e-9)}

@@ -1,5 +1,21 @@
 """Run-folder logging: metrics.jsonl (always), TensorBoard events (when tensorboard is
-installed), PNG curves (when matplotlib is installed). Only rank 0 logs."""
+installed), PNG curves (when matplotlib is installed). Only rank 0 logs.
+
+metrics.jsonl holds one JSON object per line:
+
+- ``{"kind": "train", "step": S, "epoch": E, "loss", "lr", "samples_s", "voxels_s",
+  "data_wait", ...}``: the mean over the steps since the previous train row (every
+  ``log_every`` steps and at each epoch's end), plus per-head ``loss/<head>``, ``dice``,
+  ``dice/<head>`` (pretraining) or ``acc`` (classification) of the row's last batch;
+- ``{"kind": "val", "step": S, "epoch": E, "score", "dice" | "acc", "val_dice/<dataset>",
+  "target_step"}``: validation after each epoch.
+
+``step`` is the number of optimizer steps done when the row was written (1-based; the val row
+of an epoch has the step of that epoch's last train row). ``epoch`` is the 1-based number of
+the epoch the row belongs to, the same convention for both kinds: with S steps per epoch, a
+train row has ``epoch == (step - 1) // S + 1`` and epoch E's val row has ``step == E * S``.
+Non-finite numbers are written as null (NaN) or "inf"/"-inf".
+"""
 
 from __future__ import annotations
 
@@ -30,11 +46,20 @@ def read_metrics(path) -> list[dict]:
     return out
 
 
-def truncate_metrics(path, step: int) -> None:
+def truncate_metrics(path, step: int, steps_per_epoch: int | None = None) -> None:
     """Keep only records up to ``step`` (a resumed run re-logs what came after its
-    checkpoint)."""
+    checkpoint). With ``steps_per_epoch``, the kept rows' ``epoch`` is rewritten from their
+    step by the module's convention, so a run logged before it (train rows once counted
+    epochs from 0) continues with one numbering."""
     p = Path(path)
     rows = [r for r in read_metrics(p) if int(r.get("step", 0)) <= step]
+    if steps_per_epoch:
+        for r in rows:
+            s = int(r.get("step", 0))
+            if r.get("kind") == "train" and s >= 1:
+                r["epoch"] = (s - 1) // steps_per_epoch + 1
+            elif r.get("kind") == "val":
+                r["epoch"] = s // steps_per_epoch
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, p)

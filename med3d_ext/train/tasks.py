@@ -90,8 +90,12 @@ def _cache_of(folder: Path, path) -> bool:
     return Path(root).resolve() == (p if p.is_dir() else p.parent)
 
 
-def open_preprocessed(path, cfg):
-    """The preprocessed (cached) dataset for a raw folder."""
+def open_preprocessed(path, cfg, split: str = "train", recipe: dict | None = None):
+    """The preprocessed (cached) dataset for a raw folder.
+
+    split "test": the folder's test images (``imagesTs/``, MSD ``test`` list), preprocessed
+    with ``recipe`` (a training dataset's ``PreprocessedDataset.recipe()``: its target spacing
+    and CT clip range) into ``imagesTs/`` inside the training cache folder."""
     from med3d_ext import data
 
     cache = None
@@ -104,8 +108,18 @@ def open_preprocessed(path, cfg):
     workers = 0 if (os.cpu_count() or 1) <= 2 else None
     # the first run on a big dataset preprocesses for minutes: show it (rank 0 only)
     progress = bool(cfg.get("progress", True)) and os.environ.get("RANK", "0") == "0"
-    return data.open_dataset(path, cache=cache, workers=workers, progress=progress,
-                             skip_bad=bool(cfg.get("skip_bad")))
+    skip_bad = bool(cfg.get("skip_bad"))
+    if split == "train":
+        return data.open_dataset(path, cache=cache, workers=workers, progress=progress,
+                                 skip_bad=skip_bad)
+    if recipe is None:
+        raise ValueError("open_preprocessed(split='test') needs the training recipe")
+    ds = data.load_dataset(path, skip_bad=skip_bad, split="test")
+    # its own folder: the test cases' normalisation comes from the run, and must neither
+    # replace the training cases nor be mixed into the training set's CT percentiles
+    cache = (cache if cache is not None else data.default_cache_dir(ds.root)) / "imagesTs"
+    return data.preprocess(ds, cache, workers=workers, progress=progress, skip_bad=skip_bad,
+                           target_spacing=recipe["target_spacing"], ct_clip=recipe["ct_clip"])
 
 
 def split_cases(names, val_fraction: float) -> tuple[list[str], list[str]]:
@@ -330,7 +344,8 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
     return Job("pretrain", model, model.arch, loader, _prep_seg(cfg, patch, aug, channels_last),
                step_fn, validate, _groups(model, cfg["lr"], cfg["lr"]), cfg["batch_size"],
                int(np.prod(patch)), find_unused=True, augment=aug,
-               extra={"split": split, "datasets": [str(d) for d in dirs]})
+               extra={"split": split, "datasets": [str(d) for d in dirs],
+                      "preprocessing": {head_name(p.name): p.recipe() for p in pres}})
 
 
 # -------------------------------------------------------------------------------- transfer
@@ -428,6 +443,7 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
         step_fn, validate, _groups(model, enc_lr, head_lr), cfg["batch_size"],
         int(np.prod(patch)), freeze_epochs=cfg["freeze_epochs"], augment=aug,
         extra={"split": {name: {"train": tr, "val": va}}, "datasets": [str(data_dir)],
+               "preprocessing": {name: pre.recipe()},
                "pretrained_load": str(report) if report else None})
 
 

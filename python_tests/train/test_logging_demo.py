@@ -56,6 +56,7 @@ def test_default_demo_quick(tmp_path, monkeypatch, capsys):
         assert r["steps"] > 0 and r["time_s"] > 0
         # the curve the steps-to-target columns are read from: one validation per epoch
         assert r["val_curve"]["steps"] == [4, 8, 12] and len(r["val_curve"]["dice"]) == 3
+        assert r["val_curve"]["epochs"] == [1, 2, 3]  # metrics.jsonl's 1-based epochs
     scratch_final = res["rows"][1]["val_curve"]["dice"][-1]
     assert res["rows"][1]["steps_to_scratch_final"] is not None  # the baseline reaches itself
     assert f"steps to scratch's final val Dice ({scratch_final:.3f})" in text

@@ -106,7 +106,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingError) as e:
         run_training(cfg, job, tmp_path)
     msg = str(e.value)
-    assert "non-finite loss" in msg and "step 4" in msg and "last.pt" in msg
+    # the fifth step, in the second of three epochs (1-based, as metrics.jsonl counts them)
+    assert "non-finite loss" in msg and "step 5 (epoch 2 of 3)" in msg and "last.pt" in msg
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ck["step"] == 3  # the end of the first epoch: the last good state
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
