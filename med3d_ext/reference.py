@@ -178,6 +178,10 @@ def pack_intensity(intensity, n: int, device):
                          f"known keys are {sorted(known)}")
 
     def col(key, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # a fill on the device: torch.as_tensor(python number, device=cuda) is a blocking
+            # copy that waits for all queued GPU work (a host sync per augmented batch)
+            return torch.full((n,), float(value), dtype=torch.float32, device=device)
         v = torch.as_tensor(value, dtype=torch.float32, device=device)
         v = v.expand(n) if v.dim() == 0 else v
         if tuple(v.shape) != (n,):
@@ -200,7 +204,9 @@ def pack_intensity(intensity, n: int, device):
                           col("gamma", intensity.get("gamma", 1.0)),
                           col("noise_std", intensity.get("noise_std", 0.0)), lo, hi], dim=1)
     seed = intensity.get("seed")
-    if seed is not None:
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        seed = torch.full((n,), seed, dtype=torch.int64, device=device)
+    elif seed is not None:
         seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
         seed = seed.expand(n).contiguous() if seed.dim() == 0 else seed.contiguous()
         if tuple(seed.shape) != (n,):

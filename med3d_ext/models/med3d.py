@@ -98,7 +98,9 @@ class Med3DNet(nn.Module):
         feats = self.encoder(image)
         order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids, minlength=len(self.head_names)).tolist()
-        order_dev = order.to(image.device)
+        # non_blocking: a blocking host-to-device copy would wait for the encoder's queued GPU
+        # work (a host sync per step); from pageable memory the data is staged before return
+        order_dev = order.to(image.device, non_blocking=True)
         out, start = [], 0
         for h, c in enumerate(counts):
             if c == 0:

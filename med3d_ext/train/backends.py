@@ -41,16 +41,30 @@ def plain_multihead_seg_loss(logits, targets, *, head_weights=None, smooth=1e-5,
     return (w * per).sum(), per.detach()
 
 
+# The training loss re-checks the labels (a host sync: the op's validate=True) on its first
+# call and every LABEL_CHECK_EVERY-th after: preprocessing already refused labels that the
+# dataset does not declare, and a per-step sync would keep the host from queueing the next
+# step's work while the GPU runs this one.
+LABEL_CHECK_EVERY = 100
+
+
 def seg_loss_fn(use_ops: bool = True):
     """``med3d_ext.ops.multihead_seg_loss`` (one fused kernel for all heads) when ``use_ops``
-    and available; else the package's pure-PyTorch reference, else the plain version here."""
+    and available, its label check on every LABEL_CHECK_EVERY-th call from the first; else
+    the package's pure-PyTorch reference, else the plain version here."""
     if use_ops:
         try:
             from med3d_ext.ops import multihead_seg_loss
-
-            return multihead_seg_loss
         except ImportError:
             pass
+        else:
+            calls = [0]
+
+            def loss(logits, targets, **kw):
+                kw.setdefault("validate", calls[0] % LABEL_CHECK_EVERY == 0)
+                calls[0] += 1
+                return multihead_seg_loss(logits, targets, **kw)
+            return loss
     try:
         from med3d_ext.reference import multihead_seg_loss
 

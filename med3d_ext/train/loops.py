@@ -170,6 +170,27 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
     bar = tqdm(total=total, initial=start, disable=not (ctx.is_main and cfg.get("progress")),
                desc=job.kind, dynamic_ncols=True, leave=False)
     win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
+    # Each step's loss stays on the device until the next log or checkpoint, where all of them
+    # are checked and summed with one host sync: a per-step .item() / isfinite() would make the
+    # host wait for every step's GPU work before queueing the next, and on a GPU whose steps
+    # are as short as their host-side work that idles the GPU for about half of each step.
+    # A non-finite loss is still reported with its step, and no checkpoint is written after it.
+    pending = []  # (step, epoch, loss tensor) not yet checked
+
+    def flush_losses():
+        if not pending:
+            return
+        vals = torch.stack([v for _, _, v in pending]).cpu().tolist()
+        for (at_step, at_epoch, _), v in zip(pending, vals):
+            if not math.isfinite(v):
+                raise TrainingError(
+                    f"non-finite loss ({v}) at step {at_step} (epoch {at_epoch} of {epochs}); "
+                    f"stopped without saving. The last good checkpoint is "
+                    f"{run_dir / 'last.pt'} (resume with --resume {run_dir}). Try a lower "
+                    f"--lr (now {cfg['lr']}), --grad-clip, or --amp off.")
+            win["loss"] += v
+        pending.clear()
+
     t_run = time.perf_counter()
     model.train()
     step = start
@@ -190,14 +211,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                 inputs = job.prepare(batch, dev)
                 with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, info, dice_fn = job.step_fn(net, inputs)
-                lval = all_reduce_mean(loss.detach().float(), ctx)
-                if not torch.isfinite(lval):
-                    raise TrainingError(
-                        f"non-finite loss ({lval.item()}) at step {step + 1} (epoch "
-                        f"{epoch + 1} of {epochs}); "
-                        f"stopped without saving. The last good checkpoint is "
-                        f"{run_dir / 'last.pt'} (resume with --resume {run_dir}). Try a lower "
-                        f"--lr (now {cfg['lr']}), --grad-clip, or --amp off.")
+                pending.append((step + 1, epoch + 1, all_reduce_mean(loss.detach().float(), ctx)))
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.get("grad_clip", 0) > 0:
@@ -213,13 +227,17 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                 time.sleep(cfg["step_sleep"])
             t2 = time.perf_counter()
             win["n"] += 1
-            win["loss"] += lval.item()
             win["wait"] += t1 - t0
             win["time"] += t2 - t0
             for k, v in info.items():  # tensors: converted at log time (no per-step sync)
                 win["heads"].setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
-            log_now = step % max(cfg["log_every"], 1) == 0 or step == total \
-                or step % steps_per_epoch == 0
+            end_of_epoch = step % steps_per_epoch == 0
+            log_now = step % max(cfg["log_every"], 1) == 0 or step == total or end_of_epoch
+            if log_now or end_of_epoch or (cfg.get("ckpt_every") and step % cfg["ckpt_every"] == 0):
+                t_flush = time.perf_counter()
+                flush_losses()  # before any log row or checkpoint
+                # the wait for the queued GPU work belongs to the steps' time (samples/s)
+                win["time"] += time.perf_counter() - t_flush
             if log_now and win["n"]:
                 sps = win["n"] * job.samples_per_step * ctx.world_size / max(win["time"], 1e-9)
                 # metrics.jsonl: "step" counts optimizer steps done, "epoch" is the 1-based
@@ -239,7 +257,6 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                                 wait=f"{rec['data_wait']:.0%}")
                 win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
             bar.update(1)
-            end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch:
                 if ctx.is_main:
                     model.eval()

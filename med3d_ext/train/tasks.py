@@ -236,8 +236,11 @@ def _prep_seg(cfg, patch, aug, channels_last):
             label = downsample_labels(label, lsize)
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last_3d)
+        # dataset_id stays on the host, as a list (which DDP does not move to the device):
+        # Med3DNet routes the batch on the host, and a device copy would have to come back (a
+        # host sync per step)
         return {"image": image, "label": label.long(),
-                "dataset_id": _to_dev(batch["dataset_id"], dev)}
+                "dataset_id": torch.as_tensor(batch["dataset_id"]).tolist()}
     return prepare
 
 

@@ -103,6 +103,7 @@ class RandomAugment3D:
         self.align_corners = bool(align_corners)
         self.seed = int(seed)
         self._generators: dict[str, torch.Generator] = {}
+        self._consts: dict[tuple, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------- generator state
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -129,6 +130,18 @@ class RandomAugment3D:
             self._generator(torch.device(key)).set_state(s)
 
     # --------------------------------------------------------------------------- parameters
+    def _const(self, values, device) -> torch.Tensor:
+        """A small float32 constant on ``device``, made once per device: torch.tensor(...,
+        device=cuda) is a blocking copy that waits for all queued GPU work, i.e. a host sync
+        per training step if done in every call."""
+        key = (tuple(float(v) for v in values), str(device))
+        t = self._consts.get(key)
+        if t is None:
+            if len(self._consts) >= 64:  # many input shapes (k_in): keep the cache small
+                self._consts.clear()
+            t = self._consts[key] = torch.tensor(key[0], dtype=torch.float32).to(device)
+        return t
+
     def _uniform(self, g, shape, lo, hi, device):
         return torch.rand(shape, generator=g, device=device) * (hi - lo) + lo
 
@@ -139,15 +152,15 @@ class RandomAugment3D:
         g = self._generator(device)
         u = lambda shape, lo=0.0, hi=1.0: self._uniform(g, shape, lo, hi, device)  # noqa: E731
         apply = (u((n,)) < self.p_affine).float()
-        ang = (u((n, 3), -1.0, 1.0) * torch.tensor(self.rotate, device=device)) * apply[:, None]
-        lo = torch.tensor([r[0] for r in self.scale], device=device)
-        hi = torch.tensor([r[1] for r in self.scale], device=device)
+        ang = (u((n, 3), -1.0, 1.0) * self._const(self.rotate, device)) * apply[:, None]
+        lo = self._const([r[0] for r in self.scale], device)
+        hi = self._const([r[1] for r in self.scale], device)
         zoom = lo + u((n, 3)) * (hi - lo)
         if self.isotropic:
             zoom = zoom[:, :1].expand(n, 3)
         zoom = torch.where(apply[:, None] > 0, zoom, torch.ones_like(zoom))
-        shift = u((n, 3), -1.0, 1.0) * torch.tensor(self.translate, device=device) * apply[:, None]
-        flips = torch.where(u((n, 3)) < torch.tensor(self.flip, device=device), -1.0, 1.0)
+        shift = u((n, 3), -1.0, 1.0) * self._const(self.translate, device) * apply[:, None]
+        flips = torch.where(u((n, 3)) < self._const(self.flip, device), -1.0, 1.0)
 
         cx, cy, cz = torch.cos(ang).unbind(1)
         sx, sy, sz = torch.sin(ang).unbind(1)
@@ -158,10 +171,8 @@ class RandomAugment3D:
         rot = rz @ ry @ rx
         # Voxel half-extents (x, y, z) of the normalised [-1, 1] span of each grid.
         off = 1 if self.align_corners else 0
-        k_in = torch.tensor([max(s - off, 1) for s in reversed(in_spatial)], device=device,
-                            dtype=torch.float32)
-        k_out = torch.tensor([max(s - off, 1) for s in reversed(out_spatial)], device=device,
-                             dtype=torch.float32)
+        k_in = self._const([max(s - off, 1) for s in reversed(in_spatial)], device)
+        k_out = self._const([max(s - off, 1) for s in reversed(out_spatial)], device)
         a = (rot / zoom[:, None, :]) * flips[:, None, :]
         a = a * k_out[None, None, :] / k_in[None, :, None]
         theta = torch.cat([a, shift[:, :, None]], dim=2)

@@ -63,3 +63,22 @@ def test_random_theta_is_rotation_scale_flip():
     torch.testing.assert_close(s.max(1).values, s.min(1).values, rtol=1e-5, atol=1e-6)
     assert ((s[:, 0] >= 0.9 - 1e-6) & (s[:, 0] <= 1.1 + 1e-6)).all()
     assert torch.equal(th[:, :, 3], torch.zeros(5, 3))
+
+
+def test_seg_loss_fn_checks_labels_on_the_first_call_and_every_nth(monkeypatch):
+    from med3d_ext.ops import SegLabelError
+
+    monkeypatch.setattr(B, "LABEL_CHECK_EVERY", 3)
+    fn = B.seg_loss_fn(use_ops=True)
+    logits = [torch.randn(1, 2, 3, 4, 5)]
+    good = [torch.randint(0, 2, (1, 3, 4, 5))]
+    bad = [good[0].clone()]
+    bad[0][0, 1, 2, 3] = 7
+    with pytest.raises(SegLabelError, match="head 0"):
+        fn(logits, bad)  # call 0: checked
+    fn(logits, bad)      # calls 1 and 2: not checked (the bad voxel is ignored, never read OOB)
+    total, per = fn(logits, bad)
+    assert torch.isfinite(total) and per.shape == (1,)
+    with pytest.raises(SegLabelError):
+        fn(logits, bad)  # call 3: checked again
+    assert fn(logits, bad, validate=False)[0].isfinite()  # an explicit choice wins

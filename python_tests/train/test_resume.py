@@ -139,3 +139,37 @@ def test_out_of_memory_suggests_smaller_patch_or_batch(tmp_path):
     msg = str(e.value)
     assert "out of GPU memory" in msg and "[64, 64, 32]" in msg and "batch size 8" in msg
     assert "[32, 32, 16]" in msg  # a concrete smaller patch to try
+
+
+def test_nan_loss_found_at_the_next_log_names_its_step(tmp_path, monkeypatch):
+    # losses are checked in batches at log / checkpoint points (one host sync there, none per
+    # step): a NaN at step 2 with log_every 100 still names step 2, and the epoch-end checkpoint
+    # that follows it is not written
+    model = torch.nn.Linear(3, 1)
+    calls = {"n": 0}
+
+    def step_fn(net, inp):
+        calls["n"] += 1
+        loss = net(inp["x"]).pow(2).mean()
+        if calls["n"] == 2:
+            loss = loss * float("inf")
+        return loss, {}, None
+
+    synced = []
+    real_stack = torch.stack
+
+    def counting_stack(ts, *a, **k):  # the loop gathers the pending scalar losses with it
+        ts = list(ts)
+        if ts and all(t.dim() == 0 for t in ts):
+            synced.append(len(ts))
+        return real_stack(ts, *a, **k)
+    monkeypatch.setattr(torch, "stack", counting_stack)
+    cfg = C.resolve("pretrain", {"epochs": 2, "steps": 4, "progress": False, "log_every": 100})
+    job = Job("pretrain", model, {"task": "toy"}, _Loader(8), lambda b, d: b, step_fn,
+              lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 4, 3)
+    with pytest.raises(TrainingError) as e:
+        run_training(cfg, job, tmp_path)
+    assert "step 2 (epoch 1 of 2)" in str(e.value) and "inf" in str(e.value)
+    # the 4 losses were gathered (and checked) once, at the end of the first epoch
+    assert calls["n"] == 4 and synced.count(4) == 1 and synced[-1] == 4
+    assert not (tmp_path / "last.pt").exists()
