@@ -7,8 +7,10 @@ folder and preprocessed there), sampled by ``med3d_ext.data.make_loader`` /
 * baseline: DataLoader workers augment each sample on the CPU with the plain PyTorch path
   (``F.affine_grid`` + ``F.grid_sample``, ``med3d_ext.train.backends.PlainAugment3D``), the
   collated batch is copied to the device;
-* ours: the loader only crops; the batch is copied to the device and augmented there in one
-  batched ``med3d_ext.transforms.RandomAugment3D`` call (the fused resample op).
+* ours: the loader only crops; the batch is copied to the device (the training CLI's
+  ``make_loader(..., device=...)``: on CUDA, on a side stream one batch ahead, overlapping the
+  previous step) and augmented there in one batched ``med3d_ext.transforms.RandomAugment3D``
+  call (the fused resample op).
 
 Case 1 times windows of 2W batches (W loader workers; at least 4), after a warm-up window that
 drains the batches the workers prefetched, and reports ms per batch (median over windows / 2W)
@@ -30,7 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .common import OK, UNAVAILABLE, Unavailable, m3d_attr, median, op_backend, optional_import, sync
+from .common import (OK, UNAVAILABLE, Unavailable, m3d_attr, median, op_backend, optional_import, sync,
+                     sync_stream)
 
 AREA = "pipeline"
 
@@ -97,13 +100,17 @@ def _pipelines(pre, sz, device, workers):
             aug = m3d_attr("transforms.RandomAugment3D")(
                 rotate=0.26, scale=(0.85, 1.15), flip=0.5, contrast=(0.9, 1.1),
                 brightness=(-0.1, 0.1), noise=(0.0, 0.05), seed=1)
-            loader = make_loader([pre], patch, n, num_workers=w, pin_memory=pin, seed=1, steps=None)
+            # the training CLI's loader: on CUDA it copies each batch to the device on a side
+            # stream one batch ahead, overlapping the copy with the previous step
+            loader = make_loader([pre], patch, n, num_workers=w, pin_memory=pin, seed=1, steps=None,
+                                 device=device)
             for b in _endless(loader):
-                img = b["image"].to(device, non_blocking=pin)
+                img = b["image"].to(device, non_blocking=pin)  # already there on CUDA
                 lab = b["label"].to(device, non_blocking=pin)
                 # the copy is part of getting the data, as for the baseline (whose wait ends
-                # after its copy): wait for it before the device work's clock starts
-                sync(device)
+                # after its copy): wait for this batch's copy before the device work's clock
+                # starts (the current stream only: the next batch's copy runs beside it)
+                sync_stream(device)
                 t = time.perf_counter()
                 img, lab = aug(img, lab, patch)
                 yield img, lab, t  # t: when the device work started (the wait ends there)
@@ -194,7 +201,7 @@ def _train_rows(ctx, pre, sz, pipes):
             for k in range(warm + sz["steps"]):
                 t0 = time.perf_counter()
                 img, lab, t_dev = next(it)
-                sync(ctx.device)
+                sync_stream(ctx.device)
                 # the device augmentation is compute of the step, not waiting for data
                 t1 = t_dev if t_dev else time.perf_counter()
                 logits = model(img)
@@ -203,7 +210,7 @@ def _train_rows(ctx, pre, sz, pipes):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sync(ctx.device)
+                sync_stream(ctx.device)
                 if k >= warm:
                     steps.append(time.perf_counter() - t0)
                     waits.append(t1 - t0)

@@ -116,6 +116,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def sync_stream(device: str) -> None:
+    """Wait for the current stream only: a device-wide sync would also wait for work running
+    beside it on purpose (e.g. the next batch's copy on the loader's side stream)."""
+    if device == "cuda":
+        torch.cuda.current_stream().synchronize()
+
+
 def time_fn(fn: Callable, device: str, warmup: int, repeats: int, budget_s: float | None = None,
             soft_s: float = 0.2, after_warmup: Callable | None = None) -> list[float]:
     """Per-call times in ms after ``warmup`` calls. ``budget_s`` caps the repeats for slow

@@ -172,6 +172,33 @@ def test_dataloader_workers_resume(three):
         assert torch.equal(x["image"], y["image"]) and x["case"] == y["case"]
 
 
+@pytest.mark.parametrize("device,workers", [("cpu", 0), pytest.param("cuda", 0, marks=pytest.mark.cuda),
+                                            pytest.param("cuda", 2, marks=pytest.mark.cuda)])
+def test_device_loader_prefetch_and_resume(three, device, workers):
+    # device=cuda: image and label arrive on the GPU (copied one batch ahead on a side stream),
+    # the other keys stay on the host, the batches equal the host sampler's, and the position
+    # counts only the batches handed out although the next one is already being copied;
+    # device=cpu is ignored (plain host batches)
+    seed = int(rng().integers(1e6))
+    ref = list(MultiDomainSampler(three, 8, 2, seed=seed, steps=7))
+    loader = make_loader(three, 8, 2, seed=seed, steps=7, num_workers=workers,
+                         pin_memory=device == "cuda", device=device)
+    it = iter(loader)
+    first = [next(it) for _ in range(3)]
+    state = loader.state_dict()
+    del it
+    assert state["position"] == 3
+    resumed = make_loader(three, 8, 2, seed=0, steps=7, num_workers=workers, device=device)
+    resumed.load_state_dict(state)
+    got = first + list(resumed)
+    assert len(got) == 7
+    for x, y in zip(got, ref):
+        assert x["image"].device.type == device and x["label"].device.type == device
+        assert x["dataset_id"].device.type == "cpu"
+        assert torch.equal(x["image"].cpu(), y["image"]) and torch.equal(x["label"].cpu(), y["label"])
+        assert x["case"] == y["case"]
+
+
 def test_named_channel(tmp_path):
     r = rng()
     shape = (10, 9, 8)

@@ -194,14 +194,23 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
 class BatchLoader:
     """A DataLoader over a :class:`MultiDomainSampler` that knows how many batches the
     consumer has taken, so ``state_dict()`` resumes exactly after the last batch returned
-    (workers prefetch ahead; their copies' positions are not used)."""
+    (workers prefetch ahead; their copies' positions are not used).
+
+    ``device``: a CUDA device to deliver ``image`` and ``label`` on. Each batch's copy is issued
+    on a side stream while the consumer works on the previous one (from pinned memory, so the
+    transfer overlaps the training step instead of sitting at its start); the consumer's stream
+    waits for the copy before using the batch. Other keys (``dataset_id``, ``case``) stay on the
+    host. ``state_dict()`` still counts only the batches handed out. Ignored for other devices.
+    """
 
     def __init__(self, sampler: MultiDomainSampler, *, num_workers: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int | None = None):
+                 pin_memory: bool = False, prefetch_factor: int | None = None, device=None):
         self.sampler = sampler
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        dev = None if device is None else torch.device(device)
+        self.device = dev if dev is not None and dev.type == "cuda" else None
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -222,17 +231,49 @@ class BatchLoader:
                                          num_workers=self.num_workers,
                                          pin_memory=self.pin_memory, **kw)
         start = self.sampler.position
-        for k, batch in enumerate(dl):
-            # DataLoader returns worker outputs round-robin, i.e. in batch order
+        batches = dl if self.device is None else _device_prefetch(iter(dl), self.device)
+        for k, batch in enumerate(batches):
+            # DataLoader returns worker outputs round-robin, i.e. in batch order; the position
+            # is set when a batch is handed out (the prefetch may have drawn the next one)
             self.sampler.position = start + k + 1
             yield batch
 
 
-def make_loader(datasets, patch, batch_size, *, num_workers=0, pin_memory=None, **kw):
-    """MultiDomainSampler + BatchLoader in one call; pin_memory defaults to CUDA present."""
+_DEVICE_KEYS = ("image", "label")
+
+
+def _device_prefetch(it, device):
+    """Yields the batches of ``it`` with image and label on ``device``, one copy ahead."""
+    copy_stream = torch.cuda.Stream(device)
+
+    def issue():
+        try:
+            b = next(it)
+        except StopIteration:
+            return None
+        with torch.cuda.stream(copy_stream):
+            return {k: (v.to(device, non_blocking=True) if k in _DEVICE_KEYS and torch.is_tensor(v)
+                        else v) for k, v in b.items()}
+
+    nxt = issue()
+    while nxt is not None:
+        cur = nxt
+        main = torch.cuda.current_stream(device)
+        main.wait_stream(copy_stream)
+        for k in _DEVICE_KEYS:
+            if torch.is_tensor(cur.get(k)) and cur[k].device.type == "cuda":
+                cur[k].record_stream(main)  # allocated on the copy stream, used on the main one
+        nxt = issue()  # the next batch's copy runs while the consumer uses this one
+        yield cur
+
+
+def make_loader(datasets, patch, batch_size, *, num_workers=0, pin_memory=None, device=None,
+                **kw):
+    """MultiDomainSampler + BatchLoader in one call; pin_memory defaults to CUDA present;
+    ``device``: deliver image and label there, copied one batch ahead (see BatchLoader)."""
     s = MultiDomainSampler(datasets, patch, batch_size, **kw)
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return BatchLoader(s, num_workers=num_workers, pin_memory=pin)
+    return BatchLoader(s, num_workers=num_workers, pin_memory=pin, device=device)
 
 
 class ClassificationSet(torch.utils.data.Dataset):

@@ -318,7 +318,7 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
     loader = data.make_loader(
         [subset(p, split[head_name(p.name)]["train"]) for p in pres], patch, cfg["batch_size"],
         num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank, steps=total,
-        fg_fraction=cfg["fg_fraction"],
+        fg_fraction=cfg["fg_fraction"], device=dev,
         channels=[input_channel(p, cfg.get("channel"), lenient=True) for p in pres])
     loss_fn = seg_loss_fn(_use_ops(cfg))
     names = list(heads)
@@ -423,7 +423,7 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     total = cfg["epochs"] * cfg["steps"]
     loader = data.make_loader([subset(pre, tr)], patch, cfg["batch_size"],
                               num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank,
-                              steps=total, fg_fraction=cfg["fg_fraction"],
+                              steps=total, fg_fraction=cfg["fg_fraction"], device=dev,
                               channels=[input_channel(pre, cfg.get("channel"))])
     loss_fn = seg_loss_fn(_use_ops(cfg))
 
