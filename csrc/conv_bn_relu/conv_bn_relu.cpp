@@ -184,14 +184,15 @@ at::Tensor conv_bias_relu3d_generic(const at::Tensor& x, const at::Tensor& weigh
   if (bias.has_value()) check_channel_param(op, "bias", *bias, x, C);
   at::Tensor y = conv3d_aten(x, weight, conv, fmt);
   if (!bias.has_value() && !residual.has_value() && !relu) return y;
-  // The same epilogue kernel with mean 0, invstd 1, weight 1: out = act(y + b [+ r]).
-  auto opts = y.options().dtype(acc_dtype(y));
-  auto zeros = at::zeros({C}, opts), ones = at::ones({C}, opts);
-  at::Tensor b = bias.has_value() ? acc_param(*bias, y) : zeros;
+  // The same epilogue kernel with mean 0, invstd 1, weight 1 (undefined tensors: no
+  // per-call zeros/ones to allocate and fill): out = act(y + b [+ r]).
+  at::Tensor b = bias.has_value() ? acc_param(*bias, y) : at::Tensor();
   at::Tensor r;
   if (residual.has_value()) r = residual->to(y.scalar_type()).contiguous(fmt);
   at::Tensor out = y.numel() > 0 ? y : at::empty_like(y);  // written in place over y
-  if (y.numel() > 0) apply(y, zeros, ones, ones, b, residual.has_value() ? &r : nullptr, relu, out);
+  if (y.numel() > 0)
+    apply(y, at::Tensor(), at::Tensor(), at::Tensor(), b, residual.has_value() ? &r : nullptr,
+          relu, out);
   return out;
 }
 

@@ -119,7 +119,8 @@ at::ScalarType acc_dtype(const at::Tensor& y);
 
 using ConvBnReluOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // The per-device epilogue: out = act((y - mean) * w * invstd + b [+ *r]); y, r, out share a
-// layout (contiguous or channels_last_3d); per-channel tensors are contiguous, acc dtype.
+// layout (contiguous or channels_last_3d); per-channel tensors are contiguous, acc dtype, or
+// undefined for mean 0, invstd 1, w 1, b 0.
 using ApplyFn = void (*)(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
                          const at::Tensor& w, const at::Tensor& b, const at::Tensor* r, bool relu,
                          at::Tensor& out);

@@ -108,6 +108,11 @@ const T* cptr(const at::Tensor& t) {
   return t.const_data_ptr<T>();
 }
 
+template <typename T>
+const T* opt_cptr(const at::Tensor& t) {
+  return t.defined() ? cptr<T>(t) : nullptr;
+}
+
 }  // namespace
 
 void bn_act_forward_cpu(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
@@ -116,17 +121,23 @@ void bn_act_forward_cpu(const at::Tensor& y, const at::Tensor& mean, const at::T
   const Geometry g = geometry(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> scale(g.C);
-    const acc_t *m = cptr<acc_t>(mean), *is = cptr<acc_t>(invstd), *wp = cptr<acc_t>(w),
-                *bp = cptr<acc_t>(b);
-    for (int64_t c = 0; c < g.C; ++c) scale[c] = wp[c] * is[c];
+    // Undefined per-channel tensors stand for mean 0, invstd 1, weight 1, bias 0 (ApplyFn).
+    std::vector<acc_t> scale(g.C), shift(g.C), bias(g.C);
+    const acc_t *m = opt_cptr<acc_t>(mean), *is = opt_cptr<acc_t>(invstd),
+                *wp = opt_cptr<acc_t>(w), *bq = opt_cptr<acc_t>(b);
+    for (int64_t c = 0; c < g.C; ++c) {
+      scale[c] = (wp ? wp[c] : acc_t(1)) * (is ? is[c] : acc_t(1));
+      shift[c] = m ? m[c] : acc_t(0);
+      bias[c] = bq ? bq[c] : acc_t(0);
+    }
+    const acc_t *mp = shift.data(), *bp = bias.data();
     const scalar_t* yp = cptr<scalar_t>(y);
     const scalar_t* rp = r ? cptr<scalar_t>(*r) : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     M3D_BOOL_SWITCH(relu, kRelu, [&] {
       for_each_elem(g, [&](int64_t i, int64_t c) {
         const acc_t res = rp ? static_cast<acc_t>(rp[i]) : acc_t(0);
-        const acc_t z = bn_pre_act<acc_t>(static_cast<acc_t>(yp[i]), m[c], scale[c], bp[c], res);
+        const acc_t z = bn_pre_act<acc_t>(static_cast<acc_t>(yp[i]), mp[c], scale[c], bp[c], res);
         op[i] = static_cast<scalar_t>(bn_act<kRelu>(z));
       });
     });

@@ -57,8 +57,9 @@ void bn_act_forward_cuda(const at::Tensor& y, const at::Tensor& mean, const at::
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ParamPtrs<acc_t> pp{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                              w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), nullptr};
+    // undefined per-channel tensors (mean 0, invstd 1, weight 1, bias 0) go in as null
+    auto opt = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+    const ParamPtrs<acc_t> pp{opt(mean), opt(invstd), opt(w), opt(b), nullptr};
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* rp = r ? r->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();

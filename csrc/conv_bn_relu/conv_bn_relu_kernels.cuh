@@ -50,12 +50,14 @@ struct ChanParams {
 
 template <typename acc_t>
 struct ParamPtrs {
-  const acc_t *mean, *invstd, *w, *b;  // the statistics pass sets only mean (its shift)
+  // Null stands for mean 0, invstd 1, weight 1, bias 0 (conv_bias_relu3d's epilogue passes
+  // only the bias); the statistics pass sets only mean (its shift).
+  const acc_t *mean, *invstd, *w, *b;
   const acc_t* coef;  // (C, 3): A, k1, Bp; null in the forward and reduce passes
   __device__ __forceinline__ ChanParams<acc_t> get(int64_t c) const {
     ChanParams<acc_t> p;
-    p.m = mean[c];
-    p.sc = (w && invstd) ? w[c] * invstd[c] : acc_t(0);
+    p.m = mean ? mean[c] : acc_t(0);
+    p.sc = (w ? w[c] : acc_t(1)) * (invstd ? invstd[c] : acc_t(1));
     p.b = b ? b[c] : acc_t(0);
     if (coef) {
       p.A = coef[3 * c];
