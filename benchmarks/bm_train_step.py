@@ -161,7 +161,7 @@ def _graphed(m, opt, fwd_bwd):
     """(step, check) with forward + backward replayed from one captured CUDA graph and the
     optimiser step eager: what the step costs the GPU once the host's per-op work (Python,
     dispatch, ~900 launches for ResNet-50) is gone. PyTorch's whole-network capture recipe:
-    warm-up on a side stream (cuDNN autotuning, the momentum buffers, lazy init), then capture
+    warm-up on a side stream (cuDNN autotuning, lazy init), then capture
     with the gradients unset, so the graph writes them into its own static tensors, which each
     replay overwrites (so no zero_grad between replays)."""
     side = torch.cuda.Stream()
@@ -181,6 +181,6 @@ def _graphed(m, opt, fwd_bwd):
         opt.step()
 
     def check():  # the graph's first replay: the same weights as every other version's check
-        graph.replay()
-        return loss.float(), m.conv1.weight.grad.float().clone()
+        graph.replay()  # copies: the graph's static outputs change with every replay
+        return loss.float().clone(), m.conv1.weight.grad.float().clone()
     return step, check

@@ -369,8 +369,9 @@ __global__ void reduce_nhwc(Acc acc, ParamPtrs<acc_t> pp, int64_t M, int64_t C, 
 // Sums of channel c's (splits) partial pairs, by one warp: lane l adds splits l, l + 32, ... in
 // order, then a fixed shuffle tree. The order depends only on `splits` (a function of the shape
 // and the SM count), so results are bitwise reproducible; and the dependent chain is splits / 32
-// loads long, not splits (~8 blocks per SM, i.e. ~1000 on an H100/H200: one thread per channel
-// spent tens of microseconds here, per BatchNorm layer and pass). Every lane gets the sums.
+// loads long, not splits (up to a few hundred: with ~1000 splits, the earlier one thread per
+// channel spent tens of microseconds here, per BatchNorm layer and pass). Every lane gets the
+// sums.
 template <typename acc_t>
 __device__ __forceinline__ void warp_sum_splits(const acc_t* __restrict__ partial, int64_t c,
                                                 int64_t splits, acc_t& s0, acc_t& s1) {

@@ -56,11 +56,11 @@ inline dim3 nhwc_block(int64_t cv) {
 }
 
 // Blocks along the rows of a channels_last pass whose threads keep kRowsInFlight rows' loads in
-// flight (Fetches): fewer, longer row splits than one row at a time wants. Each thread takes
-// >= 16 rows where the tensor is big enough, so its per-channel parameters (loaded once per
-// thread) and, in a reduction, the block's tree and partials stay small next to the loads; but
-// at least one block per SM while every thread still gets >= kRowsInFlight rows. At most 4
-// blocks of 256 threads per SM: 4 rows x 16 bytes in flight per thread is enough there.
+// flight (Fetches): fewer, longer row splits than one row at a time wants. Each thread gets
+// about 16 rows (more once the cap of 4 blocks of 256 threads per SM applies: 4 rows x 16 bytes
+// in flight per thread is enough there), so its per-channel parameters (loaded once per thread)
+// and, in a reduction, the block's tree and partials stay small next to the loads; but at
+// least one block per SM while every thread still gets >= kRowsInFlight rows.
 inline int64_t fetching_row_splits(int64_t M, const dim3& block, int64_t gx) {
   const int64_t by_work = ceil_div(M, int64_t(block.y) * 4 * kRowsInFlight);
   const int64_t fill = std::min(ceil_div(int64_t(sm_count()), gx),
