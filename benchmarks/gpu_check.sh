@@ -35,7 +35,8 @@
 # build or the tests failed.
 # Knobs: PYTHON, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT,
 # TARGETS_TIMEOUT, PROFILE_TIMEOUT, KERNELS_TIMEOUT, PIPELINE_TIMEOUT, THROUGHPUT_TIMEOUT,
-# CONVERGENCE_TIMEOUT, ORDER, WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
+# CONVERGENCE_TIMEOUT, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
+# machine, SKIP="build tests targets" ORDER="convergence profile", reuses the first's build), WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
 # timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
 # takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
 # too), PYTEST_ARGS, MAXFAIL, XDIST (workers, default 4),
@@ -174,13 +175,23 @@ fi
 DATA_MISSING="$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("nibabel", "yaml", "tqdm") if u.find_spec(m) is None))' 2>&1)"
 
 # ---------------------------------------------------------------- 1. build + install
-say "build: pip install with CUDA (log: logs/build.log)"
+# skipping STAGE: SKIP="build tests targets" reruns later stages on a still-warm machine
+skipping() { case " ${SKIP:-} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 B0=$(now)
-BLIM=$(stage_limit "${BUILD_TIMEOUT:-330}" 30) || BLIM=30
-TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" \
-    timeout -k 10 "$BLIM" "$PY" -m pip install --no-build-isolation --no-deps --no-index . \
-    -Ccmake.define.WITH_CUDA=ON > "$LOGS/build.log" 2>&1
-BUILD_RC=$?
+if skipping build; then
+    # the build an earlier call left (med3d_ext/_C*.so beside the sources) must load with CUDA
+    say "build: skipped (SKIP); using the existing build"
+    "$PY" -c 'import torch; from med3d_ext import _extension as e; assert e.available() and torch.cuda.is_available(), e.LOAD_ERROR' \
+        > "$LOGS/build.log" 2>&1
+    BUILD_RC=$?
+else
+    say "build: pip install with CUDA (log: logs/build.log)"
+    BLIM=$(stage_limit "${BUILD_TIMEOUT:-330}" 30) || BLIM=30
+    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" \
+        timeout -k 10 "$BLIM" "$PY" -m pip install --no-build-isolation --no-deps --no-index . \
+        -Ccmake.define.WITH_CUDA=ON > "$LOGS/build.log" 2>&1
+    BUILD_RC=$?
+fi
 EXT="not loaded"
 if [ $BUILD_RC -eq 0 ]; then
     # The installed package lives in site-packages; tests and benchmarks run from the repo root,
@@ -220,7 +231,9 @@ EOF
     echo "no junit report; from the log: passed $(grep -cE ' PASSED( |$)' "$2") failed $(grep -cE ' FAILED( |$)' "$2") errors $(grep -cE ' ERROR( |$)' "$2") skipped $(grep -cE ' SKIPPED( |$)' "$2")"
 }
 TEST_OK=0
-if [ $BUILD_RC -ne 0 ]; then
+if skipping tests; then
+    status tests "skipped (SKIP)"; TEST_OK=1
+elif [ $BUILD_RC -ne 0 ]; then
     status tests "not run (build failed)"
 elif ! TLIM=$(stage_limit "${TEST_TIMEOUT:-150}" 30); then
     status tests "skipped (budget: $(left)s left)"
@@ -300,11 +313,16 @@ bench() {
 NO_NIB="skipped (not installed: ${DATA_MISSING}; carry the wheels in WHEELS)"
 # shellcheck disable=SC2086  # BENCH_ARGS and the area lists are word lists
 if [ $# -gt 0 ]; then
-    bench targets "${TARGETS_TIMEOUT:-240}" 30 --out "$BENCH" --append ${BENCH_ARGS:-} "$@"
     PROFILE_AREAS="$*"
 else
-    bench targets "${TARGETS_TIMEOUT:-200}" 30 --out "$BENCH" --append ${BENCH_ARGS:-} train_step stem augment loss
     PROFILE_AREAS="train_step stem augment loss"
+fi
+if skipping targets; then
+    status targets "skipped (SKIP)"
+else
+    # shellcheck disable=SC2086
+    bench targets "${TARGETS_TIMEOUT:-$([ $# -gt 0 ] && echo 240 || echo 200)}" 30 --out "$BENCH" \
+        --append ${BENCH_ARGS:-} $PROFILE_AREAS
 fi
 stage_profile() {
     if [ "${BENCH_PROFILE:-1}" = 1 ]; then

@@ -107,6 +107,10 @@ def _setup(cfg, command):
     cl = cfg.get("channels_last")
     if cl is None:
         cl = ctx.device.type == "cuda"
+    if ctx.device.type == "cuda":
+        # what the benchmarks measure with: the 3-D convolutions' default algorithms (cuDNN's
+        # heuristics) can be several times slower than the tuned ones at these shapes
+        torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", True))
     return ctx, bool(fused), bool(cl)
 
 

@@ -106,6 +106,9 @@ OPTIONS: dict[str, Option] = {
                     "extension and med3d_ext.nn are available; the loss and augmentation ops "
                     "are used on the CPU too); --no-fused = plain PyTorch everywhere", _ALL),
     "compile": Option(False, "bool", "torch.compile the model", _ALL),
+    "cudnn_benchmark": Option(True, "bool", "cuDNN autotuning on a GPU (patches have fixed "
+                              "shapes, so each convolution is tuned once; --no-cudnn-benchmark "
+                              "uses cuDNN's heuristics)", _ALL),
     "num_workers": Option(0, "int", "DataLoader worker processes", _T),
     "threads": Option(0, "int", "torch CPU threads (0 = torch's default)", _ALL),
     "sync_bn": Option(False, "bool", "SyncBatchNorm under torchrun", _T),

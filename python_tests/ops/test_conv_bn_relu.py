@@ -410,8 +410,11 @@ def test_stem_space_to_depth(device, cin, k, padding, sp, fold_w, monkeypatch):
     monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", True)  # its math is tested on every device
     monkeypatch.setattr(mod, "STEM_FOLD_W", fold_w)
     assert mod._stem_eligible(x, w, [2] * 3, pad, [1] * 3)
+    # float64: the rewrite is exact, and in fp32 its other summation order is not a defect;
+    # configs like the last one (2 values per channel in training) make BatchNorm's backward
+    # ill-conditioned, and one seed in a few hundred moved a weight gradient by ~1%
     for training in (True, False):
-        _check_against_reference(device, cfg, training, True, True, False)
+        _check_against_reference(device, cfg, training, True, True, False, dtype=torch.float64)
     monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", False)
     _check_against_reference(device, cfg, True, False, True, True)
 
