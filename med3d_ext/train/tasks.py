@@ -239,7 +239,11 @@ def _prep_seg(cfg, patch, aug, channels_last):
         # dataset_id stays on the host, as a list (which DDP does not move to the device):
         # Med3DNet routes the batch on the host, and a device copy would have to come back (a
         # host sync per step)
-        return {"image": image, "label": label.long(),
+        # uint8 labels stay uint8 (the losses take uint8 or int64; a conversion would be one
+        # more kernel and 8x the label bytes per step); other integer types become int64
+        if label.dtype not in (torch.uint8, torch.int64):
+            label = label.long()
+        return {"image": image, "label": label,
                 "dataset_id": torch.as_tensor(batch["dataset_id"]).tolist()}
     return prepare
 
