@@ -33,7 +33,7 @@ TORCH_LIBRARY(med3d_ext, m) {
       "-> (Tensor out, Tensor y, Tensor mean, Tensor invstd, Tensor var)");
   m.def(
       "bn_relu_backward(Tensor grad_out, Tensor y, Tensor mean, Tensor invstd, Tensor bn_weight, "
-      "Tensor bn_bias, Tensor? residual, bool training, bool relu) "
+      "Tensor bn_bias, Tensor? relu_out, bool training, bool relu) "
       "-> (Tensor grad_y, Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_residual)");
   // the stem: maxpool3d(relu(batch_norm(conv3d(x)))) with a uint8 argmax (bn_relu_pool.h)
   m.def(

@@ -199,7 +199,7 @@ at::Tensor conv_bias_relu3d_generic(const at::Tensor& x, const at::Tensor& weigh
 std::tuple<at::Tensor, at::Tensor> prepare_bn_relu_backward(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-    const c10::optional<at::Tensor>& residual) {
+    const c10::optional<at::Tensor>& relu_out) {
   const char* op = "bn_relu_backward";
   M3D_CHECK_ARG(y.defined() && y.dim() == 5, op, "y", y, "5-D (N, C, D, H, W)");
   check_float(op, "y", y);
@@ -213,10 +213,10 @@ std::tuple<at::Tensor, at::Tensor> prepare_bn_relu_backward(
   check_channel_param(op, "bn_bias", bn_bias, y, C);
   const auto fmt = layout_of(y);
   at::Tensor r;
-  if (residual.has_value()) {
-    M3D_CHECK_ARG(residual->sizes() == y.sizes(), op, "residual", *residual, "of y's shape");
-    check_same_device(op, "residual", *residual, y);
-    r = residual->to(y.scalar_type()).contiguous(fmt);
+  if (relu_out.has_value()) {
+    M3D_CHECK_ARG(relu_out->sizes() == y.sizes(), op, "relu_out", *relu_out, "of y's shape");
+    check_same_device(op, "relu_out", *relu_out, y);
+    r = relu_out->to(y.scalar_type()).contiguous(fmt);
   }
   return {grad_out.to(y.scalar_type()).contiguous(fmt), r};
 }

@@ -4,12 +4,15 @@
 //   forward   y = conv3d(x, weight)                                    (ATen)
 //             mean, invstd, var_unbiased  = batch statistics of y        (bn_stats, one pass)
 //             out = act((y - mean) * weight_c * invstd + bias_c [+ residual])   (one pass)
-//   backward  g = grad_out * [z > 0]   (mask recomputed from y, never stored)
+//   backward  g = grad_out * [z > 0]   (mask recomputed from y; with a residual, read from the
+//                                       output, which the next layer keeps anyway)
 //             sum_g, sum_gyc = per-channel sums of g and g * (y - mean)    (one reduction pass)
 //             grad_y = A (g - k1) - Bp (y - mean)                          (one apply pass)
 //             grad_x, grad_weight = convolution_backward(grad_y, ...)      (ATen, Python side)
-// Only y, mean and invstd are saved for backward (memory-saving: no normalised or ReLU output
-// is kept).
+// Only y, mean and invstd are saved for backward (memory-saving: no normalised output is kept;
+// a residual layer keeps its output instead of the residual: the block output that the next
+// block keeps anyway, where the residual, e.g. a downsample branch's output, may be kept only
+// for this).
 //
 // Ops (schemas in csrc/registration.cpp):
 //   conv_bn_relu3d(x (N,Cin,D,H,W), weight (Cout,Cin,kD,kH,kW), bn_weight (Cout), bn_bias (Cout),
@@ -19,9 +22,12 @@
 //          mean (Cout), invstd (Cout), var (Cout; the unbiased batch variance when training,
 //          for the running-stat update, else a copy of running_var). Statistics are fp32
 //          (fp64 for fp64 input).
-//   bn_relu_backward(grad_out, y, mean, invstd, bn_weight, bn_bias, residual?, training, relu)
+//   bn_relu_backward(grad_out, y, mean, invstd, bn_weight, bn_bias, relu_out?, training, relu)
 //       -> grad_y (like y), grad_bn_weight (Cout), grad_bn_bias (Cout),
-//          grad_residual (like y; an empty (0,) tensor when residual is None)
+//          grad_residual (like y; an empty (0,) tensor when relu_out is None)
+//       relu_out: the forward's out of a layer with a residual; its sign is the ReLU mask
+//       (out > 0 iff z > 0, and NaN stays NaN: torch.relu's backward rule), and grad_residual
+//       (the masked gradient) is returned
 //   conv_bias_relu3d(x, weight, bias?, residual?, stride, padding, dilation, relu) -> out
 //       inference epilogue for BN folded into the conv: act(conv3d(x, w) + bias [+ residual]).
 //
@@ -160,11 +166,11 @@ at::Tensor conv_bias_relu3d_generic(const at::Tensor& x, const at::Tensor& weigh
                                     at::IntArrayRef dilation, bool relu, ApplyFn apply);
 
 // Checks and layout shared by both devices' bn_relu_backward; returns the inputs brought to
-// y's layout and dtype: (grad_out, residual-or-undefined).
+// y's layout and dtype: (grad_out, relu_out-or-undefined).
 std::tuple<at::Tensor, at::Tensor> prepare_bn_relu_backward(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-    const c10::optional<at::Tensor>& residual);
+    const c10::optional<at::Tensor>& relu_out);
 inline at::MemoryFormat layout_of(const at::Tensor& y) {
   return is_channels_last_3d(y) ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
 }
@@ -176,6 +182,6 @@ void bn_act_forward_cpu(const at::Tensor& y, const at::Tensor& mean, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-    const c10::optional<at::Tensor>& residual, bool training, bool relu);
+    const c10::optional<at::Tensor>& relu_out, bool training, bool relu);
 
 }  // namespace med3d_ext

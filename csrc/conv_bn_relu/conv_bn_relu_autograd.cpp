@@ -121,8 +121,11 @@ class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> 
     auto [out, y, mean, invstd, var] =
         cbr_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
                       padding, dilation, training, eps, relu);
+    // With a residual the output is kept, not the residual: its sign is the ReLU mask, and it
+    // is the block's output, which the next block keeps anyway (the residual, e.g. a
+    // downsample branch's BatchNorm output, would be kept for this alone).
     ctx->save_for_backward({x, weight, y, mean, invstd, bn_weight, bn_bias,
-                            residual.has_value() ? *residual : at::Tensor()});
+                            residual.has_value() ? out : at::Tensor()});
     ctx->saved_data["stride"] = vec(stride);
     ctx->saved_data["padding"] = vec(padding);
     ctx->saved_data["dilation"] = vec(dilation);
@@ -131,6 +134,7 @@ class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> 
     const std::vector<bool> present{true, true, true, true, running_mean.has_value(),
                                     running_var.has_value(), residual.has_value()};
     ctx->saved_data["residual_edge"] = edge_of(present, 6);
+    if (residual.has_value()) ctx->saved_data["residual_dtype"] = residual->scalar_type();
     ctx->mark_non_differentiable({y, mean, invstd, var});
     ctx->set_materialize_grads(false);  // y, mean, invstd, var never get gradient tensors
     return {out, y, mean, invstd, var};
@@ -146,22 +150,22 @@ class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> 
                 "(create_graph=True) is not supported; use the unfused model (fused=False)");
     const variable_list sv = ctx->get_saved_variables();
     const at::Tensor &x = sv[0], &weight = sv[1], &y = sv[2], &bn_weight = sv[5],
-                     &bn_bias = sv[6], &residual = sv[7];
-    const bool need_res = residual.defined() &&
+                     &bn_bias = sv[6], &relu_out = sv[7];  // relu_out: with a residual only
+    const bool need_res = relu_out.defined() &&
                           ctx->needs_input_grad(ctx->saved_data["residual_edge"].toInt());
     at::Tensor grad_y, gbw, gbb, gr;
     {
       // Straight to the device kernel (it has no autograd of its own).
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(grad_y, gbw, gbb, gr) =
-          bwd_op().call(grad_out, y, sv[3], sv[4], bn_weight, bn_bias, opt(residual),
+          bwd_op().call(grad_out, y, sv[3], sv[4], bn_weight, bn_bias, opt(relu_out),
                         ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool());
     }
     std::tie(grads[0], grads[1]) =
         conv_grads(ctx, grad_y, x, weight, ctx->needs_input_grad(0), ctx->needs_input_grad(1));
     if (ctx->needs_input_grad(2)) grads[2] = gbw.to(bn_weight.scalar_type());
     if (ctx->needs_input_grad(3)) grads[3] = gbb.to(bn_bias.scalar_type());
-    if (need_res) grads[6] = gr.to(residual.scalar_type());
+    if (need_res) grads[6] = gr.to(ctx->saved_data["residual_dtype"].toScalarType());
     return grads;
   }
 };

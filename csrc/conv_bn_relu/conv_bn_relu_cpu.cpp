@@ -147,9 +147,9 @@ void bn_act_forward_cpu(const at::Tensor& y, const at::Tensor& mean, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& y_in, const at::Tensor& mean_in,
     const at::Tensor& invstd_in, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-    const c10::optional<at::Tensor>& residual, bool training, bool relu) {
+    const c10::optional<at::Tensor>& relu_out, bool training, bool relu) {
   auto [grad_out, r] =
-      prepare_bn_relu_backward(grad_out_in, y_in, mean_in, invstd_in, bn_weight, bn_bias, residual);
+      prepare_bn_relu_backward(grad_out_in, y_in, mean_in, invstd_in, bn_weight, bn_bias, relu_out);
   const at::Tensor y = y_in.contiguous(layout_of(y_in));
   const Geometry g = geometry(y);
   const auto fmt = layout_of(y);
@@ -171,10 +171,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     scalar_t* grp = r.defined() ? grad_r.data_ptr<scalar_t>() : nullptr;
     scalar_t* gyp = grad_y.data_ptr<scalar_t>();
     M3D_BOOL_SWITCH(relu, kRelu, [&] {
-      // g = grad_out masked by the recomputed ReLU; with a residual it is also grad_residual.
+      // g = grad_out masked by the ReLU: from relu_out's sign when given (a residual layer;
+      // g is then also grad_residual), else recomputed from y.
       auto masked = [&](int64_t i, int64_t c) {
-        const acc_t res = rp ? static_cast<acc_t>(rp[i]) : acc_t(0);
-        const acc_t z = bn_pre_act<acc_t>(static_cast<acc_t>(yp[i]), m[c], scale[c], bp[c], res);
+        const acc_t z = rp ? static_cast<acc_t>(rp[i])
+                           : bn_pre_act<acc_t>(static_cast<acc_t>(yp[i]), m[c], scale[c], bp[c],
+                                               acc_t(0));
         return bn_masked_grad<kRelu>(static_cast<acc_t>(dp[i]), z);
       };
       std::vector<acc_t> sum_g, sum_gyc;

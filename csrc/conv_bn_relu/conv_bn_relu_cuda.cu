@@ -78,10 +78,10 @@ void bn_act_forward_cuda(const at::Tensor& y, const at::Tensor& mean, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& y_in, const at::Tensor& mean_in,
     const at::Tensor& invstd_in, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-    const c10::optional<at::Tensor>& residual, bool training, bool relu) {
+    const c10::optional<at::Tensor>& relu_out, bool training, bool relu) {
   const c10::cuda::CUDAGuard guard(y_in.device());
   auto [grad_out_p, r_p] =
-      prepare_bn_relu_backward(grad_out_in, y_in, mean_in, invstd_in, bn_weight, bn_bias, residual);
+      prepare_bn_relu_backward(grad_out_in, y_in, mean_in, invstd_in, bn_weight, bn_bias, relu_out);
   const at::Tensor y = y_in.contiguous(layout_of(y_in));
   const Geometry g = geometry(y);
   const auto fmt = layout_of(y);

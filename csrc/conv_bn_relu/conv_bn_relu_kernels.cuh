@@ -183,14 +183,15 @@ __global__ void elementwise_nhwc(Op op, ParamPtrs<acc_t> pp, int64_t M, int64_t 
 
 // ---- backward reduction: per-channel sum of g and g * (y - mean) ------------------------------
 
-// One masked-gradient value, optionally stored as grad_residual (rounded value read back, so
-// the sums match what the apply pass will read).
+// One masked-gradient value. kRes (a residual layer): the mask comes from the layer's output
+// rv (relu_out: out > 0 iff z > 0) and g is stored as grad_residual (the rounded value read
+// back, so the sums match what the apply pass will read); else the mask is recomputed from y.
 template <typename scalar_t, typename acc_t, bool kRelu, bool kRes>
 __device__ __forceinline__ void reduce_one(scalar_t d, scalar_t yv, scalar_t rv, scalar_t* gr,
                                            const ChanParams<acc_t>& q, acc_t& s0, acc_t& s1) {
   const acc_t yy = static_cast<acc_t>(yv);
-  const acc_t res = kRes ? static_cast<acc_t>(rv) : acc_t(0);
-  acc_t g = bn_masked_grad<kRelu>(static_cast<acc_t>(d), bn_pre_act<acc_t>(yy, q.m, q.sc, q.b, res));
+  const acc_t z = kRes ? static_cast<acc_t>(rv) : bn_pre_act<acc_t>(yy, q.m, q.sc, q.b, acc_t(0));
+  acc_t g = bn_masked_grad<kRelu>(static_cast<acc_t>(d), z);
   if constexpr (kRes) {
     const scalar_t gs = static_cast<scalar_t>(g);
     *gr = gs;
@@ -208,7 +209,7 @@ __device__ __forceinline__ void reduce_one(scalar_t d, scalar_t yv, scalar_t rv,
 // memory system mostly idle (H200 profile: 35 us per statistics pass, ~5x the bytes' time).
 template <typename scalar_t, typename acc_t, bool kRelu, bool kRes>
 struct BackwardAcc {  // sum g, sum g * (y - mean); writes grad_residual when kRes
-  const scalar_t *dout, *y, *r;
+  const scalar_t *dout, *y, *r;  // r: relu_out when kRes
   scalar_t* gr;
   static constexpr bool kFetch = true;
   template <int V>

@@ -285,11 +285,11 @@ def _conv_bn_relu3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_va
 
 
 @register_fake("bn_relu_backward")
-def _bn_relu_backward_fake(grad_out, y, mean, invstd, bn_weight, bn_bias, residual, training,
+def _bn_relu_backward_fake(grad_out, y, mean, invstd, bn_weight, bn_bias, relu_out, training,
                            relu):
     cl = _is_cl(y)
     c = y.shape[1]
-    grad_r = _empty(y.shape, y, cl) if residual is not None else y.new_empty((0,))
+    grad_r = _empty(y.shape, y, cl) if relu_out is not None else y.new_empty((0,))
     return (_empty(y.shape, y, cl), y.new_empty((c,), dtype=_acc(y)),
             y.new_empty((c,), dtype=_acc(y)), grad_r)
 
