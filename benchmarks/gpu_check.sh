@@ -27,6 +27,8 @@
 #     profile:  the target areas with --profile-only (each row's CUDA kernels per call, not
 #               timed) into $OUT/bench_profile (BENCH_PROFILE=0 drops it);
 #     kernels:  bn_stats conv_bn_relu resample, appended to $OUT/bench;
+#     study (only when ORDER names it): the full-size convergence study on the GPU
+#               (python -m benchmarks.convergence_study, 3 seeds) into $OUT/bench/convergence_study;
 #  then packs logs and results into $OUT/gpu_check.tar.gz and prints the summary LAST.
 # throughput, convergence and pipeline need nibabel, pyyaml and tqdm (the package's
 # dependencies, which the --no-deps install does not bring) and are skipped without them.
@@ -35,7 +37,7 @@
 # build or the tests failed.
 # Knobs: PYTHON, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT,
 # TARGETS_TIMEOUT, PROFILE_TIMEOUT, KERNELS_TIMEOUT, PIPELINE_TIMEOUT, THROUGHPUT_TIMEOUT,
-# CONVERGENCE_TIMEOUT, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
+# CONVERGENCE_TIMEOUT, STUDY_TIMEOUT, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
 # machine, SKIP="build tests targets" ORDER="convergence profile", reuses the first's build), WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
 # timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
 # takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
@@ -74,7 +76,7 @@ stage_limit() {
     if [ "$1" -lt "$l" ]; then echo "$1"; else echo "$l"; fi
 }
 
-STAGES=(wheels build tests sanitizer targets throughput convergence pipeline profile kernels)
+STAGES=(wheels build tests sanitizer targets throughput convergence pipeline profile kernels study)
 declare -A ST_STATUS ST_TIME
 for s in "${STAGES[@]}"; do ST_STATUS[$s]="not reached"; ST_TIME[$s]=""; done
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
@@ -377,18 +379,36 @@ stage_convergence() {
         status convergence "$NO_NIB"
     fi
 }
+stage_study() {  # the full-size convergence study (GPU sizes, 3 seeds; a few minutes)
+    if [ -n "$DATA_MISSING" ]; then status study "$NO_NIB"; return; fi
+    local lim s0 rc st
+    if ! lim=$(stage_limit "${STUDY_TIMEOUT:-300}" 90); then
+        status study "skipped (budget: $(left)s left)"; return
+    fi
+    say "study: python -m benchmarks.convergence_study --device $DEV (log: logs/study.log)"
+    s0=$(now)
+    timeout -k 10 "$lim" "$PY" -m benchmarks.convergence_study --device "$DEV" \
+        --out "$BENCH/convergence_study" > "$LOGS/study.log" 2>&1
+    rc=$?
+    case $rc in
+        0) st="ok: $(tail -3 "$LOGS/study.log" | tr '\n' ' ' | cut -c1-200)" ;;
+        124|137) st="timeout after ${lim}s" ;;
+        *) st="rc $rc (see logs/study.log)"; tail -15 "$LOGS/study.log" ;;
+    esac
+    status study "$st" "$(($(now) - s0))s"
+}
 # After the targets, the measurements that issues still wait for (the CLI's throughput, the GPU
 # convergence study, the data wait), then the diagnostics (profile, single kernels).
-# ORDER overrides it (any of: throughput convergence pipeline profile kernels).
+# ORDER overrides it (any of: throughput convergence pipeline profile kernels study).
 NAREAS=$#
 RUN_ORDER="${ORDER-throughput convergence pipeline profile kernels}"
 for s in $RUN_ORDER; do
     case $s in
-        throughput|convergence|pipeline|profile|kernels) "stage_$s" ;;
+        throughput|convergence|pipeline|profile|kernels|study) "stage_$s" ;;
         *) say "ORDER: unknown stage '$s' (ignored)" ;;
     esac
 done
-for s in throughput convergence pipeline profile kernels; do
+for s in throughput convergence pipeline profile kernels study; do
     case " $RUN_ORDER " in *" $s "*) ;; *) status "$s" "skipped (not in ORDER)" ;; esac
 done
 
