@@ -121,11 +121,12 @@ class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> 
     auto [out, y, mean, invstd, var] =
         cbr_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
                       padding, dilation, training, eps, relu);
-    // With a residual the output is kept, not the residual: its sign is the ReLU mask, and it
-    // is the block's output, which the next block keeps anyway (the residual, e.g. a
-    // downsample branch's BatchNorm output, would be kept for this alone).
+    // With a residual and a ReLU the output is kept, not the residual: its sign is the ReLU
+    // mask, and it is the block's output, which the next block keeps anyway (the residual, e.g.
+    // a downsample branch's BatchNorm output, would be kept for this alone). Without a ReLU
+    // nothing is needed: grad_residual is grad_out.
     ctx->save_for_backward({x, weight, y, mean, invstd, bn_weight, bn_bias,
-                            residual.has_value() ? out : at::Tensor()});
+                            residual.has_value() && relu ? out : at::Tensor()});
     ctx->saved_data["stride"] = vec(stride);
     ctx->saved_data["padding"] = vec(padding);
     ctx->saved_data["dilation"] = vec(dilation);
@@ -134,6 +135,7 @@ class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> 
     const std::vector<bool> present{true, true, true, true, running_mean.has_value(),
                                     running_var.has_value(), residual.has_value()};
     ctx->saved_data["residual_edge"] = edge_of(present, 6);
+    ctx->saved_data["has_residual"] = residual.has_value();
     if (residual.has_value()) ctx->saved_data["residual_dtype"] = residual->scalar_type();
     ctx->mark_non_differentiable({y, mean, invstd, var});
     ctx->set_materialize_grads(false);  // y, mean, invstd, var never get gradient tensors
@@ -150,8 +152,8 @@ class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> 
                 "(create_graph=True) is not supported; use the unfused model (fused=False)");
     const variable_list sv = ctx->get_saved_variables();
     const at::Tensor &x = sv[0], &weight = sv[1], &y = sv[2], &bn_weight = sv[5],
-                     &bn_bias = sv[6], &relu_out = sv[7];  // relu_out: with a residual only
-    const bool need_res = relu_out.defined() &&
+                     &bn_bias = sv[6], &relu_out = sv[7];  // with a residual and a ReLU only
+    const bool need_res = ctx->saved_data["has_residual"].toBool() &&
                           ctx->needs_input_grad(ctx->saved_data["residual_edge"].toInt());
     at::Tensor grad_y, gbw, gbb, gr;
     {
@@ -165,7 +167,10 @@ class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> 
         conv_grads(ctx, grad_y, x, weight, ctx->needs_input_grad(0), ctx->needs_input_grad(1));
     if (ctx->needs_input_grad(2)) grads[2] = gbw.to(bn_weight.scalar_type());
     if (ctx->needs_input_grad(3)) grads[3] = gbb.to(bn_bias.scalar_type());
-    if (need_res) grads[6] = gr.to(ctx->saved_data["residual_dtype"].toScalarType());
+    if (need_res) {
+      const auto dtype = ctx->saved_data["residual_dtype"].toScalarType();
+      grads[6] = relu_out.defined() ? gr.to(dtype) : grad_out.to(dtype);  // no ReLU: identity
+    }
     return grads;
   }
 };

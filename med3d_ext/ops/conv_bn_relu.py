@@ -5,7 +5,9 @@
 The convolution runs on ATen (cuDNN on CUDA); the statistics, the normalise + residual + ReLU
 epilogue and the BatchNorm/ReLU backward are our kernels, one pass each. Backward saves only the
 conv input, the conv output ``y`` and the per-channel mean/invstd: the normalised activation and
-the ReLU mask are recomputed from ``y`` (the memory-saving mode; it is the only mode).
+the ReLU mask are recomputed from ``y`` (the memory-saving mode; it is the only mode). A layer
+with a residual and a ReLU keeps its output instead of the residual and reads the mask from its
+sign (the output is the block's, which the next block keeps anyway).
 """
 
 from __future__ import annotations
