@@ -31,6 +31,10 @@ TORCH_LIBRARY(med3d_ext, m) {
       "Tensor? running_mean, Tensor? running_var, Tensor? residual, int[3] stride, "
       "int[3] padding, int[3] dilation, bool training, float eps, bool relu) "
       "-> (Tensor out, Tensor y, Tensor mean, Tensor invstd, Tensor var)");
+  // relu(batch_norm(y)) with given statistics: the epilogue alone (recomputing a fused layer's
+  // output in backward instead of keeping it, med3d_ext.nn.fused)
+  m.def("bn_act(Tensor y, Tensor mean, Tensor invstd, Tensor bn_weight, Tensor bn_bias, "
+        "bool relu) -> Tensor");
   m.def(
       "bn_relu_backward(Tensor grad_out, Tensor y, Tensor mean, Tensor invstd, Tensor bn_weight, "
       "Tensor bn_bias, Tensor? relu_out, bool training, bool relu) "

@@ -196,6 +196,26 @@ at::Tensor conv_bias_relu3d_generic(const at::Tensor& x, const at::Tensor& weigh
   return out;
 }
 
+at::Tensor bn_act_generic(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                          const at::Tensor& bn_weight, const at::Tensor& bn_bias, bool relu,
+                          ApplyFn apply) {
+  const char* op = "bn_act";
+  M3D_CHECK_ARG(y.defined() && y.dim() == 5, op, "y", y, "5-D (N, C, D, H, W)");
+  check_float(op, "y", y);
+  const int64_t C = y.size(1);
+  check_channel_param(op, "mean", mean, y, C);
+  check_channel_param(op, "invstd", invstd, y, C);
+  check_channel_param(op, "bn_weight", bn_weight, y, C);
+  check_channel_param(op, "bn_bias", bn_bias, y, C);
+  const auto fmt = layout_of(y);
+  const at::Tensor yc = y.contiguous(fmt);
+  at::Tensor out = at::empty_like(yc, yc.options(), fmt);
+  if (yc.numel() > 0)
+    apply(yc, acc_param(mean, yc), acc_param(invstd, yc), acc_param(bn_weight, yc),
+          acc_param(bn_bias, yc), nullptr, relu, out);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> prepare_bn_relu_backward(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
@@ -245,7 +265,13 @@ at::Tensor conv_bias_relu3d_cpu(const at::Tensor& x, const at::Tensor& weight,
 
 }  // namespace
 
+at::Tensor bn_act_cpu(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                      const at::Tensor& bn_weight, const at::Tensor& bn_bias, bool relu) {
+  return bn_act_generic(y, mean, invstd, bn_weight, bn_bias, relu, &bn_act_forward_cpu);
+}
+
 TORCH_LIBRARY_IMPL(med3d_ext, CPU, m) {
+  m.impl("bn_act", &bn_act_cpu);
   m.impl("conv_bn_relu3d", &conv_bn_relu3d_cpu);
   m.impl("bn_relu_backward", &bn_relu_backward_cpu);
   m.impl("conv_bias_relu3d", &conv_bias_relu3d_cpu);

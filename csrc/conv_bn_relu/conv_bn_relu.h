@@ -165,6 +165,11 @@ at::Tensor conv_bias_relu3d_generic(const at::Tensor& x, const at::Tensor& weigh
                                     at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, bool relu, ApplyFn apply);
 
+// bn_act: out = act((y - mean) * w * invstd + b) in y's layout (checks, then `apply`).
+at::Tensor bn_act_generic(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                          const at::Tensor& bn_weight, const at::Tensor& bn_bias, bool relu,
+                          ApplyFn apply);
+
 // Checks and layout shared by both devices' bn_relu_backward; returns the inputs brought to
 // y's layout and dtype: (grad_out, relu_out-or-undefined).
 std::tuple<at::Tensor, at::Tensor> prepare_bn_relu_backward(

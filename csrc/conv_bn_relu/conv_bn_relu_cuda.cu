@@ -184,6 +184,12 @@ ConvBnReluOut conv_bn_relu3d_cuda(const at::Tensor& x, const at::Tensor& weight,
                                 generic_stats() ? nullptr : &bn_forward_stats_cuda);
 }
 
+at::Tensor bn_act_cuda(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                       const at::Tensor& bn_weight, const at::Tensor& bn_bias, bool relu) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  return bn_act_generic(y, mean, invstd, bn_weight, bn_bias, relu, &bn_act_forward_cuda);
+}
+
 at::Tensor conv_bias_relu3d_cuda(const at::Tensor& x, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias,
                                  const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
@@ -198,6 +204,7 @@ at::Tensor conv_bias_relu3d_cuda(const at::Tensor& x, const at::Tensor& weight,
 TORCH_LIBRARY_IMPL(med3d_ext, CUDA, m) {
   m.impl("conv_bn_relu3d", &conv_bn_relu3d_cuda);
   m.impl("bn_relu_backward", &bn_relu_backward_cuda);
+  m.impl("bn_act", &bn_act_cuda);
   m.impl("conv_bias_relu3d", &conv_bias_relu3d_cuda);
 }
 

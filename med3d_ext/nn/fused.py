@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.conv_bn_relu import _triple, conv_bias_relu3d, conv_bn_relu3d, conv_bn_relu_maxpool3d
+from ..ops.conv_bn_relu import (_conv_bn_relu3d, _triple, conv_bias_relu3d, conv_bn_relu3d,
+                                conv_bn_relu_maxpool3d)
+from .recompute import can_recompute, recompute_input
 
 __all__ = ["ConvBNReLU3d", "conv_bn_act", "fuse_modules", "unfuse_modules", "fold_bn"]
 
@@ -100,16 +102,44 @@ class ConvBNReLU3d(nn.Module):
 # --------------------------------------------------------------------------- fused forwards
 
 
+# Keep a recipe instead of each inner activation of a fused block (conv1's output, and conv2's
+# in a bottleneck) and rebuild it in backward (med3d_ext/nn/recompute.py): less memory for one
+# element-wise pass per inner layer. Off until measured on a GPU.
+RECOMPUTE_BLOCK_INPUTS = False
+
+
 def _block_forward(self, x):
     """MedicalNet BasicBlock / Bottleneck: conv-bn-relu (x2 or x3), residual before the last
     ReLU; ``downsample`` is None, a callable (type A) or Sequential(Conv3d, BN) (type B, itself
     fused as a Sequential)."""
     residual = x if self.downsample is None else self.downsample(x)
+    if RECOMPUTE_BLOCK_INPUTS and can_recompute(x):
+        return _block_forward_recompute(self, x, residual)
     out = conv_bn_act(self.conv1, self.bn1, x)
     if hasattr(self, "conv3"):
         out = conv_bn_act(self.conv2, self.bn2, out)
         return conv_bn_act(self.conv3, self.bn3, out, residual)
     return conv_bn_act(self.conv2, self.bn2, out, residual)
+
+
+def _block_forward_recompute(self, x, residual):
+    out, recipe = _conv_bn_act_recipe(self.conv1, self.bn1, x)
+    if hasattr(self, "conv3"):
+        with recompute_input(out, recipe):
+            out, recipe = _conv_bn_act_recipe(self.conv2, self.bn2, out)
+        with recompute_input(out, recipe):
+            return conv_bn_act(self.conv3, self.bn3, out, residual)
+    with recompute_input(out, recipe):
+        return conv_bn_act(self.conv2, self.bn2, out, residual)
+
+
+def _conv_bn_act_recipe(conv, bn, x):
+    """conv_bn_act with a ReLU and no residual, plus how to rebuild its output (or None)."""
+    if not (_fusible(conv, bn) and isinstance(bn, nn.BatchNorm3d)):
+        return conv_bn_act(conv, bn, x), None
+    rm, rv, use_batch, factor = _bn_args(bn)
+    return _conv_bn_relu3d(x, conv.weight, bn.weight, bn.bias, rm, rv, conv.stride, conv.padding,
+                           conv.dilation, use_batch, factor, bn.eps, None, True)
 
 
 def _sequential_forward(self, x):

@@ -150,6 +150,15 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
         Under autocast, x, weight and residual are cast as conv3d would be; BatchNorm math is
         fp32 whatever the dtype.
     """
+    return _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                           padding, dilation, training, momentum, eps, residual, relu)[0]
+
+
+def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                    dilation, training, momentum, eps, residual, relu):
+    """conv_bn_relu3d's work; returns ``(out, recipe)``, where ``recipe`` (for a ReLU layer
+    without residual, on the compiled op; else None) is the ``bn_act`` arguments that give
+    ``out`` again bit for bit: (y, mean, invstd, bn_weight, bn_bias)."""
     if momentum is None:
         raise ValueError("conv_bn_relu3d: momentum=None (cumulative average) is handled by "
                          "ConvBNReLU3d / the fused modules; pass 1/num_batches_tracked instead")
@@ -162,15 +171,16 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
         return reference.conv_bn_relu3d(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
-            residual=residual, relu=relu)
+            residual=residual, relu=relu), None
     x, weight, bn_weight, bn_bias, stride, padding = _prepare_bn_call(
         "conv_bn_relu3d", x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
         padding, dilation, training)
-    out, _y, mean, _invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                     residual, stride, padding, dilation, training, eps, relu)
+    out, y, mean, invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                   residual, stride, padding, dilation, training, eps, relu)
     if training and running_mean is not None and out.numel() > 0:
         _update_running_stats(running_mean, running_var, mean, var, momentum)
-    return out
+    recipe = (y, mean, invstd, bn_weight, bn_bias) if relu and residual is None else None
+    return out, recipe
 
 
 def _update_running_stats(running_mean, running_var, mean, var, momentum):
@@ -284,6 +294,11 @@ def _conv_bn_relu3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_va
     c = weight.shape[0]
     stats = [x.new_empty((c,), dtype=_acc(x)) for _ in range(3)]
     return (out, torch.empty_like(out), *stats)
+
+
+@register_fake("bn_act")
+def _bn_act_fake(y, mean, invstd, bn_weight, bn_bias, relu):
+    return _empty(y.shape, y, _is_cl(y))
 
 
 @register_fake("bn_relu_backward")
