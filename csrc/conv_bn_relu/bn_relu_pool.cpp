@@ -174,7 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
             const acc_t z = bn_pre_act<acc_t>(yv, m[c], sc, bp[c], acc_t(0));
             acc_t gsum;
             pool_grad_at<1, scalar_t, acc_t>(gp + obase, ap + obase, 0, g, d, h, x, &gsum);
-            const acc_t gv = bn_masked_grad<true>(gsum, z);
+            // rounded to y's dtype, as the CUDA backward stores it (and as the unfused
+            // max_pool3d backward hands it to BatchNorm's): one result on both devices
+            const acc_t gv = static_cast<acc_t>(static_cast<scalar_t>(bn_masked_grad<true>(gsum, z)));
             f(i, gv, yv);
           }
     };
