@@ -118,3 +118,26 @@ def test_recompute_off_under_no_grad_and_other_hooks(monkeypatch):
         assert not can_recompute(x)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         assert not can_recompute(x)
+
+
+def test_recompute_steps_aside_under_compile(monkeypatch):
+    # torch.compile traces its own graph: the flag must not break fullgraph tracing, and the
+    # compiled step must give the eager (recomputing) step's gradients
+    import med3d_ext.nn.fused as fz
+
+    monkeypatch.setattr(fz, "RECOMPUTE_BLOCK_INPUTS", True)
+    torch.manual_seed(0)
+    m = fuse_modules(resnet3d(10)).train()
+    x = torch.randn(2, 1, 8, 12, 10)
+
+    def loss(x):
+        return m(x).float().pow(2).sum()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    a = compiled(x)
+    a.backward()
+    g = m.conv1.weight.grad.clone()
+    m.zero_grad(set_to_none=True)
+    b = loss(x)
+    b.backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(g, m.conv1.weight.grad)
