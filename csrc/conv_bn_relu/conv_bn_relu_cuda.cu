@@ -143,21 +143,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats_cuda(const at::T
   using namespace cbr;
   const Geometry g = geometry(y);
   auto opts = y.options().dtype(acc_dtype(y));
-  auto shift = y.select(0, 0).select(1, 0).select(1, 0).select(1, 0).to(opts).contiguous();
   auto mean = at::empty({g.C}, opts), invstd = at::empty({g.C}, opts), var = at::empty({g.C}, opts);
   at::Tensor partial = at::empty({0}, opts);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_fwd_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ParamPtrs<acc_t> pp{shift.const_data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr};
-    const StatsAcc<scalar_t, acc_t> acc{y.const_data_ptr<scalar_t>()};
+    const ParamPtrs<acc_t> pp{nullptr, nullptr, nullptr, nullptr, nullptr};  // StatsAcc::params
+    const StatsAcc<scalar_t, acc_t> acc{y.const_data_ptr<scalar_t>(), y.stride(1)};
     const int64_t splits =
         can_vectorise<scalar_t>(g, {acc.y})
             ? launch_reduce<acc_t, vec_width<scalar_t>()>(g, acc, pp, partial, stream)
             : launch_reduce<acc_t, 1>(g, acc, pp, partial, stream);
-    stats_finish<acc_t><<<finish_blocks(g.C), kFinishWarps * 32, 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), splits, g.C, acc_t(g.M), shift.const_data_ptr<acc_t>(),
-        eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+    stats_finish<scalar_t, acc_t><<<finish_blocks(g.C), kFinishWarps * 32, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), splits, g.C, acc_t(g.M), acc.y, acc.c_stride, eps,
+        mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), var.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, invstd, var};

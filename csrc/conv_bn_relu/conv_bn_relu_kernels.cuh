@@ -239,11 +239,24 @@ struct BackwardAcc {  // sum g, sum g * (y - mean); writes grad_residual when kR
                                              acc_t* s1) const {
     consume<V, PS>(i, fetch<V>(i), p, s0, s1);
   }
+  // channel c's parameters, read once per thread by the reduction drivers
+  __device__ __forceinline__ ChanParams<acc_t> params(const ParamPtrs<acc_t>& pp, int64_t c) const {
+    return pp.get(c);
+  }
 };
 
+// sum (y - K), sum (y - K)^2 with a per-channel shift K = y[0, c, 0, 0, 0] (ChanParams::m),
+// read from y itself (stats_shift) rather than copied out by a kernel of its own first: one
+// launch and a handful of host-side tensor ops less per BatchNorm layer.
 template <typename scalar_t, typename acc_t>
-struct StatsAcc {  // sum (y - K), sum (y - K)^2 with a per-channel shift K (ChanParams::m)
+__device__ __forceinline__ acc_t stats_shift(const scalar_t* y, int64_t c_stride, int64_t c) {
+  return static_cast<acc_t>(y[c * c_stride]);
+}
+
+template <typename scalar_t, typename acc_t>
+struct StatsAcc {
   const scalar_t* y;
+  int64_t c_stride;  // y's channel stride: the shift of channel c is y[c * c_stride]
   static constexpr bool kFetch = true;
   template <int V>
   struct Frag {
@@ -268,6 +281,11 @@ struct StatsAcc {  // sum (y - K), sum (y - K)^2 with a per-channel shift K (Cha
                                              acc_t* s1) const {
     consume<V, PS>(i, fetch<V>(i), p, s0, s1);
   }
+  __device__ __forceinline__ ChanParams<acc_t> params(const ParamPtrs<acc_t>&, int64_t c) const {
+    ChanParams<acc_t> p{};
+    p.m = stats_shift<scalar_t, acc_t>(y, c_stride, c);
+    return p;
+  }
 };
 
 // The reduction kernels write per-(channel, split) pairs of sums; the finishing kernels read
@@ -284,7 +302,7 @@ __global__ void reduce_nchw(Acc acc, ParamPtrs<acc_t> pp, int64_t N, int64_t C, 
   const int64_t c = blockIdx.y, sv = S / V, total = N * sv;
   const int64_t per = (total + gridDim.x - 1) / gridDim.x;
   const int64_t lo = blockIdx.x * per, hi = min(total, lo + per);
-  const ChanParams<acc_t> p = pp.get(c);
+  const ChanParams<acc_t> p = acc.params(pp, c);
   acc_t s0 = 0, s1 = 0;
   for (int64_t v = lo + threadIdx.x; v < hi; v += blockDim.x) {
     const int64_t n = v / sv, i = (n * C + c) * S + (v - n * sv) * V;
@@ -325,7 +343,7 @@ __global__ void reduce_nhwc(Acc acc, ParamPtrs<acc_t> pp, int64_t M, int64_t C, 
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     s0[j] = s1[j] = acc_t(0);
-    if (valid) p[j] = pp.get(cv * V + j);
+    if (valid) p[j] = acc.params(pp, cv * V + j);
   }
   if (valid) {
     const int64_t stride = int64_t(gridDim.y) * blockDim.y, col = cv * V;
@@ -419,10 +437,10 @@ __global__ void reduce_finish(const acc_t* partial, int64_t splits, int64_t C, a
 
 // Forward statistics from the shifted sums: mean, invstd = 1 / sqrt(var + eps) and the
 // unbiased variance (for the running-stat update).
-template <typename acc_t>
+template <typename scalar_t, typename acc_t>
 __global__ void stats_finish(const acc_t* partial, int64_t splits, int64_t C, acc_t n,
-                             const acc_t* shift, double eps, acc_t* mean, acc_t* invstd,
-                             acc_t* var_unbiased) {
+                             const scalar_t* y, int64_t c_stride, double eps, acc_t* mean,
+                             acc_t* invstd, acc_t* var_unbiased) {
   const int64_t c = finish_channel();
   if (c >= C) return;
   acc_t s0, s1;
@@ -431,7 +449,7 @@ __global__ void stats_finish(const acc_t* partial, int64_t splits, int64_t C, ac
   const acc_t d = s0 / n;
   acc_t var = s1 / n - d * d;
   var = var > acc_t(0) ? var : acc_t(0);
-  mean[c] = shift[c] + d;
+  mean[c] = stats_shift<scalar_t, acc_t>(y, c_stride, c) + d;
   invstd[c] = acc_t(1) / sqrt(var + static_cast<acc_t>(eps));
   var_unbiased[c] = var * n / (n - acc_t(1));
 }
