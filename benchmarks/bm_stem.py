@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .bm_conv_bn_relu import FLOORS, Layer
-from .common import m3d_attr, op_backend
+from .common import m3d_attr, op_backend, with_module_flag
 
 AREA = "stem"
 GPU_INPUT = (8, (64, 128, 128))  # batch, spatial: perf-baselines.md's training input
@@ -85,7 +85,9 @@ def run(ctx):
                  note=op_backend("conv_bn_relu3d", ctx.device))
         if not pool and ctx.gpu:  # the same op with the W-folded stem rewrite (STEM_FOLD_W)
             case.add("med3d_ext conv_bn_relu3d, W-folded stem",
-                     lambda: L.make(L.fused(_with_fold(m3d_attr("ops.conv_bn_relu3d"))), True),
+                     lambda: L.make(L.fused(with_module_flag(
+                         m3d_attr("ops.conv_bn_relu3d"), "med3d_ext.ops.conv_bn_relu",
+                         "STEM_FOLD_W", True)), True),
                      note=op_backend("conv_bn_relu3d", ctx.device))
         if pool:  # the max-pool fused too: the full-resolution activation is never written
             case.add("med3d_ext conv_bn_relu_maxpool3d", lambda: L.make(_fused_pool(), True),
@@ -108,18 +110,3 @@ def _fused_pool():
 def _stem_conv(fold):
     stem_conv = m3d_attr("ops.stem.stem_conv3d")
     return lambda a, b: stem_conv(a, b, padding=3, fold_w=fold)
-
-
-def _with_fold(op):
-    """``op`` called with conv_bn_relu.STEM_FOLD_W on (restored after each call)."""
-    import importlib
-
-    mod = importlib.import_module("med3d_ext.ops.conv_bn_relu")
-
-    def f(*args, **kwargs):
-        old, mod.STEM_FOLD_W = mod.STEM_FOLD_W, True
-        try:
-            return op(*args, **kwargs)
-        finally:
-            mod.STEM_FOLD_W = old
-    return f

@@ -33,7 +33,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .common import Unavailable, high_precision, m3d_attr, op_backend
+from .common import (Unavailable, high_precision, m3d_attr, module_flag, op_backend,
+                     with_module_flag)
 
 AREA = "train_step"
 GPU_SHAPE = (8, 1, 64, 128, 128)  # perf-baselines.md
@@ -61,26 +62,11 @@ def memory_saving(st, model, source):
     """The fused model with the memory-saving switches of med3d_ext.nn.fused on: the stem's
     max-pool fused (FUSE_STEM_POOL, read when fusing) and the blocks' inner activations
     recomputed in backward (RECOMPUTE_BLOCK_INPUTS, read in every forward)."""
-    import importlib
-
-    fz = importlib.import_module("med3d_ext.nn.fused")
-    old = fz.FUSE_STEM_POOL
-    fz.FUSE_STEM_POOL = True
-    try:
+    fused = "med3d_ext.nn.fused"
+    with module_flag(fused, "FUSE_STEM_POOL", True):
         m = fused_copy(model, source)
-    finally:
-        fz.FUSE_STEM_POOL = old
     step, check = st.make(m, False)
-
-    def flagged(fn):
-        def call():
-            prev, fz.RECOMPUTE_BLOCK_INPUTS = fz.RECOMPUTE_BLOCK_INPUTS, True
-            try:
-                return fn()
-            finally:
-                fz.RECOMPUTE_BLOCK_INPUTS = prev
-        return call
-    return flagged(step), flagged(check)
+    return tuple(with_module_flag(f, fused, "RECOMPUTE_BLOCK_INPUTS", True) for f in (step, check))
 
 
 class Step:

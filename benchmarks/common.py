@@ -30,6 +30,7 @@ and calls ``case.run()``. For every case the runner:
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import math
 import os
@@ -114,6 +115,27 @@ def optional_import(name: str):
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+@contextmanager
+def module_flag(module: str, name: str, value):
+    """``module.name = value`` for the duration (e.g. a med3d_ext switch such as
+    ``med3d_ext.nn.fused.RECOMPUTE_BLOCK_INPUTS``), restored afterwards."""
+    mod = importlib.import_module(module)
+    old = getattr(mod, name)
+    setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        setattr(mod, name, old)
+
+
+def with_module_flag(fn, module: str, name: str, value):
+    """``fn`` with :func:`module_flag` set around each call."""
+    def call(*args, **kwargs):
+        with module_flag(module, name, value):
+            return fn(*args, **kwargs)
+    return call
 
 
 def sync_stream(device: str) -> None:

@@ -196,10 +196,12 @@ at::Tensor conv_bias_relu3d_generic(const at::Tensor& x, const at::Tensor& weigh
   return out;
 }
 
-at::Tensor bn_act_generic(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
-                          const at::Tensor& bn_weight, const at::Tensor& bn_bias, bool relu,
-                          ApplyFn apply) {
-  const char* op = "bn_act";
+namespace {
+
+// y is a 5-D float conv output; mean, invstd and the affine parameters are per-channel of it.
+void check_bn_state(const char* op, const at::Tensor& y, const at::Tensor& mean,
+                    const at::Tensor& invstd, const at::Tensor& bn_weight,
+                    const at::Tensor& bn_bias) {
   M3D_CHECK_ARG(y.defined() && y.dim() == 5, op, "y", y, "5-D (N, C, D, H, W)");
   check_float(op, "y", y);
   const int64_t C = y.size(1);
@@ -207,6 +209,14 @@ at::Tensor bn_act_generic(const at::Tensor& y, const at::Tensor& mean, const at:
   check_channel_param(op, "invstd", invstd, y, C);
   check_channel_param(op, "bn_weight", bn_weight, y, C);
   check_channel_param(op, "bn_bias", bn_bias, y, C);
+}
+
+}  // namespace
+
+at::Tensor bn_act_generic(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+                          const at::Tensor& bn_weight, const at::Tensor& bn_bias, bool relu,
+                          ApplyFn apply) {
+  check_bn_state("bn_act", y, mean, invstd, bn_weight, bn_bias);
   const auto fmt = layout_of(y);
   const at::Tensor yc = y.contiguous(fmt);
   at::Tensor out = at::empty_like(yc, yc.options(), fmt);
@@ -221,16 +231,10 @@ std::tuple<at::Tensor, at::Tensor> prepare_bn_relu_backward(
     const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const c10::optional<at::Tensor>& relu_out) {
   const char* op = "bn_relu_backward";
-  M3D_CHECK_ARG(y.defined() && y.dim() == 5, op, "y", y, "5-D (N, C, D, H, W)");
-  check_float(op, "y", y);
+  check_bn_state(op, y, mean, invstd, bn_weight, bn_bias);
   M3D_CHECK_ARG(grad_out.defined() && grad_out.sizes() == y.sizes(), op, "grad_out", grad_out,
                 "of y's shape");
   check_same_device(op, "grad_out", grad_out, y);
-  const int64_t C = y.size(1);
-  check_channel_param(op, "mean", mean, y, C);
-  check_channel_param(op, "invstd", invstd, y, C);
-  check_channel_param(op, "bn_weight", bn_weight, y, C);
-  check_channel_param(op, "bn_bias", bn_bias, y, C);
   const auto fmt = layout_of(y);
   at::Tensor r;
   if (relu_out.has_value()) {
