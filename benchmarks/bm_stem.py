@@ -2,7 +2,8 @@
 plus the weight (and BN affine) gradients; the network input has no grad.
 
 Cases: the conv alone (eager bf16 channels_last_3d vs fp32: the reference anchors of
-perf-baselines.md), conv+BN+ReLU, and conv+BN+ReLU+max-pool (3, stride 2, padding 1), each
+perf-baselines.md; and each of our stem algorithms, conv_bn_relu.STEM_CONV), conv+BN+ReLU (and
+with each STEM_CONV), and conv+BN+ReLU+max-pool (3, stride 2, padding 1), each
 med3d_ext ``conv_bn_relu3d`` (+ ``F.max_pool3d``; and the all-in-one ``conv_bn_relu_maxpool3d``)
 vs eager and, outside --quick, torch.compile,
 checked with the error-ratio rule against the eager stem in high precision (as in conv_bn_relu;
@@ -56,17 +57,22 @@ def run(ctx):
     case.add("eager conv3d fp32", lambda: _conv_alone(x, w, gy, torch.float32, False), baseline=True, reference=True)
     if ctx.gpu:
         case.add("eager conv3d bf16 CL", lambda: _conv_alone(x, w, gy, torch.bfloat16, True), baseline=True)
-    # the fused ops' stem rewrite, both forms (ops/stem.py): which one the fused path should use
-    # (conv_bn_relu.STEM_FOLD_W) is decided by these two rows
+    # the fused ops' stem algorithms (conv_bn_relu.STEM_CONV): im2col + one GEMM, and the
+    # space-to-depth rewrite in both forms (ops/stem.py); which one "auto" picks per device is
+    # decided by these rows
     dt = torch.bfloat16 if ctx.gpu else torch.float32
+    tag = "bf16 CL" if ctx.gpu else "fp32"
+    case.add(f"med3d_ext im2col3d + GEMM {tag}",
+             lambda: _conv_alone(x, w, gy, dt, ctx.gpu, _im2col_conv()))
     for fold in (False, True):
-        case.add(f"med3d_ext stem_conv3d {'bf16 CL' if ctx.gpu else 'fp32'} (space-to-depth"
+        case.add(f"med3d_ext stem_conv3d {tag} (space-to-depth"
                  + (", W taps folded)" if fold else ")"),
                  lambda fold=fold: _conv_alone(x, w, gy, dt, ctx.gpu, _stem_conv(fold)))
     case.run()
     del x, w, gy
 
     # 2./3. conv+BN+ReLU (+ max-pool), bf16 autocast channels_last_3d on a GPU as in the model
+    auto = "im2col" if ctx.gpu else "aten"  # what STEM_CONV = "auto" runs on this device
     for pool in (False, True):
         try:
             L = Layer(ctx, 1, 64, 7, 2, 1, spatial, False, batch, pad=3, x_grad=False, pool=pool)
@@ -82,13 +88,16 @@ def run(ctx):
         case.add("eager", lambda: L.make(L.eager, True), baseline=True, reference=True)
         case.add("med3d_ext conv_bn_relu3d" + (" + F.max_pool3d" if pool else ""),
                  lambda: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), True),
-                 note=op_backend("conv_bn_relu3d", ctx.device))
-        if not pool and ctx.gpu:  # the same op with the W-folded stem rewrite (STEM_FOLD_W)
-            case.add("med3d_ext conv_bn_relu3d, W-folded stem",
-                     lambda: L.make(L.fused(with_module_flag(
-                         m3d_attr("ops.conv_bn_relu3d"), "med3d_ext.ops.conv_bn_relu",
-                         "STEM_FOLD_W", True)), True),
-                     note=op_backend("conv_bn_relu3d", ctx.device))
+                 note=op_backend("conv_bn_relu3d", ctx.device) + f"; STEM_CONV auto = {auto}")
+        if not pool:  # the same op with each other stem algorithm (STEM_CONV)
+            for algo in ("im2col", "space_to_depth", "space_to_depth_fold_w"):
+                if algo == auto:
+                    continue
+                case.add(f"med3d_ext conv_bn_relu3d, STEM_CONV={algo}",
+                         lambda algo=algo: L.make(L.fused(with_module_flag(
+                             m3d_attr("ops.conv_bn_relu3d"), "med3d_ext.ops.conv_bn_relu",
+                             "STEM_CONV", algo)), True),
+                         note=op_backend("conv_bn_relu3d", ctx.device))
         if pool:  # the max-pool fused too: the full-resolution activation is never written
             case.add("med3d_ext conv_bn_relu_maxpool3d", lambda: L.make(_fused_pool(), True),
                      note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
@@ -105,6 +114,14 @@ def _fused_pool():
         return op(x, w, bw, bb, rm, rv, stride=2, padding=3, training=training, momentum=0.1,
                   eps=1e-5, pool_kernel=3, pool_stride=2, pool_padding=1)
     return f
+
+
+def _im2col_conv():
+    """The stem convolution as the fused ops run it with STEM_CONV = "im2col": conv_bias_relu3d
+    without bias, residual or ReLU is the bare convolution (its epilogue is skipped)."""
+    op = m3d_attr("ops.conv_bias_relu3d")
+    return with_module_flag(lambda a, b: op(a, b, None, stride=2, padding=3, relu=False),
+                            "med3d_ext.ops.conv_bn_relu", "STEM_CONV", "im2col")
 
 
 def _stem_conv(fold):

@@ -26,10 +26,12 @@ TORCH_LIBRARY(med3d_ext, m) {
         "int[] label_size, Tensor? elastic=None, Tensor? intensity=None, Tensor? seed=None, "
         "int padding_mode=0, bool align_corners=False) -> (Tensor image_out, Tensor label_out)");
   m.def("resize(Tensor image, int[] size, int mode=0) -> Tensor");
+  // conv_algo (conv_bn_relu/conv_bn_relu.h, ConvAlgo): 0 the ATen convolution (cuDNN / oneDNN),
+  // 1 im2col3d + one GEMM, for the few-channel stem.
   m.def(
       "conv_bn_relu3d(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
       "Tensor? running_mean, Tensor? running_var, Tensor? residual, int[3] stride, "
-      "int[3] padding, int[3] dilation, bool training, float eps, bool relu) "
+      "int[3] padding, int[3] dilation, bool training, float eps, bool relu, int conv_algo=0) "
       "-> (Tensor out, Tensor y, Tensor mean, Tensor invstd, Tensor var)");
   // relu(batch_norm(y)) with given statistics: the epilogue alone (recomputing a fused layer's
   // output in backward instead of keeping it, med3d_ext.nn.fused)
@@ -44,7 +46,7 @@ TORCH_LIBRARY(med3d_ext, m) {
       "conv_bn_relu_maxpool3d(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
       "Tensor? running_mean, Tensor? running_var, int[3] stride, int[3] padding, "
       "int[3] dilation, bool training, float eps, int[3] pool_kernel, int[3] pool_stride, "
-      "int[3] pool_padding) "
+      "int[3] pool_padding, int conv_algo=0) "
       "-> (Tensor out, Tensor y, Tensor mean, Tensor invstd, Tensor var, Tensor argmax)");
   m.def(
       "bn_relu_maxpool_backward(Tensor grad_out, Tensor y, Tensor argmax, Tensor mean, "
@@ -53,5 +55,9 @@ TORCH_LIBRARY(med3d_ext, m) {
       "-> (Tensor grad_y, Tensor grad_bn_weight, Tensor grad_bn_bias)");
   m.def(
       "conv_bias_relu3d(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[3] stride, "
-      "int[3] padding, int[3] dilation, bool relu) -> Tensor");
+      "int[3] padding, int[3] dilation, bool relu, int conv_algo=0) -> Tensor");
+  // The input windows of a 3-D convolution as a (N*D'*H'*W', round_up(Cin*kD*kH*kW, align))
+  // matrix: the stem convolution as one GEMM (conv_algo=1; conv_bn_relu/im2col.h)
+  m.def("im2col3d(Tensor x, int[3] kernel_size, int[3] stride, int[3] padding, "
+        "int[3] dilation, int align=8) -> Tensor");
 }

@@ -281,6 +281,31 @@ def conv_bias_relu3d(x, weight, bias, *, stride=1, padding=0, dilation=1, residu
     return F.relu(out) if relu else out
 
 
+def im2col3d(x, kernel_size, stride, padding, dilation, align=8):
+    """The (N*D'*H'*W', round_up(Cin*kD*kH*kW, align)) matrix of a 3-D convolution's input
+    windows: row (n, d', h', w'), column (c, i, j, l), zero columns after the real ones, so that
+    ``conv3d(x, w)`` is ``im2col3d(x) @ w.reshape(Cout, -1).T`` padded (one strided slice of the
+    padded input per kernel tap; written for clarity, not speed)."""
+    import torch.nn.functional as F
+
+    k, s, p, d = (list(kernel_size), list(stride), list(padding), list(dilation))
+    xp = F.pad(x, (p[2], p[2], p[1], p[1], p[0], p[0]))
+    out = [(x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(3)]
+    taps = []
+    for i in range(k[0]):
+        for j in range(k[1]):
+            for l in range(k[2]):
+                o = (i * d[0], j * d[1], l * d[2])
+                taps.append(xp[:, :, o[0]:o[0] + s[0] * (out[0] - 1) + 1:s[0],
+                               o[1]:o[1] + s[1] * (out[1] - 1) + 1:s[1],
+                               o[2]:o[2] + s[2] * (out[2] - 1) + 1:s[2]])
+    cols = torch.stack(taps, 2)  # (N, C, taps, D', H', W')
+    n, c = x.shape[:2]
+    cols = cols.permute(0, 3, 4, 5, 1, 2).reshape(n * out[0] * out[1] * out[2], c * len(taps))
+    kp = -(-cols.shape[1] // align) * align
+    return F.pad(cols, (0, kp - cols.shape[1]))
+
+
 def conv_bn_relu_maxpool3d(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
                            stride=1, padding=0, dilation=1, training=True, momentum=0.1,
                            eps=1e-5, pool_kernel=3, pool_stride=2, pool_padding=1):

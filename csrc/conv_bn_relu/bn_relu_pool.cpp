@@ -61,11 +61,13 @@ conv_bn_relu_maxpool3d_generic(const at::Tensor& x, const at::Tensor& weight,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, bool training, double eps,
                                at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
-                               at::IntArrayRef pool_padding, PoolApplyFn apply, StatsFn stats) {
+                               at::IntArrayRef pool_padding, int64_t conv_algo, PoolApplyFn apply,
+                               StatsFn stats) {
   const char* op = "conv_bn_relu_maxpool3d";
   auto [fmt, y, mean, invstd, var] =
       conv_bn_stats_generic(op, x, weight, bn_weight, bn_bias, running_mean, running_var,
-                            c10::nullopt, stride, padding, dilation, training, eps, stats);
+                            c10::nullopt, stride, padding, dilation, training, eps, conv_algo,
+                            stats);
   const auto sizes = pool_out_sizes(op, y, pool_kernel, pool_stride, pool_padding);
   at::Tensor out = at::empty(sizes, y.options(), fmt);
   at::Tensor argmax = at::empty(sizes, y.options().dtype(at::kByte), fmt);
@@ -225,10 +227,11 @@ conv_bn_relu_maxpool3d_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& running_var, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, bool training,
                            double eps, at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
-                           at::IntArrayRef pool_padding) {
+                           at::IntArrayRef pool_padding, int64_t conv_algo) {
   return conv_bn_relu_maxpool3d_generic(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                         stride, padding, dilation, training, eps, pool_kernel,
-                                        pool_stride, pool_padding, &bn_relu_pool_forward_cpu,
+                                        pool_stride, pool_padding, conv_algo,
+                                        &bn_relu_pool_forward_cpu,
                                         nullptr);
 }
 

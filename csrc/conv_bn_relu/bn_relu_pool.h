@@ -145,7 +145,8 @@ conv_bn_relu_maxpool3d_generic(const at::Tensor& x, const at::Tensor& weight,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, bool training, double eps,
                                at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
-                               at::IntArrayRef pool_padding, PoolApplyFn apply, StatsFn stats);
+                               at::IntArrayRef pool_padding, int64_t conv_algo, PoolApplyFn apply,
+                               StatsFn stats);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_backward_generic(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& argmax,
     const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& bn_weight,

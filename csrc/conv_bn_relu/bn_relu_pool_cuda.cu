@@ -227,11 +227,11 @@ conv_bn_relu_maxpool3d_cuda(const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& running_var, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, bool training,
                             double eps, at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
-                            at::IntArrayRef pool_padding) {
+                            at::IntArrayRef pool_padding, int64_t conv_algo) {
   const c10::cuda::CUDAGuard guard(x.device());
   return conv_bn_relu_maxpool3d_generic(
       x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
-      training, eps, pool_kernel, pool_stride, pool_padding, &bn_relu_pool_forward_cuda,
+      training, eps, pool_kernel, pool_stride, pool_padding, conv_algo, &bn_relu_pool_forward_cuda,
       generic_stats() ? nullptr : &bn_forward_stats_cuda);
 }
 

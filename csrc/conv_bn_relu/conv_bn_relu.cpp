@@ -1,5 +1,5 @@
-// Device-independent parts of conv_bn_relu3d (see conv_bn_relu.h): entry checks, the ATen
-// convolution, the statistics, and the composite ops, parameterised by the per-device
+// Device-independent parts of conv_bn_relu3d (see conv_bn_relu.h): entry checks, the
+// statistics, and the composite ops, parameterised by the per-device
 // elementwise kernel. The CPU ops are registered here; the CUDA ops in conv_bn_relu_cuda.cu.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -83,13 +83,6 @@ void check_channel_param(const char* op, const char* arg, const at::Tensor& p,
   check_float(op, arg, p);
 }
 
-at::Tensor conv3d_aten(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& conv,
-                       at::MemoryFormat fmt) {
-  at::Tensor y = at::convolution(x, weight, c10::nullopt, conv.stride, conv.padding,
-                                 conv.dilation, false, {0, 0, 0}, 1);
-  return y.contiguous(fmt);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats(
     const at::Tensor& y, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool training, double eps) {
@@ -123,8 +116,8 @@ ConvStats conv_bn_stats_generic(const char* op, const at::Tensor& x, const at::T
                                 const c10::optional<at::Tensor>& residual,
                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, bool training, double eps,
-                                StatsFn stats) {
-  ConvArgs conv{stride, padding, dilation};
+                                int64_t conv_algo, StatsFn stats) {
+  ConvArgs conv{stride, padding, dilation, conv_algo};
   const auto fmt = check_conv_bn_relu_args(op, x, weight, residual, conv);
   const int64_t C = weight.size(0);
   check_channel_param(op, "bn_weight", bn_weight, x, C);
@@ -138,7 +131,7 @@ ConvStats conv_bn_stats_generic(const char* op, const at::Tensor& x, const at::T
 
   ConvStats r;
   r.fmt = fmt;
-  r.y = conv3d_aten(x, weight, conv, fmt);
+  r.y = conv3d_forward(x, weight, conv, fmt);
   if (training && stats && r.y.numel() > 0) {
     const int64_t n = r.y.numel() / C;
     M3D_CHECK(n > 1, "Expected more than 1 value per channel when training, got input size ",
@@ -158,11 +151,12 @@ ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weig
                                      const c10::optional<at::Tensor>& residual,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation, bool training, double eps,
-                                     bool relu, ApplyFn apply, StatsFn stats) {
+                                     bool relu, int64_t conv_algo, ApplyFn apply,
+                                     StatsFn stats) {
   auto [fmt, y, mean, invstd, var] =
       conv_bn_stats_generic("conv_bn_relu3d", x, weight, bn_weight, bn_bias, running_mean,
                             running_var, residual, stride, padding, dilation, training, eps,
-                            stats);
+                            conv_algo, stats);
   at::Tensor out = at::empty_like(y, y.options(), fmt);
   at::Tensor r;
   if (residual.has_value()) r = residual->to(y.scalar_type()).contiguous(fmt);
@@ -176,13 +170,14 @@ at::Tensor conv_bias_relu3d_generic(const at::Tensor& x, const at::Tensor& weigh
                                     const c10::optional<at::Tensor>& bias,
                                     const c10::optional<at::Tensor>& residual,
                                     at::IntArrayRef stride, at::IntArrayRef padding,
-                                    at::IntArrayRef dilation, bool relu, ApplyFn apply) {
+                                    at::IntArrayRef dilation, bool relu, int64_t conv_algo,
+                                    ApplyFn apply) {
   const char* op = "conv_bias_relu3d";
-  ConvArgs conv{stride, padding, dilation};
+  ConvArgs conv{stride, padding, dilation, conv_algo};
   const auto fmt = check_conv_bn_relu_args(op, x, weight, residual, conv);
   const int64_t C = weight.size(0);
   if (bias.has_value()) check_channel_param(op, "bias", *bias, x, C);
-  at::Tensor y = conv3d_aten(x, weight, conv, fmt);
+  at::Tensor y = conv3d_forward(x, weight, conv, fmt);
   if (!bias.has_value() && !residual.has_value() && !relu) return y;
   // The same epilogue kernel with mean 0, invstd 1, weight 1 (undefined tensors: no
   // per-call zeros/ones to allocate and fill): out = act(y + b [+ r]).
@@ -253,18 +248,19 @@ ConvBnReluOut conv_bn_relu3d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& running_var,
                                  const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, bool training,
-                                 double eps, bool relu) {
+                                 double eps, bool relu, int64_t conv_algo) {
   return conv_bn_relu3d_generic(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                                stride, padding, dilation, training, eps, relu,
+                                stride, padding, dilation, training, eps, relu, conv_algo,
                                 &bn_act_forward_cpu);
 }
 
 at::Tensor conv_bias_relu3d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias,
                                 const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+                                at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                                int64_t conv_algo) {
   return conv_bias_relu3d_generic(x, weight, bias, residual, stride, padding, dilation, relu,
-                                  &bn_act_forward_cpu);
+                                  conv_algo, &bn_act_forward_cpu);
 }
 
 }  // namespace

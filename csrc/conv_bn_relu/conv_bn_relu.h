@@ -1,6 +1,7 @@
 // Fused conv3d + BatchNorm + ReLU (+ residual), forward and backward, CPU and CUDA.
 //
-// The convolutions stay on ATen (cuDNN / oneDNN). Around them:
+// The convolutions stay on ATen (cuDNN / oneDNN; the few-channel stem: im2col3d + cuBLAS, see
+// ConvAlgo). Around them:
 //   forward   y = conv3d(x, weight)                                    (ATen)
 //             mean, invstd, var_unbiased  = batch statistics of y        (bn_stats, one pass)
 //             out = act((y - mean) * weight_c * invstd + bias_c [+ residual])   (one pass)
@@ -8,7 +9,7 @@
 //                                       output, which the next layer keeps anyway)
 //             sum_g, sum_gyc = per-channel sums of g and g * (y - mean)    (one reduction pass)
 //             grad_y = A (g - k1) - Bp (y - mean)                          (one apply pass)
-//             grad_x, grad_weight = convolution_backward(grad_y, ...)      (ATen, Python side)
+//             grad_x, grad_weight = convolution_backward(grad_y, ...)      (ATen, the autograd)
 // Only y, mean and invstd are saved for backward (memory-saving: no normalised output is kept;
 // a residual layer keeps its output instead of the residual: the block output that the next
 // block keeps anyway, where the residual, e.g. a downsample branch's output, may be kept only
@@ -17,7 +18,7 @@
 // Ops (schemas in csrc/registration.cpp):
 //   conv_bn_relu3d(x (N,Cin,D,H,W), weight (Cout,Cin,kD,kH,kW), bn_weight (Cout), bn_bias (Cout),
 //                  running_mean? (Cout), running_var? (Cout), residual? (N,Cout,D',H',W'),
-//                  stride[3], padding[3], dilation[3], training, eps, relu)
+//                  stride[3], padding[3], dilation[3], training, eps, relu, conv_algo)
 //       -> out (N,Cout,D',H',W') in x's dtype, y (same shape: the conv output, for backward),
 //          mean (Cout), invstd (Cout), var (Cout; the unbiased batch variance when training,
 //          for the running-stat update, else a copy of running_var). Statistics are fp32
@@ -28,7 +29,8 @@
 //       relu_out: the forward's out of a layer with a residual; its sign is the ReLU mask
 //       (out > 0 iff z > 0, and NaN stays NaN: torch.relu's backward rule), and grad_residual
 //       (the masked gradient) is returned
-//   conv_bias_relu3d(x, weight, bias?, residual?, stride, padding, dilation, relu) -> out
+//   conv_bias_relu3d(x, weight, bias?, residual?, stride, padding, dilation, relu, conv_algo)
+//       -> out
 //       inference epilogue for BN folded into the conv: act(conv3d(x, w) + bias [+ residual]).
 //
 // Layout: out, y and grad_y are channels_last_3d when x or weight is (as cuDNN chooses),
@@ -38,6 +40,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../common/checks.h"
@@ -97,8 +100,15 @@ M3D_HOST_DEVICE BnBwdCoef<acc_t> bn_bwd_coef(acc_t w, acc_t invstd, acc_t sum_g,
 
 // ---- entry points --------------------------------------------------------------------------
 
+// How the convolution runs. kAten: at::convolution (cuDNN / oneDNN) and
+// at::convolution_backward. kIm2col: im2col3d's columns times the weight as one GEMM (at::mm,
+// cuBLAS), and the weight gradient as the transposed GEMM over columns built again (im2col.h):
+// for the few-channel 7^3 stem, which cuDNN runs with a slow generic kernel.
+enum ConvAlgo : int64_t { kAten = 0, kIm2col = 1 };
+
 struct ConvArgs {
   at::IntArrayRef stride, padding, dilation;
+  int64_t algo = kAten;
 };
 
 // A per-channel argument: on x's device, 1-D of size C, floating point (names it otherwise).
@@ -111,9 +121,13 @@ at::MemoryFormat check_conv_bn_relu_args(const char* op, const at::Tensor& x,
                                          const c10::optional<at::Tensor>& residual,
                                          const ConvArgs& conv);
 
-// y = conv3d(x, weight) through ATen, in `fmt`.
-at::Tensor conv3d_aten(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& conv,
-                       at::MemoryFormat fmt);
+// y = conv3d(x, weight) by conv.algo, in `fmt`.
+at::Tensor conv3d_forward(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& conv,
+                          at::MemoryFormat fmt);
+// (grad_x, grad_weight) of y = conv3d(x, weight) by conv.algo; undefined where not needed.
+std::pair<at::Tensor, at::Tensor> conv3d_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                  const at::Tensor& weight, const ConvArgs& conv,
+                                                  bool need_x, bool need_w);
 
 // Statistics for the forward pass: (mean, invstd, var) as described above.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats(
@@ -149,7 +163,7 @@ ConvStats conv_bn_stats_generic(const char* op, const at::Tensor& x, const at::T
                                 const c10::optional<at::Tensor>& residual,
                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, bool training, double eps,
-                                StatsFn stats);
+                                int64_t conv_algo, StatsFn stats);
 
 ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weight,
                                      const at::Tensor& bn_weight, const at::Tensor& bn_bias,
@@ -158,12 +172,14 @@ ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weig
                                      const c10::optional<at::Tensor>& residual,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation, bool training, double eps,
-                                     bool relu, ApplyFn apply, StatsFn stats = nullptr);
+                                     bool relu, int64_t conv_algo, ApplyFn apply,
+                                     StatsFn stats = nullptr);
 at::Tensor conv_bias_relu3d_generic(const at::Tensor& x, const at::Tensor& weight,
                                     const c10::optional<at::Tensor>& bias,
                                     const c10::optional<at::Tensor>& residual,
                                     at::IntArrayRef stride, at::IntArrayRef padding,
-                                    at::IntArrayRef dilation, bool relu, ApplyFn apply);
+                                    at::IntArrayRef dilation, bool relu, int64_t conv_algo,
+                                    ApplyFn apply);
 
 // bn_act: out = act((y - mean) * w * invstd + b) in y's layout (checks, then `apply`).
 at::Tensor bn_act_generic(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,

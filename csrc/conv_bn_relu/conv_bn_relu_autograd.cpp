@@ -7,7 +7,7 @@
 // autograd kernel, setup_context, a Python backward, materialised zero gradients for the four
 // non-differentiable outputs) cost ~120 of ~330 us per layer forward + backward on the CPU; here
 // the node and the backward are plain C++, and the backward is two op calls: bn_relu_backward
-// and ATen's convolution_backward. torch.compile traces it like any C++ autograd (AOTAutograd
+// and the convolution's backward (ATen's, or the stem's GEMM: conv3d.cpp). torch.compile traces it like any C++ autograd (AOTAutograd
 // runs it on fake tensors; both ops have fake kernels).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -28,19 +28,19 @@ using CbrSig = ConvBnReluOut(const at::Tensor&, const at::Tensor&, const at::Ten
                              const at::Tensor&, const c10::optional<at::Tensor>&,
                              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                              at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool, double,
-                             bool);
+                             bool, int64_t);
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const c10::optional<at::Tensor>&, bool, bool);
 using CbSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                          const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
-                         at::IntArrayRef, bool);
+                         at::IntArrayRef, bool, int64_t);
 
 using PoolSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, at::IntArrayRef,
     at::IntArrayRef, at::IntArrayRef, bool, double, at::IntArrayRef, at::IntArrayRef,
-    at::IntArrayRef);
+    at::IntArrayRef, int64_t);
 using PoolBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, bool, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef);
@@ -84,16 +84,25 @@ bool wants_grad(std::initializer_list<const at::Tensor*> ts) {
 
 std::vector<int64_t> vec(at::IntArrayRef a) { return a.vec(); }
 
-// grad_x, grad_weight of y = conv3d(x, weight) (stride, padding, dilation from ctx).
+void save_conv_args(AutogradContext* ctx, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, int64_t conv_algo) {
+  ctx->saved_data["stride"] = vec(stride);
+  ctx->saved_data["padding"] = vec(padding);
+  ctx->saved_data["dilation"] = vec(dilation);
+  ctx->saved_data["conv_algo"] = conv_algo;
+}
+
+// grad_x, grad_weight of y = conv3d(x, weight) (the save_conv_args arguments from ctx).
 std::pair<at::Tensor, at::Tensor> conv_grads(AutogradContext* ctx, const at::Tensor& grad_y,
                                              const at::Tensor& x, const at::Tensor& weight,
                                              bool need_x, bool need_w) {
   if (!(need_x || need_w)) return {};
-  auto [gx, gw, gb] = at::convolution_backward(
-      grad_y, x, weight, c10::nullopt, ctx->saved_data["stride"].toIntVector(),
-      ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(), false,
-      {0, 0, 0}, 1, {need_x, need_w, false});
-  return {gx, gw};
+  const auto stride = ctx->saved_data["stride"].toIntVector(),
+             padding = ctx->saved_data["padding"].toIntVector(),
+             dilation = ctx->saved_data["dilation"].toIntVector();
+  return conv3d_backward(grad_y, x, weight,
+                         ConvArgs{stride, padding, dilation, ctx->saved_data["conv_algo"].toInt()},
+                         need_x, need_w);
 }
 
 // An argument's edge index: edges exist only for tensor arguments that are present (an absent
@@ -108,28 +117,26 @@ int64_t edge_of(const std::vector<bool>& present, size_t arg) {
 
 class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> {
  public:
-  // Arguments (13): x, weight, bn_weight, bn_bias, running_mean?, running_var?, residual?,
-  // stride, padding, dilation, training, eps, relu.
+  // Arguments (14): x, weight, bn_weight, bn_bias, running_mean?, running_var?, residual?,
+  // stride, padding, dilation, training, eps, relu, conv_algo.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                const c10::optional<at::Tensor>& running_mean,
                                const c10::optional<at::Tensor>& running_var,
                                const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, bool training,
-                               double eps, bool relu) {
+                               double eps, bool relu, int64_t conv_algo) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, y, mean, invstd, var] =
         cbr_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
-                      padding, dilation, training, eps, relu);
+                      padding, dilation, training, eps, relu, conv_algo);
     // With a residual and a ReLU the output is kept, not the residual: its sign is the ReLU
     // mask, and it is the block's output, which the next block keeps anyway (the residual, e.g.
     // a downsample branch's BatchNorm output, would be kept for this alone). Without a ReLU
     // nothing is needed: grad_residual is grad_out.
     ctx->save_for_backward({x, weight, y, mean, invstd, bn_weight, bn_bias,
                             residual.has_value() && relu ? out : at::Tensor()});
-    ctx->saved_data["stride"] = vec(stride);
-    ctx->saved_data["padding"] = vec(padding);
-    ctx->saved_data["dilation"] = vec(dilation);
+    save_conv_args(ctx, stride, padding, dilation, conv_algo);
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
     const std::vector<bool> present{true, true, true, true, running_mean.has_value(),
@@ -143,7 +150,7 @@ class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(13);
+    variable_list grads(14);
     const at::Tensor& grad_out = grad_outputs[0];
     if (!grad_out.defined()) return grads;
     // bn_relu_backward has no derivative of its own: refuse create_graph rather than return a
@@ -182,16 +189,16 @@ ConvBnReluOut conv_bn_relu3d_autograd(const at::Tensor& x, const at::Tensor& wei
                                       const c10::optional<at::Tensor>& residual,
                                       at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, bool training, double eps,
-                                      bool relu) {
+                                      bool relu, int64_t conv_algo) {
   // Evaluation / no_grad calls skip the node machinery altogether.
   if (!wants_grad({&x, &weight, &bn_weight, &bn_bias, residual ? &*residual : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return cbr_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                         stride, padding, dilation, training, eps, relu);
+                         stride, padding, dilation, training, eps, relu, conv_algo);
   }
   variable_list o = ConvBnReluFunction::apply(x, weight, bn_weight, bn_bias, running_mean,
                                               running_var, residual, stride, padding, dilation,
-                                              training, eps, relu);
+                                              training, eps, relu, conv_algo);
   return {o[0], o[1], o[2], o[3], o[4]};
 }
 
@@ -199,19 +206,19 @@ ConvBnReluOut conv_bn_relu3d_autograd(const at::Tensor& x, const at::Tensor& wei
 
 class ConvBiasReluFunction : public torch::autograd::Function<ConvBiasReluFunction> {
  public:
-  // Arguments (8): x, weight, bias?, residual?, stride, padding, dilation, relu.
+  // Arguments (9): x, weight, bias?, residual?, stride, padding, dilation, relu, conv_algo.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias,
                                const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+                               at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                               int64_t conv_algo) {
     at::AutoDispatchBelowADInplaceOrView below;
-    at::Tensor out = cb_op().call(x, weight, bias, residual, stride, padding, dilation, relu);
+    at::Tensor out =
+        cb_op().call(x, weight, bias, residual, stride, padding, dilation, relu, conv_algo);
     // The ReLU mask is read back from the output (out <= 0), so no extra tensor is kept.
     ctx->save_for_backward({x, weight, relu ? out : at::Tensor(),
                             bias.has_value() ? *bias : at::Tensor()});
-    ctx->saved_data["stride"] = vec(stride);
-    ctx->saved_data["padding"] = vec(padding);
-    ctx->saved_data["dilation"] = vec(dilation);
+    save_conv_args(ctx, stride, padding, dilation, conv_algo);
     const std::vector<bool> present{true, true, bias.has_value(), residual.has_value()};
     ctx->saved_data["bias_edge"] = bias.has_value() ? edge_of(present, 2) : int64_t(-1);
     ctx->saved_data["residual_edge"] = residual.has_value() ? edge_of(present, 3) : int64_t(-1);
@@ -220,7 +227,7 @@ class ConvBiasReluFunction : public torch::autograd::Function<ConvBiasReluFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(8);
+    variable_list grads(9);
     if (!grad_outputs[0].defined()) return grads;
     const variable_list sv = ctx->get_saved_variables();
     const at::Tensor &x = sv[0], &weight = sv[1], &out = sv[2], &bias = sv[3];
@@ -244,13 +251,13 @@ at::Tensor conv_bias_relu3d_autograd(const at::Tensor& x, const at::Tensor& weig
                                      const c10::optional<at::Tensor>& bias,
                                      const c10::optional<at::Tensor>& residual,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation, bool relu) {
+                                     at::IntArrayRef dilation, bool relu, int64_t conv_algo) {
   if (!wants_grad({&x, &weight, bias ? &*bias : nullptr, residual ? &*residual : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return cb_op().call(x, weight, bias, residual, stride, padding, dilation, relu);
+    return cb_op().call(x, weight, bias, residual, stride, padding, dilation, relu, conv_algo);
   }
-  return ConvBiasReluFunction::apply(x, weight, bias, residual, stride, padding, dilation,
-                                     relu)[0];
+  return ConvBiasReluFunction::apply(x, weight, bias, residual, stride, padding, dilation, relu,
+                                     conv_algo)[0];
 }
 
 // ---- conv_bn_relu_maxpool3d (the stem) -------------------------------------------------------
@@ -259,8 +266,8 @@ using PoolOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 
 class ConvBnReluPoolFunction : public torch::autograd::Function<ConvBnReluPoolFunction> {
  public:
-  // Arguments (14): x, weight, bn_weight, bn_bias, running_mean?, running_var?, stride, padding,
-  // dilation, training, eps, pool_kernel, pool_stride, pool_padding.
+  // Arguments (15): x, weight, bn_weight, bn_bias, running_mean?, running_var?, stride, padding,
+  // dilation, training, eps, pool_kernel, pool_stride, pool_padding, conv_algo.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                const c10::optional<at::Tensor>& running_mean,
@@ -268,15 +275,14 @@ class ConvBnReluPoolFunction : public torch::autograd::Function<ConvBnReluPoolFu
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, bool training, double eps,
                                at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
-                               at::IntArrayRef pool_padding) {
+                               at::IntArrayRef pool_padding, int64_t conv_algo) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, y, mean, invstd, var, argmax] =
         pool_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                       dilation, training, eps, pool_kernel, pool_stride, pool_padding);
+                       dilation, training, eps, pool_kernel, pool_stride, pool_padding,
+                       conv_algo);
     ctx->save_for_backward({x, weight, y, argmax, mean, invstd, bn_weight, bn_bias});
-    ctx->saved_data["stride"] = vec(stride);
-    ctx->saved_data["padding"] = vec(padding);
-    ctx->saved_data["dilation"] = vec(dilation);
+    save_conv_args(ctx, stride, padding, dilation, conv_algo);
     ctx->saved_data["training"] = training;
     ctx->saved_data["pool_kernel"] = vec(pool_kernel);
     ctx->saved_data["pool_stride"] = vec(pool_stride);
@@ -287,7 +293,7 @@ class ConvBnReluPoolFunction : public torch::autograd::Function<ConvBnReluPoolFu
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(14);
+    variable_list grads(15);
     const at::Tensor& grad_out = grad_outputs[0];
     if (!grad_out.defined()) return grads;
     TORCH_CHECK(!at::GradMode::is_enabled(), "med3d_ext.conv_bn_relu_maxpool3d: double backward "
@@ -318,17 +324,17 @@ PoolOut conv_bn_relu_maxpool3d_autograd(const at::Tensor& x, const at::Tensor& w
                                         at::IntArrayRef stride, at::IntArrayRef padding,
                                         at::IntArrayRef dilation, bool training, double eps,
                                         at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
-                                        at::IntArrayRef pool_padding) {
+                                        at::IntArrayRef pool_padding, int64_t conv_algo) {
   if (!wants_grad({&x, &weight, &bn_weight, &bn_bias})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return pool_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
                           padding, dilation, training, eps, pool_kernel, pool_stride,
-                          pool_padding);
+                          pool_padding, conv_algo);
   }
   variable_list o = ConvBnReluPoolFunction::apply(x, weight, bn_weight, bn_bias, running_mean,
                                                   running_var, stride, padding, dilation,
                                                   training, eps, pool_kernel, pool_stride,
-                                                  pool_padding);
+                                                  pool_padding, conv_algo);
   return {o[0], o[1], o[2], o[3], o[4], o[5]};
 }
 

@@ -175,10 +175,11 @@ ConvBnReluOut conv_bn_relu3d_cuda(const at::Tensor& x, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& running_var,
                                   const c10::optional<at::Tensor>& residual,
                                   at::IntArrayRef stride, at::IntArrayRef padding,
-                                  at::IntArrayRef dilation, bool training, double eps, bool relu) {
+                                  at::IntArrayRef dilation, bool training, double eps, bool relu,
+                                  int64_t conv_algo) {
   const c10::cuda::CUDAGuard guard(x.device());
   return conv_bn_relu3d_generic(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                                stride, padding, dilation, training, eps, relu,
+                                stride, padding, dilation, training, eps, relu, conv_algo,
                                 &bn_act_forward_cuda,
                                 generic_stats() ? nullptr : &bn_forward_stats_cuda);
 }
@@ -192,10 +193,11 @@ at::Tensor bn_act_cuda(const at::Tensor& y, const at::Tensor& mean, const at::Te
 at::Tensor conv_bias_relu3d_cuda(const at::Tensor& x, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias,
                                  const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                                 int64_t conv_algo) {
   const c10::cuda::CUDAGuard guard(x.device());
   return conv_bias_relu3d_generic(x, weight, bias, residual, stride, padding, dilation, relu,
-                                  &bn_act_forward_cuda);
+                                  conv_algo, &bn_act_forward_cuda);
 }
 
 }  // namespace

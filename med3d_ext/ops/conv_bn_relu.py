@@ -2,7 +2,8 @@
 ``conv_bias_relu3d`` (csrc/conv_bn_relu/conv_bn_relu.h), and the stem's
 ``conv_bn_relu_maxpool3d`` with the max-pool fused too (csrc/conv_bn_relu/bn_relu_pool.h).
 
-The convolution runs on ATen (cuDNN on CUDA); the statistics, the normalise + residual + ReLU
+The convolution runs on ATen (cuDNN on CUDA), or for the few-channel stem as one GEMM over its
+input windows (STEM_CONV below); the statistics, the normalise + residual + ReLU
 epilogue and the BatchNorm/ReLU backward are our kernels, one pass each. Backward saves only the
 conv input, the conv output ``y`` and the per-channel mean/invstd: the normalised activation and
 the ReLU mask are recomputed from ``y`` (the memory-saving mode; it is the only mode). A layer
@@ -50,35 +51,54 @@ def _autocast(x, weight, residual, bias_like):
     return x, weight, residual, bias_like
 
 
-# The MedicalNet stem (Cin = 1, 7^3 kernel, stride 2) falls to a slow generic cuDNN kernel. A
-# stride-2 convolution equals a stride-1 convolution of the 2x2x2 space-to-depth rearrangement
-# of its (padded) input: input voxel 2j + p of each axis becomes channel phase p at position j,
-# and kernel tap k = 2q + p becomes tap q of phase p (taps past the kernel are zero). With
-# Cin <= 4 that is a Cin*8-channel, ceil(k/2)^3 convolution that cuDNN runs on tensor cores,
-# forward and weight gradient alike (autograd maps the gradients back through the
-# rearrangements). "auto" (default): on CUDA only - on the CPU the rewrite measured 3.3x slower
-# than oneDNN's direct stem convolution (2-core CPU, 1x1x16x32x32, fwd + weight grad); True:
-# every device; False: never (such convolutions go to ATen unchanged).
-STEM_SPACE_TO_DEPTH = "auto"
-# With the rewrite on, also fold the W taps into channels (stem.stem_rewrite's fold_w): 32*Cin
-# input channels instead of 8*Cin, for a better cuDNN kernel than the 1.3 ms one the 8-channel
-# form got on an H200. Off until the stem benchmark (both variants, one run) shows it pays.
-STEM_FOLD_W = False
+# The MedicalNet stem (Cin = 1, 7^3 kernel, stride 2) falls to a slow generic cuDNN kernel
+# (3.3 ms forward + 1.6 ms weight gradient per step in bf16 on an H200). STEM_CONV picks how a
+# stem-like convolution (Cin <= 4, every kernel dim >= 3, stride 2, dilation 1) runs instead:
+#   "im2col": the op builds the (N*D'*H'*W', Cin*kD*kH*kW) matrix of input windows
+#       (csrc/conv_bn_relu/im2col.h) and runs the convolution as one GEMM (cuBLAS), and its
+#       weight gradient as the transposed GEMM over the same matrix built again; the matrix is
+#       never kept for backward.
+#   "space_to_depth": the exact rewrite as a stride-1 convolution with 8*Cin channels and a 4^3
+#       kernel, which cuDNN runs on tensor cores (med3d_ext/ops/stem.py); it measured 1.3 ms for
+#       the forward on an H200.
+#   "space_to_depth_fold_w": the same with the W taps folded into channels too (32*Cin).
+#   "aten": unchanged, the ATen convolution.
+#   "auto" (default): "im2col" on CUDA; "aten" on the CPU, where oneDNN's direct convolution
+#       measured faster than either rewrite (2-core CPU, see the stem benchmark).
+STEM_CONV = "auto"
+_STEM_CONVS = ("auto", "im2col", "space_to_depth", "space_to_depth_fold_w", "aten")
+_CONV_ALGO = {"aten": 0, "im2col": 1}  # the ops' conv_algo (csrc/conv_bn_relu/conv_bn_relu.h)
 
 
-def _stem_eligible(x, weight, stride, padding, dilation) -> bool:
-    on = STEM_SPACE_TO_DEPTH is True or (STEM_SPACE_TO_DEPTH == "auto" and x.device.type == "cuda")
-    return (on and x.dim() == 5 and weight.dim() == 5
+def _is_stem_like(x, weight, stride, padding, dilation) -> bool:
+    return (x.dim() == 5 and weight.dim() == 5
             and x.shape[1] == weight.shape[1] and weight.shape[1] <= 4
             and stride == [2, 2, 2] and dilation == [1, 1, 1]
             and all(k >= 3 for k in weight.shape[2:])
             and all(x.shape[2 + i] + 2 * padding[i] >= weight.shape[2 + i] for i in range(3)))
 
 
-def _space_to_depth_conv(x, weight, padding):
-    """(x, weight, stride 2, padding) -> (x', weight') for a stride-1, padding-0 convolution with
-    the same output; x' and weight' are channels_last_3d (see med3d_ext/ops/stem.py)."""
-    return stem_rewrite(x, weight, padding, channels_last=True, fold_w=STEM_FOLD_W)
+def _stem_conv(x, weight, stride, padding, dilation) -> str:
+    """The STEM_CONV algorithm this convolution gets: "aten" unless it is stem-like."""
+    algo = STEM_CONV
+    if algo not in _STEM_CONVS:
+        raise ValueError(f"med3d_ext.ops.conv_bn_relu.STEM_CONV must be one of {_STEM_CONVS}, "
+                         f"got {algo!r}")
+    if algo == "auto":
+        algo = "im2col" if x.device.type == "cuda" else "aten"
+    if algo == "aten" or not _is_stem_like(x, weight, stride, padding, dilation):
+        return "aten"
+    return algo
+
+
+def _prepare_conv(x, weight, stride, padding, dilation):
+    """(x, weight, stride, padding, conv_algo) for the op: the stem's algorithm applied."""
+    algo = _stem_conv(x, weight, stride, padding, dilation)
+    if algo.startswith("space_to_depth"):
+        x, weight = stem_rewrite(x, weight, padding, channels_last=True,
+                                 fold_w=algo == "space_to_depth_fold_w")
+        return x, weight, [1, 1, 1], [0, 0, 0], _CONV_ALGO["aten"]
+    return x, weight, stride, padding, _CONV_ALGO[algo]
 
 
 def _check_batch_size(x, weight, stride, padding, dilation):
@@ -102,7 +122,8 @@ def _prepare_bn_call(name, x, weight, bn_weight, bn_bias, running_mean, running_
                      padding, dilation, training):
     """What the BatchNorm ops' wrappers do before calling the compiled op: the eval-mode
     running-stats check, default affine parameters, F.batch_norm's one-value error, and the
-    stem's space-to-depth rewrite. Returns (x, weight, bn_weight, bn_bias, stride, padding)."""
+    stem's algorithm (_prepare_conv). Returns (x, weight, bn_weight, bn_bias, stride, padding,
+    conv_algo)."""
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{name}: running_mean and running_var are required when "
                          "training=False")
@@ -114,10 +135,8 @@ def _prepare_bn_call(name, x, weight, bn_weight, bn_bias, running_mean, running_
         bn_bias = torch.zeros(cout, dtype=pdt, device=x.device)
     if training and x.dim() == 5 and weight.dim() == 5 and x.shape[0] == 1:  # N > 1: never 1 value
         _check_batch_size(x, weight, stride, padding, dilation)
-    if _stem_eligible(x, weight, stride, padding, dilation):
-        x, weight = _space_to_depth_conv(x, weight, padding)
-        stride, padding = [1, 1, 1], [0, 0, 0]
-    return x, weight, bn_weight, bn_bias, stride, padding
+    x, weight, stride, padding, conv_algo = _prepare_conv(x, weight, stride, padding, dilation)
+    return x, weight, bn_weight, bn_bias, stride, padding, conv_algo
 
 
 def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
@@ -172,11 +191,12 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
             residual=residual, relu=relu), None
-    x, weight, bn_weight, bn_bias, stride, padding = _prepare_bn_call(
+    x, weight, bn_weight, bn_bias, stride, padding, algo = _prepare_bn_call(
         "conv_bn_relu3d", x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
         padding, dilation, training)
     out, y, mean, invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                   residual, stride, padding, dilation, training, eps, relu)
+                                   residual, stride, padding, dilation, training, eps, relu,
+                                   algo)
     if training and running_mean is not None and out.numel() > 0:
         _update_running_stats(running_mean, running_var, mean, var, momentum)
     recipe = (y, mean, invstd, bn_weight, bn_bias) if relu and residual is None else None
@@ -225,12 +245,12 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
             pool_kernel=pk, pool_stride=ps, pool_padding=pp)
-    x, weight, bn_weight, bn_bias, stride, padding = _prepare_bn_call(
+    x, weight, bn_weight, bn_bias, stride, padding, algo = _prepare_bn_call(
         "conv_bn_relu_maxpool3d", x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride, padding, dilation, training)
     out, _y, mean, _invstd, var, _arg = op(x, weight, bn_weight, bn_bias, running_mean,
                                            running_var, stride, padding, dilation, training,
-                                           eps, pk, ps, pp)
+                                           eps, pk, ps, pp, algo)
     if training and running_mean is not None and out.numel() > 0:
         _update_running_stats(running_mean, running_var, mean, var, momentum)
     return out
@@ -251,10 +271,8 @@ def conv_bias_relu3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             bias = bias.to(x.dtype)
         return reference.conv_bias_relu3d(x, weight, bias, stride=stride, padding=padding,
                                           dilation=dilation, residual=residual, relu=relu)
-    if _stem_eligible(x, weight, stride, padding, dilation):
-        x, weight = _space_to_depth_conv(x, weight, padding)
-        stride, padding = [1, 1, 1], [0, 0, 0]
-    return op(x, weight, bias, residual, stride, padding, dilation, relu)
+    x, weight, stride, padding, algo = _prepare_conv(x, weight, stride, padding, dilation)
+    return op(x, weight, bias, residual, stride, padding, dilation, relu, algo)
 
 
 # --------------------------------------------------------------------------- fake kernels
@@ -289,7 +307,7 @@ def _acc(t):
 
 @register_fake("conv_bn_relu3d")
 def _conv_bn_relu3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                         stride, padding, dilation, training, eps, relu):
+                         stride, padding, dilation, training, eps, relu, conv_algo=0):
     out = _empty(_out_shape(x, weight, stride, padding, dilation), x, _is_cl(x) or _is_cl(weight))
     c = weight.shape[0]
     stats = [x.new_empty((c,), dtype=_acc(x)) for _ in range(3)]
@@ -312,7 +330,8 @@ def _bn_relu_backward_fake(grad_out, y, mean, invstd, bn_weight, bn_bias, relu_o
 
 
 @register_fake("conv_bias_relu3d")
-def _conv_bias_relu3d_fake(x, weight, bias, residual, stride, padding, dilation, relu):
+def _conv_bias_relu3d_fake(x, weight, bias, residual, stride, padding, dilation, relu,
+                           conv_algo=0):
     return _empty(_out_shape(x, weight, stride, padding, dilation), x, _is_cl(x) or _is_cl(weight))
 
 
@@ -323,7 +342,7 @@ def _pool_shape(y_shape, pk, ps, pp):
 @register_fake("conv_bn_relu_maxpool3d")
 def _conv_bn_relu_maxpool3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
                                  padding, dilation, training, eps, pool_kernel, pool_stride,
-                                 pool_padding):
+                                 pool_padding, conv_algo=0):
     cl = _is_cl(x) or _is_cl(weight)
     y = _empty(_out_shape(x, weight, stride, padding, dilation), x, cl)
     shape = _pool_shape(y.shape, pool_kernel, pool_stride, pool_padding)
@@ -333,6 +352,15 @@ def _conv_bn_relu_maxpool3d_fake(x, weight, bn_weight, bn_bias, running_mean, ru
     c = weight.shape[0]
     stats = [x.new_empty((c,), dtype=_acc(x)) for _ in range(3)]
     return (out, y, *stats, arg)
+
+
+@register_fake("im2col3d")
+def _im2col3d_fake(x, kernel_size, stride, padding, dilation, align=8):
+    torch._check(x.dim() == 5, lambda: f"im2col3d: x must be 5-D, got {tuple(x.shape)}")
+    out = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1)
+           // stride[i] + 1 for i in range(3)]
+    k = x.shape[1] * kernel_size[0] * kernel_size[1] * kernel_size[2]
+    return x.new_empty((x.shape[0] * out[0] * out[1] * out[2], (k + align - 1) // align * align))
 
 
 @register_fake("bn_relu_maxpool_backward")

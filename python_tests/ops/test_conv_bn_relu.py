@@ -396,27 +396,39 @@ def test_compile_parity(device):
 @pytest.mark.parametrize("cin,k,padding,sp", [(1, 7, 3, (9, 12, 11)), (3, 3, 1, (6, 7, 8)),
                                               (2, (5, 3, 4), (2, 1, 0), (8, 5, 9)),
                                               (4, 7, 0, (7, 8, 7))])
-@pytest.mark.parametrize("fold_w", [False, True], ids=["s2d", "s2d_fold_w"])
-def test_stem_space_to_depth(device, cin, k, padding, sp, fold_w, monkeypatch):
-    # Cin <= 4, stride 2 convolutions run as a stride-1 conv of the space-to-depth input;
-    # forward, every gradient and the running stats must equal the reference's
+@pytest.mark.parametrize("algo", ["im2col", "space_to_depth", "space_to_depth_fold_w"])
+def test_stem_conv_algorithms(device, cin, k, padding, sp, algo, monkeypatch):
+    # Cin <= 4, stride 2 convolutions run as one GEMM over im2col columns, or as a stride-1 conv
+    # of the space-to-depth input; forward, every gradient (x's too) and the running stats must
+    # equal the reference's
     from med3d_ext.ops import conv_bn_relu as mod
 
     cfg = (cin, 6, k, 2, padding, 1, sp)
     x, w, *_ = _inputs(device, torch.float32, cfg)
     pad = mod._triple(padding, "padding")
-    # default "auto": the rewrite on CUDA only (slower than oneDNN's direct conv on the CPU)
-    assert mod._stem_eligible(x, w, [2] * 3, pad, [1] * 3) == (device == "cuda")
-    monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", True)  # its math is tested on every device
-    monkeypatch.setattr(mod, "STEM_FOLD_W", fold_w)
-    assert mod._stem_eligible(x, w, [2] * 3, pad, [1] * 3)
-    # float64: the rewrite is exact, and in fp32 its other summation order is not a defect;
+    # default "auto": im2col on CUDA; oneDNN's direct conv on the CPU (faster there)
+    assert mod._stem_conv(x, w, [2] * 3, pad, [1] * 3) == ("im2col" if device == "cuda" else "aten")
+    monkeypatch.setattr(mod, "STEM_CONV", algo)  # each algorithm's math is tested on every device
+    assert mod._stem_conv(x, w, [2] * 3, pad, [1] * 3) == algo
+    assert mod._stem_conv(x, w, [1] * 3, pad, [1] * 3) == "aten"  # not stem-like: unchanged
+    # float64: the rewrites are exact, and in fp32 their other summation order is not a defect;
     # configs like the last one (2 values per channel in training) make BatchNorm's backward
     # ill-conditioned, and one seed in a few hundred moved a weight gradient by ~1%
     for training in (True, False):
         _check_against_reference(device, cfg, training, True, True, False, dtype=torch.float64)
-    monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", False)
     _check_against_reference(device, cfg, True, False, True, True)
+    monkeypatch.setattr(mod, "STEM_CONV", "aten")
+    assert mod._stem_conv(x, w, [2] * 3, pad, [1] * 3) == "aten"
+    _check_against_reference(device, cfg, True, False, True, True)
+
+
+def test_stem_conv_bad_setting(monkeypatch):
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_CONV", "winograd")
+    x, w, bw, bb, rm, rv, _, kw = _inputs("cpu", torch.float32, CONFIGS[3])
+    with pytest.raises(ValueError, match=r"STEM_CONV must be one of .*'winograd'"):
+        m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -558,14 +570,14 @@ def test_every_argument_non_contiguous(device, training):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
-@pytest.mark.parametrize("s2d", [False, True], ids=["direct", "space_to_depth"])
-def test_empty_batch_training(device, cl, s2d, monkeypatch):
+@pytest.mark.parametrize("algo", ["aten", "space_to_depth", "im2col"])
+def test_empty_batch_training(device, cl, algo, monkeypatch):
     # F.batch_norm on an empty batch: an empty output, running statistics untouched, zero
     # parameter gradients (it raises only for exactly one value per channel); CONFIGS[1] is
     # stride 2 with Cin 4, so the stem rewrite may take it
     from med3d_ext.ops import conv_bn_relu as mod
 
-    monkeypatch.setattr(mod, "STEM_SPACE_TO_DEPTH", s2d)
+    monkeypatch.setattr(mod, "STEM_CONV", algo)
     x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, CONFIGS[1], n=0, residual=True,
                                           cl=cl)
     out, grads, rm1, rv1, go = _run(m3d.ops.conv_bn_relu3d, x, w, bw, bb, rm, rv, r, kw, True,

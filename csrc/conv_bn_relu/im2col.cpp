@@ -1,0 +1,81 @@
+// im2col3d: entry checks, geometry, and the CPU kernel (see im2col.h).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "im2col.h"
+#include "../common/checks.h"
+
+namespace med3d_ext {
+namespace im2col {
+
+at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
+                   Geometry& g) {
+  const char* op = "im2col3d";
+  M3D_CHECK_ARG(x.defined() && x.dim() == 5, op, "x", x, "5-D (N, Cin, D, H, W)");
+  for (auto* a : {&kernel_size, &stride, &padding, &dilation})
+    M3D_CHECK(a->size() == 3, "med3d_ext.im2col3d: kernel_size, stride, padding and dilation "
+              "need 3 values each");
+  M3D_CHECK(align >= 1, "med3d_ext.im2col3d: argument 'align' must be >= 1, got ", align);
+  g.N = x.size(0), g.C = x.size(1), g.D = x.size(2), g.H = x.size(3), g.W = x.size(4);
+  g.sn = x.stride(0), g.sc = x.stride(1), g.sd = x.stride(2), g.sh = x.stride(3);
+  g.sw = x.stride(4);
+  int64_t out[3];
+  const int64_t in[3] = {g.D, g.H, g.W};
+  for (int i = 0; i < 3; ++i) {
+    M3D_CHECK(kernel_size[i] > 0 && stride[i] > 0 && dilation[i] > 0 && padding[i] >= 0,
+              "med3d_ext.im2col3d: kernel_size, stride and dilation must be positive and "
+              "padding non-negative, got kernel_size=", kernel_size, " stride=", stride,
+              " padding=", padding, " dilation=", dilation);
+    const int64_t span = dilation[i] * (kernel_size[i] - 1) + 1, padded = in[i] + 2 * padding[i];
+    M3D_CHECK(padded >= span, "med3d_ext.im2col3d: argument 'x' is too small: spatial size ",
+              x.sizes().slice(2), " padded by ", padding, " is smaller than the dilated kernel ",
+              kernel_size, " (dilation ", dilation, ")");
+    // coordinates are int32 in the kernels (im2col.h)
+    M3D_CHECK(padded + span < (int64_t(1) << 28), "med3d_ext.im2col3d: spatial size ",
+              x.sizes().slice(2), " is too large");
+    out[i] = (padded - span) / stride[i] + 1;
+    g.stride[i] = static_cast<int32_t>(stride[i]);
+    g.pad[i] = static_cast<int32_t>(padding[i]);
+    g.dil[i] = static_cast<int32_t>(dilation[i]);
+  }
+  g.Do = out[0], g.Ho = out[1], g.Wo = out[2];
+  g.kd = static_cast<int32_t>(kernel_size[0]);
+  g.kh = static_cast<int32_t>(kernel_size[1]);
+  g.kw = static_cast<int32_t>(kernel_size[2]);
+  g.K = g.C * kernel_size[0] * kernel_size[1] * kernel_size[2];
+  g.Kp = (g.K + align - 1) / align * align;
+  return at::empty({g.N * g.Do * g.Ho * g.Wo, g.Kp}, x.options());
+}
+
+}  // namespace im2col
+
+at::Tensor im2col3d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align) {
+  im2col::Geometry g;
+  at::Tensor cols = im2col::prepare(x, kernel_size, stride, padding, dilation, align, g);
+  const int64_t M = cols.size(0), Kp = g.Kp;
+  if (cols.numel() == 0) return cols;
+  std::vector<im2col::Tap> taps(Kp);
+  for (int64_t k = 0; k < Kp; ++k) taps[k] = im2col::make_tap(g, k);
+  im2col::dispatch_bits(x, [&](auto tag) {
+    using bits_t = decltype(tag);
+    const bits_t* xp = static_cast<const bits_t*>(x.const_data_ptr());
+    bits_t* out = static_cast<bits_t*>(cols.mutable_data_ptr());
+    at::parallel_for(0, M, std::max<int64_t>(1, 32768 / Kp), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const im2col::Row row = im2col::make_row(g, m);
+        bits_t* o = out + m * Kp;
+        for (int64_t k = 0; k < Kp; ++k) o[k] = im2col::element(xp, g, row, taps[k]);
+      }
+    });
+  });
+  return cols;
+}
+
+TORCH_LIBRARY_IMPL(med3d_ext, CPU, m) { m.impl("im2col3d", &im2col3d_cpu); }
+
+}  // namespace med3d_ext

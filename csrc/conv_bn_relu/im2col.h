@@ -1,0 +1,112 @@
+// im2col3d: the input windows of a 3-D convolution as a row-major (M, Kp) matrix, so that the
+// convolution is one GEMM (conv_bn_relu.h, ConvAlgo::kIm2col).
+//
+// Why: MedicalNet's stem (Cin = 1, 7^3 kernel, stride 2) is a convolution cuDNN has no good
+// kernel for: 343 taps of one channel. As a matrix it is M = N*D'*H'*W' rows by K = Cin*343
+// columns times a (K, Cout) weight: a GEMM cuBLAS runs on tensor cores at its memory speed, and
+// the weight gradient is the transposed product (Cout, M) x (M, K). The columns are K/8 times
+// the stride-2 input (~43x in bf16: 180 MB at the benchmark shape), so they are never kept:
+// the forward builds them, multiplies and frees them, and the backward builds them again.
+//
+//   row m = ((n*D' + d')*H' + h')*W' + w'   (an output voxel; the rows are channels_last y)
+//   col k = ((c*kD + i)*kH + j)*kW + l      (a kernel tap; weight.reshape(Cout, K)'s order)
+//   cols[m, k] = x[n, c, d'*sD - pD + i*dD, h'*sH - pH + j*dH, w'*sW - pW + l*dW]  (0 outside)
+//   cols[m, k] = 0 for K <= k < Kp          (K rounded up to `align`: 16-byte rows in bf16)
+//
+// The CPU and CUDA kernels share make_tap / make_row / element below: a column's tap and a
+// row's window corner are computed once each, so an element is three compares and a load.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "../common/macros.h"
+
+namespace med3d_ext {
+namespace im2col {
+
+struct Geometry {
+  int64_t N, C, D, H, W;             // input sizes
+  int64_t sn, sc, sd, sh, sw;        // input strides in elements (any layout)
+  int64_t Do, Ho, Wo;                // output grid
+  int32_t kd, kh, kw;                // kernel
+  int32_t stride[3], pad[3], dil[3];
+  int64_t K, Kp;                     // real and padded column count
+};
+
+// A column: kernel tap (c, i, j, l) as its displacement from the window corner, in voxels, and
+// its offset in x. Padding columns (k >= K) get a displacement no voxel has, so they read as 0
+// exactly like the convolution's own zero padding, with no extra branch.
+struct Tap {
+  int32_t dd, dh, dw;
+  int64_t offset;
+};
+constexpr int32_t kNoVoxel = -(1 << 29);
+
+M3D_HOST_DEVICE Tap make_tap(const Geometry& g, int64_t k) {
+  if (k >= g.K) return {kNoVoxel, 0, 0, 0};
+  const int64_t l = k % g.kw, j = (k / g.kw) % g.kh, i = (k / (g.kw * g.kh)) % g.kd,
+                c = k / (int64_t(g.kw) * g.kh * g.kd);
+  Tap t;
+  t.dd = static_cast<int32_t>(i * g.dil[0]);
+  t.dh = static_cast<int32_t>(j * g.dil[1]);
+  t.dw = static_cast<int32_t>(l * g.dil[2]);
+  t.offset = c * g.sc + t.dd * g.sd + t.dh * g.sh + t.dw * g.sw;
+  return t;
+}
+
+// A row: output voxel m's window corner (may lie in the padding, so negative) and the offset
+// of that corner in x (meaningful only after adding a tap that lands inside).
+struct Row {
+  int32_t d0, h0, w0;
+  int64_t offset;
+};
+
+M3D_HOST_DEVICE Row make_row(const Geometry& g, int64_t m) {
+  const int64_t ow = m % g.Wo, oh = (m / g.Wo) % g.Ho, od = (m / (g.Wo * g.Ho)) % g.Do,
+                n = m / (g.Wo * g.Ho * g.Do);
+  Row r;
+  r.d0 = static_cast<int32_t>(od * g.stride[0] - g.pad[0]);
+  r.h0 = static_cast<int32_t>(oh * g.stride[1] - g.pad[1]);
+  r.w0 = static_cast<int32_t>(ow * g.stride[2] - g.pad[2]);
+  r.offset = n * g.sn + r.d0 * g.sd + r.h0 * g.sh + r.w0 * g.sw;
+  return r;
+}
+
+// cols[m, k] from x. `bits_t` is an unsigned integer of the element's size: im2col only moves
+// elements, and all-zero bits are 0.0 in every IEEE float format.
+template <typename bits_t>
+M3D_HOST_DEVICE bits_t element(const bits_t* x, const Geometry& g, const Row& r, const Tap& t) {
+  const int32_t d = r.d0 + t.dd, h = r.h0 + t.dh, w = r.w0 + t.dw;
+  // unsigned compares: a negative coordinate wraps to a huge value and fails the bound too
+  const bool inside = static_cast<uint32_t>(d) < static_cast<uint32_t>(g.D) &&
+                      static_cast<uint32_t>(h) < static_cast<uint32_t>(g.H) &&
+                      static_cast<uint32_t>(w) < static_cast<uint32_t>(g.W);
+  return inside ? x[r.offset + t.offset] : bits_t(0);
+}
+
+// Entry checks and geometry shared by both devices (im2col.cpp); returns the (M, Kp) output,
+// allocated, not yet written.
+at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
+                   Geometry& g);
+
+// Calls fn(bits_tag) with an unsigned integer tag of x's element size.
+template <typename F>
+void dispatch_bits(const at::Tensor& x, F&& fn) {
+  switch (x.element_size()) {
+    case 2: return fn(uint16_t{});
+    case 4: return fn(uint32_t{});
+    default: return fn(uint64_t{});
+  }
+}
+
+}  // namespace im2col
+
+// The op (schema in csrc/registration.cpp): im2col3d(x, kernel_size, stride, padding,
+// dilation, align) -> (N*D'*H'*W', round_up(Cin*kD*kH*kW, align)) in x's dtype.
+at::Tensor im2col3d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align);
+
+}  // namespace med3d_ext

@@ -1,0 +1,238 @@
+"""im2col3d (the stem convolution's input windows as a matrix) against med3d_ext.reference, and the
+fused ops with conv_algo=1 (im2col + GEMM) against the plain PyTorch composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import med3d_ext as m3d
+from med3d_ext import _extension, reference
+from python_tests.conftest import DEVICES, tol
+
+pytestmark = pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
+
+# (N, Cin, spatial, kernel, stride, padding, dilation)
+GEOMETRIES = [
+    (2, 1, (9, 12, 11), (7, 7, 7), (2, 2, 2), (3, 3, 3), (1, 1, 1)),   # the stem, odd sizes
+    (1, 3, (6, 7, 8), (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
+    (3, 2, (8, 5, 9), (5, 3, 4), (2, 1, 3), (2, 1, 0), (1, 2, 1)),
+    (2, 4, (7, 8, 7), (7, 7, 7), (2, 2, 2), (0, 0, 0), (1, 1, 1)),     # no padding
+    (1, 5, (4, 4, 4), (1, 1, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1)),     # 1x1x1: columns = x
+    (2, 2, (3, 9, 4), (3, 5, 2), (1, 3, 1), (4, 0, 2), (2, 1, 3)),     # padding > kernel/2
+]
+
+
+def _cols(x, g, align=8):
+    _, _, _, k, s, p, d = g
+    return torch.ops.med3d_ext.im2col3d(x, list(k), list(s), list(p), list(d), align)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("g", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_matches_reference(device, g, dtype):
+    n, c, sp, k, s, p, d = g
+    x = torch.randn(n, c, *sp, device=device).to(dtype)
+    cols = _cols(x, g)
+    ref = reference.im2col3d(x, k, s, p, d)
+    assert cols.shape == ref.shape and cols.dtype == dtype and cols.is_contiguous()
+    assert cols.shape[1] % 8 == 0
+    assert torch.equal(cols, ref)  # a pure gather: bit for bit
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last_3d", "sliced", "expanded"])
+def test_any_strides(device, layout):
+    g = GEOMETRIES[2]
+    n, c, sp, k, s, p, d = g
+    if layout == "channels_last_3d":
+        x = torch.randn(n, c, *sp, device=device).to(memory_format=torch.channels_last_3d)
+    elif layout == "sliced":  # every stride odd, the storage offset non-zero
+        big = torch.randn(n + 1, 2 * c + 1, *(2 * v + 1 for v in sp), device=device)
+        x = big[1:, 1::2, 1::2, 1::2, 1::2]
+    else:  # a zero stride (one channel broadcast)
+        x = torch.randn(n, 1, *sp, device=device).expand(n, c, *sp)
+    assert not x.is_contiguous()
+    torch.testing.assert_close(_cols(x, g), reference.im2col3d(x, k, s, p, d), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("align", [1, 3, 8, 64])
+def test_align(device, align):
+    g = GEOMETRIES[1]
+    x = torch.randn(1, 3, 6, 7, 8, device=device)
+    cols = _cols(x, g, align)
+    assert cols.shape[1] == -(-81 // align) * align
+    assert torch.equal(cols[:, :81], reference.im2col3d(x, *g[3:], align=1))
+    assert not cols[:, 81:].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_as_gemm(device):
+    # the identity the stem relies on: conv3d(x, w) == cols @ w.reshape(Cout, -1).T
+    g = GEOMETRIES[2]
+    n, c, sp, k, s, p, d = g
+    x = torch.randn(n, c, *sp, device=device, dtype=torch.float64)
+    w = torch.randn(5, c, *k, device=device, dtype=torch.float64)
+    cols = _cols(x, g)
+    wm = F.pad(w.reshape(5, -1), (0, cols.shape[1] - w[0].numel()))
+    ref = F.conv3d(x, w, None, s, p, d)
+    y = (cols @ wm.T).view(n, *ref.shape[2:], 5).permute(0, 4, 1, 2, 3)
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty(device):
+    g = GEOMETRIES[0]
+    x = torch.randn(0, 1, 9, 12, 11, device=device)
+    assert _cols(x, g).shape == (0, 344)
+    x = torch.randn(2, 0, 9, 12, 11, device=device)  # no channels: no columns
+    assert _cols(x, g).shape == (2 * 5 * 6 * 6, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(device):
+    op = torch.ops.med3d_ext.im2col3d
+    x = torch.randn(1, 1, 5, 6, 7, device=device)
+    with pytest.raises(RuntimeError, match=r"argument 'x' must be 5-D.*shape \[1, 5, 6, 7\]"):
+        op(x[0], [3, 3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1])
+    with pytest.raises(RuntimeError, match=r"'x' is too small: spatial size \[5, 6, 7\]"):
+        op(x, [7, 7, 7], [1, 1, 1], [0, 0, 0], [1, 1, 1])
+    with pytest.raises(RuntimeError, match=r"padding non-negative, got .*padding=\[0, -1, 0\]"):
+        op(x, [3, 3, 3], [1, 1, 1], [0, -1, 0], [1, 1, 1])
+    with pytest.raises(RuntimeError, match=r"stride and dilation must be positive.*stride=\[1, 0"):
+        op(x, [3, 3, 3], [1, 0, 1], [0, 0, 0], [1, 1, 1])
+    with pytest.raises(RuntimeError, match=r"'align' must be >= 1, got 0"):
+        op(x, [3, 3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1], 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(2, 2, 5, 6, 7, device=device)
+    torch.library.opcheck(torch.ops.med3d_ext.im2col3d.default,
+                          (x, [3, 3, 3], [2, 1, 2], [1, 1, 0], [1, 2, 1], 8))
+
+
+# --------------------------------------------------------------------------- the fused ops
+
+
+def _stem_inputs(device, dtype=torch.float64, cin=1, n=2, sp=(9, 12, 11)):
+    x = torch.randn(n, cin, *sp, device=device, dtype=dtype)
+    w = torch.randn(6, cin, 7, 7, 7, device=device, dtype=dtype) / (cin * 343) ** 0.5
+    bw = torch.rand(6, device=device, dtype=dtype) + 0.5
+    bb = torch.randn(6, device=device, dtype=dtype)
+    return x, w, bw, bb
+
+
+def _grads(out, leaves, go):
+    return torch.autograd.grad(out, leaves, go)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_bias_relu_im2col(device, monkeypatch):
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_CONV", "im2col")
+    x, w, _, b = _stem_inputs(device, cin=2)
+    r = torch.randn(2, 6, 5, 6, 6, device=device, dtype=x.dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
+    kw = dict(stride=2, padding=3)
+    out = m3d.ops.conv_bias_relu3d(*leaves[:3], residual=leaves[3], **kw)
+    ref = reference.conv_bias_relu3d(*leaves[:3], residual=leaves[3], **kw)
+    torch.testing.assert_close(out, ref)
+    go = torch.randn_like(ref)
+    for a, e in zip(_grads(out, leaves, go), _grads(ref, leaves, go)):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_stem_pool_im2col(device, training, monkeypatch):
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_CONV", "im2col")
+    x, w, bw, bb = _stem_inputs(device)
+    leaves = [t.clone().requires_grad_() for t in (w, bw, bb)]  # x is data, as in the model
+    stats = [torch.randn(6, device=device, dtype=x.dtype) * 0.1,
+             torch.rand(6, device=device, dtype=x.dtype) + 0.5]
+    kw = dict(stride=2, padding=3, training=training)
+    rs = [[s.clone() for s in stats] for _ in range(2)]
+    out = m3d.ops.conv_bn_relu_maxpool3d(x, *leaves, *rs[0], **kw)
+    ref = reference.conv_bn_relu_maxpool3d(x, *leaves, *rs[1], **kw)
+    torch.testing.assert_close(out, ref)
+    go = torch.randn_like(ref)
+    for a, e in zip(_grads(out, leaves, go), _grads(ref, leaves, go)):
+        torch.testing.assert_close(a, e)
+    for a, e in zip(*rs):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision_close_to_fp32(device, monkeypatch):
+    # bf16 columns, fp32 accumulation in the GEMM: the conv output within bf16's rounding of the
+    # fp32 reference, like ATen's bf16 convolution
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_CONV", "im2col")
+    x, w, bw, bb = _stem_inputs(device, torch.float32)
+    out = m3d.ops.conv_bias_relu3d(x.bfloat16(), w.bfloat16(), None, stride=2, padding=3,
+                                   relu=False)
+    ref = F.conv3d(x.bfloat16().float(), w.bfloat16().float(), None, 2, 3)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, **tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_conv_algo(device):
+    x, w, bw, bb = _stem_inputs(device, torch.float32)
+    for t in (w, bw, bb):
+        t.requires_grad_()
+    rm, rv = torch.zeros(6, device=device), torch.ones(6, device=device)
+    s, p, d = [2, 2, 2], [3, 3, 3], [1, 1, 1]
+    torch.library.opcheck(torch.ops.med3d_ext.conv_bn_relu3d.default,
+                          (x, w, bw, bb, rm, rv, None, s, p, d, True, 1e-5, True, 1))
+    torch.library.opcheck(torch.ops.med3d_ext.conv_bias_relu3d.default,
+                          (x, w, bb, None, s, p, d, True, 1))
+    torch.library.opcheck(torch.ops.med3d_ext.conv_bn_relu_maxpool3d.default,
+                          (x, w, bw, bb, rm, rv, s, p, d, True, 1e-5, [3, 3, 3], [2, 2, 2],
+                           [1, 1, 1], 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device, monkeypatch):
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_CONV", "im2col")
+    x, w, bw, bb = _stem_inputs(device, torch.float32)
+    rm, rv = torch.zeros(6, device=device), torch.ones(6, device=device)
+
+    def step(w, bw, bb, rm, rv):
+        return m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, stride=2, padding=3).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.clone().requires_grad_() for t in (w, bw, bb)]
+        stats = [rm.clone(), rv.clone()]
+        loss = fn(*leaves, *stats)
+        loss.backward()
+        results.append([loss] + [t.grad for t in leaves] + stats)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_benchmark_shape_matches_cpu():
+    # the benchmark's stem at full size (8 x 1 x 64 x 128 x 128, bf16): the CUDA kernel's columns
+    # equal the CPU kernel's bit for bit (many row blocks, 64-row tails, a 2-tile column case)
+    x = torch.randn(8, 1, 64, 128, 128, dtype=torch.bfloat16)
+    g = (8, 1, (64, 128, 128), (7, 7, 7), (2, 2, 2), (3, 3, 3), (1, 1, 1))
+    cols, cpu = _cols(x.cuda(), g), _cols(x, g)
+    assert cols.shape == (8 * 32 * 64 * 64, 344)
+    assert torch.equal(cols.cpu(), cpu)
+    x = torch.randn(1, 4, 9, 10, 11)  # 4 x 7^3 = 1372 columns: two 1024-column tiles
+    g = (1, 4, (9, 10, 11), (7, 7, 7), (2, 2, 2), (3, 3, 3), (1, 1, 1))
+    assert torch.equal(_cols(x.cuda(), g).cpu(), _cols(x, g))
