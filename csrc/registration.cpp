@@ -57,7 +57,8 @@ TORCH_LIBRARY(med3d_ext, m) {
       "conv_bias_relu3d(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[3] stride, "
       "int[3] padding, int[3] dilation, bool relu, int conv_algo=0) -> Tensor");
   // The input windows of a 3-D convolution as a (N*D'*H'*W', round_up(Cin*kD*kH*kW, align))
-  // matrix: the stem convolution as one GEMM (conv_algo=1; conv_bn_relu/im2col.h)
+  // matrix, or its rows [row_start, row_start + rows) (rows=-1: to the end): the stem
+  // convolution as one GEMM (conv_algo=1; conv_bn_relu/im2col.h)
   m.def("im2col3d(Tensor x, int[3] kernel_size, int[3] stride, int[3] padding, "
-        "int[3] dilation, int align=8) -> Tensor");
+        "int[3] dilation, int align=8, int row_start=0, int rows=-1) -> Tensor");
 }

@@ -2,6 +2,10 @@
 // ATen's convolution, or im2col3d's columns times the weight as one GEMM (im2col.h).
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+
 #include "conv_bn_relu.h"
 
 namespace med3d_ext {
@@ -10,51 +14,107 @@ namespace {
 // im2col3d's column count is rounded up to 8: 16-byte rows in bf16 / fp16, which cuBLAS's
 // tensor-core kernels need (and any wider dtype is aligned by it too).
 constexpr int64_t kColumnAlign = 8;
-
-at::Tensor columns(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& conv) {
-  using Sig = at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                         at::IntArrayRef, int64_t);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("med3d_ext::im2col3d", "")
-                             .typed<Sig>();
-  return op.call(x, weight.sizes().slice(2), conv.stride, conv.padding, conv.dilation,
-                 kColumnAlign);
+// The columns are built and multiplied in chunks of rows of at most this many bytes: one chunk
+// for the training stem (184 MB in bf16 at 8 x 1 x 64 x 128 x 128), while a whole CT volume in
+// fp32 inference (~11 GB of columns at 256 x 512 x 512) stays within memory. The environment
+// variable MED3D_EXT_IM2COL_CHUNK_BYTES overrides it (read once; the tests make it small).
+int64_t chunk_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("MED3D_EXT_IM2COL_CHUNK_BYTES");
+    const long long v = env ? std::atoll(env) : 0;
+    return v > 0 ? int64_t(v) : int64_t(512) << 20;
+  }();
+  return bytes;
 }
 
-// weight (Cout, Cin, kD, kH, kW) as the (Cout, Kp) matrix of im2col3d's column order, zero
-// in the padding columns.
 int64_t taps(const at::Tensor& weight) {  // K = Cin * kD * kH * kW
   return weight.size(1) * weight.size(2) * weight.size(3) * weight.size(4);
 }
 
-at::Tensor weight_matrix(const at::Tensor& weight, int64_t Kp) {
-  const int64_t K = taps(weight);
+int64_t padded_taps(const at::Tensor& weight) {
+  return (taps(weight) + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+}
+
+// Rows [start, start + rows) of the (M, Kp) column matrix.
+at::Tensor columns(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& conv,
+                   int64_t start, int64_t rows) {
+  using Sig = at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                         at::IntArrayRef, int64_t, int64_t, int64_t);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("med3d_ext::im2col3d", "")
+                             .typed<Sig>();
+  // a kernel size is a constant of the model: under tracing a symbolic one is specialised
+  std::array<int64_t, 3> k;
+  for (int i = 0; i < 3; ++i) k[i] = weight.sym_size(2 + i).guard_int(__FILE__, __LINE__);
+  return op.call(x, k, conv.stride, conv.padding, conv.dilation, kColumnAlign, start, rows);
+}
+
+int64_t chunk_rows(int64_t M, const at::Tensor& weight, const at::Tensor& x) {
+  const int64_t row_bytes = std::max<int64_t>(1, padded_taps(weight) * x.element_size());
+  return std::max<int64_t>(1, std::min(M, chunk_bytes() / row_bytes));
+}
+
+// weight (Cout, Cin, kD, kH, kW) as the (Cout, Kp) matrix of im2col3d's column order, zero
+// in the padding columns.
+at::Tensor weight_matrix(const at::Tensor& weight) {
+  const int64_t K = taps(weight), Kp = padded_taps(weight);
   at::Tensor w = weight.reshape({weight.size(0), K});
   return Kp == K ? w : at::constant_pad_nd(w, {0, Kp - K});
 }
 
 at::Tensor conv3d_im2col(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& conv,
                          const std::vector<int64_t>& out_sizes, at::MemoryFormat fmt) {
-  const at::Tensor cols = columns(x, weight, conv);  // (M, Kp)
+  const auto& s = out_sizes;  // (N, Cout, D', H', W')
+  const int64_t M = s[0] * s[2] * s[3] * s[4], chunk = chunk_rows(M, weight, x);
+  const at::Tensor wt = weight_matrix(weight).t();  // (Kp, Cout)
   // (M, Kp) x (Kp, Cout): the rows are output voxels in (n, d, h, w) order, so the product is
   // y in channels_last_3d, with no copy.
-  const at::Tensor y = at::mm(cols, weight_matrix(weight, cols.size(1)).t());
-  const auto& s = out_sizes;  // (N, Cout, D', H', W')
+  at::Tensor y;
+  if (chunk >= M) {
+    y = at::mm(columns(x, weight, conv, 0, M), wt);
+  } else {
+    y = at::empty({M, s[1]}, x.options());
+    for (int64_t r = 0; r < M; r += chunk) {
+      const int64_t n = std::min(chunk, M - r);
+      at::Tensor out = y.narrow(0, r, n);
+      at::mm_out(out, columns(x, weight, conv, r, n), wt);
+    }
+  }
   return y.view({s[0], s[2], s[3], s[4], s[1]}).permute({0, 4, 1, 2, 3}).contiguous(fmt);
 }
 
+bool symbolic(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+}
+
 // grad_weight = grad_y^T (Cout, M) x columns (M, Kp), the columns built again (never kept).
+// torch.compile traces this (AOTAutograd runs the C++ backward on fake tensors, whose sizes may
+// be symbolic), so sizes are read as SymInts, and the chunk loop, which needs a concrete M,
+// runs only on real tensors (a traced graph takes the whole matrix at once).
 at::Tensor conv3d_im2col_weight_grad(const at::Tensor& grad_y, const at::Tensor& x,
                                      const at::Tensor& weight, const ConvArgs& conv) {
-  const at::Tensor cols = columns(x, weight, conv);
-  const int64_t cout = weight.size(0), K = taps(weight);
   const at::Tensor g = grad_y.to(x.scalar_type())
                            .contiguous(at::MemoryFormat::ChannelsLast3d)
                            .permute({0, 2, 3, 4, 1})
-                           .reshape({cols.size(0), cout});  // a view: (n, d, h, w, c) order
-  at::Tensor gw = at::mm(g.t(), cols);                      // (Cout, Kp)
-  if (gw.size(1) != K) gw = gw.narrow(1, 0, K);
-  return gw.reshape(weight.sizes()).contiguous(weight.suggest_memory_format());
+                           .flatten(0, 3);  // (M, Cout), a view: rows in (n, d, h, w) order
+  at::Tensor gw;                            // (Cout, Kp)
+  const int64_t M = symbolic(g) || symbolic(x) || symbolic(weight) ? -1 : g.size(0);
+  const int64_t chunk = M < 0 ? -1 : chunk_rows(M, weight, x);
+  if (chunk < 0 || chunk >= M) {
+    gw = at::mm(g.t(), columns(x, weight, conv, 0, -1));
+  } else {  // chunk products summed in fp32 (fp64 for fp64), rounded once
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor sum = at::zeros({weight.size(0), padded_taps(weight)}, x.options().dtype(acc));
+    for (int64_t r = 0; r < M; r += chunk) {
+      const int64_t n = std::min(chunk, M - r);
+      sum.add_(at::mm(g.narrow(0, r, n).t(), columns(x, weight, conv, r, n)));
+    }
+    gw = sum.to(x.scalar_type());
+  }
+  const c10::SymInt K = weight.sym_size(1) * weight.sym_size(2) * weight.sym_size(3) *
+                        weight.sym_size(4);
+  // the gradient in the default layout: autograd's accumulation brings it to the weight's own
+  return gw.narrow_symint(1, 0, K).reshape_symint(weight.sym_sizes());
 }
 
 }  // namespace

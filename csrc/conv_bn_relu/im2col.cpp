@@ -13,7 +13,7 @@ namespace im2col {
 
 at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
-                   Geometry& g) {
+                   int64_t row_start, int64_t rows, Geometry& g) {
   const char* op = "im2col3d";
   M3D_CHECK_ARG(x.defined() && x.dim() == 5, op, "x", x, "5-D (N, Cin, D, H, W)");
   for (auto* a : {&kernel_size, &stride, &padding, &dilation})
@@ -48,15 +48,22 @@ at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArra
   g.kw = static_cast<int32_t>(kernel_size[2]);
   g.K = g.C * kernel_size[0] * kernel_size[1] * kernel_size[2];
   g.Kp = (g.K + align - 1) / align * align;
-  return at::empty({g.N * g.Do * g.Ho * g.Wo, g.Kp}, x.options());
+  const int64_t M = g.N * g.Do * g.Ho * g.Wo;
+  if (rows < 0) rows = M - row_start;
+  M3D_CHECK(row_start >= 0 && rows >= 0 && row_start + rows <= M, "med3d_ext.im2col3d: rows [",
+            row_start, ", ", row_start + rows, ") are outside the matrix's ", M, " rows");
+  g.row_start = row_start;
+  return at::empty({rows, g.Kp}, x.options());
 }
 
 }  // namespace im2col
 
 at::Tensor im2col3d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align) {
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
+                        int64_t row_start, int64_t rows) {
   im2col::Geometry g;
-  at::Tensor cols = im2col::prepare(x, kernel_size, stride, padding, dilation, align, g);
+  at::Tensor cols =
+      im2col::prepare(x, kernel_size, stride, padding, dilation, align, row_start, rows, g);
   const int64_t M = cols.size(0), Kp = g.Kp;
   if (cols.numel() == 0) return cols;
   std::vector<im2col::Tap> taps(Kp);
@@ -67,7 +74,7 @@ at::Tensor im2col3d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
     bits_t* out = static_cast<bits_t*>(cols.mutable_data_ptr());
     at::parallel_for(0, M, std::max<int64_t>(1, 32768 / Kp), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
-        const im2col::Row row = im2col::make_row(g, m);
+        const im2col::Row row = im2col::make_row(g, g.row_start + m);
         bits_t* o = out + m * Kp;
         for (int64_t k = 0; k < Kp; ++k) o[k] = im2col::element(xp, g, row, taps[k]);
       }

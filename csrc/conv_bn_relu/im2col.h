@@ -33,6 +33,7 @@ struct Geometry {
   int32_t kd, kh, kw;                // kernel
   int32_t stride[3], pad[3], dil[3];
   int64_t K, Kp;                     // real and padded column count
+  int64_t row_start;                 // the output's first row is this row of the full matrix
 };
 
 // A column: kernel tap (c, i, j, l) as its displacement from the window corner, in voxels, and
@@ -86,11 +87,11 @@ M3D_HOST_DEVICE bits_t element(const bits_t* x, const Geometry& g, const Row& r,
   return inside ? x[r.offset + t.offset] : bits_t(0);
 }
 
-// Entry checks and geometry shared by both devices (im2col.cpp); returns the (M, Kp) output,
+// Entry checks and geometry shared by both devices (im2col.cpp); returns the (rows, Kp) output,
 // allocated, not yet written.
 at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
-                   Geometry& g);
+                   int64_t row_start, int64_t rows, Geometry& g);
 
 // Calls fn(bits_tag) with an unsigned integer tag of x's element size.
 template <typename F>
@@ -105,8 +106,11 @@ void dispatch_bits(const at::Tensor& x, F&& fn) {
 }  // namespace im2col
 
 // The op (schema in csrc/registration.cpp): im2col3d(x, kernel_size, stride, padding,
-// dilation, align) -> (N*D'*H'*W', round_up(Cin*kD*kH*kW, align)) in x's dtype.
+// dilation, align, row_start, rows) -> rows [row_start, row_start + rows) of the
+// (N*D'*H'*W', round_up(Cin*kD*kH*kW, align)) matrix, in x's dtype. A row range bounds the
+// memory of a large convolution (conv3d.cpp multiplies it chunk by chunk).
 at::Tensor im2col3d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align);
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
+                        int64_t row_start, int64_t rows);
 
 }  // namespace med3d_ext

@@ -1,6 +1,6 @@
 // im2col3d on CUDA (see im2col.h): a block writes a tile of kRows rows by up to kTileCols
 // columns. Its columns' taps and its rows' window corners go to shared memory first (the only
-// integer divisions), then each thread writes one column of every row: consecutive threads
+// integer divisions), then each thread writes its column of every row: consecutive threads
 // write consecutive columns (coalesced stores), and each element is three compares and a load
 // that hits L1/L2 (a row's taps read a 7x7x7 neighbourhood, rows next to each other overlap).
 #include <c10/cuda/CUDAGuard.h>
@@ -30,23 +30,27 @@ im2col3d_kernel(const bits_t* __restrict__ x, bits_t* __restrict__ cols, im2col:
   const int nrows = static_cast<int>(M - m0 < kRows ? M - m0 : kRows);
   const int ncols = static_cast<int>(g.Kp - k0 < kTileCols ? g.Kp - k0 : kTileCols);
   for (int k = threadIdx.x; k < ncols; k += blockDim.x) taps[k] = im2col::make_tap(g, k0 + k);
-  for (int r = threadIdx.x; r < nrows; r += blockDim.x) rows[r] = im2col::make_row(g, m0 + r);
+  for (int r = threadIdx.x; r < nrows; r += blockDim.x)
+    rows[r] = im2col::make_row(g, g.row_start + m0 + r);
   __syncthreads();
   bits_t* out = cols + m0 * g.Kp + k0;
-  for (int r = 0; r < nrows; ++r) {
-    const im2col::Row row = rows[r];
-    for (int k = threadIdx.x; k < ncols; k += blockDim.x)
-      out[r * g.Kp + k] = im2col::element(x, g, row, taps[k]);
+  // A thread's tap stays in registers across the rows (the usual case is one column per
+  // thread); a row's corner is a shared-memory broadcast.
+  for (int k = threadIdx.x; k < ncols; k += blockDim.x) {
+    const im2col::Tap tap = taps[k];
+    for (int r = 0; r < nrows; ++r) out[r * g.Kp + k] = im2col::element(x, g, rows[r], tap);
   }
 }
 
 }  // namespace
 
 at::Tensor im2col3d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align) {
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
+                         int64_t row_start, int64_t rows) {
   const c10::cuda::CUDAGuard guard(x.device());
   im2col::Geometry g;
-  at::Tensor cols = im2col::prepare(x, kernel_size, stride, padding, dilation, align, g);
+  at::Tensor cols =
+      im2col::prepare(x, kernel_size, stride, padding, dilation, align, row_start, rows, g);
   const int64_t M = cols.size(0);
   if (cols.numel() == 0) return cols;
   const int64_t tiles = ceil_div(g.Kp, kTileCols);

@@ -355,12 +355,14 @@ def _conv_bn_relu_maxpool3d_fake(x, weight, bn_weight, bn_bias, running_mean, ru
 
 
 @register_fake("im2col3d")
-def _im2col3d_fake(x, kernel_size, stride, padding, dilation, align=8):
+def _im2col3d_fake(x, kernel_size, stride, padding, dilation, align=8, row_start=0, rows=-1):
     torch._check(x.dim() == 5, lambda: f"im2col3d: x must be 5-D, got {tuple(x.shape)}")
     out = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1)
            // stride[i] + 1 for i in range(3)]
     k = x.shape[1] * kernel_size[0] * kernel_size[1] * kernel_size[2]
-    return x.new_empty((x.shape[0] * out[0] * out[1] * out[2], (k + align - 1) // align * align))
+    m = x.shape[0] * out[0] * out[1] * out[2]
+    rows = m - row_start if rows < 0 else rows
+    return x.new_empty((rows, (k + align - 1) // align * align))
 
 
 @register_fake("bn_relu_maxpool_backward")
