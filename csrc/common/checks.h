@@ -78,6 +78,16 @@ inline bool is_channels_last_3d(const at::Tensor& t) {
          t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
 }
 
+// The layout a convolution's output takes from its input or weight, as ATen's: channels_last_3d
+// as above, and also a one-channel tensor whose channel stride is 1 (x.to(channels_last_3d) of
+// an (N, 1, D, H, W) image, or a stem weight (Cout, 1, k, k, k) of a channels_last model): its
+// memory is that of either layout, and the stride is the only trace of the one asked for.
+inline bool prefers_channels_last_3d(const at::Tensor& t) {
+  if (is_channels_last_3d(t)) return true;
+  return t.dim() == 5 && t.size(1) == 1 && t.stride(1) == 1 && t.numel() > t.size(0) &&
+         t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
 // 32-bit indexing is safe when every offset an op forms fits in int32.
 inline bool fits_int32(int64_t numel) { return numel < (int64_t(1) << 31) - 1; }
 

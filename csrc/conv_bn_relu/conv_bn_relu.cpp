@@ -71,8 +71,9 @@ at::MemoryFormat check_conv_bn_relu_args(const char* op, const at::Tensor& x,
                   "of the output's shape " + sizes_str(out_sizes));
     check_float(op, "residual", r);
   }
-  return (is_channels_last_3d(x) || is_channels_last_3d(weight)) ? at::MemoryFormat::ChannelsLast3d
-                                                                 : at::MemoryFormat::Contiguous;
+  return (prefers_channels_last_3d(x) || prefers_channels_last_3d(weight))
+             ? at::MemoryFormat::ChannelsLast3d
+             : at::MemoryFormat::Contiguous;
 }
 
 void check_channel_param(const char* op, const char* arg, const at::Tensor& p,

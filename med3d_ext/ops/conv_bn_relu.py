@@ -283,6 +283,15 @@ def _is_cl(t: torch.Tensor) -> bool:
             and t.is_contiguous(memory_format=torch.channels_last_3d))
 
 
+def _prefers_cl(t: torch.Tensor) -> bool:
+    """csrc/common/checks.h's prefers_channels_last_3d: the layout a convolution's output takes
+    from its input or weight (a one-channel tensor with channel stride 1 counts, as in ATen)."""
+    if _is_cl(t):
+        return True
+    return (t.dim() == 5 and t.shape[1] == 1 and t.stride(1) == 1 and t.numel() > t.shape[0]
+            and t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
 def _out_shape(x, weight, stride, padding, dilation):
     torch._check(x.dim() == 5, lambda: f"conv_bn_relu3d: x must be 5-D, got {tuple(x.shape)}")
     torch._check(weight.dim() == 5, lambda: "conv_bn_relu3d: weight must be 5-D")
@@ -308,7 +317,7 @@ def _acc(t):
 @register_fake("conv_bn_relu3d")
 def _conv_bn_relu3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                          stride, padding, dilation, training, eps, relu, conv_algo=0):
-    out = _empty(_out_shape(x, weight, stride, padding, dilation), x, _is_cl(x) or _is_cl(weight))
+    out = _empty(_out_shape(x, weight, stride, padding, dilation), x, _prefers_cl(x) or _prefers_cl(weight))
     c = weight.shape[0]
     stats = [x.new_empty((c,), dtype=_acc(x)) for _ in range(3)]
     return (out, torch.empty_like(out), *stats)
@@ -332,7 +341,7 @@ def _bn_relu_backward_fake(grad_out, y, mean, invstd, bn_weight, bn_bias, relu_o
 @register_fake("conv_bias_relu3d")
 def _conv_bias_relu3d_fake(x, weight, bias, residual, stride, padding, dilation, relu,
                            conv_algo=0):
-    return _empty(_out_shape(x, weight, stride, padding, dilation), x, _is_cl(x) or _is_cl(weight))
+    return _empty(_out_shape(x, weight, stride, padding, dilation), x, _prefers_cl(x) or _prefers_cl(weight))
 
 
 def _pool_shape(y_shape, pk, ps, pp):
@@ -343,7 +352,7 @@ def _pool_shape(y_shape, pk, ps, pp):
 def _conv_bn_relu_maxpool3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
                                  padding, dilation, training, eps, pool_kernel, pool_stride,
                                  pool_padding, conv_algo=0):
-    cl = _is_cl(x) or _is_cl(weight)
+    cl = _prefers_cl(x) or _prefers_cl(weight)
     y = _empty(_out_shape(x, weight, stride, padding, dilation), x, cl)
     shape = _pool_shape(y.shape, pool_kernel, pool_stride, pool_padding)
     out = _empty(shape, x, cl)

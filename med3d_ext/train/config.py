@@ -106,6 +106,10 @@ OPTIONS: dict[str, Option] = {
                     "extension and med3d_ext.nn are available; the loss and augmentation ops "
                     "are used on the CPU too); --no-fused = plain PyTorch everywhere", _ALL),
     "compile": Option(False, "bool", "torch.compile the model", _ALL),
+    "compile_mode": Option("default", "str", "torch.compile mode with --compile: default | "
+                           "reduce-overhead (CUDA graphs: replays each step's kernels without "
+                           "the host's per-op work; patches have fixed shapes) | max-autotune | "
+                           "max-autotune-no-cudagraphs", _ALL),
     "cudnn_benchmark": Option(True, "bool", "cuDNN autotuning on a GPU (patches have fixed "
                               "shapes, so each convolution is tuned once; --no-cudnn-benchmark "
                               "uses cuDNN's heuristics)", _ALL),
@@ -130,6 +134,7 @@ OPTIONS: dict[str, Option] = {
 # Allowed values, checked wherever a value comes from (defaults, YAML, command line, --set,
 # a resumed run's saved config): (predicate, what the message says is expected).
 _DEPTHS = (10, 18, 34, 50, 101, 152, 200)
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 VALID: dict[str, tuple] = {
     "task": (lambda v: v in ("seg", "cls"), "seg | cls"),
     "checkpoint": (lambda v: bool(v), "best | last | a path"),
@@ -152,6 +157,7 @@ VALID: dict[str, tuple] = {
     "val_fraction": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "label_grid": (lambda v: v in ("logits", "patch"), "logits | patch"),
     "amp": (lambda v: v in ("auto", "bf16", "fp16", "off"), "auto | bf16 | fp16 | off"),
+    "compile_mode": (lambda v: v in _COMPILE_MODES, " | ".join(_COMPILE_MODES)),
     "num_workers": (lambda v: v >= 0, ">= 0"),
     "threads": (lambda v: v >= 0, ">= 0 (0 = torch's default)"),
     "overlap": (lambda v: 0 <= v < 1, "in [0, 1)"),

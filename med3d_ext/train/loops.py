@@ -145,8 +145,11 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
 
     net = wrap_ddp(model, ctx, sync_bn=cfg.get("sync_bn", False),
                    find_unused=job.find_unused or job.freeze_epochs > 0)
+    graphed = False  # compiled with CUDA graphs: each step must be marked (below)
     if cfg.get("compile"):
-        net = torch.compile(net)
+        mode = cfg.get("compile_mode", "default")
+        net = torch.compile(net, mode=None if mode == "default" else mode)
+        graphed = mode in ("reduce-overhead", "max-autotune") and dev.type == "cuda"
     if on_start is not None:
         on_start()
 
@@ -209,6 +212,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             t1 = time.perf_counter()
             try:
                 inputs = job.prepare(batch, dev)
+                if graphed:  # a new iteration: the last step's graph outputs may be reused
+                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, info, dice_fn = job.step_fn(net, inputs)
                 pending.append((step + 1, epoch + 1, all_reduce_mean(loss.detach().float(), ctx)))

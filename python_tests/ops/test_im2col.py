@@ -209,6 +209,32 @@ def test_low_precision_close_to_fp32(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["aten", "im2col"])
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+def test_one_channel_output_layout(device, algo, cl, monkeypatch):
+    # a one-channel image is in both layouts at once; as in F.conv3d, its channel stride says
+    # which was asked for (x.to(channels_last_3d) in a channels_last model), and the stem's output
+    # takes that layout instead of an extra copy into NCDHW
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_CONV", algo)
+    x, w, bw, bb = _stem_inputs(device, torch.float32)
+    if cl:
+        x = x.to(memory_format=torch.channels_last_3d)
+        w = w.to(memory_format=torch.channels_last_3d)
+    out = m3d.ops.conv_bn_relu3d(x, w, bw, bb, None, None, stride=2, padding=3)
+    assert out.stride() == F.conv3d(x, w, None, 2, 3).stride()
+    assert out.is_contiguous(memory_format=torch.channels_last_3d if cl else
+                             torch.contiguous_format)
+    for t in (w, bw, bb):
+        t.requires_grad_()
+    s, p, d = [2, 2, 2], [3, 3, 3], [1, 1, 1]
+    torch.library.opcheck(torch.ops.med3d_ext.conv_bn_relu3d.default,  # fake strides agree
+                          (x, w, bw, bb, None, None, None, s, p, d, True, 1e-5, True,
+                           mod._CONV_ALGO[algo]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_conv_algo(device):
     x, w, bw, bb = _stem_inputs(device, torch.float32)
     for t in (w, bw, bb):

@@ -85,7 +85,8 @@ def test_bad_values(key, value):
     ("batch_size", "0", ">= 1"), ("batch_size", "-1", ">= 1"), ("depth", "11", "one of 10, 18"),
     ("optimizer", "adam", "sgd | adamw"), ("overlap", "1.0", "in [0, 1)"),
     ("val_fraction", "1", "[0, 1)"), ("lr", "0", "> 0"), ("fg_fraction", "1.5", "[0, 1]"),
-    ("amp", "fp8", "bf16"), ("label_grid", "voxel", "logits | patch"), ("steps", "0", ">= 1")])
+    ("amp", "fp8", "bf16"), ("label_grid", "voxel", "logits | patch"), ("steps", "0", ">= 1"),
+    ("compile_mode", "fast", "default | reduce-overhead")])
 def test_out_of_range_values_name_key_value_and_range(key, value, want):
     with pytest.raises(C.ConfigError) as e:
         C.resolve("pretrain", overrides=[f"{key}={value}"])
