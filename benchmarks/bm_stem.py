@@ -64,6 +64,9 @@ def run(ctx):
     tag = "bf16 CL" if ctx.gpu else "fp32"
     case.add(f"med3d_ext im2col3d + GEMM {tag}",
              lambda: _conv_alone(x, w, gy, dt, ctx.gpu, _im2col_conv()))
+    if ctx.gpu:  # 32 MB chunks: the columns may stay in L2 between im2col3d and the GEMM
+        case.add(f"med3d_ext im2col3d + GEMM {tag}, 32 MB chunks",
+                 lambda: _with_chunks(_conv_alone(x, w, gy, dt, True, _im2col_conv()), 32 << 20))
     for fold in (False, True):
         case.add(f"med3d_ext stem_conv3d {tag} (space-to-depth"
                  + (", W taps folded)" if fold else ")"),
@@ -122,6 +125,21 @@ def _im2col_conv():
     op = m3d_attr("ops.conv_bias_relu3d")
     return with_module_flag(lambda a, b: op(a, b, None, stride=2, padding=3, relu=False),
                             "med3d_ext.ops.conv_bn_relu", "STEM_CONV", "im2col")
+
+
+def _with_chunks(step, nbytes):
+    """``step`` with the im2col chunk size set to ``nbytes`` around each call (forward and
+    backward alike), restored afterwards."""
+    chunk = m3d_attr("ops.conv_bn_relu.im2col_chunk_bytes")
+
+    def run():
+        old = chunk()
+        chunk(nbytes)
+        try:
+            return step()
+        finally:
+            chunk(old)
+    return run
 
 
 def _stem_conv(fold):

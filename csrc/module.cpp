@@ -1,9 +1,12 @@
 // The pybind11 module med3d_ext._C. Importing it runs the static op registrations of every
-// translation unit linked in; the module itself only reports how it was built.
+// translation unit linked in; the module itself reports how it was built and holds the one
+// process-wide setting (the im2col chunk size).
 //
 // Compiled against the pybind11 headers that torch ships, so there is one pybind11 in the
 // process.
 #include <pybind11/pybind11.h>
+
+#include "conv_bn_relu/conv_bn_relu.h"
 
 #ifndef M3D_TORCH_VERSION
 #define M3D_TORCH_VERSION "unknown"
@@ -36,4 +39,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   });
+  // The stem convolution's im2col chunk size (conv_bn_relu/conv3d.cpp), a process-wide setting
+  // like torch.backends flags: med3d_ext.ops.conv_bn_relu.im2col_chunk_bytes wraps these.
+  m.def("im2col_chunk_bytes", &med3d_ext::im2col_chunk_bytes);
+  m.def("set_im2col_chunk_bytes", &med3d_ext::set_im2col_chunk_bytes);
 }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 
 #include "conv_bn_relu.h"
@@ -14,16 +15,17 @@ namespace {
 // im2col3d's column count is rounded up to 8: 16-byte rows in bf16 / fp16, which cuBLAS's
 // tensor-core kernels need (and any wider dtype is aligned by it too).
 constexpr int64_t kColumnAlign = 8;
-// The columns are built and multiplied in chunks of rows of at most this many bytes: one chunk
-// for the training stem (184 MB in bf16 at 8 x 1 x 64 x 128 x 128), while a whole CT volume in
-// fp32 inference (~11 GB of columns at 256 x 512 x 512) stays within memory. The environment
-// variable MED3D_EXT_IM2COL_CHUNK_BYTES overrides it (read once; the tests make it small).
-int64_t chunk_bytes() {
-  static const int64_t bytes = [] {
+// The columns are built and multiplied in chunks of rows of at most im2col_chunk_bytes()
+// (conv_bn_relu.h). Default 1 GiB: one chunk for the training stem (1,048,576 rows x 344
+// columns = 688 MiB in bf16 at 8 x 1 x 64 x 128 x 128), while a whole CT volume in fp32
+// inference (~11 GB of columns at 256 x 512 x 512) stays within memory. Smaller chunks trade
+// launches (host time) for columns that may stay in L2 between the two kernels.
+std::atomic<int64_t>& chunk_bytes_setting() {
+  static std::atomic<int64_t> bytes{[] {
     const char* env = std::getenv("MED3D_EXT_IM2COL_CHUNK_BYTES");
     const long long v = env ? std::atoll(env) : 0;
-    return v > 0 ? int64_t(v) : int64_t(512) << 20;
-  }();
+    return v > 0 ? int64_t(v) : int64_t(1) << 30;
+  }()};
   return bytes;
 }
 
@@ -51,7 +53,7 @@ at::Tensor columns(const at::Tensor& x, const at::Tensor& weight, const ConvArgs
 
 int64_t chunk_rows(int64_t M, const at::Tensor& weight, const at::Tensor& x) {
   const int64_t row_bytes = std::max<int64_t>(1, padded_taps(weight) * x.element_size());
-  return std::max<int64_t>(1, std::min(M, chunk_bytes() / row_bytes));
+  return std::max<int64_t>(1, std::min(M, im2col_chunk_bytes() / row_bytes));
 }
 
 // weight (Cout, Cin, kD, kH, kW) as the (Cout, Kp) matrix of im2col3d's column order, zero
@@ -102,12 +104,17 @@ at::Tensor conv3d_im2col_weight_grad(const at::Tensor& grad_y, const at::Tensor&
   const int64_t chunk = M < 0 ? -1 : chunk_rows(M, weight, x);
   if (chunk < 0 || chunk >= M) {
     gw = at::mm(g.t(), columns(x, weight, conv, 0, -1));
-  } else {  // chunk products summed in fp32 (fp64 for fp64), rounded once
+  } else {  // chunk products summed in fp32 (fp64 for fp64), rounded once at the end
     const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    // cuBLAS writes a bf16/fp16 product's fp32 accumulator as it is (mm's out_dtype overload,
+    // CUDA only); elsewhere each chunk's product is rounded to x's dtype before the sum
+    const bool fp32_out = x.is_cuda() && (x.scalar_type() == at::kBFloat16 ||
+                                          x.scalar_type() == at::kHalf);
     at::Tensor sum = at::zeros({weight.size(0), padded_taps(weight)}, x.options().dtype(acc));
     for (int64_t r = 0; r < M; r += chunk) {
       const int64_t n = std::min(chunk, M - r);
-      sum.add_(at::mm(g.narrow(0, r, n).t(), columns(x, weight, conv, r, n)));
+      const at::Tensor a = g.narrow(0, r, n).t(), b = columns(x, weight, conv, r, n);
+      sum.add_(fp32_out ? at::mm(a, b, at::kFloat) : at::mm(a, b));
     }
     gw = sum.to(x.scalar_type());
   }
@@ -119,8 +126,18 @@ at::Tensor conv3d_im2col_weight_grad(const at::Tensor& grad_y, const at::Tensor&
 
 }  // namespace
 
+int64_t im2col_chunk_bytes() { return chunk_bytes_setting().load(std::memory_order_relaxed); }
+
+void set_im2col_chunk_bytes(int64_t bytes) {
+  M3D_CHECK(bytes > 0, "med3d_ext: the im2col chunk size must be a positive number of bytes, "
+            "got ", bytes);
+  chunk_bytes_setting().store(bytes, std::memory_order_relaxed);
+}
+
 at::Tensor conv3d_forward(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& conv,
                           at::MemoryFormat fmt) {
+  M3D_CHECK(conv.algo == kAten || conv.algo == kIm2col, "med3d_ext: conv_algo must be 0 (ATen) "
+            "or 1 (im2col), got ", conv.algo);
   if (conv.algo == kIm2col) {
     std::vector<int64_t> sizes{x.size(0), weight.size(0)};
     for (int i = 0; i < 3; ++i) {
@@ -139,7 +156,9 @@ std::pair<at::Tensor, at::Tensor> conv3d_backward(const at::Tensor& grad_y, cons
                                                   bool need_x, bool need_w) {
   if (!(need_x || need_w)) return {};
   at::Tensor gw;
-  if (conv.algo == kIm2col && need_w) {
+  // im2col3d has no derivative of its own: a double backward (create_graph, possible through
+  // conv_bias_relu3d) takes ATen's differentiable convolution_backward instead
+  if (conv.algo == kIm2col && need_w && !at::GradMode::is_enabled()) {
     gw = conv3d_im2col_weight_grad(grad_y, x, weight, conv);
     if (!need_x) return {at::Tensor(), gw};
     need_w = false;  // the input gradient (rare: the stem's input is data) from ATen below

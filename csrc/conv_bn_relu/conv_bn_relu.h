@@ -124,6 +124,11 @@ at::MemoryFormat check_conv_bn_relu_args(const char* op, const at::Tensor& x,
 // y = conv3d(x, weight) by conv.algo, in `fmt`.
 at::Tensor conv3d_forward(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& conv,
                           at::MemoryFormat fmt);
+// kIm2col builds its columns in chunks of rows of at most this many bytes (conv3d.cpp; the
+// environment variable MED3D_EXT_IM2COL_CHUNK_BYTES sets the initial value, default 1 GiB).
+int64_t im2col_chunk_bytes();
+void set_im2col_chunk_bytes(int64_t bytes);
+
 // (grad_x, grad_weight) of y = conv3d(x, weight) by conv.algo; undefined where not needed.
 std::pair<at::Tensor, at::Tensor> conv3d_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                   const at::Tensor& weight, const ConvArgs& conv,

@@ -19,7 +19,11 @@ at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArra
   for (auto* a : {&kernel_size, &stride, &padding, &dilation})
     M3D_CHECK(a->size() == 3, "med3d_ext.im2col3d: kernel_size, stride, padding and dilation "
               "need 3 values each");
-  M3D_CHECK(align >= 1, "med3d_ext.im2col3d: argument 'align' must be >= 1, got ", align);
+  check_float(op, "x", x);  // an element mover for 2-, 4- and 8-byte floats (dispatch_bits)
+  M3D_CHECK(align >= 1 && align <= 4096, "med3d_ext.im2col3d: argument 'align' must be in "
+            "[1, 4096], got ", align);
+  M3D_CHECK(rows >= -1, "med3d_ext.im2col3d: argument 'rows' must be >= 0, or -1 for every "
+            "row from row_start, got ", rows);
   g.N = x.size(0), g.C = x.size(1), g.D = x.size(2), g.H = x.size(3), g.W = x.size(4);
   g.sn = x.stride(0), g.sc = x.stride(1), g.sd = x.stride(2), g.sh = x.stride(3);
   g.sw = x.stride(4);

@@ -5,8 +5,10 @@
 // kernel for: 343 taps of one channel. As a matrix it is M = N*D'*H'*W' rows by K = Cin*343
 // columns times a (K, Cout) weight: a GEMM cuBLAS runs on tensor cores at its memory speed, and
 // the weight gradient is the transposed product (Cout, M) x (M, K). The columns are K/8 times
-// the stride-2 input (~43x in bf16: 180 MB at the benchmark shape), so they are never kept:
-// the forward builds them, multiplies and frees them, and the backward builds them again.
+// input (~43x: 721 MB in bf16 at the benchmark shape, 8 x 1 x 64 x 128 x 128), so they are
+// never kept:
+// the forward builds them, multiplies and frees them, and the backward builds them again
+// (in chunks of rows above im2col_chunk_bytes(), conv_bn_relu.h).
 //
 //   row m = ((n*D' + d')*H' + h')*W' + w'   (an output voxel; the rows are channels_last y)
 //   col k = ((c*kD + i)*kH + j)*kW + l      (a kernel tap; weight.reshape(Cout, K)'s order)
@@ -47,8 +49,8 @@ constexpr int32_t kNoVoxel = -(1 << 29);
 
 M3D_HOST_DEVICE Tap make_tap(const Geometry& g, int64_t k) {
   if (k >= g.K) return {kNoVoxel, 0, 0, 0};
-  const int64_t l = k % g.kw, j = (k / g.kw) % g.kh, i = (k / (g.kw * g.kh)) % g.kd,
-                c = k / (int64_t(g.kw) * g.kh * g.kd);
+  const int64_t l = k % g.kw, j = (k / g.kw) % g.kh, i = (k / (int64_t(g.kw) * g.kh)) % g.kd,
+                c = k / (int64_t(g.kw) * g.kh * g.kd);  // int64: kh * kw may not fit int32
   Tap t;
   t.dd = static_cast<int32_t>(i * g.dil[0]);
   t.dh = static_cast<int32_t>(j * g.dil[1]);
@@ -93,13 +95,15 @@ at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArra
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
                    int64_t row_start, int64_t rows, Geometry& g);
 
-// Calls fn(bits_tag) with an unsigned integer tag of x's element size.
+// Calls fn(bits_tag) with an unsigned integer tag of x's element size (prepare admits only
+// the float dtypes: 2, 4 or 8 bytes).
 template <typename F>
 void dispatch_bits(const at::Tensor& x, F&& fn) {
   switch (x.element_size()) {
     case 2: return fn(uint16_t{});
     case 4: return fn(uint32_t{});
-    default: return fn(uint64_t{});
+    case 8: return fn(uint64_t{});
+    default: TORCH_CHECK(false, "med3d_ext.im2col3d: unsupported element size ", x.element_size());
   }
 }
 

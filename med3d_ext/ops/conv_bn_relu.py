@@ -21,7 +21,7 @@ from .. import reference
 from .stem import stem_rewrite
 from ._common import compiled, register_fake
 
-__all__ = ["conv_bn_relu3d", "conv_bias_relu3d", "conv_bn_relu_maxpool3d"]
+__all__ = ["conv_bn_relu3d", "conv_bias_relu3d", "conv_bn_relu_maxpool3d", "im2col_chunk_bytes"]
 
 IntOr3 = Union[int, Sequence[int]]
 
@@ -29,6 +29,8 @@ IntOr3 = Union[int, Sequence[int]]
 def _triple(v: IntOr3, name: str) -> list[int]:
     if isinstance(v, int):
         return [v, v, v]
+    if type(v) is tuple and len(v) == 3 and all(type(a) is int for a in v):
+        return list(v)  # nn.Conv3d's own stride/padding/dilation: the per-layer fast path
     v = [int(a) for a in v]
     if len(v) == 1:
         return v * 3
@@ -89,6 +91,24 @@ def _stem_conv(x, weight, stride, padding, dilation) -> str:
     if algo == "aten" or not _is_stem_like(x, weight, stride, padding, dilation):
         return "aten"
     return algo
+
+
+def im2col_chunk_bytes(n: Optional[int] = None) -> int:
+    """The "im2col" stem's chunk size: its column matrix is built and multiplied in chunks of
+    rows of at most this many bytes (default 1 GiB: one chunk for the training stem, 721 MB in
+    bf16 at 8 x 1 x 64 x 128 x 128; whole-volume inference stays within memory). With ``n``,
+    sets it first (a process-wide setting, like the torch.backends flags; the environment
+    variable MED3D_EXT_IM2COL_CHUNK_BYTES gives the initial value). Returns the size in effect,
+    or 0 without the compiled extension."""
+    from .. import _extension
+
+    if not _extension.available():
+        return 0
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"im2col_chunk_bytes: n must be a positive int of bytes, got {n!r}")
+        _extension._C.set_im2col_chunk_bytes(n)
+    return int(_extension._C.im2col_chunk_bytes())
 
 
 def _prepare_conv(x, weight, stride, padding, dilation):
@@ -210,7 +230,9 @@ def _update_running_stats(running_mean, running_var, mean, var, momentum):
     statistics (non-differentiable outputs) never require grad. Callers skip it for an empty
     batch, which leaves them alone as F.batch_norm does (its statistics are NaN)."""
     bufs = [running_mean] + ([running_var] if running_var is not None else [])
-    new = [mean.to(running_mean.dtype)] + ([var.to(running_var.dtype)] if bufs[1:] else [])
+    new = [mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype)]
+    if running_var is not None:
+        new.append(var if var.dtype == running_var.dtype else var.to(running_var.dtype))
     torch._foreach_lerp_(bufs, new, momentum)
 
 
@@ -369,6 +391,8 @@ def _im2col3d_fake(x, kernel_size, stride, padding, dilation, align=8, row_start
     out = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1)
            // stride[i] + 1 for i in range(3)]
     k = x.shape[1] * kernel_size[0] * kernel_size[1] * kernel_size[2]
+    torch._check(x.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                 lambda: f"im2col3d: x must be floating point, got {x.dtype}")
     m = x.shape[0] * out[0] * out[1] * out[2]
     rows = m - row_start if rows < 0 else rows
     return x.new_empty((rows, (k + align - 1) // align * align))

@@ -126,8 +126,15 @@ def test_bad_input(device):
         op(x, [3, 3, 3], [1, 1, 1], [0, -1, 0], [1, 1, 1])
     with pytest.raises(RuntimeError, match=r"stride and dilation must be positive.*stride=\[1, 0"):
         op(x, [3, 3, 3], [1, 0, 1], [0, 0, 0], [1, 1, 1])
-    with pytest.raises(RuntimeError, match=r"'align' must be >= 1, got 0"):
+    with pytest.raises(RuntimeError, match=r"'align' must be in \[1, 4096\], got 0"):
         op(x, [3, 3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1], 0)
+    with pytest.raises(RuntimeError, match=r"'rows' must be >= 0, or -1 .* got -2"):
+        op(x, [3, 3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1], 8, 0, -2)
+    # an element mover for 2/4/8-byte floats: a 1-byte or complex tensor is refused, not
+    # read with the wrong element size
+    for dtype in (torch.uint8, torch.bool, torch.int8, torch.complex128, torch.int64):
+        with pytest.raises(RuntimeError, match=r"argument 'x' must be floating point"):
+            op(x.to(dtype), [3, 3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -299,11 +306,63 @@ print("ok", out.shape[0] * out.shape[2] * out.shape[3] * out.shape[4], chunks)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_chunk_setting(device, monkeypatch):
+    # the chunk size set at run time: the same results, one im2col3d call per chunk
+    from torch.profiler import profile
+
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_CONV", "im2col")
+    old = mod.im2col_chunk_bytes()
+    assert old > 0
+    x, w, _, b = _stem_inputs(device, cin=2)  # 360 rows of 688 fp64 columns (5504 bytes)
+    leaves = [t.clone().requires_grad_() for t in (w, b)]
+    ref = reference.conv_bias_relu3d(x, *leaves, stride=2, padding=3)
+    go = torch.randn_like(ref)
+    rgrads = torch.autograd.grad(ref, leaves, go)
+    try:
+        for chunk, calls in ((5504 * 7, 2 * 52), (1 << 30, 2)):  # 360 rows: 52 chunks of 7
+            assert mod.im2col_chunk_bytes(chunk) == chunk
+            with profile() as prof:
+                out = m3d.ops.conv_bias_relu3d(x, *leaves, stride=2, padding=3)
+                grads = torch.autograd.grad(out, leaves, go)
+            torch.testing.assert_close(out, ref)
+            for a, e in zip(grads, rgrads):
+                torch.testing.assert_close(a, e)
+            n = sum(e.count for e in prof.key_averages() if e.key == "med3d_ext::im2col3d")
+            assert n == calls
+    finally:
+        mod.im2col_chunk_bytes(old)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="positive int of bytes"):
+            mod.im2col_chunk_bytes(bad)
+    assert mod.im2col_chunk_bytes() == old
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward(device, monkeypatch):
+    # conv_bias_relu3d supports create_graph; im2col3d has no derivative, so a double backward
+    # takes ATen's differentiable weight gradient (the second derivative must match F.conv3d's)
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_CONV", "im2col")
+    x = torch.randn(1, 1, 8, 8, 8, device=device, dtype=torch.float64)
+    w = torch.randn(2, 1, 3, 3, 3, device=device, dtype=torch.float64)
+    results = []
+    for fn in (lambda a, b: m3d.ops.conv_bias_relu3d(a, b, None, stride=2, padding=1, relu=False),
+               lambda a, b: F.conv3d(a, b, None, 2, 1)):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(fn(xi, wi).square().sum(), [wi], create_graph=True)
+        results.append(torch.autograd.grad(gw.square().sum(), [xi])[0])
+    torch.testing.assert_close(*results)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_chunked_convolution(device):
-    # a convolution whose columns exceed the chunk budget runs chunk by chunk: forward rows
+    # the initial chunk size from MED3D_EXT_IM2COL_CHUNK_BYTES (read once per process, hence
+    # the subprocess): a convolution whose columns exceed it runs chunk by chunk, forward rows
     # written in place, weight-gradient chunks summed in fp32/fp64. 30000-byte chunks = 5 rows
-    # of 688 fp64 columns: 540 rows in 108 chunks (the budget is read once per process, hence
-    # the subprocess)
+    # of 688 fp64 columns: 540 rows in 108 chunks
     env = dict(os.environ, MED3D_EXT_IM2COL_CHUNK_BYTES="30000", OMP_NUM_THREADS="1")
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
@@ -315,8 +374,9 @@ def test_chunked_convolution(device):
 
 @pytest.mark.cuda
 def test_cuda_weight_grad_precision():
-    # the bf16 weight gradient at the benchmark's size (a 262144-long reduction per weight) is
-    # as accurate as cuDNN's bf16 convolution's, measured against float64 (error-ratio rule)
+    # the bf16 weight gradient at the benchmark's size (a 1,048,576-long reduction per weight)
+    # is as accurate as cuDNN's bf16 convolution's, measured against float64 (error-ratio
+    # rule), in one chunk (the default) and in 8 (fp32 sums of the chunks' products)
     from med3d_ext.ops import conv_bn_relu as mod
 
     x = torch.randn(8, 1, 64, 128, 128, device="cuda").bfloat16()
@@ -331,15 +391,20 @@ def test_cuda_weight_grad_precision():
 
     ref = wgrad(lambda a, b: F.conv3d(a, b, None, 2, 3), torch.float64)
     aten = wgrad(lambda a, b: F.conv3d(a, b, None, 2, 3), torch.bfloat16)
-    mod_algo = mod.STEM_CONV
+    mod_algo, chunk = mod.STEM_CONV, mod.im2col_chunk_bytes()
     mod.STEM_CONV = "im2col"
+    ours = []
     try:
-        ours = wgrad(lambda a, b: m3d.ops.conv_bias_relu3d(a, b, None, stride=2, padding=3,
-                                                           relu=False), torch.bfloat16)
+        for c in (chunk, 100 << 20):  # 721 MB of columns: one chunk, then 8
+            mod.im2col_chunk_bytes(c)
+            ours.append(wgrad(lambda a, b: m3d.ops.conv_bias_relu3d(
+                a, b, None, stride=2, padding=3, relu=False), torch.bfloat16))
     finally:
         mod.STEM_CONV = mod_algo
+        mod.im2col_chunk_bytes(chunk)
     err = lambda t: ((t - ref).norm() / ref.norm()).item()  # noqa: E731
-    assert err(ours) <= 2 * err(aten) + 1e-3, (err(ours), err(aten))
+    for o in ours:
+        assert err(o) <= 2 * err(aten) + 1e-3, (err(o), err(aten))
 
 
 @pytest.mark.cuda
