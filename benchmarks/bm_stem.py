@@ -63,10 +63,13 @@ def run(ctx):
     dt = torch.bfloat16 if ctx.gpu else torch.float32
     tag = "bf16 CL" if ctx.gpu else "fp32"
     case.add(f"med3d_ext im2col3d + GEMM {tag}",
-             lambda: _conv_alone(x, w, gy, dt, ctx.gpu, _im2col_conv()))
+             lambda: _conv_alone(x, w, gy, dt, ctx.gpu, _algo_conv("im2col")))
     if ctx.gpu:  # 32 MB chunks: the columns may stay in L2 between im2col3d and the GEMM
         case.add(f"med3d_ext im2col3d + GEMM {tag}, 32 MB chunks",
-                 lambda: _with_chunks(_conv_alone(x, w, gy, dt, True, _im2col_conv()), 32 << 20))
+                 lambda: _with_chunks(_conv_alone(x, w, gy, dt, True, _algo_conv("im2col")),
+                                      32 << 20))
+        case.add(f"med3d_ext implicit GEMM {tag}",  # the columns never leave shared memory
+                 lambda: _conv_alone(x, w, gy, dt, True, _algo_conv("implicit_gemm")))
     for fold in (False, True):
         case.add(f"med3d_ext stem_conv3d {tag} (space-to-depth"
                  + (", W taps folded)" if fold else ")"),
@@ -75,7 +78,7 @@ def run(ctx):
     del x, w, gy
 
     # 2./3. conv+BN+ReLU (+ max-pool), bf16 autocast channels_last_3d on a GPU as in the model
-    auto = "im2col" if ctx.gpu else "aten"  # what STEM_CONV = "auto" runs on this device
+    auto = "implicit_gemm" if ctx.gpu else "aten"  # what STEM_CONV = "auto" runs on this device
     for pool in (False, True):
         try:
             L = Layer(ctx, 1, 64, 7, 2, 1, spatial, False, batch, pad=3, x_grad=False, pool=pool)
@@ -93,7 +96,7 @@ def run(ctx):
                  lambda: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), True),
                  note=op_backend("conv_bn_relu3d", ctx.device) + f"; STEM_CONV auto = {auto}")
         if not pool:  # the same op with each other stem algorithm (STEM_CONV)
-            for algo in ("im2col", "space_to_depth", "space_to_depth_fold_w"):
+            for algo in ("im2col", "implicit_gemm", "space_to_depth", "space_to_depth_fold_w"):
                 if algo == auto:
                     continue
                 case.add(f"med3d_ext conv_bn_relu3d, STEM_CONV={algo}",
@@ -119,12 +122,12 @@ def _fused_pool():
     return f
 
 
-def _im2col_conv():
-    """The stem convolution as the fused ops run it with STEM_CONV = "im2col": conv_bias_relu3d
+def _algo_conv(algo):
+    """The stem convolution as the fused ops run it with STEM_CONV = ``algo``: conv_bias_relu3d
     without bias, residual or ReLU is the bare convolution (its epilogue is skipped)."""
     op = m3d_attr("ops.conv_bias_relu3d")
     return with_module_flag(lambda a, b: op(a, b, None, stride=2, padding=3, relu=False),
-                            "med3d_ext.ops.conv_bn_relu", "STEM_CONV", "im2col")
+                            "med3d_ext.ops.conv_bn_relu", "STEM_CONV", algo)
 
 
 def _with_chunks(step, nbytes):

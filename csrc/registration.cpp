@@ -27,7 +27,7 @@ TORCH_LIBRARY(med3d_ext, m) {
         "int padding_mode=0, bool align_corners=False) -> (Tensor image_out, Tensor label_out)");
   m.def("resize(Tensor image, int[] size, int mode=0) -> Tensor");
   // conv_algo (conv_bn_relu/conv_bn_relu.h, ConvAlgo): 0 the ATen convolution (cuDNN / oneDNN),
-  // 1 im2col3d + one GEMM, for the few-channel stem.
+  // 1 im2col3d + one GEMM, 2 the implicit GEMM, for the few-channel stem.
   m.def(
       "conv_bn_relu3d(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
       "Tensor? running_mean, Tensor? running_var, Tensor? residual, int[3] stride, "
@@ -61,4 +61,11 @@ TORCH_LIBRARY(med3d_ext, m) {
   // convolution as one GEMM (conv_algo=1; conv_bn_relu/im2col.h)
   m.def("im2col3d(Tensor x, int[3] kernel_size, int[3] stride, int[3] padding, "
         "int[3] dilation, int align=8, int row_start=0, int rows=-1) -> Tensor");
+  // The same GEMMs with the columns gathered into shared memory, never written out (conv_algo=2;
+  // conv_bn_relu/stem_gemm.h): y's channels_last rows (N*D'*H'*W', Cout), and the weight
+  // gradient from grad_y's rows
+  m.def("implicit_gemm_conv3d(Tensor x, Tensor weight, int[3] stride, int[3] padding, "
+        "int[3] dilation) -> Tensor");
+  m.def("implicit_gemm_conv3d_weight_grad(Tensor grad_rows, Tensor x, int[] weight_size, "
+        "int[3] stride, int[3] padding, int[3] dilation) -> Tensor");
 }

@@ -103,8 +103,10 @@ M3D_HOST_DEVICE BnBwdCoef<acc_t> bn_bwd_coef(acc_t w, acc_t invstd, acc_t sum_g,
 // How the convolution runs. kAten: at::convolution (cuDNN / oneDNN) and
 // at::convolution_backward. kIm2col: im2col3d's columns times the weight as one GEMM (at::mm,
 // cuBLAS), and the weight gradient as the transposed GEMM over columns built again (im2col.h):
-// for the few-channel 7^3 stem, which cuDNN runs with a slow generic kernel.
-enum ConvAlgo : int64_t { kAten = 0, kIm2col = 1 };
+// for the few-channel 7^3 stem, which cuDNN runs with a slow generic kernel. kImplicitGemm: the
+// same GEMMs with the columns gathered tile by tile into shared memory and never written out
+// (stem_gemm.h; CUDA bf16/fp16 with Cout a multiple of 64, kIm2col's math elsewhere).
+enum ConvAlgo : int64_t { kAten = 0, kIm2col = 1, kImplicitGemm = 2 };
 
 struct ConvArgs {
   at::IntArrayRef stride, padding, dilation;
@@ -128,6 +130,13 @@ at::Tensor conv3d_forward(const at::Tensor& x, const at::Tensor& weight, const C
 // environment variable MED3D_EXT_IM2COL_CHUNK_BYTES sets the initial value, default 1 GiB).
 int64_t im2col_chunk_bytes();
 void set_im2col_chunk_bytes(int64_t bytes);
+
+// kIm2col's two GEMMs (conv3d.cpp), on either device: y as (N*D'*H'*W', Cout) rows in
+// (n, d, h, w) order (y's channels_last_3d memory), and the weight gradient (weight_sizes, x's
+// dtype) from grad_y's rows in the same order.
+at::Tensor im2col_conv_rows(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& conv);
+at::Tensor im2col_conv_weight_grad(const at::Tensor& grad_rows, const at::Tensor& x,
+                                   c10::SymIntArrayRef weight_sizes, const ConvArgs& conv);
 
 // (grad_x, grad_weight) of y = conv3d(x, weight) by conv.algo; undefined where not needed.
 std::pair<at::Tensor, at::Tensor> conv3d_backward(const at::Tensor& grad_y, const at::Tensor& x,

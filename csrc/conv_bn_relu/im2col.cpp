@@ -11,18 +11,17 @@
 namespace med3d_ext {
 namespace im2col {
 
-at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
-                   int64_t row_start, int64_t rows, Geometry& g) {
-  const char* op = "im2col3d";
+int64_t geometry(const char* op, const at::Tensor& x, at::IntArrayRef kernel_size,
+                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                 int64_t align, int64_t row_start, int64_t rows, Geometry& g) {
   M3D_CHECK_ARG(x.defined() && x.dim() == 5, op, "x", x, "5-D (N, Cin, D, H, W)");
   for (auto* a : {&kernel_size, &stride, &padding, &dilation})
-    M3D_CHECK(a->size() == 3, "med3d_ext.im2col3d: kernel_size, stride, padding and dilation "
+    M3D_CHECK(a->size() == 3, "med3d_ext.", op, ": kernel_size, stride, padding and dilation "
               "need 3 values each");
   check_float(op, "x", x);  // an element mover for 2-, 4- and 8-byte floats (dispatch_bits)
-  M3D_CHECK(align >= 1 && align <= 4096, "med3d_ext.im2col3d: argument 'align' must be in "
+  M3D_CHECK(align >= 1 && align <= 4096, "med3d_ext.", op, ": argument 'align' must be in "
             "[1, 4096], got ", align);
-  M3D_CHECK(rows >= -1, "med3d_ext.im2col3d: argument 'rows' must be >= 0, or -1 for every "
+  M3D_CHECK(rows >= -1, "med3d_ext.", op, ": argument 'rows' must be >= 0, or -1 for every "
             "row from row_start, got ", rows);
   g.N = x.size(0), g.C = x.size(1), g.D = x.size(2), g.H = x.size(3), g.W = x.size(4);
   g.sn = x.stride(0), g.sc = x.stride(1), g.sd = x.stride(2), g.sh = x.stride(3);
@@ -31,15 +30,15 @@ at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArra
   const int64_t in[3] = {g.D, g.H, g.W};
   for (int i = 0; i < 3; ++i) {
     M3D_CHECK(kernel_size[i] > 0 && stride[i] > 0 && dilation[i] > 0 && padding[i] >= 0,
-              "med3d_ext.im2col3d: kernel_size, stride and dilation must be positive and "
+              "med3d_ext.", op, ": kernel_size, stride and dilation must be positive and "
               "padding non-negative, got kernel_size=", kernel_size, " stride=", stride,
               " padding=", padding, " dilation=", dilation);
     const int64_t span = dilation[i] * (kernel_size[i] - 1) + 1, padded = in[i] + 2 * padding[i];
-    M3D_CHECK(padded >= span, "med3d_ext.im2col3d: argument 'x' is too small: spatial size ",
+    M3D_CHECK(padded >= span, "med3d_ext.", op, ": argument 'x' is too small: spatial size ",
               x.sizes().slice(2), " padded by ", padding, " is smaller than the dilated kernel ",
               kernel_size, " (dilation ", dilation, ")");
     // coordinates are int32 in the kernels (im2col.h)
-    M3D_CHECK(padded + span < (int64_t(1) << 28), "med3d_ext.im2col3d: spatial size ",
+    M3D_CHECK(padded + span < (int64_t(1) << 28), "med3d_ext.", op, ": spatial size ",
               x.sizes().slice(2), " is too large");
     out[i] = (padded - span) / stride[i] + 1;
     g.stride[i] = static_cast<int32_t>(stride[i]);
@@ -54,9 +53,17 @@ at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArra
   g.Kp = (g.K + align - 1) / align * align;
   const int64_t M = g.N * g.Do * g.Ho * g.Wo;
   if (rows < 0) rows = M - row_start;
-  M3D_CHECK(row_start >= 0 && rows >= 0 && row_start + rows <= M, "med3d_ext.im2col3d: rows [",
+  M3D_CHECK(row_start >= 0 && rows >= 0 && row_start + rows <= M, "med3d_ext.", op, ": rows [",
             row_start, ", ", row_start + rows, ") are outside the matrix's ", M, " rows");
   g.row_start = row_start;
+  return rows;
+}
+
+at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
+                   int64_t row_start, int64_t rows, Geometry& g) {
+  rows = geometry("im2col3d", x, kernel_size, stride, padding, dilation, align, row_start, rows,
+                  g);
   return at::empty({rows, g.Kp}, x.options());
 }
 

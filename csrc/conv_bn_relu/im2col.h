@@ -89,7 +89,12 @@ M3D_HOST_DEVICE bits_t element(const bits_t* x, const Geometry& g, const Row& r,
   return inside ? x[r.offset + t.offset] : bits_t(0);
 }
 
-// Entry checks and geometry shared by both devices (im2col.cpp); returns the (rows, Kp) output,
+// Entry checks and geometry for op `op` (its name in messages): fills g, returns the row count.
+int64_t geometry(const char* op, const at::Tensor& x, at::IntArrayRef kernel_size,
+                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                 int64_t align, int64_t row_start, int64_t rows, Geometry& g);
+
+// geometry() for im2col3d, shared by both devices (im2col.cpp); returns the (rows, Kp) output,
 // allocated, not yet written.
 at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,

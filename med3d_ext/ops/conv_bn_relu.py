@@ -64,12 +64,20 @@ def _autocast(x, weight, residual, bias_like):
 #       kernel, which cuDNN runs on tensor cores (med3d_ext/ops/stem.py); it measured 1.3 ms for
 #       the forward on an H200.
 #   "space_to_depth_fold_w": the same with the W taps folded into channels too (32*Cin).
+#   "implicit_gemm": "im2col"'s two GEMMs with the columns gathered tile by tile into shared
+#       memory and multiplied there on tensor cores, never written out
+#       (csrc/conv_bn_relu/stem_gemm.h: CUDA bf16/fp16 with Cout a multiple of 64; other cases
+#       and the CPU run "im2col"'s GEMMs).
 #   "aten": unchanged, the ATen convolution.
-#   "auto" (default): "im2col" on CUDA; "aten" on the CPU, where oneDNN's direct convolution
-#       measured faster than either rewrite (2-core CPU, see the stem benchmark).
+#   "auto" (default): "implicit_gemm" on CUDA (not yet measured: expected from its memory
+#       traffic to beat "im2col", which beats the space-to-depth forms; the stem benchmark times
+#       all of them side by side); "aten" on the CPU, where oneDNN's direct convolution measured
+#       faster than the rewrites (2-core CPU, see the stem benchmark).
 STEM_CONV = "auto"
-_STEM_CONVS = ("auto", "im2col", "space_to_depth", "space_to_depth_fold_w", "aten")
-_CONV_ALGO = {"aten": 0, "im2col": 1}  # the ops' conv_algo (csrc/conv_bn_relu/conv_bn_relu.h)
+_STEM_CONVS = ("auto", "im2col", "implicit_gemm", "space_to_depth", "space_to_depth_fold_w",
+               "aten")
+# the ops' conv_algo (csrc/conv_bn_relu/conv_bn_relu.h, ConvAlgo)
+_CONV_ALGO = {"aten": 0, "im2col": 1, "implicit_gemm": 2}
 
 
 def _is_stem_like(x, weight, stride, padding, dilation) -> bool:
@@ -87,7 +95,7 @@ def _stem_conv(x, weight, stride, padding, dilation) -> str:
         raise ValueError(f"med3d_ext.ops.conv_bn_relu.STEM_CONV must be one of {_STEM_CONVS}, "
                          f"got {algo!r}")
     if algo == "auto":
-        algo = "im2col" if x.device.type == "cuda" else "aten"
+        algo = "implicit_gemm" if x.device.type == "cuda" else "aten"
     if algo == "aten" or not _is_stem_like(x, weight, stride, padding, dilation):
         return "aten"
     return algo
@@ -396,6 +404,19 @@ def _im2col3d_fake(x, kernel_size, stride, padding, dilation, align=8, row_start
     m = x.shape[0] * out[0] * out[1] * out[2]
     rows = m - row_start if rows < 0 else rows
     return x.new_empty((rows, (k + align - 1) // align * align))
+
+
+@register_fake("implicit_gemm_conv3d")
+def _implicit_gemm_conv3d_fake(x, weight, stride, padding, dilation):
+    shape = _out_shape(x, weight, stride, padding, dilation)
+    return x.new_empty((shape[0] * shape[2] * shape[3] * shape[4], shape[1]))
+
+
+@register_fake("implicit_gemm_conv3d_weight_grad")
+def _implicit_gemm_conv3d_weight_grad_fake(grad_rows, x, weight_size, stride, padding, dilation):
+    torch._check(len(weight_size) == 5, lambda: "implicit_gemm_conv3d_weight_grad: weight_size "
+                 f"must have 5 values, got {list(weight_size)}")
+    return x.new_empty(tuple(weight_size))
 
 
 @register_fake("bn_relu_maxpool_backward")

@@ -396,7 +396,8 @@ def test_compile_parity(device):
 @pytest.mark.parametrize("cin,k,padding,sp", [(1, 7, 3, (9, 12, 11)), (3, 3, 1, (6, 7, 8)),
                                               (2, (5, 3, 4), (2, 1, 0), (8, 5, 9)),
                                               (4, 7, 0, (7, 8, 7))])
-@pytest.mark.parametrize("algo", ["im2col", "space_to_depth", "space_to_depth_fold_w"])
+@pytest.mark.parametrize("algo", ["im2col", "implicit_gemm", "space_to_depth",
+                                  "space_to_depth_fold_w"])
 def test_stem_conv_algorithms(device, cin, k, padding, sp, algo, monkeypatch):
     # Cin <= 4, stride 2 convolutions run as one GEMM over im2col columns, or as a stride-1 conv
     # of the space-to-depth input; forward, every gradient (x's too) and the running stats must
@@ -406,8 +407,9 @@ def test_stem_conv_algorithms(device, cin, k, padding, sp, algo, monkeypatch):
     cfg = (cin, 6, k, 2, padding, 1, sp)
     x, w, *_ = _inputs(device, torch.float32, cfg)
     pad = mod._triple(padding, "padding")
-    # default "auto": im2col on CUDA; oneDNN's direct conv on the CPU (faster there)
-    assert mod._stem_conv(x, w, [2] * 3, pad, [1] * 3) == ("im2col" if device == "cuda" else "aten")
+    # default "auto": the implicit GEMM on CUDA; oneDNN's direct conv on the CPU (faster there)
+    assert mod._stem_conv(x, w, [2] * 3, pad, [1] * 3) == (
+        "implicit_gemm" if device == "cuda" else "aten")
     monkeypatch.setattr(mod, "STEM_CONV", algo)  # each algorithm's math is tested on every device
     assert mod._stem_conv(x, w, [2] * 3, pad, [1] * 3) == algo
     assert mod._stem_conv(x, w, [1] * 3, pad, [1] * 3) == "aten"  # not stem-like: unchanged

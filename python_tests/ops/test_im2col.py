@@ -419,3 +419,133 @@ def test_cuda_benchmark_shape_matches_cpu():
     x = torch.randn(1, 4, 9, 10, 11)  # 4 x 7^3 = 1372 columns: two 1024-column tiles
     g = (1, 4, (9, 10, 11), (7, 7, 7), (2, 2, 2), (3, 3, 3), (1, 1, 1))
     assert torch.equal(_cols(x.cuda(), g).cpu(), _cols(x, g))
+
+
+# --------------------------------------------------------------------------- implicit GEMM
+# implicit_gemm_conv3d (csrc/conv_bn_relu/stem_gemm.h): on CUDA in bf16/fp16 with Cout a multiple
+# of 64, tensor-core kernels that gather the columns in shared memory; elsewhere im2col's GEMMs.
+
+# (N, Cin, spatial, Cout, kernel, stride, padding, dilation)
+GEMM_CASES = [
+    (2, 1, (9, 12, 11), 64, (7, 7, 7), (2, 2, 2), (3, 3, 3), (1, 1, 1)),   # the stem, odd sizes
+    (1, 3, (6, 7, 8), 128, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),    # 2 channel tiles
+    (3, 4, (9, 10, 11), 64, (7, 7, 7), (2, 2, 2), (3, 3, 3), (1, 1, 1)),   # 1372 columns
+    (2, 2, (8, 5, 9), 64, (5, 3, 4), (2, 1, 3), (2, 1, 0), (1, 2, 1)),
+    (1, 1, (5, 6, 7), 32, (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)),    # Cout 32: fallback
+]
+
+
+def _gemm_inputs(device, dtype, case, cl=False):
+    n, cin, sp, cout, k, s, p, d = case
+    x = torch.randn(n, cin, *sp, device=device)
+    w = torch.randn(cout, cin, *k, device=device) / (cin * k[0] * k[1] * k[2]) ** 0.5
+    if cl:
+        x = x.to(memory_format=torch.channels_last_3d)
+    return x.to(dtype), w.to(dtype), list(s), list(p), list(d)
+
+
+def _ref_rows_and_wgrad(x, w, s, p, d, g_rows):
+    """F.conv3d's output as (n, d, h, w) rows and its weight gradient for those rows'
+    gradient, in float64."""
+    wi = w.double().requires_grad_()
+    y = F.conv3d(x.double(), wi, None, s, p, d)
+    rows = y.permute(0, 2, 3, 4, 1).reshape(-1, w.shape[0])
+    (gw,) = torch.autograd.grad(rows, [wi], g_rows.double())
+    return rows.detach(), gw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", GEMM_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_implicit_gemm_ops(device, case, dtype):
+    # the op pair in full precision (im2col's GEMMs: the CPU, and CUDA outside the kernels'
+    # dtypes) against F.conv3d and its weight gradient
+    x, w, s, p, d = _gemm_inputs(device, dtype, case, cl=case[1] > 1)
+    rows = torch.ops.med3d_ext.implicit_gemm_conv3d(x, w, s, p, d)
+    g = torch.randn_like(rows)
+    gw = torch.ops.med3d_ext.implicit_gemm_conv3d_weight_grad(g, x, list(w.shape), s, p, d)
+    ref_rows, ref_gw = _ref_rows_and_wgrad(x, w, s, p, d, g)
+    assert rows.shape == ref_rows.shape and rows.dtype == dtype and gw.shape == w.shape
+    t = tol(dtype)
+    torch.testing.assert_close(rows.double(), ref_rows, rtol=t["rtol"], atol=t["atol"] * 10)
+    torch.testing.assert_close(gw.double(), ref_gw, rtol=t["rtol"] * 10,
+                               atol=t["atol"] * 10 * max(1.0, ref_gw.abs().max().item()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", GEMM_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
+def test_cuda_implicit_gemm_kernels(case, dtype, cl):
+    # the tensor-core kernels against float64, as accurate as cuDNN's own low-precision
+    # convolution (error-ratio rule): forward rows and weight gradient; M is not a multiple of
+    # the 128-row tile, and the cases cover several column and channel tiles
+    x, w, s, p, d = _gemm_inputs("cuda", dtype, case, cl=cl)
+    rows = torch.ops.med3d_ext.implicit_gemm_conv3d(x, w, s, p, d)
+    g = torch.randn_like(rows)
+    gw = torch.ops.med3d_ext.implicit_gemm_conv3d_weight_grad(g, x, list(w.shape), s, p, d)
+    ref_rows, ref_gw = _ref_rows_and_wgrad(x, w, s, p, d, g)
+    aten_rows, aten_gw = (t.double() for t in _aten_low_precision(x, w, s, p, d, g))
+    err = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert err(rows, ref_rows) <= 2 * err(aten_rows, ref_rows) + 2e-3
+    assert err(gw, ref_gw) <= 2 * err(aten_gw, ref_gw) + 2e-3
+    assert rows.dtype == dtype and gw.dtype == dtype
+
+
+def _aten_low_precision(x, w, s, p, d, g_rows):
+    wi = w.clone().requires_grad_()
+    y = F.conv3d(x, wi, None, s, p, d)
+    rows = y.permute(0, 2, 3, 4, 1).reshape(-1, w.shape[0])
+    (gw,) = torch.autograd.grad(rows, [wi], g_rows)
+    return rows.detach(), gw
+
+
+@pytest.mark.cuda
+def test_cuda_implicit_gemm_benchmark_shape():
+    # the benchmark's stem (8 x 1 x 64 x 128 x 128, bf16, channels_last): the implicit GEMM
+    # agrees with im2col + cuBLAS (the same sums in another order) and both with float64
+    x = torch.randn(8, 1, 64, 128, 128, device="cuda").bfloat16()
+    x = x.to(memory_format=torch.channels_last_3d)
+    w = (torch.randn(64, 1, 7, 7, 7, device="cuda") / 18.5).bfloat16()
+    s, p, d = [2, 2, 2], [3, 3, 3], [1, 1, 1]
+    rows = torch.ops.med3d_ext.implicit_gemm_conv3d(x, w, s, p, d)
+    g = torch.randn_like(rows)
+    gw = torch.ops.med3d_ext.implicit_gemm_conv3d_weight_grad(g, x, list(w.shape), s, p, d)
+    cols = torch.ops.med3d_ext.im2col3d(x, [7, 7, 7], s, p, d)
+    wm = F.pad(w.reshape(64, -1), (0, cols.shape[1] - 343))
+    mm_rows, mm_gw = cols @ wm.T, (g.T @ cols)[:, :343].reshape(w.shape)
+    ref_rows, ref_gw = _ref_rows_and_wgrad(x, w, s, p, d, g)
+    err = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert err(rows, ref_rows) <= 2 * err(mm_rows, ref_rows) + 1e-3
+    assert err(gw, ref_gw) <= 2 * err(mm_gw, ref_gw) + 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_implicit_gemm_bad_input_and_empty(device):
+    x, w, s, p, d = _gemm_inputs(device, torch.float32, GEMM_CASES[0])
+    op, wg = torch.ops.med3d_ext.implicit_gemm_conv3d, torch.ops.med3d_ext.implicit_gemm_conv3d_weight_grad
+    with pytest.raises(RuntimeError, match=r"implicit_gemm_conv3d: argument 'weight' must be .*Cin = x.size\(1\) = 1"):
+        op(x, w[:, :0], s, p, d)
+    with pytest.raises(RuntimeError, match=r"argument 'weight' must be of x's dtype"):
+        op(x, w.double(), s, p, d)
+    with pytest.raises(RuntimeError, match=r"implicit_gemm_conv3d: argument 'x' is too small"):
+        op(x[:, :, :2, :2, :2], w, s, [0, 0, 0], d)
+    rows = op(x, w, s, p, d)
+    with pytest.raises(RuntimeError, match=r"'grad_rows' must be \(N\*D'\*H'\*W', Cout\) = \(360, 64\)"):
+        wg(rows[1:], x, list(w.shape), s, p, d)
+    with pytest.raises(RuntimeError, match=r"'weight_size' must be \(Cout, Cin, kD, kH, kW\)"):
+        wg(rows, x, [64, 2, 7, 7, 7], s, p, d)
+    with pytest.raises(RuntimeError, match=r"argument 'grad_rows' must be of x's dtype"):
+        wg(rows.double(), x, list(w.shape), s, p, d)
+    assert op(x[:0], w, s, p, d).shape == (0, 64)
+    gw = wg(rows[:0], x[:0], list(w.shape), s, p, d)
+    assert gw.shape == w.shape and not gw.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_implicit_gemm_opcheck(device):
+    x, w, s, p, d = _gemm_inputs(device, torch.float32, GEMM_CASES[3])
+    rows = torch.ops.med3d_ext.implicit_gemm_conv3d(x, w, s, p, d)
+    torch.library.opcheck(torch.ops.med3d_ext.implicit_gemm_conv3d.default, (x, w, s, p, d))
+    torch.library.opcheck(torch.ops.med3d_ext.implicit_gemm_conv3d_weight_grad.default,
+                          (torch.randn_like(rows), x, list(w.shape), s, p, d))
