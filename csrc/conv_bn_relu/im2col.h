@@ -47,15 +47,19 @@ struct Tap {
 };
 constexpr int32_t kNoVoxel = -(1 << 29);
 
-M3D_HOST_DEVICE Tap make_tap(const Geometry& g, int64_t k) {
-  if (k >= g.K) return {kNoVoxel, 0, 0, 0};
-  const int64_t l = k % g.kw, j = (k / g.kw) % g.kh, i = (k / (int64_t(g.kw) * g.kh)) % g.kd,
-                c = k / (int64_t(g.kw) * g.kh * g.kd);  // int64: kh * kw may not fit int32
+// index_t: the type of the divisions, int32_t where the caller knows Kp < 2^31 (on the GPU a
+// 64-bit division is a ~70-instruction routine, a 32-bit one a handful).
+template <typename index_t = int64_t>
+M3D_HOST_DEVICE Tap make_tap(const Geometry& g, int64_t k64) {
+  if (k64 >= g.K) return {kNoVoxel, 0, 0, 0};
+  const index_t k = static_cast<index_t>(k64), kw = g.kw, kh = g.kh, kd = g.kd;
+  const index_t l = k % kw, j = (k / kw) % kh, i = (k / (kw * kh)) % kd,
+                c = k / (kw * kh * kd);  // kD*kH*kW <= K < 2^31 where index_t is int32_t
   Tap t;
   t.dd = static_cast<int32_t>(i * g.dil[0]);
   t.dh = static_cast<int32_t>(j * g.dil[1]);
   t.dw = static_cast<int32_t>(l * g.dil[2]);
-  t.offset = c * g.sc + t.dd * g.sd + t.dh * g.sh + t.dw * g.sw;
+  t.offset = int64_t(c) * g.sc + t.dd * g.sd + t.dh * g.sh + t.dw * g.sw;
   return t;
 }
 
@@ -66,27 +70,45 @@ struct Row {
   int64_t offset;
 };
 
-M3D_HOST_DEVICE Row make_row(const Geometry& g, int64_t m) {
-  const int64_t ow = m % g.Wo, oh = (m / g.Wo) % g.Ho, od = (m / (g.Wo * g.Ho)) % g.Do,
-                n = m / (g.Wo * g.Ho * g.Do);
+// index_t as in make_tap: int32_t where the caller knows M < 2^31.
+template <typename index_t = int64_t>
+M3D_HOST_DEVICE Row make_row(const Geometry& g, int64_t m64) {
+  const index_t m = static_cast<index_t>(m64), Wo = static_cast<index_t>(g.Wo),
+                Ho = static_cast<index_t>(g.Ho), Do = static_cast<index_t>(g.Do);
+  const index_t ow = m % Wo, oh = (m / Wo) % Ho, od = (m / (Wo * Ho)) % Do,
+                n = m / (Wo * Ho * Do);  // Do*Ho*Wo <= M < 2^31 where index_t is int32_t
   Row r;
   r.d0 = static_cast<int32_t>(od * g.stride[0] - g.pad[0]);
   r.h0 = static_cast<int32_t>(oh * g.stride[1] - g.pad[1]);
   r.w0 = static_cast<int32_t>(ow * g.stride[2] - g.pad[2]);
-  r.offset = n * g.sn + r.d0 * g.sd + r.h0 * g.sh + r.w0 * g.sw;
+  r.offset = int64_t(n) * g.sn + r.d0 * g.sd + r.h0 * g.sh + r.w0 * g.sw;
   return r;
 }
 
 // cols[m, k] from x. `bits_t` is an unsigned integer of the element's size: im2col only moves
 // elements, and all-zero bits are 0.0 in every IEEE float format.
-template <typename bits_t>
-M3D_HOST_DEVICE bits_t element(const bits_t* x, const Geometry& g, const Row& r, const Tap& t) {
+M3D_HOST_DEVICE bool inside(const Geometry& g, const Row& r, const Tap& t) {
   const int32_t d = r.d0 + t.dd, h = r.h0 + t.dh, w = r.w0 + t.dw;
   // unsigned compares: a negative coordinate wraps to a huge value and fails the bound too
-  const bool inside = static_cast<uint32_t>(d) < static_cast<uint32_t>(g.D) &&
-                      static_cast<uint32_t>(h) < static_cast<uint32_t>(g.H) &&
-                      static_cast<uint32_t>(w) < static_cast<uint32_t>(g.W);
-  return inside ? x[r.offset + t.offset] : bits_t(0);
+  return static_cast<uint32_t>(d) < static_cast<uint32_t>(g.D) &&
+         static_cast<uint32_t>(h) < static_cast<uint32_t>(g.H) &&
+         static_cast<uint32_t>(w) < static_cast<uint32_t>(g.W);
+}
+
+template <typename bits_t>
+M3D_HOST_DEVICE bits_t element(const bits_t* x, const Geometry& g, const Row& r, const Tap& t) {
+  return inside(g, r, t) ? x[r.offset + t.offset] : bits_t(0);
+}
+
+// element() without a branch around the load, for the GPU's gathers, whose loads can then all
+// be in flight at once: an outside voxel (or a row past the matrix, valid = false) reads x[0]
+// and is replaced by 0. x must have an element.
+template <typename bits_t>
+M3D_HOST_DEVICE bits_t element_unbranched(const bits_t* x, const Geometry& g, const Row& r,
+                                          const Tap& t, bool valid) {
+  const bool in = valid && inside(g, r, t);
+  const bits_t v = x[in ? r.offset + t.offset : 0];
+  return in ? v : bits_t(0);
 }
 
 // Entry checks and geometry for op `op` (its name in messages): fills g, returns the row count.

@@ -19,7 +19,9 @@ constexpr int kRows = 64;          // rows per block: amortises the tap table ov
 constexpr int kTileCols = 1024;    // columns per block at most (24 KB of taps)
 constexpr int kMaxThreads = 512;
 
-template <typename bits_t>
+// index_t: the type of make_tap / make_row's divisions (int32_t when the matrix's rows and
+// columns, counted from 0, fit in it).
+template <typename bits_t, typename index_t>
 __global__ void __launch_bounds__(kMaxThreads)
 im2col3d_kernel(const bits_t* __restrict__ x, bits_t* __restrict__ cols, im2col::Geometry g,
                 int64_t M) {
@@ -29,9 +31,10 @@ im2col3d_kernel(const bits_t* __restrict__ x, bits_t* __restrict__ cols, im2col:
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
   const int nrows = static_cast<int>(M - m0 < kRows ? M - m0 : kRows);
   const int ncols = static_cast<int>(g.Kp - k0 < kTileCols ? g.Kp - k0 : kTileCols);
-  for (int k = threadIdx.x; k < ncols; k += blockDim.x) taps[k] = im2col::make_tap(g, k0 + k);
+  for (int k = threadIdx.x; k < ncols; k += blockDim.x)
+    taps[k] = im2col::make_tap<index_t>(g, k0 + k);
   for (int r = threadIdx.x; r < nrows; r += blockDim.x)
-    rows[r] = im2col::make_row(g, g.row_start + m0 + r);
+    rows[r] = im2col::make_row<index_t>(g, g.row_start + m0 + r);
   __syncthreads();
   bits_t* out = cols + m0 * g.Kp + k0;
   // A thread's tap stays in registers across the rows (the usual case is one column per
@@ -64,12 +67,15 @@ at::Tensor im2col3d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::I
   M3D_CHECK(ceil_div(M, kRows) < (int64_t(1) << 31), "med3d_ext.im2col3d: ", M,
             " rows are too many");
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool small = g.row_start + M < (int64_t(1) << 31) && g.Kp < (int64_t(1) << 31);
   im2col::dispatch_bits(x, [&](auto tag) {
     using bits_t = decltype(tag);
-    im2col3d_kernel<bits_t><<<grid, threads, 0, stream>>>(
-        static_cast<const bits_t*>(x.const_data_ptr()),
-        static_cast<bits_t*>(cols.mutable_data_ptr()), g, M);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    M3D_INDEX_SWITCH(small, index_t, [&] {
+      im2col3d_kernel<bits_t, index_t><<<grid, threads, 0, stream>>>(
+          static_cast<const bits_t*>(x.const_data_ptr()),
+          static_cast<bits_t*>(cols.mutable_data_ptr()), g, M);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return cols;
 }

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "conv_bn_relu.h"
 #include "im2col.h"
@@ -29,7 +30,8 @@ constexpr int kKC = 32;                    // forward: columns per K step
 constexpr int kKT = 64;                    // weight gradient: columns per block
 constexpr int kLdA = kKC + 8;              // forward column tile (kBM x kKC), elements
 constexpr int kLdB = kBN + 8;              // forward weight tile (kKC x kBN), elements
-constexpr int kLdC = kBN + 4;              // fp32 accumulator tiles, floats
+constexpr int kLdC = kBN + 8;              // fp32 accumulator tiles, floats (72: no 2-way
+                                           // bank conflict in the fragment stores)
 constexpr int kLdT = kKT + 8;              // weight gradient's grad and column tiles (kBM x 64)
 static_assert(kBN == 64 && kKT == 64, "the weight-gradient tiling assumes 64 x 64 outputs");
 
@@ -44,8 +46,35 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 
+// One column of a tile: rows row0, row0 + kStep, ... (kCount of them) gathered from x, their
+// loads issued kBatch at a time before any store (element_unbranched), which bounds the
+// registers and keeps several loads in flight per thread.
+template <int kCount, int kStep, int kLd>
+__device__ __forceinline__ void gather_column(const uint16_t* __restrict__ x,
+                                              const im2col::Geometry& g,
+                                              const im2col::Row* rows, int nrows,
+                                              const im2col::Tap& tap, int row0, int col,
+                                              uint16_t* tile) {
+  constexpr int kBatch = 8;
+  static_assert(kCount % kBatch == 0, "whole batches");
+#pragma unroll 1  // a batch at a time: unrolled, the forward kernel took 124 registers, not 64
+  for (int b = 0; b < kCount; b += kBatch) {
+    uint16_t v[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int r = row0 + (b + i) * kStep;
+      // a row past the matrix reads a written row's corner (any one) and is zeroed
+      v[i] = im2col::element_unbranched(x, g, rows[r < nrows ? r : 0], tap, r < nrows);
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) tile[(row0 + (b + i) * kStep) * kLd + col] = v[i];
+  }
+}
+
 // rows (M, cout) = columns (M, Kp) x wt (Kp, cout); block (row tile, channel tile). Warp w owns
-// rows 16w .. 16w + 15 of the tile, all 64 channels (4 accumulator fragments).
+// rows 16w .. 16w + 15 of the tile, all 64 channels (4 accumulator fragments). Every column's
+// tap is computed once per block into dynamic shared memory (Kp entries), not once per K step.
+// M and Kp are < 2^31 (the host checks): the divisions are 32-bit.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 implicit_gemm_fprop_kernel(const uint16_t* __restrict__ x, const T* __restrict__ wt,
@@ -57,6 +86,8 @@ implicit_gemm_fprop_kernel(const uint16_t* __restrict__ x, const T* __restrict__
   constexpr int kABBytes = (kAElems + kBElems) * 2, kCBytes = kBM * kLdC * 4;
   __shared__ __align__(128) unsigned char smem[kABBytes > kCBytes ? kABBytes : kCBytes];
   __shared__ im2col::Row rows[kBM];
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  im2col::Tap* taps = reinterpret_cast<im2col::Tap*>(dynamic_smem);  // g.Kp entries
   uint16_t* a_bits = reinterpret_cast<uint16_t*>(smem);
   const T* a_tile = reinterpret_cast<const T*>(smem);
   T* b_tile = reinterpret_cast<T*>(smem) + kAElems;
@@ -66,16 +97,16 @@ implicit_gemm_fprop_kernel(const uint16_t* __restrict__ x, const T* __restrict__
   const int64_t m0 = int64_t(blockIdx.x) * kBM;
   const int n0 = blockIdx.y * kBN;
   const int nrows = static_cast<int>(M - m0 < kBM ? M - m0 : kBM);
-  for (int r = tid; r < nrows; r += kThreads) rows[r] = im2col::make_row(g, m0 + r);
+  for (int r = tid; r < nrows; r += kThreads) rows[r] = im2col::make_row<int32_t>(g, m0 + r);
+  for (int k = tid; k < g.Kp; k += kThreads) taps[k] = im2col::make_tap<int32_t>(g, k);
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kBN / 16];
   for (int j = 0; j < kBN / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
   const int col = tid % kKC, row0 = tid / kKC;  // a warp gathers one row's 32 columns
   for (int64_t k0 = 0; k0 < g.Kp; k0 += kKC) {
-    __syncthreads();  // rows[] written; the last step's MMAs are done with the tiles
-    const im2col::Tap tap = im2col::make_tap(g, k0 + col);
-    for (int r = row0; r < kBM; r += kThreads / kKC)
-      a_bits[r * kLdA + col] = r < nrows ? im2col::element(x, g, rows[r], tap) : uint16_t(0);
+    __syncthreads();  // rows[] and taps[] written; the last step's MMAs are done with the tiles
+    gather_column<kBM / (kThreads / kKC), kThreads / kKC, kLdA>(x, g, rows, nrows, taps[k0 + col],
+                                                               row0, col, a_bits);
     {  // weight rows k0 .. k0 + 31, channels n0 .. n0 + 63: a 16-byte vector per thread
       const int kr = tid / (kBN / 8), c8 = (tid % (kBN / 8)) * 8;
       *reinterpret_cast<uint4*>(b_tile + kr * kLdB + c8) =
@@ -131,7 +162,7 @@ implicit_gemm_wgrad_kernel(const uint16_t* __restrict__ x, const T* __restrict__
   const int64_t k0 = int64_t(blockIdx.y) * kKT;
   const int n0 = blockIdx.z * kBN;
   const int col = tid % kKT, row0 = tid / kKT;
-  const im2col::Tap tap = im2col::make_tap(g, k0 + col);  // this thread's column, every tile
+  const im2col::Tap tap = im2col::make_tap<int32_t>(g, k0 + col);  // this thread's column
   const int nb = warp % 4, kb0 = (warp / 4) * 2;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
   wmma::fill_fragment(acc[0], 0.0f);
@@ -141,7 +172,7 @@ implicit_gemm_wgrad_kernel(const uint16_t* __restrict__ x, const T* __restrict__
     const int64_t m0 = t * kBM;
     const int nrows = static_cast<int>(M - m0 < kBM ? M - m0 : kBM);
     __syncthreads();  // the last tile's MMAs are done with the shared tiles
-    for (int r = tid; r < nrows; r += kThreads) rows[r] = im2col::make_row(g, m0 + r);
+    for (int r = tid; r < nrows; r += kThreads) rows[r] = im2col::make_row<int32_t>(g, m0 + r);
     for (int v = tid; v < kBM * (kBN / 8); v += kThreads) {  // grad rows, zero past M
       const int r = v / (kBN / 8), c8 = (v % (kBN / 8)) * 8;
       uint4 val = make_uint4(0, 0, 0, 0);
@@ -149,8 +180,8 @@ implicit_gemm_wgrad_kernel(const uint16_t* __restrict__ x, const T* __restrict__
       *reinterpret_cast<uint4*>(g_tile + r * kLdT + c8) = val;
     }
     __syncthreads();  // rows[] ready
-    for (int r = row0; r < kBM; r += kThreads / kKT)
-      a_bits[r * kLdT + col] = r < nrows ? im2col::element(x, g, rows[r], tap) : uint16_t(0);
+    gather_column<kBM / (kThreads / kKT), kThreads / kKT, kLdT>(x, g, rows, nrows, tap, row0,
+                                                               col, a_bits);
     __syncthreads();
     for (int kk = 0; kk < kBM; kk += 16) {  // the reduction runs over the tile's rows
       // grad^T (channel, row) is the (row, channel) tile read column-major
@@ -177,11 +208,50 @@ implicit_gemm_wgrad_kernel(const uint16_t* __restrict__ x, const T* __restrict__
 #endif
 }
 
-// The kernels' domain: bf16/fp16, Cout a positive multiple of 64, sm_80 or newer.
-bool kernels_apply(const at::Tensor& x, int64_t cout) {
+// The forward's dynamic shared memory (its tap table) and the static tiles beside it.
+int64_t fprop_dynamic_bytes(const im2col::Geometry& g) {
+  return g.Kp * int64_t(sizeof(im2col::Tap));
+}
+int64_t fprop_smem_bytes(const im2col::Geometry& g) {
+  constexpr int64_t kAB = (kBM * kLdA + kKC * kLdB) * 2, kC = kBM * kLdC * 4;
+  return fprop_dynamic_bytes(g) + (kAB > kC ? kAB : kC) + kBM * int64_t(sizeof(im2col::Row));
+}
+
+// True when the kernels this process runs on the current device were compiled for sm_80 or
+// newer: a build whose arch list ends in an older "+PTX" is JIT-compiled from that PTX on a
+// newer GPU, and the kernels' bodies there are the __trap() of the guard above.
+bool kernels_compiled_for_device() {
+  static int cached[64] = {};  // per device: 0 unknown, 1 yes, 2 no
+  const int dev = c10::cuda::current_device();
+  int& c = cached[dev < 64 ? dev : 63];
+  if (c == 0) {
+    cudaFuncAttributes a{};
+    const bool ok = cudaFuncGetAttributes(&a, implicit_gemm_fprop_kernel<__nv_bfloat16>) ==
+                        cudaSuccess && a.ptxVersion >= 80;
+    (void)cudaGetLastError();  // a failed query is an answer (no), not a sticky error
+    c = ok ? 1 : 2;
+  }
+  return c == 1;
+}
+
+// The kernels' domain: bf16/fp16, Cout a positive multiple of 64, a non-empty x, sm_80 or
+// newer, 32-bit row and column counts, and the forward's tap table within a block's shared
+// memory.
+bool kernels_apply(const at::Tensor& x, int64_t cout, const im2col::Geometry& g, int64_t M) {
   const auto st = x.scalar_type();
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
   return (st == at::kBFloat16 || st == at::kHalf) && cout > 0 && cout % kBN == 0 &&
-         at::cuda::getCurrentDeviceProperties()->major >= 8;
+         x.numel() > 0 &&  // element_unbranched reads x[0] for voxels outside the volume
+         prop->major >= 8 && M < (int64_t(1) << 31) && g.Kp < (int64_t(1) << 31) &&
+         fprop_smem_bytes(g) <= int64_t(prop->sharedMemPerBlockOptin) &&
+         kernels_compiled_for_device();
+}
+
+// The kernels read 16-byte vectors: a tensor whose data starts off a 16-byte boundary (a view
+// with a storage offset) is copied first.
+at::Tensor aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
 template <typename F>
@@ -197,21 +267,26 @@ at::Tensor implicit_gemm_conv3d_cuda(const at::Tensor& x, const at::Tensor& weig
   im2col::Geometry g;
   const int64_t M = check_implicit_gemm_conv3d(x, weight, stride, padding, dilation, kKC, g);
   const int64_t cout = weight.size(0);
-  if (!kernels_apply(x, cout))
+  if (!kernels_apply(x, cout, g, M))
     return im2col_conv_rows(x, weight, ConvArgs{stride, padding, dilation, kIm2col});
   at::Tensor y = at::empty({M, cout}, x.options());
   if (M == 0) return y;
   // weight as (Kp, Cout): K in im2col's column order, zero rows past K
   at::Tensor wt = weight.reshape({cout, g.K});
   if (g.Kp != g.K) wt = at::constant_pad_nd(wt, {0, g.Kp - g.K});
-  wt = wt.t().contiguous();
+  wt = aligned16(wt.t());
   const dim3 grid(static_cast<unsigned>(ceil_div(M, kBM)), static_cast<unsigned>(cout / kBN));
   M3D_CHECK(ceil_div(M, kBM) < (int64_t(1) << 31) && cout / kBN <= 65535,
             "med3d_ext.implicit_gemm_conv3d: ", M, " rows x ", cout, " channels are too many");
   auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t dynamic = fprop_dynamic_bytes(g);
   dispatch_half(x, [&](auto tag) {
     using T = decltype(tag);
-    implicit_gemm_fprop_kernel<T><<<grid, kThreads, 0, stream>>>(
+    if (fprop_smem_bytes(g) > 48 * 1024)  // beyond the default, the block must opt in
+      C10_CUDA_CHECK(cudaFuncSetAttribute(implicit_gemm_fprop_kernel<T>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(dynamic)));
+    implicit_gemm_fprop_kernel<T><<<grid, kThreads, dynamic, stream>>>(
         static_cast<const uint16_t*>(x.const_data_ptr()),
         static_cast<const T*>(wt.const_data_ptr()), static_cast<T*>(y.mutable_data_ptr()), g, M,
         static_cast<int>(cout));
@@ -229,16 +304,21 @@ at::Tensor implicit_gemm_conv3d_weight_grad_cuda(const at::Tensor& grad_rows, co
   const int64_t M = check_implicit_gemm_weight_grad(grad_rows, x, weight_size, stride, padding,
                                                     dilation, kKT, g);
   const int64_t cout = weight_size[0];
-  if (!kernels_apply(x, cout))
+  if (!kernels_apply(x, cout, g, M))
     return im2col_conv_weight_grad(grad_rows.contiguous(), x,
                                    c10::fromIntArrayRefSlow(weight_size),
                                    ConvArgs{stride, padding, dilation, kIm2col});
   if (M == 0 || g.K == 0) return at::zeros(weight_size, x.options());
-  const at::Tensor grad = grad_rows.contiguous();
+  const at::Tensor grad = aligned16(grad_rows);
   const int64_t tiles = ceil_div(M, kBM), col_tiles = g.Kp / kKT, ch_tiles = cout / kBN;
-  // about 4 blocks per SM in all, each summing an equal share of the row tiles
-  const int64_t parts =
-      std::clamp<int64_t>(ceil_div(4 * int64_t(sm_count()), col_tiles * ch_tiles), 1, tiles);
+  // one wave of resident blocks in all, each summing an equal share of the row tiles
+  int per_sm = 0;
+  dispatch_half(x, [&](auto tag) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, implicit_gemm_wgrad_kernel<decltype(tag)>, kThreads, 0));
+  });
+  const int64_t parts = std::clamp<int64_t>(
+      int64_t(std::max(per_sm, 1)) * sm_count() / (col_tiles * ch_tiles), 1, tiles);
   M3D_CHECK(col_tiles <= 65535 && ch_tiles <= 65535, "med3d_ext.implicit_gemm_conv3d_weight_grad: ",
             g.Kp, " columns x ", cout, " channels are too many");
   at::Tensor partial = at::empty({parts, cout, g.Kp}, x.options().dtype(at::kFloat));
