@@ -13,6 +13,7 @@ sign (the output is the block's, which the next block keeps anyway).
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -73,7 +74,9 @@ def _autocast(x, weight, residual, bias_like):
 #       traffic to beat "im2col", which beats the space-to-depth forms; the stem benchmark times
 #       all of them side by side); "aten" on the CPU, where oneDNN's direct convolution measured
 #       faster than the rewrites (2-core CPU, see the stem benchmark).
-STEM_CONV = "auto"
+# The environment variable MED3D_EXT_STEM_CONV sets the initial value (e.g. for a whole
+# benchmark run; benchmarks/gpu_check.sh falls back to "im2col" if the implicit GEMM's tests fail).
+STEM_CONV = os.environ.get("MED3D_EXT_STEM_CONV", "auto")
 _STEM_CONVS = ("auto", "im2col", "implicit_gemm", "space_to_depth", "space_to_depth_fold_w",
                "aten")
 # the ops' conv_algo (csrc/conv_bn_relu/conv_bn_relu.h, ConvAlgo)

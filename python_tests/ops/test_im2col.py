@@ -339,6 +339,17 @@ def test_chunk_setting(device, monkeypatch):
     assert mod.im2col_chunk_bytes() == old
 
 
+def test_stem_conv_environment_override():
+    # MED3D_EXT_STEM_CONV sets STEM_CONV's initial value (gpu_check.sh's fallback to im2col)
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, MED3D_EXT_STEM_CONV="im2col")
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    code = "from med3d_ext.ops import conv_bn_relu as m; print(m.STEM_CONV)"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["im2col"], r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_backward(device, monkeypatch):
     # conv_bias_relu3d supports create_graph; im2col3d has no derivative, so a double backward
