@@ -29,7 +29,7 @@ constexpr int kBN = int(kGemmCoutTile);    // output channels per block
 constexpr int kKC = 32;                    // forward: columns per K step
 constexpr int kKT = 64;                    // weight gradient: columns per block
 constexpr int kLdA = kKC + 8;              // forward column tile (kBM x kKC), elements
-constexpr int kLdB = kBN + 8;              // forward weight tile (kKC x kBN), elements
+constexpr int kLdB = kKC + 8;              // forward weight tile, (kBN x kKC) stored, elements
 constexpr int kLdC = kBN + 8;              // fp32 accumulator tiles, floats (72: no 2-way
                                            // bank conflict in the fragment stores)
 constexpr int kLdT = kKT + 8;              // weight gradient's grad and column tiles (kBM x 64)
@@ -71,18 +71,20 @@ __device__ __forceinline__ void gather_column(const uint16_t* __restrict__ x,
   }
 }
 
-// rows (M, cout) = columns (M, Kp) x wt (Kp, cout); block (row tile, channel tile). Warp w owns
+// rows (M, cout) = columns (M, Kp) x wm^T (Kp, cout); block (row tile, channel tile). The
+// weight tile is kept as wm's (channel, column) rows and read as a column-major B fragment: the
+// layout mma wants, so bf16 fragments need no transposing moves (MOVM). Warp w owns
 // rows 16w .. 16w + 15 of the tile, all 64 channels (4 accumulator fragments). Every column's
 // tap is computed once per block into dynamic shared memory (Kp entries), not once per K step.
 // M and Kp are < 2^31 (the host checks): the divisions are 32-bit.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-implicit_gemm_fprop_kernel(const uint16_t* __restrict__ x, const T* __restrict__ wt,
+implicit_gemm_fprop_kernel(const uint16_t* __restrict__ x, const T* __restrict__ wm,
                            T* __restrict__ y, im2col::Geometry g, int64_t M, int cout) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // bf16 WMMA needs sm_80; the host never launches this there
 #else
-  constexpr int kAElems = kBM * kLdA, kBElems = kKC * kLdB;
+  constexpr int kAElems = kBM * kLdA, kBElems = kBN * kLdB;
   constexpr int kABBytes = (kAElems + kBElems) * 2, kCBytes = kBM * kLdC * 4;
   __shared__ __align__(128) unsigned char smem[kABBytes > kCBytes ? kABBytes : kCBytes];
   __shared__ im2col::Row rows[kBM];
@@ -107,18 +109,19 @@ implicit_gemm_fprop_kernel(const uint16_t* __restrict__ x, const T* __restrict__
     __syncthreads();  // rows[] and taps[] written; the last step's MMAs are done with the tiles
     gather_column<kBM / (kThreads / kKC), kThreads / kKC, kLdA>(x, g, rows, nrows, taps[k0 + col],
                                                                row0, col, a_bits);
-    {  // weight rows k0 .. k0 + 31, channels n0 .. n0 + 63: a 16-byte vector per thread
-      const int kr = tid / (kBN / 8), c8 = (tid % (kBN / 8)) * 8;
-      *reinterpret_cast<uint4*>(b_tile + kr * kLdB + c8) =
-          *reinterpret_cast<const uint4*>(wt + (k0 + kr) * cout + n0 + c8);
+    {  // channels n0 .. n0 + 63, columns k0 .. k0 + 31 of wm: a 16-byte vector per thread
+      const int n = tid / (kKC / 8), k8 = (tid % (kKC / 8)) * 8;
+      *reinterpret_cast<uint4*>(b_tile + n * kLdB + k8) =
+          *reinterpret_cast<const uint4*>(wm + (n0 + n) * g.Kp + k0 + k8);
     }
     __syncthreads();
     for (int kk = 0; kk < kKC; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
       wmma::load_matrix_sync(a, a_tile + warp * 16 * kLdA + kk, kLdA);
       for (int j = 0; j < kBN / 16; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(b, b_tile + kk * kLdB + j * 16, kLdB);
+        // B (column k, channel n) = b_tile[n * kLdB + k]: column-major
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, b_tile + j * 16 * kLdB + kk, kLdB);
         wmma::mma_sync(acc[j], a, b, acc[j]);
       }
     }
@@ -213,7 +216,7 @@ int64_t fprop_dynamic_bytes(const im2col::Geometry& g) {
   return g.Kp * int64_t(sizeof(im2col::Tap));
 }
 int64_t fprop_smem_bytes(const im2col::Geometry& g) {
-  constexpr int64_t kAB = (kBM * kLdA + kKC * kLdB) * 2, kC = kBM * kLdC * 4;
+  constexpr int64_t kAB = (kBM * kLdA + kBN * kLdB) * 2, kC = kBM * kLdC * 4;
   return fprop_dynamic_bytes(g) + (kAB > kC ? kAB : kC) + kBM * int64_t(sizeof(im2col::Row));
 }
 
@@ -271,10 +274,10 @@ at::Tensor implicit_gemm_conv3d_cuda(const at::Tensor& x, const at::Tensor& weig
     return im2col_conv_rows(x, weight, ConvArgs{stride, padding, dilation, kIm2col});
   at::Tensor y = at::empty({M, cout}, x.options());
   if (M == 0) return y;
-  // weight as (Kp, Cout): K in im2col's column order, zero rows past K
-  at::Tensor wt = weight.reshape({cout, g.K});
-  if (g.Kp != g.K) wt = at::constant_pad_nd(wt, {0, g.Kp - g.K});
-  wt = aligned16(wt.t());
+  // weight as (Cout, Kp): K in im2col's column order, zero columns past K
+  at::Tensor wm = weight.reshape({cout, g.K});
+  if (g.Kp != g.K) wm = at::constant_pad_nd(wm, {0, g.Kp - g.K});
+  wm = aligned16(wm);
   const dim3 grid(static_cast<unsigned>(ceil_div(M, kBM)), static_cast<unsigned>(cout / kBN));
   M3D_CHECK(ceil_div(M, kBM) < (int64_t(1) << 31) && cout / kBN <= 65535,
             "med3d_ext.implicit_gemm_conv3d: ", M, " rows x ", cout, " channels are too many");
@@ -288,7 +291,7 @@ at::Tensor implicit_gemm_conv3d_cuda(const at::Tensor& x, const at::Tensor& weig
                                           static_cast<int>(dynamic)));
     implicit_gemm_fprop_kernel<T><<<grid, kThreads, dynamic, stream>>>(
         static_cast<const uint16_t*>(x.const_data_ptr()),
-        static_cast<const T*>(wt.const_data_ptr()), static_cast<T*>(y.mutable_data_ptr()), g, M,
+        static_cast<const T*>(wm.const_data_ptr()), static_cast<T*>(y.mutable_data_ptr()), g, M,
         static_cast<int>(cout));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
