@@ -40,8 +40,9 @@ def main() -> int:
         print(f"CUDA kernels:         {cuda}")
         print(f"OpenMP (CPU kernels): {'yes' if info['openmp'] else 'no'}")
         print("ops (dispatch keys):")
+        width = max((len(n) for n in info["ops"]), default=0) + 1
         for name, keys in info["ops"].items():
-            print(f"  {name:<40} {', '.join(keys)}")
+            print(f"  {name:<{width}} {', '.join(keys)}")
     else:
         print(f"compiled extension:   NOT LOADED, using med3d_ext.reference\n  reason: {info['extension_error']}")
     gpu = info["gpu"] or "none usable"
