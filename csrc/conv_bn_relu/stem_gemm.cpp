@@ -46,6 +46,14 @@ int64_t check_implicit_gemm_weight_grad(const at::Tensor& grad_rows, const at::T
   return rows;
 }
 
+at::Tensor implicit_gemm_weight_grad_by_im2col(const at::Tensor& grad_rows, const at::Tensor& x,
+                                               at::IntArrayRef weight_size,
+                                               at::IntArrayRef stride, at::IntArrayRef padding,
+                                               at::IntArrayRef dilation) {
+  return im2col_conv_weight_grad(grad_rows.contiguous(), x, c10::fromIntArrayRefSlow(weight_size),
+                                 ConvArgs{stride, padding, dilation, kIm2col});
+}
+
 namespace {
 
 at::Tensor implicit_gemm_conv3d_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -62,8 +70,8 @@ at::Tensor implicit_gemm_conv3d_weight_grad_cpu(const at::Tensor& grad_rows, con
                                                 at::IntArrayRef dilation) {
   im2col::Geometry g;
   check_implicit_gemm_weight_grad(grad_rows, x, weight_size, stride, padding, dilation, 8, g);
-  return im2col_conv_weight_grad(grad_rows.contiguous(), x, c10::fromIntArrayRefSlow(weight_size),
-                                 ConvArgs{stride, padding, dilation, kIm2col});
+  return implicit_gemm_weight_grad_by_im2col(grad_rows, x, weight_size, stride, padding,
+                                             dilation);
 }
 
 }  // namespace

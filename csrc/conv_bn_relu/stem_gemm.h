@@ -40,4 +40,10 @@ int64_t check_implicit_gemm_weight_grad(const at::Tensor& grad_rows, const at::T
                                         at::IntArrayRef padding, at::IntArrayRef dilation,
                                         int64_t align, im2col::Geometry& g);
 
+// The weight gradient by im2col's GEMMs: the CPU op, and CUDA where the kernels do not apply.
+at::Tensor implicit_gemm_weight_grad_by_im2col(const at::Tensor& grad_rows, const at::Tensor& x,
+                                               at::IntArrayRef weight_size,
+                                               at::IntArrayRef stride, at::IntArrayRef padding,
+                                               at::IntArrayRef dilation);
+
 }  // namespace med3d_ext

@@ -250,17 +250,35 @@ bool kernels_apply(const at::Tensor& x, int64_t cout, const im2col::Geometry& g,
          kernels_compiled_for_device();
 }
 
+template <typename F>
+void dispatch_half(const at::Tensor& x, F&& fn) {
+  if (x.scalar_type() == at::kBFloat16) return fn(__nv_bfloat16{});
+  return fn(__half{});
+}
+
+// Resident weight-gradient blocks per SM (the occupancy API), asked once per dtype and device:
+// it depends only on the compiled kernel and the GPU, and a backward step should not query the
+// driver for it every time.
+int wgrad_blocks_per_sm(const at::Tensor& x) {
+  static int cached[2][64] = {};  // 0: not asked yet
+  const int dev = c10::cuda::current_device();
+  int& c = cached[x.scalar_type() == at::kBFloat16 ? 0 : 1][dev < 64 ? dev : 63];
+  if (c == 0) {
+    int per_sm = 0;
+    dispatch_half(x, [&](auto tag) {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, implicit_gemm_wgrad_kernel<decltype(tag)>, kThreads, 0));
+    });
+    c = std::max(per_sm, 1);
+  }
+  return c;
+}
+
 // The kernels read 16-byte vectors: a tensor whose data starts off a 16-byte boundary (a view
 // with a storage offset) is copied first.
 at::Tensor aligned16(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
   return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
-}
-
-template <typename F>
-void dispatch_half(const at::Tensor& x, F&& fn) {
-  if (x.scalar_type() == at::kBFloat16) return fn(__nv_bfloat16{});
-  return fn(__half{});
 }
 
 at::Tensor implicit_gemm_conv3d_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -308,20 +326,14 @@ at::Tensor implicit_gemm_conv3d_weight_grad_cuda(const at::Tensor& grad_rows, co
                                                     dilation, kKT, g);
   const int64_t cout = weight_size[0];
   if (!kernels_apply(x, cout, g, M))
-    return im2col_conv_weight_grad(grad_rows.contiguous(), x,
-                                   c10::fromIntArrayRefSlow(weight_size),
-                                   ConvArgs{stride, padding, dilation, kIm2col});
+    return implicit_gemm_weight_grad_by_im2col(grad_rows, x, weight_size, stride, padding,
+                                               dilation);
   if (M == 0 || g.K == 0) return at::zeros(weight_size, x.options());
   const at::Tensor grad = aligned16(grad_rows);
   const int64_t tiles = ceil_div(M, kBM), col_tiles = g.Kp / kKT, ch_tiles = cout / kBN;
   // one wave of resident blocks in all, each summing an equal share of the row tiles
-  int per_sm = 0;
-  dispatch_half(x, [&](auto tag) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, implicit_gemm_wgrad_kernel<decltype(tag)>, kThreads, 0));
-  });
   const int64_t parts = std::clamp<int64_t>(
-      int64_t(std::max(per_sm, 1)) * sm_count() / (col_tiles * ch_tiles), 1, tiles);
+      int64_t(wgrad_blocks_per_sm(x)) * sm_count() / (col_tiles * ch_tiles), 1, tiles);
   M3D_CHECK(col_tiles <= 65535 && ch_tiles <= 65535, "med3d_ext.implicit_gemm_conv3d_weight_grad: ",
             g.Kp, " columns x ", cout, " channels are too many");
   at::Tensor partial = at::empty({parts, cout, g.Kp}, x.options().dtype(at::kFloat));
