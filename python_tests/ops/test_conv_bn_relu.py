@@ -418,10 +418,15 @@ def test_stem_conv_algorithms(device, cin, k, padding, sp, algo, monkeypatch):
     # ill-conditioned, and one seed in a few hundred moved a weight gradient by ~1%
     for training in (True, False):
         _check_against_reference(device, cfg, training, True, True, False, dtype=torch.float64)
-    _check_against_reference(device, cfg, True, False, True, True)
+    # fp32 + channels_last: in training only where BatchNorm sees enough values per channel. With
+    # the last config's 2 (a 1-voxel output, n=2) the normalised output is (a-b)/|a-b|-like, and a
+    # 1e-7 conv difference moved an output by 4e-5 in CI (seed 1949657121); eval mode stays exact
+    values_per_channel = 2 * torch.nn.functional.conv3d(x[:1], w, stride=2, padding=pad)[0, 0].numel()
+    fp32_training = values_per_channel >= 16
+    _check_against_reference(device, cfg, fp32_training, False, True, True)
     monkeypatch.setattr(mod, "STEM_CONV", "aten")
     assert mod._stem_conv(x, w, [2] * 3, pad, [1] * 3) == "aten"
-    _check_against_reference(device, cfg, True, False, True, True)
+    _check_against_reference(device, cfg, fp32_training, False, True, True)
 
 
 def test_stem_conv_bad_setting(monkeypatch):
