@@ -19,17 +19,30 @@ namespace {
 
 constexpr int64_t kChunk = 4096;
 
-// Statistics of one contiguous run of values, as a Welford state.
+// Statistics of one contiguous run of values, as a Welford state. Each pass keeps kLanes
+// independent partial sums (merged in a fixed order): one running sum is a serial chain of
+// dependent adds that the compiler may not reorder, so it neither vectorises nor pipelines.
+constexpr int kLanes = 8;
+
+template <typename acc_t, typename F>
+acc_t lane_sum(int64_t n, const F& f) {
+  acc_t part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += f(i + l);
+  for (; i < n; ++i) part[0] += f(i);
+  acc_t total = 0;
+  for (int l = 0; l < kLanes; ++l) total += part[l];
+  return total;
+}
+
 template <typename scalar_t, typename acc_t>
 WelfordState<acc_t> run_stats(const scalar_t* p, int64_t n) {
-  acc_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(p[i]);
-  acc_t mean = sum / acc_t(n);
-  acc_t m2 = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    acc_t d = static_cast<acc_t>(p[i]) - mean;
-    m2 += d * d;
-  }
+  const acc_t mean = lane_sum<acc_t>(n, [&](int64_t i) { return static_cast<acc_t>(p[i]); }) / acc_t(n);
+  const acc_t m2 = lane_sum<acc_t>(n, [&](int64_t i) {
+    const acc_t d = static_cast<acc_t>(p[i]) - mean;
+    return d * d;
+  });
   return {acc_t(n), mean, m2};
 }
 
