@@ -163,33 +163,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const scalar_t *yp = y.const_data_ptr<scalar_t>(), *gp = grad_out.const_data_ptr<scalar_t>();
     const uint8_t* ap = argmax.const_data_ptr<uint8_t>();
     scalar_t* gyp = grad_y.data_ptr<scalar_t>();
-    // Calls f(y offset, masked gradient g, y value) for every voxel of plane (n, c).
-    auto walk_plane = [&](int64_t n, int64_t c, auto&& f) {
-      const int64_t ybase = n * y.stride(0) + c * y.stride(1);
-      const int64_t obase = n * grad_out.stride(0) + c * grad_out.stride(1);
-      const acc_t sc = wp[c] * is[c];
-      for (int64_t d = 0; d < g.D; ++d)
-        for (int64_t h = 0; h < g.H; ++h)
-          for (int64_t x = 0; x < g.W; ++x) {
-            const int64_t i = ybase + d * g.ys[0] + h * g.ys[1] + x * g.ys[2];
-            const acc_t yv = static_cast<acc_t>(yp[i]);
-            const acc_t z = bn_pre_act<acc_t>(yv, m[c], sc, bp[c], acc_t(0));
-            acc_t gsum;
-            pool_grad_at<1, scalar_t, acc_t>(gp + obase, ap + obase, 0, g, d, h, x, &gsum);
-            // rounded to y's dtype, as the CUDA backward stores it (and as the unfused
-            // max_pool3d backward hands it to BatchNorm's): one result on both devices
-            const acc_t gv = static_cast<acc_t>(static_cast<scalar_t>(bn_masked_grad<true>(gsum, z)));
-            f(i, gv, yv);
-          }
-    };
+    const int64_t window = int64_t(g.k[0]) * g.k[1] * g.k[2];
+    // Pass 1, per plane: scatter grad_out to the argmax positions (in output order, so each
+    // voxel's sum is added in the same order as pool_grad_at's gather, which the CUDA kernel
+    // uses: one result on both devices), then mask by the ReLU, round to y's dtype (as the
+    // CUDA backward stores it, and as the unfused max_pool3d backward hands it to BatchNorm),
+    // keep it in grad_y and add the plane's two BatchNorm sums. The gather form cost a window
+    // search with divisions per voxel, twice; this is O(voxels + outputs).
     std::vector<acc_t> part(N * C * 2);
     at::parallel_for(0, N * C, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<acc_t> sum(S);
       for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / C, c = p % C;
+        const int64_t ybase = n * y.stride(0) + c * y.stride(1);
+        const int64_t obase = n * grad_out.stride(0) + c * grad_out.stride(1);
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        for (int64_t od = 0; od < g.OD; ++od)
+          for (int64_t oh = 0; oh < g.OH; ++oh)
+            for (int64_t ow = 0; ow < g.OW; ++ow) {
+              const int64_t o = obase + od * g.os[0] + oh * g.os[1] + ow * g.os[2];
+              const int64_t k = ap[o];
+              if (k >= window) continue;  // not a window offset: matches no voxel (as the gather)
+              const int64_t d = od * g.s[0] - g.p[0] + k / (g.k[1] * g.k[2]);
+              const int64_t h = oh * g.s[1] - g.p[1] + (k / g.k[2]) % g.k[1];
+              const int64_t w = ow * g.s[2] - g.p[2] + k % g.k[2];
+              if (d < 0 || d >= g.D || h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
+              sum[(d * g.H + h) * g.W + w] += static_cast<acc_t>(gp[o]);
+            }
+        const acc_t mc = m[c], sc = wp[c] * is[c], bc = bp[c];
         acc_t s0 = 0, s1 = 0;
-        walk_plane(p / C, p % C, [&](int64_t, acc_t gv, acc_t yv) {
-          s0 += gv;
-          s1 += gv * (yv - m[p % C]);
-        });
+        int64_t v = 0;
+        for (int64_t d = 0; d < g.D; ++d)
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t x = 0; x < g.W; ++x, ++v) {
+              const int64_t i = ybase + d * g.ys[0] + h * g.ys[1] + x * g.ys[2];
+              const acc_t yv = static_cast<acc_t>(yp[i]);
+              const acc_t z = bn_pre_act<acc_t>(yv, mc, sc, bc, acc_t(0));
+              const scalar_t gs = static_cast<scalar_t>(bn_masked_grad<true>(sum[v], z));
+              gyp[i] = gs;
+              const acc_t gv = static_cast<acc_t>(gs);
+              s0 += gv;
+              s1 += gv * (yv - mc);
+            }
         part[2 * p] = s0;
         part[2 * p + 1] = s1;
       }
@@ -207,13 +222,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
       gw[c] = s1 * is[c];
       gb[c] = s0;
     }
+    // Pass 2: grad_y = BatchNorm's input gradient of the stored g, in place.
     at::parallel_for(0, N * C, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const auto& q = coef[p % C];
         const acc_t mc = m[p % C];
-        walk_plane(p / C, p % C, [&](int64_t i, acc_t gv, acc_t yv) {
-          gyp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(gv, yv, mc, q.A, q.k1, q.Bp));
-        });
+        const int64_t ybase = (p / C) * y.stride(0) + (p % C) * y.stride(1);
+        for (int64_t d = 0; d < g.D; ++d)
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t x = 0; x < g.W; ++x) {
+              const int64_t i = ybase + d * g.ys[0] + h * g.ys[1] + x * g.ys[2];
+              gyp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(
+                  static_cast<acc_t>(gyp[i]), static_cast<acc_t>(yp[i]), mc, q.A, q.k1, q.Bp));
+            }
       }
     });
   });

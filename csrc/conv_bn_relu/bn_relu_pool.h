@@ -9,7 +9,7 @@
 //   forward   out[o] = relu(max_{p in window(o)} z(p)),  z(p) = (y(p) - mean) * w * invstd + b
 //             argmax[o] = the window offset (uint8) of that max; nothing else is written
 //   backward  g(p) = [z(p) > 0] * sum of grad_out[o] over the windows o whose argmax is p
-//             (the CPU gathers it on the fly; CUDA gathers it once into grad_y's memory), then
+//             (CUDA gathers it into grad_y; the CPU scatters it per plane, in the same order), then
 //             the usual BatchNorm backward (one reduction pass and one apply pass,
 //             conv_bn_relu.h) with that g.
 // max(relu(z)) = relu(max(z)) because ReLU is monotonic; ties and NaN follow max_pool3d (the
