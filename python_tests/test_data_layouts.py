@@ -116,6 +116,13 @@ def test_case_paths_absolute_for_relative_roots(tmp_path, monkeypatch):
     ("labels", ["background", "spleen"], r"'labels' must be a mapping.*got list"),
     ("modality", {"a": "CT"}, r"'modality' key 'a' is not an integer"),
     ("training", "imagesTr", r"'training' must be a list"),
+    # raw TypeErrors from `in` / pathlib before the audit:
+    ("training", [1, 2], r"training entry without 'image': 1"),
+    ("training", [{"image": None}], r"training entry's 'image' must be a file path, got None"),
+    ("training", [{"image": ["a", "b"]}], r"'image' must be a file path, got \['a', 'b'\]"),
+    ("training", [{"image": "imagesTr/c0.nii.gz", "label": 7}],
+     r"training entry's 'label' must be a file path, got 7"),
+    ("test", [{"image": 5}], r"test entry's 'image' must be a file path, got 5"),
     ("channel_names", {"0": "CT"}, r"labels: '0': 'c0' maps a value to a name \(MSD style\)"),
 ])
 def test_malformed_dataset_json(tmp_path, field, value, want):
@@ -129,8 +136,17 @@ def test_malformed_dataset_json(tmp_path, field, value, want):
         meta["file_ending"] = ".nii.gz"
     (root / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=want) as e:
-        load_dataset(root)
+        load_dataset(root, split="test" if field == "test" else "train")
     assert "dataset.json" in str(e.value)
+
+
+@pytest.mark.parametrize("text,got", [("null", "NoneType"), ("[1, 2]", "list"), ('"x"', "str")])
+def test_dataset_json_that_is_not_an_object(tmp_path, text, got):
+    # null gave "argument of type 'NoneType' is not iterable"
+    root = make_msd(tmp_path / "ds", n=1)
+    (root / "dataset.json").write_text(text)
+    with pytest.raises(DataError, match=rf"dataset.json: must hold a JSON object.*got {got}"):
+        load_dataset(root)
 
 
 def test_medicalnet_list(tmp_path):
@@ -209,10 +225,19 @@ def _corrupt(root, kind):
     if kind == "missing":
         img_p.unlink()
         return img_p, "does not exist"
+    if kind == "complex":  # the imaginary part was silently dropped
+        save(img_p, data.astype(np.complex64) * (1 + 1j), aff)
+        return img_p, "voxel type complex64 is not real-valued"
+    if kind == "float32_overflow":  # finite int16 * scl_slope beyond float32: cached as inf
+        im = nib.Nifti1Image(np.ones(data.shape, np.int16), aff)
+        im.header["scl_slope"], im.header["scl_inter"] = np.float32(1e38), np.float32(3e38)
+        nib.save(im, str(img_p))
+        return img_p, r"\d+ voxels overflow float32"
     raise ValueError(kind)
 
 
-BAD = ["truncated", "non_image", "shape", "affine", "nan", "undeclared", "missing"]
+BAD = ["truncated", "non_image", "shape", "affine", "nan", "undeclared", "missing", "complex",
+       "float32_overflow"]
 
 
 @pytest.mark.parametrize("kind", BAD)

@@ -148,6 +148,9 @@ def read_volume(path, *, dtype=None) -> Volume:
         data = np.moveaxis(data[:, :, :, 0], 3, 0)
     else:
         raise DataError(path, f"expected a 3-D or 4-D image, got shape {tuple(data.shape)}")
+    if data.dtype.kind not in "biuf":  # complex (imaginary part dropped), RGB, ... by astype
+        raise DataError(path, f"voxel type {data.dtype} is not real-valued (complex, RGB and "
+                              "other compound voxel types are not supported)")
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise DataError(path, f"{bad} NaN/Inf voxels")

@@ -100,9 +100,28 @@ class Dataset:
 
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(path, f"invalid JSON ({e})") from None
+    if not isinstance(meta, dict):  # e.g. null or a list: "'NoneType' is not iterable" later
+        raise DataError(path, f"must hold a JSON object ({{\"training\": ...}}), got "
+                              f"{type(meta).__name__}")
+    return meta
+
+
+def _entry(js: Path, what: str, entry) -> tuple[str, str | None]:
+    """(image, label or None) of a dataset.json training/test entry: a path string or an
+    {"image": path, "label": path} object, or a DataError showing the entry."""
+    if isinstance(entry, str):
+        entry = {"image": entry}
+    if not isinstance(entry, dict) or "image" not in entry:
+        raise DataError(js, f"{what} entry without 'image': {entry!r}"[:300])
+    img, lab = entry["image"], entry.get("label")
+    for key, v in (("image", img), ("label", lab)):
+        if not (isinstance(v, str) and v) and not (key == "label" and not v):
+            raise DataError(js, f"{what} entry's '{key}' must be a file path, got {v!r} in "
+                                f"{entry!r}"[:300])
+    return img, lab or None
 
 
 def _check_exists(ds: Dataset, skip_bad: bool) -> Dataset:
@@ -165,13 +184,8 @@ def _load_msd(root: Path, meta: dict) -> Dataset:
                             f"entries, got {type(training).__name__}")
     cases = []
     for entry in training:
-        if isinstance(entry, str):
-            entry = {"image": entry}
-        if "image" not in entry:
-            raise DataError(root / "dataset.json", f"training entry without 'image': {entry}")
-        lab = entry.get("label")
-        cases.append(Case(_case_name(entry["image"]), [_rel(root, entry["image"])],
-                          _rel(root, lab) if lab else None))
+        img, lab = _entry(js, "training", entry)
+        cases.append(Case(_case_name(img), [_rel(root, img)], _rel(root, lab) if lab else None))
     return Dataset(root, meta.get("name", root.name), "msd", channels, labels, cases)
 
 
@@ -203,12 +217,7 @@ def _load_msd_test(root: Path, meta: dict) -> Dataset:
     cases = []
     if test:
         for entry in test:
-            if isinstance(entry, dict):
-                if "image" not in entry:
-                    raise DataError(js, f"test entry without 'image': {entry}")
-                img, lab = entry["image"], entry.get("label")
-            else:
-                img, lab = str(entry), None
+            img, lab = _entry(js, "test", entry)
             name = _case_name(img)
             label = _rel(root, lab) if lab else _test_label(root, name, ".nii.gz")
             cases.append(Case(name, [_rel(root, img)], label))

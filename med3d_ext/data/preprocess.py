@@ -132,6 +132,10 @@ def read_case(case: Case, labels: dict | None = None):
     if len(vols) > 1:
         img.data = np.concatenate([v.data for v in vols], 0)
     img.data = img.data.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(img.data)):  # finite as read, beyond float32's range (scl_slope)
+        bad = int(img.data.size - np.count_nonzero(np.isfinite(img.data)))
+        raise DataError(img.path, f"{bad} voxels overflow float32 (|value| > 3.4e38 after the "
+                                  "header's scaling)")
     if case.label is None:
         return img, None
     lab = read_volume(case.label)
