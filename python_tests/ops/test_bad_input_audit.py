@@ -114,3 +114,17 @@ def test_padding_or_dilation_that_overflows_int64_is_refused(device):
     # row_start + rows wrapped around and passed the range check
     with pytest.raises(RuntimeError, match=r"im2col3d: rows \[.*\) are outside the matrix's 420"):
         im2col(x, [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1], 8, 2**62, 2**62)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_window_that_overflows_is_refused_not_looped_over(device):
+    # kernel sides of 2^21 made the window size 2^63 -> wrapped to 0, passed the 255-voxel
+    # check and the kernel looped for ever; 2^62 sides (padding 2^61) returned an output
+    x, w, *bn = _conv_args(device, cin=1)
+    f = m3d.ops.conv_bn_relu_maxpool3d
+    for k, p in ((2**21, 2**20), (2**62, 2**61), (256, 0)):
+        with pytest.raises(RuntimeError, match=r"pool windows of at most 255 voxels"):
+            f(x, w, *[t.clone() for t in bn], pool_kernel=k, pool_padding=p, pool_stride=1)
+    with pytest.raises(RuntimeError, match=r"at most half the kernel"):
+        f(x, w, *[t.clone() for t in bn], pool_kernel=3, pool_padding=2**62)
