@@ -338,3 +338,33 @@ def test_medicalnet_pooled_folders_same_names(tmp_path):
     assert pre.meta(0)["axcodes"] == "RAS"
     np.testing.assert_allclose(pre.meta(0)["out_spacing"], pre.meta(0)["target_spacing"],
                                rtol=0.2)
+
+
+def test_bad_classification_files_and_cache_index(tmp_path):
+    # a negative class was accepted (CE failed on it only in training); an empty image cell
+    # named the root folder as the image; a classes.json whose "classes" is not a mapping
+    # gave an AttributeError; a cut-off cache.json a JSONDecodeError/KeyError
+    from med3d_ext.data import PreprocessedDataset
+
+    root = tmp_path / "cls"
+    root.mkdir()
+    for text, want in (("image,label\na.nii.gz,-1\n", r"line 2: label -1 is negative"),
+                       ("image,label\n,1\n", r"line 2: no image path"),
+                       ("image,label\na.nii.gz\n", r"line 2: label None is not an integer")):
+        (root / "labels.csv").write_text(text)
+        with pytest.raises(DataError, match=want):
+            load_dataset(root)
+    (root / "labels.csv").write_text("image,label\na.nii.gz,1\n")
+    for classes, want in ((["no", "yes"], r"'classes' must be a mapping"),
+                          ({"no": 0}, r"'classes' key 'no' is not an integer")):
+        (root / "classes.json").write_text(json.dumps({"classes": classes}))
+        with pytest.raises(DataError, match=rf"classes.json: {want}"):
+            load_dataset(root)
+    pre = preprocess(make_msd(tmp_path / "ds", n=1), tmp_path / "cache", progress=False,
+                     workers=0)
+    index = pre.dir / "cache.json"
+    good = index.read_text()
+    for text in (good[: len(good) // 2], json.dumps({"cases": []}), "null"):
+        index.write_text(text)
+        with pytest.raises(DataError, match=r"cache.json: corrupt cache index"):
+            PreprocessedDataset(pre.dir)

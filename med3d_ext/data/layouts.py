@@ -159,7 +159,8 @@ def _case_name(path: str, ending: str | None = None) -> str:
 
 def _int_keyed(js: Path, what: str, d) -> dict:
     """An {"0": name, ...} mapping with integer keys, or a DataError saying what is wrong."""
-    example = '{"0": "background", "1": ...}' if what == "labels" else '{"0": "CT", ...}'
+    example = ('{"0": "background", "1": ...}' if what == "labels" else
+               '{"0": "benign", "1": ...}' if what == "classes" else '{"0": "CT", ...}')
     if not isinstance(d, dict):
         raise DataError(js, f"'{what}' must be a mapping like {example}, got "
                             f"{type(d).__name__} {d!r}"[:300])
@@ -324,6 +325,10 @@ def _load_classification(root: Path) -> Dataset:
         except (TypeError, ValueError):
             raise DataError(lst, f"line {n}: label {row['label']!r} is not an integer class") \
                 from None
+        if y < 0:  # CE fails on it only at training time, far from the file
+            raise DataError(lst, f"line {n}: label {y} is negative; classes are 0, 1, ...")
+        if not row["image"]:  # an empty cell or a short row: the root folder itself as image
+            raise DataError(lst, f"line {n}: no image path ({row!r})")
         name = _case_name(row["image"])
         if base[name] > 1:
             name = _case_name(Path(row["image"]).as_posix().lstrip("./").replace("/", "_"))
@@ -334,7 +339,7 @@ def _load_classification(root: Path) -> Dataset:
     side = root / "classes.json"
     s = _load_json(side) if side.exists() else {}
     names = s.get("classes", {str(k): str(k) for k in sorted(set(targets.values()))})
-    classes = {int(k): v for k, v in names.items()}
+    classes = _int_keyed(side, "classes", names)
     bad = sorted(set(targets.values()) - set(classes))
     if bad:
         raise DataError(lst, f"labels {bad} not declared in classes.json ({sorted(classes)})")

@@ -502,13 +502,17 @@ class PreprocessedDataset:
         if not info.exists():
             raise DataError(self.dir, "not a preprocessed cache (no cache.json); run "
                                       "python -m med3d_ext.data preprocess DATASET --out DIR")
-        self.info = json.loads(info.read_text())
-        self.names = list(self.info["cases"])
-        self.name = self.info["name"]
-        self.channels = self.info["channels"]
-        lab = self.info.get("labels")
-        self.labels = {int(k): v for k, v in lab.items()} if lab else None
-        self.modality = self.info["modality"]
+        try:  # a cut-off or hand-edited cache.json: name the file, not a KeyError
+            self.info = json.loads(info.read_text())
+            self.names = list(self.info["cases"])
+            self.name = self.info["name"]
+            self.channels = self.info["channels"]
+            lab = self.info.get("labels")
+            self.labels = {int(k): v for k, v in lab.items()} if lab else None
+            self.modality = self.info["modality"]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(info, f"corrupt cache index ({type(e).__name__}: {e}); delete the "
+                                  "cache folder to rebuild it") from None
         # classification datasets: one class index per case, and the class names
         self.targets = self.info.get("targets")
         cls = self.info.get("classes")
