@@ -368,3 +368,13 @@ def test_bad_classification_files_and_cache_index(tmp_path):
         index.write_text(text)
         with pytest.raises(DataError, match=r"cache.json: corrupt cache index"):
             PreprocessedDataset(pre.dir)
+
+
+def test_none_paths_are_named():
+    # pathlib's "expected str, bytes or os.PathLike object, not NoneType" named no argument
+    from med3d_ext.data import find_datasets, read_volume
+
+    for fn in (load_dataset, detect_layout, find_datasets, read_volume):
+        with pytest.raises(TypeError, match=r"argument 'path' must be a file or folder path, "
+                                            r"got NoneType"):
+            fn(None)

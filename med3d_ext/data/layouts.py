@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import DataError
+from .io import DataError, as_path
 
 CT_NAMES = {"ct", "cta", "ct_arterial", "ct_venous", "pet/ct"}
 
@@ -350,7 +350,7 @@ def _load_classification(root: Path) -> Dataset:
 def detect_layout(path) -> str:
     """"msd", "nnunet", "medicalnet" or "classification" (labels.csv) for a dataset folder
     (or a MedicalNet list file)."""
-    path = Path(path)
+    path = as_path(path)
     if path.is_file() and path.suffix == ".txt":
         return "medicalnet"
     if not path.exists():
@@ -405,7 +405,7 @@ def load_dataset(path, *, skip_bad: bool = False, split: str = "train") -> Datas
     """
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    path = Path(path)
+    path = as_path(path)
     layout = detect_layout(path)
     if split == "test" and layout == "classification":
         raise DataError(path, "a classification folder (labels.csv) has no test split; list "
@@ -457,7 +457,7 @@ def find_datasets(path) -> list:
     """``--data`` for pretraining may name one dataset or a folder of them (synth's
     ``pretrain/``): returns [path] for a dataset, else its dataset subfolders sorted by name
     (the order that ``dataset_id`` indexes)."""
-    path = Path(path)
+    path = as_path(path)
     try:
         detect_layout(path)
         return [path]
