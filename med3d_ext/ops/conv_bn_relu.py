@@ -156,7 +156,7 @@ def _check_batch_size(x, weight, stride, padding, dilation):
 
 
 def _prepare_bn_call(name, x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                     padding, dilation, training):
+                     padding, dilation, training, eps):
     """What the BatchNorm ops' wrappers do before calling the compiled op: the eval-mode
     running-stats check, default affine parameters, F.batch_norm's one-value error, and the
     stem's algorithm (_prepare_conv). Returns (x, weight, bn_weight, bn_bias, stride, padding,
@@ -164,6 +164,9 @@ def _prepare_bn_call(name, x, weight, bn_weight, bn_bias, running_mean, running_
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{name}: running_mean and running_var are required when "
                          "training=False")
+    if training and not eps > 0:  # F.batch_norm's ValueError (the op's own check is C++'s)
+        raise ValueError(f"med3d_ext.{name}: argument 'eps' must be positive when training, "
+                         f"got {eps}")
     cout = weight.shape[0] if weight.dim() == 5 else 0
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if bn_weight is None:
@@ -232,7 +235,7 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
             residual=residual, relu=relu), None
     x, weight, bn_weight, bn_bias, stride, padding, algo = _prepare_bn_call(
         "conv_bn_relu3d", x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-        padding, dilation, training)
+        padding, dilation, training, eps)
     out, y, mean, invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                    residual, stride, padding, dilation, training, eps, relu,
                                    algo)
@@ -290,7 +293,7 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
             pool_kernel=pk, pool_stride=ps, pool_padding=pp)
     x, weight, bn_weight, bn_bias, stride, padding, algo = _prepare_bn_call(
         "conv_bn_relu_maxpool3d", x, weight, bn_weight, bn_bias, running_mean, running_var,
-        stride, padding, dilation, training)
+        stride, padding, dilation, training, eps)
     out, _y, mean, _invstd, var, _arg = op(x, weight, bn_weight, bn_bias, running_mean,
                                            running_var, stride, padding, dilation, training,
                                            eps, pk, ps, pp, algo)

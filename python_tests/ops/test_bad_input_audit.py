@@ -55,10 +55,14 @@ def test_stride_of_a_wrong_type_is_refused_not_truncated(device):
 def test_non_positive_eps_refused_in_training(device, eps):
     # F.batch_norm refuses it; the op used to compute with it (NaN/inf for a constant channel)
     x, w, *bn = _conv_args(device)
-    with pytest.raises(RuntimeError, match=r"argument 'eps' must be positive when training"):
+    # the wrappers raise F.batch_norm's ValueError, the op itself a RuntimeError
+    with pytest.raises(ValueError, match=r"argument 'eps' must be positive when training"):
         m3d.ops.conv_bn_relu3d(x, w, *bn, eps=eps)
-    with pytest.raises(RuntimeError, match=r"argument 'eps' must be positive when training"):
+    with pytest.raises(ValueError, match=r"argument 'eps' must be positive when training"):
         m3d.ops.conv_bn_relu_maxpool3d(x, w, *bn, eps=eps)
+    with pytest.raises(RuntimeError, match=r"argument 'eps' must be positive when training"):
+        torch.ops.med3d_ext.conv_bn_relu3d(x, w, *bn, None, [1, 1, 1], [0, 0, 0], [1, 1, 1],
+                                           True, eps, True)
     # eval mode normalises with the running variance: eps = 0 is allowed, as in F.batch_norm
     out = m3d.ops.conv_bn_relu3d(x, w, *bn, eps=0.0, training=False)
     ref = torch.relu(torch.nn.functional.batch_norm(
