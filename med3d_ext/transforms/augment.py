@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +41,18 @@ def _prob(name, v) -> float:
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"RandomAugment3D: '{name}' must be a probability in [0, 1], got {v}")
     return v
+
+
+def _seed(v) -> int:
+    """A generator seed: an integer torch.Generator.manual_seed takes (int(1.5) would silently
+    give 1; 2**70 failed only at the first call, inside manual_seed)."""
+    try:
+        i = operator.index(v)
+    except TypeError:
+        i = None
+    if i is None or not -2**63 <= i < 2**64:
+        raise ValueError(f"RandomAugment3D: 'seed' must be an integer in [-2^63, 2^64), got {v!r}")
+    return i
 
 
 class RandomAugment3D:
@@ -114,7 +127,7 @@ class RandomAugment3D:
                              f"'reflection', got {padding_mode!r}")
         self.padding_mode = padding_mode
         self.align_corners = bool(align_corners)
-        self.seed = int(seed)
+        self.seed = _seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self._consts: dict[tuple, torch.Tensor] = {}
 
@@ -129,7 +142,7 @@ class RandomAugment3D:
 
     def reseed(self, seed: int) -> None:
         """Restart every generator from ``seed`` (e.g. base seed + worker id)."""
-        self.seed = int(seed)
+        self.seed = _seed(seed)
         self._generators.clear()
 
     def state_dict(self) -> dict:
@@ -137,7 +150,13 @@ class RandomAugment3D:
                 "generators": {k: g.get_state() for k, g in self._generators.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
+        if not isinstance(state, dict) or not {"seed", "generators"} <= set(state) \
+                or not isinstance(state["generators"], dict):
+            # else a bare KeyError: 'seed'
+            raise ValueError("RandomAugment3D.load_state_dict: expected the dict of "
+                             "state_dict() ({'seed': int, 'generators': {device: state}}), got "
+                             f"{state!r}"[:300])
+        self.seed = _seed(state["seed"])
         self._generators.clear()
         for key, s in state["generators"].items():
             self._generator(torch.device(key)).set_state(s)
