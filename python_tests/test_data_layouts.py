@@ -116,6 +116,13 @@ def test_case_paths_absolute_for_relative_roots(tmp_path, monkeypatch):
     ("labels", ["background", "spleen"], r"'labels' must be a mapping.*got list"),
     ("modality", {"a": "CT"}, r"'modality' key 'a' is not an integer"),
     ("training", "imagesTr", r"'training' must be a list"),
+    # raw TypeErrors from `in` / pathlib before the audit:
+    ("training", [1, 2], r"training entry without 'image': 1"),
+    ("training", [{"image": None}], r"training entry's 'image' must be a file path, got None"),
+    ("training", [{"image": ["a", "b"]}], r"'image' must be a file path, got \['a', 'b'\]"),
+    ("training", [{"image": "imagesTr/c0.nii.gz", "label": 7}],
+     r"training entry's 'label' must be a file path, got 7"),
+    ("test", [{"image": 5}], r"test entry's 'image' must be a file path, got 5"),
     ("channel_names", {"0": "CT"}, r"labels: '0': 'c0' maps a value to a name \(MSD style\)"),
 ])
 def test_malformed_dataset_json(tmp_path, field, value, want):
@@ -129,8 +136,17 @@ def test_malformed_dataset_json(tmp_path, field, value, want):
         meta["file_ending"] = ".nii.gz"
     (root / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=want) as e:
-        load_dataset(root)
+        load_dataset(root, split="test" if field == "test" else "train")
     assert "dataset.json" in str(e.value)
+
+
+@pytest.mark.parametrize("text,got", [("null", "NoneType"), ("[1, 2]", "list"), ('"x"', "str")])
+def test_dataset_json_that_is_not_an_object(tmp_path, text, got):
+    # null gave "argument of type 'NoneType' is not iterable"
+    root = make_msd(tmp_path / "ds", n=1)
+    (root / "dataset.json").write_text(text)
+    with pytest.raises(DataError, match=rf"dataset.json: must hold a JSON object.*got {got}"):
+        load_dataset(root)
 
 
 def test_medicalnet_list(tmp_path):
@@ -209,10 +225,19 @@ def _corrupt(root, kind):
     if kind == "missing":
         img_p.unlink()
         return img_p, "does not exist"
+    if kind == "complex":  # the imaginary part was silently dropped
+        save(img_p, data.astype(np.complex64) * (1 + 1j), aff)
+        return img_p, "voxel type complex64 is not real-valued"
+    if kind == "float32_overflow":  # finite int16 * scl_slope beyond float32: cached as inf
+        im = nib.Nifti1Image(np.ones(data.shape, np.int16), aff)
+        im.header["scl_slope"], im.header["scl_inter"] = np.float32(1e38), np.float32(3e38)
+        nib.save(im, str(img_p))
+        return img_p, r"\d+ voxels overflow float32"
     raise ValueError(kind)
 
 
-BAD = ["truncated", "non_image", "shape", "affine", "nan", "undeclared", "missing"]
+BAD = ["truncated", "non_image", "shape", "affine", "nan", "undeclared", "missing", "complex",
+       "float32_overflow"]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -313,3 +338,43 @@ def test_medicalnet_pooled_folders_same_names(tmp_path):
     assert pre.meta(0)["axcodes"] == "RAS"
     np.testing.assert_allclose(pre.meta(0)["out_spacing"], pre.meta(0)["target_spacing"],
                                rtol=0.2)
+
+
+def test_bad_classification_files_and_cache_index(tmp_path):
+    # a negative class was accepted (CE failed on it only in training); an empty image cell
+    # named the root folder as the image; a classes.json whose "classes" is not a mapping
+    # gave an AttributeError; a cut-off cache.json a JSONDecodeError/KeyError
+    from med3d_ext.data import PreprocessedDataset
+
+    root = tmp_path / "cls"
+    root.mkdir()
+    for text, want in (("image,label\na.nii.gz,-1\n", r"line 2: label -1 is negative"),
+                       ("image,label\n,1\n", r"line 2: no image path"),
+                       ("image,label\na.nii.gz\n", r"line 2: label None is not an integer")):
+        (root / "labels.csv").write_text(text)
+        with pytest.raises(DataError, match=want):
+            load_dataset(root)
+    (root / "labels.csv").write_text("image,label\na.nii.gz,1\n")
+    for classes, want in ((["no", "yes"], r"'classes' must be a mapping"),
+                          ({"no": 0}, r"'classes' key 'no' is not an integer")):
+        (root / "classes.json").write_text(json.dumps({"classes": classes}))
+        with pytest.raises(DataError, match=rf"classes.json: {want}"):
+            load_dataset(root)
+    pre = preprocess(make_msd(tmp_path / "ds", n=1), tmp_path / "cache", progress=False,
+                     workers=0)
+    index = pre.dir / "cache.json"
+    good = index.read_text()
+    for text in (good[: len(good) // 2], json.dumps({"cases": []}), "null"):
+        index.write_text(text)
+        with pytest.raises(DataError, match=r"cache.json: corrupt cache index"):
+            PreprocessedDataset(pre.dir)
+
+
+def test_none_paths_are_named():
+    # pathlib's "expected str, bytes or os.PathLike object, not NoneType" named no argument
+    from med3d_ext.data import find_datasets, read_volume
+
+    for fn in (load_dataset, detect_layout, find_datasets, read_volume):
+        with pytest.raises(TypeError, match=r"argument 'path' must be a file or folder path, "
+                                            r"got NoneType"):
+            fn(None)

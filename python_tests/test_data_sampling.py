@@ -130,6 +130,28 @@ def test_domain_mixing_and_batch_format(three):
         MultiDomainSampler(three, (8, 8), 4)
 
 
+def test_bad_sampler_arguments_fail_at_construction(three):
+    # NaN/inf weights failed only at the first batch inside numpy's choice(); a patch of 8.5
+    # was truncated to 8; a float/None batch size, a negative steps or a non-dataset gave raw
+    # errors or an empty loader
+    nan, inf = float("nan"), float("inf")
+    for w in ([nan, 1, 1], [inf, 1, 1], "abc"):
+        with pytest.raises(ValueError, match=r"weights must be 3 finite non-negative numbers"):
+            MultiDomainSampler(three, 8, 4, weights=w)
+    for patch in ([8.5, 8, 8], 8.0, None):
+        with pytest.raises(ValueError, match=r"patch must be an int or 3 positive ints"):
+            MultiDomainSampler(three, patch, 4)
+    for bs in (2.5, None, True):
+        with pytest.raises(ValueError, match=r"batch_size must be an int >= 1"):
+            MultiDomainSampler(three, 8, bs)
+    with pytest.raises(ValueError, match=r"steps must be None \(endless\) or an int >= 0"):
+        MultiDomainSampler(three, 8, 4, steps=-1)
+    with pytest.raises(TypeError, match=r"datasets\[1\] must be a PreprocessedDataset.*str"):
+        MultiDomainSampler([three[0], "ds"], 8, 4)
+    s = MultiDomainSampler(three, np.array([8, 6, 4]), np.int64(2), steps=np.int64(1))
+    assert s.batch(0)["image"].shape == (2, 1, 8, 6, 4)
+
+
 def test_determinism_and_resume(three):
     seed = int(rng().integers(1e6))
     a = MultiDomainSampler(three, 8, 2, seed=seed, steps=7)

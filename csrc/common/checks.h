@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
 #include <string>
 #include <type_traits>
@@ -86,6 +87,17 @@ inline bool prefers_channels_last_3d(const at::Tensor& t) {
   if (is_channels_last_3d(t)) return true;
   return t.dim() == 5 && t.size(1) == 1 && t.stride(1) == 1 && t.numel() > t.size(0) &&
          t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+// A convolution axis' padded input (in + 2 padding) and dilated kernel (dilation (k - 1) + 1), or
+// false when either overflows int64: a huge padding or dilation would otherwise wrap around,
+// pass the size checks and give a wrong output size.
+inline bool conv_extent(int64_t in, int64_t k, int64_t padding, int64_t dilation, int64_t& padded,
+                        int64_t& span) {
+  int64_t two_p = 0, dk = 0;
+  return !c10::mul_overflows(padding, int64_t(2), &two_p) &&
+         !c10::add_overflows(in, two_p, &padded) &&
+         !c10::mul_overflows(dilation, k - 1, &dk) && !c10::add_overflows(dk, int64_t(1), &span);
 }
 
 // 32-bit indexing is safe when every offset an op forms fits in int32.

@@ -22,10 +22,16 @@ std::vector<int64_t> pool_out_sizes(const char* op, const at::Tensor& y, at::Int
   int64_t window = 1;
   std::vector<int64_t> out{y.size(0), y.size(1)};
   for (int a = 0; a < 3; ++a) {
-    M3D_CHECK(kernel[a] > 0 && stride[a] > 0 && padding[a] >= 0 && 2 * padding[a] <= kernel[a],
+    // padding <= kernel / 2, not 2 * padding <= kernel: 2 * padding can overflow
+    M3D_CHECK(kernel[a] > 0 && stride[a] > 0 && padding[a] >= 0 && padding[a] <= kernel[a] / 2,
               "med3d_ext.", op, ": pool_kernel ", kernel, ", pool_stride ", stride,
               " and pool_padding ", padding, " must be positive, positive, and at most half "
               "the kernel (as max_pool3d requires)");
+    // each side bounded before the product: 2^21-wide sides wrapped the window size to 0,
+    // passed the 255-voxel check and ran a 2^63-step loop (a hang)
+    M3D_CHECK(kernel[a] <= kMaxPoolWindow, "med3d_ext.", op, ": pool windows of at most ",
+              kMaxPoolWindow, " voxels are supported (the argmax is stored in 8 bits), got ",
+              kernel);
     window *= kernel[a];
     // Floor division, as max_pool3d: a window wider than the padded input (span < 0) leaves
     // no output (C++ '/' truncates toward zero, which would give one output there).

@@ -40,7 +40,11 @@ std::vector<int64_t> conv3d_out_sizes(const char* op, const at::Tensor& x, const
                 ": stride and dilation must be positive and padding non-negative, got stride=",
                 sizes_str(conv.stride), " padding=", sizes_str(conv.padding),
                 " dilation=", sizes_str(conv.dilation));
-    const int64_t span = d * (w.size(2 + i) - 1) + 1, padded = x.size(2 + i) + 2 * p;
+    int64_t span = 0, padded = 0;
+    M3D_CHECK(conv_extent(x.size(2 + i), w.size(2 + i), p, d, padded, span), "med3d_ext.", op,
+              ": padding or dilation too large (the padded size or the dilated kernel overflows "
+              "int64), got padding=", sizes_str(conv.padding), " dilation=",
+              sizes_str(conv.dilation), " for kernel ", sizes_str(w.sizes().slice(2)));
     M3D_CHECK(padded >= span, "med3d_ext.", op, ": argument 'x' is too small: spatial size ",
                 sizes_str(x.sizes().slice(2)), " padded by ", sizes_str(conv.padding),
                 " is smaller than the dilated kernel ", sizes_str(w.sizes().slice(2)),
@@ -126,6 +130,10 @@ ConvStats conv_bn_stats_generic(const char* op, const at::Tensor& x, const at::T
   if (!training) {
     M3D_CHECK(running_mean.has_value() && running_var.has_value(), "med3d_ext.", op,
                 ": running_mean and running_var are required when training=False");
+  } else {
+    // F.batch_norm's rule: eps <= 0 (or NaN) turns a constant channel into NaN / inf
+    M3D_CHECK(eps > 0, "med3d_ext.", op, ": argument 'eps' must be positive when training, got ",
+              eps);
   }
   if (running_mean.has_value()) check_channel_param(op, "running_mean", *running_mean, x, C);
   if (running_var.has_value()) check_channel_param(op, "running_var", *running_var, x, C);

@@ -33,7 +33,11 @@ int64_t geometry(const char* op, const at::Tensor& x, at::IntArrayRef kernel_siz
               "med3d_ext.", op, ": kernel_size, stride and dilation must be positive and "
               "padding non-negative, got kernel_size=", kernel_size, " stride=", stride,
               " padding=", padding, " dilation=", dilation);
-    const int64_t span = dilation[i] * (kernel_size[i] - 1) + 1, padded = in[i] + 2 * padding[i];
+    int64_t span = 0, padded = 0;
+    M3D_CHECK(conv_extent(in[i], kernel_size[i], padding[i], dilation[i], padded, span),
+              "med3d_ext.", op, ": kernel_size, padding or dilation too large (the padded size or "
+              "the dilated kernel overflows int64), got kernel_size=", kernel_size, " padding=",
+              padding, " dilation=", dilation);
     M3D_CHECK(padded >= span, "med3d_ext.", op, ": argument 'x' is too small: spatial size ",
               x.sizes().slice(2), " padded by ", padding, " is smaller than the dilated kernel ",
               kernel_size, " (dilation ", dilation, ")");
@@ -53,8 +57,10 @@ int64_t geometry(const char* op, const at::Tensor& x, at::IntArrayRef kernel_siz
   g.Kp = (g.K + align - 1) / align * align;
   const int64_t M = g.N * g.Do * g.Ho * g.Wo;
   if (rows < 0) rows = M - row_start;
-  M3D_CHECK(row_start >= 0 && rows >= 0 && row_start + rows <= M, "med3d_ext.", op, ": rows [",
-            row_start, ", ", row_start + rows, ") are outside the matrix's ", M, " rows");
+  // rows <= M - row_start, not row_start + rows <= M: the sum of two huge values wraps around
+  M3D_CHECK(row_start >= 0 && rows >= 0 && row_start <= M && rows <= M - row_start, "med3d_ext.",
+            op, ": rows [", row_start, ", ", row_start, " + ", rows,
+            ") are outside the matrix's ", M, " rows");
   g.row_start = row_start;
   return rows;
 }

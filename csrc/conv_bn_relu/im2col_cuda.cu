@@ -67,7 +67,10 @@ at::Tensor im2col3d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::I
   M3D_CHECK(ceil_div(M, kRows) < (int64_t(1) << 31), "med3d_ext.im2col3d: ", M,
             " rows are too many");
   auto stream = at::cuda::getCurrentCUDAStream();
-  const bool small = g.row_start + M < (int64_t(1) << 31) && g.Kp < (int64_t(1) << 31);
+  // make_row's int32 divisions also form Do*Ho*Wo: a chunk of rows near the start of a matrix
+  // whose samples have >= 2^31 output voxels would otherwise overflow it
+  const bool small = g.row_start + M < (int64_t(1) << 31) && g.Kp < (int64_t(1) << 31) &&
+                     g.Do * g.Ho * g.Wo < (int64_t(1) << 31);
   im2col::dispatch_bits(x, [&](auto tag) {
     using bits_t = decltype(tag);
     M3D_INDEX_SWITCH(small, index_t, [&] {

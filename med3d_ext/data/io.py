@@ -32,6 +32,15 @@ NIFTI_ENDINGS = (".nii.gz", ".nii")
 ITK_ENDINGS = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
+def as_path(path, what: str = "path") -> Path:
+    """``Path(path)``, or a TypeError naming the argument (pathlib's says only "expected str,
+    bytes or os.PathLike object, not NoneType")."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"med3d_ext.data: argument '{what}' must be a file or folder path, got "
+                        f"{type(path).__name__}")
+    return Path(path)
+
+
 def _is_nifti(path: Path) -> bool:
     return str(path).lower().endswith(NIFTI_ENDINGS)
 
@@ -125,7 +134,7 @@ def read_volume(path, *, dtype=None) -> Volume:
     import nibabel as nib
     from nibabel import orientations as nio
 
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise DataError(path, "file does not exist")
     if _is_nifti(path):
@@ -148,6 +157,9 @@ def read_volume(path, *, dtype=None) -> Volume:
         data = np.moveaxis(data[:, :, :, 0], 3, 0)
     else:
         raise DataError(path, f"expected a 3-D or 4-D image, got shape {tuple(data.shape)}")
+    if data.dtype.kind not in "biuf":  # complex (imaginary part dropped), RGB, ... by astype
+        raise DataError(path, f"voxel type {data.dtype} is not real-valued (complex, RGB and "
+                              "other compound voxel types are not supported)")
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise DataError(path, f"{bad} NaN/Inf voxels")
@@ -175,7 +187,7 @@ def read_header(path):
     import nibabel as nib
     from nibabel import orientations as nio
 
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise DataError(path, "file does not exist")
     if not _is_nifti(path):

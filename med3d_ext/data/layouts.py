@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import DataError
+from .io import DataError, as_path
 
 CT_NAMES = {"ct", "cta", "ct_arterial", "ct_venous", "pet/ct"}
 
@@ -100,9 +100,28 @@ class Dataset:
 
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(path, f"invalid JSON ({e})") from None
+    if not isinstance(meta, dict):  # e.g. null or a list: "'NoneType' is not iterable" later
+        raise DataError(path, f"must hold a JSON object ({{\"training\": ...}}), got "
+                              f"{type(meta).__name__}")
+    return meta
+
+
+def _entry(js: Path, what: str, entry) -> tuple[str, str | None]:
+    """(image, label or None) of a dataset.json training/test entry: a path string or an
+    {"image": path, "label": path} object, or a DataError showing the entry."""
+    if isinstance(entry, str):
+        entry = {"image": entry}
+    if not isinstance(entry, dict) or "image" not in entry:
+        raise DataError(js, f"{what} entry without 'image': {entry!r}"[:300])
+    img, lab = entry["image"], entry.get("label")
+    for key, v in (("image", img), ("label", lab)):
+        if not (isinstance(v, str) and v) and not (key == "label" and not v):
+            raise DataError(js, f"{what} entry's '{key}' must be a file path, got {v!r} in "
+                                f"{entry!r}"[:300])
+    return img, lab or None
 
 
 def _check_exists(ds: Dataset, skip_bad: bool) -> Dataset:
@@ -140,7 +159,8 @@ def _case_name(path: str, ending: str | None = None) -> str:
 
 def _int_keyed(js: Path, what: str, d) -> dict:
     """An {"0": name, ...} mapping with integer keys, or a DataError saying what is wrong."""
-    example = '{"0": "background", "1": ...}' if what == "labels" else '{"0": "CT", ...}'
+    example = ('{"0": "background", "1": ...}' if what == "labels" else
+               '{"0": "benign", "1": ...}' if what == "classes" else '{"0": "CT", ...}')
     if not isinstance(d, dict):
         raise DataError(js, f"'{what}' must be a mapping like {example}, got "
                             f"{type(d).__name__} {d!r}"[:300])
@@ -165,13 +185,8 @@ def _load_msd(root: Path, meta: dict) -> Dataset:
                             f"entries, got {type(training).__name__}")
     cases = []
     for entry in training:
-        if isinstance(entry, str):
-            entry = {"image": entry}
-        if "image" not in entry:
-            raise DataError(root / "dataset.json", f"training entry without 'image': {entry}")
-        lab = entry.get("label")
-        cases.append(Case(_case_name(entry["image"]), [_rel(root, entry["image"])],
-                          _rel(root, lab) if lab else None))
+        img, lab = _entry(js, "training", entry)
+        cases.append(Case(_case_name(img), [_rel(root, img)], _rel(root, lab) if lab else None))
     return Dataset(root, meta.get("name", root.name), "msd", channels, labels, cases)
 
 
@@ -203,12 +218,7 @@ def _load_msd_test(root: Path, meta: dict) -> Dataset:
     cases = []
     if test:
         for entry in test:
-            if isinstance(entry, dict):
-                if "image" not in entry:
-                    raise DataError(js, f"test entry without 'image': {entry}")
-                img, lab = entry["image"], entry.get("label")
-            else:
-                img, lab = str(entry), None
+            img, lab = _entry(js, "test", entry)
             name = _case_name(img)
             label = _rel(root, lab) if lab else _test_label(root, name, ".nii.gz")
             cases.append(Case(name, [_rel(root, img)], label))
@@ -315,6 +325,10 @@ def _load_classification(root: Path) -> Dataset:
         except (TypeError, ValueError):
             raise DataError(lst, f"line {n}: label {row['label']!r} is not an integer class") \
                 from None
+        if y < 0:  # CE fails on it only at training time, far from the file
+            raise DataError(lst, f"line {n}: label {y} is negative; classes are 0, 1, ...")
+        if not row["image"]:  # an empty cell or a short row: the root folder itself as image
+            raise DataError(lst, f"line {n}: no image path ({row!r})")
         name = _case_name(row["image"])
         if base[name] > 1:
             name = _case_name(Path(row["image"]).as_posix().lstrip("./").replace("/", "_"))
@@ -325,7 +339,7 @@ def _load_classification(root: Path) -> Dataset:
     side = root / "classes.json"
     s = _load_json(side) if side.exists() else {}
     names = s.get("classes", {str(k): str(k) for k in sorted(set(targets.values()))})
-    classes = {int(k): v for k, v in names.items()}
+    classes = _int_keyed(side, "classes", names)
     bad = sorted(set(targets.values()) - set(classes))
     if bad:
         raise DataError(lst, f"labels {bad} not declared in classes.json ({sorted(classes)})")
@@ -336,7 +350,7 @@ def _load_classification(root: Path) -> Dataset:
 def detect_layout(path) -> str:
     """"msd", "nnunet", "medicalnet" or "classification" (labels.csv) for a dataset folder
     (or a MedicalNet list file)."""
-    path = Path(path)
+    path = as_path(path)
     if path.is_file() and path.suffix == ".txt":
         return "medicalnet"
     if not path.exists():
@@ -391,7 +405,7 @@ def load_dataset(path, *, skip_bad: bool = False, split: str = "train") -> Datas
     """
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    path = Path(path)
+    path = as_path(path)
     layout = detect_layout(path)
     if split == "test" and layout == "classification":
         raise DataError(path, "a classification folder (labels.csv) has no test split; list "
@@ -443,7 +457,7 @@ def find_datasets(path) -> list:
     """``--data`` for pretraining may name one dataset or a folder of them (synth's
     ``pretrain/``): returns [path] for a dataset, else its dataset subfolders sorted by name
     (the order that ``dataset_id`` indexes)."""
-    path = Path(path)
+    path = as_path(path)
     try:
         detect_layout(path)
         return [path]

@@ -132,6 +132,10 @@ def read_case(case: Case, labels: dict | None = None):
     if len(vols) > 1:
         img.data = np.concatenate([v.data for v in vols], 0)
     img.data = img.data.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(img.data)):  # finite as read, beyond float32's range (scl_slope)
+        bad = int(img.data.size - np.count_nonzero(np.isfinite(img.data)))
+        raise DataError(img.path, f"{bad} voxels overflow float32 (|value| > 3.4e38 after the "
+                                  "header's scaling)")
     if case.label is None:
         return img, None
     lab = read_volume(case.label)
@@ -498,13 +502,17 @@ class PreprocessedDataset:
         if not info.exists():
             raise DataError(self.dir, "not a preprocessed cache (no cache.json); run "
                                       "python -m med3d_ext.data preprocess DATASET --out DIR")
-        self.info = json.loads(info.read_text())
-        self.names = list(self.info["cases"])
-        self.name = self.info["name"]
-        self.channels = self.info["channels"]
-        lab = self.info.get("labels")
-        self.labels = {int(k): v for k, v in lab.items()} if lab else None
-        self.modality = self.info["modality"]
+        try:  # a cut-off or hand-edited cache.json: name the file, not a KeyError
+            self.info = json.loads(info.read_text())
+            self.names = list(self.info["cases"])
+            self.name = self.info["name"]
+            self.channels = self.info["channels"]
+            lab = self.info.get("labels")
+            self.labels = {int(k): v for k, v in lab.items()} if lab else None
+            self.modality = self.info["modality"]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(info, f"corrupt cache index ({type(e).__name__}: {e}); delete the "
+                                  "cache folder to rebuild it") from None
         # classification datasets: one class index per case, and the class names
         self.targets = self.info.get("targets")
         cls = self.info.get("classes")

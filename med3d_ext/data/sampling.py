@@ -14,6 +14,8 @@ class present in the case uniformly, then a voxel of that class, so small struct
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import numpy as np
 import torch
@@ -22,7 +24,11 @@ from .preprocess import PreprocessedDataset
 
 
 def _as_size(patch) -> tuple:
-    p = (patch,) * 3 if isinstance(patch, int) else tuple(int(v) for v in patch)
+    try:  # operator.index: a patch of 8.5 is refused, not truncated to 8
+        p = (operator.index(patch),) * 3 if not hasattr(patch, "__iter__") else \
+            tuple(operator.index(v) for v in patch)
+    except TypeError:
+        p = ()
     if len(p) != 3 or min(p) < 1:
         raise ValueError(f"patch must be an int or 3 positive ints, got {patch!r}")
     return p
@@ -121,8 +127,15 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
             datasets = [datasets]
         if not datasets:
             raise ValueError("MultiDomainSampler needs at least one dataset")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for i, d in enumerate(datasets):  # duck-typed: what PatchSampler reads
+            if not all(hasattr(d, a) for a in ("channel_index", "name", "image", "locations")):
+                raise TypeError(f"datasets[{i}] must be a PreprocessedDataset (data.open_dataset "
+                                f"/ data.preprocess), got {type(d).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if steps is not None and (not isinstance(steps, numbers.Integral) or steps < 0):
+            raise ValueError(f"steps must be None (endless) or an int >= 0, got {steps!r}")
         if not 0.0 <= fg_fraction <= 1.0:
             raise ValueError(f"fg_fraction must be in [0, 1], got {fg_fraction}")
         channels = list(channels) if channels is not None else [None] * len(datasets)
@@ -131,13 +144,18 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
                              "datasets")
         self.samplers = [PatchSampler(d, patch, channel=c if c is not None else 0)
                          for d, c in zip(datasets, channels)]
-        w = np.ones(len(datasets)) if weights is None else np.asarray(weights, float)
-        if w.shape != (len(datasets),) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be {len(datasets)} non-negative numbers with a "
+        try:
+            w = np.ones(len(datasets)) if weights is None else np.asarray(weights, float)
+        except (TypeError, ValueError):
+            w = np.full(len(datasets), np.nan)
+        # NaN or inf weights only failed at the first batch, inside numpy's choice()
+        if w.shape != (len(datasets),) or not np.isfinite(w).all() or (w < 0).any() \
+                or w.sum() <= 0:
+            raise ValueError(f"weights must be {len(datasets)} finite non-negative numbers with a "
                              f"positive sum, got {weights!r}")
         self.weights = w / w.sum()
         self.patch = _as_size(patch)
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.fg_fraction = fg_fraction
         self.steps = steps
         self.seed = int(seed)

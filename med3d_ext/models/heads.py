@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Mapping
 
 import torch
@@ -39,8 +41,10 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
+                or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = int(num_classes)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.pool = nn.AdaptiveAvgPool3d(1)
@@ -60,7 +64,7 @@ class ClassificationNet(nn.Module):
         super().__init__()
         self.encoder = ResNet3dEncoder(depth, shortcut_type, in_channels)
         self.head = ClassificationHead(self.encoder.out_channels, num_classes, dropout)
-        self.num_classes = num_classes
+        self.num_classes = self.head.fc.out_features
         if fused:
             apply_fusion(self)
 
@@ -81,7 +85,15 @@ class ClassificationNet(nn.Module):
 def build_model(arch: Mapping, fused: bool = False) -> nn.Module:
     """Rebuild a model from its ``arch`` dict (every model here has an ``arch`` property; our
     checkpoints store it)."""
+    if not isinstance(arch, Mapping):
+        raise TypeError(f"build_model: arch must be a dict, got {type(arch).__name__}")
     task = arch.get("task")
+    need = {"pretrain": ("depth", "heads"), "classification": ("depth", "num_classes"),
+            "segmentation": ("depth",), "encoder": ("depth",)}.get(task, ())
+    missing = [k for k in need if k not in arch]
+    if missing:  # else a bare KeyError: 'depth' (e.g. from a hand-edited checkpoint)
+        raise ValueError(f"build_model: arch for task {task!r} is missing {missing}; got keys "
+                         f"{sorted(arch)}")
     common = {"shortcut_type": arch.get("shortcut_type"), "in_channels": arch.get("in_channels", 1)}
     if task == "pretrain":
         return Med3DNet(arch["depth"], dict(arch["heads"]), fused=fused, **common)

@@ -8,6 +8,8 @@ features go to its dataset's head. Only the encoder is transferred afterwards, s
 
 from __future__ import annotations
 
+import numbers
+
 import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -53,14 +55,14 @@ class Med3DNet(nn.Module):
         for name, n in heads.items():
             if not isinstance(name, str) or not _NAME.match(name):
                 raise ValueError(f"head name {name!r} must match [A-Za-z0-9_-]+")
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
                 raise ValueError(f"head {name!r}: number of classes must be a positive int, "
                                  f"got {n!r}")
         self.encoder = ResNet3dEncoder(depth, shortcut_type, in_channels)
         self.heads = nn.ModuleDict(
             {name: MedicalNetSegHead(self.encoder.out_channels, n) for name, n in heads.items()})
         self.head_names: list[str] = list(heads)
-        self.head_classes: list[int] = [heads[n] for n in self.head_names]
+        self.head_classes: list[int] = [int(heads[n]) for n in self.head_names]
         if fused:
             apply_fusion(self)
 
@@ -77,7 +79,8 @@ class Med3DNet(nn.Module):
         elif isinstance(dataset_id, Sequence) and not isinstance(dataset_id, str):
             dataset_id = torch.as_tensor(list(dataset_id), dtype=torch.long)
         if not isinstance(dataset_id, torch.Tensor) or dataset_id.dtype.is_floating_point \
-                or dataset_id.dtype == torch.bool or dataset_id.shape != (n,):
+                or dataset_id.dtype.is_complex or dataset_id.dtype == torch.bool \
+                or dataset_id.shape != (n,):
             got = (f"{dataset_id.dtype} tensor of shape {tuple(dataset_id.shape)}"
                    if isinstance(dataset_id, torch.Tensor) else repr(dataset_id))
             raise ValueError(f"dataset_id must be an int or an integer tensor of shape ({n},), "
@@ -94,6 +97,9 @@ class Med3DNet(nn.Module):
         """image (N, in_channels, D, H, W); dataset_id int64 (N,) (or an int for the whole
         batch) -> ``[HeadOutput(head, index, logits)]`` in head order, heads without a sample
         left out. The encoder runs once on the whole batch."""
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"Med3DNet: argument 'image' must be a tensor, got "
+                            f"{type(image).__name__}")
         ids = self._dataset_ids(dataset_id, image.shape[0])
         feats = self.encoder(image)
         order = torch.argsort(ids, stable=True)
@@ -113,5 +119,12 @@ class Med3DNet(nn.Module):
 
     def forward_head(self, image: torch.Tensor, head: int | str) -> torch.Tensor:
         """All of ``image`` through one head (inference on a single dataset)."""
-        name = head if isinstance(head, str) else self.head_names[head]
+        names = self.head_names
+        ok = head in names if isinstance(head, str) else (
+            isinstance(head, numbers.Integral) and not isinstance(head, bool)
+            and -len(names) <= head < len(names))
+        if not ok:  # else a bare IndexError / KeyError from the list or the ModuleDict
+            raise ValueError(f"head {head!r} is not one of this Med3DNet's heads: indices "
+                             f"0..{len(names) - 1} or names {names}")
+        name = head if isinstance(head, str) else names[head]
         return self.heads[name](self.encoder(image))

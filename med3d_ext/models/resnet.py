@@ -23,6 +23,8 @@ fused op on the same parameters.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,9 +64,10 @@ _STAGES = ((64, 1, 1), (128, 2, 1), (256, 1, 2), (512, 1, 4))
 
 
 def _check_depth(depth) -> int:
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth not in DEPTHS:
+    # numbers.Integral: a numpy integer (e.g. read from a config or an array) is a depth too
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth not in DEPTHS:
         raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth!r}")
-    return depth
+    return int(depth)
 
 
 def default_shortcut_type(depth: int) -> str:
@@ -198,8 +201,10 @@ class ResNet3dEncoder(nn.Module):
         super().__init__()
         depth = _check_depth(depth)
         shortcut_type = _check_shortcut(shortcut_type, depth)
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        if isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral) \
+                or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        in_channels = int(in_channels)
         block_name, layers, _ = DEPTHS[depth]
         block = BasicBlock if block_name == "BasicBlock" else Bottleneck
         self.depth = depth
@@ -227,9 +232,15 @@ class ResNet3dEncoder(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder output (N, out_channels, ~D/8, ~H/8, ~W/8)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected input (N, {self.in_channels}, D, H, W) tensor, got "
+                            f"{type(x).__name__}")
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (N, {self.in_channels}, D, H, W), "
                              f"got shape {tuple(x.shape)}")
+        if not x.is_floating_point():  # else conv3d's "expected scalar type Long but found Float"
+            raise TypeError(f"expected a floating-point input (N, {self.in_channels}, D, H, W), "
+                            f"got dtype {x.dtype} (convert with x.float())")
         x = self.stem(x)
         x = self.layer1(x)
         x = self.layer2(x)
@@ -257,8 +268,10 @@ class MedicalNetSegHead(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, num_classes: int, mid_channels: int = 32):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
+                or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = int(num_classes)
         super().__init__(
             nn.ConvTranspose3d(in_channels, mid_channels, 2, stride=2),
             nn.BatchNorm3d(mid_channels),

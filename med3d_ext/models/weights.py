@@ -180,7 +180,12 @@ def _normalise(sd: Mapping, where: str) -> dict[str, torch.Tensor]:
             raise MedicalNetWeightsError(
                 f"{where!r}: entry {k!r} holds a {type(v).__name__}, not a tensor")
         # DataParallel's prefix (MedicalNet saved from nn.DataParallel)
-        out[k[len("module."):] if k.startswith("module.") else k] = v
+        key = k[len("module."):] if k.startswith("module.") else k
+        if key in out:  # both 'module.x' and 'x': one would silently overwrite the other
+            raise MedicalNetWeightsError(
+                f"{where!r}: keys {key!r} and 'module.{key}' are both present (a state dict "
+                "of a model and of its DataParallel wrapper merged?); keep one of them")
+        out[key] = v
     return out
 
 
@@ -294,6 +299,23 @@ def _mismatch_cause(have, want) -> str:
     return f"wrong shortcut type; {fix}"
 
 
+def _check_values(where: str, key: str, v: torch.Tensor, want: torch.Tensor) -> None:
+    """A corrupted or mislabelled file, caught at load rather than as NaN losses later:
+    load_state_dict would silently cast integer/bool tensors into float parameters (and
+    complex ones by dropping the imaginary part), and copies NaN/Inf as they are."""
+    if v.device.type == "meta":
+        raise MedicalNetWeightsError(f"{where!r}: encoder key {key!r} is a meta tensor (no data)")
+    if v.is_complex() or v.is_floating_point() != want.is_floating_point():
+        raise MedicalNetWeightsError(
+            f"{where!r}: encoder key {key!r} holds {v.dtype} values, the model's is {want.dtype}: "
+            "not a weights file of this network, or a corrupted one")
+    if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        bad = int((~torch.isfinite(v)).sum())
+        raise MedicalNetWeightsError(
+            f"{where!r}: encoder key {key!r} holds {bad} NaN/Inf value(s) of {v.numel()}: a "
+            "corrupted file, or weights saved after training diverged")
+
+
 def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
     """Load MedicalNet (or our) encoder weights into ``model``; return a ``LoadReport``.
 
@@ -310,6 +332,9 @@ def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
     released files is expected.
     """
     where = str(path) if isinstance(path, (str, os.PathLike)) else "<state_dict>"
+    if not isinstance(model, nn.Module):
+        raise TypeError("load_medicalnet_weights: argument 'model' must be an nn.Module, got "
+                        f"{type(model).__name__}")
     model = unwrap_model(model)
     src, fmt, _ = read_state_dict(path)
     sp = _encoder_prefix(src, where)
@@ -349,6 +374,7 @@ def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
                 f"model expects {tuple(want_t.shape)}. The file holds {_describe(have)}, the "
                 f"model is {_describe(want)}. Likely cause: {_mismatch_cause(have, want)}"
                 + ("; or a different in_channels" if k == "conv1.weight" else "") + ".")
+        _check_values(where, k, v, want_t)
         to_load[tp + k] = v
 
     for k, v in src.items():  # heads: same prefix convention only, same shape only

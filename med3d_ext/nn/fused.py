@@ -237,6 +237,7 @@ def fuse_modules(model: nn.Module) -> nn.Module:
     [-> ReLU] (type-B shortcuts, the segmentation head). Module names, parameters and the
     state dict are unchanged; outputs and gradients equal the plain model's within tolerance.
     """
+    _check_module("fuse_modules", model)
     for m in list(model.modules()):
         if _is_block(m):
             _swap(m, _block_forward, "block")
@@ -259,6 +260,7 @@ def fuse_modules(model: nn.Module) -> nn.Module:
 
 def unfuse_modules(model: nn.Module) -> nn.Module:
     """Undo :func:`fuse_modules` in place (plain PyTorch forward again); returns ``model``."""
+    _check_module("unfuse_modules", model)
     for m in model.modules():
         if getattr(type(m), "_m3d_fused", None):
             m.__class__ = type(m).__mro__[1]
@@ -267,9 +269,19 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_module(fn: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"med3d_ext.nn.{fn}: argument 'model' must be an nn.Module, got "
+                        f"{type(model).__name__}")
+
+
 @torch.no_grad()
-def _fold_pair(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> None:
+def _fold_pair(conv: nn.Conv3d, bn: nn.BatchNorm3d, names=("", "")) -> None:
     w = conv.weight
+    if bn.num_features != w.shape[0]:  # else a raw broadcasting error from the products below
+        raise ValueError(f"med3d_ext.nn.fold_bn: Conv3d '{names[0]}' has {w.shape[0]} output "
+                         f"channels but BatchNorm3d '{names[1]}' after it has {bn.num_features} "
+                         "features")
     scale = (bn.running_var.double() + bn.eps).rsqrt()
     if bn.weight is not None:
         scale = scale * bn.weight.double()
@@ -292,8 +304,10 @@ def fold_bn(model: nn.Module) -> nn.Module:
     ``bn*`` keys removed), so save the unfolded model, not this one. A folded model also
     computes correctly with :func:`unfuse_modules` applied (conv with bias, Identity, ReLU).
     """
+    _check_module("fold_bn", model)
     model.eval()
     unfuse_modules(model)
+    paths = {id(m): n for n, m in model.named_modules()}
     for parent in list(model.modules()):
         pairs = []
         if isinstance(parent, ConvBNReLU3d):
@@ -308,6 +322,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
             conv, bn = getattr(parent, c), getattr(parent, b)
             if (_fusible_conv(conv) and isinstance(bn, nn.BatchNorm3d) and bn.track_running_stats
                     and bn.running_mean is not None):
-                _fold_pair(conv, bn)
+                prefix = f"{paths[id(parent)]}." if paths.get(id(parent)) else ""
+                _fold_pair(conv, bn, (prefix + c, prefix + b))
                 setattr(parent, b, nn.Identity())
     return fuse_modules(model)

@@ -40,6 +40,25 @@ def register_autograd(name: str, backward, setup_context) -> None:
         torch.library.register_autograd(f"med3d_ext::{name}", backward, setup_context=setup_context)
 
 
+def check_tensor(op: str, name: str, t) -> None:
+    """A TypeError naming the argument when a required tensor argument is not a tensor (None
+    would otherwise fail deep inside, e.g. as "'NoneType' object has no attribute 'device'")."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"med3d_ext.{op}: argument '{name}' must be a tensor, got "
+                        f"{type(t).__name__}")
+
+
+def check_same_device(op: str, ref: torch.Tensor, **tensors) -> None:
+    """For fake (meta) kernels: every given tensor (None skipped) on ``ref``'s device. A fake
+    kernel also runs when one argument is on the meta device and the others are not, and
+    would otherwise return an uninitialised tensor on the others' device."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == ref.device, lambda: (
+                f"med3d_ext.{op}: argument '{name}' is on {t.device} but the input is on "
+                f"{ref.device}"))
+
+
 def op_names() -> list[str]:
     """Every op of the med3d_ext library registered with the dispatcher."""
     if not _extension.available():

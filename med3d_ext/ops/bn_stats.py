@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._common import compiled, register_autograd, register_fake
+from ._common import check_tensor, compiled, register_autograd, register_fake
 
 __all__ = ["bn_stats"]
 
@@ -22,6 +22,7 @@ def bn_stats(x: torch.Tensor, *, unbiased: bool = False) -> tuple[torch.Tensor, 
         ``(mean, var)``, each (C,), float32 (float64 for a float64 input). Accumulation is one
         Welford pass in fp32 whatever the input dtype. Differentiable with respect to ``x``.
     """
+    check_tensor("bn_stats", "x", x)
     op = compiled("bn_stats")
     if op is None:
         return reference.bn_stats(x, unbiased)

@@ -13,6 +13,7 @@ sign (the output is the block's, which the next block keeps anyway).
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Optional, Sequence, Union
 
@@ -20,7 +21,7 @@ import torch
 
 from .. import reference
 from .stem import stem_rewrite
-from ._common import compiled, register_fake
+from ._common import check_same_device, check_tensor, compiled, register_fake
 
 __all__ = ["conv_bn_relu3d", "conv_bias_relu3d", "conv_bn_relu_maxpool3d", "im2col_chunk_bytes"]
 
@@ -32,7 +33,12 @@ def _triple(v: IntOr3, name: str) -> list[int]:
         return [v, v, v]
     if type(v) is tuple and len(v) == 3 and all(type(a) is int for a in v):
         return list(v)  # nn.Conv3d's own stride/padding/dilation: the per-layer fast path
-    v = [int(a) for a in v]
+    try:  # operator.index: a float (1.5) is refused, not truncated; an int tensor is taken
+        if isinstance(v, torch.Tensor) and v.dim() == 0 or not isinstance(v, (Sequence, torch.Tensor)):
+            return [operator.index(v)] * 3
+        v = [operator.index(a) for a in v]
+    except TypeError:
+        raise TypeError(f"conv_bn_relu3d: {name} must be an int or 3 ints, got {v!r}") from None
     if len(v) == 1:
         return v * 3
     if len(v) != 3:
@@ -150,7 +156,7 @@ def _check_batch_size(x, weight, stride, padding, dilation):
 
 
 def _prepare_bn_call(name, x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                     padding, dilation, training):
+                     padding, dilation, training, eps):
     """What the BatchNorm ops' wrappers do before calling the compiled op: the eval-mode
     running-stats check, default affine parameters, F.batch_norm's one-value error, and the
     stem's algorithm (_prepare_conv). Returns (x, weight, bn_weight, bn_bias, stride, padding,
@@ -158,6 +164,9 @@ def _prepare_bn_call(name, x, weight, bn_weight, bn_bias, running_mean, running_
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{name}: running_mean and running_var are required when "
                          "training=False")
+    if training and not eps > 0:  # F.batch_norm's ValueError (the op's own check is C++'s)
+        raise ValueError(f"med3d_ext.{name}: argument 'eps' must be positive when training, "
+                         f"got {eps}")
     cout = weight.shape[0] if weight.dim() == 5 else 0
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if bn_weight is None:
@@ -209,6 +218,8 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
     """conv_bn_relu3d's work; returns ``(out, recipe)``, where ``recipe`` (for a ReLU layer
     without residual, on the compiled op; else None) is the ``bn_act`` arguments that give
     ``out`` again bit for bit: (y, mean, invstd, bn_weight, bn_bias)."""
+    check_tensor("conv_bn_relu3d", "x", x)
+    check_tensor("conv_bn_relu3d", "weight", weight)
     if momentum is None:
         raise ValueError("conv_bn_relu3d: momentum=None (cumulative average) is handled by "
                          "ConvBNReLU3d / the fused modules; pass 1/num_batches_tracked instead")
@@ -224,7 +235,7 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
             residual=residual, relu=relu), None
     x, weight, bn_weight, bn_bias, stride, padding, algo = _prepare_bn_call(
         "conv_bn_relu3d", x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-        padding, dilation, training)
+        padding, dilation, training, eps)
     out, y, mean, invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                    residual, stride, padding, dilation, training, eps, relu,
                                    algo)
@@ -264,6 +275,8 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
     argmax per pooled voxel). Returns the pooled (N, Cout, D'', H'', W''), channels_last_3d when
     x or weight is; differentiable with respect to x, weight, bn_weight and bn_bias.
     """
+    check_tensor("conv_bn_relu_maxpool3d", "x", x)
+    check_tensor("conv_bn_relu_maxpool3d", "weight", weight)
     if momentum is None:
         raise ValueError("conv_bn_relu_maxpool3d: momentum=None (cumulative average) is handled "
                          "by the fused modules; pass 1/num_batches_tracked instead")
@@ -280,7 +293,7 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
             pool_kernel=pk, pool_stride=ps, pool_padding=pp)
     x, weight, bn_weight, bn_bias, stride, padding, algo = _prepare_bn_call(
         "conv_bn_relu_maxpool3d", x, weight, bn_weight, bn_bias, running_mean, running_var,
-        stride, padding, dilation, training)
+        stride, padding, dilation, training, eps)
     out, _y, mean, _invstd, var, _arg = op(x, weight, bn_weight, bn_bias, running_mean,
                                            running_var, stride, padding, dilation, training,
                                            eps, pk, ps, pp, algo)
@@ -295,6 +308,8 @@ def conv_bias_relu3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """``relu(conv3d(x, weight, bias, stride, padding, dilation) [+ residual])``: the epilogue of
     a convolution with BatchNorm folded in (``med3d_ext.nn.fold_bn``). Shapes as in
     :func:`conv_bn_relu3d`; ``bias`` (Cout,) or None, kept fp32 under autocast. Differentiable."""
+    check_tensor("conv_bias_relu3d", "x", x)
+    check_tensor("conv_bias_relu3d", "weight", weight)
     stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
                                  _triple(dilation, "dilation"))
     x, weight, residual, (bias,) = _autocast(x, weight, residual, [bias])
@@ -350,6 +365,8 @@ def _acc(t):
 @register_fake("conv_bn_relu3d")
 def _conv_bn_relu3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                          stride, padding, dilation, training, eps, relu, conv_algo=0):
+    check_same_device("conv_bn_relu3d", x, weight=weight, bn_weight=bn_weight, bn_bias=bn_bias,
+                      running_mean=running_mean, running_var=running_var, residual=residual)
     out = _empty(_out_shape(x, weight, stride, padding, dilation), x, _prefers_cl(x) or _prefers_cl(weight))
     c = weight.shape[0]
     stats = [x.new_empty((c,), dtype=_acc(x)) for _ in range(3)]
@@ -358,12 +375,16 @@ def _conv_bn_relu3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_va
 
 @register_fake("bn_act")
 def _bn_act_fake(y, mean, invstd, bn_weight, bn_bias, relu):
+    check_same_device("bn_act", y, mean=mean, invstd=invstd, bn_weight=bn_weight,
+                      bn_bias=bn_bias)
     return _empty(y.shape, y, _is_cl(y))
 
 
 @register_fake("bn_relu_backward")
 def _bn_relu_backward_fake(grad_out, y, mean, invstd, bn_weight, bn_bias, relu_out, training,
                            relu):
+    check_same_device("bn_relu_backward", y, grad_out=grad_out, mean=mean, invstd=invstd,
+                      bn_weight=bn_weight, bn_bias=bn_bias, relu_out=relu_out)
     cl = _is_cl(y)
     c = y.shape[1]
     grad_r = _empty(y.shape, y, cl) if relu_out is not None else y.new_empty((0,))
@@ -374,6 +395,7 @@ def _bn_relu_backward_fake(grad_out, y, mean, invstd, bn_weight, bn_bias, relu_o
 @register_fake("conv_bias_relu3d")
 def _conv_bias_relu3d_fake(x, weight, bias, residual, stride, padding, dilation, relu,
                            conv_algo=0):
+    check_same_device("conv_bias_relu3d", x, weight=weight, bias=bias, residual=residual)
     return _empty(_out_shape(x, weight, stride, padding, dilation), x, _prefers_cl(x) or _prefers_cl(weight))
 
 
@@ -385,6 +407,8 @@ def _pool_shape(y_shape, pk, ps, pp):
 def _conv_bn_relu_maxpool3d_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
                                  padding, dilation, training, eps, pool_kernel, pool_stride,
                                  pool_padding, conv_algo=0):
+    check_same_device("conv_bn_relu_maxpool3d", x, weight=weight, bn_weight=bn_weight,
+                      bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
     cl = _prefers_cl(x) or _prefers_cl(weight)
     y = _empty(_out_shape(x, weight, stride, padding, dilation), x, cl)
     shape = _pool_shape(y.shape, pool_kernel, pool_stride, pool_padding)
@@ -411,12 +435,14 @@ def _im2col3d_fake(x, kernel_size, stride, padding, dilation, align=8, row_start
 
 @register_fake("implicit_gemm_conv3d")
 def _implicit_gemm_conv3d_fake(x, weight, stride, padding, dilation):
+    check_same_device("implicit_gemm_conv3d", x, weight=weight)
     shape = _out_shape(x, weight, stride, padding, dilation)
     return x.new_empty((shape[0] * shape[2] * shape[3] * shape[4], shape[1]))
 
 
 @register_fake("implicit_gemm_conv3d_weight_grad")
 def _implicit_gemm_conv3d_weight_grad_fake(grad_rows, x, weight_size, stride, padding, dilation):
+    check_same_device("implicit_gemm_conv3d_weight_grad", x, grad_rows=grad_rows)
     torch._check(len(weight_size) == 5, lambda: "implicit_gemm_conv3d_weight_grad: weight_size "
                  f"must have 5 values, got {list(weight_size)}")
     return x.new_empty(tuple(weight_size))
@@ -425,6 +451,8 @@ def _implicit_gemm_conv3d_weight_grad_fake(grad_rows, x, weight_size, stride, pa
 @register_fake("bn_relu_maxpool_backward")
 def _bn_relu_maxpool_backward_fake(grad_out, y, argmax, mean, invstd, bn_weight, bn_bias,
                                    training, pool_kernel, pool_stride, pool_padding):
+    check_same_device("bn_relu_maxpool_backward", y, grad_out=grad_out, argmax=argmax, mean=mean,
+                      invstd=invstd, bn_weight=bn_weight, bn_bias=bn_bias)
     c = y.shape[1]
     return (_empty(y.shape, y, _is_cl(y)), y.new_empty((c,), dtype=_acc(y)),
             y.new_empty((c,), dtype=_acc(y)))

@@ -9,12 +9,13 @@ elastic field and followed by an intensity epilogue; ``resize`` equals ``F.inter
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from .. import reference
-from ._common import compiled, register_autograd, register_fake
+from ._common import check_same_device, compiled, register_autograd, register_fake
 
 __all__ = ["affine_resample", "affine_resample_pair", "resize", "resample_to_spacing",
            "pack_intensity"]
@@ -35,7 +36,10 @@ def _ints(name: str, value, rank: int) -> list[int]:
         value = list(value)
     if not isinstance(value, Sequence) or len(value) != rank:
         raise ValueError(f"med3d_ext: argument '{name}' must be {rank} ints, got {value!r}")
-    out = [int(v) for v in value]
+    try:  # operator.index, not int(): a size of 4.5 is refused, not truncated to 4
+        out = [operator.index(v) for v in value]
+    except TypeError:
+        raise TypeError(f"med3d_ext: argument '{name}' must be {rank} ints, got {value!r}") from None
     if any(v < 0 for v in out):
         raise ValueError(f"med3d_ext: argument '{name}' must be non-negative, got {out}")
     return out
@@ -111,6 +115,7 @@ def affine_resample(image: torch.Tensor, theta: torch.Tensor, size, *, mode: str
 
 @register_fake("affine_resample")
 def _affine_resample_fake(image, theta, size, mode=0, padding_mode=0, align_corners=False):
+    check_same_device("affine_resample", image, theta=theta)
     torch._check(theta.dim() == 3, lambda: "affine_resample: theta must be (N, 3, 4)")
     return image.new_empty(list(size))
 
@@ -226,6 +231,8 @@ def affine_resample_pair(image: torch.Tensor, label: torch.Tensor, theta: torch.
 @register_fake("affine_resample_pair")
 def _pair_fake(image, label, theta, size, label_size, elastic=None, intensity=None, seed=None,
                padding_mode=0, align_corners=False):
+    check_same_device("affine_resample_pair", image, label=label, theta=theta, elastic=elastic,
+                      intensity=intensity, seed=seed)
     return (image.new_empty(list(size)),
             label.new_empty([label.shape[0], label.shape[1], *label_size]))
 
@@ -312,13 +319,21 @@ def resample_to_spacing(image: torch.Tensor, spacing, new_spacing,
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"med3d_ext: argument 'image' must be (C, D, H, W) or (N, C, D, H, W), "
                          f"got {shape}")
-    sp = [float(s) for s in spacing]
-    nsp = [float(s) for s in new_spacing]
-    for name, v in (("spacing", sp), ("new_spacing", nsp)):
-        if len(v) != 3 or any(not (s > 0 and math.isfinite(s)) for s in v):
-            raise ValueError(f"med3d_ext: argument '{name}' must be 3 positive floats, got {v}")
+    sp, nsp = _spacing("spacing", spacing), _spacing("new_spacing", new_spacing)
     shape = image.shape[-3:]
     size = [max(1, int(math.floor(shape[k] * sp[k] / nsp[k] + 0.5))) for k in range(3)]
     x = image if image.dim() == 5 else image.unsqueeze(0)
     out = resize(x, size, mode)
     return out if image.dim() == 5 else out.squeeze(0)
+
+
+def _spacing(name: str, value) -> list[float]:
+    """3 positive finite floats (a tensor or array of 3 works too), or an error naming ``name``."""
+    try:
+        v = [float(s) for s in value]
+    except (TypeError, ValueError):
+        raise TypeError(f"med3d_ext: argument '{name}' must be 3 positive floats, got "
+                        f"{value!r}") from None
+    if len(v) != 3 or any(not (s > 0 and math.isfinite(s)) for s in v):
+        raise ValueError(f"med3d_ext: argument '{name}' must be 3 positive floats, got {v}")
+    return v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -70,12 +71,11 @@ def multihead_seg_loss(
     # Eager calls of a small loss are host-bound, so this path does only what it must: no
     # tensor op unless head_weights / class_weights need converting, and the op itself (its
     # autograd is C++, csrc/seg_loss/seg_loss_autograd.cpp).
-    if not isinstance(logits, list):
-        logits = list(logits)
-    if not isinstance(targets, list):
-        targets = list(targets)
+    logits = _tensor_list("logits", logits)
+    targets = _tensor_list("targets", targets)
     if not logits:
         raise ValueError("med3d_ext.multihead_seg_loss: no heads (logits is an empty list)")
+    ignore_index = _int64("ignore_index", ignore_index)
     first = logits[0]
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     hw = None
@@ -94,8 +94,8 @@ def multihead_seg_loss(
         if any(w is not None for w in class_weights):
             cw = torch.cat([
                 torch.ones(x.shape[1], dtype=acc, device=first.device) if w is None
-                else torch.as_tensor(w, device=first.device).to(acc).reshape(-1)
-                for x, w in zip(logits, class_weights)])
+                else _head_class_weights(h, w, x, acc)
+                for h, (x, w) in enumerate(zip(logits, class_weights))])
     op = _OP
     if op is not None and first.is_cuda and (
             len(logits) > _CUDA_MAX_HEADS
@@ -117,6 +117,46 @@ def multihead_seg_loss(
         else:
             _raise_bad_labels(bad, logits)
     return total, per_head
+
+
+def _tensor_list(name: str, value) -> list:
+    """``value`` as a list of tensors, or a TypeError naming the argument (a bare tensor would
+    otherwise be iterated over its first dimension as if it were a list of heads)."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+        raise TypeError(f"med3d_ext.multihead_seg_loss: argument '{name}' must be a list of "
+                        f"tensors, one per head, got {type(value).__name__}"
+                        + (f" of shape {tuple(value.shape)} (wrap one head as [tensor])"
+                           if isinstance(value, torch.Tensor) else ""))
+    value = value if isinstance(value, list) else list(value)
+    for h, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"med3d_ext.multihead_seg_loss: argument '{name}[{h}]' must be a "
+                            f"tensor, got {type(t).__name__}")
+    return value
+
+
+def _int64(name: str, v) -> int:
+    """An int64 integer via operator.index, not int(): int(1.5) would silently give 1."""
+    try:
+        i = operator.index(v)
+    except TypeError:
+        i = None
+    if i is None or not -2**63 <= i < 2**63:
+        raise TypeError(f"med3d_ext.multihead_seg_loss: argument '{name}' must be an int64 "
+                        f"integer, got {v!r}")
+    return i
+
+
+def _head_class_weights(h: int, w, x: torch.Tensor, acc) -> torch.Tensor:
+    """Head ``h``'s CE class weights as a (C_h,) tensor; checked per head, as the concatenation
+    of all heads' weights could have the right total length with the wrong split."""
+    w = torch.as_tensor(w, device=x.device)
+    c = x.shape[1] if x.dim() > 1 else 0
+    if w.dim() != 1 or w.shape[0] != c or w.is_complex():
+        raise ValueError(f"med3d_ext.multihead_seg_loss: argument 'class_weights[{h}]' must be "
+                         f"a 1-D real tensor of C_h = {c} class weights, got shape "
+                         f"{tuple(w.shape)}, dtype {w.dtype}")
+    return w.to(acc)
 
 
 def _raise_bad_labels(bad: torch.Tensor, classes) -> None:

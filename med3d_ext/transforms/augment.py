@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -13,19 +15,24 @@ __all__ = ["RandomAugment3D"]
 
 
 def _triple(name, v) -> tuple[float, float, float]:
-    if isinstance(v, (int, float)):
+    # finite only: a NaN or inf angle/shift makes theta NaN, and every sample silently comes
+    # out as padding (zeros)
+    if isinstance(v, numbers.Real) and math.isfinite(v):
         return (float(v),) * 3
-    if isinstance(v, Sequence) and len(v) == 3:
+    if isinstance(v, Sequence) and len(v) == 3 and all(
+            isinstance(x, numbers.Real) and math.isfinite(x) for x in v):
         return tuple(float(x) for x in v)
-    raise ValueError(f"RandomAugment3D: '{name}' must be a number or 3 numbers (x, y, z), got {v!r}")
+    raise ValueError(f"RandomAugment3D: '{name}' must be a finite number or 3 finite numbers "
+                     f"(x, y, z), got {v!r}")
 
 
 def _range(name, v, lo_bound=None) -> tuple[float, float]:
-    if isinstance(v, Sequence) and len(v) == 2:
+    if isinstance(v, Sequence) and len(v) == 2 and all(
+            isinstance(x, numbers.Real) and math.isfinite(x) for x in v):
         lo, hi = float(v[0]), float(v[1])
         if lo <= hi and (lo_bound is None or lo >= lo_bound):
             return lo, hi
-    raise ValueError(f"RandomAugment3D: '{name}' must be a (low, high) range"
+    raise ValueError(f"RandomAugment3D: '{name}' must be a finite (low, high) range"
                      f"{'' if lo_bound is None else f' with low >= {lo_bound}'}, got {v!r}")
 
 
@@ -34,6 +41,18 @@ def _prob(name, v) -> float:
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"RandomAugment3D: '{name}' must be a probability in [0, 1], got {v}")
     return v
+
+
+def _seed(v) -> int:
+    """A generator seed: an integer torch.Generator.manual_seed takes (int(1.5) would silently
+    give 1; 2**70 failed only at the first call, inside manual_seed)."""
+    try:
+        i = operator.index(v)
+    except TypeError:
+        i = None
+    if i is None or not -2**63 <= i < 2**64:
+        raise ValueError(f"RandomAugment3D: 'seed' must be an integer in [-2^63, 2^64), got {v!r}")
+    return i
 
 
 class RandomAugment3D:
@@ -84,6 +103,10 @@ class RandomAugment3D:
         self.translate = _triple("translate", translate)
         self.flip = tuple(_prob("flip", p) for p in _triple("flip", flip))
         self.p_affine = _prob("p_affine", p_affine)
+        if not (isinstance(elastic, numbers.Real) and math.isfinite(elastic)
+                and isinstance(elastic_grid, numbers.Integral)):
+            raise ValueError("RandomAugment3D: 'elastic' must be a finite number and "
+                             f"'elastic_grid' an int, got {elastic!r}, {elastic_grid!r}")
         self.elastic = float(elastic)
         self.elastic_grid = int(elastic_grid)
         if self.elastic < 0 or self.elastic_grid < 2:
@@ -99,9 +122,12 @@ class RandomAugment3D:
         self.noise = _range("noise", noise, lo_bound=0.0)
         self.p_noise = _prob("p_noise", p_noise)
         self.clip = None if clip is None else _range("clip", clip)
+        if padding_mode not in ("zeros", "border", "reflection"):  # else only the first call says
+            raise ValueError("RandomAugment3D: 'padding_mode' must be 'zeros', 'border' or "
+                             f"'reflection', got {padding_mode!r}")
         self.padding_mode = padding_mode
         self.align_corners = bool(align_corners)
-        self.seed = int(seed)
+        self.seed = _seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self._consts: dict[tuple, torch.Tensor] = {}
 
@@ -116,7 +142,7 @@ class RandomAugment3D:
 
     def reseed(self, seed: int) -> None:
         """Restart every generator from ``seed`` (e.g. base seed + worker id)."""
-        self.seed = int(seed)
+        self.seed = _seed(seed)
         self._generators.clear()
 
     def state_dict(self) -> dict:
@@ -124,7 +150,13 @@ class RandomAugment3D:
                 "generators": {k: g.get_state() for k, g in self._generators.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
+        if not isinstance(state, dict) or not {"seed", "generators"} <= set(state) \
+                or not isinstance(state["generators"], dict):
+            # else a bare KeyError: 'seed'
+            raise ValueError("RandomAugment3D.load_state_dict: expected the dict of "
+                             "state_dict() ({'seed': int, 'generators': {device: state}}), got "
+                             f"{state!r}"[:300])
+        self.seed = _seed(state["seed"])
         self._generators.clear()
         for key, s in state["generators"].items():
             self._generator(torch.device(key)).set_state(s)
@@ -206,11 +238,12 @@ class RandomAugment3D:
             raise ValueError("RandomAugment3D: 'image' must be (N, C, D, H, W), got "
                              f"{getattr(image, 'shape', type(image).__name__)}")
         n, c = image.shape[:2]
-        size = list(size)
-        if len(size) == 5:
-            size = size[2:]
-        if len(size) != 3:
-            raise ValueError(f"RandomAugment3D: 'size' must be 3 ints or (N, C, D, H, W), got {size}")
+        if not isinstance(size, (Sequence, torch.Size)) or len(size) not in (3, 5) \
+                or (len(size) == 5 and tuple(size[:2]) != (n, c)):
+            # a full size whose (N, C) is not the image's was silently cut to its last 3 values
+            raise ValueError("RandomAugment3D: 'size' must be 3 ints or (N, C, D, H, W) with "
+                             f"(N, C) = {(n, c)}, got {size!r}")
+        size = list(size)[-3:]
         params = self.sample(n, image.shape[2:], size, image.device)
         no_label = label is None
         if no_label:  # a 1-voxel dummy keeps one code path and costs nothing

@@ -109,6 +109,18 @@ def test_build_model_from_arch(arch_model):
 def test_build_model_bad_task():
     with pytest.raises(ValueError, match="arch\\['task'\\]"):
         build_model({"task": "nope", "depth": 10})
+    # a hand-edited arch without 'depth' gave a bare KeyError: 'depth'
+    with pytest.raises(ValueError, match=r"arch for task 'classification' is missing "
+                                         r"\['depth'\]"):
+        build_model({"task": "classification", "num_classes": 2})
+    with pytest.raises(ValueError, match=r"missing \['heads'\]"):
+        build_model({"task": "pretrain", "depth": 10})
+    with pytest.raises(TypeError, match=r"arch must be a dict, got NoneType"):
+        build_model(None)
+    import numpy as np
+
+    net = ClassificationNet(10, np.int64(3))
+    assert net.num_classes == 3 and type(net.arch["num_classes"]) is int
 
 
 @pytest.mark.parametrize("make", [lambda: resnet3d(10, 3), lambda: ClassificationNet(10, 3),

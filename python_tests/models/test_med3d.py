@@ -140,6 +140,25 @@ def test_bad_heads():
         Med3DNet(10, {"a": 0})
 
 
+def test_bad_head_selection_and_inputs_are_named():
+    # forward_head(x, 5) / forward_head(x, "lung") gave a bare IndexError / KeyError; a complex
+    # dataset_id passed the integer check; None as image gave an AttributeError
+    import numpy as np
+
+    med = Med3DNet(10, {"liver": np.int64(3), "heart": 2}).eval()
+    assert med.head_classes == [3, 2] and type(med.head_classes[0]) is int
+    x = torch.randn(2, 1, 8, 8, 8)
+    for bad in (5, -3, "lung", 1.0, True):
+        with pytest.raises(ValueError, match=r"is not one of this Med3DNet's heads: indices "
+                                             r"0..1 or names \['liver', 'heart'\]"):
+            med.forward_head(x, bad)
+    assert_close(med.forward_head(x, -1), med.forward_head(x, "heart"))
+    with pytest.raises(ValueError, match="torch.complex64"):
+        med(x, torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"argument 'image' must be a tensor, got NoneType"):
+        med(None, 0)
+
+
 def test_encoder_export_and_rebuild(tmp_path):
     med = Med3DNet(10, HEADS)
     p = save_encoder_medicalnet(med, tmp_path / "enc.pth")

@@ -96,6 +96,23 @@ def test_bad_arguments():
         net(torch.randn(1, 2, 8, 8, 8))
 
 
+def test_numpy_integers_and_bad_input_types():
+    # a numpy depth (e.g. from a config array) was refused as "got np.int64(10)"; an integer
+    # or None input failed deep inside conv3d ("expected scalar type Long but found Float")
+    import numpy as np
+
+    net = resnet3d(np.int64(10), num_seg_classes=np.int32(3), in_channels=np.int64(2))
+    assert net.depth == 10 and type(net.depth) is int and net.in_channels == 2
+    assert net(torch.randn(2, 2, 8, 8, 8)).shape[1] == 3
+    for bad in (True, 10.0, "10"):
+        with pytest.raises(ValueError, match="depth must be one of"):
+            resnet3d(bad)
+    with pytest.raises(TypeError, match=r"expected a floating-point input.*torch.int64"):
+        net(torch.ones(2, 2, 8, 8, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"expected input \(N, 2, D, H, W\) tensor, got NoneType"):
+        net(None)
+
+
 # ------------------------------------------------------------- independent functional forward
 
 

@@ -389,6 +389,39 @@ def test_other_bad_contents(tmp_path, src10):
         load_medicalnet_weights(resnet3d(10), 42)
 
 
+def test_corrupted_values_and_merged_prefixes_are_refused(tmp_path, src10):
+    # load_state_dict used to cast integer/bool tensors into float parameters (complex: the
+    # imaginary part dropped), copy NaN/Inf as they are, and let 'module.x' overwrite 'x'
+    sd = src10.state_dict()
+    key = "layer1.0.conv1.weight"
+    w = sd[key]
+    bad = {"holds torch.int64 values, the model's is torch.float32": w.long(),
+           "holds torch.bool values": w > 0, "holds torch.complex64 values": w.to(torch.complex64),
+           "is a meta tensor": w.to("meta")}
+    nan = w.clone()
+    nan.view(-1)[torch.randint(0, nan.numel(), (3,))] = float("nan")
+    bad[r"holds [1-3] NaN/Inf value\(s\)"] = nan
+    for msg, v in bad.items():
+        with pytest.raises(MedicalNetWeightsError, match=rf"encoder key '{key}' {msg}"):
+            load_medicalnet_weights(resnet3d(10), {**sd, key: v})
+    with pytest.raises(MedicalNetWeightsError, match=r"'bn1.num_batches_tracked' holds "
+                                                     r"torch.float32 values"):
+        load_medicalnet_weights(resnet3d(10), {**sd, "bn1.num_batches_tracked": torch.tensor(3.7)})
+    merged = {**sd, **{"module." + k: torch.zeros_like(v) for k, v in sd.items()}}
+    p = tmp_path / "merged.pth"
+    torch.save({"state_dict": merged}, p)
+    with pytest.raises(MedicalNetWeightsError, match=r"merged.pth.*keys 'conv1.weight' and "
+                                                     r"'module.conv1.weight' are both present"):
+        load_medicalnet_weights(resnet3d(10), p)
+    with pytest.raises(TypeError, match=r"argument 'model' must be an nn.Module, got NoneType"):
+        load_medicalnet_weights(None, sd)
+    # a float16 file still loads into a float32 model (a cast within floating point)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    model = resnet3d(10)
+    load_medicalnet_weights(model, half)
+    assert_close(model.conv1.weight, sd["conv1.weight"].half().float())
+
+
 def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     p = tmp_path / "ckpt.pt"
     atomic_save({"a": torch.ones(2)}, p)

@@ -311,3 +311,19 @@ def test_conv_bn_relu_module_options(device, affine, track):
         for (k, a), (_, b) in zip(m.state_dict().items(), plain[:2].state_dict().items()):
             assert a.shape == b.shape
             _close(a.double(), b.double(), k)
+
+
+def test_bad_models_and_mismatched_bn_are_named():
+    # None / a list gave "'NoneType' object has no attribute 'modules'"; a BatchNorm3d whose
+    # size differs from its conv's output channels gave a raw broadcasting error in fold_bn
+    for fn in (fuse_modules, unfuse_modules, fold_bn):
+        for bad in (None, [nn.Conv3d(1, 2, 3)]):
+            with pytest.raises(TypeError, match=r"argument 'model' must be an nn.Module"):
+                fn(bad)
+    m = nn.Sequential(nn.Sequential(nn.Conv3d(1, 4, 3, bias=False), nn.BatchNorm3d(5)))
+    with pytest.raises(ValueError, match=r"Conv3d '0.0' has 4 output channels but "
+                                         r"BatchNorm3d '0.1' after it has 5 features"):
+        fold_bn(m)
+    # None as a module's input names the argument (was "'NoneType' ... attribute 'device'")
+    with pytest.raises(TypeError, match=r"argument 'x' must be a tensor, got NoneType"):
+        ConvBNReLU3d(1, 2, 3)(None)

@@ -330,3 +330,28 @@ def test_gradients_of_empty_outputs(device):
         assert out.shape == x.shape[:2] + size
         (g,) = torch.autograd.grad(out.sum(), xg)
         assert g.shape == x.shape and not g.abs().sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_integer_sizes_and_bad_spacings_are_refused(device):
+    # int() used to truncate a size of 4.5 to 4 silently; None / text spacings gave raw
+    # TypeErrors from float()
+    x = torch.randn(2, 3, 5, 6, 7, device=device)
+    theta = random_theta(2, device)
+    with pytest.raises(TypeError, match=r"'size' must be 5 ints, got \(2, 3, 4.5, 5, 6\)"):
+        m3d.ops.affine_resample(x, theta, (2, 3, 4.5, 5, 6))
+    with pytest.raises(TypeError, match=r"'size' must be 3 ints, got \(3.0, 4, 5\)"):
+        m3d.ops.resize(x, (3.0, 4, 5))
+    with pytest.raises(TypeError, match=r"'label_size' must be 3 ints"):
+        m3d.ops.affine_resample_pair(x, torch.zeros(2, 5, 6, 7, device=device), theta,
+                                     (2, 3, 4, 5, 6), (1.5, 2, 2))
+    for bad in (None, "abc", 1.0):
+        with pytest.raises(TypeError, match=r"'spacing' must be 3 positive floats"):
+            m3d.ops.resample_to_spacing(x, bad, (2, 2, 2))
+    # integer-like sizes (numpy ints, 0-d int tensors) and array spacings still work
+    import numpy as np
+
+    out = m3d.ops.resize(x, (np.int64(3), torch.tensor(4), 5))
+    torch.testing.assert_close(out, m3d.ops.resize(x, (3, 4, 5)))
+    out = m3d.ops.resample_to_spacing(x, torch.tensor([1.0, 1.0, 1.0]), np.array([2.0, 2, 2]))
+    assert out.shape == (2, 3, 3, 3, 4)

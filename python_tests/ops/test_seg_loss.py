@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import med3d_ext as m3d
 from med3d_ext import _extension, reference
 from med3d_ext.ops import SegLabelError
-from python_tests.conftest import DEVICES, TOL, assert_low_precision_close
+from python_tests.conftest import DEVICES, TOL, assert_low_precision_close, tol
 
 requires_ext = pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
 LOW = [torch.bfloat16, torch.float16]
@@ -336,6 +336,50 @@ def test_bad_shapes_and_arguments(device):
         m3d.ops.multihead_seg_loss([x], [t], class_weights=[torch.ones(4, device=device)])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_head_class_weights_of_the_wrong_size_are_refused(device):
+    # (2,) for a 3-class head and (3,) for a 2-class head concatenate to the right total (5)
+    # and were silently split as (3,) + (2,)
+    x3 = torch.randn(2, 3, 4, 5, 6, device=device)
+    x2 = torch.randn(1, 2, 3, 3, 3, device=device)
+    t3 = torch.randint(0, 3, (2, 4, 5, 6), device=device)
+    t2 = torch.randint(0, 2, (1, 3, 3, 3), device=device)
+    w2, w3 = torch.ones(2, device=device), torch.ones(3, device=device)
+    with pytest.raises(ValueError, match=r"'class_weights\[0\]' must be a 1-D real tensor of "
+                                         r"C_h = 3 class weights, got shape \(2,\)"):
+        m3d.ops.multihead_seg_loss([x3, x2], [t3, t2], class_weights=[w2, w3])
+    with pytest.raises(ValueError, match=r"'class_weights\[0\]'.*got shape \(3, 1\)"):
+        m3d.ops.multihead_seg_loss([x3], [t3], class_weights=[w3[:, None]])
+    # the right sizes, given as a list of numbers, still work and match the reference
+    cw = [[1.0, 2.0, 0.5], None]
+    got = m3d.ops.multihead_seg_loss([x3, x2], [t3, t2], class_weights=cw)[1]
+    ref = reference.multihead_seg_loss([x3, x2], [t3, t2], None, 1.0, 1.0, 1e-5, -100,
+                                       [torch.tensor(cw[0], device=device), None])[1]
+    torch.testing.assert_close(got, ref, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_list_arguments_and_ignore_index_type_errors(device):
+    x = torch.randn(2, 3, 4, 5, 6, device=device)
+    t = torch.randint(0, 3, (2, 4, 5, 6), device=device)
+    f = m3d.ops.multihead_seg_loss
+    # a bare tensor used to be iterated over its batch dimension as if it were a list of heads
+    with pytest.raises(TypeError, match=r"'logits' must be a list of tensors.*\(2, 3, 4, 5, 6\)"):
+        f(x, [t])
+    with pytest.raises(TypeError, match=r"'targets' must be a list of tensors, one per head, "
+                                        r"got NoneType"):
+        f([x], None)
+    with pytest.raises(TypeError, match=r"'logits\[1\]' must be a tensor, got NoneType"):
+        f([x, None], [t, t])
+    # int(1.5) silently ignored label 1
+    for bad in (1.5, None, 2**63):
+        with pytest.raises(TypeError, match=r"'ignore_index' must be an int64 integer"):
+            f([x], [t], ignore_index=bad)
+    a = f([x], [t], ignore_index=torch.tensor(1))[0]
+    b = f([x], [t], ignore_index=1)[0]
+    torch.testing.assert_close(a, b)
+
+
 @requires_ext
 @pytest.mark.cuda
 def test_cuda_work_per_call():
@@ -641,7 +685,7 @@ def test_dtype_and_rank_errors_name_the_argument(device):
         f([x, x], [t, t], head_weights=torch.ones(2, 1, device=device))
     with pytest.raises(err, match=r"'head_weights'.*Long"):
         f([x, x], [t, t], head_weights=torch.ones(2, dtype=torch.long, device=device))
-    with pytest.raises(err, match=r"'class_weights'.*\[2\]"):
+    with pytest.raises(err, match=r"'class_weights\[0\]'.*C_h = 3.*\(2,\)"):
         f([x], [t], class_weights=[torch.ones(2, device=device)])
     with pytest.raises(err, match=r"head 0: targets shape.*2, 4, 5\W.*logits shape.*2, 3, 4, 5, 6"):
         f([x], [t[..., 0]])

@@ -202,3 +202,47 @@ def test_more_bad_arguments():
             RandomAugment3D(**kw)
     with pytest.raises(ValueError, match="'image'"):
         RandomAugment3D()(torch.randn(1, 4, 4, 4), None, (4, 4, 4))
+
+
+def test_non_finite_parameters_and_bad_sizes_are_refused():
+    # NaN/inf angles, shifts or scales made theta NaN: every sample silently came out as
+    # padding; an inf brightness or noise gave non-finite images
+    nan, inf = float("nan"), float("inf")
+    bad = [("rotate", nan), ("rotate", (0.0, inf, 0.0)), ("translate", nan), ("scale", (1.0, inf)),
+           ("elastic", nan), ("elastic", inf), ("brightness", (0.0, inf)), ("noise", (0.0, inf)),
+           ("gamma", (1.0, inf)), ("elastic_grid", 2.7), ("padding_mode", "wrap")]
+    for name, value in bad:
+        with pytest.raises(ValueError, match=f"'{name}'"):
+            RandomAugment3D(**{name: value})
+    aug = RandomAugment3D(rotate=0.2)
+    x = torch.randn(2, 1, 6, 6, 6)
+    # a full size whose (N, C) differ from the image's was silently cut to its last 3 values
+    with pytest.raises(ValueError, match=r"'size'.*\(N, C\) = \(2, 1\), got \(5, 9, 4, 4, 4\)"):
+        aug(x, None, (5, 9, 4, 4, 4))
+    for size in (None, 4):
+        with pytest.raises(ValueError, match=r"'size' must be 3 ints"):
+            aug(x, None, size)
+    # numpy numbers (e.g. read from a config) are numbers
+    import numpy as np
+
+    a = RandomAugment3D(rotate=np.float32(0.2), elastic=np.float64(0.05), elastic_grid=np.int64(4))
+    img, _ = a(x, None, (2, 1, 4, 4, 4))
+    assert img.shape == (2, 1, 4, 4, 4) and torch.isfinite(img).all()
+
+
+def test_bad_seeds_and_state_are_named():
+    # int(1.5) silently seeded 1; 2**70 failed at the first call inside manual_seed; a state
+    # dict without 'seed' gave a bare KeyError
+    for bad in (1.5, 2**70, "abc", None):
+        with pytest.raises(ValueError, match=r"'seed' must be an integer"):
+            RandomAugment3D(seed=bad)
+        with pytest.raises(ValueError, match=r"'seed' must be an integer"):
+            RandomAugment3D().reseed(bad)
+    for bad in ({}, {"seed": 1}, None, {"seed": 1, "generators": [1]}):
+        with pytest.raises(ValueError, match=r"load_state_dict: expected the dict of state_dict"):
+            RandomAugment3D().load_state_dict(bad)
+    a, b = RandomAugment3D(rotate=0.3, seed=2**64 - 1), RandomAugment3D(rotate=0.3, seed=-5)
+    x = torch.randn(1, 1, 5, 5, 5)
+    a(x, None, (4, 4, 4))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x, None, (4, 4, 4))[0], b(x, None, (4, 4, 4))[0])
