@@ -51,6 +51,17 @@ def main(argv=None) -> int:
     if args.cmd in ("synth", "real") and out and os.path.exists(out) and not os.path.isdir(out):
         print(f"error: --out {out!r} is a file; {args.cmd} writes a folder", file=sys.stderr)
         return 2
+    if args.cmd in ("synth", "real"):
+        # refuse an unusable --out before generating anything, naming it and the reason
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            print(f"error: --out {out!r}: cannot create this folder ({e.strerror or e})",
+                  file=sys.stderr)
+            return 2
+        if not os.access(out, os.W_OK | os.X_OK):
+            print(f"error: --out {out!r}: this folder is not writable", file=sys.stderr)
+            return 2
     try:
         if args.cmd == "synth":
             from .synthetic import synth
@@ -90,6 +101,15 @@ def main(argv=None) -> int:
     except (DataError, ImportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk full or an unwritable file met mid-run
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted" + ("; run the same command again to continue (the cases already "
+                               "preprocessed are reused)" if args.cmd == "preprocess" else ""),
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -305,7 +305,12 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     """
     ds = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     out = Path(out) if out is not None else default_cache_dir(ds.root)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # before any work: name the folder and where its path comes from
+        raise DataError(out, f"cannot create this preprocessing cache folder "
+                             f"({e.strerror or e}); choose another with --cache / --out, or "
+                             "set $MED3D_EXT_CACHE") from None
     problems = list(ds.problems)
     good = []
     spacings = []

@@ -126,10 +126,28 @@ def _run_dir(cfg, command, ctx) -> Path:
         if not cfg.get("resume") and (out / "last.pt").exists():
             raise C.ConfigError(f"run folder {str(out)!r} already holds a checkpoint; resume it "
                                 f"with --resume {out} or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out, "--out")
 
     run_on_main(check_and_make, ctx)
     return out
+
+
+def make_output_dir(path, option: str) -> Path:
+    """Create an output folder, or fail with an error that names the option and the reason
+    (a parent that is a file, no permission, a read-only disk) before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise C.ConfigError(f"{option} {str(path)!r}: cannot create this folder "
+                            f"({e.strerror or e}{_where(e, path)})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise C.ConfigError(f"{option} {str(path)!r}: this folder is not writable")
+    return path
+
+
+def _where(e: OSError, path) -> str:
+    return f": {e.filename}" if e.filename and str(e.filename) != str(path) else ""
 
 
 def _absolute_paths(cfg: dict) -> dict:

@@ -80,7 +80,9 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     out = Path(cfg["out"])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; predictions need a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    from .cli import make_output_dir
+
+    make_output_dir(out, "--out")
     model = _load_model(ckpt, dev, fused)
     window = tuple(cfg["patch"])
     amp = autocast_dtype(cfg["amp"], dev)
