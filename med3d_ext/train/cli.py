@@ -276,6 +276,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     errors = _known_errors()
+    from .loops import TrainingInterrupted
     try:
         with warnings.catch_warnings():
             # a user reads "warning: <what>" (e.g. the --skip-bad list), not a source line
@@ -296,8 +297,18 @@ def main(argv=None) -> int:
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outside the training loop (preprocessing, evaluation)
+        print("interrupted", file=sys.stderr)
+        return 130
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a disk full or an unwritable path met mid-run
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
+              file=sys.stderr)
         return 1
     return 0
 
