@@ -162,6 +162,15 @@ def test_unknown_area_names_the_closest(capsys):
     assert "did you mean loss" in capsys.readouterr().err
 
 
+def test_unwritable_out_is_refused_before_measuring(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("")
+    with pytest.raises(SystemExit):  # was: a NotADirectoryError traceback after the first case
+        bench_main.parse_args(["bn_stats", "--out", str(f / "res")])
+    err = capsys.readouterr().err
+    assert "--out" in err and str(f / "res") in err and "Not a directory" in err
+
+
 def test_compare_rule():
     e = torch.randn(100) * 10
     ok, err, _ = common.compare(e + 1e-4, e, rtol=1e-4, atol=1e-5)
