@@ -100,6 +100,17 @@ def steps_to_target(steps, values, target):
 
 def run_demo(out=None, device: str = "auto", quick: bool = False, seed: int = 0,
              log=print, progress: bool = True) -> dict:
+    from .loops import TrainingInterrupted
+
+    try:
+        return _run_demo(out, device, quick, seed, log, progress)
+    except TrainingInterrupted:
+        # the runs' "--resume RUN" hint does not apply: the demo is a fixed recipe, not resumable
+        raise TrainingInterrupted("demo interrupted; it does not resume: run it again with "
+                                  "another --out (the synthetic data are reused)") from None
+
+
+def _run_demo(out, device, quick, seed, log, progress) -> dict:
     from . import config as C
     from .cli import run_evaluate, run_pretrain, run_transfer
     from .distributed import resolve_device

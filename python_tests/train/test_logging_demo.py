@@ -99,3 +99,21 @@ def test_demo_user_errors_are_clean(tmp_path, capsys):
         assert main(argv) == rc, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and want in err and len(err.splitlines()) == 1, err
+
+
+def test_demo_ctrl_c_says_how_to_start_again(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the demo exits 130 with one line; the runs' "--resume RUN" hint would be wrong
+    there (the demo refuses a folder that holds a run), so it says to start again."""
+    import med3d_ext.train.cli as cli
+    import med3d_ext.train.demo as demo
+    from med3d_ext.train.loops import TrainingInterrupted
+
+    def stopped(cfg, log=print):
+        raise TrainingInterrupted(f"interrupted at step 3 of 16; saved {cfg['out']}/last.pt; "
+                                  f"continue with --resume {cfg['out']}")
+    monkeypatch.setattr(demo, "demo_data", lambda *a, **k: {
+        "pretrain": tmp_path, "transfer": tmp_path, "root": tmp_path})
+    monkeypatch.setattr(cli, "run_pretrain", stopped)
+    assert cli.main(["demo", "--out", tmp_path / "d", "--device", "cpu", "--quick"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "demo interrupted" in err and "--resume" not in err and len(err.splitlines()) == 1
