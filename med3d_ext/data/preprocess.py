@@ -29,6 +29,7 @@ import os
 import sys
 import threading
 import warnings
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -234,6 +235,14 @@ def default_cache_dir(dataset_root) -> Path:
     root = Path(dataset_root).resolve()
     base = Path(os.environ.get("MED3D_EXT_CACHE", Path.home() / ".cache" / "med3d_ext"))
     return base / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
+
+
+def cache_subdir(cache_root, dataset_root) -> Path:
+    """The cache folder of a dataset under a cache root given by the user (training's
+    ``--cache CACHE``, ``data preprocess`` of a folder of datasets with ``--out CACHE``):
+    ``CACHE/<name>-<crc32 of the absolute path>``."""
+    key = zlib.crc32(str(Path(dataset_root).resolve()).encode()) & 0xFFFFFFFF
+    return Path(cache_root) / f"{Path(dataset_root).name}-{key:08x}"
 
 
 def _tmp_name(path: Path, suffix: str = "") -> Path:

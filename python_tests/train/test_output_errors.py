@@ -76,7 +76,7 @@ def test_data_cli_out_under_a_file(tiny_data, a_file, capsys):
                  ["real", "--out", a_file / "r", "--cases", 1]):
         rc = data_main([str(a) for a in argv])
         err = _err(capsys)
-        assert rc == 2 and "--out" in err and "Not a directory" in err, argv
+        assert rc == 2 and "--out" in err and f"{str(a_file)!r} is a file" in err, argv
     rc = data_main(["preprocess", str(tiny_data["transfer"]), "--out", str(a_file / "c"),
                     "--no-progress"])
     err = _err(capsys)
