@@ -214,6 +214,11 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         save = save if ctx.is_main else None
         summary = run_training(cfg, job, run, ctx, resume_from=cfg.get("resume"),
                                on_start=save)
+        if ctx.is_main and cfg.get("resume") and summary["start_step"] >= summary["steps"]:
+            # a finished run resumed as it was: say so, and how to train it longer
+            log(f"nothing to train: {run} already did its {summary['steps']} steps "
+                f"(--epochs {cfg['epochs']} x --steps {cfg['steps']}); to train longer, resume "
+                f"it with a larger --epochs, e.g. --resume {run} --epochs {cfg['epochs'] * 2}")
         if ctx.is_main:
             if command == "pretrain" and cfg.get("export", True):
                 from med3d_ext.models import save_encoder_medicalnet, save_encoder_safetensors

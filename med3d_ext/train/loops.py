@@ -359,6 +359,6 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         bar.close()
         logger.close()
     return {"best_score": best["score"], "best_step": best["step"], "target_step": target_step,
-            "steps": total, "time_s": time.perf_counter() - t_run,
+            "steps": total, "start_step": start, "time_s": time.perf_counter() - t_run,
             "last": str(run_dir / "last.pt"), "best": str(run_dir / "best.pt")}
 

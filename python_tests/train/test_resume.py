@@ -173,3 +173,18 @@ def test_nan_loss_found_at_the_next_log_names_its_step(tmp_path, monkeypatch):
     # the 4 losses were gathered (and checked) once, at the end of the first epoch
     assert calls["n"] == 4 and synced.count(4) == 1 and synced[-1] == 4
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_resuming_a_finished_run_says_how_to_train_longer(tiny_data, tmp_path, capsys):
+    from med3d_ext.train.cli import main
+
+    run = tmp_path / "run"
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], run, "--from-scratch", "--epochs",
+                                        1, "--steps", 1, "--cache", tiny_data["cache"])]) == 0
+    capsys.readouterr()
+    assert main(["transfer", "--resume", run, "--no-progress"]) == 0  # was: a bare "done"
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "--epochs 2" in out
+    assert main(["transfer", "--resume", run, "--no-progress", "--epochs", 2]) == 0
+    assert "nothing to train" not in capsys.readouterr().out
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
