@@ -196,16 +196,18 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
             f"training recipe (spacing {[round(v, 3) for v in rec['target_spacing']]} mm, "
             f"CT clip {clip})")
     rows = []
+    bar, tick = _window_bar(cfg)
     for i, case in enumerate(pre.names):
         if case not in names:
             continue
+        bar.set_description(f"evaluate {case} ({len(rows) + 1}/{len(names)})")
         x, _, meta = pre.load_case(i, ch)
         try:
             with torch.no_grad(), ctx():
                 probs = sliding_window_probs(
                     torch.from_numpy(x)[None].to(dev), predictor, window,
                     overlap=cfg["overlap"], sw_batch_size=cfg["sw_batch_size"],
-                    pad_value=pre.background_value(i, ch))
+                    pad_value=pre.background_value(i, ch), progress=tick)
         except torch.OutOfMemoryError as e:
             from .loops import TrainingError
 
@@ -226,11 +228,13 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
             row["dice"] = nanmean(dice)
             row["hd95"] = nanmean(row[f"hd95_{c}"] for c in range(1, n_cls))
         rows.append(row)
-        if row["labelled"]:
-            log(f"  {case}: Dice {row.get('dice', float('nan')):.3f}  "
-                f"HD95 {row.get('hd95', float('nan')):.2f} mm")
-        else:
-            log(f"  {case}: no label, prediction only ({path.name})")
+        with bar.external_write_mode():  # the case's line above the bar, not through it
+            if row["labelled"]:
+                log(f"  {case}: Dice {row.get('dice', float('nan')):.3f}  "
+                    f"HD95 {row.get('hd95', float('nan')):.2f} mm")
+            else:
+                log(f"  {case}: no label, prediction only ({path.name})")
+    bar.close()
     if not rows:
         raise ConfigError(f"--split {split}: no case of {str(data_dir)!r} to evaluate")
     n_lab = sum(r["labelled"] for r in rows)
@@ -250,6 +254,21 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     _write(out, summary, rows)
     log(format_table(summary))
     return summary
+
+
+def _window_bar(cfg):
+    """A progress bar of the sliding windows of the case being predicted (--progress, the
+    default): a whole CT volume takes minutes on a CPU. Returns (bar, progress callback)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=0, unit="window", leave=False, dynamic_ncols=True,
+               disable=not cfg.get("progress", True))
+
+    def tick(done, total):
+        if bar.total != total:
+            bar.reset(total=total)
+        bar.update(done - bar.n)
+    return bar, tick
 
 
 def _to_source(probs: torch.Tensor, meta) -> np.ndarray:
