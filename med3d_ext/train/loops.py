@@ -16,6 +16,7 @@ ends with bitwise the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -109,10 +110,15 @@ class _CtrlC:
 
     def __enter__(self):
         if self.enabled:
+            self.pid = os.getpid()
             self.prev = signal.signal(signal.SIGINT, self._handler)
         return self
 
     def _handler(self, signum, frame):
+        if os.getpid() != self.pid:
+            # a forked DataLoader worker inherits this handler and gets the terminal's Ctrl-C
+            # too: it keeps serving batches; the training process stops them when it leaves
+            return
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
@@ -242,8 +248,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         if ctx.is_main and saved_at["step"] != step:
             save("last", step)
         raise TrainingInterrupted(
-            f"interrupted at step {step} of {total} (epoch {step // steps_per_epoch + 1} of "
-            f"{epochs}); saved {run_dir / 'last.pt'}; continue with --resume {run_dir}")
+            f"interrupted after step {step} of {total}; saved {run_dir / 'last.pt'}; continue "
+            f"with --resume {run_dir}")
 
     t_run = time.perf_counter()
     model.train()
@@ -353,7 +359,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         keep = (f"the last checkpoint is {run_dir / 'last.pt'} (step {last}); continue with "
                 f"--resume {run_dir}" if last is not None else
                 "no checkpoint was written yet; run the same command again to start over")
-        raise TrainingInterrupted(f"interrupted at step {step} of {total}; {keep}") from None
+        raise TrainingInterrupted(f"interrupted after step {step} of {total}; {keep}") from None
     finally:
         ctrl_c.__exit__()
         bar.close()

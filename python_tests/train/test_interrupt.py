@@ -131,7 +131,7 @@ def test_ctrl_c_on_the_cli_saves_mid_epoch_and_resumes_bitwise(tiny_data, tmp_pa
         if p.poll() is None:
             p.kill()
     assert p.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "interrupted at step" in err and "--resume" in err
+    assert "Traceback" not in err and "interrupted after step" in err and "--resume" in err
     stopped = torch.load(cut / "last.pt", weights_only=True)["step"]
     assert 2 <= stopped < 8  # mid-epoch: without the fix, nothing was saved before step 8
 
@@ -148,3 +148,32 @@ def test_ctrl_c_on_the_cli_saves_mid_epoch_and_resumes_bitwise(tiny_data, tmp_pa
     lb = [(r["step"], r["loss"]) for r in read_metrics(cut / "metrics.jsonl")
           if r["kind"] == "train"]
     assert la == lb
+
+
+def test_ctrl_c_to_the_process_group_with_dataloader_workers(tiny_data, tmp_path):
+    """A terminal's Ctrl-C reaches the DataLoader workers too: they inherit the handler and
+    must neither stop the run early nor print the message again."""
+    import os
+
+    run = tmp_path / "run"
+    p = subprocess.Popen(cli("transfer", *tiny_args(tiny_data["transfer"], run, "--from-scratch",
+                                                    "--epochs", 1, "--steps", 8,
+                                                    "--num-workers", 2, "--step-sleep", 0.5,
+                                                    "--cache", tiny_data["cache"])),
+                         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and \
+                _step_logged(run / "metrics.jsonl") < 2:
+            time.sleep(0.05)
+        assert p.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.count("Ctrl-C: stopping") == 1, err[-3000:]
+    assert 2 <= torch.load(run / "last.pt", weights_only=True)["step"] < 8
