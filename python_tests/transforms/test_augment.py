@@ -202,3 +202,20 @@ def test_more_bad_arguments():
             RandomAugment3D(**kw)
     with pytest.raises(ValueError, match="'image'"):
         RandomAugment3D()(torch.randn(1, 4, 4, 4), None, (4, 4, 4))
+
+
+def test_int_patch_as_in_the_readme():
+    """`aug(image, label, patch, label_size=patch // 4)` with an int patch (what `--patch 48`
+    means) was a TypeError; an int is a cube, and a tensor of sizes is read as its values."""
+    image, label = _batch("cpu")
+    seed = int(torch.randint(0, 2**31, ()).item())
+    patch = int(torch.randint(4, 9, ()).item())
+    a, la = RandomAugment3D(seed=seed, **FULL)(image, label, patch, label_size=patch // 2)
+    b, lb = RandomAugment3D(seed=seed, **FULL)(image, label, (patch,) * 3, (patch // 2,) * 3)
+    assert a.shape[2:] == (patch,) * 3 and la.shape[1:] == (patch // 2,) * 3
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    t = torch.tensor([patch, patch + 1, patch])
+    c, lc = RandomAugment3D(seed=seed)(image, label, t, label_size=t // 2)
+    assert c.shape[2:] == tuple(t.tolist()) and lc.shape[1:] == tuple((t // 2).tolist())
+    with pytest.raises(ValueError, match="'label_size'"):
+        RandomAugment3D()(image, label, patch, label_size="4")
