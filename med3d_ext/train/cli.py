@@ -266,7 +266,11 @@ def run_evaluate(cfg: dict, log=print, explicit=()) -> dict:
 
         fused = dev.type == "cuda" and fusion_available()
     if not cfg.get("out"):
-        cfg = dict(cfg, out=f"predictions/{Path(str(cfg.get('run') or 'run')).name}")
+        # named after the run folder, also when --run / --checkpoint name a file in it (it was
+        # predictions/best.pt/ for --run runs/x/best.pt)
+        src = Path(str(cfg.get("run") or cfg.get("checkpoint") or "run"))
+        name = src.resolve().parent.name if src.suffix in (".pt", ".pth") else src.name
+        cfg = dict(cfg, out=f"predictions/{name}")
     return evaluate(cfg, dev, fused=fused, log=log, explicit=explicit)
 
 

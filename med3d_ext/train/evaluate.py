@@ -63,14 +63,22 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     """Evaluate run cfg["run"] on cfg["data"][0]; predictions and metrics go to cfg["out"].
     The window (patch), input channel and cache come from the run's configuration unless
     given explicitly (keys in ``explicit``)."""
-    if not cfg.get("run"):
+    which = str(cfg.get("checkpoint") or "best")
+    named = which not in ("best", "last")  # --checkpoint FILE
+    if named and not Path(which).is_file():
+        # a typo ("bset") used to fall back to best.pt silently, and a path was never read
+        raise ConfigError(f"--checkpoint {which!r}: expected best, last or a checkpoint file, "
+                          "and there is no such file")
+    if not cfg.get("run") and not named:
         raise ConfigError("evaluate needs --run RUN (a run folder or checkpoint)")
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
     from .tasks import resolve_data_dirs
 
     data_dir = resolve_data_dirs(cfg["data"], "evaluate")[0]
-    ckpt_path = find_checkpoint(cfg["run"], cfg["checkpoint"])
+    ckpt_path = Path(which) if named else find_checkpoint(cfg["run"], which)
+    if not cfg.get("run"):
+        cfg = dict(cfg, run=str(ckpt_path))
     ckpt = load_checkpoint(ckpt_path)
     run_cfg = ckpt.get("config") or {}
     cfg = dict(cfg)
