@@ -286,3 +286,21 @@ def test_cli_preprocesses_a_folder_of_datasets_into_the_training_cache(tmp_path,
     assert main(["preprocess", str(dirs[0]), "--out", str(one), "--workers", "0",
                  "--no-progress"]) == 0
     assert (one / "cache.json").is_file()
+
+
+def test_bad_spacing_and_workers_are_refused_up_front(tmp_path, capsys):
+    """--spacing -1 1 1 used to be accepted (an axis collapsed to one voxel, silently), 0 crashed
+    every case with an OverflowError; --workers -1 was printed as "-1 workers"."""
+    from med3d_ext.data.__main__ import main
+
+    root = make_msd(tmp_path / "ds", n=1)
+    for spacing in ([-1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [float("nan"), 1.0, 1.0]):
+        with pytest.raises(ValueError, match="positive"):
+            preprocess(root, tmp_path / "c", target_spacing=spacing, workers=0, progress=False)
+    with pytest.raises(ValueError, match="workers"):
+        preprocess(root, tmp_path / "c", workers=-1, progress=False)
+    assert not (tmp_path / "c").exists()
+    assert main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--spacing", "-1", "1",
+                 "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--spacing" in err and "Traceback" not in err

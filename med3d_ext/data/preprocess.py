@@ -312,6 +312,15 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
              and std, as in training.
     Returns a :class:`PreprocessedDataset`.
     """
+    if workers is not None and int(workers) < 0:
+        raise ValueError(f"workers (--workers): expected >= 0 (0 = in this process), got "
+                         f"{workers}")
+    if target_spacing is not None:
+        ts = np.broadcast_to(np.asarray(target_spacing, dtype=np.float64), 3)
+        # a zero spacing crashed every case, and a negative one collapsed an axis to 1 voxel
+        if not (np.isfinite(ts).all() and (ts > 0).all()):
+            raise ValueError("target spacing (--spacing): expected 3 positive mm values, got "
+                             f"{np.asarray(target_spacing).tolist()}")
     ds = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     out = Path(out) if out is not None else default_cache_dir(ds.root)
     try:
