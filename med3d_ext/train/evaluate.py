@@ -261,6 +261,9 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     summary["hd95"] = nanmean(r.get("hd95") for r in rows)
     _write(out, summary, rows)
     log(format_table(summary))
+    # where the results are (the default --out is derived from the run's name)
+    log(f"{len(rows)} prediction(s) as <case>.nii.gz in {out} (each case's original grid and "
+        f"affine); metrics in {out / 'metrics.json'} and {out / 'metrics.csv'}")
     return summary
 
 

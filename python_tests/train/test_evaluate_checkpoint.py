@@ -48,3 +48,9 @@ def test_default_out_is_named_after_the_run_folder(run, tiny_data, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert _eval(tiny_data, "--run", run / "best.pt") == 0  # was predictions/best.pt/
     assert (tmp_path / "predictions" / run.name / "metrics.json").is_file()
+
+
+def test_evaluate_says_where_the_predictions_are(run, tiny_data, tmp_path, capsys):
+    assert _eval(tiny_data, "--run", run, "--out", tmp_path / "p") == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert str(tmp_path / "p") in last and "metrics.json" in last and ".nii.gz" in last
