@@ -502,3 +502,12 @@ def test_patch_far_larger_than_every_case_warns(tiny_data, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_patch([pre], (16, 16, 16))
+
+
+def test_pretrain_says_where_the_exported_encoder_is(tiny_data, tmp_path, capsys):
+    one = sorted(tiny_data["pretrain"].iterdir())[0]
+    assert main(["pretrain", *tiny_args(one, tmp_path / "pre", "--cache", tiny_data["cache"],
+                                        "--epochs", 1, "--steps", 1)]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "pre" / "encoder_medicalnet.pth") in out
+    assert str(tmp_path / "pre" / "encoder.safetensors") in out and "--pretrained" in out
