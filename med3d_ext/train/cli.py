@@ -171,10 +171,13 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
 
     cfg = dict(cfg)
     ctx, fused, channels_last = _setup(cfg, command)
+    made = None  # the run folder, when this call created it
     try:
         dirs = resolve_data_dirs(cfg.get("data"), command)
         cfg = _absolute_paths(cfg)
+        out_before = Path(cfg.get("out") or "").exists() if cfg.get("out") else False
         run = _run_dir(cfg, command, ctx)
+        made = None if out_before else run
         cfg["out"] = str(run)
         if ctx.enabled and not (command == "transfer" and cfg["task"] == "cls"):
             from .tasks import open_preprocessed
@@ -244,6 +247,12 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                     f"no best.pt; the final weights are {run / 'last.pt'}")
         barrier(ctx)
         return summary
+    except BaseException:
+        # a run refused before it started (bad --pretrained, data, option) leaves no empty run
+        # folder behind to puzzle over (nor one that a retry with another --out would ignore)
+        if made is not None and ctx.is_main and made.is_dir() and not any(made.iterdir()):
+            made.rmdir()
+        raise
     finally:
         cleanup(ctx)
 

@@ -94,3 +94,16 @@ def test_models_convert_unwritable_out(a_file, tmp_path, capsys):
         rc = models_main(["convert", str(src), str(out)])
         err = _err(capsys)
         assert rc == 2 and "cannot write" in err and str(out) in err, out
+
+
+def test_refused_run_leaves_no_empty_run_folder(tiny_data, tmp_path, capsys):
+    for extra in (["--pretrained", tmp_path / "missing.pth"], ["--channel", "nope"]):
+        rc = main(["transfer", *tiny_args(tiny_data["transfer"], tmp_path / "new",
+                                          "--cache", tiny_data["cache"], *extra)])
+        assert rc != 0 and "error:" in _err(capsys)
+        assert not (tmp_path / "new").exists(), extra  # was: an empty folder left behind
+    # a folder that was there before is the user's: it stays
+    (tmp_path / "mine").mkdir()
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], tmp_path / "mine", "--pretrained",
+                                        tmp_path / "missing.pth")]) != 0
+    assert (tmp_path / "mine").is_dir()
