@@ -254,6 +254,9 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
                "cases": rows}
     if split == "test":  # what the test images were preprocessed with
         summary["preprocessing"] = dict(rec, source=src)
+    if pre.labels:  # the dataset's names of the classes whose Dice/HD95 the table reports
+        summary["class_names"] = {str(c): str(pre.labels[c]) for c in range(1, n_cls)
+                                  if c in pre.labels}
     for c in range(1, n_cls):
         summary[f"dice_{c}"] = nanmean(r.get(f"dice_{c}") for r in rows)
         summary[f"hd95_{c}"] = nanmean(r.get(f"hd95_{c}") for r in rows)
@@ -340,7 +343,9 @@ def format_table(summary) -> str:
     """One line per case and a mean line; an unlabelled case shows "no label" instead of
     metrics, and the mean line says how many labelled cases it averages."""
     n = summary["num_classes"]
-    head = ["case"] + [f"Dice {c}" for c in range(1, n)] + [f"HD95 {c} (mm)" for c in range(1, n)]
+    names = summary.get("class_names") or {}
+    cls = [f"{c} {names[str(c)]}" if str(c) in names else str(c) for c in range(1, n)]
+    head = ["case"] + [f"Dice {c}" for c in cls] + [f"HD95 {c} (mm)" for c in cls]
     lines = [" | ".join(head)]
     cases = summary["cases"]
     n_lab = summary.get("labelled_cases", len(cases))

@@ -52,5 +52,13 @@ def test_default_out_is_named_after_the_run_folder(run, tiny_data, tmp_path, mon
 
 def test_evaluate_says_where_the_predictions_are(run, tiny_data, tmp_path, capsys):
     assert _eval(tiny_data, "--run", run, "--out", tmp_path / "p") == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert str(tmp_path / "p") in last and "metrics.json" in last and ".nii.gz" in last
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert str(tmp_path / "p") in lines[-1] and "metrics.json" in lines[-1]
+    assert ".nii.gz" in lines[-1]
+    # the table names the classes as the dataset does (it said "Dice 1", "Dice 2")
+    labels = json.loads((tiny_data["transfer"] / "dataset.json").read_text())["labels"]
+    header = next(ln for ln in lines if ln.startswith("case |"))
+    for c in range(1, len(labels)):
+        assert f"Dice {c} {labels[str(c)]}" in header
+    names = json.loads((tmp_path / "p" / "metrics.json").read_text())["class_names"]
+    assert names == {str(c): labels[str(c)] for c in range(1, len(labels))}
