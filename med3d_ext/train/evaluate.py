@@ -184,8 +184,9 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     if arch["task"] == "pretrain":
         head = cfg.get("head") or name
         if head not in arch["heads"]:
+            what = "--head" if cfg.get("head") else "the dataset's name"
             raise ConfigError(f"this pretraining run has heads {list(arch['heads'])}; none is "
-                              f"named {head!r} (the dataset); pick one with --head")
+                              f"named {head!r} ({what}); pick one with --head")
         n_cls = arch["heads"][head]
         predictor = lambda x: model.forward_head(x, head)  # noqa: E731
     else:

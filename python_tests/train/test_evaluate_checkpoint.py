@@ -62,3 +62,16 @@ def test_evaluate_says_where_the_predictions_are(run, tiny_data, tmp_path, capsy
         assert f"Dice {c} {labels[str(c)]}" in header
     names = json.loads((tmp_path / "p" / "metrics.json").read_text())["class_names"]
     assert names == {str(c): labels[str(c)] for c in range(1, len(labels))}
+
+
+def test_unknown_head_names_where_the_name_came_from(tiny_data, tmp_path, capsys):
+    one = sorted(tiny_data["pretrain"].iterdir())[0]
+    pre = tmp_path / "pre"
+    assert main(["pretrain", *tiny_args(one, pre, "--cache", tiny_data["cache"], "--epochs", 1,
+                                        "--steps", 1, "--no-export")]) == 0
+    capsys.readouterr()
+    assert _eval(tiny_data, "--run", pre, "--out", tmp_path / "a") == 2
+    assert "(the dataset's name); pick one with --head" in capsys.readouterr().err
+    assert _eval(tiny_data, "--run", pre, "--head", "nope", "--out", tmp_path / "b") == 2
+    err = capsys.readouterr().err  # it said "(the dataset)" for a --head typo too
+    assert "'nope' (--head)" in err and one.name in err
