@@ -205,6 +205,11 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                 f"fused={fused}, amp={cfg['amp']}); run folder {run}")
             if job.extra.get("pretrained_load"):  # what the weights file filled, and what not
                 log(job.extra["pretrained_load"])
+            elif cfg.get("from_scratch") and cfg.get("pretrained") and not cfg.get("resume"):
+                # both given (e.g. a config file's --pretrained plus the baseline's flag): say
+                # which wins, so that a baseline is never mistaken for a transfer run
+                log(f"from scratch: --pretrained {cfg['pretrained']} sets the architecture only "
+                    "(depth, shortcut); none of its weights are loaded")
         # config.yaml is written once the data, model and any resumed checkpoint are accepted:
         # a refused --resume (other model, bad option) must not replace the run's config
         def save():

@@ -511,3 +511,15 @@ def test_pretrain_says_where_the_exported_encoder_is(tiny_data, tmp_path, capsys
     out = capsys.readouterr().out
     assert str(tmp_path / "pre" / "encoder_medicalnet.pth") in out
     assert str(tmp_path / "pre" / "encoder.safetensors") in out and "--pretrained" in out
+
+
+def test_from_scratch_with_pretrained_says_no_weights_are_loaded(tiny_data, tmp_path, capsys):
+    from med3d_ext.models import resnet3d, save_encoder_medicalnet
+
+    w = save_encoder_medicalnet(resnet3d(10), tmp_path / "r10.pth")
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], tmp_path / "run", "--cache",
+                                        tiny_data["cache"], "--epochs", 1, "--steps", 1,
+                                        "--pretrained", w, "--from-scratch")]) == 0
+    out = capsys.readouterr().out  # was silent: the run looked like a transfer run
+    assert "from scratch" in out and "none of its weights are loaded" in out
+    assert "Loaded" not in out
