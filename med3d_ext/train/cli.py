@@ -235,9 +235,10 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                     job.model, run / "encoder_medicalnet.pth"))
                 summary["encoder_safetensors"] = str(save_encoder_safetensors(
                     job.model, run / "encoder.safetensors"))
+                ck = run / ("best.pt" if summary["best_step"] >= 0 else "last.pt")
                 log(f"encoder exported (final weights): {summary['encoder_medicalnet']} "
                     f"(MedicalNet layout) and {summary['encoder_safetensors']}; transfer it "
-                    f"with --pretrained {run / 'best.pt'} or one of these")
+                    f"with --pretrained {ck} or one of these")
             summary["run"] = str(run)
             validated = summary["best_step"] >= 0
             # no validation cases (--val-fraction 0, a one-case dataset): no best.pt, and no

@@ -510,7 +510,12 @@ def test_pretrain_says_where_the_exported_encoder_is(tiny_data, tmp_path, capsys
                                         "--epochs", 1, "--steps", 1)]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "pre" / "encoder_medicalnet.pth") in out
-    assert str(tmp_path / "pre" / "encoder.safetensors") in out and "--pretrained" in out
+    assert str(tmp_path / "pre" / "encoder.safetensors") in out
+    assert f"--pretrained {tmp_path / 'pre' / 'best.pt'}" in out
+    # without validation cases there is no best.pt: the hint names last.pt
+    assert main(["pretrain", *tiny_args(one, tmp_path / "nv", "--cache", tiny_data["cache"],
+                                        "--epochs", 1, "--steps", 1, "--val-fraction", 0)]) == 0
+    assert f"--pretrained {tmp_path / 'nv' / 'last.pt'}" in capsys.readouterr().out
 
 
 def test_from_scratch_with_pretrained_says_no_weights_are_loaded(tiny_data, tmp_path, capsys):
