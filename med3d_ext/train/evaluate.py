@@ -160,9 +160,8 @@ def _check_recipe(pre, rec, src, data_dir, split):
 
 
 def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, log):
-    import nibabel as nib
-
-    from med3d_ext.data import save_nifti
+    from med3d_ext.data import read_volume, save_nifti
+    from med3d_ext.data.io import ras_to_source
 
     from .tasks import check_classes, head_name, input_channel, open_preprocessed
 
@@ -228,7 +227,10 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         path = save_nifti(pred, affine, out / f"{case}.nii.gz")  # atomic, qform = sform
         row = {"case": case, "prediction": str(path), "labelled": bool(meta.get("label"))}
         if meta.get("label"):
-            gt = np.asarray(nib.load(meta["label"]).dataobj).astype(np.int64)
+            # read as training read it (NIfTI, NRRD/MHA, DICOM; a bad file is a DataError), in
+            # the label file's stored voxel order, which is the prediction's
+            lv = read_volume(meta["label"])
+            gt = ras_to_source(lv.data[0], lv.ornt).astype(np.int64)
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
             dice = dice_per_class(pred, gt, n_cls)
             for c in range(1, n_cls):
