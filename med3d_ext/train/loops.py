@@ -330,12 +330,15 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             if end_of_epoch:
                 if ctx.is_main:
                     model.eval()
+                    # whole-volume validation can take minutes: the bar says what it waits for
+                    bar.set_description(f"{job.kind} (validating)")
                     try:
                         with torch.autocast(dev.type, dtype=amp or torch.float32,
                                             enabled=amp is not None):
                             val = job.validate(model)
                     except torch.OutOfMemoryError as e:
                         raise TrainingError(_oom_message(cfg, "validation")) from e
+                    bar.set_description(job.kind)
                     model.train()
                     if frozen:  # model.train() must not wake frozen BatchNorm
                         _set_frozen(model, True)

@@ -177,3 +177,4 @@ def test_ctrl_c_to_the_process_group_with_dataloader_workers(tiny_data, tmp_path
     assert p.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.count("Ctrl-C: stopping") == 1, err[-3000:]
     assert 2 <= torch.load(run / "last.pt", weights_only=True)["step"] < 8
+
