@@ -124,7 +124,9 @@ def _run_demo(out, device, quick, seed, log, progress) -> dict:
     if any((run / sub / "last.pt").exists() for sub in ("pretrain", "transfer-pretrained",
                                                         "transfer-scratch")):
         raise C.ConfigError(f"--out {str(run)!r} already holds a demo run; choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
+    from .cli import make_output_dir
+
+    make_output_dir(run, "--out")
     t0 = time.perf_counter()
     d = demo_data(sz["cases"], sz["size"], seed, log)
     t_data = time.perf_counter() - t0

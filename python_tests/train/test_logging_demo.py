@@ -95,7 +95,10 @@ def test_demo_user_errors_are_clean(tmp_path, capsys):
     for argv, rc, want in [(["--device", "tpu", "--quick"], 1, "--device 'tpu'"),
                            (["--out", tmp_path / "afile", "--device", "cpu"], 2, "is a file"),
                            (["demo", "--out", tmp_path / "old", "--device", "cpu"], 2,
-                            "already holds a demo run")]:
+                            "already holds a demo run"),
+                           # was "error: <path>: Not a directory", without the option's name
+                           (["demo", "--out", tmp_path / "afile" / "d", "--device", "cpu"], 2,
+                            "--out")]:
         assert main(argv) == rc, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and want in err and len(err.splitlines()) == 1, err
