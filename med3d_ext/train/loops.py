@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,7 +290,16 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
                 scaler.step(opt)
                 scaler.update()
-                sched.step()
+                if scaler.is_enabled():
+                    # fp16: the scaler skips the optimizer step when its scale overflows (the
+                    # first steps, by design) and torch then warns that the schedule stepped
+                    # "before optimizer.step()"; the schedule follows the step count on purpose
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=r"Detected call of "
+                                                r"`lr_scheduler\.step\(\)` before")
+                        sched.step()
+                else:
+                    sched.step()
             except torch.OutOfMemoryError as e:
                 raise TrainingError(_oom_message(cfg, "training")) from e
             step += 1
