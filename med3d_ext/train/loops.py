@@ -123,8 +123,12 @@ class _CtrlC:
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
-        print("\nCtrl-C: stopping after this step and saving it (press Ctrl-C again to stop at "
-              "once, losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
+        msg = ("\nCtrl-C: stopping after this step and saving it (press Ctrl-C again to stop at "
+               "once, losing the steps since the last checkpoint)\n")
+        try:  # unbuffered: print() here could re-enter a write the bar was in the middle of
+            os.write(sys.stderr.fileno(), msg.encode())
+        except (OSError, ValueError, AttributeError):  # no real stderr (captured, closed)
+            pass
 
     def __exit__(self, *exc):
         if self.enabled:
