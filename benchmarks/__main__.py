@@ -49,6 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--profile and --profile-only: pick one")
     if a.append and a.profile_only:
         p.error("--append and --profile-only: a profile goes to its own --out")
+    try:  # before any measuring: results are written after every case, the first within seconds
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {a.out!r}: cannot create this folder ({exc.strerror or exc})")
+    if not os.access(a.out, os.W_OK | os.X_OK):
+        p.error(f"--out {a.out!r}: this folder is not writable")
     bad = [x for x in a.areas if x not in AREAS]
     if bad:
         import difflib

@@ -451,7 +451,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="transfer seeds (default 0 1 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/"
-                   "<date>_<device>-convergence)")
+                   "<date>_<device>-convergence; with --quick benchmarks/results/latest/"
+                   "convergence-quick)")
     p.add_argument("--medicalnet", default=None, metavar="PATH",
                    help="MedicalNet-layout ResNet weights (.pth/.safetensors): a third arm")
     p.add_argument("--threads", type=int, default=None,
@@ -477,7 +478,10 @@ def main(argv=None) -> int:
         import torch
 
         dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # a --quick smoke test goes to the git-ignored results/latest/: under the dated name it
+    # overwrote the committed study of that day (results/<date>_cpu-convergence/)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                os.path.join("latest", "convergence-quick") if a.quick else
                                 f"{time.strftime('%Y-%m-%d')}_{dev}-convergence")
     try:
         s = run_study(out, seeds=a.seeds, device=dev, quick=a.quick, medicalnet=a.medicalnet,

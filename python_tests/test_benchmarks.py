@@ -5,6 +5,7 @@ README publisher."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -160,6 +161,33 @@ def test_unknown_area_names_the_closest(capsys):
     with pytest.raises(SystemExit):
         bench_main.parse_args(["los"])
     assert "did you mean loss" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_refused_before_measuring(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("")
+    with pytest.raises(SystemExit):  # was: a NotADirectoryError traceback after the first case
+        bench_main.parse_args(["bn_stats", "--out", str(f / "res")])
+    err = capsys.readouterr().err
+    assert "--out" in err and str(f / "res") in err and "Not a directory" in err
+
+
+def test_quick_convergence_study_never_writes_into_dated_results(monkeypatch):
+    """`convergence_study --quick` (a smoke test) wrote into benchmarks/results/<date>_cpu-
+    convergence/, overwriting the committed study when run on its date."""
+    from benchmarks import convergence_study
+
+    seen = {}
+
+    def fake(out, **kw):
+        seen["out"] = out
+        raise ValueError("stop here")  # reported as an error line; nothing trained
+    monkeypatch.setattr(convergence_study, "run_study", fake)
+    assert convergence_study.main(["--quick", "--device", "cpu"]) == 2
+    parts = os.path.normpath(seen["out"]).split(os.sep)
+    assert parts[-3:] == ["results", "latest", "convergence-quick"]
+    assert convergence_study.main(["--device", "cpu"]) == 2  # a full study keeps its dated name
+    assert os.path.basename(seen["out"]).endswith("_cpu-convergence")
 
 
 def test_compare_rule():

@@ -259,3 +259,48 @@ def test_uses_ops_resize_when_present(tmp_path, monkeypatch):
     root = make_msd(tmp_path / "ds", n=2)
     preprocess(root, tmp_path / "c", progress=False, workers=0, target_spacing=(0.7, 0.9, 1.3))
     assert calls and set(calls) == {"trilinear"}
+
+
+def test_cli_preprocesses_a_folder_of_datasets_into_the_training_cache(tmp_path, capsys):
+    """`data preprocess DIR/pretrain` (the folder that `pretrain --data` takes) preprocesses
+    each dataset (it used to stop with "no dataset.json"); with --out CACHE each lands where
+    `pretrain --cache CACHE` looks, so training reuses it instead of preprocessing again."""
+    from med3d_ext.data.__main__ import main
+    from med3d_ext.data.synthetic import synth
+
+    root = tmp_path / "synth"
+    dirs = synth(root, cases=1, size=16, seed=int(rng().integers(0, 1000)))["pretrain"]
+    cache = tmp_path / "cache"
+    assert main(["preprocess", str(root / "pretrain"), "--out", str(cache), "--workers", "0",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(dirs)} datasets" in out
+    made = sorted(p for p in cache.iterdir() if (p / "cache.json").is_file())
+    assert len(made) == len(dirs) == 8
+    train = pytest.importorskip("med3d_ext.train.tasks")
+    for d in dirs:  # what training opens with --cache CACHE is the folder filled above
+        pre = train.open_preprocessed(d, {"cache": str(cache), "progress": False})
+        assert pre.dir in made and pre.stats["processed"] == 0 and pre.stats["reused"] == 1
+    # one dataset keeps the documented meaning of --out: the cache folder itself
+    one = tmp_path / "one"
+    assert main(["preprocess", str(dirs[0]), "--out", str(one), "--workers", "0",
+                 "--no-progress"]) == 0
+    assert (one / "cache.json").is_file()
+
+
+def test_bad_spacing_and_workers_are_refused_up_front(tmp_path, capsys):
+    """--spacing -1 1 1 used to be accepted (an axis collapsed to one voxel, silently), 0 crashed
+    every case with an OverflowError; --workers -1 was printed as "-1 workers"."""
+    from med3d_ext.data.__main__ import main
+
+    root = make_msd(tmp_path / "ds", n=1)
+    for spacing in ([-1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [float("nan"), 1.0, 1.0]):
+        with pytest.raises(ValueError, match="positive"):
+            preprocess(root, tmp_path / "c", target_spacing=spacing, workers=0, progress=False)
+    with pytest.raises(ValueError, match="workers"):
+        preprocess(root, tmp_path / "c", workers=-1, progress=False)
+    assert not (tmp_path / "c").exists()
+    assert main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--spacing", "-1", "1",
+                 "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--spacing" in err and "Traceback" not in err

@@ -51,6 +51,13 @@ def main(argv=None) -> int:
     if args.cmd in ("synth", "real") and out and os.path.exists(out) and not os.path.isdir(out):
         print(f"error: --out {out!r} is a file; {args.cmd} writes a folder", file=sys.stderr)
         return 2
+    if args.cmd in ("synth", "real"):
+        # refuse an unusable --out before generating anything (and without creating folders
+        # for a run that another argument may still refuse), naming it and the reason
+        why = _unwritable(out)
+        if why:
+            print(f"error: --out {out!r}: {why}", file=sys.stderr)
+            return 2
     try:
         if args.cmd == "synth":
             from .synthetic import synth
@@ -64,33 +71,81 @@ def main(argv=None) -> int:
             for d in real(args.out, cases=args.cases, seed=args.seed):
                 print(f"wrote {d}")
         else:
-            from .layouts import load_dataset
-            from .preprocess import preprocess
-
-            ds = load_dataset(args.dataset, skip_bad=args.skip_bad)
-            print(ds.summary())
-            with warnings.catch_warnings():  # the skipped cases are listed once, below
-                warnings.filterwarnings("ignore", message=r".*skipped \d+ bad case")
-                pre = preprocess(ds, args.out, workers=args.workers, skip_bad=args.skip_bad,
-                                 target_spacing=args.spacing, progress=not args.no_progress,
-                                 seed=args.seed)
-            dt = time.perf_counter() - t0
-            print(f"{len(pre)} cases cached in {pre.dir} ({dt:.1f} s); target spacing "
-                  f"{pre.info['target_spacing']} mm")
-            st = pre.stats
-            if st["processed"]:
-                print(f"preprocessed {st['processed']} case(s) in {st['seconds']:.1f} s: "
-                      f"{st['processed'] / max(st['seconds'], 1e-9):.2f} cases/s "
-                      f"({args.workers or 'default'} workers)"
-                      + (f"; {st['reused']} reused from the cache" if st["reused"] else ""))
-            elif st["reused"]:
-                print(f"all {st['reused']} case(s) reused from the cache (unchanged sources)")
-            for msg in pre.info.get("problems", []):
-                print(f"skipped: {msg}", file=sys.stderr)
+            for path, out in _preprocess_targets(args.dataset, args.out):
+                _preprocess_one(path, out, args)
     except (DataError, ImportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk full or an unwritable file met mid-run
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted" + ("; run the same command again to continue (the cases already "
+                               "preprocessed are reused)" if args.cmd == "preprocess" else ""),
+              file=sys.stderr)
+        return 130
     return 0
+
+
+def _unwritable(path) -> str | None:
+    """Why a folder cannot be created or written at ``path`` (None if it can), judged by its
+    nearest existing ancestor."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        return f"cannot create this folder ({p!r} is a file)"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"cannot create or write this folder ({p!r} is not writable)"
+    return None
+
+
+def _preprocess_targets(dataset, out) -> list:
+    """(dataset folder, cache folder) pairs. A folder of datasets (synth's ``DIR/pretrain``,
+    which ``pretrain --data`` expands the same way) gives each of its datasets; with ``--out
+    CACHE`` each goes to the sub-folder that ``--cache CACHE`` makes training look in."""
+    from pathlib import Path
+
+    from .io import DataError
+    from .layouts import find_datasets
+    from .preprocess import cache_subdir
+
+    try:
+        dirs = find_datasets(dataset) if Path(dataset).is_dir() else [dataset]
+    except DataError:  # neither: load_dataset says what is wrong with the folder itself
+        dirs = [dataset]
+    if len(dirs) == 1:
+        return [(dirs[0], out)]
+    print(f"{dataset}: {len(dirs)} datasets ({', '.join(Path(d).name for d in dirs)})")
+    return [(d, None if out is None else cache_subdir(out, d)) for d in dirs]
+
+
+def _preprocess_one(path, out, args) -> None:
+    from .layouts import load_dataset
+    from .preprocess import preprocess
+
+    t0 = time.perf_counter()
+    ds = load_dataset(path, skip_bad=args.skip_bad)
+    print(ds.summary())
+    with warnings.catch_warnings():  # the skipped cases are listed once, below
+        warnings.filterwarnings("ignore", message=r".*skipped \d+ bad case")
+        pre = preprocess(ds, out, workers=args.workers, skip_bad=args.skip_bad,
+                         target_spacing=args.spacing, progress=not args.no_progress,
+                         seed=args.seed)
+    dt = time.perf_counter() - t0
+    print(f"{len(pre)} cases cached in {pre.dir} ({dt:.1f} s); target spacing "
+          f"{pre.info['target_spacing']} mm")
+    st = pre.stats
+    if st["processed"]:
+        print(f"preprocessed {st['processed']} case(s) in {st['seconds']:.1f} s: "
+              f"{st['processed'] / max(st['seconds'], 1e-9):.2f} cases/s "
+              f"({args.workers or 'default'} workers)"
+              + (f"; {st['reused']} reused from the cache" if st["reused"] else ""))
+    elif st["reused"]:
+        print(f"all {st['reused']} case(s) reused from the cache (unchanged sources)")
+    for msg in pre.info.get("problems", []):
+        print(f"skipped: {msg}", file=sys.stderr)
 
 
 if __name__ == "__main__":

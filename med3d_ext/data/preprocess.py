@@ -29,6 +29,7 @@ import os
 import sys
 import threading
 import warnings
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -240,6 +241,14 @@ def default_cache_dir(dataset_root) -> Path:
     return base / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
 
 
+def cache_subdir(cache_root, dataset_root) -> Path:
+    """The cache folder of a dataset under a cache root given by the user (training's
+    ``--cache CACHE``, ``data preprocess`` of a folder of datasets with ``--out CACHE``):
+    ``CACHE/<name>-<crc32 of the absolute path>``."""
+    key = zlib.crc32(str(Path(dataset_root).resolve()).encode()) & 0xFFFFFFFF
+    return Path(cache_root) / f"{Path(dataset_root).name}-{key:08x}"
+
+
 def _tmp_name(path: Path, suffix: str = "") -> Path:
     # unique per process and thread: two processes filling one cache (DDP ranks, parallel runs
     # on a shared disk) must never write into each other's partial file before the rename
@@ -307,9 +316,23 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
              and std, as in training.
     Returns a :class:`PreprocessedDataset`.
     """
+    if workers is not None and int(workers) < 0:
+        raise ValueError(f"workers (--workers): expected >= 0 (0 = in this process), got "
+                         f"{workers}")
+    if target_spacing is not None:
+        ts = np.broadcast_to(np.asarray(target_spacing, dtype=np.float64), 3)
+        # a zero spacing crashed every case, and a negative one collapsed an axis to 1 voxel
+        if not (np.isfinite(ts).all() and (ts > 0).all()):
+            raise ValueError("target spacing (--spacing): expected 3 positive mm values, got "
+                             f"{np.asarray(target_spacing).tolist()}")
     ds = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     out = Path(out) if out is not None else default_cache_dir(ds.root)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # before any work: name the folder and where its path comes from
+        raise DataError(out, f"cannot create this preprocessing cache folder "
+                             f"({e.strerror or e}); choose another with --cache / --out, or "
+                             "set $MED3D_EXT_CACHE") from None
     problems = list(ds.problems)
     good = []
     spacings = []

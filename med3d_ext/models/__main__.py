@@ -50,10 +50,8 @@ def convert(path, out) -> str:
     in_ch = sd[_encoder_prefix(sd, str(path)) + "conv1.weight"].shape[1]
     enc = ResNet3dEncoder(depth, shortcut, in_ch)
     load_medicalnet_weights(enc, path)
-    if str(out).endswith(".safetensors"):
-        save_encoder_safetensors(enc, out)
-    else:
-        save_encoder_medicalnet(enc, out)
+    _write(save_encoder_safetensors if str(out).endswith(".safetensors")
+           else save_encoder_medicalnet, enc, out)
     return f"wrote ResNet-{depth} (shortcut {shortcut}) encoder to {out}"
 
 
@@ -76,6 +74,21 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _write(save, enc, out) -> None:
+    """Write the encoder; an unwritable OUT is a one-line error naming it, not a traceback."""
+    try:
+        save(enc, out)
+    except OSError as e:
+        at = f": {e.filename!r}" if e.filename and str(e.filename) != str(out) else ""
+        raise MedicalNetWeightsError(f"cannot write {str(out)!r} ({e.strerror or e}{at})"
+                                     ) from None
+    except Exception as e:
+        # safetensors reports I/O failures as its own error type (a Rust error, not OSError)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise MedicalNetWeightsError(f"cannot write {str(out)!r} ({e})") from None
 
 
 if __name__ == "__main__":

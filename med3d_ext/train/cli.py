@@ -126,10 +126,28 @@ def _run_dir(cfg, command, ctx) -> Path:
         if not cfg.get("resume") and (out / "last.pt").exists():
             raise C.ConfigError(f"run folder {str(out)!r} already holds a checkpoint; resume it "
                                 f"with --resume {out} or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out, "--out")
 
     run_on_main(check_and_make, ctx)
     return out
+
+
+def make_output_dir(path, option: str) -> Path:
+    """Create an output folder, or fail with an error that names the option and the reason
+    (a parent that is a file, no permission, a read-only disk) before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise C.ConfigError(f"{option} {str(path)!r}: cannot create this folder "
+                            f"({e.strerror or e}{_where(e, path)})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise C.ConfigError(f"{option} {str(path)!r}: this folder is not writable")
+    return path
+
+
+def _where(e: OSError, path) -> str:
+    return f": {e.filename}" if e.filename and str(e.filename) != str(path) else ""
 
 
 def _absolute_paths(cfg: dict) -> dict:
@@ -153,10 +171,13 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
 
     cfg = dict(cfg)
     ctx, fused, channels_last = _setup(cfg, command)
+    made = None  # the run folder, when this call created it
     try:
         dirs = resolve_data_dirs(cfg.get("data"), command)
         cfg = _absolute_paths(cfg)
+        out_before = Path(cfg.get("out") or "").exists() if cfg.get("out") else False
         run = _run_dir(cfg, command, ctx)
+        made = None if out_before else run
         cfg["out"] = str(run)
         if ctx.enabled and not (command == "transfer" and cfg["task"] == "cls"):
             from .tasks import open_preprocessed
@@ -184,6 +205,11 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                 f"fused={fused}, amp={cfg['amp']}); run folder {run}")
             if job.extra.get("pretrained_load"):  # what the weights file filled, and what not
                 log(job.extra["pretrained_load"])
+            elif cfg.get("from_scratch") and cfg.get("pretrained") and not cfg.get("resume"):
+                # both given (e.g. a config file's --pretrained plus the baseline's flag): say
+                # which wins, so that a baseline is never mistaken for a transfer run
+                log(f"from scratch: --pretrained {cfg['pretrained']} sets the architecture only "
+                    "(depth, shortcut); none of its weights are loaded")
         # config.yaml is written once the data, model and any resumed checkpoint are accepted:
         # a refused --resume (other model, bad option) must not replace the run's config
         def save():
@@ -196,6 +222,11 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         save = save if ctx.is_main else None
         summary = run_training(cfg, job, run, ctx, resume_from=cfg.get("resume"),
                                on_start=save)
+        if ctx.is_main and cfg.get("resume") and summary["start_step"] >= summary["steps"]:
+            # a finished run resumed as it was: say so, and how to train it longer
+            log(f"nothing to train: {run} already did its {summary['steps']} steps "
+                f"(--epochs {cfg['epochs']} x --steps {cfg['steps']}); to train longer, resume "
+                f"it with a larger --epochs, e.g. --resume {run} --epochs {cfg['epochs'] * 2}")
         if ctx.is_main:
             if command == "pretrain" and cfg.get("export", True):
                 from med3d_ext.models import save_encoder_medicalnet, save_encoder_safetensors
@@ -204,6 +235,10 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                     job.model, run / "encoder_medicalnet.pth"))
                 summary["encoder_safetensors"] = str(save_encoder_safetensors(
                     job.model, run / "encoder.safetensors"))
+                ck = run / ("best.pt" if summary["best_step"] >= 0 else "last.pt")
+                log(f"encoder exported (final weights): {summary['encoder_medicalnet']} "
+                    f"(MedicalNet layout) and {summary['encoder_safetensors']}; transfer it "
+                    f"with --pretrained {ck} or one of these")
             summary["run"] = str(run)
             validated = summary["best_step"] >= 0
             # no validation cases (--val-fraction 0, a one-case dataset): no best.pt, and no
@@ -218,6 +253,12 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                     f"no best.pt; the final weights are {run / 'last.pt'}")
         barrier(ctx)
         return summary
+    except BaseException:
+        # a run refused before it started (bad --pretrained, data, option) leaves no empty run
+        # folder behind to puzzle over (nor one that a retry with another --out would ignore)
+        if made is not None and ctx.is_main and made.is_dir() and not any(made.iterdir()):
+            made.rmdir()
+        raise
     finally:
         cleanup(ctx)
 
@@ -243,7 +284,11 @@ def run_evaluate(cfg: dict, log=print, explicit=()) -> dict:
 
         fused = dev.type == "cuda" and fusion_available()
     if not cfg.get("out"):
-        cfg = dict(cfg, out=f"predictions/{Path(str(cfg.get('run') or 'run')).name}")
+        # named after the run folder, also when --run / --checkpoint name a file in it (it was
+        # predictions/best.pt/ for --run runs/x/best.pt)
+        src = Path(str(cfg.get("run") or cfg.get("checkpoint") or "run"))
+        name = src.resolve().parent.name if src.suffix in (".pt", ".pth") else src.name
+        cfg = dict(cfg, out=f"predictions/{name}")
     return evaluate(cfg, dev, fused=fused, log=log, explicit=explicit)
 
 
@@ -258,6 +303,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     errors = _known_errors()
+    from .loops import TrainingInterrupted
     try:
         with warnings.catch_warnings():
             # a user reads "warning: <what>" (e.g. the --skip-bad list), not a source line
@@ -278,8 +324,18 @@ def main(argv=None) -> int:
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outside the training loop (preprocessing, evaluation)
+        print("interrupted", file=sys.stderr)
+        return 130
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a disk full or an unwritable path met mid-run
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
+              file=sys.stderr)
         return 1
     return 0
 

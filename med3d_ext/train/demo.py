@@ -100,6 +100,17 @@ def steps_to_target(steps, values, target):
 
 def run_demo(out=None, device: str = "auto", quick: bool = False, seed: int = 0,
              log=print, progress: bool = True) -> dict:
+    from .loops import TrainingInterrupted
+
+    try:
+        return _run_demo(out, device, quick, seed, log, progress)
+    except TrainingInterrupted:
+        # the runs' "--resume RUN" hint does not apply: the demo is a fixed recipe, not resumable
+        raise TrainingInterrupted("demo interrupted; it does not resume: run it again with "
+                                  "another --out (the synthetic data are reused)") from None
+
+
+def _run_demo(out, device, quick, seed, log, progress) -> dict:
     from . import config as C
     from .cli import run_evaluate, run_pretrain, run_transfer
     from .distributed import resolve_device
@@ -113,7 +124,9 @@ def run_demo(out=None, device: str = "auto", quick: bool = False, seed: int = 0,
     if any((run / sub / "last.pt").exists() for sub in ("pretrain", "transfer-pretrained",
                                                         "transfer-scratch")):
         raise C.ConfigError(f"--out {str(run)!r} already holds a demo run; choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
+    from .cli import make_output_dir
+
+    make_output_dir(run, "--out")
     t0 = time.perf_counter()
     d = demo_data(sz["cases"], sz["size"], seed, log)
     t_data = time.perf_counter() - t0

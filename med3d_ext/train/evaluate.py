@@ -63,14 +63,22 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     """Evaluate run cfg["run"] on cfg["data"][0]; predictions and metrics go to cfg["out"].
     The window (patch), input channel and cache come from the run's configuration unless
     given explicitly (keys in ``explicit``)."""
-    if not cfg.get("run"):
+    which = str(cfg.get("checkpoint") or "best")
+    named = which not in ("best", "last")  # --checkpoint FILE
+    if named and not Path(which).is_file():
+        # a typo ("bset") used to fall back to best.pt silently, and a path was never read
+        raise ConfigError(f"--checkpoint {which!r}: expected best, last or a checkpoint file, "
+                          "and there is no such file")
+    if not cfg.get("run") and not named:
         raise ConfigError("evaluate needs --run RUN (a run folder or checkpoint)")
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
     from .tasks import resolve_data_dirs
 
     data_dir = resolve_data_dirs(cfg["data"], "evaluate")[0]
-    ckpt_path = find_checkpoint(cfg["run"], cfg["checkpoint"])
+    ckpt_path = Path(which) if named else find_checkpoint(cfg["run"], which)
+    if not cfg.get("run"):
+        cfg = dict(cfg, run=str(ckpt_path))
     ckpt = load_checkpoint(ckpt_path)
     run_cfg = ckpt.get("config") or {}
     cfg = dict(cfg)
@@ -80,7 +88,9 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     out = Path(cfg["out"])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; predictions need a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    from .cli import make_output_dir
+
+    make_output_dir(out, "--out")
     model = _load_model(ckpt, dev, fused)
     window = tuple(cfg["patch"])
     amp = autocast_dtype(cfg["amp"], dev)
@@ -150,9 +160,8 @@ def _check_recipe(pre, rec, src, data_dir, split):
 
 
 def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, log):
-    import nibabel as nib
-
-    from med3d_ext.data import save_nifti
+    from med3d_ext.data import read_volume, save_nifti
+    from med3d_ext.data.io import ras_to_source
 
     from .tasks import check_classes, head_name, input_channel, open_preprocessed
 
@@ -174,8 +183,9 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     if arch["task"] == "pretrain":
         head = cfg.get("head") or name
         if head not in arch["heads"]:
+            what = "--head" if cfg.get("head") else "the dataset's name"
             raise ConfigError(f"this pretraining run has heads {list(arch['heads'])}; none is "
-                              f"named {head!r} (the dataset); pick one with --head")
+                              f"named {head!r} ({what}); pick one with --head")
         n_cls = arch["heads"][head]
         predictor = lambda x: model.forward_head(x, head)  # noqa: E731
     else:
@@ -194,16 +204,18 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
             f"training recipe (spacing {[round(v, 3) for v in rec['target_spacing']]} mm, "
             f"CT clip {clip})")
     rows = []
+    bar, tick = _window_bar(cfg)
     for i, case in enumerate(pre.names):
         if case not in names:
             continue
+        bar.set_description(f"evaluate {case} ({len(rows) + 1}/{len(names)})")
         x, _, meta = pre.load_case(i, ch)
         try:
             with torch.no_grad(), ctx():
                 probs = sliding_window_probs(
                     torch.from_numpy(x)[None].to(dev), predictor, window,
                     overlap=cfg["overlap"], sw_batch_size=cfg["sw_batch_size"],
-                    pad_value=pre.background_value(i, ch))
+                    pad_value=pre.background_value(i, ch), progress=tick)
         except torch.OutOfMemoryError as e:
             from .loops import TrainingError
 
@@ -215,7 +227,10 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         path = save_nifti(pred, affine, out / f"{case}.nii.gz")  # atomic, qform = sform
         row = {"case": case, "prediction": str(path), "labelled": bool(meta.get("label"))}
         if meta.get("label"):
-            gt = np.asarray(nib.load(meta["label"]).dataobj).astype(np.int64)
+            # read as training read it (NIfTI, NRRD/MHA, DICOM; a bad file is a DataError), in
+            # the label file's stored voxel order, which is the prediction's
+            lv = read_volume(meta["label"])
+            gt = ras_to_source(lv.data[0], lv.ornt).astype(np.int64)
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
             dice = dice_per_class(pred, gt, n_cls)
             for c in range(1, n_cls):
@@ -224,11 +239,13 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
             row["dice"] = nanmean(dice)
             row["hd95"] = nanmean(row[f"hd95_{c}"] for c in range(1, n_cls))
         rows.append(row)
-        if row["labelled"]:
-            log(f"  {case}: Dice {row.get('dice', float('nan')):.3f}  "
-                f"HD95 {row.get('hd95', float('nan')):.2f} mm")
-        else:
-            log(f"  {case}: no label, prediction only ({path.name})")
+        with bar.external_write_mode():  # the case's line above the bar, not through it
+            if row["labelled"]:
+                log(f"  {case}: Dice {row.get('dice', float('nan')):.3f}  "
+                    f"HD95 {row.get('hd95', float('nan')):.2f} mm")
+            else:
+                log(f"  {case}: no label, prediction only ({path.name})")
+    bar.close()
     if not rows:
         raise ConfigError(f"--split {split}: no case of {str(data_dir)!r} to evaluate")
     n_lab = sum(r["labelled"] for r in rows)
@@ -240,6 +257,9 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
                "cases": rows}
     if split == "test":  # what the test images were preprocessed with
         summary["preprocessing"] = dict(rec, source=src)
+    if pre.labels:  # the dataset's names of the classes whose Dice/HD95 the table reports
+        summary["class_names"] = {str(c): str(pre.labels[c]) for c in range(1, n_cls)
+                                  if c in pre.labels}
     for c in range(1, n_cls):
         summary[f"dice_{c}"] = nanmean(r.get(f"dice_{c}") for r in rows)
         summary[f"hd95_{c}"] = nanmean(r.get(f"hd95_{c}") for r in rows)
@@ -247,7 +267,25 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     summary["hd95"] = nanmean(r.get("hd95") for r in rows)
     _write(out, summary, rows)
     log(format_table(summary))
+    # where the results are (the default --out is derived from the run's name)
+    log(f"{len(rows)} prediction(s) as <case>.nii.gz in {out} (each case's original grid and "
+        f"affine); metrics in {out / 'metrics.json'} and {out / 'metrics.csv'}")
     return summary
+
+
+def _window_bar(cfg):
+    """A progress bar of the sliding windows of the case being predicted (--progress, the
+    default): a whole CT volume takes minutes on a CPU. Returns (bar, progress callback)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=0, unit="window", leave=False, dynamic_ncols=True,
+               disable=not cfg.get("progress", True))
+
+    def tick(done, total):
+        if bar.total != total:
+            bar.reset(total=total)
+        bar.update(done - bar.n)
+    return bar, tick
 
 
 def _to_source(probs: torch.Tensor, meta) -> np.ndarray:
@@ -308,7 +346,9 @@ def format_table(summary) -> str:
     """One line per case and a mean line; an unlabelled case shows "no label" instead of
     metrics, and the mean line says how many labelled cases it averages."""
     n = summary["num_classes"]
-    head = ["case"] + [f"Dice {c}" for c in range(1, n)] + [f"HD95 {c} (mm)" for c in range(1, n)]
+    names = summary.get("class_names") or {}
+    cls = [f"{c} {names[str(c)]}" if str(c) in names else str(c) for c in range(1, n)]
+    head = ["case"] + [f"Dice {c}" for c in cls] + [f"HD95 {c} (mm)" for c in cls]
     lines = [" | ".join(head)]
     cases = summary["cases"]
     n_lab = summary.get("labelled_cases", len(cases))

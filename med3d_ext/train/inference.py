@@ -57,7 +57,8 @@ def window_starts(n: int, w: int, overlap: float) -> list[int]:
 def sliding_window_probs(volume: torch.Tensor, predictor: Callable[[torch.Tensor], torch.Tensor],
                          window, *, overlap: float = 0.5, sw_batch_size: int = 2,
                          weight_map: torch.Tensor | None = None, pad_value: float = 0.0,
-                         upsample: bool = True, softmax: bool = True) -> torch.Tensor:
+                         upsample: bool = True, softmax: bool = True,
+                         progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Class probabilities for a whole volume.
 
     volume: (N, C, D, H, W) on the model's device; smaller than ``window`` along an axis ->
@@ -65,6 +66,8 @@ def sliding_window_probs(volume: torch.Tensor, predictor: Callable[[torch.Tensor
     predictor: (B, C, wd, wh, ww) -> logits (B, K, d, h, w); (d, h, w) is upsampled
         trilinearly to the window when it differs (``upsample``).
     window: (wd, wh, ww). weight_map: (wd, wh, ww), default ``gaussian_weight_map``.
+    progress: called as ``progress(windows_done, windows_total)`` after each forward (a whole
+        CT volume on a CPU takes minutes: callers show a bar).
     Returns (N, K, D, H, W) float32 probabilities (softmax) or averaged logits.
     """
     if volume.dim() != 5:
@@ -99,6 +102,8 @@ def sliding_window_probs(volume: torch.Tensor, predictor: Callable[[torch.Tensor
         for j, s in enumerate(sl):
             out[s] += probs[j * n:(j + 1) * n] * weight_map
             norm[s] += weight_map
+        if progress is not None:
+            progress(i + len(chunk), len(corners))
     out = out / norm
     # F.pad order is (W_lo, W_hi, H_lo, H_hi, D_lo, D_hi)
     crop = tuple(slice(p0, p0 + s) for p0, s in zip((pads[4], pads[2], pads[0]), spatial))

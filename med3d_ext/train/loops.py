@@ -16,7 +16,12 @@ ends with bitwise the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +32,17 @@ from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_r
 from .distributed import DistContext, all_reduce_mean, barrier, wrap_ddp
 from .runlog import RunLogger, truncate_metrics
 
-__all__ = ["TrainingError", "Job", "run_training", "autocast_dtype", "build_optimizer",
-           "build_scheduler"]
+__all__ = ["TrainingError", "TrainingInterrupted", "Job", "run_training", "autocast_dtype",
+           "build_optimizer", "build_scheduler"]
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, out of memory, bad resume); the message says
     why and what to do."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C: the message says which checkpoint holds the work done and how to resume."""
 
 
 @dataclass
@@ -89,6 +98,44 @@ def _set_frozen(model, frozen: bool) -> None:
     (freeze_encoder if frozen else unfreeze_encoder)(model)
 
 
+class _CtrlC:
+    """A first Ctrl-C asks the loop to stop after the step in progress and to save it (model,
+    optimizer, RNG and loader position agree only between steps); a second one stops at once.
+    Only in a one-process run called from the main thread where Python's own SIGINT handler is
+    installed: a caller's handler, or a SIGINT that is ignored, is left as it is."""
+
+    def __init__(self, enabled: bool):
+        self.asked = False
+        self.enabled = (enabled and threading.current_thread() is threading.main_thread()
+                        and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+    def __enter__(self):
+        if self.enabled:
+            self.pid = os.getpid()
+            self.prev = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if os.getpid() != self.pid:
+            # a forked DataLoader worker inherits this handler and gets the terminal's Ctrl-C
+            # too: it keeps serving batches; the training process stops them when it leaves
+            return
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        msg = ("\nCtrl-C: stopping after this step and saving it (press Ctrl-C again to stop at "
+               "once, losing the steps since the last checkpoint)\n")
+        try:  # unbuffered: print() here could re-enter a write the bar was in the middle of
+            os.write(sys.stderr.fileno(), msg.encode())
+        except (OSError, ValueError, AttributeError):  # no real stderr (captured, closed)
+            pass
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.prev)
+        return False
+
+
 def _oom_message(cfg, where: str) -> str:
     p = cfg.get("patch")
     return (f"out of GPU memory during {where} (patch {p}, batch size {cfg.get('batch_size')}). "
@@ -118,6 +165,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
     logger = RunLogger(run_dir, enabled=ctx.is_main)
     start, best, target_step = 0, {"score": -math.inf, "step": -1}, None
     frozen = False
+    saved_at = {"step": None}  # the step of the newest last.pt (what an interruption keeps)
 
     if resume_from is not None:
         path = find_checkpoint(resume_from, "last")
@@ -138,6 +186,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         if ck.get("augment") is not None and hasattr(job.augment, "load_state_dict"):
             job.augment.load_state_dict(ck["augment"])
         start = int(ck["step"])
+        saved_at["step"] = start
         best = dict(ck.get("best") or best)
         target_step = ck.get("target_step")
         if ctx.is_main:
@@ -154,13 +203,16 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         on_start()
 
     def save(name: str, step: int) -> Path:
-        return save_checkpoint(
+        path = save_checkpoint(
             run_dir / f"{name}.pt", arch=job.arch, model=model, optimizer=opt, scheduler=sched,
             scaler=scaler, step=step, epoch=step // max(steps_per_epoch, 1), config=cfg,
             extra={"sampler": job.loader.state_dict(), "best": dict(best),
                    "augment": (job.augment.state_dict()
                                if hasattr(job.augment, "state_dict") else None),
                    "target_step": target_step, **job.extra})
+        if name == "last":  # once written: a Ctrl-C during the write keeps the previous one
+            saved_at["step"] = step
+        return path
 
     it = iter(job.loader)
 
@@ -194,11 +246,25 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             win["loss"] += v
         pending.clear()
 
+    def stop_here(step: int):
+        """After a Ctrl-C: keep the steps done (unless a non-finite loss is among them), then
+        leave with a message saying how to go on."""
+        flush_losses()
+        if ctx.is_main and saved_at["step"] != step:
+            save("last", step)
+        raise TrainingInterrupted(
+            f"interrupted after step {step} of {total}; saved {run_dir / 'last.pt'}; continue "
+            f"with --resume {run_dir}")
+
     t_run = time.perf_counter()
     model.train()
     step = start
+    ctrl_c = _CtrlC(ctx.world_size == 1)
     try:
+        ctrl_c.__enter__()
         while step < total:
+            if ctrl_c.asked:
+                stop_here(step)
             epoch = step // steps_per_epoch
             want_frozen = epoch < job.freeze_epochs
             if want_frozen != frozen:
@@ -209,6 +275,10 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                 batch = next_batch()
             except StopIteration:
                 raise TrainingError("the batch loader ran out before the last step") from None
+            except Exception:
+                if ctrl_c.asked:  # the terminal's Ctrl-C also stopped the DataLoader workers
+                    stop_here(step)
+                raise
             t1 = time.perf_counter()
             try:
                 inputs = job.prepare(batch, dev)
@@ -224,7 +294,16 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
                 scaler.step(opt)
                 scaler.update()
-                sched.step()
+                if scaler.is_enabled():
+                    # fp16: the scaler skips the optimizer step when its scale overflows (the
+                    # first steps, by design) and torch then warns that the schedule stepped
+                    # "before optimizer.step()"; the schedule follows the step count on purpose
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=r"Detected call of "
+                                                r"`lr_scheduler\.step\(\)` before")
+                        sched.step()
+                else:
+                    sched.step()
             except torch.OutOfMemoryError as e:
                 raise TrainingError(_oom_message(cfg, "training")) from e
             step += 1
@@ -265,12 +344,15 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             if end_of_epoch:
                 if ctx.is_main:
                     model.eval()
+                    # whole-volume validation can take minutes: the bar says what it waits for
+                    bar.set_description(f"{job.kind} (validating)")
                     try:
                         with torch.autocast(dev.type, dtype=amp or torch.float32,
                                             enabled=amp is not None):
                             val = job.validate(model)
                     except torch.OutOfMemoryError as e:
                         raise TrainingError(_oom_message(cfg, "validation")) from e
+                    bar.set_description(job.kind)
                     model.train()
                     if frozen:  # model.train() must not wake frozen BatchNorm
                         _set_frozen(model, True)
@@ -289,10 +371,17 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                 barrier(ctx)
             elif cfg.get("ckpt_every") and step % cfg["ckpt_every"] == 0 and ctx.is_main:
                 save("last", step)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one where the handler is not installed
+        last = saved_at["step"]
+        keep = (f"the last checkpoint is {run_dir / 'last.pt'} (step {last}); continue with "
+                f"--resume {run_dir}" if last is not None else
+                "no checkpoint was written yet; run the same command again to start over")
+        raise TrainingInterrupted(f"interrupted after step {step} of {total}; {keep}") from None
     finally:
+        ctrl_c.__exit__()
         bar.close()
         logger.close()
     return {"best_score": best["score"], "best_step": best["step"], "target_step": target_step,
-            "steps": total, "time_s": time.perf_counter() - t_run,
+            "steps": total, "start_step": start, "time_s": time.perf_counter() - t_run,
             "last": str(run_dir / "last.pt"), "best": str(run_dir / "best.pt")}
 

@@ -100,8 +100,9 @@ def open_preprocessed(path, cfg, split: str = "train", recipe: dict | None = Non
 
     cache = None
     if cfg.get("cache"):
-        key = zlib.crc32(str(Path(path).resolve()).encode()) & 0xFFFFFFFF
-        cache = Path(cfg["cache"]) / f"{Path(path).name}-{key:08x}"
+        from med3d_ext.data.preprocess import cache_subdir
+
+        cache = cache_subdir(cfg["cache"], path)
         if _cache_of(Path(cfg["cache"]), path):  # `data preprocess DIR --out CACHE` made it
             cache = Path(cfg["cache"])
     # a process pool pays off only with spare cores (and this may run under torchrun)

@@ -36,6 +36,21 @@ def _range(name, v, lo_bound=None) -> tuple[float, float]:
                      f"{'' if lo_bound is None else f' with low >= {lo_bound}'}, got {v!r}")
 
 
+def _grid(name, v) -> list[int]:
+    """An output grid as a list of ints: one int means a cube (as ``--patch 48`` does, so that
+    ``aug(image, label, patch, label_size=patch // 4)`` works for an int patch too); a tensor or
+    array of sizes (``patch // 4`` of one) is read as its values."""
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    elif hasattr(v, "tolist") and not isinstance(v, (list, tuple)):  # numpy array / scalar
+        v = v.tolist()
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v] * 3
+    if isinstance(v, (Sequence, torch.Size)) and not isinstance(v, str):
+        return [int(x) for x in v]
+    raise ValueError(f"RandomAugment3D: '{name}' must be an int or 3 ints, got {v!r}")
+
+
 def _prob(name, v) -> float:
     v = float(v)
     if not 0.0 <= v <= 1.0:
@@ -83,8 +98,8 @@ class RandomAugment3D:
 
     ``aug(image, label, size, label_size=None) -> (image, label)``: image (N, C, D, H, W)
     floating; label (N, D, H, W) / (N, 1, D, H, W) any dtype, or None; size the output spatial
-    size (3 ints) or the full (N, C, D, H, W); label_size the label's output grid (default:
-    size). Works on CPU tensors (DataLoader workers: call :meth:`reseed` with a per-worker seed
+    size (an int for a cube, 3 ints) or the full (N, C, D, H, W); label_size the label's output
+    grid (an int or 3 ints; default: size). Works on CPU tensors (DataLoader workers: call :meth:`reseed` with a per-worker seed
     in ``worker_init_fn``) and CUDA batches. :meth:`state_dict` / :meth:`load_state_dict` save
     and restore the generator states for an exact resume.
     """
@@ -238,12 +253,14 @@ class RandomAugment3D:
             raise ValueError("RandomAugment3D: 'image' must be (N, C, D, H, W), got "
                              f"{getattr(image, 'shape', type(image).__name__)}")
         n, c = image.shape[:2]
-        if not isinstance(size, (Sequence, torch.Size)) or len(size) not in (3, 5) \
-                or (len(size) == 5 and tuple(size[:2]) != (n, c)):
+        size = _grid("size", size)
+        if len(size) not in (3, 5) or (len(size) == 5 and tuple(size[:2]) != (n, c)):
             # a full size whose (N, C) is not the image's was silently cut to its last 3 values
-            raise ValueError("RandomAugment3D: 'size' must be 3 ints or (N, C, D, H, W) with "
-                             f"(N, C) = {(n, c)}, got {size!r}")
-        size = list(size)[-3:]
+            raise ValueError("RandomAugment3D: 'size' must be an int, 3 ints or (N, C, D, H, W) "
+                             f"with (N, C) = {(n, c)}, got {size!r}")
+        size = size[-3:]
+        if label_size is not None:
+            label_size = _grid("label_size", label_size)
         params = self.sample(n, image.shape[2:], size, image.device)
         no_label = label is None
         if no_label:  # a 1-voxel dummy keeps one code path and costs nothing

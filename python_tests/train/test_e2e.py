@@ -502,3 +502,29 @@ def test_patch_far_larger_than_every_case_warns(tiny_data, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_patch([pre], (16, 16, 16))
+
+
+def test_pretrain_says_where_the_exported_encoder_is(tiny_data, tmp_path, capsys):
+    one = sorted(tiny_data["pretrain"].iterdir())[0]
+    assert main(["pretrain", *tiny_args(one, tmp_path / "pre", "--cache", tiny_data["cache"],
+                                        "--epochs", 1, "--steps", 1)]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "pre" / "encoder_medicalnet.pth") in out
+    assert str(tmp_path / "pre" / "encoder.safetensors") in out
+    assert f"--pretrained {tmp_path / 'pre' / 'best.pt'}" in out
+    # without validation cases there is no best.pt: the hint names last.pt
+    assert main(["pretrain", *tiny_args(one, tmp_path / "nv", "--cache", tiny_data["cache"],
+                                        "--epochs", 1, "--steps", 1, "--val-fraction", 0)]) == 0
+    assert f"--pretrained {tmp_path / 'nv' / 'last.pt'}" in capsys.readouterr().out
+
+
+def test_from_scratch_with_pretrained_says_no_weights_are_loaded(tiny_data, tmp_path, capsys):
+    from med3d_ext.models import resnet3d, save_encoder_medicalnet
+
+    w = save_encoder_medicalnet(resnet3d(10), tmp_path / "r10.pth")
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], tmp_path / "run", "--cache",
+                                        tiny_data["cache"], "--epochs", 1, "--steps", 1,
+                                        "--pretrained", w, "--from-scratch")]) == 0
+    out = capsys.readouterr().out  # was silent: the run looked like a transfer run
+    assert "from scratch" in out and "none of its weights are loaded" in out
+    assert "Loaded" not in out

@@ -95,7 +95,60 @@ def test_demo_user_errors_are_clean(tmp_path, capsys):
     for argv, rc, want in [(["--device", "tpu", "--quick"], 1, "--device 'tpu'"),
                            (["--out", tmp_path / "afile", "--device", "cpu"], 2, "is a file"),
                            (["demo", "--out", tmp_path / "old", "--device", "cpu"], 2,
-                            "already holds a demo run")]:
+                            "already holds a demo run"),
+                           # was "error: <path>: Not a directory", without the option's name
+                           (["demo", "--out", tmp_path / "afile" / "d", "--device", "cpu"], 2,
+                            "--out")]:
         assert main(argv) == rc, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and want in err and len(err.splitlines()) == 1, err
+
+
+def test_demo_ctrl_c_says_how_to_start_again(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the demo exits 130 with one line; the runs' "--resume RUN" hint would be wrong
+    there (the demo refuses a folder that holds a run), so it says to start again."""
+    import med3d_ext.train.cli as cli
+    import med3d_ext.train.demo as demo
+    from med3d_ext.train.loops import TrainingInterrupted
+
+    def stopped(cfg, log=print):
+        raise TrainingInterrupted(f"interrupted at step 3 of 16; saved {cfg['out']}/last.pt; "
+                                  f"continue with --resume {cfg['out']}")
+    monkeypatch.setattr(demo, "demo_data", lambda *a, **k: {
+        "pretrain": tmp_path, "transfer": tmp_path, "root": tmp_path})
+    monkeypatch.setattr(cli, "run_pretrain", stopped)
+    assert cli.main(["demo", "--out", tmp_path / "d", "--device", "cpu", "--quick"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "demo interrupted" in err and "--resume" not in err and len(err.splitlines()) == 1
+
+
+def test_progress_bar_says_when_it_validates(tmp_path, capsys):
+    """The bar sat still, unexplained, during each epoch's whole-volume validation."""
+    import torch
+
+    from med3d_ext.train import config as C
+    from med3d_ext.train.loops import Job, run_training
+
+    class _Loader:
+        position = 0
+
+        def state_dict(self):
+            return {"position": self.position}
+
+        def __iter__(self):
+            while True:
+                self.position += 1
+                yield {"x": torch.randn(4, 3)}
+
+    model = torch.nn.Linear(3, 1)
+    seen = []
+
+    def validate(m):
+        seen.append(capsys.readouterr().err)  # the bar as it stands while validating
+        return {"score": 0.0}
+    cfg = C.resolve("pretrain", {"epochs": 1, "steps": 2, "progress": True})
+    job = Job("pretrain", model, {"task": "toy"}, _Loader(), lambda b, d: b,
+              lambda n, i: (n(i["x"]).pow(2).mean(), {}, None), validate,
+              [("all", list(model.parameters()), 0.1)], 4, 3)
+    run_training(cfg, job, tmp_path)
+    assert len(seen) == 1 and "pretrain (validating)" in seen[0]

@@ -148,3 +148,37 @@ def test_sliding_window_constant_predictor_and_errors():
     torch.testing.assert_close(out, expect)
     with pytest.raises(ValueError, match="N, C, D, H, W"):
         sliding_window_probs(torch.randn(1, 8, 8, 8), const, (8, 8, 8))
+
+
+def test_sliding_window_reports_progress_per_forward():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    shape = [int(v) for v in torch.randint(9, 20, (3,), generator=g)]
+    vol = torch.randn(1, 1, *shape, generator=g)
+    window, sw = (8, 6, 7), int(torch.randint(1, 5, (), generator=g))
+    seen = []
+    ref = sliding_window_probs(vol, lambda p: p.repeat(1, 2, 1, 1, 1), window, sw_batch_size=sw)
+    out = sliding_window_probs(vol, lambda p: p.repeat(1, 2, 1, 1, 1), window, sw_batch_size=sw,
+                               progress=lambda d, t: seen.append((d, t)))
+    n = math.prod(len(window_starts(s, w, 0.5)) for s, w in zip(shape, window))
+    assert seen[-1] == (n, n) and len(seen) == math.ceil(n / sw)
+    assert [d for d, _ in seen] == sorted({d for d, _ in seen})  # one call per forward, rising
+    assert torch.equal(out, ref)  # the callback changes nothing
+
+
+def test_evaluate_shows_a_window_progress_bar(tiny_data, tmp_path, capsys):
+    pytest.importorskip("med3d_ext.data")
+    from med3d_ext.train.cli import main
+
+    from .conftest import tiny_args
+
+    run = tmp_path / "run"
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], run, "--from-scratch", "--epochs",
+                                        1, "--steps", 1, "--cache", tiny_data["cache"])]) == 0
+    capsys.readouterr()
+    base = ["evaluate", "--run", run, "--data", tiny_data["transfer"], "--device", "cpu",
+            "--cache", tiny_data["cache"], "--patch", 8]
+    assert main(base + ["--out", tmp_path / "p1"]) == 0  # --progress is the default
+    err = capsys.readouterr().err
+    assert "window" in err and "evaluate " in err  # was: silent until each case finished
+    assert main(base + ["--out", tmp_path / "p2", "--no-progress"]) == 0
+    assert "window" not in capsys.readouterr().err

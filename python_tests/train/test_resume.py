@@ -173,3 +173,41 @@ def test_nan_loss_found_at_the_next_log_names_its_step(tmp_path, monkeypatch):
     # the 4 losses were gathered (and checked) once, at the end of the first epoch
     assert calls["n"] == 4 and synced.count(4) == 1 and synced[-1] == 4
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_resuming_a_finished_run_says_how_to_train_longer(tiny_data, tmp_path, capsys):
+    from med3d_ext.train.cli import main
+
+    run = tmp_path / "run"
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], run, "--from-scratch", "--epochs",
+                                        1, "--steps", 1, "--cache", tiny_data["cache"])]) == 0
+    capsys.readouterr()
+    assert main(["transfer", "--resume", run, "--no-progress"]) == 0  # was: a bare "done"
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "--epochs 2" in out
+    assert main(["transfer", "--resume", run, "--no-progress", "--epochs", 2]) == 0
+    assert "nothing to train" not in capsys.readouterr().out
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_fp16_skipped_first_step_does_not_warn_about_the_schedule(tmp_path):
+    """With --amp fp16 the grad scaler skips the steps whose scaled gradients overflow; torch's
+    "lr_scheduler.step() before optimizer.step()" warning then misled users."""
+    import warnings
+
+    model = torch.nn.Linear(3, 1)
+    calls = {"n": 0}
+
+    def step_fn(net, inp):
+        calls["n"] += 1
+        loss = net(inp["x"]).pow(2).mean()
+        return (loss.float() * 1e34 if calls["n"] == 1 else loss), {}, None  # overflows scaled
+    cfg = C.resolve("pretrain", {"epochs": 1, "steps": 3, "progress": False, "amp": "fp16"})
+    job = Job("pretrain", model, {"task": "toy"}, _Loader(3), lambda b, d: b, step_fn,
+              lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 4, 3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        run_training(cfg, job, tmp_path)
+    assert not [x for x in w if "lr_scheduler.step()" in str(x.message)]
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["scaler"]["scale"] < 65536.0  # the first step was indeed skipped

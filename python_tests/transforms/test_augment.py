@@ -217,10 +217,10 @@ def test_non_finite_parameters_and_bad_sizes_are_refused():
     aug = RandomAugment3D(rotate=0.2)
     x = torch.randn(2, 1, 6, 6, 6)
     # a full size whose (N, C) differ from the image's was silently cut to its last 3 values
-    with pytest.raises(ValueError, match=r"'size'.*\(N, C\) = \(2, 1\), got \(5, 9, 4, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"'size'.*\(N, C\) = \(2, 1\), got \[5, 9, 4, 4, 4\]"):
         aug(x, None, (5, 9, 4, 4, 4))
-    for size in (None, 4):
-        with pytest.raises(ValueError, match=r"'size' must be 3 ints"):
+    for size in (None, "abc", (4, 4)):  # (an int is a cube: test_int_patch_as_in_the_readme)
+        with pytest.raises(ValueError, match=r"'size' must be an int"):
             aug(x, None, size)
     # numpy numbers (e.g. read from a config) are numbers
     import numpy as np
@@ -246,3 +246,20 @@ def test_bad_seeds_and_state_are_named():
     a(x, None, (4, 4, 4))
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(x, None, (4, 4, 4))[0], b(x, None, (4, 4, 4))[0])
+
+
+def test_int_patch_as_in_the_readme():
+    """`aug(image, label, patch, label_size=patch // 4)` with an int patch (what `--patch 48`
+    means) was a TypeError; an int is a cube, and a tensor of sizes is read as its values."""
+    image, label = _batch("cpu")
+    seed = int(torch.randint(0, 2**31, ()).item())
+    patch = int(torch.randint(4, 9, ()).item())
+    a, la = RandomAugment3D(seed=seed, **FULL)(image, label, patch, label_size=patch // 2)
+    b, lb = RandomAugment3D(seed=seed, **FULL)(image, label, (patch,) * 3, (patch // 2,) * 3)
+    assert a.shape[2:] == (patch,) * 3 and la.shape[1:] == (patch // 2,) * 3
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    t = torch.tensor([patch, patch + 1, patch])
+    c, lc = RandomAugment3D(seed=seed)(image, label, t, label_size=t // 2)
+    assert c.shape[2:] == tuple(t.tolist()) and lc.shape[1:] == tuple((t // 2).tolist())
+    with pytest.raises(ValueError, match="'label_size'"):
+        RandomAugment3D()(image, label, patch, label_size="4")

@@ -1,0 +1,77 @@
+"""evaluate --checkpoint: best | last | a file, as --help says; a typo is an error (it used to
+fall back to best.pt silently) and the default prediction folder is named after the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from med3d_ext.train.cli import main
+
+from .conftest import tiny_args
+
+pytest.importorskip("med3d_ext.models")
+pytest.importorskip("med3d_ext.data")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evalck") / "kidney"
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], out, "--from-scratch", "--epochs",
+                                        1, "--steps", 1, "--cache", tiny_data["cache"])]) == 0
+    return out
+
+
+def _eval(tiny_data, *extra):
+    return main(["evaluate", "--data", tiny_data["transfer"], "--device", "cpu", "--cache",
+                 tiny_data["cache"], "--no-progress", *extra])
+
+
+def test_checkpoint_typo_is_an_error(run, tiny_data, tmp_path, capsys):
+    assert _eval(tiny_data, "--run", run, "--checkpoint", "bset", "--out", tmp_path / "p") == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint 'bset'" in err and "best, last" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_checkpoint_file_with_or_without_run(run, tiny_data, tmp_path, capsys):
+    ck = run / "last.pt"
+    assert _eval(tiny_data, "--checkpoint", ck, "--out", tmp_path / "a") == 0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["run"] == str(ck)
+    # with --run naming another folder, the file given is the one evaluated
+    assert _eval(tiny_data, "--run", tmp_path, "--checkpoint", ck, "--out", tmp_path / "b") == 0
+    assert (tmp_path / "b" / "metrics.json").is_file()
+
+
+def test_default_out_is_named_after_the_run_folder(run, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _eval(tiny_data, "--run", run / "best.pt") == 0  # was predictions/best.pt/
+    assert (tmp_path / "predictions" / run.name / "metrics.json").is_file()
+
+
+def test_evaluate_says_where_the_predictions_are(run, tiny_data, tmp_path, capsys):
+    assert _eval(tiny_data, "--run", run, "--out", tmp_path / "p") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert str(tmp_path / "p") in lines[-1] and "metrics.json" in lines[-1]
+    assert ".nii.gz" in lines[-1]
+    # the table names the classes as the dataset does (it said "Dice 1", "Dice 2")
+    labels = json.loads((tiny_data["transfer"] / "dataset.json").read_text())["labels"]
+    header = next(ln for ln in lines if ln.startswith("case |"))
+    for c in range(1, len(labels)):
+        assert f"Dice {c} {labels[str(c)]}" in header
+    names = json.loads((tmp_path / "p" / "metrics.json").read_text())["class_names"]
+    assert names == {str(c): labels[str(c)] for c in range(1, len(labels))}
+
+
+def test_unknown_head_names_where_the_name_came_from(tiny_data, tmp_path, capsys):
+    one = sorted(tiny_data["pretrain"].iterdir())[0]
+    pre = tmp_path / "pre"
+    assert main(["pretrain", *tiny_args(one, pre, "--cache", tiny_data["cache"], "--epochs", 1,
+                                        "--steps", 1, "--no-export")]) == 0
+    capsys.readouterr()
+    assert _eval(tiny_data, "--run", pre, "--out", tmp_path / "a") == 2
+    assert "(the dataset's name); pick one with --head" in capsys.readouterr().err
+    assert _eval(tiny_data, "--run", pre, "--head", "nope", "--out", tmp_path / "b") == 2
+    err = capsys.readouterr().err  # it said "(the dataset)" for a --head typo too
+    assert "'nope' (--head)" in err and one.name in err

@@ -1,0 +1,180 @@
+"""Ctrl-C never loses work: the first one stops after the step in progress and saves it (a
+resume is then bitwise the uninterrupted run), a second one stops at once with the last
+checkpoint named; neither prints a traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from med3d_ext.train import config as C
+from med3d_ext.train.loops import Job, TrainingInterrupted, run_training
+from med3d_ext.train.runlog import read_metrics
+
+from .conftest import cli, cli_env, tiny_args
+
+pytest.importorskip("med3d_ext.models")
+pytest.importorskip("med3d_ext.data")
+
+
+class _Loader:
+    def __init__(self, n):
+        self.n, self.position = n, 0
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, s):
+        self.position = s["position"]
+
+    def __iter__(self):
+        while self.position < self.n:
+            self.position += 1
+            yield {"x": torch.randn(4, 3)}
+
+
+def _job(model, step_fn, n):
+    return Job("pretrain", model, {"task": "toy"}, _Loader(n), lambda b, d: b, step_fn,
+               lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 4, 3)
+
+
+def _ctrl_c_at(calls: dict, at: set):
+    def step_fn(net, inp):
+        calls["n"] += 1
+        if calls["n"] in at:  # as the terminal would deliver it, in the middle of a step
+            signal.raise_signal(signal.SIGINT)
+        return net(inp["x"]).pow(2).mean(), {}, None
+    return step_fn
+
+
+def test_first_ctrl_c_finishes_the_step_and_saves_it(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    calls = {"n": 0}
+    cfg = C.resolve("pretrain", {"epochs": 2, "steps": 5, "progress": False, "log_every": 1})
+    with pytest.raises(TrainingInterrupted) as e:
+        run_training(cfg, _job(model, _ctrl_c_at(calls, {3}), 10), tmp_path)
+    msg = str(e.value)
+    assert "step 3 of 10" in msg and "last.pt" in msg and f"--resume {tmp_path}" in msg
+    assert calls["n"] == 3  # the step in progress was finished, no further one started
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["step"] == 3 and ck["sampler"] == {"position": 3}
+    for k, v in model.state_dict().items():  # the saved weights are the ones after step 3
+        assert torch.equal(ck["state_dict"][k], v)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    # the handler was only borrowed for the run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _twice_at(calls: dict, k: int):
+    def step_fn(net, inp):
+        calls["n"] += 1
+        if calls["n"] == k:  # Ctrl-C, Ctrl-C
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return net(inp["x"]).pow(2).mean(), {}, None
+    return step_fn
+
+
+def test_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    cfg = C.resolve("pretrain", {"epochs": 2, "steps": 3, "progress": False})
+    # both in the fifth step (epoch 2): the epoch-1 checkpoint (step 3) is what is kept
+    with pytest.raises(TrainingInterrupted) as e:
+        run_training(cfg, _job(model, _twice_at({"n": 0}, 5), 6), tmp_path)
+    assert "step 4 of 6" in str(e.value) and "(step 3)" in str(e.value)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    # before any checkpoint: nothing to resume, and the message says so
+    with pytest.raises(TrainingInterrupted, match="no checkpoint was written yet"):
+        run_training(cfg, _job(torch.nn.Linear(3, 1), _twice_at({"n": 0}, 2), 6),
+                     tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "last.pt").exists()
+
+
+def _step_logged(path) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(path) if r["kind"] == "train"), default=0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_ctrl_c_on_the_cli_saves_mid_epoch_and_resumes_bitwise(tiny_data, tmp_path):
+    args = ["--from-scratch", "--epochs", 1, "--steps", 8, "--num-workers", 0,
+            "--cache", tiny_data["cache"]]
+    full = tmp_path / "full"
+    r = subprocess.run(cli("transfer", *tiny_args(tiny_data["transfer"], full, *args)),
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    cut = tmp_path / "cut"
+    p = subprocess.Popen(cli("transfer", *tiny_args(tiny_data["transfer"], cut, *args,
+                                                    "--step-sleep", 0.5)),
+                         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True,
+                         # a terminal's Ctrl-C reaches Python's handler even where this test
+                         # runs with SIGINT ignored (a background job)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and \
+                _step_logged(cut / "metrics.jsonl") < 2:
+            time.sleep(0.05)
+        assert p.poll() is None, "the run ended before it could be interrupted"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "interrupted after step" in err and "--resume" in err
+    stopped = torch.load(cut / "last.pt", weights_only=True)["step"]
+    assert 2 <= stopped < 8  # mid-epoch: without the fix, nothing was saved before step 8
+
+    r = subprocess.run(cli("transfer", "--resume", cut, "--step-sleep", 0, "--no-progress"),
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), f"{k} differs after resume"
+    la = [(r["step"], r["loss"]) for r in read_metrics(full / "metrics.jsonl")
+          if r["kind"] == "train"]
+    lb = [(r["step"], r["loss"]) for r in read_metrics(cut / "metrics.jsonl")
+          if r["kind"] == "train"]
+    assert la == lb
+
+
+def test_ctrl_c_to_the_process_group_with_dataloader_workers(tiny_data, tmp_path):
+    """A terminal's Ctrl-C reaches the DataLoader workers too: they inherit the handler and
+    must neither stop the run early nor print the message again."""
+    import os
+
+    run = tmp_path / "run"
+    p = subprocess.Popen(cli("transfer", *tiny_args(tiny_data["transfer"], run, "--from-scratch",
+                                                    "--epochs", 1, "--steps", 8,
+                                                    "--num-workers", 2, "--step-sleep", 0.5,
+                                                    "--cache", tiny_data["cache"])),
+                         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and \
+                _step_logged(run / "metrics.jsonl") < 2:
+            time.sleep(0.05)
+        assert p.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.count("Ctrl-C: stopping") == 1, err[-3000:]
+    assert 2 <= torch.load(run / "last.pt", weights_only=True)["step"] < 8
+
