@@ -105,7 +105,7 @@ def test_foreground_ratio(three):
 def test_domain_mixing_and_batch_format(three):
     s = MultiDomainSampler(three, (8, 8, 4), 6, seed=int(rng().integers(1e6)))
     ids, n = [], 0
-    for b in range(40):
+    for b in range(100):
         batch = s.batch(b)
         assert batch["image"].shape == (6, 1, 8, 8, 4) and batch["image"].dtype == torch.float32
         assert batch["label"].shape == (6, 8, 8, 4) and batch["label"].dtype == torch.uint8
@@ -115,7 +115,9 @@ def test_domain_mixing_and_batch_format(three):
         ids += batch["dataset_id"].tolist()
         n += 6
     counts = np.bincount(ids, minlength=3) / n
-    assert np.all(np.abs(counts - 1 / 3) < 0.1), counts  # 240 draws: 4.8 sigma margin
+    # 600 i.i.d. draws: sd 0.019, so 0.1 is a 5.2 sigma margin (240 draws gave 3.3 sigma, and
+    # one CI-like run in a few hundred failed: 0.36/0.41/0.23)
+    assert np.all(np.abs(counts - 1 / 3) < 0.1), counts
     s2 = MultiDomainSampler(three, 8, 4, weights=[1, 0, 3], seed=1,
                             label_dtype=torch.int64)
     ids = torch.cat([s2.batch(b)["dataset_id"] for b in range(50)]).numpy()
