@@ -30,8 +30,20 @@ def collect() -> dict:
     }
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m med3d_ext.info",
+        description="What is installed, how the extension was built, and which ops have CPU "
+                    "and CUDA kernels (paste it into bug reports).")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    args = parser.parse_args(argv)
     info = collect()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
     print(f"med3d_ext {info['med3d_ext']} (python {info['python']})")
     print(f"torch running:        {info['torch_running']}")
     if info["extension_loaded"]:

@@ -70,6 +70,26 @@ def test_info_lists_ops_with_their_kernels():
     assert f"torch built against:  {torch.__version__}" in r.stdout
 
 
+def test_info_help_and_json():
+    # --help used to print the report (arguments were ignored); --json is for bug reports
+    import json
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "med3d_ext.info", *a],
+                                    capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run("--help")
+    assert r.returncode == 0 and "usage: python -m med3d_ext.info" in r.stdout
+    assert "torch running" not in r.stdout
+    r = run("--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["torch_running"] == torch.__version__
+    assert info["extension_loaded"] == _extension.available()
+    if _extension.available():
+        assert "CPU" in info["ops"]["med3d_ext::bn_stats"]
+    r = run("--frobnicate")
+    assert r.returncode == 2 and "unrecognized arguments: --frobnicate" in r.stderr
+
+
 @pytest.mark.skipif(not _extension.available(), reason="extension not loaded")
 def test_build_info_matches_running_torch():
     info = _extension.build_info()
