@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "bn_relu_pool.h"
@@ -32,6 +33,11 @@ std::vector<int64_t> pool_out_sizes(const char* op, const at::Tensor& y, at::Int
     M3D_CHECK(kernel[a] <= kMaxPoolWindow, "med3d_ext.", op, ": pool windows of at most ",
               kMaxPoolWindow, " voxels are supported (the argmax is stored in 8 bits), got ",
               kernel);
+    // max_pool3d's limit too (it refuses a stride that does not fit an int); PoolGeom keeps it
+    // as an int, and 2^32 wrapped to 0: the CUDA gather divided by zero (every gradient 0)
+    M3D_CHECK(stride[a] <= std::numeric_limits<int32_t>::max(), "med3d_ext.", op,
+              ": pool_stride ", stride, " must be at most ", std::numeric_limits<int32_t>::max(),
+              " (as max_pool3d requires)");
     window *= kernel[a];
     // Floor division, as max_pool3d: a window wider than the padded input (span < 0) leaves
     // no output (C++ '/' truncates toward zero, which would give one output there).

@@ -47,7 +47,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void partial_nhwc(const scalar_t* __restrict__ x, int64_t M, int64_t C,
                              WelfordState<acc_t>* __restrict__ partial) {
   __shared__ WelfordState<acc_t> shared[8][32];
-  const int64_t c = blockIdx.x * 32 + threadIdx.x;
+  const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;  // (32-bit, this wrapped at C = 2^32)
   const int64_t stride = int64_t(blockDim.y) * gridDim.y;
   auto s = welford_empty<acc_t>();
   if (c < C) {

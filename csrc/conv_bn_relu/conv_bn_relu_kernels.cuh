@@ -294,39 +294,43 @@ __host__ __device__ __forceinline__ int64_t partial_index(int64_t c, int64_t spl
   return (c * splits + split) * 2;
 }
 
-// grid = (splits, C); partial is (C, splits, 2).
+// grid = (splits, min(C, 65535)); partial is (C, splits, 2). Blocks loop over channels, as
+// gridDim.y is at most 65535 (a contiguous tensor of more channels failed to launch before).
 template <typename acc_t, int V, class Acc>
 __global__ void reduce_nchw(Acc acc, ParamPtrs<acc_t> pp, int64_t N, int64_t C, int64_t S,
                             acc_t* partial) {
   __shared__ acc_t shared[2][32];
-  const int64_t c = blockIdx.y, sv = S / V, total = N * sv;
+  const int64_t sv = S / V, total = N * sv;
   const int64_t per = (total + gridDim.x - 1) / gridDim.x;
   const int64_t lo = blockIdx.x * per, hi = min(total, lo + per);
-  const ChanParams<acc_t> p = acc.params(pp, c);
-  acc_t s0 = 0, s1 = 0;
-  for (int64_t v = lo + threadIdx.x; v < hi; v += blockDim.x) {
-    const int64_t n = v / sv, i = (n * C + c) * S + (v - n * sv) * V;
-    acc.template operator()<V, 0>(i, &p, &s0, &s1);
-  }
-  for (int d = 16; d > 0; d >>= 1) {
-    s0 += __shfl_down_sync(0xffffffffu, s0, d);
-    s1 += __shfl_down_sync(0xffffffffu, s1, d);
-  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  if (lane == 0) {
-    shared[0][warp] = s0;
-    shared[1][warp] = s1;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    acc_t t0 = 0, t1 = 0;
-    for (int k = 0; k < warps; ++k) {
-      t0 += shared[0][k];
-      t1 += shared[1][k];
+  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {  // block-uniform
+    const ChanParams<acc_t> p = acc.params(pp, c);
+    acc_t s0 = 0, s1 = 0;
+    for (int64_t v = lo + threadIdx.x; v < hi; v += blockDim.x) {
+      const int64_t n = v / sv, i = (n * C + c) * S + (v - n * sv) * V;
+      acc.template operator()<V, 0>(i, &p, &s0, &s1);
     }
-    acc_t* out = partial + partial_index(c, blockIdx.x, gridDim.x);
-    out[0] = t0;
-    out[1] = t1;
+    for (int d = 16; d > 0; d >>= 1) {
+      s0 += __shfl_down_sync(0xffffffffu, s0, d);
+      s1 += __shfl_down_sync(0xffffffffu, s1, d);
+    }
+    if (lane == 0) {
+      shared[0][warp] = s0;
+      shared[1][warp] = s1;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      acc_t t0 = 0, t1 = 0;
+      for (int k = 0; k < warps; ++k) {
+        t0 += shared[0][k];
+        t1 += shared[1][k];
+      }
+      acc_t* out = partial + partial_index(c, blockIdx.x, gridDim.x);
+      out[0] = t0;
+      out[1] = t1;
+    }
+    __syncthreads();  // thread 0 has read `shared` before the next channel overwrites it
   }
 }
 

@@ -98,12 +98,13 @@ int64_t launch_reduce(const Geometry& g, const Acc& acc, const ParamPtrs<acc_t>&
   const int64_t blocks_wanted = 8 * int64_t(sm_count());
   int64_t splits;
   if (!g.cl) {
-    M3D_CHECK(g.C <= 65535, "med3d_ext.conv_bn_relu3d: more than 65535 channels (", g.C, ")");
     splits = std::max<int64_t>(1, std::min(ceil_div(blocks_wanted, g.C), ceil_div(g.M / V, 1024)));
     splits = std::min<int64_t>(splits, 65535);
     partial = at::empty({splits * g.C * 2}, partial.options());
-    reduce_nchw<acc_t, V><<<dim3(splits, g.C), 256, 0, stream>>>(acc, pp, g.N, g.C, g.S,
-                                                                  partial.data_ptr<acc_t>());
+    // gridDim.y <= 65535: blocks loop over the channels beyond it
+    const dim3 grid(splits, std::min<int64_t>(g.C, 65535));
+    reduce_nchw<acc_t, V><<<grid, 256, 0, stream>>>(acc, pp, g.N, g.C, g.S,
+                                                     partial.data_ptr<acc_t>());
   } else {
     const dim3 block = nhwc_block(g.C / V);
     const int64_t gx = ceil_div(g.C / V, block.x);

@@ -66,6 +66,9 @@ namespace med3d_ext {
 constexpr int64_t kSegTile = 2048;
 constexpr int kMaxHeadsCuda = 48;     // the head table travels as a kernel parameter (< 4 KiB)
 constexpr int kMaxClassesCuda = 32;   // per-thread class accumulators live in registers
+// Any device: SegHead's n and C are int32, and a tile's 3 C + 2 partials are indexed in int.
+constexpr int64_t kMaxSegSamples = 2147483647;
+constexpr int64_t kMaxSegClasses = (kMaxSegSamples - 2) / 3;
 
 // One head, as the kernels see it. Offsets are global indices into the tile / slot / partial
 // arrays that all heads share.

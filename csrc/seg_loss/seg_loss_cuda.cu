@@ -297,7 +297,11 @@ HeadTable make_table(const char* op, const SegPlan& plan) {
               "at most ", kMaxHeadsCuda, " heads per call, got ", plan.heads.size());
   M3D_CHECK(plan.max_c <= kMaxClassesCuda, "med3d_ext.", op, ": the CUDA kernel takes at most ",
               kMaxClassesCuda, " classes per head, got a head with ", plan.max_c);
-  M3D_CHECK(plan.tiles < std::numeric_limits<int32_t>::max(), "med3d_ext.", op, ": too many voxels");
+  // one block per tile, and gridDim.x is at most 2^31 - 1
+  M3D_CHECK(plan.tiles < std::numeric_limits<int32_t>::max(), "med3d_ext.", op,
+            ": the CUDA kernel takes at most ", std::numeric_limits<int32_t>::max() - 1,
+            " tiles per call (of ", kSegTile, " voxels; each sample of each head starts one), got ",
+            plan.tiles);
   HeadTable tab{};
   for (size_t h = 0; h < plan.heads.size(); ++h) tab.h[h] = plan.heads[h];
   tab.num = static_cast<int>(plan.heads.size());

@@ -1,5 +1,8 @@
 // Argument checks and work layout for multihead_seg_loss, shared by the CPU and CUDA entries.
 
+#include <limits>
+#include <string>
+
 #include "seg_loss.h"
 #include "../common/checks.h"
 
@@ -39,6 +42,12 @@ SegPlan make_seg_plan(const char* op, at::TensorList logits, at::TensorList targ
                   "on the same device as logits[0] (" + first.device().str() + ")");
     M3D_CHECK_ARG(x.size(1) >= 2, op, head_arg("logits", h), x,
                   "of at least 2 classes (softmax over C; give a binary head 2 channels)");
+    // SegHead keeps n and C as int32, and a tile's 3 C + 2 partial sums are indexed in int: a
+    // larger size wrapped (a negative fill length on the CPU, wrong offsets everywhere)
+    M3D_CHECK_ARG(x.size(0) <= kMaxSegSamples && x.size(1) <= kMaxSegClasses, op,
+                  head_arg("logits", h), x,
+                  "of at most " + std::to_string(kMaxSegSamples) + " samples and " +
+                      std::to_string(kMaxSegClasses) + " classes");
     M3D_CHECK_ARG(t.defined() && (t.scalar_type() == at::kByte || t.scalar_type() == at::kLong),
                   op, head_arg("targets", h), t, "uint8 or int64 class indices");
     M3D_CHECK_ARG(t.device() == first.device(), op, head_arg("targets", h), t,
@@ -54,6 +63,10 @@ SegPlan make_seg_plan(const char* op, at::TensorList logits, at::TensorList targ
     }
     total_classes += x.size(1);
   }
+  // class weight offsets (SegHead::cw_offset) are int32
+  M3D_CHECK(total_classes <= std::numeric_limits<int32_t>::max(), "med3d_ext.", op,
+            ": the heads have ", total_classes, " classes in all; at most ",
+            std::numeric_limits<int32_t>::max(), " are supported");
   plan.acc = first.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (head_weights.has_value() && head_weights->defined()) {
     const at::Tensor& w = *head_weights;
