@@ -58,6 +58,34 @@ def test_conv_bn_relu_maxpool3d_more_than_65535_channels(device):
     _assert_matches(out, grads, rm, rv, ref, rgrads, rrm, rrv)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bn_relu_backward_more_than_65535_channels(device, training):
+    # The backward op on its own (no convolution): its per-channel sums are the reduction that
+    # launched gridDim.y = C. S = 4 keeps the float32 kernel on its 16-byte vector path.
+    c = 65535 + int(torch.randint(2, 40, ()))
+    y = torch.randn(2, c, 1, 1, 4, device=device)
+    go = torch.randn_like(y)
+    bw, bb = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    y64 = y.double().requires_grad_()
+    w64, b64 = bw.double().requires_grad_(), bb.double().requires_grad_()
+    dims, shape = (0, 2, 3, 4), (1, -1, 1, 1, 1)
+    mean = y64.mean(dims)
+    invstd = (y64.var(dims, unbiased=False) + 1e-5).rsqrt()
+    if not training:  # eval: the statistics are constants
+        mean, invstd = mean.detach(), invstd.detach()
+    z = (y64 - mean.view(shape)) * (invstd * w64).view(shape) + b64.view(shape)
+    ref = torch.autograd.grad(torch.relu(z), (y64, w64, b64), go.double())
+    gy, gw, gb, gr = torch.ops.med3d_ext.bn_relu_backward(
+        go, y, mean.detach().float(), invstd.detach().float(), bw, bb, None, training, True)
+    assert gr.numel() == 0
+    for name, a, b in (("grad_y", gy, ref[0]), ("grad_bn_weight", gw, ref[1]),
+                       ("grad_bn_bias", gb, ref[2])):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 # ---- pool strides beyond int32 ------------------------------------------------------------
 # PoolGeom keeps the pool stride as an int: 2^32 wrapped to 0 and the CUDA backward's window
 # search divided by it (every gradient came out 0, silently). max_pool3d itself refuses a
