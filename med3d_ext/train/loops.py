@@ -136,6 +136,22 @@ class _CtrlC:
         return False
 
 
+def _new_window(state: dict | None = None) -> dict:
+    """The running sums of the steps since the last train row (from a checkpoint's state)."""
+    win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
+    if state:
+        win.update({k: state[k] for k in ("n", "loss", "wait", "time")})
+        win["heads"] = {k: list(v) for k, v in state.get("heads", {}).items()}
+    return win
+
+
+def _window_state(win: dict) -> dict:
+    # floats, not device tensors: weights_only-loadable, and resumable on another device
+    return {"n": int(win["n"]), "loss": float(win["loss"]), "wait": float(win["wait"]),
+            "time": float(win["time"]),
+            "heads": {k: [float(x) for x in v] for k, v in win["heads"].items()}}
+
+
 def _oom_message(cfg, where: str) -> str:
     p = cfg.get("patch")
     return (f"out of GPU memory during {where} (patch {p}, batch size {cfg.get('batch_size')}). "
@@ -166,6 +182,9 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
     start, best, target_step = 0, {"score": -math.inf, "step": -1}, None
     frozen = False
     saved_at = {"step": None}  # the step of the newest last.pt (what an interruption keeps)
+    # the steps since the last train row of metrics.jsonl; saved in every checkpoint, so that a
+    # run resumed after a kill writes the row that covers them as the uninterrupted run did
+    win = _new_window()
 
     if resume_from is not None:
         path = find_checkpoint(resume_from, "last")
@@ -189,6 +208,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         saved_at["step"] = start
         best = dict(ck.get("best") or best)
         target_step = ck.get("target_step")
+        if ck.get("log_window"):
+            win = _new_window(ck["log_window"])
         if ctx.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", start, steps_per_epoch)
 
@@ -209,7 +230,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             extra={"sampler": job.loader.state_dict(), "best": dict(best),
                    "augment": (job.augment.state_dict()
                                if hasattr(job.augment, "state_dict") else None),
-                   "target_step": target_step, **job.extra})
+                   "target_step": target_step, "log_window": _window_state(win),
+                   **job.extra})
         if name == "last":  # once written: a Ctrl-C during the write keeps the previous one
             saved_at["step"] = step
         return path
@@ -224,7 +246,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
 
     bar = tqdm(total=total, initial=start, disable=not (ctx.is_main and cfg.get("progress")),
                desc=job.kind, dynamic_ncols=True, leave=False)
-    win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
+    last_dice = {"fn": None}  # the newest step's dice_fn (a train row reports its batch)
     # Each step's loss stays on the device until the next log or checkpoint, where all of them
     # are checked and summed with one host sync: a per-step .item() / isfinite() would make the
     # host wait for every step's GPU work before queueing the next, and on a GPU whose steps
@@ -246,11 +268,38 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             win["loss"] += v
         pending.clear()
 
+    def log_train_row(at_step: int) -> None:
+        """One train row: the means over the steps since the previous row (losses flushed)."""
+        nonlocal win
+        if not win["n"]:
+            return
+        sps = win["n"] * job.samples_per_step * ctx.world_size / max(win["time"], 1e-9)
+        # metrics.jsonl: "step" counts optimizer steps done, "epoch" is the 1-based
+        # number of the epoch the row belongs to, for train and val rows alike
+        rec = {"kind": "train", "step": at_step, "epoch": (at_step - 1) // steps_per_epoch + 1,
+               "loss": win["loss"] / win["n"], "lr": opt.param_groups[-1]["lr"],
+               "samples_s": sps, "voxels_s": sps * job.voxels_per_sample,
+               "data_wait": win["wait"] / max(win["time"], 1e-9)}
+        for k, v in win["heads"].items():
+            rec[k] = float(sum(v)) / len(v)
+        if last_dice["fn"] is not None:
+            rec.update(last_dice["fn"]())
+        logger.log(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", dice=f"{rec.get('dice', float('nan')):.3f}",
+                        sps=f"{sps:.1f}", vox_s=f"{rec['voxels_s']:.2g}",
+                        wait=f"{rec['data_wait']:.0%}")
+        win = _new_window()
+
     def stop_here(step: int):
-        """After a Ctrl-C: keep the steps done (unless a non-finite loss is among them), then
-        leave with a message saying how to go on."""
+        """After a Ctrl-C: keep the steps done (unless a non-finite loss is among
+        them), log the train row of the steps since the last one, then leave with a message
+        saying how to go on."""
         flush_losses()
-        if ctx.is_main and saved_at["step"] != step:
+        logged = win["n"] > 0
+        log_train_row(step)
+        # re-saved after the row, also when last.pt already has this step: its log window
+        # would otherwise make a resumed run log these steps a second time
+        if ctx.is_main and (saved_at["step"] != step or logged):
             save("last", step)
         raise TrainingInterrupted(
             f"interrupted after step {step} of {total}; saved {run_dir / 'last.pt'}; continue "
@@ -315,6 +364,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             win["time"] += t2 - t0
             for k, v in info.items():  # tensors: converted at log time (no per-step sync)
                 win["heads"].setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
+            last_dice["fn"] = dice_fn
             end_of_epoch = step % steps_per_epoch == 0
             log_now = step % max(cfg["log_every"], 1) == 0 or step == total or end_of_epoch
             if log_now or end_of_epoch or (cfg.get("ckpt_every") and step % cfg["ckpt_every"] == 0):
@@ -322,24 +372,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                 flush_losses()  # before any log row or checkpoint
                 # the wait for the queued GPU work belongs to the steps' time (samples/s)
                 win["time"] += time.perf_counter() - t_flush
-            if log_now and win["n"]:
-                sps = win["n"] * job.samples_per_step * ctx.world_size / max(win["time"], 1e-9)
-                # metrics.jsonl: "step" counts optimizer steps done, "epoch" is the 1-based
-                # number of the epoch the row belongs to, for train and val rows alike
-                rec = {"kind": "train", "step": step, "epoch": epoch + 1,
-                       "loss": win["loss"] / win["n"], "lr": opt.param_groups[-1]["lr"],
-                       "samples_s": sps, "voxels_s": sps * job.voxels_per_sample,
-                       "data_wait": win["wait"] / max(win["time"], 1e-9)}
-                for k, v in win["heads"].items():
-                    rec[k] = float(sum(v)) / len(v)
-                if dice_fn is not None:
-                    rec.update(dice_fn())
-                logger.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}",
-                                dice=f"{rec.get('dice', float('nan')):.3f}",
-                                sps=f"{sps:.1f}", vox_s=f"{rec['voxels_s']:.2g}",
-                                wait=f"{rec['data_wait']:.0%}")
-                win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
+            if log_now:
+                log_train_row(step)
             bar.update(1)
             if end_of_epoch:
                 if ctx.is_main:

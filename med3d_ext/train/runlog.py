@@ -6,7 +6,10 @@ metrics.jsonl holds one JSON object per line:
 - ``{"kind": "train", "step": S, "epoch": E, "loss", "lr", "samples_s", "voxels_s",
   "data_wait", ...}``: the mean over the steps since the previous train row (every
   ``log_every`` steps and at each epoch's end), plus per-head ``loss/<head>``, ``dice``,
-  ``dice/<head>`` (pretraining) or ``acc`` (classification) of the row's last batch;
+  ``dice/<head>`` (pretraining) or ``acc`` (classification) of the row's last batch. A run
+  stopped by Ctrl-C also writes the row of the steps since the previous one (at the step it
+  saved), and every checkpoint keeps the sums of the steps not yet in a row, so that a resumed
+  run logs each step once;
 - ``{"kind": "val", "step": S, "epoch": E, "score", "dice" | "acc", "val_dice/<dataset>",
   "target_step"}``: validation after each epoch.
 

@@ -178,3 +178,91 @@ def test_ctrl_c_to_the_process_group_with_dataloader_workers(tiny_data, tmp_path
     assert "Traceback" not in err and err.count("Ctrl-C: stopping") == 1, err[-3000:]
     assert 2 <= torch.load(run / "last.pt", weights_only=True)["step"] < 8
 
+
+
+def _recording(losses: list, signals: dict):
+    """step_fn that records each step's loss and raises the signals given for a step number."""
+    def step_fn(net, inp):
+        loss = net(inp["x"]).pow(2).mean()
+        losses.append(loss.item())
+        for sig in signals.get(len(losses), ()):
+            signal.raise_signal(sig)
+        return loss, {"loss/toy": loss.detach()}, None
+    return step_fn
+
+
+def _train_rows(path):
+    return [r for r in read_metrics(path) if r["kind"] == "train"]
+
+
+def test_ctrl_c_logs_the_steps_since_the_last_row_and_resume_continues_the_log(tmp_path):
+    cfg = C.resolve("pretrain", {"epochs": 1, "steps": 10, "progress": False, "log_every": 4})
+    torch.manual_seed(0)
+    losses = []
+    with pytest.raises(TrainingInterrupted, match="step 6 of 10"):
+        run_training(cfg, _job(torch.nn.Linear(3, 1), _recording(losses, {6: [signal.SIGINT]}),
+                               10), tmp_path)
+    rows = _train_rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [4, 6]  # the partial row of steps 5-6
+    assert set(rows[1]) == set(rows[0])  # the same fields as a normal row
+    assert rows[1]["loss"] == pytest.approx(sum(losses[4:6]) / 2, rel=1e-6)
+    assert rows[1]["loss/toy"] == pytest.approx(sum(losses[4:6]) / 2, rel=1e-6)
+    assert rows[1]["epoch"] == 1 and rows[1]["samples_s"] > 0
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 6
+
+    # the resumed run neither repeats steps 5-6 nor leaves out any later step
+    more = []
+    run_training(cfg, _job(torch.nn.Linear(3, 1), _recording(more, {}), 10), tmp_path,
+                 resume_from=tmp_path)
+    rows = _train_rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [4, 6, 8, 10]
+    assert rows[2]["loss"] == pytest.approx(sum(more[0:2]) / 2, rel=1e-6)
+    assert rows[3]["loss"] == pytest.approx(sum(more[2:4]) / 2, rel=1e-6)
+
+
+def test_ctrl_c_just_after_a_checkpoint_still_logs_its_steps_once(tmp_path):
+    # --ckpt-every 3 saved step 3 with steps 1-3 not yet logged (--log-every 4); the stop at
+    # step 3 logs them and re-saves, so the resumed run does not log them again
+    cfg = C.resolve("pretrain", {"epochs": 1, "steps": 8, "progress": False, "log_every": 4,
+                                 "ckpt_every": 3})
+    losses = []
+    with pytest.raises(TrainingInterrupted, match="step 3 of 8"):
+        run_training(cfg, _job(torch.nn.Linear(3, 1), _recording(losses, {3: [signal.SIGINT]}),
+                               8), tmp_path)
+    assert [r["step"] for r in _train_rows(tmp_path / "metrics.jsonl")] == [3]
+    more = []
+    run_training(cfg, _job(torch.nn.Linear(3, 1), _recording(more, {}), 8), tmp_path,
+                 resume_from=tmp_path)
+    rows = _train_rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 4, 8]
+    assert rows[1]["loss"] == pytest.approx(more[0], rel=1e-6)
+
+
+def test_resume_after_a_crash_logs_the_row_the_uninterrupted_run_logged(tmp_path):
+    # a crash (here an error at step 6; a kill -9 alike) after the step-3 checkpoint: the
+    # checkpoint keeps the sums of steps 1-3, so the row at step 4 still covers steps 1-4
+    cfg = C.resolve("pretrain", {"epochs": 1, "steps": 8, "progress": False, "log_every": 4,
+                                 "ckpt_every": 3})
+    torch.manual_seed(0)
+    full = []
+    run_training(cfg, _job(torch.nn.Linear(3, 1), _recording(full, {}), 8), tmp_path / "full")
+
+    def crash_at_6(net, inp):
+        if len(cut) == 5:
+            raise RuntimeError("crash")
+        return _recording(cut, {})(net, inp)
+
+    torch.manual_seed(0)
+    cut = []
+    with pytest.raises(RuntimeError, match="crash"):
+        run_training(cfg, _job(torch.nn.Linear(3, 1), crash_at_6, 8), tmp_path / "cut")
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"] == 3
+    run_training(cfg, _job(torch.nn.Linear(3, 1), _recording([], {}), 8), tmp_path / "cut",
+                 resume_from=tmp_path / "cut")
+    a = _train_rows(tmp_path / "full" / "metrics.jsonl")
+    b = _train_rows(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8]
+    assert a[0]["loss"] == pytest.approx(sum(full[:4]) / 4, rel=1e-6)
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
+
