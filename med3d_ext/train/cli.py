@@ -326,7 +326,7 @@ def main(argv=None) -> int:
         return 2
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)  # 130 after Ctrl-C, 143 after SIGTERM
     except KeyboardInterrupt:  # outside the training loop (preprocessing, evaluation)
         print("interrupted", file=sys.stderr)
         return 130

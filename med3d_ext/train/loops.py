@@ -42,7 +42,12 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(TrainingError):
-    """Ctrl-C: the message says which checkpoint holds the work done and how to resume."""
+    """Ctrl-C or SIGTERM: the message says which checkpoint holds the work done and how to
+    resume. ``signum``: the signal that stopped the run (the CLI exits with 128 + signum)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 @dataclass
@@ -99,40 +104,58 @@ def _set_frozen(model, frozen: bool) -> None:
 
 
 class _CtrlC:
-    """A first Ctrl-C asks the loop to stop after the step in progress and to save it (model,
-    optimizer, RNG and loader position agree only between steps); a second one stops at once.
-    Only in a one-process run called from the main thread where Python's own SIGINT handler is
-    installed: a caller's handler, or a SIGINT that is ignored, is left as it is."""
+    """A first Ctrl-C (SIGINT) or a SIGTERM asks the loop to stop after the step in progress
+    and to save it (model, optimizer, RNG and loader position agree only between steps); a
+    second Ctrl-C stops at once. SIGTERM never escalates: a cluster scheduler (SLURM) sends it
+    before killing a job, often to every process of the job, and a repeated SIGTERM must not
+    cost the save. Only in a one-process run, installed from the main thread for each signal
+    whose handler is Python's default (a caller's handler, or an ignored signal, is left as
+    it is)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool = True, announce: bool = True):
         self.asked = False
-        self.enabled = (enabled and threading.current_thread() is threading.main_thread()
-                        and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        self.announce = announce
+        self.prev = {}
+        main = threading.current_thread() is threading.main_thread()
+        self.signals = [s for s, default in ((signal.SIGINT, signal.default_int_handler),
+                                             (signal.SIGTERM, signal.SIG_DFL))
+                        if enabled and main and signal.getsignal(s) is default]
 
     def __enter__(self):
-        if self.enabled:
-            self.pid = os.getpid()
-            self.prev = signal.signal(signal.SIGINT, self._handler)
+        self.pid = os.getpid()
+        for s in self.signals:
+            self.prev[s] = signal.signal(s, self._handler)
         return self
 
     def _handler(self, signum, frame):
         if os.getpid() != self.pid:
-            # a forked DataLoader worker inherits this handler and gets the terminal's Ctrl-C
-            # too: it keeps serving batches; the training process stops them when it leaves
+            # a forked DataLoader worker inherits this handler. It gets the terminal's Ctrl-C
+            # too: it keeps serving batches, and the training process stops it when it
+            # leaves. A SIGTERM there is the DataLoader stopping it: die as by default.
+            if signum == signal.SIGTERM:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
             return
-        if self.asked:
+        if signum == signal.SIGINT and self.asked == signal.SIGINT:
             raise KeyboardInterrupt
-        self.asked = True
+        if self.asked:  # a SIGTERM after either, or a first Ctrl-C after a SIGTERM
+            self.asked = signum if signum == signal.SIGINT else self.asked
+            return
+        self.asked = signum
+        if not self.announce:
+            return
         msg = ("\nCtrl-C: stopping after this step and saving it (press Ctrl-C again to stop at "
-               "once, losing the steps since the last checkpoint)\n")
+               "once, losing the steps since the last checkpoint)\n" if signum == signal.SIGINT
+               else "\nSIGTERM: stopping after this step and saving it\n")
         try:  # unbuffered: print() here could re-enter a write the bar was in the middle of
             os.write(sys.stderr.fileno(), msg.encode())
         except (OSError, ValueError, AttributeError):  # no real stderr (captured, closed)
             pass
 
     def __exit__(self, *exc):
-        if self.enabled:
-            signal.signal(signal.SIGINT, self.prev)
+        for s, prev in self.prev.items():
+            signal.signal(s, prev)
+        self.prev = {}
         return False
 
 
@@ -291,7 +314,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         win = _new_window()
 
     def stop_here(step: int):
-        """After a Ctrl-C: keep the steps done (unless a non-finite loss is among
+        """After a Ctrl-C or SIGTERM: keep the steps done (unless a non-finite loss is among
         them), log the train row of the steps since the last one, then leave with a message
         saying how to go on."""
         flush_losses()
@@ -303,7 +326,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             save("last", step)
         raise TrainingInterrupted(
             f"interrupted after step {step} of {total}; saved {run_dir / 'last.pt'}; continue "
-            f"with --resume {run_dir}")
+            f"with --resume {run_dir}", ctrl_c.asked or signal.SIGINT)
 
     t_run = time.perf_counter()
     model.train()
@@ -410,7 +433,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         keep = (f"the last checkpoint is {run_dir / 'last.pt'} (step {last}); continue with "
                 f"--resume {run_dir}" if last is not None else
                 "no checkpoint was written yet; run the same command again to start over")
-        raise TrainingInterrupted(f"interrupted after step {step} of {total}; {keep}") from None
+        raise TrainingInterrupted(f"interrupted after step {step} of {total}; {keep}",
+                                  signal.SIGINT) from None
     finally:
         ctrl_c.__exit__()
         bar.close()

@@ -1,4 +1,5 @@
-"""Ctrl-C never loses work: the first one stops after the step in progress and saves it (a
+"""Ctrl-C never loses work: the first one (or a SIGTERM, which a cluster scheduler sends before
+it kills a job) stops after the step in progress and saves it (a
 resume is then bitwise the uninterrupted run), a second one stops at once with the last
 checkpoint named; neither prints a traceback."""
 
@@ -266,3 +267,59 @@ def test_resume_after_a_crash_logs_the_row_the_uninterrupted_run_logged(tmp_path
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
 
+
+def test_sigterm_stops_after_the_step_and_saves_even_when_repeated(tmp_path):
+    cfg = C.resolve("pretrain", {"epochs": 1, "steps": 10, "progress": False, "log_every": 4})
+    losses = []
+    # a scheduler may send SIGTERM to every process and torchrun forwards it again: a repeated
+    # SIGTERM must not turn into the immediate stop of a second Ctrl-C
+    with pytest.raises(TrainingInterrupted, match="step 5 of 10") as e:
+        run_training(cfg, _job(torch.nn.Linear(3, 1),
+                               _recording(losses, {5: [signal.SIGTERM, signal.SIGTERM]}), 10),
+                     tmp_path)
+    assert e.value.signum == signal.SIGTERM and len(losses) == 5
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 5
+    assert [r["step"] for r in _train_rows(tmp_path / "metrics.jsonl")] == [4, 5]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    # a Ctrl-C after a SIGTERM is a first Ctrl-C; the next one stops at once
+    with pytest.raises(TrainingInterrupted, match="no checkpoint was written yet"):
+        run_training(cfg, _job(torch.nn.Linear(3, 1), _recording(
+            [], {2: [signal.SIGTERM, signal.SIGINT, signal.SIGINT]}), 10), tmp_path / "b")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_on_the_cli_saves_logs_and_resumes(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    args = ["--from-scratch", "--epochs", 1, "--steps", 12, "--num-workers", 0,
+            "--cache", tiny_data["cache"]]
+    p = subprocess.Popen(cli("transfer", *tiny_args(tiny_data["transfer"], run, *args,
+                                                    "--step-sleep", 0.4, "--log-every", 3)),
+                         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and \
+                _step_logged(run / "metrics.jsonl") < 3:
+            time.sleep(0.05)
+        assert p.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.5)  # into the next window of rows
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM: stopping" in err and "--resume" in err
+    stopped = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 12
+    steps = [r["step"] for r in _train_rows(run / "metrics.jsonl")]
+    assert steps[-1] == stopped  # the steps since the last row were logged (partial row)
+
+    r = subprocess.run(cli("transfer", "--resume", run, "--step-sleep", 0, "--no-progress"),
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [r["step"] for r in _train_rows(run / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 12, steps
+    # rows at every third step, plus the stop's row: no step logged twice or left out
+    assert set(steps) == {3, 6, 9, 12} | {stopped}
