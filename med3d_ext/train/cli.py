@@ -325,7 +325,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from the rank that saved
+            print(str(e), file=sys.stderr)
         return 128 + getattr(e, "signum", 2)  # 130 after Ctrl-C, 143 after SIGTERM
     except KeyboardInterrupt:  # outside the training loop (preprocessing, evaluation)
         print("interrupted", file=sys.stderr)

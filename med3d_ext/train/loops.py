@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from .distributed import DistContext, all_reduce_mean, barrier, wrap_ddp
+from .distributed import DistContext, all_reduce_mean, any_rank, barrier, run_on_main, wrap_ddp
 from .runlog import RunLogger, truncate_metrics
 
 __all__ = ["TrainingError", "TrainingInterrupted", "Job", "run_training", "autocast_dtype",
@@ -107,10 +107,11 @@ class _CtrlC:
     """A first Ctrl-C (SIGINT) or a SIGTERM asks the loop to stop after the step in progress
     and to save it (model, optimizer, RNG and loader position agree only between steps); a
     second Ctrl-C stops at once. SIGTERM never escalates: a cluster scheduler (SLURM) sends it
-    before killing a job, often to every process of the job, and a repeated SIGTERM must not
-    cost the save. Only in a one-process run, installed from the main thread for each signal
-    whose handler is Python's default (a caller's handler, or an ignored signal, is left as
-    it is)."""
+    before killing a job, often to every process of the job and again through torchrun, and
+    a repeated SIGTERM must not cost the save. Installed only from the main thread, for each
+    signal whose handler is Python's default (a caller's handler, or an ignored signal, is
+    left as it is). Under torchrun every rank installs it: torchrun forwards SIGINT/SIGTERM
+    to each rank, and the ranks agree on the step to stop at (:func:`any_rank`)."""
 
     def __init__(self, enabled: bool = True, announce: bool = True):
         self.asked = False
@@ -314,16 +315,16 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         win = _new_window()
 
     def stop_here(step: int):
-        """After a Ctrl-C or SIGTERM: keep the steps done (unless a non-finite loss is among
-        them), log the train row of the steps since the last one, then leave with a message
-        saying how to go on."""
+        """After a Ctrl-C or SIGTERM (every rank calls it at the same step): keep the steps
+        done (unless a non-finite loss is among them), log the train row of the steps since
+        the last one, then leave with a message saying how to go on."""
         flush_losses()
         logged = win["n"] > 0
         log_train_row(step)
         # re-saved after the row, also when last.pt already has this step: its log window
         # would otherwise make a resumed run log these steps a second time
-        if ctx.is_main and (saved_at["step"] != step or logged):
-            save("last", step)
+        if saved_at["step"] != step or logged:
+            run_on_main(lambda: save("last", step), ctx)  # every rank waits for the save
         raise TrainingInterrupted(
             f"interrupted after step {step} of {total}; saved {run_dir / 'last.pt'}; continue "
             f"with --resume {run_dir}", ctrl_c.asked or signal.SIGINT)
@@ -331,11 +332,13 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
     t_run = time.perf_counter()
     model.train()
     step = start
-    ctrl_c = _CtrlC(ctx.world_size == 1)
+    ctrl_c = _CtrlC(announce=ctx.is_main)
     try:
         ctrl_c.__enter__()
         while step < total:
-            if ctrl_c.asked:
+            # under torchrun the ranks may see the signal at different steps: they agree to
+            # stop at the first step boundary where any of them has seen it
+            if any_rank(bool(ctrl_c.asked), ctx):
                 stop_here(step)
             epoch = step // steps_per_epoch
             want_frozen = epoch < job.freeze_epochs

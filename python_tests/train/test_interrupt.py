@@ -1,7 +1,7 @@
-"""Ctrl-C never loses work: the first one (or a SIGTERM, which a cluster scheduler sends before
-it kills a job) stops after the step in progress and saves it (a
-resume is then bitwise the uninterrupted run), a second one stops at once with the last
-checkpoint named; neither prints a traceback."""
+"""Ctrl-C never loses work: the first one (or a SIGTERM, which a cluster scheduler sends
+before it kills a job) stops after the step in progress and saves it (a resume is then
+bitwise the uninterrupted run), a second one stops at once with the last checkpoint named;
+neither prints a traceback. Under torchrun: python_tests/train/test_ddp.py."""
 
 from __future__ import annotations
 
