@@ -77,13 +77,17 @@ def test_unknown_head_names_where_the_name_came_from(tiny_data, tmp_path, capsys
     assert "'nope' (--head)" in err and one.name in err
 
 
-def test_ctrl_c_while_a_prediction_is_written_leaves_no_temporary(run, tiny_data, tmp_path,
-                                                                  monkeypatch, capsys):
-    """A real SIGINT arrives once the prediction's temporary is on disk, before the rename:
-    evaluate exits 130 with one line, and the folder holds no temporary nor torn file."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_while_a_prediction_is_written_leaves_no_temporary(run, tiny_data, tmp_path,
+                                                                  monkeypatch, capsys, sig):
+    """A real Ctrl-C (or SIGTERM) arrives once the prediction's temporary is on disk, before
+    the rename: evaluate exits 130 (143) with one line, and the folder holds no temporary nor
+    torn file."""
     import signal
 
     import nibabel as nib
+
+    sig = getattr(signal, sig)
 
     real_save = nib.save
     written = []
@@ -91,11 +95,11 @@ def test_ctrl_c_while_a_prediction_is_written_leaves_no_temporary(run, tiny_data
     def save_then_ctrl_c(img, name):
         real_save(img, name)
         written.append(name)
-        signal.raise_signal(signal.SIGINT)  # as the terminal delivers it, mid-write
+        signal.raise_signal(sig)  # as the terminal or a scheduler delivers it, mid-write
 
     out = tmp_path / "pred"
     monkeypatch.setattr(nib, "save", save_then_ctrl_c)
-    assert _eval(tiny_data, "--run", run, "--out", out) == 130
+    assert _eval(tiny_data, "--run", run, "--out", out) == 128 + sig
     assert written and ".tmp" in written[0]  # it was interrupted inside the write
     assert capsys.readouterr().err.strip() == "interrupted"
     assert sorted(p.name for p in out.iterdir()) == []  # neither the temporary nor a torn file
@@ -105,9 +109,10 @@ def test_ctrl_c_while_a_prediction_is_written_leaves_no_temporary(run, tiny_data
     assert _eval(tiny_data, "--run", run, "--out", out) == 0
     before = {p.name: p.read_bytes() for p in out.glob("*.nii.gz")}
     monkeypatch.setattr(nib, "save", save_then_ctrl_c)
-    assert _eval(tiny_data, "--run", run, "--out", out) == 130
+    assert _eval(tiny_data, "--run", run, "--out", out) == 128 + sig
     assert {p.name: p.read_bytes() for p in out.glob("*.nii.gz")} == before
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after evaluate
 
 
 def test_disk_error_while_results_are_written_keeps_no_torn_file(run, tiny_data, tmp_path,
