@@ -64,8 +64,11 @@ def truncate_metrics(path, step: int, steps_per_epoch: int | None = None) -> Non
             elif r.get("kind") == "val":
                 r["epoch"] = s // steps_per_epoch
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, p)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, p)
+    finally:  # a second Ctrl-C mid-write leaves the old log, and no temporary
+        tmp.unlink(missing_ok=True)
 
 
 class RunLogger:
@@ -125,7 +128,10 @@ def plot_curves(metrics_path, out_png) -> Path | None:
     fig.tight_layout()
     out_png = Path(out_png)
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, out_png)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out_png

@@ -323,3 +323,33 @@ def test_sigterm_on_the_cli_saves_logs_and_resumes(tiny_data, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 12, steps
     # rows at every third step, plus the stop's row: no step logged twice or left out
     assert set(steps) == {3, 6, 9, 12} | {stopped}
+
+
+def test_a_second_ctrl_c_while_run_files_are_rewritten_leaves_no_temporary(tmp_path,
+                                                                           monkeypatch):
+    """metrics.jsonl (cut back on resume), config.yaml and curves.png are replaced through a
+    temporary: stopped mid-write, the old file stays and the temporary goes."""
+    import os
+
+    from med3d_ext.train import runlog
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n')
+    C.save_config({"lr": 0.1}, tmp_path / "config.yaml")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        runlog.truncate_metrics(log, 1)
+    with pytest.raises(KeyboardInterrupt):
+        C.save_config({"lr": 0.2}, tmp_path / "config.yaml")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            runlog.plot_curves(log, tmp_path / "curves.png")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
