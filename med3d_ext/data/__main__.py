@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import warnings
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
             for d in real(args.out, cases=args.cases, seed=args.seed):
                 print(f"wrote {d}")
         else:
+            _sigterm_as_interrupt()
             for path, out in _preprocess_targets(args.dataset, args.out):
                 _preprocess_one(path, out, args)
     except (DataError, ImportError, FileNotFoundError, ValueError) as e:
@@ -80,12 +82,26 @@ def main(argv=None) -> int:
         print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted" + ("; run the same command again to continue (the cases already "
                                "preprocessed are reused)" if args.cmd == "preprocess" else ""),
               file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)  # 130, or 143 after SIGTERM
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    signum = signal.SIGTERM
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler ending the job, ``kill``) stops preprocessing as Ctrl-C does: the
+    workers are stopped and their temporaries removed, instead of this process dying alone."""
+    def handler(signum, frame):
+        raise _Terminated
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _unwritable(path) -> str | None:

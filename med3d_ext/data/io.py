@@ -242,7 +242,12 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path, *, dtype=None) -> Pa
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")  # affines are in mm; viewers otherwise say "unknown"
-    tmp = path.with_name(path.name + ".tmp" + "".join(path.suffixes[-2:]))
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    # a unique temporary in the same folder (the rename is atomic there), named for its type:
+    # nibabel picks the format and compression from the suffix
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" + "".join(path.suffixes[-2:]))
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:  # a Ctrl-C or a full disk mid-write leaves neither a torn file nor the temporary
+        tmp.unlink(missing_ok=True)
     return path

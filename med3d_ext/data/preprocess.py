@@ -18,6 +18,10 @@ Cache layout (CACHE_DIR): ``cache.json`` (dataset description, case order) and p
 ``<case>.image.npy`` (C, D, H, W) float32, ``<case>.label.npy`` (D, H, W) uint8/int16,
 ``<case>.locs.npz`` (foreground voxel samples per class), ``<case>.json`` (metadata, key).
 A case's key hashes its source files' paths, sizes and mtimes plus the recipe settings.
+Every file is written to a temporary and renamed; a case's ``.json`` is written last and is
+removed first when a case is redone, so an entry is reused only when it is complete (checked
+against its arrays' headers too). Interrupted (Ctrl-C, SIGTERM), the workers are stopped at
+once, their temporaries removed, and a rerun redoes only the unfinished cases.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import hashlib
 import json
 import time
 import os
+import signal
 import sys
 import threading
 import warnings
@@ -255,22 +260,60 @@ def _tmp_name(path: Path, suffix: str = "") -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp{suffix}")
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = _tmp_name(path, ".npy")  # np.save appends .npy unless the name already ends in it
+# the temporaries this process is writing: a worker stopped by SIGTERM (the parent's Ctrl-C)
+# removes them before it exits (see _worker_stop)
+_writing: set = set()
+
+
+def _atomic(path: Path, suffix: str, write) -> None:
+    tmp = _tmp_name(path, suffix)
+    _writing.add(tmp)
     try:
-        np.save(tmp, arr)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        _writing.discard(tmp)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    # np.save / np.savez append .npy / .npz unless the name already ends in it
+    _atomic(path, ".npy", lambda tmp: np.save(tmp, arr))
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    _atomic(path, ".npz", lambda tmp: np.savez(tmp, **arrays))
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = _tmp_name(path)
+    _atomic(path, "", lambda tmp: tmp.write_text(json.dumps(obj)))
+
+
+def _entry_complete(out: Path, name: str, key: str) -> bool:
+    """Whether the cache entry of case ``name`` can be reused: its metadata (written last, so
+    its key marks the entry complete) has ``key``, and its arrays are there with the shapes
+    the metadata gives. An entry with a file removed or cut short since (a copy of the cache
+    interrupted, a full disk) is preprocessed again instead of failing in training."""
+    import zipfile
+
     try:
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        meta = json.loads((out / f"{name}.json").read_text())
+        if meta.get("key") != key:
+            return False
+        shape = [int(v) for v in meta["shape"]]
+        # mmap: reads the header and checks that the file holds the whole array
+        if list(np.load(out / f"{name}.image.npy", mmap_mode="r").shape) != \
+                [int(meta["channels"]), *shape]:
+            return False
+        if meta.get("label") is not None:
+            if list(np.load(out / f"{name}.label.npy", mmap_mode="r").shape) != shape:
+                return False
+            if any(int(v) > 0 for v in meta.get("label_values", [])):
+                np.load(out / f"{name}.fg.npy", mmap_mode="r")
+        with zipfile.ZipFile(out / f"{name}.locs.npz") as z:
+            return z.testzip() is None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def _job(args):
@@ -285,13 +328,19 @@ def _job(args):
                            f"({type(e).__name__}: {e})")
     out = Path(out)
     stem = out / case.name
+    # an older entry's metadata goes first: were this rewrite cut short, the entry must not
+    # pass for complete (its files would be part old, part new)
+    Path(f"{stem}.json").unlink(missing_ok=True)
     _save_npy(Path(f"{stem}.image.npy"), r["image"])
+    # tests: a case that takes a while to write, so that a signal can land in the middle of one
+    if os.environ.get("MED3D_EXT_TEST_CASE_DELAY"):
+        time.sleep(float(os.environ["MED3D_EXT_TEST_CASE_DELAY"]))
     for suffix, arr in ((".label.npy", r["label"]), (".fg.npy", r["fg_values"])):
         if arr is not None:
             _save_npy(Path(f"{stem}{suffix}"), arr)
         else:  # a label removed since the last run must not linger
             Path(f"{stem}{suffix}").unlink(missing_ok=True)
-    np.savez(f"{stem}.locs.npz", **r["locs"])
+    _save_npz(Path(f"{stem}.locs.npz"), r["locs"])
     meta = dict(r["meta"], key=key)
     _write_json(Path(f"{stem}.json"), meta)  # written last: its key marks the entry complete
     return case.name, None
@@ -355,13 +404,8 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     for c in good:
         files = [*c.images] + ([c.label] if c.label is not None else [])
         keys[c.name] = key = file_key(files, settings)
-        mp = out / f"{c.name}.json"
-        if mp.exists():
-            try:
-                if json.loads(mp.read_text()).get("key") == key:
-                    continue
-            except json.JSONDecodeError:
-                pass
+        if _entry_complete(out, c.name, key):
+            continue
         todo.append((c, target, ds.labels, str(out), key, seed))
     t0 = time.perf_counter()
     failed = _run_jobs(todo, workers, progress, ds.name)
@@ -421,12 +465,18 @@ def _run_jobs(todo, workers, progress, name):
         # inherited. Elsewhere (or MED3D_EXT_MP_START=spawn) processes are spawned.
         method = os.environ.get("MED3D_EXT_MP_START") or (
             "fork" if sys.platform.startswith("linux") else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
-                                 initializer=_worker_init) as ex:
+        ex = ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
+                                 initializer=_worker_init)
+        try:
             for n, err in ex.map(_job, todo):
                 if err:
                     failed.append((n, err))
                 bar.update()
+        except BaseException:  # Ctrl-C (or SIGTERM, see data/__main__.py), or an error
+            _stop_workers(ex)
+            raise
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
     bar.close()
     return failed
 
@@ -434,6 +484,40 @@ def _run_jobs(todo, workers, progress, name):
 def _worker_init():
     # one case per process; more intra-op threads would oversubscribe the cores
     torch.set_num_threads(1)
+    # A terminal's Ctrl-C reaches every process of the group. Only the parent acts on it (one
+    # "interrupted", not a traceback from each worker); it stops the workers with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_stop)
+    if sys.platform.startswith("linux"):
+        try:  # a parent killed outright (SIGKILL, OOM) takes its workers along: no orphans
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _worker_stop(signum, frame):
+    """SIGTERM in a worker: remove the temporaries it was writing and exit at once. A case in
+    progress has no metadata file yet, so a rerun does it again."""
+    for tmp in list(_writing):
+        tmp.unlink(missing_ok=True)
+    os._exit(128 + signum)
+
+
+def _stop_workers(ex: ProcessPoolExecutor) -> None:
+    """Stop the pool now: cancel the cases not started and terminate the workers (their
+    cases in progress are dropped, to be redone by a rerun) instead of waiting for them."""
+    procs = list((getattr(ex, "_processes", None) or {}).values())  # no public handle < 3.14
+    ex.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def _remove_stale(out: Path, keep: set) -> None:

@@ -8,10 +8,13 @@ the argument parsing around them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -318,18 +321,20 @@ def main(argv=None) -> int:
             explicit: set = set()
             cfg = resolve_args(ns, explicit)
             if ns.command == "evaluate":
-                run_evaluate(cfg, explicit=explicit)
+                with _sigterm_as_interrupt():
+                    run_evaluate(cfg, explicit=explicit)
             else:
                 train_command(ns.command, cfg)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # outside the training loop (preprocessing, evaluation)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from the rank that saved
+            print(str(e), file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)  # 130 after Ctrl-C, 143 after SIGTERM
+    except KeyboardInterrupt as e:  # outside the training loop (preprocessing, evaluation)
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -338,6 +343,30 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler ending the job) stops evaluation as Ctrl-C does: the prediction
+    being written leaves no temporary, and the exit status is 143. (Training handles SIGTERM
+    itself, finishing the step and saving it: loops._CtrlC.)"""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated
+
+    prev = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

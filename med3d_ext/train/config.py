@@ -367,8 +367,11 @@ def save_config(cfg: dict, path) -> Path:
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(dict(cfg), sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(yaml.safe_dump(dict(cfg), sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -104,10 +104,11 @@ def run_demo(out=None, device: str = "auto", quick: bool = False, seed: int = 0,
 
     try:
         return _run_demo(out, device, quick, seed, log, progress)
-    except TrainingInterrupted:
+    except TrainingInterrupted as e:
         # the runs' "--resume RUN" hint does not apply: the demo is a fixed recipe, not resumable
         raise TrainingInterrupted("demo interrupted; it does not resume: run it again with "
-                                  "another --out (the synthetic data are reused)") from None
+                                  "another --out (the synthetic data are reused)",
+                                  e.signum) from None
 
 
 def _run_demo(out, device, quick, seed, log, progress) -> dict:

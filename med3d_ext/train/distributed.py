@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "init_distributed", "wrap_ddp", "all_reduce_mean", "barrier", "run_on_main",
-           "cleanup", "broadcast_object"]
+           "cleanup", "broadcast_object", "any_rank"]
 
 
 @dataclass
@@ -132,11 +132,34 @@ def run_on_main(fn, ctx: DistContext):
     return result
 
 
+_flag_group = None  # a gloo group for host-side flags when the default group is NCCL
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when ``flag`` is true on any rank; every rank must call it at the
+    same point (the training loop: once per step, to agree on stopping after a signal). The
+    reduction is on CPU tensors, on a gloo group made for it when the default group is NCCL,
+    so it never waits for the GPU's queued work (no host sync per step)."""
+    global _flag_group
+    if not ctx.enabled:
+        return bool(flag)
+    group = None
+    if dist.get_backend() != "gloo":
+        if _flag_group is None:
+            _flag_group = dist.new_group(backend="gloo")
+        group = _flag_group
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
 
 
 def cleanup(ctx: DistContext) -> None:
+    global _flag_group
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        _flag_group = None

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, atomic_write, find_checkpoint, load_checkpoint
 from .config import ConfigError
 from .inference import sliding_window_probs
 from .loops import autocast_dtype
@@ -328,12 +328,9 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
                          "prediction": classes[k] if k < len(classes) else str(k),
                          "probability": float(prob[k])})
     acc = nanmean(float(r["label"] == r["prediction"]) for r in rows)
-    with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["case", "label", "prediction", "probability"])
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(out / "predictions.csv", ["case", "label", "prediction", "probability"], rows)
     summary = {"run": str(cfg["run"]), "data": str(data_dir), "accuracy": acc, "cases": rows}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    _write_text(out / "metrics.json", json.dumps(summary, indent=1))
     log(f"accuracy {acc:.3f} on {len(rows)} cases; predictions in {out / 'predictions.csv'}")
     return summary
 
@@ -370,11 +367,24 @@ def _write(out: Path, summary, rows):
     def clean(v):
         return None if isinstance(v, float) and math.isnan(v) else v
 
-    (out / "metrics.json").write_text(json.dumps(
+    _write_text(out / "metrics.json", json.dumps(
         {k: ([{a: clean(b) for a, b in r.items()} for r in v] if k == "cases" else clean(v))
          for k, v in summary.items()}, indent=1))
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "case", k))
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(out / "metrics.csv", keys, rows)
+
+
+# Results are written atomically, as predictions are: a Ctrl-C or a full disk mid-write keeps
+# the previous file (or none), never a torn one that a script would read as the results.
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _write_csv(path: Path, fields, rows) -> None:
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fields)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), newline=""))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from .distributed import DistContext, all_reduce_mean, barrier, wrap_ddp
+from .distributed import DistContext, all_reduce_mean, any_rank, barrier, run_on_main, wrap_ddp
 from .runlog import RunLogger, truncate_metrics
 
 __all__ = ["TrainingError", "TrainingInterrupted", "Job", "run_training", "autocast_dtype",
@@ -42,7 +42,12 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(TrainingError):
-    """Ctrl-C: the message says which checkpoint holds the work done and how to resume."""
+    """Ctrl-C or SIGTERM: the message says which checkpoint holds the work done and how to
+    resume. ``signum``: the signal that stopped the run (the CLI exits with 128 + signum)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 @dataclass
@@ -99,41 +104,76 @@ def _set_frozen(model, frozen: bool) -> None:
 
 
 class _CtrlC:
-    """A first Ctrl-C asks the loop to stop after the step in progress and to save it (model,
-    optimizer, RNG and loader position agree only between steps); a second one stops at once.
-    Only in a one-process run called from the main thread where Python's own SIGINT handler is
-    installed: a caller's handler, or a SIGINT that is ignored, is left as it is."""
+    """A first Ctrl-C (SIGINT) or a SIGTERM asks the loop to stop after the step in progress
+    and to save it (model, optimizer, RNG and loader position agree only between steps); a
+    second Ctrl-C stops at once. SIGTERM never escalates: a cluster scheduler (SLURM) sends it
+    before killing a job, often to every process of the job and again through torchrun, and
+    a repeated SIGTERM must not cost the save. Installed only from the main thread, for each
+    signal whose handler is Python's default (a caller's handler, or an ignored signal, is
+    left as it is). Under torchrun every rank installs it: torchrun forwards SIGINT/SIGTERM
+    to each rank, and the ranks agree on the step to stop at (:func:`any_rank`)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool = True, announce: bool = True):
         self.asked = False
-        self.enabled = (enabled and threading.current_thread() is threading.main_thread()
-                        and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        self.announce = announce
+        self.prev = {}
+        main = threading.current_thread() is threading.main_thread()
+        self.signals = [s for s, default in ((signal.SIGINT, signal.default_int_handler),
+                                             (signal.SIGTERM, signal.SIG_DFL))
+                        if enabled and main and signal.getsignal(s) is default]
 
     def __enter__(self):
-        if self.enabled:
-            self.pid = os.getpid()
-            self.prev = signal.signal(signal.SIGINT, self._handler)
+        self.pid = os.getpid()
+        for s in self.signals:
+            self.prev[s] = signal.signal(s, self._handler)
         return self
 
     def _handler(self, signum, frame):
         if os.getpid() != self.pid:
-            # a forked DataLoader worker inherits this handler and gets the terminal's Ctrl-C
-            # too: it keeps serving batches; the training process stops them when it leaves
+            # a forked DataLoader worker inherits this handler. It gets the terminal's Ctrl-C
+            # too: it keeps serving batches, and the training process stops it when it
+            # leaves. A SIGTERM there is the DataLoader stopping it: die as by default.
+            if signum == signal.SIGTERM:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
             return
-        if self.asked:
+        if signum == signal.SIGINT and self.asked == signal.SIGINT:
             raise KeyboardInterrupt
-        self.asked = True
+        if self.asked:  # a SIGTERM after either, or a first Ctrl-C after a SIGTERM
+            self.asked = signum if signum == signal.SIGINT else self.asked
+            return
+        self.asked = signum
+        if not self.announce:
+            return
         msg = ("\nCtrl-C: stopping after this step and saving it (press Ctrl-C again to stop at "
-               "once, losing the steps since the last checkpoint)\n")
+               "once, losing the steps since the last checkpoint)\n" if signum == signal.SIGINT
+               else "\nSIGTERM: stopping after this step and saving it\n")
         try:  # unbuffered: print() here could re-enter a write the bar was in the middle of
             os.write(sys.stderr.fileno(), msg.encode())
         except (OSError, ValueError, AttributeError):  # no real stderr (captured, closed)
             pass
 
     def __exit__(self, *exc):
-        if self.enabled:
-            signal.signal(signal.SIGINT, self.prev)
+        for s, prev in self.prev.items():
+            signal.signal(s, prev)
+        self.prev = {}
         return False
+
+
+def _new_window(state: dict | None = None) -> dict:
+    """The running sums of the steps since the last train row (from a checkpoint's state)."""
+    win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
+    if state:
+        win.update({k: state[k] for k in ("n", "loss", "wait", "time")})
+        win["heads"] = {k: list(v) for k, v in state.get("heads", {}).items()}
+    return win
+
+
+def _window_state(win: dict) -> dict:
+    # floats, not device tensors: weights_only-loadable, and resumable on another device
+    return {"n": int(win["n"]), "loss": float(win["loss"]), "wait": float(win["wait"]),
+            "time": float(win["time"]),
+            "heads": {k: [float(x) for x in v] for k, v in win["heads"].items()}}
 
 
 def _oom_message(cfg, where: str) -> str:
@@ -166,6 +206,9 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
     start, best, target_step = 0, {"score": -math.inf, "step": -1}, None
     frozen = False
     saved_at = {"step": None}  # the step of the newest last.pt (what an interruption keeps)
+    # the steps since the last train row of metrics.jsonl; saved in every checkpoint, so that a
+    # run resumed after a kill writes the row that covers them as the uninterrupted run did
+    win = _new_window()
 
     if resume_from is not None:
         path = find_checkpoint(resume_from, "last")
@@ -189,6 +232,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         saved_at["step"] = start
         best = dict(ck.get("best") or best)
         target_step = ck.get("target_step")
+        if ck.get("log_window"):
+            win = _new_window(ck["log_window"])
         if ctx.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", start, steps_per_epoch)
 
@@ -209,7 +254,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             extra={"sampler": job.loader.state_dict(), "best": dict(best),
                    "augment": (job.augment.state_dict()
                                if hasattr(job.augment, "state_dict") else None),
-                   "target_step": target_step, **job.extra})
+                   "target_step": target_step, "log_window": _window_state(win),
+                   **job.extra})
         if name == "last":  # once written: a Ctrl-C during the write keeps the previous one
             saved_at["step"] = step
         return path
@@ -224,7 +270,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
 
     bar = tqdm(total=total, initial=start, disable=not (ctx.is_main and cfg.get("progress")),
                desc=job.kind, dynamic_ncols=True, leave=False)
-    win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
+    last_dice = {"fn": None}  # the newest step's dice_fn (a train row reports its batch)
     # Each step's loss stays on the device until the next log or checkpoint, where all of them
     # are checked and summed with one host sync: a per-step .item() / isfinite() would make the
     # host wait for every step's GPU work before queueing the next, and on a GPU whose steps
@@ -246,24 +292,53 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             win["loss"] += v
         pending.clear()
 
+    def log_train_row(at_step: int) -> None:
+        """One train row: the means over the steps since the previous row (losses flushed)."""
+        nonlocal win
+        if not win["n"]:
+            return
+        sps = win["n"] * job.samples_per_step * ctx.world_size / max(win["time"], 1e-9)
+        # metrics.jsonl: "step" counts optimizer steps done, "epoch" is the 1-based
+        # number of the epoch the row belongs to, for train and val rows alike
+        rec = {"kind": "train", "step": at_step, "epoch": (at_step - 1) // steps_per_epoch + 1,
+               "loss": win["loss"] / win["n"], "lr": opt.param_groups[-1]["lr"],
+               "samples_s": sps, "voxels_s": sps * job.voxels_per_sample,
+               "data_wait": win["wait"] / max(win["time"], 1e-9)}
+        for k, v in win["heads"].items():
+            rec[k] = float(sum(v)) / len(v)
+        if last_dice["fn"] is not None:
+            rec.update(last_dice["fn"]())
+        logger.log(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", dice=f"{rec.get('dice', float('nan')):.3f}",
+                        sps=f"{sps:.1f}", vox_s=f"{rec['voxels_s']:.2g}",
+                        wait=f"{rec['data_wait']:.0%}")
+        win = _new_window()
+
     def stop_here(step: int):
-        """After a Ctrl-C: keep the steps done (unless a non-finite loss is among them), then
-        leave with a message saying how to go on."""
+        """After a Ctrl-C or SIGTERM (every rank calls it at the same step): keep the steps
+        done (unless a non-finite loss is among them), log the train row of the steps since
+        the last one, then leave with a message saying how to go on."""
         flush_losses()
-        if ctx.is_main and saved_at["step"] != step:
-            save("last", step)
+        logged = win["n"] > 0
+        log_train_row(step)
+        # re-saved after the row, also when last.pt already has this step: its log window
+        # would otherwise make a resumed run log these steps a second time
+        if saved_at["step"] != step or logged:
+            run_on_main(lambda: save("last", step), ctx)  # every rank waits for the save
         raise TrainingInterrupted(
             f"interrupted after step {step} of {total}; saved {run_dir / 'last.pt'}; continue "
-            f"with --resume {run_dir}")
+            f"with --resume {run_dir}", ctrl_c.asked or signal.SIGINT)
 
     t_run = time.perf_counter()
     model.train()
     step = start
-    ctrl_c = _CtrlC(ctx.world_size == 1)
+    ctrl_c = _CtrlC(announce=ctx.is_main)
     try:
         ctrl_c.__enter__()
         while step < total:
-            if ctrl_c.asked:
+            # under torchrun the ranks may see the signal at different steps: they agree to
+            # stop at the first step boundary where any of them has seen it
+            if any_rank(bool(ctrl_c.asked), ctx):
                 stop_here(step)
             epoch = step // steps_per_epoch
             want_frozen = epoch < job.freeze_epochs
@@ -315,6 +390,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             win["time"] += t2 - t0
             for k, v in info.items():  # tensors: converted at log time (no per-step sync)
                 win["heads"].setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
+            last_dice["fn"] = dice_fn
             end_of_epoch = step % steps_per_epoch == 0
             log_now = step % max(cfg["log_every"], 1) == 0 or step == total or end_of_epoch
             if log_now or end_of_epoch or (cfg.get("ckpt_every") and step % cfg["ckpt_every"] == 0):
@@ -322,24 +398,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                 flush_losses()  # before any log row or checkpoint
                 # the wait for the queued GPU work belongs to the steps' time (samples/s)
                 win["time"] += time.perf_counter() - t_flush
-            if log_now and win["n"]:
-                sps = win["n"] * job.samples_per_step * ctx.world_size / max(win["time"], 1e-9)
-                # metrics.jsonl: "step" counts optimizer steps done, "epoch" is the 1-based
-                # number of the epoch the row belongs to, for train and val rows alike
-                rec = {"kind": "train", "step": step, "epoch": epoch + 1,
-                       "loss": win["loss"] / win["n"], "lr": opt.param_groups[-1]["lr"],
-                       "samples_s": sps, "voxels_s": sps * job.voxels_per_sample,
-                       "data_wait": win["wait"] / max(win["time"], 1e-9)}
-                for k, v in win["heads"].items():
-                    rec[k] = float(sum(v)) / len(v)
-                if dice_fn is not None:
-                    rec.update(dice_fn())
-                logger.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}",
-                                dice=f"{rec.get('dice', float('nan')):.3f}",
-                                sps=f"{sps:.1f}", vox_s=f"{rec['voxels_s']:.2g}",
-                                wait=f"{rec['data_wait']:.0%}")
-                win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
+            if log_now:
+                log_train_row(step)
             bar.update(1)
             if end_of_epoch:
                 if ctx.is_main:
@@ -376,7 +436,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         keep = (f"the last checkpoint is {run_dir / 'last.pt'} (step {last}); continue with "
                 f"--resume {run_dir}" if last is not None else
                 "no checkpoint was written yet; run the same command again to start over")
-        raise TrainingInterrupted(f"interrupted after step {step} of {total}; {keep}") from None
+        raise TrainingInterrupted(f"interrupted after step {step} of {total}; {keep}",
+                                  signal.SIGINT) from None
     finally:
         ctrl_c.__exit__()
         bar.close()

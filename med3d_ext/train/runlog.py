@@ -6,7 +6,10 @@ metrics.jsonl holds one JSON object per line:
 - ``{"kind": "train", "step": S, "epoch": E, "loss", "lr", "samples_s", "voxels_s",
   "data_wait", ...}``: the mean over the steps since the previous train row (every
   ``log_every`` steps and at each epoch's end), plus per-head ``loss/<head>``, ``dice``,
-  ``dice/<head>`` (pretraining) or ``acc`` (classification) of the row's last batch;
+  ``dice/<head>`` (pretraining) or ``acc`` (classification) of the row's last batch. A run
+  stopped by Ctrl-C also writes the row of the steps since the previous one (at the step it
+  saved), and every checkpoint keeps the sums of the steps not yet in a row, so that a resumed
+  run logs each step once;
 - ``{"kind": "val", "step": S, "epoch": E, "score", "dice" | "acc", "val_dice/<dataset>",
   "target_step"}``: validation after each epoch.
 
@@ -61,8 +64,11 @@ def truncate_metrics(path, step: int, steps_per_epoch: int | None = None) -> Non
             elif r.get("kind") == "val":
                 r["epoch"] = s // steps_per_epoch
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, p)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, p)
+    finally:  # a second Ctrl-C mid-write leaves the old log, and no temporary
+        tmp.unlink(missing_ok=True)
 
 
 class RunLogger:
@@ -122,7 +128,10 @@ def plot_curves(metrics_path, out_png) -> Path | None:
     fig.tight_layout()
     out_png = Path(out_png)
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, out_png)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out_png

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -62,3 +64,46 @@ def test_refusal_on_rank_0_stops_every_rank_without_torchrun(tiny_data, tmp_path
     for rank, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode != 0, f"rank {rank}: {text[-2000:]}"
         assert "already holds a checkpoint" in text, f"rank {rank}: {text[-2000:]}"
+
+
+def test_ctrl_c_under_torchrun_saves_and_resumes(tiny_data, tmp_path):
+    """torchrun forwards a terminal's Ctrl-C to every rank (they run in their own sessions):
+    the ranks agree on a step to stop at, rank 0 saves it, and a resume under torchrun
+    finishes the run with every step logged once."""
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+              "2", "-m", "med3d_ext.train", "pretrain"]
+    args = tiny_args(tiny_data["pretrain"], out, "--cache", tiny_data["cache"], "--epochs", 1,
+                     "--steps", 10, "--log-every", 3, "--no-export")
+    p = subprocess.Popen(launch + [str(a) for a in args] + ["--step-sleep", "0.5"],
+                         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and \
+                max((r["step"] for r in read_metrics(out / "metrics.jsonl")), default=0) < 3:
+            time.sleep(0.05)
+        assert p.poll() is None, "the run ended before it could be interrupted"
+        p.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches torchrun, not the ranks
+        stdout, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            import os
+
+            os.killpg(p.pid, signal.SIGKILL)
+    err = stdout + err
+    assert err.count("interrupted after step") == 1, err[-4000:]  # rank 0's message only
+    assert "KeyboardInterrupt" not in err and "--resume" in err, err[-4000:]
+    stopped = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 10
+    steps = [x["step"] for x in read_metrics(out / "metrics.jsonl") if x["kind"] == "train"]
+    assert steps[-1] == stopped  # the steps since the last row were logged
+
+    r = subprocess.run(launch + ["--resume", str(out), "--no-progress"], env=cli_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 10
+    steps = [x["step"] for x in read_metrics(out / "metrics.jsonl") if x["kind"] == "train"]
+    assert steps == sorted(set(steps)) and set(steps) == {3, 6, 9, 10} | {stopped}, steps
+    assert not list(out.glob(".*.tmp"))

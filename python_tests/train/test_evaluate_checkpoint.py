@@ -75,3 +75,59 @@ def test_unknown_head_names_where_the_name_came_from(tiny_data, tmp_path, capsys
     assert _eval(tiny_data, "--run", pre, "--head", "nope", "--out", tmp_path / "b") == 2
     err = capsys.readouterr().err  # it said "(the dataset)" for a --head typo too
     assert "'nope' (--head)" in err and one.name in err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_while_a_prediction_is_written_leaves_no_temporary(run, tiny_data, tmp_path,
+                                                                  monkeypatch, capsys, sig):
+    """A real Ctrl-C (or SIGTERM) arrives once the prediction's temporary is on disk, before
+    the rename: evaluate exits 130 (143) with one line, and the folder holds no temporary nor
+    torn file."""
+    import signal
+
+    import nibabel as nib
+
+    sig = getattr(signal, sig)
+
+    real_save = nib.save
+    written = []
+
+    def save_then_ctrl_c(img, name):
+        real_save(img, name)
+        written.append(name)
+        signal.raise_signal(sig)  # as the terminal or a scheduler delivers it, mid-write
+
+    out = tmp_path / "pred"
+    monkeypatch.setattr(nib, "save", save_then_ctrl_c)
+    assert _eval(tiny_data, "--run", run, "--out", out) == 128 + sig
+    assert written and ".tmp" in written[0]  # it was interrupted inside the write
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert sorted(p.name for p in out.iterdir()) == []  # neither the temporary nor a torn file
+
+    # a prediction that was there before is kept whole (the rename never happened)
+    monkeypatch.setattr(nib, "save", real_save)
+    assert _eval(tiny_data, "--run", run, "--out", out) == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.nii.gz")}
+    monkeypatch.setattr(nib, "save", save_then_ctrl_c)
+    assert _eval(tiny_data, "--run", run, "--out", out) == 128 + sig
+    assert {p.name: p.read_bytes() for p in out.glob("*.nii.gz")} == before
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after evaluate
+
+
+def test_disk_error_while_results_are_written_keeps_no_torn_file(run, tiny_data, tmp_path,
+                                                                 monkeypatch):
+    import med3d_ext.train.checkpoint as ck
+
+    out = tmp_path / "pred"
+    assert _eval(tiny_data, "--run", run, "--out", out) == 0
+    good = (out / "metrics.json").read_text()
+    real_fsync = ck.os.fsync
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ck.os, "fsync", full_disk)
+    assert _eval(tiny_data, "--run", run, "--out", out) == 1
+    monkeypatch.setattr(ck.os, "fsync", real_fsync)
+    assert (out / "metrics.json").read_text() == good
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name or p.name.startswith(".")]
