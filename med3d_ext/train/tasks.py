@@ -177,6 +177,12 @@ def input_channel(pre, channel, lenient: bool = False) -> int:
     """Index of --channel in a dataset. ``lenient`` (pretraining, whose domains are mostly
     single-channel): a single-channel dataset uses its only channel whatever --channel says;
     multi-channel datasets must have it."""
+    if channel is None and len(pre.channels) > 1 and not lenient:
+        # a multi-channel dataset (e.g. MSD brain: FLAIR, T1w, ...) with no --channel: say
+        # which channel the single-channel model reads, rather than pick it silently
+        warnings.warn(f"dataset {pre.name!r} has {len(pre.channels)} channels "
+                      f"{list(pre.channels)}; using the first ({pre.channels[0]!r}). "
+                      "--channel NAME|INDEX picks another", stacklevel=2)
     try:
         return pre.channel_index(channel)
     except ValueError as e:

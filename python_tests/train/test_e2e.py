@@ -528,3 +528,27 @@ def test_from_scratch_with_pretrained_says_no_weights_are_loaded(tiny_data, tmp_
     out = capsys.readouterr().out  # was silent: the run looked like a transfer run
     assert "from scratch" in out and "none of its weights are loaded" in out
     assert "Loaded" not in out
+
+
+def test_multichannel_dataset_without_channel_says_which_it_uses():
+    """A single-channel model on a multi-channel dataset read its first channel silently."""
+    import warnings
+
+    from med3d_ext.train.tasks import input_channel
+
+    class Pre:  # the two members input_channel uses
+        name, channels = "Task01_BrainTumour", ["FLAIR", "T1w", "t1gd", "T2w"]
+
+        def channel_index(self, channel):
+            return 0 if channel is None else [c.lower() for c in self.channels].index(channel.lower())
+
+    with pytest.warns(UserWarning, match=r"4 channels \['FLAIR', 'T1w', 't1gd', 'T2w'\]; "
+                                         r"using the first \('FLAIR'\)\. --channel"):
+        assert input_channel(Pre(), None) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit choice, or one channel: nothing to say
+        assert input_channel(Pre(), "t2w") == 3
+        single = Pre()
+        single.channels = ["CT"]
+        assert input_channel(single, None) == 0
+        assert input_channel(Pre(), None, lenient=True) == 0  # pretraining: domain by domain
