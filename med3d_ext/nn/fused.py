@@ -157,9 +157,10 @@ def _sequential_forward(self, x):
 
 
 def _stem_conv_forward(self, x):
-    # conv1 computes relu(bn1(conv1(x))); the model then calls bn1 (a pass-through while fused)
-    # and relu (idempotent on a non-negative input).
-    return conv_bn_act(self, self._m3d_bn, x, relu=True)
+    # conv1 computes relu(bn1(conv1(x))) when the stem's activation is a ReLU (else bn1(conv1(x)));
+    # the model then calls bn1 (a pass-through while fused) and its activation (a ReLU is
+    # idempotent on a non-negative input; any other activation gets its own input).
+    return conv_bn_act(self, self._m3d_bn, x, relu=self.__dict__.get("_m3d_relu", True))
 
 
 # Let fuse_modules run the stem's max-pool inside conv_bn_relu_maxpool3d. Off by default: on an
@@ -213,10 +214,23 @@ def _swap(module: nn.Module, forward, tag: str) -> None:
     module.__class__ = _CLASS_CACHE[key]
 
 
+def _activation(m: nn.Module):
+    """The activation module of a block or stem (MedicalNet: ``relu``; MONAI: ``act``), or None."""
+    for name in ("relu", "act", "activation"):
+        a = getattr(m, name, None)
+        if isinstance(a, nn.Module):
+            return a
+    return None
+
+
 def _is_block(m: nn.Module) -> bool:
     name = type(m).__name__
     has_pairs = all(hasattr(m, a) for a in ("conv1", "bn1", "conv2", "bn2", "downsample"))
     if not has_pairs:
+        return False
+    # the fused block forward applies ReLUs: a block whose activation is another (LeakyReLU,
+    # ELU, ...) or cannot be seen keeps its own forward
+    if not isinstance(_activation(m), nn.ReLU):
         return False
     pairs = [("conv1", "bn1"), ("conv2", "bn2")] + ([("conv3", "bn3")] if hasattr(m, "conv3") else [])
     return name in ("BasicBlock", "Bottleneck") or all(
@@ -232,8 +246,9 @@ def fuse_modules(model: nn.Module) -> nn.Module:
     forward path, in place; returns ``model``.
 
     Patterns: blocks (``BasicBlock`` / ``Bottleneck``, or modules with conv1/bn1/conv2/bn2
-    [/conv3/bn3] and ``downsample``); the stem (a module with conv1, bn1, maxpool and layer1,
-    whose forward runs conv1 -> bn1 -> relu); ``nn.Sequential`` runs of Conv3d -> BatchNorm3d
+    [/conv3/bn3] and ``downsample``, as MONAI's ResNet blocks) whose activation (``relu`` or
+    ``act``) is an ``nn.ReLU``; the stem (a module with conv1, bn1, maxpool and layer1, whose
+    forward runs conv1 -> bn1 -> its activation: the ReLU is fused only when it is one); ``nn.Sequential`` runs of Conv3d -> BatchNorm3d
     [-> ReLU] (type-B shortcuts, the segmentation head). Module names, parameters and the
     state dict are unchanged; outputs and gradients equal the plain model's within tolerance.
     """
@@ -246,7 +261,12 @@ def fuse_modules(model: nn.Module) -> nn.Module:
             _swap(m, _sequential_forward, "sequential")
         if _is_stem(m) and _fusible(m.conv1, m.bn1):
             object.__setattr__(m.conv1, "_m3d_bn", m.bn1)
-            if FUSE_STEM_POOL and isinstance(m.bn1, nn.BatchNorm3d) and _fusible_pool(m.maxpool):
+            # the ReLU joins the op only when it is the stem's activation (MONAI's ResNet takes
+            # act=..., e.g. a LeakyReLU, which a fused ReLU would silently replace)
+            relu = isinstance(_activation(m), nn.ReLU)
+            object.__setattr__(m.conv1, "_m3d_relu", relu)
+            if (FUSE_STEM_POOL and relu and isinstance(m.bn1, nn.BatchNorm3d)
+                    and _fusible_pool(m.maxpool)):
                 # the stem's max-pool joins the op: its full-resolution input is never written
                 object.__setattr__(m.conv1, "_m3d_pool", m.maxpool)
                 _swap(m.conv1, _stem_pool_forward, "stem_conv_pool")
@@ -265,6 +285,7 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
         if getattr(type(m), "_m3d_fused", None):
             m.__class__ = type(m).__mro__[1]
         m.__dict__.pop("_m3d_bn", None)
+        m.__dict__.pop("_m3d_relu", None)
         m.__dict__.pop("_m3d_pool", None)
     return model
 

@@ -327,3 +327,57 @@ def test_bad_models_and_mismatched_bn_are_named():
     # None as a module's input names the argument (was "'NoneType' ... attribute 'device'")
     with pytest.raises(TypeError, match=r"argument 'x' must be a tensor, got NoneType"):
         ConvBNReLU3d(1, 2, 3)(None)
+
+
+@pytest.mark.parametrize("depth", [10, 50])
+@pytest.mark.parametrize("act", ["relu", "leakyrelu"])
+@pytest.mark.parametrize("train", [True, False])
+def test_fuse_monai_resnet(depth, act, train):
+    """MONAI's ResNet (ResNetBlock / ResNetBottleneck, stem activation ``act``) fused equals the
+    plain model in float64, output and every gradient. With act=LeakyReLU the stem's fused
+    ReLU once replaced it silently (the stem output lost every negative value); now the stem
+    fuses conv + BN only and leaves the activation to the model."""
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(torch.randint(2**31, ()).item())
+    kw = {} if act == "relu" else {"act": ("leakyrelu", {"inplace": True, "negative_slope": 0.2})}
+    plain = getattr(nets, f"resnet{depth}")(spatial_dims=3, n_input_channels=1, num_classes=3,
+                                            **kw).double().train(train)
+    fused = fuse_modules(copy.deepcopy(plain))
+    assert type(fused.layer1[0])._m3d_fused == "block"  # MONAI's blocks use ReLU whatever act is
+    assert type(fused.conv1)._m3d_fused == "stem_conv"
+    assert fused.conv1.__dict__["_m3d_relu"] == (act == "relu")
+    x = torch.randn(3, 1, 20, 24, 22, dtype=torch.float64)
+    outs = []
+    for m in (plain, fused):
+        m.zero_grad()
+        out = m(x)
+        out.square().sum().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    (a, ga), (b, gb) = outs
+    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+    for (name, _), g1, g2 in zip(plain.named_parameters(), ga, gb):
+        torch.testing.assert_close(g2, g1, rtol=1e-8, atol=1e-9 * max(1.0, g1.abs().max().item()),
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+    torch.testing.assert_close(fused.state_dict(), plain.state_dict(), rtol=1e-9, atol=1e-12)
+
+
+def test_blocks_with_another_activation_keep_their_forward():
+    """A duck-typed block (conv1/bn1/conv2/bn2/downsample) whose activation is not a ReLU must
+    not get the fused block forward, which applies ReLUs."""
+
+    class Block(nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv3d(4, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
+            self.conv2, self.bn2 = nn.Conv3d(4, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
+            self.act, self.downsample = act, None
+
+        def forward(self, x):
+            return self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))) + x)
+
+    for act, fused_expected in ((nn.ELU(), False), (nn.LeakyReLU(0.1), False), (nn.ReLU(), True)):
+        plain = Block(act).double()
+        fused = fuse_modules(copy.deepcopy(plain))
+        assert bool(getattr(type(fused), "_m3d_fused", None)) == fused_expected, act
+        x = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
