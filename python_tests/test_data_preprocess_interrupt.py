@@ -131,3 +131,14 @@ def test_an_incomplete_cache_entry_is_redone_not_trusted(tmp_path, damage):
     np.testing.assert_array_equal(pre.image(i), ref.image(i))
     np.testing.assert_array_equal(pre.label(i), ref.label(i))
     assert pre.meta(i)["norm"] == ref.meta(i)["norm"]
+
+
+def test_in_process_preprocess_puts_the_sigterm_handler_back(tmp_path):
+    # main() runs in-process too (tests, notebooks): its SIGTERM handler once stayed installed
+    # afterwards, and changed how every later SIGTERM in the process was handled
+    from med3d_ext.data.__main__ import main
+
+    root = make_msd(tmp_path / "ds", n=2)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["preprocess", str(root), "--out", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before

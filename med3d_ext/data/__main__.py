@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -72,9 +74,9 @@ def main(argv=None) -> int:
             for d in real(args.out, cases=args.cases, seed=args.seed):
                 print(f"wrote {d}")
         else:
-            _sigterm_as_interrupt()
-            for path, out in _preprocess_targets(args.dataset, args.out):
-                _preprocess_one(path, out, args)
+            with _sigterm_as_interrupt():
+                for path, out in _preprocess_targets(args.dataset, args.out):
+                    _preprocess_one(path, out, args)
     except (DataError, ImportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -94,14 +96,25 @@ class _Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
-def _sigterm_as_interrupt() -> None:
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
     """SIGTERM (a scheduler ending the job, ``kill``) stops preprocessing as Ctrl-C does: the
-    workers are stopped and their temporaries removed, instead of this process dying alone."""
+    workers are stopped and their temporaries removed, instead of this process dying alone.
+    The previous handler is put back afterwards (``main`` also runs in-process, e.g. in tests,
+    where a leftover handler changed what SIGTERM does to everything after it)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
     def handler(signum, frame):
         raise _Terminated
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, handler)
+    prev = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
 
 
 def _unwritable(path) -> str | None:
