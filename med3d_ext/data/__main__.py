@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
-import threading
 import time
 import warnings
+
+from .. import _signals
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             for d in real(args.out, cases=args.cases, seed=args.seed):
                 print(f"wrote {d}")
         else:
-            with _sigterm_as_interrupt():
+            with _signals.sigterm_as_interrupt():
                 for path, out in _preprocess_targets(args.dataset, args.out):
                     _preprocess_one(path, out, args)
     except (DataError, ImportError, FileNotFoundError, ValueError) as e:
@@ -90,31 +90,6 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)  # 130, or 143 after SIGTERM
     return 0
-
-
-class _Terminated(KeyboardInterrupt):
-    signum = signal.SIGTERM
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler ending the job, ``kill``) stops preprocessing as Ctrl-C does: the
-    workers are stopped and their temporaries removed, instead of this process dying alone.
-    The previous handler is put back afterwards (``main`` also runs in-process, e.g. in tests,
-    where a leftover handler changed what SIGTERM does to everything after it)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Terminated
-
-    prev = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, prev)
 
 
 def _unwritable(path) -> str | None:

@@ -8,13 +8,10 @@ the argument parsing around them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
-import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import _signals
 from . import config as C
 
 __all__ = ["build_parser", "main", "run_pretrain", "run_transfer", "run_evaluate",
@@ -321,7 +319,7 @@ def main(argv=None) -> int:
             explicit: set = set()
             cfg = resolve_args(ns, explicit)
             if ns.command == "evaluate":
-                with _sigterm_as_interrupt():
+                with _signals.sigterm_as_interrupt():
                     run_evaluate(cfg, explicit=explicit)
             else:
                 train_command(ns.command, cfg)
@@ -343,30 +341,6 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-class _Terminated(KeyboardInterrupt):
-    signum = signal.SIGTERM
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler ending the job) stops evaluation as Ctrl-C does: the prediction
-    being written leaves no temporary, and the exit status is 143. (Training handles SIGTERM
-    itself, finishing the step and saving it: loops._CtrlC.)"""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Terminated
-
-    prev = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, prev)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

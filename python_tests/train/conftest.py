@@ -42,3 +42,53 @@ def tiny_args(data, out, *extra) -> list:
     return ["--data", *([data] if not isinstance(data, (list, tuple)) else data),
             "--out", out, "--patch", 16, "--batch-size", 2, "--epochs", 2, "--steps", 2,
             "--device", "cpu", "--no-progress", "--threads", 1, "--log-every", 1, *extra]
+
+
+class ToyLoader:
+    """A resumable loader of n random (4, 3) batches (its position is in state_dict), for
+    run_training tests with a toy model."""
+
+    def __init__(self, n):
+        self.n, self.position = n, 0
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, s):
+        self.position = s["position"]
+
+    def __iter__(self):
+        import torch
+
+        while self.position < self.n:
+            self.position += 1
+            yield {"x": torch.randn(4, 3)}
+
+
+def train_step_logged(path) -> int:
+    """The last optimizer step with a train row in metrics.jsonl ``path`` (0: none yet)."""
+    from med3d_ext.train.runlog import read_metrics
+
+    try:
+        return max((r["step"] for r in read_metrics(path) if r["kind"] == "train"), default=0)
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_for_train_step(p, metrics, step: int, timeout: float = 300) -> None:
+    """Wait until CLI subprocess ``p`` has logged train step ``step`` in ``metrics``; it must
+    still be running then (a test about to interrupt it)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None and train_step_logged(metrics) < step:
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be interrupted"
+
+
+def default_sigint() -> None:
+    """preexec_fn of interrupted CLI subprocesses: a terminal's Ctrl-C reaches Python's handler
+    even where the tests run with SIGINT ignored (a background job)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from med3d_ext.train.runlog import read_metrics
 
-from .conftest import cli_env, tiny_args
+from .conftest import cli_env, default_sigint, tiny_args, wait_for_train_step
 
 pytest.importorskip("med3d_ext.models")
 pytest.importorskip("med3d_ext.data")
@@ -78,13 +77,9 @@ def test_ctrl_c_under_torchrun_saves_and_resumes(tiny_data, tmp_path):
     p = subprocess.Popen(launch + [str(a) for a in args] + ["--step-sleep", "0.5"],
                          env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         preexec_fn=default_sigint)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None and \
-                max((r["step"] for r in read_metrics(out / "metrics.jsonl")), default=0) < 3:
-            time.sleep(0.05)
-        assert p.poll() is None, "the run ended before it could be interrupted"
+        wait_for_train_step(p, out / "metrics.jsonl", 3)
         p.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches torchrun, not the ranks
         stdout, err = p.communicate(timeout=120)
     finally:

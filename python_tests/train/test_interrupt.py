@@ -16,30 +16,14 @@ from med3d_ext.train import config as C
 from med3d_ext.train.loops import Job, TrainingInterrupted, run_training
 from med3d_ext.train.runlog import read_metrics
 
-from .conftest import cli, cli_env, tiny_args
+from .conftest import ToyLoader, cli, cli_env, default_sigint, tiny_args, wait_for_train_step
 
 pytest.importorskip("med3d_ext.models")
 pytest.importorskip("med3d_ext.data")
 
 
-class _Loader:
-    def __init__(self, n):
-        self.n, self.position = n, 0
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, s):
-        self.position = s["position"]
-
-    def __iter__(self):
-        while self.position < self.n:
-            self.position += 1
-            yield {"x": torch.randn(4, 3)}
-
-
 def _job(model, step_fn, n):
-    return Job("pretrain", model, {"task": "toy"}, _Loader(n), lambda b, d: b, step_fn,
+    return Job("pretrain", model, {"task": "toy"}, ToyLoader(n), lambda b, d: b, step_fn,
                lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 4, 3)
 
 
@@ -97,13 +81,6 @@ def test_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tmp_path):
     assert not (tmp_path / "fresh" / "last.pt").exists()
 
 
-def _step_logged(path) -> int:
-    try:
-        return max((r["step"] for r in read_metrics(path) if r["kind"] == "train"), default=0)
-    except (OSError, ValueError):
-        return 0
-
-
 def test_ctrl_c_on_the_cli_saves_mid_epoch_and_resumes_bitwise(tiny_data, tmp_path):
     args = ["--from-scratch", "--epochs", 1, "--steps", 8, "--num-workers", 0,
             "--cache", tiny_data["cache"]]
@@ -116,16 +93,9 @@ def test_ctrl_c_on_the_cli_saves_mid_epoch_and_resumes_bitwise(tiny_data, tmp_pa
     p = subprocess.Popen(cli("transfer", *tiny_args(tiny_data["transfer"], cut, *args,
                                                     "--step-sleep", 0.5)),
                          env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True,
-                         # a terminal's Ctrl-C reaches Python's handler even where this test
-                         # runs with SIGINT ignored (a background job)
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         text=True, preexec_fn=default_sigint)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None and \
-                _step_logged(cut / "metrics.jsonl") < 2:
-            time.sleep(0.05)
-        assert p.poll() is None, "the run ended before it could be interrupted"
+        wait_for_train_step(p, cut / "metrics.jsonl", 2)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=120)
     finally:
@@ -163,13 +133,9 @@ def test_ctrl_c_to_the_process_group_with_dataloader_workers(tiny_data, tmp_path
                                                     "--cache", tiny_data["cache"])),
                          env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         preexec_fn=default_sigint)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None and \
-                _step_logged(run / "metrics.jsonl") < 2:
-            time.sleep(0.05)
-        assert p.poll() is None, "the run ended before it could be interrupted"
+        wait_for_train_step(p, run / "metrics.jsonl", 2)
         os.killpg(p.pid, signal.SIGINT)
         out, err = p.communicate(timeout=120)
     finally:
@@ -298,11 +264,7 @@ def test_sigterm_on_the_cli_saves_logs_and_resumes(tiny_data, tmp_path):
                          env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None and \
-                _step_logged(run / "metrics.jsonl") < 3:
-            time.sleep(0.05)
-        assert p.poll() is None, "the run ended before it could be interrupted"
+        wait_for_train_step(p, run / "metrics.jsonl", 3)
         time.sleep(0.5)  # into the next window of rows
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=120)

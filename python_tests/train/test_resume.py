@@ -13,7 +13,7 @@ from med3d_ext.train import config as C
 from med3d_ext.train.loops import Job, TrainingError, run_training
 from med3d_ext.train.runlog import read_metrics
 
-from .conftest import cli, cli_env, tiny_args
+from .conftest import ToyLoader, cli, cli_env, tiny_args
 
 pytest.importorskip("med3d_ext.models")
 pytest.importorskip("med3d_ext.data")
@@ -73,22 +73,6 @@ def test_resume_after_kill_is_bitwise_identical(tiny_data, tmp_path):
     assert la == lb
 
 
-class _Loader:
-    def __init__(self, n):
-        self.n, self.position = n, 0
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, s):
-        self.position = s["position"]
-
-    def __iter__(self):
-        while self.position < self.n:
-            self.position += 1
-            yield {"x": torch.randn(4, 3)}
-
-
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     model = torch.nn.Linear(3, 1)
     calls = {"n": 0}
@@ -101,7 +85,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         return loss, {}, None
 
     cfg = C.resolve("pretrain", {"epochs": 3, "steps": 3, "progress": False, "log_every": 1})
-    job = Job("pretrain", model, {"task": "toy"}, _Loader(9), lambda b, d: b, step_fn,
+    job = Job("pretrain", model, {"task": "toy"}, ToyLoader(9), lambda b, d: b, step_fn,
               lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 4, 3)
     with pytest.raises(TrainingError) as e:
         run_training(cfg, job, tmp_path)
@@ -116,7 +100,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_resume_refuses_other_architecture(tmp_path):
     model = torch.nn.Linear(3, 1)
     cfg = C.resolve("pretrain", {"epochs": 1, "steps": 2, "progress": False})
-    mk = lambda arch: Job("pretrain", model, arch, _Loader(2), lambda b, d: b,  # noqa: E731
+    mk = lambda arch: Job("pretrain", model, arch, ToyLoader(2), lambda b, d: b,  # noqa: E731
                           lambda n, i: (n(i["x"]).mean(), {}, None), lambda m: {"score": 0.0},
                           [("all", list(model.parameters()), 0.1)], 4, 3)
     run_training(cfg, mk({"task": "toy", "depth": 10}), tmp_path)
@@ -132,7 +116,7 @@ def test_out_of_memory_suggests_smaller_patch_or_batch(tmp_path):
 
     cfg = C.resolve("pretrain", {"epochs": 1, "steps": 2, "progress": False, "patch": [64, 64, 32],
                                  "batch_size": 8})
-    job = Job("pretrain", model, {"task": "toy"}, _Loader(2), lambda b, d: b, step_fn,
+    job = Job("pretrain", model, {"task": "toy"}, ToyLoader(2), lambda b, d: b, step_fn,
               lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 8, 3)
     with pytest.raises(TrainingError) as e:
         run_training(cfg, job, tmp_path)
@@ -165,7 +149,7 @@ def test_nan_loss_found_at_the_next_log_names_its_step(tmp_path, monkeypatch):
         return real_stack(ts, *a, **k)
     monkeypatch.setattr(torch, "stack", counting_stack)
     cfg = C.resolve("pretrain", {"epochs": 2, "steps": 4, "progress": False, "log_every": 100})
-    job = Job("pretrain", model, {"task": "toy"}, _Loader(8), lambda b, d: b, step_fn,
+    job = Job("pretrain", model, {"task": "toy"}, ToyLoader(8), lambda b, d: b, step_fn,
               lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 4, 3)
     with pytest.raises(TrainingError) as e:
         run_training(cfg, job, tmp_path)
@@ -203,7 +187,7 @@ def test_fp16_skipped_first_step_does_not_warn_about_the_schedule(tmp_path):
         loss = net(inp["x"]).pow(2).mean()
         return (loss.float() * 1e34 if calls["n"] == 1 else loss), {}, None  # overflows scaled
     cfg = C.resolve("pretrain", {"epochs": 1, "steps": 3, "progress": False, "amp": "fp16"})
-    job = Job("pretrain", model, {"task": "toy"}, _Loader(3), lambda b, d: b, step_fn,
+    job = Job("pretrain", model, {"task": "toy"}, ToyLoader(3), lambda b, d: b, step_fn,
               lambda m: {"score": 0.0}, [("all", list(model.parameters()), 0.1)], 4, 3)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
