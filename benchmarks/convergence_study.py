@@ -41,16 +41,39 @@ WITH_REAL = "Med3D (synthetic 3DSeg-8 + real MR volumes)"
 # ----------------------------------------------------------------------------- sizes
 
 
-def study_sizes(gpu: bool, quick: bool) -> dict:
+def study_sizes(gpu: bool, quick: bool, cases=None, pretrain_steps=None,
+                transfer_steps=None) -> dict:
     """The demo's budgets (``med3d_ext.train.demo.demo_sizes``): transfer validates ``evals``
     times, ``every`` steps apart (the Dice curve's resolution). Quick mode keeps its own tiny
-    sizes with a few more validations, so the smoke test still draws a curve."""
+    sizes with a few more validations, so the smoke test still draws a curve.
+
+    cases, pretrain_steps, transfer_steps: a longer or larger study than the demo's (cases per
+    synthetic dataset; pretraining steps, a multiple of the demo's epoch; transfer steps per arm,
+    a multiple of the validation interval ``every``)."""
     from med3d_ext.train.demo import demo_sizes
 
     d = demo_sizes(gpu, quick)
     sz = dict(d, every=d["tr_steps"], evals=d["tr_epochs"], val_fraction=0.25)
     if quick:
         sz.update(pre_epochs=1, pre_steps=12, every=4, evals=3)
+    for name, v in (("--cases", cases), ("--pretrain-steps", pretrain_steps),
+                    ("--transfer-steps", transfer_steps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if cases is not None:
+        if cases < 4:  # a quarter held out for validation, and at least 3 to train on
+            raise ValueError(f"--cases must be at least 4, got {cases}")
+        sz["cases"] = cases
+    if pretrain_steps is not None:
+        if pretrain_steps % sz["pre_steps"]:
+            raise ValueError(f"--pretrain-steps must be a multiple of {sz['pre_steps']} (the "
+                             f"pretraining epoch), got {pretrain_steps}")
+        sz["pre_epochs"] = pretrain_steps // sz["pre_steps"]
+    if transfer_steps is not None:
+        if transfer_steps % sz["every"]:
+            raise ValueError(f"--transfer-steps must be a multiple of {sz['every']} (the "
+                             f"validation interval), got {transfer_steps}")
+        sz["evals"] = transfer_steps // sz["every"]
     return sz
 
 
@@ -125,7 +148,8 @@ def _quiet(*a, **k):
 
 
 def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=None,
-              runs=None, threads=None, head_lr=1e-3, with_real=False, log=print) -> dict:
+              runs=None, threads=None, head_lr=1e-3, with_real=False, cases=None,
+              pretrain_steps=None, transfer_steps=None, log=print) -> dict:
     """The whole study; returns the summary dict (also written as JSON + markdown + PNG).
 
     threads: torch CPU threads; default torch's own (all cores). On a machine shared with
@@ -136,6 +160,7 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
     volumes (``med3d_ext.data.real``: nilearn's MNI152 tissue task, Colin27 when installed) with
     the same pretraining budget, so the comparison says whether real MR data helps the
     (CT) transfer task.
+    cases, pretrain_steps, transfer_steps: override the demo's sizes (:func:`study_sizes`).
     """
     from med3d_ext.train import config as C
     from med3d_ext.train.cli import run_pretrain, run_transfer
@@ -144,6 +169,8 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
 
     if not seeds:
         raise ValueError("--seeds: need at least one seed")
+    # checked before anything is generated or trained
+    study_sizes(False, quick, cases, pretrain_steps, transfer_steps)
     mn_arch = None
     if medicalnet is not None:
         if not Path(medicalnet).is_file():
@@ -155,7 +182,7 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
         mn_arch = infer_medicalnet_depth(medicalnet)
     t_all = time.perf_counter()
     dev = resolve_device(device)
-    sz = study_sizes(dev.type == "cuda", quick)
+    sz = study_sizes(dev.type == "cuda", quick, cases, pretrain_steps, transfer_steps)
     if threads is None:
         threads = 0  # torch's default (all cores); pass 1 on a machine shared with other jobs
     out = Path(out)
@@ -466,6 +493,12 @@ def main(argv=None) -> int:
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the markdown (and the PNG, with matplotlib) next to an "
                         "existing convergence.json; trains nothing")
+    p.add_argument("--cases", type=int, default=None,
+                   help="cases per synthetic dataset (default: the demo's, 4 on CPU, 8 on GPU)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="pretraining steps (default: the demo's, 600 on CPU, 2000 on GPU)")
+    p.add_argument("--transfer-steps", type=int, default=None,
+                   help="transfer steps per arm (default: the demo's, 300 on CPU, 500 on GPU)")
     p.add_argument("--runs", default=None, help="keep the run folders (checkpoints, metrics) here "
                    "(default: a temporary folder, deleted)")
     a = p.parse_args(argv)
@@ -485,7 +518,9 @@ def main(argv=None) -> int:
                                 f"{time.strftime('%Y-%m-%d')}_{dev}-convergence")
     try:
         s = run_study(out, seeds=a.seeds, device=dev, quick=a.quick, medicalnet=a.medicalnet,
-                      runs=a.runs, threads=a.threads, head_lr=a.head_lr, with_real=a.with_real)
+                      runs=a.runs, threads=a.threads, head_lr=a.head_lr, with_real=a.with_real,
+                      cases=a.cases, pretrain_steps=a.pretrain_steps,
+                      transfer_steps=a.transfer_steps)
     except (FileNotFoundError, ValueError, ImportError) as exc:  # e.g. --with-real without nilearn
         print(f"error: {exc}", file=sys.stderr)
         return 2

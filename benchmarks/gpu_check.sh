@@ -10,7 +10,10 @@
 #  0. env:      $OUT/logs/env.txt; installs any *.whl in $WHEELS (default: shared/wheels, else
 #               .whl/, when present; there is no network there: bring nibabel/MONAI wheels along,
 #               benchmarks/gpu_wheels.sh fetches them);
-#  1. build:    builds and installs med3d_ext with CUDA for sm_90 (logs/build.log), makes the
+#  1. build:    installs the wheel benchmarks/gpu_prebuild.sh built beforehand ($PREBUILT, default
+#               .whl/prebuilt/) when it matches this tree's extension sources and passes a smoke
+#               test here; otherwise builds and installs med3d_ext with CUDA for sm_90
+#               (logs/build.log). Either way it makes the
 #               repository's own med3d_ext/ load that build (tests and benchmarks import from the
 #               repo root, which would otherwise shadow the installed package);
 #  2. tests:    pytest python_tests -m cuda -v (under pytest-xdist when installed: a crashing
@@ -42,7 +45,7 @@
 # timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
 # takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
 # too), PYTEST_ARGS, MAXFAIL, XDIST (workers, default 4),
-# GIT_COMMIT (recorded; the copied tree on the GPU machine has no .git).
+# GIT_COMMIT (recorded; the copied tree on the GPU machine has no .git), PREBUILT.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO="$(pwd)"
@@ -179,6 +182,57 @@ DATA_MISSING="$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in 
 # ---------------------------------------------------------------- 1. build + install
 # skipping STAGE: SKIP="build tests targets" reruns later stages on a still-warm machine
 skipping() { case " ${SKIP:-} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# The wheel benchmarks/gpu_prebuild.sh built beforehand on the CPU machine (against this
+# machine's Python 3.12 + torch 2.11.0+cu130) saves the ~150 s compile. It is used only when it
+# was built from this tree's extension sources and loads and runs here; otherwise the build below
+# compiles from source as before.
+PREBUILT="${PREBUILT:-$REPO/.whl/prebuilt}"
+EXT_COPIED=0
+install_ext_beside_sources() {  # see below: tests and benchmarks import the repo's med3d_ext/
+    local site
+    site="$(cd /tmp && "$PY" -c 'import os, med3d_ext; print(os.path.dirname(med3d_ext.__file__))')" || return 1
+    if [ -n "$site" ] && [ "$site" != "$REPO/med3d_ext" ]; then
+        cp -f "$site"/_C*.so "$site"/_build_config.py "$REPO/med3d_ext/" || return 1
+        EXT_COPIED=1
+    fi
+}
+try_prebuilt() {  # exit 0 when the prebuilt wheel is installed and passed its smoke test
+    local whl want have
+    whl="$(find "$PREBUILT" -maxdepth 1 -name 'med3d_ext-*cp312*.whl' 2>/dev/null | head -1)"
+    if [ -z "$whl" ] || [ ! -f "$PREBUILT/BUILD_INFO" ]; then echo "no prebuilt wheel"; return 1; fi
+    cat "$PREBUILT/BUILD_INFO"
+    want="$(sed -n 's/^source_hash=//p' "$PREBUILT/BUILD_INFO")"
+    have="$(bash "$REPO/benchmarks/gpu_prebuild.sh" --hash)"
+    if [ "$want" != "$have" ]; then echo "prebuilt wheel is stale (sources $want, tree $have)"; return 1; fi
+    "$PY" -m pip install --no-deps --no-index --force-reinstall "$whl" || { echo "prebuilt wheel: install failed"; return 1; }
+    install_ext_beside_sources || { echo "prebuilt wheel: copy failed"; return 1; }
+    # loads with CUDA, computes what the reference computes, and survives a C++ error path (an
+    # iostream error message once segfaulted a module built with another g++; common/checks.h)
+    # (on failure the module copied from it is removed: a failed source build must not leave it
+    # in use)
+    timeout -k 5 120 "$PY" - <<'PY' || { [ $EXT_COPIED = 1 ] && rm -f "$REPO"/med3d_ext/_C*.so "$REPO/med3d_ext/_build_config.py"; echo "prebuilt wheel: smoke test failed"; return 1; }
+import torch, torch.nn.functional as F
+from med3d_ext import _extension as e, ops
+assert e.available(), e.LOAD_ERROR
+assert torch.cuda.is_available(), "no CUDA device"
+x = torch.randn(2, 3, 6, 7, 5, device="cuda", dtype=torch.float64)
+w = torch.randn(4, 3, 3, 3, 3, device="cuda", dtype=torch.float64)
+g, b = torch.rand(4, device="cuda", dtype=torch.float64) + 0.5, torch.randn(4, device="cuda", dtype=torch.float64)
+rm, rv = torch.randn(4, device="cuda", dtype=torch.float64), torch.rand(4, device="cuda", dtype=torch.float64) + 0.5
+y = ops.conv_bn_relu3d(x, w, g, b, rm, rv, padding=1, training=False)
+ref = F.relu(F.batch_norm(F.conv3d(x, w, padding=1), rm, rv, g, b, False))
+assert (y - ref).abs().max().item() < 1e-9, (y - ref).abs().max().item()
+try:
+    ops.conv_bn_relu3d(x, w[:, :2], g, b, rm, rv, training=False)
+except (RuntimeError, ValueError) as exc:
+    assert "conv_bn_relu3d" in str(exc) or "weight" in str(exc), str(exc)
+else:
+    raise AssertionError("a channel mismatch was not refused")
+torch.cuda.synchronize()
+print("prebuilt wheel: smoke test ok")
+PY
+}
+BUILD_HOW=""
 B0=$(now)
 if skipping build; then
     # the build an earlier call left (med3d_ext/_C*.so beside the sources) must load with CUDA
@@ -186,23 +240,24 @@ if skipping build; then
     "$PY" -c 'import torch; from med3d_ext import _extension as e; assert e.available() and torch.cuda.is_available(), e.LOAD_ERROR' \
         > "$LOGS/build.log" 2>&1
     BUILD_RC=$?
+elif try_prebuilt > "$LOGS/build.log" 2>&1; then
+    BUILD_RC=0
+    BUILD_HOW="prebuilt wheel ($(sed -n 's/^git=//p' "$PREBUILT/BUILD_INFO"))"
 else
-    say "build: pip install with CUDA (log: logs/build.log)"
+    say "build: $(tail -1 "$LOGS/build.log"); pip install with CUDA (log: logs/build.log)"
     BLIM=$(stage_limit "${BUILD_TIMEOUT:-330}" 30) || BLIM=30
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" \
-        timeout -k 10 "$BLIM" "$PY" -m pip install --no-build-isolation --no-deps --no-index . \
-        -Ccmake.define.WITH_CUDA=ON > "$LOGS/build.log" 2>&1
+        timeout -k 10 "$BLIM" "$PY" -m pip install --no-build-isolation --no-deps --no-index --force-reinstall . \
+        -Ccmake.define.WITH_CUDA=ON >> "$LOGS/build.log" 2>&1
     BUILD_RC=$?
+    BUILD_HOW="built from source"
 fi
 EXT="not loaded"
 if [ $BUILD_RC -eq 0 ]; then
     # The installed package lives in site-packages; tests and benchmarks run from the repo root,
     # where the source folder med3d_ext/ comes first on sys.path. Put the built module next to
     # the sources (what .ci/dev_build.sh does), so both import the same, installed build.
-    SITE_PKG="$(cd /tmp && "$PY" -c 'import os, med3d_ext; print(os.path.dirname(med3d_ext.__file__))' 2>>"$LOGS/build.log")"
-    if [ -n "$SITE_PKG" ] && [ "$SITE_PKG" != "$REPO/med3d_ext" ]; then
-        cp -f "$SITE_PKG"/_C*.so "$SITE_PKG"/_build_config.py "$REPO/med3d_ext/" 2>>"$LOGS/build.log"
-    fi
+    install_ext_beside_sources >> "$LOGS/build.log" 2>&1
     "$PY" -m med3d_ext.info > "$LOGS/info.txt" 2>&1
     # which libstdc++ the process really maps next to our .so, and the compiler that built it:
     # a C++ runtime older than the build's headers crashed iostream code in our .so before
@@ -214,7 +269,7 @@ if [ $BUILD_RC -eq 0 ]; then
     } >> "$LOGS/info.txt" 2>&1
     cat "$LOGS/info.txt"
     EXT="$("$PY" -c 'from med3d_ext import _extension as e; b = e.build_info(); print("loaded, CUDA %s, archs %s" % (b.get("cuda_version"), b.get("cuda_archs")) if e.available() else "NOT loaded: %s" % e.LOAD_ERROR)' 2>&1 | tail -1)"
-    status build "ok; extension $EXT" "$(($(now) - B0))s"
+    status build "ok${BUILD_HOW:+ ($BUILD_HOW)}; extension $EXT" "$(($(now) - B0))s"
 else
     echo "---- tail of logs/build.log ----"; tail -40 "$LOGS/build.log"
     status build "FAILED (rc $BUILD_RC$( [ $BUILD_RC -eq 124 ] && echo ', timeout')); benchmarks time the reference fallback" "$(($(now) - B0))s"

@@ -134,7 +134,7 @@ def test_study_medicalnet_arm_loads_the_users_weights(tmp_path, monkeypatch):
 
     path, sd = _medicalnet_file(tmp_path / "resnet_10.pth")
     tiny = dict(convergence_study.study_sizes(False, True), pre_epochs=1, pre_steps=2, every=2, evals=2)
-    monkeypatch.setattr(convergence_study, "study_sizes", lambda gpu, quick: dict(tiny))
+    monkeypatch.setattr(convergence_study, "study_sizes", lambda gpu, quick, *sizes: dict(tiny))
     monkeypatch.setenv("MED3D_EXT_CACHE", str(tmp_path / "cache"))
     reports = []
     real_build = models.build_transfer_model

@@ -190,6 +190,29 @@ def test_quick_convergence_study_never_writes_into_dated_results(monkeypatch):
     assert os.path.basename(seen["out"]).endswith("_cpu-convergence")
 
 
+def test_convergence_study_size_overrides(monkeypatch, capsys):
+    """--cases / --pretrain-steps / --transfer-steps give a longer study; values that the
+    recipe cannot run are refused before anything is generated or trained, naming the flag."""
+    from benchmarks import convergence_study as cs
+
+    base = cs.study_sizes(False, False)
+    sz = cs.study_sizes(False, False, cases=12, pretrain_steps=4 * base["pre_steps"],
+                        transfer_steps=3 * base["every"])
+    assert (sz["cases"], sz["pre_epochs"], sz["evals"]) == (12, 4, 3)
+    assert sz["pre_epochs"] * sz["pre_steps"] == 4 * base["pre_steps"]
+    assert {k: v for k, v in sz.items() if k not in ("cases", "pre_epochs", "evals")} == \
+        {k: v for k, v in base.items() if k not in ("cases", "pre_epochs", "evals")}
+    for flags, needle in ((["--cases", "3"], "--cases must be at least 4"),
+                          (["--cases", "0"], "--cases must be a positive integer"),
+                          (["--pretrain-steps", str(base["pre_steps"] + 1)], "--pretrain-steps must be a multiple"),
+                          (["--transfer-steps", str(base["every"] + 1)], "--transfer-steps must be a multiple"),
+                          (["--transfer-steps", "-25"], "--transfer-steps must be a positive")):
+        monkeypatch.setattr(cs, "write_outputs", lambda *a, **k: pytest.fail("wrote outputs"))
+        assert cs.main(["--device", "cpu", "--out", "/nonexistent/never-made", *flags]) == 2
+        err = capsys.readouterr().err
+        assert needle in err, (flags, err)
+
+
 def test_compare_rule():
     e = torch.randn(100) * 10
     ok, err, _ = common.compare(e + 1e-4, e, rtol=1e-4, atol=1e-5)

@@ -31,12 +31,24 @@ exec {sys.executable} "$@"
 """)
     fake.chmod(0o755)
     out = tmp_path / "out"
+    # a prebuilt wheel (benchmarks/gpu_prebuild.sh) of this tree's sources: it cannot pass its
+    # CUDA smoke test here, so the script must fall back to the source build
+    prebuilt = tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    (prebuilt / "med3d_ext-0.1.0-cp312-cp312-linux_x86_64.whl").write_bytes(b"")
+    src_hash = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_prebuild.sh"), "--hash"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert len(src_hash) == 16
+    (prebuilt / "BUILD_INFO").write_text(f"source_hash={src_hash}\ngit=abc1234\n")
     env = dict(os.environ, OUT=str(out), PYTHON=str(fake), BENCH_DEVICE="cpu", THROUGHPUT="0",
-               GIT_COMMIT="abc1234", OMP_NUM_THREADS="1")
+               GIT_COMMIT="abc1234", OMP_NUM_THREADS="1", PREBUILT=str(prebuilt))
     p = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "bn_stats"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     summary = (out / "summary.md").read_text()
+    build_log = (out / "logs" / "build.log").read_text()
+    assert f"source_hash={src_hash}" in build_log and "prebuilt wheel:" in build_log, build_log[-2000:]
+    assert "| build | ok (built from source)" in summary, summary
     for stage, status in [("build", "ok"), ("tests", "ok; passed 1 failed 0"), ("targets", "ok"), ("profile", "ok"),
                           ("kernels", "skipped (areas given"), ("throughput", "skipped (THROUGHPUT=0)")]:
         assert f"| {stage} | {status}" in summary, (stage, summary)
