@@ -139,22 +139,27 @@ void bn_relu_pool_forward_cpu(const at::Tensor& y, const at::Tensor& mean,
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     uint8_t* ap = argmax.data_ptr<uint8_t>();
-    at::parallel_for(0, N * C, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n = p / C, c = p % C;
-        const scalar_t* yc = yp + n * y.stride(0) + c * y.stride(1);
-        const int64_t obase = n * out.stride(0) + c * out.stride(1);
-        const acc_t sc = wp[c] * is[c];
-        for (int64_t od = 0; od < g.OD; ++od)
-          for (int64_t oh = 0; oh < g.OH; ++oh)
-            for (int64_t ow = 0; ow < g.OW; ++ow) {
-              const int64_t o = obase + od * g.os[0] + oh * g.os[1] + ow * g.os[2];
-              acc_t z;
-              pool_window_max<1, scalar_t, acc_t>(yc, 0, g, od, oh, ow, m + c, &sc, bp + c, &z,
-                                                  ap + o);
-              op[o] = static_cast<scalar_t>(bn_act<true>(z));
-            }
-      }
+    // the window math in the index type the CUDA kernel picks for these sizes (so the CPU tests
+    // run the 32-bit instantiation too)
+    M3D_INDEX_SWITCH(pool_index_fits_int32(y.numel(), out.numel()), index_t, [&] {
+      at::parallel_for(0, N * C, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n = p / C, c = p % C;
+          const scalar_t* yc = yp + n * y.stride(0) + c * y.stride(1);
+          const int64_t obase = n * out.stride(0) + c * out.stride(1);
+          const acc_t sc = wp[c] * is[c];
+          for (int64_t od = 0; od < g.OD; ++od)
+            for (int64_t oh = 0; oh < g.OH; ++oh)
+              for (int64_t ow = 0; ow < g.OW; ++ow) {
+                const int64_t o = obase + od * g.os[0] + oh * g.os[1] + ow * g.os[2];
+                acc_t z;
+                pool_window_max<1, scalar_t, acc_t, index_t>(yc, 0, g, index_t(od), index_t(oh),
+                                                             index_t(ow), m + c, &sc, bp + c, &z,
+                                                             ap + o);
+                op[o] = static_cast<scalar_t>(bn_act<true>(z));
+              }
+        }
+      });
     });
   });
 }

@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -42,15 +43,22 @@ constexpr int kMaxPoolWindow = 255;
 
 // The per-window math, for V adjacent channels at once (channel stride cs between them): the
 // CPU calls it with V = 1, the CUDA kernels with a vector of channels of a channels_last_3d row.
+// index_t is the type of the window coordinates and of the in-plane offsets: int64_t on the CPU;
+// int32_t on the GPU when the tensors' sizes leave it room (pool_index_fits_int32), where 64-bit
+// divisions and products are emulated by many instructions and double the registers.
 
 // Max of z over the window of output (od, oh, ow) and its window offset, for each of the V
 // channels; y points at (n, first channel). mean/scale/bias: the V channels' parameters.
-template <int V, typename scalar_t, typename acc_t>
-M3D_HOST_DEVICE void pool_window_max(const scalar_t* y, int64_t cs, const PoolGeom& g, int64_t od,
-                                     int64_t oh, int64_t ow, const acc_t* mean,
+template <int V, typename scalar_t, typename acc_t, typename index_t>
+M3D_HOST_DEVICE void pool_window_max(const scalar_t* y, int64_t cs, const PoolGeom& g, index_t od,
+                                     index_t oh, index_t ow, const acc_t* mean,
                                      const acc_t* scale, const acc_t* bias, acc_t* best,
                                      uint8_t* arg) {
-  const int64_t d0 = od * g.s[0] - g.p[0], h0 = oh * g.s[1] - g.p[1], w0 = ow * g.s[2] - g.p[2];
+  const index_t d0 = od * index_t(g.s[0]) - index_t(g.p[0]),
+                h0 = oh * index_t(g.s[1]) - index_t(g.p[1]),
+                w0 = ow * index_t(g.s[2]) - index_t(g.p[2]);
+  const index_t D = index_t(g.D), H = index_t(g.H), W = index_t(g.W);
+  const index_t ys0 = index_t(g.ys[0]), ys1 = index_t(g.ys[1]), ys2 = index_t(g.ys[2]);
   // (the first in-bounds position always sets them; initialised for the compiler's sake)
   M3D_UNROLL
   for (int j = 0; j < V; ++j) {
@@ -59,15 +67,15 @@ M3D_HOST_DEVICE void pool_window_max(const scalar_t* y, int64_t cs, const PoolGe
   }
   bool first = true;
   for (int kd = 0; kd < g.k[0]; ++kd) {
-    const int64_t d = d0 + kd;
-    if (d < 0 || d >= g.D) continue;
+    const index_t d = d0 + kd;
+    if (d < 0 || d >= D) continue;
     for (int kh = 0; kh < g.k[1]; ++kh) {
-      const int64_t h = h0 + kh;
-      if (h < 0 || h >= g.H) continue;
+      const index_t h = h0 + kh;
+      if (h < 0 || h >= H) continue;
       for (int kw = 0; kw < g.k[2]; ++kw) {
-        const int64_t w = w0 + kw;
-        if (w < 0 || w >= g.W) continue;
-        const scalar_t* yp = y + d * g.ys[0] + h * g.ys[1] + w * g.ys[2];
+        const index_t w = w0 + kw;
+        if (w < 0 || w >= W) continue;
+        const scalar_t* yp = y + (d * ys0 + h * ys1 + w * ys2);
         const int k = (kd * g.k[1] + kh) * g.k[2] + kw;
 M3D_UNROLL
         for (int j = 0; j < V; ++j) {
@@ -89,28 +97,39 @@ M3D_UNROLL
 // Per channel, the sum of grad_out over the windows whose argmax is input position (d, h, w);
 // gout and arg point at (n, first channel) of the pooled tensors. The windows containing d are
 // od in [ceil((d + p - k + 1) / s), floor((d + p) / s)] within [0, OD), and so on per axis.
-template <int V, typename scalar_t, typename acc_t>
+template <int V, typename scalar_t, typename acc_t, typename index_t>
 M3D_HOST_DEVICE void pool_grad_at(const scalar_t* gout, const uint8_t* arg, int64_t cs,
-                                  const PoolGeom& g, int64_t d, int64_t h, int64_t w, acc_t* sum) {
-  const int64_t pos[3] = {d, h, w}, size[3] = {g.OD, g.OH, g.OW};
-  int64_t lo[3], hi[3];
+                                  const PoolGeom& g, index_t d, index_t h, index_t w, acc_t* sum) {
+  const index_t pos[3] = {d, h, w}, size[3] = {index_t(g.OD), index_t(g.OH), index_t(g.OW)};
+  const index_t s[3] = {index_t(g.s[0]), index_t(g.s[1]), index_t(g.s[2])};
+  const index_t p[3] = {index_t(g.p[0]), index_t(g.p[1]), index_t(g.p[2])};
+  index_t lo[3], hi[3];
+M3D_UNROLL
   for (int a = 0; a < 3; ++a) {
-    const int64_t top = pos[a] + g.p[a], low = top - (g.k[a] - 1);
-    lo[a] = low <= 0 ? 0 : (low + g.s[a] - 1) / g.s[a];
-    hi[a] = top / g.s[a] < size[a] - 1 ? top / g.s[a] : size[a] - 1;
+    const index_t top = pos[a] + p[a], low = top - index_t(g.k[a] - 1);
+    lo[a] = low <= 0 ? index_t(0) : (low + s[a] - 1) / s[a];
+    hi[a] = top / s[a] < size[a] - 1 ? top / s[a] : size[a] - 1;
   }
+  const index_t os0 = index_t(g.os[0]), os1 = index_t(g.os[1]), os2 = index_t(g.os[2]);
 M3D_UNROLL
   for (int j = 0; j < V; ++j) sum[j] = acc_t(0);
-  for (int64_t od = lo[0]; od <= hi[0]; ++od)
-    for (int64_t oh = lo[1]; oh <= hi[1]; ++oh)
-      for (int64_t ow = lo[2]; ow <= hi[2]; ++ow) {
-        const int k = int(((d - (od * g.s[0] - g.p[0])) * g.k[1] + (h - (oh * g.s[1] - g.p[1]))) *
-                              g.k[2] + (w - (ow * g.s[2] - g.p[2])));
-        const int64_t o = od * g.os[0] + oh * g.os[1] + ow * g.os[2];
+  for (index_t od = lo[0]; od <= hi[0]; ++od)
+    for (index_t oh = lo[1]; oh <= hi[1]; ++oh)
+      for (index_t ow = lo[2]; ow <= hi[2]; ++ow) {
+        const int k = int(((d - (od * s[0] - p[0])) * g.k[1] + (h - (oh * s[1] - p[1]))) * g.k[2] +
+                          (w - (ow * s[2] - p[2])));
+        const index_t o = od * os0 + oh * os1 + ow * os2;
 M3D_UNROLL
         for (int j = 0; j < V; ++j)
           if (arg[o + j * cs] == k) sum[j] += static_cast<acc_t>(gout[o + j * cs]);
       }
+}
+
+// Whether index_t = int32_t serves the window math above for tensors of these element counts
+// (y's and the pooled tensor's): every coordinate and offset is below the larger count, and the
+// intermediate sums (position + padding, window starts) stay within a kernel size of the range.
+inline bool pool_index_fits_int32(int64_t y_numel, int64_t out_numel) {
+  return fits_int32(std::max(y_numel, out_numel) + 2 * kMaxPoolWindow);
 }
 
 // Geometry of the pool from y (the conv output) and the pooled tensor's sizes/strides.

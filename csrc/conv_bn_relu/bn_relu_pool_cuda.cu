@@ -82,8 +82,8 @@ struct PoolForwardOp {
     acc_t m[V], sc[V], b[V], best[V];
     uint8_t a[V];
     channel_params<V>(p, PS, m, sc, b);
-    pool_window_max<V, scalar_t, acc_t>(y + n * ysn + c * ysc, ysc, g, od, oh, ow, m, sc, b, best,
-                                        a);
+    pool_window_max<V, scalar_t, acc_t, index_t>(y + n * ysn + c * ysc, ysc, g, od, oh, ow, m, sc,
+                                                 b, best, a);
 #pragma unroll
     for (int j = 0; j < V; ++j) {  // V > 1 only in channels_last_3d, where channels are adjacent
       out[i + j] = static_cast<scalar_t>(bn_act<true>(best[j]));
@@ -107,7 +107,7 @@ struct PoolGrad {
     index_t n, c, d, h, w;
     dec(i, n, c, d, h, w);
     const int64_t o = n * osn + c * osc;
-    pool_grad_at<V, scalar_t, acc_t>(gout + o, arg + o, osc, g, d, h, w, gv);
+    pool_grad_at<V, scalar_t, acc_t, index_t>(gout + o, arg + o, osc, g, d, h, w, gv);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const auto& q = p[j * PS];
@@ -140,12 +140,13 @@ Decoder<index_t> decoder(const at::Tensor& t) {
 }
 
 // V = 16 bytes of channels in channels_last_3d when C and the pointers allow, else 1; then the
-// index type: 32-bit when every flat index fits.
+// index type: 32-bit when every flat index of y and of the pooled tensors, and the window math
+// on them, fit (pool_index_fits_int32).
 template <typename scalar_t, typename F>
-void dispatch_shape(const Geometry& g, int64_t numel, std::initializer_list<const void*> ptrs,
-                    const F& f) {
+void dispatch_shape(const Geometry& g, int64_t y_numel, int64_t out_numel,
+                    std::initializer_list<const void*> ptrs, const F& f) {
   const bool vec = g.cl && can_vectorise<scalar_t>(g, ptrs);
-  M3D_INDEX_SWITCH(fits_int32(numel), index_t, [&] {
+  M3D_INDEX_SWITCH(pool_index_fits_int32(y_numel, out_numel), index_t, [&] {
     if (vec) f(std::integral_constant<int, vec_width<scalar_t>()>{}, index_t(0));
     else f(std::integral_constant<int, 1>{}, index_t(0));
   });
@@ -161,7 +162,7 @@ void bn_relu_pool_forward_cuda(const at::Tensor& y, const at::Tensor& mean,
     const ParamPtrs<acc_t> pp{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                               w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), nullptr};
     // The decoded flat index is out's, which can exceed y's (kernel 2, padding 1, stride 1).
-    dispatch_shape<scalar_t>(go, std::max(y.numel(), out.numel()),
+    dispatch_shape<scalar_t>(go, y.numel(), out.numel(),
                              {y.const_data_ptr(), out.const_data_ptr()},
                              [&](auto vtag, auto itag) {
       constexpr int V = decltype(vtag)::value;
@@ -189,7 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     ParamPtrs<acc_t> pp{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                         w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), nullptr};
-    dispatch_shape<scalar_t>(gy, y.numel(), {y.const_data_ptr(), grad_y.const_data_ptr()},
+    // The gather's offsets are grad_out's and argmax's, which can exceed y's (as above).
+    dispatch_shape<scalar_t>(gy, y.numel(), grad_out.numel(),
+                             {y.const_data_ptr(), grad_y.const_data_ptr()},
                              [&](auto vtag, auto itag) {
       constexpr int V = decltype(vtag)::value;
       using index_t = decltype(itag);

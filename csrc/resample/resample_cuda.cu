@@ -170,21 +170,15 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
 // At least 2 resident blocks (<= 128 registers). A 64-register budget (4 blocks) made ptxas
 // spill inside the plain affine path (sm_90, nvcc 13.0: ~460 bytes for fp32 + uint8); the
 // latency of the gathers is instead covered by the kVec independent voxels of each thread.
+// The 32- and 64-bit item decodings are separate kernels, chosen on the host: compiled into one,
+// the rare 64-bit path's registers set the budget of the common one too.
 // To be tuned on the GPU (ncu: achieved occupancy vs. stall on L1TEX).
-template <typename scalar_t, typename label_t, typename T, typename index_t>
+template <typename scalar_t, typename label_t, typename T, typename index_t, typename item_t>
 __global__ void __launch_bounds__(kThreads, 2)
-pair_kernel(const PairArgs<scalar_t, label_t, T> a, int64_t image_items, int64_t total,
+pair_kernel(const PairArgs<scalar_t, label_t, T> a, item_t image_items, item_t total,
             bool image_aligned, bool label_aligned) {
-  // 32-bit decoding also needs the row lengths in 32 bits: a row of >= 2^32 voxels is only
-  // ~2^30 items (kVec voxels each), and item_t(W) (and W + kVec - 1) would wrap.
-  if (total <= int64_t(UINT32_MAX) - int64_t(kThreads) * gridDim.x &&
-      a.W <= int64_t(UINT32_MAX) - kVec && a.LW <= int64_t(UINT32_MAX) - kVec)
-    pair_items<scalar_t, label_t, T, index_t, uint32_t>(
-        a, static_cast<uint32_t>(image_items), static_cast<uint32_t>(total), image_aligned,
-        label_aligned);
-  else
-    pair_items<scalar_t, label_t, T, index_t, int64_t>(a, image_items, total, image_aligned,
-                                                        label_aligned);
+  pair_items<scalar_t, label_t, T, index_t, item_t>(a, image_items, total, image_aligned,
+                                                    label_aligned);
 }
 
 // Whole packs of kVec voxels are aligned when rows are a multiple of kVec long and the tensor
@@ -214,9 +208,19 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     const int64_t label_out_w = a.fused && image ? a.W : a.LW;
     const bool label_aligned =
         a.label != nullptr && packs_aligned(a.label_out, label_out_w, sizeof(*a.label_out));
-    pair_kernel<typename A::scalar_type, typename A::label_type, typename A::coord_type, index_t>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, image_items, total,
-                                                                  image_aligned, label_aligned);
+    using S = typename A::scalar_type;
+    using L = typename A::label_type;
+    using C = typename A::coord_type;
+    // 32-bit item decoding also needs the row lengths in 32 bits: a row of >= 2^32 voxels is only
+    // ~2^30 items (kVec voxels each), and item_t(W) (and W + kVec - 1) would wrap.
+    if (total <= int64_t(UINT32_MAX) - kThreads * blocks && a.W <= int64_t(UINT32_MAX) - kVec &&
+        a.LW <= int64_t(UINT32_MAX) - kVec)
+      pair_kernel<S, L, C, index_t, uint32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          a, static_cast<uint32_t>(image_items), static_cast<uint32_t>(total), image_aligned,
+          label_aligned);
+    else
+      pair_kernel<S, L, C, index_t, int64_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          a, image_items, total, image_aligned, label_aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
