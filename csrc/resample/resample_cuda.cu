@@ -167,8 +167,9 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
   }
 }
 
-// At least 2 resident blocks (<= 128 registers). A 64-register budget (4 blocks) made ptxas
-// spill inside the plain affine path (sm_90, nvcc 13.0: ~460 bytes for fp32 + uint8); the
+// At least 2 resident blocks (<= 128 registers; the 32-bit fp32 + uint8 kernel uses 124). A
+// 64-register budget (4 blocks) made ptxas spill inside the plain affine path (sm_90, nvcc 13.0:
+// ~460 bytes for fp32 + uint8), and 3 blocks (80 registers) 84 bytes stored / 96 loaded; the
 // latency of the gathers is instead covered by the kVec independent voxels of each thread.
 // The 32- and 64-bit item decodings are separate kernels, chosen on the host: compiled into one,
 // the rare 64-bit path's registers set the budget of the common one too.
