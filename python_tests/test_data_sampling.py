@@ -32,6 +32,12 @@ def test_crop_patch_against_pad_reference():
         start = tuple(int(v) for v in r.integers(-12, 12, 3))
         np.testing.assert_array_equal(crop_patch(arr, start, size, fill=-3.0),
                                       _crop_ref(arr, start, size, fill=-3.0))
+        # into a given array (a batch row), whatever it held before
+        buf = np.full((2, *size), np.nan, np.float32)
+        assert crop_patch(arr, start, size, fill=-3.0, out=buf) is buf
+        np.testing.assert_array_equal(buf, _crop_ref(arr, start, size, fill=-3.0))
+    with pytest.raises(ValueError, match=r"out has shape \(2, 3, 3, 3\), expected \(2, 4, 4, 4\)"):
+        crop_patch(arr, (0, 0, 0), (4, 4, 4), out=np.empty((2, 3, 3, 3), np.float32))
     # non-contiguous input
     arr = r.normal(size=(9, 8, 7))[::2, :, ::-1]
     np.testing.assert_array_equal(crop_patch(arr, (-1, 2, 3), (4, 4, 4)),
@@ -66,12 +72,16 @@ def three(tmp_path_factory):
     return [preprocess(d, base / f"cache_{d.name}", progress=False, workers=0) for d in dss]
 
 
-def test_patch_content_and_padding(three):
+@pytest.mark.parametrize("channel", [None, 0])  # all channels in one crop, or one channel's view
+def test_patch_content_and_padding(three, channel):
     ds = three[1]  # volumes (about 10x9x8 after cropping) smaller than the patch
-    s = PatchSampler(ds, (12, 16, 9))
+    s = PatchSampler(ds, (12, 16, 9), channel=channel)
     r = rng()
     for _ in range(6):
-        x, y, case, start = s.sample(r, foreground=bool(r.integers(2)))
+        # every other draw writes into a given (dirty) buffer, as the batch does
+        buf = np.full((1, 12, 16, 9), np.nan, np.float32) if r.integers(2) else None
+        x, y, case, start = s.sample(r, foreground=bool(r.integers(2)), out=buf)
+        assert buf is None or (np.shares_memory(x, buf) and np.array_equal(x, buf))
         i = ds.names.index(case)
         full, lab, _ = ds.load_case(i)
         assert x.shape == (1, 12, 16, 9) and x.dtype == np.float32 and y.shape == (12, 16, 9)
@@ -242,3 +252,57 @@ def test_named_channel(tmp_path):
     np.testing.assert_allclose(x, full, rtol=1e-6)
     flair, _, _ = pre.load_case(0, channel="FLAIR")
     assert np.corrcoef(x.ravel(), flair.ravel())[0, 1] < -0.99  # really the other sequence
+
+
+def _wide_label_dataset(root, top):
+    """One case whose labels include ``top`` (>= 256): stored wider than uint8."""
+    shape = (10, 9, 8)
+    aff = affine((1, 1, 1), "RAS", shape)
+    r = rng()
+    img = r.normal(100, 10, shape).astype(np.float32)
+    lab = np.zeros(shape, np.int32)
+    lab[2:5, 2:5, 2:5] = 1
+    lab[6:9, 5:8, 4:7] = top
+    save(root / "imagesTr" / "w.nii.gz", img, aff)
+    save(root / "labelsTr" / "w.nii.gz", lab, aff, dtype=np.int32)
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "MRI"}, "labels": {"0": "bg", "1": "a", str(top): "b"},
+        "training": [{"image": "./imagesTr/w.nii.gz", "label": "./labelsTr/w.nii.gz"}]}))
+    return root
+
+
+@pytest.mark.parametrize("top", [300, 40000])
+def test_labels_of_256_and_more_are_not_wrapped(tmp_path, top):
+    """Labels >= 256 were stored as int16 and then cast to the uint8 batch, silently wrapping
+    (300 -> 44); >= 32768 wrapped in the int16 store itself. They are stored wide enough, the
+    batches are int64 by default for such a dataset, and an explicit uint8 is refused."""
+    pre = preprocess(_wide_label_dataset(tmp_path / "w", top), tmp_path / "c", progress=False,
+                     workers=0)
+    stored = pre.label(0)
+    assert stored.dtype == (np.int16 if top < 32768 else np.int32) and stored.max() == top
+    s = MultiDomainSampler([pre], (10, 9, 8), 2, fg_fraction=0.0)
+    lab = s.batch(0)["label"]
+    assert lab.dtype == torch.int64
+    assert set(torch.unique(lab).tolist()) <= {0, 1, top} and int(lab.max()) == top
+    np.testing.assert_array_equal(lab[0].numpy(), np.asarray(stored))  # the whole case, unpadded
+    with pytest.raises(ValueError, match=r"label_dtype=torch.uint8 cannot hold the labels of w"):
+        MultiDomainSampler([pre], (10, 9, 8), 2, label_dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"label_dtype must be None"):
+        MultiDomainSampler([pre], (10, 9, 8), 2, label_dtype=torch.int32)
+
+
+def test_label_batches_stay_uint8_without_conversion(three):
+    """The usual dataset: uint8 patches, uint8 batches (no int64 round trip of the batch), equal
+    to the int64 batches of the same draw; a value that uint8 cannot hold is an error."""
+    from med3d_ext.data.sampling import _labels_as
+
+    a = MultiDomainSampler(three, (8, 8, 6), 3, seed=5).batch(7)
+    b = MultiDomainSampler(three, (8, 8, 6), 3, seed=5, label_dtype=torch.int64).batch(7)
+    assert a["label"].dtype == torch.uint8 and b["label"].dtype == torch.int64
+    assert torch.equal(a["label"].long(), b["label"])
+    assert torch.equal(a["image"], b["image"])
+    with pytest.raises(ValueError, match=r"\[0, 256\].*cases \['x'\].*torch.int64"):
+        _labels_as(np.array([[0, 256]], np.int16), torch.uint8, ["x"])
+    with pytest.raises(ValueError, match=r"\[-1, 0\]"):
+        _labels_as(np.array([-1, 0], np.int16), torch.uint8, ["x"])
+    assert _labels_as(np.array([3, 255], np.int16), torch.uint8, ["x"]).tolist() == [3, 255]

@@ -15,7 +15,7 @@ to whole volumes or patches. So adding a CT case, which moves the dataset's perc
 only updates a few numbers instead of rewriting every volume.
 
 Cache layout (CACHE_DIR): ``cache.json`` (dataset description, case order) and per case
-``<case>.image.npy`` (C, D, H, W) float32, ``<case>.label.npy`` (D, H, W) uint8/int16,
+``<case>.image.npy`` (C, D, H, W) float32, ``<case>.label.npy`` (D, H, W) uint8/int16/int32,
 ``<case>.locs.npz`` (foreground voxel samples per class), ``<case>.json`` (metadata, key).
 A case's key hashes its source files' paths, sizes and mtimes plus the recipe settings.
 Every file is written to a temporary and renamed; a case's ``.json`` is written last and is
@@ -168,7 +168,8 @@ def read_case(case: Case, labels: dict | None = None):
         if bad:
             raise DataError(case.label, f"label values {bad} not declared in dataset.json "
                                         f"(declared: {sorted(labels)})")
-    dtype = np.uint8 if values.max() < 256 else np.int16
+    # the narrowest type that holds them (int16 alone wrapped labels >= 32768)
+    dtype = np.uint8 if values.max() < 256 else np.int16 if values.max() < 32768 else np.int32
     return img, ldata.astype(dtype)
 
 
@@ -596,7 +597,7 @@ class PreprocessedDataset:
     labels:       {value: class name} or None; ``num_classes``
     channels:     channel names; ``channel_index(name_or_index)``
     image(i):     raw (resampled, cropped) intensities (C, D, H, W), memory-mapped
-    label(i):     (D, H, W) uint8/int16, memory-mapped (None if unlabelled)
+    label(i):     (D, H, W) uint8/int16/int32, memory-mapped (None if unlabelled)
     meta(i):      metadata dict (affines, crop box, shapes, norm)
     recipe():     target spacing and CT clip range, to preprocess new images the same way
     targets:      classification datasets: class index per case (else None); ``classes``
@@ -683,15 +684,26 @@ class PreprocessedDataset:
                 self._locs[i] = {int(k[1:]): z[k] for k in z.files}
         return self._locs[i]
 
-    def normalize(self, x: np.ndarray, i: int, channels=None) -> np.ndarray:
+    def normalize(self, x: np.ndarray, i: int, channels=None, out=None) -> np.ndarray:
         """Clip + z-score raw intensities ``x`` (C, ...) of case i; ``channels`` are the
-        channel indices the rows of x come from (default all)."""
+        channel indices the rows of x come from (default all). ``out``: a float32 array of x's
+        shape to write into (may be x itself), else a new one."""
         norm = self.meta(i)["norm"]
         channels = range(len(x)) if channels is None else channels
-        out = np.empty(x.shape, np.float32)
+        if out is None:
+            out = np.empty(x.shape, np.float32)
+        elif out.dtype != np.float32 or out.shape != x.shape:
+            raise ValueError(f"normalize: out must be float32 of shape {x.shape}, got "
+                             f"{out.dtype} {out.shape}")
         for r, ch in enumerate(channels):
             n = norm[ch]
-            out[r] = (np.clip(x[r], n["lo"], n["hi"]) - n["mean"]) / n["std"]
+            if x.dtype == np.float32:  # the cache's dtype: in place, without temporaries (the
+                # same float32 operations as the formula below, in the same order)
+                np.clip(x[r], n["lo"], n["hi"], out=out[r])
+                out[r] -= n["mean"]
+                out[r] /= n["std"]
+            else:  # computed in x's precision, rounded to float32 once
+                out[r] = (np.clip(x[r], n["lo"], n["hi"]) - n["mean"]) / n["std"]
         return out
 
     def background_value(self, i: int, ch: int) -> float:

@@ -34,19 +34,41 @@ def _as_size(patch) -> tuple:
     return p
 
 
-def crop_patch(arr: np.ndarray, start, size, fill=0) -> np.ndarray:
+def outside_slabs(start, size, shape) -> list:
+    """Index tuples (over the last three axes) of the voxels of a window of ``size`` at
+    ``start`` that lie outside an array of spatial ``shape``: along each axis, the slab before
+    the array and the slab after it (they overlap at edges and corners, which is harmless)."""
+    slabs = []
+    for ax, (s, n, dim) in enumerate(zip(start, size, shape)):
+        lo, hi = min(max(-s, 0), n), min(max(dim - s, 0), n)  # inside: [lo, hi) of the window
+        for a, b in ((0, lo), (max(hi, lo), n)):
+            if b > a:
+                slabs.append((Ellipsis,) + (slice(None),) * ax + (slice(a, b),)
+                             + (slice(None),) * (2 - ax))
+    return slabs
+
+
+def crop_patch(arr: np.ndarray, start, size, fill=0, out=None) -> np.ndarray:
     """arr[..., s0:s0+size0, ...] over the last three axes, where the window may stick out of
-    the array (or the array be smaller than the window): outside voxels get ``fill``."""
-    lead = arr.shape[:-3]
-    out = np.full(lead + tuple(size), fill, dtype=arr.dtype)
+    the array (or the array be smaller than the window): outside voxels get ``fill``.
+    ``out``: an array of the result's shape to write into (e.g. a row of a batch), else new.
+    Each voxel is written once (the inside copied, the outside filled)."""
+    shape = tuple(arr.shape[:-3]) + tuple(size)
+    if out is None:
+        out = np.empty(shape, dtype=arr.dtype)
+    elif tuple(out.shape) != shape:
+        raise ValueError(f"crop_patch: out has shape {tuple(out.shape)}, expected {shape}")
     src, dst = [], []
     for s, n, dim in zip(start, size, arr.shape[-3:]):
         a, b = max(s, 0), min(s + n, dim)
-        if b <= a:
+        if b <= a:  # no overlap at all
+            out.fill(fill)
             return out
         src.append(slice(a, b))
         dst.append(slice(a - s, b - s))
     out[(Ellipsis, *dst)] = arr[(Ellipsis, *src)]
+    for sl in outside_slabs(start, size, arr.shape[-3:]):
+        out[sl] = fill
     return out
 
 
@@ -64,10 +86,12 @@ class PatchSampler:
         if len(dataset) == 0:
             raise ValueError(f"{dataset.name}: empty dataset, nothing to sample")
 
-    def sample(self, rng: np.random.Generator, foreground: bool, case: int | None = None):
+    def sample(self, rng: np.random.Generator, foreground: bool, case: int | None = None,
+               out: np.ndarray | None = None):
         """One patch: (image float32 (C, D, H, W), label (D, H, W), case name, start (3,)
         voxel index of the patch corner in the case's preprocessed grid; may be negative or
-        run past the end, where the patch is padded)."""
+        run past the end, where the patch is padded). ``out``: a float32 (C, D, H, W) array to
+        write the image into (a batch row: no copy into the batch afterwards)."""
         ds = self.ds
         i = int(rng.integers(len(ds))) if case is None else case
         img = ds.image(i)
@@ -85,20 +109,56 @@ class PatchSampler:
             start = [int(rng.integers(0, n - pi + 1)) if n >= pi else -((pi - n) // 2)
                      for n, pi in zip(shape, p)]
         chans = list(range(img.shape[0])) if self.channel is None else [self.channel]
-        # img[ch] is a memory-mapped view: only the patch's voxels are read from disk
-        raw = np.stack([crop_patch(img[ch], start, p) for ch in chans])
-        x = ds.normalize(raw, i, chans)
-        # out-of-volume voxels: the normalised background (what a raw 0 maps to)
-        inside = [(np.arange(pi) + si >= 0) & (np.arange(pi) + si < n)
-                  for si, pi, n in zip(start, p, shape)]
-        if not all(m.all() for m in inside):
-            outside = ~(inside[0][:, None, None] & inside[1][None, :, None]
-                        & inside[2][None, None, :])
-            for r, ch in enumerate(chans):
-                x[r][outside] = ds.background_value(i, ch)
+        if out is not None and (out.dtype != np.float32 or tuple(out.shape) != (len(chans), *p)):
+            raise ValueError(f"PatchSampler.sample: out must be float32 of shape "
+                             f"{(len(chans), *p)}, got {out.dtype} {tuple(out.shape)}")
+        # img is memory-mapped: only the patch's voxels are read from disk, straight into out
+        # (all channels in one crop when all are wanted, else the one channel's view)
+        if self.channel is None:
+            raw = crop_patch(img, start, p, out=out if img.dtype == np.float32 else None)
+        else:
+            raw = crop_patch(img[self.channel], start, p,
+                             out=out[0] if out is not None and img.dtype == np.float32 else None)[None]
+        # normalised in place when it is float32 already (the cache's dtype)
+        x = ds.normalize(raw, i, chans, out=raw if raw.dtype == np.float32 else out)
+        # out-of-volume voxels: the normalised background (what a raw 0 maps to), slab by slab
+        slabs = outside_slabs(start, p, shape)
+        for r, ch in enumerate(chans):
+            if slabs:
+                bg = ds.background_value(i, ch)
+                for sl in slabs:
+                    x[r][sl] = bg
         lab = ds.label(i)
         y = crop_patch(lab, start, p) if lab is not None else np.zeros(p, np.uint8)
         return x, y, ds.names[i], start
+
+
+def _label_dtype(label_dtype, datasets):
+    """The batches' label dtype: uint8 (a quarter of the bytes to copy and to index) unless a
+    dataset declares labels of 256 or more, then int64; an explicit choice is checked."""
+    if label_dtype not in (None, torch.uint8, torch.int64):
+        raise ValueError(f"label_dtype must be None (automatic), torch.uint8 or torch.int64, got "
+                         f"{label_dtype!r}")
+    wide = [d.name for d in datasets if (getattr(d, "num_classes", None) or 0) > 256]
+    if label_dtype == torch.uint8 and wide:
+        raise ValueError(f"label_dtype=torch.uint8 cannot hold the labels of {', '.join(wide)} "
+                         "(values of 256 or more): pass label_dtype=torch.int64 or None")
+    if label_dtype is None:
+        return torch.int64 if wide else torch.uint8
+    return label_dtype
+
+
+def _labels_as(lab: np.ndarray, dtype: torch.dtype, cases) -> torch.Tensor:
+    """Stacked label patches as a ``dtype`` tensor, converted once (the patches are stored as
+    uint8 when they fit, so the usual batch is not converted at all). A value that ``dtype``
+    cannot hold is an error, not a silent wrap-around."""
+    want = np.uint8 if dtype == torch.uint8 else np.int64
+    if lab.dtype != want:
+        if want == np.uint8 and lab.size and (lab.min() < 0 or lab.max() > 255):
+            raise ValueError(f"label values in [{lab.min()}, {lab.max()}] (cases {sorted(set(cases))}) "
+                             "do not fit label_dtype torch.uint8: pass label_dtype=torch.int64")
+        lab = lab.astype(want)
+    return torch.from_numpy(lab)
 
 
 class MultiDomainSampler(torch.utils.data.IterableDataset):
@@ -114,15 +174,18 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
     steps:       batches per pass (None = endless)
     seed:        everything random derives from (seed, batch index)
 
-    Yields dicts: image float32 (N, 1, D, H, W), label uint8 (N, D, H, W) (int64 with
-    ``label_dtype=torch.int64``), dataset_id int64 (N,), case list[str]. Use it with
+    label_dtype: None (default: uint8, or int64 when a dataset declares labels >= 256),
+                 torch.uint8 or torch.int64
+
+    Yields dicts: image float32 (N, 1, D, H, W), label (N, D, H, W) of ``label_dtype``,
+    dataset_id int64 (N,), case list[str]. Use it with
     ``torch.utils.data.DataLoader(sampler, batch_size=None, num_workers=k, pin_memory=True)``
     or :func:`make_loader`, which also tracks the position for ``state_dict``.
     """
 
     def __init__(self, datasets, patch, batch_size: int, *, weights=None,
                  fg_fraction: float = 1 / 3, channels=None, steps: int | None = None,
-                 seed: int = 0, label_dtype=torch.uint8):
+                 seed: int = 0, label_dtype=None):
         if isinstance(datasets, PreprocessedDataset):
             datasets = [datasets]
         if not datasets:
@@ -159,7 +222,7 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
         self.fg_fraction = fg_fraction
         self.steps = steps
         self.seed = int(seed)
-        self.label_dtype = label_dtype
+        self.label_dtype = _label_dtype(label_dtype, datasets)
         self.position = 0  # index of the next batch
 
     # -- state ------------------------------------------------------------------------------
@@ -181,14 +244,15 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, b])
         n = self.batch_size
         dom = rng.choice(len(self.samplers), size=n, p=self.weights)
-        imgs, labs, cases = [], [], []
+        # each patch is cropped and normalised straight into its row of the batch
+        imgs = np.empty((n, 1, *self.patch), np.float32)
+        labs, cases = [], []
         for k in range(n):
-            x, y, name, _ = self.samplers[dom[k]].sample(rng, self._is_fg(b * n + k))
-            imgs.append(x)
+            _, y, name, _ = self.samplers[dom[k]].sample(rng, self._is_fg(b * n + k), out=imgs[k])
             labs.append(y)
             cases.append(name)
-        return {"image": torch.from_numpy(np.stack(imgs)),
-                "label": torch.from_numpy(np.stack(labs).astype(np.int64)).to(self.label_dtype),
+        return {"image": torch.from_numpy(imgs),
+                "label": _labels_as(np.stack(labs), self.label_dtype, cases),
                 "dataset_id": torch.from_numpy(dom.astype(np.int64)),
                 "case": cases}
 
