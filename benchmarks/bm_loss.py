@@ -6,6 +6,11 @@ loop of CE + soft Dice (the eager reference) vs torch.compile of that loop (outs
 MONAI ``DiceCELoss`` x 8 (when installed); fp32 and bf16 logits (the reference computes in fp32
 from the bf16 logits, as autocast does). A large case, 4 heads x 2 samples x 2 classes x 128^3,
 reports its byte floor (logits read, gradient written, labels read once).
+
+On a GPU the eager rows are host-bound (a few kernels, ~50 us of GPU time, against the host's
+Python, dispatch and autograd), so each case also times the loss replayed from a captured CUDA
+graph (what ``torch.compile(mode="reduce-overhead")`` or a whole-step graph gives), ours and the
+per-head loop alike: the launch-free cost of the same work.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import m3d_attr, op_backend, optional_import
+from .common import Unavailable, m3d_attr, op_backend, optional_import
 
 AREA = "loss"
 HEADS = [2, 3, 2, 4, 2, 3, 2, 5]
@@ -47,6 +52,33 @@ def _ours(logits, targets, validate):
     return _with_grads(lambda: op(logits, targets, validate=validate)[0], logits)
 
 
+def _graphed(make):
+    """``make()``'s function (loss + gradients) captured once in a CUDA graph: each call replays
+    it and returns the graph's static outputs (overwritten by the next replay). Warm-up on a
+    side stream first (lazy initialisation, allocator pools), as PyTorch's capture recipe asks.
+    A loss whose host code syncs (e.g. a device-to-host read) cannot be captured: unavailable."""
+    if not torch.cuda.is_available():
+        raise Unavailable("CUDA graphs need a CUDA device")
+    fn = make()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except RuntimeError as exc:
+        raise Unavailable(f"not capturable in a CUDA graph: {str(exc).splitlines()[0][:150]}") from None
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def _monai(logits, targets):
     losses = optional_import("monai.losses")
     fns = [losses.DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5) for _ in logits]
@@ -73,6 +105,12 @@ def _case(ctx, name, heads, batch, spatial, dtype, monai=True, compile_too=False
     note = op_backend("multihead_seg_loss", ctx.device)
     case.add("med3d_ext validate=False", lambda: _ours(logits, targets, False), note=note)
     case.add("med3d_ext validate=True", lambda: _ours(logits, targets, True), note=note)
+    if ctx.gpu:
+        case.add("eager per-head loop, CUDA graph",
+                 lambda: _graphed(lambda: _with_grads(lambda: loop_loss(logits, targets), logits)),
+                 baseline=True)
+        case.add("med3d_ext validate=False, CUDA graph",
+                 lambda: _graphed(lambda: _ours(logits, targets, False)), note=note)
     if compile_too:
         def compiled():
             f = torch.compile(loop_loss)

@@ -100,6 +100,11 @@ def test_gpu_branches_on_the_cpu(monkeypatch, one_thread):
                  ("stem", "conv alone", "eager conv3d bf16 CL"),
                  ("train_step", "resnet10 bf16 autocast", "med3d_ext fused")]:
         assert want in names, want
+    # the loss's CUDA-graph rows (ours and the loop's) are there, and say why not here
+    graphed = [r for r in ctx.rows if r["area"] == "loss" and r["impl"].endswith("CUDA graph")]
+    assert {r["impl"] for r in graphed} == {"eager per-head loop, CUDA graph",
+                                            "med3d_ext validate=False, CUDA graph"}
+    assert all(r["status"] == "unavailable" and "need a CUDA device" in r["reason"] for r in graphed)
     fused = next(r for r in ctx.rows if r["impl"] == "med3d_ext fused")
     assert fused["params"]["layout"] == "channels_last_3d" and fused["err_ratio"] is not None
 
