@@ -148,6 +148,19 @@ def test_convergence_summary_steps_to_target():
     assert pre["steps_to_target_per_seed"] == {"0": 20, "1": 40}
     assert pre["final_mean"] == pytest.approx(0.65) and pre["dice_gain_vs_scratch"] == pytest.approx(0.15)
     assert pre["final_std"] == pytest.approx(0.0707107, rel=1e-5)
+    # seed by seed: finals 0.4 -> 0.6 and 0.6 -> 0.7; steps to each seed's own target 50 -> 20, 50 -> 40
+    paired = convergence_study._paired(sc, pre)
+    assert "higher in 2 of 2 seeds (mean difference +0.150, sd 0.071)" in paired, paired
+    assert "fewer steps in 2 of 2 seeds (ratios 2.5x, 1.2x)" in paired, paired
+    s["seeds"], s["device"], s["sizes"] = [0, 1], "cpu", {"every": 10}
+    s["pretrain"] = {"steps": 100}
+    assert paired in convergence_study.reading(s)
+    worse = convergence_study.summarize({S: curves[S], P: {0: _curve(steps, [0.0, 0.0, 0.0, 0.1, 0.3]),
+                                                            1: _curve(steps, [0.0, 0.1, 0.2, 0.6, 0.7])}})
+    assert "higher in 1 of 2 seeds" in convergence_study._paired(worse["arms"][S], worse["arms"][P])
+    assert "fewer steps in 1 of 2 seeds (ratios 1.2x)" in convergence_study._paired(worse["arms"][S], worse["arms"][P])
+    one = convergence_study.summarize({S: {0: curves[S][0]}, P: {0: curves[P][0]}})
+    assert convergence_study._paired(one["arms"][S], one["arms"][P]) == ""  # one seed: no pairs
     # an arm that never gets there has no speed-up; mismatched validation steps are an error
     slow = {S: curves[S], P: {0: _curve(steps, [0.0] * 5)}}
     assert convergence_study.summarize(slow)["arms"][P]["speedup_vs_scratch"] is None
