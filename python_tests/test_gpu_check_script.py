@@ -60,3 +60,35 @@ exec {sys.executable} "$@"
     assert any(line.startswith("  bn_stats/") and "x vs eager torch.var_mean" in line for line in tail[-6:])
     assert any(line.startswith("  profile bn_stats/") for line in tail[-4:])
     assert (out / "gpu_check.tar.gz").stat().st_size > 0
+
+
+def test_prebuilt_source_hash_follows_the_extension_sources(tmp_path):
+    """gpu_prebuild.sh --hash (what gpu_check.sh compares with a prebuilt wheel's BUILD_INFO)
+    changes with any compiled source or build file, and not with Python sources: a stale wheel
+    is never used, a Python-only change keeps the wheel."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"
+    for rel in ("csrc", "CMakeLists.txt", "pyproject.toml", "med3d_ext/_build_config.py.in",
+                "med3d_ext/ops/seg_loss.py", "benchmarks/gpu_prebuild.sh"):
+        src, dst = repo / rel, tree / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+
+    def h():
+        return subprocess.run(["bash", str(tree / "benchmarks" / "gpu_prebuild.sh"), "--hash"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    base = h()
+    assert len(base) == 16 and base == subprocess.run(
+        ["bash", str(repo / "benchmarks" / "gpu_prebuild.sh"), "--hash"],
+        capture_output=True, text=True, check=True).stdout.strip()  # the same files, the same hash
+    (tree / "med3d_ext/ops/seg_loss.py").write_text("# a Python-only change\n")
+    assert h() == base
+    header = next((tree / "csrc").rglob("*.h"))
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert h() != base
+    header.write_text(header.read_text().replace("\n// changed\n", ""))
+    assert h() == base
+    (tree / "csrc" / "new_kernel.cu").write_text("// a new file\n")
+    assert h() != base
