@@ -235,7 +235,44 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
             arms.append((MEDICALNET, {"pretrained": str(medicalnet), "lr": 1e-3, "head_lr": head_lr}))
         curves: dict = {a: {} for a, _ in arms}
         times: dict = {a: [] for a, _ in arms}
-        for seed in seeds:
+        try:
+            from .common import collect_env
+        except ImportError:
+            from benchmarks.common import collect_env
+        env = collect_env(dev.type)
+
+        def finish(done: list) -> dict:
+            """Summary of the seeds whose arms have all run, written out (after every seed,
+            so a study stopped by a time limit keeps what it finished; "partial" says so)."""
+            summary = summarize({a: {sd: c for sd, c in by.items() if sd in done}
+                                 for a, by in curves.items()})
+            for arm in summary["arms"]:
+                ts = times[arm][:len(done)]
+                summary["arms"][arm]["time_s_mean"] = _mean(ts)
+                steps = sz["every"] * sz["evals"]
+                summary["arms"][arm]["ms_per_step"] = 1e3 * _mean(ts) / steps  # incl. validation
+            summary.update(
+                sizes=sz, device=str(dev), seeds=list(done), pretrain_shared=True, threads=threads,
+                partial=None if len(done) == len(seeds) else
+                f"{len(done)} of {len(seeds)} seeds ({list(seeds)}) finished",
+                lrs={"scratch": 1e-3, "pretrained_encoder": 1e-3, "pretrained_head": head_lr},
+                pretrain={"steps": sz["pre_epochs"] * sz["pre_steps"], "time_s": pre["time_s"],
+                          "val_dice": pre["best_score"], "seed": seeds[0]},
+                medicalnet=str(medicalnet) if medicalnet else None,
+                medicalnet_arch=None if mn_arch is None else {"depth": mn_arch[0], "shortcut": mn_arch[1]},
+                data_s=t_data,
+                pretrain_real=None if pre_real is None else {
+                    "steps": sz["pre_epochs"] * sz["pre_steps"], "time_s": pre_real["time_s"],
+                    "val_dice": pre_real["best_score"]},
+                transfer_task=d["transfer"].name, total_s=time.perf_counter() - t_all,
+                curves={a: {str(sd): c for sd, c in by.items() if sd in done}
+                        for a, by in curves.items()},
+                env=env)
+            write_outputs(out, summary, log if len(done) == len(seeds) else _quiet)
+            return summary
+
+        summary = None
+        for i, seed in enumerate(seeds):
             for k, (arm, extra) in enumerate(arms):
                 folder = runs / f"seed{seed}-arm{k}"
                 tr = run_transfer(C.resolve("transfer", dict(
@@ -246,31 +283,7 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
                 times[arm].append(tr["time_s"])
                 log(f"  seed {seed} {arm}: Dice " + " ".join(f"{v:.3f}" for v in curves[arm][seed]["dice"])
                     + f" ({tr['time_s']:.0f} s)")
-        summary = summarize(curves)
-        for arm in summary["arms"]:
-            ts = times[arm]
-            summary["arms"][arm]["time_s_mean"] = _mean(ts)
-            steps = sz["every"] * sz["evals"]
-            summary["arms"][arm]["ms_per_step"] = 1e3 * _mean(ts) / steps  # includes validation
-        summary.update(
-            sizes=sz, device=str(dev), seeds=list(seeds), pretrain_shared=True, threads=threads,
-            lrs={"scratch": 1e-3, "pretrained_encoder": 1e-3, "pretrained_head": head_lr},
-            pretrain={"steps": sz["pre_epochs"] * sz["pre_steps"], "time_s": pre["time_s"],
-                      "val_dice": pre["best_score"], "seed": seeds[0]},
-            medicalnet=str(medicalnet) if medicalnet else None,
-            medicalnet_arch=None if mn_arch is None else {"depth": mn_arch[0], "shortcut": mn_arch[1]},
-            data_s=t_data,
-            pretrain_real=None if pre_real is None else {
-                "steps": sz["pre_epochs"] * sz["pre_steps"], "time_s": pre_real["time_s"],
-                "val_dice": pre_real["best_score"]},
-            transfer_task=d["transfer"].name, total_s=time.perf_counter() - t_all,
-            curves={a: {str(s): c for s, c in by.items()} for a, by in curves.items()})
-        try:
-            from .common import collect_env
-        except ImportError:
-            from benchmarks.common import collect_env
-        summary["env"] = collect_env(dev.type)
-        write_outputs(out, summary, log)
+            summary = finish(list(seeds[:i + 1]))
         return summary
     finally:
         if tmp is not None:
@@ -370,8 +383,10 @@ def markdown(s: dict) -> str:
              f"{sz['batch']}; pretraining {s['pretrain']['steps']} steps on 8 synthetic domains "
              f"(shared by all seeds, {s['pretrain']['time_s']:.0f} s); transfer "
              f"{sz['every'] * sz['evals']} steps per arm, validation every {sz['every']} steps; "
-             f"total {s['total_s'] / 60:.1f} min.", "",
-             f"Target: {s['target_rule']} = {_f(s['target'])}.", "",
+             f"total {s['total_s'] / 60:.1f} min.", ""]
+    if s.get("partial"):  # written after every seed: a study stopped early keeps what it finished
+        lines += [f"**Partial: {s['partial']}** (the study was stopped or is still running).", ""]
+    lines += [f"Target: {s['target_rule']} = {_f(s['target'])}.", "",
              "| arm | final Dice mean ± std (min–max) | best Dice (mean) | steps to target "
              "(mean curve) | per seed | speed-up | ΔDice vs scratch | s per run |",
              "|---|---|---|---|---|---|---|---|"]

@@ -31,7 +31,9 @@
 #               timed) into $OUT/bench_profile (BENCH_PROFILE=0 drops it);
 #     kernels:  bn_stats conv_bn_relu resample, appended to $OUT/bench;
 #     study (only when ORDER names it): the full-size convergence study on the GPU
-#               (python -m benchmarks.convergence_study, 3 seeds) into $OUT/bench/convergence_study;
+#               (python -m benchmarks.convergence_study, 3 seeds; STUDY_ARGS adds options, e.g.
+#               "--pretrain-steps 1000 --transfer-steps 300") into $OUT/bench/convergence_study,
+#               written after every seed (a timeout keeps the finished seeds, marked partial);
 #  then packs logs and results into $OUT/gpu_check.tar.gz and prints the summary LAST.
 # throughput, convergence and pipeline need nibabel, pyyaml and tqdm (the package's
 # dependencies, which the --no-deps install does not bring) and are skipped without them.
@@ -45,7 +47,7 @@
 # timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
 # takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
 # too), PYTEST_ARGS, MAXFAIL, XDIST (workers, default 4),
-# GIT_COMMIT (recorded; the copied tree on the GPU machine has no .git), PREBUILT.
+# GIT_COMMIT (recorded; the copied tree on the GPU machine has no .git), PREBUILT, STUDY_ARGS.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO="$(pwd)"
@@ -450,12 +452,13 @@ stage_study() {  # the full-size convergence study (GPU sizes, 3 seeds; a few mi
     fi
     say "study: python -m benchmarks.convergence_study --device $DEV (log: logs/study.log)"
     s0=$(now)
+    # shellcheck disable=SC2086
     timeout -k 10 "$lim" "$PY" -m benchmarks.convergence_study --device "$DEV" \
-        --out "$BENCH/convergence_study" > "$LOGS/study.log" 2>&1
+        --out "$BENCH/convergence_study" ${STUDY_ARGS:-} > "$LOGS/study.log" 2>&1
     rc=$?
     case $rc in
         0) st="ok: $(tail -3 "$LOGS/study.log" | tr '\n' ' ' | cut -c1-200)" ;;
-        124|137) st="timeout after ${lim}s" ;;
+        124|137) st="timeout after ${lim}s$( [ -f "$BENCH/convergence_study/convergence.json" ] && echo '; the finished seeds are in bench/convergence_study (marked partial)')" ;;
         *) st="rc $rc (see logs/study.log)"; tail -15 "$LOGS/study.log" ;;
     esac
     status study "$st" "$(($(now) - s0))s"

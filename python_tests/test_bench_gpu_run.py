@@ -172,3 +172,34 @@ def test_study_medicalnet_arm_loads_the_users_weights(tmp_path, monkeypatch):
     assert convergence_study.main(["--quick", "--medicalnet", str(tmp_path / "nope.pth"),
                                    "--out", str(tmp_path / "o2")]) == 2
 
+
+
+def test_study_stopped_mid_way_keeps_the_finished_seeds(tmp_path, monkeypatch):
+    """The GPU run gives the study a time limit: its outputs are written after every seed, so a
+    study stopped in seed 1 still leaves seed 0's summary, marked partial; the finished study
+    overwrites it without the mark."""
+    import med3d_ext.train.cli as cli
+
+    tiny = dict(convergence_study.study_sizes(False, True), pre_epochs=1, pre_steps=2, every=2, evals=2)
+    monkeypatch.setattr(convergence_study, "study_sizes", lambda gpu, quick, *sizes: dict(tiny))
+    monkeypatch.setenv("MED3D_EXT_CACHE", str(tmp_path / "cache"))
+    real = cli.run_transfer
+
+    def stopped_in_seed_1(cfg, **kw):
+        if cfg["seed"] == 1:
+            raise KeyboardInterrupt  # what the time limit's signal becomes
+        return real(cfg, **kw)
+    monkeypatch.setattr(cli, "run_transfer", stopped_in_seed_1)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        convergence_study.run_study(out, seeds=(0, 1), device="cpu", quick=True, threads=1,
+                                    log=lambda *a: None)
+    s = json.loads((out / "convergence.json").read_text())
+    assert s["seeds"] == [0] and s["partial"] == "1 of 2 seeds ([0, 1]) finished"
+    assert all(set(by) == {"0"} for by in s["curves"].values())
+    assert "**Partial: 1 of 2 seeds" in (out / "convergence.md").read_text()
+    monkeypatch.setattr(cli, "run_transfer", real)
+    s = convergence_study.run_study(out, seeds=(0, 1), device="cpu", quick=True, threads=1,
+                                    log=lambda *a: None)
+    assert s["partial"] is None and s["seeds"] == [0, 1]
+    assert "Partial" not in (out / "convergence.md").read_text()
