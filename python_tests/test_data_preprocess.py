@@ -319,3 +319,32 @@ def test_normalize_in_place_matches_the_formula(tmp_path):
         got = ds.normalize(x, 0)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got[0], want)
+
+
+def test_label_storage_dtype_never_wraps(tmp_path):
+    """Label maps go to the narrowest integer type that holds them: predictions with labels
+    >= 256 or >= 32768 written back (write_prediction) and evaluate's argmax over more than 256
+    classes keep their values (they were cast to uint8 / int16 and wrapped)."""
+    from med3d_ext.data.preprocess import label_storage_dtype
+    from med3d_ext.train.evaluate import _to_source
+
+    assert [label_storage_dtype(m) for m in (0, 255, 256, 32767, 32768, 2**31 - 1, 2**31)] == \
+        [np.uint8, np.uint8, np.int16, np.int16, np.int32, np.int32, np.int64]
+    assert label_storage_dtype(3, -1) == np.int16 and label_storage_dtype(3, -40000) == np.int32
+    ds = preprocess(make_msd(tmp_path / "p", n=1, shape=(9, 8, 7)), tmp_path / "c", progress=False,
+                    workers=0)
+    meta = ds.meta(0)
+    grid = tuple(meta["shape"])
+    r = rng()
+    for top in (300, 40000):
+        pred = r.integers(0, 3, grid)
+        pred[pred == 2] = top
+        back = nib.load(str(write_prediction(pred, meta, tmp_path / f"p{top}.nii.gz")))
+        vals = np.unique(np.asarray(back.dataobj))
+        assert top in vals and set(vals.tolist()) <= {0, 1, top}
+    # 300 classes: the argmax index 299 survives the conversion to the source grid
+    probs = torch.zeros((300, *grid))
+    probs[299] = 1.0
+    probs[0, 0, 0, 0], probs[299, 0, 0, 0] = 2.0, 0.0
+    lab = _to_source(probs, meta)
+    assert lab.dtype == np.int16 and lab.max() == 299

@@ -168,9 +168,20 @@ def read_case(case: Case, labels: dict | None = None):
         if bad:
             raise DataError(case.label, f"label values {bad} not declared in dataset.json "
                                         f"(declared: {sorted(labels)})")
-    # the narrowest type that holds them (int16 alone wrapped labels >= 32768)
-    dtype = np.uint8 if values.max() < 256 else np.int16 if values.max() < 32768 else np.int32
-    return img, ldata.astype(dtype)
+    return img, ldata.astype(label_storage_dtype(int(values.max())))
+
+
+def label_storage_dtype(max_label: int, min_label: int = 0):
+    """The narrowest integer dtype for label maps with values in [min_label, max_label]: uint8,
+    else int16, int32 or int64 (a fixed uint8/int16 choice silently wrapped labels >= 256 or
+    >= 32768)."""
+    if min_label >= 0 and max_label < 256:
+        return np.uint8
+    if -32768 <= min_label and max_label < 32768:
+        return np.int16
+    if -2**31 <= min_label and max_label < 2**31:
+        return np.int32
+    return np.int64
 
 
 def nib_axcodes(affine):
@@ -764,6 +775,5 @@ def write_prediction(pred, meta: dict, path, *, fill=0):
 
     arr = to_source_space(pred, meta, fill=fill)
     if arr.dtype.kind in "iub":
-        arr = arr.astype(np.uint8 if arr.max(initial=0) < 256 and arr.min(initial=0) >= 0
-                         else np.int16)
+        arr = arr.astype(label_storage_dtype(int(arr.max(initial=0)), int(arr.min(initial=0))))
     return save_nifti(arr, np.asarray(meta["orig_affine"]), path)

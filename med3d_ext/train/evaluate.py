@@ -289,12 +289,14 @@ def _window_bar(cfg):
 
 
 def _to_source(probs: torch.Tensor, meta) -> np.ndarray:
-    """(C, D, H, W) probabilities on the preprocessed grid -> uint8 labels in the source
-    file's voxel grid and axis order (trilinear on probabilities, then argmax)."""
+    """(C, D, H, W) probabilities on the preprocessed grid -> labels in the source file's
+    voxel grid and axis order (trilinear on probabilities, then argmax); uint8 unless the head
+    has more than 256 classes (then int16/int32: never a wrapped class index)."""
     from med3d_ext.data import to_source_space
+    from med3d_ext.data.preprocess import label_storage_dtype
 
     src = to_source_space(probs.numpy(), meta)  # (I, J, K, C), outside the crop: 0
-    return np.argmax(src, -1).astype(np.uint8)
+    return np.argmax(src, -1).astype(label_storage_dtype(int(probs.shape[0]) - 1))
 
 
 def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
