@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Unavailable, m3d_attr, op_backend, optional_import
+from .common import Unavailable, capture_cuda_graph, m3d_attr, op_backend, optional_import
 
 AREA = "loss"
 HEADS = [2, 3, 2, 4, 2, 3, 2, 5]
@@ -54,22 +54,12 @@ def _ours(logits, targets, validate):
 
 def _graphed(make):
     """``make()``'s function (loss + gradients) captured once in a CUDA graph: each call replays
-    it and returns the graph's static outputs (overwritten by the next replay). Warm-up on a
-    side stream first (lazy initialisation, allocator pools), as PyTorch's capture recipe asks.
+    it and returns the graph's static outputs (overwritten by the next replay).
     A loss whose host code syncs (e.g. a device-to-host read) cannot be captured: unavailable."""
     if not torch.cuda.is_available():
         raise Unavailable("CUDA graphs need a CUDA device")
-    fn = make()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            out = fn()
+        graph, out = capture_cuda_graph(make())
     except RuntimeError as exc:
         raise Unavailable(f"not capturable in a CUDA graph: {str(exc).splitlines()[0][:150]}") from None
 

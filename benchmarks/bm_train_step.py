@@ -33,8 +33,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .common import (Unavailable, high_precision, m3d_attr, module_flag, op_backend,
-                     with_module_flag)
+from .common import (Unavailable, capture_cuda_graph, high_precision, m3d_attr, module_flag,
+                     op_backend, with_module_flag)
 
 AREA = "train_step"
 GPU_SHAPE = (8, 1, 64, 128, 128)  # perf-baselines.md
@@ -179,17 +179,10 @@ def _graphed(m, opt, fwd_bwd):
     warm-up on a side stream (cuDNN autotuning, lazy init), then capture
     with the gradients unset, so the graph writes them into its own static tensors, which each
     replay overwrites (so no zero_grad between replays)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            fwd_bwd()
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = fwd_bwd()
+    def fresh_fwd_bwd():  # gradients unset: the capture allocates them as static tensors
+        opt.zero_grad(set_to_none=True)
+        return fwd_bwd()
+    graph, loss = capture_cuda_graph(fresh_fwd_bwd)
 
     def step():
         graph.replay()

@@ -145,6 +145,22 @@ def sync_stream(device: str) -> None:
         torch.cuda.current_stream().synchronize()
 
 
+def capture_cuda_graph(fn: Callable, warmup: int = 3):
+    """``(graph, out)``: ``fn()`` captured once in a CUDA graph, whose replays rerun its kernels
+    and overwrite ``out`` (its static outputs). PyTorch's capture recipe: ``warmup`` calls on a
+    side stream first (lazy initialisation, cuDNN autotuning, allocator pools)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def time_fn(fn: Callable, device: str, warmup: int, repeats: int, budget_s: float | None = None,
             soft_s: float = 0.2, after_warmup: Callable | None = None) -> list[float]:
     """Per-call times in ms after ``warmup`` calls. ``budget_s`` caps the repeats for slow

@@ -115,12 +115,11 @@ class PatchSampler:
         # img is memory-mapped: only the patch's voxels are read from disk, straight into out
         # (all channels in one crop when all are wanted, else the one channel's view)
         if self.channel is None:
-            raw = crop_patch(img, start, p, out=out if img.dtype == np.float32 else None)
+            raw = crop_patch(img, start, p, out=out)
         else:
-            raw = crop_patch(img[self.channel], start, p,
-                             out=out[0] if out is not None and img.dtype == np.float32 else None)[None]
-        # normalised in place when it is float32 already (the cache's dtype)
-        x = ds.normalize(raw, i, chans, out=raw if raw.dtype == np.float32 else out)
+            raw = crop_patch(img[self.channel], start, p, out=None if out is None else out[0])[None]
+        # normalised in place when it is float32 (the cache's dtype, and always with out)
+        x = ds.normalize(raw, i, chans, out=raw if raw.dtype == np.float32 else None)
         # out-of-volume voxels: the normalised background (what a raw 0 maps to), slab by slab
         slabs = outside_slabs(start, p, shape)
         for r, ch in enumerate(chans):
