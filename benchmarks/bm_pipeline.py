@@ -15,7 +15,8 @@ folder and preprocessed there), sampled by ``med3d_ext.data.make_loader`` /
 Case 1 times windows of 2W batches (W loader workers; at least 4), after a warm-up window that
 drains the batches the workers prefetched, and reports ms per batch (median over windows / 2W)
 and volumes/s: with workers the batches arrive in bursts, so a single batch's time is no rate.
-Case 2 runs a ResNet-10 segmentation training step (fwd + bwd + AdamW) fed by each pipeline,
+Case 2 runs a ResNet-10 segmentation training step (fwd + bwd + AdamW; the training CLI's
+defaults on the device: on CUDA bf16 autocast, channels_last_3d and the fused ops) fed by each pipeline,
 after warm-up steps that consume the prefetched batches, and records the mean step time and the
 data-wait fraction: time blocked on the next batch (loader + host-to-device copy) over the
 whole step time. The two pipelines draw different
@@ -179,13 +180,25 @@ def _train_rows(ctx, pre, sz, pipes):
     warm-up steps that consume what the workers prefetched (steady state)."""
     try:
         build = m3d_attr("models.build_transfer_model")
-    except Unavailable as exc:
+        from med3d_ext.train.backends import fusion_available
+        from med3d_ext.train.loops import autocast_dtype
+    except (Unavailable, ImportError) as exc:
         ctx.record(AREA, "ResNet-10 step data wait", "-", UNAVAILABLE, str(exc))
         return
+    # The step the training CLI runs by default on this device (med3d_ext/train/cli.py _setup):
+    # on CUDA bf16 autocast, channels_last_3d and the fused ops. A slower step (fp32, plain)
+    # would hide data waits behind compute and understate the fraction.
+    dev = torch.device(ctx.device)
+    fused = dev.type == "cuda" and fusion_available()
+    channels_last = dev.type == "cuda"
+    amp = autocast_dtype("auto", dev)
     # warm-up: worker start, allocator, cuDNN autotuning, then the prefetched batches
     warm = (1 if ctx.quick else 2) + _prefetched(sz)
     params = {"patch": sz["patch"], "batch": sz["batch"], "workers": sz["workers"],
               "steps": sz["steps"], "warmup_steps": warm, "model": "ResNet-10 seg, AdamW",
+              "step": ", ".join([f"{amp} autocast".replace("torch.", "") if amp else "fp32",
+                                 "channels_last_3d" if channels_last else "contiguous",
+                                 "fused" if fused else "plain"]),
               "device": ctx.device, "main_threads": torch.get_num_threads()}
     rows = []
     for name, (make, base) in pipes.items():
@@ -194,7 +207,10 @@ def _train_rows(ctx, pre, sz, pipes):
                "note": "ms = mean step time (the throughput; waits come in bursts, so not the median)"}
         try:
             torch.manual_seed(0)
-            model = build("segmentation", 10, int(pre.num_classes)).to(ctx.device).train()
+            model = build("segmentation", 10, int(pre.num_classes), fused=fused).to(ctx.device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last_3d)
+            model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             it = make()
             steps, waits = [], []
@@ -204,9 +220,12 @@ def _train_rows(ctx, pre, sz, pipes):
                 sync_stream(ctx.device)
                 # the device augmentation is compute of the step, not waiting for data
                 t1 = t_dev if t_dev else time.perf_counter()
-                logits = model(img)
+                if channels_last:
+                    img = img.contiguous(memory_format=torch.channels_last_3d)
+                with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    logits = model(img)
                 lab_s = F.interpolate(lab[:, None].float(), size=logits.shape[2:], mode="nearest")
-                loss = F.cross_entropy(logits, lab_s[:, 0].long())
+                loss = F.cross_entropy(logits.float(), lab_s[:, 0].long())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
