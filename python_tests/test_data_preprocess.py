@@ -175,10 +175,11 @@ def test_cache_skip_and_invalidate(tmp_path):
     root = make_msd(tmp_path / "ds", n=3)
     cache = tmp_path / "cache"
     preprocess(root, cache, progress=False, workers=0)
-    stamp = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.image.npy")}
+    stamp = {p.name: p.stat().st_mtime_ns for p in (cache / "cases").glob("*.image.npy")}
+    assert sorted(stamp) == ["c0.image.npy", "c1.image.npy", "c2.image.npy"]
     time.sleep(0.01)
     preprocess(root, cache, progress=False, workers=0)  # nothing changed: nothing rewritten
-    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.image.npy")} == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in (cache / "cases").glob("*.image.npy")} == stamp
     # change one source file: only its entry is rebuilt
     img = nib.load(str(root / "imagesTr" / "c1.nii.gz"))
     new = np.asarray(img.dataobj) * 2
@@ -186,7 +187,7 @@ def test_cache_skip_and_invalidate(tmp_path):
     st = os.stat(root / "imagesTr" / "c1.nii.gz")
     os.utime(root / "imagesTr" / "c1.nii.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     pre = preprocess(root, cache, progress=False, workers=0)
-    after = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.image.npy")}
+    after = {p.name: p.stat().st_mtime_ns for p in (cache / "cases").glob("*.image.npy")}
     assert after["c0.image.npy"] == stamp["c0.image.npy"]
     assert after["c2.image.npy"] == stamp["c2.image.npy"]
     assert after["c1.image.npy"] != stamp["c1.image.npy"]
@@ -198,7 +199,7 @@ def test_cache_skip_and_invalidate(tmp_path):
     meta["training"] = meta["training"][:2]
     (root / "dataset.json").write_text(json.dumps(meta))
     pre = preprocess(root, cache, progress=False, workers=0)
-    assert pre.names == ["c0", "c1"] and not (cache / "c2.image.npy").exists()
+    assert pre.names == ["c0", "c1"] and not (cache / "cases" / "c2.image.npy").exists()
     # reopening without preprocessing
     again = PreprocessedDataset(cache)
     assert again.names == pre.names and again.num_classes == 3

@@ -65,7 +65,7 @@ def test_interrupted_parallel_preprocess_stops_cleanly_and_resumes(tmp_path, how
     try:
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None and \
-                not list(cache.glob("*.image.npy")):
+                not list((cache / "cases").glob("*.image.npy")):
             time.sleep(0.05)
         time.sleep(0.3)
         assert p.poll() is None, "preprocessing ended before it could be interrupted"
@@ -86,12 +86,13 @@ def test_interrupted_parallel_preprocess_stops_cleanly_and_resumes(tmp_path, how
     assert took < 3, took
     time.sleep(0.2)
     assert _alive_in_session(p.pid) == [], "worker processes left behind"
-    assert not [f.name for f in cache.iterdir() if ".tmp" in f.name]
+    entries = cache / "cases"
+    assert not [f.name for f in [*cache.iterdir(), *entries.iterdir()] if ".tmp" in f.name]
 
-    done = {f.name[:-5] for f in cache.glob("c*.json")}
-    started = {f.name.split(".")[0] for f in cache.glob("*.image.npy")}
+    done = {f.name[:-5] for f in entries.glob("c*.json")}
+    started = {f.name.split(".")[0] for f in entries.glob("*.image.npy")}
     assert started - done, "no case was cut off in the middle"  # a half-written entry
-    kept = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()
+    kept = {f.name: f.stat().st_mtime_ns for f in entries.iterdir()
             if f.name.split(".")[0] in done}
 
     r = subprocess.run(_cli(root, cache, "--workers", 0), env=_env(), capture_output=True,
@@ -101,7 +102,7 @@ def test_interrupted_parallel_preprocess_stops_cleanly_and_resumes(tmp_path, how
     if done:
         assert f"{len(done)} reused from the cache" in r.stdout, r.stdout
     # the finished entries were not rewritten
-    assert {n: (cache / n).stat().st_mtime_ns for n in kept} == kept
+    assert {n: (entries / n).stat().st_mtime_ns for n in kept} == kept
     ref = preprocess(root, tmp_path / "ref", progress=False, workers=0)
     pre = preprocess(root, cache, progress=False, workers=0)
     assert pre.stats["processed"] == 0 and pre.names == ref.names
@@ -116,17 +117,17 @@ def test_an_incomplete_cache_entry_is_redone_not_trusted(tmp_path, damage):
     cache = tmp_path / "cache"
     ref = preprocess(root, cache, progress=False, workers=0)
     if damage == "missing_label":
-        (cache / "c1.label.npy").unlink()
+        (cache / "cases" / "c1.label.npy").unlink()
     elif damage == "truncated_image":
-        raw = (cache / "c1.image.npy").read_bytes()
-        (cache / "c1.image.npy").write_bytes(raw[: len(raw) - 40])
+        raw = (cache / "cases" / "c1.image.npy").read_bytes()
+        (cache / "cases" / "c1.image.npy").write_bytes(raw[: len(raw) - 40])
     else:
-        raw = (cache / "c1.locs.npz").read_bytes()
-        (cache / "c1.locs.npz").write_bytes(raw[: len(raw) // 2])
-    stamp = {n: (cache / f"{n}.image.npy").stat().st_mtime_ns for n in ("c0", "c2")}
+        raw = (cache / "cases" / "c1.locs.npz").read_bytes()
+        (cache / "cases" / "c1.locs.npz").write_bytes(raw[: len(raw) // 2])
+    stamp = {n: (cache / "cases" / f"{n}.image.npy").stat().st_mtime_ns for n in ("c0", "c2")}
     pre = preprocess(root, cache, progress=False, workers=0)
     assert pre.stats == {"processed": 1, "seconds": pre.stats["seconds"], "reused": 2}
-    assert {n: (cache / f"{n}.image.npy").stat().st_mtime_ns for n in ("c0", "c2")} == stamp
+    assert {n: (cache / "cases" / f"{n}.image.npy").stat().st_mtime_ns for n in ("c0", "c2")} == stamp
     i = pre.names.index("c1")
     np.testing.assert_array_equal(pre.image(i), ref.image(i))
     np.testing.assert_array_equal(pre.label(i), ref.label(i))

@@ -51,6 +51,11 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     out = getattr(args, "out", None)
+    if out is not None and not out.strip():
+        # an unset shell variable ("--out $DIR"): the current folder is never what was meant
+        print(f"error: --out is empty; name the {'cache ' if args.cmd == 'preprocess' else ''}"
+              "folder to write", file=sys.stderr)
+        return 2
     if args.cmd in ("synth", "real") and out and os.path.exists(out) and not os.path.isdir(out):
         print(f"error: --out {out!r} is a file; {args.cmd} writes a folder", file=sys.stderr)
         return 2

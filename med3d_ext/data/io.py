@@ -132,7 +132,6 @@ def read_volume(path, *, dtype=None) -> Volume:
     NaN/Inf voxels in float images.
     """
     import nibabel as nib
-    from nibabel import orientations as nio
 
     path = as_path(path)
     if not path.exists():
@@ -165,13 +164,27 @@ def read_volume(path, *, dtype=None) -> Volume:
         raise DataError(path, f"{bad} NaN/Inf voxels")
     if dtype is not None:
         data = data.astype(dtype, copy=False)
-    ornt = nio.io_orientation(affine)
-    ras = _apply_ornt(data, ornt)
     spatial = data.shape[1:]
-    new_affine = affine @ nio.inv_ornt_aff(ornt, spatial)
+    ornt, new_affine = _ras_orientation(path, affine, spatial)
+    ras = _apply_ornt(data, ornt)
     spacing = np.sqrt((new_affine[:3, :3] ** 2).sum(0))
     return Volume(data=ras, affine=new_affine, spacing=spacing, orig_affine=affine,
                   orig_shape=tuple(int(s) for s in spatial), ornt=ornt, path=str(path))
+
+
+def _ras_orientation(path, affine: np.ndarray, spatial):
+    """(nibabel orientation transform to RAS, the RAS affine) of an image, or a DataError for
+    an affine nibabel cannot orient (a zero or repeated axis: a header written with spacing 0
+    or a broken sform), which otherwise surfaced as nibabel's OrientationError."""
+    from nibabel import orientations as nio
+
+    try:
+        ornt = nio.io_orientation(affine)
+        return ornt, affine @ nio.inv_ornt_aff(ornt, tuple(spatial))
+    except (nio.OrientationError, ValueError, np.linalg.LinAlgError) as e:
+        raise DataError(path, "degenerate affine: the voxel axes cannot be oriented in space "
+                              f"(a zero spacing or a broken sform/qform?; {e}); affine "
+                              f"{np.round(np.asarray(affine), 4).tolist()}") from None
 
 
 def _apply_ornt(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
@@ -185,7 +198,6 @@ def _apply_ornt(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
 def read_header(path):
     """Cheap header read: (spacing in RAS voxel order (3,), RAS spatial shape (3,), channels)."""
     import nibabel as nib
-    from nibabel import orientations as nio
 
     path = as_path(path)
     if not path.exists():
@@ -198,14 +210,21 @@ def read_header(path):
     except Exception as e:  # noqa: BLE001
         raise DataError(path, f"not a readable image file ({type(e).__name__}: {e})") from None
     shape = img.shape
-    if len(shape) not in (3, 4):
+    # the shapes read_volume takes: 3-D, 4-D (channels last) and NIfTI's 5-D vector layout
+    # (x, y, z, 1, components), as ITK and 3D Slicer write multi-component images
+    if len(shape) == 3:
+        channels = 1
+    elif len(shape) == 4:
+        channels = shape[3]
+    elif len(shape) == 5 and shape[3] == 1:
+        channels = shape[4]
+    else:
         raise DataError(path, f"expected a 3-D or 4-D image, got shape {tuple(shape)}")
-    ornt = nio.io_orientation(img.affine)
-    aff = img.affine @ nio.inv_ornt_aff(ornt, shape[:3])
+    ornt, aff = _ras_orientation(path, np.asarray(img.affine, np.float64), shape[:3])
     perm = ornt[:, 0].astype(int)
     ras_shape = np.empty(3, dtype=int)
     ras_shape[perm] = shape[:3]
-    return np.sqrt((aff[:3, :3] ** 2).sum(0)), ras_shape, (shape[3] if len(shape) == 4 else 1)
+    return np.sqrt((aff[:3, :3] ** 2).sum(0)), ras_shape, int(channels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +254,9 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path, *, dtype=None) -> Pa
     import nibabel as nib
 
     path = Path(path)
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        # nibabel picks the format from the suffix, and would name the temporary in its error
+        raise DataError(path, "a NIfTI output path must end in .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         array = array.astype(dtype, copy=False)

@@ -42,6 +42,8 @@ class Dataset:
     problems: files named by the layout that do not exist (cases dropped with skip_bad)
     targets:  classification layout only: {case name: class index}
     classes:  classification layout only: {class index: class name}
+    source:   what it was opened from: the folder, or a MedicalNet list file (two lists in one
+              folder are two datasets; the default cache folder is keyed by it)
     """
 
     root: Path
@@ -53,6 +55,7 @@ class Dataset:
     problems: list = field(default_factory=list)
     targets: dict | None = None
     classes: dict | None = None
+    source: Path | None = None
 
     @property
     def modality(self) -> str:
@@ -98,9 +101,19 @@ class Dataset:
                 f"channels {self.channels}, classes {cls}")
 
 
+def _read_text(path: Path) -> str:
+    """A dataset's text file (dataset.json, list files): UTF-8, with or without the byte-order
+    mark that Windows editors write (else it ends up in the first path), or a DataError naming
+    the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"is not UTF-8 text ({e}); save it as UTF-8") from None
+
+
 def _load_json(path: Path) -> dict:
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(path, f"invalid JSON ({e})") from None
     if not isinstance(meta, dict):  # e.g. null or a list: "'NoneType' is not iterable" later
@@ -250,9 +263,13 @@ def _load_nnunet(root: Path, meta: dict, split: str = "train") -> Dataset:
         if isinstance(v, str) and str(name).isdigit():  # MSD's value -> name direction
             raise DataError(js, f"labels: {name!r}: {v!r} maps a value to a name (MSD style); "
                                 "nnU-Net v2 maps names to values: {\"background\": 0, ...}")
-        if not isinstance(v, int):  # region-based training: tuples of labels
-            raise DataError(root / "dataset.json", f"label {name!r} is a region {v}; only "
-                                                   "integer labels are supported")
+        if isinstance(v, (list, tuple)):  # region-based training: tuples of labels
+            raise DataError(js, f"label {name!r} is a region {v}; only integer labels are "
+                                "supported")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise DataError(js, f"label {name!r} has value {v!r}; nnU-Net v2 label values are "
+                                "non-negative JSON integers ({\"background\": 0, ...}), not "
+                                "strings, floats or booleans")
         labels[v] = name
     ending = meta.get("file_ending", ".nii.gz")
     # absolute, as _rel makes them for the other layouts: the cache records these paths, and
@@ -268,8 +285,15 @@ def _load_nnunet(root: Path, meta: dict, split: str = "train") -> Dataset:
         m = pat.match(p.name)
         if m and not p.name.startswith("."):  # macOS "._x_0000.nii.gz" resource forks
             found.setdefault(m.group(1), {})[int(m.group(2))] = p
-    if not found and split == "test":
-        raise DataError(img_dir, f"holds no test images (<case>_0000{ending} files)")
+    if not found:
+        # a file_ending that does not match the files ("nii.gz" without the dot, ".nii" for
+        # .nii.gz files) left nothing but "empty dataset" to go by
+        seen = sorted(p.name for p in img_dir.iterdir() if not p.name.startswith("."))
+        raise DataError(img_dir, f"holds no {'test' if split == 'test' else 'training'} images "
+                                 f"named <case>_<channel:4 digits>{ending} (dataset.json "
+                                 f"'file_ending' is {ending!r}); found: "
+                                 + (", ".join(seen[:5]) + (", ..." if len(seen) > 5 else "")
+                                    if seen else "nothing"))
     cases = []
     for name in sorted(found):
         files = found[name]
@@ -284,7 +308,7 @@ def _load_nnunet(root: Path, meta: dict, split: str = "train") -> Dataset:
 def _load_medicalnet(list_file: Path, root: Path | None = None) -> Dataset:
     root = root or list_file.parent
     cases = []
-    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+    for n, line in enumerate(_read_text(list_file).splitlines(), 1):
         parts = line.split()
         if not parts or line.lstrip().startswith("#"):
             continue
@@ -297,8 +321,13 @@ def _load_medicalnet(list_file: Path, root: Path | None = None) -> Dataset:
     labels, channels = None, ["MR"]
     if side.exists():
         s = _load_json(side)
-        labels = {int(k): v for k, v in s.get("labels", s).items() if str(k).isdigit()} or None
-        channels = [s.get("modality", "MR")]
+        raw = s["labels"] if "labels" in s else {k: v for k, v in s.items() if k != "modality"}
+        labels = _int_keyed(side, "labels", raw) or None
+        modality = s.get("modality", "MR")
+        if not isinstance(modality, str) or not modality:
+            raise DataError(side, f"'modality' must be a name such as \"CT\" or \"MR\", got "
+                                  f"{modality!r}")
+        channels = [modality]
     return Dataset(root, root.name, "medicalnet", channels, labels, cases)
 
 
@@ -418,8 +447,10 @@ def load_dataset(path, *, skip_bad: bool = False, split: str = "train") -> Datas
                 raise DataError(root, "no test images: a MedicalNet list folder keeps them in "
                                       "test.txt (one image path per line)")
             ds = _load_medicalnet(root / "test.txt", root)
+            ds.source = (root / "test.txt").resolve()
         else:
             ds = _load_medicalnet(lst)
+            ds.source = lst.resolve()
     elif layout == "classification":
         ds = _load_classification(path)
     else:
@@ -428,6 +459,8 @@ def load_dataset(path, *, skip_bad: bool = False, split: str = "train") -> Datas
             ds = _load_msd_test(path, meta) if split == "test" else _load_msd(path, meta)
         else:
             ds = _load_nnunet(path, meta, split)
+    if ds.source is None:
+        ds.source = path.resolve()
     _unique_names(ds)
     return _check_exists(ds, skip_bad)
 
@@ -469,6 +502,11 @@ def find_datasets(path) -> list:
             detect_layout(p)
             subs.append(p)
         except DataError:
+            # a folder that means to be a dataset but is broken must not drop out unnoticed:
+            # kept, so that loading it reports what is wrong (as the training CLI does); other
+            # folders (a cache, notes) are not datasets
+            if (p / "dataset.json").is_file() or (p / "labels.csv").is_file():
+                subs.append(p)
             continue
     if not subs:
         raise DataError(path, "neither a dataset (dataset.json, MedicalNet list or labels.csv)"

@@ -14,9 +14,13 @@ The cache keeps the *resampled raw intensities* and records the per-channel norm
 to whole volumes or patches. So adding a CT case, which moves the dataset's percentiles,
 only updates a few numbers instead of rewriting every volume.
 
-Cache layout (CACHE_DIR): ``cache.json`` (dataset description, case order) and per case
-``<case>.image.npy`` (C, D, H, W) float32, ``<case>.label.npy`` (D, H, W) uint8/int16/int32,
-``<case>.locs.npz`` (foreground voxel samples per class), ``<case>.json`` (metadata, key).
+Cache layout (CACHE_DIR): ``cache.json`` (dataset description, case order) and, in
+``cases/``, per case ``<case>.image.npy`` (C, D, H, W) float32, ``<case>.label.npy`` (D, H, W)
+uint8/int16/int32, ``<case>.locs.npz`` (foreground voxel samples per class), ``<case>.json``
+(metadata, key). The entries have a folder of their own so that no case name (a case called
+"cache") can overwrite the index, and clean-up of stale entries never reaches other files. A
+folder that is neither empty nor a cache is refused as ``out``: preprocessing writes and
+deletes files in it.
 A case's key hashes its source files' paths, sizes and mtimes plus the recipe settings.
 Every file is written to a temporary and renamed; a case's ``.json`` is written last and is
 removed first when a case is redone, so an entry is reused only when it is complete (checked
@@ -43,9 +47,12 @@ import torch
 import torch.nn.functional as F
 
 from .io import DataError, read_header, read_volume
-from .layouts import Case, Dataset, load_dataset
+from .layouts import CT_NAMES, Case, Dataset, load_dataset
 
 RECIPE_VERSION = 1
+CACHE_VERSION = 2  # 2: the per-case files moved into cases/ (1: beside cache.json)
+ENTRIES = "cases"  # the cache's sub-folder of per-case files
+_ENTRY_SUFFIXES = (".json", ".image.npy", ".label.npy", ".locs.npz", ".fg.npy")
 FG_SAMPLES = 10000  # foreground intensities kept per CT case for the dataset percentiles
 LOCS_PER_CLASS = 2000  # foreground voxel positions kept per class for patch sampling
 
@@ -252,10 +259,73 @@ def process_case(case: Case, target_spacing, labels=None, seed: int = 0) -> dict
 
 
 def default_cache_dir(dataset_root) -> Path:
-    """$MED3D_EXT_CACHE/<name>-<hash of the absolute path>, default ~/.cache/med3d_ext."""
+    """$MED3D_EXT_CACHE/<name>-<hash of the absolute path>, default ~/.cache/med3d_ext.
+
+    ``dataset_root``: the dataset folder, or a MedicalNet list file (``Dataset.source``): two
+    lists in one folder are two datasets, each with a cache of its own."""
     root = Path(dataset_root).resolve()
     base = Path(os.environ.get("MED3D_EXT_CACHE", Path.home() / ".cache" / "med3d_ext"))
     return base / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
+
+
+def entry_file(cache_dir, name: str, suffix: str) -> Path:
+    """A case's file in a cache: ``CACHE/cases/<name><suffix>`` (suffix one of ".json",
+    ".image.npy", ".label.npy", ".locs.npz", ".fg.npy")."""
+    return Path(cache_dir) / ENTRIES / f"{name}{suffix}"
+
+
+def _is_cache_index(path: Path) -> bool:
+    """Whether ``path`` is a cache.json this module wrote (any version)."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and {"name", "layout", "cases", "target_spacing"} <= set(info)
+
+
+def _check_cache_folder(out: Path, ds: Dataset) -> None:
+    """Refuse an ``out`` that preprocessing could damage: the dataset's own folder, or any
+    folder that is neither empty nor a cache (cache.json of ours, or only what an interrupted
+    first run leaves: cases/ and temporaries). An empty ``--out ""`` is the current folder."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(out, "the preprocessing cache folder (--out / --cache) is a file; give "
+                             "a folder")
+    src = Path(ds.root).resolve()
+    if out.resolve() in (src, *src.parents):
+        raise DataError(out, f"the preprocessing cache folder (--out / --cache) holds the "
+                             f"dataset itself ({ds.root}); give a new or empty folder")
+    if (out / "cache.json").exists():
+        if _is_cache_index(out / "cache.json"):
+            return
+        raise DataError(out, "holds a cache.json that is not a med3d_ext preprocessing index; "
+                             "give the preprocessing cache (--out / --cache) a new or empty "
+                             "folder")
+    # an interrupted first run leaves cases/ and temporaries; imagesTs/ is the test split's
+    # cache, which the training CLI keeps inside the training set's
+    other = sorted(p.name for p in out.iterdir()
+                   if p.name not in (ENTRIES, "imagesTs") and not p.name.startswith("cache.json."))
+    if other:
+        shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+        raise DataError(out, f"is not empty ({shown}) and is not a med3d_ext preprocessing "
+                             "cache: preprocessing writes and deletes files in its cache folder"
+                             "; give --out / --cache a new or empty folder")
+
+
+def _migrate_v1(out: Path) -> None:
+    """Remove a version-1 cache's entries (beside cache.json), for the cases its index lists:
+    they are rebuilt in cases/. Nothing else in the folder is touched."""
+    try:
+        info = json.loads((out / "cache.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(info, dict) or info.get("cache_version", 1) >= CACHE_VERSION:
+        return
+    for name in info.get("cases") or []:
+        if isinstance(name, str) and name != "cache" and "/" not in name:
+            for suffix in _ENTRY_SUFFIXES:
+                (out / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def cache_subdir(cache_root, dataset_root) -> Path:
@@ -309,20 +379,20 @@ def _entry_complete(out: Path, name: str, key: str) -> bool:
     import zipfile
 
     try:
-        meta = json.loads((out / f"{name}.json").read_text())
+        meta = json.loads(entry_file(out, name, ".json").read_text())
         if meta.get("key") != key:
             return False
         shape = [int(v) for v in meta["shape"]]
         # mmap: reads the header and checks that the file holds the whole array
-        if list(np.load(out / f"{name}.image.npy", mmap_mode="r").shape) != \
+        if list(np.load(entry_file(out, name, ".image.npy"), mmap_mode="r").shape) != \
                 [int(meta["channels"]), *shape]:
             return False
         if meta.get("label") is not None:
-            if list(np.load(out / f"{name}.label.npy", mmap_mode="r").shape) != shape:
+            if list(np.load(entry_file(out, name, ".label.npy"), mmap_mode="r").shape) != shape:
                 return False
             if any(int(v) > 0 for v in meta.get("label_values", [])):
-                np.load(out / f"{name}.fg.npy", mmap_mode="r")
-        with zipfile.ZipFile(out / f"{name}.locs.npz") as z:
+                np.load(entry_file(out, name, ".fg.npy"), mmap_mode="r")
+        with zipfile.ZipFile(entry_file(out, name, ".locs.npz")) as z:
             return z.testzip() is None
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return False
@@ -338,8 +408,7 @@ def _job(args):
     except Exception as e:  # noqa: BLE001 - one odd file must not stop the whole dataset
         return case.name, (f"{case.images[0]}: could not be preprocessed "
                            f"({type(e).__name__}: {e})")
-    out = Path(out)
-    stem = out / case.name
+    stem = entry_file(out, case.name, "")
     # an older entry's metadata goes first: were this rewrite cut short, the entry must not
     # pass for complete (its files would be part old, part new)
     Path(f"{stem}.json").unlink(missing_ok=True)
@@ -387,9 +456,10 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
             raise ValueError("target spacing (--spacing): expected 3 positive mm values, got "
                              f"{np.asarray(target_spacing).tolist()}")
     ds = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
-    out = Path(out) if out is not None else default_cache_dir(ds.root)
+    out = Path(out) if out is not None else default_cache_dir(ds.source or ds.root)
+    _check_cache_folder(out, ds)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        (out / ENTRIES).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # before any work: name the folder and where its path comes from
         raise DataError(out, f"cannot create this preprocessing cache folder "
                              f"({e.strerror or e}); choose another with --cache / --out, or "
@@ -397,14 +467,18 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     problems = list(ds.problems)
     good = []
     spacings = []
+    channels = _ChannelCount(ds)
     for c in ds.cases:  # headers only: cheap, and catches unreadable files early
         try:
-            spacings.append(read_header(c.images[0])[0])
+            heads = [read_header(p) for p in c.images]
+            channels.check(c, sum(int(h[2]) for h in heads))
+            spacings.append(heads[0][0])
             good.append(c)
         except DataError as e:
             if not skip_bad:
                 raise
             problems.append(str(e))
+    channels.apply()
     if not good:
         raise DataError(ds.root, "empty dataset: no usable cases")
     if target_spacing is None:
@@ -433,10 +507,11 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     if problems:
         warnings.warn(f"{ds.name}: skipped {len(problems)} bad case(s):\n  " +
                       "\n  ".join(problems), stacklevel=2)
+    _migrate_v1(out)
     _remove_stale(out, set(names))
     norm = _finalize_norm(out, names, ds, ct_clip)
     _write_json(out / "cache.json", {
-        "name": ds.name, "root": str(Path(ds.root).resolve()), "layout": ds.layout,
+        "cache_version": CACHE_VERSION, "name": ds.name, "root": str(Path(ds.root).resolve()), "layout": ds.layout,
         "channels": ds.channels,
         "labels": {str(k): v for k, v in ds.labels.items()} if ds.labels else None,
         "modality": ds.modality, "target_spacing": target, "cases": names,
@@ -450,6 +525,37 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     pre.stats = {"processed": len(todo) - len(failed), "seconds": seconds,
                  "reused": len(good) - len(todo)}
     return pre
+
+
+class _ChannelCount:
+    """Every case must have the channels its dataset has: as many as dataset.json declares
+    (MSD ``modality``, nnU-Net ``channel_names``), or, where the layout declares none (MedicalNet
+    lists, classification folders), as many as the first case. A mismatch failed only later, as
+    an IndexError in the sampler, or passed silently."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+        self.declared = ds.layout in ("msd", "nnunet")
+        self.want = len(ds.channels) if self.declared else None
+        self.first = None
+
+    def check(self, case: Case, n: int) -> None:
+        if self.want is None:
+            self.want, self.first = n, case.images[0]
+        if n == self.want:
+            return
+        if self.declared:
+            what = "'modality'" if self.ds.layout == "msd" else "'channel_names'"
+            raise DataError(case.images[0], f"has {n} channel(s), but dataset.json {what} "
+                                            f"declares {self.want} ({', '.join(map(str, self.ds.channels))})")
+        raise DataError(case.images[0], f"has {n} channel(s), but the dataset's first case "
+                                        f"({self.first}) has {self.want}; all cases need the "
+                                        "same channels")
+
+    def apply(self) -> None:
+        """An undeclared dataset of multi-channel images: one channel name per channel."""
+        if not self.declared and self.want and self.want != len(self.ds.channels):
+            self.ds.channels = [self.ds.channels[0]] * self.want
 
 
 def _run_jobs(todo, workers, progress, name):
@@ -533,11 +639,11 @@ def _stop_workers(ex: ProcessPoolExecutor) -> None:
 
 
 def _remove_stale(out: Path, keep: set) -> None:
-    for p in out.glob("*.json"):
-        if p.name != "cache.json" and p.name[:-5] not in keep:
-            stem = p.name[:-5]
-            for suffix in (".json", ".image.npy", ".label.npy", ".locs.npz", ".fg.npy"):
-                (out / f"{stem}{suffix}").unlink(missing_ok=True)
+    """Delete the entries in cases/ of cases no longer in the dataset."""
+    for p in (out / ENTRIES).glob("*.json"):
+        if p.name[:-5] not in keep:
+            for suffix in _ENTRY_SUFFIXES:
+                entry_file(out, p.name[:-5], suffix).unlink(missing_ok=True)
 
 
 def _clipped_stats(x: np.ndarray, lo: float, hi: float):
@@ -548,8 +654,7 @@ def _clipped_stats(x: np.ndarray, lo: float, hi: float):
 def _finalize_norm(out: Path, names: list, ds: Dataset, given="dataset"):
     """Step 4: fill each case's ``norm`` (per channel lo, hi, mean, std); rewrite a case's
     metadata only when its numbers change. ``given``: see ``preprocess(ct_clip=...)``."""
-    ct_chan = [c.strip().lower() in {"ct", "cta", "ct_arterial", "ct_venous"}
-               for c in ds.channels]
+    ct_chan = [c.strip().lower() in CT_NAMES for c in ds.channels]
     ct_clip = None
     if not isinstance(given, str):
         if given is not None:
@@ -559,7 +664,8 @@ def _finalize_norm(out: Path, names: list, ds: Dataset, given="dataset"):
                                  f"{ds.channels} expected, got {given}")
         ct_clip = given
     elif any(ct_chan):
-        samples = [np.load(out / f"{n}.fg.npy") for n in names if (out / f"{n}.fg.npy").exists()]
+        samples = [np.load(entry_file(out, n, ".fg.npy")) for n in names
+                   if entry_file(out, n, ".fg.npy").exists()]
         if samples:
             allv = np.concatenate(samples, 1)
             ct_clip = [[float(np.percentile(v, 0.5)), float(np.percentile(v, 99.5))]
@@ -572,9 +678,9 @@ def _finalize_norm(out: Path, names: list, ds: Dataset, given="dataset"):
         return ct_clip[ch]
 
     for n in names:
-        mp = out / f"{n}.json"
+        mp = entry_file(out, n, ".json")
         meta = json.loads(mp.read_text())
-        img = np.load(out / f"{n}.image.npy", mmap_mode="r")
+        img = np.load(entry_file(out, n, ".image.npy"), mmap_mode="r")
         old = meta.get("norm")
         norm = []
         for ch in range(img.shape[0]):
@@ -632,6 +738,12 @@ class PreprocessedDataset:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(info, f"corrupt cache index ({type(e).__name__}: {e}); delete the "
                                   "cache folder to rebuild it") from None
+        if self.info.get("cache_version", 1) != CACHE_VERSION:
+            raise DataError(info, f"a cache of another med3d_ext version (layout "
+                                  f"{self.info.get('cache_version', 1)}, this one reads "
+                                  f"{CACHE_VERSION}); preprocess the dataset again (python -m "
+                                  "med3d_ext.data preprocess DATASET --out DIR, or train with "
+                                  "--data DATASET), which updates it in place")
         # classification datasets: one class index per case, and the class names
         self.targets = self.info.get("targets")
         cls = self.info.get("classes")
@@ -678,20 +790,27 @@ class PreprocessedDataset:
 
     def meta(self, i: int) -> dict:
         if i not in self._meta:
-            self._meta[i] = json.loads((self.dir / f"{self.names[i]}.json").read_text())
+            self._meta[i] = json.loads(self.entry(i, ".json").read_text())
         return self._meta[i]
 
     def image(self, i: int) -> np.ndarray:
-        return np.load(self.dir / f"{self.names[i]}.image.npy", mmap_mode="r")
+        return np.load(self.entry(i, ".image.npy"), mmap_mode="r")
+
+    def entry(self, i: int, suffix: str) -> Path:
+        """Case i's file with ``suffix`` (".json", ".image.npy", ".label.npy", ...)."""
+        return entry_file(self.dir, self.names[i], suffix)
+
+    def has_label(self, i: int) -> bool:
+        return self.entry(i, ".label.npy").exists()
 
     def label(self, i: int):
-        p = self.dir / f"{self.names[i]}.label.npy"
+        p = self.entry(i, ".label.npy")
         return np.load(p, mmap_mode="r") if p.exists() else None
 
     def locations(self, i: int) -> dict:
         """{class value: (K, 3) int32 foreground voxel positions}."""
         if i not in self._locs:
-            with np.load(self.dir / f"{self.names[i]}.locs.npz") as z:
+            with np.load(self.entry(i, ".locs.npz")) as z:
                 self._locs[i] = {int(k[1:]): z[k] for k in z.files}
         return self._locs[i]
 

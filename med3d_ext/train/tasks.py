@@ -118,7 +118,7 @@ def open_preprocessed(path, cfg, split: str = "train", recipe: dict | None = Non
     ds = data.load_dataset(path, skip_bad=skip_bad, split="test")
     # its own folder: the test cases' normalisation comes from the run, and must neither
     # replace the training cases nor be mixed into the training set's CT percentiles
-    cache = (cache if cache is not None else data.default_cache_dir(ds.root)) / "imagesTs"
+    cache = (cache if cache is not None else data.default_cache_dir(ds.source or ds.root)) / "imagesTs"
     return data.preprocess(ds, cache, workers=workers, progress=progress, skip_bad=skip_bad,
                            target_spacing=recipe["target_spacing"], ct_clip=recipe["ct_clip"])
 
@@ -160,7 +160,7 @@ def seg_classes(pre, data_dir) -> int:
         raise DataFolderError(f"--data {str(data_dir)!r} is a classification folder "
                               "(labels.csv); use `transfer --task cls`, or give a segmentation "
                               "dataset (dataset.json with labels)")
-    unlabelled = [c for c in pre.names if not (pre.dir / f"{c}.label.npy").exists()]
+    unlabelled = [c for i, c in enumerate(pre.names) if not pre.has_label(i)]
     if unlabelled:
         raise DataFolderError(f"--data {str(data_dir)!r}: {len(unlabelled)} case(s) have no "
                               f"label file, e.g. {unlabelled[:3]}; training needs a label for "
