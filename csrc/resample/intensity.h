@@ -49,7 +49,9 @@ M3D_HOST_DEVICE M3D_RS_INLINE float intensity(float v, const float* p, uint32_t 
   }
   v = v * p[0] + p[1];
   if (p[3] != 0.0f) v += p[3] * noise_normal(key, idx);
-  return fminf(fmaxf(v, p[4]), p[5]);
+  // NaN stays NaN, as torch.clamp / the reference keep it: fmaxf/fminf return the other
+  // operand, which turned a corrupt voxel into the clip minimum (-inf without a clip)
+  return v != v ? v : fminf(fmaxf(v, p[4]), p[5]);
 }
 
 }  // namespace rs

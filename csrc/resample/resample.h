@@ -106,15 +106,24 @@ M3D_HOST_DEVICE M3D_RS_INLINE T reflect(T in, int64_t twice_low, int64_t twice_h
   return (flips % 2 == 0) ? extra + lo : span - extra + lo;
 }
 
+// Clamp a source index to [0, size - 1] as ATen's clip_coordinates does, comparison for
+// comparison: std::min(size - 1, std::max(c, 0)) sends NaN (a non-finite theta) to size - 1,
+// where m_min/m_max's order sent it to 0.
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE T clip_index(T c, int64_t size) {
+  c = c < T(0) ? T(0) : c;
+  return c < T(size - 1) ? c : T(size - 1);
+}
+
 // Normalised coordinate -> padded source index along an axis of `size` voxels.
 template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE T source_index(T c, int64_t size, int pad, bool align) {
   c = align ? ((c + 1) / 2) * T(size - 1) : ((c + 1) * T(size) - 1) / 2;
   if (pad == kBorder) {
-    c = m_min(T(size - 1), m_max(c, T(0)));
+    c = clip_index(c, size);
   } else if (pad == kReflection) {
     c = align ? reflect(c, 0, 2 * (size - 1)) : reflect(c, -1, 2 * size - 1);
-    c = m_min(T(size - 1), m_max(c, T(0)));
+    c = clip_index(c, size);
   }
   return c;
 }

@@ -180,6 +180,9 @@ def freeze_encoder(model: nn.Module, bn_eval: bool = True) -> nn.Module:
                         and not hasattr(bn, "_m3d_freeze_hook"):
                     bn.eval()
                     bn._m3d_freeze_hook = bn.register_forward_pre_hook(_keep_eval)
+                    # the fused forward (med3d_ext.nn) never calls bn's forward, so never runs
+                    # the hook: it reads this mark instead (med3d_ext.nn.fused.FROZEN_ATTR)
+                    bn._m3d_frozen = True
     return model
 
 
@@ -190,6 +193,7 @@ def unfreeze_encoder(model: nn.Module) -> nn.Module:
     for m in _encoder_modules(model):
         for bn in m.modules():
             hook = bn.__dict__.pop("_m3d_freeze_hook", None)
+            bn.__dict__.pop("_m3d_frozen", None)
             if hook is not None:
                 hook.remove()
                 bn.train(model.training)

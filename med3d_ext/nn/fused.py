@@ -18,7 +18,8 @@ from ..ops.conv_bn_relu import (_conv_bn_relu3d, _triple, conv_bias_relu3d, conv
                                 conv_bn_relu_maxpool3d)
 from .recompute import can_recompute, recompute_input
 
-__all__ = ["ConvBNReLU3d", "conv_bn_act", "fuse_modules", "unfuse_modules", "fold_bn"]
+__all__ = ["ConvBNReLU3d", "conv_bn_act", "fuse_modules", "unfuse_modules", "fold_bn",
+           "convert_sync_batchnorm"]
 
 
 def _fusible_conv(conv) -> bool:
@@ -35,15 +36,23 @@ def _fusible(conv, bn) -> bool:
     return isinstance(bn, nn.Identity)
 
 
+# A BatchNorm that med3d_ext.models.freeze_encoder froze carries this attribute (True): it
+# normalises with its running statistics and never updates them, even in a model in training
+# mode. Plain BatchNorm learns that from a forward pre-hook; the fused paths never call the
+# BatchNorm's forward, so they read the mark.
+FROZEN_ATTR = "_m3d_frozen"
+
+
 def _bn_args(bn: nn.BatchNorm3d):
     """BatchNorm's own bookkeeping (torch.nn.modules.batchnorm._BatchNorm.forward): returns
     (running_mean, running_var, use_batch_stats, momentum factor)."""
+    training = bn.training and not bn.__dict__.get(FROZEN_ATTR, False)
     factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep = not bn.training or bn.track_running_stats
+    use_batch = training or (bn.running_mean is None and bn.running_var is None)
+    keep = not training or bn.track_running_stats
     return (bn.running_mean if keep else None, bn.running_var if keep else None, use_batch,
             factor)
 
@@ -199,19 +208,41 @@ def _passthrough_forward(self, x):
     return x
 
 
+# The fused forward of each kind of module fuse_modules switches (its "tag").
+_FORWARDS = {"block": _block_forward, "sequential": _sequential_forward,
+             "stem_conv": _stem_conv_forward, "stem_conv_pool": _stem_pool_forward,
+             "stem_pool": _passthrough_forward, "stem_bn": _passthrough_forward}
 _CLASS_CACHE: dict = {}
 
 
-def _swap(module: nn.Module, forward, tag: str) -> None:
+def _fused_class(base: type, tag: str) -> type:
+    """``base`` with the fused forward of ``tag``: a subclass made on first use, once."""
+    key = (base, tag)
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(f"Fused{base.__name__}", (base,),
+                                 {"forward": _FORWARDS[tag], "_m3d_fused": tag,
+                                  "__module__": base.__module__,
+                                  "__reduce_ex__": _reduce_fused})
+    return _CLASS_CACHE[key]
+
+
+def _reduce_fused(self, protocol):
+    # A class made at run time cannot be found by name, so pickle (torch.save(model),
+    # multiprocessing) and copy record the plain class and the tag, and _new_fused makes the
+    # fused class again where the module is loaded.
+    cls = type(self)
+    return _new_fused, (cls.__mro__[1], cls._m3d_fused), self.__dict__
+
+
+def _new_fused(base: type, tag: str) -> nn.Module:
+    return object.__new__(_fused_class(base, tag))
+
+
+def _swap(module: nn.Module, tag: str) -> None:
     cls = type(module)
     if getattr(cls, "_m3d_fused", None):
         return
-    key = (cls, tag)
-    if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = type(f"Fused{cls.__name__}", (cls,),
-                                 {"forward": forward, "_m3d_fused": tag,
-                                  "__module__": cls.__module__})
-    module.__class__ = _CLASS_CACHE[key]
+    module.__class__ = _fused_class(cls, tag)
 
 
 def _activation(m: nn.Module):
@@ -255,10 +286,10 @@ def fuse_modules(model: nn.Module) -> nn.Module:
     _check_module("fuse_modules", model)
     for m in list(model.modules()):
         if _is_block(m):
-            _swap(m, _block_forward, "block")
+            _swap(m, "block")
         elif isinstance(m, nn.Sequential) and any(
                 _fusible(a, b) for a, b in zip(list(m)[:-1], list(m)[1:])):
-            _swap(m, _sequential_forward, "sequential")
+            _swap(m, "sequential")
         if _is_stem(m) and _fusible(m.conv1, m.bn1):
             object.__setattr__(m.conv1, "_m3d_bn", m.bn1)
             # the ReLU joins the op only when it is the stem's activation (MONAI's ResNet takes
@@ -269,12 +300,12 @@ def fuse_modules(model: nn.Module) -> nn.Module:
                     and _fusible_pool(m.maxpool)):
                 # the stem's max-pool joins the op: its full-resolution input is never written
                 object.__setattr__(m.conv1, "_m3d_pool", m.maxpool)
-                _swap(m.conv1, _stem_pool_forward, "stem_conv_pool")
-                _swap(m.maxpool, _passthrough_forward, "stem_pool")
+                _swap(m.conv1, "stem_conv_pool")
+                _swap(m.maxpool, "stem_pool")
             else:
-                _swap(m.conv1, _stem_conv_forward, "stem_conv")
+                _swap(m.conv1, "stem_conv")
             if isinstance(m.bn1, nn.BatchNorm3d):
-                _swap(m.bn1, _passthrough_forward, "stem_bn")
+                _swap(m.bn1, "stem_bn")
     return model
 
 
@@ -288,6 +319,23 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
         m.__dict__.pop("_m3d_relu", None)
         m.__dict__.pop("_m3d_pool", None)
     return model
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for a model that may be fused; returns
+    the converted model (converted in place unless ``model`` is itself a BatchNorm).
+
+    A fused stem's conv holds its BatchNorm and runs it inside the op, leaving the module a
+    pass-through: converting such a model directly swapped the pass-through for a real
+    SyncBatchNorm and normalised the stem twice. This unfuses, converts and fuses again; the
+    conv + SyncBatchNorm pairs then run the plain modules (statistics synchronised across
+    processes), the rest stays fused."""
+    _check_module("convert_sync_batchnorm", model)
+    fused = any(getattr(type(m), "_m3d_fused", None) for m in model.modules())
+    if fused:
+        unfuse_modules(model)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    return fuse_modules(model) if fused else model
 
 
 def _check_module(fn: str, model) -> None:

@@ -161,6 +161,10 @@ def _prepare_bn_call(name, x, weight, bn_weight, bn_bias, running_mean, running_
     running-stats check, default affine parameters, F.batch_norm's one-value error, and the
     stem's algorithm (_prepare_conv). Returns (x, weight, bn_weight, bn_bias, stride, padding,
     conv_algo)."""
+    if (running_mean is None) != (running_var is None):  # F.batch_norm's rule: else only one
+        # of the pair would be updated
+        raise ValueError(f"med3d_ext.{name}: running_mean and running_var must either both be "
+                         "None or neither be None")
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{name}: running_mean and running_var are required when "
                          "training=False")

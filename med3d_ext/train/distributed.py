@@ -81,7 +81,11 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext, *, sync_bn: bool = False,
         if ctx.device.type != "cuda":
             raise RuntimeError("--sync-bn: SyncBatchNorm runs on CUDA devices only (this run "
                                f"is on {ctx.device}); drop --sync-bn for gloo/CPU runs")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        try:  # a fused model needs its stem unfused around the conversion (med3d_ext.nn)
+            from med3d_ext.nn import convert_sync_batchnorm
+        except ImportError:
+            convert_sync_batchnorm = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+        model = convert_sync_batchnorm(model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                      find_unused_parameters=find_unused)

@@ -767,3 +767,23 @@ def test_pure_low_precision_without_autocast(device, dtype):
     for ours, plain, exact in ((out, low, ref), (rm, lrm, rrm), (rv, lrv, rrv)):
         assert_low_precision_close(ours.float(), plain.float(), exact, factor=2.0, floor=1e-2)
     _assert_low_precision_grads(grads, lgrads, rgrads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("given", ["mean", "var"])
+@pytest.mark.parametrize("op", ["conv_bn_relu3d", "conv_bn_relu_maxpool3d"])
+def test_one_running_buffer_is_refused_as_batch_norm_does(device, given, op):
+    """F.batch_norm refuses running_mean without running_var (and the reverse); the op used to
+    accept it and update the one it had."""
+    x = torch.randn(2, 1, 9, 8, 7, device=device)
+    w = torch.randn(4, 1, 3, 3, 3, device=device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    pair = (rm, None) if given == "mean" else (None, rv)
+    with pytest.raises(ValueError, match="running_mean and running_var must either both be "
+                                         "None or neither be None"):
+        torch.nn.functional.batch_norm(torch.randn(2, 4, 3, device=device), *pair,
+                                       training=True)
+    with pytest.raises(ValueError, match="running_mean and running_var must either both be "
+                                         "None or neither be None"):
+        getattr(m3d.ops, op)(x, w, None, None, *pair, padding=1, training=True)
+    assert torch.equal(rm, torch.zeros(4, device=device)) and torch.equal(rv, torch.ones(4, device=device))

@@ -355,3 +355,41 @@ def test_non_integer_sizes_and_bad_spacings_are_refused(device):
     torch.testing.assert_close(out, m3d.ops.resize(x, (3, 4, 5)))
     out = m3d.ops.resample_to_spacing(x, torch.tensor([1.0, 1.0, 1.0]), np.array([2.0, 2, 2]))
     assert out.shape == (2, 3, 3, 3, 4)
+
+
+# ------------------------------------------------------------- NaN: kept where the reference keeps it
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("intensity", [None, {"scale": 2.0}, {"clip": (-1.0, 1.0)},
+                                       {"gamma": 0.5, "shift": 1.0}])
+def test_nan_voxels_stay_nan_through_the_intensity_pass(device, intensity):
+    """fmaxf/fminf drop NaN: a corrupt voxel became the clip minimum (-inf without a clip)."""
+    img = torch.randn(2, 1, 3, 4, 5, device=device)
+    img[0, 0, 1, 2, 3] = float("nan")
+    img[1, 0, 0, 0, 0] = float("nan")
+    lab = torch.zeros(2, 3, 4, 5, dtype=torch.uint8, device=device)
+    theta = torch.eye(3, 4, device=device).expand(2, 3, 4)  # identity: voxels map to themselves
+    out, _ = m3d.ops.affine_resample_pair(img, lab, theta, (2, 1, 3, 4, 5), intensity=intensity,
+                                          align_corners=True)
+    ref, _ = reference.affine_resample_pair(img, lab, theta, (2, 1, 3, 4, 5),
+                                            intensity=intensity, align_corners=True)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().sum() >= 2
+    assert_close(out.nan_to_num(), ref.nan_to_num())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_nan_theta_samples_as_grid_sample_does(device, padding_mode, align_corners):
+    """ATen clamps a NaN coordinate to the last voxel (std::min/std::max order); ours went to
+    the first. Meaningless values either way, but the op promises grid_sample's."""
+    img = torch.randn(1, 2, 3, 4, 5, device=device)
+    theta = torch.eye(3, 4, device=device).unsqueeze(0).clone()
+    theta[0, 0, 0] = float("nan")
+    size = (1, 2, 2, 3, 4)
+    out = m3d.ops.affine_resample(img, theta, size, padding_mode=padding_mode,
+                                  align_corners=align_corners)
+    ref = grid_sample_ref(img, theta, size, "bilinear", padding_mode, align_corners)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert_close(out.nan_to_num(), ref.nan_to_num())
