@@ -81,9 +81,25 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
                                 f"{cli['out']} (to branch off, copy the run folder first)")
         base = {k: v for k, v in saved_cfg.items() if k in C.keys_for(cmd)}
         cfg = C.resolve(cmd, cli, ns.config, ns.overrides, base=base, explicit=explicit)
+        for key, why in _FIXED_ON_RESUME.items():
+            if key in base and cfg.get(key) != base[key]:
+                raise C.ConfigError(
+                    f"--resume {str(run)!r}: {key} {cfg[key]!r} differs from the run's "
+                    f"{base[key]!r}, and {why}; resume with the run's {key}, or start a new run")
         cfg["out"] = str(run)
         cfg["resume"] = str(run)
+    if cmd in ("pretrain", "transfer"):
+        C.check_training(cfg)
     return cfg
+
+
+# What a resumed run cannot change (the learning rates, momentum, weight decay, epochs and the
+# rest can: the checkpoint's optimizer state is kept and the new values apply from there).
+_FIXED_ON_RESUME = {
+    "steps": "an epoch's length is what the run's step, epoch and log numbers count in",
+    "optimizer": "the checkpoint's optimizer state (momentum buffers or Adam moments) belongs "
+                 "to the other optimizer",
+}
 
 
 def _seed_everything(seed: int) -> None:
@@ -299,7 +315,12 @@ def main(argv=None) -> int:
         # options without a command (`--out DIR`, `--device cuda`) configure the default demo
         argv = ["demo"] + argv
     parser = build_parser()
-    ns = parser.parse_args(argv) if argv else None
+    ns, extra = parser.parse_known_args(argv) if argv else (None, [])
+    if extra:
+        if ns.command not in ("pretrain", "transfer", "evaluate"):
+            parser.parse_args(argv)  # argparse's own message (and exit 2)
+        print(f"error: {_unrecognized(ns.command, extra)}", file=sys.stderr)
+        return 2
     if ns is not None and ns.command is None:
         parser.print_help()
         return 2
@@ -341,6 +362,28 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _unrecognized(command: str, extra: list) -> str:
+    """argparse's "unrecognized arguments", with the closest options (as --set key=value gets
+    for a typo) and under the subcommand's name."""
+    flags = [a for a in extra if a.startswith("--")]
+    if not flags:
+        return (f"`{command}`: unexpected argument(s) {' '.join(extra)} (options take the form "
+                "--name value; `--help` lists them)")
+    parts = []
+    for a in flags:
+        key = a[2:].split("=", 1)[0].replace("-", "_")
+        if key.startswith("no_"):
+            key = key[3:]
+        if key in C.OPTIONS and command not in C.OPTIONS[key].commands:
+            where = " and ".join(f"`{c}`" for c in C.OPTIONS[key].commands)
+            parts.append(f"{a.split('=', 1)[0]} is an option of {where}, not of `{command}`")
+            continue
+        close = ["--" + k.replace("_", "-") for k in C.suggest(key, command)]
+        parts.append(f"unknown option {a.split('=', 1)[0]}"
+                     + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return f"`{command}`: " + "; ".join(parts) + " (`--help` lists every option)"
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

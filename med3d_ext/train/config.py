@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ConfigError", "Option", "OPTIONS", "keys_for", "defaults", "add_options",
-           "resolve", "save_config", "load_config", "patch_size"]
+           "resolve", "save_config", "load_config", "patch_size", "check_training"]
 
 
 class ConfigError(ValueError):
@@ -188,8 +188,22 @@ def _bool(key, v):
     raise ConfigError(f"{key}: expected true/false, got {v!r}")
 
 
+def _nullable(key: str) -> bool:
+    """Whether None (YAML null, ``key:`` with no value, ``--set key=``) means something for
+    ``key``: only for options whose default is None ("auto", "not given")."""
+    o = OPTIONS[key]
+    return o.default is None or any(d is None for _, d in o.by_command)
+
+
 def coerce(key: str, value):
     """Bring ``value`` (from YAML, --set or argparse) to the type of option ``key``."""
+    if value is None and not _nullable(key):
+        # else None slipped past every check and failed later as a TypeError deep in training
+        # (or switched a feature off: augment=null)
+        want = {"patch": "an int or 3 ints, multiples of 8", "list": "a path or a list"}
+        kind = OPTIONS[key].kind
+        raise ConfigError(f"{key}: expected {want.get(kind, kind)}, got no value (an empty "
+                          f"`{key}:` in YAML, null, or --set {key}=)")
     value = _coerce_kind(key, value)
     if value is not None and key in VALID:
         ok, want = VALID[key]
@@ -253,16 +267,23 @@ ALIASES = {
 }
 
 
+def suggest(key: str, command: str) -> list[str]:
+    """Up to 3 valid keys of ``command`` close to ``key`` (by spelling, or a name other tools
+    use for it: ALIASES)."""
+    valid = keys_for(command)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    low = key.lower()
+    alias = [ALIASES[a] for a in difflib.get_close_matches(low, list(ALIASES), n=3, cutoff=0.8)]
+    return list(dict.fromkeys([a for a in alias if a in valid] + close))[:3]
+
+
 def _unknown(key: str, command: str, where: str) -> ConfigError:
     valid = keys_for(command)
     if key in OPTIONS:
         return ConfigError(f"configuration key {key!r} ({where}) is an option of "
                            f"{' and '.join(f'`{c}`' for c in OPTIONS[key].commands)}, not of "
                            f"`{command}`")
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-    low = key.lower()
-    alias = [ALIASES[a] for a in difflib.get_close_matches(low, list(ALIASES), n=3, cutoff=0.8)]
-    close = list(dict.fromkeys([a for a in alias if a in valid] + close))[:3]
+    close = suggest(key, command)
     if close:
         return ConfigError(f"unknown configuration key {key!r} ({where}) for `{command}`; did "
                            f"you mean {', '.join(close)}? (`--help` lists every key)")
@@ -357,6 +378,21 @@ def resolve(command: str, cli: dict | None = None, config_file=None, overrides=(
             if explicit is not None and where != "saved config":
                 explicit.add(key)
     return cfg
+
+
+def check_training(cfg: dict) -> None:
+    """Checks across options of a training command, before any data is read."""
+    patch, batch = cfg.get("patch"), cfg.get("batch_size")
+    if patch and batch:
+        # the deepest layers (stride 8: conv1, the max-pool and layer2 each halve) have
+        # batch x prod(patch / 8) values per channel, and training BatchNorm needs more than one
+        deep = [int(p) // 8 for p in patch]
+        if int(batch) * deep[0] * deep[1] * deep[2] < 2:
+            raise ConfigError(
+                f"patch {list(patch)} with batch_size {batch}: the encoder's deepest BatchNorm "
+                f"layers would see one value per channel ({'x'.join(map(str, deep))} voxel at "
+                "1/8 of the patch, one sample), which training cannot normalise; use "
+                "--batch-size 2 or more, or a patch with a side of 16 or more")
 
 
 def save_config(cfg: dict, path) -> Path:

@@ -71,6 +71,13 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
                           "and there is no such file")
     if not cfg.get("run") and not named:
         raise ConfigError("evaluate needs --run RUN (a run folder or checkpoint)")
+    if cfg.get("run") and Path(cfg["run"]).is_file() and "checkpoint" in explicit:
+        # --run names a checkpoint file: a --checkpoint naming another one was ignored
+        chosen = Path(which) if named else Path(cfg["run"]).parent / f"{which}.pt"
+        if chosen.resolve() != Path(cfg["run"]).resolve():
+            raise ConfigError(f"--run {cfg['run']!r} names a checkpoint file, and --checkpoint "
+                              f"{which} another ({chosen}); give the run folder with "
+                              "--checkpoint best|last, or the one file")
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
     from .tasks import resolve_data_dirs
@@ -236,6 +243,11 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
             for c in range(1, n_cls):
                 row[f"dice_{c}"] = dice[c - 1]
                 row[f"hd95_{c}"] = hd95(pred == c, gt == c, spacing)
+                # HD95 is NaN (left out of the means, as MONAI does) when one side lacks the
+                # class: counted, so that a missed structure cannot pass for a good distance
+                in_pred, in_gt = bool((pred == c).any()), bool((gt == c).any())
+                row[f"missed_{c}"] = in_gt and not in_pred
+                row[f"spurious_{c}"] = in_pred and not in_gt
             row["dice"] = nanmean(dice)
             row["hd95"] = nanmean(row[f"hd95_{c}"] for c in range(1, n_cls))
         rows.append(row)
@@ -263,6 +275,9 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     for c in range(1, n_cls):
         summary[f"dice_{c}"] = nanmean(r.get(f"dice_{c}") for r in rows)
         summary[f"hd95_{c}"] = nanmean(r.get(f"hd95_{c}") for r in rows)
+    for c in range(1, n_cls):
+        summary[f"missed_{c}"] = sum(bool(r.get(f"missed_{c}")) for r in rows)
+        summary[f"spurious_{c}"] = sum(bool(r.get(f"spurious_{c}")) for r in rows)
     summary["dice"] = nanmean(r.get("dice") for r in rows)
     summary["hd95"] = nanmean(r.get("hd95") for r in rows)
     _write(out, summary, rows)
@@ -362,6 +377,12 @@ def format_table(summary) -> str:
     if n_lab < len(cases):
         lines.append(f"{len(cases) - n_lab} of {len(cases)} case(s) have no label: predicted "
                      "only, Dice and HD95 skipped")
+    odd = [f"class {c}: {summary.get(f'missed_{c}', 0)} missed, "
+           f"{summary.get(f'spurious_{c}', 0)} spurious"
+           for c in range(1, n) if summary.get(f"missed_{c}") or summary.get(f"spurious_{c}")]
+    if odd:
+        lines.append("HD95 is undefined (nan, left out of the mean) where a class is in only one "
+                     "of prediction and label: " + "; ".join(odd))
     return "\n".join(lines)
 
 

@@ -68,6 +68,37 @@ class Job:
     extra: dict = field(default_factory=dict)  # saved in every checkpoint (split, classes)
 
 
+def _apply_hyperparameters(opt, sched, job: Job, cfg: dict) -> None:
+    """After a resume: the configuration's learning rates, momentum and weight decay replace
+    the ones saved with the optimizer (``load_state_dict`` restores those too, so a resumed
+    ``--lr`` was ignored while config.yaml recorded it); the optimizer's state (momentum
+    buffers, Adam moments) is kept, and the schedule goes on from its step with the new base
+    rates. Unchanged values give back exactly the checkpoint's, so the resumed run is bitwise
+    the uninterrupted one."""
+    lrs = {name: lr for name, params, lr in job.groups if params}
+    for g in opt.param_groups:
+        if g.get("name") in lrs:
+            g["initial_lr"] = lrs[g["name"]]
+        if cfg["optimizer"] == "sgd":
+            g["momentum"] = cfg["momentum"]
+        g["weight_decay"] = cfg["weight_decay"]
+    sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
+    for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        g["lr"] = base * f(sched.last_epoch)  # what LambdaLR.get_lr gives at this step
+
+
+def _non_finite_message(v, step, epoch, epochs, run_dir, saved_step, opt, cfg) -> str:
+    keep = (f"The last good checkpoint is {Path(run_dir) / 'last.pt'} (step {saved_step}; "
+            f"resume with --resume {run_dir})" if saved_step is not None else
+            "No checkpoint was written before it (run again with different settings)")
+    rates = ", ".join(f"{g.get('name', i)} {g['lr']:.3g}" for i, g in enumerate(opt.param_groups))
+    flags = "--lr" + (" / --head-lr (the head's, and a from-scratch encoder's)"
+                      if "head_lr" in cfg else "")
+    return (f"non-finite loss ({v}) at step {step} (epoch {epoch} of {epochs}); stopped without "
+            f"saving. {keep}. Try lower learning rates ({flags}; now {rates}), --grad-clip, or "
+            "--amp off.")
+
+
 def autocast_dtype(amp: str, device: torch.device):
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -162,9 +193,10 @@ class _CtrlC:
 
 def _new_window(state: dict | None = None) -> dict:
     """The running sums of the steps since the last train row (from a checkpoint's state)."""
-    win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}}
+    win = {"n": 0, "loss": 0.0, "wait": 0.0, "time": 0.0, "heads": {}, "lr": None}
     if state:
         win.update({k: state[k] for k in ("n", "loss", "wait", "time")})
+        win["lr"] = state.get("lr")
         win["heads"] = {k: list(v) for k, v in state.get("heads", {}).items()}
     return win
 
@@ -172,7 +204,7 @@ def _new_window(state: dict | None = None) -> dict:
 def _window_state(win: dict) -> dict:
     # floats, not device tensors: weights_only-loadable, and resumable on another device
     return {"n": int(win["n"]), "loss": float(win["loss"]), "wait": float(win["wait"]),
-            "time": float(win["time"]),
+            "time": float(win["time"]), "lr": win["lr"],
             "heads": {k: [float(x) for x in v] for k, v in win["heads"].items()}}
 
 
@@ -222,6 +254,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        _apply_hyperparameters(opt, sched, job, cfg)
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"])
@@ -284,11 +317,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         vals = torch.stack([v for _, _, v in pending]).cpu().tolist()
         for (at_step, at_epoch, _), v in zip(pending, vals):
             if not math.isfinite(v):
-                raise TrainingError(
-                    f"non-finite loss ({v}) at step {at_step} (epoch {at_epoch} of {epochs}); "
-                    f"stopped without saving. The last good checkpoint is "
-                    f"{run_dir / 'last.pt'} (resume with --resume {run_dir}). Try a lower "
-                    f"--lr (now {cfg['lr']}), --grad-clip, or --amp off.")
+                raise TrainingError(_non_finite_message(v, at_step, at_epoch, epochs, run_dir,
+                                                        saved_at["step"], opt, cfg))
             win["loss"] += v
         pending.clear()
 
@@ -300,8 +330,10 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         sps = win["n"] * job.samples_per_step * ctx.world_size / max(win["time"], 1e-9)
         # metrics.jsonl: "step" counts optimizer steps done, "epoch" is the 1-based
         # number of the epoch the row belongs to, for train and val rows alike
+        # lr: the rate the window's last step trained with (the optimizer's now is the next's)
+        lr = win["lr"] if win["lr"] is not None else opt.param_groups[-1]["lr"]
         rec = {"kind": "train", "step": at_step, "epoch": (at_step - 1) // steps_per_epoch + 1,
-               "loss": win["loss"] / win["n"], "lr": opt.param_groups[-1]["lr"],
+               "loss": win["loss"] / win["n"], "lr": lr,
                "samples_s": sps, "voxels_s": sps * job.voxels_per_sample,
                "data_wait": win["wait"] / max(win["time"], 1e-9)}
         for k, v in win["heads"].items():
@@ -369,6 +401,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
                 scaler.step(opt)
                 scaler.update()
+                win["lr"] = opt.param_groups[-1]["lr"]
                 if scaler.is_enabled():
                     # fp16: the scaler skips the optimizer step when its scale overflows (the
                     # first steps, by design) and torch then warns that the schedule stepped

@@ -384,7 +384,9 @@ def _transfer_weights(cfg):
 
 def _pretrained_arch(cfg):
     path = cfg.get("pretrained")
-    if path and cfg.get("resume") and cfg.get("depth") and not Path(path).exists():
+    if path and cfg.get("resume") and cfg.get("depth"):
+        # resumed: the checkpoint holds every weight and is checked against this architecture;
+        # the pretrained file is not read (it may have moved, changed or gone since)
         return int(cfg["depth"]), cfg.get("shortcut_type")
     if path:
         from med3d_ext.models import infer_medicalnet_depth
@@ -490,6 +492,9 @@ def read_cls_csv(folder) -> tuple[list[Path], list[str]]:
         except ValueError:
             raise DataFolderError(f"{str(p)!r} line {n}: label {label!r} of {image!r} is not an "
                                   "integer class") from None
+        if int(label) < 0:  # as med3d_ext.data's classification layout: classes are 0, 1, ...
+            raise DataFolderError(f"{str(p)!r} line {n}: label {label} of {image!r} is negative;"
+                                  " classes are 0, 1, ...")
         if image in seen:
             raise DataFolderError(f"{str(p)!r} line {n}: image {image!r} already listed on "
                                   f"line {seen[image]}")
@@ -500,6 +505,16 @@ def read_cls_csv(folder) -> tuple[list[Path], list[str]]:
     if missing:
         raise DataFolderError(f"{str(p)!r}: {len(missing)} image(s) do not exist, e.g. "
                               f"{missing[:3]}")
+    side = p.parent / "classes.json"
+    if side.is_file():  # declared classes: a label outside them is a typo, not a new class
+        from med3d_ext.data.layouts import _int_keyed, _load_json
+
+        meta = _load_json(side)
+        declared = _int_keyed(side, "classes", meta.get("classes", {}))
+        bad = sorted({int(v) for v in labels} - set(declared))
+        if declared and bad:
+            raise DataFolderError(f"{str(p)!r}: labels {bad} are not declared in {side} "
+                                  f"(classes {sorted(declared)})")
     return paths, labels
 
 

@@ -265,7 +265,7 @@ def test_medicalnet_list_folder_as_data(tiny_data, tmp_path):
     assert main(["evaluate", "--run", run, "--data", root, "--out", pred, "--device", "cpu",
                  "--cache", tmp_path / "c"]) == 0
     assert len(list(pred.glob("*.nii.gz"))) == len(list((root / "Kidney/images").iterdir()))
-    assert not [d for d in (tmp_path / "c").iterdir() if d.is_dir()]
+    assert [d.name for d in (tmp_path / "c").iterdir() if d.is_dir()] == ["cases"]
 
 
 def _copy_msd_as_nnunet(src, root):
@@ -438,8 +438,12 @@ def test_labels_csv_checked_and_per_class_folders(tiny_data, tmp_path, capsys):
     assert "neg/001.nii.gz" in pred and "pos/001.nii.gz" in pred and imgs[2].name not in pred
     # a class the run's head does not predict: an error, not a silently wrong accuracy
     (root / "labels.csv").write_text("image,label\nneg/001.nii.gz,0\npos/001.nii.gz,7\n")
-    assert main(["evaluate", "--run", tmp_path / "r", "--data", root, "--out", tmp_path / "p",
-                 "--device", "cpu"]) == 2
+    ev = ["evaluate", "--run", tmp_path / "r", "--data", root, "--out", tmp_path / "p",
+          "--device", "cpu"]
+    assert main(ev) == 1  # classes.json declares 0 and 1: 7 is a typo, named as such
+    assert "labels [7] are not declared in" in capsys.readouterr().err
+    (root / "classes.json").unlink()  # undeclared classes: the head's count decides
+    assert main(ev) == 2
     assert "['7']" in capsys.readouterr().err
 
 

@@ -1,0 +1,188 @@
+"""What a resumed run may change and what it may not, empty option values, option typos, the
+batch x patch that BatchNorm cannot train on, the logged learning rate, the NaN message, and
+evaluate's --run FILE --checkpoint conflict. Each was found as a silent wrong result or a
+traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+import torch
+
+from med3d_ext.train import config as C
+from med3d_ext.train.cli import main
+from med3d_ext.train.loops import Job, TrainingError, run_training
+from med3d_ext.train.runlog import read_metrics
+
+from .conftest import ToyLoader, cli, cli_env, tiny_args
+
+pytest.importorskip("med3d_ext.models")
+
+
+def _toy_job(model, steps, lr=0.1, bad_at=None):
+    calls = {"n": 0}
+
+    def step_fn(net, inp):
+        calls["n"] += 1
+        loss = net(inp["x"]).square().mean()
+        if bad_at is not None and calls["n"] == bad_at:
+            loss = loss * float("nan")
+        return loss, {}, None
+
+    groups = [("encoder", [model.weight], lr), ("head", [model.bias], lr * 10)]
+    return Job("pretrain", model, {"task": "toy"}, ToyLoader(steps), lambda b, d: b, step_fn,
+               lambda m: {"score": 0.0}, groups, 4, 3)
+
+
+def _cfg(**kw):
+    base = {"epochs": 2, "steps": 3, "progress": False, "log_every": 1, "schedule": "poly"}
+    return C.resolve("pretrain", dict(base, **kw))
+
+
+def test_resume_applies_new_rates_and_momentum_and_logs_the_rate_used(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    run_training(_cfg(epochs=1), _toy_job(model, 6), tmp_path)
+    first = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    # the rate a step trained with: poly over 3 steps from 0.1 (the head's group is logged)
+    want = [1.0 * (1 - s / 3) ** 0.9 for s in range(3)]
+    assert [r["lr"] for r in first] == pytest.approx(want)
+    # resumed for a second epoch with other rates, momentum and weight decay: they apply from
+    # the resumed step on (the schedule goes on over the new total of 6 steps)
+    cfg = _cfg(momentum=0.5, weight_decay=0.25)
+    run_training(cfg, _toy_job(model, 6, lr=0.01), tmp_path, resume_from=tmp_path)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in rows[3:]] == pytest.approx([0.1 * (1 - s / 6) ** 0.9
+                                                        for s in (3, 4, 5)])
+    groups = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["name"], g["initial_lr"], g["momentum"], g["weight_decay"]) for g in groups] == \
+        [("encoder", 0.01, 0.5, 0.25), ("head", 0.1, 0.5, 0.25)]
+
+
+def test_resume_with_unchanged_options_is_bitwise_the_uninterrupted_run(tmp_path):
+    torch.manual_seed(0)
+    a = torch.nn.Linear(3, 1)
+    b = torch.nn.Linear(3, 1)
+    b.load_state_dict(a.state_dict())
+    for d in ("full", "cut"):
+        (tmp_path / d).mkdir()
+    # a constant schedule: the first part's shorter total does not change its rates (the
+    # CLI's kill-and-resume test, test_resume.py, covers poly with the same total)
+    torch.manual_seed(1)
+    run_training(_cfg(schedule="constant"), _toy_job(a, 6), tmp_path / "full")
+    torch.manual_seed(1)
+    run_training(_cfg(epochs=1, schedule="constant"), _toy_job(b, 6), tmp_path / "cut")
+    run_training(_cfg(schedule="constant"), _toy_job(b, 6), tmp_path / "cut",
+                 resume_from=tmp_path / "cut")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    lr = lambda p: [r["lr"] for r in read_metrics(p / "metrics.jsonl") if r["kind"] == "train"]  # noqa: E731
+    assert lr(tmp_path / "full") == lr(tmp_path / "cut")
+
+
+def test_non_finite_loss_message_without_a_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    with pytest.raises(TrainingError) as e:
+        run_training(_cfg(), _toy_job(model, 6, bad_at=2), tmp_path)
+    msg = str(e.value)
+    assert "No checkpoint was written before it" in msg and "last.pt" not in msg
+    # the learning rates in use, by group, and the options that set them
+    assert re.search(r"--lr; now encoder [0-9.]+, head [0-9.]+\)", msg), msg
+    assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("how", [["--set", "epochs="], ["--set", "amp=null"],
+                                 ["--set", "augment=null"], ["--set", "seed="],
+                                 ["--set", "patch="], "yaml"])
+def test_empty_values_are_config_errors(tmp_path, capsys, how):
+    if how == "yaml":
+        (tmp_path / "c.yaml").write_text("epochs:\nlr: 0.1\n")
+        how = ["--config", tmp_path / "c.yaml"]
+    key = "epochs" if "yaml" in str(how[-1]) else str(how[-1]).split("=")[0]
+    assert main(["transfer", "--data", tmp_path, "--from-scratch", *how]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {key}: expected" in err and "got no value" in err, err
+
+
+def test_nullable_options_still_take_null(tmp_path):
+    cfg = C.resolve("transfer", {}, overrides=["depth=", "pretrained=null", "fused=null"])
+    assert cfg["depth"] is None and cfg["pretrained"] is None and cfg["fused"] is None
+
+
+def test_option_typos_get_suggestions(capsys):
+    assert main(["transfer", "--learning-rate", "0.1", "--n-epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "`transfer`: unknown option --learning-rate; did you mean --lr?" in err
+    assert "unknown option --n-epochs; did you mean --epochs" in err
+    assert main(["pretrain", "--checkpoint", "last"]) == 2
+    assert "--checkpoint is an option of `evaluate`, not of `pretrain`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("patch,batch,ok", [(8, 1, False), (8, 2, True), ([8, 8, 16], 1, True),
+                                            (16, 1, True)])
+def test_patch_and_batch_that_batchnorm_cannot_train_on(patch, batch, ok):
+    cfg = C.resolve("transfer", {"patch": patch, "batch_size": batch})
+    if ok:
+        C.check_training(cfg)
+    else:
+        with pytest.raises(C.ConfigError, match=r"batch_size 1: the encoder's deepest "
+                                                r"BatchNorm layers would see one value"):
+            C.check_training(cfg)
+
+
+def _run(args, timeout=600):
+    r = subprocess.run(cli(*args), env=cli_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    return r
+
+
+def test_cli_resume_rules_and_evaluate_checkpoint_conflict(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    base = tiny_args(tiny_data["transfer"], run, "--from-scratch", "--cache",
+                     tiny_data["cache"], "--epochs", 1, "--schedule", "constant")
+    r = _run(["transfer", *base])
+    assert r.returncode == 0, r.stderr[-3000:]
+    # a new head rate applies, and config.yaml says what ran
+    r = _run(["transfer", "--resume", run, "--epochs", 2, "--head-lr", 0.0001,
+              "--no-progress"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "train"]
+    assert rows[-1]["lr"] == pytest.approx(0.0001) and rows[0]["lr"] == pytest.approx(0.1)
+    assert C.load_config(run / "config.yaml")["head_lr"] == pytest.approx(0.0001)
+    # what a resume cannot change is refused, naming it, before anything is written
+    before = (run / "config.yaml").read_text()
+    for opt, val, what in (("--optimizer", "adamw", "optimizer 'adamw' differs"),
+                           ("--steps", 3, "steps 3 differs")):
+        r = _run(["transfer", "--resume", run, "--epochs", 3, opt, val, "--no-progress"])
+        assert r.returncode == 2 and what in r.stderr, r.stderr[-2000:]
+    assert (run / "config.yaml").read_text() == before
+    # evaluate: --run FILE with --checkpoint naming another is a conflict, not a silent pick
+    r = _run(["evaluate", "--run", run / "best.pt", "--checkpoint", "last", "--data",
+              tiny_data["transfer"], "--cache", tiny_data["cache"], "--out", tmp_path / "p",
+              "--device", "cpu", "--no-progress"])
+    assert r.returncode == 2 and "names a checkpoint file, and --checkpoint last another" \
+        in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "p").exists()
+
+
+def test_cls_labels_outside_classes_json_or_negative(tmp_path, tiny_data):
+    from med3d_ext.train.tasks import DataFolderError, read_cls_csv
+    import shutil
+
+    root = tmp_path / "cls"
+    shutil.copytree(tiny_data["cls"], root)
+    lines = (root / "labels.csv").read_text().splitlines()
+    assert (root / "classes.json").is_file()
+    head, first, *rest = lines
+    img = first.split(",")[0]
+    (root / "labels.csv").write_text("\n".join([head, f"{img},7", *rest]) + "\n")
+    with pytest.raises(DataFolderError, match=r"labels \[7\] are not declared in .*classes.json"):
+        read_cls_csv(root)
+    (root / "labels.csv").write_text("\n".join([head, f"{img},-1", *rest]) + "\n")
+    with pytest.raises(DataFolderError, match=r"line 2: label -1 .* is negative"):
+        read_cls_csv(root)
+    json.loads((root / "classes.json").read_text())  # untouched
