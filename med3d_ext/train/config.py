@@ -89,8 +89,8 @@ OPTIONS: dict[str, Option] = {
     "grad_clip": Option(12.0, "float", "max gradient norm (0 = off)", _T),
     "fg_fraction": Option(1 / 3, "float", "share of patches centred on foreground", _T),
     "val_fraction": Option(0.2, "float", "share of cases held out for validation", _ALL),
-    "target_dice": Option(0.5, "float", "record the first step whose validation Dice reaches "
-                          "this", _T),
+    "target_dice": Option(0.5, "float", "record the first step whose validation score "
+                          "reaches this (segmentation: Dice; classification: accuracy)", _T),
     "augment": Option(True, "bool", "random affine/intensity augmentation", _T),
     "label_grid": Option("logits", "str", "where the loss is computed: logits (labels sampled "
                          "nearest onto the 1/4 logit grid, MedicalNet) | patch (logits "

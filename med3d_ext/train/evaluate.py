@@ -186,6 +186,12 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         pre = open_preprocessed(data_dir, cfg, split="test", recipe=rec)
     else:
         pre = open_preprocessed(data_dir, cfg)
+    if pre.targets is not None:  # it predicted every image and scored none ("no label")
+        from .tasks import DataFolderError
+
+        raise DataFolderError(f"--data {str(data_dir)!r} is a classification folder (labels.csv)"
+                              f", and this run segments; evaluate a classification run on it, "
+                              "or give a segmentation dataset")
     name = head_name(pre.name)
     if arch["task"] == "pretrain":
         head = cfg.get("head") or name

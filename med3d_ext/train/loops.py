@@ -476,6 +476,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         bar.close()
         logger.close()
     return {"best_score": best["score"], "best_step": best["step"], "target_step": target_step,
+            # what the score (and --target-dice) measures
+            "score_metric": "accuracy" if job.kind == "cls" else "dice",
             "steps": total, "start_step": start, "time_s": time.perf_counter() - t_run,
             "last": str(run_dir / "last.pt"), "best": str(run_dir / "best.pt")}
 

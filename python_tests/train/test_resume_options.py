@@ -167,6 +167,11 @@ def test_cli_resume_rules_and_evaluate_checkpoint_conflict(tiny_data, tmp_path):
     assert r.returncode == 2 and "names a checkpoint file, and --checkpoint last another" \
         in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "p").exists()
+    # a segmentation run on a classification folder: refused (it scored nothing, silently)
+    r = _run(["evaluate", "--run", run, "--data", tiny_data["cls"], "--cache",
+              tiny_data["cache"], "--out", tmp_path / "p2", "--device", "cpu", "--no-progress"])
+    assert r.returncode == 1 and "is a classification folder" in r.stderr, r.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["score_metric"] == "dice"
 
 
 def test_cls_labels_outside_classes_json_or_negative(tmp_path, tiny_data):
