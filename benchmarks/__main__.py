@@ -49,12 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--profile and --profile-only: pick one")
     if a.append and a.profile_only:
         p.error("--append and --profile-only: a profile goes to its own --out")
-    try:  # before any measuring: results are written after every case, the first within seconds
-        os.makedirs(a.out, exist_ok=True)
-    except OSError as exc:
-        p.error(f"--out {a.out!r}: cannot create this folder ({exc.strerror or exc})")
-    if not os.access(a.out, os.W_OK | os.X_OK):
-        p.error(f"--out {a.out!r}: this folder is not writable")
+    # the arguments first, then --out: a refused run must not leave a folder behind
     bad = [x for x in a.areas if x not in AREAS]
     if bad:
         import difflib
@@ -62,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         hints = {b: difflib.get_close_matches(b, AREAS, n=2) for b in bad}
         p.error("unknown area(s): " + "; ".join(f"{b!r} (did you mean {', '.join(h) or 'one of ' + ', '.join(AREAS)}?)"
                                                 for b, h in hints.items()))
+    a.areas = list(dict.fromkeys(a.areas))  # an area named twice runs once
+    try:  # before any measuring: results are written after every case, the first within seconds
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {a.out!r}: cannot create this folder ({exc.strerror or exc})")
+    if not os.access(a.out, os.W_OK | os.X_OK):
+        p.error(f"--out {a.out!r}: this folder is not writable")
     return a
 
 

@@ -733,6 +733,8 @@ def load_prior(out_dir: str, device: str, quick: bool, areas: list[str]) -> dict
         with open(path) as f:
             data = json.load(f)
         args, rows = data["args"], data["rows"]
+        if not isinstance(args, dict) or not isinstance(rows, list):
+            raise TypeError("'args' must be an object and 'rows' a list")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"--append: cannot read {path}: {exc}") from None
     if args.get("device") != device or bool(args.get("quick")) != bool(quick):

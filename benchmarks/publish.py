@@ -23,21 +23,51 @@ README = os.path.join(os.path.dirname(HERE), "README.md")
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 
 
-def load_runs(results_dir: str = RESULTS, runs: list[str] | None = None) -> list[tuple[str, dict]]:
+class PublishError(ValueError):
+    """Nothing (or not everything asked for) could be read: the README is left as it is."""
+
+
+def run_names(results_dir: str = RESULTS, runs: list[str] | None = None,
+              max_runs: int | None = None) -> list[str]:
+    """The run folders to publish: ``runs`` as given, else every folder with a results.json
+    but ``latest``, newest first; at most ``max_runs``."""
     if runs is None:
-        names = sorted((d for d in os.listdir(results_dir) if d != "latest"
-                        and os.path.isfile(os.path.join(results_dir, d, "results.json"))), reverse=True) \
-            if os.path.isdir(results_dir) else []
-    else:
-        names = runs
+        if not os.path.isdir(results_dir):
+            raise PublishError(f"--results {results_dir!r}: no such folder")
+        runs = sorted((d for d in os.listdir(results_dir) if d != "latest"
+                       and os.path.isfile(os.path.join(results_dir, d, "results.json"))),
+                      reverse=True)
+    return list(runs)[:max_runs] if max_runs is not None else list(runs)
+
+
+def read_run(results_dir: str, name: str) -> dict:
+    """One run's results.json, or a PublishError saying what is wrong with it."""
+    path = os.path.join(results_dir, name, "results.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PublishError(f"{path}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows", []), list) or \
+            not all(isinstance(r, dict) for r in data.get("rows", [])):
+        raise PublishError(f"{path}: not a benchmark results file (expected an object with a "
+                           "list of row objects under 'rows')")
+    return data
+
+
+def load_runs(results_dir: str = RESULTS, runs: list[str] | None = None,
+              max_runs: int | None = None, strict: bool = False) -> list[tuple[str, dict]]:
+    """(name, results) of the runs to publish. A run that cannot be read is skipped with a
+    message, or with ``strict`` raises PublishError (what --write does: it must not replace the
+    README's tables with fewer than were asked for)."""
     out = []
-    for name in names:
-        path = os.path.join(results_dir, name, "results.json")
+    for name in run_names(results_dir, runs, max_runs):
         try:
-            with open(path) as f:
-                out.append((name, json.load(f)))
-        except (OSError, json.JSONDecodeError) as exc:
-            print(f"publish: skipping {path}: {exc}", file=sys.stderr)
+            out.append((name, read_run(results_dir, name)))
+        except PublishError as exc:
+            if strict:
+                raise
+            print(f"publish: skipping {exc}", file=sys.stderr)
     return out
 
 
@@ -53,7 +83,7 @@ def _conditions(env: dict) -> str:
     parts.append(f"med3d_ext {m.get('med3d_ext', '?')} ({ext})")
     if env.get("git_commit"):
         parts.append(f"commit {env['git_commit']}")
-    parts.append(env.get("date_utc", "")[:10])
+    parts.append(str(env.get("date_utc") or "")[:10])
     return ", ".join(p for p in parts if p)
 
 
@@ -69,18 +99,20 @@ def _params(p: dict) -> str:
 
 
 def render_run(name: str, data: dict) -> str:
-    env = data.get("env", {})
-    rows = data.get("rows", [])
+    env = data.get("env") or {}
+    rows = [dict({"area": "?", "case": "?", "impl": "?"}, **r) for r in data.get("rows") or []]
     base_ms = {(r["area"], r["case"], r["impl"]): r.get("median_ms") for r in rows if r.get("baseline")}
-    lines = [f"### {name}", "", _conditions(env) + (" — quick suite" if data.get("args", {}).get("quick") else ""),
+    quick = (data.get("args") or {}).get("quick")
+    lines = [f"### {name}", "", _conditions(env) + (" — quick suite" if quick else ""),
              "", "| area | case | med3d_ext | median ms | speed-up vs baseline (baseline ms) | shapes, dtypes |",
              "|---|---|---|---|---|---|"]
     missing = []
     for r in rows:
         if r.get("baseline") or r.get("impl") == "-" or r.get("status") == "profiled":
             continue  # profiled rows (--profile-only) are not measurements
-        if r.get("status") != "ok":
-            missing.append(f"{r['area']}/{r['case']} {r['impl']}: {r.get('status')}")
+        if r.get("status") != "ok" or not isinstance(r.get("median_ms"), (int, float)):
+            missing.append(f"{r['area']}/{r['case']} {r['impl']}: {r.get('status')}"
+                           + ("" if r.get("status") != "ok" else " without a median"))
             continue
         sp = r.get("speedup") or {}
         if not sp:
@@ -117,6 +149,13 @@ def replace_section(text: str, section: str) -> str:
     return text[:a] + "\n" + section + text[b:]
 
 
+def _positive(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of runs, got {v}")
+    return n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.publish", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,10 +164,20 @@ def main(argv=None) -> int:
     g.add_argument("--write", action="store_true", help="replace the section in the README in place")
     p.add_argument("--results", default=RESULTS, help=f"results folder (default {RESULTS})")
     p.add_argument("--runs", nargs="*", help="run folders to include (default: all but latest, newest first)")
-    p.add_argument("--max-runs", type=int, default=3, help="newest N runs (default 3)")
+    p.add_argument("--max-runs", type=_positive, default=3, help="newest N runs (default 3)")
     p.add_argument("--readme", default=README, help=f"file to edit with --write (default {README})")
     a = p.parse_args(argv)
-    section = render(load_runs(a.results, a.runs)[: a.max_runs])
+    try:
+        # --write replaces the README's tables: every run asked for must be readable, and at
+        # least one must be there (a mistyped --results once wrote "No committed ... results")
+        runs = load_runs(a.results, a.runs, a.max_runs, strict=a.write)
+        if a.write and not runs:
+            raise PublishError(f"--results {a.results!r}: no run with a results.json")
+    except PublishError as exc:
+        print(f"publish: {exc}; {'README left unchanged' if a.write else 'nothing to print'}",
+              file=sys.stderr)
+        return 2
+    section = render(runs)
     if a.print:
         sys.stdout.write(section)
         return 0

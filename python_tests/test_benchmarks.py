@@ -492,3 +492,60 @@ def test_study_with_real_volumes_quick(tmp_path, monkeypatch):
     assert s["pretrain_real"]["steps"] == s["pretrain"]["steps"]
     assert len(s["arms"][convergence_study.WITH_REAL]["steps"]) == 3
     assert convergence_study.WITH_REAL in (tmp_path / "out" / "convergence.md").read_text()
+
+
+def test_publish_never_writes_fewer_tables_than_asked(tmp_path, capsys):
+    """A mistyped --results, or a named run that cannot be read, left the README with "No
+    committed benchmark results yet." and exit 0."""
+    results = tmp_path / "results"
+    _run(results / "2026-11-26_h200", "bn_stats")
+    readme = tmp_path / "README.md"
+    body = f"intro\n{publish.BEGIN}\nold table\n{publish.END}\n"
+    readme.write_text(body)
+    assert publish.main(["--write", "--results", str(tmp_path / "typo"), "--readme", str(readme)]) == 2
+    assert "no such folder" in capsys.readouterr().err and readme.read_text() == body
+    broken = results / "2026-11-27_cpu"
+    broken.mkdir()
+    (broken / "results.json").write_bytes(b'{"rows": [\xff')  # neither JSON nor UTF-8
+    assert publish.main(["--write", "--results", str(results), "--readme", str(readme)]) == 2
+    assert "2026-11-27_cpu/results.json" in capsys.readouterr().err and readme.read_text() == body
+    # --print skips it with a message and shows the rest
+    assert publish.main(["--print", "--results", str(results)]) == 0
+    out = capsys.readouterr()
+    assert "skipping" in out.err and "2026-11-26_h200" in out.out
+    with pytest.raises(SystemExit):
+        publish.main(["--print", "--results", str(results), "--max-runs", "0"])
+
+
+@pytest.mark.parametrize("content", ['[]', '{"env": null, "args": null, "rows": []}',
+                                     '{"env": {"date_utc": null}, "rows": [{"status": "FAILED"}]}',
+                                     '{"rows": [{"area": "a", "case": "c", "impl": "i", '
+                                     '"status": "ok", "speedup": {"eager": 2.0}}]}'])
+def test_publish_renders_partial_results_without_a_traceback(tmp_path, content, capsys):
+    run = tmp_path / "results" / "2026-11-26_x"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(content)
+    rc = publish.main(["--print", "--results", str(tmp_path / "results")])
+    assert ("skipping" in capsys.readouterr().err) == (content == "[]")
+    # a list is no results file (skipped with a message); the partial ones render
+    assert rc == 0
+
+
+def test_bench_refused_arguments_leave_no_folder_and_areas_run_once(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        bench_main.parse_args(["resampel", "--out", str(out)])
+    assert not out.exists() and "did you mean resample" in capsys.readouterr().err
+    assert bench_main.parse_args(["resample", "resample", "--out", str(out)]).areas == ["resample"]
+    (out / "results.json").write_text('{"args": null, "rows": []}')
+    with pytest.raises(ValueError, match="--append: cannot read .*'args' must be an object"):
+        common.load_prior(str(out), "cpu", True, ["loss"])
+
+
+def test_info_names_composite_kernels():
+    from med3d_ext.ops._common import dispatch_keys
+
+    if not m3d._extension.available():
+        pytest.skip("needs the compiled extension")
+    keys = dispatch_keys("med3d_ext::seg_loss_check_labels")
+    assert keys[0].startswith("CompositeExplicitAutograd")

@@ -70,6 +70,10 @@ def dispatch_keys(qualname: str) -> list[str]:
     """The dispatch keys with a kernel for ``qualname`` (for ``python -m med3d_ext.info``)."""
     keys = [k for k in ("CPU", "CUDA", "Autograd")
             if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, k)]
+    # a CompositeExplicitAutograd kernel (e.g. a torch.library.custom_op defined in Python)
+    # serves every device
+    if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd"):
+        keys.insert(0, "CompositeExplicitAutograd (any device)")
     try:  # fake (meta) kernels registered from Python live in torch's simple registry
         from torch._library.simple_registry import singleton
 

@@ -11,7 +11,9 @@ and a last window flush with the volume's end, so every voxel is covered.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+import operator
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +22,33 @@ __all__ = ["gaussian_weight_map", "window_starts", "sliding_window_probs",
            "sliding_window_predict"]
 
 
+def _window(name: str, v) -> tuple[int, int, int]:
+    """3 positive ints (an int is a cube), or an error naming the argument: int() truncated a
+    4.7 to 4, and a 0, a negative or 2 values failed deep inside with unrelated messages."""
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = [v] * 3
+    try:
+        if isinstance(v, str) or not isinstance(v, Sequence) or any(isinstance(x, bool) for x in v):
+            raise TypeError
+        out = tuple(operator.index(x) for x in v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or 3 ints (D, H, W), got {v!r}") from None
+    if len(out) != 3 or min(out) < 1:
+        raise ValueError(f"{name} must be 3 positive ints (D, H, W), got {list(out)}")
+    return out
+
+
 def gaussian_weight_map(size, sigma_scale: float = 0.125, device=None,
                         dtype=torch.float32) -> torch.Tensor:
     """(D, H, W) separable Gaussian, sigma = sigma_scale * size per axis, centred on the
     window, maximum 1; no zeros (the smallest value floors it) so that a voxel covered only by
     window borders still gets a prediction."""
+    size = _window("size", size)
+    if not (isinstance(sigma_scale, numbers.Real) and math.isfinite(sigma_scale)
+            and sigma_scale > 0):
+        raise ValueError(f"sigma_scale must be a positive number, got {sigma_scale!r}")
     axes = []
     for s in size:
         x = torch.arange(s, device=device, dtype=torch.float64) - (s - 1) / 2
@@ -72,7 +96,10 @@ def sliding_window_probs(volume: torch.Tensor, predictor: Callable[[torch.Tensor
     """
     if volume.dim() != 5:
         raise ValueError(f"volume must be (N, C, D, H, W), got shape {tuple(volume.shape)}")
-    window = tuple(int(w) for w in window)
+    window = _window("window", window)
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) \
+            or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
     n = volume.shape[0]
     spatial = volume.shape[2:]
     pads = []
@@ -84,6 +111,11 @@ def sliding_window_probs(volume: torch.Tensor, predictor: Callable[[torch.Tensor
     if weight_map is None:
         weight_map = gaussian_weight_map(window, device=x.device)
     weight_map = weight_map.to(x.device, torch.float32)
+    if tuple(weight_map.shape) != window or not bool((weight_map > 0).all()) or \
+            not bool(torch.isfinite(weight_map).all()):
+        # a zero weight leaves voxels with 0 / 0 = NaN (all-zero: every voxel, silently)
+        raise ValueError(f"weight_map must be positive and finite, of the window's shape "
+                         f"{list(window)}, got shape {list(weight_map.shape)}")
     starts = [window_starts(s, w, overlap) for s, w in zip(full, window)]
     corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
     out = None

@@ -2,7 +2,9 @@
 
 Conventions (those of MONAI's ``compute_dice`` / ``compute_hausdorff_distance`` with
 ``percentile=95``): Dice of a class absent from both prediction and truth is NaN (left out of
-means); HD95 is the larger of the two directed 95th percentiles of surface-to-surface
+means); a class predicted but absent from the truth has Dice 0 (MONAI's ``ignore_empty=False``:
+a spurious structure counts against the model, where ``ignore_empty=True`` would drop it);
+HD95 is the larger of the two directed 95th percentiles of surface-to-surface
 distances, measured in mm with the voxel spacing; NaN when either side is empty (with both
 empty there is no boundary to compare), inf never.
 """
@@ -75,6 +77,19 @@ def _directed(src: np.ndarray, dst: np.ndarray, spacing) -> np.ndarray:
     return dist[src]
 
 
+def _spacing(spacing) -> tuple[float, float, float]:
+    """Voxel spacing in mm: 3 positive finite numbers (one number: isotropic). A zero, negative
+    or NaN spacing (e.g. a signed affine diagonal) gave wrong distances without an error."""
+    try:
+        v = [float(spacing)] * 3 if np.ndim(spacing) == 0 else [float(x) for x in spacing]
+    except (TypeError, ValueError):
+        v = []
+    if len(v) != 3 or not all(math.isfinite(x) and x > 0 for x in v):
+        raise ValueError(f"hd95: spacing must be 3 positive voxel sizes in mm (the column norms "
+                         f"of the affine, not its signed diagonal), got {spacing!r}")
+    return tuple(v)
+
+
 def hd95(pred, target, spacing=(1.0, 1.0, 1.0)) -> float:
     """95th-percentile Hausdorff distance in mm between two boolean masks (3-D)."""
     pred = np.asarray(pred, bool)
@@ -82,10 +97,10 @@ def hd95(pred, target, spacing=(1.0, 1.0, 1.0)) -> float:
     if pred.shape != target.shape or pred.ndim != 3:
         raise ValueError(f"hd95: masks must be 3-D and of one shape, got {pred.shape} and "
                          f"{target.shape}")
+    spacing = _spacing(spacing)
     if not pred.any() or not target.any():
         return float("nan")
     sp, st = surface(pred), surface(target)
-    spacing = tuple(float(s) for s in spacing)
     d1 = _directed(sp, st, spacing)
     d2 = _directed(st, sp, spacing)
     return float(max(np.percentile(d1, 95), np.percentile(d2, 95)))

@@ -14,6 +14,11 @@ from ..ops.resample import affine_resample_pair
 __all__ = ["RandomAugment3D"]
 
 
+class _ArgTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a TypeError (the README's rule for wrong types), and a
+    ValueError as these arguments' errors were before (as numpy's AxisError is two kinds)."""
+
+
 def _triple(name, v) -> tuple[float, float, float]:
     # finite only: a NaN or inf angle/shift makes theta NaN, and every sample silently comes
     # out as padding (zeros)
@@ -22,8 +27,11 @@ def _triple(name, v) -> tuple[float, float, float]:
     if isinstance(v, Sequence) and len(v) == 3 and all(
             isinstance(x, numbers.Real) and math.isfinite(x) for x in v):
         return tuple(float(x) for x in v)
-    raise ValueError(f"RandomAugment3D: '{name}' must be a finite number or 3 finite numbers "
-                     f"(x, y, z), got {v!r}")
+    numeric = isinstance(v, numbers.Real) or (isinstance(v, Sequence) and all(
+        isinstance(x, numbers.Real) for x in v))
+    raise (ValueError if numeric else _ArgTypeError)(
+        f"RandomAugment3D: '{name}' must be a finite number or 3 finite numbers (x, y, z), got "
+        f"{v!r}")
 
 
 def _range(name, v, lo_bound=None) -> tuple[float, float]:
@@ -45,13 +53,30 @@ def _grid(name, v) -> list[int]:
     elif hasattr(v, "tolist") and not isinstance(v, (list, tuple)):  # numpy array / scalar
         v = v.tolist()
     if isinstance(v, int) and not isinstance(v, bool):
-        return [v] * 3
-    if isinstance(v, (Sequence, torch.Size)) and not isinstance(v, str):
-        return [int(x) for x in v]
-    raise ValueError(f"RandomAugment3D: '{name}' must be an int or 3 ints, got {v!r}")
+        v = [v] * 3
+    elif isinstance(v, (Sequence, torch.Size)) and not isinstance(v, str):
+        out = []
+        for x in v:  # operator.index: 4.5 or True is refused, not truncated to 4 or 1
+            if isinstance(x, bool):
+                x = None
+            try:
+                out.append(operator.index(x))
+            except TypeError:
+                raise _ArgTypeError(f"RandomAugment3D: '{name}' must be an int or 3 ints, "
+                                     f"got {v!r}") from None
+        v = out
+    else:
+        raise _ArgTypeError(f"RandomAugment3D: '{name}' must be an int or 3 ints, got {v!r}")
+    if any(x < 0 for x in v):
+        raise ValueError(f"RandomAugment3D: '{name}' must not be negative, got {v!r}")
+    return v
 
 
 def _prob(name, v) -> float:
+    # a number only: float("0.5") and float(None) made a string pass and None fail unnamed
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise _ArgTypeError(f"RandomAugment3D: '{name}' must be a probability in [0, 1], got "
+                             f"{v!r}")
     v = float(v)
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"RandomAugment3D: '{name}' must be a probability in [0, 1], got {v}")
@@ -114,7 +139,10 @@ class RandomAugment3D:
                     and all(isinstance(r, Sequence) for r in scale))
         self.scale = tuple(_range("scale", r, lo_bound=1e-6)
                            for r in (scale if per_axis else (scale,) * 3))
-        self.isotropic = bool(isotropic) and not per_axis
+        if not isinstance(isotropic, bool):  # bool("no") is True
+            raise _ArgTypeError(f"RandomAugment3D: 'isotropic' must be True or False, got "
+                                 f"{isotropic!r}")
+        self.isotropic = isotropic and not per_axis
         self.translate = _triple("translate", translate)
         self.flip = tuple(_prob("flip", p) for p in _triple("flip", flip))
         self.p_affine = _prob("p_affine", p_affine)
@@ -124,9 +152,11 @@ class RandomAugment3D:
                              f"'elastic_grid' an int, got {elastic!r}, {elastic_grid!r}")
         self.elastic = float(elastic)
         self.elastic_grid = int(elastic_grid)
-        if self.elastic < 0 or self.elastic_grid < 2:
-            raise ValueError("RandomAugment3D: 'elastic' must be >= 0 and 'elastic_grid' >= 2, "
-                             f"got {elastic!r}, {elastic_grid!r}")
+        # a coarse grid: a larger one is a full-resolution field, which this op avoids (and
+        # 10**6 failed only at the first call, allocating (N, 3, g, g, g))
+        if self.elastic < 0 or not 2 <= self.elastic_grid <= 256:
+            raise ValueError("RandomAugment3D: 'elastic' must be >= 0 and 'elastic_grid' in "
+                             f"[2, 256], got {elastic!r}, {elastic_grid!r}")
         self.p_elastic = _prob("p_elastic", p_elastic)
         self.gamma = _range("gamma", gamma, lo_bound=1e-6)
         self.p_gamma = _prob("p_gamma", p_gamma)
@@ -261,6 +291,10 @@ class RandomAugment3D:
         size = size[-3:]
         if label_size is not None:
             label_size = _grid("label_size", label_size)
+        for name, grid, ch in (("size", size, c), ("label_size", label_size, 1)):
+            if grid is not None and n * ch * math.prod(grid) * 8 >= 2**63:
+                raise ValueError(f"RandomAugment3D: '{name}' {list(grid)} for a batch of {n} x "
+                                 f"{ch} channel(s) overflows the tensor size")
         params = self.sample(n, image.shape[2:], size, image.device)
         no_label = label is None
         if no_label:  # a 1-voxel dummy keeps one code path and costs nothing

@@ -182,3 +182,37 @@ def test_evaluate_shows_a_window_progress_bar(tiny_data, tmp_path, capsys):
     assert "window" in err and "evaluate " in err  # was: silent until each case finished
     assert main(base + ["--out", tmp_path / "p2", "--no-progress"]) == 0
     assert "window" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spacing", [(-1.0, 2.0, 0.5), (0.0, 1.0, 1.0), (math.nan, 1.0, 1.0),
+                                     (1.0, 2.0), "abc"])
+def test_hd95_refuses_bad_spacing(spacing):
+    a = np.zeros((6, 6, 6), bool)
+    a[2:4, 2:4, 2:4] = True
+    with pytest.raises(ValueError, match="hd95: spacing must be 3 positive voxel sizes"):
+        M.hd95(a, a, spacing)
+    assert M.hd95(a, np.roll(a, 1, 0), 2.0) == pytest.approx(M.hd95(a, np.roll(a, 1, 0),
+                                                                     (2.0, 2.0, 2.0)))
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(window=(4.7, 4, 4)), TypeError, "window must be an int or 3 ints"),
+    (dict(window=(4, 4)), ValueError, r"window must be 3 positive ints .* got \[4, 4\]"),
+    (dict(window=(0, 4, 4)), ValueError, "window must be 3 positive ints"),
+    (dict(window=(4, 4, 4), sw_batch_size=0), ValueError, "sw_batch_size must be a positive"),
+    (dict(window=(4, 4, 4), sw_batch_size=-1), ValueError, "sw_batch_size must be a positive"),
+    (dict(window=(4, 4, 4), weight_map=torch.zeros(4, 4, 4)), ValueError,
+     "weight_map must be positive and finite"),
+    (dict(window=(4, 4, 4), weight_map=torch.ones(4, 4, 3)), ValueError,
+     r"of the window's shape \[4, 4, 4\]"),
+])
+def test_sliding_window_arguments_are_checked(kw, err, match):
+    vol = torch.randn(1, 1, 6, 7, 8)
+    pred = lambda x: torch.cat([x, -x], 1)  # noqa: E731
+    window = kw.pop("window")
+    with pytest.raises(err, match=match):
+        sliding_window_predict(vol, pred, window, **kw)
+    with pytest.raises((TypeError, ValueError), match="size must be"):
+        gaussian_weight_map((0, 3, 3))
+    # an int window is a cube
+    assert sliding_window_predict(vol, pred, 4).shape == (1, 6, 7, 8)

@@ -263,3 +263,24 @@ def test_int_patch_as_in_the_readme():
     assert c.shape[2:] == tuple(t.tolist()) and lc.shape[1:] == tuple((t // 2).tolist())
     with pytest.raises(ValueError, match="'label_size'"):
         RandomAugment3D()(image, label, patch, label_size="4")
+
+
+def test_sizes_and_probabilities_are_not_truncated_or_cast():
+    """int() truncated 4.5 to 4 and True to 1, float("0.5") let a string through and bool("no")
+    is True: each is an error naming the argument now (TypeError, also a ValueError)."""
+    aug = RandomAugment3D(seed=0)
+    x = torch.randn(2, 1, 5, 5, 5)
+    lab = torch.zeros(2, 5, 5, 5, dtype=torch.uint8)
+    for size, label_size, name in (((4.5, 4, 4), None, "'size'"), ([True, 4, 4], None, "'size'"),
+                                   ((4, 4, 4), [2.9] * 3, "'label_size'")):
+        with pytest.raises(TypeError, match=f"{name} must be an int or 3 ints"):
+            aug(x, lab, size, label_size=label_size)
+    with pytest.raises(ValueError, match="'size'.* overflows the tensor size"):
+        aug(x, lab, 2**40)
+    for kw, name in ((dict(p_affine=None), "'p_affine'"), (dict(p_noise="0.5"), "'p_noise'"),
+                     (dict(isotropic="no"), "'isotropic'"), (dict(rotate=None), "'rotate'")):
+        with pytest.raises(TypeError, match=name):
+            RandomAugment3D(**kw)
+    with pytest.raises(ValueError, match=r"'elastic_grid' in \[2, 256\]"):
+        RandomAugment3D(elastic=0.1, elastic_grid=10**6)
+    assert aug(x, lab, (4, 3, 2))[0].shape == (2, 1, 4, 3, 2)
