@@ -276,3 +276,15 @@ def test_synth_refuses_an_empty_out(tmp_path, monkeypatch, capsys):
     assert main(["synth", "--out", "", "--cases", "1", "--size", "16"]) == 2
     assert "--out is empty" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_non_integer_label_values_are_shown(tmp_path):
+    root = make_msd(tmp_path / "ds", n=1)
+    f = root / "labelsTr" / "c0.nii.gz"
+    im = nib.load(str(f))
+    lab = np.asarray(im.dataobj).astype(np.float32)
+    lab[lab == 1] = 0.9999  # what a label map resampled with interpolation looks like
+    save(f, lab, im.affine)
+    with pytest.raises(DataError, match=r"c0.nii.gz: label has \d+ non-integer values, e.g. "
+                                        r"\[0.999"):
+        preprocess(root, tmp_path / "cache", progress=False, workers=0)

@@ -165,7 +165,10 @@ def read_case(case: Case, labels: dict | None = None):
     if ldata.dtype.kind == "f":
         r = np.rint(ldata)
         if not np.array_equal(r, ldata):
-            raise DataError(case.label, "label has non-integer values")
+            odd = np.unique(ldata[r != ldata])
+            raise DataError(case.label, f"label has {int((r != ldata).sum())} non-integer "
+                                        f"values, e.g. {[float(v) for v in odd[:3]]} (a resampled"
+                                        " or interpolated label map?)")
         ldata = r
     values = np.unique(ldata).astype(np.int64)
     if values.min() < 0:
