@@ -68,7 +68,8 @@ def multihead_seg_loss(logits: list[torch.Tensor], targets: list[torch.Tensor],
         w = torch.where(valid, w, torch.zeros_like(w))
         wsum = w.sum()
         num = torch.where(valid, w * nll, torch.zeros_like(nll)).sum()
-        ce = torch.where(wsum > 0, num / torch.where(wsum > 0, wsum, torch.ones_like(wsum)),
+        # F.cross_entropy's weighted mean for any sign of the sum; 0 (not NaN) for a sum of 0
+        ce = torch.where(wsum != 0, num / torch.where(wsum != 0, wsum, torch.ones_like(wsum)),
                          torch.zeros_like(wsum))
         vm = valid.unsqueeze(1)
         p = torch.where(vm, torch.softmax(x, 1), torch.zeros_like(x))
@@ -82,8 +83,14 @@ def multihead_seg_loss(logits: list[torch.Tensor], targets: list[torch.Tensor],
         dice = dice_terms.mean() if n > 0 else x.new_zeros(())
         losses.append(ce_weight * ce + dice_weight * dice)
     per_head = torch.stack(losses)
-    hw = torch.ones_like(per_head) if head_weights is None else \
-        torch.as_tensor(head_weights, device=per_head.device).to(acc)
+    if head_weights is None:
+        hw = torch.ones_like(per_head)
+    elif not isinstance(head_weights, torch.Tensor) and any(
+            isinstance(w, torch.Tensor) for w in head_weights):
+        hw = torch.stack([torch.as_tensor(w, device=per_head.device).to(acc).reshape(())
+                          for w in head_weights])  # stacked: their gradients survive
+    else:
+        hw = torch.as_tensor(head_weights, device=per_head.device).to(acc)
     return (hw * per_head).sum(), per_head
 # --------------------------------------------------------------------------- resample/
 # Semantics of csrc/resample/resample.h. Integer maps go through float64 (exact below 2^53);

@@ -74,6 +74,12 @@ class SegLossFunction : public torch::autograd::Function<SegLossFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    // The backward op has no derivative of its own: refuse create_graph rather than return
+    // gradients that silently do not track the logits (a Hessian-vector product lost this
+    // loss's second-order term).
+    TORCH_CHECK(!at::GradMode::is_enabled(), "med3d_ext.multihead_seg_loss: double backward "
+                "(create_graph=True) is not supported; use med3d_ext.reference.multihead_seg_loss "
+                "for higher-order gradients");
     const variable_list sv = ctx->get_saved_variables();
     const size_t H = (sv.size() - 4) / 2;
     const at::Tensor& per_head = sv[2 * H + 1];

@@ -108,8 +108,10 @@ void finish(const SegPlan& plan, const std::vector<double>& part, const std::vec
     bl[3 * h] = nbad;
     bl[3 * h + 1] = bmin;
     bl[3 * h + 2] = bmax;
-    st[3 * slots + h] = acc_t(wsum > 0 ? ce_w / wsum : 0.0);
-    const double loss = ce_w * (wsum > 0 ? ce / wsum : 0.0) + (d.n > 0 ? scale * dice : 0.0);
+    // as F.cross_entropy(weight=...): the weighted mean whatever the sum's sign (negative
+    // class weights are allowed there); a sum of 0 (no valid voxel) gives 0, not NaN
+    st[3 * slots + h] = acc_t(wsum != 0 ? ce_w / wsum : 0.0);
+    const double loss = ce_w * (wsum != 0 ? ce / wsum : 0.0) + (d.n > 0 ? scale * dice : 0.0);
     ph[h] = acc_t(loss);
     sum += (hw ? double(hw[h]) : 1.0) * loss;
   }

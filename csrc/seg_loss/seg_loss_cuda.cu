@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kFinishThreads)
       bad_out[3 * h] = cnt;
       bad_out[3 * h + 1] = lo;
       bad_out[3 * h + 2] = hi;
-      saved[3 * slots + h] = acc_t(w > 0 ? ce_w / w : 0.0);
+      saved[3 * slots + h] = acc_t(w != 0 ? ce_w / w : 0.0);  // as the CPU (seg_loss_cpu.cpp)
     }
   }
   __syncthreads();  // also makes the Dice terms written above visible to the whole block
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kFinishThreads)
     const SegHead& d = tab.h[h];
     double dice = 0;
     for (int64_t k = 0; k < int64_t(d.n) * d.C; ++k) dice += double(saved[2 * slots + d.slot_begin + k]);
-    const double loss = ce_w * (s_w[h] > 0 ? s_ce[h] / s_w[h] : 0.0) +
+    const double loss = ce_w * (s_w[h] != 0 ? s_ce[h] / s_w[h] : 0.0) +
                         (d.n > 0 ? dice_w * dice / (double(d.n) * d.C) : 0.0);
     per_head[h] = acc_t(loss);
     s_loss[h] = loss;

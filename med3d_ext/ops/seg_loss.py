@@ -84,6 +84,11 @@ def multihead_seg_loss(
             # a tensor already on the logits' device avoids a blocking host-to-device copy
             hw = head_weights if head_weights.device == first.device \
                 else head_weights.to(device=first.device)
+        elif any(isinstance(w, torch.Tensor) for w in head_weights):
+            # a list of weight tensors (e.g. learnt ones): stacked, so that each keeps its
+            # gradient (torch.as_tensor would copy their values and detach them)
+            hw = torch.stack([torch.as_tensor(w, device=first.device).to(acc).reshape(())
+                              for w in head_weights])
         else:
             hw = torch.as_tensor(head_weights, dtype=acc, device=first.device)
     cw = None
@@ -113,7 +118,10 @@ def multihead_seg_loss(
     if validate:
         if torch.compiler.is_compiling():
             # The check runs inside an opaque op, so a compiled graph keeps it without a break.
-            total = _check_labels(total, bad, [int(x.shape[1]) for x in logits])
+            # Both outputs pass through it: a graph that used only per_head dropped the
+            # (side-effect free) op whose output it did not need, and the check with it.
+            total, per_head = _check_labels(total, per_head, bad,
+                                            [int(x.shape[1]) for x in logits])
         else:
             _raise_bad_labels(bad, logits)
     return total, per_head
@@ -174,19 +182,22 @@ def _raise_bad_labels(bad: torch.Tensor, classes) -> None:
 
 
 @torch.library.custom_op("med3d_ext::seg_loss_check_labels", mutates_args=())
-def _check_labels(total: torch.Tensor, bad: torch.Tensor, classes: list[int]) -> torch.Tensor:
-    """Returns ``total`` unchanged after raising on bad labels (used under torch.compile)."""
+def _check_labels(total: torch.Tensor, per_head: torch.Tensor, bad: torch.Tensor,
+                  classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(total, per_head)`` unchanged after raising on bad labels (used under
+    torch.compile)."""
     _raise_bad_labels(bad, classes)
-    return total.clone()
+    return total.clone(), per_head.clone()
 
 
 @_check_labels.register_fake
-def _check_labels_fake(total, bad, classes):
-    return torch.empty_like(total)
+def _check_labels_fake(total, per_head, bad, classes):
+    return torch.empty_like(total), torch.empty_like(per_head)
 
 
 _check_labels.register_autograd(
-    lambda ctx, grad: (grad, None, None), setup_context=lambda ctx, inputs, output: None)
+    lambda ctx, g_total, g_per_head: (g_total, g_per_head, None, None),
+    setup_context=lambda ctx, inputs, output: None)
 
 
 def _check_inputs(logits, targets, head_weights, class_weights) -> None:

@@ -718,3 +718,60 @@ def test_fp16_sums_beyond_fp16_range(device):
     (rg,) = torch.autograd.grad(et, [rx])
     assert torch.isfinite(g).all()
     torch.testing.assert_close(g.float(), rg, rtol=TOL[torch.float16][0], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- hunt findings
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_label_check_survives_compile_when_only_per_head_is_used(device):
+    """The check op passed only ``total`` through: a compiled graph that used per_head alone
+    dropped it (a side-effect-free op whose output is unused) and trained on bad labels."""
+    logits, targets, hw, _ = _op_args(device)
+    bad = [t.clone() for t in targets]
+    bad[1].view(-1)[0] = 99
+
+    def per_head_only(xs, ts):
+        return m3d.ops.multihead_seg_loss(xs, ts, validate=True)[1].sum()
+
+    compiled = torch.compile(per_head_only, fullgraph=True, backend="aot_eager")
+    with pytest.raises(SegLabelError, match="head 1"):
+        compiled(logits, bad)
+    torch.testing.assert_close(compiled(logits, targets), per_head_only(logits, targets))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_weights_as_a_list_of_tensors_get_gradients(device):
+    logits, targets = _rand_heads(device, heads=3)
+    w = [torch.tensor(v, device=device, requires_grad=True) for v in (0.5, 1.0, 2.0)]
+    total, per_head = m3d.ops.multihead_seg_loss(logits, targets, head_weights=w)
+    total.backward()
+    for h in range(3):
+        torch.testing.assert_close(w[h].grad, per_head[h].detach().to(w[h].dtype))
+    ref_total, _ = reference.multihead_seg_loss(logits, targets, torch.stack(w).detach())
+    torch.testing.assert_close(total.detach(), ref_total)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_negative_class_weights_match_cross_entropy(device):
+    """F.cross_entropy takes the weighted mean whatever the sign of the weights' sum; the op
+    returned 0 for a sum <= 0."""
+    x = torch.randn(2, 3, 4, 5, 3, device=device, dtype=torch.float64)
+    t = torch.randint(0, 3, (2, 4, 5, 3), device=device)
+    t[0, 0, 0, 0] = 1
+    cw = torch.tensor([-1.0, 0.5, 1.0], device=device, dtype=torch.float64)
+    _, ph = m3d.ops.multihead_seg_loss([x], [t], class_weights=[cw], dice_weight=0.0)
+    torch.testing.assert_close(ph[0], F.cross_entropy(x, t, weight=cw))
+    _, ref = reference.multihead_seg_loss([x], [t], None, 1.0, 0.0, 1e-5, -100, [cw])
+    torch.testing.assert_close(ref[0], F.cross_entropy(x, t, weight=cw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_is_refused(device):
+    logits, targets = _rand_heads(device, heads=2)
+    logits = [x.double().requires_grad_(True) for x in logits]
+    total, _ = m3d.ops.multihead_seg_loss(logits, targets)
+    if not _extension.available():
+        pytest.skip("the reference path is plain autograd (double backward works there)")
+    with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
+        torch.autograd.grad(total, logits, create_graph=True)
