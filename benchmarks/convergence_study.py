@@ -167,19 +167,28 @@ def run_study(out, *, seeds=(0, 1, 2), device="auto", quick=False, medicalnet=No
     from med3d_ext.train.demo import build_once, demo_data, demo_recipe
     from med3d_ext.train.distributed import resolve_device
 
+    # every argument is checked before anything is generated or trained: a mistake found
+    # after the pretraining cost its minutes (or, on a CPU, most of an hour)
     if not seeds:
         raise ValueError("--seeds: need at least one seed")
-    # checked before anything is generated or trained
+    if len(set(seeds)) != len(seeds) or any(not isinstance(k, int) or k < 0 for k in seeds):
+        raise ValueError(f"--seeds: distinct non-negative integers, got {list(seeds)}")
+    if not (isinstance(head_lr, (int, float)) and math.isfinite(head_lr) and head_lr > 0):
+        raise ValueError(f"--head-lr: a positive learning rate, got {head_lr}")
     study_sizes(False, quick, cases, pretrain_steps, transfer_steps)
     mn_arch = None
     if medicalnet is not None:
+        if Path(medicalnet).is_dir():
+            raise ValueError(f"--medicalnet {str(medicalnet)!r} is a folder; name the weights "
+                             "file in it")
         if not Path(medicalnet).is_file():
             raise FileNotFoundError(f"--medicalnet {str(medicalnet)!r}: no such file")
-        from med3d_ext.models import infer_medicalnet_depth
+        from med3d_ext.models import infer_medicalnet_depth, load_medicalnet_weights, resnet3d
 
-        # read before any training: a file that is no MedicalNet ResNet fails here, not after
-        # the pretraining (the transfer reads its depth from the file)
+        # read and checked (keys, shapes, NaN/Inf) before any training: the transfer arm
+        # would find a corrupted file only after the pretraining and two other arms
         mn_arch = infer_medicalnet_depth(medicalnet)
+        load_medicalnet_weights(resnet3d(mn_arch[0], 2, mn_arch[1]), medicalnet)
     t_all = time.perf_counter()
     dev = resolve_device(device)
     sz = study_sizes(dev.type == "cuda", quick, cases, pretrain_steps, transfer_steps)
@@ -339,8 +348,9 @@ def reading(s: dict) -> str:
                 f"({s['target']:.3f}) on its mean curve within the budget")
     # the whole curve, not only the end: mean Dice of each arm at half the budget
     steps = sc["steps"]
-    mid = len(steps) // 2 - 1 if len(steps) >= 2 else 0
-    halfway = (f"; at step {steps[mid]} (half the budget) the mean validation Dice is "
+    # the validation step nearest half the budget (len // 2 - 1 was a third of it for 3 steps)
+    mid = min(range(len(steps)), key=lambda i: abs(steps[i] - steps[-1] / 2))
+    halfway = (f"; at step {steps[mid]} (about half the budget) the mean validation Dice is "
                f"{_f(ours['mean'][mid])} pretrained against {_f(sc['mean'][mid])} from scratch")
     if abs(gain) <= spread:
         acc = (f"the final Dice difference ({gain:+.3f}) is within the seed spread "
@@ -348,7 +358,7 @@ def reading(s: dict) -> str:
     elif gain > 0:
         acc = f"final Dice is higher by {gain:+.3f} (seed std up to {spread:.3f}, {n} seeds)"
     else:
-        acc = f"final Dice is LOWER by {gain:+.3f} (seed std up to {spread:.3f}, {n} seeds)"
+        acc = f"final Dice is LOWER by {-gain:.3f} (seed std up to {spread:.3f}, {n} seeds)"
     paired = _paired(sc, ours)
     coll = []
     for arm, a in s["arms"].items():
@@ -540,8 +550,14 @@ def main(argv=None) -> int:
                    "(default: a temporary folder, deleted)")
     a = p.parse_args(argv)
     if a.render:
-        s = json.loads(Path(a.render).read_text())
-        write_outputs(Path(a.render).parent, s, stem=Path(a.render).stem)
+        try:
+            s = json.loads(Path(a.render).read_text())
+            if not isinstance(s, dict) or not isinstance(s.get("arms"), dict):
+                raise ValueError("not a convergence.json (no 'arms')")
+            write_outputs(Path(a.render).parent, s, stem=Path(a.render).stem)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: --render {a.render!r}: {exc}", file=sys.stderr)
+            return 2
         return 0
     dev = a.device
     if dev == "auto":
@@ -559,6 +575,18 @@ def main(argv=None) -> int:
                       cases=a.cases, pretrain_steps=a.pretrain_steps,
                       transfer_steps=a.transfer_steps)
     except (FileNotFoundError, ValueError, ImportError) as exc:  # e.g. --with-real without nilearn
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. --out under a file
+        print(f"error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bad --device (DeviceError), a refused weights file, ...
+        from med3d_ext.models.weights import MedicalNetWeightsError
+        from med3d_ext.train.distributed import DeviceError
+
+        if not isinstance(exc, (DeviceError, MedicalNetWeightsError)):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("\n" + reading(s))

@@ -475,7 +475,7 @@ def test_reading_names_every_extra_arm():
                                      R: {0: _curve(steps, [0.0, 0.1, 0.1, 0.2])}})
     s.update(device="cpu", seeds=[0], sizes={"every": 4}, pretrain={"steps": 12})
     text = convergence_study.reading(s)
-    assert "at step 8 (half the budget) the mean validation Dice is 0.300 pretrained against 0.100" in text
+    assert "at step 8 (about half the budget) the mean validation Dice is 0.300 pretrained against 0.100" in text
     assert f"'{R}' arm: final Dice 0.200" in text and "-0.100 vs scratch" in text
     assert "target not reached" in text
 
@@ -549,3 +549,23 @@ def test_info_names_composite_kernels():
         pytest.skip("needs the compiled extension")
     keys = dispatch_keys("med3d_ext::seg_loss_check_labels")
     assert keys[0].startswith("CompositeExplicitAutograd")
+
+
+def test_convergence_study_checks_arguments_before_any_work(tmp_path, capsys):
+    """A bad --seeds, --head-lr or --medicalnet file was found after the pretraining (and two
+    transfer arms); --device/--out/--render mistakes ended in tracebacks."""
+    nan = tmp_path / "nan.pth"
+    sd = {k: v.clone() for k, v in m3d.models.resnet3d(10).state_dict().items()
+          if not k.startswith("conv_seg.")}
+    sd["layer1.0.bn1.running_var"][0] = float("nan")
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, nan)
+    out = tmp_path / "out"
+    cases = [(["--seeds", "0", "0"], "distinct non-negative"), (["--seeds", "-1"], "distinct"),
+             (["--head-lr", "nan"], "--head-lr: a positive"), (["--medicalnet", str(tmp_path)],
+                                                                "is a folder"),
+             (["--medicalnet", str(nan)], "NaN/Inf value"), (["--device", "bogus"], "bogus"),
+             (["--render", str(tmp_path / "none.json")], "--render")]
+    for args, msg in cases:
+        assert convergence_study.main(["--quick", "--out", str(out), *args]) == 2, args
+        assert msg in capsys.readouterr().err, args
+    assert not out.exists()

@@ -306,3 +306,19 @@ def test_label_batches_stay_uint8_without_conversion(three):
     with pytest.raises(ValueError, match=r"\[-1, 0\]"):
         _labels_as(np.array([-1, 0], np.int16), torch.uint8, ["x"])
     assert _labels_as(np.array([3, 255], np.int16), torch.uint8, ["x"]).tolist() == [3, 255]
+
+
+def test_sampler_seed_and_argument_types(tmp_path):
+    """A negative seed failed only at the first batch (inside numpy), 1.7 ran as 1, steps=True
+    as 1 and fg_fraction="x" as a raw TypeError."""
+    from med3d_ext.data import MultiDomainSampler, preprocess
+    from python_tests._datahelp import make_msd
+
+    pre = preprocess(make_msd(tmp_path / "ds", n=2), tmp_path / "c", progress=False, workers=0)
+    for kw, what in ((dict(seed=-1), "seed"), (dict(seed=1.7), "seed"), (dict(seed="7"), "seed"),
+                     (dict(steps=True), "steps"), (dict(fg_fraction="x"), "fg_fraction")):
+        with pytest.raises(ValueError, match=f"{what} must be"):
+            MultiDomainSampler([pre], [8, 8, 8], 2, **kw)
+    s = MultiDomainSampler([pre], [8, 8, 8], 2, seed=3, steps=4)
+    with pytest.raises(ValueError, match="expected the dict state_dict"):
+        s.load_state_dict({"position": 1})

@@ -22,12 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cases", type=int, default=4, help="cases per pretraining dataset "
                                                         "(default 4)")
     s.add_argument("--size", type=int, default=48, help="in-plane voxels per side (default 48)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     r = sub.add_parser("real", help="MSD datasets from packaged real volumes (nilearn MNI152; "
                                     "Colin27 if mricron-data is installed)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--cases", type=int, default=6, help="cases per dataset (default 6)")
-    r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    r.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     q = sub.add_parser("preprocess", help="preprocess a raw dataset into the cache")
     q.add_argument("dataset", help="raw dataset folder (MSD, nnU-Net v2, MedicalNet list or "
                                     "labels.csv classification)")
@@ -39,10 +39,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="target spacing in mm (default: the dataset's median)")
     q.add_argument("--skip-bad", action="store_true",
                    help="skip bad cases with a warning list instead of stopping")
-    q.add_argument("--seed", type=int, default=0,
+    q.add_argument("--seed", type=_seed, default=0,
                    help="seed of the foreground voxel samples kept per case (default 0)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _seed(v: str) -> int:
+    n = int(v)
+    if n < 0:  # numpy's generators refuse it, with a message that names no option
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return n
 
 
 def main(argv=None) -> int:

@@ -160,6 +160,14 @@ def _labels_as(lab: np.ndarray, dtype: torch.dtype, cases) -> torch.Tensor:
     return torch.from_numpy(lab)
 
 
+def _seed(v) -> int:
+    """A non-negative integer seed (numpy's generators refuse negative ones, which failed only
+    at the first batch; int(1.7) would silently have been 1)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise ValueError(f"seed must be a non-negative int, got {v!r}")
+    return int(v)
+
+
 class MultiDomainSampler(torch.utils.data.IterableDataset):
     """Batches that mix several preprocessed datasets (Med3D co-training).
 
@@ -170,7 +178,11 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
     fg_fraction: share of samples centred on foreground (default 1/3)
     channels:    per dataset, the channel name/index to use (None -> channel 0); pretraining
                  domains are single-channel
-    steps:       batches per pass (None = endless)
+    steps:       batches in all (None = endless); a stream with a position, not an epoch:
+                 iterating again continues where the last loop stopped, so once ``steps``
+                 batches were drawn a new ``for`` loop yields none (a per-epoch loop gives
+                 ``steps = epochs * steps_per_epoch`` and breaks after each epoch's share, as
+                 the training CLI does; ``state_dict()`` resumes mid-way)
     seed:        everything random derives from (seed, batch index)
 
     label_dtype: None (default: uint8, or int64 when a dataset declares labels >= 256),
@@ -196,10 +208,13 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
                 or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if steps is not None and (not isinstance(steps, numbers.Integral) or steps < 0):
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
+                                  or steps < 0):
             raise ValueError(f"steps must be None (endless) or an int >= 0, got {steps!r}")
-        if not 0.0 <= fg_fraction <= 1.0:
-            raise ValueError(f"fg_fraction must be in [0, 1], got {fg_fraction}")
+        if isinstance(fg_fraction, bool) or not isinstance(fg_fraction, numbers.Real) \
+                or not 0.0 <= fg_fraction <= 1.0:
+            raise ValueError(f"fg_fraction must be a number in [0, 1], got {fg_fraction!r}")
+        seed = _seed(seed)
         channels = list(channels) if channels is not None else [None] * len(datasets)
         if len(channels) != len(datasets):
             raise ValueError(f"channels has {len(channels)} entries for {len(datasets)} "
@@ -229,7 +244,10 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
         return {"seed": self.seed, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
+        if not isinstance(state, dict) or not {"seed", "position"} <= set(state):
+            raise ValueError("load_state_dict: expected the dict state_dict() returns, with "
+                             f"'seed' and 'position', got {state!r}"[:300])
+        self.seed = _seed(state["seed"])
         self.position = int(state["position"])
 
     # -- drawing ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .resnet import ResNet3dEncoder
@@ -23,18 +24,27 @@ from .weights import (
 )
 
 
+def _in_channels(sd, prefix, path) -> int:
+    w = sd[prefix + "conv1.weight"]
+    if w.dim() != 5:  # (else an IndexError): a corrupted or foreign file
+        raise MedicalNetWeightsError(f"{str(path)!r}: conv1.weight has shape {tuple(w.shape)}, "
+                                     "expected (64, in_channels, 7, 7, 7)")
+    return int(w.shape[1])
+
+
 def inspect(path) -> str:
     """A readable summary of a weights file."""
     sd, fmt, meta = read_state_dict(path)
     prefix = _encoder_prefix(sd, str(path))
     depth, shortcut = _infer(sd, prefix, str(path))
+    in_ch = _in_channels(sd, prefix, path)
     enc = {k: v for k, v in sd.items() if _is_encoder_key(k, prefix)}
     other = sorted({k.rsplit(".", 2)[0] for k in sd if k not in enc})
     n_params = sum(v.numel() for k, v in enc.items()
                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     lines = [f"file:      {path}", f"format:    {fmt}",
              f"encoder:   ResNet-{depth}, shortcut {shortcut}, {len(enc)} tensors, "
-             f"{n_params:,} parameters, in_channels {enc[prefix + 'conv1.weight'].shape[1]}",
+             f"{n_params:,} parameters, in_channels {in_ch}",
              f"dtype:     {', '.join(sorted({str(v.dtype) for v in enc.values()}))}"]
     if other:
         lines.append(f"other:     {', '.join(other)}")
@@ -44,15 +54,22 @@ def inspect(path) -> str:
 
 
 def convert(path, out) -> str:
-    """Load the encoder of ``path`` and write it to ``out`` (.safetensors or MedicalNet .pth)."""
+    """Check the encoder of ``path`` (loaded into a model: keys, shapes, values) and write its
+    tensors, dtypes unchanged, to ``out`` (.safetensors or MedicalNet .pth)."""
+    out = str(out)
+    if not out.strip() or out.endswith(("/", os.sep)) or os.path.isdir(out):
+        raise MedicalNetWeightsError(f"OUT {out!r} is not a file name; give one, e.g. "
+                                     "encoder.safetensors or encoder.pth")
     sd, _, _ = read_state_dict(path)
-    depth, shortcut = _infer(sd, _encoder_prefix(sd, str(path)), str(path))
-    in_ch = sd[_encoder_prefix(sd, str(path)) + "conv1.weight"].shape[1]
-    enc = ResNet3dEncoder(depth, shortcut, in_ch)
-    load_medicalnet_weights(enc, path)
-    _write(save_encoder_safetensors if str(out).endswith(".safetensors")
-           else save_encoder_medicalnet, enc, out)
-    return f"wrote ResNet-{depth} (shortcut {shortcut}) encoder to {out}"
+    prefix = _encoder_prefix(sd, str(path))
+    depth, shortcut = _infer(sd, prefix, str(path))
+    enc = ResNet3dEncoder(depth, shortcut, _in_channels(sd, prefix, path))
+    load_medicalnet_weights(enc, path)  # the checks; the model's float32 copy is not written
+    tensors = {k[len(prefix):]: v for k, v in sd.items() if _is_encoder_key(k, prefix)}
+    _write(save_encoder_safetensors if out.endswith(".safetensors")
+           else save_encoder_medicalnet, tensors, out)
+    dtypes = ", ".join(sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()}))
+    return f"wrote ResNet-{depth} (shortcut {shortcut}) encoder ({dtypes}) to {out}"
 
 
 def main(argv=None) -> int:
@@ -85,8 +102,10 @@ def _write(save, enc, out) -> None:
         raise MedicalNetWeightsError(f"cannot write {str(out)!r} ({e.strerror or e}{at})"
                                      ) from None
     except Exception as e:
-        # safetensors reports I/O failures as its own error type (a Rust error, not OSError)
-        if type(e).__name__ != "SafetensorError":
+        # safetensors reports I/O failures as its own error type (a Rust error, not OSError),
+        # torch.save as a RuntimeError from its zip writer ("enforce fail ... Permission denied")
+        if type(e).__name__ != "SafetensorError" and not (
+                isinstance(e, RuntimeError) and "inline_container" in str(e)):
             raise
         raise MedicalNetWeightsError(f"cannot write {str(out)!r} ({e})") from None
 

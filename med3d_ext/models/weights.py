@@ -299,20 +299,21 @@ def _mismatch_cause(have, want) -> str:
     return f"wrong shortcut type; {fix}"
 
 
-def _check_values(where: str, key: str, v: torch.Tensor, want: torch.Tensor) -> None:
+def _check_values(where: str, key: str, v: torch.Tensor, want: torch.Tensor,
+                  what: str = "encoder key") -> None:
     """A corrupted or mislabelled file, caught at load rather than as NaN losses later:
     load_state_dict would silently cast integer/bool tensors into float parameters (and
     complex ones by dropping the imaginary part), and copies NaN/Inf as they are."""
     if v.device.type == "meta":
-        raise MedicalNetWeightsError(f"{where!r}: encoder key {key!r} is a meta tensor (no data)")
+        raise MedicalNetWeightsError(f"{where!r}: {what} {key!r} is a meta tensor (no data)")
     if v.is_complex() or v.is_floating_point() != want.is_floating_point():
         raise MedicalNetWeightsError(
-            f"{where!r}: encoder key {key!r} holds {v.dtype} values, the model's is {want.dtype}: "
+            f"{where!r}: {what} {key!r} holds {v.dtype} values, the model's is {want.dtype}: "
             "not a weights file of this network, or a corrupted one")
     if v.is_floating_point() and not bool(torch.isfinite(v).all()):
         bad = int((~torch.isfinite(v)).sum())
         raise MedicalNetWeightsError(
-            f"{where!r}: encoder key {key!r} holds {bad} NaN/Inf value(s) of {v.numel()}: a "
+            f"{where!r}: {what} {key!r} holds {bad} NaN/Inf value(s) of {v.numel()}: a "
             "corrupted file, or weights saved after training diverged")
 
 
@@ -386,6 +387,7 @@ def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
         elif v.shape != target[tk].shape:
             report.skipped.append(f"{tk} (file {tuple(v.shape)}, model {tuple(target[tk].shape)})")
         else:
+            _check_values(where, k, v, target[tk], "head key")  # checked as the encoder's
             to_load[tk] = v
 
     result = model.load_state_dict(to_load, strict=False)
@@ -432,24 +434,40 @@ def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     CPU and contiguous, from a resnet3d, an encoder or a model with an ``encoder``."""
     model = unwrap_model(model)
     tp = _target_prefix(model)
-    return {k[len(tp):]: v.detach().cpu().contiguous()
-            for k, v in model.state_dict().items() if _is_encoder_key(k, tp)}
+    sd = {k[len(tp):]: v.detach().cpu().contiguous()
+          for k, v in model.state_dict().items() if _is_encoder_key(k, tp)}
+    if "bn1.weight" not in sd and "bn1.running_mean" not in sd:
+        # fold_bn replaced the BatchNorms by conv biases: no MedicalNet-layout encoder (it
+        # exported 24 keys under a MedicalNet label, which no loader could read back)
+        raise MedicalNetWeightsError("the model's BatchNorm is folded into its convolutions "
+                                     "(med3d_ext.nn.fold_bn): export the model before folding "
+                                     "(fold a copy for inference)")
+    return sd
 
 
-def save_encoder_medicalnet(model: nn.Module, path) -> Path:
+def _encoder_tensors(model) -> dict[str, torch.Tensor]:
+    """``encoder_state_dict(model)``, or ``model`` itself when it already is such a mapping
+    (``python -m med3d_ext.models convert`` writes a file's own tensors, dtypes unchanged)."""
+    if isinstance(model, Mapping):
+        return {k: v.detach().cpu().contiguous() for k, v in model.items()}
+    return encoder_state_dict(model)
+
+
+def save_encoder_medicalnet(model, path) -> Path:
     """Write the encoder in MedicalNet's released layout ``{'state_dict': {'module.<key>':
-    tensor}}``, readable by MedicalNet's own code and by ``load_medicalnet_weights``."""
-    sd = {"module." + k: v for k, v in encoder_state_dict(model).items()}
+    tensor}}``, readable by MedicalNet's own code and by ``load_medicalnet_weights``.
+    ``model``: a model, or a mapping of encoder keys (conv1.weight, ...) to tensors."""
+    sd = {"module." + k: v for k, v in _encoder_tensors(model).items()}
     return atomic_save({"state_dict": sd}, path)
 
 
-def save_encoder_safetensors(model: nn.Module, path, metadata: Mapping[str, str] | None = None
+def save_encoder_safetensors(model, path, metadata: Mapping[str, str] | None = None
                              ) -> Path:
     """Write the encoder as ``.safetensors`` (MedicalNet keys, no ``module.``), with the depth
-    and shortcut type in the metadata."""
+    and shortcut type in the metadata. ``model`` as in :func:`save_encoder_medicalnet`."""
     from safetensors.torch import save_file
 
-    sd = encoder_state_dict(model)
+    sd = _encoder_tensors(model)
     depth, shortcut = _infer(sd, "", "<model>")
     meta = {"format": CHECKPOINT_FORMAT, "layout": "medicalnet_encoder", "depth": str(depth),
             "shortcut_type": shortcut, **{str(k): str(v) for k, v in (metadata or {}).items()}}

@@ -144,6 +144,7 @@ VALID: dict[str, tuple] = {
     "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "epochs": (lambda v: v >= 1, ">= 1"),
     "steps": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: v >= 0, ">= 0 (numpy's generators take no negative seed)"),
     "batch_size": (lambda v: v >= 1, ">= 1"),
     "optimizer": (lambda v: v in ("sgd", "adamw"), "sgd | adamw"),
     "lr": (lambda v: v > 0, "> 0"),

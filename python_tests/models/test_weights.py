@@ -478,3 +478,60 @@ def test_cli_inspect_and_convert(tmp_path, src18, capsys):
 
 def manifest_params(depth):
     return json.loads((DATA / f"resnet{depth}.json").read_text())["num_params_encoder"]
+
+
+# ------------------------------------------------------------------------------ hunt findings
+
+
+def test_head_values_are_checked_as_the_encoders(tmp_path, src10):
+    """Head tensors with NaN or integer values were loaded (and cast) without a word."""
+    for key, bad, msg in (("conv_seg.6.weight", float("nan"), r"NaN/Inf value"),
+                          ("conv_seg.3.weight", None, r"torch.int32 values")):
+        sd = {k: v.clone() for k, v in src10.state_dict().items()}
+        if bad is None:
+            sd[key] = sd[key].to(torch.int32)
+        else:
+            sd[key].view(-1)[0] = bad
+        torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "f.pth")
+        with pytest.raises(MedicalNetWeightsError, match=rf"head key '{key}' holds .*{msg}"):
+            load_medicalnet_weights(resnet3d(10), tmp_path / "f.pth")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_cli_convert_keeps_the_files_dtype(tmp_path, src10, dtype, capsys):
+    from med3d_ext.models.__main__ import main
+    from med3d_ext.models.weights import read_state_dict
+
+    src = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in src10.state_dict().items()
+           if not k.startswith("conv_seg.")}
+    torch.save({"state_dict": {"module." + k: v for k, v in src.items()}}, tmp_path / "in.pth")
+    for out in ("out.safetensors", "out.pth"):
+        assert main(["convert", str(tmp_path / "in.pth"), str(tmp_path / out)]) == 0
+        assert str(dtype).replace("torch.", "") in capsys.readouterr().out
+        got, _, _ = read_state_dict(tmp_path / out)
+        got = {k.removeprefix("module."): v for k, v in got.items()}
+        assert set(got) == set(src) and all(torch.equal(got[k], src[k]) for k in src)
+
+
+def test_cli_convert_refuses_folders_and_odd_files(tmp_path, src10, capsys):
+    from med3d_ext.models.__main__ import main
+
+    p = released_file(src10, tmp_path / "r10.pth")
+    for out in ("", str(tmp_path / "newdir") + "/", str(tmp_path)):
+        assert main(["convert", str(p), out]) == 2
+        assert "is not a file name" in capsys.readouterr().err
+    assert not (tmp_path / "newdir").exists()
+    sd = dict(src10.state_dict(), **{"conv1.weight": torch.zeros(64)})
+    torch.save(sd, tmp_path / "flat.pth")
+    assert main(["inspect", str(tmp_path / "flat.pth")]) == 2
+    assert "conv1.weight has shape (64,)" in capsys.readouterr().err
+
+
+def test_a_folded_model_is_not_exported(tmp_path):
+    from med3d_ext.nn import fold_bn
+
+    net = fold_bn(resnet3d(10))
+    for save in (save_encoder_medicalnet, save_encoder_safetensors):
+        with pytest.raises(MedicalNetWeightsError, match="folded into its convolutions"):
+            save(net, tmp_path / "x.pth")
+    assert list(tmp_path.iterdir()) == []
