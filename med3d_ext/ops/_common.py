@@ -48,6 +48,16 @@ def check_tensor(op: str, name: str, t) -> None:
                         f"{type(t).__name__}")
 
 
+def check_bool(op: str, name: str, v) -> None:
+    """A TypeError naming a flag argument that is not a bool (numpy's bool counts): None ran
+    as False (training=None normalised with the running statistics, relu=None dropped the
+    ReLU) and 1.5 as True, silently."""
+    import numpy as np
+
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"med3d_ext.{op}: argument '{name}' must be True or False, got {v!r}")
+
+
 def check_same_device(op: str, ref: torch.Tensor, **tensors) -> None:
     """For fake (meta) kernels: every given tensor (None skipped) on ``ref``'s device. A fake
     kernel also runs when one argument is on the meta device and the others are not, and

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._common import check_tensor, compiled, register_autograd, register_fake
+from ._common import check_bool, check_tensor, compiled, register_autograd, register_fake
 
 __all__ = ["bn_stats"]
 
@@ -23,6 +23,7 @@ def bn_stats(x: torch.Tensor, *, unbiased: bool = False) -> tuple[torch.Tensor, 
         Welford pass in fp32 whatever the input dtype. Differentiable with respect to ``x``.
     """
     check_tensor("bn_stats", "x", x)
+    check_bool("bn_stats", "unbiased", unbiased)
     op = compiled("bn_stats")
     if op is None:
         return reference.bn_stats(x, unbiased)

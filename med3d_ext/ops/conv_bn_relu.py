@@ -21,7 +21,7 @@ import torch
 
 from .. import reference
 from .stem import stem_rewrite
-from ._common import check_same_device, check_tensor, compiled, register_fake
+from ._common import check_bool, check_same_device, check_tensor, compiled, register_fake
 
 __all__ = ["conv_bn_relu3d", "conv_bias_relu3d", "conv_bn_relu_maxpool3d", "im2col_chunk_bytes"]
 
@@ -224,6 +224,8 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
     ``out`` again bit for bit: (y, mean, invstd, bn_weight, bn_bias)."""
     check_tensor("conv_bn_relu3d", "x", x)
     check_tensor("conv_bn_relu3d", "weight", weight)
+    check_bool("conv_bn_relu3d", "training", training)
+    check_bool("conv_bn_relu3d", "relu", relu)
     if momentum is None:
         raise ValueError("conv_bn_relu3d: momentum=None (cumulative average) is handled by "
                          "ConvBNReLU3d / the fused modules; pass 1/num_batches_tracked instead")
@@ -281,6 +283,7 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
     """
     check_tensor("conv_bn_relu_maxpool3d", "x", x)
     check_tensor("conv_bn_relu_maxpool3d", "weight", weight)
+    check_bool("conv_bn_relu_maxpool3d", "training", training)
     if momentum is None:
         raise ValueError("conv_bn_relu_maxpool3d: momentum=None (cumulative average) is handled "
                          "by the fused modules; pass 1/num_batches_tracked instead")
@@ -314,6 +317,7 @@ def conv_bias_relu3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     :func:`conv_bn_relu3d`; ``bias`` (Cout,) or None, kept fp32 under autocast. Differentiable."""
     check_tensor("conv_bias_relu3d", "x", x)
     check_tensor("conv_bias_relu3d", "weight", weight)
+    check_bool("conv_bias_relu3d", "relu", relu)
     stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
                                  _triple(dilation, "dilation"))
     x, weight, residual, (bias,) = _autocast(x, weight, residual, [bias])

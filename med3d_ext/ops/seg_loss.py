@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import reference
-from ._common import compiled, register_fake
+from ._common import check_bool, compiled, register_fake
 
 __all__ = ["multihead_seg_loss", "SegLabelError"]
 
@@ -71,6 +71,7 @@ def multihead_seg_loss(
     # Eager calls of a small loss are host-bound, so this path does only what it must: no
     # tensor op unless head_weights / class_weights need converting, and the op itself (its
     # autograd is C++, csrc/seg_loss/seg_loss_autograd.cpp).
+    check_bool("multihead_seg_loss", "validate", validate)
     logits = _tensor_list("logits", logits)
     targets = _tensor_list("targets", targets)
     if not logits:

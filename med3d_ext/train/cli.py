@@ -121,6 +121,10 @@ def _setup(cfg, command):
     elif fused and not fusion_available():
         raise C.ConfigError("--fused: the fused ops are not available in this build (compiled "
                             "extension or med3d_ext.nn missing); use --no-fused")
+    if cfg.get("sync_bn") and ctx.device.type != "cuda":
+        # before any data is read or model built (it failed on every rank with a traceback)
+        raise C.ConfigError(f"--sync-bn: SyncBatchNorm runs on CUDA devices only (this run is "
+                            f"on {ctx.device}); drop --sync-bn for gloo/CPU runs")
     cl = cfg.get("channels_last")
     if cl is None:
         cl = ctx.device.type == "cuda"
@@ -345,7 +349,8 @@ def main(argv=None) -> int:
             else:
                 train_command(ns.command, cfg)
     except C.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank finds it: under torchrun, say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from the rank that saved

@@ -127,13 +127,26 @@ def run_on_main(fn, ctx: DistContext):
         raise error
     result, failed = sent
     if failed is not None:
-        cls, message = failed
-        try:
-            rebuilt = cls(message)
-        except Exception:  # noqa: BLE001 - a constructor that takes other arguments
-            rebuilt = RuntimeError(message)
-        raise rebuilt
+        raise _rebuild(*failed)
     return result
+
+
+def _rebuild(cls, message: str) -> BaseException:
+    """An exception of ``cls`` whose str() is ``message``, for a rank that did not raise it,
+    so that the CLI reports it as on rank 0 (a one-line error, not a traceback). A class whose
+    constructor takes other arguments (DataError(path, problem)) is built without it."""
+    try:
+        return cls(message)
+    except Exception:  # noqa: BLE001 - a constructor that takes other arguments
+        pass
+    try:
+        exc = cls.__new__(cls)
+        BaseException.__init__(exc, message)
+        if str(exc) == message:
+            return exc
+    except Exception:  # noqa: BLE001
+        pass
+    return RuntimeError(message)
 
 
 _flag_group = None  # a gloo group for host-side flags when the default group is NCCL

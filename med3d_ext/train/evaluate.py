@@ -202,6 +202,9 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         n_cls = arch["heads"][head]
         predictor = lambda x: model.forward_head(x, head)  # noqa: E731
     else:
+        if cfg.get("head"):  # it was ignored, and the run's conv_seg evaluated
+            raise ConfigError(f"--head {cfg['head']!r}: only a pretraining run has named heads; "
+                              f"this {arch['task']} run has one (drop --head)")
         head, n_cls, predictor = "conv_seg", arch["num_classes"], model
     check_classes(pre.name, int(pre.num_classes), int(n_cls), head)
     if rec is None and ckpt.get("preprocessing"):
@@ -325,6 +328,9 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
 
     from .tasks import cls_case_names, load_cls_volume, read_cls_csv
 
+    if cfg.get("head"):
+        raise ConfigError(f"--head {cfg['head']!r}: only a pretraining run has named heads; "
+                          "this classification run has one (drop --head)")
     paths, labels = read_cls_csv(data_dir)
     classes = list(ckpt.get("classes") or [])
     unknown = sorted(set(labels) - set(classes), key=int)

@@ -248,9 +248,10 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         if ck["arch"] != job.arch:
             raise TrainingError(f"--resume {str(path)!r}: the checkpoint's model {ck['arch']} "
                                 f"differs from the one this configuration builds {job.arch}")
-        if ck["epoch"] < job.freeze_epochs:
-            _set_frozen(model, True)
-            frozen = True
+        # frozen after the DDP wrap below, as a fresh run is: DDP registers only parameters
+        # that require grad when it is built, and an encoder frozen before it never had its
+        # gradients averaged once it thawed (the ranks' encoders drifted apart)
+        resume_frozen = ck["epoch"] < job.freeze_epochs
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -258,9 +259,18 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"])
-        job.loader.load_state_dict(ck["sampler"])
+        # The checkpoint holds rank 0's streams (rank 0 alone saves). Each rank keeps its own
+        # sampler seed (batches depend only on seed and position: exact) and, under torchrun,
+        # restarts its augmentation stream from its own seed and the step (else every rank
+        # trained on rank 0's patches after a resume).
+        own_seed = job.loader.state_dict().get("seed")
+        job.loader.load_state_dict(ck["sampler"] if own_seed is None else
+                                   dict(ck["sampler"], seed=own_seed))
         if ck.get("augment") is not None and hasattr(job.augment, "load_state_dict"):
+            own_aug = job.augment.state_dict().get("seed") if ctx.world_size > 1 else None
             job.augment.load_state_dict(ck["augment"])
+            if own_aug is not None and hasattr(job.augment, "reseed"):
+                job.augment.reseed((int(own_aug) * 1000003 + int(ck["step"])) % 2**63)
         start = int(ck["step"])
         saved_at["step"] = start
         best = dict(ck.get("best") or best)
@@ -272,6 +282,9 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
 
     net = wrap_ddp(model, ctx, sync_bn=cfg.get("sync_bn", False),
                    find_unused=job.find_unused or job.freeze_epochs > 0)
+    if resume_from is not None and resume_frozen:
+        _set_frozen(model, True)
+        frozen = True
     graphed = False  # compiled with CUDA graphs: each step must be marked (below)
     if cfg.get("compile"):
         mode = cfg.get("compile_mode", "default")

@@ -787,3 +787,25 @@ def test_one_running_buffer_is_refused_as_batch_norm_does(device, given, op):
                                          "None or neither be None"):
         getattr(m3d.ops, op)(x, w, None, None, *pair, padding=1, training=True)
     assert torch.equal(rm, torch.zeros(4, device=device)) and torch.equal(rv, torch.ones(4, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flag_arguments_must_be_bools(device):
+    """training=None ran in eval mode, relu=None dropped the ReLU, 1.5 meant True: silently."""
+    x = torch.randn(2, 2, 5, 5, 5, device=device)
+    w = torch.randn(3, 2, 3, 3, 3, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    for kw, name in ((dict(training=None), "training"), (dict(relu=None), "relu"),
+                     (dict(training=1.5), "training")):
+        with pytest.raises(TypeError, match=f"argument '{name}' must be True or False"):
+            m3d.ops.conv_bn_relu3d(x, w, None, None, rm, rv, **kw)
+    with pytest.raises(TypeError, match="argument 'relu' must be True or False"):
+        m3d.ops.conv_bias_relu3d(x, w, None, relu="yes")
+    with pytest.raises(TypeError, match="argument 'unbiased' must be True or False"):
+        m3d.ops.bn_stats(x, unbiased=None)
+    with pytest.raises(TypeError, match="argument 'validate' must be True or False"):
+        m3d.ops.multihead_seg_loss([torch.randn(1, 2, 3, device=device)],
+                                   [torch.zeros(1, 3, dtype=torch.long, device=device)],
+                                   validate=None)
+    import numpy as np
+    m3d.ops.conv_bn_relu3d(x, w, None, None, rm, rv, training=np.bool_(True))  # numpy's bool

@@ -102,3 +102,49 @@ def test_ctrl_c_under_torchrun_saves_and_resumes(tiny_data, tmp_path):
     steps = [x["step"] for x in read_metrics(out / "metrics.jsonl") if x["kind"] == "train"]
     assert steps == sorted(set(steps)) and set(steps) == {3, 6, 9, 10} | {stopped}, steps
     assert not list(out.glob(".*.tmp"))
+
+
+_DUMP_WRAPPER = '''
+import os, sys, torch
+import med3d_ext.train.loops as L
+import med3d_ext.train.cli as cli
+orig = L.run_training
+def patched(cfg, job, run_dir, ctx=None, **kw):
+    out = orig(cfg, job, run_dir, ctx, **kw)
+    torch.save({"loader": job.loader.state_dict(),
+                "params": {k: v.detach().clone() for k, v in job.model.named_parameters()}},
+               os.path.join(os.environ["DUMP"], f"rank{os.environ.get('RANK', '0')}.pt"))
+    return out
+L.run_training = patched
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def test_resume_under_torchrun_keeps_each_ranks_stream_and_syncs_a_thawed_encoder(tiny_data,
+                                                                                  tmp_path):
+    """Rank 0 alone saves checkpoints: on resume every rank loaded rank 0's sampler seed (all
+    ranks trained on the same patches), and an encoder frozen before the DDP wrap never had its
+    gradients averaged once it thawed (the ranks' encoders drifted apart)."""
+    from med3d_ext.models import resnet3d, save_encoder_medicalnet
+
+    enc = save_encoder_medicalnet(resnet3d(10), tmp_path / "enc.pth")
+    wrapper = tmp_path / "wrap.py"
+    wrapper.write_text(_DUMP_WRAPPER)
+    run, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(wrapper), "transfer"]
+    first = tiny_args(tiny_data["transfer"], run, "--cache", tiny_data["cache"], "--pretrained",
+                      enc, "--freeze-epochs", 2, "--epochs", 1)
+    env = dict(cli_env(), DUMP=str(dump))
+    r = subprocess.run(base + list(map(str, first)), env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    r = subprocess.run(base + ["--resume", str(run), "--epochs", "3", "--no-progress"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    a, b = (torch.load(dump / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    assert a["loader"]["position"] == b["loader"]["position"] == 6
+    assert a["loader"]["seed"] != b["loader"]["seed"]  # each rank its own patches
+    diff = [k for k in a["params"] if not torch.equal(a["params"][k], b["params"][k])]
+    assert not diff, diff[:5]  # DDP kept every parameter in sync, the thawed encoder's too

@@ -172,6 +172,10 @@ def test_cli_resume_rules_and_evaluate_checkpoint_conflict(tiny_data, tmp_path):
               tiny_data["cache"], "--out", tmp_path / "p2", "--device", "cpu", "--no-progress"])
     assert r.returncode == 1 and "is a classification folder" in r.stderr, r.stderr[-2000:]
     assert json.loads((run / "summary.json").read_text())["score_metric"] == "dice"
+    # --head on a transfer run was ignored (its conv_seg evaluated)
+    r = _run(["evaluate", "--run", run, "--head", "Task03_Liver", "--data", tiny_data["transfer"],
+              "--cache", tiny_data["cache"], "--out", tmp_path / "p3", "--device", "cpu"])
+    assert r.returncode == 2 and "only a pretraining run has named heads" in r.stderr
 
 
 def test_cls_labels_outside_classes_json_or_negative(tmp_path, tiny_data):
@@ -191,3 +195,19 @@ def test_cls_labels_outside_classes_json_or_negative(tmp_path, tiny_data):
     with pytest.raises(DataFolderError, match=r"line 2: label -1 .* is negative"):
         read_cls_csv(root)
     json.loads((root / "classes.json").read_text())  # untouched
+
+
+def test_sync_bn_on_cpu_is_refused_before_any_work(tmp_path, capsys):
+    assert main(["pretrain", "--data", tmp_path / "nothing", "--sync-bn", "--device", "cpu"]) == 2
+    assert "--sync-bn: SyncBatchNorm runs on CUDA devices only" in capsys.readouterr().err
+
+
+def test_other_ranks_rebuild_errors_with_two_argument_constructors():
+    """run_on_main re-raises rank 0's error on the others: DataError(path, problem) could not be
+    rebuilt from its message and became a RuntimeError (a traceback on rank 1)."""
+    from med3d_ext.data import DataError
+    from med3d_ext.train.distributed import _rebuild
+
+    err = _rebuild(DataError, "/x/a.nii.gz: not a readable image file")
+    assert type(err) is DataError and str(err) == "/x/a.nii.gz: not a readable image file"
+    assert type(_rebuild(ValueError, "v")) is ValueError
