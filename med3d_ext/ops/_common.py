@@ -3,9 +3,12 @@ registration helpers that are no-ops when the extension is not loaded."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import _extension
+
+_BOOLS = (bool, np.bool_)
 
 
 _OPS: dict = {}
@@ -52,9 +55,7 @@ def check_bool(op: str, name: str, v) -> None:
     """A TypeError naming a flag argument that is not a bool (numpy's bool counts): None ran
     as False (training=None normalised with the running statistics, relu=None dropped the
     ReLU) and 1.5 as True, silently."""
-    import numpy as np
-
-    if not isinstance(v, (bool, np.bool_)):
+    if not isinstance(v, _BOOLS):
         raise TypeError(f"med3d_ext.{op}: argument '{name}' must be True or False, got {v!r}")
 
 
