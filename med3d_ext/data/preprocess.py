@@ -53,7 +53,9 @@ RECIPE_VERSION = 1
 CACHE_VERSION = 2  # 2: the per-case files moved into cases/ (1: beside cache.json)
 ENTRIES = "cases"  # the cache's sub-folder of per-case files
 _ENTRY_SUFFIXES = (".json", ".image.npy", ".label.npy", ".locs.npz", ".fg.npy")
-FG_SAMPLES = 10000  # foreground intensities kept per CT case for the dataset percentiles
+# foreground intensities kept per CT case for the dataset percentiles (nnU-Net's number): the
+# percentiles are over these samples, so every case weighs the same, whatever its size
+FG_SAMPLES = 10000
 LOCS_PER_CLASS = 2000  # foreground voxel positions kept per class for patch sampling
 
 

@@ -270,8 +270,11 @@ def _validate_seg(model, sets, cfg, predictor_for):
                     overlap=cfg["overlap"], sw_batch_size=cfg["sw_batch_size"],
                     pad_value=pre.background_value(i, ch))
                 pred = probs.argmax(1)[0].cpu()
+                # the head's classes, as evaluate scores them: a validation subset of a dataset
+                # without declared labels counts only the values its own cases hold, and a
+                # class predicted but absent from them (Dice 0) went unscored
                 vals.append(nanmean(dice_per_class(pred, torch.from_numpy(lab.astype(np.int64)),
-                                                   pre.num_classes)))
+                                                   int(probs.shape[1]))))
             d = nanmean(vals)
             out[f"val_dice/{name}"] = d
             scores.append(d)

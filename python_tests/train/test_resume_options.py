@@ -211,3 +211,39 @@ def test_other_ranks_rebuild_errors_with_two_argument_constructors():
     err = _rebuild(DataError, "/x/a.nii.gz: not a readable image file")
     assert type(err) is DataError and str(err) == "/x/a.nii.gz: not a readable image file"
     assert type(_rebuild(ValueError, "v")) is ValueError
+
+
+def test_validation_scores_every_class_of_the_head():
+    """A validation subset of a dataset without declared labels counted only the label values
+    its own cases hold: a class the model predicted but those cases lack (Dice 0) went unscored
+    and the logged validation Dice (best checkpoint, --target-dice) was too high."""
+    import numpy as np
+
+    from med3d_ext.train.tasks import _validate_seg
+
+    lab = np.zeros((8, 8, 8), np.uint8)
+    lab[2:6, 2:6, 2:6] = 1
+    x = lab.astype(np.float32)[None].copy()
+    x[0, :, :, :2] = 2.0  # the "model" below predicts class 2 there: truth is background
+
+    class Val:  # the view of a held-out case that a dataset without labels.json gives
+        name, channels, num_classes = "v", ["MR"], 2  # num_classes from its own values
+
+        def __len__(self):
+            return 1
+
+        def channel_index(self, c):
+            return 0
+
+        def load_case(self, i, ch):
+            return x, lab, {}
+
+        def background_value(self, i, ch):
+            return 0.0
+
+    def model(w):  # logits: 10 for the class equal to the input value
+        return torch.cat([(w == k).float() * 10 for k in range(3)], 1)
+
+    cfg = {"patch": [8, 8, 8], "overlap": 0.5, "sw_batch_size": 1, "channel": None}
+    out = _validate_seg(torch.nn.Linear(1, 1), [("v", Val())], cfg, lambda k: model)
+    assert out["dice"] == pytest.approx(0.5)  # class 1 perfect, class 2 spurious (0)
