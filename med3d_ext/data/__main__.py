@@ -125,7 +125,7 @@ def _preprocess_targets(dataset, out) -> list:
 
     from .io import DataError
     from .layouts import find_datasets
-    from .preprocess import cache_subdir
+    from .cache import cache_subdir
 
     try:
         dirs = find_datasets(dataset) if Path(dataset).is_dir() else [dataset]

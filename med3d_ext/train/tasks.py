@@ -100,7 +100,7 @@ def open_preprocessed(path, cfg, split: str = "train", recipe: dict | None = Non
 
     cache = None
     if cfg.get("cache"):
-        from med3d_ext.data.preprocess import cache_subdir
+        from med3d_ext.data.cache import cache_subdir
 
         cache = cache_subdir(cfg["cache"], path)
         if _cache_of(Path(cfg["cache"]), path):  # `data preprocess DIR --out CACHE` made it
