@@ -349,8 +349,8 @@ def main(argv=None) -> int:
             else:
                 train_command(ns.command, cfg)
     except C.ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank finds it: under torchrun, say it once
-            print(f"error: {e}", file=sys.stderr)
+        # every rank says it: under srun/mpirun each rank's output may go to a log of its own
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from the rank that saved
