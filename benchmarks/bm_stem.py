@@ -62,8 +62,11 @@ def run(ctx):
     # decided by these rows
     dt = torch.bfloat16 if ctx.gpu else torch.float32
     tag = "bf16 CL" if ctx.gpu else "fp32"
+    # without the extension the "algorithm" rows run the reference (plain conv3d): the note
+    # says so, or a plain conv3d would pass for the im2col GEMM
     case.add(f"med3d_ext im2col3d + GEMM {tag}",
-             lambda: _conv_alone(x, w, gy, dt, ctx.gpu, _algo_conv("im2col")))
+             lambda: _conv_alone(x, w, gy, dt, ctx.gpu, _algo_conv("im2col")),
+             note=op_backend("conv_bias_relu3d", ctx.device))
     if ctx.gpu:  # 32 MB chunks: the columns may stay in L2 between im2col3d and the GEMM
         case.add(f"med3d_ext im2col3d + GEMM {tag}, 32 MB chunks",
                  lambda: _with_chunks(_conv_alone(x, w, gy, dt, True, _algo_conv("im2col")),

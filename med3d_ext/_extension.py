@@ -9,7 +9,10 @@ generated ``_build_config.py``, so a mismatch gives a readable message instead o
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import struct
 import warnings
 
 import torch
@@ -46,12 +49,51 @@ def _load() -> None:
             f"{torch.__version__} is running. " + REBUILD_HINT
         )
         return
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is None or not spec.origin:
+        # "from . import _C" said "cannot import name '_C' from partially initialized module
+        # (most likely due to a circular import)" for a module that is simply not there
+        LOAD_ERROR = ("the compiled extension is not built: no med3d_ext/_C*.so for this Python "
+                      "(its file name carries the Python version and ABI). " + REBUILD_HINT)
+        return
+    damaged = _damaged_elf(spec.origin)
+    if damaged:  # dlopen of a truncated ELF file dies of SIGBUS: no exception to catch
+        LOAD_ERROR = f"{spec.origin} is damaged ({damaged}). " + REBUILD_HINT
+        return
     try:
-        from . import _C as compiled
-    except ImportError as exc:  # e.g. a missing shared library
+        compiled = importlib.import_module(f"{__package__}._C")
+    except ImportError as exc:  # e.g. a missing shared library, an undefined symbol
         LOAD_ERROR = f"med3d_ext._C failed to load: {exc}. " + REBUILD_HINT
         return
     _C = compiled
+
+
+def _damaged_elf(path: str) -> str | None:
+    """Why the shared library at ``path`` cannot be mapped whole, or None. A file cut short (a
+    copy or an install interrupted, a full disk) passes Python's checks, and dlopen then maps
+    pages beyond its end: the process dies of SIGBUS inside ``import med3d_ext``. A 64-bit ELF
+    file must hold every loadable segment and its section header table."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:
+                return None  # not a 64-bit ELF file: let the importer say what it is
+            end = "<" if head[5] == 1 else ">"
+            phoff, shoff = struct.unpack_from(end + "QQ", head, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "HHHH", head, 0x36)
+            if shoff + shentsize * shnum > size or phoff + phentsize * phnum > size:
+                return f"{size} bytes, shorter than its headers say"
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+        for k in range(phnum):
+            p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(end + "IIQQQQ", table,
+                                                                     k * phentsize)
+            if p_type == 1 and p_offset + p_filesz > size:  # PT_LOAD past the end of the file
+                return f"{size} bytes, a loadable segment ends at byte {p_offset + p_filesz}"
+    except (OSError, struct.error) as exc:
+        return f"unreadable: {exc}"
+    return None
 
 
 _load()

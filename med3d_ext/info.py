@@ -13,17 +13,20 @@ def collect() -> dict:
     from med3d_ext.ops._common import dispatch_keys, op_names
 
     build = _extension.build_info()
+    cfg = _extension.BUILD_CONFIG  # the generated _build_config.py: known even when _C failed
+    built_against = build.get("torch_version") or getattr(cfg, "TORCH_VERSION", None)
     return {
         "med3d_ext": med3d_ext.__version__,
         "python": sys.version.split()[0],
         "torch_running": torch.__version__,
-        "torch_built_against": build.get("torch_version"),
+        "torch_built_against": built_against,
         "extension_loaded": build["loaded"],
         "extension_error": build.get("error"),
         "with_cuda": build.get("with_cuda", False),
         "cuda_version": build.get("cuda_version") or None,
         "cuda_archs": build.get("cuda_archs") or None,
         "openmp": build.get("openmp"),
+        # the compiled ops (none when _C is not loaded: every op then runs med3d_ext.reference)
         "ops": {name: dispatch_keys(name) for name in op_names()},
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,

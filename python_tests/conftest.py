@@ -66,6 +66,19 @@ def pytest_sessionstart(session):
                         f"{_extension.LOAD_ERROR}", returncode=3)
 
 
+def pytest_report_header(config):
+    """Say at the top which ops the run tests: without the compiled extension every op runs
+    med3d_ext.reference, and the tests of the compiled ops' own argument checks (dtypes,
+    layouts, empty outputs) fail there (the reference does not repeat every C++ check)."""
+    from med3d_ext import _extension
+
+    if _extension.available():
+        return "med3d_ext: compiled extension loaded"
+    return ("med3d_ext: compiled extension NOT loaded, testing the reference fallback "
+            f"({_extension.LOAD_ERROR.splitlines()[0]}); tests of the compiled ops' argument "
+            "checks will fail: build it (README, Quick start)")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -95,3 +95,44 @@ def test_build_info_matches_running_torch():
     info = _extension.build_info()
     assert info["loaded"] and info["torch_version"] == torch.__version__
     assert isinstance(info["with_cuda"], bool)
+
+
+def test_a_truncated_library_is_refused_before_dlopen(tmp_path):
+    """dlopen of a shared library cut short (an interrupted copy or install, a full disk) died
+    of SIGBUS inside `import med3d_ext`, with no exception to turn into the fallback."""
+    from med3d_ext import _extension
+
+    if not _extension.available():
+        pytest.skip("needs the built library to cut short")
+    so = _extension._C.__file__
+    assert _extension._damaged_elf(so) is None
+    data = open(so, "rb").read()
+    for n in (1000, 65536, len(data) // 2):
+        cut = tmp_path / f"cut{n}.so"
+        cut.write_bytes(data[:n])
+        assert "shorter than its headers say" in _extension._damaged_elf(str(cut)) or \
+            "a loadable segment ends at byte" in _extension._damaged_elf(str(cut))
+    not_elf = tmp_path / "text.so"
+    not_elf.write_text("not a library")
+    assert _extension._damaged_elf(str(not_elf)) is None  # the importer says what it is
+
+
+def test_reference_fallback_of_the_fused_ops(monkeypatch):
+    """Without the compiled op (the reference route): a fused ResNet trains (the stem's output
+    was saved by its ReLU and then modified by the model's in-place ReLU), a wider residual
+    does not promote the output, and numpy's bool is a flag."""
+    import numpy as np
+
+    from med3d_ext.models import resnet3d
+    from med3d_ext.nn import fuse_modules
+    from med3d_ext.ops import conv_bn_relu as cbr
+
+    monkeypatch.setattr(cbr, "compiled", lambda name: None)
+    m = fuse_modules(resnet3d(10)).train()
+    m(torch.randn(2, 1, 16, 16, 16)).mean().backward()
+    assert m.conv1.weight.grad is not None
+    x, w = torch.randn(2, 2, 5, 5, 5), torch.randn(3, 2, 3, 3, 3)
+    r = torch.randn(2, 3, 3, 3, 3, dtype=torch.float64)
+    assert cbr.conv_bn_relu3d(x, w, None, None, None, None, residual=r).dtype == torch.float32
+    assert cbr.conv_bias_relu3d(x, w, None, residual=r).dtype == torch.float32
+    cbr.conv_bn_relu3d(x, w, None, None, torch.zeros(3), torch.ones(3), training=np.bool_(True))

@@ -26,6 +26,9 @@ def bn_stats(x: torch.Tensor, *, unbiased: bool = False) -> tuple[torch.Tensor, 
     check_bool("bn_stats", "unbiased", unbiased)
     op = compiled("bn_stats")
     if op is None:
+        if x.dim() < 2 or not x.is_floating_point():  # the compiled op's check, repeated
+            raise RuntimeError(f"med3d_ext.bn_stats: argument 'x' must be a floating point "
+                               f"(N, C, ...) tensor, got shape {tuple(x.shape)}, dtype {x.dtype}")
         return reference.bn_stats(x, unbiased)
     return op(x, unbiased)
 

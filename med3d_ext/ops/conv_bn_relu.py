@@ -235,10 +235,11 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
                                                           [bn_weight, bn_bias])
     op = compiled("conv_bn_relu3d")
     if op is None:
-        return reference.conv_bn_relu3d(
+        out = reference.conv_bn_relu3d(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-            padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
-            residual=residual, relu=relu), None
+            padding=padding, dilation=dilation, training=bool(training), momentum=momentum,
+            eps=eps, residual=_residual_like(residual, x), relu=bool(relu))
+        return _detach_saved_output(out, relu), None
     x, weight, bn_weight, bn_bias, stride, padding, algo = _prepare_bn_call(
         "conv_bn_relu3d", x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
         padding, dilation, training, eps)
@@ -249,6 +250,20 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
         _update_running_stats(running_mean, running_var, mean, var, momentum)
     recipe = (y, mean, invstd, bn_weight, bn_bias) if relu and residual is None else None
     return out, recipe
+
+
+def _residual_like(residual, x):
+    """The reference fallback's residual, cast to the output's dtype as the op does (a float64
+    residual promoted the fallback's output to float64)."""
+    return residual if residual is None or residual.dtype == x.dtype else residual.to(x.dtype)
+
+
+def _detach_saved_output(out, relu):
+    """The reference fallback's output, safe for a following in-place op: its ReLU saved its
+    output for backward, so a model's ``nn.ReLU(inplace=True)`` after the fused stem (MedicalNet
+    applies one, idempotent on our non-negative output) broke backward ("modified by an inplace
+    operation"). The compiled op saves the pre-BatchNorm tensor instead; here a copy does."""
+    return out.clone() if relu and out.requires_grad else out
 
 
 def _update_running_stats(running_mean, running_var, mean, var, momentum):
@@ -296,8 +311,8 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
     if op is None:
         return reference.conv_bn_relu_maxpool3d(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-            padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
-            pool_kernel=pk, pool_stride=ps, pool_padding=pp)
+            padding=padding, dilation=dilation, training=bool(training), momentum=momentum,
+            eps=eps, pool_kernel=pk, pool_stride=ps, pool_padding=pp)
     x, weight, bn_weight, bn_bias, stride, padding, algo = _prepare_bn_call(
         "conv_bn_relu_maxpool3d", x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride, padding, dilation, training, eps)
@@ -325,8 +340,10 @@ def conv_bias_relu3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if op is None:
         if bias is not None:
             bias = bias.to(x.dtype)
-        return reference.conv_bias_relu3d(x, weight, bias, stride=stride, padding=padding,
-                                          dilation=dilation, residual=residual, relu=relu)
+        out = reference.conv_bias_relu3d(x, weight, bias, stride=stride, padding=padding,
+                                         dilation=dilation, residual=_residual_like(residual, x),
+                                         relu=bool(relu))
+        return _detach_saved_output(out, relu)
     x, weight, stride, padding, algo = _prepare_conv(x, weight, stride, padding, dilation)
     return op(x, weight, bias, residual, stride, padding, dilation, relu, algo)
 
