@@ -85,6 +85,14 @@ def _autocast(x, weight, residual, bias_like):
 STEM_CONV = os.environ.get("MED3D_EXT_STEM_CONV", "auto")
 _STEM_CONVS = ("auto", "im2col", "implicit_gemm", "space_to_depth", "space_to_depth_fold_w",
                "aten")
+if STEM_CONV not in _STEM_CONVS:
+    # said at import, naming the variable (it failed at the first stem convolution, with a
+    # traceback naming the Python attribute); import med3d_ext must still work
+    import warnings
+
+    warnings.warn(f"environment variable MED3D_EXT_STEM_CONV={STEM_CONV!r} is not one of "
+                  f"{', '.join(_STEM_CONVS)}; using 'auto'", stacklevel=2)
+    STEM_CONV = "auto"
 # the ops' conv_algo (csrc/conv_bn_relu/conv_bn_relu.h, ConvAlgo)
 _CONV_ALGO = {"aten": 0, "im2col": 1, "implicit_gemm": 2}
 

@@ -91,7 +91,8 @@ OPTIONS: dict[str, Option] = {
     "val_fraction": Option(0.2, "float", "share of cases held out for validation", _ALL),
     "target_dice": Option(0.5, "float", "record the first step whose validation score "
                           "reaches this (segmentation: Dice; classification: accuracy)", _T),
-    "augment": Option(True, "bool", "random affine/intensity augmentation", _T),
+    "augment": Option(True, "bool", "random augmentation (segmentation: affine/elastic/"
+                      "intensity, RandomAugment3D; classification: axis flips)", _T),
     "label_grid": Option("logits", "str", "where the loss is computed: logits (labels sampled "
                          "nearest onto the 1/4 logit grid, MedicalNet) | patch (logits "
                          "upsampled trilinearly to the patch, as in evaluation; better for "

@@ -565,11 +565,13 @@ def load_cls_volume(path, patch, channel=None) -> torch.Tensor:
 
 class ClsLoader:
     """Counter-based classification batches (batch b depends only on seed and b): random
-    cases with random axis flips."""
+    cases, with random axis flips when ``flip`` (the classification task's augmentation,
+    ``--augment``; ``--no-augment`` used to be ignored here)."""
 
-    def __init__(self, images, labels, batch_size, seed, steps):
+    def __init__(self, images, labels, batch_size, seed, steps, flip: bool = True):
         self.images, self.labels = images, labels
         self.batch_size, self.seed, self.steps = batch_size, int(seed), steps
+        self.flip = bool(flip)
         self.position = 0
 
     def state_dict(self):
@@ -581,7 +583,9 @@ class ClsLoader:
     def batch(self, b):
         rng = np.random.default_rng([self.seed, b])
         idx = rng.integers(len(self.images), size=self.batch_size)
-        flips = rng.random((self.batch_size, 3)) < 0.5
+        flips = rng.random((self.batch_size, 3)) < 0.5  # drawn either way: same cases
+        if not self.flip:
+            flips[:] = False
         imgs = []
         for i, f in zip(idx, flips):
             x = self.images[int(i)]
@@ -636,7 +640,8 @@ def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
                                          return_report=True)
     model = _finish_model(model, cfg, dev, channels_last)
     loader = ClsLoader([imgs[names[i]] for i in ti], y[ti], cfg["batch_size"],
-                       cfg["seed"] * 1000003 + rank, cfg["epochs"] * cfg["steps"])
+                       cfg["seed"] * 1000003 + rank, cfg["epochs"] * cfg["steps"],
+                       flip=bool(cfg.get("augment", True)))
 
     def prepare(batch, d):
         image = _to_dev(batch["image"], d)

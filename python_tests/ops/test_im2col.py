@@ -348,6 +348,12 @@ def test_stem_conv_environment_override():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.split() == ["im2col"], r.stderr[-2000:]
+    # a bad value is said at import, naming the variable (it failed at the first stem
+    # convolution, with a traceback naming the Python attribute)
+    r = subprocess.run([sys.executable, "-c", code], env=dict(env, MED3D_EXT_STEM_CONV="bogus"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["auto"], r.stderr[-2000:]
+    assert "MED3D_EXT_STEM_CONV='bogus' is not one of" in r.stderr
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -247,3 +247,20 @@ def test_validation_scores_every_class_of_the_head():
     cfg = {"patch": [8, 8, 8], "overlap": 0.5, "sw_batch_size": 1, "channel": None}
     out = _validate_seg(torch.nn.Linear(1, 1), [("v", Val())], cfg, lambda k: model)
     assert out["dice"] == pytest.approx(0.5)  # class 1 perfect, class 2 spurious (0)
+
+
+def test_cls_loader_flips_only_with_augment():
+    """transfer --task cls ignored --no-augment: its loader flipped every batch regardless."""
+    from med3d_ext.train.tasks import ClsLoader
+
+    imgs = [torch.randn(1, 4, 5, 6) for _ in range(3)]
+    y = torch.tensor([0, 1, 0])
+    on, off = (ClsLoader(imgs, y, 4, seed=3, steps=8, flip=f) for f in (True, False))
+    flipped = 0
+    for b in range(8):
+        a, p = on.batch(b), off.batch(b)
+        assert a["case"] == p["case"]  # the same cases either way
+        for k, c in enumerate(p["case"]):
+            assert torch.equal(p["image"][k], imgs[int(c)])  # never flipped
+            flipped += not torch.equal(a["image"][k], imgs[int(c)])
+    assert flipped > 0
