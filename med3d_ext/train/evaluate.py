@@ -87,6 +87,9 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     if not cfg.get("run"):
         cfg = dict(cfg, run=str(ckpt_path))
     ckpt = load_checkpoint(ckpt_path)
+    if cfg.get("head") and ckpt["arch"]["task"] != "pretrain":  # else ignored: one head
+        raise ConfigError(f"--head {cfg['head']!r}: only a pretraining run has named heads; "
+                          f"this {ckpt['arch']['task']} run has one (drop --head)")
     run_cfg = ckpt.get("config") or {}
     cfg = dict(cfg)
     for key in ("patch", "channel", "cache"):
@@ -202,9 +205,6 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         n_cls = arch["heads"][head]
         predictor = lambda x: model.forward_head(x, head)  # noqa: E731
     else:
-        if cfg.get("head"):  # it was ignored, and the run's conv_seg evaluated
-            raise ConfigError(f"--head {cfg['head']!r}: only a pretraining run has named heads; "
-                              f"this {arch['task']} run has one (drop --head)")
         head, n_cls, predictor = "conv_seg", arch["num_classes"], model
     check_classes(pre.name, int(pre.num_classes), int(n_cls), head)
     if rec is None and ckpt.get("preprocessing"):
@@ -328,9 +328,6 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
 
     from .tasks import cls_case_names, load_cls_volume, read_cls_csv
 
-    if cfg.get("head"):
-        raise ConfigError(f"--head {cfg['head']!r}: only a pretraining run has named heads; "
-                          "this classification run has one (drop --head)")
     paths, labels = read_cls_csv(data_dir)
     classes = list(ckpt.get("classes") or [])
     unknown = sorted(set(labels) - set(classes), key=int)
