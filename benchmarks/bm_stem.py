@@ -77,11 +77,16 @@ def run(ctx):
         case.add(f"med3d_ext stem_conv3d {tag} (space-to-depth"
                  + (", W taps folded)" if fold else ")"),
                  lambda fold=fold: _conv_alone(x, w, gy, dt, ctx.gpu, _stem_conv(fold)))
+    if ctx.gpu:  # fp32 (no autocast): what "auto" should pick there, against "eager conv3d fp32"
+        case.add("med3d_ext im2col3d + GEMM fp32",
+                 lambda: _conv_alone(x, w, gy, torch.float32, False, _algo_conv("im2col")))
+        case.add("med3d_ext stem_conv3d fp32 (space-to-depth, W taps folded)",
+                 lambda: _conv_alone(x, w, gy, torch.float32, False, _stem_conv(True)))
     case.run()
     del x, w, gy
 
     # 2./3. conv+BN+ReLU (+ max-pool), bf16 autocast channels_last_3d on a GPU as in the model
-    auto = "implicit_gemm" if ctx.gpu else "aten"  # what STEM_CONV = "auto" runs on this device
+    auto = _auto_algo(ctx.device)  # what STEM_CONV = "auto" runs on this device
     for pool in (False, True):
         try:
             L = Layer(ctx, 1, 64, 7, 2, 1, spatial, False, batch, pad=3, x_grad=False, pool=pool)
@@ -146,6 +151,14 @@ def _with_chunks(step, nbytes):
         finally:
             chunk(old)
     return run
+
+
+def _auto_algo(device) -> str:
+    """What STEM_CONV = "auto" runs on ``device`` (the package's own rule), or "unknown"."""
+    try:
+        return m3d_attr("ops.conv_bn_relu.auto_stem_conv")(torch.device(device).type)
+    except Exception:  # noqa: BLE001 - an older or broken build: the rows still run
+        return "unknown"
 
 
 def _stem_conv(fold):

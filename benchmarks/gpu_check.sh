@@ -322,14 +322,6 @@ else
            ST="CRASHED (rc $TEST_RC) in ${LAST:-?}" ;;
     esac
     [ $TEST_OK -eq 0 ] && { echo "---- tail of logs/pytest.log ----"; tail -30 "$LOGS/pytest.log"; }
-    # The implicit-GEMM stem is the CUDA default (STEM_CONV "auto"): if its kernels' tests
-    # failed or crashed, the later stages run the im2col stem instead (the stem benchmark still
-    # times every algorithm), so the run measures everything else.
-    if grep -qE 'test_cuda_implicit[^ ]* (FAILED|ERROR)|(FAILED|ERROR) [^ ]*test_cuda_implicit' \
-            "$LOGS/pytest.log" || case "$ST" in CRASHED*implicit*) true ;; *) false ;; esac; then
-        export MED3D_EXT_STEM_CONV=im2col
-        ST="$ST; implicit-GEMM stem tests failed: later stages use MED3D_EXT_STEM_CONV=im2col"
-    fi
     status tests "$ST; $COUNTS" "$(($(now) - S0))s"
 fi
 

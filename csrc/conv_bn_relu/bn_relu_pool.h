@@ -107,7 +107,9 @@ M3D_HOST_DEVICE void pool_grad_at(const scalar_t* gout, const uint8_t* arg, int6
 M3D_UNROLL
   for (int a = 0; a < 3; ++a) {
     const index_t top = pos[a] + p[a], low = top - index_t(g.k[a] - 1);
-    lo[a] = low <= 0 ? index_t(0) : (low + s[a] - 1) / s[a];
+    // ceil(low / s) as (low - 1) / s + 1: low + s - 1 overflowed int32 for strides near
+    // INT32_MAX (lo went negative and the loop read before the tensor)
+    lo[a] = low <= 0 ? index_t(0) : (low - 1) / s[a] + 1;
     hi[a] = top / s[a] < size[a] - 1 ? top / s[a] : size[a] - 1;
   }
   const index_t os0 = index_t(g.os[0]), os1 = index_t(g.os[1]), os2 = index_t(g.os[2]);

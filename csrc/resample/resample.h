@@ -107,11 +107,16 @@ M3D_HOST_DEVICE M3D_RS_INLINE T reflect(T in, int64_t twice_low, int64_t twice_h
 }
 
 // Clamp a source index to [0, size - 1] as ATen's clip_coordinates does, comparison for
-// comparison: std::min(size - 1, std::max(c, 0)) sends NaN (a non-finite theta) to size - 1,
-// where m_min/m_max's order sent it to 0.
+// comparison, so that a NaN (a non-finite theta) lands where grid_sample puts it on the same
+// device. ATen's CPU code, std::min(size - 1, std::max(c, 0)), sends NaN to size - 1; its CUDA
+// code, ::min(size - 1, ::max(c, 0)), is fminf/fmaxf there, which drop the NaN: it lands on 0.
 template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE T clip_index(T c, int64_t size) {
-  c = c < T(0) ? T(0) : c;
+#if defined(__CUDA_ARCH__)
+  c = c > T(0) ? c : T(0);  // fmaxf(c, 0): NaN -> 0
+#else
+  c = c < T(0) ? T(0) : c;  // std::max(c, 0): NaN stays NaN, and std::min then gives size - 1
+#endif
   return c < T(size - 1) ? c : T(size - 1);
 }
 

@@ -172,12 +172,13 @@ def _stem_conv_forward(self, x):
     return conv_bn_act(self, self._m3d_bn, x, relu=self.__dict__.get("_m3d_relu", True))
 
 
-# Let fuse_modules run the stem's max-pool inside conv_bn_relu_maxpool3d. Off by default: on an
-# H200 (torch 2.11, bf16 channels_last_3d, 8 x 1 x 64 x 128 x 128, benchmarks/results/
-# 2026-11-26_h200-s3) the fused stem took 4.31 ms against 3.14 ms for conv_bn_relu3d +
-# F.max_pool3d (its backward's gather-reduction alone took 1.28 ms), while saving 0.17 GiB of
-# peak memory. Set True to trade that time for the memory.
-FUSE_STEM_POOL = False
+# Let fuse_modules run the stem's max-pool inside conv_bn_relu_maxpool3d. On by default since
+# it measured both faster and smaller on an H200 (torch 2.11, bf16 channels_last_3d,
+# 8 x 1 x 64 x 128 x 128, forward + backward, benchmarks/results/2026-11-26_h200-s9): 3.39 ms
+# and 0.48 GiB against 3.48 ms and 0.66 GiB for conv_bn_relu3d + F.max_pool3d. (Its first
+# version, gathering inside both BatchNorm backward passes, took 4.31 ms against 3.14 in
+# 2026-11-26_h200-s3, and was off by default then.) Set False for the unfused max-pool.
+FUSE_STEM_POOL = True
 
 
 def _fusible_pool(pool) -> bool:

@@ -76,12 +76,16 @@ def _autocast(x, weight, residual, bias_like):
 #       (csrc/conv_bn_relu/stem_gemm.h: CUDA bf16/fp16 with Cout a multiple of 64; other cases
 #       and the CPU run "im2col"'s GEMMs).
 #   "aten": unchanged, the ATen convolution.
-#   "auto" (default): "implicit_gemm" on CUDA (not yet measured: expected from its memory
-#       traffic to beat "im2col", which beats the space-to-depth forms; the stem benchmark times
-#       all of them side by side); "aten" on the CPU, where oneDNN's direct convolution measured
-#       faster than the rewrites (2-core CPU, see the stem benchmark).
+#   "auto" (default): auto_stem_conv(device): "space_to_depth_fold_w" on CUDA, measured
+#       fastest side by side (H200, bf16 channels_last_3d, 8 x 1 x 64 x 128 x 128, forward +
+#       weight gradient; benchmarks/results/2026-11-26_h200-s9): conv alone 0.85 ms against
+#       1.49 (im2col), 1.96 (space_to_depth), 2.35 (implicit_gemm) and 5.29 (cuDNN direct);
+#       conv + BN + ReLU 1.34 ms against 2.02 / 2.42 / 2.77. (The implicit GEMM had been the
+#       default on the expectation from its memory traffic; its weight-gradient kernel was the
+#       costliest kernel of the fused ResNet-50 step.) "aten" on the CPU, where oneDNN's
+#       direct convolution measured faster than the rewrites (2-core CPU, the stem benchmark).
 # The environment variable MED3D_EXT_STEM_CONV sets the initial value (e.g. for a whole
-# benchmark run; benchmarks/gpu_check.sh falls back to "im2col" if the implicit GEMM's tests fail).
+# benchmark run).
 STEM_CONV = os.environ.get("MED3D_EXT_STEM_CONV", "auto")
 _STEM_CONVS = ("auto", "im2col", "implicit_gemm", "space_to_depth", "space_to_depth_fold_w",
                "aten")
@@ -105,6 +109,11 @@ def _is_stem_like(x, weight, stride, padding, dilation) -> bool:
             and all(x.shape[2 + i] + 2 * padding[i] >= weight.shape[2 + i] for i in range(3)))
 
 
+def auto_stem_conv(device_type: str) -> str:
+    """The stem algorithm STEM_CONV = "auto" picks on a device type ("cuda", "cpu", ...)."""
+    return "space_to_depth_fold_w" if device_type == "cuda" else "aten"
+
+
 def _stem_conv(x, weight, stride, padding, dilation) -> str:
     """The STEM_CONV algorithm this convolution gets: "aten" unless it is stem-like."""
     algo = STEM_CONV
@@ -112,7 +121,7 @@ def _stem_conv(x, weight, stride, padding, dilation) -> str:
         raise ValueError(f"med3d_ext.ops.conv_bn_relu.STEM_CONV must be one of {_STEM_CONVS}, "
                          f"got {algo!r}")
     if algo == "auto":
-        algo = "implicit_gemm" if x.device.type == "cuda" else "aten"
+        algo = auto_stem_conv(x.device.type)
     if algo == "aten" or not _is_stem_like(x, weight, stride, padding, dilation):
         return "aten"
     return algo

@@ -39,12 +39,19 @@ def test_recompute_matches_keeping(device, depth, dtype, monkeypatch):
         monkeypatch.setattr(fz, "RECOMPUTE_BLOCK_INPUTS", on)
         results.append(_step(fuse_modules(copy.deepcopy(base)).train(), x))
     (o0, g0, b0), (o1, g1, b1) = results
-    # the rebuilt activation is the same kernel on the same inputs: equal bit for bit
+    # the rebuilt activation is the same kernel on the same inputs: the forward and the
+    # statistics are equal bit for bit
     assert torch.equal(o0, o1)
-    for n in g0:
-        assert torch.equal(g0[n], g1[n]), n
     for n in b0:
         assert torch.equal(b0[n], b1[n]), n
+    for n in g0:
+        if device == "cpu":  # the CPU kernels are deterministic: so are the gradients
+            assert torch.equal(g0[n], g1[n]), n
+        else:  # cuDNN's default backward algorithms are not (an H200 differed in the last bits)
+            scale = max(1.0, g0[n].abs().max().item())
+            tol = 1e-9 if dtype == torch.float64 else 1e-4
+            torch.testing.assert_close(g1[n], g0[n], rtol=tol, atol=tol * scale,
+                                       msg=lambda m, n=n: f"{n}: {m}")
 
 
 def _saved_bytes(model, shape, monkeypatch):

@@ -162,13 +162,19 @@ def test_autocast_low_precision(device, cl):
 
 
 @pytest.mark.cuda
-def test_stem_at_scale_bf16():
+@pytest.mark.parametrize("algo", ["auto", "implicit_gemm", "im2col", "space_to_depth_fold_w"])
+def test_stem_at_scale_bf16(algo, monkeypatch):
     # MedicalNet's stem at a quarter of the benchmark's input (2 x 1 x 32 x 64 x 64, bf16
-    # autocast, the space-to-depth rewrite, a channels_last_3d conv output): the CUDA kernels'
-    # 16-byte channel vectors and thousands of reduction splits, which small shapes never reach
+    # autocast, a channels_last_3d model as the fused ResNets are, so a channels_last_3d conv
+    # output under every stem algorithm): the CUDA kernels' 16-byte channel vectors and
+    # thousands of reduction splits, which small shapes never reach. (With a contiguous weight
+    # the output is contiguous, as ATen's would be, except through the space-to-depth rewrite.)
+    from med3d_ext.ops import conv_bn_relu as mod
+
+    monkeypatch.setattr(mod, "STEM_CONV", algo)
     device = "cuda"
     cfg = (1, 64, 7, 2, 3, (32, 64, 64), 3, 2, 1)
-    args = _inputs(device, torch.float32, cfg)
+    args = _inputs(device, torch.float32, cfg, cl=True)
     kw = _kw(cfg)
     go = _flip_free_grad_out(args, kw)
     with torch.autocast(device, dtype=torch.bfloat16):
