@@ -34,6 +34,8 @@
 #               (python -m benchmarks.convergence_study, 3 seeds; STUDY_ARGS adds options, e.g.
 #               "--pretrain-steps 1000 --transfer-steps 300") into $OUT/bench/convergence_study,
 #               written after every seed (a timeout keeps the finished seeds, marked partial);
+#     compile (only when ORDER names it): train_step --with-compile (the plain and fused models
+#               under torch.compile beside eager, ResNet-10 and -50) into $OUT/bench_compile;
 #  then packs logs and results into $OUT/gpu_check.tar.gz and prints the summary LAST.
 # throughput, convergence and pipeline need nibabel, pyyaml and tqdm (the package's
 # dependencies, which the --no-deps install does not bring) and are skipped without them.
@@ -42,7 +44,7 @@
 # build or the tests failed.
 # Knobs: PYTHON, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT,
 # TARGETS_TIMEOUT, PROFILE_TIMEOUT, KERNELS_TIMEOUT, PIPELINE_TIMEOUT, THROUGHPUT_TIMEOUT,
-# CONVERGENCE_TIMEOUT, STUDY_TIMEOUT, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
+# CONVERGENCE_TIMEOUT, STUDY_TIMEOUT, COMPILE_TIMEOUT, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
 # machine, SKIP="build tests targets" ORDER="convergence profile", reuses the first's build), WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
 # timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
 # takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
@@ -81,7 +83,7 @@ stage_limit() {
     if [ "$1" -lt "$l" ]; then echo "$1"; else echo "$l"; fi
 }
 
-STAGES=(wheels build tests sanitizer targets throughput convergence pipeline profile kernels study)
+STAGES=(wheels build tests sanitizer targets throughput convergence pipeline profile kernels study compile)
 declare -A ST_STATUS ST_TIME
 for s in "${STAGES[@]}"; do ST_STATUS[$s]="not reached"; ST_TIME[$s]=""; done
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
@@ -455,18 +457,23 @@ stage_study() {  # the full-size convergence study (GPU sizes, 3 seeds; a few mi
     esac
     status study "$st" "$(($(now) - s0))s"
 }
+stage_compile() {  # train_step with the torch.compile rows (ResNet-50 compiles take minutes)
+    # shellcheck disable=SC2086
+    bench compile "${COMPILE_TIMEOUT:-330}" 150 --out "$OUT/bench_compile" --with-compile \
+        ${BENCH_ARGS:-} train_step
+}
 # After the targets, the measurements that issues still wait for (the CLI's throughput, the GPU
 # convergence study, the data wait), then the diagnostics (profile, single kernels).
-# ORDER overrides it (any of: throughput convergence pipeline profile kernels study).
+# ORDER overrides it (any of: throughput convergence pipeline profile kernels study compile).
 NAREAS=$#
 RUN_ORDER="${ORDER-throughput convergence pipeline profile kernels}"
 for s in $RUN_ORDER; do
     case $s in
-        throughput|convergence|pipeline|profile|kernels|study) "stage_$s" ;;
+        throughput|convergence|pipeline|profile|kernels|study|compile) "stage_$s" ;;
         *) say "ORDER: unknown stage '$s' (ignored)" ;;
     esac
 done
-for s in throughput convergence pipeline profile kernels study; do
+for s in throughput convergence pipeline profile kernels study compile; do
     case " $RUN_ORDER " in *" $s "*) ;; *) status "$s" "skipped (not in ORDER)" ;; esac
 done
 
@@ -474,6 +481,7 @@ done
 write_summary
 PACK=(logs bench summary.md)
 [ -d "$OUT/bench_profile" ] && PACK+=(bench_profile)
+[ -d "$OUT/bench_compile" ] && PACK+=(bench_compile)
 tar czf "$OUT/gpu_check.tar.gz" -C "$OUT" "${PACK[@]}" 2>/dev/null
 echo
 echo "==== gpu_check: $GPU_NAME, $(($(now) - T0))s; archive $OUT/gpu_check.tar.gz ===="

@@ -50,7 +50,8 @@ exec {sys.executable} "$@"
     assert f"source_hash={src_hash}" in build_log and "prebuilt wheel:" in build_log, build_log[-2000:]
     assert "| build | ok (built from source)" in summary, summary
     for stage, status in [("build", "ok"), ("tests", "ok; passed 1 failed 0"), ("targets", "ok"), ("profile", "ok"),
-                          ("kernels", "skipped (areas given"), ("throughput", "skipped (THROUGHPUT=0)")]:
+                          ("kernels", "skipped (areas given"), ("throughput", "skipped (THROUGHPUT=0)"),
+                          ("study", "skipped (not in ORDER)"), ("compile", "skipped (not in ORDER)")]:
         assert f"| {stage} | {status}" in summary, (stage, summary)
     data = json.loads((out / "bench" / "results.json").read_text())
     assert data["env"]["git_commit"] and {r["area"] for r in data["rows"]} == {"bn_stats"}

@@ -340,7 +340,7 @@ def test_chunk_setting(device, monkeypatch):
 
 
 def test_stem_conv_environment_override():
-    # MED3D_EXT_STEM_CONV sets STEM_CONV's initial value (gpu_check.sh's fallback to im2col)
+    # MED3D_EXT_STEM_CONV sets STEM_CONV's initial value (e.g. one algorithm for a whole benchmark run)
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, MED3D_EXT_STEM_CONV="im2col")
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
