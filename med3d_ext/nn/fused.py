@@ -241,9 +241,18 @@ def _new_fused(base: type, tag: str) -> nn.Module:
 
 def _swap(module: nn.Module, tag: str) -> None:
     cls = type(module)
-    if getattr(cls, "_m3d_fused", None):
+    current = getattr(cls, "_m3d_fused", None)
+    if current == tag:
         return
+    if current:  # fused with another tag (a stem fused before FUSE_STEM_POOL changed): re-tag
+        cls = cls.__mro__[1]
     module.__class__ = _fused_class(cls, tag)
+
+
+def _unswap(module: nn.Module, tag: str) -> None:
+    """Give ``module`` its plain class back if it carries ``tag``."""
+    if getattr(type(module), "_m3d_fused", None) == tag:
+        module.__class__ = type(module).__mro__[1]
 
 
 def _activation(m: nn.Module):
@@ -273,6 +282,25 @@ def _is_stem(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("conv1", "bn1", "maxpool", "layer1")) and not _is_block(m)
 
 
+def _pool_follows_stem(m: nn.Module) -> bool:
+    """Whether ``m``'s forward is known to run maxpool(act(bn1(conv1(x)))) with nothing else
+    reading the activation before the pool: only then may conv1 return the pooled tensor.
+    Having a ``maxpool`` attribute is not enough: MONAI's ResNet keeps one that
+    ``no_max_pool=True`` never calls, and its ResNetFeatures returns the pre-pool activation."""
+    from ..models.resnet import ResNet3dEncoder
+
+    cls = type(m)
+    if isinstance(m, ResNet3dEncoder):
+        return cls.stem is ResNet3dEncoder.stem and cls.features is ResNet3dEncoder.features
+    if not cls.__module__.startswith("monai."):  # (MONAI is imported only for its own models)
+        return False
+    try:
+        from monai.networks.nets.resnet import ResNet as MonaiResNet
+    except ImportError:
+        return False
+    return cls.forward is MonaiResNet.forward and not getattr(m, "no_max_pool", False)
+
+
 def fuse_modules(model: nn.Module) -> nn.Module:
     """Switch a MedicalNet-style ResNet (or any model using the same patterns) to the fused
     forward path, in place; returns ``model``.
@@ -280,9 +308,13 @@ def fuse_modules(model: nn.Module) -> nn.Module:
     Patterns: blocks (``BasicBlock`` / ``Bottleneck``, or modules with conv1/bn1/conv2/bn2
     [/conv3/bn3] and ``downsample``, as MONAI's ResNet blocks) whose activation (``relu`` or
     ``act``) is an ``nn.ReLU``; the stem (a module with conv1, bn1, maxpool and layer1, whose
-    forward runs conv1 -> bn1 -> its activation: the ReLU is fused only when it is one); ``nn.Sequential`` runs of Conv3d -> BatchNorm3d
-    [-> ReLU] (type-B shortcuts, the segmentation head). Module names, parameters and the
-    state dict are unchanged; outputs and gradients equal the plain model's within tolerance.
+    forward runs conv1 -> bn1 -> its activation: the ReLU is fused only when it is one; the
+    max-pool too, with FUSE_STEM_POOL, in the stems whose forward is known to pool right after:
+    med3d_ext's ResNets and MONAI's ResNet without ``no_max_pool``); ``nn.Sequential`` runs of
+    Conv3d -> BatchNorm3d [-> ReLU] (type-B shortcuts, the segmentation head). Module names,
+    parameters and the state dict are unchanged; outputs and gradients equal the plain model's
+    within tolerance. A fused module holds its BatchNorm (and the stem its max-pool): after
+    replacing one of those modules, call ``fuse_modules`` again (or ``unfuse_modules``).
     """
     _check_module("fuse_modules", model)
     for m in list(model.modules()):
@@ -298,12 +330,17 @@ def fuse_modules(model: nn.Module) -> nn.Module:
             relu = isinstance(_activation(m), nn.ReLU)
             object.__setattr__(m.conv1, "_m3d_relu", relu)
             if (FUSE_STEM_POOL and relu and isinstance(m.bn1, nn.BatchNorm3d)
-                    and _fusible_pool(m.maxpool)):
+                    and _fusible_pool(m.maxpool) and _pool_follows_stem(m)):
                 # the stem's max-pool joins the op: its full-resolution input is never written
                 object.__setattr__(m.conv1, "_m3d_pool", m.maxpool)
                 _swap(m.conv1, "stem_conv_pool")
                 _swap(m.maxpool, "stem_pool")
             else:
+                # (re-fusing: a pool fused before, e.g. since replaced, is let go)
+                pool = m.conv1.__dict__.pop("_m3d_pool", None)
+                for p in (pool, m.maxpool):
+                    if isinstance(p, nn.Module):
+                        _unswap(p, "stem_pool")
                 _swap(m.conv1, "stem_conv")
             if isinstance(m.bn1, nn.BatchNorm3d):
                 _swap(m.bn1, "stem_bn")

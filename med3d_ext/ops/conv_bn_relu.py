@@ -225,7 +225,9 @@ def conv_bn_relu3d(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[to
         relu: apply the ReLU.
 
     Returns:
-        (N, Cout, D', H', W') in the conv dtype; channels_last_3d when x or weight is.
+        (N, Cout, D', H', W') in the conv dtype; channels_last_3d when x or weight is, and
+        also when a stem-like convolution runs through a space-to-depth rewrite (STEM_CONV;
+        the CUDA default), which is done in channels_last_3d for cuDNN's tensor cores.
         Differentiable with respect to x, weight, bn_weight, bn_bias and residual.
         Under autocast, x, weight and residual are cast as conv3d would be; BatchNorm math is
         fp32 whatever the dtype.
@@ -311,7 +313,8 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
     normalised full-resolution activation is never written: the pool reads the conv output, and
     the backward gathers each voxel's gradient from the windows whose maximum it was (a uint8
     argmax per pooled voxel). Returns the pooled (N, Cout, D'', H'', W''), channels_last_3d when
-    x or weight is; differentiable with respect to x, weight, bn_weight and bn_bias.
+    x or weight is (or when the stem runs through a space-to-depth rewrite, as
+    :func:`conv_bn_relu3d`); differentiable with respect to x, weight, bn_weight and bn_bias.
     """
     check_tensor("conv_bn_relu_maxpool3d", "x", x)
     check_tensor("conv_bn_relu_maxpool3d", "weight", weight)

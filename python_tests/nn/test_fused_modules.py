@@ -392,3 +392,72 @@ def test_blocks_with_another_activation_keep_their_forward():
         assert bool(getattr(type(fused), "_m3d_fused", None)) == fused_expected, act
         x = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+
+
+def test_stem_pool_fused_only_where_the_forward_pools_right_after():
+    """MONAI's ResNet keeps a maxpool that no_max_pool=True never calls, and ResNetFeatures
+    returns the activation before the pool: fusing the pool into conv1 there changed the
+    output (and its shape) silently. Only known stems fuse it; the others fuse conv + BN + ReLU."""
+    nets = pytest.importorskip("monai.networks.nets")
+    from monai.networks.nets.resnet import ResNetFeatures
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 16, 16, 16, dtype=torch.float64)
+    cases = [(nets.resnet10(spatial_dims=3, n_input_channels=1, num_classes=2), "stem_conv_pool"),
+             (nets.resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, no_max_pool=True),
+              "stem_conv"),
+             (ResNetFeatures("resnet10", pretrained=False, spatial_dims=3, in_channels=1),
+              "stem_conv")]
+    for plain, tag in cases:
+        plain = plain.double().eval()
+        fused = fuse_modules(copy.deepcopy(plain))
+        assert type(fused.conv1)._m3d_fused == tag, type(plain).__name__
+        with torch.no_grad():
+            a, b = plain(x), fused(x)
+        for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert u.shape == v.shape
+            torch.testing.assert_close(v, u, rtol=1e-9, atol=1e-9)
+
+    class OwnStem(type(resnet(10, "B"))):  # a subclass with its own stem: not known to pool after
+        def stem(self, x):
+            return self.relu(self.bn1(self.conv1(x)))
+    own = OwnStem(10, shortcut_type="B")
+    assert type(fuse_modules(own).conv1)._m3d_fused == "stem_conv"
+
+
+def test_refusing_follows_the_flag_and_a_replaced_pool(monkeypatch):
+    """fuse_modules on an already fused model (built, or pickled, with the other
+    FUSE_STEM_POOL) left conv1's old tag but swapped the pool: the max-pool was dropped. And
+    after replacing the stem's max-pool, fusing again must let the old one go."""
+    from med3d_ext.nn import fused as fused_mod
+
+    torch.manual_seed(0)
+    plain = resnet(10, "B").double().eval()
+    x = torch.randn(2, 1, 16, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ref = plain(x)
+    monkeypatch.setattr(fused_mod, "FUSE_STEM_POOL", False)
+    m = fuse_modules(copy.deepcopy(plain))
+    assert type(m.conv1)._m3d_fused == "stem_conv"
+    monkeypatch.setattr(fused_mod, "FUSE_STEM_POOL", True)
+    fuse_modules(m)
+    assert type(m.conv1)._m3d_fused == "stem_conv_pool" and type(m.maxpool)._m3d_fused == "stem_pool"
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, rtol=1e-9, atol=1e-9)
+    monkeypatch.setattr(fused_mod, "FUSE_STEM_POOL", False)
+    fuse_modules(m)  # and back
+    assert type(m.conv1)._m3d_fused == "stem_conv"
+    assert not getattr(type(m.maxpool), "_m3d_fused", None) and "_m3d_pool" not in m.conv1.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, rtol=1e-9, atol=1e-9)
+    # the pool replaced (no pooling: a common change for small patches), then fused again
+    monkeypatch.setattr(fused_mod, "FUSE_STEM_POOL", True)
+    fuse_modules(m)
+    plain.maxpool = nn.Identity()
+    m.maxpool = nn.Identity()
+    fuse_modules(m)
+    assert type(m.conv1)._m3d_fused == "stem_conv"
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), plain(x), rtol=1e-9, atol=1e-9)
+    # the state dict is the plain model's throughout
+    assert list(m.state_dict()) == list(plain.state_dict())
