@@ -184,7 +184,10 @@ FUSE_STEM_POOL = True
 def _fusible_pool(pool) -> bool:
     """A max-pool conv_bn_relu_maxpool3d can absorb: MaxPool3d, dilation 1, floor mode, no
     indices, padding at most half the kernel, a window of at most 255 voxels."""
-    if type(pool) is not nn.MaxPool3d or pool.ceil_mode or pool.return_indices:
+    cls = type(pool)
+    if getattr(cls, "_m3d_fused", None) == "stem_pool":  # already fused (fusing again)
+        cls = cls.__mro__[1]
+    if cls is not nn.MaxPool3d or pool.ceil_mode or pool.return_indices:
         return False
     k, p, d = (_triple(v, name) for v, name in ((pool.kernel_size, "kernel_size"),
                                                  (pool.padding, "padding"),
