@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Option:
     default: Any
-    kind: str  # int, float, str, bool, list, patch, auto_bool (None = auto)
+    kind: str  # int, float, str, bool, list, patch, auto_bool / auto_int (None = auto)
     help: str
     commands: tuple = ("pretrain", "transfer", "evaluate")
     flag: bool = True  # also a command-line option (--key-name)
@@ -114,7 +114,10 @@ OPTIONS: dict[str, Option] = {
     "cudnn_benchmark": Option(True, "bool", "cuDNN autotuning on a GPU (patches have fixed "
                               "shapes, so each convolution is tuned once; --no-cudnn-benchmark "
                               "uses cuDNN's heuristics)", _ALL),
-    "num_workers": Option(0, "int", "DataLoader worker processes", _T),
+    "num_workers": Option(None, "auto_int", "DataLoader worker processes (default: auto = 0 "
+                          "on the CPU, which keeps a resumed run bitwise reproducible; on a GPU "
+                          "min(8, CPUs per process - 1), since loading in the training process "
+                          "left the GPU waiting for data most of the time)", _T),
     "threads": Option(0, "int", "torch CPU threads (0 = torch's default)", _ALL),
     "sync_bn": Option(False, "bool", "SyncBatchNorm under torchrun", _T),
     # -- evaluation
@@ -223,7 +226,9 @@ def _coerce_kind(key: str, value):
             return None if str(value).lower() in ("auto", "none") else _bool(key, value)
         if kind == "bool":
             return _bool(key, value)
-        if kind == "int":
+        if kind == "auto_int" and str(value).lower() in ("auto", "none"):
+            return None
+        if kind in ("int", "auto_int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
@@ -250,7 +255,8 @@ def _coerce_kind(key: str, value):
         raise
     except (TypeError, ValueError):
         pass
-    want = {"patch": "an int or 3 ints, multiples of 8 (>= 8)", "list": "a path or a list"}
+    want = {"patch": "an int or 3 ints, multiples of 8 (>= 8)", "list": "a path or a list",
+            "auto_int": "an int or auto"}
     raise ConfigError(f"{key}: expected {want.get(kind, kind)}, got {value!r}")
 
 

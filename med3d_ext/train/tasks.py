@@ -211,6 +211,28 @@ def _use_ops(cfg) -> bool:
     return cfg.get("fused") is not False
 
 
+def loader_workers(cfg, dev) -> int:
+    """--num-workers, or its automatic value: 0 on the CPU (a resumed CPU run is bitwise
+    reproducible only without workers, and there they compete with the step for the same
+    cores); on a GPU min(8, CPUs per process - 1). Measured on an H200 (pipeline benchmark,
+    batch 8 x 128x128x64, benchmarks/results/2026-11-26_h200-s9): the ResNet-10 step waited for
+    data 75% of the time with in-process loading, 4% with 8 workers."""
+    n = cfg.get("num_workers")
+    if n is not None:
+        return int(n)
+    if torch.device(dev).type != "cuda":
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:  # torchrun's processes on this machine share its CPUs
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(0, min(8, cpus // local - 1))
+
+
 def _to_dev(x, dev):
     return x.to(dev, non_blocking=True)
 
@@ -331,7 +353,7 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
     total = cfg["epochs"] * cfg["steps"]
     loader = data.make_loader(
         [subset(p, split[head_name(p.name)]["train"]) for p in pres], patch, cfg["batch_size"],
-        num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank, steps=total,
+        num_workers=loader_workers(cfg, dev), seed=cfg["seed"] * 1000003 + rank, steps=total,
         fg_fraction=cfg["fg_fraction"], device=dev,
         channels=[input_channel(p, cfg.get("channel"), lenient=True) for p in pres])
     loss_fn = seg_loss_fn(_use_ops(cfg))
@@ -438,7 +460,8 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     _check_patch([pre], patch)
     total = cfg["epochs"] * cfg["steps"]
     loader = data.make_loader([subset(pre, tr)], patch, cfg["batch_size"],
-                              num_workers=cfg["num_workers"], seed=cfg["seed"] * 1000003 + rank,
+                              num_workers=loader_workers(cfg, dev),
+                              seed=cfg["seed"] * 1000003 + rank,
                               steps=total, fg_fraction=cfg["fg_fraction"], device=dev,
                               channels=[input_channel(pre, cfg.get("channel"))])
     loss_fn = seg_loss_fn(_use_ops(cfg))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -136,3 +137,29 @@ def test_save_load_roundtrip(tmp_path):
     C.save_config(cfg, tmp_path / "config.yaml")
     back = C.resolve("transfer", base=C.load_config(tmp_path / "config.yaml"))
     assert back == cfg
+
+
+def test_num_workers_auto(monkeypatch):
+    """--num-workers defaults to auto: 0 on the CPU (bitwise resume), min(8, CPUs per process
+    - 1) on a GPU, where loading in the training process left the GPU waiting most of the
+    time; an explicit value (0 included) is kept, and "auto" can be given."""
+    from med3d_ext.train.tasks import loader_workers
+
+    cfg = C.resolve("pretrain")
+    assert cfg["num_workers"] is None
+    assert loader_workers(cfg, torch.device("cpu")) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(cfg, torch.device("cuda")) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun processes share the 16 CPUs
+    assert loader_workers(cfg, torch.device("cuda")) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert loader_workers(cfg, torch.device("cuda")) == 0
+    for given, want in (("0", 0), ("3", 3), ("auto", None)):
+        c = C.resolve("transfer", overrides=[f"num_workers={given}"])
+        assert c["num_workers"] == want
+    assert loader_workers(C.resolve("pretrain", overrides=["num_workers=0"]), "cuda") == 0
+    with pytest.raises(C.ConfigError, match=r"num_workers: expected >= 0, got -1"):
+        C.resolve("pretrain", overrides=["num_workers=-1"])
+    with pytest.raises(C.ConfigError, match=r"num_workers: expected an int or auto, got 'many'"):
+        C.resolve("pretrain", overrides=["num_workers=many"])
