@@ -183,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const int64_t window = int64_t(g.k[0]) * g.k[1] * g.k[2];
     // Pass 1, per plane: scatter grad_out to the argmax positions (in output order, so each
     // voxel's sum is added in the same order as pool_grad_at's gather, which the CUDA kernel
-    // uses: one result on both devices), then mask by the ReLU, round to y's dtype (as the
+    // uses: one result on both devices, up to the FMA nvcc makes of bn_pre_act, which can
+    // break a tie within one ulp the other way), then mask by the ReLU, round to y's dtype (as the
     // CUDA backward stores it, and as the unfused max_pool3d backward hands it to BatchNorm),
     // keep it in grad_y and add the plane's two BatchNorm sums. The gather form cost a window
     // search with divisions per voxel, twice; this is O(voxels + outputs).

@@ -1,7 +1,9 @@
 // im2col3d: entry checks, geometry, and the CPU kernel (see im2col.h).
 #include <ATen/Parallel.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -53,9 +55,20 @@ int64_t geometry(const char* op, const at::Tensor& x, at::IntArrayRef kernel_siz
   g.kd = static_cast<int32_t>(kernel_size[0]);
   g.kh = static_cast<int32_t>(kernel_size[1]);
   g.kw = static_cast<int32_t>(kernel_size[2]);
-  g.K = g.C * kernel_size[0] * kernel_size[1] * kernel_size[2];
+  // K = Cin * kD * kH * kW and M = N * D' * H' * W' pass every per-axis check above with
+  // huge kernels or paddings, and their products wrapped (K = 2^64 became 0: an empty matrix
+  // instead of an error)
+  int64_t K = g.C, M = g.N;
+  for (int i = 0; i < 3; ++i) {
+    M3D_CHECK(!c10::mul_overflows(K, kernel_size[i], &K) && K <= INT64_MAX - align,
+              "med3d_ext.", op, ": Cin * kD * kH * kW overflows int64, got Cin=", g.C,
+              " kernel_size=", kernel_size);
+    M3D_CHECK(!c10::mul_overflows(M, out[i], &M), "med3d_ext.", op,
+              ": the number of output voxels overflows int64, got x ", x.sizes(),
+              " kernel_size=", kernel_size, " stride=", stride, " padding=", padding);
+  }
+  g.K = K;
   g.Kp = (g.K + align - 1) / align * align;
-  const int64_t M = g.N * g.Do * g.Ho * g.Wo;
   if (rows < 0) rows = M - row_start;
   // rows <= M - row_start, not row_start + rows <= M: the sum of two huge values wraps around
   M3D_CHECK(row_start >= 0 && rows >= 0 && row_start <= M && rows <= M - row_start, "med3d_ext.",

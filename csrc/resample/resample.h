@@ -75,6 +75,17 @@ M3D_HOST_DEVICE M3D_RS_INLINE float m_abs(float x) { return fabsf(x); }
 M3D_HOST_DEVICE M3D_RS_INLINE double m_abs(double x) { return fabs(x); }
 M3D_HOST_DEVICE M3D_RS_INLINE float m_fmod(float x, float y) { return fmodf(x, y); }
 M3D_HOST_DEVICE M3D_RS_INLINE double m_fmod(double x, double y) { return fmod(x, y); }
+// a * b rounded on its own on both devices: nvcc contracts a * b + c into one FMA by default
+// (one rounding instead of two), and the CPU build has no FMA (resample_cpu.cpp), so the
+// sampling coordinates, and with them nearest-neighbour ties, would differ between the devices
+// (an identity theta onto a 2x or 4x smaller label grid puts every sample exactly on a tie).
+#if defined(__CUDA_ARCH__)
+M3D_HOST_DEVICE M3D_RS_INLINE float m_mul(float a, float b) { return __fmul_rn(a, b); }
+M3D_HOST_DEVICE M3D_RS_INLINE double m_mul(double a, double b) { return __dmul_rn(a, b); }
+#else
+template <typename T>
+inline M3D_RS_INLINE T m_mul(T a, T b) { return a * b; }
+#endif
 template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE T m_min(T a, T b) { return a < b ? a : b; }
 template <typename T>
@@ -91,7 +102,7 @@ template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE T base_coord(int64_t i, int64_t S, bool align) {
   if (S <= 1) return T(0);
   const T step = T(2) / T(S - 1);
-  T v = i < S / 2 ? T(-1) + step * T(i) : T(1) - step * T(S - i - 1);
+  T v = i < S / 2 ? T(-1) + m_mul(step, T(i)) : T(1) - m_mul(step, T(S - i - 1));
   if (!align) v = (v * T(S - 1)) / T(S);
   return v;
 }
@@ -123,7 +134,7 @@ M3D_HOST_DEVICE M3D_RS_INLINE T clip_index(T c, int64_t size) {
 // Normalised coordinate -> padded source index along an axis of `size` voxels.
 template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE T source_index(T c, int64_t size, int pad, bool align) {
-  c = align ? ((c + 1) / 2) * T(size - 1) : ((c + 1) * T(size) - 1) / 2;
+  c = align ? ((c + 1) / 2) * T(size - 1) : (m_mul(c + 1, T(size)) - 1) / 2;
   if (pad == kBorder) {
     c = clip_index(c, size);
   } else if (pad == kReflection) {

@@ -100,7 +100,8 @@ M3D_RS_CLONES void coords(Block<T, index_t>& b, int64_t w0, int nb, const RowMap
     T* c = b.c[k];
     const T t = m.tx[k], r = m.r[k];
     const T* bx = m.bx + w0;
-    for (int j = 0; j < nb; ++j) c[j] = t * bx[j] + r;  // same rounding as the CUDA kernel
+    // same rounding as the CUDA kernel (which multiplies with m_mul, never an FMA)
+    for (int j = 0; j < nb; ++j) c[j] = t * bx[j] + r;
   }
   if (m.col != nullptr) {
     for (int j = 0; j < nb; ++j) {

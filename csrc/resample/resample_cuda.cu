@@ -121,7 +121,8 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
   for (int k = 0; k < kVec; ++k) {
     const int64_t w = m_min<int64_t>(w0 + k, int64_t(W) - 1);  // tail lanes repeat the last voxel
     const T bx = base_coord<T>(w, W, a.align);
-    Vec3<T> pt{t[0] * bx + row[0], t[4] * bx + row[1], t[8] * bx + row[2]};
+    // m_mul: the CPU's rounding (no FMA), so nearest-neighbour ties go the same way
+    Vec3<T> pt{m_mul(t[0], bx) + row[0], m_mul(t[4], bx) + row[1], m_mul(t[8], bx) + row[2]};
     if (a.elastic != nullptr)
       pt = elastic_call(a.elastic + int64_t(n) * 3 * a.ED * a.EH * a.EW, a.ED, a.EH, a.EW,
                         int64_t(d), int64_t(h), w, int64_t(D), int64_t(H), int64_t(W), pt);

@@ -39,9 +39,9 @@ struct PairArgs {
 // given the row's base coordinates; a voxel then adds only its x term (theta_x * bx[w]).
 template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE void row_terms(const T* t, T by, T bz, T r[3]) {
-  r[0] = (t[1] * by + t[2] * bz) + t[3];
-  r[1] = (t[5] * by + t[6] * bz) + t[7];
-  r[2] = (t[9] * by + t[10] * bz) + t[11];
+  r[0] = (m_mul(t[1], by) + m_mul(t[2], bz)) + t[3];  // m_mul: no FMA on either device
+  r[1] = (m_mul(t[5], by) + m_mul(t[6], bz)) + t[7];
+  r[2] = (m_mul(t[9], by) + m_mul(t[10], bz)) + t[11];
 }
 
 // Sizes of one input grid as the per-voxel helpers need them (all < 2^30: see check_axes).

@@ -130,6 +130,13 @@ def test_bad_input(device):
         op(x, [3, 3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1], 0)
     with pytest.raises(RuntimeError, match=r"'rows' must be >= 0, or -1 .* got -2"):
         op(x, [3, 3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1], 8, 0, -2)
+    # huge kernels / paddings pass every per-axis check, and the products wrapped: K = 2^64
+    # became 0 (an empty matrix instead of an error)
+    one = torch.zeros(1, 1, 1, 1, 1, device=device)
+    with pytest.raises(RuntimeError, match=r"Cin \* kD \* kH \* kW overflows int64"):
+        op(one, [2**22, 2**21, 2**21], [1, 1, 1], [2**21, 2**20, 2**20], [1, 1, 1])
+    with pytest.raises(RuntimeError, match=r"number of output voxels overflows int64"):
+        op(one, [1, 1, 1], [1, 1, 1], [2**26] * 3, [1, 1, 1])
     # an element mover for 2/4/8-byte floats: a 1-byte or complex tensor is refused, not
     # read with the wrong element size
     for dtype in (torch.uint8, torch.bool, torch.int8, torch.complex128, torch.int64):

@@ -598,3 +598,25 @@ def test_cuda_equals_cpu_on_row_boundaries():
                                                label_size)
             assert_close_long_rows(gpu[0].cpu(), cpu[0], w)  # FMA contraction on the GPU
             assert_nearest_close(gpu[1].cpu(), cpu[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_cuda_nearest_ties_go_the_cpus_way(align_corners):
+    """An identity theta onto a 2x or 4x smaller label grid puts every sample exactly halfway
+    between two voxels (align_corners=False). nvcc contracted the coordinate math into FMAs,
+    whose single rounding broke those ties differently from the CPU for about a quarter of the
+    voxels; the coordinates are now multiplied without contraction on both devices, so the
+    labels are equal exactly (as augmenting on either device with one seed should give)."""
+    n = 3
+    lab = torch.randint(0, 200, (n, 32, 64, 128), dtype=torch.uint8)
+    theta = torch.eye(3, 4).expand(n, 3, 4).contiguous()
+    x = torch.randn(n, 1, 32, 64, 128)
+    for f in (2, 4):
+        label_size = (32 // f, 64 // f, 128 // f)
+        cpu = m3d.ops.affine_resample_pair(x, lab, theta, (n, 1, 32, 64, 128), label_size,
+                                           align_corners=align_corners)
+        gpu = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(),
+                                           (n, 1, 32, 64, 128), label_size,
+                                           align_corners=align_corners)
+        assert torch.equal(gpu[1].cpu(), cpu[1]), f
