@@ -29,6 +29,7 @@ perturbs one layer's weights by 1% and the check fails).
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,16 @@ def run(ctx):
     else:
         shape = CPU_SHAPES[ctx.quick]
         depths = [10] if ctx.quick else [10, 50]
+    # MED3D_BENCH_TRAIN_DEPTHS="50" keeps only those depths (gpu_check's compile stage: the
+    # ResNet-50 compile rows without compiling ResNet-10 again)
+    only = os.environ.get("MED3D_BENCH_TRAIN_DEPTHS", "").replace(",", " ").split()
+    if only:
+        try:
+            keep = {int(d) for d in only}
+        except ValueError:
+            raise ValueError("MED3D_BENCH_TRAIN_DEPTHS: expected depths such as '10 50', got "
+                             f"{os.environ['MED3D_BENCH_TRAIN_DEPTHS']!r}") from None
+        depths = [d for d in depths if d in keep]
     can, why = ctx.can_compile()
     for depth in depths:
         model, source = base_model(depth)

@@ -35,7 +35,8 @@
 #               "--pretrain-steps 1000 --transfer-steps 300") into $OUT/bench/convergence_study,
 #               written after every seed (a timeout keeps the finished seeds, marked partial);
 #     compile (only when ORDER names it): train_step --with-compile (the plain and fused models
-#               under torch.compile beside eager, ResNet-10 and -50) into $OUT/bench_compile;
+#               under torch.compile beside eager; ResNet-50 only unless COMPILE_DEPTHS="10 50")
+#               into $OUT/bench_compile;
 #  then packs logs and results into $OUT/gpu_check.tar.gz and prints the summary LAST.
 # throughput, convergence and pipeline need nibabel, pyyaml and tqdm (the package's
 # dependencies, which the --no-deps install does not bring) and are skipped without them.
@@ -459,7 +460,8 @@ stage_study() {  # the full-size convergence study (GPU sizes, 3 seeds; a few mi
 }
 stage_compile() {  # train_step with the torch.compile rows (ResNet-50 compiles take minutes)
     # shellcheck disable=SC2086
-    bench compile "${COMPILE_TIMEOUT:-330}" 150 --out "$OUT/bench_compile" --with-compile \
+    MED3D_BENCH_TRAIN_DEPTHS="${COMPILE_DEPTHS:-50}" \
+        bench compile "${COMPILE_TIMEOUT:-330}" 150 --out "$OUT/bench_compile" --with-compile \
         ${BENCH_ARGS:-} train_step
 }
 # After the targets, the measurements that issues still wait for (the CLI's throughput, the GPU
