@@ -184,10 +184,7 @@ FUSE_STEM_POOL = True
 def _fusible_pool(pool) -> bool:
     """A max-pool conv_bn_relu_maxpool3d can absorb: MaxPool3d, dilation 1, floor mode, no
     indices, padding at most half the kernel, a window of at most 255 voxels."""
-    cls = type(pool)
-    if getattr(cls, "_m3d_fused", None) == "stem_pool":  # already fused (fusing again)
-        cls = cls.__mro__[1]
-    if cls is not nn.MaxPool3d or pool.ceil_mode or pool.return_indices:
+    if _plain_class(pool) is not nn.MaxPool3d or pool.ceil_mode or pool.return_indices:
         return False
     k, p, d = (_triple(v, name) for v, name in ((pool.kernel_size, "kernel_size"),
                                                  (pool.padding, "padding"),
@@ -242,20 +239,23 @@ def _new_fused(base: type, tag: str) -> nn.Module:
     return object.__new__(_fused_class(base, tag))
 
 
-def _swap(module: nn.Module, tag: str) -> None:
+def _plain_class(module: nn.Module) -> type:
+    """The module's own class: the base of the run-time fused class when it is fused."""
     cls = type(module)
-    current = getattr(cls, "_m3d_fused", None)
-    if current == tag:
-        return
-    if current:  # fused with another tag (a stem fused before FUSE_STEM_POOL changed): re-tag
-        cls = cls.__mro__[1]
-    module.__class__ = _fused_class(cls, tag)
+    return cls.__mro__[1] if getattr(cls, "_m3d_fused", None) else cls
+
+
+def _swap(module: nn.Module, tag: str) -> None:
+    """Give ``module`` the fused class of ``tag`` (re-tagging one fused with another tag, e.g.
+    a stem fused before FUSE_STEM_POOL changed)."""
+    if getattr(type(module), "_m3d_fused", None) != tag:
+        module.__class__ = _fused_class(_plain_class(module), tag)
 
 
 def _unswap(module: nn.Module, tag: str) -> None:
     """Give ``module`` its plain class back if it carries ``tag``."""
     if getattr(type(module), "_m3d_fused", None) == tag:
-        module.__class__ = type(module).__mro__[1]
+        module.__class__ = _plain_class(module)
 
 
 def _activation(m: nn.Module):
@@ -354,8 +354,7 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
     """Undo :func:`fuse_modules` in place (plain PyTorch forward again); returns ``model``."""
     _check_module("unfuse_modules", model)
     for m in model.modules():
-        if getattr(type(m), "_m3d_fused", None):
-            m.__class__ = type(m).__mro__[1]
+        m.__class__ = _plain_class(m)
         m.__dict__.pop("_m3d_bn", None)
         m.__dict__.pop("_m3d_relu", None)
         m.__dict__.pop("_m3d_pool", None)
