@@ -37,6 +37,10 @@
 #     compile (only when ORDER names it): train_step --with-compile (the plain and fused models
 #               under torch.compile beside eager; ResNet-50 only unless COMPILE_DEPTHS="10 50")
 #               into $OUT/bench_compile;
+#     ncu (only when ORDER names it): Nsight Compute over one call of each target kernel
+#               (python -m benchmarks.ncu_kernels run $NCU_CASES: loss augment layer stem) into
+#               $OUT/ncu (the report, its details page as CSV and text, and a one-line-per-kernel
+#               table: time, throughput, registers, occupancy);
 #  then packs logs and results into $OUT/gpu_check.tar.gz and prints the summary LAST.
 # throughput, convergence and pipeline need nibabel, pyyaml and tqdm (the package's
 # dependencies, which the --no-deps install does not bring) and are skipped without them.
@@ -84,7 +88,7 @@ stage_limit() {
     if [ "$1" -lt "$l" ]; then echo "$1"; else echo "$l"; fi
 }
 
-STAGES=(wheels build tests sanitizer targets throughput convergence pipeline profile kernels study compile)
+STAGES=(wheels build tests sanitizer targets throughput convergence pipeline profile kernels study compile ncu)
 declare -A ST_STATUS ST_TIME
 for s in "${STAGES[@]}"; do ST_STATUS[$s]="not reached"; ST_TIME[$s]=""; done
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
@@ -464,18 +468,48 @@ stage_compile() {  # train_step with the torch.compile rows (ResNet-50 compiles 
         bench compile "${COMPILE_TIMEOUT:-330}" 150 --out "$OUT/bench_compile" --with-compile \
         ${BENCH_ARGS:-} train_step
 }
+stage_ncu() {  # Nsight Compute: occupancy, throughput and stalls of the target kernels
+    local lim s0 rc st
+    if ! command -v ncu >/dev/null; then status ncu "skipped (no ncu on PATH)"; return; fi
+    if ! lim=$(stage_limit "${NCU_TIMEOUT:-240}" 60); then
+        status ncu "skipped (budget: $(left)s left)"; return
+    fi
+    mkdir -p "$OUT/ncu"
+    say "ncu: ncu over python -m benchmarks.ncu_kernels run ${NCU_CASES:-} (log: logs/ncu.log)"
+    s0=$(now)
+    # only med3d_ext's own kernels, one call of each case (the driver brackets them with
+    # cudaProfilerStart/Stop after a warm-up); clocks left alone (../shared/gpu.md)
+    # shellcheck disable=SC2086
+    timeout -k 10 "$lim" ncu --clock-control none --profile-from-start off \
+        --kernel-name-base demangled --kernel-name regex:med3d_ext --launch-count "${NCU_LAUNCHES:-60}" \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section SchedulerStats \
+        -f -o "$OUT/ncu/kernels" "$PY" -m benchmarks.ncu_kernels run ${NCU_CASES:-} > "$LOGS/ncu.log" 2>&1
+    rc=$?
+    if [ -f "$OUT/ncu/kernels.ncu-rep" ]; then
+        ncu --import "$OUT/ncu/kernels.ncu-rep" --page details --csv > "$OUT/ncu/details.csv" 2>>"$LOGS/ncu.log"
+        ncu --import "$OUT/ncu/kernels.ncu-rep" --page details > "$OUT/ncu/details.txt" 2>>"$LOGS/ncu.log"
+        "$PY" -m benchmarks.ncu_kernels summary "$OUT/ncu/details.csv" > "$OUT/ncu/summary.md" 2>>"$LOGS/ncu.log"
+    fi
+    case $rc in
+        0) st="ok: $(($(wc -l < "$OUT/ncu/summary.md" 2>/dev/null || echo 2) - 2)) kernels (ncu/summary.md)" ;;
+        124|137) st="timeout after ${lim}s" ;;
+        *) st="rc $rc (see logs/ncu.log)"; tail -15 "$LOGS/ncu.log" ;;
+    esac
+    status ncu "$st" "$(($(now) - s0))s"
+}
 # After the targets, the measurements that issues still wait for (the CLI's throughput, the GPU
 # convergence study, the data wait), then the diagnostics (profile, single kernels).
-# ORDER overrides it (any of: throughput convergence pipeline profile kernels study compile).
+# ORDER overrides it (any of: throughput convergence pipeline profile kernels study compile ncu).
 NAREAS=$#
 RUN_ORDER="${ORDER-throughput convergence pipeline profile kernels}"
 for s in $RUN_ORDER; do
     case $s in
-        throughput|convergence|pipeline|profile|kernels|study|compile) "stage_$s" ;;
+        throughput|convergence|pipeline|profile|kernels|study|compile|ncu) "stage_$s" ;;
         *) say "ORDER: unknown stage '$s' (ignored)" ;;
     esac
 done
-for s in throughput convergence pipeline profile kernels study compile; do
+for s in throughput convergence pipeline profile kernels study compile ncu; do
     case " $RUN_ORDER " in *" $s "*) ;; *) status "$s" "skipped (not in ORDER)" ;; esac
 done
 
@@ -484,11 +518,13 @@ write_summary
 PACK=(logs bench summary.md)
 [ -d "$OUT/bench_profile" ] && PACK+=(bench_profile)
 [ -d "$OUT/bench_compile" ] && PACK+=(bench_compile)
+[ -d "$OUT/ncu" ] && PACK+=(ncu)
 tar czf "$OUT/gpu_check.tar.gz" -C "$OUT" "${PACK[@]}" 2>/dev/null
 echo
 echo "==== gpu_check: $GPU_NAME, $(($(now) - T0))s; archive $OUT/gpu_check.tar.gz ===="
 for s in "${STAGES[@]}"; do printf '%-12s %s %s\n' "$s" "${ST_STATUS[$s]}" "${ST_TIME[$s]}"; done
 bench_table
+[ -s "$OUT/ncu/summary.md" ] && cat "$OUT/ncu/summary.md"
 FAIL=0
 [ $BUILD_RC -ne 0 ] && FAIL=1
 [ $TEST_OK -eq 1 ] || FAIL=1

@@ -51,7 +51,8 @@ exec {sys.executable} "$@"
     assert "| build | ok (built from source)" in summary, summary
     for stage, status in [("build", "ok"), ("tests", "ok; passed 1 failed 0"), ("targets", "ok"), ("profile", "ok"),
                           ("kernels", "skipped (areas given"), ("throughput", "skipped (THROUGHPUT=0)"),
-                          ("study", "skipped (not in ORDER)"), ("compile", "skipped (not in ORDER)")]:
+                          ("study", "skipped (not in ORDER)"), ("compile", "skipped (not in ORDER)"),
+                          ("ncu", "skipped (not in ORDER)")]:
         assert f"| {stage} | {status}" in summary, (stage, summary)
     data = json.loads((out / "bench" / "results.json").read_text())
     assert data["env"]["git_commit"] and {r["area"] for r in data["rows"]} == {"bn_stats"}
@@ -61,6 +62,34 @@ exec {sys.executable} "$@"
     assert any(line.startswith("  bn_stats/") and "x vs eager torch.var_mean" in line for line in tail[-6:])
     assert any(line.startswith("  profile bn_stats/") for line in tail[-4:])
     assert (out / "gpu_check.tar.gz").stat().st_size > 0
+
+
+def test_ncu_summary_condenses_the_details_page(tmp_path, capsys):
+    """benchmarks.ncu_kernels summary: one table row per profiled kernel (in profile order), its
+    name without namespaces or parameters, and the metrics of the details page it was given."""
+    from benchmarks import ncu_kernels
+
+    cols = ["ID", "Kernel Name", "Block Size", "Grid Size", "Section Name", "Metric Name",
+            "Metric Unit", "Metric Value"]
+    k1 = "void med3d_ext::(anonymous namespace)::partial_kernel<float, 8>(med3d_ext::HeadTable, float*)"
+    k2 = "void med3d_ext::rs::(anonymous namespace)::pair_kernel<float, unsigned char, float, int, unsigned int>(int)"
+    rows = [["0", k1, "(256, 1, 1)", "(512, 1, 1)", "GPU Speed Of Light Throughput", "Duration", "us", "23.46"],
+            ["0", k1, "(256, 1, 1)", "(512, 1, 1)", "Occupancy", "Achieved Occupancy", "%", "24.1"],
+            ["0", k1, "(256, 1, 1)", "(512, 1, 1)", "Launch Statistics", "Registers Per Thread", "register/thread", "86"],
+            ["1", k2, "(256, 1, 1)", "(8448, 1, 1)", "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "11.7"]]
+    path = tmp_path / "details.csv"
+    with open(path, "w", newline="") as f:
+        import csv
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        w.writerow(cols)
+        w.writerows(rows)
+    ncu_kernels.summary(str(path))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| kernel | grid | block | time |"), lines
+    first, second = (line.split(" | ") for line in lines[2:])
+    assert first[0] == "| partial_kernel<float, 8>" and first[1] == "(512, 1, 1)" and first[3] == "23.46 us"
+    assert "24.1" in first and "86" in first
+    assert second[0] == "| pair_kernel<float, unsigned char, float, int, unsigned int>" and "11.7" in second
 
 
 def test_prebuilt_source_hash_follows_the_extension_sources(tmp_path):
