@@ -24,7 +24,9 @@
 #               8-head loss) into $OUT/bench;
 #  then, in this order (ORDER="..." changes it; stages not named are skipped):
 #     throughput (THROUGHPUT=1, default): python -m benchmarks.train_throughput --device cuda,
-#               the CLI's pretraining fused vs --no-fused, into $OUT/bench/throughput;
+#               the CLI's pretraining fused vs --no-fused, into $OUT/bench/throughput, with
+#               4 profiled steps per arm after the measured ones (THROUGHPUT_ARGS, default
+#               --profile: kernel time, launches and costliest ops per step of the real loop);
 #     convergence: the convergence area (quick study), appended to $OUT/bench;
 #     pipeline: the pipeline area (loader + augmentation, data-wait share), appended;
 #     profile:  the target areas with --profile-only (each row's CUDA kernels per call, not
@@ -49,7 +51,7 @@
 # build or the tests failed.
 # Knobs: PYTHON, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT,
 # TARGETS_TIMEOUT, PROFILE_TIMEOUT, KERNELS_TIMEOUT, PIPELINE_TIMEOUT, THROUGHPUT_TIMEOUT,
-# CONVERGENCE_TIMEOUT, STUDY_TIMEOUT, COMPILE_TIMEOUT, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
+# CONVERGENCE_TIMEOUT, STUDY_TIMEOUT, COMPILE_TIMEOUT, NCU_TIMEOUT, NCU_CASES, NCU_LAUNCHES, THROUGHPUT_ARGS, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
 # machine, SKIP="build tests targets" ORDER="convergence profile", reuses the first's build), WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
 # timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
 # takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
@@ -423,8 +425,9 @@ stage_throughput() {
         say "throughput: python -m benchmarks.train_throughput --device $DEV (log: logs/throughput.log)"
         local s0 rc st
         s0=$(now)
+        # shellcheck disable=SC2086  # THROUGHPUT_ARGS is a word list (default: --profile)
         timeout -k 10 "$TPLIM" "$PY" -m benchmarks.train_throughput --device "$DEV" \
-            --out "$BENCH/throughput" > "$LOGS/throughput.log" 2>&1
+            --out "$BENCH/throughput" ${THROUGHPUT_ARGS---profile} > "$LOGS/throughput.log" 2>&1
         rc=$?
         case $rc in
             0) st="ok: $(grep -m1 'fused / plain' "$BENCH/throughput/throughput.md")" ;;

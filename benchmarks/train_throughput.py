@@ -63,7 +63,11 @@ def summarize_windows(rows: list[dict], prefetched: int = 0) -> dict:
             "steps": int(rows[-1]["step"])}
 
 
-def run(device="auto", quick=False, steps=None, out=None, log=print) -> dict:
+# --profile: steps profiled after the measured ones (so the measured windows are untouched)
+PROFILE_STEPS = 4
+
+
+def run(device="auto", quick=False, steps=None, out=None, log=print, profile=False) -> dict:
     from med3d_ext.train import config as C
     from med3d_ext.train.cli import run_pretrain
     from med3d_ext.train.demo import demo_data, demo_recipe
@@ -74,17 +78,28 @@ def run(device="auto", quick=False, steps=None, out=None, log=print) -> dict:
     t_all = time.perf_counter()
     d = demo_data(sz["cases"], sz["size"], 0, log)
     result = {"device": str(dev), "sizes": sz, "arms": {}}
+    measured = sz["steps"]
+    extra = PROFILE_STEPS if profile else 0
     with tempfile.TemporaryDirectory(prefix="m3d-throughput-") as tmp:
         for name, fused in ARMS:
             cfg = C.resolve("pretrain", dict(
                 demo_recipe(dev, sz, d["root"] / "cache"),  # the demo's training options
                 data=[str(d["pretrain"])], out=str(Path(tmp) / name.split()[0]), seed=0,
-                depth=10, epochs=1, steps=sz["steps"], fused=fused, lr=1e-3,
-                log_every=max(1, sz["steps"] // 4), val_cases=1, export=False, progress=False))
+                depth=10, epochs=1, steps=measured + extra, fused=fused, lr=1e-3,
+                log_every=max(1, measured // 4), val_cases=1, export=False, progress=False,
+                profile=f"{measured}:{extra}" if extra else None))
             t0 = time.perf_counter()
             res = run_pretrain(cfg, log=lambda *a: None)
             # DataLoader workers hold prefetch_factor (2) batches each
-            arm = summarize_windows(_windows(cfg["out"]), prefetched=2 * sz["workers"])
+            rows = [r for r in _windows(cfg["out"]) if r["step"] <= measured]
+            arm = summarize_windows(rows, prefetched=2 * sz["workers"])
+            if res.get("profile"):  # the profiled steps, after the measured ones
+                arm["profile"] = json.loads((Path(res["profile"]) / "summary.json").read_text())
+                if out:
+                    dst = Path(out) / "profile" / name.split()[0]
+                    dst.mkdir(parents=True, exist_ok=True)
+                    for f in ("summary.json", "ops.txt"):
+                        (dst / f).write_text((Path(res["profile"]) / f).read_text())
             arm.update(wall_s=time.perf_counter() - t0, final_val=res.get("best_score"))
             result["arms"][name] = arm
             log(f"{name}: {arm['samples_s']:.2f} samples/s, {arm['voxels_s'] / 1e6:.2f} Mvoxel/s, "
@@ -116,6 +131,19 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {a['samples_s']:.2f} | {a['voxels_s'] / 1e6:.2f} | "
                      f"{100 * a['data_wait']:.1f}% | {a['wall_s']:.0f} s |")
     lines += ["", f"fused / plain samples/s: {r['fused_vs_plain']:.2f}x (same run, same device).", ""]
+    profiled = [(n, a["profile"]) for n, a in r["arms"].items() if a.get("profile")]
+    if profiled:
+        lines += [f"Profiled: {profiled[0][1]['steps']} steps after the measured ones "
+                  "(torch.profiler; wall and host times are inflated by it, kernel times are "
+                  "not). Per step:", "",
+                  "| pipeline | wall (profiled) ms | kernels ms | launches | host ops ms | costliest ops (self ms) |",
+                  "|---|---|---|---|---|---|"]
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        for name, p in profiled:
+            top = "; ".join(f"{o['name']} {o['self_ms_per_step']:.2f}" for o in p["top_ops"][:5])
+            lines.append(f"| {name} | {p['wall_ms_per_step']:.1f} | {fmt(p['kernel_ms_per_step'], '.2f')} | "
+                         f"{fmt(p['launches_per_step'], '.0f')} | {p['host_op_ms_per_step']:.1f} | {top} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -132,10 +160,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps per arm (default: 48 GPU, 30 CPU)")
     p.add_argument("--quick", action="store_true", help="tiny CPU sizes (a smoke test, not a result)")
     p.add_argument("--out", default="benchmarks/results/latest/throughput", help="results folder")
+    p.add_argument("--profile", action="store_true",
+                   help=f"also profile {PROFILE_STEPS} steps of each arm after the measured ones "
+                        "(the training CLI's --profile): kernel time, launches and the costliest "
+                        "ops per step, into OUT/profile/ and the table")
     a = p.parse_args(argv)
     if a.steps is not None and a.steps < 2:
         p.error(f"--steps: need at least 2, got {a.steps}")
-    r = run(a.device, a.quick, a.steps, a.out)
+    r = run(a.device, a.quick, a.steps, a.out, profile=a.profile)
     print(markdown(r))
     return 0
 

@@ -455,14 +455,20 @@ def test_train_throughput_quick_cpu(tmp_path, monkeypatch):
     from benchmarks import train_throughput
 
     monkeypatch.setenv("MED3D_EXT_CACHE", str(tmp_path / "cache"))
-    assert train_throughput.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "t")]) == 0
+    assert train_throughput.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "t"),
+                                  "--profile"]) == 0
     r = json.loads((tmp_path / "t" / "throughput.json").read_text())
     assert set(r["arms"]) == {n for n, _ in train_throughput.ARMS}
     for a in r["arms"].values():
         assert a["samples_s"] > 0 and a["voxels_s"] == pytest.approx(a["samples_s"] * 16 * 16 * 8)
+        # the measured windows stop at the measured steps; the profiled ones come after
         assert 0 <= a["data_wait"] < 1 and a["steps"] == 6
+        assert a["profile"]["steps"] == train_throughput.PROFILE_STEPS and a["profile"]["top_ops"]
     assert r["fused_vs_plain"] > 0
-    assert "| med3d_ext fused |" in (tmp_path / "t" / "throughput.md").read_text()
+    md = (tmp_path / "t" / "throughput.md").read_text()
+    assert "| med3d_ext fused |" in md and "costliest ops" in md
+    assert (tmp_path / "t" / "profile" / "med3d_ext" / "ops.txt").is_file()
+    assert (tmp_path / "t" / "profile" / "plain" / "summary.json").is_file()
     with pytest.raises(SystemExit):
         train_throughput.main(["--steps", "1"])
 

@@ -119,6 +119,10 @@ OPTIONS: dict[str, Option] = {
                           "min(8, CPUs per process - 1), since loading in the training process "
                           "left the GPU waiting for data most of the time)", _T),
     "threads": Option(0, "int", "torch CPU threads (0 = torch's default)", _ALL),
+    "profile": Option(None, "str", "torch.profiler over training steps: START:STEPS profiles "
+                      "STEPS steps after the first START (e.g. 20:5); writes RUN/profile/ "
+                      "(summary.json: kernel time and launches per step, the costliest ops; "
+                      "ops.txt; trace.json for Perfetto)", _T),
     "sync_bn": Option(False, "bool", "SyncBatchNorm under torchrun", _T),
     # -- evaluation
     "overlap": Option(0.5, "float", "sliding-window overlap (0..1)", _ALL),
@@ -171,7 +175,17 @@ VALID: dict[str, tuple] = {
     "log_every": (lambda v: v >= 1, ">= 1"),
     "ckpt_every": (lambda v: v >= 0, ">= 0 (0 = each epoch)"),
     "step_sleep": (lambda v: v >= 0, ">= 0"),
+    "profile": (lambda v: _profile_spec_ok(v), "START:STEPS (START >= 0, STEPS >= 1), e.g. 20:5"),
 }
+
+
+def _profile_spec_ok(v) -> bool:
+    from .profiling import parse_spec
+
+    try:
+        return parse_spec(v) is not None
+    except ValueError:
+        return False
 
 
 def keys_for(command: str) -> list[str]:

@@ -30,6 +30,7 @@ import torch
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .distributed import DistContext, all_reduce_mean, any_rank, barrier, run_on_main, wrap_ddp
+from .profiling import StepProfiler
 from .runlog import RunLogger, truncate_metrics
 
 __all__ = ["TrainingError", "TrainingInterrupted", "Job", "run_training", "autocast_dtype",
@@ -377,6 +378,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
     t_run = time.perf_counter()
     model.train()
     step = start
+    profiler = StepProfiler(cfg.get("profile"), run_dir, dev, enabled=ctx.is_main,
+                            log=lambda m: bar.write(m) if ctx.is_main else None)
     ctrl_c = _CtrlC(announce=ctx.is_main)
     try:
         ctrl_c.__enter__()
@@ -390,6 +393,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             if want_frozen != frozen:
                 _set_frozen(model, want_frozen)
                 frozen = want_frozen
+            profiler.before(step)
             t0 = time.perf_counter()
             try:
                 batch = next_batch()
@@ -428,6 +432,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             except torch.OutOfMemoryError as e:
                 raise TrainingError(_oom_message(cfg, "training")) from e
             step += 1
+            profiler.after(step)
             if cfg.get("step_sleep"):
                 time.sleep(cfg["step_sleep"])
             t2 = time.perf_counter()
@@ -485,6 +490,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         raise TrainingInterrupted(f"interrupted after step {step} of {total}; {keep}",
                                   signal.SIGINT) from None
     finally:
+        profiler.close()
         ctrl_c.__exit__()
         bar.close()
         logger.close()
@@ -492,5 +498,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             # what the score (and --target-dice) measures
             "score_metric": "accuracy" if job.kind == "cls" else "dice",
             "steps": total, "start_step": start, "time_s": time.perf_counter() - t_run,
-            "last": str(run_dir / "last.pt"), "best": str(run_dir / "best.pt")}
+            "last": str(run_dir / "last.pt"), "best": str(run_dir / "best.pt"),
+            "profile": (str(run_dir / "profile") if (run_dir / "profile" / "summary.json").exists()
+                        else None)}
 

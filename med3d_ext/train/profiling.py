@@ -1,0 +1,116 @@
+"""``--profile START:STEPS``: torch.profiler over a few training steps of a real run.
+
+Answers "where does a step's time go" for the whole training step (loader wait, augmentation,
+model, heads, loss, optimizer), which the single-op benchmarks cannot: the profiler is on for
+steps START+1 .. START+STEPS (after START optimizer steps) and writes, into ``RUN/profile/``:
+
+- ``summary.json``: per step, the wall time under the profiler, the GPU kernel time and
+  launches (CUDA), and the host time spent in operators; the 15 costliest operators;
+- ``ops.txt``: torch's operator table (self time, sorted by device time on a GPU);
+- ``trace.json``: the Chrome / Perfetto trace (open in https://ui.perfetto.dev).
+
+Wall times under the profiler are inflated by its own per-op cost; the kernel time and the
+launch count are not. Only the main process (rank 0) profiles.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_spec(spec) -> tuple[int, int] | None:
+    """``"START:STEPS"`` -> (START, STEPS); None or "" -> None (off). Raises ValueError."""
+    if spec is None or spec == "":
+        return None
+    parts = str(spec).split(":")
+    try:
+        start, steps = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        start = steps = None
+    if start is None or start < 0 or steps < 1:
+        raise ValueError(f"profile: expected START:STEPS (START >= 0 optimizer steps to skip, "
+                         f"STEPS >= 1 to profile, e.g. 20:5), got {spec!r}")
+    return start, steps
+
+
+class StepProfiler:
+    """Call ``before(step)`` before each training step (``step`` = optimizer steps done) and
+    ``after(step)`` after it; ``close()`` when training ends (a run that stops inside the
+    profiled steps still writes what it has)."""
+
+    def __init__(self, spec, run_dir, device: torch.device, enabled: bool = True, log=print):
+        self.range = parse_spec(spec) if enabled else None
+        self.out = Path(run_dir) / "profile"
+        self.cuda = device.type == "cuda"
+        self.log = log
+        self.prof = None
+        self.done = 0
+        self.t0 = 0.0
+
+    def before(self, step: int) -> None:
+        if self.range is None or self.prof is not None or step != self.range[0]:
+            return
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.cuda:
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize()
+        self.prof = torch.profiler.profile(activities=acts)
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def after(self, step: int) -> None:
+        if self.prof is None:
+            return
+        self.done += 1
+        if self.done >= self.range[1]:
+            self.close()
+
+    def close(self) -> None:
+        if self.prof is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        prof, self.prof = self.prof, None
+        prof.__exit__(None, None, None)
+        self.range = None  # once per run
+        try:
+            self._write(prof, wall)
+        except Exception as exc:  # a failed report must not end a training run
+            self.log(f"profile: could not write {self.out}: {type(exc).__name__}: {exc}")
+
+    def _write(self, prof, wall: float) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        n = max(self.done, 1)
+        events = prof.events()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernel_us = sum(e.device_time for e in kernels) if kernels else 0.0
+        # top-level host operators: their CPU time is the host work a step queues
+        top = [e for e in events if e.cpu_parent is None and e.device_type == torch.autograd.DeviceType.CPU]
+        host_us = sum(e.cpu_time_total for e in top)
+        sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        avg = prof.key_averages()
+        key = (lambda a: getattr(a, "self_device_time_total", 0.0)) if self.cuda else \
+            (lambda a: a.self_cpu_time_total)
+        costly = sorted(avg, key=key, reverse=True)[:15]
+        summary = {
+            "steps": self.done, "device": "cuda" if self.cuda else "cpu",
+            "wall_ms_per_step": 1e3 * wall / n,
+            "kernel_ms_per_step": kernel_us / 1e3 / n if self.cuda else None,
+            "launches_per_step": len(kernels) / n if self.cuda else None,
+            "host_op_ms_per_step": host_us / 1e3 / n,
+            "top_ops": [{"name": a.key, "calls_per_step": a.count / n,
+                         "self_ms_per_step": key(a) / 1e3 / n} for a in costly],
+            "note": "wall and host times are inflated by the profiler; kernel time is not",
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (self.out / "ops.txt").write_text(avg.table(sort_by=sort, row_limit=60))
+        prof.export_chrome_trace(str(self.out / "trace.json"))
+        k = (f", kernels {summary['kernel_ms_per_step']:.2f} ms and "
+             f"{summary['launches_per_step']:.0f} launches per step" if self.cuda else "")
+        self.log(f"profile: {self.done} steps, {summary['wall_ms_per_step']:.1f} ms per step "
+                 f"under the profiler{k}; {self.out}")
