@@ -41,11 +41,43 @@ struct PoolGeom {
 // Kernels up to 6^3 = 216 window offsets fit a uint8 argmax.
 constexpr int kMaxPoolWindow = 255;
 
-// The per-window math, for V adjacent channels at once (channel stride cs between them): the
+// The per-window math, for V adjacent channels at once (channel stride cs between them, 1 when
+// V > 1, which the loads below rely on; cs is kept for the signature's sake): the
 // CPU calls it with V = 1, the CUDA kernels with a vector of channels of a channels_last_3d row.
 // index_t is the type of the window coordinates and of the in-plane offsets: int64_t on the CPU;
 // int32_t on the GPU when the tensors' sizes leave it room (pool_index_fits_int32), where 64-bit
 // divisions and products are emulated by many instructions and double the registers.
+
+// V adjacent elements moved with one load or store. V > 1 only in the CUDA kernels'
+// channels_last_3d path, where the V channels are adjacent (channel stride 1), every channel
+// group's offset is a multiple of V, and the dispatch checked that the base pointers are 16-byte
+// aligned (dispatch_shape). Loading the V channels one element at a time made up most of the
+// instructions of the stem's pool kernels (ncu on an H100, 2026-11-27: the backward gather
+// issued 8 byte loads and 8 bf16 loads per window, and ran at 17% of the DRAM bandwidth).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Run {
+  T v[V];
+};
+
+template <int V, typename T>
+M3D_HOST_DEVICE Run<T, V> load_run(const T* p) {
+  Run<T, V> r;
+  if constexpr (V > 1) {
+    r = *reinterpret_cast<const Run<T, V>*>(p);
+  } else {
+    r.v[0] = p[0];
+  }
+  return r;
+}
+
+template <int V, typename T>
+M3D_HOST_DEVICE void store_run(T* p, const Run<T, V>& r) {
+  if constexpr (V > 1) {
+    *reinterpret_cast<Run<T, V>*>(p) = r;
+  } else {
+    p[0] = r.v[0];
+  }
+}
 
 // Max of z over the window of output (od, oh, ow) and its window offset, for each of the V
 // channels; y points at (n, first channel). mean/scale/bias: the V channels' parameters.
@@ -77,9 +109,10 @@ M3D_HOST_DEVICE void pool_window_max(const scalar_t* y, int64_t cs, const PoolGe
         if (w < 0 || w >= W) continue;
         const scalar_t* yp = y + (d * ys0 + h * ys1 + w * ys2);
         const int k = (kd * g.k[1] + kh) * g.k[2] + kw;
+        const Run<scalar_t, V> yr = load_run<V>(yp);  // V > 1: cs == 1 (see Run)
 M3D_UNROLL
         for (int j = 0; j < V; ++j) {
-          const acc_t z = bn_pre_act<acc_t>(static_cast<acc_t>(yp[j * cs]), mean[j], scale[j],
+          const acc_t z = bn_pre_act<acc_t>(static_cast<acc_t>(yr.v[j]), mean[j], scale[j],
                                             bias[j], acc_t(0));
           // max_pool3d's rule: the first in-window position starts it; a larger value or a
           // NaN replaces it (z != z is the NaN test, valid on host and device).
@@ -121,9 +154,12 @@ M3D_UNROLL
         const int k = int(((d - (od * s[0] - p[0])) * g.k[1] + (h - (oh * s[1] - p[1]))) * g.k[2] +
                           (w - (ow * s[2] - p[2])));
         const index_t o = od * os0 + oh * os1 + ow * os2;
+        // V > 1: cs == 1 (see Run); both runs are loaded whole, the sum takes the matches
+        const Run<uint8_t, V> ar = load_run<V>(arg + o);
+        const Run<scalar_t, V> gr = load_run<V>(gout + o);
 M3D_UNROLL
         for (int j = 0; j < V; ++j)
-          if (arg[o + j * cs] == k) sum[j] += static_cast<acc_t>(gout[o + j * cs]);
+          if (ar.v[j] == k) sum[j] += static_cast<acc_t>(gr.v[j]);
       }
 }
 

@@ -84,11 +84,15 @@ struct PoolForwardOp {
     channel_params<V>(p, PS, m, sc, b);
     pool_window_max<V, scalar_t, acc_t, index_t>(y + n * ysn + c * ysc, ysc, g, od, oh, ow, m, sc,
                                                  b, best, a);
+    Run<scalar_t, V> ov;
+    Run<uint8_t, V> ar;
 #pragma unroll
     for (int j = 0; j < V; ++j) {  // V > 1 only in channels_last_3d, where channels are adjacent
-      out[i + j] = static_cast<scalar_t>(bn_act<true>(best[j]));
-      arg[i + j] = a[j];
+      ov.v[j] = static_cast<scalar_t>(bn_act<true>(best[j]));
+      ar.v[j] = a[j];
     }
+    store_run<V>(out + i, ov);
+    store_run<V>(arg + i, ar);
   }
 };
 
@@ -108,10 +112,11 @@ struct PoolGrad {
     dec(i, n, c, d, h, w);
     const int64_t o = n * osn + c * osc;
     pool_grad_at<V, scalar_t, acc_t, index_t>(gout + o, arg + o, osc, g, d, h, w, gv);
+    const Run<scalar_t, V> yr = load_run<V>(y + i);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const auto& q = p[j * PS];
-      yv[j] = static_cast<acc_t>(y[i + j]);
+      yv[j] = static_cast<acc_t>(yr.v[j]);
       gv[j] = bn_masked_grad<true>(gv[j], bn_pre_act<acc_t>(yv[j], q.m, q.sc, q.b, acc_t(0)));
     }
   }
@@ -128,8 +133,10 @@ struct PoolGatherOp {
   __device__ __forceinline__ void operator()(int64_t i, const ChanParams<acc_t>* p) const {
     acc_t yv[V], gv[V];
     pg.template at<V, PS>(i, p, yv, gv);
+    Run<scalar_t, V> r;
 #pragma unroll
-    for (int j = 0; j < V; ++j) g[i + j] = static_cast<scalar_t>(gv[j]);
+    for (int j = 0; j < V; ++j) r.v[j] = static_cast<scalar_t>(gv[j]);
+    store_run<V>(g + i, r);
   }
 };
 
@@ -163,7 +170,7 @@ void bn_relu_pool_forward_cuda(const at::Tensor& y, const at::Tensor& mean,
                               w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), nullptr};
     // The decoded flat index is out's, which can exceed y's (kernel 2, padding 1, stride 1).
     dispatch_shape<scalar_t>(go, y.numel(), out.numel(),
-                             {y.const_data_ptr(), out.const_data_ptr()},
+                             {y.const_data_ptr(), out.const_data_ptr(), argmax.const_data_ptr()},
                              [&](auto vtag, auto itag) {
       constexpr int V = decltype(vtag)::value;
       using index_t = decltype(itag);
@@ -191,8 +198,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
     ParamPtrs<acc_t> pp{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                         w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), nullptr};
     // The gather's offsets are grad_out's and argmax's, which can exceed y's (as above).
+    // every tensor read or written a channel group at a time (Run) must be 16-byte aligned
     dispatch_shape<scalar_t>(gy, y.numel(), grad_out.numel(),
-                             {y.const_data_ptr(), grad_y.const_data_ptr()},
+                             {y.const_data_ptr(), grad_y.const_data_ptr(),
+                              grad_out.const_data_ptr(), argmax.const_data_ptr()},
                              [&](auto vtag, auto itag) {
       constexpr int V = decltype(vtag)::value;
       using index_t = decltype(itag);

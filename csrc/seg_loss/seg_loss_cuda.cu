@@ -19,11 +19,27 @@
 namespace med3d_ext {
 namespace {
 
-constexpr int kThreads = 256, kWarps = kThreads / 32, kFinishThreads = 512;
+constexpr int kThreads = 256, kWarps = kThreads / 32, kFinishThreads = 1024;
 constexpr int kPerThread = kSegTile / kThreads;  // voxels per thread in a full tile
-// Registers (sm_90, nvcc 13.0, fp32): K = 8 partial 86, backward 112, so 2 resident blocks of
-// 256; asking ptxas for 3 (__launch_bounds__(kThreads, 3), <= 80 registers) made them spill
-// 8/56 and 140/220 bytes (stored/loaded). Whether 3 blocks pay anyway is for a GPU to say.
+// Registers bound both kernels to 2 resident blocks of 256 (asking ptxas for 3, <= 80 registers,
+// made them spill), so a thread's own loads are what hides memory latency. The first versions
+// visited a full tile's voxels one at a time, and their SASS issued a voxel's loads only after
+// the previous voxel's softmax: one voxel's loads in flight per thread, 20-22% of the DRAM
+// bandwidth at 25% occupancy (ncu on an H100, 2026-11-27: partial 30.7 us, backward 29.9 us
+// for the 8-head target case). Now a full tile is walked in stages of kStage voxels whose
+// loads (the target and every logit) are all issued before any of them is computed on.
+// kStage is bounded by the registers the staged logits take (K per voxel), chosen with ptxas
+// (sm_90, nvcc 13.0) for no spills: K = 4, 4 voxels in 3 resident blocks (<= 80 registers);
+// K = 8, 4 (partial, 115 registers at fp32) and 2 (backward, 126) in 2 blocks. Larger K and
+// double precision keep one voxel per stage and may take more registers (fewer resident
+// blocks) rather than spill.
+template <typename acc_t, int K>
+constexpr int partial_stage() { return sizeof(acc_t) > 4 ? 1 : K <= 8 ? 4 : 1; }
+template <typename acc_t, int K>
+constexpr int backward_stage() { return sizeof(acc_t) > 4 ? 1 : K <= 4 ? 4 : K <= 8 ? 2 : 1; }
+template <typename acc_t, int K>
+constexpr int min_blocks() { return sizeof(acc_t) > 4 ? 1 : K <= 4 ? 3 : K <= 8 ? 2 : 1; }
+static_assert(kPerThread % 8 == 0, "stages must divide the voxels per thread");
 
 struct HeadTable {
   SegHead h[kMaxHeadsCuda];
@@ -48,7 +64,7 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks<at::opmath_type<scalar_t>, K>())
     partial_kernel(const __grid_constant__ HeadTable tab, const at::opmath_type<scalar_t>* cw,
                    int64_t ignore_index, at::opmath_type<scalar_t>* __restrict__ part,
                    int64_t* __restrict__ bad) {
@@ -65,14 +81,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int c = 0; c < K; ++c) I[c] = P[c] = T[c] = 0;
   int64_t nbad = 0, bmin = std::numeric_limits<int64_t>::max(), bmax = std::numeric_limits<int64_t>::min();
-  // Every logit of the voxel is loaded before its label is looked at, so that in a full tile
-  // (the unrolled branch) the loads of all kPerThread voxels can be in flight at once.
-  auto visit = [&](int64_t v) {
-    const int64_t t = load_target(d, s * S + v);
-    acc_t z[K];
+  auto load = [&](int64_t v, acc_t (&z)[K], int64_t& t) {
+    t = load_target(d, s * S + v);
 #pragma unroll
     for (int c = 0; c < K; ++c)
       if (c < C) z[c] = static_cast<acc_t>(x[c * S + v]);
+  };
+  auto accumulate = [&](acc_t (&z)[K], int64_t t) {
     const int cls = classify_label(t, C, ignore_index);
     if (cls == -2) {
       ++nbad;
@@ -99,10 +114,23 @@ __global__ void __launch_bounds__(kThreads)
       }
   };
   if (v1 - v0 == kSegTile) {
+    constexpr int kStage = partial_stage<acc_t, K>();
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) visit(v0 + k * kThreads + threadIdx.x);
+    for (int k0 = 0; k0 < kPerThread; k0 += kStage) {
+      acc_t z[kStage][K];
+      int64_t t[kStage];
+#pragma unroll
+      for (int j = 0; j < kStage; ++j) load(v0 + (k0 + j) * kThreads + threadIdx.x, z[j], t[j]);
+#pragma unroll
+      for (int j = 0; j < kStage; ++j) accumulate(z[j], t[j]);
+    }
   } else {
-    for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) visit(v);
+    for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
+      acc_t z[K];
+      int64_t t;
+      load(v, z, t);
+      accumulate(z, t);
+    }
   }
   // Block reduction in a fixed order: warp trees, then warps summed in index order.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -150,8 +178,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block. Warps take (head, sample, class) slots, then heads; lanes sum tiles strided by 32
-// and a warp tree finishes: a fixed order, so the result is bitwise reproducible.
+// One block of kFinishThreads, three phases, each in a fixed order (bitwise reproducible):
+//  1. warps take work items strided by the warp count: items [0, slots) are the (head, sample,
+//     class) Dice slots, items [slots, slots + H) the heads' CE sums and bad-label summaries,
+//     so both kinds share one round; lanes sum tiles strided by 32, a warp tree finishes;
+//  2. a warp per head sums its Dice terms the same way;
+//  3. thread 0 sums the heads.
+// (The first version ran slots, then heads, in rounds of 16 warps, then one thread per head
+// adding its Dice terms one dependent global load after another: 9 us for the 8-head target
+// case on an H100, ncu 2026-11-27, of ~60 us for the whole loss.)
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinishThreads)
     finish_kernel(const __grid_constant__ HeadTable tab, const acc_t* __restrict__ part,
@@ -160,70 +195,77 @@ __global__ void __launch_bounds__(kFinishThreads)
                   acc_t* saved) {
   __shared__ double s_ce[kMaxHeadsCuda], s_w[kMaxHeadsCuda], s_loss[kMaxHeadsCuda];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  for (int64_t gs = warp; gs < slots; gs += nw) {
-    int h = 0;
-    while (h + 1 < tab.num && tab.h[h + 1].slot_begin <= gs) ++h;
-    const SegHead& d = tab.h[h];
-    const int C = d.C;
-    const int64_t loc = gs - d.slot_begin, s = loc / C, c = loc % C, tps = d.tiles_per_sample;
-    double I = 0, P = 0, T = 0;
-    for (int64_t k = lane; k < tps; k += 32) {
-      const acc_t* p = part + d.part_begin + (s * tps + k) * (3 * C + 2);
-      I += p[c];
-      P += p[C + c];
-      T += p[2 * C + c];
-    }
-    I = warp_sum(I);
-    P = warp_sum(P);
-    T = warp_sum(T);
-    if (lane == 0) {
-      double term, a, b;
-      dice_slot(I, P, T, smooth, dice_w / (double(d.n) * C), &term, &a, &b);
-      saved[gs] = acc_t(a);
-      saved[slots + gs] = acc_t(b);
-      saved[2 * slots + gs] = acc_t(term);
-    }
-  }
-  for (int h = warp; h < tab.num; h += nw) {
-    const SegHead& d = tab.h[h];
-    const int64_t stride = 3 * d.C + 2;
-    double ce = 0, w = 0;
-    long long cnt = 0, lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
-    for (int64_t k = lane; k < d.n * d.tiles_per_sample; k += 32) {
-      const acc_t* p = part + d.part_begin + k * stride;
-      ce += p[3 * d.C];
-      w += p[3 * d.C + 1];
-      const int64_t* q = bad + 3 * (d.tile_begin + k);
-      cnt += q[0];
-      lo = min(lo, (long long)q[1]);
-      hi = max(hi, (long long)q[2]);
-    }
-    ce = warp_sum(ce);
-    w = warp_sum(w);
-    cnt = warp_sum(cnt);
-    for (int o = 16; o > 0; o >>= 1) {
-      lo = min(lo, __shfl_down_sync(0xffffffffu, lo, o));
-      hi = max(hi, __shfl_down_sync(0xffffffffu, hi, o));
-    }
-    if (lane == 0) {
-      s_ce[h] = ce;
-      s_w[h] = w;
-      bad_out[3 * h] = cnt;
-      bad_out[3 * h + 1] = lo;
-      bad_out[3 * h + 2] = hi;
-      saved[3 * slots + h] = acc_t(w != 0 ? ce_w / w : 0.0);  // as the CPU (seg_loss_cpu.cpp)
+  const int64_t items = slots + tab.num;
+  for (int64_t it = warp; it < items; it += nw) {  // warp-uniform: it is the warp's
+    if (it < slots) {
+      const int64_t gs = it;
+      int h = 0;
+      while (h + 1 < tab.num && tab.h[h + 1].slot_begin <= gs) ++h;
+      const SegHead& d = tab.h[h];
+      const int C = d.C;
+      const int64_t loc = gs - d.slot_begin, s = loc / C, c = loc % C, tps = d.tiles_per_sample;
+      double I = 0, P = 0, T = 0;
+      for (int64_t k = lane; k < tps; k += 32) {
+        const acc_t* p = part + d.part_begin + (s * tps + k) * (3 * C + 2);
+        I += p[c];
+        P += p[C + c];
+        T += p[2 * C + c];
+      }
+      I = warp_sum(I);
+      P = warp_sum(P);
+      T = warp_sum(T);
+      if (lane == 0) {
+        double term, a, b;
+        dice_slot(I, P, T, smooth, dice_w / (double(d.n) * C), &term, &a, &b);
+        saved[gs] = acc_t(a);
+        saved[slots + gs] = acc_t(b);
+        saved[2 * slots + gs] = acc_t(term);
+      }
+    } else {
+      const int h = static_cast<int>(it - slots);
+      const SegHead& d = tab.h[h];
+      const int64_t stride = 3 * d.C + 2;
+      double ce = 0, w = 0;
+      long long cnt = 0, lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+      for (int64_t k = lane; k < d.n * d.tiles_per_sample; k += 32) {
+        const acc_t* p = part + d.part_begin + k * stride;
+        ce += p[3 * d.C];
+        w += p[3 * d.C + 1];
+        const int64_t* q = bad + 3 * (d.tile_begin + k);
+        cnt += q[0];
+        lo = min(lo, (long long)q[1]);
+        hi = max(hi, (long long)q[2]);
+      }
+      ce = warp_sum(ce);
+      w = warp_sum(w);
+      cnt = warp_sum(cnt);
+      for (int o = 16; o > 0; o >>= 1) {
+        lo = min(lo, __shfl_down_sync(0xffffffffu, lo, o));
+        hi = max(hi, __shfl_down_sync(0xffffffffu, hi, o));
+      }
+      if (lane == 0) {
+        s_ce[h] = ce;
+        s_w[h] = w;
+        bad_out[3 * h] = cnt;
+        bad_out[3 * h + 1] = lo;
+        bad_out[3 * h + 2] = hi;
+        saved[3 * slots + h] = acc_t(w != 0 ? ce_w / w : 0.0);  // as the CPU (seg_loss_cpu.cpp)
+      }
     }
   }
   __syncthreads();  // also makes the Dice terms written above visible to the whole block
-  if (threadIdx.x < tab.num) {
-    const int h = threadIdx.x;
+  for (int h = warp; h < tab.num; h += nw) {
     const SegHead& d = tab.h[h];
+    const int64_t terms = int64_t(d.n) * d.C;
     double dice = 0;
-    for (int64_t k = 0; k < int64_t(d.n) * d.C; ++k) dice += double(saved[2 * slots + d.slot_begin + k]);
-    const double loss = ce_w * (s_w[h] != 0 ? s_ce[h] / s_w[h] : 0.0) +
-                        (d.n > 0 ? dice_w * dice / (double(d.n) * d.C) : 0.0);
-    per_head[h] = acc_t(loss);
-    s_loss[h] = loss;
+    for (int64_t k = lane; k < terms; k += 32) dice += double(saved[2 * slots + d.slot_begin + k]);
+    dice = warp_sum(dice);
+    if (lane == 0) {
+      const double loss = ce_w * (s_w[h] != 0 ? s_ce[h] / s_w[h] : 0.0) +
+                          (d.n > 0 ? dice_w * dice / double(terms) : 0.0);
+      per_head[h] = acc_t(loss);
+      s_loss[h] = loss;
+    }
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -234,7 +276,7 @@ __global__ void __launch_bounds__(kFinishThreads)
 }
 
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks<at::opmath_type<scalar_t>, K>())
     backward_kernel(const __grid_constant__ HeadTable tab, const at::opmath_type<scalar_t>* saved,
                     int64_t slots, const at::opmath_type<scalar_t>* cw,
                     const at::opmath_type<scalar_t>* hw, const at::opmath_type<scalar_t>* grad_total,
@@ -260,12 +302,15 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t g = (grad_total ? grad_total[0] * (hw ? hw[h] : acc_t(1)) : acc_t(0)) +
                   (grad_per_head ? grad_per_head[h * ph_stride] : acc_t(0));
   const acc_t ce_scale = saved[3 * slots + h];
-  auto visit = [&](int64_t v) {
-    const int cls = classify_label(load_target(d, s * S + v), C, ignore_index);
-    acc_t z[K], out[K];
+  auto load = [&](int64_t v, acc_t (&z)[K], int64_t& t) {
+    t = load_target(d, s * S + v);
 #pragma unroll
     for (int c = 0; c < K; ++c)
       if (c < C) z[c] = static_cast<acc_t>(x[c * S + v]);
+  };
+  auto emit = [&](int64_t v, acc_t (&z)[K], int64_t t) {
+    const int cls = classify_label(t, C, ignore_index);
+    acc_t out[K];
     if (cls >= 0) {
       softmax_inplace<K>(z, C);
       const acc_t w = cw ? cw[d.cw_offset + cls] : acc_t(1);
@@ -279,10 +324,23 @@ __global__ void __launch_bounds__(kThreads)
       if (c < C) gx[c * S + v] = static_cast<scalar_t>(out[c]);
   };
   if (v1 - v0 == kSegTile) {
+    constexpr int kStage = backward_stage<acc_t, K>();
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) visit(v0 + k * kThreads + threadIdx.x);
+    for (int k0 = 0; k0 < kPerThread; k0 += kStage) {
+      acc_t z[kStage][K];
+      int64_t t[kStage];
+#pragma unroll
+      for (int j = 0; j < kStage; ++j) load(v0 + (k0 + j) * kThreads + threadIdx.x, z[j], t[j]);
+#pragma unroll
+      for (int j = 0; j < kStage; ++j) emit(v0 + (k0 + j) * kThreads + threadIdx.x, z[j], t[j]);
+    }
   } else {
-    for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) visit(v);
+    for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
+      acc_t z[K];
+      int64_t t;
+      load(v, z, t);
+      emit(v, z, t);
+    }
   }
 }
 

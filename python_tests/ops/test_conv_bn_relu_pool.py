@@ -281,3 +281,27 @@ def test_compile_parity(device):
             results.append([loss] + [t.grad for t in leaves] + [rm_i, rv_i])
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_grad_out_gives_the_same_gradients(device, dtype):
+    """channels_last_3d kernels move a 16-byte run of channels per load where every tensor
+    they touch is 16-byte aligned (dispatch_shape); a gradient that starts one element into its
+    storage must take the one-channel path and give the same gradients."""
+    cfg = (2, 16, 3, 2, 1, (9, 10, 8), 3, 2, 1)
+    args = _inputs(device, dtype, cfg, n=2, cl=True)
+    kw = _kw(cfg)
+    out, grads, *_ , go = _run(m3d.ops.conv_bn_relu_maxpool3d, *args, kw, True)
+    # the same values in a channels_last_3d tensor whose data starts one element in
+    n, c, d, h, w = go.shape
+    flat = torch.zeros(go.numel() + 1, device=device, dtype=go.dtype)
+    shifted = flat[1:].view(n, d, h, w, c).permute(0, 4, 1, 2, 3)
+    shifted.copy_(go)
+    assert shifted.is_contiguous(memory_format=torch.channels_last_3d)
+    assert shifted.data_ptr() % 16 != 0
+    _, grads2, *_ = _run(m3d.ops.conv_bn_relu_maxpool3d, *args, kw, True, shifted)
+    # the two paths sum the BatchNorm reductions in different orders: equal to rounding
+    t = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a.float(), b.float(), rtol=t, atol=t)

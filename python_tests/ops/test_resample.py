@@ -620,3 +620,36 @@ def test_cuda_nearest_ties_go_the_cpus_way(align_corners):
                                            (n, 1, 32, 64, 128), label_size,
                                            align_corners=align_corners)
         assert torch.equal(gpu[1].cpu(), cpu[1]), f
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtype, align_corners):
+    """The augmentation's usual call (one image and one label channel on one grid, zeros
+    padding, no elastic field, no intensity) runs a compile-time specialisation of the pair
+    kernel (resample_cuda.cu, kPlain). It must give what the general kernel gives for the same
+    points, which an intensity epilogue that changes nothing (gamma 1, scale 1, shift 0, no
+    noise) forces, and what the CPU gives; aligned (W % 4 == 0) and partial runs."""
+    n = 3
+    for w in (64, 67):
+        x = torch.randn(n, 1, 12, 10, w).to(dtype)
+        lab = torch.randint(0, 120, (n, 1, 12, 10, w)).to(label_dtype)
+        theta = random_theta(n, strength=0.7)
+        size = (n, 1, 11, 9, w)
+        kw = dict(align_corners=align_corners)
+        plain = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(), size, **kw)
+        ones = torch.ones(n, device="cuda")
+        neutral = {"gamma": ones, "scale": ones, "shift": ones * 0, "noise_std": 0.0}
+        general = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(), size,
+                                               intensity=neutral, **kw)
+        assert torch.equal(plain[1], general[1])
+        torch.testing.assert_close(plain[0], general[0], rtol=0, atol=0)
+        cpu = m3d.ops.affine_resample_pair(x, lab, theta, size, **kw)
+        if dtype == torch.float32:
+            assert_close_long_rows(plain[0].cpu(), cpu[0], w)
+        else:  # both compute in fp32 and round once
+            torch.testing.assert_close(plain[0].cpu().float(), cpu[0].float(), rtol=1e-2,
+                                       atol=1e-2)
+        assert_nearest_close(plain[1].cpu(), cpu[1])

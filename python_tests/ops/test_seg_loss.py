@@ -155,6 +155,43 @@ def _tol32():
     return {"rtol": rtol, "atol": atol * 10}
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("max_c", [3, 4, 7, 12, 20])  # every class bound K = 4, 8, 16, 32
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_full_tiles_match_the_cpu(max_c, dtype):
+    """The CUDA kernels walk full tiles of 2048 voxels in stages of several voxels whose loads
+    are issued together (partial_stage / backward_stage); small test shapes never fill a tile.
+    Here every head has full tiles and a partial one, with ignored and bad labels inside the
+    full tiles, uint8 and int64 targets and a head of 2 classes beside the widest: the loss,
+    the per-head losses, the bad-label report and the gradients match the CPU kernels."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    cls = [max_c, 2, max(2, max_c - 1)]
+    shapes = [(2, 17, 16, 9), (1, 40, 13, 9), (3, 9, 31, 8)]  # 2448, 4680, 2232 voxels
+    logits = [torch.randn(n, c, *sp, generator=g).to(dtype) for c, (n, *sp) in zip(cls, shapes)]
+    targets = [torch.randint(0, c, (n, *sp), generator=g) for c, (n, *sp) in zip(cls, shapes)]
+    targets[1] = targets[1].to(torch.uint8)
+    targets[0].view(-1)[100:140] = -100        # ignored, inside the first full tile
+    targets[2].view(-1)[2100:2103] = max_c + 5  # bad, inside a full tile
+    hw = torch.rand(3, generator=g) + 0.5
+    out = {}
+    for dev in ("cpu", "cuda"):
+        xs = [x.to(dev).requires_grad_() for x in logits]
+        ts = [t.to(dev) for t in targets]
+        total, ph = m3d.ops.multihead_seg_loss(xs, ts, head_weights=hw.to(dev), validate=False)
+        grads = torch.autograd.grad(total + ph.sum(), xs)
+        out[dev] = (total, ph, grads)
+        with pytest.raises(SegLabelError, match="head 2: 3 voxel"):
+            m3d.ops.multihead_seg_loss(xs, ts, validate=True)
+    (ct, cp, cg), (gt, gp, gg) = out["cpu"], out["cuda"]
+    torch.testing.assert_close(gt.cpu(), ct, **_tol32())
+    torch.testing.assert_close(gp.cpu(), cp, **_tol32())
+    for a, b in zip(gg, cg):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-7)
+        else:  # both compute in fp32 and round once: at most one bf16 ulp apart
+            torch.testing.assert_close(a.cpu().float(), b.float(), rtol=TOL[dtype][0], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- gradients
 
 
