@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops._running_stats import close_batch, count_batch, open_batch
 from ..ops.conv_bn_relu import (_conv_bn_relu3d, _triple, conv_bias_relu3d, conv_bn_relu3d,
                                 conv_bn_relu_maxpool3d)
 from .recompute import can_recompute, recompute_input
@@ -49,8 +50,12 @@ def _bn_args(bn: nn.BatchNorm3d):
     training = bn.training and not bn.__dict__.get(FROZEN_ATTR, False)
     factor = 0.0 if bn.momentum is None else bn.momentum
     if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        if bn.momentum is None:  # the cumulative average needs the count now
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked)
+        else:  # queued during a fused model's forward (ops/_running_stats.py)
+            count_batch(bn.num_batches_tracked)
+            factor = bn.momentum
     use_batch = training or (bn.running_mean is None and bn.running_var is None)
     keep = not training or bn.track_running_stats
     return (bn.running_mean if keep else None, bn.running_var if keep else None, use_batch,
@@ -304,6 +309,33 @@ def _pool_follows_stem(m: nn.Module) -> bool:
     return cls.forward is MonaiResNet.forward and not getattr(m, "no_max_pool", False)
 
 
+def _stats_open(module, args):
+    open_batch()
+
+
+def _stats_close(module, args, output):
+    close_batch()
+
+
+def _install_stats_batch(model: nn.Module) -> None:
+    """Hooks on the fused model's root: its layers' BatchNorm bookkeeping (num_batches_tracked
+    and the running statistics) is applied in a few foreach launches at the end of each forward,
+    not in two launches per layer (ops/_running_stats.py). The closing hook also runs when the
+    forward raises, so nothing queued is lost. Installed once; unfuse_modules removes them."""
+    if any(h is _stats_open for h in model._forward_pre_hooks.values()):
+        return
+    model.register_forward_pre_hook(_stats_open)
+    model.register_forward_hook(_stats_close, always_call=True)
+
+
+def _remove_stats_batch(model: nn.Module) -> None:
+    for hooks, fn in ((model._forward_pre_hooks, _stats_open),
+                      (model._forward_hooks, _stats_close)):
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            getattr(model, "_forward_hooks_always_called", {}).pop(key, None)
+
+
 def fuse_modules(model: nn.Module) -> nn.Module:
     """Switch a MedicalNet-style ResNet (or any model using the same patterns) to the fused
     forward path, in place; returns ``model``.
@@ -347,6 +379,7 @@ def fuse_modules(model: nn.Module) -> nn.Module:
                 _swap(m.conv1, "stem_conv")
             if isinstance(m.bn1, nn.BatchNorm3d):
                 _swap(m.bn1, "stem_bn")
+    _install_stats_batch(model)
     return model
 
 
@@ -354,6 +387,7 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
     """Undo :func:`fuse_modules` in place (plain PyTorch forward again); returns ``model``."""
     _check_module("unfuse_modules", model)
     for m in model.modules():
+        _remove_stats_batch(m)
         m.__class__ = _plain_class(m)
         m.__dict__.pop("_m3d_bn", None)
         m.__dict__.pop("_m3d_relu", None)

@@ -20,8 +20,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
-from .stem import stem_rewrite
 from ._common import check_bool, check_same_device, check_tensor, compiled, register_fake
+from ._running_stats import update_running_stats
+from .stem import stem_rewrite
 
 __all__ = ["conv_bn_relu3d", "conv_bias_relu3d", "conv_bn_relu_maxpool3d", "im2col_chunk_bytes"]
 
@@ -285,17 +286,9 @@ def _detach_saved_output(out, relu):
     return out.clone() if relu and out.requires_grad else out
 
 
-def _update_running_stats(running_mean, running_var, mean, var, momentum):
-    """(1 - momentum) * running + momentum * batch, as F.batch_norm, as one foreach lerp
-    (running + momentum * (batch - running): the same value to rounding, one launch not two).
-    No torch.no_grad() needed (it costs ~7 us of host time per layer): the buffers and the
-    statistics (non-differentiable outputs) never require grad. Callers skip it for an empty
-    batch, which leaves them alone as F.batch_norm does (its statistics are NaN)."""
-    bufs = [running_mean] + ([running_var] if running_var is not None else [])
-    new = [mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype)]
-    if running_var is not None:
-        new.append(var if var.dtype == running_var.dtype else var.to(running_var.dtype))
-    torch._foreach_lerp_(bufs, new, momentum)
+# (1 - momentum) * running + momentum * batch, as F.batch_norm; queued during a fused model's
+# forward (see _running_stats.py)
+_update_running_stats = update_running_stats
 
 
 def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
