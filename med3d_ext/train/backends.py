@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["seg_loss_fn", "augmenter", "plain_multihead_seg_loss", "PlainAugment3D",
-           "downsample_labels", "fusion_available"]
+__all__ = ["seg_loss_fn", "resize_fn", "augmenter", "plain_multihead_seg_loss",
+           "PlainAugment3D", "downsample_labels", "fusion_available"]
 
 
 # ----------------------------------------------------------------------------------- loss
@@ -71,6 +71,21 @@ def seg_loss_fn(use_ops: bool = True):
         return multihead_seg_loss
     except ImportError:
         return plain_multihead_seg_loss
+
+
+def resize_fn(use_ops: bool = True):
+    """``f(logits, size)``: trilinear resize (align_corners=False) of logits onto the label grid
+    for ``--label-grid patch``. ``med3d_ext.ops.resize`` when ``use_ops`` and available (one
+    gather kernel forward; its backward sums each input voxel's contributions in fp32 and
+    rounds once, also for bf16 logits under autocast), else ``F.interpolate``."""
+    if use_ops:
+        try:
+            from med3d_ext.ops import resize
+        except ImportError:
+            pass
+        else:
+            return lambda x, size: resize(x, size, "trilinear")
+    return lambda x, size: F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
 # ---------------------------------------------------------------------------- augmentation

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backends import augmenter, downsample_labels, seg_loss_fn
+from .backends import augmenter, downsample_labels, resize_fn, seg_loss_fn
 from .config import ConfigError
 from .inference import sliding_window_probs
 from .loops import Job, TrainingError
@@ -244,13 +244,15 @@ def _label_size(cfg, patch):
     return tuple(patch) if grid == "patch" else tuple(p // 4 for p in patch)
 
 
-def _fit(logits, label):
-    """Logits on the label's grid: trilinear upsampling when the loss is computed at patch
-    resolution (label_grid=patch); unchanged on the logit grid."""
+def _fit(logits, label, resize=None):
+    """Logits on the label's grid: trilinear upsampling (``resize``: backends.resize_fn) when
+    the loss is computed at patch resolution (label_grid=patch); unchanged on the logit grid."""
     if tuple(logits.shape[2:]) == tuple(label.shape[1:]):
         return logits
-    return F.interpolate(logits, size=tuple(label.shape[1:]), mode="trilinear",
-                         align_corners=False)
+    if resize is None:
+        return F.interpolate(logits, size=tuple(label.shape[1:]), mode="trilinear",
+                             align_corners=False)
+    return resize(logits, tuple(label.shape[1:]))
 
 
 def _prep_seg(cfg, patch, aug, channels_last):
@@ -357,12 +359,13 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
         fg_fraction=cfg["fg_fraction"], device=dev,
         channels=[input_channel(p, cfg.get("channel"), lenient=True) for p in pres])
     loss_fn = seg_loss_fn(_use_ops(cfg))
+    resize = resize_fn(_use_ops(cfg))
     names = list(heads)
 
     def step_fn(net, inp):
         outs = net(inp["image"], inp["dataset_id"])
         targets = [inp["label"].index_select(0, o.index) for o in outs]
-        logits = [_fit(o.logits, t) for o, t in zip(outs, targets)]
+        logits = [_fit(o.logits, t, resize) for o, t in zip(outs, targets)]
         loss, per = loss_fn(logits, targets)
         info = {f"loss/{names[o.head]}": per[j] for j, o in enumerate(outs)}
 
@@ -465,9 +468,10 @@ def transfer_seg_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
                               steps=total, fg_fraction=cfg["fg_fraction"], device=dev,
                               channels=[input_channel(pre, cfg.get("channel"))])
     loss_fn = seg_loss_fn(_use_ops(cfg))
+    resize = resize_fn(_use_ops(cfg))
 
     def step_fn(net, inp):
-        logits = _fit(net(inp["image"]), inp["label"])
+        logits = _fit(net(inp["image"]), inp["label"], resize)
         loss, per = loss_fn([logits], [inp["label"]])
 
         def dice_fn():

@@ -82,3 +82,30 @@ def test_seg_loss_fn_checks_labels_on_the_first_call_and_every_nth(monkeypatch):
     with pytest.raises(SegLabelError):
         fn(logits, bad)  # call 3: checked again
     assert fn(logits, bad, validate=False)[0].isfinite()  # an explicit choice wins
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resize_fn_equals_f_interpolate_with_gradients(dtype):
+    """--label-grid patch upsamples the logits onto the patch: the ops' resize (fused runs) and
+    F.interpolate (--no-fused) give the same values and gradients; the ops' backward sums in
+    fp32 and rounds once, so for bf16 logits it is at least as close to the float64 gradient."""
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64)
+    g = torch.randn(2, 3, 16, 20, 12, dtype=torch.float64)
+    size = (16, 20, 12)
+    x64 = x.clone().requires_grad_()
+    F.interpolate(x64, size=size, mode="trilinear", align_corners=False).backward(g)
+    results = {}
+    for use_ops in (True, False):
+        xi = x.to(dtype).requires_grad_()
+        y = B.resize_fn(use_ops)(xi, size)
+        y.backward(g.to(dtype))
+        assert y.shape == (2, 3, *size) and y.dtype == dtype
+        results[use_ops] = (y.double(), xi.grad.double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results[True][0], results[False][0], **tol)
+    err_ops = (results[True][1] - x64.grad).abs().max()
+    err_plain = (results[False][1] - x64.grad).abs().max()
+    assert err_ops <= err_plain * 1.01 + 1e-6, (err_ops, err_plain)
+    torch.testing.assert_close(results[True][1], x64.grad, **tol)
