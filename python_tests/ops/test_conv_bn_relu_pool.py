@@ -305,3 +305,26 @@ def test_misaligned_grad_out_gives_the_same_gradients(device, dtype):
     t = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for a, b in zip(grads, grads2):
         torch.testing.assert_close(a.float(), b.float(), rtol=t, atol=t)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_misaligned_argmax_gives_the_same_gradients(device):
+    """The backward op called directly with an argmax that starts one byte into its storage
+    (the forward's own is always aligned): the one-channel path, the same gradients."""
+    cfg = (2, 16, 3, 2, 1, (9, 10, 8), 3, 2, 1)
+    x, w, bw, bb, rm, rv = _inputs(device, torch.float32, cfg, n=2, cl=True)
+    pk, ps, pp = [3] * 3, [2] * 3, [1] * 3
+    out, y, mean, invstd, _var, arg = torch.ops.med3d_ext.conv_bn_relu_maxpool3d(
+        x, w, bw, bb, rm, rv, [2] * 3, [1] * 3, [1] * 3, True, 1e-5, pk, ps, pp)
+    go = torch.randn_like(out)
+    n, c, d, h, wd = arg.shape
+    flat = torch.zeros(arg.numel() + 1, device=device, dtype=torch.uint8)
+    shifted = flat[1:].view(n, d, h, wd, c).permute(0, 4, 1, 2, 3)
+    shifted.copy_(arg)
+    assert shifted.stride() == arg.stride() and shifted.data_ptr() % 16 != 0
+    bwd = torch.ops.med3d_ext.bn_relu_maxpool_backward
+    a = bwd(go, y, arg, mean, invstd, bw, bb, True, pk, ps, pp)
+    b = bwd(go, y, shifted, mean, invstd, bw, bb, True, pk, ps, pp)
+    for u, v in zip(a, b):  # the paths sum BatchNorm's reductions in different orders
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
