@@ -245,9 +245,12 @@ def _new_fused(base: type, tag: str) -> nn.Module:
 
 
 def _plain_class(module: nn.Module) -> type:
-    """The module's own class: the base of the run-time fused class when it is fused."""
-    cls = type(module)
-    return cls.__mro__[1] if getattr(cls, "_m3d_fused", None) else cls
+    """The module's own class: the base of the run-time classes (fused forward, stats root)
+    when it has them."""
+    for cls in type(module).__mro__:
+        if "_m3d_fused" not in cls.__dict__ and "_m3d_root" not in cls.__dict__:
+            return cls
+    return type(module)
 
 
 def _swap(module: nn.Module, tag: str) -> None:
@@ -309,31 +312,50 @@ def _pool_follows_stem(m: nn.Module) -> bool:
     return cls.forward is MonaiResNet.forward and not getattr(m, "no_max_pool", False)
 
 
-def _stats_open(module, args):
+def _stats_root_forward(self, *args, **kwargs):
+    # the forward of the root of a fused model: its layers' BatchNorm bookkeeping is queued and
+    # applied at the end (ops/_running_stats.py); finally, so that also a forward interrupted
+    # by any exception (KeyboardInterrupt included) leaves nothing queued
     open_batch()
+    try:
+        return type(self)._m3d_inner_forward(self, *args, **kwargs)
+    finally:
+        close_batch()
 
 
-def _stats_close(module, args, output):
-    close_batch()
+def _root_class(base: type) -> type:
+    """``base`` (a plain or fused class) with its forward wrapped by _stats_root_forward; made
+    once per base. It keeps ``base``'s name, so the model prints as before."""
+    key = (base, "stats_root")
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(base.__name__, (base,),
+                                 {"forward": _stats_root_forward, "_m3d_root": True,
+                                  "_m3d_inner_forward": base.forward,
+                                  "__module__": base.__module__,
+                                  "__reduce_ex__": _reduce_root})
+    return _CLASS_CACHE[key]
+
+
+def _reduce_root(self, protocol):
+    inner = type(self).__mro__[1]
+    tag = inner.__dict__.get("_m3d_fused")
+    return _new_root, (_plain_class(self), tag), self.__dict__
+
+
+def _new_root(base: type, tag) -> nn.Module:
+    return object.__new__(_root_class(_fused_class(base, tag) if tag else base))
 
 
 def _install_stats_batch(model: nn.Module) -> None:
-    """Hooks on the fused model's root: its layers' BatchNorm bookkeeping (num_batches_tracked
-    and the running statistics) is applied in a few foreach launches at the end of each forward,
-    not in two launches per layer (ops/_running_stats.py). The closing hook also runs when the
-    forward raises, so nothing queued is lost. Installed once; unfuse_modules removes them."""
-    if any(h is _stats_open for h in model._forward_pre_hooks.values()):
+    """Make ``model`` (the root ``fuse_modules`` was given) the scope of its layers' BatchNorm
+    bookkeeping: num_batches_tracked and the running statistics are applied in a few foreach
+    launches at the end of each forward, not in two launches per layer (ops/_running_stats.py).
+    A class swap, not forward hooks: hooks would not run after a KeyboardInterrupt, and
+    torch.cuda.make_graphed_callables refuses modules that have them."""
+    if type(model).__dict__.get("_m3d_root"):
         return
-    model.register_forward_pre_hook(_stats_open)
-    model.register_forward_hook(_stats_close, always_call=True)
-
-
-def _remove_stats_batch(model: nn.Module) -> None:
-    for hooks, fn in ((model._forward_pre_hooks, _stats_open),
-                      (model._forward_hooks, _stats_close)):
-        for key in [k for k, h in hooks.items() if h is fn]:
-            del hooks[key]
-            getattr(model, "_forward_hooks_always_called", {}).pop(key, None)
+    if any(getattr(type(m), "_m3d_fused", None) for m in model.modules()):
+        model.__class__ = _root_class(type(model))
 
 
 def fuse_modules(model: nn.Module) -> nn.Module:
@@ -387,7 +409,6 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
     """Undo :func:`fuse_modules` in place (plain PyTorch forward again); returns ``model``."""
     _check_module("unfuse_modules", model)
     for m in model.modules():
-        _remove_stats_batch(m)
         m.__class__ = _plain_class(m)
         m.__dict__.pop("_m3d_bn", None)
         m.__dict__.pop("_m3d_relu", None)

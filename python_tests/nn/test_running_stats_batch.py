@@ -91,18 +91,65 @@ def test_a_forward_that_raises_keeps_the_updates_made_before():
 
 
 @requires_ext
-def test_nested_fused_models_share_one_batch_and_unfuse_removes_the_hooks():
+def test_nested_fused_models_share_one_batch_and_unfuse_restores_the_classes():
     inner = fuse_modules(nn.Sequential(nn.Conv3d(1, 2, 3, bias=False), nn.BatchNorm3d(2), nn.ReLU()))
     outer = fuse_modules(nn.Sequential(inner, nn.Conv3d(2, 2, 1, bias=False), nn.BatchNorm3d(2)))
-    fuse_modules(outer)  # re-fusing installs nothing twice
-    assert len(outer._forward_pre_hooks) == 1 and len(outer._forward_hooks) == 1
+    fuse_modules(outer)  # re-fusing wraps nothing twice
+    assert type(outer).__mro__[2] is nn.Sequential  # root wrapper -> fused Sequential -> plain
+    assert not outer._forward_pre_hooks and not outer._forward_hooks  # no hooks
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         outer(torch.randn(2, 1, 5, 5, 5))
     assert [e.name for e in prof.events()].count("aten::_foreach_lerp_") == 1
     unfuse_modules(outer)
-    assert not outer._forward_pre_hooks and not outer._forward_hooks
-    assert not inner._forward_pre_hooks and not inner._forward_hooks
-    assert not getattr(outer, "_forward_hooks_always_called", {})
+    assert type(outer) is nn.Sequential and type(inner) is nn.Sequential
+
+
+@requires_ext
+def test_a_keyboard_interrupt_inside_the_forward_leaves_nothing_queued():
+    """A KeyboardInterrupt is not an Exception: forward hooks with always_call=True would not
+    run for it, and every later forward would have queued into a batch never applied."""
+    model = fuse_modules(nn.Sequential(nn.Conv3d(2, 4, 3, bias=False), nn.BatchNorm3d(4), nn.ReLU(),
+                                       nn.Conv3d(4, 4, 1, bias=False)))
+    plain = unfuse_modules(copy.deepcopy(model))
+    x = torch.randn(2, 2, 5, 5, 5)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    h = model[3].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    h.remove()
+    plain[:3](x)  # what the interrupted forward did before the interrupt
+    assert _running_stats._active() is None
+    _assert_same_state(_bn_state(model), _bn_state(plain), "after the interrupt")
+    model(x)
+    plain(x)
+    _assert_same_state(_bn_state(model), _bn_state(plain), "after one more forward")
+
+
+@requires_ext
+def test_the_root_wrapper_pickles_and_has_no_hooks():
+    """No module hooks (torch.cuda.make_graphed_callables refuses modules with hooks), and
+    the wrapped root survives deepcopy and torch.save / torch.load with its batching."""
+    import io
+
+    model = fuse_modules(resnet3d(10, shortcut_type="A"))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    for clone in (copy.deepcopy(model), _save_load(model, io)):
+        assert type(clone).__name__ == type(model).__name__ == "ResNet3d"
+        assert type(clone).__dict__.get("_m3d_root")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            clone(torch.randn(2, 1, 16, 16, 16))
+        assert [e.name for e in prof.events()].count("aten::_foreach_add_") == 1
+        assert type(unfuse_modules(clone)).__name__ == "ResNet3d"
+
+
+def _save_load(model, io):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
 
 
 @requires_ext
