@@ -67,6 +67,15 @@ def summarize_windows(rows: list[dict], prefetched: int = 0) -> dict:
 PROFILE_STEPS = 4
 
 
+def _log_every(measured: int) -> int:
+    """About a quarter of the measured steps, and a divisor of them: a window then ends exactly
+    at the last measured step, with or without profiled steps after it."""
+    k = max(1, measured // 4)
+    while measured % k:
+        k -= 1
+    return k
+
+
 def run(device="auto", quick=False, steps=None, out=None, log=print, profile=False) -> dict:
     from med3d_ext.train import config as C
     from med3d_ext.train.cli import run_pretrain
@@ -86,7 +95,7 @@ def run(device="auto", quick=False, steps=None, out=None, log=print, profile=Fal
                 demo_recipe(dev, sz, d["root"] / "cache"),  # the demo's training options
                 data=[str(d["pretrain"])], out=str(Path(tmp) / name.split()[0]), seed=0,
                 depth=10, epochs=1, steps=measured + extra, fused=fused, lr=1e-3,
-                log_every=max(1, measured // 4), val_cases=1, export=False, progress=False,
+                log_every=_log_every(measured), val_cases=1, export=False, progress=False,
                 profile=f"{measured}:{extra}" if extra else None))
             t0 = time.perf_counter()
             res = run_pretrain(cfg, log=lambda *a: None)

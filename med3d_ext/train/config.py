@@ -175,7 +175,9 @@ VALID: dict[str, tuple] = {
     "log_every": (lambda v: v >= 1, ">= 1"),
     "ckpt_every": (lambda v: v >= 0, ">= 0 (0 = each epoch)"),
     "step_sleep": (lambda v: v >= 0, ">= 0"),
-    "profile": (lambda v: _profile_spec_ok(v), "START:STEPS (START >= 0, STEPS >= 1), e.g. 20:5"),
+    "profile": (lambda v: _profile_spec_ok(v), "START:STEPS (START >= 0, STEPS >= 1), e.g. 20:5; "
+                "in YAML and --set, quote it (profile: \"20:5\"): YAML 1.1 reads an unquoted "
+                "20:5 as the base-60 number 1205"),
 }
 
 

@@ -490,15 +490,14 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         raise TrainingInterrupted(f"interrupted after step {step} of {total}; {keep}",
                                   signal.SIGINT) from None
     finally:
-        profiler.close()
         ctrl_c.__exit__()
         bar.close()
         logger.close()
+        profiler.close()  # never raises
     return {"best_score": best["score"], "best_step": best["step"], "target_step": target_step,
             # what the score (and --target-dice) measures
             "score_metric": "accuracy" if job.kind == "cls" else "dice",
             "steps": total, "start_step": start, "time_s": time.perf_counter() - t_run,
             "last": str(run_dir / "last.pt"), "best": str(run_dir / "best.pt"),
-            "profile": (str(run_dir / "profile") if (run_dir / "profile" / "summary.json").exists()
-                        else None)}
+            "profile": str(run_dir / "profile") if profiler.written else None}
 

@@ -10,7 +10,10 @@ steps START+1 .. START+STEPS (after START optimizer steps) and writes, into ``RU
 - ``trace.json``: the Chrome / Perfetto trace (open in https://ui.perfetto.dev).
 
 Wall times under the profiler are inflated by its own per-op cost; the kernel time and the
-launch count are not. Only the main process (rank 0) profiles.
+launch count are not. A window is a span of the training loop: a log row, validation or
+checkpoint that falls after one of its steps but the last is inside it. Only the main process
+(rank 0) profiles. A run resumed inside the window profiles what is left of it; one that never
+reaches it says so and writes nothing.
 """
 
 from __future__ import annotations
@@ -49,11 +52,20 @@ class StepProfiler:
         self.log = log
         self.prof = None
         self.done = 0
+        self.planned = 0
         self.t0 = 0.0
+        self.written = False  # by this run (an earlier run's profile/ may be there)
 
     def before(self, step: int) -> None:
-        if self.range is None or self.prof is not None or step != self.range[0]:
+        if self.range is None or self.prof is not None:
             return
+        start, steps = self.range
+        if not start <= step < start + steps:
+            return
+        if step > start:  # a resumed run starts inside the window: profile what is left
+            self.log(f"profile: the run resumed at step {step}, inside --profile {start}:{steps}; "
+                     f"profiling steps {step + 1}..{start + steps}")
+        self.planned = start + steps - step
         acts = [torch.profiler.ProfilerActivity.CPU]
         if self.cuda:
             acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -66,11 +78,26 @@ class StepProfiler:
         if self.prof is None:
             return
         self.done += 1
-        if self.done >= self.range[1]:
+        if self.done >= self.planned:
             self.close()
 
     def close(self) -> None:
+        """Stop and write (after the last profiled step, or when training ends); says so when
+        the window was never reached. Never raises: a failed profile must not replace the
+        training's own outcome."""
+        try:
+            self._close()
+        except Exception as exc:
+            self.prof = None
+            self.log(f"profile: could not finish: {type(exc).__name__}: {exc}")
+
+    def _close(self) -> None:
         if self.prof is None:
+            if self.range is not None:
+                start, steps = self.range
+                self.log(f"profile: steps {start + 1}..{start + steps} were not reached "
+                         f"(--profile {start}:{steps}); nothing written")
+                self.range = None
             return
         if self.cuda:
             torch.cuda.synchronize()
@@ -80,6 +107,7 @@ class StepProfiler:
         self.range = None  # once per run
         try:
             self._write(prof, wall)
+            self.written = True
         except Exception as exc:  # a failed report must not end a training run
             self.log(f"profile: could not write {self.out}: {type(exc).__name__}: {exc}")
 

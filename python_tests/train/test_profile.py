@@ -36,12 +36,38 @@ def test_profile_writes_the_chosen_steps(tiny_data, tmp_path, capsys):
     assert "profile: 2 steps" in capsys.readouterr().out
 
 
-def test_profile_past_the_end_writes_nothing(tiny_data, tmp_path):
+def test_profile_past_the_end_writes_nothing_and_says_so(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["pretrain", *tiny_args(tiny_data["pretrain"], out, "--cache", tiny_data["cache"],
                                       "--epochs", 1, "--profile", "5:1")])
     assert rc == 0
     assert not (out / "profile").exists()
+    assert "steps 6..6 were not reached" in capsys.readouterr().out
+
+
+def test_a_run_resumed_inside_the_window_profiles_the_rest(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_data["pretrain"], out, "--cache", tiny_data["cache"])
+    assert main(["pretrain", *args, "--epochs", 1]) == 0  # 2 steps
+    capsys.readouterr()
+    rc = main(["pretrain", *args, "--epochs", 2, "--resume", out, "--profile", "1:3"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "resumed at step 2, inside --profile 1:3; profiling steps 3..4" in text, text
+    assert json.loads((out / "profile" / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_failing_profiler_does_not_replace_the_run(tiny_data, tmp_path, monkeypatch, capsys):
+    from med3d_ext.train import profiling
+
+    def broken(self, prof, wall):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(profiling.StepProfiler, "_write", broken)
+    out = tmp_path / "run"
+    rc = main(["pretrain", *tiny_args(tiny_data["pretrain"], out, "--cache", tiny_data["cache"],
+                                      "--profile", "0:1")])
+    assert rc == 0
+    assert "could not write" in capsys.readouterr().out and not (out / "profile" / "summary.json").exists()
 
 
 @pytest.mark.parametrize("spec", ["5", "a:b", "-1:2", "3:0", "1:2:3", "1.5:2"])
@@ -52,7 +78,7 @@ def test_bad_profile_specs_are_refused(spec, tiny_data, tmp_path, capsys):
                                       tiny_data["cache"], f"--profile={spec}")])
     assert rc != 0
     err = capsys.readouterr().err
-    assert "profile" in err and spec in err, err
+    assert "profile" in err and spec in err and "quote it" in err, err
 
 
 def test_parse_spec():
