@@ -39,6 +39,9 @@
 #     compile (only when ORDER names it): train_step --with-compile (the plain and fused models
 #               under torch.compile beside eager; ResNet-50 only unless COMPILE_DEPTHS="10 50")
 #               into $OUT/bench_compile;
+#     memory (only when ORDER names it): python -m benchmarks.memory_peak (the ResNet-50 step's
+#               peak GPU memory, eager / fused / memory-saving, by where it was allocated) into
+#               $OUT/memory;
 #     ncu (only when ORDER names it): Nsight Compute over one call of each target kernel
 #               (python -m benchmarks.ncu_kernels run $NCU_CASES: loss augment layer stem) into
 #               $OUT/ncu (the report, its details page as CSV and text, and a one-line-per-kernel
@@ -51,7 +54,7 @@
 # build or the tests failed.
 # Knobs: PYTHON, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT,
 # TARGETS_TIMEOUT, PROFILE_TIMEOUT, KERNELS_TIMEOUT, PIPELINE_TIMEOUT, THROUGHPUT_TIMEOUT,
-# CONVERGENCE_TIMEOUT, STUDY_TIMEOUT, COMPILE_TIMEOUT, NCU_TIMEOUT, NCU_CASES, NCU_LAUNCHES, THROUGHPUT_ARGS, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
+# CONVERGENCE_TIMEOUT, STUDY_TIMEOUT, COMPILE_TIMEOUT, MEMORY_TIMEOUT, NCU_TIMEOUT, NCU_CASES, NCU_LAUNCHES, THROUGHPUT_ARGS, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
 # machine, SKIP="build tests targets" ORDER="convergence profile", reuses the first's build), WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
 # timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
 # takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
@@ -90,7 +93,7 @@ stage_limit() {
     if [ "$1" -lt "$l" ]; then echo "$1"; else echo "$l"; fi
 }
 
-STAGES=(wheels build tests sanitizer targets throughput convergence pipeline profile kernels study compile ncu)
+STAGES=(wheels build tests sanitizer targets throughput convergence pipeline profile kernels study compile ncu memory)
 declare -A ST_STATUS ST_TIME
 for s in "${STAGES[@]}"; do ST_STATUS[$s]="not reached"; ST_TIME[$s]=""; done
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
@@ -501,18 +504,35 @@ stage_ncu() {  # Nsight Compute: occupancy, throughput and stalls of the target 
     esac
     status ncu "$st" "$(($(now) - s0))s"
 }
+stage_memory() {  # where the ResNet-50 step's peak memory goes (the 2.5 GiB target)
+    local lim s0 rc st
+    if ! lim=$(stage_limit "${MEMORY_TIMEOUT:-150}" 45); then
+        status memory "skipped (budget: $(left)s left)"; return
+    fi
+    say "memory: python -m benchmarks.memory_peak (log: logs/memory.log)"
+    s0=$(now)
+    timeout -k 10 "$lim" "$PY" -m benchmarks.memory_peak --out "$OUT/memory" > "$LOGS/memory.log" 2>&1
+    rc=$?
+    case $rc in
+        0) st="ok: $(grep '^## ' "$OUT/memory/peak.md" | sed 's/^## //' | tr '\n' ';' | cut -c1-200)" ;;
+        124|137) st="timeout after ${lim}s (finished arms in memory/)" ;;
+        *) st="rc $rc (see logs/memory.log)"; tail -15 "$LOGS/memory.log" ;;
+    esac
+    status memory "$st" "$(($(now) - s0))s"
+}
 # After the targets, the measurements that issues still wait for (the CLI's throughput, the GPU
 # convergence study, the data wait), then the diagnostics (profile, single kernels).
-# ORDER overrides it (any of: throughput convergence pipeline profile kernels study compile ncu).
+# ORDER overrides it (any of: throughput convergence pipeline profile kernels study compile ncu
+# memory).
 NAREAS=$#
 RUN_ORDER="${ORDER-throughput convergence pipeline profile kernels}"
 for s in $RUN_ORDER; do
     case $s in
-        throughput|convergence|pipeline|profile|kernels|study|compile|ncu) "stage_$s" ;;
+        throughput|convergence|pipeline|profile|kernels|study|compile|ncu|memory) "stage_$s" ;;
         *) say "ORDER: unknown stage '$s' (ignored)" ;;
     esac
 done
-for s in throughput convergence pipeline profile kernels study compile ncu; do
+for s in throughput convergence pipeline profile kernels study compile ncu memory; do
     case " $RUN_ORDER " in *" $s "*) ;; *) status "$s" "skipped (not in ORDER)" ;; esac
 done
 
@@ -522,6 +542,7 @@ PACK=(logs bench summary.md)
 [ -d "$OUT/bench_profile" ] && PACK+=(bench_profile)
 [ -d "$OUT/bench_compile" ] && PACK+=(bench_compile)
 [ -d "$OUT/ncu" ] && PACK+=(ncu)
+[ -d "$OUT/memory" ] && PACK+=(memory)
 tar czf "$OUT/gpu_check.tar.gz" -C "$OUT" "${PACK[@]}" 2>/dev/null
 echo
 echo "==== gpu_check: $GPU_NAME, $(($(now) - T0))s; archive $OUT/gpu_check.tar.gz ===="

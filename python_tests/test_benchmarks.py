@@ -575,3 +575,41 @@ def test_convergence_study_checks_arguments_before_any_work(tmp_path, capsys):
         assert convergence_study.main(["--quick", "--out", str(out), *args]) == 2, args
         assert msg in capsys.readouterr().err, args
     assert not out.exists()
+
+
+def test_memory_peak_breakdown_replays_the_allocator_trace():
+    """benchmarks.memory_peak: the peak is found by replaying alloc / free_requested, and the
+    blocks live at it are grouped by the innermost model-code frame (autograd-engine blocks as
+    'backward'); blocks freed before the peak do not count."""
+    from benchmarks.memory_peak import peak_breakdown
+
+    fwd = [{"filename": "/x/site-packages/torch/autograd/graph.py", "line": 1, "name": "apply"},
+           {"filename": "/work/main/med3d_ext/nn/fused.py", "line": 77, "name": "conv_bn_act"}]
+    bwd = [{"filename": "/x/site-packages/torch/autograd/__init__.py", "line": 9, "name": "backward"}]
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": fwd},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": fwd},
+        {"action": "alloc", "addr": 3, "size": 200, "frames": bwd},   # transient, freed below
+        {"action": "free_requested", "addr": 3, "size": 200},
+        {"action": "alloc", "addr": 4, "size": 300, "frames": bwd},   # peak: 100 + 50 + 300
+        {"action": "free_completed", "addr": 3, "size": 200},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 5, "size": 10, "frames": []},
+    ]
+    r = peak_breakdown(trace, baseline=1000)
+    assert r["step_peak_bytes"] == 450 and r["peak_bytes"] == 1450
+    by = {g["where"]: (g["bytes"], g["blocks"]) for g in r["groups"]}
+    # the 200-byte block was freed before the peak; the groups are largest first
+    assert by == {"backward (autograd engine)": (300, 1), "med3d_ext/nn/fused.py:77 conv_bn_act": (150, 2)}
+    assert r["groups"][0]["where"] == "backward (autograd engine)"
+
+
+def test_memory_peak_needs_a_gpu(capsys):
+    import torch
+
+    from benchmarks import memory_peak
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert memory_peak.main(["--out", "/nonexistent/never-written"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

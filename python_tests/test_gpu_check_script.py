@@ -52,7 +52,7 @@ exec {sys.executable} "$@"
     for stage, status in [("build", "ok"), ("tests", "ok; passed 1 failed 0"), ("targets", "ok"), ("profile", "ok"),
                           ("kernels", "skipped (areas given"), ("throughput", "skipped (THROUGHPUT=0)"),
                           ("study", "skipped (not in ORDER)"), ("compile", "skipped (not in ORDER)"),
-                          ("ncu", "skipped (not in ORDER)")]:
+                          ("ncu", "skipped (not in ORDER)"), ("memory", "skipped (not in ORDER)")]:
         assert f"| {stage} | {status}" in summary, (stage, summary)
     data = json.loads((out / "bench" / "results.json").read_text())
     assert data["env"]["git_commit"] and {r["area"] for r in data["rows"]} == {"bn_stats"}
