@@ -76,7 +76,15 @@ def _log_every(measured: int) -> int:
     return k
 
 
-def run(device="auto", quick=False, steps=None, out=None, log=print, profile=False) -> dict:
+def _arm_name(name: str, grid: str, first: str) -> str:
+    return name if grid == first else f"{name} [--label-grid {grid}]"
+
+
+def run(device="auto", quick=False, steps=None, out=None, log=print, profile=False,
+        label_grids=None) -> dict:
+    """label_grids: where the loss is computed, one pair of arms each; default on a GPU both
+    the demo's ``patch`` (logits upsampled to the patch) and the CLI default ``logits`` (labels
+    on the 1/4 logit grid), on the CPU ``patch`` only."""
     from med3d_ext.train import config as C
     from med3d_ext.train.cli import run_pretrain
     from med3d_ext.train.demo import demo_data, demo_recipe
@@ -86,14 +94,18 @@ def run(device="auto", quick=False, steps=None, out=None, log=print, profile=Fal
     sz = sizes(dev.type == "cuda", quick, steps)
     t_all = time.perf_counter()
     d = demo_data(sz["cases"], sz["size"], 0, log)
-    result = {"device": str(dev), "sizes": sz, "arms": {}}
+    grids = list(label_grids or (["patch", "logits"] if dev.type == "cuda" else ["patch"]))
+    result = {"device": str(dev), "sizes": sz, "arms": {}, "label_grids": grids}
     measured = sz["steps"]
     extra = PROFILE_STEPS if profile else 0
     with tempfile.TemporaryDirectory(prefix="m3d-throughput-") as tmp:
-        for name, fused in ARMS:
+        for grid, (base, fused) in ((g, a) for g in grids for a in ARMS):
+            name = _arm_name(base, grid, grids[0])
+            key = base.split()[0] + ("" if grid == grids[0] else f"-{grid}")
             cfg = C.resolve("pretrain", dict(
                 demo_recipe(dev, sz, d["root"] / "cache"),  # the demo's training options
-                data=[str(d["pretrain"])], out=str(Path(tmp) / name.split()[0]), seed=0,
+                label_grid=grid,
+                data=[str(d["pretrain"])], out=str(Path(tmp) / key), seed=0,
                 depth=10, epochs=1, steps=measured + extra, fused=fused, lr=1e-3,
                 log_every=_log_every(measured), val_cases=1, export=False, progress=False,
                 profile=f"{measured}:{extra}" if extra else None))
@@ -105,7 +117,7 @@ def run(device="auto", quick=False, steps=None, out=None, log=print, profile=Fal
             if res.get("profile"):  # the profiled steps, after the measured ones
                 arm["profile"] = json.loads((Path(res["profile"]) / "summary.json").read_text())
                 if out:
-                    dst = Path(out) / "profile" / name.split()[0]
+                    dst = Path(out) / "profile" / key
                     dst.mkdir(parents=True, exist_ok=True)
                     for f in ("summary.json", "ops.txt"):
                         (dst / f).write_text((Path(res["profile"]) / f).read_text())
@@ -113,8 +125,12 @@ def run(device="auto", quick=False, steps=None, out=None, log=print, profile=Fal
             result["arms"][name] = arm
             log(f"{name}: {arm['samples_s']:.2f} samples/s, {arm['voxels_s'] / 1e6:.2f} Mvoxel/s, "
                 f"data wait {100 * arm['data_wait']:.1f}% ({arm['wall_s']:.0f} s)")
-    fused, plain = (result["arms"][n] for n, _ in ARMS)
-    result["fused_vs_plain"] = fused["samples_s"] / plain["samples_s"]
+    ratios = {}
+    for g in grids:
+        fused, plain = (result["arms"][_arm_name(n, g, grids[0])] for n, _ in ARMS)
+        ratios[g] = fused["samples_s"] / plain["samples_s"]
+    result["fused_vs_plain"] = ratios[grids[0]]
+    result["fused_vs_plain_by_label_grid"] = ratios
     result["total_s"] = time.perf_counter() - t_all
     try:
         from .common import collect_env
@@ -139,7 +155,13 @@ def markdown(r: dict) -> str:
     for name, a in r["arms"].items():
         lines.append(f"| {name} | {a['samples_s']:.2f} | {a['voxels_s'] / 1e6:.2f} | "
                      f"{100 * a['data_wait']:.1f}% | {a['wall_s']:.0f} s |")
-    lines += ["", f"fused / plain samples/s: {r['fused_vs_plain']:.2f}x (same run, same device).", ""]
+    by_grid = r.get("fused_vs_plain_by_label_grid") or {}
+    grids = r.get("label_grids") or ["patch"]
+    lines += ["", f"fused / plain samples/s: {r['fused_vs_plain']:.2f}x (same run, same device; "
+              f"--label-grid {grids[0]})."]
+    lines += [f"fused / plain samples/s with --label-grid {g}: {by_grid[g]:.2f}x." for g in grids[1:]
+              if g in by_grid]
+    lines.append("")
     profiled = [(n, a["profile"]) for n, a in r["arms"].items() if a.get("profile")]
     if profiled:
         lines += [f"Profiled: {profiled[0][1]['steps']} steps after the measured ones "
@@ -169,6 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps per arm (default: 48 GPU, 30 CPU)")
     p.add_argument("--quick", action="store_true", help="tiny CPU sizes (a smoke test, not a result)")
     p.add_argument("--out", default="benchmarks/results/latest/throughput", help="results folder")
+    p.add_argument("--label-grids", default=None,
+                   help="comma-separated label grids, one pair of arms each (default: GPU "
+                        "patch,logits; CPU patch)")
     p.add_argument("--profile", action="store_true",
                    help=f"also profile {PROFILE_STEPS} steps of each arm after the measured ones "
                         "(the training CLI's --profile): kernel time, launches and the costliest "
@@ -176,7 +201,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.steps is not None and a.steps < 2:
         p.error(f"--steps: need at least 2, got {a.steps}")
-    r = run(a.device, a.quick, a.steps, a.out, profile=a.profile)
+    grids = None
+    if a.label_grids:
+        grids = [g.strip() for g in a.label_grids.split(",") if g.strip()]
+        bad = [g for g in grids if g not in ("patch", "logits")]
+        if bad or not grids:
+            p.error(f"--label-grids: expected patch and/or logits, got {a.label_grids!r}")
+    r = run(a.device, a.quick, a.steps, a.out, profile=a.profile, label_grids=grids)
     print(markdown(r))
     return 0
 

@@ -456,9 +456,12 @@ def test_train_throughput_quick_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MED3D_EXT_CACHE", str(tmp_path / "cache"))
     assert train_throughput.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "t"),
-                                  "--profile"]) == 0
+                                  "--profile", "--label-grids", "patch,logits"]) == 0
     r = json.loads((tmp_path / "t" / "throughput.json").read_text())
-    assert set(r["arms"]) == {n for n, _ in train_throughput.ARMS}
+    base = {n for n, _ in train_throughput.ARMS}
+    assert set(r["arms"]) == base | {f"{n} [--label-grid logits]" for n in base}
+    assert set(r["fused_vs_plain_by_label_grid"]) == {"patch", "logits"}
+    assert r["fused_vs_plain"] == r["fused_vs_plain_by_label_grid"]["patch"]
     for a in r["arms"].values():
         assert a["samples_s"] > 0 and a["voxels_s"] == pytest.approx(a["samples_s"] * 16 * 16 * 8)
         # the measured windows stop at the measured steps; the profiled ones come after
@@ -469,8 +472,12 @@ def test_train_throughput_quick_cpu(tmp_path, monkeypatch):
     assert "| med3d_ext fused |" in md and "costliest ops" in md
     assert (tmp_path / "t" / "profile" / "med3d_ext" / "ops.txt").is_file()
     assert (tmp_path / "t" / "profile" / "plain" / "summary.json").is_file()
+    assert "with --label-grid logits" in md
+    assert (tmp_path / "t" / "profile" / "plain-logits" / "summary.json").is_file()
     with pytest.raises(SystemExit):
         train_throughput.main(["--steps", "1"])
+    with pytest.raises(SystemExit):
+        train_throughput.main(["--label-grids", "patch,voxels"])
 
 
 def test_reading_names_every_extra_arm():
