@@ -279,6 +279,62 @@ M3D_HOST_DEVICE M3D_RS_INLINE Lerp<T> resize_linear(int64_t i, int64_t in, int64
   return make_lerp(src, in);
 }
 
+// Backward of the trilinear resize as a gather, the same on both devices: input voxel i
+// receives the output gradients whose forward taps (resize_linear) include it, each weighted
+// as the forward weighted it, summed in a fixed order (so the result is bitwise reproducible,
+// unlike an atomic scatter). Along an axis those outputs have i0 or i1 equal to i, i.e. a
+// source coordinate in [i - 1, i + 1]: resize_candidates gives that range of outputs with one
+// of margin each side (the exact test is the weight, resize_grad_weight, which is 0 outside).
+M3D_HOST_DEVICE M3D_RS_INLINE void resize_candidates(int64_t i, int64_t in, int64_t out,
+                                                     int64_t* lo, int64_t* hi) {
+  const double s = static_cast<double>(in) / static_cast<double>(out);
+  const int64_t a = static_cast<int64_t>(floor((static_cast<double>(i) - 0.5) / s - 0.5)) - 1;
+  const int64_t b = static_cast<int64_t>(ceil((static_cast<double>(i) + 1.5) / s - 0.5)) + 1;
+  *lo = a < 0 ? 0 : a;
+  *hi = b > out - 1 ? out - 1 : b;
+}
+
+// How much output o's value took from input i along one axis (both taps may be i at the edge).
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE T resize_grad_weight(int64_t o, int64_t i, int64_t in, int64_t out) {
+  const Lerp<T> l = resize_linear<T>(o, in, out);
+  return (l.i0 == i ? l.l0 : T(0)) + (l.i1 == i ? l.l1 : T(0));
+}
+
+// d grad_in[d, h, w] for one (n, c) block: g points at that block of the output gradient
+// (D, H, W contiguous); sizes in (ID, IH, IW) and out (D, H, W). Outputs along W are taken in
+// chunks of kResizeChunk whose weights are computed once per (d, h) row pair.
+constexpr int kResizeChunk = 16;
+
+template <typename T, typename scalar_t>
+M3D_HOST_DEVICE M3D_RS_INLINE T resize_grad_at(const scalar_t* g, int64_t d, int64_t h, int64_t w,
+                                               int64_t ID, int64_t IH, int64_t IW, int64_t D,
+                                               int64_t H, int64_t W) {
+  int64_t d0, d1, h0, h1, w0, w1;
+  resize_candidates(d, ID, D, &d0, &d1);
+  resize_candidates(h, IH, H, &h0, &h1);
+  resize_candidates(w, IW, W, &w0, &w1);
+  T acc = T(0);
+  for (int64_t c0 = w0; c0 <= w1; c0 += kResizeChunk) {
+    T ww[kResizeChunk];
+    const int n = static_cast<int>(w1 - c0 + 1 < kResizeChunk ? w1 - c0 + 1 : kResizeChunk);
+    for (int k = 0; k < n; ++k) ww[k] = resize_grad_weight<T>(c0 + k, w, IW, W);
+    for (int64_t od = d0; od <= d1; ++od) {
+      const T wd = resize_grad_weight<T>(od, d, ID, D);
+      if (wd == T(0)) continue;
+      for (int64_t oh = h0; oh <= h1; ++oh) {
+        const T wdh = wd * resize_grad_weight<T>(oh, h, IH, H);
+        if (wdh == T(0)) continue;
+        const scalar_t* row = g + (od * H + oh) * W + c0;
+        T s = T(0);
+        for (int k = 0; k < n; ++k) s += ww[k] * static_cast<T>(row[k]);
+        acc += wdh * s;
+      }
+    }
+  }
+  return acc;
+}
+
 // ------------------------------------------------------------------------- entry points
 
 at::Tensor affine_resample_cpu(const at::Tensor& image, const at::Tensor& theta,
@@ -290,6 +346,7 @@ std::tuple<at::Tensor, at::Tensor> affine_resample_pair_cpu(
     const std::optional<at::Tensor>& intensity, const std::optional<at::Tensor>& seed,
     int64_t padding_mode, bool align_corners);
 at::Tensor resize_cpu(const at::Tensor& image, at::IntArrayRef size, int64_t mode);
+at::Tensor resize_backward_cpu(const at::Tensor& grad, at::IntArrayRef input_size);
 
 }  // namespace rs
 }  // namespace med3d_ext

@@ -236,5 +236,22 @@ inline at::Tensor prepare_resize(const at::Tensor& image, at::IntArrayRef size, 
                    image.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
+// resize_backward: the gradient of resize (trilinear) with respect to an input of
+// ``input_size`` (N, C, ID, IH, IW), from grad, the gradient of its (N, C, D, H, W) output.
+inline at::Tensor prepare_resize_backward(const at::Tensor& grad, at::IntArrayRef input_size) {
+  const char* op = "resize_backward";
+  check_dim(op, "grad", grad, 5);
+  M3D_CHECK_ARG(is_floating(grad), op, "grad", grad, "floating point");
+  check_size(op, "input_size", input_size, 5);
+  M3D_CHECK(input_size[0] == grad.size(0) && input_size[1] == grad.size(1), "med3d_ext.", op,
+            ": input_size ", list_str(input_size), " must have grad's N and C, got grad of shape ",
+            list_str(grad.sizes()));
+  for (int k = 0; k < 3; ++k)
+    M3D_CHECK(grad.size(2 + k) == 0 || input_size[2 + k] > 0, "med3d_ext.", op, ": input_size ",
+              list_str(input_size), " is empty along an axis that grad ",
+              list_str(grad.sizes()), " is not");
+  return at::empty(input_size, grad.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 }  // namespace rs
 }  // namespace med3d_ext

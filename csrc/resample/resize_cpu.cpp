@@ -71,7 +71,36 @@ void resize_nearest_cpu(const at::Tensor& in, at::Tensor& out) {
   });
 }
 
+// Backward of the trilinear resize: a gather per input element (resize_grad_at), no scatter.
+template <typename scalar_t>
+void resize_backward_linear_cpu(const at::Tensor& g, at::Tensor& gi) {
+  using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t NC = gi.size(0) * gi.size(1), ID = gi.size(2), IH = gi.size(3), IW = gi.size(4);
+  const int64_t D = g.size(2), H = g.size(3), W = g.size(4);
+  const scalar_t* src = g.const_data_ptr<scalar_t>();
+  scalar_t* dst = gi.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, NC * ID * IH, row_grain(IW), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = r % IH, d = (r / IH) % ID, nc = r / (IH * ID);
+      const scalar_t* p = src + nc * D * H * W;
+      for (int64_t w = 0; w < IW; ++w)
+        dst[r * IW + w] =
+            static_cast<scalar_t>(resize_grad_at<T>(p, d, h, w, ID, IH, IW, D, H, W));
+    }
+  });
+}
+
 }  // namespace
+
+at::Tensor resize_backward_cpu(const at::Tensor& grad, at::IntArrayRef input_size) {
+  at::Tensor gi = prepare_resize_backward(grad, input_size);
+  if (gi.numel() == 0) return gi;
+  if (grad.numel() == 0) return gi.zero_();
+  const at::Tensor g = grad.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "resize_backward_cpu",
+                                  [&] { resize_backward_linear_cpu<scalar_t>(g, gi); });
+  return gi;
+}
 
 at::Tensor resize_cpu(const at::Tensor& image, at::IntArrayRef size, int64_t mode) {
   at::Tensor out = prepare_resize(image, size, mode);
@@ -92,7 +121,10 @@ at::Tensor resize_cpu(const at::Tensor& image, at::IntArrayRef size, int64_t mod
   return out;
 }
 
-TORCH_LIBRARY_IMPL(med3d_ext, CPU, m) { m.impl("resize", &resize_cpu); }
+TORCH_LIBRARY_IMPL(med3d_ext, CPU, m) {
+  m.impl("resize", &resize_cpu);
+  m.impl("resize_backward", &resize_backward_cpu);
+}
 
 }  // namespace rs
 }  // namespace med3d_ext

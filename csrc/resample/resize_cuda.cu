@@ -45,6 +45,20 @@ resize_nearest_kernel(const bits_t* __restrict__ in, bits_t* __restrict__ out, i
   out[i] = in[src];
 }
 
+// Backward of the trilinear resize: one thread per input element gathers its output gradients
+// (resize_grad_at; no atomics, so bitwise reproducible).
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+resize_backward_kernel(const scalar_t* __restrict__ g, scalar_t* __restrict__ gi, index_t total,
+                       index_t ID, index_t IH, index_t IW, index_t D, index_t H, index_t W) {
+  using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= total) return;
+  const index_t w = i % IW, h = (i / IW) % IH, d = (i / (IW * IH)) % ID, nc = i / (IW * IH * ID);
+  gi[i] = static_cast<scalar_t>(
+      resize_grad_at<T>(g + nc * D * H * W, d, h, w, ID, IH, IW, D, H, W));
+}
+
 template <typename F>
 void launch_resize(const at::Tensor& in, at::Tensor& out, F&& kernel) {
   const int64_t total = out.numel();
@@ -95,7 +109,32 @@ at::Tensor resize_cuda(const at::Tensor& image, at::IntArrayRef size, int64_t mo
   return out;
 }
 
-TORCH_LIBRARY_IMPL(med3d_ext, CUDA, m) { m.impl("resize", &resize_cuda); }
+at::Tensor resize_backward_cuda(const at::Tensor& grad, at::IntArrayRef input_size) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor gi = prepare_resize_backward(grad, input_size);
+  if (gi.numel() == 0) return gi;
+  if (grad.numel() == 0) return gi.zero_();
+  const at::Tensor g = grad.contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t ID = gi.size(2), IH = gi.size(3), IW = gi.size(4);
+  const int64_t D = g.size(2), H = g.size(3), W = g.size(4);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "resize_backward_cuda", [&] {
+    // the element count of gi drives the launch; g's offsets must fit the index type too
+    launch_resize(g, gi, [&](auto tag, auto total, int64_t blocks) {
+      using index_t = decltype(tag);
+      resize_backward_kernel<scalar_t, index_t><<<blocks, kThreads, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), gi.mutable_data_ptr<scalar_t>(), total, ID, IH, IW, D,
+          H, W);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return gi;
+}
+
+TORCH_LIBRARY_IMPL(med3d_ext, CUDA, m) {
+  m.impl("resize", &resize_cuda);
+  m.impl("resize_backward", &resize_backward_cuda);
+}
 
 }  // namespace rs
 }  // namespace med3d_ext

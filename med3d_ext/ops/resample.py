@@ -294,9 +294,22 @@ def _resize_backward(ctx, grad):
         raise NotImplementedError("med3d_ext.resize: no gradient for mode='nearest'")
     if grad.numel() == 0:  # an empty output (upsample's backward refuses a 0 size)
         return grad.new_zeros(ctx.in_size, dtype=ctx.dtype), None, None
+    op = compiled("resize_backward")
+    if op is not None:
+        # a gather per input element, accumulated in fp32 (fp64 for fp64) and rounded once:
+        # bitwise reproducible, where upsample_trilinear3d_backward scatters with atomics
+        # (nondeterministic on CUDA, refused under torch.use_deterministic_algorithms)
+        return op(grad, ctx.in_size).to(ctx.dtype), None, None
     acc = torch.float64 if ctx.dtype == torch.float64 else torch.float32
     gi = torch.ops.aten.upsample_trilinear3d_backward(grad.to(acc), ctx.size, ctx.in_size, False)
     return gi.to(ctx.dtype), None, None
+
+
+@register_fake("resize_backward")
+def _resize_backward_fake(grad, input_size):
+    torch._check(grad.dim() == 5 and len(input_size) == 5,
+                 lambda: "med3d_ext.resize_backward: 5-D grad and input_size")
+    return grad.new_empty(list(input_size))
 
 
 register_autograd("resize", _resize_backward, _resize_setup)

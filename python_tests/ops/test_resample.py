@@ -163,6 +163,8 @@ def test_opcheck(device):
                            False))
     torch.library.opcheck(ops.resize, (x, [7, 3, 5], 0))
     torch.library.opcheck(ops.resize, (lab, [7, 3, 5], 1))
+    torch.library.opcheck(ops.resize_backward, (torch.randn(2, 3, 7, 3, 5, device=device),
+                                                [2, 3, 5, 6, 4]))
 
 
 @requires_ext
@@ -408,6 +410,61 @@ def test_resize_gradient_and_low_precision(device):
     assert_low_precision_close(m3d.ops.resize(xb, (9, 4, 8)),
                                F.interpolate(xb, size=(9, 4, 8), mode="trilinear"),
                                F.interpolate(xb.float(), size=(9, 4, 8), mode="trilinear"))
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_resize_backward_gathers_what_upsample_backward_scatters(device):
+    """resize's backward is a gather (csrc/resample/resample.h, resize_grad_at): against ATen's
+    scattering upsample_trilinear3d_backward in float64, for up- and downsampling, odd and
+    non-integer factors, size-1 axes, a large factor and an unchanged size; fp32 and bf16
+    accumulate in fp32 and round once; and it is bitwise reproducible."""
+    cases = [((2, 3, 4, 5, 3), (16, 20, 12)), ((1, 2, 7, 9, 5), (3, 4, 2)),
+             ((1, 1, 1, 6, 1), (5, 6, 3)), ((2, 2, 5, 5, 5), (5, 5, 5)),
+             ((1, 2, 3, 7, 11), (10, 13, 4)), ((1, 1, 2, 2, 2), (100, 3, 9)),
+             ((1, 1, 9, 2, 3), (1, 1, 1))]
+    op = torch.ops.med3d_ext.resize_backward
+    for shape, size in cases:
+        g = torch.randn(shape[0], shape[1], *size, dtype=torch.float64, device=device)
+        ref = torch.ops.aten.upsample_trilinear3d_backward(g.cpu(), list(size), list(shape), False)
+        torch.testing.assert_close(op(g, list(shape)).cpu(), ref, rtol=1e-12, atol=1e-12)
+        g32 = g.float()
+        out = op(g32, list(shape))
+        assert out.dtype == torch.float32 and torch.equal(out, op(g32, list(shape)))
+        torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+        gb = g.bfloat16()
+        ref_b = torch.ops.aten.upsample_trilinear3d_backward(gb.cpu().double(), list(size),
+                                                             list(shape), False)
+        torch.testing.assert_close(op(gb, list(shape)).cpu().double(), ref_b, rtol=1e-2, atol=1e-2)
+    # empty gradients and inputs
+    assert torch.equal(op(torch.zeros(2, 3, 0, 4, 4, device=device), [2, 3, 5, 6, 4]),
+                       torch.zeros(2, 3, 5, 6, 4, device=device))
+    assert op(torch.zeros(0, 3, 4, 4, 4, device=device), [0, 3, 5, 6, 4]).shape == (0, 3, 5, 6, 4)
+    # bad input names the argument
+    with pytest.raises(RuntimeError, match="input_size"):
+        op(torch.randn(2, 3, 4, 4, 4, device=device), [2, 4, 5, 6, 4])
+    with pytest.raises(RuntimeError, match="grad"):
+        op(torch.randn(2, 3, 4, 4, device=device), [2, 3, 5, 6, 4])
+    with pytest.raises(RuntimeError, match="floating"):
+        op(torch.ones(2, 3, 4, 4, 4, device=device, dtype=torch.int64), [2, 3, 5, 6, 4])
+
+
+@pytest.mark.cuda
+def test_resize_backward_is_deterministic_on_cuda():
+    """The gradient of resize on CUDA equals the CPU's and is the same bits every run, also
+    under torch.use_deterministic_algorithms (F.interpolate's backward is refused there)."""
+    x = torch.randn(2, 4, 8, 8, 4, device="cuda", requires_grad=True)
+    g = torch.randn(2, 4, 32, 32, 16, device="cuda")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = [torch.autograd.grad(m3d.ops.resize(x, (32, 32, 16)), x, g)[0] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert all(torch.equal(grads[0], t) for t in grads[1:])
+    xc = x.detach().cpu().requires_grad_()
+    (gc,) = torch.autograd.grad(m3d.ops.resize(xc, (32, 32, 16)), xc, g.cpu())
+    torch.testing.assert_close(grads[0].cpu(), gc, rtol=1e-5, atol=1e-5)
 
 
 def test_resize_gradcheck_float64():
