@@ -17,7 +17,18 @@ CMAKE="$(dirname "$PY")/cmake"; [ -x "$CMAKE" ] || CMAKE=cmake
 # copy then rename: a process that has the old .so mapped keeps a valid file (cp in place
 # would rewrite the pages under it and crash it)
 if [ "${DEV_BUILD_NO_COPY:-0}" != 1 ]; then
-  for f in "$BUILD"/_C*.so "$BUILD"/_build_config.py; do
-    cp "$f" "med3d_ext/.$(basename "$f").new" && mv -f "med3d_ext/.$(basename "$f").new" "med3d_ext/$(basename "$f")"
+  # An editable install (pip install -e .) makes `import med3d_ext._C` load the copy in
+  # site-packages, not the one next to the sources: update that one too, or the tests would run
+  # the extension of the last `pip install -e .`.
+  PURELIB="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  DESTS=(med3d_ext)
+  if [ -f "$PURELIB/_editable_skbc_med3d_ext.pth" ] && compgen -G "$PURELIB/med3d_ext/_C*.so" >/dev/null; then
+    DESTS+=("$PURELIB/med3d_ext")
+    echo "dev_build: also updating the editable install's extension in $PURELIB/med3d_ext"
+  fi
+  for d in "${DESTS[@]}"; do
+    for f in "$BUILD"/_C*.so "$BUILD"/_build_config.py; do
+      cp "$f" "$d/.$(basename "$f").new" && mv -f "$d/.$(basename "$f").new" "$d/$(basename "$f")"
+    done
   done
 fi
