@@ -63,6 +63,56 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+template <typename T>
+__device__ __forceinline__ void warp_min_max(T& lo, T& hi) {
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = min(lo, __shfl_down_sync(0xffffffffu, lo, o));
+    hi = max(hi, __shfl_down_sync(0xffffffffu, hi, o));
+  }
+}
+
+// Voxel v's label and its first C logits (x: the sample's (C, S) block, s its sample; unused
+// z[c >= C]). C and S come in as the caller's registers, not re-read from the head table.
+template <typename scalar_t, int K>
+__device__ __forceinline__ void load_voxel(const SegHead& d, const scalar_t* __restrict__ x,
+                                           int64_t s, int64_t S, int C, int64_t v,
+                                           at::opmath_type<scalar_t> (&z)[K], int64_t& t) {
+  t = load_target(d, s * S + v);
+#pragma unroll
+  for (int c = 0; c < K; ++c)
+    if (c < C) z[c] = static_cast<at::opmath_type<scalar_t>>(x[c * S + v]);
+}
+
+// This thread's voxels of tile [v0, v1) of sample s, each loaded (load_voxel) and handed to
+// use(v, z, t): a full tile in stages of kStage voxels whose loads are all issued before any
+// is used, a partial one voxel by voxel.
+template <int kStage, typename scalar_t, int K, typename Use>
+__device__ __forceinline__ void walk_tile(const SegHead& d, const scalar_t* __restrict__ x,
+                                          int64_t s, int64_t S, int C, int64_t v0, int64_t v1,
+                                          Use&& use) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (v1 - v0 == kSegTile) {
+#pragma unroll
+    for (int k0 = 0; k0 < kPerThread; k0 += kStage) {
+      acc_t z[kStage][K];
+      int64_t t[kStage];
+#pragma unroll
+      for (int j = 0; j < kStage; ++j)
+        load_voxel<scalar_t, K>(d, x, s, S, C, v0 + (k0 + j) * kThreads + threadIdx.x, z[j],
+                                t[j]);
+#pragma unroll
+      for (int j = 0; j < kStage; ++j) use(v0 + (k0 + j) * kThreads + threadIdx.x, z[j], t[j]);
+    }
+  } else {
+    for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
+      acc_t z[K];
+      int64_t t;
+      load_voxel<scalar_t, K>(d, x, s, S, C, v, z, t);
+      use(v, z, t);
+    }
+  }
+}
+
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(kThreads, min_blocks<at::opmath_type<scalar_t>, K>())
     partial_kernel(const __grid_constant__ HeadTable tab, const at::opmath_type<scalar_t>* cw,
@@ -81,13 +131,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<at::opmath_type<scalar_t>
 #pragma unroll
   for (int c = 0; c < K; ++c) I[c] = P[c] = T[c] = 0;
   int64_t nbad = 0, bmin = std::numeric_limits<int64_t>::max(), bmax = std::numeric_limits<int64_t>::min();
-  auto load = [&](int64_t v, acc_t (&z)[K], int64_t& t) {
-    t = load_target(d, s * S + v);
-#pragma unroll
-    for (int c = 0; c < K; ++c)
-      if (c < C) z[c] = static_cast<acc_t>(x[c * S + v]);
-  };
-  auto accumulate = [&](acc_t (&z)[K], int64_t t) {
+  auto accumulate = [&](int64_t, acc_t (&z)[K], int64_t t) {
     const int cls = classify_label(t, C, ignore_index);
     if (cls == -2) {
       ++nbad;
@@ -113,25 +157,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<at::opmath_type<scalar_t>
         }
       }
   };
-  if (v1 - v0 == kSegTile) {
-    constexpr int kStage = partial_stage<acc_t, K>();
-#pragma unroll
-    for (int k0 = 0; k0 < kPerThread; k0 += kStage) {
-      acc_t z[kStage][K];
-      int64_t t[kStage];
-#pragma unroll
-      for (int j = 0; j < kStage; ++j) load(v0 + (k0 + j) * kThreads + threadIdx.x, z[j], t[j]);
-#pragma unroll
-      for (int j = 0; j < kStage; ++j) accumulate(z[j], t[j]);
-    }
-  } else {
-    for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
-      acc_t z[K];
-      int64_t t;
-      load(v, z, t);
-      accumulate(z, t);
-    }
-  }
+  walk_tile<partial_stage<acc_t, K>(), scalar_t, K>(d, x, s, S, C, v0, v1, accumulate);
   // Block reduction in a fixed order: warp trees, then warps summed in index order.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -147,10 +173,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<at::opmath_type<scalar_t>
   ce = warp_sum(ce);
   wsum = warp_sum(wsum);
   nbad = warp_sum(nbad);
-  for (int o = 16; o > 0; o >>= 1) {
-    bmin = min(bmin, __shfl_down_sync(0xffffffffu, bmin, o));
-    bmax = max(bmax, __shfl_down_sync(0xffffffffu, bmax, o));
-  }
+  warp_min_max(bmin, bmax);
   if (lane == 0) {
     red[warp][3 * C] = ce;
     red[warp][3 * C + 1] = wsum;
@@ -239,10 +262,7 @@ __global__ void __launch_bounds__(kFinishThreads)
       ce = warp_sum(ce);
       w = warp_sum(w);
       cnt = warp_sum(cnt);
-      for (int o = 16; o > 0; o >>= 1) {
-        lo = min(lo, __shfl_down_sync(0xffffffffu, lo, o));
-        hi = max(hi, __shfl_down_sync(0xffffffffu, hi, o));
-      }
+      warp_min_max(lo, hi);
       if (lane == 0) {
         s_ce[h] = ce;
         s_w[h] = w;
@@ -302,12 +322,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks<at::opmath_type<scalar_t>
   const acc_t g = (grad_total ? grad_total[0] * (hw ? hw[h] : acc_t(1)) : acc_t(0)) +
                   (grad_per_head ? grad_per_head[h * ph_stride] : acc_t(0));
   const acc_t ce_scale = saved[3 * slots + h];
-  auto load = [&](int64_t v, acc_t (&z)[K], int64_t& t) {
-    t = load_target(d, s * S + v);
-#pragma unroll
-    for (int c = 0; c < K; ++c)
-      if (c < C) z[c] = static_cast<acc_t>(x[c * S + v]);
-  };
   auto emit = [&](int64_t v, acc_t (&z)[K], int64_t t) {
     const int cls = classify_label(t, C, ignore_index);
     acc_t out[K];
@@ -323,25 +337,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<at::opmath_type<scalar_t>
     for (int c = 0; c < K; ++c)
       if (c < C) gx[c * S + v] = static_cast<scalar_t>(out[c]);
   };
-  if (v1 - v0 == kSegTile) {
-    constexpr int kStage = backward_stage<acc_t, K>();
-#pragma unroll
-    for (int k0 = 0; k0 < kPerThread; k0 += kStage) {
-      acc_t z[kStage][K];
-      int64_t t[kStage];
-#pragma unroll
-      for (int j = 0; j < kStage; ++j) load(v0 + (k0 + j) * kThreads + threadIdx.x, z[j], t[j]);
-#pragma unroll
-      for (int j = 0; j < kStage; ++j) emit(v0 + (k0 + j) * kThreads + threadIdx.x, z[j], t[j]);
-    }
-  } else {
-    for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
-      acc_t z[K];
-      int64_t t;
-      load(v, z, t);
-      emit(v, z, t);
-    }
-  }
+  walk_tile<backward_stage<acc_t, K>(), scalar_t, K>(d, x, s, S, C, v0, v1, emit);
 }
 
 // Compile-time class bound from the largest head.
