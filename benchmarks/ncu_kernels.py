@@ -66,34 +66,31 @@ def _cases():
         theta = random_theta(8, dev)
         return lambda: ops.affine_resample_pair(img, lab, theta, size)
 
-    def layer():
-        cl = torch.channels_last_3d
-        x = torch.randn(8, 64, 16, 32, 32, device=dev, generator=g).to(memory_format=cl)
-        x.requires_grad_(True)
-        w = (0.05 * torch.randn(64, 64, 3, 3, 3, device=dev, generator=g)).to(memory_format=cl)
-        w.requires_grad_(True)
-        bw = torch.ones(64, device=dev, requires_grad=True)
-        bb = torch.zeros(64, device=dev, requires_grad=True)
-        rm, rv = torch.zeros(64, device=dev), torch.ones(64, device=dev)
+    def bn_train(op, x, w, **kw):
+        """One bf16-autocast training call of a conv+BN op (identity BN parameters, fresh
+        running statistics) and its backward."""
+        c = w.shape[0]
+        bw = torch.ones(c, device=dev, requires_grad=True)
+        bb = torch.zeros(c, device=dev, requires_grad=True)
+        rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
 
         def f():
             with torch.autocast(dev, dtype=torch.bfloat16):
-                y = ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, stride=1, padding=1)
+                y = op(x, w, bw, bb, rm, rv, **kw)
             y.backward(torch.ones_like(y))
         return f
+
+    def layer():
+        cl = torch.channels_last_3d
+        x = torch.randn(8, 64, 16, 32, 32, device=dev, generator=g).to(memory_format=cl)
+        w = (0.05 * torch.randn(64, 64, 3, 3, 3, device=dev, generator=g)).to(memory_format=cl)
+        return bn_train(ops.conv_bn_relu3d, x.requires_grad_(True), w.requires_grad_(True),
+                        stride=1, padding=1)
 
     def stem():
         x = torch.randn(8, 1, 64, 128, 128, device=dev, generator=g)
         w = (0.05 * torch.randn(64, 1, 7, 7, 7, device=dev, generator=g)).requires_grad_(True)
-        bw = torch.ones(64, device=dev, requires_grad=True)
-        bb = torch.zeros(64, device=dev, requires_grad=True)
-        rm, rv = torch.zeros(64, device=dev), torch.ones(64, device=dev)
-
-        def f():
-            with torch.autocast(dev, dtype=torch.bfloat16):
-                y = ops.conv_bn_relu_maxpool3d(x, w, bw, bb, rm, rv, stride=2, padding=3)
-            y.backward(torch.ones_like(y))
-        return f
+        return bn_train(ops.conv_bn_relu_maxpool3d, x, w, stride=2, padding=3)
 
     return {"loss": loss, "augment": augment, "layer": layer, "stem": stem}
 

@@ -267,7 +267,7 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
                                    residual, stride, padding, dilation, training, eps, relu,
                                    algo)
     if training and running_mean is not None and out.numel() > 0:
-        _update_running_stats(running_mean, running_var, mean, var, momentum)
+        update_running_stats(running_mean, running_var, mean, var, momentum)
     recipe = (y, mean, invstd, bn_weight, bn_bias) if relu and residual is None else None
     return out, recipe
 
@@ -284,11 +284,6 @@ def _detach_saved_output(out, relu):
     applies one, idempotent on our non-negative output) broke backward ("modified by an inplace
     operation"). The compiled op saves the pre-BatchNorm tensor instead; here a copy does."""
     return out.clone() if relu and out.requires_grad else out
-
-
-# (1 - momentum) * running + momentum * batch, as F.batch_norm; queued during a fused model's
-# forward (see _running_stats.py)
-_update_running_stats = update_running_stats
 
 
 def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
@@ -333,7 +328,7 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
                                            running_var, stride, padding, dilation, training,
                                            eps, pk, ps, pp, algo)
     if training and running_mean is not None and out.numel() > 0:
-        _update_running_stats(running_mean, running_var, mean, var, momentum)
+        update_running_stats(running_mean, running_var, mean, var, momentum)
     return out
 
 

@@ -52,7 +52,6 @@ class StepProfiler:
         self.log = log
         self.prof = None
         self.done = 0
-        self.planned = 0
         self.t0 = 0.0
         self.written = False  # by this run (an earlier run's profile/ may be there)
 
@@ -65,7 +64,6 @@ class StepProfiler:
         if step > start:  # a resumed run starts inside the window: profile what is left
             self.log(f"profile: the run resumed at step {step}, inside --profile {start}:{steps}; "
                      f"profiling steps {step + 1}..{start + steps}")
-        self.planned = start + steps - step
         acts = [torch.profiler.ProfilerActivity.CPU]
         if self.cuda:
             acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -78,7 +76,7 @@ class StepProfiler:
         if self.prof is None:
             return
         self.done += 1
-        if self.done >= self.planned:
+        if step >= sum(self.range):  # the window's last step is done
             self.close()
 
     def close(self) -> None:

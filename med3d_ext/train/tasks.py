@@ -249,10 +249,7 @@ def _fit(logits, label, resize=None):
     the loss is computed at patch resolution (label_grid=patch); unchanged on the logit grid."""
     if tuple(logits.shape[2:]) == tuple(label.shape[1:]):
         return logits
-    if resize is None:
-        return F.interpolate(logits, size=tuple(label.shape[1:]), mode="trilinear",
-                             align_corners=False)
-    return resize(logits, tuple(label.shape[1:]))
+    return (resize or resize_fn(False))(logits, tuple(label.shape[1:]))
 
 
 def _prep_seg(cfg, patch, aug, channels_last):
