@@ -148,3 +148,32 @@ def test_recompute_steps_aside_under_compile(monkeypatch):
     b.backward()
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(g, m.conv1.weight.grad)
+
+
+def test_recompute_frees_the_inner_activations(monkeypatch):
+    # what the recipe replaces must really be freed after the forward: the pack hook once
+    # closed over the activation, and every tensor saved under the hooks kept the hooks, so
+    # the "dropped" activations all stayed alive (no memory saved; CPU profile of ResNet-50)
+    import gc
+    import weakref
+
+    import med3d_ext.nn.fused as fz
+
+    monkeypatch.setattr(fz, "RECOMPUTE_BLOCK_INPUTS", True)
+    refs = []
+    real = fz.recompute_input
+
+    def tracking(t, recipe):
+        refs.append(weakref.ref(t))
+        return real(t, recipe)
+    monkeypatch.setattr(fz, "recompute_input", tracking)
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    m = fuse_modules(resnet3d(50, shortcut_type="B")).train()
+    x = torch.randn(2, 1, 9, 13, 11)
+    loss = m(x).float().square().sum()
+    gc.collect()
+    assert len(refs) == 16 * 2
+    alive = sum(r() is not None for r in refs)
+    assert alive == 0, f"{alive} of {len(refs)} inner activations are still alive"
+    loss.backward()  # and the recipes rebuild them
+    assert all(p.grad is not None for p in m.parameters())
