@@ -10,6 +10,7 @@
 // and the convolution's backward (ATen's, or the stem's GEMM: conv3d.cpp). torch.compile traces it like any C++ autograd (AOTAutograd
 // runs it on fake tensors; both ops have fake kernels).
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -84,6 +85,29 @@ bool wants_grad(std::initializer_list<const at::Tensor*> ts) {
 
 std::vector<int64_t> vec(at::IntArrayRef a) { return a.vec(); }
 
+// The weight the convolution runs with. Under autocast the Python wrapper passes an fp32
+// weight with a bf16/fp16 input (ops/conv_bn_relu.py, _cast_weight): it is cast here, and the
+// fp32 parameter -- alive anyway -- is what backward keeps and casts again, so no cast copy of
+// every layer's weight waits for backward (88 MiB in a bf16 ResNet-50 step). Forward casts only
+// while autocast is on for x's device with x's dtype; any other dtype pair goes on to the op's
+// own dtype check (a clear error). Backward casts whatever forward did.
+bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+at::Tensor autocast_weight(const at::Tensor& weight, const at::Tensor& x) {
+  const auto dev = x.device().type();
+  if (weight.scalar_type() == at::kFloat && low_precision(x.scalar_type()) &&
+      at::autocast::is_autocast_enabled(dev) &&
+      at::autocast::get_autocast_dtype(dev) == x.scalar_type())
+    return weight.to(x.scalar_type());
+  return weight;
+}
+
+at::Tensor saved_weight_for(const at::Tensor& weight, const at::Tensor& x) {
+  if (weight.scalar_type() == at::kFloat && low_precision(x.scalar_type()))
+    return weight.to(x.scalar_type());
+  return weight;
+}
+
 void save_conv_args(AutogradContext* ctx, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, int64_t conv_algo) {
   ctx->saved_data["stride"] = vec(stride);
@@ -128,8 +152,9 @@ class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> 
                                double eps, bool relu, int64_t conv_algo) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, y, mean, invstd, var] =
-        cbr_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
-                      padding, dilation, training, eps, relu, conv_algo);
+        cbr_op().call(x, autocast_weight(weight, x), bn_weight, bn_bias, running_mean,
+                      running_var, residual, stride, padding, dilation, training, eps, relu,
+                      conv_algo);
     // With a residual and a ReLU the output is kept, not the residual: its sign is the ReLU
     // mask, and it is the block's output, which the next block keeps anyway (the residual, e.g.
     // a downsample branch's BatchNorm output, would be kept for this alone). Without a ReLU
@@ -171,7 +196,10 @@ class ConvBnReluFunction : public torch::autograd::Function<ConvBnReluFunction> 
                         ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool());
     }
     std::tie(grads[0], grads[1]) =
-        conv_grads(ctx, grad_y, x, weight, ctx->needs_input_grad(0), ctx->needs_input_grad(1));
+        conv_grads(ctx, grad_y, x, saved_weight_for(weight, x), ctx->needs_input_grad(0),
+                   ctx->needs_input_grad(1));
+    // computed in x's dtype, as autocast's conv3d does; returned in the weight's own dtype
+    if (grads[1].defined()) grads[1] = grads[1].to(weight.scalar_type());
     if (ctx->needs_input_grad(2)) grads[2] = gbw.to(bn_weight.scalar_type());
     if (ctx->needs_input_grad(3)) grads[3] = gbb.to(bn_bias.scalar_type());
     if (need_res) {
@@ -193,8 +221,9 @@ ConvBnReluOut conv_bn_relu3d_autograd(const at::Tensor& x, const at::Tensor& wei
   // Evaluation / no_grad calls skip the node machinery altogether.
   if (!wants_grad({&x, &weight, &bn_weight, &bn_bias, residual ? &*residual : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return cbr_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                         stride, padding, dilation, training, eps, relu, conv_algo);
+    return cbr_op().call(x, autocast_weight(weight, x), bn_weight, bn_bias, running_mean,
+                         running_var, residual, stride, padding, dilation, training, eps, relu,
+                         conv_algo);
   }
   variable_list o = ConvBnReluFunction::apply(x, weight, bn_weight, bn_bias, running_mean,
                                               running_var, residual, stride, padding, dilation,

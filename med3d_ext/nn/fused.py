@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..ops._running_stats import close_batch, count_batch, open_batch
-from ..ops.conv_bn_relu import (_conv_bn_relu3d, _triple, conv_bias_relu3d, conv_bn_relu3d,
-                                conv_bn_relu_maxpool3d)
-from .recompute import can_recompute, recompute_input
+from ..ops.conv_bn_relu import (_conv_bn_relu3d, _conv_bn_relu_maxpool3d, _triple,
+                                conv_bias_relu3d, conv_bn_relu3d)
+from .recompute import Recipe, bn_act_recipe, can_recompute, recompute_input, recompute_stem
 
 __all__ = ["ConvBNReLU3d", "conv_bn_act", "fuse_modules", "unfuse_modules", "fold_bn",
            "convert_sync_batchnorm"]
@@ -116,9 +116,12 @@ class ConvBNReLU3d(nn.Module):
 # --------------------------------------------------------------------------- fused forwards
 
 
-# Keep a recipe instead of each inner activation of a fused block (conv1's output, and conv2's
-# in a bottleneck) and rebuild it in backward (med3d_ext/nn/recompute.py): less memory for one
-# element-wise pass per inner layer. Off until measured on a GPU.
+# The memory-saving mode: keep a recipe instead of each inner activation of a fused block
+# (conv1's output, and conv2's in a bottleneck), and of the fused stem's space-to-depth input,
+# and rebuild them in backward (med3d_ext/nn/recompute.py): one element-wise pass or one
+# rearrangement each for, in a bf16 ResNet-50 step at the perf-baselines shape, 0.33 GiB less
+# kept plus 72 MiB with the GPU's stem (CPU memory timeline, benchmarks.memory_peak). Off until
+# its time is measured on a GPU.
 RECOMPUTE_BLOCK_INPUTS = False
 
 
@@ -152,8 +155,9 @@ def _conv_bn_act_recipe(conv, bn, x):
     if not (_fusible(conv, bn) and isinstance(bn, nn.BatchNorm3d)):
         return conv_bn_act(conv, bn, x), None
     rm, rv, use_batch, factor = _bn_args(bn)
-    return _conv_bn_relu3d(x, conv.weight, bn.weight, bn.bias, rm, rv, conv.stride, conv.padding,
-                           conv.dilation, use_batch, factor, bn.eps, None, True)
+    out, args = _conv_bn_relu3d(x, conv.weight, bn.weight, bn.bias, rm, rv, conv.stride,
+                                conv.padding, conv.dilation, use_batch, factor, bn.eps, None, True)
+    return out, bn_act_recipe(args)
 
 
 def _sequential_forward(self, x):
@@ -202,12 +206,19 @@ def _stem_pool_forward(self, x):
     # max-pool (pass-throughs while fused) and relu (idempotent on a non-negative input).
     bn, pool = self._m3d_bn, self._m3d_pool  # fuse_modules checked both (BatchNorm3d, _fusible_pool)
     rm, rv, use_batch, factor = _bn_args(bn)
-    return conv_bn_relu_maxpool3d(x, self.weight, bn.weight, bn.bias, rm, rv, stride=self.stride,
-                                  padding=self.padding, dilation=self.dilation,
-                                  training=use_batch, momentum=factor, eps=bn.eps,
-                                  pool_kernel=pool.kernel_size,
-                                  pool_stride=pool.stride or pool.kernel_size,
-                                  pool_padding=pool.padding)
+    keep = _keep_stem_input if RECOMPUTE_BLOCK_INPUTS and can_recompute(x) else None
+    return _conv_bn_relu_maxpool3d(x, self.weight, bn.weight, bn.bias, rm, rv, self.stride,
+                                   self.padding, self.dilation, use_batch, factor, bn.eps,
+                                   pool.kernel_size, pool.stride or pool.kernel_size,
+                                   pool.padding, keep_input=keep)
+
+
+def _keep_stem_input(x_op, y_shape, rebuild, conv, x, w_op):
+    # the memory-saving mode's stem (ops.conv_bn_relu._conv_bn_relu_maxpool3d): the convolution
+    # input (the space-to-depth rewrite: 72 MiB at the perf-baselines shape) and output y
+    # (128 MiB) are rebuilt from the batch, which the caller holds anyway
+    return recompute_stem(x_op, y_shape, Recipe(rebuild, (x,), "the stem's input batch"),
+                          Recipe(conv, (x, w_op), "the stem's input batch or weight"))
 
 
 def _passthrough_forward(self, x):

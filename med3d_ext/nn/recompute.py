@@ -25,28 +25,41 @@ import torch
 
 from ..ops._common import compiled
 
-__all__ = ["recompute_input", "can_recompute"]
+__all__ = ["recompute_input", "recompute_stem", "can_recompute", "Recipe", "bn_act_recipe"]
 
 
-class _Recipe:
-    """What rebuilds a saved activation: bn_act's arguments and their versions at save time."""
+class Recipe:
+    """How to make a saved tensor again: ``fn(*args)`` from tensors kept anyway, and the
+    versions of those tensors at save time (an in-place change before backward is refused
+    rather than rebuilding something else). ``what`` names them in that error."""
 
-    __slots__ = ("args", "versions", "shape")
+    __slots__ = ("fn", "args", "versions", "what")
 
-    def __init__(self, args, shape):
-        self.args = args
-        self.versions = tuple(t._version for t in args)
-        self.shape = shape
+    def __init__(self, fn, args, what: str):
+        self.fn, self.args, self.what = fn, tuple(args), what
+        self.versions = tuple(t._version for t in self.args)
 
     def build(self) -> torch.Tensor:
         if tuple(t._version for t in self.args) != self.versions:
             raise RuntimeError(
-                "med3d_ext.nn (RECOMPUTE_BLOCK_INPUTS): a BatchNorm parameter or statistic "
-                "needed to recompute a fused block's activation was modified in place between "
-                "forward and backward; call backward before changing parameters, or set "
+                f"med3d_ext.nn (RECOMPUTE_BLOCK_INPUTS): {self.what} needed to recompute a "
+                "saved activation was modified in place between forward and backward; call "
+                "backward before changing it, or set "
                 "med3d_ext.nn.fused.RECOMPUTE_BLOCK_INPUTS = False")
-        y, mean, invstd, w, b = self.args
-        return torch.ops.med3d_ext.bn_act(y, mean, invstd, w, b, True)
+        return self.fn(*self.args)
+
+
+def _bn_act_relu(y, mean, invstd, w, b):
+    return torch.ops.med3d_ext.bn_act(y, mean, invstd, w, b, True)
+
+
+def bn_act_recipe(args) -> Recipe | None:
+    """A fused layer's output from its ``(y, mean, invstd, bn_weight, bn_bias)`` (the recipe
+    ``ops.conv_bn_relu._conv_bn_relu3d`` returns), rebuilt by the same epilogue kernel; None
+    stays None."""
+    if args is None:
+        return None
+    return Recipe(_bn_act_relu, args, "a BatchNorm parameter or statistic")
 
 
 def can_recompute(x: torch.Tensor) -> bool:
@@ -63,10 +76,10 @@ def can_recompute(x: torch.Tensor) -> bool:
     return True
 
 
-def recompute_input(t: torch.Tensor, recipe):
-    """Context for the call that consumes ``t`` (a fused layer's output with ``recipe`` from
-    ``ops.conv_bn_relu._conv_bn_relu3d``): tensors saved for backward that are ``t`` itself are
-    kept as the recipe and rebuilt when backward needs them. No recipe: nothing changes."""
+def recompute_input(t: torch.Tensor, recipe: Recipe | None):
+    """Context for the call that consumes ``t``: tensors saved for backward that are ``t``
+    itself are kept as ``recipe`` and rebuilt when backward needs them. No recipe: nothing
+    changes."""
     if recipe is None:
         return contextlib.nullcontext()
     # Only t's identity and shape are captured, never t: every tensor saved under these hooks
@@ -76,10 +89,36 @@ def recompute_input(t: torch.Tensor, recipe):
 
     def pack(s):
         if s._cdata == key and s.shape == shape:
-            return _Recipe(recipe, tuple(s.shape))
+            return recipe
         return s
 
     def unpack(s):
-        return s.build() if isinstance(s, _Recipe) else s
+        return s.build() if isinstance(s, Recipe) else s
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def recompute_stem(x_op: torch.Tensor, y_shape, x_recipe: Recipe, y_recipe: Recipe):
+    """Context for the fused stem's op call: its convolution input ``x_op`` (by identity) is
+    kept as ``x_recipe`` and its pre-BatchNorm output -- made inside the op, so recognised as
+    the saved tensor of ``y_shape`` in x_op's dtype -- as ``y_recipe``, rebuilt in the layout
+    it had."""
+    key, x_shape, dtype, y_shape = x_op._cdata, x_op.shape, x_op.dtype, tuple(y_shape)
+
+    def pack(s):
+        if s._cdata == key and s.shape == x_shape:
+            return x_recipe
+        if tuple(s.shape) == y_shape and s.dtype == dtype:
+            cl = s.is_contiguous(memory_format=torch.channels_last_3d) and not s.is_contiguous()
+            fmt = torch.channels_last_3d if cl else torch.contiguous_format
+            return Recipe(_in_format(y_recipe.fn, fmt), y_recipe.args, y_recipe.what)
+        return s
+
+    def unpack(s):
+        return s.build() if isinstance(s, Recipe) else s
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def _in_format(fn, fmt):
+    return lambda *args: fn(*args).contiguous(memory_format=fmt)

@@ -13,6 +13,8 @@ sign (the output is the block's, which the next block keeps anyway).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import operator
 import os
 from typing import Optional, Sequence, Union
@@ -22,7 +24,7 @@ import torch
 from .. import reference
 from ._common import check_bool, check_same_device, check_tensor, compiled, register_fake
 from ._running_stats import update_running_stats
-from .stem import stem_rewrite
+from .stem import stem_rewrite, stem_rewrite_input
 
 __all__ = ["conv_bn_relu3d", "conv_bias_relu3d", "conv_bn_relu_maxpool3d", "im2col_chunk_bytes"]
 
@@ -50,15 +52,40 @@ def _triple(v: IntOr3, name: str) -> list[int]:
 def _autocast(x, weight, residual, bias_like):
     """Cast like conv3d under autocast: x, weight (and the residual) to the autocast dtype;
     BatchNorm parameters / the folded bias stay fp32."""
+    x, wdt, residual, bias_like = _autocast_args(x, residual, bias_like)
+    return x, weight if wdt is None else weight.to(wdt), residual, bias_like
+
+
+def _autocast_args(x, residual, bias_like):
+    """:func:`_autocast` without the weight: returns (x, the dtype the weight must be cast to
+    or None, residual, bias_like)."""
     dev = x.device.type
     if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
-        return x, weight, residual, bias_like
+        return x, None, residual, bias_like
     dt = torch.get_autocast_dtype(dev)
-    x, weight = x.to(dt), weight.to(dt)
+    x = x.to(dt)
     if residual is not None:
         residual = residual.to(dt)
     bias_like = [b.float() if b is not None and b.dtype != torch.float64 else b for b in bias_like]
-    return x, weight, residual, bias_like
+    return x, dt, residual, bias_like
+
+
+def _cast_weight(weight, dt):
+    """The convolution weight for conv_bn_relu3d under autocast (``dt``: _autocast_args').
+
+    An fp32 weight with a bf16/fp16 input is left to the op's C++ autograd, which casts it for
+    the convolution and keeps the fp32 parameter for backward (casting it again there) instead
+    of keeping a cast copy: a ResNet-50 step then holds no second copy of its weights until
+    backward (88 MiB in bf16; CPU memory timeline of the step). Cast here wherever that C++
+    kernel does not run first: under torch.compile (its graph casts as autocast does), in
+    inference mode (no autograd dispatch), or when grad is off (nothing is kept anyway)."""
+    if dt is None or weight.dtype == dt:
+        return weight
+    if (weight.dtype == torch.float32 and dt in (torch.bfloat16, torch.float16)
+            and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+            and not torch.compiler.is_compiling()):
+        return weight
+    return weight.to(dt)
 
 
 # The MedicalNet stem (Cin = 1, 7^3 kernel, stride 2) falls to a slow generic cuDNN kernel
@@ -251,9 +278,9 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
                          "ConvBNReLU3d / the fused modules; pass 1/num_batches_tracked instead")
     stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
                                  _triple(dilation, "dilation"))
-    x, weight, residual, (bn_weight, bn_bias) = _autocast(x, weight, residual,
-                                                          [bn_weight, bn_bias])
+    x, wdt, residual, (bn_weight, bn_bias) = _autocast_args(x, residual, [bn_weight, bn_bias])
     op = compiled("conv_bn_relu3d")
+    weight = weight.to(wdt) if op is None and wdt is not None else weight
     if op is None:
         out = reference.conv_bn_relu3d(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
@@ -263,6 +290,7 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
     x, weight, bn_weight, bn_bias, stride, padding, algo = _prepare_bn_call(
         "conv_bn_relu3d", x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
         padding, dilation, training, eps)
+    weight = _cast_weight(weight, wdt)
     out, y, mean, invstd, var = op(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                    residual, stride, padding, dilation, training, eps, relu,
                                    algo)
@@ -304,6 +332,23 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
     x or weight is (or when the stem runs through a space-to-depth rewrite, as
     :func:`conv_bn_relu3d`); differentiable with respect to x, weight, bn_weight and bn_bias.
     """
+    return _conv_bn_relu_maxpool3d(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                   stride, padding, dilation, training, momentum, eps,
+                                   pool_kernel, pool_stride, pool_padding)
+
+
+def _conv_bn_relu_maxpool3d(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                            padding, dilation, training, momentum, eps, pool_kernel, pool_stride,
+                            pool_padding, keep_input=None):
+    """conv_bn_relu_maxpool3d's work. ``keep_input(x_op, y_shape, rebuild, conv, x, w_op)``
+    (med3d_ext.nn's memory-saving mode, for an input that needs no gradient and an ATen
+    convolution): a context for the op call in which the two large tensors the op keeps for
+    backward may be kept as functions of the caller's ``x`` instead: the convolution input
+    ``x_op`` (autocast's cast, and the space-to-depth rewrite that is 4.5x x's bf16 size with
+    the W taps folded) as ``rebuild(x)``, bit for bit, and the pre-BatchNorm output y (shape
+    ``y_shape``; 128 MiB in the perf-baselines ResNet step) as ``conv(x, w_op)``, one more
+    stem convolution in backward."""
+    x_in = x
     check_tensor("conv_bn_relu_maxpool3d", "x", x)
     check_tensor("conv_bn_relu_maxpool3d", "weight", weight)
     check_bool("conv_bn_relu_maxpool3d", "training", training)
@@ -321,15 +366,46 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, dilation=dilation, training=bool(training), momentum=momentum,
             eps=eps, pool_kernel=pk, pool_stride=ps, pool_padding=pp)
+    rebuild = None
+    if keep_input is not None and not x_in.requires_grad:
+        # what _autocast and _prepare_conv make of the caller's x, as a function of it
+        rebuild = functools.partial(_rebuild_stem_input, x.dtype, tuple(weight.shape[2:]),
+                                    padding, _stem_conv(x, weight, stride, padding, dilation))
     x, weight, bn_weight, bn_bias, stride, padding, algo = _prepare_bn_call(
         "conv_bn_relu_maxpool3d", x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride, padding, dilation, training, eps)
-    out, _y, mean, _invstd, var, _arg = op(x, weight, bn_weight, bn_bias, running_mean,
-                                           running_var, stride, padding, dilation, training,
-                                           eps, pk, ps, pp, algo)
+    ctx = contextlib.nullcontext()
+    if rebuild is not None and algo == _CONV_ALGO["aten"]:  # the GEMM stems' y is not aten's
+        ctx = keep_input(x, tuple(_out_shape(x, weight, stride, padding, dilation)), rebuild,
+                         functools.partial(_stem_conv_again, rebuild, stride, padding, dilation),
+                         x_in, weight)
+    with ctx:
+        out, _y, mean, _invstd, var, _arg = op(x, weight, bn_weight, bn_bias, running_mean,
+                                               running_var, stride, padding, dilation,
+                                               training, eps, pk, ps, pp, algo)
     if training and running_mean is not None and out.numel() > 0:
         update_running_stats(running_mean, running_var, mean, var, momentum)
     return out
+
+
+def _rebuild_stem_input(dtype, kernel_size, padding, algo, x):
+    """The convolution input conv_bn_relu_maxpool3d made from the caller's ``x``: autocast's
+    cast, then for a space-to-depth ``algo`` (_stem_conv's) the rearrangement; the same ops on
+    the same values, bit for bit."""
+    x = x.to(dtype)
+    if not algo.startswith("space_to_depth"):
+        return x
+    return stem_rewrite_input(x, kernel_size, padding, channels_last=True,
+                              fold_w=algo == "space_to_depth_fold_w")
+
+
+def _stem_conv_again(rebuild, stride, padding, dilation, x, weight):
+    """The stem's pre-BatchNorm output y from the caller's ``x`` and the weight the op ran
+    with: the ATen convolution the op's forward calls (csrc/conv_bn_relu/conv3d.cpp), with
+    autocast off as inside the op."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.ops.aten.convolution(rebuild(x), weight, None, stride, padding, dilation,
+                                          False, [0, 0, 0], 1)
 
 
 def conv_bias_relu3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,

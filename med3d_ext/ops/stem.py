@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["stem_conv3d", "stem_rewrite", "is_stem_like"]
+__all__ = ["stem_conv3d", "stem_rewrite", "stem_rewrite_input", "is_stem_like"]
 
 
 def is_stem_like(weight: torch.Tensor, stride, padding, dilation) -> bool:
@@ -50,8 +50,33 @@ def stem_rewrite(x: torch.Tensor, weight: torch.Tensor, padding=3, channels_last
     16-byte (bf16) rows of 8 channels are the smallest a tensor-core kernel takes, and cuDNN's
     best kernel for them measured 1.3 ms for the ResNet stem on an H200 (see fused.py).
     """
-    n, cin = x.shape[:2]
+    x2 = stem_rewrite_input(x, weight.shape[2:], padding, channels_last, fold_w)
     ks = weight.shape[2:]
+    q = [(k + 1) // 2 for k in ks]  # taps per phase
+    cout, cin = weight.shape[:2]
+    wp = F.pad(weight, (0, 2 * q[2] - ks[2], 0, 2 * q[1] - ks[1], 0, 2 * q[0] - ks[0]))
+    w2 = wp.reshape(cout, cin, q[0], 2, q[1], 2, q[2], 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    w2 = w2.reshape(cout, cin * 8, q[0], q[1], q[2])
+    if fold_w:  # w3[:, c * taps + j, :, :, 0] = w2[:, c, :, :, j] (see _fold_w_taps)
+        w2 = w2.permute(0, 1, 4, 2, 3).reshape(cout, cin * 8 * q[2], q[0], q[1]).unsqueeze(-1)
+    if _channels_last(x, channels_last):
+        w2 = w2.contiguous(memory_format=torch.channels_last_3d)
+    return x2, w2
+
+
+def _channels_last(x, channels_last):
+    """stem_rewrite's layout: as asked, or x's (any Cin=1 tensor counts as channels_last_3d)."""
+    return x.is_contiguous(memory_format=torch.channels_last_3d) if channels_last is None \
+        else channels_last
+
+
+def stem_rewrite_input(x: torch.Tensor, kernel_size, padding=3, channels_last=None,
+                       fold_w: bool = False) -> torch.Tensor:
+    """The input half of :func:`stem_rewrite` (``kernel_size``: the weight's three sizes): a
+    pure rearrangement of x, so the same call gives the same tensor bit for bit (what lets a
+    fused stem rebuild it in backward instead of keeping it)."""
+    n, cin = x.shape[:2]
+    ks = tuple(kernel_size)
     pads = _triple(padding)
     q = [(k + 1) // 2 for k in ks]  # taps per phase
     out = [(size + 2 * p - k) // 2 + 1 for size, p, k in zip(x.shape[2:], pads, ks)]
@@ -60,8 +85,7 @@ def stem_rewrite(x: torch.Tensor, weight: torch.Tensor, padding=3, channels_last
     # F.pad takes (W_left, W_right, H_left, H_right, D_left, D_right); negative crops.
     xp = F.pad(x, (pads[2], right[2], pads[1], right[1], pads[0], right[0]))
     L = [(o + qq - 1) for o, qq in zip(out, q)]
-    if channels_last is None:  # x's layout (any Cin=1 tensor counts as channels_last_3d)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last_3d)
+    channels_last = _channels_last(x, channels_last)
     # (N, C, L_d, 2, L_h, 2, L_w, 2): channel index c*8 + phase, one copy into either layout
     x2 = xp.reshape(n, cin, L[0], 2, L[1], 2, L[2], 2)
     if channels_last:
@@ -69,31 +93,21 @@ def stem_rewrite(x: torch.Tensor, weight: torch.Tensor, padding=3, channels_last
         x2 = x2.permute(0, 4, 1, 2, 3)
     else:
         x2 = x2.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(n, cin * 8, L[0], L[1], L[2])
-    cout = weight.shape[0]
-    wp = F.pad(weight, (0, 2 * q[2] - ks[2], 0, 2 * q[1] - ks[1], 0, 2 * q[0] - ks[0]))
-    w2 = wp.reshape(cout, cin, q[0], 2, q[1], 2, q[2], 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    w2 = w2.reshape(cout, cin * 8, q[0], q[1], q[2])
     if fold_w:
-        x2, w2 = _fold_w_taps(x2, w2, q[2], out[2], channels_last)
-    if channels_last:
-        w2 = w2.contiguous(memory_format=torch.channels_last_3d)
-    return x2, w2
+        x2 = _fold_w_taps(x2, q[2], out[2], channels_last)
+    return x2
 
 
-def _fold_w_taps(x2, w2, taps, out_w, channels_last):
-    """conv3d(x2, w2) == conv3d(x3, w3) with the ``taps`` W taps as channels c * taps + j:
-    x3[:, c * taps + j, :, :, a] = x2[:, c, :, :, a + j], w3[:, c * taps + j, :, :, 0] =
-    w2[:, c, :, :, j]."""
+def _fold_w_taps(x2, taps, out_w, channels_last):
+    """x3 with conv3d(x2, w2) == conv3d(x3, w3) for the ``taps`` W taps as channels
+    c * taps + j: x3[:, c * taps + j, :, :, a] = x2[:, c, :, :, a + j] (and w3[:, c * taps + j,
+    :, :, 0] = w2[:, c, :, :, j], done in stem_rewrite)."""
     n, c2, l0, l1 = x2.shape[:4]
     win = x2.unfold(4, taps, 1)  # (n, c2, l0, l1, out_w, taps), a view
     if channels_last:
         x3 = win.permute(0, 2, 3, 4, 1, 5).reshape(n, l0, l1, out_w, c2 * taps)
-        x3 = x3.permute(0, 4, 1, 2, 3)
-    else:
-        x3 = win.permute(0, 1, 5, 2, 3, 4).reshape(n, c2 * taps, l0, l1, out_w)
-    cout, _, q0, q1, _ = w2.shape
-    w3 = w2.permute(0, 1, 4, 2, 3).reshape(cout, c2 * taps, q0, q1).unsqueeze(-1)
-    return x3, w3
+        return x3.permute(0, 4, 1, 2, 3)
+    return win.permute(0, 1, 5, 2, 3, 4).reshape(n, c2 * taps, l0, l1, out_w)
 
 
 def stem_conv3d(x: torch.Tensor, weight: torch.Tensor, bias=None, *, padding=3,

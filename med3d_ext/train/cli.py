@@ -34,6 +34,14 @@ _DESC = {
 }
 
 
+# torch's CPU bf16 conv3d weight gradient is unreliable for some shapes: F.conv3d alone, 2 x 128
+# x 2^3 input, 128 x 128 x 3^3 weight, padding 1, torch 2.13.0+cpu on this project's 2-core AMD
+# EPYC: four identical backward calls gave weight gradients up to 1e36 apart (ResNet-10's
+# layer2.0.conv2 on a 16-voxel patch). Training on the CPU runs fp32 by default (--amp auto).
+CPU_BF16_WARNING = ("warning: --amp bf16 on the CPU: torch's CPU bf16 conv3d weight gradient "
+                    "has given wrong values for small inputs (garbage in one of four identical "
+                    "calls, torch 2.13); --amp auto (fp32 on the CPU) is safe")
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m med3d_ext.train",
@@ -224,6 +232,8 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         if ctx.is_main:
             log(f"{command}: {job.arch} on {ctx.device} (world size {ctx.world_size}, "
                 f"fused={fused}, amp={cfg['amp']}); run folder {run}")
+            if ctx.device.type == "cpu" and cfg["amp"] == "bf16":
+                log(CPU_BF16_WARNING)
             if job.extra.get("pretrained_load"):  # what the weights file filled, and what not
                 log(job.extra["pretrained_load"])
             elif cfg.get("from_scratch") and cfg.get("pretrained") and not cfg.get("resume"):

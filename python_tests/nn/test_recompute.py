@@ -177,3 +177,84 @@ def test_recompute_frees_the_inner_activations(monkeypatch):
     assert alive == 0, f"{alive} of {len(refs)} inner activations are still alive"
     loss.backward()  # and the recipes rebuild them
     assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["space_to_depth_fold_w", "space_to_depth"])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_recompute_rebuilds_the_stems_rewritten_input(device, algo, amp, monkeypatch):
+    # the fused stem (conv + BN + ReLU + max-pool) through a space-to-depth rewrite keeps the
+    # rewritten input for its weight gradient; the memory-saving mode rebuilds it from the
+    # batch instead: the rewritten input is freed after the forward, and the gradients and
+    # statistics equal keeping it (bit for bit on the CPU in fp32; under bf16 autocast oneDNN's
+    # weight gradients differ in the last bits from one identical run to the next)
+    import gc
+    import weakref
+
+    import med3d_ext.nn.fused as fz
+    import med3d_ext.ops.conv_bn_relu as cbr
+
+    monkeypatch.setattr(cbr, "STEM_CONV", algo)
+    monkeypatch.setattr(fz, "FUSE_STEM_POOL", True)
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    base = resnet3d(10).to(device)
+    x = torch.randn(2, 1, 11, 16, 13, device=device)
+    rebuilt, results = [], []
+    real_keep = fz._keep_stem_input
+
+    def keep(x_op, *rest):
+        rebuilt.append(weakref.ref(x_op))
+        return real_keep(x_op, *rest)
+    monkeypatch.setattr(fz, "_keep_stem_input", keep)
+    from med3d_ext.nn import recompute
+
+    built, real_build = [], recompute.Recipe.build
+
+    def counting_build(self):
+        built.append(self.what)
+        return real_build(self)
+    monkeypatch.setattr(recompute.Recipe, "build", counting_build)
+    for on in (False, True):
+        monkeypatch.setattr(fz, "RECOMPUTE_BLOCK_INPUTS", on)
+        m = fuse_modules(copy.deepcopy(base)).train()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            out = m(x)
+        gc.collect()
+        if on:
+            assert len(rebuilt) == 1 and rebuilt[0]() is None, "the rewritten input is kept"
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in m.named_parameters()},
+                        {n: b.clone() for n, b in m.named_buffers()}))
+    # both of the stem's large tensors were kept as recipes and rebuilt: its input and y
+    assert sorted(w for w in built if w.startswith("the stem's")) == [
+        "the stem's input batch", "the stem's input batch or weight"]
+    (o0, g0, b0), (o1, g1, b1) = results
+    assert torch.equal(o0, o1)
+    for n in b0:
+        assert torch.equal(b0[n], b1[n]), n
+    if device == "cpu" and amp:
+        return  # torch's CPU bf16 conv3d weight gradient is unreliable (cli.CPU_BF16_WARNING)
+    for n in g0:
+        if device == "cpu" and not amp:
+            assert torch.equal(g0[n], g1[n]), n
+        else:
+            scale = max(1.0, g0[n].abs().max().item())
+            tol = 2e-2 if amp else 1e-4
+            torch.testing.assert_close(g1[n], g0[n], rtol=tol, atol=tol * scale,
+                                       msg=lambda m, n=n: f"{n}: {m}")
+    if device == "cpu" and not amp:  # the stem's weight gradient itself, from the rebuilt input
+        assert torch.equal(g0["conv1.weight"], g1["conv1.weight"])
+
+
+def test_recompute_refuses_a_changed_stem_input(monkeypatch):
+    import med3d_ext.nn.fused as fz
+    import med3d_ext.ops.conv_bn_relu as cbr
+
+    monkeypatch.setattr(cbr, "STEM_CONV", "space_to_depth_fold_w")
+    monkeypatch.setattr(fz, "RECOMPUTE_BLOCK_INPUTS", True)
+    m = fuse_modules(resnet3d(10)).train()
+    x = torch.randn(2, 1, 8, 8, 8)
+    out = m(x)
+    x.add_(1)  # the batch changed before backward: rebuilding would give another input
+    with pytest.raises(RuntimeError, match="stem's input batch"):
+        out.sum().backward()

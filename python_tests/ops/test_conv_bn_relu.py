@@ -810,3 +810,61 @@ def test_flag_arguments_must_be_bools(device):
                                    validate=None)
     import numpy as np
     m3d.ops.conv_bn_relu3d(x, w, None, None, rm, rv, training=np.bool_(True))  # numpy's bool
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_autocast_keeps_the_fp32_weight_not_a_cast_copy(device, dtype, residual):
+    # Under autocast the op casts the fp32 weight itself and keeps the parameter for backward
+    # (casting it again there) instead of a low-precision copy: the results equal a call with
+    # the weight cast beforehand bit for bit, the weight gradient arrives in fp32, and nothing
+    # of the weight's shape in the low dtype is kept for backward.
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    x, w, bw, bb, rm, rv, r, kw = _inputs(device, torch.float32, (5, 7, 3, 1, 1, 1, (6, 5, 7)),
+                                          residual=residual, cl=True)
+    w = w.requires_grad_()
+    wl = w.detach().to(dtype).requires_grad_()
+    xl = x.to(dtype).requires_grad_()
+    go = torch.randn(2, 7, 6, 5, 7, device=device, dtype=dtype)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape), t._cdata))
+        return t
+    outs = []
+    for weight in (w, wl):
+        rm1, rv1 = rm.clone(), rv.clone()
+        xi = xl.detach().requires_grad_()
+        with torch.autocast(device, dtype=dtype), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = m3d.ops.conv_bn_relu3d(xi, weight, bw, bb, rm1, rv1, residual=r, **kw)
+        gx, gw = torch.autograd.grad(out, (xi, weight), go)
+        outs.append((out, gx, gw, rm1, rv1))
+        if weight is w:
+            kept, saved[:] = list(saved), []
+    (o0, gx0, gw0, rm0, rv0), (o1, gx1, gw1, rm1, rv1) = outs
+    assert torch.equal(o0, o1) and torch.equal(gx0, gx1)
+    assert gw0.dtype == torch.float32 and torch.equal(gw0, gw1.float())
+    assert torch.equal(rm0, rm1) and torch.equal(rv0, rv1)
+    assert any(c == w._cdata for _, _, c in kept), "the fp32 weight itself is kept"
+    assert not any(d == dtype and s == tuple(w.shape) for d, s, _ in kept), kept
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_fp32_weight_without_grad_and_in_inference_mode(device):
+    # the paths where the op's C++ autograd does not run first: the wrapper casts the weight
+    x, w, bw, bb, rm, rv, _, kw = _inputs(device, torch.float32, (4, 6, 3, 1, 1, 1, (5, 6, 7)))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ref = m3d.ops.conv_bn_relu3d(x, w.to(torch.bfloat16), bw, bb, rm, rv, training=False,
+                                     **kw)
+        with torch.no_grad():
+            a = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, training=False, **kw)
+        with torch.inference_mode():
+            b = m3d.ops.conv_bn_relu3d(x, w, bw, bb, rm, rv, training=False, **kw)
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert torch.equal(a, ref) and torch.equal(b, ref)
+    with pytest.raises((RuntimeError, ValueError), match="weight"):  # no autocast: a dtype mix
+        m3d.ops.conv_bn_relu3d(x.to(torch.bfloat16), w, bw, bb, rm, rv, training=False, **kw)

@@ -534,6 +534,17 @@ def test_from_scratch_with_pretrained_says_no_weights_are_loaded(tiny_data, tmp_
     assert "Loaded" not in out
 
 
+def test_cpu_bf16_autocast_warns(tiny_data, tmp_path, capsys):
+    """--amp bf16 on the CPU trains, but says that torch's CPU bf16 conv3d weight gradient has
+    given wrong values (see cli.CPU_BF16_WARNING); the default (fp32 on the CPU) says nothing."""
+    one = tiny_data["pretrain"] / sorted(p.name for p in tiny_data["pretrain"].iterdir())[0]
+    base = ["--cache", tiny_data["cache"], "--epochs", 1, "--steps", 1, "--val-fraction", 0]
+    assert main(["pretrain", *tiny_args(one, tmp_path / "bf", *base, "--set", "amp=bf16")]) == 0
+    assert "--amp bf16 on the CPU" in capsys.readouterr().out
+    assert main(["pretrain", *tiny_args(one, tmp_path / "fp", *base)]) == 0
+    assert "--amp bf16 on the CPU" not in capsys.readouterr().out
+
+
 def test_multichannel_dataset_without_channel_says_which_it_uses():
     """A single-channel model on a multi-channel dataset read its first channel silently."""
     import warnings
