@@ -201,6 +201,7 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
     cfg = dict(cfg)
     ctx, fused, channels_last = _setup(cfg, command)
     made = None  # the run folder, when this call created it
+    recompute_before = _memory_saving(cfg, fused)
     try:
         dirs = resolve_data_dirs(cfg.get("data"), command)
         cfg = _absolute_paths(cfg)
@@ -291,7 +292,28 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
             made.rmdir()
         raise
     finally:
+        if recompute_before is not None:
+            import med3d_ext.nn.fused as fused_nn
+
+            fused_nn.RECOMPUTE_BLOCK_INPUTS = recompute_before
         cleanup(ctx)
+
+
+def _memory_saving(cfg, fused: bool):
+    """--memory-saving: switch the fused model's recompute mode on for this run (a process-wide
+    flag, read in every forward: med3d_ext.nn.fused.RECOMPUTE_BLOCK_INPUTS). Returns the flag's
+    value before, to restore, or None when the option is off."""
+    if not cfg.get("memory_saving"):
+        return None
+    if not fused:
+        raise C.ConfigError("--memory-saving: rebuilds activations of the fused model only; "
+                            "this run uses the plain PyTorch model (add --fused, or drop "
+                            "--memory-saving)")
+    import med3d_ext.nn.fused as fused_nn
+
+    before = fused_nn.RECOMPUTE_BLOCK_INPUTS
+    fused_nn.RECOMPUTE_BLOCK_INPUTS = True
+    return before
 
 
 def run_pretrain(cfg: dict, log=print) -> dict:

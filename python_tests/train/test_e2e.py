@@ -545,6 +545,36 @@ def test_cpu_bf16_autocast_warns(tiny_data, tmp_path, capsys):
     assert "--amp bf16 on the CPU" not in capsys.readouterr().out
 
 
+def test_memory_saving_option(tiny_data, tmp_path, capsys, monkeypatch):
+    """--memory-saving turns the fused model's recompute mode on for the run (recipes are
+    rebuilt in backward), restores the process-wide flag afterwards, and is refused with the
+    plain model."""
+    import med3d_ext.nn.fused as fz
+    from med3d_ext.nn import recompute
+
+    built, real = [], recompute.Recipe.build
+
+    def counting(self):
+        built.append(self.what)
+        return real(self)
+    monkeypatch.setattr(recompute.Recipe, "build", counting)
+    one = tiny_data["pretrain"] / sorted(p.name for p in tiny_data["pretrain"].iterdir())[0]
+    base = ["--cache", tiny_data["cache"], "--epochs", 1, "--steps", 1, "--val-fraction", 0]
+    assert fz.RECOMPUTE_BLOCK_INPUTS is False
+    assert main(["pretrain", *tiny_args(one, tmp_path / "ms", *base, "--fused",
+                                        "--memory-saving")]) == 0
+    assert built and fz.RECOMPUTE_BLOCK_INPUTS is False
+    n = len(built)
+    assert main(["pretrain", *tiny_args(one, tmp_path / "plain", *base, "--fused")]) == 0
+    assert len(built) == n  # off by default
+    capsys.readouterr()
+    assert main(["pretrain", *tiny_args(one, tmp_path / "nf", *base, "--no-fused",
+                                        "--memory-saving")]) != 0
+    err = capsys.readouterr().err
+    assert "--memory-saving" in err and "--fused" in err
+    assert fz.RECOMPUTE_BLOCK_INPUTS is False
+
+
 def test_multichannel_dataset_without_channel_says_which_it_uses():
     """A single-channel model on a multi-channel dataset read its first channel silently."""
     import warnings
