@@ -123,20 +123,29 @@ def measure(name: str, depth: int, batch: int | None = None) -> dict:
     return r
 
 
-def timeline_breakdown(timeline, category_of, made_by, top: int = 25) -> dict:
+def timeline_breakdown(timeline, category_of, made_by, top: int = 25,
+                       anonymous=lambda key: False) -> dict:
     """Replays ``torch.profiler``'s memory timeline (``(time, action, (key, version), bytes)``;
     actions by name: PREEXISTING, CREATE, INCREMENT_VERSION, DESTROY) and returns the peak and
     the tensors live at it grouped by ``category_of(key, version)`` and ``made_by(key)``, in
     :func:`peak_breakdown`'s layout: ``baseline_bytes`` are the tensors that existed before the
     profiled step and are still live at its peak (parameters, optimizer state, ...), the groups
-    the tensors the step made."""
+    the tensors the step made. Allocations without a tensor identity (``anonymous(key)``: the
+    profiler gives them all one key per device) are a signed running sum, one group."""
     live: dict = {}
     before: set = set()
-    cur = best = 0
+    cur = best = anon = best_anon = 0
     best_live: dict = {}
     for _, action, (key, version), size in timeline:
         act = getattr(action, "name", str(action))
-        if act in ("PREEXISTING", "CREATE"):
+        if anonymous(key):
+            if act in ("PREEXISTING", "CREATE"):
+                anon += size
+                cur += size
+            elif act == "DESTROY":
+                anon -= size
+                cur -= size
+        elif act in ("PREEXISTING", "CREATE"):
             live[(key, version)] = size
             cur += size
             if act == "PREEXISTING":
@@ -147,7 +156,7 @@ def timeline_breakdown(timeline, category_of, made_by, top: int = 25) -> dict:
         elif act == "DESTROY":
             cur -= live.pop((key, version), 0)
         if cur > best:
-            best, best_live = cur, dict(live)
+            best, best_live, best_anon = cur, dict(live), anon
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     baseline = 0
     for (key, version), size in best_live.items():
@@ -157,6 +166,8 @@ def timeline_breakdown(timeline, category_of, made_by, top: int = 25) -> dict:
         where = f"{category_of(key, version)}: {made_by(key)}"
         groups[where][0] += size
         groups[where][1] += 1
+    if best_anon:
+        groups["allocations without a tensor (workspaces, ...)"] = [best_anon, 0]
     rows = sorted(({"where": w, "bytes": b, "blocks": n} for w, (b, n) in groups.items()),
                   key=lambda r: -r["bytes"])
     return {"baseline_bytes": baseline, "step_peak_bytes": best - baseline, "peak_bytes": best,
@@ -186,7 +197,7 @@ def measure_cpu(name: str, depth: int, batch: int | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        from torch.profiler._memory_profiler import MemoryProfile
+        from torch.profiler._memory_profiler import MemoryProfile, TensorKey
     except ImportError as e:  # a private module: say which torch lacks it
         raise SystemExit(f"memory_peak --device cpu: torch {torch.__version__} has no "
                          f"torch.profiler._memory_profiler ({e})") from None
@@ -201,7 +212,8 @@ def measure_cpu(name: str, depth: int, batch: int | None = None) -> dict:
     def category(key, version):
         c = mp._categories.get(key, version)
         return c.name.lower() if c is not None else "unknown"
-    r = timeline_breakdown(mp.timeline, category, lambda k: made.get(k, "(unknown op)"))
+    r = timeline_breakdown(mp.timeline, category, lambda k: made.get(k, "(unknown op)"),
+                           anonymous=lambda k: not isinstance(k, TensorKey))
     r["max_allocated_bytes"] = r["peak_bytes"]
     r["arm"], r["depth"], r["batch"] = name, depth, batch
     return r

@@ -651,6 +651,26 @@ def test_memory_peak_timeline_replay():
     assert [g["where"] for g in r["groups"]][0] == "activation: op_act2"
 
 
+def test_memory_peak_timeline_replay_counts_anonymous_allocations_by_size():
+    """Allocations without a tensor identity share one key per device in the profiler's
+    timeline; they are a signed running sum (a dict keyed by them let overlapping ones
+    overwrite each other and overstated the peak)."""
+    from types import SimpleNamespace
+
+    from benchmarks.memory_peak import timeline_breakdown
+
+    A = {n: SimpleNamespace(name=n) for n in ("PREEXISTING", "CREATE", "DESTROY")}
+    anon = ("cpu-anon", 0)
+    tl = [(0, A["CREATE"], anon, 100), (1, A["CREATE"], anon, 50),   # 150 live: the peak
+          (2, A["DESTROY"], anon, 100), (3, A["DESTROY"], anon, 50),
+          (4, A["CREATE"], ("t", 0), 120), (5, A["DESTROY"], ("t", 0), 120)]
+    r = timeline_breakdown(tl, lambda k, v: "activation", lambda k: "op",
+                           anonymous=lambda k: k == "cpu-anon")
+    assert r["peak_bytes"] == 150 and r["baseline_bytes"] == 0
+    assert r["groups"] == [{"where": "allocations without a tensor (workspaces, ...)",
+                            "bytes": 150, "blocks": 0}]
+
+
 def test_memory_peak_on_the_cpu(tmp_path, capsys):
     """The CPU mode end to end on a ResNet-10 step of batch 1: the fused step's peak lies
     between what it holds before the step and a generous bound, the groups name our op, and

@@ -2,7 +2,7 @@
 in-place fusion / BatchNorm folding of MedicalNet-style ResNets."""
 
 from .fused import (ConvBNReLU3d, conv_bn_act, convert_sync_batchnorm, fold_bn, fuse_modules,
-                    unfuse_modules)
+                    set_memory_saving, unfuse_modules)
 
 __all__ = ["ConvBNReLU3d", "conv_bn_act", "fuse_modules", "unfuse_modules", "fold_bn",
-           "convert_sync_batchnorm"]
+           "convert_sync_batchnorm", "set_memory_saving"]

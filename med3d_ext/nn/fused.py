@@ -9,6 +9,7 @@ subclass of its own class (created on the fly), which :func:`unfuse_modules` rev
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -17,9 +18,11 @@ from torch import nn
 from ..ops._running_stats import close_batch, count_batch, open_batch
 from ..ops.conv_bn_relu import (_conv_bn_relu3d, _conv_bn_relu_maxpool3d, _triple,
                                 conv_bias_relu3d, conv_bn_relu3d)
-from .recompute import Recipe, bn_act_recipe, can_recompute, recompute_input, recompute_stem
+from .recompute import (Recipe, bn_act_recipe, can_recompute, recompute_input, recompute_stem,
+                        usable)
 
 __all__ = ["ConvBNReLU3d", "conv_bn_act", "fuse_modules", "unfuse_modules", "fold_bn",
+           "set_memory_saving",
            "convert_sync_batchnorm"]
 
 
@@ -121,8 +124,23 @@ class ConvBNReLU3d(nn.Module):
 # and rebuild them in backward (med3d_ext/nn/recompute.py): one element-wise pass or one
 # rearrangement each for, in a bf16 ResNet-50 step at the perf-baselines shape, 0.33 GiB less
 # kept plus 72 MiB with the GPU's stem (CPU memory timeline, benchmarks.memory_peak). Off until
-# its time is measured on a GPU.
+# its time is measured on a GPU. Process-wide; set_memory_saving(model) turns it on for one
+# model instead (what the training CLI's --memory-saving does).
 RECOMPUTE_BLOCK_INPUTS = False
+_MEMORY_SAVING_ATTR = "_m3d_memory_saving"
+
+
+def set_memory_saving(model: nn.Module, on: bool = True) -> nn.Module:
+    """The memory-saving mode (see RECOMPUTE_BLOCK_INPUTS) for this model's fused blocks and
+    stem only, whatever the process-wide flag says; a plain attribute of each module, so the
+    state dict does not change and copies of the model keep it. Returns the model."""
+    for m in model.modules():
+        setattr(m, _MEMORY_SAVING_ATTR, bool(on))
+    return model
+
+
+def _memory_saving(module) -> bool:
+    return RECOMPUTE_BLOCK_INPUTS or module.__dict__.get(_MEMORY_SAVING_ATTR, False)
 
 
 def _block_forward(self, x):
@@ -130,7 +148,7 @@ def _block_forward(self, x):
     ReLU; ``downsample`` is None, a callable (type A) or Sequential(Conv3d, BN) (type B, itself
     fused as a Sequential)."""
     residual = x if self.downsample is None else self.downsample(x)
-    if RECOMPUTE_BLOCK_INPUTS and can_recompute(x):
+    if _memory_saving(self) and can_recompute(x):
         return _block_forward_recompute(self, x, residual)
     out = conv_bn_act(self.conv1, self.bn1, x)
     if hasattr(self, "conv3"):
@@ -206,7 +224,7 @@ def _stem_pool_forward(self, x):
     # max-pool (pass-throughs while fused) and relu (idempotent on a non-negative input).
     bn, pool = self._m3d_bn, self._m3d_pool  # fuse_modules checked both (BatchNorm3d, _fusible_pool)
     rm, rv, use_batch, factor = _bn_args(bn)
-    keep = _keep_stem_input if RECOMPUTE_BLOCK_INPUTS and can_recompute(x) else None
+    keep = _keep_stem_input if _memory_saving(self) and can_recompute(x) else None
     return _conv_bn_relu_maxpool3d(x, self.weight, bn.weight, bn.bias, rm, rv, self.stride,
                                    self.padding, self.dilation, use_batch, factor, bn.eps,
                                    pool.kernel_size, pool.stride or pool.kernel_size,
@@ -217,7 +235,9 @@ def _keep_stem_input(x_op, y_shape, rebuild, conv, x, w_op):
     # the memory-saving mode's stem (ops.conv_bn_relu._conv_bn_relu_maxpool3d): the convolution
     # input (the space-to-depth rewrite: 72 MiB at the perf-baselines shape) and output y
     # (128 MiB) are rebuilt from the batch, which the caller holds anyway
-    return recompute_stem(x_op, y_shape, Recipe(rebuild, (x,), "the stem's input batch"),
+    if not usable(x, w_op):  # a batch made under inference_mode: keep the tensors
+        return contextlib.nullcontext()
+    return recompute_stem(x_op, y_shape, w_op, Recipe(rebuild, (x,), "the stem's input batch"),
                           Recipe(conv, (x, w_op), "the stem's input batch or weight"))
 
 

@@ -25,7 +25,8 @@ import torch
 
 from ..ops._common import compiled
 
-__all__ = ["recompute_input", "recompute_stem", "can_recompute", "Recipe", "bn_act_recipe"]
+__all__ = ["recompute_input", "recompute_stem", "can_recompute", "Recipe", "bn_act_recipe",
+           "usable"]
 
 
 class Recipe:
@@ -53,11 +54,17 @@ def _bn_act_relu(y, mean, invstd, w, b):
     return torch.ops.med3d_ext.bn_act(y, mean, invstd, w, b, True)
 
 
+def usable(*tensors) -> bool:
+    """Whether tensors can be a recipe's arguments: inference tensors (made under
+    torch.inference_mode) have no version counter to check."""
+    return not any(t.is_inference() for t in tensors)
+
+
 def bn_act_recipe(args) -> Recipe | None:
     """A fused layer's output from its ``(y, mean, invstd, bn_weight, bn_bias)`` (the recipe
     ``ops.conv_bn_relu._conv_bn_relu3d`` returns), rebuilt by the same epilogue kernel; None
-    stays None."""
-    if args is None:
+    stays None, and so do arguments that cannot be checked (:func:`usable`)."""
+    if args is None or not usable(*args):
         return None
     return Recipe(_bn_act_relu, args, "a BatchNorm parameter or statistic")
 
@@ -98,17 +105,19 @@ def recompute_input(t: torch.Tensor, recipe: Recipe | None):
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def recompute_stem(x_op: torch.Tensor, y_shape, x_recipe: Recipe, y_recipe: Recipe):
+def recompute_stem(x_op: torch.Tensor, y_shape, w_op: torch.Tensor, x_recipe: Recipe,
+                   y_recipe: Recipe):
     """Context for the fused stem's op call: its convolution input ``x_op`` (by identity) is
     kept as ``x_recipe`` and its pre-BatchNorm output -- made inside the op, so recognised as
-    the saved tensor of ``y_shape`` in x_op's dtype -- as ``y_recipe``, rebuilt in the layout
-    it had."""
+    the saved tensor of ``y_shape`` in x_op's dtype that is not the weight ``w_op`` (which can
+    have the same shape) -- as ``y_recipe``, rebuilt in the layout it had."""
     key, x_shape, dtype, y_shape = x_op._cdata, x_op.shape, x_op.dtype, tuple(y_shape)
+    w_key = w_op._cdata
 
     def pack(s):
         if s._cdata == key and s.shape == x_shape:
             return x_recipe
-        if tuple(s.shape) == y_shape and s.dtype == dtype:
+        if tuple(s.shape) == y_shape and s.dtype == dtype and s._cdata != w_key:
             cl = s.is_contiguous(memory_format=torch.channels_last_3d) and not s.is_contiguous()
             fmt = torch.channels_last_3d if cl else torch.contiguous_format
             return Recipe(_in_format(y_recipe.fn, fmt), y_recipe.args, y_recipe.what)

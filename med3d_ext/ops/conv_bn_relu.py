@@ -78,13 +78,14 @@ def _cast_weight(weight, dt):
     of keeping a cast copy: a ResNet-50 step then holds no second copy of its weights until
     backward (88 MiB in bf16; CPU memory timeline of the step). Cast here wherever that C++
     kernel does not run first: under torch.compile (its graph casts as autocast does), in
-    inference mode (no autograd dispatch), or when grad is off (nothing is kept anyway)."""
+    inference mode or for a weight made there (no autograd dispatch), or when grad is off
+    (nothing is kept anyway)."""
     if dt is None or weight.dtype == dt:
         return weight
     if (weight.dtype == torch.float32 and dt in (torch.bfloat16, torch.float16)
             and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-            and not torch.compiler.is_compiling()):
-        return weight
+            and not weight.is_inference() and not torch.compiler.is_compiling()):
+        return weight  # a normal tensor argument: the op's autograd kernel runs, and casts
     return weight.to(dt)
 
 
@@ -367,7 +368,7 @@ def _conv_bn_relu_maxpool3d(x, weight, bn_weight, bn_bias, running_mean, running
             padding=padding, dilation=dilation, training=bool(training), momentum=momentum,
             eps=eps, pool_kernel=pk, pool_stride=ps, pool_padding=pp)
     rebuild = None
-    if keep_input is not None and not x_in.requires_grad:
+    if keep_input is not None and not x_in.requires_grad and not x_in.is_inference():
         # what _autocast and _prepare_conv make of the caller's x, as a function of it
         rebuild = functools.partial(_rebuild_stem_input, x.dtype, tuple(weight.shape[2:]),
                                     padding, _stem_conv(x, weight, stride, padding, dilation))

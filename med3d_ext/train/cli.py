@@ -201,8 +201,8 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
     cfg = dict(cfg)
     ctx, fused, channels_last = _setup(cfg, command)
     made = None  # the run folder, when this call created it
-    recompute_before = _memory_saving(cfg, fused)
     try:
+        _check_memory_saving(cfg, fused)
         dirs = resolve_data_dirs(cfg.get("data"), command)
         cfg = _absolute_paths(cfg)
         out_before = Path(cfg.get("out") or "").exists() if cfg.get("out") else False
@@ -230,6 +230,10 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
             job = transfer_cls_job(cfg, dirs[0], ctx.device, ctx.rank, fused, channels_last)
         else:
             raise C.ConfigError(f"task: expected seg or cls, got {cfg['task']!r}")
+        if cfg.get("memory_saving"):  # this model only (not the process-wide flag)
+            from med3d_ext.nn import set_memory_saving
+
+            set_memory_saving(job.model)
         if ctx.is_main:
             log(f"{command}: {job.arch} on {ctx.device} (world size {ctx.world_size}, "
                 f"fused={fused}, amp={cfg['amp']}); run folder {run}")
@@ -292,28 +296,21 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
             made.rmdir()
         raise
     finally:
-        if recompute_before is not None:
-            import med3d_ext.nn.fused as fused_nn
-
-            fused_nn.RECOMPUTE_BLOCK_INPUTS = recompute_before
         cleanup(ctx)
 
 
-def _memory_saving(cfg, fused: bool):
-    """--memory-saving: switch the fused model's recompute mode on for this run (a process-wide
-    flag, read in every forward: med3d_ext.nn.fused.RECOMPUTE_BLOCK_INPUTS). Returns the flag's
-    value before, to restore, or None when the option is off."""
+def _check_memory_saving(cfg, fused: bool) -> None:
+    """--memory-saving needs the fused model, and does nothing under torch.compile (which
+    plans its own graph's memory): both refused rather than ignored."""
     if not cfg.get("memory_saving"):
-        return None
+        return
     if not fused:
         raise C.ConfigError("--memory-saving: rebuilds activations of the fused model only; "
                             "this run uses the plain PyTorch model (add --fused, or drop "
                             "--memory-saving)")
-    import med3d_ext.nn.fused as fused_nn
-
-    before = fused_nn.RECOMPUTE_BLOCK_INPUTS
-    fused_nn.RECOMPUTE_BLOCK_INPUTS = True
-    return before
+    if cfg.get("compile"):
+        raise C.ConfigError("--memory-saving: has no effect under --compile (torch.compile "
+                            "plans the compiled graph's memory itself); drop one of them")
 
 
 def run_pretrain(cfg: dict, log=print) -> dict:

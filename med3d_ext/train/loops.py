@@ -211,8 +211,8 @@ def _window_state(win: dict) -> dict:
 
 def _oom_message(cfg, where: str) -> str:
     p = cfg.get("patch")
-    saving = ("" if cfg.get("memory_saving") or cfg.get("fused") is False or where != "training"
-              else "--memory-saving (fused model), ")
+    saving = ("" if cfg.get("memory_saving") or cfg.get("fused") is False or cfg.get("compile")
+              or where != "training" else "--memory-saving (fused model), ")
     return (f"out of GPU memory during {where} (patch {p}, batch size {cfg.get('batch_size')}). "
             f"Use a smaller --patch (e.g. {[max(8, (v // 2) // 8 * 8) for v in p]}) or "
             f"--batch-size, {saving}--amp bf16, or --sw-batch-size 1 for evaluation.")

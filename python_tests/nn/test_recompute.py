@@ -258,3 +258,89 @@ def test_recompute_refuses_a_changed_stem_input(monkeypatch):
     x.add_(1)  # the batch changed before backward: rebuilding would give another input
     with pytest.raises(RuntimeError, match="stem's input batch"):
         out.sum().backward()
+
+
+def test_set_memory_saving_is_per_model(monkeypatch):
+    # set_memory_saving(model) switches one model's fused blocks and stem, not the process
+    # (the training CLI's --memory-saving; two runs in one process must not share it)
+    import med3d_ext.nn.fused as fz
+    from med3d_ext.nn import recompute, set_memory_saving
+
+    built, real = [], recompute.Recipe.build
+
+    def counting(self):
+        built.append(self.what)
+        return real(self)
+    monkeypatch.setattr(recompute.Recipe, "build", counting)
+    assert fz.RECOMPUTE_BLOCK_INPUTS is False
+    x = torch.randn(2, 1, 8, 9, 10)
+    on = set_memory_saving(fuse_modules(resnet3d(10)).train())
+    off = fuse_modules(resnet3d(10)).train()
+    off(x).sum().backward()
+    assert built == []
+    on(x).sum().backward()
+    # ResNet-10: one inner activation per block, and the stem's input and output
+    assert sorted(built) == ["a BatchNorm parameter or statistic"] * 4 + [
+        "the stem's input batch", "the stem's input batch or weight"]
+    built.clear()
+    set_memory_saving(on, False)(x).sum().backward()
+    assert built == []
+
+
+@pytest.mark.parametrize("algo,amp", [("space_to_depth_fold_w", False), ("aten", True)])
+def test_recompute_with_a_batch_made_in_inference_mode(algo, amp, monkeypatch):
+    # an inference tensor has no version counter for a recipe to check: the memory-saving
+    # mode keeps the stem's tensors then (it raised "Inference tensors do not track version
+    # counter"), and the results equal the default mode's. (Where the op would keep the batch
+    # itself -- fp32 and ATen's stem -- autograd refuses an inference tensor in either mode.)
+    import med3d_ext.nn.fused as fz
+    import med3d_ext.ops.conv_bn_relu as cbr
+
+    monkeypatch.setattr(cbr, "STEM_CONV", algo)
+    torch.manual_seed(0)
+    base = resnet3d(10)
+    with torch.inference_mode():
+        x = torch.randn(2, 1, 8, 9, 10)
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(fz, "RECOMPUTE_BLOCK_INPUTS", on)
+        m = fuse_modules(copy.deepcopy(base)).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = m(x)
+        out.float().sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    if not amp:  # (torch's CPU bf16 conv3d weight gradients vary from run to run)
+        for n in results[0][1]:
+            assert torch.equal(results[0][1][n], results[1][1][n]), n
+
+
+def test_stem_recipe_never_takes_the_weight_for_y(monkeypatch):
+    # the stem's y is recognised by shape and dtype; a weight of the same shape as y
+    # ((Cout, Cin, k, k, k) == (N, Cout, D', H', W')) must stay the weight
+    import med3d_ext.nn.fused as fz
+    import med3d_ext.ops.conv_bn_relu as cbr
+    from med3d_ext.nn import recompute
+
+    monkeypatch.setattr(cbr, "STEM_CONV", "aten")
+    built, real = [], recompute.Recipe.build
+
+    def counting(self):
+        built.append(self.what)
+        return real(self)
+    monkeypatch.setattr(recompute.Recipe, "build", counting)
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(4, 4, 6, 6, 6)
+    w0 = torch.randn(4, 4, 3, 3, 3)  # y: (4, 4, 3, 3, 3) with stride 2, padding 1
+    grads = []
+    for keep in (None, fz._keep_stem_input):
+        w = w0.clone().requires_grad_()
+        bw, bb = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+        out = cbr._conv_bn_relu_maxpool3d(x, w, bw, bb, None, None, 2, 1, 1, True, 0.1, 1e-5,
+                                          3, 2, 1, keep_input=keep)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((w.grad, bw.grad, bb.grad))
+    stem = [b for b in built if b.startswith("the stem's")]
+    assert stem == ["the stem's input batch", "the stem's input batch or weight"], built
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

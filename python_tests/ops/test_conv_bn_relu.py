@@ -868,3 +868,21 @@ def test_autocast_fp32_weight_without_grad_and_in_inference_mode(device):
     assert torch.equal(a, ref) and torch.equal(b, ref)
     with pytest.raises((RuntimeError, ValueError), match="weight"):  # no autocast: a dtype mix
         m3d.ops.conv_bn_relu3d(x.to(torch.bfloat16), w, bw, bb, rm, rv, training=False, **kw)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_with_tensors_made_in_inference_mode(device):
+    # a weight and batch made under inference_mode, used with grad on: no tensor argument has
+    # the autograd key, so the op's C++ autograd (which casts the fp32 weight) does not run;
+    # the wrapper casts it then, as F.conv3d under autocast would work here too
+    with torch.inference_mode():
+        x, w, bw, bb, rm, rv, _, kw = _inputs(device, torch.float32,
+                                              (3, 5, 3, 1, 1, 1, (5, 6, 4)))
+        xb = x.to(torch.bfloat16)
+    # eval: the running statistics (inference tensors too) are read, not updated
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = m3d.ops.conv_bn_relu3d(xb, w, bw, bb, rm, rv, training=False, **kw)
+        ref = m3d.ops.conv_bn_relu3d(xb, w.to(torch.bfloat16), bw, bb, rm, rv, training=False,
+                                     **kw)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)

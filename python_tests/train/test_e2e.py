@@ -546,9 +546,9 @@ def test_cpu_bf16_autocast_warns(tiny_data, tmp_path, capsys):
 
 
 def test_memory_saving_option(tiny_data, tmp_path, capsys, monkeypatch):
-    """--memory-saving turns the fused model's recompute mode on for the run (recipes are
-    rebuilt in backward), restores the process-wide flag afterwards, and is refused with the
-    plain model."""
+    """--memory-saving turns the fused model's recompute mode on for the run's model (recipes
+    are rebuilt in backward) without touching the process-wide flag, and is refused with the
+    plain model and with --compile (where it would do nothing)."""
     import med3d_ext.nn.fused as fz
     from med3d_ext.nn import recompute
 
@@ -572,7 +572,12 @@ def test_memory_saving_option(tiny_data, tmp_path, capsys, monkeypatch):
                                         "--memory-saving")]) != 0
     err = capsys.readouterr().err
     assert "--memory-saving" in err and "--fused" in err
-    assert fz.RECOMPUTE_BLOCK_INPUTS is False
+    assert main(["pretrain", *tiny_args(one, tmp_path / "co", *base, "--fused", "--compile",
+                                        "--memory-saving")]) != 0
+    err = capsys.readouterr().err
+    assert "--memory-saving" in err and "--compile" in err
+    assert fz.RECOMPUTE_BLOCK_INPUTS is False  # the run's model only, never the global flag
+    assert not (tmp_path / "nf").exists() and not (tmp_path / "co").exists()
 
 
 def test_multichannel_dataset_without_channel_says_which_it_uses():
