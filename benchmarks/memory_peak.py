@@ -17,8 +17,9 @@ ResNet-50 is about these numbers.
 profile: every tensor's creation, version and destruction) is replayed the same way, and the
 tensors live at the peak are grouped by the profiler's category (parameter, activation, ...)
 and the op that made them. What a step keeps for backward does not depend on the device, so
-this explains a GPU peak without a GPU: the fused ResNet-50 arm peaked at 2.98 GiB here
-against 3.01 GiB allocated on an H100. It does not see cuDNN's workspaces or the caching
+this explains a GPU peak without a GPU: the fused ResNet-50 arm as the H100 ran it (its stem
+algorithm, ``MED3D_EXT_STEM_CONV=space_to_depth_fold_w``, and the weights as cast then) peaks
+at 3.00 GiB here against 3.01 GiB allocated there. It does not see cuDNN's workspaces or the caching
 allocator's rounding. About 30 s per ResNet-50 arm on 2 cores; ``--batch`` scales it down.
 """
 

@@ -1,15 +1,16 @@
-"""Recomputing a fused block's inner activations in backward instead of keeping them.
+"""Recomputing activations in backward instead of keeping them (the memory-saving mode).
 
 Inside a fused ResNet block, the output of conv1 (and conv2 in a bottleneck) is
 ``relu(bn(y))`` and is kept for backward only as the next convolution's input (its weight
 gradient needs it). The layer that produced it already keeps ``y`` and its statistics, so the
 next convolution can keep a *recipe* instead and rebuild the tensor, bit for bit, with the same
-epilogue kernel (``torch.ops.med3d_ext.bn_act``) when its backward runs. This drops one full
-activation per inner layer for one extra element-wise pass each in backward: a ResNet-50 step
-at the perf-baselines shape (bf16 autocast, channels_last_3d, 8 x 1 x 64 x 128 x 128) keeps
-2.45 GiB at the end of its forward instead of 2.78, and peaks at 2.66 GiB instead of 2.98
-(allocator timeline of the step on the CPU, ``python -m benchmarks.memory_peak --device cpu``,
-whose fused arm agrees with the H100's 3.01 GiB within 1%).
+epilogue kernel (``torch.ops.med3d_ext.bn_act``) when its backward runs: one extra element-wise
+pass per inner layer. The fused stem's convolution input and pre-BatchNorm output are kept as
+recipes over the batch the same way (:func:`recompute_stem`). A bf16 ResNet-50 step at the
+perf-baselines shape (channels_last_3d, 8 x 1 x 64 x 128 x 128, SGD momentum) then peaks at
+2.40 GiB instead of 2.92 (the step's memory timeline on the CPU with the GPU's stem algorithm,
+``python -m benchmarks.memory_peak --device cpu``, whose fused arm agreed with the H100's
+allocator to 0.3%).
 
 Implemented with ``torch.autograd.graph.saved_tensors_hooks`` around the next layer's call, so
 the fused ops and their C++ autograd are unchanged. Off by default until measured on a GPU

@@ -109,7 +109,7 @@ OPTIONS: dict[str, Option] = {
     "memory_saving": Option(False, "bool", "fused model: rebuild each block's inner "
                             "activations and the stem's convolution input and output in "
                             "backward instead of keeping them (a bf16 ResNet-50 step at "
-                            "8 x 64 x 128 x 128: peak 2.43 GiB instead of 2.89; costs some "
+                            "8 x 64 x 128 x 128: peak 2.40 GiB instead of 2.92; costs some "
                             "extra work in backward)", _T),
     "compile": Option(False, "bool", "torch.compile the model", _ALL),
     "compile_mode": Option("default", "str", "torch.compile mode with --compile: default | "

@@ -344,3 +344,37 @@ def test_stem_recipe_never_takes_the_weight_for_y(monkeypatch):
     assert stem == ["the stem's input batch", "the stem's input batch or weight"], built
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_memory_saving_lowers_the_cuda_peak():
+    # What the CPU memory timeline predicts, on the GPU's allocator: a bf16 channels_last
+    # ResNet-50 training step (half the perf-baselines batch) peaks lower in the memory-saving
+    # mode (CPU timeline with the GPU's stem: 2.92 -> 2.40 GiB at batch 8, 1.14 -> 1.01 at
+    # batch 2, SGD momentum included; a mode that frees nothing stays at ~1.0x), and the
+    # default fused step no higher than the plain model's
+    from med3d_ext.nn import set_memory_saving
+
+    torch.manual_seed(0)
+    base = resnet3d(50)
+    x = torch.randn(4, 1, 64, 128, 128, device="cuda").to(memory_format=torch.channels_last_3d)
+    peaks = {}
+    for arm in ("plain", "fused", "memory-saving"):
+        m = copy.deepcopy(base) if arm == "plain" else fuse_modules(copy.deepcopy(base))
+        if arm == "memory-saving":
+            set_memory_saving(m)
+        m = m.cuda().to(memory_format=torch.channels_last_3d).train()
+        for _ in range(2):  # the second step's peak: cuDNN's plans and workspaces settled
+            m.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = m(x)
+            out.float().square().mean().backward()
+            torch.cuda.synchronize()
+        peaks[arm] = torch.cuda.max_memory_allocated()
+        del m, out
+        torch.cuda.empty_cache()
+    gib = {k: round(v / 2**30, 3) for k, v in peaks.items()}
+    assert peaks["fused"] <= peaks["plain"], gib
+    assert peaks["memory-saving"] < 0.92 * peaks["fused"], gib
