@@ -108,4 +108,15 @@ def test_resize_fn_equals_f_interpolate_with_gradients(dtype):
     err_ops = (results[True][1] - x64.grad).abs().max()
     err_plain = (results[False][1] - x64.grad).abs().max()
     assert err_ops <= err_plain * 1.01 + 1e-6, (err_ops, err_plain)
-    torch.testing.assert_close(results[True][1], x64.grad, **tol)
+    # each input's gradient sums up to (2 * 4)^3 = 512 terms of g rounded to the dtype: its
+    # error is bounded by the unit roundoff times the sum of the terms' magnitudes (the backward
+    # of |g|), plus one rounding of the result -- for bf16, whose sums run in fp32; for fp32 the
+    # fp32 summation itself adds up to ~512 roundoffs (a fixed atol failed where the terms
+    # cancelled, ~1 run in 50)
+    x_abs = x.clone().requires_grad_()
+    F.interpolate(x_abs, size=size, mode="trilinear", align_corners=False).backward(g.abs())
+    gabs = x_abs.grad
+    u, k = (2.0 ** -24, 514) if dtype == torch.float32 else (2.0 ** -8, 2)
+    bound = k * u * (gabs + x64.grad.abs()) + 1e-12
+    excess = (results[True][1] - x64.grad).abs() - bound
+    assert excess.max() <= 0, (excess.max().item(), bound.flatten()[excess.argmax()].item())
