@@ -135,17 +135,17 @@ def timeline_breakdown(timeline, category_of, made_by, top: int = 25,
     profiler gives them all one key per device) are a signed running sum, one group."""
     live: dict = {}
     before: set = set()
-    cur = best = anon = best_anon = 0
+    cur = best = anon = anon_before = best_anon = 0
     best_live: dict = {}
     for _, action, (key, version), size in timeline:
         act = getattr(action, "name", str(action))
         if anonymous(key):
-            if act in ("PREEXISTING", "CREATE"):
-                anon += size
-                cur += size
-            elif act == "DESTROY":
-                anon -= size
-                cur -= size
+            # INCREMENT_VERSION here: an address allocated again without a recorded free
+            delta = size if act in ("PREEXISTING", "CREATE", "INCREMENT_VERSION") else \
+                -size if act == "DESTROY" else 0
+            anon += delta
+            cur += delta
+            anon_before += size if act == "PREEXISTING" else 0
         elif act in ("PREEXISTING", "CREATE"):
             live[(key, version)] = size
             cur += size
@@ -159,7 +159,9 @@ def timeline_breakdown(timeline, category_of, made_by, top: int = 25,
         if cur > best:
             best, best_live, best_anon = cur, dict(live), anon
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    baseline = 0
+    # anonymous memory from before the step counts as baseline as far as it is still live
+    baseline = max(0, min(best_anon, anon_before))
+    best_anon -= baseline
     for (key, version), size in best_live.items():
         if key in before:
             baseline += size

@@ -669,6 +669,15 @@ def test_memory_peak_timeline_replay_counts_anonymous_allocations_by_size():
     assert r["peak_bytes"] == 150 and r["baseline_bytes"] == 0
     assert r["groups"] == [{"where": "allocations without a tensor (workspaces, ...)",
                             "bytes": 150, "blocks": 0}]
+    # anonymous memory from before the step is baseline; a re-allocation without a recorded
+    # free (INCREMENT_VERSION) is a new allocation
+    A["INCREMENT_VERSION"] = SimpleNamespace(name="INCREMENT_VERSION")
+    tl = [(0, A["PREEXISTING"], anon, 300), (1, A["CREATE"], anon, 40),
+          (2, A["INCREMENT_VERSION"], anon, 60), (3, A["DESTROY"], anon, 60)]
+    r = timeline_breakdown(tl, lambda k, v: "activation", lambda k: "op",
+                           anonymous=lambda k: k == "cpu-anon")
+    assert r["peak_bytes"] == 400 and r["baseline_bytes"] == 300 and r["step_peak_bytes"] == 100
+    assert r["groups"][0]["bytes"] == 100
 
 
 def test_memory_peak_on_the_cpu(tmp_path, capsys):

@@ -140,7 +140,8 @@ def set_memory_saving(model: nn.Module, on: bool = True) -> nn.Module:
 
 
 def _memory_saving(module) -> bool:
-    return RECOMPUTE_BLOCK_INPUTS or module.__dict__.get(_MEMORY_SAVING_ATTR, False)
+    """The module's own setting (set_memory_saving, on or off) wins over the process-wide flag."""
+    return module.__dict__.get(_MEMORY_SAVING_ATTR, RECOMPUTE_BLOCK_INPUTS)
 
 
 def _block_forward(self, x):

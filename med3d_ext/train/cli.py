@@ -202,7 +202,7 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
     ctx, fused, channels_last = _setup(cfg, command)
     made = None  # the run folder, when this call created it
     try:
-        _check_memory_saving(cfg, fused)
+        _check_memory_saving(cfg, fused, ctx.world_size)
         dirs = resolve_data_dirs(cfg.get("data"), command)
         cfg = _absolute_paths(cfg)
         out_before = Path(cfg.get("out") or "").exists() if cfg.get("out") else False
@@ -299,9 +299,10 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         cleanup(ctx)
 
 
-def _check_memory_saving(cfg, fused: bool) -> None:
+def _check_memory_saving(cfg, fused: bool, world_size: int = 1) -> None:
     """--memory-saving needs the fused model, and does nothing under torch.compile (which
-    plans its own graph's memory): both refused rather than ignored."""
+    plans its own graph's memory) or with SyncBatchNorm layers (not fused): refused rather
+    than ignored."""
     if not cfg.get("memory_saving"):
         return
     if not fused:
@@ -311,6 +312,9 @@ def _check_memory_saving(cfg, fused: bool) -> None:
     if cfg.get("compile"):
         raise C.ConfigError("--memory-saving: has no effect under --compile (torch.compile "
                             "plans the compiled graph's memory itself); drop one of them")
+    if cfg.get("sync_bn") and world_size > 1:
+        raise C.ConfigError("--memory-saving: has no effect with --sync-bn (SyncBatchNorm "
+                            "layers run unfused); drop one of them")
 
 
 def run_pretrain(cfg: dict, log=print) -> dict:

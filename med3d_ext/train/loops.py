@@ -209,10 +209,17 @@ def _window_state(win: dict) -> dict:
             "heads": {k: [float(x) for x in v] for k, v in win["heads"].items()}}
 
 
-def _oom_message(cfg, where: str) -> str:
+def _is_fused(model) -> bool:
+    """A model med3d_ext.nn.fuse_modules switched to the fused path (its classes say so)."""
+    return any(getattr(type(m), "_m3d_fused", False) for m in model.modules())
+
+
+def _oom_message(cfg, where: str, model=None) -> str:
     p = cfg.get("patch")
-    saving = ("" if cfg.get("memory_saving") or cfg.get("fused") is False or cfg.get("compile")
-              or where != "training" else "--memory-saving (fused model), ")
+    # --memory-saving where it would be taken and would do something (see cli)
+    suggest = (where == "training" and model is not None and _is_fused(model)
+               and not (cfg.get("memory_saving") or cfg.get("compile") or cfg.get("sync_bn")))
+    saving = "--memory-saving, " if suggest else ""
     return (f"out of GPU memory during {where} (patch {p}, batch size {cfg.get('batch_size')}). "
             f"Use a smaller --patch (e.g. {[max(8, (v // 2) // 8 * 8) for v in p]}) or "
             f"--batch-size, {saving}--amp bf16, or --sw-batch-size 1 for evaluation.")
@@ -432,7 +439,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                 else:
                     sched.step()
             except torch.OutOfMemoryError as e:
-                raise TrainingError(_oom_message(cfg, "training")) from e
+                raise TrainingError(_oom_message(cfg, "training", model)) from e
             step += 1
             profiler.after(step)
             if cfg.get("step_sleep"):

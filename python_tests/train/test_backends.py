@@ -111,12 +111,13 @@ def test_resize_fn_equals_f_interpolate_with_gradients(dtype):
     # each input's gradient sums up to (2 * 4)^3 = 512 terms of g rounded to the dtype: its
     # error is bounded by the unit roundoff times the sum of the terms' magnitudes (the backward
     # of |g|), plus one rounding of the result -- for bf16, whose sums run in fp32; for fp32 the
-    # fp32 summation itself adds up to ~512 roundoffs (a fixed atol failed where the terms
-    # cancelled, ~1 run in 50)
+    # fp32 summation adds its own roundoffs: the worst case is ~512 of them, the worst seen in
+    # 300 seeds 1.8, and 16 leaves a 9x margin (a fixed atol failed where the terms cancelled,
+    # ~1 run in 50)
     x_abs = x.clone().requires_grad_()
     F.interpolate(x_abs, size=size, mode="trilinear", align_corners=False).backward(g.abs())
     gabs = x_abs.grad
-    u, k = (2.0 ** -24, 514) if dtype == torch.float32 else (2.0 ** -8, 2)
+    u, k = (2.0 ** -24, 16) if dtype == torch.float32 else (2.0 ** -8, 2)
     bound = k * u * (gabs + x64.grad.abs()) + 1e-12
     excess = (results[True][1] - x64.grad).abs() - bound
     assert excess.max() <= 0, (excess.max().item(), bound.flatten()[excess.argmax()].item())

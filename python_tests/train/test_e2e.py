@@ -580,6 +580,21 @@ def test_memory_saving_option(tiny_data, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "nf").exists() and not (tmp_path / "co").exists()
 
 
+def test_memory_saving_refusals():
+    """The cases where --memory-saving would do nothing, refused up front (the DDP + SyncBatchNorm
+    case only arises on several GPUs, so it is checked here directly)."""
+    from med3d_ext.train import config as C
+    from med3d_ext.train.cli import _check_memory_saving
+
+    _check_memory_saving({"memory_saving": True}, True, 1)
+    _check_memory_saving({"memory_saving": True, "sync_bn": True}, True, 1)  # no DDP: no SyncBN
+    _check_memory_saving({"memory_saving": False, "compile": True}, False, 4)
+    for cfg, fused, world, word in [({}, False, 1, "--fused"), ({"compile": True}, True, 1,
+                                     "--compile"), ({"sync_bn": True}, True, 2, "--sync-bn")]:
+        with pytest.raises(C.ConfigError, match=word):
+            _check_memory_saving(dict(cfg, memory_saving=True), fused, world)
+
+
 def test_multichannel_dataset_without_channel_says_which_it_uses():
     """A single-channel model on a multi-channel dataset read its first channel silently."""
     import warnings

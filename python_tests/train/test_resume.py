@@ -123,6 +123,21 @@ def test_out_of_memory_suggests_smaller_patch_or_batch(tmp_path):
     msg = str(e.value)
     assert "out of GPU memory" in msg and "[64, 64, 32]" in msg and "batch size 8" in msg
     assert "[32, 32, 16]" in msg  # a concrete smaller patch to try
+    assert "--memory-saving" not in msg  # not a fused model: the option would be refused
+
+
+def test_out_of_memory_suggests_memory_saving_for_a_fused_model():
+    from med3d_ext.models import resnet3d
+    from med3d_ext.nn import fuse_modules
+    from med3d_ext.train.loops import _oom_message
+
+    fused, plain = fuse_modules(resnet3d(10)), resnet3d(10)
+    cfg = C.resolve("pretrain", {"patch": [64, 64, 32], "batch_size": 8})
+    assert "--memory-saving" in _oom_message(cfg, "training", fused)
+    assert "--memory-saving" not in _oom_message(cfg, "training", plain)
+    assert "--memory-saving" not in _oom_message(cfg, "validation", fused)
+    for key in ("memory_saving", "compile", "sync_bn"):  # on already, or refused with it
+        assert "--memory-saving" not in _oom_message(dict(cfg, **{key: True}), "training", fused)
 
 
 def test_nan_loss_found_at_the_next_log_names_its_step(tmp_path, monkeypatch):
