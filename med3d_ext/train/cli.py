@@ -37,7 +37,8 @@ _DESC = {
 # torch's CPU bf16 conv3d weight gradient is unreliable for some shapes: F.conv3d alone, 2 x 128
 # x 2^3 input, 128 x 128 x 3^3 weight, padding 1, torch 2.13.0+cpu on this project's 2-core AMD
 # EPYC: four identical backward calls gave weight gradients up to 1e36 apart (ResNet-10's
-# layer2.0.conv2 on a 16-voxel patch). Training on the CPU runs fp32 by default (--amp auto).
+# layer2.0.conv2 on a 16-voxel patch). Related upstream report of wrong CPU bf16 convolutions:
+# pytorch/pytorch#169688. Training on the CPU runs fp32 by default (--amp auto).
 CPU_BF16_WARNING = ("warning: --amp bf16 on the CPU: torch's CPU bf16 conv3d weight gradient "
                     "has given wrong values for small inputs (garbage in one of four identical "
                     "calls, torch 2.13); --amp auto (fp32 on the CPU) is safe")
