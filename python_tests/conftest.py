@@ -113,3 +113,18 @@ def needs_extension():
     from med3d_ext import _extension
 
     return pytest.mark.skipif(not _extension.available(), reason="compiled extension not loaded")
+
+
+@pytest.fixture
+def recipe_builds(monkeypatch):
+    """The ``what`` of every memory-saving recipe rebuilt in backward (med3d_ext.nn.recompute),
+    in order: which saved tensors the memory-saving mode really replaced."""
+    from med3d_ext.nn import recompute
+
+    built, real = [], recompute.Recipe.build
+
+    def counting(self):
+        built.append(self.what)
+        return real(self)
+    monkeypatch.setattr(recompute.Recipe, "build", counting)
+    return built

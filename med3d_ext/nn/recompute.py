@@ -84,6 +84,10 @@ def can_recompute(x: torch.Tensor) -> bool:
     return True
 
 
+def _unpack(s):
+    return s.build() if isinstance(s, Recipe) else s
+
+
 def recompute_input(t: torch.Tensor, recipe: Recipe | None):
     """Context for the call that consumes ``t``: tensors saved for backward that are ``t``
     itself are kept as ``recipe`` and rebuilt when backward needs them. No recipe: nothing
@@ -100,10 +104,7 @@ def recompute_input(t: torch.Tensor, recipe: Recipe | None):
             return recipe
         return s
 
-    def unpack(s):
-        return s.build() if isinstance(s, Recipe) else s
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    return torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
 
 
 def recompute_stem(x_op: torch.Tensor, y_shape, w_op: torch.Tensor, x_recipe: Recipe,
@@ -124,10 +125,7 @@ def recompute_stem(x_op: torch.Tensor, y_shape, w_op: torch.Tensor, x_recipe: Re
             return Recipe(_in_format(y_recipe.fn, fmt), y_recipe.args, y_recipe.what)
         return s
 
-    def unpack(s):
-        return s.build() if isinstance(s, Recipe) else s
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    return torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
 
 
 def _in_format(fn, fmt):

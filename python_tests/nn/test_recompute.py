@@ -182,7 +182,8 @@ def test_recompute_frees_the_inner_activations(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("algo", ["space_to_depth_fold_w", "space_to_depth"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
-def test_recompute_rebuilds_the_stems_rewritten_input(device, algo, amp, monkeypatch):
+def test_recompute_rebuilds_the_stems_rewritten_input(device, algo, amp, monkeypatch,
+                                                       recipe_builds):
     # the fused stem (conv + BN + ReLU + max-pool) through a space-to-depth rewrite keeps the
     # rewritten input for its weight gradient; the memory-saving mode rebuilds it from the
     # batch instead: the rewritten input is freed after the forward, and the gradients and
@@ -206,14 +207,7 @@ def test_recompute_rebuilds_the_stems_rewritten_input(device, algo, amp, monkeyp
         rebuilt.append(weakref.ref(x_op))
         return real_keep(x_op, *rest)
     monkeypatch.setattr(fz, "_keep_stem_input", keep)
-    from med3d_ext.nn import recompute
-
-    built, real_build = [], recompute.Recipe.build
-
-    def counting_build(self):
-        built.append(self.what)
-        return real_build(self)
-    monkeypatch.setattr(recompute.Recipe, "build", counting_build)
+    built = recipe_builds
     for on in (False, True):
         monkeypatch.setattr(fz, "RECOMPUTE_BLOCK_INPUTS", on)
         m = fuse_modules(copy.deepcopy(base)).train()
@@ -260,18 +254,13 @@ def test_recompute_refuses_a_changed_stem_input(monkeypatch):
         out.sum().backward()
 
 
-def test_set_memory_saving_is_per_model(monkeypatch):
+def test_set_memory_saving_is_per_model(monkeypatch, recipe_builds):
     # set_memory_saving(model) switches one model's fused blocks and stem, not the process
     # (the training CLI's --memory-saving; two runs in one process must not share it)
     import med3d_ext.nn.fused as fz
-    from med3d_ext.nn import recompute, set_memory_saving
+    from med3d_ext.nn import set_memory_saving
 
-    built, real = [], recompute.Recipe.build
-
-    def counting(self):
-        built.append(self.what)
-        return real(self)
-    monkeypatch.setattr(recompute.Recipe, "build", counting)
+    built = recipe_builds
     assert fz.RECOMPUTE_BLOCK_INPUTS is False
     x = torch.randn(2, 1, 8, 9, 10)
     on = set_memory_saving(fuse_modules(resnet3d(10)).train())
@@ -320,20 +309,14 @@ def test_recompute_with_a_batch_made_in_inference_mode(algo, amp, monkeypatch):
             assert torch.equal(results[0][1][n], results[1][1][n]), n
 
 
-def test_stem_recipe_never_takes_the_weight_for_y(monkeypatch):
+def test_stem_recipe_never_takes_the_weight_for_y(monkeypatch, recipe_builds):
     # the stem's y is recognised by shape and dtype; a weight of the same shape as y
     # ((Cout, Cin, k, k, k) == (N, Cout, D', H', W')) must stay the weight
     import med3d_ext.nn.fused as fz
     import med3d_ext.ops.conv_bn_relu as cbr
-    from med3d_ext.nn import recompute
 
     monkeypatch.setattr(cbr, "STEM_CONV", "aten")
-    built, real = [], recompute.Recipe.build
-
-    def counting(self):
-        built.append(self.what)
-        return real(self)
-    monkeypatch.setattr(recompute.Recipe, "build", counting)
+    built = recipe_builds
     torch.manual_seed(3)
     x = torch.randn(4, 4, 6, 6, 6)
     w0 = torch.randn(4, 4, 3, 3, 3)  # y: (4, 4, 3, 3, 3) with stride 2, padding 1

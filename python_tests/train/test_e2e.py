@@ -545,19 +545,13 @@ def test_cpu_bf16_autocast_warns(tiny_data, tmp_path, capsys):
     assert "--amp bf16 on the CPU" not in capsys.readouterr().out
 
 
-def test_memory_saving_option(tiny_data, tmp_path, capsys, monkeypatch):
+def test_memory_saving_option(tiny_data, tmp_path, capsys, recipe_builds):
     """--memory-saving turns the fused model's recompute mode on for the run's model (recipes
     are rebuilt in backward) without touching the process-wide flag, and is refused with the
     plain model and with --compile (where it would do nothing)."""
     import med3d_ext.nn.fused as fz
-    from med3d_ext.nn import recompute
 
-    built, real = [], recompute.Recipe.build
-
-    def counting(self):
-        built.append(self.what)
-        return real(self)
-    monkeypatch.setattr(recompute.Recipe, "build", counting)
+    built = recipe_builds
     one = tiny_data["pretrain"] / sorted(p.name for p in tiny_data["pretrain"].iterdir())[0]
     base = ["--cache", tiny_data["cache"], "--epochs", 1, "--steps", 1, "--val-fraction", 0]
     assert fz.RECOMPUTE_BLOCK_INPUTS is False
