@@ -167,13 +167,22 @@ def markdown(r: dict) -> str:
         lines += [f"Profiled: {profiled[0][1]['steps']} steps after the measured ones "
                   "(torch.profiler; wall and host times are inflated by it, kernel times are "
                   "not). Per step:", "",
-                  "| pipeline | wall (profiled) ms | kernels ms | launches | host ops ms | costliest ops (self ms) |",
-                  "|---|---|---|---|---|---|"]
+                  "| pipeline | wall (profiled) ms | kernels ms | launches | host syncs | host ops ms | costliest ops (self ms) |",
+                  "|---|---|---|---|---|---|---|"]
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         for name, p in profiled:
             top = "; ".join(f"{o['name']} {o['self_ms_per_step']:.2f}" for o in p["top_ops"][:5])
             lines.append(f"| {name} | {p['wall_ms_per_step']:.1f} | {fmt(p['kernel_ms_per_step'], '.2f')} | "
-                         f"{fmt(p['launches_per_step'], '.0f')} | {p['host_op_ms_per_step']:.1f} | {top} |")
+                         f"{fmt(p['launches_per_step'], '.0f')} | {fmt(p.get('host_syncs_per_step'), '.1f')} | "
+                         f"{p['host_op_ms_per_step']:.1f} | {top} |")
+        lines.append("")
+        for name, p in profiled:  # where the host waited for the GPU (a GPU run only)
+            rt = "; ".join(f"{c['name']} x{c['calls_per_step']:.0f} {c['host_ms_per_step']:.2f} ms"
+                           for c in p.get("cuda_runtime") or [])
+            sites = "; ".join(f"{s['where']} x{s['per_step']:.1f}" for s in p.get("host_sync_sites") or [])
+            if rt or sites:
+                lines.append(f"- {name}: CUDA runtime per step: {rt or '-'}; synchronising "
+                             f"operations per step by site: {sites or 'none'}")
         lines.append("")
     return "\n".join(lines)
 

@@ -9,6 +9,12 @@ steps START+1 .. START+STEPS (after START optimizer steps) and writes, into ``RU
 - ``ops.txt``: torch's operator table (self time, sorted by device time on a GPU);
 - ``trace.json``: the Chrome / Perfetto trace (open in https://ui.perfetto.dev).
 
+On a GPU the summary also says where the host waited for the device, which the kernel table
+cannot show: the CUDA runtime calls per step (launches, copies, synchronisations, with their
+host time), and every synchronising operation torch saw (``torch.cuda.set_sync_debug_mode``
+on for the profiled steps) with the line of Python that caused it. A step whose host blocks on
+the GPU cannot queue the next step's work in advance; these lines name the culprit.
+
 Wall times under the profiler are inflated by its own per-op cost; the kernel time and the
 launch count are not. A window is a span of the training loop: a log row, validation or
 checkpoint that falls after one of its steps but the last is inside it. Only the main process
@@ -18,11 +24,80 @@ reaches it says so and writes nothing.
 
 from __future__ import annotations
 
+import collections
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
+
+
+# torch's warning for a synchronising CUDA operation under set_sync_debug_mode("warn")
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+class SyncRecorder:
+    """Records the synchronising CUDA operations of a window of steps: torch's sync debug
+    mode is set to "warn" on entry and each of its warnings is counted by the line of Python
+    that caused it (the autograd engine's own threads have no Python frame: "<backward>").
+    Other warnings raised in the window are shown again on exit, as they would have been.
+    ``cuda=False``: records nothing (the CPU has nothing to wait for)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.sites = collections.Counter()
+        self._cm = self._log = None
+        self._prev_mode = 0
+
+    def __enter__(self):
+        if self.cuda:
+            self._cm = warnings.catch_warnings(record=True)
+            self._log = self._cm.__enter__()
+            warnings.simplefilter("always")
+            self._prev_mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        if self._cm is None:
+            return False
+        try:
+            torch.cuda.set_sync_debug_mode(self._prev_mode)
+        finally:
+            log, self._log = self._log, None
+            self._cm.__exit__(None, None, None)
+            self._cm = None
+            self.add(log)
+        return False
+
+    def add(self, records) -> None:
+        """Count the sync warnings among ``records`` (warnings.WarningMessage) by site; show
+        the others again."""
+        for w in records:
+            if SYNC_WARNING in str(w.message):
+                site = (f"{w.filename}:{w.lineno}" if w.filename and "autograd" not in
+                        str(w.filename) else "<backward>")
+                self.sites[site] += 1
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def summary(self, steps: int) -> dict:
+        n = max(steps, 1)
+        return {"host_syncs_per_step": sum(self.sites.values()) / n if self.cuda else None,
+                "host_sync_sites": [{"where": k, "per_step": v / n}
+                                    for k, v in self.sites.most_common(10)]}
+
+
+def runtime_calls(averages, steps: int, top: int = 8) -> list[dict]:
+    """The CUDA runtime / driver API calls among torch.profiler's key averages (cudaLaunchKernel,
+    cudaMemcpyAsync, cudaStreamSynchronize, ...): calls and host milliseconds per step, the
+    costliest first. Host time in a synchronising call is time the host waited for the GPU."""
+    n = max(steps, 1)
+    rows = [{"name": a.key, "calls_per_step": a.count / n,
+             "host_ms_per_step": a.cpu_time_total / 1e3 / n}
+            for a in averages if a.key.startswith(("cuda", "cu")) and not a.key.startswith("cudnn")]
+    return sorted(rows, key=lambda r: -r["host_ms_per_step"])[:top]
 
 
 def parse_spec(spec) -> tuple[int, int] | None:
@@ -54,6 +129,7 @@ class StepProfiler:
         self.done = 0
         self.t0 = 0.0
         self.written = False  # by this run (an earlier run's profile/ may be there)
+        self.syncs = SyncRecorder(self.cuda)
 
     def before(self, step: int) -> None:
         if self.range is None or self.prof is not None:
@@ -70,6 +146,7 @@ class StepProfiler:
             torch.cuda.synchronize()
         self.prof = torch.profiler.profile(activities=acts)
         self.prof.__enter__()
+        self.syncs.__enter__()
         self.t0 = time.perf_counter()
 
     def after(self, step: int) -> None:
@@ -97,8 +174,11 @@ class StepProfiler:
                          f"(--profile {start}:{steps}); nothing written")
                 self.range = None
             return
-        if self.cuda:
-            torch.cuda.synchronize()
+        try:
+            self.syncs.__exit__(None, None, None)
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()  # after the sync recorder: this one is ours
         wall = time.perf_counter() - self.t0
         prof, self.prof = self.prof, None
         prof.__exit__(None, None, None)
@@ -131,12 +211,15 @@ class StepProfiler:
             "host_op_ms_per_step": host_us / 1e3 / n,
             "top_ops": [{"name": a.key, "calls_per_step": a.count / n,
                          "self_ms_per_step": key(a) / 1e3 / n} for a in costly],
+            "cuda_runtime": runtime_calls(avg, n),
+            **self.syncs.summary(n),
             "note": "wall and host times are inflated by the profiler; kernel time is not",
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         (self.out / "ops.txt").write_text(avg.table(sort_by=sort, row_limit=60))
         prof.export_chrome_trace(str(self.out / "trace.json"))
         k = (f", kernels {summary['kernel_ms_per_step']:.2f} ms and "
-             f"{summary['launches_per_step']:.0f} launches per step" if self.cuda else "")
+             f"{summary['launches_per_step']:.0f} launches per step, "
+             f"{summary['host_syncs_per_step']:.1f} host syncs per step" if self.cuda else "")
         self.log(f"profile: {self.done} steps, {summary['wall_ms_per_step']:.1f} ms per step "
                  f"under the profiler{k}; {self.out}")

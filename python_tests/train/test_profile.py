@@ -84,3 +84,49 @@ def test_bad_profile_specs_are_refused(spec, tiny_data, tmp_path, capsys):
 def test_parse_spec():
     assert parse_spec(None) is None and parse_spec("") is None
     assert parse_spec("0:1") == (0, 1) and parse_spec("20:5") == (20, 5)
+
+
+def test_sync_recorder_counts_sync_warnings_by_site_and_shows_the_others():
+    import warnings
+    from types import SimpleNamespace
+
+    from med3d_ext.train.profiling import SYNC_WARNING, SyncRecorder
+
+    rec = SyncRecorder(cuda=True)  # add() is the part that runs the same on every device
+    msgs = [SimpleNamespace(message=UserWarning(SYNC_WARNING), category=UserWarning,
+                            filename="/x/med3d.py", lineno=107),
+            SimpleNamespace(message=UserWarning(SYNC_WARNING), category=UserWarning,
+                            filename="/x/med3d.py", lineno=107),
+            SimpleNamespace(message=UserWarning(SYNC_WARNING), category=UserWarning,
+                            filename="/t/torch/autograd/graph.py", lineno=9),
+            SimpleNamespace(message=UserWarning("something else"), category=UserWarning,
+                            filename="/x/a.py", lineno=3)]
+    with pytest.warns(UserWarning, match="something else"):
+        rec.add(msgs)
+    s = rec.summary(steps=2)
+    assert s["host_syncs_per_step"] == 1.5
+    assert s["host_sync_sites"] == [{"where": "/x/med3d.py:107", "per_step": 1.0},
+                                    {"where": "<backward>", "per_step": 0.5}]
+    # on the CPU the recorder is inert: nothing to wait for, and no sync mode is touched
+    cpu = SyncRecorder(cuda=False)
+    with cpu, warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning in the window still reaches the caller
+        with pytest.raises(UserWarning):
+            warnings.warn("seen", UserWarning)
+    assert cpu.summary(3) == {"host_syncs_per_step": None, "host_sync_sites": []}
+
+
+def test_runtime_calls_keeps_the_cuda_api_rows_costliest_first():
+    from types import SimpleNamespace
+
+    from med3d_ext.train.profiling import runtime_calls
+
+    rows = [SimpleNamespace(key=k, count=c, cpu_time_total=t) for k, c, t in (
+        ("cudaLaunchKernel", 800, 4000.0), ("cudaStreamSynchronize", 4, 80000.0),
+        ("aten::add", 100, 900.0), ("cudnnConvolutionForward", 8, 50.0),
+        ("cuLaunchKernel", 40, 200.0))]
+    out = runtime_calls(rows, steps=4)
+    assert [r["name"] for r in out] == ["cudaStreamSynchronize", "cudaLaunchKernel",
+                                        "cuLaunchKernel"]
+    assert out[0] == {"name": "cudaStreamSynchronize", "calls_per_step": 1.0,
+                      "host_ms_per_step": 20.0}
