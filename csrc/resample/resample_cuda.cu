@@ -179,10 +179,12 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
   }
 }
 
-// At least 2 resident blocks (<= 128 registers; the 32-bit fp32 + uint8 kernel uses 124). A
-// 64-register budget (4 blocks) made ptxas spill inside the plain affine path (sm_90, nvcc 13.0:
-// ~460 bytes for fp32 + uint8), and 3 blocks (80 registers) 84 bytes stored / 96 loaded; the
-// latency of the gathers is instead covered by the kVec independent voxels of each thread.
+// The general kernel (kPlain false): at least 2 resident blocks (<= 128 registers; its 32-bit
+// fp32 + uint8 version uses 128 and a 32-byte stack frame). Held to 64 registers (4 blocks),
+// the general kernel spilled (sm_90, nvcc 13.0: ~460 bytes for fp32 + uint8), and at 3 blocks
+// (80 registers) stored 84 bytes / loaded 96; the latency of its gathers is instead covered by
+// the kVec independent voxels of each thread. The kPlain kernel fits 64 registers without
+// spills (see launch_prepared), hence its 4 blocks.
 // The 32- and 64-bit item decodings are separate kernels, chosen on the host: compiled into one,
 // the rare 64-bit path's registers set the budget of the common one too.
 // To be tuned on the GPU (ncu: achieved occupancy vs. stall on L1TEX).

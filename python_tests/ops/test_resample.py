@@ -688,7 +688,8 @@ def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtyp
     padding, no elastic field, no intensity) runs a compile-time specialisation of the pair
     kernel (resample_cuda.cu, kPlain). It must give what the general kernel gives for the same
     points, which an intensity epilogue that changes nothing (gamma 1, scale 1, shift 0, no
-    noise) forces, and what the CPU gives; aligned (W % 4 == 0) and partial runs."""
+    noise) forces (to an ulp: see below), and what the CPU gives; aligned (W % 4 == 0) and
+    partial runs."""
     n = 3
     for w in (64, 67):
         x = torch.randn(n, 1, 12, 10, w).to(dtype)
@@ -701,8 +702,10 @@ def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtyp
         neutral = {"gamma": ones, "scale": ones, "shift": ones * 0, "noise_std": 0.0}
         general = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(), size,
                                                intensity=neutral, **kw)
-        assert torch.equal(plain[1], general[1])
-        torch.testing.assert_close(plain[0], general[0], rtol=0, atol=0)
+        # the same arithmetic, but two kernels: nvcc may contract a multiply-add into an FMA in
+        # one and not the other, which moves a value by an ulp and can flip a nearest-label tie
+        assert_nearest_close(plain[1].cpu(), general[1].cpu())
+        torch.testing.assert_close(plain[0], general[0], rtol=torch.finfo(dtype).eps, atol=1e-6)
         cpu = m3d.ops.affine_resample_pair(x, lab, theta, size, **kw)
         if dtype == torch.float32:
             assert_close_long_rows(plain[0].cpu(), cpu[0], w)
