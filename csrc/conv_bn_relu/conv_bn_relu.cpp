@@ -1,6 +1,7 @@
 // Device-independent parts of conv_bn_relu3d (see conv_bn_relu.h): entry checks, the
 // statistics, and the composite ops, parameterised by the per-device
 // elementwise kernel. The CPU ops are registered here; the CUDA ops in conv_bn_relu_cuda.cu.
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -153,6 +154,17 @@ ConvStats conv_bn_stats_generic(const char* op, const at::Tensor& x, const at::T
   return r;
 }
 
+at::Tensor autocast_weight(const at::Tensor& weight, const at::Tensor& x) {
+  const auto dev = x.device().type();
+  const auto xt = x.scalar_type();
+  // is_autocast_available first: the other two throw for device types without autocast (meta)
+  if (weight.scalar_type() == at::kFloat && (xt == at::kBFloat16 || xt == at::kHalf) &&
+      at::autocast::is_autocast_available(dev) && at::autocast::is_autocast_enabled(dev) &&
+      at::autocast::get_autocast_dtype(dev) == xt)
+    return weight.to(xt);
+  return weight;
+}
+
 ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weight,
                                      const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                      const c10::optional<at::Tensor>& running_mean,
@@ -162,8 +174,10 @@ ConvBnReluOut conv_bn_relu3d_generic(const at::Tensor& x, const at::Tensor& weig
                                      at::IntArrayRef dilation, bool training, double eps,
                                      bool relu, int64_t conv_algo, ApplyFn apply,
                                      StatsFn stats) {
+  // (already cast when the op's autograd kernel ran; a call below autograd arrives uncast)
   auto [fmt, y, mean, invstd, var] =
-      conv_bn_stats_generic("conv_bn_relu3d", x, weight, bn_weight, bn_bias, running_mean,
+      conv_bn_stats_generic("conv_bn_relu3d", x, autocast_weight(weight, x), bn_weight, bn_bias,
+                            running_mean,
                             running_var, residual, stride, padding, dilation, training, eps,
                             conv_algo, stats);
   at::Tensor out = at::empty_like(y, y.options(), fmt);

@@ -149,6 +149,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_stats(
     const c10::optional<at::Tensor>& running_var, bool training, double eps);
 
 at::Tensor acc_param(const at::Tensor& p, const at::Tensor& like_y);
+
+// The convolution weight under autocast: an fp32 weight with a bf16/fp16 x is cast to x's dtype
+// while autocast is on for x's device with that dtype (the Python wrapper leaves the cast to the
+// op, so that backward keeps the fp32 parameter, not a copy). Any other pair is returned as it
+// is, for the op's dtype check to refuse with its message.
+at::Tensor autocast_weight(const at::Tensor& weight, const at::Tensor& x);
 at::ScalarType acc_dtype(const at::Tensor& y);
 
 using ConvBnReluOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

@@ -31,8 +31,12 @@ constexpr int kPerThread = kSegTile / kThreads;  // voxels per thread in a full 
 // kStage is bounded by the registers the staged logits take (K per voxel), chosen with ptxas
 // (sm_90, nvcc 13.0) for no spills: K = 4, 4 voxels in 3 resident blocks (<= 80 registers);
 // K = 8, 4 (partial, 115 registers at fp32) and 2 (backward, 126) in 2 blocks. Larger K and
-// double precision keep one voxel per stage and may take more registers (fewer resident
-// blocks) rather than spill.
+// double precision keep one voxel per stage with a budget of one block: K = 16 fits (fp32
+// partial 153 registers, backward 196) but K = 32 and double precision spill (fp32 backward
+// 912 bytes stored; fp64 partial ~3 KB), as before the staging (a class count above 16 is rare
+// in the heads this serves; to be looked at with ncu if one matters).
+// The partial and backward kernels assume blockDim.x == kThreads (the tile stride and the
+// red[kWarps] rows): both launches below use it.
 template <typename acc_t, int K>
 constexpr int partial_stage() { return sizeof(acc_t) > 4 ? 1 : K <= 8 ? 4 : 1; }
 template <typename acc_t, int K>

@@ -872,6 +872,40 @@ def test_autocast_fp32_weight_without_grad_and_in_inference_mode(device):
 
 @requires_ext
 @pytest.mark.parametrize("device", DEVICES)
+def test_autocast_fp32_weight_in_a_call_below_autograd(device):
+    # a call that skips the op's autograd kernel (here explicitly, as a caller running below
+    # autograd would) while grad mode is on: the wrapper leaves the fp32 weight to the op, and
+    # the op's body casts it under autocast; without autocast the dtype mix is still refused
+    x, w, bw, bb, rm, rv, _, kw = _inputs(device, torch.float32, (4, 6, 3, 1, 1, 1, (5, 6, 7)))
+    w = w.requires_grad_()
+    xb = x.to(torch.bfloat16)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ref = m3d.ops.conv_bn_relu3d(xb, w.detach().to(torch.bfloat16), bw, bb, rm, rv,
+                                     training=False, **kw)
+        with torch._C._AutoDispatchBelowAutograd():
+            out = m3d.ops.conv_bn_relu3d(xb, w, bw, bb, rm, rv, training=False, **kw)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    with torch._C._AutoDispatchBelowAutograd(), \
+            pytest.raises((RuntimeError, ValueError), match="same dtype as x"):
+        m3d.ops.conv_bn_relu3d(xb, w, bw, bb, rm, rv, training=False, **kw)
+
+
+@requires_ext
+def test_a_device_type_without_autocast_reaches_the_op():
+    # meta tensors (shape propagation): the op's autocast test must not throw torch's
+    # "unknown device type for autocast" before the op runs (it did for a dtype mix); the
+    # meta kernel (the fake implementation) then gives the output's shape in x's dtype
+    x = torch.empty(2, 3, 4, 4, 4, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(5, 3, 3, 3, 3, device="meta", requires_grad=True)
+    p = torch.empty(5, device="meta")
+    out = torch.ops.med3d_ext.conv_bn_relu3d(x, w, p, p, None, None, None, [1] * 3, [1] * 3,
+                                             [1] * 3, True, 1e-5, True, 0)[0]
+    assert out.device.type == "meta" and out.dtype == torch.bfloat16
+    assert out.shape == (2, 5, 4, 4, 4)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
 def test_autocast_with_tensors_made_in_inference_mode(device):
     # a weight and batch made under inference_mode, used with grad on: no tensor argument has
     # the autograd key, so the op's C++ autograd (which casts the fp32 weight) does not run;
