@@ -80,9 +80,10 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
                               "--checkpoint best|last, or the one file")
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
-    from .tasks import resolve_data_dirs
+    from .tasks import check_output_outside_data, resolve_data_dirs
 
     data_dir = resolve_data_dirs(cfg["data"], "evaluate")[0]
+    check_output_outside_data(cfg.get("out"), [data_dir], "--out", "predictions (<case>.nii.gz)")
     ckpt_path = Path(which) if named else find_checkpoint(cfg["run"], which)
     if not cfg.get("run"):
         cfg = dict(cfg, run=str(ckpt_path))
@@ -206,7 +207,18 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         predictor = lambda x: model.forward_head(x, head)  # noqa: E731
     else:
         head, n_cls, predictor = "conv_seg", arch["num_classes"], model
-    check_classes(pre.name, int(pre.num_classes), int(n_cls), head)
+    n_data = int(pre.num_classes)
+    check_classes(pre.name, n_data, int(n_cls), head)
+    # classes 1..scored-1 have ground truth here; a head with more classes than the dataset
+    # declares (another dataset's model, or --head naming another dataset's head) predicts
+    # classes that can only be wrong: kept in the files, counted as spurious, not scored
+    scored = min(int(n_cls), n_data)
+    if scored < n_cls:
+        log(f"warning: head {head!r} predicts {n_cls} classes but dataset {pre.name!r} declares "
+            f"{n_data} (labels 0..{n_data - 1}): classes {n_data}..{n_cls - 1} have no ground "
+            "truth here. They stay in the predicted files, are counted as spurious where "
+            "predicted, and are left out of Dice and HD95. Is this the model (or --head) for "
+            "this dataset?")
     if rec is None and ckpt.get("preprocessing"):
         rec, src = training_recipe(ckpt, ckpt_path, head if arch["task"] == "pretrain" else None)
     if rec is not None:
@@ -248,8 +260,8 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
             lv = read_volume(meta["label"])
             gt = ras_to_source(lv.data[0], lv.ornt).astype(np.int64)
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-            dice = dice_per_class(pred, gt, n_cls)
-            for c in range(1, n_cls):
+            dice = dice_per_class(pred, gt, n_cls)[:scored - 1]
+            for c in range(1, scored):
                 row[f"dice_{c}"] = dice[c - 1]
                 row[f"hd95_{c}"] = hd95(pred == c, gt == c, spacing)
                 # HD95 is NaN (left out of the means, as MONAI does) when one side lacks the
@@ -257,8 +269,10 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
                 in_pred, in_gt = bool((pred == c).any()), bool((gt == c).any())
                 row[f"missed_{c}"] = in_gt and not in_pred
                 row[f"spurious_{c}"] = in_pred and not in_gt
+            for c in range(scored, n_cls):  # no ground truth: any prediction is spurious
+                row[f"spurious_{c}"] = bool((pred == c).any())
             row["dice"] = nanmean(dice)
-            row["hd95"] = nanmean(row[f"hd95_{c}"] for c in range(1, n_cls))
+            row["hd95"] = nanmean(row[f"hd95_{c}"] for c in range(1, scored))
         rows.append(row)
         with bar.external_write_mode():  # the case's line above the bar, not through it
             if row["labelled"]:
@@ -271,7 +285,7 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         raise ConfigError(f"--split {split}: no case of {str(data_dir)!r} to evaluate")
     n_lab = sum(r["labelled"] for r in rows)
     summary = {"run": str(cfg["run"]), "data": str(data_dir), "split": split, "head": head,
-               "num_classes": int(n_cls), "labelled_cases": n_lab,
+               "num_classes": int(n_cls), "scored_classes": scored, "labelled_cases": n_lab,
                "unlabelled_cases": len(rows) - n_lab,
                # means over the labelled cases only; none labelled -> null
                "metrics_over": "labelled cases" if n_lab else "none (no case has a label)",
@@ -279,13 +293,14 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     if split == "test":  # what the test images were preprocessed with
         summary["preprocessing"] = dict(rec, source=src)
     if pre.labels:  # the dataset's names of the classes whose Dice/HD95 the table reports
-        summary["class_names"] = {str(c): str(pre.labels[c]) for c in range(1, n_cls)
+        summary["class_names"] = {str(c): str(pre.labels[c]) for c in range(1, scored)
                                   if c in pre.labels}
-    for c in range(1, n_cls):
+    for c in range(1, scored):
         summary[f"dice_{c}"] = nanmean(r.get(f"dice_{c}") for r in rows)
         summary[f"hd95_{c}"] = nanmean(r.get(f"hd95_{c}") for r in rows)
     for c in range(1, n_cls):
-        summary[f"missed_{c}"] = sum(bool(r.get(f"missed_{c}")) for r in rows)
+        if c < scored:
+            summary[f"missed_{c}"] = sum(bool(r.get(f"missed_{c}")) for r in rows)
         summary[f"spurious_{c}"] = sum(bool(r.get(f"spurious_{c}")) for r in rows)
     summary["dice"] = nanmean(r.get("dice") for r in rows)
     summary["hd95"] = nanmean(r.get("hd95") for r in rows)
@@ -368,7 +383,8 @@ def _fmt(v, spec):
 def format_table(summary) -> str:
     """One line per case and a mean line; an unlabelled case shows "no label" instead of
     metrics, and the mean line says how many labelled cases it averages."""
-    n = summary["num_classes"]
+    n_all = summary["num_classes"]
+    n = summary.get("scored_classes", n_all)  # the classes with ground truth: the columns
     names = summary.get("class_names") or {}
     cls = [f"{c} {names[str(c)]}" if str(c) in names else str(c) for c in range(1, n)]
     head = ["case"] + [f"Dice {c}" for c in cls] + [f"HD95 {c} (mm)" for c in cls]
@@ -388,7 +404,7 @@ def format_table(summary) -> str:
                      "only, Dice and HD95 skipped")
     odd = [f"class {c}: {summary.get(f'missed_{c}', 0)} missed, "
            f"{summary.get(f'spurious_{c}', 0)} spurious"
-           for c in range(1, n) if summary.get(f"missed_{c}") or summary.get(f"spurious_{c}")]
+           for c in range(1, n_all) if summary.get(f"missed_{c}") or summary.get(f"spurious_{c}")]
     if odd:
         lines.append("HD95 is undefined (nan, left out of the mean) where a class is in only one "
                      "of prediction and label: " + "; ".join(odd))

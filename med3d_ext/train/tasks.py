@@ -26,7 +26,8 @@ from .metrics import batch_dice, dice_per_class, nanmean
 
 __all__ = ["DataFolderError", "resolve_data_dirs", "open_preprocessed", "split_cases",
            "subset", "head_name", "pretrain_job", "transfer_seg_job", "transfer_cls_job",
-           "read_cls_csv", "cls_case_names", "load_cls_volume", "check_classes", "input_channel"]
+           "read_cls_csv", "cls_case_names", "load_cls_volume", "check_classes", "input_channel",
+           "check_output_outside_data"]
 
 
 class DataFolderError(FileNotFoundError):
@@ -76,6 +77,42 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
         raise ConfigError(f"{command} takes one dataset, but --data {' '.join(map(str, paths))} "
                           f"holds {len(out)}: {', '.join(q.name for q in out)}; name one")
     return out
+
+
+def source_folders(data_dir) -> set:
+    """The folders that hold a dataset's own files, resolved: its root (dataset.json,
+    labels.csv, a MedicalNet list's folder) and every folder with one of its images or labels,
+    training and test splits."""
+    from med3d_ext.data import DataError, load_dataset
+
+    p = Path(data_dir)
+    folders = {(p.parent if p.is_file() else p).resolve()}
+    for split in ("train", "test"):
+        try:
+            ds = load_dataset(p, skip_bad=True, split=split)
+        except (DataError, ValueError, OSError):  # no such split; a broken one is said later
+            continue
+        for case in ds.cases:
+            for f in [*case.images, case.label]:
+                if f is not None:
+                    folders.add(Path(f).resolve().parent)
+    return folders
+
+
+def check_output_outside_data(out, data_dirs, option: str, writes: str) -> None:
+    """Refuse an output folder that is one of the datasets' own folders: ``writes`` (what
+    goes there) could overwrite their images or labels (evaluate's ``<case>.nii.gz`` has the
+    name of an MSD label file), and a later run would read the outputs as data."""
+    if not out:
+        return
+    o = Path(out).resolve()
+    for d in data_dirs:
+        if o in source_folders(d):
+            raise ConfigError(
+                f"{option} {str(out)!r} is a folder of the dataset {str(d)!r} (it holds the "
+                f"dataset's own images, labels or dataset.json); {writes} there could overwrite "
+                f"them or be read as data. Write to a folder of its own, e.g. {option} "
+                f"{str(Path(d).resolve().parent / (Path(d).stem + '-' + writes.split()[0]))!r}")
 
 
 def _cache_of(folder: Path, path) -> bool:

@@ -1,0 +1,87 @@
+"""Outputs never land on a dataset's own files, and evaluate says when the model predicts
+classes the dataset does not have (both found by a black-box audit of the CLI: evaluate
+--out DATASET/labelsTr replaced every label with a prediction and then scored Dice 1.000; a
+3-class model on a 2-class dataset scored the undeclared class as Dice 0 in every mean)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from med3d_ext.train.cli import main
+
+from .conftest import tiny_args
+
+pytest.importorskip("med3d_ext.models")
+pytest.importorskip("med3d_ext.data")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("guards") / "kidney"
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], out, "--from-scratch", "--epochs",
+                                        1, "--steps", 1, "--cache", tiny_data["cache"])]) == 0
+    return out
+
+
+def _digests(folder):
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _eval(data, cache, *extra):
+    return main(["evaluate", "--data", data, "--device", "cpu", "--cache", cache,
+                 "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("where", ["labelsTr", "imagesTr", "."])
+def test_evaluate_refuses_an_out_folder_of_the_dataset(run, tiny_data, tmp_path, capsys, where):
+    data = tmp_path / "Task11_Kidney"
+    shutil.copytree(tiny_data["transfer"], data)
+    before = _digests(data)
+    out = data / where
+    assert _eval(data, tmp_path / "cache", "--run", run, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert f"--out {str(out)!r} is a folder of the dataset" in err, err
+    assert "Write to a folder of its own" in err
+    assert _digests(data) == before  # nothing written, nothing replaced
+    # a folder of its own inside the dataset's folder is fine
+    assert _eval(data, tmp_path / "cache", "--run", run, "--out", data / "predictions") == 0
+    assert (data / "predictions" / "metrics.json").is_file()
+    assert {k: v for k, v in _digests(data).items() if k in before} == before
+
+
+def test_training_refuses_an_out_folder_of_the_dataset(tiny_data, tmp_path, capsys):
+    data = tmp_path / "Task11_Kidney"
+    shutil.copytree(tiny_data["transfer"], data)
+    before = _digests(data)
+    rc = main(["transfer", *tiny_args(data, data / "labelsTr", "--from-scratch", "--epochs", 1,
+                                      "--steps", 1, "--cache", tmp_path / "cache")])
+    assert rc == 2
+    assert "is a folder of the dataset" in capsys.readouterr().err
+    assert _digests(data) == before
+
+
+def test_evaluate_scores_only_the_classes_the_dataset_declares(run, tiny_data, tmp_path,
+                                                               capsys):
+    # the kidney run predicts 3 classes; the spleen dataset declares 2 (background, spleen)
+    spleen = tiny_data["pretrain"] / "Task09_Spleen"
+    assert len(json.loads((spleen / "dataset.json").read_text())["labels"]) == 2
+    capsys.readouterr()
+    assert _eval(spleen, tiny_data["cache"], "--run", run, "--out", tmp_path / "p") == 0
+    out = capsys.readouterr().out
+    assert "warning: head 'conv_seg' predicts 3 classes but dataset" in out, out
+    assert "classes 2..2 have no ground truth here" in out
+    header = next(ln for ln in out.splitlines() if ln.startswith("case |"))
+    assert "Dice 1" in header and "Dice 2" not in header and "HD95 2" not in header
+    m = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert m["num_classes"] == 3 and m["scored_classes"] == 2
+    assert "dice_2" not in m and "hd95_2" not in m and "missed_2" not in m
+    assert isinstance(m["spurious_2"], int)
+    for r in m["cases"]:  # the case mean is the mean over the declared classes
+        assert "dice_2" not in r
+        assert (r["dice"] is None and r["dice_1"] is None) or r["dice"] == pytest.approx(r["dice_1"])
