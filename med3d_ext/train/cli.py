@@ -95,11 +95,28 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
                 raise C.ConfigError(
                     f"--resume {str(run)!r}: {key} {cfg[key]!r} differs from the run's "
                     f"{base[key]!r}, and {why}; resume with the run's {key}, or start a new run")
+        _check_resumed_data(run, base.get("data"), cfg.get("data"))
         cfg["out"] = str(run)
         cfg["resume"] = str(run)
     if cmd in ("pretrain", "transfer"):
         C.check_training(cfg)
     return cfg
+
+
+def _check_resumed_data(run: Path, saved, given) -> None:
+    """A resumed run trains on the data it started with: a --data naming other datasets was
+    taken silently (a kidney run went on with liver, its metrics and best checkpoint mixing
+    the two). Compared by folder name, so a dataset moved to another disk can still be named
+    at its new place."""
+    if not saved or not given:
+        return
+    names = lambda paths: sorted(Path(str(d)).name for d in paths)  # noqa: E731
+    if names(saved) != names(given):
+        raise C.ConfigError(
+            f"--resume {str(run)!r}: --data {' '.join(map(str, given))} is not the run's data "
+            f"({' '.join(map(str, saved))}); a resumed run goes on with the same dataset(s) "
+            "(a folder moved elsewhere, same name, is fine). Drop --data, or start a new run "
+            "to train on other data")
 
 
 # What a resumed run cannot change (the learning rates, momentum, weight decay, epochs and the

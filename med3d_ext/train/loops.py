@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -244,6 +245,12 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
     sched = build_scheduler(opt, cfg, total)
     amp = autocast_dtype(cfg["amp"], dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+    if resume_from is None and ctx.is_main:
+        # a fresh run in a folder where an earlier one stopped before its first checkpoint
+        # ("run the same command again to start over"): its rows and events would otherwise
+        # stay, and every step it logged would be in the log twice
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
     logger = RunLogger(run_dir, enabled=ctx.is_main)
     start, best, target_step = 0, {"score": -math.inf, "step": -1}, None
     frozen = False

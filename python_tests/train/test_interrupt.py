@@ -75,10 +75,18 @@ def test_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     # before any checkpoint: nothing to resume, and the message says so
+    cfg1 = dict(cfg, log_every=1)
+    (tmp_path / "fresh").mkdir()  # as the CLI makes it
     with pytest.raises(TrainingInterrupted, match="no checkpoint was written yet"):
-        run_training(cfg, _job(torch.nn.Linear(3, 1), _twice_at({"n": 0}, 2), 6),
+        run_training(cfg1, _job(torch.nn.Linear(3, 1), _twice_at({"n": 0}, 3), 6),
                      tmp_path / "fresh")
     assert not (tmp_path / "fresh" / "last.pt").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "fresh" / "metrics.jsonl")] == [1, 2]
+    # ... and doing what it says (the same run again) starts over: each step logged once
+    run_training(cfg1, _job(torch.nn.Linear(3, 1), _twice_at({"n": 0}, 99), 6),
+                 tmp_path / "fresh")
+    rows = read_metrics(tmp_path / "fresh" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
 def test_ctrl_c_on_the_cli_saves_mid_epoch_and_resumes_bitwise(tiny_data, tmp_path):

@@ -159,6 +159,11 @@ def test_cli_resume_rules_and_evaluate_checkpoint_conflict(tiny_data, tmp_path):
                            ("--steps", 3, "steps 3 differs")):
         r = _run(["transfer", "--resume", run, "--epochs", 3, opt, val, "--no-progress"])
         assert r.returncode == 2 and what in r.stderr, r.stderr[-2000:]
+    # other data: refused (a kidney run went on with liver, silently)
+    liver = tiny_data["pretrain"] / "Task03_Liver"
+    r = _run(["transfer", "--resume", run, "--epochs", 3, "--data", liver, "--no-progress"])
+    assert r.returncode == 2 and f"--data {liver} is not the run's data" in r.stderr, \
+        r.stderr[-2000:]
     assert (run / "config.yaml").read_text() == before
     # evaluate: --run FILE with --checkpoint naming another is a conflict, not a silent pick
     r = _run(["evaluate", "--run", run / "best.pt", "--checkpoint", "last", "--data",
@@ -264,3 +269,14 @@ def test_cls_loader_flips_only_with_augment():
             assert torch.equal(p["image"][k], imgs[int(c)])  # never flipped
             flipped += not torch.equal(a["image"][k], imgs[int(c)])
     assert flipped > 0
+
+
+def test_resumed_data_compares_dataset_names_not_paths(tmp_path):
+    from med3d_ext.train.cli import _check_resumed_data
+
+    run = tmp_path / "run"
+    _check_resumed_data(run, ["/a/Task11_Kidney"], ["/elsewhere/Task11_Kidney"])  # moved
+    _check_resumed_data(run, ["/a/x", "/a/y"], ["/b/y", "/b/x"])  # same datasets, any order
+    _check_resumed_data(run, ["/a/x"], None)  # not given: the run's own
+    with pytest.raises(C.ConfigError, match="is not the run's data"):
+        _check_resumed_data(run, ["/a/x", "/a/y"], ["/a/x"])
