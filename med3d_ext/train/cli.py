@@ -69,12 +69,13 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
     explicit = set() if explicit is None else explicit
     cfg = C.resolve(cmd, cli, ns.config, ns.overrides, explicit=explicit)
     if cmd != "evaluate" and cfg.get("resume"):
-        run = Path(cfg["resume"])
-        run = run.parent if run.is_file() else run
+        given = Path(cfg["resume"])
+        run = given.parent if given.is_file() else given
         saved = run / "config.yaml"
         if not saved.is_file():
-            raise C.ConfigError(f"--resume {str(run)!r}: no config.yaml there (not a run "
-                                "folder)")
+            where = f"in {str(run)!r}, the file's folder" if given.is_file() else "there"
+            raise C.ConfigError(f"--resume {str(given)!r}: no config.yaml {where} (not a run "
+                                "folder, nor a checkpoint in one)")
         if not any((run / f).is_file() for f in ("last.pt", "best.pt")):
             raise C.ConfigError(f"--resume {str(run)!r}: the run stopped before its first "
                                 f"checkpoint; start it again with --out {run} (no --resume)")
@@ -97,7 +98,8 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
                     f"{base[key]!r}, and {why}; resume with the run's {key}, or start a new run")
         _check_resumed_data(run, base.get("data"), cfg.get("data"))
         cfg["out"] = str(run)
-        cfg["resume"] = str(run)
+        # a checkpoint named by its file is the one resumed (RUN/best.pt went on from last.pt)
+        cfg["resume"] = str(given) if given.is_file() else str(run)
     if cmd in ("pretrain", "transfer"):
         C.check_training(cfg)
     return cfg
@@ -276,6 +278,11 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                 text = json.dumps(job.extra["preprocessing"], indent=1)
                 atomic_write(run / "preprocessing.json", lambda t: Path(t).write_text(text))
         save = save if ctx.is_main else None
+        named = Path(cfg["resume"]) if cfg.get("resume") else None
+        if ctx.is_main and named is not None and named.is_file() and \
+                named.resolve() != (run / "last.pt").resolve() and (run / "last.pt").is_file():
+            log(f"resuming from {named} as named (not the run's last.pt): the steps after it "
+                f"are trained again, and {run / 'last.pt'} is replaced at the next save")
         summary = run_training(cfg, job, run, ctx, resume_from=cfg.get("resume"),
                                on_start=save)
         if ctx.is_main and cfg.get("resume") and summary["start_step"] >= summary["steps"]:

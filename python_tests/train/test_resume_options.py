@@ -280,3 +280,28 @@ def test_resumed_data_compares_dataset_names_not_paths(tmp_path):
     _check_resumed_data(run, ["/a/x"], None)  # not given: the run's own
     with pytest.raises(C.ConfigError, match="is not the run's data"):
         _check_resumed_data(run, ["/a/x", "/a/y"], ["/a/x"])
+
+
+def test_resume_from_a_named_checkpoint_file(tiny_data, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    base = tiny_args(tiny_data["transfer"], run, "--from-scratch", "--cache", tiny_data["cache"],
+                     "--epochs", 1)
+    assert main(["transfer", *base]) == 0
+    shutil.copy(run / "last.pt", run / "early.pt")  # step 2
+    assert main(["transfer", "--resume", run, "--epochs", 2, "--no-progress"]) == 0  # to 4
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
+    capsys.readouterr()
+    # the file named is the one resumed (RUN/best.pt used to go on from last.pt, silently)
+    assert main(["transfer", "--resume", run / "early.pt", "--epochs", 3, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'early.pt'} as named" in out, out
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 3..4 trained again, logged once
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 6
+    # a file outside any run folder is named in the refusal (it named the folder '.')
+    (tmp_path / "afile").write_text("x")
+    assert main(["transfer", "--resume", tmp_path / "afile", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {str(tmp_path / 'afile')!r}: no config.yaml in" in err, err
