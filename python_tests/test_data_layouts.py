@@ -140,6 +140,37 @@ def test_malformed_dataset_json(tmp_path, field, value, want):
     assert "dataset.json" in str(e.value)
 
 
+@pytest.mark.parametrize("typo,key,said", [
+    ("modalty", "modality", "normalised as MR, not CT"),
+    ("label", "labels", "taken from the label files' values"),
+    ("trainig", "training", "no training case was found"),
+    ("nmae", "name", "the folder's name named the dataset"),
+])
+def test_misspelt_dataset_json_keys_are_refused(tmp_path, typo, key, said):
+    """A misspelt key was ignored and its default used: "modalty" normalised a CT dataset as
+    MR without a word, "label" took the classes from the voxel values, "trainig" ended in
+    "empty dataset" (black-box audit of the CLI)."""
+    root = make_msd(tmp_path / "ds", n=1, modality="CT")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta[typo] = meta.pop(key)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"key '{typo}' is not one med3d_ext reads; did you "
+                                        rf"mean '{key}'\?") as e:
+        load_dataset(root)
+    assert "dataset.json" in str(e.value) and said in str(e.value)
+
+
+def test_dataset_json_keys_that_are_not_typos_are_accepted(tmp_path):
+    # other MSD / nnU-Net keys, a custom key close to one that is present, and nnU-Net's
+    # channel_names standing for MSD's modality
+    root = make_msd(tmp_path / "ds", n=1, modality="CT")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta.update({"description": "x", "tensorImageSize": "3D", "numTest": 0, "label": "extra",
+                 "licence": "CC"})
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert load_dataset(root).modality == "CT"
+
+
 @pytest.mark.parametrize("text,got", [("null", "NoneType"), ("[1, 2]", "list"), ('"x"', "str")])
 def test_dataset_json_that_is_not_an_object(tmp_path, text, got):
     # null gave "argument of type 'NoneType' is not iterable"

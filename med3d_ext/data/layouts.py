@@ -122,6 +122,41 @@ def _load_json(path: Path) -> dict:
     return meta
 
 
+# dataset.json keys the loaders read, and what a misspelt one silently changed (the key was
+# ignored and its default used): a key close to one of these, with that key (or the one that
+# takes its role in the other layout) absent, is refused as a typo.
+_READ_KEYS = {
+    "modality": "every channel was read as 'unknown' and normalised as MR, not CT",
+    "channel_names": "the file was read as an MSD dataset.json",
+    "labels": "the classes were taken from the label files' values",
+    "training": "no training case was found",
+    "test": "the test images were taken from imagesTs/",
+    "file_ending": "files were looked for as .nii.gz",
+    "name": "the folder's name named the dataset (and its head)",
+}
+_SAME_ROLE = {"modality": "channel_names", "channel_names": "modality"}
+# keys of MSD / nnU-Net files that nothing here reads, and which are not typos
+_OTHER_KEYS = {"description", "reference", "licence", "license", "release", "tensorImageSize",
+               "numTraining", "numTest", "overwrite_image_reader_writer",
+               "regions_class_order", "dataset_name", "converted_by", "author"}
+
+
+def _check_key_typos(js: Path, meta: dict) -> None:
+    import difflib
+
+    for key in meta:
+        if key in _READ_KEYS or key in _OTHER_KEYS or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, list(_READ_KEYS), n=1, cutoff=0.75)
+        if not close:
+            continue
+        want = close[0]
+        if want in meta or _SAME_ROLE.get(want) in meta:
+            continue
+        raise DataError(js, f"key {key!r} is not one med3d_ext reads; did you mean {want!r}? "
+                            f"(Read as written, {_READ_KEYS[want]}.)")
+
+
 def _entry(js: Path, what: str, entry) -> tuple[str, str | None]:
     """(image, label or None) of a dataset.json training/test entry: a path string or an
     {"image": path, "label": path} object, or a DataError showing the entry."""
@@ -455,6 +490,7 @@ def load_dataset(path, *, skip_bad: bool = False, split: str = "train") -> Datas
         ds = _load_classification(path)
     else:
         meta = _load_json(path / "dataset.json")
+        _check_key_typos(path / "dataset.json", meta)
         if layout == "msd":
             ds = _load_msd_test(path, meta) if split == "test" else _load_msd(path, meta)
         else:
