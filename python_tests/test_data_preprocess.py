@@ -205,6 +205,29 @@ def test_cache_skip_and_invalidate(tmp_path):
     assert again.names == pre.names and again.num_classes == 3
 
 
+def test_a_spacing_given_to_a_cache_is_kept_by_later_calls(tmp_path):
+    """`data preprocess DS --spacing S --out CACHE`, then training with --cache CACHE (which
+    gives no spacing): the cache's S is used and no case is redone (every case was redone at
+    the median spacing and the cache overwritten, silently). A cache made at the median stays
+    at the median."""
+    root = make_msd(tmp_path / "ds", n=2, spacing=(1.0, 1.2, 2.0))
+    cache = tmp_path / "cache"
+    pre = preprocess(root, cache, progress=False, workers=0, target_spacing=(2.5, 2.5, 3.0))
+    assert pre.info["target_spacing"] == [2.5, 2.5, 3.0]
+    again = preprocess(root, cache, progress=False, workers=0)
+    assert again.info["target_spacing"] == [2.5, 2.5, 3.0]
+    assert again.info["target_spacing_from"] == "given"
+    assert again.stats["processed"] == 0 and again.stats["reused"] == 2
+    # another spacing given explicitly replaces it
+    other = preprocess(root, cache, progress=False, workers=0, target_spacing=2.0)
+    assert other.info["target_spacing"] == [2.0, 2.0, 2.0] and other.stats["processed"] == 2
+    med = tmp_path / "median"
+    m = preprocess(root, med, progress=False, workers=0)
+    assert m.info["target_spacing_from"] == "median"
+    assert preprocess(root, med, progress=False, workers=0).info["target_spacing"] == \
+        m.info["target_spacing"]
+
+
 def test_parallel_workers_match_serial(tmp_path):
     """Spawned workers give the same cache as in-process, and report bad cases the same."""
     root = make_msd(tmp_path / "ds", n=4)

@@ -294,7 +294,8 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     workers: processes (default: min(cpu count, 8), in-process below 4 cases to do; 0 = in
              this process)
     skip_bad: drop bad cases with a warning listing them, instead of raising DataError
-    target_spacing: mm per axis (default: the dataset's median spacing)
+    target_spacing: mm per axis (default: the spacing an earlier call was given for this
+             cache folder, else the dataset's median spacing)
     ct_clip: "dataset" (default): CT channels are clipped to the 0.5-99.5 percentiles of this
              dataset's labelled foreground; or the clip range to use instead, one [lo, hi] (or
              None) per channel, e.g. a training set's ``info["ct_clip"]`` when preprocessing
@@ -338,8 +339,17 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     channels.apply()
     if not good:
         raise DataError(ds.root, "empty dataset: no usable cases")
-    if target_spacing is None:
-        target_spacing = np.median(np.stack(spacings), 0)
+    spacing_from = "median"
+    if target_spacing is not None:
+        spacing_from = "given"
+    else:
+        # a spacing chosen for this cache (`data preprocess --spacing`) is kept: training's
+        # --cache CACHE redid every case at the median spacing and overwrote it, silently
+        target_spacing = _given_spacing(out)
+        if target_spacing is not None:
+            spacing_from = "given"
+        else:
+            target_spacing = np.median(np.stack(spacings), 0)
     target = [round(float(t), 4) for t in np.broadcast_to(np.asarray(target_spacing), 3)]
     settings = {"recipe": RECIPE_VERSION, "target_spacing": target, "seed": seed,
                 "labels": sorted(ds.labels) if ds.labels else None}
@@ -371,7 +381,8 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
         "cache_version": CACHE_VERSION, "name": ds.name, "root": str(Path(ds.root).resolve()), "layout": ds.layout,
         "channels": ds.channels,
         "labels": {str(k): v for k, v in ds.labels.items()} if ds.labels else None,
-        "modality": ds.modality, "target_spacing": target, "cases": names,
+        "modality": ds.modality, "target_spacing": target,
+        "target_spacing_from": spacing_from, "cases": names,
         "problems": problems, "ct_clip": norm,
         "ct_clip_from": "dataset" if isinstance(ct_clip, str) else "given",
         "targets": [ds.targets[n] for n in names] if ds.targets is not None else None,
@@ -382,6 +393,23 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     pre.stats = {"processed": len(todo) - len(failed), "seconds": seconds,
                  "reused": len(good) - len(todo)}
     return pre
+
+
+def _given_spacing(out: Path):
+    """The target spacing an earlier preprocess call was given for this cache folder (its
+    cache.json says so), or None (none given, no readable cache.json)."""
+    try:
+        info = json.loads((out / "cache.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("target_spacing_from") != "given":
+        return None
+    ts = info.get("target_spacing")
+    try:
+        ts = [float(v) for v in ts]
+    except (TypeError, ValueError):
+        return None
+    return ts if len(ts) == 3 and all(np.isfinite(ts)) and min(ts) > 0 else None
 
 
 class _ChannelCount:
