@@ -116,6 +116,11 @@ def _read_file(path: Path) -> tuple[dict, str, dict]:
                 f"could not read safetensors file {str(path)!r}: truncated or corrupted "
                 f"({type(e).__name__}: {e})") from e
         return sd, "safetensors", meta
+    foreign = not_torch_save_file(path)
+    if foreign:
+        raise MedicalNetWeightsError(f"could not read {str(path)!r}: it {foreign}; give a "
+                                     "MedicalNet .pth, one of our checkpoints or a .safetensors "
+                                     "file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -143,6 +148,27 @@ def _read_file(path: Path) -> tuple[dict, str, dict]:
             f"could not read {str(path)!r}: truncated or not a PyTorch weights file "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     return _unwrap(obj, str(path))
+
+
+def not_torch_save_file(path) -> str | None:
+    """Why ``path`` cannot be a torch.save file, judged by its first bytes (torch.save writes a
+    zip archive; files of torch < 1.6 are a pickle), or None when it may be one. Turns
+    torch.load's bare "KeyError: 101" (a text file) into a sentence naming what the file is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return None
+    if not head:
+        return "is empty"
+    text = head.decode("utf-8", "replace")
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return (f"is a text file (it starts with {first!r}), not a PyTorch file (torch.save "
+                "writes a zip archive)")
+    return f"is not a PyTorch file (torch.save writes a zip archive; it starts with {head[:8]!r})"
 
 
 def _global_exists(name: str) -> bool:

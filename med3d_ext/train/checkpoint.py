@@ -126,10 +126,18 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    from med3d_ext.models.weights import not_torch_save_file
+
+    foreign = not_torch_save_file(path)
+    if foreign:  # torch.load said "KeyError: 101" of a text file (a config.yaml, say)
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint: it {foreign}. A run folder "
+                              "holds best.pt and last.pt")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - a torn or foreign file: say which
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {e}") from e
+        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's 1st
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(e).__name__}: "
+                              f"{why} (a file cut short, or not a med3d_ext checkpoint)") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a med3d_ext checkpoint (no "
                               f"format={FORMAT!r}); MedicalNet weights go to transfer "

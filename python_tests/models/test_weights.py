@@ -338,7 +338,8 @@ def test_truncated_file(tmp_path, full_files, kind, frac):
 def test_not_a_weights_file_is_one_line(tmp_path):
     p = tmp_path / "notes.pth"
     p.write_bytes(b"not a torch file at all, just some bytes")
-    with pytest.raises(MedicalNetWeightsError, match="notes.pth.*not a PyTorch weights file") as e:
+    with pytest.raises(MedicalNetWeightsError, match=r"notes.pth.*is a text file \(it starts with "
+                                                     r"'not a torch file at all.*not a PyTorch file") as e:
         load_medicalnet_weights(resnet3d(10), p)
     assert "\n" not in str(e.value)
 

@@ -63,9 +63,23 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"state_dict": {}}, p)
     with pytest.raises(ck.CheckpointError, match="not a med3d_ext checkpoint"):
         ck.load_checkpoint(p)
-    p.write_bytes(b"garbage")
-    with pytest.raises(ck.CheckpointError, match="cannot read"):
+    # a text file (a run's config.yaml given for its checkpoint): torch.load said
+    # "KeyError: 101", or "pop from empty list"
+    p.write_bytes(b"amp: auto\nbatch_size: 2\n")
+    with pytest.raises(ck.CheckpointError, match=r"x.pt' is not a checkpoint: it is a text file "
+                                                 r"\(it starts with 'amp: auto'\)"):
         ck.load_checkpoint(p)
+    p.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ck.CheckpointError, match=r"is not a PyTorch file .*starts with b'\\x00"):
+        ck.load_checkpoint(p)
+    p.write_bytes(b"")
+    with pytest.raises(ck.CheckpointError, match="is empty"):
+        ck.load_checkpoint(p)
+    torch.save({"format": ck.FORMAT, "w": torch.zeros(1000)}, p)
+    p.write_bytes(p.read_bytes()[:2000])  # cut short: torch's first sentence, one line
+    with pytest.raises(ck.CheckpointError, match=r"cannot read checkpoint .*\(a file cut short") as e:
+        ck.load_checkpoint(p)
+    assert "\n" not in str(e.value) and "high likelihood" not in str(e.value)
     with pytest.raises(ck.CheckpointError, match="does not exist"):
         ck.load_checkpoint(tmp_path / "none.pt")
 
