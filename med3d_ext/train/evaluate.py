@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, atomic_write, find_checkpoint, load_checkpoint
-from .config import ConfigError
+from .config import ConfigError, load_config
 from .inference import sliding_window_probs
 from .loops import autocast_dtype
 from .metrics import dice_per_class, hd95, nanmean
@@ -88,6 +88,8 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     if not cfg.get("run"):
         cfg = dict(cfg, run=str(ckpt_path))
     ckpt = load_checkpoint(ckpt_path)
+    if named:
+        _check_checkpoint_of_run(cfg.get("run"), ckpt_path, ckpt)
     if cfg.get("head") and ckpt["arch"]["task"] != "pretrain":  # else ignored: one head
         raise ConfigError(f"--head {cfg['head']!r}: only a pretraining run has named heads; "
                           f"this {ckpt['arch']['task']} run has one (drop --head)")
@@ -113,6 +115,24 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
                               "from a labels.csv (--split all)")
         return _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log)
     return _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, log)
+
+
+def _check_checkpoint_of_run(run, ckpt_path, ckpt) -> None:
+    """--run FOLDER with --checkpoint FILE of another kind of run (a classification
+    checkpoint with a segmentation run) is a mix-up: it was evaluated as the file's kind and
+    failed on the data with a message about labels.csv."""
+    if not run or not Path(run).is_dir() or not (Path(run) / "config.yaml").is_file():
+        return
+    try:
+        saved = load_config(Path(run) / "config.yaml") or {}
+    except Exception:  # noqa: BLE001 - an unreadable config.yaml: nothing to compare with
+        return
+    run_kind = {"seg": "segmentation", "cls": "classification"}.get(saved.get("task"),
+                                                                     "pretrain")
+    if ckpt["arch"].get("task") != run_kind:
+        raise ConfigError(f"--checkpoint {str(ckpt_path)!r} is a {ckpt['arch'].get('task')} "
+                          f"checkpoint, but --run {str(run)!r} is a {run_kind} run; give the "
+                          "checkpoint of that run (--checkpoint best|last) or drop --run")
 
 
 def training_recipe(ckpt: dict, ckpt_path, head: str | None) -> tuple[dict, str]:

@@ -131,3 +131,20 @@ def test_disk_error_while_results_are_written_keeps_no_torn_file(run, tiny_data,
     monkeypatch.setattr(ck.os, "fsync", real_fsync)
     assert (out / "metrics.json").read_text() == good
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name or p.name.startswith(".")]
+
+
+def test_checkpoint_of_another_kind_of_run_is_a_mix_up(run, tiny_data, tmp_path, capsys):
+    # a classification checkpoint named with a segmentation run folder: it was evaluated as a
+    # classifier and failed with "classification needs a labels.csv"
+    cls = tmp_path / "cls"
+    assert main(["transfer", *tiny_args(tiny_data["cls"], cls, "--task", "cls", "--from-scratch",
+                                        "--epochs", 1, "--steps", 1)]) == 0
+    capsys.readouterr()
+    assert _eval(tiny_data, "--run", run, "--checkpoint", cls / "best.pt", "--out",
+                 tmp_path / "p") == 2
+    err = capsys.readouterr().err
+    assert "is a classification checkpoint, but --run" in err and "segmentation run" in err
+    assert not (tmp_path / "p").exists()
+    # the run's own checkpoint named as a file is fine
+    assert _eval(tiny_data, "--run", run, "--checkpoint", run / "last.pt", "--out",
+                 tmp_path / "q") == 0
