@@ -166,6 +166,7 @@ VALID: dict[str, tuple] = {
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "schedule": (lambda v: v in ("poly", "cosine", "constant"), "poly | cosine | constant"),
     "freeze_epochs": (lambda v: v >= 0, ">= 0"),
+    "target_dice": (lambda v: 0 <= v <= 1, "in [0, 1] (a Dice score, or an accuracy)"),
     "grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "fg_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "val_fraction": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
@@ -422,6 +423,18 @@ def check_training(cfg: dict) -> None:
                 f"layers would see one value per channel ({'x'.join(map(str, deep))} voxel at "
                 "1/8 of the patch, one sample), which training cannot normalise; use "
                 "--batch-size 2 or more, or a patch with a side of 16 or more")
+
+
+    if cfg.get("freeze_epochs") and cfg.get("from_scratch"):
+        # it trained the heads on a randomly initialised encoder that never learnt
+        raise ConfigError(f"--freeze-epochs {cfg['freeze_epochs']} with --from-scratch would "
+                          "freeze a randomly initialised encoder; drop --freeze-epochs (it is "
+                          "for a pretrained encoder)")
+    mode = cfg.get("compile_mode", "default")
+    if mode != "default" and not cfg.get("compile"):
+        import warnings
+
+        warnings.warn(f"--compile-mode {mode} has no effect without --compile", stacklevel=2)
 
 
 def save_config(cfg: dict, path) -> Path:

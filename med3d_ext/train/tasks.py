@@ -454,8 +454,8 @@ def _pretrained_arch(cfg):
         from med3d_ext.models import infer_medicalnet_depth
 
         if Path(path).is_dir():
-            have = [f.name for f in sorted(Path(path).iterdir()) if f.suffix in
-                    (".pt", ".pth", ".safetensors")]
+            have = [f.name for f in sorted(Path(path).iterdir()) if f.is_file() and f.suffix
+                    in (".pt", ".pth", ".safetensors")]
             raise ConfigError(f"--pretrained {path!r} is a folder; name a weights file in it"
                               + (f" (it holds {', '.join(have)})" if have else ""))
         if not Path(path).is_file():
@@ -466,7 +466,14 @@ def _pretrained_arch(cfg):
                               f"{shortcut}) but --depth {cfg['depth']} was asked; drop --depth "
                               f"(transfer reads it from the file) or pick a ResNet-"
                               f"{cfg['depth']} file")
-        return depth, cfg.get("shortcut_type") or shortcut
+        asked = cfg.get("shortcut_type")
+        if asked and shortcut and asked != shortcut:
+            # it failed later in the weight loader, with Python advice (resnet3d(...))
+            raise ConfigError(f"--pretrained {path!r} holds a ResNet-{depth} encoder with "
+                              f"shortcut {shortcut}, but --shortcut-type {asked} was asked; "
+                              "drop --shortcut-type (transfer reads it from the file) or pick a "
+                              f"file with shortcut {asked}")
+        return depth, asked or shortcut
     if not cfg.get("from_scratch"):
         raise ConfigError("transfer needs --pretrained PATH (our checkpoint, a MedicalNet .pth "
                           "or .safetensors) or --from-scratch")

@@ -87,7 +87,7 @@ def test_bad_values(key, value):
     ("optimizer", "adam", "sgd | adamw"), ("overlap", "1.0", "in [0, 1)"),
     ("val_fraction", "1", "[0, 1)"), ("lr", "0", "> 0"), ("fg_fraction", "1.5", "[0, 1]"),
     ("amp", "fp8", "bf16"), ("label_grid", "voxel", "logits | patch"), ("steps", "0", ">= 1"),
-    ("compile_mode", "fast", "default | reduce-overhead")])
+    ("compile_mode", "fast", "default | reduce-overhead"), ("target_dice", "2", "in [0, 1]")])
 def test_out_of_range_values_name_key_value_and_range(key, value, want):
     with pytest.raises(C.ConfigError) as e:
         C.resolve("pretrain", overrides=[f"{key}={value}"])
@@ -163,3 +163,15 @@ def test_num_workers_auto(monkeypatch):
         C.resolve("pretrain", overrides=["num_workers=-1"])
     with pytest.raises(C.ConfigError, match=r"num_workers: expected an int or auto, got 'many'"):
         C.resolve("pretrain", overrides=["num_workers=many"])
+
+
+def test_option_combinations_that_do_nothing_useful():
+    # --freeze-epochs with --from-scratch froze a random encoder (validation 0.0000, silently)
+    cfg = C.resolve("transfer", overrides=["freeze_epochs=2", "from_scratch=true"])
+    with pytest.raises(C.ConfigError, match="would freeze a randomly initialised encoder"):
+        C.check_training(cfg)
+    C.check_training(C.resolve("transfer", overrides=["freeze_epochs=2"]))  # pretrained: fine
+    # --compile-mode without --compile was ignored without a word
+    with pytest.warns(UserWarning, match="--compile-mode reduce-overhead has no effect without "
+                                         "--compile"):
+        C.check_training(C.resolve("pretrain", overrides=["compile_mode=reduce-overhead"]))
