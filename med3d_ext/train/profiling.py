@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -39,22 +40,31 @@ SYNC_WARNING = "called a synchronizing CUDA operation"
 
 class SyncRecorder:
     """Records the synchronising CUDA operations of a window of steps: torch's sync debug
-    mode is set to "warn" on entry and each of its warnings is counted by the line of Python
-    that caused it (the autograd engine's own threads have no Python frame: "<backward>").
-    Other warnings raised in the window are shown again on exit, as they would have been.
-    ``cuda=False``: records nothing (the CPU has nothing to wait for)."""
+    mode is set to "warn" on entry, and each of its warnings is counted by the line of Python
+    that caused it instead of being shown (the autograd engine's threads have no Python frame
+    of their own: "<backward>"). Every other warning is shown as it would be, through the same
+    filters (only the sync warning's filter and the display function are swapped, inside a
+    ``warnings.catch_warnings`` that restores both). ``cuda=False``: records nothing (the CPU
+    has nothing to wait for)."""
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
         self.sites = collections.Counter()
-        self._cm = self._log = None
+        self._cm = None
         self._prev_mode = 0
 
     def __enter__(self):
         if self.cuda:
-            self._cm = warnings.catch_warnings(record=True)
-            self._log = self._cm.__enter__()
-            warnings.simplefilter("always")
+            self._cm = warnings.catch_warnings()
+            self._cm.__enter__()
+            shown = warnings.showwarning
+            # each sync is counted, not de-duplicated per location as a warning would be
+            warnings.filterwarnings("always", message=f".*{SYNC_WARNING}")
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                if not self.count(message, filename, lineno):
+                    shown(message, category, filename, lineno, file, line)
+            warnings.showwarning = show
             self._prev_mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("warn")
         return self
@@ -65,28 +75,29 @@ class SyncRecorder:
         try:
             torch.cuda.set_sync_debug_mode(self._prev_mode)
         finally:
-            log, self._log = self._log, None
-            self._cm.__exit__(None, None, None)
-            self._cm = None
-            self.add(log)
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)
         return False
 
-    def add(self, records) -> None:
-        """Count the sync warnings among ``records`` (warnings.WarningMessage) by site; show
-        the others again."""
-        for w in records:
-            if SYNC_WARNING in str(w.message):
-                site = (f"{w.filename}:{w.lineno}" if w.filename and "autograd" not in
-                        str(w.filename) else "<backward>")
-                self.sites[site] += 1
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    def count(self, message, filename, lineno) -> bool:
+        """Count ``message`` if it is torch's sync warning (True), else leave it (False)."""
+        if SYNC_WARNING not in str(message):
+            return False
+        f = str(filename or "").replace("\\", "/")
+        site = "<backward>" if not f or "/torch/autograd/" in f else f"{f}:{lineno}"
+        self.sites[site] += 1
+        return True
 
     def summary(self, steps: int) -> dict:
         n = max(steps, 1)
         return {"host_syncs_per_step": sum(self.sites.values()) / n if self.cuda else None,
                 "host_sync_sites": [{"where": k, "per_step": v / n}
                                     for k, v in self.sites.most_common(10)]}
+
+
+# CUDA runtime (cudaLaunchKernel, ...) and driver (cuLaunchKernel, ...) API calls; not kernels
+# named cutlass_..., nor cuDNN's API (cudnn...)
+_CUDA_API = re.compile(r"^cu(da)?[A-Z]")
 
 
 def runtime_calls(averages, steps: int, top: int = 8) -> list[dict]:
@@ -96,7 +107,7 @@ def runtime_calls(averages, steps: int, top: int = 8) -> list[dict]:
     n = max(steps, 1)
     rows = [{"name": a.key, "calls_per_step": a.count / n,
              "host_ms_per_step": a.cpu_time_total / 1e3 / n}
-            for a in averages if a.key.startswith(("cuda", "cu")) and not a.key.startswith("cudnn")]
+            for a in averages if _CUDA_API.match(a.key)]
     return sorted(rows, key=lambda r: -r["host_ms_per_step"])[:top]
 
 
@@ -174,15 +185,15 @@ class StepProfiler:
                          f"(--profile {start}:{steps}); nothing written")
                 self.range = None
             return
+        prof, self.prof = self.prof, None
+        self.range = None  # once per run
         try:
             self.syncs.__exit__(None, None, None)
-        finally:
             if self.cuda:
                 torch.cuda.synchronize()  # after the sync recorder: this one is ours
-        wall = time.perf_counter() - self.t0
-        prof, self.prof = self.prof, None
-        prof.__exit__(None, None, None)
-        self.range = None  # once per run
+        finally:  # whatever failed above, the profiler is switched off
+            wall = time.perf_counter() - self.t0
+            prof.__exit__(None, None, None)
         try:
             self._write(prof, wall)
             self.written = True

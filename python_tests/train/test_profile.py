@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from med3d_ext.train.cli import main
 from med3d_ext.train.profiling import parse_spec
@@ -86,34 +87,55 @@ def test_parse_spec():
     assert parse_spec("0:1") == (0, 1) and parse_spec("20:5") == (20, 5)
 
 
-def test_sync_recorder_counts_sync_warnings_by_site_and_shows_the_others():
+def test_sync_recorder_counts_sync_warnings_by_site_and_shows_the_others(monkeypatch):
     import warnings
-    from types import SimpleNamespace
 
-    from med3d_ext.train.profiling import SYNC_WARNING, SyncRecorder
+    import med3d_ext.train.profiling as P
 
-    rec = SyncRecorder(cuda=True)  # add() is the part that runs the same on every device
-    msgs = [SimpleNamespace(message=UserWarning(SYNC_WARNING), category=UserWarning,
-                            filename="/x/med3d.py", lineno=107),
-            SimpleNamespace(message=UserWarning(SYNC_WARNING), category=UserWarning,
-                            filename="/x/med3d.py", lineno=107),
-            SimpleNamespace(message=UserWarning(SYNC_WARNING), category=UserWarning,
-                            filename="/t/torch/autograd/graph.py", lineno=9),
-            SimpleNamespace(message=UserWarning("something else"), category=UserWarning,
-                            filename="/x/a.py", lineno=3)]
-    with pytest.warns(UserWarning, match="something else"):
-        rec.add(msgs)
+    # the recorder as on a GPU, with torch's sync debug mode stubbed (no CUDA here): torch's
+    # sync warnings are counted by site, not shown; every other warning goes through the
+    # caller's filters and display as before (once per location, module filters, errors)
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: modes.append(m))
+    shown = []
+
+    def display(m, c, f, n, file=None, line=None):
+        shown.append(str(m))
+    monkeypatch.setattr(warnings, "showwarning", display)
+    rec = P.SyncRecorder(cuda=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # once per location
+        warnings.filterwarnings("ignore", message="ignored by the caller")
+        with rec:
+            for _ in range(3):
+                warnings.warn_explicit(P.SYNC_WARNING, UserWarning, "/x/med3d.py", 107)
+                warnings.warn_explicit(P.SYNC_WARNING, UserWarning,
+                                       "/py/torch/autograd/graph.py", 9)
+                warnings.warn("other", UserWarning)  # one location, three times
+                warnings.warn("ignored by the caller", UserWarning)
+            assert warnings.showwarning is not display  # the recorder's, in the window
+        assert warnings.showwarning is display  # restored on exit
+    assert modes == ["warn", 0]
+    assert shown == ["other"]  # once, as the caller's "default" filter says
     s = rec.summary(steps=2)
-    assert s["host_syncs_per_step"] == 1.5
-    assert s["host_sync_sites"] == [{"where": "/x/med3d.py:107", "per_step": 1.0},
-                                    {"where": "<backward>", "per_step": 0.5}]
+    assert s["host_syncs_per_step"] == 3.0
+    assert s["host_sync_sites"] == [{"where": "/x/med3d.py:107", "per_step": 1.5},
+                                    {"where": "<backward>", "per_step": 1.5}]
+    # an "error" filter still raises at the warning, inside the window, as without it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (python -W error), then the profiled window
+        r2 = P.SyncRecorder(cuda=True).__enter__()
+        with pytest.raises(UserWarning, match="raised"):
+            warnings.warn("raised", UserWarning)
+        warnings.warn(P.SYNC_WARNING)  # counted, not raised
+        r2.__exit__(None, None, None)
+    assert sum(r2.sites.values()) == 1
     # on the CPU the recorder is inert: nothing to wait for, and no sync mode is touched
-    cpu = SyncRecorder(cuda=False)
-    with cpu, warnings.catch_warnings():
-        warnings.simplefilter("error")  # a warning in the window still reaches the caller
-        with pytest.raises(UserWarning):
-            warnings.warn("seen", UserWarning)
-    assert cpu.summary(3) == {"host_syncs_per_step": None, "host_sync_sites": []}
+    modes.clear()
+    with P.SyncRecorder(cuda=False) as cpu:
+        pass
+    assert modes == [] and cpu.summary(3) == {"host_syncs_per_step": None, "host_sync_sites": []}
 
 
 def test_runtime_calls_keeps_the_cuda_api_rows_costliest_first():
@@ -124,7 +146,7 @@ def test_runtime_calls_keeps_the_cuda_api_rows_costliest_first():
     rows = [SimpleNamespace(key=k, count=c, cpu_time_total=t) for k, c, t in (
         ("cudaLaunchKernel", 800, 4000.0), ("cudaStreamSynchronize", 4, 80000.0),
         ("aten::add", 100, 900.0), ("cudnnConvolutionForward", 8, 50.0),
-        ("cuLaunchKernel", 40, 200.0))]
+        ("cutlass_80_tensorop_gemm", 9, 9e9), ("cuLaunchKernel", 40, 200.0))]
     out = runtime_calls(rows, steps=4)
     assert [r["name"] for r in out] == ["cudaStreamSynchronize", "cudaLaunchKernel",
                                         "cuLaunchKernel"]
