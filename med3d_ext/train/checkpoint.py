@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import uuid
 from pathlib import Path
 
@@ -135,9 +136,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - a torn or foreign file: say which
-        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's 1st
+        msg = str(e)
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        why = (f"it pickles {glob.group(1)!r}, which weights_only loading refuses" if glob else
+               (msg.strip().splitlines() or [""])[0].split(". ")[0][:200])  # torch's first
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(e).__name__}: "
-                              f"{why} (a file cut short, or not a med3d_ext checkpoint)") from e
+                              f"{why} ({'not a med3d_ext checkpoint' if glob else 'a file cut short, or not a med3d_ext checkpoint'})") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a med3d_ext checkpoint (no "
                               f"format={FORMAT!r}); MedicalNet weights go to transfer "

@@ -90,6 +90,11 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
             raise C.ConfigError(f"--resume continues {str(run)!r} in that folder; drop --out "
                                 f"{cli['out']} (to branch off, copy the run folder first)")
         base = {k: v for k, v in saved_cfg.items() if k in C.keys_for(cmd)}
+        td = base.get("target_dice")
+        if isinstance(td, (int, float)) and not isinstance(td, bool) and td > 1:
+            # saved before --target-dice was checked to be a score in [0, 1] (the convergence
+            # study's runs used 2.0 for "never"): a resume must not be refused for it
+            base["target_dice"] = 1.0
         cfg = C.resolve(cmd, cli, ns.config, ns.overrides, base=base, explicit=explicit)
         for key, why in _FIXED_ON_RESUME.items():
             if key in base and cfg.get(key) != base[key]:
@@ -108,12 +113,22 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
 def _check_resumed_data(run: Path, saved, given) -> None:
     """A resumed run trains on the data it started with: a --data naming other datasets was
     taken silently (a kidney run went on with liver, its metrics and best checkpoint mixing
-    the two). Compared by folder name, so a dataset moved to another disk can still be named
-    at its new place."""
+    the two). Datasets are compared by their folders (a MedicalNet list file counts as its
+    folder): the same folders where the saved ones still exist, else folders of the same
+    names, so a dataset moved to another disk can be named at its new place."""
     if not saved or not given:
         return
-    names = lambda paths: sorted(Path(str(d)).name for d in paths)  # noqa: E731
-    if names(saved) != names(given):
+
+    def folder(d) -> Path:
+        p = Path(os.path.abspath(str(d)))  # "." and ".." have names once absolute
+        return p.parent if p.suffix == ".txt" else p
+
+    old, new = [folder(d) for d in saved], [folder(d) for d in given]
+    if all(p.exists() for p in old):
+        same = sorted(map(os.path.realpath, old)) == sorted(map(os.path.realpath, new))
+    else:
+        same = sorted(p.name for p in old) == sorted(p.name for p in new)
+    if not same:
         raise C.ConfigError(
             f"--resume {str(run)!r}: --data {' '.join(map(str, given))} is not the run's data "
             f"({' '.join(map(str, saved))}); a resumed run goes on with the same dataset(s) "

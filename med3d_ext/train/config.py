@@ -425,7 +425,8 @@ def check_training(cfg: dict) -> None:
                 "--batch-size 2 or more, or a patch with a side of 16 or more")
 
 
-    if cfg.get("freeze_epochs") and cfg.get("from_scratch"):
+    if cfg.get("freeze_epochs") and cfg.get("from_scratch") and not cfg.get("resume"):
+        # (a run saved with both before this check still resumes)
         # it trained the heads on a randomly initialised encoder that never learnt
         raise ConfigError(f"--freeze-epochs {cfg['freeze_epochs']} with --from-scratch would "
                           "freeze a randomly initialised encoder; drop --freeze-epochs (it is "

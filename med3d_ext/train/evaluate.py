@@ -232,7 +232,9 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     # classes 1..scored-1 have ground truth here; a head with more classes than the dataset
     # declares (another dataset's model, or --head naming another dataset's head) predicts
     # classes that can only be wrong: kept in the files, counted as spurious, not scored
-    scored = min(int(n_cls), n_data)
+    # (a dataset that declares no labels, a MedicalNet list, has its count from the label
+    # values it holds: every class of the head is scored there, as before)
+    scored = min(int(n_cls), n_data) if pre.labels else int(n_cls)
     if scored < n_cls:
         log(f"warning: head {head!r} predicts {n_cls} classes but dataset {pre.name!r} declares "
             f"{n_data} (labels 0..{n_data - 1}): classes {n_data}..{n_cls - 1} have no ground "

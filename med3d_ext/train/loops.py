@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -99,6 +98,22 @@ def _non_finite_message(v, step, epoch, epochs, run_dir, saved_step, opt, cfg) -
     return (f"non-finite loss ({v}) at step {step} (epoch {epoch} of {epochs}); stopped without "
             f"saving. {keep}. Try lower learning rates ({flags}; now {rates}), --grad-clip, or "
             "--amp off.")
+
+
+def _check_resumed_spacing(was: dict | None, now: dict | None, path) -> None:
+    """A resumed run reads its data at the spacing it trained at: a cache preprocessed again
+    at another --spacing since (which a cache now keeps) would switch it mid-run."""
+    for name, rec in (now or {}).items():
+        old = (was or {}).get(name) or {}
+        a, b = old.get("target_spacing"), rec.get("target_spacing")
+        if a and b and any(abs(float(x) - float(y)) > 1e-3 for x, y in zip(a, b)):
+            raise TrainingError(
+                f"--resume {str(path)!r}: dataset {name!r} is now preprocessed at "
+                f"{[round(float(v), 4) for v in b]} mm, but the run trained at "
+                f"{[round(float(v), 4) for v in a]} mm (its cache was preprocessed again with "
+                "another --spacing); preprocess it at the run's spacing (python -m "
+                f"med3d_ext.data preprocess DATA --spacing {' '.join(str(round(float(v), 4)) for v in a)} "
+                "--out CACHE) or start a new run")
 
 
 def autocast_dtype(amp: str, device: torch.device):
@@ -249,8 +264,10 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         # a fresh run in a folder where an earlier one stopped before its first checkpoint
         # ("run the same command again to start over"): its rows and events would otherwise
         # stay, and every step it logged would be in the log twice
+        # (only the files this loop writes: tb/ may hold a user's other event folders)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        for f in (run_dir / "tb").glob("events.out.tfevents.*"):
+            f.unlink(missing_ok=True)
     logger = RunLogger(run_dir, enabled=ctx.is_main)
     start, best, target_step = 0, {"score": -math.inf, "step": -1}, None
     frozen = False
@@ -269,6 +286,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         # that require grad when it is built, and an encoder frozen before it never had its
         # gradients averaged once it thawed (the ranks' encoders drifted apart)
         resume_frozen = ck["epoch"] < job.freeze_epochs
+        _check_resumed_spacing(ck.get("preprocessing"), job.extra.get("preprocessing"), path)
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

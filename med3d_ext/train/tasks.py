@@ -86,7 +86,11 @@ def source_folders(data_dir) -> set:
     from med3d_ext.data import DataError, load_dataset
 
     p = Path(data_dir)
-    folders = {(p.parent if p.is_file() else p).resolve()}
+    root = p.parent if p.is_file() else p
+    # the layouts' own folders by name too: a label that is a symbolic link resolves to where
+    # it points, not to labelsTr/ (both spellings of each folder: as given and resolved)
+    named = [root] + [root / f"{k}{s}" for k in ("images", "labels") for s in ("Tr", "Ts")]
+    folders = {q for n in named for q in (Path(os.path.abspath(n)), n.resolve())}
     for split in ("train", "test"):
         try:
             ds = load_dataset(p, skip_bad=True, split=split)
@@ -105,9 +109,9 @@ def check_output_outside_data(out, data_dirs, option: str, writes: str) -> None:
     name of an MSD label file), and a later run would read the outputs as data."""
     if not out:
         return
-    o = Path(out).resolve()
+    o = {Path(os.path.abspath(out)), Path(out).resolve()}
     for d in data_dirs:
-        if o in source_folders(d):
+        if o & source_folders(d):
             raise ConfigError(
                 f"{option} {str(out)!r} is a folder of the dataset {str(d)!r} (it holds the "
                 f"dataset's own images, labels or dataset.json); {writes} there could overwrite "
@@ -467,7 +471,8 @@ def _pretrained_arch(cfg):
                               f"(transfer reads it from the file) or pick a ResNet-"
                               f"{cfg['depth']} file")
         asked = cfg.get("shortcut_type")
-        if asked and shortcut and asked != shortcut:
+        if asked and shortcut and asked != shortcut and not cfg.get("from_scratch"):
+            # (from scratch the file gives the depth only: an explicit shortcut is the model's)
             # it failed later in the weight loader, with Python advice (resnet3d(...))
             raise ConfigError(f"--pretrained {path!r} holds a ResNet-{depth} encoder with "
                               f"shortcut {shortcut}, but --shortcut-type {asked} was asked; "

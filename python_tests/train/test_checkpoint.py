@@ -80,6 +80,12 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ck.CheckpointError, match=r"cannot read checkpoint .*\(a file cut short") as e:
         ck.load_checkpoint(p)
     assert "\n" not in str(e.value) and "high likelihood" not in str(e.value)
+    import argparse
+
+    torch.save({"format": ck.FORMAT, "args": argparse.Namespace(a=1)}, p)  # a pickled object
+    with pytest.raises(ck.CheckpointError, match=r"it pickles 'argparse.Namespace', which "
+                                                 r"weights_only loading refuses \(not a med3d_ext"):
+        ck.load_checkpoint(p)
     with pytest.raises(ck.CheckpointError, match="does not exist"):
         ck.load_checkpoint(tmp_path / "none.pt")
 

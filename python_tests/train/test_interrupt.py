@@ -82,9 +82,15 @@ def test_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tmp_path):
                      tmp_path / "fresh")
     assert not (tmp_path / "fresh" / "last.pt").exists()
     assert [r["step"] for r in read_metrics(tmp_path / "fresh" / "metrics.jsonl")] == [1, 2]
-    # ... and doing what it says (the same run again) starts over: each step logged once
+    # ... and doing what it says (the same run again) starts over: each step logged once;
+    # a tb/ folder's other contents (a user's own event folders) are left alone
+    (tmp_path / "fresh" / "tb" / "older").mkdir(parents=True)
+    (tmp_path / "fresh" / "tb" / "older" / "events.out.tfevents.1").write_text("x")
+    (tmp_path / "fresh" / "tb" / "events.out.tfevents.2").write_text("x")
     run_training(cfg1, _job(torch.nn.Linear(3, 1), _twice_at({"n": 0}, 99), 6),
                  tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "tb" / "older" / "events.out.tfevents.1").is_file()
+    assert not (tmp_path / "fresh" / "tb" / "events.out.tfevents.2").exists()
     rows = read_metrics(tmp_path / "fresh" / "metrics.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 

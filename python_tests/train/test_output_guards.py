@@ -85,3 +85,20 @@ def test_evaluate_scores_only_the_classes_the_dataset_declares(run, tiny_data, t
     for r in m["cases"]:  # the case mean is the mean over the declared classes
         assert "dice_2" not in r
         assert (r["dice"] is None and r["dice_1"] is None) or r["dice"] == pytest.approx(r["dice_1"])
+
+
+def test_a_dataset_of_symbolic_links_is_guarded_too(run, tiny_data, tmp_path, capsys):
+    # labelsTr/ holding links into another folder: the resolved label paths name that folder,
+    # and evaluate --out DATASET/labelsTr replaced every link with a prediction
+    data = tmp_path / "Task11_Kidney"
+    shutil.copytree(tiny_data["transfer"], data)
+    store = tmp_path / "store"
+    shutil.move(str(data / "labelsTr"), store)
+    (data / "labelsTr").mkdir()
+    for f in sorted(store.iterdir()):
+        (data / "labelsTr" / f.name).symlink_to(f)
+    before = _digests(store)
+    assert _eval(data, tmp_path / "cache", "--run", run, "--out", data / "labelsTr") == 2
+    assert "is a folder of the dataset" in capsys.readouterr().err
+    assert all((data / "labelsTr" / f.name).is_symlink() for f in store.iterdir())
+    assert _digests(store) == before

@@ -271,15 +271,28 @@ def test_cls_loader_flips_only_with_augment():
     assert flipped > 0
 
 
-def test_resumed_data_compares_dataset_names_not_paths(tmp_path):
+def test_resumed_data_compares_dataset_folders(tmp_path, monkeypatch):
     from med3d_ext.train.cli import _check_resumed_data
 
     run = tmp_path / "run"
-    _check_resumed_data(run, ["/a/Task11_Kidney"], ["/elsewhere/Task11_Kidney"])  # moved
-    _check_resumed_data(run, ["/a/x", "/a/y"], ["/b/y", "/b/x"])  # same datasets, any order
+    # saved folders gone: compared by name (moved to another disk)
+    _check_resumed_data(run, ["/a/Task11_Kidney"], ["/elsewhere/Task11_Kidney"])
+    _check_resumed_data(run, ["/a/x", "/a/y"], ["/b/y", "/b/x"])  # any order
     _check_resumed_data(run, ["/a/x"], None)  # not given: the run's own
     with pytest.raises(C.ConfigError, match="is not the run's data"):
         _check_resumed_data(run, ["/a/x", "/a/y"], ["/a/x"])
+    # saved folders present: the same folders, however they are written
+    ds, other = tmp_path / "ds", tmp_path / "other" / "ds"
+    ds.mkdir()
+    other.mkdir(parents=True)
+    (ds / "train.txt").write_text("")
+    monkeypatch.chdir(ds)
+    _check_resumed_data(run, [str(ds)], ["."])  # "." had no name
+    _check_resumed_data(run, [str(ds / "train.txt")], [str(ds)])  # a list file is its folder
+    (tmp_path / "link").symlink_to(ds)
+    _check_resumed_data(run, [str(ds)], [str(tmp_path / "link")])
+    with pytest.raises(C.ConfigError, match="is not the run's data"):
+        _check_resumed_data(run, [str(ds)], [str(other)])  # same name, another folder
 
 
 def test_resume_from_a_named_checkpoint_file(tiny_data, tmp_path, capsys):
@@ -331,3 +344,43 @@ def test_pretrained_shortcut_and_folder_messages(tiny_data, tmp_path, capsys):
     assert main(["transfer", *folder]) == 2
     err = capsys.readouterr().err
     assert "is a folder; name a weights file in it (it holds enc.pth)" in err, err
+
+
+def test_runs_saved_before_the_new_option_checks_still_resume(tiny_data, tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], run, "--from-scratch", "--cache",
+                                        tiny_data["cache"], "--epochs", 1, "--steps", 1)]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    # what older versions wrote: a target above 1 ("never", the convergence study's), and
+    # frozen epochs with a from-scratch encoder
+    saved.update(target_dice=2.0, freeze_epochs=1)
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["transfer", "--resume", run, "--epochs", 2, "--no-progress"]) == 0
+    assert C.load_config(run / "config.yaml")["target_dice"] == 1.0
+
+
+def test_resume_refuses_a_cache_preprocessed_again_at_another_spacing(tiny_data, tmp_path,
+                                                                     capsys):
+    from med3d_ext.data.__main__ import main as data_main
+    from med3d_ext.data.cache import cache_subdir
+
+    run, caches = tmp_path / "run", tmp_path / "cache"
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], run, "--from-scratch", "--cache",
+                                        caches, "--epochs", 1, "--steps", 1)]) == 0
+    cache = cache_subdir(caches, tiny_data["transfer"])  # the dataset's, under --cache
+    was = json.loads((run / "preprocessing.json").read_text())
+    (rec,) = was.values()
+    # the cache is preprocessed again at another spacing, which the cache now keeps
+    assert data_main(["preprocess", str(tiny_data["transfer"]), "--spacing", "3", "3", "3",
+                      "--out", str(cache)]) == 0
+    capsys.readouterr()
+    assert main(["transfer", "--resume", run, "--epochs", 2, "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "is now preprocessed at [3.0, 3.0, 3.0] mm, but the run trained at" in err, err
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 1  # nothing trained
+    # preprocessed back at the run's spacing, as the message says: the run goes on
+    assert data_main(["preprocess", str(tiny_data["transfer"]), "--spacing",
+                      *map(str, rec["target_spacing"]), "--out", str(cache)]) == 0
+    assert main(["transfer", "--resume", run, "--epochs", 2, "--no-progress"]) == 0
