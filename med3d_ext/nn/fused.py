@@ -10,6 +10,7 @@ subclass of its own class (created on the fly), which :func:`unfuse_modules` rev
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -26,9 +27,39 @@ __all__ = ["ConvBNReLU3d", "conv_bn_act", "fuse_modules", "unfuse_modules", "fol
            "convert_sync_batchnorm"]
 
 
+# Module hooks run only in the module's own forward, which the fused path never calls (pruning's
+# weight mask is such a pre-hook: the fused forward read the stale unmasked weight).
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(m: nn.Module) -> bool:
+    return any(getattr(m, h, None) for h in _HOOKS)
+
+
 def _fusible_conv(conv) -> bool:
-    return (isinstance(conv, nn.Conv3d) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str))
+    """A Conv3d computing what nn.Conv3d does: its class does not override the convolution (a
+    weight-standardised conv does) and it has no hooks; a parametrized weight is fine (the
+    fused path reads ``conv.weight``, which applies it)."""
+    return (_conv_class_ok(type(conv)) and not _hooked(conv) and conv.groups == 1
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def _plain_bn(bn) -> bool:
+    """A BatchNorm3d whose class keeps BatchNorm's forward, without hooks."""
+    return _bn_class_ok(type(bn)) and not _hooked(bn)
+
+
+# (per class, once: these run in every fused layer's forward)
+@functools.lru_cache(maxsize=None)
+def _conv_class_ok(cls: type) -> bool:
+    base = _plain_base(cls)
+    return (issubclass(cls, nn.Conv3d) and base.forward is nn.Conv3d.forward
+            and base._conv_forward is nn.Conv3d._conv_forward)
+
+
+@functools.lru_cache(maxsize=None)
+def _bn_class_ok(cls: type) -> bool:
+    return issubclass(cls, nn.BatchNorm3d) and _plain_base(cls).forward is nn.BatchNorm3d.forward
 
 
 def _fusible(conv, bn) -> bool:
@@ -36,7 +67,7 @@ def _fusible(conv, bn) -> bool:
     if not _fusible_conv(conv):
         return False
     if isinstance(bn, nn.BatchNorm3d):
-        return conv.bias is None
+        return conv.bias is None and _plain_bn(bn)
     return isinstance(bn, nn.Identity)
 
 
@@ -279,10 +310,14 @@ def _new_fused(base: type, tag: str) -> nn.Module:
 def _plain_class(module: nn.Module) -> type:
     """The module's own class: the base of the run-time classes (fused forward, stats root)
     when it has them."""
-    for cls in type(module).__mro__:
-        if "_m3d_fused" not in cls.__dict__ and "_m3d_root" not in cls.__dict__:
-            return cls
-    return type(module)
+    return _plain_base(type(module))
+
+
+def _plain_base(cls: type) -> type:
+    for c in cls.__mro__:
+        if "_m3d_fused" not in c.__dict__ and "_m3d_root" not in c.__dict__:
+            return c
+    return cls
 
 
 def _swap(module: nn.Module, tag: str) -> None:
@@ -307,22 +342,64 @@ def _activation(m: nn.Module):
     return None
 
 
-def _is_block(m: nn.Module) -> bool:
-    name = type(m).__name__
+def _monai_resnet():
+    """MONAI's resnet module when the program has imported it (never imported here)."""
+    import sys
+
+    return sys.modules.get("monai.networks.nets.resnet")
+
+
+def _known_block(m: nn.Module, trusted=()) -> bool:
+    """Whether ``m``'s forward is known to be the ResNet block the fused forward computes
+    (relu(bn2(conv2(relu(bn1(conv1(x)))))) + shortcut), and the Bottleneck's with conv3):
+    med3d_ext's BasicBlock / Bottleneck, MONAI's ResNetBlock / ResNetBottleneck, or a class the
+    caller trusts. Attribute names alone are not enough: a squeeze-and-excitation or
+    pre-activation block has the same names and another forward, which fusing replaced."""
+    from ..models.resnet import BasicBlock, Bottleneck
+
+    base = _plain_class(m)
+    if any(issubclass(base, t) and base.forward is t.forward for t in trusted):
+        return True
+    known = [BasicBlock.forward, Bottleneck.forward]
+    mon = _monai_resnet()
+    if mon is not None:
+        known += [getattr(mon, n).forward for n in ("ResNetBlock", "ResNetBottleneck")
+                  if hasattr(mon, n)]
+    return base.forward in known
+
+
+def _known_stem(m: nn.Module, trusted=()) -> bool:
+    """Whether ``m``'s forward is known to run act(bn1(conv1(x))) first (med3d_ext's ResNets,
+    MONAI's ResNet and ResNetFeatures, or a trusted class)."""
+    from ..models.resnet import ResNet3dEncoder
+
+    base = _plain_class(m)
+    if any(issubclass(base, t) and base.forward is t.forward for t in trusted):
+        return True
+    if isinstance(m, ResNet3dEncoder):
+        return base.stem is ResNet3dEncoder.stem
+    mon = _monai_resnet()
+    return mon is not None and base.forward in [getattr(mon, n).forward for n in
+                                                ("ResNet", "ResNetFeatures") if hasattr(mon, n)]
+
+
+def _is_block(m: nn.Module, trusted=()) -> bool:
     has_pairs = all(hasattr(m, a) for a in ("conv1", "bn1", "conv2", "bn2", "downsample"))
-    if not has_pairs:
+    if not has_pairs or not _known_block(m, trusted):
         return False
     # the fused block forward applies ReLUs: a block whose activation is another (LeakyReLU,
-    # ELU, ...) or cannot be seen keeps its own forward
-    if not isinstance(_activation(m), nn.ReLU):
-        return False
-    pairs = [("conv1", "bn1"), ("conv2", "bn2")] + ([("conv3", "bn3")] if hasattr(m, "conv3") else [])
-    return name in ("BasicBlock", "Bottleneck") or all(
-        _fusible(getattr(m, c), getattr(m, b)) for c, b in pairs)
+    # ELU, ...) or cannot be seen keeps its own forward. (A pair that is not fusible, e.g. a
+    # hooked conv, runs its own modules inside the fused forward: conv_bn_act.)
+    return isinstance(_activation(m), nn.ReLU)
 
 
-def _is_stem(m: nn.Module) -> bool:
-    return all(hasattr(m, a) for a in ("conv1", "bn1", "maxpool", "layer1")) and not _is_block(m)
+def _is_stem(m: nn.Module, trusted=()) -> bool:
+    return (all(hasattr(m, a) for a in ("conv1", "bn1", "maxpool", "layer1"))
+            and not _is_block(m, trusted) and _known_stem(m, trusted))
+
+
+def _plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and _plain_class(m).forward is nn.Sequential.forward
 
 
 def _pool_follows_stem(m: nn.Module) -> bool:
@@ -390,29 +467,43 @@ def _install_stats_batch(model: nn.Module) -> None:
         model.__class__ = _root_class(type(model))
 
 
-def fuse_modules(model: nn.Module) -> nn.Module:
+def fuse_modules(model: nn.Module, trusted=()) -> nn.Module:
     """Switch a MedicalNet-style ResNet (or any model using the same patterns) to the fused
     forward path, in place; returns ``model``.
 
-    Patterns: blocks (``BasicBlock`` / ``Bottleneck``, or modules with conv1/bn1/conv2/bn2
-    [/conv3/bn3] and ``downsample``, as MONAI's ResNet blocks) whose activation (``relu`` or
-    ``act``) is an ``nn.ReLU``; the stem (a module with conv1, bn1, maxpool and layer1, whose
-    forward runs conv1 -> bn1 -> its activation: the ReLU is fused only when it is one; the
-    max-pool too, with FUSE_STEM_POOL, in the stems whose forward is known to pool right after:
-    med3d_ext's ResNets and MONAI's ResNet without ``no_max_pool``); ``nn.Sequential`` runs of
-    Conv3d -> BatchNorm3d [-> ReLU] (type-B shortcuts, the segmentation head). Module names,
-    parameters and the state dict are unchanged; outputs and gradients equal the plain model's
-    within tolerance. A fused module holds its BatchNorm (and the stem its max-pool): after
-    replacing one of those modules, call ``fuse_modules`` again (or ``unfuse_modules``).
+    Patterns, each only where the module's forward is known to compute it (a module is never
+    switched for its attribute names alone: a squeeze-and-excitation or pre-activation block
+    has the same names and another forward):
+    - blocks: med3d_ext's ``BasicBlock`` / ``Bottleneck`` and MONAI's ``ResNetBlock`` /
+      ``ResNetBottleneck`` (conv1/bn1/conv2/bn2[/conv3/bn3] and ``downsample``), whose
+      activation (``relu`` or ``act``) is an ``nn.ReLU``;
+    - the stem (conv1, bn1, maxpool and layer1) of med3d_ext's ResNets and of MONAI's
+      ``ResNet`` / ``ResNetFeatures``, whose forward runs conv1 -> bn1 -> its activation: the
+      ReLU is fused only when it is one; the max-pool too, with FUSE_STEM_POOL, in the stems
+      whose forward pools right after (med3d_ext's, and MONAI's ResNet without
+      ``no_max_pool``);
+    - ``nn.Sequential`` runs (its own forward) of Conv3d -> BatchNorm3d [-> ReLU] (type-B
+      shortcuts, the segmentation head).
+    A conv or BatchNorm whose class overrides its computation (a weight-standardised conv), or
+    that has hooks (pruning's mask is one), is left to run as it is.
+    ``trusted``: your own block or model classes whose forward follows one of these patterns
+    (same attribute names, same computation), to be fused like med3d_ext's; remembered by the
+    model for later calls (fold_bn, convert_sync_batchnorm).
+
+    Module names, parameters and the state dict are unchanged; outputs and gradients equal the
+    plain model's within tolerance. A fused module holds its BatchNorm (and the stem its
+    max-pool): after replacing one of those modules, call ``fuse_modules`` again (or
+    ``unfuse_modules``).
     """
     _check_module("fuse_modules", model)
+    trusted = _trusted_of(model, _check_trusted("fuse_modules", trusted))
     for m in list(model.modules()):
-        if _is_block(m):
+        if _is_block(m, trusted):
             _swap(m, "block")
-        elif isinstance(m, nn.Sequential) and any(
+        elif _plain_sequential(m) and any(
                 _fusible(a, b) for a, b in zip(list(m)[:-1], list(m)[1:])):
             _swap(m, "sequential")
-        if _is_stem(m) and _fusible(m.conv1, m.bn1):
+        if _is_stem(m, trusted) and _fusible(m.conv1, m.bn1):
             object.__setattr__(m.conv1, "_m3d_bn", m.bn1)
             # the ReLU joins the op only when it is the stem's activation (MONAI's ResNet takes
             # act=..., e.g. a LeakyReLU, which a fused ReLU would silently replace)
@@ -435,6 +526,27 @@ def fuse_modules(model: nn.Module) -> nn.Module:
                 _swap(m.bn1, "stem_bn")
     _install_stats_batch(model)
     return model
+
+
+def _check_trusted(fn: str, trusted) -> tuple:
+    if isinstance(trusted, type):
+        trusted = (trusted,)
+    try:
+        trusted = tuple(trusted)
+    except TypeError:
+        trusted = (trusted,)
+    bad = [t for t in trusted if not (isinstance(t, type) and issubclass(t, nn.Module))]
+    if bad:
+        raise TypeError(f"med3d_ext.nn.{fn}: 'trusted' must be nn.Module classes, got {bad[0]!r}")
+    return trusted
+
+
+def _trusted_of(model: nn.Module, trusted: tuple) -> tuple:
+    """``trusted`` plus the classes an earlier call trusted for this model (kept on it)."""
+    allt = tuple(dict.fromkeys(model.__dict__.get("_m3d_trusted", ()) + trusted))
+    if allt:
+        object.__setattr__(model, "_m3d_trusted", allt)
+    return allt
 
 
 def unfuse_modules(model: nn.Module) -> nn.Module:
@@ -490,7 +602,7 @@ def _fold_pair(conv: nn.Conv3d, bn: nn.BatchNorm3d, names=("", "")) -> None:
     conv.bias = nn.Parameter(shift.to(w.dtype))
 
 
-def fold_bn(model: nn.Module) -> nn.Module:
+def fold_bn(model: nn.Module, trusted=()) -> nn.Module:
     """Prepare a model for inference, in place: every fusible Conv3d + BatchNorm3d pair (blocks,
     stem, Sequential runs, ConvBNReLU3d) gets the BatchNorm folded into the conv's weight and a
     new conv bias, the BatchNorm3d is replaced by ``nn.Identity``, and the forward path becomes
@@ -501,6 +613,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
     computes correctly with :func:`unfuse_modules` applied (conv with bias, Identity, ReLU).
     """
     _check_module("fold_bn", model)
+    trusted = _trusted_of(model, _check_trusted("fold_bn", trusted))
     model.eval()
     unfuse_modules(model)
     paths = {id(m): n for n, m in model.named_modules()}
@@ -508,15 +621,15 @@ def fold_bn(model: nn.Module) -> nn.Module:
         pairs = []
         if isinstance(parent, ConvBNReLU3d):
             pairs.append(("conv", "bn"))
-        if _is_block(parent) or _is_stem(parent):
+        if _is_block(parent, trusted) or _is_stem(parent, trusted):
             pairs += [(f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(parent, f"conv{i}")
                       and hasattr(parent, f"bn{i}")]
-        if isinstance(parent, nn.Sequential):
+        if _plain_sequential(parent):
             names = [n for n, _ in parent.named_children()]
             pairs += list(zip(names[:-1], names[1:]))
         for c, b in pairs:
             conv, bn = getattr(parent, c), getattr(parent, b)
-            if (_fusible_conv(conv) and isinstance(bn, nn.BatchNorm3d) and bn.track_running_stats
+            if (_fusible_conv(conv) and _plain_bn(bn) and bn.track_running_stats
                     and bn.running_mean is not None):
                 prefix = f"{paths[id(parent)]}." if paths.get(id(parent)) else ""
                 _fold_pair(conv, bn, (prefix + c, prefix + b))

@@ -388,7 +388,9 @@ def test_blocks_with_another_activation_keep_their_forward():
 
     for act, fused_expected in ((nn.ELU(), False), (nn.LeakyReLU(0.1), False), (nn.ReLU(), True)):
         plain = Block(act).double()
-        fused = fuse_modules(copy.deepcopy(plain))
+        # a class of the caller's is fused only when trusted (its forward is not known)
+        assert not getattr(type(fuse_modules(copy.deepcopy(plain))), "_m3d_fused", None)
+        fused = fuse_modules(copy.deepcopy(plain), trusted=Block)
         assert bool(getattr(type(fused), "_m3d_fused", None)) == fused_expected, act
         x = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
@@ -422,7 +424,9 @@ def test_stem_pool_fused_only_where_the_forward_pools_right_after():
         def stem(self, x):
             return self.relu(self.bn1(self.conv1(x)))
     own = OwnStem(10, shortcut_type="B")
-    assert type(fuse_modules(own).conv1)._m3d_fused == "stem_conv"
+    # its own stem is not known: left alone unless trusted, and then not pooled
+    assert not getattr(type(fuse_modules(copy.deepcopy(own)).conv1), "_m3d_fused", None)
+    assert type(fuse_modules(own, trusted=OwnStem).conv1)._m3d_fused == "stem_conv"
 
 
 def test_refusing_follows_the_flag_and_a_replaced_pool(monkeypatch):
@@ -461,3 +465,107 @@ def test_refusing_follows_the_flag_and_a_replaced_pool(monkeypatch):
         torch.testing.assert_close(m(x), plain(x), rtol=1e-9, atol=1e-9)
     # the state dict is the plain model's throughout
     assert list(m.state_dict()) == list(plain.state_dict())
+
+
+def _se_block(pre_activation=False):
+    """A block with ResNet's attribute names and another forward: squeeze-and-excitation, or
+    pre-activation. fuse_modules replaced its forward with the ResNet block's (outputs off by
+    0.3 and 3.1)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv3d(4, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
+            self.conv2, self.bn2 = nn.Conv3d(4, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
+            self.relu, self.downsample = nn.ReLU(), None
+            self.se = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Conv3d(4, 4, 1), nn.Sigmoid())
+
+        def forward(self, x):
+            if pre_activation:
+                out = self.conv1(self.relu(self.bn1(x)))
+                return self.conv2(self.relu(self.bn2(out))) + x
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out * self.se(out) + x)
+    return Block()
+
+
+@pytest.mark.parametrize("pre_activation", [False, True])
+@pytest.mark.parametrize("how", ["fuse", "fold"])
+def test_blocks_with_resnet_names_and_another_forward_keep_it(pre_activation, how):
+    torch.manual_seed(0)
+    plain = _se_block(pre_activation).double().eval()
+    for m in plain.modules():  # running statistics that are not the identity
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
+    model = copy.deepcopy(plain)
+    (fuse_modules if how == "fuse" else fold_bn)(model)
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-9, atol=1e-9)
+
+
+def _conv_bn_relu(conv):
+    return nn.Sequential(conv, nn.BatchNorm3d(4), nn.ReLU()).double()
+
+
+class _WSConv3d(nn.Conv3d):
+    """Weight-standardised convolution: overrides the convolution itself."""
+
+    def _conv_forward(self, x, w, b):
+        w = (w - w.mean((1, 2, 3, 4), keepdim=True)) / (w.std((1, 2, 3, 4), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, b)
+
+
+@pytest.mark.parametrize("case", ["subclass", "conv_hook", "bn_pre_hook", "prune"])
+@pytest.mark.parametrize("how", ["fuse", "fold"])
+def test_convs_and_norms_that_compute_otherwise_run_as_they_are(case, how):
+    """A conv subclass that changes the convolution, a forward hook, a BatchNorm pre-hook, or
+    pruning (a weight pre-hook) is bypassed by a fused path that reads the parameters: each
+    stays unfused (outputs were off by 1.4 to 30; a pruned model's second backward failed)."""
+    torch.manual_seed(0)
+    conv = (_WSConv3d if case == "subclass" else nn.Conv3d)(4, 4, 3, padding=1, bias=False)
+    plain = _conv_bn_relu(conv)
+    model = copy.deepcopy(plain)  # (a pruned module cannot be deep-copied: both get it)
+    for m in (plain, model):
+        if case == "conv_hook":
+            m[0].register_forward_hook(lambda mod, i, o: o * 2)
+        if case == "bn_pre_hook":
+            m[1].register_forward_pre_hook(lambda mod, i: (i[0] + 1,))
+        if case == "prune":
+            from torch.nn.utils import prune
+
+            prune.l1_unstructured(m[0], "weight", 0.5)
+        if how == "fold":
+            m.eval()
+    x = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
+    (fuse_modules if how == "fuse" else fold_bn)(model)
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-9, atol=1e-9)
+    if case == "prune" and how == "fuse":  # an optimizer step on the pruned weight, two steps
+        with torch.no_grad():
+            model[0].weight_orig.add_(0.5)
+            plain[0].weight_orig.add_(0.5)
+        for _ in range(2):
+            model(x).sum().backward()
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-9, atol=1e-9)
+
+
+def test_a_parametrized_conv_weight_is_fused_with_its_value():
+    # torch.nn.utils.parametrize keeps Conv3d's forward; the fused path reads conv.weight,
+    # which applies the parametrization
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return w * 0.5
+    torch.manual_seed(0)
+    plain = _conv_bn_relu(nn.Conv3d(4, 4, 3, padding=1, bias=False))
+    parametrize.register_parametrization(plain[0], "weight", Scale())
+    model = fuse_modules(copy.deepcopy(plain))
+    assert getattr(type(model), "_m3d_fused", None) == "sequential"
+    x = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-9, atol=1e-9)
+
+
+def test_trusted_must_be_module_classes():
+    with pytest.raises(TypeError, match="'trusted' must be nn.Module classes, got 3"):
+        fuse_modules(nn.Sequential(), trusted=(3,))
