@@ -186,10 +186,21 @@ def pack_intensity(intensity, n: int, device):
 
     def col(key, value):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # a NaN or infinite factor turned the whole output into NaN/inf (clip bounds may be
+            # infinite: no bound). Tensor values are not checked: that would be a host sync.
+            if key != "clip" and not math.isfinite(value):
+                raise ValueError(f"med3d_ext: intensity['{key}'] must be finite, got {value}")
             # a fill on the device: torch.as_tensor(python number, device=cuda) is a blocking
             # copy that waits for all queued GPU work (a host sync per augmented batch)
             return torch.full((n,), float(value), dtype=torch.float32, device=device)
-        v = torch.as_tensor(value, dtype=torch.float32, device=device)
+        if isinstance(value, (str, bytes, bool)) or value is None:
+            raise TypeError(f"med3d_ext: intensity['{key}'] must be a number or a ({n},) tensor, "
+                            f"got {value!r}")
+        try:
+            v = torch.as_tensor(value, dtype=torch.float32, device=device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"med3d_ext: intensity['{key}'] must be a number or a ({n},) tensor, "
+                            f"got {value!r} ({e})") from None
         v = v.expand(n) if v.dim() == 0 else v
         if tuple(v.shape) != (n,):
             raise ValueError(f"med3d_ext: intensity['{key}'] must be a scalar or ({n},), got "
@@ -205,6 +216,9 @@ def pack_intensity(intensity, n: int, device):
                              f"shape {tuple(clip.shape)}")
         lo, hi = col("clip", clip[:, 0]), col("clip", clip[:, 1])
     else:
+        if isinstance(clip, (str, bytes)) or not hasattr(clip, "__len__") or len(clip) != 2:
+            raise ValueError(f"med3d_ext: intensity['clip'] must be (min, max) or an ({n}, 2) "
+                             f"tensor, got {clip!r}")
         lo, hi = (col("clip", c) for c in clip)
     params = torch.stack([col("scale", intensity.get("scale", 1.0)),
                           col("shift", intensity.get("shift", 0.0)),
@@ -212,8 +226,16 @@ def pack_intensity(intensity, n: int, device):
                           col("noise_std", intensity.get("noise_std", 0.0)), lo, hi], dim=1)
     seed = intensity.get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool):
+        if not -2**63 <= seed < 2**63:
+            raise ValueError(f"med3d_ext: intensity['seed'] must fit in int64, got {seed}")
         seed = torch.full((n,), seed, dtype=torch.int64, device=device)
     elif seed is not None:
+        if isinstance(seed, (float, bool, str, bytes)) or (
+                isinstance(seed, torch.Tensor) and (seed.is_floating_point() or
+                                                    seed.dtype == torch.bool)):
+            # a float seed was truncated (1.5 gave seed 1's noise)
+            raise TypeError(f"med3d_ext: intensity['seed'] must be an int or an integer "
+                            f"({n},) tensor, got {seed!r}")
         seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
         seed = seed.expand(n).contiguous() if seed.dim() == 0 else seed.contiguous()
         if tuple(seed.shape) != (n,):

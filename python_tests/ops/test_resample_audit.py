@@ -213,6 +213,22 @@ def test_more_errors_name_the_argument(device):
         pair(x, lab, theta.to(other), (2, 1, 3, 3, 3))
     with pytest.raises(ValueError, match=r"intensity\['scale'\] must be a scalar or \(2,\)"):
         pair(x, lab, theta, (2, 1, 3, 3, 3), intensity={"scale": torch.ones(3, device=device)})
+    # the intensity dict's values (a black-box audit: a float seed was truncated, NaN factors
+    # turned the output into NaN, and the rest failed with messages naming nothing)
+    for bad, err, want in (
+            ({"seed": 1.5}, TypeError, r"intensity\['seed'\] must be an int.*1.5"),
+            ({"seed": 2**70}, ValueError, r"intensity\['seed'\] must fit in int64"),
+            ({"seed": torch.ones(2, device=device)}, TypeError, r"intensity\['seed'\] must be an int"),
+            ({"gamma": float("nan")}, ValueError, r"intensity\['gamma'\] must be finite, got nan"),
+            ({"scale": float("inf")}, ValueError, r"intensity\['scale'\] must be finite"),
+            ({"scale": "2"}, TypeError, r"intensity\['scale'\] must be a number.*'2'"),
+            ({"clip": 1.0}, ValueError, r"intensity\['clip'\] must be \(min, max\).*1.0"),
+            ({"clip": (0, 1, 2)}, ValueError, r"intensity\['clip'\] must be \(min, max\)")):
+        with pytest.raises(err, match=want):
+            pair(x, lab, theta, (2, 1, 3, 3, 3), intensity=bad)
+    # an infinite clip bound is no bound
+    out = pair(x, lab, theta, (2, 1, 3, 3, 3), intensity={"clip": (-math.inf, math.inf)})
+    torch.testing.assert_close(out[0], pair(x, lab, theta, (2, 1, 3, 3, 3))[0])
     if _extension.available():
         with pytest.raises(RuntimeError, match=r"'elastic' must be floating point.*Long"):
             pair(x, lab, theta, (2, 1, 3, 3, 3),
