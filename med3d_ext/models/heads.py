@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .med3d import Med3DNet
-from .resnet import ENCODER_ROOTS, ResNet3d, ResNet3dEncoder, apply_fusion
+from .resnet import ENCODER_ROOTS, ResNet3d, ResNet3dEncoder, apply_fusion, check_flag
 from .weights import infer_medicalnet_depth, load_medicalnet_weights, unwrap_model
 
 __all__ = [
@@ -65,7 +65,7 @@ class ClassificationNet(nn.Module):
         self.encoder = ResNet3dEncoder(depth, shortcut_type, in_channels)
         self.head = ClassificationHead(self.encoder.out_channels, num_classes, dropout)
         self.num_classes = self.head.fc.out_features
-        if fused:
+        if check_flag("ClassificationNet", "fused", fused):
             apply_fusion(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def build_model(arch: Mapping, fused: bool = False) -> nn.Module:
     else:
         raise ValueError(f"arch['task'] must be one of pretrain, segmentation, classification, "
                          f"encoder; got {task!r}")
-    return apply_fusion(model) if fused else model
+    return apply_fusion(model) if check_flag("build_model", "fused", fused) else model
 
 
 def build_transfer_model(task: str, depth: int | None, num_classes: int, *,
@@ -136,7 +136,7 @@ def build_transfer_model(task: str, depth: int | None, num_classes: int, *,
     else:
         model = ClassificationNet(depth, num_classes, shortcut_type, in_channels, dropout)
     report = load_medicalnet_weights(model, weights) if weights is not None else None
-    if fused:  # after loading: fusion keeps the modules, so either order works
+    if check_flag("build_transfer_model", "fused", fused):  # after loading: either order works
         model = apply_fusion(model)
     return (model, report) if return_report else model
 
@@ -173,7 +173,7 @@ def freeze_encoder(model: nn.Module, bn_eval: bool = True) -> nn.Module:
     the batch nor updated) even after ``model.train()``. Returns ``model``."""
     for p in encoder_parameters(model):
         p.requires_grad_(False)
-    if bn_eval:
+    if check_flag("freeze_encoder", "bn_eval", bn_eval):
         for m in _encoder_modules(model):
             for bn in m.modules():
                 if isinstance(bn, nn.modules.batchnorm._BatchNorm) \

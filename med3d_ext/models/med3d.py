@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .resnet import MedicalNetSegHead, ResNet3dEncoder, apply_fusion
+from .resnet import MedicalNetSegHead, ResNet3dEncoder, apply_fusion, check_flag
 
 __all__ = ["HeadOutput", "Med3DNet"]
 
@@ -63,7 +63,7 @@ class Med3DNet(nn.Module):
             {name: MedicalNetSegHead(self.encoder.out_channels, n) for name, n in heads.items()})
         self.head_names: list[str] = list(heads)
         self.head_classes: list[int] = [int(heads[n]) for n in self.head_names]
-        if fused:
+        if check_flag("Med3DNet", "fused", fused):
             apply_fusion(self)
 
     @property

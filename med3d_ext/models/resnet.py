@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -312,6 +314,15 @@ class ResNet3d(ResNet3dEncoder):
                 "num_classes": self.num_seg_classes}
 
 
+def check_flag(fn: str, name: str, v) -> bool:
+    """A flag argument as a bool; anything else is a TypeError naming it (fused="no" built a
+    fused model: a string, or None, was taken by its truth value)."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"med3d_ext.models.{fn}: argument '{name}' must be True or False, got "
+                        f"{v!r}")
+    return bool(v)
+
+
 def apply_fusion(model: nn.Module) -> nn.Module:
     """Switch ``model``'s conv/BN/ReLU chains to the fused op (same modules, same keys).
 
@@ -341,6 +352,7 @@ def resnet3d(depth: int, num_seg_classes: int = 2, shortcut_type: str | None = N
             ``load_medicalnet_weights`` adapts the released one-channel ``conv1``).
         fused: switch the forward to the fused conv+BN+ReLU op (``med3d_ext.nn``).
     """
+    fused = check_flag("resnet3d", "fused", fused)
     model = ResNet3d(depth, num_seg_classes, shortcut_type, in_channels)
     return apply_fusion(model) if fused else model
 
@@ -348,6 +360,7 @@ def resnet3d(depth: int, num_seg_classes: int = 2, shortcut_type: str | None = N
 def resnet3d_encoder(depth: int, shortcut_type: str | None = None, in_channels: int = 1,
                      fused: bool = False) -> ResNet3dEncoder:
     """The encoder alone (keys conv1, bn1, layer1..4), for multi-head and transfer models."""
+    fused = check_flag("resnet3d_encoder", "fused", fused)
     model = ResNet3dEncoder(depth, shortcut_type, in_channels)
     return apply_fusion(model) if fused else model
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops._common import check_bool
 from ..ops._running_stats import close_batch, count_batch, open_batch
 from ..ops.conv_bn_relu import (_conv_bn_relu3d, _conv_bn_relu_maxpool3d, _triple,
                                 conv_bias_relu3d, conv_bn_relu3d)
@@ -165,6 +166,10 @@ def set_memory_saving(model: nn.Module, on: bool = True) -> nn.Module:
     """The memory-saving mode (see RECOMPUTE_BLOCK_INPUTS) for this model's fused blocks and
     stem only, whatever the process-wide flag says; a plain attribute of each module, so the
     state dict does not change and copies of the model keep it. Returns the model."""
+    if not isinstance(model, nn.Module):  # (None gave AttributeError: no 'modules')
+        raise TypeError(f"med3d_ext.nn.set_memory_saving: argument 'model' must be an "
+                        f"nn.Module, got {type(model).__name__}")
+    check_bool("set_memory_saving", "on", on)  # on="no" switched it on
     for m in model.modules():
         setattr(m, _MEMORY_SAVING_ATTR, bool(on))
     return model

@@ -217,6 +217,8 @@ def _prepare_bn_call(name, x, weight, bn_weight, bn_bias, running_mean, running_
     if training and not eps > 0:  # F.batch_norm's ValueError (the op's own check is C++'s)
         raise ValueError(f"med3d_ext.{name}: argument 'eps' must be positive when training, "
                          f"got {eps}")
+    if not eps >= 0:  # eval: a negative eps gave inf where F.batch_norm refuses it
+        raise ValueError(f"med3d_ext.{name}: argument 'eps' must be non-negative, got {eps}")
     cout = weight.shape[0] if weight.dim() == 5 else 0
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if bn_weight is None:

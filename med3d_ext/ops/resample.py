@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .. import reference
-from ._common import check_same_device, compiled, register_autograd, register_fake
+from ._common import (check_bool, check_same_device, compiled, register_autograd,
+                      register_fake)
 
 __all__ = ["affine_resample", "affine_resample_pair", "resize", "resample_to_spacing",
            "pack_intensity"]
@@ -101,6 +102,7 @@ def affine_resample(image: torch.Tensor, theta: torch.Tensor, size, *, mode: str
     """
     m = _choice("mode", mode, _MODES)
     p = _choice("padding_mode", padding_mode, _PADDINGS)
+    check_bool("affine_resample", "align_corners", align_corners)  # "no" ran as True
     _check_image(image, m == 0, "mode='bilinear'")
     size = _ints("size", size, 5)
     if size[:2] != list(image.shape[:2]):
@@ -195,6 +197,7 @@ def affine_resample_pair(image: torch.Tensor, label: torch.Tensor, theta: torch.
         ``label_size``. Not differentiable (an augmentation step): a backward through it raises.
     """
     p = _choice("padding_mode", padding_mode, _PADDINGS)
+    check_bool("affine_resample_pair", "align_corners", align_corners)
     _check_image(image, True, "affine_resample_pair")
     _check_tensor("label", label, image)
     if label.dim() not in (4, 5) or label.shape[0] != image.shape[0] or (

@@ -7,6 +7,7 @@ import numbers
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..ops.resample import affine_resample_pair
@@ -171,6 +172,9 @@ class RandomAugment3D:
             raise ValueError("RandomAugment3D: 'padding_mode' must be 'zeros', 'border' or "
                              f"'reflection', got {padding_mode!r}")
         self.padding_mode = padding_mode
+        if not isinstance(align_corners, (bool, np.bool_)):  # bool("no") is True
+            raise _ArgTypeError(f"RandomAugment3D: 'align_corners' must be True or False, got "
+                                f"{align_corners!r}")
         self.align_corners = bool(align_corners)
         self.seed = _seed(seed)
         self._generators: dict[str, torch.Generator] = {}

@@ -66,6 +66,9 @@ def test_non_positive_eps_refused_in_training(device, eps):
     # eval mode normalises with the running variance: eps = 0 is allowed, as in F.batch_norm
     # of torch 2.13 (2.11 refuses it in eval too, so the reference is written out here)
     out = m3d.ops.conv_bn_relu3d(x, w, *bn, eps=0.0, training=False)
+    if not eps >= 0:  # a negative (or NaN) eps in eval: refused as F.batch_norm does (gave inf)
+        with pytest.raises(ValueError, match=r"argument 'eps' must be non-negative"):
+            m3d.ops.conv_bn_relu3d(x, w, *bn, eps=eps, training=False)
     g, b, rm, rv = (t.view(1, -1, 1, 1, 1) for t in bn)
     ref = torch.relu((torch.nn.functional.conv3d(x, w) - rm) / rv.sqrt() * g + b)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
