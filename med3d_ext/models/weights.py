@@ -197,6 +197,9 @@ def _unwrap(obj, where: str) -> tuple[dict, str, dict]:
     return dict(obj), "state_dict", {}
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def _normalise(sd: Mapping, where: str) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
@@ -205,12 +208,15 @@ def _normalise(sd: Mapping, where: str) -> dict[str, torch.Tensor]:
         if not isinstance(v, torch.Tensor):
             raise MedicalNetWeightsError(
                 f"{where!r}: entry {k!r} holds a {type(v).__name__}, not a tensor")
-        # DataParallel's prefix (MedicalNet saved from nn.DataParallel)
-        key = k[len("module."):] if k.startswith("module.") else k
+        # DataParallel's prefix (MedicalNet saved from nn.DataParallel) and torch.compile's
+        # (a compiled model's state_dict), in either order
+        key = k
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
         if key in out:  # both 'module.x' and 'x': one would silently overwrite the other
             raise MedicalNetWeightsError(
-                f"{where!r}: keys {key!r} and 'module.{key}' are both present (a state dict "
-                "of a model and of its DataParallel wrapper merged?); keep one of them")
+                f"{where!r}: keys {key!r} and {k!r} are both present (a state dict of a model "
+                "and of its DataParallel / torch.compile wrapper merged?); keep one of them")
         out[key] = v
     return out
 

@@ -416,6 +416,12 @@ def test_corrupted_values_and_merged_prefixes_are_refused(tmp_path, src10):
         load_medicalnet_weights(resnet3d(10), p)
     with pytest.raises(TypeError, match=r"argument 'model' must be an nn.Module, got NoneType"):
         load_medicalnet_weights(None, sd)
+    # a torch.compile'd model's state dict (keys '_orig_mod.<key>', also under 'module.')
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        m = resnet3d(10)
+        load_medicalnet_weights(m, {prefix + k: v for k, v in sd.items()})
+        torch.testing.assert_close(m.conv1.weight, sd["conv1.weight"])
+        assert infer_medicalnet_depth({prefix + k: v for k, v in sd.items()}) == (10, "B")
     # a float16 file still loads into a float32 model (a cast within floating point)
     half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
     model = resnet3d(10)
