@@ -339,17 +339,13 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     channels.apply()
     if not good:
         raise DataError(ds.root, "empty dataset: no usable cases")
-    spacing_from = "median"
-    if target_spacing is not None:
-        spacing_from = "given"
-    else:
+    spacing_from = "given"
+    if target_spacing is None:
         # a spacing chosen for this cache (`data preprocess --spacing`) is kept: training's
         # --cache CACHE redid every case at the median spacing and overwrote it, silently
         target_spacing = _given_spacing(out)
-        if target_spacing is not None:
-            spacing_from = "given"
-        else:
-            target_spacing = np.median(np.stack(spacings), 0)
+    if target_spacing is None:
+        target_spacing, spacing_from = np.median(np.stack(spacings), 0), "median"
     target = [round(float(t), 4) for t in np.broadcast_to(np.asarray(target_spacing), 3)]
     settings = {"recipe": RECIPE_VERSION, "target_spacing": target, "seed": seed,
                 "labels": sorted(ds.labels) if ds.labels else None}

@@ -124,8 +124,7 @@ def _read_file(path: Path) -> tuple[dict, str, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        name = m.group(1) if m else ""
+        name = pickled_global(e)
         if all(part.isidentifier() for part in name.split(".")) and name:
             maybe = "" if _global_exists(name) else " (or the file is truncated or corrupted)"
             raise MedicalNetWeightsError(
@@ -142,12 +141,19 @@ def _read_file(path: Path) -> tuple[dict, str, dict]:
         why = why.group(1) if why else (str(e).strip().splitlines() or [""])[0]
         raise MedicalNetWeightsError(
             f"could not read {str(path)!r}: truncated, corrupted or not a PyTorch weights file"
-            + (f" (unpickling stopped at {name!r})" if m else f" ({why})")) from e
+            + (f" (unpickling stopped at {name!r})" if name else f" ({why})")) from e
     except Exception as e:  # zip reader / EOF errors of a cut-off download
         raise MedicalNetWeightsError(
             f"could not read {str(path)!r}: truncated or not a PyTorch weights file "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     return _unwrap(obj, str(path))
+
+
+def pickled_global(exc: BaseException) -> str:
+    """The name torch.load(weights_only=True) refused to unpickle ("Unsupported global:
+    GLOBAL argparse.Namespace"), or "" when the error is another."""
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    return m.group(1) if m else ""
 
 
 def not_torch_save_file(path) -> str | None:

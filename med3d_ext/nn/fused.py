@@ -347,11 +347,18 @@ def _activation(m: nn.Module):
     return None
 
 
-def _monai_resnet():
-    """MONAI's resnet module when the program has imported it (never imported here)."""
+def _monai_forwards(*names) -> list:
+    """The forwards of these classes of MONAI's resnet module, when the program has imported
+    it (it is never imported here)."""
     import sys
 
-    return sys.modules.get("monai.networks.nets.resnet")
+    mon = sys.modules.get("monai.networks.nets.resnet")
+    return [getattr(mon, n).forward for n in names if hasattr(mon, n)] if mon else []
+
+
+def _trusted(base: type, trusted) -> bool:
+    """A class the caller vouched for (fuse_modules' ``trusted``), its forward not overridden."""
+    return any(issubclass(base, t) and base.forward is t.forward for t in trusted)
 
 
 def _known_block(m: nn.Module, trusted=()) -> bool:
@@ -363,14 +370,9 @@ def _known_block(m: nn.Module, trusted=()) -> bool:
     from ..models.resnet import BasicBlock, Bottleneck
 
     base = _plain_class(m)
-    if any(issubclass(base, t) and base.forward is t.forward for t in trusted):
-        return True
-    known = [BasicBlock.forward, Bottleneck.forward]
-    mon = _monai_resnet()
-    if mon is not None:
-        known += [getattr(mon, n).forward for n in ("ResNetBlock", "ResNetBottleneck")
-                  if hasattr(mon, n)]
-    return base.forward in known
+    return _trusted(base, trusted) or base.forward in (
+        [BasicBlock.forward, Bottleneck.forward] + _monai_forwards("ResNetBlock",
+                                                                    "ResNetBottleneck"))
 
 
 def _known_stem(m: nn.Module, trusted=()) -> bool:
@@ -379,13 +381,11 @@ def _known_stem(m: nn.Module, trusted=()) -> bool:
     from ..models.resnet import ResNet3dEncoder
 
     base = _plain_class(m)
-    if any(issubclass(base, t) and base.forward is t.forward for t in trusted):
+    if _trusted(base, trusted):
         return True
     if isinstance(m, ResNet3dEncoder):
         return base.stem is ResNet3dEncoder.stem
-    mon = _monai_resnet()
-    return mon is not None and base.forward in [getattr(mon, n).forward for n in
-                                                ("ResNet", "ResNetFeatures") if hasattr(mon, n)]
+    return base.forward in _monai_forwards("ResNet", "ResNetFeatures")
 
 
 def _is_block(m: nn.Module, trusted=()) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import uuid
 from pathlib import Path
 
@@ -127,7 +126,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    from med3d_ext.models.weights import not_torch_save_file
+    from med3d_ext.models.weights import not_torch_save_file, pickled_global
 
     foreign = not_torch_save_file(path)
     if foreign:  # torch.load said "KeyError: 101" of a text file (a config.yaml, say)
@@ -136,12 +135,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - a torn or foreign file: say which
-        msg = str(e)
-        glob = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-        why = (f"it pickles {glob.group(1)!r}, which weights_only loading refuses" if glob else
-               (msg.strip().splitlines() or [""])[0].split(". ")[0][:200])  # torch's first
+        name = pickled_global(e)
+        if name:
+            why, cause = (f"it pickles {name!r}, which weights_only loading refuses",
+                          "not a med3d_ext checkpoint")
+        else:  # torch's first sentence: the rest is a paragraph of advice
+            why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
+            cause = "a file cut short, or not a med3d_ext checkpoint"
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(e).__name__}: "
-                              f"{why} ({'not a med3d_ext checkpoint' if glob else 'a file cut short, or not a med3d_ext checkpoint'})") from e
+                              f"{why} ({cause})") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a med3d_ext checkpoint (no "
                               f"format={FORMAT!r}); MedicalNet weights go to transfer "

@@ -107,13 +107,13 @@ def _check_resumed_spacing(was: dict | None, now: dict | None, path) -> None:
         old = (was or {}).get(name) or {}
         a, b = old.get("target_spacing"), rec.get("target_spacing")
         if a and b and any(abs(float(x) - float(y)) > 1e-3 for x, y in zip(a, b)):
+            a, b = ([round(float(v), 4) for v in t] for t in (a, b))
             raise TrainingError(
-                f"--resume {str(path)!r}: dataset {name!r} is now preprocessed at "
-                f"{[round(float(v), 4) for v in b]} mm, but the run trained at "
-                f"{[round(float(v), 4) for v in a]} mm (its cache was preprocessed again with "
-                "another --spacing); preprocess it at the run's spacing (python -m "
-                f"med3d_ext.data preprocess DATA --spacing {' '.join(str(round(float(v), 4)) for v in a)} "
-                "--out CACHE) or start a new run")
+                f"--resume {str(path)!r}: dataset {name!r} is now preprocessed at {b} mm, but "
+                f"the run trained at {a} mm (its cache was preprocessed again with another "
+                "--spacing); preprocess it at the run's spacing (python -m med3d_ext.data "
+                f"preprocess DATA --spacing {' '.join(map(str, a))} --out CACHE) or start a new "
+                "run")
 
 
 def autocast_dtype(amp: str, device: torch.device):

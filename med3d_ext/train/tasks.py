@@ -80,9 +80,9 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
 
 
 def source_folders(data_dir) -> set:
-    """The folders that hold a dataset's own files, resolved: its root (dataset.json,
-    labels.csv, a MedicalNet list's folder) and every folder with one of its images or labels,
-    training and test splits."""
+    """The folders that hold a dataset's own files: its root (dataset.json, labels.csv, a
+    MedicalNet list's folder), its layout's images/labels folders and every folder with one of
+    its images or labels (training and test splits), as absolute and as resolved paths."""
     from med3d_ext.data import DataError, load_dataset
 
     p = Path(data_dir)
@@ -471,9 +471,9 @@ def _pretrained_arch(cfg):
                               f"(transfer reads it from the file) or pick a ResNet-"
                               f"{cfg['depth']} file")
         asked = cfg.get("shortcut_type")
+        # a mismatch failed later in the weight loader, with Python advice (resnet3d(...));
+        # from scratch the file gives the depth only, and an explicit shortcut is the model's
         if asked and shortcut and asked != shortcut and not cfg.get("from_scratch"):
-            # (from scratch the file gives the depth only: an explicit shortcut is the model's)
-            # it failed later in the weight loader, with Python advice (resnet3d(...))
             raise ConfigError(f"--pretrained {path!r} holds a ResNet-{depth} encoder with "
                               f"shortcut {shortcut}, but --shortcut-type {asked} was asked; "
                               "drop --shortcut-type (transfer reads it from the file) or pick a "

@@ -23,6 +23,18 @@ def tiny_data(tmp_path_factory):
             "cls": Path(dirs["transfer_cls"]), "cache": root / "cache"}
 
 
+@pytest.fixture(scope="session")
+def kidney_run(tiny_data, tmp_path_factory):
+    """One finished tiny segmentation transfer run (from scratch, one step) on the synthetic
+    kidney set, for tests that only read it (evaluate)."""
+    from med3d_ext.train.cli import main
+
+    out = tmp_path_factory.mktemp("kidney_run") / "kidney"
+    assert main(["transfer", *tiny_args(tiny_data["transfer"], out, "--from-scratch", "--epochs",
+                                        1, "--steps", 1, "--cache", tiny_data["cache"])]) == 0
+    return out
+
+
 def cli_env() -> dict:
     """Environment for CLI subprocesses: this checkout first on the path, no GPU, quiet."""
     env = dict(os.environ)

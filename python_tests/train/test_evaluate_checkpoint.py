@@ -15,12 +15,9 @@ pytest.importorskip("med3d_ext.models")
 pytest.importorskip("med3d_ext.data")
 
 
-@pytest.fixture(scope="module")
-def run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("evalck") / "kidney"
-    assert main(["transfer", *tiny_args(tiny_data["transfer"], out, "--from-scratch", "--epochs",
-                                        1, "--steps", 1, "--cache", tiny_data["cache"])]) == 0
-    return out
+@pytest.fixture
+def run(kidney_run):
+    return kidney_run
 
 
 def _eval(tiny_data, *extra):
