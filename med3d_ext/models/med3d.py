@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,17 +75,26 @@ class Med3DNet(nn.Module):
                 "heads": dict(zip(self.head_names, self.head_classes))}
 
     def _dataset_ids(self, dataset_id, n: int) -> torch.Tensor:
-        if isinstance(dataset_id, int) and not isinstance(dataset_id, bool):
-            dataset_id = torch.full((n,), dataset_id, dtype=torch.long)
+        # numpy's integers and integer arrays count (what a numpy-based loader yields)
+        if isinstance(dataset_id, numbers.Integral) and not isinstance(dataset_id, (bool, np.bool_)):
+            dataset_id = torch.full((n,), int(dataset_id), dtype=torch.long)
+        elif isinstance(dataset_id, np.ndarray) and dataset_id.dtype.kind in "iu":
+            dataset_id = torch.from_numpy(dataset_id.astype(np.int64))
         elif isinstance(dataset_id, Sequence) and not isinstance(dataset_id, str):
-            dataset_id = torch.as_tensor(list(dataset_id), dtype=torch.long)
+            # no dtype=long here: it truncated [0.5, 1] to [0, 1] silently (the dtype check
+            # below refuses floats and bools)
+            ids = list(dataset_id)
+            try:
+                dataset_id = torch.as_tensor(ids) if ids else torch.zeros(0, dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError):
+                dataset_id = ids  # named in the error below
         if not isinstance(dataset_id, torch.Tensor) or dataset_id.dtype.is_floating_point \
                 or dataset_id.dtype.is_complex or dataset_id.dtype == torch.bool \
                 or dataset_id.shape != (n,):
             got = (f"{dataset_id.dtype} tensor of shape {tuple(dataset_id.shape)}"
                    if isinstance(dataset_id, torch.Tensor) else repr(dataset_id))
-            raise ValueError(f"dataset_id must be an int or an integer tensor of shape ({n},), "
-                             f"got {got}")
+            raise ValueError(f"dataset_id must be an int or {n} integers (a tensor, list or "
+                             f"numpy array of shape ({n},)), got {got}")
         # one host sync for the whole routing (not one per head)
         ids = dataset_id.detach().to("cpu", torch.long)
         if ids.numel() and (ids.min() < 0 or ids.max() >= len(self.head_names)):

@@ -3,6 +3,8 @@ registration helpers that are no-ops when the extension is not loaded."""
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -57,6 +59,14 @@ def check_bool(op: str, name: str, v) -> None:
     ReLU) and 1.5 as True, silently."""
     if not isinstance(v, _BOOLS):
         raise TypeError(f"med3d_ext.{op}: argument '{name}' must be True or False, got {v!r}")
+
+
+def check_real(op: str, name: str, v) -> None:
+    """A TypeError naming a number argument that is not a real number (a bool, None, a string:
+    "0.1" as momentum failed inside torch._foreach_lerp_, None as a loss weight in float()).
+    Symbolic numbers of torch.compile pass."""
+    if isinstance(v, _BOOLS) or not isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"med3d_ext.{op}: argument '{name}' must be a real number, got {v!r}")
 
 
 def check_same_device(op: str, ref: torch.Tensor, **tensors) -> None:

@@ -22,7 +22,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
-from ._common import check_bool, check_same_device, check_tensor, compiled, register_fake
+from ._common import (check_bool, check_real, check_same_device, check_tensor, compiled,
+                      register_fake)
 from ._running_stats import update_running_stats
 from .stem import stem_rewrite, stem_rewrite_input
 
@@ -279,6 +280,8 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
     if momentum is None:
         raise ValueError("conv_bn_relu3d: momentum=None (cumulative average) is handled by "
                          "ConvBNReLU3d / the fused modules; pass 1/num_batches_tracked instead")
+    check_real("conv_bn_relu3d", "momentum", momentum)
+    check_real("conv_bn_relu3d", "eps", eps)
     stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
                                  _triple(dilation, "dilation"))
     x, wdt, residual, (bn_weight, bn_bias) = _autocast_args(x, residual, [bn_weight, bn_bias])
@@ -358,6 +361,8 @@ def _conv_bn_relu_maxpool3d(x, weight, bn_weight, bn_bias, running_mean, running
     if momentum is None:
         raise ValueError("conv_bn_relu_maxpool3d: momentum=None (cumulative average) is handled "
                          "by the fused modules; pass 1/num_batches_tracked instead")
+    check_real("conv_bn_relu_maxpool3d", "momentum", momentum)
+    check_real("conv_bn_relu_maxpool3d", "eps", eps)
     stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
                                  _triple(dilation, "dilation"))
     pk, ps, pp = (_triple(pool_kernel, "pool_kernel"), _triple(pool_stride, "pool_stride"),

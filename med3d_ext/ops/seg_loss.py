@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import reference
-from ._common import check_bool, compiled, register_fake
+from ._common import check_bool, check_real, compiled, register_fake
 
 __all__ = ["multihead_seg_loss", "SegLabelError"]
 
@@ -72,6 +72,8 @@ def multihead_seg_loss(
     # tensor op unless head_weights / class_weights need converting, and the op itself (its
     # autograd is C++, csrc/seg_loss/seg_loss_autograd.cpp).
     check_bool("multihead_seg_loss", "validate", validate)
+    for name, v in (("ce_weight", ce_weight), ("dice_weight", dice_weight), ("smooth", smooth)):
+        check_real("multihead_seg_loss", name, v)
     logits = _tensor_list("logits", logits)
     targets = _tensor_list("targets", targets)
     if not logits:
@@ -91,7 +93,13 @@ def multihead_seg_loss(
             hw = torch.stack([torch.as_tensor(w, device=first.device).to(acc).reshape(())
                               for w in head_weights])
         else:
-            hw = torch.as_tensor(head_weights, dtype=acc, device=first.device)
+            try:
+                hw = torch.as_tensor(head_weights, dtype=acc, device=first.device)
+            except (TypeError, ValueError, RuntimeError):  # e.g. "abc": torch's "new(): invalid
+                # data type 'str'" named no argument
+                raise TypeError(f"med3d_ext.multihead_seg_loss: argument 'head_weights' must be "
+                                f"a tensor or a sequence of numbers, one per head, got "
+                                f"{head_weights!r}") from None
     cw = None
     if class_weights is not None:
         if len(class_weights) != len(logits):

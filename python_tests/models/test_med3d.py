@@ -131,6 +131,27 @@ def test_dataset_id_forms_and_errors():
     assert med(x[:0], torch.zeros(0, dtype=torch.long)) == []
 
 
+def test_dataset_id_from_numpy_and_lists_of_non_integers():
+    """numpy ids (what a numpy-based loader yields) were refused; a list of floats was
+    truncated to integers silently ([0.5, 2] routed sample 0 to head 0). From the API audit."""
+    import numpy as np
+
+    med = Med3DNet(10, HEADS).eval()
+    x = torch.randn(3, 1, 8, 9, 7)
+    want = med(x, torch.tensor([2, 0, 2]))
+    for ids in (np.array([2, 0, 2]), np.array([2, 0, 2], dtype=np.uint8), [np.int64(2), 0, 2]):
+        got = med(x, ids)
+        assert [(o.head, o.index.tolist()) for o in got] == [(o.head, o.index.tolist()) for o in want]
+        for a, b in zip(got, want):
+            assert_close(a.logits, b.logits)
+    whole = med(x, np.int64(1))
+    assert [o.head for o in whole] == [1] and whole[0].index.tolist() == [0, 1, 2]
+    for bad in ([0.5, 2, 0], [True, False, True], np.array([0.0, 1.0, 2.0]), [0, "a", 1],
+                np.bool_(True)):
+        with pytest.raises(ValueError, match=r"dataset_id must be an int or 3 integers"):
+            med(x, bad)
+
+
 def test_bad_heads():
     with pytest.raises(ValueError, match="non-empty dict"):
         Med3DNet(10, {})

@@ -812,6 +812,40 @@ def test_flag_arguments_must_be_bools(device):
     m3d.ops.conv_bn_relu3d(x, w, None, None, rm, rv, training=np.bool_(True))  # numpy's bool
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_number_arguments_must_be_real_numbers(device):
+    """momentum="0.1" failed inside torch._foreach_lerp_ and eps=None in a comparison, loss
+    weights of None in float(), head_weights="abc" in torch's tensor constructor: none named
+    the argument. numpy's numbers still pass. From the API audit."""
+    import numpy as np
+
+    x = torch.randn(2, 2, 5, 5, 5, device=device)
+    w = torch.randn(3, 2, 3, 3, 3, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    for kw, name in ((dict(momentum="0.1"), "momentum"), (dict(eps=None), "eps"),
+                     (dict(momentum=True), "momentum")):
+        with pytest.raises(TypeError, match=f"conv_bn_relu3d: argument '{name}' must be a real"):
+            m3d.ops.conv_bn_relu3d(x, w, None, None, rm, rv, **kw)
+        with pytest.raises(TypeError, match=f"conv_bn_relu_maxpool3d: argument '{name}' must "):
+            m3d.ops.conv_bn_relu_maxpool3d(x, w, None, None, rm, rv, **kw)
+    assert torch.equal(rm, torch.zeros(3, device=device))  # refused before any update
+    m3d.ops.conv_bn_relu3d(x, w, None, None, rm, rv, momentum=np.float32(0.5), eps=np.float64(1e-3))
+    torch.testing.assert_close(rm, 0.5 * torch.nn.functional.conv3d(x, w).mean((0, 2, 3, 4)),
+                               rtol=1e-4, atol=1e-5)
+    logits = [torch.randn(1, 2, 3, device=device)]
+    target = [torch.zeros(1, 3, dtype=torch.long, device=device)]
+    for kw, name in ((dict(ce_weight=None), "ce_weight"), (dict(dice_weight="1"), "dice_weight"),
+                     (dict(smooth=None), "smooth")):
+        with pytest.raises(TypeError, match=f"argument '{name}' must be a real number"):
+            m3d.ops.multihead_seg_loss(logits, target, **kw)
+    with pytest.raises(TypeError, match=r"argument 'head_weights' must be a tensor or a sequence "
+                                        r"of numbers.*'abc'"):
+        m3d.ops.multihead_seg_loss(logits, target, head_weights="abc")
+    total, _ = m3d.ops.multihead_seg_loss(logits, target, head_weights=np.array([2.0]),
+                                          ce_weight=np.float32(0.5), smooth=np.float64(1e-5))
+    assert torch.isfinite(total)
+
+
 @requires_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
