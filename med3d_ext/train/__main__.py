@@ -2,6 +2,12 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds) or before the command's own
+    # handling starts: a word, not an import traceback (the training loop saves and says more)
+    print("interrupted", file=sys.stderr)
+    code = 130
+sys.exit(code)

@@ -329,3 +329,22 @@ def test_a_second_ctrl_c_while_run_files_are_rewritten_leaves_no_temporary(tmp_p
         with pytest.raises(KeyboardInterrupt):
             runlog.plot_curves(log, tmp_path / "curves.png")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_ctrl_c_while_the_cli_imports_torch_is_a_word_not_a_traceback():
+    """Ctrl-C in the seconds torch takes to load printed an import traceback (CLI audit). The
+    interrupt is raised deterministically at the import of the CLI module."""
+    import sys
+
+    code = (
+        "import importlib.abc, runpy, sys\n"
+        "class Stop(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'med3d_ext.train.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Stop())\n"
+        "runpy.run_module('med3d_ext.train', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and r.stderr.strip() == "interrupted"
