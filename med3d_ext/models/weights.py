@@ -353,6 +353,27 @@ def _check_values(where: str, key: str, v: torch.Tensor, want: torch.Tensor,
         raise MedicalNetWeightsError(
             f"{where!r}: {what} {key!r} holds {bad} NaN/Inf value(s) of {v.numel()}: a "
             "corrupted file, or weights saved after training diverged")
+    if key.endswith("running_var") and v.is_floating_point() and bool((v < 0).any()):
+        # a variance is never negative: BatchNorm in eval mode would give NaN from the sqrt
+        raise MedicalNetWeightsError(
+            f"{where!r}: {what} {key!r} holds {int((v < 0).sum())} negative variance(s) of "
+            f"{v.numel()} (min {float(v.min()):.4g}): a corrupted file, or not BatchNorm "
+            "running variances")
+
+
+def _check_not_folded(model: nn.Module, tp: str, extra: list, where: str) -> None:
+    """The file's BatchNorm keys have no place in a model that med3d_ext.nn.fold_bn prepared
+    (its BatchNorms are nn.Identity, its convs have a bias): said so, rather than as keys
+    missing for "a modified network or a corrupted file"."""
+    mods = dict(model.named_modules())
+    folded = [k for k in extra if k.endswith(".running_mean")
+              and isinstance(mods.get(tp + k[:-len(".running_mean")]), nn.Identity)]
+    if folded:
+        raise MedicalNetWeightsError(
+            f"{where!r} cannot be loaded into this model: its BatchNorm layers were folded into "
+            f"the convolutions by med3d_ext.nn.fold_bn ({len(folded)} of them are nn.Identity, "
+            f"e.g. {tp}{folded[0][:-len('.running_mean')]}). Load the weights into the model "
+            "before fold_bn, then fold it.")
 
 
 def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
@@ -390,6 +411,7 @@ def load_medicalnet_weights(model: nn.Module, path) -> LoadReport:
     missing = sorted(k for k in tgt_enc - src_enc.keys() if not k.endswith("num_batches_tracked"))
     extra = sorted(src_enc.keys() - tgt_enc)
     if missing or extra:
+        _check_not_folded(model, tp, extra, where)
         parts = [f"{len(ks)} encoder keys {what} (e.g. {', '.join(ks[:3])})"
                  for ks, what in ((missing, "missing from the file"), (extra, "not in the model"))
                  if ks]

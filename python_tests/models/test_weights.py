@@ -408,6 +408,12 @@ def test_corrupted_values_and_merged_prefixes_are_refused(tmp_path, src10):
     with pytest.raises(MedicalNetWeightsError, match=r"'bn1.num_batches_tracked' holds "
                                                      r"torch.float32 values"):
         load_medicalnet_weights(resnet3d(10), {**sd, "bn1.num_batches_tracked": torch.tensor(3.7)})
+    # a negative running variance loaded and gave NaN in eval mode (API audit)
+    var = sd["layer1.0.bn2.running_var"].clone()
+    var[torch.randint(0, var.numel(), (1,))] = -0.5
+    with pytest.raises(MedicalNetWeightsError, match=r"'layer1.0.bn2.running_var' holds 1 "
+                                                     r"negative variance\(s\) of 64"):
+        load_medicalnet_weights(resnet3d(10), {**sd, "layer1.0.bn2.running_var": var})
     merged = {**sd, **{"module." + k: torch.zeros_like(v) for k, v in sd.items()}}
     p = tmp_path / "merged.pth"
     torch.save({"state_dict": merged}, p)
@@ -542,3 +548,26 @@ def test_a_folded_model_is_not_exported(tmp_path):
         with pytest.raises(MedicalNetWeightsError, match="folded into its convolutions"):
             save(net, tmp_path / "x.pth")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_loading_into_a_folded_model_says_to_load_before_fold_bn(src10):
+    """fold_bn replaces the BatchNorms by nn.Identity: loading a file then blamed "a modified
+    network or a corrupted file" (API audit)."""
+    import med3d_ext as m3d
+    from med3d_ext.models import Med3DNet
+
+    sd = src10.state_dict()
+    folded = m3d.nn.fold_bn(resnet3d(10).eval())
+    with pytest.raises(MedicalNetWeightsError, match=r"folded into the convolutions by "
+                                                     r"med3d_ext.nn.fold_bn.*e.g. bn1\)\. Load"):
+        load_medicalnet_weights(folded, sd)
+    med = m3d.nn.fold_bn(Med3DNet(10, {"a": 2}).eval())
+    with pytest.raises(MedicalNetWeightsError, match=r"e.g. encoder.bn1\)"):
+        load_medicalnet_weights(med, sd)
+    # the order the message gives works, and the folded model computes the loaded network
+    plain = resnet3d(10).eval()
+    load_medicalnet_weights(plain, sd)
+    x = torch.randn(1, 1, 16, 16, 16)
+    torch.testing.assert_close(m3d.nn.fold_bn(copy.deepcopy(plain))(x), plain(x), rtol=1e-4,
+                               atol=1e-4)
+
