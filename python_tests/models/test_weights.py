@@ -568,6 +568,7 @@ def test_loading_into_a_folded_model_says_to_load_before_fold_bn(src10):
     plain = resnet3d(10).eval()
     load_medicalnet_weights(plain, sd)
     x = torch.randn(1, 1, 16, 16, 16)
-    torch.testing.assert_close(m3d.nn.fold_bn(copy.deepcopy(plain))(x), plain(x), rtol=1e-4,
-                               atol=1e-4)
+    got, want = m3d.nn.fold_bn(copy.deepcopy(plain))(x), plain(x)
+    # random weights: activations reach ~1e13, so the error is measured relative to the output
+    assert float((got - want).norm() / want.norm()) < 1e-5
 
