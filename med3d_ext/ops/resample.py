@@ -337,7 +337,13 @@ def resample_to_spacing(image: torch.Tensor, spacing, new_spacing,
                          f"got {shape}")
     sp, nsp = _spacing("spacing", spacing), _spacing("new_spacing", new_spacing)
     shape = image.shape[-3:]
-    size = [max(1, int(math.floor(shape[k] * sp[k] / nsp[k] + 0.5))) for k in range(3)]
+    exact = [shape[k] * sp[k] / nsp[k] for k in range(3)]
+    if max(exact) >= 2**31:  # a units mix-up (m against mm), not a volume: said before the op
+        # fails on an int64 overflow or a petabyte allocation that names neither argument
+        raise ValueError(f"med3d_ext.resample_to_spacing: spacing {sp} -> new_spacing {nsp} "
+                         f"would resize {tuple(shape)} to {[f'{e:.3g}' for e in exact]} voxels "
+                         "per axis; are both spacings in the same unit (mm)?")
+    size = [max(1, int(math.floor(e + 0.5))) for e in exact]
     x = image if image.dim() == 5 else image.unsqueeze(0)
     out = resize(x, size, mode)
     return out if image.dim() == 5 else out.squeeze(0)

@@ -364,6 +364,11 @@ def test_non_integer_sizes_and_bad_spacings_are_refused(device):
     for bad in (None, "abc", 1.0):
         with pytest.raises(TypeError, match=r"'spacing' must be 3 positive floats"):
             m3d.ops.resample_to_spacing(x, bad, (2, 2, 2))
+    # a units mix-up (1 mm -> 1e-30) failed in the op's argument parser on an int64 overflow,
+    # naming neither spacing
+    with pytest.raises(ValueError, match=r"resample_to_spacing: spacing \[1.0, 1.0, 1.0\] -> "
+                                         r"new_spacing \[1e-30, 1.0, 1.0\].*same unit"):
+        m3d.ops.resample_to_spacing(x, (1, 1, 1), (1e-30, 1, 1))
     # integer-like sizes (numpy ints, 0-d int tensors) and array spacings still work
     import numpy as np
 
