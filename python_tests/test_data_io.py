@@ -201,3 +201,44 @@ def test_itk_dicom_series_folder(tmp_path, keep_locale):
     empty.mkdir()
     with pytest.raises(DataError, match="no DICOM series"):
         read_volume(empty)
+
+
+def test_sheared_affine_is_written_without_a_stripped_qform(tmp_path):
+    """A sheared affine (CT gantry tilt) got a qform (code 1) with the shear stripped by
+    nibabel: up to 8.5 mm from the sform, and ITK, which reads the qform, placed the prediction
+    elsewhere (evaluate audit). The qform is now left unset (code 0) for such an affine; a
+    rotation with zooms still gets both."""
+    from med3d_ext.data.io import save_nifti
+
+    data = rng().integers(0, 3, (6, 7, 8)).astype(np.uint8)
+    sheared = np.array([[0.8, 0.0, 0.0, 10.0], [0.0, 0.9, 0.4, -20.0],
+                        [0.0, 0.0, 3.0, 30.0], [0, 0, 0, 1]])
+    img = nib.load(str(save_nifti(data, sheared, tmp_path / "shear.nii.gz")))
+    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 0
+    np.testing.assert_allclose(img.affine, sheared, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), data)
+    rotated = affine((0.7, 0.9, 3.0), "LPS", (6, 7, 8), rot_deg=25)
+    img = nib.load(str(save_nifti(data, rotated, tmp_path / "rot.nii.gz")))
+    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+    np.testing.assert_allclose(img.get_qform(), rotated, atol=1e-5)
+    np.testing.assert_allclose(img.get_sform(), rotated, atol=1e-6)
+
+
+@pytest.mark.parametrize("unit,to_mm", [("micron", 1e-3), ("meter", 1e3), ("mm", 1.0),
+                                        ("unknown", 1.0)])
+def test_space_units_are_read_as_mm(tmp_path, unit, to_mm):
+    """A micron-unit header was read as mm: spacings, HD95 and the written prediction were off
+    by 1000x (evaluate audit). The affine is scaled to mm; "unknown" stays mm."""
+    data = rng().normal(size=(5, 6, 7)).astype(np.float32)
+    aff = affine((0.7, 0.9, 3.0), "LPS", (5, 6, 7), rot_deg=20)
+    img = nib.Nifti1Image(data, aff)
+    img.header.set_xyzt_units(unit if unit != "unknown" else 0)
+    p = tmp_path / "u.nii.gz"
+    nib.save(img, str(p))
+    v = read_volume(p)
+    np.testing.assert_allclose(v.spacing, np.array([0.7, 0.9, 3.0]) * to_mm,
+                               rtol=1e-5)
+    np.testing.assert_allclose(v.orig_affine, np.diag([to_mm] * 3 + [1]) @ aff, rtol=1e-6,
+                               atol=1e-9)
+    sp, _, _ = read_header(p)
+    np.testing.assert_allclose(sp, v.spacing, rtol=1e-6)

@@ -89,7 +89,19 @@ def _read_nifti(path: Path):
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)):
         raise DataError(path, "header has no valid affine")
-    return data, np.asarray(affine, dtype=np.float64)
+    return data, _affine_in_mm(img)
+
+
+_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}
+
+
+def _affine_in_mm(img) -> np.ndarray:
+    """A NIfTI's affine in mm. Everything downstream (spacings, HD95, the written predictions)
+    is in mm; the header's space unit says what the affine's numbers are, and "unknown" (the
+    common case) is read as mm. A micron file was otherwise scored in microns called mm."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    to_mm = _MM_PER_UNIT.get(img.header.get_xyzt_units()[0], 1.0)
+    return affine if to_mm == 1.0 else np.diag([to_mm, to_mm, to_mm, 1.0]) @ affine
 
 
 def _read_itk(path: Path):
@@ -220,7 +232,9 @@ def read_header(path):
         channels = shape[4]
     else:
         raise DataError(path, f"expected a 3-D or 4-D image, got shape {tuple(shape)}")
-    ornt, aff = _ras_orientation(path, np.asarray(img.affine, np.float64), shape[:3])
+    if img.affine is None or not np.all(np.isfinite(img.affine)):
+        raise DataError(path, "header has no valid affine")
+    ornt, aff = _ras_orientation(path, _affine_in_mm(img), shape[:3])
     perm = ornt[:, 0].astype(int)
     ras_shape = np.empty(3, dtype=int)
     ras_shape[perm] = shape[:3]
@@ -261,8 +275,12 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path, *, dtype=None) -> Pa
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
-    img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    try:  # the qform holds only a rotation and zooms: nibabel would strip a shear from it
+        # silently, and a reader that prefers the qform (ITK) then places the volume elsewhere
+        img.set_qform(affine, code=1, strip_shears=False)
+    except nib.spatialimages.HeaderDataError:  # a sheared affine (e.g. CT gantry tilt)
+        img.set_qform(None, code=0)
     img.header.set_xyzt_units("mm")  # affines are in mm; viewers otherwise say "unknown"
     # a unique temporary in the same folder (the rename is atomic there), named for its type:
     # nibabel picks the format and compression from the suffix
