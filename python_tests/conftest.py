@@ -56,6 +56,30 @@ def assert_low_precision_close(ours, torch_lowp, reference_fp32, factor: float =
         f"low-precision error {err_ours:.3g} exceeds {factor} x PyTorch's {err_torch:.3g}")
 
 
+_OWN_CACHE = None
+
+
+def pytest_configure(config):
+    # Preprocessing caches of the tests' throwaway datasets went to the user's
+    # ~/.cache/med3d_ext, one new folder per test dataset path and run, never removed: the
+    # session gets a cache of its own (CLI subprocesses inherit it), removed at the end. A
+    # MED3D_EXT_CACHE set by the caller is kept.
+    global _OWN_CACHE
+    if "MED3D_EXT_CACHE" not in os.environ:
+        import tempfile
+
+        _OWN_CACHE = tempfile.mkdtemp(prefix="m3d-test-cache-")
+        os.environ["MED3D_EXT_CACHE"] = _OWN_CACHE
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+        os.environ.pop("MED3D_EXT_CACHE", None)
+
+
 def pytest_sessionstart(session):
     # CI sets this so that a broken build fails loudly instead of testing the reference fallback.
     if os.environ.get("MED3D_EXT_REQUIRE_EXTENSION") == "1":
