@@ -283,6 +283,8 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                 # which wins, so that a baseline is never mistaken for a transfer run
                 log(f"from scratch: --pretrained {cfg['pretrained']} sets the architecture only "
                     "(depth, shortcut); none of its weights are loaded")
+        if command == "pretrain" and ctx.device.type == "cuda" and torch.backends.cudnn.benchmark:
+            _tune_heads(job, cfg, ctx, channels_last, log)
         # config.yaml is written once the data, model and any resumed checkpoint are accepted:
         # a refused --resume (other model, bad option) must not replace the run's config
         def save():
@@ -442,6 +444,19 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _tune_heads(job, cfg, ctx, channels_last, log) -> None:
+    """cuDNN's autotuning of every batch size a head will meet, before the first step rather
+    than at random steps of the run (head_tuning.py says why)."""
+    from .head_tuning import tune_head_shapes
+    from .loops import autocast_dtype
+
+    info = tune_head_shapes(job.model, cfg["patch"], cfg["batch_size"],
+                            autocast_dtype(cfg["amp"], ctx.device), channels_last)
+    if ctx.is_main:
+        log(f"cuDNN tuned for the heads' batch sizes 1..{max(info['sizes'], default=0)} "
+            f"(class counts {info['class_counts']}) in {info['seconds']:.1f} s")
 
 
 def _unrecognized(command: str, extra: list) -> str:

@@ -1,0 +1,85 @@
+"""head_tuning: cuDNN's autotuning of the pretraining heads' batch sizes, before the first step.
+Run here on the CPU, where it must leave the model and every RNG as they were."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from med3d_ext.models import Med3DNet
+from med3d_ext.train.head_tuning import encoder_output_size, head_batch_sizes, tune_head_shapes
+
+
+def test_head_batch_sizes_cover_all_but_the_tail():
+    # independent check: the sampler's per-sample dataset choice, simulated
+    rng = np.random.default_rng(0)
+    for batch, heads in ((8, 8), (2, 8), (16, 4), (1, 3), (64, 8), (5, 1)):
+        sizes = head_batch_sizes(batch, heads)
+        k = max(sizes)
+        assert sizes == list(range(1, k + 1)) and 1 <= k <= batch
+        counts = np.stack([np.bincount(rng.integers(0, heads, batch), minlength=heads)
+                           for _ in range(20000)])
+        assert (counts > k).mean() < 2e-3  # the tail left to tune during the run
+        if k > 1:  # and k is the smallest such size
+            exact = sum(math.comb(batch, n) * heads ** -n * (1 - 1 / heads) ** (batch - n)
+                        for n in range(k, batch + 1))
+            assert exact >= 1e-3
+    assert head_batch_sizes(8, 1) == list(range(1, 9))  # one head: always the whole batch
+    assert head_batch_sizes(0, 8) == []
+
+
+@pytest.mark.parametrize("patch", [(16, 17, 9), (33, 20, 11), (8, 8, 8)])
+def test_encoder_output_size_is_the_encoders(patch):
+    med = Med3DNet(10, {"a": 2}).eval()
+    with torch.no_grad():
+        assert list(med.encoder(torch.zeros(1, 1, *patch)).shape[2:]) == encoder_output_size(patch)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_tuning_leaves_the_model_and_the_rngs_alone(fused):
+    med = Med3DNet(10, {"a": 2, "b": 3, "c": 2, "d": 4}, fused=fused).train()
+    seen = []
+    for name, head in med.heads.items():  # deepcopy keeps the hooks: the copies report too
+        head.register_forward_pre_hook(
+            lambda m, args, name=name: seen.append((name, args[0].shape[0], args[0].dtype,
+                                                    args[0].requires_grad)))
+    before = {k: v.clone() for k, v in med.state_dict().items()}
+    rng = torch.get_rng_state()
+    info = tune_head_shapes(med, (16, 16, 16), 8, None, channels_last=True)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in med.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+    assert all(p.grad is None for p in med.parameters())
+    sizes = head_batch_sizes(8, 4)
+    assert info["sizes"] == sizes and info["class_counts"] == [2, 3, 4]
+    # one head per class count, every size, with inputs that need a gradient (bwd-data tuned)
+    assert sorted(seen) == sorted((h, n, torch.float32, True) for h in ("a", "b", "d")
+                                  for n in sizes)
+    assert med.training
+
+
+def test_tuning_under_autocast_uses_its_dtype():
+    med = Med3DNet(10, {"a": 2, "b": 3})
+    dtypes = []
+    med.heads["a"][0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    tune_head_shapes(med, (16, 16, 16), 2, torch.bfloat16, channels_last=False)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_the_cli_step_says_what_it_tuned():
+    """The CLI calls this for pretraining on a GPU with cudnn.benchmark; its code path, run here
+    on the CPU with the CLI's configuration keys."""
+    from types import SimpleNamespace
+
+    from med3d_ext.train.cli import _tune_heads
+
+    job = SimpleNamespace(model=Med3DNet(10, {"a": 2, "b": 3, "c": 2}))
+    ctx = SimpleNamespace(device=torch.device("cpu"), is_main=True)
+    said = []
+    _tune_heads(job, {"patch": [16, 16, 16], "batch_size": 4, "amp": "off"}, ctx, False,
+                said.append)
+    k = max(head_batch_sizes(4, 3))
+    assert len(said) == 1 and f"batch sizes 1..{k} (class counts [2, 3])" in said[0]
