@@ -60,7 +60,10 @@ def summarize_windows(rows: list[dict], prefetched: int = 0) -> dict:
     mean = lambda k: sum(r[k] for r in use) / len(use)  # noqa: E731
     return {"samples_s": mean("samples_s"), "voxels_s": mean("voxels_s"),
             "data_wait": mean("data_wait"), "windows": len(use),
-            "steps": int(rows[-1]["step"])}
+            "steps": int(rows[-1]["step"]),
+            # every window's rate, the first included: a rate still rising at the end means a
+            # one-off cost (autotuning, start-up) was inside the measured windows
+            "window_samples_s": [round(float(r["samples_s"]), 2) for r in rows]}
 
 
 # --profile: steps profiled after the measured ones (so the measured windows are untouched)
@@ -151,10 +154,12 @@ def markdown(r: dict) -> str:
              f"workers, augmentation on the device; means over the logged windows after the "
              f"first that start after the {2 * sz['workers']} prefetched batches "
              f"({r['arms'][next(iter(r['arms']))].get('windows')} windows).", "",
-             "| pipeline | samples/s | Mvoxel/s | data wait | wall |", "|---|---|---|---|---|"]
+             "| pipeline | samples/s | Mvoxel/s | data wait | wall | samples/s per window |",
+             "|---|---|---|---|---|---|"]
     for name, a in r["arms"].items():
+        per = ", ".join(f"{v:.0f}" for v in a.get("window_samples_s") or [])
         lines.append(f"| {name} | {a['samples_s']:.2f} | {a['voxels_s'] / 1e6:.2f} | "
-                     f"{100 * a['data_wait']:.1f}% | {a['wall_s']:.0f} s |")
+                     f"{100 * a['data_wait']:.1f}% | {a['wall_s']:.0f} s | {per or '-'} |")
     by_grid = r.get("fused_vs_plain_by_label_grid") or {}
     grids = r.get("label_grids") or ["patch"]
     lines += ["", f"fused / plain samples/s: {r['fused_vs_plain']:.2f}x (same run, same device; "

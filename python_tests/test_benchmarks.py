@@ -439,6 +439,7 @@ def test_summarize_windows_skips_the_first():
     s = summarize_windows(rows)
     assert s["samples_s"] == 5.0 and s["voxels_s"] == 50.0 and s["windows"] == 2
     assert abs(s["data_wait"] - 0.2) < 1e-12 and s["steps"] == 6
+    assert s["window_samples_s"] == [1.0, 4.0, 6.0]  # every window, the first included
     assert summarize_windows(rows[:1])["samples_s"] == 1.0
     # 3 prefetched batches: the window of steps 3-4 still started inside them
     s = summarize_windows(rows, prefetched=3)
