@@ -202,6 +202,18 @@ def _check_batch_size(x, weight, stride, padding, dilation):
                          f"{torch.Size(shape)}")
 
 
+def _check_bn_args(name, x, weight, training, momentum, eps) -> None:
+    """The argument types both BatchNorm ops check first, each named."""
+    check_tensor(name, "x", x)
+    check_tensor(name, "weight", weight)
+    check_bool(name, "training", training)
+    if momentum is None:
+        raise ValueError(f"med3d_ext.{name}: momentum=None (cumulative average) is handled by "
+                         "ConvBNReLU3d / the fused modules; pass 1/num_batches_tracked instead")
+    check_real(name, "momentum", momentum)
+    check_real(name, "eps", eps)
+
+
 def _prepare_bn_call(name, x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
                      padding, dilation, training, eps):
     """What the BatchNorm ops' wrappers do before calling the compiled op: the eval-mode
@@ -273,15 +285,8 @@ def _conv_bn_relu3d(x, weight, bn_weight, bn_bias, running_mean, running_var, st
     """conv_bn_relu3d's work; returns ``(out, recipe)``, where ``recipe`` (for a ReLU layer
     without residual, on the compiled op; else None) is the ``bn_act`` arguments that give
     ``out`` again bit for bit: (y, mean, invstd, bn_weight, bn_bias)."""
-    check_tensor("conv_bn_relu3d", "x", x)
-    check_tensor("conv_bn_relu3d", "weight", weight)
-    check_bool("conv_bn_relu3d", "training", training)
+    _check_bn_args("conv_bn_relu3d", x, weight, training, momentum, eps)
     check_bool("conv_bn_relu3d", "relu", relu)
-    if momentum is None:
-        raise ValueError("conv_bn_relu3d: momentum=None (cumulative average) is handled by "
-                         "ConvBNReLU3d / the fused modules; pass 1/num_batches_tracked instead")
-    check_real("conv_bn_relu3d", "momentum", momentum)
-    check_real("conv_bn_relu3d", "eps", eps)
     stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
                                  _triple(dilation, "dilation"))
     x, wdt, residual, (bn_weight, bn_bias) = _autocast_args(x, residual, [bn_weight, bn_bias])
@@ -355,14 +360,7 @@ def _conv_bn_relu_maxpool3d(x, weight, bn_weight, bn_bias, running_mean, running
     ``y_shape``; 128 MiB in the perf-baselines ResNet step) as ``conv(x, w_op)``, one more
     stem convolution in backward."""
     x_in = x
-    check_tensor("conv_bn_relu_maxpool3d", "x", x)
-    check_tensor("conv_bn_relu_maxpool3d", "weight", weight)
-    check_bool("conv_bn_relu_maxpool3d", "training", training)
-    if momentum is None:
-        raise ValueError("conv_bn_relu_maxpool3d: momentum=None (cumulative average) is handled "
-                         "by the fused modules; pass 1/num_batches_tracked instead")
-    check_real("conv_bn_relu_maxpool3d", "momentum", momentum)
-    check_real("conv_bn_relu_maxpool3d", "eps", eps)
+    _check_bn_args("conv_bn_relu_maxpool3d", x, weight, training, momentum, eps)
     stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
                                  _triple(dilation, "dilation"))
     pk, ps, pp = (_triple(pool_kernel, "pool_kernel"), _triple(pool_stride, "pool_stride"),
