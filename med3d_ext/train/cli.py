@@ -58,7 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="reduced sizes (tests)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--threads", type=_demo_threads, default=None,
+                   help="torch CPU threads (default: torch's own; 1 on a shared or small machine)")
     return p
+
+
+def _demo_threads(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v!r}")
+    return n
 
 
 def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
@@ -398,6 +410,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv) if argv else (None, [])
     if extra:
+        if ns.command == "demo":  # the demo takes only a few options: name them
+            print(f"error: `demo` (what options without a command run): unknown option(s) "
+                  f"{' '.join(extra)}; it takes --out, --device, --quick, --seed, --threads and "
+                  "--no-progress (`python -m med3d_ext.train demo --help`)", file=sys.stderr)
+            return 2
         if ns.command not in ("pretrain", "transfer", "evaluate"):
             parser.parse_args(argv)  # argparse's own message (and exit 2)
         print(f"error: {_unrecognized(ns.command, extra)}", file=sys.stderr)
@@ -415,7 +432,8 @@ def main(argv=None) -> int:
                 from .demo import run_demo
 
                 kw = {} if ns is None else dict(out=ns.out, device=ns.device, quick=ns.quick,
-                                                seed=ns.seed, progress=not ns.no_progress)
+                                                seed=ns.seed, progress=not ns.no_progress,
+                                                threads=ns.threads)
                 run_demo(**kw)
                 return 0
             explicit: set = set()

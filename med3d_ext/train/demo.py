@@ -99,11 +99,16 @@ def steps_to_target(steps, values, target):
 
 
 def run_demo(out=None, device: str = "auto", quick: bool = False, seed: int = 0,
-             log=print, progress: bool = True) -> dict:
+             log=print, progress: bool = True, threads: int | None = None) -> dict:
+    """The demo; ``threads``: torch's CPU threads for all of it (None: torch's default)."""
     from .loops import TrainingInterrupted
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     try:
-        return _run_demo(out, device, quick, seed, log, progress)
+        return _run_demo(out, device, quick, seed, log, progress, threads)
     except TrainingInterrupted as e:
         # the runs' "--resume RUN" hint does not apply: the demo is a fixed recipe, not resumable
         raise TrainingInterrupted("demo interrupted; it does not resume: run it again with "
@@ -111,7 +116,7 @@ def run_demo(out=None, device: str = "auto", quick: bool = False, seed: int = 0,
                                   e.signum) from None
 
 
-def _run_demo(out, device, quick, seed, log, progress) -> dict:
+def _run_demo(out, device, quick, seed, log, progress, threads=None) -> dict:
     from . import config as C
     from .cli import run_evaluate, run_pretrain, run_transfer
     from .distributed import resolve_device
@@ -133,6 +138,8 @@ def _run_demo(out, device, quick, seed, log, progress) -> dict:
     t_data = time.perf_counter() - t0
     common = dict(demo_recipe(dev, sz, d["root"] / "cache"), seed=seed, val_cases=2,
                   progress=progress and not quick)
+    if threads:
+        common["threads"] = int(threads)
     log(f"[1/3] pretraining ResNet-10 on {len(list(d['pretrain'].iterdir()))} domains")
     pre = run_pretrain(C.resolve("pretrain", dict(
         common, data=[str(d["pretrain"])], out=str(run / "pretrain"), depth=10,
@@ -152,8 +159,8 @@ def _run_demo(out, device, quick, seed, log, progress) -> dict:
             device=str(dev), run=str(run / folder), data=[str(d["transfer"])],
             out=str(run / f"predictions-{folder.split('-')[1]}"), split="val",
             # the final weights: best.pt was chosen on these same held-out cases
-            checkpoint="last",
-            cache=common["cache"])), log=lambda *a: None)
+            checkpoint="last", cache=common["cache"], progress=common["progress"],
+            **({"threads": int(threads)} if threads else {}))), log=lambda *a: None)
         rows.append({"method": name, "dice": ev["dice"], "hd95": ev["hd95"],
                      "target_step": tr["target_step"], "steps": tr["steps"],
                      "time_s": tr["time_s"], "run": str(run / folder)})

@@ -79,9 +79,39 @@ def test_options_without_command_configure_the_demo(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
-    with pytest.raises(SystemExit) as e:  # an unknown option is still an error, not the demo
-        main(["--no-such-option"])
-    assert e.value.code == 2
+
+
+
+def test_the_demo_takes_threads_and_names_its_options(monkeypatch, tmp_path, capsys):
+    """Troubleshooting's `--threads 1` was refused by the demo with the top-level usage, which
+    named none of the options the demo takes (README audit)."""
+    import torch
+
+    import med3d_ext.train.demo as demo
+    from med3d_ext.train.cli import main
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))
+    assert main(["--threads", "1", "--quick", "--device", "cpu"]) == 0 and seen["threads"] == 1
+    assert main(["demo", "--out", tmp_path / "d"]) == 0 and seen["threads"] is None
+    # an unknown option is still an error, not the demo, and the message lists the demo's
+    assert main(["--no-such-option"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option(s) --no-such-option" in err and "--threads" in err and "--quick" in err
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--threads", "0"])
+    assert e.value.code == 2 and "expected an integer >= 1, got '0'" in capsys.readouterr().err
+    # run_demo sets torch's threads for all of it, and passes them to the runs it makes
+    monkeypatch.undo()
+    got = {}
+    monkeypatch.setattr(demo, "_run_demo", lambda *a: got.update(threads=a[-1],
+                                                                  torch=torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        demo.run_demo(threads=1)
+    finally:
+        torch.set_num_threads(before)
+    assert got == {"threads": 1, "torch": 1}
 
 
 def test_demo_user_errors_are_clean(tmp_path, capsys):
