@@ -307,6 +307,13 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             if own_aug is not None and hasattr(job.augment, "reseed"):
                 job.augment.reseed((int(own_aug) * 1000003 + int(ck["step"])) % 2**63)
         start = int(ck["step"])
+        if start > total:  # refused before on_start: config.yaml keeps describing the run
+            done = -(-start // max(steps_per_epoch, 1))
+            raise TrainingError(
+                f"--resume {str(path)!r}: the run already did {start} steps, more than "
+                f"--epochs {epochs} x --steps {steps_per_epoch} = {total}; --epochs extends a "
+                f"run, it does not shorten one: give --epochs {done} or more (or evaluate the "
+                "run as it is)")
         saved_at["step"] = start
         best = dict(ck.get("best") or best)
         target_step = ck.get("target_step")

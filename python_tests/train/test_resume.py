@@ -187,6 +187,14 @@ def test_resuming_a_finished_run_says_how_to_train_longer(tiny_data, tmp_path, c
     assert main(["transfer", "--resume", run, "--no-progress", "--epochs", 2]) == 0
     assert "nothing to train" not in capsys.readouterr().out
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
+    # a smaller --epochs than already done was accepted, saved to config.yaml, and said
+    # "already did its 1 steps" of a run of 2 (README audit): refused, config.yaml kept
+    before = (run / "config.yaml").read_text()
+    assert main(["transfer", "--resume", run, "--no-progress", "--epochs", 1]) == 1
+    err = capsys.readouterr().err
+    assert "already did 2 steps, more than --epochs 1 x --steps 1 = 1" in err
+    assert "give --epochs 2 or more" in err and "Traceback" not in err
+    assert (run / "config.yaml").read_text() == before
 
 
 def test_fp16_skipped_first_step_does_not_warn_about_the_schedule(tmp_path):
