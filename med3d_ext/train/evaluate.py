@@ -80,10 +80,11 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
                               "--checkpoint best|last, or the one file")
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
-    from .tasks import check_output_outside_data, resolve_data_dirs
+    from .tasks import check_cache_outside_data, check_output_outside_data, resolve_data_dirs
 
     data_dir = resolve_data_dirs(cfg["data"], "evaluate")[0]
     check_output_outside_data(cfg.get("out"), [data_dir], "--out", "predictions (<case>.nii.gz)")
+    check_cache_outside_data(cfg.get("cache"), [data_dir])
     ckpt_path = Path(which) if named else find_checkpoint(cfg["run"], which)
     if not cfg.get("run"):
         cfg = dict(cfg, run=str(ckpt_path))

@@ -27,7 +27,7 @@ from .metrics import batch_dice, dice_per_class, nanmean
 __all__ = ["DataFolderError", "resolve_data_dirs", "open_preprocessed", "split_cases",
            "subset", "head_name", "pretrain_job", "transfer_seg_job", "transfer_cls_job",
            "read_cls_csv", "cls_case_names", "load_cls_volume", "check_classes", "input_channel",
-           "check_output_outside_data"]
+           "check_output_outside_data", "check_cache_outside_data"]
 
 
 class DataFolderError(FileNotFoundError):
@@ -117,6 +117,25 @@ def check_output_outside_data(out, data_dirs, option: str, writes: str) -> None:
                 f"dataset's own images, labels or dataset.json); {writes} there could overwrite "
                 f"them or be read as data. Write to a folder of its own, e.g. {option} "
                 f"{str(Path(d).resolve().parent / (Path(d).stem + '-' + writes.split()[0]))!r}")
+
+
+def check_cache_outside_data(cache, data_dirs) -> None:
+    """Refuse a --cache root that is a dataset's own folder or a folder of the datasets: the
+    per-dataset cache folders made there would sit among the data (and a folder of datasets
+    read with --data would meet them as datasets)."""
+    if not cache:
+        return
+    check_output_outside_data(cache, data_dirs, "--cache", "preprocessing caches")
+    c = {Path(os.path.abspath(cache)), Path(cache).resolve()}
+    for d in data_dirs:
+        p = Path(d)
+        root = p.parent if p.is_file() else p
+        if c & {Path(os.path.abspath(root)).parent, root.resolve().parent}:
+            raise ConfigError(
+                f"--cache {str(cache)!r} is the folder that holds the dataset {str(d)!r}: its "
+                "cache folders would sit among the datasets and be read as data by a later "
+                f"--data {str(cache)!r}. Give the caches a folder of their own, e.g. --cache "
+                f"{str(Path(cache).resolve().parent / (Path(cache).resolve().name + '-cache'))!r}")
 
 
 def _cache_of(folder: Path, path) -> bool:
@@ -381,8 +400,11 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
     for pre, d in zip(pres, dirs):
         name = head_name(pre.name)
         if name in heads:
-            raise ConfigError(f"two --data datasets are both named {pre.name!r}; heads need "
-                              "distinct dataset names")
+            first = dirs[list(heads).index(name)]
+            raise ConfigError(f"two --data datasets are both named {pre.name!r} ({str(first)!r} "
+                              f"and {str(d)!r}); each pretraining head is named after its "
+                              "dataset: give them folders of distinct names (a MedicalNet list "
+                              "file is named after its folder)")
         heads[name] = seg_classes(pre, d)
         tr, va = split_cases(pre.names, cfg["val_fraction"])
         split[name] = {"train": tr, "val": va}

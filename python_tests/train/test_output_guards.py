@@ -63,6 +63,28 @@ def test_training_refuses_an_out_folder_of_the_dataset(tiny_data, tmp_path, caps
     assert _digests(data) == before
 
 
+def test_a_cache_in_the_dataset_or_among_the_datasets_is_refused(run, tiny_data, tmp_path,
+                                                                  capsys):
+    """--cache DATASET made the cache folders inside the dataset, and --cache of the folder of
+    datasets put them among the datasets, where the README says such a folder is refused
+    (README audit)."""
+    data = tmp_path / "sets" / "Task11_Kidney"
+    shutil.copytree(tiny_data["transfer"], data)
+    before = _digests(tmp_path / "sets")
+    args = ("--from-scratch", "--epochs", 1, "--steps", 1)
+    assert main(["transfer", *tiny_args(data, tmp_path / "r1", *args, "--cache", data)]) == 2
+    assert "--cache" in (err := capsys.readouterr().err) and "is a folder of the dataset" in err
+    assert main(["transfer", *tiny_args(data, tmp_path / "r2", *args,
+                                        "--cache", tmp_path / "sets")]) == 2
+    err = capsys.readouterr().err
+    assert f"--cache {str(tmp_path / 'sets')!r} is the folder that holds the dataset" in err
+    assert "sets-cache" in err and len(err.strip().splitlines()) == 1
+    assert _eval(data, data / "imagesTr", "--run", run, "--out", tmp_path / "p") == 2
+    assert "--cache" in capsys.readouterr().err
+    assert _digests(tmp_path / "sets") == before  # nothing written there
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
 def test_evaluate_scores_only_the_classes_the_dataset_declares(run, tiny_data, tmp_path,
                                                                capsys):
     # the kidney run predicts 3 classes; the spleen dataset declares 2 (background, spleen)
@@ -99,3 +121,16 @@ def test_a_dataset_of_symbolic_links_is_guarded_too(run, tiny_data, tmp_path, ca
     assert "is a folder of the dataset" in capsys.readouterr().err
     assert all((data / "labelsTr" / f.name).is_symlink() for f in store.iterdir())
     assert _digests(store) == before
+
+
+def test_two_datasets_of_one_name_are_named_with_their_folders(tiny_data, tmp_path, capsys):
+    """Heads are named after their datasets: the refusal said only the name, not which two
+    --data folders clash or what to do (README audit)."""
+    a, b = tmp_path / "a" / "Task11_Kidney", tmp_path / "b" / "Task11_Kidney"
+    shutil.copytree(tiny_data["transfer"], a)
+    shutil.copytree(tiny_data["transfer"], b)
+    assert main(["pretrain", *tiny_args([a, b], tmp_path / "r", "--cache",
+                                        tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "both named 'Task11_Kidney'" in err and str(a) in err and str(b) in err
+    assert "folders of distinct names" in err
