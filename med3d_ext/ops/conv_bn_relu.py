@@ -17,6 +17,7 @@ import contextlib
 import functools
 import operator
 import os
+import re
 from typing import Optional, Sequence, Union
 
 import torch
@@ -155,6 +156,39 @@ def _stem_conv(x, weight, stride, padding, dilation) -> str:
     if algo == "aten" or not _is_stem_like(x, weight, stride, padding, dilation):
         return "aten"
     return algo
+
+
+_BYTE_UNITS = {"": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
+               "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> Optional[int]:
+    """A positive byte count: an integer with an optional binary unit (``"33554432"``,
+    ``"32MB"``, ``"32 MiB"``, ``"1g"``), or None when ``text`` is not one."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmg]i?b?)?\s*", str(text), re.IGNORECASE)
+    if m is None:
+        return None
+    n = int(m.group(1)) * _BYTE_UNITS[(m.group(2) or "").lower()]
+    return n if n > 0 else None
+
+
+def _chunk_bytes_from_environment() -> None:
+    """MED3D_EXT_IM2COL_CHUNK_BYTES, read here rather than by the extension's atoll(), which
+    read "32MB" as 32 bytes and "abc" as the default, silently."""
+    text = os.environ.get("MED3D_EXT_IM2COL_CHUNK_BYTES")
+    from .. import _extension
+
+    if text is None or not _extension.available():
+        return
+    n = parse_bytes(text)
+    if n is None:
+        import warnings
+
+        warnings.warn(f"environment variable MED3D_EXT_IM2COL_CHUNK_BYTES={text!r} is not a "
+                      "positive byte count (e.g. 33554432, 32MB, 1GiB); using 1 GiB",
+                      stacklevel=2)
+        n = 2**30
+    _extension._C.set_im2col_chunk_bytes(n)
 
 
 def im2col_chunk_bytes(n: Optional[int] = None) -> int:
@@ -576,3 +610,6 @@ def _bn_relu_maxpool_backward_fake(grad_out, y, argmax, mean, invstd, bn_weight,
 # --------------------------------------------------------------------------- autograd
 # Registered in C++ for the three ops (csrc/conv_bn_relu/conv_bn_relu_autograd.cpp): host time per
 # layer matters at ResNet-50's ~50 fused layers per step.
+
+
+_chunk_bytes_from_environment()

@@ -363,6 +363,26 @@ def test_stem_conv_environment_override():
     assert "MED3D_EXT_STEM_CONV='bogus' is not one of" in r.stderr
 
 
+def test_chunk_bytes_environment_is_parsed_strictly():
+    """MED3D_EXT_IM2COL_CHUNK_BYTES went through atoll(): "32MB" (the README's unit) became 32
+    bytes and "abc" the default, both silently (README audit). Units are binary; a bad value
+    warns, naming the variable."""
+    from med3d_ext.ops.conv_bn_relu import parse_bytes
+
+    assert [parse_bytes(v) for v in ("33554432", "32MB", "32 MiB", "32m", "1GiB", "4k")] == \
+        [2**25, 2**25, 2**25, 2**25, 2**30, 4096]
+    assert [parse_bytes(v) for v in ("abc", "0", "-5", "1.5GB", "32 TB", "")] == [None] * 6
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    code = "from med3d_ext.ops import conv_bn_relu as m; print(m.im2col_chunk_bytes())"
+    for value, want, warns in (("32MB", 2**25, False), ("abc", 2**30, True), ("0", 2**30, True)):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(env, MED3D_EXT_IM2COL_CHUNK_BYTES=value), timeout=120)
+        assert r.returncode == 0 and r.stdout.split() == [str(want)], (value, r.stderr[-2000:])
+        assert ("MED3D_EXT_IM2COL_CHUNK_BYTES=" in r.stderr) == warns, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_backward(device, monkeypatch):
     # conv_bias_relu3d supports create_graph; im2col3d has no derivative, so a double backward
