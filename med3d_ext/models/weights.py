@@ -77,7 +77,14 @@ class LoadReport:
                 shown = ", ".join(keys[:6]) + (f", ... (+{len(keys) - 6})" if len(keys) > 6 else "")
                 lines.append(f"  {title} ({len(keys)}){why}: {shown}")
 
-        part("missing", self.missing, " -- not in the file, left as initialised")
+        # BatchNorm's step counters (absent from MedicalNet's files, which predate them) are
+        # no weights: listed first, they hid the keys that matter (a new head's)
+        counters = [k for k in self.missing if k.endswith("num_batches_tracked")]
+        part("missing", [k for k in self.missing if not k.endswith("num_batches_tracked")],
+             " -- not in the file, left as initialised")
+        if counters:
+            lines.append(f"  and {len(counters)} BatchNorm step counters (num_batches_tracked) "
+                         "not in the file, left at 0: not weights, harmless")
         part("unexpected", self.unexpected, " -- in the file, not used")
         part("skipped", self.skipped, " -- shape differs (a new head?)")
         part("adapted", self.adapted)
@@ -207,7 +214,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _normalise(sd: Mapping, where: str) -> dict[str, torch.Tensor]:
-    out = {}
+    out, original = {}, {}  # original: the file's key each stripped key came from
     for k, v in sd.items():
         if not isinstance(k, str):
             raise MedicalNetWeightsError(f"{where!r}: state-dict key {k!r} is not a string")
@@ -221,9 +228,10 @@ def _normalise(sd: Mapping, where: str) -> dict[str, torch.Tensor]:
             key = key.split(".", 1)[1]
         if key in out:  # both 'module.x' and 'x': one would silently overwrite the other
             raise MedicalNetWeightsError(
-                f"{where!r}: keys {key!r} and {k!r} are both present (a state dict of a model "
-                "and of its DataParallel / torch.compile wrapper merged?); keep one of them")
-        out[key] = v
+                f"{where!r}: keys {original[key]!r} and {k!r} are both present (a state dict of "
+                "a model and of its DataParallel / torch.compile wrapper merged?); keep one of "
+                "them")
+        out[key], original[key] = v, k
     return out
 
 

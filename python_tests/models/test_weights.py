@@ -115,7 +115,8 @@ def test_released_layout(tmp_path, src10, legacy, prefix):
     assert report.missing == sorted(k for k in model.state_dict() if k.startswith("conv_seg."))
     assert report.unexpected == [] and report.skipped == []
     text = str(report)
-    assert str(p) in text and "missing (14)" in text and "conv_seg" in text
+    # 12 head weights listed, the head BatchNorm's counter (and the encoder's) counted apart
+    assert str(p) in text and "missing (12)" in text and "conv_seg" in text
 
 
 @pytest.mark.parametrize("prefix", ["module.", ""])
@@ -216,12 +217,21 @@ def test_export_medicalnet_layout(tmp_path, src10):
 
 
 def test_missing_num_batches_tracked_is_tolerated(src10):
-    sd = {k: v for k, v in src10.state_dict().items() if "num_batches_tracked" not in k}
-    model = resnet3d(10)
+    sd = {k: v for k, v in src10.state_dict().items()
+          if "num_batches_tracked" not in k and not k.startswith("conv_seg")}
+    model = resnet3d(10, num_seg_classes=2)
     r = load_medicalnet_weights(model, sd)
     enc_missing = [k for k in r.missing if not k.startswith("conv_seg")]
     assert enc_missing and all(k.endswith("num_batches_tracked") for k in enc_missing)
     assert_close(model.conv1.weight, src10.conv1.weight)
+    # the printed report lists the weights left as initialised (the head) and counts the
+    # counters apart: listed first, they hid the head's keys (README audit)
+    text = str(r)
+    head = [k for k in r.missing if k.startswith("conv_seg") and "num_batches" not in k]
+    assert f"missing ({len(head)}) -- not in the file" in text and "conv_seg.0.weight" in text
+    n_counters = sum(k.endswith("num_batches_tracked") for k in r.missing)
+    assert f"and {n_counters} BatchNorm step counters (num_batches_tracked)" in text
+    assert "bn1.num_batches_tracked" not in text
 
 
 def test_in_channels_adaptation(src10):
@@ -420,6 +430,11 @@ def test_corrupted_values_and_merged_prefixes_are_refused(tmp_path, src10):
     with pytest.raises(MedicalNetWeightsError, match=r"merged.pth.*keys 'conv1.weight' and "
                                                      r"'module.conv1.weight' are both present"):
         load_medicalnet_weights(resnet3d(10), p)
+    # the wrapped key first: the message named the stripped key twice (README audit)
+    w = sd["conv1.weight"]
+    with pytest.raises(MedicalNetWeightsError, match=r"keys 'module.conv1.weight' and "
+                                                     r"'conv1.weight' are both present"):
+        load_medicalnet_weights(resnet3d(10), {"module.conv1.weight": w, "conv1.weight": w})
     with pytest.raises(TypeError, match=r"argument 'model' must be an nn.Module, got NoneType"):
         load_medicalnet_weights(None, sd)
     # a torch.compile'd model's state dict (keys '_orig_mod.<key>', also under 'module.')
