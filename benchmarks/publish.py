@@ -123,6 +123,8 @@ def render_run(name: str, data: dict) -> str:
             ratios += f"; floor {r['floor_ms']:.3f} ms"
         note = r.get("note") or ""
         impl = r["impl"] + (f" ({note})" if note and not note.startswith("compiled (") else "")
+        if r.get("caveat"):  # a known reason the row is not what its name says (added later)
+            impl += f" [{r['caveat']}]"
         lines.append(f"| {r['area']} | {r['case']} | {impl} | {r['median_ms']:.3f} | {ratios} | "
                      f"{_params(r.get('params') or {})} |")
     if missing:

@@ -368,6 +368,11 @@ def test_publish_renders_ratios_and_replaces_only_the_block(tmp_path):
     assert text.startswith("intro\n") and text.endswith(f"{publish.END}\noutro\n")
     readme.write_text("no markers\n")
     assert publish.main(["--write", "--results", str(tmp_path / "results"), "--readme", str(readme)]) == 1
+    # a caveat added to a committed row after the fact is shown beside its name
+    row = next(r for r in data["rows"] if not r.get("baseline") and r.get("speedup"))
+    row["caveat"] = "measured before a fix"
+    text = publish.render_run("r", data)
+    assert f"{row['impl']} [measured before a fix] |" in text
 
 
 def test_convergence_area_rows_from_the_study(tmp_path, monkeypatch):
