@@ -65,5 +65,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def _main_to_a_pipe() -> int:
+    """main(), quiet when the reader closes the pipe early (`... --json | head`): Python's
+    recipe, stdout pointed at devnull so that the flush at exit does not raise again."""
+    import os
+    import sys
+
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_main_to_a_pipe())

@@ -372,3 +372,20 @@ def test_label_storage_dtype_never_wraps(tmp_path):
     probs[0, 0, 0, 0], probs[299, 0, 0, 0] = 2.0, 0.0
     lab = _to_source(probs, meta)
     assert lab.dtype == np.int16 and lab.max() == 299
+
+
+def test_the_worker_count_used_is_reported(tmp_path, capsys):
+    """The CLI printed "(default workers)" instead of how many it used (README audit)."""
+    import os
+
+    from med3d_ext.data.__main__ import main as data_main
+    from med3d_ext.data.preprocess import worker_count
+
+    assert worker_count(None, 3) == 0 and worker_count(None, 100) == min(os.cpu_count() or 1, 8)
+    assert worker_count(5, 2) == 2 and worker_count(0, 9) == 0
+    root = make_msd(tmp_path / "ds", n=2)
+    assert preprocess(root, tmp_path / "c0", progress=False, workers=2).stats["workers"] == 2
+    assert preprocess(root, tmp_path / "c1", progress=False).stats["workers"] == 0
+    assert data_main(["preprocess", str(root), "--out", str(tmp_path / "c2"), "--workers", "2",
+                      "--no-progress"]) in (0, None)
+    assert "(2 worker processes)" in capsys.readouterr().out

@@ -88,6 +88,12 @@ def test_info_help_and_json():
         assert "CPU" in info["ops"]["med3d_ext::bn_stats"]
     r = run("--frobnicate")
     assert r.returncode == 2 and "unrecognized arguments: --frobnicate" in r.stderr
+    # a reader that stops early (`--json | head -1`) gave a BrokenPipeError traceback
+    p = subprocess.Popen([sys.executable, "-m", "med3d_ext.info", "--json"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # closed before it writes: its first print meets a broken pipe
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
 
 
 @pytest.mark.skipif(not _extension.available(), reason="extension not loaded")

@@ -155,8 +155,9 @@ def _preprocess_one(path, out, args) -> None:
     st = pre.stats
     if st["processed"]:
         print(f"preprocessed {st['processed']} case(s) in {st['seconds']:.1f} s: "
-              f"{st['processed'] / max(st['seconds'], 1e-9):.2f} cases/s "
-              f"({args.workers or 'default'} workers)"
+              f"{st['processed'] / max(st['seconds'], 1e-9):.2f} cases/s"
+              + (f" ({st['workers']} worker processes)" if st.get("workers", 0) > 1
+                 else " (in this process)")
               + (f"; {st['reused']} reused from the cache" if st["reused"] else ""))
     elif st["reused"]:
         print(f"all {st['reused']} case(s) reused from the cache (unchanged sources)")

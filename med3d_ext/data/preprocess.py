@@ -387,7 +387,7 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     # this call's work (not stored: a cache is the same whoever filled it): cases processed
     # now, their wall time, and cases reused from an earlier run
     pre.stats = {"processed": len(todo) - len(failed), "seconds": seconds,
-                 "reused": len(good) - len(todo)}
+                 "reused": len(good) - len(todo), "workers": worker_count(workers, len(todo))}
     return pre
 
 
@@ -439,14 +439,20 @@ class _ChannelCount:
             self.ds.channels = [self.ds.channels[0]] * self.want
 
 
+def worker_count(workers: int | None, cases: int) -> int:
+    """Worker processes for ``cases`` cases (0: in this process): ``workers``, or by default a
+    process per core (at most 8) when there are 4 cases or more."""
+    if workers is None:  # a process per core, when there is enough work to share
+        workers = min(os.cpu_count() or 1, 8) if cases >= 4 else 0
+    return min(workers, cases)
+
+
 def _run_jobs(todo, workers, progress, name):
     from tqdm.auto import tqdm
 
     if not todo:
         return []
-    if workers is None:  # a process per core, when there is enough work to share
-        workers = min(os.cpu_count() or 1, 8) if len(todo) >= 4 else 0
-    workers = min(workers, len(todo))
+    workers = worker_count(workers, len(todo))
     bar = tqdm(total=len(todo), desc=f"preprocess {name}", disable=not progress, unit="case")
     failed = []
     if workers <= 1:

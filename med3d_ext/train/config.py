@@ -431,6 +431,14 @@ def check_training(cfg: dict) -> None:
         raise ConfigError(f"--freeze-epochs {cfg['freeze_epochs']} with --from-scratch would "
                           "freeze a randomly initialised encoder; drop --freeze-epochs (it is "
                           "for a pretrained encoder)")
+    if cfg.get("freeze_epochs") and cfg.get("epochs") and cfg["freeze_epochs"] >= cfg["epochs"]:
+        import warnings
+
+        # allowed (a linear-probe run), but as often a typo: said, as the frozen encoder
+        # otherwise shows only as a training curve that stops improving early
+        warnings.warn(f"--freeze-epochs {cfg['freeze_epochs']} >= --epochs {cfg['epochs']}: "
+                      "the encoder stays frozen for the whole run and only the head trains",
+                      stacklevel=2)
     mode = cfg.get("compile_mode", "default")
     if mode != "default" and not cfg.get("compile"):
         import warnings

@@ -175,3 +175,13 @@ def test_option_combinations_that_do_nothing_useful():
     with pytest.warns(UserWarning, match="--compile-mode reduce-overhead has no effect without "
                                          "--compile"):
         C.check_training(C.resolve("pretrain", overrides=["compile_mode=reduce-overhead"]))
+    # --freeze-epochs covering the whole run trained a frozen encoder without a word (README
+    # audit): allowed (a linear probe), said
+    with pytest.warns(UserWarning, match=r"--freeze-epochs 5 >= --epochs 1: the encoder stays "
+                                         "frozen for the whole run"):
+        C.check_training(C.resolve("transfer", overrides=["freeze_epochs=5", "epochs=1"]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        C.check_training(C.resolve("transfer", overrides=["freeze_epochs=1", "epochs=3"]))
