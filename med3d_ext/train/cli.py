@@ -296,7 +296,8 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                 # which wins, so that a baseline is never mistaken for a transfer run
                 log(f"from scratch: --pretrained {cfg['pretrained']} sets the architecture only "
                     "(depth, shortcut); none of its weights are loaded")
-        if command == "pretrain" and ctx.device.type == "cuda" and torch.backends.cudnn.benchmark:
+        if command == "pretrain" and ctx.device.type == "cuda" and \
+                torch.backends.cudnn.benchmark and cfg.get("tune_heads", True):
             _tune_heads(job, cfg, ctx, channels_last, log)
         # config.yaml is written once the data, model and any resumed checkpoint are accepted:
         # a refused --resume (other model, bad option) must not replace the run's config

@@ -119,6 +119,9 @@ OPTIONS: dict[str, Option] = {
     "cudnn_benchmark": Option(True, "bool", "cuDNN autotuning on a GPU (patches have fixed "
                               "shapes, so each convolution is tuned once; --no-cudnn-benchmark "
                               "uses cuDNN's heuristics)", _ALL),
+    "tune_heads": Option(True, "bool", "pretrain on a GPU with cuDNN autotuning: tune every "
+                         "batch size a head is likely to meet before the first step "
+                         "(--no-tune-heads: as they turn up, mid-run)", ("pretrain",)),
     "num_workers": Option(None, "auto_int", "DataLoader worker processes (default: auto = 0 "
                           "on the CPU, which keeps a resumed run bitwise reproducible; on a GPU "
                           "min(8, CPUs per process - 1), since loading in the training process "
