@@ -124,7 +124,9 @@ def run(device="auto", quick=False, steps=None, out=None, log=print, profile=Fal
                     dst.mkdir(parents=True, exist_ok=True)
                     for f in ("summary.json", "ops.txt"):
                         (dst / f).write_text((Path(res["profile"]) / f).read_text())
-            arm.update(wall_s=time.perf_counter() - t0, final_val=res.get("best_score"))
+            arm.update(wall_s=time.perf_counter() - t0, final_val=res.get("best_score"),
+                       # cuDNN tuning of the heads' batch sizes before the first step (GPU)
+                       head_tuning_s=res.get("head_tuning_s"))
             result["arms"][name] = arm
             log(f"{name}: {arm['samples_s']:.2f} samples/s, {arm['voxels_s'] / 1e6:.2f} Mvoxel/s, "
                 f"data wait {100 * arm['data_wait']:.1f}% ({arm['wall_s']:.0f} s)")
@@ -160,6 +162,10 @@ def markdown(r: dict) -> str:
         per = ", ".join(f"{v:.0f}" for v in a.get("window_samples_s") or [])
         lines.append(f"| {name} | {a['samples_s']:.2f} | {a['voxels_s'] / 1e6:.2f} | "
                      f"{100 * a['data_wait']:.1f}% | {a['wall_s']:.0f} s | {per or '-'} |")
+    tuned = [(n, a["head_tuning_s"]) for n, a in r["arms"].items() if a.get("head_tuning_s")]
+    if tuned:  # the arms share one process, so one cuDNN cache: the first arm tunes the most
+        lines += ["", "cuDNN tuned for the heads' batch sizes before the first step (outside the "
+                  "measured windows): " + "; ".join(f"{n} {t:.1f} s" for n, t in tuned) + "."]
     by_grid = r.get("fused_vs_plain_by_label_grid") or {}
     grids = r.get("label_grids") or ["patch"]
     lines += ["", f"fused / plain samples/s: {r['fused_vs_plain']:.2f}x (same run, same device; "

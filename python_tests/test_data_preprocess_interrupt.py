@@ -126,7 +126,8 @@ def test_an_incomplete_cache_entry_is_redone_not_trusted(tmp_path, damage):
         (cache / "cases" / "c1.locs.npz").write_bytes(raw[: len(raw) // 2])
     stamp = {n: (cache / "cases" / f"{n}.image.npy").stat().st_mtime_ns for n in ("c0", "c2")}
     pre = preprocess(root, cache, progress=False, workers=0)
-    assert pre.stats == {"processed": 1, "seconds": pre.stats["seconds"], "reused": 2}
+    assert pre.stats == {"processed": 1, "seconds": pre.stats["seconds"], "reused": 2,
+                         "workers": 0}
     assert {n: (cache / "cases" / f"{n}.image.npy").stat().st_mtime_ns for n in ("c0", "c2")} == stamp
     i = pre.names.index("c1")
     np.testing.assert_array_equal(pre.image(i), ref.image(i))

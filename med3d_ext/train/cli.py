@@ -296,9 +296,10 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                 # which wins, so that a baseline is never mistaken for a transfer run
                 log(f"from scratch: --pretrained {cfg['pretrained']} sets the architecture only "
                     "(depth, shortcut); none of its weights are loaded")
+        tuning = None
         if command == "pretrain" and ctx.device.type == "cuda" and \
                 torch.backends.cudnn.benchmark and cfg.get("tune_heads", True):
-            _tune_heads(job, cfg, ctx, channels_last, log)
+            tuning = _tune_heads(job, cfg, ctx, channels_last, log)
         # config.yaml is written once the data, model and any resumed checkpoint are accepted:
         # a refused --resume (other model, bad option) must not replace the run's config
         def save():
@@ -316,6 +317,8 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
                 f"are trained again, and {run / 'last.pt'} is replaced at the next save")
         summary = run_training(cfg, job, run, ctx, resume_from=cfg.get("resume"),
                                on_start=save)
+        if tuning is not None:
+            summary["head_tuning_s"] = tuning["seconds"]
         if ctx.is_main and cfg.get("resume") and summary["start_step"] >= summary["steps"]:
             # a finished run resumed as it was: say so, and how to train it longer
             log(f"nothing to train: {run} already did its {summary['steps']} steps "
@@ -466,7 +469,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _tune_heads(job, cfg, ctx, channels_last, log) -> None:
+def _tune_heads(job, cfg, ctx, channels_last, log) -> dict:
     """cuDNN's autotuning of every batch size a head will meet, before the first step rather
     than at random steps of the run (head_tuning.py says why)."""
     from .head_tuning import tune_head_shapes
@@ -477,6 +480,7 @@ def _tune_heads(job, cfg, ctx, channels_last, log) -> None:
     if ctx.is_main:
         log(f"cuDNN tuned for the heads' batch sizes 1..{max(info['sizes'], default=0)} "
             f"(class counts {info['class_counts']}) in {info['seconds']:.1f} s")
+    return info
 
 
 def _unrecognized(command: str, extra: list) -> str:

@@ -79,7 +79,26 @@ def test_the_cli_step_says_what_it_tuned():
     job = SimpleNamespace(model=Med3DNet(10, {"a": 2, "b": 3, "c": 2}))
     ctx = SimpleNamespace(device=torch.device("cpu"), is_main=True)
     said = []
-    _tune_heads(job, {"patch": [16, 16, 16], "batch_size": 4, "amp": "off"}, ctx, False,
-                said.append)
+    info = _tune_heads(job, {"patch": [16, 16, 16], "batch_size": 4, "amp": "off"}, ctx, False,
+                       said.append)
+    assert info["sizes"] == head_batch_sizes(4, 3) and info["seconds"] >= 0
     k = max(head_batch_sizes(4, 3))
     assert len(said) == 1 and f"batch sizes 1..{k} (class counts [2, 3])" in said[0]
+
+
+def test_the_throughput_table_says_how_long_the_tuning_took():
+    from benchmarks.train_throughput import markdown
+
+    arm = dict(samples_s=100.0, voxels_s=1e8, data_wait=0.05, wall_s=10.0, windows=2,
+               window_samples_s=[50.0, 100.0, 100.0])
+    r = {"device": "cuda:0", "sizes": {"batch": 8, "patch": [128, 128, 64], "steps": 48,
+                                       "workers": 8},
+         "arms": {"med3d_ext fused": dict(arm, head_tuning_s=2.5),
+                  "plain PyTorch (--no-fused)": dict(arm, head_tuning_s=0.4)},
+         "fused_vs_plain": 1.0}
+    text = markdown(r)
+    assert "med3d_ext fused 2.5 s; plain PyTorch (--no-fused) 0.4 s" in text
+    assert "| 50, 100, 100 |" in text
+    for a in r["arms"].values():
+        del a["head_tuning_s"]
+    assert "cuDNN tuned" not in markdown(r)
