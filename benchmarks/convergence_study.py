@@ -350,7 +350,8 @@ def reading(s: dict) -> str:
     steps = sc["steps"]
     # the validation step nearest half the budget (len // 2 - 1 was a third of it for 3 steps)
     mid = min(range(len(steps)), key=lambda i: abs(steps[i] - steps[-1] / 2))
-    halfway = (f"; at step {steps[mid]} (about half the budget) the mean validation Dice is "
+    halfway = (f"; at step {steps[mid]} (the validation nearest half the {steps[-1]}-step budget) "
+               f"the mean validation Dice is "
                f"{_f(ours['mean'][mid])} pretrained against {_f(sc['mean'][mid])} from scratch")
     if abs(gain) <= spread:
         acc = (f"the final Dice difference ({gain:+.3f}) is within the seed spread "

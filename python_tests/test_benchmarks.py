@@ -494,7 +494,8 @@ def test_reading_names_every_extra_arm():
                                      R: {0: _curve(steps, [0.0, 0.1, 0.1, 0.2])}})
     s.update(device="cpu", seeds=[0], sizes={"every": 4}, pretrain={"steps": 12})
     text = convergence_study.reading(s)
-    assert "at step 8 (about half the budget) the mean validation Dice is 0.300 pretrained against 0.100" in text
+    assert ("at step 8 (the validation nearest half the 16-step budget) the mean validation Dice "
+            "is 0.300 pretrained against 0.100") in text
     assert f"'{R}' arm: final Dice 0.200" in text and "-0.100 vs scratch" in text
     assert "target not reached" in text
 
