@@ -389,3 +389,58 @@ def test_the_worker_count_used_is_reported(tmp_path, capsys):
     assert data_main(["preprocess", str(root), "--out", str(tmp_path / "c2"), "--workers", "2",
                       "--no-progress"]) in (0, None)
     assert "(2 worker processes)" in capsys.readouterr().out
+
+
+def test_preprocess_arguments_are_checked_before_any_case(tmp_path):
+    """A reversed or NaN ct_clip made every voxel 0 or NaN; a bad seed failed in every case job
+    and was blamed on the image files; workers="2" and a 2-value spacing failed deep inside
+    (data API audit). TypeError for a wrong type, ValueError for a bad value."""
+    root = make_msd(tmp_path / "ds", n=1, modality="CT")
+    bad = [(dict(ct_clip=[[100, -100]]), ValueError, "finite lo < hi"),
+           (dict(ct_clip=[[float("nan"), 5]]), ValueError, "finite lo < hi"),
+           (dict(ct_clip="bogus"), ValueError, "ct_clip: expected \"dataset\""),
+           (dict(seed=-1), ValueError, "seed: expected an int >= 0, got -1"),
+           (dict(seed=1.5), TypeError, "seed: expected an int >= 0, got 1.5"),
+           (dict(workers="2"), TypeError, "workers"), (dict(workers=1.5), TypeError, "workers"),
+           (dict(target_spacing=(1, 1)), ValueError, "one or 3 positive mm values"),
+           (dict(target_spacing="1"), TypeError, "one or 3 mm values")]
+    for kw, err, match in bad:
+        with pytest.raises(err, match=match):
+            preprocess(root, tmp_path / "c", progress=False, **kw)
+    assert not (tmp_path / "c").exists()
+    # a given range per channel (a training set's clip for its test images) still works
+    pre = preprocess(root, tmp_path / "c", progress=False, workers=0, ct_clip=[[-100.0, 200.0]])
+    assert pre.info["ct_clip"] == [[-100.0, 200.0]]
+
+
+def test_labels_beyond_float32_integers_survive_resampling(tmp_path):
+    """Nearest resampling went through float32: a label 2^24 + 1 came back as 2^24, a class the
+    dataset does not have (data API audit); to_source_space did the same to predictions."""
+    import nibabel as nib
+
+    from med3d_ext.data.preprocess import exact_float, to_source_space
+
+    big = 2**24 + 1
+    root = tmp_path / "ds"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for i, sp in enumerate((1.0, 2.0, 3.0)):  # cases 0 and 2 are resampled to the median 2 mm
+        x = np.random.default_rng(i).uniform(1, 2, (10, 11, 9)).astype(np.float32)
+        y = np.zeros((10, 11, 9), np.int32)
+        y[3:7, 3:8, 2:6] = big
+        for folder, a in (("imagesTr", x), ("labelsTr", y)):
+            nib.save(nib.Nifti1Image(a, np.diag([sp] * 3 + [1])), str(root / folder / f"c{i}.nii.gz"))
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"name": "big", "modality": {"0": "MRI"},
+                                                   "labels": {"0": "bg", str(big): "big"},
+                                                   "training": training}))
+    pre = preprocess(root, tmp_path / "c", progress=False, workers=0)
+    for i in range(len(pre)):
+        assert set(np.unique(pre.label(i)).tolist()) == {0, big}, pre.names[i]
+    back = to_source_space(np.asarray(pre.label(0)), pre.meta(0))
+    assert set(np.unique(back).tolist()) == {0, big}
+    assert exact_float(np.array([0, 2**24])) == np.float32
+    assert exact_float(np.array([0, -(2**24) - 1])) == np.float64
+    with pytest.raises(ValueError, match="beyond 2\\^53"):
+        exact_float(np.array([2**60]))

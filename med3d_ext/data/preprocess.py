@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import time
 import os
 import signal
@@ -198,6 +200,19 @@ def nib_axcodes(affine):
     return aff2axcodes(affine)
 
 
+def exact_float(labels: np.ndarray):
+    """The float dtype that holds these integer labels exactly, for nearest resampling (which
+    goes through floats): float32 up to 2^24, float64 beyond (a label 16777217 came back as
+    16777216, a class the dataset does not have)."""
+    if labels.size and labels.dtype.kind in "iu" and \
+            max(abs(int(labels.max())), abs(int(labels.min()))) > 2**24:
+        if max(abs(int(labels.max())), abs(int(labels.min()))) > 2**53:
+            raise ValueError(f"label values up to {int(labels.max())} cannot be resampled "
+                             "exactly (beyond 2^53)")
+        return np.float64
+    return np.float32
+
+
 def process_case(case: Case, target_spacing, labels=None, seed: int = 0) -> dict:
     """Steps 1-3 for one case. Returns arrays and metadata (no normalisation yet)."""
     img, lab = read_case(case, labels)
@@ -212,8 +227,8 @@ def process_case(case: Case, target_spacing, labels=None, seed: int = 0) -> dict
         data = resize(torch.from_numpy(np.ascontiguousarray(data))[None], new_shape,
                       "trilinear")[0].numpy()
         if lab_c is not None:
-            lab_c = resize(torch.from_numpy(lab_c.astype(np.float32))[None, None], new_shape,
-                           "nearest-exact")[0, 0].numpy().astype(lab.dtype)
+            lab_c = resize(torch.from_numpy(lab_c.astype(exact_float(lab_c)))[None, None],
+                           new_shape, "nearest-exact")[0, 0].numpy().astype(lab.dtype)
     affine = resize_affine(cropped_affine, cshape, new_shape)
     rng = np.random.default_rng([seed, int(hashlib.sha1(case.name.encode()).hexdigest()[:8],
                                              16)])
@@ -304,15 +319,7 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
              and std, as in training.
     Returns a :class:`PreprocessedDataset`.
     """
-    if workers is not None and int(workers) < 0:
-        raise ValueError(f"workers (--workers): expected >= 0 (0 = in this process), got "
-                         f"{workers}")
-    if target_spacing is not None:
-        ts = np.broadcast_to(np.asarray(target_spacing, dtype=np.float64), 3)
-        # a zero spacing crashed every case, and a negative one collapsed an axis to 1 voxel
-        if not (np.isfinite(ts).all() and (ts > 0).all()):
-            raise ValueError("target spacing (--spacing): expected 3 positive mm values, got "
-                             f"{np.asarray(target_spacing).tolist()}")
+    _check_preprocess_args(workers, target_spacing, seed, ct_clip)
     ds = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     out = Path(out) if out is not None else default_cache_dir(ds.source or ds.root)
     _check_cache_folder(out, ds)
@@ -389,6 +396,51 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     pre.stats = {"processed": len(todo) - len(failed), "seconds": seconds,
                  "reused": len(good) - len(todo), "workers": worker_count(workers, len(todo))}
     return pre
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _int_arg(name: str, v, lo: int = 0) -> None:
+    """TypeError for a non-integer (the README's rule: a float or None where an int is needed),
+    ValueError below ``lo``."""
+    if not _is_int(v):
+        raise TypeError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if v < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+
+
+def _check_preprocess_args(workers, target_spacing, seed, ct_clip) -> None:
+    """preprocess()'s arguments, each named, before any case is read: a bad seed failed in
+    every case job and was reported as the image files' fault, a reversed or NaN ct_clip made
+    every voxel 0 or NaN, and workers="2" failed deep in the job runner."""
+    if workers is not None:
+        _int_arg("workers (--workers; 0 = in this process)", workers)
+    _int_arg("seed", seed)
+    if target_spacing is not None:
+        real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))  # noqa: E731
+        vals = [target_spacing] if real(target_spacing) else (
+            list(target_spacing) if isinstance(target_spacing, (list, tuple, np.ndarray))
+            else None)
+        if vals is None or not all(real(v) for v in vals):
+            raise TypeError("target spacing (--spacing): expected one or 3 mm values, got "
+                            f"{target_spacing!r}")
+        # a zero spacing crashed every case, and a negative one collapsed an axis to 1 voxel
+        if len(vals) not in (1, 3) or not all(math.isfinite(v) and v > 0 for v in vals):
+            raise ValueError("target spacing (--spacing): expected one or 3 positive mm values, "
+                             f"got {target_spacing!r}")
+    if isinstance(ct_clip, str):
+        if ct_clip != "dataset":
+            raise ValueError(f"ct_clip: expected \"dataset\", None or one [lo, hi] (or None) per "
+                             f"channel, got {ct_clip!r}")
+    elif ct_clip is not None:
+        for c in ct_clip:
+            ok = c is None or (isinstance(c, (list, tuple, np.ndarray)) and len(c) == 2 and all(
+                isinstance(v, numbers.Real) and math.isfinite(v) for v in c) and c[0] < c[1])
+            if not ok:
+                raise ValueError(f"ct_clip: each channel's range must be None or [lo, hi] with "
+                                 f"finite lo < hi, got {c!r} in {ct_clip!r}")
 
 
 def _given_spacing(out: Path):
@@ -756,7 +808,8 @@ def to_source_space(pred, meta: dict, *, fill=0) -> np.ndarray:
     cshape = tuple(b - a for a, b in box)
     t = torch.from_numpy(np.ascontiguousarray(pred))
     if is_label:
-        t = resize(t[None, None].float(), cshape, "nearest-exact")[0, 0].numpy().astype(pred.dtype)
+        t = resize(t[None, None].to(torch.from_numpy(np.zeros(0, exact_float(pred))).dtype),
+                   cshape, "nearest-exact")[0, 0].numpy().astype(pred.dtype)
         full = np.full(meta["ras_shape"], fill, dtype=pred.dtype)
         full[tuple(slice(a, b) for a, b in box)] = t
     else:
