@@ -322,3 +322,34 @@ def test_sampler_seed_and_argument_types(tmp_path):
     s = MultiDomainSampler([pre], [8, 8, 8], 2, seed=3, steps=4)
     with pytest.raises(ValueError, match="expected the dict state_dict"):
         s.load_state_dict({"position": 1})
+
+
+def test_wrong_types_are_type_errors_and_positions_are_checked(three):
+    """The README's rule (a TypeError for a wrong type) with the ValueError older callers
+    catch; channels=[0.0] crashed with an AttributeError, patch=True ran as 1, a negative or
+    fractional loader position was taken (the loader grew, or 2.9 became 2), num_workers="2"
+    failed at the first batch (data API audit)."""
+    from med3d_ext._args import ArgumentTypeError
+    from med3d_ext.data.sampling import BatchLoader
+
+    for kw in (dict(batch_size=2.0), dict(fg_fraction=None), dict(seed=1.5), dict(patch=8.5),
+               dict(patch=True), dict(channels=[0.0, None, None]), dict(steps=1.0)):
+        args = {"patch": 8, "batch_size": 2, **kw}
+        with pytest.raises(ArgumentTypeError) as e:
+            MultiDomainSampler(three, args.pop("patch"), args.pop("batch_size"), **args)
+        assert isinstance(e.value, TypeError) and isinstance(e.value, ValueError)
+        assert next(iter(kw)) in str(e.value)
+    with pytest.raises(ValueError, match="fg_fraction"):
+        MultiDomainSampler(three, 8, 2, fg_fraction=1.5)
+    s = MultiDomainSampler(three, 8, 2, steps=3)
+    for pos, err in ((-2, ValueError), (4, ValueError), (2.9, TypeError), ("1", TypeError)):
+        with pytest.raises(err, match=r"'position' must be an int in \[0, 3\]"):
+            s.load_state_dict({"seed": 0, "position": pos})
+    assert s.position == 0 and len(s) == 3  # unchanged by the refused states
+    s.load_state_dict({"seed": 0, "position": np.int64(3)})
+    assert s.position == 3
+    for nw in ("2", -1, 1.5):
+        with pytest.raises(ValueError, match="num_workers must be an int >= 0"):
+            BatchLoader(s, num_workers=nw)
+    with pytest.raises(ValueError, match="prefetch_factor"):
+        BatchLoader(s, num_workers=1, prefetch_factor=0)

@@ -14,24 +14,23 @@ class present in the case uniformly, then a voxel of that class, so small struct
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 
 import numpy as np
 import torch
+
+from .._args import ArgumentTypeError, int_arg, is_int, real_arg
 
 from .preprocess import PreprocessedDataset
 
 
 def _as_size(patch) -> tuple:
-    try:  # operator.index: a patch of 8.5 is refused, not truncated to 8
-        p = (operator.index(patch),) * 3 if not hasattr(patch, "__iter__") else \
-            tuple(operator.index(v) for v in patch)
-    except TypeError:
-        p = ()
-    if len(p) != 3 or min(p) < 1:
+    vals = list(patch) if hasattr(patch, "__iter__") else [patch] * 3
+    # is_int: a patch of 8.5 is refused, not truncated to 8, and True is not 1
+    if not all(is_int(v) for v in vals):
+        raise ArgumentTypeError(f"patch must be an int or 3 positive ints, got {patch!r}")
+    if len(vals) != 3 or min(vals) < 1:
         raise ValueError(f"patch must be an int or 3 positive ints, got {patch!r}")
-    return p
+    return tuple(int(v) for v in vals)
 
 
 def outside_slabs(start, size, shape) -> list:
@@ -163,9 +162,7 @@ def _labels_as(lab: np.ndarray, dtype: torch.dtype, cases) -> torch.Tensor:
 def _seed(v) -> int:
     """A non-negative integer seed (numpy's generators refuse negative ones, which failed only
     at the first batch; int(1.7) would silently have been 1)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-        raise ValueError(f"seed must be a non-negative int, got {v!r}")
-    return int(v)
+    return int_arg("seed must be a non-negative int", v, 0)
 
 
 class MultiDomainSampler(torch.utils.data.IterableDataset):
@@ -205,20 +202,19 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
             if not all(hasattr(d, a) for a in ("channel_index", "name", "image", "locations")):
                 raise TypeError(f"datasets[{i}] must be a PreprocessedDataset (data.open_dataset "
                                 f"/ data.preprocess), got {type(d).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
-                                  or steps < 0):
-            raise ValueError(f"steps must be None (endless) or an int >= 0, got {steps!r}")
-        if isinstance(fg_fraction, bool) or not isinstance(fg_fraction, numbers.Real) \
-                or not 0.0 <= fg_fraction <= 1.0:
-            raise ValueError(f"fg_fraction must be a number in [0, 1], got {fg_fraction!r}")
+        int_arg("batch_size must be an int >= 1", batch_size, 1)
+        if steps is not None:
+            int_arg("steps must be None (endless) or an int >= 0", steps, 0)
+        real_arg("fg_fraction must be a number in [0, 1]", fg_fraction, 0.0, 1.0)
         seed = _seed(seed)
         channels = list(channels) if channels is not None else [None] * len(datasets)
         if len(channels) != len(datasets):
             raise ValueError(f"channels has {len(channels)} entries for {len(datasets)} "
                              "datasets")
+        for i, c in enumerate(channels):  # a float crashed in the name lookup (c.lower())
+            if c is not None and not (is_int(c) or isinstance(c, str)):
+                raise ArgumentTypeError(f"channels[{i}] must be None, a channel index or a "
+                                        f"channel name, got {c!r}")
         self.samplers = [PatchSampler(d, patch, channel=c if c is not None else 0)
                          for d, c in zip(datasets, channels)]
         try:
@@ -247,8 +243,13 @@ class MultiDomainSampler(torch.utils.data.IterableDataset):
         if not isinstance(state, dict) or not {"seed", "position"} <= set(state):
             raise ValueError("load_state_dict: expected the dict state_dict() returns, with "
                              f"'seed' and 'position', got {state!r}"[:300])
-        self.seed = _seed(state["seed"])
-        self.position = int(state["position"])
+        seed = _seed(state["seed"])
+        # a negative position lengthened the loader and failed inside numpy at the first batch;
+        # 2.9 became 2 silently
+        hi = self.steps if self.steps is not None else None
+        position = int_arg(f"load_state_dict: 'position' must be an int in [0, "
+                           f"{'steps' if hi is None else hi}]", state["position"], 0, hi)
+        self.seed, self.position = seed, position
 
     # -- drawing ----------------------------------------------------------------------------
     def _is_fg(self, g: int) -> bool:
@@ -304,10 +305,12 @@ class BatchLoader:
 
     def __init__(self, sampler: MultiDomainSampler, *, num_workers: int = 0,
                  pin_memory: bool = False, prefetch_factor: int | None = None, device=None):
+        # num_workers="2" built a loader that failed at its first batch, in torch's terms
         self.sampler = sampler
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
+        self.num_workers = int_arg("num_workers must be an int >= 0", num_workers, 0)
+        self.pin_memory = bool(pin_memory)
+        self.prefetch_factor = None if prefetch_factor is None else int_arg(
+            "prefetch_factor must be None or an int >= 1", prefetch_factor, 1)
         dev = None if device is None else torch.device(device)
         self.device = dev if dev is not None and dev.type == "cuda" else None
 
