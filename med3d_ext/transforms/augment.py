@@ -10,29 +10,35 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .._args import ArgumentTypeError, int_arg, is_int, real_arg
 from ..ops.resample import affine_resample_pair
 
 __all__ = ["RandomAugment3D"]
 
 
-class _ArgTypeError(TypeError, ValueError):
-    """An argument of the wrong type: a TypeError (the README's rule for wrong types), and a
-    ValueError as these arguments' errors were before (as numpy's AxisError is two kinds)."""
+# a wrong type is a TypeError (the README's rule) and a ValueError, as these arguments' errors
+# were before
+_ArgTypeError = ArgumentTypeError
 
 
-def _triple(name, v) -> tuple[float, float, float]:
-    # finite only: a NaN or inf angle/shift makes theta NaN, and every sample silently comes
-    # out as padding (zeros)
-    if isinstance(v, numbers.Real) and math.isfinite(v):
-        return (float(v),) * 3
-    if isinstance(v, Sequence) and len(v) == 3 and all(
-            isinstance(x, numbers.Real) and math.isfinite(x) for x in v):
-        return tuple(float(x) for x in v)
-    numeric = isinstance(v, numbers.Real) or (isinstance(v, Sequence) and all(
-        isinstance(x, numbers.Real) for x in v))
-    raise (ValueError if numeric else _ArgTypeError)(
-        f"RandomAugment3D: '{name}' must be a finite number or 3 finite numbers (x, y, z), got "
-        f"{v!r}")
+def _number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _triple(name, v, nonneg: bool = False) -> tuple[float, float, float]:
+    """One number or 3 (x, y, z), finite: a NaN or inf angle/shift makes theta NaN, and every
+    sample silently comes out as padding (zeros). A bool is no number (flip=True read as
+    probability 1). ``nonneg``: a maximum magnitude (rotate=-0.5 acted as +0.5)."""
+    vals = (v,) * 3 if _number(v) else (tuple(v) if isinstance(v, Sequence) and not
+                                        isinstance(v, str) else None)
+    if vals is None or len(vals) != 3 or not all(_number(x) for x in vals):
+        raise _ArgTypeError(f"RandomAugment3D: '{name}' must be a finite number or 3 finite "
+                            f"numbers (x, y, z), got {v!r}")
+    if not all(math.isfinite(x) and (not nonneg or x >= 0) for x in vals):
+        raise ValueError(f"RandomAugment3D: '{name}' must be a finite "
+                         f"{'non-negative ' if nonneg else ''}number or 3 of them (x, y, z)"
+                         f"{' (a maximum magnitude)' if nonneg else ''}, got {v!r}")
+    return tuple(float(x) for x in vals)
 
 
 def _range(name, v, lo_bound=None) -> tuple[float, float]:
@@ -86,14 +92,13 @@ def _prob(name, v) -> float:
 
 def _seed(v) -> int:
     """A generator seed: an integer torch.Generator.manual_seed takes (int(1.5) would silently
-    give 1; 2**70 failed only at the first call, inside manual_seed)."""
-    try:
-        i = operator.index(v)
-    except TypeError:
-        i = None
-    if i is None or not -2**63 <= i < 2**64:
+    give 1, True 1; 2**70 failed only at the first call, inside manual_seed)."""
+    if not is_int(v):
+        raise _ArgTypeError(f"RandomAugment3D: 'seed' must be an integer in [-2^63, 2^64), got "
+                            f"{v!r}")
+    if not -2**63 <= v < 2**64:
         raise ValueError(f"RandomAugment3D: 'seed' must be an integer in [-2^63, 2^64), got {v!r}")
-    return i
+    return int(v)
 
 
 class RandomAugment3D:
@@ -135,7 +140,7 @@ class RandomAugment3D:
                  gamma=(1.0, 1.0), p_gamma=1.0, contrast=(1.0, 1.0), p_contrast=1.0,
                  brightness=(0.0, 0.0), p_brightness=1.0, noise=(0.0, 0.0), p_noise=1.0,
                  clip=None, padding_mode="zeros", align_corners=False, seed=0):
-        self.rotate = _triple("rotate", rotate)
+        self.rotate = _triple("rotate", rotate, nonneg=True)
         per_axis = (isinstance(scale, Sequence) and len(scale) == 3
                     and all(isinstance(r, Sequence) for r in scale))
         self.scale = tuple(_range("scale", r, lo_bound=1e-6)
@@ -144,20 +149,15 @@ class RandomAugment3D:
             raise _ArgTypeError(f"RandomAugment3D: 'isotropic' must be True or False, got "
                                  f"{isotropic!r}")
         self.isotropic = isotropic and not per_axis
-        self.translate = _triple("translate", translate)
+        self.translate = _triple("translate", translate, nonneg=True)
         self.flip = tuple(_prob("flip", p) for p in _triple("flip", flip))
         self.p_affine = _prob("p_affine", p_affine)
-        if not (isinstance(elastic, numbers.Real) and math.isfinite(elastic)
-                and isinstance(elastic_grid, numbers.Integral)):
-            raise ValueError("RandomAugment3D: 'elastic' must be a finite number and "
-                             f"'elastic_grid' an int, got {elastic!r}, {elastic_grid!r}")
-        self.elastic = float(elastic)
-        self.elastic_grid = int(elastic_grid)
+        self.elastic = real_arg("RandomAugment3D: 'elastic' must be a finite number >= 0",
+                                elastic, 0.0)
         # a coarse grid: a larger one is a full-resolution field, which this op avoids (and
         # 10**6 failed only at the first call, allocating (N, 3, g, g, g))
-        if self.elastic < 0 or not 2 <= self.elastic_grid <= 256:
-            raise ValueError("RandomAugment3D: 'elastic' must be >= 0 and 'elastic_grid' in "
-                             f"[2, 256], got {elastic!r}, {elastic_grid!r}")
+        self.elastic_grid = int_arg("RandomAugment3D: 'elastic_grid' must be an int in [2, 256]",
+                                    elastic_grid, 2, 256)
         self.p_elastic = _prob("p_elastic", p_elastic)
         self.gamma = _range("gamma", gamma, lo_bound=1e-6)
         self.p_gamma = _prob("p_gamma", p_gamma)
@@ -205,10 +205,28 @@ class RandomAugment3D:
             raise ValueError("RandomAugment3D.load_state_dict: expected the dict of "
                              "state_dict() ({'seed': int, 'generators': {device: state}}), got "
                              f"{state!r}"[:300])
-        self.seed = _seed(state["seed"])
-        self._generators.clear()
-        for key, s in state["generators"].items():
-            self._generator(torch.device(key)).set_state(s)
+        seed = _seed(state["seed"])
+        # built aside, then swapped in: a failure half-way left the seed and the generators
+        # changed (the audit's case: a GPU run's state on a machine without CUDA)
+        generators, missing = {}, []
+        for key, st in state["generators"].items():
+            try:
+                g = torch.Generator(device=torch.device(key))
+            except RuntimeError:  # no such device in this process
+                missing.append(key)
+                continue
+            g.set_state(st)
+            generators[str(torch.device(key))] = g
+        if missing:
+            import warnings
+
+            # a GPU run resumed on a machine without that GPU: its stream cannot continue there,
+            # and a new device's generator starts from the seed
+            warnings.warn(f"RandomAugment3D.load_state_dict: the saved random streams of "
+                          f"{', '.join(missing)} are not restored (no such device here); "
+                          "augmentation on this process's devices starts from the seed",
+                          stacklevel=2)
+        self.seed, self._generators = seed, generators
 
     # --------------------------------------------------------------------------- parameters
     def _const(self, values, device) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -281,6 +282,47 @@ def test_sizes_and_probabilities_are_not_truncated_or_cast():
                      (dict(isotropic="no"), "'isotropic'"), (dict(rotate=None), "'rotate'")):
         with pytest.raises(TypeError, match=name):
             RandomAugment3D(**kw)
-    with pytest.raises(ValueError, match=r"'elastic_grid' in \[2, 256\]"):
+    with pytest.raises(ValueError, match=r"'elastic_grid' must be an int in \[2, 256\]"):
         RandomAugment3D(elastic=0.1, elastic_grid=10**6)
     assert aug(x, lab, (4, 3, 2))[0].shape == (2, 1, 4, 3, 2)
+
+
+def test_bools_negatives_and_types_are_named():
+    """flip=True read as probability 1, seed=True as 1, rotate=-0.5 acted as +0.5, and
+    elastic=None / elastic_grid=3.0 raised a ValueError naming both arguments (data API audit).
+    Wrong types are TypeErrors (also ValueErrors, as before)."""
+    from med3d_ext._args import ArgumentTypeError
+
+    for kw, name in ((dict(flip=True), "flip"), (dict(seed=True), "seed"),
+                     (dict(rotate=(0.1, True, 0.1)), "rotate"), (dict(elastic=None), "elastic"),
+                     (dict(elastic_grid=3.0), "elastic_grid"), (dict(translate="0.1"), "translate")):
+        with pytest.raises(ArgumentTypeError, match=f"'{name}'"):
+            RandomAugment3D(**kw)
+    for kw, name in ((dict(rotate=-0.5), "rotate"), (dict(translate=(0.1, -0.1, 0.0)), "translate"),
+                     (dict(elastic=-1.0), "elastic"), (dict(elastic_grid=1), "elastic_grid")):
+        with pytest.raises(ValueError, match=f"'{name}'") as e:
+            RandomAugment3D(**kw)
+        assert not isinstance(e.value, TypeError)
+    a = RandomAugment3D(rotate=np.float32(0.5), flip=(0, 0.5, 1), seed=np.int64(3),
+                        elastic_grid=np.int64(4))
+    assert a.rotate == (0.5, 0.5, 0.5) and a.seed == 3 and a.elastic_grid == 4
+
+
+def test_a_state_with_an_absent_device_leaves_the_augmenter_whole():
+    """Loading a GPU run's state on a machine without CUDA cleared the generators and set the
+    seed before failing in torch's terms (data API audit): the state is checked aside, the
+    absent device's stream is skipped with a warning, the others are restored."""
+    aug = RandomAugment3D(rotate=0.3, seed=5)
+    x = torch.randn(2, 1, 6, 7, 5)
+    aug(x, None, (6, 7, 5))
+    state = aug.state_dict()
+    bad = {"seed": 9, "generators": dict(state["generators"], **{"bogus:0": torch.zeros(8)})}
+    with pytest.warns(UserWarning, match=r"streams of bogus:0 are not restored"):
+        aug.load_state_dict(bad)
+    twin = RandomAugment3D(rotate=0.3, seed=9)
+    twin.load_state_dict(state)
+    torch.testing.assert_close(aug(x, None, (6, 7, 5))[0], twin(x, None, (6, 7, 5))[0],
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="seed"):  # a bad state changes nothing
+        aug.load_state_dict({"seed": -2**70, "generators": {}})
+    assert aug.seed == 9
