@@ -124,10 +124,17 @@ def test_synth_preprocesses_and_samples(synth_dir, tmp_path):
 def test_synth_bad_args(tmp_path):
     from med3d_ext.data.synthetic import synth
 
-    with pytest.raises(ValueError, match="cases >= 1"):
+    with pytest.raises(ValueError, match="cases must be an int >= 1, got 0"):
         synth(tmp_path, cases=0)
-    with pytest.raises(ValueError, match="size <= 512, got cases=1, size=100000"):
+    with pytest.raises(ValueError, match=r"size must be an int in \[8, 512\], got 100000"):
         synth(tmp_path, cases=1, size=100000)
+    # the Python call now refuses what the CLI does (data API audit): size 8.5 was truncated,
+    # cases=True taken as 1, seed=-1 failed inside numpy
+    for kw, what in ((dict(size=8.5), TypeError), (dict(cases=True), TypeError),
+                     (dict(seed=-1), ValueError), (dict(transfer_cases=0), ValueError)):
+        with pytest.raises(what, match=f"synth: {next(iter(kw))} must be"):
+            synth(tmp_path / "y", **{"cases": 1, "size": 8, **kw})
+    assert not (tmp_path / "y").exists()
     from med3d_ext.data.__main__ import main
 
     assert main(["synth", "--out", str(tmp_path / "x"), "--size", "5"]) == 2  # message, no trace

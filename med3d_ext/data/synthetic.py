@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._args import int_arg
 from .io import save_nifti
 
 # name, channels, labels, base spacing (mm), kind
@@ -306,11 +307,16 @@ def synth(out, *, cases: int = 4, size: int = 48, seed: int = 0, transfer_cases=
     follows from the spacing); transfer gets 2x cases, classification 4x (at least 8).
     Returns {"pretrain": [dataset dirs], "transfer": dir, "transfer_cls": dir}.
     """
-    if cases < 1 or not 8 <= size <= MAX_SIZE:
-        # the upper bound keeps a typo from asking for petabytes: the generator holds a few
-        # float32 copies of each volume (512^2 x ~140 slices is ~150 MB each)
-        raise ValueError(f"synth needs cases >= 1 and 8 <= size <= {MAX_SIZE}, got "
-                         f"cases={cases}, size={size}")
+    # the CLI's checks for the Python call too: size=8.5 was truncated, cases=True taken as 1
+    # and seed=-1 failed inside numpy
+    int_arg("synth: cases must be an int >= 1", cases, 1)
+    # the upper bound keeps a typo from asking for petabytes: the generator holds a few
+    # float32 copies of each volume (512^2 x ~140 slices is ~150 MB each)
+    int_arg(f"synth: size must be an int in [8, {MAX_SIZE}]", size, 8, MAX_SIZE)
+    int_arg("synth: seed must be an int >= 0", seed, 0)
+    for name, v in (("transfer_cases", transfer_cases), ("cls_cases", cls_cases)):
+        if v is not None:
+            int_arg(f"synth: {name} must be None or an int >= 1", v, 1)
     out = Path(out)
     pre = [write_msd(out / "pretrain", spec, cases, size, seed) for spec in DOMAINS]
     tr = write_msd(out / "transfer", TRANSFER, transfer_cases or 2 * cases, size, seed)

@@ -66,7 +66,8 @@ def convert(path, out) -> str:
     enc = ResNet3dEncoder(depth, shortcut, _in_channels(sd, prefix, path))
     load_medicalnet_weights(enc, path)  # the checks; the model's float32 copy is not written
     tensors = {k[len(prefix):]: v for k, v in sd.items() if _is_encoder_key(k, prefix)}
-    _write(save_encoder_safetensors if out.endswith(".safetensors")
+    # the suffix in any case: OUT.SAFETENSORS was written as a torch zip file
+    _write(save_encoder_safetensors if out.lower().endswith(".safetensors")
            else save_encoder_medicalnet, tensors, out)
     dtypes = ", ".join(sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()}))
     return f"wrote ResNet-{depth} (shortcut {shortcut}) encoder ({dtypes}) to {out}"

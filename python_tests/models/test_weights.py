@@ -539,6 +539,12 @@ def test_cli_convert_keeps_the_files_dtype(tmp_path, src10, dtype, capsys):
         got, _, _ = read_state_dict(tmp_path / out)
         got = {k.removeprefix("module."): v for k, v in got.items()}
         assert set(got) == set(src) and all(torch.equal(got[k], src[k]) for k in src)
+    # the suffix in any case (OUT.SAFETENSORS was written as a torch zip file; data API audit)
+    assert main(["convert", str(tmp_path / "in.pth"), str(tmp_path / "up.SAFETENSORS")]) == 0
+    assert (tmp_path / "up.SAFETENSORS").read_bytes()[:2] != b"PK"  # not a zip
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "up.SAFETENSORS"))) == set(src)
 
 
 def test_cli_convert_refuses_folders_and_odd_files(tmp_path, src10, capsys):
