@@ -469,14 +469,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def _tune_heads(job, cfg, ctx, channels_last, log) -> dict:
+def _tune_heads(job, cfg, ctx, channels_last, log) -> dict | None:
     """cuDNN's autotuning of every batch size a head will meet, before the first step rather
     than at random steps of the run (head_tuning.py says why)."""
     from .head_tuning import tune_head_shapes
     from .loops import autocast_dtype
 
-    info = tune_head_shapes(job.model, cfg["patch"], cfg["batch_size"],
-                            autocast_dtype(cfg["amp"], ctx.device), channels_last)
+    try:
+        info = tune_head_shapes(job.model, cfg["patch"], cfg["batch_size"],
+                                autocast_dtype(cfg["amp"], ctx.device), channels_last)
+    except Exception as e:  # noqa: BLE001 - an optimisation: the run goes on without it
+        if isinstance(e, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        if ctx.is_main:
+            log(f"warning: cuDNN tuning of the heads' batch sizes failed, skipped (sizes are "
+                f"tuned as they turn up): {type(e).__name__}: {e}")
+        return None
     if ctx.is_main:
         log(f"cuDNN tuned for the heads' batch sizes 1..{max(info['sizes'], default=0)} "
             f"(class counts {info['class_counts']}) in {info['seconds']:.1f} s")

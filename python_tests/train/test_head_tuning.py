@@ -102,3 +102,22 @@ def test_the_throughput_table_says_how_long_the_tuning_took():
     for a in r["arms"].values():
         del a["head_tuning_s"]
     assert "cuDNN tuned" not in markdown(r)
+
+
+def test_a_failing_tuning_does_not_stop_the_run(monkeypatch):
+    """An optimisation only: a failure (say, out of memory on a full GPU) is said and skipped."""
+    from types import SimpleNamespace
+
+    import med3d_ext.train.head_tuning as ht
+    from med3d_ext.train.cli import _tune_heads
+
+    def boom(*a, **k):
+        raise RuntimeError("no room")
+
+    monkeypatch.setattr(ht, "tune_head_shapes", boom)
+    said = []
+    ctx = SimpleNamespace(device=torch.device("cpu"), is_main=True)
+    job = SimpleNamespace(model=Med3DNet(10, {"a": 2, "b": 3}))
+    assert _tune_heads(job, {"patch": [16, 16, 16], "batch_size": 2, "amp": "off"}, ctx, False,
+                       said.append) is None
+    assert len(said) == 1 and said[0].startswith("warning: cuDNN tuning") and "no room" in said[0]
