@@ -121,3 +121,27 @@ def test_a_failing_tuning_does_not_stop_the_run(monkeypatch):
     assert _tune_heads(job, {"patch": [16, 16, 16], "batch_size": 2, "amp": "off"}, ctx, False,
                        said.append) is None
     assert len(said) == 1 and said[0].startswith("warning: cuDNN tuning") and "no room" in said[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_tuning_on_the_gpu_as_the_cli_runs_it(fused):
+    """What the CLI runs before a GPU pretraining: bf16 autocast, channels_last_3d, cuDNN
+    autotuning; the model, its BatchNorm statistics and the CUDA RNG are left as they were."""
+    torch.backends.cudnn.benchmark, before_flag = True, torch.backends.cudnn.benchmark
+    try:
+        med = Med3DNet(10, {"a": 2, "b": 3, "c": 4, "d": 2}, fused=fused).cuda()
+        med = med.to(memory_format=torch.channels_last_3d).train()
+        state = {k: v.clone() for k, v in med.state_dict().items()}
+        rng = torch.cuda.get_rng_state()
+        info = tune_head_shapes(med, (32, 32, 16), 8, torch.bfloat16, channels_last=True)
+        assert torch.equal(torch.cuda.get_rng_state(), rng)
+        assert all(torch.equal(v, state[k]) for k, v in med.state_dict().items())
+        assert info["sizes"] == head_batch_sizes(8, 4) and info["class_counts"] == [2, 3, 4]
+        # and a training step of the model itself still works after it
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs = med(torch.randn(8, 1, 32, 32, 16, device="cuda").contiguous(
+                memory_format=torch.channels_last_3d), torch.arange(8) % 4)
+        sum(o.logits.float().sum() for o in outs).backward()
+    finally:
+        torch.backends.cudnn.benchmark = before_flag
