@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import numpy as np
+import torch
 
 _BOOLS = (bool, np.bool_)
 
@@ -21,8 +23,20 @@ class ArgumentTypeError(TypeError, ValueError):
 
 
 def is_int(v) -> bool:
-    """An integer, numpy's included, but not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, _BOOLS)
+    """An integer: a Python or numpy integer, or a 0-d integer array or tensor (what
+    ``operator.index`` takes, without its bools and one-element arrays)."""
+    if isinstance(v, _BOOLS):
+        return False
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not (v.is_floating_point() or v.is_complex()
+                                     or v.dtype == torch.bool)
+    if isinstance(v, np.ndarray):
+        return v.ndim == 0 and v.dtype.kind in "iu"
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
 
 
 def int_arg(what: str, v, lo: int | None = None, hi: int | None = None) -> int:
@@ -30,15 +44,30 @@ def int_arg(what: str, v, lo: int | None = None, hi: int | None = None) -> int:
     range; ``what`` names the argument ("patch", "batch_size must be an int >= 1")."""
     if not is_int(v):
         raise ArgumentTypeError(f"{what}, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
+    i = operator.index(v)
+    if (lo is not None and i < lo) or (hi is not None and i > hi):
         raise ValueError(f"{what}, got {v!r}")
-    return int(v)
+    return i
 
 
 def real_arg(what: str, v, lo: float | None = None, hi: float | None = None) -> float:
     """``v`` as a finite float in [lo, hi]; as :func:`int_arg`."""
-    if isinstance(v, _BOOLS) or not isinstance(v, numbers.Real):
+    if not is_real(v):
         raise ArgumentTypeError(f"{what}, got {v!r}")
-    if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+    f = float(v)
+    if not math.isfinite(f) or (lo is not None and f < lo) or (hi is not None and f > hi):
         raise ValueError(f"{what}, got {v!r}")
-    return float(v)
+    return f
+
+
+def is_real(v) -> bool:
+    """A real number: a Python or numpy number, or a 0-d real array or tensor; not a bool."""
+    if type(v) is float or type(v) is int:  # the usual case, first (host time in hot paths)
+        return True
+    if isinstance(v, _BOOLS):
+        return False
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not (v.is_complex() or v.dtype == torch.bool)
+    if isinstance(v, np.ndarray):
+        return v.ndim == 0 and v.dtype.kind in "iuf"
+    return isinstance(v, numbers.Real)

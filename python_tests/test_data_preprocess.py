@@ -396,8 +396,8 @@ def test_preprocess_arguments_are_checked_before_any_case(tmp_path):
     and was blamed on the image files; workers="2" and a 2-value spacing failed deep inside
     (data API audit). TypeError for a wrong type, ValueError for a bad value."""
     root = make_msd(tmp_path / "ds", n=1, modality="CT")
-    bad = [(dict(ct_clip=[[100, -100]]), ValueError, "finite lo < hi"),
-           (dict(ct_clip=[[float("nan"), 5]]), ValueError, "finite lo < hi"),
+    bad = [(dict(ct_clip=[[100, -100]]), ValueError, "finite lo <= hi"),
+           (dict(ct_clip=[[float("nan"), 5]]), ValueError, "finite lo <= hi"),
            (dict(ct_clip="bogus"), ValueError, "ct_clip: expected \"dataset\""),
            (dict(seed=-1), ValueError, "seed: expected an int >= 0, got -1"),
            (dict(seed=1.5), TypeError, "seed: expected an int >= 0, got 1.5"),
@@ -411,6 +411,10 @@ def test_preprocess_arguments_are_checked_before_any_case(tmp_path):
     # a given range per channel (a training set's clip for its test images) still works
     pre = preprocess(root, tmp_path / "c", progress=False, workers=0, ct_clip=[[-100.0, 200.0]])
     assert pre.info["ct_clip"] == [[-100.0, 200.0]]
+    # and a one-value range, which a CT foreground of one intensity makes (a test split
+    # replays its training set's recipe)
+    pre = preprocess(root, tmp_path / "c1", progress=False, workers=0, ct_clip=[[50.0, 50.0]])
+    assert pre.info["ct_clip"] == [[50.0, 50.0]]
 
 
 def test_labels_beyond_float32_integers_survive_resampling(tmp_path):

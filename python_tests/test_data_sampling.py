@@ -341,6 +341,12 @@ def test_wrong_types_are_type_errors_and_positions_are_checked(three):
         assert next(iter(kw)) in str(e.value)
     with pytest.raises(ValueError, match="fg_fraction"):
         MultiDomainSampler(three, 8, 2, fg_fraction=1.5)
+    # integer tensors and arrays as sizes worked before and still do (the review of these checks)
+    s0 = MultiDomainSampler(three, torch.tensor([8, 6, 4]), torch.tensor(2), seed=np.array(3))
+    assert s0.patch == (8, 6, 4) and s0.batch_size == 2 and s0.seed == 3
+    assert MultiDomainSampler(three, np.array(8), 2).patch == (8, 8, 8)
+    with pytest.raises(TypeError, match="patch"):
+        MultiDomainSampler(three, torch.tensor(True), 2)
     s = MultiDomainSampler(three, 8, 2, steps=3)
     for pos, err in ((-2, ValueError), (4, ValueError), (2.9, TypeError), ("1", TypeError)):
         with pytest.raises(err, match=r"'position' must be an int in \[0, 3\]"):

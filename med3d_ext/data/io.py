@@ -264,7 +264,8 @@ def _invert_ornt(ornt: np.ndarray) -> np.ndarray:
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path, *, dtype=None) -> Path:
-    """Write an array (I, J, K) or (I, J, K, C) as NIfTI with ``affine`` (qform and sform set)."""
+    """Write an array (I, J, K) or (I, J, K, C) as NIfTI with ``affine``: the sform, and the
+    qform too unless the affine has a shear (which a qform cannot hold); units mm."""
     import nibabel as nib
 
     path = Path(path)

@@ -50,7 +50,9 @@ from .cache import (CACHE_VERSION, ENTRIES, _check_cache_folder, _entry_complete
                     _remove_stale, _save_npy, _save_npz, _write_json, _writing,
                     default_cache_dir, entry_file)
 
-RECIPE_VERSION = 1
+# 2: NIfTI space units honoured, labels beyond 2^24 kept exact (2026-11-27): a cache of an
+# earlier version is redone once, as a case whose source changed is
+RECIPE_VERSION = 2
 # foreground intensities kept per CT case for the dataset percentiles (nnU-Net's number): the
 # percentiles are over these samples, so every case weighs the same, whatever its size
 FG_SAMPLES = 10000
@@ -204,9 +206,10 @@ def exact_float(labels: np.ndarray):
     """The float dtype that holds these integer labels exactly, for nearest resampling (which
     goes through floats): float32 up to 2^24, float64 beyond (a label 16777217 came back as
     16777216, a class the dataset does not have)."""
-    if labels.size and labels.dtype.kind in "iu" and \
-            max(abs(int(labels.max())), abs(int(labels.min()))) > 2**24:
-        if max(abs(int(labels.max())), abs(int(labels.min()))) > 2**53:
+    top = max(abs(int(labels.max())), abs(int(labels.min()))) if labels.size and \
+        labels.dtype.kind in "iu" else 0
+    if top > 2**24:
+        if top > 2**53:
             raise ValueError(f"label values up to {int(labels.max())} cannot be resampled "
                              "exactly (beyond 2^53)")
         return np.float64
@@ -437,10 +440,12 @@ def _check_preprocess_args(workers, target_spacing, seed, ct_clip) -> None:
     elif ct_clip is not None:
         for c in ct_clip:
             ok = c is None or (isinstance(c, (list, tuple, np.ndarray)) and len(c) == 2 and all(
-                isinstance(v, numbers.Real) and math.isfinite(v) for v in c) and c[0] < c[1])
+                isinstance(v, numbers.Real) and math.isfinite(v) for v in c) and c[0] <= c[1])
+            # lo == hi is allowed: a CT foreground of one intensity gives it, and a test split
+            # replays the training recipe
             if not ok:
                 raise ValueError(f"ct_clip: each channel's range must be None or [lo, hi] with "
-                                 f"finite lo < hi, got {c!r} in {ct_clip!r}")
+                                 f"finite lo <= hi, got {c!r} in {ct_clip!r}")
 
 
 def _given_spacing(out: Path):

@@ -24,7 +24,8 @@ from .preprocess import PreprocessedDataset
 
 
 def _as_size(patch) -> tuple:
-    vals = list(patch) if hasattr(patch, "__iter__") else [patch] * 3
+    scalar = is_int(patch) or not hasattr(patch, "__iter__") or getattr(patch, "ndim", 1) == 0
+    vals = [patch] * 3 if scalar else list(patch)
     # is_int: a patch of 8.5 is refused, not truncated to 8, and True is not 1
     if not all(is_int(v) for v in vals):
         raise ArgumentTypeError(f"patch must be an int or 3 positive ints, got {patch!r}")

@@ -3,12 +3,11 @@ registration helpers that are no-ops when the extension is not loaded."""
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 
 from .. import _extension
+from .._args import is_real
 
 _BOOLS = (bool, np.bool_)
 
@@ -65,8 +64,9 @@ def check_real(op: str, name: str, v) -> None:
     """A TypeError naming a number argument that is not a real number (a bool, None, a string:
     "0.1" as momentum failed inside torch._foreach_lerp_, None as a loss weight in float()).
     Symbolic numbers of torch.compile pass."""
-    if isinstance(v, _BOOLS) or not isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)):
-        raise TypeError(f"med3d_ext.{op}: argument '{name}' must be a real number, got {v!r}")
+    if type(v) is float or isinstance(v, (torch.SymFloat, torch.SymInt)) or is_real(v):
+        return  # (0-d real tensors and numpy numbers too: they worked before this check)
+    raise TypeError(f"med3d_ext.{op}: argument '{name}' must be a real number, got {v!r}")
 
 
 def check_same_device(op: str, ref: torch.Tensor, **tensors) -> None:

@@ -158,14 +158,14 @@ def _stem_conv(x, weight, stride, padding, dilation) -> str:
     return algo
 
 
-_BYTE_UNITS = {"": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
+_BYTE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
                "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
 
 
 def parse_bytes(text: str) -> Optional[int]:
     """A positive byte count: an integer with an optional binary unit (``"33554432"``,
     ``"32MB"``, ``"32 MiB"``, ``"1g"``), or None when ``text`` is not one."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmg]i?b?)?\s*", str(text), re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+)\s*(b|[kmg]i?b?)?\s*", str(text), re.IGNORECASE)
     if m is None:
         return None
     n = int(m.group(1)) * _BYTE_UNITS[(m.group(2) or "").lower()]

@@ -253,7 +253,8 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
         _check_memory_saving(cfg, fused, ctx.world_size)
         dirs = resolve_data_dirs(cfg.get("data"), command)
         check_output_outside_data(cfg.get("out"), dirs, "--out", "checkpoints and logs")
-        check_cache_outside_data(cfg.get("cache"), dirs)
+        # a resumed run keeps the cache it was saved with (older versions accepted any)
+        check_cache_outside_data(cfg.get("cache"), dirs, refuse=not cfg.get("resume"))
         cfg = _absolute_paths(cfg)
         out_before = Path(cfg.get("out") or "").exists() if cfg.get("out") else False
         run = _run_dir(cfg, command, ctx)
@@ -486,7 +487,8 @@ def _tune_heads(job, cfg, ctx, channels_last, log) -> dict | None:
                 f"tuned as they turn up): {type(e).__name__}: {e}")
         return None
     if ctx.is_main:
-        log(f"cuDNN tuned for the heads' batch sizes 1..{max(info['sizes'], default=0)} "
+        log(f"cuDNN tuned for the heads' batch sizes {min(info['sizes'], default=0)}.."
+            f"{max(info['sizes'], default=0)} "
             f"(class counts {info['class_counts']}) in {info['seconds']:.1f} s")
     return info
 

@@ -84,7 +84,6 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
 
     data_dir = resolve_data_dirs(cfg["data"], "evaluate")[0]
     check_output_outside_data(cfg.get("out"), [data_dir], "--out", "predictions (<case>.nii.gz)")
-    check_cache_outside_data(cfg.get("cache"), [data_dir])
     ckpt_path = Path(which) if named else find_checkpoint(cfg["run"], which)
     if not cfg.get("run"):
         cfg = dict(cfg, run=str(ckpt_path))
@@ -99,6 +98,8 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     for key in ("patch", "channel", "cache"):
         if key not in explicit and run_cfg.get(key) is not None:
             cfg[key] = run_cfg[key]
+    # after the run's own cache is merged in: given now, refused; the run's, said
+    check_cache_outside_data(cfg.get("cache"), [data_dir], refuse="cache" in explicit)
     out = Path(cfg["out"])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; predictions need a folder")

@@ -25,18 +25,18 @@ import torch
 
 
 def head_batch_sizes(batch_size: int, n_heads: int, tail: float = 1e-3) -> list[int]:
-    """The per-head batch sizes 1..k worth tuning up front: k is the smallest n with
-    P(n_h > n) < ``tail`` for n_h ~ Binomial(batch_size, 1 / n_heads) (the sampler's equal
-    dataset weights). Rarer sizes are tuned when they turn up."""
+    """The per-head batch sizes worth tuning up front: every n >= 1 with P(n_h <= n) >= ``tail``
+    and P(n_h >= n) >= ``tail``, for n_h ~ Binomial(batch_size, 1 / n_heads) (the sampler's
+    equal dataset weights). One head always gets the whole batch; sizes rarer than ``tail`` at
+    either end are tuned when they turn up."""
     if batch_size < 1 or n_heads < 1:
         return []
     p = 1.0 / n_heads
-    cdf = 0.0
-    for n in range(batch_size + 1):
-        cdf += math.comb(batch_size, n) * p ** n * (1.0 - p) ** (batch_size - n)
-        if 1.0 - cdf < tail:
-            return list(range(1, max(n, 1) + 1))
-    return list(range(1, batch_size + 1))
+    pmf = [math.comb(batch_size, n) * p ** n * (1.0 - p) ** (batch_size - n)
+           for n in range(batch_size + 1)]
+    below = [sum(pmf[:n + 1]) for n in range(batch_size + 1)]  # P(n_h <= n)
+    above = [sum(pmf[n:]) for n in range(batch_size + 1)]  # P(n_h >= n)
+    return [n for n in range(1, batch_size + 1) if below[n] >= tail and above[n] >= tail]
 
 
 def encoder_output_size(patch) -> list[int]:

@@ -282,6 +282,15 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         if ck["arch"] != job.arch:
             raise TrainingError(f"--resume {str(path)!r}: the checkpoint's model {ck['arch']} "
                                 f"differs from the one this configuration builds {job.arch}")
+        if int(ck["step"]) > total:  # before anything is loaded (the sampler, bounded by the
+            # run's steps, would refuse the position first), and before on_start: config.yaml
+            # keeps describing the run
+            done = -(-int(ck["step"]) // max(steps_per_epoch, 1))
+            raise TrainingError(
+                f"--resume {str(path)!r}: the run already did {int(ck['step'])} steps, more "
+                f"than --epochs {epochs} x --steps {steps_per_epoch} = {total}; --epochs "
+                f"extends a run, it does not shorten one: give --epochs {done} or more (or "
+                "evaluate the run as it is)")
         # frozen after the DDP wrap below, as a fresh run is: DDP registers only parameters
         # that require grad when it is built, and an encoder frozen before it never had its
         # gradients averaged once it thawed (the ranks' encoders drifted apart)
@@ -307,13 +316,6 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             if own_aug is not None and hasattr(job.augment, "reseed"):
                 job.augment.reseed((int(own_aug) * 1000003 + int(ck["step"])) % 2**63)
         start = int(ck["step"])
-        if start > total:  # refused before on_start: config.yaml keeps describing the run
-            done = -(-start // max(steps_per_epoch, 1))
-            raise TrainingError(
-                f"--resume {str(path)!r}: the run already did {start} steps, more than "
-                f"--epochs {epochs} x --steps {steps_per_epoch} = {total}; --epochs extends a "
-                f"run, it does not shorten one: give --epochs {done} or more (or evaluate the "
-                "run as it is)")
         saved_at["step"] = start
         best = dict(ck.get("best") or best)
         target_step = ck.get("target_step")

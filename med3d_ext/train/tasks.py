@@ -119,23 +119,31 @@ def check_output_outside_data(out, data_dirs, option: str, writes: str) -> None:
                 f"{str(Path(d).resolve().parent / (Path(d).stem + '-' + writes.split()[0]))!r}")
 
 
-def check_cache_outside_data(cache, data_dirs) -> None:
+def check_cache_outside_data(cache, data_dirs, refuse: bool = True) -> None:
     """Refuse a --cache root that is a dataset's own folder or a folder of the datasets: the
     per-dataset cache folders made there would sit among the data (and a folder of datasets
-    read with --data would meet them as datasets)."""
+    read with --data would meet them as datasets). ``refuse=False`` (a cache a resumed run or
+    an evaluated run was saved with, accepted by older versions): a warning instead."""
     if not cache:
         return
-    check_output_outside_data(cache, data_dirs, "--cache", "preprocessing caches")
-    c = {Path(os.path.abspath(cache)), Path(cache).resolve()}
-    for d in data_dirs:
-        p = Path(d)
-        root = p.parent if p.is_file() else p
-        if c & {Path(os.path.abspath(root)).parent, root.resolve().parent}:
-            raise ConfigError(
-                f"--cache {str(cache)!r} is the folder that holds the dataset {str(d)!r}: its "
-                "cache folders would sit among the datasets and be read as data by a later "
-                f"--data {str(cache)!r}. Give the caches a folder of their own, e.g. --cache "
-                f"{str(Path(cache).resolve().parent / (Path(cache).resolve().name + '-cache'))!r}")
+    try:
+        check_output_outside_data(cache, data_dirs, "--cache", "preprocessing caches")
+        c = {Path(os.path.abspath(cache)), Path(cache).resolve()}
+        for d in data_dirs:
+            p = Path(d)
+            root = p.parent if p.is_file() else p
+            if c & {Path(os.path.abspath(root)).parent, root.resolve().parent}:
+                raise ConfigError(
+                    f"--cache {str(cache)!r} is the folder that holds the dataset {str(d)!r}: its "
+                    "cache folders would sit among the datasets and be read as data by a later "
+                    f"--data {str(cache)!r}. Give the caches a folder of their own, e.g. --cache "
+                    f"{str(Path(cache).resolve().parent / (Path(cache).resolve().name + '-cache'))!r}")
+    except ConfigError as e:
+        if refuse:
+            raise
+        import warnings
+
+        warnings.warn(f"{e} (kept for this run, which was saved with it)", stacklevel=2)
 
 
 def _cache_of(folder: Path, path) -> bool:

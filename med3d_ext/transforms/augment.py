@@ -96,9 +96,10 @@ def _seed(v) -> int:
     if not is_int(v):
         raise _ArgTypeError(f"RandomAugment3D: 'seed' must be an integer in [-2^63, 2^64), got "
                             f"{v!r}")
-    if not -2**63 <= v < 2**64:
+    i = operator.index(v)  # (a 0-d integer tensor works too, as it did)
+    if not -2**63 <= i < 2**64:
         raise ValueError(f"RandomAugment3D: 'seed' must be an integer in [-2^63, 2^64), got {v!r}")
-    return int(v)
+    return i
 
 
 class RandomAugment3D:

@@ -844,6 +844,12 @@ def test_number_arguments_must_be_real_numbers(device):
     total, _ = m3d.ops.multihead_seg_loss(logits, target, head_weights=np.array([2.0]),
                                           ce_weight=np.float32(0.5), smooth=np.float64(1e-5))
     assert torch.isfinite(total)
+    # 0-d tensors worked before these checks and still do (a scheduled weight kept as one)
+    m3d.ops.conv_bn_relu3d(x, w, None, None, rm, rv, momentum=torch.tensor(0.1))
+    total, _ = m3d.ops.multihead_seg_loss(logits, target, ce_weight=torch.tensor(0.5))
+    assert torch.isfinite(total)
+    with pytest.raises(TypeError, match="argument 'momentum' must be a real"):
+        m3d.ops.conv_bn_relu3d(x, w, None, None, rm, rv, momentum=torch.tensor([0.1, 0.2]))
 
 
 @requires_ext

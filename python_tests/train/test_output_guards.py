@@ -83,6 +83,14 @@ def test_a_cache_in_the_dataset_or_among_the_datasets_is_refused(run, tiny_data,
     assert "--cache" in capsys.readouterr().err
     assert _digests(tmp_path / "sets") == before  # nothing written there
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+    # a cache a run was saved with (older versions accepted any) is kept on resume / evaluate,
+    # with a warning, rather than forcing the cases to be preprocessed again
+    from med3d_ext.train.tasks import check_cache_outside_data
+
+    with pytest.warns(UserWarning, match=r"is the folder that holds the dataset.*kept for this "
+                                         r"run"):
+        check_cache_outside_data(tmp_path / "sets", [data], refuse=False)
+    check_cache_outside_data(tmp_path / "cache", [data])  # a folder of its own: fine
 
 
 def test_evaluate_scores_only_the_classes_the_dataset_declares(run, tiny_data, tmp_path,

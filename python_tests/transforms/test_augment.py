@@ -306,6 +306,7 @@ def test_bools_negatives_and_types_are_named():
     a = RandomAugment3D(rotate=np.float32(0.5), flip=(0, 0.5, 1), seed=np.int64(3),
                         elastic_grid=np.int64(4))
     assert a.rotate == (0.5, 0.5, 0.5) and a.seed == 3 and a.elastic_grid == 4
+    assert RandomAugment3D(seed=torch.tensor(7)).seed == 7  # worked before, still does
 
 
 def test_a_state_with_an_absent_device_leaves_the_augmenter_whole():
