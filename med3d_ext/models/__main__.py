@@ -1,6 +1,7 @@
 """``python -m med3d_ext.models {inspect,convert}``: look into and convert weights files.
 
-    inspect FILE             format, depth, shortcut type, tensor and parameter counts, heads
+    inspect FILE             format, depth, shortcut type, tensor and parameter counts, heads,
+                             and whether the encoder loads (exit 1 when not)
     convert FILE OUT         the encoder of FILE (any readable format) to OUT: .safetensors if
                              OUT ends so, else MedicalNet's released .pth layout
 """
@@ -33,7 +34,8 @@ def _in_channels(sd, prefix, path) -> int:
 
 
 def inspect(path) -> str:
-    """A readable summary of a weights file."""
+    """A readable summary of a weights file, with a last line that says whether its encoder
+    loads (keys, shapes and values checked as ``convert`` and training check them)."""
     sd, fmt, meta = read_state_dict(path)
     prefix = _encoder_prefix(sd, str(path))
     depth, shortcut = _infer(sd, prefix, str(path))
@@ -50,6 +52,11 @@ def inspect(path) -> str:
         lines.append(f"other:     {', '.join(other)}")
     if meta:
         lines.append(f"metadata:  {meta}")
+    try:  # a summary of a corrupted file looked like any other (NaN weights, bad variances)
+        load_medicalnet_weights(ResNet3dEncoder(depth, shortcut, in_ch), path)
+        lines.append("check:     ok (the encoder loads: keys, shapes, finite values)")
+    except MedicalNetWeightsError as e:
+        lines.append(f"check:     FAILED: {e}")
     return "\n".join(lines)
 
 
@@ -85,7 +92,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
-            print(inspect(args.file))
+            text = inspect(args.file)
+            print(text)
+            if "\ncheck:     FAILED" in text:
+                return 1
         else:
             print(convert(args.file, args.out))
     except (MedicalNetWeightsError, FileNotFoundError) as e:

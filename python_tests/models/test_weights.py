@@ -502,6 +502,16 @@ def test_cli_inspect_and_convert(tmp_path, src18, capsys):
     assert_encoder_equal(model, src18)
     assert main(["inspect", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth" in capsys.readouterr().err
+    # inspect says whether the encoder loads: a corrupted file's summary looked like any other
+    # (data API audit); the summary is still printed, and the exit code is 1
+    assert "check:     ok" in out
+    sd = {k: v.clone() for k, v in src18.state_dict().items()}
+    sd["layer2.0.bn1.running_var"][3] = -1.0
+    torch.save({"state_dict": sd}, tmp_path / "bad.pth")
+    assert main(["inspect", str(tmp_path / "bad.pth")]) == 1
+    out = capsys.readouterr().out
+    assert "ResNet-18, shortcut A" in out and "check:     FAILED" in out
+    assert "'layer2.0.bn1.running_var' holds 1 negative variance" in out
 
 
 def manifest_params(depth):
