@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 
 from .environment import collect_env  # noqa: F401  (re-exported: the runner and the studies use it from here)
+from .rows import caveats
 
 OK, FAILED, UNAVAILABLE, ERROR = "ok", "FAILED", "unavailable", "error"
 # --profile-only rows: what one call runs (torch.profiler), deliberately not timed
@@ -529,9 +530,12 @@ class Case:
                             ctx.budget_s, after_warmup=reset)
             ms = median(times)
             row.update(median_ms=ms, min_ms=min(times), repeats=len(times), setup_s=round(first_s, 2))
-            if ctx.device == "cuda":
+            if ctx.device == "cuda" and "CUDA graph" not in impl.name:
                 # peak over the timed calls (steady state: inputs, weights, optimizer state,
-                # activations), not the warm-up's cuDNN autotuning or compilation
+                # activations), not the warm-up's cuDNN autotuning or compilation. Not for a
+                # CUDA graph's replays: its memory is a private pool, captured before this
+                # window and not counted by the allocator's peak (0.57 GiB was shown for a
+                # 3.6 GiB step)
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if self.bytes_floor:
                 row["gbps"] = self.bytes_floor / (ms * 1e-3) / 1e9
@@ -785,6 +789,7 @@ def markdown(data: dict) -> str:
         if r.get("data_wait") is not None:
             sp += f" (data wait {100 * r['data_wait']:.1f}% of the step)"
         impl = r["impl"] + (" (baseline)" if r.get("baseline") else "") + (f" [{r['note']}]" if r.get("note") else "")
+        impl += caveats(r)
         lines.append(f"| {r['area']} | {r['case']} | {impl} | {st} "
                      f"| {ms} | {mem} | {err} | {sp} | {fmt_params(r.get('params') or {})} |")
     prof = [r for r in data["rows"] if r.get("kernels")]
@@ -814,7 +819,7 @@ def headline(rows: list[dict]) -> list[str]:
             sp += f" [target {t['want']}x vs {b}: {'met' if t['met'] else 'NOT met' if t['met'] is False else 'no baseline'}]"
         note = r.get("note") or ""
         impl = r["impl"] + (f" [{note}]" if note and not note.startswith("compiled (") else "")
-        out.append(f"{r['area']}/{r['case']} {impl}: {r['median_ms']:.3f} ms; {sp}")
+        out.append(f"{r['area']}/{r['case']} {impl}{caveats(r)}: {r['median_ms']:.3f} ms; {sp}")
     return out
 
 

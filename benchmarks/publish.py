@@ -17,6 +17,11 @@ import json
 import os
 import sys
 
+try:
+    from .rows import caveats
+except ImportError:  # run as a file, not as benchmarks.publish
+    from benchmarks.rows import caveats
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 README = os.path.join(os.path.dirname(HERE), "README.md")
@@ -123,8 +128,7 @@ def render_run(name: str, data: dict) -> str:
             ratios += f"; floor {r['floor_ms']:.3f} ms"
         note = r.get("note") or ""
         impl = r["impl"] + (f" ({note})" if note and not note.startswith("compiled (") else "")
-        if r.get("caveat"):  # a known reason the row is not what its name says (added later)
-            impl += f" [{r['caveat']}]"
+        impl += caveats(r)  # a caveat added later; an output that was not checked
         lines.append(f"| {r['area']} | {r['case']} | {impl} | {r['median_ms']:.3f} | {ratios} | "
                      f"{_params(r.get('params') or {})} |")
     if missing:

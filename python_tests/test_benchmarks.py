@@ -719,3 +719,61 @@ def test_memory_peak_refuses_bad_arguments(args, msg, capsys, tmp_path):
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_caveats_and_unchecked_rows_are_shown_beside_the_name():
+    """A caveat added to committed rows, and a timed row whose output was not checked, were
+    invisible in results.md, the summaries and the README (the benchmark review)."""
+    from benchmarks.common import headline, markdown
+    from benchmarks.rows import caveats, unchecked
+
+    base = {"area": "a", "case": "c", "params": {}, "status": "ok", "median_ms": 1.0}
+    rows = [dict(base, impl="eager", baseline=True, reference=True),
+            dict(base, impl="ours", baseline=False, speedup={"eager": 2.0},
+                 check="high-precision reference unavailable (out of memory), not checked"),
+            dict(base, impl="ours2", baseline=False, speedup={"eager": 3.0}, caveat="pre-fix",
+                 check="the yardstick")]
+    assert not unchecked(rows[0]) and unchecked(rows[1]) and not unchecked(rows[2])
+    assert caveats(rows[2]) == " [pre-fix]"
+    data = {"env": {}, "args": {}, "total_s": 1, "rows": rows}
+    md = markdown(data)
+    assert "| ours [output not checked: high-precision reference unavailable" in md
+    assert "| ours2 [pre-fix] |" in md
+    lines = headline(rows)
+    assert any("ours [output not checked" in x for x in lines)
+    assert any("ours2 [pre-fix]: 1.000 ms" in x for x in lines)
+
+
+def test_the_bn_stats_baseline_times_var_mean_on_the_input_as_it_is(monkeypatch):
+    """Its timed call was var_mean(x.float()): a bf16 -> fp32 copy of the input inside the
+    baseline's time (the published bf16 ratio was mostly that copy). The check still uses fp32."""
+    import torch
+
+    from benchmarks import bm_bn_stats
+
+    added = {}
+
+    class FakeCase:
+        def add(self, name, make, **kw):
+            added[name] = make
+            return self
+
+        def run(self):
+            pass
+
+    class Ctx:
+        device, gpu, quick, with_compile = "cpu", False, True, False
+
+        def case(self, *a, **k):
+            return FakeCase()
+
+    seen = []
+    real = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda self: (seen.append(self.dtype), real(self))[1])
+    bm_bn_stats.run(Ctx())
+    timed, check = added["eager torch.var_mean"]()
+    seen.clear()
+    timed()
+    assert seen == []  # no conversion in the timed call
+    check()
+    assert seen  # the check computes in fp32
