@@ -616,6 +616,13 @@ def test_memory_peak_breakdown_replays_the_allocator_trace():
     # the 200-byte block was freed before the peak; the groups are largest first
     assert by == {"backward (autograd engine)": (300, 1), "med3d_ext/nn/fused.py:77 conv_bn_act": (150, 2)}
     assert r["groups"][0]["where"] == "backward (autograd engine)"
+    # a block allocated before the trace (in the baseline: last step's gradients) and freed in
+    # it (zero_grad(set_to_none=True)) lowers the current count: the new gradients replace
+    # the old ones, not add to them (the benchmark review: counted twice before)
+    trace = [{"action": "free_requested", "addr": 99, "size": 400},
+             {"action": "alloc", "addr": 1, "size": 400, "frames": bwd}]
+    r = peak_breakdown(trace, baseline=1000)
+    assert r["step_peak_bytes"] == 0 and r["peak_bytes"] == 1000
 
 
 def test_memory_peak_needs_a_gpu(capsys):
