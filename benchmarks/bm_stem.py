@@ -54,7 +54,11 @@ def run(ctx):
     gy = torch.randn(batch, 64, *(s // 2 for s in spatial), device=ctx.device)
     case = ctx.case(AREA, "conv alone", params={**base, "dtypes": "fp32 NCDHW / bf16 channels_last_3d"},
                     rtol=3e-2, atol=1e-2, flops=flops)
-    case.add("eager conv3d fp32", lambda: _conv_alone(x, w, gy, torch.float32, False), baseline=True, reference=True)
+    # fp32 convolutions on a GPU run TF32 unless torch.backends.cudnn.allow_tf32 is off (its
+    # default is on): said beside each fp32 row, which is otherwise read as true fp32
+    tf32 = "cuDNN TF32 on" if ctx.gpu and torch.backends.cudnn.allow_tf32 else ""
+    case.add("eager conv3d fp32", lambda: _conv_alone(x, w, gy, torch.float32, False), baseline=True,
+             reference=True, note=tf32)
     if ctx.gpu:
         case.add("eager conv3d bf16 CL", lambda: _conv_alone(x, w, gy, torch.bfloat16, True), baseline=True)
     # the fused ops' stem algorithms (conv_bn_relu.STEM_CONV): im2col + one GEMM, and the
@@ -62,26 +66,32 @@ def run(ctx):
     # decided by these rows
     dt = torch.bfloat16 if ctx.gpu else torch.float32
     tag = "bf16 CL" if ctx.gpu else "fp32"
-    # without the extension the "algorithm" rows run the reference (plain conv3d): the note
-    # says so, or a plain conv3d would pass for the im2col GEMM
+    # without the extension the "algorithm" rows run the reference (plain conv3d): every such
+    # row's note says which backend ran, or a plain conv3d would pass for the im2col GEMM
+    backend = op_backend("conv_bias_relu3d", ctx.device)
     case.add(f"med3d_ext im2col3d + GEMM {tag}",
-             lambda: _conv_alone(x, w, gy, dt, ctx.gpu, _algo_conv("im2col")),
-             note=op_backend("conv_bias_relu3d", ctx.device))
+             lambda: _conv_alone(x, w, gy, dt, ctx.gpu, _algo_conv("im2col")), note=backend)
     if ctx.gpu:  # 32 MB chunks: the columns may stay in L2 between im2col3d and the GEMM
         case.add(f"med3d_ext im2col3d + GEMM {tag}, 32 MB chunks",
                  lambda: _with_chunks(_conv_alone(x, w, gy, dt, True, _algo_conv("im2col")),
-                                      32 << 20))
+                                      32 << 20), note=backend)
         case.add(f"med3d_ext implicit GEMM {tag}",  # the columns never leave shared memory
-                 lambda: _conv_alone(x, w, gy, dt, True, _algo_conv("implicit_gemm")))
+                 lambda: _conv_alone(x, w, gy, dt, True, _algo_conv("implicit_gemm")),
+                 note=backend)
     for fold in (False, True):
         case.add(f"med3d_ext stem_conv3d {tag} (space-to-depth"
                  + (", W taps folded)" if fold else ")"),
-                 lambda fold=fold: _conv_alone(x, w, gy, dt, ctx.gpu, _stem_conv(fold)))
+                 lambda fold=fold: _conv_alone(x, w, gy, dt, ctx.gpu, _stem_conv(fold)),
+                 note=backend)
     if ctx.gpu:  # fp32 (no autocast): what "auto" should pick there, against "eager conv3d fp32"
+        # TF32 first: a note that starts "compiled (" is left out of the summaries
+        fp32_note = ("cuDNN TF32 on (for the ATen convolution it may run); " if tf32 else "") + backend
         case.add("med3d_ext im2col3d + GEMM fp32",
-                 lambda: _conv_alone(x, w, gy, torch.float32, False, _algo_conv("im2col")))
+                 lambda: _conv_alone(x, w, gy, torch.float32, False, _algo_conv("im2col")),
+                 note=fp32_note)
         case.add("med3d_ext stem_conv3d fp32 (space-to-depth, W taps folded)",
-                 lambda: _conv_alone(x, w, gy, torch.float32, False, _stem_conv(True)))
+                 lambda: _conv_alone(x, w, gy, torch.float32, False, _stem_conv(True)),
+                 note=fp32_note)
     case.run()
     del x, w, gy
 

@@ -55,9 +55,45 @@ def collect_env(device: str) -> dict:
         except Exception:
             env[mod] = None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # the tree copied to a GPU machine has no .git: gpu_check.sh passes GIT_COMMIT along
-    env["git_commit"] = _run(["git", "-C", root, "rev-parse", "--short", "HEAD"]) or os.environ.get("GIT_COMMIT") or None
+    # GIT_COMMIT, when given (gpu_check.sh passes it: the tree copied to a GPU machine may have
+    # no .git, or a stale one: a run once recorded a commit other than the code's), wins over
+    # git's own view, which says "-dirty" for uncommitted changes
+    env["git_commit"] = os.environ.get("GIT_COMMIT") or _run(
+        ["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=7"]) or None
+    env["source_hash"] = source_hash(root)
+    try:  # "fp32" convolutions and matmuls on a GPU are TF32 when these are on
+        env["tf32"] = {"cudnn_conv": bool(torch.backends.cudnn.allow_tf32),
+                       "cuda_matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+    except Exception:  # noqa: BLE001 - extra information only
+        pass
     return env
+
+
+# the files that go into the compiled module (benchmarks/gpu_prebuild.sh --hash lists the same)
+_SOURCE_PATHS = ("csrc", "CMakeLists.txt", "pyproject.toml", "med3d_ext/_build_config.py.in")
+
+
+def source_hash(root: str) -> str | None:
+    """The hash of the extension's sources, as ``benchmarks/gpu_prebuild.sh --hash`` prints it
+    (sha256sum of each file in C-locale path order, then of that listing; 16 hex digits): it
+    names the sources of the extension that was measured, whatever git says."""
+    import hashlib
+
+    files = []
+    for rel in _SOURCE_PATHS:
+        path = os.path.join(root, rel)
+        if os.path.isfile(path):
+            files.append(rel)
+        for d, _, names in os.walk(path):
+            files += [os.path.relpath(os.path.join(d, n), root) for n in names
+                      if not n.endswith(".pyc")]
+    if not files:
+        return None
+    listing = b""
+    for rel in sorted(files, key=lambda f: f.encode()):
+        with open(os.path.join(root, rel), "rb") as f:
+            listing += f"{hashlib.sha256(f.read()).hexdigest()}  {rel}\n".encode()
+    return hashlib.sha256(listing).hexdigest()[:16]
 
 
 def _cpu_model() -> str | None:

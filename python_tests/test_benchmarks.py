@@ -784,3 +784,22 @@ def test_the_bn_stats_baseline_times_var_mean_on_the_input_as_it_is(monkeypatch)
     assert seen == []  # no conversion in the timed call
     check()
     assert seen  # the check computes in fp32
+
+
+def test_results_name_the_measured_sources(monkeypatch):
+    """A run recorded a commit other than the code's (the device copy's git was stale): an
+    explicit GIT_COMMIT wins, git's own view says "-dirty", and the extension's source hash is
+    recorded as benchmarks/gpu_prebuild.sh --hash prints it (benchmark review)."""
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks.environment import collect_env, source_hash
+
+    root = Path(__file__).resolve().parents[1]
+    want = subprocess.run(["bash", str(root / "benchmarks/gpu_prebuild.sh"), "--hash"],
+                          capture_output=True, text=True, timeout=120).stdout.strip()
+    assert source_hash(str(root)) == want and len(want) == 16
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")
+    env = collect_env("cpu")
+    assert env["git_commit"] == "abc1234" and env["source_hash"] == want
+    assert set(env["tf32"]) == {"cudnn_conv", "cuda_matmul"}
