@@ -98,8 +98,12 @@ def _gpu(ctx, b=8, s=128):
     img = torch.randn(size, device=dev)
     lab = torch.randint(0, 8, size, device=dev, dtype=torch.uint8)
     theta = random_theta(b, dev)
+    # the workload (a uint8 label map); ../shared/baselines/baseline.py timed fp32
+    # labels (no conversion, 16 B/voxel): the eager side here converts the label to float and
+    # back, as grid_sample needs, and the floor counts 10 B/voxel
     params = {"image": list(size), "image_dtype": "float32", "label": list(size), "label_dtype": "uint8",
-              "align_corners": False, "padding_mode": "zeros"}
+              "align_corners": False, "padding_mode": "zeros",
+              "deviation": "uint8 labels (perf-baselines: fp32 labels); eager converts them"}
     nbytes = img.numel() * (4 + 4 + 1 + 1)  # read + write image (fp32) and label (uint8)
     case = ctx.case(AREA, f"affine pair {b}x{s}^3", params=params, rtol=1e-4, atol=1e-3, bytes_floor=nbytes)
     case.add("eager affine_grid+grid_sample x2", lambda: (lambda: eager_pair(img, lab, theta, size)),
