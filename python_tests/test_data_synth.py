@@ -169,7 +169,7 @@ def test_package_functions_not_shadowed_by_submodules():
     for mod in ("io", "layouts", "preprocess", "sampling", "synthetic", "real_volumes"):
         importlib.import_module(f"med3d_ext.data.{mod}")
     assert inspect.isfunction(data.synth) and inspect.isfunction(data.real)
-    with pytest.raises(ValueError, match="cases >= 1"):
+    with pytest.raises(ValueError, match="cases must be an int >= 1"):
         data.synth("unused-out-dir", cases=0)
 
 
