@@ -125,11 +125,27 @@ def autocast_dtype(amp: str, device: torch.device):
 def build_optimizer(groups, cfg) -> torch.optim.Optimizer:
     pg = [{"params": p, "lr": lr, "name": n, "initial_lr": lr} for n, p, lr in groups if p]
     if cfg["optimizer"] == "sgd":
+        # torch's default kernels: its fused SGD fails once some momentum buffers exist and
+        # others do not yet (a pretraining head whose first sample comes after step 1;
+        # torch 2.13: "expected Tensor as element 8 in argument 2, but got NoneType")
         return torch.optim.SGD(pg, lr=pg[0]["lr"], momentum=cfg["momentum"],
                                weight_decay=cfg["weight_decay"])
     if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(pg, lr=pg[0]["lr"], weight_decay=cfg["weight_decay"])
+        impl = optimizer_impl([q for g in pg for q in g["params"]])
+        return torch.optim.AdamW(pg, lr=pg[0]["lr"], weight_decay=cfg["weight_decay"], **impl)
     raise TrainingError(f"optimizer: expected sgd or adamw, got {cfg['optimizer']!r}")
+
+
+def optimizer_impl(params) -> dict:
+    """AdamW's ``fused=True`` where torch has the fused kernel for these tensors (floating, all
+    on the CPU or all on CUDA): one kernel updates every tensor. Torch's default is the
+    per-tensor loop on the CPU (a Med3DNet ResNet-10, 100 tensors, 2-core CPU, torch 2.13: 102
+    ms a step against 17 fused) and foreach kernels, several launches per group, on a GPU."""
+    devices = {p.device.type for p in params}
+    if len(devices) == 1 and devices <= {"cpu", "cuda"} and all(
+            p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}
 
 
 def build_scheduler(opt, cfg, total: int):
