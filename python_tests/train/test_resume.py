@@ -56,13 +56,7 @@ def test_resume_after_kill_is_bitwise_identical(tiny_data, tmp_path):
                        env=cli_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    a = torch.load(full / "last.pt", weights_only=True)
-    b = torch.load(cut / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 12
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), f"{k} differs after resume"
-    for i, s in a["optimizer"]["state"].items():
-        assert torch.equal(s["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+    a, b = _same_last_checkpoints(full, cut, 12, ("momentum_buffer",))
     assert a["sampler"] == b["sampler"]
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
     # the log of the resumed run has every step once, with the same losses
@@ -237,11 +231,17 @@ def test_fused_adamw_resumes_bitwise(tiny_data, tmp_path, capsys):
     assert main(["transfer", *tiny_args(data, full, *args, "--epochs", 2)]) == 0
     assert main(["transfer", *tiny_args(data, cut, *args, "--epochs", 1)]) == 0
     assert main(["transfer", "--resume", cut, "--epochs", 2, "--no-progress"]) == 0
+    _same_last_checkpoints(full, cut, 4, ("exp_avg", "exp_avg_sq", "step"))
+
+
+def _same_last_checkpoints(full, cut, step, optimizer_keys):
+    """The two runs' last.pt: at ``step``, with bitwise equal weights and optimizer state."""
     a = torch.load(full / "last.pt", weights_only=True)
     b = torch.load(cut / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 4
+    assert a["step"] == b["step"] == step
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), f"{k} differs after resume"
     for i, s in a["optimizer"]["state"].items():
-        for key in ("exp_avg", "exp_avg_sq", "step"):
+        for key in optimizer_keys:
             assert torch.equal(s[key], b["optimizer"]["state"][i][key]), (i, key)
+    return a, b
