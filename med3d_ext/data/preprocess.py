@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._args import int_arg, is_real
 from .io import DataError, read_header, read_volume
 from .layouts import CT_NAMES, Case, Dataset, load_dataset
 from .cache import (CACHE_VERSION, ENTRIES, _check_cache_folder, _entry_complete, _migrate_v1,
@@ -401,32 +402,18 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     return pre
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-
-def _int_arg(name: str, v, lo: int = 0) -> None:
-    """TypeError for a non-integer (the README's rule: a float or None where an int is needed),
-    ValueError below ``lo``."""
-    if not _is_int(v):
-        raise TypeError(f"{name}: expected an int >= {lo}, got {v!r}")
-    if v < lo:
-        raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-
-
 def _check_preprocess_args(workers, target_spacing, seed, ct_clip) -> None:
     """preprocess()'s arguments, each named, before any case is read: a bad seed failed in
     every case job and was reported as the image files' fault, a reversed or NaN ct_clip made
     every voxel 0 or NaN, and workers="2" failed deep in the job runner."""
     if workers is not None:
-        _int_arg("workers (--workers; 0 = in this process)", workers)
-    _int_arg("seed", seed)
+        int_arg("workers (--workers; 0 = in this process): expected an int >= 0", workers, 0)
+    int_arg("seed: expected an int >= 0", seed, 0)
     if target_spacing is not None:
-        real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))  # noqa: E731
-        vals = [target_spacing] if real(target_spacing) else (
+        vals = [target_spacing] if is_real(target_spacing) else (
             list(target_spacing) if isinstance(target_spacing, (list, tuple, np.ndarray))
             else None)
-        if vals is None or not all(real(v) for v in vals):
+        if vals is None or not all(is_real(v) for v in vals):
             raise TypeError("target spacing (--spacing): expected one or 3 mm values, got "
                             f"{target_spacing!r}")
         # a zero spacing crashed every case, and a negative one collapsed an axis to 1 voxel
@@ -811,14 +798,14 @@ def to_source_space(pred, meta: dict, *, fill=0) -> np.ndarray:
                          f"(D, H, W) = {tuple(meta['shape'])}")
     box = meta["crop_box"]
     cshape = tuple(b - a for a, b in box)
-    t = torch.from_numpy(np.ascontiguousarray(pred))
     if is_label:
-        t = resize(t[None, None].to(torch.from_numpy(np.zeros(0, exact_float(pred))).dtype),
-                   cshape, "nearest-exact")[0, 0].numpy().astype(pred.dtype)
+        t = torch.from_numpy(np.ascontiguousarray(pred.astype(exact_float(pred))))
+        t = resize(t[None, None], cshape, "nearest-exact")[0, 0].numpy().astype(pred.dtype)
         full = np.full(meta["ras_shape"], fill, dtype=pred.dtype)
         full[tuple(slice(a, b) for a, b in box)] = t
     else:
-        t = resize(t[None].float(), cshape, "trilinear")[0].numpy()
+        t = resize(torch.from_numpy(np.ascontiguousarray(pred))[None].float(), cshape,
+                   "trilinear")[0].numpy()
         full = np.full([t.shape[0], *meta["ras_shape"]], fill, dtype=np.float32)
         full[(slice(None),) + tuple(slice(a, b) for a, b in box)] = t
     return ras_to_source(full, np.asarray(meta["ornt"]))

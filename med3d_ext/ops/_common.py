@@ -64,7 +64,7 @@ def check_real(op: str, name: str, v) -> None:
     """A TypeError naming a number argument that is not a real number (a bool, None, a string:
     "0.1" as momentum failed inside torch._foreach_lerp_, None as a loss weight in float()).
     Symbolic numbers of torch.compile pass."""
-    if type(v) is float or isinstance(v, (torch.SymFloat, torch.SymInt)) or is_real(v):
+    if is_real(v) or isinstance(v, (torch.SymFloat, torch.SymInt)):
         return  # (0-d real tensors and numpy numbers too: they worked before this check)
     raise TypeError(f"med3d_ext.{op}: argument '{name}' must be a real number, got {v!r}")
 

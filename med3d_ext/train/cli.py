@@ -243,8 +243,8 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
     """Run ``pretrain`` or ``transfer`` with a resolved configuration; returns the summary."""
     from .distributed import barrier, cleanup, run_on_main
     from .loops import run_training
-    from .tasks import (check_cache_outside_data, check_output_outside_data, pretrain_job,
-                        resolve_data_dirs, transfer_cls_job, transfer_seg_job)
+    from .tasks import (check_cache_outside_data, check_output_outside_data, dataset_folders,
+                        pretrain_job, resolve_data_dirs, transfer_cls_job, transfer_seg_job)
 
     cfg = dict(cfg)
     ctx, fused, channels_last = _setup(cfg, command)
@@ -252,9 +252,10 @@ def train_command(command: str, cfg: dict, log=print) -> dict:
     try:
         _check_memory_saving(cfg, fused, ctx.world_size)
         dirs = resolve_data_dirs(cfg.get("data"), command)
-        check_output_outside_data(cfg.get("out"), dirs, "--out", "checkpoints and logs")
+        folders = dataset_folders(dirs) if cfg.get("out") or cfg.get("cache") else {}
+        check_output_outside_data(cfg.get("out"), folders, "--out", "checkpoints and logs")
         # a resumed run keeps the cache it was saved with (older versions accepted any)
-        check_cache_outside_data(cfg.get("cache"), dirs, refuse=not cfg.get("resume"))
+        check_cache_outside_data(cfg.get("cache"), folders, refuse=not cfg.get("resume"))
         cfg = _absolute_paths(cfg)
         out_before = Path(cfg.get("out") or "").exists() if cfg.get("out") else False
         run = _run_dir(cfg, command, ctx)

@@ -160,7 +160,7 @@ def _run_demo(out, device, quick, seed, log, progress, threads=None) -> dict:
             out=str(run / f"predictions-{folder.split('-')[1]}"), split="val",
             # the final weights: best.pt was chosen on these same held-out cases
             checkpoint="last", cache=common["cache"], progress=common["progress"],
-            **({"threads": int(threads)} if threads else {}))), log=lambda *a: None)
+            threads=common.get("threads", 0))), log=lambda *a: None)
         rows.append({"method": name, "dice": ev["dice"], "hd95": ev["hd95"],
                      "target_step": tr["target_step"], "steps": tr["steps"],
                      "time_s": tr["time_s"], "run": str(run / folder)})

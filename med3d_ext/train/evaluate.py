@@ -80,10 +80,12 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
                               "--checkpoint best|last, or the one file")
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
-    from .tasks import check_cache_outside_data, check_output_outside_data, resolve_data_dirs
+    from .tasks import (check_cache_outside_data, check_output_outside_data, dataset_folders,
+                        resolve_data_dirs)
 
     data_dir = resolve_data_dirs(cfg["data"], "evaluate")[0]
-    check_output_outside_data(cfg.get("out"), [data_dir], "--out", "predictions (<case>.nii.gz)")
+    folders = dataset_folders([data_dir])  # (evaluate always writes: --out is required)
+    check_output_outside_data(cfg.get("out"), folders, "--out", "predictions (<case>.nii.gz)")
     ckpt_path = Path(which) if named else find_checkpoint(cfg["run"], which)
     if not cfg.get("run"):
         cfg = dict(cfg, run=str(ckpt_path))
@@ -99,7 +101,7 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
         if key not in explicit and run_cfg.get(key) is not None:
             cfg[key] = run_cfg[key]
     # after the run's own cache is merged in: given now, refused; the run's, said
-    check_cache_outside_data(cfg.get("cache"), [data_dir], refuse="cache" in explicit)
+    check_cache_outside_data(cfg.get("cache"), folders, refuse="cache" in explicit)
     out = Path(cfg["out"])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; predictions need a folder")

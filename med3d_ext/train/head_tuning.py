@@ -18,6 +18,7 @@ random number generator are left alone (the inputs are constant, not random).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 
@@ -34,8 +35,8 @@ def head_batch_sizes(batch_size: int, n_heads: int, tail: float = 1e-3) -> list[
     p = 1.0 / n_heads
     pmf = [math.comb(batch_size, n) * p ** n * (1.0 - p) ** (batch_size - n)
            for n in range(batch_size + 1)]
-    below = [sum(pmf[:n + 1]) for n in range(batch_size + 1)]  # P(n_h <= n)
-    above = [sum(pmf[n:]) for n in range(batch_size + 1)]  # P(n_h >= n)
+    below = list(itertools.accumulate(pmf))  # P(n_h <= n)
+    above = list(itertools.accumulate(reversed(pmf)))[::-1]  # P(n_h >= n)
     return [n for n in range(1, batch_size + 1) if below[n] >= tail and above[n] >= tail]
 
 

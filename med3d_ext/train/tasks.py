@@ -27,7 +27,7 @@ from .metrics import batch_dice, dice_per_class, nanmean
 __all__ = ["DataFolderError", "resolve_data_dirs", "open_preprocessed", "split_cases",
            "subset", "head_name", "pretrain_job", "transfer_seg_job", "transfer_cls_job",
            "read_cls_csv", "cls_case_names", "load_cls_volume", "check_classes", "input_channel",
-           "check_output_outside_data", "check_cache_outside_data"]
+           "check_output_outside_data", "check_cache_outside_data", "dataset_folders"]
 
 
 class DataFolderError(FileNotFoundError):
@@ -103,15 +103,23 @@ def source_folders(data_dir) -> set:
     return folders
 
 
+def dataset_folders(data_dirs) -> dict:
+    """``{dataset dir: source_folders(dir)}``, for the output checks below: computed once by
+    a caller that checks several outputs (each call reads every dataset's layout), or given
+    as it is when it already is such a dict."""
+    return data_dirs if isinstance(data_dirs, dict) else {d: source_folders(d) for d in data_dirs}
+
+
 def check_output_outside_data(out, data_dirs, option: str, writes: str) -> None:
     """Refuse an output folder that is one of the datasets' own folders: ``writes`` (what
     goes there) could overwrite their images or labels (evaluate's ``<case>.nii.gz`` has the
-    name of an MSD label file), and a later run would read the outputs as data."""
+    name of an MSD label file), and a later run would read the outputs as data. ``data_dirs``:
+    the dataset dirs, or their :func:`dataset_folders`."""
     if not out:
         return
     o = {Path(os.path.abspath(out)), Path(out).resolve()}
-    for d in data_dirs:
-        if o & source_folders(d):
+    for d, folders in dataset_folders(data_dirs).items():
+        if o & folders:
             raise ConfigError(
                 f"{option} {str(out)!r} is a folder of the dataset {str(d)!r} (it holds the "
                 f"dataset's own images, labels or dataset.json); {writes} there could overwrite "
@@ -126,6 +134,7 @@ def check_cache_outside_data(cache, data_dirs, refuse: bool = True) -> None:
     an evaluated run was saved with, accepted by older versions): a warning instead."""
     if not cache:
         return
+    data_dirs = dataset_folders(data_dirs)
     try:
         check_output_outside_data(cache, data_dirs, "--cache", "preprocessing caches")
         c = {Path(os.path.abspath(cache)), Path(cache).resolve()}
