@@ -5,7 +5,10 @@ cross-entropy on the 1/4-size logits. Four versions per depth: plain eager, plai
 torch.compile (of forward + backward, the optimiser step stays eager), med3d_ext fused
 (``med3d_ext.nn.fuse_modules``) and fused + compile; plus ResNet-50 in fp32 eager. Time and
 peak memory per version. On a GPU also eager and fused with forward + backward captured as one
-CUDA graph (no host work per op), which shows how much of a step is the host's. The plain model is ``med3d_ext.models.resnet3d(depth)``.
+CUDA graph (no host work per op), which shows how much of a step is the host's, and the fused
+model under torch.compile's reduce-overhead mode (the same graphs reached the way the CLI's
+``--compile --compile-mode reduce-overhead`` does; with --with-compile). The plain model is
+``med3d_ext.models.resnet3d(depth)``.
 
 CPU: fp32, batch 2 x 1 x 24 x 48 x 48; --quick: ResNet-10 only, at 2 x 1 x 16 x 32 x 32.
 
@@ -79,8 +82,13 @@ class Step:
         self.x = torch.randn(shape, generator=g).to(dev).to(memory_format=self.mf)
         self.y = torch.randint(0, 2, (shape[0],) + tuple(s // 4 for s in shape[2:]), generator=g).to(dev)
 
-    def make(self, model, compiled, graphed=False):
+    def make(self, model, compiled, graphed=False, mode=None):
+        """(step, check). ``mode``: torch.compile's mode; "reduce-overhead" replays the compiled
+        forward and backward as CUDA graphs (what the CLI's --compile-mode reduce-overhead
+        does), each step marked as a new iteration."""
         dev = self.ctx.device
+        if mode == "reduce-overhead" and dev != "cuda":
+            raise Unavailable("compile mode reduce-overhead replays CUDA graphs: CUDA only")
         m = model.to(dev).to(memory_format=self.mf).train()
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
         x, y = self.x, self.y
@@ -91,21 +99,27 @@ class Step:
             loss.backward()
             return loss.detach()
 
-        f = torch.compile(fwd_bwd) if compiled else fwd_bwd
+        f = torch.compile(fwd_bwd, mode=mode) if compiled else fwd_bwd
         if graphed:
             if dev != "cuda":
                 raise Unavailable("CUDA graphs need a CUDA device")
             return _graphed(m, opt, f)
+        graph_steps = mode == "reduce-overhead"
 
         def step():
+            if graph_steps:  # the last replay's outputs may be overwritten from here on
+                torch.compiler.cudagraph_mark_step_begin()
             opt.zero_grad(set_to_none=True)
             f()
             opt.step()
 
         def check():  # one fwd+bwd without the optimiser step: loss and stem weight grad
+            if graph_steps:
+                torch.compiler.cudagraph_mark_step_begin()
             opt.zero_grad(set_to_none=True)
             loss = f()
-            return loss.float(), m.conv1.weight.grad.float().clone()
+            # copies: a replayed graph's outputs are overwritten by the next replay
+            return loss.float().clone(), m.conv1.weight.grad.float().clone()
         return step, check
 
     def precise(self, model):
@@ -174,6 +188,12 @@ def run(ctx):
                     case.add("med3d_ext fused + compile", lambda: st.make(fused_copy(model, source), True), note=fnote)
                 else:
                     case.add("med3d_ext fused + compile", lambda n=no_compile: _skip(n), note=fnote)
+                if ctx.gpu and ctx.with_compile:  # the CLI's --compile --compile-mode
+                    # reduce-overhead: the hand-captured row's graphs, reached through
+                    # torch.compile (--with-compile only: one more compile of the model)
+                    case.add("med3d_ext fused + compile reduce-overhead",
+                             (lambda: st.make(fused_copy(model, source), True, mode="reduce-overhead"))
+                             if compile_ok else (lambda n=no_compile: _skip(n)), note=fnote)
             case.run()
             del st
         del model

@@ -37,7 +37,7 @@
 #               "--pretrain-steps 1000 --transfer-steps 300") into $OUT/bench/convergence_study,
 #               written after every seed (a timeout keeps the finished seeds, marked partial);
 #     compile (only when ORDER names it): train_step --with-compile (the plain and fused models
-#               under torch.compile beside eager; ResNet-50 only unless COMPILE_DEPTHS="10 50")
+#               under torch.compile beside eager, the fused one also in reduce-overhead mode; ResNet-50 only unless COMPILE_DEPTHS="10 50")
 #               into $OUT/bench_compile;
 #     memory (only when ORDER names it): python -m benchmarks.memory_peak (the ResNet-50 step's
 #               peak GPU memory, eager / fused / memory-saving, by where it was allocated) into
@@ -471,7 +471,7 @@ stage_study() {  # the full-size convergence study (GPU sizes, 3 seeds; a few mi
 stage_compile() {  # train_step with the torch.compile rows (ResNet-50 compiles take minutes)
     # shellcheck disable=SC2086
     MED3D_BENCH_TRAIN_DEPTHS="${COMPILE_DEPTHS:-50}" \
-        bench compile "${COMPILE_TIMEOUT:-330}" 150 --out "$OUT/bench_compile" --with-compile \
+        bench compile "${COMPILE_TIMEOUT:-420}" 150 --out "$OUT/bench_compile" --with-compile \
         ${BENCH_ARGS:-} train_step
 }
 stage_ncu() {  # Nsight Compute: occupancy, throughput and stalls of the target kernels

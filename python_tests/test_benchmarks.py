@@ -803,3 +803,17 @@ def test_results_name_the_measured_sources(monkeypatch):
     env = collect_env("cpu")
     assert env["git_commit"] == "abc1234" and env["source_hash"] == want
     assert set(env["tf32"]) == {"cudnn_conv", "cuda_matmul"}
+
+
+def test_reduce_overhead_rows_are_cuda_only_and_keep_no_peak_memory():
+    # compile's reduce-overhead mode replays CUDA graphs: on the CPU the row is unavailable (not
+    # a plain compile timed under another name), and on a GPU its memory, like the
+    # hand-captured graphs', is a private pool outside the timed window
+    ctx = common.Context("cpu", quick=True, with_compile=False)
+    st = bm_train_step.Step(ctx, bm_train_step.CPU_SHAPES[True], False, False)
+    model, _ = bm_train_step.base_model(10)
+    with pytest.raises(common.Unavailable, match="CUDA only"):
+        st.make(model, True, mode="reduce-overhead")
+    assert common.replays_graphs("med3d_ext fused + compile reduce-overhead")
+    assert common.replays_graphs("eager + CUDA graph")
+    assert not common.replays_graphs("med3d_ext fused + compile")
