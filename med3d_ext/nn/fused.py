@@ -50,17 +50,30 @@ def _plain_bn(bn) -> bool:
     return _bn_class_ok(type(bn)) and not _hooked(bn)
 
 
-# (per class, once: these run in every fused layer's forward)
-@functools.lru_cache(maxsize=None)
-def _conv_class_ok(cls: type) -> bool:
+def _conv_class_check(cls: type) -> bool:
     base = _plain_base(cls)
     return (issubclass(cls, nn.Conv3d) and base.forward is nn.Conv3d.forward
             and base._conv_forward is nn.Conv3d._conv_forward)
 
 
-@functools.lru_cache(maxsize=None)
-def _bn_class_ok(cls: type) -> bool:
+def _bn_class_check(cls: type) -> bool:
     return issubclass(cls, nn.BatchNorm3d) and _plain_base(cls).forward is nn.BatchNorm3d.forward
+
+
+# Eager forwards ask once per class (these run in every fused layer's forward). Under
+# torch.compile the plain check is traced instead: it runs once per compiled graph anyway, and
+# Dynamo warns about every lru_cache-wrapped call it traces (the CLI's --compile printed one
+# "silent incorrectness is a potential risk" warning per function).
+_conv_class_cached = functools.lru_cache(maxsize=None)(_conv_class_check)
+_bn_class_cached = functools.lru_cache(maxsize=None)(_bn_class_check)
+
+
+def _conv_class_ok(cls: type) -> bool:
+    return (_conv_class_check if torch.compiler.is_compiling() else _conv_class_cached)(cls)
+
+
+def _bn_class_ok(cls: type) -> bool:
+    return (_bn_class_check if torch.compiler.is_compiling() else _bn_class_cached)(cls)
 
 
 def _fusible(conv, bn) -> bool:

@@ -22,6 +22,10 @@ def compiled(name: str):
     resolves the overload on every call, host time that a fused ResNet pays ~50 times a step."""
     if not _extension.available():
         return None
+    if torch.compiler.is_compiling():
+        # traced, the memo is no help (the graph holds the op) and a harm: Dynamo guards on
+        # the dict's contents, so the first compiled step, which fills it, was compiled twice
+        return getattr(torch.ops.med3d_ext, name).default
     op = _OPS.get(name)
     if op is None:
         op = _OPS[name] = getattr(torch.ops.med3d_ext, name).default

@@ -58,10 +58,11 @@ class _Batch:
 
 
 def _active() -> _Batch | None:
-    batch = getattr(_STATE, "batch", None)
-    if batch is None or torch.compiler.is_compiling():
+    # is_compiling first: a traced read of the thread-local made Dynamo guard on it, and the
+    # first compiled step (before which no batch had ever been opened) was compiled twice
+    if torch.compiler.is_compiling():
         return None
-    return batch
+    return getattr(_STATE, "batch", None)
 
 
 def open_batch() -> None:

@@ -161,6 +161,25 @@ def build_scheduler(opt, cfg, total: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+def compile_for_training(net, model, mode: str = "default"):
+    """--compile: torch.compile of the training forward (``net``: ``model``, or its DDP wrap).
+
+    A model that routes each batch to per-dataset heads (Med3DNet: pretraining) has only its
+    shared encoder compiled, in place (``nn.Module.compile``: state-dict keys unchanged): the
+    routing reads the batch's dataset ids on the host, so a compiled Med3DNet forward broke its
+    graph there and recompiled for every new mix of datasets in a batch, until Dynamo's
+    recompile limit sent it back to eager (seen on the CPU: 8 recompiles in 12 steps). The
+    encoder always sees the whole batch, one shape; the heads, small and fed a different share
+    of the batch each step, stay eager. Returns the module to call."""
+    from med3d_ext.models import Med3DNet
+
+    kw = {"mode": None if mode == "default" else mode}
+    if isinstance(model, Med3DNet):
+        model.encoder.compile(**kw)
+        return net
+    return torch.compile(net, **kw)
+
+
 def _set_frozen(model, frozen: bool) -> None:
     from med3d_ext.models import freeze_encoder, unfreeze_encoder
 
@@ -348,7 +367,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
     graphed = False  # compiled with CUDA graphs: each step must be marked (below)
     if cfg.get("compile"):
         mode = cfg.get("compile_mode", "default")
-        net = torch.compile(net, mode=None if mode == "default" else mode)
+        net = compile_for_training(net, model, mode)
         graphed = mode in ("reduce-overhead", "max-autotune") and dev.type == "cuda"
     if on_start is not None:
         on_start()

@@ -264,6 +264,37 @@ def test_fused_resnet_compiles(device):
     assert torch.equal(model.bn1.num_batches_tracked, ref_model.bn1.num_batches_tracked)
 
 
+@requires_ext
+def test_compiled_fused_model_is_compiled_once():
+    # the first compiled step was compiled twice: Dynamo guarded on the op memo
+    # (ops/_common.py) and on the running-statistics thread-local (ops/_running_stats.py), and
+    # that step filled both. A fresh thread (its thread-local empty) and an empty memo replay a
+    # fresh process.
+    import threading
+
+    from med3d_ext.ops import _common
+
+    torch._dynamo.reset()
+    _common._OPS.clear()
+    model = fuse_modules(resnet(10, "B"))
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(2, 1, 16, 16, 16)
+    errors = []
+
+    def steps():
+        try:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for _ in range(3):
+                    _train_step(compiled, x)
+        except Exception as e:  # raised in the thread: reported below
+            errors.append(e)
+    t = threading.Thread(target=steps)
+    t.start()
+    t.join()
+    torch._dynamo.reset()
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast_fused_resnet(device):
     dtype = torch.bfloat16
