@@ -9,6 +9,8 @@ numbers are the loop's own: samples/s and voxels/s over the logged windows after
 (the first holds cuDNN autotuning and worker start-up) that start after the batches the loader
 workers prefetched, and the data-wait fraction (time blocked on the next batch over step time). On a GPU the batch is the perf-baselines training shape,
 8 x 64 x 128 x 128 voxels. Writes ``throughput.json`` and ``throughput.md`` into ``--out``.
+``--compile-arms`` adds the fused model under ``--compile`` (and, on a GPU, with
+``--compile-mode reduce-overhead``), each against the fused arm.
 """
 
 from __future__ import annotations
@@ -83,11 +85,26 @@ def _arm_name(name: str, grid: str, first: str) -> str:
     return name if grid == first else f"{name} [--label-grid {grid}]"
 
 
+# --compile-arms: the fused model under --compile (the shared encoder compiled, the heads
+# eager), and on a GPU with --compile-mode reduce-overhead (the encoder's forward and backward
+# replayed as CUDA graphs: what the CLI's step costs once the encoder's per-op host work is gone)
+COMPILE_ARMS = (("med3d_ext fused + compile", {"compile": True}, False),
+                ("med3d_ext fused + compile reduce-overhead",
+                 {"compile": True, "compile_mode": "reduce-overhead"}, True))
+
+
+def _arm_key(name: str) -> str:
+    """A folder name for an arm (its run folder and profile)."""
+    return "".join(c if c.isalnum() else "-" for c in name.split(" [")[0]).strip("-")
+
+
 def run(device="auto", quick=False, steps=None, out=None, log=print, profile=False,
-        label_grids=None) -> dict:
+        label_grids=None, compile_arms=False) -> dict:
     """label_grids: where the loss is computed, one pair of arms each; default on a GPU both
     the demo's ``patch`` (logits upsampled to the patch) and the CLI default ``logits`` (labels
-    on the 1/4 logit grid), on the CPU ``patch`` only."""
+    on the 1/4 logit grid), on the CPU ``patch`` only. compile_arms: also the fused model
+    under --compile (COMPILE_ARMS; the reduce-overhead one on a GPU only), with the first
+    label grid."""
     from med3d_ext.train import config as C
     from med3d_ext.train.cli import run_pretrain
     from med3d_ext.train.demo import demo_data, demo_recipe
@@ -101,17 +118,24 @@ def run(device="auto", quick=False, steps=None, out=None, log=print, profile=Fal
     result = {"device": str(dev), "sizes": sz, "arms": {}, "label_grids": grids}
     measured = sz["steps"]
     extra = PROFILE_STEPS if profile else 0
+    arms = [(g, base, fused, {}) for g in grids for base, fused in ARMS]
+    if compile_arms:
+        arms += [(grids[0], name, True, over) for name, over, gpu_only in COMPILE_ARMS
+                 if dev.type == "cuda" or not gpu_only]
+    result["compile_arms"] = [a[1] for a in arms[len(grids) * len(ARMS):]]
     with tempfile.TemporaryDirectory(prefix="m3d-throughput-") as tmp:
-        for grid, (base, fused) in ((g, a) for g in grids for a in ARMS):
+        for grid, base, fused, over in arms:
             name = _arm_name(base, grid, grids[0])
-            key = base.split()[0] + ("" if grid == grids[0] else f"-{grid}")
+            # the first word of a main arm (as the committed results name their profiles)
+            key = (_arm_key(base) if over else base.split()[0]) + (
+                "" if grid == grids[0] else f"-{grid}")
             cfg = C.resolve("pretrain", dict(
                 demo_recipe(dev, sz, d["root"] / "cache"),  # the demo's training options
                 label_grid=grid,
                 data=[str(d["pretrain"])], out=str(Path(tmp) / key), seed=0,
                 depth=10, epochs=1, steps=measured + extra, fused=fused, lr=1e-3,
                 log_every=_log_every(measured), val_cases=1, export=False, progress=False,
-                profile=f"{measured}:{extra}" if extra else None))
+                profile=f"{measured}:{extra}" if extra else None, **over))
             t0 = time.perf_counter()
             res = run_pretrain(cfg, log=lambda *a: None)
             # DataLoader workers hold prefetch_factor (2) batches each
@@ -135,6 +159,9 @@ def run(device="auto", quick=False, steps=None, out=None, log=print, profile=Fal
         fused, plain = (result["arms"][_arm_name(n, g, grids[0])] for n, _ in ARMS)
         ratios[g] = fused["samples_s"] / plain["samples_s"]
     result["fused_vs_plain"] = ratios[grids[0]]
+    fused0 = result["arms"][_arm_name(ARMS[0][0], grids[0], grids[0])]
+    result["compiled_vs_fused"] = {n: result["arms"][n]["samples_s"] / fused0["samples_s"]
+                                   for n in result["compile_arms"]}
     result["fused_vs_plain_by_label_grid"] = ratios
     result["total_s"] = time.perf_counter() - t_all
     try:
@@ -172,6 +199,9 @@ def markdown(r: dict) -> str:
               f"--label-grid {grids[0]})."]
     lines += [f"fused / plain samples/s with --label-grid {g}: {by_grid[g]:.2f}x." for g in grids[1:]
               if g in by_grid]
+    lines += [f"{n} / med3d_ext fused samples/s: {v:.2f}x (--label-grid {grids[0]}; the "
+              "compile time is outside the measured windows, in the first)."
+              for n, v in (r.get("compiled_vs_fused") or {}).items()]
     lines.append("")
     profiled = [(n, a["profile"]) for n, a in r["arms"].items() if a.get("profile")]
     if profiled:
@@ -218,6 +248,9 @@ def main(argv=None) -> int:
                    help=f"also profile {PROFILE_STEPS} steps of each arm after the measured ones "
                         "(the training CLI's --profile): kernel time, launches and the costliest "
                         "ops per step, into OUT/profile/ and the table")
+    p.add_argument("--compile-arms", action="store_true",
+                   help="also the fused model under --compile (its encoder), and on a GPU with "
+                        "--compile-mode reduce-overhead, with the first label grid")
     a = p.parse_args(argv)
     if a.steps is not None and a.steps < 2:
         p.error(f"--steps: need at least 2, got {a.steps}")
@@ -227,7 +260,8 @@ def main(argv=None) -> int:
         bad = [g for g in grids if g not in ("patch", "logits")]
         if bad or not grids:
             p.error(f"--label-grids: expected patch and/or logits, got {a.label_grids!r}")
-    r = run(a.device, a.quick, a.steps, a.out, profile=a.profile, label_grids=grids)
+    r = run(a.device, a.quick, a.steps, a.out, profile=a.profile, label_grids=grids,
+            compile_arms=a.compile_arms)
     print(markdown(r))
     return 0
 

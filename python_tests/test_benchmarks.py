@@ -817,3 +817,23 @@ def test_reduce_overhead_rows_are_cuda_only_and_keep_no_peak_memory():
     assert common.replays_graphs("med3d_ext fused + compile reduce-overhead")
     assert common.replays_graphs("eager + CUDA graph")
     assert not common.replays_graphs("med3d_ext fused + compile")
+
+
+@pytest.mark.slow
+def test_train_throughput_compile_arm_quick_cpu(tmp_path, monkeypatch):
+    """--compile-arms: the fused model under the CLI's --compile beside the fused arm (on the
+    CPU without the reduce-overhead arm, which replays CUDA graphs)."""
+    from benchmarks import train_throughput
+
+    monkeypatch.setenv("MED3D_EXT_CACHE", str(tmp_path / "cache"))
+    assert train_throughput.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "t"),
+                                  "--compile-arms"]) == 0
+    r = json.loads((tmp_path / "t" / "throughput.json").read_text())
+    assert r["compile_arms"] == ["med3d_ext fused + compile"]
+    arm = r["arms"]["med3d_ext fused + compile"]
+    assert arm["samples_s"] > 0 and arm["steps"] == 6
+    fused = r["arms"]["med3d_ext fused"]["samples_s"]
+    assert r["compiled_vs_fused"]["med3d_ext fused + compile"] == pytest.approx(arm["samples_s"] / fused)
+    md = (tmp_path / "t" / "throughput.md").read_text()
+    assert "| med3d_ext fused + compile |" in md
+    assert "med3d_ext fused + compile / med3d_ext fused samples/s" in md
