@@ -119,6 +119,8 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
         cfg["resume"] = str(given) if given.is_file() else str(run)
     if cmd in ("pretrain", "transfer"):
         C.check_training(cfg)
+    elif cmd == "evaluate":
+        C.check_evaluate(cfg, explicit)
     return cfg
 
 

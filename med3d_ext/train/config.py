@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = ["ConfigError", "Option", "OPTIONS", "keys_for", "defaults", "add_options",
-           "resolve", "save_config", "load_config", "patch_size", "check_training"]
+           "resolve", "save_config", "load_config", "patch_size", "check_training",
+           "check_evaluate"]
 
 
 class ConfigError(ValueError):
@@ -26,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Option:
     default: Any
-    kind: str  # int, float, str, bool, list, patch, auto_bool / auto_int (None = auto)
+    kind: str  # int, float, str, bool, list, patch, axes, auto_bool / auto_int (None = auto)
     help: str
     commands: tuple = ("pretrain", "transfer", "evaluate")
     flag: bool = True  # also a command-line option (--key-name)
@@ -111,7 +113,8 @@ OPTIONS: dict[str, Option] = {
                             "backward instead of keeping them (a bf16 ResNet-50 step at "
                             "8 x 64 x 128 x 128: peak 2.40 GiB instead of 2.92; costs some "
                             "extra work in backward)", _T),
-    "compile": Option(False, "bool", "torch.compile the model", _ALL),
+    "compile": Option(False, "bool", "torch.compile the model (pretrain: its shared encoder; "
+                      "the per-dataset heads stay eager)", _ALL),
     "compile_mode": Option("default", "str", "torch.compile mode with --compile: default | "
                            "reduce-overhead (CUDA graphs: replays each step's kernels without "
                            "the host's per-op work; patches have fixed shapes) | max-autotune | "
@@ -134,7 +137,16 @@ OPTIONS: dict[str, Option] = {
     "sync_bn": Option(False, "bool", "SyncBatchNorm under torchrun", _T),
     # -- evaluation
     "overlap": Option(0.5, "float", "sliding-window overlap (0..1)", _ALL),
-    "sw_batch_size": Option(2, "int", "windows per forward in sliding-window inference", _ALL),
+    "sw_batch_size": Option(2, "int", "windows per forward in sliding-window inference (with "
+                            "--tta: window copies, flips included, so a forward's memory stays "
+                            "the same; raise it on a GPU that has room)", _ALL),
+    "tta": Option(False, "bool", "mirroring test-time augmentation (nnU-Net's default at "
+                  "inference): each window is also predicted flipped along every combination of "
+                  "--tta-axes and the probabilities averaged; 2^k times the inference work for "
+                  "k axes (8x with three)", ("evaluate",)),
+    "tta_axes": Option((0, 1, 2), "axes", "axes mirrored by --tta, of the preprocessed (RAS) "
+                       "volume: 0 = left-right, 1 = posterior-anterior, 2 = inferior-superior; "
+                       "e.g. --tta-axes 0 1 (default: 0 1 2)", ("evaluate",)),
     "val_cases": Option(0, "int", "max validation cases per dataset (0 = all held out)", _T),
     # -- logging / checkpoints
     "log_every": Option(10, "int", "steps between metrics.jsonl lines", _T),
@@ -180,6 +192,9 @@ VALID: dict[str, tuple] = {
     "threads": (lambda v: v >= 0, ">= 0 (0 = torch's default)"),
     "overlap": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "sw_batch_size": (lambda v: v >= 1, ">= 1"),
+    "tta_axes": (lambda v: 1 <= len(v) == len(set(v)) and all(0 <= a <= 2 for a in v),
+                 "1 to 3 distinct axes among 0, 1, 2 (e.g. 0,1,2 or [0, 2]; no mirroring is "
+                 "--no-tta, tta: false)"),
     "val_cases": (lambda v: v >= 0, ">= 0 (0 = all)"),
     "log_every": (lambda v: v >= 1, ">= 1"),
     "ckpt_every": (lambda v: v >= 0, ">= 0 (0 = each epoch)"),
@@ -276,12 +291,23 @@ def _coerce_kind(key: str, value):
             if len(p) != 3 or min(p) < 8 or any(v % 8 for v in p):
                 raise ValueError
             return p
+        if kind == "axes":  # ints: 0 2, "0,2", [0, 2] (ranges are VALID's)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            out = []
+            for v in items:
+                if isinstance(v, str):
+                    out += [int(a) for a in v.replace(",", " ").split()]
+                elif isinstance(v, bool):  # True is 1: a flag's value, never an axis
+                    raise ValueError
+                else:
+                    out.append(operator.index(v))
+            return sorted(out)
     except ConfigError:
         raise
     except (TypeError, ValueError):
         pass
     want = {"patch": "an int or 3 ints, multiples of 8 (>= 8)", "list": "a path or a list",
-            "auto_int": "an int or auto"}
+            "auto_int": "an int or auto", "axes": "axes among 0, 1, 2 (e.g. 0,1,2 or [0, 2])"}
     raise ConfigError(f"{key}: expected {want.get(kind, kind)}, got {value!r}")
 
 
@@ -347,7 +373,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         if o.kind in ("bool", "auto_bool"):
             parser.add_argument(name, dest=key, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=h)
-        elif o.kind in ("list", "patch"):
+        elif o.kind in ("list", "patch", "axes"):
             parser.add_argument(name, dest=key, nargs="+", default=argparse.SUPPRESS, help=h)
         else:
             parser.add_argument(name, dest=key, default=argparse.SUPPRESS, help=h)
@@ -447,6 +473,16 @@ def check_training(cfg: dict) -> None:
         import warnings
 
         warnings.warn(f"--compile-mode {mode} has no effect without --compile", stacklevel=2)
+
+
+def check_evaluate(cfg: dict, explicit=()) -> None:
+    """Checks across options of ``evaluate``: axes given without --tta do nothing (said, as
+    --compile-mode without --compile is: whoever gave them meant a mirrored evaluation)."""
+    if "tta_axes" in explicit and not cfg.get("tta"):
+        import warnings
+
+        warnings.warn(f"--tta-axes {' '.join(map(str, cfg['tta_axes']))} has no effect without "
+                      "--tta", stacklevel=2)
 
 
 def save_config(cfg: dict, path) -> Path:

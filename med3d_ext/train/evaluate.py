@@ -5,11 +5,15 @@ weighted sliding windows (logits upsampled trilinearly to the window before soft
 probabilities mapped back to the source file's grid (undoing resampling, crop and RAS
 reorientation) and arg-maxed there; the prediction is written as ``<case>.nii.gz`` with the
 source image's affine, and compared with the source label: Dice per class and HD95 in mm.
+``--tta`` averages each window's probabilities over its mirrored copies (``--tta-axes``; see
+``inference.py``); ``metrics.json`` records ``tta`` and ``tta_axes``.
 Cases without a label (``--split test``: the dataset's ``imagesTs/``; unlabelled training
 entries) are predicted, and their metrics are skipped and marked so (``"labelled": false``).
 Test images are preprocessed with the run's recorded training recipe (target spacing, CT clip
 range; see ``PreprocessedDataset.recipe``), never with statistics of the test images.
-Classification runs write ``predictions.csv`` and report accuracy.
+Classification runs write ``predictions.csv`` (with every class's probability) and report
+accuracy, balanced accuracy, the confusion matrix, per-class sensitivity / specificity /
+precision and ROC AUC (``metrics.classification_metrics``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from .checkpoint import CheckpointError, atomic_write, find_checkpoint, load_che
 from .config import ConfigError, load_config
 from .inference import sliding_window_probs
 from .loops import autocast_dtype
-from .metrics import dice_per_class, hd95, nanmean
+from .metrics import classification_metrics, dice_per_class, hd95, nanmean
 
-__all__ = ["evaluate", "format_table"]
+__all__ = ["evaluate", "format_table", "format_cls_table"]
 
 
 def _load_model(ckpt, dev, fused):
@@ -257,19 +261,24 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         log(f"{len(names)} test image(s) of {str(data_dir)!r}, preprocessed with the run's "
             f"training recipe (spacing {[round(v, 3) for v in rec['target_spacing']]} mm, "
             f"CT clip {clip})")
+    mirror = _tta_axes(cfg)
+    tta_note = f", TTA x{2 ** len(mirror)}" if mirror else ""  # the bar counts every flip
+    if mirror:
+        log(f"mirroring TTA: each window predicted {2 ** len(mirror)} times (flipped along axes "
+            f"{list(mirror)}) and the probabilities averaged")
     rows = []
     bar, tick = _window_bar(cfg)
     for i, case in enumerate(pre.names):
         if case not in names:
             continue
-        bar.set_description(f"evaluate {case} ({len(rows) + 1}/{len(names)})")
+        bar.set_description(f"evaluate {case} ({len(rows) + 1}/{len(names)}{tta_note})")
         x, _, meta = pre.load_case(i, ch)
         try:
             with torch.no_grad(), ctx():
                 probs = sliding_window_probs(
                     torch.from_numpy(x)[None].to(dev), predictor, window,
                     overlap=cfg["overlap"], sw_batch_size=cfg["sw_batch_size"],
-                    pad_value=pre.background_value(i, ch), progress=tick)
+                    pad_value=pre.background_value(i, ch), progress=tick, mirror_axes=mirror)
         except torch.OutOfMemoryError as e:
             from .loops import TrainingError
 
@@ -311,6 +320,8 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         raise ConfigError(f"--split {split}: no case of {str(data_dir)!r} to evaluate")
     n_lab = sum(r["labelled"] for r in rows)
     summary = {"run": str(cfg["run"]), "data": str(data_dir), "split": split, "head": head,
+               # how the predictions were made: mirrored test-time augmentation, and its axes
+               "tta": bool(mirror), "tta_axes": list(mirror),
                "num_classes": int(n_cls), "scored_classes": scored, "labelled_cases": n_lab,
                "unlabelled_cases": len(rows) - n_lab,
                # means over the labelled cases only; none labelled -> null
@@ -338,9 +349,18 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     return summary
 
 
+def _tta_axes(cfg) -> tuple:
+    """The axes that --tta mirrors (--tta-axes), or () without --tta; checked before any case
+    is predicted (a configuration built in Python skips the CLI's checks)."""
+    from .inference import _mirror_axes
+
+    return _mirror_axes(cfg.get("tta_axes", (0, 1, 2))) if cfg.get("tta") else ()
+
+
 def _window_bar(cfg):
     """A progress bar of the sliding windows of the case being predicted (--progress, the
-    default): a whole CT volume takes minutes on a CPU. Returns (bar, progress callback)."""
+    default): a whole CT volume takes minutes on a CPU. With --tta it counts every flip's
+    prediction of a window (sliding_window_probs' count). Returns (bar, progress callback)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=0, unit="window", leave=False, dynamic_ncols=True,
@@ -375,9 +395,17 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
     if classes and unknown:  # the classification analogue of check_classes
         raise ConfigError(f"{str(data_dir)!r}: labels.csv has classes {unknown} that the run's "
                           f"head does not predict (it was trained on {classes})")
+    # the head's outputs in order: the run's classes (a head wider than them, which no run of
+    # this version has, gets its extra outputs named by index)
+    n_out = int(ckpt["arch"].get("num_classes") or len(classes))
+    order = classes + [str(k) for k in range(len(classes), n_out)]
+    outside = sorted(set(labels) - set(order), key=int)
+    if outside:  # a label no output stands for has no row in the confusion matrix
+        raise ConfigError(f"{str(data_dir)!r}: labels.csv has classes {outside} that the run's "
+                          f"head ({n_out} outputs: classes {order}) does not predict")
     cases = cls_case_names(data_dir, paths)
     names = _split_filter(cases, ckpt, cfg["split"], "cls")
-    rows = []
+    rows, probs, preds = [], [], []
     with torch.no_grad():
         for p, case, lab in zip(paths, cases, labels):
             if case not in names:
@@ -391,15 +419,51 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
                 continue
             prob = torch.softmax(model(x).float(), 1)[0].cpu()
             k = int(prob.argmax())
-            rows.append({"case": case, "label": lab,
-                         "prediction": classes[k] if k < len(classes) else str(k),
-                         "probability": float(prob[k])})
+            rows.append({"case": case, "label": lab, "prediction": order[k],
+                         "probability": float(prob[k]),
+                         # every class's probability: what ROC curves / AUC are computed from
+                         **{f"prob_{c}": float(v) for c, v in zip(order, prob.tolist())}})
+            probs.append(prob)
+            preds.append(k)
     acc = nanmean(float(r["label"] == r["prediction"]) for r in rows)
-    _write_csv(out / "predictions.csv", ["case", "label", "prediction", "probability"], rows)
-    summary = {"run": str(cfg["run"]), "data": str(data_dir), "accuracy": acc, "cases": rows}
-    _write_text(out / "metrics.json", json.dumps(summary, indent=1))
+    fields = ["case", "label", "prediction", "probability"] + [f"prob_{c}" for c in order]
+    _write_csv(out / "predictions.csv", fields, rows)
+    y = [order.index(r["label"]) for r in rows]
+    pm = torch.stack(probs) if probs else torch.zeros(0, len(order))
+    summary = {"run": str(cfg["run"]), "data": str(data_dir), "accuracy": acc,
+               **classification_metrics(y, pm, order, preds), "cases": rows}
+    _write_text(out / "metrics.json", json.dumps(_json_clean(summary), indent=1))
+    log(format_cls_table(summary))
     log(f"accuracy {acc:.3f} on {len(rows)} cases; predictions in {out / 'predictions.csv'}")
     return summary
+
+
+def _json_clean(v):
+    """NaN -> null at any depth (json.dumps writes NaN, which is not JSON: strict readers, e.g.
+    JavaScript's or jq's, refuse the file)."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_clean(x) for x in v]
+    return v
+
+
+def format_cls_table(summary) -> str:
+    """A classification evaluation as a table: one line per class (cases, sensitivity,
+    specificity, precision, one-vs-rest AUC), then accuracy, balanced accuracy and the AUC
+    (what it averages), then why any value is undefined (nan)."""
+    lines = [" | ".join(["class", "n", "sensitivity", "specificity", "precision", "AUC"])]
+    for c in summary["confusion_matrix"]["classes"]:
+        lines.append(" | ".join([str(c), str(summary["support"][c])] + [
+            _fmt(summary[k][c], ".3f")
+            for k in ("sensitivity", "specificity", "precision", "auc_per_class")]))
+    lines.append(f"accuracy {_fmt(summary['accuracy'], '.3f')} | balanced accuracy "
+                 f"{_fmt(summary['balanced_accuracy'], '.3f')} | AUC "
+                 f"{_fmt(summary['auc'], '.3f')} ({summary['auc_averaging']})")
+    lines += summary["notes"]
+    return "\n".join(lines)
 
 
 def _fmt(v, spec):

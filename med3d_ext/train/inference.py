@@ -6,6 +6,16 @@ a Gaussian importance map (centre voxels are predicted with more context than bo
 and accumulated; the sum is divided by the accumulated weights. Window placement follows the
 usual scheme (MONAI's ``dense_patch_slices``): a stride of ``int(window * (1 - overlap))``
 and a last window flush with the volume's end, so every voxel is covered.
+
+Mirroring test-time augmentation (``mirror_axes``, nnU-Net's default at inference): each
+window is also predicted flipped along every combination of the given spatial axes, each
+prediction flipped back, and the window's probabilities are the mean over the flips, before
+the Gaussian weighting. Probabilities (not logits) are averaged because the windows are
+accumulated as probabilities here: the result stays one weighted mean of softmax outputs
+over (window, flip) predictions, as nnU-Net v1's mirroring averaged softmax outputs (nnU-Net
+v2 accumulates logits over windows, and averages logits over flips to match). Flips are taken per
+window, as nnU-Net does: every flip then sees the same window grid (the grid is not symmetric
+under a flip of the whole volume, whose last window is flush with the end).
 """
 
 from __future__ import annotations
@@ -77,12 +87,77 @@ def window_starts(n: int, w: int, overlap: float) -> list[int]:
     return out
 
 
+def _mirror_axes(v) -> tuple[int, ...]:
+    """Spatial axes to mirror, sorted: 0, 1, 2 = D, H, W (an int is one axis; None or () =
+    none), or an error naming the argument. Tensor dims (2..4) and bools (True is 1) are
+    refused rather than read as other axes."""
+    if v is None:
+        return ()
+    if hasattr(v, "tolist"):  # a tensor or numpy array
+        v = v.tolist()
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = [v]
+    try:
+        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or \
+                any(isinstance(a, bool) for a in v):
+            raise TypeError
+        axes = [operator.index(a) for a in v]
+    except TypeError:
+        raise TypeError(f"mirror_axes must be spatial axes: an int or a sequence of ints among "
+                        f"0, 1, 2 (D, H, W), got {v!r}") from None
+    if any(not 0 <= a <= 2 for a in axes):
+        raise ValueError(f"mirror_axes must be spatial axes among 0, 1, 2 (D, H, W of the "
+                         f"volume, not its tensor dims 2..4), got {axes}")
+    if len(set(axes)) != len(axes):
+        # each axis flipped twice is no flip: a duplicate is a typo, not a request
+        raise ValueError(f"mirror_axes has a duplicate axis: {axes}")
+    return tuple(sorted(axes))
+
+
+def _flip_dims(axes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Tensor dims to flip for each of the 2^k combinations of ``axes`` (spatial axis a is
+    dim a + 2 of (B, C, D, H, W)); the identity () first."""
+    return [tuple(a + 2 for i, a in enumerate(axes) if mask >> i & 1)
+            for mask in range(2 ** len(axes))]
+
+
+def _window_probs(predictor, patches, window, upsample: bool, softmax: bool) -> torch.Tensor:
+    """One forward: logits upsampled to the window, then softmax (or the logits)."""
+    logits = predictor(patches).float()
+    if upsample and tuple(logits.shape[2:]) != window:
+        logits = F.interpolate(logits, size=window, mode="trilinear", align_corners=False)
+    return torch.softmax(logits, 1) if softmax else logits
+
+
+def _mirrored_probs(predictor, patches, flips, per_call: int, on_call, **kw) -> torch.Tensor:
+    """Mean over ``flips`` of the flipped-back predictions of flipped ``patches``. The
+    flipped copies are stacked along the batch, ``per_call`` flips to a forward (fewer, larger
+    model calls than one per flip); ``on_call(n_flips)`` after each forward."""
+    if len(flips) == 1 and not flips[0]:  # no mirroring: one forward, as before (bitwise)
+        probs = _window_probs(predictor, patches, **kw)
+        on_call(1)
+        return probs
+    b = patches.shape[0]
+    total = None
+    for j in range(0, len(flips), per_call):
+        group = flips[j:j + per_call]
+        probs = _window_probs(predictor, torch.cat(
+            [patches.flip(d) if d else patches for d in group], 0), **kw)
+        for k, d in enumerate(group):
+            part = probs[k * b:(k + 1) * b]
+            part = part.flip(d) if d else part  # back to the window's own orientation
+            total = part if total is None else total + part
+        on_call(len(group))
+    return total / len(flips)
+
+
 @torch.no_grad()
 def sliding_window_probs(volume: torch.Tensor, predictor: Callable[[torch.Tensor], torch.Tensor],
                          window, *, overlap: float = 0.5, sw_batch_size: int = 2,
                          weight_map: torch.Tensor | None = None, pad_value: float = 0.0,
                          upsample: bool = True, softmax: bool = True,
-                         progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                         progress: Callable[[int, int], None] | None = None,
+                         mirror_axes=None) -> torch.Tensor:
     """Class probabilities for a whole volume.
 
     volume: (N, C, D, H, W) on the model's device; smaller than ``window`` along an axis ->
@@ -90,8 +165,18 @@ def sliding_window_probs(volume: torch.Tensor, predictor: Callable[[torch.Tensor
     predictor: (B, C, wd, wh, ww) -> logits (B, K, d, h, w); (d, h, w) is upsampled
         trilinearly to the window when it differs (``upsample``).
     window: (wd, wh, ww). weight_map: (wd, wh, ww), default ``gaussian_weight_map``.
-    progress: called as ``progress(windows_done, windows_total)`` after each forward (a whole
-        CT volume on a CPU takes minutes: callers show a bar).
+    progress: called as ``progress(done, total)`` after each forward (a whole CT volume on a
+        CPU takes minutes: callers show a bar), counting window predictions: windows x 2^k
+        with ``mirror_axes`` (k axes), so that each forward advances it by what it did.
+    mirror_axes: spatial axes (0, 1, 2 = D, H, W) for mirroring test-time augmentation; None
+        or () = none. Each window is predicted for the 2^k flip combinations of the k axes
+        (input flipped, probabilities flipped back) and the mean taken before the Gaussian
+        weighting; with ``softmax=False`` the logits are averaged likewise. Costs 2^k times
+        the model calls' work. ``sw_batch_size`` keeps bounding the window copies per forward
+        (the memory it was chosen for): the flips of a window batch are stacked along the
+        batch, sw_batch_size // 2^k windows (at least 1) x their 2^k flips per forward, and a
+        window whose flips do not fit (sw_batch_size < 2^k) has them split over
+        ceil(2^k / sw_batch_size) forwards of sw_batch_size copies.
     Returns (N, K, D, H, W) float32 probabilities (softmax) or averaged logits.
     """
     if volume.dim() != 5:
@@ -100,6 +185,7 @@ def sliding_window_probs(volume: torch.Tensor, predictor: Callable[[torch.Tensor
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) \
             or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+    flips = _flip_dims(_mirror_axes(mirror_axes))
     n = volume.shape[0]
     spatial = volume.shape[2:]
     pads = []
@@ -120,22 +206,29 @@ def sliding_window_probs(volume: torch.Tensor, predictor: Callable[[torch.Tensor
     corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
     out = None
     norm = torch.zeros((1, 1, *full), device=x.device, dtype=torch.float32)
-    for i in range(0, len(corners), sw_batch_size):
-        chunk = corners[i:i + sw_batch_size]
+    # windows per forward, and flips of them per forward: at most sw_batch_size copies
+    step = max(sw_batch_size // len(flips), 1)
+    per_call = min(len(flips), sw_batch_size)
+    done, total = 0, len(corners) * len(flips)
+
+    def on_call(n_flips: int) -> None:  # after each forward over the flips of ``chunk``
+        nonlocal done
+        done += len(chunk) * n_flips
+        if progress is not None:
+            progress(done, total)
+
+    for i in range(0, len(corners), step):
+        chunk = corners[i:i + step]
         sl = [(slice(None), slice(None), slice(a, a + window[0]), slice(b, b + window[1]),
                slice(c, c + window[2])) for a, b, c in chunk]
         patches = torch.cat([x[s] for s in sl], 0)
-        logits = predictor(patches).float()
-        if upsample and tuple(logits.shape[2:]) != window:
-            logits = F.interpolate(logits, size=window, mode="trilinear", align_corners=False)
-        probs = torch.softmax(logits, 1) if softmax else logits
+        probs = _mirrored_probs(predictor, patches, flips, per_call, on_call, window=window,
+                                upsample=upsample, softmax=softmax)
         if out is None:
             out = torch.zeros((n, probs.shape[1], *full), device=x.device, dtype=torch.float32)
         for j, s in enumerate(sl):
             out[s] += probs[j * n:(j + 1) * n] * weight_map
             norm[s] += weight_map
-        if progress is not None:
-            progress(i + len(chunk), len(corners))
     out = out / norm
     # F.pad order is (W_lo, W_hi, H_lo, H_hi, D_lo, D_hi)
     crop = tuple(slice(p0, p0 + s) for p0, s in zip((pads[4], pads[2], pads[0]), spatial))

@@ -179,7 +179,8 @@ def test_transfer_cls_and_evaluate(pre_run, tiny_data, tmp_path):
     assert main(["evaluate", "--run", run, "--data", tiny_data["cls"], "--out", pred,
                  "--device", "cpu", "--split", "val"]) == 0
     rows = (pred / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "case,label,prediction,probability"
+    # the original columns first, then each class's probability (test_cls_metrics.py)
+    assert rows[0] == "case,label,prediction,probability,prob_0,prob_1"
     assert len(rows) - 1 == len(ck["split"]["cls"]["val"])
 
 
