@@ -115,7 +115,11 @@ class Med3DNet(nn.Module):
         order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids, minlength=len(self.head_names)).tolist()
         # non_blocking: a blocking host-to-device copy would wait for the encoder's queued GPU
-        # work (a host sync per step); from pageable memory the data is staged before return
+        # work (a host sync per step). From pinned memory: CUDA may synchronise the stream
+        # before staging an asynchronous copy from pageable memory (its documented behaviour
+        # for pageable transfers), which would be that same wait.
+        if image.device.type == "cuda":
+            order = order.pin_memory()
         order_dev = order.to(image.device, non_blocking=True)
         out, start = [], 0
         for h, c in enumerate(counts):
