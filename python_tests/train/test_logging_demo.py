@@ -39,14 +39,18 @@ def test_png_curves(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_demo_quick(tmp_path, monkeypatch, capsys):
-    """The embedded demo end to end, at reduced size (python -m med3d_ext.train demo --quick)."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_default_demo_quick(tmp_path, monkeypatch, capsys, device):
+    """The embedded demo end to end, at reduced size (python -m med3d_ext.train demo --quick);
+    on a GPU with the GPU defaults (fused ops, bf16 autocast, channels_last_3d, augmentation on
+    the device, cuDNN tuning of the heads' batch sizes, fused AdamW): the CLI's whole GPU path,
+    pretrain, transfer twice and evaluate, in one test."""
     pytest.importorskip("med3d_ext.models")
     pytest.importorskip("med3d_ext.data")
     from med3d_ext.train.cli import main
 
     monkeypatch.setenv("MED3D_EXT_CACHE", str(tmp_path / "cache"))
-    assert main(["demo", "--quick", "--device", "cpu", "--out", tmp_path / "demo"]) == 0
+    assert main(["demo", "--quick", "--device", device, "--out", tmp_path / "demo"]) == 0
     text = capsys.readouterr().out
     assert "| pretrained (Med3D) |" in text and "| from scratch |" in text
     assert f"run folder: {(tmp_path / 'demo').resolve()}" in text
