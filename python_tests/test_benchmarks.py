@@ -837,3 +837,22 @@ def test_train_throughput_compile_arm_quick_cpu(tmp_path, monkeypatch):
     md = (tmp_path / "t" / "throughput.md").read_text()
     assert "| med3d_ext fused + compile |" in md
     assert "med3d_ext fused + compile / med3d_ext fused samples/s" in md
+
+
+def test_error_ratio_rows_say_which_output_passed_on_the_floor():
+    # a loss both implementations compute almost exactly: the ratio of two tiny errors is
+    # large (137x was seen) while the row passes on the rtol floor; the row says so
+    ctx = common.Context("cpu", quick=True, with_compile=False)
+    ctx.warmup, ctx.repeats = 0, 1
+    x = torch.linspace(1, 3, 64, dtype=torch.float64)  # a loss of 128: a floor of 1.28
+    case = ctx.case("unit", "floor", rtol=1e-2, atol=0.0, precise=lambda: (x.clone(), x.sum()))
+    case.add("eager", lambda: lambda: (x + 1e-3, x.sum() + 1e-9), baseline=True, reference=True)
+    case.add("tiny loss off", lambda: lambda: (x + 1e-3, x.sum() + 1e-6))
+    rows = {r["impl"]: r for r in case.run()}
+    row = rows["tiny loss off"]
+    assert row["status"] == "ok" and row["err_ratio"] > 100
+    by = {d["output"]: d for d in row["errors_by_output"]}
+    assert by[1]["set_by"] == "floor" and by[1]["err"] > 100 * by[1]["ref_err"]
+    assert by[0]["err"] == pytest.approx(1e-3, rel=1e-3) and by[0]["err"] <= by[0]["bound"]
+    md = common.markdown({"env": {}, "args": {}, "total_s": 0, "rows": list(rows.values())})
+    assert "x ref, inside the floor)" in md
