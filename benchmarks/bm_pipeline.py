@@ -237,7 +237,8 @@ def _train_rows(ctx, pre, sz, pipes):
             row.update(median_ms=sum(steps) / len(steps) * 1e3, min_ms=min(steps) * 1e3, repeats=len(steps),
                        step_median_ms=median(steps) * 1e3,
                        data_wait=sum(waits) / sum(steps), wait_ms=median(waits) * 1e3,
-                       check="loss finite" if torch.isfinite(loss).item() else "NON-FINITE loss")
+                       check=("loss finite only, outputs not compared" if torch.isfinite(loss).item()
+                              else "NON-FINITE loss"))
         except Unavailable as exc:
             row.update(status=UNAVAILABLE, reason=str(exc))
         except torch.OutOfMemoryError as exc:

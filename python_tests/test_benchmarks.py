@@ -121,7 +121,14 @@ def test_pipeline_area_quick_cpu(tmp_path):
         if not r["baseline"]:
             assert set(r["speedup"]) == {base[0]["impl"]}
     for r in wait:
-        assert 0.0 <= r["data_wait"] < 1.0 and r["check"] == "loss finite"
+        assert 0.0 <= r["data_wait"] < 1.0 and r["check"].startswith("loss finite only")
+    # their outputs are not compared with a reference: published tables say so (also for the
+    # committed results' older wording)
+    from benchmarks import rows as R
+    for r in rows:
+        assert R.unchecked(r) == (not r["baseline"]), r
+    assert R.unchecked({"status": "ok", "check": "loss finite"})
+    assert not R.unchecked({"status": "ok", "check": "max abs err 1e-7 vs reference"})
 
 
 def _curve(steps, dice):
