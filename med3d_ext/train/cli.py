@@ -1,8 +1,9 @@
-"""``python -m med3d_ext.train {pretrain,transfer,evaluate,demo}`` (no arguments: the demo).
+"""``python -m med3d_ext.train {pretrain,transfer,evaluate,predict,demo}`` (no arguments: the
+demo).
 
-Plain functions: :func:`run_pretrain`, :func:`run_transfer` and :func:`run_evaluate` take a
-resolved configuration dict (``config.resolve``) and return a summary dict; :func:`main` is
-the argument parsing around them.
+Plain functions: :func:`run_pretrain`, :func:`run_transfer`, :func:`run_evaluate` and
+:func:`run_predict` take a resolved configuration dict (``config.resolve``) and return a
+summary dict; :func:`main` is the argument parsing around them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .. import _signals
 from . import config as C
 
 __all__ = ["build_parser", "main", "run_pretrain", "run_transfer", "run_evaluate",
-           "train_command", "resolve_args"]
+           "run_predict", "train_command", "resolve_args"]
 
 _DESC = {
     "pretrain": "Med3D co-training: one encoder, one head per --data dataset",
@@ -31,6 +32,9 @@ _DESC = {
     "evaluate": "sliding-window inference of a run: NIfTI predictions in each case's source "
                 "space, Dice and HD95 where labelled (--split test: the dataset's unlabelled "
                 "test images, imagesTs/)",
+    "predict": "apply a trained run to image files or folders of them (no dataset layout "
+               "needed): <case>.nii.gz in each image's own grid (segmentation) or "
+               "predictions.csv (classification), preprocessed with the run's training recipe",
 }
 
 
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Med3D pretraining, transfer and evaluation. Without arguments: the "
                     "embedded demo (Med3D in miniature).")
     sub = p.add_subparsers(dest="command")
-    for cmd in ("pretrain", "transfer", "evaluate"):
+    for cmd in ("pretrain", "transfer", "evaluate", "predict"):
         sp = sub.add_parser(cmd, help=_DESC[cmd], description=_DESC[cmd])
         C.add_options(sp, cmd)
     d = sub.add_parser("demo", help="Med3D in miniature (the default without arguments)")
@@ -119,7 +123,7 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
         cfg["resume"] = str(given) if given.is_file() else str(run)
     if cmd in ("pretrain", "transfer"):
         C.check_training(cfg)
-    elif cmd == "evaluate":
+    elif cmd in ("evaluate", "predict"):
         C.check_evaluate(cfg, explicit)
     return cfg
 
@@ -390,9 +394,10 @@ def run_transfer(cfg: dict, log=print) -> dict:
     return train_command("transfer", cfg, log)
 
 
-def run_evaluate(cfg: dict, log=print, explicit=()) -> dict:
+def _inference_setup(cfg: dict):
+    """(device, fused) of evaluate and predict: --threads, --device, and --fused's default (on a
+    GPU when the fused ops are available)."""
     from .distributed import resolve_device
-    from .evaluate import evaluate
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -402,6 +407,21 @@ def run_evaluate(cfg: dict, log=print, explicit=()) -> dict:
         from .backends import fusion_available
 
         fused = dev.type == "cuda" and fusion_available()
+    return dev, bool(fused)
+
+
+def run_predict(cfg: dict, log=print, explicit=()) -> dict:
+    """``predict``: a run applied to --images; returns what predictions.json holds."""
+    from .predict import predict
+
+    dev, fused = _inference_setup(cfg)
+    return predict(cfg, dev, fused=fused, log=log, explicit=explicit)
+
+
+def run_evaluate(cfg: dict, log=print, explicit=()) -> dict:
+    from .evaluate import evaluate
+
+    dev, fused = _inference_setup(cfg)
     if not cfg.get("out"):
         # named after the run folder, also when --run / --checkpoint name a file in it (it was
         # predictions/best.pt/ for --run runs/x/best.pt)
@@ -424,7 +444,7 @@ def main(argv=None) -> int:
                   f"{' '.join(extra)}; it takes --out, --device, --quick, --seed, --threads and "
                   "--no-progress (`python -m med3d_ext.train demo --help`)", file=sys.stderr)
             return 2
-        if ns.command not in ("pretrain", "transfer", "evaluate"):
+        if ns.command not in ("pretrain", "transfer", "evaluate", "predict"):
             parser.parse_args(argv)  # argparse's own message (and exit 2)
         print(f"error: {_unrecognized(ns.command, extra)}", file=sys.stderr)
         return 2
@@ -447,9 +467,10 @@ def main(argv=None) -> int:
                 return 0
             explicit: set = set()
             cfg = resolve_args(ns, explicit)
-            if ns.command == "evaluate":
+            if ns.command in ("evaluate", "predict"):
+                run = run_evaluate if ns.command == "evaluate" else run_predict
                 with _signals.sigterm_as_interrupt():
-                    run_evaluate(cfg, explicit=explicit)
+                    run(cfg, explicit=explicit)
             else:
                 train_command(ns.command, cfg)
     except C.ConfigError as e:

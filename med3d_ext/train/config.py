@@ -40,13 +40,16 @@ class Option:
 
 _T = ("pretrain", "transfer")
 _ALL = ("pretrain", "transfer", "evaluate")
+_INFER = ("evaluate", "predict")  # the commands that apply a trained run
+_ANY = _ALL + ("predict",)
 
 OPTIONS: dict[str, Option] = {
     # -- where / what
     "data": Option(None, "list", "raw dataset folder(s) (MSD / nnU-Net layout; transfer cls: a "
                    "folder with labels.csv)", _ALL),
-    "out": Option(None, "str", "run folder (evaluate: prediction folder); default "
-                  "runs/<command>-<time>", _ALL),
+    "out": Option(None, "str", "run folder (evaluate: prediction folder, default "
+                  "predictions/<run>; predict: prediction folder, required); default "
+                  "runs/<command>-<time>", _ANY),
     "cache": Option(None, "str", "preprocessing cache root (default: med3d_ext.data's)", _ALL),
     "resume": Option(None, "str", "run folder (or checkpoint) to resume", _T),
     "pretrained": Option(None, "str", "our checkpoint, a MedicalNet .pth or .safetensors",
@@ -56,29 +59,36 @@ OPTIONS: dict[str, Option] = {
                            ("transfer",)),
     "skip_bad": Option(False, "bool", "drop bad cases (unreadable or NaN images, image/label "
                        "mismatch, undeclared labels, missing files) with a warning list "
-                       "instead of stopping", _ALL),
-    "run": Option(None, "str", "run folder to evaluate", ("evaluate",)),
+                       "instead of stopping", _ANY),
+    "run": Option(None, "str", "run folder (or checkpoint) to evaluate or predict with",
+                  _INFER),
     "checkpoint": Option("best", "str", "which checkpoint of the run: best | last | a path",
-                         ("evaluate",)),
+                         _INFER),
+    "images": Option(None, "list", "predict: image files (.nii, .nii.gz, .nrrd, .nhdr, .mha, "
+                     ".mhd; a 3-D .dcm) and folders of them (every image file directly "
+                     "inside; a folder of one DICOM series is one image); nnU-Net channel "
+                     "files <case>_0000, <case>_0001, ... of a folder make one case",
+                     ("predict",)),
     "split": Option("all", "str", "cases to evaluate: all | val | train (the run's split of "
                     "the labelled cases) | test (the dataset's test images: imagesTs/ or "
                     "dataset.json's test list, usually unlabelled; preprocessed with the run's "
                     "training spacing and CT clip range)", ("evaluate",)),
-    "head": Option(None, "str", "pretrain runs: head to evaluate with (default: the head "
-                   "named like the dataset)", ("evaluate",)),
+    "head": Option(None, "str", "pretrain runs: head to predict with (default: evaluate, the "
+                   "head named like the dataset; predict, the run's only head)", _INFER),
     # -- model
     "depth": Option(None, "int", "ResNet depth (default: pretrain 10; transfer: read from "
                     "--pretrained, else 10)", _T),
     "shortcut_type": Option(None, "str", "A | B (default: MedicalNet's for the depth)", _T),
     "channel": Option(None, "str", "input channel (sequence) of multi-channel datasets "
-                      "(default: the first)", _ALL),
+                      "(default: the first)", _ANY),
     "dropout": Option(0.5, "float", "classification head dropout", ("transfer",)),
     # -- optimisation
     "seed": Option(0, "int", "random seed (model init, sampling, augmentation)", _ALL),
     "epochs": Option(10, "int", "epochs (validation + checkpoint after each)", _T),
     "steps": Option(50, "int", "optimizer steps per epoch", _T),
     "batch_size": Option(4, "int", "samples per step (per process under torchrun)", _T),
-    "patch": Option(48, "patch", "training patch: N or [D, H, W] (multiples of 8)", _ALL),
+    "patch": Option(48, "patch", "training patch: N or [D, H, W] (multiples of 8; evaluate, "
+                    "predict: the sliding window, default the run's patch)", _ANY),
     "optimizer": Option("sgd", "str", "sgd (MedicalNet) | adamw", _T),
     "lr": Option(1e-2, "float", "learning rate (transfer: of the encoder, default 1e-3 as "
                  "MedicalNet)", _T, by_command=(("transfer", 1e-3),)),
@@ -100,14 +110,14 @@ OPTIONS: dict[str, Option] = {
                          "upsampled trilinearly to the patch, as in evaluation; better for "
                          "small structures, slower)", _T),
     # -- performance
-    "device": Option("auto", "str", "auto | cpu | cuda | cuda:N", _ALL),
+    "device": Option("auto", "str", "auto | cpu | cuda | cuda:N", _ANY),
     "amp": Option("auto", "str", "autocast: auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off",
-                  _ALL),
+                  _ANY),
     "channels_last": Option(None, "auto_bool", "channels_last_3d memory format (default: on "
                             "GPU)", _ALL),
     "fused": Option(None, "auto_bool", "fused C++/CUDA model ops (default: on a GPU when the "
                     "extension and med3d_ext.nn are available; the loss and augmentation ops "
-                    "are used on the CPU too); --no-fused = plain PyTorch everywhere", _ALL),
+                    "are used on the CPU too); --no-fused = plain PyTorch everywhere", _ANY),
     "memory_saving": Option(False, "bool", "fused model: rebuild each block's inner "
                             "activations and the stem's convolution input and output in "
                             "backward instead of keeping them (a bf16 ResNet-50 step at "
@@ -129,31 +139,31 @@ OPTIONS: dict[str, Option] = {
                           "on the CPU, which keeps a resumed run bitwise reproducible; on a GPU "
                           "min(8, CPUs per process - 1), since loading in the training process "
                           "left the GPU waiting for data most of the time)", _T),
-    "threads": Option(0, "int", "torch CPU threads (0 = torch's default)", _ALL),
+    "threads": Option(0, "int", "torch CPU threads (0 = torch's default)", _ANY),
     "profile": Option(None, "str", "torch.profiler over training steps: START:STEPS profiles "
                       "STEPS steps after the first START (e.g. 20:5); writes RUN/profile/ "
                       "(summary.json: kernel time and launches per step, the costliest ops; "
                       "ops.txt; trace.json for Perfetto)", _T),
     "sync_bn": Option(False, "bool", "SyncBatchNorm under torchrun", _T),
     # -- evaluation
-    "overlap": Option(0.5, "float", "sliding-window overlap (0..1)", _ALL),
+    "overlap": Option(0.5, "float", "sliding-window overlap (0..1)", _ANY),
     "sw_batch_size": Option(2, "int", "windows per forward in sliding-window inference (with "
                             "--tta: window copies, flips included, so a forward's memory stays "
-                            "the same; raise it on a GPU that has room)", _ALL),
+                            "the same; raise it on a GPU that has room)", _ANY),
     "tta": Option(False, "bool", "mirroring test-time augmentation (nnU-Net's default at "
                   "inference): each window is also predicted flipped along every combination of "
                   "--tta-axes and the probabilities averaged; 2^k times the inference work for "
-                  "k axes (8x with three)", ("evaluate",)),
+                  "k axes (8x with three)", _INFER),
     "tta_axes": Option((0, 1, 2), "axes", "axes mirrored by --tta, of the preprocessed (RAS) "
                        "volume: 0 = left-right, 1 = posterior-anterior, 2 = inferior-superior; "
-                       "e.g. --tta-axes 0 1 (default: 0 1 2)", ("evaluate",)),
+                       "e.g. --tta-axes 0 1 (default: 0 1 2)", _INFER),
     "val_cases": Option(0, "int", "max validation cases per dataset (0 = all held out)", _T),
     # -- logging / checkpoints
     "log_every": Option(10, "int", "steps between metrics.jsonl lines", _T),
     "ckpt_every": Option(0, "int", "steps between extra last.pt saves (0 = each epoch)", _T),
     "export": Option(True, "bool", "pretrain: export the encoder (MedicalNet .pth and "
                      ".safetensors) at the end", ("pretrain",)),
-    "progress": Option(True, "bool", "tqdm progress bar", _ALL),
+    "progress": Option(True, "bool", "tqdm progress bar", _ANY),
     "step_sleep": Option(0.0, "float", "seconds to sleep after each step (tests of "
                          "interruption)", _T),
 }
@@ -476,8 +486,9 @@ def check_training(cfg: dict) -> None:
 
 
 def check_evaluate(cfg: dict, explicit=()) -> None:
-    """Checks across options of ``evaluate``: axes given without --tta do nothing (said, as
-    --compile-mode without --compile is: whoever gave them meant a mirrored evaluation)."""
+    """Checks across options of ``evaluate`` and ``predict``: axes given without --tta do
+    nothing (said, as --compile-mode without --compile is: whoever gave them meant a mirrored
+    evaluation)."""
     if "tta_axes" in explicit and not cfg.get("tta"):
         import warnings
 

@@ -14,6 +14,8 @@ range; see ``PreprocessedDataset.recipe``), never with statistics of the test im
 Classification runs write ``predictions.csv`` (with every class's probability) and report
 accuracy, balanced accuracy, the confusion matrix, per-class sensitivity / specificity /
 precision and ROC AUC (``metrics.classification_metrics``).
+``predict`` (predict.py: image files in no dataset layout) reuses the checkpoint choice, the
+training recipe, the per-case prediction (``predict_case``) and the classification helpers.
 """
 
 from __future__ import annotations
@@ -67,21 +69,7 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     """Evaluate run cfg["run"] on cfg["data"][0]; predictions and metrics go to cfg["out"].
     The window (patch), input channel and cache come from the run's configuration unless
     given explicitly (keys in ``explicit``)."""
-    which = str(cfg.get("checkpoint") or "best")
-    named = which not in ("best", "last")  # --checkpoint FILE
-    if named and not Path(which).is_file():
-        # a typo ("bset") used to fall back to best.pt silently, and a path was never read
-        raise ConfigError(f"--checkpoint {which!r}: expected best, last or a checkpoint file, "
-                          "and there is no such file")
-    if not cfg.get("run") and not named:
-        raise ConfigError("evaluate needs --run RUN (a run folder or checkpoint)")
-    if cfg.get("run") and Path(cfg["run"]).is_file() and "checkpoint" in explicit:
-        # --run names a checkpoint file: a --checkpoint naming another one was ignored
-        chosen = Path(which) if named else Path(cfg["run"]).parent / f"{which}.pt"
-        if chosen.resolve() != Path(cfg["run"]).resolve():
-            raise ConfigError(f"--run {cfg['run']!r} names a checkpoint file, and --checkpoint "
-                              f"{which} another ({chosen}); give the run folder with "
-                              "--checkpoint best|last, or the one file")
+    which, named = checkpoint_choice(cfg, explicit, "evaluate")
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
     from .tasks import (check_cache_outside_data, check_output_outside_data, dataset_folders,
@@ -90,15 +78,7 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     data_dir = resolve_data_dirs(cfg["data"], "evaluate")[0]
     folders = dataset_folders([data_dir])  # (evaluate always writes: --out is required)
     check_output_outside_data(cfg.get("out"), folders, "--out", "predictions (<case>.nii.gz)")
-    ckpt_path = Path(which) if named else find_checkpoint(cfg["run"], which)
-    if not cfg.get("run"):
-        cfg = dict(cfg, run=str(ckpt_path))
-    ckpt = load_checkpoint(ckpt_path)
-    if named:
-        _check_checkpoint_of_run(cfg.get("run"), ckpt_path, ckpt)
-    if cfg.get("head") and ckpt["arch"]["task"] != "pretrain":  # else ignored: one head
-        raise ConfigError(f"--head {cfg['head']!r}: only a pretraining run has named heads; "
-                          f"this {ckpt['arch']['task']} run has one (drop --head)")
+    cfg, ckpt_path, ckpt = load_run(cfg, which, named)
     run_cfg = ckpt.get("config") or {}
     cfg = dict(cfg)
     for key in ("patch", "channel", "cache"):
@@ -114,8 +94,7 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     make_output_dir(out, "--out")
     model = _load_model(ckpt, dev, fused)
     window = tuple(cfg["patch"])
-    amp = autocast_dtype(cfg["amp"], dev)
-    ctx = (lambda: torch.autocast(dev.type, dtype=amp)) if amp else torch.no_grad
+    ctx = amp_context(cfg["amp"], dev)
     if ckpt["arch"]["task"] == "classification":
         if cfg["split"] == "test":
             raise ConfigError("--split test predicts a segmentation dataset's test images "
@@ -123,6 +102,49 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
                               "from a labels.csv (--split all)")
         return _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log)
     return _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, log)
+
+
+def amp_context(amp: str, dev: torch.device):
+    """A context factory for the forwards of inference: autocast as --amp says (auto: bf16 on
+    a GPU, off on the CPU), else plain no_grad."""
+    dtype = autocast_dtype(amp, dev)
+    return (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype else torch.no_grad
+
+
+def checkpoint_choice(cfg: dict, explicit, command: str) -> tuple[str, bool]:
+    """``(which, named)`` from --run / --checkpoint, checked before anything is read: which is
+    best, last or a checkpoint file (named); ``command`` names the command in the messages."""
+    which = str(cfg.get("checkpoint") or "best")
+    named = which not in ("best", "last")  # --checkpoint FILE
+    if named and not Path(which).is_file():
+        # a typo ("bset") used to fall back to best.pt silently, and a path was never read
+        raise ConfigError(f"--checkpoint {which!r}: expected best, last or a checkpoint file, "
+                          "and there is no such file")
+    if not cfg.get("run") and not named:
+        raise ConfigError(f"{command} needs --run RUN (a run folder or checkpoint)")
+    if cfg.get("run") and Path(cfg["run"]).is_file() and "checkpoint" in explicit:
+        # --run names a checkpoint file: a --checkpoint naming another one was ignored
+        chosen = Path(which) if named else Path(cfg["run"]).parent / f"{which}.pt"
+        if chosen.resolve() != Path(cfg["run"]).resolve():
+            raise ConfigError(f"--run {cfg['run']!r} names a checkpoint file, and --checkpoint "
+                              f"{which} another ({chosen}); give the run folder with "
+                              "--checkpoint best|last, or the one file")
+    return which, named
+
+
+def load_run(cfg: dict, which: str, named: bool) -> tuple[dict, Path, dict]:
+    """The checkpoint that :func:`checkpoint_choice` picked, loaded and checked against --run
+    and --head: ``(cfg with "run" set, checkpoint path, checkpoint)``."""
+    ckpt_path = Path(which) if named else find_checkpoint(cfg["run"], which)
+    if not cfg.get("run"):
+        cfg = dict(cfg, run=str(ckpt_path))
+    ckpt = load_checkpoint(ckpt_path)
+    if named:
+        _check_checkpoint_of_run(cfg.get("run"), ckpt_path, ckpt)
+    if cfg.get("head") and ckpt["arch"]["task"] != "pretrain":  # else ignored: one head
+        raise ConfigError(f"--head {cfg['head']!r}: only a pretraining run has named heads; "
+                          f"this {ckpt['arch']['task']} run has one (drop --head)")
+    return cfg, ckpt_path, ckpt
 
 
 def _check_checkpoint_of_run(run, ckpt_path, ckpt) -> None:
@@ -159,8 +181,8 @@ def training_recipe(ckpt: dict, ckpt_path, head: str | None) -> tuple[dict, str]
     if not recs:
         raise CheckpointError(
             f"{src} records no training preprocessing (a run from before med3d_ext saved it) "
-            f"and {str(side)!r} does not exist; --split test needs the training data's "
-            "target spacing and CT clip range. Retrain the run, or write that file as "
+            f"and {str(side)!r} does not exist; --split test and predict need the training "
+            "data's target spacing and CT clip range. Retrain the run, or write that file as "
             '{"<dataset>": {"channels": [...], "target_spacing": [x, y, z], "ct_clip": '
             '[[lo, hi], ...] or null}} with the values of the training cache\'s cache.json')
     if head in recs:
@@ -256,11 +278,8 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     names = _split_filter(pre.names, ckpt, split, name)
     ch = input_channel(pre, cfg.get("channel"), lenient=arch["task"] == "pretrain")
     if split == "test":
-        clip = "per volume" if rec["ct_clip"] is None else ", ".join(
-            "per volume" if c is None else f"[{c[0]:.1f}, {c[1]:.1f}]" for c in rec["ct_clip"])
         log(f"{len(names)} test image(s) of {str(data_dir)!r}, preprocessed with the run's "
-            f"training recipe (spacing {[round(v, 3) for v in rec['target_spacing']]} mm, "
-            f"CT clip {clip})")
+            f"training recipe ({recipe_note(rec)})")
     mirror = _tta_axes(cfg)
     tta_note = f", TTA x{2 ** len(mirror)}" if mirror else ""  # the bar counts every flip
     if mirror:
@@ -272,21 +291,8 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         if case not in names:
             continue
         bar.set_description(f"evaluate {case} ({len(rows) + 1}/{len(names)}{tta_note})")
-        x, _, meta = pre.load_case(i, ch)
-        try:
-            with torch.no_grad(), ctx():
-                probs = sliding_window_probs(
-                    torch.from_numpy(x)[None].to(dev), predictor, window,
-                    overlap=cfg["overlap"], sw_batch_size=cfg["sw_batch_size"],
-                    pad_value=pre.background_value(i, ch), progress=tick, mirror_axes=mirror)
-        except torch.OutOfMemoryError as e:
-            from .loops import TrainingError
-
-            raise TrainingError(f"out of GPU memory in sliding-window inference of {case!r} "
-                                f"(window {list(window)}, {cfg['sw_batch_size']} windows per "
-                                "forward); use --sw-batch-size 1 or a smaller --patch") from e
-        pred = _to_source(probs[0].cpu(), meta)
-        affine = np.asarray(meta["orig_affine"], np.float64)
+        pred, affine, meta = predict_case(pre, i, ch, predictor, window, cfg, dev, ctx, tick,
+                                          mirror)
         path = save_nifti(pred, affine, out / f"{case}.nii.gz")  # atomic, qform = sform
         row = {"case": case, "prediction": str(path), "labelled": bool(meta.get("label"))}
         if meta.get("label"):
@@ -349,6 +355,36 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     return summary
 
 
+def recipe_note(rec: dict) -> str:
+    """A training recipe in words, for the log: target spacing and CT clip range."""
+    clip = "per volume" if rec["ct_clip"] is None else ", ".join(
+        "per volume" if c is None else f"[{c[0]:.1f}, {c[1]:.1f}]" for c in rec["ct_clip"])
+    return f"spacing {[round(v, 3) for v in rec['target_spacing']]} mm, CT clip {clip}"
+
+
+def predict_case(pre, i: int, ch: int, predictor, window, cfg, dev, ctx, tick, mirror):
+    """Case i of a preprocessed dataset, predicted with sliding windows (channel ch, the
+    options overlap / sw_batch_size of cfg, mirroring TTA over ``mirror``) and mapped back to
+    its source file's grid: ``(labels (I, J, K), source affine, case metadata)``. ``evaluate``
+    and ``predict`` share it, so that both give the same voxels for the same image."""
+    case = pre.names[i]
+    x, _, meta = pre.load_case(i, ch)
+    try:
+        with torch.no_grad(), ctx():
+            probs = sliding_window_probs(
+                torch.from_numpy(x)[None].to(dev), predictor, window,
+                overlap=cfg["overlap"], sw_batch_size=cfg["sw_batch_size"],
+                pad_value=pre.background_value(i, ch), progress=tick, mirror_axes=mirror)
+    except torch.OutOfMemoryError as e:
+        from .loops import TrainingError
+
+        raise TrainingError(f"out of GPU memory in sliding-window inference of {case!r} "
+                            f"(window {list(window)}, {cfg['sw_batch_size']} windows per "
+                            "forward); use --sw-batch-size 1 or a smaller --patch") from e
+    pred = _to_source(probs[0].cpu(), meta)
+    return pred, np.asarray(meta["orig_affine"], np.float64), meta
+
+
 def _tta_axes(cfg) -> tuple:
     """The axes that --tta mirrors (--tta-axes), or () without --tta; checked before any case
     is predicted (a configuration built in Python skips the CLI's checks)."""
@@ -387,7 +423,7 @@ def _to_source(probs: torch.Tensor, meta) -> np.ndarray:
 def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
     from med3d_ext.data import DataError
 
-    from .tasks import cls_case_names, load_cls_volume, read_cls_csv
+    from .tasks import cls_case_names, read_cls_csv
 
     paths, labels = read_cls_csv(data_dir)
     classes = list(ckpt.get("classes") or [])
@@ -395,10 +431,8 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
     if classes and unknown:  # the classification analogue of check_classes
         raise ConfigError(f"{str(data_dir)!r}: labels.csv has classes {unknown} that the run's "
                           f"head does not predict (it was trained on {classes})")
-    # the head's outputs in order: the run's classes (a head wider than them, which no run of
-    # this version has, gets its extra outputs named by index)
-    n_out = int(ckpt["arch"].get("num_classes") or len(classes))
-    order = classes + [str(k) for k in range(len(classes), n_out)]
+    order = cls_order(ckpt)
+    n_out = len(order)
     outside = sorted(set(labels) - set(order), key=int)
     if outside:  # a label no output stands for has no row in the confusion matrix
         raise ConfigError(f"{str(data_dir)!r}: labels.csv has classes {outside} that the run's "
@@ -411,18 +445,14 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
             if case not in names:
                 continue
             try:
-                x = load_cls_volume(p, window, cfg.get("channel"))[None].to(dev)
+                prob = classify_image(model, p, window, cfg.get("channel"), dev)
             except DataError as e:
                 if not cfg.get("skip_bad"):
                     raise
                 warnings.warn(f"skipped bad image: {e}", stacklevel=2)
                 continue
-            prob = torch.softmax(model(x).float(), 1)[0].cpu()
             k = int(prob.argmax())
-            rows.append({"case": case, "label": lab, "prediction": order[k],
-                         "probability": float(prob[k]),
-                         # every class's probability: what ROC curves / AUC are computed from
-                         **{f"prob_{c}": float(v) for c, v in zip(order, prob.tolist())}})
+            rows.append({"case": case, "label": lab, **cls_fields(prob, order)})
             probs.append(prob)
             preds.append(k)
     acc = nanmean(float(r["label"] == r["prediction"]) for r in rows)
@@ -436,6 +466,33 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
     log(format_cls_table(summary))
     log(f"accuracy {acc:.3f} on {len(rows)} cases; predictions in {out / 'predictions.csv'}")
     return summary
+
+
+def cls_order(ckpt) -> list[str]:
+    """A classification head's outputs in order: the run's classes (a head wider than them,
+    which no run of this version has, gets its extra outputs named by index)."""
+    classes = list(ckpt.get("classes") or [])
+    n_out = int(ckpt["arch"].get("num_classes") or len(classes))
+    return classes + [str(k) for k in range(len(classes), n_out)]
+
+
+def classify_image(model, path, window, channel, dev) -> torch.Tensor:
+    """One image's class probabilities (K,) on the CPU: read and normalised as training read
+    it (``load_cls_volume``: RAS, the channel, per-image clip and z-score, resized to the
+    window). A bad file raises DataError naming it."""
+    from .tasks import load_cls_volume
+
+    x = load_cls_volume(path, window, channel)[None].to(dev)
+    with torch.no_grad():
+        return torch.softmax(model(x).float(), 1)[0].cpu()
+
+
+def cls_fields(prob: torch.Tensor, order) -> dict:
+    """predictions.csv's columns of one image: the predicted class, its probability and every
+    class's probability (``prob_<class>``: what ROC curves / AUC are computed from)."""
+    k = int(prob.argmax())
+    return {"prediction": order[k], "probability": float(prob[k]),
+            **{f"prob_{c}": float(v) for c, v in zip(order, prob.tolist())}}
 
 
 def _json_clean(v):

@@ -167,6 +167,15 @@ def _cache_of(folder: Path, path) -> bool:
     return Path(root).resolve() == (p if p.is_dir() else p.parent)
 
 
+def preprocess_options(cfg) -> dict:
+    """The ``preprocess()`` keywords the commands use: workers, progress, skip_bad."""
+    # a process pool pays off only with spare cores (and this may run under torchrun)
+    workers = 0 if (os.cpu_count() or 1) <= 2 else None
+    # the first run on a big dataset preprocesses for minutes: show it (rank 0 only)
+    progress = bool(cfg.get("progress", True)) and os.environ.get("RANK", "0") == "0"
+    return {"workers": workers, "progress": progress, "skip_bad": bool(cfg.get("skip_bad"))}
+
+
 def open_preprocessed(path, cfg, split: str = "train", recipe: dict | None = None):
     """The preprocessed (cached) dataset for a raw folder.
 
@@ -182,11 +191,8 @@ def open_preprocessed(path, cfg, split: str = "train", recipe: dict | None = Non
         cache = cache_subdir(cfg["cache"], path)
         if _cache_of(Path(cfg["cache"]), path):  # `data preprocess DIR --out CACHE` made it
             cache = Path(cfg["cache"])
-    # a process pool pays off only with spare cores (and this may run under torchrun)
-    workers = 0 if (os.cpu_count() or 1) <= 2 else None
-    # the first run on a big dataset preprocesses for minutes: show it (rank 0 only)
-    progress = bool(cfg.get("progress", True)) and os.environ.get("RANK", "0") == "0"
-    skip_bad = bool(cfg.get("skip_bad"))
+    opts = preprocess_options(cfg)
+    workers, progress, skip_bad = opts["workers"], opts["progress"], opts["skip_bad"]
     if split == "train":
         return data.open_dataset(path, cache=cache, workers=workers, progress=progress,
                                  skip_bad=skip_bad)

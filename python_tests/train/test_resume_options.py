@@ -119,7 +119,8 @@ def test_option_typos_get_suggestions(capsys):
     assert "`transfer`: unknown option --learning-rate; did you mean --lr?" in err
     assert "unknown option --n-epochs; did you mean --epochs" in err
     assert main(["pretrain", "--checkpoint", "last"]) == 2
-    assert "--checkpoint is an option of `evaluate`, not of `pretrain`" in capsys.readouterr().err
+    assert "--checkpoint is an option of `evaluate` and `predict`, not of `pretrain`" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("patch,batch,ok", [(8, 1, False), (8, 2, True), ([8, 8, 16], 1, True),

@@ -1,0 +1,433 @@
+"""``predict``: a trained run applied to image files that sit in no dataset layout, as
+nnU-Net's ``nnUNetv2_predict -i IN -o OUT``.
+
+Inputs (``--images PATH [PATH ...]``): image files (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd;
+a 3-D .dcm named directly) and folders. A folder gives every image file directly inside it,
+sorted by name (sub-folders are not searched); a folder without any, but with a DICOM series,
+is one image. A case is named by its file name without the image ending (a DICOM series: by
+its folder). nnU-Net channel files, ``<case>_0000<ending>``, ``<case>_0001<ending>``, ... of one
+folder, make one case named ``<case>``, as in a dataset's ``imagesTs/``: the ``_XXXX`` suffix is
+read as a channel only where a ``_0000`` file of that name is there, so ``scan_2019.nii.gz``
+stays case ``scan_2019``.
+
+Segmentation runs: the images are preprocessed as ``evaluate --split test`` preprocesses a
+dataset's test images, by the same code (``med3d_ext.data.preprocess`` with the run's recorded
+training recipe: target spacing, CT clip range; ``evaluate.training_recipe``), into a temporary
+folder removed at the end (never the training cache); each is predicted by the sliding windows
+``evaluate`` uses (``evaluate.predict_case``) and written as ``OUT/<case>.nii.gz`` in the
+image's own grid, orientation and affine. Classification runs: ``OUT/predictions.csv``
+(``evaluate``'s columns, with the image file instead of a label). Both write
+``OUT/predictions.json``: inputs, outputs, the run and checkpoint, the settings, the times.
+Every file is written atomically: an interrupted run leaves whole predictions (and no summary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, find_checkpoint
+from .config import ConfigError
+
+__all__ = ["predict", "find_images", "Image", "IMAGE_ENDINGS"]
+
+# what a folder is searched for; a file named directly may also be a (multi-frame) .dcm
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+FILE_ENDINGS = IMAGE_ENDINGS + (".dcm",)
+_CHANNEL = re.compile(r"^(.+)_(\d{4})$")  # nnU-Net: <case>_<channel, 4 digits>
+
+
+@dataclass
+class Image:
+    """One case to predict: ``files`` has one path per nnU-Net channel file, else one file
+    (or DICOM series folder); ``given`` is the --images argument it came from."""
+
+    name: str
+    files: list
+    given: str
+
+
+def _ending(name: str) -> str | None:
+    low = name.lower()
+    return next((e for e in FILE_ENDINGS if low.endswith(e)), None)
+
+
+def _stem(path: Path) -> str:
+    e = _ending(path.name)
+    return path.name[: -len(e)] if e else path.name
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    """A folder of DICOM slices: .dcm files, or (with SimpleITK) any series GDCM finds (DICOM
+    files often have no ending)."""
+    files = [q for q in folder.iterdir() if q.is_file()]
+    if any(q.name.lower().endswith(".dcm") for q in files):
+        return True
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return False
+    if not files:
+        return False
+    # ITK prints "No Series were found" to stderr for any other folder: asked quietly
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:
+        return False
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _shown(names, n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def find_images(paths, log=print) -> list[Image]:
+    """The cases of --images PATH [PATH ...] (see the module docstring), or a ConfigError
+    naming the path: missing, not an image, a folder without images, a file given twice, a
+    case name from two inputs, nnU-Net channel files with a gap."""
+    if not paths:
+        raise ConfigError("predict needs --images PATH [PATH ...] (image files or folders)")
+    found = []  # (file or DICOM folder, the argument it came from), in order
+    for given in map(str, paths):
+        p = Path(given)
+        if not p.exists():
+            raise ConfigError(f"--images {given!r}: no such file or folder")
+        if p.is_file():
+            if _ending(p.name) is None:
+                raise ConfigError(f"--images {given!r} is not an image file (expected "
+                                  f"{', '.join(FILE_ENDINGS)}, or a folder)")
+            found.append((p, given))
+            continue
+        entries = [q for q in sorted(p.iterdir()) if not q.name.startswith(".")]
+        files = [q for q in entries if q.is_file() and
+                 (_ending(q.name) or "") in IMAGE_ENDINGS]
+        if files:
+            other = [q.name + ("/" if q.is_dir() else "") for q in entries if q not in files]
+            log(f"--images {given}: {len(files)} image file(s)"
+                + (f" (left out: {_shown(other)}; sub-folders are not searched)"
+                   if other else ""))
+            found += [(q, given) for q in files]
+        elif _is_dicom_series(p):
+            log(f"--images {given}: a DICOM series")
+            found.append((p, given))
+        else:
+            held = _shown(q.name + ("/" if q.is_dir() else "") for q in entries) or "nothing"
+            raise ConfigError(f"--images {given!r}: no image files in this folder (expected "
+                              f"{', '.join(IMAGE_ENDINGS)}, or one DICOM series; sub-folders "
+                              f"are not searched); it holds {held}")
+    seen: dict = {}
+    for p, given in found:
+        r = p.resolve()
+        if r in seen:
+            raise ConfigError(f"--images: {str(p)!r} is given twice ({seen[r]!r} and "
+                              f"{given!r}); name each image once")
+        seen[r] = given
+    return _cases(found, log)
+
+
+def _cases(found, log) -> list[Image]:
+    """Files -> cases: nnU-Net channel files of one folder grouped (a group is one whose
+    ``_0000`` file is there; its channels must then be 0, 1, ... without a gap); names
+    unique."""
+    groups: dict = {}
+    for p, given in found:
+        m = _CHANNEL.match(_stem(p)) if p.is_file() else None
+        if m:
+            key = (p.resolve().parent, m.group(1))
+            chans = groups.setdefault(key, {})
+            k = int(m.group(2))
+            if k in chans:  # e.g. a_0000.nii.gz and a_0000.nrrd
+                raise ConfigError(f"--images: {str(chans[k][0])!r} and {str(p)!r} are both "
+                                  f"channel {k:04d} of case {m.group(1)!r}; keep one")
+            chans[k] = (p, given)
+    groups = {key: chans for key, chans in groups.items() if 0 in chans}
+    images, done = [], set()
+    for p, given in found:
+        m = _CHANNEL.match(_stem(p)) if p.is_file() else None
+        key = (p.resolve().parent, m.group(1)) if m else None
+        if key in groups:
+            if key in done:
+                continue
+            done.add(key)
+            chans = groups[key]
+            missing = [k for k in range(max(chans) + 1) if k not in chans]
+            if missing:
+                raise ConfigError(
+                    f"--images: nnU-Net channel files of case {key[1]!r} in {str(key[0])!r} "
+                    f"have channels {[f'{k:04d}' for k in sorted(chans)]} but not "
+                    f"{[f'{k:04d}' for k in missing]}; give every channel file "
+                    f"({key[1]}_0000, {key[1]}_0001, ...)")
+            images.append(Image(key[1], [chans[k][0] for k in sorted(chans)], chans[0][1]))
+        else:
+            images.append(Image(p.name if p.is_dir() else _stem(p), [p], given))
+    first: dict = {}
+    for im in images:
+        if im.name in first:
+            raise ConfigError(f"--images: case name {im.name!r} comes from two inputs, "
+                              f"{str(first[im.name].files[0])!r} and {str(im.files[0])!r}; "
+                              f"predictions are named by case (<case>.nii.gz): rename one, or "
+                              "predict them separately")
+        first[im.name] = im
+    grouped = sum(len(im.files) > 1 for im in images)
+    log(f"{len(images)} image(s) to predict"
+        + (f" ({grouped} of them from nnU-Net channel files)" if grouped else ""))
+    return images
+
+
+def check_out(out, images) -> None:
+    """Refuse an --out that is an input image or a folder holding one (its own, or a DICOM
+    series folder): predictions there could overwrite inputs (a prediction <case>.nii.gz has
+    its image's name), and a later predict of that folder would read them as images."""
+    o = {Path(os.path.abspath(out)), Path(out).resolve()}
+    for im in images:
+        for f in im.files:
+            both = {Path(os.path.abspath(f)), f.resolve()}
+            if o & both:
+                raise ConfigError(f"--out {str(out)!r} is an input image; give a folder of "
+                                  "its own for the predictions")
+            folders = both if f.is_dir() else {q.parent for q in both}
+            if o & folders:
+                fix = Path(os.path.abspath(out))
+                raise ConfigError(
+                    f"--out {str(out)!r} is a folder of the input images (it holds "
+                    f"{str(f)!r}); predictions (<case>.nii.gz) there could overwrite them or "
+                    "be read as images by a later predict. Write to a folder of its own, e.g. "
+                    f"--out {str(fix.parent / (fix.name + '-predictions'))!r}")
+
+
+def predict(cfg: dict, dev: torch.device, fused: bool = False, log=print,
+            explicit=()) -> dict:
+    """Predict --images with run cfg["run"] (--checkpoint as in evaluate) into cfg["out"];
+    returns the summary written to predictions.json."""
+    from .evaluate import checkpoint_choice, load_run
+
+    started = time.time()
+    which, named = checkpoint_choice(cfg, explicit, "predict")
+    if not cfg.get("out"):
+        raise ConfigError("predict needs --out DIR (the folder for the predictions)")
+    out = Path(cfg["out"])
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; predictions need a folder")
+    images = find_images(cfg.get("images"), log)
+    check_out(out, images)
+    if not named:  # a run that is not there: an option error, as a missing --checkpoint FILE
+        try:
+            find_checkpoint(cfg["run"], which)
+        except CheckpointError as e:
+            raise ConfigError(f"--run: {e}") from None
+    cfg, ckpt_path, ckpt = load_run(cfg, which, named)
+    run_cfg = ckpt.get("config") or {}
+    cfg = dict(cfg)
+    for key in ("patch", "channel"):  # the run's window and input channel, unless given
+        if key not in explicit and run_cfg.get(key) is not None:
+            cfg[key] = run_cfg[key]
+    task = ckpt["arch"].get("task")
+    if task not in ("segmentation", "classification", "pretrain"):
+        raise CheckpointError(f"{str(ckpt_path)!r}: a {task!r} checkpoint; predict takes "
+                              "segmentation, classification and pretraining runs")
+    from .cli import make_output_dir
+
+    made = not out.exists()
+    make_output_dir(out, "--out")
+    try:
+        summary = {"command": "predict", "run": str(cfg["run"]),
+                   "checkpoint": str(Path(ckpt_path).resolve()), "step": ckpt.get("step"),
+                   "task": task, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                                          time.localtime(started)),
+                   "images": [str(p) for p in cfg["images"]]}
+        if task == "classification":
+            summary = _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary)
+        else:
+            summary = _predict_seg(cfg, ckpt, ckpt_path, images, out, dev, fused, log, summary)
+    except BaseException:
+        # refused or interrupted before any prediction: no empty folder left to puzzle over
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    summary["seconds"] = round(time.time() - started, 3)
+    from .evaluate import _json_clean, _write_text
+
+    _write_text(out / "predictions.json", json.dumps(_json_clean(summary), indent=1))
+    return summary
+
+
+def _settings(cfg, dev, fused, window, **more) -> dict:
+    return {"patch": list(window), "device": str(dev), "fused": bool(fused), **more}
+
+
+def _predict_seg(cfg, ckpt, ckpt_path, images, out, dev, fused, log, summary) -> dict:
+    from med3d_ext.data import Case, DataError, Dataset, preprocess, save_nifti
+    from med3d_ext.data.io import read_header
+    from tqdm.auto import tqdm
+
+    from .evaluate import (_load_model, _tta_axes, _window_bar, amp_context, predict_case,
+                           recipe_note, training_recipe)
+    from .tasks import input_channel, preprocess_options
+
+    arch = ckpt["arch"]
+    if arch["task"] == "pretrain":
+        heads = list(arch["heads"])
+        head = cfg.get("head") or (heads[0] if len(heads) == 1 else None)
+        if head not in heads:
+            what = f"none is named {head!r} (--head)" if head else "pick one with --head"
+            raise ConfigError(f"this pretraining run has heads {heads}; {what}")
+        n_cls, rec_key = int(arch["heads"][head]), head
+    else:
+        head, n_cls, rec_key = "conv_seg", int(arch["num_classes"]), None
+    rec, src = training_recipe(ckpt, ckpt_path, rec_key)
+    mirror = _tta_axes(cfg)  # checked before any image is read
+    skip = bool(cfg.get("skip_bad"))
+    channels = list(rec["channels"])
+    # the input channel among the run's (a Dataset picks it as the preprocessed one does),
+    # before any image is read
+    runs = Dataset(Path("."), "the run", "files", channels, None, [])
+    ch = input_channel(runs, cfg.get("channel"), lenient=arch["task"] == "pretrain")
+    good, problems = [], []
+    for im in images:  # headers: unreadable files and wrong channel counts, before any work
+        try:
+            n = sum(int(read_header(f)[2]) for f in im.files)
+            if n != len(channels):
+                raise DataError(im.files[0], _channel_problem(im, n, channels, src))
+            good.append(im)
+        except DataError as e:
+            if not skip:
+                raise ConfigError(str(e)) from None
+            problems.append(str(e))
+    if not good:
+        raise ConfigError(f"--images: no image left to predict (--skip-bad skipped all "
+                          f"{len(images)}): " + "; ".join(problems))
+    log(f"preprocessing {len(good)} image(s) with the run's training recipe "
+        f"({recipe_note(rec)})")
+    by_name = {im.name: im for im in good}
+    tmp = Path(tempfile.mkdtemp(prefix="med3d_ext-predict-"))
+    try:
+        # the images as a dataset of their own (channels named as the run's, so that CT
+        # channels are clipped to the run's range), preprocessed as evaluate --split test does
+        ds = Dataset(root=tmp, name="--images", layout="files", channels=channels, labels=None,
+                     cases=[Case(im.name, list(im.files)) for im in good], problems=problems,
+                     source=tmp)
+        try:
+            pre = preprocess(ds, tmp / "cache", target_spacing=rec["target_spacing"],
+                             ct_clip=rec["ct_clip"], **preprocess_options(cfg))
+        except DataError as e:
+            if Path(e.path) == tmp:  # "every case is bad", over several lines
+                raise ConfigError("--images: no image could be read (--skip-bad skipped all "
+                                  f"{len(images)}): " + "; ".join(
+                                      ln.strip() for ln in e.problem.splitlines()[1:])) from None
+            raise ConfigError(str(e)) from None
+        skipped = list(pre.info.get("problems") or [])
+        model = _load_model(ckpt, dev, fused)
+        predictor = (lambda x: model.forward_head(x, head)) if arch["task"] == "pretrain" \
+            else model
+        window, ctx = tuple(cfg["patch"]), amp_context(cfg["amp"], dev)
+        if mirror:
+            log(f"mirroring TTA: each window predicted {2 ** len(mirror)} times (flipped along "
+                f"axes {list(mirror)}) and the probabilities averaged")
+        tta_note = f", TTA x{2 ** len(mirror)}" if mirror else ""
+        cases_bar = tqdm(total=len(pre.names), unit="case", desc="predict", dynamic_ncols=True,
+                         disable=not cfg.get("progress", True))
+        bar, tick = _window_bar(cfg)
+        rows = []
+        for i, case in enumerate(pre.names):
+            bar.set_description(f"{case} ({i + 1}/{len(pre.names)}{tta_note})")
+            t0 = time.perf_counter()
+            pred, affine, meta = predict_case(pre, i, ch, predictor, window, cfg, dev, ctx,
+                                              tick, mirror)
+            path = save_nifti(pred, affine, out / f"{case}.nii.gz")  # atomic
+            rows.append({"case": case, "files": [os.path.abspath(f) for f in by_name[case].files],
+                         "prediction": str(path), "shape": [int(v) for v in pred.shape],
+                         "labels_present": _present(pred),
+                         "seconds": round(time.perf_counter() - t0, 3)})
+            cases_bar.update()
+            with tqdm.external_write_mode():  # the case's line above the bars
+                log(f"  {case}: {path.name} {'x'.join(map(str, pred.shape))} (classes "
+                    f"{rows[-1]['labels_present']})")
+        bar.close()
+        cases_bar.close()
+    finally:  # also on Ctrl-C: no preprocessed copy of the images is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary.update({
+        "head": head, "num_classes": n_cls,
+        "settings": _settings(cfg, dev, fused, window, amp=cfg["amp"], overlap=cfg["overlap"],
+                              sw_batch_size=cfg["sw_batch_size"], tta=bool(mirror),
+                              tta_axes=list(mirror), channel=channels[ch]),
+        "preprocessing": dict(rec, source=src), "skipped": skipped, "cases": rows})
+    log(f"{len(rows)} prediction(s) as <case>.nii.gz in {out} (each image's own grid and "
+        f"affine); summary in {out / 'predictions.json'}"
+        + (f"; {len(skipped)} image(s) skipped as bad" if skipped else ""))
+    return summary
+
+
+def _present(pred) -> list[int]:
+    """The classes a prediction holds (a quick look for an empty one): labels are small
+    non-negative integers, so a bincount (np.unique sorts every voxel)."""
+    return np.flatnonzero(np.bincount(pred.ravel().astype(np.int64))).tolist()
+
+
+def _channel_problem(im: Image, n: int, channels, src) -> str:
+    k = len(channels)
+    files = f"{im.name}_0000 .. {im.name}_{k - 1:04d}" if k > 1 else im.name
+    return (f"has {n} channel(s), but the run was trained on {k} ({', '.join(channels)}; {src})"
+            + (f"; give the image with every channel (one 4-D file, or nnU-Net channel files "
+               f"{files})" if k > 1 else "; give a single-channel image"))
+
+
+def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
+    from med3d_ext.data import DataError
+    from tqdm.auto import tqdm
+
+    from .evaluate import _load_model, _write_csv, classify_image, cls_fields, cls_order
+
+    order = cls_order(ckpt)
+    several = [im for im in images if len(im.files) > 1]
+    if several:
+        raise ConfigError(f"--images: case {several[0].name!r} is {len(several[0].files)} "
+                          "nnU-Net channel files; a classification run reads one image file "
+                          "per case (--channel picks the channel of a multi-channel file)")
+    model = _load_model(ckpt, dev, fused)
+    window = tuple(cfg["patch"])
+    rows, problems = [], []
+    bar = tqdm(images, unit="case", desc="predict", dynamic_ncols=True,
+               disable=not cfg.get("progress", True))
+    for im in bar:
+        try:
+            prob = classify_image(model, im.files[0], window, cfg.get("channel"), dev)
+        except DataError as e:
+            if not cfg.get("skip_bad"):
+                raise ConfigError(str(e)) from None
+            problems.append(str(e))
+            continue
+        rows.append({"case": im.name, "file": os.path.abspath(im.files[0]),
+                     **cls_fields(prob, order)})
+    bar.close()
+    if problems:
+        warnings.warn(f"--images: skipped {len(problems)} bad image(s):\n  "
+                      + "\n  ".join(problems), stacklevel=2)
+    if not rows:
+        raise ConfigError(f"--images: no image left to predict (--skip-bad skipped all "
+                          f"{len(images)}): " + "; ".join(problems))
+    fields = ["case", "file", "prediction", "probability"] + [f"prob_{c}" for c in order]
+    _write_csv(out / "predictions.csv", fields, rows)
+    for r in rows:
+        log(f"  {r['case']}: class {r['prediction']} ({r['probability']:.3f})")
+    summary.update({"classes": order,
+                    "settings": _settings(cfg, dev, fused, window, channel=cfg.get("channel")),
+                    "skipped": problems, "cases": rows})
+    log(f"{len(rows)} prediction(s) in {out / 'predictions.csv'}; summary in "
+        f"{out / 'predictions.json'}" + (f"; {len(problems)} image(s) skipped as bad"
+                                         if problems else ""))
+    return summary
