@@ -136,6 +136,12 @@ def run(device="auto", quick=False, steps=None, out=None, log=print, profile=Fal
                 depth=10, epochs=1, steps=measured + extra, fused=fused, lr=1e-3,
                 log_every=_log_every(measured), val_cases=1, export=False, progress=False,
                 profile=f"{measured}:{extra}" if extra else None, **over))
+            if over.get("compile"):
+                import torch
+
+                # a fresh Dynamo cache: graphs an earlier arm compiled (its validation's batch
+                # sizes included) would shape this arm's compile (e.g. a dynamic batch size)
+                torch._dynamo.reset()
             t0 = time.perf_counter()
             res = run_pretrain(cfg, log=lambda *a: None)
             # DataLoader workers hold prefetch_factor (2) batches each

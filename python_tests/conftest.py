@@ -122,6 +122,18 @@ def _fresh_seed(request):
         print(f"\n[seed] MED3D_TEST_SEED={seed}")
 
 
+@pytest.fixture(autouse=True)
+def _keep_locale():
+    """Every test leaves the process locale as it found it: SimpleITK's GDCM DICOM writer
+    switches it to "C" (ASCII text encoding) and leaves it so, and every later test that wrote
+    non-ASCII text then failed (a DICOM test in test_predict broke four benchmark tests)."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -860,6 +860,7 @@ def test_error_ratio_rows_say_which_output_passed_on_the_floor():
     assert row["status"] == "ok" and row["err_ratio"] > 100
     by = {d["output"]: d for d in row["errors_by_output"]}
     assert by[1]["set_by"] == "floor" and by[1]["err"] > 100 * by[1]["ref_err"]
+    assert by[1]["floor_only"] and not by[0]["floor_only"]
     assert by[0]["err"] == pytest.approx(1e-3, rel=1e-3) and by[0]["err"] <= by[0]["bound"]
     md = common.markdown({"env": {}, "args": {}, "total_s": 0, "rows": list(rows.values())})
     assert "x ref, inside the floor)" in md

@@ -420,10 +420,21 @@ def _to_source(probs: torch.Tensor, meta) -> np.ndarray:
     return np.argmax(src, -1).astype(label_storage_dtype(int(probs.shape[0]) - 1))
 
 
+def warn_cls_tta(cfg) -> None:
+    """--tta on a classification run: said, not silently ignored (a classifier sees each image
+    once, whole, with no sliding windows to mirror)."""
+    if cfg.get("tta"):
+        warnings.warn("--tta: a classification run classifies each image once, whole; "
+                      "mirroring test-time augmentation applies to segmentation runs only and "
+                      "is not used here", stacklevel=2)
+
+
 def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
     from med3d_ext.data import DataError
 
     from .tasks import cls_case_names, read_cls_csv
+
+    warn_cls_tta(cfg)
 
     paths, labels = read_cls_csv(data_dir)
     classes = list(ckpt.get("classes") or [])

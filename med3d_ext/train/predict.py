@@ -6,9 +6,10 @@ a 3-D .dcm named directly) and folders. A folder gives every image file directly
 sorted by name (sub-folders are not searched); a folder without any, but with a DICOM series,
 is one image. A case is named by its file name without the image ending (a DICOM series: by
 its folder). nnU-Net channel files, ``<case>_0000<ending>``, ``<case>_0001<ending>``, ... of one
-folder, make one case named ``<case>``, as in a dataset's ``imagesTs/``: the ``_XXXX`` suffix is
-read as a channel only where a ``_0000`` file of that name is there, so ``scan_2019.nii.gz``
-stays case ``scan_2019``.
+folder, make one case named ``<case>``, as in a dataset's ``imagesTs/``, for a run trained on
+several channels: the ``_XXXX`` suffix is read as a channel only where a ``_0000`` file of that
+name is there, so ``scan_2019.nii.gz`` stays case ``scan_2019``; for a one-channel run (and a
+classification run) such files are separate scans, each named by its whole file name.
 
 Segmentation runs: the images are preprocessed as ``evaluate --split test`` preprocesses a
 dataset's test images, by the same code (``med3d_ext.data.preprocess`` with the run's recorded
@@ -55,6 +56,8 @@ class Image:
     name: str
     files: list
     given: str
+    folder: str = ""  # nnU-Net channel files: the folder they are in
+    missing: tuple = ()  # nnU-Net channel files: the channel numbers absent from the group
 
 
 def _ending(name: str) -> str | None:
@@ -95,10 +98,57 @@ def _shown(names, n: int = 5) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
+def _folder_name(p: Path) -> str:
+    """A DICOM series folder's case name: its own name, also when given as '.', './' or '..'
+    (whose Path.name is '' or '..')."""
+    name = Path(os.path.abspath(p)).name
+    if not name:
+        raise ConfigError(f"--images {str(p)!r}: a DICOM series needs a folder with a name "
+                          "(its case is named after it), not the file system's root")
+    return name
+
+
+def check_groups(images: list[Image]) -> None:
+    """For a run that reads several channels: nnU-Net channel files must be 0, 1, ... without
+    a gap (a ConfigError naming the case and the channels)."""
+    for im in images:
+        if im.missing:
+            have = [_stem(f)[-4:] for f in im.files]
+            raise ConfigError(
+                f"--images: nnU-Net channel files of case {im.name!r} in {im.folder!r} have "
+                f"channels {_shown(have)} but not {_shown(f'{k:04d}' for k in im.missing)} "
+                f"({len(im.missing)} missing); give every channel file ({im.name}_0000, "
+                f"{im.name}_0001, ...), or rename files that are not channels of one case")
+
+
+def split_channel_groups(images: list[Image], log=print) -> list[Image]:
+    """nnU-Net channel groups undone: one case per file, named by the whole file name. For a
+    run that reads one channel per image: ``liver_0000``, ``liver_0001``, ... are then three
+    scans, not one 3-channel case."""
+    out = []
+    for im in images:
+        if len(im.files) > 1:
+            log(f"--images: {', '.join(f.name for f in im.files[:3])}"
+                f"{', ...' if len(im.files) > 3 else ''} read as {len(im.files)} separate "
+                "images (the run reads one channel per image), not as nnU-Net channel files")
+            out += [Image(_stem(f), [f], im.given) for f in im.files]
+        else:
+            out.append(im)
+    first: dict = {}
+    for im in out:
+        if im.name in first:
+            raise ConfigError(f"--images: case name {im.name!r} comes from two inputs, "
+                              f"{str(first[im.name].files[0])!r} and {str(im.files[0])!r}; "
+                              "rename one, or predict them separately")
+        first[im.name] = im
+    return out
+
+
 def find_images(paths, log=print) -> list[Image]:
     """The cases of --images PATH [PATH ...] (see the module docstring), or a ConfigError
     naming the path: missing, not an image, a folder without images, a file given twice, a
-    case name from two inputs, nnU-Net channel files with a gap."""
+    case name from two inputs (nnU-Net channel files with a gap: :func:`check_groups`, for a
+    run that reads several channels)."""
     if not paths:
         raise ConfigError("predict needs --images PATH [PATH ...] (image files or folders)")
     found = []  # (file or DICOM folder, the argument it came from), in order
@@ -164,16 +214,13 @@ def _cases(found, log) -> list[Image]:
                 continue
             done.add(key)
             chans = groups[key]
-            missing = [k for k in range(max(chans) + 1) if k not in chans]
-            if missing:
-                raise ConfigError(
-                    f"--images: nnU-Net channel files of case {key[1]!r} in {str(key[0])!r} "
-                    f"have channels {[f'{k:04d}' for k in sorted(chans)]} but not "
-                    f"{[f'{k:04d}' for k in missing]}; give every channel file "
-                    f"({key[1]}_0000, {key[1]}_0001, ...)")
-            images.append(Image(key[1], [chans[k][0] for k in sorted(chans)], chans[0][1]))
+            # a gap is an error only for a run that reads several channels (check_groups):
+            # for a one-channel run these files are separate scans (split_channel_groups)
+            missing = tuple(k for k in range(max(chans) + 1) if k not in chans)
+            images.append(Image(key[1], [chans[k][0] for k in sorted(chans)], chans[0][1],
+                                str(key[0]), missing))
         else:
-            images.append(Image(p.name if p.is_dir() else _stem(p), [p], given))
+            images.append(Image(_folder_name(p) if p.is_dir() else _stem(p), [p], given))
     first: dict = {}
     for im in images:
         if im.name in first:
@@ -243,6 +290,10 @@ def predict(cfg: dict, dev: torch.device, fused: bool = False, log=print,
 
     made = not out.exists()
     make_output_dir(out, "--out")
+    # an earlier predict's summary in this folder would describe this run's predictions if it
+    # stopped before its own: gone first (an interrupted run leaves no predictions.json)
+    for stale in ("predictions.json", "predictions.csv"):
+        (out / stale).unlink(missing_ok=True)
     try:
         summary = {"command": "predict", "run": str(cfg["run"]),
                    "checkpoint": str(Path(ckpt_path).resolve()), "step": ckpt.get("step"),
@@ -292,6 +343,10 @@ def _predict_seg(cfg, ckpt, ckpt_path, images, out, dev, fused, log, summary) ->
     mirror = _tta_axes(cfg)  # checked before any image is read
     skip = bool(cfg.get("skip_bad"))
     channels = list(rec["channels"])
+    if len(channels) == 1:
+        images = split_channel_groups(images, log)
+    else:
+        check_groups(images)
     # the input channel among the run's (a Dataset picks it as the preprocessed one does),
     # before any image is read
     runs = Dataset(Path("."), "the run", "files", channels, None, [])
@@ -390,14 +445,15 @@ def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
     from med3d_ext.data import DataError
     from tqdm.auto import tqdm
 
-    from .evaluate import _load_model, _write_csv, classify_image, cls_fields, cls_order
+    from .evaluate import (_load_model, _write_csv, classify_image, cls_fields, cls_order,
+                           warn_cls_tta)
+
+    warn_cls_tta(cfg)
 
     order = cls_order(ckpt)
-    several = [im for im in images if len(im.files) > 1]
-    if several:
-        raise ConfigError(f"--images: case {several[0].name!r} is {len(several[0].files)} "
-                          "nnU-Net channel files; a classification run reads one image file "
-                          "per case (--channel picks the channel of a multi-channel file)")
+    # a classification run reads one image file per case (--channel picks the channel of a
+    # multi-channel file)
+    images = split_channel_groups(images, log)
     model = _load_model(ckpt, dev, fused)
     window = tuple(cfg["patch"])
     rows, problems = [], []

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,6 +287,15 @@ def test_classification_matches_evaluate(cls_run, tiny_data, tmp_path, capsys):
     assert s["task"] == "classification" and s["classes"] == ["0", "1"]
     assert s["settings"]["patch"] == [16, 16, 16] and len(s["cases"]) == 8
     assert s["cases"][0]["prob_1"] == float(rows[0]["prob_1"])
+    # --tta on a classification run is said to do nothing (it was ignored silently), by
+    # predict and by evaluate
+    capsys.readouterr()
+    assert _predict(cls_run, tmp_path / "pt", "--images", images, "--tta") == 0
+    assert "warning: --tta: a classification run classifies each image once" in \
+        capsys.readouterr().err
+    assert main(["evaluate", "--run", cls_run, "--data", tiny_data["cls"], "--out",
+                 tmp_path / "evt", "--device", "cpu", "--no-progress", "--tta"]) == 0
+    assert "warning: --tta: a classification run" in capsys.readouterr().err
     # a channel the images do not have
     first = sorted(images.glob("*.nii.gz"))[0]
     err = _refused(capsys, cls_run, tmp_path / "c", "--images", images, "--channel", 1)
@@ -346,14 +356,31 @@ def test_input_errors_name_the_path(kidney_run, tiny_data, tmp_path, capsys):
     err = _refused(capsys, kidney_run, out, "--images", tmp_path / "b",
                    tmp_path / "b" / src.name)
     assert f"'{tmp_path / 'b' / src.name}' is given twice" in err
-    # nnU-Net channel files with a gap
+    assert not out.exists()
+
+
+def test_one_channel_run_reads_channel_named_files_as_separate_scans(kidney_run, tiny_data,
+                                                                     tmp_path, capsys):
+    # liver_0000, liver_0002 (a gap) are nnU-Net-like names, but the run reads one channel: two
+    # scans, each predicted under its whole name (they were grouped into one 2-channel case and
+    # refused with "give a single-channel image")
+    src = tiny_data["transfer"] / "imagesTr" / "kidney_000.nii.gz"
     nn = tmp_path / "nn"
     nn.mkdir()
     for k in (0, 2):
-        shutil.copy(src, nn / f"case_{k:04d}.nii.gz")
-    err = _refused(capsys, kidney_run, out, "--images", nn)
-    assert "channel files of case 'case'" in err and "but not ['0001']" in err
-    assert not out.exists()
+        shutil.copy(src, nn / f"liver_{k:04d}.nii.gz")
+    capsys.readouterr()
+    assert _predict(kidney_run, tmp_path / "p", "--images", nn) == 0
+    assert "read as 2 separate images" in capsys.readouterr().out
+    assert _files(tmp_path / "p") == ["liver_0000.nii.gz", "liver_0002.nii.gz",
+                                      "predictions.json"]
+    a, b = (nib.load(str(tmp_path / "p" / f"liver_{k:04d}.nii.gz")) for k in (0, 2))
+    assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))  # the same scan twice
+    # a DICOM-less folder given as "." is named after itself, not '' (it crashed)
+    from med3d_ext.train.predict import _folder_name
+
+    assert _folder_name(Path(".")) == Path.cwd().name
+    assert _folder_name(nn / ".." / "nn") == "nn"
 
 
 def test_out_that_holds_inputs_is_refused(kidney_run, tiny_data, tmp_path, capsys):
@@ -472,6 +499,12 @@ def test_ctrl_c_leaves_whole_predictions_only(kidney_run, kidney_eval, tiny_data
     assert _files(out) == ["kidney_000.nii.gz"]  # whole; no temporary, no predictions.json
     _same_nifti(out / "kidney_000.nii.gz", kidney_eval["out"] / "kidney_000.nii.gz")
     assert list(tmpdir_checked.iterdir()) == []
+    # into a folder holding an earlier predict's summary: interrupted, it must not leave that
+    # summary beside this run's predictions (which it would describe)
+    (out / "predictions.json").write_text('{"cases": ["an earlier run"]}')
+    saves.clear()
+    assert _predict(kidney_run, out, "--images", src) == 130
+    assert "predictions.json" not in _files(out)
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -584,6 +617,12 @@ def test_pretrain_head_and_nnunet_channel_files(pre_run, kidney_run, tiny_data, 
     assert f"{kid}: has 1 channel(s)" in capsys.readouterr().err
     assert _files(tmp_path / "ps") == sorted([f"{c}.nii.gz" for c in cases]
                                              + ["predictions.json"])
+    # nnU-Net channel files with a gap, for this 4-channel run: the case and channels named
+    gap = tmp_path / "gap"
+    for k in (0, 2, 3):
+        save_nifti(data[..., k], img.affine, gap / f"{cases[0]}_{k:04d}.nii.gz")
+    err = _refused(capsys, pre_run, tmp_path / "pg", "--images", gap, "--head", BRAIN)
+    assert f"channel files of case '{cases[0]}'" in err and "but not 0001 (1 missing)" in err
     # a segmentation run's single channel, given a 4-channel image
     err = _refused(capsys, kidney_run, tmp_path / "pk", "--images", brain)
     assert "has 4 channel(s), but the run was trained on 1 (CT;" in err
