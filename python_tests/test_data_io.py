@@ -201,6 +201,21 @@ def test_itk_dicom_series_folder(tmp_path, keep_locale):
     empty.mkdir()
     with pytest.raises(DataError, match="no DICOM series"):
         read_volume(empty)
+    # a second series in the folder (a scout beside the axial series): refused, both named
+    # (the first series GDCM listed was read, whichever it was)
+    scout = img[:, :, :2]
+    for k in range(2):
+        sl = scout[:, :, k]
+        pos = scout.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, val in (("0020|0032", "\\".join(map(str, pos))), ("0020|0013", str(k)),
+                         ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"),
+                         ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0008|0060", "CT")):
+            sl.SetMetaData(tag, val)
+        w.SetFileName(str(tmp_path / f"scout{k}.dcm"))
+        w.Execute(sl)
+    with pytest.raises(DataError, match=r"2 DICOM series: .*1\.2\.826\.0\.1\.3680043\.2\.1125\.1 "
+                                        r"\(4 files\).*\(2 files\).*folder of its own"):
+        read_volume(tmp_path)
 
 
 def test_sheared_affine_is_written_without_a_stripped_qform(tmp_path):

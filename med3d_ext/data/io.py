@@ -116,6 +116,14 @@ def _read_itk(path: Path):
             ids = reader.GetGDCMSeriesIDs(str(path))
             if not ids:
                 raise DataError(path, "folder holds no DICOM series")
+            if len(ids) > 1:
+                # exports often mix a localizer or scout with the axial series: reading the
+                # first one GDCM lists would segment or train on whichever that is, unsaid
+                sizes = [f"{i} ({len(reader.GetGDCMSeriesFileNames(str(path), i))} files)"
+                         for i in ids]
+                raise DataError(path, f"folder holds {len(ids)} DICOM series: "
+                                      f"{', '.join(sizes[:4])}{', ...' if len(ids) > 4 else ''};"
+                                      " put each series in a folder of its own")
             reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), ids[0]))
             img = reader.Execute()
         else:

@@ -383,10 +383,25 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         if o.kind in ("bool", "auto_bool"):
             parser.add_argument(name, dest=key, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=h)
-        elif o.kind in ("list", "patch", "axes"):
-            parser.add_argument(name, dest=key, nargs="+", default=argparse.SUPPRESS, help=h)
+        elif o.kind == "list":  # --data A --data B is --data A B (only B was kept)
+            parser.add_argument(name, dest=key, nargs="+", action="extend",
+                                default=argparse.SUPPRESS, help=h)
+        elif o.kind in ("patch", "axes"):
+            parser.add_argument(name, dest=key, nargs="+", action=_Once,
+                                default=argparse.SUPPRESS, help=h)
         else:
             parser.add_argument(name, dest=key, default=argparse.SUPPRESS, help=h)
+
+
+class _Once(argparse.Action):
+    """An option of several values that may be given once: a second --patch (or --tta-axes)
+    replaced the first silently, and the two cannot be joined the way --data's can."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if hasattr(namespace, self.dest):  # the default is SUPPRESS: set only when given
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and "
+                         f"{values}); give it once")
+        setattr(namespace, self.dest, values)
 
 
 def _read_yaml(path) -> dict:

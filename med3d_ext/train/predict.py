@@ -67,7 +67,11 @@ def _ending(name: str) -> str | None:
 
 def _stem(path: Path) -> str:
     e = _ending(path.name)
-    return path.name[: -len(e)] if e else path.name
+    stem = path.name[: -len(e)] if e else path.name
+    if not stem:  # ".nii.gz": a case named '' (its cache entry was ".json": a crash)
+        raise ConfigError(f"--images {str(path)!r}: the file has no name before its ending "
+                          f"({e}); predictions are named after it: rename it")
+    return stem
 
 
 def _is_dicom_series(folder: Path) -> bool:
@@ -235,10 +239,35 @@ def _cases(found, log) -> list[Image]:
     return images
 
 
+def _datasets_around(out: Path) -> list:
+    """The dataset folders --out is, or is a layout folder of (imagesTr/, labelsTr/, ...):
+    itself or its parent, when a dataset layout is found there."""
+    from med3d_ext.data import DataError
+    from med3d_ext.data.layouts import detect_layout
+
+    found = []
+    for c in (out, out.parent):
+        if not c.is_dir():
+            continue
+        try:
+            detect_layout(c)
+        except (DataError, OSError, ValueError):
+            continue
+        found.append(c)
+    return found
+
+
 def check_out(out, images) -> None:
     """Refuse an --out that is an input image or a folder holding one (its own, or a DICOM
     series folder): predictions there could overwrite inputs (a prediction <case>.nii.gz has
-    its image's name), and a later predict of that folder would read them as images."""
+    its image's name), and a later predict of that folder would read them as images. Also
+    refuse a dataset's own folders (its root, labelsTr/, ...), as evaluate does: a prediction
+    named like a label file silently replaced it."""
+    from .tasks import check_output_outside_data
+
+    around = _datasets_around(Path(os.path.abspath(out)))
+    if around:
+        check_output_outside_data(out, around, "--out", "predictions (<case>.nii.gz)")
     o = {Path(os.path.abspath(out)), Path(out).resolve()}
     for im in images:
         for f in im.files:
@@ -282,6 +311,11 @@ def predict(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     for key in ("patch", "channel"):  # the run's window and input channel, unless given
         if key not in explicit and run_cfg.get(key) is not None:
             cfg[key] = run_cfg[key]
+    if "patch" in explicit and run_cfg.get("patch") is not None \
+            and list(cfg["patch"]) != list(run_cfg["patch"]):
+        warnings.warn(f"--patch {list(cfg['patch'])}: the run was trained on patches of "
+                      f"{list(run_cfg['patch'])}; predictions at another size can differ "
+                      "(a classification run sees each image resized to it)", stacklevel=2)
     task = ckpt["arch"].get("task")
     if task not in ("segmentation", "classification", "pretrain"):
         raise CheckpointError(f"{str(ckpt_path)!r}: a {task!r} checkpoint; predict takes "
@@ -351,10 +385,21 @@ def _predict_seg(cfg, ckpt, ckpt_path, images, out, dev, fused, log, summary) ->
     # before any image is read
     runs = Dataset(Path("."), "the run", "files", channels, None, [])
     ch = input_channel(runs, cfg.get("channel"), lenient=arch["task"] == "pretrain")
+    trained = input_channel(runs, (ckpt.get("config") or {}).get("channel"),
+                            lenient=arch["task"] == "pretrain")
+    if ch != trained:  # allowed (a user may mean it), but never silently
+        warnings.warn(f"--channel {cfg.get('channel')!r}: the run was trained on channel "
+                      f"{channels[trained]!r}; predicting from {channels[ch]!r}, which the "
+                      "model never saw", stacklevel=2)
     good, problems = [], []
     for im in images:  # headers: unreadable files and wrong channel counts, before any work
         try:
-            n = sum(int(read_header(f)[2]) for f in im.files)
+            heads = [read_header(f) for f in im.files]
+            for f, (_, shape, _) in zip(im.files, heads):
+                if f.is_file() and _ending(f.name) == ".dcm" and min(shape) == 1:
+                    raise DataError(f, f"one 2-D DICOM slice ({'x'.join(map(str, shape))}); "
+                                       "give the folder of its series to predict the volume")
+            n = sum(int(h[2]) for h in heads)
             if n != len(channels):
                 raise DataError(im.files[0], _channel_problem(im, n, channels, src))
             good.append(im)
@@ -365,6 +410,7 @@ def _predict_seg(cfg, ckpt, ckpt_path, images, out, dev, fused, log, summary) ->
     if not good:
         raise ConfigError(f"--images: no image left to predict (--skip-bad skipped all "
                           f"{len(images)}): " + "; ".join(problems))
+    _say_existing(out, [im.name for im in good])
     log(f"preprocessing {len(good)} image(s) with the run's training recipe "
         f"({recipe_note(rec)})")
     by_name = {im.name: im for im in good}
@@ -433,6 +479,24 @@ def _present(pred) -> list[int]:
     return np.flatnonzero(np.bincount(pred.ravel().astype(np.int64))).tolist()
 
 
+def _say_existing(out: Path, names) -> None:
+    """Warn when --out already holds NIfTI files: the ones named like this run's cases are
+    replaced, the others stay beside the new predictions (predictions.json lists this run's
+    only)."""
+    old = sorted(q.name for q in out.glob("*.nii.gz"))
+    if not old:
+        return
+    mine = {f"{n}.nii.gz" for n in names}
+    replaced = [q for q in old if q in mine]
+    kept = [q for q in old if q not in mine]
+    parts = ([f"{len(replaced)} will be replaced by this run's ({_shown(replaced)})"]
+             if replaced else []) + ([f"{len(kept)} from elsewhere stay beside them "
+                                      f"({_shown(kept)}; predictions.json lists this run's "
+                                      "only)"] if kept else [])
+    warnings.warn(f"--out {str(out)!r} already holds {len(old)} .nii.gz file(s): "
+                  + "; ".join(parts), stacklevel=3)
+
+
 def _channel_problem(im: Image, n: int, channels, src) -> str:
     k = len(channels)
     files = f"{im.name}_0000 .. {im.name}_{k - 1:04d}" if k > 1 else im.name
@@ -454,9 +518,24 @@ def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
     # a classification run reads one image file per case (--channel picks the channel of a
     # multi-channel file)
     images = split_channel_groups(images, log)
+    from med3d_ext.data.io import read_header
+
+    good, problems = [], []
+    for im in images:  # headers first, as for segmentation: a bad file found after an hour of
+        try:           # work cost every result (nothing was written)
+            n = int(read_header(im.files[0])[2])
+            if n > 1 and cfg.get("channel") is None:
+                warnings.warn(f"{im.files[0]}: {n} channels; the classification run reads one: "
+                              "channel 0 (--channel INDEX picks another)", stacklevel=2)
+            good.append(im)
+        except DataError as e:
+            if not cfg.get("skip_bad"):
+                raise ConfigError(str(e)) from None
+            problems.append(str(e))
+    images = good
     model = _load_model(ckpt, dev, fused)
     window = tuple(cfg["patch"])
-    rows, problems = [], []
+    rows = []
     bar = tqdm(images, unit="case", desc="predict", dynamic_ncols=True,
                disable=not cfg.get("progress", True))
     for im in bar:
@@ -475,7 +554,7 @@ def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
                       + "\n  ".join(problems), stacklevel=2)
     if not rows:
         raise ConfigError(f"--images: no image left to predict (--skip-bad skipped all "
-                          f"{len(images)}): " + "; ".join(problems))
+                          f"{len(images) + len(problems)}): " + "; ".join(problems))
     fields = ["case", "file", "prediction", "probability"] + [f"prob_{c}" for c in order]
     _write_csv(out / "predictions.csv", fields, rows)
     for r in rows:

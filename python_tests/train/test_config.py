@@ -185,3 +185,17 @@ def test_option_combinations_that_do_nothing_useful():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         C.check_training(C.resolve("transfer", overrides=["freeze_epochs=1", "epochs=3"]))
+
+
+def test_repeated_list_options_add_up_and_repeated_patch_is_refused(tiny_data, capsys):
+    # --data A --data B kept only B (pretrain trained one head; evaluate skipped its
+    # one-dataset check); a second --patch replaced the first silently
+    from med3d_ext.train.cli import build_parser
+
+    p = build_parser()
+    ns, _ = p.parse_known_args(["pretrain", "--data", "a", "--data", "b", "c"])
+    assert ns.data == ["a", "b", "c"]
+    with pytest.raises(SystemExit) as e:
+        p.parse_known_args(["pretrain", "--data", "a", "--patch", "16", "--patch", "32"])
+    assert e.value.code == 2
+    assert "--patch given twice (['16'] and ['32']); give it once" in capsys.readouterr().err

@@ -626,3 +626,71 @@ def test_pretrain_head_and_nnunet_channel_files(pre_run, kidney_run, tiny_data, 
     # a segmentation run's single channel, given a 4-channel image
     err = _refused(capsys, kidney_run, tmp_path / "pk", "--images", brain)
     assert "has 4 channel(s), but the run was trained on 1 (CT;" in err
+
+
+def test_user_audit_refusals_and_warnings(kidney_run, pre_run, tiny_data, tmp_path, capsys):
+    """What a black-box audit found: a dataset's labelsTr/ as --out (its labels were replaced
+    by predictions, silently), earlier predictions left beside new ones unsaid, a file named
+    only '.nii' (a crash), one 2-D DICOM slice taken for a volume, and --channel switching to a
+    channel the run never saw, unsaid."""
+    kid = tiny_data["transfer"]
+    src = kid / "imagesTr" / "kidney_000.nii.gz"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(src, inp)
+    before = _tree(kid)
+    for out in (kid / "labelsTr", kid):
+        err = _refused(capsys, kidney_run, out, "--images", inp)
+        assert f"--out {str(out)!r} is a folder of the dataset" in err
+    assert _tree(kid) == before
+    # a folder with earlier files: the replaced and the staying ones are said
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "kidney_000.nii.gz").write_bytes(b"old")
+    (out / "other.nii.gz").write_bytes(b"old")
+    capsys.readouterr()
+    assert _predict(kidney_run, out, "--images", inp) == 0
+    err = capsys.readouterr().err
+    assert "already holds 2 .nii.gz file(s): 1 will be replaced by this run's (kidney_000.nii.gz)" \
+        in err and "1 from elsewhere stay beside them (other.nii.gz" in err
+    assert (out / "other.nii.gz").read_bytes() == b"old"
+    # '.nii' alone: no case name
+    bad = tmp_path / "nameless"
+    bad.mkdir()
+    shutil.copy(src, bad / ".nii.gz")
+    err = _refused(capsys, kidney_run, tmp_path / "q", "--images", bad / ".nii.gz")
+    assert "has no name before its ending (.nii.gz)" in err
+    # one 2-D DICOM slice
+    sitk = pytest.importorskip("SimpleITK")
+    sl = sitk.Cast(sitk.ReadImage(str(src)), sitk.sitkInt16)[:, :, 0]
+    sitk.WriteImage(sl, str(tmp_path / "slice.dcm"))
+    err = _refused(capsys, kidney_run, tmp_path / "q", "--images", tmp_path / "slice.dcm")
+    assert "one 2-D DICOM slice" in err and "give the folder of its series" in err
+    # --channel: another channel than the run's, warned
+    brain = tiny_data["pretrain"] / BRAIN / "imagesTr"
+    capsys.readouterr()
+    assert _predict(pre_run, tmp_path / "b", "--images", brain, "--head", BRAIN,
+                    "--channel", "T2w") == 0
+    assert "--channel 'T2w': the run was trained on channel 'FLAIR'" in capsys.readouterr().err
+
+
+def test_classification_says_channel_and_patch_choices(cls_run, tiny_data, tmp_path, capsys):
+    # a 2-channel file was classified from channel 0 unsaid; a --patch other than the run's
+    # changed the probabilities unsaid
+    src = sorted((tiny_data["cls"] / "images").glob("*.nii.gz"))[0]
+    img = nib.load(str(src))
+    two = tmp_path / "two"
+    two.mkdir()
+    data = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1), img.affine), str(two / "x.nii.gz"))
+    capsys.readouterr()
+    assert _predict(cls_run, tmp_path / "p", "--images", two, "--patch", 24) == 0
+    err = capsys.readouterr().err
+    assert "x.nii.gz: 2 channels; the classification run reads one: channel 0" in err
+    assert "--patch [24, 24, 24]: the run was trained on patches of [16, 16, 16]" in err
+    # a corrupt file is found before any image is classified (the loop found it last)
+    (two / "z.nii.gz").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert _predict(cls_run, tmp_path / "q", "--images", two) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "z.nii.gz" in last and not (tmp_path / "q").exists()
