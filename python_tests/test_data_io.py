@@ -160,36 +160,29 @@ def test_itk_missing_message(tmp_path, monkeypatch):
         read_volume(p)
 
 
-@pytest.fixture
-def keep_locale():
-    """SimpleITK's GDCM writer switches the process locale to "C" (ASCII file encoding) and
-    leaves it so: later tests in the same process then failed to read UTF-8 files (inductor's
-    templates in test_weights' torch.compile test). Restore it."""
-    import locale
+def _write_series(sitk, img, folder, prefix, series_uid):
+    """``img`` as a DICOM series in ``folder``, one ``<prefix><k>.dcm`` per slice."""
+    w = sitk.ImageFileWriter()
+    w.KeepOriginalImageUIDOn()
+    for k in range(img.GetDepth()):
+        sl = img[:, :, k]
+        pos = img.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, val in (("0020|0032", "\\".join(map(str, pos))), ("0020|0013", str(k)),
+                         ("0020|000e", series_uid), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                         ("0008|0060", "CT")):
+            sl.SetMetaData(tag, val)
+        w.SetFileName(str(folder / f"{prefix}{k}.dcm"))
+        w.Execute(sl)
 
-    saved = locale.setlocale(locale.LC_ALL)
-    yield
-    locale.setlocale(locale.LC_ALL, saved)
 
-
-def test_itk_dicom_series_folder(tmp_path, keep_locale):
+def test_itk_dicom_series_folder(tmp_path):  # the locale: conftest's _keep_locale
     sitk = pytest.importorskip("SimpleITK")
     r = rng()
     arr = r.integers(-1000, 1000, (4, 5, 6)).astype(np.int16)  # (z, y, x)
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((0.5, 0.7, 2.0))
     img.SetOrigin((1.0, 2.0, 3.0))
-    w = sitk.ImageFileWriter()
-    w.KeepOriginalImageUIDOn()
-    for k in range(arr.shape[0]):
-        sl = img[:, :, k]
-        pos = img.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, val in (("0020|0032", "\\".join(map(str, pos))), ("0020|0013", str(k)),
-                         ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
-                         ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0008|0060", "CT")):
-            sl.SetMetaData(tag, val)
-        w.SetFileName(str(tmp_path / f"s{k}.dcm"))
-        w.Execute(sl)
+    _write_series(sitk, img, tmp_path, "s", "1.2.826.0.1.3680043.2.1125.1")
     v = read_volume(tmp_path)
     assert v.data.shape == (1, 6, 5, 4)
     np.testing.assert_allclose(v.spacing, [0.5, 0.7, 2.0], rtol=1e-5)
@@ -203,16 +196,7 @@ def test_itk_dicom_series_folder(tmp_path, keep_locale):
         read_volume(empty)
     # a second series in the folder (a scout beside the axial series): refused, both named
     # (the first series GDCM listed was read, whichever it was)
-    scout = img[:, :, :2]
-    for k in range(2):
-        sl = scout[:, :, k]
-        pos = scout.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, val in (("0020|0032", "\\".join(map(str, pos))), ("0020|0013", str(k)),
-                         ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"),
-                         ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0008|0060", "CT")):
-            sl.SetMetaData(tag, val)
-        w.SetFileName(str(tmp_path / f"scout{k}.dcm"))
-        w.Execute(sl)
+    _write_series(sitk, img[:, :, :2], tmp_path, "scout", "1.2.826.0.1.3680043.2.1125.2")
     with pytest.raises(DataError, match=r"2 DICOM series: .*1\.2\.826\.0\.1\.3680043\.2\.1125\.1 "
                                         r"\(4 files\).*\(2 files\).*folder of its own"):
         read_volume(tmp_path)

@@ -473,7 +473,7 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
     pm = torch.stack(probs) if probs else torch.zeros(0, len(order))
     summary = {"run": str(cfg["run"]), "data": str(data_dir), "accuracy": acc,
                **classification_metrics(y, pm, order, preds), "cases": rows}
-    _write_text(out / "metrics.json", json.dumps(_json_clean(summary), indent=1))
+    write_json(out / "metrics.json", summary)
     log(format_cls_table(summary))
     log(f"accuracy {acc:.3f} on {len(rows)} cases; predictions in {out / 'predictions.csv'}")
     return summary
@@ -570,12 +570,7 @@ def format_table(summary) -> str:
 
 
 def _write(out: Path, summary, rows):
-    def clean(v):
-        return None if isinstance(v, float) and math.isnan(v) else v
-
-    _write_text(out / "metrics.json", json.dumps(
-        {k: ([{a: clean(b) for a, b in r.items()} for r in v] if k == "cases" else clean(v))
-         for k, v in summary.items()}, indent=1))
+    write_json(out / "metrics.json", summary)
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "case", k))
     _write_csv(out / "metrics.csv", keys, rows)
 
@@ -584,6 +579,11 @@ def _write(out: Path, summary, rows):
 # the previous file (or none), never a torn one that a script would read as the results.
 def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON, NaN as null at any depth, written atomically."""
+    _write_text(path, json.dumps(_json_clean(obj), indent=1))
 
 
 def _write_csv(path: Path, fields, rows) -> None:

@@ -24,7 +24,6 @@ Every file is written atomically: an interrupted run leaves whole predictions (a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -138,14 +137,20 @@ def split_channel_groups(images: list[Image], log=print) -> list[Image]:
             out += [Image(_stem(f), [f], im.given) for f in im.files]
         else:
             out.append(im)
+    _check_unique(out)
+    return out
+
+
+def _check_unique(images: list[Image]) -> None:
+    """Each case name once: predictions are named by case."""
     first: dict = {}
-    for im in out:
+    for im in images:
         if im.name in first:
             raise ConfigError(f"--images: case name {im.name!r} comes from two inputs, "
                               f"{str(first[im.name].files[0])!r} and {str(im.files[0])!r}; "
-                              "rename one, or predict them separately")
+                              f"predictions are named by case (<case>.nii.gz): rename one, or "
+                              "predict them separately")
         first[im.name] = im
-    return out
 
 
 def find_images(paths, log=print) -> list[Image]:
@@ -225,14 +230,7 @@ def _cases(found, log) -> list[Image]:
                                 str(key[0]), missing))
         else:
             images.append(Image(_folder_name(p) if p.is_dir() else _stem(p), [p], given))
-    first: dict = {}
-    for im in images:
-        if im.name in first:
-            raise ConfigError(f"--images: case name {im.name!r} comes from two inputs, "
-                              f"{str(first[im.name].files[0])!r} and {str(im.files[0])!r}; "
-                              f"predictions are named by case (<case>.nii.gz): rename one, or "
-                              "predict them separately")
-        first[im.name] = im
+    _check_unique(images)
     grouped = sum(len(im.files) > 1 for im in images)
     log(f"{len(images)} image(s) to predict"
         + (f" ({grouped} of them from nnU-Net channel files)" if grouped else ""))
@@ -344,9 +342,9 @@ def predict(cfg: dict, dev: torch.device, fused: bool = False, log=print,
             out.rmdir()
         raise
     summary["seconds"] = round(time.time() - started, 3)
-    from .evaluate import _json_clean, _write_text
+    from .evaluate import write_json
 
-    _write_text(out / "predictions.json", json.dumps(_json_clean(summary), indent=1))
+    write_json(out / "predictions.json", summary)
     return summary
 
 

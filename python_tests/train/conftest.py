@@ -35,6 +35,18 @@ def kidney_run(tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def cls_run(tiny_data, tmp_path_factory):
+    """One finished tiny classification transfer run (from scratch, one step), for tests that
+    only read it (evaluate, predict)."""
+    from med3d_ext.train.cli import main
+
+    run = tmp_path_factory.mktemp("cls_run") / "cls"
+    assert main(["transfer", *tiny_args(tiny_data["cls"], run, "--task", "cls",
+                                        "--from-scratch", "--epochs", 1, "--steps", 1)]) == 0
+    return run
+
+
 def cli_env() -> dict:
     """Environment for CLI subprocesses: this checkout first on the path, no GPU, quiet."""
     env = dict(os.environ)

@@ -17,8 +17,6 @@ import torch.nn.functional as F
 
 from med3d_ext.train import metrics as M
 
-from .conftest import tiny_args
-
 
 def _gen():
     seed = int(torch.randint(0, 2**31, ()))
@@ -230,17 +228,6 @@ def test_argument_errors():
 
 
 # --- evaluate end to end ---------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def cls_run(tiny_data, tmp_path_factory):
-    """A tiny classification run from scratch (one step): evaluate only reads it."""
-    from med3d_ext.train.cli import main
-
-    run = tmp_path_factory.mktemp("cls_run") / "cls"
-    assert main(["transfer", *tiny_args(tiny_data["cls"], run, "--task", "cls",
-                                        "--from-scratch", "--epochs", 1, "--steps", 1)]) == 0
-    return run
-
 
 def _evaluate(run, data, out, capsys):
     from med3d_ext.train.cli import main

@@ -249,14 +249,6 @@ def test_dicom_series_folder(kidney_run, kidney_eval, tiny_data, tmp_path, capsy
 
 # --- classification --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cls_run(tiny_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("cls_run") / "cls"
-    assert main(["transfer", *tiny_args(tiny_data["cls"], run, "--task", "cls",
-                                        "--from-scratch", "--epochs", 1, "--steps", 1)]) == 0
-    return run
-
-
 def _csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
