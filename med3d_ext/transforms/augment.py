@@ -102,6 +102,33 @@ def _seed(v) -> int:
     return i
 
 
+# The columns of RandomAugment3D.sample's one uniform draw per sample (a fixed number of draws
+# per call, whatever applies, so that a stream stays reproducible): the affine's coin, angles,
+# zooms, shifts (x, y, z each), three flip coins, the elastic coin, then gamma, contrast,
+# brightness and noise, each followed by its coin. A value column holds low + u * span where
+# its coin says the transform applies, and a neutral value elsewhere (RandomAugment3D._columns).
+_COLUMNS = 22
+_P_AFFINE, _ANGLE, _ZOOM, _SHIFT, _FLIP, _P_ELASTIC = 0, 1, 4, 7, 10, 13
+_GAMMA, _CONTRAST, _BRIGHTNESS, _NOISE = 14, 16, 18, 20
+
+
+def _rotation_basis() -> torch.Tensor:
+    """(3 terms, 3 axes, 3, 3): the rotation about axis a by angle t is
+    B[0, a] + cos(t) B[1, a] + sin(t) B[2, a] (axes x, y, z as Rx, Ry, Rz)."""
+    b = torch.zeros(3, 3, 3, 3)
+    for a in range(3):
+        i, j = [k for k in range(3) if k != a]  # the plane of the rotation
+        b[0, a, a, a] = 1.0
+        b[1, a, i, i] = b[1, a, j, j] = 1.0
+        # Rx = [[1, 0, 0], [0, c, -s], [0, s, c]], Rz alike; Ry = [[c, 0, s], [0, 1, 0], [-s, 0, c]]
+        sign = -1.0 if a == 1 else 1.0
+        b[2, a, i, j], b[2, a, j, i] = -sign, sign
+    return b
+
+
+_ROTATION_BASIS = _rotation_basis()
+
+
 class RandomAugment3D:
     """Random affine + elastic + intensity augmentation for (image, label) batches.
 
@@ -242,55 +269,91 @@ class RandomAugment3D:
             t = self._consts[key] = torch.tensor(key[0], dtype=torch.float32).to(device)
         return t
 
-    def _uniform(self, g, shape, lo, hi, device):
-        return torch.rand(shape, generator=g, device=device) * (hi - lo) + lo
+    def _columns(self) -> tuple[list, list]:
+        """The draw's column tables (see _COLUMNS): per column (low, span, neutral value,
+        probability) as floats, and the column of the uniform that decides whether it applies.
+        Read from the attributes on every call, so a changed attribute takes effect."""
+        rows, gate = [], []
+
+        def put(lo, span, neutral, prob, decides):
+            rows.append((lo, span, neutral, prob))
+            gate.append(decides)
+
+        put(0.0, 1.0, 0.0, 1.0, _P_AFFINE)  # the affine's coin (its value is not used)
+        for a in self.rotate:  # uniform in [-a, a]
+            put(-a, 2 * a, 0.0, self.p_affine, _P_AFFINE)
+        for lo, hi in self.scale:
+            put(lo, hi - lo, 1.0, self.p_affine, _P_AFFINE)
+        for t in self.translate:
+            put(-t, 2 * t, 0.0, self.p_affine, _P_AFFINE)
+        for k, p in enumerate(self.flip):  # its own coin: -1 with probability p
+            put(-1.0, 0.0, 1.0, p, _FLIP + k)
+        put(self.elastic, 0.0, 0.0, self.p_elastic, _P_ELASTIC)  # its own coin: the magnitude
+        for (lo, hi), p, neutral, log in ((self.gamma, self.p_gamma, 0.0, True),
+                                          (self.contrast, self.p_contrast, 1.0, False),
+                                          (self.brightness, self.p_brightness, 0.0, False),
+                                          (self.noise, self.p_noise, 0.0, False)):
+            if log:  # gamma is log-uniform; the neutral log-gamma 0 gives exactly 1
+                lo, hi = math.log(lo), math.log(hi)
+            put(lo, hi - lo, neutral, p, len(rows) + 1)  # decided by the column after it
+            put(0.0, 1.0, 0.0, 1.0, len(rows))  # that coin
+        assert len(rows) == _COLUMNS
+        return rows, gate
+
+    def _tables(self, device):
+        """(low, span, neutral, probability) rows (4, _COLUMNS), the gate index (_COLUMNS,) and
+        the rotation basis (3, 3, 3, 3) on ``device``, made once per configuration and device
+        (a constant's copy to a GPU waits for its queued work)."""
+        rows, gate = self._columns()
+        key = (tuple(rows), tuple(gate), str(device))
+        t = self._consts.get(key)
+        if t is None:
+            if len(self._consts) >= 64:
+                self._consts.clear()
+            table = torch.tensor(rows, dtype=torch.float32).t().contiguous()
+            t = self._consts[key] = (table.to(device), torch.tensor(gate).to(device),
+                                     _ROTATION_BASIS.to(device))
+        return t
 
     def sample(self, n: int, in_spatial, out_spatial, device) -> dict:
         """Draw one batch of parameters: ``theta`` (N, 3, 4), ``elastic`` or None,
-        ``intensity`` dict or None. A fixed number of draws per call, whatever applies."""
+        ``intensity`` dict or None. A fixed number of draws per call, whatever applies.
+
+        Every per-sample number comes from one uniform draw of (N, _COLUMNS) and a fixed
+        handful of batched ops (about 20 in all, each a kernel launch on a GPU, where this runs
+        once per training step: drawn one parameter at a time it was ~115)."""
         device = torch.device(device)
         g = self._generator(device)
-        u = lambda shape, lo=0.0, hi=1.0: self._uniform(g, shape, lo, hi, device)  # noqa: E731
-        apply = (u((n,)) < self.p_affine).float()
-        ang = (u((n, 3), -1.0, 1.0) * self._const(self.rotate, device)) * apply[:, None]
-        lo = self._const([r[0] for r in self.scale], device)
-        hi = self._const([r[1] for r in self.scale], device)
-        zoom = lo + u((n, 3)) * (hi - lo)
-        if self.isotropic:
-            zoom = zoom[:, :1].expand(n, 3)
-        zoom = torch.where(apply[:, None] > 0, zoom, torch.ones_like(zoom))
-        shift = u((n, 3), -1.0, 1.0) * self._const(self.translate, device) * apply[:, None]
-        flips = torch.where(u((n, 3)) < self._const(self.flip, device), -1.0, 1.0)
+        table, gate, basis = self._tables(device)
+        lo, span, neutral, prob = table
+        u = torch.rand((n, _COLUMNS), generator=g, device=device, dtype=torch.float32)
+        on = u.index_select(1, gate) < prob  # does column k's transform apply to the sample
+        v = torch.where(on, torch.addcmul(lo, u, span), neutral)
 
-        cx, cy, cz = torch.cos(ang).unbind(1)
-        sx, sy, sz = torch.sin(ang).unbind(1)
-        one, zero = torch.ones_like(cx), torch.zeros_like(cx)
-        rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], 1).view(n, 3, 3)
-        ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], 1).view(n, 3, 3)
-        rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], 1).view(n, 3, 3)
-        rot = rz @ ry @ rx
-        # Voxel half-extents (x, y, z) of the normalised [-1, 1] span of each grid.
+        ang = v[:, _ANGLE:_ANGLE + 3]
+        zoom = v[:, _ZOOM:_ZOOM + 1].expand(n, 3) if self.isotropic else v[:, _ZOOM:_ZOOM + 3]
+        # per axis R = B0 + cos(angle) B1 + sin(angle) B2, the three at once; rot = Rz Ry Rx
+        per_axis = torch.addcmul(torch.addcmul(basis[0], ang.cos()[:, :, None, None], basis[1]),
+                                 ang.sin()[:, :, None, None], basis[2])
+        rot = per_axis[:, 2] @ per_axis[:, 1] @ per_axis[:, 0]
+        # Voxel half-extents (x, y, z) of the normalised [-1, 1] span of each grid: column j of
+        # the linear part scales by k_out[j] / k_in[i] in row i (voxel aspect respected).
         off = 1 if self.align_corners else 0
-        k_in = self._const([max(s - off, 1) for s in reversed(in_spatial)], device)
-        k_out = self._const([max(s - off, 1) for s in reversed(out_spatial)], device)
-        a = (rot / zoom[:, None, :]) * flips[:, None, :]
-        a = a * k_out[None, None, :] / k_in[None, :, None]
-        theta = torch.cat([a, shift[:, :, None]], dim=2)
+        k_in = [max(s - off, 1) for s in reversed(in_spatial)]
+        k_out = [max(s - off, 1) for s in reversed(out_spatial)]
+        k = self._const([ko / ki for ki in k_in for ko in k_out], device).view(3, 3)
+        a = rot * (v[:, _FLIP:_FLIP + 3] / zoom)[:, None, :] * k
+        theta = torch.cat([a, v[:, _SHIFT:_SHIFT + 3, None]], dim=2)
 
         gsz = self.elastic_grid
         field = torch.randn((n, 3, gsz, gsz, gsz), generator=g, device=device)
-        e_on = (u((n,)) < self.p_elastic).float() * self.elastic
-        elastic = field * e_on.view(n, 1, 1, 1, 1) if self.elastic > 0 else None
-
-        def maybe(p, draw, neutral):
-            return torch.where(u((n,)) < p, draw, torch.full_like(draw, neutral))
-
-        lg = u((n,), math.log(self.gamma[0]), math.log(self.gamma[1])).exp()
+        elastic = (field.mul_(v[:, _P_ELASTIC].view(n, 1, 1, 1, 1)) if self.elastic > 0
+                   else None)
         inten = {
-            "gamma": maybe(self.p_gamma, lg, 1.0),
-            "scale": maybe(self.p_contrast, u((n,), *self.contrast), 1.0),
-            "shift": maybe(self.p_brightness, u((n,), *self.brightness), 0.0),
-            "noise_std": maybe(self.p_noise, u((n,), *self.noise), 0.0),
+            "gamma": v[:, _GAMMA].exp(),
+            "scale": v[:, _CONTRAST],
+            "shift": v[:, _BRIGHTNESS],
+            "noise_std": v[:, _NOISE],
             "seed": torch.randint(0, 2**62, (n,), generator=g, device=device),
         }
         if self.clip is not None:

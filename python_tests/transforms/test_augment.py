@@ -330,3 +330,102 @@ def test_a_state_with_an_absent_device_leaves_the_augmenter_whole():
     with pytest.raises(ValueError, match="seed"):  # a bad state changes nothing
         aug.load_state_dict({"seed": -2**70, "generators": {}})
     assert aug.seed == 9
+
+
+# ------------------------------------------------------------------ the batched parameter draw
+
+
+def _rotation(axis: int, t: float) -> np.ndarray:
+    c, s = math.cos(t), math.sin(t)
+    return {0: np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
+            1: np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+            2: np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
+
+
+def _reference_sample(aug, n, in_spatial, out_spatial, device):
+    """What RandomAugment3D.sample draws, one sample at a time in float64 with math.cos/sin and
+    explicit rotation matrices, from the same generator stream: the (n, 22) uniforms (columns:
+    affine coin, 3 angles, 3 zooms, 3 shifts, 3 flip coins, elastic coin, then gamma, contrast,
+    brightness, noise each followed by its coin), the elastic field, the noise seeds."""
+    g = torch.Generator(device=device)
+    g.manual_seed(aug.seed)
+    u = torch.rand((n, 22), generator=g, device=device).double().cpu().numpy()
+    field = torch.randn((n, 3, aug.elastic_grid, aug.elastic_grid, aug.elastic_grid),
+                        generator=g, device=device)
+    seeds = torch.randint(0, 2**62, (n,), generator=g, device=device)
+    off = 1 if aug.align_corners else 0
+    k_in = [max(s - off, 1) for s in reversed(in_spatial)]
+    k_out = [max(s - off, 1) for s in reversed(out_spatial)]
+    theta = np.zeros((n, 3, 4))
+    mag, inten = np.zeros(n), {k: np.zeros(n) for k in ("gamma", "scale", "shift", "noise_std")}
+    for i, r in enumerate(u):
+        on = r[0] < aug.p_affine
+        ang = [(-a + 2 * a * r[1 + k]) if on else 0.0 for k, a in enumerate(aug.rotate)]
+        zoom = [(lo + (hi - lo) * r[4 + k]) if on else 1.0 for k, (lo, hi) in enumerate(aug.scale)]
+        if aug.isotropic:
+            zoom = [zoom[0]] * 3
+        shift = [(-t + 2 * t * r[7 + k]) if on else 0.0 for k, t in enumerate(aug.translate)]
+        flip = [-1.0 if r[10 + k] < p else 1.0 for k, p in enumerate(aug.flip)]
+        rot = _rotation(2, ang[2]) @ _rotation(1, ang[1]) @ _rotation(0, ang[0])
+        for a in range(3):
+            for b in range(3):
+                theta[i, a, b] = rot[a, b] * flip[b] / zoom[b] * k_out[b] / k_in[a]
+        theta[i, :, 3] = shift
+        mag[i] = aug.elastic if r[13] < aug.p_elastic else 0.0
+        (g0, g1), (c0, c1), (b0, b1), (n0, n1) = aug.gamma, aug.contrast, aug.brightness, aug.noise
+        lg0, lg1 = math.log(g0), math.log(g1)
+        inten["gamma"][i] = math.exp(lg0 + (lg1 - lg0) * r[14]) if r[15] < aug.p_gamma else 1.0
+        inten["scale"][i] = c0 + (c1 - c0) * r[16] if r[17] < aug.p_contrast else 1.0
+        inten["shift"][i] = b0 + (b1 - b0) * r[18] if r[19] < aug.p_brightness else 0.0
+        inten["noise_std"][i] = n0 + (n1 - n0) * r[20] if r[21] < aug.p_noise else 0.0
+    return theta, field * torch.from_numpy(mag).float().to(device).view(n, 1, 1, 1, 1), inten, seeds
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["full", "isotropic, half the coins", "align_corners, flips"])
+def test_sample_equals_a_per_sample_reference(device, kind):
+    # The batched draw (one uniform tensor, a score of batched ops) against the same parameters
+    # built one sample at a time with explicit rotation matrices (float64).
+    kw = dict(FULL)
+    if kind.startswith("isotropic"):
+        kw.update(isotropic=True, p_affine=0.5, p_elastic=0.5, p_gamma=0.5, p_contrast=0.5,
+                  p_brightness=0.5, p_noise=0.5)
+    elif kind.startswith("align"):
+        kw.update(align_corners=True, flip=(0.3, 0.9, 0.5), rotate=(1.0, 2.0, 3.0))
+    seed = int(torch.randint(0, 2**31, ()).item())
+    n = int(torch.randint(5, 40, ()).item())
+    in_sp, out_sp = (9, 12, 7), (5, 6, 11)
+    aug = RandomAugment3D(seed=seed, **kw)
+    got = aug.sample(n, in_sp, out_sp, device)
+    theta, field, inten, seeds = _reference_sample(aug, n, in_sp, out_sp, device)
+    assert got["theta"].shape == (n, 3, 4) and got["theta"].dtype == torch.float32
+    torch.testing.assert_close(got["theta"].double().cpu(), torch.from_numpy(theta),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["elastic"], field, rtol=1e-6, atol=0)
+    for k, ref in inten.items():
+        torch.testing.assert_close(got["intensity"][k].double().cpu(), torch.from_numpy(ref),
+                                   rtol=1e-5, atol=1e-6, msg=k)
+    assert torch.equal(got["intensity"]["seed"], seeds)
+    assert got["intensity"]["clip"] == (-3.0, 3.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_is_a_fixed_handful_of_ops(device):
+    # On a GPU every op of the parameter draw is a kernel launch, once per training step; drawn
+    # one parameter at a time it was 90 compute ops (14 separate random draws) at the FULL
+    # settings; now one draw each of rand / randn / randint and ~16 batched ops, whatever the
+    # settings (a fixed number of draws per call keeps a stream reproducible).
+    from torch.profiler import ProfilerActivity, profile
+
+    views = {"select", "slice", "unsqueeze", "view", "expand", "unbind", "to", "detach",
+             "alias", "as_strided", "_unsafe_view", "empty", "reshape"}
+    for kw in (FULL, {}, dict(FULL, isotropic=True, p_affine=0.0, elastic=0.0, clip=None)):
+        aug = RandomAugment3D(seed=1, **kw)
+        aug.sample(8, (20, 20, 20), (16, 16, 16), device)  # the tables go to the device once
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            aug.sample(8, (20, 20, 20), (16, 16, 16), device)
+        top = [e.name[len("aten::"):] for e in prof.events() if e.name.startswith("aten::")
+               and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
+        compute = [op for op in top if op not in views]
+        assert [op for op in compute if op.startswith("rand")] == ["rand", "randn", "randint"]
+        assert len(compute) <= 20, compute
