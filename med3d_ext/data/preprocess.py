@@ -558,6 +558,12 @@ def _stop_workers(ex: ProcessPoolExecutor) -> None:
     """Stop the pool now: cancel the cases not started and terminate the workers (their
     cases in progress are dropped, to be redone by a rerun) instead of waiting for them."""
     procs = list((getattr(ex, "_processes", None) or {}).values())  # no public handle < 3.14
+    # shutdown(wait=False) forgets the pool's manager thread, so the later shutdown(wait=True)
+    # no longer joins it: left running, it closed its wake-up pipe while the interpreter's exit
+    # hook (concurrent.futures' _python_exit) was writing to it, and an interrupted run printed
+    # "Exception ignored ... OSError: [Errno 9] Bad file descriptor" after "interrupted"
+    # (CPython 3.11; seen once in the interrupt test under load)
+    manager = getattr(ex, "_executor_manager_thread", None)
     ex.shutdown(wait=False, cancel_futures=True)
     for proc in procs:
         if proc.is_alive():
@@ -567,6 +573,8 @@ def _stop_workers(ex: ProcessPoolExecutor) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join()
+    if manager is not None:
+        manager.join(10)  # it ends once it sees the workers gone
 
 
 def _clipped_stats(x: np.ndarray, lo: float, hi: float):
