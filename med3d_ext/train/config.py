@@ -33,9 +33,13 @@ class Option:
     commands: tuple = ("pretrain", "transfer", "evaluate")
     flag: bool = True  # also a command-line option (--key-name)
     by_command: tuple = ()  # ((command, default), ...) where a command's default differs
+    help_by_command: tuple = ()  # ((command, help), ...) where a command's meaning differs
 
     def default_for(self, command: str):
         return dict(self.by_command).get(command, self.default)
+
+    def help_for(self, command: str) -> str:
+        return dict(self.help_by_command).get(command, self.help)
 
 
 _T = ("pretrain", "transfer")
@@ -47,9 +51,10 @@ OPTIONS: dict[str, Option] = {
     # -- where / what
     "data": Option(None, "list", "raw dataset folder(s) (MSD / nnU-Net layout; transfer cls: a "
                    "folder with labels.csv)", _ALL),
-    "out": Option(None, "str", "run folder (evaluate: prediction folder, default "
-                  "predictions/<run>; predict: prediction folder, required); default "
-                  "runs/<command>-<time>", _ANY),
+    "out": Option(None, "str", "run folder (default: runs/<command>-<time>)", _ANY,
+                  help_by_command=(
+                      ("evaluate", "prediction folder (default: predictions/<run>)"),
+                      ("predict", "prediction folder (required; default: none)"))),
     "cache": Option(None, "str", "preprocessing cache root (default: med3d_ext.data's)", _ALL),
     "resume": Option(None, "str", "run folder (or checkpoint) to resume", _T),
     "pretrained": Option(None, "str", "our checkpoint, a MedicalNet .pth or .safetensors",
@@ -87,8 +92,10 @@ OPTIONS: dict[str, Option] = {
     "epochs": Option(10, "int", "epochs (validation + checkpoint after each)", _T),
     "steps": Option(50, "int", "optimizer steps per epoch", _T),
     "batch_size": Option(4, "int", "samples per step (per process under torchrun)", _T),
-    "patch": Option(48, "patch", "training patch: N or [D, H, W] (multiples of 8; evaluate, "
-                    "predict: the sliding window, default the run's patch)", _ANY),
+    "patch": Option(48, "patch", "training patch: N or [D, H, W] (multiples of 8)", _ANY,
+                    help_by_command=tuple(
+                        (c, "sliding window: N or [D, H, W] (multiples of 8; default: the "
+                            "run's training patch)") for c in _INFER)),
     "optimizer": Option("sgd", "str", "sgd (MedicalNet) | adamw", _T),
     "lr": Option(1e-2, "float", "learning rate (transfer: of the encoder, default 1e-3 as "
                  "MedicalNet)", _T, by_command=(("transfer", 1e-3),)),
@@ -378,8 +385,8 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         name = "--" + key.replace("_", "-")
         d = o.default_for(command)
         # options whose help already explains their default say it once
-        h = o.help if "default:" in o.help else \
-            f"{o.help} (default: {d if d is not None else 'none'})"
+        h = o.help_for(command).replace("<command>", command)
+        h = h if "default:" in h else f"{h} (default: {d if d is not None else 'none'})"
         if o.kind in ("bool", "auto_bool"):
             parser.add_argument(name, dest=key, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=h)

@@ -51,7 +51,8 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
     if not paths:
         hint = ("python -m med3d_ext.data synth --out DIR, then --data DIR/pretrain"
                 if command == "pretrain" else "--data DIR")
-        raise DataFolderError(f"{command} needs --data (e.g. {hint})")
+        # a usage error (exit 2, as a missing --run is), not a missing folder
+        raise ConfigError(f"{command} needs --data (e.g. {hint})")
     out = []
     for p in map(Path, paths):
         if p.is_file() and p.suffix == ".txt":  # a MedicalNet list file names its dataset

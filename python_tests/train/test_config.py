@@ -199,3 +199,27 @@ def test_repeated_list_options_add_up_and_repeated_patch_is_refused(tiny_data, c
         p.parse_known_args(["pretrain", "--data", "a", "--patch", "16", "--patch", "32"])
     assert e.value.code == 2
     assert "--patch given twice (['16'] and ['32']); give it once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", COMMANDS + ("predict",))
+def test_help_says_each_commands_own_default(command, capsys):
+    """--patch and --out mean different things for training and inference; predict's help
+    showed the training patch's default (48) for the sliding window, which is the run's patch,
+    and every command's --out help listed all the commands' defaults then '(default: none)'."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    patch = re.search(r"--patch PATCH \[PATCH \.\.\.\] (.*?) --", text).group(1)
+    out = re.search(r"--out OUT (.*?) --", text).group(1)
+    if command in ("evaluate", "predict"):
+        assert "sliding window" in patch and "the run's training patch" in patch, patch
+        assert "48" not in patch, patch
+    else:
+        assert "training patch" in patch and "(default: 48)" in patch, patch
+    want = {"pretrain": "run folder (default: runs/pretrain-<time>)",
+            "transfer": "run folder (default: runs/transfer-<time>)",
+            "evaluate": "prediction folder (default: predictions/<run>)",
+            "predict": "prediction folder (required; default: none)"}[command]
+    assert out == want, out

@@ -186,3 +186,21 @@ def test_progress_bar_says_when_it_validates(tmp_path, capsys):
               [("all", list(model.parameters()), 0.1)], 4, 3)
     run_training(cfg, job, tmp_path)
     assert len(seen) == 1 and "pretrain (validating)" in seen[0]
+
+
+def test_missing_required_options_are_usage_errors(capsys, tmp_path, monkeypatch):
+    """A missing --data (pretrain, transfer, evaluate) or --run exits 2 with a line naming the
+    option, as argparse's usage errors do; a missing --data exited 1 (a missing folder's code)."""
+    from med3d_ext.train.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv, needs in ((["pretrain"], "--data"), (["transfer", "--task", "seg"], "--data"),
+                        (["transfer", "--task", "cls"], "--data"), (["evaluate"], "--run"),
+                        (["predict"], "--run")):
+        assert main([*argv, "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and f"needs {needs}" in err, (argv, err)
+        assert len(err.splitlines()) == 1, err
+    # a --data folder that is not there is a missing folder, not a usage error
+    assert main(["pretrain", "--data", tmp_path / "absent", "--no-progress"]) == 1
+    assert "no such folder" in capsys.readouterr().err
