@@ -157,7 +157,7 @@ def _tol32():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("max_c", [3, 4, 7, 12, 20])  # every class bound K = 4, 8, 16, 32
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cuda_full_tiles_match_the_cpu(max_c, dtype):
     """The CUDA kernels walk full tiles of 2048 voxels in stages of several voxels whose loads
     are issued together (partial_stage / backward_stage); small test shapes never fill a tile.
@@ -186,10 +186,43 @@ def test_cuda_full_tiles_match_the_cpu(max_c, dtype):
     torch.testing.assert_close(gt.cpu(), ct, **_tol32())
     torch.testing.assert_close(gp.cpu(), cp, **_tol32())
     for a, b in zip(gg, cg):
-        if dtype == torch.float32:
+        if dtype == torch.float64:  # (its full tiles walk one voxel per stage)
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-14)
+        elif dtype == torch.float32:
             torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-7)
         else:  # both compute in fp32 and round once: at most one bf16 ulp apart
             torch.testing.assert_close(a.cpu().float(), b.float(), rtol=TOL[dtype][0], atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_more_heads_than_finish_warps():
+    """The finishing kernel's 32 warps take the heads as work items strided by the warp count:
+    heads 32..47 (up to 48 per call on CUDA) go round a second time. Every other test has at
+    most 8 heads; here 41 of 2-6 classes, with a bad label in head 37 and heads of no sample."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    H = 41
+    cls = [int(c) for c in torch.randint(2, 7, (H,), generator=g)]
+    ns = [int(n) for n in torch.randint(0, 3, (H,), generator=g)]
+    ns[3] = ns[37] = 2  # heads 3 and 37 have samples
+    logits = [torch.randn(n, c, 5, 7, 6, generator=g) for n, c in zip(ns, cls)]
+    targets = [torch.randint(0, c, (n, 5, 7, 6), generator=g) for n, c in zip(ns, cls)]
+    targets[37].view(-1)[11] = cls[37]
+    hw = torch.rand(H, generator=g) + 0.5
+    out = {}
+    for dev in ("cpu", "cuda"):
+        xs = [x.to(dev).requires_grad_() for x in logits]
+        ts = [t.to(dev) for t in targets]
+        total, ph = m3d.ops.multihead_seg_loss(xs, ts, head_weights=hw.to(dev), validate=False)
+        grads = torch.autograd.grad(total + 0.5 * ph.sum(), xs)
+        out[dev] = (total, ph, grads)
+        with pytest.raises(SegLabelError, match=f"head 37: 1 voxel.*C_h = {cls[37]}"):
+            m3d.ops.multihead_seg_loss(xs, ts, validate=True)
+    (ct, cp, cg), (gt, gp, gg) = out["cpu"], out["cuda"]
+    torch.testing.assert_close(gt.cpu(), ct, **_tol32())
+    torch.testing.assert_close(gp.cpu(), cp, **_tol32())
+    assert all(cp[h] == 0 for h in range(H) if ns[h] == 0)  # no sample: contributes 0
+    for a, b in zip(gg, cg):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------- gradients
