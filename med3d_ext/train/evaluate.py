@@ -432,7 +432,7 @@ def warn_cls_tta(cfg) -> None:
 def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
     from med3d_ext.data import DataError
 
-    from .tasks import cls_case_names, read_cls_csv
+    from .tasks import cls_case_names, cls_class_names, read_cls_csv
 
     warn_cls_tta(cfg)
 
@@ -448,6 +448,8 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
     if outside:  # a label no output stands for has no row in the confusion matrix
         raise ConfigError(f"{str(data_dir)!r}: labels.csv has classes {outside} that the run's "
                           f"head ({n_out} outputs: classes {order}) does not predict")
+    # the run's class names (its classes.json); else the evaluated folder's
+    class_names = dict(ckpt.get("class_names") or cls_class_names(data_dir))
     cases = cls_case_names(data_dir, paths)
     names = _split_filter(cases, ckpt, cfg["split"], "cls")
     rows, probs, preds = [], [], []
@@ -463,16 +465,21 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
                 warnings.warn(f"skipped bad image: {e}", stacklevel=2)
                 continue
             k = int(prob.argmax())
-            rows.append({"case": case, "label": lab, **cls_fields(prob, order)})
+            label = {"label": lab, **({"label_name": class_names.get(lab, "")}
+                                       if class_names else {})}
+            rows.append({"case": case, **label, **cls_fields(prob, order, class_names)})
             probs.append(prob)
             preds.append(k)
     acc = nanmean(float(r["label"] == r["prediction"]) for r in rows)
-    fields = ["case", "label", "prediction", "probability"] + [f"prob_{c}" for c in order]
+    fields = ["case", "label"] + cls_columns(order, class_names)
+    if class_names:
+        fields.insert(2, "label_name")
     _write_csv(out / "predictions.csv", fields, rows)
     y = [order.index(r["label"]) for r in rows]
     pm = torch.stack(probs) if probs else torch.zeros(0, len(order))
     summary = {"run": str(cfg["run"]), "data": str(data_dir), "accuracy": acc,
-               **classification_metrics(y, pm, order, preds), "cases": rows}
+               **classification_metrics(y, pm, order, preds), "class_names": class_names,
+               "cases": rows}
     write_json(out / "metrics.json", summary)
     log(format_cls_table(summary))
     log(f"accuracy {acc:.3f} on {len(rows)} cases; predictions in {out / 'predictions.csv'}")
@@ -498,12 +505,26 @@ def classify_image(model, path, window, channel, dev) -> torch.Tensor:
         return torch.softmax(model(x).float(), 1)[0].cpu()
 
 
-def cls_fields(prob: torch.Tensor, order) -> dict:
-    """predictions.csv's columns of one image: the predicted class, its probability and every
-    class's probability (``prob_<class>``: what ROC curves / AUC are computed from)."""
+def cls_fields(prob: torch.Tensor, order, class_names=None) -> dict:
+    """predictions.csv's columns of one image: the predicted class (and its name, when the run
+    has ``class_names`` from a classes.json), its probability and every class's probability
+    (``prob_<class>``: what ROC curves / AUC are computed from)."""
     k = int(prob.argmax())
-    return {"prediction": order[k], "probability": float(prob[k]),
+    name = {"prediction_name": class_names.get(order[k], "")} if class_names else {}
+    return {"prediction": order[k], **name, "probability": float(prob[k]),
             **{f"prob_{c}": float(v) for c, v in zip(order, prob.tolist())}}
+
+
+def cls_columns(order, class_names=None) -> list[str]:
+    """The cls_fields columns, in order."""
+    return (["prediction"] + (["prediction_name"] if class_names else []) + ["probability"]
+            + [f"prob_{c}" for c in order])
+
+
+def class_label(c, class_names) -> str:
+    """A class as tables and logs show it: ``1 (malignant)`` when it has a name, else ``1``."""
+    name = (class_names or {}).get(str(c))
+    return f"{c} ({name})" if name else str(c)
 
 
 def _json_clean(v):
@@ -524,7 +545,8 @@ def format_cls_table(summary) -> str:
     (what it averages), then why any value is undefined (nan)."""
     lines = [" | ".join(["class", "n", "sensitivity", "specificity", "precision", "AUC"])]
     for c in summary["confusion_matrix"]["classes"]:
-        lines.append(" | ".join([str(c), str(summary["support"][c])] + [
+        lines.append(" | ".join([class_label(c, summary.get("class_names")),
+                                 str(summary["support"][c])] + [
             _fmt(summary[k][c], ".3f")
             for k in ("sensitivity", "specificity", "precision", "auc_per_class")]))
     lines.append(f"accuracy {_fmt(summary['accuracy'], '.3f')} | balanced accuracy "

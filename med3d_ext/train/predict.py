@@ -507,12 +507,13 @@ def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
     from med3d_ext.data import DataError
     from tqdm.auto import tqdm
 
-    from .evaluate import (_load_model, _write_csv, classify_image, cls_fields, cls_order,
-                           warn_cls_tta)
+    from .evaluate import (_load_model, _write_csv, class_label, classify_image, cls_columns,
+                           cls_fields, cls_order, warn_cls_tta)
 
     warn_cls_tta(cfg)
 
     order = cls_order(ckpt)
+    class_names = dict(ckpt.get("class_names") or {})
     # a classification run reads one image file per case (--channel picks the channel of a
     # multi-channel file)
     images = split_channel_groups(images, log)
@@ -545,7 +546,7 @@ def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
             problems.append(str(e))
             continue
         rows.append({"case": im.name, "file": os.path.abspath(im.files[0]),
-                     **cls_fields(prob, order)})
+                     **cls_fields(prob, order, class_names)})
     bar.close()
     if problems:
         warnings.warn(f"--images: skipped {len(problems)} bad image(s):\n  "
@@ -553,11 +554,12 @@ def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
     if not rows:
         raise ConfigError(f"--images: no image left to predict (--skip-bad skipped all "
                           f"{len(images) + len(problems)}): " + "; ".join(problems))
-    fields = ["case", "file", "prediction", "probability"] + [f"prob_{c}" for c in order]
-    _write_csv(out / "predictions.csv", fields, rows)
+    _write_csv(out / "predictions.csv", ["case", "file"] + cls_columns(order, class_names),
+               rows)
     for r in rows:
-        log(f"  {r['case']}: class {r['prediction']} ({r['probability']:.3f})")
-    summary.update({"classes": order,
+        log(f"  {r['case']}: class {class_label(r['prediction'], class_names)} "
+            f"({r['probability']:.3f})")
+    summary.update({"classes": order, "class_names": class_names,
                     "settings": _settings(cfg, dev, fused, window, channel=cfg.get("channel")),
                     "skipped": problems, "cases": rows})
     log(f"{len(rows)} prediction(s) in {out / 'predictions.csv'}; summary in "

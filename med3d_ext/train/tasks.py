@@ -26,7 +26,8 @@ from .metrics import batch_dice, dice_per_class, nanmean
 
 __all__ = ["DataFolderError", "resolve_data_dirs", "open_preprocessed", "split_cases",
            "subset", "head_name", "pretrain_job", "transfer_seg_job", "transfer_cls_job",
-           "read_cls_csv", "cls_case_names", "load_cls_volume", "check_classes", "input_channel",
+           "read_cls_csv", "cls_class_names", "cls_case_names", "load_cls_volume", "check_classes",
+           "input_channel",
            "check_output_outside_data", "check_cache_outside_data", "dataset_folders"]
 
 
@@ -627,17 +628,31 @@ def read_cls_csv(folder) -> tuple[list[Path], list[str]]:
     if missing:
         raise DataFolderError(f"{str(p)!r}: {len(missing)} image(s) do not exist, e.g. "
                               f"{missing[:3]}")
-    side = p.parent / "classes.json"
-    if side.is_file():  # declared classes: a label outside them is a typo, not a new class
-        from med3d_ext.data.layouts import _int_keyed, _load_json
-
-        meta = _load_json(side)
-        declared = _int_keyed(side, "classes", meta.get("classes", {}))
-        bad = sorted({int(v) for v in labels} - set(declared))
-        if declared and bad:
-            raise DataFolderError(f"{str(p)!r}: labels {bad} are not declared in {side} "
-                                  f"(classes {sorted(declared)})")
+    declared, side = _declared_classes(p.parent)
+    bad = sorted({int(v) for v in labels} - set(declared))
+    if declared and bad:  # declared classes: a label outside them is a typo, not a new class
+        raise DataFolderError(f"{str(p)!r}: labels {bad} are not declared in {side} "
+                              f"(classes {sorted(declared)})")
     return paths, labels
+
+
+def _declared_classes(folder: Path) -> tuple[dict, Path]:
+    """classes.json's {"classes": {index: name}} beside labels.csv, as {int: name} ({} when
+    there is none), and the file's path."""
+    side = folder / "classes.json"
+    if not side.is_file():
+        return {}, side
+    from med3d_ext.data.layouts import _int_keyed, _load_json
+
+    return _int_keyed(side, "classes", _load_json(side).get("classes", {})), side
+
+
+def cls_class_names(folder) -> dict[str, str]:
+    """The names classes.json gives the classes of a classification folder (or labels.csv),
+    keyed like the run's classes (canonical integer strings); {} without classes.json."""
+    folder = Path(folder)
+    declared, _ = _declared_classes(folder if folder.is_dir() else folder.parent)
+    return {str(k): str(v) for k, v in sorted(declared.items())}
 
 
 def cls_case_names(folder, paths) -> list[str]:
@@ -794,6 +809,7 @@ def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     return Job("cls", model, model.arch, loader, prepare, step_fn, validate,
                _groups(model, enc_lr, head_lr), cfg["batch_size"], int(np.prod(patch)),
                freeze_epochs=cfg["freeze_epochs"],
-               extra={"classes": classes, "split": {"cls": {"train": tr, "val": va}},
+               extra={"classes": classes, "class_names": cls_class_names(data_dir),
+                      "split": {"cls": {"train": tr, "val": va}},
                       "datasets": [str(data_dir)],
                       "pretrained_load": str(report) if report else None})

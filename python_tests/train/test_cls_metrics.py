@@ -244,9 +244,14 @@ def _evaluate(run, data, out, capsys):
 def test_evaluate_cls_outputs(cls_run, tiny_data, tmp_path, capsys):
     rows, summary, log = _evaluate(cls_run, tiny_data["cls"], tmp_path / "p", capsys)
     header = (tmp_path / "p" / "predictions.csv").read_text().splitlines()[0]
-    assert header == "case,label,prediction,probability,prob_0,prob_1"
+    assert header == ("case,label,label_name,prediction,prediction_name,probability,"
+                      "prob_0,prob_1")
     assert len(rows) == 8 and {r["label"] for r in rows} == {"0", "1"}
+    names = {"0": "no tumour", "1": "tumour"}  # the synthetic folder's classes.json
+    assert summary["class_names"] == names
     for r in rows:
+        assert r["label_name"] == names[r["label"]]
+        assert r["prediction_name"] == names[r["prediction"]]
         p = [float(r["prob_0"]), float(r["prob_1"])]
         assert sum(p) == pytest.approx(1.0, abs=1e-6)
         assert r["prediction"] == str(int(np.argmax(p)))
@@ -270,8 +275,8 @@ def test_evaluate_cls_outputs(cls_run, tiny_data, tmp_path, capsys):
     # the log: the per-class table, the summary line, the existing last line
     lines = log.splitlines()
     i = lines.index("class | n | sensitivity | specificity | precision | AUC")
-    assert lines[i + 1].startswith(f"0 | {summary['support']['0']} | ")
-    assert lines[i + 2].startswith(f"1 | {summary['support']['1']} | ")
+    assert lines[i + 1].startswith(f"0 (no tumour) | {summary['support']['0']} | ")
+    assert lines[i + 2].startswith(f"1 (tumour) | {summary['support']['1']} | ")
     assert lines[i + 3].startswith(f"accuracy {summary['accuracy']:.3f} | balanced accuracy "
                                    f"{summary['balanced_accuracy']:.3f} | AUC ")
     assert f"accuracy {summary['accuracy']:.3f} on 8 cases; predictions in" in log
@@ -298,4 +303,41 @@ def test_evaluate_cls_one_label_only(cls_run, tiny_data, tmp_path, capsys):
     assert summary["balanced_accuracy"] == pytest.approx(n0 / len(keep), rel=1e-12)
     assert "class 1: no case has this label: sensitivity and AUC undefined (nan)" in log
     assert "class 0: every case has this label (no negatives)" in log
-    assert "1 | 0 | nan | " in log
+    assert "1 (tumour) | 0 | nan | " in log
+
+
+def test_class_names_only_where_known(cls_run, tiny_data, tmp_path, capsys):
+    """Names come from the run (its folder's classes.json at training time), else from the
+    evaluated folder's classes.json; with neither, predictions.csv keeps its nameless columns
+    and the table shows bare classes."""
+    from med3d_ext.train.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["cls"], data)
+    (data / "classes.json").unlink()
+    # the run's names, though the folder evaluated has none
+    rows, summary, log = _evaluate(cls_run, data, tmp_path / "a", capsys)
+    assert summary["class_names"] == {"0": "no tumour", "1": "tumour"}
+    assert {r["prediction_name"] for r in rows} <= {"no tumour", "tumour"}
+    # a run without names (made before they were recorded, or from a folder without them)
+    ck = torch.load(cls_run / "best.pt", weights_only=True)
+    del ck["class_names"]
+    torch.save(ck, tmp_path / "old.pt")
+    rows, summary, log = _evaluate(tmp_path / "old.pt", data, tmp_path / "b", capsys)
+    header = (tmp_path / "b" / "predictions.csv").read_text().splitlines()[0]
+    assert header == "case,label,prediction,probability,prob_0,prob_1"
+    assert summary["class_names"] == {} and "\n0 | 4 | " in "\n" + log.split("AUC\n", 1)[1]
+    # ... whose evaluated folder has them: the folder's
+    rows, summary, _ = _evaluate(tmp_path / "old.pt", tiny_data["cls"], tmp_path / "c", capsys)
+    assert summary["class_names"] == {"0": "no tumour", "1": "tumour"}
+    assert all(r["label_name"] == summary["class_names"][r["label"]] for r in rows)
+    # predict has no folder: the run's names or none
+    assert main(["predict", "--run", tmp_path / "old.pt", "--out", tmp_path / "p", "--images",
+                 data / "images", "--device", "cpu", "--no-progress"]) == 0
+    header = (tmp_path / "p" / "predictions.csv").read_text().splitlines()[0]
+    assert header == "case,file,prediction,probability,prob_0,prob_1"
+    capsys.readouterr()
+    assert main(["predict", "--run", cls_run, "--out", tmp_path / "q", "--images",
+                 data / "images", "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "case_000: class 0 (no tumour) (" in out or "case_000: class 1 (tumour) (" in out

@@ -175,12 +175,16 @@ def test_transfer_cls_and_evaluate(pre_run, tiny_data, tmp_path):
     assert rc == 0
     ck = torch.load(run / "best.pt", weights_only=True)
     assert ck["arch"]["task"] == "classification" and ck["classes"] == ["0", "1"]
+    # the folder's classes.json names (synthetic: 0 no tumour, 1 tumour) travel with the run
+    assert ck["class_names"] == {"0": "no tumour", "1": "tumour"}
     pred = tmp_path / "pcls"
     assert main(["evaluate", "--run", run, "--data", tiny_data["cls"], "--out", pred,
                  "--device", "cpu", "--split", "val"]) == 0
     rows = (pred / "predictions.csv").read_text().splitlines()
-    # the original columns first, then each class's probability (test_cls_metrics.py)
-    assert rows[0] == "case,label,prediction,probability,prob_0,prob_1"
+    # the original columns first (with the classes' names), then each class's probability
+    # (test_cls_metrics.py)
+    assert rows[0] == ("case,label,label_name,prediction,prediction_name,probability,"
+                       "prob_0,prob_1")
     assert len(rows) - 1 == len(ck["split"]["cls"]["val"])
 
 

@@ -265,7 +265,7 @@ def test_classification_matches_evaluate(cls_run, tiny_data, tmp_path, capsys):
     assert "8 prediction(s) in" in capsys.readouterr().out
     assert _files(tmp_path / "p") == ["predictions.csv", "predictions.json"]
     header = (tmp_path / "p" / "predictions.csv").read_text().splitlines()[0]
-    assert header == "case,file,prediction,probability,prob_0,prob_1"
+    assert header == "case,file,prediction,prediction_name,probability,prob_0,prob_1"
     rows = _csv(tmp_path / "p" / "predictions.csv")
     assert [r["file"] for r in rows] == [str(p) for p in sorted(images.glob("*.nii.gz"))]
     assert sorted(r["file"] for r in rows) == sorted(want)
@@ -273,10 +273,11 @@ def test_classification_matches_evaluate(cls_run, tiny_data, tmp_path, capsys):
         e = want[r["file"]]
         assert r["case"] == os.path.basename(r["file"])[:-len(".nii.gz")]
         # the same numbers, to the last digit written
-        assert [r[k] for k in ("prediction", "probability", "prob_0", "prob_1")] == \
-            [e[k] for k in ("prediction", "probability", "prob_0", "prob_1")]
+        keys = ("prediction", "prediction_name", "probability", "prob_0", "prob_1")
+        assert [r[k] for k in keys] == [e[k] for k in keys]
     s = json.loads((tmp_path / "p" / "predictions.json").read_text())
     assert s["task"] == "classification" and s["classes"] == ["0", "1"]
+    assert s["class_names"] == {"0": "no tumour", "1": "tumour"}
     assert s["settings"]["patch"] == [16, 16, 16] and len(s["cases"]) == 8
     assert s["cases"][0]["prob_1"] == float(rows[0]["prob_1"])
     # --tta on a classification run is said to do nothing (it was ignored silently), by
