@@ -20,9 +20,30 @@ from torch import nn
 
 from .resnet import MedicalNetSegHead, ResNet3dEncoder, apply_fusion, check_flag
 
-__all__ = ["HeadOutput", "Med3DNet"]
+__all__ = ["HeadOutput", "Med3DNet", "rows_by_head", "take_rows"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(0, index)`` in ``t``'s own memory format. index_select returns a
+    contiguous (NCDHW) tensor whatever its input, so a channels_last_3d model's heads got
+    NCDHW features, and each of their first convolutions converted its input back first (one
+    more copy per head and step); gathered through the NDHWC view the rows stay
+    channels_last_3d."""
+    if (t.dim() == 5 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last_3d)):
+        return t.permute(0, 2, 3, 4, 1).index_select(0, index).permute(0, 4, 1, 2, 3)
+    return t.index_select(0, index)
+
+
+def rows_by_head(t: torch.Tensor, outs: Sequence["HeadOutput"]) -> list[torch.Tensor]:
+    """``[t[o.index] for o in outs]`` (e.g. the labels of each head's samples) with one gather
+    and views of it, not a gather per head: each is a launch on a GPU."""
+    if not outs:
+        return []
+    index = outs[0].index if len(outs) == 1 else torch.cat([o.index for o in outs])
+    return list(take_rows(t, index).split([len(o.index) for o in outs]))
 
 
 class HeadOutput(NamedTuple):
@@ -118,9 +139,14 @@ class Med3DNet(nn.Module):
         # work (a host sync per step). From pinned memory: CUDA may synchronise the stream
         # before staging an asynchronous copy from pageable memory (its documented behaviour
         # for pageable transfers), which would be that same wait.
+        in_order = ids.numel() < 2 or bool((ids[1:] >= ids[:-1]).all())  # (host tensors)
         if image.device.type == "cuda":
             order = order.pin_memory()
         order_dev = order.to(image.device, non_blocking=True)
+        # the batch sorted by head once (one gather forward, one in backward), each head's
+        # rows a view of it: a gather per head cost a launch forward and two backward per
+        # head, plus adding the heads' gradients into the features', every step
+        parts = (feats if in_order else take_rows(feats, order_dev)).split(counts)
         out, start = [], 0
         for h, c in enumerate(counts):
             if c == 0:
@@ -128,7 +154,7 @@ class Med3DNet(nn.Module):
             index = order_dev[start:start + c]
             start += c
             head = self.heads[self.head_names[h]]
-            out.append(HeadOutput(h, index, head(feats.index_select(0, index))))
+            out.append(HeadOutput(h, index, head(parts[h])))
         return out
 
     def forward_head(self, image: torch.Tensor, head: int | str) -> torch.Tensor:

@@ -10,8 +10,8 @@ throughput measurement it can be most of the time measured.
 
 :func:`tune_head_shapes` runs one forward and backward of a copy of a head for each class count
 and each batch size a head is likely to meet, on inputs made the way the model makes them (the
-encoder's output layout and dtype, then ``index_select``), so the autotuner's cache holds every
-shape before training starts. The model itself, its weights and BatchNorm statistics, and every
+encoder's output layout and dtype, then the gather ``take_rows``), so the autotuner's cache
+holds every shape before training starts. The model itself, its weights and BatchNorm statistics, and every
 random number generator are left alone (the inputs are constant, not random).
 """
 
@@ -23,6 +23,8 @@ import math
 import time
 
 import torch
+
+from med3d_ext.models.med3d import take_rows
 
 
 def head_batch_sizes(batch_size: int, n_heads: int, tail: float = 1e-3) -> list[int]:
@@ -68,7 +70,8 @@ def tune_head_shapes(med3d, patch, batch_size: int, amp: torch.dtype | None,
             p.requires_grad_(True)
         for n in sizes:
             x = feats.detach().requires_grad_(True)
-            x_head = x.index_select(0, torch.arange(n, device=dev))  # as Med3DNet.forward
+            # a gather, as Med3DNet.forward makes a head's input (its layout included)
+            x_head = take_rows(x, torch.arange(n, device=dev))
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                 out = twin(x_head)
             # the loss returns contiguous gradients in the logits' dtype

@@ -419,6 +419,7 @@ def _val_sets(pres, names_val, cfg):
 def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) -> Job:
     from med3d_ext import data
     from med3d_ext.models import Med3DNet
+    from med3d_ext.models.med3d import rows_by_head
 
     pres = [open_preprocessed(d, cfg) for d in dirs]
     heads, split = {}, {}
@@ -449,7 +450,7 @@ def pretrain_job(cfg, dirs, dev, rank: int, fused: bool, channels_last: bool) ->
 
     def step_fn(net, inp):
         outs = net(inp["image"], inp["dataset_id"])
-        targets = [inp["label"].index_select(0, o.index) for o in outs]
+        targets = rows_by_head(inp["label"], outs)
         logits = [_fit(o.logits, t, resize) for o, t in zip(outs, targets)]
         loss, per = loss_fn(logits, targets)
         info = {f"loss/{names[o.head]}": per[j] for j, o in enumerate(outs)}

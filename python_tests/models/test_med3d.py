@@ -193,3 +193,57 @@ def test_encoder_export_and_rebuild(tmp_path):
     assert list(again.state_dict()) == list(med.state_dict())
     again.encoder.load_state_dict(med.encoder.state_dict())
     assert med.arch["heads"] == HEADS and med.arch["task"] == "pretrain"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("ids", [[1, 0, 1, 2, 0, 2], [0, 0, 1, 2, 2, 2], [2, 2, 2, 2, 2, 2]])
+def test_routing_gathers_once_and_keeps_the_layout(channels_last, ids):
+    """The batch is sorted by head with one gather (none when it is in head order already) and
+    each head reads a view of it: a gather per head cost a launch forward and two backward per
+    head and step. The heads get the encoder's layout (index_select gave channels_last_3d
+    features back as NCDHW: each head's first conv converted them again). Outputs and every
+    gradient equal the heads run one by one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    med = Med3DNet(10, HEADS)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    med = med.to(memory_format=fmt)
+    ref = copy.deepcopy(med)
+    x = torch.randn(6, 1, 9, 10, 11).contiguous(memory_format=fmt)
+    ids = torch.tensor(ids)
+    seen = []
+    for name in HEADS:
+        med.heads[name].register_forward_pre_hook(
+            lambda m, a: seen.append(a[0].is_contiguous(memory_format=fmt)))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = med(x, ids)
+        sum(o.logits.square().mean() for o in got).backward()
+    names = [e.name for e in prof.events()]
+    gathers = 0 if bool((ids[1:] >= ids[:-1]).all()) else 1
+    assert names.count("aten::index_select") == gathers, names.count("aten::index_select")
+    assert all(seen) and len(seen) == len(set(ids.tolist()))
+    want = _run_separately(ref, x, ids)
+    _compare(got, want)
+    sum(w[2].square().mean() for w in want).backward()
+    for (k, p), (_, q) in zip(med.named_parameters(), ref.named_parameters()):
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), k
+        else:
+            assert_close(p.grad, q.grad, msg=k)
+
+
+def test_rows_by_head_equals_indexing_each_head():
+    from med3d_ext.models.med3d import rows_by_head
+
+    med = Med3DNet(10, HEADS).eval()
+    n = int(torch.randint(2, 9, ()))
+    ids = torch.randint(0, 3, (n,))
+    labels = torch.randint(0, 200, (n, 3, 4, 5), dtype=torch.uint8)
+    with torch.no_grad():
+        outs = med(torch.randn(n, 1, 8, 8, 8), ids)
+    got = rows_by_head(labels, outs)
+    assert len(got) == len(outs)
+    for g, o in zip(got, outs):
+        assert torch.equal(g, labels[o.index]) and g.dtype == torch.uint8
+    assert rows_by_head(labels, []) == []
