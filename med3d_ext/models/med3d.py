@@ -42,6 +42,8 @@ def rows_by_head(t: torch.Tensor, outs: Sequence["HeadOutput"]) -> list[torch.Te
     and views of it, not a gather per head: each is a launch on a GPU."""
     if not outs:
         return []
+    if len(outs) == 1 and len(outs[0].index) == t.shape[0]:
+        return [t]  # one head has the whole batch: its index is 0..n-1 (ascending)
     index = outs[0].index if len(outs) == 1 else torch.cat([o.index for o in outs])
     return list(take_rows(t, index).split([len(o.index) for o in outs]))
 

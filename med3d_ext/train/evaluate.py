@@ -449,7 +449,16 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
         raise ConfigError(f"{str(data_dir)!r}: labels.csv has classes {outside} that the run's "
                           f"head ({n_out} outputs: classes {order}) does not predict")
     # the run's class names (its classes.json); else the evaluated folder's
-    class_names = dict(ckpt.get("class_names") or cls_class_names(data_dir))
+    folder_names = cls_class_names(data_dir)
+    class_names = dict(ckpt.get("class_names") or folder_names)
+    differ = sorted((c for c in set(class_names) & set(folder_names)
+                     if class_names[c] != folder_names[c]), key=int)
+    if differ:  # e.g. a swapped label convention: the labels may not mean what the run learnt
+        pairs = "; ".join(f"{c}: {folder_names[c]!r} here, {class_names[c]!r} in the run"
+                          for c in differ)
+        warnings.warn(f"{str(data_dir)!r}: classes.json names class(es) {differ} differently "
+                      f"from the run ({pairs}); predictions.csv uses the run's names",
+                      stacklevel=2)
     cases = cls_case_names(data_dir, paths)
     names = _split_filter(cases, ckpt, cfg["split"], "cls")
     rows, probs, preds = [], [], []
@@ -600,7 +609,8 @@ def _write(out: Path, summary, rows):
 # Results are written atomically, as predictions are: a Ctrl-C or a full disk mid-write keeps
 # the previous file (or none), never a torn one that a script would read as the results.
 def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    # UTF-8 whatever the locale: class names and case names may be in any language
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, obj) -> None:
@@ -615,4 +625,5 @@ def _write_csv(path: Path, fields, rows) -> None:
     w = csv.DictWriter(buf, fields)
     w.writeheader()
     w.writerows(rows)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), newline=""))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8",
+                                                        newline=""))

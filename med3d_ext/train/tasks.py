@@ -653,7 +653,9 @@ def cls_class_names(folder) -> dict[str, str]:
     keyed like the run's classes (canonical integer strings); {} without classes.json."""
     folder = Path(folder)
     declared, _ = _declared_classes(folder if folder.is_dir() else folder.parent)
-    return {str(k): str(v) for k, v in sorted(declared.items())}
+    # one line each (a newline in a name broke the metrics table and the log); null is no name
+    return {str(k): " ".join(str(v).split()) for k, v in sorted(declared.items())
+            if v is not None and " ".join(str(v).split())}
 
 
 def cls_case_names(folder, paths) -> list[str]:

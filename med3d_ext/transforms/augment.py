@@ -115,7 +115,8 @@ _GAMMA, _CONTRAST, _BRIGHTNESS, _NOISE = 14, 16, 18, 20
 def _rotation_basis() -> torch.Tensor:
     """(3 terms, 3 axes, 3, 3): the rotation about axis a by angle t is
     B[0, a] + cos(t) B[1, a] + sin(t) B[2, a] (axes x, y, z as Rx, Ry, Rz)."""
-    b = torch.zeros(3, 3, 3, 3)
+    # float32 whatever torch's default dtype (the whole draw is)
+    b = torch.zeros(3, 3, 3, 3, dtype=torch.float32)
     for a in range(3):
         i, j = [k for k in range(3) if k != a]  # the plane of the rotation
         b[0, a, a, a] = 1.0
@@ -158,8 +159,8 @@ class RandomAugment3D:
     ``aug(image, label, size, label_size=None) -> (image, label)``: image (N, C, D, H, W)
     floating; label (N, D, H, W) / (N, 1, D, H, W) any dtype, or None; size the output spatial
     size (an int for a cube, 3 ints) or the full (N, C, D, H, W); label_size the label's output
-    grid (an int or 3 ints; default: size). Works on CPU tensors (DataLoader workers: call :meth:`reseed` with a per-worker seed
-    in ``worker_init_fn``) and CUDA batches. :meth:`state_dict` / :meth:`load_state_dict` save
+    grid (an int or 3 ints; default: size). Works on CPU tensors (DataLoader workers: call
+    :meth:`reseed` with a per-worker seed in ``worker_init_fn``) and CUDA batches. :meth:`state_dict` / :meth:`load_state_dict` save
     and restore the generator states for an exact resume.
     """
 
@@ -346,7 +347,8 @@ class RandomAugment3D:
         theta = torch.cat([a, v[:, _SHIFT:_SHIFT + 3, None]], dim=2)
 
         gsz = self.elastic_grid
-        field = torch.randn((n, 3, gsz, gsz, gsz), generator=g, device=device)
+        field = torch.randn((n, 3, gsz, gsz, gsz), generator=g, device=device,
+                            dtype=torch.float32)
         elastic = (field.mul_(v[:, _P_ELASTIC].view(n, 1, 1, 1, 1)) if self.elastic > 0
                    else None)
         inten = {

@@ -247,3 +247,13 @@ def test_rows_by_head_equals_indexing_each_head():
     for g, o in zip(got, outs):
         assert torch.equal(g, labels[o.index]) and g.dtype == torch.uint8
     assert rows_by_head(labels, []) == []
+
+
+def test_rows_by_head_of_one_head_with_the_whole_batch_is_the_batch():
+    from med3d_ext.models.med3d import rows_by_head
+
+    med = Med3DNet(10, HEADS).eval()
+    labels = torch.randint(0, 3, (3, 4, 4, 4))
+    with torch.no_grad():
+        outs = med(torch.randn(3, 1, 8, 8, 8), 1)
+    assert len(outs) == 1 and rows_by_head(labels, outs)[0] is labels  # no copy

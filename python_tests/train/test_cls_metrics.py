@@ -341,3 +341,49 @@ def test_class_names_only_where_known(cls_run, tiny_data, tmp_path, capsys):
                  data / "images", "--device", "cpu", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "case_000: class 0 (no tumour) (" in out or "case_000: class 1 (tumour) (" in out
+
+
+def test_class_names_that_differ_warn_and_odd_names_are_one_line(cls_run, tiny_data, tmp_path,
+                                                                  capsys):
+    """A folder whose classes.json names the run's classes otherwise (a swapped label
+    convention?) is said; a name with a newline broke the table and the log, null named a
+    class 'None'."""
+    from med3d_ext.train.tasks import cls_class_names
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["cls"], data)
+    (data / "classes.json").write_text(json.dumps({"classes": {"0": "tumour",
+                                                               "1": "no tumour"}}))
+    rows, summary, log = _evaluate(cls_run, data, tmp_path / "a", capsys)
+    assert ("warning: " + repr(str(data)) + ": classes.json names class(es) ['0', '1'] "
+            "differently from the run (0: 'tumour' here, 'no tumour' in the run; 1: 'no tumour' "
+            "here, 'tumour' in the run); predictions.csv uses the run's names") in log, log
+    assert summary["class_names"] == {"0": "no tumour", "1": "tumour"}  # the run's
+    (data / "classes.json").write_text(json.dumps({"classes": {"0": "be\nnign ", "1": None,
+                                                               "2": "  "}}))
+    assert cls_class_names(data) == {"0": "be nign"}
+
+
+def test_predictions_csv_is_utf8_whatever_the_locale(tmp_path):
+    """Class names come from classes.json (UTF-8) in any language; predictions.csv was written
+    in the locale's encoding, and under a C locale (no UTF-8 coercion) evaluate failed with
+    UnicodeEncodeError after all its inference."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "p.csv"
+    code = ("import sys; from pathlib import Path; from med3d_ext.train.evaluate import "
+            "_write_csv, write_json; _write_csv(Path(sys.argv[1]), ['case', 'prediction_name'],"
+            " [{'case': 'c\\u00e9', 'prediction_name': 'b\\u00e9nin, \\u00e9tage 2'}]); "
+            "write_json(Path(sys.argv[1] + '.json'), {'n': 'b\\u00e9nin'})")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    r = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(out)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"case": "c\u00e9", "prediction_name": "b\u00e9nin, \u00e9tage 2"}]
+    assert json.loads(Path(str(out) + ".json").read_text(encoding="utf-8")) == {"n": "b\u00e9nin"}

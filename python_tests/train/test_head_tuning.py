@@ -148,3 +148,23 @@ def test_tuning_on_the_gpu_as_the_cli_runs_it(fused):
         sum(o.logits.float().sum() for o in outs).backward()
     finally:
         torch.backends.cudnn.benchmark = before_flag
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tuned_inputs_are_laid_out_as_the_models(channels_last):
+    """cuDNN's cache is keyed by shapes and strides: the tuning must feed each head inputs
+    with the layout and strides Med3DNet.forward gives it (a gathered view of the encoder's
+    output; the layout changed when the gather started keeping channels_last_3d)."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    med = Med3DNet(10, {"a": 2, "b": 3}).to(memory_format=fmt).train()
+    seen = {"tuning": set(), "model": set()}
+    phase = ["tuning"]
+    for head in med.heads.values():
+        head.register_forward_pre_hook(
+            lambda m, args: seen[phase[0]].add((tuple(args[0].shape), args[0].stride())))
+    tune_head_shapes(med, (16, 16, 16), 4, None, channels_last=channels_last)
+    phase[0] = "model"
+    for ids in ([0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]):
+        x = torch.randn(4, 1, 16, 16, 16).contiguous(memory_format=fmt)
+        med(x, torch.tensor(ids))
+    assert seen["model"] and seen["model"] <= seen["tuning"], (seen["model"], seen["tuning"])

@@ -349,9 +349,10 @@ def _reference_sample(aug, n, in_spatial, out_spatial, device):
     brightness, noise each followed by its coin), the elastic field, the noise seeds."""
     g = torch.Generator(device=device)
     g.manual_seed(aug.seed)
-    u = torch.rand((n, 22), generator=g, device=device).double().cpu().numpy()
+    u = torch.rand((n, 22), generator=g, device=device, dtype=torch.float32).double().cpu()
+    u = u.numpy()
     field = torch.randn((n, 3, aug.elastic_grid, aug.elastic_grid, aug.elastic_grid),
-                        generator=g, device=device)
+                        generator=g, device=device, dtype=torch.float32)
     seeds = torch.randint(0, 2**62, (n,), generator=g, device=device)
     off = 1 if aug.align_corners else 0
     k_in = [max(s - off, 1) for s in reversed(in_spatial)]
@@ -429,3 +430,21 @@ def test_sample_is_a_fixed_handful_of_ops(device):
         compute = [op for op in top if op not in views]
         assert [op for op in compute if op.startswith("rand")] == ["rand", "randn", "randint"]
         assert len(compute) <= 20, compute
+
+
+def test_the_draw_is_float32_whatever_the_default_dtype():
+    """The rotation basis was made in the default dtype at import and the elastic field in the
+    one of each call, so theta's dtype and the stream (the field is drawn before the seeds)
+    depended on when torch.set_default_dtype(torch.float64) was called."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    want = RandomAugment3D(seed=seed, **FULL).sample(3, (9, 10, 11), (7, 8, 9), "cpu")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = RandomAugment3D(seed=seed, **FULL).sample(3, (9, 10, 11), (7, 8, 9), "cpu")
+    finally:
+        torch.set_default_dtype(old)
+    assert got["theta"].dtype == torch.float32 and got["elastic"].dtype == torch.float32
+    assert torch.equal(got["theta"], want["theta"]) and torch.equal(got["elastic"],
+                                                                   want["elastic"])
+    assert torch.equal(got["intensity"]["seed"], want["intensity"]["seed"])
