@@ -431,7 +431,19 @@ def run_evaluate(cfg: dict, log=print, explicit=()) -> dict:
     return evaluate(cfg, dev, fused=fused, log=log, explicit=explicit)
 
 
+def _printable_streams() -> None:
+    """Class and case names may be in any language: on a console that cannot show a character
+    it is escaped (\\xe9), not a UnicodeEncodeError after the work is done (predict's log
+    failed before predictions.json was written)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a text stream we may change
+            pass
+
+
 def main(argv=None) -> int:
+    _printable_streams()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         # options without a command (`--out DIR`, `--device cuda`) configure the default demo

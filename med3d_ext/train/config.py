@@ -54,7 +54,7 @@ OPTIONS: dict[str, Option] = {
     "out": Option(None, "str", "run folder (default: runs/<command>-<time>)", _ANY,
                   help_by_command=(
                       ("evaluate", "prediction folder (default: predictions/<run>)"),
-                      ("predict", "prediction folder (required; default: none)"))),
+                      ("predict", "prediction folder (required)"))),
     "cache": Option(None, "str", "preprocessing cache root (default: med3d_ext.data's)", _ALL),
     "resume": Option(None, "str", "run folder (or checkpoint) to resume", _T),
     "pretrained": Option(None, "str", "our checkpoint, a MedicalNet .pth or .safetensors",
@@ -64,7 +64,10 @@ OPTIONS: dict[str, Option] = {
                            ("transfer",)),
     "skip_bad": Option(False, "bool", "drop bad cases (unreadable or NaN images, image/label "
                        "mismatch, undeclared labels, missing files) with a warning list "
-                       "instead of stopping", _ANY),
+                       "instead of stopping", _ANY,
+                       help_by_command=(("predict", "drop bad images (unreadable, NaN, a wrong "
+                                                    "channel count) with a warning list instead "
+                                                    "of stopping"),)),
     "run": Option(None, "str", "run folder (or checkpoint) to evaluate or predict with",
                   _INFER),
     "checkpoint": Option("best", "str", "which checkpoint of the run: best | last | a path",
@@ -85,10 +88,14 @@ OPTIONS: dict[str, Option] = {
                     "--pretrained, else 10)", _T),
     "shortcut_type": Option(None, "str", "A | B (default: MedicalNet's for the depth)", _T),
     "channel": Option(None, "str", "input channel (sequence) of multi-channel datasets "
-                      "(default: the first)", _ANY),
+                      "(default: the first)", _ANY,
+                      help_by_command=tuple((c, "input channel (sequence) of multi-channel "
+                                                "images (default: the run's)") for c in _INFER)),
     "dropout": Option(0.5, "float", "classification head dropout", ("transfer",)),
     # -- optimisation
-    "seed": Option(0, "int", "random seed (model init, sampling, augmentation)", _ALL),
+    "seed": Option(0, "int", "random seed (model init, sampling, augmentation)", _ALL,
+                   help_by_command=(("evaluate", "not used by evaluate (taken so that a "
+                                                 "training config file works)"),)),
     "epochs": Option(10, "int", "epochs (validation + checkpoint after each)", _T),
     "steps": Option(50, "int", "optimizer steps per epoch", _T),
     "batch_size": Option(4, "int", "samples per step (per process under torchrun)", _T),
@@ -97,8 +104,8 @@ OPTIONS: dict[str, Option] = {
                         (c, "sliding window: N or [D, H, W] (multiples of 8; default: the "
                             "run's training patch)") for c in _INFER)),
     "optimizer": Option("sgd", "str", "sgd (MedicalNet) | adamw", _T),
-    "lr": Option(1e-2, "float", "learning rate (transfer: of the encoder, default 1e-3 as "
-                 "MedicalNet)", _T, by_command=(("transfer", 1e-3),)),
+    "lr": Option(1e-2, "float", "learning rate", _T, by_command=(("transfer", 1e-3),),
+                 help_by_command=(("transfer", "learning rate of the encoder (MedicalNet 1e-3)"),)),
     "head_lr": Option(1e-1, "float", "transfer: learning rate of the new head (MedicalNet "
                       "1e-1); from scratch every parameter uses it", ("transfer",)),
     "momentum": Option(0.9, "float", "SGD momentum", _T),
@@ -107,7 +114,11 @@ OPTIONS: dict[str, Option] = {
     "freeze_epochs": Option(0, "int", "transfer: epochs with the encoder frozen", ("transfer",)),
     "grad_clip": Option(12.0, "float", "max gradient norm (0 = off)", _T),
     "fg_fraction": Option(1 / 3, "float", "share of patches centred on foreground", _T),
-    "val_fraction": Option(0.2, "float", "share of cases held out for validation", _ALL),
+    "val_fraction": Option(0.2, "float", "share of cases held out for validation", _ALL,
+                           help_by_command=(("evaluate", "not used by evaluate (--split val "
+                                                         "reads the run's recorded split; taken "
+                                                         "so that a training config file "
+                                                         "works)"),)),
     "target_dice": Option(0.5, "float", "record the first step whose validation score "
                           "reaches this (segmentation: Dice; classification: accuracy)", _T),
     "augment": Option(True, "bool", "random augmentation (segmentation: affine/elastic/"
@@ -386,7 +397,8 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         d = o.default_for(command)
         # options whose help already explains their default say it once
         h = o.help_for(command).replace("<command>", command)
-        h = h if "default:" in h else f"{h} (default: {d if d is not None else 'none'})"
+        if "default:" not in h and "(required)" not in h:
+            h = f"{h} (default: {d if d is not None else 'none'})"
         if o.kind in ("bool", "auto_bool"):
             parser.add_argument(name, dest=key, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=h)

@@ -60,7 +60,19 @@ def _split_filter(names, ckpt, split: str, key: str | None):
     if key not in sp:
         raise ConfigError(f"--split {split}: the run holds no split for dataset {key!r} "
                           f"(it has {sorted(sp)}); use --split all")
-    keep = set(sp[key][split])
+    recorded = list(sp[key][split])
+    have = set(names)
+    missing = [n for n in recorded if n not in have]
+    if missing and len(missing) == len(recorded):
+        raise ConfigError(f"--split {split}: none of the run's {len(recorded)} {split} case(s) "
+                          f"of {key!r} is in this folder (e.g. {missing[:3]}); is it the data "
+                          "the run was trained on? (--split all scores every case here)")
+    if missing:  # a part of the split scored as if it were all of it
+        warnings.warn(f"--split {split}: {len(missing)} of the run's {len(recorded)} {split} "
+                      f"case(s) of {key!r} are not in this folder ({missing[:5]}"
+                      f"{', ...' if len(missing) > 5 else ''}); scoring the "
+                      f"{len(recorded) - len(missing)} that are", stacklevel=2)
+    keep = set(recorded)
     return [n for n in names if n in keep]
 
 
@@ -277,6 +289,12 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         _check_recipe(pre, rec, src, data_dir, split)
     names = _split_filter(pre.names, ckpt, split, name)
     ch = input_channel(pre, cfg.get("channel"), lenient=arch["task"] == "pretrain")
+    trained = input_channel(pre, (ckpt.get("config") or {}).get("channel"),
+                            lenient=arch["task"] == "pretrain")
+    if ch != trained:  # allowed (a user may mean it), but never silently (as predict says)
+        warnings.warn(f"--channel {cfg.get('channel')!r}: the run was trained on channel "
+                      f"{pre.channels[trained]!r}; evaluating from {pre.channels[ch]!r}, which "
+                      "the model never saw", stacklevel=2)
     if split == "test":
         log(f"{len(names)} test image(s) of {str(data_dir)!r}, preprocessed with the run's "
             f"training recipe ({recipe_note(rec)})")
@@ -449,7 +467,7 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
         raise ConfigError(f"{str(data_dir)!r}: labels.csv has classes {outside} that the run's "
                           f"head ({n_out} outputs: classes {order}) does not predict")
     # the run's class names (its classes.json); else the evaluated folder's
-    folder_names = cls_class_names(data_dir)
+    folder_names = {c: n for c, n in cls_class_names(data_dir).items() if c in order}
     class_names = dict(ckpt.get("class_names") or folder_names)
     differ = sorted((c for c in set(class_names) & set(folder_names)
                      if class_names[c] != folder_names[c]), key=int)

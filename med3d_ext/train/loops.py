@@ -116,6 +116,20 @@ def _check_resumed_spacing(was: dict | None, now: dict | None, path) -> None:
                 "run")
 
 
+def _keep_class_names(ck: dict, job, path) -> None:
+    """A resumed classification run keeps the class names it recorded: its folder's
+    classes.json, read again, renamed the classes in last.pt but not in best.pt (or dropped
+    them when the file was gone). A change is said."""
+    if "class_names" not in ck or "class_names" not in job.extra:
+        return
+    was, now = dict(ck["class_names"] or {}), dict(job.extra["class_names"] or {})
+    if now != was:
+        warnings.warn(f"--resume {str(path)!r}: the data's classes.json now names the classes "
+                      f"{now or 'nothing'}; the run keeps the names it was trained with {was}",
+                      stacklevel=2)
+    job.extra["class_names"] = was
+
+
 def autocast_dtype(amp: str, device: torch.device):
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -331,6 +345,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         # gradients averaged once it thawed (the ranks' encoders drifted apart)
         resume_frozen = ck["epoch"] < job.freeze_epochs
         _check_resumed_spacing(ck.get("preprocessing"), job.extra.get("preprocessing"), path)
+        _keep_class_names(ck, job, path)
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

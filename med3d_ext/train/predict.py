@@ -162,6 +162,8 @@ def find_images(paths, log=print) -> list[Image]:
         raise ConfigError("predict needs --images PATH [PATH ...] (image files or folders)")
     found = []  # (file or DICOM folder, the argument it came from), in order
     for given in map(str, paths):
+        if not given.strip():  # an unset "$VAR": Path('') is the current folder
+            raise ConfigError("--images '': an empty path (give image files or folders)")
         p = Path(given)
         if not p.exists():
             raise ConfigError(f"--images {given!r}: no such file or folder")

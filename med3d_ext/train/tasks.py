@@ -55,6 +55,9 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
         # a usage error (exit 2, as a missing --run is), not a missing folder
         raise ConfigError(f"{command} needs --data (e.g. {hint})")
     out = []
+    if any(not str(p).strip() for p in paths):  # an unset "$VAR": Path('') is the current folder
+        raise ConfigError(f"--data {' '.join(repr(str(p)) for p in paths)}: an empty path "
+                          "(give dataset folders)")
     for p in map(Path, paths):
         if p.is_file() and p.suffix == ".txt":  # a MedicalNet list file names its dataset
             out.append(p)
@@ -637,6 +640,9 @@ def read_cls_csv(folder) -> tuple[list[Path], list[str]]:
     return paths, labels
 
 
+_SAID_NO_CLASSES_KEY: set = set()
+
+
 def _declared_classes(folder: Path) -> tuple[dict, Path]:
     """classes.json's {"classes": {index: name}} beside labels.csv, as {int: name} ({} when
     there is none), and the file's path."""
@@ -645,7 +651,13 @@ def _declared_classes(folder: Path) -> tuple[dict, Path]:
         return {}, side
     from med3d_ext.data.layouts import _int_keyed, _load_json
 
-    return _int_keyed(side, "classes", _load_json(side).get("classes", {})), side
+    meta = _load_json(side)
+    if "classes" not in meta and meta and all(str(k).strip().isdigit() for k in meta) \
+            and str(side) not in _SAID_NO_CLASSES_KEY:  # once per file (it is read twice)
+        _SAID_NO_CLASSES_KEY.add(str(side))
+        warnings.warn(f"{side}: no 'classes' key, so no class names; the file is "
+                      '{"classes": {"0": "name", ...}}', stacklevel=3)
+    return _int_keyed(side, "classes", meta.get("classes", {})), side
 
 
 def cls_class_names(folder) -> dict[str, str]:
@@ -812,7 +824,9 @@ def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
     return Job("cls", model, model.arch, loader, prepare, step_fn, validate,
                _groups(model, enc_lr, head_lr), cfg["batch_size"], int(np.prod(patch)),
                freeze_epochs=cfg["freeze_epochs"],
-               extra={"classes": classes, "class_names": cls_class_names(data_dir),
+               extra={"classes": classes,
+                      "class_names": {c: n for c, n in cls_class_names(data_dir).items()
+                                      if c in classes},
                       "split": {"cls": {"train": tr, "val": va}},
                       "datasets": [str(data_dir)],
                       "pretrained_load": str(report) if report else None})

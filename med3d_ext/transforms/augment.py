@@ -102,6 +102,57 @@ def _seed(v) -> int:
     return i
 
 
+def _per_axis_scale(scale) -> bool:
+    return (isinstance(scale, Sequence) and len(scale) == 3
+            and all(isinstance(r, Sequence) for r in scale))
+
+
+def _scale(scale):
+    return tuple(_range("scale", r, lo_bound=1e-6)
+                 for r in (scale if _per_axis_scale(scale) else (scale,) * 3))
+
+
+def _flag(name):
+    def check(v):
+        if not isinstance(v, (bool, np.bool_)):  # bool("no") is True
+            raise _ArgTypeError(f"RandomAugment3D: '{name}' must be True or False, got {v!r}")
+        return bool(v)
+    return check
+
+
+def _padding(v):
+    if v not in ("zeros", "border", "reflection"):  # else only the first call says
+        raise ValueError("RandomAugment3D: 'padding_mode' must be 'zeros', 'border' or "
+                         f"'reflection', got {v!r}")
+    return v
+
+
+# RandomAugment3D's parameters and their checks (each returns the normalised value)
+_PARAMETERS = {
+    "rotate": lambda v: _triple("rotate", v, nonneg=True),
+    "scale": _scale,
+    "isotropic": _flag("isotropic"),
+    "translate": lambda v: _triple("translate", v, nonneg=True),
+    "flip": lambda v: tuple(_prob("flip", p) for p in _triple("flip", v)),
+    "elastic": lambda v: real_arg("RandomAugment3D: 'elastic' must be a finite number >= 0",
+                                  v, 0.0),
+    # a coarse grid: a larger one is a full-resolution field, which this op avoids (and
+    # 10**6 failed only at the first call, allocating (N, 3, g, g, g))
+    "elastic_grid": lambda v: int_arg("RandomAugment3D: 'elastic_grid' must be an int in "
+                                      "[2, 256]", v, 2, 256),
+    "gamma": lambda v: _range("gamma", v, lo_bound=1e-6),
+    "contrast": lambda v: _range("contrast", v),
+    "brightness": lambda v: _range("brightness", v),
+    "noise": lambda v: _range("noise", v, lo_bound=0.0),
+    "clip": lambda v: None if v is None else _range("clip", v),
+    "padding_mode": _padding,
+    "align_corners": _flag("align_corners"),
+    "seed": lambda v: _seed(v),
+    **{p: (lambda v, p=p: _prob(p, v)) for p in ("p_affine", "p_elastic", "p_gamma",
+                                                  "p_contrast", "p_brightness", "p_noise")},
+}
+
+
 # The columns of RandomAugment3D.sample's one uniform draw per sample (a fixed number of draws
 # per call, whatever applies, so that a stream stays reproducible): the affine's coin, angles,
 # zooms, shifts (x, y, z each), three flip coins, the elastic coin, then gamma, contrast,
@@ -169,45 +220,34 @@ class RandomAugment3D:
                  gamma=(1.0, 1.0), p_gamma=1.0, contrast=(1.0, 1.0), p_contrast=1.0,
                  brightness=(0.0, 0.0), p_brightness=1.0, noise=(0.0, 0.0), p_noise=1.0,
                  clip=None, padding_mode="zeros", align_corners=False, seed=0):
-        self.rotate = _triple("rotate", rotate, nonneg=True)
-        per_axis = (isinstance(scale, Sequence) and len(scale) == 3
-                    and all(isinstance(r, Sequence) for r in scale))
-        self.scale = tuple(_range("scale", r, lo_bound=1e-6)
-                           for r in (scale if per_axis else (scale,) * 3))
-        if not isinstance(isotropic, bool):  # bool("no") is True
-            raise _ArgTypeError(f"RandomAugment3D: 'isotropic' must be True or False, got "
-                                 f"{isotropic!r}")
-        self.isotropic = isotropic and not per_axis
-        self.translate = _triple("translate", translate, nonneg=True)
-        self.flip = tuple(_prob("flip", p) for p in _triple("flip", flip))
-        self.p_affine = _prob("p_affine", p_affine)
-        self.elastic = real_arg("RandomAugment3D: 'elastic' must be a finite number >= 0",
-                                elastic, 0.0)
-        # a coarse grid: a larger one is a full-resolution field, which this op avoids (and
-        # 10**6 failed only at the first call, allocating (N, 3, g, g, g))
-        self.elastic_grid = int_arg("RandomAugment3D: 'elastic_grid' must be an int in [2, 256]",
-                                    elastic_grid, 2, 256)
-        self.p_elastic = _prob("p_elastic", p_elastic)
-        self.gamma = _range("gamma", gamma, lo_bound=1e-6)
-        self.p_gamma = _prob("p_gamma", p_gamma)
-        self.contrast = _range("contrast", contrast)
-        self.p_contrast = _prob("p_contrast", p_contrast)
-        self.brightness = _range("brightness", brightness)
-        self.p_brightness = _prob("p_brightness", p_brightness)
-        self.noise = _range("noise", noise, lo_bound=0.0)
-        self.p_noise = _prob("p_noise", p_noise)
-        self.clip = None if clip is None else _range("clip", clip)
-        if padding_mode not in ("zeros", "border", "reflection"):  # else only the first call says
-            raise ValueError("RandomAugment3D: 'padding_mode' must be 'zeros', 'border' or "
-                             f"'reflection', got {padding_mode!r}")
-        self.padding_mode = padding_mode
-        if not isinstance(align_corners, (bool, np.bool_)):  # bool("no") is True
-            raise _ArgTypeError(f"RandomAugment3D: 'align_corners' must be True or False, got "
-                                f"{align_corners!r}")
-        self.align_corners = bool(align_corners)
-        self.seed = _seed(seed)
+        # every parameter goes through __setattr__'s checks (_PARAMETERS), here and when a user
+        # changes one later
+        self.isotropic = isotropic
+        self.scale = scale  # per-axis ranges switch isotropic off
+        for name, value in (("rotate", rotate), ("translate", translate), ("flip", flip),
+                            ("p_affine", p_affine), ("elastic", elastic),
+                            ("elastic_grid", elastic_grid), ("p_elastic", p_elastic),
+                            ("gamma", gamma), ("p_gamma", p_gamma), ("contrast", contrast),
+                            ("p_contrast", p_contrast), ("brightness", brightness),
+                            ("p_brightness", p_brightness), ("noise", noise),
+                            ("p_noise", p_noise), ("clip", clip),
+                            ("padding_mode", padding_mode), ("align_corners", align_corners),
+                            ("seed", seed)):
+            setattr(self, name, value)
         self._generators: dict[str, torch.Generator] = {}
         self._consts: dict[tuple, torch.Tensor] = {}
+
+    def __setattr__(self, name, value):
+        """A parameter set later (``aug.scale = (0.8, 1.2)``, ``aug.rotate = 0.5``) is checked
+        and normalised as the constructor does: the draw reads the normalised forms (a single
+        number for rotate failed at the next call, and an out-of-range probability or a NaN
+        angle passed silently)."""
+        check = _PARAMETERS.get(name)
+        if check is not None:
+            raw, value = value, check(value)
+            if name == "scale" and _per_axis_scale(raw):
+                object.__setattr__(self, "isotropic", False)
+        object.__setattr__(self, name, value)
 
     # ---------------------------------------------------------------------- generator state
     def _generator(self, device: torch.device) -> torch.Generator:

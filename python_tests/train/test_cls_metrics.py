@@ -387,3 +387,75 @@ def test_predictions_csv_is_utf8_whatever_the_locale(tmp_path):
         rows = list(csv.DictReader(f))
     assert rows == [{"case": "c\u00e9", "prediction_name": "b\u00e9nin, \u00e9tage 2"}]
     assert json.loads(Path(str(out) + ".json").read_text(encoding="utf-8")) == {"n": "b\u00e9nin"}
+
+
+def test_a_resumed_run_keeps_its_class_names(tiny_data, tmp_path, capsys):
+    """--resume read the folder's classes.json again: renamed classes got into last.pt but not
+    best.pt (evaluate --checkpoint best / last then disagreed), a deleted file dropped them."""
+    from med3d_ext.train.cli import main
+
+    from .conftest import tiny_args
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["cls"], data)
+    run = tmp_path / "run"
+    assert main(["transfer", *tiny_args(data, run, "--task", "cls", "--from-scratch",
+                                        "--epochs", 1, "--steps", 1)]) == 0
+    names = {"0": "no tumour", "1": "tumour"}
+    assert torch.load(run / "last.pt", weights_only=True)["class_names"] == names
+    (data / "classes.json").write_text(json.dumps({"classes": {"0": "renamed0",
+                                                               "1": "renamed1"}}))
+    capsys.readouterr()
+    assert main(["transfer", "--resume", run, "--epochs", 2, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "the data's classes.json now names the classes {'0': 'renamed0', '1': 'renamed1'}; " \
+           "the run keeps the names it was trained with" in err, err
+    for ck in ("last.pt", "best.pt"):
+        assert torch.load(run / ck, weights_only=True)["class_names"] == names, ck
+
+
+def test_split_cases_missing_from_the_folder_are_said(cls_run, tiny_data, tmp_path, capsys):
+    """--split val on a folder without some of the run's validation cases scored the rest as
+    if they were all; without any of them it reported 'accuracy nan on 0 cases' and exit 0."""
+    from med3d_ext.train.cli import main
+
+    val = torch.load(cls_run / "best.pt", weights_only=True)["split"]["cls"]["val"]
+    assert len(val) >= 1
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["cls"], data)
+    lines = (data / "labels.csv").read_text().splitlines()
+    keep = [ln for ln in lines if ln.split(",")[0] != val[0]]
+    assert len(keep) == len(lines) - 1
+    (data / "labels.csv").write_text("\n".join(keep) + "\n")
+    capsys.readouterr()
+    args = ["evaluate", "--run", cls_run, "--data", data, "--device", "cpu", "--no-progress",
+            "--split", "val"]
+    if len(val) > 1:
+        assert main([*args, "--out", tmp_path / "a"]) == 0
+        err = capsys.readouterr().err
+        assert f"--split val: 1 of the run's {len(val)} val case(s) of 'cls' are not in this " \
+               f"folder (['{val[0]}']); scoring the {len(val) - 1} that are" in err, err
+    keep = [ln for ln in lines if ln.split(",")[0] not in val]
+    (data / "labels.csv").write_text("\n".join(keep) + "\n")
+    assert main([*args, "--out", tmp_path / "b"]) == 2
+    err = capsys.readouterr().err
+    assert f"--split val: none of the run's {len(val)} val case(s) of 'cls' is in this folder" \
+        in err, err
+
+
+def test_folder_names_are_the_runs_classes_only(cls_run, tiny_data, tmp_path, capsys):
+    """A folder's classes.json may declare classes the run's head does not predict (they
+    showed in class_names); a file without its 'classes' key was ignored unsaid."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["cls"], data)
+    ck = torch.load(cls_run / "best.pt", weights_only=True)
+    del ck["class_names"]
+    torch.save(ck, tmp_path / "old.pt")
+    (data / "classes.json").write_text(json.dumps({"classes": {"0": "neg", "1": "pos",
+                                                               "2": "ghost"}}))
+    _, summary, _ = _evaluate(tmp_path / "old.pt", data, tmp_path / "a", capsys)
+    assert summary["class_names"] == {"0": "neg", "1": "pos"}
+    (data / "classes.json").write_text(json.dumps({"0": "neg", "1": "pos"}))
+    _, summary, log = _evaluate(tmp_path / "old.pt", data, tmp_path / "b", capsys)
+    assert summary["class_names"] == {}
+    assert "classes.json: no 'classes' key, so no class names" in log, log

@@ -221,5 +221,5 @@ def test_help_says_each_commands_own_default(command, capsys):
     want = {"pretrain": "run folder (default: runs/pretrain-<time>)",
             "transfer": "run folder (default: runs/transfer-<time>)",
             "evaluate": "prediction folder (default: predictions/<run>)",
-            "predict": "prediction folder (required; default: none)"}[command]
+            "predict": "prediction folder (required)"}[command]
     assert out == want, out

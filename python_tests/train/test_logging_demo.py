@@ -204,3 +204,35 @@ def test_missing_required_options_are_usage_errors(capsys, tmp_path, monkeypatch
     # a --data folder that is not there is a missing folder, not a usage error
     assert main(["pretrain", "--data", tmp_path / "absent", "--no-progress"]) == 1
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_empty_paths_are_refused(capsys, tmp_path, monkeypatch):
+    """--data '' / --images '' (an unset "$VAR") meant the current folder: it was searched for
+    datasets or images."""
+    from med3d_ext.train.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--data", "", "--no-progress"]) == 2
+    assert "--data '': an empty path" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["predict", "--run", run, "--out", tmp_path / "p", "--images", "",
+                 "--no-progress"]) == 2
+    assert "--images '': an empty path" in capsys.readouterr().err
+
+
+def test_a_console_that_cannot_show_a_name_gets_it_escaped(tmp_path):
+    """Class names in any language reach the log: on an ASCII console printing one raised
+    UnicodeEncodeError after the work was done."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    code = ("from med3d_ext.train.cli import _printable_streams; _printable_streams(); "
+            "print('class 1 (b\\u00e9nin)'); import sys; print('\\u00e9', file=sys.stderr)")
+    env = dict(os.environ, PYTHONIOENCODING="ascii", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+    assert r.stdout.decode("ascii").strip() == "class 1 (b\\xe9nin)"

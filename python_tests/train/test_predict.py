@@ -665,6 +665,13 @@ def test_user_audit_refusals_and_warnings(kidney_run, pre_run, tiny_data, tmp_pa
     assert _predict(pre_run, tmp_path / "b", "--images", brain, "--head", BRAIN,
                     "--channel", "T2w") == 0
     assert "--channel 'T2w': the run was trained on channel 'FLAIR'" in capsys.readouterr().err
+    # ... and by evaluate (it switched unsaid)
+    assert main(["evaluate", "--run", pre_run, "--data", tiny_data["pretrain"] / BRAIN,
+                 "--out", tmp_path / "e", "--device", "cpu", "--no-progress", "--channel",
+                 "T2w"]) == 0
+    err = capsys.readouterr().err
+    assert "--channel 'T2w': the run was trained on channel 'FLAIR'; evaluating from 'T2w'" \
+        in err, err
 
 
 def test_classification_says_channel_and_patch_choices(cls_run, tiny_data, tmp_path, capsys):

@@ -448,3 +448,34 @@ def test_the_draw_is_float32_whatever_the_default_dtype():
     assert torch.equal(got["theta"], want["theta"]) and torch.equal(got["elastic"],
                                                                    want["elastic"])
     assert torch.equal(got["intensity"]["seed"], want["intensity"]["seed"])
+
+
+def test_parameters_set_later_are_checked_and_normalised():
+    """aug.scale = (0.85, 1.25) or aug.rotate = 0.5 (forms the constructor takes) failed at the
+    next call; an out-of-range probability or a NaN angle set later passed silently (a NaN
+    angle gave all-zero images)."""
+    image, label = _batch("cpu")
+    seed = int(torch.randint(0, 2**31, ()).item())
+    later = RandomAugment3D(seed=seed)
+    for name, value in FULL.items():
+        setattr(later, name, value)
+    want = RandomAugment3D(seed=seed, **FULL)(image, label, (7, 8, 9))
+    got = later(image, label, (7, 8, 9))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    aug = RandomAugment3D(seed=0)
+    aug.rotate, aug.translate, aug.flip = 0.5, 0.3, 1.0
+    assert aug.rotate == (0.5,) * 3 and aug.translate == (0.3,) * 3 and aug.flip == (1.0,) * 3
+    aug.scale = ((1.0, 1.0), (2.0, 2.0), (0.5, 0.5))  # per-axis ranges: not isotropic
+    assert aug.isotropic is False and aug.scale[1] == (2.0, 2.0)
+    aug.scale = (0.85, 1.25)
+    assert aug.scale == ((0.85, 1.25),) * 3
+    assert torch.isfinite(aug(image, label, (7, 8, 9))[0]).all()
+    for name, bad, err in (("p_affine", 1.5, ValueError), ("rotate", (-1.0,) * 3, ValueError),
+                           ("rotate", (float("nan"),) * 3, ValueError),
+                           ("scale", (1.2, 0.8), ValueError), ("elastic_grid", 1, ValueError),
+                           ("isotropic", "no", TypeError), ("padding_mode", "wrap", ValueError),
+                           ("clip", (1.0, -1.0), ValueError), ("seed", 1.5, TypeError)):
+        before = getattr(aug, name)
+        with pytest.raises(err, match=f"'{name}'"):
+            setattr(aug, name, bad)
+        assert getattr(aug, name) == before  # unchanged
