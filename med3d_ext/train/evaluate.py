@@ -82,6 +82,7 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     The window (patch), input channel and cache come from the run's configuration unless
     given explicitly (keys in ``explicit``)."""
     which, named = checkpoint_choice(cfg, explicit, "evaluate")
+    check_run_exists(cfg, which, named)
     if not cfg.get("data"):
         raise ConfigError("evaluate needs --data DIR (a raw dataset folder)")
     from .tasks import (check_cache_outside_data, check_output_outside_data, dataset_folders,
@@ -142,6 +143,16 @@ def checkpoint_choice(cfg: dict, explicit, command: str) -> tuple[str, bool]:
                               f"{which} another ({chosen}); give the run folder with "
                               "--checkpoint best|last, or the one file")
     return which, named
+
+
+def check_run_exists(cfg: dict, which: str, named: bool) -> None:
+    """A --run that is not there is an option error (exit 2, as a missing --checkpoint FILE),
+    said before any data is read."""
+    if not named:
+        try:
+            find_checkpoint(cfg["run"], which)
+        except CheckpointError as e:
+            raise ConfigError(f"--run: {e}") from None
 
 
 def load_run(cfg: dict, which: str, named: bool) -> tuple[dict, Path, dict]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, find_checkpoint
+from .checkpoint import CheckpointError
 from .config import ConfigError
 
 __all__ = ["predict", "find_images", "Image", "IMAGE_ENDINGS"]
@@ -289,10 +289,11 @@ def predict(cfg: dict, dev: torch.device, fused: bool = False, log=print,
             explicit=()) -> dict:
     """Predict --images with run cfg["run"] (--checkpoint as in evaluate) into cfg["out"];
     returns the summary written to predictions.json."""
-    from .evaluate import checkpoint_choice, load_run
+    from .evaluate import check_run_exists, checkpoint_choice, load_run
 
     started = time.time()
     which, named = checkpoint_choice(cfg, explicit, "predict")
+    check_run_exists(cfg, which, named)
     if not cfg.get("out"):
         raise ConfigError("predict needs --out DIR (the folder for the predictions)")
     out = Path(cfg["out"])
@@ -300,11 +301,6 @@ def predict(cfg: dict, dev: torch.device, fused: bool = False, log=print,
         raise ConfigError(f"--out {str(out)!r} is a file; predictions need a folder")
     images = find_images(cfg.get("images"), log)
     check_out(out, images)
-    if not named:  # a run that is not there: an option error, as a missing --checkpoint FILE
-        try:
-            find_checkpoint(cfg["run"], which)
-        except CheckpointError as e:
-            raise ConfigError(f"--run: {e}") from None
     cfg, ckpt_path, ckpt = load_run(cfg, which, named)
     run_cfg = ckpt.get("config") or {}
     cfg = dict(cfg)

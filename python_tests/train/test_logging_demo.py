@@ -204,6 +204,12 @@ def test_missing_required_options_are_usage_errors(capsys, tmp_path, monkeypatch
     # a --data folder that is not there is a missing folder, not a usage error
     assert main(["pretrain", "--data", tmp_path / "absent", "--no-progress"]) == 1
     assert "no such folder" in capsys.readouterr().err
+    # a --run that is not there is an option error for evaluate and predict alike (evaluate
+    # exited 1, predict 2 and only after reading every image), said before any data is read
+    for argv in (["evaluate", "--data", tmp_path / "absent"],
+                 ["predict", "--images", tmp_path / "absent", "--out", tmp_path / "p"]):
+        assert main([*argv, "--run", tmp_path / "norun", "--no-progress"]) == 2, argv
+        assert f"--run: run '{tmp_path / 'norun'}' does not exist" in capsys.readouterr().err
 
 
 def test_empty_paths_are_refused(capsys, tmp_path, monkeypatch):
@@ -216,6 +222,7 @@ def test_empty_paths_are_refused(capsys, tmp_path, monkeypatch):
     assert "--data '': an empty path" in capsys.readouterr().err
     run = tmp_path / "run"
     run.mkdir()
+    (run / "last.pt").write_bytes(b"")  # there (the images are read before it is loaded)
     assert main(["predict", "--run", run, "--out", tmp_path / "p", "--images", "",
                  "--no-progress"]) == 2
     assert "--images '': an empty path" in capsys.readouterr().err
