@@ -461,7 +461,7 @@ def warn_cls_tta(cfg) -> None:
 def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
     from med3d_ext.data import DataError
 
-    from .tasks import cls_case_names, cls_class_names, read_cls_csv
+    from .classification import cls_case_names, cls_class_names, read_cls_csv
 
     warn_cls_tta(cfg)
 
@@ -536,7 +536,7 @@ def classify_image(model, path, window, channel, dev) -> torch.Tensor:
     """One image's class probabilities (K,) on the CPU: read and normalised as training read
     it (``load_cls_volume``: RAS, the channel, per-image clip and z-score, resized to the
     window). A bad file raises DataError naming it."""
-    from .tasks import load_cls_volume
+    from .classification import load_cls_volume
 
     x = load_cls_volume(path, window, channel)[None].to(dev)
     with torch.no_grad():
