@@ -67,6 +67,10 @@ def convert(path, out) -> str:
     if not out.strip() or out.endswith(("/", os.sep)) or os.path.isdir(out):
         raise MedicalNetWeightsError(f"OUT {out!r} is not a file name; give one, e.g. "
                                      "encoder.safetensors or encoder.pth")
+    if os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
+        # it wrote the encoder over its own input: a trained head in the file was gone
+        raise MedicalNetWeightsError(f"OUT {out!r} is the input file itself; write the encoder "
+                                     "to another file")
     sd, _, _ = read_state_dict(path)
     prefix = _encoder_prefix(sd, str(path))
     depth, shortcut = _infer(sd, prefix, str(path))

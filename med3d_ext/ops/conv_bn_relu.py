@@ -469,7 +469,12 @@ def conv_bias_relu3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                                          relu=bool(relu))
         return _detach_saved_output(out, relu)
     x, weight, stride, padding, algo = _prepare_conv(x, weight, stride, padding, dilation)
-    return op(x, weight, bias, residual, stride, padding, dilation, relu, algo)
+    out = op(x, weight, bias, residual, stride, padding, dilation, relu, algo)
+    # The op's backward reads its ReLU mask from the output it saved: a following in-place op
+    # (MedicalNet's nn.ReLU(inplace=True) after the stem, idempotent here) broke backward through
+    # a folded model ("modified by an inplace operation"), e.g. for saliency maps. Only when a
+    # gradient is wanted, which a folded (inference) model rarely is, does the output get copied.
+    return _detach_saved_output(out, relu)
 
 
 # --------------------------------------------------------------------------- fake kernels

@@ -565,6 +565,12 @@ def test_cli_convert_refuses_folders_and_odd_files(tmp_path, src10, capsys):
         assert main(["convert", str(p), out]) == 2
         assert "is not a file name" in capsys.readouterr().err
     assert not (tmp_path / "newdir").exists()
+    # OUT = FILE wrote the encoder over the input (a trained head in it was gone), exit 0
+    before = p.read_bytes()
+    for out in (str(p), str(tmp_path / "." / "r10.pth")):
+        assert main(["convert", str(p), out]) == 2
+        assert "is the input file itself" in capsys.readouterr().err
+    assert p.read_bytes() == before
     sd = dict(src10.state_dict(), **{"conv1.weight": torch.zeros(64)})
     torch.save(sd, tmp_path / "flat.pth")
     assert main(["inspect", str(tmp_path / "flat.pth")]) == 2
