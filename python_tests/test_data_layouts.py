@@ -122,6 +122,9 @@ def test_case_paths_absolute_for_relative_roots(tmp_path, monkeypatch):
     ("training", [{"image": ["a", "b"]}], r"'image' must be a file path, got \['a', 'b'\]"),
     ("training", [{"image": "imagesTr/c0.nii.gz", "label": 7}],
      r"training entry's 'label' must be a file path, got 7"),
+    # an unlabelled segmentation training case, cached as such unsaid (data audit)
+    ("training", [{"image": "./imagesTr/c0.nii.gz"}],
+     r"training entry without 'label': \{'image': './imagesTr/c0.nii.gz'\}"),
     ("test", [{"image": 5}], r"test entry's 'image' must be a file path, got 5"),
     ("channel_names", {"0": "CT"}, r"labels: '0': 'c0' maps a value to a name \(MSD style\)"),
 ])
@@ -409,3 +412,19 @@ def test_none_paths_are_named():
         with pytest.raises(TypeError, match=r"argument 'path' must be a file or folder path, "
                                             r"got NoneType"):
             fn(None)
+
+
+def test_a_missing_modality_is_said():
+    """An MSD dataset.json without 'modality' read every channel as 'unknown' and normalised a
+    CT scan as MR (no HU clip), unsaid (a misspelt key was already refused)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_msd(Path(tmp) / "ds", n=1)
+        meta = json.loads((root / "dataset.json").read_text())
+        del meta["modality"]
+        (root / "dataset.json").write_text(json.dumps(meta))
+        with pytest.warns(UserWarning, match=r"no 'modality' key: the channel is read as "
+                                             r"'unknown' and normalised as MR"):
+            ds = load_dataset(root)
+        assert ds.channels == ["unknown"]

@@ -224,6 +224,11 @@ def _int_keyed(js: Path, what: str, d) -> dict:
 
 def _load_msd(root: Path, meta: dict) -> Dataset:
     js = root / "dataset.json"
+    if "modality" not in meta:  # CT would be normalised as MR (z-score, no HU clip), unsaid
+        import warnings
+
+        warnings.warn(f"{js}: no 'modality' key: the channel is read as 'unknown' and normalised "
+                      "as MR; for CT give {\"modality\": {\"0\": \"CT\"}}", stacklevel=3)
     mod = _int_keyed(js, "modality", meta.get("modality", {"0": "unknown"}))
     channels = [mod[k] for k in sorted(mod)]
     labels = _int_keyed(js, "labels", meta.get("labels", {})) or None
@@ -234,6 +239,10 @@ def _load_msd(root: Path, meta: dict) -> Dataset:
     cases = []
     for entry in training:
         img, lab = _entry(js, "training", entry)
+        if lab is None:  # it was cached as an unlabelled case of a segmentation dataset, unsaid
+            raise DataError(js, f"training entry without 'label': {entry!r} (MSD training "
+                                "entries are {\"image\": ..., \"label\": ...}; unlabelled images "
+                                "go in 'test')"[:400])
         cases.append(Case(_case_name(img), [_rel(root, img)], _rel(root, lab) if lab else None))
     return Dataset(root, meta.get("name", root.name), "msd", channels, labels, cases)
 

@@ -24,12 +24,15 @@ fused op on the same parameters.
 from __future__ import annotations
 
 import numbers
+import operator
 
 import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._args import ArgumentTypeError, is_int
 
 __all__ = [
     "DEPTHS",
@@ -66,10 +69,13 @@ _STAGES = ((64, 1, 1), (128, 2, 1), (256, 1, 2), (512, 1, 4))
 
 
 def _check_depth(depth) -> int:
-    # numbers.Integral: a numpy integer (e.g. read from a config or an array) is a depth too
-    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth not in DEPTHS:
+    # any integer: a numpy integer (e.g. read from a config or an array) or a 0-d integer
+    # tensor is a depth too; a wrong type is a TypeError (also a ValueError, as it was)
+    if not is_int(depth):
+        raise ArgumentTypeError(f"depth must be one of {sorted(DEPTHS)}, got {depth!r}")
+    if operator.index(depth) not in DEPTHS:
         raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth!r}")
-    return int(depth)
+    return operator.index(depth)
 
 
 def default_shortcut_type(depth: int) -> str:

@@ -183,8 +183,16 @@ def set_memory_saving(model: nn.Module, on: bool = True) -> nn.Module:
         raise TypeError(f"med3d_ext.nn.set_memory_saving: argument 'model' must be an "
                         f"nn.Module, got {type(model).__name__}")
     check_bool("set_memory_saving", "on", on)  # on="no" switched it on
+    fused = False
     for m in model.modules():
         setattr(m, _MEMORY_SAVING_ATTR, bool(on))
+        fused = fused or hasattr(type(m), "_m3d_fused")
+    if on and not fused:  # it did nothing, unsaid
+        import warnings
+
+        warnings.warn("med3d_ext.nn.set_memory_saving: the model has no fused modules yet; the "
+                      "mode takes effect once it is fused (med3d_ext.nn.fuse_modules, or "
+                      "resnet3d(..., fused=True))", stacklevel=2)
     return model
 
 

@@ -104,9 +104,14 @@ def test_numpy_integers_and_bad_input_types():
     net = resnet3d(np.int64(10), num_seg_classes=np.int32(3), in_channels=np.int64(2))
     assert net.depth == 10 and type(net.depth) is int and net.in_channels == 2
     assert net(torch.randn(2, 2, 8, 8, 8)).shape[1] == 3
-    for bad in (True, 10.0, "10"):
-        with pytest.raises(ValueError, match="depth must be one of"):
+    for bad in (True, 10.0, "10", None, torch.tensor(10.0)):
+        # a wrong type is a TypeError, as the README says (also a ValueError, as it was)
+        with pytest.raises(TypeError, match="depth must be one of"):
             resnet3d(bad)
+    with pytest.raises(ValueError, match="depth must be one of"):
+        resnet3d(11)
+    # a 0-d integer tensor is an integer, as the README says (it was refused)
+    assert resnet3d(torch.tensor(10)).depth == 10 and type(resnet3d(torch.tensor(10)).depth) is int
     with pytest.raises(TypeError, match=r"expected a floating-point input.*torch.int64"):
         net(torch.ones(2, 2, 8, 8, 8, dtype=torch.long))
     with pytest.raises(TypeError, match=r"expected input \(N, 2, D, H, W\) tensor, got NoneType"):

@@ -366,3 +366,21 @@ def test_memory_saving_lowers_the_cuda_peak():
     gib = {k: round(v / 2**30, 3) for k, v in peaks.items()}
     assert peaks["fused"] <= peaks["plain"], gib
     assert peaks["memory-saving"] < 0.92 * peaks["fused"], gib
+
+
+def test_memory_saving_on_an_unfused_model_is_said():
+    """set_memory_saving on a plain model did nothing, unsaid; the setting stays on the modules
+    (it takes effect once the model is fused)."""
+    import warnings
+
+    import med3d_ext as m3d
+
+    with pytest.warns(UserWarning, match="no fused modules yet; the mode takes effect once it "
+                                         "is fused"):
+        m = m3d.nn.set_memory_saving(resnet3d(10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m3d.nn.set_memory_saving(fuse_modules(resnet3d(10)))  # fused: nothing to say
+        m3d.nn.set_memory_saving(resnet3d(10), False)  # off: nothing to say
+    fuse_modules(m)
+    assert m.layer1[0].__dict__.get("_m3d_memory_saving") is True
