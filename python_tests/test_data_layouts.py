@@ -122,9 +122,6 @@ def test_case_paths_absolute_for_relative_roots(tmp_path, monkeypatch):
     ("training", [{"image": ["a", "b"]}], r"'image' must be a file path, got \['a', 'b'\]"),
     ("training", [{"image": "imagesTr/c0.nii.gz", "label": 7}],
      r"training entry's 'label' must be a file path, got 7"),
-    # an unlabelled segmentation training case, cached as such unsaid (data audit)
-    ("training", [{"image": "./imagesTr/c0.nii.gz"}],
-     r"training entry without 'label': \{'image': './imagesTr/c0.nii.gz'\}"),
     ("test", [{"image": 5}], r"test entry's 'image' must be a file path, got 5"),
     ("channel_names", {"0": "CT"}, r"labels: '0': 'c0' maps a value to a name \(MSD style\)"),
 ])
