@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,8 +226,6 @@ def _int_keyed(js: Path, what: str, d) -> dict:
 def _load_msd(root: Path, meta: dict) -> Dataset:
     js = root / "dataset.json"
     if "modality" not in meta:  # CT would be normalised as MR (z-score, no HU clip), unsaid
-        import warnings
-
         warnings.warn(f"{js}: no 'modality' key: the channel is read as 'unknown' and normalised "
                       "as MR; for CT give {\"modality\": {\"0\": \"CT\"}}", stacklevel=3)
     mod = _int_keyed(js, "modality", meta.get("modality", {"0": "unknown"}))

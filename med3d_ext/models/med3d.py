@@ -141,13 +141,13 @@ class Med3DNet(nn.Module):
         # work (a host sync per step). From pinned memory: CUDA may synchronise the stream
         # before staging an asynchronous copy from pageable memory (its documented behaviour
         # for pageable transfers), which would be that same wait.
-        in_order = ids.numel() < 2 or bool((ids[1:] >= ids[:-1]).all())  # (host tensors)
         if image.device.type == "cuda":
             order = order.pin_memory()
         order_dev = order.to(image.device, non_blocking=True)
         # the batch sorted by head once (one gather forward, one in backward), each head's
         # rows a view of it: a gather per head cost a launch forward and two backward per
         # head, plus adding the heads' gradients into the features', every step
+        in_order = ids.numel() < 2 or bool((ids[1:] >= ids[:-1]).all())  # (host tensors)
         parts = (feats if in_order else take_rows(feats, order_dev)).split(counts)
         out, start = [], 0
         for h, c in enumerate(counts):

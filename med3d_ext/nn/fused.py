@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -188,8 +189,6 @@ def set_memory_saving(model: nn.Module, on: bool = True) -> nn.Module:
         setattr(m, _MEMORY_SAVING_ATTR, bool(on))
         fused = fused or hasattr(type(m), "_m3d_fused")
     if on and not fused:  # it did nothing, unsaid
-        import warnings
-
         warnings.warn("med3d_ext.nn.set_memory_saving: the model has no fused modules yet; the "
                       "mode takes effect once it is fused (med3d_ext.nn.fuse_modules, or "
                       "resnet3d(..., fused=True))", stacklevel=2)

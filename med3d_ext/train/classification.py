@@ -88,14 +88,17 @@ def _declared_classes(folder: Path) -> tuple[dict, Path]:
     return _int_keyed(side, "classes", meta.get("classes", {})), side
 
 
-def cls_class_names(folder) -> dict[str, str]:
+def cls_class_names(folder, classes=None) -> dict[str, str]:
     """The names classes.json gives the classes of a classification folder (or labels.csv),
-    keyed like the run's classes (canonical integer strings); {} without classes.json."""
+    keyed like the run's classes (canonical integer strings), only those in ``classes`` when
+    given (a head's outputs); {} without classes.json."""
     folder = Path(folder)
     declared, _ = _declared_classes(folder if folder.is_dir() else folder.parent)
-    # one line each (a newline in a name broke the metrics table and the log); null is no name
-    return {str(k): " ".join(str(v).split()) for k, v in sorted(declared.items())
-            if v is not None and " ".join(str(v).split())}
+    names = {str(k): " ".join(str(v).split()) for k, v in sorted(declared.items())
+             if v is not None}
+    # one line each (a newline in a name broke the metrics table and the log); null or blank
+    # is no name
+    return {c: n for c, n in names.items() if n and (classes is None or c in classes)}
 
 
 def cls_case_names(folder, paths) -> list[str]:
@@ -253,8 +256,7 @@ def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
                _groups(model, enc_lr, head_lr), cfg["batch_size"], int(np.prod(patch)),
                freeze_epochs=cfg["freeze_epochs"],
                extra={"classes": classes,
-                      "class_names": {c: n for c, n in cls_class_names(data_dir).items()
-                                      if c in classes},
+                      "class_names": cls_class_names(data_dir, classes),
                       "split": {"cls": {"train": tr, "val": va}},
                       "datasets": [str(data_dir)],
                       "pretrained_load": str(report) if report else None})

@@ -145,6 +145,15 @@ def checkpoint_choice(cfg: dict, explicit, command: str) -> tuple[str, bool]:
     return which, named
 
 
+def warn_other_channel(given, channels, ch: int, trained: int, doing: str) -> None:
+    """--channel picking another input channel than the run's: allowed (a user may mean it),
+    but never silently."""
+    if ch != trained:
+        warnings.warn(f"--channel {given!r}: the run was trained on channel "
+                      f"{channels[trained]!r}; {doing} from {channels[ch]!r}, which the model "
+                      "never saw", stacklevel=3)
+
+
 def check_run_exists(cfg: dict, which: str, named: bool) -> None:
     """A --run that is not there is an option error (exit 2, as a missing --checkpoint FILE),
     said before any data is read."""
@@ -302,10 +311,7 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     ch = input_channel(pre, cfg.get("channel"), lenient=arch["task"] == "pretrain")
     trained = input_channel(pre, (ckpt.get("config") or {}).get("channel"),
                             lenient=arch["task"] == "pretrain")
-    if ch != trained:  # allowed (a user may mean it), but never silently (as predict says)
-        warnings.warn(f"--channel {cfg.get('channel')!r}: the run was trained on channel "
-                      f"{pre.channels[trained]!r}; evaluating from {pre.channels[ch]!r}, which "
-                      "the model never saw", stacklevel=2)
+    warn_other_channel(cfg.get("channel"), pre.channels, ch, trained, "evaluating")
     if split == "test":
         log(f"{len(names)} test image(s) of {str(data_dir)!r}, preprocessed with the run's "
             f"training recipe ({recipe_note(rec)})")
@@ -478,7 +484,7 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
         raise ConfigError(f"{str(data_dir)!r}: labels.csv has classes {outside} that the run's "
                           f"head ({n_out} outputs: classes {order}) does not predict")
     # the run's class names (its classes.json); else the evaluated folder's
-    folder_names = {c: n for c, n in cls_class_names(data_dir).items() if c in order}
+    folder_names = cls_class_names(data_dir, order)
     class_names = dict(ckpt.get("class_names") or folder_names)
     differ = sorted((c for c in set(class_names) & set(folder_names)
                      if class_names[c] != folder_names[c]), key=int)

@@ -356,7 +356,7 @@ def _predict_seg(cfg, ckpt, ckpt_path, images, out, dev, fused, log, summary) ->
     from tqdm.auto import tqdm
 
     from .evaluate import (_load_model, _tta_axes, _window_bar, amp_context, predict_case,
-                           recipe_note, training_recipe)
+                           recipe_note, training_recipe, warn_other_channel)
     from .tasks import input_channel, preprocess_options
 
     arch = ckpt["arch"]
@@ -383,10 +383,7 @@ def _predict_seg(cfg, ckpt, ckpt_path, images, out, dev, fused, log, summary) ->
     ch = input_channel(runs, cfg.get("channel"), lenient=arch["task"] == "pretrain")
     trained = input_channel(runs, (ckpt.get("config") or {}).get("channel"),
                             lenient=arch["task"] == "pretrain")
-    if ch != trained:  # allowed (a user may mean it), but never silently
-        warnings.warn(f"--channel {cfg.get('channel')!r}: the run was trained on channel "
-                      f"{channels[trained]!r}; predicting from {channels[ch]!r}, which the "
-                      "model never saw", stacklevel=2)
+    warn_other_channel(cfg.get("channel"), channels, ch, trained, "predicting")
     good, problems = [], []
     for im in images:  # headers: unreadable files and wrong channel counts, before any work
         try:

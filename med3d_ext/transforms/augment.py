@@ -147,7 +147,7 @@ _PARAMETERS = {
     "clip": lambda v: None if v is None else _range("clip", v),
     "padding_mode": _padding,
     "align_corners": _flag("align_corners"),
-    "seed": lambda v: _seed(v),
+    "seed": _seed,
     **{p: (lambda v, p=p: _prob(p, v)) for p in ("p_affine", "p_elastic", "p_gamma",
                                                   "p_contrast", "p_brightness", "p_noise")},
 }
@@ -211,8 +211,9 @@ class RandomAugment3D:
     floating; label (N, D, H, W) / (N, 1, D, H, W) any dtype, or None; size the output spatial
     size (an int for a cube, 3 ints) or the full (N, C, D, H, W); label_size the label's output
     grid (an int or 3 ints; default: size). Works on CPU tensors (DataLoader workers: call
-    :meth:`reseed` with a per-worker seed in ``worker_init_fn``) and CUDA batches. :meth:`state_dict` / :meth:`load_state_dict` save
-    and restore the generator states for an exact resume.
+    :meth:`reseed` with a per-worker seed in ``worker_init_fn``) and CUDA batches.
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator states for an
+    exact resume.
     """
 
     def __init__(self, *, rotate=0.0, scale=(1.0, 1.0), isotropic=True, translate=0.0,
@@ -247,6 +248,8 @@ class RandomAugment3D:
             raw, value = value, check(value)
             if name == "scale" and _per_axis_scale(raw):
                 object.__setattr__(self, "isotropic", False)
+            # the column tables derive from the parameters: made again at the next draw
+            self.__dict__.pop("_columns_memo", None)
         object.__setattr__(self, name, value)
 
     # ---------------------------------------------------------------------- generator state
@@ -302,18 +305,30 @@ class RandomAugment3D:
         """A small float32 constant on ``device``, made once per device: torch.tensor(...,
         device=cuda) is a blocking copy that waits for all queued GPU work, i.e. a host sync
         per training step if done in every call."""
-        key = (tuple(float(v) for v in values), str(device))
+        values = tuple(float(v) for v in values)
+        return self._cached((values, str(device)),
+                            lambda: torch.tensor(values, dtype=torch.float32).to(device))
+
+    def _cached(self, key, make):
+        """``make()``, kept under ``key`` in the constants cache (at most 64 entries: many
+        input shapes, each with its k_in, must not grow it without bound)."""
         t = self._consts.get(key)
         if t is None:
-            if len(self._consts) >= 64:  # many input shapes (k_in): keep the cache small
+            if len(self._consts) >= 64:
                 self._consts.clear()
-            t = self._consts[key] = torch.tensor(key[0], dtype=torch.float32).to(device)
+            t = self._consts[key] = make()
         return t
 
-    def _columns(self) -> tuple[list, list]:
+    def _columns(self) -> tuple[tuple, tuple]:
         """The draw's column tables (see _COLUMNS): per column (low, span, neutral value,
         probability) as floats, and the column of the uniform that decides whether it applies.
-        Read from the attributes on every call, so a changed attribute takes effect."""
+        Made from the parameters once; setting one (__setattr__) drops them."""
+        memo = self.__dict__.get("_columns_memo")
+        if memo is None:
+            memo = self.__dict__["_columns_memo"] = self._make_columns()
+        return memo
+
+    def _make_columns(self) -> tuple[tuple, tuple]:
         rows, gate = [], []
 
         def put(lo, span, neutral, prob, decides):
@@ -339,22 +354,16 @@ class RandomAugment3D:
             put(lo, hi - lo, neutral, p, len(rows) + 1)  # decided by the column after it
             put(0.0, 1.0, 0.0, 1.0, len(rows))  # that coin
         assert len(rows) == _COLUMNS
-        return rows, gate
+        return tuple(rows), tuple(gate)
 
     def _tables(self, device):
         """(low, span, neutral, probability) rows (4, _COLUMNS), the gate index (_COLUMNS,) and
         the rotation basis (3, 3, 3, 3) on ``device``, made once per configuration and device
         (a constant's copy to a GPU waits for its queued work)."""
         rows, gate = self._columns()
-        key = (tuple(rows), tuple(gate), str(device))
-        t = self._consts.get(key)
-        if t is None:
-            if len(self._consts) >= 64:
-                self._consts.clear()
-            table = torch.tensor(rows, dtype=torch.float32).t().contiguous()
-            t = self._consts[key] = (table.to(device), torch.tensor(gate).to(device),
-                                     _ROTATION_BASIS.to(device))
-        return t
+        return self._cached((rows, gate, str(device)), lambda: (
+            torch.tensor(rows, dtype=torch.float32).t().contiguous().to(device),
+            torch.tensor(gate).to(device), _ROTATION_BASIS.to(device)))
 
     def sample(self, n: int, in_spatial, out_spatial, device) -> dict:
         """Draw one batch of parameters: ``theta`` (N, 3, 4), ``elastic`` or None,
@@ -362,7 +371,7 @@ class RandomAugment3D:
 
         Every per-sample number comes from one uniform draw of (N, _COLUMNS) and a fixed
         handful of batched ops (about 20 in all, each a kernel launch on a GPU, where this runs
-        once per training step: drawn one parameter at a time it was ~115)."""
+        once per training step: drawn one parameter at a time they were 90)."""
         device = torch.device(device)
         g = self._generator(device)
         table, gate, basis = self._tables(device)
