@@ -23,6 +23,9 @@ constexpr int kThreads = 256;
 // decoding and the theta loads are shared by kVec voxels, and aligned rows are stored as one
 // vector per channel (float4 for fp32, 4 bytes for a uint8 label).
 constexpr int kVec = 4;
+// The kPlain kernel's table of base coordinates (D + H + W entries, 16 KiB of fp32 at most);
+// larger grids take the general kernel.
+constexpr int64_t kPlainTable = 4096;
 
 // kVec elements stored with one instruction where the address is aligned to the whole pack.
 template <typename E>
@@ -80,19 +83,40 @@ __device__ __forceinline__ scalar_t epilogue_call(T v, const float* p, uint32_t 
   return static_cast<scalar_t>(p == nullptr ? v : intensity_call(static_cast<float>(v), p, key, idx));
 }
 
+// sample_taps (resample_voxel.h: the same products and sum) with its loads through the read-only
+// path: kPlain's opaque pointers (see below) would otherwise load through generic addresses.
+template <typename scalar_t, typename T, typename index_t>
+__device__ __forceinline__ T sample_taps_ldg(const scalar_t* p, const Taps<T, index_t>& t) {
+  T v[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k)
+    v[k] = static_cast<T>(__ldg(p + (t.zy[k >> 1] + t.x[k & 1]))) * t.w[k];
+  return sum8(v);
+}
+
 // One work item: up to kVec consecutive voxels (w0 ...) of output row (n, d, h) of the image grid
 // (kImage: all image channels, then the fused label from the same points) or of the label's own
 // grid. item_t is uint32_t whenever the item count fits (32-bit division is several times cheaper
 // than 64-bit on the GPU), int64_t otherwise.
 // kPlain: the augmentation's usual call, fixed at compile time: one image channel, one label
-// channel sampled at the image's points, no elastic field, no intensity epilogue, zeros padding.
-// The channel loops, the padding and epilogue branches and the out-of-line calls then compile
-// away (ncu on an H100, 2026-11-27: the general kernel issued ~470 instructions per output voxel
-// of this case, at 0.55 instructions per cycle per scheduler, 10% of the DRAM bandwidth).
+// channel sampled at the image's points, no elastic field, no intensity epilogue, zeros padding,
+// align_corners false. The channel loops, the padding and epilogue branches and the out-of-line
+// calls then compile away (ncu on an H100, 2026-11-27: the general kernel issued ~470
+// instructions per output voxel of this case, at 0.55 instructions per cycle per scheduler, 10%
+// of the DRAM bandwidth). Further, for kPlain only (SASS of the fp32 + uint8 kernel, sm_90,
+// nvcc 13.0: its grid-stride loop body, one item of kVec voxels, 1248 -> 896 instructions):
+//   - the base coordinates come from the block's table `tab` (pair_kernel): base_coord's two
+//     IEEE divisions and 64-bit conversions per voxel, and per row, were ~20% of the body;
+//   - align_corners is a constant, not a runtime flag whose two formulas were both issued
+//     (predicated) for each axis of each voxel;
+//   - the per-sample input pointers are opaque to the compiler (an empty asm), so a tap's address
+//     is one IMAD.WIDE from the pointer and its 32-bit offset: otherwise the compiler folds the
+//     sample's 64-bit offset into every tap (a 64-bit add, shift and carry per load), and the
+//     loads go through __ldg, as an opaque pointer loses the global space the compiler knew.
 template <bool kImage, bool kPlain, typename scalar_t, typename label_t, typename T,
           typename index_t, typename item_t>
 __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
-                                          bool image_aligned, bool label_aligned) {
+                                          bool image_aligned, bool label_aligned, const T* tab) {
   const int64_t C = kPlain ? 1 : a.C, LC = kPlain ? 1 : a.LC;
   const int pad = kPlain ? int(kZeros) : a.pad;
   const T* elastic = kPlain ? nullptr : a.elastic;
@@ -112,13 +136,18 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
 
   const T* t = a.theta + int64_t(n) * 12;
   T row[3];
-  row_terms(t, base_coord<T>(h, H, a.align), base_coord<T>(d, D, a.align), row);
+  if constexpr (kPlain)
+    row_terms(t, tab[D + h], tab[d], row);
+  else
+    row_terms(t, base_coord<T>(h, H, a.align), base_coord<T>(d, D, a.align), row);
   const bool label = kPlain || !kImage || (a.fused && a.label != nullptr);
   const float* p = intensity != nullptr ? intensity + int64_t(n) * kIntensityFields : nullptr;
   const uint32_t key = kImage && p != nullptr ? noise_key(a.seed != nullptr ? a.seed[n] : 0, n) : 0;
   const scalar_t* img_in = kImage ? a.image + int64_t(n) * C * in_cs : nullptr;
+  if constexpr (kPlain) asm("" : "+l"(img_in));  // opaque: see kPlain above
   scalar_t* img_out = kImage ? a.image_out + int64_t(n) * C * out_cs + o0 : nullptr;
   const label_t* lab_in = label ? a.label + int64_t(n) * LC * in_cs : nullptr;
+  if constexpr (kPlain) asm("" : "+l"(lab_in));
   label_t* lab_out = label ? a.label_out + int64_t(n) * LC * out_cs + o0 : nullptr;
   // Voxel by voxel, so that only one voxel's point and taps are live (registers bound the
   // occupancy of this gather-bound kernel); its taps serve all its image channels and its point
@@ -129,20 +158,21 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
     const int64_t w = m_min<int64_t>(w0 + k, int64_t(W) - 1);  // tail lanes repeat the last voxel
-    const T bx = base_coord<T>(w, W, a.align);
+    const T bx = kPlain ? tab[D + H + w] : base_coord<T>(w, W, a.align);
     // m_mul: the CPU's rounding (no FMA), so nearest-neighbour ties go the same way
     Vec3<T> pt{m_mul(t[0], bx) + row[0], m_mul(t[4], bx) + row[1], m_mul(t[8], bx) + row[2]};
     if (elastic != nullptr)
       pt = elastic_call(elastic + int64_t(n) * 3 * a.ED * a.EH * a.EW, a.ED, a.EH, a.EW,
                         int64_t(d), int64_t(h), w, int64_t(D), int64_t(H), int64_t(W), pt);
-    const T cx = padded_index(pt.x, g.W, pad, a.align),
-            cy = padded_index(pt.y, g.H, pad, a.align),
-            cz = padded_index(pt.z, g.D, pad, a.align);
+    const bool align = kPlain ? false : a.align;  // kPlain: launch_prepared checked it
+    const T cx = padded_index(pt.x, g.W, pad, align),
+            cy = padded_index(pt.y, g.H, pad, align),
+            cz = padded_index(pt.z, g.D, pad, align);
     if constexpr (kImage) {
       const Taps<T, index_t> tp = trilinear_taps<T, index_t>(cx, cy, cz, g);
       for (int64_t c = 0; c < C; ++c) {
-        const scalar_t v = epilogue_call<scalar_t, T>(sample_taps(img_in + c * in_cs, tp), p,
-                                                      key, c * out_cs + o0 + k);
+        const T sv = kPlain ? sample_taps_ldg(img_in, tp) : sample_taps(img_in + c * in_cs, tp);
+        const scalar_t v = epilogue_call<scalar_t, T>(sv, p, key, c * out_cs + o0 + k);
         if (C == 1) img_pack[k] = v;
         else if (k < nv) img_out[c * out_cs + k] = v;
       }
@@ -150,7 +180,9 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
     if (label) {
       const index_t src = nearest_offset<T, index_t>(cx, cy, cz, g);
       for (int64_t c = 0; c < LC; ++c) {
-        const label_t v = src < 0 ? label_t(0) : lab_in[c * in_cs + src];
+        const label_t v = src < 0  ? label_t(0)
+                          : kPlain ? __ldg(lab_in + src)
+                                   : lab_in[c * in_cs + src];
         if (LC == 1) lab_pack[k] = v;
         else if (k < nv) lab_out[c * out_cs + k] = v;
       }
@@ -166,15 +198,16 @@ template <bool kPlain, typename scalar_t, typename label_t, typename T, typename
           typename item_t>
 __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>& a,
                                            item_t image_items, item_t total, bool image_aligned,
-                                           bool label_aligned) {
+                                           bool label_aligned, const T* tab) {
   const item_t stride = item_t(gridDim.x) * kThreads;
   for (item_t i = item_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
     if (kPlain || i < image_items) {  // kPlain: the label is fused, every item is an image item
       if constexpr (!std::is_integral_v<scalar_t>)
-        pair_item<true, kPlain, scalar_t, label_t, T, index_t>(a, i, image_aligned, label_aligned);
+        pair_item<true, kPlain, scalar_t, label_t, T, index_t>(a, i, image_aligned, label_aligned,
+                                                               tab);
     } else if constexpr (!kPlain) {
       pair_item<false, false, scalar_t, label_t, T, index_t>(a, i - image_items, false,
-                                                             label_aligned);
+                                                             label_aligned, tab);
     }
   }
 }
@@ -193,8 +226,20 @@ template <bool kPlain, typename scalar_t, typename label_t, typename T, typename
 __global__ void __launch_bounds__(kThreads, kPlain ? 4 : 2)
 pair_kernel(const PairArgs<scalar_t, label_t, T> a, item_t image_items, item_t total,
             bool image_aligned, bool label_aligned) {
+  // kPlain: the base coordinates of the image grid's D, H and W axes, in that order (the same
+  // base_coord values each voxel computed before, so the same bits), once per block
+  extern __shared__ unsigned char tab_raw[];
+  T* tab = reinterpret_cast<T*>(tab_raw);
+  if constexpr (kPlain) {
+    const int D = int(a.D), H = int(a.H), n = int(a.D + a.H + a.W);
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+      tab[j] = j < D       ? base_coord<T>(j, a.D, false)
+               : j < D + H ? base_coord<T>(j - D, a.H, false)
+                           : base_coord<T>(j - D - H, a.W, false);
+    __syncthreads();
+  }
   pair_items<kPlain, scalar_t, label_t, T, index_t, item_t>(a, image_items, total,
-                                                            image_aligned, label_aligned);
+                                                            image_aligned, label_aligned, tab);
 }
 
 // Whole packs of kVec voxels are aligned when rows are a multiple of kVec long and the tensor
@@ -235,12 +280,14 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     // offsets and item numbers: the augmentation's usual call. Its 64 registers (ptxas, sm_90,
     // nvcc 13.0, no spills) let 4 blocks reside per SM, against 2 for the general kernel.
     const bool plain = image && a.C == 1 && a.label != nullptr && a.LC == 1 && a.fused &&
-                       a.elastic == nullptr && a.intensity == nullptr && a.pad == kZeros;
+                       a.elastic == nullptr && a.intensity == nullptr && a.pad == kZeros &&
+                       !align && a.D + a.H + a.W <= kPlainTable;
     if constexpr (!std::is_integral_v<S> && !std::is_same_v<S, double> &&
                   std::is_same_v<index_t, int32_t>) {
       if (plain && small) {
         pair_kernel<true, S, L, C, index_t, uint32_t>
-            <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            <<<static_cast<unsigned>(blocks), kThreads, size_t(a.D + a.H + a.W) * sizeof(C),
+               stream>>>(
                 a, static_cast<uint32_t>(image_items), static_cast<uint32_t>(total),
                 image_aligned, label_aligned);
         C10_CUDA_KERNEL_LAUNCH_CHECK();

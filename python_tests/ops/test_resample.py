@@ -689,13 +689,14 @@ def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtyp
     kernel (resample_cuda.cu, kPlain). It must give what the general kernel gives for the same
     points, which an intensity epilogue that changes nothing (gamma 1, scale 1, shift 0, no
     noise) forces (to an ulp: see below), and what the CPU gives; aligned (W % 4 == 0) and
-    partial runs."""
+    partial runs. align_corners=True, and an output grid whose D + H + W exceeds the kPlain
+    kernel's table of base coordinates (4096), take the general kernel: the same results."""
     n = 3
-    for w in (64, 67):
-        x = torch.randn(n, 1, 12, 10, w).to(dtype)
-        lab = torch.randint(0, 120, (n, 1, 12, 10, w)).to(label_dtype)
+    for (d, h, w) in ((11, 9, 64), (11, 9, 67), (2, 3, 4099)):
+        x = torch.randn(n, 1, d + 1, h + 1, w).to(dtype)
+        lab = torch.randint(0, 120, (n, 1, d + 1, h + 1, w)).to(label_dtype)
         theta = random_theta(n, strength=0.7)
-        size = (n, 1, 11, 9, w)
+        size = (n, 1, d, h, w)
         kw = dict(align_corners=align_corners)
         plain = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(), size, **kw)
         ones = torch.ones(n, device="cuda")
