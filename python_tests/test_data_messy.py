@@ -288,3 +288,12 @@ def test_non_integer_label_values_are_shown(tmp_path):
     with pytest.raises(DataError, match=r"c0.nii.gz: label has \d+ non-integer values, e.g. "
                                         r"\[0.999"):
         preprocess(root, tmp_path / "cache", progress=False, workers=0)
+
+
+def test_no_command_names_the_commands(capsys):
+    # argparse named its internal dest ("required: cmd"); the user needs the choices
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "required: {synth,real,preprocess}" in err and "cmd" not in err

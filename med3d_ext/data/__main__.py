@@ -15,7 +15,8 @@ from .. import _signals
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m med3d_ext.data",
                                 description="med3d_ext data tools")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    # (the metavar names the commands in "the following arguments are required", not `cmd`)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{synth,real,preprocess}")
     s = sub.add_parser("synth", help="write synthetic 3DSeg-8 (pretrain/, transfer/, "
                                      "transfer_cls/)")
     s.add_argument("--out", required=True, help="output folder")
