@@ -100,6 +100,15 @@ class SyncRecorder:
 _CUDA_API = re.compile(r"^cu(da)?[A-Z]")
 
 
+def gpu_kernels(events) -> list:
+    """The CUDA kernels, memsets and copies among torch.profiler's events: not a user
+    annotation's span on the GPU timeline (record_function, such as an optimizer's
+    "Optimizer.step#AdamW.step"), whose device time is that of the kernels inside it, which are
+    counted themselves (it was counted as one more, long, kernel and launch)."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
+
+
 def runtime_calls(averages, steps: int, top: int = 8) -> list[dict]:
     """The CUDA runtime / driver API calls among torch.profiler's key averages (cudaLaunchKernel,
     cudaMemcpyAsync, cudaStreamSynchronize, ...): calls and host milliseconds per step, the
@@ -204,7 +213,7 @@ class StepProfiler:
         self.out.mkdir(parents=True, exist_ok=True)
         n = max(self.done, 1)
         events = prof.events()
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = gpu_kernels(events)
         kernel_us = sum(e.device_time for e in kernels) if kernels else 0.0
         # top-level host operators: their CPU time is the host work a step queues
         top = [e for e in events if e.cpu_parent is None and e.device_type == torch.autograd.DeviceType.CPU]
@@ -213,7 +222,8 @@ class StepProfiler:
         avg = prof.key_averages()
         key = (lambda a: getattr(a, "self_device_time_total", 0.0)) if self.cuda else \
             (lambda a: a.self_cpu_time_total)
-        costly = sorted(avg, key=key, reverse=True)[:15]
+        costly = sorted((a for a in avg if not getattr(a, "is_user_annotation", False)),
+                        key=key, reverse=True)[:15]
         summary = {
             "steps": self.done, "device": "cuda" if self.cuda else "cpu",
             "wall_ms_per_step": 1e3 * wall / n,

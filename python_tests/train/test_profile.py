@@ -152,3 +152,19 @@ def test_runtime_calls_keeps_the_cuda_api_rows_costliest_first():
                                         "cuLaunchKernel"]
     assert out[0] == {"name": "cudaStreamSynchronize", "calls_per_step": 1.0,
                       "host_ms_per_step": 20.0}
+
+
+def test_gpu_kernels_leave_out_user_annotations():
+    # an optimizer's record_function span lies on the GPU timeline too, with the time of the
+    # kernels inside it; it was counted as one more kernel and launch per step
+    from types import SimpleNamespace
+
+    from med3d_ext.train.profiling import gpu_kernels
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    evs = [SimpleNamespace(name="k1", device_type=cuda, is_user_annotation=False),
+           SimpleNamespace(name="Optimizer.step#AdamW.step", device_type=cuda,
+                           is_user_annotation=True),
+           SimpleNamespace(name="k2", device_type=cuda, is_user_annotation=False),
+           SimpleNamespace(name="aten::add", device_type=cpu, is_user_annotation=False)]
+    assert [e.name for e in gpu_kernels(evs)] == ["k1", "k2"]
