@@ -7,7 +7,11 @@ extension is not available. Keep them simple and obviously right, not fast.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+
+from ._args import ArgumentTypeError
 
 
 # --------------------------------------------------------------------------- conv_bn_relu/
@@ -179,6 +183,9 @@ def pack_intensity(intensity, n: int, device):
     import math
 
     known = {"scale", "shift", "gamma", "noise_std", "clip", "seed"}
+    if not isinstance(intensity, Mapping):  # a list said "unknown keys [1.0]"
+        raise ArgumentTypeError(f"med3d_ext: argument 'intensity' must be a dict of "
+                                f"{sorted(known)}, got {type(intensity).__name__}")
     bad = set(intensity) - known
     if bad:
         raise ValueError(f"med3d_ext: argument 'intensity' has unknown keys {sorted(bad)}; "

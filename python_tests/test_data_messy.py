@@ -297,3 +297,21 @@ def test_no_command_names_the_commands(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "required: {synth,real,preprocess}" in err and "cmd" not in err
+
+
+def test_preprocess_skip_bad_says_a_header_then_each_case(tmp_path, capsys):
+    # the CLI printed bare "skipped: ..." lines; training's warning has a header with the count
+    root = make_msd(tmp_path / "ds", n=2)
+    for sub in ("imagesTr", "labelsTr"):
+        f = root / sub / "c1.nii.gz"
+        im = nib.load(str(f))
+        hdr = im.header.copy()
+        hdr.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)
+        hdr.set_qform(None, code=0)
+        nib.save(nib.Nifti1Image(np.asarray(im.dataobj), None, hdr), str(f))
+    assert main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--skip-bad",
+                 "--workers", "0", "--no-progress"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    head = next(i for i, line in enumerate(err) if "skipped 1 bad case(s)" in line)
+    assert err[head].startswith("warning: ") and "--skip-bad" in err[head]
+    assert err[head + 1].startswith("skipped: ") and "degenerate affine" in err[head + 1]

@@ -328,6 +328,13 @@ def test_bad_spacing_and_workers_are_refused_up_front(tmp_path, capsys):
                  "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--spacing" in err and "Traceback" not in err
+    # one value (isotropic) or three, as the message says (argparse took exactly three)
+    assert main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--spacing", "1", "2",
+                 "--no-progress"]) == 2
+    assert "expected one or 3 positive mm values" in capsys.readouterr().err
+    assert main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--spacing", "2",
+                 "--workers", "0", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["target_spacing"] == [2, 2, 2]
 
 
 def test_normalize_in_place_matches_the_formula(tmp_path):

@@ -36,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
                                                "$MED3D_EXT_CACHE or ~/.cache/med3d_ext/...)")
     q.add_argument("--workers", type=int, default=None, help="processes (default: CPUs, max 8;"
                                                              " 0 = in-process)")
-    q.add_argument("--spacing", type=float, nargs=3, default=None,
-                   help="target spacing in mm (default: the dataset's median)")
+    # one value (isotropic) or three (D, H, W), as preprocess() takes and its message says
+    q.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
+                   help="target spacing in mm: one value (isotropic) or three, D H W "
+                        "(default: the dataset's median)")
     q.add_argument("--skip-bad", action="store_true",
                    help="skip bad cases with a warning list instead of stopping")
     q.add_argument("--seed", type=_seed, default=0,
@@ -162,7 +164,11 @@ def _preprocess_one(path, out, args) -> None:
               + (f"; {st['reused']} reused from the cache" if st["reused"] else ""))
     elif st["reused"]:
         print(f"all {st['reused']} case(s) reused from the cache (unchanged sources)")
-    for msg in pre.info.get("problems", []):
+    problems = pre.info.get("problems", [])
+    if problems:  # the header training's warning has, then one line per case
+        print(f"warning: {pre.dir}: skipped {len(problems)} bad case(s) (--skip-bad):",
+              file=sys.stderr)
+    for msg in problems:
         print(f"skipped: {msg}", file=sys.stderr)
 
 

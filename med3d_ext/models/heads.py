@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import numbers
 
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from .._args import int_arg
 from .med3d import Med3DNet
 from .resnet import ENCODER_ROOTS, ResNet3d, ResNet3dEncoder, apply_fusion, check_flag
 from .weights import infer_medicalnet_depth, load_medicalnet_weights, unwrap_model
@@ -41,10 +41,8 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
-                or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        num_classes = int(num_classes)
+        num_classes = int_arg("ClassificationHead: num_classes must be a positive int",
+                              num_classes, 1)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.pool = nn.AdaptiveAvgPool3d(1)

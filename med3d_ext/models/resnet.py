@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._args import ArgumentTypeError, is_int
+from .._args import ArgumentTypeError, int_arg, is_int
 
 __all__ = [
     "DEPTHS",
@@ -276,10 +276,9 @@ class MedicalNetSegHead(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, num_classes: int, mid_channels: int = 32):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
-                or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        num_classes = int(num_classes)
+        # a float (2.0) is a TypeError (and a ValueError, as before); 0 a ValueError
+        num_classes = int_arg("MedicalNetSegHead: num_classes must be a positive int",
+                              num_classes, 1)
         super().__init__(
             nn.ConvTranspose3d(in_channels, mid_channels, 2, stride=2),
             nn.BatchNorm3d(mid_channels),
@@ -302,6 +301,9 @@ class ResNet3d(ResNet3dEncoder):
 
     def __init__(self, depth: int, num_seg_classes: int = 2, shortcut_type: str | None = None,
                  in_channels: int = 1):
+        # checked here, under its own name (the head's check said "num_classes")
+        num_seg_classes = int_arg("ResNet3d: num_seg_classes must be a positive int",
+                                  num_seg_classes, 1)
         super().__init__(depth, shortcut_type, in_channels)
         self.num_seg_classes = num_seg_classes
         self.conv_seg = MedicalNetSegHead(self.out_channels, num_seg_classes)

@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
+from .._args import int_arg
 from ._common import (check_bool, check_real, check_same_device, check_tensor, compiled,
                       register_fake)
 from ._running_stats import update_running_stats
@@ -203,8 +204,8 @@ def im2col_chunk_bytes(n: Optional[int] = None) -> int:
     if not _extension.available():
         return 0
     if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"im2col_chunk_bytes: n must be a positive int of bytes, got {n!r}")
+        # 1.5 is a TypeError (and a ValueError, as before); 0 a ValueError
+        n = int_arg("im2col_chunk_bytes: n must be a positive int of bytes", n, 1)
         _extension._C.set_im2col_chunk_bytes(n)
     return int(_extension._C.im2col_chunk_bytes())
 

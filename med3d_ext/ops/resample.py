@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .. import reference
+from .._args import ArgumentTypeError
 from ._common import (check_bool, check_same_device, compiled, register_autograd,
                       register_fake)
 
@@ -32,10 +33,20 @@ def _choice(name: str, value: str, table: dict) -> int:
     return table[value]
 
 
-def _ints(name: str, value, rank: int) -> list[int]:
+# Outputs of more elements than this are refused with the argument's name (PyTorch's own
+# "Storage size calculation overflowed" named neither; nothing of 2^60 elements is allocatable).
+_MAX_ELEMENTS = 2**60
+
+
+def _ints(name: str, value, rank: int, per_element: int = 1) -> list[int]:
+    """``value`` as ``rank`` non-negative ints; ``per_element``: the elements of the output per
+    element of this size (N * C for a spatial size), for the overflow check."""
     if isinstance(value, torch.Size):
         value = list(value)
-    if not isinstance(value, Sequence) or len(value) != rank:
+    if not isinstance(value, Sequence) or isinstance(value, str):  # None, 4, "128"
+        raise ArgumentTypeError(f"med3d_ext: argument '{name}' must be {rank} ints, got "
+                                f"{value!r}")
+    if len(value) != rank:
         raise ValueError(f"med3d_ext: argument '{name}' must be {rank} ints, got {value!r}")
     try:  # operator.index, not int(): a size of 4.5 is refused, not truncated to 4
         out = [operator.index(v) for v in value]
@@ -43,6 +54,9 @@ def _ints(name: str, value, rank: int) -> list[int]:
         raise TypeError(f"med3d_ext: argument '{name}' must be {rank} ints, got {value!r}") from None
     if any(v < 0 for v in out):
         raise ValueError(f"med3d_ext: argument '{name}' must be non-negative, got {out}")
+    if math.prod(out) * max(per_element, 1) > _MAX_ELEMENTS:
+        raise ValueError(f"med3d_ext: argument '{name}' = {out} is too large: "
+                         f"{math.prod(out) * max(per_element, 1):.3g} output elements")
     return out
 
 
@@ -67,9 +81,12 @@ def _check_theta(theta, image):
 
 
 def _check_image(image, float_only: bool, mode_hint: str):
-    if not isinstance(image, torch.Tensor) or image.dim() != 5:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"med3d_ext: argument 'image' must be 5-D (N, C, D, H, W), got {shape}")
+    if not isinstance(image, torch.Tensor):
+        raise ArgumentTypeError(f"med3d_ext: argument 'image' must be a 5-D (N, C, D, H, W) "
+                                f"tensor, got {type(image).__name__}")
+    if image.dim() != 5:
+        raise ValueError(f"med3d_ext: argument 'image' must be 5-D (N, C, D, H, W), got "
+                         f"{tuple(image.shape)}")
     if float_only and not image.is_floating_point():
         raise TypeError(f"med3d_ext: argument 'image' must be floating point for {mode_hint}, "
                         f"got {image.dtype} (use mode='nearest' for integer label maps)")
@@ -208,7 +225,8 @@ def affine_resample_pair(image: torch.Tensor, label: torch.Tensor, theta: torch.
     if size[:2] != list(image.shape[:2]):
         raise ValueError(f"med3d_ext: argument 'size' must start with image's (N, C) = "
                          f"{tuple(image.shape[:2])}, got {size}")
-    label_size = size[2:] if label_size is None else _ints("label_size", label_size, 3)
+    label_size = size[2:] if label_size is None else _ints("label_size", label_size, 3,
+                                                           image.shape[0])
     _check_theta(theta, image)
     n = image.shape[0]
     if elastic is not None:
@@ -272,7 +290,7 @@ def resize(image: torch.Tensor, size, mode: str = "trilinear") -> torch.Tensor:
     """
     m = _choice("mode", mode, _RESIZE_MODES)
     _check_image(image, m == 0, "mode='trilinear'")
-    size = _ints("size", size, 3)
+    size = _ints("size", size, 3, image.shape[0] * image.shape[1])
     op = compiled("resize")
     if op is None:
         return reference.resize(image, size, mode)
@@ -331,10 +349,13 @@ def resample_to_spacing(image: torch.Tensor, spacing, new_spacing,
         The resized volume of the same rank, spatial size
         ``floor(shape * spacing / new_spacing + 0.5)`` (at least 1) per axis.
     """
-    if not isinstance(image, torch.Tensor) or image.dim() not in (4, 5):
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+    if not isinstance(image, torch.Tensor):  # a numpy volume: say so, and how
+        raise ArgumentTypeError(f"med3d_ext: argument 'image' must be a (C, D, H, W) or "
+                                f"(N, C, D, H, W) tensor, got {type(image).__name__} (use "
+                                "torch.from_numpy for an array)")
+    if image.dim() not in (4, 5):
         raise ValueError(f"med3d_ext: argument 'image' must be (C, D, H, W) or (N, C, D, H, W), "
-                         f"got {shape}")
+                         f"got {tuple(image.shape)}")
     sp, nsp = _spacing("spacing", spacing), _spacing("new_spacing", new_spacing)
     shape = image.shape[-3:]
     exact = [shape[k] * sp[k] / nsp[k] for k in range(3)]

@@ -150,7 +150,8 @@ def _check_resumed_data(run: Path, saved, given) -> None:
         raise C.ConfigError(
             f"--resume {str(run)!r}: --data {' '.join(map(str, given))} is not the run's data "
             f"({' '.join(map(str, saved))}); a resumed run goes on with the same dataset(s) "
-            "(a folder moved elsewhere, same name, is fine). Drop --data, or start a new run "
+            "(a folder moved elsewhere, no longer at its old path, is fine under its old "
+            "name). Drop --data, or start a new run "
             "to train on other data")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import operator
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -472,14 +473,23 @@ def resolve(command: str, cli: dict | None = None, config_file=None, overrides=(
         layers.append(("command line", cli))
     if overrides:
         layers.append(("--set", dict(_parse_set(s) for s in overrides)))
+    ignored = []
     for where, layer in layers:
         for key, value in layer.items():
             key = str(key).replace("-", "_")
             if key not in valid:
+                if where.startswith("--config") and command in _INFER and key in OPTIONS:
+                    # a training run's config.yaml given to evaluate/predict: its training
+                    # options do not apply (a misspelt key is still an error)
+                    ignored.append(key)
+                    continue
                 raise _unknown(key, command, where)
             cfg[key] = coerce(key, value)
             if explicit is not None and where != "saved config":
                 explicit.add(key)
+    if ignored:
+        warnings.warn(f"{command}: the training options of --config {config_file} do not "
+                      f"apply and are ignored: {', '.join(ignored)}", stacklevel=2)
     return cfg
 
 
@@ -505,8 +515,6 @@ def check_training(cfg: dict) -> None:
                           "freeze a randomly initialised encoder; drop --freeze-epochs (it is "
                           "for a pretrained encoder)")
     if cfg.get("freeze_epochs") and cfg.get("epochs") and cfg["freeze_epochs"] >= cfg["epochs"]:
-        import warnings
-
         # allowed (a linear-probe run), but as often a typo: said, as the frozen encoder
         # otherwise shows only as a training curve that stops improving early
         warnings.warn(f"--freeze-epochs {cfg['freeze_epochs']} >= --epochs {cfg['epochs']}: "
@@ -514,8 +522,6 @@ def check_training(cfg: dict) -> None:
                       stacklevel=2)
     mode = cfg.get("compile_mode", "default")
     if mode != "default" and not cfg.get("compile"):
-        import warnings
-
         warnings.warn(f"--compile-mode {mode} has no effect without --compile", stacklevel=2)
 
 
@@ -524,8 +530,6 @@ def check_evaluate(cfg: dict, explicit=()) -> None:
     nothing (said, as --compile-mode without --compile is: whoever gave them meant a mirrored
     evaluation)."""
     if "tta_axes" in explicit and not cfg.get("tta"):
-        import warnings
-
         warnings.warn(f"--tta-axes {' '.join(map(str, cfg['tta_axes']))} has no effect without "
                       "--tta", stacklevel=2)
 

@@ -606,22 +606,26 @@ def _fmt(v, spec):
 
 def format_table(summary) -> str:
     """One line per case and a mean line; an unlabelled case shows "no label" instead of
-    metrics, and the mean line says how many labelled cases it averages."""
+    metrics, and the mean line says how many labelled cases it averages. The "all classes"
+    columns are the summary's ``dice`` / ``hd95`` (each case's mean over its classes; the mean
+    line's is their mean over cases, which the per-class means do not give)."""
     n_all = summary["num_classes"]
     n = summary.get("scored_classes", n_all)  # the classes with ground truth: the columns
     names = summary.get("class_names") or {}
     cls = [f"{c} {names[str(c)]}" if str(c) in names else str(c) for c in range(1, n)]
-    head = ["case"] + [f"Dice {c}" for c in cls] + [f"HD95 {c} (mm)" for c in cls]
+    head = ["case"] + [f"Dice {c}" for c in cls] + [f"HD95 {c} (mm)" for c in cls] \
+        + ["Dice all classes", "HD95 all classes (mm)"]
     lines = [" | ".join(head)]
     cases = summary["cases"]
     n_lab = summary.get("labelled_cases", len(cases))
     for r in cases + [dict(summary, case=f"mean ({n_lab} labelled)"
                            if n_lab != len(cases) else "mean", labelled=n_lab > 0)]:
         if not r.get("labelled", True):
-            cells = [str(r["case"])] + ["no label"] * (2 * (n - 1))
+            cells = [str(r["case"])] + ["no label"] * (2 * n)
         else:
             cells = [str(r["case"])] + [_fmt(r.get(f"dice_{c}"), ".3f") for c in range(1, n)] \
-                + [_fmt(r.get(f"hd95_{c}"), ".2f") for c in range(1, n)]
+                + [_fmt(r.get(f"hd95_{c}"), ".2f") for c in range(1, n)] \
+                + [_fmt(r.get("dice"), ".3f"), _fmt(r.get("hd95"), ".2f")]
         lines.append(" | ".join(cells))
     if n_lab < len(cases):
         lines.append(f"{len(cases) - n_lab} of {len(cases)} case(s) have no label: predicted "

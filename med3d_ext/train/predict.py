@@ -138,6 +138,8 @@ def split_channel_groups(images: list[Image], log=print) -> list[Image]:
         else:
             out.append(im)
     _check_unique(out)
+    if len(out) != len(images):  # the count said before the split was the groups'
+        log(f"{len(out)} image(s) to predict")
     return out
 
 

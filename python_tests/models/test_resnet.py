@@ -89,8 +89,18 @@ def test_bad_arguments():
         resnet3d(10, shortcut_type="C")
     with pytest.raises(ValueError, match="in_channels"):
         resnet3d(10, in_channels=0)
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="num_seg_classes must be a positive int, got 0"):
         resnet3d(10, num_seg_classes=0)
+    # a float is a TypeError naming the argument by its own name (was "num_classes", ValueError)
+    with pytest.raises(TypeError, match="num_seg_classes must be a positive int, got 2.0"):
+        resnet3d(10, num_seg_classes=2.0)
+    with pytest.raises(TypeError, match="ClassificationHead: num_classes"):
+        models.ClassificationHead(8, 2.0)
+    from med3d_ext.ops.conv_bn_relu import im2col_chunk_bytes
+
+    if im2col_chunk_bytes():  # 0 without the compiled extension: nothing to set
+        with pytest.raises(TypeError, match="positive int of bytes, got 1.5"):
+            im2col_chunk_bytes(1.5)
     net = resnet3d(10)
     with pytest.raises(ValueError, match=r"expected input \(N, 1, D, H, W\)"):
         net(torch.randn(1, 2, 8, 8, 8))

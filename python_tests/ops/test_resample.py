@@ -221,6 +221,37 @@ def test_errors_name_the_argument(device):
         m3d.ops.affine_resample(x, theta.to(other), (2, 1, 3, 3, 3))
 
 
+def test_wrong_types_and_overflowing_sizes_are_named():
+    # a wrong type is a TypeError (and still a ValueError) naming the argument; a size whose
+    # output would overflow was PyTorch's "Storage size calculation overflowed", naming none
+    x = torch.randn(2, 1, 4, 4, 4)
+    theta = random_theta(2)
+    lab = torch.zeros(2, 4, 4, 4, dtype=torch.uint8)
+    for bad in (None, 4, "12345"):
+        with pytest.raises(TypeError, match="'size' must be 5 ints"):
+            m3d.ops.affine_resample(x, theta, bad)
+        with pytest.raises(TypeError, match="'size' must be 3 ints"):
+            m3d.ops.resize(x, bad)
+    with pytest.raises(TypeError, match="'image' must be a 5-D"):
+        m3d.ops.affine_resample([x], theta, (2, 1, 3, 3, 3))
+    with pytest.raises(TypeError, match="torch.from_numpy"):
+        m3d.ops.resample_to_spacing(x[0].numpy(), (1, 1, 1), (2, 2, 2))
+    with pytest.raises(TypeError, match="'intensity' must be a dict"):
+        m3d.ops.affine_resample_pair(x, lab, theta, (2, 1, 3, 3, 3), intensity=[1.0])
+    huge = (2**40, 2**40, 4)
+    with pytest.raises(ValueError, match="'size' .* too large"):
+        m3d.ops.affine_resample(x, theta, (2, 1, *huge))
+    with pytest.raises(ValueError, match="'size' .* too large"):
+        m3d.ops.affine_resample_pair(x, lab, theta, (2, 1, *huge))
+    with pytest.raises(ValueError, match="'label_size' .* too large"):
+        m3d.ops.affine_resample_pair(x, lab, theta, (2, 1, 3, 3, 3), label_size=huge)
+    for size in (huge, (2**63 - 1, 1, 1), (2**31, 2**31, 1)):
+        with pytest.raises(ValueError, match="'size' .* too large"):
+            m3d.ops.resize(x, size)
+    # a size just within reach is not refused by the check (the op runs on an empty batch)
+    assert m3d.ops.resize(x[:0], (2**20, 2**20, 1)).shape == (0, 1, 2**20, 2**20, 1)
+
+
 @requires_ext
 def test_compiled_op_checks_name_the_argument():
     x = torch.randn(2, 1, 4, 4, 4)

@@ -145,3 +145,40 @@ def test_checkpoint_of_another_kind_of_run_is_a_mix_up(run, tiny_data, tmp_path,
     # the run's own checkpoint named as a file is fine
     assert _eval(tiny_data, "--run", run, "--checkpoint", run / "last.pt", "--out",
                  tmp_path / "q") == 0
+
+
+def test_table_shows_the_summary_means_over_all_classes():
+    # the README said the table's last line held the summary's dice/hd95 (each case's mean over
+    # its classes, then over cases); it held only per-class means, which do not give them
+    from med3d_ext.train.evaluate import format_table
+
+    cases = [{"case": "a", "dice_1": 1.0, "dice_2": 0.0, "hd95_1": 0.0, "hd95_2": 4.0,
+              "dice": 0.5, "hd95": 2.0},
+             {"case": "b", "dice_1": 0.5, "dice_2": float("nan"), "hd95_1": 1.0,
+              "hd95_2": float("nan"), "dice": 0.5, "hd95": 1.0},
+             {"case": "c", "labelled": False}]
+    summary = {"num_classes": 3, "cases": cases, "labelled_cases": 2, "dice_1": 0.75,
+               "dice_2": 0.0, "hd95_1": 0.5, "hd95_2": 4.0, "dice": 0.5, "hd95": 1.5}
+    lines = format_table(summary).splitlines()
+    assert lines[0].split(" | ")[-2:] == ["Dice all classes", "HD95 all classes (mm)"]
+    assert lines[1].split(" | ")[-2:] == ["0.500", "2.00"]
+    assert lines[3].split(" | ") == ["c"] + ["no label"] * 6
+    mean = lines[4].split(" | ")
+    assert mean[0] == "mean (2 labelled)" and mean[-2:] == ["0.500", "1.50"]
+    assert all(len(line.split(" | ")) == 7 for line in lines[:5])
+
+
+def test_a_runs_own_config_file_works_for_evaluate(run, tiny_data, tmp_path, capsys):
+    # --seed / --val-fraction are taken "so that a training config file works", but the
+    # training options in it (augment, epochs, lr, ...) refused the file; they are ignored now,
+    # said once, and a misspelt key in the file is still an error
+    cfg = run / "config.yaml"
+    assert cfg.exists()
+    assert _eval(tiny_data, "--run", run, "--config", cfg, "--out", tmp_path / "p") == 0
+    err = capsys.readouterr().err
+    assert err.count("training options of --config") == 1
+    assert "augment" in err and "epochs" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg.read_text() + "\nepochz: 3\n")
+    assert _eval(tiny_data, "--run", run, "--config", bad, "--out", tmp_path / "q") == 2
+    assert "unknown configuration key 'epochz'" in capsys.readouterr().err

@@ -364,7 +364,10 @@ def test_one_channel_run_reads_channel_named_files_as_separate_scans(kidney_run,
         shutil.copy(src, nn / f"liver_{k:04d}.nii.gz")
     capsys.readouterr()
     assert _predict(kidney_run, tmp_path / "p", "--images", nn) == 0
-    assert "read as 2 separate images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "read as 2 separate images" in out
+    # the count after the split is said too (the first said 1 image, from channel files)
+    assert out.index("read as 2 separate images") < out.index("2 image(s) to predict")
     assert _files(tmp_path / "p") == ["liver_0000.nii.gz", "liver_0002.nii.gz",
                                       "predictions.json"]
     a, b = (nib.load(str(tmp_path / "p" / f"liver_{k:04d}.nii.gz")) for k in (0, 2))
