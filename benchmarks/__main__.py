@@ -58,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("unknown area(s): " + "; ".join(f"{b!r} (did you mean {', '.join(h) or 'one of ' + ', '.join(AREAS)}?)"
                                                 for b, h in hints.items()))
     a.areas = list(dict.fromkeys(a.areas))  # an area named twice runs once
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():  # (it left an empty --out folder behind)
+            p.exit(2, "--device cuda: no CUDA device is available\n")
     try:  # before any measuring: results are written after every case, the first within seconds
         os.makedirs(a.out, exist_ok=True)
     except OSError as exc:

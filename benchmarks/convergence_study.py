@@ -493,9 +493,13 @@ def run(ctx) -> None:
     seeds = (0, 1) if ctx.quick else (0, 1, 2)
     threads = torch.get_num_threads()  # the training sets its own: later areas keep theirs
     try:
+        def log(*a):  # not the study's own "wrote <temporary folder>" (deleted right after)
+            line = " ".join(map(str, a))
+            if not line.startswith("wrote "):
+                print("  " + line, flush=True)
+
         with tempfile.TemporaryDirectory(prefix="m3d-conv-area-") as tmp:
-            s = run_study(tmp, seeds=seeds, device=ctx.device, quick=ctx.quick,
-                          log=lambda *a: print("  " + " ".join(map(str, a)), flush=True))
+            s = run_study(tmp, seeds=seeds, device=ctx.device, quick=ctx.quick, log=log)
     finally:
         torch.set_num_threads(threads)
     params = {"task": s["transfer_task"], "seeds": list(seeds), "patch": s["sizes"]["patch"],
@@ -507,8 +511,10 @@ def run(ctx) -> None:
                      "baseline": arm == SCRATCH, "reference": False, "params": params,
                      "status": OK, "median_ms": a["ms_per_step"],
                      "note": (f"final Dice {a['final_mean']:.3f} ± {a['final_std']:.3f}, target "
-                              f"{s['target']:.3f} reached at step {a['steps_to_target']}; time = ms "
-                              "per transfer step incl. validation"),
+                              f"{s['target']:.3f} "
+                              + (f"reached at step {a['steps_to_target']}"
+                                 if a["steps_to_target"] is not None else "not reached")
+                              + "; time = ms per transfer step incl. validation"),
                      "final_dice": a["final_mean"], "final_dice_std": a["final_std"],
                      "steps_to_target": a["steps_to_target"],
                      "convergence_speedup": a["speedup_vs_scratch"],
@@ -519,6 +525,15 @@ def run(ctx) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
+def _unused_name(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``, ... when it already holds files."""
+    cand, k = path, 1
+    while os.path.isdir(cand) and os.listdir(cand):
+        k += 1
+        cand = f"{path}-{k}"
+    return cand
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.convergence_study",
                                 description=__doc__.split("\n\n")[0])
@@ -526,8 +541,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="transfer seeds (default 0 1 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/"
-                   "<date>_<device>-convergence; with --quick benchmarks/results/latest/"
-                   "convergence-quick)")
+                   "<date>_<device>-convergence, -2, -3, ... when that one holds files; with "
+                   "--quick benchmarks/results/latest/convergence-quick)")
     p.add_argument("--medicalnet", default=None, metavar="PATH",
                    help="MedicalNet-layout ResNet weights (.pth/.safetensors): a third arm")
     p.add_argument("--threads", type=int, default=None,
@@ -550,6 +565,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=None, help="keep the run folders (checkpoints, metrics) here "
                    "(default: a temporary folder, deleted)")
     a = p.parse_args(argv)
+    if a.threads is not None and a.threads < 1:  # said before any data is made or --out written
+        p.error(f"--threads must be >= 1, got {a.threads}")
     if a.render:
         try:
             s = json.loads(Path(a.render).read_text())
@@ -570,6 +587,8 @@ def main(argv=None) -> int:
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                 os.path.join("latest", "convergence-quick") if a.quick else
                                 f"{time.strftime('%Y-%m-%d')}_{dev}-convergence")
+    if not a.out and not a.quick:
+        out = _unused_name(out)  # a second study that day does not overwrite a committed one
     try:
         s = run_study(out, seeds=a.seeds, device=dev, quick=a.quick, medicalnet=a.medicalnet,
                       runs=a.runs, threads=a.threads, head_lr=a.head_lr, with_real=a.with_real,
@@ -579,7 +598,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. --out under a file
-        print(f"error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+        name = str(exc.filename or "")
+        where = "--out " if name and os.path.abspath(name).startswith(os.path.abspath(out)) else ""
+        print(f"error: {where}{name}{': ' if name else ''}{exc.strerror or exc}",
               file=sys.stderr)
         return 2
     except Exception as exc:  # a bad --device (DeviceError), a refused weights file, ...

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -256,7 +257,8 @@ def markdown(results: list[dict], env: dict, device: str = "cuda") -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory_peak",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--depth", type=int, default=50, help="ResNet depth (default 50)")
+    p.add_argument("--depth", type=int, default=50, choices=(10, 18, 34, 50, 101, 152, 200),
+                   help="ResNet depth (default 50)")
     p.add_argument("--arms", default="eager,fused,memory-saving",
                    help="comma-separated: eager, fused, memory-saving")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -264,7 +266,9 @@ def main(argv=None) -> int:
                         "timeline of the same step)")
     p.add_argument("--batch", type=int, default=None,
                    help="batch size (default 8, the perf-baselines shape)")
-    p.add_argument("--out", default="benchmarks/results/latest/memory", help="results folder")
+    default_out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest",
+                               "memory")  # the git-ignored folder, wherever this is run
+    p.add_argument("--out", default=default_out, help=f"results folder (default {default_out})")
     a = p.parse_args(argv)
     arms = [s.strip() for s in a.arms.split(",") if s.strip()]
     bad = [x for x in arms if x not in ARMS]
@@ -281,7 +285,10 @@ def main(argv=None) -> int:
 
     env = collect_env(a.device)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file, or a place that cannot be written: named, no traceback
+        p.error(f"--out {a.out}: {exc.strerror or exc}")
     results = []
     for arm in arms:
         if a.device == "cpu":

@@ -244,9 +244,12 @@ def write(out, r: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    p.add_argument("--steps", type=int, default=None, help="steps per arm (default: 48 GPU, 30 CPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per arm (default: 48 GPU, 30 CPU, 6 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny CPU sizes (a smoke test, not a result)")
-    p.add_argument("--out", default="benchmarks/results/latest/throughput", help="results folder")
+    default_out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest",
+                               "throughput")  # the git-ignored folder, wherever this is run
+    p.add_argument("--out", default=default_out, help=f"results folder (default {default_out})")
     p.add_argument("--label-grids", default=None,
                    help="comma-separated label grids, one pair of arms each (default: GPU "
                         "patch,logits; CPU patch)")
@@ -266,8 +269,18 @@ def main(argv=None) -> int:
         bad = [g for g in grids if g not in ("patch", "logits")]
         if bad or not grids:
             p.error(f"--label-grids: expected patch and/or logits, got {a.label_grids!r}")
-    r = run(a.device, a.quick, a.steps, a.out, profile=a.profile, label_grids=grids,
-            compile_arms=a.compile_arms)
+    try:  # before training: a bad --out lost both arms' results at the end
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {a.out}: {exc.strerror or exc}")
+    from med3d_ext.train.distributed import DeviceError
+
+    try:
+        r = run(a.device, a.quick, a.steps, a.out, profile=a.profile, label_grids=grids,
+                compile_arms=a.compile_arms)
+    except DeviceError as exc:  # --device cuda without a GPU: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(markdown(r))
     return 0
 

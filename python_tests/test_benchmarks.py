@@ -315,6 +315,24 @@ def test_error_ratio_case_rows():
         assert r["status"] == "ok" and "no float64 here" in r["check"] and "not checked" in r["check"]
 
 
+def test_units_per_call_are_divided_before_rows_are_printed_and_saved(monkeypatch, capsys):
+    # the pipeline area times windows of w batches and divided the rows by w after they had
+    # been printed and saved: a run cut short kept per-window values labelled ms per batch
+    ctx = common.Context("cpu", quick=True, with_compile=False)
+    ctx.warmup, ctx.repeats = 0, 3
+    saved = []
+    ctx.on_rows = lambda: saved.append([dict(r) for r in ctx.rows])
+    monkeypatch.setattr(common, "time_fn", lambda *a, **k: [40.0, 44.0, 48.0])  # ms per call
+    case = ctx.case("demo", "window", params={})
+    case.units_per_call = 4
+    case.add("w", lambda: (lambda: None), baseline=True, check=False)
+    row = case.run()[0]
+    assert row["status"] == "ok"
+    assert row["median_ms"] == 11.0 and row["min_ms"] == 10.0
+    assert saved and saved[0][0]["median_ms"] == 11.0  # saved already divided
+    assert "11.000" in capsys.readouterr().out
+
+
 @pytest.fixture
 def one_thread():
     # the CPU train_step's ops hold a few thousand values each: a second OpenMP thread gains
@@ -910,3 +928,40 @@ def test_error_ratio_rows_say_which_output_passed_on_the_floor():
     assert by[0]["err"] == pytest.approx(1e-3, rel=1e-3) and by[0]["err"] <= by[0]["bound"]
     md = common.markdown({"env": {}, "args": {}, "total_s": 0, "rows": list(rows.values())})
     assert "x ref, inside the floor)" in md
+
+
+def test_an_exact_reference_is_said_not_shown_as_an_infinite_ratio():
+    # on the CPU the reference implementation runs in float64, as the high-precision one does:
+    # its error is 0, every ratio is infinite, and the table said "(infx ref, inside the floor)"
+    ctx = common.Context("cpu", quick=True, with_compile=False)
+    ctx.warmup, ctx.repeats = 0, 1
+    x = torch.linspace(1, 3, 64, dtype=torch.float64)
+    case = ctx.case("unit", "exact", rtol=1e-2, atol=0.0, precise=lambda: x.clone())
+    case.add("eager", lambda: lambda: x.clone(), baseline=True, reference=True)
+    case.add("ours", lambda: lambda: x + 1e-9)
+    rows = case.run()
+    md = common.markdown({"env": {}, "args": {}, "total_s": 0, "rows": rows})
+    assert "infx" not in md
+    ours = next(line for line in md.splitlines() if line.startswith("| unit | exact | ours |"))
+    assert "(reference exact: checked against the floor)" in ours
+
+
+def test_publish_named_runs_are_all_printed_and_a_missing_one_is_an_error(tmp_path, capsys):
+    # --max-runs (default 3) cut an explicit --runs list silently, and a mistyped run name
+    # printed an empty section with exit 0
+    from benchmarks import publish
+
+    res = tmp_path / "res"
+    for k in range(4):
+        d = res / f"2026-11-2{k}_cpu"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"env": {}, "args": {}, "rows": []}))
+    names = [f"2026-11-2{k}_cpu" for k in range(4)]
+    assert publish.main(["--print", "--results", str(res), "--runs", *names]) == 0
+    out = capsys.readouterr().out
+    assert all(f"### {n}" in out for n in names)
+    assert f"from `{res}`" in out  # the folder it read, not always benchmarks/results/
+    assert publish.main(["--print", "--results", str(res)]) == 0  # unnamed: the newest 3
+    assert capsys.readouterr().out.count("### ") == 3
+    assert publish.main(["--print", "--results", str(res), "--runs", "nonexist"]) == 2
+    assert "nonexist" in capsys.readouterr().err
