@@ -327,36 +327,51 @@ def compare_ratio(actual, precise, ref_errors: list[float], ratio: float, rtol, 
     return ok, worst, worst_ratio, "; ".join(msgs)
 
 
-# Families of GPU kernels by name, first match wins: (family, substrings of the lower-cased name).
-_KERNEL_FAMILIES = (
-    ("cuDNN conv dgrad", ("dgrad",)),
-    ("cuDNN conv wgrad", ("wgrad",)),
-    ("cuDNN conv fprop", ("fprop", "implicit_gemm", "implicit_convolve", "conv2d", "conv3d",
-                          "cudnn")),
+# Families of GPU kernels by name (lower-cased), first match wins: (family, substrings). Our own
+# kernels first (their names hold "med3d_ext"; the stem's implicit GEMM says fprop/wgrad too),
+# then cuDNN's and the rest.
+_OUR_FAMILIES = (
     ("med3d_ext stem pool", ("pool",)),
-    ("med3d_ext stem GEMM / im2col", ("im2col", "stem", "space_to_depth")),
-    ("med3d_ext BN statistics", ("statsacc", "stats_finish")),
+    ("med3d_ext stem GEMM / im2col", ("im2col", "stem", "space_to_depth", "gemm")),
+    ("med3d_ext BN statistics", ("statsacc", "stats_finish", "welford")),
     ("med3d_ext BN backward reduce", ("backwardacc", "reduce_finish")),
     ("med3d_ext BN forward apply", ("forwardop",)),
     ("med3d_ext BN backward apply", ("backwardapplyop",)),
     ("med3d_ext seg loss", ("seg_loss", "headtable")),
-    ("med3d_ext resample", ("med3d_ext::rs", "pair_kernel", "resize")),
-    ("other med3d_ext", ("med3d_ext",)),
+    ("med3d_ext resample", ("::rs::", "pair_kernel", "resize")),
+)
+_OTHER_FAMILIES = (
+    ("cuDNN BatchNorm", ("bn_fw", "bn_bw", "batchnorm")),
+    ("cuDNN layout transforms", ("nchwtonhwc", "nhwctonchw")),
+    ("cuDNN conv dgrad", ("dgrad",)),
+    ("cuDNN conv wgrad", ("wgrad",)),
+    ("cuDNN conv fprop", ("fprop", "implicit_gemm", "implicit_convolve", "conv2d", "conv3d",
+                          "cudnn")),
     ("GEMM (cuBLAS / CUTLASS)", ("gemm", "cublas", "cutlass", "sm90_xmma")),
     ("optimizer", ("multi_tensor", "foreach", "optimizer", "adam", "sgd")),
     ("memcpy / memset", ("memcpy", "memset")),
+    ("ATen pooling", ("pool",)),
     ("ATen element-wise (casts, ReLU, adds)", ("elementwise", "copy_kernel", "fill")),
     ("ATen reductions / BatchNorm", ("reduce", "batch_norm", "welford", "norm")),
 )
 
 
+def kernel_family(name: str) -> str:
+    """The family of one GPU kernel name (_OUR_FAMILIES for med3d_ext's, else _OTHER_FAMILIES;
+    'other med3d_ext' / 'other' when none matches)."""
+    low = name.lower()
+    ours = "med3d_ext" in low
+    table = _OUR_FAMILIES if ours else _OTHER_FAMILIES
+    return next((f for f, keys in table if any(k in low for k in keys)),
+                "other med3d_ext" if ours else "other")
+
+
 def kernel_families(rows: list[dict]) -> list[dict]:
-    """GPU time and calls per call of fn by kernel family (_KERNEL_FAMILIES; 'other' for the
-    rest), largest first; ``rows`` as profile_kernels collects them."""
+    """GPU time and calls per call of fn by kernel family (kernel_family), largest first;
+    ``rows`` as profile_kernels collects them."""
     fam: dict = {}
     for r in rows:
-        name = r["name"].lower()
-        f = next((f for f, keys in _KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+        f = kernel_family(r["name"])
         acc = fam.setdefault(f, {"family": f, "us": 0.0, "calls": 0.0})
         acc["us"] += r["us"]
         acc["calls"] += r["calls"]
@@ -404,13 +419,13 @@ def profile_kernels(fn: Callable, device: str, calls: int = 3, top: int = 10) ->
             fn()
         sync(device)
     rows = op_rows(prof.key_averages(), gpu, calls)
-    launches = sum(r["calls"] for r in rows) if gpu else 0
+    launches = sum(r["calls"] for r in rows) if gpu else 0  # rows' calls are per call already
     total = sum(r["us"] for r in rows)
     out = {"per_call_us": total, "top": rows[:top], "source": "CUDA kernels" if gpu else "ATen and med3d_ext ops (self CPU)"}
     if gpu:  # every kernel, by family: the top rows alone left half a ResNet-50 step unnamed
         out["families"] = kernel_families(rows)
     if gpu:
-        out["launches"] = launches / calls
+        out["launches"] = launches
         # Host time, outside the profiler (it inflates CPU time): how long the host takes to
         # issue one call without waiting for the GPU, against the call's wall time. host ~ wall
         # with GPU time well below it means a host-bound call (Python / dispatch overhead);
@@ -485,7 +500,8 @@ class Case:
     targets: dict = field(default_factory=dict)  # {"eager": 3.0}: speed-up wanted vs that baseline
     impls: list = field(default_factory=list)
     # each timed call runs this many units (e.g. a window of batches): rows report ms per unit,
-    # divided before the rows are printed and saved (a run cut short keeps per-unit values)
+    # divided before the rows are printed and saved (a run cut short keeps per-unit values);
+    # a --profile's per-call figures stay per call
     units_per_call: int = 1
 
     def add(self, name: str, make: Callable, **kw) -> "Case":
@@ -514,10 +530,6 @@ class Case:
                 if row["status"] != OK:
                     ref.out = ref.errors = None
             row.pop("_out", None)
-            if row["status"] == OK and self.units_per_call != 1:
-                for k in ("median_ms", "min_ms"):
-                    if row.get(k) is not None:
-                        row[k] /= self.units_per_call
             rows.append(row)
             _free(ctx.device)
         self._ratios(rows)
@@ -603,6 +615,8 @@ class Case:
             reset = torch.cuda.reset_peak_memory_stats if ctx.device == "cuda" else None
             times = time_fn(fn, ctx.device, warmup, impl.repeats if impl.repeats is not None else ctx.repeats,
                             ctx.budget_s, after_warmup=reset)
+            # per unit (e.g. per batch of a timed window), before anything is derived from them
+            times = [t / self.units_per_call for t in times]
             ms = median(times)
             row.update(median_ms=ms, min_ms=min(times), repeats=len(times), setup_s=round(first_s, 2))
             if ctx.device == "cuda" and not replays_graphs(impl.name):

@@ -546,7 +546,8 @@ def main(argv=None) -> int:
     p.add_argument("--medicalnet", default=None, metavar="PATH",
                    help="MedicalNet-layout ResNet weights (.pth/.safetensors): a third arm")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; use 1 on a CPU shared with other jobs)")
+                   help="torch CPU threads (default or 0: torch's; use 1 on a CPU shared with "
+                        "other jobs)")
     p.add_argument("--head-lr", type=float, default=1e-3,
                    help="learning rate of the new head in the pretrained arms (default 1e-3, "
                         "the encoder's and the from-scratch arm's)")
@@ -565,8 +566,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=None, help="keep the run folders (checkpoints, metrics) here "
                    "(default: a temporary folder, deleted)")
     a = p.parse_args(argv)
-    if a.threads is not None and a.threads < 1:  # said before any data is made or --out written
-        p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.threads is not None and a.threads < 0:  # said before any data is made or --out written
+        p.error(f"--threads must be >= 0 (0: torch's default), got {a.threads}")
     if a.render:
         try:
             s = json.loads(Path(a.render).read_text())

@@ -269,12 +269,17 @@ def main(argv=None) -> int:
         bad = [g for g in grids if g not in ("patch", "logits")]
         if bad or not grids:
             p.error(f"--label-grids: expected patch and/or logits, got {a.label_grids!r}")
+    from med3d_ext.train.distributed import DeviceError, resolve_device
+
+    try:  # the device first: a refused run leaves no --out folder behind
+        resolve_device(a.device)
+    except DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:  # before training: a bad --out lost both arms' results at the end
         Path(a.out).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         p.error(f"--out {a.out}: {exc.strerror or exc}")
-    from med3d_ext.train.distributed import DeviceError
-
     try:
         r = run(a.device, a.quick, a.steps, a.out, profile=a.profile, label_grids=grids,
                 compile_arms=a.compile_arms)

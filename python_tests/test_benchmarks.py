@@ -504,6 +504,42 @@ def test_gpu_rows_leave_out_user_annotations_and_group_every_kernel():
             "ATen element-wise (casts, ReLU, adds)": 150, "memcpy / memset": 5, "other": 1}
     assert {k: round(v["us"] * 3) for k, v in fam.items()} == want
     assert list(fam)[0] == "cuDNN conv fprop"  # largest first
+    # our own kernels are ours whatever else their names say; cuDNN's non-conv kernels apart
+    assert common.kernel_family("void med3d_ext::(anonymous namespace)::implicit_gemm_fprop_"
+                                "kernel<c10::BFloat16>") == "med3d_ext stem GEMM / im2col"
+    assert common.kernel_family("void med3d_ext::implicit_gemm_wgrad_kernel<float>") == \
+        "med3d_ext stem GEMM / im2col"
+    assert common.kernel_family("void at::native::max_pool3d_with_indices_single_out_frame") \
+        == "ATen pooling"
+    assert common.kernel_family("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float>") == \
+        "cuDNN BatchNorm"
+    assert common.kernel_family("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>") == \
+        "cuDNN layout transforms"
+
+
+def test_profile_kernels_launches_are_per_call(monkeypatch):
+    # the rows' calls are per call already; the launch count divided them by the calls again
+    import torch.profiler as tp
+
+    class FakeProfile:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return [_avg("k1", 300.0, 30), _avg("k2", 30.0, 3),
+                    _avg("Optimizer.step#SGD.step", 330.0, 3, annotation=True)]
+
+    monkeypatch.setattr(tp, "profile", FakeProfile)
+    monkeypatch.setattr(common, "sync", lambda device: None)
+    k = common.profile_kernels(lambda: None, "cuda", calls=3)
+    assert k["launches"] == pytest.approx(11.0)  # 33 kernels over 3 calls, not the annotation
+    assert k["per_call_us"] == pytest.approx(110.0)
 
 
 def test_summarize_windows_skips_the_first():

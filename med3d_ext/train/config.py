@@ -473,23 +473,31 @@ def resolve(command: str, cli: dict | None = None, config_file=None, overrides=(
         layers.append(("command line", cli))
     if overrides:
         layers.append(("--set", dict(_parse_set(s) for s in overrides)))
-    ignored = []
+    ignored, source = [], {}
     for where, layer in layers:
         for key, value in layer.items():
             key = str(key).replace("-", "_")
             if key not in valid:
                 if where.startswith("--config") and command in _INFER and key in OPTIONS:
-                    # a training run's config.yaml given to evaluate/predict: its training
-                    # options do not apply (a misspelt key is still an error)
+                    # a training run's config.yaml given to evaluate/predict: the options of
+                    # other commands do not apply (a misspelt key is still an error)
                     ignored.append(key)
                     continue
                 raise _unknown(key, command, where)
             cfg[key] = coerce(key, value)
+            source[key] = where
             if explicit is not None and where != "saved config":
                 explicit.add(key)
+    if ignored and source.get("out", "").startswith("--config"):
+        # ... and its `out` is the training run's folder: predictions went into the run
+        cfg["out"] = defaults(command)["out"]
+        ignored.append("out (the training run's folder)")
+        if explicit is not None:
+            explicit.discard("out")
     if ignored:
-        warnings.warn(f"{command}: the training options of --config {config_file} do not "
-                      f"apply and are ignored: {', '.join(ignored)}", stacklevel=2)
+        warnings.warn(f"{command}: --config {config_file} is another command's configuration "
+                      f"(a training run's?); its options that {command} does not take are "
+                      f"ignored: {', '.join(ignored)}", stacklevel=2)
     return cfg
 
 

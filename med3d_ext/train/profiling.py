@@ -222,7 +222,10 @@ class StepProfiler:
         avg = prof.key_averages()
         key = (lambda a: getattr(a, "self_device_time_total", 0.0)) if self.cuda else \
             (lambda a: a.self_cpu_time_total)
-        costly = sorted((a for a in avg if not getattr(a, "is_user_annotation", False)),
+        # on a GPU a user annotation's device time is its kernels' (counted themselves); on the
+        # CPU its self time is host work counted nowhere else (an optimizer step's loop)
+        costly = sorted((a for a in avg
+                         if not (self.cuda and getattr(a, "is_user_annotation", False))),
                         key=key, reverse=True)[:15]
         summary = {
             "steps": self.done, "device": "cuda" if self.cuda else "cpu",

@@ -168,16 +168,26 @@ def test_table_shows_the_summary_means_over_all_classes():
     assert all(len(line.split(" | ")) == 7 for line in lines[:5])
 
 
-def test_a_runs_own_config_file_works_for_evaluate(run, tiny_data, tmp_path, capsys):
+def test_a_runs_own_config_file_works_for_evaluate(run, tiny_data, tmp_path, monkeypatch,
+                                                   capsys):
     # --seed / --val-fraction are taken "so that a training config file works", but the
     # training options in it (augment, epochs, lr, ...) refused the file; they are ignored now,
-    # said once, and a misspelt key in the file is still an error
+    # said once, and a misspelt key in the file is still an error. Its `out` (the run's own
+    # folder) is ignored too: the predictions went into the training run's folder
     cfg = run / "config.yaml"
     assert cfg.exists()
-    assert _eval(tiny_data, "--run", run, "--config", cfg, "--out", tmp_path / "p") == 0
+    before = sorted(p.name for p in run.iterdir())
+    monkeypatch.chdir(tmp_path)
+    assert _eval(tiny_data, "--run", run, "--config", cfg) == 0
     err = capsys.readouterr().err
-    assert err.count("training options of --config") == 1
-    assert "augment" in err and "epochs" in err
+    assert err.count("is another command's configuration") == 1
+    assert "augment" in err and "epochs" in err and "out (the training run's folder)" in err
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert (tmp_path / "predictions" / run.name / "metrics.json").exists()
+    # an --out given on the command line wins, and is not said to be ignored
+    assert _eval(tiny_data, "--run", run, "--config", cfg, "--out", tmp_path / "p") == 0
+    assert "out (the training" not in capsys.readouterr().err
+    assert (tmp_path / "p" / "metrics.json").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text(cfg.read_text() + "\nepochz: 3\n")
     assert _eval(tiny_data, "--run", run, "--config", bad, "--out", tmp_path / "q") == 2
