@@ -419,13 +419,12 @@ def profile_kernels(fn: Callable, device: str, calls: int = 3, top: int = 10) ->
             fn()
         sync(device)
     rows = op_rows(prof.key_averages(), gpu, calls)
-    launches = sum(r["calls"] for r in rows) if gpu else 0  # rows' calls are per call already
     total = sum(r["us"] for r in rows)
     out = {"per_call_us": total, "top": rows[:top], "source": "CUDA kernels" if gpu else "ATen and med3d_ext ops (self CPU)"}
     if gpu:  # every kernel, by family: the top rows alone left half a ResNet-50 step unnamed
         out["families"] = kernel_families(rows)
     if gpu:
-        out["launches"] = launches
+        out["launches"] = sum(r["calls"] for r in rows)  # rows' calls are per call already
         # Host time, outside the profiler (it inflates CPU time): how long the host takes to
         # issue one call without waiting for the GPU, against the call's wall time. host ~ wall
         # with GPU time well below it means a host-bound call (Python / dispatch overhead);

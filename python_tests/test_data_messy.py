@@ -166,7 +166,8 @@ def test_five_d_vector_nifti_is_read_and_preprocessed(tmp_path):
     assert pre.image(0).shape[0] == 2
 
 
-def test_degenerate_affine_is_a_data_error_that_skip_bad_skips(tmp_path):
+def _msd_with_degenerate_case(tmp_path):
+    """Two cases; c1's image and label have a degenerate (zero-scaled) affine."""
     root = make_msd(tmp_path / "ds", n=2)
     for sub in ("imagesTr", "labelsTr"):
         f = root / sub / "c1.nii.gz"
@@ -175,6 +176,11 @@ def test_degenerate_affine_is_a_data_error_that_skip_bad_skips(tmp_path):
         hdr.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)
         hdr.set_qform(None, code=0)
         nib.save(nib.Nifti1Image(np.asarray(im.dataobj), None, hdr), str(f))
+    return root
+
+
+def test_degenerate_affine_is_a_data_error_that_skip_bad_skips(tmp_path):
+    root = _msd_with_degenerate_case(tmp_path)
     bad = root / "imagesTr" / "c1.nii.gz"
     for reader in (read_header, read_volume):
         with pytest.raises(DataError, match="c1.nii.gz: degenerate affine"):
@@ -301,14 +307,7 @@ def test_no_command_names_the_commands(capsys):
 
 def test_preprocess_skip_bad_says_a_header_then_each_case(tmp_path, capsys):
     # the CLI printed bare "skipped: ..." lines; training's warning has a header with the count
-    root = make_msd(tmp_path / "ds", n=2)
-    for sub in ("imagesTr", "labelsTr"):
-        f = root / sub / "c1.nii.gz"
-        im = nib.load(str(f))
-        hdr = im.header.copy()
-        hdr.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)
-        hdr.set_qform(None, code=0)
-        nib.save(nib.Nifti1Image(np.asarray(im.dataobj), None, hdr), str(f))
+    root = _msd_with_degenerate_case(tmp_path)
     assert main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--skip-bad",
                  "--workers", "0", "--no-progress"]) == 0
     err = capsys.readouterr().err.splitlines()

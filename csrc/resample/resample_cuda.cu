@@ -83,16 +83,12 @@ __device__ __forceinline__ scalar_t epilogue_call(T v, const float* p, uint32_t 
   return static_cast<scalar_t>(p == nullptr ? v : intensity_call(static_cast<float>(v), p, key, idx));
 }
 
-// sample_taps (resample_voxel.h: the same products and sum) with its loads through the read-only
-// path: kPlain's opaque pointers (see below) would otherwise load through generic addresses.
-template <typename scalar_t, typename T, typename index_t>
-__device__ __forceinline__ T sample_taps_ldg(const scalar_t* p, const Taps<T, index_t>& t) {
-  T v[8];
-#pragma unroll
-  for (int k = 0; k < 8; ++k)
-    v[k] = static_cast<T>(__ldg(p + (t.zy[k >> 1] + t.x[k & 1]))) * t.w[k];
-  return sum8(v);
-}
+// Loads through the read-only path, for sample_taps: kPlain's opaque pointers (see below) would
+// otherwise load through generic addresses.
+struct LdgLoad {
+  template <typename E>
+  __device__ __forceinline__ E operator()(const E* q) const { return __ldg(q); }
+};
 
 // One work item: up to kVec consecutive voxels (w0 ...) of output row (n, d, h) of the image grid
 // (kImage: all image channels, then the fused label from the same points) or of the label's own
@@ -171,7 +167,8 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
     if constexpr (kImage) {
       const Taps<T, index_t> tp = trilinear_taps<T, index_t>(cx, cy, cz, g);
       for (int64_t c = 0; c < C; ++c) {
-        const T sv = kPlain ? sample_taps_ldg(img_in, tp) : sample_taps(img_in + c * in_cs, tp);
+        const T sv = kPlain ? sample_taps(img_in, tp, LdgLoad{})
+                            : sample_taps(img_in + c * in_cs, tp);
         const scalar_t v = epilogue_call<scalar_t, T>(sv, p, key, c * out_cs + o0 + k);
         if (C == 1) img_pack[k] = v;
         else if (k < nv) img_out[c * out_cs + k] = v;
@@ -181,7 +178,7 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
       const index_t src = nearest_offset<T, index_t>(cx, cy, cz, g);
       for (int64_t c = 0; c < LC; ++c) {
         const label_t v = src < 0  ? label_t(0)
-                          : kPlain ? __ldg(lab_in + src)
+                          : kPlain ? LdgLoad{}(lab_in + src)
                                    : lab_in[c * in_cs + src];
         if (LC == 1) lab_pack[k] = v;
         else if (k < nv) lab_out[c * out_cs + k] = v;

@@ -85,12 +85,19 @@ M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T cx, T cy, T cz,
   return t;
 }
 
+// A plain load; sample_taps' default (the CUDA kPlain kernel passes one through __ldg).
+struct PlainLoad {
+  template <typename E>
+  M3D_HOST_DEVICE E operator()(const E* q) const { return *q; }
+};
+
 // Trilinear value of one channel (p: its (D, H, W) block) at taps t.
-template <typename scalar_t, typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE T sample_taps(const scalar_t* p, const Taps<T, index_t>& t) {
+template <typename scalar_t, typename T, typename index_t, typename Load = PlainLoad>
+M3D_HOST_DEVICE M3D_RS_INLINE T sample_taps(const scalar_t* p, const Taps<T, index_t>& t,
+                                            Load load = {}) {
   T v[8];
   M3D_UNROLL
-  for (int k = 0; k < 8; ++k) v[k] = static_cast<T>(p[t.zy[k >> 1] + t.x[k & 1]]) * t.w[k];
+  for (int k = 0; k < 8; ++k) v[k] = static_cast<T>(load(p + (t.zy[k >> 1] + t.x[k & 1]))) * t.w[k];
   return sum8(v);
 }
 
