@@ -237,16 +237,52 @@ M3D_HOST_DEVICE M3D_RS_INLINE AxisTap<T> axis_tap(T c, int32_t n) {
   return r;
 }
 
+// f rounded half to even from f + r (0 <= r < 1): grid_sample's nearbyint.
+M3D_HOST_DEVICE M3D_RS_INLINE int32_t round_half_even(int32_t f, bool above_half, bool at_half) {
+  return f + (static_cast<int32_t>(above_half) | (static_cast<int32_t>(at_half) & f));
+}
+
 // Nearest source index (round half to even, like grid_sample's nearbyint), or -1 outside [0, n).
 // c - floor(c) is exact for c in [-2, n + 1] (Sterbenz), so the tie test is exact too.
 template <typename T>
 M3D_HOST_DEVICE M3D_RS_INLINE int32_t axis_nearest(T c, int32_t n) {
   c = m_min(m_max(c, T(-2)), T(n + 1));
-  int32_t f = floor_i32(c);
+  const int32_t f = floor_i32(c);
   const T r = c - static_cast<T>(f);
-  f += static_cast<int32_t>(r > T(0.5)) | (static_cast<int32_t>(r == T(0.5)) & f);
-  return f | (static_cast<int32_t>(in_range(f, n)) - 1);  // -1 when outside
+  const int32_t i = round_half_even(f, r > T(0.5), r == T(0.5));
+  return i | (static_cast<int32_t>(in_range(i, n)) - 1);  // -1 when outside
 }
+
+// The interior of the input, where most points of an augmented patch fall: on every axis
+// 0 <= c < n - 1, so both taps are inside, floor is truncation and i1 = i0 + 1 (false for NaN).
+// (c < T(n - 1) is exact enough: where n - 1 is not representable, the floats below its rounding
+// are below n - 1.)
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE bool axis_interior(T c, int32_t n) {
+  return (c >= T(0)) & (c < static_cast<T>(n - 1));  // & not &&: predicate logic, no branch
+}
+
+// axis_tap and axis_nearest for an interior c (axis_interior): the same values bit for bit
+// (axis_tap's validity factors are 1 there and its clamps change nothing), without the
+// instructions the border needs. The CUDA kPlain kernel's common path.
+template <typename T>
+M3D_HOST_DEVICE M3D_RS_INLINE AxisTap<T> interior_axis_tap(T c) {
+  const int32_t f = static_cast<int32_t>(c);
+  const T ff = static_cast<T>(f);
+  return {f, f + 1, (ff + T(1)) - c, c - ff};
+}
+
+// For an interior c, axis_nearest(c, n) is c rounded to the nearest integer, half to even: the
+// default IEEE rounding, one conversion instruction on the GPU.
+#if defined(__CUDA_ARCH__)
+M3D_HOST_DEVICE M3D_RS_INLINE int32_t interior_axis_nearest(float c) { return __float2int_rn(c); }
+M3D_HOST_DEVICE M3D_RS_INLINE int32_t interior_axis_nearest(double c) { return __double2int_rn(c); }
+#else
+template <typename T>
+inline M3D_RS_INLINE int32_t interior_axis_nearest(T c) {
+  return static_cast<int32_t>(std::nearbyint(c));  // the default rounding mode: half to even
+}
+#endif
 
 // The 8 trilinear weights in grid_sample's corner order (k = 4 dz + 2 dy + dx) and products
 // ((wx * wy) * wz).

@@ -108,7 +108,13 @@ struct LdgLoad {
 //   - the per-sample input pointers are opaque to the compiler (an empty asm), so a tap's address
 //     is one IMAD.WIDE from the pointer and its 32-bit offset: otherwise the compiler folds the
 //     sample's 64-bit offset into every tap (a 64-bit add, shift and carry per load), and the
-//     loads go through __ldg, as an opaque pointer loses the global space the compiler knew.
+//     loads go through __ldg, as an opaque pointer loses the global space the compiler knew;
+//   - a voxel whose 8 taps are all inside the input (interior_point: most of an augmented
+//     patch) skips the border's clamps and validity factors, loads each row's two taps from one
+//     pointer and rounds its nearest label voxel with one conversion per axis: the same values
+//     bit for bit (checked on the CPU against the general helpers, 2.7M random points with
+//     ties, integers and the last interior float). An item of 4 interior voxels: 896 -> 571
+//     instructions on the interior path; a border voxel costs what it did (~195 each).
 template <bool kImage, bool kPlain, typename scalar_t, typename label_t, typename T,
           typename index_t, typename item_t>
 __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
@@ -164,6 +170,20 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
     const T cx = padded_index(pt.x, g.W, pad, align),
             cy = padded_index(pt.y, g.H, pad, align),
             cz = padded_index(pt.z, g.D, pad, align);
+    if constexpr (kPlain) {
+      // The interior (see interior_point): the same taps, weights and nearest voxel as below,
+      // bit for bit, without the clamps and validity factors of the border.
+      if (interior_point(cx, cy, cz, g)) {
+        const AxisTap<T> x = interior_axis_tap(cx), y = interior_axis_tap(cy),
+                         z = interior_axis_tap(cz);
+        img_pack[k] = static_cast<scalar_t>(
+            sample_interior_taps(img_in, combine_taps(x, y, z, g), LdgLoad{}));
+        lab_pack[k] = LdgLoad{}(lab_in + grid_offset(interior_axis_nearest(cx),
+                                                     interior_axis_nearest(cy),
+                                                     interior_axis_nearest(cz), g));
+        continue;
+      }
+    }
     if constexpr (kImage) {
       const Taps<T, index_t> tp = trilinear_taps<T, index_t>(cx, cy, cz, g);
       for (int64_t c = 0; c < C; ++c) {

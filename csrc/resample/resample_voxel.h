@@ -65,11 +65,12 @@ struct Taps {
   T w[8];
 };
 
-// cx, cy, cz: padded source indices (source_index) in grid g.
+// The taps of the three axes' (axis_tap or interior_axis_tap) in grid g.
 template <typename T, typename index_t>
-M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T cx, T cy, T cz,
-                                                              const Grid<index_t>& g) {
-  const AxisTap<T> x = axis_tap(cx, g.W), y = axis_tap(cy, g.H), z = axis_tap(cz, g.D);
+M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> combine_taps(const AxisTap<T>& x,
+                                                            const AxisTap<T>& y,
+                                                            const AxisTap<T>& z,
+                                                            const Grid<index_t>& g) {
   const index_t W = static_cast<index_t>(g.W);
   const index_t z0 = static_cast<index_t>(z.i0) * g.HW, z1 = static_cast<index_t>(z.i1) * g.HW;
   const index_t y0 = static_cast<index_t>(y.i0) * W, y1 = static_cast<index_t>(y.i1) * W;
@@ -83,6 +84,19 @@ M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T cx, T cy, T cz,
   M3D_UNROLL
   for (int k = 0; k < 8; ++k) t.w[k] = tap_weight(x, y, z, k);
   return t;
+}
+
+// cx, cy, cz: padded source indices (source_index) in grid g.
+template <typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE Taps<T, index_t> trilinear_taps(T cx, T cy, T cz,
+                                                              const Grid<index_t>& g) {
+  return combine_taps(axis_tap(cx, g.W), axis_tap(cy, g.H), axis_tap(cz, g.D), g);
+}
+
+// Every tap of (cx, cy, cz) inside grid g: see axis_interior.
+template <typename T, typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE bool interior_point(T cx, T cy, T cz, const Grid<index_t>& g) {
+  return axis_interior(cx, g.W) & axis_interior(cy, g.H) & axis_interior(cz, g.D);
 }
 
 // A plain load; sample_taps' default (the CUDA kPlain kernel passes one through __ldg).
@@ -101,12 +115,32 @@ M3D_HOST_DEVICE M3D_RS_INLINE T sample_taps(const scalar_t* p, const Taps<T, ind
   return sum8(v);
 }
 
+// sample_taps for interior taps (interior_axis_tap: t.x[1] == t.x[0] + 1), the same value: the
+// two taps of a row load from one pointer (on the GPU, the second at an immediate offset).
+template <typename scalar_t, typename T, typename index_t, typename Load = PlainLoad>
+M3D_HOST_DEVICE M3D_RS_INLINE T sample_interior_taps(const scalar_t* p, const Taps<T, index_t>& t,
+                                                     Load load = {}) {
+  T v[8];
+  M3D_UNROLL
+  for (int k = 0; k < 8; ++k) {
+    const scalar_t* row = p + (t.zy[k >> 1] + t.x[0]);
+    v[k] = static_cast<T>(load(row + (k & 1))) * t.w[k];
+  }
+  return sum8(v);
+}
+
+// Offset of voxel (x, y, z) in grid g.
+template <typename index_t>
+M3D_HOST_DEVICE M3D_RS_INLINE index_t grid_offset(int32_t x, int32_t y, int32_t z,
+                                                  const Grid<index_t>& g) {
+  return static_cast<index_t>(z) * g.HW + static_cast<index_t>(y) * g.W + x;
+}
+
 // Offset of the nearest source voxel in grid g, or -1 outside it (zeros padding: label 0).
 template <typename T, typename index_t>
 M3D_HOST_DEVICE M3D_RS_INLINE index_t nearest_offset(T cx, T cy, T cz, const Grid<index_t>& g) {
   const int32_t x = axis_nearest(cx, g.W), y = axis_nearest(cy, g.H), z = axis_nearest(cz, g.D);
-  const index_t o = static_cast<index_t>(z) * g.HW + static_cast<index_t>(y) * g.W + x;
-  return o | -static_cast<index_t>((x | y | z) < 0);  // -1 outside
+  return grid_offset(x, y, z, g) | -static_cast<index_t>((x | y | z) < 0);  // -1 outside
 }
 
 // The image value written for channel c at spatial output offset o: the intensity epilogue

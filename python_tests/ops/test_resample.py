@@ -711,6 +711,26 @@ def test_cuda_nearest_ties_go_the_cpus_way(align_corners):
 
 
 @pytest.mark.cuda
+def test_cuda_plain_pair_ties_go_the_cpus_way():
+    """The same ties through the kPlain kernel (label and image on one grid): its interior path
+    rounds the label's point with one conversion per axis (half to even), its border path with
+    the general helpers; both must pick the CPU's voxel. A 2x and a 4x smaller output grid, an
+    identity theta (every point a tie) and a shifted one (points at the border too)."""
+    n = 2
+    lab = torch.randint(0, 200, (n, 1, 32, 64, 128), dtype=torch.uint8)
+    x = torch.randn(n, 1, 32, 64, 128)
+    shift = torch.eye(3, 4).expand(n, 3, 4).clone()
+    shift[:, :, 3] = 0.25  # a quarter of the extent: the high end falls outside
+    for theta in (torch.eye(3, 4).expand(n, 3, 4).contiguous(), shift):
+        for f in (2, 4):
+            size = (n, 1, 32 // f, 64 // f, 128 // f)
+            cpu = m3d.ops.affine_resample_pair(x, lab, theta, size)
+            gpu = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(), size)
+            assert torch.equal(gpu[1].cpu(), cpu[1]), f
+            torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64])
 @pytest.mark.parametrize("align_corners", [False, True])
