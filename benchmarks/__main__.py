@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     prior_s = 0.0
     if args.append:
         try:
-            prior = common.load_prior(args.out, device, args.quick, areas)
+            prior = common.load_prior(args.out, device, args.quick, areas, args.with_compile)
         except ValueError as exc:
             print(exc, file=sys.stderr)
             return 2

@@ -813,11 +813,13 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load_prior(out_dir: str, device: str, quick: bool, areas: list[str]) -> dict | None:
+def load_prior(out_dir: str, device: str, quick: bool, areas: list[str],
+               with_compile: bool = False) -> dict | None:
     """``--append``: the results already in ``out_dir/results.json`` without the rows and area
     entries of ``areas`` (they are about to be measured again), or None when there are none.
     Raises ValueError when they were measured under other conditions (device, --quick,
-    --profile-only): one results file holds one kind of run."""
+    --with-compile, --profile-only): one results file holds one kind of run, which its args
+    say."""
     path = os.path.join(out_dir, "results.json")
     if not os.path.isfile(path):
         return None
@@ -832,6 +834,9 @@ def load_prior(out_dir: str, device: str, quick: bool, areas: list[str]) -> dict
     if args.get("device") != device or bool(args.get("quick")) != bool(quick):
         raise ValueError(f"--append: {path} holds a run with device={args.get('device')} quick="
                          f"{args.get('quick')}, this one is device={device} quick={quick}; use another --out")
+    if bool(args.get("with_compile")) != bool(with_compile):
+        raise ValueError(f"--append: {path} holds a run with with_compile={bool(args.get('with_compile'))}, "
+                         f"this one is with_compile={bool(with_compile)}; use another --out")
     if args.get("profile_only"):
         raise ValueError(f"--append: {path} holds a --profile-only run; use another --out")
     keep = set(areas)

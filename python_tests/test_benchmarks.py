@@ -669,6 +669,23 @@ def test_bench_refused_arguments_leave_no_folder_and_areas_run_once(tmp_path, ca
         common.load_prior(str(out), "cpu", True, ["loss"])
 
 
+def test_append_refuses_a_run_of_another_kind(tmp_path):
+    """One results.json holds one kind of run, which its args say: --append with another device,
+    --quick or --with-compile is refused (the compiled rows of one call and not of another would
+    otherwise sit under one with_compile flag)."""
+    (tmp_path / "results.json").write_text(json.dumps({
+        "args": {"areas": ["loss", "stem"], "quick": True, "device": "cpu", "with_compile": False},
+        "rows": [{"area": "loss"}, {"area": "stem"}], "areas": {"loss": {}, "stem": {}}}))
+    prior = common.load_prior(str(tmp_path), "cpu", True, ["loss"], with_compile=False)
+    assert [r["area"] for r in prior["rows"]] == ["stem"] and list(prior["areas"]) == ["stem"]
+    for kw, what in ((dict(with_compile=True), "with_compile=False"),
+                     (dict(quick=False), "quick=True"), (dict(device="cuda"), "device=cpu")):
+        call = dict(device="cpu", quick=True, with_compile=False) | kw
+        with pytest.raises(ValueError, match=f"--append: .*holds a run with .*{what}"):
+            common.load_prior(str(tmp_path), call["device"], call["quick"], ["loss"],
+                              call["with_compile"])
+
+
 def test_info_names_composite_kernels():
     from med3d_ext.ops._common import dispatch_keys
 
