@@ -38,10 +38,16 @@ im2col3d_kernel(const bits_t* __restrict__ x, bits_t* __restrict__ cols, im2col:
   __syncthreads();
   bits_t* out = cols + m0 * g.Kp + k0;
   // A thread's tap stays in registers across the rows (the usual case is one column per
-  // thread); a row's corner is a shared-memory broadcast.
-  for (int k = threadIdx.x; k < ncols; k += blockDim.x) {
+  // thread); a row's corner is a shared-memory broadcast. A tile narrower than the block (the
+  // stem's 32-column space-to-depth input, ops/stem.py) splits its rows among groups of
+  // `width` threads, one column each, so no thread idles.
+  const int width = ncols < int(blockDim.x) ? ncols : int(blockDim.x);
+  const int groups = int(blockDim.x) / width, group = int(threadIdx.x) / width;
+  if (group >= groups) return;  // the block's last threads when width does not divide it
+  for (int k = int(threadIdx.x) % width; k < ncols; k += width) {
     const im2col::Tap tap = taps[k];
-    for (int r = 0; r < nrows; ++r) out[r * g.Kp + k] = im2col::element(x, g, rows[r], tap);
+    for (int r = group; r < nrows; r += groups)
+      out[r * g.Kp + k] = im2col::element(x, g, rows[r], tap);
   }
 }
 
@@ -59,10 +65,11 @@ at::Tensor im2col3d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::I
   const int64_t tiles = ceil_div(g.Kp, kTileCols);
   M3D_CHECK(tiles <= 65535, "med3d_ext.im2col3d: ", g.Kp, " columns are too many");
   // One thread per column of a tile where it fits (the stem's 344 columns: 352 threads, one
-  // store each per row), rounded up to whole warps.
+  // store each per row), rounded up to whole warps; at least 256, with the rows of a narrow
+  // tile split among them (the kernel).
   const int threads =
       static_cast<int>(std::clamp<int64_t>(ceil_div(std::min<int64_t>(g.Kp, kTileCols), 32) * 32,
-                                           64, kMaxThreads));
+                                           256, kMaxThreads));
   const dim3 grid(static_cast<unsigned>(ceil_div(M, kRows)), static_cast<unsigned>(tiles));
   M3D_CHECK(ceil_div(M, kRows) < (int64_t(1) << 31), "med3d_ext.im2col3d: ", M,
             " rows are too many");

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._common import compiled
+
 __all__ = ["stem_conv3d", "stem_rewrite", "stem_rewrite_input", "is_stem_like"]
 
 
@@ -44,21 +46,25 @@ def stem_rewrite(x: torch.Tensor, weight: torch.Tensor, padding=3, channels_last
     channels_last_3d when ``channels_last`` is True (cuDNN's tensor-core layout), contiguous when
     False, and in x's layout when None.
 
-    ``fold_w``: also move the q_w taps along W into channels (an im2col along one dimension):
-    x2 (N, 8*Cin*q_w, Do+q_d-1, Ho+q_h-1, Wo), w2 (Cout, 8*Cin*q_w, q_d, q_h, 1). The input
-    grows q_w-fold (4x for the 7^3 stem) but every tap then reads 32*Cin channels, not 8*Cin:
-    16-byte (bf16) rows of 8 channels are the smallest a tensor-core kernel takes, and cuDNN's
-    best kernel for them measured 1.3 ms for the ResNet stem on an H200 (see fused.py).
+    ``fold_w``: also move the W taps into channels (an im2col along one dimension):
+    x2 (N, 8*Cin*q_w, Do+q_d-1, Ho+q_h-1, Wo), w2 (Cout, 8*Cin*q_w, q_d, q_h, 1), channel
+    ((c*2 + phase_d)*2 + phase_h)*2q_w + l for W tap l of the 2q_w (both phases) at stride 2.
+    The input grows q_w-fold (4x for the 7^3 stem) but every tap then reads 32*Cin channels,
+    not 8*Cin: 16-byte (bf16) rows of 8 channels are the smallest a tensor-core kernel takes,
+    and cuDNN's best kernel for them measured 1.3 ms for the ResNet stem on an H200 (see
+    fused.py).
     """
     x2 = stem_rewrite_input(x, weight.shape[2:], padding, channels_last, fold_w)
     ks = weight.shape[2:]
     q = [(k + 1) // 2 for k in ks]  # taps per phase
     cout, cin = weight.shape[:2]
     wp = F.pad(weight, (0, 2 * q[2] - ks[2], 0, 2 * q[1] - ks[1], 0, 2 * q[0] - ks[0]))
-    w2 = wp.reshape(cout, cin, q[0], 2, q[1], 2, q[2], 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    w2 = w2.reshape(cout, cin * 8, q[0], q[1], q[2])
-    if fold_w:  # w3[:, c * taps + j, :, :, 0] = w2[:, c, :, :, j] (see _fold_w_taps)
-        w2 = w2.permute(0, 1, 4, 2, 3).reshape(cout, cin * 8 * q[2], q[0], q[1]).unsqueeze(-1)
+    if fold_w:  # w2[o, ((c*2 + pd)*2 + ph)*2q_w + l, a, b, 0] = wp[o, c, 2a + pd, 2b + ph, l]
+        w2 = wp.reshape(cout, cin, q[0], 2, q[1], 2, 2 * q[2]).permute(0, 1, 3, 5, 6, 2, 4)
+        w2 = w2.reshape(cout, cin * 8 * q[2], q[0], q[1]).unsqueeze(-1)
+    else:
+        w2 = wp.reshape(cout, cin, q[0], 2, q[1], 2, q[2], 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        w2 = w2.reshape(cout, cin * 8, q[0], q[1], q[2])
     if _channels_last(x, channels_last):
         w2 = w2.contiguous(memory_format=torch.channels_last_3d)
     return x2, w2
@@ -80,34 +86,51 @@ def stem_rewrite_input(x: torch.Tensor, kernel_size, padding=3, channels_last=No
     pads = _triple(padding)
     q = [(k + 1) // 2 for k in ks]  # taps per phase
     out = [(size + 2 * p - k) // 2 + 1 for size, p, k in zip(x.shape[2:], pads, ks)]
+    L = [(o + qq - 1) for o, qq in zip(out, q)]
+    channels_last = _channels_last(x, channels_last)
+    if fold_w and channels_last:
+        x2 = _fold_w_by_im2col(x, q, pads, L, out)
+        if x2 is not None:
+            return x2
     # padded length per dim: 2 * (out + q - 1) covers every tap of every output
     right = [2 * (o + qq - 1) - size - p for o, qq, size, p in zip(out, q, x.shape[2:], pads)]
     # F.pad takes (W_left, W_right, H_left, H_right, D_left, D_right); negative crops.
     xp = F.pad(x, (pads[2], right[2], pads[1], right[1], pads[0], right[0]))
-    L = [(o + qq - 1) for o, qq in zip(out, q)]
-    channels_last = _channels_last(x, channels_last)
+    if fold_w:
+        # (N, C, L_d, 2, L_h, 2, out_w, 2q_w): the W windows of 2q_w taps at stride 2, a view;
+        # channel ((c*2 + pd)*2 + ph)*2q_w + l, one copy into either layout
+        x2 = xp.reshape(n, cin, L[0], 2, L[1], 2, 2 * L[2]).unfold(6, 2 * q[2], 2)
+        k = cin * 8 * q[2]
+        if channels_last:
+            x2 = x2.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(n, L[0], L[1], out[2], k)
+            return x2.permute(0, 4, 1, 2, 3)
+        return x2.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(n, k, L[0], L[1], out[2])
     # (N, C, L_d, 2, L_h, 2, L_w, 2): channel index c*8 + phase, one copy into either layout
     x2 = xp.reshape(n, cin, L[0], 2, L[1], 2, L[2], 2)
     if channels_last:
         x2 = x2.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(n, L[0], L[1], L[2], cin * 8)
-        x2 = x2.permute(0, 4, 1, 2, 3)
-    else:
-        x2 = x2.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(n, cin * 8, L[0], L[1], L[2])
-    if fold_w:
-        x2 = _fold_w_taps(x2, q[2], out[2], channels_last)
-    return x2
+        return x2.permute(0, 4, 1, 2, 3)
+    return x2.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(n, cin * 8, L[0], L[1], L[2])
 
 
-def _fold_w_taps(x2, taps, out_w, channels_last):
-    """x3 with conv3d(x2, w2) == conv3d(x3, w3) for the ``taps`` W taps as channels
-    c * taps + j: x3[:, c * taps + j, :, :, a] = x2[:, c, :, :, a + j] (and w3[:, c * taps + j,
-    :, :, 0] = w2[:, c, :, :, j], done in stem_rewrite)."""
-    n, c2, l0, l1 = x2.shape[:4]
-    win = x2.unfold(4, taps, 1)  # (n, c2, l0, l1, out_w, taps), a view
-    if channels_last:
-        x3 = win.permute(0, 2, 3, 4, 1, 5).reshape(n, l0, l1, out_w, c2 * taps)
-        return x3.permute(0, 4, 1, 2, 3)
-    return win.permute(0, 1, 5, 2, 3, 4).reshape(n, c2 * taps, l0, l1, out_w)
+def _fold_w_by_im2col(x, q, pads, L, out):
+    """The channels_last fold_w input in one pass (the extension's im2col3d), or None where it
+    does not apply. Its channels ((c*2 + pd)*2 + ph)*2q_w + l are the columns of an im2col with
+    a (2, 2, 2q_w) kernel at stride 2, and its (L_d, L_h, out_w) positions that im2col's rows
+    where the padded sizes are even (the usual case; odd ones keep the ATen ops): one kernel
+    that reads x once, instead of the pad, the rearrangement and the fold (three copies of
+    the input's size or more). Values are moved, not computed: the same tensor bit for bit.
+    Without autograd (the stem's input is an image, not a parameter); with a gradient to
+    compute, the ATen ops."""
+    op = compiled("im2col3d")
+    if op is None or (x.requires_grad and torch.is_grad_enabled()) or not x.is_floating_point():
+        return None
+    kernel = (2, 2, 2 * q[2])
+    grid = [(size + 2 * p - k) // 2 + 1 for size, p, k in zip(x.shape[2:], pads, kernel)]
+    if grid != [L[0], L[1], out[2]]:
+        return None
+    cols = op(x, list(kernel), [2, 2, 2], list(pads), [1, 1, 1], 1, 0, -1)
+    return cols.view(x.shape[0], L[0], L[1], out[2], cols.shape[1]).permute(0, 4, 1, 2, 3)
 
 
 def stem_conv3d(x: torch.Tensor, weight: torch.Tensor, bias=None, *, padding=3,

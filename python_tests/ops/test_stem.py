@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from med3d_ext.ops import stem
 from med3d_ext.ops.stem import is_stem_like, stem_conv3d, stem_rewrite
 from python_tests.conftest import DEVICES, assert_low_precision_close
 
@@ -86,3 +87,41 @@ def test_stem_non_contiguous_bias_and_empty(device):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
     empty = stem_conv3d(x[:0], w, b)
     assert empty.shape == (0,) + ref.shape[1:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fold_w_input_in_one_pass_equals_the_aten_ops(device, dtype, monkeypatch):
+    """Without autograd, the channels_last fold_w input is one im2col3d call where the padded
+    sizes are even (stem._fold_w_by_im2col), and must be the ATen ops' tensor bit for bit: the
+    same values, shape and strides. Odd padded sizes keep the ATen ops; a channels_last,
+    a sliced and a contiguous input; an empty batch; and the convolution it feeds is still the
+    direct one."""
+    if stem.compiled("im2col3d") is None:
+        pytest.skip("needs the compiled extension")
+    taken = []
+    real = stem._fold_w_by_im2col
+    monkeypatch.setattr(stem, "_fold_w_by_im2col", lambda *a: taken.append(real(*a)) or taken[-1])
+    cases = [((2, 1, 16, 18, 20), (4, 1, 7, 7, 7), 3, True),
+             ((2, 2, 12, 10, 12), (3, 2, 5, 3, 7), (2, 0, 1), True),
+             ((1, 3, 10, 12, 9), (2, 3, 7, 7, 7), 3, False),   # W + 6 odd: the ATen ops
+             ((0, 1, 16, 16, 16), (2, 1, 7, 7, 7), 3, True)]
+    for shape, wshape, padding, fast in cases:
+        x = torch.randn(shape, device=device).to(dtype)
+        w = torch.randn(wshape, device=device, dtype=torch.float64)
+        for xin in (x.contiguous(memory_format=torch.channels_last_3d),
+                    torch.randn(shape[:4] + (2 * shape[4],), device=device).to(dtype)[..., ::2],
+                    x):
+            taken.clear()
+            ours = stem.stem_rewrite_input(xin, wshape[2:], padding, channels_last=True,
+                                           fold_w=True)
+            assert (taken[0] is not None) == fast, (shape, padding)
+            ref = stem.stem_rewrite_input(xin.detach().requires_grad_(), wshape[2:], padding,
+                                          channels_last=True, fold_w=True)
+            assert ref.grad_fn is not None  # the ATen ops
+            assert ours.shape == ref.shape and ours.stride() == ref.stride(), shape
+            assert torch.equal(ours, ref.detach()), shape
+        if dtype == torch.float64:
+            x2, w2 = stem_rewrite(x, w, padding, channels_last=True, fold_w=True)
+            torch.testing.assert_close(F.conv3d(x2, w2), F.conv3d(x, w, stride=2, padding=padding),
+                                       rtol=1e-10, atol=1e-10)
