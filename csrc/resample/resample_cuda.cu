@@ -1,7 +1,8 @@
 // CUDA kernels for affine_resample and affine_resample_pair (see resample.h; resize:
 // resize_cuda.cu).
 //
-// One thread per kVec consecutive output voxels of a row, all channels in the thread: the sampling
+// One thread per run of consecutive output voxels of a row (kVec, or kPlainVec in the kPlain
+// kernel), all channels in the thread: the sampling
 // points are computed once from the matrix (no grid tensor), their taps are reused by every
 // channel and by the fused label, and each output element is written exactly once. The image and
 // the label of a pair share one launch: items [0, image_items) cover the image grid (and the
@@ -23,26 +24,31 @@ constexpr int kThreads = 256;
 // decoding and the theta loads are shared by kVec voxels, and aligned rows are stored as one
 // vector per channel (float4 for fp32, 4 bytes for a uint8 label).
 constexpr int kVec = 4;
+// The kPlain kernel's runs (see pair_item): twice the voxels share the item's decoding, theta
+// loads and row terms (SASS, sm_90: 143 -> 127 instructions per interior voxel, still 64
+// registers without spills); the general kernel at 8 spilled more (its stack frame grew).
+constexpr int kPlainVec = 8;
 // The kPlain kernel's table of base coordinates (D + H + W entries, 16 KiB of fp32 at most);
 // larger grids take the general kernel.
 constexpr int64_t kPlainTable = 4096;
 
-// kVec elements stored with one instruction where the address is aligned to the whole pack.
-template <typename E>
-struct alignas(sizeof(E) * kVec) Pack {
-  E v[kVec];
+// V elements stored with the widest instructions where the address is aligned to the whole
+// pack (one for up to 16 bytes).
+template <typename E, int V>
+struct alignas(sizeof(E) * V) Pack {
+  E v[V];
 };
 
-template <typename E>
-__device__ __forceinline__ void store_run(E* dst, const E (&v)[kVec], int nv, bool aligned) {
-  if (aligned && nv == kVec) {
-    Pack<E> p;
+template <typename E, int V>
+__device__ __forceinline__ void store_run(E* dst, const E (&v)[V], int nv, bool aligned) {
+  if (aligned && nv == V) {
+    Pack<E, V> p;
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) p.v[k] = v[k];
-    *reinterpret_cast<Pack<E>*>(dst) = p;
+    for (int k = 0; k < V; ++k) p.v[k] = v[k];
+    *reinterpret_cast<Pack<E, V>*>(dst) = p;
   } else {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k)
+    for (int k = 0; k < V; ++k)
       if (k < nv) dst[k] = v[k];
   }
 }
@@ -90,7 +96,8 @@ struct LdgLoad {
   __device__ __forceinline__ E operator()(const E* q) const { return __ldg(q); }
 };
 
-// One work item: up to kVec consecutive voxels (w0 ...) of output row (n, d, h) of the image grid
+// One work item: up to V (kVec or kPlainVec) consecutive voxels (w0 ...) of output row (n, d, h)
+// of the image grid
 // (kImage: all image channels, then the fused label from the same points) or of the label's own
 // grid. item_t is uint32_t whenever the item count fits (32-bit division is several times cheaper
 // than 64-bit on the GPU), int64_t otherwise.
@@ -100,7 +107,7 @@ struct LdgLoad {
 // calls then compile away (ncu on an H100, 2026-11-27: the general kernel issued ~470
 // instructions per output voxel of this case, at 0.55 instructions per cycle per scheduler, 10%
 // of the DRAM bandwidth). Further, for kPlain only (SASS of the fp32 + uint8 kernel, sm_90,
-// nvcc 13.0: its grid-stride loop body, one item of kVec voxels, 1248 -> 896 instructions):
+// nvcc 13.0: its grid-stride loop body, one item of 4 voxels, 1248 -> 896 instructions):
 //   - the base coordinates come from the block's table `tab` (pair_kernel): base_coord's two
 //     IEEE divisions and 64-bit conversions per voxel, and per row, were ~20% of the body;
 //   - align_corners is a constant, not a runtime flag whose two formulas were both issued
@@ -114,22 +121,24 @@ struct LdgLoad {
 //     pointer and rounds its nearest label voxel with one conversion per axis: the same values
 //     bit for bit (checked on the CPU against the general helpers, 2.7M random points with
 //     ties, integers and the last interior float). An item of 4 interior voxels: 896 -> 571
-//     instructions on the interior path; a border voxel costs what it did (~195 each).
+//     instructions on the interior path; a border voxel costs what it did (~195 each);
+//   - runs of kPlainVec = 8 voxels: 127 instructions per interior voxel (1013 per item).
 template <bool kImage, bool kPlain, typename scalar_t, typename label_t, typename T,
           typename index_t, typename item_t>
 __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
                                           bool image_aligned, bool label_aligned, const T* tab) {
+  constexpr int V = kPlain ? kPlainVec : kVec;
   const int64_t C = kPlain ? 1 : a.C, LC = kPlain ? 1 : a.LC;
   const int pad = kPlain ? int(kZeros) : a.pad;
   const T* elastic = kPlain ? nullptr : a.elastic;
   const float* intensity = kPlain ? nullptr : a.intensity;
   const item_t D = kImage ? a.D : a.LD, H = kImage ? a.H : a.LH, W = kImage ? a.W : a.LW;
-  const item_t WQ = (W + kVec - 1) / kVec;
+  const item_t WQ = (W + V - 1) / V;
   const item_t q = i % WQ, r = i / WQ;
   const item_t h = r % H, r2 = r / H;
   const item_t d = r2 % D, n = r2 / D;
-  const int64_t w0 = int64_t(q) * kVec;
-  const int nv = static_cast<int>(m_min<int64_t>(kVec, int64_t(W) - w0));
+  const int64_t w0 = int64_t(q) * V;
+  const int nv = static_cast<int>(m_min<int64_t>(V, int64_t(W) - w0));
   const Grid<index_t> g = kImage ? make_grid<index_t>(a.ID, a.IH, a.IW)
                                  : make_grid<index_t>(a.LID, a.LIH, a.LIW);
   const index_t out_cs = static_cast<index_t>(int64_t(D) * H * W);
@@ -155,10 +164,10 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
   // occupancy of this gather-bound kernel); its taps serve all its image channels and its point
   // the fused label. A single channel (the usual case) collects the run in registers and stores
   // it as one pack.
-  scalar_t img_pack[kVec];
-  label_t lab_pack[kVec];
+  scalar_t img_pack[V];
+  label_t lab_pack[V];
 #pragma unroll
-  for (int k = 0; k < kVec; ++k) {
+  for (int k = 0; k < V; ++k) {
     const int64_t w = m_min<int64_t>(w0 + k, int64_t(W) - 1);  // tail lanes repeat the last voxel
     const T bx = kPlain ? tab[D + H + w] : base_coord<T>(w, W, a.align);
     // m_mul: the CPU's rounding (no FMA), so nearest-neighbour ties go the same way
@@ -259,11 +268,18 @@ pair_kernel(const PairArgs<scalar_t, label_t, T> a, item_t image_items, item_t t
                                                             image_aligned, label_aligned, tab);
 }
 
-// Whole packs of kVec voxels are aligned when rows are a multiple of kVec long and the tensor
-// starts on a pack boundary (every row, channel and sample offset is then a multiple of kVec).
-inline bool packs_aligned(const void* p, int64_t W, int64_t elem) {
-  return W % kVec == 0 && reinterpret_cast<uintptr_t>(p) % (elem * kVec) == 0;
+// Whole packs of v voxels are aligned when rows are a multiple of v long and the tensor starts
+// on a pack boundary (every row, channel and sample offset is then a multiple of v).
+inline bool packs_aligned(const void* p, int64_t W, int64_t elem, int64_t v) {
+  return W % v == 0 && reinterpret_cast<uintptr_t>(p) % (elem * v) == 0;
 }
+
+// A launch's work items (runs of v voxels), grid and flags.
+struct Items {
+  int64_t image = 0, total = 0, blocks = 0;
+  bool small = false;  // 32-bit item decoding
+  bool image_aligned = false, label_aligned = false;
+};
 
 void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
   if (N == 0) return;
@@ -277,22 +293,24 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     for (int64_t s : axes)
       M3D_CHECK(s < (int64_t(1) << 30), "med3d_ext.affine_resample: input spatial sizes must be "
                 "< 2^30 per axis, got ", s);
-    const int64_t image_items = image ? N * a.D * a.H * ceil_div(a.W, kVec) : 0;
-    const int64_t label_items = label ? N * a.LD * a.LH * ceil_div(a.LW, kVec) : 0;
-    const int64_t total = image_items + label_items;
-    if (total == 0) return;
-    const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), int64_t(sm_count()) * 64);
-    const bool image_aligned = image && packs_aligned(a.image_out, a.W, sizeof(*a.image_out));
     const int64_t label_out_w = a.fused && image ? a.W : a.LW;
-    const bool label_aligned =
-        a.label != nullptr && packs_aligned(a.label_out, label_out_w, sizeof(*a.label_out));
+    const auto items = [&](int64_t v) {
+      Items r;
+      r.image = image ? N * a.D * a.H * ceil_div(a.W, v) : 0;
+      r.total = r.image + (label ? N * a.LD * a.LH * ceil_div(a.LW, v) : 0);
+      r.blocks = std::min<int64_t>(ceil_div(r.total, kThreads), int64_t(sm_count()) * 64);
+      // 32-bit item decoding also needs the row lengths in 32 bits: a row of >= 2^32 voxels is
+      // only ~2^32 / v items, and item_t(W) (and W + v - 1) would wrap.
+      r.small = r.total <= int64_t(UINT32_MAX) - kThreads * r.blocks &&
+                a.W <= int64_t(UINT32_MAX) - v && a.LW <= int64_t(UINT32_MAX) - v;
+      r.image_aligned = image && packs_aligned(a.image_out, a.W, sizeof(*a.image_out), v);
+      r.label_aligned = a.label != nullptr &&
+                        packs_aligned(a.label_out, label_out_w, sizeof(*a.label_out), v);
+      return r;
+    };
     using S = typename A::scalar_type;
     using L = typename A::label_type;
     using C = typename A::coord_type;
-    // 32-bit item decoding also needs the row lengths in 32 bits: a row of >= 2^32 voxels is only
-    // ~2^30 items (kVec voxels each), and item_t(W) (and W + kVec - 1) would wrap.
-    const bool small = total <= int64_t(UINT32_MAX) - kThreads * blocks &&
-                       a.W <= int64_t(UINT32_MAX) - kVec && a.LW <= int64_t(UINT32_MAX) - kVec;
     // the plain case (see pair_item) has its own kernel, for fp32/fp16/bf16 images with 32-bit
     // offsets and item numbers: the augmentation's usual call. Its 64 registers (ptxas, sm_90,
     // nvcc 13.0, no spills) let 4 blocks reside per SM, against 2 for the general kernel.
@@ -301,25 +319,29 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
                        !align && a.D + a.H + a.W <= kPlainTable;
     if constexpr (!std::is_integral_v<S> && !std::is_same_v<S, double> &&
                   std::is_same_v<index_t, int32_t>) {
-      if (plain && small) {
+      const Items it = plain ? items(kPlainVec) : Items{};
+      if (plain && it.small) {
+        if (it.total == 0) return;
         pair_kernel<true, S, L, C, index_t, uint32_t>
-            <<<static_cast<unsigned>(blocks), kThreads, size_t(a.D + a.H + a.W) * sizeof(C),
+            <<<static_cast<unsigned>(it.blocks), kThreads, size_t(a.D + a.H + a.W) * sizeof(C),
                stream>>>(
-                a, static_cast<uint32_t>(image_items), static_cast<uint32_t>(total),
-                image_aligned, label_aligned);
+                a, static_cast<uint32_t>(it.image), static_cast<uint32_t>(it.total),
+                it.image_aligned, it.label_aligned);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
     }
-    if (small) {
+    const Items it = items(kVec);
+    if (it.total == 0) return;
+    if (it.small) {
       pair_kernel<false, S, L, C, index_t, uint32_t>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-              a, static_cast<uint32_t>(image_items), static_cast<uint32_t>(total), image_aligned,
-              label_aligned);
+          <<<static_cast<unsigned>(it.blocks), kThreads, 0, stream>>>(
+              a, static_cast<uint32_t>(it.image), static_cast<uint32_t>(it.total),
+              it.image_aligned, it.label_aligned);
     } else {
       pair_kernel<false, S, L, C, index_t, int64_t>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-              a, image_items, total, image_aligned, label_aligned);
+          <<<static_cast<unsigned>(it.blocks), kThreads, 0, stream>>>(
+              a, it.image, it.total, it.image_aligned, it.label_aligned);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -739,11 +739,12 @@ def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtyp
     padding, no elastic field, no intensity) runs a compile-time specialisation of the pair
     kernel (resample_cuda.cu, kPlain). It must give what the general kernel gives for the same
     points, which an intensity epilogue that changes nothing (gamma 1, scale 1, shift 0, no
-    noise) forces (to an ulp: see below), and what the CPU gives; aligned (W % 4 == 0) and
-    partial runs. align_corners=True, and an output grid whose D + H + W exceeds the kPlain
+    noise) forces (to an ulp: see below), and what the CPU gives; aligned runs (W % 8 == 0 for
+    kPlain's 8 voxels, W % 4 == 0 for the general kernel's 4), W = 68 (aligned for 4, not 8),
+    partial runs and a row shorter than a run. align_corners=True, and an output grid whose D + H + W exceeds the kPlain
     kernel's table of base coordinates (4096), take the general kernel: the same results."""
     n = 3
-    for (d, h, w) in ((11, 9, 64), (11, 9, 67), (2, 3, 4099)):
+    for (d, h, w) in ((11, 9, 64), (11, 9, 67), (5, 7, 68), (3, 2, 5), (2, 3, 4099)):
         x = torch.randn(n, 1, d + 1, h + 1, w).to(dtype)
         lab = torch.randint(0, 120, (n, 1, d + 1, h + 1, w)).to(label_dtype)
         theta = random_theta(n, strength=0.7)
