@@ -113,6 +113,20 @@ def stem_rewrite_input(x: torch.Tensor, kernel_size, padding=3, channels_last=No
     return x2.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(n, cin * 8, L[0], L[1], L[2])
 
 
+_IM2COL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _needs_derivative(x) -> bool:
+    """x carries a derivative that the ATen ops propagate and im2col3d would drop: backward
+    (requires_grad under grad mode), forward AD (a dual tensor) or torch.func's transforms (a
+    wrapped tensor: jvp, grad, vmap)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return True
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return True
+    return torch.autograd.forward_ad.unpack_dual(x).tangent is not None
+
+
 def _fold_w_by_im2col(x, q, pads, L, out):
     """The channels_last fold_w input in one pass (the extension's im2col3d), or None where it
     does not apply. Its channels ((c*2 + pd)*2 + ph)*2q_w + l are the columns of an im2col with
@@ -123,11 +137,11 @@ def _fold_w_by_im2col(x, q, pads, L, out):
     Without autograd (the stem's input is an image, not a parameter); with a gradient to
     compute, the ATen ops."""
     op = compiled("im2col3d")
-    if op is None or (x.requires_grad and torch.is_grad_enabled()) or not x.is_floating_point():
+    if op is None or x.dtype not in _IM2COL_DTYPES or _needs_derivative(x):
         return None
     kernel = (2, 2, 2 * q[2])
     grid = [(size + 2 * p - k) // 2 + 1 for size, p, k in zip(x.shape[2:], pads, kernel)]
-    if grid != [L[0], L[1], out[2]]:
+    if grid != [L[0], L[1], out[2]] or min(grid) <= 0:  # (an empty grid: the ATen ops' error)
         return None
     cols = op(x, list(kernel), [2, 2, 2], list(pads), [1, 1, 1], 1, 0, -1)
     return cols.view(x.shape[0], L[0], L[1], out[2], cols.shape[1]).permute(0, 4, 1, 2, 3)

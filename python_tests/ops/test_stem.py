@@ -125,3 +125,35 @@ def test_fold_w_input_in_one_pass_equals_the_aten_ops(device, dtype, monkeypatch
             x2, w2 = stem_rewrite(x, w, padding, channels_last=True, fold_w=True)
             torch.testing.assert_close(F.conv3d(x2, w2), F.conv3d(x, w, stride=2, padding=padding),
                                        rtol=1e-10, atol=1e-10)
+
+
+def test_fold_w_input_keeps_every_derivative_and_dtype(monkeypatch):
+    """The one-pass input has no derivative: forward AD and torch.func's transforms take the
+    ATen ops (im2col3d dropped the tangent: a zero jvp), as do dtypes im2col3d does not move
+    (float8) and shapes with an empty grid (the ATen ops' own result)."""
+    if stem.compiled("im2col3d") is None:
+        pytest.skip("needs the compiled extension")
+    x = torch.randn(1, 1, 10, 10, 10, dtype=torch.float64)
+    w = torch.randn(2, 1, 7, 7, 7, dtype=torch.float64)
+    t = torch.randn_like(x)
+    _, ours = torch.func.jvp(lambda v: stem_conv3d(v, w, fold_w=True), (x,), (t,))
+    torch.testing.assert_close(ours, F.conv3d(t, w, stride=2, padding=3), rtol=1e-10,
+                               atol=1e-10)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = stem_conv3d(fwAD.make_dual(x, t), w, fold_w=True)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, ours, rtol=1e-12, atol=1e-12)
+    taken = []
+    real = stem._fold_w_by_im2col
+    monkeypatch.setattr(stem, "_fold_w_by_im2col", lambda *a: taken.append(real(*a)) or taken[-1])
+    if hasattr(torch, "float8_e4m3fn"):
+        x8 = torch.randn(1, 1, 8, 8, 8).to(torch.float8_e4m3fn)
+        got = stem.stem_rewrite_input(x8, (7, 7, 7), 3, channels_last=True, fold_w=True)
+        assert taken == [None]
+        ref = stem.stem_rewrite_input(x8.float(), (7, 7, 7), 3, channels_last=True, fold_w=True)
+        assert torch.equal(got.float(), ref)
+    taken.clear()
+    empty = stem.stem_rewrite_input(torch.randn(1, 4, 1, 12, 12), (4, 7, 3), 0,
+                                    channels_last=True, fold_w=True)
+    assert taken == [None] and empty.numel() == 0
