@@ -94,7 +94,8 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     cfg, ckpt_path, ckpt = load_run(cfg, which, named)
     run_cfg = ckpt.get("config") or {}
     cfg = dict(cfg)
-    for key in ("patch", "channel", "cache"):
+    # overlap too: it changes the predictions (validation chose best.pt with the run's)
+    for key in ("patch", "channel", "cache", "overlap"):
         if key not in explicit and run_cfg.get(key) is not None:
             cfg[key] = run_cfg[key]
     # after the run's own cache is merged in: given now, refused; the run's, said
@@ -102,9 +103,6 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     out = Path(cfg["out"])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; predictions need a folder")
-    from .cli import make_output_dir
-
-    make_output_dir(out, "--out")
     model = _load_model(ckpt, dev, fused)
     window = tuple(cfg["patch"])
     ctx = amp_context(cfg["amp"], dev)
@@ -113,7 +111,7 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
             raise ConfigError("--split test predicts a segmentation dataset's test images "
                               "(imagesTs/); a classification run reads the images to predict "
                               "from a labels.csv (--split all)")
-        return _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log)
+        return _evaluate_cls(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, log)
     return _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, log)
 
 
@@ -171,12 +169,26 @@ def load_run(cfg: dict, which: str, named: bool) -> tuple[dict, Path, dict]:
     if not cfg.get("run"):
         cfg = dict(cfg, run=str(ckpt_path))
     ckpt = load_checkpoint(ckpt_path)
+    _check_finite_weights(ckpt_path, ckpt)
     if named:
         _check_checkpoint_of_run(cfg.get("run"), ckpt_path, ckpt)
     if cfg.get("head") and ckpt["arch"]["task"] != "pretrain":  # else ignored: one head
         raise ConfigError(f"--head {cfg['head']!r}: only a pretraining run has named heads; "
                           f"this {ckpt['arch']['task']} run has one (drop --head)")
     return cfg, ckpt_path, ckpt
+
+
+def _check_finite_weights(ckpt_path, ckpt) -> None:
+    """A diverged model's weights (NaN/Inf, e.g. saved by an earlier version's training) would
+    predict NaN logits, whose argmax is background everywhere: Dice 0 and empty label files
+    without a word."""
+    bad = [k for k, v in (ckpt.get("state_dict") or {}).items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has non-finite (NaN/Inf) weights "
+                              f"in {len(bad)} tensor(s) ({shown}): its training diverged; use "
+                              "an earlier checkpoint, or train again with lower learning rates")
 
 
 def _check_checkpoint_of_run(run, ckpt_path, ckpt) -> None:
@@ -316,6 +328,7 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
         log(f"{len(names)} test image(s) of {str(data_dir)!r}, preprocessed with the run's "
             f"training recipe ({recipe_note(rec)})")
     mirror = _tta_axes(cfg)
+    _open_output(out, [f"{n}.nii.gz" for n in names], "metrics.json")
     tta_note = f", TTA x{2 ** len(mirror)}" if mirror else ""  # the bar counts every flip
     if mirror:
         log(f"mirroring TTA: each window predicted {2 ** len(mirror)} times (flipped along axes "
@@ -360,7 +373,9 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     if not rows:
         raise ConfigError(f"--split {split}: no case of {str(data_dir)!r} to evaluate")
     n_lab = sum(r["labelled"] for r in rows)
-    summary = {"run": str(cfg["run"]), "data": str(data_dir), "split": split, "head": head,
+    summary = {"run": str(cfg["run"]), "checkpoint": str(Path(ckpt_path).resolve()),
+               "data": str(data_dir), "split": split, "head": head,
+               "overlap": cfg["overlap"],
                # how the predictions were made: mirrored test-time augmentation, and its axes
                "tta": bool(mirror), "tta_axes": list(mirror),
                "num_classes": int(n_cls), "scored_classes": scored, "labelled_cases": n_lab,
@@ -390,6 +405,30 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     return summary
 
 
+def _open_output(out: Path, mine, summary_name: str) -> None:
+    """Create --out once every check has passed (a refused evaluation left an empty folder),
+    and say what it already holds: an earlier evaluation's results, replaced (another run's,
+    or another --checkpoint's: metrics.json names the checkpoint), and predictions of cases
+    this one does not write (another --split), which stay beside the new ones."""
+    from .cli import make_output_dir
+
+    if out.is_dir():
+        old = sorted(q.name for q in out.iterdir() if q.name.endswith(".nii.gz"))
+        mine = set(mine)
+        kept = [q for q in old if q not in mine]
+        parts = []
+        if (out / summary_name).exists():
+            parts.append(f"an earlier evaluation's {summary_name}, replaced now")
+        if kept:
+            shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+            parts.append(f"{len(kept)} prediction(s) of cases this evaluation does not write "
+                         f"({shown}), which stay beside the new ones")
+        if parts:
+            warnings.warn(f"--out {str(out)!r} already holds " + "; and ".join(parts)
+                          + "; give another --out to keep results apart", stacklevel=3)
+    make_output_dir(out, "--out")
+
+
 def recipe_note(rec: dict) -> str:
     """A training recipe in words, for the log: target spacing and CT clip range."""
     clip = "per volume" if rec["ct_clip"] is None else ", ".join(
@@ -416,7 +455,14 @@ def predict_case(pre, i: int, ch: int, predictor, window, cfg, dev, ctx, tick, m
         raise TrainingError(f"out of GPU memory in sliding-window inference of {case!r} "
                             f"(window {list(window)}, {cfg['sw_batch_size']} windows per "
                             "forward); use --sw-batch-size 1 or a smaller --patch") from e
-    pred = _to_source(probs[0].cpu(), meta)
+    probs = probs[0].cpu()
+    bad = int((~torch.isfinite(probs)).sum())
+    if bad:  # its argmax would be background everywhere: a file of zeros, Dice 0, no word
+        raise CheckpointError(f"case {case!r}: {bad} of {probs.numel()} output values of the "
+                              "model are not finite (NaN/Inf): the checkpoint's weights overflow on "
+                              "this input (a diverged training?); its prediction would be "
+                              "meaningless")
+    pred = _to_source(probs, meta)
     return pred, np.asarray(meta["orig_affine"], np.float64), meta
 
 
@@ -464,7 +510,7 @@ def warn_cls_tta(cfg) -> None:
                       "is not used here", stacklevel=2)
 
 
-def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
+def _evaluate_cls(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, log):
     from med3d_ext.data import DataError
 
     from .classification import cls_case_names, cls_class_names, read_cls_csv
@@ -514,14 +560,19 @@ def _evaluate_cls(cfg, ckpt, model, data_dir, out, dev, window, run_cfg, log):
             rows.append({"case": case, **label, **cls_fields(prob, order, class_names)})
             probs.append(prob)
             preds.append(k)
+    if not rows:  # as the segmentation evaluation says it (an accuracy of nan on 0 cases)
+        raise ConfigError(f"--split {cfg['split']}: no case of {str(data_dir)!r} to evaluate"
+                          + (" (every image was skipped as bad)" if names else ""))
     acc = nanmean(float(r["label"] == r["prediction"]) for r in rows)
     fields = ["case", "label"] + cls_columns(order, class_names)
     if class_names:
         fields.insert(2, "label_name")
+    _open_output(out, [], "metrics.json")
     _write_csv(out / "predictions.csv", fields, rows)
     y = [order.index(r["label"]) for r in rows]
     pm = torch.stack(probs) if probs else torch.zeros(0, len(order))
-    summary = {"run": str(cfg["run"]), "data": str(data_dir), "accuracy": acc,
+    summary = {"run": str(cfg["run"]), "checkpoint": str(Path(ckpt_path).resolve()),
+               "data": str(data_dir), "split": cfg["split"], "accuracy": acc,
                **classification_metrics(y, pm, order, preds), "class_names": class_names,
                "cases": rows}
     write_json(out / "metrics.json", summary)
@@ -545,8 +596,8 @@ def classify_image(model, path, window, channel, dev) -> torch.Tensor:
     from .classification import load_cls_volume
 
     x = load_cls_volume(path, window, channel)[None].to(dev)
-    with torch.no_grad():
-        return torch.softmax(model(x).float(), 1)[0].cpu()
+    with torch.no_grad():  # float64: a confident model's probabilities round to 1.0 later
+        return torch.softmax(model(x).double(), 1)[0].cpu()
 
 
 def cls_fields(prob: torch.Tensor, order, class_names=None) -> dict:

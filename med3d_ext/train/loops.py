@@ -88,16 +88,30 @@ def _apply_hyperparameters(opt, sched, job: Job, cfg: dict) -> None:
         g["lr"] = base * f(sched.last_epoch)  # what LambdaLR.get_lr gives at this step
 
 
-def _non_finite_message(v, step, epoch, epochs, run_dir, saved_step, opt, cfg) -> str:
+def _non_finite_message(what, step, epoch, epochs, run_dir, saved_step, opt, cfg) -> str:
+    """``what``: "non-finite loss (nan)", or the weights named by _non_finite_weights."""
     keep = (f"The last good checkpoint is {Path(run_dir) / 'last.pt'} (step {saved_step}; "
             f"resume with --resume {run_dir})" if saved_step is not None else
             "No checkpoint was written before it (run again with different settings)")
     rates = ", ".join(f"{g.get('name', i)} {g['lr']:.3g}" for i, g in enumerate(opt.param_groups))
     flags = "--lr" + (" / --head-lr (the head's, and a from-scratch encoder's)"
                       if "head_lr" in cfg else "")
-    return (f"non-finite loss ({v}) at step {step} (epoch {epoch} of {epochs}); stopped without "
+    return (f"{what} at step {step} (epoch {epoch} of {epochs}); stopped without "
             f"saving. {keep}. Try lower learning rates ({flags}; now {rates}), --grad-clip, or "
             "--amp off.")
+
+
+def _non_finite_weights(model) -> list[str]:
+    """The names of the model's non-finite (NaN/Inf) parameters and floating buffers, with one
+    host sync: an optimizer step can make the weights non-finite while the loss it was computed
+    from was finite (a huge learning rate diverges in one step), which the loss check only sees
+    a step later, or never when it was the run's last step."""
+    named = [(k, t) for k, t in list(model.named_parameters()) + list(model.named_buffers())
+             if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu().tolist()
+    return [k for (k, _), good in zip(named, ok) if not good]
 
 
 def _check_resumed_spacing(was: dict | None, now: dict | None, path) -> None:
@@ -424,10 +438,21 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         vals = torch.stack([v for _, _, v in pending]).cpu().tolist()
         for (at_step, at_epoch, _), v in zip(pending, vals):
             if not math.isfinite(v):
-                raise TrainingError(_non_finite_message(v, at_step, at_epoch, epochs, run_dir,
+                raise TrainingError(_non_finite_message(f"non-finite loss ({v})", at_step,
+                                                        at_epoch, epochs, run_dir,
                                                         saved_at["step"], opt, cfg))
             win["loss"] += v
         pending.clear()
+
+    def check_weights(at_step: int) -> None:
+        """Before a validation or checkpoint: a diverged model would be validated as "predicts
+        background" and saved as a checkpoint that every later command reads."""
+        bad = _non_finite_weights(model)
+        if bad:
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            raise TrainingError(_non_finite_message(
+                f"non-finite weights ({len(bad)} tensor(s): {shown})", at_step,
+                (at_step - 1) // steps_per_epoch + 1, epochs, run_dir, saved_at["step"], opt, cfg))
 
     def log_train_row(at_step: int) -> None:
         """One train row: the means over the steps since the previous row (losses flushed)."""
@@ -542,6 +567,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                 flush_losses()  # before any log row or checkpoint
                 # the wait for the queued GPU work belongs to the steps' time (samples/s)
                 win["time"] += time.perf_counter() - t_flush
+            if end_of_epoch or (cfg.get("ckpt_every") and step % cfg["ckpt_every"] == 0):
+                check_weights(step)  # every rank: all stop together under torchrun
             if log_now:
                 log_train_row(step)
             bar.update(1)

@@ -223,7 +223,8 @@ def classification_metrics(labels, probs, classes, preds=None) -> dict:
     softmax probabilities (N, C) in the order of ``classes`` (C names); the predictions are
     ``preds`` (N class indices: the caller's own, so that the metrics describe the predictions
     it wrote) or else the argmax (first of tied maxima). ``auc``: binary, the AUC of
-    ``classes[1]`` (the positive class) from its probability; multi-class, the macro mean of the
+    ``classes[1]`` (the positive class), ranked by p1 - p0 (the other class's, ranked by
+    p0 - p1, is the same number exactly); multi-class, the macro mean of the
     one-vs-rest AUCs of the classes with both positives and negatives. Per-class values are
     ``{class: value}``; NaN where undefined, and ``notes`` says why, in words."""
     classes = [str(c) for c in classes]
@@ -243,6 +244,13 @@ def classification_metrics(labels, probs, classes, preds=None) -> dict:
         aucs = [float("nan")] * len(classes)
         notes.append(f"{bad} case(s) have non-finite probabilities (a diverged model?): AUC "
                      "undefined (nan)")
+    elif binary:
+        # ranked by p1 - p0 (in float64), not by p1 alone: a confident model's p1 rounds to
+        # exactly 1.0 in float32 where p0 (1e-9 vs 1e-12) still orders the cases, and the two
+        # classes' AUCs then disagreed; this way they are equal, as in exact arithmetic
+        d = p[:, 1].astype(np.float64) - p[:, 0].astype(np.float64)
+        y = _indices(labels, "labels", 2)
+        aucs = [roc_auc(-d, y == 0), roc_auc(d, y == 1)]
     else:
         aucs = roc_auc_ovr(p, labels)
     for c, name in enumerate(classes):

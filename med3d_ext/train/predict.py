@@ -306,7 +306,9 @@ def predict(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     cfg, ckpt_path, ckpt = load_run(cfg, which, named)
     run_cfg = ckpt.get("config") or {}
     cfg = dict(cfg)
-    for key in ("patch", "channel"):  # the run's window and input channel, unless given
+    # the run's window, input channel and window overlap, unless given (as evaluate does: the
+    # same voxels for the same image)
+    for key in ("patch", "channel", "overlap"):
         if key not in explicit and run_cfg.get(key) is not None:
             cfg[key] = run_cfg[key]
     if "patch" in explicit and run_cfg.get("patch") is not None \

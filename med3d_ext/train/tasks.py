@@ -20,7 +20,7 @@ import torch
 from .backends import augmenter, downsample_labels, resize_fn, seg_loss_fn
 from .config import ConfigError
 from .inference import sliding_window_probs
-from .loops import Job
+from .loops import Job, TrainingError
 from .metrics import batch_dice, dice_per_class, nanmean
 
 __all__ = ["DataFolderError", "resolve_data_dirs", "open_preprocessed", "split_cases",
@@ -376,6 +376,13 @@ def _validate_seg(model, sets, cfg, predictor_for):
                     torch.from_numpy(x)[None].to(dev), predictor_for(k), cfg["patch"],
                     overlap=cfg["overlap"], sw_batch_size=cfg["sw_batch_size"],
                     pad_value=pre.background_value(i, ch))
+                if not bool(torch.isfinite(probs).all()):
+                    # the argmax of NaN is background: scored Dice 0 and saved as a checkpoint
+                    raise TrainingError(
+                        f"validation of {name!r} case {pre.names[i]!r}: the model's output is "
+                        "not finite (NaN/Inf): its weights overflow (the training diverged); "
+                        "stopped without saving. Try lower learning rates (--lr / --head-lr), "
+                        "--grad-clip, or --amp off")
                 pred = probs.argmax(1)[0].cpu()
                 # the head's classes, as evaluate scores them: a validation subset of a dataset
                 # without declared labels counts only the values its own cases hold, and a

@@ -100,11 +100,12 @@ def test_auc_known_values_and_errors():
     assert math.isnan(M.roc_auc([0.1, 0.9], [0, 0]))  # no positive
     assert math.isnan(M.roc_auc([0.1, 0.9], [1, 1]))  # no negative
     assert math.isnan(M.roc_auc([], []))
-    # binary: the AUC is the positive class's (classes[1]) from its own probability column,
-    # not a mean with class 0's (equal for a softmax, not for these scores)
+    # binary: both classes' AUCs rank the cases by p1 - p0 (for a softmax, the order of p1 and
+    # of p0 in exact arithmetic): one number, even for rows that are not a softmax, where
+    # class 0's own column would give 0.625 here
     m = M.classification_metrics([0, 1, 1, 0], [[.5, .4], [.5, .6], [.6, .3], [.9, .1]],
                                  ["0", "1"])
-    assert m["auc"] == 0.75 and m["auc_per_class"] == {"0": 0.625, "1": 0.75}
+    assert m["auc"] == 0.75 and m["auc_per_class"] == {"0": 0.75, "1": 0.75}
     with pytest.raises(ValueError, match="scores must be finite, got nan"):
         M.roc_auc([0.1, float("nan")], [0, 1])
     with pytest.raises(ValueError, match=r"shapes \(3,\) and \(2,\)"):
@@ -211,6 +212,26 @@ def test_given_predictions_and_non_finite_probabilities():
         in m["notes"]
     m = M.classification_metrics([0, 1, 0, 1], probs[[0, 1, 0, 3]], ["0", "1"])
     assert m["auc"] == 1.0 and m["notes"] == []
+
+
+def test_binary_auc_of_a_confident_model_is_one_number():
+    """Softmax probabilities of logits with large margins: p1 rounds to exactly 1.0 in float32
+    for many cases while p0 (1e-9 .. 1e-30) still orders them. Ranked by p1 alone, the positive
+    class's AUC lost that order and disagreed with the negative class's; both now equal the
+    AUC of the logit margin itself (float64, brute force)."""
+    g, seed = _gen()
+    n = 41
+    y = torch.randint(0, 2, (n,), generator=g)
+    y[:2] = torch.tensor([0, 1])
+    margin = torch.randn(n, generator=g, dtype=torch.float64) * 4 + 40 * (2 * y - 1) * \
+        torch.rand(n, generator=g, dtype=torch.float64)
+    logits = torch.stack([torch.zeros(n, dtype=torch.float64), margin], 1)
+    probs = torch.softmax(logits.float(), 1)  # float32, as a model's output is
+    assert (probs[:, 1] == 1.0).sum() > 2, seed  # saturated cases exist
+    m = M.classification_metrics(y, probs, ["0", "1"])
+    want = _pair_auc(margin, y.bool())
+    assert m["auc_per_class"]["0"] == m["auc_per_class"]["1"] == m["auc"], seed
+    assert m["auc"] == pytest.approx(want, abs=1e-12), seed
 
 
 def test_argument_errors():

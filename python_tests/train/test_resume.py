@@ -91,6 +91,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
 
 
+def test_diverged_weights_stop_before_validation_and_saving(tmp_path):
+    """A learning rate huge enough to overflow the weights in one step, on a finite loss: the
+    loss check cannot see it (the loss came from the weights before the step), so the run
+    validated a NaN model as "predicts background" and saved it as best.pt. The weights are
+    checked before each validation and checkpoint."""
+    model = torch.nn.Linear(3, 1)
+    validated = []
+
+    def step_fn(net, inp):
+        return net(inp["x"]).mul(1e15).pow(2).mean(), {}, None  # finite, its gradient ~1e30
+
+    cfg = C.resolve("pretrain", {"epochs": 1, "steps": 1, "progress": False, "log_every": 1,
+                                 "grad_clip": 0})
+    job = Job("pretrain", model, {"task": "toy"}, ToyLoader(1), lambda b, d: b, step_fn,
+              lambda m: validated.append(1) or {"score": 0.0},
+              [("all", list(model.parameters()), 1e30)], 4, 3)
+    with pytest.raises(TrainingError) as e:
+        run_training(cfg, job, tmp_path)
+    msg = str(e.value)
+    assert "non-finite weights (2 tensor(s): weight, bias)" in msg, msg
+    assert "step 1 (epoch 1 of 1)" in msg and "No checkpoint was written" in msg
+    assert not validated and not (tmp_path / "best.pt").exists()
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_resume_refuses_other_architecture(tmp_path):
     model = torch.nn.Linear(3, 1)
     cfg = C.resolve("pretrain", {"epochs": 1, "steps": 2, "progress": False})
