@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
                                                         "(default 4)")
     s.add_argument("--size", type=int, default=48, help="in-plane voxels per side (default 48)")
     s.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="--out holds an earlier synth output: delete it (its pretrain/, "
+                        "transfer/ and transfer_cls/) and write anew; refused for a folder "
+                        "that holds anything else (default: a non-empty --out is refused)")
     r = sub.add_parser("real", help="MSD datasets from packaged real volumes (nilearn MNI152; "
                                     "Colin27 if mricron-data is installed)")
     r.add_argument("--out", required=True, help="output folder")
@@ -76,6 +80,11 @@ def main(argv=None) -> int:
         if why:
             print(f"error: --out {out!r}: {why}", file=sys.stderr)
             return 2
+    if args.cmd == "synth":
+        why = _synth_target(args)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 2
     try:
         if args.cmd == "synth":
             from .synthetic import synth
@@ -105,6 +114,43 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)  # 130, or 143 after SIGTERM
     return 0
+
+
+def _synth_target(args) -> str | None:
+    """Why synth may not write into --out (None when it may). A non-empty folder is refused:
+    synth wrote beside what was there (a second synth with fewer cases left the first one's
+    images beside a dataset.json that lists fewer; an unrelated folder got datasets mixed in;
+    a dataset that runs trained on was replaced without a word). --overwrite replaces an
+    earlier synth output, and only that: it is deleted here, once the other arguments are
+    known to be good (a refused --size must not leave the old dataset deleted and no new
+    one)."""
+    import shutil
+    from pathlib import Path
+
+    from .synthetic import SYNTH_ENTRIES, check_synth_args, not_synth_output
+
+    out = Path(args.out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if not args.overwrite:
+        shown = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(shown[:5]) + (", ..." if len(shown) > 5 else "")
+        return (f"--out {args.out!r} is not empty ({shown}); synth writes a new dataset "
+                "folder: give a new or empty folder, or --overwrite to replace an earlier "
+                "synth output there")
+    why = not_synth_output(out)
+    if why:
+        return (f"--out {args.out!r}: --overwrite replaces only an earlier synth output, and "
+                f"{why}; give a new or empty folder")
+    try:
+        check_synth_args(cases=args.cases, size=args.size, seed=args.seed)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    for name in SYNTH_ENTRIES:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    print(f"--overwrite: removed the earlier synth output in {out}")
+    return None
 
 
 def _unwritable(path) -> str | None:

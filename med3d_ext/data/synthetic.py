@@ -48,6 +48,10 @@ TRANSFER = ("Task11_Kidney", ["CT"], {0: "background", 1: "kidney", 2: "tumour"}
 
 MAX_SIZE = 512  # in-plane voxels per side
 
+# what synth writes in its folder: the CLI's --overwrite removes these, and only these
+SYNTH_ENTRIES = ("pretrain", "transfer", "transfer_cls")
+SYNTH_REFERENCE = "med3d_ext synthetic data"  # the "reference" of every dataset.json it writes
+
 ORIENTATIONS = ["RAS", "LAS", "LPS", "RPI", "PIR", "oblique"]
 
 # CT Hounsfield units of the synthetic tissues (roughly contrast-enhanced portal phase)
@@ -264,7 +268,7 @@ def write_msd(out, spec, n_cases: int, size: int, seed: int) -> Path:
                          "label": f"./labelsTr/{case}.nii.gz"})
     meta = {"name": name, "description": f"synthetic {kind} ({'/'.join(channels)}), "
                                          f"med3d_ext synth seed {seed}",
-            "reference": "med3d_ext synthetic data", "licence": "CC0-1.0",
+            "reference": SYNTH_REFERENCE, "licence": "CC0-1.0",
             "tensorImageSize": "4D" if len(channels) > 1 else "3D",
             "modality": {str(i): c for i, c in enumerate(channels)},
             "labels": {str(k): v for k, v in labels.items()},
@@ -299,14 +303,10 @@ def write_classification(out, n_cases: int, size: int, seed: int) -> Path:
     return root
 
 
-def synth(out, *, cases: int = 4, size: int = 48, seed: int = 0, transfer_cases=None,
-          cls_cases=None) -> dict:
-    """Write DIR/pretrain/<8 datasets>, DIR/transfer/<Task11_Kidney>, DIR/transfer_cls/.
-
-    cases: cases per pretraining dataset; size: in-plane voxels per side (the slice count
-    follows from the spacing); transfer gets 2x cases, classification 4x (at least 8).
-    Returns {"pretrain": [dataset dirs], "transfer": dir, "transfer_cls": dir}.
-    """
+def check_synth_args(*, cases: int = 4, size: int = 48, seed: int = 0, transfer_cases=None,
+                     cls_cases=None) -> None:
+    """synth's argument checks, alone: the CLI runs them before it clears an --overwrite
+    folder (else a refused --size left the old dataset deleted and no new one)."""
     # the CLI's checks for the Python call too: size=8.5 was truncated, cases=True taken as 1
     # and seed=-1 failed inside numpy
     int_arg("synth: cases must be an int >= 1", cases, 1)
@@ -317,6 +317,62 @@ def synth(out, *, cases: int = 4, size: int = 48, seed: int = 0, transfer_cases=
     for name, v in (("transfer_cases", transfer_cases), ("cls_cases", cls_cases)):
         if v is not None:
             int_arg(f"synth: {name} must be None or an int >= 1", v, 1)
+
+
+def not_synth_output(out) -> str | None:
+    """Why the folder ``out`` is not what an earlier synth wrote (None when it is): only
+    pretrain/, transfer/ and transfer_cls/, their datasets named as synth names them, each
+    dataset.json there synth's (at least one), and in transfer_cls/ only images/, labels.csv and
+    classes.json. A dataset folder without dataset.json (an interrupted synth) is accepted."""
+    out = Path(out)
+    other = sorted(p.name for p in out.iterdir() if p.name not in SYNTH_ENTRIES)
+    if other:
+        shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+        return f"it also holds {shown}, which synth does not write"
+    for name in SYNTH_ENTRIES:
+        if (out / name).is_symlink():  # its target is someone's: never cleared through it
+            return f"its {name} is a symbolic link, which synth does not write"
+        if (out / name).exists() and not (out / name).is_dir():
+            return f"its {name} is a file, not a folder synth writes"
+    found = False
+    for sub, names in (("pretrain", {d[0] for d in DOMAINS}), ("transfer", {TRANSFER[0]})):
+        d = out / sub
+        if not d.exists():
+            continue
+        for p in sorted(d.iterdir()):
+            if p.name not in names or not p.is_dir():
+                return f"{str(p)!r} is not a dataset synth writes"
+            js = p / "dataset.json"
+            if not js.exists():
+                continue
+            try:
+                meta = json.loads(js.read_text())
+            except (OSError, ValueError):
+                meta = None
+            if not isinstance(meta, dict) or meta.get("reference") != SYNTH_REFERENCE:
+                return f"{str(js)!r} is not a dataset.json that synth writes"
+            found = True
+    cls = out / "transfer_cls"
+    if cls.exists():
+        extra = sorted(p.name for p in cls.iterdir()
+                       if p.name not in ("images", "labels.csv", "classes.json"))
+        if extra:
+            return f"{str(cls)!r} also holds {', '.join(extra[:5])}, which synth does not write"
+    if not found:
+        return "it holds no dataset.json that synth writes"
+    return None
+
+
+def synth(out, *, cases: int = 4, size: int = 48, seed: int = 0, transfer_cases=None,
+          cls_cases=None) -> dict:
+    """Write DIR/pretrain/<8 datasets>, DIR/transfer/<Task11_Kidney>, DIR/transfer_cls/.
+
+    cases: cases per pretraining dataset; size: in-plane voxels per side (the slice count
+    follows from the spacing); transfer gets 2x cases, classification 4x (at least 8).
+    Returns {"pretrain": [dataset dirs], "transfer": dir, "transfer_cls": dir}.
+    """
+    check_synth_args(cases=cases, size=size, seed=seed, transfer_cases=transfer_cases,
+                     cls_cases=cls_cases)
     out = Path(out)
     pre = [write_msd(out / "pretrain", spec, cases, size, seed) for spec in DOMAINS]
     tr = write_msd(out / "transfer", TRANSFER, transfer_cases or 2 * cases, size, seed)

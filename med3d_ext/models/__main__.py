@@ -3,7 +3,8 @@
     inspect FILE             format, depth, shortcut type, tensor and parameter counts, heads,
                              and whether the encoder loads (exit 1 when not)
     convert FILE OUT         the encoder of FILE (any readable format) to OUT: .safetensors if
-                             OUT ends so, else MedicalNet's released .pth layout
+                             OUT ends so, else MedicalNet's released .pth layout; an existing
+                             OUT is refused unless --overwrite is given
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def inspect(path) -> str:
     return "\n".join(lines)
 
 
-def convert(path, out) -> str:
+def convert(path, out, overwrite: bool = False) -> str:
     """Check the encoder of ``path`` (loaded into a model: keys, shapes, values) and write its
-    tensors, dtypes unchanged, to ``out`` (.safetensors or MedicalNet .pth)."""
+    tensors, dtypes unchanged, to ``out`` (.safetensors or MedicalNet .pth). An existing
+    ``out`` is refused unless ``overwrite``."""
     out = str(out)
     if not out.strip() or out.endswith(("/", os.sep)) or os.path.isdir(out):
         raise MedicalNetWeightsError(f"OUT {out!r} is not a file name; give one, e.g. "
@@ -71,6 +73,11 @@ def convert(path, out) -> str:
         # it wrote the encoder over its own input: a trained head in the file was gone
         raise MedicalNetWeightsError(f"OUT {out!r} is the input file itself; write the encoder "
                                      "to another file")
+    if os.path.lexists(out) and not overwrite:
+        # it replaced any file there without a word (a run's best.pt: its head and optimizer
+        # state were gone); lexists: a dangling link would be written through to its target
+        raise MedicalNetWeightsError(f"OUT {out!r} already exists; give another file name, or "
+                                     "--overwrite to replace it")
     sd, _, _ = read_state_dict(path)
     prefix = _encoder_prefix(sd, str(path))
     depth, shortcut = _infer(sd, prefix, str(path))
@@ -93,6 +100,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("convert", help="convert the encoder of a weights file")
     p.add_argument("file", help="a .pth / .pt / .safetensors weights file")
     p.add_argument("out", help="output: *.safetensors, else MedicalNet's .pth layout")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists (default: an existing OUT is refused)")
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
@@ -101,7 +110,7 @@ def main(argv=None) -> int:
             if "\ncheck:     FAILED" in text:
                 return 1
         else:
-            print(convert(args.file, args.out))
+            print(convert(args.file, args.out, overwrite=args.overwrite))
     except (MedicalNetWeightsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ share with it: ``labels.csv`` and ``classes.json`` reading, case names, the per-
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from pathlib import Path
 
@@ -50,10 +51,16 @@ def read_cls_csv(folder) -> tuple[list[Path], list[str]]:
         if int(label) < 0:  # as med3d_ext.data's classification layout: classes are 0, 1, ...
             raise DataFolderError(f"{str(p)!r} line {n}: label {label} of {image!r} is negative;"
                                   " classes are 0, 1, ...")
-        if image in seen:
+        # the same file under another spelling (./images/a, images//a, an absolute path, a
+        # symbolic link) is the same case: it was taken twice, into both the training and the
+        # validation split, possibly with two labels
+        key = os.path.realpath(p.parent / image)
+        if key in seen:
+            m, first = seen[key]
+            same = "" if first == image else f" as {first!r} (the same file)"
             raise DataFolderError(f"{str(p)!r} line {n}: image {image!r} already listed on "
-                                  f"line {seen[image]}")
-        seen[image] = n
+                                  f"line {m}{same}")
+        seen[key] = (n, image)
         paths.append(p.parent / image)
         labels.append(label)
     missing = [str(x) for x in paths if not x.exists()]

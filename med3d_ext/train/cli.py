@@ -118,6 +118,7 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
                     f"--resume {str(run)!r}: {key} {cfg[key]!r} differs from the run's "
                     f"{base[key]!r}, and {why}; resume with the run's {key}, or start a new run")
         _check_resumed_data(run, base.get("data"), cfg.get("data"))
+        _keep_start_options(run, cfg, base, explicit)
         cfg["out"] = str(run)
         # a checkpoint named by its file is the one resumed (RUN/best.pt went on from last.pt)
         cfg["resume"] = str(given) if given.is_file() else str(run)
@@ -153,6 +154,40 @@ def _check_resumed_data(run: Path, saved, given) -> None:
             "(a folder moved elsewhere, no longer at its old path, is fine under its old "
             "name). Drop --data, or start a new run "
             "to train on other data")
+
+
+def _keep_start_options(run: Path, cfg: dict, base: dict, explicit: set) -> None:
+    """A resumed run keeps the options that only act when a run starts (_START_ONLY): given
+    again with another value they were ignored, yet recorded in config.yaml and every
+    checkpoint (``pretrained: other.pth`` for an encoder that came from the first file), and
+    --pretrained or --from-scratch also switched the encoder's learning rate (one rate for a
+    new encoder, two for a pretrained one). One warning names what was ignored and what was
+    kept."""
+    said = []
+    for key in _START_ONLY:
+        if key not in cfg or key not in explicit:
+            continue
+        kept = base.get(key, C.defaults("transfer")[key])
+        given = cfg[key]
+        if key == "pretrained" and given and kept:  # saved absolute: the same file is fine
+            same = os.path.abspath(str(given)) == os.path.abspath(str(kept))
+        else:
+            same = given == kept
+        cfg[key] = kept
+        if not same:
+            flag = "--" + key.replace("_", "-")
+            shown = flag if given is True else f"--no-{key.replace('_', '-')}" \
+                if given is False else f"{flag} {given}"
+            said.append(f"{shown} is ignored, the run's {key} {kept!r} is kept")
+    if said:
+        warnings.warn(f"--resume {str(run)!r}: " + "; ".join(said) + " (it acts only when a run "
+                      "starts: a resumed run's weights come from its checkpoint); to start from "
+                      "other weights, start a new run", stacklevel=3)
+
+
+# Options that act only when a run starts (the encoder's initial weights, and from them the
+# learning rate of its parameter group): a resumed run keeps the run's own values.
+_START_ONLY = ("pretrained", "from_scratch")
 
 
 # What a resumed run cannot change (the learning rates, momentum, weight decay, epochs and the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import operator
 import warnings
 from dataclasses import dataclass
@@ -279,10 +280,18 @@ def coerce(key: str, value):
         raise ConfigError(f"{key}: expected {want.get(kind, kind)}, got no value (an empty "
                           f"`{key}:` in YAML, null, or --set {key}=)")
     value = _coerce_kind(key, value)
+    want = ""
     if value is not None and key in VALID:
         ok, want = VALID[key]
         if not ok(value):
             raise ConfigError(f"{key}: expected {want}, got {value!r}")
+    if OPTIONS[key].kind == "float" and value is not None and not math.isfinite(value):
+        # no float option has a use for inf: a learning rate or weight decay of inf passed the
+        # "> 0" / ">= 0" checks above and made every weight NaN at the first step (nan fails
+        # them, as it compares false); --step-sleep inf slept forever, --grad-clip inf is off
+        # (said as 0)
+        raise ConfigError(f"{key}: expected a finite number{' ' + want if want else ''}, got "
+                          f"{value!r}")
     return value
 
 
