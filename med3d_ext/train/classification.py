@@ -251,8 +251,14 @@ def transfer_cls_job(cfg, data_dir, dev, rank: int, fused: bool, channels_last: 
         if val_x is None:
             return {"score": float("nan")}
         with torch.no_grad():
-            pred = torch.cat([m(val_x[i:i + cfg["sw_batch_size"]].to(dev)).argmax(1).cpu()
-                              for i in range(0, len(val_x), cfg["sw_batch_size"])])
+            logits = torch.cat([m(val_x[i:i + cfg["sw_batch_size"]].to(dev)).float().cpu()
+                                for i in range(0, len(val_x), cfg["sw_batch_size"])])
+        if not bool(torch.isfinite(logits).all()):  # the argmax of NaN is class 0: a made-up
+            raise TrainingError("validation: the model's output is not finite (NaN/Inf): its "
+                                "weights overflow (the training diverged); stopped without "
+                                "saving. Try lower learning rates (--lr / --head-lr), "
+                                "--grad-clip, or --amp off")
+        pred = logits.argmax(1)
         acc = float((pred == val_y).float().mean())
         return {"score": acc, "acc": acc}
 

@@ -151,3 +151,21 @@ def test_validation_of_a_non_finite_output_stops_the_run_unsaved(tiny_data, tmp_
     err = capsys.readouterr().err
     assert "validation of 'Task11_Kidney' case 'kidney_" in err and "the model's output is not finite" in err
     assert not (run / "best.pt").exists() and not (run / "last.pt").exists()
+
+
+def test_classification_validation_of_a_non_finite_output_stops_the_run(tiny_data, tmp_path,
+                                                                       capsys, monkeypatch):
+    """The classification run's validation took the argmax of NaN logits (class 0) as a
+    prediction and saved the model; it stops there now, saving nothing."""
+    from med3d_ext.models import heads
+
+    from .conftest import tiny_args
+
+    real = heads.ClassificationNet.forward
+    monkeypatch.setattr(heads.ClassificationNet, "forward",
+                        lambda self, x: real(self, x) * (1.0 if self.training else float("nan")))
+    run = tmp_path / "cls"
+    assert main(["transfer", *tiny_args(tiny_data["cls"], run, "--task", "cls", "--from-scratch",
+                                        "--epochs", 1, "--steps", 1)]) == 1
+    assert "validation: the model's output is not finite" in capsys.readouterr().err
+    assert not (run / "best.pt").exists() and not (run / "last.pt").exists()
