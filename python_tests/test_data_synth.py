@@ -151,6 +151,7 @@ def test_data_cli_user_errors(synth_dir, tmp_path, capsys):
     for argv, want in [(["synth", "--out", tmp_path / "afile"], "is a file"),
                        (["real", "--out", tmp_path / "afile"], "is a file"),
                        (["real", "--out", tmp_path / "r", "--cases", "0"], "cases >= 1"),
+                       (["real", "--out", synth_dir], "is not empty"),
                        (["preprocess", js, "--out", tmp_path / "c"], "name the dataset folder")]:
         assert main([str(a) for a in argv]) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -85,6 +85,11 @@ def main(argv=None) -> int:
         if why:
             print(f"error: {why}", file=sys.stderr)
             return 2
+    if args.cmd == "real" and os.path.isdir(out) and any(os.scandir(out)):
+        # as synth: its datasets would be written beside (or over) what is there
+        print(f"error: --out {out!r} is not empty; real writes its datasets into a new or empty "
+              "folder", file=sys.stderr)
+        return 2
     try:
         if args.cmd == "synth":
             from .synthetic import synth
