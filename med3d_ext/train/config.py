@@ -166,7 +166,10 @@ OPTIONS: dict[str, Option] = {
                       "ops.txt; trace.json for Perfetto)", _T),
     "sync_bn": Option(False, "bool", "SyncBatchNorm under torchrun", _T),
     # -- evaluation
-    "overlap": Option(0.5, "float", "sliding-window overlap (0..1)", _ANY),
+    "overlap": Option(0.5, "float", "sliding-window overlap (0..1)", _ANY,
+                      help_by_command=tuple((c, "sliding-window overlap (0..1; default: the "
+                                                "run's, as its validation used)")
+                                            for c in _INFER)),
     "sw_batch_size": Option(2, "int", "windows per forward in sliding-window inference (with "
                             "--tta: window copies, flips included, so a forward's memory stays "
                             "the same; raise it on a GPU that has room)", _ANY),
