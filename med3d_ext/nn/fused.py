@@ -35,7 +35,17 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _hooked(m: nn.Module) -> bool:
-    return any(getattr(m, h, None) for h in _HOOKS)
+    # freeze_encoder's own pre-hook does not count: the fused paths read its mark (FROZEN_ATTR)
+    # instead, and counting it turned fusion off in every frozen encoder layer
+    freeze = getattr(m.__dict__.get("_m3d_freeze_hook"), "id", None)
+    return any(k != freeze for h in _HOOKS for k in (getattr(m, h, None) or ()))
+
+
+def _plain_relu(m) -> bool:
+    """An nn.ReLU whose class keeps ReLU's forward (a clamping subclass does not), without
+    hooks: only then may a fused op apply it instead of the module."""
+    return (isinstance(m, nn.ReLU) and _plain_class(m).forward is nn.ReLU.forward
+            and not _hooked(m))
 
 
 def _fusible_conv(conv) -> bool:
@@ -204,6 +214,8 @@ def _block_forward(self, x):
     """MedicalNet BasicBlock / Bottleneck: conv-bn-relu (x2 or x3), residual before the last
     ReLU; ``downsample`` is None, a callable (type A) or Sequential(Conv3d, BN) (type B, itself
     fused as a Sequential)."""
+    if not _plain_relu(_activation(self)):  # hooked since fuse_modules: it runs as it is
+        return _plain_class(self).forward(self, x)
     residual = x if self.downsample is None else self.downsample(x)
     if _memory_saving(self) and can_recompute(x):
         return _block_forward_recompute(self, x, residual)
@@ -240,7 +252,7 @@ def _sequential_forward(self, x):
     i = 0
     while i < len(mods):
         if i + 1 < len(mods) and _fusible(mods[i], mods[i + 1]):
-            relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
+            relu = i + 2 < len(mods) and _plain_relu(mods[i + 2])
             x = conv_bn_act(mods[i], mods[i + 1], x, relu=relu)
             i += 3 if relu else 2
         else:
@@ -249,11 +261,36 @@ def _sequential_forward(self, x):
     return x
 
 
+def _stem_fused_now(conv) -> bool:
+    """Whether a fused stem runs fused in this call: its conv, BatchNorm, ReLU (when fused)
+    and max-pool (when fused) as fuse_modules found them, none hooked since (a hook asks for
+    its module to run as it is: then conv1, bn1 and the pool each run their own computation,
+    and every hook sees what it would in the plain model). conv1, bn1 and the pool each ask."""
+    d = conv.__dict__
+    if not _fusible(conv, d["_m3d_bn"]):
+        return False
+    act, pool = d.get("_m3d_act"), d.get("_m3d_pool")
+    return not (d.get("_m3d_relu") and act is not None and _hooked(act)) and not (
+        pool is not None and _hooked(pool))
+
+
 def _stem_conv_forward(self, x):
     # conv1 computes relu(bn1(conv1(x))) when the stem's activation is a ReLU (else bn1(conv1(x)));
     # the model then calls bn1 (a pass-through while fused) and its activation (a ReLU is
-    # idempotent on a non-negative input; any other activation gets its own input).
+    # idempotent on a non-negative input; any other activation gets its own input). Not fused
+    # in this call: the conv alone (bn(conv(x)) here called this forward again, forever).
+    if not _stem_fused_now(self):
+        return _plain_class(self).forward(self, x)
     return conv_bn_act(self, self._m3d_bn, x, relu=self.__dict__.get("_m3d_relu", True))
+
+
+def _stem_part_forward(self, x):
+    # bn1 and the max-pool of a fused stem: conv1 applied them (a pass-through), unless the
+    # stem runs unfused in this call, when each is its own module
+    conv = self.__dict__.get("_m3d_stem_conv")
+    if conv is None or _stem_fused_now(conv):
+        return x
+    return _plain_class(self).forward(self, x)
 
 
 # Let fuse_modules run the stem's max-pool inside conv_bn_relu_maxpool3d. On by default since
@@ -279,6 +316,8 @@ def _fusible_pool(pool) -> bool:
 def _stem_pool_forward(self, x):
     # conv1 computes maxpool(relu(bn1(conv1(x)))) in one op; the model then calls bn1 and the
     # max-pool (pass-throughs while fused) and relu (idempotent on a non-negative input).
+    if not _stem_fused_now(self):
+        return _plain_class(self).forward(self, x)
     bn, pool = self._m3d_bn, self._m3d_pool  # fuse_modules checked both (BatchNorm3d, _fusible_pool)
     rm, rv, use_batch, factor = _bn_args(bn)
     keep = _keep_stem_input if _memory_saving(self) and can_recompute(x) else None
@@ -298,14 +337,10 @@ def _keep_stem_input(x_op, y_shape, rebuild, conv, x, w_op):
                           Recipe(conv, (x, w_op), "the stem's input batch or weight"))
 
 
-def _passthrough_forward(self, x):
-    return x
-
-
 # The fused forward of each kind of module fuse_modules switches (its "tag").
 _FORWARDS = {"block": _block_forward, "sequential": _sequential_forward,
              "stem_conv": _stem_conv_forward, "stem_conv_pool": _stem_pool_forward,
-             "stem_pool": _passthrough_forward, "stem_bn": _passthrough_forward}
+             "stem_pool": _stem_part_forward, "stem_bn": _stem_part_forward}
 _CLASS_CACHE: dict = {}
 
 
@@ -415,7 +450,7 @@ def _is_block(m: nn.Module, trusted=()) -> bool:
     # the fused block forward applies ReLUs: a block whose activation is another (LeakyReLU,
     # ELU, ...) or cannot be seen keeps its own forward. (A pair that is not fusible, e.g. a
     # hooked conv, runs its own modules inside the fused forward: conv_bn_act.)
-    return isinstance(_activation(m), nn.ReLU)
+    return _plain_relu(_activation(m))
 
 
 def _is_stem(m: nn.Module, trusted=()) -> bool:
@@ -532,12 +567,16 @@ def fuse_modules(model: nn.Module, trusted=()) -> nn.Module:
             object.__setattr__(m.conv1, "_m3d_bn", m.bn1)
             # the ReLU joins the op only when it is the stem's activation (MONAI's ResNet takes
             # act=..., e.g. a LeakyReLU, which a fused ReLU would silently replace)
-            relu = isinstance(_activation(m), nn.ReLU)
+            relu = _plain_relu(_activation(m))
             object.__setattr__(m.conv1, "_m3d_relu", relu)
+            object.__setattr__(m.conv1, "_m3d_act", _activation(m))
+            # (object.__setattr__: a reference, not a submodule; the state dict is unchanged)
+            object.__setattr__(m.bn1, "_m3d_stem_conv", m.conv1)
             if (FUSE_STEM_POOL and relu and isinstance(m.bn1, nn.BatchNorm3d)
                     and _fusible_pool(m.maxpool) and _pool_follows_stem(m)):
                 # the stem's max-pool joins the op: its full-resolution input is never written
                 object.__setattr__(m.conv1, "_m3d_pool", m.maxpool)
+                object.__setattr__(m.maxpool, "_m3d_stem_conv", m.conv1)
                 _swap(m.conv1, "stem_conv_pool")
                 _swap(m.maxpool, "stem_pool")
             else:
@@ -546,6 +585,7 @@ def fuse_modules(model: nn.Module, trusted=()) -> nn.Module:
                 for p in (pool, m.maxpool):
                     if isinstance(p, nn.Module):
                         _unswap(p, "stem_pool")
+                        p.__dict__.pop("_m3d_stem_conv", None)
                 _swap(m.conv1, "stem_conv")
             if isinstance(m.bn1, nn.BatchNorm3d):
                 _swap(m.bn1, "stem_bn")
@@ -582,6 +622,8 @@ def unfuse_modules(model: nn.Module) -> nn.Module:
         m.__dict__.pop("_m3d_bn", None)
         m.__dict__.pop("_m3d_relu", None)
         m.__dict__.pop("_m3d_pool", None)
+        m.__dict__.pop("_m3d_act", None)
+        m.__dict__.pop("_m3d_stem_conv", None)
     return model
 
 

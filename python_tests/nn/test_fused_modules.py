@@ -611,3 +611,103 @@ def test_a_parametrized_conv_weight_is_fused_with_its_value():
 def test_trusted_must_be_module_classes():
     with pytest.raises(TypeError, match="'trusted' must be nn.Module classes, got 3"):
         fuse_modules(nn.Sequential(), trusted=(3,))
+
+
+@pytest.mark.parametrize("pool", [True, False], ids=["stem_pool", "stem"])
+@pytest.mark.parametrize("how", ["fuse", "fold"])
+@pytest.mark.parametrize("where", ["conv1", "bn1", "relu", "maxpool", "prune"])
+def test_a_stem_hooked_after_fusing_runs_as_the_plain_one(pool, how, where, monkeypatch):
+    """A hook (or pruning) added to the stem's conv, BatchNorm, ReLU or max-pool after
+    fuse_modules / fold_bn: the fused stem without its pool called itself forever
+    (RecursionError), and otherwise fed the hooks the fused tensor (conv1's hook saw the pooled
+    activation) or skipped the BatchNorm. Each part now runs as it is that call; the outputs,
+    and what every hook sees, equal the plain model's."""
+    monkeypatch.setattr(m3d.nn.fused, "FUSE_STEM_POOL", pool)
+    torch.manual_seed(0)
+    plain = resnet3d(10).double().eval()
+    model = copy.deepcopy(plain)
+    (fuse_modules if how == "fuse" else fold_bn)(model)
+    if how == "fold" and where == "bn1":
+        where = "conv1"  # (folded: bn1 is an Identity, outside the fused pair)
+    seen = {"plain": [], "fused": []}
+    for name, m in (("plain", plain), ("fused", model)):
+        if where == "prune":
+            from torch.nn.utils import prune
+
+            prune.l1_unstructured(m.conv1, "weight", 0.5)
+        else:
+            getattr(m, where).register_forward_hook(
+                lambda mod, i, o, name=name: seen[name].append((i[0].shape, o.clone())))
+    x = torch.randn(2, 1, 16, 18, 20, dtype=torch.float64)
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-9, atol=1e-9)
+    assert len(seen["fused"]) == len(seen["plain"])
+    for (sa, a), (sb, b) in zip(seen["fused"], seen["plain"]):
+        assert sa == sb and a.shape == b.shape
+        if how == "fuse":  # (folded, conv1 computes conv + BatchNorm: its own output differs)
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    # and the hook removed: fused again (the fused op runs)
+    calls = []
+    for fn in ("conv_bn_relu3d", "_conv_bn_relu_maxpool3d", "conv_bias_relu3d"):
+        if hasattr(m3d.nn.fused, fn):
+            real = getattr(m3d.nn.fused, fn)
+            monkeypatch.setattr(m3d.nn.fused, fn,
+                                lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    if where != "prune":
+        getattr(model, where)._forward_hooks.clear()
+        calls.clear()
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-9, atol=1e-9) if where == "conv1" \
+            else model(x)
+        assert calls, "the stem's hook was removed but nothing runs fused"
+
+
+def test_relu_hooks_and_relu_subclasses_are_not_fused_away():
+    """A block's or a Sequential's ReLU with a hook (added before or after fusing) or of a
+    subclass that computes otherwise: the fused op applied a plain ReLU and the module never
+    ran (hooks did not fire; a clamping subclass was replaced)."""
+    class ClampReLU(nn.ReLU):
+        def forward(self, x):
+            return x.clamp(0, 0.5)
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4), ClampReLU())
+    plain_seq = copy.deepcopy(seq).double()
+    seq = fuse_modules(seq.double())
+    x = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(seq(x), plain_seq(x), rtol=1e-9, atol=1e-9)
+    assert float(seq(x).detach().max()) <= 0.5
+    plain = resnet3d(10).double()
+    model = fuse_modules(copy.deepcopy(plain))
+    fired = {"plain": 0, "fused": 0}
+    for name, m in (("plain", plain), ("fused", model)):
+        m.layer1[0].relu.register_forward_hook(
+            lambda *a, name=name: fired.__setitem__(name, fired[name] + 1))
+    x = torch.randn(2, 1, 16, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-9, atol=1e-9)
+    assert fired["fused"] == fired["plain"] == 2
+
+
+def test_freeze_encoder_keeps_the_fused_path(monkeypatch):
+    """freeze_encoder's BatchNorm pre-hook counted as a user hook: every frozen layer ran
+    unfused (11 fused calls per forward of a ResNet-10 classifier, 0 after freezing). The fused
+    paths read its mark instead; the outputs equal the plain frozen model's."""
+    from med3d_ext.models import ClassificationNet, freeze_encoder
+
+    torch.manual_seed(0)
+    plain = ClassificationNet(10, 3, dropout=0.0).double()
+    model = copy.deepcopy(plain)
+    fuse_modules(model)
+    calls = []
+    for fn in ("conv_bn_relu3d", "_conv_bn_relu_maxpool3d"):
+        real = getattr(m3d.nn.fused, fn)
+        monkeypatch.setattr(m3d.nn.fused, fn,
+                            lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 1, 16, 16, 16, dtype=torch.float64)
+    model.train()(x)
+    plain.train()(x)  # (the same running statistics)
+    before = len(calls)
+    for m in (plain, model):
+        freeze_encoder(m)
+        m.train()
+    calls.clear()
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-9, atol=1e-9)
+    assert before > 0 and len(calls) == before
