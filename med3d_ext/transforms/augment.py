@@ -246,11 +246,26 @@ class RandomAugment3D:
         check = _PARAMETERS.get(name)
         if check is not None:
             raw, value = value, check(value)
-            if name == "scale" and _per_axis_scale(raw):
-                object.__setattr__(self, "isotropic", False)
+            if name == "scale":
+                # per-axis ranges switch isotropic off; one range gives back what was asked
+                # (it stuck at False after per-axis ranges were replaced by one)
+                asked = self.__dict__.get("_isotropic_asked", True)
+                object.__setattr__(self, "isotropic", False if _per_axis_scale(raw) else asked)
+            if name == "isotropic":
+                scale = self.__dict__.get("scale")
+                if value and scale is not None and len(set(scale)) > 1:
+                    # one zoom for every axis from which range? (x's was used silently)
+                    raise ValueError(f"RandomAugment3D: 'isotropic' True needs one scale range "
+                                     f"for every axis, but scale has per-axis ranges {scale}; "
+                                     "set scale to one range first")
+                object.__setattr__(self, "_isotropic_asked", value)
             # the column tables derive from the parameters: made again at the next draw
             self.__dict__.pop("_columns_memo", None)
         object.__setattr__(self, name, value)
+        if name == "seed" and self.__dict__.get("_generators"):
+            # a seed set later restarts the streams, as reseed() does (they went on from the
+            # old seed while state_dict() reported the new one)
+            self.__dict__["_generators"].clear()
 
     # ---------------------------------------------------------------------- generator state
     def _generator(self, device: torch.device) -> torch.Generator:

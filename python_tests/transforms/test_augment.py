@@ -192,6 +192,37 @@ def test_reseed_restarts_the_stream(device):
     assert not torch.equal(aug(image, label, (7, 8, 9))[0], first[0])
 
 
+def test_parameters_set_later_act_as_in_the_constructor():
+    """A seed set later restarts the streams (they went on from the old seed while state_dict
+    said the new one); one scale range after per-axis ones is isotropic again, as a new
+    augmenter with it is; isotropic=True over per-axis ranges is refused (x's range was used
+    for every axis silently)."""
+    image, label = _batch("cpu")
+    aug = RandomAugment3D(seed=1, **FULL)
+    aug(image, label, (7, 8, 9))
+    aug.seed = 2
+    got = aug(image, label, (7, 8, 9))
+    want = RandomAugment3D(seed=2, **FULL)(image, label, (7, 8, 9))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert aug.state_dict()["seed"] == 2
+
+    a = RandomAugment3D(scale=((0.9, 1.1), (0.8, 1.2), (0.7, 1.3)))
+    assert a.isotropic is False
+    a.scale = (0.8, 1.2)
+    assert a.isotropic is True
+    b = RandomAugment3D(scale=(0.8, 1.2), isotropic=False)
+    b.scale = ((0.9, 1.1),) * 2 + ((0.5, 1.5),)
+    b.scale = (0.9, 1.1)
+    assert b.isotropic is False  # asked for, so kept
+    with pytest.raises(ValueError, match=r"'isotropic' True needs one scale range"):
+        a.scale = ((0.5, 0.5), (2.0, 2.0), (1.0, 1.0))
+        a.isotropic = True
+    a.scale = ((0.9, 1.1),) * 3  # per-axis, but one range: isotropic is fine
+    a.isotropic = True
+    assert a.isotropic is True
+
+
 def test_more_bad_arguments():
     bad = [dict(gamma=(0.0, 1.0)), dict(noise=(-0.1, 0.1)), dict(elastic=-1.0),
            dict(elastic_grid=1), dict(p_noise=1.5), dict(rotate=(0.1, 0.2)),
