@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .._args import int_arg
+from .._args import int_arg, real_arg
 from .med3d import Med3DNet
 from .resnet import ENCODER_ROOTS, ResNet3d, ResNet3dEncoder, apply_fusion, check_flag
 from .weights import infer_medicalnet_depth, load_medicalnet_weights, unwrap_model
@@ -43,8 +43,10 @@ class ClassificationHead(nn.Module):
         super().__init__()
         num_classes = int_arg("ClassificationHead: num_classes must be a positive int",
                               num_classes, 1)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        dropout = real_arg("ClassificationHead: dropout must be a number in [0, 1)", dropout, 0.0)
+        if dropout >= 1.0:
+            raise ValueError(f"ClassificationHead: dropout must be a number in [0, 1), got "
+                             f"{dropout!r}")
         self.pool = nn.AdaptiveAvgPool3d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
@@ -198,6 +200,13 @@ def unfreeze_encoder(model: nn.Module) -> nn.Module:
     return model
 
 
+def _rate(name: str, v) -> float:
+    f = real_arg(f"param_groups: {name} must be a finite number > 0", v, 0.0)
+    if f <= 0:
+        raise ValueError(f"param_groups: {name} must be a finite number > 0, got {v!r}")
+    return f
+
+
 def param_groups(model: nn.Module, lr: float = 1e-3, head_lr: float | None = None,
                  head_lr_mult: float = 100.0, weight_decay: float | None = None) -> list[dict]:
     """Optimizer parameter groups ``[{"name": "encoder", ...}, {"name": "head", ...}]``.
@@ -206,7 +215,14 @@ def param_groups(model: nn.Module, lr: float = 1e-3, head_lr: float | None = Non
     1e-3 and 100x). Frozen parameters (``requires_grad=False``) and empty groups are left out.
     Pass the result to any ``torch.optim`` optimizer.
     """
-    head_lr = lr * head_lr_mult if head_lr is None else head_lr
+    # finite and positive, or an error naming the argument (a str failed as "can't multiply
+    # sequence", and a negative rate went to the optimizer)
+    lr = _rate("lr", lr)
+    head_lr = lr * _rate("head_lr_mult", head_lr_mult) if head_lr is None \
+        else _rate("head_lr", head_lr)
+    if weight_decay is not None:
+        weight_decay = real_arg("param_groups: weight_decay must be a finite number >= 0",
+                                weight_decay, 0.0)
     groups = []
     for name, params, group_lr in (("encoder", encoder_parameters(model), lr),
                                    ("head", head_parameters(model), head_lr)):

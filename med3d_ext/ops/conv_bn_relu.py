@@ -34,7 +34,7 @@ __all__ = ["conv_bn_relu3d", "conv_bias_relu3d", "conv_bn_relu_maxpool3d", "im2c
 IntOr3 = Union[int, Sequence[int]]
 
 
-def _triple(v: IntOr3, name: str) -> list[int]:
+def _triple(v: IntOr3, name: str, op: str = "conv_bn_relu3d") -> list[int]:
     if isinstance(v, int):
         return [v, v, v]
     if type(v) is tuple and len(v) == 3 and all(type(a) is int for a in v):
@@ -44,11 +44,11 @@ def _triple(v: IntOr3, name: str) -> list[int]:
             return [operator.index(v)] * 3
         v = [operator.index(a) for a in v]
     except TypeError:
-        raise TypeError(f"conv_bn_relu3d: {name} must be an int or 3 ints, got {v!r}") from None
+        raise TypeError(f"{op}: {name} must be an int or 3 ints, got {v!r}") from None
     if len(v) == 1:
         return v * 3
     if len(v) != 3:
-        raise ValueError(f"conv_bn_relu3d: {name} must be an int or 3 ints, got {v}")
+        raise ValueError(f"{op}: {name} must be an int or 3 ints, got {v}")
     return v
 
 
@@ -366,7 +366,8 @@ def conv_bn_relu_maxpool3d(x: torch.Tensor, weight: torch.Tensor,
                            running_var: Optional[torch.Tensor], *, stride: IntOr3 = 1,
                            padding: IntOr3 = 0, dilation: IntOr3 = 1, training: bool = True,
                            momentum: float = 0.1, eps: float = 1e-5, pool_kernel: IntOr3 = 3,
-                           pool_stride: IntOr3 = 2, pool_padding: IntOr3 = 1) -> torch.Tensor:
+                           pool_stride: Optional[IntOr3] = 2,
+                           pool_padding: IntOr3 = 1) -> torch.Tensor:
     """``max_pool3d(relu(batch_norm(conv3d(x, weight))), pool_kernel, pool_stride,
     pool_padding)``: MedicalNet's stem (conv1, bn1, relu, maxpool) in one op.
 
@@ -396,10 +397,14 @@ def _conv_bn_relu_maxpool3d(x, weight, bn_weight, bn_bias, running_mean, running
     stem convolution in backward."""
     x_in = x
     _check_bn_args("conv_bn_relu_maxpool3d", x, weight, training, momentum, eps)
-    stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
-                                 _triple(dilation, "dilation"))
-    pk, ps, pp = (_triple(pool_kernel, "pool_kernel"), _triple(pool_stride, "pool_stride"),
-                  _triple(pool_padding, "pool_padding"))
+    op_name = "conv_bn_relu_maxpool3d"
+    stride, padding, dilation = (_triple(stride, "stride", op_name),
+                                 _triple(padding, "padding", op_name),
+                                 _triple(dilation, "dilation", op_name))
+    # pool_stride None: the kernel's size, as F.max_pool3d takes it
+    pk = _triple(pool_kernel, "pool_kernel", op_name)
+    ps = pk if pool_stride is None else _triple(pool_stride, "pool_stride", op_name)
+    pp = _triple(pool_padding, "pool_padding", op_name)
     x, weight, _, (bn_weight, bn_bias) = _autocast(x, weight, None, [bn_weight, bn_bias])
     op = compiled("conv_bn_relu_maxpool3d")
     if op is None:
@@ -458,8 +463,9 @@ def conv_bias_relu3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     check_tensor("conv_bias_relu3d", "x", x)
     check_tensor("conv_bias_relu3d", "weight", weight)
     check_bool("conv_bias_relu3d", "relu", relu)
-    stride, padding, dilation = (_triple(stride, "stride"), _triple(padding, "padding"),
-                                 _triple(dilation, "dilation"))
+    stride, padding, dilation = (_triple(stride, "stride", "conv_bias_relu3d"),
+                                 _triple(padding, "padding", "conv_bias_relu3d"),
+                                 _triple(dilation, "dilation", "conv_bias_relu3d"))
     x, weight, residual, (bias,) = _autocast(x, weight, residual, [bias])
     op = compiled("conv_bias_relu3d")
     if op is None:

@@ -373,6 +373,8 @@ def resample_to_spacing(image: torch.Tensor, spacing, new_spacing,
 def _spacing(name: str, value) -> list[float]:
     """3 positive finite floats (a tensor or array of 3 works too), or an error naming ``name``."""
     try:
+        if isinstance(value, (str, bytes)):  # '124' read as (1, 2, 4)
+            raise TypeError
         v = [float(s) for s in value]
     except (TypeError, ValueError):
         raise TypeError(f"med3d_ext: argument '{name}' must be 3 positive floats, got "

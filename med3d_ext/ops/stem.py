@@ -164,5 +164,14 @@ def stem_conv3d(x: torch.Tensor, weight: torch.Tensor, bias=None, *, padding=3,
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"stem_conv3d: x has {x.shape[1]} channels but weight expects "
                          f"{weight.shape[1]} (weight {tuple(weight.shape)})")
-    x2, w2 = stem_rewrite(x, weight, padding, fold_w=fold_w)
+    pads = _triple(padding)
+    if len(pads) != 3 or not all(type(p) is int and p >= 0 for p in pads):
+        # a negative one cropped the input silently; two values were a bare IndexError
+        raise ValueError(f"stem_conv3d: padding must be an int >= 0 or 3 of them, got "
+                         f"{padding!r}")
+    small = [s + 2 * p < k for s, p, k in zip(x.shape[2:], pads, weight.shape[2:])]
+    if any(small):  # said for the caller's kernel, not the rewritten one's
+        raise ValueError(f"stem_conv3d: x's spatial size {tuple(x.shape[2:])} padded by "
+                         f"{pads} is smaller than the kernel {tuple(weight.shape[2:])}")
+    x2, w2 = stem_rewrite(x, weight, pads, fold_w=fold_w)
     return F.conv3d(x2, w2, bias)

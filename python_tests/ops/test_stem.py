@@ -157,3 +157,17 @@ def test_fold_w_input_keeps_every_derivative_and_dtype(monkeypatch):
     empty = stem.stem_rewrite_input(torch.randn(1, 4, 1, 12, 12), (4, 7, 3), 0,
                                     channels_last=True, fold_w=True)
     assert taken == [None] and empty.numel() == 0
+
+
+def test_stem_conv3d_refuses_bad_padding_and_small_inputs():
+    """A negative padding cropped the input silently (F.conv3d refuses it), two values were a
+    bare IndexError, and a too-small input's error named the rewritten 4^3 kernel."""
+    x, w = torch.randn(2, 1, 9, 8, 8), torch.randn(4, 1, 7, 7, 7)
+    for bad in (-1, (1, 2), (1, 1, -1), 1.5):
+        with pytest.raises(ValueError, match=r"stem_conv3d: padding must be an int >= 0"):
+            stem_conv3d(x, w, padding=bad)
+    with pytest.raises(ValueError, match=r"\(3, 8, 8\) padded by \(0, 0, 0\) is smaller than "
+                                         r"the kernel \(7, 7, 7\)"):
+        stem_conv3d(torch.randn(1, 1, 3, 8, 8), w, padding=0)
+    torch.testing.assert_close(stem_conv3d(x, w, padding=(1, 2, 3)),
+                               F.conv3d(x, w, stride=2, padding=(1, 2, 3)), rtol=1e-4, atol=1e-4)
