@@ -28,7 +28,7 @@ __all__ = ["stem_conv3d", "stem_rewrite", "stem_rewrite_input", "is_stem_like"]
 
 def is_stem_like(weight: torch.Tensor, stride, padding, dilation) -> bool:
     """True for the convolutions this rewrite helps: few input channels, stride 2, odd kernel."""
-    s, p, d = (_triple(stride), _triple(padding), _triple(dilation))
+    s, d = _triple(stride), _triple(dilation)  # (any padding: the rewrite pads itself)
     return (weight.dim() == 5 and weight.shape[1] <= 4 and s == (2, 2, 2) and d == (1, 1, 1)
             and all(k >= 3 for k in weight.shape[2:]))
 
