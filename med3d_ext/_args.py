@@ -9,6 +9,7 @@ working.
 from __future__ import annotations
 
 import math
+import os
 import numbers
 import operator
 
@@ -71,3 +72,16 @@ def is_real(v) -> bool:
     if isinstance(v, np.ndarray):
         return v.ndim == 0 and v.dtype.kind in "iuf"
     return isinstance(v, numbers.Real)
+
+
+def unwritable_folder(path) -> str | None:
+    """Why a folder cannot be created or written at ``path`` (None if it can), judged by its
+    nearest existing ancestor: said before any work, without creating anything."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        return f"cannot create this folder ({p!r} is a file)"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"cannot create or write this folder ({p!r} is not writable)"
+    return None

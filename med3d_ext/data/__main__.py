@@ -10,6 +10,7 @@ import time
 import warnings
 
 from .. import _signals
+from .._args import unwritable_folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     if args.cmd in ("synth", "real"):
         # refuse an unusable --out before generating anything (and without creating folders
         # for a run that another argument may still refuse), naming it and the reason
-        why = _unwritable(out)
+        why = unwritable_folder(out)
         if why:
             print(f"error: --out {out!r}: {why}", file=sys.stderr)
             return 2
@@ -155,19 +156,6 @@ def _synth_target(args) -> str | None:
         if (out / name).is_dir():
             shutil.rmtree(out / name)
     print(f"--overwrite: removed the earlier synth output in {out}")
-    return None
-
-
-def _unwritable(path) -> str | None:
-    """Why a folder cannot be created or written at ``path`` (None if it can), judged by its
-    nearest existing ancestor."""
-    p = os.path.abspath(path)
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        return f"cannot create this folder ({p!r} is a file)"
-    if not os.access(p, os.W_OK | os.X_OK):
-        return f"cannot create or write this folder ({p!r} is not writable)"
     return None
 
 

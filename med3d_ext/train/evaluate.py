@@ -103,9 +103,9 @@ def evaluate(cfg: dict, dev: torch.device, fused: bool = False, log=print,
     out = Path(cfg["out"])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; predictions need a folder")
-    from med3d_ext.data.__main__ import _unwritable
+    from .._args import unwritable_folder
 
-    why = _unwritable(out)  # said now, not after preprocessing; created once all checks pass
+    why = unwritable_folder(out)  # said now, not after preprocessing; created once all checks pass
     if why:
         raise ConfigError(f"--out {str(out)!r}: {why}")
     model = _load_model(ckpt, dev, fused)
