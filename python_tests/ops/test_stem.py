@@ -127,6 +127,22 @@ def test_fold_w_input_in_one_pass_equals_the_aten_ops(device, dtype, monkeypatch
                                        rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fold_w_stem_compiles_in_one_graph(device):
+    """torch.compile(fullgraph=True) over the fold_w stem: the one-pass input's checks broke the
+    graph (Dynamo cannot trace functorch's wrapped-tensor check; found on an H200, where every
+    compiled fused ResNet stem took this path and the compiled training step slowed 3x).
+    Compiled, the input is the ATen ops, and the result is still the direct convolution."""
+    x = torch.randn(2, 1, 12, 14, 16, device=device, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(3, 1, 7, 7, 7, device=device, dtype=torch.float64)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda v: stem_conv3d(v, w, padding=3, fold_w=True), fullgraph=True,
+                       backend="aot_eager")
+    torch.testing.assert_close(fn(x), F.conv3d(x, w, stride=2, padding=3), rtol=1e-10,
+                               atol=1e-10)
+
+
 def test_fold_w_input_keeps_every_derivative_and_dtype(monkeypatch):
     """The one-pass input has no derivative: forward AD and torch.func's transforms take the
     ATen ops (im2col3d dropped the tangent: a zero jvp), as do dtypes im2col3d does not move
