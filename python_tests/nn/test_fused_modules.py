@@ -264,7 +264,14 @@ def test_fold_bn_matches_plain_eval(device, depth, shortcut):
 
 @requires_ext
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_resnet_compiles(device):
+@pytest.mark.parametrize("stem_conv", ["auto", "space_to_depth_fold_w"])
+def test_fused_resnet_compiles(device, stem_conv, monkeypatch):
+    # "space_to_depth_fold_w" is the CUDA default (auto); forcing it here compiles on the CPU
+    # the stem path a GPU takes (its one-pass input broke the graph, seen first on an H200)
+    from med3d_ext.ops import conv_bn_relu as cbr
+
+    monkeypatch.setattr(cbr, "STEM_CONV", stem_conv)
+    torch._dynamo.reset()
     model = fuse_modules(resnet(10, "A").to(device))
     ref_model = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
