@@ -35,9 +35,15 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _hooked(m: nn.Module) -> bool:
+    # asked several times per fused layer and forward: a module without hooks (nearly every
+    # one) answers from four dict lookups, not a generator over them
+    d = m.__dict__
+    if not (d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks")
+            or d.get("_backward_pre_hooks")):
+        return False
     # freeze_encoder's own pre-hook does not count: the fused paths read its mark (FROZEN_ATTR)
     # instead, and counting it turned fusion off in every frozen encoder layer
-    freeze = getattr(m.__dict__.get("_m3d_freeze_hook"), "id", None)
+    freeze = getattr(d.get("_m3d_freeze_hook"), "id", None)
     return any(k != freeze for h in _HOOKS for k in (getattr(m, h, None) or ()))
 
 
@@ -48,17 +54,18 @@ def _plain_relu(m) -> bool:
             and not _hooked(m))
 
 
-def _fusible_conv(conv) -> bool:
+def _fusible_conv(conv, compiling=None) -> bool:
     """A Conv3d computing what nn.Conv3d does: its class does not override the convolution (a
     weight-standardised conv does) and it has no hooks; a parametrized weight is fine (the
-    fused path reads ``conv.weight``, which applies it)."""
-    return (_conv_class_ok(type(conv)) and not _hooked(conv) and conv.groups == 1
+    fused path reads ``conv.weight``, which applies it). ``compiling``:
+    torch.compiler.is_compiling() when the caller has asked already."""
+    return (_conv_class_ok(type(conv), compiling) and not _hooked(conv) and conv.groups == 1
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
-def _plain_bn(bn) -> bool:
+def _plain_bn(bn, compiling=None) -> bool:
     """A BatchNorm3d whose class keeps BatchNorm's forward, without hooks."""
-    return _bn_class_ok(type(bn)) and not _hooked(bn)
+    return _bn_class_ok(type(bn), compiling) and not _hooked(bn)
 
 
 def _conv_class_check(cls: type) -> bool:
@@ -79,20 +86,25 @@ _conv_class_cached = functools.lru_cache(maxsize=None)(_conv_class_check)
 _bn_class_cached = functools.lru_cache(maxsize=None)(_bn_class_check)
 
 
-def _conv_class_ok(cls: type) -> bool:
-    return (_conv_class_check if torch.compiler.is_compiling() else _conv_class_cached)(cls)
+def _conv_class_ok(cls: type, compiling=None) -> bool:
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    return (_conv_class_check if compiling else _conv_class_cached)(cls)
 
 
-def _bn_class_ok(cls: type) -> bool:
-    return (_bn_class_check if torch.compiler.is_compiling() else _bn_class_cached)(cls)
+def _bn_class_ok(cls: type, compiling=None) -> bool:
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    return (_bn_class_check if compiling else _bn_class_cached)(cls)
 
 
 def _fusible(conv, bn) -> bool:
     """A bias-free Conv3d followed by a BatchNorm3d, or (after fold_bn) by an Identity."""
-    if not _fusible_conv(conv):
+    compiling = torch.compiler.is_compiling()
+    if not _fusible_conv(conv, compiling):
         return False
     if isinstance(bn, nn.BatchNorm3d):
-        return conv.bias is None and _plain_bn(bn)
+        return conv.bias is None and _plain_bn(bn, compiling)
     return isinstance(bn, nn.Identity)
 
 
@@ -127,18 +139,23 @@ def conv_bn_act(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
     (Conv3d without bias, groups 1, zero padding, followed by BatchNorm3d or, once folded, by
     Identity); otherwise the plain modules run."""
     if _fusible(conv, bn):
-        if isinstance(bn, nn.Identity):
-            return conv_bias_relu3d(x, conv.weight, conv.bias, stride=conv.stride,
-                                    padding=conv.padding, dilation=conv.dilation,
-                                    residual=residual, relu=relu)
-        rm, rv, use_batch, factor = _bn_args(bn)
-        return conv_bn_relu3d(x, conv.weight, bn.weight, bn.bias, rm, rv, stride=conv.stride,
-                              padding=conv.padding, dilation=conv.dilation, training=use_batch,
-                              momentum=factor, eps=bn.eps, residual=residual, relu=relu)
+        return _fused_conv_bn_act(conv, bn, x, residual, relu)
     out = bn(conv(x))
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out
+
+
+def _fused_conv_bn_act(conv, bn, x, residual=None, relu=True):
+    """conv_bn_act's fused call, for callers that have checked _fusible(conv, bn) already."""
+    if isinstance(bn, nn.Identity):
+        return conv_bias_relu3d(x, conv.weight, conv.bias, stride=conv.stride,
+                                padding=conv.padding, dilation=conv.dilation,
+                                residual=residual, relu=relu)
+    rm, rv, use_batch, factor = _bn_args(bn)
+    return conv_bn_relu3d(x, conv.weight, bn.weight, bn.bias, rm, rv, stride=conv.stride,
+                          padding=conv.padding, dilation=conv.dilation, training=use_batch,
+                          momentum=factor, eps=bn.eps, residual=residual, relu=relu)
 
 
 class ConvBNReLU3d(nn.Module):
@@ -253,7 +270,7 @@ def _sequential_forward(self, x):
     while i < len(mods):
         if i + 1 < len(mods) and _fusible(mods[i], mods[i + 1]):
             relu = i + 2 < len(mods) and _plain_relu(mods[i + 2])
-            x = conv_bn_act(mods[i], mods[i + 1], x, relu=relu)
+            x = _fused_conv_bn_act(mods[i], mods[i + 1], x, relu=relu)
             i += 3 if relu else 2
         else:
             x = mods[i](x)
