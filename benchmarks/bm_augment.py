@@ -44,10 +44,12 @@ def eager_pair(img, lab, theta, size):
 
 
 def eager_elastic_intensity(img, lab, theta, size, field, inten):
-    """The hand-written eager chain a user would write; same work, own conventions (not checked)."""
+    """The hand-written eager chain a user would write; same work, own conventions (not checked).
+    ``field`` None: no elastic displacement."""
     grid = F.affine_grid(theta, size, align_corners=False)
-    disp = F.interpolate(field, size=size[2:], mode="trilinear", align_corners=True)
-    grid = grid + disp.permute(0, 2, 3, 4, 1)
+    if field is not None:
+        disp = F.interpolate(field, size=size[2:], mode="trilinear", align_corners=True)
+        grid = grid + disp.permute(0, 2, 3, 4, 1)
     a = F.grid_sample(img, grid, mode="bilinear", align_corners=False)
     b = F.grid_sample(lab.float(), grid, mode="nearest", align_corners=False).to(lab.dtype)
     v = (-1,) + (1,) * (a.dim() - 1)
@@ -121,16 +123,26 @@ def _gpu(ctx, b=8, s=128):
              repeats=3, warmup=1)
     case.run()
 
-    # elastic + intensity on: checked against med3d_ext.reference (noise off for the check)
+    # intensity on (the training CLI's augmentation: contrast, brightness, noise; no elastic
+    # field), then elastic + intensity: checked against med3d_ext.reference (noise off for the
+    # check)
     g = 8
     field = (torch.rand(b, 3, g, g, g, generator=torch.Generator().manual_seed(2)) - 0.5).mul_(0.04).to(dev)
+    _intensity_case(ctx, img, lab, theta, size, params, nbytes, None)
+    _intensity_case(ctx, img, lab, theta, size, params, nbytes, field)
+
+
+def _intensity_case(ctx, img, lab, theta, size, params, nbytes, field):
+    dev, b, s = ctx.device, size[0], size[-1]
 
     def inten(noise):
         t = lambda lo, hi, seed: (lo + (hi - lo) * torch.rand(b, generator=torch.Generator().manual_seed(seed))).to(dev)
         return {"scale": t(0.9, 1.1, 3), "shift": t(-0.1, 0.1, 4), "gamma": t(0.8, 1.2, 5),
                 "noise_std": t(0.0, 0.05, 6) * noise, "seed": torch.arange(b, device=dev, dtype=torch.int64)}
-    params2 = {**params, "elastic": [b, 3, g, g, g], "intensity": "scale, shift, gamma, noise_std, seed"}
-    case = ctx.case(AREA, f"affine+elastic+intensity pair {b}x{s}^3", params=params2, rtol=1e-3, atol=1e-3,
+    params2 = dict(params, **({} if field is None else {"elastic": list(field.shape)}),
+                   intensity="scale, shift, gamma, noise_std, seed")
+    what = "affine+intensity" if field is None else "affine+elastic+intensity"
+    case = ctx.case(AREA, f"{what} pair {b}x{s}^3", params=params2, rtol=1e-3, atol=1e-3,
                     bytes_floor=nbytes)
 
     # built once, outside the timed calls: building them per call would time host-side random
@@ -142,15 +154,16 @@ def _gpu(ctx, b=8, s=128):
         return (lambda: f(img, lab, theta, size, elastic=field, intensity=noisy),
                 lambda: f(img, lab, theta, size, elastic=field, intensity=clean))
 
-    def ours2():
+    def ours():
         op = m3d_attr("ops.affine_resample_pair")
         return (lambda: op(img, lab, theta, size, elastic=field, intensity=noisy),
                 lambda: op(img, lab, theta, size, elastic=field, intensity=clean))
     case.add("med3d_ext.reference", ref, baseline=True, reference=True)
-    case.add("eager affine_grid+elastic+grid_sample x2+intensity",
-             lambda: (lambda: eager_elastic_intensity(img, lab, theta, size, field, noisy)),
+    eager_name = ("eager affine_grid+grid_sample x2+intensity" if field is None
+                  else "eager affine_grid+elastic+grid_sample x2+intensity")
+    case.add(eager_name, lambda: (lambda: eager_elastic_intensity(img, lab, theta, size, field, noisy)),
              baseline=True, check=False, note="own conventions, same work; not compared")
-    case.add("med3d_ext affine_resample_pair", ours2, note=op_backend("affine_resample_pair", ctx.device))
+    case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair", ctx.device))
     case.run()
 
 

@@ -102,9 +102,12 @@ struct LdgLoad {
 // grid. item_t is uint32_t whenever the item count fits (32-bit division is several times cheaper
 // than 64-bit on the GPU), int64_t otherwise.
 // kPlain: the augmentation's usual call, fixed at compile time: one image channel, one label
-// channel sampled at the image's points, no elastic field, no intensity epilogue, zeros padding,
-// align_corners false. The channel loops, the padding and epilogue branches and the out-of-line
-// calls then compile away (ncu on an H100, 2026-11-27: the general kernel issued ~470
+// channel sampled at the image's points, no elastic field, zeros padding, align_corners false,
+// and no intensity epilogue (kPlainIntensity: with one; SASS, fp32 + uint8: loop body of an
+// 8-voxel item 2278 -> 2545 instructions plus one out-of-line epilogue call per voxel, still
+// 64 registers; its only local-memory accesses are cosf's range reduction for arguments
+// beyond 10^5, which the noise's 2*pi*u never reaches). The channel loops, the padding and
+// elastic branches and their out-of-line calls then compile away (ncu on an H100, 2026-11-27: the general kernel issued ~470
 // instructions per output voxel of this case, at 0.55 instructions per cycle per scheduler, 10%
 // of the DRAM bandwidth). Further, for kPlain only (SASS of the fp32 + uint8 kernel, sm_90,
 // nvcc 13.0: its grid-stride loop body, one item of 4 voxels, 1248 -> 896 instructions):
@@ -123,15 +126,19 @@ struct LdgLoad {
 //     ties, integers and the last interior float). An item of 4 interior voxels: 896 -> 571
 //     instructions on the interior path; a border voxel costs what it did (~195 each);
 //   - runs of kPlainVec = 8 voxels: 127 instructions per interior voxel (1013 per item).
-template <bool kImage, bool kPlain, typename scalar_t, typename label_t, typename T,
-          typename index_t, typename item_t>
+// kPlainIntensity (kPlain only): the same kernel with the intensity epilogue (contrast,
+// brightness, gamma, noise, clip: intensity.h), which the training CLI's augmentation draws for
+// every sample; without it that call ran the general kernel.
+template <bool kImage, bool kPlain, bool kPlainIntensity, typename scalar_t, typename label_t,
+          typename T, typename index_t, typename item_t>
 __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
                                           bool image_aligned, bool label_aligned, const T* tab) {
+  static_assert(kPlain || !kPlainIntensity, "kPlainIntensity is a variant of the kPlain kernel");
   constexpr int V = kPlain ? kPlainVec : kVec;
   const int64_t C = kPlain ? 1 : a.C, LC = kPlain ? 1 : a.LC;
   const int pad = kPlain ? int(kZeros) : a.pad;
   const T* elastic = kPlain ? nullptr : a.elastic;
-  const float* intensity = kPlain ? nullptr : a.intensity;
+  const float* intensity = kPlain && !kPlainIntensity ? nullptr : a.intensity;
   const item_t D = kImage ? a.D : a.LD, H = kImage ? a.H : a.LH, W = kImage ? a.W : a.LW;
   const item_t WQ = (W + V - 1) / V;
   const item_t q = i % WQ, r = i / WQ;
@@ -185,8 +192,10 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
       if (interior_point(cx, cy, cz, g)) {
         const AxisTap<T> x = interior_axis_tap(cx), y = interior_axis_tap(cy),
                          z = interior_axis_tap(cz);
-        img_pack[k] = static_cast<scalar_t>(
-            sample_interior_taps(img_in, combine_taps(x, y, z, g), LdgLoad{}));
+        const T sv = sample_interior_taps(img_in, combine_taps(x, y, z, g), LdgLoad{});
+        // channel 0: the noise index is the voxel's, as below
+        img_pack[k] = kPlainIntensity ? epilogue_call<scalar_t, T>(sv, p, key, int64_t(o0) + k)
+                                      : static_cast<scalar_t>(sv);
         lab_pack[k] = LdgLoad{}(lab_in + grid_offset(interior_axis_nearest(cx),
                                                      interior_axis_nearest(cy),
                                                      interior_axis_nearest(cz), g));
@@ -220,8 +229,8 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
 
 // Items [0, image_items) cover the image grid (and the fused label), the rest the label's own
 // grid; a grid-stride loop, so any item count fits the launch.
-template <bool kPlain, typename scalar_t, typename label_t, typename T, typename index_t,
-          typename item_t>
+template <bool kPlain, bool kPlainIntensity, typename scalar_t, typename label_t, typename T,
+          typename index_t, typename item_t>
 __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>& a,
                                            item_t image_items, item_t total, bool image_aligned,
                                            bool label_aligned, const T* tab) {
@@ -229,11 +238,11 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
   for (item_t i = item_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
     if (kPlain || i < image_items) {  // kPlain: the label is fused, every item is an image item
       if constexpr (!std::is_integral_v<scalar_t>)
-        pair_item<true, kPlain, scalar_t, label_t, T, index_t>(a, i, image_aligned, label_aligned,
-                                                               tab);
+        pair_item<true, kPlain, kPlainIntensity, scalar_t, label_t, T, index_t>(
+            a, i, image_aligned, label_aligned, tab);
     } else if constexpr (!kPlain) {
-      pair_item<false, false, scalar_t, label_t, T, index_t>(a, i - image_items, false,
-                                                             label_aligned, tab);
+      pair_item<false, false, false, scalar_t, label_t, T, index_t>(a, i - image_items, false,
+                                                                    label_aligned, tab);
     }
   }
 }
@@ -247,8 +256,8 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
 // The 32- and 64-bit item decodings are separate kernels, chosen on the host: compiled into one,
 // the rare 64-bit path's registers set the budget of the common one too.
 // To be tuned on the GPU (ncu: achieved occupancy vs. stall on L1TEX).
-template <bool kPlain, typename scalar_t, typename label_t, typename T, typename index_t,
-          typename item_t>
+template <bool kPlain, bool kPlainIntensity, typename scalar_t, typename label_t, typename T,
+          typename index_t, typename item_t>
 __global__ void __launch_bounds__(kThreads, kPlain ? 4 : 2)
 pair_kernel(const PairArgs<scalar_t, label_t, T> a, item_t image_items, item_t total,
             bool image_aligned, bool label_aligned) {
@@ -264,8 +273,8 @@ pair_kernel(const PairArgs<scalar_t, label_t, T> a, item_t image_items, item_t t
                            : base_coord<T>(j - D - H, a.W, false);
     __syncthreads();
   }
-  pair_items<kPlain, scalar_t, label_t, T, index_t, item_t>(a, image_items, total,
-                                                            image_aligned, label_aligned, tab);
+  pair_items<kPlain, kPlainIntensity, scalar_t, label_t, T, index_t, item_t>(
+      a, image_items, total, image_aligned, label_aligned, tab);
 }
 
 // Whole packs of v voxels are aligned when rows are a multiple of v long and the tensor starts
@@ -314,19 +323,25 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     // the plain case (see pair_item) has its own kernel, for fp32/fp16/bf16 images with 32-bit
     // offsets and item numbers: the augmentation's usual call. Its 64 registers (ptxas, sm_90,
     // nvcc 13.0, no spills) let 4 blocks reside per SM, against 2 for the general kernel.
+    // (with an intensity epilogue: its kPlainIntensity variant, the training CLI's call)
     const bool plain = image && a.C == 1 && a.label != nullptr && a.LC == 1 && a.fused &&
-                       a.elastic == nullptr && a.intensity == nullptr && a.pad == kZeros &&
-                       !align && a.D + a.H + a.W <= kPlainTable;
+                       a.elastic == nullptr && a.pad == kZeros && !align &&
+                       a.D + a.H + a.W <= kPlainTable;
     if constexpr (!std::is_integral_v<S> && !std::is_same_v<S, double> &&
                   std::is_same_v<index_t, int32_t>) {
       const Items it = plain ? items(kPlainVec) : Items{};
       if (plain && it.small) {
         if (it.total == 0) return;
-        pair_kernel<true, S, L, C, index_t, uint32_t>
-            <<<static_cast<unsigned>(it.blocks), kThreads, size_t(a.D + a.H + a.W) * sizeof(C),
-               stream>>>(
-                a, static_cast<uint32_t>(it.image), static_cast<uint32_t>(it.total),
-                it.image_aligned, it.label_aligned);
+        const auto launch = [&](auto kernel) {
+          kernel<<<static_cast<unsigned>(it.blocks), kThreads,
+                   size_t(a.D + a.H + a.W) * sizeof(C), stream>>>(
+              a, static_cast<uint32_t>(it.image), static_cast<uint32_t>(it.total),
+              it.image_aligned, it.label_aligned);
+        };
+        if (a.intensity == nullptr)
+          launch(pair_kernel<true, false, S, L, C, index_t, uint32_t>);
+        else
+          launch(pair_kernel<true, true, S, L, C, index_t, uint32_t>);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -334,12 +349,12 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     const Items it = items(kVec);
     if (it.total == 0) return;
     if (it.small) {
-      pair_kernel<false, S, L, C, index_t, uint32_t>
+      pair_kernel<false, false, S, L, C, index_t, uint32_t>
           <<<static_cast<unsigned>(it.blocks), kThreads, 0, stream>>>(
               a, static_cast<uint32_t>(it.image), static_cast<uint32_t>(it.total),
               it.image_aligned, it.label_aligned);
     } else {
-      pair_kernel<false, S, L, C, index_t, int64_t>
+      pair_kernel<false, false, S, L, C, index_t, int64_t>
           <<<static_cast<unsigned>(it.blocks), kThreads, 0, stream>>>(
               a, it.image, it.total, it.image_aligned, it.label_aligned);
     }

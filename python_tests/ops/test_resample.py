@@ -734,32 +734,38 @@ def test_cuda_plain_pair_ties_go_the_cpus_way():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64])
 @pytest.mark.parametrize("align_corners", [False, True])
-def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtype, align_corners):
+@pytest.mark.parametrize("with_intensity", [False, True], ids=["plain", "intensity"])
+def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtype, align_corners,
+                                                               with_intensity):
     """The augmentation's usual call (one image and one label channel on one grid, zeros
-    padding, no elastic field, no intensity) runs a compile-time specialisation of the pair
-    kernel (resample_cuda.cu, kPlain). It must give what the general kernel gives for the same
-    points, which an intensity epilogue that changes nothing (gamma 1, scale 1, shift 0, no
-    noise) forces (to an ulp: see below), and what the CPU gives; aligned runs (W % 8 == 0 for
-    kPlain's 8 voxels, W % 4 == 0 for the general kernel's 4), W = 68 (aligned for 4, not 8),
-    partial runs and a row shorter than a run. align_corners=True, and an output grid whose D + H + W exceeds the kPlain
-    kernel's table of base coordinates (4096), take the general kernel: the same results."""
+    padding, no elastic field) runs a compile-time specialisation of the pair kernel
+    (resample_cuda.cu, kPlain; with an intensity epilogue, as the training CLI's augmentation
+    draws it, its kPlainIntensity variant). It must give what the general kernel gives for the
+    same points, which a two-channel image (the channel twice) forces: its channel 0 has the
+    same points and noise indices (to an ulp: see below), and what the CPU gives; aligned runs
+    (W % 8 == 0 for kPlain's 8 voxels, W % 4 == 0 for the general kernel's 4), W = 68 (aligned
+    for 4, not 8), partial runs and a row shorter than a run. align_corners=True, and an output
+    grid whose D + H + W exceeds the kPlain kernel's table of base coordinates (4096), take the
+    general kernel: the same results."""
     n = 3
     for (d, h, w) in ((11, 9, 64), (11, 9, 67), (5, 7, 68), (3, 2, 5), (2, 3, 4099)):
         x = torch.randn(n, 1, d + 1, h + 1, w).to(dtype)
         lab = torch.randint(0, 120, (n, 1, d + 1, h + 1, w)).to(label_dtype)
         theta = random_theta(n, strength=0.7)
         size = (n, 1, d, h, w)
+        inten = _intensity(n, "cpu") if with_intensity else None
         kw = dict(align_corners=align_corners)
-        plain = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(), size, **kw)
-        ones = torch.ones(n, device="cuda")
-        neutral = {"gamma": ones, "scale": ones, "shift": ones * 0, "noise_std": 0.0}
-        general = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(), size,
-                                               intensity=neutral, **kw)
+        cuda_kw = dict(kw, intensity=None if inten is None else
+                       {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in inten.items()})
+        plain = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(), size, **cuda_kw)
+        general = m3d.ops.affine_resample_pair(torch.cat([x, x], 1).cuda(), lab.cuda(),
+                                               theta.cuda(), (n, 2, d, h, w), **cuda_kw)
         # the same arithmetic, but two kernels: nvcc may contract a multiply-add into an FMA in
         # one and not the other, which moves a value by an ulp and can flip a nearest-label tie
         assert_nearest_close(plain[1].cpu(), general[1].cpu())
-        torch.testing.assert_close(plain[0], general[0], rtol=torch.finfo(dtype).eps, atol=1e-6)
-        cpu = m3d.ops.affine_resample_pair(x, lab, theta, size, **kw)
+        torch.testing.assert_close(plain[0], general[0][:, :1], rtol=torch.finfo(dtype).eps,
+                                   atol=1e-6)
+        cpu = m3d.ops.affine_resample_pair(x, lab, theta, size, intensity=inten, **kw)
         if dtype == torch.float32:
             assert_close_long_rows(plain[0].cpu(), cpu[0], w)
         else:  # both compute in fp32 and round once
