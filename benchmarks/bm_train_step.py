@@ -14,7 +14,10 @@ CPU: fp32, batch 2 x 1 x 24 x 48 x 48; --quick: ResNet-10 only, at 2 x 1 x 16 x 
 
 --quick compiles ResNet-10 only (ResNet-50's compile takes minutes); --with-compile adds it.
 Correctness: every version starts from the same weights and input, and its first step's loss
-and stem weight gradient are checked with the error-ratio rule (common.py): their error against
+and the gradients of GRAD_PROBES (the stem's weight and BatchNorm, the first convolution of
+each stage, a BatchNorm bias deep in the model and the head's last weight: a layer that drops
+or corrupts its weight gradient does not show in the stem's, which depends only on the data
+path back to it) are checked with the error-ratio rule (common.py): their error against
 the plain model's step in high precision (float64 on the CPU, fp32 without TF32 on a GPU) must
 be at most 2x the plain eager step's own error. A direct comparison with the eager step is
 meaningless here: in bf16 through 10-50 layers both are far from the exact result, each in its
@@ -45,8 +48,26 @@ GPU_SHAPE = (8, 1, 64, 128, 128)  # perf-baselines.md
 GPU_DEPTHS = (10, 50)
 # batch 2, so that layer4's BatchNorm normalises 64 (--quick) or 216 values per channel
 CPU_SHAPES = {True: (2, 1, 16, 32, 32), False: (2, 1, 24, 48, 48)}
-# error-ratio floors (rtol of the loss, rtol of the stem weight gradient), see the docstring
+# error-ratio floors (rtol of the loss, rtol of each checked gradient), see the docstring
 FLOORS = {"bf16": (1e-2, 1e-2), "fp32": (1e-5, 3e-2)}
+# the parameters whose gradients the check compares (the model's last parameter, the head's
+# final convolution, is added by grad_probes)
+GRAD_PROBES = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer2.0.conv1.weight",
+               "layer3.0.conv1.weight", "layer4.0.conv1.weight", "layer4.0.bn1.bias")
+
+
+def grad_probes(model) -> list:
+    """The parameters of GRAD_PROBES present in ``model`` and its last parameter, in one order
+    for every version (fusion renames nothing)."""
+    named = dict(model.named_parameters())
+    names = [n for n in GRAD_PROBES if n in named]
+    last = next(reversed(named))
+    return [named[n] for n in names + ([last] if last not in names else [])]
+
+
+def floors_for(floors, model) -> list:
+    """One rtol per check output: the loss's, then the gradient floor for each probe."""
+    return [floors[0]] + [floors[1]] * len(grad_probes(model))
 
 
 def base_model(depth):
@@ -113,13 +134,13 @@ class Step:
             f()
             opt.step()
 
-        def check():  # one fwd+bwd without the optimiser step: loss and stem weight grad
+        def check():  # one fwd+bwd without the optimiser step: the loss and the probes' grads
             if graph_steps:
                 torch.compiler.cudagraph_mark_step_begin()
             opt.zero_grad(set_to_none=True)
             loss = f()
             # copies: a replayed graph's outputs are overwritten by the next replay
-            return loss.float().clone(), m.conv1.weight.grad.float().clone()
+            return (loss.float().clone(), *(p.grad.float().clone() for p in grad_probes(m)))
         return step, check
 
     def precise(self, model):
@@ -128,7 +149,7 @@ class Step:
             m = copy.deepcopy(model).to(self.ctx.device, dt).train()
             loss = F.cross_entropy(m(self.x.to(dt)), self.y)
             loss.backward()
-            return loss.detach(), m.conv1.weight.grad.clone()
+            return (loss.detach(), *(p.grad.clone() for p in grad_probes(m)))
 
 
 def run(ctx):
@@ -165,7 +186,8 @@ def run(ctx):
             params = {"model": f"resnet{depth}", "model_source": source, "x": list(shape), "dtype": dname,
                       "layout": "channels_last_3d" if cl else "contiguous", "optimizer": "SGD momentum 0.9"}
             floors = FLOORS["bf16" if amp else "fp32"]
-            case = ctx.case(AREA, f"resnet{depth} {dname}", params=params, rtol=floors if versions else 1e-2, atol=0.0,
+            case = ctx.case(AREA, f"resnet{depth} {dname}", params=params,
+                            rtol=floors_for(floors, model) if versions else 1e-2, atol=0.0,
                             precise=(lambda: st.precise(model)) if versions else None)
             case.add("eager", lambda: st.make(copy.deepcopy(model), False), baseline=True, reference=True)
             if versions:
@@ -221,5 +243,5 @@ def _graphed(m, opt, fwd_bwd):
 
     def check():  # the graph's first replay: the same weights as every other version's check
         graph.replay()  # copies: the graph's static outputs change with every replay
-        return loss.float().clone(), m.conv1.weight.grad.float().clone()
+        return (loss.float().clone(), *(p.grad.float().clone() for p in grad_probes(m)))
     return step, check
