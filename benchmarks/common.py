@@ -24,7 +24,10 @@ and calls ``case.run()``. For every case the runner:
 3. times with warm-up, then the median of repeats (CUDA events on a GPU,
    ``time.perf_counter`` + synchronize on the CPU), records peak memory on a GPU;
 4. stores the speed-up of every non-baseline row against every baseline of the same case
-   (``speedup[baseline] = baseline_ms / ms``), all measured in the same process.
+   (``speedup[baseline] = baseline_ms / ms``), all measured in the same process; a row added
+   with ``compare_to=[baseline names]`` gets ratios against those baselines only (a bf16 row
+   against the bf16 baseline, not the fp32 one; a GPU row never against a baseline timed on
+   the CPU).
 """
 
 from __future__ import annotations
@@ -249,10 +252,13 @@ def compare(actual, expected, rtol: float, atol: float, label_mismatch: float = 
     ``max|a - e| <= atol + rtol * max|e|`` (a gradient summed over 10^6 voxels has a large
     scale; this keeps one tolerance meaningful); integer tensors (labels) pass when at most a
     ``label_mismatch`` fraction differs (nearest sampling may break exact .5 ties differently).
-    Returns (ok, max abs error, message)."""
+    Returns (ok, max abs error, message). Nothing to compare (no non-empty tensor output, e.g.
+    Python numbers) is a failure: a check that compared nothing must not pass."""
     pairs, msg = _pairs(actual, expected)
     if msg:
         return False, float("nan"), msg
+    if not pairs:
+        return False, float("nan"), "nothing compared: no non-empty tensor output"
     worst, ok, msgs = 0.0, True, []
     for i, a, e in pairs:
         if not e.is_floating_point():
@@ -285,6 +291,8 @@ def output_errors(actual, precise) -> list[float]:
     pairs, msg = _pairs(actual, precise)
     if msg:
         raise ValueError(msg)
+    if not pairs:
+        raise ValueError("nothing to check: no non-empty tensor output")
     if any(not e.is_floating_point() for _, _, e in pairs):
         raise ValueError("the error-ratio check is for float outputs only")
     return [_err_scale(a, e)[0] for _, a, e in pairs]
@@ -304,6 +312,8 @@ def compare_ratio(actual, precise, ref_errors: list[float], ratio: float, rtol, 
     pairs, msg = _pairs(actual, precise)
     if msg:
         return False, float("nan"), float("nan"), msg
+    if not pairs:
+        return False, float("nan"), float("nan"), "nothing compared: no non-empty tensor output"
     if len(pairs) != len(ref_errors):
         return False, float("nan"), float("nan"), f"{len(pairs)} outputs, the reference checked {len(ref_errors)}"
     n = len(_flatten(precise))  # per-output floors are indexed like the outputs, empty ones too
@@ -477,6 +487,14 @@ class Impl:
     note: str = ""
     warmup: int | None = None
     repeats: int | None = None
+    # speed-ups only against these baselines (names of the case's baselines); None: against
+    # every baseline. For rows unlike some baselines: another dtype or layout, or a baseline
+    # timed on the CPU in a GPU case (a ratio across those measures the difference, not the op)
+    compare_to: list | None = None
+    # this row's check tolerance where the case's does not fit it (an fp32 row in a case whose
+    # tolerance is for bf16); None: the case's
+    rtol: Any = None
+    atol: Any = None
 
 
 @dataclass
@@ -517,6 +535,11 @@ class Case:
 
     def run(self) -> list[dict]:
         ctx = self.ctx
+        baselines = {i.name for i in self.impls if i.baseline}
+        for i in self.impls:  # a misspelt name would silently drop the row's ratios
+            unknown = sorted(set(i.compare_to or ()) - baselines)
+            if unknown:
+                raise ValueError(f"{self.name} / {i.name}: compare_to names no baseline of the case: {unknown}")
         rows: list[dict] = []
         ref = _Ref()
         if self.precise is not None and not ctx.profile_only:
@@ -551,6 +574,8 @@ class Case:
     def _check(self, impl: Impl, ref: "_Ref", out, row: dict) -> bool:
         """Check ``out`` (None: not computed) and note the result in ``row``; False = FAILED."""
         ratio_mode = self.precise is not None
+        rtol = self.rtol if impl.rtol is None else impl.rtol
+        atol = self.atol if impl.atol is None else impl.atol
         if not impl.check:
             row["check"] = "not comparable (different algorithm), not checked"
         elif ratio_mode and ref.precise is None:
@@ -564,13 +589,13 @@ class Case:
         elif ratio_mode:
             per_output = []
             good, err, ratio, msg = compare_ratio(out, ref.precise, ref.errors, self.err_ratio,
-                                                  self.rtol, self.atol, detail=per_output)
+                                                  rtol, atol, detail=per_output)
             row.update(max_abs_err=err, err_ratio=ratio, errors_by_output=per_output)
             if not good:
                 row.update(status=FAILED, reason=f"wrong result: {msg}")
                 return False
         elif not impl.reference:
-            good, err, msg = compare(out, ref.out, self.rtol, self.atol)
+            good, err, msg = compare(out, ref.out, rtol, atol)
             row["max_abs_err"] = err
             if not good:
                 row.update(status=FAILED, reason=f"wrong result vs reference: {msg}")
@@ -655,12 +680,15 @@ class Case:
 
     def _ratios(self, rows: list[dict]) -> None:
         base = {r["impl"]: r["median_ms"] for r in rows if r["baseline"] and r["status"] == OK}
+        like_of = {i.name: i.compare_to for i in self.impls}
         for r in rows:
             if r["status"] != OK or r["baseline"]:
                 continue
-            r["speedup"] = {b: ms / r["median_ms"] for b, ms in base.items()}
+            like = like_of.get(r["impl"])  # None: every baseline
+            mine = {b: ms for b, ms in base.items() if like is None or b in like}
+            r["speedup"] = {b: ms / r["median_ms"] for b, ms in mine.items()}
             if self.targets:
-                r["targets"] = {b: {"want": want, "met": (r["speedup"].get(b, 0) >= want) if b in base else None}
+                r["targets"] = {b: {"want": want, "met": (r["speedup"][b] >= want) if b in mine else None}
                                 for b, want in self.targets.items()}
 
 
@@ -813,13 +841,21 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+# what --append requires the file's env and this run's to agree on: the same device (its name),
+# the same torch / CUDA / cuDNN, the same code (commit and extension sources). gpu_check.sh's
+# stages (one machine, one checkout, GIT_COMMIT exported) agree on all of them
+APPEND_ENV_FIELDS = ("gpu", "cpu", "torch", "cuda", "cudnn", "git_commit", "source_hash")
+
+
 def load_prior(out_dir: str, device: str, quick: bool, areas: list[str],
-               with_compile: bool = False) -> dict | None:
+               with_compile: bool = False, env: dict | None = None) -> dict | None:
     """``--append``: the results already in ``out_dir/results.json`` without the rows and area
     entries of ``areas`` (they are about to be measured again), or None when there are none.
     Raises ValueError when they were measured under other conditions (device, --quick,
-    --with-compile, --profile-only): one results file holds one kind of run, which its args
-    say."""
+    --with-compile, --profile-only; or, per the file's env, another device name, torch, CUDA,
+    cuDNN, commit or extension sources than ``env``, this run's, collected when not given):
+    one results file holds one kind of run, on one machine and one version of the code. A
+    field the file's env does not record (an older file) is not compared."""
     path = os.path.join(out_dir, "results.json")
     if not os.path.isfile(path):
         return None
@@ -839,6 +875,16 @@ def load_prior(out_dir: str, device: str, quick: bool, areas: list[str],
                          f"this one is with_compile={bool(with_compile)}; use another --out")
     if args.get("profile_only"):
         raise ValueError(f"--append: {path} holds a --profile-only run; use another --out")
+    old_env = data.get("env") or {}
+    if not isinstance(old_env, dict):
+        raise ValueError(f"--append: cannot read {path}: 'env' must be an object")
+    if env is None:
+        env = collect_env(device)
+    diff = [f"{k}={old_env[k]!r} there, {env.get(k)!r} now" for k in APPEND_ENV_FIELDS
+            if k in old_env and old_env[k] != env.get(k)]
+    if diff:
+        raise ValueError(f"--append: {path} holds a run measured under another environment ("
+                         + "; ".join(diff) + "); use another --out")
     keep = set(areas)
     return {"args": args, "total_s": data.get("total_s"),
             "rows": [r for r in rows if r.get("area") not in keep],
