@@ -9,7 +9,11 @@ is replayed to find the moment of peak allocated memory, and the blocks live the
 by where they were allocated: the innermost frame in the model's code (``torch/nn``,
 ``med3d_ext``) or, for blocks made inside the autograd engine, "backward". Memory allocated
 before the step (parameters, gradients' storage, optimizer state, cuDNN's cached workspaces)
-is one line. Writes ``peak.json`` and ``peak.md`` into ``--out``; the issue's 2.5 GiB target for
+is one line. Between arms the garbage collector runs (and, on a GPU, the allocator's cache is
+emptied), the memory still allocated when an arm starts is recorded, and an arm whose memory
+before the step is well above its own parameters, gradients and optimizer state
+(:func:`state_bytes`) says so: what an earlier arm left would otherwise land silently in that
+line. Writes ``peak.json`` and ``peak.md`` into ``--out``; the issue's 2.5 GiB target for
 ResNet-50 is about these numbers.
 
 ``--device cpu``: the same step on the CPU (bf16 autocast there too), one step under
@@ -26,6 +30,7 @@ allocator's rounding. About 30 s per ResNet-50 arm on 2 cores; ``--batch`` scale
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -103,9 +108,90 @@ def _arm_step(name: str, depth: int, device: str = "cuda", batch: int | None = N
     raise SystemExit(f"memory_peak: unknown arm {name!r} (eager, fused, memory-saving)")
 
 
+def _optimizer_of(fn, depth: int = 4):
+    """The optimizer a step function closes over (through wrappers such as
+    ``common.with_module_flag``), or None."""
+    import torch
+
+    seen, todo = set(), [(fn, 0)]
+    while todo:
+        obj, d = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.optim.Optimizer):
+            return obj
+        if d >= depth:
+            continue
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                todo.append((cell.cell_contents, d + 1))
+            except ValueError:  # an empty cell
+                pass
+        if getattr(obj, "__wrapped__", None) is not None:
+            todo.append((obj.__wrapped__, d + 1))
+    return None
+
+
+def state_bytes(step) -> int | None:
+    """Bytes of the arm's own state before a step: its parameters, their gradients and the
+    optimizer's state (found through the step's optimizer; None when it has none)."""
+    import torch
+
+    opt = _optimizer_of(step)
+    if opt is None:
+        return None
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    for g in opt.param_groups:
+        for p in g["params"]:
+            add(p)
+            add(p.grad)
+    for st in opt.state.values():
+        for v in st.values():
+            add(v)
+    return total
+
+
+# "well above" its own state: the memory before an arm's step exceeds its parameters,
+# gradients and optimizer state by more than this fraction of them plus this many bytes (the
+# step's input and target, cuDNN's cached workspaces); a whole earlier arm left behind is at
+# least its own state again
+LEFTOVER_FRACTION, LEFTOVER_BYTES = 0.5, 128 * 2 ** 20
+
+
+def leftover(r: dict) -> int | None:
+    """Bytes by which the memory before ``r``'s step is well above its own state (see
+    LEFTOVER_FRACTION), else None."""
+    own, before = r.get("state_bytes"), r.get("baseline_bytes")
+    if own is None or before is None:
+        return None
+    extra = before - own
+    return extra if extra > LEFTOVER_FRACTION * own + LEFTOVER_BYTES else None
+
+
+def between_arms(device: str) -> int | None:
+    """Frees what the previous arm left (its step, model and optimizer, reference cycles
+    included) and returns the memory still allocated (CUDA; None on the CPU)."""
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated()
+    return None
+
+
 def measure(name: str, depth: int, batch: int | None = None) -> dict:
     import torch
 
+    before_arm = torch.cuda.memory_allocated()  # what earlier arms left, if anything
     step = _arm_step(name, depth, "cuda", batch)
     for _ in range(3):
         step()
@@ -124,6 +210,7 @@ def measure(name: str, depth: int, batch: int | None = None) -> dict:
     r = peak_breakdown(snap["device_traces"][dev], baseline)
     r["max_allocated_bytes"] = torch.cuda.max_memory_allocated()  # the allocator's own count
     r["arm"], r["depth"], r["batch"] = name, depth, batch
+    r["allocated_before_arm_bytes"], r["state_bytes"] = before_arm, state_bytes(step)
     return r
 
 
@@ -222,6 +309,7 @@ def measure_cpu(name: str, depth: int, batch: int | None = None) -> dict:
                            anonymous=lambda k: not isinstance(k, TensorKey))
     r["max_allocated_bytes"] = None  # no allocator on the CPU: nothing independent to show
     r["arm"], r["depth"], r["batch"] = name, depth, batch
+    r["allocated_before_arm_bytes"], r["state_bytes"] = None, state_bytes(step)
     return r
 
 
@@ -242,14 +330,31 @@ def markdown(results: list[dict], env: dict, device: str = "cuda") -> str:
     for r in results:
         alloc = (f"allocator max {r['max_allocated_bytes'] / gib:.2f} GiB"
                  if r.get("max_allocated_bytes") is not None else "no allocator max on the CPU")
+        own = ("" if r.get("state_bytes") is None else  # the arm's own, for comparison
+               f"; its own parameters, gradients and optimizer state {r['state_bytes'] / gib:.3f}")
         lines += [f"## ResNet-{r['depth']} {r['arm']}: peak {r['peak_bytes'] / gib:.2f} GiB "
                   f"({alloc})", "",
                   "| allocated at | GiB | blocks |", "|---|---|---|",
-                  f"| before the step (parameters, optimizer state, ...) | "
+                  f"| before the step (parameters, optimizer state, ...{own}) | "
                   f"{r['baseline_bytes'] / gib:.3f} | |"]
+        extra, warn = leftover(r), None
+        if extra is not None:  # said under the table: a row here would break it
+            warn = (f"**Warning**: the memory before this arm's step is {extra / gib:.3f} GiB "
+                    f"above its own parameters, gradients and optimizer state "
+                    f"({r['state_bytes'] / gib:.3f} GiB): something an earlier arm left (or a "
+                    "cache) is counted in \"before the step\"")
+            if r.get("allocated_before_arm_bytes"):
+                warn += (f"; {r['allocated_before_arm_bytes'] / gib:.3f} GiB was still allocated "
+                         "when the arm started")
         lines += [f"| `{g['where']}` | {g['bytes'] / gib:.3f} | {g['blocks']} |" for g in r["groups"]]
         if r["other_groups"]:
             lines.append(f"| {r['other_groups']} other places | {r['other_bytes'] / gib:.3f} | |")
+        if warn:
+            lines += ["", warn + "."]
+        elif r.get("allocated_before_arm_bytes"):
+            lines += ["", f"{r['allocated_before_arm_bytes'] / gib:.3f} GiB was still allocated "
+                      "when this arm started (after the garbage collector and emptying the "
+                      "allocator's cache)."]
         lines.append("")
     return "\n".join(lines)
 
@@ -291,11 +396,17 @@ def main(argv=None) -> int:
         p.error(f"--out {a.out}: {exc.strerror or exc}")
     results = []
     for arm in arms:
+        # what the previous arm left must not count as this arm's "before the step"
+        between_arms(a.device)
         if a.device == "cpu":
             results.append(measure_cpu(arm, a.depth, a.batch))
         else:
             results.append(measure(arm, a.depth, a.batch))
-            torch.cuda.empty_cache()
+        extra = leftover(results[-1])
+        if extra is not None:
+            print(f"memory_peak: {arm}: the memory before the step is {extra / 2 ** 30:.3f} GiB "
+                  "above the arm's own parameters and optimizer state (see peak.md)",
+                  file=sys.stderr)
         (out / "peak.json").write_text(json.dumps({"env": env, "device": a.device,
                                                    "results": results}, indent=1, default=str))
         (out / "peak.md").write_text(markdown(results, env, a.device))

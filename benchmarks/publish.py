@@ -7,7 +7,9 @@
 Reads ``benchmarks/results/<run>/results.json`` (run folders named like ``2026-11-26_h200``;
 ``latest`` is the scratch folder and is skipped unless named with --runs), newest first. For each
 run: the conditions (device, torch, CUDA, cuDNN), then one line per med3d_ext row with its median
-and its ratio against every baseline measured in the same run, with shapes and dtypes.
+and its ratio against every baseline measured in the same run (marked where that baseline's own
+output was not checked), with shapes and dtypes; a row without a ratio says why. What was not
+measured, baselines included, is listed under the table.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import os
 import sys
 
 try:
-    from .rows import caveats
+    from .rows import caveats, unchecked
 except ImportError:  # run as a file, not as benchmarks.publish
-    from benchmarks.rows import caveats
+    from benchmarks.rows import caveats, unchecked
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -107,10 +109,60 @@ def _params(p: dict) -> str:
     return "; ".join(keep)
 
 
+# a ratio against a baseline whose own output was not compared with the reference (a different
+# algorithm, e.g. MONAI's random transform; the pipeline's CPU arm): a timing, not a checked one
+BASELINE_UNCHECKED = "[baseline output not checked]"
+
+
+def baseline_unchecked(b: dict) -> bool:
+    """A baseline row whose output was not checked against the case's reference: rows.py's
+    markers (its ``check`` says "not checked", "not compared", "loss finite", ...), an explicit
+    ``check``/``checked`` False, or a note saying it was not compared ("own conventions, same
+    work; not compared"). The case's reference row is what the others are checked against."""
+    if b.get("reference"):
+        return False
+    if b.get("check") is False or b.get("checked") is False:
+        return True
+    if unchecked(dict(b, baseline=False, status="ok")):  # rows.py's markers, for a baseline
+        return True
+    note = str(b.get("note") or "")
+    return "not compared" in note or "not checked" in note
+
+
+def _ms(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _ratios(r: dict, bases: dict) -> str:
+    """The speed-up cell of med3d_ext row ``r``: one ratio per baseline, its time beside it when
+    the results hold one (never a made-up 0.000), a baseline whose output was not checked
+    marked; without any ratio, why (no baseline measured, or the baselines' times)."""
+    key = (r["area"], r["case"])
+    out = []
+    for b, v in (r.get("speedup") or {}).items():
+        if not _ms(v):
+            continue
+        base = bases.get(key + (b,)) or {}
+        ms = base.get("median_ms")
+        s = f"{v:.2f}x vs {b}" + (f" ({ms:.3f})" if _ms(ms) else " (baseline time not recorded)")
+        if baseline_unchecked(base):
+            s += f" {BASELINE_UNCHECKED}"
+        out.append(s)
+    if not out:
+        ok = [(b[2], row["median_ms"]) for b, row in bases.items() if b[:2] == key
+              and row.get("status") == "ok" and _ms(row.get("median_ms"))]
+        out.append("no ratio recorded; baseline " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in ok)
+                   if ok else "no baseline measured")
+    text = ", ".join(out)
+    if r.get("floor_ms") is not None:
+        text += f"; floor {r['floor_ms']:.3f} ms"
+    return text
+
+
 def render_run(name: str, data: dict) -> str:
     env = data.get("env") or {}
     rows = [dict({"area": "?", "case": "?", "impl": "?"}, **r) for r in data.get("rows") or []]
-    base_ms = {(r["area"], r["case"], r["impl"]): r.get("median_ms") for r in rows if r.get("baseline")}
+    bases = {(r["area"], r["case"], r["impl"]): r for r in rows if r.get("baseline")}
     quick = (data.get("args") or {}).get("quick")
     notes = (f"; see `benchmarks/results/{name}/NOTES.md` for the build, the commits and "
              "the reading" if data.get("_notes") else "")
@@ -119,24 +171,21 @@ def render_run(name: str, data: dict) -> str:
              "|---|---|---|---|---|---|"]
     missing = []
     for r in rows:
-        if r.get("baseline") or r.get("impl") == "-" or r.get("status") == "profiled":
+        if r.get("impl") == "-" or r.get("status") == "profiled":
             continue  # profiled rows (--profile-only) are not measurements
-        if r.get("status") != "ok" or not isinstance(r.get("median_ms"), (int, float)):
-            missing.append(f"{r['area']}/{r['case']} {r['impl']}: {r.get('status')}"
+        if r.get("status") != "ok" or not _ms(r.get("median_ms")):
+            # a baseline too: a ratio against it is then missing from its case's rows
+            missing.append(f"{r['area']}/{r['case']} " + ("baseline " if r.get("baseline") else "")
+                           + f"{r['impl']}: {r.get('status')}"
                            + ("" if r.get("status") != "ok" else " without a median"))
             continue
-        sp = r.get("speedup") or {}
-        if not sp:
+        if r.get("baseline"):
             continue
-        ratios = ", ".join(f"{v:.2f}x vs {b} ({base_ms.get((r['area'], r['case'], b)) or 0:.3f})"
-                           for b, v in sp.items() if v is not None)
-        if r.get("floor_ms") is not None:
-            ratios += f"; floor {r['floor_ms']:.3f} ms"
         note = r.get("note") or ""
         impl = r["impl"] + (f" ({note})" if note and not note.startswith("compiled (") else "")
         impl += caveats(r)  # a caveat added later; an output that was not checked
-        lines.append(f"| {r['area']} | {r['case']} | {impl} | {r['median_ms']:.3f} | {ratios} | "
-                     f"{_params(r.get('params') or {})} |")
+        lines.append(f"| {r['area']} | {r['case']} | {impl} | {r['median_ms']:.3f} | "
+                     f"{_ratios(r, bases)} | {_params(r.get('params') or {})} |")
     if missing:
         lines += ["", f"Not measured in this run ({len(missing)}): " + "; ".join(missing[:12])
                   + (" ..." if len(missing) > 12 else "")]
@@ -149,7 +198,11 @@ def render(runs: list[tuple[str, dict]], source: str = "benchmarks/results/") ->
             "baseline's median over med3d_ext's, both measured in the same process on the same device "
             "(`python -m benchmarks`); each row's output is checked against the reference before "
             "timing, except where the row says `[output not checked: ...]` (e.g. the pipeline's "
-            "arms, which draw different random transforms). The pipeline's baseline is CPU "
+            "arms, which draw different random transforms); a ratio marked "
+            f"`{BASELINE_UNCHECKED}` is against a baseline whose own output was not compared "
+            "(a different algorithm, e.g. MONAI's random transform), so it is a timing only. "
+            "Baselines that failed or were unavailable are listed under the run's \"Not "
+            "measured\" line. The pipeline's baseline is CPU "
             "augmentation in loader workers, so its ratios compare the GPU path with a CPU "
             "one. Older runs are in `benchmarks/results/` (the README's text cites them by "
             "folder).", ""]
