@@ -44,15 +44,18 @@ def eager_pair(img, lab, theta, size):
     return a, b.to(lab.dtype)
 
 
-def eager_elastic_intensity(img, lab, theta, size, field, inten):
+def eager_elastic_intensity(img, lab, theta, size, field, inten, label_size=None):
     """The hand-written eager chain a user would write; same work, own conventions (not checked).
-    ``field`` None: no elastic displacement."""
+    ``field`` None: no elastic displacement; ``label_size``: the label's own output grid (no
+    elastic field then)."""
     grid = F.affine_grid(theta, size, align_corners=False)
     if field is not None:
         disp = F.interpolate(field, size=size[2:], mode="trilinear", align_corners=True)
         grid = grid + disp.permute(0, 2, 3, 4, 1)
     a = F.grid_sample(img, grid, mode="bilinear", align_corners=False)
-    b = F.grid_sample(lab.float(), grid, mode="nearest", align_corners=False).to(lab.dtype)
+    lgrid = grid if label_size is None else F.affine_grid(
+        theta, (size[0], 1, *label_size), align_corners=False)
+    b = F.grid_sample(lab.float(), lgrid, mode="nearest", align_corners=False).to(lab.dtype)
     v = (-1,) + (1,) * (a.dim() - 1)
     a = a * inten["scale"].view(v) + inten["shift"].view(v)
     a = a.sign() * a.abs().pow(inten["gamma"].view(v))
@@ -129,27 +132,40 @@ def _gpu(ctx, b=8, s=128):
              repeats=3, warmup=1)
     case.run()
 
-    # intensity on (the training CLI's augmentation: contrast, brightness, noise; no elastic
-    # field), then elastic + intensity: checked against med3d_ext.reference, noise included (its
-    # per-voxel noise is a function of the seed and the voxel index, the same in both)
+    # The training CLI's augmentation (med3d_ext/train/backends.py: contrast, brightness and
+    # noise for every sample, gamma 1, no elastic field), with the label on the image's grid
+    # (--label-grid patch) and on the 4x smaller grid of its default --label-grid logits; then
+    # elastic + intensity (gamma drawn too). Checked against med3d_ext.reference, noise
+    # included (its per-voxel noise is a function of the seed and the voxel index, the same in
+    # both).
     g = 8
     field = (torch.rand(b, 3, g, g, g, generator=torch.Generator().manual_seed(2)) - 0.5).mul_(0.04).to(dev)
     _intensity_case(ctx, img, lab, theta, size, params, nbytes, None)
+    quarter = tuple(max(1, n // 4) for n in size[2:])
+    # image read + written, the label's share at its grid (read where sampled, written)
+    nbytes_q = img.numel() * (4 + 4) + 2 * b * quarter[0] * quarter[1] * quarter[2]
+    _intensity_case(ctx, img, lab, theta, size, params, nbytes_q, None, label_size=quarter)
     _intensity_case(ctx, img, lab, theta, size, params, nbytes, field)
 
 
-def _intensity_case(ctx, img, lab, theta, size, params, nbytes, field):
+def _intensity_case(ctx, img, lab, theta, size, params, nbytes, field, label_size=None):
     dev, b, s = ctx.device, size[0], size[-1]
+    cli = field is None  # the CLI's draws: no gamma (1 exactly: its power is then skipped)
 
     def inten(noise):
         t = lambda lo, hi, seed: (lo + (hi - lo) * torch.rand(b, generator=torch.Generator().manual_seed(seed))).to(dev)
-        return {"scale": t(0.9, 1.1, 3), "shift": t(-0.1, 0.1, 4), "gamma": t(0.8, 1.2, 5),
+        return {"scale": t(0.9, 1.1, 3), "shift": t(-0.1, 0.1, 4),
+                "gamma": torch.ones(b, device=dev) if cli else t(0.8, 1.2, 5),
                 "noise_std": t(0.0, 0.05, 6) * noise, "seed": torch.arange(b, device=dev, dtype=torch.int64)}
     params2 = dict(params, **({} if field is None else {"elastic": list(field.shape)}),
-                   intensity="scale, shift, gamma, noise_std, seed")
+                   intensity="scale, shift, noise_std, seed (gamma 1, as the training CLI)" if cli
+                   else "scale, shift, gamma, noise_std, seed")
+    if label_size is not None:
+        params2["label_out"] = [b, 1, *label_size]  # (the input label is the image's size)
     what = "affine+intensity" if field is None else "affine+elastic+intensity"
-    case = ctx.case(AREA, f"{what} pair {b}x{s}^3", params=params2, rtol=1e-3, atol=1e-3,
-                    bytes_floor=nbytes)
+    grid_note = "" if label_size is None else f", label {label_size[-1]}^3 (--label-grid logits)"
+    case = ctx.case(AREA, f"{what} pair {b}x{s}^3{grid_note}", params=params2, rtol=1e-3,
+                    atol=1e-3, bytes_floor=nbytes)
 
     # built once, outside the timed calls: building them per call would time host-side random
     # draws and five small host-to-device copies along with the op. What is timed is what is
@@ -158,15 +174,16 @@ def _intensity_case(ctx, img, lab, theta, size, params, nbytes, field):
 
     def ref():
         f = m3d_attr("reference.affine_resample_pair")
-        return lambda: f(img, lab, theta, size, elastic=field, intensity=noisy)
+        return lambda: f(img, lab, theta, size, label_size, elastic=field, intensity=noisy)
 
     def ours():
         op = m3d_attr("ops.affine_resample_pair")
-        return lambda: op(img, lab, theta, size, elastic=field, intensity=noisy)
+        return lambda: op(img, lab, theta, size, label_size, elastic=field, intensity=noisy)
     case.add("med3d_ext.reference", ref, baseline=True, reference=True)
     eager_name = ("eager affine_grid+grid_sample x2+intensity" if field is None
                   else "eager affine_grid+elastic+grid_sample x2+intensity")
-    case.add(eager_name, lambda: (lambda: eager_elastic_intensity(img, lab, theta, size, field, noisy)),
+    case.add(eager_name, lambda: (lambda: eager_elastic_intensity(img, lab, theta, size, field, noisy,
+                                                                  label_size)),
              baseline=True, check=False, note="own conventions, same work; not compared")
     case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair", ctx.device))
     case.run()

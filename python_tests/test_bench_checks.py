@@ -118,7 +118,7 @@ def test_stem_conv_alone_on_the_cpu_checks_fp32_rows_at_fp32_tolerance(monkeypat
 def test_augment_gpu_row_is_not_compared_with_the_cpu_torchio_row(monkeypatch):
     monkeypatch.setattr(bm_augment, "_torchio", lambda img, lab: (lambda: None))
     monkeypatch.setattr(bm_augment, "_monai", lambda img, lab: (lambda: None))
-    monkeypatch.setattr(bm_augment, "_intensity_case", lambda *a: None)
+    monkeypatch.setattr(bm_augment, "_intensity_case", lambda *a, **k: None)
     ctx = _ctx()
     bm_augment._gpu(ctx, b=1, s=8)
     rows = _rows(ctx)

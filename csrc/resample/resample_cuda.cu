@@ -102,11 +102,13 @@ struct LdgLoad {
 // grid. item_t is uint32_t whenever the item count fits (32-bit division is several times cheaper
 // than 64-bit on the GPU), int64_t otherwise.
 // kPlain: the augmentation's usual call, fixed at compile time: one image channel, one label
-// channel sampled at the image's points, no elastic field, zeros padding, align_corners false,
-// and no intensity epilogue (kPlainIntensity: with one; SASS, fp32 + uint8: loop body of an
-// 8-voxel item 2278 -> 2545 instructions plus one out-of-line epilogue call per voxel, still
-// 64 registers; its only local-memory accesses are cosf's range reduction for arguments
-// beyond 10^5, which the noise's 2*pi*u never reaches). The channel loops, the padding and
+// channel, no elastic field, zeros padding, align_corners false; the label sampled at the
+// image's points, and no intensity epilogue, unless a variant says otherwise (see the flags
+// below; SASS, fp32 + uint8, sm_90: kPlainIntensity's loop body of an 8-voxel item is 2278 ->
+// 2545 instructions plus one out-of-line epilogue call per voxel, still 64 registers, its
+// only local-memory accesses in cosf's range reduction for arguments beyond 10^5, which the
+// noise's 2*pi*u never reaches; with an 8-byte label both variants need 80 registers, see
+// pair_kernel). The channel loops, the padding and
 // elastic branches and their out-of-line calls then compile away (ncu on an H100, 2026-11-27: the general kernel issued ~470
 // instructions per output voxel of this case, at 0.55 instructions per cycle per scheduler, 10%
 // of the DRAM bandwidth). Further, for kPlain only (SASS of the fp32 + uint8 kernel, sm_90,
@@ -126,14 +128,19 @@ struct LdgLoad {
 //     ties, integers and the last interior float). An item of 4 interior voxels: 896 -> 571
 //     instructions on the interior path; a border voxel costs what it did (~195 each);
 //   - runs of kPlainVec = 8 voxels: 127 instructions per interior voxel (1013 per item).
-// kPlainIntensity (kPlain only): the same kernel with the intensity epilogue (contrast,
-// brightness, gamma, noise, clip: intensity.h), which the training CLI's augmentation draws for
-// every sample; without it that call ran the general kernel.
-template <bool kImage, bool kPlain, bool kPlainIntensity, typename scalar_t, typename label_t,
-          typename T, typename index_t, typename item_t>
+// Variants of the kPlain kernel (pair_kernel's flags), each compiled on its own:
+//   kPlainIntensity: with the intensity epilogue (contrast, brightness, gamma, noise, clip:
+//     intensity.h), which the training CLI's augmentation draws for every sample;
+//   kPlainOwnLabel: the label on its own grid (the CLI's default --label-grid logits: a 4x
+//     smaller grid), not sampled by the image items: its items, after the image's, take the
+//     general kernel's label-only path (pair_items).
+// Without them those calls ran the general kernel.
+template <bool kImage, bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, typename scalar_t,
+          typename label_t, typename T, typename index_t, typename item_t>
 __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
                                           bool image_aligned, bool label_aligned, const T* tab) {
-  static_assert(kPlain || !kPlainIntensity, "kPlainIntensity is a variant of the kPlain kernel");
+  static_assert(kPlain || !(kPlainIntensity || kPlainOwnLabel),
+                "kPlainIntensity and kPlainOwnLabel are variants of the kPlain kernel");
   constexpr int V = kPlain ? kPlainVec : kVec;
   const int64_t C = kPlain ? 1 : a.C, LC = kPlain ? 1 : a.LC;
   const int pad = kPlain ? int(kZeros) : a.pad;
@@ -158,7 +165,8 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
     row_terms(t, tab[D + h], tab[d], row);
   else
     row_terms(t, base_coord<T>(h, H, a.align), base_coord<T>(d, D, a.align), row);
-  const bool label = kPlain || !kImage || (a.fused && a.label != nullptr);
+  // (a compile-time constant in the kPlain kernels)
+  const bool label = kPlain ? !kPlainOwnLabel : !kImage || (a.fused && a.label != nullptr);
   const float* p = intensity != nullptr ? intensity + int64_t(n) * kIntensityFields : nullptr;
   const uint32_t key = kImage && p != nullptr ? noise_key(a.seed != nullptr ? a.seed[n] : 0, n) : 0;
   const scalar_t* img_in = kImage ? a.image + int64_t(n) * C * in_cs : nullptr;
@@ -196,9 +204,10 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
         // channel 0: the noise index is the voxel's, as below
         img_pack[k] = kPlainIntensity ? epilogue_call<scalar_t, T>(sv, p, key, int64_t(o0) + k)
                                       : static_cast<scalar_t>(sv);
-        lab_pack[k] = LdgLoad{}(lab_in + grid_offset(interior_axis_nearest(cx),
-                                                     interior_axis_nearest(cy),
-                                                     interior_axis_nearest(cz), g));
+        if (label)
+          lab_pack[k] = LdgLoad{}(lab_in + grid_offset(interior_axis_nearest(cx),
+                                                       interior_axis_nearest(cy),
+                                                       interior_axis_nearest(cz), g));
         continue;
       }
     }
@@ -229,20 +238,23 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
 
 // Items [0, image_items) cover the image grid (and the fused label), the rest the label's own
 // grid; a grid-stride loop, so any item count fits the launch.
-template <bool kPlain, bool kPlainIntensity, typename scalar_t, typename label_t, typename T,
-          typename index_t, typename item_t>
+// (kPlain with a fused label: every item is an image item. Label items come in runs of kVec
+// whatever the kernel: launch_prepared counts them so.)
+template <bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, typename scalar_t,
+          typename label_t, typename T, typename index_t, typename item_t>
 __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>& a,
                                            item_t image_items, item_t total, bool image_aligned,
                                            bool label_aligned, const T* tab) {
+  constexpr bool kLabelItems = !kPlain || kPlainOwnLabel;
   const item_t stride = item_t(gridDim.x) * kThreads;
   for (item_t i = item_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
-    if (kPlain || i < image_items) {  // kPlain: the label is fused, every item is an image item
+    if (!kLabelItems || i < image_items) {
       if constexpr (!std::is_integral_v<scalar_t>)
-        pair_item<true, kPlain, kPlainIntensity, scalar_t, label_t, T, index_t>(
+        pair_item<true, kPlain, kPlainIntensity, kPlainOwnLabel, scalar_t, label_t, T, index_t>(
             a, i, image_aligned, label_aligned, tab);
-    } else if constexpr (!kPlain) {
-      pair_item<false, false, false, scalar_t, label_t, T, index_t>(a, i - image_items, false,
-                                                                    label_aligned, tab);
+    } else if constexpr (kLabelItems) {
+      pair_item<false, false, false, false, scalar_t, label_t, T, index_t>(
+          a, i - image_items, false, label_aligned, tab);
     }
   }
 }
@@ -256,9 +268,15 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
 // The 32- and 64-bit item decodings are separate kernels, chosen on the host: compiled into one,
 // the rare 64-bit path's registers set the budget of the common one too.
 // To be tuned on the GPU (ncu: achieved occupancy vs. stall on L1TEX).
-template <bool kPlain, bool kPlainIntensity, typename scalar_t, typename label_t, typename T,
-          typename index_t, typename item_t>
-__global__ void __launch_bounds__(kThreads, kPlain ? 4 : 2)
+// (the kPlain variants with an 8-byte label: 3 blocks, as at 64 registers they spilled in the
+// loop: for fp32 + int64, 4 stores and 4 loads per item with intensity, 26 local accesses with
+// the label on its own grid; ptxas sm_90)
+template <bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, typename scalar_t,
+          typename label_t, typename T, typename index_t, typename item_t>
+__global__ void __launch_bounds__(
+    kThreads, !kPlain                                                            ? 2
+              : (kPlainIntensity || kPlainOwnLabel) && sizeof(label_t) == 8 ? 3
+                                                                             : 4)
 pair_kernel(const PairArgs<scalar_t, label_t, T> a, item_t image_items, item_t total,
             bool image_aligned, bool label_aligned) {
   // kPlain: the base coordinates of the image grid's D, H and W axes, in that order (the same
@@ -273,7 +291,7 @@ pair_kernel(const PairArgs<scalar_t, label_t, T> a, item_t image_items, item_t t
                            : base_coord<T>(j - D - H, a.W, false);
     __syncthreads();
   }
-  pair_items<kPlain, kPlainIntensity, scalar_t, label_t, T, index_t, item_t>(
+  pair_items<kPlain, kPlainIntensity, kPlainOwnLabel, scalar_t, label_t, T, index_t, item_t>(
       a, image_items, total, image_aligned, label_aligned, tab);
 }
 
@@ -303,10 +321,13 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
       M3D_CHECK(s < (int64_t(1) << 30), "med3d_ext.affine_resample: input spatial sizes must be "
                 "< 2^30 per axis, got ", s);
     const int64_t label_out_w = a.fused && image ? a.W : a.LW;
+    // v: the image items' run length (and a fused label's); a label on its own grid always
+    // comes in runs of kVec (the general label-only path decodes them so, in either kernel)
     const auto items = [&](int64_t v) {
+      const int64_t lv = label ? int64_t(kVec) : v;
       Items r;
       r.image = image ? N * a.D * a.H * ceil_div(a.W, v) : 0;
-      r.total = r.image + (label ? N * a.LD * a.LH * ceil_div(a.LW, v) : 0);
+      r.total = r.image + (label ? N * a.LD * a.LH * ceil_div(a.LW, lv) : 0);
       r.blocks = std::min<int64_t>(ceil_div(r.total, kThreads), int64_t(sm_count()) * 64);
       // 32-bit item decoding also needs the row lengths in 32 bits: a row of >= 2^32 voxels is
       // only ~2^32 / v items, and item_t(W) (and W + v - 1) would wrap.
@@ -314,7 +335,7 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
                 a.W <= int64_t(UINT32_MAX) - v && a.LW <= int64_t(UINT32_MAX) - v;
       r.image_aligned = image && packs_aligned(a.image_out, a.W, sizeof(*a.image_out), v);
       r.label_aligned = a.label != nullptr &&
-                        packs_aligned(a.label_out, label_out_w, sizeof(*a.label_out), v);
+                        packs_aligned(a.label_out, label_out_w, sizeof(*a.label_out), lv);
       return r;
     };
     using S = typename A::scalar_type;
@@ -323,8 +344,8 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     // the plain case (see pair_item) has its own kernel, for fp32/fp16/bf16 images with 32-bit
     // offsets and item numbers: the augmentation's usual call. Its 64 registers (ptxas, sm_90,
     // nvcc 13.0, no spills) let 4 blocks reside per SM, against 2 for the general kernel.
-    // (with an intensity epilogue: its kPlainIntensity variant, the training CLI's call)
-    const bool plain = image && a.C == 1 && a.label != nullptr && a.LC == 1 && a.fused &&
+    // (with an intensity epilogue, or the label on its own grid: its variants, see pair_item)
+    const bool plain = image && a.C == 1 && a.label != nullptr && a.LC == 1 &&
                        a.elastic == nullptr && a.pad == kZeros && !align &&
                        a.D + a.H + a.W <= kPlainTable;
     if constexpr (!std::is_integral_v<S> && !std::is_same_v<S, double> &&
@@ -338,10 +359,15 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
               a, static_cast<uint32_t>(it.image), static_cast<uint32_t>(it.total),
               it.image_aligned, it.label_aligned);
         };
-        if (a.intensity == nullptr)
-          launch(pair_kernel<true, false, S, L, C, index_t, uint32_t>);
+        const bool inten = a.intensity != nullptr, own = !a.fused;
+        if (!inten && !own)
+          launch(pair_kernel<true, false, false, S, L, C, index_t, uint32_t>);
+        else if (inten && !own)
+          launch(pair_kernel<true, true, false, S, L, C, index_t, uint32_t>);
+        else if (!inten)
+          launch(pair_kernel<true, false, true, S, L, C, index_t, uint32_t>);
         else
-          launch(pair_kernel<true, true, S, L, C, index_t, uint32_t>);
+          launch(pair_kernel<true, true, true, S, L, C, index_t, uint32_t>);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -349,12 +375,12 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     const Items it = items(kVec);
     if (it.total == 0) return;
     if (it.small) {
-      pair_kernel<false, false, S, L, C, index_t, uint32_t>
+      pair_kernel<false, false, false, S, L, C, index_t, uint32_t>
           <<<static_cast<unsigned>(it.blocks), kThreads, 0, stream>>>(
               a, static_cast<uint32_t>(it.image), static_cast<uint32_t>(it.total),
               it.image_aligned, it.label_aligned);
     } else {
-      pair_kernel<false, false, S, L, C, index_t, int64_t>
+      pair_kernel<false, false, false, S, L, C, index_t, int64_t>
           <<<static_cast<unsigned>(it.blocks), kThreads, 0, stream>>>(
               a, it.image, it.total, it.image_aligned, it.label_aligned);
     }

@@ -735,14 +735,17 @@ def test_cuda_plain_pair_ties_go_the_cpus_way():
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64])
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("with_intensity", [False, True], ids=["plain", "intensity"])
+@pytest.mark.parametrize("own_label_grid", [False, True], ids=["label-on-image-grid", "own-grid"])
 def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtype, align_corners,
-                                                               with_intensity):
-    """The augmentation's usual call (one image and one label channel on one grid, zeros
-    padding, no elastic field) runs a compile-time specialisation of the pair kernel
-    (resample_cuda.cu, kPlain; with an intensity epilogue, as the training CLI's augmentation
-    draws it, its kPlainIntensity variant). It must give what the general kernel gives for the
-    same points, which a two-channel image (the channel twice) forces: its channel 0 has the
-    same points and noise indices (to an ulp: see below), and what the CPU gives; aligned runs
+                                                               with_intensity, own_label_grid):
+    """The augmentation's usual call (one image and one label channel, zeros padding, no
+    elastic field) runs a compile-time specialisation of the pair kernel (resample_cuda.cu,
+    kPlain; with an intensity epilogue, as the training CLI's augmentation draws it, its
+    kPlainIntensity variant; with the label on its own grid, as the CLI's default --label-grid
+    logits puts it (a 4x smaller grid), its kPlainOwnLabel variant). It must give what the
+    general kernel gives for the same points, which a two-channel image (the channel twice)
+    forces: its channel 0 has the same points and noise indices (to an ulp: see below), and
+    what the CPU gives; aligned runs
     (W % 8 == 0 for kPlain's 8 voxels, W % 4 == 0 for the general kernel's 4), W = 68 (aligned
     for 4, not 8), partial runs and a row shorter than a run. align_corners=True, and an output
     grid whose D + H + W exceeds the kPlain kernel's table of base coordinates (4096), take the
@@ -755,6 +758,8 @@ def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtyp
         size = (n, 1, d, h, w)
         inten = _intensity(n, "cpu") if with_intensity else None
         kw = dict(align_corners=align_corners)
+        if own_label_grid:  # the label grid's own runs of 4, partial ones included
+            kw["label_size"] = (max(1, d // 4), max(1, h // 4), max(1, (w + 3) // 4))
         cuda_kw = dict(kw, intensity=None if inten is None else
                        {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in inten.items()})
         plain = m3d.ops.affine_resample_pair(x.cuda(), lab.cuda(), theta.cuda(), size, **cuda_kw)
