@@ -44,10 +44,11 @@ def eager_pair(img, lab, theta, size):
     return a, b.to(lab.dtype)
 
 
-def eager_elastic_intensity(img, lab, theta, size, field, inten, label_size=None):
+def eager_elastic_intensity(img, lab, theta, size, field, inten, label_size=None, gamma=True):
     """The hand-written eager chain a user would write; same work, own conventions (not checked).
     ``field`` None: no elastic displacement; ``label_size``: the label's own output grid (no
-    elastic field then)."""
+    elastic field then); ``gamma`` False: no power (a chain for intensity draws without gamma,
+    as the training CLI's, would not compute one)."""
     grid = F.affine_grid(theta, size, align_corners=False)
     if field is not None:
         disp = F.interpolate(field, size=size[2:], mode="trilinear", align_corners=True)
@@ -58,7 +59,8 @@ def eager_elastic_intensity(img, lab, theta, size, field, inten, label_size=None
     b = F.grid_sample(lab.float(), lgrid, mode="nearest", align_corners=False).to(lab.dtype)
     v = (-1,) + (1,) * (a.dim() - 1)
     a = a * inten["scale"].view(v) + inten["shift"].view(v)
-    a = a.sign() * a.abs().pow(inten["gamma"].view(v))
+    if gamma:
+        a = a.sign() * a.abs().pow(inten["gamma"].view(v))
     a = a + torch.randn_like(a) * inten["noise_std"].view(v)
     return a, b
 
@@ -183,7 +185,7 @@ def _intensity_case(ctx, img, lab, theta, size, params, nbytes, field, label_siz
     eager_name = ("eager affine_grid+grid_sample x2+intensity" if field is None
                   else "eager affine_grid+elastic+grid_sample x2+intensity")
     case.add(eager_name, lambda: (lambda: eager_elastic_intensity(img, lab, theta, size, field, noisy,
-                                                                  label_size)),
+                                                                  label_size, gamma=not cli)),
              baseline=True, check=False, note="own conventions, same work; not compared")
     case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair", ctx.device))
     case.run()

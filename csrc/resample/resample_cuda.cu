@@ -264,7 +264,9 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
 // the general kernel spilled (sm_90, nvcc 13.0: ~460 bytes for fp32 + uint8), and at 3 blocks
 // (80 registers) stored 84 bytes / loaded 96; the latency of its gathers is instead covered by
 // the kVec independent voxels of each thread. The kPlain kernel fits 64 registers without
-// spills (see launch_prepared), hence its 4 blocks.
+// spills (see launch_prepared), hence its 4 blocks; its own-label variants spill a little
+// there (ptxas, fp32 + uint8: 8 bytes stored, 4 loaded: a hoisted constant of the label path,
+// reloaded once per label item, ~3% of the items at a 4x smaller label grid).
 // The 32- and 64-bit item decodings are separate kernels, chosen on the host: compiled into one,
 // the rare 64-bit path's registers set the budget of the common one too.
 // To be tuned on the GPU (ncu: achieved occupancy vs. stall on L1TEX).
@@ -343,7 +345,8 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     using C = typename A::coord_type;
     // the plain case (see pair_item) has its own kernel, for fp32/fp16/bf16 images with 32-bit
     // offsets and item numbers: the augmentation's usual call. Its 64 registers (ptxas, sm_90,
-    // nvcc 13.0, no spills) let 4 blocks reside per SM, against 2 for the general kernel.
+    // nvcc 13.0; spills: see pair_kernel) let 4 blocks reside per SM, against 2 for the general
+    // kernel (3 for its variants with an 8-byte label).
     // (with an intensity epilogue, or the label on its own grid: its variants, see pair_item)
     const bool plain = image && a.C == 1 && a.label != nullptr && a.LC == 1 &&
                        a.elastic == nullptr && a.pad == kZeros && !align &&
