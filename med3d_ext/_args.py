@@ -85,3 +85,10 @@ def unwritable_folder(path) -> str | None:
     if not os.access(p, os.W_OK | os.X_OK):
         return f"cannot create or write this folder ({p!r} is not writable)"
     return None
+
+
+def bar_disable(enabled) -> bool | None:
+    """tqdm's ``disable=`` for a progress bar: off when the user turned it off (True); else None,
+    which lets tqdm hide it where its stream is not a terminal (a redirected log, a SLURM job's
+    output file), which would otherwise fill with carriage-return lines."""
+    return None if enabled else True

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._args import int_arg, is_real
+from .._args import bar_disable, int_arg, is_real
 from .io import DataError, read_header, read_volume
 from .layouts import CT_NAMES, Case, Dataset, load_dataset
 from .cache import (CACHE_VERSION, ENTRIES, _check_cache_folder, _entry_complete, _migrate_v1,
@@ -497,7 +497,7 @@ def _run_jobs(todo, workers, progress, name):
     if not todo:
         return []
     workers = worker_count(workers, len(todo))
-    bar = tqdm(total=len(todo), desc=f"preprocess {name}", disable=not progress, unit="case")
+    bar = tqdm(total=len(todo), desc=f"preprocess {name}", disable=bar_disable(progress), unit="case")
     failed = []
     if workers <= 1:
         for t in todo:

@@ -85,7 +85,15 @@ class LoadReport:
         if counters:
             lines.append(f"  and {len(counters)} BatchNorm step counters (num_batches_tracked) "
                          "not in the file, left at 0: not weights, harmless")
-        part("unexpected", self.unexpected, " -- in the file, not used")
+        # a pretraining checkpoint's per-dataset heads are in the file by design: said as such,
+        # not as the same "unexpected" a real mismatch gets
+        heads = [k for k in self.unexpected if k.startswith("heads.")]
+        part("unexpected", [k for k in self.unexpected if not k.startswith("heads.")],
+             " -- in the file, not used")
+        if heads:
+            names = sorted({k.split(".")[1] for k in heads if k.count(".") >= 2})
+            lines.append(f"  and {len(heads)} tensors of the pretraining run's {len(names)} "
+                         f"per-dataset heads (heads.*), not used by a transfer: as expected")
         part("skipped", self.skipped, " -- shape differs (a new head?)")
         part("adapted", self.adapted)
         return "\n".join(lines)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._args import bar_disable
 from .checkpoint import CheckpointError, atomic_write, find_checkpoint, load_checkpoint
 from .config import ConfigError, load_config
 from .inference import sliding_window_probs
@@ -486,7 +487,7 @@ def _window_bar(cfg):
     from tqdm.auto import tqdm
 
     bar = tqdm(total=0, unit="window", leave=False, dynamic_ncols=True,
-               disable=not cfg.get("progress", True))
+               disable=bar_disable(cfg.get("progress", True)))
 
     def tick(done, total):
         if bar.total != total:

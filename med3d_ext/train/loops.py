@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .._args import bar_disable
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .distributed import DistContext, all_reduce_mean, any_rank, barrier, run_on_main, wrap_ddp
 from .profiling import StepProfiler
@@ -88,10 +89,20 @@ def _apply_hyperparameters(opt, sched, job: Job, cfg: dict) -> None:
         g["lr"] = base * f(sched.last_epoch)  # what LambdaLR.get_lr gives at this step
 
 
-def _non_finite_message(what, step, epoch, epochs, run_dir, saved_step, opt, cfg) -> str:
+def resume_command(kind, run_dir) -> str:
+    """The command that continues the run in ``run_dir``, ready to paste: ``kind`` the job's
+    ("pretrain", "seg", "cls") or the config's task."""
+    import shlex
+
+    command = "pretrain" if kind == "pretrain" else "transfer"
+    return f"python -m med3d_ext.train {command} --resume {shlex.quote(str(run_dir))}"
+
+
+def _non_finite_message(what, step, epoch, epochs, run_dir, saved_step, opt, cfg,
+                        kind=None) -> str:
     """``what``: "non-finite loss (nan)", or the weights named by _non_finite_weights."""
     keep = (f"The last good checkpoint is {Path(run_dir) / 'last.pt'} (step {saved_step}; "
-            f"resume with --resume {run_dir})" if saved_step is not None else
+            f"resume with `{resume_command(kind, run_dir)}`)" if saved_step is not None else
             "No checkpoint was written before it (run again with different settings)")
     rates = ", ".join(f"{g.get('name', i)} {g['lr']:.3g}" for i, g in enumerate(opt.param_groups))
     flags = "--lr" + (" / --head-lr (the head's, and a from-scratch encoder's)"
@@ -422,7 +433,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         with torch.random.fork_rng(devices=[]):
             return next(it)
 
-    bar = tqdm(total=total, initial=start, disable=not (ctx.is_main and cfg.get("progress")),
+    bar = tqdm(total=total, initial=start, disable=bar_disable(ctx.is_main and cfg.get("progress")),
                desc=job.kind, dynamic_ncols=True, leave=False)
     last_dice = {"fn": None}  # the newest step's dice_fn (a train row reports its batch)
     # Each step's loss stays on the device until the next log or checkpoint, where all of them
@@ -440,7 +451,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             if not math.isfinite(v):
                 raise TrainingError(_non_finite_message(f"non-finite loss ({v})", at_step,
                                                         at_epoch, epochs, run_dir,
-                                                        saved_at["step"], opt, cfg))
+                                                        saved_at["step"], opt, cfg, job.kind))
             win["loss"] += v
         pending.clear()
 
@@ -452,7 +463,8 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
             raise TrainingError(_non_finite_message(
                 f"non-finite weights ({len(bad)} tensor(s): {shown})", at_step,
-                (at_step - 1) // steps_per_epoch + 1, epochs, run_dir, saved_at["step"], opt, cfg))
+                (at_step - 1) // steps_per_epoch + 1, epochs, run_dir, saved_at["step"], opt, cfg,
+                job.kind))
 
     def log_train_row(at_step: int) -> None:
         """One train row: the means over the steps since the previous row (losses flushed)."""
@@ -491,7 +503,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             run_on_main(lambda: save("last", step), ctx)  # every rank waits for the save
         raise TrainingInterrupted(
             f"interrupted after step {step} of {total}; saved {run_dir / 'last.pt'}; continue "
-            f"with --resume {run_dir}", ctrl_c.asked or signal.SIGINT)
+            f"with `{resume_command(job.kind, run_dir)}`", ctrl_c.asked or signal.SIGINT)
 
     t_run = time.perf_counter()
     model.train()
@@ -605,7 +617,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
     except KeyboardInterrupt:  # a second Ctrl-C, or one where the handler is not installed
         last = saved_at["step"]
         keep = (f"the last checkpoint is {run_dir / 'last.pt'} (step {last}); continue with "
-                f"--resume {run_dir}" if last is not None else
+                f"`{resume_command(job.kind, run_dir)}`" if last is not None else
                 "no checkpoint was written yet; run the same command again to start over")
         raise TrainingInterrupted(f"interrupted after step {step} of {total}; {keep}",
                                   signal.SIGINT) from None

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._args import bar_disable
 from .checkpoint import CheckpointError
 from .config import ConfigError
 
@@ -437,7 +438,7 @@ def _predict_seg(cfg, ckpt, ckpt_path, images, out, dev, fused, log, summary) ->
                 f"axes {list(mirror)}) and the probabilities averaged")
         tta_note = f", TTA x{2 ** len(mirror)}" if mirror else ""
         cases_bar = tqdm(total=len(pre.names), unit="case", desc="predict", dynamic_ncols=True,
-                         disable=not cfg.get("progress", True))
+                         disable=bar_disable(cfg.get("progress", True)))
         bar, tick = _window_bar(cfg)
         rows = []
         for i, case in enumerate(pre.names):
@@ -535,7 +536,7 @@ def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
     window = tuple(cfg["patch"])
     rows = []
     bar = tqdm(images, unit="case", desc="predict", dynamic_ncols=True,
-               disable=not cfg.get("progress", True))
+               disable=bar_disable(cfg.get("progress", True)))
     for im in bar:
         try:
             prob = classify_image(model, im.files[0], window, cfg.get("channel"), dev)

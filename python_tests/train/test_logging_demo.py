@@ -156,8 +156,8 @@ def test_demo_ctrl_c_says_how_to_start_again(tmp_path, monkeypatch, capsys):
     assert "demo interrupted" in err and "--resume" not in err and len(err.splitlines()) == 1
 
 
-def test_progress_bar_says_when_it_validates(tmp_path, capsys):
-    """The bar sat still, unexplained, during each epoch's whole-volume validation."""
+def _toy_training(tmp_path, capsys):
+    """A two-step toy run with progress on; returns what stderr held at validation and after."""
     import torch
 
     from med3d_ext.train import config as C
@@ -185,7 +185,26 @@ def test_progress_bar_says_when_it_validates(tmp_path, capsys):
               lambda n, i: (n(i["x"]).pow(2).mean(), {}, None), validate,
               [("all", list(model.parameters()), 0.1)], 4, 3)
     run_training(cfg, job, tmp_path)
+    return seen, capsys.readouterr().err
+
+
+def test_progress_bar_says_when_it_validates(tmp_path, capsys, monkeypatch):
+    """The bar sat still, unexplained, during each epoch's whole-volume validation."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bar is drawn
+    seen, _ = _toy_training(tmp_path, capsys)
     assert len(seen) == 1 and "pretrain (validating)" in seen[0]
+
+
+def test_progress_bar_stays_out_of_redirected_output(tmp_path, capsys, monkeypatch):
+    """Redirected to a file (a SLURM log), the bar wrote a carriage-return line per update;
+    where stderr is not a terminal it is hidden, and the log's lines still come."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    seen, rest = _toy_training(tmp_path, capsys)
+    assert len(seen) == 1 and "\r" not in seen[0] + rest and "validating" not in seen[0]
 
 
 def test_missing_required_options_are_usage_errors(capsys, tmp_path, monkeypatch):
@@ -243,3 +262,13 @@ def test_a_console_that_cannot_show_a_name_gets_it_escaped(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
     assert r.stdout.decode("ascii").strip() == "class 1 (b\\xe9nin)"
+
+
+def test_resume_hint_is_a_command_to_paste(tmp_path):
+    """The interrupt / divergence messages said "continue with --resume RUN", not a command."""
+    from med3d_ext.train.loops import resume_command
+
+    assert resume_command("pretrain", tmp_path / "a b") == (
+        f"python -m med3d_ext.train pretrain --resume '{tmp_path / 'a b'}'")
+    for kind in ("seg", "cls"):
+        assert resume_command(kind, "runs/k") == "python -m med3d_ext.train transfer --resume runs/k"
