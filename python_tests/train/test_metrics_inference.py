@@ -165,9 +165,14 @@ def test_sliding_window_reports_progress_per_forward():
     assert torch.equal(out, ref)  # the callback changes nothing
 
 
-def test_evaluate_shows_a_window_progress_bar(tiny_data, tmp_path, capsys):
+def test_evaluate_shows_a_window_progress_bar(tiny_data, tmp_path, capsys, monkeypatch):
     pytest.importorskip("med3d_ext.data")
+    import sys
+
     from med3d_ext.train.cli import main
+
+    # a terminal: the bar is drawn (redirected output hides it, med3d_ext._args.bar_disable)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
 
     from .conftest import tiny_args
 

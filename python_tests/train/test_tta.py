@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -251,6 +252,8 @@ def test_evaluate_tta_end_to_end(kidney_run, tiny_data, tmp_path, monkeypatch, c
     assert m["tta"] is False and m["tta_axes"] == []
     calls.clear()
     capsys.readouterr()
+    # a terminal: the bar is drawn (redirected output hides it, med3d_ext._args.bar_disable)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert _eval(tiny_data, kidney_run, tmp_path / "tta", "--tta") == 0  # with the bar
     cap = capsys.readouterr()
     assert "TTA x8" in cap.err and "mirroring TTA: each window predicted 8 times" in cap.out
