@@ -152,6 +152,17 @@ def needs_extension():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: small CPU ops gain nothing from a second OpenMP thread,
+    and on a shared 2-core machine its barriers make them many times slower (no time is
+    asserted where this is used)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def recipe_builds(monkeypatch):
     """The ``what`` of every memory-saving recipe rebuilt in backward (med3d_ext.nn.recompute),
     in order: which saved tensors the memory-saving mode really replaced."""

@@ -24,14 +24,6 @@ def _rows(data, area):
     return [r for r in data["rows"] if r["area"] == area]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def test_append_merges_areas_and_replaces_rerun_ones(tmp_path):
     """gpu_check.sh writes one results.json from several stages: --append keeps the other

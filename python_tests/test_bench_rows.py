@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from benchmarks import bm_pipeline, bm_train_step
 from python_tests.test_benchmarks import _rows, _run, _train_step_rows
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_train_step_check_catches_a_dropped_weight_gradient(monkeypatch, one_thread):

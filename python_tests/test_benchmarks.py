@@ -333,17 +333,6 @@ def test_units_per_call_are_divided_before_rows_are_printed_and_saved(monkeypatc
     assert "11.000" in capsys.readouterr().out
 
 
-@pytest.fixture
-def one_thread():
-    # the CPU train_step's ops hold a few thousand values each: a second OpenMP thread gains
-    # nothing, and on a shared 2-core machine its barriers make them many times slower (no
-    # time is asserted here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _train_step_rows(monkeypatch, perturb=None):
     """The CPU quick train_step area (ResNet-10 fp32), one timed repeat per row."""
     if perturb is not None:
