@@ -86,9 +86,13 @@ def _cast_weight(weight, dt):
     (nothing is kept anyway)."""
     if dt is None or weight.dtype == dt:
         return weight
+    if torch.compiler.is_compiling():
+        # asked first: Dynamo cannot trace the inference-mode checks below (a graph break at
+        # every fused layer of a compiled autocast model, seen on an H200)
+        return weight.to(dt)
     if (weight.dtype == torch.float32 and dt in (torch.bfloat16, torch.float16)
             and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-            and not weight.is_inference() and not torch.compiler.is_compiling()):
+            and not weight.is_inference()):
         return weight  # a normal tensor argument: the op's autograd kernel runs, and casts
     return weight.to(dt)
 
