@@ -13,6 +13,8 @@ Peer libraries draw their own random transforms: timed, not compared.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -125,6 +127,9 @@ def _gpu(ctx, b=8, s=128):
         return lambda: op(img, lab, theta, size)
     case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair", ctx.device),
              compare_to=same_device)
+    if ctx.gpu:  # the kPlain kernel's former layout beside its default, in the same process
+        case.add(RUNS_ROW, lambda: _runs_layout(ours()), compare_to=same_device,
+                 note=op_backend("affine_resample_pair", ctx.device))
     if ctx.with_compile:
         case.add("torch.compile eager", lambda: (lambda f=torch.compile(eager_pair): f(img, lab, theta, size)),
                  baseline=True)
@@ -188,7 +193,31 @@ def _intensity_case(ctx, img, lab, theta, size, params, nbytes, field, label_siz
                                                                   label_size, gamma=not cli)),
              baseline=True, check=False, note="own conventions, same work; not compared")
     case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair", ctx.device))
+    if ctx.gpu and field is None:
+        case.add(RUNS_ROW, lambda: _runs_layout(ours()),
+                 note=op_backend("affine_resample_pair", ctx.device))
     case.run()
+
+
+# The CUDA kPlain kernel's image items are warp tiles (csrc/resample/resample_cuda.cu,
+# plain_tile_item); MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=runs selects its former runs of 8 voxels per
+# thread, read at every launch. The variable is set around each call (a few microseconds of host
+# time inside the timed call, against ~300 us of kernel).
+RUNS_ROW = "med3d_ext affine_resample_pair, runs layout (MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=runs)"
+
+
+def _runs_layout(fn):
+    def call():
+        old = os.environ.get("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT")
+        os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = "runs"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"]
+            else:
+                os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = old
+    return call
 
 
 def _cpu(ctx):

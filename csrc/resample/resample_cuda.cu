@@ -7,6 +7,9 @@
 // channel and by the fused label, and each output element is written exactly once. The image and
 // the label of a pair share one launch: items [0, image_items) cover the image grid (and the
 // label too when both grids coincide), the rest the label's own grid.
+#include <cstdlib>
+#include <cstring>
+
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -28,6 +31,9 @@ constexpr int kVec = 4;
 // loads and row terms (SASS, sm_90: 143 -> 127 instructions per interior voxel, still 64
 // registers without spills); the general kernel at 8 spilled more (its stack frame grew).
 constexpr int kPlainVec = 8;
+// The kPlain kernel's image items are warp tiles (plain_tile_item): kTileW consecutive voxels of
+// a row, one per lane, each lane then walking kPlainVec rows.
+constexpr int kTileW = 32;
 // The kPlain kernel's table of base coordinates (D + H + W entries, 16 KiB of fp32 at most);
 // larger grids take the general kernel.
 constexpr int64_t kPlainTable = 4096;
@@ -236,22 +242,101 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
   if (label && LC == 1) store_run(lab_out, lab_pack, nv, label_aligned);
 }
 
+// The kPlain kernel's image item in its tiled layout (the default; MED3D_EXT_PLAIN_RESAMPLE_LAYOUT
+// = runs selects pair_item's runs instead, to compare the two on a GPU): item i is lane i % 32 of
+// warp tile i / 32, which covers kTileW consecutive voxels of kPlainVec consecutive rows of one
+// output plane (n, d); lane l takes voxel w = w0 + l of each of the tile's rows. Why: in pair_item's
+// runs, lane l takes voxels 8l .. 8l + 7, so one gather instruction of a warp reads taps about 8
+// voxels apart, ~32 sectors over ~8 cache lines (ncu, H200: the kernel bound by L1 wavefronts,
+// memory pipes 72%, DRAM 12%); here a warp's 32 taps of one instruction lie within ~33 voxels
+// of one input row (1-3 lines at the augmentation's mild angles and scales), and its stores of
+// one row are 32 consecutive elements. A lane's x terms (theta_x * bx) serve its 8 rows.
+// Each voxel's arithmetic is pair_item's (kPlain) to the bit: the same products and sums in the
+// same order, the same interior and border paths, the same noise index.
+template <bool kPlainIntensity, bool kPlainOwnLabel, typename scalar_t, typename label_t,
+          typename T, typename index_t, typename item_t>
+__device__ __forceinline__ void plain_tile_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
+                                                const T* tab) {
+  const item_t D = a.D, H = a.H, W = a.W;
+  const item_t WT = (W + kTileW - 1) / kTileW, HT = (H + kPlainVec - 1) / kPlainVec;
+  const item_t lane = i % kTileW, tile = i / kTileW;
+  const item_t wt = tile % WT, r = tile / WT;
+  const item_t ht = r % HT, r2 = r / HT;
+  const item_t d = r2 % D, n = r2 / D;
+  const item_t w = wt * kTileW + lane;
+  if (w >= W) return;  // the last tile of a row whose length is not a multiple of 32
+  const item_t h0 = ht * kPlainVec;
+  const Grid<index_t> g = make_grid<index_t>(a.ID, a.IH, a.IW);
+  const index_t out_cs = static_cast<index_t>(int64_t(D) * H * W);
+  const index_t in_cs = static_cast<index_t>(g.HW) * g.D;
+  const T* t = a.theta + int64_t(n) * 12;
+  const T bx = tab[D + H + w], bz = tab[d];
+  const T xx = m_mul(t[0], bx), xy = m_mul(t[4], bx), xz = m_mul(t[8], bx);
+  const float* p = kPlainIntensity ? a.intensity + int64_t(n) * kIntensityFields : nullptr;
+  const uint32_t key = kPlainIntensity ? noise_key(a.seed != nullptr ? a.seed[n] : 0, n) : 0;
+  const scalar_t* img_in = a.image + int64_t(n) * in_cs;
+  asm("" : "+l"(img_in));  // opaque: see kPlain above pair_item
+  scalar_t* img_out = a.image_out + int64_t(n) * out_cs;
+  const label_t* lab_in = kPlainOwnLabel ? nullptr : a.label + int64_t(n) * in_cs;
+  if constexpr (!kPlainOwnLabel) asm("" : "+l"(lab_in));
+  label_t* lab_out = kPlainOwnLabel ? nullptr : a.label_out + int64_t(n) * out_cs;
+#pragma unroll
+  for (int k = 0; k < kPlainVec; ++k) {
+    const item_t h = h0 + k;
+    if (h >= H) break;  // the last tile of a plane whose height is not a multiple of 8
+    const index_t o = static_cast<index_t>((int64_t(d) * H + h) * W + w);
+    T row[3];
+    row_terms(t, tab[D + h], bz, row);
+    const T cx = padded_index(xx + row[0], g.W, kZeros, false),
+            cy = padded_index(xy + row[1], g.H, kZeros, false),
+            cz = padded_index(xz + row[2], g.D, kZeros, false);
+    scalar_t v;
+    label_t lv = label_t(0);
+    if (interior_point(cx, cy, cz, g)) {
+      const AxisTap<T> x = interior_axis_tap(cx), y = interior_axis_tap(cy),
+                       z = interior_axis_tap(cz);
+      const T sv = sample_interior_taps(img_in, combine_taps(x, y, z, g), LdgLoad{});
+      v = kPlainIntensity ? epilogue_call<scalar_t, T>(sv, p, key, int64_t(o))
+                          : static_cast<scalar_t>(sv);
+      if constexpr (!kPlainOwnLabel)
+        lv = LdgLoad{}(lab_in + grid_offset(interior_axis_nearest(cx), interior_axis_nearest(cy),
+                                            interior_axis_nearest(cz), g));
+    } else {
+      const Taps<T, index_t> tp = trilinear_taps<T, index_t>(cx, cy, cz, g);
+      v = epilogue_call<scalar_t, T>(sample_taps(img_in, tp, LdgLoad{}), p, key, int64_t(o));
+      if constexpr (!kPlainOwnLabel) {
+        const index_t src = nearest_offset<T, index_t>(cx, cy, cz, g);
+        if (src >= 0) lv = LdgLoad{}(lab_in + src);
+      }
+    }
+    img_out[o] = v;
+    if constexpr (!kPlainOwnLabel) lab_out[o] = lv;
+  }
+}
+
 // Items [0, image_items) cover the image grid (and the fused label), the rest the label's own
 // grid; a grid-stride loop, so any item count fits the launch.
 // (kPlain with a fused label: every item is an image item. Label items come in runs of kVec
 // whatever the kernel: launch_prepared counts them so.)
-template <bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, typename scalar_t,
+// kTiled (kPlain only): the image items are plain_tile_item's warp tiles (a multiple of 32 of
+// them, so lane i % 32 is the thread's lane: the stride is a multiple of 32 too).
+template <bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, bool kTiled, typename scalar_t,
           typename label_t, typename T, typename index_t, typename item_t>
 __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>& a,
                                            item_t image_items, item_t total, bool image_aligned,
                                            bool label_aligned, const T* tab) {
+  static_assert(kPlain || !kTiled, "kTiled is a layout of the kPlain kernel");
   constexpr bool kLabelItems = !kPlain || kPlainOwnLabel;
   const item_t stride = item_t(gridDim.x) * kThreads;
   for (item_t i = item_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
     if (!kLabelItems || i < image_items) {
-      if constexpr (!std::is_integral_v<scalar_t>)
+      if constexpr (std::is_integral_v<scalar_t>) {
+      } else if constexpr (kTiled) {
+        plain_tile_item<kPlainIntensity, kPlainOwnLabel, scalar_t, label_t, T, index_t>(a, i, tab);
+      } else {
         pair_item<true, kPlain, kPlainIntensity, kPlainOwnLabel, scalar_t, label_t, T, index_t>(
             a, i, image_aligned, label_aligned, tab);
+      }
     } else if constexpr (kLabelItems) {
       pair_item<false, false, false, false, scalar_t, label_t, T, index_t>(
           a, i - image_items, false, label_aligned, tab);
@@ -273,7 +358,7 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
 // (the kPlain variants with an 8-byte label: 3 blocks, as at 64 registers they spilled in the
 // loop: for fp32 + int64, 4 stores and 4 loads per item with intensity, 26 local accesses with
 // the label on its own grid; ptxas sm_90)
-template <bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, typename scalar_t,
+template <bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, bool kTiled, typename scalar_t,
           typename label_t, typename T, typename index_t, typename item_t>
 __global__ void __launch_bounds__(
     kThreads, !kPlain                                                            ? 2
@@ -293,8 +378,8 @@ pair_kernel(const PairArgs<scalar_t, label_t, T> a, item_t image_items, item_t t
                            : base_coord<T>(j - D - H, a.W, false);
     __syncthreads();
   }
-  pair_items<kPlain, kPlainIntensity, kPlainOwnLabel, scalar_t, label_t, T, index_t, item_t>(
-      a, image_items, total, image_aligned, label_aligned, tab);
+  pair_items<kPlain, kPlainIntensity, kPlainOwnLabel, kTiled, scalar_t, label_t, T, index_t,
+             item_t>(a, image_items, total, image_aligned, label_aligned, tab);
 }
 
 // Whole packs of v voxels are aligned when rows are a multiple of v long and the tensor starts
@@ -303,7 +388,15 @@ inline bool packs_aligned(const void* p, int64_t W, int64_t elem, int64_t v) {
   return W % v == 0 && reinterpret_cast<uintptr_t>(p) % (elem * v) == 0;
 }
 
-// A launch's work items (runs of v voxels), grid and flags.
+// The kPlain kernel's layout of image items: warp tiles (plain_tile_item), unless
+// MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=runs asks for pair_item's runs of 8 (read at every launch, so
+// that a benchmark can time both in one process).
+bool plain_layout_tiled() {
+  const char* v = std::getenv("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT");
+  return !(v && std::strcmp(v, "runs") == 0);
+}
+
+// A launch's work items (runs of v voxels, or kPlain's tiles), grid and flags.
 struct Items {
   int64_t image = 0, total = 0, blocks = 0;
   bool small = false;  // 32-bit item decoding
@@ -325,10 +418,13 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     const int64_t label_out_w = a.fused && image ? a.W : a.LW;
     // v: the image items' run length (and a fused label's); a label on its own grid always
     // comes in runs of kVec (the general label-only path decodes them so, in either kernel)
-    const auto items = [&](int64_t v) {
+    // tiled: the kPlain kernel's image items are warp tiles (plain_tile_item) of 32 x v voxels
+    const auto items = [&](int64_t v, bool tiled = false) {
       const int64_t lv = label ? int64_t(kVec) : v;
       Items r;
-      r.image = image ? N * a.D * a.H * ceil_div(a.W, v) : 0;
+      r.image = !image ? 0
+                : tiled ? N * a.D * ceil_div(a.H, v) * ceil_div(a.W, int64_t(kTileW)) * kTileW
+                        : N * a.D * a.H * ceil_div(a.W, v);
       r.total = r.image + (label ? N * a.LD * a.LH * ceil_div(a.LW, lv) : 0);
       r.blocks = std::min<int64_t>(ceil_div(r.total, kThreads), int64_t(sm_count()) * 64);
       // 32-bit item decoding also needs the row lengths in 32 bits: a row of >= 2^32 voxels is
@@ -353,7 +449,8 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
                        a.D + a.H + a.W <= kPlainTable;
     if constexpr (!std::is_integral_v<S> && !std::is_same_v<S, double> &&
                   std::is_same_v<index_t, int32_t>) {
-      const Items it = plain ? items(kPlainVec) : Items{};
+      const bool tiled = plain_layout_tiled();
+      const Items it = plain ? items(kPlainVec, tiled) : Items{};
       if (plain && it.small) {
         if (it.total == 0) return;
         const auto launch = [&](auto kernel) {
@@ -363,14 +460,19 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
               it.image_aligned, it.label_aligned);
         };
         const bool inten = a.intensity != nullptr, own = !a.fused;
-        if (!inten && !own)
-          launch(pair_kernel<true, false, false, S, L, C, index_t, uint32_t>);
-        else if (inten && !own)
-          launch(pair_kernel<true, true, false, S, L, C, index_t, uint32_t>);
-        else if (!inten)
-          launch(pair_kernel<true, false, true, S, L, C, index_t, uint32_t>);
-        else
-          launch(pair_kernel<true, true, true, S, L, C, index_t, uint32_t>);
+        const auto variant = [&](auto tiled_tag) {
+          constexpr bool kT = decltype(tiled_tag)::value;
+          if (!inten && !own)
+            launch(pair_kernel<true, false, false, kT, S, L, C, index_t, uint32_t>);
+          else if (inten && !own)
+            launch(pair_kernel<true, true, false, kT, S, L, C, index_t, uint32_t>);
+          else if (!inten)
+            launch(pair_kernel<true, false, true, kT, S, L, C, index_t, uint32_t>);
+          else
+            launch(pair_kernel<true, true, true, kT, S, L, C, index_t, uint32_t>);
+        };
+        if (tiled) variant(std::true_type{});
+        else variant(std::false_type{});
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -378,12 +480,12 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     const Items it = items(kVec);
     if (it.total == 0) return;
     if (it.small) {
-      pair_kernel<false, false, false, S, L, C, index_t, uint32_t>
+      pair_kernel<false, false, false, false, S, L, C, index_t, uint32_t>
           <<<static_cast<unsigned>(it.blocks), kThreads, 0, stream>>>(
               a, static_cast<uint32_t>(it.image), static_cast<uint32_t>(it.total),
               it.image_aligned, it.label_aligned);
     } else {
-      pair_kernel<false, false, false, S, L, C, index_t, int64_t>
+      pair_kernel<false, false, false, false, S, L, C, index_t, int64_t>
           <<<static_cast<unsigned>(it.blocks), kThreads, 0, stream>>>(
               a, it.image, it.total, it.image_aligned, it.label_aligned);
     }

@@ -301,9 +301,21 @@ def test_pair_matches_reference(device, label_size, padding_mode):
     assert_nearest_close(out_lab, ref_lab)
 
 
+@pytest.fixture(params=["tiles", "runs"])
+def plain_layout(request, monkeypatch):
+    """The CUDA kPlain kernel's two layouts of image items (csrc/resample/resample_cuda.cu): warp
+    tiles of 32 voxels x 8 rows (the default) and runs of 8 voxels per thread
+    (MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=runs, read at every launch). Both must give the same."""
+    if request.param == "runs":
+        monkeypatch.setenv("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT", "runs")
+    else:
+        monkeypatch.delenv("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT", raising=False)
+    return request.param
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("width", [128, 111], ids=["packed", "partial-runs"])
-def test_pair_at_benchmark_scale(width):
+def test_pair_at_benchmark_scale(width, plain_layout):
     # Near the benchmark's 8 x 128^3 pair: one image channel and a same-grid uint8 label, so
     # the CUDA kernel takes its fused-label path with packed 4-voxel stores (W % 4 == 0) or its
     # plain stores with a partial last run (odd W) over millions of work items.
@@ -711,7 +723,7 @@ def test_cuda_nearest_ties_go_the_cpus_way(align_corners):
 
 
 @pytest.mark.cuda
-def test_cuda_plain_pair_ties_go_the_cpus_way():
+def test_cuda_plain_pair_ties_go_the_cpus_way(plain_layout):
     """The same ties through the kPlain kernel (label and image on one grid): its interior path
     rounds the label's point with one conversion per axis (half to even), its border path with
     the general helpers; both must pick the CPU's voxel. A 2x and a 4x smaller output grid, an
@@ -737,7 +749,8 @@ def test_cuda_plain_pair_ties_go_the_cpus_way():
 @pytest.mark.parametrize("with_intensity", [False, True], ids=["plain", "intensity"])
 @pytest.mark.parametrize("own_label_grid", [False, True], ids=["label-on-image-grid", "own-grid"])
 def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtype, align_corners,
-                                                               with_intensity, own_label_grid):
+                                                               with_intensity, own_label_grid,
+                                                               plain_layout):
     """The augmentation's usual call (one image and one label channel, zeros padding, no
     elastic field) runs a compile-time specialisation of the pair kernel (resample_cuda.cu,
     kPlain; with an intensity epilogue, as the training CLI's augmentation draws it, its
@@ -751,7 +764,10 @@ def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtyp
     grid whose D + H + W exceeds the kPlain kernel's table of base coordinates (4096), take the
     general kernel: the same results."""
     n = 3
-    for (d, h, w) in ((11, 9, 64), (11, 9, 67), (5, 7, 68), (3, 2, 5), (2, 3, 4099)):
+    # (tiles: 9 and 7 rows end a plane in a partial tile, 67 and 68 voxels a row in one, 5 and
+    # 33 voxels leave lanes idle, 17 rows x 40 voxels take 3 x 2 tiles per plane)
+    for (d, h, w) in ((11, 9, 64), (11, 9, 67), (5, 7, 68), (3, 2, 5), (2, 17, 40), (1, 8, 33),
+                      (2, 3, 4099)):
         x = torch.randn(n, 1, d + 1, h + 1, w).to(dtype)
         lab = torch.randint(0, 120, (n, 1, d + 1, h + 1, w)).to(label_dtype)
         theta = random_theta(n, strength=0.7)
