@@ -180,6 +180,9 @@ def freeze_encoder(model: nn.Module, bn_eval: bool = True) -> nn.Module:
                         and not hasattr(bn, "_m3d_freeze_hook"):
                     bn.eval()
                     bn._m3d_freeze_hook = bn.register_forward_pre_hook(_keep_eval)
+                    # its id, which med3d_ext.nn's fused paths skip when they look for hooks,
+                    # as a plain int: torch.compile cannot trace a read of the handle
+                    bn._m3d_freeze_hook_id = bn._m3d_freeze_hook.id
                     # the fused forward (med3d_ext.nn) never calls bn's forward, so never runs
                     # the hook: it reads this mark instead (med3d_ext.nn.fused.FROZEN_ATTR)
                     bn._m3d_frozen = True
@@ -193,6 +196,7 @@ def unfreeze_encoder(model: nn.Module) -> nn.Module:
     for m in _encoder_modules(model):
         for bn in m.modules():
             hook = bn.__dict__.pop("_m3d_freeze_hook", None)
+            bn.__dict__.pop("_m3d_freeze_hook_id", None)
             bn.__dict__.pop("_m3d_frozen", None)
             if hook is not None:
                 hook.remove()

@@ -42,8 +42,13 @@ def _hooked(m: nn.Module) -> bool:
             or d.get("_backward_pre_hooks")):
         return False
     # freeze_encoder's own pre-hook does not count: the fused paths read its mark (FROZEN_ATTR)
-    # instead, and counting it turned fusion off in every frozen encoder layer
-    freeze = getattr(d.get("_m3d_freeze_hook"), "id", None)
+    # instead, and counting it turned fusion off in every frozen encoder layer. Its id is read
+    # from the int freeze_encoder keeps beside the handle: Dynamo cannot represent the
+    # RemovableHandle itself (a graph break at every fused layer of a compiled frozen encoder,
+    # i.e. every step of --freeze-epochs with --compile)
+    freeze = d.get("_m3d_freeze_hook_id")
+    if freeze is None and "_m3d_freeze_hook" in d and not torch.compiler.is_compiling():
+        freeze = d["_m3d_freeze_hook"].id  # frozen before the id was kept (an older pickle)
     return any(k != freeze for h in _HOOKS for k in (getattr(m, h, None) or ()))
 
 
@@ -123,7 +128,13 @@ def _bn_args(bn: nn.BatchNorm3d):
     if training and bn.track_running_stats and bn.num_batches_tracked is not None:
         if bn.momentum is None:  # the cumulative average needs the count now
             bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked)
+            if torch.compiler.is_compiling():
+                # a 0-d tensor (fp64, as float() gives it): float() of the count is an .item(),
+                # which Dynamo cannot trace (a graph break in every layer, and the rest of the
+                # fused forward, shared by all layers, recompiled per layer up to the limit)
+                factor = 1.0 / bn.num_batches_tracked.double()
+            else:
+                factor = 1.0 / float(bn.num_batches_tracked)
         else:  # queued during a fused model's forward (ops/_running_stats.py)
             count_batch(bn.num_batches_tracked)
             factor = bn.momentum
