@@ -315,7 +315,8 @@ def test_empty_dataset(tmp_path):
 def test_cli_preprocess_skip_bad(tmp_path, capsys):
     root = make_msd(tmp_path / "ds", n=3)
     _corrupt(root, "nan")
-    assert main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    # bad data: exit 1, as in the training CLI (2 is for the command line's errors)
+    assert main(["preprocess", str(root), "--out", str(tmp_path / "c"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "c1.nii.gz" in err and "NaN/Inf" in err
     import warnings

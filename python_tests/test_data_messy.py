@@ -207,7 +207,8 @@ def test_folder_of_datasets_reports_a_broken_one(tmp_path, capsys):
     js.write_text(js.read_text()[:-5])  # truncated
     (tmp_path / "pre" / "notes").mkdir()  # not a dataset: still skipped
     assert [p.name for p in find_datasets(tmp_path / "pre")] == ["A", "B"]
-    assert main(["preprocess", str(tmp_path / "pre"), "--out", str(tmp_path / "c")]) == 2
+    # a malformed dataset.json is bad data: exit 1, as in the training CLI
+    assert main(["preprocess", str(tmp_path / "pre"), "--out", str(tmp_path / "c")]) == 1
     assert "B/dataset.json: invalid JSON" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ Typical use::
 CLI: ``python -m med3d_ext.data {synth,real,preprocess} ...``.
 """
 
-from .io import DataError, Volume, read_volume, save_nifti
+from .io import DataError, DataPathError, Volume, read_volume, save_nifti
 from .layouts import Case, Dataset, detect_layout, find_datasets, load_dataset
 from .preprocess import (PreprocessedDataset, default_cache_dir, preprocess, resize,
                          to_source_space, write_prediction)
@@ -23,7 +23,7 @@ from .sampling import (BatchLoader, ClassificationSet, MultiDomainSampler, Patch
                        crop_patch, make_loader)
 
 __all__ = [
-    "DataError", "Volume", "read_volume", "save_nifti",
+    "DataError", "DataPathError", "Volume", "read_volume", "save_nifti",
     "Case", "Dataset", "detect_layout", "find_datasets", "load_dataset",
     "PreprocessedDataset", "default_cache_dir", "preprocess", "resize", "to_source_space",
     "write_prediction",

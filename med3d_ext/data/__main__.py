@@ -1,4 +1,12 @@
-"""CLI: python -m med3d_ext.data {synth,real,preprocess} ... (see --help of each)."""
+"""CLI: python -m med3d_ext.data {synth,real,preprocess} ... (see --help of each).
+
+Exit status, as ``python -m med3d_ext.train``'s: 0 done; 2 the command cannot run as given
+(argparse's usage errors, a bad --spacing/--size/--seed, a dataset path that does not exist or
+holds no dataset, an --out that cannot be used: :class:`~med3d_ext.data.io.DataPathError`);
+1 a failure while running (a :class:`~med3d_ext.data.DataError` met in the data: an
+unreadable or NaN image, a malformed dataset.json, undeclared labels; a missing optional
+package; a disk error); 130 / 143 interrupted (Ctrl-C / SIGTERM).
+"""
 
 from __future__ import annotations
 
@@ -60,9 +68,13 @@ def _seed(v: str) -> int:
     return n
 
 
+EXIT_FAILURE = 1  # a failure while running (bad data, a disk error)
+EXIT_USAGE = 2  # the command cannot run as given (argparse's status for usage errors)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .io import DataError
+    from .io import DataError, DataPathError
 
     t0 = time.perf_counter()
     out = getattr(args, "out", None)
@@ -107,13 +119,20 @@ def main(argv=None) -> int:
             with _signals.sigterm_as_interrupt():
                 for path, out in _preprocess_targets(args.dataset, args.out):
                     _preprocess_one(path, out, args)
-    except (DataError, ImportError, FileNotFoundError, ValueError) as e:
+    except DataPathError as e:  # a dataset or --out path that cannot be used as given
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a disk full or an unwritable file met mid-run
+        return EXIT_USAGE
+    except (DataError, ImportError) as e:  # met in the data; an optional package missing
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ValueError as e:  # the arguments' checks (--spacing, --workers, --size, --seed)
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a disk full or an unwritable file met mid-run (or, from `real`,
+        # a nilearn install without its bundled files)
         print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
               file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except KeyboardInterrupt as e:
         print("interrupted" + ("; run the same command again to continue (the cases already "
                                "preprocessed are reused)" if args.cmd == "preprocess" else ""),
@@ -183,7 +202,6 @@ def _preprocess_one(path, out, args) -> None:
     from .layouts import load_dataset
     from .preprocess import preprocess
 
-    t0 = time.perf_counter()
     ds = load_dataset(path, skip_bad=args.skip_bad)
     print(ds.summary())
     with warnings.catch_warnings():  # the skipped cases are listed once, below
@@ -191,8 +209,9 @@ def _preprocess_one(path, out, args) -> None:
         pre = preprocess(ds, out, workers=args.workers, skip_bad=args.skip_bad,
                          target_spacing=args.spacing, progress=not args.no_progress,
                          seed=args.seed)
-    dt = time.perf_counter() - t0
-    print(f"{len(pre)} cases cached in {pre.dir} ({dt:.1f} s); target spacing "
+    # one timing per dataset, the throughput line below: this line said "(X s)" too, the
+    # call's wall time, beside the processing time there (two different numbers for one run)
+    print(f"{len(pre)} cases cached in {pre.dir}; target spacing "
           f"{pre.info['target_spacing']} mm")
     st = pre.stats
     if st["processed"]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import DataError
+from .io import DataPathError
 from .layouts import Dataset
 
 CACHE_VERSION = 2  # 2: the per-case files moved into cases/ (1: beside cache.json)
@@ -58,27 +58,27 @@ def _check_cache_folder(out: Path, ds: Dataset) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise DataError(out, "the preprocessing cache folder (--out / --cache) is a file; give "
-                             "a folder")
+        raise DataPathError(out, "the preprocessing cache folder (--out / --cache) is a file; "
+                                 "give a folder")
     src = Path(ds.root).resolve()
     if out.resolve() in (src, *src.parents):
-        raise DataError(out, f"the preprocessing cache folder (--out / --cache) holds the "
-                             f"dataset itself ({ds.root}); give a new or empty folder")
+        raise DataPathError(out, f"the preprocessing cache folder (--out / --cache) holds "
+                                 f"the dataset itself ({ds.root}); give a new or empty folder")
     if (out / "cache.json").exists():
         if _is_cache_index(out / "cache.json"):
             return
-        raise DataError(out, "holds a cache.json that is not a med3d_ext preprocessing index; "
-                             "give the preprocessing cache (--out / --cache) a new or empty "
-                             "folder")
+        raise DataPathError(out, "holds a cache.json that is not a med3d_ext preprocessing "
+                                 "index; give the preprocessing cache (--out / --cache) a new or "
+                                 "empty folder")
     # an interrupted first run leaves cases/ and temporaries; imagesTs/ is the test split's
     # cache, which the training CLI keeps inside the training set's
     other = sorted(p.name for p in out.iterdir()
                    if p.name not in (ENTRIES, "imagesTs") and not p.name.startswith("cache.json."))
     if other:
         shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
-        raise DataError(out, f"is not empty ({shown}) and is not a med3d_ext preprocessing "
-                             "cache: preprocessing writes and deletes files in its cache folder"
-                             "; give --out / --cache a new or empty folder")
+        raise DataPathError(out, f"is not empty ({shown}) and is not a med3d_ext "
+                                 "preprocessing cache: preprocessing writes and deletes files in "
+                                 "its cache folder; give --out / --cache a new or empty folder")
 
 
 def _migrate_v1(out: Path) -> None:

@@ -28,6 +28,15 @@ class DataError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+class DataPathError(DataError):
+    """A path given to a command that cannot be used as given: a dataset folder that does not
+    exist, is a file or holds no dataset, a preprocessing cache folder that is a file, holds
+    the dataset or someone else's files, or cannot be created. The command line has to change,
+    not the data: the CLIs exit with status 2 (a usage error, as argparse's) for it, and with 1
+    for the other DataErrors (a problem met in the data: an unreadable image, a malformed
+    dataset.json, ...)."""
+
+
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 ITK_ENDINGS = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 

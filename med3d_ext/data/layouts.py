@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import DataError, as_path
+from .io import DataError, DataPathError, as_path
 
 CT_NAMES = {"ct", "cta", "ct_arterial", "ct_venous", "pet/ct"}
 
@@ -424,10 +424,10 @@ def detect_layout(path) -> str:
     if path.is_file() and path.suffix == ".txt":
         return "medicalnet"
     if not path.exists():
-        raise DataError(path, "dataset folder does not exist")
+        raise DataPathError(path, "dataset folder does not exist")
     if not path.is_dir():
-        raise DataError(path, "is a file; name the dataset folder (the one holding "
-                              "dataset.json, labels.csv or a MedicalNet train.txt)")
+        raise DataPathError(path, "is a file; name the dataset folder (the one holding "
+                                  "dataset.json, labels.csv or a MedicalNet train.txt)")
     if (path / "labels.csv").exists() and not (path / "dataset.json").exists():
         return "classification"
     js = path / "dataset.json"
@@ -441,8 +441,8 @@ def detect_layout(path) -> str:
                             "(channel_names/file_ending)")
     if _find_list(path) is not None:
         return "medicalnet"
-    raise DataError(path, "no dataset.json (MSD / nnU-Net v2) and no MedicalNet list file "
-                          "(*.txt with 'image label' lines) found")
+    raise DataPathError(path, "no dataset.json (MSD / nnU-Net v2) and no MedicalNet list "
+                              "file (*.txt with 'image label' lines) found")
 
 
 def _find_list(root: Path) -> Path | None:
@@ -551,6 +551,6 @@ def find_datasets(path) -> list:
                 subs.append(p)
             continue
     if not subs:
-        raise DataError(path, "neither a dataset (dataset.json, MedicalNet list or labels.csv)"
-                              " nor a folder of datasets")
+        raise DataPathError(path, "neither a dataset (dataset.json, MedicalNet list or "
+                                  "labels.csv) nor a folder of datasets")
     return subs

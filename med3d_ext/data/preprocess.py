@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .._args import bar_disable, int_arg, is_real
-from .io import DataError, read_header, read_volume
+from .io import DataError, DataPathError, read_header, read_volume
 from .layouts import CT_NAMES, Case, Dataset, load_dataset
 from .cache import (CACHE_VERSION, ENTRIES, _check_cache_folder, _entry_complete, _migrate_v1,
                     _remove_stale, _save_npy, _save_npz, _write_json, _writing,
@@ -330,9 +330,9 @@ def preprocess(data, out=None, *, workers: int | None = None, skip_bad: bool = F
     try:
         (out / ENTRIES).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # before any work: name the folder and where its path comes from
-        raise DataError(out, f"cannot create this preprocessing cache folder "
-                             f"({e.strerror or e}); choose another with --cache / --out, or "
-                             "set $MED3D_EXT_CACHE") from None
+        raise DataPathError(out, f"cannot create this preprocessing cache folder "
+                                 f"({e.strerror or e}); choose another with --cache / --out, "
+                                 "or set $MED3D_EXT_CACHE") from None
     problems = list(ds.problems)
     good = []
     spacings = []

@@ -27,9 +27,9 @@ def read_cls_csv(folder) -> tuple[list[Path], list[str]]:
     classes). Returns the image paths and the labels as canonical integer strings."""
     folder = Path(folder)
     p = folder / "labels.csv" if folder.is_dir() else folder
-    if not p.is_file():
-        raise DataFolderError(f"--data {str(folder)!r}: classification needs a labels.csv with "
-                              "columns image,label")
+    if not p.is_file():  # the wrong folder for --task cls: the command line's (exit 2)
+        raise ConfigError(f"--data {str(folder)!r}: classification needs a labels.csv with "
+                          "columns image,label")
     with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(f, skipinitialspace=True)
         cols = [c.strip() for c in reader.fieldnames or []]

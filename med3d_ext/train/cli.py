@@ -4,6 +4,26 @@ demo).
 Plain functions: :func:`run_pretrain`, :func:`run_transfer`, :func:`run_evaluate` and
 :func:`run_predict` take a resolved configuration dict (``config.resolve``) and return a
 summary dict; :func:`main` is the argument parsing around them.
+
+Exit status of :func:`main` (``python -m med3d_ext.data`` uses the same), decided by the kind
+of error, wherever it is met (:func:`exit_status`):
+
+* 0: done.
+* 2 (``EXIT_USAGE``, argparse's status for usage errors): the command cannot run as given and
+  its command line (or ``--config`` file) has to change: an unknown option or key, a bad
+  value, options that contradict each other or the run (``--resume`` with a smaller
+  ``--epochs``, ``--checkpoint`` of another kind of run, a ``--head`` the run lacks, a
+  classification folder for a segmentation run), a path named by an option that is not there
+  or not what it needs (``--data``, ``--pretrained``, ``--run``, ``--checkpoint``,
+  ``--images``, ``--resume``, ``--config``), an ``--out``/``--cache`` that cannot be used, a
+  ``--device`` this machine lacks. :class:`~.config.ConfigError`,
+  :class:`med3d_ext.data.DataPathError`, :class:`~.distributed.DeviceError`.
+* 1 (``EXIT_FAILURE``): a failure while running, met in what was read or computed: bad data
+  (a :class:`med3d_ext.data.DataError` or a bad ``labels.csv``: an unreadable, corrupt or NaN
+  image, a malformed ``dataset.json``, an undeclared label; whatever ``--skip-bad`` skips, in
+  every command, predict included), an unreadable checkpoint or weights file, non-finite
+  weights or outputs, a run that diverged, out of memory, a disk error.
+* 130 / 143: interrupted (Ctrl-C / SIGTERM).
 """
 
 from __future__ import annotations
@@ -24,7 +44,11 @@ from .. import _signals
 from . import config as C
 
 __all__ = ["build_parser", "main", "run_pretrain", "run_transfer", "run_evaluate",
-           "run_predict", "train_command", "resolve_args"]
+           "run_predict", "train_command", "resolve_args", "exit_status", "EXIT_FAILURE",
+           "EXIT_USAGE"]
+
+EXIT_FAILURE = 1  # a failure while running: bad data, a bad checkpoint, divergence, a disk
+EXIT_USAGE = 2  # the command cannot run as given (argparse's status for usage errors)
 
 _DESC = {
     "pretrain": "Med3D co-training: one encoder, one head per --data dataset",
@@ -83,7 +107,8 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
     cmd = ns.command
     cli = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "overrides")}
     explicit = set() if explicit is None else explicit
-    cfg = C.resolve(cmd, cli, ns.config, ns.overrides, explicit=explicit)
+    sources: dict = {}  # where each given value came from: errors name it as it was given
+    cfg = C.resolve(cmd, cli, ns.config, ns.overrides, explicit=explicit, sources=sources)
     if cmd != "evaluate" and cfg.get("resume"):
         given = Path(cfg["resume"])
         run = given.parent if given.is_file() else given
@@ -111,19 +136,22 @@ def resolve_args(ns: argparse.Namespace, explicit: set | None = None) -> dict:
             # saved before --target-dice was checked to be a score in [0, 1] (the convergence
             # study's runs used 2.0 for "never"): a resume must not be refused for it
             base["target_dice"] = 1.0
-        cfg = C.resolve(cmd, cli, ns.config, ns.overrides, base=base, explicit=explicit)
+        sources.clear()
+        cfg = C.resolve(cmd, cli, ns.config, ns.overrides, base=base, explicit=explicit,
+                        sources=sources)
         for key, why in _FIXED_ON_RESUME.items():
             if key in base and cfg.get(key) != base[key]:
                 raise C.ConfigError(
-                    f"--resume {str(run)!r}: {key} {cfg[key]!r} differs from the run's "
-                    f"{base[key]!r}, and {why}; resume with the run's {key}, or start a new run")
+                    f"--resume {str(run)!r}: {C.option_name(key, sources.get(key))} "
+                    f"{cfg[key]!r} differs from the run's {base[key]!r}, and {why}; resume with "
+                    f"the run's {key}, or start a new run")
         _check_resumed_data(run, base.get("data"), cfg.get("data"))
         _keep_start_options(run, cfg, base, explicit)
         cfg["out"] = str(run)
         # a checkpoint named by its file is the one resumed (RUN/best.pt went on from last.pt)
         cfg["resume"] = str(given) if given.is_file() else str(run)
     if cmd in ("pretrain", "transfer"):
-        C.check_training(cfg)
+        C.check_training(cfg, sources)
     elif cmd in ("evaluate", "predict"):
         C.check_evaluate(cfg, explicit)
     return cfg
@@ -491,15 +519,14 @@ def main(argv=None) -> int:
             print(f"error: `demo` (what options without a command run): unknown option(s) "
                   f"{' '.join(extra)}; it takes --out, --device, --quick, --seed, --threads and "
                   "--no-progress (`python -m med3d_ext.train demo --help`)", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         if ns.command not in ("pretrain", "transfer", "evaluate", "predict"):
             parser.parse_args(argv)  # argparse's own message (and exit 2)
         print(f"error: {_unrecognized(ns.command, extra)}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if ns is not None and ns.command is None:
         parser.print_help()
-        return 2
-    errors = _known_errors()
+        return EXIT_USAGE
     from .loops import TrainingInterrupted
     try:
         with warnings.catch_warnings():
@@ -521,10 +548,6 @@ def main(argv=None) -> int:
                     run(cfg, explicit=explicit)
             else:
                 train_command(ns.command, cfg)
-    except C.ConfigError as e:
-        # every rank says it: under srun/mpirun each rank's output may go to a log of its own
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from the rank that saved
             print(str(e), file=sys.stderr)
@@ -532,14 +555,43 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:  # outside the training loop (preprocessing, evaluation)
         print("interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # a disk full or an unwritable path met mid-run
-        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
-              file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - the known kinds get one line and their status
+        status = exit_status(e)
+        if status is None:  # a bug: its traceback
+            raise
+        # every rank says it: under srun/mpirun each rank's output may go to a log of its own
+        if isinstance(e, OSError) and not isinstance(e, _usage_errors() + _known_errors()):
+            # a disk full or an unwritable path met mid-run
+            print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
+                  file=sys.stderr)
+        else:
+            print(f"error: {e}", file=sys.stderr)
+        return status
     return 0
+
+
+def exit_status(e: BaseException) -> int | None:
+    """The exit status of an error that stops a command (the module docstring's table):
+    EXIT_USAGE for the command line's errors, EXIT_FAILURE for failures while running, None
+    for anything else (a bug, shown with its traceback)."""
+    if isinstance(e, _usage_errors()):
+        return EXIT_USAGE
+    if isinstance(e, _known_errors()) or isinstance(e, OSError):
+        return EXIT_FAILURE
+    return None
+
+
+def _usage_errors() -> tuple:
+    from .distributed import DeviceError
+
+    errs = [C.ConfigError, DeviceError]
+    try:
+        from med3d_ext.data import DataPathError
+
+        errs.append(DataPathError)
+    except ImportError:
+        pass
+    return tuple(errs)
 
 
 def _tune_heads(job, cfg, ctx, channels_last, log) -> dict | None:
@@ -592,11 +644,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def _known_errors() -> tuple:
+    """The failures while running (EXIT_FAILURE) that are said in one line."""
     from .checkpoint import CheckpointError
-    from .distributed import DeviceError
     from .loops import TrainingError
 
-    errs = [CheckpointError, TrainingError, FileNotFoundError, DeviceError]
+    errs = [CheckpointError, TrainingError, FileNotFoundError]
     try:
         from med3d_ext.models import MedicalNetWeightsError
 

@@ -121,8 +121,12 @@ OPTIONS: dict[str, Option] = {
                                                          "reads the run's recorded split; taken "
                                                          "so that a training config file "
                                                          "works)"),)),
-    "target_dice": Option(0.5, "float", "record the first step whose validation score "
-                          "reaches this (segmentation: Dice; classification: accuracy)", _T),
+    "target_dice": Option(0.5, "float", "record the first step whose validation Dice reaches "
+                          "this (target_step; classification runs: --target-acc)", _T),
+    "target_acc": Option(None, "float", "transfer --task cls: record the first step whose "
+                         "validation accuracy reaches this (target_step; default: --target-"
+                         "dice's value, the target classification runs took before this "
+                         "option)", ("transfer",)),
     "augment": Option(True, "bool", "random augmentation (segmentation: affine/elastic/"
                       "intensity, RandomAugment3D; classification: axis flips)", _T),
     "label_grid": Option("logits", "str", "where the loss is computed: logits (labels sampled "
@@ -214,7 +218,8 @@ VALID: dict[str, tuple] = {
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "schedule": (lambda v: v in ("poly", "cosine", "constant"), "poly | cosine | constant"),
     "freeze_epochs": (lambda v: v >= 0, ">= 0"),
-    "target_dice": (lambda v: 0 <= v <= 1, "in [0, 1] (a Dice score, or an accuracy)"),
+    "target_dice": (lambda v: 0 <= v <= 1, "in [0, 1] (a Dice score)"),
+    "target_acc": (lambda v: 0 <= v <= 1, "in [0, 1] (an accuracy)"),
     "grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "fg_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "val_fraction": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
@@ -465,14 +470,42 @@ def _parse_set(item: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), value
 
 
+def option_name(key: str, where: str | None) -> str:
+    """How an error names option ``key`` whose value came from ``where`` (a source of
+    :func:`resolve`; see ``sources``): as the user gave it. The command line: the flag
+    (``--head-lr``); a --config file: the key and the file (``head_lr (--config c.yaml)``);
+    --set, the defaults and unknown sources: the key."""
+    if where == "command line":
+        return "--" + key.replace("_", "-")
+    if where and where.startswith("--config"):
+        return f"{key} ({where})"
+    if where == "saved config":
+        return f"{key} (the resumed run's config.yaml)"
+    return key
+
+
+def _named(e: ConfigError, key: str, where: str) -> ConfigError:
+    """``e`` (coerce's "key: expected ...") naming the option as its source spells it."""
+    msg = str(e)
+    name = option_name(key, where)
+    if name != key and msg.startswith(f"{key}:"):
+        return ConfigError(name + msg[len(key):])
+    return e
+
+
 def resolve(command: str, cli: dict | None = None, config_file=None, overrides=(),
-            base: dict | None = None, explicit: set | None = None) -> dict:
+            base: dict | None = None, explicit: set | None = None,
+            sources: dict | None = None) -> dict:
     """The resolved configuration of ``command``.
 
     cli: explicit command-line values {key: value}; config_file: YAML path; overrides:
     ["key=value", ...]; base: a starting dict instead of the schema defaults (e.g. the saved
     config of a resumed run); explicit: a set that receives the keys given by the user (file,
-    command line, --set). Raises ConfigError on unknown keys or bad values.
+    command line, --set); sources: a dict that receives, per key given, where its value came
+    from ("command line", "--config FILE", "--set", "saved config"; see
+    :func:`option_name`). Raises ConfigError on unknown keys or bad values; a bad value is
+    named as it was given: ``--head-lr`` from the command line, ``head_lr (--config FILE)``
+    from a file.
     """
     valid = set(keys_for(command))
     cfg = defaults(command)
@@ -496,7 +529,10 @@ def resolve(command: str, cli: dict | None = None, config_file=None, overrides=(
                     ignored.append(key)
                     continue
                 raise _unknown(key, command, where)
-            cfg[key] = coerce(key, value)
+            try:
+                cfg[key] = coerce(key, value)
+            except ConfigError as e:
+                raise _named(e, key, where) from None
             source[key] = where
             if explicit is not None and where != "saved config":
                 explicit.add(key)
@@ -506,6 +542,8 @@ def resolve(command: str, cli: dict | None = None, config_file=None, overrides=(
         ignored.append("out (the training run's folder)")
         if explicit is not None:
             explicit.discard("out")
+    if sources is not None:
+        sources.update(source)
     if ignored:
         warnings.warn(f"{command}: --config {config_file} is another command's configuration "
                       f"(a training run's?); its options that {command} does not take are "
@@ -513,8 +551,14 @@ def resolve(command: str, cli: dict | None = None, config_file=None, overrides=(
     return cfg
 
 
-def check_training(cfg: dict) -> None:
-    """Checks across options of a training command, before any data is read."""
+def check_training(cfg: dict, sources: dict | None = None) -> None:
+    """Checks across options of a training command, before any data is read (``sources``:
+    where each value came from, as :func:`resolve` records it, to name the options as given)."""
+    sources = sources or {}
+
+    def name(key):  # a default (no source) is named by its flag
+        return option_name(key, sources.get(key, "command line"))
+
     patch, batch = cfg.get("patch"), cfg.get("batch_size")
     if patch and batch:
         # the deepest layers (stride 8: conv1, the max-pool and layer2 each halve) have
@@ -522,7 +566,8 @@ def check_training(cfg: dict) -> None:
         deep = [int(p) // 8 for p in patch]
         if int(batch) * deep[0] * deep[1] * deep[2] < 2:
             raise ConfigError(
-                f"patch {list(patch)} with batch_size {batch}: the encoder's deepest BatchNorm "
+                f"{name('patch')} {list(patch)} with {name('batch_size')} {batch}: the "
+                "encoder's deepest BatchNorm "
                 f"layers would see one value per channel ({'x'.join(map(str, deep))} voxel at "
                 "1/8 of the patch, one sample), which training cannot normalise; use "
                 "--batch-size 2 or more, or a patch with a side of 16 or more")
@@ -531,14 +576,26 @@ def check_training(cfg: dict) -> None:
     if cfg.get("freeze_epochs") and cfg.get("from_scratch") and not cfg.get("resume"):
         # (a run saved with both before this check still resumes)
         # it trained the heads on a randomly initialised encoder that never learnt
-        raise ConfigError(f"--freeze-epochs {cfg['freeze_epochs']} with --from-scratch would "
-                          "freeze a randomly initialised encoder; drop --freeze-epochs (it is "
-                          "for a pretrained encoder)")
+        raise ConfigError(f"{name('freeze_epochs')} {cfg['freeze_epochs']} with "
+                          f"{name('from_scratch')} would freeze a randomly initialised encoder; "
+                          f"drop {name('freeze_epochs')} (it is for a pretrained encoder)")
     if cfg.get("freeze_epochs") and cfg.get("epochs") and cfg["freeze_epochs"] >= cfg["epochs"]:
         # allowed (a linear-probe run), but as often a typo: said, as the frozen encoder
         # otherwise shows only as a training curve that stops improving early
         warnings.warn(f"--freeze-epochs {cfg['freeze_epochs']} >= --epochs {cfg['epochs']}: "
                       "the encoder stays frozen for the whole run and only the head trains",
+                      stacklevel=2)
+    given = {k for k, where in sources.items() if where != "saved config"}  # given now
+    if cfg.get("task") == "cls" and "target_dice" in given and "target_acc" not in given:
+        # kept working (a classification run took --target-dice as its accuracy target), but
+        # a Dice threshold read as an accuracy is said
+        warnings.warn(f"{name('target_dice')} {cfg['target_dice']} with --task cls: taken as "
+                      "the validation accuracy target, as before; a classification run's "
+                      "target is --target-acc (target_acc)", stacklevel=2)
+    if cfg.get("task", "seg") == "seg" and "target_acc" in given and \
+            cfg.get("target_acc") is not None:
+        warnings.warn(f"{name('target_acc')} {cfg['target_acc']}: has no effect on a "
+                      "segmentation run (its target is --target-dice, a Dice score)",
                       stacklevel=2)
     mode = cfg.get("compile_mode", "default")
     if mode != "default" and not cfg.get("compile"):

@@ -11,7 +11,8 @@ Cases without a label (``--split test``: the dataset's ``imagesTs/``; unlabelled
 entries) are predicted, and their metrics are skipped and marked so (``"labelled": false``).
 Test images are preprocessed with the run's recorded training recipe (target spacing, CT clip
 range; see ``PreprocessedDataset.recipe``), never with statistics of the test images.
-Classification runs write ``predictions.csv`` (with every class's probability) and report
+Classification runs write ``predictions.csv`` (each image named as predict names it, with its
+file, label and every class's probability: :func:`cls_table_names`) and report
 accuracy, balanced accuracy, the confusion matrix, per-class sensitivity / specificity /
 precision and ROC AUC (``metrics.classification_metrics``).
 ``predict`` (predict.py: image files in no dataset layout) reuses the checkpoint choice, the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -291,11 +293,9 @@ def _evaluate_seg(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, ctx, 
     else:
         pre = open_preprocessed(data_dir, cfg)
     if pre.targets is not None:  # it predicted every image and scored none ("no label")
-        from .tasks import DataFolderError
-
-        raise DataFolderError(f"--data {str(data_dir)!r} is a classification folder (labels.csv)"
-                              f", and this run segments; evaluate a classification run on it, "
-                              "or give a segmentation dataset")
+        raise ConfigError(f"--data {str(data_dir)!r} is a classification folder (labels.csv)"
+                          f", and this run segments; evaluate a classification run on it, "
+                          "or give a segmentation dataset")
     name = head_name(pre.name)
     if arch["task"] == "pretrain":
         head = cfg.get("head") or name
@@ -546,11 +546,12 @@ def _evaluate_cls(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, log):
         warnings.warn(f"{str(data_dir)!r}: classes.json names class(es) {differ} differently "
                       f"from the run ({pairs}); predictions.csv uses the run's names",
                       stacklevel=2)
-    cases = cls_case_names(data_dir, paths)
+    cases = cls_case_names(data_dir, paths)  # the run's split records these
     names = _split_filter(cases, ckpt, cfg["split"], "cls")
+    shown = cls_table_names(paths, cases)  # predictions.csv's, as predict names an image
     rows, probs, preds = [], [], []
     with torch.no_grad():
-        for p, case, lab in zip(paths, cases, labels):
+        for p, case, lab, name in zip(paths, cases, labels, shown):
             if case not in names:
                 continue
             try:
@@ -563,16 +564,19 @@ def _evaluate_cls(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, log):
             k = int(prob.argmax())
             label = {"label": lab, **({"label_name": class_names.get(lab, "")}
                                        if class_names else {})}
-            rows.append({"case": case, **label, **cls_fields(prob, order, class_names)})
+            rows.append({"case": name, "file": os.path.abspath(p), **label,
+                         **cls_fields(prob, order, class_names)})
             probs.append(prob)
             preds.append(k)
+    if not rows and names:  # bad data (exit status 1), as predict's "no image left"
+        raise DataError(data_dir, f"--split {cfg['split']}: no case to evaluate (every image "
+                                  "was skipped as bad)")
     if not rows:  # as the segmentation evaluation says it (an accuracy of nan on 0 cases)
-        raise ConfigError(f"--split {cfg['split']}: no case of {str(data_dir)!r} to evaluate"
-                          + (" (every image was skipped as bad)" if names else ""))
+        raise ConfigError(f"--split {cfg['split']}: no case of {str(data_dir)!r} to evaluate")
     acc = nanmean(float(r["label"] == r["prediction"]) for r in rows)
-    fields = ["case", "label"] + cls_columns(order, class_names)
+    fields = ["case", "file", "label"] + cls_columns(order, class_names)
     if class_names:
-        fields.insert(2, "label_name")
+        fields.insert(3, "label_name")
     _open_output(out, [], "metrics.json")
     _write_csv(out / "predictions.csv", fields, rows)
     y = [order.index(r["label"]) for r in rows]
@@ -585,6 +589,28 @@ def _evaluate_cls(cfg, ckpt, ckpt_path, model, data_dir, out, dev, window, log):
     log(format_cls_table(summary))
     log(f"accuracy {acc:.3f} on {len(rows)} cases; predictions in {out / 'predictions.csv'}")
     return summary
+
+
+def cls_table_names(paths, cases) -> list[str]:
+    """The case names of a classification dataset's images in evaluate's predictions.csv and
+    metrics.json: the names predict gives the same files (``predict.image_case_names``: the
+    file name without its ending), so that the two commands' tables name an image alike
+    (evaluate wrote the path under the folder, ``images/case_000.nii.gz``, and predict
+    ``case_000``). Images whose names would collide (per-class folders: ``neg/001.nii.gz``,
+    ``pos/001.nii.gz``) are named by their path under the folder without the ending
+    (``neg/001``), else as ``cases`` (the run's split names: that path with its ending)."""
+    from collections import Counter
+
+    from .predict import _ending, image_case_names
+
+    names = image_case_names(paths)
+    count = Counter(names)
+    for i, n in enumerate(names):
+        if count[n] > 1:
+            e = _ending(cases[i])
+            names[i] = cases[i][: -len(e)] if e and len(cases[i]) > len(e) else cases[i]
+    count = Counter(names)
+    return [n if count[n] == 1 else c for n, c in zip(names, cases)]
 
 
 def cls_order(ckpt) -> list[str]:

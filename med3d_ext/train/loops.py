@@ -30,6 +30,7 @@ import torch
 
 from .._args import bar_disable
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import ConfigError
 from .distributed import DistContext, all_reduce_mean, any_rank, barrier, run_on_main, wrap_ddp
 from .profiling import StepProfiler
 from .runlog import RunLogger, truncate_metrics
@@ -315,10 +316,20 @@ def _oom_message(cfg, where: str, model=None) -> str:
             f"--batch-size, {saving}--amp bf16, or --sw-batch-size 1 for evaluation.")
 
 
+def score_target(cfg: dict, kind: str) -> float:
+    """The validation score whose first reaching step is recorded (``target_step``): for a
+    classification run (``kind`` "cls") the accuracy target ``target_acc`` (--target-acc),
+    else ``target_dice``'s value (what classification runs took before --target-acc); for
+    segmentation and pretraining the Dice target ``target_dice``. Never reached when unset."""
+    if kind == "cls" and cfg.get("target_acc") is not None:
+        return float(cfg["target_acc"])
+    return float(cfg.get("target_dice", math.inf))
+
+
 def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                  resume_from=None, on_start=None) -> dict:
     """Train ``job`` for cfg["epochs"] x cfg["steps"] steps. Returns a summary dict
-    (best score/step, first step reaching cfg["target_dice"], wall time, checkpoint paths).
+    (best score/step, first step reaching :func:`score_target`, wall time, checkpoint paths).
     ``on_start()`` runs once the run is known to go ahead (a resumed checkpoint accepted),
     before the first step: the CLI writes config.yaml there, so a refused resume leaves the
     run's saved configuration as it was."""
@@ -344,6 +355,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
             f.unlink(missing_ok=True)
     logger = RunLogger(run_dir, enabled=ctx.is_main)
     start, best, target_step = 0, {"score": -math.inf, "step": -1}, None
+    target = score_target(cfg, job.kind)
     frozen = False
     saved_at = {"step": None}  # the step of the newest last.pt (what an interruption keeps)
     # the steps since the last train row of metrics.jsonl; saved in every checkpoint, so that a
@@ -353,14 +365,16 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
     if resume_from is not None:
         path = find_checkpoint(resume_from, "last")
         ck = load_checkpoint(path)
+        # the options given with --resume do not fit the run: the command line's error (exit
+        # status 2, as the other refusals of --resume), not a failure of the run
         if ck["arch"] != job.arch:
-            raise TrainingError(f"--resume {str(path)!r}: the checkpoint's model {ck['arch']} "
-                                f"differs from the one this configuration builds {job.arch}")
+            raise ConfigError(f"--resume {str(path)!r}: the checkpoint's model {ck['arch']} "
+                              f"differs from the one this configuration builds {job.arch}")
         if int(ck["step"]) > total:  # before anything is loaded (the sampler, bounded by the
             # run's steps, would refuse the position first), and before on_start: config.yaml
             # keeps describing the run
             done = -(-int(ck["step"]) // max(steps_per_epoch, 1))
-            raise TrainingError(
+            raise ConfigError(
                 f"--resume {str(path)!r}: the run already did {int(ck['step'])} steps, more "
                 f"than --epochs {epochs} x --steps {steps_per_epoch} = {total}; --epochs "
                 f"extends a run, it does not shorten one: give --epochs {done} or more (or "
@@ -600,7 +614,7 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
                     if frozen:  # model.train() must not wake frozen BatchNorm
                         _set_frozen(model, True)
                     score = float(val.get("score", float("nan")))
-                    if target_step is None and score >= cfg.get("target_dice", math.inf):
+                    if target_step is None and score >= target:
                         target_step = step
                     improved = score > best["score"]
                     if improved:
@@ -627,8 +641,10 @@ def run_training(cfg: dict, job: Job, run_dir, ctx: DistContext | None = None,
         logger.close()
         profiler.close()  # never raises
     return {"best_score": best["score"], "best_step": best["step"], "target_step": target_step,
-            # what the score (and --target-dice) measures
+            # what the score (and the target: --target-dice, classification --target-acc)
+            # measures
             "score_metric": "accuracy" if job.kind == "cls" else "dice",
+            "target": target if math.isfinite(target) else None,
             "steps": total, "start_step": start, "time_s": time.perf_counter() - t_run,
             "last": str(run_dir / "last.pt"), "best": str(run_dir / "best.pt"),
             "profile": str(run_dir / "profile") if profiler.written else None}

@@ -40,7 +40,7 @@ from .._args import bar_disable
 from .checkpoint import CheckpointError
 from .config import ConfigError
 
-__all__ = ["predict", "find_images", "Image", "IMAGE_ENDINGS"]
+__all__ = ["predict", "find_images", "image_case_names", "Image", "IMAGE_ENDINGS"]
 
 # what a folder is searched for; a file named directly may also be a (multi-frame) .dcm
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -142,6 +142,34 @@ def split_channel_groups(images: list[Image], log=print) -> list[Image]:
     if len(out) != len(images):  # the count said before the split was the groups'
         log(f"{len(out)} image(s) to predict")
     return out
+
+
+def image_case_names(files) -> list[str]:
+    """The case name of each of ``files`` as predict names it when they are given together to
+    a one-channel or classification run (:func:`find_images`, then
+    :func:`split_channel_groups`): the file name without its ending (a DICOM series folder: its
+    name), except a lone nnU-Net channel file ``<case>_0000`` (no other ``<case>_XXXX`` file of
+    its folder among ``files``), which is the case ``<case>``. Names are not made unique here.
+    evaluate names a classification dataset's images by it, so that its predictions.csv and
+    predict's name an image alike."""
+    files = [Path(f) for f in files]
+    stems, keys = [], []
+    for f in files:
+        if f.is_dir():
+            stems.append(Path(os.path.abspath(f)).name)
+            keys.append(None)
+            continue
+        e = _ending(f.name)
+        stem = f.name[: -len(e)] if e and len(f.name) > len(e) else f.name
+        m = _CHANNEL.match(stem)
+        stems.append(stem)
+        keys.append((f.resolve().parent, m.group(1), m.group(2)) if m else None)
+    members: dict = {}
+    for k in keys:
+        if k is not None:
+            members[k[:2]] = members.get(k[:2], 0) + 1
+    return [k[1] if k is not None and k[2] == "0000" and members[k[:2]] == 1 else stem
+            for k, stem in zip(keys, stems)]
 
 
 def _check_unique(images: list[Image]) -> None:
@@ -401,13 +429,13 @@ def _predict_seg(cfg, ckpt, ckpt_path, images, out, dev, fused, log, summary) ->
             if n != len(channels):
                 raise DataError(im.files[0], _channel_problem(im, n, channels, src))
             good.append(im)
-        except DataError as e:
-            if not skip:
-                raise ConfigError(str(e)) from None
+        except DataError as e:  # bad data: exit status 1 (as in evaluate and training), the
+            if not skip:  # file named; --skip-bad skips it
+                raise
             problems.append(str(e))
     if not good:
-        raise ConfigError(f"--images: no image left to predict (--skip-bad skipped all "
-                          f"{len(images)}): " + "; ".join(problems))
+        raise DataError("--images", f"no image left to predict (--skip-bad skipped all "
+                                    f"{len(images)}): " + "; ".join(problems))
     _say_existing(out, [im.name for im in good])
     log(f"preprocessing {len(good)} image(s) with the run's training recipe "
         f"({recipe_note(rec)})")
@@ -424,10 +452,10 @@ def _predict_seg(cfg, ckpt, ckpt_path, images, out, dev, fused, log, summary) ->
                              ct_clip=rec["ct_clip"], **preprocess_options(cfg))
         except DataError as e:
             if Path(e.path) == tmp:  # "every case is bad", over several lines
-                raise ConfigError("--images: no image could be read (--skip-bad skipped all "
-                                  f"{len(images)}): " + "; ".join(
-                                      ln.strip() for ln in e.problem.splitlines()[1:])) from None
-            raise ConfigError(str(e)) from None
+                raise DataError("--images", "no image could be read (--skip-bad skipped all "
+                                f"{len(images)}): " + "; ".join(
+                                    ln.strip() for ln in e.problem.splitlines()[1:])) from None
+            raise
         skipped = list(pre.info.get("problems") or [])
         model = _load_model(ckpt, dev, fused)
         predictor = (lambda x: model.forward_head(x, head)) if arch["task"] == "pretrain" \
@@ -529,7 +557,7 @@ def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
             good.append(im)
         except DataError as e:
             if not cfg.get("skip_bad"):
-                raise ConfigError(str(e)) from None
+                raise
             problems.append(str(e))
     images = good
     model = _load_model(ckpt, dev, fused)
@@ -542,7 +570,7 @@ def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
             prob = classify_image(model, im.files[0], window, cfg.get("channel"), dev)
         except DataError as e:
             if not cfg.get("skip_bad"):
-                raise ConfigError(str(e)) from None
+                raise
             problems.append(str(e))
             continue
         rows.append({"case": im.name, "file": os.path.abspath(im.files[0]),
@@ -552,8 +580,8 @@ def _predict_cls(cfg, ckpt, images, out, dev, fused, log, summary) -> dict:
         warnings.warn(f"--images: skipped {len(problems)} bad image(s):\n  "
                       + "\n  ".join(problems), stacklevel=2)
     if not rows:
-        raise ConfigError(f"--images: no image left to predict (--skip-bad skipped all "
-                          f"{len(images) + len(problems)}): " + "; ".join(problems))
+        raise DataError("--images", f"no image left to predict (--skip-bad skipped all "
+                                    f"{len(images) + len(problems)}): " + "; ".join(problems))
     _write_csv(out / "predictions.csv", ["case", "file"] + cls_columns(order, class_names),
                rows)
     for r in rows:

@@ -30,7 +30,10 @@ __all__ = ["DataFolderError", "resolve_data_dirs", "open_preprocessed", "split_c
 
 
 class DataFolderError(FileNotFoundError):
-    """A --data folder that does not exist or holds no dataset."""
+    """A problem met in a --data folder's contents (a bad labels.csv line, cases without
+    labels, no foreground class): a failure while running, exit status 1. A --data path that
+    does not exist, is a file or holds no dataset, or a folder of the wrong kind for the
+    command, is a ConfigError (exit status 2), as a missing --run or --images is."""
 
 
 def _is_dataset(p: Path) -> bool:
@@ -60,20 +63,21 @@ def resolve_data_dirs(paths, command: str) -> list[Path]:
         if p.is_file() and p.suffix == ".txt":  # a MedicalNet list file names its dataset
             out.append(p)
             continue
+        # the command line names no dataset: a usage error (exit 2), as a missing --run is
         if p.is_file():
-            raise DataFolderError(f"--data {str(p)!r} is a file; name the dataset folder (the "
-                                  "one holding dataset.json, labels.csv or train.txt)")
+            raise ConfigError(f"--data {str(p)!r} is a file; name the dataset folder (the "
+                              "one holding dataset.json, labels.csv or train.txt)")
         if not p.is_dir():
-            raise DataFolderError(f"--data {str(p)!r}: no such folder (create data with "
-                                  f"python -m med3d_ext.data synth --out DIR)")
+            raise ConfigError(f"--data {str(p)!r}: no such folder (create data with "
+                              f"python -m med3d_ext.data synth --out DIR)")
         if _is_dataset(p):
             out.append(p)
             continue
         subs = sorted(q for q in p.iterdir() if q.is_dir() and _is_dataset(q))
         if not subs:
-            raise DataFolderError(f"--data {str(p)!r} holds no dataset (no dataset.json, "
-                                  "labels.csv, MedicalNet list (train.txt) or dataset "
-                                  "sub-folders)")
+            raise ConfigError(f"--data {str(p)!r} holds no dataset (no dataset.json, "
+                              "labels.csv, MedicalNet list (train.txt) or dataset "
+                              "sub-folders)")
         out.extend(subs)
     if command != "pretrain" and len(out) != 1:
         # transfer/evaluate work on one dataset: never pick the first of several silently
@@ -242,10 +246,10 @@ def check_classes(dataset: str, data_classes: int, head_classes: int, head: str)
 def seg_classes(pre, data_dir) -> int:
     """Class count of a segmentation dataset; a folder without segmentation labels (a
     classification folder, or labels that are all background) is an error, not a crash."""
-    if pre.targets is not None:
-        raise DataFolderError(f"--data {str(data_dir)!r} is a classification folder "
-                              "(labels.csv); use `transfer --task cls`, or give a segmentation "
-                              "dataset (dataset.json with labels)")
+    if pre.targets is not None:  # the command line's mismatch (exit 2), not bad data
+        raise ConfigError(f"--data {str(data_dir)!r} is a classification folder "
+                          "(labels.csv); use `transfer --task cls`, or give a segmentation "
+                          "dataset (dataset.json with labels)")
     unlabelled = [c for i, c in enumerate(pre.names) if not pre.has_label(i)]
     if unlabelled:
         raise DataFolderError(f"--data {str(data_dir)!r}: {len(unlabelled)} case(s) have no "
@@ -518,8 +522,8 @@ def _pretrained_arch(cfg):
                     in (".pt", ".pth", ".safetensors")]
             raise ConfigError(f"--pretrained {path!r} is a folder; name a weights file in it"
                               + (f" (it holds {', '.join(have)})" if have else ""))
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--pretrained {path!r}: no such file")
+        if not Path(path).is_file():  # exit 2, as a --pretrained that is a folder
+            raise ConfigError(f"--pretrained {path!r}: no such file")
         depth, shortcut = infer_medicalnet_depth(path)
         if cfg.get("depth") and int(cfg["depth"]) != depth:
             raise ConfigError(f"--pretrained {path!r} holds a ResNet-{depth} encoder (shortcut "

@@ -62,8 +62,10 @@ def test_infinite_rates_refused_from_every_source(tmp_path, capsys):
                    tmp_path / "run", "--device", "cpu", *extra])
         err = capsys.readouterr().err
         assert rc == 2, extra
-        assert f"error: {key}: expected a finite number > 0" in err or \
-            f"error: {key}: expected a finite number >= 0" in err, err
+        # named as given: the flag, the key (--set), the key and its file (--config)
+        name = {flag: flag, "--set": key}.get(extra[0], f"{key} (--config {extra[1]})")
+        assert f"error: {name}: expected a finite number > 0" in err or \
+            f"error: {name}: expected a finite number >= 0" in err, err
         assert not (tmp_path / "run").exists()
 
 

@@ -265,7 +265,7 @@ def _evaluate(run, data, out, capsys):
 def test_evaluate_cls_outputs(cls_run, tiny_data, tmp_path, capsys):
     rows, summary, log = _evaluate(cls_run, tiny_data["cls"], tmp_path / "p", capsys)
     header = (tmp_path / "p" / "predictions.csv").read_text().splitlines()[0]
-    assert header == ("case,label,label_name,prediction,prediction_name,probability,"
+    assert header == ("case,file,label,label_name,prediction,prediction_name,probability,"
                       "prob_0,prob_1")
     assert len(rows) == 8 and {r["label"] for r in rows} == {"0", "1"}
     names = {"0": "no tumour", "1": "tumour"}  # the synthetic folder's classes.json
@@ -346,7 +346,7 @@ def test_class_names_only_where_known(cls_run, tiny_data, tmp_path, capsys):
     torch.save(ck, tmp_path / "old.pt")
     rows, summary, log = _evaluate(tmp_path / "old.pt", data, tmp_path / "b", capsys)
     header = (tmp_path / "b" / "predictions.csv").read_text().splitlines()[0]
-    assert header == "case,label,prediction,probability,prob_0,prob_1"
+    assert header == "case,file,label,prediction,probability,prob_0,prob_1"
     assert summary["class_names"] == {} and "\n0 | 4 | " in "\n" + log.split("AUC\n", 1)[1]
     # ... whose evaluated folder has them: the folder's
     rows, summary, _ = _evaluate(tmp_path / "old.pt", tiny_data["cls"], tmp_path / "c", capsys)

@@ -183,7 +183,7 @@ def test_transfer_cls_and_evaluate(pre_run, tiny_data, tmp_path):
     rows = (pred / "predictions.csv").read_text().splitlines()
     # the original columns first (with the classes' names), then each class's probability
     # (test_cls_metrics.py)
-    assert rows[0] == ("case,label,label_name,prediction,prediction_name,probability,"
+    assert rows[0] == ("case,file,label,label_name,prediction,prediction_name,probability,"
                        "prob_0,prob_1")
     assert len(rows) - 1 == len(ck["split"]["cls"]["val"])
 
@@ -192,7 +192,8 @@ def test_helpful_errors(pre_run, tiny_data, tmp_path):
     # missing data folder (through the real CLI: message, no traceback)
     r = subprocess.run(cli("pretrain", "--data", tmp_path / "nope", "--out", tmp_path / "r"),
                        capture_output=True, text=True, env=cli_env(), timeout=120)
-    assert r.returncode == 1 and "nope" in r.stderr and "no such folder" in r.stderr
+    # (a --data that is not there is the command line's error: exit 2, as a missing --run)
+    assert r.returncode == 2 and "nope" in r.stderr and "no such folder" in r.stderr
     assert "Traceback" not in r.stderr
     # a dataset whose class count disagrees with the head: kidney has 3 classes, the
     # pretraining run's hippocampus head 3, brain tumour 4 -> evaluate with the wrong head

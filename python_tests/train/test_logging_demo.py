@@ -126,7 +126,7 @@ def test_demo_user_errors_are_clean(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     (tmp_path / "old" / "pretrain").mkdir(parents=True)
     (tmp_path / "old" / "pretrain" / "last.pt").write_bytes(b"")
-    for argv, rc, want in [(["--device", "tpu", "--quick"], 1, "--device 'tpu'"),
+    for argv, rc, want in [(["--device", "tpu", "--quick"], 2, "--device 'tpu'"),
                            (["--out", tmp_path / "afile", "--device", "cpu"], 2, "is a file"),
                            (["demo", "--out", tmp_path / "old", "--device", "cpu"], 2,
                             "already holds a demo run"),
@@ -209,7 +209,8 @@ def test_progress_bar_stays_out_of_redirected_output(tmp_path, capsys, monkeypat
 
 def test_missing_required_options_are_usage_errors(capsys, tmp_path, monkeypatch):
     """A missing --data (pretrain, transfer, evaluate) or --run exits 2 with a line naming the
-    option, as argparse's usage errors do; a missing --data exited 1 (a missing folder's code)."""
+    option, as argparse's usage errors do; a missing --data exited 1 (a missing folder's code),
+    and so did a --data folder that is not there (2 now, as a --run that is not there)."""
     from med3d_ext.train.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -220,8 +221,8 @@ def test_missing_required_options_are_usage_errors(capsys, tmp_path, monkeypatch
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and f"needs {needs}" in err, (argv, err)
         assert len(err.splitlines()) == 1, err
-    # a --data folder that is not there is a missing folder, not a usage error
-    assert main(["pretrain", "--data", tmp_path / "absent", "--no-progress"]) == 1
+    # a --data folder that is not there: the command line's error, as a missing --run
+    assert main(["pretrain", "--data", tmp_path / "absent", "--no-progress"]) == 2
     assert "no such folder" in capsys.readouterr().err
     # a --run that is not there is an option error for evaluate and predict alike (evaluate
     # exited 1, predict 2 and only after reading every image), said before any data is read

@@ -257,8 +257,7 @@ def _csv(path):
 def test_classification_matches_evaluate(cls_run, tiny_data, tmp_path, capsys):
     assert main(["evaluate", "--run", cls_run, "--data", tiny_data["cls"], "--out",
                  tmp_path / "ev", "--device", "cpu", "--no-progress"]) == 0
-    want = {os.path.abspath(tiny_data["cls"] / r["case"]): r
-            for r in _csv(tmp_path / "ev" / "predictions.csv")}
+    want = {r["file"]: r for r in _csv(tmp_path / "ev" / "predictions.csv")}
     images = tiny_data["cls"] / "images"
     capsys.readouterr()
     assert _predict(cls_run, tmp_path / "p", "--images", images) == 0
@@ -271,7 +270,7 @@ def test_classification_matches_evaluate(cls_run, tiny_data, tmp_path, capsys):
     assert sorted(r["file"] for r in rows) == sorted(want)
     for r in rows:
         e = want[r["file"]]
-        assert r["case"] == os.path.basename(r["file"])[:-len(".nii.gz")]
+        assert r["case"] == os.path.basename(r["file"])[:-len(".nii.gz")] == e["case"]
         # the same numbers, to the last digit written
         keys = ("prediction", "prediction_name", "probability", "prob_0", "prob_1")
         assert [r[k] for k in keys] == [e[k] for k in keys]
@@ -297,7 +296,7 @@ def test_classification_matches_evaluate(cls_run, tiny_data, tmp_path, capsys):
     # a corrupt image: named; skipped with --skip-bad, the others predicted as before
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"garbage")
-    err = _refused(capsys, cls_run, tmp_path / "c", "--images", images, bad)
+    err = _bad_data(capsys, cls_run, tmp_path / "c", "--images", images, bad)
     assert err.startswith(f"error: {bad}: not a readable image file")
     assert _predict(cls_run, tmp_path / "c", "--images", bad, images, "--skip-bad") == 0
     assert f"warning: --images: skipped 1 bad image(s):\n  {bad}: not a readable" in \
@@ -309,13 +308,18 @@ def test_classification_matches_evaluate(cls_run, tiny_data, tmp_path, capsys):
 
 # --- refusals --------------------------------------------------------------------------------
 
-def _refused(capsys, run, out, *args):
-    """predict's exit status and its one-line error."""
+def _refused(capsys, run, out, *args, status=2):
+    """predict's exit status and its one-line error: 2 for the command line's errors, 1
+    (``status``) for bad data, what --skip-bad skips (as in evaluate and training)."""
     capsys.readouterr()
     rc = _predict(run, out, *args)
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("error: ") and "\n" not in err, (rc, err)
+    assert rc == status and err.startswith("error: ") and "\n" not in err, (rc, err)
     return err
+
+
+def _bad_data(capsys, run, out, *args):
+    return _refused(capsys, run, out, *args, status=1)
 
 
 def test_input_errors_name_the_path(kidney_run, tiny_data, tmp_path, capsys):
@@ -441,7 +445,7 @@ def test_corrupt_image_with_and_without_skip_bad(kidney_run, kidney_eval, tiny_d
     bad = scans / "kidney_001.nii.gz"
     bad.write_bytes(b"not a nifti file")
     out = tmp_path / "pred"
-    err = _refused(capsys, kidney_run, out, "--images", scans)
+    err = _bad_data(capsys, kidney_run, out, "--images", scans)
     assert err.startswith(f"error: {bad}: not a readable image file")
     assert not out.exists()  # refused before any prediction: no folder left
     # cut short after a good header: found while preprocessing, not in the header check
@@ -451,7 +455,7 @@ def test_corrupt_image_with_and_without_skip_bad(kidney_run, kidney_eval, tiny_d
     nib.save(nib.Nifti1Image(r.normal(0, 100, (40, 40, 20)).astype(np.int16),
                              np.diag([0.8, 0.8, 3.0, 1.0])), str(big))
     big.write_bytes(big.read_bytes()[:big.stat().st_size // 2])
-    err = _refused(capsys, kidney_run, out, "--images", big, scans / "kidney_000.nii.gz")
+    err = _bad_data(capsys, kidney_run, out, "--images", big, scans / "kidney_000.nii.gz")
     assert err.startswith(f"error: {big}: corrupt or truncated file")
     assert not out.exists() and list(tmpdir_checked.iterdir()) == []
     capsys.readouterr()
@@ -467,7 +471,7 @@ def test_corrupt_image_with_and_without_skip_bad(kidney_run, kidney_eval, tiny_d
     assert [p.split(":")[0] for p in s["skipped"]] == [str(bad), str(big)]
     assert list(tmpdir_checked.iterdir()) == []
     # every image bad: an error, not an empty result
-    err = _refused(capsys, kidney_run, tmp_path / "none", "--images", bad, "--skip-bad")
+    err = _bad_data(capsys, kidney_run, tmp_path / "none", "--images", bad, "--skip-bad")
     assert "no image left to predict (--skip-bad skipped all 1)" in err and str(bad) in err
 
 
@@ -597,13 +601,13 @@ def test_pretrain_head_and_nnunet_channel_files(pre_run, kidney_run, tiny_data, 
     assert s["cases"][0]["files"] == [str(nn / f"{cases[0]}_{k:04d}.nii.gz") for k in range(4)]
     # channels that do not fit the run's: a single-channel CT image, one channel file alone
     kid = tiny_data["transfer"] / "imagesTr" / "kidney_000.nii.gz"
-    err = _refused(capsys, pre_run, tmp_path / "pk", "--images", kid, "--head", BRAIN)
+    err = _bad_data(capsys, pre_run, tmp_path / "pk", "--images", kid, "--head", BRAIN)
     assert err.startswith(f"error: {kid}: has 1 channel(s), but the run was trained on 4 "
                           "(FLAIR, T1w, t1gd, T2w;")
     one = tmp_path / "one"
     one.mkdir()
     shutil.copy(nn / f"{cases[0]}_0000.nii.gz", one)
-    err = _refused(capsys, pre_run, tmp_path / "pk", "--images", one, "--head", BRAIN)
+    err = _bad_data(capsys, pre_run, tmp_path / "pk", "--images", one, "--head", BRAIN)
     assert f"{one / (cases[0] + '_0000.nii.gz')}: has 1 channel(s)" in err
     assert f"nnU-Net channel files {cases[0]}_0000 .. {cases[0]}_0003" in err
     # --skip-bad: the misfit skipped, the others predicted
@@ -620,7 +624,7 @@ def test_pretrain_head_and_nnunet_channel_files(pre_run, kidney_run, tiny_data, 
     err = _refused(capsys, pre_run, tmp_path / "pg", "--images", gap, "--head", BRAIN)
     assert f"channel files of case '{cases[0]}'" in err and "but not 0001 (1 missing)" in err
     # a segmentation run's single channel, given a 4-channel image
-    err = _refused(capsys, kidney_run, tmp_path / "pk", "--images", brain)
+    err = _bad_data(capsys, kidney_run, tmp_path / "pk", "--images", brain)
     assert "has 4 channel(s), but the run was trained on 1 (CT;" in err
 
 
@@ -660,7 +664,7 @@ def test_user_audit_refusals_and_warnings(kidney_run, pre_run, tiny_data, tmp_pa
     sitk = pytest.importorskip("SimpleITK")
     sl = sitk.Cast(sitk.ReadImage(str(src)), sitk.sitkInt16)[:, :, 0]
     sitk.WriteImage(sl, str(tmp_path / "slice.dcm"))
-    err = _refused(capsys, kidney_run, tmp_path / "q", "--images", tmp_path / "slice.dcm")
+    err = _bad_data(capsys, kidney_run, tmp_path / "q", "--images", tmp_path / "slice.dcm")
     assert "one 2-D DICOM slice" in err and "give the folder of its series" in err
     # --channel: another channel than the run's, warned
     brain = tiny_data["pretrain"] / BRAIN / "imagesTr"
@@ -694,6 +698,6 @@ def test_classification_says_channel_and_patch_choices(cls_run, tiny_data, tmp_p
     # a corrupt file is found before any image is classified (the loop found it last)
     (two / "z.nii.gz").write_bytes(b"not an image")
     capsys.readouterr()
-    assert _predict(cls_run, tmp_path / "q", "--images", two) == 2
+    assert _predict(cls_run, tmp_path / "q", "--images", two) == 1  # bad data
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "z.nii.gz" in last and not (tmp_path / "q").exists()

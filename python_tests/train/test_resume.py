@@ -123,7 +123,8 @@ def test_resume_refuses_other_architecture(tmp_path):
                           lambda n, i: (n(i["x"]).mean(), {}, None), lambda m: {"score": 0.0},
                           [("all", list(model.parameters()), 0.1)], 4, 3)
     run_training(cfg, mk({"task": "toy", "depth": 10}), tmp_path)
-    with pytest.raises(TrainingError, match="differs"):
+    # the options given with --resume do not fit the run: the command line's error (exit 2)
+    with pytest.raises(C.ConfigError, match="differs"):
         run_training(cfg, mk({"task": "toy", "depth": 18}), tmp_path, resume_from=tmp_path)
 
 
@@ -209,7 +210,7 @@ def test_resuming_a_finished_run_says_how_to_train_longer(tiny_data, tmp_path, c
     # a smaller --epochs than already done was accepted, saved to config.yaml, and said
     # "already did its 1 steps" of a run of 2 (README audit): refused, config.yaml kept
     before = (run / "config.yaml").read_text()
-    assert main(["transfer", "--resume", run, "--no-progress", "--epochs", 1]) == 1
+    assert main(["transfer", "--resume", run, "--no-progress", "--epochs", 1]) == 2
     err = capsys.readouterr().err
     assert "already did 2 steps, more than --epochs 1 x --steps 1 = 1" in err
     assert "give --epochs 2 or more" in err and "Traceback" not in err

@@ -102,7 +102,9 @@ def test_empty_values_are_config_errors(tmp_path, capsys, how):
     if how == "yaml":
         (tmp_path / "c.yaml").write_text("epochs:\nlr: 0.1\n")
         how = ["--config", tmp_path / "c.yaml"]
-    key = "epochs" if "yaml" in str(how[-1]) else str(how[-1]).split("=")[0]
+    # named as given: a --config file's key with the file, --set's key
+    key = f"epochs (--config {how[-1]})" if "yaml" in str(how[-1]) else \
+        str(how[-1]).split("=")[0]
     assert main(["transfer", "--data", tmp_path, "--from-scratch", *how]) == 2
     err = capsys.readouterr().err
     assert f"error: {key}: expected" in err and "got no value" in err, err
@@ -130,7 +132,7 @@ def test_patch_and_batch_that_batchnorm_cannot_train_on(patch, batch, ok):
     if ok:
         C.check_training(cfg)
     else:
-        with pytest.raises(C.ConfigError, match=r"batch_size 1: the encoder's deepest "
+        with pytest.raises(C.ConfigError, match=r"--batch-size 1: the encoder's deepest "
                                                 r"BatchNorm layers would see one value"):
             C.check_training(cfg)
 
@@ -176,7 +178,8 @@ def test_cli_resume_rules_and_evaluate_checkpoint_conflict(tiny_data, tmp_path):
     # a segmentation run on a classification folder: refused (it scored nothing, silently)
     r = _run(["evaluate", "--run", run, "--data", tiny_data["cls"], "--cache",
               tiny_data["cache"], "--out", tmp_path / "p2", "--device", "cpu", "--no-progress"])
-    assert r.returncode == 1 and "is a classification folder" in r.stderr, r.stderr[-2000:]
+    # (the command line's error, exit 2: the run and the data do not fit)
+    assert r.returncode == 2 and "is a classification folder" in r.stderr, r.stderr[-2000:]
     assert json.loads((run / "summary.json").read_text())["score_metric"] == "dice"
     # --head on a transfer run was ignored (its conv_seg evaluated)
     r = _run(["evaluate", "--run", run, "--head", "Task03_Liver", "--data", tiny_data["transfer"],

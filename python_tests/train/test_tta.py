@@ -292,9 +292,9 @@ def test_evaluate_tta_from_set_and_yaml(kidney_run, tiny_data, tmp_path, monkeyp
 
 @pytest.mark.parametrize("extra,msg", [
     (["--set", "tta=mirror"], "tta: expected true/false, got 'mirror'"),
-    (["--tta", "--tta-axes", "3"], "tta_axes: expected 1 to 3 distinct axes among 0, 1, 2"),
+    (["--tta", "--tta-axes", "3"], "--tta-axes: expected 1 to 3 distinct axes among 0, 1, 2"),
     (["--tta", "--tta-axes", "0", "0"], "got [0, 0]"),
-    (["--tta", "--tta-axes", "x"], "tta_axes: expected axes among 0, 1, 2"),
+    (["--tta", "--tta-axes", "x"], "--tta-axes: expected axes among 0, 1, 2"),
     (["--tta", "--set", "tta_axes=[]"], "tta_axes: expected 1 to 3 distinct axes"),
     (["--tta", "--set", "tta_axes=true"], "tta_axes: expected axes among 0, 1, 2 (e.g. 0,1,2 "
                                           "or [0, 2]), got True"),
