@@ -37,7 +37,14 @@ M3D_HOST_DEVICE M3D_RS_INLINE float noise_normal(uint32_t key, int64_t idx) {
   const uint32_t b = hash32(a ^ 0x68e31da4u);
   const float u1 = static_cast<float>((a >> 8) + 1u) * 5.9604644775390625e-08f;  // 2^-24
   const float u2 = static_cast<float>(b >> 8) * 5.9604644775390625e-08f;
+#ifdef __CUDA_ARCH__
+  // cospi(2 u2) = cos(2 pi u2) without cosf's range reduction, whose slow path for large
+  // arguments (never taken here: the argument is below 2 pi) gave every kernel that inlines
+  // this a local-memory stack frame; it differs from the CPU's cosf by rounding only
+  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+#else
   return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853071795864f * u2);
+#endif
 }
 
 // The intensity epilogue for one value; p = the sample's kIntensityFields parameters.

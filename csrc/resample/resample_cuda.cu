@@ -296,7 +296,9 @@ __device__ __forceinline__ void plain_tile_item(const PairArgs<scalar_t, label_t
       const AxisTap<T> x = interior_axis_tap(cx), y = interior_axis_tap(cy),
                        z = interior_axis_tap(cz);
       const T sv = sample_interior_taps(img_in, combine_taps(x, y, z, g), LdgLoad{});
-      v = kPlainIntensity ? epilogue_call<scalar_t, T>(sv, p, key, int64_t(o))
+      // (inline here: the tile path's few live values leave the registers it needs)
+      v = kPlainIntensity ? static_cast<scalar_t>(intensity(static_cast<float>(sv), p, key,
+                                                            int64_t(o)))
                           : static_cast<scalar_t>(sv);
       if constexpr (!kPlainOwnLabel)
         lv = LdgLoad{}(lab_in + grid_offset(interior_axis_nearest(cx), interior_axis_nearest(cy),
