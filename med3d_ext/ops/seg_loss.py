@@ -190,7 +190,12 @@ def _raise_bad_labels(bad: torch.Tensor, classes) -> None:
                         + "; ".join(msgs))
 
 
-@torch.library.custom_op("med3d_ext::seg_loss_check_labels", mutates_args=())
+# Its host sync (bad.tolist()) cannot run while a CUDA graph is captured: the tag makes
+# torch.compile's CUDA graphs (mode="reduce-overhead") leave it out of the captured graph.
+_CHECK_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("med3d_ext::seg_loss_check_labels", mutates_args=(), tags=_CHECK_TAGS)
 def _check_labels(total: torch.Tensor, per_head: torch.Tensor, bad: torch.Tensor,
                   classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(total, per_head)`` unchanged after raising on bad labels (used under

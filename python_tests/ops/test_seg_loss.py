@@ -668,6 +668,39 @@ def test_compile_fullgraph(device):
         compiled(logits, bad, hw, True)
 
 
+@requires_ext
+def test_label_check_is_left_out_of_cuda_graphs():
+    # the compiled label check syncs with the host (bad.tolist()), which a CUDA graph capture
+    # refuses: the op carries the tag that keeps torch.compile's CUDA graphs away from it
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    assert torch.Tag.cudagraph_unsafe in torch.ops.med3d_ext.seg_loss_check_labels.default.tags
+
+
+@requires_ext
+@pytest.mark.cuda
+def test_compile_reduce_overhead_with_validation():
+    # mode="reduce-overhead" (CUDA graphs) with validate=True: replays stay right, and a bad
+    # label still raises after the graphs were recorded
+    logits, targets, hw, _ = _op_args("cuda")
+
+    def fn(xs, ts, w):
+        total, ph = m3d.ops.multihead_seg_loss(xs, ts, head_weights=w, validate=True)
+        return total * 2, ph
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, mode="reduce-overhead")
+    exp = fn(logits, targets, hw)
+    for _ in range(3):
+        got = compiled(logits, targets, hw)
+        for a, b in zip(got, exp):
+            torch.testing.assert_close(a, b)
+    bad = [t.clone() for t in targets]
+    bad[2].view(-1)[0] = 99
+    with pytest.raises(SegLabelError, match="head 2"):
+        compiled(logits, bad, hw)
+
+
 # ---------------------------------------------------------------------------- audit
 
 
