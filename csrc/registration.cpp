@@ -27,7 +27,9 @@ TORCH_LIBRARY(med3d_ext, m) {
         "int padding_mode=0, bool align_corners=False) -> (Tensor image_out, Tensor label_out)");
   m.def("resize(Tensor image, int[] size, int mode=0) -> Tensor");
   // the gradient of resize (trilinear) as a gather: deterministic, no atomics
-  m.def("resize_backward(Tensor grad, int[] input_size) -> Tensor");
+  // SymInt[]: under torch.compile with dynamic shapes the input's sizes stay symbolic (with
+  // int[], every new batch size was a recompile); the kernels take the concrete IntArrayRef
+  m.def("resize_backward(Tensor grad, SymInt[] input_size) -> Tensor");
   // conv_algo (conv_bn_relu/conv_bn_relu.h, ConvAlgo): 0 the ATen convolution (cuDNN / oneDNN),
   // 1 im2col3d + one GEMM, 2 the implicit GEMM, for the few-channel stem.
   m.def(

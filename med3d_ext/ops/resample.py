@@ -304,7 +304,9 @@ def _resize_fake(image, size, mode=0):
 
 def _resize_setup(ctx, inputs, output):
     image, size, mode = inputs
-    ctx.mode, ctx.in_size, ctx.size = mode, [int(s) for s in image.shape], [int(s) for s in size]
+    # the input's sizes as they are (symbolic under a dynamic-shape torch.compile: int() would
+    # specialise the graph on the batch size; resize_backward takes SymInt[])
+    ctx.mode, ctx.in_size, ctx.size = mode, list(image.shape), [int(s) for s in size]
     ctx.dtype = image.dtype
 
 

@@ -253,6 +253,26 @@ def test_wrong_types_and_overflowing_sizes_are_named():
 
 
 @requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_resize_does_not_recompile_per_batch_size(device):
+    # a compiled pretraining step resizes each head's logits, whose batch size changes from
+    # step to step: resize_backward took int[] sizes, so every new batch size was a recompile
+    torch._dynamo.reset()
+
+    def f(x):
+        return (m3d.ops.resize(x, (5, 6, 7)) * torch.linspace(-1, 1, 7, device=device)).sum()
+
+    cf = torch.compile(f, backend="aot_eager", dynamic=True)
+    for n in (2, 3, 4, 5):
+        x = torch.randn(n, 3, 4, 5, 6, device=device, requires_grad=True)
+        with torch._dynamo.config.patch(error_on_recompile=n > 2):
+            cf(x).backward()
+        xe = x.detach().clone().requires_grad_(True)
+        f(xe).backward()
+        torch.testing.assert_close(x.grad, xe.grad)
+
+
+@requires_ext
 def test_compiled_op_checks_name_the_argument():
     x = torch.randn(2, 1, 4, 4, 4)
     ops = torch.ops.med3d_ext
