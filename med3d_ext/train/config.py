@@ -127,8 +127,9 @@ OPTIONS: dict[str, Option] = {
                          "validation accuracy reaches this (target_step; default: --target-"
                          "dice's value, the target classification runs took before this "
                          "option)", ("transfer",)),
-    "augment": Option(True, "bool", "random augmentation (segmentation: affine/elastic/"
-                      "intensity, RandomAugment3D; classification: axis flips)", _T),
+    "augment": Option(True, "bool", "random augmentation (segmentation: RandomAugment3D with "
+                      "rotation up to 15 degrees, scale 0.85-1.15, flips, contrast, brightness "
+                      "and noise, no elastic field; classification: axis flips)", _T),
     "label_grid": Option("logits", "str", "where the loss is computed: logits (labels sampled "
                          "nearest onto the 1/4 logit grid, MedicalNet) | patch (logits "
                          "upsampled trilinearly to the patch, as in evaluation; better for "
