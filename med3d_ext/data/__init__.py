@@ -17,16 +17,16 @@ CLI: ``python -m med3d_ext.data {synth,real,preprocess} ...``.
 
 from .io import DataError, DataPathError, Volume, read_volume, save_nifti
 from .layouts import Case, Dataset, detect_layout, find_datasets, load_dataset
-from .preprocess import (PreprocessedDataset, default_cache_dir, preprocess, resize,
-                         to_source_space, write_prediction)
+from .preprocess import (PreprocessedDataset, classification_volume, default_cache_dir,
+                         preprocess, resize, to_source_space, write_prediction)
 from .sampling import (BatchLoader, ClassificationSet, MultiDomainSampler, PatchSampler,
                        crop_patch, make_loader)
 
 __all__ = [
     "DataError", "DataPathError", "Volume", "read_volume", "save_nifti",
     "Case", "Dataset", "detect_layout", "find_datasets", "load_dataset",
-    "PreprocessedDataset", "default_cache_dir", "preprocess", "resize", "to_source_space",
-    "write_prediction",
+    "PreprocessedDataset", "classification_volume", "default_cache_dir", "preprocess", "resize",
+    "to_source_space", "write_prediction",
     "BatchLoader", "ClassificationSet", "MultiDomainSampler", "PatchSampler", "crop_patch", "make_loader",
     "synth", "real", "open_dataset",
 ]

@@ -2,7 +2,8 @@
 
 Exit status, as ``python -m med3d_ext.train``'s: 0 done; 2 the command cannot run as given
 (argparse's usage errors, a bad --spacing/--size/--seed, a dataset path that does not exist or
-holds no dataset, an --out that cannot be used: :class:`~med3d_ext.data.io.DataPathError`);
+holds no dataset, a classification folder (labels.csv) given to preprocess, which has nothing
+to preprocess, an --out that cannot be used: :class:`~med3d_ext.data.io.DataPathError`);
 1 a failure while running (a :class:`~med3d_ext.data.DataError` met in the data: an
 unreadable or NaN image, a malformed dataset.json, undeclared labels; a missing optional
 package; a disk error); 130 / 143 interrupted (Ctrl-C / SIGTERM).
@@ -43,8 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cases", type=int, default=6, help="cases per dataset (default 6)")
     r.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     q = sub.add_parser("preprocess", help="preprocess a raw dataset into the cache")
-    q.add_argument("dataset", help="raw dataset folder (MSD, nnU-Net v2, MedicalNet list or "
-                                    "labels.csv classification)")
+    q.add_argument("dataset", help="raw segmentation dataset folder (MSD, nnU-Net v2 or "
+                                    "MedicalNet list), or a folder of them; a classification "
+                                    "folder (labels.csv) is refused: classification runs "
+                                    "prepare images on the fly and read no cache")
     q.add_argument("--out", default=None, help="cache folder (default: "
                                                "$MED3D_EXT_CACHE or ~/.cache/med3d_ext/...)")
     q.add_argument("--workers", type=int, default=None, help="processes (default: CPUs, max 8;"
@@ -192,10 +195,44 @@ def _preprocess_targets(dataset, out) -> list:
         dirs = find_datasets(dataset) if Path(dataset).is_dir() else [dataset]
     except DataError:  # neither: load_dataset says what is wrong with the folder itself
         dirs = [dataset]
+    _refuse_classification(dataset, dirs)
     if len(dirs) == 1:
         return [(dirs[0], out)]
     print(f"{dataset}: {len(dirs)} datasets ({', '.join(Path(d).name for d in dirs)})")
     return [(d, None if out is None else cache_subdir(out, d)) for d in dirs]
+
+
+def _refuse_classification(dataset, dirs) -> None:
+    """A classification folder (labels.csv) has nothing to preprocess: classification runs
+    (``transfer --task cls``, evaluate and predict with such a run) prepare each image from its
+    source file (:func:`~med3d_ext.data.classification_volume`) and never read a cache. The
+    segmentation recipe used to run on it and report "N cases cached", a cache nothing
+    reads. Refused before any work (exit 2), as a folder that holds no dataset is."""
+    from pathlib import Path
+
+    from .io import DataError, DataPathError
+    from .layouts import detect_layout
+
+    def is_cls(d):
+        try:
+            return detect_layout(d) == "classification"
+        except DataError:  # not a dataset, or a broken one: loading it says what is wrong
+            return False
+
+    why = ("classification runs (python -m med3d_ext.train transfer --task cls, and evaluate "
+           "and predict with such a run) prepare each image on the fly from its source file "
+           "(RAS, clipped to its own 0.5-99.5 percentiles, z-scored, resized to --patch) and "
+           "never read a preprocessing cache, so there is nothing to preprocess")
+    cls = [d for d in dirs if is_cls(d)]
+    if not cls:
+        return
+    if len(dirs) == 1:
+        raise DataPathError(cls[0], f"a classification folder (labels.csv): {why}; train on it "
+                                    f"with python -m med3d_ext.train transfer --task cls "
+                                    f"--data {cls[0]}")
+    raise DataPathError(dataset, f"holds {len(cls)} classification folder(s) (labels.csv): "
+                                 f"{', '.join(Path(d).name for d in cls)}; {why}; preprocess "
+                                 "the segmentation datasets one by one")
 
 
 def _preprocess_one(path, out, args) -> None:

@@ -80,6 +80,49 @@ def resize(x: torch.Tensor, size, mode: str) -> torch.Tensor:
                          align_corners=False if mode == "trilinear" else None)
 
 
+class ChannelError(ValueError):
+    """A channel index that an image does not have (:func:`classification_volume`): the
+    caller's choice, not bad data. ``channel``, ``path`` and ``count`` (the image's channels)."""
+
+    def __init__(self, channel: int, path, count: int):
+        self.channel, self.path, self.count = int(channel), str(path), int(count)
+        super().__init__(f"channel {self.channel}: {self.path!r} has {self.count} channel(s)")
+
+
+def classification_volume(path, size, channel: int | None = None) -> torch.Tensor:
+    """One image as classification runs see it: the single recipe of ``python -m
+    med3d_ext.train transfer --task cls``, of evaluate and predict with such a run
+    (``med3d_ext.train.classification.load_cls_volume`` calls this) and of
+    :class:`~med3d_ext.data.ClassificationSet`.
+
+    The file is read and reoriented to RAS (:func:`~med3d_ext.data.read_volume`); channel
+    ``channel`` (an index, default 0) is clipped to its own 0.5-99.5 percentiles (CT too: no
+    dataset-wide window), z-scored over the whole volume and resized (trilinear,
+    align_corners=False) straight to ``size`` (D, H, W). Unlike the segmentation recipe
+    (:func:`preprocess`) there is no crop to the non-zero box, no resampling to a target
+    spacing and no cache: the image is prepared from its source file each time.
+
+    Returns (1, D, H, W) float32. Raises :class:`DataError` naming the file (missing,
+    unreadable, NaN/Inf voxels) and :class:`ChannelError` (a ValueError) for a channel the
+    image does not have.
+    """
+    size = tuple(int(s) for s in size)
+    c = 0 if channel is None else int(channel)
+    if c < 0:
+        raise ValueError(f"channel {channel!r}: expected an index >= 0")
+    v = read_volume(path, dtype=np.float32)
+    if c >= v.data.shape[0]:
+        raise ChannelError(c, path, v.data.shape[0])
+    x = v.data[c].astype(np.float32)
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    x = np.clip(x, lo, hi)
+    x = (x - x.mean()) / max(float(x.std()), 1e-6)
+    t = torch.from_numpy(x.astype(np.float32))[None, None]
+    # F.interpolate itself, as the classification runs always did (resize() may use the
+    # package kernel, defined to give the same numbers)
+    return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0]
+
+
 def resize_affine(affine: np.ndarray, old_shape, new_shape) -> np.ndarray:
     """Affine of an array resized with align_corners=False: new voxel i sits at old index
     (i + 0.5) * old/new - 0.5."""

@@ -380,29 +380,76 @@ def make_loader(datasets, patch, batch_size, *, num_workers=0, pin_memory=None, 
 
 
 class ClassificationSet(torch.utils.data.Dataset):
-    """Whole-volume classification samples from a preprocessed classification dataset
-    (``labels.csv`` layout): each case's normalised volume resized to ``size``.
+    """Whole-volume classification samples, prepared exactly as ``python -m med3d_ext.train
+    transfer --task cls`` (and evaluate and predict with such a run) prepare them: by the same
+    function, :func:`~med3d_ext.data.classification_volume`, from each case's source image:
+    RAS, one channel, clipped to its own 0.5-99.5 percentiles, z-scored over the whole
+    volume, resized (trilinear) straight to ``size``. No preprocessing cache is read.
 
-    Items are dicts: image float32 (1, D, H, W), label int64 scalar, case str; the default
-    DataLoader collate turns them into image (N, 1, D, H, W), label (N,), case list[str].
+    dataset: a classification folder (``labels.csv``; or the ``labels.csv`` file), its
+             :class:`~med3d_ext.data.Dataset` (``load_dataset``), or a
+             :class:`PreprocessedDataset` of one (as before; only its cases' source files and
+             classes are used: its cached arrays are the segmentation recipe's, cropped,
+             resampled and CT-windowed per dataset, which classification runs never see)
+    size:    (D, H, W) or one int, what the CLI's ``--patch`` is
+    channel: the channel index (default 0, as the CLI's ``--channel``); the dataset's channel
+             name (its modality) is accepted too
+    indices: the cases to use, by position (default all)
+
+    Items are dicts: image float32 (1, D, H, W), label int64 scalar (the integer class of
+    ``labels.csv``; a CLI run numbers its head's outputs by the sorted classes present, the
+    same numbers when the classes are 0, 1, ..., K-1), case str; the default DataLoader
+    collate turns them into image (N, 1, D, H, W), label (N,), case list[str]. Augmentation
+    (the CLI's random flips) is the training loop's business.
     """
 
-    def __init__(self, dataset: PreprocessedDataset, size, *, channel=None, indices=None):
+    def __init__(self, dataset, size, *, channel=None, indices=None):
+        from pathlib import Path
+
+        from .layouts import Dataset, load_dataset
+
+        if not isinstance(dataset, (Dataset, PreprocessedDataset)):
+            p = Path(dataset)
+            dataset = load_dataset(p.parent if p.is_file() and p.name == "labels.csv" else p)
         if dataset.targets is None:
             raise ValueError(f"{dataset.name}: not a classification dataset (no labels.csv)")
         self.ds = dataset
         self.size = _as_size(size)
-        self.channel = dataset.channel_index(channel)
-        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        if isinstance(dataset, PreprocessedDataset):
+            self.channel = dataset.channel_index(channel)
+            self.names = list(dataset.names)
+            self.files = [dataset.meta(i)["images"][0] for i in range(len(dataset))]
+            self.targets = [int(t) for t in dataset.targets]
+        else:
+            self.channel = _cls_channel(dataset, channel)
+            self.names = [c.name for c in dataset.cases]
+            self.files = [str(c.images[0]) for c in dataset.cases]
+            self.targets = [int(dataset.targets[n]) for n in self.names]
+        self.indices = list(range(len(self.names))) if indices is None else list(indices)
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict:
-        from .preprocess import resize
+        from .preprocess import classification_volume
 
         i = self.indices[k]
-        x, _, _ = self.ds.load_case(i, channel=self.channel)
-        t = resize(torch.from_numpy(x)[None], self.size, "trilinear")[0]
-        return {"image": t.contiguous(), "label": torch.tensor(self.ds.targets[i]),
-                "case": self.ds.names[i]}
+        t = classification_volume(self.files[i], self.size, self.channel)
+        return {"image": t.contiguous(), "label": torch.tensor(self.targets[i]),
+                "case": self.names[i]}
+
+
+def _cls_channel(ds, channel) -> int:
+    """A raw classification dataset's channel: an index (checked against each image when it
+    is read), or its channel name (the modality), which is channel 0."""
+    if channel is None:
+        return 0
+    if is_int(channel) or (isinstance(channel, str) and channel.isdigit()):
+        if int(channel) < 0:
+            raise ValueError(f"{ds.name}: channel {channel!r}: expected an index >= 0")
+        return int(channel)
+    low = [c.lower() for c in ds.channels]
+    if isinstance(channel, str) and channel.lower() in low:
+        return low.index(channel.lower())
+    raise ValueError(f"{ds.name}: no channel {channel!r}; channels are {ds.channels} (or give "
+                     "an index)")

@@ -132,22 +132,19 @@ def class_list(labels) -> list[str]:
 
 def load_cls_volume(path, patch, channel=None) -> torch.Tensor:
     """One image for classification: RAS, one channel, clipped to its 0.5-99.5 percentiles,
-    z-scored, resized (trilinear) to the patch: (1, D, H, W) float32."""
-    from med3d_ext.data import read_volume
+    z-scored, resized (trilinear) to the patch: (1, D, H, W) float32. The recipe is
+    :func:`med3d_ext.data.classification_volume` (which ``med3d_ext.data.ClassificationSet``
+    uses too); here ``--channel`` problems are the command line's (ConfigError, exit 2)."""
+    from med3d_ext.data.preprocess import ChannelError, classification_volume
 
-    v = read_volume(path, dtype=np.float32)
     if channel is not None and not str(channel).isdigit():
         raise ConfigError(f"--channel {channel!r}: classification images have no channel "
                           "names; give a channel index")
-    c = 0 if channel is None else int(channel)
-    if c >= v.data.shape[0]:
-        raise ConfigError(f"--channel {c}: {str(path)!r} has {v.data.shape[0]} channel(s)")
-    x = v.data[c].astype(np.float32)
-    lo, hi = np.percentile(x, [0.5, 99.5])
-    x = np.clip(x, lo, hi)
-    x = (x - x.mean()) / max(float(x.std()), 1e-6)
-    t = torch.from_numpy(x.astype(np.float32))[None, None]
-    return F.interpolate(t, size=tuple(patch), mode="trilinear", align_corners=False)[0]
+    try:
+        return classification_volume(path, patch, None if channel is None else int(channel))
+    except ChannelError as e:
+        raise ConfigError(f"--channel {e.channel}: {e.path!r} has {e.count} channel(s)") \
+            from None
 
 
 class ClsLoader:
