@@ -1,10 +1,13 @@
 // CUDA kernels for affine_resample and affine_resample_pair (see resample.h; resize:
 // resize_cuda.cu).
 //
-// One thread per run of consecutive output voxels of a row (kVec, or kPlainVec in the kPlain
-// kernel), all channels in the thread: the sampling
-// points are computed once from the matrix (no grid tensor), their taps are reused by every
-// channel and by the fused label, and each output element is written exactly once. The image and
+// Each thread takes a few output voxels, all channels in the thread: in the general kernel a
+// run of kVec consecutive voxels of a row; in the kPlain kernel (the augmentation's usual call)
+// one voxel of each of kPlainVec rows, the 32 lanes of a warp on 32 consecutive voxels of a
+// row (plain_tile_item; its former runs of kPlainVec stay selectable, see
+// plain_layout_tiled). The sampling points are computed once from the matrix (no grid
+// tensor), their taps are reused by every channel and by the fused label, and each output
+// element is written exactly once. The image and
 // the label of a pair share one launch: items [0, image_items) cover the image grid (and the
 // label too when both grids coincide), the rest the label's own grid.
 #include <cstdlib>
