@@ -113,11 +113,11 @@ def classification_volume(path, size, channel: int | None = None) -> torch.Tenso
     v = read_volume(path, dtype=np.float32)
     if c >= v.data.shape[0]:
         raise ChannelError(c, path, v.data.shape[0])
-    x = v.data[c].astype(np.float32)
+    x = v.data[c].astype(np.float32, copy=False)  # (np.clip below copies: v is not changed)
     lo, hi = np.percentile(x, [0.5, 99.5])
     x = np.clip(x, lo, hi)
     x = (x - x.mean()) / max(float(x.std()), 1e-6)
-    t = torch.from_numpy(x.astype(np.float32))[None, None]
+    t = torch.from_numpy(x.astype(np.float32, copy=False))[None, None]
     # F.interpolate itself, as the classification runs always did (resize() may use the
     # package kernel, defined to give the same numbers)
     return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0]

@@ -560,7 +560,7 @@ def main(argv=None) -> int:
         if status is None:  # a bug: its traceback
             raise
         # every rank says it: under srun/mpirun each rank's output may go to a log of its own
-        if isinstance(e, OSError) and not isinstance(e, _usage_errors() + _known_errors()):
+        if isinstance(e, OSError) and not isinstance(e, _known_errors()):
             # a disk full or an unwritable path met mid-run
             print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
                   file=sys.stderr)

@@ -601,14 +601,13 @@ def cls_table_names(paths, cases) -> list[str]:
     (``neg/001``), else as ``cases`` (the run's split names: that path with its ending)."""
     from collections import Counter
 
-    from .predict import _ending, image_case_names
+    from .predict import _strip_ending, image_case_names
 
     names = image_case_names(paths)
     count = Counter(names)
     for i, n in enumerate(names):
         if count[n] > 1:
-            e = _ending(cases[i])
-            names[i] = cases[i][: -len(e)] if e and len(cases[i]) > len(e) else cases[i]
+            names[i] = _strip_ending(cases[i])
     count = Counter(names)
     return [n if count[n] == 1 else c for n, c in zip(names, cases)]
 

@@ -100,7 +100,7 @@ def resume_command(kind, run_dir) -> str:
 
 
 def _non_finite_message(what, step, epoch, epochs, run_dir, saved_step, opt, cfg,
-                        kind=None) -> str:
+                        kind) -> str:
     """``what``: "non-finite loss (nan)", or the weights named by _non_finite_weights."""
     keep = (f"The last good checkpoint is {Path(run_dir) / 'last.pt'} (step {saved_step}; "
             f"resume with `{resume_command(kind, run_dir)}`)" if saved_step is not None else

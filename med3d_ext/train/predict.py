@@ -65,6 +65,12 @@ def _ending(name: str) -> str | None:
     return next((e for e in FILE_ENDINGS if low.endswith(e)), None)
 
 
+def _strip_ending(name: str) -> str:
+    """``name`` without its image ending (a name that is only an ending is kept whole)."""
+    e = _ending(name)
+    return name[: -len(e)] if e and len(name) > len(e) else name
+
+
 def _stem(path: Path) -> str:
     e = _ending(path.name)
     stem = path.name[: -len(e)] if e else path.name
@@ -159,8 +165,7 @@ def image_case_names(files) -> list[str]:
             stems.append(Path(os.path.abspath(f)).name)
             keys.append(None)
             continue
-        e = _ending(f.name)
-        stem = f.name[: -len(e)] if e and len(f.name) > len(e) else f.name
+        stem = _strip_ending(f.name)
         m = _CHANNEL.match(stem)
         stems.append(stem)
         keys.append((f.resolve().parent, m.group(1), m.group(2)) if m else None)
