@@ -43,7 +43,7 @@
 #               peak GPU memory, eager / fused / memory-saving, by where it was allocated) into
 #               $OUT/memory;
 #     ncu (only when ORDER names it): Nsight Compute over one call of each target kernel
-#               (python -m benchmarks.ncu_kernels run $NCU_CASES: loss augment layer stem) into
+#               (python -m benchmarks.ncu_kernels run $NCU_CASES: loss augment augment_cli layer stem) into
 #               $OUT/ncu (the report, its details page as CSV and text, and a one-line-per-kernel
 #               table: time, throughput, registers, occupancy);
 #  then packs logs and results into $OUT/gpu_check.tar.gz and prints the summary LAST.
@@ -54,7 +54,7 @@
 # build or the tests failed.
 # Knobs: PYTHON, GPU_CHECK_BUDGET, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZER_TIMEOUT,
 # TARGETS_TIMEOUT, PROFILE_TIMEOUT, KERNELS_TIMEOUT, PIPELINE_TIMEOUT, THROUGHPUT_TIMEOUT,
-# CONVERGENCE_TIMEOUT, STUDY_TIMEOUT, COMPILE_TIMEOUT, MEMORY_TIMEOUT, NCU_TIMEOUT, NCU_CASES, NCU_LAUNCHES, THROUGHPUT_ARGS, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
+# CONVERGENCE_TIMEOUT, STUDY_TIMEOUT, COMPILE_TIMEOUT, MEMORY_TIMEOUT, NCU_TIMEOUT, NCU_CASES, NCU_LAUNCHES, NCU_SECTIONS (extra ncu flags, e.g. "--section SourceCounters"), THROUGHPUT_ARGS, ORDER, SKIP (any of build tests targets: e.g. a second call on a warm
 # machine, SKIP="build tests targets" ORDER="convergence profile", reuses the first's build), WHEELS, BENCH_DEVICE (default cuda), BENCH_ARGS (extra options for the
 # timed benchmark calls, e.g. --with-compile: then raise TARGETS_TIMEOUT, compiling ResNet-50 twice
 # takes minutes), PROFILE_ARGS (for the profile call; --with-compile profiles the compiled rows
@@ -489,13 +489,17 @@ stage_ncu() {  # Nsight Compute: occupancy, throughput and stalls of the target 
     timeout -k 10 "$lim" ncu --clock-control none --profile-from-start off \
         --kernel-name-base demangled --kernel-name regex:med3d_ext --launch-count "${NCU_LAUNCHES:-60}" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section MemoryWorkloadAnalysis --section SchedulerStats \
+        --section MemoryWorkloadAnalysis --section SchedulerStats ${NCU_SECTIONS:-} \
         -f -o "$OUT/ncu/kernels" "$PY" -m benchmarks.ncu_kernels run ${NCU_CASES:-} > "$LOGS/ncu.log" 2>&1
     rc=$?
     if [ -f "$OUT/ncu/kernels.ncu-rep" ]; then
         ncu --import "$OUT/ncu/kernels.ncu-rep" --page details --csv > "$OUT/ncu/details.csv" 2>>"$LOGS/ncu.log"
         ncu --import "$OUT/ncu/kernels.ncu-rep" --page details > "$OUT/ncu/details.txt" 2>>"$LOGS/ncu.log"
         "$PY" -m benchmarks.ncu_kernels summary "$OUT/ncu/details.csv" > "$OUT/ncu/summary.md" 2>>"$LOGS/ncu.log"
+        case " ${NCU_SECTIONS:-} " in  # with SourceCounters: the stall samples per SASS line
+            *SourceCounters*) ncu --import "$OUT/ncu/kernels.ncu-rep" --page source --csv \
+                --print-source sass > "$OUT/ncu/source_sass.csv" 2>>"$LOGS/ncu.log" ;;
+        esac
     fi
     case $rc in
         0) st="ok: $(($(wc -l < "$OUT/ncu/summary.md" 2>/dev/null || echo 2) - 2)) kernels (ncu/summary.md)" ;;

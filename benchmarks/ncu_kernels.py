@@ -8,6 +8,8 @@ Two modes:
       loss     8-head multihead_seg_loss (2-5 classes, 1 x 32 x 64 x 64, fp32, int64 labels),
                forward + backward, validate=False (the #6 target row);
       augment  affine_resample_pair, 8 x 1 x 128^3 fp32 image + uint8 label (the #5 target row);
+      augment_cli  the same with the training CLI's intensity draws (scale, shift, noise; gamma 1)
+               and the label on its quarter grid (its default --label-grid logits);
       layer    conv_bn_relu3d, bf16 channels_last_3d, 8 x 64 x 16 x 32 x 32, 3^3 conv, training,
                forward + backward (the BatchNorm statistics / apply / backward kernels, #4);
       stem     conv_bn_relu_maxpool3d on the MedicalNet stem, 8 x 1 x 64 x 128 x 128 bf16, fwd + bwd.
@@ -66,6 +68,18 @@ def _cases():
         theta = random_theta(8, dev)
         return lambda: ops.affine_resample_pair(img, lab, theta, size)
 
+    def augment_cli():
+        size = (8, 1, 128, 128, 128)
+        img = torch.randn(size, device=dev, generator=g)
+        lab = torch.randint(0, 8, size, device=dev, dtype=torch.uint8, generator=g)
+        theta = random_theta(8, dev)
+        b = size[0]
+        inten = {"scale": torch.full((b,), 1.05, device=dev), "shift": torch.full((b,), 0.02, device=dev),
+                 "gamma": torch.ones(b, device=dev), "noise_std": torch.full((b,), 0.03, device=dev),
+                 "seed": torch.arange(b, device=dev, dtype=torch.int64)}
+        quarter = tuple(n // 4 for n in size[2:])
+        return lambda: ops.affine_resample_pair(img, lab, theta, size, quarter, intensity=inten)
+
     def bn_train(op, x, w, **kw):
         """One bf16-autocast training call of a conv+BN op (identity BN parameters, fresh
         running statistics) and its backward."""
@@ -92,7 +106,7 @@ def _cases():
         w = (0.05 * torch.randn(64, 1, 7, 7, 7, device=dev, generator=g)).requires_grad_(True)
         return bn_train(ops.conv_bn_relu_maxpool3d, x, w, stride=2, padding=3)
 
-    return {"loss": loss, "augment": augment, "layer": layer, "stem": stem}
+    return {"loss": loss, "augment": augment, "augment_cli": augment_cli, "layer": layer, "stem": stem}
 
 
 def run(names: list[str]) -> None:
