@@ -40,6 +40,9 @@ constexpr int kTileW = 32;
 // The kPlain kernel's table of base coordinates (D + H + W entries, 16 KiB of fp32 at most);
 // larger grids take the general kernel.
 constexpr int64_t kPlainTable = 4096;
+// The kPlain kernel's grid: this many blocks per SM at most (twice the 4 that reside at once;
+// see launch_prepared).
+constexpr int64_t kPlainWaves = 8;
 
 // V elements stored with the widest instructions where the address is aligned to the whole
 // pack (one for up to 16 bytes).
@@ -260,6 +263,7 @@ template <bool kPlainIntensity, bool kPlainOwnLabel, typename scalar_t, typename
           typename T, typename index_t, typename item_t>
 __device__ __forceinline__ void plain_tile_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
                                                 const T* tab) {
+  static_assert(std::is_same_v<index_t, int32_t>, "the tiles' offsets are 32-bit");
   const item_t D = a.D, H = a.H, W = a.W;
   const item_t WT = (W + kTileW - 1) / kTileW, HT = (H + kPlainVec - 1) / kPlainVec;
   const item_t lane = i % kTileW, tile = i / kTileW;
@@ -274,34 +278,44 @@ __device__ __forceinline__ void plain_tile_item(const PairArgs<scalar_t, label_t
   const index_t in_cs = static_cast<index_t>(g.HW) * g.D;
   const T* t = a.theta + int64_t(n) * 12;
   const T bx = tab[D + H + w], bz = tab[d];
-  const T xx = m_mul(t[0], bx), xy = m_mul(t[4], bx), xz = m_mul(t[8], bx);
+  // theta's terms in registers for the whole tile: read through `t` in the row loop, they were
+  // loaded again after every row's stores (the compiler cannot tell the outputs from theta):
+  // 9 loads a row (ncu SASS, H200). Each row's sums are row_terms' to the bit: the same
+  // products, added in the same order.
+  const T xx = m_mul(__ldg(t + 0), bx), xy = m_mul(__ldg(t + 4), bx), xz = m_mul(__ldg(t + 8), bx);
+  const T ty0 = __ldg(t + 1), ty1 = __ldg(t + 5), ty2 = __ldg(t + 9);
+  const T tz0 = m_mul(__ldg(t + 2), bz), tz1 = m_mul(__ldg(t + 6), bz), tz2 = m_mul(__ldg(t + 10), bz);
+  const T tc0 = __ldg(t + 3), tc1 = __ldg(t + 7), tc2 = __ldg(t + 11);
   const float* p = kPlainIntensity ? a.intensity + int64_t(n) * kIntensityFields : nullptr;
   const uint32_t key = kPlainIntensity ? noise_key(a.seed != nullptr ? a.seed[n] : 0, n) : 0;
+  // the epilogue's parameters in registers too (the interior path's inline epilogue; the border
+  // path's out-of-line call takes `p`, as a pointer to a local array would put it in memory)
+  float pv[kIntensityFields];
+#pragma unroll
+  for (int j = 0; j < kIntensityFields; ++j) pv[j] = kPlainIntensity ? __ldg(p + j) : 0.0f;
   const scalar_t* img_in = a.image + int64_t(n) * in_cs;
   asm("" : "+l"(img_in));  // opaque: see kPlain above pair_item
   scalar_t* img_out = a.image_out + int64_t(n) * out_cs;
   const label_t* lab_in = kPlainOwnLabel ? nullptr : a.label + int64_t(n) * in_cs;
   if constexpr (!kPlainOwnLabel) asm("" : "+l"(lab_in));
   label_t* lab_out = kPlainOwnLabel ? nullptr : a.label_out + int64_t(n) * out_cs;
-#pragma unroll
-  for (int k = 0; k < kPlainVec; ++k) {
+  const auto row = [&](int k) {
     const item_t h = h0 + k;
-    if (h >= H) break;  // the last tile of a plane whose height is not a multiple of 8
     const index_t o = static_cast<index_t>((int64_t(d) * H + h) * W + w);
-    T row[3];
-    row_terms(t, tab[D + h], bz, row);
-    const T cx = padded_index(xx + row[0], g.W, kZeros, false),
-            cy = padded_index(xy + row[1], g.H, kZeros, false),
-            cz = padded_index(xz + row[2], g.D, kZeros, false);
+    const T by = tab[D + h];
+    const T cx = padded_index(xx + ((m_mul(ty0, by) + tz0) + tc0), g.W, kZeros, false),
+            cy = padded_index(xy + ((m_mul(ty1, by) + tz1) + tc1), g.H, kZeros, false),
+            cz = padded_index(xz + ((m_mul(ty2, by) + tz2) + tc2), g.D, kZeros, false);
     scalar_t v;
     label_t lv = label_t(0);
     if (interior_point(cx, cy, cz, g)) {
       const AxisTap<T> x = interior_axis_tap(cx), y = interior_axis_tap(cy),
                        z = interior_axis_tap(cz);
       const T sv = sample_interior_taps(img_in, combine_taps(x, y, z, g), LdgLoad{});
-      // (inline here: the tile path's few live values leave the registers it needs)
-      v = kPlainIntensity ? static_cast<scalar_t>(intensity(static_cast<float>(sv), p, key,
-                                                            int64_t(o)))
+      // (o >= 0 in 32 bits: as an unsigned value its high word is known to be 0, and the
+      // noise's hash of it folds to a constant)
+      v = kPlainIntensity ? static_cast<scalar_t>(intensity(static_cast<float>(sv), pv, key,
+                                                            int64_t(static_cast<uint32_t>(o))))
                           : static_cast<scalar_t>(sv);
       if constexpr (!kPlainOwnLabel)
         lv = LdgLoad{}(lab_in + grid_offset(interior_axis_nearest(cx), interior_axis_nearest(cy),
@@ -316,6 +330,18 @@ __device__ __forceinline__ void plain_tile_item(const PairArgs<scalar_t, label_t
     }
     img_out[o] = v;
     if constexpr (!kPlainOwnLabel) lab_out[o] = lv;
+  };
+  // the last tile of a plane whose height is not a multiple of 8 has fewer rows
+  const int rows = static_cast<int>(m_min<int64_t>(kPlainVec, int64_t(H) - int64_t(h0)));
+  if constexpr (kPlainIntensity) {
+    // not unrolled: eight inlined copies of the epilogue (its noise's hash, log, sqrt and cos)
+    // outgrew the instruction cache (ncu, H200: 41% of cycles with no instruction to issue)
+#pragma unroll 1
+    for (int k = 0; k < rows; ++k) row(k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPlainVec; ++k)
+      if (k < rows) row(k);
   }
 }
 
@@ -458,8 +484,13 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
       const Items it = plain ? items(kPlainVec, tiled) : Items{};
       if (plain && it.small) {
         if (it.total == 0) return;
+        // At most kPlainWaves blocks per SM, the grid-stride loop taking the rest: a block first
+        // fills its coordinate table (a division per entry) and waits at a barrier, which one
+        // item of 8 voxels per thread did not amortise (ncu SASS, H200: 16% of the kernel's
+        // instructions before the first voxel).
+        const int64_t blocks = std::min<int64_t>(it.blocks, int64_t(sm_count()) * kPlainWaves);
         const auto launch = [&](auto kernel) {
-          kernel<<<static_cast<unsigned>(it.blocks), kThreads,
+          kernel<<<static_cast<unsigned>(blocks), kThreads,
                    size_t(a.D + a.H + a.W) * sizeof(C), stream>>>(
               a, static_cast<uint32_t>(it.image), static_cast<uint32_t>(it.total),
               it.image_aligned, it.label_aligned);

@@ -32,6 +32,24 @@ def compiled(name: str):
     return op
 
 
+def call_without_grad(op, tensors, *args):
+    """``op(*args)``, skipping the autograd layer when no tensor of ``tensors`` needs a gradient.
+
+    The autograd formula that torch.library.register_autograd installs is Python, and it runs on
+    every call, also when nothing requires grad: ~13 us of host time per call (CPU, tiny inputs:
+    19.6 us through it, 6.8 us below it), as much as a small augmentation kernel takes on a GPU.
+    An augmentation call never needs it. Outside torch.compile (which traces the op itself) and
+    functorch transforms (whose wrapped tensors must meet the autograd layer), a call on tensors
+    that need no gradient goes straight to the CPU/CUDA kernel; the result is the same (outputs
+    that need no gradient either)."""
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) \
+            or torch.compiler.is_compiling() \
+            or torch._C._functorch.peek_interpreter_stack() is not None:
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def register_fake(name: str):
     """Decorator: ``torch.library.register_fake`` for a med3d_ext op, skipped without ``_C``."""
 

@@ -16,8 +16,8 @@ import torch
 
 from .. import reference
 from .._args import ArgumentTypeError
-from ._common import (check_bool, check_same_device, compiled, register_autograd,
-                      register_fake)
+from ._common import (call_without_grad, check_bool, check_same_device, compiled,
+                      register_autograd, register_fake)
 
 __all__ = ["affine_resample", "affine_resample_pair", "resize", "resample_to_spacing",
            "pack_intensity"]
@@ -129,7 +129,7 @@ def affine_resample(image: torch.Tensor, theta: torch.Tensor, size, *, mode: str
     op = compiled("affine_resample")
     if op is None:
         return reference.affine_resample(image, theta, size, mode, padding_mode, align_corners)
-    return op(image, theta, size, m, p, bool(align_corners))
+    return call_without_grad(op, (image, theta), image, theta, size, m, p, bool(align_corners))
 
 
 @register_fake("affine_resample")
@@ -244,8 +244,8 @@ def affine_resample_pair(image: torch.Tensor, label: torch.Tensor, theta: torch.
     if intensity is not None:
         params, seed = pack_intensity(intensity, n, image.device)
     lab5 = label if label.dim() == 5 else label.unsqueeze(1)
-    img, lab = op(image, lab5, theta, size, label_size, elastic, params, seed, p,
-                  bool(align_corners))
+    img, lab = call_without_grad(op, (image, theta, elastic), image, lab5, theta, size, label_size,
+                                 elastic, params, seed, p, bool(align_corners))
     return img, (lab if label.dim() == 5 else lab.squeeze(1))
 
 

@@ -813,3 +813,67 @@ def test_cuda_plain_pair_equals_the_general_kernel_and_the_cpu(dtype, label_dtyp
             torch.testing.assert_close(plain[0].cpu().float(), cpu[0].float(), rtol=1e-2,
                                        atol=1e-2)
         assert_nearest_close(plain[1].cpu(), cpu[1])
+
+
+# ------------------------------------------------- host-side fast paths (call_without_grad, pack)
+
+
+def test_call_without_grad_skips_the_autograd_layer_only_when_no_gradient_is_needed():
+    """The resample wrappers call their op below the autograd layer (its Python formula costs
+    more host time than a small augmentation kernel) exactly when nothing needs a gradient:
+    the probe reports whether the autograd key was excluded when the op ran."""
+    from med3d_ext.ops._common import call_without_grad
+
+    def probe(*_):
+        return torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality)
+
+    x = torch.randn(3)
+    xg = torch.randn(3, requires_grad=True)
+    assert call_without_grad(probe, (x, None)) is True
+    assert call_without_grad(probe, (x, xg)) is False       # a gradient is needed
+    with torch.no_grad():
+        assert call_without_grad(probe, (xg,)) is True      # grad mode off: none is
+    # under a functorch transform the wrapped tensors must meet the autograd layer
+    seen = []
+    torch.func.grad(lambda t: (seen.append(call_without_grad(probe, (x,))), t.sum())[1])(xg.detach())
+    assert seen == [False]
+    # the fast path leaves autograd as it was once the call returns
+    assert torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality) is False
+
+
+@requires_ext
+def test_pair_fast_path_keeps_results_and_the_backward_error():
+    img = torch.randn(2, 1, 5, 6, 7)
+    lab = torch.randint(0, 4, (2, 5, 6, 7), dtype=torch.uint8)
+    theta = random_theta(2)
+    size = (2, 1, 4, 5, 6)
+    out, lout = m3d.ops.affine_resample_pair(img, lab, theta, size)
+    ref = reference.affine_resample_pair(img, lab, theta, list(size))
+    assert_close(out, ref[0])
+    assert torch.equal(lout, ref[1])
+    assert not out.requires_grad
+    # an image that requires grad still takes the autograd layer, whose backward refuses
+    out_g, _ = m3d.ops.affine_resample_pair(img.clone().requires_grad_(), lab, theta, size)
+    assert torch.equal(out_g.detach(), out)
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        out_g.sum().backward()
+    # affine_resample: a gradient for the image through the autograd layer, as before
+    x = img.clone().requires_grad_()
+    m3d.ops.affine_resample(x, theta, size).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_pack_intensity_reuses_constant_columns_without_sharing_results():
+    """The unclipped bounds are cached columns; a caller writing into one packed result must
+    not change the next (the cached columns are only ever stacked into new tensors)."""
+    p1, _ = reference.pack_intensity({"scale": 2.0}, 3, "cpu")
+    assert torch.equal(p1[:, 4], torch.full((3,), -math.inf))
+    assert torch.equal(p1[:, 5], torch.full((3,), math.inf))
+    p1.fill_(0.0)
+    p2, _ = reference.pack_intensity({"scale": 2.0, "shift": torch.tensor([1.0, 2.0, 3.0])}, 3, "cpu")
+    assert torch.equal(p2, torch.tensor([[2.0, 1.0, 1.0, 0.0, -math.inf, math.inf],
+                                         [2.0, 2.0, 1.0, 0.0, -math.inf, math.inf],
+                                         [2.0, 3.0, 1.0, 0.0, -math.inf, math.inf]]))
+    # another batch size gets its own columns
+    p3, _ = reference.pack_intensity({}, 5, "cpu")
+    assert p3.shape == (5, 6) and torch.equal(p3[:, 0], torch.ones(5))
