@@ -15,7 +15,7 @@
 # gpu_check.sh still builds from source when the wheel is missing, stale (sources changed since),
 # built for another torch, or fails its smoke test there.
 # Knobs: PYTHON312 (interpreter; default python3.12 on PATH), GPU_TORCH (2.11.0),
-# TORCH_CUDA_ARCH_LIST (9.0), CMAKE_BUILD_PARALLEL_LEVEL (2).
+# TORCH_CUDA_ARCH_LIST (9.0), CMAKE_BUILD_PARALLEL_LEVEL (2), PREBUILD_CACHE (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,12 +44,20 @@ if [ -z "$PY312" ]; then
 fi
 command -v nvcc >/dev/null || { echo "gpu_prebuild: nvcc not found" >&2; exit 2; }
 TORCH_V="${GPU_TORCH:-2.11.0}"
-TMP="$(mktemp -d /tmp/med3d_prebuild.XXXXXX)"
-trap 'rm -rf "$TMP"' EXIT
+# PREBUILD_CACHE=DIR keeps the venv and the build folder there (a rebuild after a small change
+# then compiles only what changed); by default both are temporary
+if [ -n "${PREBUILD_CACHE:-}" ]; then
+    TMP="$PREBUILD_CACHE"; mkdir -p "$TMP"
+else
+    TMP="$(mktemp -d /tmp/med3d_prebuild.XXXXXX)"
+    trap 'rm -rf "$TMP"' EXIT
+fi
 
 echo "[gpu_prebuild] venv: Python $("$PY312" -c 'import platform; print(platform.python_version())'), torch==$TORCH_V"
-"$PY312" -m venv "$TMP/venv"
-"$TMP/venv/bin/pip" install -q "torch==$TORCH_V" numpy scikit-build-core ninja "cmake>=3.26"
+if [ ! -x "$TMP/venv/bin/python" ]; then
+    "$PY312" -m venv "$TMP/venv"
+    "$TMP/venv/bin/pip" install -q "torch==$TORCH_V" numpy scikit-build-core ninja "cmake>=3.26"
+fi
 "$TMP/venv/bin/python" -c 'import torch; print("[gpu_prebuild] torch", torch.__version__, "cuda", torch.version.cuda)'
 HASH="$(source_hash)"
 rm -rf "$DIR"

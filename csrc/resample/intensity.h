@@ -51,8 +51,9 @@ M3D_HOST_DEVICE M3D_RS_INLINE float noise_normal(uint32_t key, int64_t idx) {
 // into each of a kernel's unrolled voxels made the intensity kernels too large for the
 // instruction cache (ncu, H200: 41% of the warps' cycles waiting for instructions), and the
 // training CLI never takes this branch (gamma 1).
+// (inline: one definition across the translation units that include this header)
 #if defined(__CUDACC__)
-__host__ __device__ __noinline__
+inline __host__ __device__ __noinline__
 #else
 inline
 #endif
