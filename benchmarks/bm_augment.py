@@ -128,8 +128,9 @@ def _gpu(ctx, b=8, s=128):
     case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair", ctx.device),
              compare_to=same_device)
     if ctx.gpu:  # the kPlain kernel's former layout beside its default, in the same process
-        case.add(RUNS_ROW, lambda: _runs_layout(ours()), compare_to=same_device,
-                 note=op_backend("affine_resample_pair", ctx.device))
+        for row, layout in ((RUNS_ROW, "runs"), (PAIRS_ROW, "pairs")):
+            case.add(row, lambda layout=layout: _layout(ours(), layout), compare_to=same_device,
+                     note=op_backend("affine_resample_pair", ctx.device))
     if ctx.with_compile:
         case.add("torch.compile eager", lambda: (lambda f=torch.compile(eager_pair): f(img, lab, theta, size)),
                  baseline=True)
@@ -194,22 +195,25 @@ def _intensity_case(ctx, img, lab, theta, size, params, nbytes, field, label_siz
              baseline=True, check=False, note="own conventions, same work; not compared")
     case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair", ctx.device))
     if ctx.gpu and field is None:
-        case.add(RUNS_ROW, lambda: _runs_layout(ours()),
-                 note=op_backend("affine_resample_pair", ctx.device))
+        for row, layout in ((RUNS_ROW, "runs"), (PAIRS_ROW, "pairs")):
+            case.add(row, lambda layout=layout: _layout(ours(), layout),
+                     note=op_backend("affine_resample_pair", ctx.device))
     case.run()
 
 
 # The CUDA kPlain kernel's image items are warp tiles (csrc/resample/resample_cuda.cu,
 # plain_tile_item); MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=runs selects its former runs of 8 voxels per
-# thread, read at every launch. The variable is set around each call (a few microseconds of host
-# time inside the timed call, against ~300 us of kernel).
+# thread, =pairs the tiles' rows two at a time (its loads issued together), read at every launch.
+# The variable is set around each call (a few microseconds of host time inside the timed call,
+# against ~160 us of kernel).
 RUNS_ROW = "med3d_ext affine_resample_pair, runs layout (MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=runs)"
+PAIRS_ROW = "med3d_ext affine_resample_pair, row pairs (MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=pairs)"
 
 
-def _runs_layout(fn):
+def _layout(fn, layout="runs"):
     def call():
         old = os.environ.get("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT")
-        os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = "runs"
+        os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = layout
         try:
             return fn()
         finally:

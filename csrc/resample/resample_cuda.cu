@@ -5,7 +5,7 @@
 // run of kVec consecutive voxels of a row; in the kPlain kernel (the augmentation's usual call)
 // one voxel of each of kPlainVec rows, the 32 lanes of a warp on 32 consecutive voxels of a
 // row (plain_tile_item; its former runs of kPlainVec stay selectable, see
-// plain_layout_tiled). The sampling points are computed once from the matrix (no grid
+// plain_layout). The sampling points are computed once from the matrix (no grid
 // tensor), their taps are reused by every channel and by the fused label, and each output
 // element is written exactly once. The image and
 // the label of a pair share one launch: items [0, image_items) cover the image grid (and the
@@ -43,6 +43,9 @@ constexpr int64_t kPlainTable = 4096;
 // The kPlain kernel's grid: this many blocks per SM at most (twice the 4 that reside at once;
 // see launch_prepared).
 constexpr int64_t kPlainWaves = 8;
+// The kPlain kernel's layouts of its image items (pair_kernel's kLayout): pair_item's runs, or
+// plain_tile_item's warp tiles taking their rows one or two at a time.
+constexpr int kRuns = 0, kTiles = 1, kTilePairs = 2;
 
 // V elements stored with the widest instructions where the address is aligned to the whole
 // pack (one for up to 16 bytes).
@@ -259,8 +262,8 @@ __device__ __forceinline__ void pair_item(const PairArgs<scalar_t, label_t, T>& 
 // one row are 32 consecutive elements. A lane's x terms (theta_x * bx) serve its 8 rows.
 // Each voxel's arithmetic is pair_item's (kPlain) to the bit: the same products and sums in the
 // same order, the same interior and border paths, the same noise index.
-template <bool kPlainIntensity, bool kPlainOwnLabel, typename scalar_t, typename label_t,
-          typename T, typename index_t, typename item_t>
+template <bool kPairs, bool kPlainIntensity, bool kPlainOwnLabel, typename scalar_t,
+          typename label_t, typename T, typename index_t, typename item_t>
 __device__ __forceinline__ void plain_tile_item(const PairArgs<scalar_t, label_t, T>& a, item_t i,
                                                 const T* tab) {
   static_assert(std::is_same_v<index_t, int32_t>, "the tiles' offsets are 32-bit");
@@ -299,32 +302,46 @@ __device__ __forceinline__ void plain_tile_item(const PairArgs<scalar_t, label_t
   const label_t* lab_in = kPlainOwnLabel ? nullptr : a.label + int64_t(n) * in_cs;
   if constexpr (!kPlainOwnLabel) asm("" : "+l"(lab_in));
   label_t* lab_out = kPlainOwnLabel ? nullptr : a.label_out + int64_t(n) * out_cs;
+  // row k's output offset and padded source point
+  const auto offset = [&](int k) {
+    return static_cast<index_t>((int64_t(d) * H + (h0 + k)) * W + w);
+  };
+  const auto point = [&](int k) {
+    const T by = tab[D + h0 + k];
+    return Vec3<T>{padded_index(xx + ((m_mul(ty0, by) + tz0) + tc0), g.W, kZeros, false),
+                   padded_index(xy + ((m_mul(ty1, by) + tz1) + tc1), g.H, kZeros, false),
+                   padded_index(xz + ((m_mul(ty2, by) + tz2) + tc2), g.D, kZeros, false)};
+  };
+  // an interior point's image value (epilogue applied) and label
+  const auto interior_value = [&](const Vec3<T>& c) {
+    const AxisTap<T> x = interior_axis_tap(c.x), y = interior_axis_tap(c.y),
+                     z = interior_axis_tap(c.z);
+    return sample_interior_taps(img_in, combine_taps(x, y, z, g), LdgLoad{});
+  };
+  const auto interior_label = [&](const Vec3<T>& c) {
+    return LdgLoad{}(lab_in + grid_offset(interior_axis_nearest(c.x), interior_axis_nearest(c.y),
+                                          interior_axis_nearest(c.z), g));
+  };
+  const auto finish = [&](T sv, index_t o) {
+    // (o >= 0 in 32 bits: as an unsigned value its high word is known to be 0, and the
+    // noise's hash of it folds to a constant)
+    return kPlainIntensity ? static_cast<scalar_t>(intensity(static_cast<float>(sv), pv, key,
+                                                             int64_t(static_cast<uint32_t>(o))))
+                           : static_cast<scalar_t>(sv);
+  };
   const auto row = [&](int k) {
-    const item_t h = h0 + k;
-    const index_t o = static_cast<index_t>((int64_t(d) * H + h) * W + w);
-    const T by = tab[D + h];
-    const T cx = padded_index(xx + ((m_mul(ty0, by) + tz0) + tc0), g.W, kZeros, false),
-            cy = padded_index(xy + ((m_mul(ty1, by) + tz1) + tc1), g.H, kZeros, false),
-            cz = padded_index(xz + ((m_mul(ty2, by) + tz2) + tc2), g.D, kZeros, false);
+    const index_t o = offset(k);
+    const Vec3<T> c = point(k);
     scalar_t v;
     label_t lv = label_t(0);
-    if (interior_point(cx, cy, cz, g)) {
-      const AxisTap<T> x = interior_axis_tap(cx), y = interior_axis_tap(cy),
-                       z = interior_axis_tap(cz);
-      const T sv = sample_interior_taps(img_in, combine_taps(x, y, z, g), LdgLoad{});
-      // (o >= 0 in 32 bits: as an unsigned value its high word is known to be 0, and the
-      // noise's hash of it folds to a constant)
-      v = kPlainIntensity ? static_cast<scalar_t>(intensity(static_cast<float>(sv), pv, key,
-                                                            int64_t(static_cast<uint32_t>(o))))
-                          : static_cast<scalar_t>(sv);
-      if constexpr (!kPlainOwnLabel)
-        lv = LdgLoad{}(lab_in + grid_offset(interior_axis_nearest(cx), interior_axis_nearest(cy),
-                                            interior_axis_nearest(cz), g));
+    if (interior_point(c.x, c.y, c.z, g)) {
+      v = finish(interior_value(c), o);
+      if constexpr (!kPlainOwnLabel) lv = interior_label(c);
     } else {
-      const Taps<T, index_t> tp = trilinear_taps<T, index_t>(cx, cy, cz, g);
+      const Taps<T, index_t> tp = trilinear_taps<T, index_t>(c.x, c.y, c.z, g);
       v = epilogue_call<scalar_t, T>(sample_taps(img_in, tp, LdgLoad{}), p, key, int64_t(o));
       if constexpr (!kPlainOwnLabel) {
-        const index_t src = nearest_offset<T, index_t>(cx, cy, cz, g);
+        const index_t src = nearest_offset<T, index_t>(c.x, c.y, c.z, g);
         if (src >= 0) lv = LdgLoad{}(lab_in + src);
       }
     }
@@ -333,7 +350,57 @@ __device__ __forceinline__ void plain_tile_item(const PairArgs<scalar_t, label_t
   };
   // the last tile of a plane whose height is not a multiple of 8 has fewer rows
   const int rows = static_cast<int>(m_min<int64_t>(kPlainVec, int64_t(H) - int64_t(h0)));
-  if constexpr (kPlainIntensity) {
+  if constexpr (kPairs) {
+    // Two rows at a time where both points are interior: their 16 image taps and 2 labels are
+    // all loads with no store between them, so the compiler can issue them together (one row
+    // gives 9 loads in flight per warp; ncu, H200: 35% of the cycles stalled on them). The
+    // arithmetic is the row path's (the compiler may contract the weighted sums into FMAs in
+    // another order: rounding only). An odd last row is computed twice, stored once.
+    // (Selected by MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=pairs until a GPU run says which is faster.)
+#pragma unroll 1
+    for (int k = 0; k < rows; k += 2) {
+      const int k1 = k + 1 < rows ? k + 1 : k;
+      const Vec3<T> ca = point(k), cb = point(k1);
+      if (interior_point(ca.x, ca.y, ca.z, g) & interior_point(cb.x, cb.y, cb.z, g)) {
+        // sample_interior_taps for both rows, written out so that every load comes before the
+        // first use of any (the compiler, left to schedule two calls, loaded half of the second
+        // row's taps only after the first row's sum: ~10 loads in flight, not 18; SASS sm_90)
+        const Taps<T, index_t> ta = combine_taps(interior_axis_tap(ca.x), interior_axis_tap(ca.y),
+                                                 interior_axis_tap(ca.z), g),
+                               tb = combine_taps(interior_axis_tap(cb.x), interior_axis_tap(cb.y),
+                                                 interior_axis_tap(cb.z), g);
+        scalar_t ra[8], rb[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          ra[j] = LdgLoad{}(img_in + (ta.zy[j >> 1] + ta.x[0]) + (j & 1));
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          rb[j] = LdgLoad{}(img_in + (tb.zy[j >> 1] + tb.x[0]) + (j & 1));
+        label_t la = label_t(0), lb = label_t(0);
+        if constexpr (!kPlainOwnLabel) {
+          la = interior_label(ca);
+          lb = interior_label(cb);
+        }
+        T va[8], vb[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          va[j] = static_cast<T>(ra[j]) * ta.w[j];
+          vb[j] = static_cast<T>(rb[j]) * tb.w[j];
+        }
+        const T sa = sum8(va), sb = sum8(vb);
+        const index_t oa = offset(k), ob = offset(k1);
+        img_out[oa] = finish(sa, oa);
+        if constexpr (!kPlainOwnLabel) lab_out[oa] = la;
+        if (k1 != k) {
+          img_out[ob] = finish(sb, ob);
+          if constexpr (!kPlainOwnLabel) lab_out[ob] = lb;
+        }
+      } else {
+        row(k);
+        if (k1 != k) row(k1);
+      }
+    }
+  } else if constexpr (kPlainIntensity) {
     // not unrolled: eight inlined copies of the epilogue (its noise's hash, log, sqrt and cos)
     // outgrew the instruction cache (ncu, H200: 41% of cycles with no instruction to issue)
 #pragma unroll 1
@@ -349,21 +416,23 @@ __device__ __forceinline__ void plain_tile_item(const PairArgs<scalar_t, label_t
 // grid; a grid-stride loop, so any item count fits the launch.
 // (kPlain with a fused label: every item is an image item. Label items come in runs of kVec
 // whatever the kernel: launch_prepared counts them so.)
-// kTiled (kPlain only): the image items are plain_tile_item's warp tiles (a multiple of 32 of
-// them, so lane i % 32 is the thread's lane: the stride is a multiple of 32 too).
-template <bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, bool kTiled, typename scalar_t,
+// kLayout (kPlain only; see PlainLayout): kTiles or kTilePairs: the image items are
+// plain_tile_item's warp tiles (a multiple of 32 of them, so lane i % 32 is the thread's lane:
+// the stride is a multiple of 32 too).
+template <bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, int kLayout, typename scalar_t,
           typename label_t, typename T, typename index_t, typename item_t>
 __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>& a,
                                            item_t image_items, item_t total, bool image_aligned,
                                            bool label_aligned, const T* tab) {
-  static_assert(kPlain || !kTiled, "kTiled is a layout of the kPlain kernel");
+  static_assert(kPlain || kLayout == kRuns, "tiles are a layout of the kPlain kernel");
   constexpr bool kLabelItems = !kPlain || kPlainOwnLabel;
   const item_t stride = item_t(gridDim.x) * kThreads;
   for (item_t i = item_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
     if (!kLabelItems || i < image_items) {
       if constexpr (std::is_integral_v<scalar_t>) {
-      } else if constexpr (kTiled) {
-        plain_tile_item<kPlainIntensity, kPlainOwnLabel, scalar_t, label_t, T, index_t>(a, i, tab);
+      } else if constexpr (kLayout != kRuns) {
+        plain_tile_item<kLayout == kTilePairs, kPlainIntensity, kPlainOwnLabel, scalar_t, label_t,
+                        T, index_t>(a, i, tab);
       } else {
         pair_item<true, kPlain, kPlainIntensity, kPlainOwnLabel, scalar_t, label_t, T, index_t>(
             a, i, image_aligned, label_aligned, tab);
@@ -389,12 +458,15 @@ __device__ __forceinline__ void pair_items(const PairArgs<scalar_t, label_t, T>&
 // (the kPlain variants with an 8-byte label: 3 blocks, as at 64 registers they spilled in the
 // loop: for fp32 + int64, 4 stores and 4 loads per item with intensity, 26 local accesses with
 // the label on its own grid; ptxas sm_90)
-template <bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, bool kTiled, typename scalar_t,
+template <bool kPlain, bool kPlainIntensity, bool kPlainOwnLabel, int kLayout, typename scalar_t,
           typename label_t, typename T, typename index_t, typename item_t>
+// (the row-pairs layout: 3 blocks too; at 64 registers its two rows' taps spilled, 16 bytes
+// without intensity and 48-64 with it, ptxas sm_90)
 __global__ void __launch_bounds__(
     kThreads, !kPlain                                                            ? 2
-              : (kPlainIntensity || kPlainOwnLabel) && sizeof(label_t) == 8 ? 3
-                                                                             : 4)
+              : ((kPlainIntensity || kPlainOwnLabel) && sizeof(label_t) == 8) ||
+                      kLayout == kTilePairs                                      ? 3
+                                                                                 : 4)
 pair_kernel(const PairArgs<scalar_t, label_t, T> a, item_t image_items, item_t total,
             bool image_aligned, bool label_aligned) {
   // kPlain: the base coordinates of the image grid's D, H and W axes, in that order (the same
@@ -409,7 +481,7 @@ pair_kernel(const PairArgs<scalar_t, label_t, T> a, item_t image_items, item_t t
                            : base_coord<T>(j - D - H, a.W, false);
     __syncthreads();
   }
-  pair_items<kPlain, kPlainIntensity, kPlainOwnLabel, kTiled, scalar_t, label_t, T, index_t,
+  pair_items<kPlain, kPlainIntensity, kPlainOwnLabel, kLayout, scalar_t, label_t, T, index_t,
              item_t>(a, image_items, total, image_aligned, label_aligned, tab);
 }
 
@@ -419,12 +491,14 @@ inline bool packs_aligned(const void* p, int64_t W, int64_t elem, int64_t v) {
   return W % v == 0 && reinterpret_cast<uintptr_t>(p) % (elem * v) == 0;
 }
 
-// The kPlain kernel's layout of image items: warp tiles (plain_tile_item), unless
-// MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=runs asks for pair_item's runs of 8 (read at every launch, so
-// that a benchmark can time both in one process).
-bool plain_layout_tiled() {
+// The kPlain kernel's layout of image items: warp tiles (plain_tile_item) row by row, unless
+// MED3D_EXT_PLAIN_RESAMPLE_LAYOUT asks for pair_item's runs of 8 ("runs") or the tiles' rows two
+// at a time ("pairs"); read at every launch, so that a benchmark can time them in one process.
+int plain_layout() {
   const char* v = std::getenv("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT");
-  return !(v && std::strcmp(v, "runs") == 0);
+  if (v && std::strcmp(v, "runs") == 0) return kRuns;
+  if (v && std::strcmp(v, "pairs") == 0) return kTilePairs;
+  return kTiles;
 }
 
 // A launch's work items (runs of v voxels, or kPlain's tiles), grid and flags.
@@ -480,7 +554,8 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
                        a.D + a.H + a.W <= kPlainTable;
     if constexpr (!std::is_integral_v<S> && !std::is_same_v<S, double> &&
                   std::is_same_v<index_t, int32_t>) {
-      const bool tiled = plain_layout_tiled();
+      const int layout = plain_layout();
+      const bool tiled = layout != kRuns;
       const Items it = plain ? items(kPlainVec, tiled) : Items{};
       if (plain && it.small) {
         if (it.total == 0) return;
@@ -496,8 +571,8 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
               it.image_aligned, it.label_aligned);
         };
         const bool inten = a.intensity != nullptr, own = !a.fused;
-        const auto variant = [&](auto tiled_tag) {
-          constexpr bool kT = decltype(tiled_tag)::value;
+        const auto variant = [&](auto layout_tag) {
+          constexpr int kT = decltype(layout_tag)::value;
           if (!inten && !own)
             launch(pair_kernel<true, false, false, kT, S, L, C, index_t, uint32_t>);
           else if (inten && !own)
@@ -507,8 +582,9 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
           else
             launch(pair_kernel<true, true, true, kT, S, L, C, index_t, uint32_t>);
         };
-        if (tiled) variant(std::true_type{});
-        else variant(std::false_type{});
+        if (layout == kTilePairs) variant(std::integral_constant<int, kTilePairs>{});
+        else if (layout == kTiles) variant(std::integral_constant<int, kTiles>{});
+        else variant(std::integral_constant<int, kRuns>{});
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -516,12 +592,12 @@ void launch_prepared(const Prepared& p, int64_t N, int64_t pad, bool align) {
     const Items it = items(kVec);
     if (it.total == 0) return;
     if (it.small) {
-      pair_kernel<false, false, false, false, S, L, C, index_t, uint32_t>
+      pair_kernel<false, false, false, kRuns, S, L, C, index_t, uint32_t>
           <<<static_cast<unsigned>(it.blocks), kThreads, 0, stream>>>(
               a, static_cast<uint32_t>(it.image), static_cast<uint32_t>(it.total),
               it.image_aligned, it.label_aligned);
     } else {
-      pair_kernel<false, false, false, false, S, L, C, index_t, int64_t>
+      pair_kernel<false, false, false, kRuns, S, L, C, index_t, int64_t>
           <<<static_cast<unsigned>(it.blocks), kThreads, 0, stream>>>(
               a, it.image, it.total, it.image_aligned, it.label_aligned);
     }

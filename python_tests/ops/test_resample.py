@@ -321,13 +321,14 @@ def test_pair_matches_reference(device, label_size, padding_mode):
     assert_nearest_close(out_lab, ref_lab)
 
 
-@pytest.fixture(params=["tiles", "runs"])
+@pytest.fixture(params=["tiles", "runs", "pairs"])
 def plain_layout(request, monkeypatch):
-    """The CUDA kPlain kernel's two layouts of image items (csrc/resample/resample_cuda.cu): warp
-    tiles of 32 voxels x 8 rows (the default) and runs of 8 voxels per thread
-    (MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=runs, read at every launch). Both must give the same."""
-    if request.param == "runs":
-        monkeypatch.setenv("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT", "runs")
+    """The CUDA kPlain kernel's layouts of image items (csrc/resample/resample_cuda.cu): warp
+    tiles of 32 voxels x 8 rows (the default), runs of 8 voxels per thread
+    (MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=runs) and the tiles' rows two at a time (=pairs); read at
+    every launch. All must give the same."""
+    if request.param != "tiles":
+        monkeypatch.setenv("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT", request.param)
     else:
         monkeypatch.delenv("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT", raising=False)
     return request.param
