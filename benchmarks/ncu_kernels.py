@@ -10,6 +10,8 @@ Two modes:
       augment  affine_resample_pair, 8 x 1 x 128^3 fp32 image + uint8 label (the #5 target row);
       augment_cli  the same with the training CLI's intensity draws (scale, shift, noise; gamma 1)
                and the label on its quarter grid (its default --label-grid logits);
+      augment_pairs, augment_cli_pairs  those two with MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=pairs (the
+               kPlain kernel's rows two at a time; set around the call only);
       layer    conv_bn_relu3d, bf16 channels_last_3d, 8 x 64 x 16 x 32 x 32, 3^3 conv, training,
                forward + backward (the BatchNorm statistics / apply / backward kernels, #4);
       stem     conv_bn_relu_maxpool3d on the MedicalNet stem, 8 x 1 x 64 x 128 x 128 bf16, fwd + bwd.
@@ -22,6 +24,7 @@ Two modes:
 from __future__ import annotations
 
 import csv
+import os
 import re
 import sys
 
@@ -106,7 +109,25 @@ def _cases():
         w = (0.05 * torch.randn(64, 1, 7, 7, 7, device=dev, generator=g)).requires_grad_(True)
         return bn_train(ops.conv_bn_relu_maxpool3d, x, w, stride=2, padding=3)
 
-    return {"loss": loss, "augment": augment, "augment_cli": augment_cli, "layer": layer, "stem": stem}
+    def pairs(make):
+        def build():
+            f = make()
+
+            def call():
+                old = os.environ.get("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT")
+                os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = "pairs"
+                try:
+                    return f()
+                finally:
+                    if old is None:
+                        del os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"]
+                    else:
+                        os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = old
+            return call
+        return build
+
+    return {"loss": loss, "augment": augment, "augment_cli": augment_cli,
+            "augment_pairs": pairs(augment), "augment_cli_pairs": pairs(augment_cli), "layer": layer, "stem": stem}
 
 
 def run(names: list[str]) -> None:
