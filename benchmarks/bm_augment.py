@@ -129,7 +129,7 @@ def _gpu(ctx, b=8, s=128):
              compare_to=same_device)
     if ctx.gpu:  # the kPlain kernel's former layout beside its default, in the same process
         for row, layout in ((RUNS_ROW, "runs"), (PAIRS_ROW, "pairs")):
-            case.add(row, lambda layout=layout: _layout(ours(), layout), compare_to=same_device,
+            case.add(row, lambda layout=layout: plain_layout_call(ours(), layout), compare_to=same_device,
                      note=op_backend("affine_resample_pair", ctx.device))
     if ctx.with_compile:
         case.add("torch.compile eager", lambda: (lambda f=torch.compile(eager_pair): f(img, lab, theta, size)),
@@ -196,7 +196,7 @@ def _intensity_case(ctx, img, lab, theta, size, params, nbytes, field, label_siz
     case.add("med3d_ext affine_resample_pair", ours, note=op_backend("affine_resample_pair", ctx.device))
     if ctx.gpu and field is None:
         for row, layout in ((RUNS_ROW, "runs"), (PAIRS_ROW, "pairs")):
-            case.add(row, lambda layout=layout: _layout(ours(), layout),
+            case.add(row, lambda layout=layout: plain_layout_call(ours(), layout),
                      note=op_backend("affine_resample_pair", ctx.device))
     case.run()
 
@@ -210,7 +210,8 @@ RUNS_ROW = "med3d_ext affine_resample_pair, runs layout (MED3D_EXT_PLAIN_RESAMPL
 PAIRS_ROW = "med3d_ext affine_resample_pair, row pairs (MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=pairs)"
 
 
-def _layout(fn, layout="runs"):
+def plain_layout_call(fn, layout="runs"):
+    """``fn`` with MED3D_EXT_PLAIN_RESAMPLE_LAYOUT set to ``layout`` around each call."""
     def call():
         old = os.environ.get("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT")
         os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = layout

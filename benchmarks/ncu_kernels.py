@@ -24,7 +24,6 @@ Two modes:
 from __future__ import annotations
 
 import csv
-import os
 import re
 import sys
 
@@ -48,7 +47,7 @@ def _cases():
 
     import med3d_ext.ops as ops
 
-    from .bm_augment import random_theta
+    from .bm_augment import plain_layout_call, random_theta
     from .bm_loss import HEADS
 
     dev = "cuda"
@@ -109,22 +108,8 @@ def _cases():
         w = (0.05 * torch.randn(64, 1, 7, 7, 7, device=dev, generator=g)).requires_grad_(True)
         return bn_train(ops.conv_bn_relu_maxpool3d, x, w, stride=2, padding=3)
 
-    def pairs(make):
-        def build():
-            f = make()
-
-            def call():
-                old = os.environ.get("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT")
-                os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = "pairs"
-                try:
-                    return f()
-                finally:
-                    if old is None:
-                        del os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"]
-                    else:
-                        os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = old
-            return call
-        return build
+    def pairs(make):  # the case with the kPlain kernel's row-pairs layout
+        return lambda: plain_layout_call(make(), "pairs")
 
     return {"loss": loss, "augment": augment, "augment_cli": augment_cli,
             "augment_pairs": pairs(augment), "augment_cli_pairs": pairs(augment_cli), "layer": layer, "stem": stem}
