@@ -6,6 +6,7 @@ inputs are small: 2 x 1 x 16^3 still gives layer4's BatchNorm 16 values per chan
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -320,7 +321,12 @@ def test_fused_resnet_compiles_under_autocast(device, monkeypatch):
 
     for what, a, e, ref in (("output", out_c, out_e, out64), ("gradients", g_c, g_e, g64)):
         err, base = rel(a, ref), rel(e, ref)
-        assert err <= 1.5 * base + 0.02, (
+        if not math.isfinite(base):
+            # the plain model's bf16 CPU step (torch's layers, none of our ops) gave a non-finite
+            # gradient once in CI (seed 1817727633 in the full suite; not reproducible alone):
+            # then ours is held to that step's usual distance (~0.3 in the gradients)
+            base = 0.35
+        assert math.isfinite(err) and err <= 1.5 * base + 0.02, (
             f"compiled fused autocast {what}: {err:.3g} from fp64 vs {base:.3g} for plain eager")
 
 
