@@ -63,18 +63,18 @@ def _cases():
             torch.autograd.grad(total, logits)
         return f
 
-    def augment():
+    def pair_inputs():  # the #5 target row's image, label and matrices
         size = (8, 1, 128, 128, 128)
         img = torch.randn(size, device=dev, generator=g)
         lab = torch.randint(0, 8, size, device=dev, dtype=torch.uint8, generator=g)
-        theta = random_theta(8, dev)
+        return img, lab, random_theta(8, dev), size
+
+    def augment():
+        img, lab, theta, size = pair_inputs()
         return lambda: ops.affine_resample_pair(img, lab, theta, size)
 
     def augment_cli():
-        size = (8, 1, 128, 128, 128)
-        img = torch.randn(size, device=dev, generator=g)
-        lab = torch.randint(0, 8, size, device=dev, dtype=torch.uint8, generator=g)
-        theta = random_theta(8, dev)
+        img, lab, theta, size = pair_inputs()
         b = size[0]
         inten = {"scale": torch.full((b,), 1.05, device=dev), "shift": torch.full((b,), 0.02, device=dev),
                  "gamma": torch.ones(b, device=dev), "noise_std": torch.full((b,), 0.03, device=dev),
@@ -112,7 +112,8 @@ def _cases():
         return lambda: plain_layout_call(make(), "pairs")
 
     return {"loss": loss, "augment": augment, "augment_cli": augment_cli,
-            "augment_pairs": pairs(augment), "augment_cli_pairs": pairs(augment_cli), "layer": layer, "stem": stem}
+            "augment_pairs": pairs(augment), "augment_cli_pairs": pairs(augment_cli),
+            "layer": layer, "stem": stem}
 
 
 def run(names: list[str]) -> None:

@@ -312,7 +312,7 @@ __device__ __forceinline__ void plain_tile_item(const PairArgs<scalar_t, label_t
                    padded_index(xy + ((m_mul(ty1, by) + tz1) + tc1), g.H, kZeros, false),
                    padded_index(xz + ((m_mul(ty2, by) + tz2) + tc2), g.D, kZeros, false)};
   };
-  // an interior point's image value (epilogue applied) and label
+  // an interior point's trilinear image value (before the epilogue: finish) and nearest label
   const auto interior_value = [&](const Vec3<T>& c) {
     const AxisTap<T> x = interior_axis_tap(c.x), y = interior_axis_tap(c.y),
                      z = interior_axis_tap(c.z);
