@@ -91,9 +91,8 @@ def run(ctx):
         case.add(f"med3d_ext implicit GEMM {tag}",  # the columns never leave shared memory
                  lambda: _conv_alone(x, w, gy, dt, True, _algo_conv("implicit_gemm")),
                  note=backend, **like)
-    for fold in (False, True):
-        case.add(f"med3d_ext stem_conv3d {tag} (space-to-depth"
-                 + (", W taps folded)" if fold else ")"),
+    for fold, what in ((0, ")"), (1, ", W taps folded)"), (2, ", H and W taps folded)")):
+        case.add(f"med3d_ext stem_conv3d {tag} (space-to-depth{what}",
                  lambda fold=fold: _conv_alone(x, w, gy, dt, ctx.gpu, _stem_conv(fold)),
                  note=backend, **like)
     if ctx.gpu:  # fp32 (no autocast): what "auto" should pick there, against "eager conv3d fp32"
@@ -103,7 +102,7 @@ def run(ctx):
                  lambda: _conv_alone(x, w, gy, torch.float32, False, _algo_conv("im2col")),
                  note=fp32_note, compare_to=[FP32], **fp32_tol)
         case.add("med3d_ext stem_conv3d fp32 (space-to-depth, W taps folded)",
-                 lambda: _conv_alone(x, w, gy, torch.float32, False, _stem_conv(True)),
+                 lambda: _conv_alone(x, w, gy, torch.float32, False, _stem_conv(1)),
                  note=fp32_note, compare_to=[FP32], **fp32_tol)
     case.run()
     del x, w, gy
@@ -127,7 +126,8 @@ def run(ctx):
                  lambda: L.make(L.fused(m3d_attr("ops.conv_bn_relu3d")), True),
                  note=op_backend("conv_bn_relu3d", ctx.device) + f"; STEM_CONV auto = {auto}")
         if not pool:  # the same op with each other stem algorithm (STEM_CONV)
-            for algo in ("im2col", "implicit_gemm", "space_to_depth", "space_to_depth_fold_w"):
+            for algo in ("im2col", "implicit_gemm", "space_to_depth", "space_to_depth_fold_w",
+                         "space_to_depth_fold_hw"):
                 if algo == auto:
                     continue
                 case.add(f"med3d_ext conv_bn_relu3d, STEM_CONV={algo}",
@@ -138,6 +138,12 @@ def run(ctx):
         if pool:  # the max-pool fused too: the full-resolution activation is never written
             case.add("med3d_ext conv_bn_relu_maxpool3d", lambda: L.make(_fused_pool(), True),
                      note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
+            if ctx.gpu:  # the candidate stem algorithm (not yet the default) in the model's op
+                case.add("med3d_ext conv_bn_relu_maxpool3d, STEM_CONV=space_to_depth_fold_hw",
+                         lambda: L.make(with_module_flag(
+                             _fused_pool(), "med3d_ext.ops.conv_bn_relu", "STEM_CONV",
+                             "space_to_depth_fold_hw"), True),
+                         note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
         if compile_too:
             case.add("torch.compile eager", lambda: L.make(torch.compile(L.eager), True), baseline=True)
         case.run()
@@ -185,5 +191,6 @@ def _auto_algo(device) -> str:
 
 
 def _stem_conv(fold):
+    """stem_conv3d with ``fold`` (0: none, 1: W, 2: H and W) of its taps folded into channels."""
     stem_conv = m3d_attr("ops.stem.stem_conv3d")
-    return lambda a, b: stem_conv(a, b, padding=3, fold_w=fold)
+    return lambda a, b: stem_conv(a, b, padding=3, fold_w=fold == 1, fold_hw=fold == 2)

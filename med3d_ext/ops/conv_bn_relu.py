@@ -108,6 +108,9 @@ def _cast_weight(weight, dt):
 #       kernel, which cuDNN runs on tensor cores (med3d_ext/ops/stem.py); it measured 1.3 ms for
 #       the forward on an H200.
 #   "space_to_depth_fold_w": the same with the W taps folded into channels too (32*Cin).
+#   "space_to_depth_fold_hw": the H taps folded as well (128*Cin channels, a (4, 1, 1) kernel):
+#       an ordinary layer's channel count for cuDNN, for an input ~4x fold_w's (293 MB in
+#       bf16 at the shape below). Not yet timed on a GPU (bm_stem has its rows).
 #   "implicit_gemm": "im2col"'s two GEMMs with the columns gathered tile by tile into shared
 #       memory and multiplied there on tensor cores, never written out
 #       (csrc/conv_bn_relu/stem_gemm.h: CUDA bf16/fp16 with Cout a multiple of 64; other cases
@@ -125,7 +128,7 @@ def _cast_weight(weight, dt):
 # benchmark run).
 STEM_CONV = os.environ.get("MED3D_EXT_STEM_CONV", "auto")
 _STEM_CONVS = ("auto", "im2col", "implicit_gemm", "space_to_depth", "space_to_depth_fold_w",
-               "aten")
+               "space_to_depth_fold_hw", "aten")
 if STEM_CONV not in _STEM_CONVS:
     # said at import, naming the variable (it failed at the first stem convolution, with a
     # traceback naming the Python attribute); import med3d_ext must still work
@@ -215,12 +218,16 @@ def im2col_chunk_bytes(n: Optional[int] = None) -> int:
     return int(_extension._C.im2col_chunk_bytes())
 
 
+def _fold_flags(algo: str) -> dict:
+    """stem_rewrite's fold arguments for a space-to-depth STEM_CONV algorithm."""
+    return {"fold_w": algo == "space_to_depth_fold_w", "fold_hw": algo == "space_to_depth_fold_hw"}
+
+
 def _prepare_conv(x, weight, stride, padding, dilation):
     """(x, weight, stride, padding, conv_algo) for the op: the stem's algorithm applied."""
     algo = _stem_conv(x, weight, stride, padding, dilation)
     if algo.startswith("space_to_depth"):
-        x, weight = stem_rewrite(x, weight, padding, channels_last=True,
-                                 fold_w=algo == "space_to_depth_fold_w")
+        x, weight = stem_rewrite(x, weight, padding, channels_last=True, **_fold_flags(algo))
         return x, weight, [1, 1, 1], [0, 0, 0], _CONV_ALGO["aten"]
     return x, weight, stride, padding, _CONV_ALGO[algo]
 
@@ -446,8 +453,7 @@ def _rebuild_stem_input(dtype, kernel_size, padding, algo, x):
     x = x.to(dtype)
     if not algo.startswith("space_to_depth"):
         return x
-    return stem_rewrite_input(x, kernel_size, padding, channels_last=True,
-                              fold_w=algo == "space_to_depth_fold_w")
+    return stem_rewrite_input(x, kernel_size, padding, channels_last=True, **_fold_flags(algo))
 
 
 def _stem_conv_again(rebuild, stride, padding, dilation, x, weight):

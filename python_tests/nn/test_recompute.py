@@ -180,7 +180,8 @@ def test_recompute_frees_the_inner_activations(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("algo", ["space_to_depth_fold_w", "space_to_depth"])
+@pytest.mark.parametrize("algo", ["space_to_depth_fold_w", "space_to_depth",
+                                  "space_to_depth_fold_hw"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
 def test_recompute_rebuilds_the_stems_rewritten_input(device, algo, amp, monkeypatch,
                                                        recipe_builds):

@@ -397,7 +397,7 @@ def test_compile_parity(device):
                                               (2, (5, 3, 4), (2, 1, 0), (8, 5, 9)),
                                               (4, 7, 0, (7, 8, 7))])
 @pytest.mark.parametrize("algo", ["im2col", "implicit_gemm", "space_to_depth",
-                                  "space_to_depth_fold_w"])
+                                  "space_to_depth_fold_w", "space_to_depth_fold_hw"])
 def test_stem_conv_algorithms(device, cin, k, padding, sp, algo, monkeypatch):
     # Cin <= 4, stride 2 convolutions run as one GEMM over im2col columns, or as a stride-1 conv
     # of the space-to-depth input; forward, every gradient (x's too) and the running stats must

@@ -162,7 +162,8 @@ def test_autocast_low_precision(device, cl):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("algo", ["auto", "implicit_gemm", "im2col", "space_to_depth_fold_w"])
+@pytest.mark.parametrize("algo", ["auto", "implicit_gemm", "im2col", "space_to_depth_fold_w",
+                                  "space_to_depth_fold_hw"])
 def test_stem_at_scale_bf16(algo, monkeypatch):
     # MedicalNet's stem at a quarter of the benchmark's input (2 x 1 x 32 x 64 x 64, bf16
     # autocast, a channels_last_3d model as the fused ResNets are, so a channels_last_3d conv

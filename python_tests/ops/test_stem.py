@@ -11,11 +11,15 @@ from med3d_ext.ops.stem import is_stem_like, stem_conv3d, stem_rewrite
 from python_tests.conftest import DEVICES, assert_low_precision_close
 
 
-def _check_exact(device, shape, k, cout, channels_last, fold_w=False):
+# the fold variants of the rewrite (stem_rewrite's keywords), by test id
+FOLDS = {"s2d": {}, "s2d_fold_w": {"fold_w": True}, "s2d_fold_hw": {"fold_hw": True}}
+
+
+def _check_exact(device, shape, k, cout, channels_last, fold=None):
     x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(cout, shape[1], k, k, k, dtype=torch.float64, device=device, requires_grad=True)
     xin = x.to(memory_format=torch.channels_last_3d) if channels_last else x
-    ours = stem_conv3d(xin, w, padding=k // 2, fold_w=fold_w)
+    ours = stem_conv3d(xin, w, padding=k // 2, **(fold or {}))
     ref = F.conv3d(x, w, stride=2, padding=k // 2)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
@@ -27,10 +31,10 @@ def _check_exact(device, shape, k, cout, channels_last, fold_w=False):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(2, 1, 19, 24, 17), (1, 1, 7, 7, 7), (2, 3, 9, 10, 11), (1, 4, 8, 8, 8)])
 @pytest.mark.parametrize("k", [7, 3, 4])
-@pytest.mark.parametrize("fold_w", [False, True], ids=["s2d", "s2d_fold_w"])
-def test_stem_rewrite_is_exact(device, shape, k, fold_w):
+@pytest.mark.parametrize("fold", list(FOLDS))
+def test_stem_rewrite_is_exact(device, shape, k, fold):
     _check_exact(device, shape, k, cout=int(torch.randint(1, 9, ()).item()),
-                 channels_last=bool(torch.randint(2, ()).item()), fold_w=fold_w)
+                 channels_last=bool(torch.randint(2, ()).item()), fold=FOLDS[fold])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -49,12 +53,34 @@ def test_stem_fold_w_shapes(device, channels_last):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "cl3d"])
+def test_stem_fold_hw_shapes(device, channels_last):
+    # H and W folded: a (q_d, 1, 1) convolution over 8 * Cin * q_h * q_w channels on the output's
+    # own (H, W) grid, in the layout asked for; an anisotropic kernel (even and odd sizes) with
+    # padding 0 on one axis
+    x = torch.randn(2, 2, 11, 9, 13, dtype=torch.float64, device=device)
+    w = torch.randn(3, 2, 5, 4, 7, dtype=torch.float64, device=device)
+    ref = F.conv3d(x, w, stride=2, padding=(2, 0, 1))
+    x2, w2 = stem_rewrite(x, w, padding=(2, 0, 1), channels_last=channels_last, fold_hw=True)
+    assert w2.shape == (3, 2 * 8 * 2 * 4, 3, 1, 1)
+    assert x2.shape[1] == 128 and tuple(x2.shape[3:]) == tuple(ref.shape[3:])
+    assert x2.is_contiguous(
+        memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(F.conv3d(x2, w2), ref, rtol=1e-10, atol=1e-10)
+    # fold_hw implies the W fold: both flags give the same tensors
+    x3, w3 = stem_rewrite(x, w, padding=(2, 0, 1), channels_last=channels_last, fold_w=True,
+                          fold_hw=True)
+    assert torch.equal(x3, x2) and torch.equal(w3, w2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_stem_low_precision(device):
     dtype = torch.bfloat16
     x = torch.randn(2, 1, 16, 18, 20, device=device)
     w = torch.randn(8, 1, 7, 7, 7, device=device) * 0.05
     ref = F.conv3d(x, w, stride=2, padding=3)
-    ours = stem_conv3d(x.to(dtype), w.to(dtype), fold_w=bool(torch.randint(2, ()).item()))
+    fold = list(FOLDS.values())[int(torch.randint(len(FOLDS), ()).item())]
+    ours = stem_conv3d(x.to(dtype), w.to(dtype), **fold)
     plain = F.conv3d(x.to(dtype), w.to(dtype), stride=2, padding=3)
     assert_low_precision_close(ours, plain, ref, factor=2.0, floor=1e-2)
 
@@ -91,17 +117,20 @@ def test_stem_non_contiguous_bias_and_empty(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_fold_w_input_in_one_pass_equals_the_aten_ops(device, dtype, monkeypatch):
-    """Without autograd, the channels_last fold_w input is one im2col3d call where the padded
-    sizes are even (stem._fold_w_by_im2col), and must be the ATen ops' tensor bit for bit: the
+@pytest.mark.parametrize("fold", ["s2d_fold_w", "s2d_fold_hw"])
+def test_fold_input_in_one_pass_equals_the_aten_ops(device, dtype, fold, monkeypatch):
+    """Without autograd, the channels_last folded input (W, or H and W) is one im2col3d call
+    where the padded sizes are even (stem._fold_by_im2col), and must be the ATen ops' tensor
+    bit for bit: the
     same values, shape and strides. Odd padded sizes keep the ATen ops; a channels_last,
     a sliced and a contiguous input; an empty batch; and the convolution it feeds is still the
     direct one."""
     if stem.compiled("im2col3d") is None:
         pytest.skip("needs the compiled extension")
     taken = []
-    real = stem._fold_w_by_im2col
-    monkeypatch.setattr(stem, "_fold_w_by_im2col", lambda *a: taken.append(real(*a)) or taken[-1])
+    real = stem._fold_by_im2col
+    monkeypatch.setattr(stem, "_fold_by_im2col", lambda *a: taken.append(real(*a)) or taken[-1])
+    kw = FOLDS[fold]
     cases = [((2, 1, 16, 18, 20), (4, 1, 7, 7, 7), 3, True),
              ((2, 2, 12, 10, 12), (3, 2, 5, 3, 7), (2, 0, 1), True),
              ((1, 3, 10, 12, 9), (2, 3, 7, 7, 7), 3, False),   # W + 6 odd: the ATen ops
@@ -113,22 +142,22 @@ def test_fold_w_input_in_one_pass_equals_the_aten_ops(device, dtype, monkeypatch
                     torch.randn(shape[:4] + (2 * shape[4],), device=device).to(dtype)[..., ::2],
                     x):
             taken.clear()
-            ours = stem.stem_rewrite_input(xin, wshape[2:], padding, channels_last=True,
-                                           fold_w=True)
+            ours = stem.stem_rewrite_input(xin, wshape[2:], padding, channels_last=True, **kw)
             assert (taken[0] is not None) == fast, (shape, padding)
             ref = stem.stem_rewrite_input(xin.detach().requires_grad_(), wshape[2:], padding,
-                                          channels_last=True, fold_w=True)
+                                          channels_last=True, **kw)
             assert ref.grad_fn is not None  # the ATen ops
             assert ours.shape == ref.shape and ours.stride() == ref.stride(), shape
             assert torch.equal(ours, ref.detach()), shape
         if dtype == torch.float64:
-            x2, w2 = stem_rewrite(x, w, padding, channels_last=True, fold_w=True)
+            x2, w2 = stem_rewrite(x, w, padding, channels_last=True, **kw)
             torch.testing.assert_close(F.conv3d(x2, w2), F.conv3d(x, w, stride=2, padding=padding),
                                        rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fold_w_stem_compiles_in_one_graph(device):
+@pytest.mark.parametrize("fold", ["s2d_fold_w", "s2d_fold_hw"])
+def test_fold_stem_compiles_in_one_graph(device, fold):
     """torch.compile(fullgraph=True) over the fold_w stem: the one-pass input's checks broke the
     graph (Dynamo cannot trace functorch's wrapped-tensor check; found on an H200, where every
     compiled fused ResNet stem took this path and the compiled training step slowed 3x).
@@ -137,13 +166,14 @@ def test_fold_w_stem_compiles_in_one_graph(device):
     x = x.contiguous(memory_format=torch.channels_last_3d)
     w = torch.randn(3, 1, 7, 7, 7, device=device, dtype=torch.float64)
     torch._dynamo.reset()
-    fn = torch.compile(lambda v: stem_conv3d(v, w, padding=3, fold_w=True), fullgraph=True,
+    fn = torch.compile(lambda v: stem_conv3d(v, w, padding=3, **FOLDS[fold]), fullgraph=True,
                        backend="aot_eager")
     torch.testing.assert_close(fn(x), F.conv3d(x, w, stride=2, padding=3), rtol=1e-10,
                                atol=1e-10)
 
 
-def test_fold_w_input_keeps_every_derivative_and_dtype(monkeypatch):
+@pytest.mark.parametrize("fold", ["s2d_fold_w", "s2d_fold_hw"])
+def test_fold_input_keeps_every_derivative_and_dtype(fold, monkeypatch):
     """The one-pass input has no derivative: forward AD and torch.func's transforms take the
     ATen ops (im2col3d dropped the tangent: a zero jvp), as do dtypes im2col3d does not move
     (float8) and shapes with an empty grid (the ATen ops' own result)."""
@@ -152,26 +182,27 @@ def test_fold_w_input_keeps_every_derivative_and_dtype(monkeypatch):
     x = torch.randn(1, 1, 10, 10, 10, dtype=torch.float64)
     w = torch.randn(2, 1, 7, 7, 7, dtype=torch.float64)
     t = torch.randn_like(x)
-    _, ours = torch.func.jvp(lambda v: stem_conv3d(v, w, fold_w=True), (x,), (t,))
+    kw = FOLDS[fold]
+    _, ours = torch.func.jvp(lambda v: stem_conv3d(v, w, **kw), (x,), (t,))
     torch.testing.assert_close(ours, F.conv3d(t, w, stride=2, padding=3), rtol=1e-10,
                                atol=1e-10)
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level():
-        out = stem_conv3d(fwAD.make_dual(x, t), w, fold_w=True)
+        out = stem_conv3d(fwAD.make_dual(x, t), w, **kw)
         torch.testing.assert_close(fwAD.unpack_dual(out).tangent, ours, rtol=1e-12, atol=1e-12)
     taken = []
-    real = stem._fold_w_by_im2col
-    monkeypatch.setattr(stem, "_fold_w_by_im2col", lambda *a: taken.append(real(*a)) or taken[-1])
+    real = stem._fold_by_im2col
+    monkeypatch.setattr(stem, "_fold_by_im2col", lambda *a: taken.append(real(*a)) or taken[-1])
     if hasattr(torch, "float8_e4m3fn"):
         x8 = torch.randn(1, 1, 8, 8, 8).to(torch.float8_e4m3fn)
-        got = stem.stem_rewrite_input(x8, (7, 7, 7), 3, channels_last=True, fold_w=True)
+        got = stem.stem_rewrite_input(x8, (7, 7, 7), 3, channels_last=True, **kw)
         assert taken == [None]
-        ref = stem.stem_rewrite_input(x8.float(), (7, 7, 7), 3, channels_last=True, fold_w=True)
+        ref = stem.stem_rewrite_input(x8.float(), (7, 7, 7), 3, channels_last=True, **kw)
         assert torch.equal(got.float(), ref)
     taken.clear()
     empty = stem.stem_rewrite_input(torch.randn(1, 4, 1, 12, 12), (4, 7, 3), 0,
-                                    channels_last=True, fold_w=True)
+                                    channels_last=True, **kw)
     assert taken == [None] and empty.numel() == 0
 
 
