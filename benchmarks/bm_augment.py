@@ -13,12 +13,10 @@ Peer libraries draw their own random transforms: timed, not compared.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .common import m3d_attr, op_backend, optional_import
+from .common import m3d_attr, op_backend, optional_import, with_env
 
 AREA = "augment"
 
@@ -212,17 +210,7 @@ PAIRS_ROW = "med3d_ext affine_resample_pair, row pairs (MED3D_EXT_PLAIN_RESAMPLE
 
 def plain_layout_call(fn, layout="runs"):
     """``fn`` with MED3D_EXT_PLAIN_RESAMPLE_LAYOUT set to ``layout`` around each call."""
-    def call():
-        old = os.environ.get("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT")
-        os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = layout
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"]
-            else:
-                os.environ["MED3D_EXT_PLAIN_RESAMPLE_LAYOUT"] = old
-    return call
+    return with_env(fn, "MED3D_EXT_PLAIN_RESAMPLE_LAYOUT", layout)
 
 
 def _cpu(ctx):

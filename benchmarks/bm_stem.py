@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .bm_conv_bn_relu import FLOORS, Layer
-from .common import m3d_attr, op_backend, with_module_flag
+from .common import m3d_attr, op_backend, with_env, with_module_flag
 
 AREA = "stem"
 GPU_INPUT = (8, (64, 128, 128))  # batch, spatial: perf-baselines.md's training input
@@ -95,6 +95,11 @@ def run(ctx):
         case.add(f"med3d_ext stem_conv3d {tag} (space-to-depth{what}",
                  lambda fold=fold: _conv_alone(x, w, gy, dt, ctx.gpu, _stem_conv(fold)),
                  note=backend, **like)
+        if ctx.gpu and fold:  # the folded input by the line-staged im2col3d kernel (opt-in)
+            case.add(f"med3d_ext stem_conv3d {tag} (space-to-depth{what[:-1]}, im2col lines)",
+                     lambda fold=fold: _conv_alone(x, w, gy, dt, True, with_env(
+                         _stem_conv(fold), "MED3D_EXT_IM2COL_KERNEL", "lines")),
+                     note=backend, **like)
     if ctx.gpu:  # fp32 (no autocast): what "auto" should pick there, against "eager conv3d fp32"
         # TF32 first: a note that starts "compiled (" is left out of the summaries
         fp32_note = ("cuDNN TF32 on (for the ATen convolution it may run); " if tf32 else "") + backend
@@ -135,15 +140,24 @@ def run(ctx):
                              m3d_attr("ops.conv_bn_relu3d"), "med3d_ext.ops.conv_bn_relu",
                              "STEM_CONV", algo)), True),
                          note=op_backend("conv_bn_relu3d", ctx.device))
+            if ctx.gpu:  # the folded stems with the line-staged im2col3d kernel (opt-in)
+                for algo in ("space_to_depth_fold_w", "space_to_depth_fold_hw"):
+                    case.add(f"med3d_ext conv_bn_relu3d, STEM_CONV={algo}, im2col lines",
+                             lambda algo=algo: L.make(L.fused(with_env(with_module_flag(
+                                 m3d_attr("ops.conv_bn_relu3d"), "med3d_ext.ops.conv_bn_relu",
+                                 "STEM_CONV", algo), "MED3D_EXT_IM2COL_KERNEL", "lines")), True),
+                             note=op_backend("conv_bn_relu3d", ctx.device))
         if pool:  # the max-pool fused too: the full-resolution activation is never written
             case.add("med3d_ext conv_bn_relu_maxpool3d", lambda: L.make(_fused_pool(), True),
                      note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
-            if ctx.gpu:  # the candidate stem algorithm (not yet the default) in the model's op
-                case.add("med3d_ext conv_bn_relu_maxpool3d, STEM_CONV=space_to_depth_fold_hw",
-                         lambda: L.make(with_module_flag(
-                             _fused_pool(), "med3d_ext.ops.conv_bn_relu", "STEM_CONV",
-                             "space_to_depth_fold_hw"), True),
-                         note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
+            if ctx.gpu:  # the candidates (not yet defaults) in the model's op: the line-staged
+                # im2col3d kernel for the default algorithm's input, and the H and W fold with it
+                for algo in ("space_to_depth_fold_w", "space_to_depth_fold_hw"):
+                    case.add(f"med3d_ext conv_bn_relu_maxpool3d, STEM_CONV={algo}, im2col lines",
+                             lambda algo=algo: L.make(with_env(with_module_flag(
+                                 _fused_pool(), "med3d_ext.ops.conv_bn_relu", "STEM_CONV", algo),
+                                 "MED3D_EXT_IM2COL_KERNEL", "lines"), True),
+                             note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
         if compile_too:
             case.add("torch.compile eager", lambda: L.make(torch.compile(L.eager), True), baseline=True)
         case.run()

@@ -142,6 +142,22 @@ def with_module_flag(fn, module: str, name: str, value):
     return call
 
 
+def with_env(fn, var: str, value: str):
+    """``fn`` with the environment variable ``var`` set to ``value`` around each call (for the
+    extension's switches read at every launch, e.g. MED3D_EXT_IM2COL_KERNEL), restored after."""
+    def call(*args, **kwargs):
+        old = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if old is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = old
+    return call
+
+
 def sync_stream(device: str) -> None:
     """Wait for the current stream only: a device-wide sync would also wait for work running
     beside it on purpose (e.g. the next batch's copy on the loader's side stream)."""

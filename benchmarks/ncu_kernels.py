@@ -14,7 +14,10 @@ Two modes:
                kPlain kernel's rows two at a time; set around the call only);
       layer    conv_bn_relu3d, bf16 channels_last_3d, 8 x 64 x 16 x 32 x 32, 3^3 conv, training,
                forward + backward (the BatchNorm statistics / apply / backward kernels, #4);
-      stem     conv_bn_relu_maxpool3d on the MedicalNet stem, 8 x 1 x 64 x 128 x 128 bf16, fwd + bwd.
+      stem     conv_bn_relu_maxpool3d on the MedicalNet stem, 8 x 1 x 64 x 128 x 128 bf16, fwd + bwd;
+      stem_lines, stem_hw_lines  the same with the line-staged im2col3d kernel
+               (MED3D_EXT_IM2COL_KERNEL=lines) for the default W-folded input, and for the H and
+               W-folded one (STEM_CONV=space_to_depth_fold_hw); both set around the call only.
 ``python -m benchmarks.ncu_kernels summary DETAILS.csv``
     Condenses ``ncu --import R --page details --csv`` into one line per kernel: duration, memory
     and DRAM throughput, registers, theoretical and achieved occupancy, and what limits the
@@ -49,6 +52,7 @@ def _cases():
 
     from .bm_augment import plain_layout_call, random_theta
     from .bm_loss import HEADS
+    from .common import with_env, with_module_flag
 
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
@@ -111,9 +115,16 @@ def _cases():
     def pairs(make):  # the case with the kPlain kernel's row-pairs layout
         return lambda: plain_layout_call(make(), "pairs")
 
+    def lines(make, algo):  # the stem with the lines im2col3d kernel and STEM_CONV = algo
+        return lambda: with_env(with_module_flag(make(), "med3d_ext.ops.conv_bn_relu",
+                                                 "STEM_CONV", algo),
+                                "MED3D_EXT_IM2COL_KERNEL", "lines")
+
     return {"loss": loss, "augment": augment, "augment_cli": augment_cli,
             "augment_pairs": pairs(augment), "augment_cli_pairs": pairs(augment_cli),
-            "layer": layer, "stem": stem}
+            "layer": layer, "stem": stem,
+            "stem_lines": lines(stem, "space_to_depth_fold_w"),
+            "stem_hw_lines": lines(stem, "space_to_depth_fold_hw")}
 
 
 def run(names: list[str]) -> None:

@@ -175,3 +175,20 @@ def recipe_builds(monkeypatch):
         return real(self)
     monkeypatch.setattr(recompute.Recipe, "build", counting)
     return built
+
+
+@pytest.fixture(params=["gather", "lines"])
+def im2col_kernel(request, monkeypatch):
+    """The CUDA im2col3d kernels (csrc/conv_bn_relu/im2col_cuda.cu): the per-element gather (the
+    default) and the line-staged one (MED3D_EXT_IM2COL_KERNEL=lines, read at every call). Both
+    must give the same matrix bit for bit. The CPU op has one walk (the lines'), so a CPU test
+    runs once."""
+    callspec = getattr(request.node, "callspec", None)
+    device = callspec.params.get("device", "cuda") if callspec else "cuda"
+    if request.param == "lines":
+        if device == "cpu":
+            pytest.skip("the CPU op has one kernel")
+        monkeypatch.setenv("MED3D_EXT_IM2COL_KERNEL", "lines")
+    else:
+        monkeypatch.delenv("MED3D_EXT_IM2COL_KERNEL", raising=False)
+    return request.param

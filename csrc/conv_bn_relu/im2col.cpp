@@ -88,6 +88,39 @@ at::Tensor prepare(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArra
 
 }  // namespace im2col
 
+namespace {
+
+// The matrix by lines (im2col.h): a line's stage rows once, then its rows from the stage, runs
+// of R columns at a time where runs_of<R> holds. The CUDA kernel (im2col_cuda.cu) is the same
+// walk with a block per line chunk of `nw` rows; here a chunk is a whole line.
+template <int R, typename bits_t>
+void im2col_lines(const bits_t* x, bits_t* out, const im2col::Geometry& g, int64_t M,
+                  int32_t Lw, int32_t S) {
+  const int64_t Kp = g.Kp, Wo = g.Wo;
+  std::vector<int32_t> offs(Kp);
+  for (int64_t k = 0; k < Kp; ++k) offs[k] = im2col::stage_offset(g, Lw, k);
+  const int64_t first = g.row_start / Wo, last = (g.row_start + M - 1) / Wo;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Wo * Kp));
+  at::parallel_for(first, last + 1, grain, [&](int64_t l0, int64_t l1) {
+    std::vector<bits_t> stage(static_cast<size_t>(S) * Lw);
+    for (int64_t line = l0; line < l1; ++line) {
+      const im2col::LineStart ls = im2col::line_start(g, line, 0);
+      for (int32_t s = 0; s < S; ++s) {
+        const im2col::StageRow r = im2col::stage_row(g, ls, s);
+        for (int32_t e = 0; e < Lw; ++e) stage[size_t(s) * Lw + e] = im2col::stage_value(x, g, r, e);
+      }
+      for (int64_t q = 0; q < Wo; ++q) {
+        const int64_t m = line * Wo + q - g.row_start;  // this call's row
+        if (m < 0 || m >= M) continue;
+        for (int64_t k = 0; k < Kp; k += R)
+          im2col::line_values<R>(stage.data(), g, offs[k], static_cast<int32_t>(q), out + m * Kp + k);
+      }
+    }
+  });
+}
+
+}  // namespace
+
 at::Tensor im2col3d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t align,
                         int64_t row_start, int64_t rows) {
@@ -96,6 +129,23 @@ at::Tensor im2col3d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
       im2col::prepare(x, kernel_size, stride, padding, dilation, align, row_start, rows, g);
   const int64_t M = cols.size(0), Kp = g.Kp;
   if (cols.numel() == 0) return cols;
+  // By lines where a line's stage has 32-bit offsets (every practical convolution): the walk
+  // the CUDA kernel takes, so these tests cover its math
+  const int64_t S = g.C * g.kd * g.kh, Lw = im2col::stage_width(g, g.Wo);
+  if (S * Lw < (int64_t(1) << 30) && Kp < (int64_t(1) << 30)) {
+    im2col::dispatch_bits(x, [&](auto tag) {
+      using bits_t = decltype(tag);
+      const bits_t* xp = static_cast<const bits_t*>(x.const_data_ptr());
+      bits_t* out = static_cast<bits_t*>(cols.mutable_data_ptr());
+      constexpr int R = im2col::kRunBytes / sizeof(bits_t);  // the CUDA kernel's runs
+      if (im2col::runs_of<R>(g)) {
+        im2col_lines<R>(xp, out, g, M, int32_t(Lw), int32_t(S));
+      } else {
+        im2col_lines<1>(xp, out, g, M, int32_t(Lw), int32_t(S));
+      }
+    });
+    return cols;
+  }
   std::vector<im2col::Tap> taps(Kp);
   for (int64_t k = 0; k < Kp; ++k) taps[k] = im2col::make_tap(g, k);
   im2col::dispatch_bits(x, [&](auto tag) {

@@ -1,5 +1,9 @@
-// im2col3d on CUDA (see im2col.h): a block writes a tile of kRows rows by up to kTileCols
-// columns. Its columns' taps and its rows' window corners go to shared memory first (the only
+// im2col3d on CUDA (see im2col.h). Two kernels:
+//   lines (MED3D_EXT_IM2COL_KERNEL=lines; opt-in until it has run on a GPU): a block stages a
+//       line chunk's input rows in shared memory (loads consecutive along W) and writes its
+//       contiguous (nw, Kp) block of the matrix, 16 bytes per store where columns come in runs
+//       (im2col.h, "Lines"; the CPU op takes the same walk);
+//   gather (the default): a block writes a tile of kRows rows by up to kTileCols columns. Its columns' taps and its rows' window corners go to shared memory first (the only
 // integer divisions), then each thread writes its column of every row: consecutive threads
 // write consecutive columns (coalesced stores), and each element is three compares and a load
 // that hits L1/L2 (a row's taps read a 7x7x7 neighbourhood, rows next to each other overlap).
@@ -7,6 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "im2col.h"
 #include "../common/checks.h"
@@ -51,6 +57,96 @@ im2col3d_kernel(const bits_t* __restrict__ x, bits_t* __restrict__ cols, im2col:
   }
 }
 
+// ---- lines (im2col.h) ----
+
+constexpr int kLineThreads = 256;
+constexpr int kLineRows = 128;                 // rows of a line chunk at most
+constexpr int64_t kStageBudget = 40 * 1024;    // shared memory per block (< the 48 KB default)
+
+template <typename bits_t, int R>
+struct alignas(sizeof(bits_t) * R) RunOf {
+  bits_t v[R];
+};
+
+// The (offsets, stage) shared-memory carve-up: Kp int32 offsets, then the stage 16-byte aligned.
+__host__ __device__ inline int64_t offsets_bytes(int64_t Kp) { return (Kp * 4 + 15) / 16 * 16; }
+
+// Block b: line first_line + b / chunks, rows w' = ow0 .. ow0 + nw - 1 of it (fewer in a line's
+// last chunk), written where they fall in this call's rows [row_start, row_start + M).
+template <typename bits_t, int R>
+__global__ void __launch_bounds__(kLineThreads)
+im2col3d_lines_kernel(const bits_t* __restrict__ x, bits_t* __restrict__ cols, im2col::Geometry g,
+                      int64_t M, int64_t first_line, int32_t nw, int32_t chunks, int32_t Lw,
+                      int32_t S) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int32_t Kp = static_cast<int32_t>(g.Kp);  // < kStageBudget / 4 (the host's check)
+  int32_t* offs = reinterpret_cast<int32_t*>(smem);
+  bits_t* stage = reinterpret_cast<bits_t*>(smem + offsets_bytes(Kp));
+  const int64_t line = first_line + blockIdx.x / chunks;
+  const int32_t ow0 = static_cast<int32_t>(blockIdx.x % chunks) * nw;
+  const int32_t rows_here = min(nw, static_cast<int32_t>(g.Wo) - ow0);
+  const im2col::LineStart ls = im2col::line_start(g, line, ow0);
+  for (int32_t k = threadIdx.x; k < Kp; k += blockDim.x) offs[k] = im2col::stage_offset(g, Lw, k);
+  // a warp per stage row, its lanes consecutive elements of it: consecutive w in x
+  const int32_t lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int32_t s = threadIdx.x / 32; s < S; s += warps) {
+    const im2col::StageRow r = im2col::stage_row(g, ls, s);
+    for (int32_t e = lane; e < Lw; e += 32) stage[s * Lw + e] = im2col::stage_value(x, g, r, e);
+  }
+  __syncthreads();
+  // the chunk's rows are consecutive rows of the matrix: consecutive threads, consecutive runs
+  const int64_t m0 = line * g.Wo + ow0 - g.row_start;
+  const int32_t runs = Kp / R, total = rows_here * runs;
+  for (int32_t t = threadIdx.x; t < total; t += blockDim.x) {
+    const int32_t q = t / runs, k = (t - q * runs) * R;
+    const int64_t m = m0 + q;
+    if (m < 0 || m >= M) continue;
+    RunOf<bits_t, R> v;
+    im2col::line_values<R>(stage, g, offs[k], q, v.v);
+    *reinterpret_cast<RunOf<bits_t, R>*>(cols + m * g.Kp + k) = v;
+  }
+}
+
+// MED3D_EXT_IM2COL_KERNEL=lines: read at every call, so one process can time both kernels.
+bool lines_asked() {
+  const char* v = std::getenv("MED3D_EXT_IM2COL_KERNEL");
+  return v != nullptr && std::strcmp(v, "lines") == 0;
+}
+
+// Launches the lines kernel when asked and its shared memory fits; false otherwise.
+bool launch_lines(const at::Tensor& x, at::Tensor& cols, const im2col::Geometry& g, int64_t M,
+                  cudaStream_t stream) {
+  if (!lines_asked() || g.Wo <= 0 || g.Kp * 4 > kStageBudget / 2) return false;
+  const int64_t S = g.C * g.kd * g.kh, esize = x.element_size();
+  int64_t nw = std::min<int64_t>(g.Wo, kLineRows);
+  auto bytes = [&](int64_t w) { return offsets_bytes(g.Kp) + S * im2col::stage_width(g, w) * esize; };
+  while (nw > 1 && bytes(nw) > kStageBudget) nw = (nw + 1) / 2;
+  if (bytes(nw) > kStageBudget) return false;
+  const int64_t chunks = ceil_div(g.Wo, nw);
+  const int64_t first = g.row_start / g.Wo, last = (g.row_start + M - 1) / g.Wo;
+  const int64_t blocks = (last - first + 1) * chunks;
+  if (blocks >= (int64_t(1) << 31)) return false;
+  const int32_t Lw = static_cast<int32_t>(im2col::stage_width(g, nw));
+  const size_t smem = static_cast<size_t>(bytes(nw));
+  // 16-byte runs need the matrix 16-byte aligned (a fresh allocation) and runs_of<R>
+  const bool aligned = reinterpret_cast<uintptr_t>(cols.const_data_ptr()) % im2col::kRunBytes == 0;
+  im2col::dispatch_bits(x, [&](auto tag) {
+    using bits_t = decltype(tag);
+    constexpr int R = im2col::kRunBytes / sizeof(bits_t);
+    const bits_t* xp = static_cast<const bits_t*>(x.const_data_ptr());
+    bits_t* out = static_cast<bits_t*>(cols.mutable_data_ptr());
+    if (aligned && im2col::runs_of<R>(g)) {
+      im2col3d_lines_kernel<bits_t, R><<<static_cast<unsigned>(blocks), kLineThreads, smem, stream>>>(
+          xp, out, g, M, first, int32_t(nw), int32_t(chunks), Lw, int32_t(S));
+    } else {
+      im2col3d_lines_kernel<bits_t, 1><<<static_cast<unsigned>(blocks), kLineThreads, smem, stream>>>(
+          xp, out, g, M, first, int32_t(nw), int32_t(chunks), Lw, int32_t(S));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return true;
+}
+
 }  // namespace
 
 at::Tensor im2col3d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -62,6 +158,8 @@ at::Tensor im2col3d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::I
       im2col::prepare(x, kernel_size, stride, padding, dilation, align, row_start, rows, g);
   const int64_t M = cols.size(0);
   if (cols.numel() == 0) return cols;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (launch_lines(x, cols, g, M, stream)) return cols;
   const int64_t tiles = ceil_div(g.Kp, kTileCols);
   M3D_CHECK(tiles <= 65535, "med3d_ext.im2col3d: ", g.Kp, " columns are too many");
   // One thread per column of a tile where it fits (the stem's 344 columns: 352 threads, one
@@ -73,7 +171,6 @@ at::Tensor im2col3d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::I
   const dim3 grid(static_cast<unsigned>(ceil_div(M, kRows)), static_cast<unsigned>(tiles));
   M3D_CHECK(ceil_div(M, kRows) < (int64_t(1) << 31), "med3d_ext.im2col3d: ", M,
             " rows are too many");
-  auto stream = at::cuda::getCurrentCUDAStream();
   // make_row's int32 divisions also form Do*Ho*Wo: a chunk of rows near the start of a matrix
   // whose samples have >= 2^31 output voxels would otherwise overflow it
   const bool small = g.row_start + M < (int64_t(1) << 31) && g.Kp < (int64_t(1) << 31) &&

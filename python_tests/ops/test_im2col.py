@@ -27,6 +27,13 @@ GEOMETRIES = [
     (2, 4, (7, 8, 7), (7, 7, 7), (2, 2, 2), (0, 0, 0), (1, 1, 1)),     # no padding
     (1, 5, (4, 4, 4), (1, 1, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1)),     # 1x1x1: columns = x
     (2, 2, (3, 9, 4), (3, 5, 2), (1, 3, 1), (4, 0, 2), (2, 1, 3)),     # padding > kernel/2
+    # W kernels of whole 16-byte runs (the lines kernel's vector stores, im2col.h): the fold_hw
+    # stem input's window; W dilation 2; 16 W taps at W stride 3; 4 W taps (runs in 4- and
+    # 8-byte dtypes only)
+    (2, 1, (16, 18, 20), (2, 8, 8), (2, 2, 2), (3, 3, 3), (1, 1, 1)),
+    (1, 2, (6, 9, 30), (2, 2, 8), (2, 2, 2), (1, 1, 3), (1, 1, 2)),
+    (1, 1, (5, 5, 40), (1, 1, 16), (1, 1, 3), (0, 0, 5), (1, 1, 1)),
+    (2, 3, (5, 6, 7), (1, 2, 4), (1, 1, 1), (0, 1, 2), (1, 1, 1)),
 ]
 
 
@@ -38,7 +45,7 @@ def _cols(x, g, align=8):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("g", GEOMETRIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_matches_reference(device, g, dtype):
+def test_matches_reference(device, g, dtype, im2col_kernel):
     n, c, sp, k, s, p, d = g
     x = torch.randn(n, c, *sp, device=device).to(dtype)
     cols = _cols(x, g)
@@ -50,8 +57,9 @@ def test_matches_reference(device, g, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["channels_last_3d", "sliced", "expanded"])
-def test_any_strides(device, layout):
-    g = GEOMETRIES[2]
+@pytest.mark.parametrize("gi", [2, 7], ids=["g2", "runs"])
+def test_any_strides(device, layout, gi, im2col_kernel):
+    g = GEOMETRIES[gi]
     n, c, sp, k, s, p, d = g
     if layout == "channels_last_3d":
         x = torch.randn(n, c, *sp, device=device).to(memory_format=torch.channels_last_3d)
@@ -66,24 +74,35 @@ def test_any_strides(device, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("align", [1, 3, 8, 64])
-def test_align(device, align):
+def test_align(device, align, im2col_kernel):
     g = GEOMETRIES[1]
     x = torch.randn(1, 3, 6, 7, 8, device=device)
     cols = _cols(x, g, align)
     assert cols.shape[1] == -(-81 // align) * align
     assert torch.equal(cols[:, :81], reference.im2col3d(x, *g[3:], align=1))
     assert not cols[:, 81:].any()
+    # a W kernel of whole runs: padding columns that break the runs (align 3) or add whole ones
+    g = GEOMETRIES[6]
+    x = torch.randn(2, 1, 16, 18, 20, device=device).bfloat16()
+    cols = _cols(x, g, align)
+    assert cols.shape[1] == -(-128 // align) * align
+    assert torch.equal(cols[:, :128], reference.im2col3d(x, *g[3:], align=1))
+    assert not cols[:, 128:].any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_row_ranges(device):
-    # rows [start, start + rows) of the matrix, as the chunked convolution asks for them
-    g = GEOMETRIES[2]
-    x = torch.randn(3, 2, 8, 5, 9, device=device)
+@pytest.mark.parametrize("gi", [2, 6], ids=["g2", "runs"])
+def test_row_ranges(device, gi, im2col_kernel):
+    # rows [start, start + rows) of the matrix, as the chunked convolution asks for them: a
+    # range may start and end inside a line (the lines walk's unit, im2col.h)
+    g = GEOMETRIES[gi]
+    n, c, sp = g[:3]
+    x = torch.randn(n, c, *sp, device=device)
     full = _cols(x, g)
+    assert torch.equal(full, reference.im2col3d(x, *g[3:]))
     op = torch.ops.med3d_ext.im2col3d
     m = full.shape[0]
-    for start, rows in ((0, 1), (5, 64), (m - 67, 67), (17, -1), (m, 0), (0, m)):
+    for start, rows in ((0, 1), (5, 64), (m - 67, 67), (17, -1), (m, 0), (0, m), (3, 7)):
         part = op(x, *(list(v) for v in g[3:]), 8, start, rows)
         assert torch.equal(part, full[start:start + rows] if rows >= 0 else full[start:])
     for start, rows in ((-1, 2), (m - 1, 2), (m + 1, -1)):
@@ -106,7 +125,7 @@ def test_conv_as_gemm(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_empty(device):
+def test_empty(device, im2col_kernel):
     g = GEOMETRIES[0]
     x = torch.randn(0, 1, 9, 12, 11, device=device)
     assert _cols(x, g).shape == (0, 344)
@@ -452,7 +471,7 @@ def test_cuda_weight_grad_precision():
 
 
 @pytest.mark.cuda
-def test_cuda_benchmark_shape_matches_cpu():
+def test_cuda_benchmark_shape_matches_cpu(im2col_kernel):
     # the benchmark's stem at full size (8 x 1 x 64 x 128 x 128, bf16): the CUDA kernel's columns
     # equal the CPU kernel's bit for bit (many row blocks, 64-row tails, a 2-tile column case)
     x = torch.randn(8, 1, 64, 128, 128, dtype=torch.bfloat16)
@@ -463,6 +482,11 @@ def test_cuda_benchmark_shape_matches_cpu():
     x = torch.randn(1, 4, 9, 10, 11)  # 4 x 7^3 = 1372 columns: two 1024-column tiles
     g = (1, 4, (9, 10, 11), (7, 7, 7), (2, 2, 2), (3, 3, 3), (1, 1, 1))
     assert torch.equal(_cols(x.cuda(), g).cpu(), _cols(x, g))
+    # the fold_w and fold_hw stem inputs' windows at the benchmark's size (runs of 8 bf16)
+    x = torch.randn(8, 1, 64, 128, 128, dtype=torch.bfloat16)
+    for k in ((2, 2, 8), (2, 8, 8)):
+        g = (8, 1, (64, 128, 128), k, (2, 2, 2), (3, 3, 3), (1, 1, 1))
+        assert torch.equal(_cols(x.cuda(), g).cpu(), _cols(x, g)), k
 
 
 # --------------------------------------------------------------------------- implicit GEMM

@@ -118,7 +118,8 @@ def test_stem_non_contiguous_bias_and_empty(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fold", ["s2d_fold_w", "s2d_fold_hw"])
-def test_fold_input_in_one_pass_equals_the_aten_ops(device, dtype, fold, monkeypatch):
+def test_fold_input_in_one_pass_equals_the_aten_ops(device, dtype, fold, monkeypatch,
+                                                    im2col_kernel):
     """Without autograd, the channels_last folded input (W, or H and W) is one im2col3d call
     where the padded sizes are even (stem._fold_by_im2col), and must be the ATen ops' tensor
     bit for bit: the
