@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import m3d_attr, op_backend, optional_import, with_env
+from .common import graphed, m3d_attr, op_backend, optional_import, with_env
 
 AREA = "augment"
 
@@ -129,6 +129,15 @@ def _gpu(ctx, b=8, s=128):
         for row, layout in ((RUNS_ROW, "runs"), (PAIRS_ROW, "pairs")):
             case.add(row, lambda layout=layout: plain_layout_call(ours(), layout), compare_to=same_device,
                      note=op_backend("affine_resample_pair", ctx.device))
+        # Each row above is timed between two events around one call, so the host's work
+        # before the launch (~30 us on the H200: the Python wrapper, the dispatcher, checks and
+        # allocations) counts, as it does for the eager baseline's seven ops. Replayed from a
+        # CUDA graph (a training step under reduce-overhead, or a whole-step graph), both sides
+        # cost their kernels alone: the same work without the launch overhead.
+        case.add(GRAPH_EAGER_ROW, lambda: graphed(lambda: (lambda: eager_pair(img, lab, theta, size))),
+                 baseline=True)
+        case.add(GRAPH_ROW, lambda: graphed(ours), compare_to=[GRAPH_EAGER_ROW],
+                 note=op_backend("affine_resample_pair", ctx.device))
     if ctx.with_compile:
         case.add("torch.compile eager", lambda: (lambda f=torch.compile(eager_pair): f(img, lab, theta, size)),
                  baseline=True)
@@ -206,6 +215,9 @@ def _intensity_case(ctx, img, lab, theta, size, params, nbytes, field, label_siz
 # against ~160 us of kernel).
 RUNS_ROW = "med3d_ext affine_resample_pair, runs layout (MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=runs)"
 PAIRS_ROW = "med3d_ext affine_resample_pair, row pairs (MED3D_EXT_PLAIN_RESAMPLE_LAYOUT=pairs)"
+# the pair and the eager baseline replayed from CUDA graphs (the launch-free cost; see _gpu)
+GRAPH_ROW = "med3d_ext affine_resample_pair, replayed from a CUDA graph"
+GRAPH_EAGER_ROW = "eager affine_grid+grid_sample x2, replayed from a CUDA graph"
 
 
 def plain_layout_call(fn, layout="runs"):

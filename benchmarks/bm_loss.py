@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Unavailable, capture_cuda_graph, m3d_attr, op_backend, optional_import
+from .common import graphed, m3d_attr, op_backend, optional_import
 
 AREA = "loss"
 HEADS = [2, 3, 2, 4, 2, 3, 2, 5]
@@ -52,23 +52,6 @@ def _ours(logits, targets, validate):
     return _with_grads(lambda: op(logits, targets, validate=validate)[0], logits)
 
 
-def _graphed(make):
-    """``make()``'s function (loss + gradients) captured once in a CUDA graph: each call replays
-    it and returns the graph's static outputs (overwritten by the next replay).
-    A loss whose host code syncs (e.g. a device-to-host read) cannot be captured: unavailable."""
-    if not torch.cuda.is_available():
-        raise Unavailable("CUDA graphs need a CUDA device")
-    try:
-        graph, out = capture_cuda_graph(make())
-    except RuntimeError as exc:
-        raise Unavailable(f"not capturable in a CUDA graph: {str(exc).splitlines()[0][:150]}") from None
-
-    def replay():
-        graph.replay()
-        return out
-    return replay
-
-
 def _monai(logits, targets):
     losses = optional_import("monai.losses")
     fns = [losses.DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5) for _ in logits]
@@ -97,10 +80,10 @@ def _case(ctx, name, heads, batch, spatial, dtype, monai=True, compile_too=False
     case.add("med3d_ext validate=True", lambda: _ours(logits, targets, True), note=note)
     if ctx.gpu:
         case.add("eager per-head loop, CUDA graph",
-                 lambda: _graphed(lambda: _with_grads(lambda: loop_loss(logits, targets), logits)),
+                 lambda: graphed(lambda: _with_grads(lambda: loop_loss(logits, targets), logits)),
                  baseline=True)
         case.add("med3d_ext validate=False, CUDA graph",
-                 lambda: _graphed(lambda: _ours(logits, targets, False)), note=note)
+                 lambda: graphed(lambda: _ours(logits, targets, False)), note=note)
     if compile_too:
         def compiled():
             f = torch.compile(loop_loss)

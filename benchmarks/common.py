@@ -188,6 +188,25 @@ def capture_cuda_graph(fn: Callable, warmup: int = 3):
     return graph, out
 
 
+def graphed(make: Callable) -> Callable:
+    """``make()``'s function captured once in a CUDA graph (capture_cuda_graph): each call
+    replays it and returns the graph's static outputs (overwritten by the next replay). The
+    launch-free cost of the same work: what ``torch.compile(mode="reduce-overhead")`` or a
+    whole-step graph gives. A function whose host code syncs (e.g. a device-to-host read)
+    cannot be captured: unavailable."""
+    if not torch.cuda.is_available():
+        raise Unavailable("CUDA graphs need a CUDA device")
+    try:
+        graph, out = capture_cuda_graph(make())
+    except RuntimeError as exc:
+        raise Unavailable(f"not capturable in a CUDA graph: {str(exc).splitlines()[0][:150]}") from None
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def time_fn(fn: Callable, device: str, warmup: int, repeats: int, budget_s: float | None = None,
             soft_s: float = 0.2, after_warmup: Callable | None = None) -> list[float]:
     """Per-call times in ms after ``warmup`` calls. ``budget_s`` caps the repeats for slow
