@@ -43,7 +43,7 @@
 #               peak GPU memory, eager / fused / memory-saving, by where it was allocated) into
 #               $OUT/memory;
 #     ncu (only when ORDER names it): Nsight Compute over one call of each target kernel
-#               (python -m benchmarks.ncu_kernels run $NCU_CASES: loss augment augment_cli augment_pairs augment_cli_pairs layer stem stem_lines stem_hw_lines) into
+#               (python -m benchmarks.ncu_kernels run $NCU_CASES: loss augment augment_cli augment_pairs augment_cli_pairs layer stem stem_lines stem_hw_lines stem_tiles) into
 #               $OUT/ncu (the report, its details page as CSV and text, and a one-line-per-kernel
 #               table: time, throughput, registers, occupancy);
 #  then packs logs and results into $OUT/gpu_check.tar.gz and prints the summary LAST.

@@ -177,18 +177,34 @@ def recipe_builds(monkeypatch):
     return built
 
 
+def _cuda_switch(request, monkeypatch, variable: str, value: str) -> str:
+    """A fixture's body for an opt-in CUDA kernel chosen by an environment variable the
+    extension reads at every call: the default (the variable unset) or, for the param
+    ``value``, the variable set to it. The CPU ops have one kernel each, so a CPU test runs the
+    default only."""
+    callspec = getattr(request.node, "callspec", None)
+    device = callspec.params.get("device", "cuda") if callspec else "cuda"
+    if request.param == value:
+        if device == "cpu":
+            pytest.skip("the CPU op has one kernel")
+        monkeypatch.setenv(variable, value)
+    else:
+        monkeypatch.delenv(variable, raising=False)
+    return request.param
+
+
 @pytest.fixture(params=["gather", "lines"])
 def im2col_kernel(request, monkeypatch):
     """The CUDA im2col3d kernels (csrc/conv_bn_relu/im2col_cuda.cu): the per-element gather (the
-    default) and the line-staged one (MED3D_EXT_IM2COL_KERNEL=lines, read at every call). Both
-    must give the same matrix bit for bit. The CPU op has one walk (the lines'), so a CPU test
-    runs once."""
-    callspec = getattr(request.node, "callspec", None)
-    device = callspec.params.get("device", "cuda") if callspec else "cuda"
-    if request.param == "lines":
-        if device == "cpu":
-            pytest.skip("the CPU op has one kernel")
-        monkeypatch.setenv("MED3D_EXT_IM2COL_KERNEL", "lines")
-    else:
-        monkeypatch.delenv("MED3D_EXT_IM2COL_KERNEL", raising=False)
-    return request.param
+    default) and the line-staged one (MED3D_EXT_IM2COL_KERNEL=lines). Both must give the same
+    matrix bit for bit."""
+    return _cuda_switch(request, monkeypatch, "MED3D_EXT_IM2COL_KERNEL", "lines")
+
+
+@pytest.fixture(params=["elementwise", "tiles"])
+def pool_gather(request, monkeypatch):
+    """The CUDA stem max-pool backward's gather passes (csrc/conv_bn_relu/bn_relu_pool_cuda.cu):
+    PoolGatherOp (the default) and the tiled one (MED3D_EXT_POOL_GATHER=tiles,
+    pool_gather_tiles.cuh; channels_last_3d with 16-byte channel vectors only, else the
+    default runs). Both must give the same gradients bit for bit."""
+    return _cuda_switch(request, monkeypatch, "MED3D_EXT_POOL_GATHER", "tiles")

@@ -20,6 +20,7 @@
 
 #include "bn_relu_pool.h"
 #include "conv_bn_relu_launch.cuh"
+#include "pool_gather_tiles.cuh"
 
 namespace med3d_ext {
 namespace {
@@ -219,8 +220,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
           grad_out.stride(1)};
       scalar_t* gp = grad_y.data_ptr<scalar_t>();
       // 1. gather: g into grad_y's memory (the gather's index decoding and window walk run once,
-      //    not in both of the following passes)
-      launch_elementwise<acc_t, V>(gy, PoolGatherOp<scalar_t, acc_t, index_t>{pg, gp}, pp, stream);
+      //    not in both of the following passes); by tiles when asked (pool_gather_tiles.cuh)
+      if (!pool_tiles::launch<scalar_t, acc_t, V>(y, grad_out, argmax, grad_y, pp, g, stream))
+        launch_elementwise<acc_t, V>(gy, PoolGatherOp<scalar_t, acc_t, index_t>{pg, gp}, pp, stream);
       // 2. the per-channel sums of g and g (y - mean): BatchNorm's own reduction on an
       //    already-masked gradient (no ReLU mask, no residual), with its rows-in-flight loads
       const BackwardAcc<scalar_t, acc_t, false, false> acc{gp, y.const_data_ptr<scalar_t>(),

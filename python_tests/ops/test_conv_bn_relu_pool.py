@@ -69,7 +69,7 @@ def _check(device, cfg, training, cl, dtype=torch.float32, n=2):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[f"cfg{i}" for i in range(len(CONFIGS))])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
-def test_matches_reference(device, cfg, training, cl):
+def test_matches_reference(device, cfg, training, cl, pool_gather):
     _check(device, cfg, training, cl)
 
 
@@ -146,7 +146,7 @@ def _flip_free_grad_out(args, kw, tau=0.1):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
-def test_autocast_low_precision(device, cl):
+def test_autocast_low_precision(device, cl, pool_gather):
     dtype = torch.bfloat16
     cfg = (1, 16, 7, 2, 3, (12, 14, 13), 3, 2, 1)
     args = _inputs(device, torch.float32, cfg, cl=cl)
@@ -164,7 +164,7 @@ def test_autocast_low_precision(device, cl):
 @pytest.mark.cuda
 @pytest.mark.parametrize("algo", ["auto", "implicit_gemm", "im2col", "space_to_depth_fold_w",
                                   "space_to_depth_fold_hw"])
-def test_stem_at_scale_bf16(algo, monkeypatch):
+def test_stem_at_scale_bf16(algo, monkeypatch, pool_gather):
     # MedicalNet's stem at a quarter of the benchmark's input (2 x 1 x 32 x 64 x 64, bf16
     # autocast, a channels_last_3d model as the fused ResNets are, so a channels_last_3d conv
     # output under every stem algorithm): the CUDA kernels' 16-byte channel vectors and
@@ -185,6 +185,49 @@ def test_stem_at_scale_bf16(algo, monkeypatch):
     ref, rgrads, *_ = _run(reference.conv_bn_relu_maxpool3d, *args, kw, True, go)
     assert_low_precision_close(out.float(), low.float(), ref, factor=2.0, floor=1e-2)
     _assert_low_precision_grads(grads, lgrads, rgrads)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [
+    ((2, 64, 13, 18, 37), 3, 2, 1),        # the stem's pool, partial tiles on every axis
+    ((1, 16, 9, 10, 20), 3, 1, 1),         # overlapping stride-1 windows (up to 27 per voxel)
+    ((2, 8, 7, 9, 33), (2, 3, 5), (2, 1, 3), (0, 1, 2)),  # anisotropic, uncovered edge voxels
+    ((1, 32, 4, 5, 6), 2, 1, 1),           # pooled output larger than y
+], ids=["stem", "stride1", "aniso", "larger-out"])
+def test_cuda_tiled_gather_equals_the_default(dtype, case, monkeypatch):
+    # MED3D_EXT_POOL_GATHER=tiles (pool_gather_tiles.cuh) against PoolGatherOp on the same
+    # inputs: the same sums in the same window order, so the same gradients bit for bit
+    shape, k, s, p = case
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, ())))
+    y = torch.randn(shape, device="cuda", generator=g).to(dtype)
+    y = y.contiguous(memory_format=torch.channels_last_3d)
+    c = shape[1]
+    mean, invstd = torch.randn(c, device="cuda") * 0.1, torch.rand(c, device="cuda") + 0.5
+    bw, bb = torch.randn(c, device="cuda"), torch.randn(c, device="cuda") * 0.1
+    with torch.no_grad():
+        z = (y.float() - mean.view(-1, 1, 1, 1)) * (bw * invstd).view(-1, 1, 1, 1) + bb.view(-1, 1, 1, 1)
+        pooled, idx = torch.nn.functional.max_pool3d(z.relu(), k, s, p, return_indices=True)
+    # the op's argmax: the window offset of each pooled voxel's maximum (a valid one is enough
+    # here: both kernels read the same argmax)
+    ks, ss, ps = ((v,) * 3 if isinstance(v, int) else v for v in (k, s, p))
+    od, oh, ow = torch.meshgrid(*(torch.arange(n, device="cuda") for n in pooled.shape[2:]),
+                                indexing="ij")
+    d, rem = idx // (shape[3] * shape[4]), idx % (shape[3] * shape[4])
+    h, w = rem // shape[4], rem % shape[4]
+    arg = ((d - (od * ss[0] - ps[0])) * ks[1] + (h - (oh * ss[1] - ps[1]))) * ks[2] + (w - (ow * ss[2] - ps[2]))
+    arg = arg.to(torch.uint8).contiguous(memory_format=torch.channels_last_3d)
+    go = torch.randn(pooled.shape, device="cuda", generator=g).to(dtype)
+    go = go.contiguous(memory_format=torch.channels_last_3d)
+    op = torch.ops.med3d_ext.bn_relu_maxpool_backward
+    args = (go, y, arg, mean, invstd, bw, bb, True, list(ks), list(ss), list(ps))
+    monkeypatch.delenv("MED3D_EXT_POOL_GATHER", raising=False)
+    ref = op(*args)
+    monkeypatch.setenv("MED3D_EXT_POOL_GATHER", "tiles")
+    ours = op(*args)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    assert ref[0].abs().sum() > 0  # the gradients reached y
 
 
 @pytest.mark.parametrize("device", DEVICES)
