@@ -220,14 +220,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
           grad_out.stride(1)};
       scalar_t* gp = grad_y.data_ptr<scalar_t>();
       // 1. gather: g into grad_y's memory (the gather's index decoding and window walk run once,
-      //    not in both of the following passes); by tiles when asked (pool_gather_tiles.cuh)
-      if (!pool_tiles::launch<scalar_t, acc_t, V>(y, grad_out, argmax, grad_y, pp, g, stream))
+      //    not in both of the following passes); by tiles when asked (pool_gather_tiles.cuh),
+      //    which can add step 2's sums as well (tiled > 0: its splits)
+      const int64_t tiled =
+          pool_tiles::launch<scalar_t, acc_t, V>(y, grad_out, argmax, grad_y, pp, g, partial, stream);
+      if (tiled < 0)
         launch_elementwise<acc_t, V>(gy, PoolGatherOp<scalar_t, acc_t, index_t>{pg, gp}, pp, stream);
       // 2. the per-channel sums of g and g (y - mean): BatchNorm's own reduction on an
       //    already-masked gradient (no ReLU mask, no residual), with its rows-in-flight loads
       const BackwardAcc<scalar_t, acc_t, false, false> acc{gp, y.const_data_ptr<scalar_t>(),
                                                            nullptr, nullptr};
-      const int64_t splits = launch_reduce<acc_t, V>(gy, acc, pp, partial, stream);
+      const int64_t splits = tiled > 0 ? tiled : launch_reduce<acc_t, V>(gy, acc, pp, partial, stream);
       reduce_finish<acc_t><<<finish_blocks(gy.C), kFinishWarps * 32, 0, stream>>>(
           partial.const_data_ptr<acc_t>(), splits, gy.C, acc_t(gy.M), training, pp,
           grad_w.data_ptr<acc_t>(), grad_b.data_ptr<acc_t>(), coef.data_ptr<acc_t>());

@@ -13,8 +13,16 @@
 // channels' BatchNorm parameters. Each (position, channel vector) then sums its windows'
 // gradients from shared memory in pool_grad_at's order (od, oh, ow ascending), masks by the
 // ReLU of its y and stores g: the same values as PoolGatherOp, bit for bit.
+//
+// Where C / V divides 32 (the stem: 64 bf16 channels, 8 vectors), the kernel also adds
+// BatchNorm's two backward sums (of g and g * (y - mean), from g as stored, as BackwardAcc adds
+// them) per block and channel, in a fixed order (lanes, then warps), into the (C, blocks, 2)
+// partials reduce_finish merges: the separate reduction pass, which read g and y again
+// (72 us on the H200 at the stem, ncu s19), is not run. The sums' order differs from that pass's,
+// so grad_bn_weight, grad_bn_bias and grad_y differ from the default path's by rounding.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -57,13 +65,19 @@ __host__ __device__ inline int64_t windows_bytes(const Tiles& t, int32_t C) {
   return int64_t(t.cd) * t.ch * t.cw * (C / V) * int64_t(sizeof(Run<scalar_t, V>) + sizeof(Run<uint8_t, V>));
 }
 
+// Whether the kernel adds the BatchNorm sums: a thread's channel vector is then the same in all
+// its items (kThreads % cv == 0) and the lanes sharing one are xor-partners (cv divides 32).
+__host__ __device__ inline bool sums_fit(int32_t cv) { return cv > 0 && 32 % cv == 0; }
+
 // g (y's dtype) into gy for one tile per block; y, gout, arg, gy channels_last_3d, C % V == 0,
 // 16-byte aligned (the caller's dispatch_shape), every flat index < 2^31 / C positions.
+// partial: (C, gridDim.x, 2) BatchNorm sums (sums_fit), or null.
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
 pool_gather_tiles_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ gout,
                          const uint8_t* __restrict__ arg, scalar_t* __restrict__ gy,
-                         ParamPtrs<acc_t> pp, PoolGeom g, int32_t C, Tiles t) {
+                         ParamPtrs<acc_t> pp, PoolGeom g, int32_t C, Tiles t,
+                         acc_t* __restrict__ partial) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int32_t cv = C / V;  // channel vectors per position
   const int32_t wins = t.cd * t.ch * t.cw;
@@ -108,6 +122,9 @@ pool_gather_tiles_kernel(const scalar_t* __restrict__ y, const scalar_t* __restr
     sm[2 * C + c] = q.b;
   }
   __syncthreads();
+  acc_t t0[V], t1[V];  // this thread's BatchNorm sums (one channel vector: see sums_fit)
+#pragma unroll
+  for (int j = 0; j < V; ++j) t0[j] = t1[j] = acc_t(0);
   for (int32_t i = threadIdx.x; i < kTD * kTH * kTW * cv; i += blockDim.x) {
     const int32_t v = i % cv, pos = i / cv;
     const int32_t x = w0 + pos % kTW, yy = h0 + (pos / kTW) % kTH, z = d0 + pos / (kTW * kTH);
@@ -139,8 +156,42 @@ pool_gather_tiles_kernel(const scalar_t* __restrict__ y, const scalar_t* __restr
       const acc_t zz = bn_pre_act<acc_t>(static_cast<acc_t>(yr.v[j]), sm[c], sm[C + c], sm[2 * C + c],
                                          acc_t(0));
       out.v[j] = static_cast<scalar_t>(bn_masked_grad<true>(sum[j], zz));
+      const acc_t gv = static_cast<acc_t>(out.v[j]);  // g as stored, as BackwardAcc reads it
+      t0[j] += gv;
+      t1[j] += gv * (static_cast<acc_t>(yr.v[j]) - sm[c]);
     }
     store_run<V>(gy + yi, out);
+  }
+  if (partial == nullptr) return;
+  // lanes l, l + cv, l + 2cv, ... hold the same vector: fold them onto lanes 0 .. cv - 1
+  for (int off = cv; off < 32; off <<= 1) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      t0[j] += __shfl_xor_sync(0xffffffffu, t0[j], off);
+      t1[j] += __shfl_xor_sync(0xffffffffu, t1[j], off);
+    }
+  }
+  // then the warps, in order, through the (no longer needed) window grid's memory
+  __syncthreads();
+  acc_t* red = reinterpret_cast<acc_t*>(smem);  // [warp][2][C]
+  const int32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane < cv) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      red[(warp * 2) * C + lane * V + j] = t0[j];
+      red[(warp * 2 + 1) * C + lane * V + j] = t1[j];
+    }
+  }
+  __syncthreads();
+  for (int32_t c = threadIdx.x; c < C; c += blockDim.x) {
+    acc_t s0 = acc_t(0), s1 = acc_t(0);
+    for (int32_t w = 0; w < warps; ++w) {
+      s0 += red[(w * 2) * C + c];
+      s1 += red[(w * 2 + 1) * C + c];
+    }
+    acc_t* o = partial + partial_index(c, blockIdx.x, gridDim.x);
+    o[0] = s0;
+    o[1] = s1;
   }
 }
 
@@ -150,18 +201,20 @@ inline bool asked() {
 }
 
 // Launches the tiled gather for a vectorised channels_last_3d backward (V > 1) when asked and
-// its shared memory fits; false otherwise (the caller runs PoolGatherOp).
+// its shared memory fits. Returns -1 when it did not run (the caller runs PoolGatherOp), 0 when it
+// ran without the BatchNorm sums (the caller reduces), else the number of splits it wrote into
+// `partial` (allocated here, (C, splits, 2)) for reduce_finish.
 template <typename scalar_t, typename acc_t, int V>
-bool launch(const at::Tensor& y, const at::Tensor& grad_out, const at::Tensor& argmax,
-            at::Tensor& grad_y, const ParamPtrs<acc_t>& pp, const PoolGeom& g,
-            cudaStream_t stream) {
+int64_t launch(const at::Tensor& y, const at::Tensor& grad_out, const at::Tensor& argmax,
+               at::Tensor& grad_y, const ParamPtrs<acc_t>& pp, const PoolGeom& g,
+               at::Tensor& partial, cudaStream_t stream) {
   if constexpr (V == 1) {
-    return false;
+    return -1;
   } else {
-    if (!asked() || !is_channels_last_3d(y)) return false;
+    if (!asked() || !is_channels_last_3d(y)) return -1;
     const int64_t N = y.size(0), C = y.size(1);
     if (C % V != 0 || y.numel() >= (int64_t(1) << 31) || grad_out.numel() >= (int64_t(1) << 31))
-      return false;
+      return -1;
     Tiles t;
     t.nd = int32_t(ceil_div(g.D, int64_t(kTD)));
     t.nh = int32_t(ceil_div(g.H, int64_t(kTH)));
@@ -169,14 +222,20 @@ bool launch(const at::Tensor& y, const at::Tensor& grad_out, const at::Tensor& a
     t.cd = max_windows(kTD, g.k[0], g.s[0]);
     t.ch = max_windows(kTH, g.k[1], g.s[1]);
     t.cw = max_windows(kTW, g.k[2], g.s[2]);
-    const int64_t smem = windows_bytes<scalar_t, V>(t, int32_t(C)) + 3 * C * int64_t(sizeof(acc_t));
+    const bool sums = sums_fit(int32_t(C / V));
+    // the windows and the parameters; the sums' warp table reuses the windows' memory after
+    const int64_t smem = std::max<int64_t>(
+        windows_bytes<scalar_t, V>(t, int32_t(C)) + 3 * C * int64_t(sizeof(acc_t)),
+        sums ? int64_t(kThreads / 32) * 2 * C * int64_t(sizeof(acc_t)) : 0);
     const int64_t blocks = N * t.nd * t.nh * t.nw;
-    if (smem > kSmemBudget || blocks >= (int64_t(1) << 31) || blocks == 0) return false;
+    if (smem > kSmemBudget || blocks >= (int64_t(1) << 31) || blocks == 0) return -1;
+    if (sums) partial = at::empty({C * blocks * 2}, partial.options());
     pool_gather_tiles_kernel<scalar_t, acc_t, V><<<unsigned(blocks), kThreads, size_t(smem), stream>>>(
         y.const_data_ptr<scalar_t>(), grad_out.const_data_ptr<scalar_t>(),
-        argmax.const_data_ptr<uint8_t>(), grad_y.data_ptr<scalar_t>(), pp, g, int32_t(C), t);
+        argmax.const_data_ptr<uint8_t>(), grad_y.data_ptr<scalar_t>(), pp, g, int32_t(C), t,
+        sums ? partial.data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
+    return sums ? blocks : 0;
   }
 }
 

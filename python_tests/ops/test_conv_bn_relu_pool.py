@@ -194,10 +194,14 @@ def test_stem_at_scale_bf16(algo, monkeypatch, pool_gather):
     ((1, 16, 9, 10, 20), 3, 1, 1),         # overlapping stride-1 windows (up to 27 per voxel)
     ((2, 8, 7, 9, 33), (2, 3, 5), (2, 1, 3), (0, 1, 2)),  # anisotropic, uncovered edge voxels
     ((1, 32, 4, 5, 6), 2, 1, 1),           # pooled output larger than y
-], ids=["stem", "stride1", "aniso", "larger-out"])
+    ((2, 24, 9, 11, 19), 3, 2, 1),         # 24 channels: no BatchNorm sums in the gather kernel
+], ids=["stem", "stride1", "aniso", "larger-out", "c24"])
 def test_cuda_tiled_gather_equals_the_default(dtype, case, monkeypatch):
-    # MED3D_EXT_POOL_GATHER=tiles (pool_gather_tiles.cuh) against PoolGatherOp on the same
-    # inputs: the same sums in the same window order, so the same gradients bit for bit
+    # MED3D_EXT_POOL_GATHER=tiles (pool_gather_tiles.cuh) against PoolGatherOp + the reduction
+    # pass on the same inputs. The gather sums the same windows in the same order (the same g);
+    # where C / V divides 32 the kernel also adds BatchNorm's backward sums, in another order
+    # than the reduction pass (the results then agree to rounding), else the reduction pass
+    # runs as before and every output is the same bit for bit
     shape, k, s, p = case
     g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, ())))
     y = torch.randn(shape, device="cuda", generator=g).to(dtype)
@@ -225,9 +229,18 @@ def test_cuda_tiled_gather_equals_the_default(dtype, case, monkeypatch):
     ref = op(*args)
     monkeypatch.setenv("MED3D_EXT_POOL_GATHER", "tiles")
     ours = op(*args)
-    for a, b in zip(ours, ref):
-        assert torch.equal(a, b)
     assert ref[0].abs().sum() > 0  # the gradients reached y
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    if 32 % (c // vec):  # no sums in the kernel: the same passes after it
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b)
+        return
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-4, atol=1e-4 * ref[1].abs().max().item())
+    torch.testing.assert_close(ours[2], ref[2], rtol=1e-4, atol=1e-4 * ref[2].abs().max().item())
+    # grad_y: the apply pass's coefficients differ by the sums' rounding
+    scale = ref[0].float().abs().max().item()
+    torch.testing.assert_close(ours[0].float(), ref[0].float(), rtol=tol(dtype)["rtol"],
+                               atol=tol(dtype)["atol"] * scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
