@@ -152,15 +152,15 @@ def run(ctx):
                      note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
             if ctx.gpu:  # the candidates (not yet defaults) in the model's op: the line-staged
                 # im2col3d kernel for the default algorithm's input, and the H and W fold with it;
-                # the tiled backward gather (set around the whole step: the gather runs in backward)
+                # the tiled pool kernels (set around the whole step: the gather runs in backward)
                 for algo in ("space_to_depth_fold_w", "space_to_depth_fold_hw"):
                     case.add(f"med3d_ext conv_bn_relu_maxpool3d, STEM_CONV={algo}, im2col lines",
                              lambda algo=algo: L.make(with_env(with_module_flag(
                                  _fused_pool(), "med3d_ext.ops.conv_bn_relu", "STEM_CONV", algo),
                                  "MED3D_EXT_IM2COL_KERNEL", "lines"), True),
                              note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
-                case.add("med3d_ext conv_bn_relu_maxpool3d, pool gather tiles",
-                         lambda: tuple(with_env(f, "MED3D_EXT_POOL_GATHER", "tiles")
+                case.add("med3d_ext conv_bn_relu_maxpool3d, pool tiles",
+                         lambda: tuple(with_env(f, "MED3D_EXT_POOL_KERNEL", "tiles")
                                        for f in L.make(_fused_pool(), True)),
                          note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
         if compile_too:

@@ -18,7 +18,7 @@ Two modes:
       stem_lines, stem_hw_lines  the same with the line-staged im2col3d kernel
                (MED3D_EXT_IM2COL_KERNEL=lines) for the default W-folded input, and for the H and
                W-folded one (STEM_CONV=space_to_depth_fold_hw); both set around the call only;
-      stem_tiles  the stem with the tiled backward gather (MED3D_EXT_POOL_GATHER=tiles).
+      stem_tiles  the stem with the tiled pool kernels (MED3D_EXT_POOL_KERNEL=tiles).
 ``python -m benchmarks.ncu_kernels summary DETAILS.csv``
     Condenses ``ncu --import R --page details --csv`` into one line per kernel: duration, memory
     and DRAM throughput, registers, theoretical and achieved occupancy, and what limits the
@@ -126,7 +126,7 @@ def _cases():
             "layer": layer, "stem": stem,
             "stem_lines": lines(stem, "space_to_depth_fold_w"),
             "stem_hw_lines": lines(stem, "space_to_depth_fold_hw"),
-            "stem_tiles": lambda: with_env(stem(), "MED3D_EXT_POOL_GATHER", "tiles")}
+            "stem_tiles": lambda: with_env(stem(), "MED3D_EXT_POOL_KERNEL", "tiles")}
 
 
 def run(names: list[str]) -> None:

@@ -202,9 +202,9 @@ def im2col_kernel(request, monkeypatch):
 
 
 @pytest.fixture(params=["elementwise", "tiles"])
-def pool_gather(request, monkeypatch):
-    """The CUDA stem max-pool backward's gather passes (csrc/conv_bn_relu/bn_relu_pool_cuda.cu):
-    PoolGatherOp (the default) and the tiled one (MED3D_EXT_POOL_GATHER=tiles,
-    pool_gather_tiles.cuh; channels_last_3d with 16-byte channel vectors only, else the
-    default runs). Both must give the same gradients bit for bit."""
-    return _cuda_switch(request, monkeypatch, "MED3D_EXT_POOL_GATHER", "tiles")
+def pool_tiles(request, monkeypatch):
+    """The CUDA stem max-pool kernels (csrc/conv_bn_relu/bn_relu_pool_cuda.cu): the elementwise
+    PoolForwardOp / PoolGatherOp (the default) and the tiled ones (MED3D_EXT_POOL_KERNEL=tiles,
+    pool_tiles.cuh; channels_last_3d with 16-byte channel vectors only, else the default
+    runs). Both must give the same outputs (the forward and the gathered gradient bit for bit)."""
+    return _cuda_switch(request, monkeypatch, "MED3D_EXT_POOL_KERNEL", "tiles")

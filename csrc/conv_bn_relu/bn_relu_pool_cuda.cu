@@ -20,7 +20,7 @@
 
 #include "bn_relu_pool.h"
 #include "conv_bn_relu_launch.cuh"
-#include "pool_gather_tiles.cuh"
+#include "pool_tiles.cuh"
 
 namespace med3d_ext {
 namespace {
@@ -183,6 +183,7 @@ void bn_relu_pool_forward_cuda(const at::Tensor& y, const at::Tensor& mean,
                              [&](auto vtag, auto itag) {
       constexpr int V = decltype(vtag)::value;
       using index_t = decltype(itag);
+      if (pool_tiles::launch_forward<scalar_t, acc_t, V>(y, out, argmax, pp, g, stream)) return;
       const PoolForwardOp<scalar_t, acc_t, index_t> f{
           y.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(), g,
           decoder<index_t>(out), y.stride(0), y.stride(1)};
@@ -220,10 +221,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
           grad_out.stride(1)};
       scalar_t* gp = grad_y.data_ptr<scalar_t>();
       // 1. gather: g into grad_y's memory (the gather's index decoding and window walk run once,
-      //    not in both of the following passes); by tiles when asked (pool_gather_tiles.cuh),
-      //    which can add step 2's sums as well (tiled > 0: its splits)
-      const int64_t tiled =
-          pool_tiles::launch<scalar_t, acc_t, V>(y, grad_out, argmax, grad_y, pp, g, partial, stream);
+      //    not in both of the following passes); by tiles when asked (pool_tiles.cuh), which
+      //    can add step 2's sums as well (tiled > 0: its splits)
+      const int64_t tiled = pool_tiles::launch_gather<scalar_t, acc_t, V>(
+          y, grad_out, argmax, grad_y, pp, g, partial, stream);
       if (tiled < 0)
         launch_elementwise<acc_t, V>(gy, PoolGatherOp<scalar_t, acc_t, index_t>{pg, gp}, pp, stream);
       // 2. the per-channel sums of g and g (y - mean): BatchNorm's own reduction on an

@@ -69,7 +69,7 @@ def _check(device, cfg, training, cl, dtype=torch.float32, n=2):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[f"cfg{i}" for i in range(len(CONFIGS))])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
-def test_matches_reference(device, cfg, training, cl, pool_gather):
+def test_matches_reference(device, cfg, training, cl, pool_tiles):
     _check(device, cfg, training, cl)
 
 
@@ -146,7 +146,7 @@ def _flip_free_grad_out(args, kw, tau=0.1):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cl", [False, True], ids=["ncdhw", "cl3d"])
-def test_autocast_low_precision(device, cl, pool_gather):
+def test_autocast_low_precision(device, cl, pool_tiles):
     dtype = torch.bfloat16
     cfg = (1, 16, 7, 2, 3, (12, 14, 13), 3, 2, 1)
     args = _inputs(device, torch.float32, cfg, cl=cl)
@@ -164,7 +164,7 @@ def test_autocast_low_precision(device, cl, pool_gather):
 @pytest.mark.cuda
 @pytest.mark.parametrize("algo", ["auto", "implicit_gemm", "im2col", "space_to_depth_fold_w",
                                   "space_to_depth_fold_hw"])
-def test_stem_at_scale_bf16(algo, monkeypatch, pool_gather):
+def test_stem_at_scale_bf16(algo, monkeypatch, pool_tiles):
     # MedicalNet's stem at a quarter of the benchmark's input (2 x 1 x 32 x 64 x 64, bf16
     # autocast, a channels_last_3d model as the fused ResNets are, so a channels_last_3d conv
     # output under every stem algorithm): the CUDA kernels' 16-byte channel vectors and
@@ -197,7 +197,7 @@ def test_stem_at_scale_bf16(algo, monkeypatch, pool_gather):
     ((2, 24, 9, 11, 19), 3, 2, 1),         # 24 channels: no BatchNorm sums in the gather kernel
 ], ids=["stem", "stride1", "aniso", "larger-out", "c24"])
 def test_cuda_tiled_gather_equals_the_default(dtype, case, monkeypatch):
-    # MED3D_EXT_POOL_GATHER=tiles (pool_gather_tiles.cuh) against PoolGatherOp + the reduction
+    # MED3D_EXT_POOL_KERNEL=tiles (pool_tiles.cuh) against PoolGatherOp + the reduction
     # pass on the same inputs. The gather sums the same windows in the same order (the same g);
     # where C / V divides 32 the kernel also adds BatchNorm's backward sums, in another order
     # than the reduction pass (the results then agree to rounding), else the reduction pass
@@ -225,9 +225,9 @@ def test_cuda_tiled_gather_equals_the_default(dtype, case, monkeypatch):
     go = go.contiguous(memory_format=torch.channels_last_3d)
     op = torch.ops.med3d_ext.bn_relu_maxpool_backward
     args = (go, y, arg, mean, invstd, bw, bb, True, list(ks), list(ss), list(ps))
-    monkeypatch.delenv("MED3D_EXT_POOL_GATHER", raising=False)
+    monkeypatch.delenv("MED3D_EXT_POOL_KERNEL", raising=False)
     ref = op(*args)
-    monkeypatch.setenv("MED3D_EXT_POOL_GATHER", "tiles")
+    monkeypatch.setenv("MED3D_EXT_POOL_KERNEL", "tiles")
     ours = op(*args)
     assert ref[0].abs().sum() > 0  # the gradients reached y
     vec = 16 // torch.tensor([], dtype=dtype).element_size()
@@ -241,6 +241,40 @@ def test_cuda_tiled_gather_equals_the_default(dtype, case, monkeypatch):
     scale = ref[0].float().abs().max().item()
     torch.testing.assert_close(ours[0].float(), ref[0].float(), rtol=tol(dtype)["rtol"],
                                atol=tol(dtype)["atol"] * scale)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [
+    (64, (13, 18, 37), 3, 2, 1),           # the stem's pool, partial tiles on every axis
+    (16, (9, 10, 20), 3, 1, 1),            # overlapping stride-1 windows
+    (8, (7, 9, 33), (2, 3, 5), (2, 1, 3), (0, 1, 2)),  # anisotropic
+    (32, (4, 5, 6), 2, 1, 1),              # pooled output larger than the conv output
+], ids=["stem", "stride1", "aniso", "larger-out"])
+def test_cuda_tiled_forward_equals_the_default(dtype, case, monkeypatch):
+    # MED3D_EXT_POOL_KERNEL=tiles: the pool forward runs pool_window_max on a shared-memory copy
+    # of its region (pool_tiles.cuh): the same pooled output and argmax bit for bit as
+    # PoolForwardOp, in training (batch statistics) and eval
+    cout, sp, k, s, p = case
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(2, 1, *(2 * v for v in sp), device="cuda", generator=g).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    w = (torch.randn(cout, 1, 3, 3, 3, device="cuda", generator=g) * 0.3).to(dtype)
+    w = w.contiguous(memory_format=torch.channels_last_3d)
+    bw, bb = torch.randn(cout, device="cuda") + 1, torch.randn(cout, device="cuda") * 0.1
+    rm, rv = torch.randn(cout, device="cuda") * 0.1, torch.rand(cout, device="cuda") + 0.5
+    op = torch.ops.med3d_ext.conv_bn_relu_maxpool3d
+    ks, ss, ps = ((v,) * 3 if isinstance(v, int) else v for v in (k, s, p))
+    for training in (True, False):
+        args = (x, w, bw, bb, rm.clone(), rv.clone(), [2, 2, 2], [1, 1, 1], [1, 1, 1], training,
+                1e-5, list(ks), list(ss), list(ps))
+        monkeypatch.delenv("MED3D_EXT_POOL_KERNEL", raising=False)
+        ref = op(*args)
+        monkeypatch.setenv("MED3D_EXT_POOL_KERNEL", "tiles")
+        ours = op(*args)
+        assert ref[0].is_contiguous(memory_format=torch.channels_last_3d)
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[5], ref[5]), training
+        assert ref[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

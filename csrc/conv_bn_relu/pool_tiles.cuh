@@ -1,7 +1,17 @@
-// The stem max-pool backward's gather pass by tiles (bn_relu_pool_cuda.cu's step 1), opt-in:
-// MED3D_EXT_POOL_GATHER=tiles, read at every call, until it has run on a GPU.
+// The stem max-pool's forward and its backward's gather pass by tiles (bn_relu_pool_cuda.cu),
+// opt-in: MED3D_EXT_POOL_KERNEL=tiles, read at every call, until they have run on a GPU.
+// channels_last_3d with 16-byte channel vectors (V > 1) only; anything else, or a tile whose
+// shared memory would not fit, runs the elementwise kernels (PoolForwardOp, PoolGatherOp).
 //
-// Why: PoolGatherOp (one thread per 16-byte channel vector of y, the window walk of
+// Forward: PoolForwardOp (a thread per pooled position and channel vector) took 142 us at the
+// benchmark's stem (ncu s19, H200), reading each conv output voxel ~3.4 times through L1/L2.
+// Here a block takes kOD x kOH x kOW pooled positions of one sample, every channel, stages the
+// conv output region their windows read in shared memory (loads contiguous along W and C), and
+// runs pool_window_max (the CPU's and PoolForwardOp's window math) on the staged copy: its
+// geometry's y strides are the stage's and its base pointer is offset so that tensor
+// coordinates index the stage. The same outputs and argmax bit for bit.
+//
+// Backward gather: PoolGatherOp (one thread per 16-byte channel vector of y, the window walk of
 // pool_grad_at) took 280 us at the benchmark's stem (8 x 64 x 32 x 64 x 64 bf16, ncu on an
 // H200, 2026-11-28_h200-s19) at 21% of the DRAM bandwidth, 80 registers: per vector an index
 // decode, six window bounds (divisions), and up to 8 windows' argmax and gradient loads from
@@ -34,9 +44,140 @@ namespace pool_tiles {
 
 using namespace cbr;
 
+constexpr int64_t kSmemBudget = 40 * 1024;  // shared memory per block, under the 48 KB default
+
+inline bool asked() {
+  const char* v = std::getenv("MED3D_EXT_POOL_KERNEL");
+  return v != nullptr && std::strcmp(v, "tiles") == 0;
+}
+
+// ---- forward ----
+
+constexpr int kOD = 1, kOH = 2, kOW = 8;  // pooled positions per tile: 16
+constexpr int kFwdThreads = 128;
+
+struct FwdTiles {
+  int32_t nd, nh, nw;  // tiles per axis
+  int32_t rd, rh, rw;  // the staged region's extent per axis ((kO - 1) * s + k)
+};
+
+// out and arg (pooled, channels_last_3d) for one tile per block; y channels_last_3d; C % V == 0;
+// 16-byte aligned; every flat index < 2^31.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kFwdThreads)
+pool_forward_tiles_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
+                          uint8_t* __restrict__ arg, ParamPtrs<acc_t> pp, PoolGeom g, int32_t C,
+                          FwdTiles t) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int32_t cv = C / V;
+  auto* stage = reinterpret_cast<Run<scalar_t, V>*>(smem);  // [rd][rh][rw][cv]
+  const int64_t stage_runs = int64_t(t.rd) * t.rh * t.rw * cv;
+  acc_t* sm = reinterpret_cast<acc_t*>(smem + stage_runs * sizeof(Run<scalar_t, V>));  // [3][C]
+  const int32_t D = int32_t(g.D), H = int32_t(g.H), W = int32_t(g.W);
+  const int32_t OD = int32_t(g.OD), OH = int32_t(g.OH), OW = int32_t(g.OW);
+  int32_t b = blockIdx.x;
+  const int32_t tw = b % t.nw;
+  b /= t.nw;
+  const int32_t th = b % t.nh;
+  b /= t.nh;
+  const int32_t td = b % t.nd;
+  const int64_t n = b / t.nd;
+  const int32_t od0 = td * kOD, oh0 = th * kOH, ow0 = tw * kOW;
+  // the region's first voxel (tensor coordinates; may lie in the padding)
+  const int32_t rd0 = od0 * g.s[0] - g.p[0], rh0 = oh0 * g.s[1] - g.p[1], rw0 = ow0 * g.s[2] - g.p[2];
+  for (int32_t i = threadIdx.x; i < stage_runs; i += blockDim.x) {
+    int32_t r = i;
+    const int32_t v = r % cv;
+    r /= cv;
+    const int32_t x = r % t.rw;
+    r /= t.rw;
+    const int32_t yy = r % t.rh, z = r / t.rh;
+    const int32_t d = rd0 + z, h = rh0 + yy, w = rw0 + x;
+    // outside y: never read (pool_window_max skips such positions); left as they are
+    if (d >= 0 && d < D && h >= 0 && h < H && w >= 0 && w < W)
+      stage[i] = load_run<V>(y + (((n * D + d) * H + h) * W + w) * C + int64_t(v) * V);
+  }
+  for (int32_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const ChanParams<acc_t> q = pp.get(c);
+    sm[c] = q.m;
+    sm[C + c] = q.sc;
+    sm[2 * C + c] = q.b;
+  }
+  __syncthreads();
+  // pool_window_max reads y[d * ys0 + h * ys1 + w * ys2] for in-tensor (d, h, w): with the
+  // stage's strides and this base, that is the stage's element for (d - rd0, h - rh0, w - rw0)
+  PoolGeom gs = g;
+  gs.ys[2] = C;
+  gs.ys[1] = int64_t(t.rw) * C;
+  gs.ys[0] = int64_t(t.rh) * t.rw * C;
+  const scalar_t* base = reinterpret_cast<const scalar_t*>(stage) -
+                         (rd0 * gs.ys[0] + rh0 * gs.ys[1] + rw0 * gs.ys[2]);
+  for (int32_t i = threadIdx.x; i < kOD * kOH * kOW * cv; i += blockDim.x) {
+    const int32_t v = i % cv, pos = i / cv;
+    const int32_t ow = ow0 + pos % kOW, oh = oh0 + (pos / kOW) % kOH, od = od0 + pos / (kOW * kOH);
+    if (ow >= OW || oh >= OH || od >= OD) continue;
+    acc_t m[V], sc[V], bb[V], best[V];
+    uint8_t a[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      m[j] = sm[v * V + j];
+      sc[j] = sm[C + v * V + j];
+      bb[j] = sm[2 * C + v * V + j];
+    }
+    pool_window_max<V, scalar_t, acc_t, int32_t>(base + v * V, 1, gs, od, oh, ow, m, sc, bb, best, a);
+    Run<scalar_t, V> ov;
+    Run<uint8_t, V> ar;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      ov.v[j] = static_cast<scalar_t>(bn_act<true>(best[j]));
+      ar.v[j] = a[j];
+    }
+    const int64_t o = (((n * OD + od) * OH + oh) * OW + ow) * C + int64_t(v) * V;
+    store_run<V>(out + o, ov);
+    store_run<V>(arg + o, ar);
+  }
+}
+
+// Launches the tiled forward when asked and it fits; false otherwise (the caller runs
+// PoolForwardOp).
+template <typename scalar_t, typename acc_t, int V>
+bool launch_forward(const at::Tensor& y, at::Tensor& out, at::Tensor& argmax,
+                    const ParamPtrs<acc_t>& pp, const PoolGeom& g, cudaStream_t stream) {
+  if constexpr (V == 1) {
+    return false;
+  } else {
+    if (!asked() || !is_channels_last_3d(y) || !is_channels_last_3d(out)) return false;
+    const int64_t N = y.size(0), C = y.size(1);
+    if (C % V != 0 || y.numel() >= (int64_t(1) << 31) || out.numel() >= (int64_t(1) << 31))
+      return false;
+    FwdTiles t;
+    t.nd = int32_t(ceil_div(g.OD, int64_t(kOD)));
+    t.nh = int32_t(ceil_div(g.OH, int64_t(kOH)));
+    t.nw = int32_t(ceil_div(g.OW, int64_t(kOW)));
+    t.rd = (kOD - 1) * g.s[0] + g.k[0];
+    t.rh = (kOH - 1) * g.s[1] + g.k[1];
+    t.rw = (kOW - 1) * g.s[2] + g.k[2];
+    const int64_t smem = int64_t(t.rd) * t.rh * t.rw * (C / V) * int64_t(sizeof(Run<scalar_t, V>)) +
+                         3 * C * int64_t(sizeof(acc_t));
+    const int64_t blocks = N * t.nd * t.nh * t.nw;
+    if (smem > kSmemBudget || blocks >= (int64_t(1) << 31) || blocks == 0) return false;
+    // pool_window_max's 32-bit offsets from the shifted base: tensor coordinates times the
+    // stage's strides
+    const int64_t reach = (g.D + t.rd) * t.rh * t.rw * C + (g.H + t.rh) * t.rw * C + (g.W + t.rw) * C;
+    if (reach >= (int64_t(1) << 31)) return false;
+    pool_forward_tiles_kernel<scalar_t, acc_t, V>
+        <<<unsigned(blocks), kFwdThreads, size_t(smem), stream>>>(
+            y.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(), pp,
+            g, int32_t(C), t);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+}
+
+// ---- backward gather ----
+
 constexpr int kTD = 2, kTH = 4, kTW = 16;  // positions per tile: 128
 constexpr int kThreads = 256;
-constexpr int64_t kSmemBudget = 40 * 1024;  // under the 48 KB default
 
 // The first and last window containing position x of an axis (pool_grad_at's bounds): window j
 // covers [j*s - p, j*s - p + k - 1] and j < O. Operands are non-negative where divided.
@@ -195,17 +336,12 @@ pool_gather_tiles_kernel(const scalar_t* __restrict__ y, const scalar_t* __restr
   }
 }
 
-inline bool asked() {
-  const char* v = std::getenv("MED3D_EXT_POOL_GATHER");
-  return v != nullptr && std::strcmp(v, "tiles") == 0;
-}
-
 // Launches the tiled gather for a vectorised channels_last_3d backward (V > 1) when asked and
 // its shared memory fits. Returns -1 when it did not run (the caller runs PoolGatherOp), 0 when it
 // ran without the BatchNorm sums (the caller reduces), else the number of splits it wrote into
 // `partial` (allocated here, (C, splits, 2)) for reduce_finish.
 template <typename scalar_t, typename acc_t, int V>
-int64_t launch(const at::Tensor& y, const at::Tensor& grad_out, const at::Tensor& argmax,
+int64_t launch_gather(const at::Tensor& y, const at::Tensor& grad_out, const at::Tensor& argmax,
                at::Tensor& grad_y, const ParamPtrs<acc_t>& pp, const PoolGeom& g,
                at::Tensor& partial, cudaStream_t stream) {
   if constexpr (V == 1) {
