@@ -15,8 +15,10 @@
 //   cols[m, k] = x[n, c, d'*sD - pD + i*dD, h'*sH - pH + j*dH, w'*sW - pW + l*dW]  (0 outside)
 //   cols[m, k] = 0 for K <= k < Kp          (K rounded up to `align`: 16-byte rows in bf16)
 //
-// The CPU and CUDA kernels share make_tap / make_row / element below: a column's tap and a
-// row's window corner are computed once each, so an element is three compares and a load.
+// Two walks, their math shared by the CPU and CUDA kernels: per element (make_tap / make_row /
+// element: a column's tap and a row's window corner computed once each, so an element is three
+// compares and a load; CUDA's default kernel, and the CPU's fallback for huge lines) and by
+// lines ("Lines" below: the CPU op's walk, and CUDA's opt-in kernel).
 #pragma once
 
 #include <ATen/ATen.h>
