@@ -51,6 +51,33 @@ inline bool asked() {
   return v != nullptr && std::strcmp(v, "tiles") == 0;
 }
 
+// Block b's tile: its sample and its tile index per axis, for nd x nh x nw tiles per sample.
+struct TileIndex {
+  int64_t n;
+  int32_t d, h, w;
+};
+__device__ __forceinline__ TileIndex tile_of(int32_t b, int32_t nd, int32_t nh, int32_t nw) {
+  TileIndex t;
+  t.w = b % nw;
+  b /= nw;
+  t.h = b % nh;
+  b /= nh;
+  t.d = b % nd;
+  t.n = b / nd;
+  return t;
+}
+
+// The C channels' BatchNorm mean, scale and bias into shared memory ([3][C]).
+template <typename acc_t>
+__device__ __forceinline__ void stage_params(const ParamPtrs<acc_t>& pp, int32_t C, acc_t* sm) {
+  for (int32_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const ChanParams<acc_t> q = pp.get(c);
+    sm[c] = q.m;
+    sm[C + c] = q.sc;
+    sm[2 * C + c] = q.b;
+  }
+}
+
 // ---- forward ----
 
 constexpr int kOD = 1, kOH = 2, kOW = 8;  // pooled positions per tile: 16
@@ -75,14 +102,9 @@ pool_forward_tiles_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__
   acc_t* sm = reinterpret_cast<acc_t*>(smem + stage_runs * sizeof(Run<scalar_t, V>));  // [3][C]
   const int32_t D = int32_t(g.D), H = int32_t(g.H), W = int32_t(g.W);
   const int32_t OD = int32_t(g.OD), OH = int32_t(g.OH), OW = int32_t(g.OW);
-  int32_t b = blockIdx.x;
-  const int32_t tw = b % t.nw;
-  b /= t.nw;
-  const int32_t th = b % t.nh;
-  b /= t.nh;
-  const int32_t td = b % t.nd;
-  const int64_t n = b / t.nd;
-  const int32_t od0 = td * kOD, oh0 = th * kOH, ow0 = tw * kOW;
+  const TileIndex tile = tile_of(blockIdx.x, t.nd, t.nh, t.nw);
+  const int64_t n = tile.n;
+  const int32_t od0 = tile.d * kOD, oh0 = tile.h * kOH, ow0 = tile.w * kOW;
   // the region's first voxel (tensor coordinates; may lie in the padding)
   const int32_t rd0 = od0 * g.s[0] - g.p[0], rh0 = oh0 * g.s[1] - g.p[1], rw0 = ow0 * g.s[2] - g.p[2];
   for (int32_t i = threadIdx.x; i < stage_runs; i += blockDim.x) {
@@ -97,12 +119,7 @@ pool_forward_tiles_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__
     if (d >= 0 && d < D && h >= 0 && h < H && w >= 0 && w < W)
       stage[i] = load_run<V>(y + (((n * D + d) * H + h) * W + w) * C + int64_t(v) * V);
   }
-  for (int32_t c = threadIdx.x; c < C; c += blockDim.x) {
-    const ChanParams<acc_t> q = pp.get(c);
-    sm[c] = q.m;
-    sm[C + c] = q.sc;
-    sm[2 * C + c] = q.b;
-  }
+  stage_params(pp, C, sm);
   __syncthreads();
   // pool_window_max reads y[d * ys0 + h * ys1 + w * ys2] for in-tensor (d, h, w): with the
   // stage's strides and this base, that is the stage's element for (d - rd0, h - rh0, w - rw0)
@@ -227,14 +244,9 @@ pool_gather_tiles_kernel(const scalar_t* __restrict__ y, const scalar_t* __restr
   acc_t* sm = reinterpret_cast<acc_t*>(smem + windows_bytes<scalar_t, V>(t, C));  // [3][C]
   const int32_t D = int32_t(g.D), H = int32_t(g.H), W = int32_t(g.W);
   const int32_t OD = int32_t(g.OD), OH = int32_t(g.OH), OW = int32_t(g.OW);
-  int32_t b = blockIdx.x;
-  const int32_t tw = b % t.nw;
-  b /= t.nw;
-  const int32_t th = b % t.nh;
-  b /= t.nh;
-  const int32_t td = b % t.nd;
-  const int64_t n = b / t.nd;
-  const int32_t d0 = td * kTD, h0 = th * kTH, w0 = tw * kTW;
+  const TileIndex tile = tile_of(blockIdx.x, t.nd, t.nh, t.nw);
+  const int64_t n = tile.n;
+  const int32_t d0 = tile.d * kTD, h0 = tile.h * kTH, w0 = tile.w * kTW;
   const int32_t ld = window_lo(d0, g.k[0], g.s[0], g.p[0]);
   const int32_t lh = window_lo(h0, g.k[1], g.s[1], g.p[1]);
   const int32_t lw = window_lo(w0, g.k[2], g.s[2], g.p[2]);
@@ -256,12 +268,7 @@ pool_gather_tiles_kernel(const scalar_t* __restrict__ y, const scalar_t* __restr
     sg[s] = load_run<V>(gout + o);
     sa[s] = load_run<V>(arg + o);
   }
-  for (int32_t c = threadIdx.x; c < C; c += blockDim.x) {
-    const ChanParams<acc_t> q = pp.get(c);
-    sm[c] = q.m;
-    sm[C + c] = q.sc;
-    sm[2 * C + c] = q.b;
-  }
+  stage_params(pp, C, sm);
   __syncthreads();
   acc_t t0[V], t1[V];  // this thread's BatchNorm sums (one channel vector: see sums_fit)
 #pragma unroll
