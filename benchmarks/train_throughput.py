@@ -172,8 +172,9 @@ def run(device="auto", quick=False, steps=None, out=None, log=print, profile=Fal
                 if out:
                     dst = Path(out) / "profile" / key
                     dst.mkdir(parents=True, exist_ok=True)
-                    for f in ("summary.json", "ops.txt"):
-                        (dst / f).write_text((Path(res["profile"]) / f).read_text())
+                    for f in ("summary.json", "ops.txt", "python_sites.txt"):
+                        if (Path(res["profile"]) / f).exists():  # python_sites: --profile-stacks
+                            (dst / f).write_text((Path(res["profile"]) / f).read_text())
             arm.update(wall_s=time.perf_counter() - t0, final_val=res.get("best_score"),
                        # cuDNN tuning of the heads' batch sizes before the first step (GPU)
                        head_tuning_s=res.get("head_tuning_s"))
@@ -265,6 +266,13 @@ def markdown(r: dict) -> str:
                 lines.append(f"- {name}: CUDA runtime per step: {rt or '-'}; synchronising "
                              f"operations per step by site: {sites or 'none'}")
         lines.append("")
+        for name, p in profiled:  # --profile-stacks: the package's functions by host time
+            own = "; ".join(f"{s['site']} {s['host_ms_per_step']:.2f} ms x{s['calls_per_step']:.1f}"
+                            for s in (p.get("python_sites") or [])[:10])
+            if own:
+                lines.append(f"- {name}: host time per step by the package's functions "
+                             f"(inclusive, under the profiler): {own}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -291,10 +299,20 @@ def main(argv=None) -> int:
                    help=f"also profile {PROFILE_STEPS} steps of each arm after the measured ones "
                         "(the training CLI's --profile): kernel time, launches and the costliest "
                         "ops per step, into OUT/profile/ and the table")
+    p.add_argument("--profile-stacks", action="store_true",
+                   help="with --profile: record Python frames too (more profiler overhead), and "
+                        "rank the package's functions by their host time per step "
+                        "(python_sites.txt, and a line per arm in the table)")
     p.add_argument("--compile-arms", action="store_true",
                    help="also the fused model under --compile (its encoder), and on a GPU with "
                         "--compile-mode reduce-overhead, with the first label grid")
     a = p.parse_args(argv)
+    if a.profile_stacks and not a.profile:
+        p.error("--profile-stacks needs --profile")
+    if a.profile_stacks:
+        from med3d_ext.train import profiling
+
+        profiling.PYTHON_STACKS = True
     if a.steps is not None and a.steps < 2:
         p.error(f"--steps: need at least 2, got {a.steps}")
     grids = None

@@ -7,7 +7,11 @@ steps START+1 .. START+STEPS (after START optimizer steps) and writes, into ``RU
 - ``summary.json``: per step, the wall time under the profiler, the GPU kernel time and
   launches (CUDA), and the host time spent in operators; the 15 costliest operators;
 - ``ops.txt``: torch's operator table (self time, sorted by device time on a GPU);
-- ``trace.json``: the Chrome / Perfetto trace (open in https://ui.perfetto.dev).
+- ``trace.json``: the Chrome / Perfetto trace (open in https://ui.perfetto.dev);
+- ``python_sites.txt`` (with ``PYTHON_STACKS`` on, or ``MED3D_EXT_PROFILE_STACKS=1``): the host
+  time of the package's own Python functions per step, each inclusive of what it calls (the
+  profiler records Python frames then, at more overhead): which part of a host-bound step
+  (heads, loss, augmentation, optimizer, logging) its launches come from.
 
 On a GPU the summary also says where the host waited for the device, which the kernel table
 cannot show: the CUDA runtime calls per step (launches, copies, synchronisations, with their
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import time
 import warnings
@@ -99,6 +104,48 @@ class SyncRecorder:
 # named cutlass_..., nor cuDNN's API (cudnn...)
 _CUDA_API = re.compile(r"^cu(da)?[A-Z]")
 
+# Record Python frames in the profiled steps (python_sites.txt); the environment variable sets
+# the initial value (e.g. for benchmarks.train_throughput's runs)
+PYTHON_STACKS = os.environ.get("MED3D_EXT_PROFILE_STACKS", "") not in ("", "0")
+
+# A Python frame's event under with_stack: "path/file.py(123): function", "<string>(5): f", or a
+# C function called from Python ("<built-in method ...>")
+_PY_FRAME = re.compile(r"^(.+\.py|<[^>]+>)\(\d+\): |^<built-in ")
+# the package's own frames, by path: .../med3d_ext/<module>.py(line): function
+_OWN_FRAME = re.compile(r"(?:^|/)(med3d_ext/[^()]+\.py\(\d+\): .+)$")
+
+
+def is_python_frame(name: str) -> bool:
+    return bool(_PY_FRAME.match(name))
+
+
+def top_level_ops(events) -> list:
+    """The host operators no other operator called (Python frames, recorded with with_stack,
+    do not count as callers): their CPU time is the host work a step queues."""
+    def op_parent(e):
+        p = e.cpu_parent
+        while p is not None and is_python_frame(p.name):
+            p = p.cpu_parent
+        return p
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CPU
+            and not is_python_frame(e.name) and op_parent(e) is None]
+
+
+def own_python_sites(events, steps: int, top: int = 60) -> list[dict]:
+    """The package's Python functions among with_stack's frames: calls and inclusive host
+    milliseconds per step, costliest first (a function that calls itself counts twice)."""
+    n = max(steps, 1)
+    acc: dict[str, list] = {}
+    for e in events:
+        m = _OWN_FRAME.search(e.name) if is_python_frame(e.name) else None
+        if m:
+            a = acc.setdefault(m.group(1), [0, 0.0])
+            a[0] += 1
+            a[1] += e.cpu_time_total
+    rows = [{"site": k, "calls_per_step": c / n, "host_ms_per_step": t / 1e3 / n}
+            for k, (c, t) in acc.items()]
+    return sorted(rows, key=lambda r: -r["host_ms_per_step"])[:top]
+
 
 def gpu_kernels(events) -> list:
     """The CUDA kernels, memsets and copies among torch.profiler's events: not a user
@@ -146,6 +193,7 @@ class StepProfiler:
         self.cuda = device.type == "cuda"
         self.log = log
         self.prof = None
+        self.stacks = False  # Python frames recorded (PYTHON_STACKS when the window opened)
         self.done = 0
         self.t0 = 0.0
         self.written = False  # by this run (an earlier run's profile/ may be there)
@@ -164,7 +212,8 @@ class StepProfiler:
         if self.cuda:
             acts.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize()
-        self.prof = torch.profiler.profile(activities=acts)
+        self.stacks = PYTHON_STACKS
+        self.prof = torch.profiler.profile(activities=acts, with_stack=self.stacks)
         self.prof.__enter__()
         self.syncs.__enter__()
         self.t0 = time.perf_counter()
@@ -216,16 +265,18 @@ class StepProfiler:
         kernels = gpu_kernels(events)
         kernel_us = sum(e.device_time for e in kernels) if kernels else 0.0
         # top-level host operators: their CPU time is the host work a step queues
-        top = [e for e in events if e.cpu_parent is None and e.device_type == torch.autograd.DeviceType.CPU]
-        host_us = sum(e.cpu_time_total for e in top)
+        host_us = sum(e.cpu_time_total for e in top_level_ops(events))
         sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
         avg = prof.key_averages()
         key = (lambda a: getattr(a, "self_device_time_total", 0.0)) if self.cuda else \
             (lambda a: a.self_cpu_time_total)
         # on a GPU a user annotation's device time is its kernels' (counted themselves); on the
         # CPU its self time is host work counted nowhere else (an optimizer step's loop)
+        # operators only: with Python stacks the averages also hold Python frames, whose times
+        # include the operators under them (python_sites.txt ranks the package's)
         costly = sorted((a for a in avg
-                         if not (self.cuda and getattr(a, "is_user_annotation", False))),
+                         if not (self.cuda and getattr(a, "is_user_annotation", False))
+                         and not is_python_frame(a.key)),
                         key=key, reverse=True)[:15]
         summary = {
             "steps": self.done, "device": "cuda" if self.cuda else "cpu",
@@ -241,6 +292,17 @@ class StepProfiler:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         (self.out / "ops.txt").write_text(avg.table(sort_by=sort, row_limit=60))
+        if self.stacks:
+            sites = own_python_sites(events, n)
+            # in the summary, functions run at least once a step: a span entered less often
+            # (the run itself, the training loop) holds the whole window and says nothing
+            summary["python_sites"] = [r for r in sites if r["calls_per_step"] >= 1][:15]
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            lines = [f"{'host ms/step':>12}  {'calls/step':>10}  site (inclusive; under the "
+                     "profiler, so inflated)"]
+            lines += [f"{r['host_ms_per_step']:12.3f}  {r['calls_per_step']:10.1f}  {r['site']}"
+                      for r in sites]
+            (self.out / "python_sites.txt").write_text("\n".join(lines) + "\n")
         prof.export_chrome_trace(str(self.out / "trace.json"))
         k = (f", kernels {summary['kernel_ms_per_step']:.2f} ms and "
              f"{summary['launches_per_step']:.0f} launches per step, "

@@ -168,3 +168,49 @@ def test_gpu_kernels_leave_out_user_annotations():
            SimpleNamespace(name="k2", device_type=cuda, is_user_annotation=False),
            SimpleNamespace(name="aten::add", device_type=cpu, is_user_annotation=False)]
     assert [e.name for e in gpu_kernels(evs)] == ["k1", "k2"]
+
+
+def test_python_stacks_write_the_packages_sites(tiny_data, tmp_path, monkeypatch):
+    # PYTHON_STACKS (MED3D_EXT_PROFILE_STACKS=1): the profiled steps record Python frames, and
+    # python_sites.txt ranks the package's own functions by inclusive host time; the operator
+    # totals still count operators only (Python frames are not callers)
+    from med3d_ext.train import profiling
+
+    monkeypatch.setattr(profiling, "PYTHON_STACKS", True)
+    out = tmp_path / "run"
+    rc = main(["pretrain", *tiny_args(tiny_data["pretrain"], out, "--cache", tiny_data["cache"],
+                                      "--profile", "1:1")])
+    assert rc == 0
+    summary = json.loads((out / "profile" / "summary.json").read_text())
+    assert summary["host_op_ms_per_step"] > 0
+    sites = summary["python_sites"]
+    assert sites and all(s["site"].startswith("med3d_ext/") for s in sites)
+    assert all(s["calls_per_step"] > 0 and s["host_ms_per_step"] >= 0 for s in sites)
+    # the model's forward is one of the step's own functions
+    assert any("forward" in s["site"] for s in sites), sites
+    text = (out / "profile" / "python_sites.txt").read_text()
+    assert "host ms/step" in text and "med3d_ext/" in text
+    # sorted costliest first
+    ms = [s["host_ms_per_step"] for s in sites]
+    assert ms == sorted(ms, reverse=True)
+
+
+def test_top_level_ops_look_through_python_frames():
+    from types import SimpleNamespace
+
+    from med3d_ext.train.profiling import is_python_frame, top_level_ops
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name, parent=None, dev=cpu):
+        return SimpleNamespace(name=name, cpu_parent=parent, device_type=dev)
+    frame = ev("/x/med3d_ext/models/med3d.py(150): forward")
+    inner = ev("torch/nn/modules/module.py(1775): _call_impl", frame)
+    add = ev("aten::add", inner)                  # under Python frames only: top level
+    copy = ev("aten::copy_", add)                 # under an operator: not
+    bare = ev("med3d_ext::conv_bn_relu3d")        # no parent at all: top level
+    builtin = ev("<built-in method add of Tensor object at 0x1>", frame)
+    kernel = ev("void k<float>()", None, cuda)    # a device event: never
+    assert is_python_frame(frame.name) and is_python_frame(builtin.name)
+    assert not is_python_frame("aten::add") and not is_python_frame("Optimizer.step#SGD.step")
+    assert top_level_ops([frame, inner, add, copy, bare, builtin, kernel]) == [add, bare]
