@@ -26,7 +26,8 @@
 #     throughput (THROUGHPUT=1, default): python -m benchmarks.train_throughput --device cuda,
 #               the CLI's pretraining fused vs --no-fused, into $OUT/bench/throughput, with
 #               4 profiled steps per arm after the measured ones (THROUGHPUT_ARGS, default
-#               --profile: kernel time, launches and costliest ops per step of the real loop);
+#               --profile --profile-stacks: kernel time, launches and costliest ops per step of
+#               the real loop, and the package's Python functions by host time per step);
 #     convergence: the convergence area (quick study), appended to $OUT/bench;
 #     pipeline: the pipeline area (loader + augmentation, data-wait share), appended;
 #     profile:  the target areas with --profile-only (each row's CUDA kernels per call, not
@@ -428,9 +429,10 @@ stage_throughput() {
         say "throughput: python -m benchmarks.train_throughput --device $DEV (log: logs/throughput.log)"
         local s0 rc st
         s0=$(now)
-        # shellcheck disable=SC2086  # THROUGHPUT_ARGS is a word list (default: --profile)
+        # shellcheck disable=SC2086  # THROUGHPUT_ARGS is a word list (default: --profile
+        # --profile-stacks: the package's Python functions ranked by host time per step)
         timeout -k 10 "$TPLIM" "$PY" -m benchmarks.train_throughput --device "$DEV" \
-            --out "$BENCH/throughput" ${THROUGHPUT_ARGS---profile} > "$LOGS/throughput.log" 2>&1
+            --out "$BENCH/throughput" ${THROUGHPUT_ARGS---profile --profile-stacks} > "$LOGS/throughput.log" 2>&1
         rc=$?
         case $rc in
             0) st="ok: $(grep -m1 'fused / plain' "$BENCH/throughput/throughput.md")" ;;
