@@ -136,16 +136,14 @@ def run(ctx):
                 if algo == auto:
                     continue
                 case.add(f"med3d_ext conv_bn_relu3d, STEM_CONV={algo}",
-                         lambda algo=algo: L.make(L.fused(with_module_flag(
-                             m3d_attr("ops.conv_bn_relu3d"), "med3d_ext.ops.conv_bn_relu",
-                             "STEM_CONV", algo)), True),
+                         lambda algo=algo: L.make(L.fused(with_stem(
+                             m3d_attr("ops.conv_bn_relu3d"), algo)), True),
                          note=op_backend("conv_bn_relu3d", ctx.device))
             if ctx.gpu:  # the folded stems with the line-staged im2col3d kernel (opt-in)
                 for algo in ("space_to_depth_fold_w", "space_to_depth_fold_hw"):
                     case.add(f"med3d_ext conv_bn_relu3d, STEM_CONV={algo}, im2col lines",
-                             lambda algo=algo: L.make(L.fused(with_env(with_module_flag(
-                                 m3d_attr("ops.conv_bn_relu3d"), "med3d_ext.ops.conv_bn_relu",
-                                 "STEM_CONV", algo), "MED3D_EXT_IM2COL_KERNEL", "lines")), True),
+                             lambda algo=algo: L.make(L.fused(with_stem(
+                                 m3d_attr("ops.conv_bn_relu3d"), algo, lines=True)), True),
                              note=op_backend("conv_bn_relu3d", ctx.device))
         if pool:  # the max-pool fused too: the full-resolution activation is never written
             case.add("med3d_ext conv_bn_relu_maxpool3d", lambda: L.make(_fused_pool(), True),
@@ -155,9 +153,8 @@ def run(ctx):
                 # the tiled pool kernels (set around the whole step: the gather runs in backward)
                 for algo in ("space_to_depth_fold_w", "space_to_depth_fold_hw"):
                     case.add(f"med3d_ext conv_bn_relu_maxpool3d, STEM_CONV={algo}, im2col lines",
-                             lambda algo=algo: L.make(with_env(with_module_flag(
-                                 _fused_pool(), "med3d_ext.ops.conv_bn_relu", "STEM_CONV", algo),
-                                 "MED3D_EXT_IM2COL_KERNEL", "lines"), True),
+                             lambda algo=algo: L.make(with_stem(_fused_pool(), algo, lines=True),
+                                                      True),
                              note=op_backend("conv_bn_relu_maxpool3d", ctx.device))
                 case.add("med3d_ext conv_bn_relu_maxpool3d, pool tiles",
                          lambda: tuple(with_env(f, "MED3D_EXT_POOL_KERNEL", "tiles")
@@ -182,8 +179,7 @@ def _algo_conv(algo):
     """The stem convolution as the fused ops run it with STEM_CONV = ``algo``: conv_bias_relu3d
     without bias, residual or ReLU is the bare convolution (its epilogue is skipped)."""
     op = m3d_attr("ops.conv_bias_relu3d")
-    return with_module_flag(lambda a, b: op(a, b, None, stride=2, padding=3, relu=False),
-                            "med3d_ext.ops.conv_bn_relu", "STEM_CONV", algo)
+    return with_stem(lambda a, b: op(a, b, None, stride=2, padding=3, relu=False), algo)
 
 
 def _with_chunks(step, nbytes):
@@ -207,6 +203,13 @@ def _auto_algo(device) -> str:
         return m3d_attr("ops.conv_bn_relu.auto_stem_conv")(torch.device(device).type)
     except Exception:  # noqa: BLE001 - an older or broken build: the rows still run
         return "unknown"
+
+
+def with_stem(fn, algo, lines=False):
+    """``fn`` with conv_bn_relu.STEM_CONV = ``algo`` around each call, and with ``lines`` the
+    line-staged im2col3d kernel (MED3D_EXT_IM2COL_KERNEL=lines) as well."""
+    fn = with_module_flag(fn, "med3d_ext.ops.conv_bn_relu", "STEM_CONV", algo)
+    return with_env(fn, "MED3D_EXT_IM2COL_KERNEL", "lines") if lines else fn
 
 
 def _stem_conv(fold):

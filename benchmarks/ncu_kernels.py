@@ -53,7 +53,8 @@ def _cases():
 
     from .bm_augment import plain_layout_call, random_theta
     from .bm_loss import HEADS
-    from .common import with_env, with_module_flag
+    from .bm_stem import with_stem
+    from .common import with_env
 
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
@@ -117,9 +118,7 @@ def _cases():
         return lambda: plain_layout_call(make(), "pairs")
 
     def lines(make, algo):  # the stem with the lines im2col3d kernel and STEM_CONV = algo
-        return lambda: with_env(with_module_flag(make(), "med3d_ext.ops.conv_bn_relu",
-                                                 "STEM_CONV", algo),
-                                "MED3D_EXT_IM2COL_KERNEL", "lines")
+        return lambda: with_stem(make(), algo, lines=True)
 
     return {"loss": loss, "augment": augment, "augment_cli": augment_cli,
             "augment_pairs": pairs(augment), "augment_cli_pairs": pairs(augment_cli),

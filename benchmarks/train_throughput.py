@@ -307,9 +307,9 @@ def main(argv=None) -> int:
                    help="also the fused model under --compile (its encoder), and on a GPU with "
                         "--compile-mode reduce-overhead, with the first label grid")
     a = p.parse_args(argv)
-    if a.profile_stacks and not a.profile:
-        p.error("--profile-stacks needs --profile")
     if a.profile_stacks:
+        if not a.profile:
+            p.error("--profile-stacks needs --profile")
         from med3d_ext.train import profiling
 
         profiling.PYTHON_STACKS = True

@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "conv_bn_relu.h"
+#include "../common/run.h"
 
 namespace med3d_ext {
 
@@ -49,36 +50,10 @@ constexpr int kMaxPoolWindow = 255;
 // int32_t on the GPU when the tensors' sizes leave it room (pool_index_fits_int32), where 64-bit
 // divisions and products are emulated by many instructions and double the registers.
 
-// V adjacent elements moved with one load or store. V > 1 only in the CUDA kernels'
+// Loads and stores of V channels: Run (../common/run.h). V > 1 only in the CUDA kernels'
 // channels_last_3d path, where the V channels are adjacent (channel stride 1), every channel
 // group's offset is a multiple of V, and the dispatch checked that the base pointers are 16-byte
-// aligned (dispatch_shape). Loading the V channels one element at a time made up most of the
-// instructions of the stem's pool kernels (ncu on an H100, 2026-11-27: the backward gather
-// issued 8 byte loads and 8 bf16 loads per window, and ran at 17% of the DRAM bandwidth).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Run {
-  T v[V];
-};
-
-template <int V, typename T>
-M3D_HOST_DEVICE Run<T, V> load_run(const T* p) {
-  Run<T, V> r;
-  if constexpr (V > 1) {
-    r = *reinterpret_cast<const Run<T, V>*>(p);
-  } else {
-    r.v[0] = p[0];
-  }
-  return r;
-}
-
-template <int V, typename T>
-M3D_HOST_DEVICE void store_run(T* p, const Run<T, V>& r) {
-  if constexpr (V > 1) {
-    *reinterpret_cast<Run<T, V>*>(p) = r;
-  } else {
-    p[0] = r.v[0];
-  }
-}
+// aligned (dispatch_shape).
 
 // Max of z over the window of output (od, oh, ow) and its window offset, for each of the V
 // channels; y points at (n, first channel). mean/scale/bias: the V channels' parameters.
@@ -128,9 +103,24 @@ M3D_UNROLL
   }
 }
 
+// The pooled windows along axis `a` that contain input position `pos`: window j covers
+// [j*s - p, j*s - p + k - 1], so j in [ceil((pos + p - k + 1) / s), floor((pos + p) / s)]
+// within [0, size); lo > hi when there is none.
+template <typename index_t>
+M3D_HOST_DEVICE void pool_windows_of(const PoolGeom& g, int a, index_t pos, index_t size,
+                                     index_t& lo, index_t& hi) {
+  const index_t top = pos + index_t(g.p[a]), low = top - index_t(g.k[a] - 1);
+  // ceil(low / s) as (low - 1) / s + 1: low + s - 1 overflowed int32 for strides near
+  // INT32_MAX (lo went negative and the loop read before the tensor)
+  // (both divisions have non-negative operands: unsigned, several instructions fewer on a GPU)
+  using u_t = std::make_unsigned_t<index_t>;
+  lo = low <= 0 ? index_t(0) : index_t(u_t(low - 1) / u_t(index_t(g.s[a]))) + 1;
+  const index_t q = index_t(u_t(top) / u_t(index_t(g.s[a])));
+  hi = q < size - 1 ? q : size - 1;
+}
+
 // Per channel, the sum of grad_out over the windows whose argmax is input position (d, h, w);
-// gout and arg point at (n, first channel) of the pooled tensors. The windows containing d are
-// od in [ceil((d + p - k + 1) / s), floor((d + p) / s)] within [0, OD), and so on per axis.
+// gout and arg point at (n, first channel) of the pooled tensors (pool_windows_of per axis).
 template <int V, typename scalar_t, typename acc_t, typename index_t>
 M3D_HOST_DEVICE void pool_grad_at(const scalar_t* gout, const uint8_t* arg, int64_t cs,
                                   const PoolGeom& g, index_t d, index_t h, index_t w, acc_t* sum) {
@@ -139,16 +129,7 @@ M3D_HOST_DEVICE void pool_grad_at(const scalar_t* gout, const uint8_t* arg, int6
   const index_t p[3] = {index_t(g.p[0]), index_t(g.p[1]), index_t(g.p[2])};
   index_t lo[3], hi[3];
 M3D_UNROLL
-  for (int a = 0; a < 3; ++a) {
-    const index_t top = pos[a] + p[a], low = top - index_t(g.k[a] - 1);
-    // ceil(low / s) as (low - 1) / s + 1: low + s - 1 overflowed int32 for strides near
-    // INT32_MAX (lo went negative and the loop read before the tensor)
-    // (both divisions have non-negative operands: unsigned, several instructions fewer on a GPU)
-    using u_t = std::make_unsigned_t<index_t>;
-    lo[a] = low <= 0 ? index_t(0) : index_t(u_t(low - 1) / u_t(s[a])) + 1;
-    const index_t q = index_t(u_t(top) / u_t(s[a]));
-    hi[a] = q < size[a] - 1 ? q : size[a] - 1;
-  }
+  for (int a = 0; a < 3; ++a) pool_windows_of<index_t>(g, a, pos[a], size[a], lo[a], hi[a]);
   const index_t os0 = index_t(g.os[0]), os1 = index_t(g.os[1]), os2 = index_t(g.os[2]);
 M3D_UNROLL
   for (int j = 0; j < V; ++j) sum[j] = acc_t(0);

@@ -99,7 +99,8 @@ void im2col_lines(const bits_t* x, bits_t* out, const im2col::Geometry& g, int64
   const int64_t Kp = g.Kp, Wo = g.Wo;
   std::vector<int32_t> offs(Kp);
   for (int64_t k = 0; k < Kp; ++k) offs[k] = im2col::stage_offset(g, Lw, k);
-  const int64_t first = g.row_start / Wo, last = (g.row_start + M - 1) / Wo;
+  int64_t first, last;
+  im2col::line_range(g, M, first, last);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Wo * Kp));
   at::parallel_for(first, last + 1, grain, [&](int64_t l0, int64_t l1) {
     std::vector<bits_t> stage(static_cast<size_t>(S) * Lw);

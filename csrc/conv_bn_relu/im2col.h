@@ -129,6 +129,12 @@ M3D_HOST_DEVICE int64_t stage_width(const Geometry& g, int64_t nw) {
   return (nw - 1) * g.stride[2] + int64_t(g.kw - 1) * g.dil[2] + 1;
 }
 
+// The lines holding this call's rows [row_start, row_start + M) (M > 0): the first and last.
+inline void line_range(const Geometry& g, int64_t M, int64_t& first, int64_t& last) {
+  first = g.row_start / g.Wo;
+  last = (g.row_start + M - 1) / g.Wo;
+}
+
 // Where a line starts: its sample, output d' and h', and first w'.
 struct LineStart {
   int64_t n;

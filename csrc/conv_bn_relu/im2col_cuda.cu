@@ -3,19 +3,20 @@
 //       line chunk's input rows in shared memory (loads consecutive along W) and writes its
 //       contiguous (nw, Kp) block of the matrix, 16 bytes per store where columns come in runs
 //       (im2col.h, "Lines"; the CPU op takes the same walk);
-//   gather (the default): a block writes a tile of kRows rows by up to kTileCols columns. Its columns' taps and its rows' window corners go to shared memory first (the only
-// integer divisions), then each thread writes its column of every row: consecutive threads
-// write consecutive columns (coalesced stores), and each element is three compares and a load
-// that hits L1/L2 (a row's taps read a 7x7x7 neighbourhood, rows next to each other overlap).
+//   gather (the default): a block writes a tile of kRows rows by up to kTileCols columns. Its
+//       columns' taps and its rows' window corners go to shared memory first (the only integer
+//       divisions), then each thread writes its column of every row: consecutive threads write
+//       consecutive columns (coalesced stores), and each element is three compares and a load
+//       that hits L1/L2 (a row's taps read a 7x7x7 neighbourhood, rows next to each other
+//       overlap).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "im2col.h"
 #include "../common/checks.h"
+#include "../common/run.h"
 #include "../common/cuda_utils.cuh"
 
 namespace med3d_ext {
@@ -63,11 +64,6 @@ constexpr int kLineThreads = 256;
 constexpr int kLineRows = 128;                 // rows of a line chunk at most
 constexpr int64_t kStageBudget = 40 * 1024;    // shared memory per block (< the 48 KB default)
 
-template <typename bits_t, int R>
-struct alignas(sizeof(bits_t) * R) RunOf {
-  bits_t v[R];
-};
-
 // The (offsets, stage) shared-memory carve-up: Kp int32 offsets, then the stage 16-byte aligned.
 __host__ __device__ inline int64_t offsets_bytes(int64_t Kp) { return (Kp * 4 + 15) / 16 * 16; }
 
@@ -101,17 +97,14 @@ im2col3d_lines_kernel(const bits_t* __restrict__ x, bits_t* __restrict__ cols, i
     const int32_t q = t / runs, k = (t - q * runs) * R;
     const int64_t m = m0 + q;
     if (m < 0 || m >= M) continue;
-    RunOf<bits_t, R> v;
+    Run<bits_t, R> v;
     im2col::line_values<R>(stage, g, offs[k], q, v.v);
-    *reinterpret_cast<RunOf<bits_t, R>*>(cols + m * g.Kp + k) = v;
+    store_run<R>(cols + m * g.Kp + k, v);
   }
 }
 
 // MED3D_EXT_IM2COL_KERNEL=lines: read at every call, so one process can time both kernels.
-bool lines_asked() {
-  const char* v = std::getenv("MED3D_EXT_IM2COL_KERNEL");
-  return v != nullptr && std::strcmp(v, "lines") == 0;
-}
+bool lines_asked() { return env_equals("MED3D_EXT_IM2COL_KERNEL", "lines"); }
 
 // Launches the lines kernel when asked and its shared memory fits; false otherwise.
 bool launch_lines(const at::Tensor& x, at::Tensor& cols, const im2col::Geometry& g, int64_t M,
@@ -123,7 +116,8 @@ bool launch_lines(const at::Tensor& x, at::Tensor& cols, const im2col::Geometry&
   while (nw > 1 && bytes(nw) > kStageBudget) nw = (nw + 1) / 2;
   if (bytes(nw) > kStageBudget) return false;
   const int64_t chunks = ceil_div(g.Wo, nw);
-  const int64_t first = g.row_start / g.Wo, last = (g.row_start + M - 1) / g.Wo;
+  int64_t first, last;
+  im2col::line_range(g, M, first, last);
   const int64_t blocks = (last - first + 1) * chunks;
   if (blocks >= (int64_t(1) << 31)) return false;
   const int32_t Lw = static_cast<int32_t>(im2col::stage_width(g, nw));

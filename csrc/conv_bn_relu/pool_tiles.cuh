@@ -33,8 +33,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "bn_relu_pool.h"
 #include "conv_bn_relu_launch.cuh"
@@ -46,10 +44,7 @@ using namespace cbr;
 
 constexpr int64_t kSmemBudget = 40 * 1024;  // shared memory per block, under the 48 KB default
 
-inline bool asked() {
-  const char* v = std::getenv("MED3D_EXT_POOL_KERNEL");
-  return v != nullptr && std::strcmp(v, "tiles") == 0;
-}
+inline bool asked() { return env_equals("MED3D_EXT_POOL_KERNEL", "tiles"); }
 
 // Block b's tile: its sample and its tile index per axis, for nd x nh x nw tiles per sample.
 struct TileIndex {
@@ -196,17 +191,6 @@ bool launch_forward(const at::Tensor& y, at::Tensor& out, at::Tensor& argmax,
 constexpr int kTD = 2, kTH = 4, kTW = 16;  // positions per tile: 128
 constexpr int kThreads = 256;
 
-// The first and last window containing position x of an axis (pool_grad_at's bounds): window j
-// covers [j*s - p, j*s - p + k - 1] and j < O. Operands are non-negative where divided.
-__device__ __forceinline__ int32_t window_lo(int32_t x, int32_t k, int32_t s, int32_t p) {
-  const int32_t low = x + p - k + 1;
-  return low <= 0 ? 0 : (low - 1) / s + 1;
-}
-__device__ __forceinline__ int32_t window_hi(int32_t x, int32_t s, int32_t p, int32_t O) {
-  const int32_t q = (x + p) / s;
-  return q < O - 1 ? q : O - 1;
-}
-
 // Windows of an axis that can meet a tile of T positions: their starts j*s lie in an interval
 // of T + k - 2 (host and device).
 __host__ __device__ inline int32_t max_windows(int32_t T, int32_t k, int32_t s) {
@@ -247,12 +231,15 @@ pool_gather_tiles_kernel(const scalar_t* __restrict__ y, const scalar_t* __restr
   const TileIndex tile = tile_of(blockIdx.x, t.nd, t.nh, t.nw);
   const int64_t n = tile.n;
   const int32_t d0 = tile.d * kTD, h0 = tile.h * kTH, w0 = tile.w * kTW;
-  const int32_t ld = window_lo(d0, g.k[0], g.s[0], g.p[0]);
-  const int32_t lh = window_lo(h0, g.k[1], g.s[1], g.p[1]);
-  const int32_t lw = window_lo(w0, g.k[2], g.s[2], g.p[2]);
-  const int32_t wd = window_hi(min(d0 + kTD, D) - 1, g.s[0], g.p[0], OD) - ld + 1;
-  const int32_t wh = window_hi(min(h0 + kTH, H) - 1, g.s[1], g.p[1], OH) - lh + 1;
-  const int32_t ww = window_hi(min(w0 + kTW, W) - 1, g.s[2], g.p[2], OW) - lw + 1;
+  // the tile's windows: from the first position's first to the last position's last
+  int32_t ld, lh, lw, hd, hh, hw, unused;
+  pool_windows_of<int32_t>(g, 0, d0, OD, ld, unused);
+  pool_windows_of<int32_t>(g, 1, h0, OH, lh, unused);
+  pool_windows_of<int32_t>(g, 2, w0, OW, lw, unused);
+  pool_windows_of<int32_t>(g, 0, min(d0 + kTD, D) - 1, OD, unused, hd);
+  pool_windows_of<int32_t>(g, 1, min(h0 + kTH, H) - 1, OH, unused, hh);
+  pool_windows_of<int32_t>(g, 2, min(w0 + kTW, W) - 1, OW, unused, hw);
+  const int32_t wd = hd - ld + 1, wh = hh - lh + 1, ww = hw - lw + 1;
   // (wd, wh, ww: the tile's window counts per axis)
   // the windows' rows: consecutive threads, consecutive 16-byte runs of (ow, c)
   const int32_t items = max(wd, 0) * max(wh, 0) * max(ww, 0) * cv;
@@ -277,9 +264,10 @@ pool_gather_tiles_kernel(const scalar_t* __restrict__ y, const scalar_t* __restr
     const int32_t v = i % cv, pos = i / cv;
     const int32_t x = w0 + pos % kTW, yy = h0 + (pos / kTW) % kTH, z = d0 + pos / (kTW * kTH);
     if (x >= W || yy >= H || z >= D) continue;
-    const int32_t od0 = window_lo(z, g.k[0], g.s[0], g.p[0]), od1 = window_hi(z, g.s[0], g.p[0], OD);
-    const int32_t oh0 = window_lo(yy, g.k[1], g.s[1], g.p[1]), oh1 = window_hi(yy, g.s[1], g.p[1], OH);
-    const int32_t ow0 = window_lo(x, g.k[2], g.s[2], g.p[2]), ow1 = window_hi(x, g.s[2], g.p[2], OW);
+    int32_t od0, od1, oh0, oh1, ow0, ow1;
+    pool_windows_of<int32_t>(g, 0, z, OD, od0, od1);
+    pool_windows_of<int32_t>(g, 1, yy, OH, oh0, oh1);
+    pool_windows_of<int32_t>(g, 2, x, OW, ow0, ow1);
     acc_t sum[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) sum[j] = acc_t(0);

@@ -10,8 +10,6 @@
 // element is written exactly once. The image and
 // the label of a pair share one launch: items [0, image_items) cover the image grid (and the
 // label too when both grids coincide), the rest the label's own grid.
-#include <cstdlib>
-#include <cstring>
 
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,6 +18,7 @@
 #include "resample.h"
 #include "resample_args.h"
 #include "../common/cuda_utils.cuh"
+#include "../common/run.h"
 
 namespace med3d_ext {
 namespace rs {
@@ -495,9 +494,8 @@ inline bool packs_aligned(const void* p, int64_t W, int64_t elem, int64_t v) {
 // MED3D_EXT_PLAIN_RESAMPLE_LAYOUT asks for pair_item's runs of 8 ("runs") or the tiles' rows two
 // at a time ("pairs"); read at every launch, so that a benchmark can time them in one process.
 int plain_layout() {
-  const char* v = std::getenv("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT");
-  if (v && std::strcmp(v, "runs") == 0) return kRuns;
-  if (v && std::strcmp(v, "pairs") == 0) return kTilePairs;
+  if (env_equals("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT", "runs")) return kRuns;
+  if (env_equals("MED3D_EXT_PLAIN_RESAMPLE_LAYOUT", "pairs")) return kTilePairs;
   return kTiles;
 }
 

@@ -290,19 +290,18 @@ class StepProfiler:
             **self.syncs.summary(n),
             "note": "wall and host times are inflated by the profiler; kernel time is not",
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (self.out / "ops.txt").write_text(avg.table(sort_by=sort, row_limit=60))
         if self.stacks:
             sites = own_python_sites(events, n)
             # in the summary, functions run at least once a step: a span entered less often
             # (the run itself, the training loop) holds the whole window and says nothing
             summary["python_sites"] = [r for r in sites if r["calls_per_step"] >= 1][:15]
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
             lines = [f"{'host ms/step':>12}  {'calls/step':>10}  site (inclusive; under the "
                      "profiler, so inflated)"]
             lines += [f"{r['host_ms_per_step']:12.3f}  {r['calls_per_step']:10.1f}  {r['site']}"
                       for r in sites]
             (self.out / "python_sites.txt").write_text("\n".join(lines) + "\n")
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (self.out / "ops.txt").write_text(avg.table(sort_by=sort, row_limit=60))
         prof.export_chrome_trace(str(self.out / "trace.json"))
         k = (f", kernels {summary['kernel_ms_per_step']:.2f} ms and "
              f"{summary['launches_per_step']:.0f} launches per step, "
